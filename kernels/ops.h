@@ -55,4 +55,23 @@ void softmax_inplace(float* x, int64_t n);
 void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
                float theta);
 
+// ---- attention (kernels/cpu/attention.cpp) ----
+// Causal GQA attention for T new queries at positions n_past..n_past+T-1 against a cache holding
+// keys/values for positions 0..n_past+T-1.
+//   q:   [T, n_head, head_dim] f32
+//   k,v: cache [n_ctx, n_head_kv, head_dim], f16 (kv_f16) or f32
+//   out: [T, n_head, head_dim] f32;  q head h reads kv head h / (n_head / n_head_kv).
+// With kv_f16, q and the softmax weights are rounded to f16 before their products, as llama.cpp's
+// CPU backend does with an f16 KV cache, so results track the reference.
+struct AttentionArgs {
+    const float* q;
+    const void* k;
+    const void* v;
+    float* out;
+    int64_t n_tokens, n_past, n_head, n_head_kv, head_dim;
+    bool kv_f16;
+    float scale;
+};
+void attention(ThreadPool& pool, const AttentionArgs& a);
+
 }  // namespace moemesh

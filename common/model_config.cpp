@@ -1,0 +1,84 @@
+#include "common/model_config.h"
+
+namespace moemesh {
+
+StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
+    ModelConfig c;
+    const std::string& path = f.path();
+    MM_ASSIGN_OR_RETURN(c.arch_name, f.get_string(kv_name(Kv::kGeneralArchitecture, Arch::kUnknown)));
+    c.arch = arch_from_name(c.arch_name);
+    if (c.arch != Arch::kQwen3Moe)
+        return MM_ERROR("%s: architecture '%s' is not supported (supported: qwen3moe)", path.c_str(),
+                        c.arch_name.c_str());
+    const Arch a = c.arch;
+    c.name = f.get_string_or(kv_name(Kv::kGeneralName, a), "");
+    MM_ASSIGN_OR_RETURN(c.n_embd, f.get_int(kv_name(Kv::kEmbeddingLength, a)));
+    MM_ASSIGN_OR_RETURN(c.n_layer, f.get_int(kv_name(Kv::kBlockCount, a)));
+    MM_ASSIGN_OR_RETURN(c.n_head, f.get_int(kv_name(Kv::kAttentionHeadCount, a)));
+    c.n_head_kv = f.get_int_or(kv_name(Kv::kAttentionHeadCountKv, a), c.n_head);
+    c.n_ctx_train = f.get_int_or(kv_name(Kv::kContextLength, a), 4096);
+    c.n_ff = f.get_int_or(kv_name(Kv::kFeedForwardLength, a), 0);
+    MM_ASSIGN_OR_RETURN(c.n_expert, f.get_int(kv_name(Kv::kExpertCount, a)));
+    MM_ASSIGN_OR_RETURN(c.n_expert_used, f.get_int(kv_name(Kv::kExpertUsedCount, a)));
+    c.n_ff_exp = f.get_int_or(kv_name(Kv::kExpertFeedForwardLength, a), 0);
+    const int64_t default_head_dim = c.n_head > 0 ? c.n_embd / c.n_head : 0;
+    c.head_dim = f.get_int_or(kv_name(Kv::kAttentionKeyLength, a), default_head_dim);
+    const int64_t v_len = f.get_int_or(kv_name(Kv::kAttentionValueLength, a), c.head_dim);
+    c.rope_dim = f.get_int_or(kv_name(Kv::kRopeDimensionCount, a), c.head_dim);
+    c.rope_theta = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeFreqBase, a), 10000.0));
+    MM_ASSIGN_OR_RETURN(double eps, f.get_float(kv_name(Kv::kAttentionLayerNormRmsEps, a)));
+    c.rms_eps = static_cast<float>(eps);
+    c.norm_topk = f.get_bool_or(kv_name(Kv::kExpertWeightsNorm, a), true);
+
+    auto positive = [&](int64_t v, Kv k) -> Status {
+        if (v <= 0 || v > (int64_t(1) << 24))
+            return MM_ERROR("%s: metadata key '%s' has invalid value %lld", path.c_str(), kv_name(k, a).c_str(),
+                            static_cast<long long>(v));
+        return Status();
+    };
+    MM_RETURN_IF_ERROR(positive(c.n_embd, Kv::kEmbeddingLength));
+    MM_RETURN_IF_ERROR(positive(c.n_layer, Kv::kBlockCount));
+    MM_RETURN_IF_ERROR(positive(c.n_head, Kv::kAttentionHeadCount));
+    MM_RETURN_IF_ERROR(positive(c.n_head_kv, Kv::kAttentionHeadCountKv));
+    MM_RETURN_IF_ERROR(positive(c.head_dim, Kv::kAttentionKeyLength));
+    MM_RETURN_IF_ERROR(positive(c.n_expert, Kv::kExpertCount));
+    MM_RETURN_IF_ERROR(positive(c.n_expert_used, Kv::kExpertUsedCount));
+    if (c.n_head % c.n_head_kv != 0)
+        return MM_ERROR("%s: %s = %lld is not a multiple of %s = %lld", path.c_str(),
+                        kv_name(Kv::kAttentionHeadCount, a).c_str(), static_cast<long long>(c.n_head),
+                        kv_name(Kv::kAttentionHeadCountKv, a).c_str(), static_cast<long long>(c.n_head_kv));
+    if (v_len != c.head_dim)
+        return MM_ERROR("%s: %s = %lld differs from %s = %lld (not supported)", path.c_str(),
+                        kv_name(Kv::kAttentionValueLength, a).c_str(), static_cast<long long>(v_len),
+                        kv_name(Kv::kAttentionKeyLength, a).c_str(), static_cast<long long>(c.head_dim));
+    if (c.n_expert_used > c.n_expert)
+        return MM_ERROR("%s: %s = %lld exceeds %s = %lld", path.c_str(), kv_name(Kv::kExpertUsedCount, a).c_str(),
+                        static_cast<long long>(c.n_expert_used), kv_name(Kv::kExpertCount, a).c_str(),
+                        static_cast<long long>(c.n_expert));
+    if (c.rope_dim <= 0 || c.rope_dim > c.head_dim || c.rope_dim % 2 != 0)
+        return MM_ERROR("%s: %s = %lld is invalid for head dim %lld", path.c_str(),
+                        kv_name(Kv::kRopeDimensionCount, a).c_str(), static_cast<long long>(c.rope_dim),
+                        static_cast<long long>(c.head_dim));
+    if (!(eps > 0 && eps < 1))
+        return MM_ERROR("%s: %s = %g is out of range", path.c_str(), kv_name(Kv::kAttentionLayerNormRmsEps, a).c_str(),
+                        eps);
+
+    const GgufTensor* embd = f.tensor(tensor_name(Tensor::kTokenEmbd));
+    if (!embd) return MM_ERROR("%s: missing tensor '%s'", path.c_str(), tensor_name(Tensor::kTokenEmbd).c_str());
+    if (embd->n_dims != 2 || embd->ne[0] != c.n_embd)
+        return MM_ERROR("%s: tensor '%s' has shape %s, expected {%lld, n_vocab}", path.c_str(), embd->name.c_str(),
+                        embd->shape_str().c_str(), static_cast<long long>(c.n_embd));
+    c.n_vocab = embd->ne[1];
+    c.tied_embeddings = f.tensor(tensor_name(Tensor::kOutput)) == nullptr;
+    if (c.n_ff_exp <= 0) {
+        // Older files omit expert_feed_forward_length; the expert tensors carry it.
+        const GgufTensor* up = f.tensor(tensor_name(Tensor::kFfnUpExps, 0));
+        if (!up) return MM_ERROR("%s: missing key '%s' and tensor '%s'", path.c_str(),
+                                 kv_name(Kv::kExpertFeedForwardLength, a).c_str(),
+                                 tensor_name(Tensor::kFfnUpExps, 0).c_str());
+        c.n_ff_exp = up->ne[1];
+    }
+    return c;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,37 @@
+// Hyper-parameters of a model, read once from GGUF metadata, validated, then trusted.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "common/arch.h"
+#include "common/gguf.h"
+#include "common/status.h"
+
+namespace moemesh {
+
+struct ModelConfig {
+    Arch arch = Arch::kUnknown;
+    std::string arch_name;
+    std::string name;
+    int64_t n_vocab = 0;      // rows of token_embd
+    int64_t n_embd = 0;       // H
+    int64_t n_layer = 0;      // L
+    int64_t n_head = 0;       // q heads
+    int64_t n_head_kv = 0;    // kv heads
+    int64_t head_dim = 0;     // key_length (= value_length for our families)
+    int64_t n_expert = 0;     // E
+    int64_t n_expert_used = 0;  // K
+    int64_t n_ff_exp = 0;     // I: expert width
+    int64_t n_ff = 0;         // dense MLP width (unused by the MoE families)
+    int64_t n_ctx_train = 0;
+    int64_t rope_dim = 0;     // rotary dims per head (NEOX)
+    float rope_theta = 10000.0f;
+    float rms_eps = 1e-6f;
+    bool norm_topk = true;    // renormalise the top-k router weights
+    bool tied_embeddings = false;
+};
+
+// Reads and validates the hyper-parameters. Errors name the file and key.
+StatusOr<ModelConfig> load_model_config(const GgufFile& f);
+
+}  // namespace moemesh

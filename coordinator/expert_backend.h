@@ -1,0 +1,23 @@
+// The seam between the coordinator and whoever computes routed experts.
+// Expert parallelism in named steps: route (coordinator) → group by owner → dispatch →
+// expert compute (worker) → combine. This interface is "dispatch + expert compute + combine" for
+// one MoE layer; its first implementation (worker/expert_executor.h) runs in-process.
+#pragma once
+#include <cstdint>
+
+#include "common/status.h"
+
+namespace moemesh {
+
+class ExpertBackend {
+public:
+    virtual ~ExpertBackend() = default;
+    // x:       [n_rows, H] f32 activations (post-norm) of the rows routed in this layer
+    // ids:     [n_rows, K] selected expert ids
+    // weights: [n_rows, K] gate weights (already renormalised)
+    // out:     [n_rows, H] = Σ_j weights[r, j] · Expert_{ids[r, j]}(x[r])   (overwritten)
+    virtual Status moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
+                               const float* weights, float* out) = 0;
+};
+
+}  // namespace moemesh

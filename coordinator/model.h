@@ -1,0 +1,48 @@
+// A loaded model as the coordinator sees it: per-sequence state in, logits out.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "common/status.h"
+
+namespace moemesh {
+
+struct ModelOptions {
+    int n_threads = 0;     // 0: all hardware threads
+    int64_t n_batch = 512;  // prompt tokens per forward chunk
+    bool kv_f16 = true;    // f16 KV cache (llama.cpp's default); false: f32
+};
+
+// Named debug points (llama.cpp's cb(cur, name, il)): called with [rows, cols] activations.
+using DebugHook = std::function<void(const char* name, int layer, const float* data, int64_t rows, int64_t cols)>;
+
+// Everything one sequence owns: its KV cache and how far it has got.
+struct SequenceState {
+    int64_t n_ctx = 0;
+    int64_t n_past = 0;
+    bool kv_f16 = true;
+    // Per layer [n_ctx, n_head_kv, head_dim], as f16 bits or f32.
+    std::vector<std::vector<uint16_t>> k16, v16;
+    std::vector<std::vector<float>> k32, v32;
+};
+
+class Model {
+public:
+    virtual ~Model() = default;
+    virtual const ModelConfig& config() const = 0;
+    virtual std::unique_ptr<SequenceState> new_sequence(int64_t n_ctx) const = 0;
+    // Appends n tokens to the sequence. logits ← [rows, n_vocab] with rows = n when all_logits,
+    // else 1 (the last token). Fails (state unchanged) if the sequence would exceed n_ctx.
+    virtual Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
+                           std::vector<float>* logits) = 0;
+    virtual void set_debug_hook(DebugHook hook) = 0;
+};
+
+// Loads the model in `file` (kept alive by the model). Errors name the file and tensor/key.
+StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts);
+
+}  // namespace moemesh

@@ -1,0 +1,82 @@
+#include "coordinator/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace moemesh {
+
+int32_t argmax(const float* logits, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; ++i) {
+        if (logits[i] > logits[best]) best = i;
+    }
+    return static_cast<int32_t>(best);
+}
+
+std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n) {
+    double mx = -INFINITY;
+    for (int64_t i = 0; i < n_vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+    double sum = 0.0;
+    for (int64_t i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
+    std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
+    std::iota(ids.begin(), ids.end(), 0);
+    top_n = std::min(top_n, n_vocab);
+    std::partial_sort(ids.begin(), ids.begin() + top_n, ids.end(), [logits](int32_t a, int32_t b) {
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    std::vector<std::pair<int32_t, double>> out;
+    out.reserve(static_cast<size_t>(top_n));
+    for (int64_t j = 0; j < top_n; ++j) out.emplace_back(ids[j], std::exp(static_cast<double>(logits[ids[j]]) - mx) / sum);
+    return out;
+}
+
+int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
+    if (p_.greedy || p_.temperature <= 0.0f) return argmax(logits, n_vocab);
+    ids_.resize(static_cast<size_t>(n_vocab));
+    std::iota(ids_.begin(), ids_.end(), 0);
+    int64_t n = n_vocab;
+    auto by_logit = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+    if (p_.top_k > 0 && p_.top_k < n) {
+        std::partial_sort(ids_.begin(), ids_.begin() + p_.top_k, ids_.end(), by_logit);
+        n = p_.top_k;
+    } else {
+        std::sort(ids_.begin(), ids_.end(), by_logit);
+    }
+    // Softmax over the survivors (at temperature 1) for the top-p / min-p cuts.
+    probs_.resize(static_cast<size_t>(n));
+    const float mx = logits[ids_[0]];
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp(logits[ids_[i]] - mx);
+    for (int64_t i = 0; i < n; ++i) probs_[i] = static_cast<float>(probs_[i] / sum);
+    if (p_.top_p < 1.0f) {
+        double cum = 0.0;
+        int64_t keep = n;
+        for (int64_t i = 0; i < n; ++i) {
+            cum += probs_[i];
+            if (cum >= p_.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = std::max<int64_t>(1, keep);
+    }
+    if (p_.min_p > 0.0f) {
+        const float cut = probs_[0] * p_.min_p;
+        int64_t keep = 1;
+        while (keep < n && probs_[keep] >= cut) ++keep;
+        n = keep;
+    }
+    // Temperature, then draw.
+    sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp((logits[ids_[i]] - mx) / p_.temperature);
+    std::uniform_real_distribution<double> u(0.0, sum);
+    double r = u(rng_), acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        acc += probs_[i];
+        if (r < acc) return ids_[i];
+    }
+    return ids_[n - 1];
+}
+
+}  // namespace moemesh

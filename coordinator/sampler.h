@@ -1,0 +1,36 @@
+// Next-token sampling: greedy, or top-k → top-p → min-p → temperature → random draw.
+#pragma once
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace moemesh {
+
+struct SamplerParams {
+    float temperature = 0.8f;  // <= 0 means greedy
+    int top_k = 40;            // <= 0: off
+    float top_p = 0.95f;       // >= 1: off
+    float min_p = 0.05f;       // <= 0: off
+    uint64_t seed = 0;
+    bool greedy = false;
+};
+
+class Sampler {
+public:
+    explicit Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {}
+    int32_t sample(const float* logits, int64_t n_vocab);
+
+private:
+    SamplerParams p_;
+    std::mt19937_64 rng_;
+    std::vector<int32_t> ids_;
+    std::vector<float> probs_;
+};
+
+// Index of the largest logit (lowest index on ties).
+int32_t argmax(const float* logits, int64_t n);
+// Full softmax at temperature 1 in double precision; returns the top-n (id, prob) pairs, by
+// decreasing probability.
+std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n);
+
+}  // namespace moemesh

@@ -1,0 +1,15 @@
+// Subcommands of the `moemesh` CLI. Each adds itself to the app; main stays thin.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace moemesh {
+
+void register_run_command(CLI::App& app);
+void register_tokenize_command(CLI::App& app);
+void register_inspect_command(CLI::App& app);
+void register_make_model_command(CLI::App& app);  // tools/make_model.cpp
+
+// Default thread count for commands that compute: all cores.
+int default_threads();
+
+}  // namespace moemesh

@@ -1,0 +1,114 @@
+// `moemesh inspect FILE.gguf`: architecture, hyper-parameters, metadata, tensor table, and how the
+// bytes split between routed experts and everything else.
+#include <cstdio>
+
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "tools/commands.h"
+
+namespace moemesh {
+
+namespace {
+
+std::string human_bytes(double b) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        ++u;
+    }
+    return str_printf(u ? "%.2f %s" : "%.0f %s", b, units[u]);
+}
+
+std::string value_summary(const GgufValue& v) {
+    switch (v.type) {
+        case GgufType::STRING: {
+            std::string s = v.str.size() > 80 ? v.str.substr(0, 77) + "..." : v.str;
+            for (char& c : s) if (c == '\n') c = ' ';
+            return "\"" + s + "\"";
+        }
+        case GgufType::BOOL: return v.b ? "true" : "false";
+        case GgufType::FLOAT32: case GgufType::FLOAT64: return str_printf("%g", v.f);
+        case GgufType::ARRAY: {
+            std::string s = str_printf("[%s × %llu]", gguf_type_name(v.arr_type), static_cast<unsigned long long>(v.arr_count));
+            size_t shown = std::min<size_t>(v.arr_count, 4);
+            std::string items;
+            for (size_t i = 0; i < shown; ++i) {
+                if (i) items += ", ";
+                if (v.arr_type == GgufType::STRING) items += "\"" + v.arr_str[i] + "\"";
+                else if (!v.arr_f.empty()) items += str_printf("%g", v.arr_f[i]);
+                else items += std::to_string(v.arr_i[i]);
+            }
+            return s + " " + items + (v.arr_count > shown ? ", ..." : "");
+        }
+        default: return std::to_string(v.i);
+    }
+}
+
+bool is_expert_tensor(const std::string& name) { return name.find("_exps.") != std::string::npos; }
+
+Status inspect(const std::string& path, bool all_metadata) {
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::open(path));
+    std::printf("file: %s (%s, GGUF v%u, alignment %zu)\n", path.c_str(), human_bytes(f->file_size()).c_str(),
+                f->version(), f->alignment());
+    std::printf("architecture: %s\n", f->get_string_or("general.architecture", "(missing)").c_str());
+    auto cfg = load_model_config(*f);
+    if (cfg.ok()) {
+        const ModelConfig& c = cfg.value();
+        std::printf("hyper-parameters: vocab %lld, hidden %lld, layers %lld, heads %lld/%lld kv, head dim %lld, "
+                    "experts %lld top-%lld (renormalised: %s), expert ff %lld, rope dims %lld theta %g, "
+                    "rms eps %g, train ctx %lld, tied embeddings: %s\n",
+                    (long long)c.n_vocab, (long long)c.n_embd, (long long)c.n_layer, (long long)c.n_head,
+                    (long long)c.n_head_kv, (long long)c.head_dim, (long long)c.n_expert, (long long)c.n_expert_used,
+                    c.norm_topk ? "yes" : "no", (long long)c.n_ff_exp, (long long)c.rope_dim, c.rope_theta, c.rms_eps,
+                    (long long)c.n_ctx_train, c.tied_embeddings ? "yes" : "no");
+    } else {
+        std::printf("hyper-parameters: cannot run this file: %s\n", cfg.status().message().c_str());
+    }
+    std::printf("\nmetadata (%zu keys):\n", f->metadata().size());
+    for (const auto& [k, v] : f->metadata()) {
+        if (!all_metadata && v.type == GgufType::ARRAY && v.arr_count > 64 && k.rfind("tokenizer.", 0) == 0) {
+            std::printf("  %-48s [%s × %llu]\n", k.c_str(), gguf_type_name(v.arr_type),
+                        static_cast<unsigned long long>(v.arr_count));
+            continue;
+        }
+        std::printf("  %-48s %s\n", k.c_str(), value_summary(v).c_str());
+    }
+    size_t expert_bytes = 0, other_bytes = 0;
+    int64_t expert_params = 0, other_params = 0;
+    std::printf("\ntensors (%zu):\n  %-36s %-6s %-24s %12s\n", f->tensors().size(), "name", "type", "shape", "bytes");
+    for (const auto& t : f->tensors()) {
+        std::printf("  %-36s %-6s %-24s %12zu\n", t.name.c_str(), ggml_type_name(t.type), t.shape_str().c_str(), t.nbytes);
+        if (is_expert_tensor(t.name)) {
+            expert_bytes += t.nbytes;
+            expert_params += t.nelements();
+        } else {
+            other_bytes += t.nbytes;
+            other_params += t.nelements();
+        }
+    }
+    const double total = static_cast<double>(expert_bytes + other_bytes);
+    std::printf("\nrouted-expert weights: %s (%lld params, %.1f%%)\nnon-expert weights:    %s (%lld params, %.1f%%)\n",
+                human_bytes(expert_bytes).c_str(), (long long)expert_params, total > 0 ? 100.0 * expert_bytes / total : 0.0,
+                human_bytes(other_bytes).c_str(), (long long)other_params, total > 0 ? 100.0 * other_bytes / total : 0.0);
+    return Status();
+}
+
+}  // namespace
+
+void register_inspect_command(CLI::App& app) {
+    auto path = std::make_shared<std::string>();
+    auto all = std::make_shared<bool>(false);
+    CLI::App* c = app.add_subcommand("inspect", "Print a GGUF file's architecture, hyper-parameters, metadata and tensors");
+    c->add_option("file", *path, "GGUF model file")->required()->check(CLI::ExistingFile);
+    c->add_flag("--all-metadata", *all, "Also print the start of long tokenizer arrays");
+    c->callback([path, all]() {
+        Status st = inspect(*path, *all);
+        if (!st.ok()) {
+            std::fprintf(stderr, "error: %s\n", st.message().c_str());
+            std::exit(1);
+        }
+    });
+}
+
+}  // namespace moemesh

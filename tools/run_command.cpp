@@ -1,0 +1,203 @@
+// `moemesh run`: generate text from a prompt, or (--tokens ... --json) print next-token
+// distributions at every position for parity checks against llama.cpp.
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/tokenizer.h"
+#include "coordinator/model.h"
+#include "coordinator/sampler.h"
+#include "tools/commands.h"
+
+namespace moemesh {
+
+int default_threads() {
+    unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(n);
+}
+
+namespace {
+
+struct RunOptions {
+    std::string model;
+    std::string prompt;
+    std::string tokens;  // "1,2,3"
+    bool chat = false;
+    int n_predict = 64;
+    int top_n = 0;
+    bool json = false;
+    int threads = 0;
+    int64_t ctx = 4096;
+    int64_t batch = 512;
+    std::string kv_type = "f16";
+    bool ignore_eos = false;
+    SamplerParams sp;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Status parse_token_list(const std::string& s, std::vector<int32_t>* out) {
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+        if (item.empty()) continue;
+        char* end = nullptr;
+        long v = std::strtol(item.c_str(), &end, 10);
+        if (*end != '\0' || v < 0 || v > INT32_MAX)
+            return MM_ERROR("--tokens: '%s' is not a non-negative token id", item.c_str());
+        out->push_back(static_cast<int32_t>(v));
+    }
+    if (out->empty()) return MM_ERROR("--tokens: no token ids given");
+    return Status();
+}
+
+// Length of the longest prefix of s that is complete UTF-8 (so streamed output never splits a
+// character across writes).
+size_t complete_utf8_prefix(const std::string& s) {
+    size_t n = s.size();
+    size_t i = n;
+    int back = 0;
+    while (i > 0 && back < 4) {
+        unsigned char c = static_cast<unsigned char>(s[i - 1]);
+        if ((c & 0xC0) != 0x80) {
+            size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+            return (n - (i - 1) >= need) ? n : i - 1;
+        }
+        --i;
+        ++back;
+    }
+    return n;
+}
+
+Status run(const RunOptions& o) {
+    if (o.prompt.empty() == o.tokens.empty()) return MM_ERROR("give exactly one of --prompt or --tokens");
+    if (o.kv_type != "f16" && o.kv_type != "f32") return MM_ERROR("--kv-type must be f16 or f32, got '%s'", o.kv_type.c_str());
+    auto t_load = std::chrono::steady_clock::now();
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> gf, GgufFile::open(o.model));
+    std::shared_ptr<GgufFile> file(std::move(gf));
+    MM_ASSIGN_OR_RETURN(Tokenizer tok, Tokenizer::from_gguf(*file));
+    ModelOptions mo;
+    mo.n_threads = o.threads > 0 ? o.threads : default_threads();
+    mo.n_batch = o.batch;
+    mo.kv_f16 = o.kv_type == "f16";
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
+    const ModelConfig& cfg = model->config();
+    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads\n",
+                 o.model.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
+                 static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
+                 seconds_since(t_load), mo.n_threads);
+
+    std::vector<int32_t> input;
+    if (!o.tokens.empty()) {
+        MM_RETURN_IF_ERROR(parse_token_list(o.tokens, &input));
+    } else {
+        std::string text = o.prompt;
+        if (o.chat) text = "<|im_start|>user\n" + o.prompt + "<|im_end|>\n<|im_start|>assistant\n";
+        input = tok.encode(text, /*parse_special=*/true);
+        if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
+        if (input.empty()) return MM_ERROR("--prompt: the prompt encodes to no tokens");
+    }
+    const int64_t n_ctx = std::min<int64_t>(o.ctx, static_cast<int64_t>(input.size()) + o.n_predict);
+    if (static_cast<int64_t>(input.size()) + o.n_predict > o.ctx)
+        return MM_ERROR("prompt (%zu tokens) + -n %d exceeds the context size %lld (raise --ctx)", input.size(),
+                        o.n_predict, static_cast<long long>(o.ctx));
+    auto seq = model->new_sequence(std::max<int64_t>(n_ctx, 1));
+    const int64_t V = cfg.n_vocab;
+    std::vector<float> logits;
+
+    auto t_prompt = std::chrono::steady_clock::now();
+    const bool all_logits = o.json || o.top_n > 0;
+    MM_RETURN_IF_ERROR(model->forward(*seq, input.data(), static_cast<int64_t>(input.size()), all_logits, &logits));
+    const double prompt_s = seconds_since(t_prompt);
+
+    nlohmann::json j;
+    if (o.json) {
+        const int top_n = o.top_n > 0 ? o.top_n : 20;
+        auto& positions = j["positions"] = nlohmann::json::array();
+        for (size_t p = 0; p < input.size(); ++p) {
+            nlohmann::json top = nlohmann::json::array();
+            for (auto& [id, prob] : top_probs(&logits[p * V], V, top_n)) top.push_back({id, prob});
+            positions.push_back({{"pos", p}, {"top", std::move(top)}});
+        }
+    }
+    const float* last = &logits[(all_logits ? input.size() - 1 : 0) * V];
+
+    Sampler sampler(o.sp);
+    SamplerParams greedy_params;
+    greedy_params.greedy = true;
+    Sampler greedy(greedy_params);
+    Sampler& s = o.json ? greedy : sampler;
+    std::vector<int32_t> generated;
+    std::string pending;
+    auto t_decode = std::chrono::steady_clock::now();
+    int32_t next = s.sample(last, V);
+    for (int i = 0; i < o.n_predict; ++i) {
+        if (!o.ignore_eos && !o.json && tok.is_eog(next)) break;
+        generated.push_back(next);
+        if (!o.json) {
+            pending += tok.token_to_piece(next);
+            size_t n = complete_utf8_prefix(pending);
+            std::fwrite(pending.data(), 1, n, stdout);
+            std::fflush(stdout);
+            pending.erase(0, n);
+        }
+        if (i + 1 == o.n_predict) break;
+        MM_RETURN_IF_ERROR(model->forward(*seq, &next, 1, false, &logits));
+        next = s.sample(logits.data(), V);
+    }
+    const double decode_s = seconds_since(t_decode);
+    if (o.json) {
+        j["greedy"] = generated;
+        std::cout << j.dump() << std::endl;
+    } else {
+        std::fwrite(pending.data(), 1, pending.size(), stdout);
+        std::printf("\n");
+        std::fflush(stdout);
+    }
+    const double decode_tps = generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0;
+    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.2f tokens/s) | decode: %zu tokens in %.3f s (%.2f tokens/s)\n",
+                 input.size(), prompt_s, input.size() / prompt_s, generated.size(), decode_s, decode_tps);
+    return Status();
+}
+
+}  // namespace
+
+void register_run_command(CLI::App& app) {
+    auto o = std::make_shared<RunOptions>();
+    CLI::App* c = app.add_subcommand("run", "Generate text from a prompt (or score token ids with --json)");
+    c->add_option("-m,--model", o->model, "GGUF model file")->required()->check(CLI::ExistingFile);
+    c->add_option("-p,--prompt", o->prompt, "Prompt text (special tokens like <|im_start|> are parsed)");
+    c->add_option("--tokens", o->tokens, "Comma-separated token ids to feed instead of a prompt");
+    c->add_flag("--chat", o->chat, "Wrap the prompt in the ChatML user/assistant template");
+    c->add_option("-n,--n-predict", o->n_predict, "Tokens to generate")->capture_default_str()->check(CLI::Range(0, 1 << 20));
+    c->add_option("--top", o->top_n, "With --json: top-N next-token probabilities per position (default 20)");
+    c->add_flag("--json", o->json,
+                "Print one JSON object {positions:[{pos,top:[[id,prob]...]}...], greedy:[ids]} on stdout "
+                "(full softmax at temperature 1; greedy continuation of -n tokens)");
+    c->add_option("-t,--threads", o->threads, "Threads (default: all cores)");
+    c->add_option("-c,--ctx", o->ctx, "Context size (tokens)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+    c->add_option("-b,--batch", o->batch, "Prompt tokens per forward chunk")->capture_default_str()->check(CLI::Range(1, 1 << 16));
+    c->add_option("--kv-type", o->kv_type, "KV cache element type: f16 (as llama.cpp) or f32")->capture_default_str();
+    c->add_option("--temp", o->sp.temperature, "Temperature (0 = greedy)")->capture_default_str();
+    c->add_option("--top-k", o->sp.top_k, "Top-k cut (0 = off)")->capture_default_str();
+    c->add_option("--top-p", o->sp.top_p, "Top-p (nucleus) cut (1 = off)")->capture_default_str();
+    c->add_option("--min-p", o->sp.min_p, "Min-p cut relative to the best token (0 = off)")->capture_default_str();
+    c->add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
+    c->add_flag("--greedy", o->sp.greedy, "Always pick the most likely token");
+    c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
+    c->callback([o]() {
+        Status st = run(*o);
+        if (!st.ok()) {
+            std::fprintf(stderr, "error: %s\n", st.message().c_str());
+            std::exit(1);
+        }
+    });
+}
+
+}  // namespace moemesh
