@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up and runs every test: unit tests, parity with llama.cpp (node-llama-cpp), bad-input
+# tests, and a bounded libFuzzer run over the GGUF parser.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${MOEMESH_BUILD_DIR:-$ROOT/build}"
+"$ROOT/scripts/setup.sh"
+cd "$BUILD"
+ctest --output-on-failure -j"$(nproc)" --timeout 900
+
+# libFuzzer over the GGUF parser, bounded time (clang; separate build dir).
+FUZZ_BUILD="$ROOT/build-fuzz"
+CC=clang CXX=clang++ cmake -S "$ROOT" -B "$FUZZ_BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEMESH_FUZZ=ON \
+  -DMOEMESH_TESTS=OFF >/dev/null
+cmake --build "$FUZZ_BUILD" -j"$(nproc)" --target fuzz_gguf >/dev/null
+mkdir -p "$FUZZ_BUILD/corpus"
+"$FUZZ_BUILD/fuzz_gguf" -max_total_time="${MOEMESH_FUZZ_SECONDS:-60}" -rss_limit_mb=2048 -max_len=65536 \
+  "$FUZZ_BUILD/corpus" "$ROOT/tests/data/gguf_seeds" 2>&1 | tail -3
+echo "[test] all tests passed"
