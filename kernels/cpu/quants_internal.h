@@ -1,0 +1,115 @@
+// Block layouts of the weight types we compute with, activation quantizers and row dot products.
+// Internal to kernels/cpu (and its tests); the public entry points are in kernels/ops.h.
+//
+// Layouts are byte-for-byte those of ggml (ggml-common.h), so GGUF tensors can be used in place.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "common/ggml_types.h"
+
+namespace moemesh::quants {
+
+struct BlockQ8_0 {
+    uint16_t d;     // fp16 scale
+    int8_t qs[32];  // x ≈ d * qs
+};
+struct BlockQ4_0 {
+    uint16_t d;      // fp16 scale
+    uint8_t qs[16];  // element j in low nibble of qs[j], element j+16 in high nibble; x ≈ d * (q - 8)
+};
+struct BlockQ4_K {
+    uint16_t d;          // fp16 super-block scale for the 6-bit sub-block scales
+    uint16_t dmin;       // fp16 super-block scale for the 6-bit sub-block mins
+    uint8_t scales[12];  // 8 scales + 8 mins, 6 bits each (packing: see get_scale_min_k4)
+    uint8_t qs[128];     // 4-bit quants; 64-element groups: low nibbles = first 32, high nibbles = next 32
+};
+struct BlockQ6_K {
+    uint8_t ql[128];    // low 4 bits
+    uint8_t qh[64];     // high 2 bits
+    int8_t scales[16];  // 8-bit scale per 16 elements
+    uint16_t d;         // fp16 super-block scale
+};
+struct BlockQ8_K {
+    float d;            // fp32 scale
+    int8_t qs[256];     // quants
+    int16_t bsums[16];  // sum of qs in groups of 16
+};
+static_assert(sizeof(BlockQ8_0) == 34);
+static_assert(sizeof(BlockQ4_0) == 18);
+static_assert(sizeof(BlockQ4_K) == 144);
+static_assert(sizeof(BlockQ6_K) == 210);
+static_assert(sizeof(BlockQ8_K) == 292);
+
+// Round to nearest, ties to even, as ggml's nearest_int (valid for |f| <= 4194303).
+inline int nearest_int(float f) {
+    float v = f + 12582912.f;
+    int32_t i;
+    std::memcpy(&i, &v, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+// Scale and min of sub-block j (0..7) of a Q4_K super-block.
+inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
+    }
+}
+
+// ---- activation quantizers (what llama.cpp's x86 CPU backend does to X before a dot product) ----
+// Q8_0 as ggml-cpu's AVX quantize_row_q8_0: d = amax/127, q = round-half-even(x * 127/amax).
+// (The _ref weight quantizer instead uses 1/d and rounds half away from zero.)
+void quantize_act_q8_0_scalar(const float* x, BlockQ8_0* y, int64_t n);
+// Q8_K as ggml's quantize_row_q8_K_ref.
+void quantize_act_q8_K_scalar(const float* x, BlockQ8_K* y, int64_t n);
+void quantize_act_f16_scalar(const float* x, uint16_t* y, int64_t n);
+void quantize_act_bf16_scalar(const float* x, uint16_t* y, int64_t n);
+
+// ---- row dot products: sum_i w[i] * a[i] over n elements ----
+// w: one row in the weight type, a: one row in the paired activation type.
+using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
+using QuantizeActFn = void (*)(const float* x, void* a, int64_t n);
+
+// Plain scalar references: integer sums per block, then scaled, as ggml's generic vec_dot_*.
+float vec_dot_f32_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_f16_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_bf16_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q8_0_q8_0_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q4_0_q8_0_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q4_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q6_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+
+// AVX2+FMA+F16C versions (quants_avx2.cpp); call only when cpu_has_avx2().
+namespace avx2 {
+float vec_dot_f32(int64_t n, const void* w, const void* a);
+float vec_dot_f16(int64_t n, const void* w, const void* a);
+float vec_dot_bf16(int64_t n, const void* w, const void* a);
+float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a);
+float vec_dot_q4_0_q8_0(int64_t n, const void* w, const void* a);
+float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a);
+float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a);
+void quantize_act_q8_0(const float* x, void* y, int64_t n);
+void quantize_act_f16(const float* x, void* y, int64_t n);
+}  // namespace avx2
+
+// True when the CPU (and OS) support AVX2, FMA and F16C; false also when MOEMESH_NO_SIMD is set.
+bool cpu_has_avx2();
+
+// Everything the matmul needs for one weight type.
+struct TypeKernels {
+    GgmlType weight_type;
+    GgmlType act_type;           // activation type X is converted to
+    int64_t block;               // k must be a multiple of this
+    QuantizeActFn quantize_act;  // nullptr: F32, X used as is
+    VecDotFn vec_dot;
+};
+
+// Kernels for weight type t (simd=false: scalar references only); nullptr if t is not computable.
+const TypeKernels* type_kernels(GgmlType t, bool simd = true);
+
+}  // namespace moemesh::quants

@@ -1,0 +1,252 @@
+// Row dot products (SIMD vs scalar reference vs double-precision product of the decoded rows),
+// matmul against a naive double-precision product, and ThreadPool coverage.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/quants_internal.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+namespace {
+
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
+                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+
+std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& f : v) f = dist(rng);
+    return v;
+}
+
+// Weight matrix [rows, k] in type t, from Gaussian data.
+std::vector<uint8_t> make_weights(GgmlType t, int64_t rows, int64_t k, uint32_t seed) {
+    const std::vector<float> f = random_normal(rows * k, seed, 0.05f);
+    const size_t stride = ggml_row_bytes(t, k);
+    std::vector<uint8_t> w(stride * static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) quantize_row(t, f.data() + r * k, w.data() + r * stride, k);
+    return w;
+}
+
+// X converted to the activation type and decoded back to floats: the values the kernel multiplies.
+std::vector<float> act_values(GgmlType wt, const float* x, int64_t k) {
+    const quants::TypeKernels* kt = quants::type_kernels(wt, /*simd=*/false);
+    std::vector<float> out(static_cast<size_t>(k));
+    if (!kt->quantize_act) {
+        std::memcpy(out.data(), x, static_cast<size_t>(k) * 4);
+        return out;
+    }
+    std::vector<uint8_t> a(ggml_row_bytes(kt->act_type, k));
+    kt->quantize_act(x, a.data(), k);
+    if (kt->act_type == GgmlType::Q8_K) {
+        const auto* b = reinterpret_cast<const quants::BlockQ8_K*>(a.data());
+        for (int64_t i = 0; i < k; ++i) out[i] = b[i / 256].d * b[i / 256].qs[i % 256];
+    } else {
+        dequantize_row(kt->act_type, a.data(), out.data(), k);
+    }
+    return out;
+}
+
+struct DotCase {
+    double value;    // Σ w·a in double over the decoded values
+    double abs_sum;  // Σ |w·a|, the scale for the tolerance
+};
+
+DotCase naive_dot(const float* w, const float* a, int64_t k) {
+    DotCase c{0, 0};
+    for (int64_t i = 0; i < k; ++i) {
+        c.value += double(w[i]) * a[i];
+        c.abs_sum += std::fabs(double(w[i]) * a[i]);
+    }
+    return c;
+}
+
+std::vector<int64_t> sizes_for(GgmlType t) {
+    if (t == GgmlType::Q4_K || t == GgmlType::Q6_K) return {256, 512, 768, 2048, 4096, 5120};
+    if (t == GgmlType::Q8_0 || t == GgmlType::Q4_0) return {32, 64, 96, 256, 512, 800, 2048, 4096};
+    return {1, 7, 8, 31, 33, 100, 256, 512, 1000, 2048, 4096};
+}
+
+// Relative tolerance on Σ|w·a| for float accumulation order differences.
+constexpr double kRelTol = 2e-6;
+
+TEST(VecDot, ScalarReferenceMatchesDoubleProduct) {
+    for (GgmlType t : kTypes) {
+        const quants::TypeKernels* kt = quants::type_kernels(t, /*simd=*/false);
+        ASSERT_NE(kt, nullptr);
+        for (int64_t k : sizes_for(t)) {
+            const std::vector<uint8_t> w = make_weights(t, 1, k, 7 + static_cast<uint32_t>(k));
+            const std::vector<float> x = random_normal(k, 11 + static_cast<uint32_t>(k));
+            std::vector<float> wd(static_cast<size_t>(k));
+            dequantize_row(t, w.data(), wd.data(), k);
+            const std::vector<float> xa = act_values(t, x.data(), k);
+            std::vector<uint8_t> a(kt->quantize_act ? ggml_row_bytes(kt->act_type, k) : 0);
+            const void* ap = x.data();
+            if (kt->quantize_act) {
+                kt->quantize_act(x.data(), a.data(), k);
+                ap = a.data();
+            }
+            const DotCase want = naive_dot(wd.data(), xa.data(), k);
+            const float got = kt->vec_dot(k, w.data(), ap);
+            EXPECT_NEAR(got, want.value, kRelTol * want.abs_sum + 1e-30) << ggml_type_name(t) << " k=" << k;
+        }
+    }
+}
+
+TEST(VecDot, SimdMatchesScalar) {
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    for (GgmlType t : kTypes) {
+        const quants::TypeKernels* ks = quants::type_kernels(t, false);
+        const quants::TypeKernels* kv = quants::type_kernels(t, true);
+        ASSERT_NE(ks->vec_dot, kv->vec_dot);
+        for (int64_t k : sizes_for(t)) {
+            for (uint32_t seed = 0; seed < 3; ++seed) {
+                const std::vector<uint8_t> w = make_weights(t, 1, k, 100 * seed + static_cast<uint32_t>(k));
+                std::vector<float> x = random_normal(k, 200 * seed + static_cast<uint32_t>(k));
+                if (seed == 2) {
+                    for (int64_t i = 0; i < k; i += 3) x[i] = 0;  // zero runs and sign mixes
+                    x[0] = 30.0f;                                  // a large outlier
+                }
+                std::vector<uint8_t> a(ks->quantize_act ? ggml_row_bytes(ks->act_type, k) : 0);
+                const void* ap = x.data();
+                if (ks->quantize_act) {
+                    ks->quantize_act(x.data(), a.data(), k);
+                    ap = a.data();
+                }
+                std::vector<float> wd(static_cast<size_t>(k));
+                dequantize_row(t, w.data(), wd.data(), k);
+                const DotCase scale = naive_dot(wd.data(), act_values(t, x.data(), k).data(), k);
+                const float ref = ks->vec_dot(k, w.data(), ap);
+                const float simd = kv->vec_dot(k, w.data(), ap);
+                EXPECT_NEAR(simd, ref, kRelTol * scale.abs_sum + 1e-30)
+                    << ggml_type_name(t) << " k=" << k << " seed=" << seed;
+            }
+        }
+    }
+}
+
+TEST(VecDot, QuantizedIntegerSumsAreExact) {
+    // Scales of 1 (Q8_0 d = 1.0, activations with amax 127) make every product an exact integer, so
+    // scalar and SIMD must agree bit for bit with the integer dot product.
+    const int64_t k = 4096;
+    std::mt19937 rng(3);
+    std::vector<quants::BlockQ8_0> w(k / 32), a(k / 32);
+    int64_t want = 0;
+    for (int64_t b = 0; b < k / 32; ++b) {
+        w[b].d = a[b].d = fp32_to_fp16(1.0f);
+        for (int i = 0; i < 32; ++i) {
+            w[b].qs[i] = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            a[b].qs[i] = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+            want += w[b].qs[i] * a[b].qs[i];
+        }
+    }
+    EXPECT_EQ(quants::vec_dot_q8_0_q8_0_scalar(k, w.data(), a.data()), static_cast<float>(want));
+    if (quants::cpu_has_avx2()) {
+        EXPECT_EQ(quants::avx2::vec_dot_q8_0_q8_0(k, w.data(), a.data()), static_cast<float>(want));
+    }
+}
+
+// matmul vs naive Y = X·Wᵀ in double from decoded W and decoded activations.
+void check_matmul(ThreadPool& pool, GgmlType t, int64_t n_out, int64_t k, int64_t m, uint32_t seed,
+                  std::vector<float>* out = nullptr) {
+    const std::vector<uint8_t> w = make_weights(t, n_out, k, seed);
+    const std::vector<float> x = random_normal(m * k, seed + 1);
+    std::vector<float> y(static_cast<size_t>(m * n_out), NAN);
+    matmul(pool, t, w.data(), n_out, k, x.data(), m, y.data());
+
+    const size_t stride = ggml_row_bytes(t, k);
+    std::vector<float> wd(static_cast<size_t>(n_out * k));
+    for (int64_t r = 0; r < n_out; ++r) dequantize_row(t, w.data() + r * stride, wd.data() + r * k, k);
+    for (int64_t i = 0; i < m; ++i) {
+        const std::vector<float> xa = act_values(t, x.data() + i * k, k);
+        for (int64_t r = 0; r < n_out; ++r) {
+            const DotCase want = naive_dot(wd.data() + r * k, xa.data(), k);
+            ASSERT_NEAR(y[i * n_out + r], want.value, kRelTol * want.abs_sum + 1e-30)
+                << ggml_type_name(t) << " n_out=" << n_out << " k=" << k << " m=" << m << " at " << i << "," << r;
+        }
+    }
+    if (out) *out = std::move(y);
+}
+
+TEST(Matmul, MatchesNaiveProduct) {
+    ThreadPool pool(2);
+    for (GgmlType t : kTypes) {
+        for (int64_t m : {1, 3, 17, 64}) {
+            for (int64_t n_out : {1, 7, 33, 100}) {
+                check_matmul(pool, t, n_out, 512, m, 31 * static_cast<uint32_t>(m) + static_cast<uint32_t>(n_out));
+            }
+        }
+    }
+}
+
+TEST(Matmul, LargeShapesAndThreadCountsAgree) {
+    // Several row and m tiles, n_out not a multiple of any tile; results must not depend on threads.
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16}) {
+        std::vector<float> y1;
+        {
+            ThreadPool pool(1);
+            check_matmul(pool, t, 203, 1024, 130, 5, &y1);
+        }
+        for (int threads : {2, 3, 4}) {
+            ThreadPool pool(threads);
+            std::vector<float> y;
+            check_matmul(pool, t, 203, 1024, 130, 5, &y);
+            ASSERT_EQ(0, std::memcmp(y.data(), y1.data(), y.size() * sizeof(float))) << threads;
+        }
+    }
+    ThreadPool pool(4);
+    check_matmul(pool, GgmlType::Q6_K, 2049, 256, 1, 9);
+    check_matmul(pool, GgmlType::Q4_0, 1000, 2048, 2, 10);
+}
+
+TEST(ThreadPool, CoversEveryIndexOnce) {
+    for (int threads = 1; threads <= 4; ++threads) {
+        ThreadPool pool(threads);
+        EXPECT_EQ(pool.size(), threads);
+        for (int64_t n : {0, 1, 2, 3, 5, 7, 16, 100, 1001, 12345}) {
+            std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+            std::atomic<bool> bad_range{false};
+            pool.parallel_for(n, [&](int64_t b, int64_t e) {
+                if (b < 0 || e > n || b >= e) bad_range = true;
+                for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1, std::memory_order_relaxed);
+            });
+            EXPECT_FALSE(bad_range.load());
+            for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "threads=" << threads << " n=" << n;
+        }
+    }
+}
+
+TEST(ThreadPool, ManySmallJobsAndSleepingWorkers) {
+    ThreadPool pool(3);
+    std::atomic<int64_t> total{0};
+    for (int rep = 0; rep < 20000; ++rep) {
+        pool.parallel_for(8, [&](int64_t b, int64_t e) { total.fetch_add(e - b, std::memory_order_relaxed); });
+    }
+    EXPECT_EQ(total.load(), 8 * 20000);
+    // Idle long enough for workers to go to sleep, then wake them.
+    for (int rep = 0; rep < 5; ++rep) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        std::atomic<int64_t> sum{0};
+        pool.parallel_for(1000, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) sum.fetch_add(i, std::memory_order_relaxed);
+        });
+        EXPECT_EQ(sum.load(), 999 * 1000 / 2);
+    }
+}
+
+TEST(ThreadPool, DefaultSizeUsesHardwareThreads) {
+    ThreadPool pool(0);
+    EXPECT_GE(pool.size(), 1);
+}
+
+}  // namespace
+}  // namespace moemesh
