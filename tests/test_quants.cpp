@@ -1,10 +1,12 @@
 // Weight types: quantize → dequantize error bounds, dequantization against independent per-element
 // decoders written from the format description, activation quantizers (SIMD vs scalar).
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/half.h"
@@ -313,6 +315,132 @@ TEST(Quants, ActivationQ8_KBlockSums) {
         }
         for (int i = 0; i < 256; ++i) {
             ASSERT_NEAR(a[b].qs[i] * a[b].d, x[b * 256 + i], std::fabs(a[b].d) * 0.5f + 1e-30f);
+        }
+    }
+}
+
+// ---- cross-check against llama.cpp's own ggml, where the node-llama-cpp reference install has it ----
+
+struct GgmlLib {
+    void* handle = nullptr;
+    using QuantFn = void (*)(const float*, void*, int64_t);
+    using DequantFn = void (*)(const void*, float*, int64_t);
+    using DotFn = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
+    template <class F>
+    F sym(const char* name) {
+        return reinterpret_cast<F>(dlsym(handle, name));
+    }
+};
+
+GgmlLib* ggml_lib() {
+    static GgmlLib lib = [] {
+        GgmlLib l;
+#if defined(__x86_64__)
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("bmi2")) {
+            return l;
+        }
+        const std::string path = std::string(MOEMESH_SOURCE_DIR) +
+                                 "/tests/ref/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-cpu-haswell.so";
+        l.handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (l.handle) {
+            if (auto init = l.sym<void (*)()>("ggml_cpu_init")) init();
+        }
+#endif
+        return l;
+    }();
+    return lib.handle ? &lib : nullptr;
+}
+
+TEST(GgmlCrossCheck, ReferenceQuantizersAreBitExact) {
+    GgmlLib* lib = ggml_lib();
+    if (!lib) GTEST_SKIP() << "llama.cpp's ggml (tests/ref node-llama-cpp, haswell build) not available";
+    struct Case {
+        GgmlType t;
+        const char* quant;
+        const char* dequant;
+    };
+    const Case cases[] = {{GgmlType::Q8_0, "quantize_row_q8_0_ref", "dequantize_row_q8_0"},
+                          {GgmlType::Q4_0, "quantize_row_q4_0_ref", "dequantize_row_q4_0"},
+                          {GgmlType::Q4_K, "quantize_row_q4_K_ref", "dequantize_row_q4_K"},
+                          {GgmlType::Q6_K, "quantize_row_q6_K_ref", "dequantize_row_q6_K"}};
+    for (const Case& c : cases) {
+        auto quant = lib->sym<GgmlLib::QuantFn>(c.quant);
+        auto dequant = lib->sym<GgmlLib::DequantFn>(c.dequant);
+        ASSERT_TRUE(quant && dequant) << c.quant;
+        for (uint32_t seed = 0; seed < 6; ++seed) {
+            const int64_t n = 2560;
+            const std::vector<float> x = seed % 2 ? awkward_row(n, seed) : random_normal(n, seed, 0.02f + seed);
+            std::vector<uint8_t> ours(ggml_row_bytes(c.t, n)), theirs(ours.size());
+            quantize_row(c.t, x.data(), ours.data(), n);
+            quant(x.data(), theirs.data(), n);
+            ASSERT_EQ(ours, theirs) << ggml_type_name(c.t) << " seed=" << seed;
+
+            const std::vector<uint8_t> q = random_blocks(c.t, n, seed);
+            std::vector<float> y1(n), y2(n);
+            dequantize_row(c.t, q.data(), y1.data(), n);
+            dequant(q.data(), y2.data(), n);
+            ASSERT_EQ(0, std::memcmp(y1.data(), y2.data(), n * sizeof(float))) << ggml_type_name(c.t);
+        }
+    }
+}
+
+TEST(GgmlCrossCheck, ActivationQuantizersAreBitExact) {
+    GgmlLib* lib = ggml_lib();
+    if (!lib) GTEST_SKIP() << "llama.cpp's ggml not available";
+    auto q8_0 = lib->sym<GgmlLib::QuantFn>("quantize_row_q8_0");
+    auto q8_K = lib->sym<GgmlLib::QuantFn>("quantize_row_q8_K");
+    ASSERT_TRUE(q8_0 && q8_K);
+    for (uint32_t seed = 0; seed < 6; ++seed) {
+        const int64_t n = 2560;
+        const std::vector<float> x = seed % 2 ? awkward_row(n, seed) : random_normal(n, seed, 0.5f + seed);
+        std::vector<BlockQ8_0> a0(n / 32), b0(n / 32), c0(n / 32);
+        quants::quantize_act_q8_0_scalar(x.data(), a0.data(), n);
+        q8_0(x.data(), b0.data(), n);
+        ASSERT_EQ(0, std::memcmp(a0.data(), b0.data(), a0.size() * sizeof(BlockQ8_0))) << seed;
+        quants::avx2::quantize_act_q8_0(x.data(), c0.data(), n);
+        ASSERT_EQ(0, std::memcmp(c0.data(), b0.data(), c0.size() * sizeof(BlockQ8_0))) << seed;
+        std::vector<BlockQ8_K> aK(n / 256), bK(n / 256);
+        quants::quantize_act_q8_K_scalar(x.data(), aK.data(), n);
+        q8_K(x.data(), bK.data(), n);
+        for (int64_t b = 0; b < n / 256; ++b) {
+            ASSERT_EQ(aK[b].d, bK[b].d);
+            ASSERT_EQ(0, std::memcmp(aK[b].qs, bK[b].qs, 256));
+            if (aK[b].d != 0) {
+                ASSERT_EQ(0, std::memcmp(aK[b].bsums, bK[b].bsums, sizeof(aK[b].bsums)));
+            }
+        }
+    }
+}
+
+TEST(GgmlCrossCheck, DotProductsAgree) {
+    GgmlLib* lib = ggml_lib();
+    if (!lib) GTEST_SKIP() << "llama.cpp's ggml not available";
+    struct Case {
+        GgmlType t;
+        const char* dot;
+    };
+    const Case cases[] = {{GgmlType::Q8_0, "ggml_vec_dot_q8_0_q8_0"}, {GgmlType::Q4_0, "ggml_vec_dot_q4_0_q8_0"},
+                          {GgmlType::Q4_K, "ggml_vec_dot_q4_K_q8_K"}, {GgmlType::Q6_K, "ggml_vec_dot_q6_K_q8_K"},
+                          {GgmlType::F16, "ggml_vec_dot_f16"},        {GgmlType::BF16, "ggml_vec_dot_bf16"}};
+    for (const Case& c : cases) {
+        auto dot = lib->sym<GgmlLib::DotFn>(c.dot);
+        ASSERT_TRUE(dot) << c.dot;
+        const quants::TypeKernels* kt = quants::type_kernels(c.t);
+        for (int64_t k : {256, 2048, 4096}) {
+            const std::vector<float> wf = random_normal(k, static_cast<uint32_t>(k), 0.05f);
+            const std::vector<float> x = random_normal(k, static_cast<uint32_t>(k) + 1);
+            std::vector<uint8_t> w(ggml_row_bytes(c.t, k)), a(ggml_row_bytes(kt->act_type, k));
+            quantize_row(c.t, wf.data(), w.data(), k);
+            kt->quantize_act(x.data(), a.data(), k);
+            float theirs = 0;
+            dot(static_cast<int>(k), &theirs, 0, w.data(), 0, a.data(), 0, 1);
+            const float ours = kt->vec_dot(k, w.data(), a.data());
+            double abs_sum = 0;
+            std::vector<float> wd(k), xd(k);
+            dequantize_row(c.t, w.data(), wd.data(), k);
+            for (int64_t i = 0; i < k; ++i) abs_sum += std::fabs(wd[i] * x[i]);
+            EXPECT_NEAR(ours, theirs, 2e-6 * abs_sum) << ggml_type_name(c.t) << " k=" << k;
         }
     }
 }
