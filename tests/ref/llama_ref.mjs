@@ -1,0 +1,367 @@
+#!/usr/bin/env node
+// llama.cpp reference harness (node-llama-cpp, prebuilt CPU build): next-token probabilities,
+// greedy continuation, timings and llama.cpp's view of a GGUF file, as ONE JSON object on stdout.
+// Everything else (llama.cpp logs, progress) goes to stderr. Any failure: message on stderr, exit 1.
+//
+//   node tests/ref/llama_ref.mjs probs --model F.gguf (--tokens 1,2,3 | --ids-file F) [--top 20] [-n 32]
+//        [--threads N] [--with-logits] [--kv-type f32|f16] [--flash-attn on|off|auto] [--batch N] [--verbose]
+//     → {"positions":[{"pos":0,"top":[[id,prob],...]},...],"greedy":[id,...],"n_vocab":V,"config":{...}}
+//       top: the --top most likely next tokens after input position pos, probabilities from the FULL
+//       softmax at temperature 1 over llama.cpp's raw logits (computed here in double precision);
+//       with --with-logits each entry is [id, prob, logit]. greedy: -n tokens of greedy (argmax)
+//       continuation after the whole input, chosen by llama.cpp's greedy sampler.
+//   node tests/ref/llama_ref.mjs bench --model F.gguf [--threads N] [--prompt-tokens 128] [--gen 64] [--reps 3]
+//        [--kv-type f16|f32] [--flash-attn auto|on|off] [--batch N]
+//     → {"prompt_tokens_per_s":..,"decode_tokens_per_s":..,"prompt":{..},"decode":{..},"config":{..}}
+//       medians over reps; llama.cpp's own perf counters (llama_perf_context) when it reports them,
+//       wall-clock around the evaluation calls otherwise (both are in the output).
+//   node tests/ref/llama_ref.mjs info --model F.gguf
+//     → {"n_vocab":..,"n_params":..,"size":..,"train_ctx":..,"n_embd":..,"architecture":..,...}
+import fs from "node:fs";
+import path from "node:path";
+import process from "node:process";
+
+// Nothing but the final JSON may reach stdout.
+console.log = console.error;
+console.info = console.error;
+
+// stdout may be a pipe: wait until the JSON is flushed before anyone calls process.exit.
+function emit(obj) {
+    return new Promise((resolve, reject) =>
+        process.stdout.write(JSON.stringify(obj) + "\n", (err) => (err ? reject(err) : resolve())));
+}
+
+function fail(msg) {
+    process.stderr.write(`llama_ref: ${msg}\n`);
+    process.exit(1);
+}
+
+function parseArgs(argv) {
+    const cmd = argv[0];
+    const flags = {};
+    const booleans = new Set(["with-logits", "verbose"]);
+    for (let i = 1; i < argv.length; i++) {
+        const a = argv[i];
+        if (!a.startsWith("-")) fail(`unexpected argument '${a}'`);
+        const key = a.replace(/^--?/, "");
+        if (booleans.has(key)) {
+            flags[key] = true;
+            continue;
+        }
+        if (i + 1 >= argv.length) fail(`flag ${a} needs a value`);
+        flags[key] = argv[++i];
+    }
+    return { cmd, flags };
+}
+
+function intFlag(flags, name, def, { min = 0 } = {}) {
+    if (flags[name] === undefined) return def;
+    const v = Number(flags[name]);
+    if (!Number.isInteger(v) || v < min) fail(`--${name} must be an integer >= ${min}, got '${flags[name]}'`);
+    return v;
+}
+
+function parseIds(text, where) {
+    const ids = text.split(/[\s,]+/).filter((s) => s.length > 0).map((s) => {
+        const v = Number(s);
+        if (!Number.isInteger(v) || v < 0) fail(`${where}: '${s}' is not a token id`);
+        return v;
+    });
+    if (ids.length === 0) fail(`${where}: no token ids`);
+    return ids;
+}
+
+function kvTypeOption(flags, def) {
+    const t = (flags["kv-type"] ?? def).toUpperCase();
+    if (!["F32", "F16", "BF16", "Q8_0"].includes(t)) fail(`--kv-type must be f32, f16, bf16 or q8_0, got '${flags["kv-type"]}'`);
+    return t;
+}
+
+function flashAttnOption(flags, def) {
+    const v = flags["flash-attn"] ?? def;
+    if (v === "auto") return "auto";
+    if (v === "on" || v === "true") return true;
+    if (v === "off" || v === "false") return false;
+    fail(`--flash-attn must be auto, on or off, got '${v}'`);
+}
+
+function median(xs) {
+    const s = [...xs].sort((a, b) => a - b);
+    const m = s.length >> 1;
+    return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+// Loads node-llama-cpp with llama.cpp's log lines captured (stderr, and kept for perf parsing).
+async function loadLlama(flags) {
+    let getLlama, LlamaLogLevel;
+    try {
+        ({ getLlama, LlamaLogLevel } = await import("node-llama-cpp"));
+    } catch (e) {
+        fail(`cannot import node-llama-cpp (run npm ci in tests/ref): ${e.message}`);
+    }
+    const logLines = [];
+    const verbose = !!flags.verbose;
+    const llama = await getLlama({
+        gpu: false,
+        build: "never",
+        usePrebuiltBinaries: true,
+        progressLogs: false,
+        maxThreads: 0,  // no cap: contexts use exactly the threads they ask for
+        logLevel: verbose ? LlamaLogLevel.debug : LlamaLogLevel.info,
+        logger: (level, message) => {
+            logLines.push(message);
+            if (verbose || level === LlamaLogLevel.error || level === LlamaLogLevel.fatal || level === LlamaLogLevel.warn)
+                process.stderr.write(`[llama.cpp ${level}] ${message}${message.endsWith("\n") ? "" : "\n"}`);
+        },
+    });
+    return { llama, logLines };
+}
+
+async function loadModel(llama, flags) {
+    const modelPath = flags.model;
+    if (!modelPath) fail("--model is required");
+    if (!fs.existsSync(modelPath)) fail(`${modelPath}: no such file`);
+    try {
+        return await llama.loadModel({ modelPath: path.resolve(modelPath), gpuLayers: 0, useMmap: true });
+    } catch (e) {
+        fail(`llama.cpp could not load ${modelPath}: ${e.message}`);
+    }
+}
+
+// llama.cpp's n_vocab is the length of tokenizer.ggml.tokens (node-llama-cpp exposes no getter);
+// token_embd's second dimension is the fallback.
+function vocabSize(model) {
+    const toks = model.fileInfo.metadata?.tokenizer?.ggml?.tokens;
+    if (Array.isArray(toks) && toks.length > 0) return toks.length;
+    const embd = (model.fileInfo.fullTensorInfo ?? []).find((t) => t.name === "token_embd.weight");
+    if (embd) return Number(embd.dimensions[1]);
+    fail("cannot tell the vocabulary size");
+}
+
+function threadsOf(flags, llama) {
+    return intFlag(flags, "threads", llama.cpuMathCores, { min: 1 });
+}
+
+async function makeContext(model, { contextSize, batchSize, threads, kvType, flashAttention }) {
+    try {
+        return await model.createContext({
+            contextSize,
+            batchSize,
+            threads: { ideal: threads, min: threads },
+            flashAttention,
+            experimentalKvCacheKeyType: kvType,
+            experimentalKvCacheValueType: kvType,
+            performanceTracking: true,
+            ignoreMemorySafetyChecks: true,
+            failedCreationRemedy: false,
+        });
+    } catch (e) {
+        fail(`llama.cpp could not create a context (size ${contextSize}, kv ${kvType}): ${e.message}`);
+    }
+}
+
+function contextConfig(ctx, threads) {
+    return {
+        threads,
+        context_size: ctx.contextSize,
+        batch_size: ctx.batchSize,
+        kv_cache_type_k: ctx.kvCacheKeyType,
+        kv_cache_type_v: ctx.kvCacheValueType,
+        flash_attention: ctx.flashAttention,
+    };
+}
+
+// Full softmax at temperature 1 over every logit (logits: Map token → logit), in double precision.
+function softmaxTop(logits, top, withLogits) {
+    let maxLogit = -Infinity;
+    for (const v of logits.values()) if (v > maxLogit) maxLogit = v;
+    let sum = 0;
+    for (const v of logits.values()) sum += Math.exp(v - maxLogit);
+    const entries = [...logits.entries()];
+    entries.sort((a, b) => b[1] - a[1] || a[0] - b[0]);
+    return entries.slice(0, top).map(([id, logit]) => {
+        const p = Math.exp(logit - maxLogit) / sum;
+        return withLogits ? [id, p, logit] : [id, p];
+    });
+}
+
+async function cmdProbs(flags) {
+    let ids;
+    if (flags.tokens !== undefined) ids = parseIds(flags.tokens, "--tokens");
+    else if (flags["ids-file"] !== undefined) {
+        let text;
+        try {
+            text = fs.readFileSync(flags["ids-file"], "utf8");
+        } catch (e) {
+            fail(`--ids-file: ${e.message}`);
+        }
+        ids = parseIds(text, flags["ids-file"]);
+    } else fail("probs needs --tokens or --ids-file");
+    const top = intFlag(flags, "top", 20, { min: 1 });
+    const nGen = intFlag(flags, "n", 32, { min: 0 });
+    const withLogits = !!flags["with-logits"];
+
+    const { llama } = await loadLlama(flags);
+    const model = await loadModel(llama, flags);
+    const nVocab = vocabSize(model);
+    for (const id of ids) if (id >= nVocab) fail(`token id ${id} is outside the vocabulary (${nVocab})`);
+    const threads = threadsOf(flags, llama);
+    const need = ids.length + nGen + 1;
+    const ctx = await makeContext(model, {
+        contextSize: Math.max(256, need),
+        batchSize: intFlag(flags, "batch", Math.min(512, Math.max(256, need)), { min: 1 }),
+        threads,
+        kvType: kvTypeOption(flags, "f32"),
+        flashAttention: flashAttnOption(flags, "off"),
+    });
+    const seq = ctx.getSequence();
+
+    // Every input position asks for all raw logits; the last one also for llama.cpp's greedy token.
+    const input = ids.map((id, i) => [id, { generateNext: { logits: true, token: i === ids.length - 1 } }]);
+    const out = await seq.controlledEvaluate(input);
+    const positions = [];
+    for (let i = 0; i < ids.length; i++) {
+        const logits = out[i]?.next?.logits;
+        if (!logits || logits.size !== nVocab)
+            fail(`position ${i}: llama.cpp returned ${logits ? logits.size : 0} logits, expected ${nVocab}`);
+        positions.push({ pos: i, top: softmaxTop(logits, top, withLogits) });
+    }
+    const greedy = [];
+    let next = out[ids.length - 1].next.token;
+    for (let g = 0; g < nGen; g++) {
+        if (next == null) fail(`greedy step ${g}: llama.cpp returned no token`);
+        greedy.push(next);
+        if (g + 1 === nGen) break;
+        const r = await seq.controlledEvaluate([[next, { generateNext: { token: true } }]]);
+        next = r[0]?.next?.token;
+    }
+    const result = { positions, greedy, n_vocab: nVocab, config: contextConfig(ctx, threads) };
+    await ctx.dispose();
+    await model.dispose();
+    await emit(result);
+}
+
+// llama_perf_context_print lines: "prompt eval time = X ms / N tokens", "eval time = X ms / N runs".
+function parsePerf(lines) {
+    const text = lines.join("");
+    const grab = (re) => {
+        const m = text.match(re);
+        return m ? { ms: Number(m[1]), n: Number(m[2]) } : null;
+    };
+    return {
+        prompt: grab(/prompt eval time\s*=\s*([\d.]+)\s*ms\s*\/\s*(\d+)\s*tokens/),
+        decode: grab(/(?<!prompt )eval time\s*=\s*([\d.]+)\s*ms\s*\/\s*(\d+)\s*runs/),
+    };
+}
+
+async function cmdBench(flags) {
+    const promptTokens = intFlag(flags, "prompt-tokens", 128, { min: 1 });
+    const nGen = intFlag(flags, "gen", 64, { min: 1 });
+    const reps = intFlag(flags, "reps", 3, { min: 1 });
+    const { llama, logLines } = await loadLlama(flags);
+    const model = await loadModel(llama, flags);
+    const nVocab = vocabSize(model);
+    const threads = threadsOf(flags, llama);
+    const need = promptTokens + nGen + 1;
+    const ctx = await makeContext(model, {
+        contextSize: Math.max(256, need),
+        batchSize: intFlag(flags, "batch", Math.max(1, Math.min(512, promptTokens)), { min: 1 }),
+        threads,
+        kvType: kvTypeOption(flags, "f16"),
+        flashAttention: flashAttnOption(flags, "auto"),
+    });
+
+    // Deterministic pseudo-random prompt over the vocabulary.
+    let state = 12345;
+    const prompt = Array.from({ length: promptTokens }, () => {
+        state = (state * 1103515245 + 12345) % 2147483648;
+        return state % nVocab;
+    });
+
+    const rows = [];
+    for (let rep = 0; rep <= reps; rep++) {  // rep 0 warms up and is not counted
+        const seq = ctx.getSequence();
+        await ctx.printTimings();  // resets llama.cpp's perf counters
+        logLines.length = 0;
+        const input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, { generateNext: { token: true } }] : id));
+        const t0 = process.hrtime.bigint();
+        const out = await seq.controlledEvaluate(input);
+        const t1 = process.hrtime.bigint();
+        await ctx.printTimings();
+        const perfPrompt = parsePerf(logLines).prompt;
+        logLines.length = 0;
+
+        let next = out[prompt.length - 1].next.token;
+        const t2 = process.hrtime.bigint();
+        for (let g = 0; g < nGen; g++) {
+            const r = await seq.controlledEvaluate([[next, { generateNext: { token: true } }]]);
+            next = r[0].next.token;
+        }
+        const t3 = process.hrtime.bigint();
+        await ctx.printTimings();
+        const perfDecode = parsePerf(logLines).decode;
+        logLines.length = 0;
+        seq.dispose();
+        if (rep === 0) continue;
+        rows.push({
+            prompt_wall_s: Number(t1 - t0) / 1e9,
+            decode_wall_s: Number(t3 - t2) / 1e9,
+            prompt_perf: perfPrompt,
+            decode_perf: perfDecode,
+        });
+    }
+    const havePerf = rows.every((r) => r.prompt_perf && r.decode_perf && r.prompt_perf.n > 0 && r.decode_perf.n > 0);
+    const promptWall = median(rows.map((r) => promptTokens / r.prompt_wall_s));
+    const decodeWall = median(rows.map((r) => nGen / r.decode_wall_s));
+    const promptPerf = havePerf ? median(rows.map((r) => (r.prompt_perf.n * 1000) / r.prompt_perf.ms)) : null;
+    const decodePerf = havePerf ? median(rows.map((r) => (r.decode_perf.n * 1000) / r.decode_perf.ms)) : null;
+    const result = {
+        prompt_tokens_per_s: promptPerf ?? promptWall,
+        decode_tokens_per_s: decodePerf ?? decodeWall,
+        source: havePerf ? "llama_perf_context" : "wall_clock",
+        prompt: { tokens: promptTokens, tokens_per_s_perf: promptPerf, tokens_per_s_wall: promptWall },
+        decode: { tokens: nGen, tokens_per_s_perf: decodePerf, tokens_per_s_wall: decodeWall },
+        reps,
+        runs: rows,
+        config: contextConfig(ctx, threads),
+    };
+    await ctx.dispose();
+    await model.dispose();
+    await emit(result);
+}
+
+async function cmdInfo(flags) {
+    const { llama } = await loadLlama(flags);
+    const model = await loadModel(llama, flags);
+    const result = {
+        architecture: model.fileInfo.metadata?.general?.architecture ?? null,
+        name: model.fileInfo.metadata?.general?.name ?? null,
+        description: model.typeDescription,
+        n_vocab: vocabSize(model),
+        n_params: model._model?.getTotalParameters?.() ?? null,
+        size: model.size,
+        train_ctx: model.trainContextSize,
+        n_embd: model.embeddingVectorSize,
+        vocabulary_type: model.vocabularyType,
+        bos: model.tokens.bos,
+        eos: model.tokens.eos,
+        n_tensors: model.fileInfo.totalTensorCount ?? model.fileInfo.fullTensorInfo?.length ?? null,
+        default_kv_cache_type_k: model.defaultContextKvCacheKeyType,
+        default_kv_cache_type_v: model.defaultContextKvCacheValueType,
+        default_flash_attention: model.defaultContextFlashAttention,
+        cpu_math_cores: llama.cpuMathCores,
+        llama_cpp_release: llama.llamaCppRelease?.release ?? null,
+    };
+    await model.dispose();
+    await emit(result);
+}
+
+const { cmd, flags } = parseArgs(process.argv.slice(2));
+const commands = { probs: cmdProbs, bench: cmdBench, info: cmdInfo };
+if (!commands[cmd]) fail(`usage: llama_ref.mjs probs|bench|info --model F.gguf ... (got '${cmd ?? ""}')`);
+try {
+    await commands[cmd](flags);
+    process.exit(0);
+} catch (e) {
+    fail(e?.stack ?? String(e));
+}

@@ -1,0 +1,410 @@
+// make-model: random-weight qwen3moe GGUF files that llama.cpp loads.
+//
+// Shape legend (ggml order, ne[0] innermost = input dimension of a matrix):
+//   H hidden, V vocab, L layers, Q = heads*head_dim, KV = kv_heads*head_dim, E experts, I expert_ff
+//   token_embd {H, V}      output {H, V} (absent when tied)      output_norm {H}
+//   blk.N.attn_norm {H}    attn_q {H, Q}   attn_k {H, KV}   attn_v {H, KV}   attn_output {Q, H}
+//   blk.N.attn_q_norm {head_dim}   attn_k_norm {head_dim}   ffn_norm {H}
+//   blk.N.ffn_gate_inp {H, E}      ffn_gate_exps {H, I, E}  ffn_up_exps {H, I, E}  ffn_down_exps {I, H, E}
+//
+// Scaling (why the numbers below): every matrix is N(0, 1/fan_in) so each projection of a unit-RMS
+// input has unit RMS; token_embd is N(0, 1) so the token identity is as loud as a block's output in
+// the residual stream; the router is N(0, (2/sqrt(H))²) so router logits have std ~2 (experts are
+// chosen with a spread, few near-ties); output is N(0, (2.5/sqrt(H))²) so the logits have std ~2.5.
+// Norm weights are 1 ± 10%.
+// Tied embeddings: a token's logit then includes its own embedding's share of the residual
+// stream, h·e_x ≈ |e_x|², which with N(0, 1) embeddings makes "repeat the input token" win with
+// probability ~1. So token_embd is N(0, (2/sqrt(H))²) (|e_x| ≈ 2, small beside the blocks' output)
+// and output_norm is 1.25 ± 10%, which again gives logits of std ~2.5.
+#include "tools/make_model.h"
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <thread>
+#include <vector>
+
+#include "common/arch.h"
+#include "common/ggml_types.h"
+#include "common/gguf.h"
+#include "common/half.h"
+#include "common/tokenizer_data.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+
+namespace {
+
+// ---- deterministic random numbers (same on every platform: no std::*_distribution) ----
+
+uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+uint64_t fnv1a(const std::string& s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+    return h;
+}
+
+class Rng {  // xoshiro256**
+public:
+    explicit Rng(uint64_t seed) {
+        for (auto& w : s_) w = seed = splitmix64(seed);
+    }
+    uint64_t next() {
+        const uint64_t r = rotl(s_[1] * 5, 7) * 9;
+        const uint64_t t = s_[1] << 17;
+        s_[2] ^= s_[0];
+        s_[3] ^= s_[1];
+        s_[1] ^= s_[2];
+        s_[0] ^= s_[3];
+        s_[2] ^= t;
+        s_[3] = rotl(s_[3], 45);
+        return r;
+    }
+    double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+    // Box-Muller, one value per call (keeps the stream position simple to reason about).
+    float normal() {
+        const double u1 = 1.0 - uniform();  // (0, 1]
+        const double u2 = uniform();
+        return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+    }
+
+private:
+    static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+    uint64_t s_[4];
+};
+
+// ---- what to write ----
+
+enum class Init {
+    kNormal,    // N(0, scale²)
+    kNearOne,   // scale * (1 + 0.1·N(0,1))
+};
+
+struct TensorPlan {
+    std::string name;
+    std::vector<int64_t> ne;  // ggml order
+    GgmlType type;
+    Init init;
+    float scale;
+};
+
+bool writable_type(GgmlType t) {
+    switch (t) {
+        case GgmlType::F32:
+        case GgmlType::F16:
+        case GgmlType::BF16:
+        case GgmlType::Q8_0:
+        case GgmlType::Q4_0:
+        case GgmlType::Q4_K:
+        case GgmlType::Q6_K:
+            return true;
+        default:
+            return false;
+    }
+}
+
+StatusOr<GgmlType> parse_type(const std::string& flag, const std::string& s) {
+    GgmlType t;
+    if (!ggml_type_from_name(s, &t) || !writable_type(t))
+        return MM_ERROR("%s: unsupported weight type '%s' (expected f32, f16, bf16, q8_0, q4_0, q4_k or q6_k)",
+                        flag.c_str(), s.c_str());
+    return t;
+}
+
+FileType file_type_of(GgmlType t) {
+    switch (t) {
+        case GgmlType::F16:
+            return FileType::kMostlyF16;
+        case GgmlType::BF16:
+            return FileType::kMostlyBF16;
+        case GgmlType::Q8_0:
+            return FileType::kMostlyQ8_0;
+        case GgmlType::Q4_0:
+            return FileType::kMostlyQ4_0;
+        case GgmlType::Q4_K:
+            return FileType::kMostlyQ4_K_M;
+        case GgmlType::Q6_K:
+            return FileType::kMostlyQ6_K;
+        default:
+            return FileType::kAllF32;
+    }
+}
+
+// llama-quant.cpp's tensor_type_fallback: a row length that is not a multiple of the block size
+// gets a smaller-block type. llama.cpp sends Q4_K to Q5_0, which we cannot write; Q4_0 is the
+// nearest we can. A 32-block type that still does not fit becomes F16, as in llama.cpp.
+GgmlType fallback_type(GgmlType want, int64_t ncols, const std::string& name, std::ostream& log) {
+    if (ncols % ggml_type_info(want).block_size == 0) return want;
+    GgmlType t = want;
+    if (want == GgmlType::Q4_K) t = GgmlType::Q4_0;
+    if (want == GgmlType::Q6_K) t = GgmlType::Q8_0;
+    if (ncols % ggml_type_info(t).block_size != 0) t = GgmlType::F16;
+    log << "make-model: " << name << ": row length " << ncols << " is not a multiple of " << ggml_type_name(want)
+        << "'s block of " << ggml_type_info(want).block_size << "; writing " << ggml_type_name(t) << " instead\n";
+    return t;
+}
+
+Status validate(const MakeModelOptions& o) {
+    if (o.out.empty()) return MM_ERROR("make-model: --out is required");
+    const Arch a = arch_from_name(o.arch);
+    if (a == Arch::kUnknown) return MM_ERROR("make-model: unknown architecture '%s'", o.arch.c_str());
+    if (a != Arch::kQwen3Moe)
+        return MM_ERROR("make-model: architecture '%s' is not generated yet (only qwen3moe)", o.arch.c_str());
+    auto positive = [](const char* flag, int v) -> Status {
+        if (v <= 0) return MM_ERROR("make-model: %s must be positive, got %d", flag, v);
+        return Status();
+    };
+    MM_RETURN_IF_ERROR(positive("--layers", o.layers));
+    MM_RETURN_IF_ERROR(positive("--hidden", o.hidden));
+    MM_RETURN_IF_ERROR(positive("--heads", o.heads));
+    MM_RETURN_IF_ERROR(positive("--kv-heads", o.kv_heads));
+    MM_RETURN_IF_ERROR(positive("--head-dim", o.head_dim));
+    MM_RETURN_IF_ERROR(positive("--experts", o.experts));
+    MM_RETURN_IF_ERROR(positive("--top-k", o.top_k));
+    MM_RETURN_IF_ERROR(positive("--expert-ff", o.expert_ff));
+    MM_RETURN_IF_ERROR(positive("--context", o.context));
+    if (o.vocab < 0) return MM_ERROR("make-model: --vocab must be >= 0 (0: the tokenizer's size), got %d", o.vocab);
+    if (o.heads % o.kv_heads != 0)
+        return MM_ERROR("make-model: --heads %d is not a multiple of --kv-heads %d", o.heads, o.kv_heads);
+    if (o.head_dim % 2 != 0) return MM_ERROR("make-model: --head-dim %d must be even (RoPE pairs)", o.head_dim);
+    if (o.top_k > o.experts) return MM_ERROR("make-model: --top-k %d exceeds --experts %d", o.top_k, o.experts);
+    if (!(o.rope_theta > 0)) return MM_ERROR("make-model: --rope-theta must be positive");
+    if (!(o.rms_eps > 0)) return MM_ERROR("make-model: --rms-eps must be positive");
+    auto t = parse_type("--type", o.type);
+    if (!t.ok()) return t.status();
+    return Status();
+}
+
+// Fills `rows` rows of n floats for rows [r0, r1) of one tensor, each row from its own stream so
+// the result does not depend on how rows are split over threads.
+void fill_rows(const TensorPlan& t, uint64_t tensor_seed, int64_t r0, int64_t r1, uint8_t* dst) {
+    const int64_t n = t.ne[0];
+    const size_t row_bytes = ggml_row_bytes(t.type, n);
+    std::vector<float> row(static_cast<size_t>(n));
+    for (int64_t r = r0; r < r1; ++r) {
+        Rng rng(tensor_seed + static_cast<uint64_t>(r) * 0xD1B54A32D192ED03ull);
+        for (int64_t i = 0; i < n; ++i) {
+            const float z = rng.normal();
+            row[i] = t.init == Init::kNormal ? t.scale * z : t.scale * (1.0f + 0.1f * z);
+        }
+        uint8_t* out = dst + static_cast<size_t>(r) * row_bytes;
+        switch (t.type) {
+            case GgmlType::F32:
+                std::memcpy(out, row.data(), row_bytes);
+                break;
+            case GgmlType::F16:
+                for (int64_t i = 0; i < n; ++i) {
+                    const uint16_t h = fp32_to_fp16(row[i]);
+                    std::memcpy(out + 2 * i, &h, 2);
+                }
+                break;
+            case GgmlType::BF16:
+                for (int64_t i = 0; i < n; ++i) {
+                    const uint16_t h = fp32_to_bf16(row[i]);
+                    std::memcpy(out + 2 * i, &h, 2);
+                }
+                break;
+            default:
+                MM_CHECK(quantize_row(t.type, row.data(), out, n) == row_bytes);
+                break;
+        }
+    }
+}
+
+std::vector<uint8_t> generate(const TensorPlan& t, uint64_t seed, int n_threads) {
+    int64_t rows = 1;
+    for (size_t d = 1; d < t.ne.size(); ++d) rows *= t.ne[d];
+    std::vector<uint8_t> data(ggml_row_bytes(t.type, t.ne[0]) * static_cast<size_t>(rows));
+    const uint64_t tensor_seed = splitmix64(seed ^ fnv1a(t.name));
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(n_threads, rows * t.ne[0] / (1 << 16)));
+    if (nt == 1) {
+        fill_rows(t, tensor_seed, 0, rows, data.data());
+        return data;
+    }
+    std::vector<std::thread> pool;
+    for (int64_t i = 0; i < nt; ++i) {
+        const int64_t r0 = rows * i / nt, r1 = rows * (i + 1) / nt;
+        pool.emplace_back([&, r0, r1] { fill_rows(t, tensor_seed, r0, r1, data.data()); });
+    }
+    for (auto& th : pool) th.join();
+    return data;
+}
+
+std::string human_bytes(double b) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        ++u;
+    }
+    return str_printf("%.1f %s", b, units[u]);
+}
+
+}  // namespace
+
+Status make_model(const MakeModelOptions& o, std::ostream& log) {
+    MM_RETURN_IF_ERROR(validate(o));
+    const Arch arch = arch_from_name(o.arch);
+    MM_ASSIGN_OR_RETURN(const GgmlType wtype, parse_type("--type", o.type));
+    GgmlType norm_type = GgmlType::F32;
+    if (!o.norm_type.empty()) {
+        MM_ASSIGN_OR_RETURN(norm_type, parse_type("--norm-type", o.norm_type));
+    }
+    GgmlType embed_type = wtype;
+    if (!o.embed_type.empty()) {
+        MM_ASSIGN_OR_RETURN(embed_type, parse_type("--embed-type", o.embed_type));
+    }
+
+    // Tokenizer first: it decides the vocabulary when --vocab is 0.
+    TokenizerData tok;
+    if (!o.tokenizer_dir.empty()) {
+        MM_ASSIGN_OR_RETURN(tok, load_hf_tokenizer(o.tokenizer_dir, o.vocab));
+    } else {
+        tok = builtin_byte_bpe_tokenizer(o.vocab > 0 ? o.vocab : kDefaultBuiltinVocab);
+    }
+    const int64_t n_vocab = o.vocab > 0 ? o.vocab : static_cast<int64_t>(tok.tokens.size());
+    if (static_cast<int64_t>(tok.tokens.size()) != n_vocab)
+        return MM_ERROR("make-model: the tokenizer has %zu tokens but --vocab is %lld (llama.cpp needs one token per "
+                        "embedding row)",
+                        tok.tokens.size(), static_cast<long long>(n_vocab));
+
+    const int64_t H = o.hidden, V = n_vocab, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    const float inv_sqrt_h = 1.0f / std::sqrt(static_cast<float>(H));
+    const int n_threads = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+
+    // ---- metadata, in the order convert_hf_to_gguf.py writes it ----
+    GgufWriter w;
+    const std::string name = str_printf("moemesh-random-%s-L%d-H%d-E%d", o.arch.c_str(), o.layers, o.hidden, o.experts);
+    w.set_string(kv_name(Kv::kGeneralArchitecture, arch), arch_name(arch));
+    w.set_string(kv_name(Kv::kGeneralType, arch), "model");
+    w.set_string(kv_name(Kv::kGeneralName, arch), name);
+    w.set_u32(kv_name(Kv::kBlockCount, arch), o.layers);
+    w.set_u32(kv_name(Kv::kContextLength, arch), o.context);
+    w.set_u32(kv_name(Kv::kEmbeddingLength, arch), o.hidden);
+    // HF intermediate_size (unused by the MoE layers); Qwen3-30B-A3B has 6144 = 8 × 768.
+    w.set_u32(kv_name(Kv::kFeedForwardLength, arch), o.expert_ff * o.top_k);
+    w.set_u32(kv_name(Kv::kAttentionHeadCount, arch), o.heads);
+    w.set_u32(kv_name(Kv::kAttentionHeadCountKv, arch), o.kv_heads);
+    w.set_f32(kv_name(Kv::kRopeFreqBase, arch), static_cast<float>(o.rope_theta));
+    w.set_f32(kv_name(Kv::kAttentionLayerNormRmsEps, arch), static_cast<float>(o.rms_eps));
+    w.set_u32(kv_name(Kv::kExpertCount, arch), o.experts);
+    w.set_u32(kv_name(Kv::kExpertUsedCount, arch), o.top_k);
+    w.set_u32(kv_name(Kv::kAttentionKeyLength, arch), o.head_dim);
+    w.set_u32(kv_name(Kv::kAttentionValueLength, arch), o.head_dim);
+    w.set_u32(kv_name(Kv::kGeneralFileType, arch), static_cast<uint32_t>(file_type_of(wtype)));
+    w.set_u32(kv_name(Kv::kExpertFeedForwardLength, arch), o.expert_ff);
+    w.set_u32(kv_name(Kv::kGeneralQuantizationVersion, arch), kGgmlQuantizationVersion);
+    write_tokenizer_metadata(w, tok);
+
+    // ---- tensor plan, in the order the converter emits them ----
+    auto matrix = [&](Tensor t, int layer, std::vector<int64_t> ne, GgmlType type, float scale) {
+        const std::string n = tensor_name(t, layer);
+        return TensorPlan{n, ne, fallback_type(type, ne[0], n, log), Init::kNormal, scale};
+    };
+    auto norm = [&](Tensor t, int layer, int64_t n, float scale) {
+        const std::string nm = tensor_name(t, layer);
+        return TensorPlan{nm, {n}, fallback_type(norm_type, n, nm, log), Init::kNearOne, scale};
+    };
+    auto fan_in = [](int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); };
+
+    std::vector<std::vector<TensorPlan>> groups;
+    const float embd_scale = o.tied_embeddings ? 2.0f * inv_sqrt_h : 1.0f;
+    groups.push_back({matrix(Tensor::kTokenEmbd, -1, {H, V}, embed_type, embd_scale)});
+    for (int l = 0; l < o.layers; ++l) {
+        groups.push_back({
+            norm(Tensor::kAttnNorm, l, H, 1.0f),
+            matrix(Tensor::kAttnQ, l, {H, Q}, wtype, fan_in(H)),
+            matrix(Tensor::kAttnK, l, {H, KV}, wtype, fan_in(H)),
+            matrix(Tensor::kAttnV, l, {H, KV}, wtype, fan_in(H)),
+            matrix(Tensor::kAttnOutput, l, {Q, H}, wtype, fan_in(Q)),
+            norm(Tensor::kAttnQNorm, l, D, 1.0f),
+            norm(Tensor::kAttnKNorm, l, D, 1.0f),
+            norm(Tensor::kFfnNorm, l, H, 1.0f),
+            // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
+            matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * inv_sqrt_h),
+            matrix(Tensor::kFfnGateExps, l, {H, I, E}, wtype, fan_in(H)),
+            matrix(Tensor::kFfnUpExps, l, {H, I, E}, wtype, fan_in(H)),
+            matrix(Tensor::kFfnDownExps, l, {I, H, E}, wtype, fan_in(I)),
+        });
+    }
+    std::vector<TensorPlan> tail;
+    tail.push_back(norm(Tensor::kOutputNorm, -1, H, o.tied_embeddings ? 1.25f : 1.0f));
+    if (!o.tied_embeddings) tail.push_back(matrix(Tensor::kOutput, -1, {H, V}, embed_type, 2.5f * inv_sqrt_h));
+    groups.push_back(std::move(tail));
+
+    int64_t n_params = 0;
+    double n_bytes = 0;
+    for (const auto& g : groups)
+        for (const auto& t : g) {
+            int64_t n = 1;
+            for (int64_t d : t.ne) n *= d;
+            n_params += n;
+            n_bytes += static_cast<double>(ggml_row_bytes(t.type, t.ne[0])) * static_cast<double>(n / t.ne[0]);
+        }
+    log << "make-model: " << name << ": " << o.arch << ", " << n_params << " parameters (" << str_printf("%.3f", n_params / 1e9)
+        << " B), " << human_bytes(n_bytes) << " of tensors, type " << ggml_type_name(wtype) << ", vocab " << V
+        << ", seed " << o.seed << "\n";
+
+    // ---- generate, group by group ----
+    const auto t0 = std::chrono::steady_clock::now();
+    double done = 0;
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+        for (const auto& t : groups[gi]) {
+            std::vector<uint8_t> data = generate(t, o.seed, n_threads);
+            done += static_cast<double>(data.size());
+            w.add_tensor(t.name, t.type, t.ne, std::move(data));
+        }
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const char* what = gi == 0 ? "token_embd" : gi + 1 == groups.size() ? "output" : nullptr;
+        log << "make-model: "
+            << (what ? std::string(what) : str_printf("layer %zu/%d", gi, o.layers)) << " done, "
+            << human_bytes(done) << " / " << human_bytes(n_bytes) << ", " << str_printf("%.1f s", secs) << "\n";
+    }
+    MM_RETURN_IF_ERROR(w.write(o.out));
+    log << "make-model: wrote " << o.out << "\n";
+    return Status();
+}
+
+void register_make_model_command(CLI::App& app) {
+    auto opts = std::make_shared<MakeModelOptions>();
+    CLI::App* cmd = app.add_subcommand("make-model", "Write a small random-weight model (GGUF) that llama.cpp loads");
+    cmd->add_option("--arch", opts->arch, "Architecture")->capture_default_str();
+    cmd->add_option("--out,-o", opts->out, "Output .gguf path")->required();
+    cmd->add_option("--layers", opts->layers, "Transformer blocks")->capture_default_str();
+    cmd->add_option("--hidden", opts->hidden, "Hidden size H")->capture_default_str();
+    cmd->add_option("--heads", opts->heads, "Attention (query) heads")->capture_default_str();
+    cmd->add_option("--kv-heads", opts->kv_heads, "Key/value heads (GQA)")->capture_default_str();
+    cmd->add_option("--head-dim", opts->head_dim, "Dimension of one head")->capture_default_str();
+    cmd->add_option("--experts", opts->experts, "Routed experts per layer E")->capture_default_str();
+    cmd->add_option("--top-k", opts->top_k, "Experts used per token")->capture_default_str();
+    cmd->add_option("--expert-ff", opts->expert_ff, "Expert intermediate size I")->capture_default_str();
+    cmd->add_option("--vocab", opts->vocab, "Vocabulary size (0: the tokenizer's size)")->capture_default_str();
+    cmd->add_option("--context", opts->context, "Training context length written to the file")->capture_default_str();
+    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q4_0 q4_k q6_k")->capture_default_str();
+    cmd->add_option("--norm-type", opts->norm_type, "Type of norm weights (default f32, as llama.cpp)");
+    cmd->add_option("--embed-type", opts->embed_type, "Type of token_embd and output (default: --type)");
+    cmd->add_option("--seed", opts->seed, "Random seed")->capture_default_str();
+    cmd->add_option("--tokenizer", opts->tokenizer_dir, "Hugging Face tokenizer directory (default: builtin byte BPE)");
+    cmd->add_option("--rope-theta", opts->rope_theta, "RoPE base")->capture_default_str();
+    cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();
+    cmd->add_flag("--tied", opts->tied_embeddings, "Tie output to token_embd (no output.weight)");
+    cmd->callback([opts] {
+        Status st = make_model(*opts, std::cerr);
+        if (!st.ok()) {
+            std::cerr << st.message() << "\n";
+            std::exit(1);
+        }
+    });
+}
+
+}  // namespace moemesh

@@ -1,0 +1,50 @@
+// make-model: writes a small random-weight model as GGUF, with the keys, tensor names, shapes and
+// types llama.cpp's convert_hf_to_gguf.py (+ llama-quantize) would write, so that llama.cpp loads
+// the very same file we test on. Weights are deterministic in the seed and scaled so that the
+// next-token distribution is neither one-hot nor uniform and the router spreads tokens over experts.
+#pragma once
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+#include "common/status.h"
+
+namespace CLI {
+class App;
+}
+
+namespace moemesh {
+
+struct MakeModelOptions {
+    std::string arch = "qwen3moe";
+    std::string out;
+    int layers = 2;
+    int hidden = 256;
+    int heads = 4;
+    int kv_heads = 2;
+    int head_dim = 64;
+    int experts = 8;
+    int top_k = 2;
+    int expert_ff = 256;
+    int vocab = 0;  // 0: the tokenizer's size (builtin tokenizer: kDefaultBuiltinVocab)
+    int context = 4096;
+    std::string type = "f32";  // f32 f16 bf16 q8_0 q4_0 q4_k q6_k
+    uint64_t seed = 42;
+    std::string tokenizer_dir;  // Hugging Face directory with tokenizer.json; empty: builtin byte-level BPE
+    double rope_theta = 1e6;
+    double rms_eps = 1e-6;
+    bool tied_embeddings = false;
+    // Optional per-group overrides. Empty: norms and other 1-D tensors f32, token_embd / output in `type`.
+    std::string norm_type;
+    std::string embed_type;
+};
+
+constexpr int kDefaultBuiltinVocab = 512;
+
+Status make_model(const MakeModelOptions& o, std::ostream& log);
+
+// Adds subcommand "make-model" with every option as a flag, and a callback that runs make_model
+// (progress to stderr); on error it prints the message to stderr and exits with status 1.
+void register_make_model_command(CLI::App& app);
+
+}  // namespace moemesh
