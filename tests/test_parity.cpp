@@ -1,0 +1,156 @@
+// Parity with llama.cpp (node-llama-cpp's prebuilt CPU build) on the very same GGUF files,
+// written by `moemesh make-model`: next-token distributions at every position of a 64-token
+// sequence, and the greedy continuation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/test_util.h"
+
+namespace moemesh {
+namespace {
+
+using namespace moemesh::testing;
+
+struct Shape {
+    const char* name;
+    int layers, hidden, heads, kv_heads, head_dim, experts, top_k, expert_ff, vocab;
+};
+// One deep-and-wide shape (8 layers, 32 experts, top-4) and one small odd one.
+constexpr Shape kDeep = {"deep", 8, 256, 8, 2, 32, 32, 4, 256, 1024};
+constexpr Shape kSmall = {"small", 3, 128, 4, 4, 32, 8, 2, 128, 512};
+
+struct Result {
+    std::vector<std::map<int, double>> probs;  // per position: id → p (top-N)
+    std::vector<int> greedy;
+};
+
+Result parse(const std::string& text, const std::string& who) {
+    Result r;
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    if (j.is_discarded() || !j.contains("positions")) {
+        ADD_FAILURE() << who << " printed no JSON: " << text.substr(0, 500);
+        return r;
+    }
+    for (auto& p : j["positions"]) {
+        std::map<int, double> m;
+        for (auto& e : p["top"]) m[e[0].get<int>()] = e[1].get<double>();
+        r.probs.push_back(std::move(m));
+    }
+    r.greedy = j["greedy"].get<std::vector<int>>();
+    return r;
+}
+
+std::string make_model(const Shape& s, const std::string& type, const std::string& dir) {
+    std::string path = dir + "/" + s.name + "_" + type + ".gguf";
+    std::string out;
+    std::string cmd = moemesh_bin() + " make-model --arch qwen3moe --out " + path +
+                      " --layers " + std::to_string(s.layers) + " --hidden " + std::to_string(s.hidden) +
+                      " --heads " + std::to_string(s.heads) + " --kv-heads " + std::to_string(s.kv_heads) +
+                      " --head-dim " + std::to_string(s.head_dim) + " --experts " + std::to_string(s.experts) +
+                      " --top-k " + std::to_string(s.top_k) + " --expert-ff " + std::to_string(s.expert_ff) +
+                      " --vocab " + std::to_string(s.vocab) + " --type " + type + " --seed 11";
+    EXPECT_EQ(run_capture(cmd, &out, dir + "/make.err"), 0) << cmd << "\n" << read_file(dir + "/make.err");
+    return path;
+}
+
+std::string token_list(int n, int vocab, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::string s;
+    for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(rng() % static_cast<unsigned>(vocab));
+    return s;
+}
+
+struct Comparison {
+    double max_dp = 0;        // over every position and token
+    double median_dp = 0;     // median over positions of the per-position max
+    int greedy_prefix = 0;    // length of the common prefix of the greedy continuations
+    int positions = 0;
+};
+
+Comparison compare(const Result& a, const Result& b) {
+    Comparison c;
+    c.positions = static_cast<int>(std::min(a.probs.size(), b.probs.size()));
+    std::vector<double> per_pos;
+    for (int p = 0; p < c.positions; ++p) {
+        double mx = 0;
+        for (auto& [id, pa] : a.probs[p]) {
+            auto it = b.probs[p].find(id);
+            mx = std::max(mx, std::fabs(pa - (it == b.probs[p].end() ? 0.0 : it->second)));
+        }
+        for (auto& [id, pb] : b.probs[p]) {
+            if (!a.probs[p].count(id)) mx = std::max(mx, pb);
+        }
+        per_pos.push_back(mx);
+        c.max_dp = std::max(c.max_dp, mx);
+    }
+    std::sort(per_pos.begin(), per_pos.end());
+    c.median_dp = per_pos.empty() ? 0 : per_pos[per_pos.size() / 2];
+    while (c.greedy_prefix < static_cast<int>(std::min(a.greedy.size(), b.greedy.size())) &&
+           a.greedy[c.greedy_prefix] == b.greedy[c.greedy_prefix])
+        ++c.greedy_prefix;
+    return c;
+}
+
+Comparison run_pair(const std::string& model, const Shape& s, const std::string& kv, const std::string& extra_ours,
+                    const std::string& dir) {
+    const std::string toks = token_list(64, s.vocab, 5);
+    const std::string top = std::to_string(s.vocab);  // the whole distribution
+    std::string ours, ref;
+    std::string cmd_ours = moemesh_bin() + " run --model " + model + " --tokens " + toks + " --top " + top +
+                           " -n 32 --json --threads 2 --kv-type " + kv + " " + extra_ours;
+    EXPECT_EQ(run_capture(cmd_ours, &ours, dir + "/ours.err"), 0) << read_file(dir + "/ours.err");
+    std::string cmd_ref = "node " + ref_dir() + "/llama_ref.mjs probs --model " + model + " --tokens " + toks +
+                          " --top " + top + " -n 32 --threads 2 --kv-type " + kv;
+    EXPECT_EQ(run_capture(cmd_ref, &ref, dir + "/ref.err"), 0) << read_file(dir + "/ref.err");
+    Comparison c = compare(parse(ours, "moemesh"), parse(ref, "llama.cpp"));
+    std::printf("[parity] %-28s kv %-3s %s: max|dp| %.3g, median per-position max %.3g, greedy common prefix %d/32\n",
+                model.substr(model.rfind('/') + 1).c_str(), kv.c_str(), extra_ours.c_str(), c.max_dp, c.median_dp,
+                c.greedy_prefix);
+    EXPECT_EQ(c.positions, 64);
+    return c;
+}
+
+class Parity : public ::testing::Test {
+protected:
+    void SetUp() override {
+        std::string why = reference_unavailable();
+        if (!why.empty()) GTEST_SKIP() << "llama.cpp reference unavailable: " << why;
+        dir_ = temp_dir("parity");
+    }
+    std::string dir_;
+};
+
+// F32 weights, f32 KV cache on both sides: the math must agree to float rounding.
+TEST_F(Parity, F32MatchesLlamaCpp) {
+    for (const Shape& s : {kDeep, kSmall}) {
+        std::string m = make_model(s, "f32", dir_);
+        Comparison c = run_pair(m, s, "f32", "", dir_);
+        EXPECT_LE(c.max_dp, 1e-3) << s.name;
+        EXPECT_EQ(c.greedy_prefix, 32) << s.name;
+    }
+}
+
+// The prompt processed in several chunks (and one token at a time) gives the same distributions.
+TEST_F(Parity, F32ChunkedPromptMatchesLlamaCpp) {
+    std::string m = make_model(kDeep, "f32", dir_);
+    for (const char* batch : {"--batch 7", "--batch 1"}) {
+        Comparison c = run_pair(m, kDeep, "f32", batch, dir_);
+        EXPECT_LE(c.max_dp, 1e-3) << batch;
+        EXPECT_EQ(c.greedy_prefix, 32) << batch;
+    }
+}
+
+// llama.cpp's default f16 KV cache on both sides.
+TEST_F(Parity, F32WithF16KvCache) {
+    std::string m = make_model(kDeep, "f32", dir_);
+    Comparison c = run_pair(m, kDeep, "f16", "", dir_);
+    EXPECT_LE(c.max_dp, 2e-3);
+}
+
+}  // namespace
+}  // namespace moemesh
