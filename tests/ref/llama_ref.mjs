@@ -5,11 +5,14 @@
 //
 //   node tests/ref/llama_ref.mjs probs --model F.gguf (--tokens 1,2,3 | --ids-file F) [--top 20] [-n 32]
 //        [--threads N] [--with-logits] [--kv-type f32|f16] [--flash-attn on|off|auto] [--batch N] [--verbose]
+//        [--normalizer full|llama]
 //     → {"positions":[{"pos":0,"top":[[id,prob],...]},...],"greedy":[id,...],"n_vocab":V,"config":{...}}
 //       top: the --top most likely next tokens after input position pos, probabilities from the FULL
 //       softmax at temperature 1 over llama.cpp's raw logits (computed here in double precision);
 //       with --with-logits each entry is [id, prob, logit]. greedy: -n tokens of greedy (argmax)
-//       continuation after the whole input, chosen by llama.cpp's greedy sampler.
+//       continuation after the whole input, chosen by llama.cpp's greedy sampler. The normaliser is
+//       summed here over all logits when vocab × positions ≤ 4M (or --normalizer full), otherwise
+//       it is node-llama-cpp's totalLogitWeight (float sum over the whole vocabulary, same softmax).
 //   node tests/ref/llama_ref.mjs bench --model F.gguf [--threads N] [--prompt-tokens 128] [--gen 64] [--reps 3]
 //        [--kv-type f16|f32] [--flash-attn auto|on|off] [--batch N]
 //     → {"prompt_tokens_per_s":..,"decode_tokens_per_s":..,"prompt":{..},"decode":{..},"config":{..}}
@@ -107,9 +110,10 @@ async function loadLlama(flags) {
         usePrebuiltBinaries: true,
         progressLogs: false,
         maxThreads: 0,  // no cap: contexts use exactly the threads they ask for
-        logLevel: verbose ? LlamaLogLevel.debug : LlamaLogLevel.info,
+        logLevel: LlamaLogLevel.debug,
         logger: (level, message) => {
-            logLines.push(message);
+            // Keep only what is parsed later (the CPU variant, perf counters); debug is needed for the former.
+            if (/loaded CPU backend|eval time/.test(message)) logLines.push(message);
             if (verbose || level === LlamaLogLevel.error || level === LlamaLogLevel.fatal || level === LlamaLogLevel.warn)
                 process.stderr.write(`[llama.cpp ${level}] ${message}${message.endsWith("\n") ? "" : "\n"}`);
         },
@@ -136,6 +140,15 @@ function vocabSize(model) {
     const embd = (model.fileInfo.fullTensorInfo ?? []).find((t) => t.name === "token_embd.weight");
     if (embd) return Number(embd.dimensions[1]);
     fail("cannot tell the vocabulary size");
+}
+
+// Which ggml CPU variant the prebuilt build picked for this CPU (haswell, skylakex, zen4, ...).
+function cpuBackend(logLines) {
+    for (const l of logLines) {
+        const m = l.match(/loaded CPU backend from \S*libggml-cpu-([\w-]+)\.so/);
+        if (m) return m[1];
+    }
+    return null;
 }
 
 function threadsOf(flags, llama) {
@@ -201,7 +214,7 @@ async function cmdProbs(flags) {
     const nGen = intFlag(flags, "n", 32, { min: 0 });
     const withLogits = !!flags["with-logits"];
 
-    const { llama } = await loadLlama(flags);
+    const { llama, logLines } = await loadLlama(flags);
     const model = await loadModel(llama, flags);
     const nVocab = vocabSize(model);
     for (const id of ids) if (id >= nVocab) fail(`token id ${id} is outside the vocabulary (${nVocab})`);
@@ -216,15 +229,39 @@ async function cmdProbs(flags) {
     });
     const seq = ctx.getSequence();
 
-    // Every input position asks for all raw logits; the last one also for llama.cpp's greedy token.
-    const input = ids.map((id, i) => [id, { generateNext: { logits: true, token: i === ids.length - 1 } }]);
+    // Small jobs: every position returns all raw logits and the softmax is done here in double
+    // precision. Large ones (a real vocabulary over many positions would be tens of millions of
+    // Map entries): llama.cpp returns the top logits plus totalLogitWeight = Σ exp(logit - max)
+    // over the whole vocabulary (float sum in node-llama-cpp's addon), still the full softmax.
+    const fullLogits = flags["normalizer"] === "full" ||
+        (flags["normalizer"] !== "llama" && nVocab * ids.length <= 4_000_000);
+    const last = ids.length - 1;
+    const input = ids.map((id, i) => [id, {
+        generateNext: fullLogits
+            ? { logits: true, token: i === last }
+            : { logits: { filter: { includeTop: Math.min(top, nVocab) } }, totalLogitWeight: true, token: i === last },
+    }]);
     const out = await seq.controlledEvaluate(input);
     const positions = [];
     for (let i = 0; i < ids.length; i++) {
         const logits = out[i]?.next?.logits;
-        if (!logits || logits.size !== nVocab)
-            fail(`position ${i}: llama.cpp returned ${logits ? logits.size : 0} logits, expected ${nVocab}`);
-        positions.push({ pos: i, top: softmaxTop(logits, top, withLogits) });
+        if (fullLogits) {
+            if (!logits || logits.size !== nVocab)
+                fail(`position ${i}: llama.cpp returned ${logits ? logits.size : 0} logits, expected ${nVocab}`);
+            positions.push({ pos: i, top: softmaxTop(logits, top, withLogits) });
+        } else {
+            const weight = out[i]?.next?.totalLogitWeight;
+            if (!logits || logits.size === 0 || !(weight > 0)) fail(`position ${i}: llama.cpp returned no logits`);
+            const entries = [...logits.entries()].sort((a, b) => b[1] - a[1] || a[0] - b[0]);
+            const maxLogit = entries[0][1];
+            positions.push({
+                pos: i,
+                top: entries.slice(0, top).map(([id, l]) => {
+                    const p = Math.exp(l - maxLogit) / weight;
+                    return withLogits ? [id, p, l] : [id, p];
+                }),
+            });
+        }
     }
     const greedy = [];
     let next = out[ids.length - 1].next.token;
@@ -235,7 +272,13 @@ async function cmdProbs(flags) {
         const r = await seq.controlledEvaluate([[next, { generateNext: { token: true } }]]);
         next = r[0]?.next?.token;
     }
-    const result = { positions, greedy, n_vocab: nVocab, config: contextConfig(ctx, threads) };
+    const result = {
+        positions,
+        greedy,
+        n_vocab: nVocab,
+        config: { ...contextConfig(ctx, threads), normalizer: fullLogits ? "full_logits_double" : "llama_total_logit_weight",
+                  cpu_backend: cpuBackend(logLines) },
+    };
     await ctx.dispose();
     await model.dispose();
     await emit(result);
@@ -260,6 +303,7 @@ async function cmdBench(flags) {
     const reps = intFlag(flags, "reps", 3, { min: 1 });
     const { llama, logLines } = await loadLlama(flags);
     const model = await loadModel(llama, flags);
+    const backend = cpuBackend(logLines);
     const nVocab = vocabSize(model);
     const threads = threadsOf(flags, llama);
     const need = promptTokens + nGen + 1;
@@ -323,7 +367,7 @@ async function cmdBench(flags) {
         decode: { tokens: nGen, tokens_per_s_perf: decodePerf, tokens_per_s_wall: decodeWall },
         reps,
         runs: rows,
-        config: contextConfig(ctx, threads),
+        config: { ...contextConfig(ctx, threads), cpu_backend: backend },
     };
     await ctx.dispose();
     await model.dispose();
@@ -331,7 +375,7 @@ async function cmdBench(flags) {
 }
 
 async function cmdInfo(flags) {
-    const { llama } = await loadLlama(flags);
+    const { llama, logLines } = await loadLlama(flags);
     const model = await loadModel(llama, flags);
     const result = {
         architecture: model.fileInfo.metadata?.general?.architecture ?? null,
@@ -351,6 +395,7 @@ async function cmdInfo(flags) {
         default_flash_attention: model.defaultContextFlashAttention,
         cpu_math_cores: llama.cpuMathCores,
         llama_cpp_release: llama.llamaCppRelease?.release ?? null,
+        cpu_backend: cpuBackend(logLines),
     };
     await model.dispose();
     await emit(result);
