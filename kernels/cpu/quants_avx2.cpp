@@ -65,58 +65,122 @@ alignas(16) constexpr uint8_t kScalePairShuffle[8][16] = {
     {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
 };
 
+// Scales 2p and 2p+1 of a Q6_K block as 16 int16 lanes (8 each).
+inline __m256i scale_pair(__m128i scales8, int p) {
+    const __m128i shuf = _mm_load_si128(reinterpret_cast<const __m128i*>(kScalePairShuffle[p]));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales8, shuf));
+}
+
+// Σ x·y over n elements loaded 8 at a time by load(p) as floats; four independent accumulators
+// (written out: GCC -O2 keeps an accumulator array in memory).
+template <class T, class Load, class Scalar>
+float dot_float(int64_t n, const T* x, const T* y, Load load, Scalar scalar) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(load(x + i), load(y + i), acc0);
+        acc1 = _mm256_fmadd_ps(load(x + i + 8), load(y + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(load(x + i + 16), load(y + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(load(x + i + 24), load(y + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load(x + i), load(y + i), acc0);
+    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += scalar(x[i]) * scalar(y[i]);
+    return sum;
+}
+
+struct F32Load {
+    __m256 operator()(const float* p) const { return _mm256_loadu_ps(p); }
+    float operator()(float f) const { return f; }
+};
+struct F16Load {
+    __m256 operator()(const uint16_t* p) const { return load_f16(p); }
+    float operator()(uint16_t h) const { return h2f(h); }
+};
+struct BF16Load {
+    __m256 operator()(const uint16_t* p) const { return load_bf16(p); }
+    float operator()(uint16_t h) const {
+        const uint32_t u = static_cast<uint32_t>(h) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+};
+
+// Byte shuffles broadcasting int16 lane i (bytes 2i, 2i+1) of a 16-lane vector to all lanes.
+alignas(32) constexpr uint8_t kScaleShuffleK4[8][32] = {
+#define MM_PAIR(i) 2 * i, 2 * i + 1
+#define MM_ROW(i) \
+    {MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), \
+     MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i)}
+    MM_ROW(0), MM_ROW(1), MM_ROW(2), MM_ROW(3), MM_ROW(4), MM_ROW(5), MM_ROW(6), MM_ROW(7),
+#undef MM_ROW
+#undef MM_PAIR
+};
+
+// One 64-element group j of a Q4_K block: scale(2j)·Σ lo-nibbles·q8[0..32) + scale(2j+1)·Σ hi·q8[32..64),
+// as 8 int32 partial sums. scales holds the 8 sub-block scales as int16 in both 128-bit halves.
+inline __m256i q4k_group(const uint8_t* q4, const int8_t* q8, __m256i scales, int j) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i scale_l =
+        _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+    const __m256i scale_h =
+        _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+    const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+    const __m256i q4l = _mm256_and_si256(q4bits, m4);
+    const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+    const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+    const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+    const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+    const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+    return _mm256_add_epi32(p16l, p16h);
+}
+
+// One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ (q - 32)·q8 as 8 int32 partial sums.
+inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i m2 = _mm256_set1_epi8(3);
+    const __m256i m32s = _mm256_set1_epi8(32);
+    const __m256i q4bits1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+    const __m256i q4bits2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + 32));
+    const __m256i q4bitsH = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m2), 4);
+    const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 2), m2), 4);
+    const __m256i q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 4), m2), 4);
+    const __m256i q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 6), m2), 4);
+    const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0);
+    const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
+    const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
+    const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
+    const __m256i q8_0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+    const __m256i q8_1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+    const __m256i q8_2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64));
+    const __m256i q8_3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96));
+    // (q - 32) · q8 = q · q8 - 32 · q8, both fitting int16 pairs.
+    const __m256i p16_0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0, q8_0), _mm256_maddubs_epi16(m32s, q8_0));
+    const __m256i p16_1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_1, q8_1), _mm256_maddubs_epi16(m32s, q8_1));
+    const __m256i p16_2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_2, q8_2), _mm256_maddubs_epi16(m32s, q8_2));
+    const __m256i p16_3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_3, q8_3), _mm256_maddubs_epi16(m32s, q8_3));
+    const __m256i s0 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 0), p16_0);
+    const __m256i s1 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 1), p16_1);
+    const __m256i s2 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 2), p16_2);
+    const __m256i s3 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 3), p16_3);
+    return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+}
+
 }  // namespace
 
 float vec_dot_f32(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const float*>(w);
-    const auto* y = static_cast<const float*>(a);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        for (int j = 0; j < 4; ++j) {
-            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), _mm256_loadu_ps(y + i + 8 * j), acc[j]);
-        }
-    }
-    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc[0]);
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; i < n; ++i) sum += x[i] * y[i];
-    return sum;
+    return dot_float(n, static_cast<const float*>(w), static_cast<const float*>(a), F32Load{}, F32Load{});
 }
 
 float vec_dot_f16(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const uint16_t*>(w);
-    const auto* y = static_cast<const uint16_t*>(a);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(load_f16(x + i + 8 * j), load_f16(y + i + 8 * j), acc[j]);
-    }
-    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(load_f16(x + i), load_f16(y + i), acc[0]);
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; i < n; ++i) sum += h2f(x[i]) * h2f(y[i]);
-    return sum;
+    return dot_float(n, static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(a), F16Load{}, F16Load{});
 }
 
 float vec_dot_bf16(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const uint16_t*>(w);
-    const auto* y = static_cast<const uint16_t*>(a);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        for (int j = 0; j < 4; ++j) {
-            acc[j] = _mm256_fmadd_ps(load_bf16(x + i + 8 * j), load_bf16(y + i + 8 * j), acc[j]);
-        }
-    }
-    for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(load_bf16(x + i), load_bf16(y + i), acc[0]);
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; i < n; ++i) {
-        uint32_t ux = static_cast<uint32_t>(x[i]) << 16, uy = static_cast<uint32_t>(y[i]) << 16;
-        float fx, fy;
-        std::memcpy(&fx, &ux, 4);
-        std::memcpy(&fy, &uy, 4);
-        sum += fx * fy;
-    }
-    return sum;
+    return dot_float(n, static_cast<const uint16_t*>(w), static_cast<const uint16_t*>(a), BF16Load{}, BF16Load{});
 }
 
 float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a) {
@@ -176,7 +240,6 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_K*>(a);
     const int64_t nb = n / kQK_K;
     constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
-    const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc = _mm256_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; ++i) {
@@ -201,24 +264,15 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
 
         const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
-        alignas(16) int16_t sc[8];
-        _mm_store_si128(reinterpret_cast<__m128i*>(sc), sc128);
-
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
         const uint8_t* q4 = x[i].qs;
         const int8_t* q8 = y[i].qs;
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < kQK_K / 64; ++j, q4 += 32, q8 += 64) {
-            const __m256i scale_l = _mm256_set1_epi16(sc[2 * j + 0]);
-            const __m256i scale_h = _mm256_set1_epi16(sc[2 * j + 1]);
-            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
-            const __m256i q4l = _mm256_and_si256(q4bits, m4);
-            const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
-            const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
-            const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
-            const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-            const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16l, p16h));
-        }
+        // Four independent 64-element groups, summed as a tree (GCC -O2 would not unroll the loop).
+        const __m256i s0 = q4k_group(q4, q8, scales, 0);
+        const __m256i s1 = q4k_group(q4 + 32, q8 + 64, scales, 1);
+        const __m256i s2 = q4k_group(q4 + 64, q8 + 128, scales, 2);
+        const __m256i s3 = q4k_group(q4 + 96, q8 + 192, scales, 3);
+        const __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
@@ -230,9 +284,6 @@ float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockQ6_K*>(w);
     const auto* y = static_cast<const BlockQ8_K*>(a);
     const int64_t nb = n / kQK_K;
-    const __m256i m4 = _mm256_set1_epi8(0xF);
-    const __m256i m2 = _mm256_set1_epi8(3);
-    const __m256i m32s = _mm256_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; ++i) {
         const float d = y[i].d * h2f(x[i].d);
@@ -241,39 +292,8 @@ float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a) {
         const int8_t* q8 = y[i].qs;
         // 16 scales as int16, two 16-lane vectors; lanes 0..7 / 8..15 of a product vector use scale 2s / 2s+1.
         const __m128i scales8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < kQK_K / 128; ++j, q4 += 64, qh += 32, q8 += 128) {
-            __m256i sc[4];
-            for (int s = 0; s < 4; ++s) {
-                const __m128i shuf = _mm_load_si128(reinterpret_cast<const __m128i*>(kScalePairShuffle[4 * j + s]));
-                sc[s] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales8, shuf));
-            }
-            const __m256i q4bits1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
-            const __m256i q4bits2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + 32));
-            const __m256i q4bitsH = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-            const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m2), 4);
-            const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 2), m2), 4);
-            const __m256i q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 4), m2), 4);
-            const __m256i q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 6), m2), 4);
-            const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0);
-            const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
-            const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
-            const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
-            const __m256i q8_0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
-            const __m256i q8_1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
-            const __m256i q8_2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64));
-            const __m256i q8_3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96));
-            // (q - 32) · q8 = q · q8 - 32 · q8, both fitting int16 pairs.
-            const __m256i p16_0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0, q8_0), _mm256_maddubs_epi16(m32s, q8_0));
-            const __m256i p16_1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_1, q8_1), _mm256_maddubs_epi16(m32s, q8_1));
-            const __m256i p16_2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_2, q8_2), _mm256_maddubs_epi16(m32s, q8_2));
-            const __m256i p16_3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_3, q8_3), _mm256_maddubs_epi16(m32s, q8_3));
-            const __m256i s0 = _mm256_madd_epi16(sc[0], p16_0);
-            const __m256i s1 = _mm256_madd_epi16(sc[1], p16_1);
-            const __m256i s2 = _mm256_madd_epi16(sc[2], p16_2);
-            const __m256i s3 = _mm256_madd_epi16(sc[3], p16_3);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3)));
-        }
+        const __m256i sumi = _mm256_add_epi32(q6k_chunk(q4, qh, q8, scales8, 0),
+                                              q6k_chunk(q4 + 64, qh + 32, q8 + 128, scales8, 1));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);
