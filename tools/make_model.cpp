@@ -195,9 +195,8 @@ Status validate(const MakeModelOptions& o) {
     return Status();
 }
 
-// Generates rows [r0, r1) of one tensor (ne[0] values each) and encodes them into dst; every row has
-// its own random stream so
-// the result does not depend on how rows are split over threads.
+// Generates rows [r0, r1) of one tensor (ne[0] values each) and encodes them into dst. Every row has
+// its own random stream, so the result does not depend on how rows are split over threads.
 void fill_rows(const TensorPlan& t, uint64_t tensor_seed, int64_t r0, int64_t r1, uint8_t* dst) {
     const int64_t n = t.ne[0];
     const size_t row_bytes = ggml_row_bytes(t.type, n);
