@@ -134,6 +134,44 @@ TEST(VecDot, SimdMatchesScalar) {
     }
 }
 
+TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+        const quants::TypeKernels* kt = quants::type_kernels(t);
+        ASSERT_NE(kt->vec_dot_x4, nullptr) << ggml_type_name(t);
+        for (int64_t k : sizes_for(t)) {
+            const std::vector<uint8_t> w = make_weights(t, 1, k, 40 + static_cast<uint32_t>(k));
+            std::vector<float> x = random_normal(4 * k, 50 + static_cast<uint32_t>(k));
+            for (int64_t i = 0; i < k; ++i) x[2 * k + i] *= 1e-3f;  // rows of different magnitudes
+            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
+            std::vector<uint8_t> a(4 * a_stride);
+            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            float out[4];
+            kt->vec_dot_x4(k, w.data(), a.data(), a_stride, out);
+            for (int r = 0; r < 4; ++r) {
+                const float single = kt->vec_dot(k, w.data(), a.data() + r * a_stride);
+                ASSERT_EQ(fp32_to_bits(out[r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k << " r=" << r;
+            }
+        }
+    }
+}
+
+TEST(Matmul, RowResultsDoNotDependOnBatch) {
+    // Decode (m = 1) and prompt (m > 1, 4-row kernels) must give the same bits for the same token.
+    ThreadPool pool(2);
+    for (GgmlType t : kTypes) {
+        const int64_t n_out = 37, k = 512, m = 9;
+        const std::vector<uint8_t> w = make_weights(t, n_out, k, 77);
+        const std::vector<float> x = random_normal(m * k, 78);
+        std::vector<float> y(m * n_out), y1(n_out);
+        matmul(pool, t, w.data(), n_out, k, x.data(), m, y.data());
+        for (int64_t i = 0; i < m; ++i) {
+            matmul(pool, t, w.data(), n_out, k, x.data() + i * k, 1, y1.data());
+            ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + i * n_out, n_out * sizeof(float))) << ggml_type_name(t);
+        }
+    }
+}
+
 TEST(VecDot, QuantizedIntegerSumsAreExact) {
     // Scales of 1 (Q8_0 d = 1.0, activations with amax 127) make every product an exact integer, so
     // scalar and SIMD must agree bit for bit with the integer dot product.

@@ -76,6 +76,7 @@ void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t
     const int64_t n_row_tiles = (n_out + tile_rows - 1) / tile_rows;
     const int64_t n_m_tiles = (m + tile_m - 1) / tile_m;
     const quants::VecDotFn dot = kt->vec_dot;
+    const quants::VecDotX4Fn dot_x4 = kt->vec_dot_x4;
 
     // Tile t covers W rows of row tile (t % n_row_tiles) and X rows of m tile (t / n_row_tiles), so a
     // thread's contiguous range of tiles walks along W for the same block of X rows.
@@ -85,7 +86,17 @@ void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t
             const int64_t r1 = std::min(n_out, r0 + tile_rows);
             const int64_t i0 = (t / n_row_tiles) * tile_m;
             const int64_t i1 = std::min(m, i0 + tile_m);
-            for (int64_t i = i0; i < i1; ++i) {
+            int64_t i = i0;
+            // Four X rows per W row read where the type has a 4-row kernel (same results as one by one).
+            for (; dot_x4 && i + 4 <= i1; i += 4) {
+                const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
+                float out[4];
+                for (int64_t r = r0; r < r1; ++r) {
+                    dot_x4(k, wb + static_cast<size_t>(r) * w_stride, a, a_stride, out);
+                    for (int q = 0; q < 4; ++q) y[(i + q) * n_out + r] = out[q];
+                }
+            }
+            for (; i < i1; ++i) {
                 const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
                 float* yr = y + i * n_out;
                 for (int64_t r = r0; r < r1; ++r) yr[r] = dot(k, wb + static_cast<size_t>(r) * w_stride, a);

@@ -202,10 +202,10 @@ const TypeKernels kAvx2[] = {
     {GgmlType::F32, GgmlType::F32, 1, nullptr, avx2::vec_dot_f32},
     {GgmlType::F16, GgmlType::F16, 1, avx2::quantize_act_f16, avx2::vec_dot_f16},
     {GgmlType::BF16, GgmlType::BF16, 1, erase_act<uint16_t, quantize_act_bf16_scalar>, avx2::vec_dot_bf16},
-    {GgmlType::Q8_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q8_0_q8_0},
-    {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0},
-    {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q4_K_q8_K},
-    {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q6_K_q8_K},
+    {GgmlType::Q8_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q8_0_q8_0, avx2::vec_dot_q8_0_q8_0_x4},
+    {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0, avx2::vec_dot_q4_0_q8_0_x4},
+    {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q4_K_q8_K, avx2::vec_dot_q4_K_q8_K_x4},
+    {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q6_K_q8_K, avx2::vec_dot_q6_K_q8_K_x4},
 };
 #endif
 

@@ -74,6 +74,9 @@ void quantize_act_bf16_scalar(const float* x, uint16_t* y, int64_t n);
 // w: one row in the weight type, a: one row in the paired activation type.
 using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
 using QuantizeActFn = void (*)(const float* x, void* a, int64_t n);
+// The same dot product of one w row with 4 activation rows (a, a + a_stride, ...) into out[0..4),
+// sharing the decoding of w; each out[r] is bit-identical to vec_dot(n, w, a + r * a_stride).
+using VecDotX4Fn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 
 // Plain scalar references: integer sums per block, then scaled, as ggml's generic vec_dot_*.
 float vec_dot_f32_scalar(int64_t n, const void* w, const void* a);
@@ -93,6 +96,10 @@ float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q4_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a);
+void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void quantize_act_q8_0(const float* x, void* y, int64_t n);
 void quantize_act_f16(const float* x, void* y, int64_t n);
 }  // namespace avx2
@@ -107,6 +114,7 @@ struct TypeKernels {
     int64_t block;               // k must be a multiple of this
     QuantizeActFn quantize_act;  // nullptr: F32, X used as is
     VecDotFn vec_dot;
+    VecDotX4Fn vec_dot_x4 = nullptr;  // optional; used when several X rows share a W row
 };
 
 // Kernels for weight type t (simd=false: scalar references only); nullptr if t is not computable.

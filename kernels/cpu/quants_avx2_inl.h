@@ -1,0 +1,143 @@
+// AVX2 helpers shared by quants_avx2*.cpp. Include only after `#pragma GCC target("avx2,fma,f16c")`:
+// everything here has internal linkage, so each AVX2 translation unit gets its own copy and no
+// baseline code can end up calling one.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/quants_internal.h"
+
+namespace moemesh::quants::avx2 {
+namespace {  // NOLINT(build/namespaces): internal linkage on purpose, see above
+
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum_ps(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// Σ pairs of int8 products, as 8 floats (x signed, y signed).
+inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
+    const __m256i ax = _mm256_sign_epi8(x, x);
+    const __m256i sy = _mm256_sign_epi8(y, x);
+    const __m256i dot = _mm256_maddubs_epi16(ax, sy);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+}
+
+// 32 nibbles → 32 bytes: low nibbles of the 16 bytes first, then the high nibbles.
+inline __m256i bytes_from_nibbles_32(const uint8_t* p) {
+    const __m128i tmp = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1);
+    return _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
+}
+
+inline __m256 load_bf16(const uint16_t* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+inline __m256 load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Byte shuffles broadcasting scale 2p to bytes 0..7 and scale 2p+1 to bytes 8..15.
+alignas(16) constexpr uint8_t kScalePairShuffle[8][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+    {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+    {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+// Scales 2p and 2p+1 of a Q6_K block as 16 int16 lanes (8 each).
+inline __m256i scale_pair(__m128i scales8, int p) {
+    const __m128i shuf = _mm_load_si128(reinterpret_cast<const __m128i*>(kScalePairShuffle[p]));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales8, shuf));
+}
+
+// Byte shuffles broadcasting int16 lane i (bytes 2i, 2i+1) of a 16-lane vector to all lanes.
+alignas(32) constexpr uint8_t kScaleShuffleK4[8][32] = {
+#define MM_PAIR(i) 2 * i, 2 * i + 1
+#define MM_ROW(i) \
+    {MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), \
+     MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i)}
+    MM_ROW(0), MM_ROW(1), MM_ROW(2), MM_ROW(3), MM_ROW(4), MM_ROW(5), MM_ROW(6), MM_ROW(7),
+#undef MM_ROW
+#undef MM_PAIR
+};
+
+// One 64-element group j of a Q4_K block: scale(2j)·Σ lo-nibbles·q8[0..32) + scale(2j+1)·Σ hi·q8[32..64),
+// as 8 int32 partial sums. scales holds the 8 sub-block scales as int16 in both 128-bit halves.
+inline __m256i q4k_group(const uint8_t* q4, const int8_t* q8, __m256i scales, int j) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i scale_l =
+        _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+    const __m256i scale_h =
+        _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+    const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+    const __m256i q4l = _mm256_and_si256(q4bits, m4);
+    const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+    const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+    const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+    const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+    const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+    return _mm256_add_epi32(p16l, p16h);
+}
+
+// One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ (q - 32)·q8 as 8 int32 partial sums.
+inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i m2 = _mm256_set1_epi8(3);
+    const __m256i m32s = _mm256_set1_epi8(32);
+    const __m256i q4bits1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+    const __m256i q4bits2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + 32));
+    const __m256i q4bitsH = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    const __m256i q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m2), 4);
+    const __m256i q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 2), m2), 4);
+    const __m256i q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 4), m2), 4);
+    const __m256i q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 6), m2), 4);
+    const __m256i q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0);
+    const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
+    const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
+    const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
+    const __m256i q8_0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+    const __m256i q8_1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+    const __m256i q8_2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64));
+    const __m256i q8_3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96));
+    // (q - 32) · q8 = q · q8 - 32 · q8, both fitting int16 pairs.
+    const __m256i p16_0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0, q8_0), _mm256_maddubs_epi16(m32s, q8_0));
+    const __m256i p16_1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_1, q8_1), _mm256_maddubs_epi16(m32s, q8_1));
+    const __m256i p16_2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_2, q8_2), _mm256_maddubs_epi16(m32s, q8_2));
+    const __m256i p16_3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_3, q8_3), _mm256_maddubs_epi16(m32s, q8_3));
+    const __m256i s0 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 0), p16_0);
+    const __m256i s1 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 1), p16_1);
+    const __m256i s2 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 2), p16_2);
+    const __m256i s3 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 3), p16_3);
+    return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+}
+
+// The 12 packed scale bytes of a Q4_K block as 16 int16 lanes: 8 scales, then 8 mins.
+inline __m256i q4k_mins_and_scales(const uint8_t* packed) {
+    constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+    uint32_t utmp[4];
+    std::memcpy(utmp, packed, 12);
+    utmp[3] = ((utmp[2] >> 4) & kmask2) | (((utmp[1] >> 6) & kmask3) << 4);
+    const uint32_t uaux = utmp[1] & kmask1;
+    utmp[1] = (utmp[2] & kmask2) | (((utmp[0] >> 6) & kmask3) << 4);
+    utmp[2] = uaux;
+    utmp[0] &= kmask1;
+    return _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(utmp[3]), static_cast<int>(utmp[2]),
+                                              static_cast<int>(utmp[1]), static_cast<int>(utmp[0])));
+}
+
+}  // namespace
+}  // namespace moemesh::quants::avx2

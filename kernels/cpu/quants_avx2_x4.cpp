@@ -1,0 +1,231 @@
+// AVX2 dot products of one weight row with four activation rows (prompt processing): the weight
+// block is loaded and decoded once for the four rows. Per row the arithmetic is exactly that of the
+// single-row kernel in quants_avx2.cpp (same integer sums, same float operations in the same
+// order), so a row's result does not depend on how many rows were batched with it.
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/quants_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#include "kernels/cpu/quants_avx2_inl.h"
+
+// Straight-line repetition over the 4 rows: GCC -O2 keeps per-row vector arrays in registers only
+// when every index is a constant.
+#define MM_ROWS4(X) X(0) X(1) X(2) X(3)
+
+namespace moemesh::quants::avx2 {
+namespace {
+
+// ax = |w|, sy = a·sign(w): maddubs(ax, sy) = w·a pairs (as mul_sum_i8_pairs_float).
+inline __m256 dot_signed(__m256i ax, __m256i qx, __m256i qy) {
+    const __m256i dot = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+}
+
+template <bool kQ4>
+void dot_q_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const int64_t nb = n / 32;
+    const auto* y0 = static_cast<const BlockQ8_0*>(a);
+    const BlockQ8_0* y[4];
+    for (int r = 0; r < 4; ++r) {
+        y[r] = reinterpret_cast<const BlockQ8_0*>(reinterpret_cast<const uint8_t*>(y0) + r * a_stride);
+    }
+    const __m256i off = _mm256_set1_epi8(8);
+    const auto load_w = [&](int64_t i) -> __m256i {
+        if constexpr (kQ4) {
+            return _mm256_sub_epi8(bytes_from_nibbles_32(static_cast<const BlockQ4_0*>(w)[i].qs), off);
+        } else {
+            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const BlockQ8_0*>(w)[i].qs));
+        }
+    };
+    const auto w_d = [&](int64_t i) -> float {
+        if constexpr (kQ4) {
+            return h2f(static_cast<const BlockQ4_0*>(w)[i].d);
+        } else {
+            return h2f(static_cast<const BlockQ8_0*>(w)[i].d);
+        }
+    };
+    __m256 acc0[4], acc1[4];
+#define MM_INIT(r) acc0[r] = _mm256_setzero_ps(), acc1[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const __m256i qx0 = load_w(i), qx1 = load_w(i + 1);
+        const __m256i ax0 = _mm256_sign_epi8(qx0, qx0), ax1 = _mm256_sign_epi8(qx1, qx1);
+        const float dx0 = w_d(i), dx1 = w_d(i + 1);
+#define MM_ROW(r)                                                                                           \
+    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * h2f(y[r][i].d)),                                          \
+                              dot_signed(ax0, qx0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
+                              acc0[r]);                                                                     \
+    acc1[r] = _mm256_fmadd_ps(                                                                              \
+        _mm256_set1_ps(dx1 * h2f(y[r][i + 1].d)),                                                           \
+        dot_signed(ax1, qx1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i + 1].qs))), acc1[r]);
+        MM_ROWS4(MM_ROW)
+#undef MM_ROW
+    }
+    for (; i < nb; ++i) {
+        const __m256i qx = load_w(i);
+        const __m256i ax = _mm256_sign_epi8(qx, qx);
+        const float dx = w_d(i);
+#define MM_ROW(r)                                                                                 \
+    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[r][i].d)),                                 \
+                              dot_signed(ax, qx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
+                              acc0[r]);
+        MM_ROWS4(MM_ROW)
+#undef MM_ROW
+    }
+#define MM_OUT(r) out[r] = hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
+}  // namespace
+
+void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_q_0_x4<false>(n, w, a, a_stride, out);
+}
+
+void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_q_0_x4<true>(n, w, a, a_stride, out);
+}
+
+void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ4_K*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) {
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    }
+    const int64_t nb = n / kQK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc[4];
+    __m128 acc_m[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps(), acc_m[r] = _mm_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < nb; ++i) {
+        const float xd = h2f(x[i].d), xdmin = h2f(x[i].dmin);
+        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);
+        const __m128i mins = _mm256_extracti128_si256(mins_and_scales, 1);
+        const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+#define MM_MINS(r)                                                                                              \
+    {                                                                                                           \
+        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));             \
+        const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)); \
+        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                         \
+        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);             \
+    }
+        MM_ROWS4(MM_MINS)
+#undef MM_MINS
+        __m256i sumi[4];
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+        const uint8_t* q4 = x[i].qs;
+        for (int j = 0; j < kQK_K / 64; ++j, q4 += 32) {
+            const __m256i scale_l = _mm256_shuffle_epi8(
+                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+            const __m256i scale_h = _mm256_shuffle_epi8(
+                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+            const __m256i q4l = _mm256_and_si256(q4bits, m4);
+            const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+#define MM_ROW(r)                                                                                          \
+    {                                                                                                      \
+        const int8_t* q8 = y[r][i].qs + 64 * j;                                                            \
+        const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));                      \
+        const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));                 \
+        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));                   \
+        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));                   \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                                 \
+    }
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+        }
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r)                                                   \
+    {                                                               \
+        __m128 m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r])); \
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));                      \
+        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                \
+    }
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
+void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ6_K*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) {
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    }
+    const int64_t nb = n / kQK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i m2 = _mm256_set1_epi8(3);
+    const __m256i m32s = _mm256_set1_epi8(32);
+    __m256 acc[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < nb; ++i) {
+        const float xd = h2f(x[i].d);
+        const __m128i scales8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
+        __m256i sumi[4];
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+        for (int j = 0; j < kQK_K / 128; ++j) {
+            const uint8_t* q4 = x[i].ql + 64 * j;
+            const __m256i q4bits1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+            const __m256i q4bits2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + 32));
+            const __m256i q4bitsH = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].qh + 32 * j));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), _mm256_slli_epi16(_mm256_and_si256(q4bitsH, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(q4bits2, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bitsH, 6), m2), 4));
+            __m256i sc[4];
+#define MM_SC(s) sc[s] = scale_pair(scales8, 4 * j + s);
+            MM_ROWS4(MM_SC)
+#undef MM_SC
+#define MM_PART(r, s)                                                                                    \
+    {                                                                                                    \
+        const __m256i q8v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 128 * j + 32 * s)); \
+        const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[s], q8v), _mm256_maddubs_epi16(m32s, q8v)); \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], p16));                             \
+    }
+#define MM_ROW(r) MM_PART(r, 0) MM_PART(r, 1) MM_PART(r, 2) MM_PART(r, 3)
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+#undef MM_PART
+        }
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r) out[r] = hsum_ps(acc[r]);
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
+}  // namespace moemesh::quants::avx2
+
+#undef MM_ROWS4
+
+#pragma GCC pop_options
+
+#endif  // x86
