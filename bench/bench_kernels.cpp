@@ -56,8 +56,8 @@ void BM_matmul(benchmark::State& state) {
     }
     state.SetLabel(ggml_type_name(t));
     state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * p.w.size()));
-    state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * n_out * k * state.iterations() / 1e9,
-                                                   benchmark::Counter::kIsRate);
+    state.counters["GFLOP/s"] =
+        benchmark::Counter(2.0 * m * n_out * k * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
 void matmul_args(benchmark::internal::Benchmark* b) {
@@ -83,13 +83,20 @@ void* ggml_cpu() {
 
 const char* ggml_dot_name(GgmlType t) {
     switch (t) {
-        case GgmlType::F16: return "ggml_vec_dot_f16";
-        case GgmlType::BF16: return "ggml_vec_dot_bf16";
-        case GgmlType::Q8_0: return "ggml_vec_dot_q8_0_q8_0";
-        case GgmlType::Q4_0: return "ggml_vec_dot_q4_0_q8_0";
-        case GgmlType::Q4_K: return "ggml_vec_dot_q4_K_q8_K";
-        case GgmlType::Q6_K: return "ggml_vec_dot_q6_K_q8_K";
-        default: return nullptr;
+        case GgmlType::F16:
+            return "ggml_vec_dot_f16";
+        case GgmlType::BF16:
+            return "ggml_vec_dot_bf16";
+        case GgmlType::Q8_0:
+            return "ggml_vec_dot_q8_0_q8_0";
+        case GgmlType::Q4_0:
+            return "ggml_vec_dot_q4_0_q8_0";
+        case GgmlType::Q4_K:
+            return "ggml_vec_dot_q4_K_q8_K";
+        case GgmlType::Q6_K:
+            return "ggml_vec_dot_q6_K_q8_K";
+        default:
+            return nullptr;
     }
 }
 

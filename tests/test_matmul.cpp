@@ -114,7 +114,7 @@ TEST(VecDot, SimdMatchesScalar) {
                 std::vector<float> x = random_normal(k, 200 * seed + static_cast<uint32_t>(k));
                 if (seed == 2) {
                     for (int64_t i = 0; i < k; i += 3) x[i] = 0;  // zero runs and sign mixes
-                    x[0] = 30.0f;                                  // a large outlier
+                    x[0] = 30.0f;                                 // a large outlier
                 }
                 std::vector<uint8_t> a(ks->quantize_act ? ggml_row_bytes(ks->act_type, k) : 0);
                 const void* ap = x.data();

@@ -41,11 +41,21 @@ std::vector<float> awkward_row(int64_t n, uint32_t seed) {
     for (int64_t b = 0; b < n / 256; ++b) {
         float* p = v.data() + b * 256;
         switch (b % 5) {
-            case 0: std::fill(p, p + 64, 0.0f); break;
-            case 1: for (int i = 0; i < 256; ++i) p[i] = std::fabs(p[i]) + 0.5f; break;
-            case 2: for (int i = 0; i < 256; ++i) p[i] = -std::fabs(p[i]) - 0.25f; break;
-            case 3: p[rng() % 256] = 40.0f; break;
-            case 4: for (int i = 0; i < 256; ++i) p[i] *= 1e-6f; break;
+            case 0:
+                std::fill(p, p + 64, 0.0f);
+                break;
+            case 1:
+                for (int i = 0; i < 256; ++i) p[i] = std::fabs(p[i]) + 0.5f;
+                break;
+            case 2:
+                for (int i = 0; i < 256; ++i) p[i] = -std::fabs(p[i]) - 0.25f;
+                break;
+            case 3:
+                p[rng() % 256] = 40.0f;
+                break;
+            case 4:
+                for (int i = 0; i < 256; ++i) p[i] *= 1e-6f;
+                break;
         }
     }
     return v;
@@ -75,8 +85,8 @@ TEST(Quants, RoundTripErrorWithinTypeBound) {
         GgmlType t;
         double max_rel_rms;
     };
-    const Bound bounds[] = {{GgmlType::F32, 0.0},     {GgmlType::F16, 4e-4},   {GgmlType::BF16, 3e-3},
-                            {GgmlType::Q8_0, 0.006},  {GgmlType::Q4_0, 0.12},  {GgmlType::Q4_K, 0.085},
+    const Bound bounds[] = {{GgmlType::F32, 0.0},    {GgmlType::F16, 4e-4},  {GgmlType::BF16, 3e-3},
+                            {GgmlType::Q8_0, 0.006}, {GgmlType::Q4_0, 0.12}, {GgmlType::Q4_K, 0.085},
                             {GgmlType::Q6_K, 0.025}};
     for (const Bound& b : bounds) {
         for (int64_t n : {256, 4096}) {
@@ -98,14 +108,26 @@ TEST(Quants, ElementErrorBounds) {
                 const float xi = x[b * 32 + i], yi = y[b * 32 + i];
                 float tol = 0;
                 switch (t) {
-                    case GgmlType::F32: tol = 0; break;
-                    case GgmlType::F16: tol = std::fabs(xi) * 0x1p-11f + 1e-7f; break;  // incl. subnormals
-                    case GgmlType::BF16: tol = std::fabs(xi) * 0x1p-8f; break;
+                    case GgmlType::F32:
+                        tol = 0;
+                        break;
+                    case GgmlType::F16:
+                        tol = std::fabs(xi) * 0x1p-11f + 1e-7f;
+                        break;  // incl. subnormals
+                    case GgmlType::BF16:
+                        tol = std::fabs(xi) * 0x1p-8f;
+                        break;
                     // Plus the fp16 scale's absolute error in the subnormal range (2^-25) times |q|.
-                    case GgmlType::Q8_0: tol = amax / 127.f * 0.51f + amax * 1e-3f + 128 * 0x1p-25f; break;
-                    case GgmlType::Q4_0: tol = amax / 8.f * 1.01f + 9 * 0x1p-25f; break;
+                    case GgmlType::Q8_0:
+                        tol = amax / 127.f * 0.51f + amax * 1e-3f + 128 * 0x1p-25f;
+                        break;
+                    case GgmlType::Q4_0:
+                        tol = amax / 8.f * 1.01f + 9 * 0x1p-25f;
+                        break;
                     // K types: per-256 super-block scales, and d·scale·q with the fp16 d's subnormal error.
-                    default: tol = 0.35f * amax + 1024 * 0x1p-25f; break;
+                    default:
+                        tol = 0.35f * amax + 1024 * 0x1p-25f;
+                        break;
                 }
                 ASSERT_LE(std::fabs(xi - yi), tol) << ggml_type_name(t) << " i=" << b * 32 + i << " x=" << xi;
             }
@@ -206,17 +228,25 @@ std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
     for (auto& b : q) b = static_cast<uint8_t>(rng());
     auto set_half = [&](size_t off) {
         const uint16_t h = fp32_to_fp16(std::ldexp(1.0f + (rng() % 1000) / 1000.0f, static_cast<int>(rng() % 12) - 10) *
-                                         ((rng() & 1) ? 1.0f : -1.0f));
+                                        ((rng() & 1) ? 1.0f : -1.0f));
         std::memcpy(&q[off], &h, 2);
     };
     const size_t bs = ggml_type_info(t).type_size;
     for (size_t off = 0; off < q.size(); off += bs) {
         switch (t) {
             case GgmlType::Q8_0:
-            case GgmlType::Q4_0: set_half(off); break;
-            case GgmlType::Q4_K: set_half(off); set_half(off + 2); break;
-            case GgmlType::Q6_K: set_half(off + 208); break;
-            default: break;
+            case GgmlType::Q4_0:
+                set_half(off);
+                break;
+            case GgmlType::Q4_K:
+                set_half(off);
+                set_half(off + 2);
+                break;
+            case GgmlType::Q6_K:
+                set_half(off + 208);
+                break;
+            default:
+                break;
         }
     }
     return q;
@@ -340,8 +370,9 @@ GgmlLib* ggml_lib() {
         if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("bmi2")) {
             return l;
         }
-        const std::string path = std::string(MOEMESH_SOURCE_DIR) +
-                                 "/tests/ref/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-cpu-haswell.so";
+        const std::string path =
+            std::string(MOEMESH_SOURCE_DIR) +
+            "/tests/ref/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-cpu-haswell.so";
         l.handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (l.handle) {
             if (auto init = l.sym<void (*)()>("ggml_cpu_init")) init();

@@ -60,8 +60,8 @@ void quantize_q4_0_ref(const float* x, BlockQ4_0* y, int64_t n) {
 
 // Fits x ≈ scale * L - min (L in 0..nmax) minimising weighted squared error; ggml's make_qkx2_quants
 // with use_mad = false. Returns scale, stores the (non-negative) min in *the_min.
-float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min,
-                       uint8_t* Laux, float rmin, float rdelta, int nstep) {
+float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min, uint8_t* Laux,
+                       float rmin, float rdelta, int nstep) {
     float min = x[0];
     float max = x[0];
     float sum_w = weights[0];

@@ -143,9 +143,9 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         utmp[2] = uaux;
         utmp[0] &= kmask1;
 
-        const __m256i mins_and_scales = _mm256_cvtepu8_epi16(
-            _mm_set_epi32(static_cast<int>(utmp[3]), static_cast<int>(utmp[2]), static_cast<int>(utmp[1]),
-                          static_cast<int>(utmp[0])));
+        const __m256i mins_and_scales =
+            _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(utmp[3]), static_cast<int>(utmp[2]),
+                                               static_cast<int>(utmp[1]), static_cast<int>(utmp[0])));
         // mins · (sums of q8 per 32 elements)
         const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].bsums));
         const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
@@ -181,8 +181,8 @@ float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a) {
         const int8_t* q8 = y[i].qs;
         // 16 scales as int16, two 16-lane vectors; lanes 0..7 / 8..15 of a product vector use scale 2s / 2s+1.
         const __m128i scales8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-        const __m256i sumi = _mm256_add_epi32(q6k_chunk(q4, qh, q8, scales8, 0),
-                                              q6k_chunk(q4 + 64, qh + 32, q8 + 128, scales8, 1));
+        const __m256i sumi =
+            _mm256_add_epi32(q6k_chunk(q4, qh, q8, scales8, 0), q6k_chunk(q4 + 64, qh + 32, q8 + 128, scales8, 1));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);

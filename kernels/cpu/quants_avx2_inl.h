@@ -12,7 +12,6 @@
 namespace moemesh::quants::avx2 {
 namespace {  // NOLINT(build/namespaces): internal linkage on purpose, see above
 
-
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 inline float hsum_ps(__m256 x) {
@@ -67,9 +66,11 @@ inline __m256i scale_pair(__m128i scales8, int p) {
 // Byte shuffles broadcasting int16 lane i (bytes 2i, 2i+1) of a 16-lane vector to all lanes.
 alignas(32) constexpr uint8_t kScaleShuffleK4[8][32] = {
 #define MM_PAIR(i) 2 * i, 2 * i + 1
-#define MM_ROW(i) \
-    {MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), \
-     MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i)}
+#define MM_ROW(i)                                                                                                   \
+    {                                                                                                               \
+        MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), \
+            MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i), MM_PAIR(i)                      \
+    }
     MM_ROW(0), MM_ROW(1), MM_ROW(2), MM_ROW(3), MM_ROW(4), MM_ROW(5), MM_ROW(6), MM_ROW(7),
 #undef MM_ROW
 #undef MM_PAIR

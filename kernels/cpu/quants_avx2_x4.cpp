@@ -61,12 +61,12 @@ void dot_q_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float*
         const __m256i qx0 = load_w(i), qx1 = load_w(i + 1);
         const __m256i ax0 = _mm256_sign_epi8(qx0, qx0), ax1 = _mm256_sign_epi8(qx1, qx1);
         const float dx0 = w_d(i), dx1 = w_d(i + 1);
-#define MM_ROW(r)                                                                                           \
-    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * h2f(y[r][i].d)),                                          \
+#define MM_ROW(r)                                                                                                     \
+    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * h2f(y[r][i].d)),                                                   \
                               dot_signed(ax0, qx0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
-                              acc0[r]);                                                                     \
-    acc1[r] = _mm256_fmadd_ps(                                                                              \
-        _mm256_set1_ps(dx1 * h2f(y[r][i + 1].d)),                                                           \
+                              acc0[r]);                                                                               \
+    acc1[r] = _mm256_fmadd_ps(                                                                                        \
+        _mm256_set1_ps(dx1 * h2f(y[r][i + 1].d)),                                                                     \
         dot_signed(ax1, qx1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i + 1].qs))), acc1[r]);
         MM_ROWS4(MM_ROW)
 #undef MM_ROW
@@ -75,8 +75,8 @@ void dot_q_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float*
         const __m256i qx = load_w(i);
         const __m256i ax = _mm256_sign_epi8(qx, qx);
         const float dx = w_d(i);
-#define MM_ROW(r)                                                                                 \
-    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[r][i].d)),                                 \
+#define MM_ROW(r)                                                                                                   \
+    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[r][i].d)),                                                  \
                               dot_signed(ax, qx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
                               acc0[r]);
         MM_ROWS4(MM_ROW)
@@ -116,12 +116,12 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
         const __m128i mins = _mm256_extracti128_si256(mins_and_scales, 1);
         const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
-#define MM_MINS(r)                                                                                              \
-    {                                                                                                           \
-        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));             \
+#define MM_MINS(r)                                                                                               \
+    {                                                                                                            \
+        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));              \
         const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)); \
-        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                         \
-        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);             \
+        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                          \
+        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);               \
     }
         MM_ROWS4(MM_MINS)
 #undef MM_MINS
@@ -138,14 +138,14 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
             const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
             const __m256i q4l = _mm256_and_si256(q4bits, m4);
             const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
-#define MM_ROW(r)                                                                                          \
-    {                                                                                                      \
-        const int8_t* q8 = y[r][i].qs + 64 * j;                                                            \
-        const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));                      \
-        const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));                 \
-        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));                   \
-        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));                   \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                                 \
+#define MM_ROW(r)                                                                          \
+    {                                                                                      \
+        const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
+        const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));      \
+        const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)); \
+        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));   \
+        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));   \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                 \
     }
             MM_ROWS4(MM_ROW)
 #undef MM_ROW
@@ -154,11 +154,11 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
-#define MM_OUT(r)                                                   \
-    {                                                               \
+#define MM_OUT(r)                                                           \
+    {                                                                       \
         __m128 m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r])); \
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));                      \
-        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                \
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));                              \
+        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                        \
     }
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
@@ -202,11 +202,11 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #define MM_SC(s) sc[s] = scale_pair(scales8, 4 * j + s);
             MM_ROWS4(MM_SC)
 #undef MM_SC
-#define MM_PART(r, s)                                                                                    \
-    {                                                                                                    \
+#define MM_PART(r, s)                                                                                            \
+    {                                                                                                            \
         const __m256i q8v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 128 * j + 32 * s)); \
-        const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[s], q8v), _mm256_maddubs_epi16(m32s, q8v)); \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], p16));                             \
+        const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[s], q8v), _mm256_maddubs_epi16(m32s, q8v));  \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], p16));                                      \
     }
 #define MM_ROW(r) MM_PART(r, 0) MM_PART(r, 1) MM_PART(r, 2) MM_PART(r, 3)
             MM_ROWS4(MM_ROW)

@@ -114,8 +114,8 @@ float vec_dot_q4_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
     for (int64_t i = 0; i < n / kQK_K; ++i) {
         const uint8_t* q4 = x[i].qs;
         const int8_t* q8 = y[i].qs;
-        int sumi = 0;       // Σ_sub scale_sub * Σ q4·q8
-        int sum_mins = 0;   // Σ_sub min_sub * Σ q8
+        int sumi = 0;      // Σ_sub scale_sub * Σ q4·q8
+        int sum_mins = 0;  // Σ_sub min_sub * Σ q8
         for (int j = 0; j < 8; j += 2, q4 += 32, q8 += 64) {
             uint8_t sc0, m0, sc1, m1;
             get_scale_min_k4(j, x[i].scales, &sc0, &m0);
@@ -126,8 +126,8 @@ float vec_dot_q4_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
                 dot1 += (q4[l] >> 4) * q8[l + 32];
             }
             sumi += sc0 * dot0 + sc1 * dot1;
-            sum_mins += m0 * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) +
-                        m1 * (y[i].bsums[2 * j + 2] + y[i].bsums[2 * j + 3]);
+            sum_mins +=
+                m0 * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) + m1 * (y[i].bsums[2 * j + 2] + y[i].bsums[2 * j + 3]);
         }
         const float d = fp16_to_fp32(x[i].d) * y[i].d;
         const float dmin = fp16_to_fp32(x[i].dmin) * y[i].d;
@@ -204,8 +204,10 @@ const TypeKernels kAvx2[] = {
     {GgmlType::BF16, GgmlType::BF16, 1, erase_act<uint16_t, quantize_act_bf16_scalar>, avx2::vec_dot_bf16},
     {GgmlType::Q8_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q8_0_q8_0, avx2::vec_dot_q8_0_q8_0_x4},
     {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0, avx2::vec_dot_q4_0_q8_0_x4},
-    {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q4_K_q8_K, avx2::vec_dot_q4_K_q8_K_x4},
-    {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q6_K_q8_K, avx2::vec_dot_q6_K_q8_K_x4},
+    {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q4_K_q8_K,
+     avx2::vec_dot_q4_K_q8_K_x4},
+    {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q6_K_q8_K,
+     avx2::vec_dot_q6_K_q8_K_x4},
 };
 #endif
 
