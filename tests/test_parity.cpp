@@ -109,7 +109,7 @@ Result run_ours(const std::string& model, const Shape& s, const std::string& kv,
                 const std::string& dir, int n_tokens) {
     std::string out;
     std::string cmd = moemesh_bin() + " run --model " + model + " --tokens " + token_list(n_tokens, s.vocab, 5) +
-                      " --top " + std::to_string(s.vocab) + " -n 32 --json --threads 2 --kv-type " + kv + " " + extra;
+                      " --top " + std::to_string(s.vocab) + " -n 32 --json --threads 1 --kv-type " + kv + " " + extra;
     EXPECT_EQ(run_capture(cmd, &out, dir + "/ours.err"), 0) << read_file(dir + "/ours.err");
     return parse(out, "moemesh");
 }
@@ -119,7 +119,7 @@ Result run_ref(const std::string& model, const Shape& s, const std::string& kv, 
     std::string out;
     std::string cmd = "node " + ref_dir() + "/llama_ref.mjs probs --model " + model + " --tokens " +
                       token_list(n_tokens, s.vocab, 5) + " --top " + std::to_string(s.vocab) +
-                      " -n 32 --threads 2 --kv-type " + kv + " " + extra;
+                      " -n 32 --threads 1 --kv-type " + kv + " " + extra;
     EXPECT_EQ(run_capture(cmd, &out, dir + "/ref.err"), 0) << read_file(dir + "/ref.err");
     return parse(out, "llama.cpp");
 }
