@@ -389,18 +389,18 @@ StatusOr<Tokenizer> Tokenizer::Builder::build(VocabSpec spec, const std::string&
         }
     };
     detect(spec.eot_id, {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-                         "<EOT>", "_<EOT>", "[EOT]", "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
+                         "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
                          "<end_of_utterance>"});
     detect(spec.eom_id, {"<|eom_id|>"});
     detect(spec.fim_pre_id, {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>",
-                             "<\xEF\xBD\x9C" "fim\xE2\x96\x81" "begin\xEF\xBD\x9C>", "<PRE>",
-                             "\xE2\x96\x81<PRE>", "<|code_prefix|>", "<|prefix|>"});
+                             "<｜fim▁begin｜>", "<PRE>",
+                             "▁<PRE>", "<|code_prefix|>", "<|prefix|>"});
     detect(spec.fim_suf_id, {"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",
-                             "<\xEF\xBD\x9C" "fim\xE2\x96\x81" "hole\xEF\xBD\x9C>", "<SUF>",
-                             "\xE2\x96\x81<SUF>", "<|code_suffix|>", "<|suffix|>"});
+                             "<｜fim▁hole｜>", "<SUF>",
+                             "▁<SUF>", "<|code_suffix|>", "<|suffix|>"});
     detect(spec.fim_mid_id, {"<|fim_middle|>", "<fim-middle>", "<fim_middle>",
-                             "<\xEF\xBD\x9C" "fim\xE2\x96\x81" "end\xEF\xBD\x9C>", "<MID>",
-                             "\xE2\x96\x81<MID>", "<|code_middle|>", "<|middle|>"});
+                             "<｜fim▁end｜>", "<MID>",
+                             "▁<MID>", "<|code_middle|>", "<|middle|>"});
     detect(spec.fim_pad_id, {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"});
     detect(spec.fim_rep_id, {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"});
     detect(spec.fim_sep_id, {"<|file_sep|>"});
@@ -414,7 +414,7 @@ StatusOr<Tokenizer> Tokenizer::Builder::build(VocabSpec spec, const std::string&
                     {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
                      "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
                      "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-                     "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>", "[e~["})) {
+                     "<｜end▁of▁sentence｜>", "[e~["})) {
             impl->eog[i] = true;
             attrs[i] |= kAttrControl;
         }

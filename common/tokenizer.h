@@ -49,6 +49,7 @@ public:
     int32_t token_id(std::string_view text) const;  // exact vocabulary entry, -1 if none
 
 private:
+    Tokenizer() = default;
     struct Impl;
     struct Builder;
     std::shared_ptr<const Impl> impl_;

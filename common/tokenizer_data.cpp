@@ -225,7 +225,7 @@ bool looks_special(const std::string& t) {
     };
     if (t == "<pad>" || t == "<mask>" || t == "<2mass>" || t == "[@BOS@]") return true;
     if (starts("<|") && ends("|>")) return true;
-    if (starts("<\xEF\xBD\x9C") && ends("\xEF\xBD\x9C>")) return true;  // <｜ ... ｜> (deepseek)
+    if (starts("<｜") && ends("｜>")) return true;  // deepseek-coder
     if (starts("<unused") && ends(">")) return true;
     return false;
 }

@@ -18,6 +18,7 @@ struct ClassRange {
 // Generated from llama.cpp's src/unicode-data.cpp (unicode_ranges_flags, itself generated from
 // UnicodeData.txt by scripts/gen-unicode-data.py): flag LETTER -> 1, NUMBER -> 2,
 // ACCENT_MARK -> 3, everything else -> 0, adjacent equal classes merged.
+// clang-format off
 constexpr ClassRange kClassRanges[] = {
     {0x00000, 0}, {0x00030, 2}, {0x0003A, 0}, {0x00041, 1}, {0x0005B, 0}, {0x00061, 1},
     {0x0007B, 0}, {0x000AA, 1}, {0x000AB, 0}, {0x000B2, 2}, {0x000B4, 0}, {0x000B5, 1},
@@ -338,6 +339,7 @@ constexpr ClassRange kClassRanges[] = {
     {0x2FA1E, 0}, {0x30000, 1}, {0x3134B, 0}, {0x31350, 1}, {0x323B0, 0}, {0xE0100, 3},
     {0xE01F0, 0},
 };
+// clang-format on
 
 // llama.cpp's unicode_set_whitespace (PropList.txt White_Space).
 bool is_ws(uint32_t c) {

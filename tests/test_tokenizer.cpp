@@ -213,6 +213,22 @@ TEST(TokenizerBuiltin, InvalidUtf8DecodesAsReplacementChar) {
     EXPECT_EQ(tok->decode(tok->encode("\xE2\x82", false)), "\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
+TEST(TokenizerBuiltin, ArbitraryBytesRoundTripThroughLossyDecoding) {
+    auto tok = Tokenizer::from_data(builtin_byte_bpe_tokenizer(600));
+    ASSERT_TRUE(tok.ok());
+    uint64_t state = 42;
+    for (int n = 0; n < 300; ++n) {
+        std::string s;
+        for (int i = 0, len = n % 40; i < len; ++i) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            s.push_back(char(state >> 56));
+        }
+        std::string want;  // what llama.cpp's decoder makes of these bytes
+        for (uint32_t c : unicode::utf8_to_cpts(s)) unicode::append_utf8(want, c);
+        EXPECT_EQ(tok->decode(tok->encode(s, true)), want) << json(s).dump(-1, ' ', true, json::error_handler_t::replace);
+    }
+}
+
 TEST(TokenizerBuiltin, GgufRoundTripMatchesData) {
     const TokenizerData d = builtin_byte_bpe_tokenizer(700);
     auto direct = Tokenizer::from_data(d);
