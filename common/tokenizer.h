@@ -27,7 +27,9 @@ public:
     static StatusOr<Tokenizer> from_gguf(const GgufFile& f);
     static StatusOr<Tokenizer> from_data(const TokenizerData& d);
 
-    // Text to token ids; a BOS is prepended only if add_bos(). Thread-safe.
+    // Text to token ids; a BOS is prepended only if add_bos() (and an EOS appended only if the
+    // GGUF sets tokenizer.ggml.add_eos_token), i.e. llama_tokenize with add_special = true.
+    // Thread-safe; words are cached.
     std::vector<int32_t> encode(std::string_view text, bool parse_special) const;
     // The bytes a token stands for; control and user-defined tokens as their text, unused tokens
     // as "" (llama_token_to_piece with special = true). Out-of-range ids give "".
@@ -36,8 +38,10 @@ public:
     std::string decode(const std::vector<int32_t>& ids) const;
 
     int32_t vocab_size() const;
-    int32_t eos_id() const;  // -1 if none
-    int32_t bos_id() const;  // -1 if none
+    // As llama.cpp: when the GGUF has no bos/eos key, gpt2 vocabularies default to id 11 (so a
+    // Qwen tokenizer without config.json reports bos 11; add_bos is false there anyway).
+    int32_t eos_id() const;
+    int32_t bos_id() const;
     int32_t pad_id() const;  // -1 if none
     // End of generation, decided as llama.cpp does: eos/eot/eom, tokens whose text is one of
     // llama.cpp's end markers (<|im_end|>, <|endoftext|>, </s>, <|eot_id|>, ...), and the FIM
