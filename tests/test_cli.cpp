@@ -1,0 +1,110 @@
+// The `moemesh` CLI as a user runs it: real processes, exit codes, messages.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/test_util.h"
+
+namespace moemesh {
+namespace {
+
+using namespace moemesh::testing;
+
+class Cli : public ::testing::Test {
+protected:
+    static void SetUpTestSuite() {
+        dir_ = temp_dir("cli");
+        model_ = dir_ + "/tiny.gguf";
+        std::string out;
+        ASSERT_EQ(run_capture(moemesh_bin() + " make-model --out " + model_ +
+                                  " --layers 2 --hidden 64 --heads 4 --kv-heads 2 --head-dim 16 --experts 4 --top-k 2"
+                                  " --expert-ff 32 --vocab 600 --seed 3",
+                              &out, dir_ + "/make.err"),
+                  0)
+            << read_file(dir_ + "/make.err");
+    }
+    // Runs the CLI; returns the exit code, stdout in *out and stderr in *err.
+    int cli(const std::string& args, std::string* out, std::string* err) {
+        int rc = run_capture(moemesh_bin() + " " + args, out, dir_ + "/err.txt");
+        *err = read_file(dir_ + "/err.txt");
+        return rc;
+    }
+    static std::string dir_, model_;
+};
+std::string Cli::dir_, Cli::model_;
+
+TEST_F(Cli, RunGeneratesAndReportsSpeed) {
+    std::string out, err;
+    ASSERT_EQ(cli("run --model " + model_ + " --prompt 'Hello there' -n 12 --seed 5 --threads 1 --ignore-eos", &out, &err), 0)
+        << err;
+    EXPECT_NE(err.find("prompt: "), std::string::npos) << err;
+    EXPECT_NE(err.find("tokens/s) | decode: 12 tokens"), std::string::npos) << err;
+    // Same seed, same text.
+    std::string out2;
+    ASSERT_EQ(cli("run --model " + model_ + " --prompt 'Hello there' -n 12 --seed 5 --threads 2 --ignore-eos", &out2, &err), 0);
+    EXPECT_EQ(out, out2);
+}
+
+TEST_F(Cli, JsonParityInterface) {
+    std::string out, err;
+    ASSERT_EQ(cli("run --model " + model_ + " --tokens 1,2,3 --top 5 --json -n 4", &out, &err), 0) << err;
+    auto j = nlohmann::json::parse(out);  // exactly one JSON object on stdout
+    ASSERT_EQ(j["positions"].size(), 3u);
+    EXPECT_EQ(j["positions"][2]["pos"], 2);
+    ASSERT_EQ(j["positions"][0]["top"].size(), 5u);
+    double prev = 1.0;
+    for (auto& e : j["positions"][0]["top"]) {
+        EXPECT_LE(e[1].get<double>(), prev);
+        prev = e[1].get<double>();
+    }
+    ASSERT_EQ(j["greedy"].size(), 4u);
+    // The first greedy token is the most likely token after the last position.
+    EXPECT_EQ(j["greedy"][0], j["positions"][2]["top"][0][0]);
+}
+
+TEST_F(Cli, BadInputGivesClearErrors) {
+    std::string out, err;
+    EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,600", &out, &err), 1);
+    EXPECT_NE(err.find("token id 600 at input position 1 is out of range [0, 600)"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,x", &out, &err), 1);
+    EXPECT_NE(err.find("'x' is not a non-negative token id"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --tokens 1 --prompt hi", &out, &err), 1);
+    EXPECT_NE(err.find("exactly one of --prompt or --tokens"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt hi -n 100 --ctx 50", &out, &err), 1);
+    EXPECT_NE(err.find("exceeds the context size 50"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt hi --kv-type q8", &out, &err), 1);
+    EXPECT_NE(err.find("--kv-type"), std::string::npos) << err;
+    std::string bogus = dir_ + "/bogus.gguf";
+    ASSERT_EQ(run_capture("printf 'not a model at all' > " + bogus, &out), 0);
+    EXPECT_EQ(cli("run --model " + bogus + " --prompt hi", &out, &err), 1);
+    EXPECT_NE(err.find(bogus + ": byte offset 0: bad magic"), std::string::npos) << err;
+    EXPECT_NE(cli("run --model " + dir_ + "/does-not-exist.gguf --prompt hi", &out, &err), 0);
+    EXPECT_NE(err.find("does-not-exist.gguf"), std::string::npos) << err;
+    EXPECT_NE(cli("make-model --out " + dir_ + "/x.gguf --type q9_9", &out, &err), 0);
+    EXPECT_NE(err.find("q9_9"), std::string::npos) << err;
+}
+
+TEST_F(Cli, TokenizeAndInspect) {
+    std::string out, err;
+    ASSERT_EQ(cli("tokenize --model " + model_ + " --text 'Hello world 123' --json", &out, &err), 0) << err;
+    auto j = nlohmann::json::parse(out);
+    ASSERT_EQ(j["ids"].size(), j["pieces"].size());
+    std::string joined;
+    for (auto& p : j["pieces"]) joined += p.get<std::string>();
+    EXPECT_EQ(joined, "Hello world 123");
+    ASSERT_EQ(cli("inspect " + model_, &out, &err), 0) << err;
+    EXPECT_NE(out.find("architecture: qwen3moe"), std::string::npos);
+    EXPECT_NE(out.find("blk.1.ffn_down_exps.weight"), std::string::npos);
+    EXPECT_NE(out.find("routed-expert weights:"), std::string::npos);
+    EXPECT_NE(out.find("experts 4 top-2"), std::string::npos);
+}
+
+TEST_F(Cli, HelpExplains) {
+    std::string out, err;
+    EXPECT_EQ(cli("run --help", &out, &err), 0);
+    EXPECT_NE(out.find("--json"), std::string::npos);
+    EXPECT_NE(out.find("--threads"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace moemesh
