@@ -45,15 +45,15 @@ Result parse(const std::string& text, const std::string& who) {
     return r;
 }
 
-std::string make_model(const Shape& s, const std::string& type, const std::string& dir) {
-    std::string path = dir + "/" + s.name + "_" + type + ".gguf";
+std::string make_model(const Shape& s, const std::string& type, const std::string& dir, const std::string& extra = "") {
+    std::string path = dir + "/" + s.name + "_" + type + (extra.empty() ? "" : "_x") + ".gguf";
     std::string out;
     std::string cmd = moemesh_bin() + " make-model --arch qwen3moe --out " + path +
                       " --layers " + std::to_string(s.layers) + " --hidden " + std::to_string(s.hidden) +
                       " --heads " + std::to_string(s.heads) + " --kv-heads " + std::to_string(s.kv_heads) +
                       " --head-dim " + std::to_string(s.head_dim) + " --experts " + std::to_string(s.experts) +
                       " --top-k " + std::to_string(s.top_k) + " --expert-ff " + std::to_string(s.expert_ff) +
-                      " --vocab " + std::to_string(s.vocab) + " --type " + type + " --seed 11";
+                      " --vocab " + std::to_string(s.vocab) + " --type " + type + " --seed 11 " + extra;
     EXPECT_EQ(run_capture(cmd, &out, dir + "/make.err"), 0) << cmd << "\n" << read_file(dir + "/make.err");
     return path;
 }
@@ -170,6 +170,15 @@ TEST_F(Parity, F32ChunkedPromptMatchesLlamaCpp) {
         EXPECT_LE(c.max_dp, 1e-3) << batch;
         EXPECT_EQ(c.greedy_prefix, 32) << batch;
     }
+}
+
+// Files shaped like other converters' output: tied embeddings (no output.weight) and a
+// non-default general.alignment.
+TEST_F(Parity, TiedEmbeddingsAndAlignment) {
+    std::string m = make_model(kSmall, "q8_0", dir_, "--tied --alignment 64");
+    Comparison c = run_pair(m, kSmall, "f32", "", dir_);
+    EXPECT_LE(c.median_dp, 1.5e-2);
+    EXPECT_GE(c.top1_agree, 58);
 }
 
 // llama.cpp's default f16 KV cache on both sides.

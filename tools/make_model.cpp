@@ -295,6 +295,9 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
 
     // ---- metadata, in the order convert_hf_to_gguf.py writes it ----
     GgufWriter w;
+    if (o.alignment < 8 || o.alignment > 4096 || (o.alignment & (o.alignment - 1)) != 0)
+        return MM_ERROR("--alignment must be a power of two in [8, 4096], got %u", o.alignment);
+    w.set_alignment(o.alignment);
     const std::string name = str_printf("moemesh-random-%s-L%d-H%d-E%d", o.arch.c_str(), o.layers, o.hidden, o.experts);
     w.set_string(kv_name(Kv::kGeneralArchitecture, arch), arch_name(arch));
     w.set_string(kv_name(Kv::kGeneralType, arch), "model");
@@ -409,6 +412,7 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--rope-theta", opts->rope_theta, "RoPE base")->capture_default_str();
     cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();
     cmd->add_flag("--tied", opts->tied_embeddings, "Tie output to token_embd (no output.weight)");
+    cmd->add_option("--alignment", opts->alignment, "Tensor data alignment (general.alignment)")->capture_default_str();
     cmd->callback([opts] {
         Status st = make_model(*opts, std::cerr);
         if (!st.ok()) {

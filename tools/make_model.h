@@ -34,6 +34,7 @@ struct MakeModelOptions {
     double rope_theta = 1e6;
     double rms_eps = 1e-6;
     bool tied_embeddings = false;
+    uint32_t alignment = 32;  // general.alignment (written only when not the default 32)
     // Optional per-group overrides. Empty: norms and other 1-D tensors f32, token_embd / output in `type`.
     std::string norm_type;
     std::string embed_type;
