@@ -401,6 +401,46 @@ bool GgufFile::get_bool_or(const std::string& key, bool def) const {
     return v && v->type == GgufType::BOOL ? v->b : def;
 }
 
+namespace {
+struct Fnv64 {
+    uint64_t h = 0xcbf29ce484222325ull;
+    void bytes(const void* p, size_t n) {
+        const auto* b = static_cast<const uint8_t*>(p);
+        for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+    }
+    template <class T>
+    void pod(const T& v) { bytes(&v, sizeof(T)); }
+    void str(const std::string& s) {
+        pod<uint64_t>(s.size());
+        bytes(s.data(), s.size());
+    }
+};
+}  // namespace
+
+std::string GgufFile::fingerprint() const {
+    Fnv64 f;
+    f.pod(version_);
+    for (const auto& [k, v] : kv_) {
+        f.str(k);
+        f.pod(static_cast<uint32_t>(v.type));
+        f.pod(v.i);
+        f.pod(v.f);
+        f.str(v.str);
+        f.pod(static_cast<uint32_t>(v.arr_type));
+        f.pod(v.arr_count);
+        for (const auto& s : v.arr_str) f.str(s);
+        for (int64_t x : v.arr_i) f.pod(x);
+        for (double x : v.arr_f) f.pod(x);
+    }
+    for (const auto& t : tensors_) {
+        f.str(t.name);
+        f.pod(static_cast<uint32_t>(t.type));
+        for (int64_t n : t.ne) f.pod(n);
+        f.pod(t.offset);
+    }
+    return str_printf("%016llx", static_cast<unsigned long long>(f.h));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writer
 
