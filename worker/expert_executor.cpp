@@ -1,70 +1,40 @@
 #include "worker/expert_executor.h"
 
-#include <algorithm>
-#include <cstring>
+#include "common/weights.h"
 
 namespace moemesh {
 
+StatusOr<std::vector<LayerExpertTable>> map_expert_tables(const GgufFile& f, const ModelConfig& c) {
+    const int64_t H = c.n_embd, I = c.n_ff_exp, E = c.n_expert;
+    std::vector<LayerExpertTable> layers;
+    for (int il = 0; il < c.n_layer; ++il) {
+        MM_ASSIGN_OR_RETURN(Weight gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
+        MM_ASSIGN_OR_RETURN(Weight up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
+        MM_ASSIGN_OR_RETURN(Weight down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
+        LayerExpertTable t;
+        t.gate_type = gate.type;
+        t.up_type = up.type;
+        t.down_type = down.type;
+        t.experts.resize(static_cast<size_t>(E));
+        for (int64_t e = 0; e < E; ++e) t.experts[e] = ExpertSlice{gate.matrix(e), up.matrix(e), down.matrix(e)};
+        layers.push_back(std::move(t));
+    }
+    return layers;
+}
+
 StatusOr<std::unique_ptr<LocalExpertExecutor>> LocalExpertExecutor::create(const GgufFile& f, const ModelConfig& c,
                                                                            ThreadPool& pool) {
-    std::unique_ptr<LocalExpertExecutor> ex(new LocalExpertExecutor(c, pool));
-    const int64_t H = c.n_embd, I = c.n_ff_exp, E = c.n_expert;
-    for (int il = 0; il < c.n_layer; ++il) {
-        LayerExperts le;
-        MM_ASSIGN_OR_RETURN(le.gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(le.up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(le.down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
-        ex->layers_.push_back(le);
-    }
-    return ex;
+    MM_ASSIGN_OR_RETURN(std::vector<LayerExpertTable> tables, map_expert_tables(f, c));
+    return std::unique_ptr<LocalExpertExecutor>(
+        new LocalExpertExecutor(std::make_unique<ExpertCompute>(c, pool, std::move(tables))));
 }
 
 Status LocalExpertExecutor::moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                                         const float* weights, float* out) {
-    if (layer < 0 || layer >= static_cast<int>(layers_.size()))
-        return MM_ERROR("expert call for layer %d, model has %zu", layer, layers_.size());
-    const LayerExperts& le = layers_[layer];
-    const int64_t H = cfg_.n_embd, I = cfg_.n_ff_exp, E = cfg_.n_expert;
-    std::memset(out, 0, sizeof(float) * static_cast<size_t>(n_rows * H));
-    for (int64_t i = 0; i < n_rows * k; ++i) {
-        if (ids[i] < 0 || ids[i] >= E) return MM_ERROR("layer %d: expert id %d out of range [0, %lld)", layer, ids[i],
-                                                       static_cast<long long>(E));
-    }
-    // Group: for each expert in use, the (row, slot) pairs that selected it, in row order.
-    slots_.resize(static_cast<size_t>(n_rows * k * H));
-    std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
-    for (int64_t i = 0; i < n_rows * k; ++i) by_expert[ids[i]].push_back(i);
-    for (int64_t e = 0; e < E; ++e) {
-        const auto& sel = by_expert[e];
-        if (sel.empty()) continue;
-        const int64_t m = static_cast<int64_t>(sel.size());
-        // Gather the rows: xg [m, H].
-        xg_.resize(static_cast<size_t>(m * H));
-        for (int64_t r = 0; r < m; ++r) std::memcpy(&xg_[r * H], x + (sel[r] / k) * H, sizeof(float) * H);
-        g_.resize(static_cast<size_t>(m * I));
-        u_.resize(static_cast<size_t>(m * I));
-        d_.resize(static_cast<size_t>(m * H));
-        matmul(pool_, le.gate.type, le.gate.matrix(e), I, H, xg_.data(), m, g_.data());  // [m, I]
-        matmul(pool_, le.up.type, le.up.matrix(e), I, H, xg_.data(), m, u_.data());      // [m, I]
-        swiglu(g_.data(), u_.data(), g_.data(), m * I);                                   // [m, I]
-        matmul(pool_, le.down.type, le.down.matrix(e), H, I, g_.data(), m, d_.data());   // [m, H]
-        // Scatter w · d into the slot buffer [n_rows, K, H].
-        for (int64_t r = 0; r < m; ++r) {
-            const float w = weights[sel[r]];
-            float* o = &slots_[sel[r] * H];
-            const float* dr = &d_[r * H];
-            for (int64_t h = 0; h < H; ++h) o[h] = w * dr[h];
-        }
-    }
-    // Combine in slot order (as llama.cpp adds the K weighted expert outputs), so sums round alike.
-    for (int64_t r = 0; r < n_rows; ++r) {
-        float* o = out + r * H;
-        for (int64_t j = 0; j < k; ++j) {
-            const float* s = &slots_[(r * k + j) * H];
-            for (int64_t h = 0; h < H; ++h) o[h] += s[h];
-        }
-    }
-    return Status();
+    // Pairs in slot order: pair r*k + j is row r's j-th choice.
+    rows_.resize(static_cast<size_t>(n_rows * k));
+    for (int64_t i = 0; i < n_rows * k; ++i) rows_[i] = static_cast<int32_t>(i / k);
+    return compute_->compute(layer, x, n_rows, rows_.data(), ids, weights, n_rows * k, out);
 }
 
 }  // namespace moemesh

@@ -1,15 +1,18 @@
-// In-process expert compute: the routed experts of every MoE layer, read from the mapped GGUF.
+// In-process expert backend: every routed expert, read straight from the mapped GGUF.
 #pragma once
 #include <memory>
 #include <vector>
 
 #include "common/gguf.h"
 #include "common/model_config.h"
-#include "common/weights.h"
 #include "coordinator/expert_backend.h"
-#include "kernels/ops.h"
+#include "worker/expert_compute.h"
 
 namespace moemesh {
+
+// Expert tables of every layer for all experts, pointing into the mapped file. Checks the expert
+// tensors' shapes and types.
+StatusOr<std::vector<LayerExpertTable>> map_expert_tables(const GgufFile& f, const ModelConfig& c);
 
 class LocalExpertExecutor final : public ExpertBackend {
 public:
@@ -19,18 +22,9 @@ public:
                        const float* weights, float* out) override;
 
 private:
-    struct LayerExperts {
-        Weight gate;  // {H, I, E}
-        Weight up;    // {H, I, E}
-        Weight down;  // {I, H, E}
-    };
-    LocalExpertExecutor(const ModelConfig& c, ThreadPool& pool) : cfg_(c), pool_(pool) {}
-
-    ModelConfig cfg_;
-    ThreadPool& pool_;
-    std::vector<LayerExperts> layers_;
-    // Scratch, reused across calls.
-    std::vector<float> xg_, g_, u_, d_, slots_;
+    explicit LocalExpertExecutor(std::unique_ptr<ExpertCompute> c) : compute_(std::move(c)) {}
+    std::unique_ptr<ExpertCompute> compute_;
+    std::vector<int32_t> rows_;
 };
 
 }  // namespace moemesh

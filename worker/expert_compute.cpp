@@ -1,0 +1,62 @@
+#include "worker/expert_compute.h"
+
+#include <cstring>
+
+namespace moemesh {
+
+bool ExpertCompute::holds(int layer, int expert) const {
+    return layer >= 0 && layer < static_cast<int>(layers_.size()) && expert >= 0 &&
+           expert < static_cast<int>(layers_[layer].experts.size()) && layers_[layer].experts[expert].gate != nullptr;
+}
+
+Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const int32_t* rows, const int32_t* experts,
+                              const float* weights, int64_t n_pairs, float* out) {
+    const int64_t H = cfg_.n_embd, I = cfg_.n_ff_exp, E = cfg_.n_expert;
+    if (layer < 0 || layer >= static_cast<int>(layers_.size()))
+        return MM_ERROR("expert call for layer %d, model has %zu layers", layer, layers_.size());
+    const LayerExpertTable& lt = layers_[layer];
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        if (rows[p] < 0 || rows[p] >= n_rows)
+            return MM_ERROR("layer %d: pair %lld names row %d of %lld", layer, static_cast<long long>(p), rows[p],
+                            static_cast<long long>(n_rows));
+        if (experts[p] < 0 || experts[p] >= E)
+            return MM_ERROR("layer %d: expert id %d out of range [0, %lld)", layer, experts[p], static_cast<long long>(E));
+        if (!lt.experts[experts[p]].gate)
+            return MM_ERROR("layer %d: expert %d is not held by this process", layer, experts[p]);
+    }
+    // Group: for each expert in use, its pairs in order.
+    std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
+    for (int64_t p = 0; p < n_pairs; ++p) by_expert[experts[p]].push_back(p);
+    slots_.resize(static_cast<size_t>(n_pairs * H));  // [n_pairs, H]: weight · expert(row) per pair
+    for (int64_t e = 0; e < E; ++e) {
+        const auto& sel = by_expert[e];
+        if (sel.empty()) continue;
+        const ExpertSlice& ex = lt.experts[e];
+        const int64_t m = static_cast<int64_t>(sel.size());
+        xg_.resize(static_cast<size_t>(m * H));  // [m, H] gathered rows
+        for (int64_t r = 0; r < m; ++r) std::memcpy(&xg_[r * H], x + rows[sel[r]] * H, sizeof(float) * H);
+        g_.resize(static_cast<size_t>(m * I));
+        u_.resize(static_cast<size_t>(m * I));
+        d_.resize(static_cast<size_t>(m * H));
+        matmul(pool_, lt.gate_type, ex.gate, I, H, xg_.data(), m, g_.data());  // [m, I]
+        matmul(pool_, lt.up_type, ex.up, I, H, xg_.data(), m, u_.data());      // [m, I]
+        swiglu(g_.data(), u_.data(), g_.data(), m * I);                         // [m, I]
+        matmul(pool_, lt.down_type, ex.down, H, I, g_.data(), m, d_.data());   // [m, H]
+        for (int64_t r = 0; r < m; ++r) {
+            const float w = weights[sel[r]];
+            float* o = &slots_[sel[r] * H];
+            const float* dr = &d_[r * H];
+            for (int64_t h = 0; h < H; ++h) o[h] = w * dr[h];
+        }
+    }
+    // Combine in pair order (as llama.cpp adds the K weighted expert outputs), so sums round alike.
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(n_rows * H));
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        float* o = out + rows[p] * H;
+        const float* s = &slots_[p * H];
+        for (int64_t h = 0; h < H; ++h) o[h] += s[h];
+    }
+    return Status();
+}
+
+}  // namespace moemesh
