@@ -65,6 +65,10 @@ void matmul_args(benchmark::internal::Benchmark* b) {
         for (int64_t m : {1, 64}) b->Args({static_cast<int64_t>(t), m, 2048, 2048});
     }
     for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K}) b->Args({static_cast<int64_t>(t), 256, 2048, 2048});
+    // Decode on weights larger than the last-level cache: memory bandwidth bound.
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+        b->Args({static_cast<int64_t>(t), 1, 32768, 2048});
+    }
 }
 BENCHMARK(BM_matmul)->Apply(matmul_args)->UseRealTime()->Unit(benchmark::kMicrosecond);
 

@@ -132,8 +132,12 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     __m128 acc_m = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; ++i) {
-        const float d = y[i].d * h2f(x[i].d);
-        const float dmin = -y[i].d * h2f(x[i].dmin);
+        // d and dmin are adjacent fp16s: convert both at once, then scale by the activation's d.
+        uint32_t d_dmin;
+        std::memcpy(&d_dmin, &x[i].d, 4);
+        const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin))), _mm_set1_ps(y[i].d));
+        const __m256 d = _mm256_broadcastss_ps(dd);
+        const __m128 dmin = _mm_sub_ps(_mm_setzero_ps(), _mm_shuffle_ps(dd, dd, 0x55));
         // Unpack the 12 scale bytes into 8 scales (utmp[0..1]) and 8 mins (utmp[2..3]), one byte each.
         uint32_t utmp[4];
         std::memcpy(utmp, x[i].scales, 12);
@@ -150,7 +154,7 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].bsums));
         const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
         const __m128i prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), q8s);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        acc_m = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(prod), acc_m);
 
         const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
@@ -162,7 +166,7 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         const __m256i s2 = q4k_group(q4 + 64, q8 + 128, scales, 2);
         const __m256i s3 = q4k_group(q4 + 96, q8 + 192, scales, 3);
         const __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
     acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
@@ -179,10 +183,10 @@ float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a) {
         const uint8_t* q4 = x[i].ql;
         const uint8_t* qh = x[i].qh;
         const int8_t* q8 = y[i].qs;
-        // 16 scales as int16, two 16-lane vectors; lanes 0..7 / 8..15 of a product vector use scale 2s / 2s+1.
         const __m128i scales8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-        const __m256i sumi =
-            _mm256_add_epi32(q6k_chunk(q4, qh, q8, scales8, 0), q6k_chunk(q4 + 64, qh + 32, q8 + 128, scales8, 1));
+        const __m256i sumi = _mm256_sub_epi32(
+            _mm256_add_epi32(q6k_chunk(q4, qh, q8, scales8, 0), q6k_chunk(q4 + 64, qh + 32, q8 + 128, scales8, 1)),
+            q6k_offset(scales8, y[i].bsums));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);

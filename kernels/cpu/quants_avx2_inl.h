@@ -94,11 +94,11 @@ inline __m256i q4k_group(const uint8_t* q4, const int8_t* q8, __m256i scales, in
     return _mm256_add_epi32(p16l, p16h);
 }
 
-// One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ (q - 32)·q8 as 8 int32 partial sums.
+// One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)
+// as 8 int32 partial sums. The -32 offset is taken out once per block with q6k_offset.
 inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {
     const __m256i m4 = _mm256_set1_epi8(0xF);
     const __m256i m2 = _mm256_set1_epi8(3);
-    const __m256i m32s = _mm256_set1_epi8(32);
     const __m256i q4bits1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
     const __m256i q4bits2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4 + 32));
     const __m256i q4bitsH = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
@@ -110,20 +110,24 @@ inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8,
     const __m256i q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
     const __m256i q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
     const __m256i q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
-    const __m256i q8_0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
-    const __m256i q8_1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
-    const __m256i q8_2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64));
-    const __m256i q8_3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96));
-    // (q - 32) · q8 = q · q8 - 32 · q8, both fitting int16 pairs.
-    const __m256i p16_0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_0, q8_0), _mm256_maddubs_epi16(m32s, q8_0));
-    const __m256i p16_1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_1, q8_1), _mm256_maddubs_epi16(m32s, q8_1));
-    const __m256i p16_2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_2, q8_2), _mm256_maddubs_epi16(m32s, q8_2));
-    const __m256i p16_3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q4_3, q8_3), _mm256_maddubs_epi16(m32s, q8_3));
+    // q·q8 pairs stay within int16: 2 · 63 · 127 < 32768.
+    const __m256i p16_0 = _mm256_maddubs_epi16(q4_0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8)));
+    const __m256i p16_1 = _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)));
+    const __m256i p16_2 = _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64)));
+    const __m256i p16_3 = _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96)));
     const __m256i s0 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 0), p16_0);
     const __m256i s1 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 1), p16_1);
     const __m256i s2 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 2), p16_2);
     const __m256i s3 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 3), p16_3);
     return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+}
+
+// 32 · Σ_g scale_g · bsum_g of a Q6_K block against a Q8_K block: the part of Σ (q - 32)·q8 the
+// offset contributes, as 8 int32 partial sums to subtract.
+inline __m256i q6k_offset(__m128i scales8, const int16_t* bsums) {
+    const __m256i prod =
+        _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales8), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums)));
+    return _mm256_slli_epi32(prod, 5);
 }
 
 // The 12 packed scale bytes of a Q4_K block as 16 int16 lanes: 8 scales, then 8 mins.

@@ -173,7 +173,6 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     const int64_t nb = n / kQK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     const __m256i m2 = _mm256_set1_epi8(3);
-    const __m256i m32s = _mm256_set1_epi8(32);
     __m256 acc[4];
 #define MM_INIT(r) acc[r] = _mm256_setzero_ps();
     MM_ROWS4(MM_INIT)
@@ -181,8 +180,8 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     for (int64_t i = 0; i < nb; ++i) {
         const float xd = h2f(x[i].d);
         const __m128i scales8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-        __m256i sumi[4];
-#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        __m256i sumi[4];  // start from -32 · Σ scale·bsum: the offset of the 6-bit values
+#define MM_ZERO(r) sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), q6k_offset(scales8, y[r][i].bsums));
         MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
         for (int j = 0; j < kQK_K / 128; ++j) {
@@ -205,8 +204,7 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #define MM_PART(r, s)                                                                                            \
     {                                                                                                            \
         const __m256i q8v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 128 * j + 32 * s)); \
-        const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q[s], q8v), _mm256_maddubs_epi16(m32s, q8v));  \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], p16));                                      \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], _mm256_maddubs_epi16(q[s], q8v)));          \
     }
 #define MM_ROW(r) MM_PART(r, 0) MM_PART(r, 1) MM_PART(r, 2) MM_PART(r, 3)
             MM_ROWS4(MM_ROW)
