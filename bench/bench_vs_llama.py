@@ -17,6 +17,7 @@ Python 3 standard library only.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -28,8 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # About 1.02 B parameters: 8 x (attention 10.5 M + router 0.13 M + 64 experts x 3 x 2048 x 256 = 100.7 M)
-# + token_embd and output (2 x 32000 x 2048 = 131 M). Per decoded token: ~100 M parameters touched
-# (attention, router, output, one embedding row, 8 of the 64 experts in each layer).
+# + token_embd and output (2 x 32000 x 2048 = 131 M). Per decoded token: ~250 M parameters read
+# (attention 84 M, output 66 M, routers, one embedding row, 8 of the 64 experts in each layer 101 M).
 # Expert ff 256 keeps every row length a multiple of 256, as Q4_K needs.
 SHAPE = dict(layers=8, hidden=2048, heads=16, kv_heads=4, head_dim=128, experts=64, top_k=8,
              expert_ff=256, vocab=32000, seed=1)
@@ -199,9 +200,19 @@ def main():
         ap.error("--reps and --threads must be >= 1")
     if not os.access(args.moemesh, os.X_OK):
         sys.exit(f"{args.moemesh} not found: cmake --build build -j2 --target moemesh")
+    if args.threads >= (os.cpu_count() or 1):
+        log(f"[bench] warning: --threads {args.threads} on {os.cpu_count()} cores: llama.cpp's spinning workers plus "
+            "node's main thread oversubscribe the CPU and its decode may collapse; --threads 1 is the safe choice")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(ROOT, "build", f"bench-vs-llama-{stamp}.json")
 
+    # Which engine was measured: others may rebuild build/moemesh while a long run is going on.
+    with open(args.moemesh, "rb") as f:
+        binary = dict(path=args.moemesh, sha256=hashlib.sha256(f.read()).hexdigest(),
+                      mtime=datetime.datetime.fromtimestamp(os.path.getmtime(args.moemesh)).isoformat())
+    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    binary["source_tree"] = git.stdout.strip() or None
+    log(f"[bench] {args.moemesh}: built {binary['mtime']}, sha256 {binary['sha256'][:12]}, tree {binary['source_tree']}")
     results = []
     load_before = os.getloadavg()
     t_start = time.time()
@@ -236,6 +247,9 @@ def main():
             llama_cpp_decode_GBps=info["bytes_touched_per_token"] * l["decode_tps"]["median"] / 1e9,
             runs=runs))
 
+    if datetime.datetime.fromtimestamp(os.path.getmtime(args.moemesh)).isoformat() != binary["mtime"]:
+        binary["rebuilt_during_run"] = True
+        log(f"[bench] warning: {args.moemesh} was rebuilt during the run: moemesh numbers mix two builds")
     print_table(results, args)
     for r in results:
         l = r["llama_cpp"]["decode_tps"]
@@ -245,7 +259,7 @@ def main():
     doc = dict(date=stamp, command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
                threads=args.threads, reps=args.reps, prompt_tokens=args.prompt_tokens, gen=args.gen, kv_type="f16",
                nproc=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
-               elapsed_s=time.time() - t_start, shape=SHAPE, results=results)
+               elapsed_s=time.time() - t_start, moemesh_binary=binary, shape=SHAPE, results=results)
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
