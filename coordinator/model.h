@@ -8,13 +8,20 @@
 #include "common/gguf.h"
 #include "common/model_config.h"
 #include "common/status.h"
+#include "coordinator/expert_backend.h"
+#include "kernels/ops.h"
 
 namespace moemesh {
 
+// Builds the routed-expert backend once the model's config and thread pool exist.
+using ExpertBackendFactory =
+    std::function<StatusOr<std::unique_ptr<ExpertBackend>>(const GgufFile&, const ModelConfig&, ThreadPool&)>;
+
 struct ModelOptions {
-    int n_threads = 0;     // 0: all hardware threads
+    int n_threads = 0;      // 0: all hardware threads
     int64_t n_batch = 512;  // prompt tokens per forward chunk
-    bool kv_f16 = true;    // f16 KV cache (llama.cpp's default); false: f32
+    bool kv_f16 = true;     // f16 KV cache (llama.cpp's default); false: f32
+    ExpertBackendFactory experts;  // empty: every expert in this process (LocalExpertExecutor)
 };
 
 // Named debug points (llama.cpp's cb(cur, name, il)): called with [rows, cols] activations.

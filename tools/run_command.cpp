@@ -11,7 +11,10 @@
 #include "common/tokenizer.h"
 #include "coordinator/model.h"
 #include "coordinator/sampler.h"
+#include "common/placement.h"
+#include "coordinator/remote_experts.h"
 #include "tools/commands.h"
+#include "tools/run_command.h"
 
 namespace moemesh {
 
@@ -22,21 +25,7 @@ int default_threads() {
 
 namespace {
 
-struct RunOptions {
-    std::string model;
-    std::string prompt;
-    std::string tokens;  // "1,2,3"
-    bool chat = false;
-    int n_predict = 64;
-    int top_n = 0;
-    bool json = false;
-    int threads = 0;
-    int64_t ctx = 4096;
-    int64_t batch = 512;
-    std::string kv_type = "f16";
-    bool ignore_eos = false;
-    SamplerParams sp;
-};
+
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -75,23 +64,54 @@ size_t complete_utf8_prefix(const std::string& s) {
     return n;
 }
 
-Status run(const RunOptions& o) {
+}  // namespace
+
+Status run_generation(const RunOptions& o) {
     if (o.prompt.empty() == o.tokens.empty()) return MM_ERROR("give exactly one of --prompt or --tokens");
     if (o.kv_type != "f16" && o.kv_type != "f32") return MM_ERROR("--kv-type must be f16 or f32, got '%s'", o.kv_type.c_str());
     auto t_load = std::chrono::steady_clock::now();
-    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> gf, GgufFile::open(o.model));
+    // Cluster mode: the experts live in the workers the placement file names.
+    std::optional<ClusterConfig> cluster;
+    std::string model_path = o.model;
+    if (!o.cluster.empty()) {
+        MM_ASSIGN_OR_RETURN(cluster, load_cluster_config(o.cluster));
+        if (model_path.empty()) model_path = cluster->model_path;
+        if (model_path.empty()) return MM_ERROR("%s: no 'model:' given (or pass --model)", o.cluster.c_str());
+    }
+    if (model_path.empty()) return MM_ERROR("--model is required (or --cluster with a 'model:' key)");
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> gf, GgufFile::open(model_path));
     std::shared_ptr<GgufFile> file(std::move(gf));
     MM_ASSIGN_OR_RETURN(Tokenizer tok, Tokenizer::from_gguf(*file));
     ModelOptions mo;
-    mo.n_threads = o.threads > 0 ? o.threads : default_threads();
+    mo.n_threads = o.threads > 0 ? o.threads : (cluster && cluster->coordinator.threads > 0 ? cluster->coordinator.threads
+                                                                                           : default_threads());
     mo.n_batch = o.batch;
     mo.kv_f16 = o.kv_type == "f16";
+    DistributedExpertBackend* dist = nullptr;
+    if (cluster) {
+        MM_ASSIGN_OR_RETURN(ModelConfig mcfg, load_model_config(*file));
+        MM_ASSIGN_OR_RETURN(OwnershipMap map, resolve_placement(*cluster, mcfg, file.get()));
+        if (o.timeout_ms > 0) cluster->coordinator.timeout_ms = o.timeout_ms;
+        const ClusterConfig& cc = *cluster;
+        mo.experts = [&cc, map, &dist](const GgufFile& f, const ModelConfig& c,
+                                       ThreadPool& pool) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+            MM_ASSIGN_OR_RETURN(std::unique_ptr<DistributedExpertBackend> b,
+                                DistributedExpertBackend::create(cc, map, f, c, pool));
+            std::fprintf(stderr, "coordinator: connecting to %zu workers\n", cc.workers.size());
+            MM_RETURN_IF_ERROR(b->connect_all(std::chrono::minutes(10), [](const std::string& w, uint64_t a, uint64_t t) {
+                if (t > 0 && a < t) std::fprintf(stderr, "coordinator: worker '%s' loading %.0f%%\n", w.c_str(), 100.0 * a / t);
+            }));
+            std::fprintf(stderr, "coordinator: all workers ready\n");
+            dist = b.get();
+            return std::unique_ptr<ExpertBackend>(std::move(b));
+        };
+    }
     MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
     const ModelConfig& cfg = model->config();
-    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads\n",
-                 o.model.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
+    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads%s\n",
+                 model_path.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
-                 seconds_since(t_load), mo.n_threads);
+                 seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
 
     std::vector<int32_t> input;
     if (!o.tokens.empty()) {
@@ -163,15 +183,20 @@ Status run(const RunOptions& o) {
     const double decode_tps = generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0;
     std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.2f tokens/s) | decode: %zu tokens in %.3f s (%.2f tokens/s)\n",
                  input.size(), prompt_s, input.size() / prompt_s, generated.size(), decode_s, decode_tps);
+    if (dist) std::fprintf(stderr, "workers: %s\n", dist->stats_line().c_str());
     return Status();
 }
 
-}  // namespace
-
-void register_run_command(CLI::App& app) {
-    auto o = std::make_shared<RunOptions>();
-    CLI::App* c = app.add_subcommand("run", "Generate text from a prompt (or score token ids with --json)");
-    c->add_option("-m,--model", o->model, "GGUF model file")->required()->check(CLI::ExistingFile);
+void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required) {
+    c->add_option("-m,--model", o->model, cluster_required ? "GGUF model file (default: the cluster file's 'model:')"
+                                                           : "GGUF model file")
+        ->check(CLI::ExistingFile);
+    auto* cl = c->add_option("--cluster", o->cluster,
+                             "Placement YAML: run the routed experts on the workers it names (see deploy/examples)")
+                   ->check(CLI::ExistingFile);
+    if (cluster_required) cl->required();
+    c->add_option("--timeout-ms", o->timeout_ms, "With --cluster: deadline of one layer call to a worker (default: the "
+                                                 "cluster file's coordinator.timeout_ms)");
     c->add_option("-p,--prompt", o->prompt, "Prompt text (special tokens like <|im_start|> are parsed)");
     c->add_option("--tokens", o->tokens, "Comma-separated token ids to feed instead of a prompt");
     c->add_flag("--chat", o->chat, "Wrap the prompt in the ChatML user/assistant template");
@@ -191,8 +216,14 @@ void register_run_command(CLI::App& app) {
     c->add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
     c->add_flag("--greedy", o->sp.greedy, "Always pick the most likely token");
     c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
+}
+
+void register_run_command(CLI::App& app) {
+    auto o = std::make_shared<RunOptions>();
+    CLI::App* c = app.add_subcommand("run", "Generate text from a prompt (or score token ids with --json)");
+    add_run_options(c, o, false);
     c->callback([o]() {
-        Status st = run(*o);
+        Status st = run_generation(*o);
         if (!st.ok()) {
             std::fprintf(stderr, "error: %s\n", st.message().c_str());
             std::exit(1);

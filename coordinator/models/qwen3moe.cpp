@@ -62,7 +62,11 @@ public:
             MM_ASSIGN_OR_RETURN(lw.router, get_weight(f, tensor_name(Tensor::kFfnGateInp, il), {H, E}));
             layers_.push_back(std::move(lw));
         }
-        MM_ASSIGN_OR_RETURN(experts_, LocalExpertExecutor::create(f, cfg_, pool_));
+        if (opts_.experts) {
+            MM_ASSIGN_OR_RETURN(experts_, opts_.experts(f, cfg_, pool_));
+        } else {
+            MM_ASSIGN_OR_RETURN(experts_, LocalExpertExecutor::create(f, cfg_, pool_));
+        }
         return Status();
     }
 

@@ -1,0 +1,465 @@
+#include "coordinator/remote_experts.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "common/half.h"
+#include "proto/moemesh.grpc.pb.h"
+#include "worker/expert_compute.h"
+#include "worker/expert_executor.h"
+
+namespace moemesh {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace pb = moemesh::v1;
+
+// gRPC deadlines are system_clock time points.
+std::chrono::system_clock::time_point wall(Clock::time_point t) {
+    return std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(t - Clock::now());
+}
+
+std::vector<pb::LayerShard> shard_proto(const WorkerShard& s) {
+    std::map<int, std::vector<int>> by_layer;
+    for (auto [l, e] : s.primary) by_layer[l].push_back(e);
+    for (auto [l, e] : s.replicas) by_layer[l].push_back(e);
+    std::vector<pb::LayerShard> out;
+    for (auto& [l, es] : by_layer) {
+        std::sort(es.begin(), es.end());
+        pb::LayerShard ls;
+        ls.set_layer(static_cast<uint32_t>(l));
+        for (int e : es) ls.add_experts(static_cast<uint32_t>(e));
+        out.push_back(std::move(ls));
+    }
+    return out;
+}
+
+// ---- in-process: the worker's compute runs in this process, on its own expert tables ----
+class InprocLink final : public WorkerLink {
+public:
+    InprocLink(std::string name, std::unique_ptr<ExpertCompute> c) : name_(std::move(name)), compute_(std::move(c)) {}
+    std::string describe() const override { return "worker '" + name_ + "' (in-process)"; }
+    Status connect(std::chrono::milliseconds, const LoadProgress&) override { return Status(); }
+    bool connected() const override { return true; }
+    void disconnect() override {}
+    Status send(const ExpertBatch& b) override {
+        pending_[b.request_id] = &b;
+        return Status();
+    }
+    Status receive(uint64_t id, Clock::time_point, std::vector<float>* partial) override {
+        auto it = pending_.find(id);
+        if (it == pending_.end()) return MM_ERROR("%s: no call %llu in flight", describe().c_str(), (unsigned long long)id);
+        const ExpertBatch& b = *it->second;
+        pending_.erase(it);
+        partial->resize(static_cast<size_t>(b.n_rows * b.hidden));
+        return compute_->compute(b.layer, b.x.data(), b.n_rows, b.rows.data(), b.experts.data(), b.weights.data(),
+                                 static_cast<int64_t>(b.rows.size()), partial->data());
+    }
+
+private:
+    std::string name_;
+    std::unique_ptr<ExpertCompute> compute_;
+    std::map<uint64_t, const ExpertBatch*> pending_;
+};
+
+// ---- gRPC over a Unix socket or TCP: one long-lived Experts stream, results read by a thread ----
+class GrpcLink final : public WorkerLink {
+public:
+    GrpcLink(const WorkerConfig& w, const WorkerShard& shard, std::string fingerprint, ActivationFormat act)
+        : name_(w.name), address_(w.address ? w.address->str() : ""), tls_(w.tls), shard_(shard_proto(shard)),
+          fingerprint_(std::move(fingerprint)), bf16_(act == ActivationFormat::kBf16) {}
+    ~GrpcLink() override { disconnect(); }
+
+    std::string describe() const override { return "worker '" + name_ + "' (" + address_ + ")"; }
+    bool connected() const override {
+        std::lock_guard<std::mutex> lk(mu_);
+        return stream_ != nullptr && !broken_;
+    }
+
+    Status connect(std::chrono::milliseconds timeout, const LoadProgress& progress) override {
+        disconnect();
+        const auto deadline = Clock::now() + timeout;
+        MM_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> creds, credentials());
+        grpc::ChannelArguments args;
+        args.SetMaxReceiveMessageSize(512 << 20);
+        args.SetMaxSendMessageSize(512 << 20);
+        auto channel = grpc::CreateCustomChannel(target(), creds, args);
+        auto stub = pb::ExpertWorker::NewStub(channel);
+        // Handshake: protocol version, model fingerprint, our name for it, its shard.
+        pb::HandshakeRequest req;
+        req.set_protocol_version(pb::PROTOCOL_VERSION_CURRENT);
+        req.set_model_fingerprint(fingerprint_);
+        req.set_worker_name(name_);
+        for (const auto& ls : shard_) *req.add_shard() = ls;
+        req.set_activation_dtype(bf16_ ? pb::DTYPE_BF16 : pb::DTYPE_F32);
+        pb::HandshakeResponse resp;
+        {
+            grpc::ClientContext ctx;
+            ctx.set_deadline(wall(std::min(deadline, Clock::now() + std::chrono::seconds(10))));
+            ctx.set_wait_for_ready(true);
+            grpc::Status st = stub->Handshake(&ctx, req, &resp);
+            if (!st.ok())
+                return MM_ERROR("%s: handshake failed: %s", describe().c_str(), st.error_message().c_str());
+        }
+        if (!resp.accepted()) return MM_ERROR("%s refused the handshake: %s", describe().c_str(), resp.reason().c_str());
+        // Wait for the shard to load, reporting progress.
+        for (;;) {
+            pb::HealthResponse h;
+            grpc::ClientContext ctx;
+            ctx.set_deadline(wall(Clock::now() + std::chrono::seconds(5)));
+            grpc::Status st = stub->Health(&ctx, pb::HealthRequest(), &h);
+            if (!st.ok()) return MM_ERROR("%s: health check failed: %s", describe().c_str(), st.error_message().c_str());
+            if (progress) progress(name_, h.loaded_bytes(), h.shard_bytes());
+            if (h.ready()) break;
+            if (Clock::now() > deadline)
+                return MM_ERROR("%s: shard not loaded after %lld ms (%llu of %llu bytes)", describe().c_str(),
+                                (long long)timeout.count(), (unsigned long long)h.loaded_bytes(),
+                                (unsigned long long)h.shard_bytes());
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        // Open the data stream.
+        auto ctx = std::make_unique<grpc::ClientContext>();
+        auto stream = stub->Experts(ctx.get());
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            channel_ = channel;
+            stub_ = std::move(stub);
+            ctx_ = std::move(ctx);
+            stream_ = std::move(stream);
+            broken_ = false;
+            broken_reason_.clear();
+            results_.clear();
+        }
+        reader_ = std::thread([this] { read_loop(); });
+        return Status();
+    }
+
+    void disconnect() override {
+        std::unique_ptr<grpc::ClientReaderWriter<pb::ExpertCall, pb::ExpertResult>> stream;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            if (ctx_) ctx_->TryCancel();
+            broken_ = true;
+        }
+        cv_.notify_all();
+        if (reader_.joinable()) reader_.join();
+        std::lock_guard<std::mutex> lk(mu_);
+        stream_.reset();
+        ctx_.reset();
+        stub_.reset();
+        channel_.reset();
+    }
+
+    Status send(const ExpertBatch& b) override {
+        pb::ExpertCall call;
+        call.set_request_id(b.request_id);
+        call.set_step(b.step);
+        call.set_layer(static_cast<uint32_t>(b.layer));
+        call.set_n_rows(static_cast<uint32_t>(b.n_rows));
+        call.set_hidden(static_cast<uint32_t>(b.hidden));
+        if (bf16_) {
+            call.set_dtype(pb::DTYPE_BF16);
+            std::string a(b.x.size() * 2, '\0');
+            auto* p = reinterpret_cast<uint16_t*>(a.data());
+            for (size_t i = 0; i < b.x.size(); ++i) p[i] = fp32_to_bf16(b.x[i]);
+            call.set_activations(std::move(a));
+        } else {
+            call.set_dtype(pb::DTYPE_F32);
+            call.set_activations(b.x.data(), b.x.size() * sizeof(float));
+        }
+        call.set_pair_rows(b.rows.data(), b.rows.size() * sizeof(int32_t));
+        call.set_pair_experts(b.experts.data(), b.experts.size() * sizeof(int32_t));
+        call.set_pair_weights(b.weights.data(), b.weights.size() * sizeof(float));
+        std::lock_guard<std::mutex> lk(write_mu_);
+        {
+            std::lock_guard<std::mutex> l2(mu_);
+            if (!stream_ || broken_) return MM_ERROR("%s is not connected: %s", describe().c_str(), broken_reason_.c_str());
+        }
+        if (!stream_->Write(call)) {
+            mark_broken("the stream closed while sending");
+            return MM_ERROR("%s: send failed (stream closed)", describe().c_str());
+        }
+        expected_rows_[b.request_id] = b.n_rows * b.hidden;
+        return Status();
+    }
+
+    Status receive(uint64_t id, Clock::time_point deadline, std::vector<float>* partial) override {
+        std::unique_lock<std::mutex> lk(mu_);
+        const bool got = cv_.wait_until(lk, deadline, [&] { return results_.count(id) || broken_; });
+        if (!results_.count(id)) {
+            if (!got) {
+                broken_reason_ = "no answer within the deadline";
+                broken_ = true;
+                if (ctx_) ctx_->TryCancel();
+                return MM_ERROR("%s did not answer within the deadline (layer call %llu); marked down",
+                                describe().c_str(), (unsigned long long)id);
+            }
+            return MM_ERROR("%s failed: %s", describe().c_str(), broken_reason_.c_str());
+        }
+        pb::ExpertResult r = std::move(results_[id]);
+        results_.erase(id);
+        lk.unlock();
+        if (!r.error().empty()) return MM_ERROR("%s: %s", describe().c_str(), r.error().c_str());
+        const int64_t n = expected_rows_[id];
+        expected_rows_.erase(id);
+        const size_t esize = r.dtype() == pb::DTYPE_BF16 ? 2 : 4;
+        if (r.partial().size() != static_cast<size_t>(n) * esize)
+            return MM_ERROR("%s: result has %zu bytes, expected %lld", describe().c_str(), r.partial().size(),
+                            (long long)(n * esize));
+        partial->resize(static_cast<size_t>(n));
+        if (esize == 2) {
+            const auto* p = reinterpret_cast<const uint16_t*>(r.partial().data());
+            for (int64_t i = 0; i < n; ++i) (*partial)[i] = bf16_to_fp32(p[i]);
+        } else {
+            std::memcpy(partial->data(), r.partial().data(), r.partial().size());
+        }
+        return Status();
+    }
+
+private:
+    std::string target() const {
+        // gRPC's own syntax: unix:/path and host:port (IPv6 in brackets) both pass through.
+        return address_;
+    }
+
+    StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials() const {
+        if (!tls_.enabled()) return grpc::InsecureChannelCredentials();
+        auto slurp = [](const std::string& path, std::string* out) -> Status {
+            std::ifstream f(path, std::ios::binary);
+            if (!f) return MM_ERROR("cannot read TLS file %s", path.c_str());
+            std::stringstream ss;
+            ss << f.rdbuf();
+            *out = ss.str();
+            return Status();
+        };
+        grpc::SslCredentialsOptions o;
+        if (!tls_.ca.empty()) MM_RETURN_IF_ERROR(slurp(tls_.ca, &o.pem_root_certs));
+        if (!tls_.cert.empty()) MM_RETURN_IF_ERROR(slurp(tls_.cert, &o.pem_cert_chain));
+        if (!tls_.key.empty()) MM_RETURN_IF_ERROR(slurp(tls_.key, &o.pem_private_key));
+        return grpc::SslCredentials(o);
+    }
+
+    void mark_broken(const std::string& why) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!broken_) broken_reason_ = why;
+        broken_ = true;
+        cv_.notify_all();
+    }
+
+    void read_loop() {
+        grpc::ClientReaderWriter<pb::ExpertCall, pb::ExpertResult>* s;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            s = stream_.get();
+        }
+        pb::ExpertResult r;
+        while (s->Read(&r)) {
+            std::lock_guard<std::mutex> lk(mu_);
+            results_[r.request_id()] = std::move(r);
+            cv_.notify_all();
+        }
+        mark_broken("the worker closed the stream (it stopped or the connection broke)");
+    }
+
+    std::string name_, address_;
+    TlsConfig tls_;
+    std::vector<pb::LayerShard> shard_;
+    std::string fingerprint_;
+    bool bf16_;
+
+    mutable std::mutex mu_;
+    std::mutex write_mu_;
+    std::condition_variable cv_;
+    std::shared_ptr<grpc::Channel> channel_;
+    std::unique_ptr<pb::ExpertWorker::Stub> stub_;
+    std::unique_ptr<grpc::ClientContext> ctx_;
+    std::unique_ptr<grpc::ClientReaderWriter<pb::ExpertCall, pb::ExpertResult>> stream_;
+    std::thread reader_;
+    bool broken_ = true;
+    std::string broken_reason_ = "not connected yet";
+    std::map<uint64_t, pb::ExpertResult> results_;
+    std::map<uint64_t, int64_t> expected_rows_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::create(const ClusterConfig& cluster,
+                                                                                     const OwnershipMap& map,
+                                                                                     const GgufFile& file,
+                                                                                     const ModelConfig& cfg,
+                                                                                     ThreadPool& pool) {
+    std::unique_ptr<DistributedExpertBackend> b(new DistributedExpertBackend(cluster, map, cfg));
+    const std::string fp = file.fingerprint();
+    for (size_t w = 0; w < cluster.workers.size(); ++w) {
+        const WorkerConfig& wc = cluster.workers[w];
+        if (wc.transport == Transport::kInproc) {
+            MM_ASSIGN_OR_RETURN(std::vector<LayerExpertTable> tables, map_expert_tables(file, cfg));
+            for (int l = 0; l < cfg.n_layer; ++l) {
+                for (int e = 0; e < cfg.n_expert; ++e) {
+                    if (!map.serves(static_cast<int>(w), l, e)) tables[l].experts[e] = ExpertSlice{};
+                }
+            }
+            b->links_.push_back(
+                std::make_unique<InprocLink>(wc.name, std::make_unique<ExpertCompute>(cfg, pool, std::move(tables))));
+        } else if (wc.transport == Transport::kNccl || wc.transport == Transport::kCudaIpc) {
+            return MM_ERROR("%s: worker '%s': transport %s needs the CUDA build (not available yet)",
+                            cluster.where(wc.loc).c_str(), wc.name.c_str(), transport_name(wc.transport));
+        } else {
+            b->links_.push_back(std::make_unique<GrpcLink>(wc, map.workers[w], fp, cluster.activations));
+        }
+    }
+    b->stats_.resize(b->links_.size());
+    b->last_attempt_.assign(b->links_.size(), Clock::time_point{});
+    return b;
+}
+
+Status DistributedExpertBackend::connect_all(std::chrono::milliseconds timeout, const LoadProgress& progress) {
+    std::vector<Status> results(links_.size());
+    std::vector<std::thread> threads;
+    std::mutex progress_mu;
+    LoadProgress safe = [&](const std::string& n, uint64_t a, uint64_t t) {
+        std::lock_guard<std::mutex> lk(progress_mu);
+        if (progress) progress(n, a, t);
+    };
+    for (size_t w = 0; w < links_.size(); ++w) {
+        threads.emplace_back([&, w] { results[w] = links_[w]->connect(timeout, safe); });
+    }
+    for (auto& t : threads) t.join();
+    for (size_t w = 0; w < links_.size(); ++w) {
+        last_attempt_[w] = Clock::now();
+        if (!results[w].ok()) return results[w];
+    }
+    return Status();
+}
+
+bool DistributedExpertBackend::usable(int w) {
+    if (links_[w]->connected()) return true;
+    const auto now = Clock::now();
+    if (now - last_attempt_[w] < std::chrono::seconds(1)) return false;
+    last_attempt_[w] = now;
+    Status st = links_[w]->connect(std::chrono::milliseconds(cluster_.coordinator.timeout_ms), nullptr);
+    if (st.ok()) {
+        stats_[w].reconnects++;
+        std::fprintf(stderr, "coordinator: reconnected to %s\n", links_[w]->describe().c_str());
+        return true;
+    }
+    return false;
+}
+
+Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
+                                             const float* weights, float* out) {
+    const int64_t H = cfg_.n_embd;
+    const int W = static_cast<int>(links_.size());
+    ++step_;
+    std::vector<int8_t> alive(W, -1);  // -1 unknown, 0 down, 1 up
+    auto is_alive = [&](int w) {
+        if (alive[w] < 0) alive[w] = usable(w) ? 1 : 0;
+        return alive[w] == 1;
+    };
+    std::vector<std::string> down_reasons(W);
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(n_rows * H));
+
+    // Pairs still to compute: (row, slot) indices into ids/weights.
+    std::vector<int64_t> todo(static_cast<size_t>(n_rows * k));
+    for (int64_t i = 0; i < n_rows * k; ++i) todo[i] = i;
+    for (int round = 0; !todo.empty(); ++round) {
+        // ---- group by owner: each pair to the least-loaded live server of its expert ----
+        std::vector<ExpertBatch> batches(W);
+        std::vector<std::vector<int64_t>> batch_pairs(W);
+        std::vector<std::vector<int32_t>> local_row(W);
+        for (int64_t i : todo) {
+            const int e = ids[i];
+            if (e < 0 || e >= cfg_.n_expert) return MM_ERROR("layer %d: router chose expert %d", layer, e);
+            int best = -1;
+            for (int w : map_.serving(layer, e)) {
+                if (!is_alive(w)) continue;
+                if (best < 0 || batch_pairs[w].size() < batch_pairs[best].size()) best = w;
+            }
+            if (best < 0) {
+                std::string why;
+                for (int w : map_.serving(layer, e))
+                    why += (why.empty() ? "" : "; ") + links_[w]->describe() + ": " +
+                           (down_reasons[w].empty() ? "unreachable" : down_reasons[w]);
+                return MM_ERROR("layer %d step %llu: no live worker serves expert %d (%s)", layer,
+                                (unsigned long long)step_, e, why.c_str());
+            }
+            ExpertBatch& b = batches[best];
+            auto& lr = local_row[best];
+            if (lr.empty()) lr.assign(static_cast<size_t>(n_rows), -1);
+            const int64_t r = i / k;
+            if (lr[r] < 0) {
+                lr[r] = static_cast<int32_t>(b.n_rows++);
+                b.global_row.push_back(r);
+                b.x.insert(b.x.end(), x + r * H, x + (r + 1) * H);
+            }
+            b.rows.push_back(lr[r]);
+            b.experts.push_back(e);
+            b.weights.push_back(weights[i]);
+            batch_pairs[best].push_back(i);
+        }
+        // ---- dispatch to every worker at once ----
+        const auto t0 = Clock::now();
+        const auto deadline = t0 + std::chrono::milliseconds(cluster_.coordinator.timeout_ms);
+        std::vector<Status> sent(W);
+        for (int w = 0; w < W; ++w) {
+            if (batch_pairs[w].empty()) continue;
+            ExpertBatch& b = batches[w];
+            b.request_id = next_request_++;
+            b.step = step_;
+            b.layer = layer;
+            b.hidden = H;
+            sent[w] = links_[w]->send(b);
+        }
+        // ---- combine, in worker order; failed workers' pairs go round again ----
+        todo.clear();
+        std::vector<float> partial;
+        for (int w = 0; w < W; ++w) {
+            if (batch_pairs[w].empty()) continue;
+            Status st = sent[w];
+            if (st.ok()) st = links_[w]->receive(batches[w].request_id, deadline, &partial);
+            stats_[w].calls++;
+            stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+            if (!st.ok()) {
+                stats_[w].failures++;
+                std::fprintf(stderr, "coordinator: layer %d step %llu: %s\n", layer, (unsigned long long)step_,
+                             st.message().c_str());
+                down_reasons[w] = st.message();
+                alive[w] = 0;
+                links_[w]->disconnect();
+                last_attempt_[w] = Clock::now();
+                todo.insert(todo.end(), batch_pairs[w].begin(), batch_pairs[w].end());
+                continue;
+            }
+            const ExpertBatch& b = batches[w];
+            for (int64_t lr = 0; lr < b.n_rows; ++lr) {
+                float* o = out + b.global_row[lr] * H;
+                const float* p = &partial[lr * H];
+                for (int64_t h = 0; h < H; ++h) o[h] += p[h];
+            }
+        }
+        if (round > W) return MM_ERROR("layer %d: gave up after %d rounds of worker failures", layer, round);
+    }
+    return Status();
+}
+
+std::string DistributedExpertBackend::stats_line() const {
+    std::string s;
+    for (size_t w = 0; w < links_.size(); ++w) {
+        const LinkStats& st = stats_[w];
+        s += str_printf("%s%s: %llu calls, %.3f ms mean round trip, %llu failures, %llu reconnects", s.empty() ? "" : " | ",
+                        cluster_.workers[w].name.c_str(), (unsigned long long)st.calls,
+                        st.calls ? 1e3 * st.wait_seconds / st.calls : 0.0, (unsigned long long)st.failures,
+                        (unsigned long long)st.reconnects);
+    }
+    return s;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,82 @@
+// Expert parallelism across worker processes: route → group by owner → dispatch → (workers
+// compute) → combine. Each worker is reached through a WorkerLink: in-process, or gRPC over a Unix
+// socket or TCP (optionally TLS). NCCL and CUDA IPC links plug in behind the same interface.
+#pragma once
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "coordinator/expert_backend.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+
+// One layer's work for one worker (buffer layouts as in proto/moemesh.proto ExpertCall).
+struct ExpertBatch {
+    uint64_t request_id = 0;
+    uint64_t step = 0;
+    int layer = 0;
+    int64_t n_rows = 0;
+    int64_t hidden = 0;
+    std::vector<float> x;          // [n_rows, hidden]
+    std::vector<int32_t> rows;     // [n_pairs] local row of each pair
+    std::vector<int32_t> experts;  // [n_pairs]
+    std::vector<float> weights;    // [n_pairs]
+    std::vector<int64_t> global_row;  // [n_rows] row of the coordinator's batch
+};
+
+using LoadProgress = std::function<void(const std::string& worker, uint64_t loaded, uint64_t total)>;
+
+class WorkerLink {
+public:
+    virtual ~WorkerLink() = default;
+    virtual std::string describe() const = 0;  // "worker 'gpu0' (unix:/tmp/gpu0.sock)"
+    // Handshake (version, model fingerprint, shard) and wait until the shard is loaded.
+    virtual Status connect(std::chrono::milliseconds timeout, const LoadProgress& progress) = 0;
+    virtual bool connected() const = 0;
+    virtual void disconnect() = 0;
+    virtual Status send(const ExpertBatch& b) = 0;
+    // The partial sums [n_rows, hidden] of the batch sent with request_id, by the deadline.
+    virtual Status receive(uint64_t request_id, std::chrono::steady_clock::time_point deadline,
+                           std::vector<float>* partial) = 0;
+};
+
+struct LinkStats {
+    uint64_t calls = 0, failures = 0, reconnects = 0;
+    double wait_seconds = 0;  // summed time from dispatch to result
+};
+
+class DistributedExpertBackend final : public ExpertBackend {
+public:
+    // Builds one link per worker of the cluster (inproc workers compute in this process).
+    static StatusOr<std::unique_ptr<DistributedExpertBackend>> create(const ClusterConfig& cluster,
+                                                                      const OwnershipMap& map, const GgufFile& file,
+                                                                      const ModelConfig& cfg, ThreadPool& pool);
+    // Connects every worker (in parallel), reporting shard-loading progress.
+    Status connect_all(std::chrono::milliseconds timeout, const LoadProgress& progress);
+    Status moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
+                       const float* weights, float* out) override;
+    std::string stats_line() const;
+    const std::vector<LinkStats>& link_stats() const { return stats_; }
+
+private:
+    DistributedExpertBackend(const ClusterConfig& c, const OwnershipMap& m, const ModelConfig& cfg)
+        : cluster_(c), map_(m), cfg_(cfg) {}
+    bool usable(int w);  // connected, or reconnected now (at most once a second)
+
+    ClusterConfig cluster_;
+    OwnershipMap map_;
+    ModelConfig cfg_;
+    std::vector<std::unique_ptr<WorkerLink>> links_;
+    std::vector<LinkStats> stats_;
+    std::vector<std::chrono::steady_clock::time_point> last_attempt_;
+    uint64_t next_request_ = 1;
+    uint64_t step_ = 0;
+};
+
+}  // namespace moemesh

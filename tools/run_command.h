@@ -1,0 +1,35 @@
+// Generation as `moemesh run` and `moemesh-coordinator` do it: one process owning the sequence,
+// experts in-process or on the workers of a cluster file.
+#pragma once
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "common/status.h"
+#include "coordinator/sampler.h"
+
+namespace moemesh {
+
+struct RunOptions {
+    std::string model;
+    std::string cluster;  // placement YAML: experts on its workers
+    int timeout_ms = 0;   // 0: the cluster file's value
+    std::string prompt;
+    std::string tokens;  // "1,2,3"
+    bool chat = false;
+    int n_predict = 64;
+    int top_n = 0;
+    bool json = false;
+    int threads = 0;
+    int64_t ctx = 4096;
+    int64_t batch = 512;
+    std::string kv_type = "f16";
+    bool ignore_eos = false;
+    SamplerParams sp;
+};
+
+void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);
+Status run_generation(const RunOptions& o);
+
+}  // namespace moemesh
