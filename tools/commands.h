@@ -8,6 +8,7 @@ void register_run_command(CLI::App& app);
 void register_tokenize_command(CLI::App& app);
 void register_inspect_command(CLI::App& app);
 void register_make_model_command(CLI::App& app);  // tools/make_model.cpp
+void register_placement_command(CLI::App& app);   // tools/placement_command.cpp
 
 // Default thread count for commands that compute: all cores.
 int default_threads();

@@ -6,13 +6,14 @@
 int main(int argc, char** argv) {
     CLI::App app{
         "moemesh: serve Mixture-of-Experts language models across the GPUs and machines you own.\n"
-        "This build: single-process CPU engine for qwen3moe GGUF files."};
+        "CPU engine for qwen3moe GGUF files; experts in-process or on worker processes (run --cluster)."};
     app.require_subcommand(1);
     app.set_version_flag("--version", "moemesh 0.1.0");
     moemesh::register_run_command(app);
     moemesh::register_tokenize_command(app);
     moemesh::register_inspect_command(app);
     moemesh::register_make_model_command(app);
+    moemesh::register_placement_command(app);
     CLI11_PARSE(app, argc, argv);
     return 0;
 }
