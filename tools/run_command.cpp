@@ -64,10 +64,89 @@ size_t complete_utf8_prefix(const std::string& s) {
     return n;
 }
 
+// One request: a fresh sequence, prompt processing, then generation.
+Status generate_one(const RunOptions& o, const std::string& prompt, const std::string& tokens, Model& model,
+                    const Tokenizer& tok, DistributedExpertBackend* dist) {
+    const ModelConfig& cfg = model.config();
+    std::vector<int32_t> input;
+    if (!tokens.empty()) {
+        MM_RETURN_IF_ERROR(parse_token_list(tokens, &input));
+    } else {
+        std::string text = prompt;
+        if (o.chat) text = "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n";
+        input = tok.encode(text, /*parse_special=*/true);
+        if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
+        if (input.empty()) return MM_ERROR("--prompt: the prompt encodes to no tokens");
+    }
+    const int64_t n_ctx = std::min<int64_t>(o.ctx, static_cast<int64_t>(input.size()) + o.n_predict);
+    if (static_cast<int64_t>(input.size()) + o.n_predict > o.ctx)
+        return MM_ERROR("prompt (%zu tokens) + -n %d exceeds the context size %lld (raise --ctx)", input.size(),
+                        o.n_predict, static_cast<long long>(o.ctx));
+    auto seq = model.new_sequence(std::max<int64_t>(n_ctx, 1));
+    const int64_t V = cfg.n_vocab;
+    std::vector<float> logits;
+
+    auto t_prompt = std::chrono::steady_clock::now();
+    const bool all_logits = o.json || o.top_n > 0;
+    MM_RETURN_IF_ERROR(model.forward(*seq, input.data(), static_cast<int64_t>(input.size()), all_logits, &logits));
+    const double prompt_s = seconds_since(t_prompt);
+
+    nlohmann::json j;
+    if (o.json) {
+        const int top_n = o.top_n > 0 ? o.top_n : 20;
+        auto& positions = j["positions"] = nlohmann::json::array();
+        for (size_t p = 0; p < input.size(); ++p) {
+            nlohmann::json top = nlohmann::json::array();
+            for (auto& [id, prob] : top_probs(&logits[p * V], V, top_n)) top.push_back({id, prob});
+            positions.push_back({{"pos", p}, {"top", std::move(top)}});
+        }
+    }
+    const float* last = &logits[(all_logits ? input.size() - 1 : 0) * V];
+
+    Sampler sampler(o.sp);
+    SamplerParams greedy_params;
+    greedy_params.greedy = true;
+    Sampler greedy(greedy_params);
+    Sampler& s = o.json ? greedy : sampler;
+    std::vector<int32_t> generated;
+    std::string pending;
+    auto t_decode = std::chrono::steady_clock::now();
+    int32_t next = s.sample(last, V);
+    for (int i = 0; i < o.n_predict; ++i) {
+        if (!o.ignore_eos && !o.json && tok.is_eog(next)) break;
+        generated.push_back(next);
+        if (!o.json) {
+            pending += tok.token_to_piece(next);
+            size_t n = complete_utf8_prefix(pending);
+            std::fwrite(pending.data(), 1, n, stdout);
+            std::fflush(stdout);
+            pending.erase(0, n);
+        }
+        if (i + 1 == o.n_predict) break;
+        MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
+        next = s.sample(logits.data(), V);
+    }
+    const double decode_s = seconds_since(t_decode);
+    if (o.json) {
+        j["greedy"] = generated;
+        std::cout << j.dump() << std::endl;
+    } else {
+        std::fwrite(pending.data(), 1, pending.size(), stdout);
+        std::printf("\n");
+        std::fflush(stdout);
+    }
+    const double decode_tps = generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0;
+    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.2f tokens/s) | decode: %zu tokens in %.3f s (%.2f tokens/s)\n",
+                 input.size(), prompt_s, input.size() / prompt_s, generated.size(), decode_s, decode_tps);
+    if (dist) std::fprintf(stderr, "workers: %s\n", dist->stats_line().c_str());
+    return Status();
+}
+
 }  // namespace
 
 Status run_generation(const RunOptions& o) {
-    if (o.prompt.empty() == o.tokens.empty()) return MM_ERROR("give exactly one of --prompt or --tokens");
+    if (o.stdin_requests ? !(o.prompt.empty() && o.tokens.empty()) : o.prompt.empty() == o.tokens.empty())
+        return MM_ERROR("give exactly one of --prompt, --tokens or --stdin");
     if (o.kv_type != "f16" && o.kv_type != "f32") return MM_ERROR("--kv-type must be f16 or f32, got '%s'", o.kv_type.c_str());
     auto t_load = std::chrono::steady_clock::now();
     // Cluster mode: the experts live in the workers the placement file names.
@@ -113,77 +192,21 @@ Status run_generation(const RunOptions& o) {
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
                  seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
 
-    std::vector<int32_t> input;
-    if (!o.tokens.empty()) {
-        MM_RETURN_IF_ERROR(parse_token_list(o.tokens, &input));
-    } else {
-        std::string text = o.prompt;
-        if (o.chat) text = "<|im_start|>user\n" + o.prompt + "<|im_end|>\n<|im_start|>assistant\n";
-        input = tok.encode(text, /*parse_special=*/true);
-        if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
-        if (input.empty()) return MM_ERROR("--prompt: the prompt encodes to no tokens");
-    }
-    const int64_t n_ctx = std::min<int64_t>(o.ctx, static_cast<int64_t>(input.size()) + o.n_predict);
-    if (static_cast<int64_t>(input.size()) + o.n_predict > o.ctx)
-        return MM_ERROR("prompt (%zu tokens) + -n %d exceeds the context size %lld (raise --ctx)", input.size(),
-                        o.n_predict, static_cast<long long>(o.ctx));
-    auto seq = model->new_sequence(std::max<int64_t>(n_ctx, 1));
-    const int64_t V = cfg.n_vocab;
-    std::vector<float> logits;
-
-    auto t_prompt = std::chrono::steady_clock::now();
-    const bool all_logits = o.json || o.top_n > 0;
-    MM_RETURN_IF_ERROR(model->forward(*seq, input.data(), static_cast<int64_t>(input.size()), all_logits, &logits));
-    const double prompt_s = seconds_since(t_prompt);
-
-    nlohmann::json j;
-    if (o.json) {
-        const int top_n = o.top_n > 0 ? o.top_n : 20;
-        auto& positions = j["positions"] = nlohmann::json::array();
-        for (size_t p = 0; p < input.size(); ++p) {
-            nlohmann::json top = nlohmann::json::array();
-            for (auto& [id, prob] : top_probs(&logits[p * V], V, top_n)) top.push_back({id, prob});
-            positions.push_back({{"pos", p}, {"top", std::move(top)}});
+    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist);
+    // One request per stdin line (token ids with --json, else prompt text); a failed request is
+    // reported and the next one is served.
+    std::string line;
+    int failed = 0;
+    while (std::getline(std::cin, line)) {
+        if (line.empty()) continue;
+        Status st = o.json ? generate_one(o, "", line, *model, tok, dist) : generate_one(o, line, "", *model, tok, dist);
+        if (!st.ok()) {
+            ++failed;
+            std::fprintf(stderr, "error: request failed: %s\n", st.message().c_str());
+            if (o.json) std::cout << nlohmann::json({{"error", st.message()}}).dump() << std::endl;
         }
     }
-    const float* last = &logits[(all_logits ? input.size() - 1 : 0) * V];
-
-    Sampler sampler(o.sp);
-    SamplerParams greedy_params;
-    greedy_params.greedy = true;
-    Sampler greedy(greedy_params);
-    Sampler& s = o.json ? greedy : sampler;
-    std::vector<int32_t> generated;
-    std::string pending;
-    auto t_decode = std::chrono::steady_clock::now();
-    int32_t next = s.sample(last, V);
-    for (int i = 0; i < o.n_predict; ++i) {
-        if (!o.ignore_eos && !o.json && tok.is_eog(next)) break;
-        generated.push_back(next);
-        if (!o.json) {
-            pending += tok.token_to_piece(next);
-            size_t n = complete_utf8_prefix(pending);
-            std::fwrite(pending.data(), 1, n, stdout);
-            std::fflush(stdout);
-            pending.erase(0, n);
-        }
-        if (i + 1 == o.n_predict) break;
-        MM_RETURN_IF_ERROR(model->forward(*seq, &next, 1, false, &logits));
-        next = s.sample(logits.data(), V);
-    }
-    const double decode_s = seconds_since(t_decode);
-    if (o.json) {
-        j["greedy"] = generated;
-        std::cout << j.dump() << std::endl;
-    } else {
-        std::fwrite(pending.data(), 1, pending.size(), stdout);
-        std::printf("\n");
-        std::fflush(stdout);
-    }
-    const double decode_tps = generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0;
-    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.2f tokens/s) | decode: %zu tokens in %.3f s (%.2f tokens/s)\n",
-                 input.size(), prompt_s, input.size() / prompt_s, generated.size(), decode_s, decode_tps);
-    if (dist) std::fprintf(stderr, "workers: %s\n", dist->stats_line().c_str());
+    if (failed) return MM_ERROR("%d request(s) failed", failed);
     return Status();
 }
 
@@ -199,6 +222,8 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
                                                  "cluster file's coordinator.timeout_ms)");
     c->add_option("-p,--prompt", o->prompt, "Prompt text (special tokens like <|im_start|> are parsed)");
     c->add_option("--tokens", o->tokens, "Comma-separated token ids to feed instead of a prompt");
+    c->add_flag("--stdin", o->stdin_requests,
+                "Serve one request per line of stdin (token ids with --json, else prompt text) until EOF");
     c->add_flag("--chat", o->chat, "Wrap the prompt in the ChatML user/assistant template");
     c->add_option("-n,--n-predict", o->n_predict, "Tokens to generate")->capture_default_str()->check(CLI::Range(0, 1 << 20));
     c->add_option("--top", o->top_n, "With --json: top-N next-token probabilities per position (default 20)");

@@ -17,6 +17,7 @@ struct RunOptions {
     int timeout_ms = 0;   // 0: the cluster file's value
     std::string prompt;
     std::string tokens;  // "1,2,3"
+    bool stdin_requests = false;  // one request per stdin line
     bool chat = false;
     int n_predict = 64;
     int top_n = 0;
