@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/quants_internal.h"
 #include "kernels/ops.h"
 
 namespace moemesh {
@@ -19,6 +20,18 @@ void attend_one(const AttentionArgs& a, int64_t t, int64_t h, std::vector<float>
     const float* q = a.q + (t * a.n_head + h) * d;
     float* out = a.out + (t * a.n_head + h) * d;
     scores.resize(static_cast<size_t>(n_kv));
+#if defined(__x86_64__) || defined(__i386__)
+    if (quants::cpu_has_avx2()) {
+        qbuf.resize(static_cast<size_t>(d));
+        const int64_t off = kvh * d;
+        const void* k = a.kv_f16 ? static_cast<const void*>(static_cast<const uint16_t*>(a.k) + off)
+                                 : static_cast<const void*>(static_cast<const float*>(a.k) + off);
+        const void* v = a.kv_f16 ? static_cast<const void*>(static_cast<const uint16_t*>(a.v) + off)
+                                 : static_cast<const void*>(static_cast<const float*>(a.v) + off);
+        quants::avx2::attend_one(q, k, v, a.kv_f16, n_kv, kv_stride, d, a.scale, scores.data(), qbuf.data(), out);
+        return;
+    }
+#endif
     if (a.kv_f16) {
         qbuf.resize(static_cast<size_t>(d));
         for (int64_t i = 0; i < d; ++i) qbuf[i] = fp16_to_fp32(fp32_to_fp16(q[i]));
