@@ -1,0 +1,47 @@
+// moemesh-worker: serves the routed experts of one shard of a model to a coordinator over gRPC.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "worker/worker_service.h"
+
+int main(int argc, char** argv) {
+    moemesh::WorkerOptions o;
+    CLI::App app{
+        "moemesh-worker: holds a shard of a Mixture-of-Experts model's routed experts and computes them for a\n"
+        "moemesh coordinator (gRPC service moemesh.v1.ExpertWorker).\n"
+        "The shard is assigned by the coordinator at handshake; only its bytes are read from the model file.\n"
+        "Stops cleanly on SIGINT/SIGTERM or the Shutdown call.\n\n"
+        "Examples:\n"
+        "  moemesh-worker --model m.gguf --listen unix:/run/moemesh/w1.sock --name w1\n"
+        "  moemesh-worker --model m.gguf --listen 0.0.0.0:7701 --name gpu1 \\\n"
+        "      --tls-cert w.pem --tls-key w.key --tls-ca ca.pem"};
+    app.set_version_flag("--version", "moemesh-worker 0.1.0");
+    app.add_option("--model,-m", o.model_path, "GGUF model file (the same file as the coordinator's)")
+        ->required()
+        ->check(CLI::ExistingFile);
+    app.add_option("--listen,-l", o.listen,
+                   "unix:/path/to/socket, or host:port (empty host: 127.0.0.1; port 0: any free port)")
+        ->required();
+    app.add_option("--name,-n", o.name, "Worker name, as in the placement file; checked at handshake")->required();
+    app.add_option("--threads,-t", o.threads, "Compute threads (0: all hardware threads)")->capture_default_str();
+    auto* cert = app.add_option("--tls-cert", o.tls_cert, "Serve TLS with this PEM certificate (chain)")
+                     ->check(CLI::ExistingFile);
+    auto* key = app.add_option("--tls-key", o.tls_key, "PEM private key of --tls-cert")->check(CLI::ExistingFile);
+    cert->needs(key);
+    key->needs(cert);
+    app.add_option("--tls-ca", o.tls_ca, "PEM CA: require client certificates and verify them against it")
+        ->check(CLI::ExistingFile)
+        ->needs(cert);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e) == 0 ? 0 : 1;  // --help/--version: 0; bad flags: the message, then 1
+    }
+
+    moemesh::Status st = moemesh::run_worker_server(o);
+    if (!st.ok()) {
+        std::fprintf(stderr, "moemesh-worker: error: %s\n", st.message().c_str());
+        return 1;
+    }
+    return 0;
+}
