@@ -317,6 +317,29 @@ TEST(Quants, ActivationQ8_0SimdMatchesScalar) {
     }
 }
 
+TEST(Quants, ActivationQ8_KSimdMatchesScalar) {
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    for (uint32_t seed = 0; seed < 8; ++seed) {
+        const int64_t n = 2560;
+        std::vector<float> x = seed % 2 ? awkward_row(n, seed) : random_normal(n, seed, 0.1f + seed);
+        if (seed == 2) {
+            // Equal magnitudes of both signs: the first one decides the sign of max.
+            x[700] = 9.0f;
+            x[600] = -9.0f;
+            x[1100] = 5.0f;
+            x[1030] = 5.0f;
+            x[1031] = -5.0f;
+        }
+        if (seed == 4) {
+            for (int i = 0; i < 256; ++i) x[512 + i] = (i % 7) * 0.5f - 1.5f;  // ties at iscale·x = k + 0.5
+        }
+        std::vector<BlockQ8_K> a(n / 256), b(n / 256);
+        quants::quantize_act_q8_K_scalar(x.data(), a.data(), n);
+        quants::avx2::quantize_act_q8_K(x.data(), b.data(), n);
+        ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(BlockQ8_K)), 0) << seed;
+    }
+}
+
 TEST(Quants, ActivationQ8_0RoundsHalfToEven) {
     // amax = 127 gives id = 1: x * id is x itself, so the ties are visible.
     std::vector<float> x(32, 0.0f);

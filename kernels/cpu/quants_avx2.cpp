@@ -223,6 +223,72 @@ void quantize_act_q8_0(const float* x, void* vy, int64_t n) {
     }
 }
 
+// Q8_K exactly as quantize_act_q8_K_scalar (ggml's quantize_row_q8_K_ref): max = the first element of
+// largest magnitude (its sign kept), iscale = -127/max, q = min(127, round-half-even(iscale·x)),
+// bsums per 16, d = 1/iscale.
+void quantize_act_q8_K(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<BlockQ8_K*>(vy);
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i max127 = _mm256_set1_epi32(127);
+    for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
+        __m256 vmax = _mm256_setzero_ps();
+        for (int j = 0; j < kQK_K; j += 8) vmax = _mm256_max_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + j)), vmax);  // NaN: skipped
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(vmax, 1), _mm256_castps256_ps128(vmax));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        if (amax == 0.0f) {
+            y[i].d = 0;
+            std::memset(y[i].qs, 0, sizeof(y[i].qs));
+            std::memset(y[i].bsums, 0, sizeof(y[i].bsums));
+            continue;
+        }
+        // First element whose magnitude is amax.
+        const __m256 vamax = _mm256_set1_ps(amax);
+        float max = 0.0f;
+        for (int j = 0; j < kQK_K; j += 8) {
+            const __m256 v = _mm256_loadu_ps(x + j);
+            const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign_bit, v), vamax, _CMP_EQ_OQ));
+            if (mask) {
+                max = x[j + __builtin_ctz(static_cast<unsigned>(mask))];
+                break;
+            }
+        }
+        const float iscale = -127.f / max;
+        const __m256 mul = _mm256_set1_ps(iscale);
+        __m256i sums[8];  // per 32 elements: 4 int32 per 128-bit lane, each a sum of 4 quants
+        for (int j = 0; j < kQK_K / 32; ++j) {
+            const float* xj = x + 32 * j;
+            __m256i q32[4];
+            for (int v = 0; v < 4; ++v) {
+                const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xj + 8 * v), mul);
+                q32[v] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps(s, _MM_FROUND_TO_NEAREST_INT)), max127);
+            }
+            const __m256i q =
+                _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(q32[0], q32[1]),
+                                                               _mm256_packs_epi32(q32[2], q32[3])),
+                                            perm);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs + 32 * j), q);
+            sums[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), ones16);
+        }
+        // Lane l of sums[j] holds group 2j+l: reduce 4 int32 per (vector, lane) to one.
+        const __m256i h01 = _mm256_hadd_epi32(sums[0], sums[1]);
+        const __m256i h23 = _mm256_hadd_epi32(sums[2], sums[3]);
+        const __m256i h45 = _mm256_hadd_epi32(sums[4], sums[5]);
+        const __m256i h67 = _mm256_hadd_epi32(sums[6], sums[7]);
+        const __m256i g0 = _mm256_hadd_epi32(h01, h23);  // lane 0: groups 0,2,4,6; lane 1: 1,3,5,7
+        const __m256i g1 = _mm256_hadd_epi32(h45, h67);  // lane 0: groups 8,10,12,14; lane 1: 9,11,13,15
+        const __m256i p = _mm256_packs_epi32(g0, g1);    // lane 0: even groups; lane 1: odd groups
+        const __m128i ev = _mm256_castsi256_si128(p), od = _mm256_extracti128_si256(p, 1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y[i].bsums), _mm_unpacklo_epi16(ev, od));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y[i].bsums + 8), _mm_unpackhi_epi16(ev, od));
+        y[i].d = 1 / iscale;
+    }
+}
+
 void quantize_act_f16(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<uint16_t*>(vy);
     int64_t i = 0;

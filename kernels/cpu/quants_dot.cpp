@@ -204,9 +204,9 @@ const TypeKernels kAvx2[] = {
     {GgmlType::BF16, GgmlType::BF16, 1, erase_act<uint16_t, quantize_act_bf16_scalar>, avx2::vec_dot_bf16},
     {GgmlType::Q8_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q8_0_q8_0, avx2::vec_dot_q8_0_q8_0_x4},
     {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0, avx2::vec_dot_q4_0_q8_0_x4},
-    {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q4_K_q8_K,
+    {GgmlType::Q4_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q4_K_q8_K,
      avx2::vec_dot_q4_K_q8_K_x4},
-    {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, avx2::vec_dot_q6_K_q8_K,
+    {GgmlType::Q6_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q6_K_q8_K,
      avx2::vec_dot_q6_K_q8_K_x4},
 };
 #endif

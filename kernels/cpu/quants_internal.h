@@ -102,6 +102,7 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void quantize_act_q8_0(const float* x, void* y, int64_t n);
 void quantize_act_f16(const float* x, void* y, int64_t n);
+void quantize_act_q8_K(const float* x, void* y, int64_t n);
 // Attention for one (token, head) pair (attention_avx2.cpp): q[d] against n_kv cached keys/values
 // (rows kv_stride elements apart, f16 or f32), scores[n_kv] and qbuf[d] scratch, out[d].
 void attend_one(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_kv, int64_t kv_stride,
