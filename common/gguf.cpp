@@ -437,6 +437,12 @@ std::string GgufFile::fingerprint() const {
         f.pod(static_cast<uint32_t>(t.type));
         for (int64_t n : t.ne) f.pod(n);
         f.pod(t.offset);
+        // A sample of the weights too, so files of the same shapes but other weights differ.
+        const size_t n = std::min<size_t>(t.nbytes, 4096);
+        if (t.data && n) {
+            f.bytes(t.data, n);
+            f.bytes(t.data + t.nbytes - n, n);
+        }
     }
     return str_printf("%016llx", static_cast<unsigned long long>(f.h));
 }

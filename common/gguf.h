@@ -94,8 +94,9 @@ public:
     const std::vector<GgufTensor>& tensors() const { return tensors_; }
     const GgufTensor* tensor(const std::string& name) const;
 
-    // 16 hex digits identifying the model: a hash of every metadata key and value and of the
-    // tensor table (names, types, shapes, offsets). Processes compare it at handshake.
+    // 16 hex digits identifying the model: a hash of every metadata key and value, of the tensor
+    // table (names, types, shapes, offsets) and of the first and last 4 KiB of every tensor's data.
+    // Processes compare it at handshake.
     std::string fingerprint() const;
 
 private:

@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
@@ -21,6 +22,17 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 namespace pb = moemesh::v1;
+
+const char* grpc_code_name(grpc::StatusCode c) {
+    switch (c) {
+        case grpc::StatusCode::DEADLINE_EXCEEDED: return "deadline exceeded";
+        case grpc::StatusCode::UNAVAILABLE: return "unavailable";
+        case grpc::StatusCode::UNIMPLEMENTED: return "unimplemented";
+        case grpc::StatusCode::UNAUTHENTICATED: return "unauthenticated";
+        case grpc::StatusCode::RESOURCE_EXHAUSTED: return "message too large";
+        default: return "error";
+    }
+}
 
 // gRPC deadlines are system_clock time points.
 std::chrono::system_clock::time_point wall(Clock::time_point t) {
@@ -79,6 +91,7 @@ public:
     ~GrpcLink() override { disconnect(); }
 
     std::string describe() const override { return "worker '" + name_ + "' (" + address_ + ")"; }
+    void set_connect_wait(std::chrono::milliseconds w) override { connect_wait_ = w; }
     bool connected() const override {
         std::lock_guard<std::mutex> lk(mu_);
         return stream_ != nullptr && !broken_;
@@ -92,6 +105,19 @@ public:
         args.SetMaxReceiveMessageSize(512 << 20);
         args.SetMaxSendMessageSize(512 << 20);
         auto channel = grpc::CreateCustomChannel(target(), creds, args);
+        // Connect first, so an unreachable or non-gRPC peer or a TLS failure is reported as such.
+        const auto t_connect = Clock::now();
+        const auto connect_deadline = std::min(deadline, t_connect + connect_wait_);
+        if (!channel->WaitForConnected(wall(connect_deadline))) {
+            const char* why = tls_.enabled()
+                                  ? "unreachable, not a moemesh worker, or the TLS handshake failed (check the CA, "
+                                    "certificate names and whether the worker uses TLS)"
+                                  : "unreachable or not a moemesh worker (if the worker uses TLS, add tls: to its entry)";
+            return MM_ERROR("%s: cannot connect within %lld ms: %s", describe().c_str(),
+                            (long long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t_connect)
+                                .count(),
+                            why);
+        }
         auto stub = pb::ExpertWorker::NewStub(channel);
         // Handshake: protocol version, model fingerprint, our name for it, its shard.
         pb::HandshakeRequest req;
@@ -104,10 +130,10 @@ public:
         {
             grpc::ClientContext ctx;
             ctx.set_deadline(wall(std::min(deadline, Clock::now() + std::chrono::seconds(10))));
-            ctx.set_wait_for_ready(true);
             grpc::Status st = stub->Handshake(&ctx, req, &resp);
             if (!st.ok())
-                return MM_ERROR("%s: handshake failed: %s", describe().c_str(), st.error_message().c_str());
+                return MM_ERROR("%s: handshake failed (%s): %s — is it a moemesh-worker of the same version?",
+                                describe().c_str(), grpc_code_name(st.error_code()), st.error_message().c_str());
         }
         if (!resp.accepted()) return MM_ERROR("%s refused the handshake: %s", describe().c_str(), resp.reason().c_str());
         // Wait for the shard to load, reporting progress.
@@ -274,6 +300,7 @@ private:
     std::vector<pb::LayerShard> shard_;
     std::string fingerprint_;
     bool bf16_;
+    std::chrono::milliseconds connect_wait_{10000};
 
     mutable std::mutex mu_;
     std::mutex write_mu_;
@@ -318,6 +345,7 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
     }
     b->stats_.resize(b->links_.size());
     b->last_attempt_.assign(b->links_.size(), Clock::time_point{});
+    for (size_t w = 0; w < b->links_.size(); ++w) b->connect_mu_.push_back(std::make_unique<std::mutex>());
     return b;
 }
 
@@ -329,7 +357,10 @@ Status DistributedExpertBackend::connect_all(std::chrono::milliseconds timeout, 
         std::lock_guard<std::mutex> lk(progress_mu);
         if (progress) progress(n, a, t);
     };
+    // Workers started by a launcher are already listening; remote ones get a few seconds.
+    const auto wait = std::chrono::milliseconds(std::clamp(cluster_.coordinator.timeout_ms, 3000, 10000));
     for (size_t w = 0; w < links_.size(); ++w) {
+        links_[w]->set_connect_wait(wait);
         threads.emplace_back([&, w] { results[w] = links_[w]->connect(timeout, safe); });
     }
     for (auto& t : threads) t.join();
@@ -337,16 +368,57 @@ Status DistributedExpertBackend::connect_all(std::chrono::milliseconds timeout, 
         last_attempt_[w] = Clock::now();
         if (!results[w].ok()) return results[w];
     }
+    if (!reconnector_.joinable()) reconnector_ = std::thread([this] { reconnect_loop(); });
     return Status();
+}
+
+DistributedExpertBackend::~DistributedExpertBackend() {
+    {
+        std::lock_guard<std::mutex> lk(reconnect_mu_);
+        stop_ = true;
+    }
+    reconnect_cv_.notify_all();
+    if (reconnector_.joinable()) reconnector_.join();
+}
+
+bool DistributedExpertBackend::try_reconnect(int w, bool wait_for_lock) {
+    std::unique_lock<std::mutex> lk(*connect_mu_[w], std::defer_lock);
+    if (wait_for_lock) lk.lock(); else if (!lk.try_lock()) return false;
+    if (links_[w]->connected()) return true;
+    // A live local or LAN worker accepts within milliseconds; don't stall the caller on a dead one.
+    links_[w]->set_connect_wait(std::chrono::milliseconds(std::min(cluster_.coordinator.timeout_ms, 300)));
+    Status st = links_[w]->connect(std::chrono::milliseconds(cluster_.coordinator.timeout_ms), nullptr);
+    if (st.ok()) {
+        std::lock_guard<std::mutex> sl(stats_mu_);
+        stats_[w].reconnects++;
+        std::fprintf(stderr, "coordinator: reconnected to %s\n", links_[w]->describe().c_str());
+        return true;
+    }
+    return false;
+}
+
+// Down workers are retried in the background, so one whose experts have live replicas comes
+// back into use without stalling any layer call.
+void DistributedExpertBackend::reconnect_loop() {
+    std::unique_lock<std::mutex> lk(reconnect_mu_);
+    while (!stop_) {
+        reconnect_cv_.wait_for(lk, std::chrono::milliseconds(250));
+        if (stop_) break;
+        lk.unlock();
+        for (size_t w = 0; w < links_.size(); ++w) {
+            if (!links_[w]->connected()) try_reconnect(static_cast<int>(w), false);
+        }
+        lk.lock();
+    }
 }
 
 bool DistributedExpertBackend::usable(int w) {
     if (links_[w]->connected()) return true;
     const auto now = Clock::now();
-    if (now - last_attempt_[w] < std::chrono::seconds(1)) return false;
+    // Nobody else serves this expert: retry now, at most every 250 ms.
+    if (now - last_attempt_[w] < std::chrono::milliseconds(250)) return false;
     last_attempt_[w] = now;
-    Status st = links_[w]->connect(std::chrono::milliseconds(cluster_.coordinator.timeout_ms), nullptr);
-    if (st.ok()) {
+    if (try_reconnect(w, true)) {
         stats_[w].reconnects++;
         std::fprintf(stderr, "coordinator: reconnected to %s\n", links_[w]->describe().c_str());
         return true;
@@ -361,7 +433,7 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
     ++step_;
     std::vector<int8_t> alive(W, -1);  // -1 unknown, 0 down, 1 up
     auto is_alive = [&](int w) {
-        if (alive[w] < 0) alive[w] = usable(w) ? 1 : 0;
+        if (alive[w] < 0) alive[w] = links_[w]->connected() ? 1 : 0;
         return alive[w] == 1;
     };
     std::vector<std::string> down_reasons(W);
@@ -384,10 +456,20 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
                 if (best < 0 || batch_pairs[w].size() < batch_pairs[best].size()) best = w;
             }
             if (best < 0) {
+                // No connected server: try to bring one back now (bounded), else fail the call.
+                for (int w : map_.serving(layer, e)) {
+                    if (alive[w] == 0 && down_reasons[w].empty() && usable(w)) {
+                        alive[w] = 1;
+                        best = w;
+                        break;
+                    }
+                }
+            }
+            if (best < 0) {
                 std::string why;
                 for (int w : map_.serving(layer, e))
-                    why += (why.empty() ? "" : "; ") + links_[w]->describe() + ": " +
-                           (down_reasons[w].empty() ? "unreachable" : down_reasons[w]);
+                    why += (why.empty() ? "" : "; ") +
+                           (down_reasons[w].empty() ? links_[w]->describe() + " is down" : down_reasons[w]);
                 return MM_ERROR("layer %d step %llu: no live worker serves expert %d (%s)", layer,
                                 (unsigned long long)step_, e, why.c_str());
             }
@@ -425,15 +507,21 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
             if (batch_pairs[w].empty()) continue;
             Status st = sent[w];
             if (st.ok()) st = links_[w]->receive(batches[w].request_id, deadline, &partial);
-            stats_[w].calls++;
-            stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+            {
+                std::lock_guard<std::mutex> sl(stats_mu_);
+                stats_[w].calls++;
+                stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+                if (!st.ok()) stats_[w].failures++;
+            }
             if (!st.ok()) {
-                stats_[w].failures++;
                 std::fprintf(stderr, "coordinator: layer %d step %llu: %s\n", layer, (unsigned long long)step_,
                              st.message().c_str());
                 down_reasons[w] = st.message();
                 alive[w] = 0;
-                links_[w]->disconnect();
+                {
+                    std::lock_guard<std::mutex> cl(*connect_mu_[w]);
+                    links_[w]->disconnect();
+                }
                 last_attempt_[w] = Clock::now();
                 todo.insert(todo.end(), batch_pairs[w].begin(), batch_pairs[w].end());
                 continue;
@@ -451,6 +539,7 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
 }
 
 std::string DistributedExpertBackend::stats_line() const {
+    std::lock_guard<std::mutex> sl(stats_mu_);
     std::string s;
     for (size_t w = 0; w < links_.size(); ++w) {
         const LinkStats& st = stats_[w];

@@ -3,6 +3,9 @@
 // socket or TCP (optionally TLS). NCCL and CUDA IPC links plug in behind the same interface.
 #pragma once
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <functional>
 #include <memory>
 #include <string>
@@ -39,6 +42,8 @@ public:
     // Handshake (version, model fingerprint, shard) and wait until the shard is loaded.
     virtual Status connect(std::chrono::milliseconds timeout, const LoadProgress& progress) = 0;
     virtual bool connected() const = 0;
+    // How long connect() waits for the transport itself (not the shard load). Default 10 s.
+    virtual void set_connect_wait(std::chrono::milliseconds) {}
     virtual void disconnect() = 0;
     virtual Status send(const ExpertBatch& b) = 0;
     // The partial sums [n_rows, hidden] of the batch sent with request_id, by the deadline.
@@ -62,12 +67,14 @@ public:
     Status moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                        const float* weights, float* out) override;
     std::string stats_line() const;
-    const std::vector<LinkStats>& link_stats() const { return stats_; }
+    ~DistributedExpertBackend() override;
 
 private:
     DistributedExpertBackend(const ClusterConfig& c, const OwnershipMap& m, const ModelConfig& cfg)
         : cluster_(c), map_(m), cfg_(cfg) {}
-    bool usable(int w);  // connected, or reconnected now (at most once a second)
+    bool usable(int w);  // connected, or reconnected now (at most every 250 ms)
+    bool try_reconnect(int w, bool wait_for_lock);
+    void reconnect_loop();
 
     ClusterConfig cluster_;
     OwnershipMap map_;
@@ -75,6 +82,12 @@ private:
     std::vector<std::unique_ptr<WorkerLink>> links_;
     std::vector<LinkStats> stats_;
     std::vector<std::chrono::steady_clock::time_point> last_attempt_;
+    std::vector<std::unique_ptr<std::mutex>> connect_mu_;  // one connect() at a time per link
+    mutable std::mutex stats_mu_;
+    std::mutex reconnect_mu_;
+    std::condition_variable reconnect_cv_;
+    bool stop_ = false;
+    std::thread reconnector_;
     uint64_t next_request_ = 1;
     uint64_t step_ = 0;
 };

@@ -94,7 +94,7 @@ std::string load_error(const std::vector<uint8_t>& bytes, const std::string& nam
     auto f = GgufFile::open(path);
     if (!f.ok()) return f.status().message();
     std::shared_ptr<GgufFile> sf(std::move(f).value());
-    auto m = load_model(sf, ModelOptions{1, 512, true});
+    auto m = load_model(sf, ModelOptions{1, 512, true, {}});
     return m.ok() ? std::string() : m.status().message();
 }
 

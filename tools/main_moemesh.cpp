@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
     moemesh::register_inspect_command(app);
     moemesh::register_make_model_command(app);
     moemesh::register_placement_command(app);
+    moemesh::register_launch_command(app);
     CLI11_PARSE(app, argc, argv);
     return 0;
 }
