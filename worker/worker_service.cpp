@@ -495,10 +495,11 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::start(const WorkerOptions&
 void WorkerServer::wait() {
     if (stopped_) return;
     service_->wait_for_shutdown_request();
+    stopped_ = true;
+    if (!server_) return;  // never started (bind failed)
     // Streams blocked in Read() end when the deadline passes.
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     server_->Wait();
-    stopped_ = true;
     std::fprintf(stderr, "moemesh-worker %s stopped\n", service_->name().c_str());
 }
 
