@@ -69,7 +69,7 @@ TEST_F(Cli, BadInputGivesClearErrors) {
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,x", &out, &err), 1);
     EXPECT_NE(err.find("'x' is not a non-negative token id"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1 --prompt hi", &out, &err), 1);
-    EXPECT_NE(err.find("exactly one of --prompt or --tokens"), std::string::npos) << err;
+    EXPECT_NE(err.find("exactly one of --prompt, --tokens or --stdin"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi -n 100 --ctx 50", &out, &err), 1);
     EXPECT_NE(err.find("exceeds the context size 50"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi --kv-type q8", &out, &err), 1);
