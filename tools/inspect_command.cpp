@@ -4,21 +4,12 @@
 
 #include "common/gguf.h"
 #include "common/model_config.h"
+#include "common/placement.h"
 #include "tools/commands.h"
 
 namespace moemesh {
 
 namespace {
-
-std::string human_bytes(double b) {
-    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) {
-        b /= 1024;
-        ++u;
-    }
-    return str_printf(u ? "%.2f %s" : "%.0f %s", b, units[u]);
-}
 
 std::string value_summary(const GgufValue& v) {
     switch (v.type) {
@@ -49,7 +40,7 @@ bool is_expert_tensor(const std::string& name) { return name.find("_exps.") != s
 
 Status inspect(const std::string& path, bool all_metadata) {
     MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::open(path));
-    std::printf("file: %s (%s, GGUF v%u, alignment %zu)\n", path.c_str(), human_bytes(f->file_size()).c_str(),
+    std::printf("file: %s (%s, GGUF v%u, alignment %zu)\n", path.c_str(), format_bytes(f->file_size()).c_str(),
                 f->version(), f->alignment());
     std::printf("architecture: %s\n", f->get_string_or("general.architecture", "(missing)").c_str());
     auto cfg = load_model_config(*f);
@@ -89,8 +80,8 @@ Status inspect(const std::string& path, bool all_metadata) {
     }
     const double total = static_cast<double>(expert_bytes + other_bytes);
     std::printf("\nrouted-expert weights: %s (%lld params, %.1f%%)\nnon-expert weights:    %s (%lld params, %.1f%%)\n",
-                human_bytes(expert_bytes).c_str(), (long long)expert_params, total > 0 ? 100.0 * expert_bytes / total : 0.0,
-                human_bytes(other_bytes).c_str(), (long long)other_params, total > 0 ? 100.0 * other_bytes / total : 0.0);
+                format_bytes(expert_bytes).c_str(), (long long)expert_params, total > 0 ? 100.0 * expert_bytes / total : 0.0,
+                format_bytes(other_bytes).c_str(), (long long)other_params, total > 0 ? 100.0 * other_bytes / total : 0.0);
     return Status();
 }
 

@@ -19,6 +19,8 @@
 // and output_norm stays 1 ± 10%, which again gives logits of std ~2.
 #include "tools/make_model.h"
 
+#include "common/placement.h"
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -250,15 +252,6 @@ std::vector<uint8_t> generate(const TensorPlan& t, uint64_t seed, int n_threads)
     return data;
 }
 
-std::string human_bytes(double b) {
-    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) {
-        b /= 1024;
-        ++u;
-    }
-    return str_printf("%.1f %s", b, units[u]);
-}
 
 }  // namespace
 
@@ -366,7 +359,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
             n_bytes += static_cast<double>(ggml_row_bytes(t.type, t.ne[0])) * static_cast<double>(n / t.ne[0]);
         }
     log << "make-model: " << name << ": " << o.arch << ", " << n_params << " parameters (" << str_printf("%.3f", n_params / 1e9)
-        << " B), " << human_bytes(n_bytes) << " of tensors, type " << ggml_type_name(wtype) << ", vocab " << V
+        << " B), " << format_bytes(n_bytes) << " of tensors, type " << ggml_type_name(wtype) << ", vocab " << V
         << ", seed " << o.seed << "\n";
 
     // ---- generate, group by group ----
@@ -382,7 +375,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
         const char* what = gi == 0 ? "token_embd" : gi + 1 == groups.size() ? "output" : nullptr;
         log << "make-model: "
             << (what ? std::string(what) : str_printf("layer %zu/%d", gi, o.layers)) << " done, "
-            << human_bytes(done) << " / " << human_bytes(n_bytes) << ", " << str_printf("%.1f s", secs) << "\n";
+            << format_bytes(done) << " / " << format_bytes(n_bytes) << ", " << str_printf("%.1f s", secs) << "\n";
     }
     MM_RETURN_IF_ERROR(w.write(o.out));
     log << "make-model: wrote " << o.out << "\n";

@@ -4,13 +4,21 @@
 
 namespace moemesh {
 
-StatusOr<std::vector<LayerExpertTable>> map_expert_tables(const GgufFile& f, const ModelConfig& c) {
+StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const ModelConfig& c, int il) {
     const int64_t H = c.n_embd, I = c.n_ff_exp, E = c.n_expert;
+    LayerExpertWeights w;
+    MM_ASSIGN_OR_RETURN(w.gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
+    MM_ASSIGN_OR_RETURN(w.up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
+    MM_ASSIGN_OR_RETURN(w.down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
+    return w;
+}
+
+StatusOr<std::vector<LayerExpertTable>> map_expert_tables(const GgufFile& f, const ModelConfig& c) {
+    const int64_t E = c.n_expert;
     std::vector<LayerExpertTable> layers;
     for (int il = 0; il < c.n_layer; ++il) {
-        MM_ASSIGN_OR_RETURN(Weight gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(Weight up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(Weight down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
+        MM_ASSIGN_OR_RETURN(LayerExpertWeights lw, layer_expert_weights(f, c, il));
+        const Weight &gate = lw.gate, &up = lw.up, &down = lw.down;
         LayerExpertTable t;
         t.gate_type = gate.type;
         t.up_type = up.type;

@@ -5,10 +5,17 @@
 
 #include "common/gguf.h"
 #include "common/model_config.h"
+#include "common/weights.h"
 #include "coordinator/expert_backend.h"
 #include "worker/expert_compute.h"
 
 namespace moemesh {
+
+// One layer's stacked expert tensors, shape- and type-checked: gate/up {H, I, E}, down {I, H, E}.
+struct LayerExpertWeights {
+    Weight gate, up, down;
+};
+StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const ModelConfig& c, int layer);
 
 // Expert tables of every layer for all experts, pointing into the mapped file. Checks the expert
 // tensors' shapes and types.

@@ -1,5 +1,7 @@
 #include "worker/shard_store.h"
 
+#include "worker/expert_executor.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -70,7 +72,7 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
     std::unique_ptr<ShardStore> s(new ShardStore());
     s->path_ = f.path();
     s->shard_ = std::move(spec);
-    const int64_t H = c.n_embd, I = c.n_ff_exp, E = c.n_expert;
+    const int64_t E = c.n_expert;
     // Offsets of each expert's matrices in the buffer, filled in once the buffer exists.
     struct Dst {
         int layer, expert;
@@ -79,9 +81,8 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
     std::vector<Dst> dsts;
     uint64_t pos = 0;
     for (int il = 0; il < c.n_layer; ++il) {
-        MM_ASSIGN_OR_RETURN(Weight gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(Weight up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
-        MM_ASSIGN_OR_RETURN(Weight down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
+        MM_ASSIGN_OR_RETURN(LayerExpertWeights lw, layer_expert_weights(f, c, il));
+        const Weight &gate = lw.gate, &up = lw.up, &down = lw.down;
         LayerExpertTable t;
         t.gate_type = gate.type;
         t.up_type = up.type;
