@@ -6,6 +6,8 @@
 #include <fstream>
 #include <random>
 
+#include <unistd.h>
+
 #include "common/arch.h"
 #include "common/gguf.h"
 #include "common/model_config.h"
@@ -14,7 +16,9 @@
 namespace moemesh {
 namespace {
 
-std::string tmp_path(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+std::string tmp_path(const std::string& name) {
+    return ::testing::TempDir() + "/" + std::to_string(getpid()) + "_" + name;
+}
 
 void write_bytes(const std::string& path, const std::vector<uint8_t>& b) {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);

@@ -7,6 +7,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
+
+#include <unistd.h>
 
 namespace moemesh::testing {
 
@@ -51,9 +54,21 @@ inline std::string reference_unavailable() {
     return "";
 }
 
+// A directory of this process's own (ctest runs test cases as parallel processes), removed at
+// exit unless MOEMESH_KEEP_TMP is set.
 inline std::string temp_dir(const std::string& name) {
-    std::string d = ::testing::TempDir() + "/moemesh_" + name;
+    struct Cleanup {
+        std::vector<std::string> dirs;
+        ~Cleanup() {
+            if (std::getenv("MOEMESH_KEEP_TMP")) return;
+            std::error_code ec;
+            for (const auto& d : dirs) std::filesystem::remove_all(d, ec);
+        }
+    };
+    static Cleanup cleanup;
+    std::string d = ::testing::TempDir() + "/moemesh_" + name + "_" + std::to_string(getpid());
     std::filesystem::create_directories(d);
+    cleanup.dirs.push_back(d);
     return d;
 }
 
