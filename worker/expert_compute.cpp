@@ -25,7 +25,10 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
             return MM_ERROR("layer %d: expert %d is not held by this process", layer, experts[p]);
     }
     // Group: for each expert in use, its pairs in order.
-    std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
+    // Reused across calls: decode runs this once per layer per token.
+    auto& by_expert = by_expert_;
+    by_expert.resize(static_cast<size_t>(E));
+    for (auto& v : by_expert) v.clear();
     for (int64_t p = 0; p < n_pairs; ++p) by_expert[experts[p]].push_back(p);
     slots_.resize(static_cast<size_t>(n_pairs * H));  // [n_pairs, H]: weight · expert(row) per pair
     for (int64_t e = 0; e < E; ++e) {

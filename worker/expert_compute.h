@@ -41,6 +41,7 @@ private:
     ThreadPool& pool_;
     std::vector<LayerExpertTable> layers_;
     std::vector<float> xg_, g_, u_, d_, slots_;
+    std::vector<std::vector<int64_t>> by_expert_;  // [E]: pairs of each expert, in order
 };
 
 }  // namespace moemesh

@@ -13,18 +13,22 @@ StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const Model
     return w;
 }
 
+LayerExpertTable empty_expert_table(const LayerExpertWeights& w, int64_t n_expert) {
+    LayerExpertTable t;
+    t.gate_type = w.gate.type;
+    t.up_type = w.up.type;
+    t.down_type = w.down.type;
+    t.experts.resize(static_cast<size_t>(n_expert));
+    return t;
+}
+
 StatusOr<std::vector<LayerExpertTable>> map_expert_tables(const GgufFile& f, const ModelConfig& c) {
     const int64_t E = c.n_expert;
     std::vector<LayerExpertTable> layers;
     for (int il = 0; il < c.n_layer; ++il) {
         MM_ASSIGN_OR_RETURN(LayerExpertWeights lw, layer_expert_weights(f, c, il));
-        const Weight &gate = lw.gate, &up = lw.up, &down = lw.down;
-        LayerExpertTable t;
-        t.gate_type = gate.type;
-        t.up_type = up.type;
-        t.down_type = down.type;
-        t.experts.resize(static_cast<size_t>(E));
-        for (int64_t e = 0; e < E; ++e) t.experts[e] = ExpertSlice{gate.matrix(e), up.matrix(e), down.matrix(e)};
+        LayerExpertTable t = empty_expert_table(lw, E);
+        for (int64_t e = 0; e < E; ++e) t.experts[e] = ExpertSlice{lw.gate.matrix(e), lw.up.matrix(e), lw.down.matrix(e)};
         layers.push_back(std::move(t));
     }
     return layers;

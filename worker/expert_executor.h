@@ -16,6 +16,8 @@ struct LayerExpertWeights {
     Weight gate, up, down;
 };
 StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const ModelConfig& c, int layer);
+// A table with the layer's types and no expert held yet (E null slices).
+LayerExpertTable empty_expert_table(const LayerExpertWeights& w, int64_t n_expert);
 
 // Expert tables of every layer for all experts, pointing into the mapped file. Checks the expert
 // tensors' shapes and types.

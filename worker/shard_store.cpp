@@ -83,12 +83,7 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
     for (int il = 0; il < c.n_layer; ++il) {
         MM_ASSIGN_OR_RETURN(LayerExpertWeights lw, layer_expert_weights(f, c, il));
         const Weight &gate = lw.gate, &up = lw.up, &down = lw.down;
-        LayerExpertTable t;
-        t.gate_type = gate.type;
-        t.up_type = up.type;
-        t.down_type = down.type;
-        t.experts.resize(static_cast<size_t>(E));
-        s->tables_.push_back(std::move(t));
+        s->tables_.push_back(empty_expert_table(lw, E));
         for (int e : s->shard_[il]) {
             Dst d{il, e, 0, 0, 0};
             uint64_t* dst[3] = {&d.gate, &d.up, &d.down};

@@ -37,14 +37,8 @@ void quantize_q8_0_ref(const float* x, BlockQ8_0* y, int64_t n) {
 void quantize_q4_0_ref(const float* x, BlockQ4_0* y, int64_t n) {
     const int64_t nb = n / 32;
     for (int64_t i = 0; i < nb; ++i, x += 32) {
-        float amax = 0.0f;
-        float max = 0.0f;  // signed value of largest magnitude
-        for (int j = 0; j < 32; ++j) {
-            if (amax < std::fabs(x[j])) {
-                amax = std::fabs(x[j]);
-                max = x[j];
-            }
-        }
+        float amax;
+        const float max = quants::signed_absmax(x, 32, &amax);
         const float d = max / -8;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);
@@ -133,15 +127,8 @@ float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, ui
 
 // Symmetric fit x ≈ scale * (L - nmax), weights x² (ggml's make_qx_quants, rmse_type 1, no qw).
 float make_qx_quants(int n, int nmax, const float* x, int8_t* L) {
-    float max = 0;
-    float amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = std::fabs(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
+    float amax;
+    const float max = quants::signed_absmax(x, n, &amax);
     if (amax < kGroupMaxEps) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;

@@ -22,15 +22,8 @@ void quantize_act_q8_0_scalar(const float* x, BlockQ8_0* y, int64_t n) {
 
 void quantize_act_q8_K_scalar(const float* x, BlockQ8_K* y, int64_t n) {
     for (int64_t i = 0; i < n / kQK_K; ++i, x += kQK_K) {
-        float max = 0;
-        float amax = 0;
-        for (int j = 0; j < kQK_K; ++j) {
-            const float ax = std::fabs(x[j]);
-            if (ax > amax) {
-                amax = ax;
-                max = x[j];
-            }
-        }
+        float amax;
+        const float max = signed_absmax(x, kQK_K, &amax);
         if (amax == 0.0f) {
             y[i].d = 0;
             std::memset(y[i].qs, 0, sizeof(y[i].qs));

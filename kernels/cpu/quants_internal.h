@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "common/ggml_types.h"
@@ -48,6 +49,20 @@ inline int nearest_int(float f) {
     int32_t i;
     std::memcpy(&i, &v, 4);
     return (i & 0x007fffff) - 0x00400000;
+}
+
+// The element of largest magnitude (the first one on ties), and that magnitude in *amax.
+inline float signed_absmax(const float* x, int n, float* amax) {
+    float max = 0.0f;
+    *amax = 0.0f;
+    for (int j = 0; j < n; ++j) {
+        const float ax = std::fabs(x[j]);
+        if (ax > *amax) {
+            *amax = ax;
+            max = x[j];
+        }
+    }
+    return max;
 }
 
 // Scale and min of sub-block j (0..7) of a Q4_K super-block.
