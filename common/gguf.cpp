@@ -73,11 +73,6 @@ public:
         pos_ += len;
         return Status();
     }
-    Status skip(size_t n, const char* what) {
-        MM_RETURN_IF_ERROR(need(n, what));
-        pos_ += n;
-        return Status();
-    }
 
 private:
     const uint8_t* data_;

@@ -50,7 +50,6 @@ private:
 
 std::string str_printf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
-inline Status errorf_impl(std::string s) { return Status::error(std::move(s)); }
 #define MM_ERROR(...) ::moemesh::Status::error(::moemesh::str_printf(__VA_ARGS__))
 
 #define MM_CONCAT_INNER(a, b) a##b

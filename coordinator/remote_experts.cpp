@@ -169,7 +169,6 @@ public:
     }
 
     void disconnect() override {
-        std::unique_ptr<grpc::ClientReaderWriter<pb::ExpertCall, pb::ExpertResult>> stream;
         {
             std::lock_guard<std::mutex> lk(mu_);
             if (ctx_) ctx_->TryCancel();
