@@ -74,4 +74,48 @@ struct AttentionArgs {
 };
 void attention(ThreadPool& pool, const AttentionArgs& a);
 
+// ---- gated DeltaNet (kernels/cpu/delta_net.cpp): Qwen3-Next linear-attention layers, MODEL_SPEC §2.5 ----
+// All math in fp32 with the formulas llama.cpp's graph uses (ggml_ssm_conv, ggml_l2_norm, the
+// delta-rule recurrence / chunked form of llm_build_delta_net_base), so results track the reference.
+// Causal depthwise conv1d over T tokens with carried state, followed by SiLU.
+//   x:     [T, C] pre-conv inputs (the concatenated q|k|v channels)
+//   w:     [C, K] taps per channel (GGUF ssm_conv1d has ne {K, C}, so row c holds its K taps);
+//          w[c*K + j] multiplies the input at time t-(K-1)+j, i.e. w[c*K + K-1] the current token
+//   state: [K-1, C] the K-1 inputs before x[0] (oldest first; zeros for a new sequence);
+//          on return holds the last K-1 inputs of [state; x] (the cache for the next call)
+//   y:     [T, C] = silu(conv); must not alias x
+void conv1d_silu_causal(ThreadPool& pool, const float* x, const float* w, float* state, float* y, int64_t T,
+                        int64_t C, int64_t K);
+
+// In place: x[r, :] *= 1 / max(||x[r, :]||₂, eps) for rows r < rows of width n (ggml_l2_norm).
+void l2norm_rows(float* x, int64_t rows, int64_t n, float eps);
+
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) * w * silu(z[r, :]) (plain RMSNorm weight w[n];
+// the norm comes before the gate). y may alias x.
+void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps);
+
+// One call of the gated delta rule over T tokens of one sequence.
+// V-head j reads k-head j / (n_v_heads / n_k_heads) (contiguous repeat per k-head).
+struct DeltaNetArgs {
+    const float* q = nullptr;     // [T, Hk, Dk] l2-normalised; `scale` is applied inside
+    const float* k = nullptr;     // [T, Hk, Dk] l2-normalised
+    const float* v = nullptr;     // [T, Hv, Dv]
+    const float* g = nullptr;     // [T, Hv] log-decay (≤ 0): S ← exp(g)·S before each token's update
+    const float* beta = nullptr;  // [T, Hv] in (0, 1)
+    float* state = nullptr;       // [Hv, Dk, Dv] S[j][i][c], fp32; read and updated in place
+    float* out = nullptr;         // [T, Hv, Dv]
+    int64_t n_tokens = 0, n_k_heads = 0, n_v_heads = 0, k_dim = 0, v_dim = 0;
+    float scale = 1.0f;           // multiplies q (llama.cpp: 1/sqrt(Dk))
+};
+
+// Exact recurrence, token by token (the decode step):
+//   S ← exp(g)·S;  u = Sᵀk;  δ = β(v − u);  S ← S + k⊗δ;  o = Sᵀ(scale·q)
+void gated_delta_rule_recurrent(ThreadPool& pool, const DeltaNetArgs& a);
+// Chunked (WY) form for prompt processing, chunk length `chunk` (64 as llama.cpp); same result as
+// the recurrence up to fp32 rounding, including the final state and a non-zero initial state.
+void gated_delta_rule_chunked(ThreadPool& pool, const DeltaNetArgs& a, int64_t chunk = 64);
+// Picks the recurrence for T == 1 and the chunked form otherwise (as llama.cpp does).
+void gated_delta_rule(ThreadPool& pool, const DeltaNetArgs& a);
+
+
 }  // namespace moemesh
