@@ -2,13 +2,68 @@
 
 namespace moemesh {
 
+namespace {
+
+// The qwen3next keys (llama.cpp's llama_model_qwen3next::load_arch_hparams): the DeltaNet sizes,
+// the layer schedule (attention.recurrent_layers, else full_attention_interval, default 4), and
+// the shared expert width.
+Status load_qwen3next_config(const GgufFile& f, ModelConfig& c) {
+    const std::string& path = f.path();
+    const Arch a = c.arch;
+    MM_ASSIGN_OR_RETURN(c.ssm_conv_kernel, f.get_int(kv_name(Kv::kSsmConvKernel, a)));
+    MM_ASSIGN_OR_RETURN(int64_t inner, f.get_int(kv_name(Kv::kSsmInnerSize, a)));
+    MM_ASSIGN_OR_RETURN(c.ssm_head_dim, f.get_int(kv_name(Kv::kSsmStateSize, a)));
+    MM_ASSIGN_OR_RETURN(c.ssm_v_heads, f.get_int(kv_name(Kv::kSsmTimeStepRank, a)));
+    MM_ASSIGN_OR_RETURN(c.ssm_k_heads, f.get_int(kv_name(Kv::kSsmGroupCount, a)));
+    c.n_ff_shexp = f.get_int_or(kv_name(Kv::kExpertSharedFeedForwardLength, a), 0);
+    auto bad = [&](Kv k, int64_t v, const char* why) {
+        return MM_ERROR("%s: metadata key '%s' = %lld %s", path.c_str(), kv_name(k, a).c_str(),
+                        static_cast<long long>(v), why);
+    };
+    for (auto [k, v] : {std::pair{Kv::kSsmConvKernel, c.ssm_conv_kernel}, {Kv::kSsmStateSize, c.ssm_head_dim},
+                        {Kv::kSsmTimeStepRank, c.ssm_v_heads}, {Kv::kSsmGroupCount, c.ssm_k_heads},
+                        {Kv::kSsmInnerSize, inner}}) {
+        if (v <= 0 || v > (int64_t(1) << 20)) return bad(k, v, "is out of range");
+    }
+    if (c.ssm_conv_kernel > 64) return bad(Kv::kSsmConvKernel, c.ssm_conv_kernel, "is too large (at most 64)");
+    if (c.ssm_v_heads % c.ssm_k_heads != 0)
+        return bad(Kv::kSsmTimeStepRank, c.ssm_v_heads, "(v heads) is not a multiple of ssm.group_count (k heads)");
+    if (inner != c.ssm_v_heads * c.ssm_head_dim)
+        return bad(Kv::kSsmInnerSize, inner, "differs from ssm.time_step_rank × ssm.state_size (value head dim "
+                                             "must equal key head dim)");
+    if (c.n_ff_shexp < 0) return bad(Kv::kExpertSharedFeedForwardLength, c.n_ff_shexp, "is negative");
+
+    c.recurrent.assign(static_cast<size_t>(c.n_layer), 0);
+    const std::string rkey = kv_name(Kv::kAttentionRecurrentLayers, a);
+    if (const GgufValue* v = f.find(rkey)) {
+        if (v->type == GgufType::ARRAY) {
+            if (v->arr_i.size() != static_cast<size_t>(c.n_layer))
+                return MM_ERROR("%s: metadata key '%s' has %zu entries (need one per layer: %lld) or integer type",
+                                path.c_str(), rkey.c_str(), v->arr_i.size(), static_cast<long long>(c.n_layer));
+            for (size_t i = 0; i < c.recurrent.size(); ++i) c.recurrent[i] = v->arr_i[i] != 0;
+        } else if (v->is_int()) {
+            for (auto& r : c.recurrent) r = v->i != 0;
+        } else {
+            return MM_ERROR("%s: metadata key '%s' has type %s, expected an array of bools", path.c_str(),
+                            rkey.c_str(), gguf_type_name(v->type));
+        }
+    } else {
+        const int64_t interval = f.get_int_or(kv_name(Kv::kFullAttentionInterval, a), 4);
+        if (interval <= 0) return bad(Kv::kFullAttentionInterval, interval, "must be positive");
+        for (int64_t i = 0; i < c.n_layer; ++i) c.recurrent[static_cast<size_t>(i)] = (i + 1) % interval != 0;
+    }
+    return Status();
+}
+
+}  // namespace
+
 StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     ModelConfig c;
     const std::string& path = f.path();
     MM_ASSIGN_OR_RETURN(c.arch_name, f.get_string(kv_name(Kv::kGeneralArchitecture, Arch::kUnknown)));
     c.arch = arch_from_name(c.arch_name);
-    if (c.arch != Arch::kQwen3Moe)
-        return MM_ERROR("%s: architecture '%s' is not supported (supported: qwen3moe)", path.c_str(),
+    if (c.arch != Arch::kQwen3Moe && c.arch != Arch::kQwen3Next)
+        return MM_ERROR("%s: architecture '%s' is not supported (supported: qwen3moe, qwen3next)", path.c_str(),
                         c.arch_name.c_str());
     const Arch a = c.arch;
     c.name = f.get_string_or(kv_name(Kv::kGeneralName, a), "");
@@ -78,6 +133,7 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
                                  tensor_name(Tensor::kFfnUpExps, 0).c_str());
         c.n_ff_exp = up->ne[1];
     }
+    if (c.arch == Arch::kQwen3Next) MM_RETURN_IF_ERROR(load_qwen3next_config(f, c));
     return c;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/arch.h"
 #include "common/gguf.h"
@@ -29,6 +30,21 @@ struct ModelConfig {
     float rms_eps = 1e-6f;
     bool norm_topk = true;    // renormalise the top-k router weights
     bool tied_embeddings = false;
+
+    // qwen3next only (MODEL_SPEC §2): shared expert and the gated DeltaNet layers.
+    int64_t n_ff_shexp = 0;       // shared expert width (0: no shared expert)
+    int64_t ssm_conv_kernel = 0;  // K (conv taps)
+    int64_t ssm_k_heads = 0;      // Hk (ssm.group_count)
+    int64_t ssm_v_heads = 0;      // Hv (ssm.time_step_rank)
+    int64_t ssm_head_dim = 0;     // dk = dv (ssm.state_size)
+    std::vector<uint8_t> recurrent;  // per layer: 1 = gated DeltaNet, 0 = full attention (empty: none)
+
+    bool is_recurrent(int layer) const {
+        return !recurrent.empty() && recurrent[static_cast<size_t>(layer)] != 0;
+    }
+    int64_t ssm_key_dim() const { return ssm_k_heads * ssm_head_dim; }    // Hk*dk
+    int64_t ssm_value_dim() const { return ssm_v_heads * ssm_head_dim; }  // Hv*dv
+    int64_t ssm_conv_dim() const { return 2 * ssm_key_dim() + ssm_value_dim(); }
 };
 
 // Reads and validates the hyper-parameters. Errors name the file and key.

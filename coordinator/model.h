@@ -27,14 +27,17 @@ struct ModelOptions {
 // Named debug points (llama.cpp's cb(cur, name, il)): called with [rows, cols] activations.
 using DebugHook = std::function<void(const char* name, int layer, const float* data, int64_t rows, int64_t cols)>;
 
-// Everything one sequence owns: its KV cache and how far it has got.
+// Everything one sequence owns: its KV cache, its recurrent state, and how far it has got.
 struct SequenceState {
     int64_t n_ctx = 0;
     int64_t n_past = 0;
     bool kv_f16 = true;
-    // Per layer [n_ctx, n_head_kv, head_dim], as f16 bits or f32.
+    // Per attention layer [n_ctx, n_head_kv, head_dim], as f16 bits or f32 (empty for others).
     std::vector<std::vector<uint16_t>> k16, v16;
     std::vector<std::vector<float>> k32, v32;
+    // Per gated-DeltaNet layer (qwen3next; empty for others): the last K-1 pre-conv inputs
+    // [K-1, conv channels] and the delta-rule state [Hv, dk, dv], fp32, zero for a new sequence.
+    std::vector<std::vector<float>> conv_state, ssm_state;
 };
 
 class Model {

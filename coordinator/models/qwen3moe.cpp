@@ -7,22 +7,13 @@
 #include <cstring>
 #include <numeric>
 
-#include "common/half.h"
 #include "common/weights.h"
-#include "coordinator/model.h"
+#include "coordinator/models/model_base.h"
 #include "kernels/ops.h"
-#include "worker/expert_executor.h"
 
 namespace moemesh {
 
 namespace {
-
-StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& name, int64_t n) {
-    MM_ASSIGN_OR_RETURN(Weight w, get_weight(f, name, {n}));
-    std::vector<float> out(static_cast<size_t>(n));
-    dequantize_row(w.type, w.data, out.data(), n);
-    return out;
-}
 
 struct LayerWeights {
     std::vector<float> attn_norm;    // [H]
@@ -36,19 +27,14 @@ struct LayerWeights {
     Weight router;                   // {H, E}
 };
 
-class Qwen3MoeModel final : public Model {
+class Qwen3MoeModel final : public ModelBase {
 public:
-    Qwen3MoeModel(std::shared_ptr<GgufFile> f, const ModelConfig& c, const ModelOptions& o)
-        : file_(std::move(f)), cfg_(c), opts_(o), pool_(o.n_threads) {}
+    using ModelBase::ModelBase;
 
     Status load() {
         const GgufFile& f = *file_;
-        const int64_t H = cfg_.n_embd, D = cfg_.head_dim, E = cfg_.n_expert, V = cfg_.n_vocab;
+        const int64_t H = cfg_.n_embd, D = cfg_.head_dim, E = cfg_.n_expert;
         const int64_t q_dim = cfg_.n_head * D, kv_dim = cfg_.n_head_kv * D;
-        MM_ASSIGN_OR_RETURN(tok_embd_, get_weight(f, tensor_name(Tensor::kTokenEmbd), {H, V}));
-        MM_ASSIGN_OR_RETURN(output_norm_, load_vector(f, tensor_name(Tensor::kOutputNorm), H));
-        MM_ASSIGN_OR_RETURN(output_, get_optional_weight(f, tensor_name(Tensor::kOutput), {H, V}));
-        if (!output_) output_ = tok_embd_;  // tied embeddings
         for (int il = 0; il < cfg_.n_layer; ++il) {
             LayerWeights lw;
             MM_ASSIGN_OR_RETURN(lw.attn_norm, load_vector(f, tensor_name(Tensor::kAttnNorm, il), H));
@@ -62,67 +48,19 @@ public:
             MM_ASSIGN_OR_RETURN(lw.router, get_weight(f, tensor_name(Tensor::kFfnGateInp, il), {H, E}));
             layers_.push_back(std::move(lw));
         }
-        if (opts_.experts) {
-            MM_ASSIGN_OR_RETURN(experts_, opts_.experts(f, cfg_, pool_));
-        } else {
-            MM_ASSIGN_OR_RETURN(experts_, LocalExpertExecutor::create(f, cfg_, pool_));
-        }
-        return Status();
+        return load_common();
     }
-
-    const ModelConfig& config() const override { return cfg_; }
-    void set_debug_hook(DebugHook hook) override { debug_ = std::move(hook); }
 
     std::unique_ptr<SequenceState> new_sequence(int64_t n_ctx) const override {
         auto s = std::make_unique<SequenceState>();
-        s->n_ctx = n_ctx;
-        s->kv_f16 = opts_.kv_f16;
-        const size_t per_layer = static_cast<size_t>(n_ctx * cfg_.n_head_kv * cfg_.head_dim);
-        const auto L = static_cast<size_t>(cfg_.n_layer);
-        if (s->kv_f16) {
-            s->k16.assign(L, std::vector<uint16_t>(per_layer));
-            s->v16.assign(L, std::vector<uint16_t>(per_layer));
-        } else {
-            s->k32.assign(L, std::vector<float>(per_layer));
-            s->v32.assign(L, std::vector<float>(per_layer));
-        }
+        alloc_kv_cache(*s, cfg_, n_ctx, opts_.kv_f16, std::vector<uint8_t>(static_cast<size_t>(cfg_.n_layer), 1));
         return s;
     }
 
-    Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
-                   std::vector<float>* logits) override {
-        if (n <= 0) return MM_ERROR("forward: no tokens to process");
-        if (seq.n_past + n > seq.n_ctx)
-            return MM_ERROR("context full: %lld tokens already in the sequence + %lld new > context size %lld",
-                            static_cast<long long>(seq.n_past), static_cast<long long>(n),
-                            static_cast<long long>(seq.n_ctx));
-        for (int64_t i = 0; i < n; ++i) {
-            if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab)
-                return MM_ERROR("token id %d at input position %lld is out of range [0, %lld)", tokens[i],
-                                static_cast<long long>(i), static_cast<long long>(cfg_.n_vocab));
-        }
-        const int64_t V = cfg_.n_vocab;
-        logits->assign(static_cast<size_t>((all_logits ? n : 1) * V), 0.0f);
-        for (int64_t done = 0; done < n;) {
-            const int64_t T = std::min<int64_t>(opts_.n_batch, n - done);
-            const bool last_chunk = done + T == n;
-            float* out = all_logits ? logits->data() + done * V : (last_chunk ? logits->data() : nullptr);
-            MM_RETURN_IF_ERROR(forward_chunk(seq, tokens + done, T, all_logits, out));
-            done += T;
-        }
-        return Status();
-    }
-
 private:
-    void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
-        if (debug_) debug_(name, layer, data, rows, cols);
-    }
-
-    // One chunk of T tokens at positions seq.n_past ... If out != nullptr, writes logits for all
-    // T rows (all_rows) or for the last row only.
-    Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) {
+    Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
         const int64_t H = cfg_.n_embd, D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
-        const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used, V = cfg_.n_vocab;
+        const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
         const int64_t p0 = seq.n_past;
 
@@ -139,9 +77,7 @@ private:
         pos_.resize(T);
         for (int64_t t = 0; t < T; ++t) pos_[t] = static_cast<int32_t>(p0 + t);
 
-        // Embedding lookup: x[t] = token_embd[tokens[t]].
-        for (int64_t t = 0; t < T; ++t) dequantize_row(tok_embd_.type, tok_embd_.row(tokens[t]), &x_[t * H], H);
-        cb("inp_embd", -1, x_.data(), T, H);
+        embed(tokens, T, x_.data());  // x[t] = token_embd[tokens[t]]
 
         for (int il = 0; il < cfg_.n_layer; ++il) {
             const LayerWeights& lw = layers_[il];
@@ -157,20 +93,7 @@ private:
             rope_neox(k_.data(), T, Nkv, D, cfg_.rope_dim, pos_.data(), cfg_.rope_theta);
             cb("Qcur", il, q_.data(), T, q_dim);
             cb("Kcur", il, k_.data(), T, kv_dim);
-            store_kv(seq, il, p0, T);
-            AttentionArgs aa{};
-            aa.q = q_.data();
-            aa.k = seq.kv_f16 ? static_cast<const void*>(seq.k16[il].data()) : seq.k32[il].data();
-            aa.v = seq.kv_f16 ? static_cast<const void*>(seq.v16[il].data()) : seq.v32[il].data();
-            aa.out = attn_.data();
-            aa.n_tokens = T;
-            aa.n_past = p0;
-            aa.n_head = Nh;
-            aa.n_head_kv = Nkv;
-            aa.head_dim = D;
-            aa.kv_f16 = seq.kv_f16;
-            aa.scale = 1.0f / std::sqrt(static_cast<float>(D));
-            attention(pool_, aa);                                                           // [T, Nh*D]
+            attend(seq, il, p0, T, q_.data(), k_.data(), v_.data(), attn_.data());          // [T, Nh*D]
             matmul(pool_, lw.wo.type, lw.wo.data, H, q_dim, attn_.data(), T, tmp_.data());  // [T, H]
             cb("attn_out", il, tmp_.data(), T, H);
             for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
@@ -179,7 +102,7 @@ private:
             rmsnorm(x_.data(), lw.ffn_norm.data(), xn_.data(), T, H, cfg_.rms_eps);         // [T, H]
             cb("ffn_norm", il, xn_.data(), T, H);
             matmul(pool_, lw.router.type, lw.router.data, E, H, xn_.data(), T, probs_.data());  // [T, E]
-            route(T);                                                                        // [T, K]
+            route_topk(probs_.data(), T, E, K, cfg_.norm_topk, sel_ids_.data(), sel_w_.data(), order_);  // [T, K]
             MM_RETURN_IF_ERROR(
                 experts_->moe_forward(il, xn_.data(), T, K, sel_ids_.data(), sel_w_.data(), tmp_.data()));
             cb("ffn_moe_out", il, tmp_.data(), T, H);
@@ -187,74 +110,21 @@ private:
             cb("l_out", il, x_.data(), T, H);
         }
         seq.n_past += T;
-        if (!out) return Status();
-        const int64_t first = all_rows ? 0 : T - 1;
-        const int64_t rows = T - first;
-        rmsnorm(&x_[first * H], output_norm_.data(), xn_.data(), rows, H, cfg_.rms_eps);
-        cb("result_norm", -1, xn_.data(), rows, H);
-        matmul(pool_, output_.type, output_.data, V, H, xn_.data(), rows, out);            // [rows, V]
-        cb("result_output", -1, out, rows, V);
+        if (out) output_logits(x_.data(), T, all_rows, out);
         return Status();
     }
 
-    void store_kv(SequenceState& seq, int il, int64_t p0, int64_t T) {
-        const int64_t kv_dim = cfg_.n_head_kv * cfg_.head_dim;
-        if (seq.kv_f16) {
-            uint16_t* kc = seq.k16[il].data() + p0 * kv_dim;
-            uint16_t* vc = seq.v16[il].data() + p0 * kv_dim;
-            for (int64_t i = 0; i < T * kv_dim; ++i) {
-                kc[i] = fp32_to_fp16(k_[i]);
-                vc[i] = fp32_to_fp16(v_[i]);
-            }
-        } else {
-            std::memcpy(seq.k32[il].data() + p0 * kv_dim, k_.data(), sizeof(float) * T * kv_dim);
-            std::memcpy(seq.v32[il].data() + p0 * kv_dim, v_.data(), sizeof(float) * T * kv_dim);
-        }
-    }
-
-    // probs_ [T, E] router logits → sel_ids_/sel_w_ [T, K]: softmax over all E, top-K, renormalise.
-    void route(int64_t T) {
-        const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used;
-        order_.resize(E);
-        for (int64_t t = 0; t < T; ++t) {
-            float* p = &probs_[t * E];
-            softmax_inplace(p, E);
-            std::iota(order_.begin(), order_.end(), 0);
-            std::partial_sort(order_.begin(), order_.begin() + K, order_.end(),
-                              [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-            double sum = 0.0;
-            for (int64_t j = 0; j < K; ++j) {
-                sel_ids_[t * K + j] = order_[j];
-                sel_w_[t * K + j] = p[order_[j]];
-                sum += p[order_[j]];
-            }
-            if (cfg_.norm_topk) {
-                const float s = std::max(static_cast<float>(sum), 6.103515625e-5f);
-                for (int64_t j = 0; j < K; ++j) sel_w_[t * K + j] /= s;
-            }
-        }
-    }
-
-    std::shared_ptr<GgufFile> file_;
-    ModelConfig cfg_;
-    ModelOptions opts_;
-    ThreadPool pool_;
-    DebugHook debug_;
-    Weight tok_embd_;                 // {H, V}
-    Weight output_;                   // {H, V} (token_embd when tied)
-    std::vector<float> output_norm_;  // [H]
     std::vector<LayerWeights> layers_;
-    std::unique_ptr<ExpertBackend> experts_;
     // Scratch for one chunk.
     std::vector<float> x_, xn_, q_, k_, v_, attn_, tmp_, probs_, sel_w_;
-    std::vector<int32_t> sel_ids_, pos_, order_;
+    std::vector<int32_t> sel_ids_, pos_;
 };
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts) {
-    MM_ASSIGN_OR_RETURN(ModelConfig cfg, load_model_config(*file));
-    auto m = std::make_unique<Qwen3MoeModel>(std::move(file), cfg, opts);
+StatusOr<std::unique_ptr<Model>> load_qwen3moe(std::shared_ptr<GgufFile> f, const ModelConfig& c,
+                                               const ModelOptions& o) {
+    auto m = std::make_unique<Qwen3MoeModel>(std::move(f), c, o);
     MM_RETURN_IF_ERROR(m->load());
     return std::unique_ptr<Model>(std::move(m));
 }

@@ -1,0 +1,78 @@
+// What every architecture's forward pass shares: input checks and prompt chunking, the router,
+// the KV cache and attention call, the final norm + lm_head, and named debug points.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/weights.h"
+#include "coordinator/model.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+
+// A 1-D tensor (norm weights, biases) of n elements as f32.
+StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& name, int64_t n);
+
+// probs [T, E] router logits → ids/w [T, K]: softmax over all E, top-K (ties: lower id first),
+// renormalised when `norm` (llama.cpp's build_moe_ffn with softmax gating). order: scratch.
+void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w,
+                std::vector<int32_t>& order);
+
+// Allocates the KV cache of every layer for which `has_kv(layer)`; [n_ctx, kv_heads, head_dim].
+void alloc_kv_cache(SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
+                    const std::vector<uint8_t>& has_kv);
+
+class ModelBase : public Model {
+public:
+    ModelBase(std::shared_ptr<GgufFile> f, const ModelConfig& c, const ModelOptions& o)
+        : file_(std::move(f)), cfg_(c), opts_(o), pool_(o.n_threads) {}
+    const ModelConfig& config() const override { return cfg_; }
+    void set_debug_hook(DebugHook hook) override { debug_ = std::move(hook); }
+    // Checks the tokens and the context, then runs forward_chunk over chunks of n_batch tokens.
+    Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
+                   std::vector<float>* logits) final;
+
+protected:
+    // One chunk of T tokens at positions seq.n_past ...; advances seq.n_past. If out != nullptr,
+    // writes logits for all T rows (all_rows) or for the last row only.
+    virtual Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows,
+                                 float* out) = 0;
+
+    void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
+        if (debug_) debug_(name, layer, data, rows, cols);
+    }
+    // token_embd, output_norm, output (tied: token_embd) and the routed-expert backend.
+    Status load_common();
+    // x [T, H] → token_embd rows.
+    void embed(const int32_t* tokens, int64_t T, float* x);
+    // Writes k/v [T, kv_heads*head_dim] at positions p0.. of layer il's cache, then runs causal
+    // attention of q [T, n_head, head_dim] over it into out [T, n_head*head_dim].
+    void attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k, const float* v,
+                float* out);
+    // Final norm + lm_head for rows [first, T) of x [T, H] into out.
+    void output_logits(const float* x, int64_t T, bool all_rows, float* out);
+
+    std::shared_ptr<GgufFile> file_;
+    ModelConfig cfg_;
+    ModelOptions opts_;
+    ThreadPool pool_;
+    DebugHook debug_;
+    Weight tok_embd_;                 // {H, V}
+    Weight output_;                   // {H, V} (token_embd when tied)
+    std::vector<float> output_norm_;  // [H]
+    std::unique_ptr<ExpertBackend> experts_;
+    std::vector<float> final_norm_buf_;
+    std::vector<int32_t> order_;
+};
+
+}  // namespace moemesh
+
+namespace moemesh {
+// One per architecture file (models/<arch>.cpp); load_model picks by config().arch.
+StatusOr<std::unique_ptr<Model>> load_qwen3moe(std::shared_ptr<GgufFile> f, const ModelConfig& c,
+                                               const ModelOptions& o);
+StatusOr<std::unique_ptr<Model>> load_qwen3next(std::shared_ptr<GgufFile> f, const ModelConfig& c,
+                                                const ModelOptions& o);
+}  // namespace moemesh
