@@ -1,4 +1,5 @@
-// Matmul throughput per weight type (Google Benchmark; not built by default). Build by hand, e.g.:
+// Matmul throughput per weight type and the gated delta rule (Google Benchmark; not built by default).
+// Build by hand, e.g.:
 //   g++ -O2 -std=c++20 -I. bench/bench_kernels.cpp build-kernels/libmoemesh_kernels.a \
 //       build-kernels/libmoemesh_common.a -lbenchmark -lpthread -ldl -o /tmp/bench_kernels
 // With MOEMESH_GGML_CPU_LIB=<path to libggml-cpu-*.so> it also times ggml's own vec_dot over the
@@ -143,6 +144,34 @@ void rows_args(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_rows)->Apply(rows_args)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ggml_rows)->Apply(rows_args)->Unit(benchmark::kMicrosecond);
+
+// Gated delta rule at Qwen3-Next size (Hk 16, Hv 32, Dk = Dv = 128): args {tokens, chunked}.
+// {1, 0} is the decode step; {512, 1} and {512, 0} compare the two prefill forms.
+void BM_delta_net(benchmark::State& state) {
+    const int64_t T = state.range(0), Hk = 16, Hv = 32, D = 128;
+    std::mt19937 rng(1);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    std::vector<float> q(T * Hk * D), k(T * Hk * D), v(T * Hv * D), g(T * Hv, -0.5f), beta(T * Hv, 0.5f);
+    std::vector<float> s(Hv * D * D, 0.0f), out(T * Hv * D);
+    for (auto* x : {&q, &k, &v}) {
+        for (auto& f : *x) f = dist(rng);
+    }
+    l2norm_rows(q.data(), T * Hk, D, 1e-6f);
+    l2norm_rows(k.data(), T * Hk, D, 1e-6f);
+    DeltaNetArgs a;
+    a.q = q.data(), a.k = k.data(), a.v = v.data(), a.g = g.data(), a.beta = beta.data();
+    a.state = s.data(), a.out = out.data();
+    a.n_tokens = T, a.n_k_heads = Hk, a.n_v_heads = Hv, a.k_dim = D, a.v_dim = D, a.scale = 0.088f;
+    for (auto _ : state) {
+        if (state.range(1)) {
+            gated_delta_rule_chunked(pool(), a);
+        } else {
+            gated_delta_rule_recurrent(pool(), a);
+        }
+    }
+    state.SetItemsProcessed(state.iterations() * T);
+}
+BENCHMARK(BM_delta_net)->Args({1, 0})->Args({512, 1})->Args({512, 0})->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace moemesh
