@@ -53,6 +53,15 @@ Status inspect(const std::string& path, bool all_metadata) {
                     (long long)c.n_head_kv, (long long)c.head_dim, (long long)c.n_expert, (long long)c.n_expert_used,
                     c.norm_topk ? "yes" : "no", (long long)c.n_ff_exp, (long long)c.rope_dim, c.rope_theta, c.rms_eps,
                     (long long)c.n_ctx_train, c.tied_embeddings ? "yes" : "no");
+        if (!c.recurrent.empty()) {
+            std::string schedule;
+            for (int64_t il = 0; il < c.n_layer; ++il) schedule += c.is_recurrent(static_cast<int>(il)) ? 'D' : 'A';
+            std::printf("hybrid layers (D gated DeltaNet, A gated attention): %s\n"
+                        "gated DeltaNet: %lld k heads, %lld v heads, head dim %lld, conv kernel %lld; shared expert ff "
+                        "%lld\n",
+                        schedule.c_str(), (long long)c.ssm_k_heads, (long long)c.ssm_v_heads,
+                        (long long)c.ssm_head_dim, (long long)c.ssm_conv_kernel, (long long)c.n_ff_shexp);
+        }
     } else {
         std::printf("hyper-parameters: cannot run this file: %s\n", cfg.status().message().c_str());
     }

@@ -6,7 +6,7 @@
 int main(int argc, char** argv) {
     CLI::App app{
         "moemesh: serve Mixture-of-Experts language models across the GPUs and machines you own.\n"
-        "CPU engine for qwen3moe GGUF files; experts in-process or on worker processes (run --cluster)."};
+        "CPU engine for qwen3moe and qwen3next GGUF files; experts in-process or on worker processes (run --cluster)."};
     app.require_subcommand(1);
     app.set_version_flag("--version", "moemesh 0.1.0");
     moemesh::register_run_command(app);
