@@ -6,7 +6,9 @@
 
 #include <CLI/CLI.hpp>
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -15,6 +17,7 @@
 
 #include "common/arch.h"
 #include "common/gguf.h"
+#include "tests/test_util.h"
 #include "tools/make_model.h"
 
 namespace moemesh {
@@ -239,7 +242,6 @@ TEST_F(MakeModelTest, RejectsBadOptions) {
     bad([](MakeModelOptions& o) { o.heads = 3; }, "--kv-heads");
     bad([](MakeModelOptions& o) { o.top_k = 9; }, "--top-k");
     bad([](MakeModelOptions& o) { o.type = "q5_k"; }, "q5_k");
-    bad([](MakeModelOptions& o) { o.arch = "qwen3next"; }, "qwen3next");
     bad([](MakeModelOptions& o) { o.arch = "llama9"; }, "llama9");
     bad([](MakeModelOptions& o) { o.out = ""; }, "--out");
     bad([](MakeModelOptions& o) { o.head_dim = 33; }, "--head-dim");
@@ -300,9 +302,8 @@ RunResult run_ref(const std::string& args, const std::string& err_path) {
 class LlamaCppLoads : public MakeModelTest {
 protected:
     void SetUp() override {
-        if (find_node().empty()) GTEST_SKIP() << "node is not on PATH: cannot run the llama.cpp reference";
-        if (!fs::exists(MOEMESH_SOURCE_DIR "/tests/ref/node_modules/node-llama-cpp"))
-            GTEST_SKIP() << "tests/ref/node_modules/node-llama-cpp is missing (cd tests/ref && npm ci)";
+        const std::string why = testing::reference_unavailable();
+        if (!why.empty()) GTEST_SKIP() << why;
     }
 
     // llama.cpp loads the file, agrees on sizes, and its next-token distribution is a real one.
@@ -317,7 +318,7 @@ protected:
         RunResult info = run_ref("info --model " + o.out, err);
         ASSERT_EQ(info.rc, 0) << info.err;
         auto j = nlohmann::json::parse(info.out);
-        EXPECT_EQ(j["architecture"], "qwen3moe");
+        EXPECT_EQ(j["architecture"], o.arch);
         EXPECT_EQ(j["n_vocab"], vocab);
         EXPECT_EQ(j["train_ctx"], o.context);
         EXPECT_EQ(j["n_embd"], o.hidden);
@@ -392,6 +393,431 @@ TEST_F(LlamaCppLoads, ShapeBQ4_KFallbacks) {
     auto o = shape_b(path("llama_b_q4_k.gguf"), "q4_k");
     ASSERT_TRUE(make(o).ok());
     check_llama(o, 300, -1);
+}
+
+
+// ---- qwen3next ----
+
+MakeModelOptions next_a(const std::string& out, const std::string& type) {
+    MakeModelOptions o;  // H 256, 4/2 heads of 64, 8 experts top-2, I 256; Hk 2, Hv 4, dk 64, K 4
+    o.arch = "qwen3next";
+    o.out = out;
+    o.type = type;
+    o.layers = 8;  // full attention at 3 and 7
+    return o;
+}
+
+MakeModelOptions next_b(const std::string& out, const std::string& type) {
+    MakeModelOptions o = next_a(out, type);
+    o.layers = 5;
+    o.hidden = 128;
+    o.heads = 2;
+    o.kv_heads = 1;
+    o.head_dim = 32;
+    o.experts = 6;
+    o.top_k = 3;
+    o.expert_ff = 96;
+    o.shared_ff = 160;
+    o.vocab = 300;
+    o.seed = 9;
+    o.ssm_k_heads = 1;
+    o.ssm_v_heads = 3;
+    o.ssm_head_dim = 32;
+    o.conv_kernel = 3;
+    o.rope_dim = 12;
+    o.recurrent_layers = "0,1,1,0,1";
+    o.tied_embeddings = true;
+    return o;
+}
+
+// The schedule as llama.cpp's qwen3next loader derives it, spelled out independently of make-model.
+std::vector<bool> expected_recurrent(const MakeModelOptions& o) {
+    std::vector<bool> rec;
+    if (!o.recurrent_layers.empty()) {
+        for (char c : o.recurrent_layers)
+            if (c == '0' || c == '1') rec.push_back(c == '1');
+        return rec;
+    }
+    for (int i = 0; i < o.layers; ++i) rec.push_back((i + 1) % o.full_attention_interval != 0);
+    return rec;
+}
+
+// Every key, tensor name, shape and type of a qwen3next file against the options.
+void check_next_file(const MakeModelOptions& o, int64_t vocab) {
+    auto r = GgufFile::open(o.out);
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    const GgufFile& f = *r.value();
+    const Arch a = Arch::kQwen3Next;
+    auto u = [&](Kv k) { return f.get_int_or(kv_name(k, a), -1); };
+    const int64_t H = o.hidden, V = vocab, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t Q = o.heads * D, KV = o.kv_heads * D, S = o.shared_ff > 0 ? o.shared_ff : o.expert_ff;
+    const int64_t Hk = o.ssm_k_heads, Hv = o.ssm_v_heads, dk = o.ssm_head_dim, K = o.conv_kernel;
+    const int64_t conv_dim = 2 * Hk * dk + Hv * dk;
+    EXPECT_EQ(f.get_string_or(kv_name(Kv::kGeneralArchitecture, a), ""), "qwen3next");
+    EXPECT_EQ(u(Kv::kBlockCount), o.layers);
+    EXPECT_EQ(u(Kv::kEmbeddingLength), o.hidden);
+    EXPECT_EQ(u(Kv::kAttentionHeadCount), o.heads);
+    EXPECT_EQ(u(Kv::kAttentionHeadCountKv), o.kv_heads);
+    EXPECT_EQ(u(Kv::kAttentionKeyLength), D);
+    EXPECT_EQ(u(Kv::kAttentionValueLength), D);
+    EXPECT_EQ(u(Kv::kExpertCount), E);
+    EXPECT_EQ(u(Kv::kExpertUsedCount), o.top_k);
+    EXPECT_EQ(u(Kv::kExpertFeedForwardLength), I);
+    EXPECT_EQ(u(Kv::kExpertSharedFeedForwardLength), S);
+    EXPECT_EQ(u(Kv::kSsmConvKernel), K);
+    EXPECT_EQ(u(Kv::kSsmStateSize), dk);
+    EXPECT_EQ(u(Kv::kSsmGroupCount), Hk);
+    EXPECT_EQ(u(Kv::kSsmTimeStepRank), Hv);
+    EXPECT_EQ(u(Kv::kSsmInnerSize), Hv * dk);
+    EXPECT_EQ(u(Kv::kRopeDimensionCount), o.rope_dim > 0 ? o.rope_dim : D / 4);
+    EXPECT_NEAR(f.get_float_or(kv_name(Kv::kAttentionLayerNormRmsEps, a), 0), o.rms_eps, 1e-12);
+    for (Kv k : {Kv::kSsmConvKernel, Kv::kSsmStateSize, Kv::kSsmGroupCount, Kv::kSsmTimeStepRank, Kv::kSsmInnerSize,
+                 Kv::kExpertSharedFeedForwardLength, Kv::kRopeDimensionCount})
+        EXPECT_EQ(f.find(kv_name(k, a))->type, GgufType::UINT32) << kv_name(k, a);
+
+    const std::vector<bool> rec = expected_recurrent(o);
+    ASSERT_EQ(static_cast<int>(rec.size()), o.layers);
+    const GgufValue* arr = f.find(kv_name(Kv::kAttentionRecurrentLayers, a));
+    const GgufValue* interval = f.find(kv_name(Kv::kFullAttentionInterval, a));
+    if (o.recurrent_layers.empty()) {
+        EXPECT_EQ(arr, nullptr);
+        ASSERT_NE(interval, nullptr);
+        EXPECT_EQ(interval->type, GgufType::UINT32);
+        EXPECT_EQ(interval->i, o.full_attention_interval);
+    } else {
+        EXPECT_EQ(interval, nullptr);  // the array replaces the interval
+        ASSERT_NE(arr, nullptr);
+        ASSERT_EQ(arr->type, GgufType::ARRAY);
+        EXPECT_EQ(arr->arr_type, GgufType::BOOL);
+        ASSERT_EQ(arr->arr_i.size(), rec.size());
+        for (size_t i = 0; i < rec.size(); ++i) EXPECT_EQ(arr->arr_i[i] != 0, rec[i]) << "layer " << i;
+    }
+
+    GgmlType wt;
+    ASSERT_TRUE(ggml_type_from_name(o.type, &wt));
+    struct Want {
+        std::string name;
+        std::vector<int64_t> ne;
+        GgmlType type;
+    };
+    std::vector<Want> want;
+    auto mat = [&](Tensor t, int l, std::vector<int64_t> ne, GgmlType type) {
+        want.push_back({tensor_name(t, l), ne, expect_matrix_type(type, ne[0])});
+    };
+    auto vec = [&](Tensor t, int l, int64_t n, const char* suffix = "weight") {
+        want.push_back({tensor_name(t, l, suffix), {n}, GgmlType::F32});
+    };
+    mat(Tensor::kTokenEmbd, -1, {H, V}, wt);
+    for (int l = 0; l < o.layers; ++l) {
+        vec(Tensor::kAttnNorm, l, H);
+        if (rec[static_cast<size_t>(l)]) {
+            if (o.qkvz_layout == "legacy") {
+                mat(Tensor::kSsmIn, l, {H, 2 * Hk * dk + 2 * Hv * dk}, wt);
+            } else {
+                mat(Tensor::kAttnQkv, l, {H, conv_dim}, wt);
+                mat(Tensor::kAttnGate, l, {H, Hv * dk}, wt);
+            }
+            mat(Tensor::kSsmConv1d, l, {K, conv_dim}, GgmlType::F32);  // never quantized
+            vec(Tensor::kSsmDt, l, Hv, "bias");
+            vec(Tensor::kSsmA, l, Hv, "");
+            mat(Tensor::kSsmBa, l, {H, 2 * Hv}, wt);
+            vec(Tensor::kSsmNorm, l, dk);
+            mat(Tensor::kSsmOut, l, {Hv * dk, H}, wt);
+        } else {
+            mat(Tensor::kAttnQ, l, {H, 2 * Q}, wt);
+            mat(Tensor::kAttnK, l, {H, KV}, wt);
+            mat(Tensor::kAttnV, l, {H, KV}, wt);
+            mat(Tensor::kAttnOutput, l, {Q, H}, wt);
+            vec(Tensor::kAttnQNorm, l, D);
+            vec(Tensor::kAttnKNorm, l, D);
+        }
+        vec(Tensor::kAttnPostNorm, l, H);
+        mat(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32);
+        mat(Tensor::kFfnGateExps, l, {H, I, E}, wt);
+        mat(Tensor::kFfnUpExps, l, {H, I, E}, wt);
+        mat(Tensor::kFfnDownExps, l, {I, H, E}, wt);
+        vec(Tensor::kFfnGateInpShexp, l, H);
+        mat(Tensor::kFfnGateShexp, l, {H, S}, wt);
+        mat(Tensor::kFfnUpShexp, l, {H, S}, wt);
+        mat(Tensor::kFfnDownShexp, l, {S, H}, wt);
+    }
+    vec(Tensor::kOutputNorm, -1, H);
+    if (!o.tied_embeddings) mat(Tensor::kOutput, -1, {H, V}, wt);
+
+    ASSERT_EQ(f.tensors().size(), want.size());
+    for (const Want& w : want) {
+        const GgufTensor* t = f.tensor(w.name);
+        ASSERT_NE(t, nullptr) << w.name;
+        ASSERT_EQ(t->n_dims, static_cast<int>(w.ne.size())) << w.name;
+        for (size_t d = 0; d < w.ne.size(); ++d) EXPECT_EQ(t->ne[d], w.ne[d]) << w.name << " dim " << d;
+        EXPECT_EQ(t->type, w.type) << w.name << ": " << ggml_type_name(t->type) << " vs " << ggml_type_name(w.type);
+    }
+
+    // The DeltaNet parameters are in the ranges the scales promise (all F32 whatever the type).
+    const int l = static_cast<int>(std::find(rec.begin(), rec.end(), true) - rec.begin());
+    if (l < o.layers) {
+        auto floats = [&](const std::string& name) {
+            const GgufTensor* t = f.tensor(name);
+            const float* p = reinterpret_cast<const float*>(t->data);
+            return std::vector<float>(p, p + t->nelements());
+        };
+        for (float x : floats(tensor_name(Tensor::kSsmA, l, ""))) {
+            EXPECT_LE(x, 0.0f);  // -exp(A_log), A ~ U(0, 16)
+            EXPECT_GE(x, -16.0f);
+        }
+        for (float x : floats(tensor_name(Tensor::kSsmDt, l, "bias"))) {
+            EXPECT_GE(x, std::log(std::expm1(1e-3)) - 1e-3);  // softplus⁻¹(dt), dt in [1e-3, 0.1]
+            EXPECT_LE(x, std::log(std::expm1(0.1)) + 1e-3);
+        }
+        double mean = 0;
+        const std::vector<float> norm = floats(tensor_name(Tensor::kSsmNorm, l));
+        for (float x : norm) mean += x;
+        EXPECT_NEAR(mean / static_cast<double>(norm.size()), 1.0, 0.1);
+        double s2 = 0;
+        const std::vector<float> conv = floats(tensor_name(Tensor::kSsmConv1d, l));
+        for (float x : conv) s2 += double(x) * x;
+        EXPECT_NEAR(std::sqrt(s2 / static_cast<double>(conv.size()) * K), 1.0, 0.15);  // N(0, 1/K)
+    }
+}
+
+TEST_F(MakeModelTest, Qwen3NextShapes) {
+    for (const char* t : {"f32", "f16", "q8_0", "q4_k"}) {
+        for (const char* layout : {"split", "legacy"}) {
+            SCOPED_TRACE(std::string(t) + " " + layout);
+            auto o = next_a(path(std::string("next_a_") + t + "_" + layout + ".gguf"), t);
+            o.layers = 4;  // 3 DeltaNet + 1 full attention
+            o.qkvz_layout = layout;
+            Status st = make(o);
+            ASSERT_TRUE(st.ok()) << st.message();
+            check_next_file(o, kDefaultBuiltinVocab);
+        }
+    }
+    // Shape B: explicit schedule (array key), Hk 1 / Hv 3, tied, rows of 96/128/160 (K-quants fall back).
+    for (const char* t : {"f32", "q4_k"}) {
+        SCOPED_TRACE(t);
+        auto o = next_b(path(std::string("next_b_") + t + ".gguf"), t);
+        std::ostringstream log;
+        Status st = make_model(o, log);
+        ASSERT_TRUE(st.ok()) << st.message();
+        check_next_file(o, 300);
+        if (std::string(t) == "q4_k") {
+            const char* want = "blk.1.ssm_out.weight: row length 96 is not a multiple of q4_k";
+            EXPECT_NE(log.str().find(want), std::string::npos) << log.str();
+        }
+    }
+}
+
+TEST_F(MakeModelTest, Qwen3NextSchedule) {
+    auto full_layers = [&](const MakeModelOptions& o) {
+        auto r = GgufFile::open(o.out);
+        std::vector<int> full;
+        if (!r.ok()) return full;
+        for (int l = 0; l < o.layers; ++l)
+            if (r.value()->tensor(tensor_name(Tensor::kAttnQ, l))) full.push_back(l);
+        return full;
+    };
+    auto o = next_a(path("sched.gguf"), "f32");
+    o.experts = 2;
+    o.top_k = 1;
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_EQ(full_layers(o), (std::vector<int>{3, 7}));
+    check_next_file(o, kDefaultBuiltinVocab);
+    o.full_attention_interval = 3;
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_EQ(full_layers(o), (std::vector<int>{2, 5}));
+    check_next_file(o, kDefaultBuiltinVocab);
+    o.recurrent_layers = "0, 1,1,1,0,0,1,1";
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_EQ(full_layers(o), (std::vector<int>{0, 4, 5}));
+    check_next_file(o, kDefaultBuiltinVocab);
+    o.recurrent_layers = "1,1,1,1,1,1,1,1";  // no full-attention layer at all
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_TRUE(full_layers(o).empty());
+}
+
+// The split layout is the legacy ssm_in de-interleaved, row for row, as convert_hf_to_gguf.py does it:
+// per k-head group g the legacy rows are [q_g dk | k_g dk | v_g r*dv | z_g r*dv]; attn_qkv is
+// [all q | all k | all v] and attn_gate all z. Everything else is byte-identical.
+TEST_F(MakeModelTest, Qwen3NextSplitIsDeinterleavedLegacy) {
+    for (const char* t : {"f32", "q8_0"}) {
+        SCOPED_TRACE(t);
+        auto o = next_b(path(std::string("split_") + t + ".gguf"), t);
+        ASSERT_TRUE(make(o).ok());
+        auto legacy = o;
+        legacy.out = path(std::string("legacy_") + t + ".gguf");
+        legacy.qkvz_layout = "legacy";
+        ASSERT_TRUE(make(legacy).ok());
+        auto fs_ = GgufFile::open(o.out);
+        auto fl = GgufFile::open(legacy.out);
+        ASSERT_TRUE(fs_.ok() && fl.ok());
+        const GgufFile& s = *fs_.value();
+        const GgufFile& g = *fl.value();
+        const int64_t Hk = o.ssm_k_heads, dk = o.ssm_head_dim, r = o.ssm_v_heads / o.ssm_k_heads, dv = dk;
+        int checked = 0;
+        for (int l = 0; l < o.layers; ++l) {
+            const GgufTensor* in = g.tensor(tensor_name(Tensor::kSsmIn, l));
+            const GgufTensor* qkv = s.tensor(tensor_name(Tensor::kAttnQkv, l));
+            const GgufTensor* z = s.tensor(tensor_name(Tensor::kAttnGate, l));
+            if (!in) {
+                EXPECT_EQ(qkv, nullptr);
+                continue;
+            }
+            ASSERT_NE(qkv, nullptr);
+            ASSERT_NE(z, nullptr);
+            const size_t rb = ggml_row_bytes(in->type, in->ne[0]);
+            auto row = [&](const GgufTensor* t, int64_t i) {
+                return std::string(reinterpret_cast<const char*>(t->data) + i * rb, rb);
+            };
+            const int64_t group = 2 * dk + 2 * r * dv;
+            for (int64_t k = 0; k < Hk; ++k) {
+                for (int64_t i = 0; i < dk; ++i) {
+                    EXPECT_EQ(row(qkv, k * dk + i), row(in, k * group + i));
+                    EXPECT_EQ(row(qkv, Hk * dk + k * dk + i), row(in, k * group + dk + i));
+                }
+                for (int64_t i = 0; i < r * dv; ++i) {
+                    EXPECT_EQ(row(qkv, 2 * Hk * dk + k * r * dv + i), row(in, k * group + 2 * dk + i));
+                    EXPECT_EQ(row(z, k * r * dv + i), row(in, k * group + 2 * dk + r * dv + i));
+                }
+            }
+            ++checked;
+        }
+        EXPECT_EQ(checked, 3);
+        for (const auto& t : g.tensors()) {
+            if (t.name.find("ssm_in") != std::string::npos) continue;
+            const GgufTensor* u = s.tensor(t.name);
+            ASSERT_NE(u, nullptr) << t.name;
+            ASSERT_EQ(u->nbytes, t.nbytes) << t.name;
+            EXPECT_EQ(std::memcmp(u->data, t.data, t.nbytes), 0) << t.name;
+        }
+    }
+}
+
+TEST_F(MakeModelTest, Qwen3NextDeterministicInSeed) {
+    auto o = next_b(path("ndet1.gguf"), "q8_0");
+    ASSERT_TRUE(make(o).ok());
+    o.out = path("ndet2.gguf");
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_EQ(read_file(path("ndet1.gguf")), read_file(path("ndet2.gguf")));
+    o.out = path("ndet3.gguf");
+    o.seed = 10;
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_NE(read_file(path("ndet1.gguf")), read_file(path("ndet3.gguf")));
+}
+
+TEST_F(MakeModelTest, Qwen3NextRejectsBadOptions) {
+    auto bad = [&](auto edit, const char* needle) {
+        auto o = next_a(path("nbad.gguf"), "f32");
+        edit(o);
+        Status st = make(o);
+        EXPECT_FALSE(st.ok()) << needle;
+        EXPECT_NE(st.message().find(needle), std::string::npos) << st.message();
+    };
+    bad([](MakeModelOptions& o) { o.ssm_v_heads = 5; }, "--ssm-v-heads 5 is not a multiple of --ssm-k-heads 2");
+    bad([](MakeModelOptions& o) { o.ssm_k_heads = 0; }, "--ssm-k-heads must be positive");
+    bad([](MakeModelOptions& o) { o.rope_dim = 66; }, "--rope-dim 66 must be in [2, --head-dim 64]");
+    bad([](MakeModelOptions& o) { o.rope_dim = 7; }, "--rope-dim 7 must be even");
+    bad([](MakeModelOptions& o) { o.head_dim = 36; }, "--rope-dim 9 (the default, head_dim/4; give --rope-dim)");
+    bad([](MakeModelOptions& o) { o.conv_kernel = 1; }, "--conv-kernel must be at least 2");
+    bad([](MakeModelOptions& o) { o.full_attention_interval = 0; }, "--full-attention-interval must be positive");
+    bad([](MakeModelOptions& o) { o.recurrent_layers = "1,1,0"; }, "has 3 entries but there are 8 layers");
+    bad([](MakeModelOptions& o) { o.recurrent_layers = "1,1,1,2,1,1,1,0"; }, "entry 3 is '2'");
+    bad([](MakeModelOptions& o) { o.qkvz_layout = "fused"; }, "--qkvz-layout 'fused'");
+    bad([](MakeModelOptions& o) { o.shared_ff = -1; }, "--shared-ff");
+    bad([](MakeModelOptions& o) { o.heads = 3; }, "--kv-heads");
+}
+
+TEST_F(MakeModelTest, Qwen3NextCommandLine) {
+    auto parse = [](std::vector<std::string> args) {
+        CLI::App app;
+        register_make_model_command(app);
+        args.insert(args.begin(), {"moemesh", "make-model"});
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        app.parse(static_cast<int>(argv.size()), argv.data());
+    };
+    const std::string out = path("ncli.gguf");
+    parse({"--arch", "qwen3next", "--out", out, "--experts", "4", "--type", "q8_0", "--shared-ff", "64",
+           "--ssm-k-heads", "1", "--ssm-v-heads", "2", "--ssm-head-dim", "32", "--conv-kernel", "3", "--rope-dim",
+           "8", "--qkvz-layout", "legacy"});
+    {
+        auto r = GgufFile::open(out);
+        ASSERT_TRUE(r.ok()) << r.status().message();
+        const GgufFile& f = *r.value();
+        EXPECT_EQ(f.get_int_or("qwen3next.block_count", 0), kDefaultQwen3NextLayers);  // default for qwen3next
+        EXPECT_EQ(f.get_int_or("qwen3next.full_attention_interval", 0), 4);
+        EXPECT_EQ(f.get_int_or("qwen3next.expert_shared_feed_forward_length", 0), 64);
+        EXPECT_EQ(f.get_int_or("qwen3next.ssm.conv_kernel", 0), 3);
+        EXPECT_EQ(f.get_int_or("qwen3next.ssm.inner_size", 0), 64);
+        EXPECT_EQ(f.get_int_or("qwen3next.rope.dimension_count", 0), 8);
+        EXPECT_NE(f.tensor("blk.0.ssm_in.weight"), nullptr);
+        EXPECT_NE(f.tensor("blk.3.attn_q.weight"), nullptr);
+    }
+    parse({"--arch", "qwen3next", "--out", out, "--layers", "3", "--experts", "4", "--recurrent-layers", "1,0,1"});
+    auto r = GgufFile::open(out);
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_EQ(r.value()->get_int_or("qwen3next.block_count", 0), 3);
+    EXPECT_FALSE(r.value()->has("qwen3next.full_attention_interval"));
+    EXPECT_NE(r.value()->tensor("blk.1.attn_q.weight"), nullptr);
+    EXPECT_NE(r.value()->tensor("blk.2.attn_qkv.weight"), nullptr);
+    EXPECT_THROW(parse({"--arch", "qwen3next", "--out", out, "--full-attention-interval", "2", "--recurrent-layers",
+                        "1,0,1,0"}),
+                 CLI::ExcludesError);
+    EXPECT_THROW(parse({"--arch", "qwen3next", "--out", out, "--qkvz-layout", "zz"}), CLI::ValidationError);
+}
+
+// llama.cpp loads every variant and gives a real distribution; the legacy and the split layout of one
+// seed are one model, so llama.cpp's probabilities agree (this checks the de-interleave end to end).
+TEST_F(LlamaCppLoads, Qwen3NextF32) {
+    auto o = next_a(path("llama_next_f32.gguf"), "f32");
+    ASSERT_TRUE(make(o).ok());
+    check_llama(o, kDefaultBuiltinVocab, count_params(o));
+}
+
+TEST_F(LlamaCppLoads, Qwen3NextQ4_KLegacy) {
+    auto o = next_a(path("llama_next_q4_k.gguf"), "q4_k");
+    o.qkvz_layout = "legacy";
+    ASSERT_TRUE(make(o).ok());
+    check_llama(o, kDefaultBuiltinVocab, -1);
+}
+
+TEST_F(LlamaCppLoads, Qwen3NextRecurrentLayersArrayTied) {
+    auto o = next_b(path("llama_next_b_q8_0.gguf"), "q8_0");
+    ASSERT_TRUE(make(o).ok());
+    check_llama(o, 300, 0);
+}
+
+TEST_F(LlamaCppLoads, Qwen3NextLegacyAndSplitAgree) {
+    for (const char* t : {"f32", "q8_0"}) {
+        SCOPED_TRACE(t);
+        auto split = next_a(path(std::string("agree_split_") + t + ".gguf"), t);
+        split.experts = 16;
+        split.top_k = 4;
+        split.seed = 123;
+        auto legacy = split;
+        legacy.out = path(std::string("agree_legacy_") + t + ".gguf");
+        legacy.qkvz_layout = "legacy";
+        ASSERT_TRUE(make(split).ok());
+        ASSERT_TRUE(make(legacy).ok());
+        const std::string args = " --tokens 1,17,250,3,99,42,7,300,12,5 --top 512 -n 4 --threads 1";
+        RunResult a = run_ref("probs --model " + split.out + args, split.out + ".stderr");
+        RunResult b = run_ref("probs --model " + legacy.out + args, legacy.out + ".stderr");
+        ASSERT_EQ(a.rc, 0) << a.err;
+        ASSERT_EQ(b.rc, 0) << b.err;
+        auto pa = nlohmann::json::parse(a.out), pb = nlohmann::json::parse(b.out);
+        ASSERT_EQ(pa["positions"].size(), 10u);
+        ASSERT_EQ(pb["positions"].size(), 10u);
+        double max_diff = 0, top_max = 0;
+        for (size_t i = 0; i < 10; ++i) {
+            std::map<int, double> pbm;
+            for (const auto& e : pb["positions"][i]["top"]) pbm[e[0].get<int>()] = e[1].get<double>();
+            for (const auto& e : pa["positions"][i]["top"])
+                max_diff = std::max(max_diff, std::abs(e[1].get<double>() - pbm.at(e[0].get<int>())));
+            top_max = std::max(top_max, pa["positions"][i]["top"][0][1].get<double>());
+        }
+        EXPECT_LT(max_diff, 1e-5);
+        EXPECT_LT(top_max, 0.9);
+        EXPECT_EQ(pa["greedy"], pb["greedy"]);
+    }
 }
 
 }  // namespace

@@ -1,22 +1,41 @@
-// make-model: random-weight qwen3moe GGUF files that llama.cpp loads.
+// make-model: random-weight qwen3moe and qwen3next GGUF files that llama.cpp loads.
 //
 // Shape legend (ggml order, ne[0] innermost = input dimension of a matrix):
-//   H hidden, V vocab, L layers, Q = heads*head_dim, KV = kv_heads*head_dim, E experts, I expert_ff
+//   H hidden, V vocab, L layers, D head_dim, Q = heads*D, KV = kv_heads*D, E experts, I expert_ff
 //   token_embd {H, V}      output {H, V} (absent when tied)      output_norm {H}
 //   blk.N.attn_norm {H}    attn_q {H, Q}   attn_k {H, KV}   attn_v {H, KV}   attn_output {Q, H}
-//   blk.N.attn_q_norm {head_dim}   attn_k_norm {head_dim}   ffn_norm {H}
+//   blk.N.attn_q_norm {D}  attn_k_norm {D}   ffn_norm {H}
 //   blk.N.ffn_gate_inp {H, E}      ffn_gate_exps {H, I, E}  ffn_up_exps {H, I, E}  ffn_down_exps {I, H, E}
+// qwen3next (Hk, Hv DeltaNet heads of dk = dv, r = Hv/Hk, K conv taps, S shared expert width):
+//   blk.N.post_attention_norm {H} replaces ffn_norm
+//   full-attention layers: attn_q {H, 2Q} (per head [query D | gate D]), attn_k, attn_v, attn_output,
+//                          attn_q_norm, attn_k_norm as above
+//   DeltaNet layers: attn_qkv {H, 2*Hk*dk + Hv*dv} ([all q | all k | all v]) + attn_gate {H, Hv*dv} (z),
+//                    or (--qkvz-layout legacy) ssm_in {H, 2*Hk*dk + 2*Hv*dv} (per k-head g:
+//                    [q_g dk | k_g dk | v_g r*dv | z_g r*dv], HF's in_proj_qkvz as it is)
+//                    ssm_conv1d {K, 2*Hk*dk + Hv*dv}  ssm_dt.bias {Hv}  ssm_a {Hv}  ssm_ba {H, 2Hv}
+//                    (per k-head g: [b_g r | a_g r])  ssm_norm {dv}  ssm_out {Hv*dv, H}
+//   blk.N.ffn_gate_inp_shexp {H}  ffn_gate_shexp {H, S}  ffn_up_shexp {H, S}  ffn_down_shexp {S, H}
 //
 // Scaling (why the numbers below): every matrix is N(0, 1/fan_in) so each projection of a unit-RMS
 // input has unit RMS; token_embd is N(0, 1) so the token identity is as loud as a block's output in
 // the residual stream; the router is N(0, (2/sqrt(H))²) so router logits have std ~2 (experts are
 // chosen with a spread, few near-ties); output is N(0, (2/sqrt(H))²) so the logits have std ~2
 // (the top token then rarely has more than half the mass, and the runner-up is usually close).
-// Norm weights are 1 ± 10%.
+// Norm weights are 1 ± 10% (qwen3next: what the converter's +1 makes of HF's zero-centred norms;
+// ssm_norm is a plain weight, initialised to ones in HF, so also 1 ± 10%).
 // Tied embeddings: a token's logit then includes its own embedding's share of the residual
 // stream, h·e_x ≈ |e_x|², which with N(0, 1) embeddings makes "repeat the input token" win with
 // probability ~1. So token_embd is N(0, (2/sqrt(H))²) (|e_x| ≈ 2, small beside the blocks' output)
 // and output_norm stays 1 ± 10%, which again gives logits of std ~2.
+// qwen3next's DeltaNet, as HF initialises it: A ~ U(0, 16) and ssm_a = -exp(A_log) = -A;
+// dt_bias = softplus⁻¹(dt) with dt log-uniform in [1e-3, 0.1] (fla's init), so with a = x·W_a ~ N(0, 1)
+// the per-token log-decay g = ssm_a·softplus(a + dt_bias) is mostly in (-1, 0): the state remembers
+// several tokens, some heads many. conv1d is N(0, 1/K) (unit-RMS output per channel); ssm_ba is
+// fan-in scaled so b and a are ~N(0, 1) (beta = sigmoid(b) spread around 0.5). The gated RMSNorm
+// rescales the DeltaNet output to unit RMS per head whatever the state's magnitude, so the branch
+// contributes as much as attention does. The shared-expert gate is N(0, 1/H): x·w ~ N(0, 1), so
+// sigmoid(x·w) is spread over ~(0.2, 0.8), never saturated.
 #include "tools/make_model.h"
 
 #include "common/placement.h"
@@ -98,8 +117,10 @@ private:
 // ---- what to write ----
 
 enum class Init {
-    kNormal,    // N(0, scale²)
-    kNearOne,   // scale * (1 + 0.1·N(0,1))
+    kNormal,      // N(0, scale²)
+    kNearOne,     // scale * (1 + 0.1·N(0,1))
+    kNegUniform,  // -scale·U(0, 1): ssm_a = -exp(A_log) with A ~ U(0, scale)
+    kDtBias,      // softplus⁻¹(dt), dt = exp(U(ln 1e-3, ln 0.1))
 };
 
 struct TensorPlan {
@@ -108,6 +129,11 @@ struct TensorPlan {
     GgmlType type;
     Init init;
     float scale;
+    // Row r (of ne[0] values) is row row_map[r] of the random tensor named seed_name. Both empty: the
+    // tensor's own rows. This lets attn_qkv + attn_gate be exactly the rows of the ssm_in the legacy
+    // layout writes from the same seed (the converter's de-interleave is a permutation of rows).
+    std::string seed_name;
+    std::vector<int64_t> row_map;
 };
 
 bool writable_type(GgmlType t) {
@@ -166,12 +192,70 @@ GgmlType fallback_type(GgmlType want, int64_t ncols, const std::string& name, st
     return t;
 }
 
+// Which layers are DeltaNet (true) and which are full attention, as llama.cpp decides it: the
+// recurrent_layers array when given, else (i+1) % full_attention_interval != 0.
+StatusOr<std::vector<bool>> recurrent_schedule(const MakeModelOptions& o) {
+    std::vector<bool> rec(static_cast<size_t>(o.layers));
+    if (o.recurrent_layers.empty()) {
+        for (int i = 0; i < o.layers; ++i) rec[static_cast<size_t>(i)] = (i + 1) % o.full_attention_interval != 0;
+        return rec;
+    }
+    std::vector<std::string> items(1);
+    for (char c : o.recurrent_layers) {
+        if (c == ',') {
+            items.emplace_back();
+        } else if (c != ' ') {
+            items.back() += c;
+        }
+    }
+    if (static_cast<int>(items.size()) != o.layers)
+        return MM_ERROR("make-model: --recurrent-layers '%s' has %zu entries but there are %d layers (--layers)",
+                        o.recurrent_layers.c_str(), items.size(), o.layers);
+    for (size_t i = 0; i < items.size(); ++i) {
+        if (items[i] != "0" && items[i] != "1")
+            return MM_ERROR("make-model: --recurrent-layers entry %zu is '%s'; expected 1 (DeltaNet) or 0 (full "
+                            "attention)",
+                            i, items[i].c_str());
+        rec[i] = items[i] == "1";
+    }
+    return rec;
+}
+
+int rope_dim_of(const MakeModelOptions& o) { return o.rope_dim > 0 ? o.rope_dim : o.head_dim / 4; }
+
+Status validate_qwen3next(const MakeModelOptions& o) {
+    auto positive = [](const char* flag, int v) -> Status {
+        if (v <= 0) return MM_ERROR("make-model: %s must be positive, got %d", flag, v);
+        return Status();
+    };
+    MM_RETURN_IF_ERROR(positive("--ssm-k-heads", o.ssm_k_heads));
+    MM_RETURN_IF_ERROR(positive("--ssm-v-heads", o.ssm_v_heads));
+    MM_RETURN_IF_ERROR(positive("--ssm-head-dim", o.ssm_head_dim));
+    MM_RETURN_IF_ERROR(positive("--full-attention-interval", o.full_attention_interval));
+    if (o.shared_ff < 0) return MM_ERROR("make-model: --shared-ff must be >= 0 (0: --expert-ff), got %d", o.shared_ff);
+    if (o.ssm_v_heads % o.ssm_k_heads != 0)
+        return MM_ERROR("make-model: --ssm-v-heads %d is not a multiple of --ssm-k-heads %d (each k-head serves "
+                        "Hv/Hk v-heads)",
+                        o.ssm_v_heads, o.ssm_k_heads);
+    if (o.conv_kernel < 2)
+        return MM_ERROR("make-model: --conv-kernel must be at least 2 (llama.cpp keeps K-1 past inputs), got %d",
+                        o.conv_kernel);
+    if (o.rope_dim < 0) return MM_ERROR("make-model: --rope-dim must be >= 0 (0: head_dim/4), got %d", o.rope_dim);
+    const int rope = rope_dim_of(o);
+    const char* how = o.rope_dim > 0 ? "" : " (the default, head_dim/4; give --rope-dim)";
+    if (rope == 0 || rope > o.head_dim)
+        return MM_ERROR("make-model: --rope-dim %d%s must be in [2, --head-dim %d]", rope, how, o.head_dim);
+    if (rope % 2 != 0) return MM_ERROR("make-model: --rope-dim %d%s must be even (RoPE pairs)", rope, how);
+    if (o.qkvz_layout != "split" && o.qkvz_layout != "legacy")
+        return MM_ERROR("make-model: --qkvz-layout '%s': expected split or legacy", o.qkvz_layout.c_str());
+    return recurrent_schedule(o).status();
+}
+
 Status validate(const MakeModelOptions& o) {
     if (o.out.empty()) return MM_ERROR("make-model: --out is required");
     const Arch a = arch_from_name(o.arch);
-    if (a == Arch::kUnknown) return MM_ERROR("make-model: unknown architecture '%s'", o.arch.c_str());
-    if (a != Arch::kQwen3Moe)
-        return MM_ERROR("make-model: architecture '%s' is not generated yet (only qwen3moe)", o.arch.c_str());
+    if (a == Arch::kUnknown)
+        return MM_ERROR("make-model: unknown architecture '%s' (expected qwen3moe or qwen3next)", o.arch.c_str());
     auto positive = [](const char* flag, int v) -> Status {
         if (v <= 0) return MM_ERROR("make-model: %s must be positive, got %d", flag, v);
         return Status();
@@ -194,6 +278,7 @@ Status validate(const MakeModelOptions& o) {
     if (!(o.rms_eps > 0)) return MM_ERROR("make-model: --rms-eps must be positive");
     auto t = parse_type("--type", o.type);
     if (!t.ok()) return t.status();
+    if (a == Arch::kQwen3Next) MM_RETURN_IF_ERROR(validate_qwen3next(o));
     return Status();
 }
 
@@ -204,10 +289,26 @@ void fill_rows(const TensorPlan& t, uint64_t tensor_seed, int64_t r0, int64_t r1
     const size_t row_bytes = ggml_row_bytes(t.type, n);
     std::vector<float> row(static_cast<size_t>(n));
     for (int64_t r = r0; r < r1; ++r) {
-        Rng rng(tensor_seed + static_cast<uint64_t>(r) * 0xD1B54A32D192ED03ull);
+        const int64_t src = t.row_map.empty() ? r : t.row_map[static_cast<size_t>(r)];
+        Rng rng(tensor_seed + static_cast<uint64_t>(src) * 0xD1B54A32D192ED03ull);
         for (int64_t i = 0; i < n; ++i) {
-            const float z = rng.normal();
-            row[i] = t.init == Init::kNormal ? t.scale * z : t.scale * (1.0f + 0.1f * z);
+            switch (t.init) {
+                case Init::kNormal:
+                    row[i] = t.scale * rng.normal();
+                    break;
+                case Init::kNearOne:
+                    row[i] = t.scale * (1.0f + 0.1f * rng.normal());
+                    break;
+                case Init::kNegUniform:
+                    row[i] = -t.scale * static_cast<float>(rng.uniform());
+                    break;
+                case Init::kDtBias: {
+                    const double lo = std::log(1e-3), hi = std::log(0.1);
+                    const double dt = std::exp(lo + (hi - lo) * rng.uniform());
+                    row[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
+                    break;
+                }
+            }
         }
         uint8_t* out = dst + static_cast<size_t>(r) * row_bytes;
         switch (t.type) {
@@ -237,7 +338,7 @@ std::vector<uint8_t> generate(const TensorPlan& t, uint64_t seed, int n_threads)
     int64_t rows = 1;
     for (size_t d = 1; d < t.ne.size(); ++d) rows *= t.ne[d];
     std::vector<uint8_t> data(ggml_row_bytes(t.type, t.ne[0]) * static_cast<size_t>(rows));
-    const uint64_t tensor_seed = splitmix64(seed ^ fnv1a(t.name));
+    const uint64_t tensor_seed = splitmix64(seed ^ fnv1a(t.seed_name.empty() ? t.name : t.seed_name));
     const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(n_threads, rows * t.ne[0] / (1 << 16)));
     if (nt == 1) {
         fill_rows(t, tensor_seed, 0, rows, data.data());
@@ -252,6 +353,130 @@ std::vector<uint8_t> generate(const TensorPlan& t, uint64_t seed, int n_threads)
     return data;
 }
 
+
+
+float fan_in(int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); }
+
+// Makes the plan of one tensor with the converter's and llama-quantize's choice of type.
+struct Planner {
+    std::ostream& log;
+    GgmlType wtype;
+    GgmlType norm_type;
+
+    TensorPlan matrix(Tensor t, int layer, std::vector<int64_t> ne, GgmlType type, float scale) const {
+        const std::string n = tensor_name(t, layer);
+        return TensorPlan{n, ne, fallback_type(type, ne[0], n, log), Init::kNormal, scale, {}, {}};
+    }
+    TensorPlan norm(Tensor t, int layer, int64_t n) const {
+        const std::string nm = tensor_name(t, layer);
+        return TensorPlan{nm, {n}, fallback_type(norm_type, n, nm, log), Init::kNearOne, 1.0f, {}, {}};
+    }
+    // A 1-D tensor that is no norm weight: always F32 (the converter writes every 1-D tensor as F32
+    // and llama-quantize quantizes only tensors of 2 or more dimensions).
+    TensorPlan vector(Tensor t, int layer, const char* suffix, int64_t n, Init init, float scale) const {
+        return TensorPlan{tensor_name(t, layer, suffix), {n}, GgmlType::F32, init, scale, {}, {}};
+    }
+};
+
+std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner& p, int l) {
+    const int64_t H = o.hidden, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    return {
+        p.norm(Tensor::kAttnNorm, l, H),
+        p.matrix(Tensor::kAttnQ, l, {H, Q}, p.wtype, fan_in(H)),
+        p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)),
+        p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)),
+        p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)),
+        p.norm(Tensor::kAttnQNorm, l, D),
+        p.norm(Tensor::kAttnKNorm, l, D),
+        p.norm(Tensor::kFfnNorm, l, H),
+        // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
+        p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)),
+        p.matrix(Tensor::kFfnGateExps, l, {H, I, E}, p.wtype, fan_in(H)),
+        p.matrix(Tensor::kFfnUpExps, l, {H, I, E}, p.wtype, fan_in(H)),
+        p.matrix(Tensor::kFfnDownExps, l, {I, H, E}, p.wtype, fan_in(I)),
+    };
+}
+
+// One qwen3next block. The DeltaNet input projection is always drawn as HF's in_proj_qkvz (rows in
+// the grouped order, seeded by the ssm_in name); the split layout writes the same rows de-interleaved
+// as convert_hf_to_gguf.py does, so both layouts of one seed are the same model.
+std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner& p, int l, bool recurrent) {
+    const int64_t H = o.hidden, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    const int64_t S = o.shared_ff > 0 ? o.shared_ff : o.expert_ff;
+    std::vector<TensorPlan> g;
+    g.push_back(p.norm(Tensor::kAttnNorm, l, H));
+    if (recurrent) {
+        const int64_t Hk = o.ssm_k_heads, Hv = o.ssm_v_heads, dk = o.ssm_head_dim, dv = o.ssm_head_dim;
+        const int64_t r = Hv / Hk, key_dim = Hk * dk, value_dim = Hv * dv, conv_dim = 2 * key_dim + value_dim;
+        const int64_t group = 2 * dk + 2 * r * dv;  // rows of one k-head group in in_proj_qkvz
+        TensorPlan qkvz = p.matrix(Tensor::kSsmIn, l, {H, 2 * key_dim + 2 * value_dim}, p.wtype, fan_in(H));
+        if (o.qkvz_layout == "legacy") {
+            g.push_back(std::move(qkvz));
+        } else {
+            TensorPlan qkv = p.matrix(Tensor::kAttnQkv, l, {H, conv_dim}, p.wtype, fan_in(H));
+            TensorPlan z = p.matrix(Tensor::kAttnGate, l, {H, value_dim}, p.wtype, fan_in(H));
+            qkv.seed_name = z.seed_name = qkvz.name;
+            qkv.row_map.resize(static_cast<size_t>(conv_dim));
+            z.row_map.resize(static_cast<size_t>(value_dim));
+            for (int64_t k = 0; k < Hk; ++k) {
+                const int64_t base = k * group;  // [q dk | k dk | v r*dv | z r*dv]
+                for (int64_t i = 0; i < dk; ++i) {
+                    qkv.row_map[static_cast<size_t>(k * dk + i)] = base + i;
+                    qkv.row_map[static_cast<size_t>(key_dim + k * dk + i)] = base + dk + i;
+                }
+                for (int64_t i = 0; i < r * dv; ++i) {
+                    qkv.row_map[static_cast<size_t>(2 * key_dim + k * r * dv + i)] = base + 2 * dk + i;
+                    z.row_map[static_cast<size_t>(k * r * dv + i)] = base + 2 * dk + r * dv + i;
+                }
+            }
+            g.push_back(std::move(qkv));
+            g.push_back(std::move(z));
+        }
+        // ssm_conv1d stays F32: the converter and llama-quantize never quantize it.
+        g.push_back(p.matrix(Tensor::kSsmConv1d, l, {o.conv_kernel, conv_dim}, GgmlType::F32, fan_in(o.conv_kernel)));
+        g.push_back(p.vector(Tensor::kSsmDt, l, "bias", Hv, Init::kDtBias, 1.0f));
+        g.push_back(p.vector(Tensor::kSsmA, l, "", Hv, Init::kNegUniform, 16.0f));
+        g.push_back(p.matrix(Tensor::kSsmBa, l, {H, 2 * Hv}, p.wtype, fan_in(H)));
+        g.push_back(p.norm(Tensor::kSsmNorm, l, dv));
+        g.push_back(p.matrix(Tensor::kSsmOut, l, {value_dim, H}, p.wtype, fan_in(value_dim)));
+    } else {
+        g.push_back(p.matrix(Tensor::kAttnQ, l, {H, 2 * Q}, p.wtype, fan_in(H)));  // per head [query | gate]
+        g.push_back(p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)));
+        g.push_back(p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)));
+        g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
+        g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
+        g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
+    }
+    g.push_back(p.norm(Tensor::kAttnPostNorm, l, H));
+    g.push_back(p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnGateExps, l, {H, I, E}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnUpExps, l, {H, I, E}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnDownExps, l, {I, H, E}, p.wtype, fan_in(I)));
+    g.push_back(p.vector(Tensor::kFfnGateInpShexp, l, "weight", H, Init::kNormal, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnGateShexp, l, {H, S}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnUpShexp, l, {H, S}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kFfnDownShexp, l, {S, H}, p.wtype, fan_in(S)));
+    return g;
+}
+
+// The keys Qwen3NextModel.set_gguf_parameters adds to Qwen2MoeModel's.
+void write_qwen3next_metadata(GgufWriter& w, const MakeModelOptions& o, const std::vector<bool>& schedule) {
+    const Arch a = Arch::kQwen3Next;
+    w.set_u32(kv_name(Kv::kExpertSharedFeedForwardLength, a), o.shared_ff > 0 ? o.shared_ff : o.expert_ff);
+    w.set_u32(kv_name(Kv::kSsmConvKernel, a), o.conv_kernel);
+    w.set_u32(kv_name(Kv::kSsmStateSize, a), o.ssm_head_dim);
+    w.set_u32(kv_name(Kv::kSsmGroupCount, a), o.ssm_k_heads);
+    w.set_u32(kv_name(Kv::kSsmTimeStepRank, a), o.ssm_v_heads);
+    w.set_u32(kv_name(Kv::kSsmInnerSize, a), o.ssm_head_dim * o.ssm_v_heads);
+    if (o.recurrent_layers.empty()) {
+        w.set_u32(kv_name(Kv::kFullAttentionInterval, a), o.full_attention_interval);
+    } else {
+        w.set_arr_bool(kv_name(Kv::kAttentionRecurrentLayers, a), schedule);
+    }
+    w.set_u32(kv_name(Kv::kRopeDimensionCount, a), rope_dim_of(o));
+}
 
 }  // namespace
 
@@ -281,8 +506,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
                         "embedding row)",
                         tok.tokens.size(), static_cast<long long>(n_vocab));
 
-    const int64_t H = o.hidden, V = n_vocab, E = o.experts, I = o.expert_ff, D = o.head_dim;
-    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    const int64_t H = o.hidden, V = n_vocab;
     const float inv_sqrt_h = 1.0f / std::sqrt(static_cast<float>(H));
     const int n_threads = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
 
@@ -311,43 +535,33 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
     w.set_u32(kv_name(Kv::kGeneralFileType, arch), static_cast<uint32_t>(file_type_of(wtype)));
     w.set_u32(kv_name(Kv::kExpertFeedForwardLength, arch), o.expert_ff);
     w.set_u32(kv_name(Kv::kGeneralQuantizationVersion, arch), kGgmlQuantizationVersion);
+    std::vector<bool> schedule;
+    if (arch == Arch::kQwen3Next) {
+        MM_ASSIGN_OR_RETURN(schedule, recurrent_schedule(o));
+        write_qwen3next_metadata(w, o, schedule);
+    }
     write_tokenizer_metadata(w, tok);
 
-    // ---- tensor plan, in the order the converter emits them ----
-    auto matrix = [&](Tensor t, int layer, std::vector<int64_t> ne, GgmlType type, float scale) {
-        const std::string n = tensor_name(t, layer);
-        return TensorPlan{n, ne, fallback_type(type, ne[0], n, log), Init::kNormal, scale};
-    };
-    auto norm = [&](Tensor t, int layer, int64_t n, float scale) {
-        const std::string nm = tensor_name(t, layer);
-        return TensorPlan{nm, {n}, fallback_type(norm_type, n, nm, log), Init::kNearOne, scale};
-    };
-    auto fan_in = [](int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); };
 
+    // ---- tensor plan, in the order the converter emits them ----
+    const Planner p{log, wtype, norm_type};
     std::vector<std::vector<TensorPlan>> groups;
     const float embd_scale = o.tied_embeddings ? 2.0f * inv_sqrt_h : 1.0f;
-    groups.push_back({matrix(Tensor::kTokenEmbd, -1, {H, V}, embed_type, embd_scale)});
-    for (int l = 0; l < o.layers; ++l) {
-        groups.push_back({
-            norm(Tensor::kAttnNorm, l, H, 1.0f),
-            matrix(Tensor::kAttnQ, l, {H, Q}, wtype, fan_in(H)),
-            matrix(Tensor::kAttnK, l, {H, KV}, wtype, fan_in(H)),
-            matrix(Tensor::kAttnV, l, {H, KV}, wtype, fan_in(H)),
-            matrix(Tensor::kAttnOutput, l, {Q, H}, wtype, fan_in(Q)),
-            norm(Tensor::kAttnQNorm, l, D, 1.0f),
-            norm(Tensor::kAttnKNorm, l, D, 1.0f),
-            norm(Tensor::kFfnNorm, l, H, 1.0f),
-            // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
-            matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * inv_sqrt_h),
-            matrix(Tensor::kFfnGateExps, l, {H, I, E}, wtype, fan_in(H)),
-            matrix(Tensor::kFfnUpExps, l, {H, I, E}, wtype, fan_in(H)),
-            matrix(Tensor::kFfnDownExps, l, {I, H, E}, wtype, fan_in(I)),
-        });
-    }
+    groups.push_back({p.matrix(Tensor::kTokenEmbd, -1, {H, V}, embed_type, embd_scale)});
+    for (int l = 0; l < o.layers; ++l)
+        groups.push_back(arch == Arch::kQwen3Next ? qwen3next_layer(o, p, l, schedule[static_cast<size_t>(l)])
+                                                  : qwen3moe_layer(o, p, l));
     std::vector<TensorPlan> tail;
-    tail.push_back(norm(Tensor::kOutputNorm, -1, H, 1.0f));
-    if (!o.tied_embeddings) tail.push_back(matrix(Tensor::kOutput, -1, {H, V}, embed_type, 2.0f * inv_sqrt_h));
+    tail.push_back(p.norm(Tensor::kOutputNorm, -1, H));
+    if (!o.tied_embeddings) tail.push_back(p.matrix(Tensor::kOutput, -1, {H, V}, embed_type, 2.0f * inv_sqrt_h));
     groups.push_back(std::move(tail));
+    if (arch == Arch::kQwen3Next) {
+        std::string full;
+        for (int l = 0; l < o.layers; ++l)
+            if (!schedule[static_cast<size_t>(l)]) full += (full.empty() ? "" : ",") + std::to_string(l);
+        log << "make-model: full attention at layers [" << full << "], Gated DeltaNet elsewhere; qkvz layout "
+            << o.qkvz_layout << "\n";
+    }
 
     int64_t n_params = 0;
     double n_bytes = 0;
@@ -387,7 +601,7 @@ void register_make_model_command(CLI::App& app) {
     CLI::App* cmd = app.add_subcommand("make-model", "Write a small random-weight model (GGUF) that llama.cpp loads");
     cmd->add_option("--arch", opts->arch, "Architecture")->capture_default_str();
     cmd->add_option("--out,-o", opts->out, "Output .gguf path")->required();
-    cmd->add_option("--layers", opts->layers, "Transformer blocks")->capture_default_str();
+    cmd->add_option("--layers", opts->layers, "Transformer blocks (qwen3next default: 4)")->capture_default_str();
     cmd->add_option("--hidden", opts->hidden, "Hidden size H")->capture_default_str();
     cmd->add_option("--heads", opts->heads, "Attention (query) heads")->capture_default_str();
     cmd->add_option("--kv-heads", opts->kv_heads, "Key/value heads (GQA)")->capture_default_str();
@@ -406,7 +620,32 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();
     cmd->add_flag("--tied", opts->tied_embeddings, "Tie output to token_embd (no output.weight)");
     cmd->add_option("--alignment", opts->alignment, "Tensor data alignment (general.alignment)")->capture_default_str();
-    cmd->callback([opts] {
+    // qwen3next
+    auto* interval = cmd->add_option("--full-attention-interval", opts->full_attention_interval,
+                                     "qwen3next: layer i is full attention when (i+1) % N == 0, DeltaNet otherwise")
+                         ->capture_default_str();
+    cmd->add_option("--recurrent-layers", opts->recurrent_layers,
+                    "qwen3next: per-layer schedule, e.g. 1,1,1,0 (1 DeltaNet, 0 full attention), written as the "
+                    "attention.recurrent_layers array instead of the interval")
+        ->excludes(interval);
+    cmd->add_option("--shared-ff", opts->shared_ff, "qwen3next: shared expert width (0: --expert-ff)")
+        ->capture_default_str();
+    cmd->add_option("--ssm-k-heads", opts->ssm_k_heads, "qwen3next: DeltaNet q/k heads Hk")->capture_default_str();
+    cmd->add_option("--ssm-v-heads", opts->ssm_v_heads, "qwen3next: DeltaNet v heads Hv (a multiple of Hk)")
+        ->capture_default_str();
+    cmd->add_option("--ssm-head-dim", opts->ssm_head_dim, "qwen3next: DeltaNet head dimension dk = dv")
+        ->capture_default_str();
+    cmd->add_option("--conv-kernel", opts->conv_kernel, "qwen3next: DeltaNet causal conv taps K")
+        ->capture_default_str();
+    cmd->add_option("--rope-dim", opts->rope_dim, "qwen3next: rotary dims per head, partial RoPE (0: head_dim/4)")
+        ->capture_default_str();
+    cmd->add_option("--qkvz-layout", opts->qkvz_layout,
+                    "qwen3next: split (attn_qkv + attn_gate, current converter) or legacy (one raw ssm_in)")
+        ->check(CLI::IsMember({"split", "legacy"}))
+        ->capture_default_str();
+    cmd->callback([opts, cmd] {
+        if (opts->arch == arch_name(Arch::kQwen3Next) && cmd->count("--layers") == 0)
+            opts->layers = kDefaultQwen3NextLayers;
         Status st = make_model(*opts, std::cerr);
         if (!st.ok()) {
             std::cerr << st.message() << "\n";

@@ -38,7 +38,22 @@ struct MakeModelOptions {
     // Optional per-group overrides. Empty: norms and other 1-D tensors f32, token_embd / output in `type`.
     std::string norm_type;
     std::string embed_type;
+
+    // qwen3next only (ignored for qwen3moe). Gated DeltaNet ("linear attention") sizes: Hk k-heads and
+    // Hv v-heads (Hv a multiple of Hk) of dimension dk = dv = ssm_head_dim, depthwise conv of conv_kernel taps.
+    int full_attention_interval = 4;  // layer i is full attention when (i+1) % interval == 0
+    std::string recurrent_layers;     // "1,1,1,0,...": one 0/1 per layer (1 = DeltaNet); overrides the interval
+                                      // and is written as the attention.recurrent_layers array instead
+    int shared_ff = 0;                // shared expert width; 0: expert_ff
+    int ssm_k_heads = 2;
+    int ssm_v_heads = 4;
+    int ssm_head_dim = 64;
+    int conv_kernel = 4;
+    int rope_dim = 0;                   // rotary dims of each head (partial RoPE); 0: head_dim / 4
+    std::string qkvz_layout = "split";  // split: attn_qkv + attn_gate (current converter); legacy: one ssm_in
 };
+
+constexpr int kDefaultQwen3NextLayers = 4;  // --layers when not given with --arch qwen3next: 3 DeltaNet + 1 full
 
 constexpr int kDefaultBuiltinVocab = 512;
 
