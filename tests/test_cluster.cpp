@@ -108,6 +108,21 @@ protected:
                               suite_dir_ + "/make.err"),
                   0)
             << read_file(suite_dir_ + "/make.err");
+        // A qwen3next model: hybrid DeltaNet/attention stack with a shared expert on the coordinator.
+        model_next_ = suite_dir_ + "/next.gguf";
+        ASSERT_EQ(run_capture(moemesh_bin() + " make-model --arch qwen3next --out " + model_next_ + dims +
+                                  " --expert-ff 64 --shared-ff 64 --ssm-k-heads 2 --ssm-v-heads 4 --ssm-head-dim 32"
+                                  " --seed 5",
+                              &out, suite_dir_ + "/make.err"),
+                  0)
+            << read_file(suite_dir_ + "/make.err");
+        ASSERT_EQ(run_capture(moemesh_bin() + " run --model " + model_next_ + " --tokens " + kTokens + " --top " +
+                                  std::to_string(kTop) + " --json -n " + std::to_string(kShortN) +
+                                  " --kv-type f32 --threads 1",
+                              &out, suite_dir_ + "/ref.err"),
+                  0)
+            << read_file(suite_dir_ + "/ref.err");
+        ref_next_ = json::parse(out);
         for (int n : {kShortN, kLongN}) {
             ASSERT_EQ(run_capture(moemesh_bin() + " run --model " + model_ + " --tokens " + kTokens + " --top " +
                                       std::to_string(kTop) + " --json -n " + std::to_string(n) +
@@ -149,8 +164,9 @@ protected:
         return *workers_.back();
     }
 
-    std::string write_yaml(const std::string& file, const std::vector<WorkerEntry>& ws, int timeout_ms = 5000) {
-        std::string y = "model: " + model_ + "\ncoordinator: {timeout_ms: " + std::to_string(timeout_ms) + "}\nworkers:\n";
+    std::string write_yaml(const std::string& file, const std::vector<WorkerEntry>& ws, int timeout_ms = 5000,
+                           const std::string& model = "") {
+        std::string y = "model: " + (model.empty() ? model_ : model) + "\ncoordinator: {timeout_ms: " + std::to_string(timeout_ms) + "}\nworkers:\n";
         for (const auto& w : ws) {
             y += "  - name: " + w.name + "\n    address: \"" + w.address + "\"\n    " + w.shard + "\n";
             if (!w.replicas.empty()) y += "    replicas: " + w.replicas + "\n";
@@ -201,8 +217,9 @@ protected:
         EXPECT_EQ(compare_outputs(ref_[n], j), "") << what;
     }
 
-    static inline std::string suite_dir_, model_, model2_;
+    static inline std::string suite_dir_, model_, model2_, model_next_;
     static inline std::map<int, json> ref_;
+    static inline json ref_next_;
     static inline int counter_ = 0;
     std::string dir_, sock_dir_;
     std::vector<std::unique_ptr<Worker>> workers_;
@@ -245,6 +262,28 @@ TEST_P(Equality, OneTwoThreeWorkersMatchSingleProcess) {
 }
 INSTANTIATE_TEST_SUITE_P(Transport, Equality, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? std::string("Tcp") : std::string("Unix"); });
+
+// qwen3next: the coordinator keeps the DeltaNet/attention state and the shared expert, the workers
+// serve the routed experts; output equals the single process (which matches llama.cpp:
+// test_parity_qwen3next).
+TEST_F(Cluster, Qwen3NextTwoWorkersMatchSingleProcess) {
+    Worker& a = add_worker("a", false, {}, model_next_);
+    Worker& b = add_worker("b", true, {}, model_next_);
+    ASSERT_TRUE(a.start());
+    ASSERT_TRUE(b.start());
+    const std::string yaml =
+        write_yaml("next.yaml",
+                   {{"a", a.address, "layers: {\"0-1\": \"0-9\", \"2-3\": \"0-4\"}", "", ""},
+                    {"b", b.address, "layers: {\"0-1\": \"10-15\", \"2-3\": \"5-15\"}", "", ""}},
+                   5000, model_next_);
+    std::string out, err;
+    auto rc = run_cluster(yaml, kShortN, 30, &out, &err, "next");
+    ASSERT_EQ(rc, std::optional<int>(0)) << err;
+    json j;
+    ASSERT_NO_THROW(j = json::parse(out)) << out;
+    EXPECT_EQ(compare_outputs(ref_next_, j), "");
+    EXPECT_EQ(err.find(" 0 calls"), std::string::npos) << err;
+}
 
 // ---- 2. SIGKILL mid-generation, then restart: the same coordinator serves again ----
 
