@@ -1,0 +1,182 @@
+// GEMV bandwidth per weight type on Qwen3-30B-A3B-like shapes (hidden 2048, expert ff 768,
+// 128 experts top-8, 32/4 heads of 128, vocab 151936), against the device's measured copy bandwidth.
+//
+//   bench_cuda_gemv [reps]
+//
+// GB/s counts the weight bytes each call reads (X and Y are < 0.1% of them). Each matrix is cycled
+// through enough copies to exceed twice the L2 cache, so the numbers are DRAM numbers, and each
+// call is timed alone with events (launch overhead included: that is what a decode step pays).
+// "copy" is cudaMemcpy device-to-device of 1 GiB, counting bytes read + written.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/ops.h"
+
+using namespace moemesh;
+
+namespace {
+
+int g_reps = 30;
+double g_copy_gbs = 0.0;
+size_t g_l2 = 0;
+
+float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+double copy_bandwidth() {
+    const size_t bytes = size_t{1} << 30;
+    void *a, *b;
+    CUDA_CHECK(cudaMalloc(&a, bytes));
+    CUDA_CHECK(cudaMalloc(&b, bytes));
+    CUDA_CHECK(cudaMemset(a, 1, bytes));
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < 12; ++i) {
+        CUDA_CHECK(cudaEventRecord(e0));
+        CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        float t;
+        CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= 2) ms.push_back(t);
+    }
+    CUDA_CHECK(cudaFree(a));
+    CUDA_CHECK(cudaFree(b));
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+    return 2.0 * static_cast<double>(bytes) / (median(ms) * 1e-3) / 1e9;
+}
+
+// A device buffer of `n_mat` matrices [n_out, k] of type t, filled by repeating 64 quantized rows.
+void* make_matrices(GgmlType t, int64_t n_out, int64_t k, int64_t n_mat, size_t* matrix_bytes) {
+    const int64_t tmpl_rows = 64;
+    const size_t rb = ggml_row_bytes(t, k);
+    std::mt19937 rng(1);
+    std::normal_distribution<float> dist(0.0f, 0.05f);
+    std::vector<float> w(static_cast<size_t>(tmpl_rows * k));
+    for (auto& x : w) x = dist(rng);
+    std::vector<uint8_t> tmpl(rb * tmpl_rows);
+    for (int64_t r = 0; r < tmpl_rows; ++r) quantize_row(t, &w[r * k], &tmpl[r * rb], k);
+    *matrix_bytes = rb * n_out;
+    const size_t total = *matrix_bytes * n_mat;
+    uint8_t* d;
+    CUDA_CHECK(cudaMalloc(&d, total));
+    CUDA_CHECK(cudaMemcpy(d, tmpl.data(), std::min(total, tmpl.size()), cudaMemcpyHostToDevice));
+    for (size_t have = tmpl.size(); have < total;) {  // doubling copies
+        const size_t n = std::min(have, total - have);
+        CUDA_CHECK(cudaMemcpy(d + have, d, n, cudaMemcpyDeviceToDevice));
+        have += n;
+    }
+    return d;
+}
+
+// One table row: n_sel > 0 uses matmul_id over an [E=128] expert tensor with n_sel random ids.
+void bench(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m, int64_t n_sel = 0) {
+    const size_t one = ggml_row_bytes(t, k) * n_out;
+    const int64_t n_exp = 128;
+    // Copies to cycle through so that consecutive calls miss L2.
+    const int64_t n_mat = n_sel > 0 ? n_exp : std::max<int64_t>(2, static_cast<int64_t>(4 * g_l2 / one) + 1);
+    size_t matrix_bytes = 0;
+    auto* w = static_cast<uint8_t*>(make_matrices(t, n_out, k, n_mat, &matrix_bytes));
+    const int64_t rows_x = std::max<int64_t>(m, n_sel);
+    float *x, *y;
+    int32_t* ids;
+    CUDA_CHECK(cudaMalloc(&x, rows_x * k * sizeof(float)));
+    CUDA_CHECK(cudaMemset(x, 0, rows_x * k * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&y, rows_x * n_out * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&ids, std::max<int64_t>(n_sel, 1) * n_exp * sizeof(int32_t)));
+    // Per rep a different set of n_sel distinct experts.
+    std::mt19937 rng(7);
+    std::vector<int32_t> all_ids;
+    const int64_t id_sets = 16;
+    for (int64_t s = 0; s < id_sets && n_sel > 0; ++s) {
+        std::vector<int32_t> perm(n_exp);
+        for (int64_t i = 0; i < n_exp; ++i) perm[i] = static_cast<int32_t>(i);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        all_ids.insert(all_ids.end(), perm.begin(), perm.begin() + n_sel);
+    }
+    if (n_sel > 0)
+        CUDA_CHECK(cudaMemcpy(ids, all_ids.data(), all_ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < g_reps + 3; ++i) {
+        CUDA_CHECK(cudaEventRecord(e0));
+        if (n_sel > 0)
+            cuda::matmul_id(t, w, matrix_bytes, ids + (i % id_sets) * n_sel, n_sel, n_out, k, x, 0, y);
+        else
+            cuda::matmul(t, w + (i % n_mat) * matrix_bytes, n_out, k, x, m, y);
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        float tm;
+        CUDA_CHECK(cudaEventElapsedTime(&tm, e0, e1));
+        if (i >= 3) ms.push_back(tm);
+    }
+    CUDA_CHECK(cudaGetLastError());
+    const double bytes = static_cast<double>(one) * static_cast<double>(std::max<int64_t>(n_sel, 1));
+    const double us = median(ms) * 1e3;
+    const double gbs = bytes / (us * 1e-6) / 1e9;
+    if (m > 8) {  // compute-bound: report TFLOP/s instead
+        const double tflops = 2.0 * static_cast<double>(m) * n_out * k / (us * 1e-6) / 1e12;
+        std::printf("| %-22s | %-4s | %6lld | %5lld | %3lld | %8.2f | %8.2f | %5.1f TFLOP/s | - |\n", what,
+                    ggml_type_name(t), static_cast<long long>(n_out), static_cast<long long>(k),
+                    static_cast<long long>(m), bytes / 1e6, us, tflops);
+    } else {
+        std::printf("| %-22s | %-4s | %6lld | %5lld | %3lld | %8.2f | %8.2f | %7.0f | %5.1f%% |\n", what,
+                    ggml_type_name(t), static_cast<long long>(n_out), static_cast<long long>(k),
+                    static_cast<long long>(n_sel > 0 ? n_sel : m), bytes / 1e6, us, gbs, 100.0 * gbs / g_copy_gbs);
+    }
+    std::fflush(stdout);
+    CUDA_CHECK(cudaFree(w));
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(y));
+    CUDA_CHECK(cudaFree(ids));
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc > 1) g_reps = std::max(3, std::atoi(argv[1]));
+    const char* why = "";
+    if (cuda::device_count(&why) == 0) {
+        std::printf("no CUDA device: %s\n", why);
+        return 0;
+    }
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    g_l2 = static_cast<size_t>(prop.l2CacheSize);
+    g_copy_gbs = copy_bandwidth();
+    std::printf("device: %s, %d SMs, L2 %zu MB; D2D copy %.0f GB/s (read+write, median); reps %d\n", prop.name,
+                prop.multiProcessorCount, g_l2 >> 20, g_copy_gbs, g_reps);
+    std::printf("| shape                  | type | n_out  | k     | m  | MB       | us       | GB/s    | %%copy  |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    const GgmlType types[] = {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_0,
+                              GgmlType::F16,  GgmlType::BF16, GgmlType::F32};
+    for (const GgmlType t : types) {
+        bench("expert gate/up", t, 768, 2048, 1);
+        bench("expert down", t, 2048, 768, 1);
+        bench("8 experts gate (id)", t, 768, 2048, 1, 8);
+        bench("8 experts down (id)", t, 2048, 768, 1, 8);
+        bench("attn q", t, 4096, 2048, 1);
+        bench("attn k/v", t, 512, 2048, 1);
+        bench("attn o", t, 2048, 4096, 1);
+        bench("lm_head", t, 151936, 2048, 1);
+    }
+    for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0}) {
+        for (const int64_t m : {2, 4, 8}) bench("lm_head batch", t, 151936, 2048, m);
+        bench("attn q prefill (tiled)", t, 4096, 2048, 512);
+    }
+    return 0;
+}

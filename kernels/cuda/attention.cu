@@ -1,0 +1,132 @@
+// Decode attention against the KV cache in VRAM, split over the key length (flash-decoding).
+//
+// Pass 1, grid (splits, n_head, T), one block of kAttnThreads per kAttnSplit keys of one (token,
+// head): scores into shared memory (one warp per key, lanes across head_dim), the chunk's max m and
+// sum l of exp(s - m), and o = Σ exp(s - m)·v with threads across head_dim (coalesced V rows).
+// Pass 2, grid (n_head, T): out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s.
+// Workspace per (token, head, split): head_dim floats of o, then m and l.
+//
+// With an f16 cache q is rounded to f16 before the dot products, as the CPU kernel does; the CPU
+// also rounds the final softmax weights to f16, which a split softmax cannot reproduce, so the two
+// differ by about 2^-11 relative.
+#include <cuda_runtime.h>
+
+#include "common/status.h"
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kAttnThreads = 128;
+constexpr int kAttnMaxHeadDim = 256;
+
+template <bool kF16>
+__device__ __forceinline__ float kv_at(const void* base, int64_t idx) {
+    if constexpr (kF16) return h2f(static_cast<const uint16_t*>(base)[idx]);
+    else return static_cast<const float*>(base)[idx];
+}
+
+int64_t num_splits(const AttentionArgs& a) { return (a.n_past + a.n_tokens + kAttnSplit - 1) / kAttnSplit; }
+
+template <bool kF16>
+__global__ void __launch_bounds__(kAttnThreads)
+    attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
+                      float* __restrict__ ws, int64_t n_past, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                      float scale) {
+    __shared__ float qs[kAttnMaxHeadDim];
+    __shared__ float sc[kAttnSplit];
+    __shared__ float red[kWarp];
+    const int64_t sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
+    const int64_t n_kv = n_past + t + 1;
+    const int64_t j0 = sp * kAttnSplit, j1 = min(j0 + kAttnSplit, n_kv);
+    float* wsp = ws + ((t * n_head + h) * n_splits + sp) * (head_dim + 2);
+    if (j0 >= n_kv) {  // beyond this token's causal window: an empty chunk
+        for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) wsp[d] = 0.0f;
+        if (threadIdx.x == 0) wsp[head_dim] = -INFINITY, wsp[head_dim + 1] = 0.0f;
+        return;
+    }
+    const int64_t kvh = h / (n_head / n_head_kv), kv_stride = n_head_kv * head_dim;
+    const float* qr = q + (t * n_head + h) * head_dim;
+    for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = kF16 ? round_f16(qr[d]) : qr[d];
+    __syncthreads();
+
+    const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    for (int64_t j = j0 + wid; j < j1; j += nw) {
+        const int64_t base = j * kv_stride + kvh * head_dim;
+        float s = 0.0f;
+        for (int64_t d = lane; d < head_dim; d += kWarp) s += qs[d] * kv_at<kF16>(k, base + d);
+        s = warp_sum(s);
+        if (lane == 0) sc[j - j0] = s * scale;
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < j1 - j0; j += blockDim.x) mx = fmaxf(mx, sc[j]);
+    mx = block_max(mx, red);
+    float l = 0.0f;
+    for (int64_t j = threadIdx.x; j < j1 - j0; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        l += e;
+    }
+    l = block_sum(l, red);  // its barriers also publish sc
+    for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int64_t j = j0; j < j1; ++j) o += sc[j - j0] * kv_at<kF16>(v, j * kv_stride + kvh * head_dim + d);
+        wsp[d] = o;
+    }
+    if (threadIdx.x == 0) wsp[head_dim] = mx, wsp[head_dim + 1] = l;
+}
+
+__global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
+                                  int64_t head_dim, int64_t n_splits) {
+    const int64_t h = blockIdx.x, t = blockIdx.y;
+    const float* w0 = ws + (t * n_head + h) * n_splits * (head_dim + 2);
+    float M = -INFINITY;
+    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, w0[s * (head_dim + 2) + head_dim]);
+    float L = 0.0f;
+    for (int64_t s = 0; s < n_splits; ++s) {
+        const float* ws_s = w0 + s * (head_dim + 2);
+        L += ws_s[head_dim + 1] * expf(ws_s[head_dim] - M);  // empty chunks: l = 0, exp(-inf) = 0
+    }
+    const float inv = 1.0f / L;
+    for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int64_t s = 0; s < n_splits; ++s) {
+            const float* ws_s = w0 + s * (head_dim + 2);
+            o += ws_s[d] * expf(ws_s[head_dim] - M);
+        }
+        out[(t * n_head + h) * head_dim + d] = o * inv;
+    }
+}
+
+}  // namespace
+
+size_t attention_workspace_bytes(const AttentionArgs& a) {
+    return static_cast<size_t>(a.n_tokens * a.n_head * num_splits(a) * (a.head_dim + 2)) * sizeof(float);
+}
+
+void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
+    MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
+    MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
+    MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
+    if (a.n_tokens <= 0) return;
+    const int64_t n_splits = num_splits(a);
+    auto* ws = static_cast<float*>(workspace);
+    const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
+                    static_cast<unsigned>(a.n_tokens));
+    if (a.kv_f16)
+        attn_split_kernel<true><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, a.n_head,
+                                                                   a.n_head_kv, a.head_dim, a.scale);
+    else
+        attn_split_kernel<false><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, a.n_head,
+                                                                    a.n_head_kv, a.head_dim, a.scale);
+    CUDA_CHECK_LAUNCH();
+    const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
+    attn_merge_kernel<<<mgrid, kAttnThreads, 0, stream>>>(ws, a.out, a.n_head, a.head_dim, n_splits);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moemesh::cuda

@@ -1,0 +1,62 @@
+// Device helpers shared by the kernels in kernels/cuda (not part of the public entry points).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_ops.h"
+
+namespace moemesh::cuda::detail {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `red` is 32 floats of
+// shared memory; every thread gets the result. Ends with a barrier, so `red` can be reused.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    v = warp_sum(v);
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float s = lane < nw ? red[lane] : 0.0f;
+    s = warp_sum(s);
+    __syncthreads();
+    return s;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    v = warp_max(v);
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float s = lane < nw ? red[lane] : -INFINITY;
+    s = warp_max(s);
+    __syncthreads();
+    return s;
+}
+
+__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ float bf2f(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+// Round to f16 and back (round to nearest even, as fp32_to_fp16 in common/half.h).
+__device__ __forceinline__ float round_f16(float f) { return __half2float(__float2half_rn(f)); }
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Kernel launch error check (configuration errors surface here, execution errors at the next sync).
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+inline unsigned grid_1d(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+}  // namespace moemesh::cuda::detail

@@ -1,0 +1,128 @@
+// Every CUDA kernel entry point, with shapes. Same conventions as kernels/ops.h: row-major, "[m, k]"
+// means m rows of k contiguous elements; weights as stored in GGUF, W[n_out, k] with each row of k
+// elements in the weight type (ggml block layouts, kernels/cpu/quants_internal.h), y = x · Wᵀ.
+//
+// Every pointer is a device pointer (cudaMalloc), every launcher is asynchronous on `stream`, and
+// none allocates: where scratch is needed the caller passes it, sized by the matching *_bytes().
+// Activations are f32 everywhere; the weight is dequantized in registers and X is NOT quantized
+// (llama.cpp's CPU path quantizes X to Q8_0/Q8_K, so results differ from kernels/ops.h by that).
+//
+// Built only with -DMOEMESH_CUDA=ON/AUTO (library moemesh_cuda); nothing else links it unless asked.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include <cuda_runtime.h>
+
+#include "common/ggml_types.h"
+
+// Broken invariant in a CUDA call: print file:line and the CUDA error, then abort.
+#define CUDA_CHECK(expr)                                                                                \
+    do {                                                                                                \
+        const cudaError_t cuda_check_err_ = (expr);                                                     \
+        if (cuda_check_err_ != cudaSuccess) {                                                           \
+            std::fprintf(stderr, "%s:%d: CUDA error %s (%s) in %s\n", __FILE__, __LINE__,               \
+                         cudaGetErrorName(cuda_check_err_), cudaGetErrorString(cuda_check_err_), #expr); \
+            std::abort();                                                                               \
+        }                                                                                               \
+    } while (0)
+
+namespace moemesh::cuda {
+
+// Number of usable CUDA devices; 0 (and the reason in *why, if given) when there is no driver, no
+// device, or the runtime cannot talk to it. Never aborts: callers use it to skip GPU work.
+int device_count(const char** why = nullptr);
+
+// ---- matrix products (kernels/cuda/matmul.cu) ----
+// Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K}.
+// k % block_size(wt) == 0; F32/F16/BF16 rows need k % 8 == 0 and W 16-byte aligned.
+// m <= 8: the decode GEMV (one warp per W row, weight bytes read once for all m rows);
+// larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill).
+bool matmul_supported(GgmlType wt);
+void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
+            cudaStream_t stream = nullptr);
+
+// Expert-indexed GEMV (ggml's mul_mat_id for one token): n_sel products in one launch,
+//   Y[s, n_out] = X[s, k] · W_{ids[s]}ᵀ   for s < n_sel,
+// where W_e = w + e * matrix_bytes (an [E, n_out, k] GGUF expert tensor: matrix_bytes =
+// n_out * ggml_row_bytes(wt, k)), ids: [n_sel] int32 on the device, X rows x_stride floats apart
+// (0: all selections read the same row).
+void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
+               int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
+
+// ---- elementwise / normalisation (kernels/cuda/norm.cu) ----
+// y[r, :] = x[r, :] / sqrt(mean(x²) + eps) * w (w may be null: no weight). y may alias x.
+void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps,
+             cudaStream_t stream = nullptr);
+// y[r, :] = rmsnorm(x[r, :]) * w * silu(z[r, :]). y may alias x.
+void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
+                   cudaStream_t stream = nullptr);
+// In place: x[r, :] /= max(||x[r, :]||₂, eps).
+void l2norm_rows(float* x, int64_t rows, int64_t n, float eps, cudaStream_t stream = nullptr);
+// y = silu(g) * u over n elements. y may alias g.
+void swiglu(const float* g, const float* u, float* y, int64_t n, cudaStream_t stream = nullptr);
+// y += x over n elements (residual add).
+void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream = nullptr);
+// In place softmax of each row of x[rows, n].
+void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream = nullptr);
+
+// ---- RoPE (kernels/cuda/rope.cu) ----
+// In place NEOX rotation of the first rot_dim dims of each head of x[tokens, heads, head_dim];
+// pos: [tokens] int32 on the device. Angles built as kernels/cpu/rope.cpp builds them.
+void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
+               float theta, cudaStream_t stream = nullptr);
+
+// ---- router (kernels/cuda/topk.cu) ----
+// For each token t: softmax over logits[t, 0..E), the K largest (ties: lower expert id first, as
+// coordinator/models/qwen3moe.cpp route()), ids[t, K] in descending probability, weights[t, K]
+// the probabilities, renormalised to sum 1 when norm_topk. logits is overwritten with the softmax.
+// E <= 1024, K <= 32.
+void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm_topk, int32_t* ids, float* weights,
+                  cudaStream_t stream = nullptr);
+
+// ---- attention (kernels/cuda/attention.cu) ----
+// Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
+// each (token, head) reads its keys in chunks of kAttnSplit, one block per chunk, then one pass
+// merges the chunks. Layouts as AttentionArgs in kernels/ops.h:
+//   q:   [T, n_head, head_dim] f32;  k, v: [n_ctx, n_head_kv, head_dim] f16 (kv_f16) or f32
+//   out: [T, n_head, head_dim] f32;  token t sees keys 0..n_past+t.
+// head_dim <= 256. workspace: attention_workspace_bytes() bytes of device memory.
+constexpr int64_t kAttnSplit = 256;
+struct AttentionArgs {
+    const float* q;
+    const void* k;
+    const void* v;
+    float* out;
+    int64_t n_tokens, n_past, n_head, n_head_kv, head_dim;
+    bool kv_f16;
+    float scale;
+};
+size_t attention_workspace_bytes(const AttentionArgs& a);
+void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
+
+// ---- gated DeltaNet (kernels/cuda/delta_net.cu), the contract of kernels/ops.h ----
+// y[T, C] = silu(causal depthwise conv of [state; x] with w[C, K]); state[K-1, C] is updated to the
+// last K-1 inputs. y must not alias x. K <= 8.
+void conv1d_silu_causal(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C, int64_t K,
+                        cudaStream_t stream = nullptr);
+// The delta-rule recurrence token by token (exact decode form; T > 1 runs the same recurrence):
+//   S ← exp(g)·S;  u = Sᵀk;  δ = β(v − u);  S ← S + k⊗δ;  o = Sᵀ(scale·q)
+//   q, k: [T, Hk, Dk] (l2-normalised); v: [T, Hv, Dv]; g, beta: [T, Hv];
+//   state: [Hv, Dk, Dv] updated in place; out: [T, Hv, Dv]. V-head j reads k-head j / (Hv / Hk).
+// Dk <= 256; Dv % 32 == 0.
+struct DeltaNetArgs {
+    const float* q = nullptr;
+    const float* k = nullptr;
+    const float* v = nullptr;
+    const float* g = nullptr;
+    const float* beta = nullptr;
+    float* state = nullptr;
+    float* out = nullptr;
+    int64_t n_tokens = 0, n_k_heads = 0, n_v_heads = 0, k_dim = 0, v_dim = 0;
+    float scale = 1.0f;
+};
+void gated_delta_rule_recurrent(const DeltaNetArgs& a, cudaStream_t stream = nullptr);
+
+}  // namespace moemesh::cuda

@@ -1,0 +1,501 @@
+// Y = X · Wᵀ for GGUF weight types: a GEMV for decode (m <= 8) and a tiled kernel for prefill.
+//
+// GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
+// lanes take consecutive units, so each warp-wide load instruction reads one contiguous span of the
+// row (the blocks of Q8_0, Q4_0 and Q6_K are only 2-byte aligned, which rules out wide loads for
+// them; Q4_K, F16, BF16 and F32 use 16-byte loads). Each lane dequantizes its unit in registers and
+// keeps one partial sum per X row; one warp reduction at the end. X (f32) is read from global memory
+// and stays in L1/L2: it is tiny next to W.
+//
+// Tiled: 64 X rows × 64 W rows per block, k in steps of 32; each step dequantizes the 64×32 W tile
+// into shared memory (8 elements per thread) and does 4×4 outer products per thread in f32.
+#include <cuda_runtime.h>
+
+#include "common/status.h"
+#include "kernels/cpu/quants_internal.h"
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda {
+
+namespace {
+
+using namespace detail;
+using quants::BlockQ4_0;
+using quants::BlockQ4_K;
+using quants::BlockQ6_K;
+using quants::BlockQ8_0;
+
+constexpr int kGemvWarps = 4;   // W rows per block
+constexpr int kGemvMaxM = 8;    // X rows per GEMV launch
+constexpr int kGemvUnroll = 4;  // units in flight per lane
+
+template <typename T>
+__device__ __forceinline__ T ld(const uint8_t* p) {
+    return __ldg(reinterpret_cast<const T*>(p));
+}
+// Four bytes from a 2-byte aligned address, as one little-endian word.
+__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
+    return static_cast<uint32_t>(ld<uint16_t>(p)) | (static_cast<uint32_t>(ld<uint16_t>(p + 2)) << 16);
+}
+__device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+
+// Byte i (0..11) of a Q4_K scales array held in three words.
+__device__ __forceinline__ uint32_t scale_byte(uint32_t s0, uint32_t s1, uint32_t s2, int i) {
+    const uint32_t w = i < 4 ? s0 : (i < 8 ? s1 : s2);
+    return byte_of(w, i & 3);
+}
+// Scale and min of sub-block j (0..7) of a Q4_K super-block: quants::get_scale_min_k4 on the device.
+__device__ __forceinline__ void scale_min_k4(int j, uint32_t s0, uint32_t s1, uint32_t s2, float* sc, float* m) {
+    if (j < 4) {
+        *sc = static_cast<float>(scale_byte(s0, s1, s2, j) & 63);
+        *m = static_cast<float>(scale_byte(s0, s1, s2, j + 4) & 63);
+    } else {
+        *sc = static_cast<float>((scale_byte(s0, s1, s2, j + 4) & 0xF) | ((scale_byte(s0, s1, s2, j - 4) >> 6) << 4));
+        *m = static_cast<float>((scale_byte(s0, s1, s2, j + 4) >> 4) | ((scale_byte(s0, s1, s2, j) >> 6) << 4));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV row dot products. Each adds lane-partial sums of row · X[r] for r < M into acc[r].
+// x: M rows of k floats, k apart.
+
+template <int M>
+__device__ __forceinline__ void dot_f32(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = k / 8;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const float4 w0 = ld<float4>(row + u * 32), w1 = ld<float4>(row + u * 32 + 16);
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+            acc[r] += w0.x * a.x + w0.y * a.y + w0.z * a.z + w0.w * a.w + w1.x * b.x + w1.y * b.y + w1.z * b.z +
+                      w1.w * b.w;
+        }
+    }
+}
+
+template <bool kBf16, int M>
+__device__ __forceinline__ void dot_half(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = k / 8;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const uint4 wv = ld<uint4>(row + u * 16);
+        const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+        float w[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const auto lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+            w[2 * i] = kBf16 ? bf2f(lo) : h2f(lo);
+            w[2 * i + 1] = kBf16 ? bf2f(hi) : h2f(hi);
+        }
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+            acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
+                      w[7] * b.w;
+        }
+    }
+}
+
+// Quants to floats without I2F (a quarter-rate instruction on Hopper, and what bounded the first
+// version of these kernels): byte i of w is placed under the exponent of 2^23, which gives the float
+// 2^23 + byte exactly (one PRMT); the caller subtracts 2^23 plus the type's offset (one FADD).
+constexpr float kMagic = 8388608.0f;  // 2^23
+__device__ __forceinline__ void bytes_biased(uint32_t w, float (&f)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __int_as_float(static_cast<int>(__byte_perm(w, 0x4B000000u, 0x7540u | i)));
+}
+// Σ_i (f_i − off) · a_i for the four biased bytes of w.
+__device__ __forceinline__ float dot4(uint32_t w, float off, const float4& a) {
+    float f[4];
+    bytes_biased(w, f);
+    return (f[0] - off) * a.x + (f[1] - off) * a.y + (f[2] - off) * a.z + (f[3] - off) * a.w;
+}
+__device__ __forceinline__ float sum4(const float4& a) { return (a.x + a.y) + (a.z + a.w); }
+
+// Q8_0: 4 lanes per 34-byte block, 8 quants each (four 2-byte loads: the block is 2-byte aligned).
+// Signed bytes are flipped to unsigned (x ^ 0x80 = x + 128) before the float trick.
+template <int M>
+__device__ __forceinline__ void dot_q8_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 32) * 4;
+    constexpr float kOff = kMagic + 128.0f;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 2;
+        const int j = static_cast<int>(u & 3);
+        const uint8_t* blk = row + b * sizeof(BlockQ8_0);
+        const float d = h2f(ld<uint16_t>(blk));
+        const uint32_t w0 = ld_u32_a2(blk + 2 + 8 * j) ^ 0x80808080u, w1 = ld_u32_a2(blk + 6 + 8 * j) ^ 0x80808080u;
+        const int64_t e = b * 32 + 8 * j;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 4);
+            acc[r] += d * (dot4(w0, kOff, a) + dot4(w1, kOff, c));
+        }
+    }
+}
+
+// Q4_0: 4 lanes per 18-byte block; lane j holds quant bytes 4j..4j+3 = elements 4j..4j+3 (low
+// nibbles) and 16+4j..16+4j+3 (high nibbles).
+template <int M>
+__device__ __forceinline__ void dot_q4_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 32) * 4;
+    constexpr float kOff = kMagic + 8.0f;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 2;
+        const int j = static_cast<int>(u & 3);
+        const uint8_t* blk = row + b * sizeof(BlockQ4_0);
+        const float d = h2f(ld<uint16_t>(blk));
+        const uint32_t q = ld_u32_a2(blk + 2 + 4 * j);
+        const uint32_t lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
+        const int64_t e = b * 32 + 4 * j;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
+            acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+        }
+    }
+}
+
+// Q4_K: 8 lanes per 144-byte super-block; lane j = 2g + h reads the 16 quant bytes
+// qs[32g + 16h, +16): low nibbles are elements 64g + 16h + t (sub-block 2g), high nibbles
+// 64g + 32 + 16h + t (sub-block 2g+1). The 16-byte header (d, dmin, scales) is one broadcast load.
+template <int M>
+__device__ __forceinline__ void dot_q4_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 256) * 8;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 3;
+        const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+        const uint8_t* blk = row + b * sizeof(BlockQ4_K);
+        const uint4 hdr = ld<uint4>(blk);
+        const uint4 qv = ld<uint4>(blk + 16 + 32 * g + 16 * h);
+        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+        float sc1, m1, sc2, m2;
+        scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+        scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+        const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
+        const int64_t e = b * 256 + 64 * g + 16 * h;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float* xr = x + r * k + e;
+            float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
+                const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
+                s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a);
+                s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c);
+                x_lo += sum4(a);
+                x_hi += sum4(c);
+            }
+            acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
+        }
+    }
+}
+
+// Q6_K: 16 lanes per 210-byte super-block; lane (c, i) covers l = 4i..4i+3 of half c, i.e. the
+// elements 128c + l + {0, 32, 64, 96} (as dequantize_q6_K in kernels/cpu/quants.cpp). The 6-bit
+// quants are assembled four at a time with word operations.
+template <int M>
+__device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 256) * 16;
+    constexpr float kOff = kMagic + 32.0f;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 4;
+        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
+        const uint8_t* blk = row + b * sizeof(BlockQ6_K);
+        const uint32_t ql0 = ld_u32_a2(blk + 64 * c + l0);
+        const uint32_t ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
+        const uint32_t qh = ld_u32_a2(blk + 128 + 32 * c + l0);
+        const uint8_t* sc = blk + 192 + 8 * c + is;
+        const float s0 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 0)));
+        const float s1 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 2)));
+        const float s2 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 4)));
+        const float s3 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 6)));
+        const float d = h2f(ld<uint16_t>(blk + 208));
+        const uint32_t q0 = (ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u);
+        const uint32_t q1 = (ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u);
+        const uint32_t q2 = ((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u);
+        const uint32_t q3 = ((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u);
+        const int64_t e = b * 256 + 128 * c + l0;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float* xr = x + r * k + e;
+            const float4 a0 = *reinterpret_cast<const float4*>(xr);
+            const float4 a1 = *reinterpret_cast<const float4*>(xr + 32);
+            const float4 a2 = *reinterpret_cast<const float4*>(xr + 64);
+            const float4 a3 = *reinterpret_cast<const float4*>(xr + 96);
+            acc[r] += d * (s0 * dot4(q0, kOff, a0) + s1 * dot4(q1, kOff, a1) + s2 * dot4(q2, kOff, a2) +
+                           s3 * dot4(q3, kOff, a3));
+        }
+    }
+}
+
+template <GgmlType T, int M>
+__device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    if constexpr (T == GgmlType::F32) dot_f32<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::F16) dot_half<false, M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::BF16) dot_half<true, M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q8_0) dot_q8_0<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_0) dot_q4_0<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_K) dot_q4_K<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q6_K) dot_q6_K<M>(row, k, x, lane, acc);
+}
+
+// grid: (ceil(n_out / kGemvWarps), n_sel). Selection s uses matrix ids ? ids[s] : s, X rows from
+// x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
+template <GgmlType T, int M>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes, const int32_t* __restrict__ ids,
+                int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (row >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const int64_t mat = ids ? ids[s] : s;
+    const uint8_t* wrow = w + static_cast<size_t>(mat) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = 0.0f;
+    dot_row<T, M>(wrow, k, x + s * x_stride, lane, acc);
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) y[(s + r) * n_out + row] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiled kernel for prefill: 8 consecutive elements e..e+7 (e % 8 == 0) of a W row, dequantized.
+
+template <GgmlType T>
+__device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[8]) {
+    if constexpr (T == GgmlType::F32) {
+        const float4 a = ld<float4>(row + e * 4), b = ld<float4>(row + e * 4 + 16);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else if constexpr (T == GgmlType::F16 || T == GgmlType::BF16) {
+        const uint4 wv = ld<uint4>(row + e * 2);
+        const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const auto lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+            v[2 * i] = T == GgmlType::BF16 ? bf2f(lo) : h2f(lo);
+            v[2 * i + 1] = T == GgmlType::BF16 ? bf2f(hi) : h2f(hi);
+        }
+    } else if constexpr (T == GgmlType::Q8_0) {
+        const uint8_t* blk = row + (e / 32) * sizeof(BlockQ8_0);
+        const int j = static_cast<int>(e % 32);
+        const float d = h2f(ld<uint16_t>(blk));
+        const uint32_t w0 = ld_u32_a2(blk + 2 + j), w1 = ld_u32_a2(blk + 2 + j + 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[i] = d * static_cast<float>(static_cast<int8_t>(byte_of(w0, i)));
+            v[i + 4] = d * static_cast<float>(static_cast<int8_t>(byte_of(w1, i)));
+        }
+    } else if constexpr (T == GgmlType::Q4_0) {
+        const uint8_t* blk = row + (e / 32) * sizeof(BlockQ4_0);
+        const int j = static_cast<int>(e % 32), shift = j < 16 ? 0 : 4;
+        const float d = h2f(ld<uint16_t>(blk));
+        const uint32_t w0 = ld_u32_a2(blk + 2 + (j % 16)), w1 = ld_u32_a2(blk + 2 + (j % 16) + 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[i] = d * static_cast<float>(static_cast<int>((byte_of(w0, i) >> shift) & 0xF) - 8);
+            v[i + 4] = d * static_cast<float>(static_cast<int>((byte_of(w1, i) >> shift) & 0xF) - 8);
+        }
+    } else if constexpr (T == GgmlType::Q4_K) {
+        const uint8_t* blk = row + (e / 256) * sizeof(BlockQ4_K);
+        const int wi = static_cast<int>(e % 256), g = wi / 64, r = wi % 64, sub = 2 * g + (r >= 32 ? 1 : 0);
+        const int shift = r >= 32 ? 4 : 0;
+        const uint4 hdr = ld<uint4>(blk);
+        const uint2 q = ld<uint2>(blk + 16 + 32 * g + (r % 32));
+        float sc, m;
+        scale_min_k4(sub, hdr.y, hdr.z, hdr.w, &sc, &m);
+        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)) * sc;
+        const float mn = h2f(static_cast<uint16_t>(hdr.x >> 16)) * m;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[i] = d * static_cast<float>((byte_of(q.x, i) >> shift) & 0xF) - mn;
+            v[i + 4] = d * static_cast<float>((byte_of(q.y, i) >> shift) & 0xF) - mn;
+        }
+    } else if constexpr (T == GgmlType::Q6_K) {
+        const uint8_t* blk = row + (e / 256) * sizeof(BlockQ6_K);
+        const int wi = static_cast<int>(e % 256), c = wi / 128, r = wi % 128, qq = r / 32, l = r % 32;
+        const uint8_t* ql = blk + 64 * c + 32 * (qq & 1) + l;
+        const uint8_t* qh = blk + 128 + 32 * c + l;
+        const int lshift = 4 * (qq >> 1), hshift = 2 * qq;
+        const uint32_t l0 = ld_u32_a2(ql), l1 = ld_u32_a2(ql + 4), h0 = ld_u32_a2(qh), h1 = ld_u32_a2(qh + 4);
+        const float d = h2f(ld<uint16_t>(blk + 208)) *
+                        static_cast<float>(static_cast<int8_t>(__ldg(blk + 192 + 8 * c + l / 16 + 2 * qq)));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int a = static_cast<int>(((byte_of(l0, i) >> lshift) & 0xF) | (((byte_of(h0, i) >> hshift) & 3) << 4));
+            const int b = static_cast<int>(((byte_of(l1, i) >> lshift) & 0xF) | (((byte_of(h1, i) >> hshift) & 3) << 4));
+            v[i] = d * static_cast<float>(a - 32);
+            v[i + 4] = d * static_cast<float>(b - 32);
+        }
+    }
+}
+
+constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kTileThreads = 256;
+
+// grid: (ceil(n_out / 64), ceil(m / 64)). Thread (ty, tx) of 16×16 computes X rows m0 + 4ty + i
+// against W rows n0 + 4tx + j. Shared tiles are stored k-major so the inner loop reads float4s.
+template <GgmlType T>
+__global__ void __launch_bounds__(kTileThreads)
+    tiled_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_out, int64_t k,
+                 const float* __restrict__ x, int64_t m, float* __restrict__ y) {
+    __shared__ __align__(16) float xs[kTileK][kTileM + 4];
+    __shared__ __align__(16) float ws[kTileK][kTileN + 4];
+    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN, m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+    const int lr = t / 4, seg = t % 4;  // loader: tile row lr, elements 8·seg..8·seg+7 of the k step
+    const bool x_ok = m0 + lr < m, w_ok = n0 + lr < n_out;
+    const float* xrow = x + (m0 + lr) * k;
+    const uint8_t* wrow = w + static_cast<size_t>(n0 + lr) * row_bytes;
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < k; k0 += kTileK) {
+        const int64_t e = k0 + 8 * seg;
+        float xv[8] = {}, wv[8] = {};
+        if (x_ok && e < k) {
+            const float4 a = *reinterpret_cast<const float4*>(xrow + e);
+            const float4 b = *reinterpret_cast<const float4*>(xrow + e + 4);
+            xv[0] = a.x, xv[1] = a.y, xv[2] = a.z, xv[3] = a.w, xv[4] = b.x, xv[5] = b.y, xv[6] = b.z, xv[7] = b.w;
+        }
+        if (w_ok && e < k) load8<T>(wrow, e, wv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            xs[8 * seg + i][lr] = xv[i];
+            ws[8 * seg + i][lr] = wv[i];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kTileK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(&xs[kk][4 * ty]);
+            const float4 b = *reinterpret_cast<const float4*>(&ws[kk][4 * tx]);
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int64_t mr = m0 + 4 * ty + i;
+        if (mr >= m) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int64_t nc = n0 + 4 * tx + j;
+            if (nc < n_out) y[mr * n_out + nc] = acc[i][j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <GgmlType T, int M>
+void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
+                 const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
+    gemv_kernel<T, M><<<grid, kGemvWarps * kWarp, 0, stream>>>(static_cast<const uint8_t*>(w), matrix_bytes,
+                                                               ggml_row_bytes(T, k), ids, n_out, k, x, x_stride, y);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <GgmlType T>
+void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
+    if (m > kGemvMaxM) {
+        const dim3 grid(grid_1d(n_out, kTileN), grid_1d(m, kTileM));
+        tiled_kernel<T><<<grid, kTileThreads, 0, stream>>>(static_cast<const uint8_t*>(w), ggml_row_bytes(T, k),
+                                                           n_out, k, x, m, y);
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
+    // Row chunks of 8, 4, 2, 1: W is read once per chunk.
+    for (int64_t r0 = 0; r0 < m;) {
+        const int64_t left = m - r0;
+        const float* xr = x + r0 * k;
+        float* yr = y + r0 * n_out;
+        if (left >= 8) {
+            launch_gemv<T, 8>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
+            r0 += 8;
+        } else if (left >= 4) {
+            launch_gemv<T, 4>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
+            r0 += 4;
+        } else if (left >= 2) {
+            launch_gemv<T, 2>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
+            r0 += 2;
+        } else {
+            launch_gemv<T, 1>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
+            r0 += 1;
+        }
+    }
+}
+
+void check_shape(GgmlType wt, int64_t k) {
+    MM_CHECK(matmul_supported(wt));
+    const int64_t blk = ggml_type_info(wt).block_size;
+    MM_CHECK(k > 0 && k % blk == 0 && k % 8 == 0);
+}
+
+}  // namespace
+
+bool matmul_supported(GgmlType wt) {
+    switch (wt) {
+        case GgmlType::F32:
+        case GgmlType::F16:
+        case GgmlType::BF16:
+        case GgmlType::Q8_0:
+        case GgmlType::Q4_0:
+        case GgmlType::Q4_K:
+        case GgmlType::Q6_K:
+            return true;
+        default:
+            return false;
+    }
+}
+
+void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
+            cudaStream_t stream) {
+    check_shape(wt, k);
+    if (m <= 0 || n_out <= 0) return;
+    switch (wt) {
+        case GgmlType::F32: return matmul_typed<GgmlType::F32>(w, n_out, k, x, m, y, stream);
+        case GgmlType::F16: return matmul_typed<GgmlType::F16>(w, n_out, k, x, m, y, stream);
+        case GgmlType::BF16: return matmul_typed<GgmlType::BF16>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q8_0: return matmul_typed<GgmlType::Q8_0>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q4_0: return matmul_typed<GgmlType::Q4_0>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q4_K: return matmul_typed<GgmlType::Q4_K>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q6_K: return matmul_typed<GgmlType::Q6_K>(w, n_out, k, x, m, y, stream);
+        default: MM_CHECK(false && "cuda::matmul: weight type not supported");
+    }
+}
+
+void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
+               int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    MM_CHECK(ids != nullptr && n_sel < 65536);
+    if (n_sel <= 0 || n_out <= 0) return;
+#define MM_GEMV_ID(T) launch_gemv<T, 1>(w, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y, stream)
+    switch (wt) {
+        case GgmlType::F32: MM_GEMV_ID(GgmlType::F32); break;
+        case GgmlType::F16: MM_GEMV_ID(GgmlType::F16); break;
+        case GgmlType::BF16: MM_GEMV_ID(GgmlType::BF16); break;
+        case GgmlType::Q8_0: MM_GEMV_ID(GgmlType::Q8_0); break;
+        case GgmlType::Q4_0: MM_GEMV_ID(GgmlType::Q4_0); break;
+        case GgmlType::Q4_K: MM_GEMV_ID(GgmlType::Q4_K); break;
+        case GgmlType::Q6_K: MM_GEMV_ID(GgmlType::Q6_K); break;
+        default: MM_CHECK(false && "cuda::matmul_id: weight type not supported");
+    }
+#undef MM_GEMV_ID
+}
+
+}  // namespace moemesh::cuda

@@ -1,0 +1,109 @@
+// RMSNorm (plain and gated), L2 norm, SwiGLU, residual add and row softmax. One block per row for
+// the row reductions; sums in f32 (the CPU sums in double; the difference is far below f32 noise
+// of the products that follow).
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kRowThreads = 256;
+
+__device__ __forceinline__ float row_sumsq(const float* xr, int64_t n, float* red) {
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += xr[i] * xr[i];
+    return block_sum(s, red);
+}
+
+// z == nullptr: plain RMSNorm; otherwise gated by silu(z). w == nullptr: no weight.
+__global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, float* y, int64_t n, float eps) {
+    __shared__ float red[kWarp];
+    const int64_t r = blockIdx.x;
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    const float scale = 1.0f / sqrtf(row_sumsq(xr, n, red) / static_cast<float>(n) + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] * scale;
+        if (w) v *= w[i];
+        if (z) v *= silu(z[r * n + i]);
+        yr[i] = v;
+    }
+}
+
+__global__ void l2norm_kernel(float* x, int64_t n, float eps) {
+    __shared__ float red[kWarp];
+    float* xr = x + static_cast<int64_t>(blockIdx.x) * n;
+    const float scale = 1.0f / fmaxf(sqrtf(row_sumsq(xr, n, red)), eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xr[i] *= scale;
+}
+
+__global__ void softmax_kernel(float* x, int64_t n) {
+    __shared__ float red[kWarp];
+    float* xr = x + static_cast<int64_t>(blockIdx.x) * n;
+    float mx = -INFINITY;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, xr[i]);
+    mx = block_max(mx, red);
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float e = expf(xr[i] - mx);
+        xr[i] = e;
+        s += e;
+    }
+    const float inv = 1.0f / block_sum(s, red);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xr[i] *= inv;
+}
+
+__global__ void swiglu_kernel(const float* g, const float* u, float* y, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = silu(g[i]) * u[i];
+}
+
+__global__ void add_kernel(float* y, const float* x, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+}  // namespace
+
+void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
+    if (rows <= 0) return;
+    rmsnorm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, w, nullptr, y, n, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
+                   cudaStream_t stream) {
+    if (rows <= 0) return;
+    rmsnorm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, w, z, y, n, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void l2norm_rows(float* x, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
+    if (rows <= 0) return;
+    l2norm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, n, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream) {
+    if (rows <= 0) return;
+    softmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void swiglu(const float* g, const float* u, float* y, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return;
+    swiglu_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(g, u, y, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return;
+    add_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(y, x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moemesh::cuda

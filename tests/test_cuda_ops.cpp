@@ -1,0 +1,445 @@
+// Every CUDA kernel (kernels/cuda/cuda_ops.h) against the CPU kernel of kernels/ops.h, or against a
+// plain scalar reference where the CPU one rounds differently on purpose, on random inputs.
+// Each test skips with "no CUDA device: <reason>" where there is no GPU or driver.
+// Every comparison prints one "[cuda] ..." line with its errors, for the GPU notes.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+namespace {
+
+#define REQUIRE_CUDA()                                                    \
+    do {                                                                  \
+        const char* why_ = "";                                            \
+        if (cuda::device_count(&why_) == 0) GTEST_SKIP() << "no CUDA device: " << why_; \
+    } while (0)
+
+// A device buffer of n elements of T.
+template <typename T>
+class DeviceBuffer {
+public:
+    explicit DeviceBuffer(size_t n) : n_(n) { CUDA_CHECK(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T))); }
+    explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) { upload(v); }
+    ~DeviceBuffer() { cudaFree(p_); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    T* get() const { return p_; }
+    void upload(const std::vector<T>& v) {
+        CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    std::vector<T> download() const {
+        std::vector<T> v(n_);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+        return v;
+    }
+
+private:
+    T* p_ = nullptr;
+    size_t n_;
+};
+
+std::vector<float> random_vec(size_t n, uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = dist(rng);
+    return v;
+}
+
+struct Err {
+    double rel;      // ||got − want||₂ / ||want||₂
+    double max_abs;  // max |got − want|
+};
+Err compare(const std::vector<float>& got, const std::vector<float>& want) {
+    EXPECT_EQ(got.size(), want.size());
+    double num = 0.0, den = 0.0, mx = 0.0;
+    for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+        const double d = static_cast<double>(got[i]) - want[i];
+        if (!std::isfinite(got[i])) return {INFINITY, INFINITY};
+        num += d * d;
+        den += static_cast<double>(want[i]) * want[i];
+        mx = std::max(mx, std::fabs(d));
+    }
+    return {std::sqrt(num / std::max(den, 1e-30)), mx};
+}
+void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want,
+                  double tol) {
+    const Err e = compare(got, want);
+    std::printf("[cuda] %-44s rel %.3e  max_abs %.3e  (tol %.0e)  %s\n", what.c_str(), e.rel, e.max_abs, tol,
+                e.rel <= tol ? "ok" : "FAIL");
+    EXPECT_LE(e.rel, tol) << what;
+}
+
+// ---- matmul ----
+
+struct QuantMatrix {
+    std::vector<uint8_t> bytes;  // [n_out] rows of ggml_row_bytes(t, k)
+    std::vector<float> deq;      // [n_out, k] the same weights dequantized
+};
+QuantMatrix make_weights(GgmlType t, int64_t n_out, int64_t k, uint32_t seed) {
+    const std::vector<float> w = random_vec(static_cast<size_t>(n_out * k), seed, 0.05f);
+    const size_t rb = ggml_row_bytes(t, k);
+    QuantMatrix q;
+    q.bytes.resize(rb * n_out);
+    q.deq.resize(w.size());
+    for (int64_t r = 0; r < n_out; ++r) {
+        quantize_row(t, &w[r * k], &q.bytes[r * rb], k);
+        dequantize_row(t, &q.bytes[r * rb], &q.deq[r * k], k);
+    }
+    return q;
+}
+// y = x · deqᵀ in double: what the GPU computes up to f32 summation order.
+std::vector<float> ref_matmul(const std::vector<float>& deq, int64_t n_out, int64_t k, const std::vector<float>& x,
+                              int64_t m) {
+    std::vector<float> y(static_cast<size_t>(m * n_out));
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t o = 0; o < n_out; ++o) {
+            double s = 0.0;
+            for (int64_t j = 0; j < k; ++j) s += static_cast<double>(x[i * k + j]) * deq[o * k + j];
+            y[i * n_out + o] = static_cast<float>(s);
+        }
+    return y;
+}
+
+// Against llama.cpp-style CPU matmul the GPU differs by the CPU's activation rounding
+// (X → F16 / BF16 / Q8_0 / Q8_K); against the dequantized weights only by summation order.
+double cpu_tolerance(GgmlType t) {
+    switch (t) {
+        case GgmlType::F32: return 1e-5;
+        case GgmlType::F16: return 2e-3;
+        case GgmlType::BF16: return 1e-2;
+        default: return 2e-2;
+    }
+}
+
+class CudaMatmul : public ::testing::TestWithParam<GgmlType> {};
+
+TEST_P(CudaMatmul, MatchesCpu) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    ThreadPool pool(2);
+    const int64_t n_out = 203, k = 768;  // n_out: partial GEMV blocks and partial 64-row tiles
+    const QuantMatrix w = make_weights(t, n_out, k, 11);
+    const DeviceBuffer<uint8_t> dw(w.bytes);
+    for (const int64_t m : {1, 2, 3, 8, 13, 70}) {
+        const std::vector<float> x = random_vec(static_cast<size_t>(m * k), 100 + static_cast<uint32_t>(m));
+        const DeviceBuffer<float> dx(x);
+        DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));
+        cuda::matmul(t, dw.get(), n_out, k, dx.get(), m, dy.get());
+        const std::vector<float> got = dy.download();
+        const std::string name = std::string("matmul ") + ggml_type_name(t) + " m=" + std::to_string(m);
+        expect_close(name + " vs dequant ref", got, ref_matmul(w.deq, n_out, k, x, m), 2e-5);
+        std::vector<float> cpu(got.size());
+        matmul(pool, t, w.bytes.data(), n_out, k, x.data(), m, cpu.data());
+        expect_close(name + " vs cpu matmul", got, cpu, cpu_tolerance(t));
+    }
+}
+
+TEST_P(CudaMatmul, ExpertIndexed) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t E = 4, n_out = 96, k = 512;
+    std::vector<QuantMatrix> experts;
+    std::vector<uint8_t> all;
+    for (int64_t e = 0; e < E; ++e) {
+        experts.push_back(make_weights(t, n_out, k, 50 + static_cast<uint32_t>(e)));
+        all.insert(all.end(), experts.back().bytes.begin(), experts.back().bytes.end());
+    }
+    const size_t matrix_bytes = experts[0].bytes.size();
+    const std::vector<int32_t> ids = {3, 0, 3, 1, 2};
+    const int64_t n_sel = static_cast<int64_t>(ids.size());
+    const std::vector<float> x = random_vec(static_cast<size_t>(n_sel * k), 7);
+    const DeviceBuffer<uint8_t> dw(all);
+    const DeviceBuffer<int32_t> dids(ids);
+    const DeviceBuffer<float> dx(x);
+    for (const bool broadcast : {false, true}) {
+        DeviceBuffer<float> dy(static_cast<size_t>(n_sel * n_out));
+        cuda::matmul_id(t, dw.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dx.get(), broadcast ? 0 : k,
+                        dy.get());
+        const std::vector<float> got = dy.download();
+        std::vector<float> want;
+        for (int64_t s = 0; s < n_sel; ++s) {
+            const std::vector<float> xs(x.begin() + (broadcast ? 0 : s * k), x.begin() + (broadcast ? 0 : s * k) + k);
+            const std::vector<float> ys = ref_matmul(experts[ids[s]].deq, n_out, k, xs, 1);
+            want.insert(want.end(), ys.begin(), ys.end());
+        }
+        expect_close(std::string("matmul_id ") + ggml_type_name(t) + (broadcast ? " shared x" : " per-row x"), got,
+                     want, 2e-5);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul,
+                         ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0,
+                                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K),
+                         [](const auto& info) { return std::string(ggml_type_name(info.param)); });
+
+// ---- elementwise / norms ----
+
+TEST(CudaOps, RmsNorm) {
+    REQUIRE_CUDA();
+    const int64_t rows = 5, n = 2048;
+    const std::vector<float> x = random_vec(rows * n, 1, 3.0f), w = random_vec(n, 2);
+    const DeviceBuffer<float> dx(x), dw(w);
+    DeviceBuffer<float> dy(rows * n);
+    cuda::rmsnorm(dx.get(), dw.get(), dy.get(), rows, n, 1e-6f);
+    std::vector<float> want(rows * n);
+    rmsnorm(x.data(), w.data(), want.data(), rows, n, 1e-6f);
+    expect_close("rmsnorm", dy.download(), want, 1e-6);
+}
+
+TEST(CudaOps, RmsNormGatedAndL2Norm) {
+    REQUIRE_CUDA();
+    const int64_t rows = 6, n = 128;
+    const float eps = 1e-6f;
+    const std::vector<float> x = random_vec(rows * n, 3), w = random_vec(n, 4), z = random_vec(rows * n, 5);
+    const DeviceBuffer<float> dx(x), dw(w), dz(z);
+    DeviceBuffer<float> dy(rows * n);
+    cuda::rmsnorm_gated(dx.get(), dw.get(), dz.get(), dy.get(), rows, n, eps);
+    std::vector<float> want(rows * n), want_l2(x);
+    for (int64_t r = 0; r < rows; ++r) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[r * n + i]) * x[r * n + i];
+        const double inv = 1.0 / std::sqrt(ss / n + eps);
+        for (int64_t i = 0; i < n; ++i) {
+            const double zz = z[r * n + i];
+            want[r * n + i] = static_cast<float>(x[r * n + i] * inv * w[i] * zz / (1.0 + std::exp(-zz)));
+            want_l2[r * n + i] = static_cast<float>(x[r * n + i] / std::max(std::sqrt(ss), 1e-6));
+        }
+    }
+    expect_close("rmsnorm_gated", dy.download(), want, 1e-6);
+    DeviceBuffer<float> dl2(x);
+    cuda::l2norm_rows(dl2.get(), rows, n, 1e-6f);
+    expect_close("l2norm_rows", dl2.download(), want_l2, 1e-6);
+}
+
+TEST(CudaOps, SwigluAddSoftmax) {
+    REQUIRE_CUDA();
+    const int64_t n = 3000;
+    const std::vector<float> g = random_vec(n, 6, 2.0f), u = random_vec(n, 7);
+    const DeviceBuffer<float> dg(g), du(u);
+    DeviceBuffer<float> dy(n);
+    cuda::swiglu(dg.get(), du.get(), dy.get(), n);
+    std::vector<float> want(n);
+    swiglu(g.data(), u.data(), want.data(), n);
+    expect_close("swiglu", dy.download(), want, 1e-6);
+
+    cuda::add_inplace(dy.get(), du.get(), n);
+    for (int64_t i = 0; i < n; ++i) want[i] += u[i];
+    expect_close("add_inplace", dy.download(), want, 1e-7);
+
+    const int64_t rows = 3, e = 1000;
+    std::vector<float> s = random_vec(rows * e, 8, 4.0f);
+    DeviceBuffer<float> ds(s);
+    cuda::softmax_rows(ds.get(), rows, e);
+    for (int64_t r = 0; r < rows; ++r) softmax_inplace(&s[r * e], e);
+    expect_close("softmax_rows", ds.download(), s, 1e-6);
+}
+
+TEST(CudaOps, RopeNeox) {
+    REQUIRE_CUDA();
+    const int64_t tokens = 4, heads = 6, head_dim = 128;
+    const std::vector<int32_t> pos = {0, 17, 1023, 5000};
+    for (const int64_t rot_dim : {head_dim, int64_t{64}}) {
+        std::vector<float> x = random_vec(tokens * heads * head_dim, 9);
+        DeviceBuffer<float> dx(x);
+        const DeviceBuffer<int32_t> dpos(pos);
+        cuda::rope_neox(dx.get(), tokens, heads, head_dim, rot_dim, dpos.get(), 1e6f);
+        rope_neox(x.data(), tokens, heads, head_dim, rot_dim, pos.data(), 1e6f);
+        expect_close("rope_neox rot_dim=" + std::to_string(rot_dim), dx.download(), x, 1e-6);
+    }
+}
+
+// ---- router ----
+
+// coordinator/models/qwen3moe.cpp route(), for one token.
+void route_ref(std::vector<float>& p, int64_t K, bool norm, std::vector<int32_t>* ids, std::vector<float>* w) {
+    const int64_t E = static_cast<int64_t>(p.size());
+    softmax_inplace(p.data(), E);
+    std::vector<int32_t> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [&](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    double sum = 0.0;
+    for (int64_t j = 0; j < K; ++j) sum += p[order[j]];
+    const float s = norm ? std::max(static_cast<float>(sum), 6.103515625e-5f) : 1.0f;
+    for (int64_t j = 0; j < K; ++j) {
+        ids->push_back(order[j]);
+        w->push_back(norm ? p[order[j]] / s : p[order[j]]);
+    }
+}
+
+TEST(CudaOps, SoftmaxTopk) {
+    REQUIRE_CUDA();
+    const int64_t T = 7, E = 128, K = 8;
+    for (const bool ties : {false, true}) {
+        for (const bool norm : {true, false}) {
+            std::vector<float> logits = random_vec(T * E, 10, 2.0f);
+            if (ties)  // few distinct values: the order among equals must be by expert id
+                for (auto& v : logits) v = std::round(v);
+            DeviceBuffer<float> dl(logits);
+            DeviceBuffer<int32_t> dids(T * K);
+            DeviceBuffer<float> dw(T * K);
+            cuda::softmax_topk(dl.get(), T, E, K, norm, dids.get(), dw.get());
+            std::vector<int32_t> want_ids;
+            std::vector<float> want_w, probs;
+            for (int64_t t = 0; t < T; ++t) {
+                std::vector<float> p(logits.begin() + t * E, logits.begin() + (t + 1) * E);
+                route_ref(p, K, norm, &want_ids, &want_w);
+                probs.insert(probs.end(), p.begin(), p.end());
+            }
+            const std::string name = std::string("softmax_topk") + (ties ? " ties" : "") + (norm ? " norm" : "");
+            EXPECT_EQ(dids.download(), want_ids) << name;
+            expect_close(name + " weights", dw.download(), want_w, 1e-6);
+            expect_close(name + " probs", dl.download(), probs, 1e-6);
+        }
+    }
+}
+
+// ---- attention ----
+
+TEST(CudaOps, Attention) {
+    REQUIRE_CUDA();
+    ThreadPool pool(2);
+    const int64_t n_head = 8, n_head_kv = 2, head_dim = 128, n_ctx = 1100;
+    struct Case {
+        int64_t n_tokens, n_past;
+    };
+    for (const bool f16 : {true, false}) {
+        for (const Case c : {Case{1, 0}, Case{1, 700}, Case{5, 0}, Case{3, 300}, Case{1, 1023}}) {
+            const int64_t kv_n = n_ctx * n_head_kv * head_dim;
+            const std::vector<float> kf = random_vec(kv_n, 20), vf = random_vec(kv_n, 21);
+            const std::vector<float> q = random_vec(c.n_tokens * n_head * head_dim, 22, 0.3f);
+            std::vector<uint16_t> k16(kv_n), v16(kv_n);
+            for (int64_t i = 0; i < kv_n; ++i) k16[i] = fp32_to_fp16(kf[i]), v16[i] = fp32_to_fp16(vf[i]);
+            const DeviceBuffer<float> dq(q), dkf(kf), dvf(vf);
+            const DeviceBuffer<uint16_t> dk16(k16), dv16(v16);
+            DeviceBuffer<float> dout(q.size());
+            const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+            cuda::AttentionArgs ga{dq.get(), f16 ? static_cast<const void*>(dk16.get()) : dkf.get(),
+                                   f16 ? static_cast<const void*>(dv16.get()) : dvf.get(), dout.get(), c.n_tokens,
+                                   c.n_past, n_head, n_head_kv, head_dim, f16, scale};
+            DeviceBuffer<uint8_t> ws(cuda::attention_workspace_bytes(ga));
+            cuda::attention(ga, ws.get());
+            std::vector<float> want(q.size());
+            AttentionArgs ca{q.data(), f16 ? static_cast<const void*>(k16.data()) : kf.data(),
+                             f16 ? static_cast<const void*>(v16.data()) : vf.data(), want.data(), c.n_tokens,
+                             c.n_past, n_head, n_head_kv, head_dim, f16, scale};
+            attention(pool, ca);
+            // f16: the CPU rounds softmax weights to f16, a split softmax does not (see attention.cu).
+            expect_close(std::string("attention ") + (f16 ? "f16" : "f32") + " T=" + std::to_string(c.n_tokens) +
+                             " n_past=" + std::to_string(c.n_past),
+                         dout.download(), want, f16 ? 2e-3 : 1e-5);
+        }
+    }
+}
+
+// ---- gated DeltaNet ----
+
+// The ops.h contract, written out plainly.
+void conv_ref(const std::vector<float>& x, const std::vector<float>& w, std::vector<float>& state,
+              std::vector<float>& y, int64_t T, int64_t C, int64_t K) {
+    std::vector<float> seq((K - 1 + T) * C);
+    std::copy(state.begin(), state.end(), seq.begin());
+    std::copy(x.begin(), x.end(), seq.begin() + (K - 1) * C);
+    y.assign(T * C, 0.0f);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < C; ++c) {
+            double s = 0.0;
+            for (int64_t j = 0; j < K; ++j) s += static_cast<double>(w[c * K + j]) * seq[(t + j) * C + c];
+            y[t * C + c] = static_cast<float>(s / (1.0 + std::exp(-s)));
+        }
+    std::copy(seq.begin() + T * C, seq.end(), state.begin());
+}
+
+TEST(CudaOps, Conv1dSilu) {
+    REQUIRE_CUDA();
+    const int64_t C = 96, K = 4;
+    for (const int64_t T : {int64_t{1}, int64_t{2}, int64_t{9}}) {
+        const std::vector<float> x = random_vec(T * C, 30), w = random_vec(C * K, 31, 0.5f);
+        std::vector<float> state = random_vec((K - 1) * C, 32), y;
+        const DeviceBuffer<float> dx(x), dw(w);
+        DeviceBuffer<float> dstate(state), dy(T * C);
+        cuda::conv1d_silu_causal(dx.get(), dw.get(), dstate.get(), dy.get(), T, C, K);
+        conv_ref(x, w, state, y, T, C, K);
+        expect_close("conv1d_silu T=" + std::to_string(T) + " y", dy.download(), y, 1e-6);
+        expect_close("conv1d_silu T=" + std::to_string(T) + " state", dstate.download(), state, 0.0);
+    }
+}
+
+void delta_rule_ref(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                    const std::vector<float>& g, const std::vector<float>& beta, std::vector<float>& S,
+                    std::vector<float>& out, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, float scale) {
+    out.assign(T * Hv * Dv, 0.0f);
+    std::vector<double> u(Dv);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < Hv; ++j) {
+            const int64_t kh = j / (Hv / Hk);
+            const float* kt = &k[(t * Hk + kh) * Dk];
+            const float* qt = &q[(t * Hk + kh) * Dk];
+            float* s = &S[j * Dk * Dv];
+            const float decay = std::exp(g[t * Hv + j]), b = beta[t * Hv + j];
+            for (int64_t i = 0; i < Dk * Dv; ++i) s[i] *= decay;
+            std::fill(u.begin(), u.end(), 0.0);
+            for (int64_t i = 0; i < Dk; ++i)
+                for (int64_t c = 0; c < Dv; ++c) u[c] += static_cast<double>(s[i * Dv + c]) * kt[i];
+            for (int64_t c = 0; c < Dv; ++c) {
+                const float delta = b * (v[(t * Hv + j) * Dv + c] - static_cast<float>(u[c]));
+                for (int64_t i = 0; i < Dk; ++i) s[i * Dv + c] += kt[i] * delta;
+            }
+            for (int64_t c = 0; c < Dv; ++c) {
+                double o = 0.0;
+                for (int64_t i = 0; i < Dk; ++i) o += static_cast<double>(s[i * Dv + c]) * qt[i] * scale;
+                out[(t * Hv + j) * Dv + c] = static_cast<float>(o);
+            }
+        }
+}
+
+TEST(CudaOps, GatedDeltaRuleRecurrent) {
+    REQUIRE_CUDA();
+    struct Case {
+        int64_t T, Hk, Hv, Dk, Dv;
+    };
+    for (const Case c : {Case{1, 2, 4, 128, 128}, Case{4, 2, 4, 128, 64}, Case{3, 1, 2, 64, 32},
+                         Case{2, 2, 2, 256, 64}}) {
+        std::vector<float> q = random_vec(c.T * c.Hk * c.Dk, 40), k = random_vec(c.T * c.Hk * c.Dk, 41);
+        for (auto* m : {&q, &k})
+            for (int64_t r = 0; r < c.T * c.Hk; ++r) {
+                double ss = 0.0;
+                for (int64_t i = 0; i < c.Dk; ++i) ss += (*m)[r * c.Dk + i] * (*m)[r * c.Dk + i];
+                for (int64_t i = 0; i < c.Dk; ++i) (*m)[r * c.Dk + i] /= static_cast<float>(std::sqrt(ss));
+            }
+        const std::vector<float> v = random_vec(c.T * c.Hv * c.Dv, 42);
+        std::vector<float> g = random_vec(c.T * c.Hv, 43), beta = random_vec(c.T * c.Hv, 44);
+        for (auto& x : g) x = -std::log1p(std::exp(x));  // -softplus: ≤ 0
+        for (auto& x : beta) x = 1.0f / (1.0f + std::exp(-x));
+        std::vector<float> S = random_vec(c.Hv * c.Dk * c.Dv, 45, 0.1f), out;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(c.Dk));
+        const DeviceBuffer<float> dq(q), dk(k), dv(v), dg(g), db(beta);
+        DeviceBuffer<float> dS(S), dout(c.T * c.Hv * c.Dv);
+        cuda::DeltaNetArgs a;
+        a.q = dq.get(), a.k = dk.get(), a.v = dv.get(), a.g = dg.get(), a.beta = db.get(), a.state = dS.get();
+        a.out = dout.get(), a.n_tokens = c.T, a.n_k_heads = c.Hk, a.n_v_heads = c.Hv, a.k_dim = c.Dk;
+        a.v_dim = c.Dv, a.scale = scale;
+        cuda::gated_delta_rule_recurrent(a);
+        delta_rule_ref(q, k, v, g, beta, S, out, c.T, c.Hk, c.Hv, c.Dk, c.Dv, scale);
+        const std::string name = "delta_rule T=" + std::to_string(c.T) + " Dk=" + std::to_string(c.Dk) +
+                                 " Dv=" + std::to_string(c.Dv);
+        expect_close(name + " out", dout.download(), out, 1e-5);
+        expect_close(name + " state", dS.download(), S, 1e-5);
+    }
+}
+
+}  // namespace
+}  // namespace moemesh
