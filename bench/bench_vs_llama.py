@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""moemesh vs llama.cpp: prompt and decode tokens/s on ~1B-parameter synthetic qwen3moe models.
+"""moemesh vs llama.cpp: prompt and decode tokens/s on synthetic qwen3moe / qwen3next models.
 
-    python3 bench/bench_vs_llama.py [--threads N] [--reps R] [--keep-models DIR] [--types q8_0,q4_k] ...
+    python3 bench/bench_vs_llama.py [--arch qwen3moe|qwen3next] [--threads N] [--reps R] [--keep-models DIR]
+                                    [--types q8_0,q4_k] ...
     (bash bench/bench_vs_llama.sh passes its arguments here)
 
-For each weight type: make (once, cached in --keep-models) a random-weight qwen3moe GGUF of about
-1.0 B parameters, then R times, alternating which goes first, run
+For each weight type: make (once, cached in --keep-models) a random-weight GGUF of the --arch's
+shape (SHAPES below), then R times, alternating which goes first, run
   * `moemesh run --tokens <P ids> -n G --threads T --greedy --ignore-eos` (one process per rep), and
   * `node tests/ref/llama_ref.mjs bench --reps 1 ...` (node-llama-cpp; one process per rep, which
     does its own unmeasured warm-up pass before the measured one),
@@ -32,30 +33,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # + token_embd and output (2 x 32000 x 2048 = 131 M). Per decoded token: ~250 M parameters read
 # (attention 84 M, output 66 M, routers, one embedding row, 8 of the 64 experts in each layer 101 M).
 # Expert ff 256 keeps every row length a multiple of 256, as Q4_K needs.
-SHAPE = dict(layers=8, hidden=2048, heads=16, kv_heads=4, head_dim=128, experts=64, top_k=8,
-             expert_ff=256, vocab=32000, seed=1)
+# qwen3next: one Qwen3-Next-80B-A3B layer group at full width (hidden 2048, gated attention 16/2
+# heads of 256 with 64 rotary dims, gated DeltaNet 16 k / 32 v heads of 128, conv 4, expert ff 512,
+# shared expert 512, top-10), with 4 layers instead of 48 (3 DeltaNet + 1 attention, the real
+# schedule), 128 experts instead of 512 and a 32000 vocabulary instead of 151936, so that the file
+# (~2 B parameters) fits this machine. Decode reads the same bytes per layer as the real model:
+# top-10 experts whatever E is. Per decoded token: ~4 x (34 M attention/DeltaNet + 3 M shared +
+# 31 M routed) + 66 M output ≈ 340 M parameters.
+SHAPES = {
+    "qwen3moe": dict(layers=8, hidden=2048, heads=16, kv_heads=4, head_dim=128, experts=64, top_k=8,
+                     expert_ff=256, vocab=32000, seed=1),
+    "qwen3next": dict(layers=4, hidden=2048, heads=16, kv_heads=2, head_dim=256, experts=128, top_k=10,
+                      expert_ff=512, vocab=32000, seed=1,
+                      extra=["--shared-ff", "512", "--ssm-k-heads", "16", "--ssm-v-heads", "32",
+                             "--ssm-head-dim", "128", "--conv-kernel", "4", "--rope-dim", "64"]),
+}
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def model_path(models_dir, wtype):
-    return os.path.join(models_dir, f"qwen3moe-1b-{wtype}.gguf")
+def model_path(models_dir, arch, wtype):
+    return os.path.join(models_dir, f"{arch}-bench-{wtype}.gguf")
 
 
-def make_model(moemesh, path, wtype):
+def make_model(moemesh, path, arch, wtype):
     if os.path.exists(path):
         log(f"[bench] reusing {path}")
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
-    s = SHAPE
-    cmd = [moemesh, "make-model", "--arch", "qwen3moe", "--out", tmp,
+    s = SHAPES[arch]
+    cmd = [moemesh, "make-model", "--arch", arch, "--out", tmp,
            "--layers", str(s["layers"]), "--hidden", str(s["hidden"]), "--heads", str(s["heads"]),
            "--kv-heads", str(s["kv_heads"]), "--head-dim", str(s["head_dim"]),
            "--experts", str(s["experts"]), "--top-k", str(s["top_k"]), "--expert-ff", str(s["expert_ff"]),
-           "--vocab", str(s["vocab"]), "--type", wtype, "--seed", str(s["seed"])]
+           "--vocab", str(s["vocab"]), "--type", wtype, "--seed", str(s["seed"])] + s.get("extra", [])
     log(f"[bench] generating {path} (Q4_K takes a few CPU-minutes): {' '.join(cmd)}")
     t0 = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -110,7 +124,9 @@ def run_moemesh(args, path, ids, n_gen, timeout):
            "--threads", str(args.threads), "--kv-type", "f16", "--greedy", "--ignore-eos",
            "--ctx", str(max(256, len(ids) + n_gen + 1))]
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # The generated text (random weights: arbitrary bytes, not always UTF-8) is not needed.
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                       timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"moemesh run failed (rc {p.returncode}): {p.stderr[-2000:]}")
     m = None
@@ -184,6 +200,7 @@ def print_table(results, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="qwen3moe", choices=sorted(SHAPES), help="model family (default qwen3moe)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both engines (default: nproc)")
     ap.add_argument("--reps", type=int, default=5, help="measured runs per engine and model (default 5)")
     ap.add_argument("--keep-models", default=os.path.join(ROOT, "build", "bench-models"),
@@ -217,8 +234,8 @@ def main():
     load_before = os.getloadavg()
     t_start = time.time()
     for wtype in [t.strip() for t in args.types.split(",") if t.strip()]:
-        path = model_path(args.keep_models, wtype)
-        make_model(args.moemesh, path, wtype)
+        path = model_path(args.keep_models, args.arch, wtype)
+        make_model(args.moemesh, path, args.arch, wtype)
         info = inspect_model(args.moemesh, path)
         ids = llama_ref_prompt(args.prompt_tokens, info["vocab"])
         log(f"[bench] {os.path.basename(path)}: {info['params'] / 1e9:.3f} B params, {fmt_size(info['file_bytes'])}, "
@@ -259,7 +276,8 @@ def main():
     doc = dict(date=stamp, command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
                threads=args.threads, reps=args.reps, prompt_tokens=args.prompt_tokens, gen=args.gen, kv_type="f16",
                nproc=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
-               elapsed_s=time.time() - t_start, moemesh_binary=binary, shape=SHAPE, results=results)
+               elapsed_s=time.time() - t_start, moemesh_binary=binary, arch=args.arch, shape=SHAPES[args.arch],
+               results=results)
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
