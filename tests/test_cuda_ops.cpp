@@ -19,10 +19,10 @@
 namespace moemesh {
 namespace {
 
-#define REQUIRE_CUDA()                                                    \
-    do {                                                                  \
-        const char* why_ = "";                                            \
-        if (cuda::device_count(&why_) == 0) GTEST_SKIP() << "no CUDA device: " << why_; \
+#define REQUIRE_CUDA()                                                                     \
+    do {                                                                                   \
+        const char* why_ = "";                                                             \
+        if (cuda::device_count(&why_) == 0) GTEST_SKIP() << "no CUDA device: " << why_;    \
     } while (0)
 
 // A device buffer of n elements of T.

@@ -7,7 +7,7 @@ int device_count(const char** why) {
     int n = 0;
     const cudaError_t err = cudaGetDeviceCount(&n);
     if (err != cudaSuccess) {
-        // Clear the sticky-free error so later runtime calls do not report it again.
+        // Not a sticky error: clear it so that later runtime calls do not report it again.
         (void)cudaGetLastError();
         if (why) *why = cudaGetErrorString(err);
         return 0;
