@@ -11,7 +11,7 @@ ctest --output-on-failure -j"$(nproc)" --timeout 900
 # libFuzzer over the GGUF and placement parsers, bounded time (clang; separate build dir).
 FUZZ_BUILD="$ROOT/build-fuzz"
 CC=clang CXX=clang++ cmake -S "$ROOT" -B "$FUZZ_BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEMESH_FUZZ=ON \
-  -DMOEMESH_TESTS=OFF >/dev/null
+  -DMOEMESH_TESTS=OFF -DMOEMESH_CUDA=OFF >/dev/null
 cmake --build "$FUZZ_BUILD" -j"$(nproc)" --target fuzz_gguf fuzz_placement >/dev/null
 for target in gguf placement; do
   seeds="$ROOT/tests/data/gguf_seeds"; [ "$target" = placement ] && seeds="$ROOT/tests/data/placement"
