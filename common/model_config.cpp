@@ -37,9 +37,11 @@ Status load_qwen3next_config(const GgufFile& f, ModelConfig& c) {
     const std::string rkey = kv_name(Kv::kAttentionRecurrentLayers, a);
     if (const GgufValue* v = f.find(rkey)) {
         if (v->type == GgufType::ARRAY) {
-            if (v->arr_i.size() != static_cast<size_t>(c.n_layer))
-                return MM_ERROR("%s: metadata key '%s' has %zu entries (need one per layer: %lld) or integer type",
-                                path.c_str(), rkey.c_str(), v->arr_i.size(), static_cast<long long>(c.n_layer));
+            // One entry per block, MTP blocks included (llama.cpp reads n_layer_all entries).
+            if (v->arr_i.size() != static_cast<size_t>(c.n_layer_all))
+                return MM_ERROR("%s: metadata key '%s' has %zu entries, expected one per block (%lld) of an "
+                                "integer or bool type",
+                                path.c_str(), rkey.c_str(), v->arr_i.size(), static_cast<long long>(c.n_layer_all));
             for (size_t i = 0; i < c.recurrent.size(); ++i) c.recurrent[i] = v->arr_i[i] != 0;
         } else if (v->is_int()) {
             for (auto& r : c.recurrent) r = v->i != 0;
@@ -69,6 +71,15 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     c.name = f.get_string_or(kv_name(Kv::kGeneralName, a), "");
     MM_ASSIGN_OR_RETURN(c.n_embd, f.get_int(kv_name(Kv::kEmbeddingLength, a)));
     MM_ASSIGN_OR_RETURN(c.n_layer, f.get_int(kv_name(Kv::kBlockCount, a)));
+    // Files that keep the multi-token-prediction block(s) count them in block_count; they sit after
+    // the trunk and are not part of the forward pass (llama.cpp: n_layer = n_layer_all - nextn).
+    c.n_layer_all = c.n_layer;
+    c.n_nextn = f.get_int_or(kv_name(Kv::kNextnPredictLayers, a), 0);
+    if (c.n_nextn < 0 || c.n_nextn >= c.n_layer)
+        return MM_ERROR("%s: metadata key '%s' = %lld is out of range for %s = %lld", path.c_str(),
+                        kv_name(Kv::kNextnPredictLayers, a).c_str(), static_cast<long long>(c.n_nextn),
+                        kv_name(Kv::kBlockCount, a).c_str(), static_cast<long long>(c.n_layer));
+    c.n_layer -= c.n_nextn;
     MM_ASSIGN_OR_RETURN(c.n_head, f.get_int(kv_name(Kv::kAttentionHeadCount, a)));
     c.n_head_kv = f.get_int_or(kv_name(Kv::kAttentionHeadCountKv, a), c.n_head);
     c.n_ctx_train = f.get_int_or(kv_name(Kv::kContextLength, a), 4096);

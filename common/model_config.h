@@ -16,7 +16,9 @@ struct ModelConfig {
     std::string name;
     int64_t n_vocab = 0;      // rows of token_embd
     int64_t n_embd = 0;       // H
-    int64_t n_layer = 0;      // L
+    int64_t n_layer = 0;      // L: blocks of the forward pass
+    int64_t n_layer_all = 0;  // block_count: L plus multi-token-prediction blocks (ignored)
+    int64_t n_nextn = 0;      // nextn_predict_layers (MTP blocks after the trunk)
     int64_t n_head = 0;       // q heads
     int64_t n_head_kv = 0;    // kv heads
     int64_t head_dim = 0;     // key_length (= value_length for our families)

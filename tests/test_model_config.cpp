@@ -1,0 +1,132 @@
+// qwen3next hyper-parameters as llama.cpp reads them: the hybrid layer schedule (interval or
+// per-block array), multi-token-prediction blocks left out of the trunk, the DeltaNet sizes, and
+// clear errors that name the key.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <map>
+
+#include "common/arch.h"
+#include "common/gguf.h"
+#include "common/model_config.h"
+
+namespace moemesh {
+namespace {
+
+const std::string kArch = "qwen3next";
+
+// Metadata of a small qwen3next file plus token_embd: `over` replaces base values, `edit` adds keys.
+StatusOr<ModelConfig> config_of(const std::function<void(GgufWriter&)>& edit, int blocks = 4,
+                                const std::map<Kv, uint32_t>& over = {}) {
+    GgufWriter w;
+    auto u32 = [&](Kv k, uint32_t v) {
+        auto it = over.find(k);
+        w.set_u32(kv_name(k, kArch), it == over.end() ? v : it->second);
+    };
+    w.set_string(kv_name(Kv::kGeneralArchitecture, kArch), kArch);
+    u32(Kv::kEmbeddingLength, 32);
+    u32(Kv::kBlockCount, static_cast<uint32_t>(blocks));
+    u32(Kv::kAttentionHeadCount, 4);
+    u32(Kv::kAttentionHeadCountKv, 2);
+    u32(Kv::kAttentionKeyLength, 16);
+    u32(Kv::kAttentionValueLength, 16);
+    u32(Kv::kRopeDimensionCount, 4);
+    u32(Kv::kExpertCount, 8);
+    u32(Kv::kExpertUsedCount, 2);
+    u32(Kv::kExpertFeedForwardLength, 32);
+    u32(Kv::kExpertSharedFeedForwardLength, 48);
+    u32(Kv::kSsmConvKernel, 4);
+    u32(Kv::kSsmStateSize, 16);
+    u32(Kv::kSsmGroupCount, 2);
+    u32(Kv::kSsmTimeStepRank, 4);
+    u32(Kv::kSsmInnerSize, 64);
+    w.set_f32(kv_name(Kv::kAttentionLayerNormRmsEps, kArch), 1e-6f);
+    edit(w);
+    w.add_tensor(tensor_name(Tensor::kTokenEmbd), GgmlType::F32, {32, 10}, std::vector<uint8_t>(32 * 10 * 4));
+    static std::vector<uint8_t> bytes;  // kept alive while the file is parsed
+    bytes = w.serialize();
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::from_memory(bytes.data(), bytes.size(), "next.gguf"));
+    return load_model_config(*f);
+}
+
+std::string schedule(const ModelConfig& c) {
+    std::string s;
+    for (int il = 0; il < c.n_layer; ++il) s += c.is_recurrent(il) ? 'D' : 'A';
+    return s;
+}
+
+TEST(Qwen3NextConfig, DefaultIntervalIsFour) {
+    auto c = config_of([](GgufWriter&) {}, 8);
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_EQ(schedule(c.value()), "DDDADDDA");
+    EXPECT_EQ(c.value().ssm_k_heads, 2);
+    EXPECT_EQ(c.value().ssm_v_heads, 4);
+    EXPECT_EQ(c.value().ssm_head_dim, 16);
+    EXPECT_EQ(c.value().ssm_conv_dim(), 2 * 2 * 16 + 4 * 16);
+    EXPECT_EQ(c.value().n_ff_shexp, 48);
+}
+
+TEST(Qwen3NextConfig, IntervalKey) {
+    auto c = config_of([](GgufWriter& w) { w.set_u32(kv_name(Kv::kFullAttentionInterval, kArch), 2); }, 6);
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_EQ(schedule(c.value()), "DADADA");
+}
+
+TEST(Qwen3NextConfig, RecurrentLayersArrayWinsOverInterval) {
+    auto c = config_of([](GgufWriter& w) {
+        w.set_u32(kv_name(Kv::kFullAttentionInterval, kArch), 2);
+        w.set_arr_bool(kv_name(Kv::kAttentionRecurrentLayers, kArch), {false, true, true, false});
+    });
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_EQ(schedule(c.value()), "ADDA");
+}
+
+// A file that keeps the MTP block: block_count counts it, the trunk does not run it, and the
+// per-block array has an entry for it too (llama.cpp reads n_layer_all entries).
+TEST(Qwen3NextConfig, NextnBlocksAreNotPartOfTheTrunk) {
+    auto c = config_of(
+        [](GgufWriter& w) {
+            w.set_u32(kv_name(Kv::kNextnPredictLayers, kArch), 1);
+            w.set_arr_bool(kv_name(Kv::kAttentionRecurrentLayers, kArch), {true, true, true, false, false});
+        },
+        5);
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_EQ(c.value().n_layer, 4);
+    EXPECT_EQ(c.value().n_layer_all, 5);
+    EXPECT_EQ(schedule(c.value()), "DDDA");
+    // Interval schedule with an MTP block: only the trunk's layers are scheduled.
+    auto d = config_of([](GgufWriter& w) { w.set_u32(kv_name(Kv::kNextnPredictLayers, kArch), 1); }, 9);
+    ASSERT_TRUE(d.ok()) << d.status().message();
+    EXPECT_EQ(schedule(d.value()), "DDDADDDA");
+}
+
+TEST(Qwen3NextConfig, BadValuesNameTheKey) {
+    struct Case {
+        std::function<void(GgufWriter&)> edit;
+        const char* needle;
+        std::map<Kv, uint32_t> over;
+    };
+    auto none = [](GgufWriter&) {};
+    const Case cases[] = {
+        {none, "qwen3next.ssm.time_step_rank", {{Kv::kSsmTimeStepRank, 3}}},
+        {none, "qwen3next.ssm.inner_size", {{Kv::kSsmInnerSize, 60}}},
+        {none, "qwen3next.ssm.conv_kernel", {{Kv::kSsmConvKernel, 0}}},
+        {[](GgufWriter& w) { w.set_u32(kv_name(Kv::kFullAttentionInterval, kArch), 0); },
+         "qwen3next.full_attention_interval"},
+        {[](GgufWriter& w) { w.set_arr_bool(kv_name(Kv::kAttentionRecurrentLayers, kArch), {true, false}); },
+         "qwen3next.attention.recurrent_layers"},
+        {[](GgufWriter& w) { w.set_string(kv_name(Kv::kAttentionRecurrentLayers, kArch), "all"); },
+         "qwen3next.attention.recurrent_layers"},
+        {[](GgufWriter& w) { w.set_u32(kv_name(Kv::kNextnPredictLayers, kArch), 4); },
+         "qwen3next.nextn_predict_layers"},
+    };
+    for (const Case& k : cases) {
+        auto c = config_of(k.edit, 4, k.over);
+        ASSERT_FALSE(c.ok()) << k.needle;
+        EXPECT_NE(c.status().message().find(k.needle), std::string::npos) << c.status().message();
+        EXPECT_NE(c.status().message().find("next.gguf"), std::string::npos) << c.status().message();
+    }
+}
+
+}  // namespace
+}  // namespace moemesh
