@@ -4,26 +4,34 @@
 
 namespace moemesh {
 
-bool ExpertCompute::holds(int layer, int expert) const {
+bool TableExpertSource::holds(int layer, int expert) const {
     return layer >= 0 && layer < static_cast<int>(layers_.size()) && expert >= 0 &&
            expert < static_cast<int>(layers_[layer].experts.size()) && layers_[layer].experts[expert].gate != nullptr;
+}
+
+Status TableExpertSource::acquire(int layer, int expert, ExpertSlice* slice, void** token) {
+    if (!holds(layer, expert)) return MM_ERROR("layer %d: expert %d is not held by this process", layer, expert);
+    *slice = layers_[layer].experts[expert];
+    *token = nullptr;
+    return Status();
 }
 
 Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const int32_t* rows, const int32_t* experts,
                               const float* weights, int64_t n_pairs, float* out) {
     const int64_t H = cfg_.n_embd, I = cfg_.n_ff_exp, E = cfg_.n_expert;
-    if (layer < 0 || layer >= static_cast<int>(layers_.size()))
-        return MM_ERROR("expert call for layer %d, model has %zu layers", layer, layers_.size());
-    const LayerExpertTable& lt = layers_[layer];
+    if (layer < 0 || layer >= src_->num_layers())
+        return MM_ERROR("expert call for layer %d, model has %d layers", layer, src_->num_layers());
     for (int64_t p = 0; p < n_pairs; ++p) {
         if (rows[p] < 0 || rows[p] >= n_rows)
             return MM_ERROR("layer %d: pair %lld names row %d of %lld", layer, static_cast<long long>(p), rows[p],
                             static_cast<long long>(n_rows));
         if (experts[p] < 0 || experts[p] >= E)
             return MM_ERROR("layer %d: expert id %d out of range [0, %lld)", layer, experts[p], static_cast<long long>(E));
-        if (!lt.experts[experts[p]].gate)
+        if (!src_->holds(layer, experts[p]))
             return MM_ERROR("layer %d: expert %d is not held by this process", layer, experts[p]);
     }
+    src_->will_compute(layer, x, n_rows);
+    const ExpertTypes ty = src_->types(layer);
     // Group: for each expert in use, its pairs in order.
     // Reused across calls: decode runs this once per layer per token.
     auto& by_expert = by_expert_;
@@ -34,22 +42,24 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
     for (int64_t e = 0; e < E; ++e) {
         const auto& sel = by_expert[e];
         if (sel.empty()) continue;
-        const ExpertSlice& ex = lt.experts[e];
+        MM_ASSIGN_OR_RETURN(ExpertHandle h, acquire_expert(*src_, layer, static_cast<int>(e)));
+        const ExpertSlice& ex = h.slice();
         const int64_t m = static_cast<int64_t>(sel.size());
         xg_.resize(static_cast<size_t>(m * H));  // [m, H] gathered rows
         for (int64_t r = 0; r < m; ++r) std::memcpy(&xg_[r * H], x + rows[sel[r]] * H, sizeof(float) * H);
         g_.resize(static_cast<size_t>(m * I));
         u_.resize(static_cast<size_t>(m * I));
         d_.resize(static_cast<size_t>(m * H));
-        matmul(pool_, lt.gate_type, ex.gate, I, H, xg_.data(), m, g_.data());  // [m, I]
-        matmul(pool_, lt.up_type, ex.up, I, H, xg_.data(), m, u_.data());      // [m, I]
-        swiglu(g_.data(), u_.data(), g_.data(), m * I);                         // [m, I]
-        matmul(pool_, lt.down_type, ex.down, H, I, g_.data(), m, d_.data());   // [m, H]
+        matmul(pool_, ty.gate, ex.gate, I, H, xg_.data(), m, g_.data());  // [m, I]
+        matmul(pool_, ty.up, ex.up, I, H, xg_.data(), m, u_.data());      // [m, I]
+        swiglu(g_.data(), u_.data(), g_.data(), m * I);                    // [m, I]
+        matmul(pool_, ty.down, ex.down, H, I, g_.data(), m, d_.data());   // [m, H]
+        h.reset();  // one pin at a time: a budget of one expert still makes progress
         for (int64_t r = 0; r < m; ++r) {
             const float w = weights[sel[r]];
             float* o = &slots_[sel[r] * H];
             const float* dr = &d_[r * H];
-            for (int64_t h = 0; h < H; ++h) o[h] = w * dr[h];
+            for (int64_t h2 = 0; h2 < H; ++h2) o[h2] = w * dr[h2];
         }
     }
     // Combine in pair order (as llama.cpp adds the K weighted expert outputs), so sums round alike.

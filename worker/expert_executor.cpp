@@ -41,6 +41,12 @@ StatusOr<std::unique_ptr<LocalExpertExecutor>> LocalExpertExecutor::create(const
         new LocalExpertExecutor(std::make_unique<ExpertCompute>(c, pool, std::move(tables))));
 }
 
+std::unique_ptr<LocalExpertExecutor> LocalExpertExecutor::create(const ModelConfig& c, ThreadPool& pool,
+                                                                std::shared_ptr<ExpertSource> source) {
+    return std::unique_ptr<LocalExpertExecutor>(
+        new LocalExpertExecutor(std::make_unique<ExpertCompute>(c, pool, std::move(source))));
+}
+
 Status LocalExpertExecutor::moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                                         const float* weights, float* out) {
     // Pairs in slot order: pair r*k + j is row r's j-th choice.

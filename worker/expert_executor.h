@@ -27,6 +27,9 @@ class LocalExpertExecutor final : public ExpertBackend {
 public:
     static StatusOr<std::unique_ptr<LocalExpertExecutor>> create(const GgufFile& f, const ModelConfig& c,
                                                                   ThreadPool& pool);
+    // Every expert through a source (e.g. an ExpertCache: `moemesh run --device-budget`).
+    static std::unique_ptr<LocalExpertExecutor> create(const ModelConfig& c, ThreadPool& pool,
+                                                       std::shared_ptr<ExpertSource> source);
     Status moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                        const float* weights, float* out) override;
 

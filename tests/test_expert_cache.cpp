@@ -1,0 +1,456 @@
+// Expert cache (worker/expert_cache.h): budget accounting, eviction order per policy on scripted
+// traces with hand-computed hit rates, single-flight loads, pins, transient buffers, storage
+// errors on a truncated file, and identical greedy tokens through `moemesh run --device-budget`
+// for every policy and budgets of 100%, 50%, 10% and one expert of the model's experts.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/arch.h"
+#include "common/weights.h"
+#include "tests/test_util.h"
+#include "worker/expert_cache.h"
+#include "worker/expert_executor.h"
+
+namespace moemesh {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace moemesh::testing;
+
+// ---- a scripted storage tier: every expert is 1000 bytes of (layer * 16 + expert) ----------------
+
+constexpr uint64_t kData = 1000;
+
+class FakeReader final : public ExpertReader {
+public:
+    Status read_expert(int layer, int expert, uint8_t* dst) override {
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            reads[{layer, expert}]++;
+            if (fail_from_layer >= 0 && layer >= fail_from_layer)
+                return MM_ERROR("fake.gguf: tensor 'blk.%d.ffn_gate_exps.weight' bytes [0, 1000): file ends", layer);
+        }
+        if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+        std::memset(dst, layer * 16 + expert, kData);
+        return Status();
+    }
+    int total() {
+        std::lock_guard<std::mutex> lk(mu);
+        int n = 0;
+        for (auto& [k, v] : reads) n += v;
+        return n;
+    }
+    std::mutex mu;
+    std::map<std::pair<int, int>, int> reads;
+    int delay_ms = 0;
+    int fail_from_layer = -1;
+};
+
+std::vector<ExpertLayout> fake_layouts(int layers) {
+    ExpertLayout l;
+    l.gate_bytes = l.up_bytes = l.down_bytes = kData / 4;  // data_bytes() = 750; the reader fills 1000
+    l.up_off = 256;
+    l.down_off = 512;
+    l.size = 1024;
+    return std::vector<ExpertLayout>(static_cast<size_t>(layers), l);
+}
+
+// One entry's charge: the 1024-byte buffer rounds up to a page, plus the bookkeeping.
+uint64_t entry_charge() { return static_cast<uint64_t>(sysconf(_SC_PAGESIZE)) + kCacheEntryOverhead; }
+
+struct Fake {
+    FakeReader* reader = nullptr;
+    std::shared_ptr<ExpertCache> cache;
+};
+
+Fake make_cache(int layers, int experts, int top_k, CacheOptions o, std::vector<std::vector<int>> shard = {}) {
+    auto r = std::make_unique<FakeReader>();
+    Fake f;
+    f.reader = r.get();
+    auto c = ExpertCache::create_with_reader(std::move(r), fake_layouts(layers),
+                                             std::vector<ExpertTypes>(static_cast<size_t>(layers)), experts, top_k,
+                                             shard, o);
+    EXPECT_TRUE(c.ok()) << c.status().message();
+    if (c.ok()) f.cache = c.value();
+    return f;
+}
+
+// Acquires and releases each expert of layer 0 in order, checking the bytes.
+void run_trace(ExpertCache& c, const std::vector<int>& trace) {
+    for (int e : trace) {
+        ExpertSlice s;
+        void* t = nullptr;
+        ASSERT_TRUE(c.acquire(0, e, &s, &t).ok());
+        EXPECT_EQ(s.gate[0], e);
+        c.release(t);
+    }
+}
+
+const std::vector<int> kTrace = {0, 1, 2, 0, 3, 0, 4, 1, 2, 0};
+using Evictions = std::vector<std::pair<int, int>>;
+
+TEST(ExpertCache, LruEvictionOrderAndHitRate) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    Fake f = make_cache(1, 8, 1, o);
+    run_trace(*f.cache, kTrace);
+    // Capacity 3, least recently used goes first:
+    //   0 m [0] | 1 m [0 1] | 2 m [0 1 2] | 0 h (recency 1 2 0) | 3 m -1 [2 0 3] | 0 h (2 3 0)
+    //   4 m -2 [3 0 4] | 1 m -3 [0 4 1] | 2 m -0 [4 1 2] | 0 m -4 [1 2 0]
+    // hits 2, misses 8: 20%; evictions 1 2 3 0 4.
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.hits, 2u);
+    EXPECT_EQ(s.misses, 8u);
+    EXPECT_DOUBLE_EQ(s.hit_rate(), 0.2);
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 1}, {0, 2}, {0, 3}, {0, 0}, {0, 4}}));
+    EXPECT_EQ(s.fills, 8u);
+    EXPECT_EQ(s.bytes_in, 8 * 750u);
+    EXPECT_EQ(f.reader->total(), 8);
+    EXPECT_LE(s.peak_used, o.device_bytes);
+    EXPECT_EQ(s.used, 3 * entry_charge());
+}
+
+TEST(ExpertCache, LfuEvictionOrderAndHitRate) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    o.policy = CachePolicy::kLfu;
+    Fake f = make_cache(1, 8, 1, o);
+    run_trace(*f.cache, kTrace);
+    // Capacity 3, fewest uses goes first (counts kept across evictions; ties: least recent):
+    //   0 m c0=1 | 1 m c1=1 | 2 m c2=1 | 0 h c0=2 | 3 m: {0:2, 1:1, 2:1} -1 (older) [0 2 3]
+    //   0 h c0=3 | 4 m: {0:3, 2:1, 3:1} -2 [0 3 4] | 1 m c1=2: {0:3, 3:1, 4:1} -3 [0 4 1]
+    //   2 m c2=2: {0:3, 4:1, 1:2} -4 [0 1 2] | 0 h c0=4
+    // hits 3, misses 7: 30%; evictions 1 2 3 4.
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.hits, 3u);
+    EXPECT_EQ(s.misses, 7u);
+    EXPECT_DOUBLE_EQ(s.hit_rate(), 0.3);
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 1}, {0, 2}, {0, 3}, {0, 4}}));
+}
+
+TEST(ExpertCache, StaticHotSetAndHitRate) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    o.policy = CachePolicy::kStatic;
+    o.profile.n_layer = 1;
+    o.profile.n_expert = 8;
+    o.profile.counts = {{100, 0, 50, 0, 0, 0, 0, 0}};
+    Fake f = make_cache(1, 8, 1, o);
+    ASSERT_TRUE(f.cache->warm_up().ok());
+    // Capacity 3, room kept for max(top-k 1, 3/4 = 0) = 1 entry: hot set {0, 2} (the two most used),
+    // the last slot is LRU:
+    //   0 h | 1 m [1] | 2 h | 0 h | 3 m -1 | 0 h | 4 m -3 | 1 m -4 | 2 h | 0 h
+    // hits 6, misses 4: 60%; evictions 1 3 4; reads: 2 preloaded + 4.
+    run_trace(*f.cache, kTrace);
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.preloaded, 2u);
+    EXPECT_EQ(s.hits, 6u);
+    EXPECT_EQ(s.misses, 4u);
+    EXPECT_DOUBLE_EQ(s.hit_rate(), 0.6);
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 1}, {0, 3}, {0, 4}}));
+    EXPECT_EQ(f.reader->total(), 6);
+    EXPECT_EQ(f.cache->hot_set_bytes(), 2 * 750u);
+}
+
+TEST(ExpertCache, HostTierBelowTheDevice) {
+    CacheOptions o;
+    o.device_bytes = entry_charge();
+    o.host_bytes = 3 * entry_charge();
+    Fake f = make_cache(1, 8, 1, o);
+    // Device holds 1: 0 m, 1 m, 0 m, 1 m (0 hits). Host holds 3: 0 m, 1 m, 0 h, 1 h (50%).
+    // The file is read twice.
+    run_trace(*f.cache, {0, 1, 0, 1});
+    auto st = f.cache->tier_stats();
+    ASSERT_EQ(st.size(), 3u);
+    EXPECT_EQ(st[0].name, "device");
+    EXPECT_EQ(st[0].hits, 0u);
+    EXPECT_EQ(st[0].misses, 4u);
+    EXPECT_EQ(st[1].name, "host");
+    EXPECT_EQ(st[1].hits, 2u);
+    EXPECT_EQ(st[1].misses, 2u);
+    EXPECT_DOUBLE_EQ(st[1].hit_rate(), 0.5);
+    EXPECT_EQ(f.reader->total(), 2);
+    EXPECT_NE(f.cache->stats_line().find("host"), std::string::npos) << f.cache->stats_line();
+}
+
+TEST(ExpertCache, BudgetSmallerThanOneExpertIsRefused) {
+    CacheOptions o;
+    o.device_bytes = entry_charge() - 1;
+    auto c = ExpertCache::create_with_reader(std::make_unique<FakeReader>(), fake_layouts(1), {ExpertTypes{}}, 8, 1, {},
+                                             o);
+    ASSERT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find("device budget"), std::string::npos) << c.status().message();
+    EXPECT_NE(c.status().message().find("cannot hold one expert"), std::string::npos) << c.status().message();
+    o.device_bytes = 0;
+    o.host_bytes = 100;
+    c = ExpertCache::create_with_reader(std::make_unique<FakeReader>(), fake_layouts(1), {ExpertTypes{}}, 8, 1, {}, o);
+    ASSERT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find("host budget"), std::string::npos) << c.status().message();
+    o = CacheOptions();
+    o.policy = CachePolicy::kStatic;
+    c = ExpertCache::create_with_reader(std::make_unique<FakeReader>(), fake_layouts(1), {ExpertTypes{}}, 8, 1, {}, o);
+    ASSERT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find("profile"), std::string::npos) << c.status().message();
+}
+
+TEST(ExpertCache, ConcurrentMissesLoadOnce) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(2, 8, 2, o);
+    f.reader->delay_ms = 100;
+    constexpr int kThreads = 8;
+    std::vector<std::thread> ts;
+    std::vector<const uint8_t*> got(kThreads);
+    std::atomic<int> ok{0};
+    for (int i = 0; i < kThreads; ++i)
+        ts.emplace_back([&, i] {
+            ExpertSlice s;
+            void* t = nullptr;
+            if (!f.cache->acquire(1, 5, &s, &t).ok()) return;
+            got[i] = s.gate;
+            if (s.gate[0] == 16 + 5) ok++;
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            f.cache->release(t);
+        });
+    for (auto& t : ts) t.join();
+    EXPECT_EQ(ok.load(), kThreads);
+    EXPECT_EQ((f.reader->reads[{1, 5}]), 1);
+    for (int i = 1; i < kThreads; ++i) EXPECT_EQ(got[i], got[0]);
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.fills, 1u);
+    EXPECT_EQ(s.hits + s.misses, static_cast<uint64_t>(kThreads));
+    EXPECT_GE(s.coalesced, 1u);
+    EXPECT_GT(s.stall_seconds, 0.05);
+}
+
+TEST(ExpertCache, PinnedEntriesAreNeverEvictedAndFullPinsStillComplete) {
+    CacheOptions o;
+    o.device_bytes = entry_charge();  // one expert
+    Fake f = make_cache(1, 8, 1, o);
+    ExpertSlice a, b;
+    void *ta = nullptr, *tb = nullptr;
+    ASSERT_TRUE(f.cache->acquire(0, 1, &a, &ta).ok());
+    // Same thread, budget full of its own pin: a transient buffer (waiting would deadlock).
+    ASSERT_TRUE(f.cache->acquire(0, 2, &b, &tb).ok());
+    EXPECT_EQ(a.gate[0], 1);
+    EXPECT_EQ(b.gate[0], 2);
+    EXPECT_EQ(f.cache->device().stats().transient, 1u);
+    EXPECT_LE(f.cache->device().stats().peak_used, o.device_bytes);
+    f.cache->release(tb);
+    // Another thread waits for the pin to go, then evicts it.
+    std::atomic<bool> done{false};
+    std::thread other([&] {
+        ExpertSlice c;
+        void* tc = nullptr;
+        ASSERT_TRUE(f.cache->acquire(0, 3, &c, &tc).ok());
+        EXPECT_EQ(c.gate[0], 3);
+        f.cache->release(tc);
+        done = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_FALSE(done.load());
+    EXPECT_EQ(a.gate[0], 1);  // still there under its reader
+    f.cache->release(ta);
+    other.join();
+    EXPECT_TRUE(done.load());
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 1}}));
+    EXPECT_LE(f.cache->device().stats().peak_used, o.device_bytes);
+}
+
+TEST(ExpertCache, RandomConcurrentTraceStaysWithinBudget) {
+    for (CachePolicy p : {CachePolicy::kLru, CachePolicy::kLfu}) {
+        CacheOptions o;
+        o.device_bytes = 5 * entry_charge() + 100;
+        o.host_bytes = 9 * entry_charge();
+        o.policy = p;
+        Fake f = make_cache(3, 8, 2, o);
+        std::atomic<int> bad{0};
+        std::vector<std::thread> ts;
+        for (int t = 0; t < 4; ++t)
+            ts.emplace_back([&, t] {
+                std::mt19937 rng(t);
+                for (int i = 0; i < 400; ++i) {
+                    const int l = static_cast<int>(rng() % 3), e = static_cast<int>(rng() % 8);
+                    ExpertSlice s;
+                    void* tok = nullptr;
+                    if (!f.cache->acquire(l, e, &s, &tok).ok()) {
+                        bad++;
+                        continue;
+                    }
+                    if (s.gate[0] != l * 16 + e || s.gate[kData - 1] != l * 16 + e) bad++;
+                    f.cache->release(tok);
+                }
+            });
+        for (auto& t : ts) t.join();
+        EXPECT_EQ(bad.load(), 0);
+        for (const TierStats& s : f.cache->tier_stats()) {
+            if (s.name == "storage") continue;
+            EXPECT_LE(s.peak_used, s.budget) << s.name;
+            EXPECT_LE(s.used, s.budget) << s.name;
+        }
+        EXPECT_EQ(f.cache->device().stats().hits + f.cache->device().stats().misses, 1600u);
+    }
+}
+
+TEST(ExpertCache, ReadErrorsReachTheRequesterAndNothingIsCached) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(2, 8, 1, o);
+    f.reader->fail_from_layer = 1;
+    ExpertSlice s;
+    void* t = nullptr;
+    Status st = f.cache->acquire(1, 3, &s, &t);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("blk.1.ffn_gate_exps.weight"), std::string::npos) << st.message();
+    EXPECT_EQ(f.cache->device().stats().used, 0u);
+    EXPECT_EQ(f.cache->device().stats().errors, 1u);
+    ASSERT_TRUE(f.cache->acquire(0, 3, &s, &t).ok());
+    f.cache->release(t);
+    // Once readable again, the expert loads (the failure was not cached).
+    f.reader->fail_from_layer = -1;
+    ASSERT_TRUE(f.cache->acquire(1, 3, &s, &t).ok());
+    EXPECT_EQ(s.gate[0], 16 + 3);
+    f.cache->release(t);
+}
+
+TEST(ExpertCache, ShardRestrictsWhatIsHeld) {
+    CacheOptions o;
+    Fake f = make_cache(2, 8, 1, o, {{1, 2}, {7}});
+    EXPECT_TRUE(f.cache->holds(0, 1));
+    EXPECT_FALSE(f.cache->holds(0, 3));
+    EXPECT_TRUE(f.cache->holds(1, 7));
+    EXPECT_EQ(f.cache->shard_bytes(), 3 * 750u);
+    ExpertSlice s;
+    void* t = nullptr;
+    EXPECT_FALSE(f.cache->acquire(0, 3, &s, &t).ok());
+}
+
+// ---- the real model file -----------------------------------------------------------------------
+
+std::string dir() {
+    static const std::string d = temp_dir("expert_cache");
+    return d;
+}
+
+// 3 layers, 16 experts top-4 of width 64, q8_0.
+std::string model_path() {
+    static const std::string p = [] {
+        const std::string path = dir() + "/m.gguf";
+        std::string out;
+        const std::string cmd = moemesh_bin() + " make-model --out " + path +
+                                " --layers 3 --hidden 64 --heads 4 --kv-heads 2 --head-dim 16 --experts 16 --top-k 4"
+                                " --expert-ff 64 --vocab 600 --type q8_0 --seed 11";
+        EXPECT_EQ(run_capture(cmd, &out, dir() + "/make.err"), 0) << read_file(dir() + "/make.err");
+        return path;
+    }();
+    return p;
+}
+
+TEST(ExpertCacheFile, TruncatedFileGivesAClearErrorNotAWrongAnswer) {
+    const std::string copy = dir() + "/truncated.gguf";
+    fs::copy_file(model_path(), copy, fs::copy_options::overwrite_existing);
+    auto f = GgufFile::open(copy);
+    ASSERT_TRUE(f.ok()) << f.status().message();
+    auto cfg = load_model_config(*f.value());
+    ASSERT_TRUE(cfg.ok());
+    const ModelConfig& c = cfg.value();
+    CacheOptions o;
+    o.device_bytes = 1 << 20;
+    auto cache = ExpertCache::create(*f.value(), c, {}, o);
+    ASSERT_TRUE(cache.ok()) << cache.status().message();
+    // The expert whose matrix lies furthest into the file: cut the file just before it ends.
+    uint64_t last_end = 0;
+    int last_layer = 0, last_expert = 0;
+    for (int l = 0; l < c.n_layer; ++l) {
+        auto w = layer_expert_weights(*f.value(), c, l);
+        ASSERT_TRUE(w.ok());
+        for (int e = 0; e < c.n_expert; ++e)
+            for (const Weight* m : {&w.value().gate, &w.value().up, &w.value().down}) {
+                const uint64_t end = static_cast<uint64_t>(m->matrix(e) - f.value()->base()) + m->matrix_bytes;
+                if (end > last_end) {
+                    last_end = end;
+                    last_layer = l;
+                    last_expert = e;
+                }
+            }
+    }
+    const int other = last_expert == 0 ? 1 : 0;
+    ExpertSlice s;
+    void* t = nullptr;
+    ASSERT_TRUE(cache.value()->acquire(last_layer, other, &s, &t).ok());  // cached before the cut
+    cache.value()->release(t);
+    ASSERT_EQ(truncate(copy.c_str(), static_cast<off_t>(last_end - 10)), 0);
+    Status st = cache.value()->acquire(last_layer, last_expert, &s, &t);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find(copy), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find("ffn_"), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find("bytes ["), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find("truncated"), std::string::npos) << st.message();
+    // Through ExpertCompute: an error for the call, no output.
+    ThreadPool pool(1);
+    ExpertCompute compute(c, pool, cache.value());
+    std::vector<float> x(static_cast<size_t>(c.n_embd), 0.5f), y(x.size(), 7.0f);
+    const int32_t row = 0, e1 = last_expert, e0 = other;
+    const float w = 1.0f;
+    EXPECT_FALSE(compute.compute(last_layer, x.data(), 1, &row, &e1, &w, 1, y.data()).ok());
+    EXPECT_TRUE(compute.compute(last_layer, x.data(), 1, &row, &e0, &w, 1, y.data()).ok());  // still cached
+    const std::string line = cache.value()->stats_line();
+    EXPECT_NE(line.find("2 errors"), std::string::npos) << line;  // both failed reads are counted
+}
+
+TEST(ExpertCacheFile, ComputeThroughTheCacheEqualsTheMappedFile) {
+    auto f = GgufFile::open(model_path());
+    ASSERT_TRUE(f.ok());
+    auto cfg = load_model_config(*f.value());
+    ASSERT_TRUE(cfg.ok());
+    const ModelConfig& c = cfg.value();
+    auto tables = map_expert_tables(*f.value(), c);
+    ASSERT_TRUE(tables.ok());
+    ThreadPool pool(2);
+    ExpertCompute ref(c, pool, tables.value());
+    CacheOptions o;
+    o.device_bytes = 1;  // replaced below by one expert's charge
+    auto probe = FileExpertReader::open(*f.value(), c);
+    ASSERT_TRUE(probe.ok());
+    o.device_bytes = HostTierMemory().charge(probe.value()->layouts()[0].size) + kCacheEntryOverhead;
+    auto cache = ExpertCache::create(*f.value(), c, {}, o);
+    ASSERT_TRUE(cache.ok()) << cache.status().message();
+    ExpertCompute got(c, pool, cache.value());
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> u(-1, 1);
+    const int64_t n_rows = 5, H = c.n_embd;
+    std::vector<float> x(static_cast<size_t>(n_rows * H));
+    for (auto& v : x) v = u(rng);
+    std::vector<int32_t> rows, experts;
+    std::vector<float> weights;
+    for (int r = 0; r < n_rows; ++r)
+        for (int j = 0; j < 4; ++j) {
+            rows.push_back(r);
+            experts.push_back(static_cast<int32_t>((r * 5 + j * 3) % c.n_expert));
+            weights.push_back(u(rng));
+        }
+    for (int l = 0; l < c.n_layer; ++l) {
+        std::vector<float> a(x.size()), b(x.size());
+        ASSERT_TRUE(ref.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
+                                static_cast<int64_t>(rows.size()), a.data())
+                        .ok());
+        ASSERT_TRUE(got.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
+                                static_cast<int64_t>(rows.size()), b.data())
+                        .ok());
+        EXPECT_EQ(a, b) << "layer " << l;
+    }
+    EXPECT_LE(cache.value()->device().stats().peak_used, o.device_bytes);
+}
+
+}  // namespace
+}  // namespace moemesh

@@ -1,0 +1,737 @@
+#include "worker/expert_cache.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "common/arch.h"
+#include "common/placement.h"
+#include "common/weights.h"
+#include "worker/expert_executor.h"
+
+namespace moemesh {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr uint64_t kAlign = 64;
+uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Pins each thread holds, per tier: a thread that holds a pin must not wait for room in that tier.
+thread_local std::vector<std::pair<const void*, int>> t_pins;
+void add_thread_pin(const void* tier, int d) {
+    for (auto& p : t_pins)
+        if (p.first == tier) {
+            p.second += d;
+            return;
+        }
+    t_pins.push_back({tier, d});
+}
+
+}  // namespace
+
+StatusOr<CachePolicy> parse_cache_policy(const std::string& s) {
+    if (s == "lru") return CachePolicy::kLru;
+    if (s == "lfu") return CachePolicy::kLfu;
+    if (s == "static") return CachePolicy::kStatic;
+    return MM_ERROR("unknown cache policy '%s' (expected lru, lfu or static)", s.c_str());
+}
+StatusOr<PrefetchMode> parse_prefetch_mode(const std::string& s) {
+    if (s == "none") return PrefetchMode::kNone;
+    if (s == "next-layer") return PrefetchMode::kNextLayer;
+    return MM_ERROR("unknown prefetch mode '%s' (expected none or next-layer)", s.c_str());
+}
+const char* cache_policy_name(CachePolicy p) {
+    return p == CachePolicy::kLru ? "lru" : p == CachePolicy::kLfu ? "lfu" : "static";
+}
+const char* prefetch_mode_name(PrefetchMode p) { return p == PrefetchMode::kNone ? "none" : "next-layer"; }
+
+// ---- profiles --------------------------------------------------------------------------------
+
+StatusOr<ExpertProfile> parse_expert_profile(const std::string& text, const std::string& name) {
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text);
+    } catch (const std::exception& e) {
+        return MM_ERROR("%s: not JSON: %s", name.c_str(), e.what());
+    }
+    ExpertProfile p;
+    try {
+        if (!j.is_object() || j.value("format", "") != "moemesh-expert-profile")
+            return MM_ERROR("%s: not an expert profile (expected \"format\": \"moemesh-expert-profile\"; write one with "
+                            "moemesh profile)",
+                            name.c_str());
+        p.n_layer = j.at("n_layer").get<int>();
+        p.n_expert = j.at("n_expert").get<int>();
+        p.tokens = j.value("tokens", uint64_t{0});
+        p.model = j.value("model", "");
+        const auto& c = j.at("counts");
+        if (!c.is_array() || static_cast<int>(c.size()) != p.n_layer || p.n_layer <= 0 || p.n_expert <= 0)
+            return MM_ERROR("%s: 'counts' must be %d lists (one per layer)", name.c_str(), p.n_layer);
+        for (size_t l = 0; l < c.size(); ++l) {
+            if (!c[l].is_array() || static_cast<int>(c[l].size()) != p.n_expert)
+                return MM_ERROR("%s: counts[%zu] must list %d experts", name.c_str(), l, p.n_expert);
+            p.counts.push_back(c[l].get<std::vector<uint64_t>>());
+        }
+    } catch (const std::exception& e) {
+        return MM_ERROR("%s: bad expert profile: %s", name.c_str(), e.what());
+    }
+    return p;
+}
+
+StatusOr<ExpertProfile> load_expert_profile(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return MM_ERROR("%s: cannot open the expert profile: %s", path.c_str(), std::strerror(errno));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return parse_expert_profile(ss.str(), path);
+}
+
+std::string expert_profile_json(const ExpertProfile& p) {
+    nlohmann::json j;
+    j["format"] = "moemesh-expert-profile";
+    j["version"] = 1;
+    j["model"] = p.model;
+    j["n_layer"] = p.n_layer;
+    j["n_expert"] = p.n_expert;
+    j["tokens"] = p.tokens;
+    j["counts"] = p.counts;
+    return j.dump() + "\n";
+}
+
+// ---- storage tier ----------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<FileExpertReader>> FileExpertReader::open(const GgufFile& f, const ModelConfig& c) {
+    std::unique_ptr<FileExpertReader> r(new FileExpertReader());
+    r->path_ = f.path();
+    for (int il = 0; il < c.n_layer; ++il) {
+        MM_ASSIGN_OR_RETURN(LayerExpertWeights w, layer_expert_weights(f, c, il));
+        ExpertLayout lay;
+        lay.gate_bytes = w.gate.matrix_bytes;
+        lay.up_bytes = w.up.matrix_bytes;
+        lay.down_bytes = w.down.matrix_bytes;
+        lay.up_off = align_up(lay.gate_bytes, kAlign);
+        lay.down_off = align_up(lay.up_off + lay.up_bytes, kAlign);
+        lay.size = align_up(lay.down_off + lay.down_bytes, kAlign);
+        r->layouts_.push_back(lay);
+        r->types_.push_back({w.gate.type, w.up.type, w.down.type});
+        for (const Weight* m : {&w.gate, &w.up, &w.down})
+            r->matrices_.push_back({m->tensor->name, static_cast<uint64_t>(m->data - f.base()), m->matrix_bytes});
+    }
+    r->fd_ = ::open(r->path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (r->fd_ < 0)
+        return MM_ERROR("%s: cannot open for reading experts: %s", r->path_.c_str(), std::strerror(errno));
+    return r;
+}
+
+FileExpertReader::~FileExpertReader() {
+    if (fd_ >= 0) ::close(fd_);
+}
+
+Status FileExpertReader::read_expert(int layer, int expert, uint8_t* dst) {
+    const auto t0 = Clock::now();
+    const ExpertLayout& lay = layouts_[layer];
+    const uint64_t dst_off[3] = {0, lay.up_off, lay.down_off};
+    for (int m = 0; m < 3; ++m) {
+        const Matrix& mx = matrices_[static_cast<size_t>(layer) * 3 + m];
+        const uint64_t begin = mx.offset + static_cast<uint64_t>(expert) * mx.stride;
+        uint64_t done = 0;
+        while (done < mx.stride) {
+            const ssize_t n = ::pread(fd_, dst + dst_off[m] + done, mx.stride - done, static_cast<off_t>(begin + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                errors_++;
+                const unsigned long long b = begin, e = begin + mx.stride, at = begin + done;
+                return n == 0 ? MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): file ends at byte %llu "
+                                         "(truncated after it was opened?)",
+                                         path_.c_str(), mx.tensor.c_str(), expert, b, e, at)
+                              : MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): read error at byte %llu: %s",
+                                         path_.c_str(), mx.tensor.c_str(), expert, b, e, at, std::strerror(errno));
+            }
+            done += static_cast<uint64_t>(n);
+        }
+    }
+    reads_++;
+    bytes_ += lay.data_bytes();
+    ns_ += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
+    return Status();
+}
+
+// ---- memory ----------------------------------------------------------------------------------
+
+uint64_t HostTierMemory::charge(uint64_t bytes) const {
+    return align_up(bytes, static_cast<uint64_t>(sysconf(_SC_PAGESIZE)));
+}
+StatusOr<uint8_t*> HostTierMemory::allocate(uint64_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return MM_ERROR("cannot allocate %llu bytes for a cached expert: %s", static_cast<unsigned long long>(bytes),
+                        std::strerror(errno));
+    return static_cast<uint8_t*>(p);
+}
+void HostTierMemory::free(uint8_t* p, uint64_t bytes) {
+    if (p) munmap(p, bytes);
+}
+
+// ---- one tier --------------------------------------------------------------------------------
+
+struct CacheTier::Entry {
+    int layer = 0, expert = 0;
+    uint8_t* data = nullptr;
+    uint64_t charge = 0;      // accounted bytes (0 for transient entries)
+    State state = State::kLoading;
+    int pins = 0;
+    bool forever = false;     // static hot set
+    bool in_map = false;      // false: transient, or failed and removed
+    uint64_t last_use = 0;
+    std::string error;
+};
+
+CacheTier::CacheTier(std::string name, uint64_t budget, CachePolicy policy, std::vector<ExpertLayout> layouts,
+                     int n_expert, ExpertReader* below, std::unique_ptr<TierMemory> memory)
+    : name_(std::move(name)),
+      budget_(budget),
+      policy_(policy),
+      layouts_(std::move(layouts)),
+      n_expert_(n_expert),
+      below_(below),
+      mem_(std::move(memory)) {
+    for (size_t l = 0; l < layouts_.size(); ++l) max_charge_ = std::max(max_charge_, charge_of(static_cast<int>(l)));
+    uses_.assign(layouts_.size() * static_cast<size_t>(n_expert_), 0);
+    st_.name = name_;
+    st_.budget = budget_;
+}
+
+CacheTier::~CacheTier() {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [k, e] : map_) destroy(e);
+    map_.clear();
+}
+
+uint64_t CacheTier::charge_of(int layer) const { return mem_->charge(layouts_[layer].size) + kCacheEntryOverhead; }
+
+void CacheTier::destroy(Entry* e) {
+    mem_->free(e->data, layouts_[e->layer].size);
+    delete e;
+}
+
+int CacheTier::held_by_this_thread() const {
+    for (auto& p : t_pins)
+        if (p.first == this) return p.second;
+    return 0;
+}
+
+CacheTier::Entry* CacheTier::pick_victim() {
+    Entry* best = nullptr;
+    for (auto& [k, e] : map_) {
+        if (e->state != State::kReady || e->pins > 0 || e->forever) continue;
+        if (!best) {
+            best = e;
+            continue;
+        }
+        if (policy_ == CachePolicy::kLfu) {
+            const uint64_t ue = uses_[static_cast<size_t>(k)];
+            const uint64_t ub = uses_[static_cast<size_t>(best->layer) * n_expert_ + best->expert];
+            if (ue < ub || (ue == ub && e->last_use < best->last_use)) best = e;
+        } else if (e->last_use < best->last_use) {
+            best = e;
+        }
+    }
+    return best;
+}
+
+void CacheTier::evict(Entry* e) {
+    map_.erase(static_cast<int64_t>(e->layer) * n_expert_ + e->expert);
+    st_.used -= e->charge;
+    st_.evictions++;
+    if (evicted_.size() < 4096) evicted_.push_back({e->layer, e->expert});
+    destroy(e);
+}
+
+Status CacheTier::acquire(int layer, int expert, uint8_t** data, void** token) {
+    bool skipped = false;
+    return acquire_impl(layer, expert, false, false, data, token, &skipped);
+}
+
+Status CacheTier::pin_forever(int layer, int expert) {
+    bool skipped = false;
+    uint8_t* d = nullptr;
+    void* t = nullptr;
+    return acquire_impl(layer, expert, true, false, &d, &t, &skipped);
+}
+
+bool CacheTier::prefetch(int layer, int expert) {
+    bool skipped = false;
+    uint8_t* d = nullptr;
+    void* t = nullptr;
+    Status st = acquire_impl(layer, expert, false, true, &d, &t, &skipped);
+    return st.ok() && !skipped;
+}
+
+bool CacheTier::resident(int layer, int expert) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = map_.find(static_cast<int64_t>(layer) * n_expert_ + expert);
+    return it != map_.end() && it->second->state == State::kReady;
+}
+
+// A request (neither forever nor prefetch_only) counts one hit or one miss; a miss's whole wait is
+// stall time. forever (static preload) and prefetch_only (background) count neither.
+Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
+                               bool* skipped) {
+    const bool request = !forever && !prefetch_only;
+    const auto t0 = Clock::now();
+    const int64_t key = static_cast<int64_t>(layer) * n_expert_ + expert;
+    bool counted = false;
+    std::unique_lock<std::mutex> lk(mu_);
+    if (request) uses_[static_cast<size_t>(key)]++;
+    auto finish_stall = [&] {
+        if (request && counted) st_.stall_seconds += since(t0);
+    };
+    for (;;) {
+        auto it = map_.find(key);
+        if (it != map_.end()) {
+            Entry* e = it->second;
+            if (prefetch_only) {
+                *skipped = true;
+                return Status();
+            }
+            if (e->state == State::kReady) {
+                if (request && !counted) st_.hits++;
+                e->last_use = ++tick_;
+                if (forever) {
+                    if (!e->forever) st_.preloaded++;
+                    e->forever = true;
+                    return Status();
+                }
+                e->pins++;
+                add_thread_pin(this, 1);
+                *data = e->data;
+                *token = e;
+                finish_stall();
+                return Status();
+            }
+            // Loading by another requester: wait for it (single-flight).
+            if (request && !counted) {
+                st_.misses++;
+                st_.coalesced++;
+                counted = true;
+            }
+            e->pins++;  // keeps a failed entry alive until we have read its error
+            cv_.wait(lk, [&] { return e->state != State::kLoading; });
+            e->pins--;
+            if (e->state == State::kFailed) {
+                std::string why = e->error;
+                if (e->pins == 0 && !e->in_map) destroy(e);
+                finish_stall();
+                return Status::error(why);
+            }
+            continue;  // ready now (and unpinned entries are only evicted under the lock, by misses)
+        }
+        // Miss: reserve room, then read without the lock.
+        if (request && !counted) {
+            st_.misses++;
+            counted = true;
+        }
+        const uint64_t need = charge_of(layer);
+        bool transient = false, retry = false;
+        while (budget_ && st_.used + need > budget_) {
+            if (Entry* v = pick_victim()) {
+                evict(v);
+                continue;
+            }
+            if (prefetch_only) {
+                *skipped = true;
+                return Status();
+            }
+            if (forever)
+                return MM_ERROR("%s tier: no room to pin layer %d expert %d (budget %s, %s used by pinned entries)",
+                                name_.c_str(), layer, expert, format_bytes(budget_).c_str(),
+                                format_bytes(st_.used).c_str());
+            if (held_by_this_thread() > 0) {
+                transient = true;
+                break;
+            }
+            cv_.wait(lk);  // every pinned entry is in use: wait for a release, then look again
+            retry = true;
+            break;
+        }
+        if (retry) continue;
+        Entry* e = new Entry();
+        e->layer = layer;
+        e->expert = expert;
+        e->pins = 1;
+        if (!transient) {
+            e->charge = need;
+            e->in_map = true;
+            map_[key] = e;
+            st_.used += need;
+            st_.peak_used = std::max(st_.peak_used, st_.used);
+        }
+        lk.unlock();
+        const auto tf = Clock::now();
+        Status st;
+        StatusOr<uint8_t*> mem = mem_->allocate(layouts_[layer].size);
+        if (!mem.ok()) {
+            st = mem.status();
+        } else {
+            e->data = mem.value();
+            st = below_->read_expert(layer, expert, e->data);
+            if (!st.ok())
+                st = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), layer, expert) +
+                                   st.message());
+        }
+        const double fill_s = since(tf);
+        lk.lock();
+        if (!st.ok()) {
+            st_.errors++;
+            e->state = State::kFailed;
+            e->error = st.message();
+            if (e->in_map) {
+                map_.erase(key);
+                st_.used -= e->charge;
+                e->in_map = false;
+            }
+            e->pins--;
+            if (e->pins == 0) destroy(e);
+            cv_.notify_all();
+            finish_stall();
+            return st;
+        }
+        st_.fills++;
+        st_.bytes_in += layouts_[layer].data_bytes();
+        st_.fill_seconds += fill_s;
+        e->state = State::kReady;
+        e->last_use = ++tick_;
+        cv_.notify_all();
+        if (transient) st_.transient++;
+        if (forever || prefetch_only) {
+            if (forever) {
+                e->forever = true;
+                st_.preloaded++;
+            }
+            e->pins--;
+            return Status();
+        }
+        add_thread_pin(this, 1);
+        *data = e->data;
+        *token = e;
+        finish_stall();
+        return Status();
+    }
+}
+
+void CacheTier::release(void* token) {
+    Entry* e = static_cast<Entry*>(token);
+    std::lock_guard<std::mutex> lk(mu_);
+    add_thread_pin(this, -1);
+    if (--e->pins > 0) return;
+    if (!e->in_map) {
+        destroy(e);  // transient
+        return;
+    }
+    cv_.notify_all();  // room may be available for a waiting miss
+}
+
+Status CacheTier::read_expert(int layer, int expert, uint8_t* dst) {
+    uint8_t* src = nullptr;
+    void* token = nullptr;
+    MM_RETURN_IF_ERROR(acquire(layer, expert, &src, &token));
+    std::memcpy(dst, src, layouts_[layer].size);
+    release(token);
+    return Status();
+}
+
+TierStats CacheTier::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    TierStats s = st_;
+    s.entries = map_.size();
+    for (auto& [k, e] : map_)
+        if (e->pins > 0 || e->forever) s.pinned_entries++;
+    return s;
+}
+
+std::vector<std::pair<int, int>> CacheTier::eviction_log() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return evicted_;
+}
+
+void CacheTier::reset_counters() {
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t used = st_.used;
+    st_ = TierStats();
+    st_.name = name_;
+    st_.budget = budget_;
+    st_.used = st_.peak_used = used;
+    evicted_.clear();
+}
+
+// ---- the cache -------------------------------------------------------------------------------
+
+StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create(const GgufFile& f, const ModelConfig& c,
+                                                           const std::vector<std::vector<int>>& shard,
+                                                           const CacheOptions& o) {
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<FileExpertReader> r, FileExpertReader::open(f, c));
+    std::vector<ExpertLayout> layouts = r->layouts();
+    std::vector<ExpertTypes> types = r->types();
+    FileExpertReader* file = r.get();
+    MM_ASSIGN_OR_RETURN(std::shared_ptr<ExpertCache> cache,
+                        create_with_reader(std::move(r), std::move(layouts), std::move(types),
+                                           static_cast<int>(c.n_expert), static_cast<int>(c.n_expert_used), shard, o));
+    cache->file_ = file;
+    if (o.prefetch == PrefetchMode::kNextLayer) {
+        MM_ASSIGN_OR_RETURN(std::vector<std::vector<float>> routers, load_router_weights(f, c));
+        cache->set_routers(std::move(routers), c.n_embd);
+    }
+    return cache;
+}
+
+StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create_with_reader(
+    std::unique_ptr<ExpertReader> storage, std::vector<ExpertLayout> layouts, std::vector<ExpertTypes> types,
+    int n_expert, int n_expert_used, const std::vector<std::vector<int>>& shard, const CacheOptions& o) {
+    std::shared_ptr<ExpertCache> c(new ExpertCache());
+    c->opts_ = o;
+    c->layouts_ = std::move(layouts);
+    c->types_ = std::move(types);
+    c->n_expert_ = n_expert;
+    c->n_expert_used_ = n_expert_used;
+    c->storage_ = std::move(storage);
+    const int L = static_cast<int>(c->layouts_.size());
+    if (static_cast<int>(shard.size()) > L)
+        return MM_ERROR("cache: the shard names layer %zu, the model has %d layers", shard.size() - 1, L);
+    c->held_.assign(static_cast<size_t>(L), std::vector<uint8_t>(static_cast<size_t>(n_expert), shard.empty() ? 1 : 0));
+    for (size_t l = 0; l < shard.size(); ++l)
+        for (int e : shard[l]) {
+            if (e < 0 || e >= n_expert)
+                return MM_ERROR("cache: the shard names expert %d of layer %zu, the model has %d experts", e, l, n_expert);
+            c->held_[l][e] = 1;
+        }
+    uint64_t max_charge = 0;
+    int max_layer = -1;
+    HostTierMemory probe;
+    for (int l = 0; l < L; ++l) {
+        const uint64_t n = static_cast<uint64_t>(std::count(c->held_[l].begin(), c->held_[l].end(), 1));
+        c->shard_bytes_ += n * c->layouts_[l].data_bytes();
+        const uint64_t ch = probe.charge(c->layouts_[l].size) + kCacheEntryOverhead;
+        if (n && ch > max_charge) {
+            max_charge = ch;
+            max_layer = l;
+        }
+    }
+    for (auto [budget, what] : {std::pair<uint64_t, const char*>{o.device_bytes, "device"}, {o.host_bytes, "host"}}) {
+        if (budget && budget < max_charge)
+            return MM_ERROR("cache: the %s budget (%s) cannot hold one expert (layer %d: %s with the page rounding and "
+                            "%llu bytes of bookkeeping per entry)",
+                            what, format_bytes(budget).c_str(), max_layer, format_bytes(max_charge).c_str(),
+                            static_cast<unsigned long long>(kCacheEntryOverhead));
+    }
+    ExpertReader* below = c->storage_.get();
+    if (o.host_bytes) {
+        c->host_ = std::make_unique<CacheTier>("host", o.host_bytes,
+                                               o.policy == CachePolicy::kLfu ? CachePolicy::kLfu : CachePolicy::kLru,
+                                               c->layouts_, n_expert, below, std::make_unique<HostTierMemory>());
+        below = c->host_.get();
+    }
+    c->device_ = std::make_unique<CacheTier>("device", o.device_bytes, o.policy, c->layouts_, n_expert, below,
+                                             std::make_unique<HostTierMemory>());
+    if (o.policy == CachePolicy::kStatic) {
+        if (o.profile.counts.empty() && !o.profile_path.empty()) {
+            MM_ASSIGN_OR_RETURN(c->opts_.profile, load_expert_profile(o.profile_path));
+        }
+        const ExpertProfile& p = c->opts_.profile;
+        if (p.counts.empty())
+            return MM_ERROR("cache policy 'static' needs an expert profile (cache.profile / --profile FILE; write one "
+                            "with `moemesh profile`)");
+        if (p.n_layer != L || p.n_expert != n_expert)
+            return MM_ERROR("cache: the profile%s%s is for %d layers x %d experts, the model has %d x %d",
+                            o.profile_path.empty() ? "" : " ", o.profile_path.c_str(), p.n_layer, p.n_expert, L,
+                            n_expert);
+    }
+    if (o.prefetch == PrefetchMode::kNextLayer) c->pf_thread_ = std::thread(&ExpertCache::prefetch_loop, c.get());
+    return c;
+}
+
+ExpertCache::~ExpertCache() {
+    {
+        std::lock_guard<std::mutex> lk(pf_mu_);
+        pf_stop_ = true;
+    }
+    pf_cv_.notify_all();
+    if (pf_thread_.joinable()) pf_thread_.join();
+    device_.reset();  // before the host tier it reads from
+    host_.reset();
+}
+
+Status ExpertCache::warm_up() {
+    if (opts_.policy != CachePolicy::kStatic) return Status();
+    const ExpertProfile& p = opts_.profile;
+    struct Cand {
+        uint64_t count;
+        int layer, expert;
+    };
+    std::vector<Cand> cands;
+    for (int l = 0; l < num_layers(); ++l)
+        for (int e = 0; e < n_expert_; ++e)
+            if (held_[l][e] && p.counts[l][e] > 0) cands.push_back({p.counts[l][e], l, e});
+    std::stable_sort(cands.begin(), cands.end(), [](const Cand& a, const Cand& b) { return a.count > b.count; });
+    // Leave room for the experts a token needs beyond the hot set.
+    uint64_t room = UINT64_MAX;
+    if (device_->budget()) {
+        const uint64_t cap = device_->budget() / device_->max_entry_charge();
+        const uint64_t reserve = std::max<uint64_t>(static_cast<uint64_t>(n_expert_used_), cap / 4);
+        room = cap > reserve ? (cap - reserve) * device_->max_entry_charge() : 0;
+    }
+    HostTierMemory probe;
+    uint64_t used = 0;
+    for (const Cand& c : cands) {
+        const uint64_t ch = probe.charge(layouts_[c.layer].size) + kCacheEntryOverhead;
+        if (used + ch > room) break;
+        MM_RETURN_IF_ERROR(device_->pin_forever(c.layer, c.expert));
+        used += ch;
+        hot_bytes_ += layouts_[c.layer].data_bytes();
+    }
+    return Status();
+}
+
+bool ExpertCache::holds(int layer, int expert) const {
+    return layer >= 0 && layer < num_layers() && expert >= 0 && expert < n_expert_ && held_[layer][expert];
+}
+
+Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** token) {
+    if (!holds(layer, expert)) return MM_ERROR("layer %d: expert %d is not held by this process", layer, expert);
+    uint8_t* d = nullptr;
+    MM_RETURN_IF_ERROR(device_->acquire(layer, expert, &d, token));
+    const ExpertLayout& lay = layouts_[layer];
+    *slice = ExpertSlice{d, d + lay.up_off, d + lay.down_off};
+    return Status();
+}
+
+void ExpertCache::release(void* token) { device_->release(token); }
+
+// Next-layer prefetch: layer l+1's router applied to layer l's activations predicts l+1's experts
+// (the residual stream changes little from one layer to the next). Only for small batches (decode):
+// a prompt chunk touches most experts anyway.
+void ExpertCache::will_compute(int layer, const float* x, int64_t n_rows) {
+    if (opts_.prefetch != PrefetchMode::kNextLayer || routers_.empty()) return;
+    const int next = layer + 1;
+    if (next >= num_layers() || n_rows > 8 || routers_[next].empty()) return;
+    const int64_t H = hidden_, E = n_expert_;
+    const int K = std::max(1, n_expert_used_);
+    std::vector<std::pair<int, int>> want;
+    pf_scores_.resize(static_cast<size_t>(E));
+    std::vector<int> idx(static_cast<size_t>(E));
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float* xr = x + r * H;
+        for (int64_t e = 0; e < E; ++e) {
+            const float* w = &routers_[next][static_cast<size_t>(e * H)];
+            float s = 0;
+            for (int64_t h = 0; h < H; ++h) s += w[h] * xr[h];
+            pf_scores_[e] = s;
+        }
+        std::iota(idx.begin(), idx.end(), 0);
+        std::partial_sort(idx.begin(), idx.begin() + std::min<int64_t>(K, E), idx.end(),
+                          [&](int a, int b) { return pf_scores_[a] > pf_scores_[b]; });
+        for (int j = 0; j < K && j < E; ++j)
+            if (held_[next][idx[j]]) want.push_back({next, idx[j]});
+    }
+    {
+        std::lock_guard<std::mutex> lk(pf_mu_);
+        pf_queue_.clear();  // older predictions are stale
+        for (auto& w : want) pf_queue_.push_back(w);
+        pf_issued_ += want.size();
+    }
+    pf_cv_.notify_one();
+}
+
+void ExpertCache::prefetch_loop() {
+    std::unique_lock<std::mutex> lk(pf_mu_);
+    for (;;) {
+        pf_cv_.wait(lk, [&] { return pf_stop_ || !pf_queue_.empty(); });
+        if (pf_stop_) return;
+        auto [l, e] = pf_queue_.front();
+        pf_queue_.pop_front();
+        lk.unlock();
+        if (device_->prefetch(l, e)) pf_loaded_++;
+        lk.lock();
+    }
+}
+
+std::vector<TierStats> ExpertCache::tier_stats() const {
+    std::vector<TierStats> out;
+    out.push_back(device_->stats());
+    if (host_) out.push_back(host_->stats());
+    TierStats s;
+    s.name = "storage";
+    if (file_) {
+        s.fills = file_->reads();
+        s.bytes_in = file_->bytes_read();
+        s.errors = file_->errors();
+        s.fill_seconds = file_->read_seconds();
+    }
+    out.push_back(s);
+    return out;
+}
+
+std::string ExpertCache::stats_line() const {
+    std::string out;
+    for (const TierStats& t : tier_stats()) {
+        if (!out.empty()) out += " | ";
+        if (t.name == "storage") {
+            out += str_printf("storage: %llu reads, %s", static_cast<unsigned long long>(t.fills),
+                              format_bytes(t.bytes_in).c_str());
+            if (t.fill_seconds > 0)
+                out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
+            if (t.errors) out += str_printf(", %llu errors", static_cast<unsigned long long>(t.errors));
+            continue;
+        }
+        out += str_printf("%s %s%s: %.1f%% hits (%llu/%llu), %s in", t.name.c_str(),
+                          t.budget ? format_bytes(t.budget).c_str() : "unlimited",
+                          t.name == "device" ? (std::string(" ") + cache_policy_name(opts_.policy)).c_str() : "",
+                          100.0 * t.hit_rate(), static_cast<unsigned long long>(t.hits),
+                          static_cast<unsigned long long>(t.hits + t.misses), format_bytes(t.bytes_in).c_str());
+        if (t.fill_seconds > 0) out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
+        out += str_printf(", stall %.3f s, %llu evictions, used %s (peak %s)", t.stall_seconds,
+                          static_cast<unsigned long long>(t.evictions), format_bytes(t.used).c_str(),
+                          format_bytes(t.peak_used).c_str());
+        if (t.name == "device" && opts_.policy == CachePolicy::kStatic)
+            out += str_printf(", hot set %llu experts", static_cast<unsigned long long>(t.preloaded));
+        if (t.name == "device" && opts_.prefetch == PrefetchMode::kNextLayer)
+            out += str_printf(", prefetched %llu of %llu predicted", static_cast<unsigned long long>(pf_loaded_.load()),
+                              static_cast<unsigned long long>(pf_issued_.load()));
+        if (t.transient) out += str_printf(", %llu transient", static_cast<unsigned long long>(t.transient));
+        if (t.errors) out += str_printf(", %llu errors", static_cast<unsigned long long>(t.errors));
+    }
+    return "cache: " + out;
+}
+
+void ExpertCache::reset_counters() {
+    device_->reset_counters();
+    if (host_) host_->reset_counters();
+}
+
+StatusOr<std::vector<std::vector<float>>> load_router_weights(const GgufFile& f, const ModelConfig& c) {
+    const int64_t H = c.n_embd, E = c.n_expert;
+    std::vector<std::vector<float>> out;
+    for (int il = 0; il < c.n_layer; ++il) {
+        MM_ASSIGN_OR_RETURN(Weight w, get_optional_weight(f, tensor_name(Tensor::kFfnGateInp, il), {H, E}));
+        std::vector<float> r;
+        if (w) {
+            r.resize(static_cast<size_t>(E * H));
+            for (int64_t e = 0; e < E; ++e) dequantize_row(w.type, w.row(e), &r[static_cast<size_t>(e * H)], H);
+        }
+        out.push_back(std::move(r));
+    }
+    return out;
+}
+
+}  // namespace moemesh

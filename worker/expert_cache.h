@@ -1,0 +1,290 @@
+// Expert cache hierarchy of a worker (or of `moemesh run --device-budget`):
+//
+//   device tier (bounded pool: a hot RAM pool on CPU; VRAM later) ◀ host tier (bounded RAM pool,
+//   optional) ◀ storage tier (the model file, read with pread)
+//
+// Compute reads experts from the device tier. A device miss fills from the host tier when there is
+// one (a host miss reads the file into the host tier first), else straight from the file.
+//
+// Budgets are hard limits: a tier's accounted bytes (`used`) never exceed its budget. An entry is
+// charged its page-rounded buffer (gate, up and down matrices, each on a 64-byte boundary) plus
+// kCacheEntryOverhead bytes for its bookkeeping; a tier whose budget cannot hold one expert of the
+// shard is refused at creation. Space is reserved before the bytes are read, so entries being loaded
+// count too.
+//
+// Policies pick the victim among resident, unpinned entries:
+//   lru     least recently used;
+//   lfu     fewest uses since the cache started (counts survive eviction, ties: least recent);
+//   static  a hot set (the most used experts of a profile, see `moemesh profile`) loaded at start
+//           and never evicted, LRU for the rest. The hot set fills the device budget except room for
+//           max(top-k, capacity / 4) entries.
+// The host tier uses LFU under `lfu` and LRU otherwise.
+//
+// Concurrency: one mutex per tier, never held while reading. Concurrent misses on one expert load it
+// once (single-flight: later requesters wait for the first one's read). An acquired expert is pinned
+// (refcount) and never evicted under its reader. When a miss needs room and every resident entry is
+// pinned, the requester waits for a release — unless the requesting thread itself holds a pin in
+// that tier (waiting could deadlock): then it reads the expert into a transient buffer outside the
+// budget, freed at release, and counted in `transient` (ExpertCompute holds one pin at a time, so it
+// never needs one).
+//
+// A VRAM tier slots in as another TierMemory (cudaMalloc'd buffers, copies from the pinned host tier
+// with cudaMemcpyAsync) under the same CacheTier; see docs/cache.md.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <deque>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "common/status.h"
+#include "worker/expert_compute.h"
+
+namespace moemesh {
+
+inline constexpr uint64_t kCacheEntryOverhead = 256;  // bytes charged per entry for its bookkeeping
+
+enum class CachePolicy { kLru, kLfu, kStatic };
+enum class PrefetchMode { kNone, kNextLayer };
+StatusOr<CachePolicy> parse_cache_policy(const std::string& s);  // "lru" | "lfu" | "static"
+StatusOr<PrefetchMode> parse_prefetch_mode(const std::string& s);  // "none" | "next-layer"
+const char* cache_policy_name(CachePolicy p);
+const char* prefetch_mode_name(PrefetchMode p);
+
+// Per-layer expert activation counts, as `moemesh profile` writes them:
+//   {"format": "moemesh-expert-profile", "version": 1, "model": "...", "n_layer": L, "n_expert": E,
+//    "tokens": N, "counts": [[c_0_0, ..., c_0_{E-1}], ...]}   counts[layer][expert]: (token, expert) pairs routed
+struct ExpertProfile {
+    int n_layer = 0, n_expert = 0;
+    uint64_t tokens = 0;
+    std::string model;
+    std::vector<std::vector<uint64_t>> counts;  // [layer][expert]
+};
+StatusOr<ExpertProfile> parse_expert_profile(const std::string& json_text, const std::string& name_for_errors);
+StatusOr<ExpertProfile> load_expert_profile(const std::string& path);
+std::string expert_profile_json(const ExpertProfile& p);
+
+// How a worker caches its shard (the `cache:` entry of its placement, or `moemesh run --device-budget`).
+struct CacheOptions {
+    uint64_t device_bytes = 0;  // device tier budget; 0: unlimited
+    uint64_t host_bytes = 0;    // host tier budget; 0: no host tier
+    CachePolicy policy = CachePolicy::kLru;
+    PrefetchMode prefetch = PrefetchMode::kNone;
+    std::string profile_path;   // for `static`: the profile file
+    ExpertProfile profile;      // for `static` (loaded from profile_path when counts are empty)
+};
+
+// Byte layout of one expert of a layer inside a cache entry.
+struct ExpertLayout {
+    uint64_t gate_bytes = 0, up_bytes = 0, down_bytes = 0;
+    uint64_t up_off = 0, down_off = 0;  // gate at 0; each matrix 64-byte aligned
+    uint64_t size = 0;                  // bytes to allocate
+    uint64_t data_bytes() const { return gate_bytes + up_bytes + down_bytes; }
+};
+
+// Something an expert's bytes can be read from: the file, or a tier (for the tier above it).
+class ExpertReader {
+public:
+    virtual ~ExpertReader() = default;
+    // dst: layout(layer).size bytes. Thread-safe.
+    virtual Status read_expert(int layer, int expert, uint8_t* dst) = 0;
+};
+
+// The storage tier: pread of an expert's three matrices from the GGUF file. Errors name the file,
+// tensor and byte range (short read: the file was truncated after it was opened).
+class FileExpertReader final : public ExpertReader {
+public:
+    static StatusOr<std::unique_ptr<FileExpertReader>> open(const GgufFile& f, const ModelConfig& c);
+    ~FileExpertReader() override;
+    Status read_expert(int layer, int expert, uint8_t* dst) override;
+    const std::vector<ExpertLayout>& layouts() const { return layouts_; }
+    const std::vector<ExpertTypes>& types() const { return types_; }
+    uint64_t reads() const { return reads_.load(); }
+    uint64_t bytes_read() const { return bytes_.load(); }
+    uint64_t errors() const { return errors_.load(); }
+    double read_seconds() const { return static_cast<double>(ns_.load()) * 1e-9; }
+
+private:
+    FileExpertReader() = default;
+    struct Matrix {
+        std::string tensor;
+        uint64_t offset = 0;        // of expert 0 in the file
+        uint64_t stride = 0;        // bytes per expert
+    };
+    std::string path_;
+    int fd_ = -1;
+    std::vector<ExpertLayout> layouts_;
+    std::vector<ExpertTypes> types_;
+    std::vector<Matrix> matrices_;  // [layer * 3 + {gate, up, down}]
+    std::atomic<uint64_t> reads_{0}, bytes_{0}, errors_{0}, ns_{0};
+};
+
+// Where a tier's bytes live. HostTierMemory: anonymous mmap (freed pages go back to the system at
+// once). A CUDA device tier would allocate VRAM and copy from (pinned) host memory.
+class TierMemory {
+public:
+    virtual ~TierMemory() = default;
+    virtual uint64_t charge(uint64_t bytes) const = 0;  // bytes accounted for an allocation of `bytes`
+    virtual StatusOr<uint8_t*> allocate(uint64_t bytes) = 0;
+    virtual void free(uint8_t* p, uint64_t bytes) = 0;
+};
+class HostTierMemory final : public TierMemory {
+public:
+    uint64_t charge(uint64_t bytes) const override;
+    StatusOr<uint8_t*> allocate(uint64_t bytes) override;
+    void free(uint8_t* p, uint64_t bytes) override;
+};
+
+struct TierStats {
+    std::string name;
+    uint64_t budget = 0;           // 0: unlimited
+    uint64_t used = 0, peak_used = 0, entries = 0, pinned_entries = 0;
+    uint64_t hits = 0, misses = 0; // requests (acquire, or reads by the tier above)
+    uint64_t coalesced = 0;        // misses that waited for another requester's load (single-flight)
+    uint64_t fills = 0, bytes_in = 0;  // loads from below, and their bytes
+    uint64_t evictions = 0, transient = 0, errors = 0, preloaded = 0;
+    double fill_seconds = 0;       // time spent reading from below (bytes/s = bytes_in / fill_seconds)
+    double stall_seconds = 0;      // time requesters waited on misses (loads, room)
+    double hit_rate() const { return hits + misses ? static_cast<double>(hits) / static_cast<double>(hits + misses) : 0; }
+};
+
+// One budgeted tier of whole experts over a reader below it.
+class CacheTier final : public ExpertReader {
+public:
+    CacheTier(std::string name, uint64_t budget, CachePolicy policy, std::vector<ExpertLayout> layouts, int n_expert,
+              ExpertReader* below, std::unique_ptr<TierMemory> memory);
+    ~CacheTier() override;
+
+    // Pins the expert (loading it on a miss); *data = its buffer, laid out as layouts()[layer].
+    Status acquire(int layer, int expert, uint8_t** data, void** token);
+    void release(void* token);
+    // The tier above reads through this tier (a hit here, or a fill from below, then a copy).
+    Status read_expert(int layer, int expert, uint8_t* dst) override;
+    // Loads the expert if absent and keeps it resident for good (static hot set). Fails when the
+    // budget has no unpinned room left.
+    Status pin_forever(int layer, int expert);
+    // Loads the expert in the caller's thread if absent and there is room without waiting; no pin is
+    // kept. Returns false when it was resident, loading, or there was no room (prefetch).
+    bool prefetch(int layer, int expert);
+    bool resident(int layer, int expert) const;
+
+    TierStats stats() const;
+    // (layer, expert) of every eviction so far, in order (tests; capped at 4096).
+    std::vector<std::pair<int, int>> eviction_log() const;
+    uint64_t max_entry_charge() const { return max_charge_; }
+    uint64_t budget() const { return budget_; }
+    void reset_counters();
+
+private:
+    struct Entry;
+    enum class State { kLoading, kReady, kFailed };
+    uint64_t charge_of(int layer) const;
+    Entry* pick_victim();
+    void evict(Entry* e);
+    void destroy(Entry* e);
+    int held_by_this_thread() const;
+    Status acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
+                        bool* skipped);
+
+    const std::string name_;
+    const uint64_t budget_;
+    const CachePolicy policy_;
+    const std::vector<ExpertLayout> layouts_;
+    const int n_expert_;
+    ExpertReader* const below_;
+    const std::unique_ptr<TierMemory> mem_;
+    uint64_t max_charge_ = 0;
+
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::map<int64_t, Entry*> map_;         // key layer * n_expert + expert
+    std::vector<uint64_t> uses_;            // [layer * n_expert + expert]: LFU counts
+    uint64_t tick_ = 0;
+    TierStats st_;
+    std::vector<std::pair<int, int>> evicted_;
+};
+
+// The cache a worker computes from: an ExpertSource over device ◀ host ◀ file, restricted to a
+// shard (null: every expert), with stats and optional next-layer prefetch.
+class ExpertCache final : public ExpertSource {
+public:
+    // `shard`: [layer] sorted expert ids served here (empty vector: every expert of the model).
+    // Errors: a budget that cannot hold one expert, a static policy without a usable profile, a
+    // profile for another model shape, an unreadable file.
+    static StatusOr<std::shared_ptr<ExpertCache>> create(const GgufFile& f, const ModelConfig& c,
+                                                          const std::vector<std::vector<int>>& shard,
+                                                          const CacheOptions& o);
+    // Another reader than the file below everything (tests: a scripted storage tier).
+    static StatusOr<std::shared_ptr<ExpertCache>> create_with_reader(std::unique_ptr<ExpertReader> storage,
+                                                                      std::vector<ExpertLayout> layouts,
+                                                                      std::vector<ExpertTypes> types, int n_expert,
+                                                                      int n_expert_used,
+                                                                      const std::vector<std::vector<int>>& shard,
+                                                                      const CacheOptions& o);
+    ~ExpertCache() override;
+
+    // Loads the static hot set (no-op for lru/lfu). Separate from create() so a worker can report
+    // progress and the coordinator sees it as shard loading.
+    Status warm_up();
+    uint64_t hot_set_bytes() const { return hot_bytes_; }
+
+    int num_layers() const override { return static_cast<int>(layouts_.size()); }
+    ExpertTypes types(int layer) const override { return types_[layer]; }
+    bool holds(int layer, int expert) const override;
+    Status acquire(int layer, int expert, ExpertSlice* slice, void** token) override;
+    void release(void* token) override;
+    void will_compute(int layer, const float* x, int64_t n_rows) override;
+
+    // Next-layer prediction: router weights [E, H] of each layer (f32, dequantized at creation).
+    void set_routers(std::vector<std::vector<float>> routers, int64_t hidden) {
+        routers_ = std::move(routers);
+        hidden_ = hidden;
+    }
+
+    const CacheOptions& options() const { return opts_; }
+    uint64_t shard_bytes() const { return shard_bytes_; }
+    CacheTier& device() { return *device_; }
+    CacheTier* host() { return host_.get(); }
+    std::vector<TierStats> tier_stats() const;  // device, [host], storage
+    // "device 6.00 GiB lru: 84.1% hits (1234/1467), 1.2 GiB in at 2.1 GB/s, stall 0.812 s | host ... | file ..."
+    std::string stats_line() const;
+    void reset_counters();
+
+private:
+    ExpertCache() = default;
+    void prefetch_loop();
+
+    CacheOptions opts_;
+    std::vector<ExpertLayout> layouts_;
+    std::vector<ExpertTypes> types_;
+    int n_expert_ = 0, n_expert_used_ = 0;
+    std::vector<std::vector<uint8_t>> held_;  // [layer][expert]: in the shard
+    uint64_t shard_bytes_ = 0, hot_bytes_ = 0;
+    std::unique_ptr<ExpertReader> storage_;
+    FileExpertReader* file_ = nullptr;  // = storage_ when it is the file
+    std::unique_ptr<CacheTier> host_, device_;
+    std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+
+    // Prefetch: a queue of (layer, expert) served by one background thread.
+    std::vector<std::vector<float>> routers_;
+    int64_t hidden_ = 0;
+    std::mutex pf_mu_;
+    std::condition_variable pf_cv_;
+    std::deque<std::pair<int, int>> pf_queue_;
+    bool pf_stop_ = false;
+    std::thread pf_thread_;
+    std::atomic<uint64_t> pf_issued_{0}, pf_loaded_{0};
+    std::vector<float> pf_scores_;
+};
+
+// Router weights of every layer as f32 [E, H] (for next-layer prefetch).
+StatusOr<std::vector<std::vector<float>>> load_router_weights(const GgufFile& f, const ModelConfig& c);
+
+}  // namespace moemesh
