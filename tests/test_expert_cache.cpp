@@ -452,5 +452,104 @@ TEST(ExpertCacheFile, ComputeThroughTheCacheEqualsTheMappedFile) {
     EXPECT_LE(cache.value()->device().stats().peak_used, o.device_bytes);
 }
 
+// ---- offload mode: `moemesh run --device-budget` -----------------------------------------------
+
+struct RunResult {
+    int rc = -1;
+    std::vector<int> greedy;
+    std::string err;
+};
+
+RunResult run_json(const std::string& extra) {
+    RunResult r;
+    std::string out;
+    const std::string err_file = dir() + "/run.err";
+    r.rc = run_capture(moemesh_bin() + " run --model " + model_path() +
+                           " --tokens 5,17,99,3,250,41,7,7,300,12,64,1,9,500 --json --greedy -n 16 --threads 2 " + extra,
+                       &out, err_file);
+    r.err = read_file(err_file);
+    if (r.rc == 0) {
+        try {
+            r.greedy = nlohmann::json::parse(out)["greedy"].get<std::vector<int>>();
+        } catch (const std::exception& e) {
+            r.err += std::string("\nbad JSON: ") + e.what();
+        }
+    }
+    return r;
+}
+
+// Bytes one expert is charged in the device tier of the test model.
+uint64_t model_entry_charge(int* n_entries) {
+    auto f = GgufFile::open(model_path());
+    EXPECT_TRUE(f.ok());
+    auto c = load_model_config(*f.value());
+    auto r = FileExpertReader::open(*f.value(), c.value());
+    EXPECT_TRUE(r.ok());
+    *n_entries = static_cast<int>(c.value().n_layer * c.value().n_expert);
+    return HostTierMemory().charge(r.value()->layouts()[0].size) + kCacheEntryOverhead;
+}
+
+// A profile favouring low expert ids in every layer (any counts will do: outputs must not change).
+std::string write_profile() {
+    ExpertProfile p;
+    p.n_layer = 3;
+    p.n_expert = 16;
+    p.tokens = 100;
+    for (int l = 0; l < 3; ++l) {
+        p.counts.emplace_back();
+        for (int e = 0; e < 16; ++e) p.counts.back().push_back(static_cast<uint64_t>((16 - e) * (l + 1)));
+    }
+    const std::string path = dir() + "/profile.json";
+    FILE* fp = std::fopen(path.c_str(), "w");
+    const std::string js = expert_profile_json(p);
+    std::fwrite(js.data(), 1, js.size(), fp);
+    std::fclose(fp);
+    return path;
+}
+
+TEST(OffloadRun, GreedyTokensMatchForEveryPolicyAndBudget) {
+    RunResult ref = run_json("");
+    ASSERT_EQ(ref.rc, 0) << ref.err;
+    ASSERT_EQ(ref.greedy.size(), 16u);
+    int n = 0;
+    const uint64_t charge = model_entry_charge(&n);
+    const std::string profile = write_profile();
+    const std::vector<std::string> policies = {"--cache-policy lru", "--cache-policy lfu",
+                                               "--cache-policy static --profile " + profile,
+                                               "--cache-policy static --profile " + profile + " --prefetch next-layer",
+                                               "--cache-policy lru --host-budget " + std::to_string(n / 4 * charge)};
+    // All experts, half, a tenth, one.
+    for (int entries : {n, n / 2, n / 10, 1}) {
+        for (const std::string& p : policies) {
+            const std::string flags = "--device-budget " + std::to_string(entries * charge) + " " + p;
+            RunResult r = run_json(flags);
+            ASSERT_EQ(r.rc, 0) << flags << "\n" << r.err;
+            EXPECT_EQ(r.greedy, ref.greedy) << flags;
+            EXPECT_NE(r.err.find("cache: device"), std::string::npos) << r.err;
+            if (entries < n && p.find("static") == std::string::npos) {
+                EXPECT_EQ(r.err.find(" 0 evictions"), std::string::npos) << r.err;  // the cache was exercised
+            }
+        }
+    }
+}
+
+TEST(OffloadRun, ClearErrorsForBadBudgetsAndFlags) {
+    RunResult r = run_json("--device-budget 1KiB");
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("cannot hold one expert"), std::string::npos) << r.err;
+    r = run_json("--device-budget 10MiB --cache-policy static");
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("needs an expert profile"), std::string::npos) << r.err;
+    r = run_json("--device-budget 10MiB --cache-policy mru");
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("unknown cache policy 'mru'"), std::string::npos) << r.err;
+    r = run_json("--device-budget lots");
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("--device-budget"), std::string::npos) << r.err;
+    r = run_json("--cache-policy lfu");
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("need --device-budget"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace moemesh

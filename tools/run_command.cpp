@@ -13,6 +13,8 @@
 #include "coordinator/sampler.h"
 #include "common/placement.h"
 #include "coordinator/remote_experts.h"
+#include "worker/expert_cache.h"
+#include "worker/expert_executor.h"
 #include "tools/commands.h"
 #include "tools/run_command.h"
 
@@ -66,7 +68,7 @@ size_t complete_utf8_prefix(const std::string& s) {
 
 // One request: a fresh sequence, prompt processing, then generation.
 Status generate_one(const RunOptions& o, const std::string& prompt, const std::string& tokens, Model& model,
-                    const Tokenizer& tok, DistributedExpertBackend* dist) {
+                    const Tokenizer& tok, DistributedExpertBackend* dist, const ExpertCache* cache) {
     const ModelConfig& cfg = model.config();
     std::vector<int32_t> input;
     if (!tokens.empty()) {
@@ -139,6 +141,7 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
     std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.2f tokens/s) | decode: %zu tokens in %.3f s (%.2f tokens/s)\n",
                  input.size(), prompt_s, input.size() / prompt_s, generated.size(), decode_s, decode_tps);
     if (dist) std::fprintf(stderr, "workers: %s\n", dist->stats_line().c_str());
+    if (cache) std::fprintf(stderr, "%s\n", cache->stats_line().c_str());
     return Status();
 }
 
@@ -185,6 +188,46 @@ Status run_generation(const RunOptions& o) {
             return std::unique_ptr<ExpertBackend>(std::move(b));
         };
     }
+    // Offload mode: every expert through a budgeted cache (device tier: a bounded RAM pool on CPU).
+    std::shared_ptr<ExpertCache> cache;
+    if (o.device_budget.empty()) {
+        if (!o.host_budget.empty() || o.cache_policy != "lru" || o.prefetch != "none" || !o.profile.empty())
+            return MM_ERROR("--host-budget, --cache-policy, --prefetch and --profile need --device-budget");
+    } else {
+        if (cluster)
+            return MM_ERROR("--device-budget is for a single process; with --cluster give each worker a cache: entry "
+                            "in the YAML");
+        CacheOptions co;
+        auto size = [](const std::string& s, const char* flag) -> StatusOr<uint64_t> {
+            auto r = parse_size(s);
+            if (!r.ok()) return MM_ERROR("%s: %s", flag, r.status().message().c_str());
+            if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
+            return r.value();
+        };
+        MM_ASSIGN_OR_RETURN(co.device_bytes, size(o.device_budget, "--device-budget"));
+        if (!o.host_budget.empty()) {
+            MM_ASSIGN_OR_RETURN(co.host_bytes, size(o.host_budget, "--host-budget"));
+        }
+        MM_ASSIGN_OR_RETURN(co.policy, parse_cache_policy(o.cache_policy));
+        MM_ASSIGN_OR_RETURN(co.prefetch, parse_prefetch_mode(o.prefetch));
+        co.profile_path = o.profile;
+        mo.experts = [co, &cache](const GgufFile& f, const ModelConfig& c,
+                                  ThreadPool& pool) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+            MM_ASSIGN_OR_RETURN(std::shared_ptr<ExpertCache> ch, ExpertCache::create(f, c, {}, co));
+            MM_RETURN_IF_ERROR(ch->warm_up());
+            std::fprintf(stderr,
+                         "offload: %s of routed experts; device budget %s (%.0f%%)%s, policy %s, prefetch %s%s\n",
+                         format_bytes(ch->shard_bytes()).c_str(), format_bytes(co.device_bytes).c_str(),
+                         ch->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / ch->shard_bytes() : 0.0,
+                         co.host_bytes ? (", host budget " + format_bytes(co.host_bytes)).c_str() : "",
+                         cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
+                         ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
+                                             : "");
+            ch->reset_counters();
+            cache = ch;
+            return std::unique_ptr<ExpertBackend>(LocalExpertExecutor::create(c, pool, ch));
+        };
+    }
     MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
     const ModelConfig& cfg = model->config();
     std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads%s\n",
@@ -192,14 +235,15 @@ Status run_generation(const RunOptions& o) {
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
                  seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
 
-    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist);
+    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist, cache.get());
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
     std::string line;
     int failed = 0;
     while (std::getline(std::cin, line)) {
         if (line.empty()) continue;
-        Status st = o.json ? generate_one(o, "", line, *model, tok, dist) : generate_one(o, line, "", *model, tok, dist);
+        Status st = o.json ? generate_one(o, "", line, *model, tok, dist, cache.get())
+                           : generate_one(o, line, "", *model, tok, dist, cache.get());
         if (!st.ok()) {
             ++failed;
             std::fprintf(stderr, "error: request failed: %s\n", st.message().c_str());
@@ -241,6 +285,17 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
     c->add_flag("--greedy", o->sp.greedy, "Always pick the most likely token");
     c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
+    c->add_option("--device-budget", o->device_budget,
+                  "Offload mode: serve the routed experts from a cache of at most this many bytes (e.g. 8GiB; on CPU a "
+                  "bounded RAM pool), reading missing experts from the model file (see docs/cache.md)");
+    c->add_option("--host-budget", o->host_budget, "Offload mode: a host RAM tier of this size below the device tier");
+    c->add_option("--cache-policy", o->cache_policy, "Offload mode: lru, lfu or static (hot set from --profile)")
+        ->capture_default_str();
+    c->add_option("--prefetch", o->prefetch,
+                  "Offload mode: none, or next-layer (layer l+1's router on layer l's activations)")
+        ->capture_default_str();
+    c->add_option("--profile", o->profile, "Expert profile (moemesh profile) for --cache-policy static")
+        ->check(CLI::ExistingFile);
 }
 
 void register_run_command(CLI::App& app) {

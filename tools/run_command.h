@@ -28,6 +28,12 @@ struct RunOptions {
     std::string kv_type = "f16";
     bool ignore_eos = false;
     SamplerParams sp;
+    // Offload mode (one process, experts served from a budgeted cache over the model file).
+    std::string device_budget;  // "8GiB": enables it
+    std::string host_budget;    // optional host tier below the device tier
+    std::string cache_policy = "lru";
+    std::string prefetch = "none";
+    std::string profile;        // expert profile for --cache-policy static
 };
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);
