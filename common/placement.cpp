@@ -151,7 +151,9 @@ const std::vector<std::string> kTopKeys = {"model", "activations", "coordinator"
 const std::vector<std::string> kCoordinatorKeys = {"device", "http", "control", "threads", "timeout_ms"};
 const std::vector<std::string> kWorkerKeys = {"name",  "address", "device",  "transport", "threads",
                                               "cache", "experts", "layers", "replicas",  "tls"};
-const std::vector<std::string> kCacheKeys = {"device", "host"};
+const std::vector<std::string> kCacheKeys = {"device", "host", "policy", "prefetch", "profile"};
+const std::vector<std::string> kCachePolicies = {"lru", "lfu", "static"};
+const std::vector<std::string> kPrefetchModes = {"none", "next-layer"};
 const std::vector<std::string> kTlsKeys = {"ca", "cert", "key"};
 const std::vector<std::string> kTransports = {"auto", "inproc", "unix", "tcp", "nccl", "cuda-ipc"};
 
@@ -523,6 +525,29 @@ Status Parser::parse_worker(const YAML::Node& n, size_t index) {
         if (const Field* c = find(cs, "host")) {
             MM_ASSIGN_OR_RETURN(w.cache_host_bytes, size(*c, ctx + "cache: "));
         }
+        auto one_of = [&](const Field& c, const std::vector<std::string>& allowed, std::string* out) -> Status {
+            MM_ASSIGN_OR_RETURN(std::string v, scalar(c, ctx + "cache: ", "a name"));
+            if (std::find(allowed.begin(), allowed.end(), v) == allowed.end())
+                return err(value_loc(c), ctx + "cache: ",
+                           "unknown " + c.key + " \"" + clip(v) + "\"" + suggestion(v, allowed) + " (expected one of " +
+                               join(allowed, ", ") + ")");
+            *out = v;
+            return Status();
+        };
+        if (const Field* c = find(cs, "policy")) MM_RETURN_IF_ERROR(one_of(*c, kCachePolicies, &w.cache_policy));
+        if (const Field* c = find(cs, "prefetch")) MM_RETURN_IF_ERROR(one_of(*c, kPrefetchModes, &w.cache_prefetch));
+        const Field* prof = find(cs, "profile");
+        if (prof) {
+            MM_ASSIGN_OR_RETURN(std::string p, scalar(*prof, ctx + "cache: ", "a file path"));
+            if (p.empty()) return err(value_loc(*prof), ctx + "cache: ", "'profile' is empty");
+            w.cache_profile = path(p);
+        }
+        if (w.cache_policy == "static" && !prof)
+            return err(value_loc(*x), ctx + "cache: ",
+                       "policy static needs 'profile' (an expert profile written by moemesh profile)");
+        if (prof && w.cache_policy != "static")
+            return err(loc(prof->key_node), ctx + "cache: ", "'profile' is only read by policy static");
+        w.cache_enabled = true;
     }
     if (const Field* x = find(fs, "tls")) {
         if (!x->value.IsMap())
@@ -929,6 +954,14 @@ StatusOr<OwnershipMap> resolve_placement(const ClusterConfig& cfg, const ModelCo
                                                 format_bytes(s.max_expert_bytes).c_str(), max_layer));
             s.streams = budget < s.bytes;
         }
+        for (auto [b, what] : {std::pair<uint64_t, const char*>{w.cache_device_bytes, "device"}, {w.cache_host_bytes, "host"}}) {
+            if (w.cache_enabled && b && b < s.max_expert_bytes)
+                return Status::error(cfg.where(w.cache_loc) + "worker '" + w.name + "': " +
+                                     str_printf("cache.%s = %s cannot hold one expert of its shard (%s, layer %d)", what,
+                                                format_bytes(b).c_str(), format_bytes(s.max_expert_bytes).c_str(),
+                                                max_layer));
+        }
+        if (w.cache_enabled && w.cache_device_bytes && w.cache_device_bytes < s.bytes) s.streams = true;
     }
     return m;
 }
@@ -967,7 +1000,9 @@ std::string placement_summary(const ClusterConfig& cfg, const OwnershipMap& m) {
         if (m.bytes_known)
             out += "  shard bytes: " + format_bytes(s.bytes) + (s.replicas.empty() ? "" : " (with replicas)") + "\n";
         auto budget = [](uint64_t b) { return b ? format_bytes(b) : std::string("unlimited"); };
-        out += "  cache budget: device " + budget(w.cache_device_bytes) + ", host " + budget(w.cache_host_bytes);
+        out += "  cache budget: device " + budget(w.cache_device_bytes) + ", host " +
+               (w.cache_enabled && !w.cache_host_bytes ? std::string("none") : budget(w.cache_host_bytes));
+        if (w.cache_enabled) out += ", policy " + w.cache_policy + ", prefetch " + w.cache_prefetch;
         if (s.streams) out += " (smaller than the shard: experts stream from the model file)";
         out += "\n";
     }

@@ -13,7 +13,9 @@
 //       device: cuda:0                         # cpu | cuda:N
 //       transport: auto                        # auto | inproc | unix | tcp | nccl | cuda-ipc
 //       threads: 4
-//       cache: {device: 6GiB, host: 24GiB}     # 0 or absent: unlimited
+//       cache: {device: 6GiB, host: 24GiB,     # budgets (see docs/cache.md); device 0/absent: unlimited,
+//               policy: lru, prefetch: none,   #   host 0/absent: no host tier; policy lru | lfu | static,
+//               profile: profile.json}         #   prefetch none | next-layer, profile (static): moemesh profile
 //       experts: "0-63"                        # these experts in every layer, or:
 //       layers: {"0-23": "64-127", "24-47": "0-127"}   # layer ranges -> expert ranges
 //       replicas: {"0-47": "0-3"}              # extra copies of hot experts (same form as layers)
@@ -102,7 +104,13 @@ struct WorkerConfig {
     Transport transport = Transport::kAuto;
     int threads = 0;                 // 0: the worker's default (all cores)
     uint64_t cache_device_bytes = 0; // 0: unlimited
-    uint64_t cache_host_bytes = 0;   // 0: unlimited
+    uint64_t cache_host_bytes = 0;   // 0: no host tier (unlimited for the budget check)
+    // A `cache:` entry makes the worker serve its shard from a budgeted cache over the model file
+    // instead of reading the whole shard at handshake.
+    bool cache_enabled = false;
+    std::string cache_policy = "lru";     // lru | lfu | static
+    std::string cache_prefetch = "none";  // none | next-layer
+    std::string cache_profile;            // resolved against the YAML's directory; required by static
     TlsConfig tls;
     std::vector<OwnershipRule> owns;      // primary ownership
     std::vector<OwnershipRule> replicas;  // extra copies

@@ -8,11 +8,13 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
 #include "common/half.h"
 #include "proto/moemesh.grpc.pb.h"
+#include "worker/expert_cache.h"
 #include "worker/expert_compute.h"
 #include "worker/expert_executor.h"
 
@@ -57,7 +59,9 @@ std::vector<pb::LayerShard> shard_proto(const WorkerShard& s) {
 // ---- in-process: the worker's compute runs in this process, on its own expert tables ----
 class InprocLink final : public WorkerLink {
 public:
-    InprocLink(std::string name, std::unique_ptr<ExpertCompute> c) : name_(std::move(name)), compute_(std::move(c)) {}
+    InprocLink(std::string name, std::unique_ptr<ExpertCompute> c, std::shared_ptr<ExpertCache> cache = nullptr)
+        : name_(std::move(name)), compute_(std::move(c)), cache_(std::move(cache)) {}
+    std::string cache_stats() override { return cache_ ? cache_->stats_line() : ""; }
     std::string describe() const override { return "worker '" + name_ + "' (in-process)"; }
     Status connect(std::chrono::milliseconds, const LoadProgress&) override { return Status(); }
     bool connected() const override { return true; }
@@ -79,15 +83,33 @@ public:
 private:
     std::string name_;
     std::unique_ptr<ExpertCompute> compute_;
+    std::shared_ptr<ExpertCache> cache_;
     std::map<uint64_t, const ExpertBatch*> pending_;
 };
 
 // ---- gRPC over a Unix socket or TCP: one long-lived Experts stream, results read by a thread ----
 class GrpcLink final : public WorkerLink {
 public:
-    GrpcLink(const WorkerConfig& w, const WorkerShard& shard, std::string fingerprint, ActivationFormat act)
+    GrpcLink(const WorkerConfig& w, const WorkerShard& shard, std::string fingerprint, ActivationFormat act,
+             std::optional<pb::CacheConfig> cache)
         : name_(w.name), address_(w.address ? w.address->str() : ""), tls_(w.tls), shard_(shard_proto(shard)),
-          fingerprint_(std::move(fingerprint)), bf16_(act == ActivationFormat::kBf16) {}
+          fingerprint_(std::move(fingerprint)), bf16_(act == ActivationFormat::kBf16), cache_(std::move(cache)) {}
+
+    std::string cache_stats() override {
+        std::shared_ptr<grpc::Channel> ch;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            ch = channel_;
+        }
+        if (!cache_ || !ch) return "";
+        pb::StatsRequest req;
+        pb::StatsResponse resp;
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+        auto stub = pb::ExpertWorker::NewStub(ch);
+        if (!stub->Stats(&ctx, req, &resp).ok()) return "(stats unavailable)";
+        return resp.cache_summary();
+    }
     ~GrpcLink() override { disconnect(); }
 
     std::string describe() const override { return "worker '" + name_ + "' (" + address_ + ")"; }
@@ -126,6 +148,7 @@ public:
         req.set_worker_name(name_);
         for (const auto& ls : shard_) *req.add_shard() = ls;
         req.set_activation_dtype(bf16_ ? pb::DTYPE_BF16 : pb::DTYPE_F32);
+        if (cache_) *req.mutable_cache() = *cache_;
         pb::HandshakeResponse resp;
         {
             grpc::ClientContext ctx;
@@ -299,6 +322,7 @@ private:
     std::vector<pb::LayerShard> shard_;
     std::string fingerprint_;
     bool bf16_;
+    std::optional<pb::CacheConfig> cache_;
     std::chrono::milliseconds connect_wait_{10000};
 
     mutable std::mutex mu_;
@@ -326,7 +350,46 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
     const std::string fp = file.fingerprint();
     for (size_t w = 0; w < cluster.workers.size(); ++w) {
         const WorkerConfig& wc = cluster.workers[w];
-        if (wc.transport == Transport::kInproc) {
+        // The worker's cache: entry, with the profile's text (the worker may run on another host).
+        std::optional<pb::CacheConfig> cache;
+        if (wc.cache_enabled) {
+            pb::CacheConfig cc;
+            cc.set_device_bytes(wc.cache_device_bytes);
+            cc.set_host_bytes(wc.cache_host_bytes);
+            cc.set_policy(wc.cache_policy);
+            cc.set_prefetch(wc.cache_prefetch);
+            if (!wc.cache_profile.empty()) {
+                std::ifstream in(wc.cache_profile, std::ios::binary);
+                std::stringstream ss;
+                ss << in.rdbuf();
+                if (!in || ss.str().empty())
+                    return MM_ERROR("%sworker '%s': cannot read cache.profile '%s'", cluster.where(wc.cache_loc).c_str(),
+                                    wc.name.c_str(), wc.cache_profile.c_str());
+                cc.set_profile_json(ss.str());
+            }
+            cache = std::move(cc);
+        }
+        if (wc.transport == Transport::kInproc && cache) {
+            CacheOptions o;
+            o.device_bytes = cache->device_bytes();
+            o.host_bytes = cache->host_bytes();
+            MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(cache->policy()));
+            MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(cache->prefetch()));
+            if (!cache->profile_json().empty()) {
+                MM_ASSIGN_OR_RETURN(o.profile, parse_expert_profile(cache->profile_json(), wc.cache_profile));
+            }
+            std::vector<std::vector<int>> shard(static_cast<size_t>(cfg.n_layer));
+            for (int l = 0; l < cfg.n_layer; ++l)
+                for (int e = 0; e < cfg.n_expert; ++e)
+                    if (map.serves(static_cast<int>(w), l, e)) shard[l].push_back(e);
+            StatusOr<std::shared_ptr<ExpertCache>> made = ExpertCache::create(file, cfg, shard, o);
+            if (!made.ok())
+                return MM_ERROR("%sworker '%s': %s", cluster.where(wc.cache_loc).c_str(), wc.name.c_str(),
+                                made.status().message().c_str());
+            MM_RETURN_IF_ERROR(made.value()->warm_up());
+            b->links_.push_back(std::make_unique<InprocLink>(
+                wc.name, std::make_unique<ExpertCompute>(cfg, pool, made.value()), made.value()));
+        } else if (wc.transport == Transport::kInproc) {
             MM_ASSIGN_OR_RETURN(std::vector<LayerExpertTable> tables, map_expert_tables(file, cfg));
             for (int l = 0; l < cfg.n_layer; ++l) {
                 for (int e = 0; e < cfg.n_expert; ++e) {
@@ -339,7 +402,7 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
             return MM_ERROR("%s: worker '%s': transport %s needs the CUDA build (not available yet)",
                             cluster.where(wc.loc).c_str(), wc.name.c_str(), transport_name(wc.transport));
         } else {
-            b->links_.push_back(std::make_unique<GrpcLink>(wc, map.workers[w], fp, cluster.activations));
+            b->links_.push_back(std::make_unique<GrpcLink>(wc, map.workers[w], fp, cluster.activations, cache));
         }
     }
     b->stats_.resize(b->links_.size());
@@ -538,14 +601,22 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
 }
 
 std::string DistributedExpertBackend::stats_line() const {
-    std::lock_guard<std::mutex> sl(stats_mu_);
+    std::vector<LinkStats> stats;
+    {
+        std::lock_guard<std::mutex> sl(stats_mu_);
+        stats = stats_;
+    }
     std::string s;
     for (size_t w = 0; w < links_.size(); ++w) {
-        const LinkStats& st = stats_[w];
+        const LinkStats& st = stats[w];
         s += str_printf("%s%s: %llu calls, %.3f ms mean round trip, %llu failures, %llu reconnects", s.empty() ? "" : " | ",
                         cluster_.workers[w].name.c_str(), (unsigned long long)st.calls,
                         st.calls ? 1e3 * st.wait_seconds / st.calls : 0.0, (unsigned long long)st.failures,
                         (unsigned long long)st.reconnects);
+        if (cluster_.workers[w].cache_enabled) {
+            const std::string c = links_[w]->cache_stats();
+            if (!c.empty()) s += " (" + c + ")";
+        }
     }
     return s;
 }

@@ -49,6 +49,8 @@ public:
     // The partial sums [n_rows, hidden] of the batch sent with request_id, by the deadline.
     virtual Status receive(uint64_t request_id, std::chrono::steady_clock::time_point deadline,
                            std::vector<float>* partial) = 0;
+    // The worker's expert-cache stats line ("" without a cache, or when it cannot be asked).
+    virtual std::string cache_stats() { return ""; }
 };
 
 struct LinkStats {

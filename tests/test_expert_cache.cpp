@@ -551,5 +551,63 @@ TEST(OffloadRun, ClearErrorsForBadBudgetsAndFlags) {
     EXPECT_NE(r.err.find("need --device-budget"), std::string::npos) << r.err;
 }
 
+// ---- workers with a cache: entry (moemesh launch) ------------------------------------------------
+
+TEST(ClusterCache, WorkerCachesFromTheYamlGiveTheSameTokens) {
+    const std::string worker = fs::path(moemesh_bin()).parent_path().string() + "/moemesh-worker";
+    if (!fs::exists(worker)) GTEST_SKIP() << worker << " is not built";
+    RunResult ref = run_json("");
+    ASSERT_EQ(ref.rc, 0) << ref.err;
+    int n = 0;
+    const uint64_t charge = model_entry_charge(&n);
+    const std::string profile = write_profile();
+    const std::string d = dir() + "/cl";
+    fs::create_directories(d);
+    const std::string yaml = d + "/cluster.yaml";
+    {
+        FILE* f = std::fopen(yaml.c_str(), "w");
+        const std::string text = str_printf(
+            "model: %s\nworkers:\n"
+            "  - {name: w0, address: unix:%s/w0.sock, threads: 1, experts: \"0-5\", cache: {device: %llu, policy: lfu}}\n"
+            "  - {name: w1, address: unix:%s/w1.sock, threads: 1, experts: \"6-11\",\n"
+            "     cache: {device: %llu, host: %llu, policy: static, prefetch: next-layer, profile: profile.json}}\n"
+            "  - {name: w2, transport: inproc, experts: \"12-15\", cache: {host: %llu}}\n",
+            model_path().c_str(), d.c_str(), static_cast<unsigned long long>(charge), d.c_str(),
+            static_cast<unsigned long long>(4 * charge), static_cast<unsigned long long>(8 * charge),
+            static_cast<unsigned long long>(2 * charge));
+        std::fwrite(text.data(), 1, text.size(), f);
+        std::fclose(f);
+        fs::copy_file(profile, d + "/profile.json", fs::copy_options::overwrite_existing);
+    }
+    std::string out;
+    const std::string log = d + "/launch.log";
+    ASSERT_EQ(run_capture(moemesh_bin() + " launch " + yaml +
+                              " --tokens 5,17,99,3,250,41,7,7,300,12,64,1,9,500 --json --greedy -n 16 --threads 1",
+                          &out, log),
+              0)
+        << read_file(log);
+    const std::string err = read_file(log);
+    EXPECT_EQ(nlohmann::json::parse(out)["greedy"].get<std::vector<int>>(), ref.greedy);
+    // The coordinator's stats line carries each worker's cache line (from its gRPC stats).
+    EXPECT_NE(err.find("w0: "), std::string::npos) << err;
+    EXPECT_NE(err.find("(cache: device 16.25 KiB lfu:"), std::string::npos) << err;
+    EXPECT_NE(err.find("static: "), std::string::npos) << err;
+    EXPECT_NE(err.find("| host 130.00 KiB:"), std::string::npos) << err;  // w1's host tier
+    EXPECT_NE(err.find("(cache: host 32.50 KiB lru:"), std::string::npos) << err;  // w2: one tier, in-process
+    // A budget below one expert is refused at placement time, naming the worker and the field.
+    const std::string bad = d + "/bad.yaml";
+    {
+        FILE* f = std::fopen(bad.c_str(), "w");
+        const std::string text = str_printf("model: %s\nworkers:\n  - {name: w0, address: unix:%s/b.sock, experts: "
+                                            "\"0-15\", cache: {device: 1KiB}}\n",
+                                            model_path().c_str(), d.c_str());
+        std::fwrite(text.data(), 1, text.size(), f);
+        std::fclose(f);
+    }
+    EXPECT_EQ(run_capture(moemesh_bin() + " placement check " + bad + " --model " + model_path(), &out, log), 1);
+    EXPECT_NE(read_file(log).find("worker 'w0': cache.device = 1.00 KiB cannot hold one expert"), std::string::npos)
+        << read_file(log);
+}
+
 }  // namespace
 }  // namespace moemesh

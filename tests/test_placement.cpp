@@ -171,7 +171,7 @@ workers:
     cache: {devise: 1GiB}
 )"),
               "cluster.yaml:5:13: worker 'a': cache: unknown key 'devise' (did you mean 'device'?) (allowed: device, "
-              "host)");
+              "host, policy, prefetch, profile)");
 }
 
 TEST(PlacementReject, UnknownKeyFromFile) {
@@ -578,11 +578,11 @@ TEST_F(PlacementGguf, ShardBytesAndBudgets) {
     auto cfg = parse(R"(workers:
   - name: a
     address: unix:/a
-    cache: {device: 16KiB, host: 16KiB}
+    cache: {device: 32KiB, host: 32KiB}
     experts: "0-2"
   - name: b
     address: unix:/b
-    cache: {host: 1KiB}
+    cache: {host: 64KiB}
     experts: "3"
 )");
     ASSERT_TRUE(cfg.ok()) << cfg.status().message();
@@ -592,7 +592,7 @@ TEST_F(PlacementGguf, ShardBytesAndBudgets) {
     EXPECT_EQ(m->expert_bytes, (std::vector<uint64_t>{kExpert, kExpert}));
     EXPECT_EQ(m->workers[0].bytes, 6 * kExpert);
     EXPECT_EQ(m->workers[0].max_expert_bytes, kExpert);
-    EXPECT_TRUE(m->workers[0].streams);   // 32 KiB of budget for a 144 KiB shard: it streams
+    EXPECT_TRUE(m->workers[0].streams);   // 64 KiB of budget for a 144 KiB shard: it streams
     EXPECT_FALSE(m->workers[1].streams);  // device budget unlimited
     std::string s = placement_summary(cfg.value(), m.value());
     EXPECT_NE(s.find("shard bytes: 144.00 KiB"), std::string::npos) << s;

@@ -536,14 +536,19 @@ StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create_with_reader(
                             static_cast<unsigned long long>(kCacheEntryOverhead));
     }
     ExpertReader* below = c->storage_.get();
-    if (o.host_bytes) {
+    if (o.host_bytes && !o.device_bytes) {
+        // No device budget: compute reads the host tier directly (a CPU worker's RAM cache).
+        c->device_ = std::make_unique<CacheTier>("host", o.host_bytes, o.policy, c->layouts_, n_expert, below,
+                                                 std::make_unique<HostTierMemory>());
+    } else if (o.host_bytes) {
         c->host_ = std::make_unique<CacheTier>("host", o.host_bytes,
                                                o.policy == CachePolicy::kLfu ? CachePolicy::kLfu : CachePolicy::kLru,
                                                c->layouts_, n_expert, below, std::make_unique<HostTierMemory>());
         below = c->host_.get();
     }
-    c->device_ = std::make_unique<CacheTier>("device", o.device_bytes, o.policy, c->layouts_, n_expert, below,
-                                             std::make_unique<HostTierMemory>());
+    if (!c->device_)
+        c->device_ = std::make_unique<CacheTier>("device", o.device_bytes, o.policy, c->layouts_, n_expert, below,
+                                                 std::make_unique<HostTierMemory>());
     if (o.policy == CachePolicy::kStatic) {
         if (o.profile.counts.empty() && !o.profile_path.empty()) {
             MM_ASSIGN_OR_RETURN(c->opts_.profile, load_expert_profile(o.profile_path));
@@ -684,7 +689,8 @@ std::vector<TierStats> ExpertCache::tier_stats() const {
 
 std::string ExpertCache::stats_line() const {
     std::string out;
-    for (const TierStats& t : tier_stats()) {
+    const std::vector<TierStats> all = tier_stats();
+    for (const TierStats& t : all) {
         if (!out.empty()) out += " | ";
         if (t.name == "storage") {
             out += str_printf("storage: %llu reads, %s", static_cast<unsigned long long>(t.fills),
@@ -696,16 +702,16 @@ std::string ExpertCache::stats_line() const {
         }
         out += str_printf("%s %s%s: %.1f%% hits (%llu/%llu), %s in", t.name.c_str(),
                           t.budget ? format_bytes(t.budget).c_str() : "unlimited",
-                          t.name == "device" ? (std::string(" ") + cache_policy_name(opts_.policy)).c_str() : "",
+                          &t == &all.front() ? (std::string(" ") + cache_policy_name(opts_.policy)).c_str() : "",
                           100.0 * t.hit_rate(), static_cast<unsigned long long>(t.hits),
                           static_cast<unsigned long long>(t.hits + t.misses), format_bytes(t.bytes_in).c_str());
         if (t.fill_seconds > 0) out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
         out += str_printf(", stall %.3f s, %llu evictions, used %s (peak %s)", t.stall_seconds,
                           static_cast<unsigned long long>(t.evictions), format_bytes(t.used).c_str(),
                           format_bytes(t.peak_used).c_str());
-        if (t.name == "device" && opts_.policy == CachePolicy::kStatic)
+        if (&t == &all.front() && opts_.policy == CachePolicy::kStatic)
             out += str_printf(", hot set %llu experts", static_cast<unsigned long long>(t.preloaded));
-        if (t.name == "device" && opts_.prefetch == PrefetchMode::kNextLayer)
+        if (&t == &all.front() && opts_.prefetch == PrefetchMode::kNextLayer)
             out += str_printf(", prefetched %llu of %llu predicted", static_cast<unsigned long long>(pf_loaded_.load()),
                               static_cast<unsigned long long>(pf_issued_.load()));
         if (t.transient) out += str_printf(", %llu transient", static_cast<unsigned long long>(t.transient));

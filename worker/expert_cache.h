@@ -4,7 +4,9 @@
 //   optional) ◀ storage tier (the model file, read with pread)
 //
 // Compute reads experts from the device tier. A device miss fills from the host tier when there is
-// one (a host miss reads the file into the host tier first), else straight from the file.
+// one (a host miss reads the file into the host tier first), else straight from the file. With a
+// host budget and no device budget (a CPU worker's `cache: {host: 96GB}`) there is one tier, named
+// host, that compute reads directly; with neither, one unlimited device tier.
 //
 // Budgets are hard limits: a tier's accounted bytes (`used`) never exceed its budget. An entry is
 // charged its page-rounded buffer (gate, up and down matrices, each on a 64-byte boundary) plus
@@ -250,7 +252,7 @@ public:
 
     const CacheOptions& options() const { return opts_; }
     uint64_t shard_bytes() const { return shard_bytes_; }
-    CacheTier& device() { return *device_; }
+    CacheTier& device() { return *device_; }  // the tier compute reads (named "host" when it is the only one)
     CacheTier* host() { return host_.get(); }
     std::vector<TierStats> tier_stats() const;  // device, [host], storage
     // "device 6.00 GiB lru: 84.1% hits (1234/1467), 1.2 GiB in at 2.1 GB/s, stall 0.812 s | host ... | file ..."

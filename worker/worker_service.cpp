@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "common/half.h"
+#include "common/placement.h"
 
 namespace moemesh {
 
@@ -190,24 +191,56 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         std::lock_guard<std::mutex> ck(compute_mu_);
         std::lock_guard<std::mutex> lk(mu_);
         handshaken_ = true;
-        if (store_ && shard_ == spec && (load_state_ == LoadState::kLoading || load_state_ == LoadState::kReady)) {
+        const std::string cache_config = req->has_cache() ? req->cache().SerializeAsString() : "";
+        if ((store_ || cache_) && shard_ == spec && cache_config_ == cache_config &&
+            (load_state_ == LoadState::kLoading || load_state_ == LoadState::kReady)) {
             log("handshake from %s accepted: same shard (%s), %s", peer_of(ctx).c_str(), shard_summary(spec).c_str(),
                 load_state_ == LoadState::kReady ? "already loaded" : "still loading");
             resp->set_accepted(true);
-            resp->set_shard_bytes(store_->total_bytes());
+            resp->set_shard_bytes(store_ ? store_->total_bytes() : cache_->shard_bytes());
             return grpc::Status::OK;
         }
+        cache_config_ = cache_config;
         // A different shard (or a failed load): drop the old one before allocating the new one.
         if (store_) store_->cancel();
         old_loader = std::move(loader_);
         compute_.reset();
         compute_store_.reset();
         store_.reset();
+        cache_.reset();
         shard_ = spec;
         load_state_ = LoadState::kLoading;  // callers wait across the swap
         load_error_.clear();
     }
     if (old_loader.joinable()) old_loader.join();
+    if (req->has_cache()) {
+        // Budgets, policy and profile from the coordinator's placement; nothing is read until used
+        // (or, for static, the hot set in the background).
+        StatusOr<std::shared_ptr<ExpertCache>> made = make_cache(req->cache(), spec);
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!made.ok()) {
+            load_state_ = LoadState::kFailed;
+            load_error_ = made.status().message();
+            cache_config_.clear();
+            cv_.notify_all();
+            log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
+            resp->set_accepted(false);
+            resp->set_reason(load_error_);
+            return grpc::Status::OK;
+        }
+        cache_ = made.value();
+        const CacheOptions& co = cache_->options();
+        log("handshake from %s accepted: serving %s, %.1f MiB, from a cache (device %s, host %s, policy %s, prefetch "
+            "%s)",
+            peer_of(ctx).c_str(), shard_summary(spec).c_str(), static_cast<double>(cache_->shard_bytes()) / (1 << 20),
+            co.device_bytes ? format_bytes(co.device_bytes).c_str() : "unlimited",
+            co.host_bytes ? format_bytes(co.host_bytes).c_str() : "none", cache_policy_name(co.policy),
+            prefetch_mode_name(co.prefetch));
+        loader_ = std::thread(&WorkerService::warm_cache, this, cache_);
+        resp->set_accepted(true);
+        resp->set_shard_bytes(cache_->shard_bytes());
+        return grpc::Status::OK;
+    }
     StatusOr<std::unique_ptr<ShardStore>> planned = ShardStore::plan(*file_, cfg_, spec);
     std::lock_guard<std::mutex> lk(mu_);
     if (!planned.ok()) {
@@ -249,6 +282,38 @@ void WorkerService::load_shard(std::shared_ptr<ShardStore> store) {
     cv_.notify_all();
 }
 
+StatusOr<std::shared_ptr<ExpertCache>> WorkerService::make_cache(const v1::CacheConfig& c, const ShardSpec& spec) const {
+    CacheOptions o;
+    o.device_bytes = c.device_bytes();
+    o.host_bytes = c.host_bytes();
+    MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(c.policy().empty() ? "lru" : c.policy()));
+    MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(c.prefetch().empty() ? "none" : c.prefetch()));
+    if (!c.profile_json().empty()) {
+        MM_ASSIGN_OR_RETURN(o.profile, parse_expert_profile(c.profile_json(), "the handshake's expert profile"));
+    }
+    return ExpertCache::create(*file_, cfg_, spec, o);
+}
+
+void WorkerService::warm_cache(std::shared_ptr<ExpertCache> cache) {
+    const auto t0 = Clock::now();
+    Status st = cache->warm_up();
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    std::lock_guard<std::mutex> ck(compute_mu_);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (cache_ != cache) return;  // replaced by a newer handshake meanwhile
+    if (st.ok()) {
+        compute_ = std::make_unique<ExpertCompute>(cfg_, pool_, cache);
+        load_state_ = LoadState::kReady;
+        log("cache ready: hot set %.1f MiB in %.2f s, RSS %.1f MiB", static_cast<double>(cache->hot_set_bytes()) / (1 << 20),
+            secs, static_cast<double>(current_rss_bytes()) / (1 << 20));
+    } else {
+        load_state_ = LoadState::kFailed;
+        load_error_ = st.message();
+        log("cache warm-up failed: %s", st.message().c_str());
+    }
+    cv_.notify_all();
+}
+
 grpc::Status WorkerService::Health(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse* resp) {
     std::lock_guard<std::mutex> lk(mu_);
     resp->set_worker_name(name_);
@@ -257,6 +322,9 @@ grpc::Status WorkerService::Health(grpc::ServerContext*, const v1::HealthRequest
     if (store_) {
         resp->set_loaded_bytes(store_->loaded_bytes());
         resp->set_shard_bytes(store_->total_bytes());
+    } else if (cache_) {
+        resp->set_loaded_bytes(load_state_ == LoadState::kReady ? cache_->shard_bytes() : 0);
+        resp->set_shard_bytes(cache_->shard_bytes());
     }
     resp->set_uptime_ms(static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start_).count()));
@@ -275,6 +343,26 @@ grpc::Status WorkerService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
     resp->set_bytes_out(bytes_out_.load());
     std::lock_guard<std::mutex> lk(mu_);
     if (store_) resp->set_shard_bytes(store_->total_bytes());
+    if (cache_) {
+        resp->set_shard_bytes(cache_->shard_bytes());
+        for (const TierStats& t : cache_->tier_stats()) {
+            v1::CacheTierStats* p = resp->add_cache_tiers();
+            p->set_name(t.name);
+            p->set_budget_bytes(t.budget);
+            p->set_used_bytes(t.used);
+            p->set_peak_used_bytes(t.peak_used);
+            p->set_hits(t.hits);
+            p->set_misses(t.misses);
+            p->set_coalesced(t.coalesced);
+            p->set_fills(t.fills);
+            p->set_bytes_in(t.bytes_in);
+            p->set_evictions(t.evictions);
+            p->set_errors(t.errors);
+            p->set_fill_seconds(t.fill_seconds);
+            p->set_stall_seconds(t.stall_seconds);
+        }
+        resp->set_cache_summary(cache_->stats_line());
+    }
     return grpc::Status::OK;
 }
 

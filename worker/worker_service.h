@@ -27,6 +27,7 @@
 #include "common/status.h"
 #include "kernels/ops.h"
 #include "proto/moemesh.grpc.pb.h"
+#include "worker/expert_cache.h"
 #include "worker/expert_compute.h"
 #include "worker/shard_store.h"
 
@@ -79,6 +80,8 @@ private:
     // Waits while the shard loads; "" when ready to compute.
     std::string wait_ready(grpc::ServerContext* ctx);
     void load_shard(std::shared_ptr<ShardStore> store);
+    void warm_cache(std::shared_ptr<ExpertCache> cache);
+    StatusOr<std::shared_ptr<ExpertCache>> make_cache(const v1::CacheConfig& c, const ShardSpec& spec) const;
 
     const std::string name_;
     const std::unique_ptr<GgufFile> file_;
@@ -96,7 +99,9 @@ private:
     bool draining_ = false;
     bool shutdown_requested_ = false;
     ShardSpec shard_;
-    std::shared_ptr<ShardStore> store_;  // loading or loaded
+    std::shared_ptr<ShardStore> store_;  // loading or loaded (no cache: the whole shard in memory)
+    std::shared_ptr<ExpertCache> cache_; // or: the shard served from a budgeted cache (handshake's cache)
+    std::string cache_config_;           // the handshake's CacheConfig, serialized (same config: kept)
     LoadState load_state_ = LoadState::kNone;
     std::string load_error_;
     std::thread loader_;
