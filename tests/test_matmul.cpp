@@ -17,8 +17,8 @@
 namespace moemesh {
 namespace {
 
-const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
-                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0,
+                           GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -71,8 +71,8 @@ DotCase naive_dot(const float* w, const float* a, int64_t k) {
 }
 
 std::vector<int64_t> sizes_for(GgmlType t) {
-    if (t == GgmlType::Q4_K || t == GgmlType::Q6_K) return {256, 512, 768, 2048, 4096, 5120};
-    if (t == GgmlType::Q8_0 || t == GgmlType::Q4_0) return {32, 64, 96, 256, 512, 800, 2048, 4096};
+    if (ggml_type_info(t).block_size == 256) return {256, 512, 768, 2048, 4096, 5120};
+    if (ggml_type_info(t).block_size == 32) return {32, 64, 96, 256, 512, 800, 2048, 4096};
     return {1, 7, 8, 31, 33, 100, 256, 512, 1000, 2048, 4096};
 }
 
@@ -244,6 +244,11 @@ TEST(Matmul, LargeShapesAndThreadCountsAgree) {
     ThreadPool pool(4);
     check_matmul(pool, GgmlType::Q6_K, 2049, 256, 1, 9);
     check_matmul(pool, GgmlType::Q4_0, 1000, 2048, 2, 10);
+    // The types without a 4-row kernel, over several tiles and threads.
+    check_matmul(pool, GgmlType::Q5_K, 203, 1024, 130, 11);
+    check_matmul(pool, GgmlType::Q5_0, 300, 800, 67, 12);
+    check_matmul(pool, GgmlType::Q3_K, 129, 768, 5, 13);
+    check_matmul(pool, GgmlType::Q2_K, 129, 768, 5, 14);
 }
 
 TEST(ThreadPool, CoversEveryIndexOnce) {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <random>
 #include <string>
@@ -16,14 +17,18 @@
 namespace moemesh {
 namespace {
 
+using quants::BlockQ2_K;
+using quants::BlockQ3_K;
 using quants::BlockQ4_0;
 using quants::BlockQ4_K;
+using quants::BlockQ5_0;
+using quants::BlockQ5_K;
 using quants::BlockQ6_K;
 using quants::BlockQ8_0;
 using quants::BlockQ8_K;
 
-const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
-                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0,
+                           GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -85,9 +90,10 @@ TEST(Quants, RoundTripErrorWithinTypeBound) {
         GgmlType t;
         double max_rel_rms;
     };
-    const Bound bounds[] = {{GgmlType::F32, 0.0},    {GgmlType::F16, 4e-4},  {GgmlType::BF16, 3e-3},
-                            {GgmlType::Q8_0, 0.006}, {GgmlType::Q4_0, 0.12}, {GgmlType::Q4_K, 0.085},
-                            {GgmlType::Q6_K, 0.025}};
+    const Bound bounds[] = {{GgmlType::F32, 0.0},    {GgmlType::F16, 4e-4},   {GgmlType::BF16, 3e-3},
+                            {GgmlType::Q8_0, 0.006}, {GgmlType::Q5_0, 0.06},  {GgmlType::Q4_0, 0.12},
+                            {GgmlType::Q2_K, 0.34}, {GgmlType::Q3_K, 0.18}, {GgmlType::Q4_K, 0.085},
+                            {GgmlType::Q5_K, 0.045}, {GgmlType::Q6_K, 0.025}};
     for (const Bound& b : bounds) {
         for (int64_t n : {256, 4096}) {
             const std::vector<float> x = random_normal(n, 1234 + static_cast<uint32_t>(n));
@@ -104,6 +110,8 @@ TEST(Quants, ElementErrorBounds) {
         for (int64_t b = 0; b < 2560 / 32; ++b) {
             float amax = 0;
             for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+            float amax256 = 0;  // of the 256-element super-block
+            for (int i = 0; i < 256; ++i) amax256 = std::max(amax256, std::fabs(x[(b / 8) * 256 + i]));
             for (int i = 0; i < 32; ++i) {
                 const float xi = x[b * 32 + i], yi = y[b * 32 + i];
                 float tol = 0;
@@ -123,6 +131,18 @@ TEST(Quants, ElementErrorBounds) {
                         break;
                     case GgmlType::Q4_0:
                         tol = amax / 8.f * 1.01f + 9 * 0x1p-25f;
+                        break;
+                    // Half a step (amax/16) everywhere except the clamped end (a full step).
+                    case GgmlType::Q5_0:
+                        tol = amax / 16.f * 1.01f + 17 * 0x1p-25f;
+                        break;
+                    // 2 and 3 bits per weight, sub-block scales (and Q2_K's mins) quantized against the
+                    // super-block's largest: the error scales with the super-block's magnitude.
+                    case GgmlType::Q2_K:
+                        tol = 0.35f * amax256 + 1024 * 0x1p-25f;
+                        break;
+                    case GgmlType::Q3_K:
+                        tol = 0.2f * amax256 + 1024 * 0x1p-25f;
                         break;
                     // K types: per-256 super-block scales, and d·scale·q with the fp16 d's subnormal error.
                     default:
@@ -221,6 +241,71 @@ float decode_q6_K(const uint8_t* row, int64_t e) {
     return fp16_to_fp32(d) * sc[j / 16] * q;
 }
 
+float half_at(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return fp16_to_fp32(h);
+}
+
+// Q5_0: d (fp16), qh (uint32, bit j = 5th bit of element j), qs (element j low nibble of qs[j],
+// element j+16 high nibble of qs[j]); x = d·(q - 16).
+float decode_q5_0(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 32) * 22;
+    uint32_t qh;
+    std::memcpy(&qh, blk + 2, 4);
+    const int j = static_cast<int>(e % 32);
+    const int lo = j < 16 ? (blk[6 + j] & 15) : (blk[6 + j - 16] >> 4);
+    const int q = lo | (((qh >> j) & 1) << 4);
+    return (q - 16) * half_at(blk);
+}
+
+// Q5_K: d, dmin (fp16), scales[12] (as Q4_K), qh[32], qs[128] (as Q4_K); element 64g + 32h + l has
+// its 5th bit at bit 2g + h of qh[l]; x = d·scale·q - dmin·min.
+float decode_q5_K(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 256) * 176;
+    const int j = static_cast<int>(e % 256);
+    const int group = j / 64, half = (j % 64) / 32, l = j % 32;
+    const uint8_t byte = blk[48 + 32 * group + l];
+    const int lo = half ? byte >> 4 : byte & 15;
+    const int q = lo + 16 * ((blk[16 + l] >> (2 * group + half)) & 1);
+    int sc, mn;
+    q4k_scale(blk + 4, j / 32, &sc, &mn);
+    const float d1 = half_at(blk) * sc;
+    const float m1 = half_at(blk + 2) * mn;
+    return d1 * q - m1;
+}
+
+// Q3_K: hmask[32], qs[64], scales[12], d (fp16). Element 128c + 32s + l: low 2 bits at bits 2s of
+// qs[32c + l], high bit at bit 4c + s of hmask[l] (clear: minus 4); 6-bit scale g = e/16 has its low
+// nibble in scales[g % 8] (low half for g < 8, high half else) and its top 2 bits at bits 2·(g/4) of
+// scales[8 + g % 4]; x = d·(scale - 32)·q.
+float decode_q3_K(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 256) * 110;
+    const uint8_t* hmask = blk;
+    const uint8_t* qs = blk + 32;
+    const uint8_t* scales = blk + 96;
+    const int j = static_cast<int>(e % 256);
+    const int c = j / 128, s = (j % 128) / 32, l = j % 32;
+    const int low = (qs[32 * c + l] >> (2 * s)) & 3;
+    const int q = low - (((hmask[l] >> (4 * c + s)) & 1) ? 0 : 4);
+    const int g = j / 16;
+    int sc = g < 8 ? scales[g] & 15 : scales[g - 8] >> 4;
+    sc |= ((scales[8 + g % 4] >> (2 * (g / 4))) & 3) << 4;
+    return (half_at(blk + 108) * (sc - 32)) * q;
+}
+
+// Q2_K: scales[16] (low nibble scale, high nibble min per 16 elements), qs[64] (as Q3_K's), d, dmin.
+float decode_q2_K(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 256) * 84;
+    const int j = static_cast<int>(e % 256);
+    const int c = j / 128, s = (j % 128) / 32, l = j % 32;
+    const int q = (blk[16 + 32 * c + l] >> (2 * s)) & 3;
+    const uint8_t sc = blk[j / 16];
+    const float dl = half_at(blk + 80) * (sc & 15);
+    const float ml = half_at(blk + 82) * (sc >> 4);
+    return dl * q - ml;
+}
+
 // Random block bytes with sane fp16 scales (no inf/NaN).
 std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
     std::mt19937 rng(seed);
@@ -236,11 +321,20 @@ std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
         switch (t) {
             case GgmlType::Q8_0:
             case GgmlType::Q4_0:
+            case GgmlType::Q5_0:
                 set_half(off);
                 break;
             case GgmlType::Q4_K:
+            case GgmlType::Q5_K:
                 set_half(off);
                 set_half(off + 2);
+                break;
+            case GgmlType::Q3_K:
+                set_half(off + 108);
+                break;
+            case GgmlType::Q2_K:
+                set_half(off + 80);
+                set_half(off + 82);
                 break;
             case GgmlType::Q6_K:
                 set_half(off + 208);
@@ -261,7 +355,11 @@ TEST(Quants, DequantizeMatchesIndependentDecoder) {
     const Case cases[] = {{GgmlType::Q8_0, decode_q8_0},
                           {GgmlType::Q4_0, decode_q4_0},
                           {GgmlType::Q4_K, decode_q4_K},
-                          {GgmlType::Q6_K, decode_q6_K}};
+                          {GgmlType::Q6_K, decode_q6_K},
+                          {GgmlType::Q5_0, decode_q5_0},
+                          {GgmlType::Q5_K, decode_q5_K},
+                          {GgmlType::Q3_K, decode_q3_K},
+                          {GgmlType::Q2_K, decode_q2_K}};
     for (const Case& c : cases) {
         for (uint32_t seed = 0; seed < 4; ++seed) {
             const std::vector<uint8_t> q = random_blocks(c.t, n, seed);
@@ -289,6 +387,126 @@ TEST(Quants, DequantizeMatchesIndependentDecoder) {
     }
     dequantize_row(GgmlType::BF16, all.data(), y.data(), 65536);
     for (int i = 0; i < 65536; ++i) ASSERT_EQ(fp32_to_bits(y[i]), static_cast<uint32_t>(i) << 16);
+}
+
+TEST(Quants, LowBitBlockLayoutsAreGgmls) {
+    // ggml-common.h: block_q5_0 {d, qh[4], qs[16]}, block_q5_K {d, dmin, scales[12], qh[32], qs[128]},
+    // block_q3_K {hmask[32], qs[64], scales[12], d}, block_q2_K {scales[16], qs[64], d, dmin}.
+    EXPECT_EQ(sizeof(BlockQ5_0), 22u);
+    EXPECT_EQ(offsetof(BlockQ5_0, qh), 2u);
+    EXPECT_EQ(offsetof(BlockQ5_0, qs), 6u);
+    EXPECT_EQ(sizeof(BlockQ5_K), 176u);
+    EXPECT_EQ(offsetof(BlockQ5_K, dmin), 2u);
+    EXPECT_EQ(offsetof(BlockQ5_K, scales), 4u);
+    EXPECT_EQ(offsetof(BlockQ5_K, qh), 16u);
+    EXPECT_EQ(offsetof(BlockQ5_K, qs), 48u);
+    EXPECT_EQ(sizeof(BlockQ3_K), 110u);
+    EXPECT_EQ(offsetof(BlockQ3_K, qs), 32u);
+    EXPECT_EQ(offsetof(BlockQ3_K, scales), 96u);
+    EXPECT_EQ(offsetof(BlockQ3_K, d), 108u);
+    EXPECT_EQ(sizeof(BlockQ2_K), 84u);
+    EXPECT_EQ(offsetof(BlockQ2_K, qs), 16u);
+    EXPECT_EQ(offsetof(BlockQ2_K, d), 80u);
+    EXPECT_EQ(offsetof(BlockQ2_K, dmin), 82u);
+    struct Geo {
+        GgmlType t;
+        int64_t block;
+        size_t bytes;
+    };
+    for (const Geo& g : {Geo{GgmlType::Q5_0, 32, sizeof(BlockQ5_0)}, Geo{GgmlType::Q5_K, 256, sizeof(BlockQ5_K)},
+                         Geo{GgmlType::Q3_K, 256, sizeof(BlockQ3_K)}, Geo{GgmlType::Q2_K, 256, sizeof(BlockQ2_K)}}) {
+        const GgmlTypeInfo& info = ggml_type_info(g.t);
+        EXPECT_EQ(info.block_size, g.block) << info.name;
+        EXPECT_EQ(info.type_size, g.bytes) << info.name;
+        EXPECT_TRUE(info.computable) << info.name;
+        EXPECT_EQ(ggml_row_bytes(g.t, 2048), 2048 / g.block * g.bytes);
+    }
+    EXPECT_EQ(static_cast<int>(GgmlType::Q5_0), 6);
+    EXPECT_EQ(static_cast<int>(GgmlType::Q2_K), 10);
+    EXPECT_EQ(static_cast<int>(GgmlType::Q3_K), 11);
+    EXPECT_EQ(static_cast<int>(GgmlType::Q5_K), 13);
+}
+
+TEST(Quants, Q5_0QuantizerHandCase) {
+    // x_j = j - 16: amax 16 at x_0 = -16, so d = -16/-16 = 1 and q_j = trunc(x_j + 16.5) = j exactly.
+    std::vector<float> x(32);
+    for (int j = 0; j < 32; ++j) x[j] = static_cast<float>(j - 16);
+    BlockQ5_0 b;
+    quantize_row(GgmlType::Q5_0, x.data(), &b, 32);
+    EXPECT_EQ(b.d, 0x3C00);  // fp16 1.0
+    for (int j = 0; j < 16; ++j) EXPECT_EQ(b.qs[j], 0x11 * j) << j;  // q_j = j, q_{j+16} = j + 16 → nibble j
+    uint32_t qh;
+    std::memcpy(&qh, b.qh, 4);
+    EXPECT_EQ(qh, 0xFFFF0000u);  // the 5th bit: set exactly for elements 16..31
+    std::vector<float> y(32);
+    dequantize_row(GgmlType::Q5_0, &b, y.data(), 32);
+    EXPECT_EQ(y, x);
+}
+
+TEST(Quants, Q5_KQuantizerHandCase) {
+    // Every 32-element sub-block is 0, 0.5, ..., 15.5: min 0, scale 0.5, L_l = l with zero error (no
+    // refinement step can beat it). Then max_scale = 0.5 → every 6-bit scale is 63, every min 0,
+    // d = fp16(0.5/63), dmin = 0, and the re-quantization against the fp16 d still gives L_l = l.
+    std::vector<float> x(256);
+    for (int i = 0; i < 256; ++i) x[i] = 0.5f * (i % 32);
+    BlockQ5_K b;
+    quantize_row(GgmlType::Q5_K, x.data(), &b, 256);
+    EXPECT_EQ(b.d, fp32_to_fp16(0.5f / 63.f));
+    EXPECT_EQ(b.dmin, 0);
+    // Scales 0-3 in bytes 0-3 (63) plus the top bits of scales 4-7 (3 << 6); mins all 0; bytes 8-11
+    // the low nibbles of scales 4-7 (15) and mins 4-7 (0).
+    const uint8_t want_scales[12] = {0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0x0F, 0x0F, 0x0F, 0x0F};
+    for (int i = 0; i < 12; ++i) EXPECT_EQ(b.scales[i], want_scales[i]) << i;
+    for (int l = 0; l < 32; ++l) EXPECT_EQ(b.qh[l], l < 16 ? 0x00 : 0xFF) << l;  // 5th bit of l, all 8 halves
+    for (int i = 0; i < 128; ++i) EXPECT_EQ(b.qs[i], 0x11 * (i % 16)) << i;      // low nibbles of l, both halves
+    std::vector<float> y(256);
+    dequantize_row(GgmlType::Q5_K, &b, y.data(), 256);
+    const float step = fp16_to_fp32(b.d) * 63;
+    for (int i = 0; i < 256; ++i) EXPECT_EQ(y[i], step * (i % 32)) << i;
+}
+
+TEST(Quants, Q3_KAndQ2_KQuantizerHandCase) {
+    // Q3_K, first 16-element group 4, -3, 2, 0, ...: amax 4 at +4, so iscale = -4/4 and the levels are
+    // l = -x exactly (no clamping); the weighted fit Σx³l / Σx²l² is exactly -1 (the refinement only
+    // runs for a positive Σ w·x·l). Every other group is zero (scale 0). So max_scale = -1, iscale = 32,
+    // the group's 6-bit scale is clamp(-32) + 32 = 0, i.e. -32 once unpacked, the others 32 (0), and
+    // d = fp16(1/32) exactly: d·scale = -1 and the stored levels are -x + 4.
+    std::vector<float> x(256, 0.0f);
+    x[0] = 4.0f;
+    x[1] = -3.0f;
+    x[2] = 2.0f;
+    BlockQ3_K b3;
+    quantize_row(GgmlType::Q3_K, x.data(), &b3, 256);
+    EXPECT_EQ(fp16_to_fp32(b3.d), 1.0f / 32);
+    int8_t sc[16];
+    quants::q3k_unpack_scales(b3.scales, sc);
+    EXPECT_EQ(sc[0], -32);
+    for (int g = 1; g < 16; ++g) EXPECT_EQ(sc[g], 0) << g;
+    EXPECT_EQ(b3.qs[0] & 3, 0);                 // level 0 - 4 = -4 → x = 4
+    EXPECT_EQ(b3.hmask[0] & 1, 0);
+    EXPECT_EQ(b3.qs[1] & 3, 3);                 // level 7 - 4 = 3 → x = -3
+    EXPECT_EQ(b3.hmask[1] & 1, 1);
+    EXPECT_EQ(b3.qs[2] & 3, 2);                 // level 2 - 4 = -2 → x = 2
+    EXPECT_EQ(b3.hmask[2] & 1, 0);
+    std::vector<float> y(256);
+    dequantize_row(GgmlType::Q3_K, &b3, y.data(), 256);
+    EXPECT_EQ(y[0], 4.0f);
+    EXPECT_EQ(y[1], -3.0f);
+    EXPECT_EQ(y[2], 2.0f);
+    for (int i = 3; i < 256; ++i) EXPECT_EQ(y[i], 0.0f) << i;
+
+    // Q2_K, values 0, 1, 2, 3 repeated: min 0, scale 1 in every group, exact. Scales 15 (d = 1/15),
+    // mins 0 (dmin 0); element 128c + 32s + l at bits 2s of qs[32c + l].
+    for (int i = 0; i < 256; ++i) x[i] = static_cast<float>(i % 4);
+    BlockQ2_K b2;
+    quantize_row(GgmlType::Q2_K, x.data(), &b2, 256);
+    EXPECT_EQ(b2.d, fp32_to_fp16(1.0f / 15));
+    EXPECT_EQ(b2.dmin, 0);
+    for (int g = 0; g < 16; ++g) EXPECT_EQ(b2.scales[g], 15) << g;
+    for (int i = 0; i < 64; ++i) {
+        const int l = i % 32;
+        EXPECT_EQ(b2.qs[i], (l % 4) * 0x55) << i;  // the same level in all four 2-bit fields
+    }
 }
 
 TEST(Quants, Q4KScalePackingRoundTrips) {
@@ -417,7 +635,11 @@ TEST(GgmlCrossCheck, ReferenceQuantizersAreBitExact) {
     const Case cases[] = {{GgmlType::Q8_0, "quantize_row_q8_0_ref", "dequantize_row_q8_0"},
                           {GgmlType::Q4_0, "quantize_row_q4_0_ref", "dequantize_row_q4_0"},
                           {GgmlType::Q4_K, "quantize_row_q4_K_ref", "dequantize_row_q4_K"},
-                          {GgmlType::Q6_K, "quantize_row_q6_K_ref", "dequantize_row_q6_K"}};
+                          {GgmlType::Q6_K, "quantize_row_q6_K_ref", "dequantize_row_q6_K"},
+                          {GgmlType::Q5_0, "quantize_row_q5_0_ref", "dequantize_row_q5_0"},
+                          {GgmlType::Q5_K, "quantize_row_q5_K_ref", "dequantize_row_q5_K"},
+                          {GgmlType::Q3_K, "quantize_row_q3_K_ref", "dequantize_row_q3_K"},
+                          {GgmlType::Q2_K, "quantize_row_q2_K_ref", "dequantize_row_q2_K"}};
     for (const Case& c : cases) {
         auto quant = lib->sym<GgmlLib::QuantFn>(c.quant);
         auto dequant = lib->sym<GgmlLib::DequantFn>(c.dequant);
@@ -476,7 +698,9 @@ TEST(GgmlCrossCheck, DotProductsAgree) {
     };
     const Case cases[] = {{GgmlType::Q8_0, "ggml_vec_dot_q8_0_q8_0"}, {GgmlType::Q4_0, "ggml_vec_dot_q4_0_q8_0"},
                           {GgmlType::Q4_K, "ggml_vec_dot_q4_K_q8_K"}, {GgmlType::Q6_K, "ggml_vec_dot_q6_K_q8_K"},
-                          {GgmlType::F16, "ggml_vec_dot_f16"},        {GgmlType::BF16, "ggml_vec_dot_bf16"}};
+                          {GgmlType::F16, "ggml_vec_dot_f16"},        {GgmlType::BF16, "ggml_vec_dot_bf16"},
+                          {GgmlType::Q5_0, "ggml_vec_dot_q5_0_q8_0"}, {GgmlType::Q5_K, "ggml_vec_dot_q5_K_q8_K"},
+                          {GgmlType::Q3_K, "ggml_vec_dot_q3_K_q8_K"}, {GgmlType::Q2_K, "ggml_vec_dot_q2_K_q8_K"}};
     for (const Case& c : cases) {
         auto dot = lib->sym<GgmlLib::DotFn>(c.dot);
         ASSERT_TRUE(dot) << c.dot;

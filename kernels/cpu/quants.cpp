@@ -13,8 +13,12 @@
 namespace moemesh {
 namespace {
 
+using quants::BlockQ2_K;
+using quants::BlockQ3_K;
 using quants::BlockQ4_0;
 using quants::BlockQ4_K;
+using quants::BlockQ5_0;
+using quants::BlockQ5_K;
 using quants::BlockQ6_K;
 using quants::BlockQ8_0;
 using quants::get_scale_min_k4;
@@ -52,10 +56,32 @@ void quantize_q4_0_ref(const float* x, BlockQ4_0* y, int64_t n) {
     }
 }
 
-// Fits x ≈ scale * L - min (L in 0..nmax) minimising weighted squared error; ggml's make_qkx2_quants
-// with use_mad = false. Returns scale, stores the (non-negative) min in *the_min.
+void quantize_q5_0_ref(const float* x, BlockQ5_0* y, int64_t n) {
+    const int64_t nb = n / 32;
+    for (int64_t i = 0; i < nb; ++i, x += 32) {
+        float amax;
+        const float max = quants::signed_absmax(x, 32, &amax);
+        const float d = max / -16;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16(d);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; ++j) {
+            const float x0 = x[j] * id;
+            const float x1 = x[16 + j] * id;
+            const auto q0 = static_cast<uint8_t>(std::min(31, static_cast<int>(static_cast<int8_t>(x0 + 16.5f))));
+            const auto q1 = static_cast<uint8_t>(std::min(31, static_cast<int>(static_cast<int8_t>(x1 + 16.5f))));
+            y[i].qs[j] = static_cast<uint8_t>((q0 & 0x0F) | ((q1 & 0x0F) << 4));
+            qh |= ((q0 & 0x10u) >> 4) << j;
+            qh |= ((q1 & 0x10u) >> 4) << (j + 16);
+        }
+        std::memcpy(y[i].qh, &qh, sizeof(qh));
+    }
+}
+
+// Fits x ≈ scale * L - min (L in 0..nmax) minimising the weighted squared (use_mad: absolute) error;
+// ggml's make_qkx2_quants. Returns scale, stores the (non-negative) min in *the_min.
 float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min, uint8_t* Laux,
-                       float rmin, float rdelta, int nstep) {
+                       float rmin, float rdelta, int nstep, bool use_mad = false) {
     float min = x[0];
     float max = x[0];
     float sum_w = weights[0];
@@ -80,7 +106,7 @@ float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, ui
         const int l = nearest_int(iscale * (x[i] - min));
         L[i] = static_cast<uint8_t>(std::max(0, std::min(nmax, l)));
         float diff = scale * L[i] + min - x[i];
-        diff = diff * diff;
+        diff = use_mad ? std::fabs(diff) : diff * diff;
         best_error += weights[i] * diff;
     }
     if (nstep < 1) {
@@ -110,7 +136,7 @@ float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, ui
             float cur_error = 0;
             for (int i = 0; i < n; ++i) {
                 float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = diff * diff;
+                diff = use_mad ? std::fabs(diff) : diff * diff;
                 cur_error += weights[i] * diff;
             }
             if (cur_error < best_error) {
@@ -169,6 +195,169 @@ float make_qx_quants(int n, int nmax, const float* x, int8_t* L) {
     return scale;
 }
 
+// Symmetric 3-bit fit with iterative refinement (ggml's make_q3_quants with do_rmse = true):
+// L[i] in 0..2·nmax-1 stands for L[i] - nmax. Returns the scale.
+float make_q3_quants(int n, int nmax, const float* x, int8_t* L) {
+    float amax;
+    const float max = quants::signed_absmax(x, n, &amax);
+    if (amax < kGroupMaxEps) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    const float iscale = -nmax / max;
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = std::max(-nmax, std::min(nmax - 1, l));
+        L[i] = static_cast<int8_t>(l);
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = std::max(-nmax, std::min(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = static_cast<int8_t>(new_l);
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// 2-bit values of four 32-element runs of a 128-element chunk into 32 bytes (Q2_K / Q3_K qs).
+void pack_2bit(const uint8_t* L, uint8_t* qs) {
+    for (int j = 0; j < kQK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            qs[j / 4 + l] =
+                static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+        }
+    }
+}
+
+void quantize_q2_K_ref(const float* x, BlockQ2_K* y, int64_t n) {
+    const int64_t nb = n / kQK_K;
+    uint8_t L[kQK_K];
+    uint8_t Laux[16];
+    float weights[16];
+    float mins[kQK_K / 16];
+    float scales[kQK_K / 16];
+    const float q4scale = 15.f;
+    for (int64_t i = 0; i < nb; ++i, x += kQK_K) {
+        float max_scale = 0;  // scales are positive: the min is taken out
+        float max_min = 0;
+        for (int j = 0; j < kQK_K / 16; ++j) {
+            for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
+            scales[j] = make_qkx2_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15,
+                                         /*use_mad=*/true);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        if (max_scale > 0) {
+            const float iscale = q4scale / max_scale;
+            for (int j = 0; j < kQK_K / 16; ++j) y[i].scales[j] = static_cast<uint8_t>(nearest_int(iscale * scales[j]));
+            y[i].d = fp32_to_fp16(max_scale / q4scale);
+        } else {
+            for (int j = 0; j < kQK_K / 16; ++j) y[i].scales[j] = 0;
+            y[i].d = fp32_to_fp16(0.f);
+        }
+        if (max_min > 0) {
+            const float iscale = q4scale / max_min;
+            for (int j = 0; j < kQK_K / 16; ++j) {
+                y[i].scales[j] |= static_cast<uint8_t>(nearest_int(iscale * mins[j]) << 4);
+            }
+            y[i].dmin = fp32_to_fp16(max_min / q4scale);
+        } else {
+            y[i].dmin = fp32_to_fp16(0.f);
+        }
+        for (int j = 0; j < kQK_K / 16; ++j) {
+            const float d = fp16_to_fp32(y[i].d) * (y[i].scales[j] & 0xF);
+            if (d == 0.0f) continue;
+            const float dm = fp16_to_fp32(y[i].dmin) * (y[i].scales[j] >> 4);
+            for (int ii = 0; ii < 16; ++ii) {
+                const int l = nearest_int((x[16 * j + ii] + dm) / d);
+                L[16 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(3, l)));
+            }
+        }
+        pack_2bit(L, y[i].qs);
+    }
+}
+
+void quantize_q3_K_ref(const float* x, BlockQ3_K* y, int64_t n) {
+    const int64_t nb = n / kQK_K;
+    int8_t L[kQK_K];
+    float scales[kQK_K / 16];
+    for (int64_t i = 0; i < nb; ++i, x += kQK_K) {
+        float max_scale = 0;
+        float amax = 0;
+        for (int j = 0; j < kQK_K / 16; ++j) {
+            scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+            const float scale = std::fabs(scales[j]);
+            if (scale > amax) {
+                amax = scale;
+                max_scale = scales[j];
+            }
+        }
+        std::memset(y[i].scales, 0, 12);
+        if (max_scale != 0.0f) {
+            const float iscale = -32.f / max_scale;
+            for (int j = 0; j < kQK_K / 16; ++j) {
+                auto l = static_cast<int8_t>(nearest_int(iscale * scales[j]));
+                l = static_cast<int8_t>(std::max<int>(-32, std::min<int>(31, l)) + 32);
+                if (j < 8) {
+                    y[i].scales[j] = static_cast<uint8_t>(l & 0xF);
+                } else {
+                    y[i].scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
+                }
+                l = static_cast<int8_t>(l >> 4);
+                y[i].scales[j % 4 + 8] |= static_cast<uint8_t>(l << (2 * (j / 4)));
+            }
+            y[i].d = fp32_to_fp16(1 / iscale);
+        } else {
+            y[i].d = fp32_to_fp16(0.f);
+        }
+        for (int j = 0; j < kQK_K / 16; ++j) {
+            int sc = j < 8 ? y[i].scales[j] & 0xF : y[i].scales[j - 8] >> 4;
+            sc = (sc | (((y[i].scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+            const float d = fp16_to_fp32(y[i].d) * sc;
+            if (d == 0.0f) continue;
+            for (int ii = 0; ii < 16; ++ii) {
+                const int l = nearest_int(x[16 * j + ii] / d);
+                L[16 * j + ii] = static_cast<int8_t>(std::max(-4, std::min(3, l)) + 4);
+            }
+        }
+        // High bit of the first 32 quants into bit 0 of hmask[0..32), the next 32 into bit 1, ...
+        std::memset(y[i].hmask, 0, kQK_K / 8);
+        uint8_t L2[kQK_K];
+        for (int j = 0; j < kQK_K; ++j) {
+            int l = L[j];
+            if (l > 3) {
+                y[i].hmask[j % 32] |= static_cast<uint8_t>(1 << (j / 32));
+                l -= 4;
+            }
+            L2[j] = static_cast<uint8_t>(l);
+        }
+        pack_2bit(L2, y[i].qs);
+    }
+}
+
 void quantize_q4_K_ref(const float* x, BlockQ4_K* y, int64_t n) {
     const int64_t nb = n / kQK_K;
     uint8_t L[kQK_K];
@@ -220,6 +409,78 @@ void quantize_q4_K_ref(const float* x, BlockQ4_K* y, int64_t n) {
         uint8_t* q = y[i].qs;
         for (int j = 0; j < kQK_K; j += 64, q += 32) {
             for (int l = 0; l < 32; ++l) q[l] = static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 4));
+        }
+    }
+}
+
+void quantize_q5_K_ref(const float* x, BlockQ5_K* y, int64_t n) {
+    const int64_t nb = n / kQK_K;
+    uint8_t L[kQK_K];
+    uint8_t Laux[32];
+    float weights[32];
+    float mins[kQK_K / 32];
+    float scales[kQK_K / 32];
+    for (int64_t i = 0; i < nb; ++i, x += kQK_K) {
+        float max_scale = 0;
+        float max_min = 0;
+        for (int j = 0; j < kQK_K / 32; ++j) {
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+            const float av_x = std::sqrt(sum_x2 / 32);
+            for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
+            scales[j] = make_qkx2_quants(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+        for (int j = 0; j < kQK_K / 32; ++j) {
+            uint8_t ls = static_cast<uint8_t>(nearest_int(inv_scale * scales[j]));
+            uint8_t lm = static_cast<uint8_t>(nearest_int(inv_min * mins[j]));
+            ls = std::min<uint8_t>(63, ls);
+            lm = std::min<uint8_t>(63, lm);
+            if (j < 4) {
+                y[i].scales[j] = ls;
+                y[i].scales[j + 4] = lm;
+            } else {
+                y[i].scales[j + 4] = static_cast<uint8_t>((ls & 0xF) | ((lm & 0xF) << 4));
+                y[i].scales[j - 4] |= static_cast<uint8_t>((ls >> 4) << 6);
+                y[i].scales[j - 0] |= static_cast<uint8_t>((lm >> 4) << 6);
+            }
+        }
+        y[i].d = fp32_to_fp16(max_scale / 63.f);
+        y[i].dmin = fp32_to_fp16(max_min / 63.f);
+        for (int j = 0; j < kQK_K / 32; ++j) {
+            uint8_t sc, m;
+            get_scale_min_k4(j, y[i].scales, &sc, &m);
+            const float d = fp16_to_fp32(y[i].d) * sc;
+            if (d == 0.0f) continue;
+            const float dm = fp16_to_fp32(y[i].dmin) * m;
+            for (int ii = 0; ii < 32; ++ii) {
+                const int l = nearest_int((x[32 * j + ii] + dm) / d);
+                L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(31, l)));
+            }
+        }
+        uint8_t* qh = y[i].qh;
+        uint8_t* ql = y[i].qs;
+        std::memset(qh, 0, kQK_K / 8);
+        uint8_t m1 = 1, m2 = 2;
+        for (int g = 0; g < kQK_K; g += 64, ql += 32) {
+            for (int j = 0; j < 32; ++j) {
+                int l1 = L[g + j];
+                if (l1 > 15) {
+                    l1 -= 16;
+                    qh[j] |= m1;
+                }
+                int l2 = L[g + j + 32];
+                if (l2 > 15) {
+                    l2 -= 16;
+                    qh[j] |= m2;
+                }
+                ql[j] = static_cast<uint8_t>(l1 | (l2 << 4));
+            }
+            m1 = static_cast<uint8_t>(m1 << 2);
+            m2 = static_cast<uint8_t>(m2 << 2);
         }
     }
 }
@@ -286,6 +547,84 @@ void dequantize_q4_0(const BlockQ4_0* x, float* y, int64_t n) {
         for (int j = 0; j < 16; ++j) {
             y[j] = ((x[i].qs[j] & 0x0F) - 8) * d;
             y[j + 16] = ((x[i].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+void dequantize_q5_0(const BlockQ5_0* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / 32; ++i, y += 32) {
+        const float d = fp16_to_fp32(x[i].d);
+        uint32_t qh;
+        std::memcpy(&qh, x[i].qh, sizeof(qh));
+        for (int j = 0; j < 16; ++j) {
+            const uint8_t xh_0 = static_cast<uint8_t>(((qh >> j) << 4) & 0x10);
+            const uint8_t xh_1 = static_cast<uint8_t>((qh >> (j + 12)) & 0x10);
+            y[j] = (((x[i].qs[j] & 0x0F) | xh_0) - 16) * d;
+            y[j + 16] = (((x[i].qs[j] >> 4) | xh_1) - 16) * d;
+        }
+    }
+}
+
+void dequantize_q2_K(const BlockQ2_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const float d = fp16_to_fp32(x[i].d);
+        const float min = fp16_to_fp32(x[i].dmin);
+        const uint8_t* q = x[i].qs;
+        int is = 0;
+        for (int c = 0; c < kQK_K; c += 128, q += 32) {
+            for (int shift = 0; shift < 8; shift += 2) {
+                for (int half = 0; half < 2; ++half) {
+                    const uint8_t sc = x[i].scales[is++];
+                    const float dl = d * (sc & 0xF);
+                    const float ml = min * (sc >> 4);
+                    for (int l = 0; l < 16; ++l) *y++ = dl * ((q[l + 16 * half] >> shift) & 3) - ml;
+                }
+            }
+        }
+    }
+}
+
+void dequantize_q3_K(const BlockQ3_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const float d_all = fp16_to_fp32(x[i].d);
+        int8_t scales[16];
+        quants::q3k_unpack_scales(x[i].scales, scales);
+        const uint8_t* q = x[i].qs;
+        const uint8_t* hm = x[i].hmask;
+        uint8_t m = 1;
+        int is = 0;
+        for (int c = 0; c < kQK_K; c += 128, q += 32) {
+            for (int shift = 0; shift < 8; shift += 2, m = static_cast<uint8_t>(m << 1)) {
+                for (int half = 0; half < 2; ++half) {
+                    const float dl = d_all * scales[is++];
+                    for (int l = 16 * half; l < 16 * half + 16; ++l) {
+                        *y++ = dl * (((q[l] >> shift) & 3) - ((hm[l] & m) ? 0 : 4));
+                    }
+                }
+            }
+        }
+    }
+}
+
+void dequantize_q5_K(const BlockQ5_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const uint8_t* ql = x[i].qs;
+        const uint8_t* qh = x[i].qh;
+        const float d = fp16_to_fp32(x[i].d);
+        const float min = fp16_to_fp32(x[i].dmin);
+        uint8_t u1 = 1, u2 = 2;
+        for (int is = 0; is < 8; is += 2, ql += 32) {
+            uint8_t sc, m;
+            get_scale_min_k4(is + 0, x[i].scales, &sc, &m);
+            const float d1 = d * sc;
+            const float m1 = min * m;
+            get_scale_min_k4(is + 1, x[i].scales, &sc, &m);
+            const float d2 = d * sc;
+            const float m2 = min * m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+            u1 = static_cast<uint8_t>(u1 << 2);
+            u2 = static_cast<uint8_t>(u2 << 2);
         }
     }
 }
@@ -361,8 +700,20 @@ size_t quantize_row(GgmlType t, const float* src, void* dst, int64_t n) {
         case GgmlType::Q4_0:
             quantize_q4_0_ref(src, static_cast<BlockQ4_0*>(dst), n);
             break;
+        case GgmlType::Q5_0:
+            quantize_q5_0_ref(src, static_cast<BlockQ5_0*>(dst), n);
+            break;
+        case GgmlType::Q2_K:
+            quantize_q2_K_ref(src, static_cast<BlockQ2_K*>(dst), n);
+            break;
+        case GgmlType::Q3_K:
+            quantize_q3_K_ref(src, static_cast<BlockQ3_K*>(dst), n);
+            break;
         case GgmlType::Q4_K:
             quantize_q4_K_ref(src, static_cast<BlockQ4_K*>(dst), n);
+            break;
+        case GgmlType::Q5_K:
+            quantize_q5_K_ref(src, static_cast<BlockQ5_K*>(dst), n);
             break;
         case GgmlType::Q6_K:
             quantize_q6_K_ref(src, static_cast<BlockQ6_K*>(dst), n);
@@ -395,8 +746,20 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
         case GgmlType::Q4_0:
             dequantize_q4_0(static_cast<const BlockQ4_0*>(src), dst, n);
             break;
+        case GgmlType::Q5_0:
+            dequantize_q5_0(static_cast<const BlockQ5_0*>(src), dst, n);
+            break;
+        case GgmlType::Q2_K:
+            dequantize_q2_K(static_cast<const BlockQ2_K*>(src), dst, n);
+            break;
+        case GgmlType::Q3_K:
+            dequantize_q3_K(static_cast<const BlockQ3_K*>(src), dst, n);
+            break;
         case GgmlType::Q4_K:
             dequantize_q4_K(static_cast<const BlockQ4_K*>(src), dst, n);
+            break;
+        case GgmlType::Q5_K:
+            dequantize_q5_K(static_cast<const BlockQ5_K*>(src), dst, n);
             break;
         case GgmlType::Q6_K:
             dequantize_q6_K(static_cast<const BlockQ6_K*>(src), dst, n);

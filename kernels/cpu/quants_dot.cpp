@@ -159,6 +159,101 @@ float vec_dot_q6_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
     return sum;
 }
 
+float vec_dot_q5_0_q8_0_scalar(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ5_0*>(w);
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    float sum = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        uint32_t qh;
+        std::memcpy(&qh, x[i].qh, sizeof(qh));
+        int sumi = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int q0 = ((x[i].qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16;
+            const int q1 = ((x[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16;
+            sumi += q0 * y[i].qs[j] + q1 * y[i].qs[j + 16];
+        }
+        sum += sumi * (fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d));
+    }
+    return sum;
+}
+
+float vec_dot_q5_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ5_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    float sum = 0;
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const uint8_t* ql = x[i].qs;
+        const uint8_t* qh = x[i].qh;
+        const int8_t* q8 = y[i].qs;
+        int sumi = 0;      // Σ_sub scale_sub * Σ q5·q8
+        int sum_mins = 0;  // Σ_sub min_sub * Σ q8
+        for (int j = 0; j < 8; j += 2, ql += 32, q8 += 64) {
+            uint8_t sc0, m0, sc1, m1;
+            get_scale_min_k4(j, x[i].scales, &sc0, &m0);
+            get_scale_min_k4(j + 1, x[i].scales, &sc1, &m1);
+            int dot0 = 0, dot1 = 0;
+            for (int l = 0; l < 32; ++l) {
+                dot0 += ((ql[l] & 0xF) | (((qh[l] >> j) & 1) << 4)) * q8[l];
+                dot1 += ((ql[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) * q8[l + 32];
+            }
+            sumi += sc0 * dot0 + sc1 * dot1;
+            sum_mins +=
+                m0 * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) + m1 * (y[i].bsums[2 * j + 2] + y[i].bsums[2 * j + 3]);
+        }
+        const float d = fp16_to_fp32(x[i].d) * y[i].d;
+        const float dmin = fp16_to_fp32(x[i].dmin) * y[i].d;
+        sum += d * sumi - dmin * sum_mins;
+    }
+    return sum;
+}
+
+float vec_dot_q3_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ3_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    float sum = 0;
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        int8_t scales[16];
+        q3k_unpack_scales(x[i].scales, scales);
+        const int8_t* q8 = y[i].qs;
+        int sumi = 0;
+        // Element e = 128c + 32s + l: 2 low bits at bits 2s of qs[32c + l], high bit at bit 4c + s of
+        // hmask[l], scale e / 16.
+        for (int e = 0; e < kQK_K; e += 16) {
+            const int c = e / 128, s = (e % 128) / 32;
+            int dot = 0;
+            for (int l = e % 32; l < e % 32 + 16; ++l) {
+                const int q = ((x[i].qs[32 * c + l] >> (2 * s)) & 3) - ((x[i].hmask[l] >> (4 * c + s)) & 1 ? 0 : 4);
+                dot += q * q8[128 * c + 32 * s + l];
+            }
+            sumi += scales[e / 16] * dot;
+        }
+        sum += fp16_to_fp32(x[i].d) * y[i].d * sumi;
+    }
+    return sum;
+}
+
+float vec_dot_q2_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ2_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    float sum = 0;
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const int8_t* q8 = y[i].qs;
+        int sumi = 0;
+        int sum_mins = 0;
+        for (int e = 0; e < kQK_K; e += 16) {
+            const int c = e / 128, s = (e % 128) / 32;
+            int dot = 0;
+            for (int l = e % 32; l < e % 32 + 16; ++l) dot += ((x[i].qs[32 * c + l] >> (2 * s)) & 3) * q8[128 * c + 32 * s + l];
+            sumi += (x[i].scales[e / 16] & 0xF) * dot;
+            sum_mins += (x[i].scales[e / 16] >> 4) * y[i].bsums[e / 16];
+        }
+        const float dall = y[i].d * fp16_to_fp32(x[i].d);
+        const float dmin = y[i].d * fp16_to_fp32(x[i].dmin);
+        sum += dall * sumi - dmin * sum_mins;
+    }
+    return sum;
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
     static const bool has = [] {
@@ -188,6 +283,10 @@ const TypeKernels kScalar[] = {
     {GgmlType::Q4_0, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_q4_0_q8_0_scalar},
     {GgmlType::Q4_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q4_K_q8_K_scalar},
     {GgmlType::Q6_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q6_K_q8_K_scalar},
+    {GgmlType::Q5_0, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_q5_0_q8_0_scalar},
+    {GgmlType::Q5_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q5_K_q8_K_scalar},
+    {GgmlType::Q3_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q3_K_q8_K_scalar},
+    {GgmlType::Q2_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q2_K_q8_K_scalar},
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -201,6 +300,10 @@ const TypeKernels kAvx2[] = {
      avx2::vec_dot_q4_K_q8_K_x4},
     {GgmlType::Q6_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q6_K_q8_K,
      avx2::vec_dot_q6_K_q8_K_x4},
+    {GgmlType::Q5_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q5_0_q8_0},
+    {GgmlType::Q5_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q5_K_q8_K},
+    {GgmlType::Q3_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q3_K_q8_K},
+    {GgmlType::Q2_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q2_K_q8_K},
 };
 #endif
 

@@ -32,6 +32,30 @@ struct BlockQ6_K {
     int8_t scales[16];  // 8-bit scale per 16 elements
     uint16_t d;         // fp16 super-block scale
 };
+struct BlockQ5_0 {
+    uint16_t d;      // fp16 scale
+    uint8_t qh[4];   // bit j of the little-endian uint32: 5th bit of element j
+    uint8_t qs[16];  // low 4 bits: element j in low nibble of qs[j], element j+16 in high nibble; x ≈ d * (q - 16)
+};
+struct BlockQ5_K {
+    uint16_t d;          // fp16 super-block scale for the 6-bit sub-block scales
+    uint16_t dmin;       // fp16 super-block scale for the 6-bit sub-block mins
+    uint8_t scales[12];  // 8 scales + 8 mins, 6 bits each, packed as Q4_K's
+    uint8_t qh[32];      // 5th bits: bit 2g of qh[l] for element 64g + l, bit 2g+1 for element 64g + 32 + l
+    uint8_t qs[128];     // low 4 bits, laid out as Q4_K's qs
+};
+struct BlockQ3_K {
+    uint8_t hmask[32];   // high bit: bit b of hmask[l] for element 32b + l (set: q in 0..3, clear: q - 4)
+    uint8_t qs[64];      // low 2 bits: element 128c + 32s + l at bits 2s of qs[32c + l]
+    uint8_t scales[12];  // 16 6-bit scales (offset 32); packing: see q3k_unpack_scales
+    uint16_t d;          // fp16 super-block scale
+};
+struct BlockQ2_K {
+    uint8_t scales[16];  // per 16 elements: low nibble scale, high nibble min
+    uint8_t qs[64];      // 2-bit quants, laid out as Q3_K's qs
+    uint16_t d;          // fp16 super-block scale for the scales
+    uint16_t dmin;       // fp16 super-block scale for the mins
+};
 struct BlockQ8_K {
     float d;            // fp32 scale
     int8_t qs[256];     // quants
@@ -42,6 +66,10 @@ static_assert(sizeof(BlockQ4_0) == 18);
 static_assert(sizeof(BlockQ4_K) == 144);
 static_assert(sizeof(BlockQ6_K) == 210);
 static_assert(sizeof(BlockQ8_K) == 292);
+static_assert(sizeof(BlockQ5_0) == 22);
+static_assert(sizeof(BlockQ5_K) == 176);
+static_assert(sizeof(BlockQ3_K) == 110);
+static_assert(sizeof(BlockQ2_K) == 84);
 
 // Round to nearest, ties to even, as ggml's nearest_int (valid for |f| <= 4194303).
 inline int nearest_int(float f) {
@@ -76,6 +104,23 @@ inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
     }
 }
 
+// The 16 signed 6-bit scales of a Q3_K block (already minus 32), as ggml's dequantize_row_q3_K
+// unpacks them: bytes 0-7 hold the low nibbles (scales 0-7 low, 8-15 high), bytes 8-11 the top two
+// bits (scale j at bits 2·(j/4) of byte 8 + j%4).
+inline void q3k_unpack_scales(const uint8_t* packed, int8_t* out) {
+    constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
+    uint32_t aux[4];
+    std::memcpy(aux, packed, 12);
+    const uint32_t tmp = aux[2];
+    aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+    aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+    aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+    aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+    uint8_t u[16];
+    std::memcpy(u, aux, 16);
+    for (int j = 0; j < 16; ++j) out[j] = static_cast<int8_t>(u[j] - 32);
+}
+
 // ---- activation quantizers (what llama.cpp's x86 CPU backend does to X before a dot product) ----
 // Q8_0 as ggml-cpu's AVX quantize_row_q8_0: d = amax/127, q = round-half-even(x * 127/amax).
 // (The _ref weight quantizer instead uses 1/d and rounds half away from zero.)
@@ -101,6 +146,10 @@ float vec_dot_q8_0_q8_0_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q4_0_q8_0_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q4_K_q8_K_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q6_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q5_0_q8_0_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q5_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q3_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q2_K_q8_K_scalar(int64_t n, const void* w, const void* a);
 
 // AVX2+FMA+F16C versions (quants_avx2.cpp); call only when cpu_has_avx2().
 namespace avx2 {
@@ -111,6 +160,11 @@ float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q4_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a);
+// quants_avx2_lowbit.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
+float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a);
+float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a);
+float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a);
+float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);

@@ -1,0 +1,232 @@
+// AVX2 row dot products of the Q5_0, Q5_K, Q3_K and Q2_K weight types (selected at run time by
+// quants_dot.cpp: type_kernels). The integer and float arithmetic is that of ggml's x86 AVX2
+// ggml_vec_dot_{q5_0_q8_0, q5_K_q8_K, q3_K_q8_K, q2_K_q8_K}: the same maddubs/madd integer sums per
+// block, the same accumulators and the same final reductions, so results match llama.cpp's CPU
+// backend to the last bit where the compiler keeps the operation order.
+//
+// Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/quants_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#include "kernels/cpu/quants_avx2_inl.h"
+
+namespace moemesh::quants::avx2 {
+namespace {
+
+// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32).
+inline __m256i bytes_from_bits_32(const uint8_t* p) {
+    uint32_t x32;
+    std::memcpy(&x32, p, sizeof(x32));
+    const __m256i shuf_mask =
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x32)), shuf_mask);
+    const __m256i bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    bytes = _mm256_or_si256(bytes, bit_mask);
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+// Shuffle i broadcasts int16 lane 2i to the low 128-bit half and lane 2i+1 to the high half: the
+// scales of elements [32i, 32i+16) and [32i+16, 32i+32) of a 128-element chunk (16-element groups).
+alignas(32) constexpr uint8_t kScaleShuffleQ3K[4][32] = {
+    {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3},
+    {4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7},
+    {8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11},
+    {12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13,
+     14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15},
+};
+
+inline __m256i shuffle_q3k(__m256i scales, int i) {
+    return _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleQ3K[i])));
+}
+
+// Σ scale_g · p16 over the four 32-element quarters of a 128-element chunk, as 8 int32 partial sums.
+inline __m256i scaled_quarters(__m256i scales, __m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    p0 = _mm256_madd_epi16(shuffle_q3k(scales, 0), p0);
+    p1 = _mm256_madd_epi16(shuffle_q3k(scales, 1), p1);
+    p2 = _mm256_madd_epi16(shuffle_q3k(scales, 2), p2);
+    p3 = _mm256_madd_epi16(shuffle_q3k(scales, 3), p3);
+    return _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+}  // namespace
+
+float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ5_0*>(w);
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    const int64_t nb = n / 32;
+    const __m256i hi_off = _mm256_set1_epi8(static_cast<char>(0xF0));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const __m256 d = _mm256_set1_ps(h2f(x[i].d) * h2f(y[i].d));
+        // q - 16 as a signed byte: the nibble, or'ed with 0xF0 (i.e. minus 16) where the 5th bit is clear.
+        const __m256i bxhi = _mm256_andnot_si256(bytes_from_bits_32(x[i].qh), hi_off);
+        const __m256i qx = _mm256_or_si256(bytes_from_nibbles_32(x[i].qs), bxhi);
+        const __m256i qy = load256(y[i].qs);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
+    }
+    return hsum_ps(acc);
+}
+
+float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ5_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    const int64_t nb = n / kQK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m128i mzero = _mm_setzero_si128();
+    const __m256i mone = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+        const uint8_t* q5 = x[i].qs;
+        const int8_t* q8 = y[i].qs;
+        const float d = y[i].d * h2f(x[i].d);
+        const float dmin = -y[i].d * h2f(x[i].dmin);
+        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);
+        // mins · (sums of q8 per 32 elements), reduced to one int and scaled into a float sum.
+        const __m256i q8sums = load256(y[i].bsums);
+        const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+        const __m128i prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), q8s);
+        const __m128i hsum = _mm_hadd_epi32(_mm_hadd_epi32(prod, mzero), mzero);
+        summs += dmin * static_cast<float>(_mm_extract_epi32(hsum, 0));
+
+        const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        const __m256i hbits = load256(x[i].qh);
+        __m256i hmask = mone;
+        __m256i sumi = _mm256_setzero_si256();
+        int bit = 0;
+        for (int j = 0; j < kQK_K / 64; ++j) {
+            const __m256i scale_0 =
+                _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+            const __m256i scale_1 = _mm256_shuffle_epi8(
+                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+            const __m256i q5bits = load256(q5);
+            q5 += 32;
+            const __m256i q5l_0 = _mm256_and_si256(q5bits, m4);
+            const __m256i q5h_0 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
+            const __m256i q5_0 = _mm256_add_epi8(q5l_0, q5h_0);
+            hmask = _mm256_slli_epi16(hmask, 1);
+            const __m256i q5l_1 = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
+            const __m256i q5h_1 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
+            const __m256i q5_1 = _mm256_add_epi8(q5l_1, q5h_1);
+            hmask = _mm256_slli_epi16(hmask, 1);
+            const __m256i q8_0 = load256(q8);
+            const __m256i q8_1 = load256(q8 + 32);
+            q8 += 64;
+            // q5·q8 pairs stay within int16: 2 · 31 · 127 < 32768.
+            const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q5_0, q8_0));
+            const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q5_1, q8_1));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) + summs;
+}
+
+float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ3_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    const int64_t nb = n / kQK_K;
+    constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i mone = _mm256_set1_epi8(1);
+    const __m128i m32 = _mm_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = y[i].d * h2f(x[i].d);
+        const uint8_t* q3 = x[i].qs;
+        const int8_t* q8 = y[i].qs;
+        uint32_t aux[3];
+        std::memcpy(aux, x[i].scales, 12);
+        __m128i scales128 = _mm_set_epi32(static_cast<int>(((aux[1] >> 4) & kmask2) | (((aux[2] >> 6) & kmask1) << 4)),
+                                          static_cast<int>(((aux[0] >> 4) & kmask2) | (((aux[2] >> 4) & kmask1) << 4)),
+                                          static_cast<int>((aux[1] & kmask2) | (((aux[2] >> 2) & kmask1) << 4)),
+                                          static_cast<int>((aux[0] & kmask2) | (((aux[2] >> 0) & kmask1) << 4)));
+        scales128 = _mm_sub_epi8(scales128, m32);
+        const __m256i all_scales = _mm256_cvtepi8_epi16(scales128);
+        const __m128i l_scales = _mm256_castsi256_si128(all_scales);
+        const __m128i h_scales = _mm256_extracti128_si256(all_scales, 1);
+        const __m256i scales[2] = {_mm256_inserti128_si256(_mm256_castsi128_si256(l_scales), l_scales, 1),
+                                   _mm256_inserti128_si256(_mm256_castsi128_si256(h_scales), h_scales, 1)};
+        const __m256i hbits = load256(x[i].hmask);
+        __m256i sumi = _mm256_setzero_si256();
+        int bit = 0;
+        for (int j = 0; j < kQK_K / 128; ++j) {
+            const __m256i q3bits = load256(q3);
+            q3 += 32;
+            // Low 2 bits, and 4 where the high bit is clear (subtracted below).
+            __m256i q3l[4], q3h[4];
+            for (int s = 0; s < 4; ++s, ++bit) {
+                q3l[s] = _mm256_and_si256(s == 0 ? q3bits : _mm256_srli_epi16(q3bits, 2 * s), m3);
+                q3h[s] = _mm256_slli_epi16(
+                    _mm256_srli_epi16(_mm256_andnot_si256(hbits, _mm256_slli_epi16(mone, bit)), bit), 2);
+            }
+            __m256i p16[4];
+            for (int s = 0; s < 4; ++s) {
+                const __m256i q8v = load256(q8 + 32 * s);
+                p16[s] = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l[s], q8v), _mm256_maddubs_epi16(q3h[s], q8v));
+            }
+            q8 += 128;
+            sumi = _mm256_add_epi32(sumi, scaled_quarters(scales[j], p16[0], p16[1], p16[2], p16[3]));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ2_K*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    const int64_t nb = n / kQK_K;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m128i m4 = _mm_set1_epi8(0xF);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const float d = y[i].d * h2f(x[i].d);
+        const float dmin = -y[i].d * h2f(x[i].dmin);
+        const uint8_t* q2 = x[i].qs;
+        const int8_t* q8 = y[i].qs;
+        const __m128i mins_and_scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
+        const __m128i scales8 = _mm_and_si128(mins_and_scales, m4);
+        const __m128i mins8 = _mm_and_si128(_mm_srli_epi16(mins_and_scales, 4), m4);
+        const __m256i mins = _mm256_cvtepi8_epi16(mins8);
+        const __m256i prod = _mm256_madd_epi16(mins, load256(y[i].bsums));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), acc);
+
+        const __m256i all_scales = _mm256_cvtepi8_epi16(scales8);
+        const __m128i l_scales = _mm256_castsi256_si128(all_scales);
+        const __m128i h_scales = _mm256_extracti128_si256(all_scales, 1);
+        const __m256i scales[2] = {_mm256_inserti128_si256(_mm256_castsi128_si256(l_scales), l_scales, 1),
+                                   _mm256_inserti128_si256(_mm256_castsi128_si256(h_scales), h_scales, 1)};
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < kQK_K / 128; ++j) {
+            const __m256i q2bits = load256(q2);
+            q2 += 32;
+            const __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(q2bits, m3), load256(q8));
+            const __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q2bits, 2), m3), load256(q8 + 32));
+            const __m256i p2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q2bits, 4), m3), load256(q8 + 64));
+            const __m256i p3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q2bits, 6), m3), load256(q8 + 96));
+            q8 += 128;
+            sumi = _mm256_add_epi32(sumi, scaled_quarters(scales[j], p0, p1, p2, p3));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+}  // namespace moemesh::quants::avx2
+
+#pragma GCC pop_options
+
+#endif  // x86
