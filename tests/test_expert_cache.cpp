@@ -551,6 +551,53 @@ TEST(OffloadRun, ClearErrorsForBadBudgetsAndFlags) {
     EXPECT_NE(r.err.find("need --device-budget"), std::string::npos) << r.err;
 }
 
+TEST(Profile, CountsEveryRoutedPairAndFeedsTheStaticPolicy) {
+    const std::string prompts = dir() + "/prompts.txt";
+    {
+        FILE* f = std::fopen(prompts.c_str(), "w");
+        std::fputs("hello world\nthe quick brown fox\n\nanother prompt\n", f);
+        std::fclose(f);
+    }
+    const std::string out_path = dir() + "/made_profile.json";
+    std::string out;
+    const std::string log = dir() + "/profile.err";
+    ASSERT_EQ(run_capture(moemesh_bin() + " profile --model " + model_path() + " --prompts " + prompts + " --out " +
+                              out_path + " -n 4 --threads 1",
+                          &out, log),
+              0)
+        << read_file(log);
+    auto p = load_expert_profile(out_path);
+    ASSERT_TRUE(p.ok()) << p.status().message();
+    EXPECT_EQ(p.value().n_layer, 3);
+    EXPECT_EQ(p.value().n_expert, 16);
+    // Every token routes top-4 in every layer.
+    for (const auto& layer : p.value().counts) {
+        uint64_t sum = 0;
+        for (uint64_t c : layer) sum += c;
+        EXPECT_EQ(sum, 4 * p.value().tokens);
+    }
+    RunResult ref = run_json("");
+    int n = 0;
+    const uint64_t charge = model_entry_charge(&n);
+    RunResult r = run_json("--device-budget " + std::to_string(n / 4 * charge) + " --cache-policy static --profile " +
+                           out_path);
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(r.greedy, ref.greedy);
+    EXPECT_NE(r.err.find("hot set"), std::string::npos) << r.err;
+    // A profile of another shape is refused.
+    ExpertProfile wrong = p.value();
+    wrong.n_layer = 2;
+    wrong.counts.pop_back();
+    const std::string wrong_path = dir() + "/wrong_profile.json";
+    FILE* f = std::fopen(wrong_path.c_str(), "w");
+    const std::string js = expert_profile_json(wrong);
+    std::fwrite(js.data(), 1, js.size(), f);
+    std::fclose(f);
+    r = run_json("--device-budget 1MiB --cache-policy static --profile " + wrong_path);
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("is for 2 layers x 16 experts, the model has 3 x 16"), std::string::npos) << r.err;
+}
+
 // ---- workers with a cache: entry (moemesh launch) ------------------------------------------------
 
 TEST(ClusterCache, WorkerCachesFromTheYamlGiveTheSameTokens) {

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
     moemesh::register_make_model_command(app);
     moemesh::register_placement_command(app);
     moemesh::register_launch_command(app);
+    moemesh::register_profile_command(app);
     CLI11_PARSE(app, argc, argv);
     return 0;
 }
