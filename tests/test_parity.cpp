@@ -71,7 +71,7 @@ TEST_F(Parity, F32WithF16KvCache) {
 // (dequantization, activation quantization, integer dot products) must agree to float rounding.
 TEST_F(Parity, EveryWeightTypeOneLayer) {
     const Shape one = {"one", 1, 256, 4, 2, 64, 16, 4, 256, 1024};
-    for (const char* type : {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k"}) {
+    for (const char* type : {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "q5_k", "q3_k", "q2_k"}) {
         std::string m = make_model(one, type, dir_);
         Comparison c = run_pair(m, one.vocab, "f32", "", dir_, 16);
         // Typically 1e-7; a single flipped activation rounding (see below) can reach ~1e-3.
@@ -79,6 +79,24 @@ TEST_F(Parity, EveryWeightTypeOneLayer) {
         EXPECT_LE(c.max_dp, 3e-3) << type;
         EXPECT_EQ(c.greedy_prefix, 32) << type;
     }
+}
+
+// A Qwen3-Next-style file as llama-quantize's Q4_K_M / Q5_K_M leave it: Q5_K in attn_qkv (and every
+// other matrix whose rows are multiples of 256), Q5_0 where they are not (ffn_down_exps, rows of
+// 128: make-model's fallback), one gated DeltaNet layer and one gated attention layer, a shared expert.
+TEST_F(Parity, Qwen3NextQ5KMatchesLlamaCpp) {
+    const std::string m = dir_ + "/next_q5_k.gguf";
+    const std::string cmd = moemesh_bin() + " make-model --arch qwen3next --out " + m +
+                            " --layers 2 --full-attention-interval 2 --hidden 256 --heads 4 --kv-heads 2"
+                            " --head-dim 64 --experts 16 --top-k 4 --expert-ff 128 --shared-ff 256"
+                            " --ssm-k-heads 2 --ssm-v-heads 4 --ssm-head-dim 64 --vocab 1024 --type q5_k --seed 5";
+    std::string out;
+    ASSERT_EQ(run_capture(cmd, &out, dir_ + "/make.err"), 0) << cmd << "\n" << read_file(dir_ + "/make.err");
+    Comparison c = run_pair(m, 1024, "f32", "", dir_, 16);
+    // The one-layer thresholds: two layers do not amplify rounding enough to need more (typically 1e-7).
+    EXPECT_LE(c.median_dp, 1e-5);
+    EXPECT_LE(c.max_dp, 3e-3);
+    EXPECT_EQ(c.greedy_prefix, 32);
 }
 
 // Quantized deep models. Quantized activations make the forward pass discontinuous: a 1-ulp
