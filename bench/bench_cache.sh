@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Expert cache benchmark (docs/cache.md): a synthetic qwen3moe model whose routed experts are 4x the
+# device budget, decoded with each cache policy (lru, lfu, static, static + next-layer prefetch) and
+# without a cache; prints decode tokens/s, device-tier hit rate, stall time and bytes read per token.
+#
+#   bash bench/bench_cache.sh [--moemesh build/moemesh] [--dir build/bench-models] [--threads N] [--gen 64]
+#                             [--ratio 4]
+set -euo pipefail
+MOEMESH=build/moemesh
+DIR=build/bench-models
+THREADS=$(nproc)
+GEN=64
+RATIO=4
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --moemesh) MOEMESH=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --gen) GEN=$2; shift 2 ;;
+    --ratio) RATIO=$2; shift 2 ;;
+    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$DIR"
+MODEL=$DIR/cache-bench-q8_0.gguf
+# 8 layers, hidden 1024, 64 experts top-8 of width 512, Q8_0: 64 x 8 experts of 1.6 MiB = 816 MiB of experts.
+if [ ! -f "$MODEL" ]; then
+  "$MOEMESH" make-model --arch qwen3moe --out "$MODEL" --layers 8 --hidden 1024 --heads 8 --kv-heads 2 \
+    --head-dim 128 --experts 64 --top-k 8 --expert-ff 512 --vocab 8000 --type q8_0 --seed 7 >&2
+fi
+# Bytes of routed experts: 3 matrices of 512 x 1024 Q8_0 (34 bytes per 32 weights) per expert.
+EXPERT=$(( 3 * 512 * 1024 / 32 * 34 ))
+TOTAL=$(( EXPERT * 64 * 8 ))
+BUDGET=$(( TOTAL / RATIO ))
+PROMPTS=$DIR/cache-bench-prompts.txt
+cat > "$PROMPTS" <<'P'
+The history of the city begins with a small settlement on the river
+def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+Translate to French: the weather is nice today and we are going to the beach
+Write a short poem about the sea, the wind and the light of the morning
+P
+PROFILE=$DIR/cache-bench-profile.json
+"$MOEMESH" profile --model "$MODEL" --prompts "$PROMPTS" --out "$PROFILE" -n 32 --threads "$THREADS" 2>/dev/null
+PROMPT="Once upon a time in a land far away there lived a curious engineer who"
+run() {  # name, flags
+  local err
+  err=$("$MOEMESH" run --model "$MODEL" --prompt "$PROMPT" -n "$GEN" --greedy --ignore-eos --threads "$THREADS" $2 2>&1 >/dev/null)
+  python3 - "$1" "$err" "$GEN" <<'PY'
+import re, sys
+name, err, gen = sys.argv[1], sys.argv[2], int(sys.argv[3])
+dec = re.search(r"decode: (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", err)
+hit = re.search(r"cache: \w+ [^:]*: ([\d.]+)% hits \((\d+)/(\d+)\).*?stall ([\d.]+) s", err)
+sto = re.search(r"storage: (\d+) reads, ([\d.]+) (\w+)", err)
+tps = float(dec.group(3)) if dec else 0.0
+if hit:
+    unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[sto.group(3)]
+    mib = float(sto.group(2)) * unit / (1 << 20)
+    print(f"| {name} | {tps:.2f} | {hit.group(1)}% ({hit.group(2)}/{hit.group(3)}) | {float(hit.group(4)):.2f} | {mib:.0f} |")
+else:
+    print(f"| {name} | {tps:.2f} | - | - | - |")
+PY
+}
+echo "model: $MODEL, routed experts $((TOTAL >> 20)) MiB, device budget $((BUDGET >> 20)) MiB (1/$RATIO), $THREADS threads, $GEN tokens decoded"
+echo "(hit rate, stall and reads cover the prompt and the decode of one run)"
+echo
+echo "| policy | decode tokens/s | device hit rate | stall s | MiB read from the file |"
+echo "|---|---|---|---|---|"
+run "no cache (whole file mapped)" ""
+run "lru" "--device-budget $BUDGET --cache-policy lru"
+run "lfu" "--device-budget $BUDGET --cache-policy lfu"
+run "static" "--device-budget $BUDGET --cache-policy static --profile $PROFILE"
+run "static + next-layer prefetch" "--device-budget $BUDGET --cache-policy static --profile $PROFILE --prefetch next-layer"
+run "lru + next-layer prefetch" "--device-budget $BUDGET --cache-policy lru --prefetch next-layer"
