@@ -17,8 +17,8 @@
 namespace moemesh {
 namespace {
 
-const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
-                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0,
+                           GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
 
 struct Problem {
     std::vector<uint8_t> w;
@@ -100,6 +100,14 @@ const char* ggml_dot_name(GgmlType t) {
             return "ggml_vec_dot_q4_K_q8_K";
         case GgmlType::Q6_K:
             return "ggml_vec_dot_q6_K_q8_K";
+        case GgmlType::Q5_0:
+            return "ggml_vec_dot_q5_0_q8_0";
+        case GgmlType::Q5_K:
+            return "ggml_vec_dot_q5_K_q8_K";
+        case GgmlType::Q3_K:
+            return "ggml_vec_dot_q3_K_q8_K";
+        case GgmlType::Q2_K:
+            return "ggml_vec_dot_q2_K_q8_K";
         default:
             return nullptr;
     }

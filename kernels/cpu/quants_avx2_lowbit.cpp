@@ -59,6 +59,12 @@ inline __m256i scaled_quarters(__m256i scales, __m256i p0, __m256i p1, __m256i p
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
+// 1 in the bytes whose hmask bit `bit` is clear, else 0 (ggml: srli(andnot(hbits, slli(1, bit)), bit)).
+inline __m256i q3h_bits(__m256i hbits, __m256i mone, int bit) {
+    const __m128i count = _mm_cvtsi32_si128(bit);
+    return _mm256_srl_epi16(_mm256_andnot_si256(hbits, _mm256_sll_epi16(mone, count)), count);
+}
+
 }  // namespace
 
 float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a) {
@@ -165,20 +171,27 @@ float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a) {
         for (int j = 0; j < kQK_K / 128; ++j) {
             const __m256i q3bits = load256(q3);
             q3 += 32;
-            // Low 2 bits, and 4 where the high bit is clear (subtracted below).
-            __m256i q3l[4], q3h[4];
-            for (int s = 0; s < 4; ++s, ++bit) {
-                q3l[s] = _mm256_and_si256(s == 0 ? q3bits : _mm256_srli_epi16(q3bits, 2 * s), m3);
-                q3h[s] = _mm256_slli_epi16(
-                    _mm256_srli_epi16(_mm256_andnot_si256(hbits, _mm256_slli_epi16(mone, bit)), bit), 2);
-            }
-            __m256i p16[4];
-            for (int s = 0; s < 4; ++s) {
-                const __m256i q8v = load256(q8 + 32 * s);
-                p16[s] = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l[s], q8v), _mm256_maddubs_epi16(q3h[s], q8v));
-            }
+            // Low 2 bits, and 4 where the high bit is clear (subtracted below). Written out: GCC -O2
+            // keeps small vector arrays in memory.
+            const __m256i q3l_0 = _mm256_and_si256(q3bits, m3);
+            const __m256i q3h_0 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 0), 2);
+            const __m256i q3l_1 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 2), m3);
+            const __m256i q3h_1 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 1), 2);
+            const __m256i q3l_2 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 4), m3);
+            const __m256i q3h_2 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 2), 2);
+            const __m256i q3l_3 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 6), m3);
+            const __m256i q3h_3 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 3), 2);
+            bit += 4;
+            const __m256i q8_0 = load256(q8);
+            const __m256i q8_1 = load256(q8 + 32);
+            const __m256i q8_2 = load256(q8 + 64);
+            const __m256i q8_3 = load256(q8 + 96);
             q8 += 128;
-            sumi = _mm256_add_epi32(sumi, scaled_quarters(scales[j], p16[0], p16[1], p16[2], p16[3]));
+            const __m256i p16_0 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_0, q8_0), _mm256_maddubs_epi16(q3h_0, q8_0));
+            const __m256i p16_1 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_1, q8_1), _mm256_maddubs_epi16(q3h_1, q8_1));
+            const __m256i p16_2 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_2, q8_2), _mm256_maddubs_epi16(q3h_2, q8_2));
+            const __m256i p16_3 = _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_3, q8_3), _mm256_maddubs_epi16(q3h_3, q8_3));
+            sumi = _mm256_add_epi32(sumi, scaled_quarters(scales[j], p16_0, p16_1, p16_2, p16_3));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
