@@ -3,25 +3,24 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common/gguf.h"
 #include "common/model_config.h"
 #include "common/status.h"
+#include "coordinator/backend.h"
 #include "coordinator/expert_backend.h"
 #include "kernels/ops.h"
 
 namespace moemesh {
 
-// Builds the routed-expert backend once the model's config and thread pool exist.
-using ExpertBackendFactory =
-    std::function<StatusOr<std::unique_ptr<ExpertBackend>>(const GgufFile&, const ModelConfig&, ThreadPool&)>;
-
 struct ModelOptions {
     int n_threads = 0;      // 0: all hardware threads
     int64_t n_batch = 512;  // prompt tokens per forward chunk
     bool kv_f16 = true;     // f16 KV cache (llama.cpp's default); false: f32
-    ExpertBackendFactory experts;  // empty: every expert in this process (LocalExpertExecutor)
+    ExpertBackendFactory experts;  // empty: every expert in this process (LocalExpertExecutor / VRAM)
+    std::string device = "cpu";    // "cpu" | "cuda" | "cuda:N": where the forward pass and its state live
 };
 
 // Named debug points (llama.cpp's cb(cur, name, il)): called with [rows, cols] activations.
@@ -32,12 +31,12 @@ struct SequenceState {
     int64_t n_ctx = 0;
     int64_t n_past = 0;
     bool kv_f16 = true;
-    // Per attention layer [n_ctx, n_head_kv, head_dim], as f16 bits or f32 (empty for others).
-    std::vector<std::vector<uint16_t>> k16, v16;
-    std::vector<std::vector<float>> k32, v32;
-    // Per gated-DeltaNet layer (qwen3next; empty for others): the last K-1 pre-conv inputs
+    // All in the model's backend memory (device memory with --device cuda:N), per layer:
+    // attention layers' KV cache [n_ctx, n_head_kv, head_dim] as f16 bits or f32 (empty for others);
+    std::vector<Buffer> k, v;
+    // gated-DeltaNet layers (qwen3next; empty for others): the last K-1 pre-conv inputs
     // [K-1, conv channels] and the delta-rule state [Hv, dk, dv], fp32, zero for a new sequence.
-    std::vector<std::vector<float>> conv_state, ssm_state;
+    std::vector<Buffer> conv_state, ssm_state;
 };
 
 class Model {

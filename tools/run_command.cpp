@@ -169,6 +169,7 @@ Status run_generation(const RunOptions& o) {
                                                                                            : default_threads());
     mo.n_batch = o.batch;
     mo.kv_f16 = o.kv_type == "f16";
+    mo.device = o.device;
     DistributedExpertBackend* dist = nullptr;
     if (cluster) {
         MM_ASSIGN_OR_RETURN(ModelConfig mcfg, load_model_config(*file));
@@ -278,6 +279,10 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("-c,--ctx", o->ctx, "Context size (tokens)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
     c->add_option("-b,--batch", o->batch, "Prompt tokens per forward chunk")->capture_default_str()->check(CLI::Range(1, 1 << 16));
     c->add_option("--kv-type", o->kv_type, "KV cache element type: f16 (as llama.cpp) or f32")->capture_default_str();
+    c->add_option("--device", o->device,
+                  "Where the forward pass, its weights and the sequence state live: cpu, or cuda:N (experts resident "
+                  "in VRAM; needs a CUDA build)")
+        ->capture_default_str();
     c->add_option("--temp", o->sp.temperature, "Temperature (0 = greedy)")->capture_default_str();
     c->add_option("--top-k", o->sp.top_k, "Top-k cut (0 = off)")->capture_default_str();
     c->add_option("--top-p", o->sp.top_p, "Top-p (nucleus) cut (1 = off)")->capture_default_str();

@@ -26,6 +26,7 @@ struct RunOptions {
     int64_t ctx = 4096;
     int64_t batch = 512;
     std::string kv_type = "f16";
+    std::string device = "cpu";  // cpu | cuda | cuda:N: where the forward pass runs (ModelOptions::device)
     bool ignore_eos = false;
     SamplerParams sp;
     // Offload mode (one process, experts served from a budgeted cache over the model file).

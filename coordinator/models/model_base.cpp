@@ -6,7 +6,6 @@
 #include <numeric>
 
 #include "common/half.h"
-#include "worker/expert_executor.h"
 
 namespace moemesh {
 
@@ -40,28 +39,20 @@ void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_
     }
 }
 
-void alloc_kv_cache(SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
+void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
                     const std::vector<uint8_t>& has_kv) {
     s.n_ctx = n_ctx;
     s.kv_f16 = kv_f16;
-    const size_t per_layer = static_cast<size_t>(n_ctx * c.n_head_kv * c.head_dim);
+    const size_t per_layer = static_cast<size_t>(n_ctx * c.n_head_kv * c.head_dim) * (kv_f16 ? 2 : 4);
     const auto L = static_cast<size_t>(c.n_layer);
-    if (kv_f16) {
-        s.k16.assign(L, {});
-        s.v16.assign(L, {});
-    } else {
-        s.k32.assign(L, {});
-        s.v32.assign(L, {});
-    }
+    s.k.clear();
+    s.v.clear();
+    s.k.resize(L);
+    s.v.resize(L);
     for (size_t il = 0; il < L; ++il) {
         if (!has_kv[il]) continue;
-        if (kv_f16) {
-            s.k16[il].resize(per_layer);
-            s.v16[il].resize(per_layer);
-        } else {
-            s.k32[il].resize(per_layer);
-            s.v32[il].resize(per_layer);
-        }
+        s.k[il] = be.alloc(per_layer, true);
+        s.v[il] = be.alloc(per_layer, true);
     }
 }
 
@@ -89,45 +80,66 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
     return Status();
 }
 
+void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
+    if (!debug_) return;
+    if (be_->host_memory()) return debug_(name, layer, data, rows, cols);
+    debug_host_.resize(static_cast<size_t>(rows * cols));
+    be_->to_host(debug_host_.data(), data, sizeof(float) * rows * cols);
+    debug_(name, layer, debug_host_.data(), rows, cols);
+}
+
+Status ModelBase::init_backend() {
+    MM_ASSIGN_OR_RETURN(be_, make_backend(opts_.device, pool_));
+    return Status();
+}
+
+StatusOr<BackendWeight> ModelBase::weight(const std::string& name, std::initializer_list<int64_t> shape) {
+    MM_ASSIGN_OR_RETURN(Weight w, get_weight(*file_, name, shape));
+    return be_->upload(w);
+}
+
+StatusOr<BackendWeight> ModelBase::optional_weight(const std::string& name, std::initializer_list<int64_t> shape) {
+    MM_ASSIGN_OR_RETURN(Weight w, get_optional_weight(*file_, name, shape));
+    if (!w) return BackendWeight{};
+    return be_->upload(w);
+}
+
+StatusOr<const float*> ModelBase::vec(const std::string& name, int64_t n) {
+    MM_ASSIGN_OR_RETURN(std::vector<float> v, load_vector(*file_, name, n));
+    return be_->upload(v);
+}
+
 Status ModelBase::load_common() {
     const GgufFile& f = *file_;
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
     MM_ASSIGN_OR_RETURN(tok_embd_, get_weight(f, tensor_name(Tensor::kTokenEmbd), {H, V}));
-    MM_ASSIGN_OR_RETURN(output_norm_, load_vector(f, tensor_name(Tensor::kOutputNorm), H));
-    MM_ASSIGN_OR_RETURN(output_, get_optional_weight(f, tensor_name(Tensor::kOutput), {H, V}));
-    if (!output_) output_ = tok_embd_;  // tied embeddings
-    if (opts_.experts) {
-        MM_ASSIGN_OR_RETURN(experts_, opts_.experts(f, cfg_, pool_));
-    } else {
-        MM_ASSIGN_OR_RETURN(experts_, LocalExpertExecutor::create(f, cfg_, pool_));
-    }
-    return Status();
+    MM_ASSIGN_OR_RETURN(output_norm_, vec(tensor_name(Tensor::kOutputNorm), H));
+    MM_ASSIGN_OR_RETURN(Weight out, get_optional_weight(f, tensor_name(Tensor::kOutput), {H, V}));
+    output_ = be_->upload(out ? out : tok_embd_);  // tied embeddings: token_embd
+    return be_->load_experts(f, cfg_, opts_.experts, pool_);
 }
 
 void ModelBase::embed(const int32_t* tokens, int64_t T, float* x) {
     const int64_t H = cfg_.n_embd;
-    for (int64_t t = 0; t < T; ++t) dequantize_row(tok_embd_.type, tok_embd_.row(tokens[t]), &x[t * H], H);
+    float* dst = x;
+    if (!be_->host_memory()) {
+        embd_host_.resize(static_cast<size_t>(T * H));
+        dst = embd_host_.data();
+    }
+    for (int64_t t = 0; t < T; ++t) dequantize_row(tok_embd_.type, tok_embd_.row(tokens[t]), &dst[t * H], H);
+    if (dst != x) be_->to_device(x, dst, sizeof(float) * T * H);
     cb("inp_embd", -1, x, T, H);
 }
 
 void ModelBase::attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k,
                        const float* v, float* out) {
     const int64_t kv_dim = cfg_.n_head_kv * cfg_.head_dim;
-    if (seq.kv_f16) {
-        uint16_t* kc = seq.k16[il].data() + p0 * kv_dim;
-        uint16_t* vc = seq.v16[il].data() + p0 * kv_dim;
-        for (int64_t i = 0; i < T * kv_dim; ++i) {
-            kc[i] = fp32_to_fp16(k[i]);
-            vc[i] = fp32_to_fp16(v[i]);
-        }
-    } else {
-        std::memcpy(seq.k32[il].data() + p0 * kv_dim, k, sizeof(float) * T * kv_dim);
-        std::memcpy(seq.v32[il].data() + p0 * kv_dim, v, sizeof(float) * T * kv_dim);
-    }
+    be_->store_kv(seq.k[il].data(), p0 * kv_dim, k, T * kv_dim, seq.kv_f16);
+    be_->store_kv(seq.v[il].data(), p0 * kv_dim, v, T * kv_dim, seq.kv_f16);
     AttentionArgs aa{};
     aa.q = q;
-    aa.k = seq.kv_f16 ? static_cast<const void*>(seq.k16[il].data()) : seq.k32[il].data();
-    aa.v = seq.kv_f16 ? static_cast<const void*>(seq.v16[il].data()) : seq.v32[il].data();
+    aa.k = seq.k[il].data();
+    aa.v = seq.v[il].data();
     aa.out = out;
     aa.n_tokens = T;
     aa.n_past = p0;
@@ -136,18 +148,20 @@ void ModelBase::attend(SequenceState& seq, int il, int64_t p0, int64_t T, const 
     aa.head_dim = cfg_.head_dim;
     aa.kv_f16 = seq.kv_f16;
     aa.scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
-    attention(pool_, aa);
+    be_->attention(aa);
 }
 
 void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, float* out) {
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
     const int64_t first = all_rows ? 0 : T - 1;
     const int64_t rows = T - first;
-    final_norm_buf_.resize(static_cast<size_t>(rows * H));
-    rmsnorm(&x[first * H], output_norm_.data(), final_norm_buf_.data(), rows, H, cfg_.rms_eps);
-    cb("result_norm", -1, final_norm_buf_.data(), rows, H);
-    matmul(pool_, output_.type, output_.data, V, H, final_norm_buf_.data(), rows, out);  // [rows, V]
-    cb("result_output", -1, out, rows, V);
+    float* xn = scratch(final_norm_buf_, rows * H);
+    be_->rmsnorm(&x[first * H], output_norm_, xn, rows, H, cfg_.rms_eps);
+    cb("result_norm", -1, xn, rows, H);
+    float* logits = be_->host_memory() ? out : scratch(logits_buf_, rows * V);
+    be_->matmul(output_, xn, rows, logits);  // [rows, V]
+    cb("result_output", -1, logits, rows, V);
+    if (logits != out) be_->to_host(out, logits, sizeof(float) * rows * V);
 }
 
 StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts) {

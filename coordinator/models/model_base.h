@@ -1,12 +1,15 @@
 // What every architecture's forward pass shares: input checks and prompt chunking, the router,
 // the KV cache and attention call, the final norm + lm_head, and named debug points.
 #pragma once
+#include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "common/gguf.h"
 #include "common/weights.h"
+#include "coordinator/backend.h"
 #include "coordinator/model.h"
 #include "kernels/ops.h"
 
@@ -20,8 +23,9 @@ StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& n
 void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w,
                 std::vector<int32_t>& order);
 
-// Allocates the KV cache of every layer for which `has_kv(layer)`; [n_ctx, kv_heads, head_dim].
-void alloc_kv_cache(SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
+// Allocates (zeroed, in be's memory) the KV cache of every layer for which `has_kv(layer)`;
+// [n_ctx, kv_heads, head_dim].
+void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
                     const std::vector<uint8_t>& has_kv);
 
 class ModelBase : public Model {
@@ -40,18 +44,30 @@ protected:
     virtual Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows,
                                  float* out) = 0;
 
-    void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
-        if (debug_) debug_(name, layer, data, rows, cols);
-    }
-    // token_embd, output_norm, output (tied: token_embd) and the routed-expert backend.
+    // data: backend memory (copied to the host for the hook when the backend is a device).
+    void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols);
+    // Creates the backend of opts_.device; first thing every load() does.
+    Status init_backend();
+    // token_embd, output_norm, output (tied: token_embd) and the routed experts.
     Status load_common();
-    // x [T, H] → token_embd rows.
+    // Loads + uploads weights / norm vectors to the backend.
+    StatusOr<BackendWeight> weight(const std::string& name, std::initializer_list<int64_t> shape);
+    StatusOr<BackendWeight> optional_weight(const std::string& name, std::initializer_list<int64_t> shape);
+    StatusOr<const float*> vec(const std::string& name, int64_t n);
+    // A scratch buffer of at least n elements of T (grown, never shrunk; contents not kept on growth).
+    template <typename T = float>
+    T* scratch(Buffer& b, int64_t n) {
+        const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1));
+        if (b.bytes() < bytes) b = be_->alloc(bytes, false);
+        return b.as<T>();
+    }
+    // x [T, H] → token_embd rows (dequantized on the host, then copied to the backend).
     void embed(const int32_t* tokens, int64_t T, float* x);
     // Writes k/v [T, kv_heads*head_dim] at positions p0.. of layer il's cache, then runs causal
     // attention of q [T, n_head, head_dim] over it into out [T, n_head*head_dim].
     void attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k, const float* v,
                 float* out);
-    // Final norm + lm_head for rows [first, T) of x [T, H] into out.
+    // Final norm + lm_head for rows [first, T) of x [T, H] (backend memory) into out (host).
     void output_logits(const float* x, int64_t T, bool all_rows, float* out);
 
     std::shared_ptr<GgufFile> file_;
@@ -59,12 +75,12 @@ protected:
     ModelOptions opts_;
     ThreadPool pool_;
     DebugHook debug_;
-    Weight tok_embd_;                 // {H, V}
-    Weight output_;                   // {H, V} (token_embd when tied)
-    std::vector<float> output_norm_;  // [H]
-    std::unique_ptr<ExpertBackend> experts_;
-    std::vector<float> final_norm_buf_;
-    std::vector<int32_t> order_;
+    std::unique_ptr<Backend> be_;
+    Weight tok_embd_;             // {H, V} in the mapped file (embedding rows are gathered on the host)
+    BackendWeight output_;        // {H, V} (token_embd when tied)
+    const float* output_norm_{};  // [H]
+    Buffer final_norm_buf_, logits_buf_;
+    std::vector<float> embd_host_, debug_host_;
 };
 
 }  // namespace moemesh

@@ -16,39 +16,38 @@ namespace moemesh {
 
 namespace {
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // ggml_softplus
-
-struct AttnWeights {     // full-attention layers
-    Weight wqkv;         // {H, 2·Nh·D + 2·Nkv·D} fused (newer converters), or:
-    Weight wq;           // {H, 2·Nh·D}: per head [query D | gate D]
-    Weight wk, wv;       // {H, Nkv·D}
-    Weight wo;           // {Nh·D, H}
-    std::vector<float> q_norm, k_norm;  // [D]
+// All weights in the backend's memory.
+struct AttnWeights {            // full-attention layers
+    BackendWeight wqkv;         // {H, 2·Nh·D + 2·Nkv·D} fused (newer converters), or:
+    BackendWeight wq;           // {H, 2·Nh·D}: per head [query D | gate D]
+    BackendWeight wk, wv;       // {H, Nkv·D}
+    BackendWeight wo;           // {Nh·D, H}
+    const float* q_norm{};      // [D]
+    const float* k_norm{};      // [D]
 };
 
-struct DeltaWeights {    // gated DeltaNet layers
-    Weight wqkv;         // {H, C}: [all q | all k | all v]   (with wgate), or legacy:
-    Weight wgate;        // {H, Hv·dv}: z
-    Weight ssm_in;       // {H, C + Hv·dv}: per k-head [q dk | k dk | v r·dv | z r·dv]
-    Weight ssm_ba;       // {H, 2·Hv}: per k-head [b r | a r]
-    std::vector<float> conv;     // [C, K] taps (ssm_conv1d {K, C})
-    std::vector<float> dt_bias;  // [Hv]
-    std::vector<float> a;        // [Hv] = -exp(A_log)
-    std::vector<float> norm;     // [dv] plain RMSNorm weight
-    Weight ssm_out;              // {Hv·dv, H}
+struct DeltaWeights {           // gated DeltaNet layers
+    BackendWeight wqkv;         // {H, C}: [all q | all k | all v]   (with wgate), or legacy:
+    BackendWeight wgate;        // {H, Hv·dv}: z
+    BackendWeight ssm_in;       // {H, C + Hv·dv}: per k-head [q dk | k dk | v r·dv | z r·dv]
+    BackendWeight ssm_ba;       // {H, 2·Hv}: per k-head [b r | a r]
+    const float* conv{};        // [C, K] taps (ssm_conv1d {K, C})
+    const float* dt_bias{};     // [Hv]
+    const float* a{};           // [Hv] = -exp(A_log)
+    const float* norm{};        // [dv] plain RMSNorm weight
+    BackendWeight ssm_out;      // {Hv·dv, H}
 };
 
 struct LayerWeights {
     bool recurrent = false;
-    std::vector<float> attn_norm;       // [H]
-    std::vector<float> post_norm;       // [H] (HF post_attention_layernorm)
+    const float* attn_norm{};           // [H]
+    const float* post_norm{};           // [H] (HF post_attention_layernorm)
     AttnWeights attn;
     DeltaWeights delta;
-    Weight router;                      // {H, E}
-    Weight sh_gate_inp;                 // {H}: one logit per token
-    Weight sh_gate, sh_up;              // {H, Is}
-    Weight sh_down;                     // {Is, H}
+    BackendWeight router;               // {H, E}
+    BackendWeight sh_gate_inp;          // {H}: one logit per token
+    BackendWeight sh_gate, sh_up;       // {H, Is}
+    BackendWeight sh_down;              // {Is, H}
 };
 
 class Qwen3NextModel final : public ModelBase {
@@ -56,21 +55,21 @@ public:
     using ModelBase::ModelBase;
 
     Status load() {
-        const GgufFile& f = *file_;
+        MM_RETURN_IF_ERROR(init_backend());
         const int64_t H = cfg_.n_embd, E = cfg_.n_expert;
         for (int il = 0; il < cfg_.n_layer; ++il) {
             LayerWeights lw;
             lw.recurrent = cfg_.is_recurrent(il);
-            MM_ASSIGN_OR_RETURN(lw.attn_norm, load_vector(f, tensor_name(Tensor::kAttnNorm, il), H));
-            MM_ASSIGN_OR_RETURN(lw.post_norm, load_vector(f, tensor_name(Tensor::kAttnPostNorm, il), H));
+            MM_ASSIGN_OR_RETURN(lw.attn_norm, vec(tensor_name(Tensor::kAttnNorm, il), H));
+            MM_ASSIGN_OR_RETURN(lw.post_norm, vec(tensor_name(Tensor::kAttnPostNorm, il), H));
             if (lw.recurrent) {
                 MM_RETURN_IF_ERROR(load_delta(il, lw.delta));
             } else {
                 MM_RETURN_IF_ERROR(load_attn(il, lw.attn));
             }
-            MM_ASSIGN_OR_RETURN(lw.router, get_weight(f, tensor_name(Tensor::kFfnGateInp, il), {H, E}));
+            MM_ASSIGN_OR_RETURN(lw.router, weight(tensor_name(Tensor::kFfnGateInp, il), {H, E}));
             MM_RETURN_IF_ERROR(load_shared_expert(il, lw));
-            layers_.push_back(std::move(lw));
+            layers_.push_back(lw);
         }
         return load_common();
     }
@@ -79,33 +78,31 @@ public:
         auto s = std::make_unique<SequenceState>();
         std::vector<uint8_t> has_kv(static_cast<size_t>(cfg_.n_layer));
         for (int il = 0; il < cfg_.n_layer; ++il) has_kv[il] = !cfg_.is_recurrent(il);
-        alloc_kv_cache(*s, cfg_, n_ctx, opts_.kv_f16, has_kv);
-        s->conv_state.assign(static_cast<size_t>(cfg_.n_layer), {});
-        s->ssm_state.assign(static_cast<size_t>(cfg_.n_layer), {});
+        alloc_kv_cache(*be_, *s, cfg_, n_ctx, opts_.kv_f16, has_kv);
+        s->conv_state.resize(static_cast<size_t>(cfg_.n_layer));
+        s->ssm_state.resize(static_cast<size_t>(cfg_.n_layer));
         const int64_t C = cfg_.ssm_conv_dim(), dk = cfg_.ssm_head_dim;
         for (int il = 0; il < cfg_.n_layer; ++il) {
             if (!cfg_.is_recurrent(il)) continue;
-            s->conv_state[il].assign(static_cast<size_t>((cfg_.ssm_conv_kernel - 1) * C), 0.0f);
-            s->ssm_state[il].assign(static_cast<size_t>(cfg_.ssm_v_heads * dk * dk), 0.0f);
+            s->conv_state[il] = be_->alloc(sizeof(float) * static_cast<size_t>((cfg_.ssm_conv_kernel - 1) * C), true);
+            s->ssm_state[il] = be_->alloc(sizeof(float) * static_cast<size_t>(cfg_.ssm_v_heads * dk * dk), true);
         }
         return s;
     }
 
 private:
     Status load_attn(int il, AttnWeights& w) {
-        const GgufFile& f = *file_;
         const int64_t H = cfg_.n_embd, D = cfg_.head_dim;
         const int64_t q_dim = cfg_.n_head * D, kv_dim = cfg_.n_head_kv * D;
-        MM_ASSIGN_OR_RETURN(w.wqkv, get_optional_weight(f, tensor_name(Tensor::kAttnQkv, il),
-                                                        {H, 2 * q_dim + 2 * kv_dim}));
+        MM_ASSIGN_OR_RETURN(w.wqkv, optional_weight(tensor_name(Tensor::kAttnQkv, il), {H, 2 * q_dim + 2 * kv_dim}));
         if (!w.wqkv) {
-            MM_ASSIGN_OR_RETURN(w.wq, get_weight(f, tensor_name(Tensor::kAttnQ, il), {H, 2 * q_dim}));
-            MM_ASSIGN_OR_RETURN(w.wk, get_weight(f, tensor_name(Tensor::kAttnK, il), {H, kv_dim}));
-            MM_ASSIGN_OR_RETURN(w.wv, get_weight(f, tensor_name(Tensor::kAttnV, il), {H, kv_dim}));
+            MM_ASSIGN_OR_RETURN(w.wq, weight(tensor_name(Tensor::kAttnQ, il), {H, 2 * q_dim}));
+            MM_ASSIGN_OR_RETURN(w.wk, weight(tensor_name(Tensor::kAttnK, il), {H, kv_dim}));
+            MM_ASSIGN_OR_RETURN(w.wv, weight(tensor_name(Tensor::kAttnV, il), {H, kv_dim}));
         }
-        MM_ASSIGN_OR_RETURN(w.wo, get_weight(f, tensor_name(Tensor::kAttnOutput, il), {q_dim, H}));
-        MM_ASSIGN_OR_RETURN(w.q_norm, load_vector(f, tensor_name(Tensor::kAttnQNorm, il), D));
-        MM_ASSIGN_OR_RETURN(w.k_norm, load_vector(f, tensor_name(Tensor::kAttnKNorm, il), D));
+        MM_ASSIGN_OR_RETURN(w.wo, weight(tensor_name(Tensor::kAttnOutput, il), {q_dim, H}));
+        MM_ASSIGN_OR_RETURN(w.q_norm, vec(tensor_name(Tensor::kAttnQNorm, il), D));
+        MM_ASSIGN_OR_RETURN(w.k_norm, vec(tensor_name(Tensor::kAttnKNorm, il), D));
         return Status();
     }
 
@@ -113,25 +110,26 @@ private:
         const GgufFile& f = *file_;
         const int64_t H = cfg_.n_embd, C = cfg_.ssm_conv_dim(), VD = cfg_.ssm_value_dim();
         const int64_t Hv = cfg_.ssm_v_heads, K = cfg_.ssm_conv_kernel;
-        MM_ASSIGN_OR_RETURN(w.wqkv, get_optional_weight(f, tensor_name(Tensor::kAttnQkv, il), {H, C}));
+        MM_ASSIGN_OR_RETURN(w.wqkv, optional_weight(tensor_name(Tensor::kAttnQkv, il), {H, C}));
         if (w.wqkv) {
-            MM_ASSIGN_OR_RETURN(w.wgate, get_weight(f, tensor_name(Tensor::kAttnGate, il), {H, VD}));
+            MM_ASSIGN_OR_RETURN(w.wgate, weight(tensor_name(Tensor::kAttnGate, il), {H, VD}));
         } else {
             // Older converters wrote the raw grouped in_proj_qkvz as ssm_in.
-            MM_ASSIGN_OR_RETURN(w.ssm_in, get_optional_weight(f, tensor_name(Tensor::kSsmIn, il), {H, C + VD}));
+            MM_ASSIGN_OR_RETURN(w.ssm_in, optional_weight(tensor_name(Tensor::kSsmIn, il), {H, C + VD}));
             if (!w.ssm_in)
                 return MM_ERROR("%s: layer %d is a gated DeltaNet layer but has neither '%s' (+ '%s') nor '%s'",
                                 f.path().c_str(), il, tensor_name(Tensor::kAttnQkv, il).c_str(),
                                 tensor_name(Tensor::kAttnGate, il).c_str(), tensor_name(Tensor::kSsmIn, il).c_str());
         }
-        MM_ASSIGN_OR_RETURN(w.ssm_ba, get_weight(f, tensor_name(Tensor::kSsmBa, il), {H, 2 * Hv}));
+        MM_ASSIGN_OR_RETURN(w.ssm_ba, weight(tensor_name(Tensor::kSsmBa, il), {H, 2 * Hv}));
         MM_ASSIGN_OR_RETURN(Weight conv, get_weight(f, tensor_name(Tensor::kSsmConv1d, il), {K, C}));
-        w.conv.resize(static_cast<size_t>(C * K));
-        for (int64_t c = 0; c < C; ++c) dequantize_row(conv.type, conv.row(c), &w.conv[c * K], K);
-        MM_ASSIGN_OR_RETURN(w.dt_bias, load_vector(f, tensor_name(Tensor::kSsmDt, il, "bias"), Hv));
-        MM_ASSIGN_OR_RETURN(w.a, load_vector(f, tensor_name(Tensor::kSsmA, il, ""), Hv));
-        MM_ASSIGN_OR_RETURN(w.norm, load_vector(f, tensor_name(Tensor::kSsmNorm, il), cfg_.ssm_head_dim));
-        MM_ASSIGN_OR_RETURN(w.ssm_out, get_weight(f, tensor_name(Tensor::kSsmOut, il), {VD, H}));
+        std::vector<float> taps(static_cast<size_t>(C * K));
+        for (int64_t c = 0; c < C; ++c) dequantize_row(conv.type, conv.row(c), &taps[c * K], K);
+        w.conv = be_->upload(taps);
+        MM_ASSIGN_OR_RETURN(w.dt_bias, vec(tensor_name(Tensor::kSsmDt, il, "bias"), Hv));
+        MM_ASSIGN_OR_RETURN(w.a, vec(tensor_name(Tensor::kSsmA, il, ""), Hv));
+        MM_ASSIGN_OR_RETURN(w.norm, vec(tensor_name(Tensor::kSsmNorm, il), cfg_.ssm_head_dim));
+        MM_ASSIGN_OR_RETURN(w.ssm_out, weight(tensor_name(Tensor::kSsmOut, il), {VD, H}));
         return Status();
     }
 
@@ -143,214 +141,186 @@ private:
         const GgufTensor* up = f.tensor(tensor_name(Tensor::kFfnUpShexp, il));
         if (!up) return Status();  // no shared expert in this layer
         if (Is <= 0) Is = up->ne[1];
-        MM_ASSIGN_OR_RETURN(lw.sh_gate_inp, get_weight(f, tensor_name(Tensor::kFfnGateInpShexp, il), {H}));
-        MM_ASSIGN_OR_RETURN(lw.sh_gate, get_weight(f, tensor_name(Tensor::kFfnGateShexp, il), {H, Is}));
-        MM_ASSIGN_OR_RETURN(lw.sh_up, get_weight(f, tensor_name(Tensor::kFfnUpShexp, il), {H, Is}));
-        MM_ASSIGN_OR_RETURN(lw.sh_down, get_weight(f, tensor_name(Tensor::kFfnDownShexp, il), {Is, H}));
+        MM_ASSIGN_OR_RETURN(lw.sh_gate_inp, weight(tensor_name(Tensor::kFfnGateInpShexp, il), {H}));
+        MM_ASSIGN_OR_RETURN(lw.sh_gate, weight(tensor_name(Tensor::kFfnGateShexp, il), {H, Is}));
+        MM_ASSIGN_OR_RETURN(lw.sh_up, weight(tensor_name(Tensor::kFfnUpShexp, il), {H, Is}));
+        MM_ASSIGN_OR_RETURN(lw.sh_down, weight(tensor_name(Tensor::kFfnDownShexp, il), {Is, H}));
         return Status();
     }
 
     Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
         const int64_t H = cfg_.n_embd, E = cfg_.n_expert, Kx = cfg_.n_expert_used;
-        x_.resize(T * H);    // [T, H] residual stream
-        xn_.resize(T * H);   // [T, H] normed
-        tmp_.resize(T * H);  // [T, H] block output
-        probs_.resize(T * E);
-        sel_ids_.resize(T * Kx);
-        sel_w_.resize(T * Kx);
+        Backend& be = *be_;
+        float* x = scratch(x_, T * H);      // [T, H] residual stream
+        float* xn = scratch(xn_, T * H);    // [T, H] normed
+        float* tmp = scratch(tmp_, T * H);  // [T, H] block output
+        float* probs = scratch(probs_, T * E);
+        int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * Kx);
+        float* sel_w = scratch(sel_w_, T * Kx);
 
-        embed(tokens, T, x_.data());  // x[t] = token_embd[tokens[t]]
+        embed(tokens, T, x);  // x[t] = token_embd[tokens[t]]
 
         for (int il = 0; il < cfg_.n_layer; ++il) {
             const LayerWeights& lw = layers_[il];
             // ---- token mixer: gated DeltaNet or gated attention ----
-            rmsnorm(x_.data(), lw.attn_norm.data(), xn_.data(), T, H, cfg_.rms_eps);  // [T, H]
-            cb("attn_norm", il, xn_.data(), T, H);
+            be.rmsnorm(x, lw.attn_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
+            cb("attn_norm", il, xn, T, H);
             if (lw.recurrent) {
-                delta_net(seq, il, lw.delta, T);  // xn_ → tmp_
-                cb("linear_attn_out", il, tmp_.data(), T, H);
+                delta_net(seq, il, lw.delta, T, xn, tmp);
+                cb("linear_attn_out", il, tmp, T, H);
             } else {
-                gated_attention(seq, il, lw.attn, T);  // xn_ → tmp_
-                cb("attn_output", il, tmp_.data(), T, H);
+                gated_attention(seq, il, lw.attn, T, xn, tmp);
+                cb("attn_output", il, tmp, T, H);
             }
-            for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
-            cb("attn_residual", il, x_.data(), T, H);
+            be.add(x, tmp, T * H);
+            cb("attn_residual", il, x, T, H);
 
             // ---- MoE: route → experts → combine, plus the gated shared expert ----
-            rmsnorm(x_.data(), lw.post_norm.data(), xn_.data(), T, H, cfg_.rms_eps);  // [T, H]
-            cb("attn_post_norm", il, xn_.data(), T, H);
-            matmul(pool_, lw.router.type, lw.router.data, E, H, xn_.data(), T, probs_.data());  // [T, E]
-            route_topk(probs_.data(), T, E, Kx, cfg_.norm_topk, sel_ids_.data(), sel_w_.data(), order_);
-            MM_RETURN_IF_ERROR(
-                experts_->moe_forward(il, xn_.data(), T, Kx, sel_ids_.data(), sel_w_.data(), tmp_.data()));
-            cb("ffn_moe_out", il, tmp_.data(), T, H);
-            if (lw.sh_up) shared_expert(lw, il, T);  // tmp_ += sigmoid(x·g)·SwiGLU_shared(x)
-            for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
-            cb("l_out", il, x_.data(), T, H);
+            be.rmsnorm(x, lw.post_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
+            cb("attn_post_norm", il, xn, T, H);
+            be.matmul(lw.router, xn, T, probs);                                // [T, E]
+            be.route(probs, T, E, Kx, cfg_.norm_topk, sel_ids, sel_w);         // [T, Kx]
+            MM_RETURN_IF_ERROR(be.moe(il, xn, T, Kx, sel_ids, sel_w, tmp));    // [T, H]
+            cb("ffn_moe_out", il, tmp, T, H);
+            if (lw.sh_up) shared_expert(lw, il, T, xn, tmp);  // tmp += sigmoid(x·g)·SwiGLU_shared(x)
+            be.add(x, tmp, T * H);
+            cb("l_out", il, x, T, H);
         }
         seq.n_past += T;
-        if (out) output_logits(x_.data(), T, all_rows, out);
+        if (out) output_logits(x, T, all_rows, out);
         return Status();
     }
 
-    // Gated full attention on xn_ [T, H] → tmp_ [T, H] (MODEL_SPEC §2.4).
-    void gated_attention(SequenceState& seq, int il, const AttnWeights& w, int64_t T) {
-        const int64_t H = cfg_.n_embd, D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
+    // Gated full attention on xn [T, H] → out [T, H] (MODEL_SPEC §2.4).
+    void gated_attention(SequenceState& seq, int il, const AttnWeights& w, int64_t T, const float* xn, float* out) {
+        const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
         const int64_t p0 = seq.n_past;
-        qg_.resize(T * 2 * q_dim);  // [T, Nh, 2D]: per head [query | gate]
-        q_.resize(T * q_dim);       // [T, Nh, D]
-        gate_.resize(T * q_dim);    // [T, Nh·D]
-        k_.resize(T * kv_dim);      // [T, Nkv, D]
-        v_.resize(T * kv_dim);      // [T, Nkv, D]
-        attn_.resize(T * q_dim);    // [T, Nh·D]
-        pos_.resize(T);
-        for (int64_t t = 0; t < T; ++t) pos_[t] = static_cast<int32_t>(p0 + t);
+        Backend& be = *be_;
+        float* qg = scratch(qg_, T * 2 * q_dim);  // [T, Nh, 2D]: per head [query | gate]
+        float* q = scratch(q_, T * q_dim);        // [T, Nh, D]
+        float* gate = scratch(gate_, T * q_dim);  // [T, Nh·D]
+        float* k = scratch(k_, T * kv_dim);       // [T, Nkv, D]
+        float* v = scratch(v_, T * kv_dim);       // [T, Nkv, D]
+        float* attn = scratch(attn_, T * q_dim);  // [T, Nh·D]
         if (w.wqkv) {
             const int64_t n = 2 * q_dim + 2 * kv_dim;
-            fused_.resize(T * n);  // [T, 2·Nh·D | Nkv·D | Nkv·D]
-            matmul(pool_, w.wqkv.type, w.wqkv.data, n, H, xn_.data(), T, fused_.data());
-            for (int64_t t = 0; t < T; ++t) {
-                const float* row = &fused_[t * n];
-                std::memcpy(&qg_[t * 2 * q_dim], row, sizeof(float) * 2 * q_dim);
-                std::memcpy(&k_[t * kv_dim], row + 2 * q_dim, sizeof(float) * kv_dim);
-                std::memcpy(&v_[t * kv_dim], row + 2 * q_dim + kv_dim, sizeof(float) * kv_dim);
-            }
+            float* fused = scratch(fused_, T * n);  // [T, 2·Nh·D | Nkv·D | Nkv·D]
+            be.matmul(w.wqkv, xn, T, fused);
+            be.copy_rows(qg, 2 * q_dim, fused, n, T, 2 * q_dim);
+            be.copy_rows(k, kv_dim, fused + 2 * q_dim, n, T, kv_dim);
+            be.copy_rows(v, kv_dim, fused + 2 * q_dim + kv_dim, n, T, kv_dim);
         } else {
-            matmul(pool_, w.wq.type, w.wq.data, 2 * q_dim, H, xn_.data(), T, qg_.data());  // [T, Nh, 2D]
-            matmul(pool_, w.wk.type, w.wk.data, kv_dim, H, xn_.data(), T, k_.data());      // [T, Nkv·D]
-            matmul(pool_, w.wv.type, w.wv.data, kv_dim, H, xn_.data(), T, v_.data());      // [T, Nkv·D]
+            be.matmul(w.wq, xn, T, qg);  // [T, Nh, 2D]
+            be.matmul(w.wk, xn, T, k);   // [T, Nkv·D]
+            be.matmul(w.wv, xn, T, v);   // [T, Nkv·D]
         }
-        for (int64_t t = 0; t < T; ++t) {
-            for (int64_t h = 0; h < Nh; ++h) {
-                const float* src = &qg_[(t * Nh + h) * 2 * D];
-                std::memcpy(&q_[(t * Nh + h) * D], src, sizeof(float) * D);
-                std::memcpy(&gate_[(t * Nh + h) * D], src + D, sizeof(float) * D);
-            }
-        }
-        rmsnorm(q_.data(), w.q_norm.data(), q_.data(), T * Nh, D, cfg_.rms_eps);  // per head
-        rmsnorm(k_.data(), w.k_norm.data(), k_.data(), T * Nkv, D, cfg_.rms_eps);
-        rope_neox(q_.data(), T, Nh, D, cfg_.rope_dim, pos_.data(), cfg_.rope_theta);  // first R dims
-        rope_neox(k_.data(), T, Nkv, D, cfg_.rope_dim, pos_.data(), cfg_.rope_theta);
-        cb("Qcur", il, q_.data(), T, q_dim);
-        cb("Kcur", il, k_.data(), T, kv_dim);
-        attend(seq, il, p0, T, q_.data(), k_.data(), v_.data(), attn_.data());  // [T, Nh·D]
-        cb("attn_pregate", il, attn_.data(), T, q_dim);
-        for (int64_t i = 0; i < T * q_dim; ++i) attn_[i] *= sigmoid(gate_[i]);
-        matmul(pool_, w.wo.type, w.wo.data, H, q_dim, attn_.data(), T, tmp_.data());  // [T, H]
+        be.copy_rows(q, D, qg, 2 * D, T * Nh, D);         // per head: query half
+        be.copy_rows(gate, D, qg + D, 2 * D, T * Nh, D);  // per head: gate half
+        be.rmsnorm(q, w.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
+        be.rmsnorm(k, w.k_norm, k, T * Nkv, D, cfg_.rms_eps);
+        be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope_theta);  // first R dims
+        be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope_theta);
+        cb("Qcur", il, q, T, q_dim);
+        cb("Kcur", il, k, T, kv_dim);
+        attend(seq, il, p0, T, q, k, v, attn);  // [T, Nh·D]
+        cb("attn_pregate", il, attn, T, q_dim);
+        be.mul_sigmoid(attn, gate, T * q_dim);
+        be.matmul(w.wo, attn, T, out);  // [T, H]
     }
 
-    // Gated DeltaNet on xn_ [T, H] → tmp_ [T, H] (MODEL_SPEC §2.5), carrying the sequence's conv
+    // Gated DeltaNet on xn [T, H] → out [T, H] (MODEL_SPEC §2.5), carrying the sequence's conv
     // and recurrent state.
-    void delta_net(SequenceState& seq, int il, const DeltaWeights& w, int64_t T) {
-        const int64_t H = cfg_.n_embd, Hk = cfg_.ssm_k_heads, Hv = cfg_.ssm_v_heads, d = cfg_.ssm_head_dim;
+    void delta_net(SequenceState& seq, int il, const DeltaWeights& w, int64_t T, const float* xn, float* out) {
+        const int64_t Hk = cfg_.ssm_k_heads, Hv = cfg_.ssm_v_heads, d = cfg_.ssm_head_dim;
         const int64_t r = Hv / Hk, KD = cfg_.ssm_key_dim(), VD = cfg_.ssm_value_dim(), C = cfg_.ssm_conv_dim();
-        mixed_.resize(T * C);  // [T, C] = [q Hk·dk | k Hk·dk | v Hv·dv]
-        z_.resize(T * VD);     // [T, Hv, dv]
+        Backend& be = *be_;
+        float* mixed = scratch(mixed_, T * C);  // [T, C] = [q Hk·dk | k Hk·dk | v Hv·dv]
+        float* z = scratch(z_, T * VD);         // [T, Hv, dv]
         if (w.wqkv) {
-            matmul(pool_, w.wqkv.type, w.wqkv.data, C, H, xn_.data(), T, mixed_.data());
-            matmul(pool_, w.wgate.type, w.wgate.data, VD, H, xn_.data(), T, z_.data());
+            be.matmul(w.wqkv, xn, T, mixed);
+            be.matmul(w.wgate, xn, T, z);
         } else {
             // Legacy ssm_in: per k-head g, [q_g dk | k_g dk | v_g r·dv | z_g r·dv] → de-interleave.
             const int64_t n = C + VD, group = 2 * d + 2 * r * d;
-            fused_.resize(T * n);
-            matmul(pool_, w.ssm_in.type, w.ssm_in.data, n, H, xn_.data(), T, fused_.data());
-            for (int64_t t = 0; t < T; ++t) {
-                for (int64_t g = 0; g < Hk; ++g) {
-                    const float* src = &fused_[t * n + g * group];
-                    float* dst = &mixed_[t * C];
-                    std::memcpy(dst + g * d, src, sizeof(float) * d);                        // q
-                    std::memcpy(dst + KD + g * d, src + d, sizeof(float) * d);               // k
-                    std::memcpy(dst + 2 * KD + g * r * d, src + 2 * d, sizeof(float) * r * d);  // v
-                    std::memcpy(&z_[t * VD + g * r * d], src + 2 * d + r * d, sizeof(float) * r * d);
-                }
+            float* fused = scratch(fused_, T * n);
+            be.matmul(w.ssm_in, xn, T, fused);
+            for (int64_t g = 0; g < Hk; ++g) {
+                const float* src = fused + g * group;
+                be.copy_rows(mixed + g * d, C, src, n, T, d);                      // q
+                be.copy_rows(mixed + KD + g * d, C, src + d, n, T, d);             // k
+                be.copy_rows(mixed + 2 * KD + g * r * d, C, src + 2 * d, n, T, r * d);  // v
+                be.copy_rows(z + g * r * d, VD, src + 2 * d + r * d, n, T, r * d);      // z
             }
         }
-        cb("linear_attn_qkv_mixed", il, mixed_.data(), T, C);
-        cb("z", il, z_.data(), T, VD);
+        cb("linear_attn_qkv_mixed", il, mixed, T, C);
+        cb("z", il, z, T, VD);
 
         // β and the log-decay from ssm_ba, grouped per k-head as [b r | a r]; v-head j = g·r + i.
-        ba_.resize(T * 2 * Hv);
-        beta_.resize(T * Hv);
-        gdecay_.resize(T * Hv);
-        matmul(pool_, w.ssm_ba.type, w.ssm_ba.data, 2 * Hv, H, xn_.data(), T, ba_.data());  // [T, Hk, 2r]
-        for (int64_t t = 0; t < T; ++t) {
-            for (int64_t g = 0; g < Hk; ++g) {
-                for (int64_t i = 0; i < r; ++i) {
-                    const int64_t j = g * r + i;
-                    const float b = ba_[t * 2 * Hv + g * 2 * r + i];
-                    const float a = ba_[t * 2 * Hv + g * 2 * r + r + i];
-                    beta_[t * Hv + j] = sigmoid(b);
-                    gdecay_[t * Hv + j] = softplus(a + w.dt_bias[j]) * w.a[j];  // ≤ 0
-                }
-            }
-        }
+        float* ba = scratch(ba_, T * 2 * Hv);  // [T, Hk, 2r]
+        float* beta = scratch(beta_, T * Hv);
+        float* gdecay = scratch(gdecay_, T * Hv);
+        be.matmul(w.ssm_ba, xn, T, ba);
+        be.delta_gates(ba, w.dt_bias, w.a, beta, gdecay, T, Hk, r);
 
-        conv_out_.resize(T * C);
-        conv1d_silu_causal(pool_, mixed_.data(), w.conv.data(), seq.conv_state[il].data(), conv_out_.data(), T, C,
-                           cfg_.ssm_conv_kernel);
-        cb("conv_output_silu", il, conv_out_.data(), T, C);
+        float* conv_out = scratch(conv_out_, T * C);
+        be.conv1d_silu(mixed, w.conv, seq.conv_state[il].as<float>(), conv_out, T, C, cfg_.ssm_conv_kernel);
+        cb("conv_output_silu", il, conv_out, T, C);
 
-        dq_.resize(T * KD);  // [T, Hk, dk]
-        dk_.resize(T * KD);  // [T, Hk, dk]
-        dv_.resize(T * VD);  // [T, Hv, dv]
-        for (int64_t t = 0; t < T; ++t) {
-            const float* row = &conv_out_[t * C];
-            std::memcpy(&dq_[t * KD], row, sizeof(float) * KD);
-            std::memcpy(&dk_[t * KD], row + KD, sizeof(float) * KD);
-            std::memcpy(&dv_[t * VD], row + 2 * KD, sizeof(float) * VD);
-        }
-        l2norm_rows(dq_.data(), T * Hk, d, cfg_.rms_eps);
-        l2norm_rows(dk_.data(), T * Hk, d, cfg_.rms_eps);
+        float* dq = scratch(dq_, T * KD);  // [T, Hk, dk]
+        float* dk = scratch(dk_, T * KD);  // [T, Hk, dk]
+        float* dv = scratch(dv_, T * VD);  // [T, Hv, dv]
+        be.copy_rows(dq, KD, conv_out, C, T, KD);
+        be.copy_rows(dk, KD, conv_out + KD, C, T, KD);
+        be.copy_rows(dv, VD, conv_out + 2 * KD, C, T, VD);
+        be.l2norm_rows(dq, T * Hk, d, cfg_.rms_eps);
+        be.l2norm_rows(dk, T * Hk, d, cfg_.rms_eps);
 
-        core_.resize(T * VD);  // [T, Hv, dv]
+        float* core = scratch(core_, T * VD);  // [T, Hv, dv]
         DeltaNetArgs da;
-        da.q = dq_.data();
-        da.k = dk_.data();
-        da.v = dv_.data();
-        da.g = gdecay_.data();
-        da.beta = beta_.data();
-        da.state = seq.ssm_state[il].data();
-        da.out = core_.data();
+        da.q = dq;
+        da.k = dk;
+        da.v = dv;
+        da.g = gdecay;
+        da.beta = beta;
+        da.state = seq.ssm_state[il].as<float>();
+        da.out = core;
         da.n_tokens = T;
         da.n_k_heads = Hk;
         da.n_v_heads = Hv;
         da.k_dim = d;
         da.v_dim = d;
         da.scale = 1.0f / std::sqrt(static_cast<float>(d));
-        gated_delta_rule(pool_, da);
-        cb("attn_core", il, core_.data(), T, VD);
+        be.delta_rule(da);
+        cb("attn_core", il, core, T, VD);
 
-        rmsnorm_gated(core_.data(), w.norm.data(), z_.data(), core_.data(), T * Hv, d, cfg_.rms_eps);
-        matmul(pool_, w.ssm_out.type, w.ssm_out.data, H, VD, core_.data(), T, tmp_.data());  // [T, H]
+        be.rmsnorm_gated(core, w.norm, z, core, T * Hv, d, cfg_.rms_eps);
+        be.matmul(w.ssm_out, core, T, out);  // [T, H]
     }
 
-    // tmp_ [T, H] += sigmoid(xn_·w_gate_inp) · down(silu(gate(xn_)) · up(xn_)).
-    void shared_expert(const LayerWeights& lw, int il, int64_t T) {
-        const int64_t H = cfg_.n_embd, Is = lw.sh_up.ne[1];
-        sh_g_.resize(T * Is);
-        sh_u_.resize(T * Is);
-        sh_out_.resize(T * H);
-        sh_gate_.resize(T);
-        matmul(pool_, lw.sh_gate.type, lw.sh_gate.data, Is, H, xn_.data(), T, sh_g_.data());  // [T, Is]
-        matmul(pool_, lw.sh_up.type, lw.sh_up.data, Is, H, xn_.data(), T, sh_u_.data());      // [T, Is]
-        swiglu(sh_g_.data(), sh_u_.data(), sh_g_.data(), T * Is);
-        matmul(pool_, lw.sh_down.type, lw.sh_down.data, H, Is, sh_g_.data(), T, sh_out_.data());  // [T, H]
-        matmul(pool_, lw.sh_gate_inp.type, lw.sh_gate_inp.data, 1, H, xn_.data(), T, sh_gate_.data());  // [T, 1]
-        for (int64_t t = 0; t < T; ++t) {
-            const float gt = sigmoid(sh_gate_[t]);
-            for (int64_t i = 0; i < H; ++i) tmp_[t * H + i] += sh_out_[t * H + i] * gt;
-        }
-        cb("ffn_shexp", il, sh_out_.data(), T, H);
+    // out [T, H] += sigmoid(xn·w_gate_inp) · down(silu(gate(xn)) · up(xn)).
+    void shared_expert(const LayerWeights& lw, int il, int64_t T, const float* xn, float* out) {
+        const int64_t H = cfg_.n_embd, Is = lw.sh_up.n_out;
+        Backend& be = *be_;
+        float* sh_g = scratch(sh_g_, T * Is);
+        float* sh_u = scratch(sh_u_, T * Is);
+        float* sh_out = scratch(sh_out_, T * H);
+        float* sh_gate = scratch(sh_gate_, T);
+        be.matmul(lw.sh_gate, xn, T, sh_g);  // [T, Is]
+        be.matmul(lw.sh_up, xn, T, sh_u);    // [T, Is]
+        be.swiglu(sh_g, sh_u, sh_g, T * Is);
+        be.matmul(lw.sh_down, sh_g, T, sh_out);      // [T, H]
+        be.matmul(lw.sh_gate_inp, xn, T, sh_gate);  // [T, 1]
+        be.add_gated_rows(out, sh_out, sh_gate, T, H);
+        cb("ffn_shexp", il, sh_out, T, H);
     }
 
     std::vector<LayerWeights> layers_;
-    // Scratch for one chunk.
-    std::vector<float> x_, xn_, tmp_, probs_, sel_w_;
-    std::vector<int32_t> sel_ids_, pos_;
-    std::vector<float> qg_, q_, gate_, k_, v_, attn_, fused_;
-    std::vector<float> mixed_, z_, ba_, beta_, gdecay_, conv_out_, dq_, dk_, dv_, core_;
-    std::vector<float> sh_g_, sh_u_, sh_out_, sh_gate_;
+    // Scratch for one chunk, in the backend's memory.
+    Buffer x_, xn_, tmp_, probs_, sel_w_, sel_ids_;
+    Buffer qg_, q_, gate_, k_, v_, attn_, fused_;
+    Buffer mixed_, z_, ba_, beta_, gdecay_, conv_out_, dq_, dk_, dv_, core_;
+    Buffer sh_g_, sh_u_, sh_out_, sh_gate_;
 };
 
 }  // namespace

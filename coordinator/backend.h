@@ -1,0 +1,133 @@
+// The seam between the forward passes (coordinator/models/*.cpp) and the device they run on.
+// One forward pass, written once against this interface, runs on the CPU (CpuBackend: thin wrappers
+// over kernels/ops.h and an ExpertBackend, so numbers are exactly those of the CPU kernels) or on a
+// GPU (CudaBackend, coordinator/cuda_backend.cpp: kernels/cuda, experts resident in VRAM).
+//
+// Every pointer an op takes lives in the backend's memory: host memory for the CPU, device memory
+// for CUDA. Ops on CUDA are asynchronous (one stream); to_host() waits for them. Shapes as in
+// kernels/ops.h: row-major, W[n_out, k] as stored in GGUF, y = x · Wᵀ.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "common/status.h"
+#include "common/weights.h"
+#include "coordinator/expert_backend.h"
+#include "kernels/ops.h"
+
+namespace moemesh {
+
+// Memory owned by a backend (host or device), freed with the function it was allocated with; it
+// does not need the backend alive. Move-only.
+class Buffer {
+public:
+    using FreeFn = void (*)(void*);
+    Buffer() = default;
+    Buffer(void* p, size_t bytes, FreeFn free_fn) : p_(p), bytes_(bytes), free_(free_fn) {}
+    ~Buffer() { reset(); }
+    Buffer(Buffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_), free_(o.free_) { o.p_ = nullptr, o.bytes_ = 0; }
+    Buffer& operator=(Buffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            p_ = o.p_, bytes_ = o.bytes_, free_ = o.free_;
+            o.p_ = nullptr, o.bytes_ = 0;
+        }
+        return *this;
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    void* data() const { return p_; }
+    template <typename T>
+    T* as() const { return static_cast<T*>(p_); }
+    size_t bytes() const { return bytes_; }
+    explicit operator bool() const { return p_ != nullptr; }
+    void reset() {
+        if (p_ && free_) free_(p_);
+        p_ = nullptr, bytes_ = 0;
+    }
+
+private:
+    void* p_ = nullptr;
+    size_t bytes_ = 0;
+    FreeFn free_ = nullptr;
+};
+
+// A weight matrix W[n_out, k] of `type` in the backend's memory (CPU: the mapped file itself).
+struct BackendWeight {
+    GgmlType type = GgmlType::F32;
+    const void* data = nullptr;
+    int64_t n_out = 0, k = 0;
+    explicit operator bool() const { return data != nullptr; }
+};
+
+// Builds the routed-expert backend of a CPU model (see ModelOptions::experts).
+using ExpertBackendFactory =
+    std::function<StatusOr<std::unique_ptr<ExpertBackend>>(const GgufFile&, const ModelConfig&, ThreadPool&)>;
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;  // "cpu", "cuda:0"
+    virtual bool host_memory() const = 0;  // op pointers are host pointers
+
+    // ---- memory ----
+    virtual Buffer alloc(size_t bytes, bool zero) = 0;
+    virtual void to_device(void* dst, const void* src, size_t bytes) = 0;  // host → backend memory
+    virtual void to_host(void* dst, const void* src, size_t bytes) = 0;    // backend memory → host; waits
+    // Weight {k, n_out} (or 1-D {k}: n_out = 1) / vector copied into backend memory for the backend's
+    // lifetime (CPU: the weight stays in the mapped file).
+    virtual BackendWeight upload(const Weight& w) = 0;
+    virtual const float* upload(const std::vector<float>& v) = 0;
+    // Routed experts of every layer: `factory` (when set) builds an ExpertBackend (workers, caches)
+    // that moe() calls through host memory; otherwise the experts are loaded by the backend itself.
+    virtual Status load_experts(const GgufFile& f, const ModelConfig& c, const ExpertBackendFactory& factory,
+                                ThreadPool& pool) = 0;
+
+    // ---- ops (all pointers in backend memory) ----
+    virtual void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) = 0;  // y[m, n_out]
+    virtual void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) = 0;
+    virtual void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
+                               float eps) = 0;
+    virtual void l2norm_rows(float* x, int64_t rows, int64_t n, float eps) = 0;
+    virtual void swiglu(const float* g, const float* u, float* y, int64_t n) = 0;
+    virtual void add(float* y, const float* x, int64_t n) = 0;                 // y += x
+    virtual void mul_sigmoid(float* x, const float* gate, int64_t n) = 0;      // x *= sigmoid(gate)
+    // y[r, :] += x[r, :] · sigmoid(gate[r]) for r < rows of width n (the shared expert's gate).
+    virtual void add_gated_rows(float* y, const float* x, const float* gate, int64_t rows, int64_t n) = 0;
+    // dst[r, 0..cols) = src[r, 0..cols) with row strides in floats (splits of fused projections).
+    virtual void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows,
+                           int64_t cols) = 0;
+    // In place NEOX RoPE of x[T, heads, head_dim] at positions p0..p0+T-1.
+    virtual void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0,
+                      float theta) = 0;
+    // Writes T·n_kv values of src into a KV cache (f16 bits or f32) starting at element offset.
+    virtual void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) = 0;
+    virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches
+    // probs [T, E] router logits (overwritten) → ids/w [T, K] (route_topk's contract).
+    virtual void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) = 0;
+    // out[T, H] = Σ_j w[t, j] · Expert_{ids[t, j]}(x[t]) for layer `layer`.
+    virtual Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
+                       float* out) = 0;
+    // Gated DeltaNet: β = sigmoid(b), g = softplus(a + dt_bias)·A from ba [T, Hk, 2r] grouped per
+    // k-head as [b r | a r]; beta, g: [T, Hv] with v-head j = group·r + i.
+    virtual void delta_gates(const float* ba, const float* dt_bias, const float* a_log_neg, float* beta, float* g,
+                             int64_t T, int64_t Hk, int64_t r) = 0;
+    virtual void conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
+                             int64_t K) = 0;
+    virtual void delta_rule(const DeltaNetArgs& a) = 0;
+};
+
+// "cpu" | "cuda" | "cuda:N". Errors say why a device cannot be used (no CUDA in this build, no
+// device, index out of range).
+StatusOr<std::unique_ptr<Backend>> make_backend(const std::string& device, ThreadPool& pool);
+
+// The CPU backend alone (tests, tools).
+std::unique_ptr<Backend> make_cpu_backend(ThreadPool& pool);
+
+}  // namespace moemesh
