@@ -125,4 +125,26 @@ struct DeltaNetArgs {
 };
 void gated_delta_rule_recurrent(const DeltaNetArgs& a, cudaStream_t stream = nullptr);
 
+// ---- around the main ops (kernels/cuda/model_ops.cu), for the GPU-resident forward pass ----
+// x[i] *= sigmoid(gate[i]) over n elements.
+void mul_sigmoid(float* x, const float* gate, int64_t n, cudaStream_t stream = nullptr);
+// y[r, :] += x[r, :] · sigmoid(gate[r]) for r < rows of width n.
+void add_gated_rows(float* y, const float* x, const float* gate, int64_t rows, int64_t n,
+                    cudaStream_t stream = nullptr);
+// Gated DeltaNet gates from ba [T, Hk, 2r] grouped per k-head as [b r | a r]: for v-head j = grp·r + i,
+// beta[t, j] = sigmoid(b), g[t, j] = softplus(a + dt_bias[j]) · a_neg[j]. beta, g: [T, Hk·r].
+void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
+                 int64_t Hk, int64_t r, cudaStream_t stream = nullptr);
+// dst[i] = f16 bits of src[i] (round to nearest even), n elements (f16 KV-cache store).
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream = nullptr);
+// dst[i] = start + i for i < n.
+void iota_i32(int32_t* dst, int64_t n, int32_t start, cudaStream_t stream = nullptr);
+// dst[i, :] = src[idx[i], :] for i < n rows of `cols` floats.
+void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t cols,
+                 cudaStream_t stream = nullptr);
+// MoE combine: out[t, :] = Σ_{j<K} w[t, j] · y[slot[t, j], :] (slot null: slot[t, j] = t·K + j),
+// summed in j order. y: [n_slots, H]; w, slot: [T, K]; out: [T, H] (overwritten).
+void moe_combine(const float* y, const int32_t* slot, const float* w, float* out, int64_t T, int64_t K, int64_t H,
+                 cudaStream_t stream = nullptr);
+
 }  // namespace moemesh::cuda

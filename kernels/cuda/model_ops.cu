@@ -1,0 +1,119 @@
+// Small elementwise / data-movement kernels the GPU-resident forward pass needs around the main
+// ops (coordinator/cuda_backend.cpp): gates, KV-cache stores, positions, MoE gather and combine.
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda {
+
+namespace {
+
+using namespace detail;
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__global__ void mul_sigmoid_kernel(float* x, const float* gate, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= sigmoidf(gate[i]);
+}
+
+__global__ void add_gated_rows_kernel(float* y, const float* x, const float* gate, int64_t rows, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < rows * n) y[i] += x[i] * sigmoidf(gate[i / n]);
+}
+
+__global__ void delta_gates_kernel(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g,
+                                   int64_t T, int64_t Hk, int64_t r) {
+    const int64_t Hv = Hk * r;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= T * Hv) return;
+    const int64_t t = idx / Hv, j = idx % Hv, grp = j / r, i = j % r;
+    const float b = ba[t * 2 * Hv + grp * 2 * r + i];
+    const float a = ba[t * 2 * Hv + grp * 2 * r + r + i] + dt_bias[j];
+    beta[idx] = sigmoidf(b);
+    const float sp = a > 20.0f ? a : log1pf(expf(a));  // ggml_softplus
+    g[idx] = sp * a_neg[j];
+}
+
+__global__ void f32_to_f16_kernel(const float* src, uint16_t* dst, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __half_as_ushort(__float2half_rn(src[i]));
+}
+
+__global__ void iota_kernel(int32_t* dst, int64_t n, int32_t start) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = start + static_cast<int32_t>(i);
+}
+
+// One block per destination row.
+__global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* dst, int64_t cols) {
+    const float* s = src + static_cast<int64_t>(idx[blockIdx.x]) * cols;
+    float* d = dst + static_cast<int64_t>(blockIdx.x) * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
+// One block per token: out[t] = Σ_j w[t, j] · y[slot(t, j)], summed in j order as the CPU does.
+__global__ void moe_combine_kernel(const float* y, const int32_t* slot, const float* w, float* out, int K,
+                                   int64_t H) {
+    const int64_t t = blockIdx.x;
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < K; ++j) {
+            const int64_t p = t * K + j;
+            const int64_t s = slot ? slot[p] : p;
+            acc += w[p] * y[s * H + h];
+        }
+        out[t * H + h] = acc;
+    }
+}
+
+}  // namespace
+
+void mul_sigmoid(float* x, const float* gate, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return;
+    mul_sigmoid_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(x, gate, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void add_gated_rows(float* y, const float* x, const float* gate, int64_t rows, int64_t n, cudaStream_t stream) {
+    if (rows * n <= 0) return;
+    add_gated_rows_kernel<<<grid_1d(rows * n, kThreads), kThreads, 0, stream>>>(y, x, gate, rows, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
+                 int64_t Hk, int64_t r, cudaStream_t stream) {
+    const int64_t n = T * Hk * r;
+    if (n <= 0) return;
+    delta_gates_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(ba, dt_bias, a_neg, beta, g, T, Hk, r);
+    CUDA_CHECK_LAUNCH();
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return;
+    f32_to_f16_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, dst, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void iota_i32(int32_t* dst, int64_t n, int32_t start, cudaStream_t stream) {
+    if (n <= 0) return;
+    iota_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(dst, n, start);
+    CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t cols, cudaStream_t stream) {
+    if (n <= 0) return;
+    gather_rows_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(src, idx, dst, cols);
+    CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine(const float* y, const int32_t* slot, const float* w, float* out, int64_t T, int64_t K, int64_t H,
+                 cudaStream_t stream) {
+    if (T <= 0) return;
+    moe_combine_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(y, slot, w, out, static_cast<int>(K), H);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moemesh::cuda
