@@ -31,15 +31,24 @@ __device__ __forceinline__ float kv_at(const void* base, int64_t idx) {
 
 int64_t num_splits(const AttentionArgs& a) { return (a.n_past + a.n_tokens + kAttnSplit - 1) / kAttnSplit; }
 
+// n_past from device memory (graph replay) when n_past_dev is set; the splits this (n_past, T) needs.
+__device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_past_dev) {
+    return n_past_dev ? static_cast<int64_t>(*n_past_dev) : n_past;
+}
+
 template <bool kF16>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
-                      float* __restrict__ ws, int64_t n_past, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                      float scale) {
+                      float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
+                      int64_t n_head_kv, int64_t head_dim, float scale) {
     __shared__ float qs[kAttnMaxHeadDim];
     __shared__ float sc[kAttnSplit];
     __shared__ float red[kWarp];
+    // gridDim.x (the workspace stride) may exceed the splits this n_past needs (a graph launched for
+    // the context size): those blocks exit without writing; the merge reads only the needed ones.
     const int64_t sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
+    n_past = eff_n_past(n_past, n_past_dev);
+    if (sp * kAttnSplit >= n_past + gridDim.z) return;
     const int64_t n_kv = n_past + t + 1;
     const int64_t j0 = sp * kAttnSplit, j1 = min(j0 + kAttnSplit, n_kv);
     float* wsp = ws + ((t * n_head + h) * n_splits + sp) * (head_dim + 2);
@@ -81,9 +90,11 @@ __global__ void __launch_bounds__(kAttnThreads)
 }
 
 __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
-                                  int64_t head_dim, int64_t n_splits) {
+                                  int64_t head_dim, int64_t ws_splits, int64_t n_past,
+                                  const int32_t* __restrict__ n_past_dev) {
     const int64_t h = blockIdx.x, t = blockIdx.y;
-    const float* w0 = ws + (t * n_head + h) * n_splits * (head_dim + 2);
+    const int64_t n_splits = (eff_n_past(n_past, n_past_dev) + gridDim.y + kAttnSplit - 1) / kAttnSplit;
+    const float* w0 = ws + (t * n_head + h) * ws_splits * (head_dim + 2);
     float M = -INFINITY;
     for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, w0[s * (head_dim + 2) + head_dim]);
     float L = 0.0f;
@@ -108,25 +119,44 @@ size_t attention_workspace_bytes(const AttentionArgs& a) {
     return static_cast<size_t>(a.n_tokens * a.n_head * num_splits(a) * (a.head_dim + 2)) * sizeof(float);
 }
 
-void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
+size_t attention_workspace_bytes(const AttentionArgs& a, int64_t n_ctx) {
+    return static_cast<size_t>(a.n_tokens * a.n_head * ((n_ctx + kAttnSplit - 1) / kAttnSplit) * (a.head_dim + 2)) *
+           sizeof(float);
+}
+
+namespace {
+
+void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, void* workspace,
+                      cudaStream_t stream) {
     MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
     MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
     if (a.n_tokens <= 0) return;
-    const int64_t n_splits = num_splits(a);
     auto* ws = static_cast<float*>(workspace);
     const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
                     static_cast<unsigned>(a.n_tokens));
     if (a.kv_f16)
-        attn_split_kernel<true><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, a.n_head,
+        attn_split_kernel<true><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
                                                                    a.n_head_kv, a.head_dim, a.scale);
     else
-        attn_split_kernel<false><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, a.n_head,
-                                                                    a.n_head_kv, a.head_dim, a.scale);
+        attn_split_kernel<false><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
+                                                                    a.n_head, a.n_head_kv, a.head_dim, a.scale);
     CUDA_CHECK_LAUNCH();
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
-    attn_merge_kernel<<<mgrid, kAttnThreads, 0, stream>>>(ws, a.out, a.n_head, a.head_dim, n_splits);
+    attn_merge_kernel<<<mgrid, kAttnThreads, 0, stream>>>(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
+                                                          n_past_dev);
     CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
+    attention_launch(a, nullptr, num_splits(a), workspace, stream);
+}
+
+void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_ctx, void* workspace,
+                   cudaStream_t stream) {
+    attention_launch(a, n_past_dev, (n_ctx + kAttnSplit - 1) / kAttnSplit, workspace, stream);
 }
 
 }  // namespace moemesh::cuda

@@ -101,6 +101,14 @@ struct AttentionArgs {
 };
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
+// The same attention with n_past read from device memory (*n_past_dev; a.n_past is ignored), for a
+// launch recorded once in a CUDA graph and replayed at every position: the grid covers the splits of
+// n_ctx keys (blocks past n_past + T exit at once), the merge reads only the splits in use, so the
+// result is bitwise that of attention() at the same n_past. n_past + T <= n_ctx. workspace:
+// attention_workspace_bytes(a, n_ctx).
+size_t attention_workspace_bytes(const AttentionArgs& a, int64_t n_ctx);
+void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_ctx, void* workspace,
+                   cudaStream_t stream = nullptr);
 
 // ---- gated DeltaNet (kernels/cuda/delta_net.cu), the contract of kernels/ops.h ----
 // y[T, C] = silu(causal depthwise conv of [state; x] with w[C, K]); state[K-1, C] is updated to the
@@ -139,6 +147,12 @@ void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, floa
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream = nullptr);
 // dst[i] = start + i for i < n.
 void iota_i32(int32_t* dst, int64_t n, int32_t start, cudaStream_t stream = nullptr);
+// dst[i] = *start + i for i < n (start in device memory: CUDA-graph replays).
+void iota_i32_dev(int32_t* dst, int64_t n, const int32_t* start, cudaStream_t stream = nullptr);
+// KV-cache store at a position in device memory: cache[*pos · n + i] = src[i] for i < n, as f16 bits
+// (rounded as f32_to_f16) when f16, else f32.
+void store_row_dev(const float* src, void* cache, int64_t n, const int32_t* pos, bool f16,
+                   cudaStream_t stream = nullptr);
 // dst[i, :] = src[idx[i], :] for i < n rows of `cols` floats.
 void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t cols,
                  cudaStream_t stream = nullptr);

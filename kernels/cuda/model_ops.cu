@@ -47,6 +47,20 @@ __global__ void iota_kernel(int32_t* dst, int64_t n, int32_t start) {
     if (i < n) dst[i] = start + static_cast<int32_t>(i);
 }
 
+__global__ void iota_dev_kernel(int32_t* dst, int64_t n, const int32_t* start) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = *start + static_cast<int32_t>(i);
+}
+
+template <bool kF16>
+__global__ void store_row_dev_kernel(const float* src, void* cache, int64_t n, const int32_t* pos) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int64_t o = static_cast<int64_t>(*pos) * n + i;
+    if constexpr (kF16) static_cast<uint16_t*>(cache)[o] = __half_as_ushort(__float2half_rn(src[i]));
+    else static_cast<float*>(cache)[o] = src[i];
+}
+
 // One block per destination row.
 __global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* dst, int64_t cols) {
     const float* s = src + static_cast<int64_t>(idx[blockIdx.x]) * cols;
@@ -100,6 +114,19 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream)
 void iota_i32(int32_t* dst, int64_t n, int32_t start, cudaStream_t stream) {
     if (n <= 0) return;
     iota_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(dst, n, start);
+    CUDA_CHECK_LAUNCH();
+}
+
+void iota_i32_dev(int32_t* dst, int64_t n, const int32_t* start, cudaStream_t stream) {
+    if (n <= 0) return;
+    iota_dev_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(dst, n, start);
+    CUDA_CHECK_LAUNCH();
+}
+
+void store_row_dev(const float* src, void* cache, int64_t n, const int32_t* pos, bool f16, cudaStream_t stream) {
+    if (n <= 0) return;
+    if (f16) store_row_dev_kernel<true><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, cache, n, pos);
+    else store_row_dev_kernel<false><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, cache, n, pos);
     CUDA_CHECK_LAUNCH();
 }
 
