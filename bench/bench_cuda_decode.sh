@@ -10,7 +10,10 @@
 # time and the lm_head are reported apart so the 48-layer figure can be estimated).
 #
 #   bench/bench_cuda_decode.sh [--moemesh BIN] [--gemv BIN] [--layers N] [--types "q4_k q8_0"]
-#                              [--gen N] [--reps N] [--dir DIR] [--keep] [--device cuda:0]
+#                              [--gen N] [--reps N] [--dir DIR] [--keep] [--device cuda:0] [--graphs "0 1"]
+#
+# --graphs: one row per MOEMESH_CUDA_GRAPHS value (1: decode steps replayed from a CUDA graph, the
+# default; 0: launched op by op), same file, same card, side by side.
 set -euo pipefail
 
 MOEMESH=${MOEMESH:-build-cuda/moemesh}
@@ -22,6 +25,7 @@ REPS=2
 DIR=${TMPDIR:-/tmp}/moemesh-bench-cuda
 KEEP=0
 DEVICE=cuda:0
+GRAPHS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --moemesh) MOEMESH=$2; shift 2 ;;
@@ -33,7 +37,8 @@ while [ $# -gt 0 ]; do
     --dir) DIR=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --device) DEVICE=$2; shift 2 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    --graphs) GRAPHS=$2; shift 2 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -49,8 +54,8 @@ BW=$(echo "$hdr" | sed -n 's/.*D2D copy \([0-9.]*\) GB\/s.*/\1/p')
 [ -n "$BW" ] || { echo "no copy bandwidth from $GEMV: $hdr" >&2; exit 1; }
 
 PROMPT=$(seq 1 16 | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}')
-printf '\n| type | layers | MB touched/token | prompt t/s | decode t/s | ms/token | achieved GB/s | roofline t/s (%s GB/s) | %% of roofline |\n' "$BW"
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '\n| type | graphs | layers | MB touched/token | prompt t/s | decode t/s | ms/token | achieved GB/s | roofline t/s (%s GB/s) | %% of roofline |\n' "$BW"
+printf '|---|---|---|---|---|---|---|---|---|---|\n'
 for T in $TYPES; do
   M="$DIR/q30b-L$LAYERS-$T.gguf"
   if [ ! -f "$M" ]; then
@@ -65,17 +70,19 @@ for T in $TYPES; do
                           if ($i ~ /^top-/) { split($i, a, "-"); K = a[2] + 0 } } }
     $1 ~ /\.weight$/ && $NF ~ /^[0-9]+$/ { b = $NF + 0; if ($1 ~ /_exps\./) ex += b; else if ($1 == "token_embd.weight") em += b; else ot += b }
     END { printf "%.0f", ot + em / V + ex * K / E }')
-  best=""; prompt_tps=""
-  for r in $(seq 1 "$REPS"); do
-    line=$("$MOEMESH" run --model "$M" --device "$DEVICE" --tokens "$PROMPT" -n "$GEN" --greedy --ignore-eos --ctx 512 \
-             2>&1 >/dev/null | grep 'decode:' | tail -n 1)
-    echo "  $T rep $r: $line" >&2
-    tps=$(echo "$line" | sed -n 's/.*decode: [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/p')
-    ptps=$(echo "$line" | sed -n 's/^prompt: [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/p')
-    if [ -z "$best" ] || awk -v a="$tps" -v b="$best" 'BEGIN { exit !(a > b) }'; then best=$tps; prompt_tps=$ptps; fi
+  for G in $GRAPHS; do
+    best=""; prompt_tps=""
+    for r in $(seq 1 "$REPS"); do
+      line=$(MOEMESH_CUDA_GRAPHS=$G "$MOEMESH" run --model "$M" --device "$DEVICE" --tokens "$PROMPT" -n "$GEN" --greedy --ignore-eos --ctx 512 \
+               2>&1 >/dev/null | grep 'decode:' | tail -n 1)
+      echo "  $T graphs=$G rep $r: $line" >&2
+      tps=$(echo "$line" | sed -n 's/.*decode: [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/p')
+      ptps=$(echo "$line" | sed -n 's/^prompt: [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/p')
+      if [ -z "$best" ] || awk -v a="$tps" -v b="$best" 'BEGIN { exit !(a > b) }'; then best=$tps; prompt_tps=$ptps; fi
+    done
+    awk -v t="$T" -v g="$G" -v L="$LAYERS" -v B="$TOUCHED" -v tps="$best" -v p="$prompt_tps" -v bw="$BW" 'BEGIN {
+      roof = bw * 1e9 / B
+      printf "| %s | %s | %d | %.1f | %s | %.1f | %.3f | %.0f | %.0f | %.1f%% |\n", t, g, L, B / 1e6, p, tps, 1000 / tps, B * tps / 1e9, roof, 100 * tps / roof }'
   done
-  awk -v t="$T" -v L="$LAYERS" -v B="$TOUCHED" -v tps="$best" -v p="$prompt_tps" -v bw="$BW" 'BEGIN {
-    roof = bw * 1e9 / B
-    printf "| %s | %d | %.1f | %s | %.1f | %.3f | %.0f | %.0f | %.1f%% |\n", t, L, B / 1e6, p, tps, 1000 / tps, B * tps / 1e9, roof, 100 * tps / roof }'
   [ "$KEEP" = 1 ] || rm -f "$M"
 done

@@ -1,14 +1,33 @@
 // CudaBackend: the Backend of coordinator/backend.h on one GPU. Weights, norm vectors, the routed
 // experts, activations and every sequence's KV / conv / recurrent state live in VRAM; the host
 // sees only token ids in and logits out (plus the expert ids of a prompt chunk, for grouping).
-// All work is queued on the legacy default stream; to_host() (a synchronous copy) waits for it.
+// All work is queued on one stream of the backend (a blocking stream: the legacy stream's copies
+// and memsets stay ordered with it).
+//
+// Decode steps in a CUDA graph (MOEMESH_CUDA_GRAPHS=0 turns this off: every op then launches at
+// once). With graphs on, ops are recorded (a closure + a key of their arguments) instead of launched
+// and run at the next sync point (to_host, alloc, a free, a host-synchronising op). A recorded step
+// is replayed from a graph when it is a decode step (T == 1, experts resident: the MoE is matmul_id
+// on the router's device ids) and its key sequence equals the last captured one; when it equals the
+// previous step's keys (shapes stable) it is captured (cudaStreamBeginCapture ... EndCapture, then
+// cudaGraphExecUpdate of the old graph or a fresh cudaGraphInstantiate); otherwise the closures run
+// one by one. What changes per step is not in the keys: the position p0 (rope positions, the
+// KV-cache row, attention's n_past) is read by the kernels from device memory, copied there from a
+// pinned word before each launch; attention is launched for the splits of the whole cache and its
+// extra blocks exit (kernels/cuda/attention.cu attention_dev); the token embedding is copied into
+// the graph from a pinned staging slot. Results are bitwise those of the eager path. Logits come back
+// through a pinned buffer (cudaMemcpyAsync in the same graph) in both modes.
 //
 // Compiled only when the CUDA block of CMakeLists.txt is active (MOEMESH_HAVE_CUDA).
 #ifdef MOEMESH_HAVE_CUDA
 #include "coordinator/cuda_backend.h"
 
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
+#include <functional>
 #include <unordered_map>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -18,7 +37,30 @@ namespace moemesh {
 
 namespace {
 
-void free_device(void* p) { (void)cudaFree(p); }  // may run after the context is gone at exit
+class CudaBackend;
+// The backend of this thread with recorded, not yet launched ops: flushed before any device free,
+// so no recorded op outlives the memory it names.
+thread_local CudaBackend* t_pending = nullptr;
+void flush_pending();
+
+void free_device(void* p) {  // may run after the context is gone at exit
+    flush_pending();
+    (void)cudaFree(p);
+}
+
+std::atomic<int64_t> g_captures{0}, g_replays{0}, g_eager_steps{0};
+
+int64_t P(const void* p) { return static_cast<int64_t>(reinterpret_cast<intptr_t>(p)); }
+int64_t F(float f) {
+    int32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
+}
+
+bool graphs_enabled() {
+    const char* e = std::getenv("MOEMESH_CUDA_GRAPHS");
+    return !(e && std::strcmp(e, "0") == 0);
+}
 
 // One layer's stacked routed experts in VRAM: gate/up [E, I, H], down [E, H, I] (GGUF layout).
 struct ResidentExperts {
@@ -31,21 +73,65 @@ struct ResidentExperts {
 
 class CudaBackend final : public Backend {
 public:
-    CudaBackend(int index, std::string name) : index_(index), name_(std::move(name)) {}
+    CudaBackend(int index, std::string name) : index_(index), name_(std::move(name)), defer_(graphs_enabled()) {
+        CUDA_CHECK(cudaStreamCreate(&stream_));  // blocking: ordered with the legacy stream
+        CUDA_CHECK(cudaMalloc(&d_p0_, sizeof(int32_t)));
+        CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h_p0_), sizeof(int32_t), cudaHostAllocDefault));
+        CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h_up_), kUploadCap, cudaHostAllocDefault));
+    }
+    ~CudaBackend() override {
+        flush();
+        if (exec_) (void)cudaGraphExecDestroy(exec_);
+        (void)cudaFreeHost(h_dl_);
+        (void)cudaFreeHost(h_up_);
+        (void)cudaFreeHost(h_p0_);
+        (void)cudaFree(d_p0_);
+        (void)cudaStreamDestroy(stream_);
+        if (replays_ > 0 || captures_ > 0)
+            std::fprintf(stderr, "%s: decode graph: %lld capture(s), %lld replay(s), %lld recorded step(s) run op by op\n",
+                         name().c_str(), static_cast<long long>(captures_), static_cast<long long>(replays_),
+                         static_cast<long long>(eager_));
+    }
     std::string name() const override { return "cuda:" + std::to_string(index_); }
     bool host_memory() const override { return false; }
 
     Buffer alloc(size_t bytes, bool zero) override {
+        flush();  // a recorded op may name a buffer this allocation replaces
         void* p = nullptr;
         CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
         if (zero) CUDA_CHECK(cudaMemset(p, 0, std::max<size_t>(bytes, 1)));
+        sizes_[p] = bytes;
         return Buffer(p, bytes, free_device);
     }
     void to_device(void* dst, const void* src, size_t bytes) override {
-        CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+        if (!defer_ || bytes > kUploadCap - up_used_) {
+            flush();
+            CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+            return;
+        }
+        // Staged in pinned memory now, copied in stream order (a memcpy node of the graph).
+        const size_t off = up_used_;
+        std::memcpy(h_up_ + off, src, bytes);
+        up_used_ += (bytes + 255) / 256 * 256;
+        uint8_t* from = h_up_ + off;
+        enqueue({1, P(dst), static_cast<int64_t>(bytes), static_cast<int64_t>(off)}, [=, this](bool) {
+            CUDA_CHECK(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyHostToDevice, stream_));
+        });
     }
     void to_host(void* dst, const void* src, size_t bytes) override {
-        CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+        if (dl_cap_ < bytes) {
+            flush();
+            (void)cudaFreeHost(h_dl_);
+            CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h_dl_), bytes, cudaHostAllocDefault));
+            dl_cap_ = bytes;
+        }
+        uint8_t* to = h_dl_;
+        enqueue({2, P(src), static_cast<int64_t>(bytes), P(to)}, [=, this](bool) {
+            CUDA_CHECK(cudaMemcpyAsync(to, src, bytes, cudaMemcpyDeviceToHost, stream_));
+        });
+        flush();
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+        std::memcpy(dst, to, bytes);
     }
     BackendWeight upload(const Weight& w) override {
         if (!w) return {};
@@ -100,77 +186,209 @@ public:
     }
 
     void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) override {
-        cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y);
+        enqueue({3, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), m, P(y)},
+                [=, this](bool) { cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_); });
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
-        cuda::rmsnorm(x, w, y, rows, n, eps);
+        enqueue({4, P(x), P(w), P(y), rows, n, F(eps)},
+                [=, this](bool) { cuda::rmsnorm(x, w, y, rows, n, eps, stream_); });
     }
     void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
                        float eps) override {
-        cuda::rmsnorm_gated(x, w, z, y, rows, n, eps);
+        enqueue({5, P(x), P(w), P(z), P(y), rows, n, F(eps)},
+                [=, this](bool) { cuda::rmsnorm_gated(x, w, z, y, rows, n, eps, stream_); });
     }
-    void l2norm_rows(float* x, int64_t rows, int64_t n, float eps) override { cuda::l2norm_rows(x, rows, n, eps); }
-    void swiglu(const float* g, const float* u, float* y, int64_t n) override { cuda::swiglu(g, u, y, n); }
-    void add(float* y, const float* x, int64_t n) override { cuda::add_inplace(y, x, n); }
-    void mul_sigmoid(float* x, const float* gate, int64_t n) override { cuda::mul_sigmoid(x, gate, n); }
+    void l2norm_rows(float* x, int64_t rows, int64_t n, float eps) override {
+        enqueue({6, P(x), rows, n, F(eps)}, [=, this](bool) { cuda::l2norm_rows(x, rows, n, eps, stream_); });
+    }
+    void swiglu(const float* g, const float* u, float* y, int64_t n) override {
+        enqueue({7, P(g), P(u), P(y), n}, [=, this](bool) { cuda::swiglu(g, u, y, n, stream_); });
+    }
+    void add(float* y, const float* x, int64_t n) override {
+        enqueue({8, P(y), P(x), n}, [=, this](bool) { cuda::add_inplace(y, x, n, stream_); });
+    }
+    void mul_sigmoid(float* x, const float* gate, int64_t n) override {
+        enqueue({9, P(x), P(gate), n}, [=, this](bool) { cuda::mul_sigmoid(x, gate, n, stream_); });
+    }
     void add_gated_rows(float* y, const float* x, const float* gate, int64_t rows, int64_t n) override {
-        cuda::add_gated_rows(y, x, gate, rows, n);
+        enqueue({10, P(y), P(x), P(gate), rows, n},
+                [=, this](bool) { cuda::add_gated_rows(y, x, gate, rows, n, stream_); });
     }
     void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows,
                    int64_t cols) override {
         if (rows <= 0 || cols <= 0) return;
-        CUDA_CHECK(cudaMemcpy2DAsync(dst, sizeof(float) * dst_stride, src, sizeof(float) * src_stride,
-                                     sizeof(float) * cols, rows, cudaMemcpyDeviceToDevice, nullptr));
+        enqueue({11, P(dst), dst_stride, P(src), src_stride, rows, cols}, [=, this](bool) {
+            CUDA_CHECK(cudaMemcpy2DAsync(dst, sizeof(float) * dst_stride, src, sizeof(float) * src_stride,
+                                         sizeof(float) * cols, rows, cudaMemcpyDeviceToDevice, stream_));
+        });
     }
     void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0, float theta) override {
         int32_t* pos = grow<int32_t>(pos_, T);
-        cuda::iota_i32(pos, T, static_cast<int32_t>(p0));
-        cuda::rope_neox(x, T, heads, head_dim, rot_dim, pos, theta);
+        note_step(p0, T);
+        enqueue({12, P(x), T, heads, head_dim, rot_dim, F(theta), P(pos)}, [=, this](bool dev) {
+            if (dev) cuda::iota_i32_dev(pos, T, d_p0_, stream_);
+            else cuda::iota_i32(pos, T, static_cast<int32_t>(p0), stream_);
+            cuda::rope_neox(x, T, heads, head_dim, rot_dim, pos, theta, stream_);
+        });
     }
     void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) override {
-        if (f16) {
-            cuda::f32_to_f16(src, static_cast<uint16_t*>(cache) + offset, n);
-        } else {
-            CUDA_CHECK(cudaMemcpyAsync(static_cast<float*>(cache) + offset, src, sizeof(float) * n,
-                                       cudaMemcpyDeviceToDevice, nullptr));
-        }
+        // One row (decode) at row offset / n: that position must be the step's p0.
+        if (offset % std::max<int64_t>(n, 1) == 0) note_step(offset / std::max<int64_t>(n, 1), 1);
+        else graphable_ = false;
+        enqueue({13, P(cache), P(src), n, f16}, [=, this](bool dev) {
+            if (dev) {
+                cuda::store_row_dev(src, cache, n, d_p0_, f16, stream_);
+            } else if (f16) {
+                cuda::f32_to_f16(src, static_cast<uint16_t*>(cache) + offset, n, stream_);
+            } else {
+                CUDA_CHECK(cudaMemcpyAsync(static_cast<float*>(cache) + offset, src, sizeof(float) * n,
+                                           cudaMemcpyDeviceToDevice, stream_));
+            }
+        });
     }
     void attention(const AttentionArgs& a) override {
         const cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
                                      a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
-        void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
-        cuda::attention(ga, ws);
+        if (!defer_) {
+            void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
+            cuda::attention(ga, ws, stream_);
+            return;
+        }
+        // The cache's context from its allocation: the workspace and a graph's grid cover all of it.
+        int64_t n_ctx = a.n_past + a.n_tokens;
+        const auto it = sizes_.find(a.k);
+        if (it != sizes_.end()) n_ctx = std::max<int64_t>(n_ctx, static_cast<int64_t>(it->second) /
+                                               (a.n_head_kv * a.head_dim * (a.kv_f16 ? 2 : 4)));
+        else graphable_ = false;
+        void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga, n_ctx)));
+        note_step(a.n_past, a.n_tokens);
+        enqueue({14, P(a.q), P(a.k), P(a.v), P(a.out), a.n_tokens, a.n_head, a.n_head_kv, a.head_dim, a.kv_f16,
+                 F(a.scale), P(ws), n_ctx},
+                [=, this](bool dev) {
+                    if (dev) cuda::attention_dev(ga, d_p0_, n_ctx, ws, stream_);
+                    else cuda::attention(ga, ws, stream_);
+                });
     }
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
-        cuda::softmax_topk(probs, T, E, K, norm, ids, w);
+        enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
+                [=, this](bool) { cuda::softmax_topk(probs, T, E, K, norm, ids, w, stream_); });
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
-        if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
+        if (host_experts_ || T != 1) {  // host-synchronising: whatever was recorded runs first
+            flush();
+            if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
+            return moe_grouped(experts_[layer], x, T, K, ids, w, out);
+        }
         const ResidentExperts& r = experts_[layer];
-        return T == 1 ? moe_decode(r, x, K, ids, w, out) : moe_grouped(r, x, T, K, ids, w, out);
+        float* g = grow<float>(g_, K * I_);
+        float* u = grow<float>(u_, K * I_);
+        float* y = grow<float>(y_, K * H_);
+        decode_step_ = true;
+        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y)},
+                [=, this, &r](bool) { moe_decode(r, x, K, ids, w, out, g, u, y); });
+        return Status();
     }
     void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
                      int64_t Hk, int64_t r) override {
-        cuda::delta_gates(ba, dt_bias, a_neg, beta, g, T, Hk, r);
+        enqueue({17, P(ba), P(dt_bias), P(a_neg), P(beta), P(g), T, Hk, r},
+                [=, this](bool) { cuda::delta_gates(ba, dt_bias, a_neg, beta, g, T, Hk, r, stream_); });
     }
     void conv1d_silu(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C,
                      int64_t K) override {
-        cuda::conv1d_silu_causal(x, w, state, y, T, C, K);
+        enqueue({18, P(x), P(w), P(state), P(y), T, C, K},
+                [=, this](bool) { cuda::conv1d_silu_causal(x, w, state, y, T, C, K, stream_); });
     }
     void delta_rule(const DeltaNetArgs& a) override {
         cuda::DeltaNetArgs d;
         d.q = a.q, d.k = a.k, d.v = a.v, d.g = a.g, d.beta = a.beta, d.state = a.state, d.out = a.out;
         d.n_tokens = a.n_tokens, d.n_k_heads = a.n_k_heads, d.n_v_heads = a.n_v_heads;
         d.k_dim = a.k_dim, d.v_dim = a.v_dim, d.scale = a.scale;
-        cuda::gated_delta_rule_recurrent(d);
+        enqueue({19, P(d.q), P(d.k), P(d.v), P(d.g), P(d.beta), P(d.state), P(d.out), d.n_tokens, d.n_k_heads,
+                 d.n_v_heads, d.k_dim, d.v_dim, F(d.scale)},
+                [=, this](bool) { cuda::gated_delta_rule_recurrent(d, stream_); });
+    }
+
+    // Runs what was recorded: a graph replay, a capture + replay, or op by op; then waits for the
+    // stream. No-op when nothing is recorded.
+    void flush() {
+        if (pending_.empty()) return;
+        if (t_pending == this) t_pending = nullptr;
+        std::vector<std::function<void(bool)>> ops;
+        ops.swap(pending_);
+        const bool graph = graphable_ && decode_step_ && ops.size() >= 8;
+        const int32_t p0 = static_cast<int32_t>(std::max<int64_t>(step_p0_, 0));
+        graphable_ = true, decode_step_ = false, step_p0_ = -1, up_used_ = 0;
+        if (graph && !(exec_ && sig_ == exec_sig_) && sig_ == prev_sig_) capture(ops);
+        if (graph && exec_ && sig_ == exec_sig_) {
+            *h_p0_ = p0;
+            CUDA_CHECK(cudaMemcpyAsync(d_p0_, h_p0_, sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+            CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+            ++replays_, ++g_replays;
+        } else {
+            for (auto& op : ops) op(false);
+            if (graph) ++eager_, ++g_eager_steps;
+        }
+        prev_sig_.swap(sig_);
+        sig_.clear();
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
     }
 
 private:
+    static constexpr size_t kUploadCap = size_t{1} << 20;  // pinned staging for to_device within a step
+
+    // Launches f now (graphs off) or records it with its key for the next flush().
+    template <typename Fn>
+    void enqueue(std::initializer_list<int64_t> key, Fn&& f) {
+        if (!defer_) return f(false);
+        if (t_pending && t_pending != this) t_pending->flush();
+        t_pending = this;
+        sig_.push_back(static_cast<int64_t>(key.size()));
+        sig_.insert(sig_.end(), key.begin(), key.end());
+        pending_.emplace_back(std::forward<Fn>(f));
+    }
+    // An op at positions p0 .. p0 + T - 1: a step is graphed only when all of them agree and T == 1.
+    void note_step(int64_t p0, int64_t T) {
+        if (T != 1 || (step_p0_ >= 0 && step_p0_ != p0) || p0 > INT32_MAX) graphable_ = false;
+        if (step_p0_ < 0) step_p0_ = p0;
+    }
+    // Records the ops into a graph (device-side p0) and makes exec_ run it. A capture the runtime
+    // refuses turns graphs off for this backend (with a message) instead of aborting.
+    void capture(std::vector<std::function<void(bool)>>& ops) {
+        auto give_up = [&](const char* what, cudaError_t e) {
+            std::fprintf(stderr, "%s: CUDA graph %s failed (%s); decode steps run op by op from now on\n",
+                         name().c_str(), what, cudaGetErrorString(e));
+            (void)cudaGetLastError();
+            defer_ = false;
+        };
+        cudaGraph_t g = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
+        if (e != cudaSuccess) return give_up("capture", e);
+        for (auto& op : ops) op(true);
+        e = cudaStreamEndCapture(stream_, &g);
+        if (e != cudaSuccess) return give_up("capture", e);
+        if (exec_) {
+            cudaGraphExecUpdateResultInfo info{};
+            if (cudaGraphExecUpdate(exec_, g, &info) != cudaSuccess) {
+                (void)cudaGetLastError();
+                (void)cudaGraphExecDestroy(exec_);
+                exec_ = nullptr;
+            }
+        }
+        if (!exec_) e = cudaGraphInstantiate(&exec_, g, 0);
+        (void)cudaGraphDestroy(g);
+        if (e != cudaSuccess) {
+            exec_ = nullptr;
+            return give_up("instantiation", e);
+        }
+        exec_sig_ = sig_;
+        ++captures_, ++g_captures;
+    }
+
     // A device copy of `bytes` host bytes, kept for the backend's lifetime.
     const void* keep(const void* src, size_t bytes) {
         Buffer b = alloc(bytes, false);
-        to_device(b.data(), src, bytes);
+        CUDA_CHECK(cudaMemcpy(b.data(), src, bytes, cudaMemcpyHostToDevice));
         resident_ += bytes;
         return owned_.emplace_back(std::move(b)).data();
     }
@@ -181,19 +399,16 @@ private:
         return b.as<T>();
     }
 
-    // One token: the K selected experts in three expert-indexed GEMVs (weights read once each).
-    Status moe_decode(const ResidentExperts& r, const float* x, int64_t K, const int32_t* ids, const float* w,
-                      float* out) {
+    // One token: the K selected experts in three expert-indexed GEMVs (weights read once each); the
+    // router's ids stay on the device. g, u: [K, I]; y: [K, H].
+    void moe_decode(const ResidentExperts& r, const float* x, int64_t K, const int32_t* ids, const float* w,
+                    float* out, float* g, float* u, float* y) {
         const int64_t H = H_, I = I_;
-        float* g = grow<float>(g_, K * I);
-        float* u = grow<float>(u_, K * I);
-        float* y = grow<float>(y_, K * H);
-        cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g);  // [K, I]
-        cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u);    // [K, I]
-        cuda::swiglu(g, u, g, K * I);
-        cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y);  // [K, H]
-        cuda::moe_combine(y, nullptr, w, out, 1, K, H);
-        return Status();
+        cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g, stream_);  // [K, I]
+        cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
+        cuda::swiglu(g, u, g, K * I, stream_);
+        cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
+        cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
     }
 
     // A prompt chunk: group the T·K (token, expert) pairs by expert on the host, gather each
@@ -202,7 +417,7 @@ private:
                        const float* w, float* out) {
         const int64_t H = H_, I = I_, n = T * K, E = static_cast<int64_t>(count_.size());
         ids_host_.resize(static_cast<size_t>(n));
-        to_host(ids_host_.data(), ids, sizeof(int32_t) * n);
+        CUDA_CHECK(cudaMemcpy(ids_host_.data(), ids, sizeof(int32_t) * n, cudaMemcpyDeviceToHost));
         std::fill(count_.begin(), count_.end(), 0);
         for (int64_t p = 0; p < n; ++p) ++count_[ids_host_[p]];
         offset_.assign(static_cast<size_t>(E) + 1, 0);
@@ -216,25 +431,25 @@ private:
             maps_host_[n + p] = static_cast<int32_t>(s);
         }
         int32_t* maps = grow<int32_t>(maps_, 2 * n);
-        to_device(maps, maps_host_.data(), sizeof(int32_t) * 2 * n);
+        CUDA_CHECK(cudaMemcpy(maps, maps_host_.data(), sizeof(int32_t) * 2 * n, cudaMemcpyHostToDevice));
         float* xs = grow<float>(xs_, n * H);
         float* g = grow<float>(g_, n * I);
         float* u = grow<float>(u_, n * I);
         float* y = grow<float>(y_, n * H);
-        cuda::gather_rows(x, maps, xs, n, H);  // [n, H] grouped by expert
+        cuda::gather_rows(x, maps, xs, n, H, stream_);  // [n, H] grouped by expert
         for (int64_t e = 0; e < E; ++e) {
             const int64_t m = count_[e], o = offset_[e];
             if (m == 0) continue;
-            cuda::matmul(r.tg, r.gate + e * r.mb_g, I, H, xs + o * H, m, g + o * I);
-            cuda::matmul(r.tu, r.up + e * r.mb_u, I, H, xs + o * H, m, u + o * I);
+            cuda::matmul(r.tg, r.gate + e * r.mb_g, I, H, xs + o * H, m, g + o * I, stream_);
+            cuda::matmul(r.tu, r.up + e * r.mb_u, I, H, xs + o * H, m, u + o * I, stream_);
         }
-        cuda::swiglu(g, u, g, n * I);
+        cuda::swiglu(g, u, g, n * I, stream_);
         for (int64_t e = 0; e < E; ++e) {
             const int64_t m = count_[e], o = offset_[e];
             if (m == 0) continue;
-            cuda::matmul(r.td, r.down + e * r.mb_d, H, I, g + o * I, m, y + o * H);
+            cuda::matmul(r.td, r.down + e * r.mb_d, H, I, g + o * I, m, y + o * H, stream_);
         }
-        cuda::moe_combine(y, maps + n, w, out, T, K, H);
+        cuda::moe_combine(y, maps + n, w, out, T, K, H, stream_);
         return Status();
     }
 
@@ -246,12 +461,12 @@ private:
         hout_.resize(static_cast<size_t>(T * H));
         hw_.resize(static_cast<size_t>(T * K));
         ids_host_.resize(static_cast<size_t>(T * K));
-        to_host(hx_.data(), x, sizeof(float) * T * H);
-        to_host(ids_host_.data(), ids, sizeof(int32_t) * T * K);
-        to_host(hw_.data(), w, sizeof(float) * T * K);
+        CUDA_CHECK(cudaMemcpy(hx_.data(), x, sizeof(float) * T * H, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(ids_host_.data(), ids, sizeof(int32_t) * T * K, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(hw_.data(), w, sizeof(float) * T * K, cudaMemcpyDeviceToHost));
         MM_RETURN_IF_ERROR(host_experts_->moe_forward(layer, hx_.data(), T, K, ids_host_.data(), hw_.data(),
                                                       hout_.data()));
-        to_device(out, hout_.data(), sizeof(float) * T * H);
+        CUDA_CHECK(cudaMemcpy(out, hout_.data(), sizeof(float) * T * H, cudaMemcpyHostToDevice));
         return Status();
     }
 
@@ -267,9 +482,32 @@ private:
     std::vector<int32_t> ids_host_, maps_host_;
     std::vector<int64_t> count_, offset_;  // [E], [E + 1]
     std::vector<float> hx_, hout_, hw_;
+    std::unordered_map<const void*, size_t> sizes_;  // bytes of each allocation (a KV cache's n_ctx)
+
+    // ---- recording and the decode graph ----
+    cudaStream_t stream_ = nullptr;
+    bool defer_ = true;                                  // MOEMESH_CUDA_GRAPHS != 0
+    std::vector<std::function<void(bool)>> pending_;     // recorded ops; the argument: p0 from d_p0_
+    std::vector<int64_t> sig_, prev_sig_, exec_sig_;     // keys of the recorded / previous / graphed step
+    bool graphable_ = true, decode_step_ = false;
+    int64_t step_p0_ = -1;
+    int32_t* d_p0_ = nullptr;                            // device p0 the graph's kernels read
+    int32_t* h_p0_ = nullptr;                            // pinned source of d_p0_
+    uint8_t* h_up_ = nullptr;                            // pinned to_device staging [kUploadCap]
+    size_t up_used_ = 0;
+    uint8_t* h_dl_ = nullptr;                            // pinned to_host staging [dl_cap_]
+    size_t dl_cap_ = 0;
+    cudaGraphExec_t exec_ = nullptr;
+    int64_t captures_ = 0, replays_ = 0, eager_ = 0;
 };
 
+void flush_pending() {
+    if (t_pending) t_pending->flush();
+}
+
 }  // namespace
+
+CudaGraphStats cuda_graph_stats() { return {g_captures.load(), g_replays.load(), g_eager_steps.load()}; }
 
 StatusOr<std::unique_ptr<Backend>> make_cuda_backend(int index) {
     const char* why = "";

@@ -6,6 +6,9 @@
 //    GPU does not, so only the most likely token is compared (agreement at ≥ 90% / 80% of positions;
 //    H100: q8_0 qwen3moe 40/40, qwen3next 93/100, q4_k qwen3next 26/30), and the greedy
 //    continuations must agree up to the first step where the CPU's top-2 margin is below 2e-2;
+//  - decode steps replayed from a CUDA graph (default) vs launched op by op (MOEMESH_CUDA_GRAPHS=0):
+//    the same tokens and bitwise the same logits over 600 steps, across attention split counts
+//    1 → 2 → 3 (kAttnSplit 256), for qwen3moe (q8_0, f16 KV) and qwen3next (f32);
 //  - the prompt in one piece and in chunks (-b 16, 7: the grouped-expert MoE and tiled matmul paths
 //    with the KV / DeltaNet state carried across chunks); qwen3next prompts of 100 tokens cross the
 //    CPU's 64-token chunked delta rule (the GPU runs the recurrence).
@@ -15,11 +18,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "coordinator/cuda_backend.h"
 #include "coordinator/model.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/test_util.h"
@@ -219,6 +224,90 @@ TEST_F(CudaModel, Qwen3NextQ4_K) {
     MakeModelOptions o = next_opts("q4_k");
     o.expert_ff = 256;  // Q4_K rows are multiples of 256
     check("qwen3next q4_k", make(o, "next_q4k"), true, true, 30, 0.8);
+}
+
+// Greedy decode of n_gen tokens after `prompt` on cuda:0 with MOEMESH_CUDA_GRAPHS=graphs: the tokens
+// and every step's logits.
+struct Decode {
+    std::vector<int32_t> tokens;
+    std::vector<float> logits;  // [n_gen, V]
+};
+
+Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f16, const std::vector<int32_t>& prompt,
+                          int n_gen) {
+    Decode d;
+    setenv("MOEMESH_CUDA_GRAPHS", graphs, 1);
+    auto gf = GgufFile::open(path);
+    EXPECT_TRUE(gf.ok()) << gf.status().message();
+    if (!gf.ok()) return d;
+    std::shared_ptr<GgufFile> file(std::move(*gf));
+    ModelOptions mo;
+    mo.n_threads = 2;
+    mo.n_batch = 512;
+    mo.kv_f16 = kv_f16;
+    mo.device = "cuda:0";
+    auto m = load_model(file, mo);
+    unsetenv("MOEMESH_CUDA_GRAPHS");
+    EXPECT_TRUE(m.ok()) << m.status().message();
+    if (!m.ok()) return d;
+    Model& model = **m;
+    const int64_t V = model.config().n_vocab;
+    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+    std::vector<float> logits;
+    Status st = model.forward(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), false, &logits);
+    EXPECT_TRUE(st.ok()) << st.message();
+    for (int i = 0; i < n_gen && st.ok(); ++i) {
+        const int32_t next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        d.tokens.push_back(next);
+        st = model.forward(*seq, &next, 1, false, &logits);
+        EXPECT_TRUE(st.ok()) << st.message();
+        d.logits.insert(d.logits.end(), logits.begin(), logits.begin() + V);
+    }
+    return d;
+}
+
+// Graph replay vs op by op: the same tokens, the same logits (bitwise expected; 1e-6 required),
+// and the graph really replayed (at least all but the first few steps).
+void check_graphs(const std::string& what, const std::string& path, bool kv_f16, int n_gen) {
+    const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 3);
+    const Decode off = decode_with_graphs(path, "0", kv_f16, prompt, n_gen);
+    const CudaGraphStats s0 = cuda_graph_stats();
+    const Decode on = decode_with_graphs(path, "1", kv_f16, prompt, n_gen);
+    const CudaGraphStats s1 = cuda_graph_stats();
+    ASSERT_EQ(off.tokens.size(), static_cast<size_t>(n_gen));
+    ASSERT_EQ(on.logits.size(), off.logits.size());
+    double max_d = 0;
+    size_t n_diff = 0;
+    for (size_t i = 0; i < on.logits.size(); ++i) {
+        max_d = std::max(max_d, static_cast<double>(std::fabs(on.logits[i] - off.logits[i])));
+        n_diff += on.logits[i] != off.logits[i];
+    }
+    int same = 0;
+    while (same < n_gen && on.tokens[same] == off.tokens[same]) ++same;
+    std::printf("[cuda-model] graphs on/off %-26s %d steps (context %zu): tokens %d/%d, logits max|d| %.3g, "
+                "%zu of %zu differ; %lld capture(s), %lld replay(s), %lld step(s) op by op\n",
+                what.c_str(), n_gen, prompt.size() + n_gen, same, n_gen, max_d, n_diff, on.logits.size(),
+                static_cast<long long>(s1.captures - s0.captures), static_cast<long long>(s1.replays - s0.replays),
+                static_cast<long long>(s1.eager_steps - s0.eager_steps));
+    EXPECT_EQ(same, n_gen) << what;
+    EXPECT_LE(max_d, 1e-6) << what;
+    EXPECT_GE(s1.replays - s0.replays, n_gen - 4) << what << ": the decode graph was not replayed";
+    EXPECT_LE(s1.captures - s0.captures, 2) << what << ": recaptured while shapes were stable";
+}
+
+TEST_F(CudaModel, GraphsOnOffQwen3MoeQ8_0) {
+    REQUIRE_CUDA();
+    check_graphs("qwen3moe q8_0, f16 KV", make(moe_opts("q8_0"), "moe_q8"), true, 600);
+}
+
+TEST_F(CudaModel, GraphsOnOffQwen3MoeF32) {
+    REQUIRE_CUDA();
+    check_graphs("qwen3moe f32, f32 KV", make(moe_opts("f32"), "moe_f32"), false, 300);
+}
+
+TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
+    REQUIRE_CUDA();
+    check_graphs("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, 600);
 }
 
 TEST(CudaModelErrors, BadDeviceNames) {
