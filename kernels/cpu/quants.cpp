@@ -358,54 +358,62 @@ void quantize_q3_K_ref(const float* x, BlockQ3_K* y, int64_t n) {
     }
 }
 
-void quantize_q4_K_ref(const float* x, BlockQ4_K* y, int64_t n) {
-    const int64_t nb = n / kQK_K;
-    uint8_t L[kQK_K];
+// The part Q4_K and Q5_K share (ggml's quantize_row_q{4,5}_K_ref): per 32-element sub-block a
+// scale and a min from make_qkx2_quants, both stored as 6-bit numbers packed into scales[12] under
+// the super-block's d / dmin, then the levels L[256] in 0..nmax against the rounded scales.
+template <typename Block>
+void k_quant_scales_mins(const float* x, Block& y, uint8_t* L, int nmax, float rmin, int nstep) {
     uint8_t Laux[32];
     float weights[32];
     float mins[kQK_K / 32];
     float scales[kQK_K / 32];
+    float max_scale = 0;  // scales are positive: the min is taken out
+    float max_min = 0;
+    for (int j = 0; j < kQK_K / 32; ++j) {
+        float sum_x2 = 0;
+        for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+        const float av_x = std::sqrt(sum_x2 / 32);
+        for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
+        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    for (int j = 0; j < kQK_K / 32; ++j) {
+        uint8_t ls = static_cast<uint8_t>(nearest_int(inv_scale * scales[j]));
+        uint8_t lm = static_cast<uint8_t>(nearest_int(inv_min * mins[j]));
+        ls = std::min<uint8_t>(63, ls);
+        lm = std::min<uint8_t>(63, lm);
+        if (j < 4) {
+            y.scales[j] = ls;
+            y.scales[j + 4] = lm;
+        } else {
+            y.scales[j + 4] = static_cast<uint8_t>((ls & 0xF) | ((lm & 0xF) << 4));
+            y.scales[j - 4] |= static_cast<uint8_t>((ls >> 4) << 6);
+            y.scales[j - 0] |= static_cast<uint8_t>((lm >> 4) << 6);
+        }
+    }
+    y.d = fp32_to_fp16(max_scale / 63.f);
+    y.dmin = fp32_to_fp16(max_min / 63.f);
+    for (int j = 0; j < kQK_K / 32; ++j) {
+        uint8_t sc, m;
+        get_scale_min_k4(j, y.scales, &sc, &m);
+        const float d = fp16_to_fp32(y.d) * sc;
+        if (d == 0.0f) continue;
+        const float dm = fp16_to_fp32(y.dmin) * m;
+        for (int ii = 0; ii < 32; ++ii) {
+            const int l = nearest_int((x[32 * j + ii] + dm) / d);
+            L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(nmax, l)));
+        }
+    }
+}
+
+void quantize_q4_K_ref(const float* x, BlockQ4_K* y, int64_t n) {
+    const int64_t nb = n / kQK_K;
+    uint8_t L[kQK_K];
     for (int64_t i = 0; i < nb; ++i, x += kQK_K) {
-        float max_scale = 0;  // scales are positive: the min is taken out
-        float max_min = 0;
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            float sum_x2 = 0;
-            for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
-            const float av_x = std::sqrt(sum_x2 / 32);
-            for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
-            scales[j] = make_qkx2_quants(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20);
-            max_scale = std::max(max_scale, scales[j]);
-            max_min = std::max(max_min, mins[j]);
-        }
-        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            uint8_t ls = static_cast<uint8_t>(nearest_int(inv_scale * scales[j]));
-            uint8_t lm = static_cast<uint8_t>(nearest_int(inv_min * mins[j]));
-            ls = std::min<uint8_t>(63, ls);
-            lm = std::min<uint8_t>(63, lm);
-            if (j < 4) {
-                y[i].scales[j] = ls;
-                y[i].scales[j + 4] = lm;
-            } else {
-                y[i].scales[j + 4] = static_cast<uint8_t>((ls & 0xF) | ((lm & 0xF) << 4));
-                y[i].scales[j - 4] |= static_cast<uint8_t>((ls >> 4) << 6);
-                y[i].scales[j - 0] |= static_cast<uint8_t>((lm >> 4) << 6);
-            }
-        }
-        y[i].d = fp32_to_fp16(max_scale / 63.f);
-        y[i].dmin = fp32_to_fp16(max_min / 63.f);
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            uint8_t sc, m;
-            get_scale_min_k4(j, y[i].scales, &sc, &m);
-            const float d = fp16_to_fp32(y[i].d) * sc;
-            if (d == 0.0f) continue;
-            const float dm = fp16_to_fp32(y[i].dmin) * m;
-            for (int ii = 0; ii < 32; ++ii) {
-                const int l = nearest_int((x[32 * j + ii] + dm) / d);
-                L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(15, l)));
-            }
-        }
+        k_quant_scales_mins(x, y[i], L, 15, -1.f, 20);
         uint8_t* q = y[i].qs;
         for (int j = 0; j < kQK_K; j += 64, q += 32) {
             for (int l = 0; l < 32; ++l) q[l] = static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 4));
@@ -416,51 +424,8 @@ void quantize_q4_K_ref(const float* x, BlockQ4_K* y, int64_t n) {
 void quantize_q5_K_ref(const float* x, BlockQ5_K* y, int64_t n) {
     const int64_t nb = n / kQK_K;
     uint8_t L[kQK_K];
-    uint8_t Laux[32];
-    float weights[32];
-    float mins[kQK_K / 32];
-    float scales[kQK_K / 32];
     for (int64_t i = 0; i < nb; ++i, x += kQK_K) {
-        float max_scale = 0;
-        float max_min = 0;
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            float sum_x2 = 0;
-            for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
-            const float av_x = std::sqrt(sum_x2 / 32);
-            for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
-            scales[j] = make_qkx2_quants(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15);
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
-        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            uint8_t ls = static_cast<uint8_t>(nearest_int(inv_scale * scales[j]));
-            uint8_t lm = static_cast<uint8_t>(nearest_int(inv_min * mins[j]));
-            ls = std::min<uint8_t>(63, ls);
-            lm = std::min<uint8_t>(63, lm);
-            if (j < 4) {
-                y[i].scales[j] = ls;
-                y[i].scales[j + 4] = lm;
-            } else {
-                y[i].scales[j + 4] = static_cast<uint8_t>((ls & 0xF) | ((lm & 0xF) << 4));
-                y[i].scales[j - 4] |= static_cast<uint8_t>((ls >> 4) << 6);
-                y[i].scales[j - 0] |= static_cast<uint8_t>((lm >> 4) << 6);
-            }
-        }
-        y[i].d = fp32_to_fp16(max_scale / 63.f);
-        y[i].dmin = fp32_to_fp16(max_min / 63.f);
-        for (int j = 0; j < kQK_K / 32; ++j) {
-            uint8_t sc, m;
-            get_scale_min_k4(j, y[i].scales, &sc, &m);
-            const float d = fp16_to_fp32(y[i].d) * sc;
-            if (d == 0.0f) continue;
-            const float dm = fp16_to_fp32(y[i].dmin) * m;
-            for (int ii = 0; ii < 32; ++ii) {
-                const int l = nearest_int((x[32 * j + ii] + dm) / d);
-                L[32 * j + ii] = static_cast<uint8_t>(std::max(0, std::min(31, l)));
-            }
-        }
+        k_quant_scales_mins(x, y[i], L, 31, -0.5f, 15);
         uint8_t* qh = y[i].qh;
         uint8_t* ql = y[i].qs;
         std::memset(qh, 0, kQK_K / 8);
