@@ -146,10 +146,30 @@ public:
         return static_cast<const float*>(keep(v.data(), sizeof(float) * v.size()));
     }
 
+    // Every matrix the forward pass multiplies on the GPU must have a CUDA kernel; say which one does
+    // not before anything runs (the CPU backend takes more types). Not multiplied here: token_embd
+    // when an output matrix exists (rows are dequantized on the host), ssm_conv1d (taps are uploaded
+    // as f32), 1-D tensors, and multi-token-prediction blocks past the trunk.
+    static Status check_matrix_types(const GgufFile& f, const ModelConfig& c) {
+        const bool tied = f.tensor(tensor_name(Tensor::kOutput)) == nullptr;
+        for (const GgufTensor& t : f.tensors()) {
+            if (t.n_dims < 2 || cuda::matmul_supported(t.type)) continue;
+            if (t.name == tensor_name(Tensor::kTokenEmbd) && !tied) continue;
+            if (t.name.find(".ssm_conv1d.") != std::string::npos) continue;
+            int layer = -1;
+            if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
+            return MM_ERROR("%s: tensor '%s' has type %s, which the CUDA backend cannot multiply yet (it has F32, "
+                            "F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K); run it with --device cpu",
+                            f.path().c_str(), t.name.c_str(), ggml_type_name(t.type));
+        }
+        return Status();
+    }
+
     Status load_experts(const GgufFile& f, const ModelConfig& c, const ExpertBackendFactory& factory,
                         ThreadPool& pool) override {
         H_ = c.n_embd;
         count_.assign(static_cast<size_t>(c.n_expert), 0);
+        MM_RETURN_IF_ERROR(check_matrix_types(f, c));
         if (c.n_expert > 1024 || c.n_expert_used > 32)
             return MM_ERROR("%s: the CUDA router handles at most 1024 experts, top-32 (model: %lld, top-%lld)",
                             f.path().c_str(), static_cast<long long>(c.n_expert),
