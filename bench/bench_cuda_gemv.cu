@@ -1,7 +1,7 @@
 // GEMV bandwidth per weight type on Qwen3-30B-A3B-like shapes (hidden 2048, expert ff 768,
 // 128 experts top-8, 32/4 heads of 128, vocab 151936), against the device's measured copy bandwidth.
 //
-//   bench_cuda_gemv [reps]
+//   bench_cuda_gemv [reps]       (MOEMESH_CUDA_GEMV=old|new|auto selects the GEMV kernels, see matmul.cu)
 //
 // GB/s counts the weight bytes each call reads (X and Y are < 0.1% of them). Each matrix is cycled
 // through enough copies to exceed twice the L2 cache, so the numbers are DRAM numbers, and each
@@ -160,6 +160,12 @@ int main(int argc, char** argv) {
     g_copy_gbs = copy_bandwidth();
     std::printf("device: %s, %d SMs, L2 %zu MB; D2D copy %.0f GB/s (read+write, median); reps %d\n", prop.name,
                 prop.multiProcessorCount, g_l2 >> 20, g_copy_gbs, g_reps);
+    const char* gemv_env = std::getenv("MOEMESH_CUDA_GEMV");
+    const std::string mode = gemv_env != nullptr ? gemv_env : "";
+    std::printf("GEMV kernel (MOEMESH_CUDA_GEMV=%s): %s\n", mode.c_str(),
+                mode == "old"   ? "f32 X for every type"
+                : mode == "new" ? "int8 X + dp4a for Q8_0/Q4_0/Q4_K/Q6_K at every size"
+                                : "auto: int8 X + dp4a for Q8_0/Q4_0/Q6_K when m >= 2 or >= 16384 rows, else f32 X");
     std::printf("| shape                  | type | n_out  | k     | m  | MB       | us       | GB/s    | %%copy  |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
     const GgmlType types[] = {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_0,

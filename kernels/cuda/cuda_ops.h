@@ -38,8 +38,12 @@ int device_count(const char** why = nullptr);
 // ---- matrix products (kernels/cuda/matmul.cu) ----
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K}.
 // k % block_size(wt) == 0; F32/F16/BF16 rows need k % 8 == 0 and W 16-byte aligned.
-// m <= 8: the decode GEMV (one warp per W row, weight bytes read once for all m rows);
-// larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill).
+// m <= 8: the decode GEMV (weight bytes read once for all m rows). For Q8_0, Q4_0 and Q6_K with
+// m >= 2 or >= 16384 rows (lm_head) it quantizes X to int8 per 32 elements first (as llama.cpp's
+// mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;
+// otherwise an f32-activation GEMV (exact up to summation order). MOEMESH_CUDA_GEMV=old: f32 GEMV
+// always; =new: the int8 GEMV for all four types (Q4_K included) at every size.
+// larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill, f32 X).
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream = nullptr);
@@ -48,7 +52,7 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
 //   Y[s, n_out] = X[s, k] · W_{ids[s]}ᵀ   for s < n_sel,
 // where W_e = w + e * matrix_bytes (an [E, n_out, k] GGUF expert tensor: matrix_bytes =
 // n_out * ggml_row_bytes(wt, k)), ids: [n_sel] int32 on the device, X rows x_stride floats apart
-// (0: all selections read the same row).
+// (0: all selections read the same row). Same GEMV kernels as matmul with m = 1.
 void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
                int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
 

@@ -1,6 +1,10 @@
 // Y = X · Wᵀ for GGUF weight types: a GEMV for decode (m <= 8) and a tiled kernel for prefill.
 //
-// GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
+// GEMV, Q8_0 / Q4_0 / Q6_K (by default for m >= 2 or >= 16384 rows, e.g. lm_head; all sizes and
+// Q4_K too with MOEMESH_CUDA_GEMV=new): X quantized to int8 per block, __dp4a dot products; see
+// "Int8-activation GEMV" and gemv_mode() below. Otherwise the f32 GEMV.
+//
+// f32 GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
 // lanes take consecutive units, so each warp-wide load instruction reads one contiguous span of the
 // row (the blocks of Q8_0, Q4_0 and Q6_K are only 2-byte aligned, which rules out wide loads for
 // them; Q4_K, F16, BF16 and F32 use 16-byte loads). Each lane dequantizes its unit in registers and
@@ -10,6 +14,10 @@
 // Tiled: 64 X rows × 64 W rows per block, k in steps of 32; each step dequantizes the 64×32 W tile
 // into shared memory (8 elements per thread) and does 4×4 outer products per thread in f32.
 #include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/status.h"
 #include "kernels/cpu/quants_internal.h"
@@ -273,6 +281,248 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Int8-activation GEMV for Q8_0, Q4_0, Q4_K, Q6_K (when it runs: gemv_mode() below; the f32 kernel
+// above otherwise). Each block of kGemvQWarps warps first quantizes its X rows into shared memory,
+// llama.cpp Q8_1-style: per 32 elements d = amax / 127 and q = round(x / d) (for Q8_0 / Q4_0
+// weights d is then rounded to f16, exactly as the CPU's Q8_0 activations, so the result equals the
+// CPU matmul's up to summation order), plus d · Σq over every 16 elements (the K-quant min terms,
+// on the same rounded X as the scale terms). The dot products use
+// __dp4a (4 int8 MACs per instruction) on the same lane units as the f32 kernel: X costs 1 byte
+// of shared memory per element instead of 4 bytes of L1 per element, and no float conversion of
+// the quants. While X is quantized each warp prefetches its first W rows into L2, so the DRAM
+// latency overlaps the quantization. Each warp owns rows_per_warp consecutive rows, chosen so
+// that one wave of resident blocks covers all rows (lm_head: ~18 rows per warp, then 2 rows at a
+// time with their loads in flight together; small matrices: 1 row per warp).
+
+constexpr int kGemvQWarps = 8;
+
+struct QX {            // shared-memory view of the quantized X rows
+    const int8_t* q;   // [M][k]
+    const float* d;    // [M][k/32]
+    const float* s16;  // [M][k/16]
+};
+
+template <int R, int M>
+__device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nb = static_cast<int>(k / 32), n_units = nb * 4;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 2, j = u & 3;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ8_0);
+            const float d = h2f(ld<uint16_t>(blk));
+            const int w0 = static_cast<int>(ld_u32_a2(blk + 2 + 8 * j));
+            const int w1 = static_cast<int>(ld_u32_a2(blk + 6 + 8 * j));
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int2 xi = *reinterpret_cast<const int2*>(x.q + r * k + 32 * b + 8 * j);
+                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(w0, xi.x, __dp4a(w1, xi.y, 0)));
+            }
+        }
+    }
+}
+
+template <int R, int M>
+__device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nb = static_cast<int>(k / 32), n_units = nb * 4;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 2, j = u & 3;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_0);
+            const float d = h2f(ld<uint16_t>(blk));
+            const uint32_t q = ld_u32_a2(blk + 2 + 4 * j);
+            const int lo = static_cast<int>(__vsub4(q & 0x0F0F0F0Fu, 0x08080808u));
+            const int hi = static_cast<int>(__vsub4((q >> 4) & 0x0F0F0F0Fu, 0x08080808u));
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
+                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
+                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+            }
+        }
+    }
+}
+
+template <int R, int M>
+__device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 3, j = u & 7, g = j >> 1, h = j & 1;
+        const int e = 256 * b + 64 * g + 16 * h;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_K);
+            const uint4 hdr = ld<uint4>(blk);
+            const uint4 qv = ld<uint4>(blk + 16 + 32 * g + 16 * h);
+            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+            float sc1, m1, sc2, m2;
+            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+            const int qw[4] = {static_cast<int>(qv.x), static_cast<int>(qv.y), static_cast<int>(qv.z),
+                               static_cast<int>(qv.w)};
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
+                const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
+                const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
+                int s_lo = 0, s_hi = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    s_lo = __dp4a(qw[i] & 0x0F0F0F0F, xlv[i], s_lo);
+                    s_hi = __dp4a((qw[i] >> 4) & 0x0F0F0F0F, xhv[i], s_hi);
+                }
+                const float* xd = x.d + r * nb + 8 * b + 2 * g;
+                const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
+                accs[ri][r] += d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
+                               dmin * (m1 * xs[0] + m2 * xs[2]);
+            }
+        }
+    }
+}
+
+template <int R, int M>
+__device__ __forceinline__ void dotq_q6_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 4;
+        const int li = u & 15, c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
+        const int e = 256 * b + 128 * c + l0;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ6_K);
+            const uint32_t ql0 = ld_u32_a2(blk + 64 * c + l0);
+            const uint32_t ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
+            const uint32_t qh = ld_u32_a2(blk + 128 + 32 * c + l0);
+            const uint8_t* sc = blk + 192 + 8 * c + is;
+            const float s0 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 0)));
+            const float s1 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 2)));
+            const float s2 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 4)));
+            const float s3 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 6)));
+            const float d = h2f(ld<uint16_t>(blk + 208));
+            // 6-bit quants 0..63 minus 32, four per word (per-byte subtraction: signed int8 lanes).
+            const int q0 = static_cast<int>(__vsub4((ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u), 0x20202020u));
+            const int q1 = static_cast<int>(__vsub4((ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u), 0x20202020u));
+            const int q2 = static_cast<int>(__vsub4(((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u), 0x20202020u));
+            const int q3 =
+                static_cast<int>(__vsub4(((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u), 0x20202020u));
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int8_t* xq = x.q + r * k + e;
+                const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 32);
+                const int x2 = *reinterpret_cast<const int*>(xq + 64), x3 = *reinterpret_cast<const int*>(xq + 96);
+                accs[ri][r] += d * (s0 * xd[0] * static_cast<float>(__dp4a(q0, x0, 0)) +
+                                    s1 * xd[1] * static_cast<float>(__dp4a(q1, x1, 0)) +
+                                    s2 * xd[2] * static_cast<float>(__dp4a(q2, x2, 0)) +
+                                    s3 * xd[3] * static_cast<float>(__dp4a(q3, x3, 0)));
+            }
+        }
+    }
+}
+
+template <GgmlType T>
+constexpr bool kHasQGemv = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q4_K || T == GgmlType::Q6_K;
+
+// Shared memory of the int8-X kernel for M rows of k: q (M·k bytes), d (M·k/32 floats), s16 (M·k/16 floats).
+inline size_t qgemv_smem(int64_t m, int64_t k) {
+    return static_cast<size_t>(m * k + m * (k / 32) * 4 + m * (k / 16) * 4);
+}
+
+// grid: (ceil(n_out / (kGemvQWarps · rows_per_warp)), n_sel); selections as in gemv_kernel.
+template <GgmlType T, int M, int R>
+__global__ void __launch_bounds__(kGemvQWarps* kWarp)
+    gemv_q_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes,
+                  const int32_t* __restrict__ ids, int64_t n_out, int64_t k, const float* __restrict__ x,
+                  int64_t x_stride, float* __restrict__ y, int rows_per_warp) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    int8_t* xq = reinterpret_cast<int8_t*>(smem);
+    float* xd = reinterpret_cast<float*>(smem + M * k);
+    float* xs = xd + M * (k / 32);
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int64_t s = blockIdx.y;
+    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvQWarps + warp) * rows_per_warp;
+    const int64_t row1 = row0 + rows_per_warp < n_out ? row0 + rows_per_warp : n_out;
+    const int64_t mat = ids ? ids[s] : s;
+    const uint8_t* wmat = w + static_cast<size_t>(mat) * matrix_bytes;
+    // Prefetch (into L2) up to 16 KB of this warp's rows while X is being quantized.
+    if (row0 < row1) {
+        const size_t bytes = static_cast<size_t>(row1 - row0) * row_bytes;
+        const uint8_t* p = wmat + static_cast<size_t>(row0) * row_bytes;
+        for (size_t off = static_cast<size_t>(lane) * 128; off < bytes && off < 16384; off += kWarp * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+    }
+    // Quantize X: a warp per group of 32 elements (rows are k apart and k % 32 == 0, so group gi is
+    // contiguous), kQBatch groups per warp with their loads in flight together.
+    constexpr int kQBatch = 8;
+    const float* xsrc = x + s * x_stride;
+    const int64_t groups = M * (k / 32);
+    for (int64_t g0 = warp; g0 < groups; g0 += kGemvQWarps * kQBatch) {
+        float vb[kQBatch];
+#pragma unroll
+        for (int i = 0; i < kQBatch; ++i) {
+            const int64_t gi = g0 + i * kGemvQWarps;
+            vb[i] = gi < groups ? xsrc[gi * 32 + lane] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < kQBatch; ++i) {
+            const int64_t gi = g0 + i * kGemvQWarps;
+            if (gi >= groups) break;  // warp-uniform
+            const float v = vb[i];
+            const float amax = warp_max(fabsf(v));
+            const float d = amax / 127.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            const float qv = roundf(v * id);
+            xq[gi * 32 + lane] = static_cast<int8_t>(qv);
+            // Sums of the two halves of 16 of the quantized values (d · q, as llama.cpp's Q8_1 sum): the
+            // K-quant min term then uses the same rounded X as the scale term, so the product is exactly
+            // Σ w · x̂ and the rounding errors stay weighted by the centred weights. (Exact sums of x
+            // here, as in the first version, weight the errors by d·sc·q instead: Q4_K m=2 reached
+            // 2.2e-2 relative vs the exact product on the device, Q6_K / Q8_0 5.4e-3.)
+            float h = d * qv;
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffffu, h, o);
+            if (lane == 0) xd[gi] = (T == GgmlType::Q8_0 || T == GgmlType::Q4_0) ? round_f16(d) : d;
+            if ((lane & 15) == 0) xs[2 * gi + lane / 16] = h;
+        }
+    }
+    __syncthreads();
+    const QX qx{xq, xd, xs};
+    // R rows at a time; a missing last row repeats the previous one (its result is not stored).
+    for (int64_t row = row0; row < row1; row += R) {
+        const uint8_t* wrows[R];
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri)
+            wrows[ri] = wmat + static_cast<size_t>(row + ri < row1 ? row + ri : row1 - 1) * row_bytes;
+        float acc[R][M];
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri)
+#pragma unroll
+            for (int r = 0; r < M; ++r) acc[ri][r] = 0.0f;
+        if constexpr (T == GgmlType::Q8_0) dotq_q8_0<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M>(wrows, k, qx, lane, acc);
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri)
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float v = warp_sum(acc[ri][r]);
+                if (lane == 0 && row + ri < row1) y[(s + r) * n_out + row + ri] = v;
+            }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tiled kernel for prefill: 8 consecutive elements e..e+7 (e % 8 == 0) of a W row, dequantized.
 
 template <GgmlType T>
@@ -401,9 +651,94 @@ __global__ void __launch_bounds__(kTileThreads)
 
 // ---------------------------------------------------------------------------------------------
 
+// Which GEMV runs for the four int8-X types (MOEMESH_CUDA_GEMV, read once per process):
+//   unset / "auto": the int8-X kernel for Q8_0, Q6_K and Q4_0 when m >= 2 or the call has at least
+//     kQGemvMinRows rows (n_out · n_sel): lm_head, batched decode. Small single GEMVs (experts,
+//     attention) stay on the f32 kernel, which measured 0–25% faster there (H200, bench_cuda_gemv:
+//     both are at the ~9–12 µs floor of an event-timed launch; the int8 kernel adds the X
+//     quantization before its first dot product). Q4_K stays on the f32 kernel: its int8 path
+//     failed the 2e-2 test tolerance on the device (exact-x min sums, fixed since but not yet run
+//     on a GPU).
+//   "new": the int8-X kernel for all four types at every size (smem permitting).
+//   "old": the f32 kernel for every type.
+enum class GemvMode { kAuto, kNew, kOld };
+GemvMode gemv_mode() {
+    static const GemvMode mode = [] {
+        const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+        if (e != nullptr && std::strcmp(e, "old") == 0) return GemvMode::kOld;
+        if (e != nullptr && std::strcmp(e, "new") == 0) return GemvMode::kNew;
+        return GemvMode::kAuto;
+    }();
+    return mode;
+}
+constexpr int64_t kQGemvMinRows = 16384;
+template <GgmlType T>
+bool use_qgemv(int m, int64_t rows) {
+    switch (gemv_mode()) {
+        case GemvMode::kOld: return false;
+        case GemvMode::kNew: return true;
+        default: return T != GgmlType::Q4_K && (m >= 2 || rows >= kQGemvMinRows);
+    }
+}
+
+struct DeviceInfo {
+    int sms = 0;
+    size_t smem_per_sm = 0;
+};
+// SM count and shared memory per SM of the current device (cached per device id).
+DeviceInfo device_info() {
+    static DeviceInfo cached[64];
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= 64) return {132, 228 * 1024};
+    DeviceInfo& d = cached[dev];
+    if (d.sms == 0) {
+        int sms = 0, smem = 0;
+        CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+        d.smem_per_sm = static_cast<size_t>(smem);
+        d.sms = sms;
+    }
+    return d;
+}
+
+// Larger X (M · k > ~35k elements) falls back to the f32-activation kernel.
+constexpr size_t kQGemvMaxSmem = 48 * 1024;
+
 template <GgmlType T, int M>
 void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
                  const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    if constexpr (kHasQGemv<T>) {
+        const size_t smem = qgemv_smem(M, k);
+        if (smem <= kQGemvMaxSmem && use_qgemv<T>(M, n_out * n_sel)) {
+            // One wave: as many blocks as are resident at once (registers, threads, shared memory)
+            // over all selections.
+            static const int per_sm_regs = [] {
+                int b1 = 0, b2 = 0;
+                CUDA_CHECK(
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, gemv_q_kernel<T, M, 1>, kGemvQWarps * kWarp, 0));
+                CUDA_CHECK(
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, gemv_q_kernel<T, M, 2>, kGemvQWarps * kWarp, 0));
+                return std::max(1, std::min(b1, b2));
+            }();
+            const DeviceInfo dev = device_info();
+            const int per_sm = std::max(1, std::min(per_sm_regs, static_cast<int>(dev.smem_per_sm / (smem + 1024))));
+            const int64_t warps_wanted = static_cast<int64_t>(dev.sms) * per_sm * kGemvQWarps;
+            const int64_t total_rows = n_out * n_sel;
+            const int rpw = static_cast<int>(std::max<int64_t>(1, (total_rows + warps_wanted - 1) / warps_wanted));
+            const dim3 grid(grid_1d(n_out, kGemvQWarps * rpw), static_cast<unsigned>(n_sel));
+            const auto* wb = static_cast<const uint8_t*>(w);
+            const size_t rb = ggml_row_bytes(T, k);
+            if (rpw >= 2)
+                gemv_q_kernel<T, M, 2><<<grid, kGemvQWarps * kWarp, smem, stream>>>(wb, matrix_bytes, rb, ids, n_out,
+                                                                                    k, x, x_stride, y, rpw);
+            else
+                gemv_q_kernel<T, M, 1><<<grid, kGemvQWarps * kWarp, smem, stream>>>(wb, matrix_bytes, rb, ids, n_out,
+                                                                                    k, x, x_stride, y, rpw);
+            CUDA_CHECK_LAUNCH();
+            return;
+        }
+    }
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
     gemv_kernel<T, M><<<grid, kGemvWarps * kWarp, 0, stream>>>(static_cast<const uint8_t*>(w), matrix_bytes,
                                                                ggml_row_bytes(T, k), ids, n_out, k, x, x_stride, y);
