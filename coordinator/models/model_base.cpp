@@ -151,6 +151,18 @@ void ModelBase::attend(SequenceState& seq, int il, int64_t p0, int64_t T, const 
     be_->attention(aa);
 }
 
+Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out) {
+    const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used;
+    float* probs = scratch(probs_, T * E);                   // [T, E]
+    int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * K);    // [T, K]
+    float* sel_w = scratch(sel_w_, T * K);                   // [T, K]
+    be_->matmul(router, xn, T, probs);
+    be_->route(probs, T, E, K, cfg_.norm_topk, sel_ids, sel_w);
+    MM_RETURN_IF_ERROR(be_->moe(il, xn, T, K, sel_ids, sel_w, out));
+    cb("ffn_moe_out", il, out, T, cfg_.n_embd);
+    return Status();
+}
+
 void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, float* out) {
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
     const int64_t first = all_rows ? 0 : T - 1;

@@ -67,6 +67,9 @@ protected:
     // attention of q [T, n_head, head_dim] over it into out [T, n_head*head_dim].
     void attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k, const float* v,
                 float* out);
+    // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
+    // experts (route → experts → combine), as both families do it.
+    Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);
     // Final norm + lm_head for rows [first, T) of x [T, H] (backend memory) into out (host).
     void output_logits(const float* x, int64_t T, bool all_rows, float* out);
 
@@ -79,7 +82,7 @@ protected:
     Weight tok_embd_;             // {H, V} in the mapped file (embedding rows are gathered on the host)
     BackendWeight output_;        // {H, V} (token_embd when tied)
     const float* output_norm_{};  // [H]
-    Buffer final_norm_buf_, logits_buf_;
+    Buffer final_norm_buf_, logits_buf_, probs_, sel_ids_, sel_w_;
     std::vector<float> embd_host_, debug_host_;
 };
 

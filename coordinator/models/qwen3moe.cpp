@@ -60,7 +60,6 @@ public:
 private:
     Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
         const int64_t H = cfg_.n_embd, D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
-        const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
         const int64_t p0 = seq.n_past;
         Backend& be = *be_;
@@ -72,9 +71,6 @@ private:
         float* v = scratch(v_, T * kv_dim);       // [T, Nkv, D]
         float* attn = scratch(attn_, T * q_dim);  // [T, Nh*D]
         float* tmp = scratch(tmp_, T * H);        // [T, H]
-        float* probs = scratch(probs_, T * E);    // [T, E]
-        int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * K);  // [T, K]
-        float* sel_w = scratch(sel_w_, T * K);                 // [T, K]
 
         embed(tokens, T, x);  // x[t] = token_embd[tokens[t]]
 
@@ -100,10 +96,7 @@ private:
             // ---- MoE: route → experts → combine ----
             be.rmsnorm(x, lw.ffn_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
             cb("ffn_norm", il, xn, T, H);
-            be.matmul(lw.router, xn, T, probs);                                 // [T, E]
-            be.route(probs, T, E, K, cfg_.norm_topk, sel_ids, sel_w);           // [T, K]
-            MM_RETURN_IF_ERROR(be.moe(il, xn, T, K, sel_ids, sel_w, tmp));      // [T, H]
-            cb("ffn_moe_out", il, tmp, T, H);
+            MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
             be.add(x, tmp, T * H);
             cb("l_out", il, x, T, H);
         }
@@ -114,7 +107,7 @@ private:
 
     std::vector<LayerWeights> layers_;
     // Scratch for one chunk, in the backend's memory.
-    Buffer x_, xn_, q_, k_, v_, attn_, tmp_, probs_, sel_w_, sel_ids_;
+    Buffer x_, xn_, q_, k_, v_, attn_, tmp_;
 };
 
 }  // namespace

@@ -149,14 +149,11 @@ private:
     }
 
     Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
-        const int64_t H = cfg_.n_embd, E = cfg_.n_expert, Kx = cfg_.n_expert_used;
+        const int64_t H = cfg_.n_embd;
         Backend& be = *be_;
         float* x = scratch(x_, T * H);      // [T, H] residual stream
         float* xn = scratch(xn_, T * H);    // [T, H] normed
         float* tmp = scratch(tmp_, T * H);  // [T, H] block output
-        float* probs = scratch(probs_, T * E);
-        int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * Kx);
-        float* sel_w = scratch(sel_w_, T * Kx);
 
         embed(tokens, T, x);  // x[t] = token_embd[tokens[t]]
 
@@ -178,10 +175,7 @@ private:
             // ---- MoE: route → experts → combine, plus the gated shared expert ----
             be.rmsnorm(x, lw.post_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
             cb("attn_post_norm", il, xn, T, H);
-            be.matmul(lw.router, xn, T, probs);                                // [T, E]
-            be.route(probs, T, E, Kx, cfg_.norm_topk, sel_ids, sel_w);         // [T, Kx]
-            MM_RETURN_IF_ERROR(be.moe(il, xn, T, Kx, sel_ids, sel_w, tmp));    // [T, H]
-            cb("ffn_moe_out", il, tmp, T, H);
+            MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
             if (lw.sh_up) shared_expert(lw, il, T, xn, tmp);  // tmp += sigmoid(x·g)·SwiGLU_shared(x)
             be.add(x, tmp, T * H);
             cb("l_out", il, x, T, H);
@@ -317,7 +311,7 @@ private:
 
     std::vector<LayerWeights> layers_;
     // Scratch for one chunk, in the backend's memory.
-    Buffer x_, xn_, tmp_, probs_, sel_w_, sel_ids_;
+    Buffer x_, xn_, tmp_;
     Buffer qg_, q_, gate_, k_, v_, attn_, fused_;
     Buffer mixed_, z_, ba_, beta_, gdecay_, conv_out_, dq_, dk_, dv_, core_;
     Buffer sh_g_, sh_u_, sh_out_, sh_gate_;
