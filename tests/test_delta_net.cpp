@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -293,34 +292,6 @@ TEST(DeltaNet, VHeadReadsKHeadByDivision) {
         std::vector<float> ref(out_div.begin(), out_div.begin() + T * p.Hv * p.Dv);
         EXPECT_LT(rel_err(p.out, ref), 1e-5) << "T=" << T;
     }
-}
-
-// Not a check: per-call cost at Qwen3-Next size (Hk = 16, Hv = 32, Dk = Dv = 128) on this machine,
-// best of a few runs (other tests may share the cores under ctest).
-TEST(DeltaNet, TimingQwen3NextSize) {
-    using clock = std::chrono::steady_clock;
-    const auto best_ms = [](int reps, auto&& fn) {
-        double best = 1e30;
-        for (int i = 0; i < reps; ++i) {
-            const auto t = clock::now();
-            fn();
-            best = std::min(best, std::chrono::duration<double, std::milli>(clock::now() - t).count());
-        }
-        return best;
-    };
-    Problem p = make_problem(512, 16, 32, 128, 128, 70);
-    const DeltaNetArgs prefill = p.args();
-    DeltaNetArgs decode = prefill;
-    decode.n_tokens = 1;
-    const double decode_ms = best_ms(20, [&] { gated_delta_rule(pool(), decode); });
-    const double chunked_ms = best_ms(3, [&] { gated_delta_rule_chunked(pool(), prefill); });
-    const double recurrent_ms = best_ms(3, [&] { gated_delta_rule_recurrent(pool(), prefill); });
-    std::vector<float> x(8192, 0.1f), w(8192 * 4, 0.2f), st(3 * 8192, 0.0f), y(8192);
-    const double conv_ms =
-        best_ms(20, [&] { conv1d_silu_causal(pool(), x.data(), w.data(), st.data(), y.data(), 1, 8192, 4); });
-    std::printf("[timing] %d threads, Hv=32 Dk=Dv=128: decode step %.3f ms/token; T=512 prefill: chunked %.1f ms, "
-                "recurrent %.1f ms; conv decode step (C=8192, K=4) %.4f ms\n",
-                pool().size(), decode_ms, chunked_ms, recurrent_ms, conv_ms);
 }
 
 }  // namespace
