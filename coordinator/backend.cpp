@@ -2,10 +2,12 @@
 // --device parser.
 #include "coordinator/backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <numeric>
 
 #include "common/half.h"
 #include "coordinator/models/model_base.h"
@@ -22,6 +24,31 @@ float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // ggml_softplus
 
 void free_host(void* p) { std::free(p); }
+
+// probs [T, E] router logits → ids/w [T, K]: softmax over all E, top-K (ties: lower id first),
+// renormalised when `norm` (llama.cpp's build_moe_ffn with softmax gating). order: scratch.
+void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w,
+                std::vector<int32_t>& order) {
+    order.resize(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+        float* p = &probs[t * E];
+        softmax_inplace(p, E);
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                          [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+        double sum = 0.0;
+        for (int64_t j = 0; j < K; ++j) {
+            ids[t * K + j] = order[j];
+            w[t * K + j] = p[order[j]];
+            sum += p[order[j]];
+        }
+        if (norm) {
+            // llama.cpp clamps the sum at 2^-14 before dividing.
+            const float s = std::max(static_cast<float>(sum), 6.103515625e-5f);
+            for (int64_t j = 0; j < K; ++j) w[t * K + j] /= s;
+        }
+    }
+}
 
 class CpuBackend final : public Backend {
 public:

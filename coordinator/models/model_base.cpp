@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <numeric>
 
 #include "common/half.h"
 
 namespace moemesh {
 
+namespace {
+
+// A 1-D tensor (norm weights, biases) of n elements as f32.
 StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& name, int64_t n) {
     MM_ASSIGN_OR_RETURN(Weight w, get_weight(f, name, {n}));
     std::vector<float> out(static_cast<size_t>(n));
@@ -16,28 +18,7 @@ StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& n
     return out;
 }
 
-void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w,
-                std::vector<int32_t>& order) {
-    order.resize(static_cast<size_t>(E));
-    for (int64_t t = 0; t < T; ++t) {
-        float* p = &probs[t * E];
-        softmax_inplace(p, E);
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                          [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-        double sum = 0.0;
-        for (int64_t j = 0; j < K; ++j) {
-            ids[t * K + j] = order[j];
-            w[t * K + j] = p[order[j]];
-            sum += p[order[j]];
-        }
-        if (norm) {
-            // llama.cpp clamps the sum at 2^-14 before dividing.
-            const float s = std::max(static_cast<float>(sum), 6.103515625e-5f);
-            for (int64_t j = 0; j < K; ++j) w[t * K + j] /= s;
-        }
-    }
-}
+}  // namespace
 
 void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
                     const std::vector<uint8_t>& has_kv) {

@@ -15,14 +15,6 @@
 
 namespace moemesh {
 
-// A 1-D tensor (norm weights, biases) of n elements as f32.
-StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& name, int64_t n);
-
-// probs [T, E] router logits → ids/w [T, K]: softmax over all E, top-K (ties: lower id first),
-// renormalised when `norm` (llama.cpp's build_moe_ffn with softmax gating). order: scratch.
-void route_topk(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w,
-                std::vector<int32_t>& order);
-
 // Allocates (zeroed, in be's memory) the KV cache of every layer for which `has_kv(layer)`;
 // [n_ctx, kv_heads, head_dim].
 void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
