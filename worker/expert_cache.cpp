@@ -386,7 +386,7 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
             st = mem.status();
         } else {
             e->data = mem.value();
-            st = below_->read_expert(layer, expert, e->data);
+            st = mem_->fill(*below_, layer, expert, e->data, layouts_[layer].size);
             if (!st.ok())
                 st = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), layer, expert) +
                                    st.message());
@@ -536,19 +536,23 @@ StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create_with_reader(
                             static_cast<unsigned long long>(kCacheEntryOverhead));
     }
     ExpertReader* below = c->storage_.get();
+    auto compute_mem = [&o]() -> std::unique_ptr<TierMemory> {
+        return o.compute_memory ? o.compute_memory() : std::make_unique<HostTierMemory>();
+    };
     if (o.host_bytes && !o.device_bytes) {
         // No device budget: compute reads the host tier directly (a CPU worker's RAM cache).
         c->device_ = std::make_unique<CacheTier>("host", o.host_bytes, o.policy, c->layouts_, n_expert, below,
-                                                 std::make_unique<HostTierMemory>());
+                                                 compute_mem());
     } else if (o.host_bytes) {
         c->host_ = std::make_unique<CacheTier>("host", o.host_bytes,
                                                o.policy == CachePolicy::kLfu ? CachePolicy::kLfu : CachePolicy::kLru,
-                                               c->layouts_, n_expert, below, std::make_unique<HostTierMemory>());
+                                               c->layouts_, n_expert, below,
+                                               o.host_memory ? o.host_memory() : std::make_unique<HostTierMemory>());
         below = c->host_.get();
     }
     if (!c->device_)
         c->device_ = std::make_unique<CacheTier>("device", o.device_bytes, o.policy, c->layouts_, n_expert, below,
-                                                 std::make_unique<HostTierMemory>());
+                                                 compute_mem());
     if (o.policy == CachePolicy::kStatic) {
         if (o.profile.counts.empty() && !o.profile_path.empty()) {
             MM_ASSIGN_OR_RETURN(c->opts_.profile, load_expert_profile(o.profile_path));

@@ -42,6 +42,7 @@
 #include <string>
 #include <thread>
 #include <deque>
+#include <functional>
 #include <vector>
 
 #include "common/gguf.h"
@@ -73,6 +74,8 @@ StatusOr<ExpertProfile> parse_expert_profile(const std::string& json_text, const
 StatusOr<ExpertProfile> load_expert_profile(const std::string& path);
 std::string expert_profile_json(const ExpertProfile& p);
 
+class TierMemory;
+
 // How a worker caches its shard (the `cache:` entry of its placement, or `moemesh run --device-budget`).
 struct CacheOptions {
     uint64_t device_bytes = 0;  // device tier budget; 0: unlimited
@@ -81,6 +84,10 @@ struct CacheOptions {
     PrefetchMode prefetch = PrefetchMode::kNone;
     std::string profile_path;   // for `static`: the profile file
     ExpertProfile profile;      // for `static` (loaded from profile_path when counts are empty)
+    // Where the tiers' bytes live (null: HostTierMemory). `compute_memory` is the memory of the tier
+    // compute reads (the device tier, or the lone host tier); `host_memory` that of a host tier below
+    // it. A CUDA worker passes VRAM and pinned host memory here.
+    std::function<std::unique_ptr<TierMemory>()> compute_memory, host_memory;
 };
 
 // Byte layout of one expert of a layer inside a cache entry.
@@ -136,6 +143,13 @@ public:
     virtual uint64_t charge(uint64_t bytes) const = 0;  // bytes accounted for an allocation of `bytes`
     virtual StatusOr<uint8_t*> allocate(uint64_t bytes) = 0;
     virtual void free(uint8_t* p, uint64_t bytes) = 0;
+    // Fills dst (allocated here, `bytes` long) with the expert's bytes from the tier or file below.
+    // Host memory reads straight into dst; a device memory stages through (pinned) host memory and
+    // copies, or copies directly from the entry of a CacheTier below (dynamic_cast + acquire).
+    virtual Status fill(ExpertReader& below, int layer, int expert, uint8_t* dst, uint64_t bytes) {
+        (void)bytes;
+        return below.read_expert(layer, expert, dst);
+    }
 };
 class HostTierMemory final : public TierMemory {
 public:
