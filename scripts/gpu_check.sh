@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, in the repository root, after scripts/gpu_pack.sh packed .cudarun/ here:
+# every GPU test (full gtest output in $OUT/<test>.txt, a summary in $OUT/log), compute-sanitizer
+# memcheck on the op tests, and the benches while time is left. Stays within --budget seconds
+# (default 420) so one device call can run it with room to spare; sections that no longer fit are
+# listed as skipped.
+#
+#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode offload"]
+set -uo pipefail
+BUDGET=420
+ONLY="ops model experts transport memcheck gemv decode offload"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+B="$ROOT/.cudarun/bin"
+[ -x "$B/moemesh" ] || { echo "gpu_check.sh: $B/moemesh missing: run scripts/gpu_pack.sh first and carry .cudarun" >&2; exit 2; }
+export LD_LIBRARY_PATH="$ROOT/.cudarun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export MOEMESH_BIN="$B/moemesh"
+OUT=${OUT:-/tmp/gpu-check-out}; mkdir -p "$OUT"
+D=${TMPDIR:-/tmp}/gpu-check; mkdir -p "$D"
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+# section NAME NEED_S CMD...: runs CMD with a timeout of what is left, when at least NEED_S is left.
+section() {
+  local name=$1 need=$2; shift 2
+  want "$name" || return 0
+  local l; l=$(left)
+  if [ "$l" -lt "$need" ]; then echo "=== $name: skipped ($l s left, needs $need)"; return 0; fi
+  echo "=== $name (+$(( $(date +%s) - T0 )) s, $l s left)"
+  timeout $(( l - 3 )) "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[==========\]|ERROR SUMMARY|Failure|^\| |copy|tok/s|error" "$OUT/$name.txt" | head -60
+  echo "--- $name rc $rc"
+}
+gtest() { local t=$1; shift; [ -x "$B/$t" ] && "$B/$t" "$@" || echo "error: $B/$t not built"; }
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null || echo "no libnccl.so.2 under /usr/local/cuda/lib64"
+  section ops 20 gtest test_cuda_ops
+  section model 60 gtest test_cuda_model
+  section experts 40 gtest test_cuda_experts
+  section transport 40 gtest test_cuda_transport
+  section memcheck 40 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_cuda_ops"
+  section gemv 30 "$B/bench_cuda_gemv" 20
+  section decode 90 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
+      --layers 4 --types "q4_k" --graphs 1 --dir "$D" --gen 64 --reps 2
+  if [ -f "$ROOT/bench/bench_cuda_offload.sh" ]; then
+    section offload 90 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D"
+  fi
+  echo "=== done (+$(( $(date +%s) - T0 )) s)"
+} 2>&1 | tee "$OUT/log"
