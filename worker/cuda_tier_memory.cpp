@@ -1,0 +1,262 @@
+#include "worker/cuda_tier_memory.h"
+
+#include <algorithm>
+#include <iterator>
+
+#include "common/placement.h"
+
+#ifdef MOEMESH_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace moemesh {
+
+// ---- ArenaAllocator (plain C++) ----------------------------------------------------------------
+
+ArenaAllocator::ArenaAllocator(uint64_t capacity) : capacity_(capacity / kTierGranule * kTierGranule) {
+    if (capacity_) free_[0] = capacity_;
+}
+
+int64_t ArenaAllocator::allocate(uint64_t bytes) {
+    const uint64_t n = round(std::max<uint64_t>(bytes, 1));
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second < n) continue;
+        const uint64_t off = it->first, len = it->second;
+        free_.erase(it);
+        if (len > n) free_[off + n] = len - n;
+        used_ += n;
+        return static_cast<int64_t>(off);
+    }
+    return -1;
+}
+
+void ArenaAllocator::free(uint64_t offset, uint64_t bytes) {
+    const uint64_t n = round(std::max<uint64_t>(bytes, 1));
+    MM_CHECK(offset + n <= capacity_ && used_ >= n);
+    used_ -= n;
+    auto next = free_.lower_bound(offset);
+    MM_CHECK(next == free_.end() || next->first >= offset + n);  // not already free
+    uint64_t off = offset, len = n;
+    if (next != free_.begin()) {
+        auto prev = std::prev(next);
+        MM_CHECK(prev->first + prev->second <= offset);
+        if (prev->first + prev->second == offset) {
+            off = prev->first;
+            len += prev->second;
+            free_.erase(prev);
+        }
+    }
+    if (next != free_.end() && next->first == offset + n) {
+        len += next->second;
+        free_.erase(next);
+    }
+    free_[off] = len;
+}
+
+uint64_t ArenaAllocator::largest_free() const {
+    uint64_t m = 0;
+    for (auto& [o, l] : free_) m = std::max(m, l);
+    return m;
+}
+
+#ifdef MOEMESH_HAVE_CUDA
+
+namespace {
+
+std::string cuda_err(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+std::string free_vram(int device) {
+    size_t fr = 0, total = 0;
+    if (cudaMemGetInfo(&fr, &total) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return "unknown";
+    }
+    return format_bytes(fr) + " of " + format_bytes(total);
+}
+
+}  // namespace
+
+// ---- VRAM ---------------------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<VramTierMemory>> VramTierMemory::create(int device, uint64_t arena_bytes) {
+    std::unique_ptr<VramTierMemory> m(new VramTierMemory());
+    m->device_ = device;
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) return MM_ERROR("cuda:%d: cannot use the device: %s", device, cuda_err(e).c_str());
+    m->arena_ = ArenaAllocator(arena_bytes);
+    if (m->arena_.capacity()) {
+        void* p = nullptr;
+        e = cudaMalloc(&p, m->arena_.capacity());
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return MM_ERROR("cuda:%d: cannot allocate the device cache tier (%s of VRAM; %s free): %s", device,
+                            format_bytes(m->arena_.capacity()).c_str(), free_vram(device).c_str(), cuda_err(e).c_str());
+        }
+        m->base_ = static_cast<uint8_t*>(p);
+    }
+    m->st_.arena_bytes = m->arena_.capacity();
+    cudaStream_t s = nullptr;
+    e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    if (e != cudaSuccess) return MM_ERROR("cuda:%d: cannot create the cache's copy stream: %s", device, cuda_err(e).c_str());
+    m->copy_ = s;
+    return m;
+}
+
+VramTierMemory::~VramTierMemory() {
+    (void)cudaSetDevice(device_);
+    if (copy_) (void)cudaStreamSynchronize(static_cast<cudaStream_t>(copy_));
+    if (copy_) (void)cudaStreamDestroy(static_cast<cudaStream_t>(copy_));
+    if (staging_) (void)cudaFreeHost(staging_);
+    if (base_) (void)cudaFree(base_);
+}
+
+StatusOr<uint8_t*> VramTierMemory::allocate(uint64_t bytes) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        const int64_t off = base_ ? arena_.allocate(bytes) : -1;
+        if (off >= 0) {
+            st_.arena_used = arena_.used();
+            return base_ + off;
+        }
+        st_.overflow++;
+    }
+    (void)cudaSetDevice(device_);
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, std::max<uint64_t>(bytes, 1));
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: cannot allocate %s of VRAM for a cached expert outside the tier's arena (%s free): %s",
+                        device_, format_bytes(bytes).c_str(), free_vram(device_).c_str(), cuda_err(e).c_str());
+    }
+    return static_cast<uint8_t*>(p);
+}
+
+void VramTierMemory::free(uint8_t* p, uint64_t bytes) {
+    if (!p) return;
+    if (base_ && p >= base_ && p < base_ + arena_.capacity()) {
+        std::lock_guard<std::mutex> lk(mu_);
+        arena_.free(static_cast<uint64_t>(p - base_), bytes);
+        st_.arena_used = arena_.used();
+        return;
+    }
+    (void)cudaSetDevice(device_);
+    (void)cudaFree(p);
+}
+
+Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t* dst, uint64_t bytes) {
+    std::lock_guard<std::mutex> lk(fill_mu_);
+    cudaError_t e = cudaSetDevice(device_);
+    const auto s = static_cast<cudaStream_t>(copy_);
+    if (auto* tier = dynamic_cast<CacheTier*>(&below)) {
+        // Straight from the host tier's entry, pinned while the copy runs.
+        uint8_t* src = nullptr;
+        void* token = nullptr;
+        MM_RETURN_IF_ERROR(tier->acquire(layer, expert, &src, &token));
+        if (e == cudaSuccess) e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+        tier->release(token);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) from the host tier: %s", device_, layer, expert,
+                            format_bytes(bytes).c_str(), cuda_err(e).c_str());
+        }
+        std::lock_guard<std::mutex> sl(mu_);
+        st_.direct_fills++;
+        return Status();
+    }
+    if (staging_bytes_ < bytes) {
+        if (staging_) (void)cudaFreeHost(staging_);
+        staging_ = nullptr;
+        staging_bytes_ = 0;
+        void* p = nullptr;
+        if (e == cudaSuccess) e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return MM_ERROR("cuda:%d: cannot allocate %s of pinned staging memory for cache fills: %s", device_,
+                            format_bytes(bytes).c_str(), cuda_err(e).c_str());
+        }
+        staging_ = static_cast<uint8_t*>(p);
+        staging_bytes_ = bytes;
+    }
+    MM_RETURN_IF_ERROR(below.read_expert(layer, expert, staging_));
+    e = cudaMemcpyAsync(dst, staging_, bytes, cudaMemcpyHostToDevice, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) to VRAM: %s", device_, layer, expert,
+                        format_bytes(bytes).c_str(), cuda_err(e).c_str());
+    }
+    std::lock_guard<std::mutex> sl(mu_);
+    st_.staged_fills++;
+    return Status();
+}
+
+TierMemoryStats VramTierMemory::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return st_;
+}
+
+// ---- pinned host ---------------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<PinnedHostTierMemory>> PinnedHostTierMemory::create(int device, uint64_t arena_bytes) {
+    std::unique_ptr<PinnedHostTierMemory> m(new PinnedHostTierMemory());
+    m->device_ = device;
+    m->arena_ = ArenaAllocator(arena_bytes);
+    if (m->arena_.capacity()) {
+        cudaError_t e = cudaSetDevice(device);
+        void* p = nullptr;
+        if (e == cudaSuccess) e = cudaHostAlloc(&p, m->arena_.capacity(), cudaHostAllocPortable);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return MM_ERROR("cuda:%d: cannot allocate the pinned host cache tier (%s of page-locked RAM): %s", device,
+                            format_bytes(m->arena_.capacity()).c_str(), cuda_err(e).c_str());
+        }
+        m->base_ = static_cast<uint8_t*>(p);
+    }
+    m->st_.arena_bytes = m->arena_.capacity();
+    return m;
+}
+
+PinnedHostTierMemory::~PinnedHostTierMemory() {
+    if (base_) (void)cudaFreeHost(base_);
+}
+
+StatusOr<uint8_t*> PinnedHostTierMemory::allocate(uint64_t bytes) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        const int64_t off = base_ ? arena_.allocate(bytes) : -1;
+        if (off >= 0) {
+            st_.arena_used = arena_.used();
+            return base_ + off;
+        }
+        st_.overflow++;
+    }
+    void* p = nullptr;
+    const cudaError_t e = cudaHostAlloc(&p, std::max<uint64_t>(bytes, 1), cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: cannot allocate %s of pinned host memory for a cached expert: %s", device_,
+                        format_bytes(bytes).c_str(), cuda_err(e).c_str());
+    }
+    return static_cast<uint8_t*>(p);
+}
+
+void PinnedHostTierMemory::free(uint8_t* p, uint64_t bytes) {
+    if (!p) return;
+    if (base_ && p >= base_ && p < base_ + arena_.capacity()) {
+        std::lock_guard<std::mutex> lk(mu_);
+        arena_.free(static_cast<uint64_t>(p - base_), bytes);
+        st_.arena_used = arena_.used();
+        return;
+    }
+    (void)cudaFreeHost(p);
+}
+
+TierMemoryStats PinnedHostTierMemory::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return st_;
+}
+
+#endif  // MOEMESH_HAVE_CUDA
+
+}  // namespace moemesh

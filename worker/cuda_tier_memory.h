@@ -1,0 +1,111 @@
+// Cache-tier memory on a CUDA device (worker/expert_cache.h TierMemory): the device tier in VRAM and
+// the host tier in pinned RAM, each one arena carved by an ArenaAllocator.
+//
+//   VramTierMemory        one cudaMalloc of the tier's budget on device N, made once: no cudaMalloc /
+//                         cudaFree per miss (cudaFree synchronizes the whole device). An entry is
+//                         charged its size rounded up to kTierGranule (256 bytes, cudaMalloc's own
+//                         alignment); the CacheTier adds kCacheEntryOverhead for its bookkeeping, which
+//                         is host memory, so the arena never holds more than the budget. When the arena
+//                         has no free range of the size asked for (fragmentation across layers of
+//                         different sizes, or the tier's transient buffers beyond the budget) the entry
+//                         gets its own cudaMalloc, counted in `overflow` (`stats()`).
+//                         fill(): from a CacheTier below (the host tier) it pins the host entry and copies
+//                         it with cudaMemcpyAsync on the tier's copy stream (DMA when the host tier is
+//                         pinned), then releases it; from the file it reads into a pinned staging buffer
+//                         and copies. Fills from several threads (compute, prefetch) are serialized: the
+//                         copy engine is the bottleneck anyway.
+//   PinnedHostTierMemory  one cudaHostAlloc of the host tier's budget (page-locked: the budget is
+//                         resident from the start), same allocator and charge.
+//
+// The allocator is plain C++ (tested on CPU); the CUDA classes exist only in CUDA builds
+// (MOEMESH_HAVE_CUDA). Errors name the device, the bytes and the CUDA error string.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/status.h"
+#include "worker/expert_cache.h"
+
+namespace moemesh {
+
+inline constexpr uint64_t kTierGranule = 256;
+
+// First-fit allocator of byte ranges [0, capacity) in kTierGranule units; adjacent free ranges are
+// merged on free. Not thread-safe (its owner locks).
+class ArenaAllocator {
+public:
+    explicit ArenaAllocator(uint64_t capacity = 0);
+    static uint64_t round(uint64_t bytes) { return (bytes + kTierGranule - 1) / kTierGranule * kTierGranule; }
+    // Offset of a free range of round(bytes), or -1 when no free range is large enough.
+    int64_t allocate(uint64_t bytes);
+    // Returns the range allocate(bytes) gave at `offset` (same bytes).
+    void free(uint64_t offset, uint64_t bytes);
+    uint64_t capacity() const { return capacity_; }
+    uint64_t used() const { return used_; }
+    uint64_t largest_free() const;
+    size_t free_ranges() const { return free_.size(); }
+
+private:
+    uint64_t capacity_ = 0, used_ = 0;
+    std::map<uint64_t, uint64_t> free_;  // offset → length, disjoint, never adjacent
+};
+
+struct TierMemoryStats {
+    uint64_t arena_bytes = 0, arena_used = 0;
+    uint64_t overflow = 0;          // allocations that did not fit the arena (own cudaMalloc / cudaHostAlloc)
+    uint64_t direct_fills = 0;      // fills copied straight from a CacheTier below
+    uint64_t staged_fills = 0;      // fills read into the staging buffer, then copied
+};
+
+#ifdef MOEMESH_HAVE_CUDA
+// VRAM of device `device` for the tier compute reads.
+class VramTierMemory final : public TierMemory {
+public:
+    // arena_bytes: the tier's budget (one cudaMalloc now). Errors: the device, the bytes, the
+    // CUDA error (e.g. out of memory) and how much VRAM was free.
+    static StatusOr<std::unique_ptr<VramTierMemory>> create(int device, uint64_t arena_bytes);
+    ~VramTierMemory() override;
+    uint64_t charge(uint64_t bytes) const override { return ArenaAllocator::round(bytes); }
+    StatusOr<uint8_t*> allocate(uint64_t bytes) override;
+    void free(uint8_t* p, uint64_t bytes) override;
+    Status fill(ExpertReader& below, int layer, int expert, uint8_t* dst, uint64_t bytes) override;
+    TierMemoryStats stats() const;
+    int device() const { return device_; }
+
+private:
+    VramTierMemory() = default;
+    int device_ = 0;
+    uint8_t* base_ = nullptr;
+    mutable std::mutex mu_;  // arena_ and the counters
+    ArenaAllocator arena_;
+    TierMemoryStats st_;
+    std::mutex fill_mu_;  // staging_ and copy_ (one fill at a time)
+    void* copy_ = nullptr;  // cudaStream_t
+    uint8_t* staging_ = nullptr;
+    uint64_t staging_bytes_ = 0;
+};
+
+// Page-locked host memory for the host tier below a VramTierMemory.
+class PinnedHostTierMemory final : public TierMemory {
+public:
+    static StatusOr<std::unique_ptr<PinnedHostTierMemory>> create(int device, uint64_t arena_bytes);
+    ~PinnedHostTierMemory() override;
+    uint64_t charge(uint64_t bytes) const override { return ArenaAllocator::round(bytes); }
+    StatusOr<uint8_t*> allocate(uint64_t bytes) override;
+    void free(uint8_t* p, uint64_t bytes) override;
+    TierMemoryStats stats() const;
+
+private:
+    PinnedHostTierMemory() = default;
+    int device_ = 0;
+    uint8_t* base_ = nullptr;
+    mutable std::mutex mu_;
+    ArenaAllocator arena_;
+    TierMemoryStats st_;
+};
+#endif
+
+}  // namespace moemesh
