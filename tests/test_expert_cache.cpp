@@ -44,6 +44,13 @@ public:
         std::memset(dst, layer * 16 + expert, kData);
         return Status();
     }
+    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out) override {
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            batches.push_back(rs.size());
+        }
+        ExpertReader::read_experts(rs, out);
+    }
     int total() {
         std::lock_guard<std::mutex> lk(mu);
         int n = 0;
@@ -52,6 +59,7 @@ public:
     }
     std::mutex mu;
     std::map<std::pair<int, int>, int> reads;
+    std::vector<size_t> batches;  // sizes of read_experts calls
     int delay_ms = 0;
     int fail_from_layer = -1;
 };
@@ -181,6 +189,48 @@ TEST(ExpertCache, HostTierBelowTheDevice) {
     EXPECT_DOUBLE_EQ(st[1].hit_rate(), 0.5);
     EXPECT_EQ(f.reader->total(), 2);
     EXPECT_NE(f.cache->stats_line().find("host"), std::string::npos) << f.cache->stats_line();
+}
+
+TEST(ExpertCache, BatchLoadsFillFreeRoomOrPinAndReachTheReaderAsOneBatch) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    Fake f = make_cache(1, 8, 1, o);
+    run_trace(*f.cache, {0});
+    // Prefetch-style batch of 0..4 into capacity 3 holding [0]: 0 is resident (skipped); 1 and 2
+    // take the free room; 3 evicts 0 (the only ready, unpinned entry); 4 finds only entries being
+    // loaded and is skipped. One batch of 3 reaches the reader.
+    size_t loaded = 0;
+    ASSERT_TRUE(f.cache->device().load_batch({{0, 0}, {0, 1}, {0, 2}, {0, 3}, {0, 4}}, false, &loaded).ok());
+    EXPECT_EQ(loaded, 3u);
+    EXPECT_EQ(f.reader->batches, (std::vector<size_t>{3}));
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 0}}));
+    for (int e : {1, 2, 3}) EXPECT_TRUE(f.cache->device().resident(0, e)) << e;
+    EXPECT_FALSE(f.cache->device().resident(0, 4));
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.hits + s.misses, 1u);  // batches are not requests
+    EXPECT_EQ(s.fills, 4u);
+    EXPECT_LE(s.peak_used, o.device_bytes);
+    run_trace(*f.cache, {1, 2, 3});
+    EXPECT_EQ(f.cache->device().stats().hits, 3u);
+    // Pinning batch into capacity 2: 5 and 6 fill it and stay for good; 7 finds no room.
+    o.device_bytes = 2 * entry_charge();
+    Fake g = make_cache(1, 8, 1, o);
+    Status st = g.cache->device().load_batch({{0, 5}, {0, 6}, {0, 7}}, true, &loaded);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("no room to pin layer 0 expert 7"), std::string::npos) << st.message();
+    EXPECT_EQ(loaded, 2u);
+    EXPECT_EQ(g.cache->device().stats().preloaded, 2u);
+    EXPECT_EQ(g.cache->device().stats().pinned_entries, 2u);
+    // Failed reads in a batch: reported, nothing cached, the others kept.
+    Fake h = make_cache(2, 8, 1, CacheOptions());
+    h.reader->fail_from_layer = 1;
+    st = h.cache->device().load_batch({{0, 1}, {1, 1}, {0, 2}}, true, &loaded);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("loading layer 1 expert 1"), std::string::npos) << st.message();
+    EXPECT_EQ(loaded, 2u);
+    EXPECT_FALSE(h.cache->device().resident(1, 1));
+    EXPECT_TRUE(h.cache->device().resident(0, 2));
+    EXPECT_EQ(h.cache->device().stats().errors, 1u);
 }
 
 TEST(ExpertCache, BudgetSmallerThanOneExpertIsRefused) {

@@ -1,6 +1,5 @@
 #include "worker/expert_cache.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -108,64 +107,6 @@ std::string expert_profile_json(const ExpertProfile& p) {
     j["tokens"] = p.tokens;
     j["counts"] = p.counts;
     return j.dump() + "\n";
-}
-
-// ---- storage tier ----------------------------------------------------------------------------
-
-StatusOr<std::unique_ptr<FileExpertReader>> FileExpertReader::open(const GgufFile& f, const ModelConfig& c) {
-    std::unique_ptr<FileExpertReader> r(new FileExpertReader());
-    r->path_ = f.path();
-    for (int il = 0; il < c.n_layer; ++il) {
-        MM_ASSIGN_OR_RETURN(LayerExpertWeights w, layer_expert_weights(f, c, il));
-        ExpertLayout lay;
-        lay.gate_bytes = w.gate.matrix_bytes;
-        lay.up_bytes = w.up.matrix_bytes;
-        lay.down_bytes = w.down.matrix_bytes;
-        lay.up_off = align_up(lay.gate_bytes, kAlign);
-        lay.down_off = align_up(lay.up_off + lay.up_bytes, kAlign);
-        lay.size = align_up(lay.down_off + lay.down_bytes, kAlign);
-        r->layouts_.push_back(lay);
-        r->types_.push_back({w.gate.type, w.up.type, w.down.type});
-        for (const Weight* m : {&w.gate, &w.up, &w.down})
-            r->matrices_.push_back({m->tensor->name, static_cast<uint64_t>(m->data - f.base()), m->matrix_bytes});
-    }
-    r->fd_ = ::open(r->path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (r->fd_ < 0)
-        return MM_ERROR("%s: cannot open for reading experts: %s", r->path_.c_str(), std::strerror(errno));
-    return r;
-}
-
-FileExpertReader::~FileExpertReader() {
-    if (fd_ >= 0) ::close(fd_);
-}
-
-Status FileExpertReader::read_expert(int layer, int expert, uint8_t* dst) {
-    const auto t0 = Clock::now();
-    const ExpertLayout& lay = layouts_[layer];
-    const uint64_t dst_off[3] = {0, lay.up_off, lay.down_off};
-    for (int m = 0; m < 3; ++m) {
-        const Matrix& mx = matrices_[static_cast<size_t>(layer) * 3 + m];
-        const uint64_t begin = mx.offset + static_cast<uint64_t>(expert) * mx.stride;
-        uint64_t done = 0;
-        while (done < mx.stride) {
-            const ssize_t n = ::pread(fd_, dst + dst_off[m] + done, mx.stride - done, static_cast<off_t>(begin + done));
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) {
-                errors_++;
-                const unsigned long long b = begin, e = begin + mx.stride, at = begin + done;
-                return n == 0 ? MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): file ends at byte %llu "
-                                         "(truncated after it was opened?)",
-                                         path_.c_str(), mx.tensor.c_str(), expert, b, e, at)
-                              : MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): read error at byte %llu: %s",
-                                         path_.c_str(), mx.tensor.c_str(), expert, b, e, at, std::strerror(errno));
-            }
-            done += static_cast<uint64_t>(n);
-        }
-    }
-    reads_++;
-    bytes_ += lay.data_bytes();
-    ns_ += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
-    return Status();
 }
 
 // ---- memory ----------------------------------------------------------------------------------
@@ -393,27 +334,13 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
         }
         const double fill_s = since(tf);
         lk.lock();
-        if (!st.ok()) {
-            st_.errors++;
-            e->state = State::kFailed;
-            e->error = st.message();
-            if (e->in_map) {
-                map_.erase(key);
-                st_.used -= e->charge;
-                e->in_map = false;
-            }
+        if (!settle(e, st)) {
             e->pins--;
             if (e->pins == 0) destroy(e);
-            cv_.notify_all();
             finish_stall();
             return st;
         }
-        st_.fills++;
-        st_.bytes_in += layouts_[layer].data_bytes();
         st_.fill_seconds += fill_s;
-        e->state = State::kReady;
-        e->last_use = ++tick_;
-        cv_.notify_all();
         if (transient) st_.transient++;
         if (forever || prefetch_only) {
             if (forever) {
@@ -429,6 +356,123 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
         finish_stall();
         return Status();
     }
+}
+
+bool CacheTier::settle(Entry* e, const Status& st) {
+    if (!st.ok()) {
+        st_.errors++;
+        e->state = State::kFailed;
+        e->error = st.message();
+        if (e->in_map) {
+            map_.erase(static_cast<int64_t>(e->layer) * n_expert_ + e->expert);
+            st_.used -= e->charge;
+            e->in_map = false;
+        }
+        cv_.notify_all();
+        return false;
+    }
+    st_.fills++;
+    st_.bytes_in += layouts_[e->layer].data_bytes();
+    e->state = State::kReady;
+    e->last_use = ++tick_;
+    cv_.notify_all();
+    return true;
+}
+
+Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bool forever, size_t* loaded) {
+    *loaded = 0;
+    Status first_error;
+    std::vector<std::pair<int, int>> wait_for;  // loading by another requester (forever only)
+    std::vector<Entry*> batch;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (auto [layer, expert] : experts) {
+        const int64_t key = static_cast<int64_t>(layer) * n_expert_ + expert;
+        auto it = map_.find(key);
+        if (it != map_.end()) {
+            Entry* e = it->second;
+            if (forever && e->state == State::kReady && !e->forever) {
+                e->forever = true;
+                st_.preloaded++;
+            } else if (forever && e->state == State::kLoading) {
+                wait_for.push_back({layer, expert});
+            }
+            continue;
+        }
+        const uint64_t need = charge_of(layer);
+        bool room = true;
+        while (budget_ && st_.used + need > budget_) {
+            if (Entry* v = pick_victim()) {
+                evict(v);
+                continue;
+            }
+            room = false;
+            break;
+        }
+        if (!room) {
+            if (forever)
+                first_error = MM_ERROR("%s tier: no room to pin layer %d expert %d (budget %s, %s used by pinned entries)",
+                                       name_.c_str(), layer, expert, format_bytes(budget_).c_str(),
+                                       format_bytes(st_.used).c_str());
+            break;
+        }
+        Entry* e = new Entry();
+        e->layer = layer;
+        e->expert = expert;
+        e->pins = 1;
+        e->charge = need;
+        e->in_map = true;
+        map_[key] = e;
+        st_.used += need;
+        st_.peak_used = std::max(st_.peak_used, st_.used);
+        batch.push_back(e);
+    }
+    lk.unlock();
+    const auto tf = Clock::now();
+    std::vector<Status> result(batch.size());
+    std::vector<ExpertRead> reads;
+    std::vector<size_t> read_of;  // reads[j] fills batch[read_of[j]]
+    for (size_t i = 0; i < batch.size(); ++i) {
+        Entry* e = batch[i];
+        StatusOr<uint8_t*> mem = mem_->allocate(layouts_[e->layer].size);
+        if (!mem.ok()) {
+            result[i] = mem.status();
+            continue;
+        }
+        e->data = mem.value();
+        reads.push_back({e->layer, e->expert, e->data, layouts_[e->layer].size});
+        read_of.push_back(i);
+    }
+    std::vector<Status> filled;
+    if (!reads.empty()) mem_->fill_batch(*below_, reads, &filled);
+    for (size_t j = 0; j < reads.size(); ++j) result[read_of[j]] = filled[j];
+    const double fill_s = since(tf);
+    lk.lock();
+    st_.fill_seconds += fill_s;
+    for (size_t i = 0; i < batch.size(); ++i) {
+        Entry* e = batch[i];
+        Status st = result[i];
+        if (!st.ok())
+            st = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), e->layer, e->expert) +
+                               st.message());
+        const bool ok = settle(e, st);
+        e->pins--;
+        if (!ok) {
+            if (first_error.ok()) first_error = st;
+            if (e->pins == 0) destroy(e);
+            continue;
+        }
+        ++*loaded;
+        if (forever) {
+            e->forever = true;
+            st_.preloaded++;
+        }
+    }
+    lk.unlock();
+    for (auto [layer, expert] : wait_for) {
+        Status st = pin_forever(layer, expert);
+        if (!st.ok() && first_error.ok()) first_error = st;
+    }
+    return first_error;
 }
 
 void CacheTier::release(void* token) {
@@ -481,7 +525,7 @@ void CacheTier::reset_counters() {
 StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create(const GgufFile& f, const ModelConfig& c,
                                                            const std::vector<std::vector<int>>& shard,
                                                            const CacheOptions& o) {
-    MM_ASSIGN_OR_RETURN(std::unique_ptr<FileExpertReader> r, FileExpertReader::open(f, c));
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<FileExpertReader> r, FileExpertReader::open(f, c, o.storage));
     std::vector<ExpertLayout> layouts = r->layouts();
     std::vector<ExpertTypes> types = r->types();
     FileExpertReader* file = r.get();
@@ -602,12 +646,22 @@ Status ExpertCache::warm_up() {
     }
     HostTierMemory probe;
     uint64_t used = 0;
+    std::vector<std::pair<int, int>> hot;
     for (const Cand& c : cands) {
         const uint64_t ch = probe.charge(layouts_[c.layer].size) + kCacheEntryOverhead;
         if (used + ch > room) break;
-        MM_RETURN_IF_ERROR(device_->pin_forever(c.layer, c.expert));
+        hot.push_back({c.layer, c.expert});
         used += ch;
         hot_bytes_ += layouts_[c.layer].data_bytes();
+    }
+    // In batches (io_uring reads a batch's matrices concurrently); bounded so that a huge hot set
+    // does not hold every buffer's reservation before the first one is read.
+    constexpr size_t kBatch = 32;
+    for (size_t i = 0; i < hot.size(); i += kBatch) {
+        const std::vector<std::pair<int, int>> part(hot.begin() + static_cast<std::ptrdiff_t>(i),
+                                                    hot.begin() + static_cast<std::ptrdiff_t>(std::min(hot.size(), i + kBatch)));
+        size_t loaded = 0;
+        MM_RETURN_IF_ERROR(device_->load_batch(part, true, &loaded));
     }
     return Status();
 }
@@ -667,10 +721,13 @@ void ExpertCache::prefetch_loop() {
     for (;;) {
         pf_cv_.wait(lk, [&] { return pf_stop_ || !pf_queue_.empty(); });
         if (pf_stop_) return;
-        auto [l, e] = pf_queue_.front();
-        pf_queue_.pop_front();
+        // The whole prediction in one batch (io_uring: read together).
+        std::vector<std::pair<int, int>> batch(pf_queue_.begin(), pf_queue_.end());
+        pf_queue_.clear();
         lk.unlock();
-        if (device_->prefetch(l, e)) pf_loaded_++;
+        size_t loaded = 0;
+        (void)device_->load_batch(batch, false, &loaded);  // a failed prefetch is retried by the request
+        pf_loaded_ += loaded;
         lk.lock();
     }
 }
@@ -697,8 +754,9 @@ std::string ExpertCache::stats_line() const {
     for (const TierStats& t : all) {
         if (!out.empty()) out += " | ";
         if (t.name == "storage") {
-            out += str_printf("storage: %llu reads, %s", static_cast<unsigned long long>(t.fills),
-                              format_bytes(t.bytes_in).c_str());
+            out += str_printf("storage%s: %llu reads, %s",
+                              file_ ? (std::string(" (") + storage_mode_name(file_->mode()) + ")").c_str() : "",
+                              static_cast<unsigned long long>(t.fills), format_bytes(t.bytes_in).c_str());
             if (t.fill_seconds > 0)
                 out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
             if (t.errors) out += str_printf(", %llu errors", static_cast<unsigned long long>(t.errors));
@@ -727,6 +785,7 @@ std::string ExpertCache::stats_line() const {
 void ExpertCache::reset_counters() {
     device_->reset_counters();
     if (host_) host_->reset_counters();
+    if (file_) file_->reset_counters();
 }
 
 StatusOr<std::vector<std::vector<float>>> load_router_weights(const GgufFile& f, const ModelConfig& c) {

@@ -1,7 +1,7 @@
 // Expert cache hierarchy of a worker (or of `moemesh run --device-budget`):
 //
 //   device tier (bounded pool: a hot RAM pool on CPU; VRAM later) ◀ host tier (bounded RAM pool,
-//   optional) ◀ storage tier (the model file, read with pread)
+//   optional) ◀ storage tier (the model file, read with pread or io_uring: worker/expert_storage.h)
 //
 // Compute reads experts from the device tier. A device miss fills from the host tier when there is
 // one (a host miss reads the file into the host tier first), else straight from the file. With a
@@ -49,6 +49,7 @@
 #include "common/model_config.h"
 #include "common/status.h"
 #include "worker/expert_compute.h"
+#include "worker/expert_storage.h"
 
 namespace moemesh {
 
@@ -84,55 +85,11 @@ struct CacheOptions {
     PrefetchMode prefetch = PrefetchMode::kNone;
     std::string profile_path;   // for `static`: the profile file
     ExpertProfile profile;      // for `static` (loaded from profile_path when counts are empty)
+    StorageMode storage = StorageMode::kAuto;  // how the file is read (parse_storage_mode)
     // Where the tiers' bytes live (null: HostTierMemory). `compute_memory` is the memory of the tier
     // compute reads (the device tier, or the lone host tier); `host_memory` that of a host tier below
     // it. A CUDA worker passes VRAM and pinned host memory here.
     std::function<std::unique_ptr<TierMemory>()> compute_memory, host_memory;
-};
-
-// Byte layout of one expert of a layer inside a cache entry.
-struct ExpertLayout {
-    uint64_t gate_bytes = 0, up_bytes = 0, down_bytes = 0;
-    uint64_t up_off = 0, down_off = 0;  // gate at 0; each matrix 64-byte aligned
-    uint64_t size = 0;                  // bytes to allocate
-    uint64_t data_bytes() const { return gate_bytes + up_bytes + down_bytes; }
-};
-
-// Something an expert's bytes can be read from: the file, or a tier (for the tier above it).
-class ExpertReader {
-public:
-    virtual ~ExpertReader() = default;
-    // dst: layout(layer).size bytes. Thread-safe.
-    virtual Status read_expert(int layer, int expert, uint8_t* dst) = 0;
-};
-
-// The storage tier: pread of an expert's three matrices from the GGUF file. Errors name the file,
-// tensor and byte range (short read: the file was truncated after it was opened).
-class FileExpertReader final : public ExpertReader {
-public:
-    static StatusOr<std::unique_ptr<FileExpertReader>> open(const GgufFile& f, const ModelConfig& c);
-    ~FileExpertReader() override;
-    Status read_expert(int layer, int expert, uint8_t* dst) override;
-    const std::vector<ExpertLayout>& layouts() const { return layouts_; }
-    const std::vector<ExpertTypes>& types() const { return types_; }
-    uint64_t reads() const { return reads_.load(); }
-    uint64_t bytes_read() const { return bytes_.load(); }
-    uint64_t errors() const { return errors_.load(); }
-    double read_seconds() const { return static_cast<double>(ns_.load()) * 1e-9; }
-
-private:
-    FileExpertReader() = default;
-    struct Matrix {
-        std::string tensor;
-        uint64_t offset = 0;        // of expert 0 in the file
-        uint64_t stride = 0;        // bytes per expert
-    };
-    std::string path_;
-    int fd_ = -1;
-    std::vector<ExpertLayout> layouts_;
-    std::vector<ExpertTypes> types_;
-    std::vector<Matrix> matrices_;  // [layer * 3 + {gate, up, down}]
-    std::atomic<uint64_t> reads_{0}, bytes_{0}, errors_{0}, ns_{0};
 };
 
 // Where a tier's bytes live. HostTierMemory: anonymous mmap (freed pages go back to the system at
@@ -150,12 +107,23 @@ public:
         (void)bytes;
         return below.read_expert(layer, expert, dst);
     }
+    // Several fills at once ((*out)[i]: the outcome of reads[i]; dst and bytes as for fill). The
+    // default calls fill() for each, so a memory that only overrides fill() stays correct; host
+    // memory hands the whole batch to the reader below (io_uring submits it together).
+    virtual void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) {
+        out->assign(reads.size(), Status());
+        for (size_t i = 0; i < reads.size(); ++i)
+            (*out)[i] = fill(below, reads[i].layer, reads[i].expert, reads[i].dst, reads[i].bytes);
+    }
 };
 class HostTierMemory final : public TierMemory {
 public:
     uint64_t charge(uint64_t bytes) const override;
     StatusOr<uint8_t*> allocate(uint64_t bytes) override;
     void free(uint8_t* p, uint64_t bytes) override;
+    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) override {
+        below.read_experts(reads, out);
+    }
 };
 
 struct TierStats {
@@ -189,6 +157,11 @@ public:
     // Loads the expert in the caller's thread if absent and there is room without waiting; no pin is
     // kept. Returns false when it was resident, loading, or there was no room (prefetch).
     bool prefetch(int layer, int expert);
+    // Many experts with one batched read from below: forever, as pin_forever (entries being loaded
+    // by another requester are waited for; the first error is returned after the whole batch has
+    // settled); else as prefetch (absent experts only, into room available without waiting; the
+    // rest are skipped). *loaded: how many were read.
+    Status load_batch(const std::vector<std::pair<int, int>>& experts, bool forever, size_t* loaded);
     bool resident(int layer, int expert) const;
 
     TierStats stats() const;
@@ -203,6 +176,7 @@ private:
     enum class State { kLoading, kReady, kFailed };
     uint64_t charge_of(int layer) const;
     Entry* pick_victim();
+    bool settle(Entry* e, const Status& st);  // a finished load, under the lock; false: it failed
     void evict(Entry* e);
     void destroy(Entry* e);
     int held_by_this_thread() const;
