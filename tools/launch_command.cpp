@@ -396,6 +396,8 @@ Status Launcher::plan(const RunOptions& ro) {
         c.log_path = run_dir_ + "/" + w.name + ".log";
         c.argv = {worker_bin, "--model", model_, "--listen", w.address->str(), "--name", w.name};
         if (w.threads > 0) c.argv.insert(c.argv.end(), {"--threads", std::to_string(w.threads)});
+        // The YAML's device; its cache: entry travels in the handshake, so no cache flags here.
+        if (w.device.kind == Device::Kind::kCuda) c.argv.insert(c.argv.end(), {"--device", w.device.str()});
         children_.push_back(std::move(c));
     }
     if (generate_) {

@@ -109,11 +109,44 @@ uint64_t current_rss_bytes() {
 // ---------------------------------------------------------------------------------------------
 // WorkerService
 
-WorkerService::WorkerService(std::string name, std::unique_ptr<GgufFile> file, ModelConfig cfg, int threads)
+StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string& device_budget,
+                                                              const std::string& host_budget,
+                                                              const std::string& policy, const std::string& prefetch,
+                                                              const std::string& profile) {
+    if (device_budget.empty() && host_budget.empty()) {
+        if (!policy.empty() || !prefetch.empty() || !profile.empty())
+            return MM_ERROR("--cache-policy, --prefetch and --profile need --device-budget or --host-budget");
+        return std::optional<CacheOptions>();
+    }
+    CacheOptions o;
+    auto size = [](const std::string& s, const char* flag) -> StatusOr<uint64_t> {
+        if (s.empty()) return uint64_t{0};
+        StatusOr<uint64_t> r = parse_size(s);
+        if (!r.ok()) return MM_ERROR("%s: %s", flag, r.status().message().c_str());
+        if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
+        return r.value();
+    };
+    MM_ASSIGN_OR_RETURN(o.device_bytes, size(device_budget, "--device-budget"));
+    MM_ASSIGN_OR_RETURN(o.host_bytes, size(host_budget, "--host-budget"));
+    MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(policy.empty() ? "lru" : policy));
+    MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(prefetch.empty() ? "none" : prefetch));
+    o.profile_path = profile;
+    if (o.policy == CachePolicy::kStatic && profile.empty())
+        return MM_ERROR("--cache-policy static needs --profile FILE (write one with `moemesh profile`)");
+    if (!profile.empty()) {
+        MM_ASSIGN_OR_RETURN(o.profile, load_expert_profile(profile));
+    }
+    return std::optional<CacheOptions>(std::move(o));
+}
+
+WorkerService::WorkerService(std::string name, std::unique_ptr<GgufFile> file, ModelConfig cfg, int threads,
+                             int device, std::optional<CacheOptions> default_cache)
     : name_(std::move(name)),
       file_(std::move(file)),
       cfg_(std::move(cfg)),
       fingerprint_(file_->fingerprint()),
+      device_(device),
+      default_cache_(std::move(default_cache)),
       pool_(threads) {}
 
 WorkerService::~WorkerService() {
@@ -192,12 +225,12 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         std::lock_guard<std::mutex> lk(mu_);
         handshaken_ = true;
         const std::string cache_config = req->has_cache() ? req->cache().SerializeAsString() : "";
-        if ((store_ || cache_) && shard_ == spec && cache_config_ == cache_config &&
+        if ((store_ || cache_ || cuda_generation_) && shard_ == spec && cache_config_ == cache_config &&
             (load_state_ == LoadState::kLoading || load_state_ == LoadState::kReady)) {
             log("handshake from %s accepted: same shard (%s), %s", peer_of(ctx).c_str(), shard_summary(spec).c_str(),
                 load_state_ == LoadState::kReady ? "already loaded" : "still loading");
             resp->set_accepted(true);
-            resp->set_shard_bytes(store_ ? store_->total_bytes() : cache_->shard_bytes());
+            resp->set_shard_bytes(store_ ? store_->total_bytes() : cache_ ? cache_->shard_bytes() : cuda_shard_bytes_);
             return grpc::Status::OK;
         }
         cache_config_ = cache_config;
@@ -205,18 +238,66 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         if (store_) store_->cancel();
         old_loader = std::move(loader_);
         compute_.reset();
+        cuda_.reset();
         compute_store_.reset();
         store_.reset();
         cache_.reset();
+        cuda_generation_ = 0;
         shard_ = spec;
         load_state_ = LoadState::kLoading;  // callers wait across the swap
         load_error_.clear();
     }
     if (old_loader.joinable()) old_loader.join();
+    // The cache: the coordinator's (placement YAML) first, else the worker's own flags.
+    std::optional<CacheOptions> cache_opts;
+    std::string cache_from = "the handshake";
     if (req->has_cache()) {
-        // Budgets, policy and profile from the coordinator's placement; nothing is read until used
-        // (or, for static, the hot set in the background).
-        StatusOr<std::shared_ptr<ExpertCache>> made = make_cache(req->cache(), spec);
+        StatusOr<CacheOptions> co = cache_options(req->cache());
+        if (co.ok()) {
+            cache_opts = std::move(co).value();
+        } else {
+            std::lock_guard<std::mutex> lk(mu_);
+            load_state_ = LoadState::kFailed;
+            load_error_ = co.status().message();
+            cache_config_.clear();
+            cv_.notify_all();
+            log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
+            resp->set_accepted(false);
+            resp->set_reason(load_error_);
+            return grpc::Status::OK;
+        }
+    } else if (default_cache_) {
+        cache_opts = default_cache_;
+        cache_from = "the worker's flags";
+    }
+    if (device_ >= 0) {
+        // cuda:N: the shard to VRAM (or the cache built and warmed) in the background.
+        StatusOr<std::unique_ptr<ShardStore>> planned = ShardStore::plan(*file_, cfg_, spec);
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!planned.ok()) {
+            load_state_ = LoadState::kFailed;
+            load_error_ = planned.status().message();
+            cv_.notify_all();
+            log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
+            resp->set_accepted(false);
+            resp->set_reason(load_error_);
+            return grpc::Status::OK;
+        }
+        static std::atomic<uint64_t> generations{0};
+        cuda_generation_ = ++generations;
+        cuda_shard_bytes_ = planned.value()->total_bytes();
+        log("handshake from %s accepted: cuda:%d, %s, %.1f MiB, %s", peer_of(ctx).c_str(), device_,
+            shard_summary(spec).c_str(), static_cast<double>(cuda_shard_bytes_) / (1 << 20),
+            cache_opts ? ("from a VRAM cache (" + cache_from + ")").c_str() : "resident in VRAM");
+        loader_ = std::thread(&WorkerService::load_cuda, this, cuda_generation_, spec, cache_opts);
+        resp->set_accepted(true);
+        resp->set_shard_bytes(cuda_shard_bytes_);
+        return grpc::Status::OK;
+    }
+    if (cache_opts) {
+        // Budgets, policy and profile from the coordinator's placement or the worker's flags; nothing
+        // is read until used (or, for static, the hot set in the background).
+        StatusOr<std::shared_ptr<ExpertCache>> made = ExpertCache::create(*file_, cfg_, spec, *cache_opts);
         std::lock_guard<std::mutex> lk(mu_);
         if (!made.ok()) {
             load_state_ = LoadState::kFailed;
@@ -231,11 +312,11 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         cache_ = made.value();
         const CacheOptions& co = cache_->options();
         log("handshake from %s accepted: serving %s, %.1f MiB, from a cache (device %s, host %s, policy %s, prefetch "
-            "%s)",
+            "%s; from %s)",
             peer_of(ctx).c_str(), shard_summary(spec).c_str(), static_cast<double>(cache_->shard_bytes()) / (1 << 20),
             co.device_bytes ? format_bytes(co.device_bytes).c_str() : "unlimited",
             co.host_bytes ? format_bytes(co.host_bytes).c_str() : "none", cache_policy_name(co.policy),
-            prefetch_mode_name(co.prefetch));
+            prefetch_mode_name(co.prefetch), cache_from.c_str());
         loader_ = std::thread(&WorkerService::warm_cache, this, cache_);
         resp->set_accepted(true);
         resp->set_shard_bytes(cache_->shard_bytes());
@@ -282,7 +363,7 @@ void WorkerService::load_shard(std::shared_ptr<ShardStore> store) {
     cv_.notify_all();
 }
 
-StatusOr<std::shared_ptr<ExpertCache>> WorkerService::make_cache(const v1::CacheConfig& c, const ShardSpec& spec) const {
+StatusOr<CacheOptions> WorkerService::cache_options(const v1::CacheConfig& c) const {
     CacheOptions o;
     o.device_bytes = c.device_bytes();
     o.host_bytes = c.host_bytes();
@@ -291,7 +372,28 @@ StatusOr<std::shared_ptr<ExpertCache>> WorkerService::make_cache(const v1::Cache
     if (!c.profile_json().empty()) {
         MM_ASSIGN_OR_RETURN(o.profile, parse_expert_profile(c.profile_json(), "the handshake's expert profile"));
     }
-    return ExpertCache::create(*file_, cfg_, spec, o);
+    return o;
+}
+
+void WorkerService::load_cuda(uint64_t generation, ShardSpec spec, std::optional<CacheOptions> cache) {
+    const auto t0 = Clock::now();
+    StatusOr<std::unique_ptr<CudaExpertCompute>> made =
+        CudaExpertCompute::create(*file_, cfg_, spec, device_, cache ? &*cache : nullptr);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    std::lock_guard<std::mutex> ck(compute_mu_);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (cuda_generation_ != generation) return;  // replaced by a newer handshake meanwhile
+    if (made.ok()) {
+        cuda_ = std::move(made).value();
+        load_state_ = LoadState::kReady;
+        log("cuda:%d ready in %.2f s: %s, VRAM %.1f MiB, RSS %.1f MiB", device_, secs, cuda_->stats_line().c_str(),
+            static_cast<double>(cuda_->vram_bytes()) / (1 << 20), static_cast<double>(current_rss_bytes()) / (1 << 20));
+    } else {
+        load_state_ = LoadState::kFailed;
+        load_error_ = made.status().message();
+        log("cuda:%d: shard load failed: %s", device_, load_error_.c_str());
+    }
+    cv_.notify_all();
 }
 
 void WorkerService::warm_cache(std::shared_ptr<ExpertCache> cache) {
@@ -325,6 +427,9 @@ grpc::Status WorkerService::Health(grpc::ServerContext*, const v1::HealthRequest
     } else if (cache_) {
         resp->set_loaded_bytes(load_state_ == LoadState::kReady ? cache_->shard_bytes() : 0);
         resp->set_shard_bytes(cache_->shard_bytes());
+    } else if (cuda_generation_) {
+        resp->set_loaded_bytes(load_state_ == LoadState::kReady ? cuda_shard_bytes_ : 0);
+        resp->set_shard_bytes(cuda_shard_bytes_);
     }
     resp->set_uptime_ms(static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start_).count()));
@@ -343,9 +448,12 @@ grpc::Status WorkerService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
     resp->set_bytes_out(bytes_out_.load());
     std::lock_guard<std::mutex> lk(mu_);
     if (store_) resp->set_shard_bytes(store_->total_bytes());
-    if (cache_) {
-        resp->set_shard_bytes(cache_->shard_bytes());
-        for (const TierStats& t : cache_->tier_stats()) {
+    if (cuda_generation_) resp->set_shard_bytes(cuda_shard_bytes_);
+    ExpertCache* cache = cache_ ? cache_.get() : cuda_ ? cuda_->cache() : nullptr;
+    if (cuda_) resp->set_cache_summary(cuda_->stats_line());  // VRAM use, resident or cached
+    if (cache) {
+        if (cache_) resp->set_shard_bytes(cache_->shard_bytes());
+        for (const TierStats& t : cache->tier_stats()) {
             v1::CacheTierStats* p = resp->add_cache_tiers();
             p->set_name(t.name);
             p->set_budget_bytes(t.budget);
@@ -361,7 +469,7 @@ grpc::Status WorkerService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
             p->set_fill_seconds(t.fill_seconds);
             p->set_stall_seconds(t.stall_seconds);
         }
-        resp->set_cache_summary(cache_->stats_line());
+        if (!cuda_) resp->set_cache_summary(cache->stats_line());
     }
     return grpc::Status::OK;
 }
@@ -456,7 +564,7 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
     y->resize(static_cast<size_t>(n_rows * H));
     for (;;) {
         std::unique_lock<std::mutex> ck(compute_mu_);
-        if (!compute_) {
+        if (!compute_ && !cuda_) {
             // A new handshake replaced the shard after wait_ready(): wait for the new one.
             ck.unlock();
             why = wait_ready(ctx);
@@ -464,13 +572,16 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
             continue;
         }
         for (int64_t p = 0; p < n_pairs; ++p) {
-            if (!compute_->holds(static_cast<int>(call.layer()), experts[p]))
+            if (!(cuda_ ? cuda_->holds(static_cast<int>(call.layer()), experts[p])
+                        : compute_->holds(static_cast<int>(call.layer()), experts[p])))
                 return str_printf("pair %lld: expert %d of layer %u is not in this worker's shard",
                                   static_cast<long long>(p), experts[p], call.layer());
         }
         const auto t0 = Clock::now();
-        Status st = compute_->compute(static_cast<int>(call.layer()), x->data(), n_rows, rows.data(), experts.data(),
-                                      weights.data(), n_pairs, y->data());
+        Status st = cuda_ ? cuda_->compute(static_cast<int>(call.layer()), x->data(), n_rows, rows.data(),
+                                           experts.data(), weights.data(), n_pairs, y->data())
+                          : compute_->compute(static_cast<int>(call.layer()), x->data(), n_rows, rows.data(),
+                                              experts.data(), weights.data(), n_pairs, y->data());
         busy_ns_ += static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
         if (!st.ok()) return st.message();
@@ -535,6 +646,11 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::start(const WorkerOptions&
     if (!o.tls_ca.empty() && o.tls_cert.empty())
         return MM_ERROR("--tls-ca (verify client certificates) needs --tls-cert and --tls-key");
     MM_ASSIGN_OR_RETURN(ListenAddress addr, parse_listen(o.listen));
+    MM_ASSIGN_OR_RETURN(int device, parse_compute_device(o.device, "--device"));
+    if (device >= 0) {
+        Status st = check_cuda_device(device);
+        if (!st.ok()) return MM_ERROR("--device %s: %s", o.device.c_str(), st.message().c_str());
+    }
 
     MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::open(o.model_path));
     MM_ASSIGN_OR_RETURN(ModelConfig cfg, load_model_config(*file));
@@ -561,7 +677,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::start(const WorkerOptions&
     if (!addr.unix_path.empty()) MM_RETURN_IF_ERROR(clear_stale_socket(addr.unix_path));
 
     std::unique_ptr<WorkerServer> s(new WorkerServer());
-    s->service_ = std::make_unique<WorkerService>(o.name, std::move(file), cfg, o.threads);
+    s->service_ = std::make_unique<WorkerService>(o.name, std::move(file), cfg, o.threads, device, o.cache);
     if (!addr.loopback)
         s->service_->log("binding non-loopback address %s: reachable from other hosts%s", addr.grpc.c_str(),
                          o.tls_cert.empty() ? " (no TLS: use --tls-cert/--tls-key across untrusted networks)" : "");

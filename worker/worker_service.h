@@ -9,6 +9,13 @@
 //   3. Experts: one long-lived stream; one ExpertResult per ExpertCall, in order, same request_id.
 //      A bad call gets a result with `error` set; the stream stays up.
 // Drain stops new work (calls are answered with an error); Shutdown drains and stops the server.
+//
+// Where the experts live (WorkerOptions::device, `moemesh-worker --device`): cpu (ExpertCompute over
+// a ShardStore or an ExpertCache in RAM) or cuda:N (CudaExpertCompute: the shard resident in VRAM,
+// or an ExpertCache with a VRAM tier over pinned RAM). The cache comes from the handshake's
+// CacheConfig (the placement YAML's `cache:`) when the coordinator sends one, else from the worker's
+// own flags (WorkerOptions::cache: --device-budget, --host-budget, ...), else there is none and the
+// whole shard is loaded.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -16,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,6 +36,7 @@
 #include "kernels/ops.h"
 #include "proto/moemesh.grpc.pb.h"
 #include "worker/expert_cache.h"
+#include "worker/cuda_expert_compute.h"
 #include "worker/expert_compute.h"
 #include "worker/shard_store.h"
 
@@ -43,11 +52,22 @@ struct WorkerOptions {
     int threads = 0;     // compute threads; <= 0: all hardware threads
     std::string tls_cert, tls_key;  // PEM files; both or neither
     std::string tls_ca;             // PEM file: require client certificates signed by this CA
+    std::string device = "cpu";     // cpu | cuda:N: where the experts are computed (checked at start)
+    std::optional<CacheOptions> cache;  // used when the handshake carries no cache config
 };
+
+// The worker's own cache flags → CacheOptions (nullopt: no flag given). Sizes as in the YAML
+// ("6GiB"); policy/prefetch/profile without --device-budget or --host-budget are an error.
+StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string& device_budget,
+                                                              const std::string& host_budget,
+                                                              const std::string& policy, const std::string& prefetch,
+                                                              const std::string& profile);
 
 class WorkerService final : public v1::ExpertWorker::Service {
 public:
-    WorkerService(std::string name, std::unique_ptr<GgufFile> file, ModelConfig cfg, int threads);
+    // device: -1 cpu, else the CUDA device index. default_cache: the cache when a handshake has none.
+    WorkerService(std::string name, std::unique_ptr<GgufFile> file, ModelConfig cfg, int threads, int device = -1,
+                  std::optional<CacheOptions> default_cache = std::nullopt);
     ~WorkerService() override;
 
     grpc::Status Handshake(grpc::ServerContext* ctx, const v1::HandshakeRequest* req,
@@ -63,6 +83,7 @@ public:
     const std::string& name() const { return name_; }
     const std::string& fingerprint() const { return fingerprint_; }
     const ModelConfig& config() const { return cfg_; }
+    int device() const { return device_; }  // -1: cpu
 
     // Drains and wakes wait_for_shutdown_request(). Thread-safe (signal thread, Shutdown RPC, tests).
     void request_shutdown(const std::string& why);
@@ -81,13 +102,17 @@ private:
     std::string wait_ready(grpc::ServerContext* ctx);
     void load_shard(std::shared_ptr<ShardStore> store);
     void warm_cache(std::shared_ptr<ExpertCache> cache);
-    StatusOr<std::shared_ptr<ExpertCache>> make_cache(const v1::CacheConfig& c, const ShardSpec& spec) const;
+    StatusOr<CacheOptions> cache_options(const v1::CacheConfig& c) const;
+    // cuda:N: builds the CudaExpertCompute (copies the shard to VRAM, or warms the cache) in the loader.
+    void load_cuda(uint64_t generation, ShardSpec spec, std::optional<CacheOptions> cache);
 
     const std::string name_;
     const std::unique_ptr<GgufFile> file_;
     const ModelConfig cfg_;
     const std::string fingerprint_;
     const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+    const int device_;                            // -1: cpu
+    const std::optional<CacheOptions> default_cache_;
     ThreadPool pool_;
 
     std::mutex handshake_mu_;  // one handshake at a time (shard replacement joins the loader)
@@ -102,6 +127,8 @@ private:
     std::shared_ptr<ShardStore> store_;  // loading or loaded (no cache: the whole shard in memory)
     std::shared_ptr<ExpertCache> cache_; // or: the shard served from a budgeted cache (handshake's cache)
     std::string cache_config_;           // the handshake's CacheConfig, serialized (same config: kept)
+    uint64_t cuda_generation_ = 0;       // cuda:N: which handshake the loader builds for (0: none)
+    uint64_t cuda_shard_bytes_ = 0;
     LoadState load_state_ = LoadState::kNone;
     std::string load_error_;
     std::thread loader_;
@@ -110,6 +137,7 @@ private:
     std::mutex compute_mu_;
     std::shared_ptr<ShardStore> compute_store_;  // keeps the tables' bytes alive
     std::unique_ptr<ExpertCompute> compute_;
+    std::unique_ptr<CudaExpertCompute> cuda_;  // cuda:N instead of compute_
 
     std::atomic<uint64_t> calls_{0}, rows_{0}, pairs_{0}, errors_{0}, bytes_in_{0}, bytes_out_{0};
     std::atomic<uint64_t> busy_ns_{0};
