@@ -164,12 +164,13 @@ int main(int argc, char** argv) {
     const std::string mode = gemv_env != nullptr ? gemv_env : "";
     std::printf("GEMV kernel (MOEMESH_CUDA_GEMV=%s): %s\n", mode.c_str(),
                 mode == "old"   ? "f32 X for every type"
-                : mode == "new" ? "int8 X + dp4a for Q8_0/Q4_0/Q4_K/Q6_K at every size"
-                                : "auto: int8 X + dp4a for Q8_0/Q4_0/Q6_K when m >= 2 or >= 16384 rows, else f32 X");
+                : mode == "new" ? "int8 X + dp4a for every quantized type at every size"
+                                : "auto: int8 X + dp4a for quantized types when m >= 2 or >= 16384 rows, else f32 X");
     std::printf("| shape                  | type | n_out  | k     | m  | MB       | us       | GB/s    | %%copy  |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
-    const GgmlType types[] = {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_0,
-                              GgmlType::F16,  GgmlType::BF16, GgmlType::F32};
+    const GgmlType types[] = {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_0, GgmlType::Q5_K,
+                              GgmlType::Q5_0, GgmlType::Q3_K, GgmlType::Q2_K, GgmlType::F16,  GgmlType::BF16,
+                              GgmlType::F32};
     for (const GgmlType t : types) {
         bench("expert gate/up", t, 768, 2048, 1);
         bench("expert down", t, 2048, 768, 1);
@@ -182,7 +183,12 @@ int main(int argc, char** argv) {
     }
     for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0}) {
         for (const int64_t m : {2, 4, 8}) bench("lm_head batch", t, 151936, 2048, m);
-        bench("attn q prefill (tiled)", t, 4096, 2048, 512);
     }
+    for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q5_K, GgmlType::Q3_K, GgmlType::Q2_K})
+        bench("attn q prefill (tiled)", t, 4096, 2048, 512);
+    // Qwen3-Next's linear-attention input projection (q, k: 16 heads of 128; v, z: 32 heads of 128;
+    // 12288 rows over hidden 2048), Q5_K in Q4_K_M files: decode and a 512-token prompt.
+    bench("next attn_qkv", GgmlType::Q5_K, 12288, 2048, 1);
+    bench("next attn_qkv prefill", GgmlType::Q5_K, 12288, 2048, 512);
     return 0;
 }

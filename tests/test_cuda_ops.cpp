@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -125,7 +126,7 @@ double cpu_tolerance(GgmlType t) {
     }
 }
 
-// The decode GEMV (m <= 8, and matmul_id) of Q8_0 / Q4_0 / Q4_K / Q6_K may quantize X to int8 per
+// The decode GEMV (m <= 8, and matmul_id) of the quantized types may quantize X to int8 per
 // 32 elements (llama.cpp's Q8_1-style, dp4a; which kernel runs depends on type, m, rows and
 // MOEMESH_CUDA_GEMV, see matmul.cu), so against the exact product of the dequantized weights it may
 // carry an activation rounding error, as the CPU matmul does (~5.4e-3 relative on these random
@@ -134,7 +135,7 @@ double cpu_tolerance(GgmlType t) {
 bool int8_x_gemv(GgmlType t, int64_t m) {
     const char* e = std::getenv("MOEMESH_CUDA_GEMV");
     if (e != nullptr && std::string(e) == "old") return false;
-    const bool q = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K;
+    const bool q = t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16;
     return q && m <= 8;
 }
 double ref_tolerance(GgmlType t, int64_t m) { return int8_x_gemv(t, m) ? 2e-2 : 2e-5; }
@@ -224,10 +225,77 @@ TEST_P(CudaMatmul, ExpertIndexed) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul,
-                         ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0,
-                                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K),
-                         [](const auto& info) { return std::string(ggml_type_name(info.param)); });
+// Every type the CUDA matmul takes.
+const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0,
+                                          GgmlType::Q5_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
+                                          GgmlType::Q5_K, GgmlType::Q6_K);
+std::string type_param_name(const ::testing::TestParamInfo<GgmlType>& info) { return ggml_type_name(info.param); }
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul, kCudaTypes, type_param_name);
+
+// ---- dequantization: the tiled matmul's W loader, bit for bit against the CPU dequantizer ----
+
+// Byte offsets of the f16 scale fields in one block of t (none for F32 / F16 / BF16).
+std::vector<size_t> f16_fields(GgmlType t) {
+    switch (t) {
+        case GgmlType::Q8_0:
+        case GgmlType::Q4_0:
+        case GgmlType::Q5_0: return {0};
+        case GgmlType::Q4_K:
+        case GgmlType::Q5_K: return {0, 2};
+        case GgmlType::Q2_K: return {80, 82};
+        case GgmlType::Q3_K: return {108};
+        case GgmlType::Q6_K: return {208};
+        default: return {};
+    }
+}
+
+// Rows of uniformly random blocks (every bit pattern of quants, high bits, packed scales and mins),
+// with each f16 scale replaced by a finite value of either sign. Float types: quantized normals.
+std::vector<uint8_t> random_blocks(GgmlType t, int64_t rows, int64_t k, uint32_t seed) {
+    if (f16_fields(t).empty()) return make_weights(t, rows, k, seed).bytes;
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> scale(-0.1f, 0.1f);
+    std::vector<uint8_t> b(ggml_row_bytes(t, k) * rows);
+    for (auto& x : b) x = static_cast<uint8_t>(byte(rng));
+    const size_t bs = ggml_type_info(t).type_size;
+    for (size_t blk = 0; blk < b.size() / bs; ++blk)
+        for (const size_t off : f16_fields(t)) {
+            const uint16_t h = fp32_to_fp16(scale(rng));
+            std::memcpy(&b[blk * bs + off], &h, sizeof(h));
+        }
+    return b;
+}
+
+class CudaDequant : public ::testing::TestWithParam<GgmlType> {};
+
+TEST_P(CudaDequant, BitExactWithCpu) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t rows = 37, k = 768;
+    const size_t rb = ggml_row_bytes(t, k);
+    for (const bool random_bits : {false, true}) {
+        const std::vector<uint8_t> bytes = random_bits ? random_blocks(t, rows, k, 60) : make_weights(t, rows, k, 61).bytes;
+        std::vector<float> want(static_cast<size_t>(rows * k));
+        for (int64_t r = 0; r < rows; ++r) dequantize_row(t, &bytes[r * rb], &want[r * k], k);
+        const DeviceBuffer<uint8_t> dw(bytes);
+        DeviceBuffer<float> dy(want.size());
+        cuda::dequantize_rows(t, dw.get(), rows, k, dy.get());
+        const std::vector<float> got = dy.download();
+        int64_t bad = 0, first = -1;
+        for (size_t i = 0; i < want.size(); ++i)
+            if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0 && bad++ == 0) first = static_cast<int64_t>(i);
+        const std::string what = std::string("dequantize_rows ") + ggml_type_name(t) +
+                                 (random_bits ? " random blocks" : " quantized normals");
+        std::printf("[cuda] %-44s %lld of %zu elements differ from the CPU  %s\n", what.c_str(),
+                    static_cast<long long>(bad), want.size(), bad == 0 ? "ok" : "FAIL");
+        EXPECT_EQ(bad, 0) << what << ": first at row " << first / k << " element " << first % k << " (GPU "
+                          << (first >= 0 ? got[first] : 0.0f) << ", CPU " << (first >= 0 ? want[first] : 0.0f) << ")";
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaDequant, kCudaTypes, type_param_name);
 
 // ---- elementwise / norms ----
 

@@ -36,13 +36,13 @@ namespace moemesh::cuda {
 int device_count(const char** why = nullptr);
 
 // ---- matrix products (kernels/cuda/matmul.cu) ----
-// Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K}.
-// k % block_size(wt) == 0; F32/F16/BF16 rows need k % 8 == 0 and W 16-byte aligned.
-// m <= 8: the decode GEMV (weight bytes read once for all m rows). For Q8_0, Q4_0 and Q6_K with
+// Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K,
+// Q3_K, Q4_K, Q5_K, Q6_K}. k % block_size(wt) == 0 and k % 8 == 0; W 16-byte aligned.
+// m <= 8: the decode GEMV (weight bytes read once for all m rows). For the quantized types with
 // m >= 2 or >= 16384 rows (lm_head) it quantizes X to int8 per 32 elements first (as llama.cpp's
 // mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;
 // otherwise an f32-activation GEMV (exact up to summation order). MOEMESH_CUDA_GEMV=old: f32 GEMV
-// always; =new: the int8 GEMV for all four types (Q4_K included) at every size.
+// always; =new: the int8 GEMV for every quantized type at every size.
 // larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill, f32 X).
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
@@ -55,6 +55,10 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
 // (0: all selections read the same row). Same GEMV kernels as matmul with m = 1.
 void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
                int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
+
+// Y[rows, k] = W[rows, k] dequantized to f32, bit-identical to the CPU's dequantize_row (the tiled
+// matmul's dequantizer, kernels/cuda/matmul.cu load8). Same types and shape rules as matmul.
+void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream = nullptr);
 
 // ---- elementwise / normalisation (kernels/cuda/norm.cu) ----
 // y[r, :] = x[r, :] / sqrt(mean(x²) + eps) * w (w may be null: no weight). y may alias x.

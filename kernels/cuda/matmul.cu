@@ -1,13 +1,14 @@
 // Y = X · Wᵀ for GGUF weight types: a GEMV for decode (m <= 8) and a tiled kernel for prefill.
 //
-// GEMV, Q8_0 / Q4_0 / Q6_K (by default for m >= 2 or >= 16384 rows, e.g. lm_head; all sizes and
-// Q4_K too with MOEMESH_CUDA_GEMV=new): X quantized to int8 per block, __dp4a dot products; see
-// "Int8-activation GEMV" and gemv_mode() below. Otherwise the f32 GEMV.
+// GEMV, quantized types (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; by default for m >= 2 or
+// >= 16384 rows, e.g. lm_head; all sizes with MOEMESH_CUDA_GEMV=new): X quantized to int8 per block,
+// __dp4a dot products; see "Int8-activation GEMV" and gemv_mode() below. Otherwise the f32 GEMV.
+// The device code of Q5_0, Q5_K, Q3_K and Q2_K is in matmul_lowbit.cuh, shared helpers in quant_dev.cuh.
 //
 // f32 GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
 // lanes take consecutive units, so each warp-wide load instruction reads one contiguous span of the
-// row (the blocks of Q8_0, Q4_0 and Q6_K are only 2-byte aligned, which rules out wide loads for
-// them; Q4_K, F16, BF16 and F32 use 16-byte loads). Each lane dequantizes its unit in registers and
+// row (the blocks of Q8_0, Q4_0, Q5_0, Q3_K and Q6_K are only 2-byte aligned, which rules out wide
+// loads for them; Q4_K, Q5_K, F16, BF16 and F32 use 16-byte loads, Q2_K 4-byte loads). Each lane dequantizes its unit in registers and
 // keeps one partial sum per X row; one warp reduction at the end. X (f32) is read from global memory
 // and stays in L1/L2: it is tiny next to W.
 //
@@ -22,6 +23,8 @@
 #include "common/status.h"
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/matmul_lowbit.cuh"
+#include "kernels/cuda/quant_dev.cuh"
 
 namespace moemesh::cuda {
 
@@ -35,33 +38,6 @@ using quants::BlockQ8_0;
 
 constexpr int kGemvWarps = 4;   // W rows per block
 constexpr int kGemvMaxM = 8;    // X rows per GEMV launch
-constexpr int kGemvUnroll = 4;  // units in flight per lane
-
-template <typename T>
-__device__ __forceinline__ T ld(const uint8_t* p) {
-    return __ldg(reinterpret_cast<const T*>(p));
-}
-// Four bytes from a 2-byte aligned address, as one little-endian word.
-__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
-    return static_cast<uint32_t>(ld<uint16_t>(p)) | (static_cast<uint32_t>(ld<uint16_t>(p + 2)) << 16);
-}
-__device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
-
-// Byte i (0..11) of a Q4_K scales array held in three words.
-__device__ __forceinline__ uint32_t scale_byte(uint32_t s0, uint32_t s1, uint32_t s2, int i) {
-    const uint32_t w = i < 4 ? s0 : (i < 8 ? s1 : s2);
-    return byte_of(w, i & 3);
-}
-// Scale and min of sub-block j (0..7) of a Q4_K super-block: quants::get_scale_min_k4 on the device.
-__device__ __forceinline__ void scale_min_k4(int j, uint32_t s0, uint32_t s1, uint32_t s2, float* sc, float* m) {
-    if (j < 4) {
-        *sc = static_cast<float>(scale_byte(s0, s1, s2, j) & 63);
-        *m = static_cast<float>(scale_byte(s0, s1, s2, j + 4) & 63);
-    } else {
-        *sc = static_cast<float>((scale_byte(s0, s1, s2, j + 4) & 0xF) | ((scale_byte(s0, s1, s2, j - 4) >> 6) << 4));
-        *m = static_cast<float>((scale_byte(s0, s1, s2, j + 4) >> 4) | ((scale_byte(s0, s1, s2, j) >> 6) << 4));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMV row dot products. Each adds lane-partial sums of row · X[r] for r < M into acc[r].
@@ -106,22 +82,6 @@ __device__ __forceinline__ void dot_half(const uint8_t* row, int64_t k, const fl
         }
     }
 }
-
-// Quants to floats without I2F (a quarter-rate instruction on Hopper, and what bounded the first
-// version of these kernels): byte i of w is placed under the exponent of 2^23, which gives the float
-// 2^23 + byte exactly (one PRMT); the caller subtracts 2^23 plus the type's offset (one FADD).
-constexpr float kMagic = 8388608.0f;  // 2^23
-__device__ __forceinline__ void bytes_biased(uint32_t w, float (&f)[4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = __int_as_float(static_cast<int>(__byte_perm(w, 0x4B000000u, 0x7540u | i)));
-}
-// Σ_i (f_i − off) · a_i for the four biased bytes of w.
-__device__ __forceinline__ float dot4(uint32_t w, float off, const float4& a) {
-    float f[4];
-    bytes_biased(w, f);
-    return (f[0] - off) * a.x + (f[1] - off) * a.y + (f[2] - off) * a.z + (f[3] - off) * a.w;
-}
-__device__ __forceinline__ float sum4(const float4& a) { return (a.x + a.y) + (a.z + a.w); }
 
 // Q8_0: 4 lanes per 34-byte block, 8 quants each (four 2-byte loads: the block is 2-byte aligned).
 // Signed bytes are flipped to unsigned (x ^ 0x80 = x + 128) before the float trick.
@@ -255,6 +215,10 @@ __device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const flo
     else if constexpr (T == GgmlType::Q4_0) dot_q4_0<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q4_K) dot_q4_K<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q6_K) dot_q6_K<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_0) dot_q5_0<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc);
 }
 
 // grid: (ceil(n_out / kGemvWarps), n_sel). Selection s uses matrix ids ? ids[s] : s, X rows from
@@ -281,9 +245,9 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Int8-activation GEMV for Q8_0, Q4_0, Q4_K, Q6_K (when it runs: gemv_mode() below; the f32 kernel
+// Int8-activation GEMV for the quantized types (when it runs: gemv_mode() below; the f32 kernel
 // above otherwise). Each block of kGemvQWarps warps first quantizes its X rows into shared memory,
-// llama.cpp Q8_1-style: per 32 elements d = amax / 127 and q = round(x / d) (for Q8_0 / Q4_0
+// llama.cpp Q8_1-style: per 32 elements d = amax / 127 and q = round(x / d) (for Q8_0 / Q4_0 / Q5_0
 // weights d is then rounded to f16, exactly as the CPU's Q8_0 activations, so the result equals the
 // CPU matmul's up to summation order), plus d · Σq over every 16 elements (the K-quant min terms,
 // on the same rounded X as the scale terms). The dot products use
@@ -295,12 +259,6 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 // time with their loads in flight together; small matrices: 1 row per warp).
 
 constexpr int kGemvQWarps = 8;
-
-struct QX {            // shared-memory view of the quantized X rows
-    const int8_t* q;   // [M][k]
-    const float* d;    // [M][k/32]
-    const float* s16;  // [M][k/16]
-};
 
 template <int R, int M>
 __device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
@@ -431,7 +389,11 @@ __device__ __forceinline__ void dotq_q6_K(const uint8_t* const (&rows)[R], int64
 }
 
 template <GgmlType T>
-constexpr bool kHasQGemv = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q4_K || T == GgmlType::Q6_K;
+constexpr bool kHasQGemv = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q4_K || T == GgmlType::Q6_K ||
+                           T == GgmlType::Q5_0 || T == GgmlType::Q5_K || T == GgmlType::Q3_K || T == GgmlType::Q2_K;
+// Types the CPU pairs with Q8_0 activations (f16 scale per 32): the int8 X scales are rounded to f16.
+template <GgmlType T>
+constexpr bool kQ8_0Act = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q5_0;
 
 // Shared memory of the int8-X kernel for M rows of k: q (M·k bytes), d (M·k/32 floats), s16 (M·k/16 floats).
 inline size_t qgemv_smem(int64_t m, int64_t k) {
@@ -491,7 +453,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
             float h = d * qv;
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffffu, h, o);
-            if (lane == 0) xd[gi] = (T == GgmlType::Q8_0 || T == GgmlType::Q4_0) ? round_f16(d) : d;
+            if (lane == 0) xd[gi] = kQ8_0Act<T> ? round_f16(d) : d;
             if ((lane & 15) == 0) xs[2 * gi + lane / 16] = h;
         }
     }
@@ -512,6 +474,10 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M>(wrows, k, qx, lane, acc);
         else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M>(wrows, k, qx, lane, acc);
         else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M>(wrows, k, qx, lane, acc);
+        else if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M>(wrows, k, qx, lane, acc);
 #pragma unroll
         for (int ri = 0; ri < R; ++ri)
 #pragma unroll
@@ -523,7 +489,9 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled kernel for prefill: 8 consecutive elements e..e+7 (e % 8 == 0) of a W row, dequantized.
+// Tiled kernel for prefill: 8 consecutive elements e..e+7 (e % 8 == 0) of a W row, dequantized
+// bit-identically to the CPU's dequantize_row (each product and difference rounded on its own, as
+// there; dequantize_rows below checks it).
 
 template <GgmlType T>
 __device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[8]) {
@@ -567,12 +535,12 @@ __device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[
         const uint2 q = ld<uint2>(blk + 16 + 32 * g + (r % 32));
         float sc, m;
         scale_min_k4(sub, hdr.y, hdr.z, hdr.w, &sc, &m);
-        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)) * sc;
-        const float mn = h2f(static_cast<uint16_t>(hdr.x >> 16)) * m;
+        const float d = __fmul_rn(h2f(static_cast<uint16_t>(hdr.x & 0xffff)), sc);
+        const float mn = __fmul_rn(h2f(static_cast<uint16_t>(hdr.x >> 16)), m);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            v[i] = d * static_cast<float>((byte_of(q.x, i) >> shift) & 0xF) - mn;
-            v[i + 4] = d * static_cast<float>((byte_of(q.y, i) >> shift) & 0xF) - mn;
+            v[i] = __fsub_rn(__fmul_rn(d, static_cast<float>((byte_of(q.x, i) >> shift) & 0xF)), mn);
+            v[i + 4] = __fsub_rn(__fmul_rn(d, static_cast<float>((byte_of(q.y, i) >> shift) & 0xF)), mn);
         }
     } else if constexpr (T == GgmlType::Q6_K) {
         const uint8_t* blk = row + (e / 256) * sizeof(BlockQ6_K);
@@ -581,15 +549,23 @@ __device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[
         const uint8_t* qh = blk + 128 + 32 * c + l;
         const int lshift = 4 * (qq >> 1), hshift = 2 * qq;
         const uint32_t l0 = ld_u32_a2(ql), l1 = ld_u32_a2(ql + 4), h0 = ld_u32_a2(qh), h1 = ld_u32_a2(qh + 4);
-        const float d = h2f(ld<uint16_t>(blk + 208)) *
-                        static_cast<float>(static_cast<int8_t>(__ldg(blk + 192 + 8 * c + l / 16 + 2 * qq)));
+        const float d = __fmul_rn(h2f(ld<uint16_t>(blk + 208)),
+                                  static_cast<float>(static_cast<int8_t>(__ldg(blk + 192 + 8 * c + l / 16 + 2 * qq))));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int a = static_cast<int>(((byte_of(l0, i) >> lshift) & 0xF) | (((byte_of(h0, i) >> hshift) & 3) << 4));
             const int b = static_cast<int>(((byte_of(l1, i) >> lshift) & 0xF) | (((byte_of(h1, i) >> hshift) & 3) << 4));
-            v[i] = d * static_cast<float>(a - 32);
-            v[i + 4] = d * static_cast<float>(b - 32);
+            v[i] = __fmul_rn(d, static_cast<float>(a - 32));
+            v[i + 4] = __fmul_rn(d, static_cast<float>(b - 32));
         }
+    } else if constexpr (T == GgmlType::Q5_0) {
+        load8_q5_0(row, e, v);
+    } else if constexpr (T == GgmlType::Q5_K) {
+        load8_q5_K(row, e, v);
+    } else if constexpr (T == GgmlType::Q3_K) {
+        load8_q3_K(row, e, v);
+    } else if constexpr (T == GgmlType::Q2_K) {
+        load8_q2_K(row, e, v);
     }
 }
 
@@ -649,16 +625,39 @@ __global__ void __launch_bounds__(kTileThreads)
     }
 }
 
+// One thread per 8 elements: y[r, e..e+7] = load8(row r, e).
+template <GgmlType T>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t rows, int64_t k,
+                                  float* __restrict__ y) {
+    const int64_t per_row = k / 8;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= rows * per_row) return;
+    const int64_t r = idx / per_row, e = (idx % per_row) * 8;
+    float v[8];
+    load8<T>(w + static_cast<size_t>(r) * row_bytes, e, v);
+    float4* out = reinterpret_cast<float4*>(y + r * k + e);
+    out[0] = make_float4(v[0], v[1], v[2], v[3]);
+    out[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+template <GgmlType T>
+void dequantize_typed(const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
+    constexpr int kThreads = 256;
+    dequantize_kernel<T><<<grid_1d(rows * (k / 8), kThreads), kThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(w), ggml_row_bytes(T, k), rows, k, y);
+    CUDA_CHECK_LAUNCH();
+}
+
 // ---------------------------------------------------------------------------------------------
 
-// Which GEMV runs for the four int8-X types (MOEMESH_CUDA_GEMV, read once per process):
-//   unset / "auto": the int8-X kernel for Q8_0, Q6_K, Q4_0 and Q4_K when m >= 2 or the call has at
-//     least kQGemvMinRows rows (n_out · n_sel): lm_head, batched decode. Small single GEMVs (experts,
+// Which GEMV runs for the int8-X types (kHasQGemv; MOEMESH_CUDA_GEMV, read once per process):
+//   unset / "auto": the int8-X kernel when m >= 2 or the call has at least kQGemvMinRows rows (n_out · n_sel): lm_head, batched decode. Small single GEMVs (experts,
 //     attention) stay on the f32 kernel, which measured 0–25% faster there (H200, bench_cuda_gemv:
 //     both are at the ~9–12 µs floor of an event-timed launch; the int8 kernel adds the X
 //     quantization before its first dot product). Q4_K's int8 path (min term from the quantized
 //     x sums, as llama.cpp) passed on an H200: 5.4e-3 vs the exact product, test_cuda_model 11/11.
-//   "new": the int8-X kernel for all four types at every size (smem permitting).
+//     Q5_0, Q5_K, Q3_K and Q2_K follow the same rule (not yet run on a device).
+//   "new": the int8-X kernel for those types at every size (smem permitting).
 //   "old": the f32 kernel for every type.
 enum class GemvMode { kAuto, kNew, kOld };
 GemvMode gemv_mode() {
@@ -791,6 +790,10 @@ bool matmul_supported(GgmlType wt) {
         case GgmlType::Q4_0:
         case GgmlType::Q4_K:
         case GgmlType::Q6_K:
+        case GgmlType::Q5_0:
+        case GgmlType::Q5_K:
+        case GgmlType::Q3_K:
+        case GgmlType::Q2_K:
             return true;
         default:
             return false;
@@ -809,6 +812,10 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
         case GgmlType::Q4_0: return matmul_typed<GgmlType::Q4_0>(w, n_out, k, x, m, y, stream);
         case GgmlType::Q4_K: return matmul_typed<GgmlType::Q4_K>(w, n_out, k, x, m, y, stream);
         case GgmlType::Q6_K: return matmul_typed<GgmlType::Q6_K>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q5_0: return matmul_typed<GgmlType::Q5_0>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q5_K: return matmul_typed<GgmlType::Q5_K>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q3_K: return matmul_typed<GgmlType::Q3_K>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q2_K: return matmul_typed<GgmlType::Q2_K>(w, n_out, k, x, m, y, stream);
         default: MM_CHECK(false && "cuda::matmul: weight type not supported");
     }
 }
@@ -827,9 +834,32 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
         case GgmlType::Q4_0: MM_GEMV_ID(GgmlType::Q4_0); break;
         case GgmlType::Q4_K: MM_GEMV_ID(GgmlType::Q4_K); break;
         case GgmlType::Q6_K: MM_GEMV_ID(GgmlType::Q6_K); break;
+        case GgmlType::Q5_0: MM_GEMV_ID(GgmlType::Q5_0); break;
+        case GgmlType::Q5_K: MM_GEMV_ID(GgmlType::Q5_K); break;
+        case GgmlType::Q3_K: MM_GEMV_ID(GgmlType::Q3_K); break;
+        case GgmlType::Q2_K: MM_GEMV_ID(GgmlType::Q2_K); break;
         default: MM_CHECK(false && "cuda::matmul_id: weight type not supported");
     }
 #undef MM_GEMV_ID
+}
+
+void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    if (rows <= 0) return;
+    switch (wt) {
+        case GgmlType::F32: return dequantize_typed<GgmlType::F32>(w, rows, k, y, stream);
+        case GgmlType::F16: return dequantize_typed<GgmlType::F16>(w, rows, k, y, stream);
+        case GgmlType::BF16: return dequantize_typed<GgmlType::BF16>(w, rows, k, y, stream);
+        case GgmlType::Q8_0: return dequantize_typed<GgmlType::Q8_0>(w, rows, k, y, stream);
+        case GgmlType::Q4_0: return dequantize_typed<GgmlType::Q4_0>(w, rows, k, y, stream);
+        case GgmlType::Q4_K: return dequantize_typed<GgmlType::Q4_K>(w, rows, k, y, stream);
+        case GgmlType::Q6_K: return dequantize_typed<GgmlType::Q6_K>(w, rows, k, y, stream);
+        case GgmlType::Q5_0: return dequantize_typed<GgmlType::Q5_0>(w, rows, k, y, stream);
+        case GgmlType::Q5_K: return dequantize_typed<GgmlType::Q5_K>(w, rows, k, y, stream);
+        case GgmlType::Q3_K: return dequantize_typed<GgmlType::Q3_K>(w, rows, k, y, stream);
+        case GgmlType::Q2_K: return dequantize_typed<GgmlType::Q2_K>(w, rows, k, y, stream);
+        default: MM_CHECK(false && "cuda::dequantize_rows: weight type not supported");
+    }
 }
 
 }  // namespace moemesh::cuda

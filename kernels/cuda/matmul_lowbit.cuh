@@ -1,0 +1,412 @@
+// Device code of the matrix kernels (kernels/cuda/matmul.cu) for Q5_0, Q5_K, Q3_K and Q2_K: the
+// f32-activation GEMV row dots (dot_*), the int8-activation __dp4a row dots (dotq_*) and the
+// 8-element dequantizers of the tiled kernel and dequantize_rows (load8_*). Same lane-unit scheme as
+// the other types in matmul.cu; block layouts as kernels/cpu/quants_internal.h, element order and
+// arithmetic as the CPU dequantizers in kernels/cpu/quants.cpp (load8_* bit for bit).
+//
+// Block alignment decides the loads: Q5_K (176 B) rows are 16-byte aligned (uint4 loads, like
+// Q4_K), Q2_K (84 B) 4-byte aligned, Q5_0 (22 B) and Q3_K (110 B) only 2-byte aligned (ld_u32_a2).
+#pragma once
+#include <cstdint>
+
+#include "kernels/cpu/quants_internal.h"
+#include "kernels/cuda/quant_dev.cuh"
+
+namespace moemesh::cuda::detail {
+
+// Bits 0..3 of h moved to bit 4 of bytes 0..3 (the 5th bit of four Q5_0 quants).
+__device__ __forceinline__ uint32_t q5_high_bits(uint32_t h) {
+    return ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+}
+
+// Scale j (0..15) of a Q3_K block, minus 32 (quants::q3k_unpack_scales on the device); s0..s2 are
+// the 12 packed bytes as three little-endian words: low 4 bits in byte j (j < 8, low nibble) or
+// j − 8 (high nibble), top 2 bits at bits 2·(j/4) of byte 8 + j%4.
+__device__ __forceinline__ int q3k_scale(uint32_t s0, uint32_t s1, uint32_t s2, int j) {
+    const uint32_t lo = j < 4 ? byte_of(s0, j) & 0xF
+                        : j < 8 ? byte_of(s1, j - 4) & 0xF
+                        : j < 12 ? byte_of(s0, j - 8) >> 4
+                                 : byte_of(s1, j - 12) >> 4;
+    const uint32_t hi = (byte_of(s2, j & 3) >> (2 * (j >> 2))) & 3;
+    return static_cast<int>(lo | (hi << 4)) - 32;
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32-activation GEMV: add lane-partial sums of row · X[r] (r < M) into acc[r]; X rows k apart.
+
+// Q5_0: 4 lanes per 22-byte block; lane j holds quant bytes 4j..4j+3 = elements 4j..4j+3 (low
+// nibbles, 5th bits qh bits 4j..4j+3) and 16+4j..16+4j+3 (high nibbles, qh bits 16+4j..).
+template <int M>
+__device__ __forceinline__ void dot_q5_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 32) * 4;
+    constexpr float kOff = kMagic + 16.0f;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 2;
+        const int j = static_cast<int>(u & 3);
+        const uint8_t* blk = row + b * sizeof(quants::BlockQ5_0);
+        const float d = h2f(ld<uint16_t>(blk));
+        const uint32_t qh = ld_u32_a2(blk + 2);
+        const uint32_t q = ld_u32_a2(blk + 6 + 4 * j);
+        const uint32_t lo = (q & 0x0F0F0F0Fu) | q5_high_bits(qh >> (4 * j));
+        const uint32_t hi = ((q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(qh >> (16 + 4 * j));
+        const int64_t e = b * 32 + 4 * j;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
+            acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+        }
+    }
+}
+
+// Q5_K: as Q4_K, 8 lanes per 176-byte super-block, lane j = 2g + h: quant bytes qs[32g + 16h, +16)
+// (elements 64g + 16h + t low nibbles, 64g + 32 + 16h + t high nibbles) and qh[16h, +16), whose
+// bits 2g and 2g+1 are the 5th bits of those elements.
+template <int M>
+__device__ __forceinline__ void dot_q5_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 256) * 8;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 3;
+        const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+        const uint8_t* blk = row + b * sizeof(quants::BlockQ5_K);
+        const uint4 hdr = ld<uint4>(blk);
+        const uint4 hv = ld<uint4>(blk + 16 + 16 * h);
+        const uint4 qv = ld<uint4>(blk + 48 + 32 * g + 16 * h);
+        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+        float sc1, m1, sc2, m2;
+        scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+        scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+        const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            lo[i] = (qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4);
+            hi[i] = ((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4);
+        }
+        const int64_t e = b * 256 + 64 * g + 16 * h;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float* xr = x + r * k + e;
+            float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
+                const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
+                s_lo += dot4(lo[i], kMagic, a);
+                s_hi += dot4(hi[i], kMagic, c);
+                x_lo += sum4(a);
+                x_hi += sum4(c);
+            }
+            acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
+        }
+    }
+}
+
+// Q3_K: 16 lanes per 110-byte super-block; lane (c, i) covers l = 4i..4i+3 of half c, i.e. the
+// elements 128c + 32s + l for s = 0..3: 2 low bits at bits 2s of qs[32c + l], the high bit at bit
+// 4c + s of hmask[l] (set: q, clear: q − 4), scale 8c + 2s + l/16.
+template <int M>
+__device__ __forceinline__ void dot_q3_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 256) * 16;
+    constexpr float kOff = kMagic + 4.0f;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 4;
+        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+        const uint8_t* blk = row + b * sizeof(quants::BlockQ3_K);
+        const uint32_t hm = ld_u32_a2(blk + l0);
+        const uint32_t qs = ld_u32_a2(blk + 32 + 32 * c + l0);
+        const uint32_t s0 = ld_u32_a2(blk + 96), s1 = ld_u32_a2(blk + 100), s2 = ld_u32_a2(blk + 104);
+        const float d = h2f(ld<uint16_t>(blk + 108));
+        uint32_t q[4];
+        float sc[4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            q[s] = ((qs >> (2 * s)) & 0x03030303u) | (((hm >> (4 * c + s)) & 0x01010101u) << 2);
+            sc[s] = static_cast<float>(q3k_scale(s0, s1, s2, 8 * c + 2 * s + half));
+        }
+        const int64_t e = b * 256 + 128 * c + l0;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float* xr = x + r * k + e;
+            float sum = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 4; ++s) sum += sc[s] * dot4(q[s], kOff, *reinterpret_cast<const float4*>(xr + 32 * s));
+            acc[r] += d * sum;
+        }
+    }
+}
+
+// Q2_K: 16 lanes per 84-byte super-block, lanes as Q3_K's: elements 128c + 32s + l at bits 2s of
+// qs[32c + l]; scale byte 8c + 2s + l/16 (low nibble scale, high nibble min).
+template <int M>
+__device__ __forceinline__ void dot_q2_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = (k / 256) * 16;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        const int64_t b = u >> 4;
+        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+        const uint8_t* blk = row + b * sizeof(quants::BlockQ2_K);
+        const uint32_t qs = ld<uint32_t>(blk + 16 + 32 * c + l0);
+        const uint32_t sw0 = ld<uint32_t>(blk + 8 * c), sw1 = ld<uint32_t>(blk + 8 * c + 4);
+        const uint32_t dd = ld<uint32_t>(blk + 80);
+        const float d = h2f(static_cast<uint16_t>(dd & 0xffff)), dmin = h2f(static_cast<uint16_t>(dd >> 16));
+        float sc[4], mn[4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const int bi = 2 * s + half;
+            const uint32_t sb = byte_of(bi < 4 ? sw0 : sw1, bi & 3);
+            sc[s] = static_cast<float>(sb & 0xF);
+            mn[s] = static_cast<float>(sb >> 4);
+        }
+        const int64_t e = b * 256 + 128 * c + l0;
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float* xr = x + r * k + e;
+            float s_q = 0.0f, s_m = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const float4 a = *reinterpret_cast<const float4*>(xr + 32 * s);
+                s_q += sc[s] * dot4((qs >> (2 * s)) & 0x03030303u, kMagic, a);
+                s_m += mn[s] * sum4(a);
+            }
+            acc[r] += d * s_q - dmin * s_m;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Int8-activation GEMV (see gemv_q_kernel in matmul.cu): R weight rows at once, accs[ri][r].
+
+// Q5_0: lanes as dot_q5_0; quants − 16 as signed bytes. X scales rounded to f16 by the caller
+// (the CPU pairs Q5_0 with Q8_0 activations).
+template <int R, int M>
+__device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nb = static_cast<int>(k / 32), n_units = nb * 4;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 2, j = u & 3;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_0);
+            const float d = h2f(ld<uint16_t>(blk));
+            const uint32_t qh = ld_u32_a2(blk + 2);
+            const uint32_t q = ld_u32_a2(blk + 6 + 4 * j);
+            const int lo = static_cast<int>(__vsub4((q & 0x0F0F0F0Fu) | q5_high_bits(qh >> (4 * j)), 0x10101010u));
+            const int hi =
+                static_cast<int>(__vsub4(((q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(qh >> (16 + 4 * j)), 0x10101010u));
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
+                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
+                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+            }
+        }
+    }
+}
+
+// Q5_K: lanes as dot_q5_K (and dotq_q4_K); 5-bit quants 0..31 as bytes.
+template <int R, int M>
+__device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 3, j = u & 7, g = j >> 1, h = j & 1;
+        const int e = 256 * b + 64 * g + 16 * h;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_K);
+            const uint4 hdr = ld<uint4>(blk);
+            const uint4 hv = ld<uint4>(blk + 16 + 16 * h);
+            const uint4 qv = ld<uint4>(blk + 48 + 32 * g + 16 * h);
+            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+            float sc1, m1, sc2, m2;
+            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+            int lo[4], hi[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                lo[i] = static_cast<int>((qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4));
+                hi[i] = static_cast<int>(((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4));
+            }
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
+                const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
+                const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
+                int s_lo = 0, s_hi = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    s_lo = __dp4a(lo[i], xlv[i], s_lo);
+                    s_hi = __dp4a(hi[i], xhv[i], s_hi);
+                }
+                const float* xd = x.d + r * nb + 8 * b + 2 * g;
+                const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
+                accs[ri][r] += d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
+                               dmin * (m1 * xs[0] + m2 * xs[2]);
+            }
+        }
+    }
+}
+
+// Q3_K: lanes as dot_q3_K; quants − 4 as signed bytes, one X scale per 32 elements (s).
+template <int R, int M>
+__device__ __forceinline__ void dotq_q3_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 4;
+        const int li = u & 15, c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+        const int e = 256 * b + 128 * c + l0;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ3_K);
+            const uint32_t hm = ld_u32_a2(blk + l0);
+            const uint32_t qs = ld_u32_a2(blk + 32 + 32 * c + l0);
+            const uint32_t s0 = ld_u32_a2(blk + 96), s1 = ld_u32_a2(blk + 100), s2 = ld_u32_a2(blk + 104);
+            const float d = h2f(ld<uint16_t>(blk + 108));
+            int q[4];
+            float sc[4];
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                q[s] = static_cast<int>(
+                    __vsub4(((qs >> (2 * s)) & 0x03030303u) | (((hm >> (4 * c + s)) & 0x01010101u) << 2), 0x04040404u));
+                sc[s] = static_cast<float>(q3k_scale(s0, s1, s2, 8 * c + 2 * s + half));
+            }
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const int8_t* xq = x.q + r * k + e;
+                const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                float sum = 0.0f;
+#pragma unroll
+                for (int s = 0; s < 4; ++s)
+                    sum += sc[s] * xd[s] * static_cast<float>(__dp4a(q[s], *reinterpret_cast<const int*>(xq + 32 * s), 0));
+                accs[ri][r] += d * sum;
+            }
+        }
+    }
+}
+
+// Q2_K: 4 lanes per super-block, lane (c, half) reads the 16 quant bytes qs[32c + 16·half, +16):
+// for each s = 0..3 the 16 elements 128c + 32s + 16·half + t, one scale/min byte (8c + 2s + half),
+// so the min term is one X 16-sum (x.s16) per s.
+template <int R, int M>
+__device__ __forceinline__ void dotq_q2_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&accs)[R][M]) {
+    const int nsb = static_cast<int>(k / 256), n_units = nsb * 4, nb = nsb * 8, n16 = nsb * 16;
+#pragma unroll 4
+    for (int u = lane; u < n_units; u += kWarp) {
+        const int b = u >> 2, c = (u >> 1) & 1, half = u & 1;
+        const int e = 256 * b + 128 * c + 16 * half;
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ2_K);
+            const uint8_t* qp = blk + 16 + 32 * c + 16 * half;
+            const uint32_t qw[4] = {ld<uint32_t>(qp), ld<uint32_t>(qp + 4), ld<uint32_t>(qp + 8), ld<uint32_t>(qp + 12)};
+            const uint32_t sw0 = ld<uint32_t>(blk + 8 * c), sw1 = ld<uint32_t>(blk + 8 * c + 4);
+            const uint32_t dd = ld<uint32_t>(blk + 80);
+            const float d = h2f(static_cast<uint16_t>(dd & 0xffff)), dmin = h2f(static_cast<uint16_t>(dd >> 16));
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                const float* xs = x.s16 + r * n16 + 16 * b + 8 * c + half;
+                float s_q = 0.0f, s_m = 0.0f;
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const int4 xv = *reinterpret_cast<const int4*>(x.q + r * k + e + 32 * s);
+                    int isum = __dp4a(static_cast<int>((qw[0] >> (2 * s)) & 0x03030303u), xv.x, 0);
+                    isum = __dp4a(static_cast<int>((qw[1] >> (2 * s)) & 0x03030303u), xv.y, isum);
+                    isum = __dp4a(static_cast<int>((qw[2] >> (2 * s)) & 0x03030303u), xv.z, isum);
+                    isum = __dp4a(static_cast<int>((qw[3] >> (2 * s)) & 0x03030303u), xv.w, isum);
+                    const int bi = 2 * s + half;
+                    const uint32_t sb = byte_of(bi < 4 ? sw0 : sw1, bi & 3);
+                    s_q += static_cast<float>(sb & 0xF) * xd[s] * static_cast<float>(isum);
+                    s_m += static_cast<float>(sb >> 4) * xs[2 * s];
+                }
+                accs[ri][r] += d * s_q - dmin * s_m;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elements e..e+7 (e % 8 == 0) of a row, dequantized with the CPU dequantizer's operations in its
+// order, rounded one at a time (__fmul_rn / __fsub_rn: no FMA contraction), so bit-identical to
+// dequantize_row (kernels/cpu/quants.cpp, itself bit-exact with ggml).
+
+__device__ __forceinline__ void load8_q5_0(const uint8_t* row, int64_t e, float (&v)[8]) {
+    const uint8_t* blk = row + (e / 32) * sizeof(quants::BlockQ5_0);
+    const int j = static_cast<int>(e % 32), shift = j < 16 ? 0 : 4;
+    const float d = h2f(ld<uint16_t>(blk));
+    const uint32_t qh = ld_u32_a2(blk + 2);
+    const uint32_t w0 = ld_u32_a2(blk + 6 + (j % 16)), w1 = ld_u32_a2(blk + 6 + (j % 16) + 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q0 = static_cast<int>(((byte_of(w0, i) >> shift) & 0xF) | (((qh >> (j + i)) & 1u) << 4));
+        const int q1 = static_cast<int>(((byte_of(w1, i) >> shift) & 0xF) | (((qh >> (j + 4 + i)) & 1u) << 4));
+        v[i] = __fmul_rn(static_cast<float>(q0 - 16), d);
+        v[i + 4] = __fmul_rn(static_cast<float>(q1 - 16), d);
+    }
+}
+
+__device__ __forceinline__ void load8_q5_K(const uint8_t* row, int64_t e, float (&v)[8]) {
+    const uint8_t* blk = row + (e / 256) * sizeof(quants::BlockQ5_K);
+    const int wi = static_cast<int>(e % 256), g = wi / 64, r = wi % 64, l = r % 32;
+    const int sub = 2 * g + (r >= 32 ? 1 : 0), shift = r >= 32 ? 4 : 0;
+    const uint4 hdr = ld<uint4>(blk);
+    const uint2 q = ld<uint2>(blk + 48 + 32 * g + l);
+    const uint2 h = ld<uint2>(blk + 16 + l);
+    float sc, m;
+    scale_min_k4(sub, hdr.y, hdr.z, hdr.w, &sc, &m);
+    const float d = __fmul_rn(h2f(static_cast<uint16_t>(hdr.x & 0xffff)), sc);
+    const float mn = __fmul_rn(h2f(static_cast<uint16_t>(hdr.x >> 16)), m);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t q0 = ((byte_of(q.x, i) >> shift) & 0xF) + (((byte_of(h.x, i) >> sub) & 1u) << 4);
+        const uint32_t q1 = ((byte_of(q.y, i) >> shift) & 0xF) + (((byte_of(h.y, i) >> sub) & 1u) << 4);
+        v[i] = __fsub_rn(__fmul_rn(d, static_cast<float>(q0)), mn);
+        v[i + 4] = __fsub_rn(__fmul_rn(d, static_cast<float>(q1)), mn);
+    }
+}
+
+__device__ __forceinline__ void load8_q3_K(const uint8_t* row, int64_t e, float (&v)[8]) {
+    const uint8_t* blk = row + (e / 256) * sizeof(quants::BlockQ3_K);
+    const int wi = static_cast<int>(e % 256), c = wi / 128, s = (wi % 128) / 32, l = wi % 32;
+    const uint32_t h0 = ld_u32_a2(blk + l), h1 = ld_u32_a2(blk + l + 4);
+    const uint32_t q0 = ld_u32_a2(blk + 32 + 32 * c + l), q1 = ld_u32_a2(blk + 32 + 32 * c + l + 4);
+    const uint32_t s0 = ld_u32_a2(blk + 96), s1 = ld_u32_a2(blk + 100), s2 = ld_u32_a2(blk + 104);
+    const float dl = __fmul_rn(h2f(ld<uint16_t>(blk + 108)),
+                               static_cast<float>(q3k_scale(s0, s1, s2, 8 * c + 2 * s + l / 16)));
+    const int hb = 4 * c + s;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int a = static_cast<int>((byte_of(q0, i) >> (2 * s)) & 3) - (((byte_of(h0, i) >> hb) & 1u) ? 0 : 4);
+        const int b = static_cast<int>((byte_of(q1, i) >> (2 * s)) & 3) - (((byte_of(h1, i) >> hb) & 1u) ? 0 : 4);
+        v[i] = __fmul_rn(dl, static_cast<float>(a));
+        v[i + 4] = __fmul_rn(dl, static_cast<float>(b));
+    }
+}
+
+__device__ __forceinline__ void load8_q2_K(const uint8_t* row, int64_t e, float (&v)[8]) {
+    const uint8_t* blk = row + (e / 256) * sizeof(quants::BlockQ2_K);
+    const int wi = static_cast<int>(e % 256), c = wi / 128, s = (wi % 128) / 32, l = wi % 32;
+    const uint32_t q0 = ld<uint32_t>(blk + 16 + 32 * c + l), q1 = ld<uint32_t>(blk + 16 + 32 * c + l + 4);
+    const uint32_t sb = __ldg(blk + 8 * c + 2 * s + l / 16);
+    const uint32_t dd = ld<uint32_t>(blk + 80);
+    const float dl = __fmul_rn(h2f(static_cast<uint16_t>(dd & 0xffff)), static_cast<float>(sb & 0xF));
+    const float ml = __fmul_rn(h2f(static_cast<uint16_t>(dd >> 16)), static_cast<float>(sb >> 4));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[i] = __fsub_rn(__fmul_rn(dl, static_cast<float>((byte_of(q0, i) >> (2 * s)) & 3)), ml);
+        v[i + 4] = __fsub_rn(__fmul_rn(dl, static_cast<float>((byte_of(q1, i) >> (2 * s)) & 3)), ml);
+    }
+}
+
+}  // namespace moemesh::cuda::detail

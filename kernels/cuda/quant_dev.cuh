@@ -1,0 +1,62 @@
+// Device-side decoding helpers for the GGUF weight types (ggml block layouts: kernels/cpu/quants_internal.h),
+// shared by the matrix kernels of matmul.cu and matmul_lowbit.cuh. Not part of the public entry points.
+#pragma once
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda::detail {
+
+constexpr int kGemvUnroll = 4;  // units in flight per lane in the f32-activation GEMV
+
+template <typename T>
+__device__ __forceinline__ T ld(const uint8_t* p) {
+    return __ldg(reinterpret_cast<const T*>(p));
+}
+// Four bytes from a 2-byte aligned address, as one little-endian word.
+__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
+    return static_cast<uint32_t>(ld<uint16_t>(p)) | (static_cast<uint32_t>(ld<uint16_t>(p + 2)) << 16);
+}
+__device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+
+// Byte i (0..11) of a Q4_K scales array held in three words.
+__device__ __forceinline__ uint32_t scale_byte(uint32_t s0, uint32_t s1, uint32_t s2, int i) {
+    const uint32_t w = i < 4 ? s0 : (i < 8 ? s1 : s2);
+    return byte_of(w, i & 3);
+}
+// Scale and min of sub-block j (0..7) of a Q4_K super-block: quants::get_scale_min_k4 on the device.
+__device__ __forceinline__ void scale_min_k4(int j, uint32_t s0, uint32_t s1, uint32_t s2, float* sc, float* m) {
+    if (j < 4) {
+        *sc = static_cast<float>(scale_byte(s0, s1, s2, j) & 63);
+        *m = static_cast<float>(scale_byte(s0, s1, s2, j + 4) & 63);
+    } else {
+        *sc = static_cast<float>((scale_byte(s0, s1, s2, j + 4) & 0xF) | ((scale_byte(s0, s1, s2, j - 4) >> 6) << 4));
+        *m = static_cast<float>((scale_byte(s0, s1, s2, j + 4) >> 4) | ((scale_byte(s0, s1, s2, j) >> 6) << 4));
+    }
+}
+
+// Quants to floats without I2F (a quarter-rate instruction on Hopper, and what bounded the first
+// version of these kernels): byte i of w is placed under the exponent of 2^23, which gives the float
+// 2^23 + byte exactly (one PRMT); the caller subtracts 2^23 plus the type's offset (one FADD).
+constexpr float kMagic = 8388608.0f;  // 2^23
+__device__ __forceinline__ void bytes_biased(uint32_t w, float (&f)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __int_as_float(static_cast<int>(__byte_perm(w, 0x4B000000u, 0x7540u | i)));
+}
+// Σ_i (f_i − off) · a_i for the four biased bytes of w.
+__device__ __forceinline__ float dot4(uint32_t w, float off, const float4& a) {
+    float f[4];
+    bytes_biased(w, f);
+    return (f[0] - off) * a.x + (f[1] - off) * a.y + (f[2] - off) * a.z + (f[3] - off) * a.w;
+}
+__device__ __forceinline__ float sum4(const float4& a) { return (a.x + a.y) + (a.z + a.w); }
+
+// Shared-memory view of the X rows of the int8-activation GEMV (matmul.cu gemv_q_kernel): per 32
+// elements a scale d and int8 quants q (x ≈ d·q), plus d·Σq over each 16 elements (the K-quant min terms).
+struct QX {
+    const int8_t* q;   // [M][k]
+    const float* d;    // [M][k/32]
+    const float* s16;  // [M][k/16]
+};
+
+}  // namespace moemesh::cuda::detail
