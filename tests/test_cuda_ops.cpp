@@ -553,5 +553,178 @@ TEST(CudaOps, GatedDeltaRuleRecurrent) {
     }
 }
 
+// ---- gated delta rule, chunked form (prompts) ----
+
+// One problem shaped like the model's (as tests/test_delta_net.cpp make_problem): q, k l2-normalised
+// per head, g = −exp(A_log)·softplus(a + dt_bias) (about [−7, 0]), β = sigmoid(b), a non-zero state.
+struct DeltaProblem {
+    int64_t T, Hk, Hv, Dk, Dv;
+    std::vector<float> q, k, v, g, beta, state;
+    float scale;
+};
+DeltaProblem make_delta_problem(int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, uint32_t seed) {
+    DeltaProblem p{T, Hk, Hv, Dk, Dv, {}, {}, {}, {}, {}, {}, 1.0f / std::sqrt(static_cast<float>(Dk))};
+    p.q = random_vec(T * Hk * Dk, seed);
+    p.k = random_vec(T * Hk * Dk, seed + 1);
+    l2norm_rows(p.q.data(), T * Hk, Dk, 1e-6f);
+    l2norm_rows(p.k.data(), T * Hk, Dk, 1e-6f);
+    p.v = random_vec(T * Hv * Dv, seed + 2);
+    std::mt19937 rng(seed + 3);
+    std::uniform_real_distribution<float> a_log(-2.0f, 0.5f);
+    std::normal_distribution<float> nd(0.0f, 1.5f);
+    std::vector<float> A(Hv), dt(Hv);
+    for (int64_t j = 0; j < Hv; ++j) A[j] = -std::exp(a_log(rng)), dt[j] = nd(rng);
+    p.g.resize(T * Hv);
+    p.beta.resize(T * Hv);
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < Hv; ++j) {
+            const float x = nd(rng) + dt[j];
+            p.g[t * Hv + j] = A[j] * (x > 20.0f ? x : std::log1p(std::exp(x)));
+            p.beta[t * Hv + j] = 1.0f / (1.0f + std::exp(-nd(rng)));
+        }
+    p.state = random_vec(Hv * Dk * Dv, seed + 4, 0.5f);
+    return p;
+}
+
+// The recurrence in double with a double state, token by token.
+void delta_ref_double(const DeltaProblem& p, std::vector<float>& out, std::vector<float>& state) {
+    const int64_t Hk = p.Hk, Hv = p.Hv, Dk = p.Dk, Dv = p.Dv;
+    out.assign(p.T * Hv * Dv, 0.0f);
+    std::vector<double> S(p.state.begin(), p.state.end()), u(Dv);
+    for (int64_t j = 0; j < Hv; ++j) {
+        double* s = S.data() + j * Dk * Dv;
+        const int64_t kh = j / (Hv / Hk);
+        for (int64_t t = 0; t < p.T; ++t) {
+            const float* k = &p.k[(t * Hk + kh) * Dk];
+            const float* q = &p.q[(t * Hk + kh) * Dk];
+            const float* v = &p.v[(t * Hv + j) * Dv];
+            const double e = std::exp(static_cast<double>(p.g[t * Hv + j])), b = p.beta[t * Hv + j];
+            for (int64_t x = 0; x < Dk * Dv; ++x) s[x] *= e;
+            std::fill(u.begin(), u.end(), 0.0);
+            for (int64_t i = 0; i < Dk; ++i)
+                for (int64_t c = 0; c < Dv; ++c) u[c] += s[i * Dv + c] * k[i];
+            for (int64_t i = 0; i < Dk; ++i)
+                for (int64_t c = 0; c < Dv; ++c) s[i * Dv + c] += static_cast<double>(k[i]) * b * (v[c] - u[c]);
+            for (int64_t c = 0; c < Dv; ++c) {
+                double o = 0.0;
+                for (int64_t i = 0; i < Dk; ++i) o += s[i * Dv + c] * (static_cast<double>(p.scale) * q[i]);
+                out[(t * Hv + j) * Dv + c] = static_cast<float>(o);
+            }
+        }
+    }
+    state.assign(S.begin(), S.end());
+}
+
+// max |got − want| / max |want|: the measure (and 1e-5 the bound) of tests/test_delta_net.cpp.
+double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+    EXPECT_EQ(got.size(), want.size());
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+        if (!std::isfinite(got[i])) return INFINITY;
+        num = std::max(num, std::fabs(static_cast<double>(got[i]) - want[i]));
+        den = std::max(den, std::fabs(static_cast<double>(want[i])));
+    }
+    return den > 0.0 ? num / den : num;
+}
+constexpr double kDeltaTol = 1e-5;
+void expect_delta_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
+    const double e = max_rel(got, want);
+    std::printf("[cuda] %-52s max_rel %.3e  (tol %.0e)  %s\n", what.c_str(), e, kDeltaTol,
+                e <= kDeltaTol ? "ok" : "FAIL");
+    EXPECT_LE(e, kDeltaTol) << what;
+}
+
+struct DeltaResult {
+    std::vector<float> out, state;
+};
+// Tokens [t0, t0 + n) of p on the GPU, state carried in `state` (device); chunk < 0: the recurrence.
+void run_delta_gpu(const DeltaProblem& p, int64_t t0, int64_t n, int64_t chunk, DeviceBuffer<float>& state,
+                   DeviceBuffer<float>& out) {
+    const DeviceBuffer<float> dq(p.q), dk(p.k), dv(p.v), dg(p.g), db(p.beta);
+    cuda::DeltaNetArgs a;
+    a.q = dq.get() + t0 * p.Hk * p.Dk, a.k = dk.get() + t0 * p.Hk * p.Dk, a.v = dv.get() + t0 * p.Hv * p.Dv;
+    a.g = dg.get() + t0 * p.Hv, a.beta = db.get() + t0 * p.Hv, a.state = state.get();
+    a.out = out.get() + t0 * p.Hv * p.Dv, a.n_tokens = n, a.n_k_heads = p.Hk, a.n_v_heads = p.Hv;
+    a.k_dim = p.Dk, a.v_dim = p.Dv, a.scale = p.scale;
+    if (chunk < 0)
+        cuda::gated_delta_rule_recurrent(a);
+    else
+        cuda::gated_delta_rule_chunked(a, chunk);
+    CUDA_CHECK(cudaDeviceSynchronize());  // the inputs above are freed on return
+}
+DeltaResult delta_gpu(const DeltaProblem& p, int64_t chunk) {
+    DeviceBuffer<float> state(p.state), out(p.T * p.Hv * p.Dv);
+    run_delta_gpu(p, 0, p.T, chunk, state, out);
+    return {out.download(), state.download()};
+}
+DeltaResult delta_cpu_chunked(const DeltaProblem& p) {
+    static ThreadPool pool(2);
+    DeltaResult r{std::vector<float>(p.T * p.Hv * p.Dv), p.state};
+    DeltaNetArgs a;
+    a.q = p.q.data(), a.k = p.k.data(), a.v = p.v.data(), a.g = p.g.data(), a.beta = p.beta.data();
+    a.state = r.state.data(), a.out = r.out.data(), a.n_tokens = p.T, a.n_k_heads = p.Hk, a.n_v_heads = p.Hv;
+    a.k_dim = p.Dk, a.v_dim = p.Dv, a.scale = p.scale;
+    gated_delta_rule_chunked(pool, a);
+    return r;
+}
+
+TEST(CudaOps, GatedDeltaRuleChunked) {
+    REQUIRE_CUDA();
+    for (const int64_t D : {128, 64}) {
+        for (const int64_t T : {1, 2, 63, 64, 65, 130, 200}) {
+            const DeltaProblem p = make_delta_problem(T, 2, 4, D, D, 20 + static_cast<uint32_t>(T));
+            const DeltaResult chk = delta_gpu(p, 0), rec = delta_gpu(p, -1), cpu = delta_cpu_chunked(p);
+            DeltaResult ref;
+            delta_ref_double(p, ref.out, ref.state);
+            const std::string name = "delta chunked D=" + std::to_string(D) + " T=" + std::to_string(T) + " ";
+            expect_delta_close(name + "out vs gpu recurrence", chk.out, rec.out);
+            expect_delta_close(name + "state vs gpu recurrence", chk.state, rec.state);
+            expect_delta_close(name + "out vs cpu chunked", chk.out, cpu.out);
+            expect_delta_close(name + "state vs cpu chunked", chk.state, cpu.state);
+            expect_delta_close(name + "out vs double", chk.out, ref.out);
+            expect_delta_close(name + "state vs double", chk.state, ref.state);
+        }
+    }
+}
+
+// Chunk lengths other than the default, a wide key (the largest shared-memory layout), an odd key
+// size with three v-heads per k-head.
+TEST(CudaOps, GatedDeltaRuleChunkedShapes) {
+    REQUIRE_CUDA();
+    struct Case {
+        int64_t T, Hk, Hv, Dk, Dv, chunk;
+    };
+    for (const Case c : {Case{130, 2, 4, 64, 64, 32}, Case{130, 2, 4, 64, 64, 16}, Case{45, 2, 4, 64, 64, 7},
+                         Case{9, 2, 4, 64, 64, 1}, Case{70, 1, 2, 256, 64, 0}, Case{45, 1, 3, 20, 32, 0}}) {
+        if (c.chunk == 0 && cuda::delta_rule_chunk_len(c.Dk) == 0) {
+            std::printf("[cuda] delta chunked Dk=%lld: no chunk fits this device's shared memory, skipped\n",
+                        static_cast<long long>(c.Dk));
+            continue;
+        }
+        const DeltaProblem p = make_delta_problem(c.T, c.Hk, c.Hv, c.Dk, c.Dv, 70 + static_cast<uint32_t>(c.chunk));
+        const DeltaResult chk = delta_gpu(p, c.chunk);
+        DeltaResult ref;
+        delta_ref_double(p, ref.out, ref.state);
+        const std::string name = "delta chunked T=" + std::to_string(c.T) + " Dk=" + std::to_string(c.Dk) +
+                                 " Dv=" + std::to_string(c.Dv) + " chunk=" + std::to_string(c.chunk) + " ";
+        expect_delta_close(name + "out", chk.out, ref.out);
+        expect_delta_close(name + "state", chk.state, ref.state);
+    }
+}
+
+// A prompt in pieces, the state carried on the device: chunked 37 + recurrent 1 + chunked 90 equals
+// one chunked call over the 128 tokens.
+TEST(CudaOps, GatedDeltaRuleSplitCalls) {
+    REQUIRE_CUDA();
+    const DeltaProblem p = make_delta_problem(128, 2, 4, 128, 128, 50);
+    const DeltaResult whole = delta_gpu(p, 0);
+    DeviceBuffer<float> state(p.state), out(p.T * p.Hv * p.Dv);
+    run_delta_gpu(p, 0, 37, 0, state, out);
+    run_delta_gpu(p, 37, 1, -1, state, out);
+    run_delta_gpu(p, 38, 90, 0, state, out);
+    expect_delta_close("delta split 37+1+90 out", out.download(), whole.out);
+    expect_delta_close("delta split 37+1+90 state", state.download(), whole.state);
+}
+
 }  // namespace
 }  // namespace moemesh

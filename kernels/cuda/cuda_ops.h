@@ -123,7 +123,7 @@ void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_
 // last K-1 inputs. y must not alias x. K <= 8.
 void conv1d_silu_causal(const float* x, const float* w, float* state, float* y, int64_t T, int64_t C, int64_t K,
                         cudaStream_t stream = nullptr);
-// The delta-rule recurrence token by token (exact decode form; T > 1 runs the same recurrence):
+// The delta-rule recurrence token by token (exact decode form; also runs T > 1):
 //   S ← exp(g)·S;  u = Sᵀk;  δ = β(v − u);  S ← S + k⊗δ;  o = Sᵀ(scale·q)
 //   q, k: [T, Hk, Dk] (l2-normalised); v: [T, Hv, Dv]; g, beta: [T, Hv];
 //   state: [Hv, Dk, Dv] updated in place; out: [T, Hv, Dv]. V-head j reads k-head j / (Hv / Hk).
@@ -140,6 +140,15 @@ struct DeltaNetArgs {
     float scale = 1.0f;
 };
 void gated_delta_rule_recurrent(const DeltaNetArgs& a, cudaStream_t stream = nullptr);
+// The chunked (WY) form for prompts, the algebra of kernels/cpu/delta_net.cpp regrouped per 32 state
+// columns (one block per 32 columns of a v-head, state in shared memory, chunks walked in order):
+// the recurrence's result up to f32 rounding, final state included. chunk: tokens per chunk, 1..64;
+// 0 picks delta_rule_chunk_len(k_dim). Same shape rules as the recurrence.
+void gated_delta_rule_chunked(const DeltaNetArgs& a, int64_t chunk = 0, cudaStream_t stream = nullptr);
+// The longest chunk (64, 32, 16 or 8 tokens) whose shared memory, 4·(2L(Dk+1) + 2L(L+1) + 32·Dk + 99L)
+// bytes, the current device allows per block (H100/H200: 64 for Dk <= 256; 99 KB parts: 32 for
+// Dk = 128); 0 if none.
+int64_t delta_rule_chunk_len(int64_t k_dim);
 
 // ---- around the main ops (kernels/cuda/model_ops.cu), for the GPU-resident forward pass ----
 // x[i] *= sigmoid(gate[i]) over n elements.
