@@ -3,6 +3,7 @@
 // never throw and always say where (file:line:col) and what was wrong.
 #include "common/placement.h"
 
+#include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@ constexpr size_t kMaxYamlBytes = 16u << 20;
 // yaml-cpp parses flow collections recursively; very deep nesting would overflow the stack.
 constexpr int kMaxNesting = 64;
 constexpr size_t kMaxUnixPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
+constexpr int kMaxDataPlaneRows = 65536;  // as the worker's limit (worker/data_plane.h)
 
 std::string lower(std::string s) {
     for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -148,14 +150,15 @@ std::string range_text(std::pair<int, int> r) {
 }
 
 const std::vector<std::string> kTopKeys = {"model", "activations", "coordinator", "workers"};
-const std::vector<std::string> kCoordinatorKeys = {"device", "http", "control", "threads", "timeout_ms"};
+const std::vector<std::string> kCoordinatorKeys = {"device", "http", "control", "threads", "timeout_ms",
+                                                   "data_plane_rows"};
 const std::vector<std::string> kWorkerKeys = {"name",  "address", "device",  "transport", "threads",
                                               "cache", "experts", "layers", "replicas",  "tls"};
 const std::vector<std::string> kCacheKeys = {"device", "host", "policy", "prefetch", "profile"};
 const std::vector<std::string> kCachePolicies = {"lru", "lfu", "static"};
 const std::vector<std::string> kPrefetchModes = {"none", "next-layer"};
 const std::vector<std::string> kTlsKeys = {"ca", "cert", "key"};
-const std::vector<std::string> kTransports = {"auto", "inproc", "unix", "tcp", "nccl", "cuda-ipc"};
+const std::vector<std::string> kTransports = {"auto", "inproc", "unix", "tcp", "nccl", "cuda-ipc", "shm"};
 
 struct Field {
     std::string key;
@@ -363,6 +366,12 @@ StatusOr<ClusterConfig> Parser::run(const YAML::Node& root) {
                            str_printf("address %s is already used by worker '%s' (line %d)",
                                       wa.address->str().c_str(), wb.name.c_str(), wb.address_loc.line));
         }
+        if ((wa.transport == Transport::kNccl || wa.transport == Transport::kCudaIpc) &&
+            cfg_.coordinator.device.kind != Device::Kind::kCuda)
+            return err(wa.transport_loc, "worker '" + wa.name + "': ",
+                       str_printf("transport %s needs the coordinator on a cuda:N device too (coordinator: device is "
+                                  "%s); use shm or auto for a CPU coordinator",
+                                  transport_name(wa.transport), cfg_.coordinator.device.str().c_str()));
         for (const auto* ca : {&cfg_.coordinator.http, &cfg_.coordinator.control}) {
             if (wa.address && *ca && *wa.address == **ca)
                 return err(wa.address_loc, "worker '" + wa.name + "': ",
@@ -394,6 +403,9 @@ Status Parser::parse_coordinator(const Field& f) {
     }
     if (const Field* x = find(fs, "timeout_ms")) {
         MM_ASSIGN_OR_RETURN(c.timeout_ms, integer(*x, ctx, 1, 3600000));
+    }
+    if (const Field* x = find(fs, "data_plane_rows")) {
+        MM_ASSIGN_OR_RETURN(c.data_plane_rows, integer(*x, ctx, 1, kMaxDataPlaneRows));
     }
     if (c.http && c.control && *c.http == *c.control)
         return err(value_loc(*find(fs, "control")), ctx, "'control' and 'http' are the same address");
@@ -509,6 +521,12 @@ Status Parser::parse_worker(const YAML::Node& n, size_t index) {
         return err(value_loc(*find(fs, "transport")), ctx,
                    str_printf("transport %s needs a cuda:N device, not %s", transport_name(w.transport),
                               w.device.str().c_str()));
+    if (is_out_of_band(w.transport) && w.address && !is_local_address(*w.address))
+        return err(value_loc(*find(fs, "transport")), ctx,
+                   str_printf("transport %s works between processes of one host, but %s is not an address of this "
+                              "host (use unix:/path or 127.0.0.1:port, or transport tcp across hosts)",
+                              transport_name(w.transport), w.address->str().c_str()));
+    if (const Field* x = find(fs, "transport")) w.transport_loc = value_loc(*x);
     if (const Field* x = find(fs, "threads")) {
         MM_ASSIGN_OR_RETURN(w.threads, integer(*x, ctx, 0, 4096));
     }
@@ -564,6 +582,12 @@ Status Parser::parse_worker(const YAML::Node& n, size_t index) {
             return err(value_loc(*x), ctx + "tls: ", "'cert' and 'key' go together");
         if (!w.tls.enabled()) return err(value_loc(*x), ctx + "tls: ", "needs 'ca' and/or 'cert' + 'key'");
     }
+
+    // One host: nothing to protect the data from that TLS would (and the bulk bypasses gRPC).
+    if (is_out_of_band(w.transport) && w.tls.enabled())
+        return err(value_loc(*find(fs, "transport")), ctx,
+                   str_printf("transport %s is for one host and does not take 'tls' (the data bypasses gRPC)",
+                              transport_name(w.transport)));
 
     const Field* experts = find(fs, "experts");
     const Field* layers = find(fs, "layers");
@@ -766,6 +790,35 @@ StatusOr<Device> parse_device(const std::string& text) {
 std::string Device::str() const { return kind == Kind::kCpu ? "cpu" : "cuda:" + std::to_string(index); }
 
 const char* transport_name(Transport t) { return kTransports[static_cast<size_t>(t)].c_str(); }
+
+bool is_out_of_band(Transport t) {
+    return t == Transport::kShm || t == Transport::kCudaIpc || t == Transport::kNccl;
+}
+
+bool is_local_address(const Address& a) {
+    if (a.kind == Address::Kind::kUnix) return true;
+    if (a.host == "localhost" || a.host == "::1") return true;
+    in_addr v4{};
+    return inet_pton(AF_INET, a.host.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127;
+}
+
+Transport resolve_transport(const ClusterConfig& cfg, const WorkerConfig& w, std::string* why) {
+    auto say = [&](Transport t, const std::string& reason) {
+        if (why) *why = reason;
+        return t;
+    };
+    if (w.transport != Transport::kAuto) return say(w.transport, "as configured");
+    if (!w.address) return say(Transport::kInproc, "no address: runs in the coordinator's process");
+    if (!is_local_address(*w.address))
+        return say(w.address->kind == Address::Kind::kUnix ? Transport::kUnix : Transport::kTcp,
+                   "another host: gRPC with the activations in the messages");
+    const Device& c = cfg.coordinator.device;
+    if (c.kind != Device::Kind::kCuda || w.device.kind != Device::Kind::kCuda)
+        return say(Transport::kShm, "this host, a CPU side: shared memory");
+    if (c.index == w.device.index)
+        return say(Transport::kCudaIpc, str_printf("this host, the coordinator's GPU %s: CUDA IPC", c.str().c_str()));
+    return say(Transport::kNccl, str_printf("this host, GPUs %s and %s: NCCL", c.str().c_str(), w.device.str().c_str()));
+}
 const char* activation_format_name(ActivationFormat f) { return f == ActivationFormat::kF32 ? "f32" : "bf16"; }
 
 std::string format_bytes(uint64_t b) {
@@ -985,9 +1038,11 @@ std::string placement_summary(const ClusterConfig& cfg, const OwnershipMap& m) {
     for (size_t wi = 0; wi < cfg.workers.size(); ++wi) {
         const WorkerConfig& w = cfg.workers[wi];
         const WorkerShard& s = m.workers[wi];
-        out += str_printf("worker '%s': %s, device %s, transport %s%s%s\n", w.name.c_str(),
+        const Transport t = resolve_transport(cfg, w);
+        out += str_printf("worker '%s': %s, device %s, transport %s%s%s%s\n", w.name.c_str(),
                           w.address ? w.address->str().c_str() : "(in-process)", w.device.str().c_str(),
-                          transport_name(w.transport), w.threads ? str_printf(", %d threads", w.threads).c_str() : "",
+                          transport_name(w.transport),
+                          t != w.transport ? (std::string(" (") + transport_name(t) + ")").c_str() : "", w.threads ? str_printf(", %d threads", w.threads).c_str() : "",
                           w.tls.enabled() ? ", tls" : "");
         std::vector<int> layers;
         for (auto [l, e] : s.primary)

@@ -6,12 +6,13 @@
 //
 //   model: qwen3-30b-a3b-q4_k_m.gguf     # relative paths are relative to the YAML file's directory
 //   activations: f32                     # wire format of activations: f32 | bf16
-//   coordinator: {device: cpu, http: 127.0.0.1:8080, control: 127.0.0.1:7000, threads: 8, timeout_ms: 10000}
+//   coordinator: {device: cpu, http: 127.0.0.1:8080, control: 127.0.0.1:7000, threads: 8, timeout_ms: 10000,
+//                 data_plane_rows: 512}      # rows per call the out-of-band (shm, cuda-ipc, nccl) buffers hold
 //   workers:
 //     - name: gpu0
 //       address: unix:/tmp/moemesh-gpu0.sock   # unix:/path | host:port | [v6]:port
 //       device: cuda:0                         # cpu | cuda:N
-//       transport: auto                        # auto | inproc | unix | tcp | nccl | cuda-ipc
+//       transport: auto                        # auto | inproc | unix | tcp | nccl | cuda-ipc | shm
 //       threads: 4
 //       cache: {device: 6GiB, host: 24GiB,     # budgets (see docs/cache.md); device 0/absent: unlimited,
 //               policy: lru, prefetch: none,   #   host 0/absent: no host tier; policy lru | lfu | static,
@@ -30,7 +31,9 @@
 //     unknown keys (with a did-you-mean), duplicate keys, value types, sizes, id ranges' syntax,
 //     overlapping layer ranges, `experts` xor `layers`, devices, transports, activations, addresses
 //     (port 1-65535, non-empty host, IPv6 in brackets, unix path length), worker names unique,
-//     addresses unique (also against the coordinator's), transport vs address/device.
+//     addresses unique (also against the coordinator's), transport vs address/device (shm, cuda-ipc
+//     and nccl need a worker on this host: a unix: or loopback address; cuda-ipc and nccl need the
+//     coordinator and the worker on cuda:N devices).
 //   validate (needs ModelConfig): layer and expert ids inside the model, a replica of an expert the
 //     worker already owns, and every (layer, expert) having at least one primary owner (replicas
 //     alone do not count).
@@ -76,7 +79,10 @@ struct Device {
     std::string str() const;
 };
 
-enum class Transport { kAuto, kInproc, kUnix, kTcp, kNccl, kCudaIpc };
+// How activations and partial sums travel between the coordinator and one worker. unix and tcp carry
+// them inside the gRPC messages; shm, cuda-ipc and nccl are out-of-band data planes negotiated at
+// the handshake (docs/cuda.md, "Transports"), with gRPC carrying only metadata.
+enum class Transport { kAuto, kInproc, kUnix, kTcp, kNccl, kCudaIpc, kShm };
 const char* transport_name(Transport t);  // "auto", "cuda-ipc", ...
 
 enum class ActivationFormat { kF32, kBf16 };
@@ -114,7 +120,7 @@ struct WorkerConfig {
     TlsConfig tls;
     std::vector<OwnershipRule> owns;      // primary ownership
     std::vector<OwnershipRule> replicas;  // extra copies
-    SourceLoc loc, name_loc, address_loc, cache_loc;
+    SourceLoc loc, name_loc, address_loc, cache_loc, transport_loc;
 };
 
 struct CoordinatorConfig {
@@ -123,6 +129,7 @@ struct CoordinatorConfig {
     std::optional<Address> control;  // absent: the coordinator's default
     int threads = 0;                 // 0: all cores
     int timeout_ms = 10000;          // deadline of one layer call to a worker
+    int data_plane_rows = 512;       // rows per call in out-of-band buffers; larger batches go in chunks
 };
 inline constexpr const char* kDefaultHttp = "127.0.0.1:8080";
 
@@ -136,6 +143,17 @@ struct ClusterConfig {
     // "source:line:col: " (or "source: " when loc is unknown).
     std::string where(SourceLoc loc) const;
 };
+
+// An address of this host: unix:, localhost, 127.0.0.0/8 or ::1.
+bool is_local_address(const Address& a);
+
+// What `transport: auto` means for worker w, by locality: no address → inproc; another host →
+// unix/tcp (gRPC, host staging); this host → shm when the coordinator or the worker is on the
+// CPU, cuda-ipc when both are on the same GPU, nccl when on different GPUs. Other values are
+// returned as they are. *why (optional) gets the reason in words, for logs and summaries.
+Transport resolve_transport(const ClusterConfig& cfg, const WorkerConfig& w, std::string* why = nullptr);
+// shm, cuda-ipc, nccl: activations outside the gRPC messages.
+bool is_out_of_band(Transport t);
 
 // Syntax and schema. yaml_path's directory is the base for relative paths.
 StatusOr<ClusterConfig> load_cluster_config(const std::string& yaml_path);

@@ -163,7 +163,7 @@ workers:
               "coordinator, workers)");
     EXPECT_EQ(parse_error("coordinator: {timeout: 5}\nworkers: []\n"),
               "cluster.yaml:1:15: coordinator: unknown key 'timeout' (allowed: device, http, control, threads, "
-              "timeout_ms)");
+              "timeout_ms, data_plane_rows)");
     EXPECT_EQ(parse_error(R"(workers:
   - name: a
     address: unix:/a
@@ -359,7 +359,7 @@ TEST(PlacementReject, DeviceAndTransport) {
     experts: "0"
 )"),
               "cluster.yaml:4:16: worker 'a': unknown transport \"grpc\" (expected one of auto, inproc, unix, tcp, "
-              "nccl, cuda-ipc)");
+              "nccl, cuda-ipc, shm)");
     EXPECT_EQ(parse_error(R"(workers:
   - name: a
     address: unix:/a
@@ -367,7 +367,7 @@ TEST(PlacementReject, DeviceAndTransport) {
     experts: "0"
 )"),
               "cluster.yaml:4:16: worker 'a': unknown transport \"cuda_ipc\" (did you mean 'cuda-ipc'?) (expected "
-              "one of auto, inproc, unix, tcp, nccl, cuda-ipc)");
+              "one of auto, inproc, unix, tcp, nccl, cuda-ipc, shm)");
     EXPECT_EQ(parse_error(R"(workers:
   - name: a
     address: unix:/a
@@ -384,6 +384,113 @@ TEST(PlacementReject, DeviceAndTransport) {
               "cluster.yaml:4:16: worker 'a': transport nccl needs a cuda:N device, not cpu");
     EXPECT_EQ(parse_error("workers:\n  - {name: 'a b', address: unix:/a, experts: '0'}\n"),
               "cluster.yaml:2:12: worker 'a b': 'name' may only use letters, digits, '.', '_' and '-'");
+}
+
+// shm, cuda-ipc and nccl are data planes of one host; cuda-ipc and nccl move device memory.
+TEST(PlacementReject, OutOfBandTransports) {
+    EXPECT_EQ(parse_error(R"(workers:
+  - name: a
+    address: 10.0.0.2:7001
+    transport: shm
+    experts: "0"
+)"),
+              "cluster.yaml:4:16: worker 'a': transport shm works between processes of one host, but 10.0.0.2:7001 is "
+              "not an address of this host (use unix:/path or 127.0.0.1:port, or transport tcp across hosts)");
+    EXPECT_EQ(parse_error(R"(coordinator: {device: cuda:0}
+workers:
+  - name: a
+    address: gpu-box:7001
+    device: cuda:1
+    transport: nccl
+    experts: "0"
+)"),
+              "cluster.yaml:6:16: worker 'a': transport nccl works between processes of one host, but gpu-box:7001 is "
+              "not an address of this host (use unix:/path or 127.0.0.1:port, or transport tcp across hosts)");
+    EXPECT_EQ(parse_error(R"(workers:
+  - name: a
+    address: unix:/a
+    device: cuda:0
+    transport: cuda-ipc
+    experts: "0"
+)"),
+              "cluster.yaml:5:16: worker 'a': transport cuda-ipc needs the coordinator on a cuda:N device too "
+              "(coordinator: device is cpu); use shm or auto for a CPU coordinator");
+    EXPECT_EQ(parse_error(R"(workers:
+  - name: a
+    address: 127.0.0.1:7001
+    transport: shm
+    tls: {ca: ca.pem}
+    experts: "0"
+)"),
+              "cluster.yaml:4:16: worker 'a': transport shm is for one host and does not take 'tls' (the data bypasses "
+              "gRPC)");
+    EXPECT_EQ(parse_error("coordinator: {data_plane_rows: 0}\nworkers:\n  - {name: a, address: unix:/a, experts: '0'}\n"),
+              "cluster.yaml:1:32: coordinator: 'data_plane_rows' = 0 is out of range (1-65536)");
+    auto ok = parse("coordinator: {device: cuda:0, data_plane_rows: 64}\nworkers:\n"
+                    "  - {name: a, address: unix:/a, device: cuda:0, transport: cuda-ipc, experts: '0'}\n"
+                    "  - {name: b, address: '[::1]:7002', device: cuda:1, transport: nccl, experts: '1'}\n"
+                    "  - {name: c, address: 'localhost:7003', transport: shm, experts: '2'}\n");
+    ASSERT_TRUE(ok.ok()) << ok.status().message();
+    EXPECT_EQ(ok.value().coordinator.data_plane_rows, 64);
+    EXPECT_EQ(ok.value().workers[2].transport, Transport::kShm);
+}
+
+// `transport: auto` by locality: another host → gRPC; this host → shm with a CPU on either side,
+// cuda-ipc on the coordinator's own GPU, nccl on another GPU; no address → inproc.
+TEST(PlacementAuto, PicksByLocality) {
+    auto c = parse(R"(coordinator: {device: cuda:0}
+workers:
+  - {name: remote, address: 10.1.2.3:7001, device: cuda:0, experts: "0"}
+  - {name: remote6, address: "[2001:db8::1]:7001", experts: "1"}
+  - {name: cpu, address: unix:/tmp/a.sock, experts: "2"}
+  - {name: same, address: unix:/tmp/b.sock, device: cuda:0, experts: "3"}
+  - {name: other, address: 127.0.0.1:7005, device: cuda:1, experts: "4"}
+  - {name: here, experts: "5", transport: inproc}
+  - {name: fixed, address: unix:/tmp/c.sock, transport: unix, device: cuda:0, experts: "6-7"}
+)");
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    const ClusterConfig& cfg = c.value();
+    std::string why;
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[0], &why), Transport::kTcp);
+    EXPECT_EQ(why, "another host: gRPC with the activations in the messages");
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[1]), Transport::kTcp);
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[2], &why), Transport::kShm);
+    EXPECT_EQ(why, "this host, a CPU side: shared memory");
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[3], &why), Transport::kCudaIpc);
+    EXPECT_EQ(why, "this host, the coordinator's GPU cuda:0: CUDA IPC");
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[4], &why), Transport::kNccl);
+    EXPECT_EQ(why, "this host, GPUs cuda:0 and cuda:1: NCCL");
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[5]), Transport::kInproc);
+    EXPECT_EQ(resolve_transport(cfg, cfg.workers[6], &why), Transport::kUnix);
+    EXPECT_EQ(why, "as configured");
+    // A CPU coordinator: every local worker gets shm, whatever its device.
+    ClusterConfig cpu = cfg;
+    cpu.coordinator.device = Device{};
+    EXPECT_EQ(resolve_transport(cpu, cpu.workers[3]), Transport::kShm);
+    EXPECT_EQ(resolve_transport(cpu, cpu.workers[4]), Transport::kShm);
+    EXPECT_TRUE(is_out_of_band(Transport::kShm) && is_out_of_band(Transport::kNccl) &&
+                is_out_of_band(Transport::kCudaIpc));
+    EXPECT_FALSE(is_out_of_band(Transport::kTcp) || is_out_of_band(Transport::kAuto));
+    // The summary shows what auto became.
+    auto m = resolve_placement(cfg, dims(1, 8), nullptr);
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    const std::string s = placement_summary(cfg, m.value());
+    EXPECT_NE(s.find("worker 'same': unix:/tmp/b.sock, device cuda:0, transport auto (cuda-ipc)"), std::string::npos)
+        << s;
+    EXPECT_NE(s.find("worker 'fixed': unix:/tmp/c.sock, device cuda:0, transport unix\n"), std::string::npos) << s;
+}
+
+TEST(PlacementAuto, LocalAddresses) {
+    auto addr = [](const char* t) { return parse_address(t).value(); };
+    EXPECT_TRUE(is_local_address(addr("unix:/tmp/x.sock")));
+    EXPECT_TRUE(is_local_address(addr("127.0.0.1:1")));
+    EXPECT_TRUE(is_local_address(addr("127.8.9.10:1")));
+    EXPECT_TRUE(is_local_address(addr("LocalHost:1")));
+    EXPECT_TRUE(is_local_address(addr("[::1]:1")));
+    EXPECT_FALSE(is_local_address(addr("128.0.0.1:1")));
+    EXPECT_FALSE(is_local_address(addr("10.0.0.1:1")));
+    EXPECT_FALSE(is_local_address(addr("[::2]:1")));
+    EXPECT_FALSE(is_local_address(addr("localhost.example.com:1")));
 }
 
 TEST(PlacementReject, IdsOutsideTheModel) {
