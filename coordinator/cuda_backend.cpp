@@ -31,6 +31,7 @@
 #include <unordered_map>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "worker/cuda_expert_compute.h"
 #include "worker/expert_executor.h"
 
 namespace moemesh {
@@ -159,7 +160,7 @@ public:
             int layer = -1;
             if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
             return MM_ERROR("%s: tensor '%s' has type %s, which the CUDA backend cannot multiply yet (it has F32, "
-                            "F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); run it with --device cpu",
+                            "F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K); run it with --device cpu",
                             f.path().c_str(), t.name.c_str(), ggml_type_name(t.type));
         }
         return Status();
@@ -176,6 +177,11 @@ public:
                             static_cast<long long>(c.n_expert_used));
         if (factory) {  // experts elsewhere (workers, a host cache): staged through host memory
             MM_ASSIGN_OR_RETURN(host_experts_, factory(f, c, pool));
+            // A VRAM expert cache on this device (`--device-budget`): device pointers, no host round trip.
+            dev_experts_ = dynamic_cast<CudaExpertBackend*>(host_experts_.get());
+            if (dev_experts_ && dev_experts_->compute().device() != index_)
+                return MM_ERROR("%s: the expert cache is on cuda:%d, not on this backend's device",
+                                name().c_str(), dev_experts_->compute().device());
             return Status();
         }
         size_t total = 0;
@@ -297,6 +303,7 @@ public:
                float* out) override {
         if (host_experts_ || T != 1) {  // host-synchronising: whatever was recorded runs first
             flush();
+            if (dev_experts_) return moe_device_cache(layer, x, T, K, ids, w, out);
             if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
             return moe_grouped(experts_[layer], x, T, K, ids, w, out);
         }
@@ -319,10 +326,6 @@ public:
         enqueue({18, P(x), P(w), P(state), P(y), T, C, K},
                 [=, this](bool) { cuda::conv1d_silu_causal(x, w, state, y, T, C, K, stream_); });
     }
-    // Prompts of at least this many tokens take the chunked form (a few launches' worth of work per
-    // 64 tokens instead of one sequential step per token); decode and short prompts the recurrence.
-    // Not yet measured on a device: the crossover may be lower.
-    static constexpr int64_t kDeltaChunkedMinTokens = 16;
     void delta_rule(const DeltaNetArgs& a) override {
         cuda::DeltaNetArgs d;
         d.q = a.q, d.k = a.k, d.v = a.v, d.g = a.g, d.beta = a.beta, d.state = a.state, d.out = a.out;
@@ -330,12 +333,7 @@ public:
         d.k_dim = a.k_dim, d.v_dim = a.v_dim, d.scale = a.scale;
         enqueue({19, P(d.q), P(d.k), P(d.v), P(d.g), P(d.beta), P(d.state), P(d.out), d.n_tokens, d.n_k_heads,
                  d.n_v_heads, d.k_dim, d.v_dim, F(d.scale)},
-                [=, this](bool) {
-                    if (d.n_tokens >= kDeltaChunkedMinTokens)
-                        cuda::gated_delta_rule_chunked(d, 0, stream_);
-                    else
-                        cuda::gated_delta_rule_recurrent(d, stream_);
-                });
+                [=, this](bool) { cuda::gated_delta_rule_recurrent(d, stream_); });
     }
 
     // Runs what was recorded: a graph replay, a capture + replay, or op by op; then waits for the
@@ -482,6 +480,18 @@ private:
         return Status();
     }
 
+    // Experts in a VRAM cache on this GPU (CudaExpertCompute): only ids and w [T, K] come to the host
+    // (the cache plans and pins per expert there); x and out stay in device memory, on this stream.
+    Status moe_device_cache(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
+                            float* out) {
+        hw_.resize(static_cast<size_t>(T * K));
+        ids_host_.resize(static_cast<size_t>(T * K));
+        CUDA_CHECK(cudaMemcpyAsync(ids_host_.data(), ids, sizeof(int32_t) * T * K, cudaMemcpyDeviceToHost, stream_));
+        CUDA_CHECK(cudaMemcpyAsync(hw_.data(), w, sizeof(float) * T * K, cudaMemcpyDeviceToHost, stream_));
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+        return dev_experts_->moe_forward_device(layer, x, T, K, ids_host_.data(), hw_.data(), out, stream_);
+    }
+
     // Experts outside this GPU: x, ids, w to the host, the ExpertBackend, the result back.
     Status moe_staged(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                       float* out) {
@@ -507,6 +517,7 @@ private:
     std::unordered_map<const void*, BackendWeight> uploaded_;
     std::vector<ResidentExperts> experts_;
     std::unique_ptr<ExpertBackend> host_experts_;
+    CudaExpertBackend* dev_experts_ = nullptr;  // = host_experts_ when it is a VRAM cache on this device
     Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_;
     std::vector<int32_t> ids_host_, maps_host_;
     std::vector<int64_t> count_, offset_;  // [E], [E + 1]

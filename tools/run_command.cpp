@@ -13,6 +13,7 @@
 #include "coordinator/sampler.h"
 #include "common/placement.h"
 #include "coordinator/remote_experts.h"
+#include "worker/cuda_expert_compute.h"
 #include "worker/expert_cache.h"
 #include "worker/expert_executor.h"
 #include "tools/commands.h"
@@ -189,8 +190,10 @@ Status run_generation(const RunOptions& o) {
             return std::unique_ptr<ExpertBackend>(std::move(b));
         };
     }
-    // Offload mode: every expert through a budgeted cache (device tier: a bounded RAM pool on CPU).
+    // Offload mode: every expert through a budgeted cache (device tier: a bounded RAM pool on CPU, VRAM
+    // of the same GPU with --device cuda:N).
     std::shared_ptr<ExpertCache> cache;
+    const ExpertCache* cache_view = nullptr;  // for the stats line (the GPU's cache is owned by its backend)
     if (o.device_budget.empty()) {
         if (!o.host_budget.empty() || o.cache_policy != "lru" || o.prefetch != "none" || !o.profile.empty())
             return MM_ERROR("--host-budget, --cache-policy, --prefetch and --profile need --device-budget");
@@ -212,39 +215,65 @@ Status run_generation(const RunOptions& o) {
         MM_ASSIGN_OR_RETURN(co.policy, parse_cache_policy(o.cache_policy));
         MM_ASSIGN_OR_RETURN(co.prefetch, parse_prefetch_mode(o.prefetch));
         co.profile_path = o.profile;
-        mo.experts = [co, &cache](const GgufFile& f, const ModelConfig& c,
-                                  ThreadPool& pool) -> StatusOr<std::unique_ptr<ExpertBackend>> {
-            MM_ASSIGN_OR_RETURN(std::shared_ptr<ExpertCache> ch, ExpertCache::create(f, c, {}, co));
-            MM_RETURN_IF_ERROR(ch->warm_up());
-            std::fprintf(stderr,
-                         "offload: %s of routed experts; device budget %s (%.0f%%)%s, policy %s, prefetch %s%s\n",
-                         format_bytes(ch->shard_bytes()).c_str(), format_bytes(co.device_bytes).c_str(),
-                         ch->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / ch->shard_bytes() : 0.0,
-                         co.host_bytes ? (", host budget " + format_bytes(co.host_bytes)).c_str() : "",
-                         cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
-                         ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
-                                             : "");
-            ch->reset_counters();
-            cache = ch;
-            return std::unique_ptr<ExpertBackend>(LocalExpertExecutor::create(c, pool, ch));
-        };
+        MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
+                                                           "--device"));
+        if (gpu >= 0) {
+            // Coordinator and experts on one GPU: a CudaExpertCompute cache the CudaBackend calls with
+            // device pointers (coordinator/cuda_backend.cpp moe_device_cache).
+            mo.experts = [co, gpu, &cache_view](const GgufFile& f, const ModelConfig& c,
+                                                ThreadPool&) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+                MM_ASSIGN_OR_RETURN(std::unique_ptr<CudaExpertCompute> cc,
+                                    CudaExpertCompute::create(f, c, {}, gpu, &co));
+                ExpertCache* ch = cc->cache();
+                std::fprintf(stderr,
+                             "offload: %s of routed experts; cuda:%d device budget %s (%.0f%%) in VRAM%s, policy %s, "
+                             "prefetch %s%s\n",
+                             format_bytes(cc->shard_bytes()).c_str(), gpu, format_bytes(co.device_bytes).c_str(),
+                             cc->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / cc->shard_bytes() : 0.0,
+                             co.host_bytes ? (", pinned host budget " + format_bytes(co.host_bytes)).c_str() : "",
+                             cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
+                             ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
+                                                 : "");
+                ch->reset_counters();
+                cache_view = ch;
+                return std::unique_ptr<ExpertBackend>(std::make_unique<CudaExpertBackend>(std::move(cc)));
+            };
+        } else {
+            mo.experts = [co, &cache](const GgufFile& f, const ModelConfig& c,
+                                      ThreadPool& pool) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+                MM_ASSIGN_OR_RETURN(std::shared_ptr<ExpertCache> ch, ExpertCache::create(f, c, {}, co));
+                MM_RETURN_IF_ERROR(ch->warm_up());
+                std::fprintf(stderr,
+                             "offload: %s of routed experts; device budget %s (%.0f%%)%s, policy %s, prefetch %s%s\n",
+                             format_bytes(ch->shard_bytes()).c_str(), format_bytes(co.device_bytes).c_str(),
+                             ch->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / ch->shard_bytes() : 0.0,
+                             co.host_bytes ? (", host budget " + format_bytes(co.host_bytes)).c_str() : "",
+                             cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
+                             ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
+                                                 : "");
+                ch->reset_counters();
+                cache = ch;
+                return std::unique_ptr<ExpertBackend>(LocalExpertExecutor::create(c, pool, ch));
+            };
+        }
     }
     MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
+    if (cache) cache_view = cache.get();
     const ModelConfig& cfg = model->config();
     std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads%s\n",
                  model_path.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
                  seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
 
-    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist, cache.get());
+    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist, cache_view);
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
     std::string line;
     int failed = 0;
     while (std::getline(std::cin, line)) {
         if (line.empty()) continue;
-        Status st = o.json ? generate_one(o, "", line, *model, tok, dist, cache.get())
-                           : generate_one(o, line, "", *model, tok, dist, cache.get());
+        Status st = o.json ? generate_one(o, "", line, *model, tok, dist, cache_view)
+                           : generate_one(o, line, "", *model, tok, dist, cache_view);
         if (!st.ok()) {
             ++failed;
             std::fprintf(stderr, "error: request failed: %s\n", st.message().c_str());
@@ -292,8 +321,10 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
     c->add_option("--device-budget", o->device_budget,
                   "Offload mode: serve the routed experts from a cache of at most this many bytes (e.g. 8GiB; on CPU a "
-                  "bounded RAM pool), reading missing experts from the model file (see docs/cache.md)");
-    c->add_option("--host-budget", o->host_budget, "Offload mode: a host RAM tier of this size below the device tier");
+                  "bounded RAM pool, with --device cuda:N VRAM of that GPU), reading missing experts from the model "
+                  "file (see docs/cache.md, docs/cuda.md)");
+    c->add_option("--host-budget", o->host_budget,
+                  "Offload mode: a host RAM tier of this size below the device tier (pinned with --device cuda:N)");
     c->add_option("--cache-policy", o->cache_policy, "Offload mode: lru, lfu or static (hot set from --profile)")
         ->capture_default_str();
     c->add_option("--prefetch", o->prefetch,
