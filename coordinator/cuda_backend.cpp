@@ -160,7 +160,7 @@ public:
             int layer = -1;
             if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
             return MM_ERROR("%s: tensor '%s' has type %s, which the CUDA backend cannot multiply yet (it has F32, "
-                            "F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K); run it with --device cpu",
+                            "F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); run it with --device cpu",
                             f.path().c_str(), t.name.c_str(), ggml_type_name(t.type));
         }
         return Status();
@@ -326,6 +326,10 @@ public:
         enqueue({18, P(x), P(w), P(state), P(y), T, C, K},
                 [=, this](bool) { cuda::conv1d_silu_causal(x, w, state, y, T, C, K, stream_); });
     }
+    // Prompts of at least this many tokens take the chunked form (a few launches' worth of work per
+    // 64 tokens instead of one sequential step per token); decode and short prompts the recurrence.
+    // Not yet measured on a device: the crossover may be lower.
+    static constexpr int64_t kDeltaChunkedMinTokens = 16;
     void delta_rule(const DeltaNetArgs& a) override {
         cuda::DeltaNetArgs d;
         d.q = a.q, d.k = a.k, d.v = a.v, d.g = a.g, d.beta = a.beta, d.state = a.state, d.out = a.out;
@@ -333,7 +337,12 @@ public:
         d.k_dim = a.k_dim, d.v_dim = a.v_dim, d.scale = a.scale;
         enqueue({19, P(d.q), P(d.k), P(d.v), P(d.g), P(d.beta), P(d.state), P(d.out), d.n_tokens, d.n_k_heads,
                  d.n_v_heads, d.k_dim, d.v_dim, F(d.scale)},
-                [=, this](bool) { cuda::gated_delta_rule_recurrent(d, stream_); });
+                [=, this](bool) {
+                    if (d.n_tokens >= kDeltaChunkedMinTokens)
+                        cuda::gated_delta_rule_chunked(d, 0, stream_);
+                    else
+                        cuda::gated_delta_rule_recurrent(d, stream_);
+                });
     }
 
     // Runs what was recorded: a graph replay, a capture + replay, or op by op; then waits for the
