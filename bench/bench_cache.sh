@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Expert cache benchmark (docs/cache.md): a synthetic qwen3moe model whose routed experts are 4x the
 # device budget, decoded with each cache policy (lru, lfu, static, static + next-layer prefetch) and
-# without a cache; prints decode tokens/s, device-tier hit rate, stall time and bytes read per token.
+# without a cache; prints decode tokens/s, device-tier hit rate, stall time per token against the
+# bandwidth bound (bytes waited for from the file / reference read bandwidth), bytes read per token.
 #
 #   bash bench/bench_cache.sh [--moemesh build/moemesh] [--dir build/bench-models] [--threads N] [--gen 64]
 #                             [--ratio 4]
@@ -43,29 +44,43 @@ P
 PROFILE=$DIR/cache-bench-profile.json
 "$MOEMESH" profile --model "$MODEL" --prompts "$PROMPTS" --out "$PROFILE" -n 32 --threads "$THREADS" 2>/dev/null
 PROMPT="Once upon a time in a land far away there lived a curious engineer who"
+# Reference storage bandwidth, measured outside moemesh as a check on the cache's own probe (the
+# "reference" in its stats line): a sequential read of the model file (in the page cache after the
+# make-model/profile runs above, as during the runs below) in expert-sized blocks.
+DD_BW=$(dd if="$MODEL" of=/dev/null bs=1632k 2>&1 | sed -n 's/.*, \([0-9.,]* [GM]B\/s\)$/\1/p')
 run() {  # name, flags
   local err
   err=$("$MOEMESH" run --model "$MODEL" --prompt "$PROMPT" -n "$GEN" --greedy --ignore-eos --threads "$THREADS" $2 2>&1 >/dev/null)
-  python3 - "$1" "$err" "$GEN" <<'PY'
+  python3 - "$1" "$err" <<'PY'
 import re, sys
-name, err, gen = sys.argv[1], sys.argv[2], int(sys.argv[3])
-dec = re.search(r"decode: (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", err)
-hit = re.search(r"cache: \w+ [^:]*: ([\d.]+)% hits \((\d+)/(\d+)\).*?stall ([\d.]+) s", err)
-sto = re.search(r"storage: (\d+) reads, ([\d.]+) (\w+)", err)
-tps = float(dec.group(3)) if dec else 0.0
+name, err = sys.argv[1], sys.argv[2]
+dec = re.search(r"prompt: (\d+) tokens.*decode: (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", err)
+hit = re.search(r"cache: \w+ [^:]*: ([\d.]+)% hits \((\d+)/(\d+)\).*?stall ([\d.]+) s(?: \(bound ([\d.]+) s at ([\d.]+) GB/s)?", err)
+sto = re.search(r"storage(?: \((\w+)\))?: (\d+) reads, ([\d.]+) (\w+)", err)
+if not dec:
+    print(f"| {name} | failed: {err.strip().splitlines()[-1] if err.strip() else '?'} |")
+    sys.exit(0)
+tokens = int(dec.group(1)) + int(dec.group(2))
+tps = float(dec.group(4))
 if hit:
-    unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[sto.group(3)]
-    mib = float(sto.group(2)) * unit / (1 << 20)
-    print(f"| {name} | {tps:.2f} | {hit.group(1)}% ({hit.group(2)}/{hit.group(3)}) | {float(hit.group(4)):.2f} | {mib:.0f} |")
+    unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[sto.group(4)]
+    mib = float(sto.group(3)) * unit / (1 << 20)
+    stall = float(hit.group(4))
+    bound = float(hit.group(5)) if hit.group(5) else 0.0
+    ratio = f"{stall / bound:.2f}x" if bound > 0 else "-"
+    print(f"| {name} | {tps:.2f} | {hit.group(1)}% ({hit.group(2)}/{hit.group(3)}) | {1e3 * stall / tokens:.1f} | "
+          f"{1e3 * bound / tokens:.1f} | {ratio} | {mib / tokens:.1f} | {hit.group(6) or '-'} |")
 else:
-    print(f"| {name} | {tps:.2f} | - | - | - |")
+    print(f"| {name} | {tps:.2f} | - | - | - | - | - | - |")
 PY
 }
 echo "model: $MODEL, routed experts $((TOTAL >> 20)) MiB, device budget $((BUDGET >> 20)) MiB (1/$RATIO), $THREADS threads, $GEN tokens decoded"
-echo "(hit rate, stall and reads cover the prompt and the decode of one run)"
+echo "sequential read of the model file (dd, 1632 KiB blocks): $DD_BW"
+echo "(per token = over the prompt's and the generated tokens of one run, which the cache stats cover;"
+echo " bound = bytes the requests waited for from the file / the cache's probed reference bandwidth)"
 echo
-echo "| policy | decode tokens/s | device hit rate | stall s | MiB read from the file |"
-echo "|---|---|---|---|---|"
+echo "| policy | decode tokens/s | device hit rate | stall ms/token | bound ms/token | stall/bound | MiB read/token | reference GB/s |"
+echo "|---|---|---|---|---|---|---|---|"
 run "no cache (whole file mapped)" ""
 run "lru" "--device-budget $BUDGET --cache-policy lru"
 run "lfu" "--device-budget $BUDGET --cache-policy lfu"

@@ -233,6 +233,43 @@ TEST(ExpertCache, BatchLoadsFillFreeRoomOrPinAndReachTheReaderAsOneBatch) {
     EXPECT_EQ(h.cache->device().stats().errors, 1u);
 }
 
+TEST(ExpertCache, StallBoundCountsTheBytesRequestsWaitedFor) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    o.storage_bandwidth = 6000;  // bytes/s
+    Fake f = make_cache(1, 8, 1, o);
+    run_trace(*f.cache, kTrace);  // 8 misses of 750 bytes (LruEvictionOrderAndHitRate): 6000 bytes, 1 s
+    auto st = f.cache->tier_stats();
+    EXPECT_EQ(st[0].miss_bytes, 6000u);
+    EXPECT_DOUBLE_EQ(st[0].bound_seconds, 1.0);
+    EXPECT_DOUBLE_EQ(st.back().bandwidth, 6000.0);
+    EXPECT_NE(f.cache->stats_line().find("(bound 1.000 s at 0.00 GB/s: "), std::string::npos) << f.cache->stats_line();
+    // Prefetched (or preloaded) loads are not waited for: no miss bytes, no bound, and a request
+    // that then hits them adds none.
+    Fake g = make_cache(1, 8, 1, o);
+    size_t loaded = 0;
+    ASSERT_TRUE(g.cache->device().load_batch({{0, 1}, {0, 2}}, false, &loaded).ok());
+    run_trace(*g.cache, {1, 2, 1});
+    EXPECT_EQ(g.cache->tier_stats()[0].miss_bytes, 0u);
+    EXPECT_EQ(g.cache->tier_stats()[0].bound_seconds, 0.0);
+    run_trace(*g.cache, {3});
+    EXPECT_DOUBLE_EQ(g.cache->tier_stats()[0].bound_seconds, 750.0 / 6000.0);
+    // With a host tier, the file is read on the host tier's misses: 2 of the 4 device misses
+    // (HostTierBelowTheDevice), so the bound counts 1500 bytes.
+    o.device_bytes = entry_charge();
+    o.host_bytes = 3 * entry_charge();
+    Fake h = make_cache(1, 8, 1, o);
+    run_trace(*h.cache, {0, 1, 0, 1});
+    st = h.cache->tier_stats();
+    EXPECT_EQ(st[0].miss_bytes, 3000u);
+    EXPECT_EQ(st[1].miss_bytes, 1500u);
+    EXPECT_DOUBLE_EQ(st[0].bound_seconds, 0.25);
+    // Without a reference bandwidth there is no bound in the line.
+    Fake n = make_cache(1, 8, 1, CacheOptions());
+    run_trace(*n.cache, {0});
+    EXPECT_EQ(n.cache->stats_line().find("bound"), std::string::npos) << n.cache->stats_line();
+}
+
 TEST(ExpertCache, BudgetSmallerThanOneExpertIsRefused) {
     CacheOptions o;
     o.device_bytes = entry_charge() - 1;

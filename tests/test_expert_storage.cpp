@@ -232,5 +232,47 @@ TEST(ExpertCacheStorage, StatsLineNamesTheReadModeAndBothModesComputeTheSame) {
     }
 }
 
+TEST(ExpertCacheStorage, BandwidthProbeGivesTheStallBound) {
+    Opened m = open_model(model_path());
+    ASSERT_TRUE(m.file);
+    CacheOptions o;
+    o.device_bytes = 1 << 20;
+    o.storage = StorageMode::kPread;
+    auto c = ExpertCache::create(*m.file, m.cfg, {}, o);
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    const double bw = c.value()->storage_bandwidth();
+    EXPECT_GT(bw, 0.0);
+    // The probe's reads are not the cache's.
+    EXPECT_EQ(c.value()->tier_stats().back().fills, 0u);
+    EXPECT_EQ(c.value()->tier_stats().back().bytes_in, 0u);
+    for (int e = 0; e < 5; ++e) {
+        ExpertSlice s;
+        void* t = nullptr;
+        ASSERT_TRUE(c.value()->acquire(2, e, &s, &t).ok());
+        c.value()->release(t);
+    }
+    const uint64_t want = c.value()->device().stats().bytes_in;  // 5 misses, nothing evicted
+    EXPECT_EQ(c.value()->device().stats().misses, 5u);
+    auto st = c.value()->tier_stats();
+    EXPECT_EQ(st[0].miss_bytes, want);
+    EXPECT_EQ(st.back().bytes_in, want);  // every miss went to the file
+    EXPECT_DOUBLE_EQ(st[0].bound_seconds, static_cast<double>(want) / bw);
+    const std::string line = c.value()->stats_line();
+    EXPECT_NE(line.find(" (bound "), std::string::npos) << line;
+    EXPECT_NE(line.find("×)"), std::string::npos) << line;
+    EXPECT_NE(line.find("(reference "), std::string::npos) << line;
+    // No probe: no bound.
+    o.bandwidth_probe_bytes = 0;
+    auto d = ExpertCache::create(*m.file, m.cfg, {}, o);
+    ASSERT_TRUE(d.ok());
+    EXPECT_EQ(d.value()->storage_bandwidth(), 0.0);
+    EXPECT_EQ(d.value()->stats_line().find("bound"), std::string::npos);
+    // Given: used as is.
+    o.storage_bandwidth = 1e9;
+    auto g = ExpertCache::create(*m.file, m.cfg, {}, o);
+    ASSERT_TRUE(g.ok());
+    EXPECT_EQ(g.value()->storage_bandwidth(), 1e9);
+}
+
 }  // namespace
 }  // namespace moemesh

@@ -135,6 +135,7 @@ struct CacheTier::Entry {
     int pins = 0;
     bool forever = false;     // static hot set
     bool in_map = false;      // false: transient, or failed and removed
+    bool demanded = false;    // a request waited for this load (its bytes are in miss_bytes)
     uint64_t last_use = 0;
     std::string error;
 };
@@ -163,7 +164,7 @@ CacheTier::~CacheTier() {
 uint64_t CacheTier::charge_of(int layer) const { return mem_->charge(layouts_[layer].size) + kCacheEntryOverhead; }
 
 void CacheTier::destroy(Entry* e) {
-    mem_->free(e->data, layouts_[e->layer].size);
+    if (e->data) mem_->free(e->data, layouts_[e->layer].size);
     delete e;
 }
 
@@ -192,11 +193,15 @@ CacheTier::Entry* CacheTier::pick_victim() {
     return best;
 }
 
-void CacheTier::evict(Entry* e) {
+void CacheTier::evict(Entry* e, uint8_t** keep, uint64_t keep_size) {
     map_.erase(static_cast<int64_t>(e->layer) * n_expert_ + e->expert);
     st_.used -= e->charge;
     st_.evictions++;
     if (evicted_.size() < 4096) evicted_.push_back({e->layer, e->expert});
+    if (keep && !*keep && e->data && layouts_[e->layer].size == keep_size) {
+        *keep = e->data;  // the new entry reuses it: no unmap, map and page faults per miss
+        e->data = nullptr;
+    }
     destroy(e);
 }
 
@@ -227,7 +232,8 @@ bool CacheTier::resident(int layer, int expert) const {
 }
 
 // A request (neither forever nor prefetch_only) counts one hit or one miss; a miss's whole wait is
-// stall time. forever (static preload) and prefetch_only (background) count neither.
+// stall time, and the bytes of each load a request waited for count once in miss_bytes. forever
+// (static preload) and prefetch_only (background) count neither.
 Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
                                bool* skipped) {
     const bool request = !forever && !prefetch_only;
@@ -268,6 +274,10 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
                 st_.coalesced++;
                 counted = true;
             }
+            if (request && !e->demanded) {  // e.g. a prefetch in flight: now a demand load
+                e->demanded = true;
+                st_.miss_bytes += layouts_[layer].data_bytes();
+            }
             e->pins++;  // keeps a failed entry alive until we have read its error
             cv_.wait(lk, [&] { return e->state != State::kLoading; });
             e->pins--;
@@ -286,11 +296,17 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
         }
         const uint64_t need = charge_of(layer);
         bool transient = false, retry = false;
+        uint8_t* spare = nullptr;  // an evicted victim's buffer of the same size, for this entry
+        auto drop_spare = [&] {
+            if (spare) mem_->free(spare, layouts_[layer].size);
+            spare = nullptr;
+        };
         while (budget_ && st_.used + need > budget_) {
             if (Entry* v = pick_victim()) {
-                evict(v);
+                evict(v, &spare, layouts_[layer].size);
                 continue;
             }
+            drop_spare();
             if (prefetch_only) {
                 *skipped = true;
                 return Status();
@@ -312,6 +328,11 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
         e->layer = layer;
         e->expert = expert;
         e->pins = 1;
+        e->data = spare;
+        if (request) {
+            e->demanded = true;
+            st_.miss_bytes += layouts_[layer].data_bytes();
+        }
         if (!transient) {
             e->charge = need;
             e->in_map = true;
@@ -322,7 +343,7 @@ Status CacheTier::acquire_impl(int layer, int expert, bool forever, bool prefetc
         lk.unlock();
         const auto tf = Clock::now();
         Status st;
-        StatusOr<uint8_t*> mem = mem_->allocate(layouts_[layer].size);
+        StatusOr<uint8_t*> mem = e->data ? StatusOr<uint8_t*>(e->data) : mem_->allocate(layouts_[layer].size);
         if (!mem.ok()) {
             st = mem.status();
         } else {
@@ -384,6 +405,7 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     Status first_error;
     std::vector<std::pair<int, int>> wait_for;  // loading by another requester (forever only)
     std::vector<Entry*> batch;
+    std::vector<std::pair<uint64_t, uint8_t*>> spares;  // evicted buffers (size, data) for the batch's entries
     std::unique_lock<std::mutex> lk(mu_);
     for (auto [layer, expert] : experts) {
         const int64_t key = static_cast<int64_t>(layer) * n_expert_ + expert;
@@ -402,7 +424,10 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
         bool room = true;
         while (budget_ && st_.used + need > budget_) {
             if (Entry* v = pick_victim()) {
-                evict(v);
+                uint8_t* kept = nullptr;
+                const uint64_t size = layouts_[v->layer].size;
+                evict(v, &kept, size);  // destroys v
+                if (kept) spares.push_back({size, kept});
                 continue;
             }
             room = false;
@@ -421,11 +446,19 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
         e->pins = 1;
         e->charge = need;
         e->in_map = true;
+        for (auto& sp : spares)
+            if (sp.second && sp.first == layouts_[layer].size) {
+                e->data = sp.second;
+                sp.second = nullptr;
+                break;
+            }
         map_[key] = e;
         st_.used += need;
         st_.peak_used = std::max(st_.peak_used, st_.used);
         batch.push_back(e);
     }
+    for (auto& sp : spares)
+        if (sp.second) mem_->free(sp.second, sp.first);
     lk.unlock();
     const auto tf = Clock::now();
     std::vector<Status> result(batch.size());
@@ -433,7 +466,7 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     std::vector<size_t> read_of;  // reads[j] fills batch[read_of[j]]
     for (size_t i = 0; i < batch.size(); ++i) {
         Entry* e = batch[i];
-        StatusOr<uint8_t*> mem = mem_->allocate(layouts_[e->layer].size);
+        StatusOr<uint8_t*> mem = e->data ? StatusOr<uint8_t*>(e->data) : mem_->allocate(layouts_[e->layer].size);
         if (!mem.ok()) {
             result[i] = mem.status();
             continue;
@@ -533,6 +566,8 @@ StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create(const GgufFile& f, co
                         create_with_reader(std::move(r), std::move(layouts), std::move(types),
                                            static_cast<int>(c.n_expert), static_cast<int>(c.n_expert_used), shard, o));
     cache->file_ = file;
+    if (cache->bandwidth_ <= 0 && o.bandwidth_probe_bytes)
+        cache->bandwidth_ = cache->probe_storage_bandwidth(o.bandwidth_probe_bytes);
     if (o.prefetch == PrefetchMode::kNextLayer) {
         MM_ASSIGN_OR_RETURN(std::vector<std::vector<float>> routers, load_router_weights(f, c));
         cache->set_routers(std::move(routers), c.n_embd);
@@ -550,6 +585,7 @@ StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create_with_reader(
     c->n_expert_ = n_expert;
     c->n_expert_used_ = n_expert_used;
     c->storage_ = std::move(storage);
+    c->bandwidth_ = o.storage_bandwidth;
     const int L = static_cast<int>(c->layouts_.size());
     if (static_cast<int>(shard.size()) > L)
         return MM_ERROR("cache: the shard names layer %zu, the model has %d layers", shard.size() - 1, L);
@@ -623,6 +659,51 @@ ExpertCache::~ExpertCache() {
     if (pf_thread_.joinable()) pf_thread_.join();
     device_.reset();  // before the host tier it reads from
     host_.reset();
+}
+
+// The reference for the stall bound: the storage→memory bandwidth, measured on the path a miss uses
+// (the same reader and read mode, one expert at a time) with nothing else running: distinct experts
+// of the shard spread over the file (re-reading one would measure a cache), into one buffer that
+// is faulted in beforehand (page faults of new buffers are the cache's overhead, not the storage
+// path's; the cache avoids them by reusing evicted buffers). An error here is left to the requests
+// that meet it: no bound then.
+double ExpertCache::probe_storage_bandwidth(uint64_t max_bytes) {
+    std::vector<std::pair<int, int>> all;
+    uint64_t total = 0;
+    for (int l = 0; l < num_layers(); ++l)
+        for (int e = 0; e < n_expert_; ++e)
+            if (held_[l][e]) {
+                all.push_back({l, e});
+                total += layouts_[l].data_bytes();
+            }
+    if (all.empty()) return 0;
+    const size_t step = std::max<uint64_t>(1, total / max_bytes);
+    uint64_t size = 0;
+    for (const ExpertLayout& lay : layouts_) size = std::max(size, lay.size);
+    std::vector<uint8_t> buf(size, 0);  // zero-filled: every page is in place before the clock starts
+    // Four segments, the best one counts: the bound is what the path can do, and on a shared machine
+    // a segment can lose its core for a while.
+    constexpr int kSegments = 4;
+    uint64_t bytes = 0, seg_bytes = 0;
+    double best = 0;
+    int seg = 1;
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < all.size() && bytes < max_bytes; i += step) {
+        auto [l, e] = all[i];
+        if (!file_->read_expert(l, e, buf.data()).ok()) return 0;
+        bytes += layouts_[l].data_bytes();
+        seg_bytes += layouts_[l].data_bytes();
+        const bool last = i + step >= all.size() || bytes >= max_bytes;
+        if (bytes * kSegments >= max_bytes * seg || last) {
+            const double secs = since(t0);
+            if (secs > 0) best = std::max(best, static_cast<double>(seg_bytes) / secs);
+            seg_bytes = 0;
+            ++seg;
+            t0 = Clock::now();
+        }
+    }
+    file_->reset_counters();  // the probe's reads are not the cache's
+    return best;
 }
 
 Status ExpertCache::warm_up() {
@@ -744,7 +825,11 @@ std::vector<TierStats> ExpertCache::tier_stats() const {
         s.errors = file_->errors();
         s.fill_seconds = file_->read_seconds();
     }
+    s.bandwidth = bandwidth_;
     out.push_back(s);
+    // Bytes that came from the file on demand: the misses of the tier right above the storage.
+    const TierStats& lowest = out[out.size() - 2];
+    if (bandwidth_ > 0) out.front().bound_seconds = static_cast<double>(lowest.miss_bytes) / bandwidth_;
     return out;
 }
 
@@ -759,6 +844,7 @@ std::string ExpertCache::stats_line() const {
                               static_cast<unsigned long long>(t.fills), format_bytes(t.bytes_in).c_str());
             if (t.fill_seconds > 0)
                 out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
+            if (t.bandwidth > 0) out += str_printf(" (reference %.2f GB/s)", t.bandwidth * 1e-9);
             if (t.errors) out += str_printf(", %llu errors", static_cast<unsigned long long>(t.errors));
             continue;
         }
@@ -768,9 +854,13 @@ std::string ExpertCache::stats_line() const {
                           100.0 * t.hit_rate(), static_cast<unsigned long long>(t.hits),
                           static_cast<unsigned long long>(t.hits + t.misses), format_bytes(t.bytes_in).c_str());
         if (t.fill_seconds > 0) out += str_printf(" at %.2f GB/s", static_cast<double>(t.bytes_in) / t.fill_seconds * 1e-9);
-        out += str_printf(", stall %.3f s, %llu evictions, used %s (peak %s)", t.stall_seconds,
-                          static_cast<unsigned long long>(t.evictions), format_bytes(t.used).c_str(),
-                          format_bytes(t.peak_used).c_str());
+        out += str_printf(", stall %.3f s", t.stall_seconds);
+        if (&t == &all.front() && bandwidth_ > 0) {
+            out += str_printf(" (bound %.3f s at %.2f GB/s", t.bound_seconds, bandwidth_ * 1e-9);
+            out += t.bound_seconds > 0 ? str_printf(": %.2f×)", t.stall_seconds / t.bound_seconds) : std::string(")");
+        }
+        out += str_printf(", %llu evictions, used %s (peak %s)", static_cast<unsigned long long>(t.evictions),
+                          format_bytes(t.used).c_str(), format_bytes(t.peak_used).c_str());
         if (&t == &all.front() && opts_.policy == CachePolicy::kStatic)
             out += str_printf(", hot set %llu experts", static_cast<unsigned long long>(t.preloaded));
         if (&t == &all.front() && opts_.prefetch == PrefetchMode::kNextLayer)

@@ -86,6 +86,11 @@ struct CacheOptions {
     std::string profile_path;   // for `static`: the profile file
     ExpertProfile profile;      // for `static` (loaded from profile_path when counts are empty)
     StorageMode storage = StorageMode::kAuto;  // how the file is read (parse_storage_mode)
+    // Reference storage→memory bandwidth for the stall bound (bytes/s). 0: measured at creation by
+    // reading up to bandwidth_probe_bytes of distinct experts as misses read them (0 bytes: no
+    // probe, no bound). See docs/cache.md.
+    double storage_bandwidth = 0;
+    uint64_t bandwidth_probe_bytes = 64ull << 20;
     // Where the tiers' bytes live (null: HostTierMemory). `compute_memory` is the memory of the tier
     // compute reads (the device tier, or the lone host tier); `host_memory` that of a host tier below
     // it. A CUDA worker passes VRAM and pinned host memory here.
@@ -133,9 +138,14 @@ struct TierStats {
     uint64_t hits = 0, misses = 0; // requests (acquire, or reads by the tier above)
     uint64_t coalesced = 0;        // misses that waited for another requester's load (single-flight)
     uint64_t fills = 0, bytes_in = 0;  // loads from below, and their bytes
+    uint64_t miss_bytes = 0;       // bytes of the loads requests waited for (each load once; not prefetch/preload)
     uint64_t evictions = 0, transient = 0, errors = 0, preloaded = 0;
     double fill_seconds = 0;       // time spent reading from below (bytes/s = bytes_in / fill_seconds)
     double stall_seconds = 0;      // time requesters waited on misses (loads, room)
+    // The tier compute reads: the stall the storage reads requests waited for would take at the
+    // storage bandwidth (bytes that came from the file on demand / bandwidth); 0: no bandwidth known.
+    // The storage row: bandwidth = the reference read bandwidth (bytes/s; see CacheOptions).
+    double bound_seconds = 0, bandwidth = 0;
     double hit_rate() const { return hits + misses ? static_cast<double>(hits) / static_cast<double>(hits + misses) : 0; }
 };
 
@@ -177,7 +187,9 @@ private:
     uint64_t charge_of(int layer) const;
     Entry* pick_victim();
     bool settle(Entry* e, const Status& st);  // a finished load, under the lock; false: it failed
-    void evict(Entry* e);
+    // keep: receives the victim's buffer instead of freeing it when it is keep_size bytes (reused by
+    // the entry that needed the room; the victim's charge is released all the same).
+    void evict(Entry* e, uint8_t** keep = nullptr, uint64_t keep_size = 0);
     void destroy(Entry* e);
     int held_by_this_thread() const;
     Status acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
@@ -224,6 +236,7 @@ public:
     // progress and the coordinator sees it as shard loading.
     Status warm_up();
     uint64_t hot_set_bytes() const { return hot_bytes_; }
+    double storage_bandwidth() const { return bandwidth_; }  // bytes/s; 0: unknown
 
     int num_layers() const override { return static_cast<int>(layouts_.size()); }
     ExpertTypes types(int layer) const override { return types_[layer]; }
@@ -243,13 +256,15 @@ public:
     CacheTier& device() { return *device_; }  // the tier compute reads (named "host" when it is the only one)
     CacheTier* host() { return host_.get(); }
     std::vector<TierStats> tier_stats() const;  // device, [host], storage
-    // "device 6.00 GiB lru: 84.1% hits (1234/1467), 1.2 GiB in at 2.1 GB/s, stall 0.812 s | host ... | file ..."
+    // "cache: device 6.00 GiB lru: 84.1% hits (1234/1467), 1.2 GiB in at 2.1 GB/s, stall 0.812 s (bound 0.620 s at
+    //  2.10 GB/s: 1.31×), ... | host ... | storage (io_uring): 233 reads, 1.2 GiB at 2.0 GB/s (reference 2.10 GB/s)"
     std::string stats_line() const;
     void reset_counters();
 
 private:
     ExpertCache() = default;
     void prefetch_loop();
+    double probe_storage_bandwidth(uint64_t max_bytes);
 
     CacheOptions opts_;
     std::vector<ExpertLayout> layouts_;
@@ -257,6 +272,7 @@ private:
     int n_expert_ = 0, n_expert_used_ = 0;
     std::vector<std::vector<uint8_t>> held_;  // [layer][expert]: in the shard
     uint64_t shard_bytes_ = 0, hot_bytes_ = 0;
+    double bandwidth_ = 0;
     std::unique_ptr<ExpertReader> storage_;
     FileExpertReader* file_ = nullptr;  // = storage_ when it is the file
     std::unique_ptr<CacheTier> host_, device_;
