@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -231,6 +233,86 @@ TEST_F(MakeModelTest, DeterministicInSeed) {
     EXPECT_NE(read_file(path("det1.gguf")), read_file(path("det3.gguf")));
 }
 
+// Share of top-k routing hits that go to the E/4 most hit experts, over random inputs, per layer
+// summed; and the routers' rows.
+double top_quarter_share(const GgufFile& f, int layers, int k) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    uint64_t top = 0, all = 0;
+    for (int l = 0; l < layers; ++l) {
+        const GgufTensor* t = f.tensor("blk." + std::to_string(l) + ".ffn_gate_inp.weight");
+        EXPECT_NE(t, nullptr);
+        if (!t) return 0;
+        const int64_t H = t->ne[0], E = t->ne[1];
+        const float* w = reinterpret_cast<const float*>(t->data);
+        std::vector<uint64_t> hits(static_cast<size_t>(E), 0);
+        std::vector<float> x(static_cast<size_t>(H)), logit(static_cast<size_t>(E));
+        std::vector<int> idx(static_cast<size_t>(E));
+        for (int n = 0; n < 2000; ++n) {
+            for (auto& v : x) v = nd(rng);
+            for (int64_t e = 0; e < E; ++e) {
+                float s = 0;
+                for (int64_t h = 0; h < H; ++h) s += w[e * H + h] * x[static_cast<size_t>(h)];
+                logit[static_cast<size_t>(e)] = s;
+            }
+            std::iota(idx.begin(), idx.end(), 0);
+            std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) { return logit[a] > logit[b]; });
+            for (int j = 0; j < k; ++j) hits[static_cast<size_t>(idx[static_cast<size_t>(j)])]++;
+        }
+        std::sort(hits.rbegin(), hits.rend());
+        for (int64_t e = 0; e < E; ++e) (e < E / 4 ? top : all) += hits[static_cast<size_t>(e)];
+    }
+    all += top;
+    return all ? static_cast<double>(top) / static_cast<double>(all) : 0;
+}
+
+TEST_F(MakeModelTest, RouterSkewMakesStablePopularExpertsAndZeroChangesNothing) {
+    auto o = shape_b(path("skew_none.gguf"), "q8_0");
+    o.experts = 32;
+    o.top_k = 4;
+    ASSERT_TRUE(make(o).ok());
+    o.out = path("skew_0.gguf");
+    o.router_skew = 0;
+    ASSERT_TRUE(make(o).ok());
+    EXPECT_EQ(read_file(path("skew_none.gguf")), read_file(path("skew_0.gguf")));  // S = 0: byte for byte
+    o.out = path("skew_4.gguf");
+    o.router_skew = 4;
+    ASSERT_TRUE(make(o).ok());
+    auto base = GgufFile::open(path("skew_none.gguf"));
+    auto skew = GgufFile::open(path("skew_4.gguf"));
+    ASSERT_TRUE(base.ok() && skew.ok());
+    // Only the routers change, each row by one factor; the factors are 1 + 4/(rank+1), ranks shuffled.
+    for (const GgufTensor& t : base.value()->tensors()) {
+        const GgufTensor* u = skew.value()->tensor(t.name);
+        ASSERT_NE(u, nullptr) << t.name;
+        const size_t bytes = t.nbytes;
+        if (t.name.find("ffn_gate_inp") == std::string::npos) {
+            EXPECT_EQ(std::memcmp(t.data, u->data, bytes), 0) << t.name;
+            continue;
+        }
+        const int64_t H = t.ne[0], E = t.ne[1];
+        const float* a = reinterpret_cast<const float*>(t.data);
+        const float* b = reinterpret_cast<const float*>(u->data);
+        std::vector<double> factors;
+        for (int64_t e = 0; e < E; ++e) {
+            const double f = static_cast<double>(b[e * H]) / a[e * H];
+            for (int64_t h = 1; h < H; ++h) EXPECT_NEAR(b[e * H + h], f * a[e * H + h], 1e-5 * std::fabs(b[e * H + h]) + 1e-12);
+            factors.push_back(f);
+        }
+        std::vector<double> sorted = factors;
+        std::sort(sorted.rbegin(), sorted.rend());
+        for (int64_t r = 0; r < E; ++r) EXPECT_NEAR(sorted[static_cast<size_t>(r)], 1.0 + 4.0 / (r + 1), 1e-4) << t.name;
+        EXPECT_NE(factors, sorted) << t.name << ": the ranks are shuffled";
+    }
+    // Popularity: the most hit quarter of the experts takes a clearly larger share of top-k hits.
+    const double flat = top_quarter_share(*base.value(), o.layers, o.top_k);
+    const double skewed = top_quarter_share(*skew.value(), o.layers, o.top_k);
+    std::printf("top-quarter share of top-%d hits: %.3f without skew, %.3f with --router-skew 4\n", o.top_k, flat, skewed);
+    EXPECT_LT(flat, 0.34);  // 0.25 for a uniform router, plus sampling spread (measured 0.29)
+    EXPECT_GT(skewed, 0.40);  // measured 0.44
+    EXPECT_GT(skewed, flat + 0.10);
+}
+
 TEST_F(MakeModelTest, RejectsBadOptions) {
     auto bad = [&](auto edit, const char* needle) {
         auto o = shape_a(path("bad.gguf"), "f32");
@@ -246,6 +328,7 @@ TEST_F(MakeModelTest, RejectsBadOptions) {
     bad([](MakeModelOptions& o) { o.out = ""; }, "--out");
     bad([](MakeModelOptions& o) { o.head_dim = 33; }, "--head-dim");
     bad([](MakeModelOptions& o) { o.vocab = 100; }, "vocab");  // builtin tokenizer needs >= 259
+    bad([](MakeModelOptions& o) { o.router_skew = -1; }, "--router-skew");
 }
 
 TEST_F(MakeModelTest, CommandLine) {

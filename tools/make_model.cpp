@@ -134,6 +134,7 @@ struct TensorPlan {
     // layout writes from the same seed (the converter's de-interleave is a permutation of rows).
     std::string seed_name;
     std::vector<int64_t> row_map;
+    std::vector<float> row_scale;  // row r's values times row_scale[r] (empty: none; --router-skew)
 };
 
 bool writable_type(GgmlType t) {
@@ -293,6 +294,8 @@ Status validate(const MakeModelOptions& o) {
     if (o.top_k > o.experts) return MM_ERROR("make-model: --top-k %d exceeds --experts %d", o.top_k, o.experts);
     if (!(o.rope_theta > 0)) return MM_ERROR("make-model: --rope-theta must be positive");
     if (!(o.rms_eps > 0)) return MM_ERROR("make-model: --rms-eps must be positive");
+    if (!(o.router_skew >= 0) || !std::isfinite(o.router_skew))
+        return MM_ERROR("make-model: --router-skew must be a finite number >= 0 (0: no skew), got %g", o.router_skew);
     auto t = parse_type("--type", o.type);
     if (!t.ok()) return t.status();
     if (a == Arch::kQwen3Next) MM_RETURN_IF_ERROR(validate_qwen3next(o));
@@ -327,6 +330,8 @@ void fill_rows(const TensorPlan& t, uint64_t tensor_seed, int64_t r0, int64_t r1
                 }
             }
         }
+        if (!t.row_scale.empty())
+            for (int64_t i = 0; i < n; ++i) row[i] *= t.row_scale[static_cast<size_t>(r)];
         uint8_t* out = dst + static_cast<size_t>(r) * row_bytes;
         switch (t.type) {
             case GgmlType::F32:
@@ -374,6 +379,23 @@ std::vector<uint8_t> generate(const TensorPlan& t, uint64_t seed, int n_threads)
 
 float fan_in(int64_t n) { return 1.0f / std::sqrt(static_cast<float>(n)); }
 
+// --router-skew S: real MoE routers have stable popular experts, random ones do not. Row e of a
+// layer's router (expert e's logit weights) is scaled by 1 + S / (rank(e) + 1), ranks a random
+// permutation per layer: a Zipf-like law of logit spread, and a token's top-k favours the experts
+// with the widest spread. S = 0 leaves the router as it was (byte for byte).
+std::vector<float> router_skew_scales(const MakeModelOptions& o, int layer) {
+    const int E = o.experts;
+    std::vector<int> rank(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) rank[static_cast<size_t>(e)] = e;
+    Rng rng(splitmix64(o.seed ^ fnv1a(tensor_name(Tensor::kFfnGateInp, layer) + "/router-skew")));
+    for (int i = E - 1; i > 0; --i)  // Fisher-Yates
+        std::swap(rank[static_cast<size_t>(i)], rank[static_cast<size_t>(rng.uniform() * (i + 1))]);
+    std::vector<float> scale(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e)
+        scale[static_cast<size_t>(e)] = static_cast<float>(1.0 + o.router_skew / (rank[static_cast<size_t>(e)] + 1));
+    return scale;
+}
+
 // Makes the plan of one tensor with the converter's and llama-quantize's choice of type.
 struct Planner {
     std::ostream& log;
@@ -382,16 +404,16 @@ struct Planner {
 
     TensorPlan matrix(Tensor t, int layer, std::vector<int64_t> ne, GgmlType type, float scale) const {
         const std::string n = tensor_name(t, layer);
-        return TensorPlan{n, ne, fallback_type(type, ne[0], n, log), Init::kNormal, scale, {}, {}};
+        return TensorPlan{n, ne, fallback_type(type, ne[0], n, log), Init::kNormal, scale, {}, {}, {}};
     }
     TensorPlan norm(Tensor t, int layer, int64_t n) const {
         const std::string nm = tensor_name(t, layer);
-        return TensorPlan{nm, {n}, fallback_type(norm_type, n, nm, log), Init::kNearOne, 1.0f, {}, {}};
+        return TensorPlan{nm, {n}, fallback_type(norm_type, n, nm, log), Init::kNearOne, 1.0f, {}, {}, {}};
     }
     // A 1-D tensor that is no norm weight: always F32 (the converter writes every 1-D tensor as F32
     // and llama-quantize quantizes only tensors of 2 or more dimensions).
     TensorPlan vector(Tensor t, int layer, const char* suffix, int64_t n, Init init, float scale) const {
-        return TensorPlan{tensor_name(t, layer, suffix), {n}, GgmlType::F32, init, scale, {}, {}};
+        return TensorPlan{tensor_name(t, layer, suffix), {n}, GgmlType::F32, init, scale, {}, {}, {}};
     }
 };
 
@@ -572,6 +594,12 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
     tail.push_back(p.norm(Tensor::kOutputNorm, -1, H));
     if (!o.tied_embeddings) tail.push_back(p.matrix(Tensor::kOutput, -1, {H, V}, embed_type, 2.0f * inv_sqrt_h));
     groups.push_back(std::move(tail));
+    if (o.router_skew > 0) {
+        for (int l = 0; l < o.layers; ++l)
+            for (TensorPlan& t : groups[static_cast<size_t>(l) + 1])
+                if (t.name == tensor_name(Tensor::kFfnGateInp, l)) t.row_scale = router_skew_scales(o, l);
+        log << "make-model: router rows scaled by 1 + " << o.router_skew << " / (rank + 1), ranks shuffled per layer\n";
+    }
     if (arch == Arch::kQwen3Next) {
         std::string full;
         for (int l = 0; l < o.layers; ++l)
@@ -632,6 +660,9 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--norm-type", opts->norm_type, "Type of norm weights (default f32, as llama.cpp)");
     cmd->add_option("--embed-type", opts->embed_type, "Type of token_embd and output (default: --type)");
     cmd->add_option("--seed", opts->seed, "Random seed")->capture_default_str();
+    cmd->add_option("--router-skew", opts->router_skew,
+                    "Popular experts: scale router row e by 1 + S/(rank+1), ranks shuffled per layer (0: none)")
+        ->capture_default_str();
     cmd->add_option("--tokenizer", opts->tokenizer_dir, "Hugging Face tokenizer directory (default: builtin byte BPE)");
     cmd->add_option("--rope-theta", opts->rope_theta, "RoPE base")->capture_default_str();
     cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();

@@ -30,6 +30,7 @@ struct MakeModelOptions {
     int context = 4096;
     std::string type = "f32";  // f32 f16 bf16 q8_0 q4_0 q4_k q6_k
     uint64_t seed = 42;
+    double router_skew = 0;  // --router-skew S: Zipf-like expert popularity (see make_model.cpp); 0: none
     std::string tokenizer_dir;  // Hugging Face directory with tokenizer.json; empty: builtin byte-level BPE
     double rope_theta = 1e6;
     double rms_eps = 1e-6;
