@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "worker/expert_cache.h"
@@ -96,6 +97,10 @@ public:
     uint64_t charge(uint64_t bytes) const override { return ArenaAllocator::round(bytes); }
     StatusOr<uint8_t*> allocate(uint64_t bytes) override;
     void free(uint8_t* p, uint64_t bytes) override;
+    // Host memory: the whole batch goes to the reader below (io_uring submits it together).
+    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) override {
+        below.read_experts(reads, out);
+    }
     TierMemoryStats stats() const;
 
 private:
