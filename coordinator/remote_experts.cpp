@@ -13,10 +13,17 @@
 #include <thread>
 
 #include "common/half.h"
+#include "coordinator/data_plane.h"
 #include "proto/moemesh.grpc.pb.h"
 #include "worker/expert_cache.h"
 #include "worker/expert_compute.h"
 #include "worker/expert_executor.h"
+
+#ifdef MOEMESH_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_ops.h"
+#endif
 
 namespace moemesh {
 
@@ -90,10 +97,29 @@ private:
 // ---- gRPC over a Unix socket or TCP: one long-lived Experts stream, results read by a thread ----
 class GrpcLink final : public WorkerLink {
 public:
+    // plane: the out-of-band data plane to negotiate (kUnix/kTcp: none); required: the YAML named
+    // it (a refusal fails connect()), else `auto` chose it (a refusal falls back to the messages).
     GrpcLink(const WorkerConfig& w, const WorkerShard& shard, std::string fingerprint, ActivationFormat act,
-             std::optional<pb::CacheConfig> cache)
+             std::optional<pb::CacheConfig> cache, Transport plane, bool required, int64_t plane_rows,
+             int coordinator_device, int64_t hidden)
         : name_(w.name), address_(w.address ? w.address->str() : ""), tls_(w.tls), shard_(shard_proto(shard)),
-          fingerprint_(std::move(fingerprint)), bf16_(act == ActivationFormat::kBf16), cache_(std::move(cache)) {}
+          fingerprint_(std::move(fingerprint)), bf16_(act == ActivationFormat::kBf16), cache_(std::move(cache)),
+          plane_kind_(plane), plane_required_(required), plane_rows_(plane_rows),
+          coordinator_device_(coordinator_device),
+          worker_device_(w.device.kind == Device::Kind::kCuda ? w.device.index : -1), hidden_(hidden) {}
+
+    std::string data_plane() const override {
+        std::lock_guard<std::mutex> lk(mu_);
+        return plane_ ? plane_->kind() : "";
+    }
+    int64_t data_plane_rows() const override {
+        std::lock_guard<std::mutex> lk(mu_);
+        return plane_ ? plane_->max_rows() : 0;
+    }
+    bool takes_device_pointers() const override {
+        std::lock_guard<std::mutex> lk(mu_);
+        return plane_ && plane_->takes_device_pointers() && stream_ && !broken_;
+    }
 
     std::string cache_stats() override {
         std::shared_ptr<grpc::Channel> ch;
@@ -112,7 +138,11 @@ public:
     }
     ~GrpcLink() override { disconnect(); }
 
-    std::string describe() const override { return "worker '" + name_ + "' (" + address_ + ")"; }
+    std::string describe() const override {
+        const bool oob = plane_kind_ == Transport::kShm || plane_kind_ == Transport::kCudaIpc ||
+                         plane_kind_ == Transport::kNccl;
+        return "worker '" + name_ + "' (" + address_ + (oob ? std::string(", ") + transport_name(plane_kind_) : "") + ")";
+    }
     void set_connect_wait(std::chrono::milliseconds w) override { connect_wait_ = w; }
     bool connected() const override {
         std::lock_guard<std::mutex> lk(mu_);
@@ -149,6 +179,20 @@ public:
         for (const auto& ls : shard_) *req.add_shard() = ls;
         req.set_activation_dtype(bf16_ ? pb::DTYPE_BF16 : pb::DTYPE_F32);
         if (cache_) *req.mutable_cache() = *cache_;
+        // The out-of-band data plane: buffers made now, offered in the handshake.
+        std::unique_ptr<LinkDataPlane> plane;
+        if (plane_kind_ == Transport::kShm || plane_kind_ == Transport::kCudaIpc || plane_kind_ == Transport::kNccl) {
+            StatusOr<std::unique_ptr<LinkDataPlane>> made = LinkDataPlane::create(
+                plane_kind_, plane_rows_, hidden_, coordinator_device_, worker_device_, name_);
+            if (made.ok()) {
+                plane = std::move(made).value();
+                *req.mutable_data_plane() = plane->offer();
+            } else if (plane_required_) {
+                return MM_ERROR("%s: %s", describe().c_str(), made.status().message().c_str());
+            } else {
+                note_fallback(made.status().message());
+            }
+        }
         pb::HandshakeResponse resp;
         {
             grpc::ClientContext ctx;
@@ -159,6 +203,20 @@ public:
                                 describe().c_str(), grpc_code_name(st.error_code()), st.error_message().c_str());
         }
         if (!resp.accepted()) return MM_ERROR("%s refused the handshake: %s", describe().c_str(), resp.reason().c_str());
+        if (plane) {
+            std::string why;
+            if (!resp.has_data_plane())
+                why = "the worker did not answer the data-plane offer (a worker without out-of-band transports?)";
+            else if (!resp.data_plane().accepted())
+                why = "the worker refused the " + std::string(plane->kind()) + " data plane: " + resp.data_plane().reason();
+            else if (Status st = plane->joined(std::min(deadline, Clock::now() + std::chrono::seconds(30))); !st.ok())
+                why = st.message();
+            if (!why.empty()) {
+                if (plane_required_) return MM_ERROR("%s: %s", describe().c_str(), why.c_str());
+                note_fallback(why);
+                plane.reset();
+            }
+        }
         // Wait for the shard to load, reporting progress.
         for (;;) {
             pb::HealthResponse h;
@@ -186,6 +244,7 @@ public:
             broken_ = false;
             broken_reason_.clear();
             results_.clear();
+            plane_ = std::move(plane);
         }
         reader_ = std::thread([this] { read_loop(); });
         return Status();
@@ -204,6 +263,9 @@ public:
         ctx_.reset();
         stub_.reset();
         channel_.reset();
+        plane_.reset();  // nccl: aborts the pair's communicator; shm: unmaps
+        pending_.clear();
+        expected_rows_.clear();
     }
 
     Status send(const ExpertBatch& b) override {
@@ -213,7 +275,20 @@ public:
         call.set_layer(static_cast<uint32_t>(b.layer));
         call.set_n_rows(static_cast<uint32_t>(b.n_rows));
         call.set_hidden(static_cast<uint32_t>(b.hidden));
-        if (bf16_) {
+        LinkDataPlane* plane;
+        {
+            std::lock_guard<std::mutex> l2(mu_);
+            plane = plane_.get();
+        }
+        const bool oob = plane && b.n_rows <= plane->max_rows() && (b.device_x == nullptr || plane->takes_device_pointers());
+        if (b.device_x && !oob)
+            return MM_ERROR("%s: device rows without a device data plane (%lld rows)", describe().c_str(),
+                            static_cast<long long>(b.n_rows));
+        if (oob) {
+            // The rows go into the plane first: the call is the worker's signal that they are there.
+            call.set_dtype(pb::DTYPE_F32);
+            call.set_out_of_band(true);
+        } else if (bf16_) {
             call.set_dtype(pb::DTYPE_BF16);
             std::string a(b.x.size() * 2, '\0');
             auto* p = reinterpret_cast<uint16_t*>(a.data());
@@ -231,11 +306,19 @@ public:
             std::lock_guard<std::mutex> l2(mu_);
             if (!stream_ || broken_) return MM_ERROR("%s is not connected: %s", describe().c_str(), broken_reason_.c_str());
         }
+        if (oob) {
+            Status st = plane->put(b.device_x ? b.device_x : b.x.data(), b.n_rows, b.device_x != nullptr);
+            if (!st.ok()) {
+                mark_broken(st.message());
+                return MM_ERROR("%s: %s", describe().c_str(), st.message().c_str());
+            }
+        }
         if (!stream_->Write(call)) {
             mark_broken("the stream closed while sending");
             return MM_ERROR("%s: send failed (stream closed)", describe().c_str());
         }
         expected_rows_[b.request_id] = b.n_rows * b.hidden;
+        pending_[b.request_id] = Pending{oob, b.n_rows, b.device_partial};
         return Status();
     }
 
@@ -255,9 +338,30 @@ public:
         pb::ExpertResult r = std::move(results_[id]);
         results_.erase(id);
         lk.unlock();
+        const Pending pend = pending_[id];
+        pending_.erase(id);
         if (!r.error().empty()) return MM_ERROR("%s: %s", describe().c_str(), r.error().c_str());
         const int64_t n = expected_rows_[id];
         expected_rows_.erase(id);
+        if (r.out_of_band() != pend.oob)
+            return MM_ERROR("%s: the result is %s but the call was %s", describe().c_str(),
+                            r.out_of_band() ? "out of band" : "in the message", pend.oob ? "out of band" : "in the message");
+        if (pend.oob) {
+            LinkDataPlane* plane;
+            {
+                std::lock_guard<std::mutex> l2(mu_);
+                plane = plane_.get();
+            }
+            if (!plane) return MM_ERROR("%s: the data plane is gone", describe().c_str());
+            if (!pend.device_partial) partial->resize(static_cast<size_t>(n));
+            Status st = plane->get(pend.device_partial ? pend.device_partial : partial->data(), pend.n_rows,
+                                   pend.device_partial != nullptr, deadline);
+            if (!st.ok()) {
+                mark_broken(st.message());
+                return MM_ERROR("%s: %s", describe().c_str(), st.message().c_str());
+            }
+            return Status();
+        }
         const size_t esize = r.dtype() == pb::DTYPE_BF16 ? 2 : 4;
         if (r.partial().size() != static_cast<size_t>(n) * esize)
             return MM_ERROR("%s: result has %zu bytes, expected %lld", describe().c_str(), r.partial().size(),
@@ -337,6 +441,27 @@ private:
     std::string broken_reason_ = "not connected yet";
     std::map<uint64_t, pb::ExpertResult> results_;
     std::map<uint64_t, int64_t> expected_rows_;
+
+    void note_fallback(const std::string& why) {
+        // Said once per link and reason, not on every reconnect.
+        if (why == fallback_said_) return;
+        fallback_said_ = why;
+        std::fprintf(stderr, "coordinator: %s: transport auto: %s; activations go in the gRPC messages instead\n",
+                     describe().c_str(), why.c_str());
+    }
+    struct Pending {
+        bool oob = false;
+        int64_t n_rows = 0;
+        float* device_partial = nullptr;
+    };
+    Transport plane_kind_;
+    bool plane_required_;
+    int64_t plane_rows_;
+    int coordinator_device_, worker_device_;
+    int64_t hidden_;
+    std::string fallback_said_;
+    std::unique_ptr<LinkDataPlane> plane_;  // guarded by mu_; used by one caller at a time
+    std::map<uint64_t, Pending> pending_;
 };
 
 }  // namespace
@@ -398,11 +523,19 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
             }
             b->links_.push_back(
                 std::make_unique<InprocLink>(wc.name, std::make_unique<ExpertCompute>(cfg, pool, std::move(tables))));
-        } else if (wc.transport == Transport::kNccl || wc.transport == Transport::kCudaIpc) {
-            return MM_ERROR("%s: worker '%s': transport %s needs the CUDA build (not available yet)",
-                            cluster.where(wc.loc).c_str(), wc.name.c_str(), transport_name(wc.transport));
         } else {
-            b->links_.push_back(std::make_unique<GrpcLink>(wc, map.workers[w], fp, cluster.activations, cache));
+            // The data plane: as configured (refused here when this build lacks it), or what
+            // `auto` picks by locality (falling back to the messages when it cannot be had).
+            const Transport t = resolve_transport(cluster, wc);
+            const bool required = wc.transport != Transport::kAuto;
+            if (required && is_out_of_band(t)) {
+                if (std::string why = LinkDataPlane::unavailable(t); !why.empty())
+                    return MM_ERROR("%sworker '%s': %s", cluster.where(wc.transport_loc).c_str(), wc.name.c_str(),
+                                    why.c_str());
+            }
+            const int cdev = cluster.coordinator.device.kind == Device::Kind::kCuda ? cluster.coordinator.device.index : -1;
+            b->links_.push_back(std::make_unique<GrpcLink>(wc, map.workers[w], fp, cluster.activations, cache, t, required,
+                                                           cluster.coordinator.data_plane_rows, cdev, cfg.n_embd));
         }
     }
     b->stats_.resize(b->links_.size());
@@ -441,6 +574,10 @@ DistributedExpertBackend::~DistributedExpertBackend() {
     }
     reconnect_cv_.notify_all();
     if (reconnector_.joinable()) reconnector_.join();
+#ifdef MOEMESH_HAVE_CUDA
+    for (float* p : device_partials_)
+        if (p) cudaFree(p);
+#endif
 }
 
 bool DistributedExpertBackend::try_reconnect(int w, bool wait_for_lock) {
@@ -488,8 +625,144 @@ bool DistributedExpertBackend::usable(int w) {
     return false;
 }
 
+int64_t DistributedExpertBackend::chunk_rows() const {
+    for (const WorkerConfig& wc : cluster_.workers)
+        if (is_out_of_band(resolve_transport(cluster_, wc))) return cluster_.coordinator.data_plane_rows;
+    return 0;  // no limit
+}
+
+// Rows are independent, so a batch larger than the data planes' buffers goes in groups of rows.
 Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                                              const float* weights, float* out) {
+    const int64_t H = cfg_.n_embd;
+    const int64_t chunk = chunk_rows();
+    if (chunk <= 0 || n_rows <= chunk) return forward_rows(layer, x, n_rows, k, ids, weights, out);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
+        const int64_t n = std::min(chunk, n_rows - r0);
+        MM_RETURN_IF_ERROR(forward_rows(layer, x + r0 * H, n, k, ids + r0 * k, weights + r0 * k, out + r0 * H));
+    }
+    return Status();
+}
+
+bool DistributedExpertBackend::takes_device_pointers() const {
+#ifdef MOEMESH_HAVE_CUDA
+    if (links_.empty()) return false;
+    for (const auto& l : links_)
+        if (!l->takes_device_pointers()) return false;
+    return true;
+#else
+    return false;
+#endif
+}
+
+Status DistributedExpertBackend::moe_forward_device(int layer, const float* d_x, int64_t n_rows, int64_t k,
+                                                    const int32_t* ids, const float* weights, float* d_out,
+                                                    void* stream) {
+#ifdef MOEMESH_HAVE_CUDA
+    const int64_t H = cfg_.n_embd;
+    const int64_t chunk = std::max<int64_t>(1, cluster_.coordinator.data_plane_rows);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
+        const int64_t n = std::min(chunk, n_rows - r0);
+        MM_RETURN_IF_ERROR(
+            forward_rows_device(layer, d_x + r0 * H, n, k, ids + r0 * k, weights + r0 * k, d_out + r0 * H, stream));
+    }
+    return Status();
+#else
+    return Status::error("moe_forward_device: this build has no CUDA");
+#endif
+}
+
+// Device path: route → group by owner (rows sent whole: every batch is the group's n_rows rows
+// and its pairs name them directly) → dispatch over cuda-ipc / nccl → combine on the device
+// (out = Σ_workers partial_w). Anything unusual (a down worker, a failed call) recomputes the
+// group through host staging, whose path reroutes to replicas and reconnects.
+Status DistributedExpertBackend::forward_rows_device(int layer, const float* d_x, int64_t n_rows, int64_t k,
+                                                     const int32_t* ids, const float* weights, float* d_out,
+                                                     void* stream) {
+#ifdef MOEMESH_HAVE_CUDA
+    const int64_t H = cfg_.n_embd;
+    const int W = static_cast<int>(links_.size());
+    auto s = static_cast<cudaStream_t>(stream);
+    auto staged = [&]() -> Status {
+        staged_x_.resize(static_cast<size_t>(n_rows * H));
+        staged_out_.resize(static_cast<size_t>(n_rows * H));
+        CUDA_CHECK(cudaMemcpyAsync(staged_x_.data(), d_x, sizeof(float) * staged_x_.size(), cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        MM_RETURN_IF_ERROR(forward_rows(layer, staged_x_.data(), n_rows, k, ids, weights, staged_out_.data()));
+        CUDA_CHECK(cudaMemcpyAsync(d_out, staged_out_.data(), sizeof(float) * staged_out_.size(), cudaMemcpyHostToDevice, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        return Status();
+    };
+    if (device_partials_.size() != static_cast<size_t>(W)) device_partials_.assign(static_cast<size_t>(W), nullptr);
+    std::vector<ExpertBatch> batches(W);
+    for (int64_t i = 0; i < n_rows * k; ++i) {
+        const int e = ids[i];
+        if (e < 0 || e >= cfg_.n_expert) return MM_ERROR("layer %d: router chose expert %d", layer, e);
+        int best = -1;
+        for (int w : map_.serving(layer, e)) {
+            if (!links_[w]->takes_device_pointers()) continue;
+            if (best < 0 || batches[w].rows.size() < batches[best].rows.size()) best = w;
+        }
+        if (best < 0) return staged();
+        batches[best].rows.push_back(static_cast<int32_t>(i / k));
+        batches[best].experts.push_back(e);
+        batches[best].weights.push_back(weights[i]);
+    }
+    ++step_;
+    const auto t0 = Clock::now();
+    const auto deadline = t0 + std::chrono::milliseconds(cluster_.coordinator.timeout_ms);
+    std::vector<Status> sent(W);
+    for (int w = 0; w < W; ++w) {
+        ExpertBatch& b = batches[w];
+        if (b.rows.empty()) continue;
+        if (!device_partials_[w])
+            CUDA_CHECK(cudaMalloc(&device_partials_[w], sizeof(float) * static_cast<size_t>(
+                                                            std::max<int64_t>(1, cluster_.coordinator.data_plane_rows) * H)));
+        b.request_id = next_request_++;
+        b.step = step_;
+        b.layer = layer;
+        b.hidden = H;
+        b.n_rows = n_rows;
+        b.device_x = d_x;
+        b.device_partial = device_partials_[w];
+        sent[w] = links_[w]->send(b);
+    }
+    CUDA_CHECK(cudaMemsetAsync(d_out, 0, sizeof(float) * static_cast<size_t>(n_rows * H), s));
+    bool failed = false;
+    std::vector<float> unused;
+    for (int w = 0; w < W; ++w) {
+        if (batches[w].rows.empty()) continue;
+        Status st = sent[w];
+        if (st.ok()) st = links_[w]->receive(batches[w].request_id, deadline, &unused);
+        {
+            std::lock_guard<std::mutex> sl(stats_mu_);
+            stats_[w].calls++;
+            stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+            if (!st.ok()) stats_[w].failures++;
+        }
+        if (!st.ok()) {
+            std::fprintf(stderr, "coordinator: layer %d step %llu: %s\n", layer, (unsigned long long)step_,
+                         st.message().c_str());
+            {
+                std::lock_guard<std::mutex> cl(*connect_mu_[w]);
+                links_[w]->disconnect();
+            }
+            last_attempt_[w] = Clock::now();
+            failed = true;
+            continue;
+        }
+        cuda::add_inplace(d_out, device_partials_[w], n_rows * H, s);
+    }
+    if (failed) return staged();
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    return Status();
+#else
+    return Status::error("moe_forward_device: this build has no CUDA");
+#endif
+}
+
+Status DistributedExpertBackend::forward_rows(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
+                                              const float* weights, float* out) {
     const int64_t H = cfg_.n_embd;
     const int W = static_cast<int>(links_.size());
     ++step_;
@@ -600,6 +873,20 @@ Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t 
     return Status();
 }
 
+std::string DistributedExpertBackend::transports_line() const {
+    std::string s;
+    for (size_t w = 0; w < links_.size(); ++w) {
+        const WorkerConfig& wc = cluster_.workers[w];
+        std::string plane = links_[w]->data_plane();
+        if (plane.empty()) {
+            const Transport t = resolve_transport(cluster_, wc);
+            plane = is_out_of_band(t) ? "grpc" : transport_name(t);
+        }
+        s += (s.empty() ? "" : ", ") + wc.name + ": " + plane;
+    }
+    return s;
+}
+
 std::string DistributedExpertBackend::stats_line() const {
     std::vector<LinkStats> stats;
     {
@@ -613,6 +900,7 @@ std::string DistributedExpertBackend::stats_line() const {
                         cluster_.workers[w].name.c_str(), (unsigned long long)st.calls,
                         st.calls ? 1e3 * st.wait_seconds / st.calls : 0.0, (unsigned long long)st.failures,
                         (unsigned long long)st.reconnects);
+        if (const std::string plane = links_[w]->data_plane(); !plane.empty()) s += ", over " + plane;
         if (cluster_.workers[w].cache_enabled) {
             const std::string c = links_[w]->cache_stats();
             if (!c.empty()) s += " (" + c + ")";

@@ -1,6 +1,7 @@
 // Expert parallelism across worker processes: route → group by owner → dispatch → (workers
 // compute) → combine. Each worker is reached through a WorkerLink: in-process, or gRPC over a Unix
-// socket or TCP (optionally TLS). NCCL and CUDA IPC links plug in behind the same interface.
+// socket or TCP (optionally TLS), with the activations either in the messages or in an out-of-band
+// data plane negotiated at the handshake (shm, cuda-ipc, nccl: coordinator/data_plane.h).
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -31,6 +32,11 @@ struct ExpertBatch {
     std::vector<int32_t> experts;  // [n_pairs]
     std::vector<float> weights;    // [n_pairs]
     std::vector<int64_t> global_row;  // [n_rows] row of the coordinator's batch
+    // Device path (links whose data plane takes device pointers): x is empty and the rows are
+    // device_x [n_rows, hidden] in the coordinator's GPU memory; the partial sums go to
+    // device_partial [n_rows, hidden] there instead of receive()'s vector.
+    const float* device_x = nullptr;
+    float* device_partial = nullptr;
 };
 
 using LoadProgress = std::function<void(const std::string& worker, uint64_t loaded, uint64_t total)>;
@@ -51,6 +57,11 @@ public:
                            std::vector<float>* partial) = 0;
     // The worker's expert-cache stats line ("" without a cache, or when it cannot be asked).
     virtual std::string cache_stats() { return ""; }
+    // The out-of-band data plane in use ("shm", "cuda-ipc", "nccl"), or "" (activations in the
+    // messages); its rows per call; whether send() takes ExpertBatch::device_x.
+    virtual std::string data_plane() const { return ""; }
+    virtual int64_t data_plane_rows() const { return 0; }
+    virtual bool takes_device_pointers() const { return false; }
 };
 
 struct LinkStats {
@@ -68,12 +79,24 @@ public:
     Status connect_all(std::chrono::milliseconds timeout, const LoadProgress& progress);
     Status moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                        const float* weights, float* out) override;
+    // True when every link is connected over cuda-ipc or nccl (the CUDA build).
+    bool takes_device_pointers() const override;
+    Status moe_forward_device(int layer, const float* d_x, int64_t n_rows, int64_t k, const int32_t* ids,
+                              const float* weights, float* d_out, void* stream) override;
+    // "w0: shm, w1: tcp" — what each link carries its activations over.
+    std::string transports_line() const;
     std::string stats_line() const;
     ~DistributedExpertBackend() override;
 
 private:
     DistributedExpertBackend(const ClusterConfig& c, const OwnershipMap& m, const ModelConfig& cfg)
         : cluster_(c), map_(m), cfg_(cfg) {}
+    // One group of at most chunk_rows() rows (every out-of-band batch fits its plane).
+    Status forward_rows(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
+                        const float* weights, float* out);
+    int64_t chunk_rows() const;
+    Status forward_rows_device(int layer, const float* d_x, int64_t n_rows, int64_t k, const int32_t* ids,
+                               const float* weights, float* d_out, void* stream);
     bool usable(int w);  // connected, or reconnected now (at most every 250 ms)
     bool try_reconnect(int w, bool wait_for_lock);
     void reconnect_loop();
@@ -90,6 +113,8 @@ private:
     std::condition_variable reconnect_cv_;
     bool stop_ = false;
     std::thread reconnector_;
+    std::vector<float*> device_partials_;  // [worker] device [data_plane_rows, H], device path only
+    std::vector<float> staged_x_, staged_out_;  // device path falling back to host staging
     uint64_t next_request_ = 1;
     uint64_t step_ = 0;
 };

@@ -219,6 +219,21 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         resp->set_reason(why);
         return grpc::Status::OK;
     }
+    {
+        // The data plane belongs to this coordinator: opened now; a refusal is answered in
+        // resp.data_plane and leaves the handshake itself accepted (the coordinator decides).
+        std::shared_ptr<WorkerDataPlane> plane;
+        if (req->has_data_plane()) {
+            plane = answer_data_plane_offer(req->data_plane(), cfg_.n_embd, resp->mutable_data_plane());
+            if (plane)
+                log("data plane %s from %s: %u rows x %lld", plane->kind(), peer_of(ctx).c_str(),
+                    req->data_plane().max_rows(), static_cast<long long>(cfg_.n_embd));
+            else
+                log("refused the data plane of %s: %s", peer_of(ctx).c_str(), resp->data_plane().reason().c_str());
+        }
+        std::lock_guard<std::mutex> lk(mu_);
+        data_plane_ = std::move(plane);
+    }
     std::thread old_loader;
     {
         std::lock_guard<std::mutex> ck(compute_mu_);
@@ -514,6 +529,22 @@ std::string WorkerService::wait_ready(grpc::ServerContext* ctx) {
 
 std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::ExpertCall& call, v1::ExpertResult* res,
                                       std::vector<float>* x, std::vector<float>* y) {
+    // Out of band: the rows come out of the data plane before anything else (nccl pairs each of
+    // the coordinator's sends with a receive here, whatever becomes of the call).
+    const float* xin = nullptr;
+    std::shared_ptr<WorkerDataPlane> plane;
+    if (call.out_of_band()) {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            plane = data_plane_;
+        }
+        if (!plane) return "an out-of-band call, but no data plane was accepted at the handshake";
+        if (call.hidden() != cfg_.n_embd)
+            return str_printf("hidden %u != the model's %lld", call.hidden(), static_cast<long long>(cfg_.n_embd));
+        StatusOr<const float*> got = plane->activations(call.n_rows(), x);
+        if (!got.ok()) return got.status().message();
+        xin = got.value();
+    }
     std::string why = wait_ready(ctx);
     if (!why.empty()) return why;
     const int64_t H = cfg_.n_embd;
@@ -526,7 +557,8 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
     const int64_t n_rows = call.n_rows();
     const size_t esize = dtype_size(call.dtype());
     const uint64_t want = static_cast<uint64_t>(n_rows) * static_cast<uint64_t>(H) * esize;
-    if (call.activations().size() != want)
+    if (plane && call.dtype() != v1::DTYPE_F32) return "out-of-band calls carry f32 activations";
+    if (!plane && call.activations().size() != want)
         return str_printf("activations are %zu bytes, expected n_rows %lld × hidden %lld × %zu = %llu",
                           call.activations().size(), static_cast<long long>(n_rows), static_cast<long long>(H), esize,
                           static_cast<unsigned long long>(want));
@@ -549,19 +581,24 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
             return str_printf("pair %lld: expert %d out of range [0, %lld)", static_cast<long long>(p), experts[p],
                               static_cast<long long>(cfg_.n_expert));
     }
-    // Activations → f32 (bf16 is widened exactly).
-    x->resize(static_cast<size_t>(n_rows * H));
-    if (call.dtype() == v1::DTYPE_BF16) {
-        const auto* src = reinterpret_cast<const uint8_t*>(call.activations().data());
-        for (size_t i = 0; i < x->size(); ++i) {
-            uint16_t h;
-            std::memcpy(&h, src + 2 * i, 2);
-            (*x)[i] = bf16_to_fp32(h);
+    // Activations in the message → f32 (bf16 is widened exactly); out of band they are in xin.
+    if (!plane) {
+        x->resize(static_cast<size_t>(n_rows * H));
+        if (call.dtype() == v1::DTYPE_BF16) {
+            const auto* src = reinterpret_cast<const uint8_t*>(call.activations().data());
+            for (size_t i = 0; i < x->size(); ++i) {
+                uint16_t h;
+                std::memcpy(&h, src + 2 * i, 2);
+                (*x)[i] = bf16_to_fp32(h);
+            }
+        } else if (!x->empty()) {
+            std::memcpy(x->data(), call.activations().data(), want);
         }
-    } else if (!x->empty()) {
-        std::memcpy(x->data(), call.activations().data(), want);
+        xin = x->data();
     }
     y->resize(static_cast<size_t>(n_rows * H));
+    // shm: straight into the shared region (read by the coordinator only after our result).
+    float* yout = plane ? plane->partial_buffer(n_rows, y) : y->data();
     for (;;) {
         std::unique_lock<std::mutex> ck(compute_mu_);
         if (!compute_ && !cuda_) {
@@ -578,18 +615,22 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
                                   static_cast<long long>(p), experts[p], call.layer());
         }
         const auto t0 = Clock::now();
-        Status st = cuda_ ? cuda_->compute(static_cast<int>(call.layer()), x->data(), n_rows, rows.data(),
-                                           experts.data(), weights.data(), n_pairs, y->data())
-                          : compute_->compute(static_cast<int>(call.layer()), x->data(), n_rows, rows.data(),
-                                              experts.data(), weights.data(), n_pairs, y->data());
+        Status st = cuda_ ? cuda_->compute(static_cast<int>(call.layer()), xin, n_rows, rows.data(),
+                                           experts.data(), weights.data(), n_pairs, yout)
+                          : compute_->compute(static_cast<int>(call.layer()), xin, n_rows, rows.data(),
+                                              experts.data(), weights.data(), n_pairs, yout);
         busy_ns_ += static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
         if (!st.ok()) return st.message();
         break;
     }
-    // Partial sums → the call's dtype.
+    // Partial sums → the data plane, or the call's dtype in the message.
     std::string* out = res->mutable_partial();
-    if (call.dtype() == v1::DTYPE_BF16) {
+    if (plane) {
+        Status st = plane->publish(n_rows, yout);
+        if (!st.ok()) return st.message();
+        res->set_out_of_band(true);
+    } else if (call.dtype() == v1::DTYPE_BF16) {
         out->resize(y->size() * 2);
         auto* dst = reinterpret_cast<uint8_t*>(out->data());
         for (size_t i = 0; i < y->size(); ++i) {

@@ -37,6 +37,7 @@
 #include "proto/moemesh.grpc.pb.h"
 #include "worker/expert_cache.h"
 #include "worker/cuda_expert_compute.h"
+#include "worker/data_plane.h"
 #include "worker/expert_compute.h"
 #include "worker/shard_store.h"
 
@@ -131,6 +132,8 @@ private:
     uint64_t cuda_shard_bytes_ = 0;
     LoadState load_state_ = LoadState::kNone;
     std::string load_error_;
+    // The out-of-band data plane (shm, cuda-ipc, nccl) the last handshake negotiated; null: none.
+    std::shared_ptr<WorkerDataPlane> data_plane_;
     std::thread loader_;
 
     // ExpertCompute has scratch buffers: one call computes at a time, across all streams.
