@@ -303,7 +303,9 @@ public:
                float* out) override {
         if (host_experts_ || T != 1) {  // host-synchronising: whatever was recorded runs first
             flush();
-            if (dev_experts_) return moe_device_cache(layer, x, T, K, ids, w, out);
+            // Workers over cuda-ipc / nccl (DistributedExpertBackend) also take device pointers.
+            if (dev_experts_ || (host_experts_ && host_experts_->takes_device_pointers()))
+                return moe_device_cache(layer, x, T, K, ids, w, out);
             if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
             return moe_grouped(experts_[layer], x, T, K, ids, w, out);
         }
@@ -498,7 +500,7 @@ private:
         CUDA_CHECK(cudaMemcpyAsync(ids_host_.data(), ids, sizeof(int32_t) * T * K, cudaMemcpyDeviceToHost, stream_));
         CUDA_CHECK(cudaMemcpyAsync(hw_.data(), w, sizeof(float) * T * K, cudaMemcpyDeviceToHost, stream_));
         CUDA_CHECK(cudaStreamSynchronize(stream_));
-        return dev_experts_->moe_forward_device(layer, x, T, K, ids_host_.data(), hw_.data(), out, stream_);
+        return host_experts_->moe_forward_device(layer, x, T, K, ids_host_.data(), hw_.data(), out, stream_);
     }
 
     // Experts outside this GPU: x, ids, w to the host, the ExpertBackend, the result back.
