@@ -5,13 +5,16 @@
 # bandwidth bound (bytes waited for from the file / reference read bandwidth), bytes read per token.
 #
 #   bash bench/bench_cache.sh [--moemesh build/moemesh] [--dir build/bench-models] [--threads N] [--gen 64]
-#                             [--ratio 4]
+#                             [--ratio 4] [--skew 8]
+# --skew S: make-model --router-skew S (stable popular experts, as real routers have; 0: the
+# uniform random router). The static policy's profile comes from 4 other prompts.
 set -euo pipefail
 MOEMESH=build/moemesh
 DIR=build/bench-models
 THREADS=$(nproc)
 GEN=64
 RATIO=4
+SKEW=8
 while [ $# -gt 0 ]; do
   case "$1" in
     --moemesh) MOEMESH=$2; shift 2 ;;
@@ -19,16 +22,18 @@ while [ $# -gt 0 ]; do
     --threads) THREADS=$2; shift 2 ;;
     --gen) GEN=$2; shift 2 ;;
     --ratio) RATIO=$2; shift 2 ;;
-    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    --skew) SKEW=$2; shift 2 ;;
+    -h|--help) sed -n 2,11p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$DIR"
 MODEL=$DIR/cache-bench-q8_0.gguf
+[ "$SKEW" != 0 ] && MODEL=$DIR/cache-bench-q8_0-skew$SKEW.gguf
 # 8 layers, hidden 1024, 64 experts top-8 of width 512, Q8_0: 64 x 8 experts of 1.6 MiB = 816 MiB of experts.
 if [ ! -f "$MODEL" ]; then
   "$MOEMESH" make-model --arch qwen3moe --out "$MODEL" --layers 8 --hidden 1024 --heads 8 --kv-heads 2 \
-    --head-dim 128 --experts 64 --top-k 8 --expert-ff 512 --vocab 8000 --type q8_0 --seed 7 >&2
+    --head-dim 128 --experts 64 --top-k 8 --expert-ff 512 --vocab 8000 --type q8_0 --seed 7 --router-skew "$SKEW" >&2
 fi
 # Bytes of routed experts: 3 matrices of 512 x 1024 Q8_0 (34 bytes per 32 weights) per expert.
 EXPERT=$(( 3 * 512 * 1024 / 32 * 34 ))
@@ -41,7 +46,7 @@ def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
 Translate to French: the weather is nice today and we are going to the beach
 Write a short poem about the sea, the wind and the light of the morning
 P
-PROFILE=$DIR/cache-bench-profile.json
+PROFILE=${MODEL%.gguf}-profile.json
 "$MOEMESH" profile --model "$MODEL" --prompts "$PROMPTS" --out "$PROFILE" -n 32 --threads "$THREADS" 2>/dev/null
 PROMPT="Once upon a time in a land far away there lived a curious engineer who"
 # Reference storage bandwidth, measured outside moemesh as a check on the cache's own probe (the
@@ -74,7 +79,7 @@ else:
     print(f"| {name} | {tps:.2f} | - | - | - | - | - | - |")
 PY
 }
-echo "model: $MODEL, routed experts $((TOTAL >> 20)) MiB, device budget $((BUDGET >> 20)) MiB (1/$RATIO), $THREADS threads, $GEN tokens decoded"
+echo "model: $MODEL (router skew $SKEW), routed experts $((TOTAL >> 20)) MiB, device budget $((BUDGET >> 20)) MiB (1/$RATIO), $THREADS threads, $GEN tokens decoded"
 echo "sequential read of the model file (dd, 1632 KiB blocks): $DD_BW"
 echo "(per token = over the prompt's and the generated tokens of one run, which the cache stats cover;"
 echo " bound = bytes the requests waited for from the file / the cache's probed reference bandwidth)"

@@ -155,7 +155,7 @@ TEST(ExpertCache, StaticHotSetAndHitRate) {
     o.profile.counts = {{100, 0, 50, 0, 0, 0, 0, 0}};
     Fake f = make_cache(1, 8, 1, o);
     ASSERT_TRUE(f.cache->warm_up().ok());
-    // Capacity 3, room kept for max(top-k 1, 3/4 = 0) = 1 entry: hot set {0, 2} (the two most used),
+    // Capacity 3, room kept for max(top-k 1, 3 - floor(0.95 * 3) = 1) = 1 entry: hot set {0, 2} (the two most used),
     // the last slot is LRU:
     //   0 h | 1 m [1] | 2 h | 0 h | 3 m -1 | 0 h | 4 m -3 | 1 m -4 | 2 h | 0 h
     // hits 6, misses 4: 60%; evictions 1 3 4; reads: 2 preloaded + 4.

@@ -722,7 +722,9 @@ Status ExpertCache::warm_up() {
     uint64_t room = UINT64_MAX;
     if (device_->budget()) {
         const uint64_t cap = device_->budget() / device_->max_entry_charge();
-        const uint64_t reserve = std::max<uint64_t>(static_cast<uint64_t>(n_expert_used_), cap / 4);
+        const double share = std::clamp(opts_.hot_share, 0.0, 1.0);
+        const uint64_t hot_cap = static_cast<uint64_t>(static_cast<double>(cap) * share);
+        const uint64_t reserve = std::max<uint64_t>(static_cast<uint64_t>(n_expert_used_), cap - hot_cap);
         room = cap > reserve ? (cap - reserve) * device_->max_entry_charge() : 0;
     }
     HostTierMemory probe;

@@ -19,7 +19,7 @@
 //   lfu     fewest uses since the cache started (counts survive eviction, ties: least recent);
 //   static  a hot set (the most used experts of a profile, see `moemesh profile`) loaded at start
 //           and never evicted, LRU for the rest. The hot set fills the device budget except room for
-//           max(top-k, capacity / 4) entries.
+//           max(top-k, (1 - hot_share) * capacity) entries (hot_share 0.95 by default).
 // The host tier uses LFU under `lfu` and LRU otherwise.
 //
 // Concurrency: one mutex per tier, never held while reading. Concurrent misses on one expert load it
@@ -85,6 +85,9 @@ struct CacheOptions {
     PrefetchMode prefetch = PrefetchMode::kNone;
     std::string profile_path;   // for `static`: the profile file
     ExpertProfile profile;      // for `static` (loaded from profile_path when counts are empty)
+    // `static`: the share of the device budget's entries the hot set may take; the rest (at least
+    // top-k entries) is LRU. 0.95: tuned on bench_cache.sh's skewed model (docs/cache.md).
+    double hot_share = 0.95;
     StorageMode storage = StorageMode::kAuto;  // how the file is read (parse_storage_mode)
     // Reference storage→memory bandwidth for the stall bound (bytes/s). 0: measured at creation by
     // reading up to bandwidth_probe_bytes of distinct experts as misses read them (0 bytes: no
