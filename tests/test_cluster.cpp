@@ -4,7 +4,8 @@
 // from a child has a poll() timeout, so a hang fails a test instead of hanging it.
 //
 // Covers issue 4, "Faults, security, bad input" and "Done means":
-//   Equality/*            1-, 2-, 3-worker clusters (uneven shards, replicas) == single process
+//   Equality/*            1-, 2-, 3-worker clusters (uneven shards, replicas) == single process, over
+//                         unix, tcp, shm (2-row buffers: rows in groups) and auto (→ shm)
 //   KillWorker*           SIGKILL mid-generation: clear error naming the worker, bounded time;
 //                         restart the worker, the same coordinator serves the next request
 //   ReplicasCover*        SIGKILL with replicas of everything: generation completes, same tokens
@@ -12,6 +13,9 @@
 //   WrongModel*, WrongName*  handshake refused, saying which
 //   NotAWorkerPeer        a TCP peer that writes garbage / closes: clear error, bounded  [SLOW ~10 s]
 //   WorkerSurvivesBadClients  raw garbage, wrong protocol version, malformed and oversized calls
+//   DataPlaneOffer*       bad shm offers refused in the handshake's answer, saying why; an
+//                         out-of-band call without a plane refused; the stream stays up
+//   (KillWorker*, StoppedWorker*, ReplicasCover* run over shm: `auto` for local CPU workers)
 //   Tls, TlsMismatch      server TLS and mutual TLS == insecure; plaintext vs TLS fails [SLOW ~10 s]
 //   NetnsMultiHost        tests/netns_cluster.sh: 3 namespaces joined by veths (root only, else skip)
 //
@@ -165,10 +169,13 @@ protected:
     }
 
     std::string write_yaml(const std::string& file, const std::vector<WorkerEntry>& ws, int timeout_ms = 5000,
-                           const std::string& model = "") {
-        std::string y = "model: " + (model.empty() ? model_ : model) + "\ncoordinator: {timeout_ms: " + std::to_string(timeout_ms) + "}\nworkers:\n";
+                           const std::string& model = "", int data_plane_rows = 0,
+                           const std::string& transport = "") {  // transport "": the default (auto)
+        std::string y = "model: " + (model.empty() ? model_ : model) + "\ncoordinator: {timeout_ms: " + std::to_string(timeout_ms) +
+                        (data_plane_rows ? ", data_plane_rows: " + std::to_string(data_plane_rows) : "") + "}\nworkers:\n";
         for (const auto& w : ws) {
             y += "  - name: " + w.name + "\n    address: \"" + w.address + "\"\n    " + w.shard + "\n";
+            if (!transport.empty()) y += "    transport: " + transport + "\n";
             if (!w.replicas.empty()) y += "    replicas: " + w.replicas + "\n";
             if (!w.tls.empty()) y += "    tls: " + w.tls + "\n";
         }
@@ -227,10 +234,14 @@ protected:
 
 // ---- 1. equality: 1, 2, 3 workers, uneven shards, replicas; unix sockets and TCP ----
 
-class Equality : public Cluster, public ::testing::WithParamInterface<bool> {};
+// unix, tcp: activations in the gRPC messages; shm: in shared memory, with 2-row buffers so that
+// the 3-token prompt goes in groups of rows; auto: what it picks for local CPU workers (shm).
+class Equality : public Cluster, public ::testing::WithParamInterface<std::string> {};
 
 TEST_P(Equality, OneTwoThreeWorkersMatchSingleProcess) {
-    const bool tcp = GetParam();
+    const std::string transport = GetParam();
+    const bool tcp = transport == "tcp" || transport == "auto";
+    const bool oob = transport == "shm" || transport == "auto";
     Worker& a = add_worker("a", tcp);
     Worker& b = add_worker("b", tcp);
     Worker& c = add_worker("c", tcp);
@@ -250,18 +261,28 @@ TEST_P(Equality, OneTwoThreeWorkersMatchSingleProcess) {
     };
     for (const auto& [name, entries] : layouts) {
         SCOPED_TRACE(name);
-        const std::string yaml = write_yaml(name + ".yaml", entries);
+        const std::string yaml = write_yaml(name + ".yaml", entries, 5000, "", transport == "shm" ? 2 : 0,
+                                            transport == "auto" ? "" : transport);
         std::string out, err;
         auto rc = run_cluster(yaml, kShortN, 30, &out, &err, name);
         ASSERT_EQ(rc, std::optional<int>(0)) << err;
         expect_same_as_reference(out, kShortN, name);
-        // Every worker of the layout did serve calls.
+        // Every worker of the layout did serve calls, over the transport asked for.
         for (const auto& e : entries) EXPECT_NE(err.find(e.name + ": "), std::string::npos) << err;
         EXPECT_EQ(err.find(" 0 calls"), std::string::npos) << err;
+        EXPECT_EQ(err.find("over shm") != std::string::npos, oob) << err;
+        EXPECT_EQ(err.find("transport auto:"), std::string::npos) << err;  // no fallback
+    }
+    if (oob) {
+        EXPECT_NE(a.log().find("data plane shm from "), std::string::npos) << a.log();
     }
 }
-INSTANTIATE_TEST_SUITE_P(Transport, Equality, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? std::string("Tcp") : std::string("Unix"); });
+INSTANTIATE_TEST_SUITE_P(Transport, Equality, ::testing::Values("unix", "tcp", "shm", "auto"),
+                         [](const auto& info) {
+                             std::string n = info.param;
+                             n[0] = static_cast<char>(std::toupper(n[0]));
+                             return n;
+                         });
 
 // qwen3next: the coordinator keeps the DeltaNet/attention state and the shared expert, the workers
 // serve the routed experts; output equals the single process (which matches llama.cpp:
@@ -325,6 +346,8 @@ TEST_F(Cluster, KillWorkerMidGenerationThenRestartReconnects) {
     ASSERT_TRUE(j.contains("error")) << *line;
     const std::string msg = j["error"];
     EXPECT_NE(msg.find("'w2'"), std::string::npos) << msg;
+    // Local CPU workers under `transport: auto` use the shm data plane: this is its fault test too.
+    EXPECT_NE(w2.log().find("data plane shm from "), std::string::npos) << w2.log();
     EXPECT_LT(noticed_s, timeout_ms / 1000.0 + 2) << msg;
     EXPECT_NE(coord_log().find("error: request failed: "), std::string::npos) << coord_log();
 
@@ -490,6 +513,89 @@ TEST_F(Cluster, NotAWorkerPeerFailsClearlyWithoutHang) {
     // not, instead of a bare "Deadline Exceeded" from the handshake.
     EXPECT_EQ(err1.find("handshake failed: Deadline Exceeded"), std::string::npos)
         << "unclear error against a non-moemesh peer (see BUG above):\n" << err1;
+}
+
+TEST_F(Cluster, DataPlaneOfferRefusedClearlyOverTheWire) {
+    Worker& w = add_worker("w1", false);
+    ASSERT_TRUE(w.start());
+    auto stub = v1::ExpertWorker::NewStub(grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials()));
+    const std::string log = w.log();
+    const size_t fp_at = log.find("(model ") + 7;
+    const std::string fingerprint = log.substr(fp_at, log.find(')', fp_at) - fp_at);
+    auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
+    auto handshake = [&](const v1::DataPlaneOffer* offer, v1::HandshakeResponse* resp) {
+        v1::HandshakeRequest req;
+        req.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+        req.set_model_fingerprint(fingerprint);
+        req.set_worker_name("w1");
+        auto* ls = req.add_shard();
+        ls->set_layer(0);
+        for (int e = 0; e < 16; ++e) ls->add_experts(e);
+        if (offer) *req.mutable_data_plane() = *offer;
+        grpc::ClientContext ctx;
+        ctx.set_deadline(deadline());
+        return stub->Handshake(&ctx, req, resp).ok();
+    };
+    // The wrong hidden size (the model's is 128), then an object that does not exist.
+    v1::DataPlaneOffer o;
+    o.set_kind(v1::DATA_PLANE_SHM);
+    o.set_max_rows(65536);
+    o.set_hidden(4096);
+    o.set_shm_name("/moemesh-nope");
+    o.set_region_bytes(2ull * 65536 * 4096 * 4);
+    v1::HandshakeResponse resp;
+    ASSERT_TRUE(handshake(&o, &resp));
+    EXPECT_TRUE(resp.accepted()) << resp.reason();  // the handshake stands; the coordinator decides
+    ASSERT_TRUE(resp.has_data_plane());
+    EXPECT_FALSE(resp.data_plane().accepted());
+    EXPECT_EQ(resp.data_plane().reason(), "data plane shm: hidden 4096 != the model's 128");
+    o.set_hidden(128);
+    o.set_region_bytes(2ull * 65536 * 128 * 4);
+    resp.Clear();
+    ASSERT_TRUE(handshake(&o, &resp));
+    EXPECT_EQ(resp.data_plane().reason(),
+              "data plane shm: cannot open shared memory /moemesh-nope: No such file or directory (is the coordinator "
+              "on this host, and /dev/shm shared between the two?)");
+    EXPECT_TRUE(wait_for_log(w.err_path, "refused the data plane of ", 5)) << w.log();
+    // An out-of-band call with no plane: an error result, and the stream stays up for a good call.
+    resp.Clear();
+    ASSERT_TRUE(handshake(nullptr, &resp));
+    ASSERT_TRUE(resp.accepted());
+    EXPECT_FALSE(resp.has_data_plane());
+    for (int i = 0; i < 100; ++i) {
+        v1::HealthResponse h;
+        grpc::ClientContext hc;
+        hc.set_deadline(deadline());
+        ASSERT_TRUE(stub->Health(&hc, v1::HealthRequest(), &h).ok());
+        if (h.ready()) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    grpc::ClientContext sc;
+    sc.set_deadline(deadline());
+    auto stream = stub->Experts(&sc);
+    v1::ExpertCall c;
+    c.set_request_id(1);
+    c.set_n_rows(1);
+    c.set_hidden(128);
+    c.set_out_of_band(true);
+    int32_t row = 0, ex = 3;
+    float wt = 1.0f;
+    c.set_pair_rows(&row, 4);
+    c.set_pair_experts(&ex, 4);
+    c.set_pair_weights(&wt, 4);
+    ASSERT_TRUE(stream->Write(c));
+    v1::ExpertResult r;
+    ASSERT_TRUE(stream->Read(&r));
+    EXPECT_EQ(r.error(), "an out-of-band call, but no data plane was accepted at the handshake");
+    EXPECT_FALSE(r.out_of_band());
+    c.set_request_id(2);
+    c.set_out_of_band(false);
+    c.set_activations(std::string(128 * 4, '\0'));
+    ASSERT_TRUE(stream->Write(c));
+    ASSERT_TRUE(stream->Read(&r));
+    EXPECT_EQ(r.error(), "");
+    EXPECT_EQ(r.partial().size(), 128u * 4);
+    stream->WritesDone();
 }
 
 TEST_F(Cluster, WorkerSurvivesGarbageWrongProtocolAndMalformedCalls) {
