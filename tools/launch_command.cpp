@@ -132,12 +132,7 @@ std::string exe_dir() {
     return ec ? std::string(".") : p.parent_path().string();
 }
 
-bool is_local(const Address& a) {
-    if (a.kind == Address::Kind::kUnix) return true;
-    if (a.host == "localhost" || a.host == "::1") return true;
-    in_addr v4{};
-    return inet_pton(AF_INET, a.host.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127;
-}
+bool is_local(const Address& a) { return is_local_address(a); }  // one rule, also transport: auto's
 
 // True when something accepts connections on the address right now.
 bool accepts_connections(const Address& a) {
@@ -373,6 +368,10 @@ Status Launcher::plan(const RunOptions& ro) {
             logf("worker '%s' runs inside the coordinator (transport inproc)", w.name.c_str());
             continue;
         }
+        std::string why;
+        const Transport t = resolve_transport(cfg_, w, &why);
+        if (w.transport == Transport::kAuto)
+            logf("worker '%s': transport auto -> %s (%s)", w.name.c_str(), transport_name(t), why.c_str());
         if (!is_local(*w.address)) {
             logf("worker '%s' at %s is remote: expected to be running already (moemesh-worker --model ... "
                  "--listen %s --name %s on that host; see deploy/README.md)",
