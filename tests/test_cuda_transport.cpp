@@ -1,0 +1,155 @@
+// GPU data planes end to end (issue 6 "Done means"): a coordinator on cuda:0 and two moemesh-worker
+// processes, over cuda-ipc (same GPU) and over nccl (one GPU: each process gets its own
+// NCCL_HOSTID, which makes NCCL take its network path, since one device cannot host two ranks
+// otherwise). Output must equal the same cluster over `transport: unix` (activations in the gRPC
+// messages, host staging: the same worker arithmetic), and its greedy tokens the single process's.
+// Each test skips with "no CUDA device: <reason>" where there is no GPU or driver.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "kernels/cuda/cuda_ops.h"
+#include "tests/cluster_util.h"
+#include "tests/test_util.h"
+
+namespace moemesh {
+namespace {
+
+using namespace moemesh::testing;
+using nlohmann::json;
+
+#define REQUIRE_CUDA()                                                                  \
+    do {                                                                                \
+        const char* why_ = "";                                                          \
+        if (cuda::device_count(&why_) == 0) GTEST_SKIP() << "no CUDA device: " << why_; \
+    } while (0)
+
+constexpr const char* kTokens = "1,2,3";
+constexpr int kN = 16;
+
+std::string bin(const std::string& name) { return std::string(MOEMESH_BINARY_DIR) + "/" + name; }
+
+// Same greedy tokens, same top ids, probabilities within tol. "" or what differs.
+std::string compare(const json& ref, const json& got, double tol) {
+    if (!got.contains("greedy")) return "no greedy tokens in " + got.dump().substr(0, 300);
+    if (ref["greedy"] != got["greedy"]) return "greedy " + got["greedy"].dump() + " != " + ref["greedy"].dump();
+    for (size_t p = 0; p < ref["positions"].size(); ++p) {
+        const json& a = ref["positions"][p]["top"];
+        const json& b = got["positions"][p]["top"];
+        for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+            if (a[i][0] != b[i][0]) return "position " + std::to_string(p) + ": top ids differ";
+            if (std::fabs(a[i][1].get<double>() - b[i][1].get<double>()) > tol)
+                return "position " + std::to_string(p) + ": probabilities differ by more than " + std::to_string(tol);
+        }
+    }
+    return "";
+}
+
+class CudaTransport : public ::testing::Test {
+protected:
+    void SetUp() override {
+        REQUIRE_CUDA();
+        dir_ = temp_dir("cuda_transport");
+        model_ = dir_ + "/m.gguf";
+        std::string out;
+        ASSERT_EQ(run_capture(moemesh_bin() + " make-model --out " + model_ +
+                                  " --layers 4 --hidden 128 --heads 4 --kv-heads 2 --head-dim 32 --experts 16"
+                                  " --top-k 4 --vocab 800 --expert-ff 64 --seed 3",
+                              &out, dir_ + "/make.err"),
+                  0)
+            << read_file(dir_ + "/make.err");
+        sock_ = "/tmp/mmcut-" + std::to_string(getpid());
+    }
+
+    // Starts worker `name` with extra environment (NCCL_HOSTID); returns false with the log.
+    ::testing::AssertionResult start_worker(Child* c, const std::string& name, const std::vector<std::string>& env) {
+        std::vector<std::string> argv = {"/usr/bin/env"};
+        argv.insert(argv.end(), env.begin(), env.end());
+        argv.insert(argv.end(), {bin("moemesh-worker"), "--model", model_, "--listen", "unix:" + sock_ + "-" + name,
+                                 "--name", name, "--threads", "2"});
+        const std::string err = dir_ + "/" + name + ".err";
+        if (!c->start(argv, err)) return ::testing::AssertionFailure() << "cannot start the worker";
+        if (!wait_for_log(err, "listening on ", 30))
+            return ::testing::AssertionFailure() << "worker " << name << " did not start: " << read_file(err);
+        return ::testing::AssertionSuccess();
+    }
+
+    std::string yaml(const std::string& transport) {
+        std::string y = "model: " + model_ + "\ncoordinator: {device: cuda:0, timeout_ms: 20000, data_plane_rows: 64}\n"
+                        "workers:\n";
+        const char* shards[2] = {"experts: \"0-9\"", "experts: \"10-15\""};
+        for (int i = 0; i < 2; ++i) {
+            const std::string n = i ? "b" : "a";
+            y += "  - name: " + n + "\n    address: unix:" + sock_ + "-" + n + "\n    device: cuda:0\n    transport: " +
+                 transport + "\n    " + shards[i] + "\n";
+        }
+        const std::string p = dir_ + "/" + transport + ".yaml";
+        FILE* f = std::fopen(p.c_str(), "w");
+        std::fputs(y.c_str(), f);
+        std::fclose(f);
+        return p;
+    }
+
+    // One `moemesh run` (a single process when cluster is empty); its JSON line and stderr.
+    json run(const std::string& cluster, const std::vector<std::string>& env, std::string* err) {
+        std::vector<std::string> argv = {"/usr/bin/env"};
+        argv.insert(argv.end(), env.begin(), env.end());
+        argv.insert(argv.end(), {moemesh_bin(), "run", "--device", "cuda:0", "--tokens", kTokens, "--top", "5",
+                                 "--json", "-n", std::to_string(kN), "--kv-type", "f32", "--threads", "2"});
+        if (cluster.empty()) argv.insert(argv.end(), {"--model", model_});
+        else argv.insert(argv.end(), {"--cluster", cluster});
+        Child c;
+        const std::string err_path = dir_ + "/run-" + std::to_string(++runs_) + ".err";
+        EXPECT_TRUE(c.start(argv, err_path, true));
+        c.close_stdin();
+        auto line = c.read_line(120);
+        c.wait_exit(line ? 30 : 0.5);
+        *err = read_file(err_path);
+        if (!line) return json();
+        try {
+            return json::parse(*line);
+        } catch (...) {
+            return json();
+        }
+    }
+
+    void check_transport(const std::string& transport, const std::vector<std::string>& env_a,
+                         const std::vector<std::string>& env_b, const std::vector<std::string>& env_coord) {
+        Child a, b;
+        ASSERT_TRUE(start_worker(&a, "a", env_a));
+        ASSERT_TRUE(start_worker(&b, "b", env_b));
+        std::string err;
+        const json single = run("", {}, &err);
+        ASSERT_TRUE(single.contains("greedy")) << err;
+        const json staged = run(yaml("unix"), {}, &err);
+        ASSERT_TRUE(staged.contains("greedy")) << err;
+        const json oob = run(yaml(transport), env_coord, &err);
+        ASSERT_TRUE(oob.contains("greedy")) << err << "\nworker a:\n" << read_file(dir_ + "/a.err");
+        EXPECT_NE(err.find("over " + transport), std::string::npos) << err;
+        EXPECT_EQ(compare(staged, oob, 1e-6), "") << err;
+        EXPECT_EQ(single["greedy"], oob["greedy"]) << err;
+        EXPECT_NE(read_file(dir_ + "/a.err").find("data plane " + transport + " from "), std::string::npos)
+            << read_file(dir_ + "/a.err");
+    }
+
+    std::string dir_, model_, sock_;
+    int runs_ = 0;
+};
+
+TEST_F(CudaTransport, CudaIpcTwoWorkersOneGpuMatchesStagedAndSingleProcess) {
+    check_transport("cuda-ipc", {}, {}, {});
+}
+
+TEST_F(CudaTransport, NcclTwoWorkersOneGpuWithDistinctHostIdsMatches) {
+    const std::vector<std::string> common = {"NCCL_SOCKET_IFNAME=lo", "NCCL_IB_DISABLE=1"};
+    auto with = [&](const char* id) {
+        std::vector<std::string> e = common;
+        e.push_back(std::string("NCCL_HOSTID=") + id);
+        return e;
+    };
+    check_transport("nccl", with("moemesh-a"), with("moemesh-b"), with("moemesh-coordinator"));
+}
+
+}  // namespace
+}  // namespace moemesh
