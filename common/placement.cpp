@@ -154,9 +154,10 @@ const std::vector<std::string> kCoordinatorKeys = {"device", "http", "control", 
                                                    "data_plane_rows"};
 const std::vector<std::string> kWorkerKeys = {"name",  "address", "device",  "transport", "threads",
                                               "cache", "experts", "layers", "replicas",  "tls"};
-const std::vector<std::string> kCacheKeys = {"device", "host", "policy", "prefetch", "profile"};
+const std::vector<std::string> kCacheKeys = {"device", "host", "policy", "prefetch", "profile", "storage"};
 const std::vector<std::string> kCachePolicies = {"lru", "lfu", "static"};
 const std::vector<std::string> kPrefetchModes = {"none", "next-layer"};
+const std::vector<std::string> kStorageModes = {"auto", "pread", "io_uring"};
 const std::vector<std::string> kTlsKeys = {"ca", "cert", "key"};
 const std::vector<std::string> kTransports = {"auto", "inproc", "unix", "tcp", "nccl", "cuda-ipc", "shm"};
 
@@ -554,6 +555,7 @@ Status Parser::parse_worker(const YAML::Node& n, size_t index) {
         };
         if (const Field* c = find(cs, "policy")) MM_RETURN_IF_ERROR(one_of(*c, kCachePolicies, &w.cache_policy));
         if (const Field* c = find(cs, "prefetch")) MM_RETURN_IF_ERROR(one_of(*c, kPrefetchModes, &w.cache_prefetch));
+        if (const Field* c = find(cs, "storage")) MM_RETURN_IF_ERROR(one_of(*c, kStorageModes, &w.cache_storage));
         const Field* prof = find(cs, "profile");
         if (prof) {
             MM_ASSIGN_OR_RETURN(std::string p, scalar(*prof, ctx + "cache: ", "a file path"));
@@ -1057,7 +1059,10 @@ std::string placement_summary(const ClusterConfig& cfg, const OwnershipMap& m) {
         auto budget = [](uint64_t b) { return b ? format_bytes(b) : std::string("unlimited"); };
         out += "  cache budget: device " + budget(w.cache_device_bytes) + ", host " +
                (w.cache_enabled && !w.cache_host_bytes ? std::string("none") : budget(w.cache_host_bytes));
-        if (w.cache_enabled) out += ", policy " + w.cache_policy + ", prefetch " + w.cache_prefetch;
+        if (w.cache_enabled) {
+            out += ", policy " + w.cache_policy + ", prefetch " + w.cache_prefetch;
+            if (w.cache_storage != "auto") out += ", storage " + w.cache_storage;
+        }
         if (s.streams) out += " (smaller than the shard: experts stream from the model file)";
         out += "\n";
     }

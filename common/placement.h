@@ -16,7 +16,8 @@
 //       threads: 4
 //       cache: {device: 6GiB, host: 24GiB,     # budgets (see docs/cache.md); device 0/absent: unlimited,
 //               policy: lru, prefetch: none,   #   host 0/absent: no host tier; policy lru | lfu | static,
-//               profile: profile.json}         #   prefetch none | next-layer, profile (static): moemesh profile
+//               profile: profile.json,         #   prefetch none | next-layer, profile (static): moemesh profile,
+//               storage: auto}                 #   storage auto | pread | io_uring (how the file is read)
 //       experts: "0-63"                        # these experts in every layer, or:
 //       layers: {"0-23": "64-127", "24-47": "0-127"}   # layer ranges -> expert ranges
 //       replicas: {"0-47": "0-3"}              # extra copies of hot experts (same form as layers)
@@ -116,6 +117,7 @@ struct WorkerConfig {
     bool cache_enabled = false;
     std::string cache_policy = "lru";     // lru | lfu | static
     std::string cache_prefetch = "none";  // none | next-layer
+    std::string cache_storage = "auto";   // how the file is read: auto | pread | io_uring
     std::string cache_profile;            // resolved against the YAML's directory; required by static
     TlsConfig tls;
     std::vector<OwnershipRule> owns;      // primary ownership

@@ -483,6 +483,7 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
             cc.set_host_bytes(wc.cache_host_bytes);
             cc.set_policy(wc.cache_policy);
             cc.set_prefetch(wc.cache_prefetch);
+            cc.set_storage(wc.cache_storage);
             if (!wc.cache_profile.empty()) {
                 std::ifstream in(wc.cache_profile, std::ios::binary);
                 std::stringstream ss;
@@ -500,6 +501,7 @@ StatusOr<std::unique_ptr<DistributedExpertBackend>> DistributedExpertBackend::cr
             o.host_bytes = cache->host_bytes();
             MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(cache->policy()));
             MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(cache->prefetch()));
+            MM_ASSIGN_OR_RETURN(o.storage, parse_storage_mode(cache->storage().empty() ? "auto" : cache->storage()));
             if (!cache->profile_json().empty()) {
                 MM_ASSIGN_OR_RETURN(o.profile, parse_expert_profile(cache->profile_json(), wc.cache_profile));
             }

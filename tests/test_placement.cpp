@@ -171,7 +171,26 @@ workers:
     cache: {devise: 1GiB}
 )"),
               "cluster.yaml:5:13: worker 'a': cache: unknown key 'devise' (did you mean 'device'?) (allowed: device, "
-              "host, policy, prefetch, profile)");
+              "host, policy, prefetch, profile, storage)");
+}
+
+TEST(PlacementCache, StorageMode) {
+    auto parse = [](const std::string& cache) {
+        return parse_cluster_config("workers:\n  - name: a\n    address: unix:/a\n    experts: \"0\"\n    cache: " +
+                                        cache + "\n",
+                                    "cluster.yaml", "/tmp");
+    };
+    auto def = parse("{device: 1GiB}");
+    ASSERT_TRUE(def.ok()) << def.status().message();
+    EXPECT_EQ(def.value().workers[0].cache_storage, "auto");
+    auto ur = parse("{device: 1GiB, storage: io_uring}");
+    ASSERT_TRUE(ur.ok()) << ur.status().message();
+    EXPECT_EQ(ur.value().workers[0].cache_storage, "io_uring");
+    auto bad = parse("{device: 1GiB, storage: iouring}");
+    ASSERT_FALSE(bad.ok());
+    EXPECT_EQ(bad.status().message(),
+              "cluster.yaml:5:36: worker 'a': cache: unknown storage \"iouring\" (did you mean 'io_uring'?) (expected "
+              "one of auto, pread, io_uring)");
 }
 
 TEST(PlacementReject, UnknownKeyFromFile) {

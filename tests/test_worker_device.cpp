@@ -265,6 +265,10 @@ TEST(WorkerCacheFlags, ParseAndReject) {
     EXPECT_EQ(ok.value()->host_bytes, 1000000000ull);
     EXPECT_EQ(ok.value()->policy, CachePolicy::kLfu);
     EXPECT_EQ(ok.value()->prefetch, PrefetchMode::kNextLayer);
+    EXPECT_EQ(ok.value()->storage, StorageMode::kAuto);
+    auto pread = worker_cache_from_flags("6GiB", "", "", "", "", "pread");
+    ASSERT_TRUE(pread.ok()) << pread.status().message();
+    EXPECT_EQ(pread.value()->storage, StorageMode::kPread);
     auto host_only = worker_cache_from_flags("", "2GiB", "", "", "");
     ASSERT_TRUE(host_only.ok());
     EXPECT_EQ(host_only.value()->device_bytes, 0u);
@@ -282,6 +286,8 @@ TEST(WorkerCacheFlags, ParseAndReject) {
     expect_error(worker_cache_from_flags("1GiB", "", "", "always", ""), "unknown prefetch mode 'always'");
     expect_error(worker_cache_from_flags("1GiB", "", "static", "", ""), "--cache-policy static needs --profile");
     expect_error(worker_cache_from_flags("1GiB", "", "static", "", "/nonexistent/p.json"), "/nonexistent/p.json");
+    expect_error(worker_cache_from_flags("6GiB", "", "", "", "", "mmap"), "--storage");
+    expect_error(worker_cache_from_flags("", "", "", "", "", "pread"), "need --device-budget or --host-budget");
 }
 
 // A worker in this process; handshakes with or without a cache config; the Stats' device tier budget.

@@ -195,8 +195,9 @@ Status run_generation(const RunOptions& o) {
     std::shared_ptr<ExpertCache> cache;
     const ExpertCache* cache_view = nullptr;  // for the stats line (the GPU's cache is owned by its backend)
     if (o.device_budget.empty()) {
-        if (!o.host_budget.empty() || o.cache_policy != "lru" || o.prefetch != "none" || !o.profile.empty())
-            return MM_ERROR("--host-budget, --cache-policy, --prefetch and --profile need --device-budget");
+        if (!o.host_budget.empty() || o.cache_policy != "lru" || o.prefetch != "none" || !o.profile.empty() ||
+            o.storage != "auto")
+            return MM_ERROR("--host-budget, --cache-policy, --prefetch, --profile and --storage need --device-budget");
     } else {
         if (cluster)
             return MM_ERROR("--device-budget is for a single process; with --cluster give each worker a cache: entry "
@@ -214,6 +215,11 @@ Status run_generation(const RunOptions& o) {
         }
         MM_ASSIGN_OR_RETURN(co.policy, parse_cache_policy(o.cache_policy));
         MM_ASSIGN_OR_RETURN(co.prefetch, parse_prefetch_mode(o.prefetch));
+        {
+            StatusOr<StorageMode> sm = parse_storage_mode(o.storage);
+            if (!sm.ok()) return MM_ERROR("--storage: %s", sm.status().message().c_str());
+            co.storage = sm.value();
+        }
         co.profile_path = o.profile;
         MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
                                                            "--device"));
@@ -332,6 +338,10 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
         ->capture_default_str();
     c->add_option("--profile", o->profile, "Expert profile (moemesh profile) for --cache-policy static")
         ->check(CLI::ExistingFile);
+    c->add_option("--storage", o->storage,
+                  "Offload mode: how missing experts are read from the model file: auto (io_uring when this build "
+                  "and kernel allow it, else pread), pread or io_uring")
+        ->capture_default_str();
 }
 
 void register_run_command(CLI::App& app) {

@@ -35,6 +35,7 @@ struct RunOptions {
     std::string cache_policy = "lru";
     std::string prefetch = "none";
     std::string profile;        // expert profile for --cache-policy static
+    std::string storage = "auto";  // how the file is read: auto | pread | io_uring
 };
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);

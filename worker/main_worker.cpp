@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
                    "Where the experts are computed: cpu, or cuda:N (shard in VRAM, or a VRAM cache with a budget; "
                    "needs a CUDA build and device)")
         ->capture_default_str();
-    std::string device_budget, host_budget, policy, prefetch, profile;
+    std::string device_budget, host_budget, policy, prefetch, profile, storage;
     app.add_option("--device-budget", device_budget,
                    "Cache: serve the shard from a device tier of at most this size (e.g. 6GiB; VRAM on cuda:N, a RAM "
                    "pool on cpu) when the handshake has no cache config");
@@ -53,13 +53,16 @@ int main(int argc, char** argv) {
     app.add_option("--prefetch", prefetch, "Cache: none (default) or next-layer");
     app.add_option("--profile", profile, "Cache: expert profile (moemesh profile) for --cache-policy static")
         ->check(CLI::ExistingFile);
+    app.add_option("--storage", storage,
+                   "Cache: how missing experts are read from the model file: auto (default: io_uring when this build "
+                   "and kernel allow it, else pread), pread, or io_uring");
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
         return app.exit(e) == 0 ? 0 : 1;  // --help/--version: 0; bad flags: the message, then 1
     }
 
-    auto cache = moemesh::worker_cache_from_flags(device_budget, host_budget, policy, prefetch, profile);
+    auto cache = moemesh::worker_cache_from_flags(device_budget, host_budget, policy, prefetch, profile, storage);
     if (!cache.ok()) {
         std::fprintf(stderr, "moemesh-worker: error: %s\n", cache.status().message().c_str());
         return 1;

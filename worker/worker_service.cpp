@@ -112,10 +112,11 @@ uint64_t current_rss_bytes() {
 StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string& device_budget,
                                                               const std::string& host_budget,
                                                               const std::string& policy, const std::string& prefetch,
-                                                              const std::string& profile) {
+                                                              const std::string& profile,
+                                                              const std::string& storage) {
     if (device_budget.empty() && host_budget.empty()) {
-        if (!policy.empty() || !prefetch.empty() || !profile.empty())
-            return MM_ERROR("--cache-policy, --prefetch and --profile need --device-budget or --host-budget");
+        if (!policy.empty() || !prefetch.empty() || !profile.empty() || !storage.empty())
+            return MM_ERROR("--cache-policy, --prefetch, --profile and --storage need --device-budget or --host-budget");
         return std::optional<CacheOptions>();
     }
     CacheOptions o;
@@ -130,6 +131,11 @@ StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string&
     MM_ASSIGN_OR_RETURN(o.host_bytes, size(host_budget, "--host-budget"));
     MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(policy.empty() ? "lru" : policy));
     MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(prefetch.empty() ? "none" : prefetch));
+    {
+        StatusOr<StorageMode> sm = parse_storage_mode(storage.empty() ? "auto" : storage);
+        if (!sm.ok()) return MM_ERROR("--storage: %s", sm.status().message().c_str());
+        o.storage = sm.value();
+    }
     o.profile_path = profile;
     if (o.policy == CachePolicy::kStatic && profile.empty())
         return MM_ERROR("--cache-policy static needs --profile FILE (write one with `moemesh profile`)");
@@ -384,6 +390,7 @@ StatusOr<CacheOptions> WorkerService::cache_options(const v1::CacheConfig& c) co
     o.host_bytes = c.host_bytes();
     MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(c.policy().empty() ? "lru" : c.policy()));
     MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(c.prefetch().empty() ? "none" : c.prefetch()));
+    MM_ASSIGN_OR_RETURN(o.storage, parse_storage_mode(c.storage().empty() ? "auto" : c.storage()));
     if (!c.profile_json().empty()) {
         MM_ASSIGN_OR_RETURN(o.profile, parse_expert_profile(c.profile_json(), "the handshake's expert profile"));
     }

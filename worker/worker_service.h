@@ -62,7 +62,8 @@ struct WorkerOptions {
 StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string& device_budget,
                                                               const std::string& host_budget,
                                                               const std::string& policy, const std::string& prefetch,
-                                                              const std::string& profile);
+                                                              const std::string& profile,
+                                                              const std::string& storage = "");
 
 class WorkerService final : public v1::ExpertWorker::Service {
 public:
