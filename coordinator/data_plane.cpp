@@ -15,7 +15,7 @@
 #include <cuda_runtime.h>
 #endif
 #ifdef MOEMESH_HAVE_NCCL
-#include <nccl.h>
+#include "coordinator/nccl_loader.h"
 #endif
 
 namespace moemesh {
@@ -182,13 +182,16 @@ private:
 class NcclLink final : public LinkDataPlane {
 public:
     static StatusOr<std::unique_ptr<LinkDataPlane>> create(int64_t max_rows, int64_t hidden, int device, int wdevice) {
-        std::unique_ptr<NcclLink> p(new NcclLink(max_rows, hidden, device));
+        std::string why;
+        const NcclApi* nccl = nccl_api(&why);
+        if (!nccl) return MM_ERROR("transport nccl: %s", why.c_str());
+        std::unique_ptr<NcclLink> p(new NcclLink(max_rows, hidden, device, nccl));
         MM_RETURN_IF_ERROR(p->init(wdevice));
         return std::unique_ptr<LinkDataPlane>(std::move(p));
     }
     ~NcclLink() override {
         cudaSetDevice(device_);
-        if (comm_) ncclCommAbort(comm_);
+        if (comm_) nccl_->CommAbort(comm_);
         if (stream_) cudaStreamDestroy(stream_);
         if (buf_) cudaFree(buf_);
     }
@@ -198,14 +201,14 @@ public:
         DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
         ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
         cfg.blocking = 0;  // bounded by the deadline below instead of hanging on a dead worker
-        ncclResult_t r = ncclCommInitRankConfig(&comm_, 2, id_, 0, &cfg);
-        if (r != ncclSuccess && r != ncclInProgress) return MM_ERROR("data plane nccl: ncclCommInitRank: %s", ncclGetErrorString(r));
+        ncclResult_t r = nccl_->CommInitRankConfig(&comm_, 2, id_, 0, &cfg);
+        if (r != ncclSuccess && r != ncclInProgress) return MM_ERROR("data plane nccl: ncclCommInitRank: %s", nccl_->GetErrorString(r));
         for (;;) {
             ncclResult_t state = ncclSuccess;
-            ncclCommGetAsyncError(comm_, &state);
+            nccl_->CommGetAsyncError(comm_, &state);
             if (state == ncclSuccess) return Status();
             if (state != ncclInProgress)
-                return MM_ERROR("data plane nccl: joining the communicator failed: %s", ncclGetErrorString(state));
+                return MM_ERROR("data plane nccl: joining the communicator failed: %s", nccl_->GetErrorString(state));
             if (Clock::now() > deadline)
                 return MM_ERROR("data plane nccl: the worker did not join the communicator by the deadline");
             std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -222,7 +225,7 @@ public:
             src = buf_;
         }
         // Enqueued, not waited for: it completes when the worker posts its receive.
-        MM_RETURN_IF_ERROR(check(ncclSend(src, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 1, comm_, stream_),
+        MM_RETURN_IF_ERROR(check(nccl_->Send(src, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 1, comm_, stream_),
                                  "ncclSend"));
         return Status();
     }
@@ -231,29 +234,30 @@ public:
         DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
         float* dst = on_device ? out : buf_ + max_rows_ * hidden_;
         const size_t n = static_cast<size_t>(n_rows * hidden_);
-        MM_RETURN_IF_ERROR(check(ncclRecv(dst, n, ncclFloat32, 1, comm_, stream_), "ncclRecv"));
+        MM_RETURN_IF_ERROR(check(nccl_->Recv(dst, n, ncclFloat32, 1, comm_, stream_), "ncclRecv"));
         if (!on_device)
             DP_CUDA(cudaMemcpyAsync(out, dst, sizeof(float) * n, cudaMemcpyDeviceToHost, stream_), "copying the partial sums");
         return wait_stream(stream_, deadline, "data plane nccl: receiving the partial sums", [this]() -> std::string {
             ncclResult_t s = ncclSuccess;
-            ncclCommGetAsyncError(comm_, &s);
-            return s == ncclSuccess || s == ncclInProgress ? "" : ncclGetErrorString(s);
+            nccl_->CommGetAsyncError(comm_, &s);
+            return s == ncclSuccess || s == ncclInProgress ? "" : nccl_->GetErrorString(s);
         });
     }
 
 private:
-    NcclLink(int64_t rows, int64_t hidden, int device) : LinkDataPlane(rows, hidden), device_(device) {}
+    NcclLink(int64_t rows, int64_t hidden, int device, const NcclApi* nccl)
+        : LinkDataPlane(rows, hidden), nccl_(nccl), device_(device) {}
     Status check(ncclResult_t r, const char* what) {
         if (r == ncclSuccess || r == ncclInProgress) return Status();
-        return MM_ERROR("data plane nccl: %s: %s", what, ncclGetErrorString(r));
+        return MM_ERROR("data plane nccl: %s: %s", what, nccl_->GetErrorString(r));
     }
     Status init(int wdevice) {
         DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
         DP_CUDA(cudaMalloc(reinterpret_cast<void**>(&buf_), data_plane_region_bytes(max_rows_, hidden_)),
                 "allocating the staging buffers");
         DP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-        if (ncclResult_t r = ncclGetUniqueId(&id_); r != ncclSuccess)
-            return MM_ERROR("data plane nccl: ncclGetUniqueId: %s", ncclGetErrorString(r));
+        if (ncclResult_t r = nccl_->GetUniqueId(&id_); r != ncclSuccess)
+            return MM_ERROR("data plane nccl: ncclGetUniqueId: %s", nccl_->GetErrorString(r));
         offer_.set_kind(v1::DATA_PLANE_NCCL);
         offer_.set_max_rows(static_cast<uint32_t>(max_rows_));
         offer_.set_hidden(static_cast<uint32_t>(hidden_));
@@ -262,6 +266,7 @@ private:
         offer_.set_worker_device(wdevice);
         return Status();
     }
+    const NcclApi* nccl_;
     int device_;
     float* buf_ = nullptr;  // host-staged calls: x [max_rows, hidden], then partial [max_rows, hidden]
     cudaStream_t stream_ = nullptr;
@@ -283,7 +288,11 @@ std::string LinkDataPlane::unavailable(Transport t) {
 #endif
         case Transport::kNccl:
 #if defined(MOEMESH_HAVE_CUDA) && defined(MOEMESH_HAVE_NCCL)
-            return "";
+        {
+            // Built with nccl.h; the library itself is loaded now (NcclLink::create asks again).
+            std::string why;
+            return nccl_api(&why) ? "" : "transport nccl: " + why;
+        }
 #else
             return "transport nccl needs a CUDA build that found libnccl (-DMOEMESH_CUDA=ON, NCCL installed)";
 #endif

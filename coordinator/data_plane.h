@@ -22,7 +22,8 @@ public:
     static StatusOr<std::unique_ptr<LinkDataPlane>> create(Transport t, int64_t max_rows, int64_t hidden,
                                                            int coordinator_device, int worker_device,
                                                            const std::string& worker_name);
-    // Whether this build can make a plane of this kind at all ("" if it can, else why not).
+    // Whether this build can make a plane of this kind at all ("" if it can, else why not); nccl:
+    // also whether libnccl.so.2 loads (coordinator/nccl_loader.h).
     static std::string unavailable(Transport t);
     virtual ~LinkDataPlane() = default;
     virtual const char* kind() const = 0;

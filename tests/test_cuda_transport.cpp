@@ -9,9 +9,12 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "coordinator/data_plane.h"
+#include "coordinator/nccl_loader.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/cluster_util.h"
 #include "tests/test_util.h"
+#include "worker/data_plane.h"
 
 namespace moemesh {
 namespace {
@@ -28,7 +31,13 @@ using nlohmann::json;
 constexpr const char* kTokens = "1,2,3";
 constexpr int kN = 16;
 
-std::string bin(const std::string& name) { return std::string(MOEMESH_BINARY_DIR) + "/" + name; }
+// Beside the moemesh under test (MOEMESH_BIN): the build dir, or .cudarun/bin where scripts/gpu_pack.sh
+// packs the binaries without the build tree.
+std::string bin(const std::string& name) {
+    const std::string m = moemesh_bin();
+    const size_t slash = m.rfind('/');
+    return (slash == std::string::npos ? std::string(".") : m.substr(0, slash)) + "/" + name;
+}
 
 // Same greedy tokens, same top ids, probabilities within tol. "" or what differs.
 std::string compare(const json& ref, const json& got, double tol) {
@@ -149,6 +158,45 @@ TEST_F(CudaTransport, NcclTwoWorkersOneGpuWithDistinctHostIdsMatches) {
         return e;
     };
     check_transport("nccl", with("moemesh-a"), with("moemesh-b"), with("moemesh-coordinator"));
+}
+
+// NCCL is loaded at run time, not linked: nccl is available exactly where libnccl.so.2 loads, and
+// where it does not (the packed GPU binaries on a machine without NCCL) both ends refuse it, naming
+// the library and why. Needs no device: runs everywhere, on whichever side this machine is.
+TEST(NcclLoader, TransportNcclIsAvailableExactlyWhenLibncclLoads) {
+#ifndef MOEMESH_HAVE_NCCL
+    GTEST_SKIP() << "built without nccl.h: transport nccl is not compiled in";
+#else
+    std::string why;
+    const NcclApi* api = nccl_api(&why);
+    const std::string unavailable = LinkDataPlane::unavailable(Transport::kNccl);
+    if (api) {
+        EXPECT_EQ(why, "");
+        EXPECT_EQ(unavailable, "");
+        for (const void* fn : {(const void*)api->GetErrorString, (const void*)api->GetUniqueId,
+                               (const void*)api->CommInitRank, (const void*)api->CommInitRankConfig,
+                               (const void*)api->CommGetAsyncError, (const void*)api->CommAbort,
+                               (const void*)api->Send, (const void*)api->Recv})
+            EXPECT_NE(fn, nullptr);
+        EXPECT_STREQ(api->GetErrorString(ncclSuccess), "no error");
+        EXPECT_EQ(nccl_api(), api);  // loaded once
+        return;
+    }
+    EXPECT_NE(why.find("libnccl.so.2"), std::string::npos) << why;
+    EXPECT_EQ(unavailable, "transport nccl: " + why);
+    EXPECT_EQ(LinkDataPlane::create(Transport::kNccl, 4, 8, 0, 0, "t").status().message(), unavailable);
+    // The worker's end refuses a well-formed offer with the same reason.
+    v1::DataPlaneOffer o;
+    o.set_kind(v1::DATA_PLANE_NCCL);
+    o.set_max_rows(4);
+    o.set_hidden(8);
+    o.set_nccl_unique_id(std::string(128, '\0'));
+    o.set_worker_device(0);
+    v1::DataPlaneAnswer a;
+    EXPECT_EQ(answer_data_plane_offer(o, 8, &a), nullptr);
+    EXPECT_FALSE(a.accepted());
+    EXPECT_EQ(a.reason(), "data plane nccl: " + why);
+#endif
 }
 
 }  // namespace

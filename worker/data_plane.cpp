@@ -13,7 +13,7 @@
 #include <cuda_runtime.h>
 #endif
 #ifdef MOEMESH_HAVE_NCCL
-#include <nccl.h>
+#include "coordinator/nccl_loader.h"
 #endif
 
 namespace moemesh {
@@ -196,14 +196,17 @@ private:
 class NcclPlane final : public WorkerDataPlane {
 public:
     static StatusOr<std::unique_ptr<WorkerDataPlane>> open(const v1::DataPlaneOffer& o, int64_t hidden) {
-        std::unique_ptr<NcclPlane> p(new NcclPlane(o.max_rows(), hidden, o.worker_device()));
+        std::string why;
+        const NcclApi* nccl = nccl_api(&why);
+        if (!nccl) return MM_ERROR("data plane nccl: %s", why.c_str());
+        std::unique_ptr<NcclPlane> p(new NcclPlane(o.max_rows(), hidden, o.worker_device(), nccl));
         MM_RETURN_IF_ERROR(p->init(o));
         return std::unique_ptr<WorkerDataPlane>(std::move(p));
     }
     ~NcclPlane() override {
         if (joiner_.joinable()) joiner_.join();
         cudaSetDevice(device_);
-        if (comm_) ncclCommAbort(comm_);  // abort, not destroy: the coordinator may be gone
+        if (comm_) nccl_->CommAbort(comm_);  // abort, not destroy: the coordinator may be gone
         if (d_buf_) cudaFree(d_buf_);
         if (stream_) cudaStreamDestroy(stream_);
     }
@@ -214,9 +217,9 @@ public:
         MM_RETURN_IF_ERROR(check_rows(n_rows));
         scratch->resize(static_cast<size_t>(n_rows * hidden_));
         DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
-        if (ncclResult_t r = ncclRecv(d_buf_, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
+        if (ncclResult_t r = nccl_->Recv(d_buf_, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
             r != ncclSuccess)
-            return fail(std::string("ncclRecv: ") + ncclGetErrorString(r));
+            return fail(std::string("ncclRecv: ") + nccl_->GetErrorString(r));
         DP_CUDA(cudaMemcpyAsync(scratch->data(), d_buf_, sizeof(float) * scratch->size(), cudaMemcpyDeviceToHost,
                                 stream_),
                 "copying the activations");
@@ -234,16 +237,17 @@ public:
         DP_CUDA(cudaMemcpyAsync(d_out, partial, sizeof(float) * static_cast<size_t>(n_rows * hidden_),
                                 cudaMemcpyHostToDevice, stream_),
                 "copying the partial sums");
-        if (ncclResult_t r = ncclSend(d_out, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
+        if (ncclResult_t r = nccl_->Send(d_out, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
             r != ncclSuccess)
-            return fail(std::string("ncclSend: ") + ncclGetErrorString(r));
+            return fail(std::string("ncclSend: ") + nccl_->GetErrorString(r));
         // The send completes when the coordinator posts its receive, after it read the result;
         // the next call's receive is ordered behind it on the same stream.
         return Status();
     }
 
 private:
-    NcclPlane(int64_t rows, int64_t hidden, int device) : WorkerDataPlane(rows, hidden), device_(device) {}
+    NcclPlane(int64_t rows, int64_t hidden, int device, const NcclApi* nccl)
+        : WorkerDataPlane(rows, hidden), nccl_(nccl), device_(device) {}
     Status fail(const std::string& why) {
         broken_ = why;
         return MM_ERROR("data plane nccl: %s", why.c_str());
@@ -260,7 +264,7 @@ private:
         // our handshake answer: join in the background.
         joiner_ = std::thread([this] {
             cudaSetDevice(device_);
-            init_result_ = ncclCommInitRank(&comm_, 2, id_, 1);
+            init_result_ = nccl_->CommInitRank(&comm_, 2, id_, 1);
         });
         return Status();
     }
@@ -268,10 +272,11 @@ private:
         if (joiner_.joinable()) {
             joiner_.join();
             if (init_result_ != ncclSuccess)
-                return fail(std::string("joining the coordinator's communicator: ") + ncclGetErrorString(init_result_));
+                return fail(std::string("joining the coordinator's communicator: ") + nccl_->GetErrorString(init_result_));
         }
         return Status();
     }
+    const NcclApi* nccl_;
     int device_;
     float* d_buf_ = nullptr;  // x [max_rows, hidden], then partial [max_rows, hidden]
     cudaStream_t stream_ = nullptr;
