@@ -634,6 +634,18 @@ int64_t DistributedExpertBackend::chunk_rows() const {
 }
 
 // Rows are independent, so a batch larger than the data planes' buffers goes in groups of rows.
+Status DistributedExpertBackend::collect(int w, const Status& sent, uint64_t request_id,
+                                         std::chrono::steady_clock::time_point deadline,
+                                         std::chrono::steady_clock::time_point t0, std::vector<float>* partial) {
+    Status st = sent;
+    if (st.ok()) st = links_[w]->receive(request_id, deadline, partial);
+    std::lock_guard<std::mutex> sl(stats_mu_);
+    stats_[w].calls++;
+    stats_[w].wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!st.ok()) stats_[w].failures++;
+    return st;
+}
+
 Status DistributedExpertBackend::moe_forward(int layer, const float* x, int64_t n_rows, int64_t k, const int32_t* ids,
                                              const float* weights, float* out) {
     const int64_t H = cfg_.n_embd;
@@ -734,14 +746,7 @@ Status DistributedExpertBackend::forward_rows_device(int layer, const float* d_x
     std::vector<float> unused;
     for (int w = 0; w < W; ++w) {
         if (batches[w].rows.empty()) continue;
-        Status st = sent[w];
-        if (st.ok()) st = links_[w]->receive(batches[w].request_id, deadline, &unused);
-        {
-            std::lock_guard<std::mutex> sl(stats_mu_);
-            stats_[w].calls++;
-            stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-            if (!st.ok()) stats_[w].failures++;
-        }
+        Status st = collect(w, sent[w], batches[w].request_id, deadline, t0, &unused);
         if (!st.ok()) {
             std::fprintf(stderr, "coordinator: layer %d step %llu: %s\n", layer, (unsigned long long)step_,
                          st.message().c_str());
@@ -842,14 +847,7 @@ Status DistributedExpertBackend::forward_rows(int layer, const float* x, int64_t
         std::vector<float> partial;
         for (int w = 0; w < W; ++w) {
             if (batch_pairs[w].empty()) continue;
-            Status st = sent[w];
-            if (st.ok()) st = links_[w]->receive(batches[w].request_id, deadline, &partial);
-            {
-                std::lock_guard<std::mutex> sl(stats_mu_);
-                stats_[w].calls++;
-                stats_[w].wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-                if (!st.ok()) stats_[w].failures++;
-            }
+            Status st = collect(w, sent[w], batches[w].request_id, deadline, t0, &partial);
             if (!st.ok()) {
                 std::fprintf(stderr, "coordinator: layer %d step %llu: %s\n", layer, (unsigned long long)step_,
                              st.message().c_str());

@@ -97,6 +97,9 @@ private:
     int64_t chunk_rows() const;
     Status forward_rows_device(int layer, const float* d_x, int64_t n_rows, int64_t k, const int32_t* ids,
                                const float* weights, float* d_out, void* stream);
+    // Worker w's result of request_id (when `sent` is ok), counted in its stats (a failure too).
+    Status collect(int w, const Status& sent, uint64_t request_id, std::chrono::steady_clock::time_point deadline,
+                   std::chrono::steady_clock::time_point t0, std::vector<float>* partial);
     bool usable(int w);  // connected, or reconnected now (at most every 250 ms)
     bool try_reconnect(int w, bool wait_for_lock);
     void reconnect_loop();

@@ -295,15 +295,7 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         // cuda:N: the shard to VRAM (or the cache built and warmed) in the background.
         StatusOr<std::unique_ptr<ShardStore>> planned = ShardStore::plan(*file_, cfg_, spec);
         std::lock_guard<std::mutex> lk(mu_);
-        if (!planned.ok()) {
-            load_state_ = LoadState::kFailed;
-            load_error_ = planned.status().message();
-            cv_.notify_all();
-            log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
-            resp->set_accepted(false);
-            resp->set_reason(load_error_);
-            return grpc::Status::OK;
-        }
+        if (!planned.ok()) return refuse_handshake(ctx, planned.status().message(), resp);
         static std::atomic<uint64_t> generations{0};
         cuda_generation_ = ++generations;
         cuda_shard_bytes_ = planned.value()->total_bytes();
@@ -321,14 +313,8 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         StatusOr<std::shared_ptr<ExpertCache>> made = ExpertCache::create(*file_, cfg_, spec, *cache_opts);
         std::lock_guard<std::mutex> lk(mu_);
         if (!made.ok()) {
-            load_state_ = LoadState::kFailed;
-            load_error_ = made.status().message();
             cache_config_.clear();
-            cv_.notify_all();
-            log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
-            resp->set_accepted(false);
-            resp->set_reason(load_error_);
-            return grpc::Status::OK;
+            return refuse_handshake(ctx, made.status().message(), resp);
         }
         cache_ = made.value();
         const CacheOptions& co = cache_->options();
@@ -345,15 +331,7 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
     }
     StatusOr<std::unique_ptr<ShardStore>> planned = ShardStore::plan(*file_, cfg_, spec);
     std::lock_guard<std::mutex> lk(mu_);
-    if (!planned.ok()) {
-        load_state_ = LoadState::kFailed;
-        load_error_ = planned.status().message();
-        cv_.notify_all();
-        log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
-        resp->set_accepted(false);
-        resp->set_reason(load_error_);
-        return grpc::Status::OK;
-    }
+    if (!planned.ok()) return refuse_handshake(ctx, planned.status().message(), resp);
     store_ = std::shared_ptr<ShardStore>(std::move(planned).value());
     log("handshake from %s accepted: loading %s, %.1f MiB", peer_of(ctx).c_str(), shard_summary(spec).c_str(),
         static_cast<double>(store_->total_bytes()) / (1 << 20));
@@ -382,6 +360,17 @@ void WorkerService::load_shard(std::shared_ptr<ShardStore> store) {
         log("shard load failed: %s", st.message().c_str());
     }
     cv_.notify_all();
+}
+
+grpc::Status WorkerService::refuse_handshake(grpc::ServerContext* ctx, const std::string& why,
+                                             v1::HandshakeResponse* resp) {
+    load_state_ = LoadState::kFailed;
+    load_error_ = why;
+    cv_.notify_all();
+    log("refused handshake from %s: %s", peer_of(ctx).c_str(), load_error_.c_str());
+    resp->set_accepted(false);
+    resp->set_reason(load_error_);
+    return grpc::Status::OK;
 }
 
 StatusOr<CacheOptions> WorkerService::cache_options(const v1::CacheConfig& c) const {

@@ -104,6 +104,9 @@ private:
     std::string wait_ready(grpc::ServerContext* ctx);
     void load_shard(std::shared_ptr<ShardStore> store);
     void warm_cache(std::shared_ptr<ExpertCache> cache);
+    // The shard cannot be served: records the load failure (caller holds mu_), logs it, and answers
+    // the handshake with accepted = false and the reason.
+    grpc::Status refuse_handshake(grpc::ServerContext* ctx, const std::string& why, v1::HandshakeResponse* resp);
     StatusOr<CacheOptions> cache_options(const v1::CacheConfig& c) const;
     // cuda:N: builds the CudaExpertCompute (copies the shard to VRAM, or warms the cache) in the loader.
     void load_cuda(uint64_t generation, ShardSpec spec, std::optional<CacheOptions> cache);
