@@ -18,9 +18,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-B="$ROOT/.cudarun/bin"
+RUN="$ROOT/.cudarun"
+if [ -f "$RUN/pack.tar.gz" ]; then
+  RUN=${TMPDIR:-/tmp}/moemesh-cudarun
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar -C "$RUN" -xzf "$ROOT/.cudarun/pack.tar.gz"
+fi
+B="$RUN/bin"
 [ -x "$B/moemesh" ] || { echo "gpu_check.sh: $B/moemesh missing: run scripts/gpu_pack.sh first and carry .cudarun" >&2; exit 2; }
-export LD_LIBRARY_PATH="$ROOT/.cudarun/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$RUN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export MOEMESH_BIN="$B/moemesh"
 OUT=${OUT:-/tmp/gpu-check-out}; mkdir -p "$OUT"
 D=${TMPDIR:-/tmp}/gpu-check; mkdir -p "$D"
