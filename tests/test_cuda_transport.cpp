@@ -3,6 +3,9 @@
 // NCCL_HOSTID, which makes NCCL take its network path, since one device cannot host two ranks
 // otherwise). Output must equal the same cluster over `transport: unix` (activations in the gRPC
 // messages, host staging: the same worker arithmetic), and its greedy tokens the single process's.
+// Workers on the CPU stage the plane's rows through host memory; workers on cuda:0 (the plane's
+// device) compute on the plane's device buffers in place (CudaExpertCompute::compute_device), which
+// the workers' logs must say — and still match their own unix run, which computes through host memory.
 // Each test skips with "no CUDA device: <reason>" where there is no GPU or driver.
 #include <gtest/gtest.h>
 
@@ -71,12 +74,14 @@ protected:
         sock_ = "/tmp/mmcut-" + std::to_string(getpid());
     }
 
-    // Starts worker `name` with extra environment (NCCL_HOSTID); returns false with the log.
-    ::testing::AssertionResult start_worker(Child* c, const std::string& name, const std::vector<std::string>& env) {
+    // Starts worker `name` with extra environment (NCCL_HOSTID), computing on `device` ("cpu",
+    // "cuda:0"); returns false with the log.
+    ::testing::AssertionResult start_worker(Child* c, const std::string& name, const std::vector<std::string>& env,
+                                            const std::string& device) {
         std::vector<std::string> argv = {"/usr/bin/env"};
         argv.insert(argv.end(), env.begin(), env.end());
         argv.insert(argv.end(), {bin("moemesh-worker"), "--model", model_, "--listen", "unix:" + sock_ + "-" + name,
-                                 "--name", name, "--threads", "2"});
+                                 "--name", name, "--threads", "2", "--device", device});
         const std::string err = dir_ + "/" + name + ".err";
         if (!c->start(argv, err)) return ::testing::AssertionFailure() << "cannot start the worker";
         if (!wait_for_log(err, "listening on ", 30))
@@ -123,11 +128,14 @@ protected:
         }
     }
 
+    // worker_device: where both workers compute ("cpu": the plane's rows staged through host memory;
+    // "cuda:0": in place on the plane's device buffers).
     void check_transport(const std::string& transport, const std::vector<std::string>& env_a,
-                         const std::vector<std::string>& env_b, const std::vector<std::string>& env_coord) {
+                         const std::vector<std::string>& env_b, const std::vector<std::string>& env_coord,
+                         const std::string& worker_device) {
         Child a, b;
-        ASSERT_TRUE(start_worker(&a, "a", env_a));
-        ASSERT_TRUE(start_worker(&b, "b", env_b));
+        ASSERT_TRUE(start_worker(&a, "a", env_a, worker_device));
+        ASSERT_TRUE(start_worker(&b, "b", env_b, worker_device));
         std::string err;
         const json single = run("", {}, &err);
         ASSERT_TRUE(single.contains("greedy")) << err;
@@ -138,8 +146,18 @@ protected:
         EXPECT_NE(err.find("over " + transport), std::string::npos) << err;
         EXPECT_EQ(compare(staged, oob, 1e-6), "") << err;
         EXPECT_EQ(single["greedy"], oob["greedy"]) << err;
-        EXPECT_NE(read_file(dir_ + "/a.err").find("data plane " + transport + " from "), std::string::npos)
-            << read_file(dir_ + "/a.err");
+        const std::string how = worker_device == "cpu"
+                                    ? ", staged through host memory: this worker computes on the CPU"
+                                    : ", in place on " + worker_device;
+        for (const char* w : {"a", "b"}) {
+            const std::string log = read_file(dir_ + "/" + w + ".err");
+            EXPECT_NE(log.find("data plane " + transport + " from "), std::string::npos) << log;
+            EXPECT_NE(log.find(" rows x 128" + how + "\n"), std::string::npos) << "worker " << w << ":\n" << log;
+        }
+    }
+
+    static std::vector<std::string> nccl_env(const char* host_id) {
+        return {"NCCL_SOCKET_IFNAME=lo", "NCCL_IB_DISABLE=1", std::string("NCCL_HOSTID=") + host_id};
     }
 
     std::string dir_, model_, sock_;
@@ -147,17 +165,21 @@ protected:
 };
 
 TEST_F(CudaTransport, CudaIpcTwoWorkersOneGpuMatchesStagedAndSingleProcess) {
-    check_transport("cuda-ipc", {}, {}, {});
+    check_transport("cuda-ipc", {}, {}, {}, "cpu");
 }
 
 TEST_F(CudaTransport, NcclTwoWorkersOneGpuWithDistinctHostIdsMatches) {
-    const std::vector<std::string> common = {"NCCL_SOCKET_IFNAME=lo", "NCCL_IB_DISABLE=1"};
-    auto with = [&](const char* id) {
-        std::vector<std::string> e = common;
-        e.push_back(std::string("NCCL_HOSTID=") + id);
-        return e;
-    };
-    check_transport("nccl", with("moemesh-a"), with("moemesh-b"), with("moemesh-coordinator"));
+    check_transport("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"), "cpu");
+}
+
+// Workers computing on cuda:0, the device of the coordinator's region: in place, no host copies.
+TEST_F(CudaTransport, CudaIpcWorkersOnTheGpuComputeInPlace) {
+    check_transport("cuda-ipc", {}, {}, {}, "cuda:0");
+}
+
+// Workers computing on cuda:0, where their receive/send buffers are: recv → compute → send on one stream.
+TEST_F(CudaTransport, NcclWorkersOnTheGpuComputeInPlace) {
+    check_transport("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"), "cuda:0");
 }
 
 // NCCL is loaded at run time, not linked: nccl is available exactly where libnccl.so.2 loads, and

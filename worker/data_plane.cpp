@@ -72,6 +72,26 @@ Status WorkerDataPlane::check_rows(int64_t n_rows) const {
     return Status();
 }
 
+std::string WorkerDataPlane::in_place_on(int compute_device) const {
+    if (device() < 0) return str_printf("the %s buffers are host memory", kind());
+    if (compute_device < 0) return "this worker computes on the CPU";
+    const int b = buffer_device();
+    if (b < 0) return str_printf("the driver did not say which device holds the %s buffers", kind());
+    if (b != compute_device || device() != compute_device)
+        return str_printf("the %s buffers are on cuda:%d (opened on cuda:%d, the YAML's worker device), this worker "
+                          "computes on cuda:%d",
+                          kind(), b, device(), compute_device);
+    return "";
+}
+
+StatusOr<const float*> WorkerDataPlane::device_activations(int64_t) {
+    return MM_ERROR("data plane %s: its buffers cannot be used in place by a GPU compute", kind());
+}
+
+Status WorkerDataPlane::publish_device(int64_t) {
+    return MM_ERROR("data plane %s: its buffers cannot be used in place by a GPU compute", kind());
+}
+
 namespace {
 
 // ---- shm: the coordinator's shared-memory object, mapped here ----
@@ -128,8 +148,8 @@ private:
     } while (0)
 
 // ---- cuda-ipc: the coordinator's device region, opened through its IPC handle ----
-// The worker computes on the host today (ExpertCompute), so the rows are staged through host
-// memory on this side; the coordinator's side is device to device.
+// In place (a worker on the region's device) or staged through host memory (a CPU worker, or
+// another device); the coordinator's side is device to device either way.
 class CudaIpcPlane final : public WorkerDataPlane {
 public:
     static StatusOr<std::unique_ptr<WorkerDataPlane>> open(const v1::DataPlaneOffer& o, int64_t hidden) {
@@ -169,6 +189,21 @@ public:
         DP_CUDA(cudaStreamSynchronize(stream_), "copying the partial sums");
         return Status();
     }
+    int buffer_device() const override { return buffer_device_; }
+    StatusOr<const float*> device_activations(int64_t n_rows) override {
+        MM_RETURN_IF_ERROR(check_rows(n_rows));
+        // Complete already: the coordinator synchronizes its copy into the region before it writes the call.
+        return static_cast<const float*>(base_);
+    }
+    float* device_partial() override { return static_cast<float*>(base_) + max_rows_ * hidden_; }
+    void* stream() const override { return stream_; }
+    Status publish_device(int64_t n_rows) override {
+        MM_RETURN_IF_ERROR(check_rows(n_rows));
+        DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
+        // The partial sums were computed on stream_: complete before the result (the signal) is written.
+        DP_CUDA(cudaStreamSynchronize(stream_), "computing the partial sums");
+        return Status();
+    }
 
 private:
     CudaIpcPlane(int64_t rows, int64_t hidden, int device) : WorkerDataPlane(rows, hidden), device_(device) {}
@@ -183,9 +218,17 @@ private:
         DP_CUDA(cudaIpcOpenMemHandle(&base_, h, cudaIpcMemLazyEnablePeerAccess),
                 "cannot open the coordinator's IPC handle (another host, or a GPU without peer access?)");
         DP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+        // Where the region lives, in this process's device numbering (the offer's coordinator_device
+        // is the coordinator's, which differs under other CUDA_VISIBLE_DEVICES). Unknown: staged.
+        cudaPointerAttributes attr{};
+        if (cudaPointerGetAttributes(&attr, base_) == cudaSuccess && attr.type == cudaMemoryTypeDevice)
+            buffer_device_ = attr.device;
+        else
+            (void)cudaGetLastError();
         return Status();
     }
     int device_;
+    int buffer_device_ = -1;
     void* base_ = nullptr;
     cudaStream_t stream_ = nullptr;
 };
@@ -213,13 +256,8 @@ public:
     const char* kind() const override { return "nccl"; }
     int device() const override { return device_; }
     StatusOr<const float*> activations(int64_t n_rows, std::vector<float>* scratch) override {
-        MM_RETURN_IF_ERROR(joined());
-        MM_RETURN_IF_ERROR(check_rows(n_rows));
+        MM_RETURN_IF_ERROR(receive(n_rows));
         scratch->resize(static_cast<size_t>(n_rows * hidden_));
-        DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
-        if (ncclResult_t r = nccl_->Recv(d_buf_, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
-            r != ncclSuccess)
-            return fail(std::string("ncclRecv: ") + nccl_->GetErrorString(r));
         DP_CUDA(cudaMemcpyAsync(scratch->data(), d_buf_, sizeof(float) * scratch->size(), cudaMemcpyDeviceToHost,
                                 stream_),
                 "copying the activations");
@@ -233,16 +271,24 @@ public:
     Status publish(int64_t n_rows, const float* partial) override {
         MM_RETURN_IF_ERROR(check_rows(n_rows));
         DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
-        float* d_out = d_buf_ + max_rows_ * hidden_;
-        DP_CUDA(cudaMemcpyAsync(d_out, partial, sizeof(float) * static_cast<size_t>(n_rows * hidden_),
+        DP_CUDA(cudaMemcpyAsync(device_partial(), partial, sizeof(float) * static_cast<size_t>(n_rows * hidden_),
                                 cudaMemcpyHostToDevice, stream_),
                 "copying the partial sums");
-        if (ncclResult_t r = nccl_->Send(d_out, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
-            r != ncclSuccess)
-            return fail(std::string("ncclSend: ") + nccl_->GetErrorString(r));
-        // The send completes when the coordinator posts its receive, after it read the result;
-        // the next call's receive is ordered behind it on the same stream.
-        return Status();
+        return send(n_rows);
+    }
+    int buffer_device() const override { return device_; }
+    // In place: nothing waits on the host; the receive, the compute (on stream()) and the send are
+    // ordered on stream_, and so is the next call's receive behind this call's send.
+    StatusOr<const float*> device_activations(int64_t n_rows) override {
+        MM_RETURN_IF_ERROR(receive(n_rows));
+        return static_cast<const float*>(d_buf_);
+    }
+    float* device_partial() override { return d_buf_ + max_rows_ * hidden_; }
+    void* stream() const override { return stream_; }
+    Status publish_device(int64_t n_rows) override {
+        MM_RETURN_IF_ERROR(check_rows(n_rows));
+        DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
+        return send(n_rows);
     }
 
 private:
@@ -251,6 +297,26 @@ private:
     Status fail(const std::string& why) {
         broken_ = why;
         return MM_ERROR("data plane nccl: %s", why.c_str());
+    }
+    // x [n_rows, hidden] into d_buf_, queued on stream_.
+    Status receive(int64_t n_rows) {
+        MM_RETURN_IF_ERROR(joined());
+        MM_RETURN_IF_ERROR(check_rows(n_rows));
+        DP_CUDA(cudaSetDevice(device_), "cudaSetDevice");
+        if (ncclResult_t r = nccl_->Recv(d_buf_, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_, stream_);
+            r != ncclSuccess)
+            return fail(std::string("ncclRecv: ") + nccl_->GetErrorString(r));
+        return Status();
+    }
+    // The partial sums [n_rows, hidden] from device_partial(), queued on stream_ behind whatever wrote them.
+    // The send completes when the coordinator posts its receive, after it read the result; the next
+    // call's receive is ordered behind it on the same stream.
+    Status send(int64_t n_rows) {
+        if (ncclResult_t r = nccl_->Send(device_partial(), static_cast<size_t>(n_rows * hidden_), ncclFloat32, 0, comm_,
+                                         stream_);
+            r != ncclSuccess)
+            return fail(std::string("ncclSend: ") + nccl_->GetErrorString(r));
+        return Status();
     }
     Status init(const v1::DataPlaneOffer& o) {
         int n = 0;

@@ -15,6 +15,13 @@
 //   get(partial rows) ─ nccl: ncclRecv           (a failed call publishes nothing; the coordinator
 //                                                 then reads nothing)
 //
+// In place: a worker computing with CudaExpertCompute on the device that holds the plane's buffers
+// (in_place_on(): nccl, its own buffers on the offer's worker device; cuda-ipc, the coordinator's
+// region when the driver puts it on that same device) skips the host: device_activations() →
+// compute_device(x, partial = device_partial(), stream()) → publish_device(). nccl orders all three
+// on the plane's stream (recv → compute → send); cuda-ipc synchronizes it before the result is written.
+// Anything else (a CPU worker, another device, shm) uses activations() / partial_buffer() / publish().
+//
 // Buffer layout of the shm and cuda-ipc region, f32, row-major:
 //   [0, max_rows × hidden)                 x        rows 0..n_rows-1 of the call
 //   [max_rows × hidden, 2 × max_rows × hidden)   partial  rows 0..n_rows-1 of the result
@@ -64,6 +71,26 @@ public:
     // shm, *scratch otherwise), and publish() hands them to the coordinator.
     virtual float* partial_buffer(int64_t n_rows, std::vector<float>* scratch) = 0;
     virtual Status publish(int64_t n_rows, const float* partial) = 0;
+
+    // The CUDA device whose memory holds the buffers (nccl: device(); cuda-ipc: the coordinator's
+    // region, as the driver reports it); -1: host memory, or not known.
+    virtual int buffer_device() const { return -1; }
+    // "" when a worker computing on CUDA device compute_device (-1: the CPU) can use the buffers in
+    // place, else why the rows go through host memory.
+    std::string in_place_on(int compute_device) const;
+    // In place only (in_place_on() == ""). The call's activations [n_rows, hidden] f32 in device
+    // memory, ready on stream() (nccl: the receive is queued there; called once per call, like
+    // activations()); where the partial sums go; the stream (a cudaStream_t) to compute on; and the
+    // hand-over once they are computed on it (nccl: the send queued behind them; cuda-ipc: the stream
+    // synchronized, since the gRPC result is the coordinator's signal).
+    virtual StatusOr<const float*> device_activations(int64_t n_rows);
+    virtual float* device_partial() { return nullptr; }
+    virtual void* stream() const { return nullptr; }
+    virtual Status publish_device(int64_t n_rows);
+    // Which of the two paths serve_call takes for this plane: set once at the handshake, before
+    // the plane is shared.
+    void use_in_place(bool on) { in_place_ = on; }
+    bool in_place() const { return in_place_; }
     // After an error that may have broken the pairing (nccl): the plane refuses further calls.
     bool broken() const { return !broken_.empty(); }
     const std::string& broken_reason() const { return broken_; }
@@ -73,6 +100,7 @@ protected:
     Status check_rows(int64_t n_rows) const;
     int64_t max_rows_, hidden_;
     std::string broken_;
+    bool in_place_ = false;
 };
 
 // The worker's side of a handshake that offers a data plane: opens it and fills *answer

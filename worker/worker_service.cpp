@@ -231,10 +231,16 @@ grpc::Status WorkerService::Handshake(grpc::ServerContext* ctx, const v1::Handsh
         std::shared_ptr<WorkerDataPlane> plane;
         if (req->has_data_plane()) {
             plane = answer_data_plane_offer(req->data_plane(), cfg_.n_embd, resp->mutable_data_plane());
-            if (plane)
-                log("data plane %s from %s: %u rows x %lld", plane->kind(), peer_of(ctx).c_str(),
-                    req->data_plane().max_rows(), static_cast<long long>(cfg_.n_embd));
-            else
+            if (plane) {
+                // A GPU plane on this worker's compute device is used in place (no host copies).
+                const std::string staged = plane->in_place_on(device_);
+                plane->use_in_place(plane->device() >= 0 && staged.empty());
+                const std::string how = plane->device() < 0 ? ""
+                                        : staged.empty()    ? str_printf(", in place on cuda:%d", device_)
+                                                            : ", staged through host memory: " + staged;
+                log("data plane %s from %s: %u rows x %lld%s", plane->kind(), peer_of(ctx).c_str(),
+                    req->data_plane().max_rows(), static_cast<long long>(cfg_.n_embd), how.c_str());
+            } else
                 log("refused the data plane of %s: %s", peer_of(ctx).c_str(), resp->data_plane().reason().c_str());
         }
         std::lock_guard<std::mutex> lk(mu_);
@@ -526,9 +532,11 @@ std::string WorkerService::wait_ready(grpc::ServerContext* ctx) {
 std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::ExpertCall& call, v1::ExpertResult* res,
                                       std::vector<float>* x, std::vector<float>* y) {
     // Out of band: the rows come out of the data plane before anything else (nccl pairs each of
-    // the coordinator's sends with a receive here, whatever becomes of the call).
+    // the coordinator's sends with a receive here, whatever becomes of the call). In place, xin and
+    // yout are the plane's device buffers and the compute runs on the plane's stream.
     const float* xin = nullptr;
     std::shared_ptr<WorkerDataPlane> plane;
+    bool in_place = false;
     if (call.out_of_band()) {
         {
             std::lock_guard<std::mutex> lk(mu_);
@@ -537,7 +545,9 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
         if (!plane) return "an out-of-band call, but no data plane was accepted at the handshake";
         if (call.hidden() != cfg_.n_embd)
             return str_printf("hidden %u != the model's %lld", call.hidden(), static_cast<long long>(cfg_.n_embd));
-        StatusOr<const float*> got = plane->activations(call.n_rows(), x);
+        in_place = plane->in_place();
+        StatusOr<const float*> got =
+            in_place ? plane->device_activations(call.n_rows()) : plane->activations(call.n_rows(), x);
         if (!got.ok()) return got.status().message();
         xin = got.value();
     }
@@ -592,9 +602,16 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
         }
         xin = x->data();
     }
-    y->resize(static_cast<size_t>(n_rows * H));
     // shm: straight into the shared region (read by the coordinator only after our result).
-    float* yout = plane ? plane->partial_buffer(n_rows, y) : y->data();
+    float* yout = nullptr;
+    if (in_place) {
+        yout = plane->device_partial();
+    } else if (plane) {
+        yout = plane->partial_buffer(n_rows, y);
+    } else {
+        y->resize(static_cast<size_t>(n_rows * H));
+        yout = y->data();
+    }
     for (;;) {
         std::unique_lock<std::mutex> ck(compute_mu_);
         if (!compute_ && !cuda_) {
@@ -611,10 +628,18 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
                                   static_cast<long long>(p), experts[p], call.layer());
         }
         const auto t0 = Clock::now();
-        Status st = cuda_ ? cuda_->compute(static_cast<int>(call.layer()), xin, n_rows, rows.data(),
-                                           experts.data(), weights.data(), n_pairs, yout)
-                          : compute_->compute(static_cast<int>(call.layer()), xin, n_rows, rows.data(),
-                                              experts.data(), weights.data(), n_pairs, yout);
+        const int layer = static_cast<int>(call.layer());
+        Status st;
+        if (in_place) {
+            // in_place_on(device_) held: device_ >= 0, and a cuda:N worker computes only with cuda_.
+            st = cuda_ ? cuda_->compute_device(layer, xin, n_rows, rows.data(), experts.data(), weights.data(),
+                                               n_pairs, yout, plane->stream())
+                       : Status::error("an in-place data plane, but this worker has no GPU compute");
+        } else if (cuda_) {
+            st = cuda_->compute(layer, xin, n_rows, rows.data(), experts.data(), weights.data(), n_pairs, yout);
+        } else {
+            st = compute_->compute(layer, xin, n_rows, rows.data(), experts.data(), weights.data(), n_pairs, yout);
+        }
         busy_ns_ += static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count());
         if (!st.ok()) return st.message();
@@ -623,7 +648,7 @@ std::string WorkerService::serve_call(grpc::ServerContext* ctx, const v1::Expert
     // Partial sums → the data plane, or the call's dtype in the message.
     std::string* out = res->mutable_partial();
     if (plane) {
-        Status st = plane->publish(n_rows, yout);
+        Status st = in_place ? plane->publish_device(n_rows) : plane->publish(n_rows, yout);
         if (!st.ok()) return st.message();
         res->set_out_of_band(true);
     } else if (call.dtype() == v1::DTYPE_BF16) {
