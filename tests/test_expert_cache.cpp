@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -410,6 +411,110 @@ TEST(ExpertCache, ReadErrorsReachTheRequesterAndNothingIsCached) {
     f.cache->release(t);
 }
 
+// A call's experts announced with will_need: the absent ones reach the reader as one batch, the
+// call's resident ones are kept (its own misses do not evict them), and acquire takes what was kept.
+TEST(ExpertCache, CallMissesAreReadAsOneBatch) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(1, 8, 4, o);
+    run_trace(*f.cache, {0});
+    const int32_t call[] = {0, 1, 2, 3};
+    ASSERT_TRUE(f.cache->will_need(0, call, 4).ok());
+    EXPECT_EQ(f.reader->batches, (std::vector<size_t>{3}));  // 1, 2, 3 together; 0 was resident
+    EXPECT_EQ(f.reader->total(), 4);
+    run_trace(*f.cache, {0, 1, 2, 3});  // bytes checked; nothing read again
+    f.cache->end_call();
+    EXPECT_EQ(f.reader->total(), 4);
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.misses, 4u);  // the batch's loads are the call's misses...
+    EXPECT_EQ(s.hits, 1u);    // ...and its acquires of them not hits again
+    EXPECT_EQ(s.miss_bytes, 4 * 750u);
+    EXPECT_EQ(s.pinned_entries, 0u);  // every kept pin went back
+    EXPECT_TRUE(f.cache->device().eviction_log().empty());
+    // Announced but never acquired (a call that failed half-way): end_call drops the pins, and a
+    // later request for it is a hit.
+    const int32_t call2[] = {4, 5};
+    ASSERT_TRUE(f.cache->will_need(0, call2, 2).ok());
+    EXPECT_EQ(f.cache->device().stats().pinned_entries, 2u);
+    f.cache->end_call();
+    EXPECT_EQ(f.cache->device().stats().pinned_entries, 0u);
+    run_trace(*f.cache, {4});
+    EXPECT_EQ(f.cache->device().stats().hits, 2u);
+    EXPECT_LE(f.cache->device().stats().peak_used, o.device_bytes);
+}
+
+TEST(ExpertCache, CallLargerThanTheBudgetBatchesWhatFitsAndKeepsItsResidentExperts) {
+    CacheOptions o;
+    o.device_bytes = 3 * entry_charge();
+    Fake f = make_cache(1, 8, 5, o);
+    run_trace(*f.cache, {4, 5});
+    // Call {0..4} into capacity 3 holding [4, 5]: it does not fit, so one entry of room stays
+    // reclaimable: 4 is kept, 0 is read (one batch of one, into the free entry), 1..3 go one by
+    // one. Their misses evict 5, then what the call is done with (0, 1), never 4: without keeping,
+    // LRU would have evicted 4 first and read it again at the end of the call.
+    const int32_t call[] = {0, 1, 2, 3, 4};
+    ASSERT_TRUE(f.cache->will_need(0, call, 5).ok());
+    EXPECT_EQ(f.reader->batches, (std::vector<size_t>{1}));
+    run_trace(*f.cache, {0, 1, 2, 3, 4});
+    f.cache->end_call();
+    EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 5}, {0, 0}, {0, 1}}));
+    EXPECT_EQ(f.reader->total(), 2 + 4);
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.misses, 2u + 4u);
+    EXPECT_EQ(s.hits, 1u);
+    EXPECT_LE(s.peak_used, o.device_bytes);
+    EXPECT_EQ(s.transient, 0u);
+    // A budget of one expert: nothing can be kept; every expert goes through acquire.
+    o.device_bytes = entry_charge();
+    Fake g = make_cache(1, 8, 5, o);
+    ASSERT_TRUE(g.cache->will_need(0, call, 5).ok());
+    EXPECT_TRUE(g.reader->batches.empty());
+    run_trace(*g.cache, {0, 1, 2, 3, 4});
+    g.cache->end_call();
+    EXPECT_EQ(g.reader->total(), 5);
+    EXPECT_LE(g.cache->device().stats().peak_used, o.device_bytes);
+    EXPECT_EQ(g.cache->device().stats().transient, 0u);
+}
+
+TEST(ExpertCache, ReadErrorInACallBatchIsTheAcquiresErrorAndNothingIsCached) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(2, 8, 2, o);
+    f.reader->fail_from_layer = 1;
+    const int32_t call[] = {2, 3};
+    Status batch = f.cache->will_need(1, call, 2);
+    f.cache->end_call();
+    ASSERT_FALSE(batch.ok());
+    EXPECT_NE(batch.message().find("loading layer 1 expert 2"), std::string::npos) << batch.message();
+    EXPECT_NE(batch.message().find("blk.1.ffn_gate_exps.weight"), std::string::npos) << batch.message();
+    EXPECT_EQ(f.reader->batches, (std::vector<size_t>{2}));
+    EXPECT_EQ(f.cache->device().stats().used, 0u);
+    EXPECT_EQ(f.cache->device().stats().errors, 2u);
+    EXPECT_EQ(f.cache->device().stats().pinned_entries, 0u);
+    ExpertSlice s;
+    void* t = nullptr;
+    Status one = f.cache->acquire(1, 2, &s, &t);  // the same expert the usual way: the same words
+    ASSERT_FALSE(one.ok());
+    EXPECT_EQ(one.message(), batch.message());
+    // Single-flight with the batch: a request for an expert the batch is reading waits for it.
+    f.reader->fail_from_layer = -1;
+    f.reader->delay_ms = 100;
+    const int32_t call0[] = {5, 6};
+    std::thread other([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        ExpertSlice s2;
+        void* t2 = nullptr;
+        ASSERT_TRUE(f.cache->acquire(0, 6, &s2, &t2).ok());
+        EXPECT_EQ(s2.gate[0], 6);
+        f.cache->release(t2);
+    });
+    ASSERT_TRUE(f.cache->will_need(0, call0, 2).ok());
+    other.join();
+    run_trace(*f.cache, {5, 6});
+    f.cache->end_call();
+    EXPECT_EQ((f.reader->reads[{0, 6}]), 1);
+}
+
 TEST(ExpertCache, ShardRestrictsWhatIsHeld) {
     CacheOptions o;
     Fake f = make_cache(2, 8, 1, o, {{1, 2}, {7}});
@@ -493,6 +598,15 @@ TEST(ExpertCacheFile, TruncatedFileGivesAClearErrorNotAWrongAnswer) {
     EXPECT_TRUE(compute.compute(last_layer, x.data(), 1, &row, &e0, &w, 1, y.data()).ok());  // still cached
     const std::string line = cache.value()->stats_line();
     EXPECT_NE(line.find("2 errors"), std::string::npos) << line;  // both failed reads are counted
+    // A call of two uncached experts reads them as one batch: the cut one's error is the call's,
+    // worded as the acquire's above.
+    int third = 0;
+    while (third == other || third == last_expert) ++third;
+    const int32_t rows2[] = {0, 0}, pair[] = {third, last_expert};
+    const float w2[] = {0.5f, 0.5f};
+    Status call = compute.compute(last_layer, x.data(), 1, rows2, pair, w2, 2, y.data());
+    ASSERT_FALSE(call.ok());
+    EXPECT_EQ(call.message(), st.message());
 }
 
 TEST(ExpertCacheFile, ComputeThroughTheCacheEqualsTheMappedFile) {
@@ -537,6 +651,104 @@ TEST(ExpertCacheFile, ComputeThroughTheCacheEqualsTheMappedFile) {
         EXPECT_EQ(a, b) << "layer " << l;
     }
     EXPECT_LE(cache.value()->device().stats().peak_used, o.device_bytes);
+}
+
+// Counts how the cache reads the file: batches (read_experts) and single reads.
+class CountingReader final : public ExpertReader {
+public:
+    explicit CountingReader(std::unique_ptr<FileExpertReader> r) : r_(std::move(r)) {}
+    Status read_expert(int layer, int expert, uint8_t* dst) override {
+        singles++;
+        return r_->read_expert(layer, expert, dst);
+    }
+    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out) override {
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            batches.push_back(rs.size());
+        }
+        r_->read_experts(rs, out);
+    }
+    std::unique_ptr<FileExpertReader> r_;
+    std::mutex mu;
+    std::vector<size_t> batches;
+    std::atomic<int> singles{0};
+};
+
+// ExpertCompute announces each call's experts: with room for them, a call's misses are one batch
+// of the file; with less, what fits is batched and the rest read one by one; outputs are
+// bit-identical to the mapped file's in every case.
+TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
+    auto f = GgufFile::open(model_path());
+    ASSERT_TRUE(f.ok());
+    auto cfg = load_model_config(*f.value());
+    ASSERT_TRUE(cfg.ok());
+    const ModelConfig& c = cfg.value();
+    auto tables = map_expert_tables(*f.value(), c);
+    ASSERT_TRUE(tables.ok());
+    ThreadPool pool(2);
+    ExpertCompute ref(c, pool, tables.value());
+    std::mt19937 rng(9);
+    std::uniform_real_distribution<float> u(-1, 1);
+    const int64_t n_rows = 5, H = c.n_embd;
+    std::vector<float> x(static_cast<size_t>(n_rows * H));
+    for (auto& v : x) v = u(rng);
+    std::vector<int32_t> rows, experts;
+    std::vector<float> weights;
+    for (int r = 0; r < n_rows; ++r)
+        for (int j = 0; j < 4; ++j) {
+            rows.push_back(r);
+            experts.push_back(static_cast<int32_t>((r * 5 + j * 3) % c.n_expert));
+            weights.push_back(u(rng));
+        }
+    const size_t distinct = std::set<int32_t>(experts.begin(), experts.end()).size();
+    ASSERT_GE(distinct, 4u);
+    auto probe = FileExpertReader::open(*f.value(), c);
+    ASSERT_TRUE(probe.ok());
+    const uint64_t entry = HostTierMemory().charge(probe.value()->layouts()[0].size) + kCacheEntryOverhead;
+    for (uint64_t entries : {uint64_t{0}, uint64_t{3}, uint64_t{1}}) {  // 0: unlimited
+        SCOPED_TRACE("budget of " + std::to_string(entries) + " entries");
+        auto file = FileExpertReader::open(*f.value(), c);
+        ASSERT_TRUE(file.ok());
+        std::vector<ExpertLayout> layouts = file.value()->layouts();
+        std::vector<ExpertTypes> types = file.value()->types();
+        auto counting = std::make_unique<CountingReader>(std::move(file).value());
+        CountingReader* reads = counting.get();
+        CacheOptions o;
+        o.device_bytes = entries * entry;
+        auto cache = ExpertCache::create_with_reader(std::move(counting), layouts, types, static_cast<int>(c.n_expert),
+                                                     static_cast<int>(c.n_expert_used), {}, o);
+        ASSERT_TRUE(cache.ok()) << cache.status().message();
+        ExpertCompute got(c, pool, cache.value());
+        for (int l = 0; l < c.n_layer; ++l)
+            for (int rep = 0; rep < 2; ++rep) {
+                std::vector<float> a(x.size()), b(x.size());
+                ASSERT_TRUE(ref.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
+                                        static_cast<int64_t>(rows.size()), a.data())
+                                .ok());
+                ASSERT_TRUE(got.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
+                                        static_cast<int64_t>(rows.size()), b.data())
+                                .ok());
+                EXPECT_EQ(a, b) << "layer " << l << " rep " << rep;
+                if (l == 0 && rep == 0) {  // a fresh cache: every expert of the call is a miss
+                    std::vector<size_t> want_batches;
+                    if (entries == 0) want_batches = {distinct};
+                    if (entries == 3) want_batches = {2};  // 3 entries less one kept free
+                    EXPECT_EQ(reads->batches, want_batches);
+                    EXPECT_EQ(reads->singles.load(), static_cast<int>(distinct - (entries == 0 ? distinct : entries == 3 ? 2 : 0)));
+                }
+            }
+        const TierStats s = cache.value()->device().stats();
+        if (entries == 0) {  // one batch per layer, the second call of each all hits
+            EXPECT_EQ(reads->batches, std::vector<size_t>(static_cast<size_t>(c.n_layer), distinct));
+            EXPECT_EQ(reads->singles.load(), 0);
+            EXPECT_EQ(s.hits, s.misses);
+        }
+        if (entries == 1) EXPECT_TRUE(reads->batches.empty());
+        EXPECT_EQ(s.misses, s.fills);  // every read was a request's miss, each counted once
+        EXPECT_EQ(s.pinned_entries, 0u);
+        EXPECT_EQ(s.transient, 0u);
+        if (entries) EXPECT_LE(s.peak_used, o.device_bytes);
+    }
 }
 
 // ---- offload mode: `moemesh run --device-budget` -----------------------------------------------

@@ -136,6 +136,7 @@ struct CacheTier::Entry {
     bool forever = false;     // static hot set
     bool in_map = false;      // false: transient, or failed and removed
     bool demanded = false;    // a request waited for this load (its bytes are in miss_bytes)
+    bool batched = false;     // loaded by a call's keep_for_call, which counted its miss: no hit at take
     uint64_t last_use = 0;
     std::string error;
 };
@@ -460,33 +461,13 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     for (auto& sp : spares)
         if (sp.second) mem_->free(sp.second, sp.first);
     lk.unlock();
-    const auto tf = Clock::now();
-    std::vector<Status> result(batch.size());
-    std::vector<ExpertRead> reads;
-    std::vector<size_t> read_of;  // reads[j] fills batch[read_of[j]]
-    for (size_t i = 0; i < batch.size(); ++i) {
-        Entry* e = batch[i];
-        StatusOr<uint8_t*> mem = e->data ? StatusOr<uint8_t*>(e->data) : mem_->allocate(layouts_[e->layer].size);
-        if (!mem.ok()) {
-            result[i] = mem.status();
-            continue;
-        }
-        e->data = mem.value();
-        reads.push_back({e->layer, e->expert, e->data, layouts_[e->layer].size});
-        read_of.push_back(i);
-    }
-    std::vector<Status> filled;
-    if (!reads.empty()) mem_->fill_batch(*below_, reads, &filled);
-    for (size_t j = 0; j < reads.size(); ++j) result[read_of[j]] = filled[j];
-    const double fill_s = since(tf);
+    std::vector<Status> result;
+    const double fill_s = read_batch(batch, &result);
     lk.lock();
     st_.fill_seconds += fill_s;
     for (size_t i = 0; i < batch.size(); ++i) {
         Entry* e = batch[i];
-        Status st = result[i];
-        if (!st.ok())
-            st = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), e->layer, e->expert) +
-                               st.message());
+        const Status& st = result[i];
         const bool ok = settle(e, st);
         e->pins--;
         if (!ok) {
@@ -506,6 +487,150 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
         if (!st.ok() && first_error.ok()) first_error = st;
     }
     return first_error;
+}
+
+double CacheTier::read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out) {
+    const auto tf = Clock::now();
+    out->assign(batch.size(), Status());
+    std::vector<ExpertRead> reads;
+    std::vector<size_t> read_of;  // reads[j] fills batch[read_of[j]]
+    for (size_t i = 0; i < batch.size(); ++i) {
+        Entry* e = batch[i];
+        StatusOr<uint8_t*> mem = e->data ? StatusOr<uint8_t*>(e->data) : mem_->allocate(layouts_[e->layer].size);
+        if (!mem.ok()) {
+            (*out)[i] = mem.status();
+            continue;
+        }
+        e->data = mem.value();
+        reads.push_back({e->layer, e->expert, e->data, layouts_[e->layer].size});
+        read_of.push_back(i);
+    }
+    std::vector<Status> filled;
+    if (!reads.empty()) mem_->fill_batch(*below_, reads, &filled);
+    for (size_t j = 0; j < reads.size(); ++j) (*out)[read_of[j]] = filled[j];
+    for (size_t i = 0; i < batch.size(); ++i)
+        if (!(*out)[i].ok())
+            (*out)[i] = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), batch[i]->layer,
+                                                 batch[i]->expert) +
+                                      (*out)[i].message());
+    return since(tf);
+}
+
+// Room: `fixed` is what no miss can reclaim (pinned, hot-set and loading entries); everything else
+// is free or an eviction candidate. Keeping an entry moves its charge into `fixed`. When the whole
+// call fits, it is all kept; otherwise `fixed` stays one largest entry below the budget, so the
+// call's remaining misses (acquire, one at a time, its pin released before the next) always find
+// room, whoever else holds kept pins: every kept set was checked against all pins held before it.
+Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
+                                std::vector<std::pair<int, void*>>* kept) {
+    const auto t0 = Clock::now();
+    std::unique_lock<std::mutex> lk(mu_);
+    uint64_t fixed = 0, want = 0;  // want: what keeping the whole call would add to fixed
+    std::vector<Entry*> resident;
+    std::vector<int> absent;
+    for (int expert : experts) {
+        auto it = map_.find(static_cast<int64_t>(layer) * n_expert_ + expert);
+        if (it == map_.end()) {
+            absent.push_back(expert);
+            want += charge_of(layer);
+            continue;
+        }
+        Entry* e = it->second;
+        if (e->state != State::kReady || e->forever) continue;  // loading: acquire waits; hot set: stays anyway
+        resident.push_back(e);
+        if (e->pins == 0) want += e->charge;
+    }
+    if (budget_)
+        for (auto& [k, e] : map_)
+            if (e->pins > 0 || e->forever || e->state != State::kReady) fixed += e->charge;
+    const uint64_t limit = !budget_ || fixed + want <= budget_ ? UINT64_MAX
+                           : budget_ > max_charge_             ? budget_ - max_charge_
+                                                               : 0;
+    // The call's resident experts first: keeping them costs no read, and a miss that evicted one
+    // would read it again later in the call.
+    for (Entry* e : resident) {
+        if (e->pins == 0) {
+            if (limit != UINT64_MAX && fixed + e->charge > limit) continue;
+            fixed += e->charge;
+        }
+        e->pins++;
+        kept->push_back({e->expert, e});
+    }
+    std::vector<Entry*> batch;
+    std::vector<std::pair<uint64_t, uint8_t*>> spares;  // evicted buffers (size, data) for the batch's entries
+    for (int expert : absent) {
+        const uint64_t need = charge_of(layer);
+        if (limit != UINT64_MAX && fixed + need > limit) break;
+        while (budget_ && st_.used + need > budget_) {
+            Entry* v = pick_victim();  // never the call's: they are pinned
+            MM_CHECK(v != nullptr);    // fixed + need <= budget: the rest of the budget is free or evictable
+            uint8_t* spare = nullptr;
+            const uint64_t size = layouts_[v->layer].size;
+            evict(v, &spare, size);
+            if (spare) spares.push_back({size, spare});
+        }
+        Entry* e = new Entry();
+        e->layer = layer;
+        e->expert = expert;
+        e->pins = 1;  // the call's keep pin
+        e->charge = need;
+        e->in_map = true;
+        e->demanded = e->batched = true;
+        for (auto& sp : spares)
+            if (sp.second && sp.first == layouts_[layer].size) {
+                e->data = std::exchange(sp.second, nullptr);
+                break;
+            }
+        map_[static_cast<int64_t>(layer) * n_expert_ + expert] = e;
+        fixed += need;
+        st_.used += need;
+        st_.peak_used = std::max(st_.peak_used, st_.used);
+        st_.misses++;
+        st_.miss_bytes += layouts_[layer].data_bytes();
+        batch.push_back(e);
+    }
+    for (auto& sp : spares)
+        if (sp.second) mem_->free(sp.second, sp.first);
+    if (batch.empty()) return Status();
+    lk.unlock();
+    std::vector<Status> result;
+    const double fill_s = read_batch(batch, &result);
+    lk.lock();
+    st_.fill_seconds += fill_s;
+    Status first_error;
+    for (size_t i = 0; i < batch.size(); ++i) {
+        Entry* e = batch[i];
+        if (settle(e, result[i])) {
+            kept->push_back({e->expert, e});
+            continue;
+        }
+        if (first_error.ok()) first_error = result[i];
+        if (--e->pins == 0) destroy(e);  // a requester that waited on it holds a pin and destroys it
+    }
+    st_.stall_seconds += since(t0);
+    return first_error;
+}
+
+void CacheTier::take_kept(void* token, uint8_t** data) {
+    Entry* e = static_cast<Entry*>(token);
+    std::lock_guard<std::mutex> lk(mu_);
+    uses_[static_cast<size_t>(e->layer) * n_expert_ + e->expert]++;
+    if (!std::exchange(e->batched, false)) st_.hits++;
+    e->last_use = ++tick_;
+    add_thread_pin(this, 1);
+    *data = e->data;
+}
+
+void CacheTier::drop_kept(void* token) {
+    Entry* e = static_cast<Entry*>(token);
+    std::lock_guard<std::mutex> lk(mu_);
+    e->batched = false;  // a later request that finds it is a hit
+    if (--e->pins > 0) return;
+    if (!e->in_map) {
+        destroy(e);
+        return;
+    }
+    cv_.notify_all();  // room may be available for a waiting miss
 }
 
 void CacheTier::release(void* token) {
@@ -753,16 +878,59 @@ bool ExpertCache::holds(int layer, int expert) const {
     return layer >= 0 && layer < num_layers() && expert >= 0 && expert < n_expert_ && held_[layer][expert];
 }
 
+namespace {
+// Entries kept for the running call of each thread (ExpertCache::will_need).
+struct KeptEntry {
+    const ExpertCache* cache;
+    int layer, expert;
+    void* token;
+};
+thread_local std::vector<KeptEntry> t_kept;
+}  // namespace
+
 Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** token) {
     if (!holds(layer, expert)) return MM_ERROR("layer %d: expert %d is not held by this process", layer, expert);
     uint8_t* d = nullptr;
-    MM_RETURN_IF_ERROR(device_->acquire(layer, expert, &d, token));
+    auto kept = std::find_if(t_kept.begin(), t_kept.end(), [&](const KeptEntry& k) {
+        return k.cache == this && k.layer == layer && k.expert == expert;
+    });
+    if (kept != t_kept.end()) {  // read (or found) by this call's will_need
+        *token = kept->token;
+        device_->take_kept(*token, &d);
+        t_kept.erase(kept);
+    } else {
+        MM_RETURN_IF_ERROR(device_->acquire(layer, expert, &d, token));
+    }
     const ExpertLayout& lay = layouts_[layer];
     *slice = ExpertSlice{d, d + lay.up_off, d + lay.down_off};
     return Status();
 }
 
 void ExpertCache::release(void* token) { device_->release(token); }
+
+
+Status ExpertCache::will_need(int layer, const int32_t* experts, int64_t n) {
+    end_call();  // defensive: compute always ends its calls
+    if (n < 2) return Status();  // one expert: acquire reads it the same way
+    std::vector<int> want;
+    for (int64_t i = 0; i < n; ++i)
+        if (holds(layer, experts[i])) want.push_back(experts[i]);
+    std::vector<std::pair<int, void*>> kept;
+    Status st = device_->keep_for_call(layer, want, &kept);
+    for (auto [expert, token] : kept) t_kept.push_back({this, layer, expert, token});
+    return st;
+}
+
+void ExpertCache::end_call() {
+    for (size_t i = 0; i < t_kept.size();) {
+        if (t_kept[i].cache != this) {
+            ++i;
+            continue;
+        }
+        device_->drop_kept(t_kept[i].token);
+        t_kept.erase(t_kept.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+}
 
 // Next-layer prefetch: layer l+1's router applied to layer l's activations predicts l+1's experts
 // (the residual stream changes little from one layer to the next). Only for small batches (decode):

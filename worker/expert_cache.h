@@ -27,8 +27,13 @@
 // (refcount) and never evicted under its reader. When a miss needs room and every resident entry is
 // pinned, the requester waits for a release — unless the requesting thread itself holds a pin in
 // that tier (waiting could deadlock): then it reads the expert into a transient buffer outside the
-// budget, freed at release, and counted in `transient` (ExpertCompute holds one pin at a time, so it
-// never needs one).
+// budget, freed at release, and counted in `transient` (ExpertCompute holds one pin in use at a time,
+// so it never needs one).
+//
+// A call's misses are read together: ExpertCompute announces the call's experts (will_need) and the
+// cache reads the absent ones with one batched read (io_uring: all at once) and keeps them, and the
+// call's resident ones, pinned for the call; kept pins are not "held" for the transient rule, since
+// a kept set always leaves one entry of room (CacheTier::keep_for_call).
 //
 // A VRAM tier slots in as another TierMemory (cudaMalloc'd buffers, copies from the pinned host tier
 // with cudaMemcpyAsync) under the same CacheTier; see docs/cache.md.
@@ -175,6 +180,20 @@ public:
     // settled); else as prefetch (absent experts only, into room available without waiting; the
     // rest are skipped). *loaded: how many were read.
     Status load_batch(const std::vector<std::pair<int, int>>& experts, bool forever, size_t* loaded);
+    // For a call about to acquire `experts` of `layer` (distinct) one at a time: keeps the call's
+    // resident experts (pinned, so the call's own misses cannot evict them) and reads its absent
+    // ones with one batched read from below, into room that is free or evictable without touching
+    // the call's experts. Budget permitting, everything is kept; when the call's set does not fit,
+    // as much as fits while one entry of room stays reclaimable (the rest of the call goes through
+    // acquire, one by one, and needs it). Entries another requester is loading are left to acquire
+    // (single-flight). The batch is a request: each load counts as a miss (and in miss_bytes), the
+    // wait as stall. *kept: (expert, token) per kept entry, for take_kept or drop_kept. Returns the first
+    // failed load's error, worded as acquire's; failed loads are not cached (their tokens are not
+    // in *kept).
+    Status keep_for_call(int layer, const std::vector<int>& experts, std::vector<std::pair<int, void*>>* kept);
+    // A kept entry, acquired: *data as acquire gives it; the pin moves to the caller (release()).
+    void take_kept(void* token, uint8_t** data);
+    void drop_kept(void* token);  // a kept entry the call did not acquire
     bool resident(int layer, int expert) const;
 
     TierStats stats() const;
@@ -197,6 +216,9 @@ private:
     int held_by_this_thread() const;
     Status acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
                         bool* skipped);
+    // Reads the buffers of `batch` (entries being loaded, pinned by the caller) with one fill_batch,
+    // without the lock; (*out)[i]: batch[i]'s outcome, worded as acquire's. Returns the seconds taken.
+    double read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out);
 
     const std::string name_;
     const uint64_t budget_;
@@ -247,6 +269,10 @@ public:
     Status acquire(int layer, int expert, ExpertSlice* slice, void** token) override;
     void release(void* token) override;
     void will_compute(int layer, const float* x, int64_t n_rows) override;
+    // The call's experts in one batched read (CacheTier::keep_for_call on the compute tier), kept
+    // for this thread's acquires until end_call.
+    Status will_need(int layer, const int32_t* experts, int64_t n) override;
+    void end_call() override;
 
     // Next-layer prediction: router weights [E, H] of each layer (f32, dequantized at creation).
     void set_routers(std::vector<std::vector<float>> routers, int64_t hidden) {

@@ -38,6 +38,15 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
     by_expert.resize(static_cast<size_t>(E));
     for (auto& v : by_expert) v.clear();
     for (int64_t p = 0; p < n_pairs; ++p) by_expert[experts[p]].push_back(p);
+    distinct_.clear();
+    for (int64_t e = 0; e < E; ++e)
+        if (!by_expert[e].empty()) distinct_.push_back(static_cast<int32_t>(e));
+    // The call's missing experts are read together, not one by one as the loop below meets them.
+    struct EndCall {
+        ExpertSource& s;
+        ~EndCall() { s.end_call(); }
+    } end_call{*src_};
+    MM_RETURN_IF_ERROR(src_->will_need(layer, distinct_.data(), static_cast<int64_t>(distinct_.size())));
     slots_.resize(static_cast<size_t>(n_pairs * H));  // [n_pairs, H]: weight · expert(row) per pair
     for (int64_t e = 0; e < E; ++e) {
         const auto& sel = by_expert[e];

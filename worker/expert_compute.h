@@ -48,6 +48,14 @@ public:
     // A call for `layer` is starting with these activations x [n_rows, H]; a source may use them to
     // fetch the next layer's likely experts in the background (prefetch). Default: nothing.
     virtual void will_compute(int layer, const float* x, int64_t n_rows) {}
+    // This thread's call for `layer` is about to acquire each of experts[0..n) (distinct, held here)
+    // once, one at a time. A source may read the missing ones together now (one batched read
+    // instead of n reads in a row) and keep them for the call until end_call(). An error is the one
+    // the acquire of that expert would have returned. Default: nothing.
+    virtual Status will_need(int layer, const int32_t* experts, int64_t n) { return Status(); }
+    // The call announced by will_need on this thread is over (finished or failed). Always called
+    // after will_need, whatever it returned.
+    virtual void end_call() {}
 };
 
 // A pinned expert; releases on destruction.
@@ -109,7 +117,8 @@ public:
 
     // x: [n_rows, H]. Pairs p: (rows[p], experts[p], weights[p]). out: [n_rows, H] (overwritten)
     // = for each row, Σ of its pairs in pair order. Every pair's expert must be held here.
-    // Experts are acquired one at a time (at most one pin held per call).
+    // The call's distinct experts are announced first (ExpertSource::will_need: a cache reads the
+    // missing ones as one batch), then acquired one at a time (at most one pin in use per call).
     Status compute(int layer, const float* x, int64_t n_rows, const int32_t* rows, const int32_t* experts,
                    const float* weights, int64_t n_pairs, float* out);
 
@@ -122,6 +131,7 @@ private:
     ThreadPool& pool_;
     std::shared_ptr<ExpertSource> src_;
     std::vector<float> xg_, g_, u_, d_, slots_;
+    std::vector<int32_t> distinct_;  // the call's experts, ascending (will_need)
     std::vector<std::vector<int64_t>> by_expert_;  // [E]: pairs of each expert, in order
 };
 
