@@ -41,17 +41,16 @@ section() {
   echo "=== $name (+$(( $(date +%s) - T0 )) s, $l s left)"
   timeout $(( l - 3 )) "$@" >"$OUT/$name.txt" 2>&1
   local rc=$?
-  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[==========\]|ERROR SUMMARY|Failure|^\| |copy|tok/s|error" "$OUT/$name.txt" | head -60
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[==========\]|ERROR SUMMARY|Failure|^\| |copy|tok/s|error|no CUDA device" "$OUT/$name.txt" | head -60
   echo "--- $name rc $rc"
 }
-gtest() { local t=$1; shift; [ -x "$B/$t" ] && "$B/$t" "$@" || echo "error: $B/$t not built"; }
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "no nvidia-smi"
   ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null || echo "no libnccl.so.2 under /usr/local/cuda/lib64"
-  section ops 20 gtest test_cuda_ops
-  section model 60 gtest test_cuda_model
-  section experts 40 gtest test_cuda_experts
-  section transport 40 gtest test_cuda_transport
+  section ops 20 "$B/test_cuda_ops"
+  section model 60 "$B/test_cuda_model"
+  section experts 40 "$B/test_cuda_experts"
+  section transport 40 "$B/test_cuda_transport"
   section memcheck 40 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_cuda_ops"
   section gemv 30 "$B/bench_cuda_gemv" 20
   section decode 90 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
