@@ -226,6 +226,8 @@ public:
             if (!st.ok()) return MM_ERROR("%s: health check failed: %s", describe().c_str(), st.error_message().c_str());
             if (progress) progress(name_, h.loaded_bytes(), h.shard_bytes());
             if (h.ready()) break;
+            if (!h.load_error().empty())
+                return MM_ERROR("%s: the shard failed to load: %s", describe().c_str(), h.load_error().c_str());
             if (Clock::now() > deadline)
                 return MM_ERROR("%s: shard not loaded after %lld ms (%llu of %llu bytes)", describe().c_str(),
                                 (long long)timeout.count(), (unsigned long long)h.loaded_bytes(),

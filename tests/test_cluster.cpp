@@ -480,6 +480,27 @@ TEST_F(Cluster, WrongNameIsRefusedAtHandshake) {
     EXPECT_NE(err.find("'impostor'"), std::string::npos) << err;
 }
 
+// A worker whose shard cannot be read (its model file truncated after it started) fails the
+// coordinator at once with the reason, instead of leaving it waiting for the load to finish.
+TEST_F(Cluster, ShardLoadFailureFailsTheCoordinatorAtOnce) {
+    const std::string copy = dir_ + "/truncated.gguf";
+    std::filesystem::copy_file(model_, copy, std::filesystem::copy_options::overwrite_existing);
+    Worker& w = add_worker("w1", false, {}, copy);
+    ASSERT_TRUE(w.start());
+    ASSERT_EQ(truncate(copy.c_str(), static_cast<off_t>(std::filesystem::file_size(copy) * 2 / 5)), 0);
+    const std::string yaml = write_yaml("c.yaml", {{"w1", w.address, "experts: \"0-15\"", "", ""}}, 30000);
+    std::string out, err;
+    const auto t0 = SteadyClock::now();
+    auto rc = run_cluster(yaml, kShortN, 60, &out, &err);
+    EXPECT_LT(seconds_since(t0), 10.0);
+    ASSERT_TRUE(rc) << "coordinator hung\n" << err;
+    EXPECT_EQ(*rc, 1) << err;
+    EXPECT_NE(err.find("worker 'w1'"), std::string::npos) << err;
+    EXPECT_NE(err.find("the shard failed to load"), std::string::npos) << err;
+    EXPECT_NE(err.find(copy), std::string::npos) << err;
+    EXPECT_NE(w.log().find("shard load failed"), std::string::npos) << w.log();
+}
+
 // ---- 6. peers that are not moemesh workers; clients that are not coordinators ----
 
 // SLOW (~10 s): the coordinator's handshake waits for a gRPC connection until its 10 s deadline.

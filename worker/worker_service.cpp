@@ -438,6 +438,7 @@ grpc::Status WorkerService::Health(grpc::ServerContext*, const v1::HealthRequest
     resp->set_worker_name(name_);
     resp->set_ready(handshaken_ && load_state_ == LoadState::kReady && !draining_);
     resp->set_draining(draining_);
+    if (load_state_ == LoadState::kFailed) resp->set_load_error(load_error_);
     if (store_) {
         resp->set_loaded_bytes(store_->loaded_bytes());
         resp->set_shard_bytes(store_->total_bytes());
