@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Decode tokens/s of one model: single process vs 2 local workers over Unix sockets vs 2 workers
-# over TCP (127.0.0.1), plus the coordinator's mean per-layer round trip to each worker.
+# Decode tokens/s of one model: single process vs 2 local workers over Unix sockets (gRPC messages),
+# over shared memory (transport shm: gRPC carries only metadata) and over TCP (127.0.0.1), plus the coordinator's mean per-layer round trip to each worker.
 # Usage: bash bench/bench_cluster.sh [MODEL.gguf] [--reps N] [--threads T] [-n TOKENS]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,12 +24,12 @@ RUN="$(mktemp -d /tmp/moemesh-bench-XXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$RUN"' EXIT
 TOKS=$(python3 -c "import random; random.seed(3); print(','.join(str(random.randrange(1000)) for _ in range(32)))")
 
-write_yaml() {  # $1 file, $2 addr0, $3 addr1
+write_yaml() {  # $1 file, $2 addr0, $3 addr1, $4 transport
   cat > "$1" <<Y
 model: $MODEL
 workers:
-  - {name: w0, address: "$2", experts: "0-$((H - 1))", threads: $THREADS}
-  - {name: w1, address: "$3", experts: "$H-$((E - 1))", threads: $THREADS}
+  - {name: w0, address: "$2", transport: $4, experts: "0-$((H - 1))", threads: $THREADS}
+  - {name: w1, address: "$3", transport: $4, experts: "$H-$((E - 1))", threads: $THREADS}
 Y
 }
 start_workers() {  # addr0 addr1
@@ -43,12 +43,14 @@ rtt() { sed -n 's/^workers: //p' "$1" | tail -1 | sed 's/ calls, /c /g'; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 declare -A RES RTT
-for mode in single unix tcp; do
-  if [ "$mode" = unix ]; then write_yaml "$RUN/c.yaml" "unix:$RUN/w0.sock" "unix:$RUN/w1.sock"; start_workers "unix:$RUN/w0.sock" "unix:$RUN/w1.sock"; fi
+for mode in single unix shm tcp; do
+  if [ "$mode" = unix ]; then write_yaml "$RUN/c.yaml" "unix:$RUN/w0.sock" "unix:$RUN/w1.sock" unix; start_workers "unix:$RUN/w0.sock" "unix:$RUN/w1.sock"; fi
+  # shm: the same workers; activations and partial sums in shared memory, gRPC carries metadata only.
+  if [ "$mode" = shm ]; then write_yaml "$RUN/c.yaml" "unix:$RUN/w0.sock" "unix:$RUN/w1.sock" shm; fi
   if [ "$mode" = tcp ]; then
     kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
     P0=$((20000 + RANDOM % 20000)); P1=$((P0 + 1))
-    write_yaml "$RUN/c.yaml" "127.0.0.1:$P0" "127.0.0.1:$P1"; start_workers "127.0.0.1:$P0" "127.0.0.1:$P1"
+    write_yaml "$RUN/c.yaml" "127.0.0.1:$P0" "127.0.0.1:$P1" tcp; start_workers "127.0.0.1:$P0" "127.0.0.1:$P1"
   fi
   vals=()
   for r in $(seq "$REPS"); do
@@ -63,7 +65,7 @@ for mode in single unix tcp; do
   RES[$mode]=$(printf '%s\n' "${vals[@]}" | median)
 done
 printf '\n| setup | decode tok/s (median of %s) | vs single | per-layer round trip |\n|---|---|---|---|\n' "$REPS"
-for mode in single unix tcp; do
+for mode in single unix shm tcp; do
   ratio=$(awk -v a="${RES[$mode]}" -v b="${RES[single]}" 'BEGIN {printf "%.2fx", a / b}')
   printf '| %s | %s | %s | %s |\n' "$mode" "${RES[$mode]}" "$ratio" "${RTT[$mode]:--}"
 done
