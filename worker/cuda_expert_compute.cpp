@@ -200,6 +200,10 @@ struct CudaExpertCompute::Impl {
     VramTierMemory* vram = nullptr;          // the cache's device tier memory (owned by the cache)
     uint8_t* resident = nullptr;             // resident mode: every held expert, one allocation
     uint64_t resident_bytes = 0;
+    // Entries of the static hot set in the device tier (pinned for good), counted once after
+    // warm_up: the tier's `preloaded` counter goes back to 0 on reset_counters (moemesh run resets
+    // it after warm-up), which would widen the pin window past the tier's room.
+    uint64_t hot_entries = 0;
     cudaStream_t own = nullptr;
 
     std::mutex mu;  // one call at a time (scratch buffers)
@@ -216,6 +220,15 @@ struct CudaExpertCompute::Impl {
     }
 
     Status load_resident(FileExpertReader& file);
+    // A failed run may have left copies from h_tab / h_x and kernels on the scratch buffers in flight
+    // on s; the next call (maybe on another stream) reuses them, so wait for them before returning.
+    Status settle(Status st, cudaStream_t s) {
+        if (!st.ok()) {
+            (void)cudaStreamSynchronize(s);
+            (void)cudaGetLastError();
+        }
+        return st;
+    }
     Status run(int layer, const float* d_x_in, const float* h_x_in, int64_t n_rows, const int32_t* rows,
                const int32_t* experts, const float* weights, int64_t n_pairs, float* d_out_in, cudaStream_t s);
 };
@@ -279,6 +292,7 @@ Status CudaExpertCompute::Impl::load_resident(FileExpertReader& file) {
     }
     const cudaError_t ce = cudaStreamSynchronize(own);
     for (auto& ev : done) (void)cudaEventDestroy(ev);
+    if (!st.ok() || ce != cudaSuccess) (void)cudaGetLastError();  // not left for a later launch check
     MM_RETURN_IF_ERROR(st);
     MM_CUDA_RETURN(device, ce, "copying the shard to VRAM");
     src = std::make_shared<TableExpertSource>(std::move(tables));
@@ -347,6 +361,7 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
     if (*vram_box)
         return MM_ERROR("cuda:%d: internal: the cache did not take its VRAM tier", device);
     MM_RETURN_IF_ERROR(im->cache->warm_up());
+    im->hot_entries = im->cache->device().stats().preloaded;
     im->src = im->cache;
     return std::unique_ptr<CudaExpertCompute>(new CudaExpertCompute(std::move(im)));
 }
@@ -385,8 +400,9 @@ Status CudaExpertCompute::compute(int layer, const float* x, int64_t n_rows, con
     MM_RETURN_IF_ERROR(im.d_x.reserve(im.device, bytes, "expert inputs"));
     MM_RETURN_IF_ERROR(im.d_out.reserve(im.device, bytes, "expert outputs"));
     if (bytes) MM_CUDA_RETURN(im.device, cudaMemcpyAsync(im.d_x.p, x, bytes, cudaMemcpyHostToDevice, im.own), "copying x");
-    MM_RETURN_IF_ERROR(im.run(layer, im.d_x.as<float>(), x, n_rows, rows, experts, weights, n_pairs,
-                              im.d_out.as<float>(), im.own));
+    MM_RETURN_IF_ERROR(im.settle(im.run(layer, im.d_x.as<float>(), x, n_rows, rows, experts, weights, n_pairs,
+                                        im.d_out.as<float>(), im.own),
+                                 im.own));
     if (bytes) {
         MM_CUDA_RETURN(im.device, cudaMemcpyAsync(out, im.d_out.p, bytes, cudaMemcpyDeviceToHost, im.own), "copying out");
         MM_CUDA_RETURN(im.device, cudaStreamSynchronize(im.own), "copying out");
@@ -400,8 +416,8 @@ Status CudaExpertCompute::compute_device(int layer, const float* d_x, int64_t n_
     Impl& im = *impl_;
     std::lock_guard<std::mutex> lk(im.mu);
     MM_CUDA_RETURN(im.device, cudaSetDevice(im.device), "selecting the device");
-    return im.run(layer, d_x, nullptr, n_rows, rows, experts, weights, n_pairs, d_out,
-                  stream ? static_cast<cudaStream_t>(stream) : im.own);
+    const cudaStream_t s = stream ? static_cast<cudaStream_t>(stream) : im.own;
+    return im.settle(im.run(layer, d_x, nullptr, n_rows, rows, experts, weights, n_pairs, d_out, s), s);
 }
 
 // The steps of the header's comment. h_x: x in host memory too (compute()), for the prefetcher.
@@ -458,7 +474,7 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
     if (cache) {
         CacheTier& t = cache->device();
         const uint64_t reserve = cache->options().prefetch == PrefetchMode::kNextLayer ? 1 : 0;
-        window = expert_pin_window(t.budget(), t.max_entry_charge(), t.stats().preloaded, reserve, window);
+        window = expert_pin_window(t.budget(), t.max_entry_charge(), hot_entries, reserve, window);
     }
     std::vector<ExpertHandle> pins;
     pins.reserve(static_cast<size_t>(window));

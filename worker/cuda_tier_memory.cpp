@@ -82,7 +82,10 @@ StatusOr<std::unique_ptr<VramTierMemory>> VramTierMemory::create(int device, uin
     std::unique_ptr<VramTierMemory> m(new VramTierMemory());
     m->device_ = device;
     cudaError_t e = cudaSetDevice(device);
-    if (e != cudaSuccess) return MM_ERROR("cuda:%d: cannot use the device: %s", device, cuda_err(e).c_str());
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: cannot use the device: %s", device, cuda_err(e).c_str());
+    }
     m->arena_ = ArenaAllocator(arena_bytes);
     if (m->arena_.capacity()) {
         void* p = nullptr;
@@ -97,7 +100,10 @@ StatusOr<std::unique_ptr<VramTierMemory>> VramTierMemory::create(int device, uin
     m->st_.arena_bytes = m->arena_.capacity();
     cudaStream_t s = nullptr;
     e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    if (e != cudaSuccess) return MM_ERROR("cuda:%d: cannot create the cache's copy stream: %s", device, cuda_err(e).c_str());
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: cannot create the cache's copy stream: %s", device, cuda_err(e).c_str());
+    }
     m->copy_ = s;
     return m;
 }
@@ -145,7 +151,13 @@ void VramTierMemory::free(uint8_t* p, uint64_t bytes) {
 
 Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t* dst, uint64_t bytes) {
     std::lock_guard<std::mutex> lk(fill_mu_);
+    // Fills run on the compute thread, the prefetch thread and the loader: each selects the device.
     cudaError_t e = cudaSetDevice(device_);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return MM_ERROR("cuda:%d: selecting the device to copy layer %d expert %d: %s", device_, layer, expert,
+                        cuda_err(e).c_str());
+    }
     const auto s = static_cast<cudaStream_t>(copy_);
     if (auto* tier = dynamic_cast<CacheTier*>(&below)) {
         // Straight from the host tier's entry, pinned while the copy runs.
