@@ -84,6 +84,34 @@ TEST(ArenaAllocator, RoundsFitsMergesAndRunsOut) {
     EXPECT_EQ(ArenaAllocator(0).allocate(1), -1);
 }
 
+// The arena the VRAM and pinned tiers carve their block with: takes inside the block, overflows
+// counted, foreign pointers not taken back, fills counted.
+TEST(ArenaRegion, TakesGivesBackAndCounts) {
+    std::vector<uint8_t> block(4 * kTierGranule);
+    ArenaRegion r;
+    r.attach(block.data(), block.size());
+    uint8_t* a = r.take(kTierGranule + 1);  // two granules
+    uint8_t* b = r.take(kTierGranule);
+    ASSERT_EQ(a, block.data());
+    ASSERT_EQ(b, block.data() + 2 * kTierGranule);
+    EXPECT_EQ(r.take(2 * kTierGranule), nullptr);  // one granule left
+    EXPECT_EQ(r.stats().overflow, 1u);
+    EXPECT_EQ(r.stats().arena_used, 3 * kTierGranule);
+    uint8_t outside = 0;
+    EXPECT_FALSE(r.give_back(&outside, 1));
+    EXPECT_TRUE(r.give_back(a, kTierGranule + 1));
+    EXPECT_EQ(r.take(2 * kTierGranule), block.data());
+    r.count(&TierMemoryStats::staged_fills);
+    EXPECT_EQ(r.stats().staged_fills, 1u);
+    EXPECT_EQ(r.stats().arena_bytes, 4 * kTierGranule);
+
+    ArenaRegion none;  // no block: every take overflows, nothing is taken back
+    none.attach(nullptr, 0);
+    EXPECT_EQ(none.take(1), nullptr);
+    EXPECT_EQ(none.stats().overflow, 1u);
+    EXPECT_FALSE(none.give_back(block.data(), 1));
+}
+
 TEST(ArenaAllocator, RandomTraceNeverOverlaps) {
     const uint64_t granules = 512;
     ArenaAllocator a(granules * kTierGranule);

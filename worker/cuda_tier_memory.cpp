@@ -59,6 +59,43 @@ uint64_t ArenaAllocator::largest_free() const {
     return m;
 }
 
+void ArenaRegion::attach(uint8_t* base, uint64_t capacity) {
+    std::lock_guard<std::mutex> lk(mu_);
+    base_ = base;
+    arena_ = ArenaAllocator(base ? capacity : 0);
+    st_.arena_bytes = arena_.capacity();
+    st_.arena_used = 0;
+}
+
+uint8_t* ArenaRegion::take(uint64_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const int64_t off = base_ ? arena_.allocate(bytes) : -1;
+    if (off < 0) {
+        st_.overflow++;
+        return nullptr;
+    }
+    st_.arena_used = arena_.used();
+    return base_ + off;
+}
+
+bool ArenaRegion::give_back(uint8_t* p, uint64_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!base_ || p < base_ || p >= base_ + arena_.capacity()) return false;
+    arena_.free(static_cast<uint64_t>(p - base_), bytes);
+    st_.arena_used = arena_.used();
+    return true;
+}
+
+void ArenaRegion::count(uint64_t TierMemoryStats::*counter) {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++(st_.*counter);
+}
+
+TierMemoryStats ArenaRegion::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return st_;
+}
+
 #ifdef MOEMESH_HAVE_CUDA
 
 namespace {
@@ -86,18 +123,17 @@ StatusOr<std::unique_ptr<VramTierMemory>> VramTierMemory::create(int device, uin
         (void)cudaGetLastError();
         return MM_ERROR("cuda:%d: cannot use the device: %s", device, cuda_err(e).c_str());
     }
-    m->arena_ = ArenaAllocator(arena_bytes);
-    if (m->arena_.capacity()) {
-        void* p = nullptr;
-        e = cudaMalloc(&p, m->arena_.capacity());
+    const uint64_t capacity = ArenaAllocator(arena_bytes).capacity();
+    void* p = nullptr;
+    if (capacity) {
+        e = cudaMalloc(&p, capacity);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
             return MM_ERROR("cuda:%d: cannot allocate the device cache tier (%s of VRAM; %s free): %s", device,
-                            format_bytes(m->arena_.capacity()).c_str(), free_vram(device).c_str(), cuda_err(e).c_str());
+                            format_bytes(capacity).c_str(), free_vram(device).c_str(), cuda_err(e).c_str());
         }
-        m->base_ = static_cast<uint8_t*>(p);
     }
-    m->st_.arena_bytes = m->arena_.capacity();
+    m->region_.attach(static_cast<uint8_t*>(p), capacity);
     cudaStream_t s = nullptr;
     e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
     if (e != cudaSuccess) {
@@ -113,19 +149,11 @@ VramTierMemory::~VramTierMemory() {
     if (copy_) (void)cudaStreamSynchronize(static_cast<cudaStream_t>(copy_));
     if (copy_) (void)cudaStreamDestroy(static_cast<cudaStream_t>(copy_));
     if (staging_) (void)cudaFreeHost(staging_);
-    if (base_) (void)cudaFree(base_);
+    if (region_.base()) (void)cudaFree(region_.base());
 }
 
 StatusOr<uint8_t*> VramTierMemory::allocate(uint64_t bytes) {
-    {
-        std::lock_guard<std::mutex> lk(mu_);
-        const int64_t off = base_ ? arena_.allocate(bytes) : -1;
-        if (off >= 0) {
-            st_.arena_used = arena_.used();
-            return base_ + off;
-        }
-        st_.overflow++;
-    }
+    if (uint8_t* r = region_.take(bytes)) return r;
     (void)cudaSetDevice(device_);
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, std::max<uint64_t>(bytes, 1));
@@ -138,13 +166,7 @@ StatusOr<uint8_t*> VramTierMemory::allocate(uint64_t bytes) {
 }
 
 void VramTierMemory::free(uint8_t* p, uint64_t bytes) {
-    if (!p) return;
-    if (base_ && p >= base_ && p < base_ + arena_.capacity()) {
-        std::lock_guard<std::mutex> lk(mu_);
-        arena_.free(static_cast<uint64_t>(p - base_), bytes);
-        st_.arena_used = arena_.used();
-        return;
-    }
+    if (!p || region_.give_back(p, bytes)) return;
     (void)cudaSetDevice(device_);
     (void)cudaFree(p);
 }
@@ -172,8 +194,7 @@ Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t*
             return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) from the host tier: %s", device_, layer, expert,
                             format_bytes(bytes).c_str(), cuda_err(e).c_str());
         }
-        std::lock_guard<std::mutex> sl(mu_);
-        st_.direct_fills++;
+        region_.count(&TierMemoryStats::direct_fills);
         return Status();
     }
     if (staging_bytes_ < bytes) {
@@ -198,14 +219,8 @@ Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t*
         return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) to VRAM: %s", device_, layer, expert,
                         format_bytes(bytes).c_str(), cuda_err(e).c_str());
     }
-    std::lock_guard<std::mutex> sl(mu_);
-    st_.staged_fills++;
+    region_.count(&TierMemoryStats::staged_fills);
     return Status();
-}
-
-TierMemoryStats VramTierMemory::stats() const {
-    std::lock_guard<std::mutex> lk(mu_);
-    return st_;
 }
 
 // ---- pinned host ---------------------------------------------------------------------------------
@@ -213,36 +228,27 @@ TierMemoryStats VramTierMemory::stats() const {
 StatusOr<std::unique_ptr<PinnedHostTierMemory>> PinnedHostTierMemory::create(int device, uint64_t arena_bytes) {
     std::unique_ptr<PinnedHostTierMemory> m(new PinnedHostTierMemory());
     m->device_ = device;
-    m->arena_ = ArenaAllocator(arena_bytes);
-    if (m->arena_.capacity()) {
+    const uint64_t capacity = ArenaAllocator(arena_bytes).capacity();
+    void* p = nullptr;
+    if (capacity) {
         cudaError_t e = cudaSetDevice(device);
-        void* p = nullptr;
-        if (e == cudaSuccess) e = cudaHostAlloc(&p, m->arena_.capacity(), cudaHostAllocPortable);
+        if (e == cudaSuccess) e = cudaHostAlloc(&p, capacity, cudaHostAllocPortable);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
             return MM_ERROR("cuda:%d: cannot allocate the pinned host cache tier (%s of page-locked RAM): %s", device,
-                            format_bytes(m->arena_.capacity()).c_str(), cuda_err(e).c_str());
+                            format_bytes(capacity).c_str(), cuda_err(e).c_str());
         }
-        m->base_ = static_cast<uint8_t*>(p);
     }
-    m->st_.arena_bytes = m->arena_.capacity();
+    m->region_.attach(static_cast<uint8_t*>(p), capacity);
     return m;
 }
 
 PinnedHostTierMemory::~PinnedHostTierMemory() {
-    if (base_) (void)cudaFreeHost(base_);
+    if (region_.base()) (void)cudaFreeHost(region_.base());
 }
 
 StatusOr<uint8_t*> PinnedHostTierMemory::allocate(uint64_t bytes) {
-    {
-        std::lock_guard<std::mutex> lk(mu_);
-        const int64_t off = base_ ? arena_.allocate(bytes) : -1;
-        if (off >= 0) {
-            st_.arena_used = arena_.used();
-            return base_ + off;
-        }
-        st_.overflow++;
-    }
+    if (uint8_t* r = region_.take(bytes)) return r;
     void* p = nullptr;
     const cudaError_t e = cudaHostAlloc(&p, std::max<uint64_t>(bytes, 1), cudaHostAllocPortable);
     if (e != cudaSuccess) {
@@ -254,19 +260,8 @@ StatusOr<uint8_t*> PinnedHostTierMemory::allocate(uint64_t bytes) {
 }
 
 void PinnedHostTierMemory::free(uint8_t* p, uint64_t bytes) {
-    if (!p) return;
-    if (base_ && p >= base_ && p < base_ + arena_.capacity()) {
-        std::lock_guard<std::mutex> lk(mu_);
-        arena_.free(static_cast<uint64_t>(p - base_), bytes);
-        st_.arena_used = arena_.used();
-        return;
-    }
+    if (!p || region_.give_back(p, bytes)) return;
     (void)cudaFreeHost(p);
-}
-
-TierMemoryStats PinnedHostTierMemory::stats() const {
-    std::lock_guard<std::mutex> lk(mu_);
-    return st_;
 }
 
 #endif  // MOEMESH_HAVE_CUDA

@@ -61,6 +61,27 @@ struct TierMemoryStats {
     uint64_t staged_fills = 0;      // fills read into the staging buffer, then copied
 };
 
+// An arena over one block its owner allocated (VRAM, pinned RAM; not owned here): thread-safe carving
+// of the block, and the owner's counters. Plain C++ (tested on CPU).
+class ArenaRegion {
+public:
+    // base may be null (capacity 0): nothing fits, every take() is an overflow.
+    void attach(uint8_t* base, uint64_t capacity);
+    uint8_t* base() const { return base_; }
+    // A range of round(bytes) of the block, or null (counted as an overflow) when none is free.
+    uint8_t* take(uint64_t bytes);
+    // Gives back what take(bytes) returned; false when p is not in the block (the owner frees it).
+    bool give_back(uint8_t* p, uint64_t bytes);
+    void count(uint64_t TierMemoryStats::*counter);  // e.g. &TierMemoryStats::direct_fills
+    TierMemoryStats stats() const;
+
+private:
+    uint8_t* base_ = nullptr;
+    mutable std::mutex mu_;  // arena_ and st_
+    ArenaAllocator arena_;
+    TierMemoryStats st_;
+};
+
 #ifdef MOEMESH_HAVE_CUDA
 // VRAM of device `device` for the tier compute reads.
 class VramTierMemory final : public TierMemory {
@@ -73,16 +94,13 @@ public:
     StatusOr<uint8_t*> allocate(uint64_t bytes) override;
     void free(uint8_t* p, uint64_t bytes) override;
     Status fill(ExpertReader& below, int layer, int expert, uint8_t* dst, uint64_t bytes) override;
-    TierMemoryStats stats() const;
+    TierMemoryStats stats() const { return region_.stats(); }
     int device() const { return device_; }
 
 private:
     VramTierMemory() = default;
     int device_ = 0;
-    uint8_t* base_ = nullptr;
-    mutable std::mutex mu_;  // arena_ and the counters
-    ArenaAllocator arena_;
-    TierMemoryStats st_;
+    ArenaRegion region_;
     std::mutex fill_mu_;  // staging_ and copy_ (one fill at a time)
     void* copy_ = nullptr;  // cudaStream_t
     uint8_t* staging_ = nullptr;
@@ -101,15 +119,12 @@ public:
     void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) override {
         below.read_experts(reads, out);
     }
-    TierMemoryStats stats() const;
+    TierMemoryStats stats() const { return region_.stats(); }
 
 private:
     PinnedHostTierMemory() = default;
     int device_ = 0;
-    uint8_t* base_ = nullptr;
-    mutable std::mutex mu_;
-    ArenaAllocator arena_;
-    TierMemoryStats st_;
+    ArenaRegion region_;
 };
 #endif
 
