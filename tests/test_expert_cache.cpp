@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -42,15 +44,16 @@ public:
                 return MM_ERROR("fake.gguf: tensor 'blk.%d.ffn_gate_exps.weight' bytes [0, 1000): file ends", layer);
         }
         if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+        while (hold.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
         std::memset(dst, layer * 16 + expert, kData);
         return Status();
     }
-    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out) override {
+    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out, const ReadDone& done) override {
         {
             std::lock_guard<std::mutex> lk(mu);
             batches.push_back(rs.size());
         }
-        ExpertReader::read_experts(rs, out);
+        ExpertReader::read_experts(rs, out, done);
     }
     int total() {
         std::lock_guard<std::mutex> lk(mu);
@@ -62,6 +65,7 @@ public:
     std::map<std::pair<int, int>, int> reads;
     std::vector<size_t> batches;  // sizes of read_experts calls
     int delay_ms = 0;
+    std::atomic<bool> hold{false};  // reads wait while set (background loads in flight)
     int fail_from_layer = -1;
 };
 
@@ -416,9 +420,10 @@ TEST(ExpertCache, ReadErrorsReachTheRequesterAndNothingIsCached) {
 TEST(ExpertCache, CallMissesAreReadAsOneBatch) {
     CacheOptions o;
     o.device_bytes = 4 * entry_charge();
+    o.background_call_loads = false;  // will_need reads them itself (background: the tests below)
     Fake f = make_cache(1, 8, 4, o);
     run_trace(*f.cache, {0});
-    const int32_t call[] = {0, 1, 2, 3};
+    int32_t call[] = {0, 1, 2, 3};
     ASSERT_TRUE(f.cache->will_need(0, call, 4).ok());
     EXPECT_EQ(f.reader->batches, (std::vector<size_t>{3}));  // 1, 2, 3 together; 0 was resident
     EXPECT_EQ(f.reader->total(), 4);
@@ -433,7 +438,7 @@ TEST(ExpertCache, CallMissesAreReadAsOneBatch) {
     EXPECT_TRUE(f.cache->device().eviction_log().empty());
     // Announced but never acquired (a call that failed half-way): end_call drops the pins, and a
     // later request for it is a hit.
-    const int32_t call2[] = {4, 5};
+    int32_t call2[] = {4, 5};
     ASSERT_TRUE(f.cache->will_need(0, call2, 2).ok());
     EXPECT_EQ(f.cache->device().stats().pinned_entries, 2u);
     f.cache->end_call();
@@ -446,13 +451,14 @@ TEST(ExpertCache, CallMissesAreReadAsOneBatch) {
 TEST(ExpertCache, CallLargerThanTheBudgetBatchesWhatFitsAndKeepsItsResidentExperts) {
     CacheOptions o;
     o.device_bytes = 3 * entry_charge();
+    o.background_call_loads = false;
     Fake f = make_cache(1, 8, 5, o);
     run_trace(*f.cache, {4, 5});
     // Call {0..4} into capacity 3 holding [4, 5]: it does not fit, so one entry of room stays
     // reclaimable: 4 is kept, 0 is read (one batch of one, into the free entry), 1..3 go one by
     // one. Their misses evict 5, then what the call is done with (0, 1), never 4: without keeping,
     // LRU would have evicted 4 first and read it again at the end of the call.
-    const int32_t call[] = {0, 1, 2, 3, 4};
+    int32_t call[] = {0, 1, 2, 3, 4};
     ASSERT_TRUE(f.cache->will_need(0, call, 5).ok());
     EXPECT_EQ(f.reader->batches, (std::vector<size_t>{1}));
     run_trace(*f.cache, {0, 1, 2, 3, 4});
@@ -479,9 +485,10 @@ TEST(ExpertCache, CallLargerThanTheBudgetBatchesWhatFitsAndKeepsItsResidentExper
 TEST(ExpertCache, ReadErrorInACallBatchIsTheAcquiresErrorAndNothingIsCached) {
     CacheOptions o;
     o.device_bytes = 4 * entry_charge();
+    o.background_call_loads = false;
     Fake f = make_cache(2, 8, 2, o);
     f.reader->fail_from_layer = 1;
-    const int32_t call[] = {2, 3};
+    int32_t call[] = {2, 3};
     Status batch = f.cache->will_need(1, call, 2);
     f.cache->end_call();
     ASSERT_FALSE(batch.ok());
@@ -499,7 +506,7 @@ TEST(ExpertCache, ReadErrorInACallBatchIsTheAcquiresErrorAndNothingIsCached) {
     // Single-flight with the batch: a request for an expert the batch is reading waits for it.
     f.reader->fail_from_layer = -1;
     f.reader->delay_ms = 100;
-    const int32_t call0[] = {5, 6};
+    int32_t call0[] = {5, 6};
     std::thread other([&] {
         std::this_thread::sleep_for(std::chrono::milliseconds(30));
         ExpertSlice s2;
@@ -513,6 +520,158 @@ TEST(ExpertCache, ReadErrorInACallBatchIsTheAcquiresErrorAndNothingIsCached) {
     run_trace(*f.cache, {5, 6});
     f.cache->end_call();
     EXPECT_EQ((f.reader->reads[{0, 6}]), 1);
+}
+
+// Lets held reads go after 10 s if nobody else did (fired): a caller that wrongly waited for a
+// background read then fails the test instead of hanging it. (will_need must run on the test's
+// thread: what it keeps is per thread.)
+struct Watchdog {
+    explicit Watchdog(FakeReader* r)
+        : t([this, r] {
+              for (int i = 0; i < 10000 && !stop.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+              if (!stop.load() && r->hold.exchange(false)) fired = true;
+          }) {}
+    ~Watchdog() {
+        stop = true;
+        t.join();
+    }
+    std::atomic<bool> stop{false}, fired{false};
+    std::thread t;
+};
+
+// Background call loads (the default): will_need returns once the call's room is reserved, the call
+// gets its resident experts first and computes them while the loader thread reads the rest; each
+// expert is usable as soon as its own read is done; counts are those of the synchronous form.
+TEST(ExpertCache, BackgroundCallLoadsServeResidentExpertsFirst) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(1, 8, 4, o);
+    run_trace(*f.cache, {2});
+    f.reader->hold = true;  // no read can finish until released
+    int32_t call[] = {0, 1, 2, 3};
+    {
+        Watchdog w(f.reader);
+        ASSERT_TRUE(f.cache->will_need(0, call, 4).ok());
+        EXPECT_FALSE(w.fired.load()) << "will_need waited for the reads";
+        run_trace(*f.cache, {2});
+        EXPECT_FALSE(w.fired.load()) << "a resident expert waited for the reads";
+    }
+    EXPECT_EQ(std::vector<int32_t>(call, call + 4), (std::vector<int32_t>{2, 0, 1, 3}));  // resident first
+    std::thread release([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        f.reader->hold = false;
+    });
+    run_trace(*f.cache, {0, 1, 3});  // waits for each read, then the right bytes
+    release.join();
+    f.cache->end_call();
+    EXPECT_EQ(f.reader->batches, (std::vector<size_t>{3}));
+    EXPECT_EQ(f.reader->total(), 4);
+    TierStats s = f.cache->device().stats();
+    EXPECT_EQ(s.misses, 4u);
+    EXPECT_EQ(s.hits, 1u);
+    EXPECT_EQ(s.fills, 4u);
+    EXPECT_EQ(s.miss_bytes, 4 * 750u);
+    EXPECT_GT(s.stall_seconds, 0.0);  // the waits in acquire count
+    EXPECT_EQ(s.pinned_entries, 0u);
+    EXPECT_LE(s.peak_used, o.device_bytes);
+}
+
+TEST(ExpertCache, BackgroundCallLoadErrorsReachTheAcquireAndNothingIsCached) {
+    CacheOptions o;
+    o.device_bytes = 4 * entry_charge();
+    Fake f = make_cache(2, 8, 2, o);
+    f.reader->fail_from_layer = 1;
+    int32_t call[] = {2, 3};
+    ASSERT_TRUE(f.cache->will_need(1, call, 2).ok());  // the reads fail later, on the loader thread
+    ExpertSlice s;
+    void* t = nullptr;
+    Status first = f.cache->acquire(1, call[0], &s, &t);
+    ASSERT_FALSE(first.ok());
+    EXPECT_NE(first.message().find("loading layer 1 expert " + std::to_string(call[0])), std::string::npos)
+        << first.message();
+    EXPECT_NE(first.message().find("blk.1.ffn_gate_exps.weight"), std::string::npos) << first.message();
+    f.cache->end_call();  // the call failed half-way: the other kept entry is dropped
+    for (int i = 0; i < 5000 && f.cache->device().stats().errors < 2; ++i)  // its read may still be going on
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    TierStats st = f.cache->device().stats();
+    EXPECT_EQ(st.used, 0u);
+    EXPECT_EQ(st.errors, 2u);
+    EXPECT_EQ(st.pinned_entries, 0u);
+    EXPECT_EQ(st.entries, 0u);
+    Status one = f.cache->acquire(1, call[0], &s, &t);  // the usual way: the same words
+    ASSERT_FALSE(one.ok());
+    EXPECT_EQ(one.message(), first.message());
+    // A call that ends before its reads do: they finish into the cache, unpinned, and are hits later.
+    f.reader->fail_from_layer = -1;
+    f.reader->hold = true;
+    int32_t call2[] = {4, 5};
+    ASSERT_TRUE(f.cache->will_need(0, call2, 2).ok());
+    f.cache->end_call();
+    f.reader->hold = false;
+    for (int i = 0; i < 5000 && f.cache->device().stats().fills < 2; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    EXPECT_EQ(f.cache->device().stats().fills, 2u);
+    EXPECT_EQ(f.cache->device().stats().pinned_entries, 0u);
+    run_trace(*f.cache, {4, 5});
+    EXPECT_EQ(f.cache->device().stats().hits, 2u);
+    // Destroyed with reads queued: the loader finishes them first (no use after free, no leak).
+    f.reader->hold = true;
+    int32_t call3[] = {6, 7};
+    ASSERT_TRUE(f.cache->will_need(0, call3, 2).ok());
+    f.cache->end_call();
+    std::thread release([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        f.reader->hold = false;
+    });
+    f.cache.reset();
+    release.join();
+}
+
+// Threads announcing random calls (some abandoned half-way, as a failed call is), acquiring in the
+// order will_need leaves, alongside plain acquires: right bytes, budgets never exceeded, no pin left.
+TEST(ExpertCache, BackgroundCallLoadsUnderConcurrentCalls) {
+    for (uint64_t entries : {uint64_t{3}, uint64_t{6}}) {
+        CacheOptions o;
+        o.device_bytes = entries * entry_charge() + 100;
+        o.host_bytes = 9 * entry_charge();
+        Fake f = make_cache(3, 8, 4, o);
+        std::atomic<int> bad{0};
+        std::vector<std::thread> ts;
+        for (int t = 0; t < 4; ++t)
+            ts.emplace_back([&, t] {
+                std::mt19937 rng(100 + t);
+                for (int i = 0; i < 300; ++i) {
+                    const int l = static_cast<int>(rng() % 3);
+                    std::vector<int32_t> call;
+                    for (int e = 0; e < 8; ++e)
+                        if (rng() % 3 == 0) call.push_back(e);
+                    if (call.empty()) call.push_back(static_cast<int32_t>(rng() % 8));
+                    if (!f.cache->will_need(l, call.data(), static_cast<int64_t>(call.size())).ok()) bad++;
+                    std::vector<int32_t> sorted = call;
+                    std::sort(sorted.begin(), sorted.end());
+                    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) bad++;
+                    const size_t upto = rng() % 5 == 0 ? call.size() / 2 : call.size();  // abandoned half-way
+                    for (size_t j = 0; j < upto; ++j) {
+                        ExpertSlice s;
+                        void* tok = nullptr;
+                        if (!f.cache->acquire(l, call[j], &s, &tok).ok()) {
+                            bad++;
+                            continue;
+                        }
+                        if (s.gate[0] != l * 16 + call[j] || s.gate[kData - 1] != l * 16 + call[j]) bad++;
+                        f.cache->release(tok);
+                    }
+                    f.cache->end_call();
+                }
+            });
+        for (auto& t : ts) t.join();
+        EXPECT_EQ(bad.load(), 0) << entries << " entries";
+        for (const TierStats& s : f.cache->tier_stats()) {
+            if (s.name == "storage") continue;
+            EXPECT_LE(s.peak_used, s.budget) << s.name;
+            EXPECT_EQ(s.pinned_entries, 0u) << s.name;
+        }
+    }
 }
 
 TEST(ExpertCache, ShardRestrictsWhatIsHeld) {
@@ -661,12 +820,12 @@ public:
         singles++;
         return r_->read_expert(layer, expert, dst);
     }
-    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out) override {
+    void read_experts(const std::vector<ExpertRead>& rs, std::vector<Status>* out, const ReadDone& done) override {
         {
             std::lock_guard<std::mutex> lk(mu);
             batches.push_back(rs.size());
         }
-        r_->read_experts(rs, out);
+        r_->read_experts(rs, out, done);
     }
     std::unique_ptr<FileExpertReader> r_;
     std::mutex mu;
@@ -705,8 +864,11 @@ TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
     auto probe = FileExpertReader::open(*f.value(), c);
     ASSERT_TRUE(probe.ok());
     const uint64_t entry = HostTierMemory().charge(probe.value()->layouts()[0].size) + kCacheEntryOverhead;
-    for (uint64_t entries : {uint64_t{0}, uint64_t{3}, uint64_t{1}}) {  // 0: unlimited
-        SCOPED_TRACE("budget of " + std::to_string(entries) + " entries");
+    for (int combo = 0; combo < 6; ++combo) {
+        const uint64_t entries = std::vector<uint64_t>{0, 3, 1}[combo % 3];  // 0: unlimited
+        const bool background = combo >= 3;
+        SCOPED_TRACE("budget of " + std::to_string(entries) + " entries, background loads " +
+                     std::to_string(background));
         auto file = FileExpertReader::open(*f.value(), c);
         ASSERT_TRUE(file.ok());
         std::vector<ExpertLayout> layouts = file.value()->layouts();
@@ -715,6 +877,7 @@ TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
         CountingReader* reads = counting.get();
         CacheOptions o;
         o.device_bytes = entries * entry;
+        o.background_call_loads = background;
         auto cache = ExpertCache::create_with_reader(std::move(counting), layouts, types, static_cast<int>(c.n_expert),
                                                      static_cast<int>(c.n_expert_used), {}, o);
         ASSERT_TRUE(cache.ok()) << cache.status().message();
@@ -743,11 +906,15 @@ TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
             EXPECT_EQ(reads->singles.load(), 0);
             EXPECT_EQ(s.hits, s.misses);
         }
-        if (entries == 1) EXPECT_TRUE(reads->batches.empty());
+        if (entries == 1) {
+            EXPECT_TRUE(reads->batches.empty());
+        }
         EXPECT_EQ(s.misses, s.fills);  // every read was a request's miss, each counted once
         EXPECT_EQ(s.pinned_entries, 0u);
         EXPECT_EQ(s.transient, 0u);
-        if (entries) EXPECT_LE(s.peak_used, o.device_bytes);
+        if (entries) {
+            EXPECT_LE(s.peak_used, o.device_bytes);
+        }
     }
 }
 

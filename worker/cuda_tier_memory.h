@@ -116,8 +116,9 @@ public:
     StatusOr<uint8_t*> allocate(uint64_t bytes) override;
     void free(uint8_t* p, uint64_t bytes) override;
     // Host memory: the whole batch goes to the reader below (io_uring submits it together).
-    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) override {
-        below.read_experts(reads, out);
+    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                    const ReadDone& done = nullptr) override {
+        below.read_experts(reads, out, done);
     }
     TierMemoryStats stats() const { return region_.stats(); }
 

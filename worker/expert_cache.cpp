@@ -157,6 +157,12 @@ CacheTier::CacheTier(std::string name, uint64_t budget, CachePolicy policy, std:
 }
 
 CacheTier::~CacheTier() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        loader_stop_ = true;  // the loader finishes what is queued first: those entries are in the map
+    }
+    loader_cv_.notify_all();
+    if (loader_.joinable()) loader_.join();
     std::lock_guard<std::mutex> lk(mu_);
     for (auto& [k, e] : map_) destroy(e);
     map_.clear();
@@ -489,31 +495,61 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     return first_error;
 }
 
-double CacheTier::read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out) {
+double CacheTier::read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out,
+                             const std::function<void(size_t)>& each) {
     const auto tf = Clock::now();
     out->assign(batch.size(), Status());
+    auto finish = [&](size_t i, const Status& st) {  // worded as acquire's
+        (*out)[i] = st.ok() ? st
+                            : Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(),
+                                                       batch[i]->layer, batch[i]->expert) +
+                                            st.message());
+        if (each) each(i);
+    };
     std::vector<ExpertRead> reads;
     std::vector<size_t> read_of;  // reads[j] fills batch[read_of[j]]
     for (size_t i = 0; i < batch.size(); ++i) {
         Entry* e = batch[i];
         StatusOr<uint8_t*> mem = e->data ? StatusOr<uint8_t*>(e->data) : mem_->allocate(layouts_[e->layer].size);
         if (!mem.ok()) {
-            (*out)[i] = mem.status();
+            finish(i, mem.status());
             continue;
         }
         e->data = mem.value();
         reads.push_back({e->layer, e->expert, e->data, layouts_[e->layer].size});
         read_of.push_back(i);
     }
+    if (reads.empty()) return since(tf);
     std::vector<Status> filled;
-    if (!reads.empty()) mem_->fill_batch(*below_, reads, &filled);
-    for (size_t j = 0; j < reads.size(); ++j) (*out)[read_of[j]] = filled[j];
-    for (size_t i = 0; i < batch.size(); ++i)
-        if (!(*out)[i].ok())
-            (*out)[i] = Status::error(str_printf("%s tier: loading layer %d expert %d: ", name_.c_str(), batch[i]->layer,
-                                                 batch[i]->expert) +
-                                      (*out)[i].message());
+    std::vector<uint8_t> told(reads.size(), 0);
+    mem_->fill_batch(*below_, reads, &filled, [&](size_t j) {
+        told[j] = 1;
+        finish(read_of[j], filled[j]);
+    });
+    for (size_t j = 0; j < reads.size(); ++j)  // a memory that does not report each read
+        if (!told[j]) finish(read_of[j], filled[j]);
     return since(tf);
+}
+
+void CacheTier::loader_loop() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+        loader_cv_.wait(lk, [&] { return loader_stop_ || !load_queue_.empty(); });
+        if (load_queue_.empty()) return;  // stopping, and nothing left to read
+        const std::vector<Entry*> batch = std::move(load_queue_.front());
+        load_queue_.pop_front();
+        lk.unlock();
+        std::vector<Status> result;
+        // Each expert is settled (usable, or failed) as soon as its own read is over.
+        const double fill_s = read_batch(batch, &result, [&](size_t i) {
+            std::lock_guard<std::mutex> g(mu_);
+            Entry* e = batch[i];
+            settle(e, result[i]);
+            if (--e->pins == 0 && !e->in_map) destroy(e);  // failed, and the call has dropped it
+        });
+        lk.lock();
+        st_.fill_seconds += fill_s;
+    }
 }
 
 // Room: `fixed` is what no miss can reclaim (pinned, hot-set and loading entries); everything else
@@ -522,7 +558,7 @@ double CacheTier::read_batch(const std::vector<Entry*>& batch, std::vector<Statu
 // call's remaining misses (acquire, one at a time, its pin released before the next) always find
 // room, whoever else holds kept pins: every kept set was checked against all pins held before it.
 Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
-                                std::vector<std::pair<int, void*>>* kept) {
+                                std::vector<std::pair<int, void*>>* kept, size_t* ready) {
     const auto t0 = Clock::now();
     std::unique_lock<std::mutex> lk(mu_);
     uint64_t fixed = 0, want = 0;  // want: what keeping the whole call would add to fixed
@@ -556,6 +592,7 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
         e->pins++;
         kept->push_back({e->expert, e});
     }
+    if (ready) *ready = kept->size();
     std::vector<Entry*> batch;
     std::vector<std::pair<uint64_t, uint8_t*>> spares;  // evicted buffers (size, data) for the batch's entries
     for (int expert : absent) {
@@ -572,7 +609,7 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
         Entry* e = new Entry();
         e->layer = layer;
         e->expert = expert;
-        e->pins = 1;  // the call's keep pin
+        e->pins = background_ ? 2 : 1;  // the call's keep pin (and the loader's)
         e->charge = need;
         e->in_map = true;
         e->demanded = e->batched = true;
@@ -592,6 +629,14 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
     for (auto& sp : spares)
         if (sp.second) mem_->free(sp.second, sp.first);
     if (batch.empty()) return Status();
+    if (background_) {
+        for (Entry* e : batch) kept->push_back({e->expert, e});
+        load_queue_.push_back(std::move(batch));
+        if (!loader_.joinable()) loader_ = std::thread(&CacheTier::loader_loop, this);
+        loader_cv_.notify_one();
+        st_.stall_seconds += since(t0);  // the reservation; take_kept adds the waits for the reads
+        return Status();
+    }
     lk.unlock();
     std::vector<Status> result;
     const double fill_s = read_batch(batch, &result);
@@ -611,14 +656,25 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
     return first_error;
 }
 
-void CacheTier::take_kept(void* token, uint8_t** data) {
+Status CacheTier::take_kept(void* token, uint8_t** data) {
     Entry* e = static_cast<Entry*>(token);
-    std::lock_guard<std::mutex> lk(mu_);
+    std::unique_lock<std::mutex> lk(mu_);
+    if (e->state == State::kLoading) {  // still being read by the loader thread
+        const auto t0 = Clock::now();
+        cv_.wait(lk, [&] { return e->state != State::kLoading; });
+        st_.stall_seconds += since(t0);
+    }
+    if (e->state == State::kFailed) {
+        std::string why = e->error;
+        if (--e->pins == 0 && !e->in_map) destroy(e);
+        return Status::error(why);
+    }
     uses_[static_cast<size_t>(e->layer) * n_expert_ + e->expert]++;
     if (!std::exchange(e->batched, false)) st_.hits++;
     e->last_use = ++tick_;
     add_thread_pin(this, 1);
     *data = e->data;
+    return Status();
 }
 
 void CacheTier::drop_kept(void* token) {
@@ -758,6 +814,7 @@ StatusOr<std::shared_ptr<ExpertCache>> ExpertCache::create_with_reader(
     if (!c->device_)
         c->device_ = std::make_unique<CacheTier>("device", o.device_bytes, o.policy, c->layouts_, n_expert, below,
                                                  compute_mem());
+    c->device_->set_background_loads(o.background_call_loads);
     if (o.policy == CachePolicy::kStatic) {
         if (o.profile.counts.empty() && !o.profile_path.empty()) {
             MM_ASSIGN_OR_RETURN(c->opts_.profile, load_expert_profile(o.profile_path));
@@ -894,10 +951,11 @@ Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** to
     auto kept = std::find_if(t_kept.begin(), t_kept.end(), [&](const KeptEntry& k) {
         return k.cache == this && k.layer == layer && k.expert == expert;
     });
-    if (kept != t_kept.end()) {  // read (or found) by this call's will_need
-        *token = kept->token;
-        device_->take_kept(*token, &d);
+    if (kept != t_kept.end()) {  // read (or found, or being read) by this call's will_need
+        void* t = kept->token;
         t_kept.erase(kept);
+        MM_RETURN_IF_ERROR(device_->take_kept(t, &d));
+        *token = t;
     } else {
         MM_RETURN_IF_ERROR(device_->acquire(layer, expert, &d, token));
     }
@@ -909,15 +967,27 @@ Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** to
 void ExpertCache::release(void* token) { device_->release(token); }
 
 
-Status ExpertCache::will_need(int layer, const int32_t* experts, int64_t n) {
+Status ExpertCache::will_need(int layer, int32_t* experts, int64_t n) {
     end_call();  // defensive: compute always ends its calls
     if (n < 2) return Status();  // one expert: acquire reads it the same way
     std::vector<int> want;
     for (int64_t i = 0; i < n; ++i)
         if (holds(layer, experts[i])) want.push_back(experts[i]);
     std::vector<std::pair<int, void*>> kept;
-    Status st = device_->keep_for_call(layer, want, &kept);
+    size_t ready = 0;
+    Status st = device_->keep_for_call(layer, want, &kept, &ready);
     for (auto [expert, token] : kept) t_kept.push_back({this, layer, expert, token});
+    // The order to acquire in: what is resident now, then what acquire reads itself (in parallel
+    // with the background reads), then the background reads in their order.
+    std::vector<int32_t> order;
+    order.reserve(static_cast<size_t>(n));
+    for (size_t i = 0; i < ready; ++i) order.push_back(kept[i].first);
+    for (int64_t i = 0; i < n; ++i)
+        if (std::none_of(kept.begin(), kept.end(), [&](const auto& k) { return k.first == experts[i]; }))
+            order.push_back(experts[i]);
+    for (size_t i = ready; i < kept.size(); ++i) order.push_back(kept[i].first);
+    MM_CHECK(order.size() == static_cast<size_t>(n));
+    std::copy(order.begin(), order.end(), experts);
     return st;
 }
 

@@ -99,6 +99,10 @@ struct CacheOptions {
     // probe, no bound). See docs/cache.md.
     double storage_bandwidth = 0;
     uint64_t bandwidth_probe_bytes = 64ull << 20;
+    // A call's misses are read by a background thread of the compute tier while the call computes
+    // the experts it already has (each expert usable as soon as its own read is done); false: the
+    // call's will_need reads them itself before the call computes anything (docs/cache.md).
+    bool background_call_loads = true;
     // Where the tiers' bytes live (null: HostTierMemory). `compute_memory` is the memory of the tier
     // compute reads (the device tier, or the lone host tier); `host_memory` that of a host tier below
     // it. A CUDA worker passes VRAM and pinned host memory here.
@@ -120,13 +124,17 @@ public:
         (void)bytes;
         return below.read_expert(layer, expert, dst);
     }
-    // Several fills at once ((*out)[i]: the outcome of reads[i]; dst and bytes as for fill). The
-    // default calls fill() for each, so a memory that only overrides fill() stays correct; host
-    // memory hands the whole batch to the reader below (io_uring submits it together).
-    virtual void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) {
+    // Several fills at once ((*out)[i]: the outcome of reads[i]; dst and bytes as for fill; `done`
+    // as ExpertReader::read_experts'). The default calls fill() for each, so a memory that only
+    // overrides fill() stays correct; host memory hands the whole batch to the reader below
+    // (io_uring submits it together).
+    virtual void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                            const ReadDone& done = nullptr) {
         out->assign(reads.size(), Status());
-        for (size_t i = 0; i < reads.size(); ++i)
+        for (size_t i = 0; i < reads.size(); ++i) {
             (*out)[i] = fill(below, reads[i].layer, reads[i].expert, reads[i].dst, reads[i].bytes);
+            if (done) done(i);
+        }
     }
 };
 class HostTierMemory final : public TierMemory {
@@ -134,8 +142,9 @@ public:
     uint64_t charge(uint64_t bytes) const override;
     StatusOr<uint8_t*> allocate(uint64_t bytes) override;
     void free(uint8_t* p, uint64_t bytes) override;
-    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out) override {
-        below.read_experts(reads, out);
+    void fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                    const ReadDone& done = nullptr) override {
+        below.read_experts(reads, out, done);
     }
 };
 
@@ -187,14 +196,21 @@ public:
     // as much as fits while one entry of room stays reclaimable (the rest of the call goes through
     // acquire, one by one, and needs it). Entries another requester is loading are left to acquire
     // (single-flight). The batch is a request: each load counts as a miss (and in miss_bytes), the
-    // wait as stall. *kept: (expert, token) per kept entry, for take_kept or drop_kept. Returns the first
-    // failed load's error, worded as acquire's; failed loads are not cached (their tokens are not
-    // in *kept).
-    Status keep_for_call(int layer, const std::vector<int>& experts, std::vector<std::pair<int, void*>>* kept);
+    // wait as stall. *kept: (expert, token) per kept entry, for take_kept or drop_kept; the first
+    // *ready of them are resident now, the rest are being read, in reading order.
+    // With background loads (set_background_loads) the absent ones are queued for the tier's loader
+    // thread and this returns once their room is reserved: take_kept waits for each (stall) and
+    // returns a failed load's error. Without, this reads them itself and returns the first failed
+    // load's error, worded as acquire's; failed loads are not cached (their tokens are not in *kept).
+    Status keep_for_call(int layer, const std::vector<int>& experts, std::vector<std::pair<int, void*>>* kept,
+                         size_t* ready = nullptr);
     // A kept entry, acquired: *data as acquire gives it; the pin moves to the caller (release()).
-    void take_kept(void* token, uint8_t** data);
+    // Waits while it is still being read; a failed read returns its error (and drops the kept pin).
+    Status take_kept(void* token, uint8_t** data);
     void drop_kept(void* token);  // a kept entry the call did not acquire
     bool resident(int layer, int expert) const;
+    // Reads keep_for_call's misses on a loader thread of this tier (started on first use).
+    void set_background_loads(bool on) { background_ = on; }
 
     TierStats stats() const;
     // (layer, expert) of every eviction so far, in order (tests; capped at 4096).
@@ -217,8 +233,11 @@ private:
     Status acquire_impl(int layer, int expert, bool forever, bool prefetch_only, uint8_t** data, void** token,
                         bool* skipped);
     // Reads the buffers of `batch` (entries being loaded, pinned by the caller) with one fill_batch,
-    // without the lock; (*out)[i]: batch[i]'s outcome, worded as acquire's. Returns the seconds taken.
-    double read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out);
+    // without the lock; (*out)[i]: batch[i]'s outcome, worded as acquire's. `each(i)`, when given,
+    // is called as soon as (*out)[i] is final. Returns the seconds taken.
+    double read_batch(const std::vector<Entry*>& batch, std::vector<Status>* out,
+                      const std::function<void(size_t)>& each = nullptr);
+    void loader_loop();  // the background loads of keep_for_call, batch after batch
 
     const std::string name_;
     const uint64_t budget_;
@@ -236,6 +255,12 @@ private:
     uint64_t tick_ = 0;
     TierStats st_;
     std::vector<std::pair<int, int>> evicted_;
+    // Background loads: batches of entries (each pinned once for the loader) under mu_.
+    bool background_ = false;
+    bool loader_stop_ = false;
+    std::deque<std::vector<Entry*>> load_queue_;
+    std::condition_variable loader_cv_;
+    std::thread loader_;
 };
 
 // The cache a worker computes from: an ExpertSource over device ◀ host ◀ file, restricted to a
@@ -270,8 +295,9 @@ public:
     void release(void* token) override;
     void will_compute(int layer, const float* x, int64_t n_rows) override;
     // The call's experts in one batched read (CacheTier::keep_for_call on the compute tier), kept
-    // for this thread's acquires until end_call.
-    Status will_need(int layer, const int32_t* experts, int64_t n) override;
+    // for this thread's acquires until end_call; experts reordered: resident ones first, then those
+    // acquire reads itself, then those being read in the background, in reading order.
+    Status will_need(int layer, int32_t* experts, int64_t n) override;
     void end_call() override;
 
     // Next-layer prediction: router weights [E, H] of each layer (f32, dequantized at creation).

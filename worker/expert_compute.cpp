@@ -30,7 +30,6 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
         if (!src_->holds(layer, experts[p]))
             return MM_ERROR("layer %d: expert %d is not held by this process", layer, experts[p]);
     }
-    src_->will_compute(layer, x, n_rows);
     const ExpertTypes ty = src_->types(layer);
     // Group: for each expert in use, its pairs in order.
     // Reused across calls: decode runs this once per layer per token.
@@ -47,11 +46,12 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
         ~EndCall() { s.end_call(); }
     } end_call{*src_};
     MM_RETURN_IF_ERROR(src_->will_need(layer, distinct_.data(), static_cast<int64_t>(distinct_.size())));
+    // After will_need: the next layer's prefetch cannot evict what this call has kept.
+    src_->will_compute(layer, x, n_rows);
     slots_.resize(static_cast<size_t>(n_pairs * H));  // [n_pairs, H]: weight · expert(row) per pair
-    for (int64_t e = 0; e < E; ++e) {
+    for (const int32_t e : distinct_) {  // any order: each pair has its own slot
         const auto& sel = by_expert[e];
-        if (sel.empty()) continue;
-        MM_ASSIGN_OR_RETURN(ExpertHandle h, acquire_expert(*src_, layer, static_cast<int>(e)));
+        MM_ASSIGN_OR_RETURN(ExpertHandle h, acquire_expert(*src_, layer, e));
         const ExpertSlice& ex = h.slice();
         const int64_t m = static_cast<int64_t>(sel.size());
         xg_.resize(static_cast<size_t>(m * H));  // [m, H] gathered rows

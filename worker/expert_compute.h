@@ -49,10 +49,12 @@ public:
     // fetch the next layer's likely experts in the background (prefetch). Default: nothing.
     virtual void will_compute(int layer, const float* x, int64_t n_rows) {}
     // This thread's call for `layer` is about to acquire each of experts[0..n) (distinct, held here)
-    // once, one at a time. A source may read the missing ones together now (one batched read
-    // instead of n reads in a row) and keep them for the call until end_call(). An error is the one
-    // the acquire of that expert would have returned. Default: nothing.
-    virtual Status will_need(int layer, const int32_t* experts, int64_t n) { return Status(); }
+    // once, one at a time, in the order the array has on return: a source may reorder it (what it
+    // can serve at once first) and read the missing ones together (one batched read instead of n
+    // reads in a row, maybe in the background while the call computes the others), keeping them
+    // for the call until end_call(). An error is the one the acquire of that expert would have
+    // returned. Default: nothing.
+    virtual Status will_need(int layer, int32_t* experts, int64_t n) { return Status(); }
     // The call announced by will_need on this thread is over (finished or failed). Always called
     // after will_need, whatever it returned.
     virtual void end_call() {}
@@ -131,7 +133,7 @@ private:
     ThreadPool& pool_;
     std::shared_ptr<ExpertSource> src_;
     std::vector<float> xg_, g_, u_, d_, slots_;
-    std::vector<int32_t> distinct_;  // the call's experts, ascending (will_need)
+    std::vector<int32_t> distinct_;  // the call's experts, in the order will_need leaves them
     std::vector<std::vector<int64_t>> by_expert_;  // [E]: pairs of each expert, in order
 };
 

@@ -63,9 +63,12 @@ bool io_uring_usable(std::string* why) {
 #endif
 }
 
-void ExpertReader::read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out) {
+void ExpertReader::read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out, const ReadDone& done) {
     out->assign(reads.size(), Status());
-    for (size_t i = 0; i < reads.size(); ++i) (*out)[i] = read_expert(reads[i].layer, reads[i].expert, reads[i].dst);
+    for (size_t i = 0; i < reads.size(); ++i) {
+        (*out)[i] = read_expert(reads[i].layer, reads[i].expert, reads[i].dst);
+        if (done) done(i);
+    }
 }
 
 // ---- the file --------------------------------------------------------------------------------
@@ -182,15 +185,19 @@ Status FileExpertReader::read_expert(int layer, int expert, uint8_t* dst) {
     return st;
 }
 
-void FileExpertReader::read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out) {
+void FileExpertReader::read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                                    const ReadDone& done) {
     out->assign(reads.size(), Status());
     if (reads.empty()) return;
     const auto t0 = Clock::now();
     std::unique_ptr<Ring> ring = mode_ == StorageMode::kIoUring ? take_ring() : nullptr;
     if (ring) {
-        if (uring_read(*ring, reads, out)) give_ring(std::move(ring));  // else dropped: the next call makes one
+        if (uring_read(*ring, reads, out, done)) give_ring(std::move(ring));  // else dropped: the next call makes one
     } else {
-        for (size_t i = 0; i < reads.size(); ++i) (*out)[i] = pread_expert(reads[i].layer, reads[i].expert, reads[i].dst);
+        for (size_t i = 0; i < reads.size(); ++i) {
+            (*out)[i] = pread_expert(reads[i].layer, reads[i].expert, reads[i].dst);
+            if (done) done(i);
+        }
     }
     ns_ += ns_since(t0);
 }
@@ -228,7 +235,8 @@ void FileExpertReader::give_ring(std::unique_ptr<Ring> r) {
 // Every matrix of every read is one piece; pieces are submitted up to the ring's depth, and a piece
 // that completes short goes back in the queue for its remainder. A failed read stops resubmitting
 // its pieces but every submitted SQE is reaped before returning (the kernel writes into dst).
-bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& reads, std::vector<Status>* out) {
+bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                                  const ReadDone& done) {
 #ifdef MOEMESH_HAVE_IO_URING
     struct Piece {
         size_t read;
@@ -256,6 +264,16 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
         failed[p.read] = 1;
         (*out)[p.read] = read_error(reads[p.read].layer, p.m, reads[p.read].expert, p.done, err);
     };
+    // A read is over when none of its three pieces can still change: each read, complete, failed
+    // or skipped (its read failed) piece counts once; then `done` hears of it.
+    std::vector<int> open(reads.size(), 3);
+    std::vector<uint8_t> told(reads.size(), 0);
+    auto piece_over = [&](size_t read) {
+        if (--open[read] == 0 && done) {
+            told[read] = 1;
+            done(read);
+        }
+    };
     unsigned inflight = 0;
     bool broken = false;  // submit failed hard: the rest is read with pread
     while (!pending.empty() || inflight > 0) {
@@ -265,6 +283,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
             Piece& p = pieces[idx];
             if (failed[p.read]) {
                 pending.pop_front();
+                piece_over(p.read);
                 continue;
             }
             io_uring_sqe* sqe = io_uring_get_sqe(&ring.ring);
@@ -308,11 +327,16 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
             pending.push_front(idx);
         } else if (res < 0) {
             fail(p, -res);
+            piece_over(p.read);
         } else if (res == 0) {
             fail(p, 0);
+            piece_over(p.read);
         } else {
             p.done += static_cast<uint64_t>(res);
-            if (p.done < p.len) pending.push_front(idx);  // short read: the remainder next
+            if (p.done < p.len)
+                pending.push_front(idx);  // short read: the remainder next
+            else
+                piece_over(p.read);
         }
     }
     if (broken) {
@@ -339,12 +363,14 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
             reads_++;
             bytes_ += layouts_[reads[i].layer].data_bytes();
         }
+        if (done && !told[i]) done(i);  // finished by the pread fallback
     }
     return !broken;
 #else
     (void)ring;
     (void)reads;
     (void)out;
+    (void)done;
     return false;
 #endif
 }

@@ -12,6 +12,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -46,6 +47,11 @@ struct ExpertRead {
     uint64_t bytes = 0;
 };
 
+// Called once per read of a batch as soon as its outcome ((*out)[i]) is final, from the reading
+// thread, before read_experts returns: a cache makes each expert available while the rest of the
+// batch is still being read.
+using ReadDone = std::function<void(size_t i)>;
+
 // Something an expert's bytes can be read from: the file, or a tier (for the tier above it).
 class ExpertReader {
 public:
@@ -53,8 +59,10 @@ public:
     // dst: layout(layer).size bytes. Thread-safe.
     virtual Status read_expert(int layer, int expert, uint8_t* dst) = 0;
     // Several experts at once; (*out)[i] is the outcome of reads[i] (one failure does not fail the
-    // others). Default: read_expert one after another. Thread-safe.
-    virtual void read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out);
+    // others). `done` (may be empty): see ReadDone. Default: read_expert one after another.
+    // Thread-safe.
+    virtual void read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                              const ReadDone& done = nullptr);
 };
 
 // The storage tier: an expert's three matrices read from the GGUF file with pread or io_uring.
@@ -68,7 +76,8 @@ public:
                                                             StorageMode mode = StorageMode::kAuto);
     ~FileExpertReader() override;
     Status read_expert(int layer, int expert, uint8_t* dst) override;
-    void read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out) override;
+    void read_experts(const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                      const ReadDone& done = nullptr) override;
     StorageMode mode() const { return mode_; }  // kPread or kIoUring
     const std::string& path() const { return path_; }
     const std::vector<ExpertLayout>& layouts() const { return layouts_; }
@@ -90,7 +99,7 @@ private:
     Status read_error(int layer, int m, int expert, uint64_t done, int err) const;
     Status pread_expert(int layer, int expert, uint8_t* dst);
     // false: the ring broke (the reads finished with pread) and must not be reused.
-    bool uring_read(Ring& ring, const std::vector<ExpertRead>& reads, std::vector<Status>* out);
+    bool uring_read(Ring& ring, const std::vector<ExpertRead>& reads, std::vector<Status>* out, const ReadDone& done);
     std::unique_ptr<Ring> take_ring();
     void give_ring(std::unique_ptr<Ring> r);
 
