@@ -6,10 +6,12 @@
 // GB/s counts the weight bytes each call reads (X and Y are < 0.1% of them). Each matrix is cycled
 // through enough copies to exceed twice the L2 cache, so the numbers are DRAM numbers, and each
 // call is timed alone with events (launch overhead included: that is what a decode step pays).
-// "copy" is cudaMemcpy device-to-device of 1 GiB, counting bytes read + written.
+// "copy" is cudaMemcpy device-to-device of 1 GiB, counting bytes read + written; "H2D pinned" is
+// cudaMemcpy host-to-device of 512 MiB from cudaMallocHost memory (what an expert cache's misses move).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -54,6 +56,32 @@ double copy_bandwidth() {
     CUDA_CHECK(cudaEventDestroy(e0));
     CUDA_CHECK(cudaEventDestroy(e1));
     return 2.0 * static_cast<double>(bytes) / (median(ms) * 1e-3) / 1e9;
+}
+
+double h2d_pinned_bandwidth() {
+    const size_t bytes = size_t{512} << 20;
+    void *h, *d;
+    CUDA_CHECK(cudaMallocHost(&h, bytes));
+    CUDA_CHECK(cudaMalloc(&d, bytes));
+    std::memset(h, 1, bytes);
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < 8; ++i) {
+        CUDA_CHECK(cudaEventRecord(e0));
+        CUDA_CHECK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        float t;
+        CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= 2) ms.push_back(t);
+    }
+    CUDA_CHECK(cudaFreeHost(h));
+    CUDA_CHECK(cudaFree(d));
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+    return static_cast<double>(bytes) / (median(ms) * 1e-3) / 1e9;
 }
 
 // A device buffer of `n_mat` matrices [n_out, k] of type t, filled by repeating 64 quantized rows.
@@ -158,8 +186,10 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     g_l2 = static_cast<size_t>(prop.l2CacheSize);
     g_copy_gbs = copy_bandwidth();
-    std::printf("device: %s, %d SMs, L2 %zu MB; D2D copy %.0f GB/s (read+write, median); reps %d\n", prop.name,
-                prop.multiProcessorCount, g_l2 >> 20, g_copy_gbs, g_reps);
+    const double h2d_gbs = h2d_pinned_bandwidth();
+    std::printf("device: %s, %d SMs, L2 %zu MB; D2D copy %.0f GB/s (read+write, median); H2D pinned %.1f GB/s "
+                "(median); reps %d\n",
+                prop.name, prop.multiProcessorCount, g_l2 >> 20, g_copy_gbs, h2d_gbs, g_reps);
     const char* gemv_env = std::getenv("MOEMESH_CUDA_GEMV");
     const std::string mode = gemv_env != nullptr ? gemv_env : "";
     std::printf("GEMV kernel (MOEMESH_CUDA_GEMV=%s): %s\n", mode.c_str(),
