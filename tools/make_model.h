@@ -38,7 +38,7 @@ struct MakeModelOptions {
     uint32_t alignment = 32;  // general.alignment (written only when not the default 32)
     int threads = 0;          // generator threads; 0: min(hardware threads, 8)
     // --fast-weights: the N(0, σ²) tensors from a cheap generator, Q8_0 and Q4_K rows written as blocks
-    // directly (tools/fast_weights.h): other bytes than the default for the same seed, ~100x faster.
+    // directly (tools/fast_weights.h): other bytes than the default for the same seed, far faster.
     bool fast_weights = false;
     // Optional per-group overrides. Empty: norms and other 1-D tensors f32, token_embd / output in `type`.
     std::string norm_type;
