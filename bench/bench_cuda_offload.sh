@@ -124,32 +124,26 @@ run() {  # name, flags
   err=$("$MOEMESH" run --model "$M" --device "$DEVICE" --tokens "$PROMPT_IDS" -n "$GEN" --greedy --ignore-eos \
           --ctx 512 --threads "$THREADS" $2 2>&1 >/dev/null) || true
   echo "$err" > "$DIR/offload-run-${1//[^a-z]/_}.log"
-  python3 - "$1" "$BW" "$err" <<'PY'
-import re, sys
-name, bw, err = sys.argv[1], sys.argv[2], sys.argv[3]
-unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-dec = re.search(r"prompt: (\d+) tokens.*decode: (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", err)
-hit = re.search(r"cache: \w+ [^:]*: ([\d.]+)% hits \((\d+)/(\d+)\), ([\d.]+) (\w+) in.*?, stall ([\d.]+) s"
-                r"(?: \(bound ([\d.]+) s at ([\d.]+) GB/s)?", err)
-load = re.search(r"^loaded .* in ([\d.]+) s", err, re.M)
-if not dec:
-    lines = err.strip().splitlines()
-    print(f"| {name} | failed: {lines[-1] if lines else '?'} |")
-    sys.exit(0)
-tokens = int(dec.group(1)) + int(dec.group(2))
-tps = float(dec.group(4))
-ld = f"{float(load.group(1)):.1f}" if load else "-"
-if not hit:
-    print(f"| {name} | {tps:.2f} | - | - | - | - | - | {ld} |")
-    sys.exit(0)
-missed = float(hit.group(4)) * unit[hit.group(5)]
-stall = float(hit.group(6))
-gbs = float(bw) if bw else (float(hit.group(8)) if hit.group(8) else 0.0)
-bound = missed / (gbs * 1e9) if gbs > 0 else 0.0
-ratio = f"{stall / bound:.2f}x" if bound > 0 else "-"
-print(f"| {name} | {tps:.2f} | {hit.group(1)}% ({hit.group(2)}/{hit.group(3)}) | {missed / tokens / 1e6:.1f} | "
-      f"{1e3 * stall / tokens:.1f} | {1e3 * bound / tokens:.2f} | {ratio} | {ld} |")
-PY
+  # sed + awk, not python: the GPU machine is bare.
+  local dec hit load ref
+  dec=$(echo "$err" | sed -nE 's/^prompt: ([0-9]+) tokens.*decode: ([0-9]+) tokens in [0-9.]+ s \(([0-9.]+) tokens\/s\).*/\1 \2 \3/p' | tail -n 1)
+  hit=$(echo "$err" | sed -nE 's/^cache: [a-z]+ [^:]*: ([0-9.]+)% hits \(([0-9]+)\/([0-9]+)\), ([0-9.]+) ([A-Za-z]+) in[^|]*, stall ([0-9.]+) s.*/\1 \2 \3 \4 \5 \6/p' | tail -n 1)
+  ref=$(echo "$err" | sed -nE 's/^cache: [^|]*\(bound [0-9.]+ s at ([0-9.]+) GB\/s.*/\1/p' | tail -n 1)
+  load=$(echo "$err" | sed -nE 's/^loaded .* in ([0-9.]+) s.*/\1/p' | tail -n 1)
+  if [ -z "$dec" ]; then
+    echo "| $1 | failed: $(echo "$err" | tail -n 1) |"
+    return 0
+  fi
+  awk -v name="$1" -v dec="$dec" -v hit="$hit" -v bw="${BW:-$ref}" -v load="${load:--}" 'BEGIN {
+    split(dec, d, " "); tokens = d[1] + d[2]; tps = d[3]
+    if (hit == "") { printf "| %s | %.2f | - | - | - | - | - | %s |\n", name, tps, load; exit }
+    split(hit, h, " ")
+    unit["B"] = 1; unit["KiB"] = 2^10; unit["MiB"] = 2^20; unit["GiB"] = 2^30; unit["TiB"] = 2^40
+    missed = h[4] * unit[h[5]]; stall = h[6]
+    bound = bw > 0 ? missed / (bw * 1e9) : 0
+    ratio = bound > 0 ? sprintf("%.2fx", stall / bound) : "-"
+    printf "| %s | %.2f | %s%% (%s/%s) | %.1f | %.1f | %.2f | %s | %s |\n", name, tps, h[1], h[2], h[3],
+           missed / tokens / 1e6, 1e3 * stall / tokens, 1e3 * bound / tokens, ratio, load }'
 }
 
 echo "device $DEVICE, $TYPE, $LAYERS layers; routed experts $(awk -v b="$EXPERTS" 'BEGIN { printf "%.2f GiB", b / 2^30 }'), device budget $BUDGET; $GEN tokens decoded"
