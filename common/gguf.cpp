@@ -17,27 +17,6 @@ constexpr uint32_t kMagic = 0x46554747;  // "GGUF" little-endian
 constexpr uint64_t kMaxStringLen = 1ull << 30;
 constexpr int kMaxDims = 4;
 
-size_t gguf_scalar_size(GgufType t) {
-    switch (t) {
-        case GgufType::UINT8:
-        case GgufType::INT8:
-        case GgufType::BOOL:
-            return 1;
-        case GgufType::UINT16:
-        case GgufType::INT16:
-            return 2;
-        case GgufType::UINT32:
-        case GgufType::INT32:
-        case GgufType::FLOAT32:
-            return 4;
-        case GgufType::UINT64:
-        case GgufType::INT64:
-        case GgufType::FLOAT64:
-            return 8;
-        default:
-            return 0;
-    }
-}
 
 // Bounds-checked cursor over the file bytes. Every read names the offset on failure.
 class Reader {
@@ -145,6 +124,28 @@ Status read_value(Reader& r, GgufType t, GgufValue* v, const std::string& key) {
 }
 
 }  // namespace
+
+size_t gguf_scalar_size(GgufType t) {
+    switch (t) {
+        case GgufType::UINT8:
+        case GgufType::INT8:
+        case GgufType::BOOL:
+            return 1;
+        case GgufType::UINT16:
+        case GgufType::INT16:
+            return 2;
+        case GgufType::UINT32:
+        case GgufType::INT32:
+        case GgufType::FLOAT32:
+            return 4;
+        case GgufType::UINT64:
+        case GgufType::INT64:
+        case GgufType::FLOAT64:
+            return 8;
+        default:
+            return 0;
+    }
+}
 
 const char* gguf_type_name(GgufType t) {
     static const char* kNames[] = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32",

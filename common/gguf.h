@@ -29,6 +29,8 @@ enum class GgufType : uint32_t {
     FLOAT64 = 12,
 };
 const char* gguf_type_name(GgufType t);
+// Bytes of one value of a scalar type; 0 for STRING and ARRAY (variable length).
+size_t gguf_scalar_size(GgufType t);
 
 // One metadata value. Scalars of every integer type land in `i` (and `u` for the unsigned
 // view), floats in `f`. Arrays keep their element type; numeric elements go to arr_i / arr_f.

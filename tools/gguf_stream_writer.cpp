@@ -17,27 +17,6 @@ void put(std::vector<uint8_t>& b, T v) {
     b.insert(b.end(), p, p + sizeof(T));
 }
 
-size_t scalar_size(GgufType t) {
-    switch (t) {
-        case GgufType::UINT8:
-        case GgufType::INT8:
-        case GgufType::BOOL:
-            return 1;
-        case GgufType::UINT16:
-        case GgufType::INT16:
-            return 2;
-        case GgufType::UINT32:
-        case GgufType::INT32:
-        case GgufType::FLOAT32:
-            return 4;
-        case GgufType::UINT64:
-        case GgufType::INT64:
-        case GgufType::FLOAT64:
-            return 8;
-        default:
-            return 0;  // STRING, ARRAY: variable
-    }
-}
 
 }  // namespace
 
@@ -83,7 +62,7 @@ StatusOr<size_t> gguf_metadata_end(const std::vector<uint8_t>& h) {
         const GgufType t = static_cast<GgufType>(type);
         if (t == GgufType::STRING) {
             for (uint64_t i = 0; i < count; ++i) MM_RETURN_IF_ERROR(skip_string("string value"));
-        } else if (const size_t s = scalar_size(t); s > 0) {
+        } else if (const size_t s = gguf_scalar_size(t); s > 0) {
             if (count > (h.size() - pos) / s) return MM_ERROR("GGUF header: array at byte %zu runs past its end", pos);
             pos += count * s;
         } else {
