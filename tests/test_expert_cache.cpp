@@ -173,6 +173,11 @@ TEST(ExpertCache, StaticHotSetAndHitRate) {
     EXPECT_EQ(f.cache->device().eviction_log(), (Evictions{{0, 1}, {0, 3}, {0, 4}}));
     EXPECT_EQ(f.reader->total(), 6);
     EXPECT_EQ(f.cache->hot_set_bytes(), 2 * 750u);
+    // Counters restart (moemesh run does it after warm-up), the hot set stays and is still reported.
+    f.cache->reset_counters();
+    EXPECT_EQ(f.cache->device().stats().preloaded, 2u);
+    EXPECT_EQ(f.cache->device().stats().hits, 0u);
+    EXPECT_NE(f.cache->stats_line().find("hot set 2 experts"), std::string::npos) << f.cache->stats_line();
 }
 
 TEST(ExpertCache, HostTierBelowTheDevice) {

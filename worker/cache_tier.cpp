@@ -651,11 +651,12 @@ std::vector<std::pair<int, int>> CacheTier::eviction_log() const {
 
 void CacheTier::reset_counters() {
     std::lock_guard<std::mutex> lk(mu_);
-    const uint64_t used = st_.used;
+    const uint64_t used = st_.used, preloaded = st_.preloaded;  // state, not counts of events
     st_ = TierStats();
     st_.name = name_;
     st_.budget = budget_;
     st_.used = st_.peak_used = used;
+    st_.preloaded = preloaded;
     evicted_.clear();
 }
 

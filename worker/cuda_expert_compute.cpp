@@ -201,8 +201,8 @@ struct CudaExpertCompute::Impl {
     uint8_t* resident = nullptr;             // resident mode: every held expert, one allocation
     uint64_t resident_bytes = 0;
     // Entries of the static hot set in the device tier (pinned for good), counted once after
-    // warm_up: the tier's `preloaded` counter goes back to 0 on reset_counters (moemesh run resets
-    // it after warm-up), which would widen the pin window past the tier's room.
+    // warm_up (the tier's `preloaded` survives reset_counters now, but the window must not depend
+    // on a statistic).
     uint64_t hot_entries = 0;
     cudaStream_t own = nullptr;
 
