@@ -18,16 +18,24 @@
 // the graph from a pinned staging slot. Results are bitwise those of the eager path. Logits come back
 // through a pinned buffer (cudaMemcpyAsync in the same graph) in both modes.
 //
+// MOEMESH_CUDA_PROFILE=1: every op is timed between two CUDA events on the stream and the sums per
+// op (matrix products per type and shape) are printed when the backend goes away: where a decode
+// step's time goes. Graphs are off then (ops launch one by one; a graph saves ~0.5 us per kernel).
+//
 // Compiled only when the CUDA block of CMakeLists.txt is active (MOEMESH_HAVE_CUDA).
 #ifdef MOEMESH_HAVE_CUDA
 #include "coordinator/cuda_backend.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
+#include <string>
 #include <unordered_map>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -63,6 +71,106 @@ bool graphs_enabled() {
     return !(e && std::strcmp(e, "0") == 0);
 }
 
+bool profile_enabled() {
+    const char* e = std::getenv("MOEMESH_CUDA_PROFILE");
+    return e && std::strcmp(e, "0") != 0 && *e;
+}
+
+// Op times for MOEMESH_CUDA_PROFILE: each op between two events recorded on the stream; events are
+// read back (and reused) every kBatch ops and at the end.
+class OpProfile {
+public:
+    explicit OpProfile(cudaStream_t s) : s_(s) {}
+    ~OpProfile() {
+        for (cudaEvent_t e : spare_) (void)cudaEventDestroy(e);
+        for (auto& o : open_) (void)cudaEventDestroy(o.a), (void)cudaEventDestroy(o.b);
+    }
+    template <typename Fn>
+    void time(std::string label, Fn&& f) {
+        cudaEvent_t a = take(), b = take();
+        CUDA_CHECK(cudaEventRecord(a, s_));
+        f();
+        CUDA_CHECK(cudaEventRecord(b, s_));
+        open_.push_back({std::move(label), a, b});
+        if (open_.size() >= kBatch) collect();
+    }
+    // A host-synchronous op (experts through an ExpertBackend): its wall time.
+    void add_wall(const std::string& label, double ms) {
+        Sum& t = sums_[label];
+        t.calls++, t.ms += ms;
+    }
+    void collect() {
+        if (open_.empty()) return;
+        CUDA_CHECK(cudaStreamSynchronize(s_));
+        for (auto& o : open_) {
+            float ms = 0;
+            CUDA_CHECK(cudaEventElapsedTime(&ms, o.a, o.b));
+            Sum& t = sums_[o.label];
+            t.calls++, t.ms += ms;
+            spare_.push_back(o.a), spare_.push_back(o.b);
+        }
+        open_.clear();
+    }
+    // "| op | calls | total ms | mean us | share |" rows, largest total first.
+    std::string report() {
+        collect();
+        double all = 0;
+        for (auto& [k, t] : sums_) all += t.ms;
+        std::vector<std::pair<std::string, Sum>> rows(sums_.begin(), sums_.end());
+        std::sort(rows.begin(), rows.end(), [](const auto& x, const auto& y) { return x.second.ms > y.second.ms; });
+        std::string out = "| op | calls | total ms | mean us | share |\n|---|---|---|---|---|\n";
+        for (auto& [k, t] : rows)
+            out += str_printf("| %s | %lld | %.3f | %.2f | %.1f%% |\n", k.c_str(), static_cast<long long>(t.calls), t.ms,
+                              1e3 * t.ms / static_cast<double>(std::max<int64_t>(t.calls, 1)),
+                              all > 0 ? 100.0 * t.ms / all : 0.0);
+        out += str_printf("| all | | %.3f | | |\n", all);
+        return out;
+    }
+
+private:
+    static constexpr size_t kBatch = 2048;
+    struct Open {
+        std::string label;
+        cudaEvent_t a, b;
+    };
+    struct Sum {
+        int64_t calls = 0;
+        double ms = 0;
+    };
+    cudaEvent_t take() {
+        if (!spare_.empty()) {
+            cudaEvent_t e = spare_.back();
+            spare_.pop_back();
+            return e;
+        }
+        cudaEvent_t e = nullptr;
+        CUDA_CHECK(cudaEventCreate(&e));
+        return e;
+    }
+    cudaStream_t s_;
+    std::vector<Open> open_;
+    std::vector<cudaEvent_t> spare_;
+    std::map<std::string, Sum> sums_;
+};
+
+// The profile label of an op from its recording key (op id first; see the enqueue calls).
+std::string op_label(std::initializer_list<int64_t> key) {
+    static const char* const kNames[] = {"?",           "upload",        "download",   "matmul",      "rmsnorm",
+                                         "rmsnorm_gated", "l2norm_rows", "swiglu",     "add",         "mul_sigmoid",
+                                         "add_gated_rows", "copy_rows",  "rope",       "store_kv",    "attention",
+                                         "route (softmax + top-k)", "moe (resident: 3 matmul_id + swiglu + combine)",
+                                         "delta_gates", "conv1d_silu",   "delta_rule"};
+    const int64_t* k = key.begin();
+    const int64_t id = key.size() ? k[0] : 0;
+    std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
+    if (id == 3 && key.size() >= 7)  // {3, type, W, n_out, k, x, m, y}
+        name += str_printf(" %s %lldx%lld m=%lld", ggml_type_name(static_cast<GgmlType>(k[1])),
+                           static_cast<long long>(k[3]), static_cast<long long>(k[4]), static_cast<long long>(k[6]));
+    if (id == 14 && key.size() >= 6) name += k[5] == 1 ? " (decode)" : " (prompt)";   // n_tokens
+    if (id == 19 && key.size() >= 9) name += k[8] == 1 ? " (decode)" : " (prompt)";   // n_tokens
+    return name;
+}
+
 // One layer's stacked routed experts in VRAM: gate/up [E, I, H], down [E, H, I] (GGUF layout).
 struct ResidentExperts {
     GgmlType tg{}, tu{}, td{};
@@ -76,12 +184,21 @@ class CudaBackend final : public Backend {
 public:
     CudaBackend(int index, std::string name) : index_(index), name_(std::move(name)), defer_(graphs_enabled()) {
         CUDA_CHECK(cudaStreamCreate(&stream_));  // blocking: ordered with the legacy stream
+        if (profile_enabled()) {
+            profile_ = std::make_unique<OpProfile>(stream_);
+            defer_ = false;  // every op launched (and timed) on its own
+        }
         CUDA_CHECK(cudaMalloc(&d_p0_, sizeof(int32_t)));
         CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h_p0_), sizeof(int32_t), cudaHostAllocDefault));
         CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h_up_), kUploadCap, cudaHostAllocDefault));
     }
     ~CudaBackend() override {
         flush();
+        if (profile_) {
+            std::fprintf(stderr, "%s: op profile (MOEMESH_CUDA_PROFILE; graphs off, times between events on the stream):\n%s",
+                         name().c_str(), profile_->report().c_str());
+            profile_.reset();
+        }
         if (exec_) (void)cudaGraphExecDestroy(exec_);
         (void)cudaFreeHost(h_dl_);
         (void)cudaFreeHost(h_up_);
@@ -277,7 +394,11 @@ public:
                                      a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
         if (!defer_) {
             void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
-            cuda::attention(ga, ws, stream_);
+            if (profile_)
+                profile_->time(a.n_tokens == 1 ? "attention (decode)" : "attention (prompt)",
+                               [&] { cuda::attention(ga, ws, stream_); });
+            else
+                cuda::attention(ga, ws, stream_);
             return;
         }
         // The cache's context from its allocation: the workspace and a graph's grid cover all of it.
@@ -303,11 +424,17 @@ public:
                float* out) override {
         if (host_experts_ || T != 1) {  // host-synchronising: whatever was recorded runs first
             flush();
-            // Workers over cuda-ipc / nccl (DistributedExpertBackend) also take device pointers.
-            if (dev_experts_ || (host_experts_ && host_experts_->takes_device_pointers()))
-                return moe_device_cache(layer, x, T, K, ids, w, out);
-            if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
-            return moe_grouped(experts_[layer], x, T, K, ids, w, out);
+            if (profile_) {
+                profile_->collect();  // what ran before, so the wall time below is this op's
+                const auto t0 = std::chrono::steady_clock::now();
+                Status st = moe_host_sync(layer, x, T, K, ids, w, out);
+                CUDA_CHECK(cudaStreamSynchronize(stream_));
+                profile_->add_wall(str_printf("moe %s, %s (host wall)", T == 1 ? "decode" : "prompt",
+                                              dev_experts_ ? "VRAM expert cache" : host_experts_ ? "expert backend" : "grouped"),
+                                   std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+                return st;
+            }
+            return moe_host_sync(layer, x, T, K, ids, w, out);
         }
         const ResidentExperts& r = experts_[layer];
         float* g = grow<float>(g_, K * I_);
@@ -347,6 +474,16 @@ public:
                 });
     }
 
+    // A MoE that synchronises with the host: experts outside the resident tables, or a prompt chunk.
+    Status moe_host_sync(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
+                         float* out) {
+        // Workers over cuda-ipc / nccl (DistributedExpertBackend) also take device pointers.
+        if (dev_experts_ || (host_experts_ && host_experts_->takes_device_pointers()))
+            return moe_device_cache(layer, x, T, K, ids, w, out);
+        if (host_experts_) return moe_staged(layer, x, T, K, ids, w, out);
+        return moe_grouped(experts_[layer], x, T, K, ids, w, out);
+    }
+
     // Runs what was recorded: a graph replay, a capture + replay, or op by op; then waits for the
     // stream. No-op when nothing is recorded.
     void flush() {
@@ -378,6 +515,7 @@ private:
     // Launches f now (graphs off) or records it with its key for the next flush().
     template <typename Fn>
     void enqueue(std::initializer_list<int64_t> key, Fn&& f) {
+        if (profile_) return profile_->time(op_label(key), [&] { f(false); });
         if (!defer_) return f(false);
         if (t_pending && t_pending != this) t_pending->flush();
         t_pending = this;
@@ -550,6 +688,7 @@ private:
     size_t dl_cap_ = 0;
     cudaGraphExec_t exec_ = nullptr;
     int64_t captures_ = 0, replays_ = 0, eager_ = 0;
+    std::unique_ptr<OpProfile> profile_;  // MOEMESH_CUDA_PROFILE
 };
 
 void flush_pending() {

@@ -5,20 +5,22 @@
 # (default 420) so one device call can run it with room to spare; sections that no longer fit are
 # listed as skipped.
 #
-#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode offload"]
+#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode profile offload"]
 #
 # decode and offload run the 48-layer Qwen3-30B-A3B shape (issues 6, 7: files made on the device with
 # make-model --fast-weights, Q8_0 ~32 GB then Q4_K ~17 GB, the Q4_K one kept for offload); they need
 # ~2 + ~2 minutes, more than the default budget leaves after the tests, so give them a call of their own:
-#   bash scripts/gpu_check.sh --only "gemv decode offload" --budget 540
+#   bash scripts/gpu_check.sh --only "gemv decode profile offload" --budget 540
+# profile: MOEMESH_CUDA_PROFILE's op table of a decode step (resident, and offload at 8 GiB) on the
+# kept Q4_K file (bench/profile_cuda_decode.sh).
 set -uo pipefail
 BUDGET=420
-ONLY="ops model experts transport memcheck gemv decode offload"
+ONLY="ops model experts transport memcheck gemv decode profile offload"
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -60,6 +62,7 @@ section() {
   section gemv 30 "$B/bench_cuda_gemv" 20
   section decode 150 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "q8_0 q4_k" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
+  section profile 60 bash "$ROOT/bench/profile_cuda_decode.sh" --moemesh "$B/moemesh" --dir "$D" --budget 8GiB
   if [ -f "$ROOT/bench/bench_cuda_offload.sh" ]; then
     section offload 150 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D"
   fi

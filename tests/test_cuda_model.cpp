@@ -310,6 +310,25 @@ TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
     check_graphs("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, 600);
 }
 
+// MOEMESH_CUDA_PROFILE=1: the same tokens and logits as the op-by-op run (the same kernels in the
+// same order, with events between them), and a table of the ops when the backend goes away.
+TEST_F(CudaModel, OpProfileGivesTheSameResultsAndReportsTheOps) {
+    REQUIRE_CUDA();
+    const std::string path = make(moe_opts("q8_0"), "moe_q8");
+    const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 3);
+    const Decode off = decode_with_graphs(path, "0", true, prompt, 20);
+    setenv("MOEMESH_CUDA_PROFILE", "1", 1);
+    ::testing::internal::CaptureStderr();
+    const Decode prof = decode_with_graphs(path, "1", true, prompt, 20);  // profiling turns graphs off
+    const std::string err = ::testing::internal::GetCapturedStderr();
+    unsetenv("MOEMESH_CUDA_PROFILE");
+    EXPECT_EQ(prof.tokens, off.tokens);
+    EXPECT_EQ(prof.logits, off.logits);
+    for (const char* want : {"op profile", "| matmul q8_0 ", "| moe (resident", "| attention (decode) |", "| all |"})
+        EXPECT_NE(err.find(want), std::string::npos) << want << " not in:\n" << err;
+    std::printf("[cuda-model] op profile of 20 decode steps:\n%s", err.c_str());
+}
+
 TEST(CudaModelErrors, BadDeviceNames) {
     auto path = testing::temp_dir("cuda_model_err") + "/m.gguf";
     MakeModelOptions o = moe_opts("f32");
