@@ -694,6 +694,54 @@ TEST(ExpertCache, ShardRestrictsWhatIsHeld) {
     EXPECT_FALSE(f.cache->acquire(0, 3, &s, &t).ok());
 }
 
+// Two calls keep the same entry: the one whose batch read it counted its miss; the other call's
+// acquire is a hit, and its end_call (an abandoned call) must not turn the first call's acquire
+// into a second count of the same request.
+TEST(ExpertCache, AnEntryKeptByTwoCallsCountsEachRequestOnce) {
+    for (bool background : {false, true}) {
+        CacheOptions o;
+        o.device_bytes = 4 * entry_charge();
+        o.background_call_loads = background;
+        Fake f = make_cache(1, 8, 2, o);
+        int32_t call[] = {1, 2};
+        ASSERT_TRUE(f.cache->will_need(0, call, 2).ok());  // reads 1 and 2: two misses
+        for (int i = 0; i < 5000 && f.cache->device().stats().fills < 2; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::thread other([&] {  // another call finds them resident, keeps them, then fails before acquiring
+            int32_t c[] = {1, 2};
+            EXPECT_TRUE(f.cache->will_need(0, c, 2).ok());
+            f.cache->end_call();
+        });
+        other.join();
+        run_trace(*f.cache, {1, 2});
+        f.cache->end_call();
+        TierStats s = f.cache->device().stats();
+        EXPECT_EQ(s.misses, 2u) << "background " << background;
+        EXPECT_EQ(s.hits, 0u) << "background " << background;  // 2 requests, both misses
+        // The other call acquires them before the first one does: its requests are hits.
+        int32_t call2[] = {3, 4};
+        ASSERT_TRUE(f.cache->will_need(0, call2, 2).ok());
+        for (int i = 0; i < 5000 && f.cache->device().stats().fills < 4; ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        const uint64_t hits_before = f.cache->device().stats().hits;
+        std::thread other2([&] {
+            int32_t c[] = {3, 4};
+            EXPECT_TRUE(f.cache->will_need(0, c, 2).ok());
+            run_trace(*f.cache, {3, 4});
+            f.cache->end_call();
+            TierStats t = f.cache->device().stats();
+            EXPECT_EQ(t.hits, hits_before + 2) << "background " << background;  // counted now, not later
+        });
+        other2.join();
+        run_trace(*f.cache, {3, 4});
+        f.cache->end_call();
+        s = f.cache->device().stats();
+        EXPECT_EQ(s.misses, 4u) << "background " << background;
+        EXPECT_EQ(s.hits, hits_before + 2) << "background " << background;
+        EXPECT_EQ(s.pinned_entries, 0u);
+    }
+}
+
 // ---- the real model file -----------------------------------------------------------------------
 
 std::string dir() {

@@ -61,7 +61,6 @@ struct CacheTier::Entry {
     bool forever = false;     // static hot set
     bool in_map = false;      // false: transient, or failed and removed
     bool demanded = false;    // a request waited for this load (its bytes are in miss_bytes)
-    bool batched = false;     // loaded by a call's keep_for_call, which counted its miss: no hit at take
     uint64_t last_use = 0;
     std::string error;
 };
@@ -537,7 +536,7 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
         e->pins = background_ ? 2 : 1;  // the call's keep pin (and the loader's)
         e->charge = need;
         e->in_map = true;
-        e->demanded = e->batched = true;
+        e->demanded = true;
         for (auto& sp : spares)
             if (sp.second && sp.first == layouts_[layer].size) {
                 e->data = std::exchange(sp.second, nullptr);
@@ -581,7 +580,7 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
     return first_error;
 }
 
-Status CacheTier::take_kept(void* token, uint8_t** data) {
+Status CacheTier::take_kept(void* token, uint8_t** data, bool read_by_keep) {
     Entry* e = static_cast<Entry*>(token);
     std::unique_lock<std::mutex> lk(mu_);
     if (e->state == State::kLoading) {  // still being read by the loader thread
@@ -595,7 +594,7 @@ Status CacheTier::take_kept(void* token, uint8_t** data) {
         return Status::error(why);
     }
     uses_[static_cast<size_t>(e->layer) * n_expert_ + e->expert]++;
-    if (!std::exchange(e->batched, false)) st_.hits++;
+    if (!read_by_keep) st_.hits++;
     e->last_use = ++tick_;
     add_thread_pin(this, 1);
     *data = e->data;
@@ -605,7 +604,6 @@ Status CacheTier::take_kept(void* token, uint8_t** data) {
 void CacheTier::drop_kept(void* token) {
     Entry* e = static_cast<Entry*>(token);
     std::lock_guard<std::mutex> lk(mu_);
-    e->batched = false;  // a later request that finds it is a hit
     if (--e->pins > 0) return;
     if (!e->in_map) {
         destroy(e);

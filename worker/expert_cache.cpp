@@ -305,6 +305,7 @@ struct KeptEntry {
     const ExpertCache* cache;
     int layer, expert;
     void* token;
+    bool read_by_keep;  // read by the call's keep_for_call, which counted the miss
 };
 thread_local std::vector<KeptEntry> t_kept;
 }  // namespace
@@ -317,8 +318,9 @@ Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** to
     });
     if (kept != t_kept.end()) {  // read (or found, or being read) by this call's will_need
         void* t = kept->token;
+        const bool read_by_keep = kept->read_by_keep;
         t_kept.erase(kept);
-        MM_RETURN_IF_ERROR(device_->take_kept(t, &d));
+        MM_RETURN_IF_ERROR(device_->take_kept(t, &d, read_by_keep));
         *token = t;
     } else {
         MM_RETURN_IF_ERROR(device_->acquire(layer, expert, &d, token));
@@ -340,7 +342,7 @@ Status ExpertCache::will_need(int layer, int32_t* experts, int64_t n) {
     std::vector<std::pair<int, void*>> kept;
     size_t ready = 0;
     Status st = device_->keep_for_call(layer, want, &kept, &ready);
-    for (auto [expert, token] : kept) t_kept.push_back({this, layer, expert, token});
+    for (size_t i = 0; i < kept.size(); ++i) t_kept.push_back({this, layer, kept[i].first, kept[i].second, i >= ready});
     // The order to acquire in: what is resident now, then what acquire reads itself (in parallel
     // with the background reads), then the background reads in their order.
     std::vector<int32_t> order;

@@ -206,7 +206,9 @@ public:
                          size_t* ready = nullptr);
     // A kept entry, acquired: *data as acquire gives it; the pin moves to the caller (release()).
     // Waits while it is still being read; a failed read returns its error (and drops the kept pin).
-    Status take_kept(void* token, uint8_t** data);
+    // read_by_keep: the token is one this call's keep_for_call read (after *ready), whose miss it
+    // counted: no hit now (another call keeping the same entry takes it as a hit).
+    Status take_kept(void* token, uint8_t** data, bool read_by_keep);
     void drop_kept(void* token);  // a kept entry the call did not acquire
     bool resident(int layer, int expert) const;
     // Reads keep_for_call's misses on a loader thread of this tier (started on first use).
