@@ -682,6 +682,34 @@ TEST(ExpertCache, BackgroundCallLoadsUnderConcurrentCalls) {
     }
 }
 
+// With a prefetch reserve (a CUDA worker sets its pin window), a prefetch batch leaves that many
+// entries a request can reclaim beyond what is pinned (here: a call's kept experts), so the call's
+// next misses never wait for the prefetch's reads nor need transient buffers.
+TEST(ExpertCache, PrefetchLeavesRoomForTheCallsNextMiss) {
+    CacheOptions o;
+    o.device_bytes = 5 * entry_charge();
+    o.background_call_loads = false;
+    Fake f = make_cache(1, 8, 2, o);
+    f.cache->device().set_prefetch_reserve(1);
+    int32_t call[] = {0, 1};
+    ASSERT_TRUE(f.cache->will_need(0, call, 2).ok());  // 0 and 1 kept (pinned) for the call
+    size_t loaded = 0;
+    ASSERT_TRUE(f.cache->device().load_batch({{0, 4}, {0, 5}, {0, 6}, {0, 7}}, false, &loaded).ok());
+    EXPECT_EQ(loaded, 2u);  // 5 entries - 2 kept - 1 left reclaimable
+    run_trace(*f.cache, {0, 1, 3});  // 3: the call's miss finds its entry (evicting a prefetched one)
+    f.cache->end_call();
+    EXPECT_EQ(f.cache->device().stats().transient, 0u);
+    EXPECT_LE(f.cache->device().stats().peak_used, o.device_bytes);
+    // Reserve 2: with nothing pinned, a batch of 5 loads only 3 of the 5 entries' room.
+    Fake g = make_cache(1, 8, 2, o);
+    g.cache->device().set_prefetch_reserve(2);
+    ASSERT_TRUE(g.cache->device().load_batch({{0, 0}, {0, 1}, {0, 2}, {0, 3}, {0, 4}}, false, &loaded).ok());
+    EXPECT_EQ(loaded, 3u);
+    // The hot set (forever) is not a prefetch: it may take the budget up to the last entry.
+    ASSERT_TRUE(g.cache->device().load_batch({{0, 5}, {0, 6}}, true, &loaded).ok());
+    EXPECT_EQ(loaded, 2u);
+}
+
 TEST(ExpertCache, ShardRestrictsWhatIsHeld) {
     CacheOptions o;
     Fake f = make_cache(2, 8, 1, o, {{1, 2}, {7}});

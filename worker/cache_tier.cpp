@@ -338,6 +338,14 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     std::vector<Entry*> batch;
     std::vector<std::pair<uint64_t, uint8_t*>> spares;  // evicted buffers (size, data) for the batch's entries
     std::unique_lock<std::mutex> lk(mu_);
+    // A prefetch leaves prefetch_reserve_ entries that a request can reclaim beyond what is pinned,
+    // loading or in the hot set: its batch, pinned while it loads, must not make the next request
+    // wait for room (or a CUDA call's pin window fall back on transient buffers).
+    uint64_t fixed = 0;
+    const uint64_t reserve = prefetch_reserve_ * max_charge_;
+    if (!forever && budget_)
+        for (auto& [k, e] : map_)
+            if (e->pins > 0 || e->forever || e->state != State::kReady) fixed += e->charge;
     for (auto [layer, expert] : experts) {
         const int64_t key = static_cast<int64_t>(layer) * n_expert_ + expert;
         auto it = map_.find(key);
@@ -352,6 +360,8 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
             continue;
         }
         const uint64_t need = charge_of(layer);
+        if (!forever && budget_ && fixed + need + reserve > budget_) break;
+        fixed += need;
         bool room = true;
         while (budget_ && st_.used + need > budget_) {
             if (Entry* v = pick_victim()) {

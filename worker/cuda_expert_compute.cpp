@@ -362,6 +362,12 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
         return MM_ERROR("cuda:%d: internal: the cache did not take its VRAM tier", device);
     MM_RETURN_IF_ERROR(im->cache->warm_up());
     im->hot_entries = im->cache->device().stats().preloaded;
+    if (o.prefetch == PrefetchMode::kNextLayer) {
+        // The next layer's prefetch leaves a one-row decode call's pin window reclaimable.
+        CacheTier& t = im->cache->device();
+        t.set_prefetch_reserve(static_cast<uint64_t>(
+            expert_pin_window(t.budget(), t.max_entry_charge(), im->hot_entries, 1, std::max<int64_t>(c.n_expert_used, 1))));
+    }
     im->src = im->cache;
     return std::unique_ptr<CudaExpertCompute>(new CudaExpertCompute(std::move(im)));
 }

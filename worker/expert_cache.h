@@ -186,8 +186,9 @@ public:
     bool prefetch(int layer, int expert);
     // Many experts with one batched read from below: forever, as pin_forever (entries being loaded
     // by another requester are waited for; the first error is returned after the whole batch has
-    // settled); else as prefetch (absent experts only, into room available without waiting; the
-    // rest are skipped). *loaded: how many were read.
+    // settled); else as prefetch (absent experts only, into room available without waiting that
+    // leaves set_prefetch_reserve entries reclaimable; the rest are skipped). *loaded: how many were
+    // read.
     Status load_batch(const std::vector<std::pair<int, int>>& experts, bool forever, size_t* loaded);
     // For a call about to acquire `experts` of `layer` (distinct) one at a time: keeps the call's
     // resident experts (pinned, so the call's own misses cannot evict them) and reads its absent
@@ -213,6 +214,15 @@ public:
     bool resident(int layer, int expert) const;
     // Reads keep_for_call's misses on a loader thread of this tier (started on first use).
     void set_background_loads(bool on) { background_ = on; }
+    // Entries of room a prefetch (load_batch, not forever) leaves reclaimable beyond what is pinned,
+    // loading or in the hot set. 0 by default: on the CPU a call's miss that finds every entry pinned
+    // by a prefetch read waits for it (a wait, within the budget), and a reserve cost static +
+    // prefetch 4 points of hit rate on bench_cache.sh for no speed; a CUDA worker sets its pin window
+    // (its call holds several pins, and would read into transient VRAM outside the budget instead).
+    void set_prefetch_reserve(uint64_t entries) {
+        std::lock_guard<std::mutex> lk(mu_);
+        prefetch_reserve_ = entries;
+    }
 
     TierStats stats() const;
     // (layer, expert) of every eviction so far, in order (tests; capped at 4096).
@@ -260,6 +270,7 @@ private:
     // Background loads: batches of entries (each pinned once for the loader) under mu_.
     bool background_ = false;
     bool loader_stop_ = false;
+    uint64_t prefetch_reserve_ = 0;
     std::deque<std::vector<Entry*>> load_queue_;
     std::condition_variable loader_cv_;
     std::thread loader_;
