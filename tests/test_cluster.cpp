@@ -536,25 +536,52 @@ TEST_F(Cluster, NotAWorkerPeerFailsClearlyWithoutHang) {
         << "unclear error against a non-moemesh peer (see BUG above):\n" << err1;
 }
 
+// ---- raw gRPC against one worker (the wire-level tests below) ----
+
+std::chrono::system_clock::time_point rpc_deadline() {
+    return std::chrono::system_clock::now() + std::chrono::seconds(5);
+}
+
+// The model fingerprint a worker logged at start ("... (model <fingerprint>) ...").
+std::string logged_fingerprint(const std::string& log) {
+    const size_t at = log.find("(model ") + 7;
+    return log.substr(at, log.find(')', at) - at);
+}
+
+// A current-protocol handshake for worker "w1" serving layer 0's experts 0..15.
+v1::HandshakeRequest shard_handshake(const std::string& fingerprint) {
+    v1::HandshakeRequest req;
+    req.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    req.set_model_fingerprint(fingerprint);
+    req.set_worker_name("w1");
+    auto* ls = req.add_shard();
+    ls->set_layer(0);
+    for (int e = 0; e < 16; ++e) ls->add_experts(e);
+    return req;
+}
+
+// Polls Health until the worker's shard has loaded (up to 2 s).
+void wait_until_ready(v1::ExpertWorker::Stub& stub) {
+    for (int i = 0; i < 100; ++i) {
+        v1::HealthResponse h;
+        grpc::ClientContext hc;
+        hc.set_deadline(rpc_deadline());
+        ASSERT_TRUE(stub.Health(&hc, v1::HealthRequest(), &h).ok());
+        if (h.ready()) return;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+}
+
 TEST_F(Cluster, DataPlaneOfferRefusedClearlyOverTheWire) {
     Worker& w = add_worker("w1", false);
     ASSERT_TRUE(w.start());
     auto stub = v1::ExpertWorker::NewStub(grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials()));
-    const std::string log = w.log();
-    const size_t fp_at = log.find("(model ") + 7;
-    const std::string fingerprint = log.substr(fp_at, log.find(')', fp_at) - fp_at);
-    auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
+    const std::string fingerprint = logged_fingerprint(w.log());
     auto handshake = [&](const v1::DataPlaneOffer* offer, v1::HandshakeResponse* resp) {
-        v1::HandshakeRequest req;
-        req.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
-        req.set_model_fingerprint(fingerprint);
-        req.set_worker_name("w1");
-        auto* ls = req.add_shard();
-        ls->set_layer(0);
-        for (int e = 0; e < 16; ++e) ls->add_experts(e);
+        v1::HandshakeRequest req = shard_handshake(fingerprint);
         if (offer) *req.mutable_data_plane() = *offer;
         grpc::ClientContext ctx;
-        ctx.set_deadline(deadline());
+        ctx.set_deadline(rpc_deadline());
         return stub->Handshake(&ctx, req, resp).ok();
     };
     // The wrong hidden size (the model's is 128), then an object that does not exist.
@@ -583,16 +610,9 @@ TEST_F(Cluster, DataPlaneOfferRefusedClearlyOverTheWire) {
     ASSERT_TRUE(handshake(nullptr, &resp));
     ASSERT_TRUE(resp.accepted());
     EXPECT_FALSE(resp.has_data_plane());
-    for (int i = 0; i < 100; ++i) {
-        v1::HealthResponse h;
-        grpc::ClientContext hc;
-        hc.set_deadline(deadline());
-        ASSERT_TRUE(stub->Health(&hc, v1::HealthRequest(), &h).ok());
-        if (h.ready()) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    wait_until_ready(*stub);
     grpc::ClientContext sc;
-    sc.set_deadline(deadline());
+    sc.set_deadline(rpc_deadline());
     auto stream = stub->Experts(&sc);
     v1::ExpertCall c;
     c.set_request_id(1);
@@ -629,10 +649,7 @@ TEST_F(Cluster, WorkerSurvivesGarbageWrongProtocolAndMalformedCalls) {
 
     auto channel = grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials());
     auto stub = v1::ExpertWorker::NewStub(channel);
-    const std::string log = w.log();
-    const size_t fp_at = log.find("(model ") + 7;
-    const std::string fingerprint = log.substr(fp_at, log.find(')', fp_at) - fp_at);
-    auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(5); };
+    const std::string fingerprint = logged_fingerprint(w.log());
     {
         // A wrong protocol version: refused, saying why, logged.
         v1::HandshakeRequest req;
@@ -641,7 +658,7 @@ TEST_F(Cluster, WorkerSurvivesGarbageWrongProtocolAndMalformedCalls) {
         req.set_worker_name("w1");
         v1::HandshakeResponse resp;
         grpc::ClientContext ctx;
-        ctx.set_deadline(deadline());
+        ctx.set_deadline(rpc_deadline());
         ASSERT_TRUE(stub->Handshake(&ctx, req, &resp).ok());
         EXPECT_FALSE(resp.accepted());
         EXPECT_NE(resp.reason().find("protocol version 99"), std::string::npos) << resp.reason();
@@ -650,28 +667,15 @@ TEST_F(Cluster, WorkerSurvivesGarbageWrongProtocolAndMalformedCalls) {
     {
         // A real handshake, then malformed and oversized calls on the data stream: each one gets an
         // error result, the stream stays up, and a good call after them is answered.
-        v1::HandshakeRequest req;
-        req.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
-        req.set_model_fingerprint(fingerprint);
-        req.set_worker_name("w1");
-        auto* ls = req.add_shard();
-        ls->set_layer(0);
-        for (int e = 0; e < 16; ++e) ls->add_experts(e);
+        const v1::HandshakeRequest req = shard_handshake(fingerprint);
         v1::HandshakeResponse resp;
         grpc::ClientContext ctx;
-        ctx.set_deadline(deadline());
+        ctx.set_deadline(rpc_deadline());
         ASSERT_TRUE(stub->Handshake(&ctx, req, &resp).ok());
         ASSERT_TRUE(resp.accepted()) << resp.reason();
-        for (int i = 0; i < 100; ++i) {
-            v1::HealthResponse h;
-            grpc::ClientContext hc;
-            hc.set_deadline(deadline());
-            ASSERT_TRUE(stub->Health(&hc, v1::HealthRequest(), &h).ok());
-            if (h.ready()) break;
-            std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        }
+        wait_until_ready(*stub);
         grpc::ClientContext sc;
-        sc.set_deadline(deadline());
+        sc.set_deadline(rpc_deadline());
         auto stream = stub->Experts(&sc);
         auto call = [](uint64_t id, uint32_t layer, uint32_t n_rows, uint32_t hidden, size_t act_bytes, int expert) {
             v1::ExpertCall c;

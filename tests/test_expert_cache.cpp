@@ -791,6 +791,33 @@ std::string model_path() {
     return p;
 }
 
+// An expert call of 5 random rows, row r routed to the experts (5r + 3j) mod E, j < 4, with random
+// weights.
+struct RandomCall {
+    int64_t n_rows = 5;
+    std::vector<float> x, weights;  // x: [n_rows, H]
+    std::vector<int32_t> rows, experts;
+    Status run(ExpertCompute& ec, int layer, std::vector<float>* out) const {
+        out->assign(x.size(), 0.0f);
+        return ec.compute(layer, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
+                          static_cast<int64_t>(rows.size()), out->data());
+    }
+};
+RandomCall random_call(const ModelConfig& c, uint32_t seed) {
+    RandomCall k;
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1, 1);
+    k.x.resize(static_cast<size_t>(k.n_rows * c.n_embd));
+    for (auto& v : k.x) v = u(rng);
+    for (int r = 0; r < k.n_rows; ++r)
+        for (int j = 0; j < 4; ++j) {
+            k.rows.push_back(r);
+            k.experts.push_back(static_cast<int32_t>((r * 5 + j * 3) % c.n_expert));
+            k.weights.push_back(u(rng));
+        }
+    return k;
+}
+
 TEST(ExpertCacheFile, TruncatedFileGivesAClearErrorNotAWrongAnswer) {
     const std::string copy = dir() + "/truncated.gguf";
     fs::copy_file(model_path(), copy, fs::copy_options::overwrite_existing);
@@ -870,27 +897,11 @@ TEST(ExpertCacheFile, ComputeThroughTheCacheEqualsTheMappedFile) {
     auto cache = ExpertCache::create(*f.value(), c, {}, o);
     ASSERT_TRUE(cache.ok()) << cache.status().message();
     ExpertCompute got(c, pool, cache.value());
-    std::mt19937 rng(5);
-    std::uniform_real_distribution<float> u(-1, 1);
-    const int64_t n_rows = 5, H = c.n_embd;
-    std::vector<float> x(static_cast<size_t>(n_rows * H));
-    for (auto& v : x) v = u(rng);
-    std::vector<int32_t> rows, experts;
-    std::vector<float> weights;
-    for (int r = 0; r < n_rows; ++r)
-        for (int j = 0; j < 4; ++j) {
-            rows.push_back(r);
-            experts.push_back(static_cast<int32_t>((r * 5 + j * 3) % c.n_expert));
-            weights.push_back(u(rng));
-        }
+    const RandomCall call = random_call(c, 5);
     for (int l = 0; l < c.n_layer; ++l) {
-        std::vector<float> a(x.size()), b(x.size());
-        ASSERT_TRUE(ref.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
-                                static_cast<int64_t>(rows.size()), a.data())
-                        .ok());
-        ASSERT_TRUE(got.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
-                                static_cast<int64_t>(rows.size()), b.data())
-                        .ok());
+        std::vector<float> a, b;
+        ASSERT_TRUE(call.run(ref, l, &a).ok());
+        ASSERT_TRUE(call.run(got, l, &b).ok());
         EXPECT_EQ(a, b) << "layer " << l;
     }
     EXPECT_LE(cache.value()->device().stats().peak_used, o.device_bytes);
@@ -930,20 +941,8 @@ TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
     ASSERT_TRUE(tables.ok());
     ThreadPool pool(2);
     ExpertCompute ref(c, pool, tables.value());
-    std::mt19937 rng(9);
-    std::uniform_real_distribution<float> u(-1, 1);
-    const int64_t n_rows = 5, H = c.n_embd;
-    std::vector<float> x(static_cast<size_t>(n_rows * H));
-    for (auto& v : x) v = u(rng);
-    std::vector<int32_t> rows, experts;
-    std::vector<float> weights;
-    for (int r = 0; r < n_rows; ++r)
-        for (int j = 0; j < 4; ++j) {
-            rows.push_back(r);
-            experts.push_back(static_cast<int32_t>((r * 5 + j * 3) % c.n_expert));
-            weights.push_back(u(rng));
-        }
-    const size_t distinct = std::set<int32_t>(experts.begin(), experts.end()).size();
+    const RandomCall call = random_call(c, 9);
+    const size_t distinct = std::set<int32_t>(call.experts.begin(), call.experts.end()).size();
     ASSERT_GE(distinct, 4u);
     auto probe = FileExpertReader::open(*f.value(), c);
     ASSERT_TRUE(probe.ok());
@@ -968,13 +967,9 @@ TEST(ExpertCacheFile, ComputeReadsACallsMissesAsOneBatchWithTheSameOutput) {
         ExpertCompute got(c, pool, cache.value());
         for (int l = 0; l < c.n_layer; ++l)
             for (int rep = 0; rep < 2; ++rep) {
-                std::vector<float> a(x.size()), b(x.size());
-                ASSERT_TRUE(ref.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
-                                        static_cast<int64_t>(rows.size()), a.data())
-                                .ok());
-                ASSERT_TRUE(got.compute(l, x.data(), n_rows, rows.data(), experts.data(), weights.data(),
-                                        static_cast<int64_t>(rows.size()), b.data())
-                                .ok());
+                std::vector<float> a, b;
+                ASSERT_TRUE(call.run(ref, l, &a).ok());
+                ASSERT_TRUE(call.run(got, l, &b).ok());
                 EXPECT_EQ(a, b) << "layer " << l << " rep " << rep;
                 if (l == 0 && rep == 0) {  // a fresh cache: every expert of the call is a miss
                     std::vector<size_t> want_batches;

@@ -343,7 +343,8 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
     // wait for room (or a CUDA call's pin window fall back on transient buffers).
     uint64_t fixed = 0;
     const uint64_t reserve = prefetch_reserve_ * max_charge_;
-    if (!forever && budget_)
+    const bool keep_reserve = !forever && budget_ && reserve;
+    if (keep_reserve)
         for (auto& [k, e] : map_)
             if (e->pins > 0 || e->forever || e->state != State::kReady) fixed += e->charge;
     for (auto [layer, expert] : experts) {
@@ -360,7 +361,7 @@ Status CacheTier::load_batch(const std::vector<std::pair<int, int>>& experts, bo
             continue;
         }
         const uint64_t need = charge_of(layer);
-        if (!forever && budget_ && fixed + need + reserve > budget_) break;
+        if (keep_reserve && fixed + need + reserve > budget_) break;
         fixed += need;
         bool room = true;
         while (budget_ && st_.used + need > budget_) {
