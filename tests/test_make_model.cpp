@@ -323,7 +323,7 @@ TEST_F(MakeModelTest, RejectsBadOptions) {
     };
     bad([](MakeModelOptions& o) { o.heads = 3; }, "--kv-heads");
     bad([](MakeModelOptions& o) { o.top_k = 9; }, "--top-k");
-    bad([](MakeModelOptions& o) { o.type = "iq4_xs"; }, "iq4_xs");
+    bad([](MakeModelOptions& o) { o.type = "tq1_0"; }, "tq1_0");
     bad([](MakeModelOptions& o) { o.arch = "llama9"; }, "llama9");
     bad([](MakeModelOptions& o) { o.out = ""; }, "--out");
     bad([](MakeModelOptions& o) { o.head_dim = 33; }, "--head-dim");

@@ -17,8 +17,9 @@
 namespace moemesh {
 namespace {
 
-const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0,
-                           GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,   GgmlType::Q5_0,
+                           GgmlType::Q4_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,   GgmlType::Q5_K,
+                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -50,6 +51,9 @@ std::vector<float> act_values(GgmlType wt, const float* x, int64_t k) {
     if (kt->act_type == GgmlType::Q8_K) {
         const auto* b = reinterpret_cast<const quants::BlockQ8_K*>(a.data());
         for (int64_t i = 0; i < k; ++i) out[i] = b[i / 256].d * b[i / 256].qs[i % 256];
+    } else if (kt->act_type == GgmlType::Q8_1) {
+        const auto* b = reinterpret_cast<const quants::BlockQ8_1*>(a.data());
+        for (int64_t i = 0; i < k; ++i) out[i] = fp16_to_fp32(b[i / 32].d) * b[i / 32].qs[i % 32];
     } else {
         dequantize_row(kt->act_type, a.data(), out.data(), k);
     }
@@ -68,6 +72,26 @@ DotCase naive_dot(const float* w, const float* a, int64_t k) {
         c.abs_sum += std::fabs(double(w[i]) * a[i]);
     }
     return c;
+}
+
+// Q4_1 / Q5_1 pair with Q8_1 activations, whose s = fp16(d·Σq) stands in for the decoded Σ d·q in
+// the min's term, as in ggml: the kernel's product differs from the decoded values' product by
+// Σ_b m_b · (s_b − d_b·Σ_j q_bj). 0 for the other types.
+double q8_1_sum_rounding(GgmlType wt, const uint8_t* wrow, const float* x, int64_t k) {
+    const quants::TypeKernels* kt = quants::type_kernels(wt, /*simd=*/false);
+    if (kt->act_type != GgmlType::Q8_1) return 0;
+    std::vector<quants::BlockQ8_1> a(static_cast<size_t>(k / 32));
+    quants::quantize_act_q8_1_scalar(x, a.data(), k);
+    const size_t wblock = ggml_type_info(wt).type_size;
+    double diff = 0;
+    for (int64_t b = 0; b < k / 32; ++b) {
+        uint16_t m;  // Q4_1 and Q5_1 keep the min right after d
+        std::memcpy(&m, wrow + b * wblock + 2, 2);
+        int sum = 0;
+        for (int i = 0; i < 32; ++i) sum += a[b].qs[i];
+        diff += double(fp16_to_fp32(m)) * (double(fp16_to_fp32(a[b].s)) - double(fp16_to_fp32(a[b].d)) * sum);
+    }
+    return diff;
 }
 
 std::vector<int64_t> sizes_for(GgmlType t) {
@@ -95,7 +119,8 @@ TEST(VecDot, ScalarReferenceMatchesDoubleProduct) {
                 kt->quantize_act(x.data(), a.data(), k);
                 ap = a.data();
             }
-            const DotCase want = naive_dot(wd.data(), xa.data(), k);
+            DotCase want = naive_dot(wd.data(), xa.data(), k);
+            want.value += q8_1_sum_rounding(t, w.data(), x.data(), k);
             const float got = kt->vec_dot(k, w.data(), ap);
             EXPECT_NEAR(got, want.value, kRelTol * want.abs_sum + 1e-30) << ggml_type_name(t) << " k=" << k;
         }
@@ -207,7 +232,8 @@ void check_matmul(ThreadPool& pool, GgmlType t, int64_t n_out, int64_t k, int64_
     for (int64_t i = 0; i < m; ++i) {
         const std::vector<float> xa = act_values(t, x.data() + i * k, k);
         for (int64_t r = 0; r < n_out; ++r) {
-            const DotCase want = naive_dot(wd.data() + r * k, xa.data(), k);
+            DotCase want = naive_dot(wd.data() + r * k, xa.data(), k);
+            want.value += q8_1_sum_rounding(t, w.data() + r * stride, x.data() + i * k, k);
             ASSERT_NEAR(y[i * n_out + r], want.value, kRelTol * want.abs_sum + 1e-30)
                 << ggml_type_name(t) << " n_out=" << n_out << " k=" << k << " m=" << m << " at " << i << "," << r;
         }
@@ -249,6 +275,10 @@ TEST(Matmul, LargeShapesAndThreadCountsAgree) {
     check_matmul(pool, GgmlType::Q5_0, 300, 800, 67, 12);
     check_matmul(pool, GgmlType::Q3_K, 129, 768, 5, 13);
     check_matmul(pool, GgmlType::Q2_K, 129, 768, 5, 14);
+    check_matmul(pool, GgmlType::Q4_1, 300, 800, 67, 15);
+    check_matmul(pool, GgmlType::Q5_1, 129, 96, 5, 16);
+    check_matmul(pool, GgmlType::IQ4_NL, 300, 800, 3, 17);
+    check_matmul(pool, GgmlType::IQ4_XS, 203, 1024, 130, 18);
 }
 
 TEST(ThreadPool, CoversEveryIndexOnce) {

@@ -71,7 +71,8 @@ TEST_F(Parity, F32WithF16KvCache) {
 // (dequantization, activation quantization, integer dot products) must agree to float rounding.
 TEST_F(Parity, EveryWeightTypeOneLayer) {
     const Shape one = {"one", 1, 256, 4, 2, 64, 16, 4, 256, 1024};
-    for (const char* type : {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "q5_k", "q3_k", "q2_k"}) {
+    for (const char* type : {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "q5_k", "q3_k", "q2_k", "q4_1", "q5_1",
+                             "iq4_nl", "iq4_xs"}) {
         std::string m = make_model(one, type, dir_);
         Comparison c = run_pair(m, one.vocab, "f32", "", dir_, 16);
         // Typically 1e-7; a single flipped activation rounding (see below) can reach ~1e-3.
@@ -81,9 +82,23 @@ TEST_F(Parity, EveryWeightTypeOneLayer) {
     }
 }
 
+// Rows that are not a multiple of 256 (hidden 128, expert ff 96), as small models from other tools
+// have them: llama-quantize (and make-model) write Q5_1 for Q5_K there and IQ4_NL for Q3_K, Q2_K and
+// IQ4_XS, so a "q5_k" or "iq4_xs" file is mostly of the 32-element types.
+TEST_F(Parity, SmallRowsFallBackAsLlamaQuantizeDoes) {
+    const Shape narrow = {"narrow", 1, 128, 4, 2, 32, 8, 2, 96, 512};
+    for (const char* type : {"q5_k", "iq4_xs", "q3_k"}) {
+        std::string m = make_model(narrow, type, dir_);
+        Comparison c = run_pair(m, narrow.vocab, "f32", "", dir_, 16);
+        EXPECT_LE(c.median_dp, 1e-5) << type;
+        EXPECT_LE(c.max_dp, 3e-3) << type;
+        EXPECT_EQ(c.greedy_prefix, 32) << type;
+    }
+}
+
 // A Qwen3-Next-style file as llama-quantize's Q4_K_M / Q5_K_M leave it: Q5_K in attn_qkv (and every
-// other matrix whose rows are multiples of 256), Q5_0 where they are not (ffn_down_exps, rows of
-// 128: make-model's fallback), one gated DeltaNet layer and one gated attention layer, a shared expert.
+// other matrix whose rows are multiples of 256), Q5_1 where they are not (ffn_down_exps, rows of
+// 128: the fallback), one gated DeltaNet layer and one gated attention layer, a shared expert.
 TEST_F(Parity, Qwen3NextQ5KMatchesLlamaCpp) {
     const std::string m = dir_ + "/next_q5_k.gguf";
     const std::string cmd = moemesh_bin() + " make-model --arch qwen3next --out " + m +

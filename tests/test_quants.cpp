@@ -27,8 +27,9 @@ using quants::BlockQ6_K;
 using quants::BlockQ8_0;
 using quants::BlockQ8_K;
 
-const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0,
-                           GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
+const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,   GgmlType::Q5_0,
+                           GgmlType::Q4_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,   GgmlType::Q5_K,
+                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -93,7 +94,8 @@ TEST(Quants, RoundTripErrorWithinTypeBound) {
     const Bound bounds[] = {{GgmlType::F32, 0.0},    {GgmlType::F16, 4e-4},   {GgmlType::BF16, 3e-3},
                             {GgmlType::Q8_0, 0.006}, {GgmlType::Q5_0, 0.06},  {GgmlType::Q4_0, 0.12},
                             {GgmlType::Q2_K, 0.34}, {GgmlType::Q3_K, 0.18}, {GgmlType::Q4_K, 0.085},
-                            {GgmlType::Q5_K, 0.045}, {GgmlType::Q6_K, 0.025}};
+                            {GgmlType::Q5_K, 0.045}, {GgmlType::Q6_K, 0.025}, {GgmlType::Q4_1, 0.1},
+                            {GgmlType::Q5_1, 0.05},  {GgmlType::IQ4_NL, 0.1}, {GgmlType::IQ4_XS, 0.1}};
     for (const Bound& b : bounds) {
         for (int64_t n : {256, 4096}) {
             const std::vector<float> x = random_normal(n, 1234 + static_cast<uint32_t>(n));
@@ -143,6 +145,23 @@ TEST(Quants, ElementErrorBounds) {
                         break;
                     case GgmlType::Q3_K:
                         tol = 0.2f * amax256 + 1024 * 0x1p-25f;
+                        break;
+                    // Scale and min: half a step of (max - min)/15 (/31), plus the fp16 rounding of
+                    // d (times q) and of the min.
+                    case GgmlType::Q4_1:
+                        tol = 2 * amax / 15.f * 0.51f + amax * 2e-3f + 32 * 0x1p-25f;
+                        break;
+                    case GgmlType::Q5_1:
+                        tol = 2 * amax / 31.f * 0.51f + amax * 2e-3f + 64 * 0x1p-25f;
+                        break;
+                    // 16 non-linear levels: at worst half the widest gap (24 of 240 levels' span) or
+                    // the clip at the positive end (113 vs 127).
+                    case GgmlType::IQ4_NL:
+                        tol = 0.2f * amax + 128 * 0x1p-25f;
+                        break;
+                    // Plus 6-bit sub-block scales against the super-block's largest.
+                    case GgmlType::IQ4_XS:
+                        tol = 0.2f * amax256 + 4096 * 0x1p-25f;
                         break;
                     // K types: per-256 super-block scales, and d·scale·q with the fp16 d's subnormal error.
                     default:
@@ -306,6 +325,50 @@ float decode_q2_K(const uint8_t* row, int64_t e) {
     return dl * q - ml;
 }
 
+// Q4_1: d, m (fp16), qs (element j low nibble of qs[j], element j+16 high nibble); x = d·q + m.
+float decode_q4_1(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 32) * 20;
+    const int j = static_cast<int>(e % 32);
+    const int q = j < 16 ? (blk[4 + j] & 15) : (blk[4 + j - 16] >> 4);
+    return q * half_at(blk) + half_at(blk + 2);
+}
+
+// Q5_1: d, m (fp16), qh (uint32, bit j = 5th bit of element j), qs as Q4_1's; x = d·q + m.
+float decode_q5_1(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 32) * 24;
+    uint32_t qh;
+    std::memcpy(&qh, blk + 4, 4);
+    const int j = static_cast<int>(e % 32);
+    const int lo = j < 16 ? (blk[8 + j] & 15) : (blk[8 + j - 16] >> 4);
+    return (lo | (((qh >> j) & 1) << 4)) * half_at(blk) + half_at(blk + 2);
+}
+
+// The IQ4 levels, written out again from ggml's kvalues_iq4nl.
+constexpr int kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// IQ4_NL: d (fp16), qs as Q4_0's; x = d·level[q].
+float decode_iq4_nl(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 32) * 18;
+    const int j = static_cast<int>(e % 32);
+    const int q = j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
+    return half_at(blk) * kIQ4Levels[q];
+}
+
+// IQ4_XS: d (fp16), scales_h (uint16: bits 2s..2s+1 = top bits of sub-block s's 6-bit scale),
+// scales_l[4] (nibble s%2 of byte s/2 = its low bits), qs[128] (16 bytes per 32-element sub-block, as
+// IQ4_NL's); x = d·(scale - 32)·level[q].
+float decode_iq4_xs(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 256) * 136;
+    const int j = static_cast<int>(e % 256);
+    const int s = j / 32, l = j % 32;
+    uint16_t sh;
+    std::memcpy(&sh, blk + 2, 2);
+    const int scale = ((blk[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4);
+    const uint8_t byte = blk[8 + 16 * s + l % 16];
+    const int q = l < 16 ? byte & 15 : byte >> 4;
+    return (half_at(blk) * static_cast<float>(scale - 32)) * kIQ4Levels[q];
+}
+
 // Random block bytes with sane fp16 scales (no inf/NaN).
 std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
     std::mt19937 rng(seed);
@@ -322,8 +385,12 @@ std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
             case GgmlType::Q8_0:
             case GgmlType::Q4_0:
             case GgmlType::Q5_0:
+            case GgmlType::IQ4_NL:
+            case GgmlType::IQ4_XS:
                 set_half(off);
                 break;
+            case GgmlType::Q4_1:
+            case GgmlType::Q5_1:
             case GgmlType::Q4_K:
             case GgmlType::Q5_K:
                 set_half(off);
@@ -357,6 +424,10 @@ TEST(Quants, DequantizeMatchesIndependentDecoder) {
                           {GgmlType::Q4_K, decode_q4_K},
                           {GgmlType::Q6_K, decode_q6_K},
                           {GgmlType::Q5_0, decode_q5_0},
+                          {GgmlType::Q4_1, decode_q4_1},
+                          {GgmlType::Q5_1, decode_q5_1},
+                          {GgmlType::IQ4_NL, decode_iq4_nl},
+                          {GgmlType::IQ4_XS, decode_iq4_xs},
                           {GgmlType::Q5_K, decode_q5_K},
                           {GgmlType::Q3_K, decode_q3_K},
                           {GgmlType::Q2_K, decode_q2_K}};
@@ -639,7 +710,10 @@ TEST(GgmlCrossCheck, ReferenceQuantizersAreBitExact) {
                           {GgmlType::Q5_0, "quantize_row_q5_0_ref", "dequantize_row_q5_0"},
                           {GgmlType::Q5_K, "quantize_row_q5_K_ref", "dequantize_row_q5_K"},
                           {GgmlType::Q3_K, "quantize_row_q3_K_ref", "dequantize_row_q3_K"},
-                          {GgmlType::Q2_K, "quantize_row_q2_K_ref", "dequantize_row_q2_K"}};
+                          {GgmlType::Q2_K, "quantize_row_q2_K_ref", "dequantize_row_q2_K"},
+                          {GgmlType::Q4_1, "quantize_row_q4_1_ref", "dequantize_row_q4_1"},
+                          {GgmlType::Q5_1, "quantize_row_q5_1_ref", "dequantize_row_q5_1"},
+                          {GgmlType::IQ4_XS, "quantize_row_iq4_xs_ref", "dequantize_row_iq4_xs"}};
     for (const Case& c : cases) {
         auto quant = lib->sym<GgmlLib::QuantFn>(c.quant);
         auto dequant = lib->sym<GgmlLib::DequantFn>(c.dequant);
@@ -666,7 +740,8 @@ TEST(GgmlCrossCheck, ActivationQuantizersAreBitExact) {
     if (!lib) GTEST_SKIP() << "llama.cpp's ggml not available";
     auto q8_0 = lib->sym<GgmlLib::QuantFn>("quantize_row_q8_0");
     auto q8_K = lib->sym<GgmlLib::QuantFn>("quantize_row_q8_K");
-    ASSERT_TRUE(q8_0 && q8_K);
+    auto q8_1 = lib->sym<GgmlLib::QuantFn>("quantize_row_q8_1");
+    ASSERT_TRUE(q8_0 && q8_K && q8_1);
     for (uint32_t seed = 0; seed < 6; ++seed) {
         const int64_t n = 2560;
         const std::vector<float> x = seed % 2 ? awkward_row(n, seed) : random_normal(n, seed, 0.5f + seed);
@@ -676,6 +751,12 @@ TEST(GgmlCrossCheck, ActivationQuantizersAreBitExact) {
         ASSERT_EQ(0, std::memcmp(a0.data(), b0.data(), a0.size() * sizeof(BlockQ8_0))) << seed;
         quants::avx2::quantize_act_q8_0(x.data(), c0.data(), n);
         ASSERT_EQ(0, std::memcmp(c0.data(), b0.data(), c0.size() * sizeof(BlockQ8_0))) << seed;
+        std::vector<quants::BlockQ8_1> a1(n / 32), b1(n / 32), c1(n / 32);
+        quants::quantize_act_q8_1_scalar(x.data(), a1.data(), n);
+        q8_1(x.data(), b1.data(), n);
+        ASSERT_EQ(0, std::memcmp(a1.data(), b1.data(), a1.size() * sizeof(quants::BlockQ8_1))) << seed;
+        quants::avx2::quantize_act_q8_1(x.data(), c1.data(), n);
+        ASSERT_EQ(0, std::memcmp(c1.data(), b1.data(), c1.size() * sizeof(quants::BlockQ8_1))) << seed;
         std::vector<BlockQ8_K> aK(n / 256), bK(n / 256);
         quants::quantize_act_q8_K_scalar(x.data(), aK.data(), n);
         q8_K(x.data(), bK.data(), n);
@@ -700,7 +781,9 @@ TEST(GgmlCrossCheck, DotProductsAgree) {
                           {GgmlType::Q4_K, "ggml_vec_dot_q4_K_q8_K"}, {GgmlType::Q6_K, "ggml_vec_dot_q6_K_q8_K"},
                           {GgmlType::F16, "ggml_vec_dot_f16"},        {GgmlType::BF16, "ggml_vec_dot_bf16"},
                           {GgmlType::Q5_0, "ggml_vec_dot_q5_0_q8_0"}, {GgmlType::Q5_K, "ggml_vec_dot_q5_K_q8_K"},
-                          {GgmlType::Q3_K, "ggml_vec_dot_q3_K_q8_K"}, {GgmlType::Q2_K, "ggml_vec_dot_q2_K_q8_K"}};
+                          {GgmlType::Q3_K, "ggml_vec_dot_q3_K_q8_K"}, {GgmlType::Q2_K, "ggml_vec_dot_q2_K_q8_K"},
+                          {GgmlType::Q4_1, "ggml_vec_dot_q4_1_q8_1"}, {GgmlType::Q5_1, "ggml_vec_dot_q5_1_q8_1"},
+                          {GgmlType::IQ4_NL, "ggml_vec_dot_iq4_nl_q8_0"}, {GgmlType::IQ4_XS, "ggml_vec_dot_iq4_xs_q8_K"}};
     for (const Case& c : cases) {
         auto dot = lib->sym<GgmlLib::DotFn>(c.dot);
         ASSERT_TRUE(dot) << c.dot;
@@ -720,6 +803,31 @@ TEST(GgmlCrossCheck, DotProductsAgree) {
             for (int64_t i = 0; i < k; ++i) abs_sum += std::fabs(wd[i] * x[i]);
             EXPECT_NEAR(ours, theirs, 2e-6 * abs_sum) << ggml_type_name(c.t) << " k=" << k;
         }
+    }
+}
+
+// IQ4_NL has two quantizers in ggml: llama-quantize's (quantize_iq4_nl, a search over 15 scales per
+// block), which make-model uses, and quantize_row_iq4_nl_ref's one-shot scale.
+TEST(GgmlCrossCheck, IQ4NLQuantizersAreBitExact) {
+    GgmlLib* lib = ggml_lib();
+    if (!lib) GTEST_SKIP() << "llama.cpp's ggml not available";
+    using NRowFn = size_t (*)(const float*, void*, int64_t, int64_t, const float*);
+    auto search = lib->sym<NRowFn>("quantize_iq4_nl");
+    auto one_shot = lib->sym<GgmlLib::QuantFn>("quantize_row_iq4_nl_ref");
+    ASSERT_TRUE(search && one_shot);
+    for (uint32_t seed = 0; seed < 6; ++seed) {
+        const int64_t n = 2560;
+        const std::vector<float> x = seed % 2 ? awkward_row(n, seed) : random_normal(n, seed, 0.02f + seed);
+        std::vector<quants::BlockIQ4_NL> ours(n / 32), theirs(n / 32);
+        quantize_row(GgmlType::IQ4_NL, x.data(), ours.data(), n);
+        search(x.data(), theirs.data(), 1, n, nullptr);
+        ASSERT_EQ(0, std::memcmp(ours.data(), theirs.data(), ours.size() * sizeof(ours[0]))) << seed;
+        // The one-shot path leaves a block of zeros' indices as they were (in ggml: uninitialized), so
+        // only rows without one compare bytes.
+        if (seed % 2) continue;
+        quants::quantize_iq4_nl(x.data(), ours.data(), n, /*search=*/false);
+        one_shot(x.data(), theirs.data(), n);
+        ASSERT_EQ(0, std::memcmp(ours.data(), theirs.data(), ours.size() * sizeof(ours[0]))) << seed;
     }
 }
 

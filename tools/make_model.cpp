@@ -152,6 +152,10 @@ bool writable_type(GgmlType t) {
         case GgmlType::Q4_K:
         case GgmlType::Q5_K:
         case GgmlType::Q6_K:
+        case GgmlType::Q4_1:
+        case GgmlType::Q5_1:
+        case GgmlType::IQ4_NL:
+        case GgmlType::IQ4_XS:
             return true;
         default:
             return false;
@@ -161,8 +165,8 @@ bool writable_type(GgmlType t) {
 StatusOr<GgmlType> parse_type(const std::string& flag, const std::string& s) {
     GgmlType t;
     if (!ggml_type_from_name(s, &t) || !writable_type(t))
-        return MM_ERROR("%s: unsupported weight type '%s' (expected f32, f16, bf16, q8_0, q5_0, q4_0, q2_k, q3_k, "
-                        "q4_k, q5_k or q6_k)",
+        return MM_ERROR("%s: unsupported weight type '%s' (expected f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, "
+                        "iq4_nl, iq4_xs, q2_k, q3_k, q4_k, q5_k or q6_k)",
                         flag.c_str(), s.c_str());
     return t;
 }
@@ -181,7 +185,16 @@ FileType file_type_of(GgmlType t) {
             return FileType::kMostlyQ4_K_M;
         case GgmlType::Q6_K:
             return FileType::kMostlyQ6_K;
-        // llama.h's LLAMA_FTYPE_MOSTLY_Q5_0, _Q2_K, _Q3_K_M and _Q5_K_M (llama-quantize's names for them).
+        // llama.h's LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_0, _Q5_1, _Q2_K, _Q3_K_M, _Q5_K_M, _IQ4_NL and _IQ4_XS
+        // (llama-quantize's names for them).
+        case GgmlType::Q4_1:
+            return static_cast<FileType>(3);
+        case GgmlType::Q5_1:
+            return static_cast<FileType>(9);
+        case GgmlType::IQ4_NL:
+            return static_cast<FileType>(25);
+        case GgmlType::IQ4_XS:
+            return static_cast<FileType>(30);
         case GgmlType::Q5_0:
             return static_cast<FileType>(8);
         case GgmlType::Q2_K:
@@ -196,16 +209,16 @@ FileType file_type_of(GgmlType t) {
 }
 
 // llama-quant.cpp's tensor_type_fallback: a row length that is not a multiple of the block size
-// gets a smaller-block type: Q2_K and Q3_K → Q4_0, Q6_K → Q8_0 as in llama.cpp. llama.cpp sends Q4_K
-// to Q5_0 (we keep Q4_0, what make-model always wrote) and Q5_K to Q5_1, which we cannot write; Q5_0
-// is the nearest we can. A 32-block type that still does not fit becomes F16, as in llama.cpp.
+// gets a smaller-block type, as in llama.cpp: Q2_K, Q3_K and IQ4_XS → IQ4_NL, Q5_K → Q5_1,
+// Q6_K → Q8_0. llama.cpp sends Q4_K to Q5_0; we keep Q4_0, what make-model always wrote. A
+// 32-block type that still does not fit becomes F16, as in llama.cpp.
 GgmlType fallback_type(GgmlType want, int64_t ncols, const std::string& name, std::ostream& log) {
     if (ncols % ggml_type_info(want).block_size == 0) return want;
     GgmlType t = want;
     if (want == GgmlType::Q4_K) t = GgmlType::Q4_0;
     if (want == GgmlType::Q6_K) t = GgmlType::Q8_0;
-    if (want == GgmlType::Q5_K) t = GgmlType::Q5_0;
-    if (want == GgmlType::Q2_K || want == GgmlType::Q3_K) t = GgmlType::Q4_0;
+    if (want == GgmlType::Q5_K) t = GgmlType::Q5_1;
+    if (want == GgmlType::Q2_K || want == GgmlType::Q3_K || want == GgmlType::IQ4_XS) t = GgmlType::IQ4_NL;
     if (ncols % ggml_type_info(t).block_size != 0) t = GgmlType::F16;
     log << "make-model: " << name << ": row length " << ncols << " is not a multiple of " << ggml_type_name(want)
         << "'s block of " << ggml_type_info(want).block_size << "; writing " << ggml_type_name(t) << " instead\n";
@@ -687,7 +700,7 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--expert-ff", opts->expert_ff, "Expert intermediate size I")->capture_default_str();
     cmd->add_option("--vocab", opts->vocab, "Vocabulary size (0: the tokenizer's size)")->capture_default_str();
     cmd->add_option("--context", opts->context, "Training context length written to the file")->capture_default_str();
-    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q4_0 q2_k q3_k q4_k q5_k q6_k")->capture_default_str();
+    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 iq4_nl iq4_xs q2_k q3_k q4_k q5_k q6_k")->capture_default_str();
     cmd->add_option("--norm-type", opts->norm_type, "Type of norm weights (default f32, as llama.cpp)");
     cmd->add_option("--embed-type", opts->embed_type, "Type of token_embd and output (default: --type)");
     cmd->add_option("--seed", opts->seed, "Random seed")->capture_default_str();

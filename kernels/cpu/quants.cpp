@@ -683,6 +683,18 @@ size_t quantize_row(GgmlType t, const float* src, void* dst, int64_t n) {
         case GgmlType::Q6_K:
             quantize_q6_K_ref(src, static_cast<BlockQ6_K*>(dst), n);
             break;
+        case GgmlType::Q4_1:
+            quants::quantize_q4_1_ref(src, static_cast<quants::BlockQ4_1*>(dst), n);
+            break;
+        case GgmlType::Q5_1:
+            quants::quantize_q5_1_ref(src, static_cast<quants::BlockQ5_1*>(dst), n);
+            break;
+        case GgmlType::IQ4_NL:
+            quants::quantize_iq4_nl(src, static_cast<quants::BlockIQ4_NL*>(dst), n);
+            break;
+        case GgmlType::IQ4_XS:
+            quants::quantize_iq4_xs(src, static_cast<quants::BlockIQ4_XS*>(dst), n);
+            break;
         default:
             MM_CHECK(false && "quantize_row: type not computable");
     }
@@ -728,6 +740,18 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
             break;
         case GgmlType::Q6_K:
             dequantize_q6_K(static_cast<const BlockQ6_K*>(src), dst, n);
+            break;
+        case GgmlType::Q4_1:
+            quants::dequantize_q4_1(static_cast<const quants::BlockQ4_1*>(src), dst, n);
+            break;
+        case GgmlType::Q5_1:
+            quants::dequantize_q5_1(static_cast<const quants::BlockQ5_1*>(src), dst, n);
+            break;
+        case GgmlType::IQ4_NL:
+            quants::dequantize_iq4_nl(static_cast<const quants::BlockIQ4_NL*>(src), dst, n);
+            break;
+        case GgmlType::IQ4_XS:
+            quants::dequantize_iq4_xs(static_cast<const quants::BlockIQ4_XS*>(src), dst, n);
             break;
         default:
             MM_CHECK(false && "dequantize_row: type not computable");

@@ -194,33 +194,7 @@ float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a) {
 
 void quantize_act_q8_0(const float* x, void* vy, int64_t n) {
     auto* y = static_cast<BlockQ8_0*>(vy);
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
-        __m256 v0 = _mm256_loadu_ps(x);
-        __m256 v1 = _mm256_loadu_ps(x + 8);
-        __m256 v2 = _mm256_loadu_ps(x + 16);
-        __m256 v3 = _mm256_loadu_ps(x + 24);
-        __m256 max_abs = _mm256_andnot_ps(sign_bit, v0);
-        max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v1));
-        max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v2));
-        max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v3));
-        __m128 max4 = _mm_max_ps(_mm256_extractf128_ps(max_abs, 1), _mm256_castps256_ps128(max_abs));
-        max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
-        max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
-        const float amax = _mm_cvtss_f32(max4);
-        const float d = amax / 127.f;
-        y[i].d = static_cast<uint16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
-        const __m256 mul = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), _MM_FROUND_TO_NEAREST_INT));
-        const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), _MM_FROUND_TO_NEAREST_INT));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), _MM_FROUND_TO_NEAREST_INT));
-        const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), _MM_FROUND_TO_NEAREST_INT));
-        const __m256i p01 = _mm256_packs_epi32(i0, i1);
-        const __m256i p23 = _mm256_packs_epi32(i2, i3);
-        const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs), q);
-    }
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) q8_block(x, &y[i].d, y[i].qs, nullptr);
 }
 
 // Q8_K exactly as quantize_act_q8_K_scalar (ggml's quantize_row_q8_K_ref): max = the first element of

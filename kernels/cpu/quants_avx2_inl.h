@@ -36,6 +36,55 @@ inline __m256i bytes_from_nibbles_32(const uint8_t* p) {
     return _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
 }
 
+// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32).
+inline __m256i bytes_from_bits_32(const uint8_t* p) {
+    uint32_t x32;
+    std::memcpy(&x32, p, sizeof(x32));
+    const __m256i shuf_mask =
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x32)), shuf_mask);
+    const __m256i bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    bytes = _mm256_or_si256(bytes, bit_mask);
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+// One 32-element block as ggml-cpu's AVX quantize_row_q8_0 / _q8_1: d = amax/127 (returned, and as
+// fp16 in *d16), q = round-half-even(x · 127/amax); *sum (if given) = Σ q.
+inline float q8_block(const float* x, uint16_t* d16, int8_t* qs, int* sum) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256 v0 = _mm256_loadu_ps(x);
+    const __m256 v1 = _mm256_loadu_ps(x + 8);
+    const __m256 v2 = _mm256_loadu_ps(x + 16);
+    const __m256 v3 = _mm256_loadu_ps(x + 24);
+    __m256 max_abs = _mm256_andnot_ps(sign_bit, v0);
+    max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v1));
+    max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v2));
+    max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v3));
+    __m128 max4 = _mm_max_ps(_mm256_extractf128_ps(max_abs, 1), _mm256_castps256_ps128(max_abs));
+    max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+    max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
+    const float amax = _mm_cvtss_f32(max4);
+    const float d = amax / 127.f;
+    *d16 = static_cast<uint16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+    const __m256 mul = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), _MM_FROUND_TO_NEAREST_INT));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), _MM_FROUND_TO_NEAREST_INT));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), _MM_FROUND_TO_NEAREST_INT));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), _MM_FROUND_TO_NEAREST_INT));
+    if (sum) {
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
+        s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+        *sum = _mm_cvtsi128_si32(s4);
+    }
+    const __m256i p01 = _mm256_packs_epi32(i0, i1);
+    const __m256i p23 = _mm256_packs_epi32(i2, i3);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm));
+    return d;
+}
+
 inline __m256 load_bf16(const uint16_t* p) {
     const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));

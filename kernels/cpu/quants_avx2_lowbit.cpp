@@ -22,18 +22,6 @@
 namespace moemesh::quants::avx2 {
 namespace {
 
-// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32).
-inline __m256i bytes_from_bits_32(const uint8_t* p) {
-    uint32_t x32;
-    std::memcpy(&x32, p, sizeof(x32));
-    const __m256i shuf_mask =
-        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
-    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x32)), shuf_mask);
-    const __m256i bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-    bytes = _mm256_or_si256(bytes, bit_mask);
-    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
-}
-
 // Shuffle i broadcasts int16 lane 2i to the low 128-bit half and lane 2i+1 to the high half: the
 // scales of elements [32i, 32i+16) and [32i+16, 32i+32) of a 128-element chunk (16-element groups).
 alignas(32) constexpr uint8_t kScaleShuffleQ3K[4][32] = {

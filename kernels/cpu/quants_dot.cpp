@@ -287,6 +287,11 @@ const TypeKernels kScalar[] = {
     {GgmlType::Q5_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q5_K_q8_K_scalar},
     {GgmlType::Q3_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q3_K_q8_K_scalar},
     {GgmlType::Q2_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q2_K_q8_K_scalar},
+    {GgmlType::Q4_1, GgmlType::Q8_1, 32, erase_act<BlockQ8_1, quantize_act_q8_1_scalar>, vec_dot_q4_1_q8_1_scalar},
+    {GgmlType::Q5_1, GgmlType::Q8_1, 32, erase_act<BlockQ8_1, quantize_act_q8_1_scalar>, vec_dot_q5_1_q8_1_scalar},
+    {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_iq4_nl_q8_0_scalar},
+    {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>,
+     vec_dot_iq4_xs_q8_K_scalar},
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -304,7 +309,12 @@ const TypeKernels kAvx2[] = {
     {GgmlType::Q5_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q5_K_q8_K},
     {GgmlType::Q3_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q3_K_q8_K},
     {GgmlType::Q2_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q2_K_q8_K},
+    {GgmlType::Q4_1, GgmlType::Q8_1, 32, avx2::quantize_act_q8_1, avx2::vec_dot_q4_1_q8_1},
+    {GgmlType::Q5_1, GgmlType::Q8_1, 32, avx2::quantize_act_q8_1, avx2::vec_dot_q5_1_q8_1},
+    {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_iq4_nl_q8_0},
+    {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq4_xs_q8_K},
 };
+static_assert(std::size(kAvx2) == std::size(kScalar), "type_kernels indexes kAvx2 with kScalar's size");
 #endif
 
 }  // namespace

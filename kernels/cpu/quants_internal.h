@@ -61,7 +61,42 @@ struct BlockQ8_K {
     int8_t qs[256];     // quants
     int16_t bsums[16];  // sum of qs in groups of 16
 };
+struct BlockQ4_1 {
+    uint16_t d;      // fp16 scale
+    uint16_t m;      // fp16 min
+    uint8_t qs[16];  // element j in low nibble of qs[j], element j+16 in high nibble; x ≈ d * q + m
+};
+struct BlockQ5_1 {
+    uint16_t d;      // fp16 scale
+    uint16_t m;      // fp16 min
+    uint8_t qh[4];   // bit j of the little-endian uint32: 5th bit of element j
+    uint8_t qs[16];  // low 4 bits, laid out as Q4_1's; x ≈ d * q + m
+};
+struct BlockQ8_1 {  // activations paired with Q4_1 / Q5_1
+    uint16_t d;     // fp16 scale
+    uint16_t s;     // fp16 of d * Σ qs (d before its fp16 rounding)
+    int8_t qs[32];
+};
+struct BlockIQ4_NL {
+    uint16_t d;      // fp16 scale
+    uint8_t qs[16];  // 4-bit indices into kIQ4NLValues, laid out as Q4_0's; x ≈ d * kIQ4NLValues[q]
+};
+struct BlockIQ4_XS {
+    uint16_t d;          // fp16 super-block scale
+    uint16_t scales_h;   // top 2 bits of the 8 6-bit sub-block scales (sub-block j at bits 2j)
+    uint8_t scales_l[4]; // low 4 bits of the scales (sub-block j in nibble j % 2 of byte j / 2)
+    uint8_t qs[128];     // per 32-element sub-block, 16 bytes laid out as IQ4_NL's;
+                         // x ≈ d * (scale_j - 32) * kIQ4NLValues[q]
+};
+// The 16 levels of IQ4_NL / IQ4_XS (ggml's kvalues_iq4nl), ascending.
+inline constexpr int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 static_assert(sizeof(BlockQ8_0) == 34);
+static_assert(sizeof(BlockQ4_1) == 20);
+static_assert(sizeof(BlockQ5_1) == 24);
+static_assert(sizeof(BlockQ8_1) == 36);
+static_assert(sizeof(BlockIQ4_NL) == 18);
+static_assert(sizeof(BlockIQ4_XS) == 136);
 static_assert(sizeof(BlockQ4_0) == 18);
 static_assert(sizeof(BlockQ4_K) == 144);
 static_assert(sizeof(BlockQ6_K) == 210);
@@ -128,6 +163,8 @@ void quantize_act_q8_0_scalar(const float* x, BlockQ8_0* y, int64_t n);
 // Q8_K as ggml's quantize_row_q8_K_ref.
 void quantize_act_q8_K_scalar(const float* x, BlockQ8_K* y, int64_t n);
 void quantize_act_f16_scalar(const float* x, uint16_t* y, int64_t n);
+// Q8_1 as ggml-cpu's AVX quantize_row_q8_1: Q8_0's quants, and s = d · Σ qs.
+void quantize_act_q8_1_scalar(const float* x, BlockQ8_1* y, int64_t n);
 void quantize_act_bf16_scalar(const float* x, uint16_t* y, int64_t n);
 
 // ---- row dot products: sum_i w[i] * a[i] over n elements ----
@@ -150,6 +187,11 @@ float vec_dot_q5_0_q8_0_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q5_K_q8_K_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q3_K_q8_K_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q2_K_q8_K_scalar(int64_t n, const void* w, const void* a);
+// quants_q1_iq4.cpp
+float vec_dot_q4_1_q8_1_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_q5_1_q8_1_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_iq4_nl_q8_0_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_iq4_xs_q8_K_scalar(int64_t n, const void* w, const void* a);
 
 // AVX2+FMA+F16C versions (quants_avx2.cpp); call only when cpu_has_avx2().
 namespace avx2 {
@@ -165,6 +207,12 @@ float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a);
+// quants_avx2_q1_iq4.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
+float vec_dot_q4_1_q8_1(int64_t n, const void* w, const void* a);
+float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a);
+float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a);
+float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a);
+void quantize_act_q8_1(const float* x, void* y, int64_t n);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
@@ -177,6 +225,20 @@ void quantize_act_q8_K(const float* x, void* y, int64_t n);
 void attend_one(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_kv, int64_t kv_stride,
                 int64_t d, float scale, float* scores, float* qbuf, float* out);
 }  // namespace avx2
+
+// ---- reference quantizers / dequantizers of Q4_1, Q5_1, IQ4_NL, IQ4_XS (quants_q1_iq4.cpp) ----
+// Bit-identical to ggml's quantize_row_q4_1_ref / _q5_1_ref and, for the IQ4 types, to what
+// llama-quantize writes without an importance matrix (quantize_iq4_nl / quantize_iq4_xs: a search
+// over 15 scales per 32 elements). iq4_nl_search = false gives quantize_row_iq4_nl_ref's one-shot
+// scale instead (tests only).
+void quantize_q4_1_ref(const float* x, BlockQ4_1* y, int64_t n);
+void quantize_q5_1_ref(const float* x, BlockQ5_1* y, int64_t n);
+void quantize_iq4_nl(const float* x, BlockIQ4_NL* y, int64_t n, bool search = true);
+void quantize_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
+void dequantize_q4_1(const BlockQ4_1* x, float* y, int64_t n);
+void dequantize_q5_1(const BlockQ5_1* x, float* y, int64_t n);
+void dequantize_iq4_nl(const BlockIQ4_NL* x, float* y, int64_t n);
+void dequantize_iq4_xs(const BlockIQ4_XS* x, float* y, int64_t n);
 
 // True when the CPU (and OS) support AVX2, FMA and F16C; false also when MOEMESH_NO_SIMD is set.
 bool cpu_has_avx2();

@@ -1,0 +1,156 @@
+// AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations), IQ4_NL (against Q8_0) and IQ4_XS
+// (against Q8_K), and the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's
+// type_kernels. The arithmetic is that of ggml's x86 AVX2 kernels for these types (ggml-cpu
+// arch/x86/quants.c): the same integer sums per block, accumulators and final reductions. The IQ4
+// types look their 4-bit indices up in the 16 levels with one byte shuffle.
+//
+// Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/quants_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#include "kernels/cpu/quants_avx2_inl.h"
+
+namespace moemesh::quants::avx2 {
+namespace {
+
+// Σ pairs of u8 · s8 products as 8 floats (x unsigned, y signed).
+inline __m256 mul_sum_us8_pairs_float(__m256i x, __m256i y) {
+    const __m256i dot = _mm256_maddubs_epi16(x, y);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+}
+
+// Pairs of s8 · s8 products as 16 int16 lanes (ggml's mul_add_epi8).
+inline __m256i mul_add_i8(__m256i x, __m256i y) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+// 16 bytes of 4-bit IQ4 indices → 32 signed levels: low nibbles (elements 0..15), then high nibbles.
+inline __m256i iq4_levels(const uint8_t* qs, __m128i values, __m128i m4) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i lo = _mm_shuffle_epi8(values, _mm_and_si128(bits, m4));
+    const __m128i hi = _mm_shuffle_epi8(values, _mm_and_si128(_mm_srli_epi16(bits, 4), m4));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+inline __m128i iq4_values() { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)); }
+
+}  // namespace
+
+float vec_dot_q4_1_q8_1(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ4_1*>(w);
+    const auto* y = static_cast<const BlockQ8_1*>(a);
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        summs += h2f(x[i].m) * h2f(y[i].s);
+        const __m256 d0d1 = _mm256_mul_ps(_mm256_set1_ps(h2f(x[i].d)), _mm256_set1_ps(h2f(y[i].d)));
+        const __m256i qx = bytes_from_nibbles_32(x[i].qs);
+        const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs));
+        acc = _mm256_fmadd_ps(d0d1, mul_sum_us8_pairs_float(qx, qy), acc);
+    }
+    return hsum_ps(acc) + summs;
+}
+
+float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockQ5_1*>(w);
+    const auto* y = static_cast<const BlockQ8_1*>(a);
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const __m256 dx = _mm256_set1_ps(h2f(x[i].d));
+        summs += h2f(x[i].m) * h2f(y[i].s);
+        const __m256i qx = _mm256_or_si256(bytes_from_nibbles_32(x[i].qs),
+                                           _mm256_and_si256(bytes_from_bits_32(x[i].qh), bit4));
+        const __m256 dy = _mm256_set1_ps(h2f(y[i].d));
+        const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs));
+        acc = _mm256_fmadd_ps(mul_sum_us8_pairs_float(qx, qy), _mm256_mul_ps(dx, dy), acc);
+    }
+    return hsum_ps(acc) + summs;
+}
+
+float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockIQ4_NL*>(w);
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    const int64_t nb = n / 32;
+    const __m128i values = iq4_values();
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        const __m256i q4b1 = iq4_levels(x[i].qs, values, m4);
+        const __m256i q4b2 = iq4_levels(x[i + 1].qs, values, m4);
+        const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs));
+        const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i + 1].qs));
+        const __m256i p1 = _mm256_madd_epi16(mul_add_i8(q4b1, q8b1), ones);
+        const __m256i p2 = _mm256_madd_epi16(mul_add_i8(q4b2, q8b2), ones);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i].d) * h2f(x[i].d)), _mm256_cvtepi32_ps(p1), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i + 1].d) * h2f(x[i + 1].d)), _mm256_cvtepi32_ps(p2), acc2);
+    }
+    float sumf = hsum_ps(_mm256_add_ps(acc1, acc2));
+    for (; i < nb; ++i) {
+        const float d = h2f(y[i].d) * h2f(x[i].d);
+        int sumi1 = 0, sumi2 = 0;
+        for (int j = 0; j < 16; ++j) {
+            sumi1 += y[i].qs[j] * kIQ4NLValues[x[i].qs[j] & 0xf];
+            sumi2 += y[i].qs[j + 16] * kIQ4NLValues[x[i].qs[j] >> 4];
+        }
+        sumf += d * static_cast<float>(sumi1 + sumi2);
+    }
+    return sumf;
+}
+
+float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockIQ4_XS*>(w);
+    const auto* y = static_cast<const BlockQ8_K*>(a);
+    const __m128i values = iq4_values();
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const uint8_t* qs = x[i].qs;
+        const int8_t* q8 = y[i].qs;
+        unsigned sh = x[i].scales_h;
+        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+        for (int ib = 0; ib < kQK_K / 32; ib += 2, qs += 32, q8 += 64) {
+            const __m256i q4b1 = iq4_levels(qs, values, m4);
+            const __m256i q4b2 = iq4_levels(qs + 16, values, m4);
+            const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+            const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+            const auto ls1 = static_cast<int16_t>(((x[i].scales_l[ib / 2] & 0xf) | ((sh << 4) & 0x30)) - 32);
+            const auto ls2 = static_cast<int16_t>(((x[i].scales_l[ib / 2] >> 4) | ((sh << 2) & 0x30)) - 32);
+            sh >>= 4;
+            sumi1 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b1, q8b1), _mm256_set1_epi16(ls1)), sumi1);
+            sumi2 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b2, q8b2), _mm256_set1_epi16(ls2)), sumi2);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sumi1, sumi2)),
+                              acc);
+    }
+    return hsum_ps(acc);
+}
+
+// Q8_1 as ggml-cpu's AVX2 quantize_row_q8_1: Q8_0's quants (quantize_act_q8_0) and
+// s = fp16(d · Σ q) with d = amax / 127 before its fp16 rounding.
+void quantize_act_q8_1(const float* x, void* vy, int64_t n) {
+    auto* y = static_cast<BlockQ8_1*>(vy);
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        int sum;
+        const float d = q8_block(x, &y[i].d, y[i].qs, &sum);
+        y[i].s = static_cast<uint16_t>(_cvtss_sh(d * static_cast<float>(sum), _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+}  // namespace moemesh::quants::avx2
+
+#pragma GCC pop_options
+
+#endif  // x86
