@@ -46,7 +46,7 @@ const GgmlTypeInfo kInfos[static_cast<int>(GgmlType::kCount)] = {
     /*36        */ {nullptr, 0, 0, false},
     /*37        */ {nullptr, 0, 0, false},
     /*38        */ {nullptr, 0, 0, false},
-    /*39 MXFP4  */ {"mxfp4", 32, 17, false},
+    /*39 MXFP4  */ {"mxfp4", 32, 17, true},
 };
 const GgmlTypeInfo kUnknown = {nullptr, 0, 0, false};
 }  // namespace

@@ -19,7 +19,8 @@ namespace {
 
 const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,   GgmlType::Q5_0,
                            GgmlType::Q4_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,   GgmlType::Q5_K,
-                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS};
+                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS,
+                           GgmlType::MXFP4};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -279,6 +280,7 @@ TEST(Matmul, LargeShapesAndThreadCountsAgree) {
     check_matmul(pool, GgmlType::Q5_1, 129, 96, 5, 16);
     check_matmul(pool, GgmlType::IQ4_NL, 300, 800, 3, 17);
     check_matmul(pool, GgmlType::IQ4_XS, 203, 1024, 130, 18);
+    check_matmul(pool, GgmlType::MXFP4, 129, 800, 9, 19);
 }
 
 TEST(ThreadPool, CoversEveryIndexOnce) {

@@ -72,7 +72,7 @@ TEST_F(Parity, F32WithF16KvCache) {
 TEST_F(Parity, EveryWeightTypeOneLayer) {
     const Shape one = {"one", 1, 256, 4, 2, 64, 16, 4, 256, 1024};
     for (const char* type : {"f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "q5_k", "q3_k", "q2_k", "q4_1", "q5_1",
-                             "iq4_nl", "iq4_xs"}) {
+                             "iq4_nl", "iq4_xs", "mxfp4"}) {
         std::string m = make_model(one, type, dir_);
         Comparison c = run_pair(m, one.vocab, "f32", "", dir_, 16);
         // Typically 1e-7; a single flipped activation rounding (see below) can reach ~1e-3.

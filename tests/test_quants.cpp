@@ -29,7 +29,8 @@ using quants::BlockQ8_K;
 
 const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,   GgmlType::Q5_0,
                            GgmlType::Q4_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,   GgmlType::Q5_K,
-                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS};
+                           GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS,
+                           GgmlType::MXFP4};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -95,7 +96,8 @@ TEST(Quants, RoundTripErrorWithinTypeBound) {
                             {GgmlType::Q8_0, 0.006}, {GgmlType::Q5_0, 0.06},  {GgmlType::Q4_0, 0.12},
                             {GgmlType::Q2_K, 0.34}, {GgmlType::Q3_K, 0.18}, {GgmlType::Q4_K, 0.085},
                             {GgmlType::Q5_K, 0.045}, {GgmlType::Q6_K, 0.025}, {GgmlType::Q4_1, 0.1},
-                            {GgmlType::Q5_1, 0.05},  {GgmlType::IQ4_NL, 0.1}, {GgmlType::IQ4_XS, 0.1}};
+                            {GgmlType::Q5_1, 0.05},  {GgmlType::IQ4_NL, 0.1}, {GgmlType::IQ4_XS, 0.1},
+                            {GgmlType::MXFP4, 0.2}};
     for (const Bound& b : bounds) {
         for (int64_t n : {256, 4096}) {
             const std::vector<float> x = random_normal(n, 1234 + static_cast<uint32_t>(n));
@@ -158,6 +160,11 @@ TEST(Quants, ElementErrorBounds) {
                     // the clip at the positive end (113 vs 127).
                     case GgmlType::IQ4_NL:
                         tol = 0.2f * amax + 128 * 0x1p-25f;
+                        break;
+                    // A power-of-two scale with amax in [8, 16) scale units and levels ..., 4, 6, 8, 12
+                    // (doubled): half the widest gap, or the clip above 12 units, up to amax/4.
+                    case GgmlType::MXFP4:
+                        tol = 0.25f * amax * 1.01f;
                         break;
                     // Plus 6-bit sub-block scales against the super-block's largest.
                     case GgmlType::IQ4_XS:
@@ -369,6 +376,18 @@ float decode_iq4_xs(const uint8_t* row, int64_t e) {
     return (half_at(blk) * static_cast<float>(scale - 32)) * kIQ4Levels[q];
 }
 
+// MXFP4: e (E8M0: 2^(e-127)), qs as Q4_0's holding OCP E2M1 codes (sign, 2 exponent bits, 1 mantissa
+// bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6); x = 2^(e-127)·E2M1(q). Decoded from the format, not ggml's table.
+float decode_mxfp4(const uint8_t* row, int64_t e) {
+    const uint8_t* blk = row + (e / 32) * 17;
+    const int j = static_cast<int>(e % 32);
+    const int c = j < 16 ? (blk[1 + j] & 15) : (blk[1 + j - 16] >> 4);
+    const int exp = (c >> 1) & 3, man = c & 1;
+    const float mag = exp == 0 ? 0.5f * man : std::ldexp(1.0f + 0.5f * man, exp - 1);
+    if (mag == 0.0f) return 0.0f;  // E2M1's -0 (code 8) decodes as +0, as ggml's table has it
+    return std::ldexp(c & 8 ? -mag : mag, blk[0] - 127);
+}
+
 // Random block bytes with sane fp16 scales (no inf/NaN).
 std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
     std::mt19937 rng(seed);
@@ -406,6 +425,9 @@ std::vector<uint8_t> random_blocks(GgmlType t, int64_t n, uint32_t seed) {
             case GgmlType::Q6_K:
                 set_half(off + 208);
                 break;
+            case GgmlType::MXFP4:  // scales 2^-9 .. 2^6, and now and then the subnormal ones
+                q[off] = static_cast<uint8_t>(rng() % 8 == 0 ? rng() % 2 : 118 + rng() % 16);
+                break;
             default:
                 break;
         }
@@ -428,6 +450,7 @@ TEST(Quants, DequantizeMatchesIndependentDecoder) {
                           {GgmlType::Q5_1, decode_q5_1},
                           {GgmlType::IQ4_NL, decode_iq4_nl},
                           {GgmlType::IQ4_XS, decode_iq4_xs},
+                          {GgmlType::MXFP4, decode_mxfp4},
                           {GgmlType::Q5_K, decode_q5_K},
                           {GgmlType::Q3_K, decode_q3_K},
                           {GgmlType::Q2_K, decode_q2_K}};
@@ -713,7 +736,8 @@ TEST(GgmlCrossCheck, ReferenceQuantizersAreBitExact) {
                           {GgmlType::Q2_K, "quantize_row_q2_K_ref", "dequantize_row_q2_K"},
                           {GgmlType::Q4_1, "quantize_row_q4_1_ref", "dequantize_row_q4_1"},
                           {GgmlType::Q5_1, "quantize_row_q5_1_ref", "dequantize_row_q5_1"},
-                          {GgmlType::IQ4_XS, "quantize_row_iq4_xs_ref", "dequantize_row_iq4_xs"}};
+                          {GgmlType::IQ4_XS, "quantize_row_iq4_xs_ref", "dequantize_row_iq4_xs"},
+                          {GgmlType::MXFP4, "quantize_row_mxfp4_ref", "dequantize_row_mxfp4"}};
     for (const Case& c : cases) {
         auto quant = lib->sym<GgmlLib::QuantFn>(c.quant);
         auto dequant = lib->sym<GgmlLib::DequantFn>(c.dequant);
@@ -783,7 +807,8 @@ TEST(GgmlCrossCheck, DotProductsAgree) {
                           {GgmlType::Q5_0, "ggml_vec_dot_q5_0_q8_0"}, {GgmlType::Q5_K, "ggml_vec_dot_q5_K_q8_K"},
                           {GgmlType::Q3_K, "ggml_vec_dot_q3_K_q8_K"}, {GgmlType::Q2_K, "ggml_vec_dot_q2_K_q8_K"},
                           {GgmlType::Q4_1, "ggml_vec_dot_q4_1_q8_1"}, {GgmlType::Q5_1, "ggml_vec_dot_q5_1_q8_1"},
-                          {GgmlType::IQ4_NL, "ggml_vec_dot_iq4_nl_q8_0"}, {GgmlType::IQ4_XS, "ggml_vec_dot_iq4_xs_q8_K"}};
+                          {GgmlType::IQ4_NL, "ggml_vec_dot_iq4_nl_q8_0"}, {GgmlType::IQ4_XS, "ggml_vec_dot_iq4_xs_q8_K"},
+                          {GgmlType::MXFP4, "ggml_vec_dot_mxfp4_q8_0"}};
     for (const Case& c : cases) {
         auto dot = lib->sym<GgmlLib::DotFn>(c.dot);
         ASSERT_TRUE(dot) << c.dot;

@@ -156,6 +156,7 @@ bool writable_type(GgmlType t) {
         case GgmlType::Q5_1:
         case GgmlType::IQ4_NL:
         case GgmlType::IQ4_XS:
+        case GgmlType::MXFP4:
             return true;
         default:
             return false;
@@ -166,7 +167,7 @@ StatusOr<GgmlType> parse_type(const std::string& flag, const std::string& s) {
     GgmlType t;
     if (!ggml_type_from_name(s, &t) || !writable_type(t))
         return MM_ERROR("%s: unsupported weight type '%s' (expected f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, "
-                        "iq4_nl, iq4_xs, q2_k, q3_k, q4_k, q5_k or q6_k)",
+                        "iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_k, q5_k or q6_k)",
                         flag.c_str(), s.c_str());
     return t;
 }
@@ -185,7 +186,7 @@ FileType file_type_of(GgmlType t) {
             return FileType::kMostlyQ4_K_M;
         case GgmlType::Q6_K:
             return FileType::kMostlyQ6_K;
-        // llama.h's LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_0, _Q5_1, _Q2_K, _Q3_K_M, _Q5_K_M, _IQ4_NL and _IQ4_XS
+        // llama.h's LLAMA_FTYPE_MOSTLY_Q4_1, _Q5_0, _Q5_1, _Q2_K, _Q3_K_M, _Q5_K_M, _IQ4_NL, _IQ4_XS, _MXFP4_MOE
         // (llama-quantize's names for them).
         case GgmlType::Q4_1:
             return static_cast<FileType>(3);
@@ -195,6 +196,8 @@ FileType file_type_of(GgmlType t) {
             return static_cast<FileType>(25);
         case GgmlType::IQ4_XS:
             return static_cast<FileType>(30);
+        case GgmlType::MXFP4:  // LLAMA_FTYPE_MOSTLY_MXFP4_MOE (there it is the experts only)
+            return static_cast<FileType>(38);
         case GgmlType::Q5_0:
             return static_cast<FileType>(8);
         case GgmlType::Q2_K:
@@ -700,7 +703,7 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--expert-ff", opts->expert_ff, "Expert intermediate size I")->capture_default_str();
     cmd->add_option("--vocab", opts->vocab, "Vocabulary size (0: the tokenizer's size)")->capture_default_str();
     cmd->add_option("--context", opts->context, "Training context length written to the file")->capture_default_str();
-    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 iq4_nl iq4_xs q2_k q3_k q4_k q5_k q6_k")->capture_default_str();
+    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 iq4_nl iq4_xs mxfp4 q2_k q3_k q4_k q5_k q6_k")->capture_default_str();
     cmd->add_option("--norm-type", opts->norm_type, "Type of norm weights (default f32, as llama.cpp)");
     cmd->add_option("--embed-type", opts->embed_type, "Type of token_embd and output (default: --type)");
     cmd->add_option("--seed", opts->seed, "Random seed")->capture_default_str();

@@ -695,6 +695,9 @@ size_t quantize_row(GgmlType t, const float* src, void* dst, int64_t n) {
         case GgmlType::IQ4_XS:
             quants::quantize_iq4_xs(src, static_cast<quants::BlockIQ4_XS*>(dst), n);
             break;
+        case GgmlType::MXFP4:
+            quants::quantize_mxfp4_ref(src, static_cast<quants::BlockMXFP4*>(dst), n);
+            break;
         default:
             MM_CHECK(false && "quantize_row: type not computable");
     }
@@ -752,6 +755,9 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
             break;
         case GgmlType::IQ4_XS:
             quants::dequantize_iq4_xs(static_cast<const quants::BlockIQ4_XS*>(src), dst, n);
+            break;
+        case GgmlType::MXFP4:
+            quants::dequantize_mxfp4(static_cast<const quants::BlockMXFP4*>(src), dst, n);
             break;
         default:
             MM_CHECK(false && "dequantize_row: type not computable");

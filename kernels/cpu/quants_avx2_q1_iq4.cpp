@@ -1,5 +1,5 @@
-// AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations), IQ4_NL (against Q8_0) and IQ4_XS
-// (against Q8_K), and the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's
+// AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations), IQ4_NL and MXFP4 (against Q8_0)
+// and IQ4_XS (against Q8_K), and the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's
 // type_kernels. The arithmetic is that of ggml's x86 AVX2 kernels for these types (ggml-cpu
 // arch/x86/quants.c): the same integer sums per block, accumulators and final reductions. The IQ4
 // types look their 4-bit indices up in the 16 levels with one byte shuffle.
@@ -33,7 +33,7 @@ inline __m256i mul_add_i8(__m256i x, __m256i y) {
     return _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
 }
 
-// 16 bytes of 4-bit IQ4 indices → 32 signed levels: low nibbles (elements 0..15), then high nibbles.
+// 16 bytes of 4-bit indices → 32 signed levels (IQ4's or MXFP4's): low nibbles (elements 0..15), then high nibbles.
 inline __m256i iq4_levels(const uint8_t* qs, __m128i values, __m128i m4) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     const __m128i lo = _mm_shuffle_epi8(values, _mm_and_si128(bits, m4));
@@ -41,7 +41,6 @@ inline __m256i iq4_levels(const uint8_t* qs, __m128i values, __m128i m4) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 
-inline __m128i iq4_values() { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)); }
 
 }  // namespace
 
@@ -78,11 +77,13 @@ float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc) + summs;
 }
 
-float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockIQ4_NL*>(w);
-    const auto* y = static_cast<const BlockQ8_0*>(a);
+namespace {
+// IQ4_NL and MXFP4 against Q8_0: two blocks per step, one accumulator each, a scalar tail.
+// scale(block) is the weight block's scale.
+template <class Block, class Scale>
+float dot_4bit_levels_q8_0(int64_t n, const Block* x, const BlockQ8_0* y, const int8_t* levels, Scale scale) {
     const int64_t nb = n / 32;
-    const __m128i values = iq4_values();
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels));
     const __m128i m4 = _mm_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
@@ -94,26 +95,37 @@ float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a) {
         const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i + 1].qs));
         const __m256i p1 = _mm256_madd_epi16(mul_add_i8(q4b1, q8b1), ones);
         const __m256i p2 = _mm256_madd_epi16(mul_add_i8(q4b2, q8b2), ones);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i].d) * h2f(x[i].d)), _mm256_cvtepi32_ps(p1), acc1);
-        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i + 1].d) * h2f(x[i + 1].d)), _mm256_cvtepi32_ps(p2), acc2);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i].d) * scale(x[i])), _mm256_cvtepi32_ps(p1), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i + 1].d) * scale(x[i + 1])), _mm256_cvtepi32_ps(p2), acc2);
     }
     float sumf = hsum_ps(_mm256_add_ps(acc1, acc2));
     for (; i < nb; ++i) {
-        const float d = h2f(y[i].d) * h2f(x[i].d);
+        const float d = h2f(y[i].d) * scale(x[i]);
         int sumi1 = 0, sumi2 = 0;
         for (int j = 0; j < 16; ++j) {
-            sumi1 += y[i].qs[j] * kIQ4NLValues[x[i].qs[j] & 0xf];
-            sumi2 += y[i].qs[j + 16] * kIQ4NLValues[x[i].qs[j] >> 4];
+            sumi1 += y[i].qs[j] * levels[x[i].qs[j] & 0xf];
+            sumi2 += y[i].qs[j + 16] * levels[x[i].qs[j] >> 4];
         }
         sumf += d * static_cast<float>(sumi1 + sumi2);
     }
     return sumf;
 }
+}  // namespace
+
+float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a) {
+    return dot_4bit_levels_q8_0(n, static_cast<const BlockIQ4_NL*>(w), static_cast<const BlockQ8_0*>(a), kIQ4NLValues,
+                                [](const BlockIQ4_NL& b) { return h2f(b.d); });
+}
+
+float vec_dot_mxfp4_q8_0(int64_t n, const void* w, const void* a) {
+    return dot_4bit_levels_q8_0(n, static_cast<const BlockMXFP4*>(w), static_cast<const BlockQ8_0*>(a), kMXFP4Values,
+                                [](const BlockMXFP4& b) { return e8m0_to_fp32_half(b.e); });
+}
 
 float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockIQ4_XS*>(w);
     const auto* y = static_cast<const BlockQ8_K*>(a);
-    const __m128i values = iq4_values();
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
     const __m128i m4 = _mm_set1_epi8(0x0f);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / kQK_K; ++i) {

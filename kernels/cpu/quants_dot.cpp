@@ -292,6 +292,7 @@ const TypeKernels kScalar[] = {
     {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_iq4_nl_q8_0_scalar},
     {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>,
      vec_dot_iq4_xs_q8_K_scalar},
+    {GgmlType::MXFP4, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_mxfp4_q8_0_scalar},
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -313,6 +314,7 @@ const TypeKernels kAvx2[] = {
     {GgmlType::Q5_1, GgmlType::Q8_1, 32, avx2::quantize_act_q8_1, avx2::vec_dot_q5_1_q8_1},
     {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_iq4_nl_q8_0},
     {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq4_xs_q8_K},
+    {GgmlType::MXFP4, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_mxfp4_q8_0},
 };
 static_assert(std::size(kAvx2) == std::size(kScalar), "type_kernels indexes kAvx2 with kScalar's size");
 #endif

@@ -88,6 +88,19 @@ struct BlockIQ4_XS {
     uint8_t qs[128];     // per 32-element sub-block, 16 bytes laid out as IQ4_NL's;
                          // x ≈ d * (scale_j - 32) * kIQ4NLValues[q]
 };
+struct BlockMXFP4 {  // OCP microscaling FP4: 32 E2M1 values sharing one power-of-two scale
+    uint8_t e;       // E8M0 exponent: the scale is 2^(e - 127)
+    uint8_t qs[16];  // 4-bit E2M1 codes, laid out as Q4_0's; x ≈ 2^(e - 128) * kMXFP4Values[q]
+};
+// E2M1's values times 2 (ggml's kvalues_mxfp4; the scale is halved to match).
+inline constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// 2^(e - 128) (ggml's GGML_E8M0_TO_FP32_HALF), e = 0 and 1 as float subnormals.
+inline float e8m0_to_fp32_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
 // The 16 levels of IQ4_NL / IQ4_XS (ggml's kvalues_iq4nl), ascending.
 inline constexpr int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -97,6 +110,7 @@ static_assert(sizeof(BlockQ5_1) == 24);
 static_assert(sizeof(BlockQ8_1) == 36);
 static_assert(sizeof(BlockIQ4_NL) == 18);
 static_assert(sizeof(BlockIQ4_XS) == 136);
+static_assert(sizeof(BlockMXFP4) == 17);
 static_assert(sizeof(BlockQ4_0) == 18);
 static_assert(sizeof(BlockQ4_K) == 144);
 static_assert(sizeof(BlockQ6_K) == 210);
@@ -192,6 +206,7 @@ float vec_dot_q4_1_q8_1_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_q5_1_q8_1_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_nl_q8_0_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_xs_q8_K_scalar(int64_t n, const void* w, const void* a);
+float vec_dot_mxfp4_q8_0_scalar(int64_t n, const void* w, const void* a);
 
 // AVX2+FMA+F16C versions (quants_avx2.cpp); call only when cpu_has_avx2().
 namespace avx2 {
@@ -212,6 +227,7 @@ float vec_dot_q4_1_q8_1(int64_t n, const void* w, const void* a);
 float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a);
+float vec_dot_mxfp4_q8_0(int64_t n, const void* w, const void* a);
 void quantize_act_q8_1(const float* x, void* y, int64_t n);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
@@ -226,7 +242,7 @@ void attend_one(const float* q, const void* k, const void* v, bool kv_f16, int64
                 int64_t d, float scale, float* scores, float* qbuf, float* out);
 }  // namespace avx2
 
-// ---- reference quantizers / dequantizers of Q4_1, Q5_1, IQ4_NL, IQ4_XS (quants_q1_iq4.cpp) ----
+// ---- reference quantizers / dequantizers of Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4 (quants_q1_iq4.cpp) ----
 // Bit-identical to ggml's quantize_row_q4_1_ref / _q5_1_ref and, for the IQ4 types, to what
 // llama-quantize writes without an importance matrix (quantize_iq4_nl / quantize_iq4_xs: a search
 // over 15 scales per 32 elements). iq4_nl_search = false gives quantize_row_iq4_nl_ref's one-shot
@@ -235,6 +251,8 @@ void quantize_q4_1_ref(const float* x, BlockQ4_1* y, int64_t n);
 void quantize_q5_1_ref(const float* x, BlockQ5_1* y, int64_t n);
 void quantize_iq4_nl(const float* x, BlockIQ4_NL* y, int64_t n, bool search = true);
 void quantize_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n);
+void quantize_mxfp4_ref(const float* x, BlockMXFP4* y, int64_t n);
+void dequantize_mxfp4(const BlockMXFP4* x, float* y, int64_t n);
 void dequantize_q4_1(const BlockQ4_1* x, float* y, int64_t n);
 void dequantize_q5_1(const BlockQ5_1* x, float* y, int64_t n);
 void dequantize_iq4_nl(const BlockIQ4_NL* x, float* y, int64_t n);

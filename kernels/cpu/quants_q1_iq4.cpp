@@ -1,5 +1,6 @@
-// Q4_1 and Q5_1 (32-element blocks with a scale and a min) and IQ4_NL / IQ4_XS (4-bit indices
-// into ggml's 16 non-linear levels): reference quantizers, dequantizers, the Q8_1 activation
+// Q4_1 and Q5_1 (32-element blocks with a scale and a min), IQ4_NL / IQ4_XS (4-bit indices into
+// ggml's 16 non-linear levels) and MXFP4 (E2M1 codes with a power-of-two scale; llama-quantize's
+// MXFP4_MOE puts the experts in it): reference quantizers, dequantizers, the Q8_1 activation
 // quantizer and scalar row dot products. Layouts and arithmetic are ggml's (ggml-common.h,
 // ggml-quants.c, ggml-cpu/quants.c); the float operations keep ggml's order, because reordering
 // them changes the bytes written. llama-quantize falls back to Q5_1 (Q5_K) and IQ4_NL (IQ4_XS,
@@ -206,6 +207,40 @@ void quantize_iq4_xs(const float* x, BlockIQ4_XS* y, int64_t n) {
     }
 }
 
+void quantize_mxfp4_ref(const float* x, BlockMXFP4* y, int64_t n) {
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const uint8_t e = amax > 0.0f ? static_cast<uint8_t>(std::floor(std::log2(amax)) - 2 + 127) : 0;
+        const float d = e8m0_to_fp32_half(e);
+        y[i].e = e;
+        // The code whose value is nearest (the first on ties), as ggml's best_index_mxfp4.
+        auto nearest = [d](float v) {
+            int best = 0;
+            float best_err = std::fabs(kMXFP4Values[0] * d - v);
+            for (int l = 1; l < 16; ++l) {
+                const float err = std::fabs(kMXFP4Values[l] * d - v);
+                if (err < best_err) {
+                    best = l;
+                    best_err = err;
+                }
+            }
+            return best;
+        };
+        for (int j = 0; j < 16; ++j) y[i].qs[j] = static_cast<uint8_t>(nearest(x[j]) | (nearest(x[16 + j]) << 4));
+    }
+}
+
+void dequantize_mxfp4(const BlockMXFP4* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / 32; ++i, y += 32) {
+        const float d = e8m0_to_fp32_half(x[i].e);
+        for (int j = 0; j < 16; ++j) {
+            y[j] = kMXFP4Values[x[i].qs[j] & 0xf] * d;
+            y[j + 16] = kMXFP4Values[x[i].qs[j] >> 4] * d;
+        }
+    }
+}
+
 void dequantize_q4_1(const BlockQ4_1* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n / 32; ++i, y += 32) {
         const float d = fp16_to_fp32(x[i].d), m = fp16_to_fp32(x[i].m);
@@ -316,6 +351,22 @@ float vec_dot_iq4_nl_q8_0_scalar(int64_t n, const void* w, const void* a) {
         for (int j = 0; j < 16; ++j) {
             sumi1 += y[i].qs[j] * kIQ4NLValues[x[i].qs[j] & 0xf];
             sumi2 += y[i].qs[j + 16] * kIQ4NLValues[x[i].qs[j] >> 4];
+        }
+        sumf += d * static_cast<float>(sumi1 + sumi2);
+    }
+    return sumf;
+}
+
+float vec_dot_mxfp4_q8_0_scalar(int64_t n, const void* w, const void* a) {
+    const auto* x = static_cast<const BlockMXFP4*>(w);
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    float sumf = 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const float d = fp16_to_fp32(y[i].d) * e8m0_to_fp32_half(x[i].e);
+        int sumi1 = 0, sumi2 = 0;
+        for (int j = 0; j < 16; ++j) {
+            sumi1 += y[i].qs[j] * kMXFP4Values[x[i].qs[j] & 0xf];
+            sumi2 += y[i].qs[j + 16] * kMXFP4Values[x[i].qs[j] >> 4];
         }
         sumf += d * static_cast<float>(sumi1 + sumi2);
     }
