@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/cpu/quants_internal.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 
@@ -228,7 +229,8 @@ TEST_P(CudaMatmul, ExpertIndexed) {
 // Every type the CUDA matmul takes.
 const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0,
                                           GgmlType::Q5_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
-                                          GgmlType::Q5_K, GgmlType::Q6_K);
+                                          GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1,
+                                          GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4);
 std::string type_param_name(const ::testing::TestParamInfo<GgmlType>& info) { return ggml_type_name(info.param); }
 
 INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul, kCudaTypes, type_param_name);
@@ -240,7 +242,11 @@ std::vector<size_t> f16_fields(GgmlType t) {
     switch (t) {
         case GgmlType::Q8_0:
         case GgmlType::Q4_0:
-        case GgmlType::Q5_0: return {0};
+        case GgmlType::Q5_0:
+        case GgmlType::IQ4_NL:
+        case GgmlType::IQ4_XS: return {0};
+        case GgmlType::Q4_1:
+        case GgmlType::Q5_1: return {0, 2};
         case GgmlType::Q4_K:
         case GgmlType::Q5_K: return {0, 2};
         case GgmlType::Q2_K: return {80, 82};
@@ -253,6 +259,14 @@ std::vector<size_t> f16_fields(GgmlType t) {
 // Rows of uniformly random blocks (every bit pattern of quants, high bits, packed scales and mins),
 // with each f16 scale replaced by a finite value of either sign. Float types: quantized normals.
 std::vector<uint8_t> random_blocks(GgmlType t, int64_t rows, int64_t k, uint32_t seed) {
+    if (t == GgmlType::MXFP4) {  // random codes; E8M0 scales 2^-10 .. 2^5 and the two subnormal ones
+        std::mt19937 rng(seed);
+        std::vector<uint8_t> b(ggml_row_bytes(t, k) * rows);
+        for (auto& x : b) x = static_cast<uint8_t>(rng());
+        for (size_t off = 0; off < b.size(); off += sizeof(quants::BlockMXFP4))
+            b[off] = static_cast<uint8_t>(rng() % 8 == 0 ? rng() % 2 : 117 + rng() % 16);
+        return b;
+    }
     if (f16_fields(t).empty()) return make_weights(t, rows, k, seed).bytes;
     std::mt19937 rng(seed);
     std::uniform_int_distribution<int> byte(0, 255);

@@ -4,6 +4,8 @@
 // >= 16384 rows, e.g. lm_head; all sizes with MOEMESH_CUDA_GEMV=new): X quantized to int8 per block,
 // __dp4a dot products; see "Int8-activation GEMV" and gemv_mode() below. Otherwise the f32 GEMV.
 // The device code of Q5_0, Q5_K, Q3_K and Q2_K is in matmul_lowbit.cuh, shared helpers in quant_dev.cuh.
+// Q4_1, Q5_1, IQ4_NL, IQ4_XS and MXFP4 (matmul_more.cuh) have only the dequantizing loader so far:
+// their GEMV is dot_by_load8 (8 dequantized elements per lane unit), their prompt path the tiled kernel.
 //
 // f32 GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
 // lanes take consecutive units, so each warp-wide load instruction reads one contiguous span of the
@@ -24,6 +26,7 @@
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/matmul_lowbit.cuh"
+#include "kernels/cuda/matmul_more.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
 namespace moemesh::cuda {
@@ -206,6 +209,24 @@ __device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const fl
     }
 }
 
+// The types with only a dequantizing loader (matmul_more.cuh): lane unit u is elements 8u..8u+7.
+template <GgmlType T, int M>
+__device__ __forceinline__ void dot_by_load8(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const int64_t n_units = k / 8;
+#pragma unroll kGemvUnroll
+    for (int64_t u = lane; u < n_units; u += kWarp) {
+        float w[8];
+        load8_more<T>(row, u * 8, w);
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+            acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
+                      w[7] * b.w;
+        }
+    }
+}
+
 template <GgmlType T, int M>
 __device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
     if constexpr (T == GgmlType::F32) dot_f32<M>(row, k, x, lane, acc);
@@ -219,6 +240,7 @@ __device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const flo
     else if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc);
+    else if constexpr (kLoad8More<T>) dot_by_load8<T, M>(row, k, x, lane, acc);
 }
 
 // grid: (ceil(n_out / kGemvWarps), n_sel). Selection s uses matrix ids ? ids[s] : s, X rows from
@@ -566,6 +588,8 @@ __device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[
         load8_q3_K(row, e, v);
     } else if constexpr (T == GgmlType::Q2_K) {
         load8_q2_K(row, e, v);
+    } else if constexpr (kLoad8More<T>) {
+        load8_more<T>(row, e, v);
     }
 }
 
@@ -794,6 +818,11 @@ bool matmul_supported(GgmlType wt) {
         case GgmlType::Q5_K:
         case GgmlType::Q3_K:
         case GgmlType::Q2_K:
+        case GgmlType::Q4_1:
+        case GgmlType::Q5_1:
+        case GgmlType::IQ4_NL:
+        case GgmlType::IQ4_XS:
+        case GgmlType::MXFP4:
             return true;
         default:
             return false;
@@ -816,6 +845,11 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
         case GgmlType::Q5_K: return matmul_typed<GgmlType::Q5_K>(w, n_out, k, x, m, y, stream);
         case GgmlType::Q3_K: return matmul_typed<GgmlType::Q3_K>(w, n_out, k, x, m, y, stream);
         case GgmlType::Q2_K: return matmul_typed<GgmlType::Q2_K>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q4_1: return matmul_typed<GgmlType::Q4_1>(w, n_out, k, x, m, y, stream);
+        case GgmlType::Q5_1: return matmul_typed<GgmlType::Q5_1>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ4_NL: return matmul_typed<GgmlType::IQ4_NL>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ4_XS: return matmul_typed<GgmlType::IQ4_XS>(w, n_out, k, x, m, y, stream);
+        case GgmlType::MXFP4: return matmul_typed<GgmlType::MXFP4>(w, n_out, k, x, m, y, stream);
         default: MM_CHECK(false && "cuda::matmul: weight type not supported");
     }
 }
@@ -838,6 +872,11 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
         case GgmlType::Q5_K: MM_GEMV_ID(GgmlType::Q5_K); break;
         case GgmlType::Q3_K: MM_GEMV_ID(GgmlType::Q3_K); break;
         case GgmlType::Q2_K: MM_GEMV_ID(GgmlType::Q2_K); break;
+        case GgmlType::Q4_1: MM_GEMV_ID(GgmlType::Q4_1); break;
+        case GgmlType::Q5_1: MM_GEMV_ID(GgmlType::Q5_1); break;
+        case GgmlType::IQ4_NL: MM_GEMV_ID(GgmlType::IQ4_NL); break;
+        case GgmlType::IQ4_XS: MM_GEMV_ID(GgmlType::IQ4_XS); break;
+        case GgmlType::MXFP4: MM_GEMV_ID(GgmlType::MXFP4); break;
         default: MM_CHECK(false && "cuda::matmul_id: weight type not supported");
     }
 #undef MM_GEMV_ID
@@ -858,6 +897,11 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
         case GgmlType::Q5_K: return dequantize_typed<GgmlType::Q5_K>(w, rows, k, y, stream);
         case GgmlType::Q3_K: return dequantize_typed<GgmlType::Q3_K>(w, rows, k, y, stream);
         case GgmlType::Q2_K: return dequantize_typed<GgmlType::Q2_K>(w, rows, k, y, stream);
+        case GgmlType::Q4_1: return dequantize_typed<GgmlType::Q4_1>(w, rows, k, y, stream);
+        case GgmlType::Q5_1: return dequantize_typed<GgmlType::Q5_1>(w, rows, k, y, stream);
+        case GgmlType::IQ4_NL: return dequantize_typed<GgmlType::IQ4_NL>(w, rows, k, y, stream);
+        case GgmlType::IQ4_XS: return dequantize_typed<GgmlType::IQ4_XS>(w, rows, k, y, stream);
+        case GgmlType::MXFP4: return dequantize_typed<GgmlType::MXFP4>(w, rows, k, y, stream);
         default: MM_CHECK(false && "cuda::dequantize_rows: weight type not supported");
     }
 }
