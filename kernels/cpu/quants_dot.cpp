@@ -6,6 +6,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cpu/quants_iq.h"
 
 namespace moemesh::quants {
 
@@ -286,7 +287,13 @@ const TypeKernels kScalar[] = {
     {GgmlType::Q5_0, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_q5_0_q8_0_scalar},
     {GgmlType::Q5_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q5_K_q8_K_scalar},
     {GgmlType::Q3_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q3_K_q8_K_scalar},
-    {GgmlType::Q2_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q2_K_q8_K_scalar},
+    {GgmlType::Q2_K, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_q2_K_q8_K_scalar},    {GgmlType::IQ2_XXS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_xxs_q8_K_scalar},
+    {GgmlType::IQ2_XS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_xs_q8_K_scalar},
+    {GgmlType::IQ2_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_s_q8_K_scalar},
+    {GgmlType::IQ3_XXS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq3_xxs_q8_K_scalar},
+    {GgmlType::IQ3_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq3_s_q8_K_scalar},
+    {GgmlType::IQ1_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq1_s_q8_K_scalar},
+    {GgmlType::IQ1_M, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq1_m_q8_K_scalar},
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -303,7 +310,14 @@ const TypeKernels kAvx2[] = {
     {GgmlType::Q5_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q5_0_q8_0},
     {GgmlType::Q5_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q5_K_q8_K},
     {GgmlType::Q3_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q3_K_q8_K},
-    {GgmlType::Q2_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q2_K_q8_K},
+    {GgmlType::Q2_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q2_K_q8_K},    // i-quants: the scalar dot products (no AVX2 ones yet) on AVX2-quantized activations.
+    {GgmlType::IQ2_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_xxs_q8_K_scalar},
+    {GgmlType::IQ2_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_xs_q8_K_scalar},
+    {GgmlType::IQ2_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_s_q8_K_scalar},
+    {GgmlType::IQ3_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq3_xxs_q8_K_scalar},
+    {GgmlType::IQ3_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq3_s_q8_K_scalar},
+    {GgmlType::IQ1_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq1_s_q8_K_scalar},
+    {GgmlType::IQ1_M, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq1_m_q8_K_scalar},
 };
 #endif
 
