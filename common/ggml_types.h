@@ -46,7 +46,7 @@ struct GgmlTypeInfo {
     const char* name;    // nullptr: id unknown to us
     int64_t block_size;  // elements per block
     size_t type_size;    // bytes per block
-    bool computable;     // we have dequantize + matmul kernels for it
+    bool computable;     // we have dequantize + matmul kernels for it (a quantizer too, but for the i-quants)
 };
 
 // Geometry of every type ggml defines (so the reader can size tensors we cannot compute with).

@@ -28,7 +28,8 @@ StatusOr<Weight> get_optional_weight(const GgufFile& f, const std::string& name,
     }
     if (!ggml_type_info(t->type).computable)
         return MM_ERROR("%s: tensor '%s' has type %s, which moemesh cannot compute yet (supported: f32, f16, bf16, "
-                        "q8_0, q5_0, q5_1, q4_0, q4_1, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k)",
+                        "q8_0, q5_0, q5_1, q4_0, q4_1, iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, iq3_s, "
+                        "iq3_xxs, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m)",
                         f.path().c_str(), name.c_str(), ggml_type_name(t->type));
     Weight w;
     w.tensor = t;

@@ -31,7 +31,7 @@ private:
 // ---- weight types (kernels/cpu/quants.cpp) ----
 // Reference quantizer (as ggml's quantize_row_*_ref): n floats → row of type t. n % block == 0.
 // Returns bytes written (= ggml_row_bytes(t, n)). Supports F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q2_K, Q3_K,
-// Q4_K, Q5_K, Q6_K.
+// Q4_K, Q5_K, Q6_K (not the computable i-quants IQ1_S...IQ3_S: no quantizer).
 size_t quantize_row(GgmlType t, const float* src, void* dst, int64_t n);
 // Row of type t → n floats.
 void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
@@ -39,7 +39,7 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
 // ---- matrix products (kernels/cpu/matmul.cpp) ----
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ, threads over n_out (and m when large).
 // X is first converted to the activation type llama.cpp's CPU backend pairs with the weight type
-// (F32→F32, F16→F16, BF16→BF16, Q8_0/Q5_0/Q4_0→Q8_0, Q2_K/Q3_K/Q4_K/Q5_K/Q6_K→Q8_K), so results track llama.cpp.
+// (F32→F32, F16→F16, BF16→BF16, Q8_0/Q5_0/Q4_0→Q8_0, Q2_K/Q3_K/Q4_K/Q5_K/Q6_K and the i-quants→Q8_K), so results track llama.cpp.
 void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
             float* y);
 

@@ -373,5 +373,64 @@ TEST_F(MakeModelFast, CommandLineFlags) {
     EXPECT_NE(out.find("--threads"), std::string::npos);
 }
 
+// The i-quants (no quantizer in moemesh) are written with --fast-weights only: random grid indices
+// and signs under d = σ / rms, so every matrix decodes to finite values of mean ~0 and std σ; the file
+// names its type as llama-quantize would (general.file_type), a row that is no multiple of 256 falls
+// back to IQ4_NL (as llama.cpp). Without --fast-weights, or as a norm type, they are refused with a clear message.
+TEST_F(MakeModelFast, IqTypesNeedFastWeightsAndHaveTheDefaultScale) {
+    const struct {
+        const char* name;
+        uint32_t file_type;
+    } types[] = {{"iq3_s", 26}, {"iq3_xxs", 23}, {"iq2_xxs", 19}, {"iq2_xs", 20},
+                 {"iq2_s", 28}, {"iq1_s", 24},   {"iq1_m", 31}};
+    for (const auto& ty : types) {
+        SCOPED_TRACE(ty.name);
+        MakeModelOptions o = fast_opts(path(std::string("iq_") + ty.name + ".gguf"), ty.name);
+        ASSERT_TRUE(make(o).ok());
+        auto f = GgufFile::open(o.out);
+        ASSERT_TRUE(f.ok()) << f.status().message();
+        EXPECT_EQ(f.value()->get_int("general.file_type").value(), static_cast<int64_t>(ty.file_type));
+        GgmlType want;
+        ASSERT_TRUE(ggml_type_from_name(ty.name, &want));
+        for (const GgufTensor& t : f.value()->tensors()) {
+            SCOPED_TRACE(t.name);
+            const double sigma = expected_sigma(t.name, o);
+            if (sigma == 0 || t.name.find("ffn_gate_inp") != std::string::npos) continue;  // norms, F32 router
+            EXPECT_EQ(t.type, want);
+            const std::vector<float> v = decode(t);
+            double sum = 0, sum2 = 0;
+            for (float x : v) {
+                ASSERT_TRUE(std::isfinite(x));
+                sum += x;
+                sum2 += static_cast<double>(x) * x;
+            }
+            const double n = static_cast<double>(v.size());
+            EXPECT_NEAR(std::sqrt(sum2 / n) / sigma, 1.0, 0.04);
+            EXPECT_LT(std::fabs(sum / n), 0.02 * sigma);
+        }
+
+        o.fast_weights = false;
+        const Status st = make(o);
+        ASSERT_FALSE(st.ok());
+        EXPECT_NE(st.message().find(std::string(ty.name) + " has no quantizer in moemesh; use --fast-weights"),
+                  std::string::npos)
+            << st.message();
+    }
+    // Rows of 128 (expert_ff) are no multiple of the 256-element block: IQ4_NL there, as llama.cpp's
+    // fallback for the i-quants.
+    MakeModelOptions o = fast_opts(path("iq_fallback.gguf"), "iq2_xxs");
+    o.expert_ff = 128;
+    ASSERT_TRUE(make(o).ok());
+    auto f = GgufFile::open(o.out);
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(f.value()->tensor("blk.0.ffn_down_exps.weight")->type, GgmlType::IQ4_NL);
+    EXPECT_EQ(f.value()->tensor("blk.0.ffn_up_exps.weight")->type, GgmlType::IQ2_XXS);
+
+    o.norm_type = "iq3_s";  // norms are 1-D and near one: no direct rows for them
+    const Status st = make(o);
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("--norm-type: unsupported weight type 'iq3_s'"), std::string::npos) << st.message();
+}
+
 }  // namespace
 }  // namespace moemesh

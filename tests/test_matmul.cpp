@@ -12,6 +12,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
 
 namespace moemesh {
@@ -30,8 +31,17 @@ std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     return v;
 }
 
-// Weight matrix [rows, k] in type t, from Gaussian data.
+// Weight matrix [rows, k] in type t, from Gaussian data (the i-quants, which have no quantizer: random
+// block bytes under a fixed scale).
 std::vector<uint8_t> make_weights(GgmlType t, int64_t rows, int64_t k, uint32_t seed) {
+    if (quants::is_iq_lowbit(t)) {
+        std::mt19937 rng(seed);
+        std::vector<uint8_t> w(ggml_row_bytes(t, k) * static_cast<size_t>(rows));
+        for (auto& b : w) b = static_cast<uint8_t>(rng());
+        for (size_t off = 0; off < w.size(); off += ggml_type_info(t).type_size)
+            quants::iq_set_block_scale(t, &w[off], fp32_to_fp16(1.0f / 256));
+        return w;
+    }
     const std::vector<float> f = random_normal(rows * k, seed, 0.05f);
     const size_t stride = ggml_row_bytes(t, k);
     std::vector<uint8_t> w(stride * static_cast<size_t>(rows));
@@ -281,6 +291,22 @@ TEST(Matmul, LargeShapesAndThreadCountsAgree) {
     check_matmul(pool, GgmlType::IQ4_NL, 300, 800, 3, 17);
     check_matmul(pool, GgmlType::IQ4_XS, 203, 1024, 130, 18);
     check_matmul(pool, GgmlType::MXFP4, 129, 800, 9, 19);
+}
+
+TEST(Matmul, IqTypesMatchNaiveProduct) {
+    for (GgmlType t : {GgmlType::IQ3_S, GgmlType::IQ3_XXS, GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S,
+                       GgmlType::IQ1_S, GgmlType::IQ1_M}) {
+        std::vector<float> y1;
+        {
+            ThreadPool pool(1);
+            check_matmul(pool, t, 1, 256, 1, 20);
+            check_matmul(pool, t, 67, 768, 17, 21, &y1);
+        }
+        ThreadPool pool(3);
+        std::vector<float> y;
+        check_matmul(pool, t, 67, 768, 17, 21, &y);
+        ASSERT_EQ(0, std::memcmp(y.data(), y1.data(), y.size() * sizeof(float))) << ggml_type_name(t);
+    }
 }
 
 TEST(ThreadPool, CoversEveryIndexOnce) {

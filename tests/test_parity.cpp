@@ -96,6 +96,19 @@ TEST_F(Parity, SmallRowsFallBackAsLlamaQuantizeDoes) {
     }
 }
 
+// The i-quants on the same one-layer model with the same thresholds. moemesh has no quantizer for
+// them: make-model --fast-weights writes random grid indices, signs and scales (same file for both).
+TEST_F(Parity, IqTypesOneLayer) {
+    const Shape one = {"one", 1, 256, 4, 2, 64, 16, 4, 256, 1024};
+    for (const char* type : {"iq3_s", "iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}) {
+        std::string m = make_model(one, type, dir_, "--fast-weights");
+        Comparison c = run_pair(m, one.vocab, "f32", "", dir_, 16);
+        EXPECT_LE(c.median_dp, 1e-5) << type;
+        EXPECT_LE(c.max_dp, 3e-3) << type;
+        EXPECT_EQ(c.greedy_prefix, 32) << type;
+    }
+}
+
 // A Qwen3-Next-style file as llama-quantize's Q4_K_M / Q5_K_M leave it: Q5_K in attn_qkv (and every
 // other matrix whose rows are multiples of 256), Q5_1 where they are not (ffn_down_exps, rows of
 // 128: the fallback), one gated DeltaNet layer and one gated attention layer, a shared expert.
@@ -121,8 +134,9 @@ TEST_F(Parity, Qwen3NextQ5KMatchesLlamaCpp) {
 // q8_0 model. So we bound the typical per-position deviation and require the same most likely
 // token almost everywhere, instead of bit-exact agreement (see the README's parity section).
 TEST_F(Parity, QuantizedDeepModels) {
-    for (const char* type : {"q8_0", "q4_k"}) {
-        std::string m = make_model(kDeep, type, dir_);
+    for (const char* type : {"q8_0", "q4_k", "iq3_s", "iq2_xxs"}) {
+        const bool iq = type[0] == 'i';  // no quantizer: random blocks (--fast-weights)
+        std::string m = make_model(kDeep, type, dir_, iq ? "--fast-weights" : "");
         Result ours = run_ours(m, kDeep.vocab, "f32", "", dir_, 64);
         Result ref = run_ref(m, kDeep.vocab, "f32", "", dir_, 64);
         Result ref_b1 = run_ref(m, kDeep.vocab, "f32", "--batch 1", dir_, 64);

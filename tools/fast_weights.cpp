@@ -1,9 +1,12 @@
 #include "tools/fast_weights.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common/half.h"
 #include "common/status.h"
+#include "kernels/cpu/quants_iq.h"
 
 namespace moemesh {
 
@@ -80,9 +83,25 @@ void q4_k_row(Stream& st, float sigma, uint8_t* out, int64_t n) {
     }
 }
 
+// The i-quants: every block byte random (grid indices, signs, sub-block scales, IQ1 shifts: each
+// uniform over its range), then d = σ / sqrt(the mean square of such a block's values at d = 1).
+void iq_row(GgmlType t, Stream& st, float sigma, uint8_t* out, int64_t n) {
+    const uint16_t d = fp32_to_fp16(static_cast<float>(sigma / std::sqrt(quants::iq_unit_mean_square(t))));
+    const size_t bytes = ggml_type_info(t).type_size;
+    for (int64_t b = 0; b < n / kQK_K; ++b, out += bytes) {
+        for (size_t i = 0; i < bytes; i += 8) {
+            const uint64_t w = st.next();
+            std::memcpy(out + i, &w, std::min<size_t>(8, bytes - i));
+        }
+        quants::iq_set_block_scale(t, out, d);
+    }
+}
+
 }  // namespace
 
-bool fast_weights_direct(GgmlType t) { return t == GgmlType::Q8_0 || t == GgmlType::Q4_K; }
+bool fast_weights_direct(GgmlType t) {
+    return t == GgmlType::Q8_0 || t == GgmlType::Q4_K || quants::is_iq_lowbit(t);
+}
 
 void fast_weights_row_direct(GgmlType t, uint64_t key, float sigma, uint8_t* out, int64_t n) {
     Stream st{key};
@@ -96,7 +115,9 @@ void fast_weights_row_direct(GgmlType t, uint64_t key, float sigma, uint8_t* out
             q4_k_row(st, sigma, out, n);
             break;
         default:
-            MM_CHECK(fast_weights_direct(t));
+            MM_CHECK(quants::is_iq_lowbit(t) && n % kQK_K == 0);
+            iq_row(t, st, sigma, out, n);
+            break;
     }
 }
 

@@ -11,6 +11,9 @@
 //            std 36.65; d = σ / 36.65 (fp16), so d·q has std σ
 //   Q4_K     q = the sum of five random 2-bit fields: in [0, 15], mean 7.5, std 2.5; every sub-block
 //            scale 8 and min 60 with dmin = d = σ / 20 (fp16): x = 8d·q - 60d = 8d·(q - 7.5), mean 0, std σ
+//   IQ*      (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: no quantizer in moemesh, so only
+//            this way) every block byte random: grid indices, signs and sub-block scales uniform; the
+//            fp16 d = σ / rms, rms that of such blocks at d = 1 (from the grid tables), so std ≈ σ
 #pragma once
 #include <cstdint>
 

@@ -54,6 +54,7 @@
 #include "common/gguf.h"
 #include "common/half.h"
 #include "common/tokenizer_data.h"
+#include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
 #include "tools/fast_weights.h"
 #include "tools/gguf_stream_writer.h"
@@ -167,9 +168,24 @@ StatusOr<GgmlType> parse_type(const std::string& flag, const std::string& s) {
     GgmlType t;
     if (!ggml_type_from_name(s, &t) || !writable_type(t))
         return MM_ERROR("%s: unsupported weight type '%s' (expected f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, "
-                        "iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_k, q5_k or q6_k)",
+                        "iq4_nl, iq4_xs, mxfp4, q2_k, q3_k, q4_k, q5_k or q6_k; with --fast-weights also iq3_s, "
+                        "iq3_xxs, iq2_xxs, iq2_xs, iq2_s, iq1_s, iq1_m for --type and --embed-type)",
                         flag.c_str(), s.c_str());
     return t;
+}
+
+// The type of the N(0, σ²) matrices: parse_type's, or an i-quant, which has no quantizer in moemesh:
+// its rows can only be written directly (fast_weights_row_direct).
+StatusOr<GgmlType> parse_matrix_type(const std::string& flag, const std::string& s, bool fast_weights) {
+    GgmlType t;
+    if (ggml_type_from_name(s, &t) && quants::is_iq_lowbit(t)) {
+        if (!fast_weights)
+            return MM_ERROR("%s: %s has no quantizer in moemesh; use --fast-weights (random grid indices written "
+                            "directly)",
+                            flag.c_str(), ggml_type_name(t));
+        return t;
+    }
+    return parse_type(flag, s);
 }
 
 FileType file_type_of(GgmlType t) {
@@ -206,13 +222,28 @@ FileType file_type_of(GgmlType t) {
             return static_cast<FileType>(12);
         case GgmlType::Q5_K:
             return static_cast<FileType>(17);
+        // llama.h's LLAMA_FTYPE_MOSTLY_IQ2_XXS, _IQ2_XS, _IQ3_XXS, _IQ1_S, _IQ3_S, _IQ2_S, _IQ1_M.
+        case GgmlType::IQ2_XXS:
+            return static_cast<FileType>(19);
+        case GgmlType::IQ2_XS:
+            return static_cast<FileType>(20);
+        case GgmlType::IQ3_XXS:
+            return static_cast<FileType>(23);
+        case GgmlType::IQ1_S:
+            return static_cast<FileType>(24);
+        case GgmlType::IQ3_S:
+            return static_cast<FileType>(26);
+        case GgmlType::IQ2_S:
+            return static_cast<FileType>(28);
+        case GgmlType::IQ1_M:
+            return static_cast<FileType>(31);
         default:
             return FileType::kAllF32;
     }
 }
 
 // llama-quant.cpp's tensor_type_fallback: a row length that is not a multiple of the block size
-// gets a smaller-block type, as in llama.cpp: Q2_K, Q3_K and IQ4_XS → IQ4_NL, Q5_K → Q5_1,
+// gets a smaller-block type, as in llama.cpp: Q2_K, Q3_K, IQ4_XS and the i-quants → IQ4_NL, Q5_K → Q5_1,
 // Q6_K → Q8_0. llama.cpp sends Q4_K to Q5_0; we keep Q4_0, what make-model always wrote. A
 // 32-block type that still does not fit becomes F16, as in llama.cpp.
 GgmlType fallback_type(GgmlType want, int64_t ncols, const std::string& name, std::ostream& log) {
@@ -221,7 +252,8 @@ GgmlType fallback_type(GgmlType want, int64_t ncols, const std::string& name, st
     if (want == GgmlType::Q4_K) t = GgmlType::Q4_0;
     if (want == GgmlType::Q6_K) t = GgmlType::Q8_0;
     if (want == GgmlType::Q5_K) t = GgmlType::Q5_1;
-    if (want == GgmlType::Q2_K || want == GgmlType::Q3_K || want == GgmlType::IQ4_XS) t = GgmlType::IQ4_NL;
+    if (want == GgmlType::Q2_K || want == GgmlType::Q3_K || want == GgmlType::IQ4_XS || quants::is_iq_lowbit(want))
+        t = GgmlType::IQ4_NL;
     if (ncols % ggml_type_info(t).block_size != 0) t = GgmlType::F16;
     log << "make-model: " << name << ": row length " << ncols << " is not a multiple of " << ggml_type_name(want)
         << "'s block of " << ggml_type_info(want).block_size << "; writing " << ggml_type_name(t) << " instead\n";
@@ -315,7 +347,7 @@ Status validate(const MakeModelOptions& o) {
     if (!(o.rms_eps > 0)) return MM_ERROR("make-model: --rms-eps must be positive");
     if (!(o.router_skew >= 0) || !std::isfinite(o.router_skew))
         return MM_ERROR("make-model: --router-skew must be a finite number >= 0 (0: no skew), got %g", o.router_skew);
-    auto t = parse_type("--type", o.type);
+    auto t = parse_matrix_type("--type", o.type, o.fast_weights);
     if (!t.ok()) return t.status();
     if (a == Arch::kQwen3Next) MM_RETURN_IF_ERROR(validate_qwen3next(o));
     return Status();
@@ -558,14 +590,14 @@ void write_qwen3next_metadata(GgufWriter& w, const MakeModelOptions& o, const st
 Status make_model(const MakeModelOptions& o, std::ostream& log) {
     MM_RETURN_IF_ERROR(validate(o));
     const Arch arch = arch_from_name(o.arch);
-    MM_ASSIGN_OR_RETURN(const GgmlType wtype, parse_type("--type", o.type));
+    MM_ASSIGN_OR_RETURN(const GgmlType wtype, parse_matrix_type("--type", o.type, o.fast_weights));
     GgmlType norm_type = GgmlType::F32;
     if (!o.norm_type.empty()) {
         MM_ASSIGN_OR_RETURN(norm_type, parse_type("--norm-type", o.norm_type));
     }
     GgmlType embed_type = wtype;
     if (!o.embed_type.empty()) {
-        MM_ASSIGN_OR_RETURN(embed_type, parse_type("--embed-type", o.embed_type));
+        MM_ASSIGN_OR_RETURN(embed_type, parse_matrix_type("--embed-type", o.embed_type, o.fast_weights));
     }
 
     // Tokenizer first: it decides the vocabulary when --vocab is 0.
@@ -703,7 +735,9 @@ void register_make_model_command(CLI::App& app) {
     cmd->add_option("--expert-ff", opts->expert_ff, "Expert intermediate size I")->capture_default_str();
     cmd->add_option("--vocab", opts->vocab, "Vocabulary size (0: the tokenizer's size)")->capture_default_str();
     cmd->add_option("--context", opts->context, "Training context length written to the file")->capture_default_str();
-    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 iq4_nl iq4_xs mxfp4 q2_k q3_k q4_k q5_k q6_k")->capture_default_str();
+    cmd->add_option("--type", opts->type, "Weight type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 iq4_nl iq4_xs mxfp4 q2_k q3_k "
+                    "q4_k q5_k q6_k; with --fast-weights also iq3_s iq3_xxs iq2_xxs iq2_xs iq2_s iq1_s iq1_m")
+        ->capture_default_str();
     cmd->add_option("--norm-type", opts->norm_type, "Type of norm weights (default f32, as llama.cpp)");
     cmd->add_option("--embed-type", opts->embed_type, "Type of token_embd and output (default: --type)");
     cmd->add_option("--seed", opts->seed, "Random seed")->capture_default_str();
@@ -724,7 +758,7 @@ void register_make_model_command(CLI::App& app) {
                   "quantizer): per thread ~200x faster for Q4_K, ~12x for Q8_0 (a 48-layer 30B-A3B shape is ~1 s of "
                   "CPU on 16 cores; writing the file then dominates), same scale, but "
                   "other bytes than without it for the same seed (deterministic in the seed); for benchmarks of "
-                  "large shapes, not for parity tests. Norms (and qwen3next's ssm_a, dt bias) are drawn as without it");
+                  "large shapes, and the only way to write the i-quants (iq*: random grid indices, no quantizer). Norms (and qwen3next's ssm_a, dt bias) are drawn as without it");
     // qwen3next
     auto* interval = cmd->add_option("--full-attention-interval", opts->full_attention_interval,
                                      "qwen3next: layer i is full attention when (i+1) % N == 0, DeltaNet otherwise")

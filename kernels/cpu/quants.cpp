@@ -8,6 +8,7 @@
 #include "common/half.h"
 #include "common/status.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
 
 namespace moemesh {
@@ -698,8 +699,8 @@ size_t quantize_row(GgmlType t, const float* src, void* dst, int64_t n) {
         case GgmlType::MXFP4:
             quants::quantize_mxfp4_ref(src, static_cast<quants::BlockMXFP4*>(dst), n);
             break;
-        default:
-            MM_CHECK(false && "quantize_row: type not computable");
+        default:  // computable types without a quantizer (the i-quants) included
+            MM_CHECK(false && "quantize_row: no quantizer for this type");
     }
     return ggml_row_bytes(t, n);
 }
@@ -758,6 +759,15 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
             break;
         case GgmlType::MXFP4:
             quants::dequantize_mxfp4(static_cast<const quants::BlockMXFP4*>(src), dst, n);
+            break;
+        case GgmlType::IQ2_XXS:
+        case GgmlType::IQ2_XS:
+        case GgmlType::IQ2_S:
+        case GgmlType::IQ3_XXS:
+        case GgmlType::IQ3_S:
+        case GgmlType::IQ1_S:
+        case GgmlType::IQ1_M:
+            quants::dequantize_row_iq(t, src, dst, n);
             break;
         default:
             MM_CHECK(false && "dequantize_row: type not computable");

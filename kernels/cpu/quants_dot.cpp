@@ -6,6 +6,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cpu/quants_iq.h"
 
 namespace moemesh::quants {
 
@@ -293,6 +294,13 @@ const TypeKernels kScalar[] = {
     {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>,
      vec_dot_iq4_xs_q8_K_scalar},
     {GgmlType::MXFP4, GgmlType::Q8_0, 32, erase_act<BlockQ8_0, quantize_act_q8_0_scalar>, vec_dot_mxfp4_q8_0_scalar},
+    {GgmlType::IQ2_XXS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_xxs_q8_K_scalar},
+    {GgmlType::IQ2_XS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_xs_q8_K_scalar},
+    {GgmlType::IQ2_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq2_s_q8_K_scalar},
+    {GgmlType::IQ3_XXS, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq3_xxs_q8_K_scalar},
+    {GgmlType::IQ3_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq3_s_q8_K_scalar},
+    {GgmlType::IQ1_S, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq1_s_q8_K_scalar},
+    {GgmlType::IQ1_M, GgmlType::Q8_K, 256, erase_act<BlockQ8_K, quantize_act_q8_K_scalar>, vec_dot_iq1_m_q8_K_scalar},
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -315,6 +323,13 @@ const TypeKernels kAvx2[] = {
     {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_iq4_nl_q8_0},
     {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq4_xs_q8_K},
     {GgmlType::MXFP4, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_mxfp4_q8_0},
+    {GgmlType::IQ2_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_xxs_q8_K_scalar},
+    {GgmlType::IQ2_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_xs_q8_K_scalar},
+    {GgmlType::IQ2_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq2_s_q8_K_scalar},
+    {GgmlType::IQ3_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq3_xxs_q8_K_scalar},
+    {GgmlType::IQ3_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq3_s_q8_K_scalar},
+    {GgmlType::IQ1_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq1_s_q8_K_scalar},
+    {GgmlType::IQ1_M, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, vec_dot_iq1_m_q8_K_scalar},
 };
 static_assert(std::size(kAvx2) == std::size(kScalar), "type_kernels indexes kAvx2 with kScalar's size");
 #endif
