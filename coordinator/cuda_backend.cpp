@@ -277,8 +277,8 @@ public:
             int layer = -1;
             if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
             return MM_ERROR("%s: tensor '%s' has type %s, which the CUDA backend cannot multiply yet (it has F32, "
-                            "F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, MXFP4, Q2_K … Q6_K); run it with "
-                            "--device cpu",
+                            "F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS, MXFP4 and the IQ1/IQ2/IQ3 "
+                            "types); run it with --device cpu",
                             f.path().c_str(), t.name.c_str(), ggml_type_name(t.type));
         }
         return Status();

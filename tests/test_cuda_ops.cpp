@@ -16,6 +16,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cpu/quants_iq.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 
@@ -91,14 +92,23 @@ struct QuantMatrix {
     std::vector<uint8_t> bytes;  // [n_out] rows of ggml_row_bytes(t, k)
     std::vector<float> deq;      // [n_out, k] the same weights dequantized
 };
+// The i-quants have no quantizer: random block bytes (every grid index, sign and scale) under an fp16
+// super-block scale of about 0.05 / the grid's magnitude.
 QuantMatrix make_weights(GgmlType t, int64_t n_out, int64_t k, uint32_t seed) {
     const std::vector<float> w = random_vec(static_cast<size_t>(n_out * k), seed, 0.05f);
     const size_t rb = ggml_row_bytes(t, k);
     QuantMatrix q;
     q.bytes.resize(rb * n_out);
     q.deq.resize(w.size());
+    if (quants::is_iq_lowbit(t)) {
+        std::mt19937 rng(seed);
+        for (auto& b : q.bytes) b = static_cast<uint8_t>(rng());
+        const size_t bs = ggml_type_info(t).type_size;
+        const auto d = fp32_to_fp16(0.05f / static_cast<float>(std::sqrt(quants::iq_unit_mean_square(t))));
+        for (size_t off = 0; off < q.bytes.size(); off += bs) quants::iq_set_block_scale(t, &q.bytes[off], d);
+    }
     for (int64_t r = 0; r < n_out; ++r) {
-        quantize_row(t, &w[r * k], &q.bytes[r * rb], k);
+        if (!quants::is_iq_lowbit(t)) quantize_row(t, &w[r * k], &q.bytes[r * rb], k);
         dequantize_row(t, &q.bytes[r * rb], &q.deq[r * k], k);
     }
     return q;
@@ -230,7 +240,9 @@ TEST_P(CudaMatmul, ExpertIndexed) {
 const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0,
                                           GgmlType::Q5_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
                                           GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1,
-                                          GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4);
+                                          GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4, GgmlType::IQ2_XXS,
+                                          GgmlType::IQ2_XS, GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S,
+                                          GgmlType::IQ1_S, GgmlType::IQ1_M);
 std::string type_param_name(const ::testing::TestParamInfo<GgmlType>& info) { return ggml_type_name(info.param); }
 
 INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul, kCudaTypes, type_param_name);

@@ -333,8 +333,8 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
         for (GgmlType t : {im->types[l].gate, im->types[l].up, im->types[l].down})
             if (!cuda::matmul_supported(t))
                 return MM_ERROR("%s: the experts of layer %d have type %s, which the CUDA kernels cannot multiply "
-                                "(they have F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, MXFP4, Q2_K … "
-                                "Q6_K); serve them from a cpu worker",
+                                "(they have F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS, MXFP4 "
+                                "and the IQ1/IQ2/IQ3 types); serve them from a cpu worker",
                                 f.path().c_str(), l, ggml_type_name(t));
     }
     MM_CUDA_RETURN(device, cudaStreamCreateWithFlags(&im->own, cudaStreamNonBlocking), "creating a stream");

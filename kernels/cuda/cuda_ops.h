@@ -37,8 +37,9 @@ int device_count(const char** why = nullptr);
 
 // ---- matrix products (kernels/cuda/matmul.cu) ----
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K,
-// Q3_K, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4} (matmul_supported). k % block_size(wt)
-// == 0 and k % 8 == 0; W 16-byte aligned. (Q4_1 … MXFP4: f32-activation GEMV only, not yet run on a GPU.)
+// Q3_K, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
+// IQ1_S, IQ1_M} (matmul_supported). k % block_size(wt) == 0 and k % 8 == 0; W 16-byte aligned.
+// (Q4_1 … IQ1_M: a dequantizing f32-activation GEMV only, not yet run on a GPU.)
 // m <= 8: the decode GEMV (weight bytes read once for all m rows). For the quantized types with
 // m >= 2 or >= 16384 rows (lm_head) it quantizes X to int8 per 32 elements first (as llama.cpp's
 // mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;

@@ -6,6 +6,7 @@
 // The device code of Q5_0, Q5_K, Q3_K and Q2_K is in matmul_lowbit.cuh, shared helpers in quant_dev.cuh.
 // Q4_1, Q5_1, IQ4_NL, IQ4_XS and MXFP4 (matmul_more.cuh) have only the dequantizing loader so far:
 // their GEMV is dot_by_load8 (8 dequantized elements per lane unit), their prompt path the tiled kernel.
+// So have the i-quants IQ2_XXS … IQ1_M (matmul_iq.cuh).
 //
 // f32 GEMV: one warp per W row. The row is cut into "units" of a few contiguous bytes, and consecutive
 // lanes take consecutive units, so each warp-wide load instruction reads one contiguous span of the
@@ -26,6 +27,7 @@
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/matmul_lowbit.cuh"
+#include "kernels/cuda/matmul_iq.cuh"
 #include "kernels/cuda/matmul_more.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
@@ -209,14 +211,16 @@ __device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const fl
     }
 }
 
-// The types with only a dequantizing loader (matmul_more.cuh): lane unit u is elements 8u..8u+7.
+// The types with only a dequantizing loader (matmul_more.cuh, matmul_iq.cuh): lane unit u is
+// elements 8u..8u+7.
 template <GgmlType T, int M>
 __device__ __forceinline__ void dot_by_load8(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
     const int64_t n_units = k / 8;
 #pragma unroll kGemvUnroll
     for (int64_t u = lane; u < n_units; u += kWarp) {
         float w[8];
-        load8_more<T>(row, u * 8, w);
+        if constexpr (kLoad8Iq<T>) load8_iq<T>(row, u * 8, w);
+        else load8_more<T>(row, u * 8, w);
 #pragma unroll
         for (int r = 0; r < M; ++r) {
             const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
@@ -240,7 +244,7 @@ __device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const flo
     else if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc);
     else if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc);
-    else if constexpr (kLoad8More<T>) dot_by_load8<T, M>(row, k, x, lane, acc);
+    else if constexpr (kLoad8More<T> || kLoad8Iq<T>) dot_by_load8<T, M>(row, k, x, lane, acc);
 }
 
 // grid: (ceil(n_out / kGemvWarps), n_sel). Selection s uses matrix ids ? ids[s] : s, X rows from
@@ -590,6 +594,8 @@ __device__ __forceinline__ void load8(const uint8_t* row, int64_t e, float (&v)[
         load8_q2_K(row, e, v);
     } else if constexpr (kLoad8More<T>) {
         load8_more<T>(row, e, v);
+    } else if constexpr (kLoad8Iq<T>) {
+        load8_iq<T>(row, e, v);
     }
 }
 
@@ -823,6 +829,13 @@ bool matmul_supported(GgmlType wt) {
         case GgmlType::IQ4_NL:
         case GgmlType::IQ4_XS:
         case GgmlType::MXFP4:
+        case GgmlType::IQ2_XXS:
+        case GgmlType::IQ2_XS:
+        case GgmlType::IQ2_S:
+        case GgmlType::IQ3_XXS:
+        case GgmlType::IQ3_S:
+        case GgmlType::IQ1_S:
+        case GgmlType::IQ1_M:
             return true;
         default:
             return false;
@@ -850,6 +863,13 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
         case GgmlType::IQ4_NL: return matmul_typed<GgmlType::IQ4_NL>(w, n_out, k, x, m, y, stream);
         case GgmlType::IQ4_XS: return matmul_typed<GgmlType::IQ4_XS>(w, n_out, k, x, m, y, stream);
         case GgmlType::MXFP4: return matmul_typed<GgmlType::MXFP4>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ2_XXS: return matmul_typed<GgmlType::IQ2_XXS>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ2_XS: return matmul_typed<GgmlType::IQ2_XS>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ2_S: return matmul_typed<GgmlType::IQ2_S>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ3_XXS: return matmul_typed<GgmlType::IQ3_XXS>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ3_S: return matmul_typed<GgmlType::IQ3_S>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ1_S: return matmul_typed<GgmlType::IQ1_S>(w, n_out, k, x, m, y, stream);
+        case GgmlType::IQ1_M: return matmul_typed<GgmlType::IQ1_M>(w, n_out, k, x, m, y, stream);
         default: MM_CHECK(false && "cuda::matmul: weight type not supported");
     }
 }
@@ -877,6 +897,13 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
         case GgmlType::IQ4_NL: MM_GEMV_ID(GgmlType::IQ4_NL); break;
         case GgmlType::IQ4_XS: MM_GEMV_ID(GgmlType::IQ4_XS); break;
         case GgmlType::MXFP4: MM_GEMV_ID(GgmlType::MXFP4); break;
+        case GgmlType::IQ2_XXS: MM_GEMV_ID(GgmlType::IQ2_XXS); break;
+        case GgmlType::IQ2_XS: MM_GEMV_ID(GgmlType::IQ2_XS); break;
+        case GgmlType::IQ2_S: MM_GEMV_ID(GgmlType::IQ2_S); break;
+        case GgmlType::IQ3_XXS: MM_GEMV_ID(GgmlType::IQ3_XXS); break;
+        case GgmlType::IQ3_S: MM_GEMV_ID(GgmlType::IQ3_S); break;
+        case GgmlType::IQ1_S: MM_GEMV_ID(GgmlType::IQ1_S); break;
+        case GgmlType::IQ1_M: MM_GEMV_ID(GgmlType::IQ1_M); break;
         default: MM_CHECK(false && "cuda::matmul_id: weight type not supported");
     }
 #undef MM_GEMV_ID
@@ -902,6 +929,13 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
         case GgmlType::IQ4_NL: return dequantize_typed<GgmlType::IQ4_NL>(w, rows, k, y, stream);
         case GgmlType::IQ4_XS: return dequantize_typed<GgmlType::IQ4_XS>(w, rows, k, y, stream);
         case GgmlType::MXFP4: return dequantize_typed<GgmlType::MXFP4>(w, rows, k, y, stream);
+        case GgmlType::IQ2_XXS: return dequantize_typed<GgmlType::IQ2_XXS>(w, rows, k, y, stream);
+        case GgmlType::IQ2_XS: return dequantize_typed<GgmlType::IQ2_XS>(w, rows, k, y, stream);
+        case GgmlType::IQ2_S: return dequantize_typed<GgmlType::IQ2_S>(w, rows, k, y, stream);
+        case GgmlType::IQ3_XXS: return dequantize_typed<GgmlType::IQ3_XXS>(w, rows, k, y, stream);
+        case GgmlType::IQ3_S: return dequantize_typed<GgmlType::IQ3_S>(w, rows, k, y, stream);
+        case GgmlType::IQ1_S: return dequantize_typed<GgmlType::IQ1_S>(w, rows, k, y, stream);
+        case GgmlType::IQ1_M: return dequantize_typed<GgmlType::IQ1_M>(w, rows, k, y, stream);
         default: MM_CHECK(false && "cuda::dequantize_rows: weight type not supported");
     }
 }
