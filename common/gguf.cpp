@@ -179,6 +179,82 @@ GgufFile::~GgufFile() {
 }
 
 StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::string& path) {
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, open_one(path));
+    MM_RETURN_IF_ERROR(f->open_splits());
+    return f;
+}
+
+namespace {
+// "split.no" / "split.count" of f as 0 / 1 when absent; an error when present but not a small integer.
+Status split_keys(const GgufFile& f, int64_t* no, int64_t* count) {
+    *no = 0;
+    *count = 1;
+    if (f.has("split.count")) {
+        MM_ASSIGN_OR_RETURN(*count, f.get_int("split.count"));
+    }
+    if (f.has("split.no")) {
+        MM_ASSIGN_OR_RETURN(*no, f.get_int("split.no"));
+    }
+    if (*count < 1 || *count > 9999 || *no < 0 || *no >= *count)
+        return MM_ERROR("%s: split.no %lld / split.count %lld: expected 0 <= split.no < split.count <= 9999",
+                        f.path().c_str(), static_cast<long long>(*no), static_cast<long long>(*count));
+    return Status();
+}
+}  // namespace
+
+size_t GgufFile::total_size() const {
+    size_t n = size_;
+    for (const auto& s : splits_) n += s->size_;
+    return n;
+}
+
+// llama.cpp's naming (llama_split_path): PREFIX-%05d-of-%05d.gguf, numbered from 1.
+Status GgufFile::open_splits() {
+    int64_t no, count;
+    MM_RETURN_IF_ERROR(split_keys(*this, &no, &count));
+    if (count == 1) return Status();
+    if (no != 0)
+        return MM_ERROR("%s: this is file %lld of a model split in %lld; open the first one (…-00001-of-%05lld.gguf)",
+                        path_.c_str(), static_cast<long long>(no + 1), static_cast<long long>(count),
+                        static_cast<long long>(count));
+    const std::string tail = str_printf("-%05d-of-%05d.gguf", 1, static_cast<int>(count));
+    if (path_.size() <= tail.size() || path_.compare(path_.size() - tail.size(), tail.size(), tail) != 0)
+        return MM_ERROR("%s: the first of %lld split files must be named PREFIX%s (as llama.cpp's gguf-split "
+                        "names them), so that the others can be found",
+                        path_.c_str(), static_cast<long long>(count), tail.c_str());
+    const std::string prefix = path_.substr(0, path_.size() - tail.size());
+    for (int64_t i = 1; i < count; ++i) {
+        const std::string p = prefix + str_printf("-%05d-of-%05d.gguf", static_cast<int>(i + 1), static_cast<int>(count));
+        auto part = open_one(p);
+        if (!part.ok())
+            return MM_ERROR("%s: split file %lld of %lld: %s", path_.c_str(), static_cast<long long>(i + 1),
+                            static_cast<long long>(count), part.status().message().c_str());
+        std::unique_ptr<GgufFile> f = std::move(part).value();
+        int64_t f_no, f_count;
+        MM_RETURN_IF_ERROR(split_keys(*f, &f_no, &f_count));
+        if (f_no != i || f_count != count)
+            return MM_ERROR("%s: split.no %lld of split.count %lld, expected %lld of %lld (a file of another split?)",
+                            p.c_str(), static_cast<long long>(f_no), static_cast<long long>(f_count),
+                            static_cast<long long>(i), static_cast<long long>(count));
+        for (GgufTensor t : f->tensors_) {
+            if (tensor_index_.count(t.name))
+                return MM_ERROR("%s: tensor '%s' is also in an earlier split file", p.c_str(), t.name.c_str());
+            t.split = static_cast<uint32_t>(i);
+            tensor_index_[t.name] = tensors_.size();
+            tensors_.push_back(std::move(t));
+        }
+        splits_.push_back(std::move(f));
+    }
+    if (has("split.tensors.count")) {
+        MM_ASSIGN_OR_RETURN(int64_t want, get_int("split.tensors.count"));
+        if (want != static_cast<int64_t>(tensors_.size()))
+            return MM_ERROR("%s: split.tensors.count says %lld tensors, the %lld files hold %zu", path_.c_str(),
+                            static_cast<long long>(want), static_cast<long long>(count), tensors_.size());
+    }
+    return Status();
+}
+
+StatusOr<std::unique_ptr<GgufFile>> GgufFile::open_one(const std::string& path) {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return MM_ERROR("%s: cannot open: %s", path.c_str(), std::strerror(errno));
     struct stat st {};
@@ -430,6 +506,7 @@ std::string GgufFile::fingerprint() const {
     }
     for (const auto& t : tensors_) {
         f.str(t.name);
+        f.pod(t.split);
         f.pod(static_cast<uint32_t>(t.type));
         for (int64_t n : t.ne) f.pod(n);
         f.pod(t.offset);
@@ -462,12 +539,51 @@ void put_key(std::vector<uint8_t>& b, const std::string& key, GgufType t) {
 }
 }  // namespace
 
+void GgufWriter::set_u16(const std::string& k, uint16_t v) { put_key(kv_bytes_, k, GgufType::UINT16); put(kv_bytes_, v); ++n_kv_; }
 void GgufWriter::set_u32(const std::string& k, uint32_t v) { put_key(kv_bytes_, k, GgufType::UINT32); put(kv_bytes_, v); ++n_kv_; }
 void GgufWriter::set_i32(const std::string& k, int32_t v) { put_key(kv_bytes_, k, GgufType::INT32); put(kv_bytes_, v); ++n_kv_; }
 void GgufWriter::set_u64(const std::string& k, uint64_t v) { put_key(kv_bytes_, k, GgufType::UINT64); put(kv_bytes_, v); ++n_kv_; }
 void GgufWriter::set_f32(const std::string& k, float v) { put_key(kv_bytes_, k, GgufType::FLOAT32); put(kv_bytes_, v); ++n_kv_; }
 void GgufWriter::set_bool(const std::string& k, bool v) { put_key(kv_bytes_, k, GgufType::BOOL); put<uint8_t>(kv_bytes_, v ? 1 : 0); ++n_kv_; }
 void GgufWriter::set_string(const std::string& k, const std::string& v) { put_key(kv_bytes_, k, GgufType::STRING); put_str(kv_bytes_, v); ++n_kv_; }
+
+namespace {
+// One scalar of type t from GgufValue's integer (i; bools and unsigned types included) or float field.
+void put_scalar(std::vector<uint8_t>& b, GgufType t, int64_t i, double f) {
+    switch (t) {
+        case GgufType::UINT8: put(b, static_cast<uint8_t>(i)); break;
+        case GgufType::INT8: put(b, static_cast<int8_t>(i)); break;
+        case GgufType::UINT16: put(b, static_cast<uint16_t>(i)); break;
+        case GgufType::INT16: put(b, static_cast<int16_t>(i)); break;
+        case GgufType::UINT32: put(b, static_cast<uint32_t>(i)); break;
+        case GgufType::INT32: put(b, static_cast<int32_t>(i)); break;
+        case GgufType::UINT64: put(b, static_cast<uint64_t>(i)); break;
+        case GgufType::INT64: put(b, i); break;
+        case GgufType::FLOAT32: put(b, static_cast<float>(f)); break;
+        case GgufType::FLOAT64: put(b, f); break;
+        case GgufType::BOOL: put<uint8_t>(b, i != 0 ? 1 : 0); break;
+        default: MM_CHECK(false && "put_scalar: not a scalar type");
+    }
+}
+}  // namespace
+
+void GgufWriter::set_value(const std::string& k, const GgufValue& v) {
+    put_key(kv_bytes_, k, v.type);
+    if (v.type == GgufType::STRING) {
+        put_str(kv_bytes_, v.str);
+    } else if (v.type == GgufType::ARRAY) {
+        put<uint32_t>(kv_bytes_, static_cast<uint32_t>(v.arr_type));
+        put<uint64_t>(kv_bytes_, v.arr_count);
+        for (uint64_t j = 0; j < v.arr_count; ++j) {
+            if (v.arr_type == GgufType::STRING) put_str(kv_bytes_, v.arr_str[j]);
+            else if (v.arr_type == GgufType::FLOAT32 || v.arr_type == GgufType::FLOAT64) put_scalar(kv_bytes_, v.arr_type, 0, v.arr_f[j]);
+            else put_scalar(kv_bytes_, v.arr_type, v.arr_i[j], 0);
+        }
+    } else {
+        put_scalar(kv_bytes_, v.type, v.i, v.f);
+    }
+    ++n_kv_;
+}
 
 void GgufWriter::set_arr_string(const std::string& k, const std::vector<std::string>& v) {
     put_key(kv_bytes_, k, GgufType::ARRAY);

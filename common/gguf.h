@@ -55,9 +55,10 @@ struct GgufTensor {
     GgmlType type = GgmlType::F32;
     int n_dims = 0;
     int64_t ne[4] = {1, 1, 1, 1};  // ggml order: ne[0] is the contiguous (innermost) dimension
-    uint64_t offset = 0;           // relative to the data section
+    uint64_t offset = 0;           // relative to the data section (of its split)
     size_t nbytes = 0;
     const uint8_t* data = nullptr;  // into the mapping
+    uint32_t split = 0;             // which file of a split model holds it (GgufFile::split_path)
     int64_t nelements() const { return ne[0] * ne[1] * ne[2] * ne[3]; }
     std::string shape_str() const;  // "{2048, 768, 128}"
 };
@@ -68,6 +69,9 @@ public:
     GgufFile(const GgufFile&) = delete;
     GgufFile& operator=(const GgufFile&) = delete;
 
+    // A model split by llama.cpp's gguf-split (NAME-00001-of-0000N.gguf …, keys split.no /
+    // split.count / split.tensors.count) is opened from its first file: the others are found by
+    // name, checked and mapped, and their tensors join the table (GgufTensor::split says where).
     static StatusOr<std::unique_ptr<GgufFile>> open(const std::string& path);
     // Parses a buffer the caller keeps alive (fuzzing, tests). `name` is used in messages.
     static StatusOr<std::unique_ptr<GgufFile>> from_memory(const uint8_t* data, size_t size, const std::string& name);
@@ -96,6 +100,16 @@ public:
     const std::vector<GgufTensor>& tensors() const { return tensors_; }
     const GgufTensor* tensor(const std::string& name) const;
 
+    // Files of a split model (1 for a single file); split 0 is this file.
+    uint32_t split_count() const { return static_cast<uint32_t>(1 + splits_.size()); }
+    const std::string& split_path(uint32_t i) const { return i == 0 ? path_ : splits_[i - 1]->path_; }
+    // Where `p`, a pointer into tensor t's data, lies in the file split_path(t.split).
+    uint64_t file_offset(const GgufTensor& t, const uint8_t* p) const {
+        return static_cast<uint64_t>(p - (t.split == 0 ? base_ : splits_[t.split - 1]->base_));
+    }
+    // Bytes of all files.
+    size_t total_size() const;
+
     // 16 hex digits identifying the model: a hash of every metadata key and value, of the tensor
     // table (names, types, shapes, offsets) and of the first and last 4 KiB of every tensor's data.
     // Processes compare it at handshake.
@@ -104,6 +118,8 @@ public:
 private:
     GgufFile() = default;
     Status parse();
+    static StatusOr<std::unique_ptr<GgufFile>> open_one(const std::string& path);
+    Status open_splits();
 
     std::string path_;
     const uint8_t* base_ = nullptr;
@@ -116,11 +132,13 @@ private:
     std::map<std::string, size_t> kv_index_;
     std::vector<GgufTensor> tensors_;
     std::map<std::string, size_t> tensor_index_;
+    std::vector<std::unique_ptr<GgufFile>> splits_;  // files 2..N of a split model (their mappings)
 };
 
 // Builds a GGUF v3 file in memory and writes it. Keys and tensors are written in insertion order.
 class GgufWriter {
 public:
+    void set_u16(const std::string& key, uint16_t v);
     void set_u32(const std::string& key, uint32_t v);
     void set_i32(const std::string& key, int32_t v);
     void set_u64(const std::string& key, uint64_t v);
@@ -131,6 +149,8 @@ public:
     void set_arr_i32(const std::string& key, const std::vector<int32_t>& v);
     void set_arr_f32(const std::string& key, const std::vector<float>& v);
     void set_arr_bool(const std::string& key, const std::vector<bool>& v);
+    // Any value as GgufFile parsed it, in its own type (copying metadata from one file to another).
+    void set_value(const std::string& key, const GgufValue& v);
     // ne in ggml order (ne[0] innermost). data.size() must equal ggml_row_bytes(type, ne[0]) * rows.
     void add_tensor(const std::string& name, GgmlType type, const std::vector<int64_t>& ne, std::vector<uint8_t> data);
     void set_alignment(uint32_t a) { alignment_ = a; }  // also written as general.alignment if != 32

@@ -12,6 +12,7 @@
 #include "common/gguf.h"
 #include "common/model_config.h"
 #include "coordinator/model.h"
+#include "tests/gguf_split_util.h"
 
 namespace moemesh {
 namespace {
@@ -159,6 +160,77 @@ TEST(Gguf, ReadsVersion2) {
 
 TEST(Gguf, TinyModelLoads) {
     EXPECT_EQ(load_error(tiny_writer(TinyModel{}).serialize(), "ok.gguf"), "");
+}
+
+// A model split as llama.cpp's gguf-split writes it opens from its first file with every tensor, the
+// same bytes and the same fingerprint as the whole file, and loads.
+TEST(GgufSplit, OpensFromTheFirstFileWithEveryTensor) {
+    const std::string whole = tmp_path("whole.gguf");
+    ASSERT_TRUE(tiny_writer(TinyModel{}).write(whole).ok());
+    const std::string first = testing::write_gguf_split(whole, tmp_path("split"), 7);
+    auto a = GgufFile::open(whole);
+    auto b = GgufFile::open(first);
+    ASSERT_TRUE(a.ok() && b.ok()) << b.status().message();
+    const GgufFile &fa = *a.value(), &fb = *b.value();
+    EXPECT_EQ(fb.split_count(), 4u);  // 27 tensors, 7 per file
+    EXPECT_EQ(fb.split_path(3), tmp_path("split") + "-00004-of-00004.gguf");
+    EXPECT_GT(fb.total_size(), fb.file_size());
+    ASSERT_EQ(fa.tensors().size(), fb.tensors().size());
+    for (const GgufTensor& t : fa.tensors()) {
+        const GgufTensor* u = fb.tensor(t.name);
+        ASSERT_NE(u, nullptr) << t.name;
+        EXPECT_EQ(u->nbytes, t.nbytes);
+        EXPECT_EQ(0, std::memcmp(u->data, t.data, t.nbytes)) << t.name;
+        // file_offset points at the same bytes in the split's own file.
+        std::ifstream in(fb.split_path(u->split), std::ios::binary);
+        in.seekg(static_cast<std::streamoff>(fb.file_offset(*u, u->data)));
+        std::vector<char> head(std::min<size_t>(t.nbytes, 64));
+        in.read(head.data(), static_cast<std::streamsize>(head.size()));
+        EXPECT_EQ(0, std::memcmp(head.data(), t.data, head.size())) << t.name;
+    }
+    EXPECT_EQ(fb.get_string("general.architecture").value(), "qwen3moe");
+    std::shared_ptr<GgufFile> sf(std::move(b).value());
+    auto m = load_model(sf, ModelOptions{1, 512, true, {}});
+    EXPECT_TRUE(m.ok()) << m.status().message();
+}
+
+TEST(GgufSplit, BadSplitsNameTheFileAndWhatIsWrong) {
+    const std::string whole = tmp_path("whole2.gguf");
+    ASSERT_TRUE(tiny_writer(TinyModel{}).write(whole).ok());
+    const std::string prefix = tmp_path("bad");
+    const std::string first = testing::write_gguf_split(whole, prefix, 10);  // 27 tensors: 3 files
+    auto err = [](const std::string& path) {
+        auto f = GgufFile::open(path);
+        return f.ok() ? std::string() : f.status().message();
+    };
+    EXPECT_EQ(err(first), "");
+    // Opening another file than the first.
+    EXPECT_NE(err(prefix + "-00002-of-00003.gguf").find("file 2 of a model split in 3; open the first one"),
+              std::string::npos);
+    // A missing part.
+    const std::string third = prefix + "-00003-of-00003.gguf";
+    ASSERT_EQ(std::rename(third.c_str(), (third + ".away").c_str()), 0);
+    const std::string missing = err(first);
+    EXPECT_NE(missing.find("split file 3 of 3"), std::string::npos) << missing;
+    EXPECT_NE(missing.find("cannot open"), std::string::npos) << missing;
+    ASSERT_EQ(std::rename((third + ".away").c_str(), third.c_str()), 0);
+    // A part of another split in its place (split.no says 0 of 3).
+    ASSERT_EQ(std::rename(first.c_str(), (first + ".keep").c_str()), 0);
+    {
+        std::ifstream src(first + ".keep", std::ios::binary);
+        std::ofstream dst(prefix + "-00002-of-00003.gguf.x", std::ios::binary);
+        dst << src.rdbuf();
+    }
+    ASSERT_EQ(std::rename((prefix + "-00002-of-00003.gguf").c_str(), (prefix + "-00002-of-00003.gguf.keep").c_str()), 0);
+    ASSERT_EQ(std::rename((prefix + "-00002-of-00003.gguf.x").c_str(), (prefix + "-00002-of-00003.gguf").c_str()), 0);
+    ASSERT_EQ(std::rename((first + ".keep").c_str(), first.c_str()), 0);
+    const std::string wrong = err(first);
+    EXPECT_NE(wrong.find("split.no 0 of split.count 3, expected 1 of 3"), std::string::npos) << wrong;
+    ASSERT_EQ(std::rename((prefix + "-00002-of-00003.gguf.keep").c_str(), (prefix + "-00002-of-00003.gguf").c_str()), 0);
+    // A first file not named as gguf-split names it.
+    const std::string renamed = tmp_path("renamed.gguf");
+    ASSERT_EQ(std::rename(first.c_str(), renamed.c_str()), 0);
+    EXPECT_NE(err(renamed).find("must be named PREFIX-00001-of-00003.gguf"), std::string::npos) << err(renamed);
 }
 
 TEST(GgufBadInput, TruncatedFile) {

@@ -22,6 +22,7 @@
 #include "common/half.h"
 #include "common/weights.h"
 #include "proto/moemesh.grpc.pb.h"
+#include "tests/gguf_split_util.h"
 #include "tests/test_util.h"
 #include "worker/expert_executor.h"
 #include "worker/shard_store.h"
@@ -289,6 +290,32 @@ TEST(ShardStore, ReadsExactlyTheOwnedSlices) {
             EXPECT_EQ(std::memcmp(got.gate, ref.gate, gate.value().matrix_bytes), 0);
             EXPECT_EQ(std::memcmp(got.up, ref.up, gate.value().matrix_bytes), 0);
             EXPECT_EQ(std::memcmp(got.down, ref.down, down.value().matrix_bytes), 0);
+        }
+    }
+}
+
+// A split model (llama.cpp's gguf-split layout): the owned slices come from the files that hold them.
+TEST(ShardStore, ReadsASplitModel) {
+    const std::string first = testing::write_gguf_split(small_model(), test_dir() + "/shard_split", 5);
+    Model whole = open_model(small_model());
+    Model split = open_model(first);
+    ASSERT_GT(split.file->split_count(), 2u);
+    auto planned = ShardStore::plan(*split.file, split.cfg, kShard);
+    ASSERT_TRUE(planned.ok()) << planned.status().message();
+    ASSERT_TRUE(planned.value()->load().ok());
+    auto mapped = map_expert_tables(*whole.file, whole.cfg);
+    ASSERT_TRUE(mapped.ok());
+    for (int l = 0; l < kLayers; ++l) {
+        auto gate = get_weight(*whole.file, tensor_name(Tensor::kFfnGateExps, l), {kHidden, kExpertFf, kExperts});
+        auto down = get_weight(*whole.file, tensor_name(Tensor::kFfnDownExps, l), {kExpertFf, kHidden, kExperts});
+        ASSERT_TRUE(gate.ok() && down.ok());
+        for (int e : kShard[l]) {
+            const ExpertSlice& got = planned.value()->tables()[l].experts[e];
+            const ExpertSlice& ref = mapped.value()[l].experts[e];
+            ASSERT_NE(got.gate, nullptr);
+            EXPECT_EQ(std::memcmp(got.gate, ref.gate, gate.value().matrix_bytes), 0) << l << " " << e;
+            EXPECT_EQ(std::memcmp(got.up, ref.up, gate.value().matrix_bytes), 0) << l << " " << e;
+            EXPECT_EQ(std::memcmp(got.down, ref.down, down.value().matrix_bytes), 0) << l << " " << e;
         }
     }
 }

@@ -42,6 +42,10 @@ Status inspect(const std::string& path, bool all_metadata) {
     MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::open(path));
     std::printf("file: %s (%s, GGUF v%u, alignment %zu)\n", path.c_str(), format_bytes(f->file_size()).c_str(),
                 f->version(), f->alignment());
+    if (f->split_count() > 1)
+        std::printf("split: %u files, %s in all (the tensors of the others: %s … %s)\n", f->split_count(),
+                    format_bytes(f->total_size()).c_str(), f->split_path(1).c_str(),
+                    f->split_path(f->split_count() - 1).c_str());
     std::printf("architecture: %s\n", f->get_string_or("general.architecture", "(missing)").c_str());
     auto cfg = load_model_config(*f);
     if (cfg.ok()) {

@@ -99,11 +99,16 @@ StatusOr<std::unique_ptr<FileExpertReader>> FileExpertReader::open(const GgufFil
         r->layouts_.push_back(lay);
         r->types_.push_back({w.gate.type, w.up.type, w.down.type});
         for (const Weight* m : {&w.gate, &w.up, &w.down})
-            r->matrices_.push_back({m->tensor->name, static_cast<uint64_t>(m->data - f.base()), m->matrix_bytes});
+            r->matrices_.push_back(
+                {m->tensor->name, f.file_offset(*m->tensor, m->data), m->matrix_bytes, m->tensor->split});
     }
-    r->fd_ = ::open(r->path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (r->fd_ < 0)
-        return MM_ERROR("%s: cannot open for reading experts: %s", r->path_.c_str(), std::strerror(errno));
+    for (uint32_t i = 0; i < f.split_count(); ++i) {
+        r->paths_.push_back(f.split_path(i));
+        const int fd = ::open(r->paths_.back().c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return MM_ERROR("%s: cannot open for reading experts: %s", r->paths_.back().c_str(), std::strerror(errno));
+        r->fds_.push_back(fd);
+    }
     if (mode != StorageMode::kPread) {
         std::string why;
         if (io_uring_usable(&why)) {
@@ -129,7 +134,7 @@ StatusOr<std::unique_ptr<FileExpertReader>> FileExpertReader::open(const GgufFil
 
 FileExpertReader::~FileExpertReader() {
     rings_.clear();
-    if (fd_ >= 0) ::close(fd_);
+    for (int fd : fds_) ::close(fd);
 }
 
 void FileExpertReader::reset_counters() {
@@ -146,9 +151,9 @@ Status FileExpertReader::read_error(int layer, int m, int expert, uint64_t done,
     const unsigned long long b = begin, e = begin + mx.stride, at = begin + done;
     return err == 0 ? MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): file ends at byte %llu "
                                "(truncated after it was opened?)",
-                               path_.c_str(), mx.tensor.c_str(), expert, b, e, at)
+                               paths_[mx.split].c_str(), mx.tensor.c_str(), expert, b, e, at)
                     : MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): read error at byte %llu: %s",
-                               path_.c_str(), mx.tensor.c_str(), expert, b, e, at, std::strerror(err));
+                               paths_[mx.split].c_str(), mx.tensor.c_str(), expert, b, e, at, std::strerror(err));
 }
 
 Status FileExpertReader::pread_expert(int layer, int expert, uint8_t* dst) {
@@ -159,7 +164,8 @@ Status FileExpertReader::pread_expert(int layer, int expert, uint8_t* dst) {
         const uint64_t begin = mx.offset + static_cast<uint64_t>(expert) * mx.stride;
         uint64_t done = 0;
         while (done < mx.stride) {
-            const ssize_t n = ::pread(fd_, dst + dst_off[m] + done, mx.stride - done, static_cast<off_t>(begin + done));
+            const ssize_t n =
+                ::pread(fds_[mx.split], dst + dst_off[m] + done, mx.stride - done, static_cast<off_t>(begin + done));
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) {
                 errors_++;
@@ -243,6 +249,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
         int m;
         uint64_t begin, len, done;
         uint8_t* dst;
+        int fd;
     };
     std::vector<Piece> pieces;
     pieces.reserve(reads.size() * 3);
@@ -253,7 +260,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
         for (int m = 0; m < 3; ++m) {
             const Matrix& mx = matrices_[static_cast<size_t>(r.layer) * 3 + m];
             pieces.push_back({i, m, mx.offset + static_cast<uint64_t>(r.expert) * mx.stride, mx.stride, 0,
-                              r.dst + dst_off[m]});
+                              r.dst + dst_off[m], fds_[mx.split]});
         }
     }
     std::deque<size_t> pending;
@@ -290,7 +297,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
             if (!sqe) break;
             pending.pop_front();
             const uint64_t n = std::min<uint64_t>(p.len - p.done, 1u << 30);  // one SQE reads < 2 GiB
-            io_uring_prep_read(sqe, fd_, p.dst + p.done, static_cast<unsigned>(n), p.begin + p.done);
+            io_uring_prep_read(sqe, p.fd, p.dst + p.done, static_cast<unsigned>(n), p.begin + p.done);
             io_uring_sqe_set_data64(sqe, idx);
             ++prepared;
         }
@@ -346,7 +353,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
         for (Piece& p : pieces) {
             if (failed[p.read] || p.done == p.len) continue;
             while (p.done < p.len) {
-                const ssize_t n = ::pread(fd_, p.dst + p.done, p.len - p.done, static_cast<off_t>(p.begin + p.done));
+                const ssize_t n = ::pread(p.fd, p.dst + p.done, p.len - p.done, static_cast<off_t>(p.begin + p.done));
                 if (n < 0 && errno == EINTR) continue;
                 if (n <= 0) {
                     fail(p, n == 0 ? 0 : errno);

@@ -92,8 +92,9 @@ private:
     FileExpertReader() = default;
     struct Matrix {
         std::string tensor;
-        uint64_t offset = 0;        // of expert 0 in the file
+        uint64_t offset = 0;        // of expert 0 in its file
         uint64_t stride = 0;        // bytes per expert
+        uint32_t split = 0;         // its file (fds_, paths_): a split model's tensors are in several
     };
     struct Ring;
     Status read_error(int layer, int m, int expert, uint64_t done, int err) const;
@@ -103,8 +104,9 @@ private:
     std::unique_ptr<Ring> take_ring();
     void give_ring(std::unique_ptr<Ring> r);
 
-    std::string path_;
-    int fd_ = -1;
+    std::string path_;               // the model (its first file when split)
+    std::vector<std::string> paths_;  // every file of the model
+    std::vector<int> fds_;
     StorageMode mode_ = StorageMode::kPread;
     std::vector<ExpertLayout> layouts_;
     std::vector<ExpertTypes> types_;

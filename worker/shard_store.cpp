@@ -71,6 +71,7 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
     MM_ASSIGN_OR_RETURN(ShardSpec spec, normalize_shard(shard, c));
     std::unique_ptr<ShardStore> s(new ShardStore());
     s->path_ = f.path();
+    for (uint32_t i = 0; i < f.split_count(); ++i) s->paths_.push_back(f.split_path(i));
     s->shard_ = std::move(spec);
     const int64_t E = c.n_expert;
     // Offsets of each expert's matrices in the buffer, filled in once the buffer exists.
@@ -91,7 +92,8 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
             for (int m = 0; m < 3; ++m) {
                 Range r;
                 r.tensor = w[m]->tensor->name;
-                r.file_offset = static_cast<uint64_t>(w[m]->matrix(e) - f.base());
+                r.file_offset = f.file_offset(*w[m]->tensor, w[m]->matrix(e));
+                r.split = w[m]->tensor->split;
                 r.size = w[m]->matrix_bytes;
                 r.dst = pos;
                 *dst[m] = pos;
@@ -106,7 +108,7 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
     // multiples of 64) so that big shards read in long sequential preads.
     std::vector<Range> merged;
     for (Range& r : s->ranges_) {
-        if (!merged.empty() && merged.back().tensor == r.tensor &&
+        if (!merged.empty() && merged.back().tensor == r.tensor && merged.back().split == r.split &&
             merged.back().file_offset + merged.back().size == r.file_offset &&
             merged.back().dst + merged.back().size == r.dst) {
             merged.back().size += r.size;
@@ -135,10 +137,20 @@ StatusOr<std::unique_ptr<ShardStore>> ShardStore::plan(const GgufFile& f, const 
 Status ShardStore::load() {
     if (loaded()) return Status();
     loaded_bytes_.store(0);
-    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return MM_ERROR("%s: cannot open for reading the shard: %s", path_.c_str(), std::strerror(errno));
+    std::vector<int> fds;
+    for (const std::string& p : paths_) {
+        const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            const int e = errno;
+            for (int f : fds) ::close(f);
+            return MM_ERROR("%s: cannot open for reading the shard: %s", p.c_str(), std::strerror(e));
+        }
+        fds.push_back(fd);
+    }
     Status st;
     for (const Range& r : ranges_) {
+        const int fd = fds[r.split];
+        const std::string& path = paths_[r.split];
         uint64_t done = 0;
         while (done < r.size) {
             if (cancelled_.load()) {
@@ -153,8 +165,8 @@ Status ShardStore::load() {
                                          at = r.file_offset + done;
                 st = n == 0 ? MM_ERROR("%s: tensor '%s' bytes [%llu, %llu): file ends at byte %llu (truncated after "
                                        "it was opened?)",
-                                       path_.c_str(), r.tensor.c_str(), b, e, at)
-                            : MM_ERROR("%s: tensor '%s' bytes [%llu, %llu): read error at byte %llu: %s", path_.c_str(),
+                                       path.c_str(), r.tensor.c_str(), b, e, at)
+                            : MM_ERROR("%s: tensor '%s' bytes [%llu, %llu): read error at byte %llu: %s", path.c_str(),
                                        r.tensor.c_str(), b, e, at, std::strerror(errno));
                 break;
             }
@@ -163,7 +175,7 @@ Status ShardStore::load() {
         }
         if (!st.ok()) break;
     }
-    ::close(fd);
+    for (int fd : fds) ::close(fd);
     if (st.ok()) loaded_.store(true, std::memory_order_release);
     return st;
 }

@@ -61,12 +61,14 @@ private:
     // One contiguous range of the file, copied to buffer_ + dst.
     struct Range {
         std::string tensor;
-        uint64_t file_offset = 0;
+        uint64_t file_offset = 0;  // in paths_[split]
         uint64_t size = 0;
         uint64_t dst = 0;
+        uint32_t split = 0;
     };
 
-    std::string path_;
+    std::string path_;                // the model (its first file when split)
+    std::vector<std::string> paths_;  // every file of the model
     ShardSpec shard_;
     std::vector<Range> ranges_;
     std::vector<LayerExpertTable> tables_;
