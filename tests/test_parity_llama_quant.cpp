@@ -83,7 +83,7 @@ struct FileType {
 };
 // Every file type llama-quantize writes without an importance matrix whose weight types moemesh
 // computes. (IQ2_*, IQ1_*, IQ3_XS and IQ3_XXS need an imatrix; TQ*_0 we cannot compute.)
-constexpr FileType kFileTypes[] = {{"Q4_0", 2},    {"Q4_1", 3},    {"Q8_0", 7},   {"Q5_0", 8},    {"Q5_1", 9},
+constexpr FileType kFileTypes[] = {{"F16", 1},      {"BF16", 32},   {"Q4_0", 2},    {"Q4_1", 3},    {"Q8_0", 7},   {"Q5_0", 8},    {"Q5_1", 9},
                                    {"Q2_K", 10},   {"Q3_K_S", 11}, {"Q3_K_M", 12}, {"Q3_K_L", 13}, {"Q4_K_S", 14},
                                    {"Q4_K_M", 15}, {"Q5_K_S", 16}, {"Q5_K_M", 17}, {"Q6_K", 18},   {"IQ4_NL", 25},
                                    {"IQ4_XS", 30}, {"MXFP4_MOE", 38}, {"IQ3_S", 26},  {"IQ3_M", 27}};
