@@ -9,14 +9,16 @@
 // lanes look up different entries, which constant memory would serialize. Only matmul.cu includes
 // this header, so the __device__ tables are defined once.
 #pragma once
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/ggml_types.h"
 #include "kernels/cpu/quants_iq.h"
+#ifndef MM_CUDA_HOST_EMULATION  // see matmul_more.cuh
+#include <cuda_runtime.h>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/quant_dev.cuh"
+#endif
 
 namespace moemesh::cuda::detail {
 

@@ -8,14 +8,18 @@
 // Alignment: Q4_1 (20 B) and Q5_1 (24 B) blocks are 4-byte aligned, IQ4_NL (18 B) 2-byte aligned,
 // IQ4_XS (136 B) 8-byte aligned; MXFP4 (17 B) is not aligned at all and is read byte by byte.
 #pragma once
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/ggml_types.h"
 #include "kernels/cpu/quants_internal.h"
+// MM_CUDA_HOST_EMULATION: tests/test_host_cuda_loaders.cpp compiles the loaders below for the host
+// with its own definitions of the few device helpers they use, to check them on machines without a GPU.
+#ifndef MM_CUDA_HOST_EMULATION
+#include <cuda_runtime.h>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/quant_dev.cuh"
+#endif
 
 namespace moemesh::cuda::detail {
 
