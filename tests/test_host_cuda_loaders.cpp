@@ -1,8 +1,11 @@
-// The CUDA matmul's dequantizing loaders of Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4 and the i-quants
-// (kernels/cuda/matmul_more.cuh, matmul_iq.cuh), compiled for the host with host definitions of the
-// device helpers they use, and checked element for element against the CPU dequantizer on random
-// blocks. This runs everywhere (no GPU, no CUDA toolkit needed) so the decoding logic of these
-// device functions is tested before any GPU run; test_cuda_ops checks the same on a device.
+// Device code of the CUDA matmul that no GPU has run yet, compiled for the host with host stand-ins for
+// the CUDA intrinsics it uses (quant_dev.cuh's helpers are the real ones) and checked on random blocks:
+// - the dequantizing loaders of Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4, the i-quants (matmul_more.cuh,
+//   matmul_iq.cuh) and Q5_0, Q5_K, Q3_K, Q2_K (matmul_lowbit.cuh), bit for bit against the CPU
+//   dequantizer;
+// - the f32-X GEMV row dots (dot_*) and the int8-X row dots (dotq_*) of Q5_0, Q5_K, Q3_K, Q2_K, a warp
+//   emulated lane by lane, against the double product of the dequantized row.
+// This runs in every build (no GPU, no CUDA toolkit needed); test_cuda_ops checks the same on a device.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,14 +21,26 @@
 #include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
 
-// ---- host stand-ins for the CUDA qualifiers, types and intrinsics the loaders use ----
+// ---- host stand-ins for the CUDA types, qualifiers and intrinsics the device code uses ----
 #define MM_CUDA_HOST_EMULATION 1
+#define __device__
+#define __forceinline__ inline
+struct float4 {
+    float x, y, z, w;
+};
 struct uint2 {
     uint32_t x, y;
 };
-#define __device__
-#define __forceinline__ inline
-// Each product and sum rounded on its own, as __fmul_rn / __fadd_rn (volatile: no contraction).
+struct uint4 {
+    uint32_t x, y, z, w;
+};
+struct int2 {
+    int x, y;
+};
+struct int4 {
+    int x, y, z, w;
+};
+// Each product / sum / difference rounded on its own, as __fmul_rn etc. (volatile: no contraction).
 inline float __fmul_rn(float a, float b) {
     volatile float r = a * b;
     return r;
@@ -34,28 +49,47 @@ inline float __fadd_rn(float a, float b) {
     volatile float r = a + b;
     return r;
 }
+inline float __fsub_rn(float a, float b) {
+    volatile float r = a - b;
+    return r;
+}
 inline float __uint_as_float(uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline float __int_as_float(int i) { return __uint_as_float(static_cast<uint32_t>(i)); }
 template <class T>
 inline T __ldg(const T* p) {
-    return *p;
-}
-namespace moemesh::cuda::detail {
-inline float h2f(uint16_t h) { return fp16_to_fp32(h); }
-template <typename T>
-inline T ld(const uint8_t* p) {
     T v;
     std::memcpy(&v, p, sizeof(T));
     return v;
 }
-inline uint32_t ld_u32_a2(const uint8_t* p) { return ld<uint32_t>(p); }
-inline uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xffu; }
+// Byte i of the result: byte (s >> 4i) & 7 of the 8 bytes {x (0-3), y (4-7)} (no sign-replicate mode).
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+    const uint64_t xy = static_cast<uint64_t>(y) << 32 | x;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((xy >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
+// c + Σ of the four signed byte products.
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; ++i) c += static_cast<int8_t>(a >> (8 * i)) * static_cast<int8_t>(b >> (8 * i));
+    return c;
+}
+// Per-byte a - b, wrapping.
+inline uint32_t __vsub4(uint32_t a, uint32_t b) {
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) r |= ((((a >> (8 * i)) & 0xff) - ((b >> (8 * i)) & 0xff)) & 0xff) << (8 * i);
+    return r;
+}
+namespace moemesh::cuda::detail {
+constexpr int kWarp = 32;
+inline float h2f(uint16_t h) { return fp16_to_fp32(h); }
 }  // namespace moemesh::cuda::detail
 
 #include "kernels/cuda/matmul_iq.cuh"
+#include "kernels/cuda/matmul_lowbit.cuh"
 #include "kernels/cuda/matmul_more.cuh"
 
 namespace moemesh {
@@ -80,12 +114,14 @@ std::vector<uint8_t> random_row(GgmlType t, int64_t k, uint32_t seed) {
         } else if (t == GgmlType::MXFP4) {
             b[off] = static_cast<uint8_t>(rng() % 8 == 0 ? rng() % 2 : 117 + rng() % 16);
         } else {
-            const uint16_t d = half();
-            std::memcpy(&b[off], &d, 2);  // d first in every other block here
-            if (t == GgmlType::Q4_1 || t == GgmlType::Q5_1) {
-                const uint16_t m = half();
-                std::memcpy(&b[off + 2], &m, 2);
-            }
+            // Where the fp16 scales are: d first (and the min or dmin after it) but in Q3_K and Q2_K.
+            size_t d_at = 0;
+            bool second = t == GgmlType::Q4_1 || t == GgmlType::Q5_1 || t == GgmlType::Q5_K;
+            if (t == GgmlType::Q3_K) d_at = 108;
+            if (t == GgmlType::Q2_K) d_at = 80, second = true;
+            const uint16_t d = half(), m = half();
+            std::memcpy(&b[off + d_at], &d, 2);
+            if (second) std::memcpy(&b[off + d_at + 2], &m, 2);
         }
     }
     return b;
@@ -101,8 +137,17 @@ void check_type(int64_t k) {
             float v[8];
             if constexpr (kLoad8Iq<T>) {
                 load8_iq<T>(row.data(), e, v);
-            } else {
+            } else if constexpr (kLoad8More<T>) {
                 load8_more<T>(row.data(), e, v);
+            } else if constexpr (T == GgmlType::Q5_0) {
+                load8_q5_0(row.data(), e, v);
+            } else if constexpr (T == GgmlType::Q5_K) {
+                load8_q5_K(row.data(), e, v);
+            } else if constexpr (T == GgmlType::Q3_K) {
+                load8_q3_K(row.data(), e, v);
+            } else {
+                static_assert(T == GgmlType::Q2_K);
+                load8_q2_K(row.data(), e, v);
             }
             for (int i = 0; i < 8; ++i) {
                 uint32_t a, b;
@@ -128,6 +173,103 @@ TEST(CudaLoadersOnHost, BitIdenticalToTheCpuDequantizer) {
     check_type<GgmlType::IQ3_S>(768);
     check_type<GgmlType::IQ1_S>(768);
     check_type<GgmlType::IQ1_M>(768);
+    check_type<GgmlType::Q5_0>(768);
+    check_type<GgmlType::Q5_K>(768);
+    check_type<GgmlType::Q3_K>(768);
+    check_type<GgmlType::Q2_K>(768);
+}
+
+// One warp of the GEMV row dots, lane by lane: Σ over lanes of each lane's partial sums.
+template <GgmlType T, int M>
+void warp_dot(const uint8_t* row, int64_t k, const float* x, float (&out)[M]) {
+    for (int r = 0; r < M; ++r) out[r] = 0;
+    for (int lane = 0; lane < kWarp; ++lane) {
+        float acc[M] = {};
+        if constexpr (T == GgmlType::Q5_0) dot_q5_0<M>(row, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc);
+        for (int r = 0; r < M; ++r) out[r] += acc[r];
+    }
+}
+
+template <GgmlType T, int R, int M>
+void warp_dotq(const uint8_t* const (&rows)[R], int64_t k, const QX& x, float (&out)[R][M]) {
+    for (int ri = 0; ri < R; ++ri)
+        for (int r = 0; r < M; ++r) out[ri][r] = 0;
+    for (int lane = 0; lane < kWarp; ++lane) {
+        float acc[R][M] = {};
+        if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M>(rows, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M>(rows, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M>(rows, k, x, lane, acc);
+        if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M>(rows, k, x, lane, acc);
+        for (int ri = 0; ri < R; ++ri)
+            for (int r = 0; r < M; ++r) out[ri][r] += acc[ri][r];
+    }
+}
+
+template <GgmlType T>
+void check_dots() {
+    constexpr int M = 3, R = 2;
+    const int64_t k = 1024;
+    std::mt19937 rng(static_cast<uint32_t>(T));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    // The rows 16-byte aligned (as device rows of these types are at least 2-byte aligned; Q5_K's 16).
+    const size_t rb = ggml_row_bytes(T, k);
+    std::vector<uint8_t> storage(R * rb + 16);
+    uint8_t* base = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) % 16) % 16;
+    std::vector<std::vector<float>> deq(R, std::vector<float>(k));
+    for (int ri = 0; ri < R; ++ri) {
+        const std::vector<uint8_t> row = random_row(T, k, 7 + ri);
+        std::memcpy(base + ri * rb, row.data(), rb);
+        dequantize_row(T, row.data(), deq[ri].data(), k);
+    }
+    // f32 X.
+    std::vector<float> x(M * k);
+    for (auto& v : x) v = nd(rng);
+    for (int ri = 0; ri < R; ++ri) {
+        float got[M];
+        warp_dot<T, M>(base + ri * rb, k, x.data(), got);
+        for (int r = 0; r < M; ++r) {
+            double want = 0, mag = 0;
+            for (int64_t i = 0; i < k; ++i) {
+                want += double(deq[ri][i]) * x[r * k + i];
+                mag += std::fabs(double(deq[ri][i]) * x[r * k + i]);
+            }
+            EXPECT_NEAR(got[r], want, 1e-5 * mag) << ggml_type_name(T) << " f32 GEMV row " << ri << " x " << r;
+        }
+    }
+    // int8 X as the int8 GEMV's shared memory holds it: q, d per 32, d·Σq per 16.
+    std::vector<int8_t> q(M * k);
+    std::vector<float> d(M * k / 32), s16(M * k / 16);
+    for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+    for (auto& v : d) v = 0.01f + 0.001f * static_cast<float>(rng() % 100);
+    for (int64_t g = 0; g < M * k / 16; ++g) {
+        int sum = 0;
+        for (int i = 0; i < 16; ++i) sum += q[g * 16 + i];
+        s16[g] = d[g / 2] * static_cast<float>(sum);
+    }
+    const QX qx{q.data(), d.data(), s16.data()};
+    const uint8_t* const rows[R] = {base, base + rb};
+    float got[R][M];
+    warp_dotq<T, R, M>(rows, k, qx, got);
+    for (int ri = 0; ri < R; ++ri)
+        for (int r = 0; r < M; ++r) {
+            double want = 0, mag = 0;
+            for (int64_t i = 0; i < k; ++i) {
+                const double xi = double(d[(r * k + i) / 32]) * q[r * k + i];
+                want += double(deq[ri][i]) * xi;
+                mag += std::fabs(double(deq[ri][i]) * xi);
+            }
+            EXPECT_NEAR(got[ri][r], want, 1e-5 * mag) << ggml_type_name(T) << " int8 GEMV row " << ri << " x " << r;
+        }
+}
+
+TEST(CudaLoadersOnHost, LowBitGemvRowDotsMatchTheDequantizedProduct) {
+    check_dots<GgmlType::Q5_0>();
+    check_dots<GgmlType::Q5_K>();
+    check_dots<GgmlType::Q3_K>();
+    check_dots<GgmlType::Q2_K>();
 }
 
 }  // namespace

@@ -17,8 +17,8 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/common.cuh"
-#include "kernels/cuda/quant_dev.cuh"
 #endif
+#include "kernels/cuda/quant_dev.cuh"
 
 namespace moemesh::cuda::detail {
 

@@ -3,7 +3,9 @@
 #pragma once
 #include <cstdint>
 
+#ifndef MM_CUDA_HOST_EMULATION  // tests/test_host_cuda_loaders.cpp: host stand-ins instead
 #include "kernels/cuda/common.cuh"
+#endif
 
 namespace moemesh::cuda::detail {
 
