@@ -305,7 +305,9 @@ TEST(GgmlCrossCheck, IqDotProductsAgree) {
             const float ours = simd->vec_dot(k, w.data(), a.data());
             EXPECT_NEAR(ours, theirs, 2e-6 * abs_sum) << name << " k=" << k;
             // Our AVX2 kernels keep ggml's integer lanes and float operation order: the same bits.
-            if (simd != scalar) EXPECT_EQ(ours, theirs) << name << " k=" << k << ": not bit-identical to ggml's AVX2";
+            if (simd != scalar) {
+                EXPECT_EQ(ours, theirs) << name << " k=" << k << ": not bit-identical to ggml's AVX2";
+            }
         }
     }
 }

@@ -163,10 +163,13 @@ struct Iq3s {
     const Block& b;
     explicit Iq3s(const Block& blk) : b(blk) {}
     Chunk chunk(int ib) const {
-        const uint8_t* q = b.qs + 8 * ib;
-        const int qh = b.qh[ib];  // bit k: index bit 8 of entry k
-        int idx[8];
-        for (int k = 0; k < 8; ++k) idx[k] = q[k] | ((qh << (8 - k)) & 256);
+        // Entry k's index: qs[8·ib + k] | bit k of qh[ib] moved to bit 8 (as ggml, in one vector).
+        alignas(32) int idx[8];
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b.qs + 8 * ib)));
+        const __m256i hi = _mm256_and_si256(
+            _mm256_sllv_epi32(_mm256_set1_epi32(b.qh[ib]), _mm256_set_epi32(1, 2, 3, 4, 5, 6, 7, 8)),
+            _mm256_set1_epi32(256));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(idx), _mm256_or_si256(lo, hi));
         uint32_t bits;
         std::memcpy(&bits, b.signs + 4 * ib, 4);
         const int s = (b.scales[ib / 2] >> (4 * (ib % 2))) & 15;
@@ -296,10 +299,15 @@ struct Iq1mChunk {
 inline Iq1mChunk iq1m_chunk(const BlockIQ1_M& b, __m256i scales16, int ib) {
     const uint8_t* qs = b.qs + 4 * ib;
     const uint8_t* qh = b.qh + 2 * ib;  // per group of 8 a nibble: index bits 8-10, shift sign
-    const auto pos = [](int nib) -> int64_t { return nib & 8 ? -1 : 0x0101010101010101; };
+    uint16_t qh16;
+    std::memcpy(&qh16, qh, 2);
+    // Group g's shift sign is bit 4g + 3 of qh16: 64-bit lane g of the mask tests it in every int16.
+    const __m256i sign_bit = _mm256_set_epi64x(static_cast<int64_t>(0x8000800080008000), 0x0800080008000800,
+                                               0x0080008000800080, 0x0008000800080008);
+    const __m256i neg = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(qh16)), sign_bit), sign_bit);
     return {grid_iq1(qs[3] | ((qh[1] << 4) & 0x700), qs[2] | ((qh[1] << 8) & 0x700), qs[1] | ((qh[0] << 4) & 0x700),
                      qs[0] | ((qh[0] << 8) & 0x700)),
-            _mm256_set_epi64x(pos(qh[1] >> 4), pos(qh[1]), pos(qh[0] >> 4), pos(qh[0])), iq1m_chunk_scale(scales16, ib)};
+            _mm256_or_si256(neg, _mm256_set1_epi8(1)), iq1m_chunk_scale(scales16, ib)};
 }
 
 }  // namespace
@@ -332,15 +340,16 @@ float vec_dot_iq1_s_q8_K(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float acc_shift = 0;
     for (int64_t i = 0; i < n / kQK_K; ++i) {
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
         int sumi_shift = 0;
-        for (int ib = 0; ib < kQK_K / 32; ++ib) {
-            const Iq1sChunk c = iq1s_chunk(x[i], ib);
-            sumi = _mm256_add_epi32(sumi, iq1s_dot(c, y[i].qs + 32 * ib));
-            sumi_shift += iq1s_shift(c, y[i].bsums, ib);
+        for (int ib = 0; ib < kQK_K / 32; ib += 2) {  // two chains for the out-of-order core
+            const Iq1sChunk c1 = iq1s_chunk(x[i], ib), c2 = iq1s_chunk(x[i], ib + 1);
+            sumi1 = _mm256_add_epi32(sumi1, iq1s_dot(c1, y[i].qs + 32 * ib));
+            sumi2 = _mm256_add_epi32(sumi2, iq1s_dot(c2, y[i].qs + 32 * ib + 32));
+            sumi_shift += iq1s_shift(c1, y[i].bsums, ib) + iq1s_shift(c2, y[i].bsums, ib + 1);
         }
         const float d = y[i].d * h2f(x[i].d);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_add_epi32(sumi1, sumi2)), acc);
         acc_shift += d * static_cast<float>(sumi_shift);
     }
     return hsum_ps(acc) + kIq1Delta * acc_shift;
@@ -392,12 +401,16 @@ float vec_dot_iq1_m_q8_K(int64_t n, const void* w, const void* a) {
     for (int64_t i = 0; i < n / kQK_K; ++i) {
         const __m256i scales16 = iq1m_scales16(x[i].scales);
         __m256i sumi = _mm256_setzero_si256(), sumi_shift = _mm256_setzero_si256();
-        for (int ib = 0; ib < kQK_K / 32; ++ib) {
-            const Iq1mChunk c = iq1m_chunk(x[i], scales16, ib);
-            const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs + 32 * ib));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(iq1_pairs(c.g, q8), c.sc));
-            const __m256i shift = _mm256_maddubs_epi16(ones8, _mm256_sign_epi8(q8, c.delta));
-            sumi_shift = _mm256_add_epi32(sumi_shift, _mm256_madd_epi16(shift, c.sc));
+        for (int ib = 0; ib < kQK_K / 32; ib += 2) {
+            const Iq1mChunk c1 = iq1m_chunk(x[i], scales16, ib), c2 = iq1m_chunk(x[i], scales16, ib + 1);
+            const __m256i q8a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs + 32 * ib));
+            const __m256i q8b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs + 32 * ib + 32));
+            const __m256i p1 = _mm256_madd_epi16(iq1_pairs(c1.g, q8a), c1.sc);
+            const __m256i p2 = _mm256_madd_epi16(iq1_pairs(c2.g, q8b), c2.sc);
+            const __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_sign_epi8(q8a, c1.delta)), c1.sc);
+            const __m256i s2 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_sign_epi8(q8b, c2.delta)), c2.sc);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p1, p2));
+            sumi_shift = _mm256_add_epi32(sumi_shift, _mm256_add_epi32(s1, s2));
         }
         const __m256 d = _mm256_set1_ps(y[i].d * iq1m_d(x[i]));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
