@@ -58,6 +58,10 @@ def model_path(models_dir, arch, wtype):
     return os.path.join(models_dir, f"{arch}-bench-{wtype}.gguf")
 
 
+# The i-quants make-model can only write with --fast-weights (tools/make_model.cpp).
+IQ_LOWBIT_TYPES = {"iq3_s", "iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
+
+
 def make_model(moemesh, path, arch, wtype):
     if os.path.exists(path):
         log(f"[bench] reusing {path}")
@@ -70,6 +74,8 @@ def make_model(moemesh, path, arch, wtype):
            "--kv-heads", str(s["kv_heads"]), "--head-dim", str(s["head_dim"]),
            "--experts", str(s["experts"]), "--top-k", str(s["top_k"]), "--expert-ff", str(s["expert_ff"]),
            "--vocab", str(s["vocab"]), "--type", wtype, "--seed", str(s["seed"])] + s.get("extra", [])
+    if wtype.lower() in IQ_LOWBIT_TYPES:
+        cmd.append("--fast-weights")  # no quantizer for these in moemesh: random grid indices written directly
     log(f"[bench] generating {path} (Q4_K takes a few CPU-minutes): {' '.join(cmd)}")
     t0 = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -21,7 +21,8 @@ namespace {
 const GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,   GgmlType::Q5_0,
                            GgmlType::Q4_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,   GgmlType::Q5_K,
                            GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::IQ4_XS,
-                           GgmlType::MXFP4};
+                           GgmlType::MXFP4,   GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S,
+                           GgmlType::IQ3_XXS, GgmlType::IQ3_S,   GgmlType::IQ1_S,  GgmlType::IQ1_M};
 
 std::vector<float> random_normal(int64_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
@@ -172,7 +173,9 @@ TEST(VecDot, SimdMatchesScalar) {
 
 TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
-    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1,
+                       GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4, GgmlType::IQ2_XXS, GgmlType::IQ2_XS,
+                       GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S, GgmlType::IQ1_S, GgmlType::IQ1_M}) {
         const quants::TypeKernels* kt = quants::type_kernels(t);
         ASSERT_NE(kt->vec_dot_x4, nullptr) << ggml_type_name(t);
         for (int64_t k : sizes_for(t)) {
@@ -281,7 +284,7 @@ TEST(Matmul, LargeShapesAndThreadCountsAgree) {
     ThreadPool pool(4);
     check_matmul(pool, GgmlType::Q6_K, 2049, 256, 1, 9);
     check_matmul(pool, GgmlType::Q4_0, 1000, 2048, 2, 10);
-    // The types without a 4-row kernel, over several tiles and threads.
+    // The other types (some without a 4-row kernel), over several tiles and threads.
     check_matmul(pool, GgmlType::Q5_K, 203, 1024, 130, 11);
     check_matmul(pool, GgmlType::Q5_0, 300, 800, 67, 12);
     check_matmul(pool, GgmlType::Q3_K, 129, 768, 5, 13);

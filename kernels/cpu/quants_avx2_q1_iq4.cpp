@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cpu/quants_internal.h"
 
@@ -149,6 +150,170 @@ float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
     }
     return hsum_ps(acc);
 }
+
+// ---- four activation rows per weight row (prompt processing): each row's arithmetic is exactly that
+// of the one-row kernel above, the weight block is decoded once ----
+
+#define MM_ROWS4(X) X(0) X(1) X(2) X(3)
+
+namespace {
+
+template <class Block>
+const Block* row_ptr(const void* a, size_t a_stride, int r) {
+    return reinterpret_cast<const Block*>(static_cast<const uint8_t*>(a) + r * a_stride);
+}
+
+// kQ5: Q5_1 (5th bit from qh), else Q4_1.
+template <bool kQ5>
+void dot_q_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    using Block = std::conditional_t<kQ5, BlockQ5_1, BlockQ4_1>;
+    const auto* x = static_cast<const Block*>(w);
+    const BlockQ8_1* y[4];
+    for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_1>(a, a_stride, r);
+    __m256 acc[4];
+    float summs[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps(), summs[r] = 0;
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const float xd = h2f(x[i].d), xm = h2f(x[i].m);
+        __m256i qx = bytes_from_nibbles_32(x[i].qs);
+        if constexpr (kQ5) qx = _mm256_or_si256(qx, _mm256_and_si256(bytes_from_bits_32(x[i].qh), _mm256_set1_epi8(0x10)));
+#define MM_ROW(r)                                                                                          \
+    {                                                                                                      \
+        summs[r] += xm * h2f(y[r][i].s);                                                                   \
+        const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs));               \
+        const __m256 dxdy = _mm256_mul_ps(_mm256_set1_ps(xd), _mm256_set1_ps(h2f(y[r][i].d)));             \
+        if constexpr (kQ5) {                                                                               \
+            acc[r] = _mm256_fmadd_ps(mul_sum_us8_pairs_float(qx, qy), dxdy, acc[r]);                       \
+        } else {                                                                                           \
+            acc[r] = _mm256_fmadd_ps(dxdy, mul_sum_us8_pairs_float(qx, qy), acc[r]);                       \
+        }                                                                                                  \
+    }
+        MM_ROWS4(MM_ROW)
+#undef MM_ROW
+    }
+#define MM_OUT(r) out[r] = hsum_ps(acc[r]) + summs[r];
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
+// IQ4_NL and MXFP4 against Q8_0, as dot_4bit_levels_q8_0 per row.
+template <class Block, class Scale>
+void dot_4bit_levels_q8_0_x4(int64_t n, const Block* x, const void* a, size_t a_stride, const int8_t* levels,
+                             Scale scale, float* out) {
+    const int64_t nb = n / 32;
+    const BlockQ8_0* y[4];
+    for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_0>(a, a_stride, r);
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc1[4], acc2[4];
+#define MM_INIT(r) acc1[r] = _mm256_setzero_ps(), acc2[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2) {
+        const __m256i q4b1 = iq4_levels(x[i].qs, values, m4);
+        const __m256i q4b2 = iq4_levels(x[i + 1].qs, values, m4);
+        const __m256i a1 = _mm256_sign_epi8(q4b1, q4b1), a2 = _mm256_sign_epi8(q4b2, q4b2);
+        const float s1 = scale(x[i]), s2 = scale(x[i + 1]);
+#define MM_ROW(r)                                                                                                  \
+    {                                                                                                              \
+        const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs));                     \
+        const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i + 1].qs));                 \
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(q8b1, q4b1)), ones);       \
+        const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(q8b2, q4b2)), ones);       \
+        acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[r][i].d) * s1), _mm256_cvtepi32_ps(p1), acc1[r]);          \
+        acc2[r] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[r][i + 1].d) * s2), _mm256_cvtepi32_ps(p2), acc2[r]);      \
+    }
+        MM_ROWS4(MM_ROW)
+#undef MM_ROW
+    }
+    for (int r = 0; r < 4; ++r) {
+        float sumf = hsum_ps(_mm256_add_ps(acc1[r], acc2[r]));
+        for (int64_t j = i; j < nb; ++j) {  // the odd last block, as the one-row tail
+            const float d = h2f(y[r][j].d) * scale(x[j]);
+            int sumi1 = 0, sumi2 = 0;
+            for (int l = 0; l < 16; ++l) {
+                sumi1 += y[r][j].qs[l] * levels[x[j].qs[l] & 0xf];
+                sumi2 += y[r][j].qs[l + 16] * levels[x[j].qs[l] >> 4];
+            }
+            sumf += d * static_cast<float>(sumi1 + sumi2);
+        }
+        out[r] = sumf;
+    }
+}
+
+}  // namespace
+
+void vec_dot_q4_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_q_1_x4<false>(n, w, a, a_stride, out);
+}
+
+void vec_dot_q5_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_q_1_x4<true>(n, w, a, a_stride, out);
+}
+
+void vec_dot_iq4_nl_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_4bit_levels_q8_0_x4(n, static_cast<const BlockIQ4_NL*>(w), a, a_stride, kIQ4NLValues,
+                            [](const BlockIQ4_NL& b) { return h2f(b.d); }, out);
+}
+
+void vec_dot_mxfp4_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_4bit_levels_q8_0_x4(n, static_cast<const BlockMXFP4*>(w), a, a_stride, kMXFP4Values,
+                            [](const BlockMXFP4& b) { return e8m0_to_fp32_half(b.e); }, out);
+}
+
+void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockIQ4_XS*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_K>(a, a_stride, r);
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m256 acc[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const uint8_t* qs = x[i].qs;
+        unsigned sh = x[i].scales_h;
+        __m256i sumi[4];  // integer sums per lane: the one-row kernel's sumi1 + sumi2
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+        for (int ib = 0; ib < kQK_K / 32; ib += 2, qs += 32) {
+            const __m256i q4b1 = iq4_levels(qs, values, m4);
+            const __m256i q4b2 = iq4_levels(qs + 16, values, m4);
+            const __m256i a1 = _mm256_sign_epi8(q4b1, q4b1), a2 = _mm256_sign_epi8(q4b2, q4b2);
+            const __m256i ls1 = _mm256_set1_epi16(
+                static_cast<int16_t>(((x[i].scales_l[ib / 2] & 0xf) | ((sh << 4) & 0x30)) - 32));
+            const __m256i ls2 =
+                _mm256_set1_epi16(static_cast<int16_t>(((x[i].scales_l[ib / 2] >> 4) | ((sh << 2) & 0x30)) - 32));
+            sh >>= 4;
+#define MM_ROW(r)                                                                                                  \
+    {                                                                                                              \
+        const int8_t* q8 = y[r][i].qs + 32 * ib;                                                                   \
+        const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));                             \
+        const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));                        \
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(q8b1, q4b1)), ls1);        \
+        const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(q8b2, q4b2)), ls2);        \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p1, p2));                                             \
+    }
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+        }
+        const float xd = h2f(x[i].d);
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r) out[r] = hsum_ps(acc[r]);
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
+#undef MM_ROWS4
 
 // Q8_1 as ggml-cpu's AVX2 quantize_row_q8_1: Q8_0's quants (quantize_act_q8_0) and
 // s = fp16(d · Σ q) with d = amax / 127 before its fp16 rounding.
