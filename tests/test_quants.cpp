@@ -1,6 +1,5 @@
 // Weight types: quantize → dequantize error bounds, dequantization against independent per-element
 // decoders written from the format description, activation quantizers (SIMD vs scalar).
-#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,6 +12,7 @@
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/ops.h"
+#include "tests/ggml_ref.h"
 
 namespace moemesh {
 namespace {
@@ -686,37 +686,8 @@ TEST(Quants, ActivationQ8_KBlockSums) {
 
 // ---- cross-check against llama.cpp's own ggml, where the node-llama-cpp reference install has it ----
 
-struct GgmlLib {
-    void* handle = nullptr;
-    using QuantFn = void (*)(const float*, void*, int64_t);
-    using DequantFn = void (*)(const void*, float*, int64_t);
-    using DotFn = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
-    template <class F>
-    F sym(const char* name) {
-        return reinterpret_cast<F>(dlsym(handle, name));
-    }
-};
-
-GgmlLib* ggml_lib() {
-    static GgmlLib lib = [] {
-        GgmlLib l;
-#if defined(__x86_64__)
-        __builtin_cpu_init();
-        if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("bmi2")) {
-            return l;
-        }
-        const std::string path =
-            std::string(MOEMESH_SOURCE_DIR) +
-            "/tests/ref/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-cpu-haswell.so";
-        l.handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-        if (l.handle) {
-            if (auto init = l.sym<void (*)()>("ggml_cpu_init")) init();
-        }
-#endif
-        return l;
-    }();
-    return lib.handle ? &lib : nullptr;
-}
+using testing::GgmlLib;
+using testing::ggml_lib;
 
 TEST(GgmlCrossCheck, ReferenceQuantizersAreBitExact) {
     GgmlLib* lib = ggml_lib();

@@ -3,7 +3,6 @@
 // description, the fast-weights scale formula, and bit-exactness / agreement with llama.cpp's own
 // ggml (dequantize_row_<t>, ggml_vec_dot_<t>_q8_K) on random blocks: moemesh has no quantizer for
 // these types, and random index bits reach every grid entry, which checks the tables too.
-#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <bit>
@@ -18,6 +17,7 @@
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
+#include "tests/ggml_ref.h"
 
 namespace moemesh {
 namespace {
@@ -224,38 +224,8 @@ TEST(QuantsIq, QuantizeRowRefusesIqTypes) {
 
 // ---- llama.cpp's own ggml, where the node-llama-cpp reference install has it ----
 
-struct GgmlLib {
-    void* handle = nullptr;
-    using DequantFn = void (*)(const void*, float*, int64_t);
-    using DotFn = void (*)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
-    template <class F>
-    F sym(const std::string& name) {
-        return reinterpret_cast<F>(dlsym(handle, name.c_str()));
-    }
-};
-
-// The haswell CPU build (as test_quants.cpp's GgmlCrossCheck loads it); its dependency
-// libggml-base.so exports the dequantizers.
-GgmlLib* ggml_lib() {
-    static GgmlLib lib = [] {
-        GgmlLib l;
-#if defined(__x86_64__)
-        __builtin_cpu_init();
-        if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("bmi2")) {
-            return l;
-        }
-        const std::string path =
-            std::string(MOEMESH_SOURCE_DIR) +
-            "/tests/ref/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-cpu-haswell.so";
-        l.handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-        if (l.handle) {
-            if (auto init = l.sym<void (*)()>("ggml_cpu_init")) init();
-        }
-#endif
-        return l;
-    }();
-    return lib.handle ? &lib : nullptr;
-}
+using testing::GgmlLib;
+using testing::ggml_lib;
 
 TEST(GgmlCrossCheck, IqDequantizeIsBitExact) {
     GgmlLib* lib = ggml_lib();
