@@ -760,17 +760,9 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
         case GgmlType::MXFP4:
             quants::dequantize_mxfp4(static_cast<const quants::BlockMXFP4*>(src), dst, n);
             break;
-        case GgmlType::IQ2_XXS:
-        case GgmlType::IQ2_XS:
-        case GgmlType::IQ2_S:
-        case GgmlType::IQ3_XXS:
-        case GgmlType::IQ3_S:
-        case GgmlType::IQ1_S:
-        case GgmlType::IQ1_M:
-            quants::dequantize_row_iq(t, src, dst, n);
-            break;
         default:
-            MM_CHECK(false && "dequantize_row: type not computable");
+            MM_CHECK(quants::is_iq_lowbit(t) && "dequantize_row: type not computable");
+            quants::dequantize_row_iq(t, src, dst, n);
     }
 }
 

@@ -829,16 +829,9 @@ bool matmul_supported(GgmlType wt) {
         case GgmlType::IQ4_NL:
         case GgmlType::IQ4_XS:
         case GgmlType::MXFP4:
-        case GgmlType::IQ2_XXS:
-        case GgmlType::IQ2_XS:
-        case GgmlType::IQ2_S:
-        case GgmlType::IQ3_XXS:
-        case GgmlType::IQ3_S:
-        case GgmlType::IQ1_S:
-        case GgmlType::IQ1_M:
             return true;
         default:
-            return false;
+            return quants::is_iq_lowbit(wt);
     }
 }
 
