@@ -162,8 +162,9 @@ TEST(Gguf, TinyModelLoads) {
     EXPECT_EQ(load_error(tiny_writer(TinyModel{}).serialize(), "ok.gguf"), "");
 }
 
-// A model split as llama.cpp's gguf-split writes it opens from its first file with every tensor, the
-// same bytes and the same fingerprint as the whole file, and loads.
+// A model split as llama.cpp's gguf-split writes it opens from its first file with every tensor and the
+// same bytes as the whole file, and loads. (Its fingerprint differs from the whole file's: it covers
+// the split keys and where each tensor is, so a coordinator and workers must open the same files.)
 TEST(GgufSplit, OpensFromTheFirstFileWithEveryTensor) {
     const std::string whole = tmp_path("whole.gguf");
     ASSERT_TRUE(tiny_writer(TinyModel{}).write(whole).ok());

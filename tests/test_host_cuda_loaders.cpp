@@ -72,7 +72,9 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
     for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((xy >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
     return r;
 }
-// c + Σ of the four signed byte products.
+// c + Σ of the four signed byte products. (CUDA's unsigned overload is not emulated: a call that would
+// pick it does not compile here.)
+unsigned __dp4a(unsigned a, unsigned b, unsigned c) = delete;
 inline int __dp4a(int a, int b, int c) {
     for (int i = 0; i < 4; ++i) c += static_cast<int8_t>(a >> (8 * i)) * static_cast<int8_t>(b >> (8 * i));
     return c;
