@@ -35,7 +35,7 @@ inline std::string write_gguf_split(const std::string& in, const std::string& pr
             w.add_tensor(ten.name, ten.type, std::vector<int64_t>(ten.ne, ten.ne + ten.n_dims),
                          std::vector<uint8_t>(ten.data, ten.data + ten.nbytes));
         }
-        char tail[32];
+        char tail[64];
         std::snprintf(tail, sizeof(tail), "-%05zu-of-%05zu.gguf", i + 1, n_files);
         const std::string path = prefix + tail;
         const Status st = w.write(path);
