@@ -226,6 +226,99 @@ float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
+
+// ---- 4-row variants: one W row against 4 activation rows, the W decoding shared; each row's
+// arithmetic is the one-row kernel's, so each result is bit-identical to it ----
+
+void vec_dot_q5_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ5_0*>(w);
+    const BlockQ8_0* y[4];
+    for (int r = 0; r < 4; ++r)
+        y[r] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    const int64_t nb = n / 32;
+    const __m256i hi_off = _mm256_set1_epi8(static_cast<char>(0xF0));
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const float dx = h2f(x[i].d);
+        const __m256i bxhi = _mm256_andnot_si256(bytes_from_bits_32(x[i].qh), hi_off);
+        const __m256i qx = _mm256_or_si256(bytes_from_nibbles_32(x[i].qs), bxhi);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[0][i].d)), mul_sum_i8_pairs_float(qx, load256(y[0][i].qs)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[1][i].d)), mul_sum_i8_pairs_float(qx, load256(y[1][i].qs)), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[2][i].d)), mul_sum_i8_pairs_float(qx, load256(y[2][i].qs)), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[3][i].d)), mul_sum_i8_pairs_float(qx, load256(y[3][i].qs)), acc3);
+    }
+    out[0] = hsum_ps(acc0);
+    out[1] = hsum_ps(acc1);
+    out[2] = hsum_ps(acc2);
+    out[3] = hsum_ps(acc3);
+}
+
+void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ5_K*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r)
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    const int64_t nb = n / kQK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m128i mzero = _mm_setzero_si128();
+    const __m256i mone = _mm256_set1_epi8(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float summs[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t i = 0; i < nb; ++i) {
+        const float dx = h2f(x[i].d), dminx = h2f(x[i].dmin);
+        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);
+        const __m128i mins = _mm256_extracti128_si256(mins_and_scales, 1);
+        for (int r = 0; r < 4; ++r) {
+            const float dmin = -y[r][i].d * dminx;
+            const __m256i q8sums = load256(y[r][i].bsums);
+            const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+            const __m128i prod = _mm_madd_epi16(mins, q8s);
+            const __m128i hsum = _mm_hadd_epi32(_mm_hadd_epi32(prod, mzero), mzero);
+            summs[r] += dmin * static_cast<float>(_mm_extract_epi32(hsum, 0));
+        }
+        const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        const __m256i hbits = load256(x[i].qh);
+        const uint8_t* q5 = x[i].qs;
+        __m256i hmask = mone;
+        __m256i sumi0 = _mm256_setzero_si256(), sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256(),
+                sumi3 = _mm256_setzero_si256();
+        int bit = 0;
+        for (int j = 0; j < kQK_K / 64; ++j) {
+            const __m256i scale_0 =
+                _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+            const __m256i scale_1 = _mm256_shuffle_epi8(
+                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+            const __m256i q5bits = load256(q5);
+            q5 += 32;
+            const __m256i q5l_0 = _mm256_and_si256(q5bits, m4);
+            const __m256i q5h_0 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
+            const __m256i q5_0 = _mm256_add_epi8(q5l_0, q5h_0);
+            hmask = _mm256_slli_epi16(hmask, 1);
+            const __m256i q5l_1 = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
+            const __m256i q5h_1 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
+            const __m256i q5_1 = _mm256_add_epi8(q5l_1, q5h_1);
+            hmask = _mm256_slli_epi16(hmask, 1);
+            auto part = [&](const BlockQ8_K& b) {
+                const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q5_0, load256(b.qs + 64 * j)));
+                const __m256i p16_1 =
+                    _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q5_1, load256(b.qs + 64 * j + 32)));
+                return _mm256_add_epi32(p16_0, p16_1);
+            };
+            sumi0 = _mm256_add_epi32(sumi0, part(y[0][i]));
+            sumi1 = _mm256_add_epi32(sumi1, part(y[1][i]));
+            sumi2 = _mm256_add_epi32(sumi2, part(y[2][i]));
+            sumi3 = _mm256_add_epi32(sumi3, part(y[3][i]));
+        }
+        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(y[0][i].d * dx), _mm256_cvtepi32_ps(sumi0), acc[0]);
+        acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(y[1][i].d * dx), _mm256_cvtepi32_ps(sumi1), acc[1]);
+        acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(y[2][i].d * dx), _mm256_cvtepi32_ps(sumi2), acc[2]);
+        acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(y[3][i].d * dx), _mm256_cvtepi32_ps(sumi3), acc[3]);
+    }
+    for (int r = 0; r < 4; ++r) out[r] = hsum_ps(acc[r]) + summs[r];
+}
+
 }  // namespace moemesh::quants::avx2
 
 #pragma GCC pop_options
