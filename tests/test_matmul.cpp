@@ -174,7 +174,7 @@ TEST(VecDot, SimdMatchesScalar) {
 TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
     for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
-                       GgmlType::Q4_1, GgmlType::Q5_1,
+                       GgmlType::Q3_K, GgmlType::Q2_K, GgmlType::Q4_1, GgmlType::Q5_1,
                        GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4, GgmlType::IQ2_XXS, GgmlType::IQ2_XS,
                        GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S, GgmlType::IQ1_S, GgmlType::IQ1_M}) {
         const quants::TypeKernels* kt = quants::type_kernels(t);

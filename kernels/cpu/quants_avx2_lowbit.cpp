@@ -226,7 +226,6 @@ float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
-
 // ---- 4-row variants: one W row against 4 activation rows, the W decoding shared; each row's
 // arithmetic is the one-row kernel's, so each result is bit-identical to it ----
 
@@ -317,6 +316,143 @@ void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
         acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(y[3][i].d * dx), _mm256_cvtepi32_ps(sumi3), acc[3]);
     }
     for (int r = 0; r < 4; ++r) out[r] = hsum_ps(acc[r]) + summs[r];
+}
+
+
+void vec_dot_q3_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ3_K*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r)
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    const int64_t nb = n / kQK_K;
+    constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i mone = _mm256_set1_epi8(1);
+    const __m128i m32 = _mm_set1_epi8(32);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const float dx = h2f(x[i].d);
+        const uint8_t* q3 = x[i].qs;
+        uint32_t aux[3];
+        std::memcpy(aux, x[i].scales, 12);
+        __m128i scales128 = _mm_set_epi32(static_cast<int>(((aux[1] >> 4) & kmask2) | (((aux[2] >> 6) & kmask1) << 4)),
+                                          static_cast<int>(((aux[0] >> 4) & kmask2) | (((aux[2] >> 4) & kmask1) << 4)),
+                                          static_cast<int>((aux[1] & kmask2) | (((aux[2] >> 2) & kmask1) << 4)),
+                                          static_cast<int>((aux[0] & kmask2) | (((aux[2] >> 0) & kmask1) << 4)));
+        scales128 = _mm_sub_epi8(scales128, m32);
+        const __m256i all_scales = _mm256_cvtepi8_epi16(scales128);
+        const __m128i l_scales = _mm256_castsi256_si128(all_scales);
+        const __m128i h_scales = _mm256_extracti128_si256(all_scales, 1);
+        const __m256i scales[2] = {_mm256_inserti128_si256(_mm256_castsi128_si256(l_scales), l_scales, 1),
+                                   _mm256_inserti128_si256(_mm256_castsi128_si256(h_scales), h_scales, 1)};
+        const __m256i hbits = load256(x[i].hmask);
+        __m256i sumi0 = _mm256_setzero_si256(), sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256(),
+                sumi3 = _mm256_setzero_si256();
+        int bit = 0;
+        for (int j = 0; j < kQK_K / 128; ++j) {
+            const __m256i q3bits = load256(q3);
+            q3 += 32;
+            const __m256i q3l_0 = _mm256_and_si256(q3bits, m3);
+            const __m256i q3h_0 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 0), 2);
+            const __m256i q3l_1 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 2), m3);
+            const __m256i q3h_1 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 1), 2);
+            const __m256i q3l_2 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 4), m3);
+            const __m256i q3h_2 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 2), 2);
+            const __m256i q3l_3 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 6), m3);
+            const __m256i q3h_3 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 3), 2);
+            bit += 4;
+            auto part = [&](const BlockQ8_K& b) {
+                const int8_t* q8 = b.qs + 128 * j;
+                const __m256i q8_0 = load256(q8), q8_1 = load256(q8 + 32), q8_2 = load256(q8 + 64),
+                              q8_3 = load256(q8 + 96);
+                const __m256i p16_0 =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_0, q8_0), _mm256_maddubs_epi16(q3h_0, q8_0));
+                const __m256i p16_1 =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_1, q8_1), _mm256_maddubs_epi16(q3h_1, q8_1));
+                const __m256i p16_2 =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_2, q8_2), _mm256_maddubs_epi16(q3h_2, q8_2));
+                const __m256i p16_3 =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(q3l_3, q8_3), _mm256_maddubs_epi16(q3h_3, q8_3));
+                return scaled_quarters(scales[j], p16_0, p16_1, p16_2, p16_3);
+            };
+            sumi0 = _mm256_add_epi32(sumi0, part(y[0][i]));
+            sumi1 = _mm256_add_epi32(sumi1, part(y[1][i]));
+            sumi2 = _mm256_add_epi32(sumi2, part(y[2][i]));
+            sumi3 = _mm256_add_epi32(sumi3, part(y[3][i]));
+        }
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(y[0][i].d * dx), _mm256_cvtepi32_ps(sumi0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(y[1][i].d * dx), _mm256_cvtepi32_ps(sumi1), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(y[2][i].d * dx), _mm256_cvtepi32_ps(sumi2), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_set1_ps(y[3][i].d * dx), _mm256_cvtepi32_ps(sumi3), acc3);
+    }
+    out[0] = hsum_ps(acc0);
+    out[1] = hsum_ps(acc1);
+    out[2] = hsum_ps(acc2);
+    out[3] = hsum_ps(acc3);
+}
+
+void vec_dot_q2_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    const auto* x = static_cast<const BlockQ2_K*>(w);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r)
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    const int64_t nb = n / kQK_K;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m128i m4 = _mm_set1_epi8(0xF);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const float dx = h2f(x[i].d), dminx = h2f(x[i].dmin);
+        const uint8_t* q2 = x[i].qs;
+        const __m128i mins_and_scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
+        const __m128i scales8 = _mm_and_si128(mins_and_scales, m4);
+        const __m128i mins8 = _mm_and_si128(_mm_srli_epi16(mins_and_scales, 4), m4);
+        const __m256i mins = _mm256_cvtepi8_epi16(mins8);
+        // The min terms first, as the one-row kernel adds them.
+        auto min_term = [&](const BlockQ8_K& b, __m256 acc) {
+            const __m256i prod = _mm256_madd_epi16(mins, load256(b.bsums));
+            return _mm256_fmadd_ps(_mm256_set1_ps(-b.d * dminx), _mm256_cvtepi32_ps(prod), acc);
+        };
+        acc0 = min_term(y[0][i], acc0);
+        acc1 = min_term(y[1][i], acc1);
+        acc2 = min_term(y[2][i], acc2);
+        acc3 = min_term(y[3][i], acc3);
+        const __m256i all_scales = _mm256_cvtepi8_epi16(scales8);
+        const __m128i l_scales = _mm256_castsi256_si128(all_scales);
+        const __m128i h_scales = _mm256_extracti128_si256(all_scales, 1);
+        const __m256i scales[2] = {_mm256_inserti128_si256(_mm256_castsi128_si256(l_scales), l_scales, 1),
+                                   _mm256_inserti128_si256(_mm256_castsi128_si256(h_scales), h_scales, 1)};
+        __m256i sumi0 = _mm256_setzero_si256(), sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256(),
+                sumi3 = _mm256_setzero_si256();
+        for (int j = 0; j < kQK_K / 128; ++j) {
+            const __m256i q2bits = load256(q2);
+            q2 += 32;
+            const __m256i w0 = _mm256_and_si256(q2bits, m3);
+            const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(q2bits, 2), m3);
+            const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(q2bits, 4), m3);
+            const __m256i w3 = _mm256_and_si256(_mm256_srli_epi16(q2bits, 6), m3);
+            auto part = [&](const BlockQ8_K& b) {
+                const int8_t* q8 = b.qs + 128 * j;
+                return scaled_quarters(scales[j], _mm256_maddubs_epi16(w0, load256(q8)),
+                                       _mm256_maddubs_epi16(w1, load256(q8 + 32)),
+                                       _mm256_maddubs_epi16(w2, load256(q8 + 64)),
+                                       _mm256_maddubs_epi16(w3, load256(q8 + 96)));
+            };
+            sumi0 = _mm256_add_epi32(sumi0, part(y[0][i]));
+            sumi1 = _mm256_add_epi32(sumi1, part(y[1][i]));
+            sumi2 = _mm256_add_epi32(sumi2, part(y[2][i]));
+            sumi3 = _mm256_add_epi32(sumi3, part(y[3][i]));
+        }
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(y[0][i].d * dx), _mm256_cvtepi32_ps(sumi0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(y[1][i].d * dx), _mm256_cvtepi32_ps(sumi1), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(y[2][i].d * dx), _mm256_cvtepi32_ps(sumi2), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_set1_ps(y[3][i].d * dx), _mm256_cvtepi32_ps(sumi3), acc3);
+    }
+    out[0] = hsum_ps(acc0);
+    out[1] = hsum_ps(acc1);
+    out[2] = hsum_ps(acc2);
+    out[3] = hsum_ps(acc3);
 }
 
 }  // namespace moemesh::quants::avx2

@@ -222,6 +222,8 @@ float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a);
 void vec_dot_q5_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void vec_dot_q3_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+void vec_dot_q2_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a);
 // quants_avx2_q1_iq4.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
