@@ -97,6 +97,7 @@ TEST_F(Cli, TokenizeAndInspect) {
     EXPECT_NE(out.find("blk.1.ffn_down_exps.weight"), std::string::npos);
     EXPECT_NE(out.find("routed-expert weights:"), std::string::npos);
     EXPECT_NE(out.find("experts 4 top-2"), std::string::npos);
+    EXPECT_NE(out.find("weight types: f32 ×"), std::string::npos) << out.substr(0, 2000);
 }
 
 TEST_F(Cli, HelpExplains) {

@@ -1,6 +1,8 @@
 // `moemesh inspect FILE.gguf`: architecture, hyper-parameters, metadata, tensor table, and how the
 // bytes split between routed experts and everything else.
 #include <cstdio>
+#include <map>
+#include <string>
 
 #include "common/gguf.h"
 #include "common/model_config.h"
@@ -69,6 +71,17 @@ Status inspect(const std::string& path, bool all_metadata) {
     } else {
         std::printf("hyper-parameters: cannot run this file: %s\n", cfg.status().message().c_str());
     }
+    // Weight types: llama-quantize's mixes (Q4_K_M's Q6_K ffn_down, the small-row fallbacks) at a glance.
+    std::map<std::string, std::pair<int, size_t>> by_type;
+    for (const GgufTensor& t : f->tensors()) {
+        auto& e = by_type[ggml_type_name(t.type)];
+        ++e.first;
+        e.second += t.nbytes;
+    }
+    std::string types;
+    for (const auto& [name, e] : by_type)
+        types += (types.empty() ? "" : ", ") + name + " ×" + std::to_string(e.first) + " (" + format_bytes(e.second) + ")";
+    std::printf("weight types: %s\n", types.c_str());
     std::printf("\nmetadata (%zu keys):\n", f->metadata().size());
     for (const auto& [k, v] : f->metadata()) {
         if (!all_metadata && v.type == GgufType::ARRAY && v.arr_count > 64 && k.rfind("tokenizer.", 0) == 0) {
