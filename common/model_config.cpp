@@ -92,6 +92,9 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     const int64_t v_len = f.get_int_or(kv_name(Kv::kAttentionValueLength, a), c.head_dim);
     c.rope_dim = f.get_int_or(kv_name(Kv::kRopeDimensionCount, a), c.head_dim);
     c.rope_theta = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeFreqBase, a), 10000.0));
+    c.rope_scaling = f.get_string_or(kv_name(Kv::kRopeScalingType, a), "none");
+    c.rope_scaling_factor = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeScalingFactor, a), 1.0));
+    c.rope_scaling_orig_ctx = f.get_int_or(kv_name(Kv::kRopeScalingOrigCtxLen, a), 0);
     MM_ASSIGN_OR_RETURN(double eps, f.get_float(kv_name(Kv::kAttentionLayerNormRmsEps, a)));
     c.rms_eps = static_cast<float>(eps);
     c.norm_topk = f.get_bool_or(kv_name(Kv::kExpertWeightsNorm, a), true);

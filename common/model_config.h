@@ -29,6 +29,12 @@ struct ModelConfig {
     int64_t n_ctx_train = 0;
     int64_t rope_dim = 0;     // rotary dims per head (NEOX)
     float rope_theta = 10000.0f;
+    // rope.scaling.* as the file gives them ("none" when absent). moemesh does not apply them yet
+    // (plain RoPE; load_model warns): see rope_scaling_applies().
+    std::string rope_scaling = "none";
+    float rope_scaling_factor = 1.0f;
+    int64_t rope_scaling_orig_ctx = 0;
+    bool rope_scaling_applies() const { return rope_scaling != "none" && rope_scaling_factor != 1.0f; }
     float rms_eps = 1e-6f;
     bool norm_topk = true;    // renormalise the top-k router weights
     bool tied_embeddings = false;

@@ -55,6 +55,24 @@ std::string schedule(const ModelConfig& c) {
     return s;
 }
 
+// rope.scaling.* are read (moemesh does not apply them yet; load_model and inspect say so).
+TEST(Qwen3NextConfig, RopeScalingKeysAreRead) {
+    auto plain = config_of([](GgufWriter&) {});
+    ASSERT_TRUE(plain.ok()) << plain.status().message();
+    EXPECT_EQ(plain.value().rope_scaling, "none");
+    EXPECT_FALSE(plain.value().rope_scaling_applies());
+    auto yarn = config_of([](GgufWriter& w) {
+        w.set_string(kv_name(Kv::kRopeScalingType, kArch), "yarn");
+        w.set_f32(kv_name(Kv::kRopeScalingFactor, kArch), 4.0f);
+        w.set_u32(kv_name(Kv::kRopeScalingOrigCtxLen, kArch), 32768);
+    });
+    ASSERT_TRUE(yarn.ok()) << yarn.status().message();
+    EXPECT_EQ(yarn.value().rope_scaling, "yarn");
+    EXPECT_EQ(yarn.value().rope_scaling_factor, 4.0f);
+    EXPECT_EQ(yarn.value().rope_scaling_orig_ctx, 32768);
+    EXPECT_TRUE(yarn.value().rope_scaling_applies());
+}
+
 TEST(Qwen3NextConfig, DefaultIntervalIsFour) {
     auto c = config_of([](GgufWriter&) {}, 8);
     ASSERT_TRUE(c.ok()) << c.status().message();
