@@ -59,6 +59,8 @@ constexpr KvEntry kKvNames[] = {
     {Kv::kRopeScalingType, "%s.rope.scaling.type"},
     {Kv::kRopeScalingFactor, "%s.rope.scaling.factor"},
     {Kv::kRopeScalingOrigCtxLen, "%s.rope.scaling.original_context_length"},
+    {Kv::kRopeScalingAttnFactor, "%s.rope.scaling.attn_factor"},
+    {Kv::kRopeScaleLinear, "%s.rope.scale_linear"},
     {Kv::kSsmConvKernel, "%s.ssm.conv_kernel"},
     {Kv::kSsmInnerSize, "%s.ssm.inner_size"},
     {Kv::kSsmStateSize, "%s.ssm.state_size"},

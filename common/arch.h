@@ -54,6 +54,8 @@ enum class Kv {
     kRopeScalingType,
     kRopeScalingFactor,
     kRopeScalingOrigCtxLen,
+    kRopeScalingAttnFactor,
+    kRopeScaleLinear,  // the older name of rope.scaling.factor
     kSsmConvKernel,
     kSsmInnerSize,
     kSsmStateSize,

@@ -1,5 +1,7 @@
 #include "common/model_config.h"
 
+#include <cmath>
+
 namespace moemesh {
 
 namespace {
@@ -92,9 +94,11 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     const int64_t v_len = f.get_int_or(kv_name(Kv::kAttentionValueLength, a), c.head_dim);
     c.rope_dim = f.get_int_or(kv_name(Kv::kRopeDimensionCount, a), c.head_dim);
     c.rope_theta = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeFreqBase, a), 10000.0));
-    c.rope_scaling = f.get_string_or(kv_name(Kv::kRopeScalingType, a), "none");
-    c.rope_scaling_factor = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeScalingFactor, a), 1.0));
-    c.rope_scaling_orig_ctx = f.get_int_or(kv_name(Kv::kRopeScalingOrigCtxLen, a), 0);
+    c.rope_scaling = f.get_string_or(kv_name(Kv::kRopeScalingType, a), "linear");
+    c.rope_scaling_factor = static_cast<float>(f.get_float_or(
+        kv_name(Kv::kRopeScalingFactor, a), f.get_float_or(kv_name(Kv::kRopeScaleLinear, a), 0.0)));
+    c.rope_scaling_orig_ctx = f.get_int_or(kv_name(Kv::kRopeScalingOrigCtxLen, a), c.n_ctx_train);
+    c.rope_scaling_attn_factor = static_cast<float>(f.get_float_or(kv_name(Kv::kRopeScalingAttnFactor, a), 1.0));
     MM_ASSIGN_OR_RETURN(double eps, f.get_float(kv_name(Kv::kAttentionLayerNormRmsEps, a)));
     c.rms_eps = static_cast<float>(eps);
     c.norm_topk = f.get_bool_or(kv_name(Kv::kExpertWeightsNorm, a), true);
@@ -128,6 +132,25 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
         return MM_ERROR("%s: %s = %lld is invalid for head dim %lld", path.c_str(),
                         kv_name(Kv::kRopeDimensionCount, a).c_str(), static_cast<long long>(c.rope_dim),
                         static_cast<long long>(c.head_dim));
+    if (!(std::isfinite(c.rope_theta) && c.rope_theta > 0 && c.rope_theta != 1.0f))
+        return MM_ERROR("%s: %s = %g is invalid (must be a finite base above 0, not 1)", path.c_str(),
+                        kv_name(Kv::kRopeFreqBase, a).c_str(), static_cast<double>(c.rope_theta));
+    if (c.rope_scaling == "longrope")
+        return MM_ERROR("%s: %s = 'longrope' is not supported (it needs per-dimension factor tensors; the Qwen3 "
+                        "families use none, linear or yarn)",
+                        path.c_str(), kv_name(Kv::kRopeScalingType, a).c_str());
+    if (c.rope_scaling != "none" && c.rope_scaling != "linear" && c.rope_scaling != "yarn")
+        return MM_ERROR("%s: %s = '%s' is not a RoPE scaling type (expected none, linear or yarn)", path.c_str(),
+                        kv_name(Kv::kRopeScalingType, a).c_str(), c.rope_scaling.c_str());
+    if (!(std::isfinite(c.rope_scaling_factor) && c.rope_scaling_factor >= 0 && c.rope_scaling_factor <= 1e6))
+        return MM_ERROR("%s: %s = %g is invalid (expected a factor above 0, or 0 for none)", path.c_str(),
+                        kv_name(Kv::kRopeScalingFactor, a).c_str(), static_cast<double>(c.rope_scaling_factor));
+    if (!(std::isfinite(c.rope_scaling_attn_factor) && c.rope_scaling_attn_factor > 0))
+        return MM_ERROR("%s: %s = %g is invalid", path.c_str(), kv_name(Kv::kRopeScalingAttnFactor, a).c_str(),
+                        static_cast<double>(c.rope_scaling_attn_factor));
+    MM_RETURN_IF_ERROR(positive(c.rope_scaling_orig_ctx, Kv::kRopeScalingOrigCtxLen));
+    c.rope = make_rope_params(c.rope_dim, c.rope_theta, c.rope_scaling.c_str(), c.rope_scaling_factor,
+                              c.rope_scaling_attn_factor, c.rope_scaling_orig_ctx);
     if (!(eps > 0 && eps < 1))
         return MM_ERROR("%s: %s = %g is out of range", path.c_str(), kv_name(Kv::kAttentionLayerNormRmsEps, a).c_str(),
                         eps);

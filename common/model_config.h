@@ -7,6 +7,7 @@
 #include "common/arch.h"
 #include "common/gguf.h"
 #include "common/status.h"
+#include "kernels/rope_yarn.h"
 
 namespace moemesh {
 
@@ -29,12 +30,18 @@ struct ModelConfig {
     int64_t n_ctx_train = 0;
     int64_t rope_dim = 0;     // rotary dims per head (NEOX)
     float rope_theta = 10000.0f;
-    // rope.scaling.* as the file gives them ("none" when absent). moemesh does not apply them yet
-    // (plain RoPE; load_model warns): see rope_scaling_applies().
-    std::string rope_scaling = "none";
-    float rope_scaling_factor = 1.0f;
+    // rope.scaling.* as the file gives them, with llama.cpp's defaults: type "linear" when absent,
+    // factor 0 when absent (= no scaling; the older key rope.scale_linear is read too), original
+    // context = the training context when absent. rope: what the kernels apply (kernels/rope_yarn.h).
+    std::string rope_scaling = "linear";
+    float rope_scaling_factor = 0.0f;
     int64_t rope_scaling_orig_ctx = 0;
-    bool rope_scaling_applies() const { return rope_scaling != "none" && rope_scaling_factor != 1.0f; }
+    float rope_scaling_attn_factor = 1.0f;
+    RopeParams rope;
+    // Whether the file's keys change RoPE at all (for inspect and logs).
+    bool rope_scaled() const {
+        return rope.freq_scale != 1.0f || rope.ext_factor != 0.0f || rope.attn_factor != 1.0f;
+    }
     float rms_eps = 1e-6f;
     bool norm_topk = true;    // renormalise the top-k router weights
     bool tied_embeddings = false;

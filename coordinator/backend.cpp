@@ -105,10 +105,11 @@ public:
                    int64_t cols) override {
         for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(float) * cols);
     }
-    void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0, float theta) override {
+    void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0,
+              const RopeParams& rp) override {
         pos_.resize(static_cast<size_t>(T));
         for (int64_t t = 0; t < T; ++t) pos_[t] = static_cast<int32_t>(p0 + t);
-        rope_neox(x, T, heads, head_dim, rot_dim, pos_.data(), theta);
+        rope_neox(x, T, heads, head_dim, rot_dim, pos_.data(), rp);
     }
     void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) override {
         if (f16) {

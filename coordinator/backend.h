@@ -103,9 +103,9 @@ public:
     // dst[r, 0..cols) = src[r, 0..cols) with row strides in floats (splits of fused projections).
     virtual void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows,
                            int64_t cols) = 0;
-    // In place NEOX RoPE of x[T, heads, head_dim] at positions p0..p0+T-1.
+    // In place NEOX RoPE of x[T, heads, head_dim] at positions p0..p0+T-1 (base and scaling in rp).
     virtual void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0,
-                      float theta) = 0;
+                      const RopeParams& rp) = 0;
     // Writes T·n_kv values of src into a KV cache (f16 bits or f32) starting at element offset.
     virtual void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) = 0;
     virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches

@@ -366,13 +366,16 @@ public:
                                          sizeof(float) * cols, rows, cudaMemcpyDeviceToDevice, stream_));
         });
     }
-    void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0, float theta) override {
+    void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t p0,
+              const RopeParams& rp) override {
         int32_t* pos = grow<int32_t>(pos_, T);
         note_step(p0, T);
-        enqueue({12, P(x), T, heads, head_dim, rot_dim, F(theta), P(pos)}, [=, this](bool dev) {
+        enqueue({12, P(x), T, heads, head_dim, rot_dim, F(rp.theta), F(rp.freq_scale), F(rp.ext_factor),
+                 F(rp.attn_factor), F(rp.corr_low), F(rp.corr_high), P(pos)},
+                [=, this](bool dev) {
             if (dev) cuda::iota_i32_dev(pos, T, d_p0_, stream_);
             else cuda::iota_i32(pos, T, static_cast<int32_t>(p0), stream_);
-            cuda::rope_neox(x, T, heads, head_dim, rot_dim, pos, theta, stream_);
+            cuda::rope_neox(x, T, heads, head_dim, rot_dim, pos, rp, stream_);
         });
     }
     void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) override {

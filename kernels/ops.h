@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "common/ggml_types.h"
+#include "kernels/rope_yarn.h"
 
 namespace moemesh {
 
@@ -52,9 +53,10 @@ void swiglu(const float* g, const float* u, float* y, int64_t n);
 void softmax_inplace(float* x, int64_t n);
 
 // ---- RoPE (kernels/cpu/rope.cpp) ----
-// NEOX rotation of the first rot_dim dims of each head: x[t, h, 0..head_dim), pos[t].
+// NEOX rotation of the first rot_dim dims of each head: x[t, h, 0..head_dim), pos[t], with the
+// frequency base and linear / YaRN scaling of p (kernels/rope_yarn.h; RopeParams{} is plain RoPE).
 void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
-               float theta);
+               const RopeParams& p);
 
 // ---- attention (kernels/cpu/attention.cpp) ----
 // Causal GQA attention for T new queries at positions n_past..n_past+T-1 against a cache holding

@@ -390,12 +390,18 @@ TEST(CudaOps, RopeNeox) {
     const int64_t tokens = 4, heads = 6, head_dim = 128;
     const std::vector<int32_t> pos = {0, 17, 1023, 5000};
     for (const int64_t rot_dim : {head_dim, int64_t{64}}) {
-        std::vector<float> x = random_vec(tokens * heads * head_dim, 9);
-        DeviceBuffer<float> dx(x);
-        const DeviceBuffer<int32_t> dpos(pos);
-        cuda::rope_neox(dx.get(), tokens, heads, head_dim, rot_dim, dpos.get(), 1e6f);
-        rope_neox(x.data(), tokens, heads, head_dim, rot_dim, pos.data(), 1e6f);
-        expect_close("rope_neox rot_dim=" + std::to_string(rot_dim), dx.download(), x, 1e-6);
+        // Plain, then YaRN x4 (ramp inside the rotary pairs) and linear x2.
+        for (const RopeParams& p : {RopeParams{1e6f}, make_rope_params(rot_dim, 1e6f, "yarn", 4.0f, 1.0f, 256),
+                                    make_rope_params(rot_dim, 1e6f, "linear", 2.0f, 1.0f, 4096)}) {
+            std::vector<float> x = random_vec(tokens * heads * head_dim, 9);
+            DeviceBuffer<float> dx(x);
+            const DeviceBuffer<int32_t> dpos(pos);
+            cuda::rope_neox(dx.get(), tokens, heads, head_dim, rot_dim, dpos.get(), p);
+            rope_neox(x.data(), tokens, heads, head_dim, rot_dim, pos.data(), p);
+            expect_close("rope_neox rot_dim=" + std::to_string(rot_dim) + " freq_scale=" + std::to_string(p.freq_scale) +
+                             " ext=" + std::to_string(p.ext_factor),
+                         dx.download(), x, 1e-6);
+        }
     }
 }
 

@@ -55,22 +55,73 @@ std::string schedule(const ModelConfig& c) {
     return s;
 }
 
-// rope.scaling.* are read (moemesh does not apply them yet; load_model and inspect say so).
-TEST(Qwen3NextConfig, RopeScalingKeysAreRead) {
+// rope.scaling.* become the kernels' RopeParams as llama.cpp derives them (llama-context.cpp,
+// ggml_rope_yarn_corr_dims), with llama.cpp's defaults for absent keys.
+TEST(Qwen3NextConfig, RopeScalingKeysBecomeRopeParams) {
     auto plain = config_of([](GgufWriter&) {});
     ASSERT_TRUE(plain.ok()) << plain.status().message();
-    EXPECT_EQ(plain.value().rope_scaling, "none");
-    EXPECT_FALSE(plain.value().rope_scaling_applies());
+    EXPECT_EQ(plain.value().rope_scaling, "linear");  // llama.cpp's default type; factor absent = none
+    EXPECT_FALSE(plain.value().rope_scaled());
+    EXPECT_EQ(plain.value().rope.freq_scale, 1.0f);
+    EXPECT_EQ(plain.value().rope.ext_factor, 0.0f);
+    EXPECT_EQ(plain.value().rope.attn_factor, 1.0f);
     auto yarn = config_of([](GgufWriter& w) {
         w.set_string(kv_name(Kv::kRopeScalingType, kArch), "yarn");
         w.set_f32(kv_name(Kv::kRopeScalingFactor, kArch), 4.0f);
         w.set_u32(kv_name(Kv::kRopeScalingOrigCtxLen, kArch), 32768);
     });
     ASSERT_TRUE(yarn.ok()) << yarn.status().message();
-    EXPECT_EQ(yarn.value().rope_scaling, "yarn");
-    EXPECT_EQ(yarn.value().rope_scaling_factor, 4.0f);
-    EXPECT_EQ(yarn.value().rope_scaling_orig_ctx, 32768);
-    EXPECT_TRUE(yarn.value().rope_scaling_applies());
+    const ModelConfig& y = yarn.value();
+    EXPECT_EQ(y.rope_scaling, "yarn");
+    EXPECT_EQ(y.rope_scaling_orig_ctx, 32768);
+    EXPECT_TRUE(y.rope_scaled());
+    EXPECT_EQ(y.rope.freq_scale, 0.25f);
+    EXPECT_EQ(y.rope.ext_factor, 1.0f);
+    EXPECT_NEAR(y.rope.attn_factor, 1.0f, 1e-6);  // get_mscale(4) / (1 + 0.1 ln 4): ggml multiplies it back
+    // By hand: d·ln(32768 / (β·2π)) / (2·ln θ) for the file's rope dims d and θ, β = 32 (floor) and 1 (ceil).
+    const double d = static_cast<double>(y.rope_dim), lt = 2 * std::log(static_cast<double>(y.rope_theta));
+    EXPECT_EQ(y.rope.corr_low, std::max(0.0, std::floor(d * std::log(32768 / (32 * 2 * M_PI)) / lt)));
+    EXPECT_EQ(y.rope.corr_high, std::min(d - 1, std::ceil(d * std::log(32768 / (2 * M_PI)) / lt)));
+
+    // The older key name, with the default type (linear).
+    auto linear = config_of([](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScaleLinear, kArch), 2.0f); });
+    ASSERT_TRUE(linear.ok()) << linear.status().message();
+    EXPECT_EQ(linear.value().rope.freq_scale, 0.5f);
+    EXPECT_EQ(linear.value().rope.ext_factor, 0.0f);
+    // Type none ignores a factor; no original context: the training context.
+    auto none = config_of([](GgufWriter& w) {
+        w.set_string(kv_name(Kv::kRopeScalingType, kArch), "none");
+        w.set_f32(kv_name(Kv::kRopeScalingFactor, kArch), 4.0f);
+    });
+    ASSERT_TRUE(none.ok()) << none.status().message();
+    EXPECT_FALSE(none.value().rope_scaled());
+    EXPECT_EQ(none.value().rope_scaling_orig_ctx, none.value().n_ctx_train);
+    // attn_factor multiplies in.
+    auto af = config_of([](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScalingAttnFactor, kArch), 0.5f); });
+    ASSERT_TRUE(af.ok()) << af.status().message();
+    EXPECT_EQ(af.value().rope.attn_factor, 0.5f);
+}
+
+TEST(Qwen3NextConfig, BadRopeScalingIsRefusedByName) {
+    struct Bad { std::function<void(GgufWriter&)> edit; const char* key; const char* what; };
+    const std::vector<Bad> bad = {
+        {[](GgufWriter& w) { w.set_string(kv_name(Kv::kRopeScalingType, kArch), "ntk"); }, "rope.scaling.type", "ntk"},
+        {[](GgufWriter& w) { w.set_string(kv_name(Kv::kRopeScalingType, kArch), "longrope"); }, "rope.scaling.type",
+         "not supported"},
+        {[](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScalingFactor, kArch), -2.0f); }, "rope.scaling.factor", "-2"},
+        {[](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScalingFactor, kArch), NAN); }, "rope.scaling.factor", "nan"},
+        {[](GgufWriter& w) { w.set_u32(kv_name(Kv::kRopeScalingOrigCtxLen, kArch), 0); },
+         "rope.scaling.original_context_length", "0"},
+        {[](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeFreqBase, kArch), 1.0f); }, "rope.freq_base", "1"},
+        {[](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScalingAttnFactor, kArch), 0.0f); },
+         "rope.scaling.attn_factor", "0"},
+    };
+    for (const Bad& b : bad) {
+        auto c = config_of(b.edit);
+        ASSERT_FALSE(c.ok()) << b.key;
+        EXPECT_NE(c.status().message().find(b.key), std::string::npos) << c.status().message();
+        EXPECT_NE(c.status().message().find(b.what), std::string::npos) << c.status().message();
+    }
 }
 
 TEST(Qwen3NextConfig, DefaultIntervalIsFour) {

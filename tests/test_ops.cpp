@@ -58,7 +58,7 @@ TEST(Ops, RopeNeox) {
         auto x = randn(T * heads * D, 6);
         std::vector<float> y = x;
         std::vector<int32_t> pos = {0, 7, 1000};
-        rope_neox(y.data(), T, heads, D, rot, pos.data(), 1e6f);
+        rope_neox(y.data(), T, heads, D, rot, pos.data(), RopeParams{1e6f});
         for (int64_t t = 0; t < T; ++t) {
             for (int64_t h = 0; h < heads; ++h) {
                 const float* a = &x[(t * heads + h) * D];
@@ -76,6 +76,63 @@ TEST(Ops, RopeNeox) {
             }
         }
     }
+}
+
+// YaRN and linear scaling against Hugging Face's formulation (modeling_rope_utils.py
+// _compute_yarn_parameters / _compute_linear_scaling_rope_parameters), written here in double:
+//   inv_freq = interp·(1 − m) + extrap·m, interp = extrap / factor, m = 1 − clamp((i − low)/(high − low)),
+//   low/high = floor/ceil of find_correction_dim(beta 32 / 1), cos and sin times 0.1·ln(factor) + 1.
+// ggml's formulation (kernels/rope_yarn.h) mixes angles rather than frequencies and cancels one
+// magnitude factor against another; the two must agree.
+TEST(Ops, RopeYarnMatchesHuggingFaceFormula) {
+    const int64_t T = 4, heads = 2, D = 64;
+    const double base = 1e6;
+    struct Case { const char* type; double factor; int orig; int64_t rot; };
+    for (const Case& c : {Case{"yarn", 4.0, 4096, 64}, Case{"yarn", 8.0, 256, 32}, Case{"linear", 2.0, 4096, 64},
+                          Case{"yarn", 1.0, 4096, 64}}) {
+        const RopeParams p = make_rope_params(c.rot, static_cast<float>(base), c.type, static_cast<float>(c.factor),
+                                              1.0f, c.orig);
+        const bool yarn = std::string(c.type) == "yarn";
+        auto corr = [&](double beta) {
+            return (c.rot * std::log(c.orig / (beta * 2 * M_PI))) / (2 * std::log(base));
+        };
+        const double low = std::max(0.0, std::floor(corr(32))), high = std::min<double>(c.rot - 1, std::ceil(corr(1)));
+        const double mag = yarn ? 0.1 * std::log(c.factor) + 1.0 : 1.0;
+        auto x = randn(T * heads * D, 8);
+        std::vector<float> y = x;
+        std::vector<int32_t> pos = {0, 3, 41, 200};
+        rope_neox(y.data(), T, heads, D, c.rot, pos.data(), p);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < heads; ++h) {
+                const float* a = &x[(t * heads + h) * D];
+                const float* b = &y[(t * heads + h) * D];
+                const int64_t half = c.rot / 2;
+                for (int64_t i = 0; i < half; ++i) {
+                    const double extrap = std::pow(base, -2.0 * i / c.rot), interp = extrap / c.factor;
+                    double m = 0;
+                    if (yarn) {
+                        const double hi = high == low ? high + 0.001 : high;
+                        m = 1.0 - std::clamp((i - low) / (hi - low), 0.0, 1.0);
+                    }
+                    const double ang = pos[t] * (interp * (1 - m) + extrap * m);
+                    const double e0 = (a[i] * std::cos(ang) - a[i + half] * std::sin(ang)) * mag;
+                    const double e1 = (a[i] * std::sin(ang) + a[i + half] * std::cos(ang)) * mag;
+                    const double tol = 2e-5 + 2e-6 * pos[t];
+                    EXPECT_NEAR(b[i], e0, tol) << c.type << " x" << c.factor << " t" << t << " i" << i;
+                    EXPECT_NEAR(b[i + half], e1, tol) << c.type << " x" << c.factor << " t" << t << " i" << i;
+                }
+                for (int64_t i = c.rot; i < D; ++i) EXPECT_EQ(b[i], a[i]);
+            }
+    }
+    // No scaling is exactly the plain rotation: RopeParams{} and "none"/"linear" with factor 0 agree bit for bit.
+    auto x = randn(2 * D, 9);
+    std::vector<int32_t> pos = {5, 1234};
+    std::vector<float> a = x, b = x, c = x;
+    rope_neox(a.data(), 2, 1, D, D, pos.data(), RopeParams{1e6f});
+    rope_neox(b.data(), 2, 1, D, D, pos.data(), make_rope_params(D, 1e6f, "linear", 0.0f, 1.0f, 4096));
+    rope_neox(c.data(), 2, 1, D, D, pos.data(), make_rope_params(D, 1e6f, "none", 4.0f, 1.0f, 4096));
+    EXPECT_EQ(a, b);
+    EXPECT_EQ(a, c);
 }
 
 void naive_attention(const AttentionArgs& a, const std::vector<float>& k, const std::vector<float>& v,

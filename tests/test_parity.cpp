@@ -80,6 +80,26 @@ TEST_F(Parity, SplitModelMatchesLlamaCpp) {
     EXPECT_GE(c.top1_agree, 58);
 }
 
+// Files with rope.scaling.* (as Hugging Face configs with rope_scaling convert, e.g. Qwen3's YaRN x4
+// for 128K contexts): llama.cpp applies YaRN (ramp over the rotary pairs, magnitude scaling) and
+// linear scaling, so must we. Each file must also differ clearly from the same weights without the
+// keys, or the comparison would not show that the scaling is applied.
+TEST_F(Parity, RopeScalingMatchesLlamaCpp) {
+    const std::string plain = make_model(kSmall, "f32", dir_);
+    const Result ours_plain = run_ours(plain, kSmall.vocab, "f32", "", dir_, 64);
+    for (const char* scaling : {"--rope-scaling yarn --rope-factor 4 --rope-orig-ctx 2048",
+                                "--rope-scaling linear --rope-factor 2"}) {
+        const std::string m = make_model(kSmall, "f32", dir_, scaling);
+        const Result ours = run_ours(m, kSmall.vocab, "f32", "", dir_, 64);
+        const Result ref = run_ref(m, kSmall.vocab, "f32", "", dir_, 64);
+        const Comparison c = report(std::string(scaling) + ": moemesh vs llama.cpp", ours, ref, 64);
+        EXPECT_LE(c.max_dp, 1e-3) << scaling;
+        EXPECT_EQ(c.greedy_prefix, 32) << scaling;
+        EXPECT_GE(report(std::string(scaling) + " vs no scaling (moemesh)", ours, ours_plain, 64).max_dp, 1e-2)
+            << scaling;
+    }
+}
+
 // llama.cpp's default f16 KV cache on both sides.
 TEST_F(Parity, F32WithF16KvCache) {
     std::string m = make_model(kDeep, "f32", dir_);

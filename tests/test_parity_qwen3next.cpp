@@ -48,6 +48,15 @@ TEST_F(Qwen3NextParity, F32MatchesLlamaCpp) {
     }
 }
 
+// YaRN on the partial RoPE of the gated attention layers (rope dims head_dim/4).
+TEST_F(Qwen3NextParity, YarnRopeScalingMatchesLlamaCpp) {
+    std::string m = make_next(kNextSmall, "f32", dir_, "--rope-scaling yarn --rope-factor 4 --rope-orig-ctx 2048",
+                              "_yarn");
+    Comparison c = run_pair(m, kNextSmall.vocab, "f32", "", dir_);
+    EXPECT_LE(c.max_dp, 1e-3);
+    EXPECT_EQ(c.greedy_prefix, 32);
+}
+
 // The prompt in several chunks (7 tokens, and one at a time: the decode recurrence throughout)
 // carries the conv and delta-rule state across calls exactly.
 TEST_F(Qwen3NextParity, F32ChunkedPromptMatchesLlamaCpp) {

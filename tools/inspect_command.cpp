@@ -59,9 +59,12 @@ Status inspect(const std::string& path, bool all_metadata) {
                     (long long)c.n_head_kv, (long long)c.head_dim, (long long)c.n_expert, (long long)c.n_expert_used,
                     c.norm_topk ? "yes" : "no", (long long)c.n_ff_exp, (long long)c.rope_dim, c.rope_theta, c.rms_eps,
                     (long long)c.n_ctx_train, c.tied_embeddings ? "yes" : "no");
-        if (c.rope_scaling_applies())
-            std::printf("rope scaling: %s, factor %g, original context %lld (not applied by moemesh yet)\n",
-                        c.rope_scaling.c_str(), c.rope_scaling_factor, (long long)c.rope_scaling_orig_ctx);
+        if (c.rope_scaled())
+            std::printf("rope scaling: %s, factor %g, original context %lld%s\n", c.rope_scaling.c_str(),
+                        c.rope_scaling_factor, (long long)c.rope_scaling_orig_ctx,
+                        c.rope.ext_factor != 0.0f ? (" (YaRN ramp over rotary pairs " + std::to_string((int)c.rope.corr_low) +
+                                                    ".." + std::to_string((int)c.rope.corr_high) + ")").c_str()
+                                                 : "");
         if (!c.recurrent.empty()) {
             std::string schedule;
             for (int64_t il = 0; il < c.n_layer; ++il) schedule += c.is_recurrent(static_cast<int>(il)) ? 'D' : 'A';

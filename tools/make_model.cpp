@@ -343,7 +343,15 @@ Status validate(const MakeModelOptions& o) {
         return MM_ERROR("make-model: --heads %d is not a multiple of --kv-heads %d", o.heads, o.kv_heads);
     if (o.head_dim % 2 != 0) return MM_ERROR("make-model: --head-dim %d must be even (RoPE pairs)", o.head_dim);
     if (o.top_k > o.experts) return MM_ERROR("make-model: --top-k %d exceeds --experts %d", o.top_k, o.experts);
-    if (!(o.rope_theta > 0)) return MM_ERROR("make-model: --rope-theta must be positive");
+    if (!(o.rope_theta > 0) || o.rope_theta == 1)
+        return MM_ERROR("make-model: --rope-theta must be positive and not 1, got %g", o.rope_theta);
+    if (!o.rope_scaling.empty() && o.rope_scaling != "none" && o.rope_scaling != "linear" && o.rope_scaling != "yarn")
+        return MM_ERROR("make-model: --rope-scaling must be none, linear or yarn, got '%s'", o.rope_scaling.c_str());
+    if (!(o.rope_factor >= 0) || !std::isfinite(o.rope_factor))
+        return MM_ERROR("make-model: --rope-factor must be a finite number >= 0, got %g", o.rope_factor);
+    if (o.rope_orig_ctx < 0) return MM_ERROR("make-model: --rope-orig-ctx must be >= 0, got %d", o.rope_orig_ctx);
+    if (o.rope_scaling.empty() && (o.rope_factor != 0 || o.rope_orig_ctx != 0))
+        return MM_ERROR("make-model: --rope-factor and --rope-orig-ctx need --rope-scaling");
     if (!(o.rms_eps > 0)) return MM_ERROR("make-model: --rms-eps must be positive");
     if (!(o.router_skew >= 0) || !std::isfinite(o.router_skew))
         return MM_ERROR("make-model: --router-skew must be a finite number >= 0 (0: no skew), got %g", o.router_skew);
@@ -636,6 +644,11 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
     w.set_u32(kv_name(Kv::kAttentionHeadCount, arch), o.heads);
     w.set_u32(kv_name(Kv::kAttentionHeadCountKv, arch), o.kv_heads);
     w.set_f32(kv_name(Kv::kRopeFreqBase, arch), static_cast<float>(o.rope_theta));
+    if (!o.rope_scaling.empty()) {
+        w.set_string(kv_name(Kv::kRopeScalingType, arch), o.rope_scaling);
+        w.set_f32(kv_name(Kv::kRopeScalingFactor, arch), static_cast<float>(o.rope_factor));
+        if (o.rope_orig_ctx > 0) w.set_u32(kv_name(Kv::kRopeScalingOrigCtxLen, arch), o.rope_orig_ctx);
+    }
     w.set_f32(kv_name(Kv::kAttentionLayerNormRmsEps, arch), static_cast<float>(o.rms_eps));
     w.set_u32(kv_name(Kv::kExpertCount, arch), o.experts);
     w.set_u32(kv_name(Kv::kExpertUsedCount, arch), o.top_k);
@@ -746,6 +759,11 @@ void register_make_model_command(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--tokenizer", opts->tokenizer_dir, "Hugging Face tokenizer directory (default: builtin byte BPE)");
     cmd->add_option("--rope-theta", opts->rope_theta, "RoPE base")->capture_default_str();
+    cmd->add_option("--rope-scaling", opts->rope_scaling,
+                    "Write rope.scaling.type: none, linear or yarn (default: no scaling keys)");
+    cmd->add_option("--rope-factor", opts->rope_factor, "rope.scaling.factor (e.g. 4 for YaRN 32K -> 128K)");
+    cmd->add_option("--rope-orig-ctx", opts->rope_orig_ctx,
+                    "rope.scaling.original_context_length (0: leave out; readers use the context length)");
     cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();
     cmd->add_flag("--tied", opts->tied_embeddings, "Tie output to token_embd (no output.weight)");
     cmd->add_option("--alignment", opts->alignment, "Tensor data alignment (general.alignment)")->capture_default_str();

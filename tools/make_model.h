@@ -33,6 +33,11 @@ struct MakeModelOptions {
     double router_skew = 0;  // --router-skew S: Zipf-like expert popularity (see make_model.cpp); 0: none
     std::string tokenizer_dir;  // Hugging Face directory with tokenizer.json; empty: builtin byte-level BPE
     double rope_theta = 1e6;
+    // rope.scaling.*: written when rope_scaling is not empty (none | linear | yarn), as Hugging Face
+    // configs with rope_scaling convert; rope_orig_ctx 0 leaves original_context_length out.
+    std::string rope_scaling;
+    double rope_factor = 0;
+    int rope_orig_ctx = 0;
     double rms_eps = 1e-6;
     bool tied_embeddings = false;
     uint32_t alignment = 32;  // general.alignment (written only when not the default 32)

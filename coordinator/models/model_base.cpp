@@ -160,13 +160,6 @@ void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, float* o
 
 StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts) {
     MM_ASSIGN_OR_RETURN(ModelConfig cfg, load_model_config(*file));
-    if (cfg.rope_scaling_applies())
-        std::fprintf(stderr,
-                     "warning: %s asks for RoPE scaling '%s' (factor %g, original context %lld), which moemesh does not "
-                     "apply yet: positions use plain RoPE, so results differ from llama.cpp's on this file (and "
-                     "contexts beyond the original length degrade)\n",
-                     file->path().c_str(), cfg.rope_scaling.c_str(), cfg.rope_scaling_factor,
-                     static_cast<long long>(cfg.rope_scaling_orig_ctx));
     switch (cfg.arch) {
         case Arch::kQwen3Moe: return load_qwen3moe(std::move(file), cfg, opts);
         case Arch::kQwen3Next: return load_qwen3next(std::move(file), cfg, opts);

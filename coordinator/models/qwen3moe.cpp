@@ -84,8 +84,8 @@ private:
             be.matmul(lw.wv, xn, T, v);                            // [T, Nkv*D]
             be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
             be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-            be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope_theta);
-            be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope_theta);
+            be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
+            be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
             cb("Qcur", il, q, T, q_dim);
             cb("Kcur", il, k, T, kv_dim);
             attend(seq, il, p0, T, q, k, v, attn);  // [T, Nh*D]

@@ -213,8 +213,8 @@ private:
         be.copy_rows(gate, D, qg + D, 2 * D, T * Nh, D);  // per head: gate half
         be.rmsnorm(q, w.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
         be.rmsnorm(k, w.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-        be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope_theta);  // first R dims
-        be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope_theta);
+        be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope);  // first R dims
+        be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
         cb("Qcur", il, q, T, q_dim);
         cb("Kcur", il, k, T, kv_dim);
         attend(seq, il, p0, T, q, k, v, attn);  // [T, Nh·D]

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "common/ggml_types.h"
+#include "kernels/rope_yarn.h"
 
 // Broken invariant in a CUDA call: print file:line and the CUDA error, then abort.
 #define CUDA_CHECK(expr)                                                                                \
@@ -80,9 +81,9 @@ void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream = nullp
 
 // ---- RoPE (kernels/cuda/rope.cu) ----
 // In place NEOX rotation of the first rot_dim dims of each head of x[tokens, heads, head_dim];
-// pos: [tokens] int32 on the device. Angles built as kernels/cpu/rope.cpp builds them.
+// pos: [tokens] int32 on the device. Angles and scaling built as kernels/cpu/rope.cpp builds them.
 void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
-               float theta, cudaStream_t stream = nullptr);
+               const RopeParams& p, cudaStream_t stream = nullptr);
 
 // ---- router (kernels/cuda/topk.cu) ----
 // For each token t: softmax over logits[t, 0..E), the K largest (ties: lower expert id first, as
