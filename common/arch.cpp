@@ -16,6 +16,7 @@ struct ArchEntry {
 constexpr ArchEntry kArchNames[] = {
     {Arch::kQwen3Moe, "qwen3moe"},
     {Arch::kQwen3Next, "qwen3next"},
+    {Arch::kQwen35Moe, "qwen35moe"},
 };
 
 struct KvEntry {
@@ -55,6 +56,7 @@ constexpr KvEntry kKvNames[] = {
     {Kv::kAttentionRecurrentLayers, "%s.attention.recurrent_layers"},
     {Kv::kAttentionSlidingWindow, "%s.attention.sliding_window"},
     {Kv::kRopeDimensionCount, "%s.rope.dimension_count"},
+    {Kv::kRopeDimensionSections, "%s.rope.dimension_sections"},
     {Kv::kRopeFreqBase, "%s.rope.freq_base"},
     {Kv::kRopeScalingType, "%s.rope.scaling.type"},
     {Kv::kRopeScalingFactor, "%s.rope.scaling.factor"},
@@ -129,6 +131,8 @@ constexpr TensorEntry kTensorNames[] = {
     {Tensor::kSsmConv1d, "blk.%d.ssm_conv1d"},
     {Tensor::kSsmDt, "blk.%d.ssm_dt"},
     {Tensor::kSsmBa, "blk.%d.ssm_ba"},
+    {Tensor::kSsmBeta, "blk.%d.ssm_beta"},
+    {Tensor::kSsmAlpha, "blk.%d.ssm_alpha"},
     {Tensor::kSsmIn, "blk.%d.ssm_in"},
     {Tensor::kSsmNorm, "blk.%d.ssm_norm"},
     {Tensor::kSsmOut, "blk.%d.ssm_out"},
@@ -211,12 +215,23 @@ const std::vector<Tensor>& arch_tensors(Arch a) {
         Tensor::kFfnDownShexp,     Tensor::kNextnEhProj,    Tensor::kNextnEmbedTokens, Tensor::kNextnEnorm,
         Tensor::kNextnHnorm,       Tensor::kNextnSharedHeadHead, Tensor::kNextnSharedHeadNorm,
     };
+    // Qwen3.5 MoE: the qwen3next tensors with ssm_beta / ssm_alpha in place of ssm_ba (and no ssm_in).
+    static const std::vector<Tensor> kQwen35Moe = [] {
+        std::vector<Tensor> v;
+        for (Tensor t : kQwen3Next)
+            if (t != Tensor::kSsmBa && t != Tensor::kSsmIn) v.push_back(t);
+        v.push_back(Tensor::kSsmBeta);
+        v.push_back(Tensor::kSsmAlpha);
+        return v;
+    }();
     static const std::vector<Tensor> kNone;
     switch (a) {
         case Arch::kQwen3Moe:
             return kQwen3Moe;
         case Arch::kQwen3Next:
             return kQwen3Next;
+        case Arch::kQwen35Moe:
+            return kQwen35Moe;
         default:
             return kNone;
     }

@@ -12,7 +12,11 @@ enum class Arch {
     kUnknown,
     kQwen3Moe,   // "qwen3moe"
     kQwen3Next,  // "qwen3next"
+    kQwen35Moe,  // "qwen35moe": Qwen3.5 / 3.6 MoE, the qwen3next layer stack with separate β/α
+                 // projections, k heads tiled (not repeated) over v heads, and (text-only) IMRoPE
 };
+// The hybrid gated-DeltaNet / gated-attention families (qwen3next, qwen35moe).
+inline bool arch_is_hybrid(Arch a) { return a == Arch::kQwen3Next || a == Arch::kQwen35Moe; }
 const char* arch_name(Arch a);                 // "qwen3moe"; "(unknown)" for kUnknown
 Arch arch_from_name(const std::string& name);  // kUnknown if not ours
 
@@ -50,6 +54,7 @@ enum class Kv {
     kAttentionRecurrentLayers,
     kAttentionSlidingWindow,
     kRopeDimensionCount,
+    kRopeDimensionSections,  // qwen35moe: M-RoPE sections (t, h, w, e) in rotary pairs
     kRopeFreqBase,
     kRopeScalingType,
     kRopeScalingFactor,
@@ -123,6 +128,8 @@ enum class Tensor {
     kSsmConv1d,
     kSsmDt,  // suffix "bias"
     kSsmBa,
+    kSsmBeta,   // qwen35moe: β projection {H, Hv}
+    kSsmAlpha,  // qwen35moe: α projection {H, Hv}
     kSsmIn,
     kSsmNorm,
     kSsmOut,

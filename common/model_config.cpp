@@ -6,7 +6,7 @@ namespace moemesh {
 
 namespace {
 
-// The qwen3next keys (llama.cpp's llama_model_qwen3next::load_arch_hparams): the DeltaNet sizes,
+// The qwen3next and qwen35moe keys (llama.cpp's llama_model_qwen3next / _qwen35moe ::load_arch_hparams): the DeltaNet sizes,
 // the layer schedule (attention.recurrent_layers, else full_attention_interval, default 4), and
 // the shared expert width.
 Status load_qwen3next_config(const GgufFile& f, ModelConfig& c) {
@@ -59,6 +59,40 @@ Status load_qwen3next_config(const GgufFile& f, ModelConfig& c) {
     return Status();
 }
 
+// qwen35moe rotates with IMRoPE (ggml_rope_multi, GGML_ROPE_TYPE_IMROPE, NEOX pairing). For text
+// tokens llama.cpp gives the t, h and w positions the token's position and the e position 0
+// (llm_graph_input_pos::set_input), so a pair whose sector is t, h or w turns exactly as plain NEOX
+// RoPE does (the three angle chains are the same products), and a pair whose sector is e does not
+// turn. Qwen3.5's sections [11, 11, 10, 0] over 32 pairs leave none on e; a file whose sections do is
+// refused rather than rotated wrongly.
+Status check_imrope_sections(const GgufFile& f, const ModelConfig& c) {
+    const std::string key = kv_name(Kv::kRopeDimensionSections, c.arch);
+    const GgufValue* v = f.find(key);
+    if (!v) return Status();  // no sections: every pair on t (llama.cpp requires the key; we need not)
+    if (v->type != GgufType::ARRAY || v->arr_i.empty() || v->arr_i.size() > 4)
+        return MM_ERROR("%s: metadata key '%s' must be an array of at most 4 integers", f.path().c_str(), key.c_str());
+    int64_t s[4] = {0, 0, 0, 0}, sum = 0;
+    for (size_t i = 0; i < v->arr_i.size(); ++i) {
+        s[i] = v->arr_i[i];
+        if (s[i] < 0 || s[i] > 4096)
+            return MM_ERROR("%s: metadata key '%s' entry %zu = %lld is out of range", f.path().c_str(), key.c_str(), i,
+                            static_cast<long long>(s[i]));
+        sum += s[i];
+    }
+    if (sum <= 0) return MM_ERROR("%s: metadata key '%s' has no sections", f.path().c_str(), key.c_str());
+    for (int64_t i = 0; i < c.rope_dim / 2; ++i) {
+        const int64_t sector = i % sum;
+        const bool on_thw = (sector % 3 == 0 && sector < 3 * s[0]) || (sector % 3 == 1 && sector < 3 * s[1]) ||
+                            (sector % 3 == 2 && sector < 3 * s[2]);
+        if (!on_thw)
+            return MM_ERROR("%s: metadata key '%s' = [%lld, %lld, %lld, %lld] puts rotary pair %lld on the vision-only "
+                            "4th section, which moemesh does not implement",
+                            f.path().c_str(), key.c_str(), static_cast<long long>(s[0]), static_cast<long long>(s[1]),
+                            static_cast<long long>(s[2]), static_cast<long long>(s[3]), static_cast<long long>(i));
+    }
+    return Status();
+}
+
 }  // namespace
 
 StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
@@ -66,8 +100,8 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     const std::string& path = f.path();
     MM_ASSIGN_OR_RETURN(c.arch_name, f.get_string(kv_name(Kv::kGeneralArchitecture, Arch::kUnknown)));
     c.arch = arch_from_name(c.arch_name);
-    if (c.arch != Arch::kQwen3Moe && c.arch != Arch::kQwen3Next)
-        return MM_ERROR("%s: architecture '%s' is not supported (supported: qwen3moe, qwen3next)", path.c_str(),
+    if (c.arch != Arch::kQwen3Moe && !arch_is_hybrid(c.arch))
+        return MM_ERROR("%s: architecture '%s' is not supported (supported: qwen3moe, qwen3next, qwen35moe)", path.c_str(),
                         c.arch_name.c_str());
     const Arch a = c.arch;
     c.name = f.get_string_or(kv_name(Kv::kGeneralName, a), "");
@@ -170,7 +204,8 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
                                  tensor_name(Tensor::kFfnUpExps, 0).c_str());
         c.n_ff_exp = up->ne[1];
     }
-    if (c.arch == Arch::kQwen3Next) MM_RETURN_IF_ERROR(load_qwen3next_config(f, c));
+    if (arch_is_hybrid(c.arch)) MM_RETURN_IF_ERROR(load_qwen3next_config(f, c));
+    if (c.arch == Arch::kQwen35Moe) MM_RETURN_IF_ERROR(check_imrope_sections(f, c));
     return c;
 }
 

@@ -17,7 +17,7 @@ const std::string kArch = "qwen3next";
 
 // Metadata of a small qwen3next file plus token_embd: `over` replaces base values, `edit` adds keys.
 StatusOr<ModelConfig> config_of(const std::function<void(GgufWriter&)>& edit, int blocks = 4,
-                                const std::map<Kv, uint32_t>& over = {}) {
+                                const std::map<Kv, uint32_t>& over = {}, const std::string& kArch = moemesh::kArch) {
     GgufWriter w;
     auto u32 = [&](Kv k, uint32_t v) {
         auto it = over.find(k);
@@ -100,6 +100,25 @@ TEST(Qwen3NextConfig, RopeScalingKeysBecomeRopeParams) {
     auto af = config_of([](GgufWriter& w) { w.set_f32(kv_name(Kv::kRopeScalingAttnFactor, kArch), 0.5f); });
     ASSERT_TRUE(af.ok()) << af.status().message();
     EXPECT_EQ(af.value().rope.attn_factor, 0.5f);
+}
+
+// qwen35moe: the same keys under its own prefix; IMRoPE sections must keep every rotary pair on the
+// text positions (t, h, w), as Qwen3.5's [11, 11, 10, 0] does.
+TEST(Qwen3NextConfig, Qwen35MoeSections) {
+    const std::string a = "qwen35moe";
+    auto ok = config_of([&](GgufWriter& w) { w.set_arr_i32(kv_name(Kv::kRopeDimensionSections, a), {1, 1, 0, 0}); },
+                        4, {}, a);
+    ASSERT_TRUE(ok.ok()) << ok.status().message();  // rope dims 4: pairs 0 (t) and 1 (h)
+    EXPECT_EQ(ok.value().arch, Arch::kQwen35Moe);
+    EXPECT_EQ(schedule(ok.value()), "DDDA");
+    auto none = config_of([](GgufWriter&) {}, 4, {}, a);
+    ASSERT_TRUE(none.ok()) << none.status().message();
+    for (const std::vector<int32_t>& bad : std::vector<std::vector<int32_t>>{{1, 0, 0, 1}, {0, 0, 0, 0}, {2, -1, 0, 0}}) {
+        auto c = config_of([&](GgufWriter& w) { w.set_arr_i32(kv_name(Kv::kRopeDimensionSections, a), bad); }, 4, {}, a);
+        ASSERT_FALSE(c.ok()) << bad[0] << bad[1] << bad[2] << bad[3];
+        EXPECT_NE(c.status().message().find("qwen35moe.rope.dimension_sections"), std::string::npos)
+            << c.status().message();
+    }
 }
 
 TEST(Qwen3NextConfig, BadRopeScalingIsRefusedByName) {

@@ -20,10 +20,11 @@ constexpr NextShape kNext = {"next8", 8, 256, 4, 2, 64, 64, 8, 128, 128, 2, 4, 3
 constexpr NextShape kNextSmall = {"next4", 4, 128, 2, 1, 32, 16, 4, 64, 96, 1, 3, 32, 512};
 
 std::string make_next(const NextShape& s, const std::string& type, const std::string& dir,
-                      const std::string& extra = "", const std::string& tag = "") {
-    std::string path = dir + "/" + s.name + "_" + type + tag + ".gguf";
+                      const std::string& extra = "", const std::string& tag = "",
+                      const std::string& arch = "qwen3next") {
+    std::string path = dir + "/" + arch + "_" + s.name + "_" + type + tag + ".gguf";
     std::string out;
-    std::string cmd = moemesh_bin() + " make-model --arch qwen3next --out " + path + " --layers " +
+    std::string cmd = moemesh_bin() + " make-model --arch " + arch + " --out " + path + " --layers " +
                       std::to_string(s.layers) + " --hidden " + std::to_string(s.hidden) + " --heads " +
                       std::to_string(s.heads) + " --kv-heads " + std::to_string(s.kv_heads) + " --head-dim " +
                       std::to_string(s.head_dim) + " --experts " + std::to_string(s.experts) + " --top-k " +
@@ -46,6 +47,30 @@ TEST_F(Qwen3NextParity, F32MatchesLlamaCpp) {
         EXPECT_LE(c.max_dp, 1e-3) << s.name;
         EXPECT_EQ(c.greedy_prefix, 32) << s.name;
     }
+}
+
+// Qwen3.5 / 3.6 MoE (arch qwen35moe): separate β/α projections, k heads tiled over v heads (next8
+// has 2 k heads for 4 v heads: qwen3next's repeat-interleave mapping there gives max |dp| 0.52),
+// IMRoPE sections. Chunked prompts too.
+TEST_F(Qwen3NextParity, Qwen35MoeF32MatchesLlamaCpp) {
+    for (const NextShape& s : {kNext, kNextSmall}) {
+        std::string m = make_next(s, "f32", dir_, "", "", "qwen35moe");
+        Comparison c = run_pair(m, s.vocab, "f32", "", dir_);
+        EXPECT_LE(c.max_dp, 1e-3) << s.name;
+        EXPECT_EQ(c.greedy_prefix, 32) << s.name;
+    }
+    std::string m = make_next(kNext, "f32", dir_, "", "", "qwen35moe");
+    Comparison c = run_pair(m, kNext.vocab, "f32", "--batch 7", dir_);
+    EXPECT_LE(c.max_dp, 1e-3);
+    EXPECT_EQ(c.greedy_prefix, 32);
+}
+
+// A quantized qwen35moe file with llama.cpp's default f16 KV cache.
+TEST_F(Qwen3NextParity, Qwen35MoeQ8MatchesLlamaCpp) {
+    std::string m = make_next(kNextSmall, "q8_0", dir_, "", "", "qwen35moe");
+    Comparison c = run_pair(m, kNextSmall.vocab, "f16", "", dir_);
+    EXPECT_LE(c.median_dp, 1.5e-2);
+    EXPECT_GE(c.top1_agree, 58);
 }
 
 // YaRN on the partial RoPE of the gated attention layers (rope dims head_dim/4).

@@ -16,6 +16,9 @@
 //                    ssm_conv1d {K, 2*Hk*dk + Hv*dv}  ssm_dt.bias {Hv}  ssm_a {Hv}  ssm_ba {H, 2Hv}
 //                    (per k-head g: [b_g r | a_g r])  ssm_norm {dv}  ssm_out {Hv*dv, H}
 //   blk.N.ffn_gate_inp_shexp {H}  ffn_gate_shexp {H, S}  ffn_up_shexp {H, S}  ffn_down_shexp {S, H}
+// qwen35moe (Qwen3.5 / 3.6 MoE): the qwen3next blocks with the split qkvz layout only, and
+//   ssm_beta {H, Hv} + ssm_alpha {H, Hv} (v-head order) in place of ssm_ba; rope.dimension_sections
+//   [s0, s1, s2, 0] covering the rotary pairs (Qwen3.5: [11, 11, 10, 0] for 32 pairs).
 //
 // Scaling (why the numbers below): every matrix is N(0, 1/fan_in) so each projection of a unit-RMS
 // input has unit RMS; token_embd is N(0, 1) so the token identity is as loud as a block's output in
@@ -316,6 +319,8 @@ Status validate_qwen3next(const MakeModelOptions& o) {
     if (rope % 2 != 0) return MM_ERROR("make-model: --rope-dim %d%s must be even (RoPE pairs)", rope, how);
     if (o.qkvz_layout != "split" && o.qkvz_layout != "legacy")
         return MM_ERROR("make-model: --qkvz-layout '%s': expected split or legacy", o.qkvz_layout.c_str());
+    if (o.qkvz_layout == "legacy" && o.arch == arch_name(Arch::kQwen35Moe))
+        return MM_ERROR("make-model: --qkvz-layout legacy is a qwen3next layout; qwen35moe files have attn_qkv + attn_gate");
     return recurrent_schedule(o).status();
 }
 
@@ -323,7 +328,7 @@ Status validate(const MakeModelOptions& o) {
     if (o.out.empty()) return MM_ERROR("make-model: --out is required");
     const Arch a = arch_from_name(o.arch);
     if (a == Arch::kUnknown)
-        return MM_ERROR("make-model: unknown architecture '%s' (expected qwen3moe or qwen3next)", o.arch.c_str());
+        return MM_ERROR("make-model: unknown architecture '%s' (expected qwen3moe, qwen3next or qwen35moe)", o.arch.c_str());
     auto positive = [](const char* flag, int v) -> Status {
         if (v <= 0) return MM_ERROR("make-model: %s must be positive, got %d", flag, v);
         return Status();
@@ -357,7 +362,7 @@ Status validate(const MakeModelOptions& o) {
         return MM_ERROR("make-model: --router-skew must be a finite number >= 0 (0: no skew), got %g", o.router_skew);
     auto t = parse_matrix_type("--type", o.type, o.fast_weights);
     if (!t.ok()) return t.status();
-    if (a == Arch::kQwen3Next) MM_RETURN_IF_ERROR(validate_qwen3next(o));
+    if (arch_is_hybrid(a)) MM_RETURN_IF_ERROR(validate_qwen3next(o));
     return Status();
 }
 
@@ -517,6 +522,7 @@ std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner&
 // the grouped order, seeded by the ssm_in name); the split layout writes the same rows de-interleaved
 // as convert_hf_to_gguf.py does, so both layouts of one seed are the same model.
 std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner& p, int l, bool recurrent) {
+    const bool qwen35 = o.arch == arch_name(Arch::kQwen35Moe);
     const int64_t H = o.hidden, E = o.experts, I = o.expert_ff, D = o.head_dim;
     const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
     const int64_t S = o.shared_ff > 0 ? o.shared_ff : o.expert_ff;
@@ -553,7 +559,12 @@ std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner
         g.push_back(p.matrix(Tensor::kSsmConv1d, l, {o.conv_kernel, conv_dim}, GgmlType::F32, fan_in(o.conv_kernel)));
         g.push_back(p.vector(Tensor::kSsmDt, l, "bias", Hv, Init::kDtBias, 1.0f));
         g.push_back(p.vector(Tensor::kSsmA, l, "", Hv, Init::kNegUniform, 16.0f));
-        g.push_back(p.matrix(Tensor::kSsmBa, l, {H, 2 * Hv}, p.wtype, fan_in(H)));
+        if (qwen35) {
+            g.push_back(p.matrix(Tensor::kSsmBeta, l, {H, Hv}, p.wtype, fan_in(H)));
+            g.push_back(p.matrix(Tensor::kSsmAlpha, l, {H, Hv}, p.wtype, fan_in(H)));
+        } else {
+            g.push_back(p.matrix(Tensor::kSsmBa, l, {H, 2 * Hv}, p.wtype, fan_in(H)));
+        }
         g.push_back(p.norm(Tensor::kSsmNorm, l, dv));
         g.push_back(p.matrix(Tensor::kSsmOut, l, {value_dim, H}, p.wtype, fan_in(value_dim)));
     } else {
@@ -578,7 +589,7 @@ std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner
 
 // The keys Qwen3NextModel.set_gguf_parameters adds to Qwen2MoeModel's.
 void write_qwen3next_metadata(GgufWriter& w, const MakeModelOptions& o, const std::vector<bool>& schedule) {
-    const Arch a = Arch::kQwen3Next;
+    const Arch a = arch_from_name(o.arch);
     w.set_u32(kv_name(Kv::kExpertSharedFeedForwardLength, a), o.shared_ff > 0 ? o.shared_ff : o.expert_ff);
     w.set_u32(kv_name(Kv::kSsmConvKernel, a), o.conv_kernel);
     w.set_u32(kv_name(Kv::kSsmStateSize, a), o.ssm_head_dim);
@@ -591,6 +602,11 @@ void write_qwen3next_metadata(GgufWriter& w, const MakeModelOptions& o, const st
         w.set_arr_bool(kv_name(Kv::kAttentionRecurrentLayers, a), schedule);
     }
     w.set_u32(kv_name(Kv::kRopeDimensionCount, a), rope_dim_of(o));
+    if (a == Arch::kQwen35Moe) {
+        // IMRoPE sections over the P rotary pairs, all on t/h/w as Qwen3.5's [11, 11, 10, 0] for P = 32.
+        const int P = rope_dim_of(o) / 2;
+        w.set_arr_i32(kv_name(Kv::kRopeDimensionSections, a), {(P + 2) / 3, (P + 1) / 3, P / 3, 0});
+    }
 }
 
 }  // namespace
@@ -658,7 +674,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
     w.set_u32(kv_name(Kv::kExpertFeedForwardLength, arch), o.expert_ff);
     w.set_u32(kv_name(Kv::kGeneralQuantizationVersion, arch), kGgmlQuantizationVersion);
     std::vector<bool> schedule;
-    if (arch == Arch::kQwen3Next) {
+    if (arch_is_hybrid(arch)) {
         MM_ASSIGN_OR_RETURN(schedule, recurrent_schedule(o));
         write_qwen3next_metadata(w, o, schedule);
     }
@@ -671,7 +687,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
     const float embd_scale = o.tied_embeddings ? 2.0f * inv_sqrt_h : 1.0f;
     groups.push_back({p.matrix(Tensor::kTokenEmbd, -1, {H, V}, embed_type, embd_scale)});
     for (int l = 0; l < o.layers; ++l)
-        groups.push_back(arch == Arch::kQwen3Next ? qwen3next_layer(o, p, l, schedule[static_cast<size_t>(l)])
+        groups.push_back(arch_is_hybrid(arch) ? qwen3next_layer(o, p, l, schedule[static_cast<size_t>(l)])
                                                   : qwen3moe_layer(o, p, l));
     std::vector<TensorPlan> tail;
     tail.push_back(p.norm(Tensor::kOutputNorm, -1, H));
@@ -683,7 +699,7 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
                 if (t.name == tensor_name(Tensor::kFfnGateInp, l)) t.row_scale = router_skew_scales(o, l);
         log << "make-model: router rows scaled by 1 + " << o.router_skew << " / (rank + 1), ranks shuffled per layer\n";
     }
-    if (arch == Arch::kQwen3Next) {
+    if (arch_is_hybrid(arch)) {
         std::string full;
         for (int l = 0; l < o.layers; ++l)
             if (!schedule[static_cast<size_t>(l)]) full += (full.empty() ? "" : ",") + std::to_string(l);
@@ -736,9 +752,9 @@ Status make_model(const MakeModelOptions& o, std::ostream& log) {
 void register_make_model_command(CLI::App& app) {
     auto opts = std::make_shared<MakeModelOptions>();
     CLI::App* cmd = app.add_subcommand("make-model", "Write a small random-weight model (GGUF) that llama.cpp loads");
-    cmd->add_option("--arch", opts->arch, "Architecture")->capture_default_str();
+    cmd->add_option("--arch", opts->arch, "Architecture: qwen3moe, qwen3next or qwen35moe")->capture_default_str();
     cmd->add_option("--out,-o", opts->out, "Output .gguf path")->required();
-    cmd->add_option("--layers", opts->layers, "Transformer blocks (qwen3next default: 4)")->capture_default_str();
+    cmd->add_option("--layers", opts->layers, "Transformer blocks (qwen3next, qwen35moe default: 4)")->capture_default_str();
     cmd->add_option("--hidden", opts->hidden, "Hidden size H")->capture_default_str();
     cmd->add_option("--heads", opts->heads, "Attention (query) heads")->capture_default_str();
     cmd->add_option("--kv-heads", opts->kv_heads, "Key/value heads (GQA)")->capture_default_str();
@@ -779,29 +795,29 @@ void register_make_model_command(CLI::App& app) {
                   "large shapes, and the only way to write the i-quants (iq*: random grid indices, no quantizer). Norms (and qwen3next's ssm_a, dt bias) are drawn as without it");
     // qwen3next
     auto* interval = cmd->add_option("--full-attention-interval", opts->full_attention_interval,
-                                     "qwen3next: layer i is full attention when (i+1) % N == 0, DeltaNet otherwise")
+                                     "qwen3next, qwen35moe: layer i is full attention when (i+1) % N == 0, DeltaNet otherwise")
                          ->capture_default_str();
     cmd->add_option("--recurrent-layers", opts->recurrent_layers,
-                    "qwen3next: per-layer schedule, e.g. 1,1,1,0 (1 DeltaNet, 0 full attention), written as the "
+                    "qwen3next, qwen35moe: per-layer schedule, e.g. 1,1,1,0 (1 DeltaNet, 0 full attention), written as the "
                     "attention.recurrent_layers array instead of the interval")
         ->excludes(interval);
-    cmd->add_option("--shared-ff", opts->shared_ff, "qwen3next: shared expert width (0: --expert-ff)")
+    cmd->add_option("--shared-ff", opts->shared_ff, "qwen3next, qwen35moe: shared expert width (0: --expert-ff)")
         ->capture_default_str();
-    cmd->add_option("--ssm-k-heads", opts->ssm_k_heads, "qwen3next: DeltaNet q/k heads Hk")->capture_default_str();
-    cmd->add_option("--ssm-v-heads", opts->ssm_v_heads, "qwen3next: DeltaNet v heads Hv (a multiple of Hk)")
+    cmd->add_option("--ssm-k-heads", opts->ssm_k_heads, "qwen3next, qwen35moe: DeltaNet q/k heads Hk")->capture_default_str();
+    cmd->add_option("--ssm-v-heads", opts->ssm_v_heads, "qwen3next, qwen35moe: DeltaNet v heads Hv (a multiple of Hk)")
         ->capture_default_str();
-    cmd->add_option("--ssm-head-dim", opts->ssm_head_dim, "qwen3next: DeltaNet head dimension dk = dv")
+    cmd->add_option("--ssm-head-dim", opts->ssm_head_dim, "qwen3next, qwen35moe: DeltaNet head dimension dk = dv")
         ->capture_default_str();
-    cmd->add_option("--conv-kernel", opts->conv_kernel, "qwen3next: DeltaNet causal conv taps K")
+    cmd->add_option("--conv-kernel", opts->conv_kernel, "qwen3next, qwen35moe: DeltaNet causal conv taps K")
         ->capture_default_str();
-    cmd->add_option("--rope-dim", opts->rope_dim, "qwen3next: rotary dims per head, partial RoPE (0: head_dim/4)")
+    cmd->add_option("--rope-dim", opts->rope_dim, "qwen3next, qwen35moe: rotary dims per head, partial RoPE (0: head_dim/4)")
         ->capture_default_str();
     cmd->add_option("--qkvz-layout", opts->qkvz_layout,
-                    "qwen3next: split (attn_qkv + attn_gate, current converter) or legacy (one raw ssm_in)")
+                    "qwen3next, qwen35moe: split (attn_qkv + attn_gate, current converter) or legacy (one raw ssm_in)")
         ->check(CLI::IsMember({"split", "legacy"}))
         ->capture_default_str();
     cmd->callback([opts, cmd] {
-        if (opts->arch == arch_name(Arch::kQwen3Next) && cmd->count("--layers") == 0)
+        if (arch_is_hybrid(arch_from_name(opts->arch)) && cmd->count("--layers") == 0)
             opts->layers = kDefaultQwen3NextLayers;
         Status st = make_model(*opts, std::cerr);
         if (!st.ok()) {

@@ -162,7 +162,8 @@ StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, cons
     MM_ASSIGN_OR_RETURN(ModelConfig cfg, load_model_config(*file));
     switch (cfg.arch) {
         case Arch::kQwen3Moe: return load_qwen3moe(std::move(file), cfg, opts);
-        case Arch::kQwen3Next: return load_qwen3next(std::move(file), cfg, opts);
+        case Arch::kQwen3Next:
+        case Arch::kQwen35Moe: return load_qwen3next(std::move(file), cfg, opts);
         default: break;
     }
     return MM_ERROR("%s: no forward pass for architecture '%s'", file->path().c_str(), cfg.arch_name.c_str());

@@ -1,5 +1,10 @@
 // Qwen3-Next forward pass (MODEL_SPEC.md §2, GGUF layout §4.2): a hybrid of gated full attention
 // and gated DeltaNet layers, each followed by a routed MoE plus a sigmoid-gated shared expert.
+// Qwen3.5 / 3.6 MoE (arch qwen35moe, llama.cpp src/models/qwen35moe.cpp) is the same stack with
+// three differences, all in the DeltaNet layers but the last: β and α come from two projections
+// ssm_beta / ssm_alpha {H, Hv} in v-head order (not the per-k-head ssm_ba); v-head j reads k-head
+// j mod Hk (ggml_repeat tiling, where qwen3next's repeat-interleave gives j / r); and the attention
+// layers use IMRoPE, which for text equals NEOX RoPE (checked at load: common/model_config.cpp).
 //
 // Shapes: T tokens in this chunk, H hidden, Nh q heads, Nkv kv heads, D head dim, R rotary dims,
 // Hk/Hv DeltaNet k/v heads (r = Hv/Hk), dk = dv DeltaNet head dim, C = 2·Hk·dk + Hv·dv conv
@@ -30,7 +35,9 @@ struct DeltaWeights {           // gated DeltaNet layers
     BackendWeight wqkv;         // {H, C}: [all q | all k | all v]   (with wgate), or legacy:
     BackendWeight wgate;        // {H, Hv·dv}: z
     BackendWeight ssm_in;       // {H, C + Hv·dv}: per k-head [q dk | k dk | v r·dv | z r·dv]
-    BackendWeight ssm_ba;       // {H, 2·Hv}: per k-head [b r | a r]
+    BackendWeight ssm_ba;       // {H, 2·Hv}: per k-head [b r | a r]  (qwen3next)
+    BackendWeight ssm_beta;     // {H, Hv}                            (qwen35moe)
+    BackendWeight ssm_alpha;    // {H, Hv}
     const float* conv{};        // [C, K] taps (ssm_conv1d {K, C})
     const float* dt_bias{};     // [Hv]
     const float* a{};           // [Hv] = -exp(A_log)
@@ -111,7 +118,12 @@ private:
         const int64_t H = cfg_.n_embd, C = cfg_.ssm_conv_dim(), VD = cfg_.ssm_value_dim();
         const int64_t Hv = cfg_.ssm_v_heads, K = cfg_.ssm_conv_kernel;
         MM_ASSIGN_OR_RETURN(w.wqkv, optional_weight(tensor_name(Tensor::kAttnQkv, il), {H, C}));
-        if (w.wqkv) {
+        if (qwen35_) {  // no legacy ssm_in layout in this family
+            if (!w.wqkv)
+                return MM_ERROR("%s: layer %d is a gated DeltaNet layer but has no '%s'", f.path().c_str(), il,
+                                tensor_name(Tensor::kAttnQkv, il).c_str());
+            MM_ASSIGN_OR_RETURN(w.wgate, weight(tensor_name(Tensor::kAttnGate, il), {H, VD}));
+        } else if (w.wqkv) {
             MM_ASSIGN_OR_RETURN(w.wgate, weight(tensor_name(Tensor::kAttnGate, il), {H, VD}));
         } else {
             // Older converters wrote the raw grouped in_proj_qkvz as ssm_in.
@@ -121,7 +133,12 @@ private:
                                 f.path().c_str(), il, tensor_name(Tensor::kAttnQkv, il).c_str(),
                                 tensor_name(Tensor::kAttnGate, il).c_str(), tensor_name(Tensor::kSsmIn, il).c_str());
         }
-        MM_ASSIGN_OR_RETURN(w.ssm_ba, weight(tensor_name(Tensor::kSsmBa, il), {H, 2 * Hv}));
+        if (qwen35_) {
+            MM_ASSIGN_OR_RETURN(w.ssm_beta, weight(tensor_name(Tensor::kSsmBeta, il), {H, Hv}));
+            MM_ASSIGN_OR_RETURN(w.ssm_alpha, weight(tensor_name(Tensor::kSsmAlpha, il), {H, Hv}));
+        } else {
+            MM_ASSIGN_OR_RETURN(w.ssm_ba, weight(tensor_name(Tensor::kSsmBa, il), {H, 2 * Hv}));
+        }
         MM_ASSIGN_OR_RETURN(Weight conv, get_weight(f, tensor_name(Tensor::kSsmConv1d, il), {K, C}));
         std::vector<float> taps(static_cast<size_t>(C * K));
         for (int64_t c = 0; c < C; ++c) dequantize_row(conv.type, conv.row(c), &taps[c * K], K);
@@ -254,8 +271,17 @@ private:
         float* ba = scratch(ba_, T * 2 * Hv);  // [T, Hk, 2r]
         float* beta = scratch(beta_, T * Hv);
         float* gdecay = scratch(gdecay_, T * Hv);
-        be.matmul(w.ssm_ba, xn, T, ba);
-        be.delta_gates(ba, w.dt_bias, w.a, beta, gdecay, T, Hk, r);
+        if (qwen35_) {
+            // Separate projections in v-head order, laid out as Hv groups of one [b | a] pair.
+            be.matmul(w.ssm_beta, xn, T, beta);     // [T, Hv] (β logits; overwritten below)
+            be.matmul(w.ssm_alpha, xn, T, gdecay);  // [T, Hv] (α; overwritten below)
+            be.copy_rows(ba, 2, beta, 1, T * Hv, 1);
+            be.copy_rows(ba + 1, 2, gdecay, 1, T * Hv, 1);
+            be.delta_gates(ba, w.dt_bias, w.a, beta, gdecay, T, Hv, 1);
+        } else {
+            be.matmul(w.ssm_ba, xn, T, ba);
+            be.delta_gates(ba, w.dt_bias, w.a, beta, gdecay, T, Hk, r);
+        }
 
         float* conv_out = scratch(conv_out_, T * C);
         be.conv1d_silu(mixed, w.conv, seq.conv_state[il].as<float>(), conv_out, T, C, cfg_.ssm_conv_kernel);
@@ -269,6 +295,19 @@ private:
         be.copy_rows(dv, VD, conv_out + 2 * KD, C, T, VD);
         be.l2norm_rows(dq, T * Hk, d, cfg_.rms_eps);
         be.l2norm_rows(dk, T * Hk, d, cfg_.rms_eps);
+        int64_t n_kq_heads = Hk;
+        if (qwen35_ && r > 1) {
+            // v-head j reads k-head j mod Hk: tile q and k to Hv heads, [T, r copies of (Hk, dk)].
+            float* tq = scratch(dq_tiled_, T * VD);
+            float* tk = scratch(dk_tiled_, T * VD);
+            for (int64_t c = 0; c < r; ++c) {
+                be.copy_rows(tq + c * KD, VD, dq, KD, T, KD);
+                be.copy_rows(tk + c * KD, VD, dk, KD, T, KD);
+            }
+            dq = tq;
+            dk = tk;
+            n_kq_heads = Hv;
+        }
 
         float* core = scratch(core_, T * VD);  // [T, Hv, dv]
         DeltaNetArgs da;
@@ -280,7 +319,7 @@ private:
         da.state = seq.ssm_state[il].as<float>();
         da.out = core;
         da.n_tokens = T;
-        da.n_k_heads = Hk;
+        da.n_k_heads = n_kq_heads;
         da.n_v_heads = Hv;
         da.k_dim = d;
         da.v_dim = d;
@@ -309,11 +348,12 @@ private:
         cb("ffn_shexp", il, sh_out, T, H);
     }
 
+    const bool qwen35_ = cfg_.arch == Arch::kQwen35Moe;
     std::vector<LayerWeights> layers_;
     // Scratch for one chunk, in the backend's memory.
     Buffer x_, xn_, tmp_;
     Buffer qg_, q_, gate_, k_, v_, attn_, fused_;
-    Buffer mixed_, z_, ba_, beta_, gdecay_, conv_out_, dq_, dk_, dv_, core_;
+    Buffer mixed_, z_, ba_, beta_, gdecay_, conv_out_, dq_, dk_, dv_, core_, dq_tiled_, dk_tiled_;
     Buffer sh_g_, sh_u_, sh_out_, sh_gate_;
 };
 
