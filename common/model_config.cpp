@@ -199,10 +199,11 @@ StatusOr<ModelConfig> load_model_config(const GgufFile& f) {
     if (c.n_ff_exp <= 0) {
         // Older files omit expert_feed_forward_length; the expert tensors carry it.
         const GgufTensor* up = f.tensor(tensor_name(Tensor::kFfnUpExps, 0));
-        if (!up) return MM_ERROR("%s: missing key '%s' and tensor '%s'", path.c_str(),
-                                 kv_name(Kv::kExpertFeedForwardLength, a).c_str(),
-                                 tensor_name(Tensor::kFfnUpExps, 0).c_str());
-        c.n_ff_exp = up->ne[1];
+        const GgufTensor* gate_up = f.tensor(tensor_name(Tensor::kFfnGateUpExps, 0));
+        if (!up && !gate_up)
+            return MM_ERROR("%s: missing key '%s' and tensor '%s'", path.c_str(),
+                            kv_name(Kv::kExpertFeedForwardLength, a).c_str(), tensor_name(Tensor::kFfnUpExps, 0).c_str());
+        c.n_ff_exp = up ? up->ne[1] : gate_up->ne[1] / 2;
     }
     if (arch_is_hybrid(c.arch)) MM_RETURN_IF_ERROR(load_qwen3next_config(f, c));
     if (c.arch == Arch::kQwen35Moe) MM_RETURN_IF_ERROR(check_imrope_sections(f, c));

@@ -38,6 +38,7 @@ StatusOr<Weight> get_optional_weight(const GgufFile& f, const std::string& name,
     for (int i = 0; i < 4; ++i) w.ne[i] = t->ne[i];
     w.row_bytes = ggml_row_bytes(t->type, t->ne[0]);
     w.matrix_bytes = w.row_bytes * static_cast<size_t>(t->ne[1]);
+    w.expert_stride = w.matrix_bytes;
     return w;
 }
 

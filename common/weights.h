@@ -19,8 +19,11 @@ struct Weight {
     int64_t ne[4] = {1, 1, 1, 1};
     size_t row_bytes = 0;
     size_t matrix_bytes = 0;  // row_bytes * ne[1]
+    // Bytes from one matrix of a 3-D (expert) tensor to the next: matrix_bytes, or more when this
+    // Weight is one part of a fused tensor (the gate or up half of ffn_gate_up_exps).
+    size_t expert_stride = 0;
     const uint8_t* row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
-    const uint8_t* matrix(int64_t e) const { return data + static_cast<size_t>(e) * matrix_bytes; }
+    const uint8_t* matrix(int64_t e) const { return data + static_cast<size_t>(e) * expert_stride; }
     explicit operator bool() const { return tensor != nullptr; }
 };
 

@@ -313,12 +313,20 @@ public:
             I_ = w.gate.ne[1];
             ResidentExperts r;
             r.tg = w.gate.type, r.tu = w.up.type, r.td = w.down.type;
-            r.mb_g = w.gate.matrix_bytes, r.mb_u = w.up.matrix_bytes, r.mb_d = w.down.matrix_bytes;
+            // mb_*: the stride from one expert's matrix to the next (matmul_id's matrix_bytes).
+            r.mb_g = w.gate.expert_stride, r.mb_u = w.up.expert_stride, r.mb_d = w.down.expert_stride;
             const auto E = static_cast<size_t>(c.n_expert);
-            r.gate = static_cast<const uint8_t*>(keep(w.gate.data, r.mb_g * E));
-            r.up = static_cast<const uint8_t*>(keep(w.up.data, r.mb_u * E));
+            if (w.fused_gate_up()) {  // one upload of ffn_gate_up_exps; up starts I rows into each expert
+                r.gate = static_cast<const uint8_t*>(keep(w.gate.data, r.mb_g * E));
+                r.up = r.gate + (w.up.data - w.gate.data);
+                total += r.mb_g * E;
+            } else {
+                r.gate = static_cast<const uint8_t*>(keep(w.gate.data, r.mb_g * E));
+                r.up = static_cast<const uint8_t*>(keep(w.up.data, r.mb_u * E));
+                total += (r.mb_g + r.mb_u) * E;
+            }
             r.down = static_cast<const uint8_t*>(keep(w.down.data, r.mb_d * E));
-            total += (r.mb_g + r.mb_u + r.mb_d) * E;
+            total += r.mb_d * E;
             experts_.push_back(r);
         }
         size_t free_b = 0, total_b = 0;

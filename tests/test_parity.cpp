@@ -100,6 +100,14 @@ TEST_F(Parity, RopeScalingMatchesLlamaCpp) {
     }
 }
 
+// convert_hf_to_gguf.py --fuse-qkv writes one attn_qkv per layer: q rows, then k, then v.
+TEST_F(Parity, FusedQkvMatchesLlamaCpp) {
+    std::string m = make_model(kSmall, "f32", dir_, "--fuse-qkv");
+    Comparison c = run_pair(m, kSmall.vocab, "f32", "", dir_);
+    EXPECT_LE(c.max_dp, 1e-3);
+    EXPECT_EQ(c.greedy_prefix, 32);
+}
+
 // llama.cpp's default f16 KV cache on both sides.
 TEST_F(Parity, F32WithF16KvCache) {
     std::string m = make_model(kDeep, "f32", dir_);

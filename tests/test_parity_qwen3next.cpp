@@ -65,6 +65,22 @@ TEST_F(Qwen3NextParity, Qwen35MoeF32MatchesLlamaCpp) {
     EXPECT_EQ(c.greedy_prefix, 32);
 }
 
+// convert_hf_to_gguf.py --fuse-qkv --fuse-gate-up-exps: attn_qkv in the attention layers and one
+// ffn_gate_up_exps {H, 2I, E} per layer (gate rows, then up rows, per expert), in both hybrid
+// families; also with the routed experts read from the file by the offload cache (strided reads).
+TEST_F(Qwen3NextParity, FusedTensorsMatchLlamaCpp) {
+    for (const char* arch : {"qwen3next", "qwen35moe"}) {
+        std::string m = make_next(kNextSmall, "f32", dir_, "--fuse-qkv --fuse-gate-up", "_fused", arch);
+        const Result ours = run_ours(m, kNextSmall.vocab, "f32", "", dir_, 64);
+        const Result ref = run_ref(m, kNextSmall.vocab, "f32", "", dir_, 64);
+        const Comparison c = report(std::string(arch) + " fused: moemesh vs llama.cpp", ours, ref, 64);
+        EXPECT_LE(c.max_dp, 1e-3) << arch;
+        EXPECT_EQ(c.greedy_prefix, 32) << arch;
+        const Result cached = run_ours(m, kNextSmall.vocab, "f32", "--device-budget 1MiB", dir_, 64);
+        EXPECT_EQ(report(std::string(arch) + " fused, experts through the cache", cached, ours, 64).max_dp, 0.0) << arch;
+    }
+}
+
 // A quantized qwen35moe file with llama.cpp's default f16 KV cache.
 TEST_F(Qwen3NextParity, Qwen35MoeQ8MatchesLlamaCpp) {
     std::string m = make_next(kNextSmall, "q8_0", dir_, "", "", "qwen35moe");

@@ -363,6 +363,9 @@ Status validate(const MakeModelOptions& o) {
     auto t = parse_matrix_type("--type", o.type, o.fast_weights);
     if (!t.ok()) return t.status();
     if (arch_is_hybrid(a)) MM_RETURN_IF_ERROR(validate_qwen3next(o));
+    if (o.fuse_gate_up && !arch_is_hybrid(a))
+        return MM_ERROR("make-model: --fuse-gate-up: llama.cpp reads ffn_gate_up_exps for qwen3next and qwen35moe "
+                        "only, not %s", o.arch.c_str());
     return Status();
 }
 
@@ -498,24 +501,46 @@ struct Planner {
     }
 };
 
+// attn_q {H, Qr} (Qr = Q, or 2Q with qwen3next's per-head gate), attn_k, attn_v {H, KV}; or one
+// attn_qkv {H, Qr + 2KV} with --fuse-qkv.
+void attention_projections(const MakeModelOptions& o, const Planner& p, int l, int64_t Qr, int64_t KV,
+                           std::vector<TensorPlan>& g) {
+    const int64_t H = o.hidden;
+    if (o.fuse_qkv) {
+        g.push_back(p.matrix(Tensor::kAttnQkv, l, {H, Qr + 2 * KV}, p.wtype, fan_in(H)));
+        return;
+    }
+    g.push_back(p.matrix(Tensor::kAttnQ, l, {H, Qr}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)));
+}
+
+// ffn_gate_exps + ffn_up_exps {H, I, E} (or one ffn_gate_up_exps {H, 2I, E}), ffn_down_exps {I, H, E}.
+void expert_projections(const MakeModelOptions& o, const Planner& p, int l, std::vector<TensorPlan>& g) {
+    const int64_t H = o.hidden, E = o.experts, I = o.expert_ff;
+    if (o.fuse_gate_up) {
+        g.push_back(p.matrix(Tensor::kFfnGateUpExps, l, {H, 2 * I, E}, p.wtype, fan_in(H)));
+    } else {
+        g.push_back(p.matrix(Tensor::kFfnGateExps, l, {H, I, E}, p.wtype, fan_in(H)));
+        g.push_back(p.matrix(Tensor::kFfnUpExps, l, {H, I, E}, p.wtype, fan_in(H)));
+    }
+    g.push_back(p.matrix(Tensor::kFfnDownExps, l, {I, H, E}, p.wtype, fan_in(I)));
+}
+
 std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner& p, int l) {
-    const int64_t H = o.hidden, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t H = o.hidden, E = o.experts, D = o.head_dim;
     const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
-    return {
-        p.norm(Tensor::kAttnNorm, l, H),
-        p.matrix(Tensor::kAttnQ, l, {H, Q}, p.wtype, fan_in(H)),
-        p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)),
-        p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)),
-        p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)),
-        p.norm(Tensor::kAttnQNorm, l, D),
-        p.norm(Tensor::kAttnKNorm, l, D),
-        p.norm(Tensor::kFfnNorm, l, H),
-        // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
-        p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)),
-        p.matrix(Tensor::kFfnGateExps, l, {H, I, E}, p.wtype, fan_in(H)),
-        p.matrix(Tensor::kFfnUpExps, l, {H, I, E}, p.wtype, fan_in(H)),
-        p.matrix(Tensor::kFfnDownExps, l, {I, H, E}, p.wtype, fan_in(I)),
-    };
+    std::vector<TensorPlan> g;
+    g.push_back(p.norm(Tensor::kAttnNorm, l, H));
+    attention_projections(o, p, l, Q, KV, g);
+    g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
+    g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
+    g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
+    g.push_back(p.norm(Tensor::kFfnNorm, l, H));
+    // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
+    g.push_back(p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)));
+    expert_projections(o, p, l, g);
+    return g;
 }
 
 // One qwen3next block. The DeltaNet input projection is always drawn as HF's in_proj_qkvz (rows in
@@ -523,7 +548,7 @@ std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner&
 // as convert_hf_to_gguf.py does, so both layouts of one seed are the same model.
 std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner& p, int l, bool recurrent) {
     const bool qwen35 = o.arch == arch_name(Arch::kQwen35Moe);
-    const int64_t H = o.hidden, E = o.experts, I = o.expert_ff, D = o.head_dim;
+    const int64_t H = o.hidden, E = o.experts, D = o.head_dim;
     const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
     const int64_t S = o.shared_ff > 0 ? o.shared_ff : o.expert_ff;
     std::vector<TensorPlan> g;
@@ -568,18 +593,14 @@ std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner
         g.push_back(p.norm(Tensor::kSsmNorm, l, dv));
         g.push_back(p.matrix(Tensor::kSsmOut, l, {value_dim, H}, p.wtype, fan_in(value_dim)));
     } else {
-        g.push_back(p.matrix(Tensor::kAttnQ, l, {H, 2 * Q}, p.wtype, fan_in(H)));  // per head [query | gate]
-        g.push_back(p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)));
-        g.push_back(p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)));
+        attention_projections(o, p, l, 2 * Q, KV, g);  // q: per head [query | gate]
         g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
         g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
         g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
     }
     g.push_back(p.norm(Tensor::kAttnPostNorm, l, H));
     g.push_back(p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)));
-    g.push_back(p.matrix(Tensor::kFfnGateExps, l, {H, I, E}, p.wtype, fan_in(H)));
-    g.push_back(p.matrix(Tensor::kFfnUpExps, l, {H, I, E}, p.wtype, fan_in(H)));
-    g.push_back(p.matrix(Tensor::kFfnDownExps, l, {I, H, E}, p.wtype, fan_in(I)));
+    expert_projections(o, p, l, g);
     g.push_back(p.vector(Tensor::kFfnGateInpShexp, l, "weight", H, Init::kNormal, fan_in(H)));
     g.push_back(p.matrix(Tensor::kFfnGateShexp, l, {H, S}, p.wtype, fan_in(H)));
     g.push_back(p.matrix(Tensor::kFfnUpShexp, l, {H, S}, p.wtype, fan_in(H)));
@@ -782,6 +803,11 @@ void register_make_model_command(CLI::App& app) {
                     "rope.scaling.original_context_length (0: leave out; readers use the context length)");
     cmd->add_option("--rms-eps", opts->rms_eps, "RMSNorm epsilon")->capture_default_str();
     cmd->add_flag("--tied", opts->tied_embeddings, "Tie output to token_embd (no output.weight)");
+    cmd->add_flag("--fuse-qkv", opts->fuse_qkv,
+                  "One attn_qkv per attention layer instead of attn_q/k/v (as convert_hf_to_gguf.py --fuse-qkv)");
+    cmd->add_flag("--fuse-gate-up", opts->fuse_gate_up,
+                  "qwen3next, qwen35moe: one ffn_gate_up_exps per layer instead of ffn_gate_exps + ffn_up_exps "
+                  "(as convert_hf_to_gguf.py --fuse-gate-up-exps)");
     cmd->add_option("--alignment", opts->alignment, "Tensor data alignment (general.alignment)")->capture_default_str();
     cmd->add_option("--threads,-t", opts->threads,
                     "Generator threads (0: min(hardware threads, 8)); the bytes do not depend on it")

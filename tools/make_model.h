@@ -61,6 +61,11 @@ struct MakeModelOptions {
     int conv_kernel = 4;
     int rope_dim = 0;                   // rotary dims of each head (partial RoPE); 0: head_dim / 4
     std::string qkvz_layout = "split";  // split: attn_qkv + attn_gate (current converter); legacy: one ssm_in
+    // As convert_hf_to_gguf.py --fuse-qkv / --fuse-gate-up-exps: attention layers get one attn_qkv
+    // (q rows, then k, then v), and the experts one ffn_gate_up_exps {H, 2I, E} (per expert the gate
+    // rows, then the up rows; llama.cpp reads that for qwen3next and qwen35moe only).
+    bool fuse_qkv = false;
+    bool fuse_gate_up = false;
 };
 
 constexpr int kDefaultQwen3NextLayers = 4;  // --layers when not given with --arch qwen3next: 3 DeltaNet + 1 full

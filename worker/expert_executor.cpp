@@ -7,8 +7,19 @@ namespace moemesh {
 StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const ModelConfig& c, int il) {
     const int64_t H = c.n_embd, I = c.n_ff_exp, E = c.n_expert;
     LayerExpertWeights w;
-    MM_ASSIGN_OR_RETURN(w.gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
-    MM_ASSIGN_OR_RETURN(w.up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
+    // Files converted with --fuse-gate-up-exps hold ffn_gate_up_exps {H, 2I, E} instead: per expert
+    // the I gate rows, then the I up rows (llama.cpp splits the product the same way).
+    MM_ASSIGN_OR_RETURN(Weight fused, get_optional_weight(f, tensor_name(Tensor::kFfnGateUpExps, il), {H, 2 * I, E}));
+    if (fused && !f.tensor(tensor_name(Tensor::kFfnGateExps, il))) {
+        w.gate = fused;
+        w.gate.ne[1] = I;
+        w.gate.matrix_bytes = fused.row_bytes * static_cast<size_t>(I);
+        w.up = w.gate;
+        w.up.data = fused.data + w.gate.matrix_bytes;
+    } else {
+        MM_ASSIGN_OR_RETURN(w.gate, get_weight(f, tensor_name(Tensor::kFfnGateExps, il), {H, I, E}));
+        MM_ASSIGN_OR_RETURN(w.up, get_weight(f, tensor_name(Tensor::kFfnUpExps, il), {H, I, E}));
+    }
     MM_ASSIGN_OR_RETURN(w.down, get_weight(f, tensor_name(Tensor::kFfnDownExps, il), {I, H, E}));
     return w;
 }

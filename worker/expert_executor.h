@@ -13,7 +13,8 @@ namespace moemesh {
 
 // One layer's stacked expert tensors, shape- and type-checked: gate/up {H, I, E}, down {I, H, E}.
 struct LayerExpertWeights {
-    Weight gate, up, down;
+    Weight gate, up, down;  // gate and up may be the two halves of one fused tensor (same ->tensor)
+    bool fused_gate_up() const { return gate.tensor != nullptr && gate.tensor == up.tensor; }
 };
 StatusOr<LayerExpertWeights> layer_expert_weights(const GgufFile& f, const ModelConfig& c, int layer);
 // A table with the layer's types and no expert held yet (E null slices).

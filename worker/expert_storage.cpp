@@ -100,7 +100,8 @@ StatusOr<std::unique_ptr<FileExpertReader>> FileExpertReader::open(const GgufFil
         r->types_.push_back({w.gate.type, w.up.type, w.down.type});
         for (const Weight* m : {&w.gate, &w.up, &w.down})
             r->matrices_.push_back(
-                {m->tensor->name, f.file_offset(*m->tensor, m->data), m->matrix_bytes, m->tensor->split});
+                {m->tensor->name, f.file_offset(*m->tensor, m->data), m->expert_stride, m->matrix_bytes,
+                 m->tensor->split});
     }
     for (uint32_t i = 0; i < f.split_count(); ++i) {
         r->paths_.push_back(f.split_path(i));
@@ -148,7 +149,7 @@ void FileExpertReader::reset_counters() {
 Status FileExpertReader::read_error(int layer, int m, int expert, uint64_t done, int err) const {
     const Matrix& mx = matrices_[static_cast<size_t>(layer) * 3 + m];
     const uint64_t begin = mx.offset + static_cast<uint64_t>(expert) * mx.stride;
-    const unsigned long long b = begin, e = begin + mx.stride, at = begin + done;
+    const unsigned long long b = begin, e = begin + mx.size, at = begin + done;
     return err == 0 ? MM_ERROR("%s: tensor '%s' (expert %d) bytes [%llu, %llu): file ends at byte %llu "
                                "(truncated after it was opened?)",
                                paths_[mx.split].c_str(), mx.tensor.c_str(), expert, b, e, at)
@@ -163,9 +164,9 @@ Status FileExpertReader::pread_expert(int layer, int expert, uint8_t* dst) {
         const Matrix& mx = matrices_[static_cast<size_t>(layer) * 3 + m];
         const uint64_t begin = mx.offset + static_cast<uint64_t>(expert) * mx.stride;
         uint64_t done = 0;
-        while (done < mx.stride) {
+        while (done < mx.size) {
             const ssize_t n =
-                ::pread(fds_[mx.split], dst + dst_off[m] + done, mx.stride - done, static_cast<off_t>(begin + done));
+                ::pread(fds_[mx.split], dst + dst_off[m] + done, mx.size - done, static_cast<off_t>(begin + done));
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) {
                 errors_++;
@@ -259,7 +260,7 @@ bool FileExpertReader::uring_read(Ring& ring, const std::vector<ExpertRead>& rea
         const uint64_t dst_off[3] = {0, lay.up_off, lay.down_off};
         for (int m = 0; m < 3; ++m) {
             const Matrix& mx = matrices_[static_cast<size_t>(r.layer) * 3 + m];
-            pieces.push_back({i, m, mx.offset + static_cast<uint64_t>(r.expert) * mx.stride, mx.stride, 0,
+            pieces.push_back({i, m, mx.offset + static_cast<uint64_t>(r.expert) * mx.stride, mx.size, 0,
                               r.dst + dst_off[m], fds_[mx.split]});
         }
     }

@@ -93,7 +93,8 @@ private:
     struct Matrix {
         std::string tensor;
         uint64_t offset = 0;        // of expert 0 in its file
-        uint64_t stride = 0;        // bytes per expert
+        uint64_t stride = 0;        // bytes from one expert's matrix to the next
+        uint64_t size = 0;          // bytes of one expert's matrix (< stride in a fused gate|up tensor)
         uint32_t split = 0;         // its file (fds_, paths_): a split model's tensors are in several
     };
     struct Ring;

@@ -17,6 +17,7 @@ namespace {
 
 struct LayerWeights {                // all in the backend's memory
     const float* attn_norm{};        // [H]
+    BackendWeight wqkv;              // {H, Nh*D + 2*Nkv*D} fused (convert --fuse-qkv), or:
     BackendWeight wq;                // {H, Nh*D}
     BackendWeight wk;                // {H, Nkv*D}
     BackendWeight wv;                // {H, Nkv*D}
@@ -38,9 +39,12 @@ public:
         for (int il = 0; il < cfg_.n_layer; ++il) {
             LayerWeights lw;
             MM_ASSIGN_OR_RETURN(lw.attn_norm, vec(tensor_name(Tensor::kAttnNorm, il), H));
-            MM_ASSIGN_OR_RETURN(lw.wq, weight(tensor_name(Tensor::kAttnQ, il), {H, q_dim}));
-            MM_ASSIGN_OR_RETURN(lw.wk, weight(tensor_name(Tensor::kAttnK, il), {H, kv_dim}));
-            MM_ASSIGN_OR_RETURN(lw.wv, weight(tensor_name(Tensor::kAttnV, il), {H, kv_dim}));
+            MM_ASSIGN_OR_RETURN(lw.wqkv, optional_weight(tensor_name(Tensor::kAttnQkv, il), {H, q_dim + 2 * kv_dim}));
+            if (!lw.wqkv) {
+                MM_ASSIGN_OR_RETURN(lw.wq, weight(tensor_name(Tensor::kAttnQ, il), {H, q_dim}));
+                MM_ASSIGN_OR_RETURN(lw.wk, weight(tensor_name(Tensor::kAttnK, il), {H, kv_dim}));
+                MM_ASSIGN_OR_RETURN(lw.wv, weight(tensor_name(Tensor::kAttnV, il), {H, kv_dim}));
+            }
             MM_ASSIGN_OR_RETURN(lw.wo, weight(tensor_name(Tensor::kAttnOutput, il), {q_dim, H}));
             MM_ASSIGN_OR_RETURN(lw.q_norm, vec(tensor_name(Tensor::kAttnQNorm, il), D));
             MM_ASSIGN_OR_RETURN(lw.k_norm, vec(tensor_name(Tensor::kAttnKNorm, il), D));
@@ -79,9 +83,18 @@ private:
             // ---- attention ----
             be.rmsnorm(x, lw.attn_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
             cb("attn_norm", il, xn, T, H);
-            be.matmul(lw.wq, xn, T, q);                            // [T, Nh*D]
-            be.matmul(lw.wk, xn, T, k);                            // [T, Nkv*D]
-            be.matmul(lw.wv, xn, T, v);                            // [T, Nkv*D]
+            if (lw.wqkv) {
+                const int64_t n = q_dim + 2 * kv_dim;
+                float* fused = scratch(fused_, T * n);  // [T, Nh*D | Nkv*D | Nkv*D]
+                be.matmul(lw.wqkv, xn, T, fused);
+                be.copy_rows(q, q_dim, fused, n, T, q_dim);
+                be.copy_rows(k, kv_dim, fused + q_dim, n, T, kv_dim);
+                be.copy_rows(v, kv_dim, fused + q_dim + kv_dim, n, T, kv_dim);
+            } else {
+                be.matmul(lw.wq, xn, T, q);  // [T, Nh*D]
+                be.matmul(lw.wk, xn, T, k);  // [T, Nkv*D]
+                be.matmul(lw.wv, xn, T, v);  // [T, Nkv*D]
+            }
             be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
             be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);
             be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
@@ -107,7 +120,7 @@ private:
 
     std::vector<LayerWeights> layers_;
     // Scratch for one chunk, in the backend's memory.
-    Buffer x_, xn_, q_, k_, v_, attn_, tmp_;
+    Buffer x_, xn_, q_, k_, v_, attn_, tmp_, fused_;
 };
 
 }  // namespace
