@@ -226,6 +226,25 @@ TEST_F(CudaModel, Qwen3NextQ4_K) {
     check("qwen3next q4_k", make(o, "next_q4k"), true, true, 30, 0.8);
 }
 
+// Qwen3.5 MoE (separate β/α, k heads tiled over v heads: 2 k / 4 v here) with the fused tensors of
+// convert --fuse-qkv --fuse-gate-up-exps (strided gate/up halves in VRAM), and qwen3moe with YaRN.
+TEST_F(CudaModel, Qwen35MoeFusedF32) {
+    REQUIRE_CUDA();
+    MakeModelOptions o = next_opts("f32");
+    o.arch = "qwen35moe";
+    o.fuse_qkv = o.fuse_gate_up = true;
+    check("qwen35moe f32 fused", make(o, "q35_fused"), false, false, 70);
+}
+
+TEST_F(CudaModel, Qwen3MoeYarnF32) {
+    REQUIRE_CUDA();
+    MakeModelOptions o = moe_opts("f32");
+    o.rope_scaling = "yarn";
+    o.rope_factor = 4;
+    o.rope_orig_ctx = 2048;
+    check("qwen3moe f32 yarn x4", make(o, "moe_yarn"), false, false, 40);
+}
+
 // Greedy decode of n_gen tokens after `prompt` on cuda:0 with MOEMESH_CUDA_GRAPHS=graphs: the tokens
 // and every step's logits.
 struct Decode {

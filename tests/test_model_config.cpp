@@ -192,7 +192,7 @@ TEST(Qwen3NextConfig, BadValuesNameTheKey) {
     struct Case {
         std::function<void(GgufWriter&)> edit;
         const char* needle;
-        std::map<Kv, uint32_t> over;
+        std::map<Kv, uint32_t> over = {};
     };
     auto none = [](GgufWriter&) {};
     const Case cases[] = {
