@@ -8,13 +8,14 @@ BUILD="${MOEMESH_BUILD_DIR:-$ROOT/build}"
 cd "$BUILD"
 ctest --output-on-failure -j"$(nproc)" --timeout 900
 
-# libFuzzer over the GGUF and placement parsers, bounded time (clang; separate build dir).
+# libFuzzer over the GGUF, placement and HTTP request parsers, bounded time (clang; separate build dir).
 FUZZ_BUILD="$ROOT/build-fuzz"
 CC=clang CXX=clang++ cmake -S "$ROOT" -B "$FUZZ_BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEMESH_FUZZ=ON \
   -DMOEMESH_TESTS=OFF -DMOEMESH_CUDA=OFF >/dev/null
-cmake --build "$FUZZ_BUILD" -j"$(nproc)" --target fuzz_gguf fuzz_placement >/dev/null
-for target in gguf placement; do
+cmake --build "$FUZZ_BUILD" -j"$(nproc)" --target fuzz_gguf fuzz_placement fuzz_http >/dev/null
+for target in gguf placement http; do
   seeds="$ROOT/tests/data/gguf_seeds"; [ "$target" = placement ] && seeds="$ROOT/tests/data/placement"
+  [ "$target" = http ] && seeds="$ROOT/tests/data/http"
   mkdir -p "$FUZZ_BUILD/corpus_$target"
   echo "[test] fuzzing the $target parser for ${MOEMESH_FUZZ_SECONDS:-45} s"
   "$FUZZ_BUILD/fuzz_$target" -max_total_time="${MOEMESH_FUZZ_SECONDS:-45}" -rss_limit_mb=2048 -max_len=65536 \

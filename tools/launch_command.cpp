@@ -703,7 +703,7 @@ void register_launch_command(CLI::App& app) {
                 pass.push_back(v);
             }
         }
-        const bool generate = !ro->prompt.empty() || !ro->tokens.empty() || ro->stdin_requests;
+        const bool generate = !ro->prompt.empty() || !ro->tokens.empty() || ro->stdin_requests || !ro->serve.empty();
         if (!generate && !pass.empty() && !(pass.size() == 2 && pass[0] == "--model"))
             logf("generation options are ignored without --prompt, --tokens or --stdin");
         Launcher l(*lo, std::move(pass), generate);

@@ -17,6 +17,7 @@
 #include "worker/expert_cache.h"
 #include "worker/expert_executor.h"
 #include "tools/commands.h"
+#include "tools/http_server.h"
 #include "tools/run_command.h"
 
 namespace moemesh {
@@ -149,8 +150,12 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
 }  // namespace
 
 Status run_generation(const RunOptions& o) {
-    if (o.stdin_requests ? !(o.prompt.empty() && o.tokens.empty()) : o.prompt.empty() == o.tokens.empty())
-        return MM_ERROR("give exactly one of --prompt, --tokens or --stdin");
+    if (!o.serve.empty()) {
+        if (!o.prompt.empty() || !o.tokens.empty() || o.stdin_requests || o.json || o.chat)
+            return MM_ERROR("--serve takes requests over HTTP: drop --prompt, --tokens, --stdin, --json and --chat");
+    } else if (o.stdin_requests ? !(o.prompt.empty() && o.tokens.empty()) : o.prompt.empty() == o.tokens.empty()) {
+        return MM_ERROR("give exactly one of --prompt, --tokens, --stdin or --serve");
+    }
     if (o.kv_type != "f16" && o.kv_type != "f32") return MM_ERROR("--kv-type must be f16 or f32, got '%s'", o.kv_type.c_str());
     auto t_load = std::chrono::steady_clock::now();
     // Cluster mode: the experts live in the workers the placement file names.
@@ -271,6 +276,15 @@ Status run_generation(const RunOptions& o) {
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
                  seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
 
+    if (!o.serve.empty()) {
+        HttpServerOptions ho;
+        ho.model_name = cfg.name.empty() ? model_path.substr(model_path.rfind('/') + 1) : cfg.name;
+        ho.limits.n_ctx = o.ctx;
+        ho.limits.n_vocab = cfg.n_vocab;
+        ho.limits.defaults = o.sp;
+        ho.limits.ignore_eos = o.ignore_eos;
+        return serve_http(*model, tok, o.serve, ho);
+    }
     if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist, cache_view);
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
@@ -305,6 +319,10 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_flag("--stdin", o->stdin_requests,
                 "Serve one request per line of stdin (token ids with --json, else prompt text) until EOF");
     c->add_flag("--chat", o->chat, "Wrap the prompt in the ChatML user/assistant template");
+    c->add_option("--serve", o->serve,
+                  "HOST:PORT: serve an OpenAI-compatible HTTP API instead of one prompt (POST /v1/completions, "
+                  "/v1/chat/completions, streaming with \"stream\": true; GET /v1/models, /health). Sampling "
+                  "options become the defaults of requests; --ctx bounds prompt + max_tokens");
     c->add_option("-n,--n-predict", o->n_predict, "Tokens to generate")->capture_default_str()->check(CLI::Range(0, 1 << 20));
     c->add_option("--top", o->top_n, "With --json: top-N next-token probabilities per position (default 20)");
     c->add_flag("--json", o->json,
@@ -350,6 +368,20 @@ void register_run_command(CLI::App& app) {
     add_run_options(c, o, false);
     c->callback([o]() {
         Status st = run_generation(*o);
+        if (!st.ok()) {
+            std::fprintf(stderr, "error: %s\n", st.message().c_str());
+            std::exit(1);
+        }
+    });
+    // `moemesh serve`: `run --serve` with a default address.
+    auto so = std::make_shared<RunOptions>();
+    CLI::App* s = app.add_subcommand(
+        "serve", "Serve an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models, "
+                 "/health) on --serve HOST:PORT (default 127.0.0.1:8080); the options of `run` apply");
+    add_run_options(s, so, false);
+    s->callback([so]() {
+        if (so->serve.empty()) so->serve = "127.0.0.1:8080";
+        Status st = run_generation(*so);
         if (!st.ok()) {
             std::fprintf(stderr, "error: %s\n", st.message().c_str());
             std::exit(1);

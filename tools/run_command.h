@@ -36,6 +36,7 @@ struct RunOptions {
     std::string prefetch = "none";
     std::string profile;        // expert profile for --cache-policy static
     std::string storage = "auto";  // how the file is read: auto | pread | io_uring
+    std::string serve;             // HOST:PORT: an OpenAI-compatible HTTP server (tools/http_server.h)
 };
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);

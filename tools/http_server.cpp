@@ -1,0 +1,369 @@
+#include "tools/http_server.h"
+
+#include <httplib.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <ctime>
+#include <functional>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+namespace moemesh {
+
+using json = nlohmann::json;
+
+namespace {
+
+// Length of the longest prefix of s that is complete UTF-8 (streamed text never splits a character).
+size_t utf8_complete(const std::string& s, size_t n) {
+    size_t i = n;
+    int back = 0;
+    while (i > 0 && back < 4) {
+        const auto c = static_cast<unsigned char>(s[i - 1]);
+        if ((c & 0xC0) != 0x80) {
+            const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+            return (n - (i - 1) >= need) ? n : i - 1;
+        }
+        --i;
+        ++back;
+    }
+    return n;
+}
+
+struct GenResult {
+    std::string text;
+    int64_t prompt_tokens = 0, completion_tokens = 0;
+    std::string finish = "length";  // "stop" | "length"
+    double prompt_s = 0, decode_s = 0;
+};
+
+volatile sig_atomic_t g_stop_signal = 0;
+
+// Generated text can hold bytes that are not UTF-8 (a byte-level token cut mid-character, or a
+// model's odd output): JSON gets U+FFFD for them instead of an exception.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+json error_json(const std::string& message, const char* type) {
+    return {{"error", {{"message", message}, {"type", type}, {"code", nullptr}}}};
+}
+
+}  // namespace
+
+struct HttpServer::Impl {
+    Model& model;
+    const Tokenizer& tok;
+    HttpServerOptions opts;
+    httplib::Server svr;
+    std::mutex model_mu;  // one request on the model at a time
+    std::atomic<uint64_t> next_id{1};
+
+    Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {}
+
+    // Runs one request on the model. on_text(delta) streams text as it becomes final; it returns
+    // false when the client is gone (generation stops).
+    Status generate(const GenRequest& rq, const std::function<bool(const std::string&)>& on_text, GenResult* res) {
+        std::vector<int32_t> input = rq.tokens;
+        if (input.empty()) {
+            input = tok.encode(rq.prompt, /*parse_special=*/true);
+            if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
+        }
+        if (input.empty()) return MM_ERROR("the prompt encodes to no tokens");
+        const int64_t n_ctx = opts.limits.n_ctx, n_in = static_cast<int64_t>(input.size());
+        if (n_in >= n_ctx)
+            return MM_ERROR("the prompt has %lld tokens; the context holds %lld (the server's --ctx)",
+                            static_cast<long long>(n_in), static_cast<long long>(n_ctx));
+        int64_t max_new = rq.max_tokens < 0 ? n_ctx - n_in : rq.max_tokens;
+        if (n_in + max_new > n_ctx)
+            return MM_ERROR("the prompt (%lld tokens) + max_tokens %lld exceeds the context size %lld",
+                            static_cast<long long>(n_in), static_cast<long long>(max_new),
+                            static_cast<long long>(n_ctx));
+        res->prompt_tokens = n_in;
+        std::lock_guard<std::mutex> lock(model_mu);
+        auto seq = model.new_sequence(std::max<int64_t>(n_in + max_new, 1));
+        const int64_t V = model.config().n_vocab;
+        std::vector<float> logits;
+        const auto t0 = std::chrono::steady_clock::now();
+        MM_RETURN_IF_ERROR(model.forward(*seq, input.data(), n_in, false, &logits));
+        const auto t1 = std::chrono::steady_clock::now();
+        res->prompt_s = std::chrono::duration<double>(t1 - t0).count();
+        Sampler sampler(rq.sp);
+        size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
+        for (const std::string& s : rq.stop) hold = std::max(hold, s.size() - 1);
+        std::string& text = res->text;
+        size_t sent = 0;
+        bool client_gone = false;
+        auto flush = [&](size_t upto) {
+            if (upto > sent && !client_gone) {
+                if (!on_text(text.substr(sent, upto - sent))) client_gone = true;
+                sent = upto;
+            }
+        };
+        res->finish = "length";
+        for (int64_t i = 0; i < max_new && !client_gone; ++i) {
+            const int32_t next = sampler.sample(logits.data(), V);
+            if (!rq.ignore_eos && tok.is_eog(next)) {
+                res->finish = "stop";
+                break;
+            }
+            ++res->completion_tokens;
+            const size_t before = text.size();
+            text += tok.token_to_piece(next);
+            bool stopped = false;
+            for (const std::string& s : rq.stop) {
+                // A stop string ends in the new piece: search from where it could start.
+                const size_t from = before >= s.size() ? before - s.size() + 1 : 0;
+                const size_t at = text.find(s, from);
+                if (at != std::string::npos) {
+                    text.resize(at);
+                    stopped = true;
+                }
+            }
+            if (stopped) {
+                res->finish = "stop";
+                break;
+            }
+            const size_t safe = text.size() > hold ? text.size() - hold : 0;
+            flush(utf8_complete(text, std::max(safe, sent)));
+            if (i + 1 == max_new) break;
+            MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
+        }
+        flush(text.size());
+        res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+        if (client_gone) return MM_ERROR("the client closed the connection");
+        return Status();
+    }
+
+    json usage(const GenResult& g) const {
+        return {{"prompt_tokens", g.prompt_tokens},
+                {"completion_tokens", g.completion_tokens},
+                {"total_tokens", g.prompt_tokens + g.completion_tokens}};
+    }
+
+    void log(const httplib::Request& req, int status, const GenResult* g) const {
+        if (!opts.log_requests) return;
+        if (g && g->prompt_s > 0) {
+            const double tps = g->completion_tokens > 1 && g->decode_s > 0 ? (g->completion_tokens - 1) / g->decode_s : 0;
+            std::fprintf(stderr, "http: %s %s -> %d | prompt %lld tokens %.2f s | %lld tokens, %.2f tokens/s (%s)\n",
+                         req.method.c_str(), req.path.c_str(), status, static_cast<long long>(g->prompt_tokens),
+                         g->prompt_s, static_cast<long long>(g->completion_tokens), tps, g->finish.c_str());
+        } else {
+            std::fprintf(stderr, "http: %s %s -> %d\n", req.method.c_str(), req.path.c_str(), status);
+        }
+    }
+
+    void send_error(const httplib::Request& req, httplib::Response& res, int status, const std::string& msg) {
+        res.status = status;
+        res.set_content(dump(error_json(msg, status >= 500 ? "server_error" : "invalid_request_error")),
+                        "application/json");
+        log(req, status, nullptr);
+    }
+
+    void completion(const httplib::Request& req, httplib::Response& res, bool chat) {
+        StatusOr<GenRequest> parsed = parse_gen_request(req.body, chat, opts.limits);
+        if (!parsed.ok()) return send_error(req, res, 400, parsed.status().message());
+        const GenRequest rq = parsed.value();
+        const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
+        const long long created = static_cast<long long>(std::time(nullptr));
+        const std::string object = chat ? "chat.completion" : "text_completion";
+        if (!rq.stream) {
+            GenResult g;
+            Status st = generate(rq, [](const std::string&) { return true; }, &g);
+            if (!st.ok()) {
+                // Requests the context cannot hold are the client's mistake; the rest are ours.
+                const bool client = st.message().find("context") != std::string::npos ||
+                                    st.message().find("encodes to no tokens") != std::string::npos;
+                return send_error(req, res, client ? 400 : 500, st.message());
+            }
+            json choice = {{"index", 0}, {"finish_reason", g.finish}, {"logprobs", nullptr}};
+            if (chat)
+                choice["message"] = {{"role", "assistant"}, {"content", g.text}};
+            else
+                choice["text"] = g.text;
+            json out = {{"id", id},           {"object", object},          {"created", created},
+                        {"model", opts.model_name}, {"choices", json::array({choice})}, {"usage", usage(g)}};
+            res.set_content(dump(out), "application/json");
+            log(req, 200, &g);
+            return;
+        }
+        // Server-sent events: one "data: {chunk}" per piece of text, a final chunk with the finish
+        // reason and usage, then "data: [DONE]". Errors after the stream started arrive as a
+        // "data: {"error": ...}" event.
+        res.set_header("Cache-Control", "no-cache");
+        res.set_chunked_content_provider(
+            "text/event-stream", [this, rq, id, created, chat, req_method = req.method, req_path = req.path](
+                                     size_t, httplib::DataSink& sink) {
+              try {
+                const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
+                auto event = [&](const json& choice, const json* use) {
+                    json c = {{"id", id},
+                              {"object", chunk_object},
+                              {"created", created},
+                              {"model", opts.model_name},
+                              {"choices", json::array({choice})}};
+                    if (use) c["usage"] = *use;
+                    const std::string s = "data: " + dump(c) + "\n\n";
+                    return sink.write(s.data(), s.size());
+                };
+                auto piece = [&](const std::string& t, const json& finish) {
+                    json choice = {{"index", 0}, {"finish_reason", finish}};
+                    if (chat)
+                        choice["delta"] = t.empty() && finish.is_null() ? json{{"role", "assistant"}, {"content", ""}}
+                                          : finish.is_null()           ? json{{"content", t}}
+                                                                       : json::object();
+                    else
+                        choice["text"] = t;
+                    return choice;
+                };
+                GenResult g;
+                bool ok = !chat || event(piece("", nullptr), nullptr);
+                Status st = ok ? generate(rq, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
+                               : MM_ERROR("the client closed the connection");
+                httplib::Request r;
+                r.method = req_method;
+                r.path = req_path;
+                if (st.ok()) {
+                    const json use = usage(g);
+                    event(piece("", g.finish), &use);
+                    log(r, 200, &g);
+                } else {
+                    const std::string s = "data: " + dump(error_json(st.message(), "server_error")) + "\n\n";
+                    sink.write(s.data(), s.size());
+                    std::fprintf(stderr, "http: %s %s: stream ended early: %s\n", req_method.c_str(), req_path.c_str(),
+                                 st.message().c_str());
+                }
+                const std::string done = "data: [DONE]\n\n";
+                sink.write(done.data(), done.size());
+                sink.done();
+                return true;
+              } catch (const std::exception& e) {  // never let an exception end the process
+                std::fprintf(stderr, "http: %s %s: stream failed: %s\n", req_method.c_str(), req_path.c_str(), e.what());
+                return false;
+              }
+            });
+    }
+
+    void routes() {
+        svr.set_payload_max_length(opts.max_body_bytes);
+        svr.set_read_timeout(60, 0);
+        svr.Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
+            res.set_content(dump(json{{"status", "ok"}}), "application/json");
+            log(req, 200, nullptr);
+        });
+        auto models = [this](const httplib::Request& req, httplib::Response& res) {
+            json m = {{"id", opts.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "moemesh"}};
+            res.set_content(dump(json{{"object", "list"}, {"data", json::array({m})}}), "application/json");
+            log(req, 200, nullptr);
+        };
+        svr.Get("/v1/models", models);
+        svr.Get("/models", models);
+        for (const char* p : {"/v1/completions", "/completions"})
+            svr.Post(p, [this](const httplib::Request& req, httplib::Response& res) { completion(req, res, false); });
+        for (const char* p : {"/v1/chat/completions", "/chat/completions"})
+            svr.Post(p, [this](const httplib::Request& req, httplib::Response& res) { completion(req, res, true); });
+        // Errors httplib produces itself (unknown path, body too large, bad HTTP): a JSON body too.
+        svr.set_error_handler(httplib::Server::HandlerWithResponse(
+            [this](const httplib::Request& req, httplib::Response& res) -> httplib::Server::HandlerResponse {
+            if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+            std::string msg;
+            if (res.status == 404)
+                msg = "no route " + req.method + " " + req.path +
+                      " (routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health)";
+            else if (res.status == 413)
+                msg = "the request body is larger than " + std::to_string(opts.max_body_bytes) + " bytes";
+            else
+                msg = "bad HTTP request (status " + std::to_string(res.status) + ")";
+            res.set_content(dump(error_json(msg, "invalid_request_error")), "application/json");
+            log(req, res.status, nullptr);
+            return httplib::Server::HandlerResponse::Handled;
+        }));
+        svr.set_exception_handler([this](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+            std::string what = "unknown exception";
+            try {
+                std::rethrow_exception(ep);
+            } catch (const std::exception& e) {
+                what = e.what();
+            } catch (...) {
+            }
+            send_error(req, res, 500, "internal error: " + what);
+        });
+    }
+};
+
+HttpServer::HttpServer(Model& model, const Tokenizer& tok, HttpServerOptions o)
+    : impl_(std::make_unique<Impl>(model, tok, std::move(o))) {
+    impl_->routes();
+}
+
+HttpServer::~HttpServer() { stop(); }
+
+StatusOr<int> HttpServer::bind(const std::string& host, int port) {
+    if (port < 0 || port > 65535) return MM_ERROR("port %d is out of range (0-65535)", port);
+    if (port == 0) {
+        const int p = impl_->svr.bind_to_any_port(host);
+        if (p <= 0) return MM_ERROR("cannot bind %s to a free port", host.c_str());
+        return p;
+    }
+    if (!impl_->svr.bind_to_port(host, port))
+        return MM_ERROR("cannot bind %s:%d (in use, or not an address of this host?)", host.c_str(), port);
+    return port;
+}
+
+Status HttpServer::run() {
+    if (!impl_->svr.listen_after_bind()) return MM_ERROR("the HTTP server stopped with an error");
+    return Status();
+}
+
+void HttpServer::stop() {
+    if (impl_) impl_->svr.stop();
+}
+
+Status serve_http(Model& model, const Tokenizer& tok, const std::string& addr, HttpServerOptions o) {
+    const size_t colon = addr.rfind(':');
+    if (colon == std::string::npos || colon + 1 == addr.size())
+        return MM_ERROR("--serve '%s': expected HOST:PORT, e.g. 127.0.0.1:8080", addr.c_str());
+    std::string host = addr.substr(0, colon);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    char* end = nullptr;
+    const long port = std::strtol(addr.c_str() + colon + 1, &end, 10);
+    if (*end != '\0' || port < 0 || port > 65535)
+        return MM_ERROR("--serve '%s': the port must be a number in 0-65535", addr.c_str());
+    HttpServer server(model, tok, std::move(o));
+    MM_ASSIGN_OR_RETURN(const int bound, server.bind(host.empty() ? "0.0.0.0" : host, static_cast<int>(port)));
+    // SIGINT/SIGTERM stop the server cleanly: the handler only sets a flag, a watcher thread stops it.
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = [](int sig) { g_stop_signal = sig; };
+    sigemptyset(&sa.sa_mask);
+    struct sigaction old_int {}, old_term {};
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    std::atomic<bool> done{false};
+    std::thread watcher([&]() {
+        while (!done.load()) {
+            if (g_stop_signal != 0) {
+                std::fprintf(stderr, "http: signal %d, stopping\n", static_cast<int>(g_stop_signal));
+                server.stop();
+                return;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+    });
+    std::fprintf(stderr,
+                 "http: listening on http://%s:%d (POST /v1/completions, POST /v1/chat/completions, GET /v1/models, "
+                 "GET /health); Ctrl-C stops\n",
+                 host.empty() ? "0.0.0.0" : host.c_str(), bound);
+    Status st = server.run();
+    done = true;
+    watcher.join();
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+    return st;
+}
+
+}  // namespace moemesh
