@@ -6,7 +6,7 @@
 int main(int argc, char** argv) {
     CLI::App app{
         "moemesh: serve Mixture-of-Experts language models across the GPUs and machines you own.\n"
-        "CPU engine for qwen3moe and qwen3next GGUF files; experts in-process or on worker processes (run --cluster)."};
+        "qwen3moe, qwen3next and qwen35moe GGUF files on CPU (CUDA when built with it); experts in-process, from a\nbudgeted cache (--device-budget) or on worker processes (--cluster); an OpenAI-compatible HTTP API (serve)."};
     app.require_subcommand(1);
     app.set_version_flag("--version", "moemesh 0.1.0");
     moemesh::register_run_command(app);
