@@ -501,18 +501,22 @@ struct Planner {
     }
 };
 
-// attn_q {H, Qr} (Qr = Q, or 2Q with qwen3next's per-head gate), attn_k, attn_v {H, KV}; or one
-// attn_qkv {H, Qr + 2KV} with --fuse-qkv.
-void attention_projections(const MakeModelOptions& o, const Planner& p, int l, int64_t Qr, int64_t KV,
-                           std::vector<TensorPlan>& g) {
-    const int64_t H = o.hidden;
+// An attention layer's tensors: attn_q {H, Qr} (Qr = Q, or 2Q with qwen3next's per-head gate),
+// attn_k, attn_v {H, KV} (or one attn_qkv {H, Qr + 2KV} with --fuse-qkv), attn_output {Q, H},
+// attn_q_norm and attn_k_norm {D}.
+void attention_tensors(const MakeModelOptions& o, const Planner& p, int l, bool gated, std::vector<TensorPlan>& g) {
+    const int64_t H = o.hidden, D = o.head_dim;
+    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D, Qr = gated ? 2 * Q : Q;
     if (o.fuse_qkv) {
         g.push_back(p.matrix(Tensor::kAttnQkv, l, {H, Qr + 2 * KV}, p.wtype, fan_in(H)));
-        return;
+    } else {
+        g.push_back(p.matrix(Tensor::kAttnQ, l, {H, Qr}, p.wtype, fan_in(H)));
+        g.push_back(p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)));
+        g.push_back(p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)));
     }
-    g.push_back(p.matrix(Tensor::kAttnQ, l, {H, Qr}, p.wtype, fan_in(H)));
-    g.push_back(p.matrix(Tensor::kAttnK, l, {H, KV}, p.wtype, fan_in(H)));
-    g.push_back(p.matrix(Tensor::kAttnV, l, {H, KV}, p.wtype, fan_in(H)));
+    g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
+    g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
+    g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
 }
 
 // ffn_gate_exps + ffn_up_exps {H, I, E} (or one ffn_gate_up_exps {H, 2I, E}), ffn_down_exps {I, H, E}.
@@ -528,14 +532,10 @@ void expert_projections(const MakeModelOptions& o, const Planner& p, int l, std:
 }
 
 std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner& p, int l) {
-    const int64_t H = o.hidden, E = o.experts, D = o.head_dim;
-    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    const int64_t H = o.hidden, E = o.experts;
     std::vector<TensorPlan> g;
     g.push_back(p.norm(Tensor::kAttnNorm, l, H));
-    attention_projections(o, p, l, Q, KV, g);
-    g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
-    g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
-    g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
+    attention_tensors(o, p, l, /*gated=*/false, g);
     g.push_back(p.norm(Tensor::kFfnNorm, l, H));
     // The router stays F32 whatever the type, as llama-quantize and the converter keep it.
     g.push_back(p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)));
@@ -548,8 +548,7 @@ std::vector<TensorPlan> qwen3moe_layer(const MakeModelOptions& o, const Planner&
 // as convert_hf_to_gguf.py does, so both layouts of one seed are the same model.
 std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner& p, int l, bool recurrent) {
     const bool qwen35 = o.arch == arch_name(Arch::kQwen35Moe);
-    const int64_t H = o.hidden, E = o.experts, D = o.head_dim;
-    const int64_t Q = int64_t{o.heads} * D, KV = int64_t{o.kv_heads} * D;
+    const int64_t H = o.hidden, E = o.experts;
     const int64_t S = o.shared_ff > 0 ? o.shared_ff : o.expert_ff;
     std::vector<TensorPlan> g;
     g.push_back(p.norm(Tensor::kAttnNorm, l, H));
@@ -593,10 +592,7 @@ std::vector<TensorPlan> qwen3next_layer(const MakeModelOptions& o, const Planner
         g.push_back(p.norm(Tensor::kSsmNorm, l, dv));
         g.push_back(p.matrix(Tensor::kSsmOut, l, {value_dim, H}, p.wtype, fan_in(value_dim)));
     } else {
-        attention_projections(o, p, l, 2 * Q, KV, g);  // q: per head [query | gate]
-        g.push_back(p.matrix(Tensor::kAttnOutput, l, {Q, H}, p.wtype, fan_in(Q)));
-        g.push_back(p.norm(Tensor::kAttnQNorm, l, D));
-        g.push_back(p.norm(Tensor::kAttnKNorm, l, D));
+        attention_tensors(o, p, l, /*gated=*/true, g);  // q: per head [query | gate]
     }
     g.push_back(p.norm(Tensor::kAttnPostNorm, l, H));
     g.push_back(p.matrix(Tensor::kFfnGateInp, l, {H, E}, GgmlType::F32, 2.0f * fan_in(H)));
