@@ -69,7 +69,13 @@ TEST_F(Cli, BadInputGivesClearErrors) {
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,x", &out, &err), 1);
     EXPECT_NE(err.find("'x' is not a non-negative token id"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1 --prompt hi", &out, &err), 1);
-    EXPECT_NE(err.find("exactly one of --prompt, --tokens or --stdin"), std::string::npos) << err;
+    EXPECT_NE(err.find("exactly one of --prompt, --tokens, --stdin or --serve"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --serve 127.0.0.1:0 --prompt hi", &out, &err), 1);
+    EXPECT_NE(err.find("--serve takes requests over HTTP"), std::string::npos) << err;
+    EXPECT_EQ(cli("serve --model " + model_ + " --serve 127.0.0.1:99999", &out, &err), 1);
+    EXPECT_NE(err.find("the port must be a number in 0-65535"), std::string::npos) << err;
+    EXPECT_EQ(cli("serve --model " + model_ + " --serve nohostport", &out, &err), 1);
+    EXPECT_NE(err.find("expected HOST:PORT"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi -n 100 --ctx 50", &out, &err), 1);
     EXPECT_NE(err.find("exceeds the context size 50"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi --kv-type q8", &out, &err), 1);

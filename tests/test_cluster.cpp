@@ -23,6 +23,7 @@
 // coordinator's fixed 10 s handshake deadline).
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 
 #include <cmath>
 #include <map>
@@ -364,6 +365,56 @@ TEST_F(Cluster, KillWorkerMidGenerationThenRestartReconnects) {
     coord.close_stdin();
     EXPECT_EQ(coord.wait_exit(10), std::optional<int>(1)) << coord_log();
     EXPECT_NE(coord_log().find("error: 1 request(s) failed"), std::string::npos) << coord_log();
+}
+
+// The HTTP front end over a cluster: a worker killed between requests gives a 500 JSON error that
+// names it (a stream: an error event), the server stays up, and serves again once the worker is back.
+TEST_F(Cluster, HttpServerReportsAKilledWorkerAndRecovers) {
+    Worker& w1 = add_worker("w1", true);
+    Worker& w2 = add_worker("w2", true);
+    ASSERT_TRUE(w1.start());
+    ASSERT_TRUE(w2.start());
+    const std::string yaml = write_yaml("c.yaml", {{"w1", w1.address, "experts: \"0-7\"", "", ""},
+                                                   {"w2", w2.address, "experts: \"8-15\"", "", ""}});
+    Child coord;
+    ASSERT_TRUE(coord.start({moemesh_bin(), "serve", "--cluster", yaml, "--serve", "127.0.0.1:0", "--threads", "1",
+                             "--timeout-ms", "2000", "--ctx", "512"},
+                            dir_ + "/coord.err"));
+    // The chosen port, from "http: listening on http://127.0.0.1:PORT".
+    int port = 0;
+    for (int i = 0; i < 600 && port == 0; ++i) {
+        const std::string log = coord_log();
+        const size_t at = log.find("listening on http://127.0.0.1:");
+        if (at != std::string::npos) port = std::atoi(log.c_str() + at + 30);
+        else std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ASSERT_GT(port, 0) << coord_log();
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(30, 0);
+    const std::string body = R"({"prompt":[1,2,3,4],"max_tokens":8,"temperature":0,"ignore_eos":true})";
+    auto first = c.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(first) << coord_log();
+    ASSERT_EQ(first->status, 200) << first->body;
+
+    w2.proc.signal_it(SIGKILL);
+    (void)w2.proc.wait_exit(10);
+    auto failed = c.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(failed) << "no answer after the kill (hang?)\n" << coord_log();
+    EXPECT_EQ(failed->status, 500) << failed->body;
+    EXPECT_NE(failed->body.find("'w2'"), std::string::npos) << failed->body;
+    auto stream = c.Post("/v1/completions", R"({"prompt":[1,2,3,4],"max_tokens":8,"stream":true})", "application/json");
+    ASSERT_TRUE(stream) << coord_log();
+    EXPECT_NE(stream->body.find("data: {\"error\""), std::string::npos) << stream->body;
+    EXPECT_NE(stream->body.find("data: [DONE]"), std::string::npos) << stream->body;
+
+    ASSERT_TRUE(w2.start());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // one reconnect attempt a second
+    auto again = c.Post("/v1/completions", body, "application/json");
+    ASSERT_TRUE(again) << coord_log();
+    ASSERT_EQ(again->status, 200) << again->body << "\n" << coord_log();
+    EXPECT_EQ(json::parse(again->body)["choices"][0]["text"], json::parse(first->body)["choices"][0]["text"]);
+    coord.signal_it(SIGTERM);
+    EXPECT_EQ(coord.wait_exit(10), std::optional<int>(0)) << coord_log();
 }
 
 // ---- 3. replicas cover the killed worker: the generation completes ----
