@@ -64,6 +64,12 @@ TEST(HttpRequest, ParsesCompletionsAndChat) {
               "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nAB<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
               "<|im_start|>system\nD<|im_end|>\n<|im_start|>assistant\n");
     EXPECT_EQ(ch.value().max_tokens, 5);
+
+    auto nothink = parse_gen_request(
+        R"({"messages":[{"role":"user","content":"Q"}],"chat_template_kwargs":{"enable_thinking":false}})", true,
+        limits());
+    ASSERT_TRUE(nothink.ok()) << nothink.status().message();
+    EXPECT_EQ(nothink.value().prompt, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
 }
 
 TEST(HttpRequest, BadFieldsAreNamed) {
@@ -106,6 +112,8 @@ TEST(HttpRequest, BadFieldsAreNamed) {
         {true, R"({"messages":[{"role":"user","content":5}]})", "'messages[0].content' must be"},
         {true, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})", "only text parts"},
         {true, R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})", "'messages[0].content[0].text'"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"enable_thinking":"no"}})",
+         "'chat_template_kwargs.enable_thinking' must be a boolean"},
     };
     for (const Bad& b : bad) {
         auto r = parse_gen_request(b.body, b.chat, limits());
@@ -226,7 +234,9 @@ protected:
             if (tok_->is_eog(next)) break;
             if (ids) ids->push_back(next);
             text += tok_->token_to_piece(next);
-            if (i + 1 < n) EXPECT_TRUE(model_->forward(*seq, &next, 1, false, &logits).ok());
+            if (i + 1 < n) {
+                EXPECT_TRUE(model_->forward(*seq, &next, 1, false, &logits).ok());
+            }
         }
         return text;
     }

@@ -91,10 +91,10 @@ StatusOr<std::string> message_content(const json& c, size_t i) {
 
 }  // namespace
 
-std::string chatml_prompt(const std::vector<std::pair<std::string, std::string>>& messages) {
+std::string chatml_prompt(const std::vector<std::pair<std::string, std::string>>& messages, bool thinking) {
     std::string s;
     for (const auto& [role, content] : messages) s += "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
-    return s + "<|im_start|>assistant\n";
+    return s + "<|im_start|>assistant\n" + (thinking ? "" : "<think>\n\n</think>\n\n");
 }
 
 namespace {
@@ -136,7 +136,16 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
                                 message_content(m.contains("content") ? m["content"] : json(), i));
             msgs.emplace_back(role, std::move(content));
         }
-        r.prompt = chatml_prompt(msgs);
+        // chat_template_kwargs.enable_thinking (llama.cpp server, vLLM): false skips Qwen3's reasoning.
+        bool thinking = true;
+        if (auto kw = j.find("chat_template_kwargs"); kw != j.end() && !kw->is_null()) {
+            if (!kw->is_object()) return bad_field("chat_template_kwargs", "an object", *kw);
+            if (auto et = kw->find("enable_thinking"); et != kw->end() && !et->is_null()) {
+                if (!et->is_boolean()) return bad_field("chat_template_kwargs.enable_thinking", "a boolean", *et);
+                thinking = et->get<bool>();
+            }
+        }
+        r.prompt = chatml_prompt(msgs, thinking);
     } else {
         auto it = j.find("prompt");
         if (it == j.end()) return MM_ERROR("'prompt' is required");

@@ -37,6 +37,7 @@ struct GenRequest {
 StatusOr<GenRequest> parse_gen_request(const std::string& body, bool chat, const RequestLimits& lim);
 
 // Qwen's ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message, then <|im_start|>assistant\n.
-std::string chatml_prompt(const std::vector<std::pair<std::string, std::string>>& messages);
+// thinking = false appends Qwen3's empty think block (its template's enable_thinking = false).
+std::string chatml_prompt(const std::vector<std::pair<std::string, std::string>>& messages, bool thinking = true);
 
 }  // namespace moemesh

@@ -333,6 +333,10 @@ Status serve_http(Model& model, const Tokenizer& tok, const std::string& addr, H
     const long port = std::strtol(addr.c_str() + colon + 1, &end, 10);
     if (*end != '\0' || port < 0 || port > 65535)
         return MM_ERROR("--serve '%s': the port must be a number in 0-65535", addr.c_str());
+    if (!tok.chat_template().empty() && tok.chat_template().find("<|im_start|>") == std::string::npos)
+        std::fprintf(stderr,
+                     "http: warning: this model's chat template is not ChatML; /v1/chat/completions formats "
+                     "conversations as Qwen's ChatML anyway (use /v1/completions with your own formatting)\n");
     HttpServer server(model, tok, std::move(o));
     MM_ASSIGN_OR_RETURN(const int bound, server.bind(host.empty() ? "0.0.0.0" : host, static_cast<int>(port)));
     // SIGINT/SIGTERM stop the server cleanly: the handler only sets a flag, a watcher thread stops it.
