@@ -9,7 +9,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <ctime>
+#include <deque>
 #include <functional>
+#include <future>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -60,7 +62,14 @@ struct HttpServer::Impl {
     const Tokenizer& tok;
     HttpServerOptions opts;
     httplib::Server svr;
-    std::mutex model_mu;  // one request on the model at a time
+    // Every model call runs on one thread, the one in HttpServer::run() (the thread that loaded the
+    // model, in serve_http): the CUDA backend keeps per-thread state and its device is per-thread, so
+    // httplib's handler threads hand their requests over and wait. This also makes requests take turns.
+    std::mutex jobs_mu;
+    std::condition_variable jobs_cv;
+    std::deque<std::function<void()>> jobs;
+    bool stopping = false;
+    std::atomic<bool> abort_generation{false};
     std::atomic<uint64_t> next_id{1};
 
     Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {}
@@ -84,7 +93,6 @@ struct HttpServer::Impl {
                             static_cast<long long>(n_in), static_cast<long long>(max_new),
                             static_cast<long long>(n_ctx));
         res->prompt_tokens = n_in;
-        std::lock_guard<std::mutex> lock(model_mu);
         auto seq = model.new_sequence(std::max<int64_t>(n_in + max_new, 1));
         const int64_t V = model.config().n_vocab;
         std::vector<float> logits;
@@ -106,6 +114,7 @@ struct HttpServer::Impl {
         };
         res->finish = "length";
         for (int64_t i = 0; i < max_new && !client_gone; ++i) {
+            if (abort_generation) return MM_ERROR("the server is stopping");
             const int32_t next = sampler.sample(logits.data(), V);
             if (!rq.ignore_eos && tok.is_eog(next)) {
                 res->finish = "stop";
@@ -137,6 +146,51 @@ struct HttpServer::Impl {
         res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
         if (client_gone) return MM_ERROR("the client closed the connection");
         return Status();
+    }
+
+    // Runs fn on the model thread and waits for it; false when the server is stopping.
+    bool on_model_thread(const std::function<void()>& fn) {
+        std::promise<void> done;
+        {
+            std::lock_guard<std::mutex> lock(jobs_mu);
+            if (stopping) return false;
+            jobs.push_back([&] {
+                fn();
+                done.set_value();
+            });
+        }
+        jobs_cv.notify_one();
+        done.get_future().wait();
+        return true;
+    }
+    // The model thread: runs jobs until stop_jobs(), then the ones already queued (they end at once:
+    // abort_generation is set).
+    void job_loop() {
+        for (;;) {
+            std::function<void()> job;
+            {
+                std::unique_lock<std::mutex> lock(jobs_mu);
+                jobs_cv.wait(lock, [&] { return stopping || !jobs.empty(); });
+                if (jobs.empty()) return;
+                job = std::move(jobs.front());
+                jobs.pop_front();
+            }
+            job();
+        }
+    }
+    void stop_jobs() {
+        {
+            std::lock_guard<std::mutex> lock(jobs_mu);
+            stopping = true;
+        }
+        abort_generation = true;
+        jobs_cv.notify_all();
+    }
+    Status generate_on_model_thread(const GenRequest& rq, const std::function<bool(const std::string&)>& on_text,
+                                    GenResult* res) {
+        Status st;
+        if (!on_model_thread([&] { st = generate(rq, on_text, res); })) return MM_ERROR("the server is stopping");
+        return st;
     }
 
     json usage(const GenResult& g) const {
@@ -173,7 +227,7 @@ struct HttpServer::Impl {
         const std::string object = chat ? "chat.completion" : "text_completion";
         if (!rq.stream) {
             GenResult g;
-            Status st = generate(rq, [](const std::string&) { return true; }, &g);
+            Status st = generate_on_model_thread(rq, [](const std::string&) { return true; }, &g);
             if (!st.ok()) {
                 // Requests the context cannot hold are the client's mistake; the rest are ours.
                 const bool client = st.message().find("context") != std::string::npos ||
@@ -222,7 +276,8 @@ struct HttpServer::Impl {
                 };
                 GenResult g;
                 bool ok = !chat || event(piece("", nullptr), nullptr);
-                Status st = ok ? generate(rq, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
+                Status st = ok ? generate_on_model_thread(
+                                     rq, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
                                : MM_ERROR("the client closed the connection");
                 httplib::Request r;
                 r.method = req_method;
@@ -315,12 +370,22 @@ StatusOr<int> HttpServer::bind(const std::string& host, int port) {
 }
 
 Status HttpServer::run() {
-    if (!impl_->svr.listen_after_bind()) return MM_ERROR("the HTTP server stopped with an error");
+    bool ok = true;
+    std::thread http([&] {
+        ok = impl_->svr.listen_after_bind();
+        impl_->stop_jobs();
+    });
+    impl_->job_loop();  // this thread runs the model until stop()
+    impl_->svr.stop();
+    http.join();
+    if (!ok) return MM_ERROR("the HTTP server stopped with an error");
     return Status();
 }
 
 void HttpServer::stop() {
-    if (impl_) impl_->svr.stop();
+    if (!impl_) return;
+    impl_->stop_jobs();
+    impl_->svr.stop();
 }
 
 Status serve_http(Model& model, const Tokenizer& tok, const std::string& addr, HttpServerOptions o) {
