@@ -396,6 +396,20 @@ TEST_F(HttpServerTest, ErrorsAreJsonAndTheServerKeepsServing) {
         ASSERT_FALSE(j.is_discarded()) << r->body;
         EXPECT_NE(j["error"]["message"].get<std::string>().find(k.needle), std::string::npos) << r->body;
     }
+    httplib::Client c("127.0.0.1", port_);
+    auto get = c.Get("/v1/chat/completions");
+    ASSERT_TRUE(get);
+    EXPECT_EQ(get->status, 405);
+    EXPECT_EQ(get->get_header_value("Allow"), "POST");
+    EXPECT_NE(json::parse(get->body)["error"]["message"].get<std::string>().find("use POST"), std::string::npos);
+    auto post_health = c.Post("/health", "{}", "application/json");
+    ASSERT_TRUE(post_health);
+    EXPECT_EQ(post_health->status, 405);
+    EXPECT_EQ(post_health->get_header_value("Access-Control-Allow-Origin"), "*");
+    auto pre = c.Options("/v1/chat/completions");
+    ASSERT_TRUE(pre);
+    EXPECT_EQ(pre->status, 204);
+    EXPECT_NE(pre->get_header_value("Access-Control-Allow-Methods").find("POST"), std::string::npos);
     auto ok = post("/v1/completions", R"({"prompt":"still","max_tokens":2})");
     ASSERT_TRUE(ok);
     EXPECT_EQ(ok->status, 200);

@@ -321,6 +321,30 @@ struct HttpServer::Impl {
             svr.Post(p, [this](const httplib::Request& req, httplib::Response& res) { completion(req, res, false); });
         for (const char* p : {"/v1/chat/completions", "/chat/completions"})
             svr.Post(p, [this](const httplib::Request& req, httplib::Response& res) { completion(req, res, true); });
+        // A known route with the wrong method: 405 with Allow, not 404.
+        auto wrong_method = [this](const char* allow) {
+            return [this, allow](const httplib::Request& req, httplib::Response& res) {
+                res.set_header("Allow", allow);
+                send_error(req, res, 405, req.method + " " + req.path + " is not allowed; use " + allow);
+            };
+        };
+        for (const char* p : {"/v1/completions", "/completions", "/v1/chat/completions", "/chat/completions"}) {
+            svr.Get(p, wrong_method("POST"));
+            svr.Put(p, wrong_method("POST"));
+            svr.Delete(p, wrong_method("POST"));
+        }
+        for (const char* p : {"/v1/models", "/models", "/health"}) {
+            svr.Post(p, wrong_method("GET"));
+            svr.Put(p, wrong_method("GET"));
+            svr.Delete(p, wrong_method("GET"));
+        }
+        // Browser clients: CORS on every response, and preflight requests answered.
+        svr.set_default_headers({{"Access-Control-Allow-Origin", "*"}});
+        svr.Options(R"(.*)", [](const httplib::Request&, httplib::Response& res) {
+            res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+            res.set_header("Access-Control-Allow-Headers", "Content-Type, Authorization");
+            res.status = 204;
+        });
         // Errors httplib produces itself (unknown path, body too large, bad HTTP): a JSON body too.
         svr.set_error_handler(httplib::Server::HandlerWithResponse(
             [this](const httplib::Request& req, httplib::Response& res) -> httplib::Server::HandlerResponse {
