@@ -385,6 +385,8 @@ TEST_F(HttpServerTest, ErrorsAreJsonAndTheServerKeepsServing) {
         {"/v1/completions", R"({"prompt":"x","max_tokens":"many"})", 400, "'max_tokens'"},
         {"/v1/chat/completions", R"({"messages":[{"role":"robot","content":"x"}]})", 400, "'messages[0].role'"},
         {"/v1/completions", R"({"prompt":"x","max_tokens":256})", 400, "exceeds the context size"},
+        // Found before a stream starts: a 400, not a 200 stream with an error event.
+        {"/v1/completions", R"({"prompt":"x","max_tokens":256,"stream":true})", 400, "exceeds the context size"},
         {"/v1/nothing", "{}", 404, "no route"},
         {"/v1/completions", std::string(70 << 10, ' '), 413, "larger than"},
     };

@@ -74,24 +74,39 @@ struct HttpServer::Impl {
 
     Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {}
 
-    // Runs one request on the model. on_text(delta) streams text as it becomes final; it returns
-    // false when the client is gone (generation stops).
-    Status generate(const GenRequest& rq, const std::function<bool(const std::string&)>& on_text, GenResult* res) {
-        std::vector<int32_t> input = rq.tokens;
-        if (input.empty()) {
-            input = tok.encode(rq.prompt, /*parse_special=*/true);
-            if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
+    // The request's prompt tokens and generation length, checked against the context: errors here
+    // are the client's (400), found before any stream starts. Runs on the handler thread (the
+    // tokenizer is thread-safe).
+    struct Prepared {
+        std::vector<int32_t> input;
+        int64_t max_new = 0;
+    };
+    StatusOr<Prepared> prepare(const GenRequest& rq) const {
+        Prepared p;
+        p.input = rq.tokens;
+        if (p.input.empty()) {
+            p.input = tok.encode(rq.prompt, /*parse_special=*/true);
+            if (tok.add_bos() && tok.bos_id() >= 0) p.input.insert(p.input.begin(), tok.bos_id());
         }
-        if (input.empty()) return MM_ERROR("the prompt encodes to no tokens");
-        const int64_t n_ctx = opts.limits.n_ctx, n_in = static_cast<int64_t>(input.size());
+        if (p.input.empty()) return MM_ERROR("the prompt encodes to no tokens");
+        const int64_t n_ctx = opts.limits.n_ctx, n_in = static_cast<int64_t>(p.input.size());
         if (n_in >= n_ctx)
             return MM_ERROR("the prompt has %lld tokens; the context holds %lld (the server's --ctx)",
                             static_cast<long long>(n_in), static_cast<long long>(n_ctx));
-        int64_t max_new = rq.max_tokens < 0 ? n_ctx - n_in : rq.max_tokens;
-        if (n_in + max_new > n_ctx)
+        p.max_new = rq.max_tokens < 0 ? n_ctx - n_in : rq.max_tokens;
+        if (n_in + p.max_new > n_ctx)
             return MM_ERROR("the prompt (%lld tokens) + max_tokens %lld exceeds the context size %lld",
-                            static_cast<long long>(n_in), static_cast<long long>(max_new),
+                            static_cast<long long>(n_in), static_cast<long long>(p.max_new),
                             static_cast<long long>(n_ctx));
+        return p;
+    }
+
+    // Runs one prepared request on the model. on_text(delta) streams text as it becomes final; it
+    // returns false when the client is gone (generation stops).
+    Status generate(const GenRequest& rq, const Prepared& pr, const std::function<bool(const std::string&)>& on_text,
+                    GenResult* res) {
+        const std::vector<int32_t>& input = pr.input;
+        const int64_t n_in = static_cast<int64_t>(input.size()), max_new = pr.max_new;
         res->prompt_tokens = n_in;
         auto seq = model.new_sequence(std::max<int64_t>(n_in + max_new, 1));
         const int64_t V = model.config().n_vocab;
@@ -112,7 +127,6 @@ struct HttpServer::Impl {
                 sent = upto;
             }
         };
-        res->finish = "length";
         for (int64_t i = 0; i < max_new && !client_gone; ++i) {
             if (abort_generation) return MM_ERROR("the server is stopping");
             const int32_t next = sampler.sample(logits.data(), V);
@@ -186,10 +200,10 @@ struct HttpServer::Impl {
         abort_generation = true;
         jobs_cv.notify_all();
     }
-    Status generate_on_model_thread(const GenRequest& rq, const std::function<bool(const std::string&)>& on_text,
-                                    GenResult* res) {
+    Status generate_on_model_thread(const GenRequest& rq, const Prepared& pr,
+                                    const std::function<bool(const std::string&)>& on_text, GenResult* res) {
         Status st;
-        if (!on_model_thread([&] { st = generate(rq, on_text, res); })) return MM_ERROR("the server is stopping");
+        if (!on_model_thread([&] { st = generate(rq, pr, on_text, res); })) return MM_ERROR("the server is stopping");
         return st;
     }
 
@@ -222,18 +236,16 @@ struct HttpServer::Impl {
         StatusOr<GenRequest> parsed = parse_gen_request(req.body, chat, opts.limits);
         if (!parsed.ok()) return send_error(req, res, 400, parsed.status().message());
         const GenRequest rq = parsed.value();
+        StatusOr<Prepared> prepared = prepare(rq);
+        if (!prepared.ok()) return send_error(req, res, 400, prepared.status().message());
+        const Prepared pr = std::move(prepared).value();
         const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
         const long long created = static_cast<long long>(std::time(nullptr));
         const std::string object = chat ? "chat.completion" : "text_completion";
         if (!rq.stream) {
             GenResult g;
-            Status st = generate_on_model_thread(rq, [](const std::string&) { return true; }, &g);
-            if (!st.ok()) {
-                // Requests the context cannot hold are the client's mistake; the rest are ours.
-                const bool client = st.message().find("context") != std::string::npos ||
-                                    st.message().find("encodes to no tokens") != std::string::npos;
-                return send_error(req, res, client ? 400 : 500, st.message());
-            }
+            Status st = generate_on_model_thread(rq, pr, [](const std::string&) { return true; }, &g);
+            if (!st.ok()) return send_error(req, res, 500, st.message());
             json choice = {{"index", 0}, {"finish_reason", g.finish}, {"logprobs", nullptr}};
             if (chat)
                 choice["message"] = {{"role", "assistant"}, {"content", g.text}};
@@ -250,7 +262,7 @@ struct HttpServer::Impl {
         // "data: {"error": ...}" event.
         res.set_header("Cache-Control", "no-cache");
         res.set_chunked_content_provider(
-            "text/event-stream", [this, rq, id, created, chat, req_method = req.method, req_path = req.path](
+            "text/event-stream", [this, rq, pr, id, created, chat, req_method = req.method, req_path = req.path](
                                      size_t, httplib::DataSink& sink) {
               try {
                 const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
@@ -277,7 +289,7 @@ struct HttpServer::Impl {
                 GenResult g;
                 bool ok = !chat || event(piece("", nullptr), nullptr);
                 Status st = ok ? generate_on_model_thread(
-                                     rq, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
+                                     rq, pr, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
                                : MM_ERROR("the client closed the connection");
                 httplib::Request r;
                 r.method = req_method;
