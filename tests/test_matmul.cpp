@@ -196,6 +196,53 @@ TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     }
 }
 
+TEST(VecDot, DecodedRowKernelsMatchSingleRowBitForBit) {
+    // The prompt path of types with decode_row: W decoded once, then the 4-row dot on the decoded
+    // row must give vec_dot's bits on the encoded row. Every i-quant with that path is listed, so a
+    // type losing it fails here rather than silently getting slower.
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    for (GgmlType t : {GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S}) {
+        const quants::TypeKernels* kt = quants::type_kernels(t);
+        ASSERT_NE(kt->decode_row, nullptr) << ggml_type_name(t);
+        ASSERT_NE(kt->vec_dot_dec_x4, nullptr) << ggml_type_name(t);
+        for (int64_t k : sizes_for(t)) {
+            const std::vector<uint8_t> w = make_weights(t, 1, k, 60 + static_cast<uint32_t>(k));
+            std::vector<float> x = random_normal(4 * k, 70 + static_cast<uint32_t>(k));
+            for (int64_t i = 0; i < k; ++i) x[k + i] *= 1e-3f;
+            for (int64_t i = 0; i < k; i += 2) x[3 * k + i] = 0;
+            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
+            std::vector<uint8_t> a(4 * a_stride);
+            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            std::vector<uint8_t> dec(static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block, 0xCD);
+            kt->decode_row(k, w.data(), dec.data());
+            float out[4];
+            kt->vec_dot_dec_x4(k, dec.data(), a.data(), a_stride, out);
+            for (int r = 0; r < 4; ++r) {
+                const float single = kt->vec_dot(k, w.data(), a.data() + r * a_stride);
+                ASSERT_EQ(fp32_to_bits(out[r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k << " r=" << r;
+            }
+        }
+    }
+}
+
+TEST(Matmul, RowResultsDoNotDependOnBatchAcrossTiles) {
+    // Prompt-sized m: several 64-row X tiles, the decoded-row path in full tiles and the 4-row and
+    // one-row kernels for the remainder (m = 70 = 64 + 4 + 2); every row must be decode's bits.
+    ThreadPool pool(2);
+    for (GgmlType t : kTypes) {
+        const int64_t n_out = 21, k = 256, m = 70;
+        const std::vector<uint8_t> w = make_weights(t, n_out, k, 91);
+        const std::vector<float> x = random_normal(m * k, 92);
+        std::vector<float> y(m * n_out), y1(n_out);
+        matmul(pool, t, w.data(), n_out, k, x.data(), m, y.data());
+        for (int64_t i = 0; i < m; ++i) {
+            matmul(pool, t, w.data(), n_out, k, x.data() + i * k, 1, y1.data());
+            ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + i * n_out, n_out * sizeof(float)))
+                << ggml_type_name(t) << " row " << i;
+        }
+    }
+}
+
 TEST(Matmul, RowResultsDoNotDependOnBatch) {
     // Decode (m = 1) and prompt (m > 1, 4-row kernels) must give the same bits for the same token.
     ThreadPool pool(2);

@@ -5,6 +5,9 @@
 // 2. The output is cut into tiles of (up to) kTileRows W rows × tile_m X rows; threads take tiles.
 //    Within a tile the W rows are reused for every X row while they sit in L1/L2, which is what
 //    keeps prompt processing (large m) from re-streaming the weights from memory per token.
+// 3. Types with a decoded-row path (the i-quants, whose grid lookups cost more than the dot itself)
+//    decode the tile's W rows once into a per-thread buffer when the tile has kDecodeMinM or more X
+//    rows, and run the 4-row dot on that; the results are the same bits either way.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -26,6 +29,12 @@ constexpr int64_t kMinRowsPerTile = 4;
 constexpr int64_t kMaxRowsPerTile = 64;
 constexpr int64_t kTileRowsLargeM = 16;  // W rows per tile when m is large
 constexpr int64_t kTileM = 64;           // X rows per tile when m is large
+constexpr int64_t kDecodeMinM = 8;       // X rows in a tile from which W rows are decoded first
+
+std::vector<uint8_t>& dec_scratch() {
+    thread_local std::vector<uint8_t> buf;
+    return buf;
+}
 
 }  // namespace
 
@@ -77,6 +86,8 @@ void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t
     const int64_t n_m_tiles = (m + tile_m - 1) / tile_m;
     const quants::VecDotFn dot = kt->vec_dot;
     const quants::VecDotX4Fn dot_x4 = kt->vec_dot_x4;
+    const quants::VecDotX4Fn dec_x4 = kt->vec_dot_dec_x4;
+    const size_t dec_stride = dec_x4 ? static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block : 0;
 
     // Tile t covers W rows of row tile (t % n_row_tiles) and X rows of m tile (t / n_row_tiles), so a
     // thread's contiguous range of tiles walks along W for the same block of X rows.
@@ -87,6 +98,20 @@ void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t
             const int64_t i0 = (t / n_row_tiles) * tile_m;
             const int64_t i1 = std::min(m, i0 + tile_m);
             int64_t i = i0;
+            if (dec_x4 != nullptr && i1 - i0 >= kDecodeMinM) {
+                std::vector<uint8_t>& dec = dec_scratch();
+                if (dec.size() < dec_stride * static_cast<size_t>(r1 - r0)) dec.resize(dec_stride * static_cast<size_t>(r1 - r0));
+                for (int64_t r = r0; r < r1; ++r)
+                    kt->decode_row(k, wb + static_cast<size_t>(r) * w_stride, dec.data() + static_cast<size_t>(r - r0) * dec_stride);
+                for (; i + 4 <= i1; i += 4) {
+                    const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
+                    float out[4];
+                    for (int64_t r = r0; r < r1; ++r) {
+                        dec_x4(k, dec.data() + static_cast<size_t>(r - r0) * dec_stride, a, a_stride, out);
+                        for (int q = 0; q < 4; ++q) y[(i + q) * n_out + r] = out[q];
+                    }
+                }
+            }
             // Four X rows per W row read where the type has a 4-row kernel (same results as one by one).
             for (; dot_x4 && i + 4 <= i1; i += 4) {
                 const uint8_t* a = act + static_cast<size_t>(i) * a_stride;

@@ -232,6 +232,26 @@ void dot_iq_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* 
 #undef MM_OUT
 }
 
+// ---- decoded rows (prompt path): each 32-element chunk decoded once per matmul tile ----
+// g = q · s (the grid magnitude with its sign; q >= 1, so |g| = q and sign(y, g) = sign(y, s)):
+// maddubs(|g|, sign(y, g)) is then the same integer as maddubs(q, sign(y, s)) in chunk_dot.
+
+template <class D>
+void decode_iq_row(int64_t n, const void* w, void* dec) {
+    const auto* x = static_cast<const typename D::Block*>(w);
+    auto* out = static_cast<uint8_t*>(dec);
+    for (int64_t i = 0; i < n / kQK_K; ++i, out += kIqDecBytesPerBlock) {
+        const D d(x[i]);
+        const float hdr[8] = {h2f(x[i].d), D::kScale, 0, 0, 0, 0, 0, 0};
+        std::memcpy(out, hdr, sizeof(hdr));
+        for (int ib = 0; ib < kQK_K / 32; ++ib) {
+            const Chunk c = d.chunk(ib);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 + 64 * ib), _mm256_sign_epi8(c.q, c.s));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 + 64 * ib), c.sc);
+        }
+    }
+}
+
 // ---- IQ1_S / IQ1_M: signed grid values in {-1, 0, 1} plus a ±1/8 shift per 8 elements ----
 
 // Grid entries of the 4 groups of a 32-element chunk (11-bit indices).
@@ -332,6 +352,51 @@ void vec_dot_iq3_xxs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_s
 }
 void vec_dot_iq3_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     dot_iq_x4<Iq3s>(n, w, a, a_stride, out);
+}
+
+void decode_row_iq2_xxs(int64_t n, const void* w, void* dec) { decode_iq_row<Iq2xxs>(n, w, dec); }
+void decode_row_iq2_xs(int64_t n, const void* w, void* dec) { decode_iq_row<Iq2xs>(n, w, dec); }
+void decode_row_iq2_s(int64_t n, const void* w, void* dec) { decode_iq_row<Iq2s>(n, w, dec); }
+void decode_row_iq3_xxs(int64_t n, const void* w, void* dec) { decode_iq_row<Iq3xxs>(n, w, dec); }
+void decode_row_iq3_s(int64_t n, const void* w, void* dec) { decode_iq_row<Iq3s>(n, w, dec); }
+
+// dot_iq_x4 on a decoded row: the same integers per super-block, the same float operations.
+void vec_dot_iq_dec_q8_K_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
+    const auto* xb = static_cast<const uint8_t*>(dec);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    float scale;
+    std::memcpy(&scale, xb + 4, sizeof(float));
+    __m256 acc[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < n / kQK_K; ++i, xb += kIqDecBytesPerBlock) {
+        __m256i sumi[4];
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+        for (int ib = 0; ib < kQK_K / 32; ++ib) {
+            const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 + 64 * ib));
+            const __m256i sc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 + 64 * ib));
+            const __m256i q = _mm256_sign_epi8(g, g);
+#define MM_ROW(r)                                                                                             \
+    {                                                                                                         \
+        const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 32 * ib));        \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_sign_epi8(yv, g)), sc)); \
+    }
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+        }
+        float xd;
+        std::memcpy(&xd, xb, sizeof(float));
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r) out[r] = scale * hsum_ps(acc[r]);
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
 }
 
 float vec_dot_iq1_s_q8_K(int64_t n, const void* w, const void* a) {

@@ -188,6 +188,10 @@ using QuantizeActFn = void (*)(const float* x, void* a, int64_t n);
 // The same dot product of one w row with 4 activation rows (a, a + a_stride, ...) into out[0..4),
 // sharing the decoding of w; each out[r] is bit-identical to vec_dot(n, w, a + r * a_stride).
 using VecDotX4Fn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+// Prompt path of types whose decoding is dear (the i-quants' grid lookups): a W row is decoded once
+// per matmul tile into dec (DecodeRowFn), then dotted with groups of 4 activation rows
+// (VecDotX4Fn on dec instead of w); results bit-identical to vec_dot on the encoded row.
+using DecodeRowFn = void (*)(int64_t n, const void* w, void* dec);
 
 // Plain scalar references: integer sums per block, then scaled, as ggml's generic vec_dot_*.
 float vec_dot_f32_scalar(int64_t n, const void* w, const void* a);
@@ -253,6 +257,16 @@ void vec_dot_iq3_xxs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_s
 void vec_dot_iq3_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_iq1_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_iq1_m_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+// Decoded rows of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (kIqDecBytesPerBlock per 256 elements):
+// per super-block a 32-byte header (float fp16(d), float kScale, the type's factor on the final sum),
+// then per 32 elements the signed grid values (int8) and their odd scales (16 int16).
+constexpr size_t kIqDecBytesPerBlock = 32 + 8 * 64;
+void decode_row_iq2_xxs(int64_t n, const void* w, void* dec);
+void decode_row_iq2_xs(int64_t n, const void* w, void* dec);
+void decode_row_iq2_s(int64_t n, const void* w, void* dec);
+void decode_row_iq3_xxs(int64_t n, const void* w, void* dec);
+void decode_row_iq3_s(int64_t n, const void* w, void* dec);
+void vec_dot_iq_dec_q8_K_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
@@ -293,6 +307,10 @@ struct TypeKernels {
     QuantizeActFn quantize_act;  // nullptr: F32, X used as is
     VecDotFn vec_dot;
     VecDotX4Fn vec_dot_x4 = nullptr;  // optional; used when several X rows share a W row
+    // Optional decoded-row prompt path (see DecodeRowFn); all three set or none.
+    DecodeRowFn decode_row = nullptr;
+    size_t dec_bytes_per_block = 0;        // decoded bytes per `block` elements
+    VecDotX4Fn vec_dot_dec_x4 = nullptr;  // reads a decoded row
 };
 
 // Kernels for weight type t (simd=false: scalar references only); nullptr if t is not computable.
