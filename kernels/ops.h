@@ -43,6 +43,18 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
 // (F32→F32, F16→F16, BF16→BF16, Q8_0/Q5_0/Q4_0→Q8_0, Q2_K/Q3_K/Q4_K/Q5_K/Q6_K and the i-quants→Q8_K), so results track llama.cpp.
 void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
             float* y);
+// Several products in one parallel region (no thread hand-off between them): the experts of a MoE
+// layer. Job j: jobs[j].y[m, n_out] = jobs[j].x[m, k] · W_jᵀ. Consecutive jobs with the same x, k and
+// m (an expert's gate and up) convert x once. Each y is the same bits matmul gives.
+struct MatmulJob {
+    GgmlType wt;
+    const void* w;
+    int64_t n_out, k;
+    const float* x;
+    int64_t m;
+    float* y;
+};
+void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs);
 
 // ---- elementwise / normalisation (kernels/cpu/norm.cpp, activations.cpp) ----
 // y[t, :] = x[t, :] / sqrt(mean(x²) + eps) * w, for rows t < rows of width n. y may alias x.

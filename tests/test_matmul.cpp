@@ -243,6 +243,44 @@ TEST(Matmul, RowResultsDoNotDependOnBatchAcrossTiles) {
     }
 }
 
+TEST(Matmul, ManyJobsGiveEachProductsBits) {
+    // matmul_many (a MoE layer's experts in one parallel region): jobs of mixed types and shapes,
+    // adjacent jobs on the same X sharing its conversion (gate/up) and adjacent jobs on the same X
+    // with different activation types (Q8_K then Q8_0) not sharing it, empty jobs, m from 1 to 70.
+    ThreadPool pool(2);
+    struct Spec {
+        GgmlType t;
+        int64_t n_out, k, m;
+        int x;  // which X
+    };
+    const std::vector<Spec> specs = {
+        {GgmlType::Q4_K, 40, 512, 9, 0},  {GgmlType::Q4_K, 24, 512, 9, 0},   {GgmlType::Q8_0, 24, 512, 9, 0},
+        {GgmlType::IQ3_S, 33, 256, 70, 1}, {GgmlType::IQ3_S, 17, 256, 70, 1}, {GgmlType::F32, 5, 256, 3, 2},
+        {GgmlType::Q6_K, 0, 256, 4, 2},   {GgmlType::Q5_K, 7, 256, 0, 2},    {GgmlType::MXFP4, 19, 256, 1, 3},
+        {GgmlType::IQ4_XS, 21, 256, 6, 3},
+    };
+    const std::vector<std::vector<float>> xs = {random_normal(9 * 512, 1), random_normal(70 * 256, 2),
+                                                random_normal(4 * 256, 3), random_normal(6 * 256, 4)};
+    std::vector<std::vector<uint8_t>> ws;
+    std::vector<std::vector<float>> ys, want;
+    std::vector<MatmulJob> jobs;
+    for (size_t j = 0; j < specs.size(); ++j) {
+        const Spec& s = specs[j];
+        ws.push_back(make_weights(s.t, std::max<int64_t>(s.n_out, 1), s.k, 300 + static_cast<uint32_t>(j)));
+        ys.emplace_back(static_cast<size_t>(s.m * s.n_out) + 1, -7.0f);  // +1: a guard after y
+        want.emplace_back(static_cast<size_t>(s.m * s.n_out) + 1, -7.0f);
+        matmul(pool, s.t, ws[j].data(), s.n_out, s.k, xs[s.x].data(), s.m, want[j].data());
+    }
+    for (size_t j = 0; j < specs.size(); ++j) {
+        const Spec& s = specs[j];
+        jobs.push_back({s.t, ws[j].data(), s.n_out, s.k, xs[s.x].data(), s.m, ys[j].data()});
+    }
+    matmul_many(pool, jobs.data(), static_cast<int64_t>(jobs.size()));
+    for (size_t j = 0; j < specs.size(); ++j)
+        ASSERT_EQ(0, std::memcmp(ys[j].data(), want[j].data(), ys[j].size() * sizeof(float)))
+            << "job " << j << " " << ggml_type_name(specs[j].t);
+}
+
 TEST(Matmul, RowResultsDoNotDependOnBatch) {
     // Decode (m = 1) and prompt (m > 1, 4-row kernels) must give the same bits for the same token.
     ThreadPool pool(2);

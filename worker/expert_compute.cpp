@@ -1,5 +1,6 @@
 #include "worker/expert_compute.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace moemesh {
@@ -48,34 +49,61 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
     MM_RETURN_IF_ERROR(src_->will_need(layer, distinct_.data(), static_cast<int64_t>(distinct_.size())));
     // After will_need: the next layer's prefetch cannot evict what this call has kept.
     src_->will_compute(layer, x, n_rows);
-    slots_.resize(static_cast<size_t>(n_pairs * H));  // [n_pairs, H]: weight · expert(row) per pair
-    for (const int32_t e : distinct_) {  // any order: each pair has its own slot
-        const auto& sel = by_expert[e];
-        MM_ASSIGN_OR_RETURN(ExpertHandle h, acquire_expert(*src_, layer, e));
-        const ExpertSlice& ex = h.slice();
-        const int64_t m = static_cast<int64_t>(sel.size());
-        xg_.resize(static_cast<size_t>(m * H));  // [m, H] gathered rows
-        for (int64_t r = 0; r < m; ++r) std::memcpy(&xg_[r * H], x + rows[sel[r]] * H, sizeof(float) * H);
-        g_.resize(static_cast<size_t>(m * I));
-        u_.resize(static_cast<size_t>(m * I));
-        d_.resize(static_cast<size_t>(m * H));
-        matmul(pool_, ty.gate, ex.gate, I, H, xg_.data(), m, g_.data());  // [m, I]
-        matmul(pool_, ty.up, ex.up, I, H, xg_.data(), m, u_.data());      // [m, I]
-        swiglu(g_.data(), u_.data(), g_.data(), m * I);                    // [m, I]
-        matmul(pool_, ty.down, ex.down, H, I, g_.data(), m, d_.data());   // [m, H]
-        h.reset();  // one pin at a time: a budget of one expert still makes progress
-        for (int64_t r = 0; r < m; ++r) {
-            const float w = weights[sel[r]];
-            float* o = &slots_[sel[r] * H];
-            const float* dr = &d_[r * H];
-            for (int64_t h2 = 0; h2 < H; ++h2) o[h2] = w * dr[h2];
+    // Rows grouped by expert, in distinct_'s order: expert distinct_[i] owns rows first_[i] .. first_[i+1]
+    // of xg_ [n_pairs, H], g_/u_ [n_pairs, I] and d_ [n_pairs, H].
+    const int64_t n_distinct = static_cast<int64_t>(distinct_.size());
+    first_.assign(static_cast<size_t>(n_distinct + 1), 0);
+    pos_.resize(static_cast<size_t>(n_pairs));
+    for (int64_t i = 0; i < n_distinct; ++i) {
+        const auto& sel = by_expert[distinct_[i]];
+        for (size_t r = 0; r < sel.size(); ++r) pos_[sel[r]] = first_[i] + static_cast<int64_t>(r);
+        first_[i + 1] = first_[i] + static_cast<int64_t>(sel.size());
+    }
+    xg_.resize(static_cast<size_t>(n_pairs * H));
+    g_.resize(static_cast<size_t>(n_pairs * I));
+    u_.resize(static_cast<size_t>(n_pairs * I));
+    d_.resize(static_cast<size_t>(n_pairs * H));
+    for (int64_t p = 0; p < n_pairs; ++p) std::memcpy(&xg_[pos_[p] * H], x + rows[p] * H, sizeof(float) * H);
+    // Batches of experts pinned together: all of them where pins are free, else one (a budget of one
+    // expert still makes progress).
+    const int64_t batch = src_->pins_are_free() ? n_distinct : 1;
+    for (int64_t b0 = 0; b0 < n_distinct; b0 += batch) {
+        const int64_t b1 = std::min(n_distinct, b0 + batch);
+        handles_.clear();
+        for (int64_t i = b0; i < b1; ++i) {
+            MM_ASSIGN_OR_RETURN(ExpertHandle h, acquire_expert(*src_, layer, distinct_[i]));
+            handles_.push_back(std::move(h));
         }
+        jobs_.clear();
+        for (int64_t i = b0; i < b1; ++i) {  // gate and up: adjacent jobs on the same rows share their conversion
+            const ExpertSlice& ex = handles_[i - b0].slice();
+            const int64_t o = first_[i], m = first_[i + 1] - first_[i];
+            jobs_.push_back({ty.gate, ex.gate, I, H, &xg_[o * H], m, &g_[o * I]});  // [m, I]
+            jobs_.push_back({ty.up, ex.up, I, H, &xg_[o * H], m, &u_[o * I]});      // [m, I]
+        }
+        matmul_many(pool_, jobs_.data(), static_cast<int64_t>(jobs_.size()));
+        const int64_t o0 = first_[b0], rows_b = first_[b1] - o0;
+        swiglu(&g_[o0 * I], &u_[o0 * I], &g_[o0 * I], rows_b * I);
+        jobs_.clear();
+        for (int64_t i = b0; i < b1; ++i) {
+            const ExpertSlice& ex = handles_[i - b0].slice();
+            const int64_t o = first_[i], m = first_[i + 1] - first_[i];
+            jobs_.push_back({ty.down, ex.down, H, I, &g_[o * I], m, &d_[o * H]});  // [m, H]
+        }
+        matmul_many(pool_, jobs_.data(), static_cast<int64_t>(jobs_.size()));
+        handles_.clear();
+    }
+    // Each pair's weight · its expert's output, in place (one rounding, as llama.cpp's ggml_mul).
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        const float w = weights[p];
+        float* dr = &d_[pos_[p] * H];
+        for (int64_t h = 0; h < H; ++h) dr[h] *= w;
     }
     // Combine in pair order (as llama.cpp adds the K weighted expert outputs), so sums round alike.
     std::memset(out, 0, sizeof(float) * static_cast<size_t>(n_rows * H));
     for (int64_t p = 0; p < n_pairs; ++p) {
         float* o = out + rows[p] * H;
-        const float* s = &slots_[p * H];
+        const float* s = &d_[pos_[p] * H];
         for (int64_t h = 0; h < H; ++h) o[h] += s[h];
     }
     return Status();

@@ -45,6 +45,10 @@ public:
     // Fails (with the file, tensor and byte range) when the bytes cannot be read.
     virtual Status acquire(int layer, int expert, ExpertSlice* slice, void** token) = 0;
     virtual void release(void* token) = 0;
+    // True when every expert held is resident and pinning costs nothing (no budget): a call may then
+    // pin all its experts at once and compute them in one parallel region. Default: false (one pin
+    // at a time).
+    virtual bool pins_are_free() const { return false; }
     // A call for `layer` is starting with these activations x [n_rows, H]; a source may use them to
     // fetch the next layer's likely experts in the background (prefetch). Default: nothing.
     virtual void will_compute(int layer, const float* x, int64_t n_rows) {}
@@ -105,6 +109,7 @@ public:
     bool holds(int layer, int expert) const override;
     Status acquire(int layer, int expert, ExpertSlice* slice, void** token) override;
     void release(void*) override {}
+    bool pins_are_free() const override { return true; }
 
 private:
     std::vector<LayerExpertTable> layers_;
@@ -120,7 +125,9 @@ public:
     // x: [n_rows, H]. Pairs p: (rows[p], experts[p], weights[p]). out: [n_rows, H] (overwritten)
     // = for each row, Σ of its pairs in pair order. Every pair's expert must be held here.
     // The call's distinct experts are announced first (ExpertSource::will_need: a cache reads the
-    // missing ones as one batch), then acquired one at a time (at most one pin in use per call).
+    // missing ones as one batch), then acquired one at a time (at most one pin in use per call), or
+    // all at once where pins are free (resident experts: one parallel region for all their gate
+    // and up products, one for the down products).
     Status compute(int layer, const float* x, int64_t n_rows, const int32_t* rows, const int32_t* experts,
                    const float* weights, int64_t n_pairs, float* out);
 
@@ -132,9 +139,13 @@ private:
     ModelConfig cfg_;
     ThreadPool& pool_;
     std::shared_ptr<ExpertSource> src_;
-    std::vector<float> xg_, g_, u_, d_, slots_;
+    std::vector<float> xg_, g_, u_, d_;
     std::vector<int32_t> distinct_;  // the call's experts, in the order will_need leaves them
     std::vector<std::vector<int64_t>> by_expert_;  // [E]: pairs of each expert, in order
+    std::vector<int64_t> pos_;                     // [n_pairs]: the pair's row in xg_/d_ (grouped by expert)
+    std::vector<int64_t> first_;                   // [distinct + 1]: distinct_[i]'s first row there
+    std::vector<MatmulJob> jobs_;
+    std::vector<ExpertHandle> handles_;
 };
 
 }  // namespace moemesh

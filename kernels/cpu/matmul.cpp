@@ -1,13 +1,20 @@
-// Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for every computable weight type.
+// Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for every computable weight type, one product (matmul) or
+// several in one parallel region (matmul_many: the experts of a MoE layer).
 //
 // 1. X is converted once per call to the activation type llama.cpp pairs with the weight type
-//    (quants::type_kernels), into a per-thread scratch buffer: A[m, a_stride bytes].
-// 2. The output is cut into tiles of (up to) kTileRows W rows × tile_m X rows; threads take tiles.
-//    Within a tile the W rows are reused for every X row while they sit in L1/L2, which is what
-//    keeps prompt processing (large m) from re-streaming the weights from memory per token.
+//    (quants::type_kernels), into a per-thread scratch buffer: A[m, a_stride bytes]. In matmul_many,
+//    consecutive jobs on the same X with the same activation type (an expert's gate and up) share it.
+// 2. The output is cut into tiles of (up to) kTileRows W rows × tile_m X rows; threads take tiles
+//    (of all jobs at once in matmul_many). Within a tile the W rows are reused for every X row while
+//    they sit in L1/L2, which keeps prompt processing (large m) from re-streaming the weights from
+//    memory per token.
 // 3. Types with a decoded-row path (the i-quants, whose grid lookups cost more than the dot itself)
 //    decode the tile's W rows once into a per-thread buffer when the tile has kDecodeMinM or more X
-//    rows, and run the 4-row dot on that; the results are the same bits either way.
+//    rows, and run the 4-row dot on that.
+// 4. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
+//    or the next rows of A, whose results are dropped.
+// Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
+// are bit-identical to the one-row dot), so results do not depend on m, tiling or threads.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -25,109 +32,197 @@ std::vector<uint8_t>& act_scratch() {
     return buf;
 }
 
-constexpr int64_t kMinRowsPerTile = 4;
-constexpr int64_t kMaxRowsPerTile = 64;
-constexpr int64_t kTileRowsLargeM = 16;  // W rows per tile when m is large
-constexpr int64_t kTileM = 64;           // X rows per tile when m is large
-constexpr int64_t kDecodeMinM = 8;       // X rows in a tile from which W rows are decoded first
-
 std::vector<uint8_t>& dec_scratch() {
     thread_local std::vector<uint8_t> buf;
     return buf;
 }
 
-}  // namespace
+constexpr int64_t kMinRowsPerTile = 4;
+constexpr int64_t kMaxRowsPerTile = 64;
+constexpr int64_t kTileRowsLargeM = 16;  // W rows per tile when m is large
+constexpr int64_t kTileM = 64;           // X rows per tile when m is large
+constexpr int64_t kDecodeMinM = 8;       // X rows in a tile from which W rows are decoded first
+constexpr int64_t kPadRows = 3;          // zero rows after each converted A, for the 4-row remainder
 
-void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
-            float* y) {
-    const quants::TypeKernels* kt = quants::type_kernels(wt);
-    MM_CHECK(kt != nullptr);
-    MM_CHECK(k > 0 && k % kt->block == 0);
-    MM_CHECK(n_out >= 0 && m >= 0);
-    if (m == 0 || n_out == 0) return;
-
-    const size_t w_stride = ggml_row_bytes(wt, k);
-    const auto* wb = static_cast<const uint8_t*>(w);
-
-    // ---- 1. activations ----
+// One product, ready for tiles.
+struct Prepared {
+    const quants::TypeKernels* kt;
+    const uint8_t* w;
+    size_t w_stride;
+    int64_t n_out, k, m;
     const uint8_t* act;
     size_t a_stride;
-    if (kt->quantize_act == nullptr) {
-        act = reinterpret_cast<const uint8_t*>(x);
-        a_stride = static_cast<size_t>(k) * sizeof(float);
-    } else {
-        a_stride = ggml_row_bytes(kt->act_type, k);
-        std::vector<uint8_t>& buf = act_scratch();
-        if (buf.size() < a_stride * static_cast<size_t>(m)) buf.resize(a_stride * static_cast<size_t>(m));
-        uint8_t* a = buf.data();
-        const auto quantize_rows = [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) kt->quantize_act(x + r * k, a + static_cast<size_t>(r) * a_stride, k);
-        };
-        if (m * k >= (1 << 16)) {
-            pool.parallel_for(m, quantize_rows);
-        } else {
-            quantize_rows(0, m);
+    bool padded;  // kPadRows readable rows follow act's m rows
+    float* y;
+    int64_t tile_rows, tile_m, n_row_tiles;
+    int64_t first_tile;  // index of this job's first tile among all jobs'
+};
+
+void run_tile(const Prepared& p, int64_t t) {
+    const quants::TypeKernels* kt = p.kt;
+    const int64_t r0 = (t % p.n_row_tiles) * p.tile_rows;
+    const int64_t r1 = std::min(p.n_out, r0 + p.tile_rows);
+    const int64_t i0 = (t / p.n_row_tiles) * p.tile_m;
+    const int64_t i1 = std::min(p.m, i0 + p.tile_m);
+    const int64_t k = p.k, n_out = p.n_out;
+    const uint8_t* wb = p.w;
+    const uint8_t* act = p.act;
+    const size_t a_stride = p.a_stride, w_stride = p.w_stride;
+    float* y = p.y;
+    const quants::VecDotX4Fn dot_x4 = kt->vec_dot_x4;
+    // X rows i .. i+3 may be read when i + 4 <= i1, or, with 2 or 3 rows left, when rows up to
+    // i + 3 exist in A (further rows of X, or the zero padding).
+    const auto x4_ok = [&](int64_t i) { return i + 4 <= i1 || (i + 2 <= i1 && (p.padded || i + 4 <= p.m)); };
+    const auto store4 = [&](int64_t i, int64_t r, const float* out) {
+        const int n = static_cast<int>(std::min<int64_t>(4, i1 - i));
+        for (int q = 0; q < n; ++q) y[(i + q) * n_out + r] = out[q];
+    };
+    int64_t i = i0;
+    if (kt->vec_dot_dec_x4 != nullptr && i1 - i0 >= kDecodeMinM) {
+        const size_t dec_stride = static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block;
+        std::vector<uint8_t>& dec = dec_scratch();
+        if (dec.size() < dec_stride * static_cast<size_t>(r1 - r0)) dec.resize(dec_stride * static_cast<size_t>(r1 - r0));
+        for (int64_t r = r0; r < r1; ++r)
+            kt->decode_row(k, wb + static_cast<size_t>(r) * w_stride, dec.data() + static_cast<size_t>(r - r0) * dec_stride);
+        for (; x4_ok(i); i += 4) {
+            const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
+            float out[4];
+            for (int64_t r = r0; r < r1; ++r) {
+                kt->vec_dot_dec_x4(k, dec.data() + static_cast<size_t>(r - r0) * dec_stride, a, a_stride, out);
+                store4(i, r, out);
+            }
         }
-        act = a;
+    }
+    // Four X rows per W row read where the type has a 4-row kernel.
+    for (; dot_x4 && x4_ok(i); i += 4) {
+        const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
+        float out[4];
+        for (int64_t r = r0; r < r1; ++r) {
+            dot_x4(k, wb + static_cast<size_t>(r) * w_stride, a, a_stride, out);
+            store4(i, r, out);
+        }
+    }
+    for (; i < i1; ++i) {
+        const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
+        float* yr = y + i * n_out;
+        for (int64_t r = r0; r < r1; ++r) yr[r] = kt->vec_dot(k, wb + static_cast<size_t>(r) * w_stride, a);
+    }
+}
+
+}  // namespace
+
+void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
+    std::vector<Prepared> prep;
+    prep.reserve(static_cast<size_t>(n_jobs));
+    // ---- 1. activations: where each job's A goes in the scratch buffer ----
+    std::vector<size_t> act_off(static_cast<size_t>(n_jobs), SIZE_MAX);  // SIZE_MAX: X used as is
+    std::vector<int64_t> to_convert;                                     // jobs whose X is converted
+    size_t act_bytes = 0;
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        const MatmulJob& jb = jobs[j];
+        const quants::TypeKernels* kt = quants::type_kernels(jb.wt);
+        MM_CHECK(kt != nullptr);
+        MM_CHECK(jb.k > 0 && jb.k % kt->block == 0);
+        MM_CHECK(jb.n_out >= 0 && jb.m >= 0);
+        Prepared p{};
+        p.kt = kt;
+        p.w = static_cast<const uint8_t*>(jb.w);
+        p.w_stride = ggml_row_bytes(jb.wt, jb.k);
+        p.n_out = jb.n_out;
+        p.k = jb.k;
+        p.m = jb.m;
+        p.y = jb.y;
+        if (kt->quantize_act != nullptr && jb.m > 0 && jb.n_out > 0) {
+            p.a_stride = ggml_row_bytes(kt->act_type, jb.k);
+            const Prepared* prev = prep.empty() ? nullptr : &prep.back();
+            if (prev != nullptr && act_off[j - 1] != SIZE_MAX && jobs[j - 1].x == jb.x && jobs[j - 1].k == jb.k &&
+                jobs[j - 1].m == jb.m && prev->kt->act_type == kt->act_type) {
+                act_off[j] = act_off[j - 1];  // the same X, already converted for the previous job
+            } else {
+                act_off[j] = act_bytes;
+                act_bytes += p.a_stride * static_cast<size_t>(jb.m + kPadRows);
+                to_convert.push_back(j);
+            }
+            p.padded = true;
+        } else {
+            p.a_stride = static_cast<size_t>(jb.k) * sizeof(float);
+            p.act = reinterpret_cast<const uint8_t*>(jb.x);
+            p.padded = false;
+        }
+        prep.push_back(p);
+    }
+    std::vector<uint8_t>& buf = act_scratch();
+    if (buf.size() < act_bytes) buf.resize(act_bytes);
+    for (int64_t j = 0; j < n_jobs; ++j)
+        if (act_off[j] != SIZE_MAX) prep[j].act = buf.data() + act_off[j];
+    if (!to_convert.empty()) {
+        int64_t work = 0;
+        for (const int64_t j : to_convert) work += jobs[j].m * jobs[j].k;
+        const auto convert = [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t j = to_convert[c];
+                const Prepared& p = prep[j];
+                uint8_t* a = buf.data() + act_off[j];
+                for (int64_t r = 0; r < p.m; ++r)
+                    p.kt->quantize_act(jobs[j].x + r * p.k, a + static_cast<size_t>(r) * p.a_stride, p.k);
+                std::memset(a + static_cast<size_t>(p.m) * p.a_stride, 0, kPadRows * p.a_stride);
+            }
+        };
+        if (to_convert.size() == 1 && work >= (1 << 16)) {  // one big X: threads over its rows
+            const int64_t j = to_convert[0];
+            const Prepared& p = prep[j];
+            uint8_t* a = buf.data() + act_off[j];
+            pool.parallel_for(p.m, [&](int64_t r0, int64_t r1) {
+                for (int64_t r = r0; r < r1; ++r)
+                    p.kt->quantize_act(jobs[j].x + r * p.k, a + static_cast<size_t>(r) * p.a_stride, p.k);
+            });
+            std::memset(a + static_cast<size_t>(p.m) * p.a_stride, 0, kPadRows * p.a_stride);
+        } else if (to_convert.size() > 1 && work >= (1 << 16)) {
+            pool.parallel_for(static_cast<int64_t>(to_convert.size()), convert);
+        } else {
+            convert(0, static_cast<int64_t>(to_convert.size()));
+        }
     }
 
     // ---- 2. tiles ----
     const int64_t n_threads = pool.size();
-    int64_t tile_rows, tile_m;
-    if (m < 4) {
-        // Decode: W is streamed once; tiles just need to be fine enough to balance the threads.
-        tile_rows = std::clamp<int64_t>(n_out / (8 * n_threads), kMinRowsPerTile, kMaxRowsPerTile);
-        tile_m = m;
-    } else {
-        tile_rows = kTileRowsLargeM;
-        tile_m = std::min<int64_t>(m, kTileM);
+    int64_t n_tiles = 0;
+    for (Prepared& p : prep) {
+        p.first_tile = n_tiles;
+        if (p.m == 0 || p.n_out == 0) {
+            p.n_row_tiles = 1;
+            continue;
+        }
+        if (p.m < 4) {
+            // Decode: W is streamed once; tiles just need to be fine enough to balance the threads.
+            p.tile_rows = std::clamp<int64_t>(p.n_out / (8 * n_threads), kMinRowsPerTile, kMaxRowsPerTile);
+            p.tile_m = p.m;
+        } else {
+            p.tile_rows = kTileRowsLargeM;
+            p.tile_m = std::min<int64_t>(p.m, kTileM);
+        }
+        p.n_row_tiles = (p.n_out + p.tile_rows - 1) / p.tile_rows;
+        n_tiles += p.n_row_tiles * ((p.m + p.tile_m - 1) / p.tile_m);
     }
-    const int64_t n_row_tiles = (n_out + tile_rows - 1) / tile_rows;
-    const int64_t n_m_tiles = (m + tile_m - 1) / tile_m;
-    const quants::VecDotFn dot = kt->vec_dot;
-    const quants::VecDotX4Fn dot_x4 = kt->vec_dot_x4;
-    const quants::VecDotX4Fn dec_x4 = kt->vec_dot_dec_x4;
-    const size_t dec_stride = dec_x4 ? static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block : 0;
-
-    // Tile t covers W rows of row tile (t % n_row_tiles) and X rows of m tile (t / n_row_tiles), so a
-    // thread's contiguous range of tiles walks along W for the same block of X rows.
-    pool.parallel_for(n_row_tiles * n_m_tiles, [&](int64_t t0, int64_t t1) {
+    if (n_tiles == 0) return;
+    // Tile t of a job covers W rows of row tile (t % n_row_tiles) and X rows of m tile
+    // (t / n_row_tiles), so a thread's contiguous range of tiles walks along W for the same X rows.
+    pool.parallel_for(n_tiles, [&](int64_t t0, int64_t t1) {
+        // The job holding tile t0: the last one whose first tile is <= t0.
+        size_t j = static_cast<size_t>(
+            std::upper_bound(prep.begin(), prep.end(), t0, [](int64_t t, const Prepared& p) { return t < p.first_tile; }) -
+            prep.begin() - 1);
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t r0 = (t % n_row_tiles) * tile_rows;
-            const int64_t r1 = std::min(n_out, r0 + tile_rows);
-            const int64_t i0 = (t / n_row_tiles) * tile_m;
-            const int64_t i1 = std::min(m, i0 + tile_m);
-            int64_t i = i0;
-            if (dec_x4 != nullptr && i1 - i0 >= kDecodeMinM) {
-                std::vector<uint8_t>& dec = dec_scratch();
-                if (dec.size() < dec_stride * static_cast<size_t>(r1 - r0)) dec.resize(dec_stride * static_cast<size_t>(r1 - r0));
-                for (int64_t r = r0; r < r1; ++r)
-                    kt->decode_row(k, wb + static_cast<size_t>(r) * w_stride, dec.data() + static_cast<size_t>(r - r0) * dec_stride);
-                for (; i + 4 <= i1; i += 4) {
-                    const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
-                    float out[4];
-                    for (int64_t r = r0; r < r1; ++r) {
-                        dec_x4(k, dec.data() + static_cast<size_t>(r - r0) * dec_stride, a, a_stride, out);
-                        for (int q = 0; q < 4; ++q) y[(i + q) * n_out + r] = out[q];
-                    }
-                }
-            }
-            // Four X rows per W row read where the type has a 4-row kernel (same results as one by one).
-            for (; dot_x4 && i + 4 <= i1; i += 4) {
-                const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
-                float out[4];
-                for (int64_t r = r0; r < r1; ++r) {
-                    dot_x4(k, wb + static_cast<size_t>(r) * w_stride, a, a_stride, out);
-                    for (int q = 0; q < 4; ++q) y[(i + q) * n_out + r] = out[q];
-                }
-            }
-            for (; i < i1; ++i) {
-                const uint8_t* a = act + static_cast<size_t>(i) * a_stride;
-                float* yr = y + i * n_out;
-                for (int64_t r = r0; r < r1; ++r) yr[r] = dot(k, wb + static_cast<size_t>(r) * w_stride, a);
-            }
+            while (j + 1 < prep.size() && prep[j + 1].first_tile <= t) ++j;
+            run_tile(prep[j], t - prep[j].first_tile);
         }
     });
+}
+
+void matmul(ThreadPool& pool, GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
+            float* y) {
+    const MatmulJob job{wt, w, n_out, k, x, m, y};
+    matmul_many(pool, &job, 1);
 }
 
 }  // namespace moemesh
