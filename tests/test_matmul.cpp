@@ -173,9 +173,9 @@ TEST(VecDot, SimdMatchesScalar) {
 
 TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
-    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
                        GgmlType::Q3_K, GgmlType::Q2_K, GgmlType::Q4_1, GgmlType::Q5_1,
-                       GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4, GgmlType::IQ2_XXS, GgmlType::IQ2_XS,
+                       GgmlType::IQ4_XS, GgmlType::IQ2_XXS, GgmlType::IQ2_XS,
                        GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S, GgmlType::IQ1_S, GgmlType::IQ1_M}) {
         const quants::TypeKernels* kt = quants::type_kernels(t);
         ASSERT_NE(kt->vec_dot_x4, nullptr) << ggml_type_name(t);
@@ -191,6 +191,37 @@ TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
             for (int r = 0; r < 4; ++r) {
                 const float single = kt->vec_dot(k, w.data(), a.data() + r * a_stride);
                 ASSERT_EQ(fp32_to_bits(out[r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k << " r=" << r;
+            }
+        }
+    }
+}
+
+TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
+    // Q4_0, IQ4_NL, MXFP4: 8 W rows against 1 and 4 activation rows, each output vec_dot's bits
+    // (tests/test_quants.cpp checks both against llama.cpp's repacked kernels).
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    for (GgmlType t : {GgmlType::Q4_0, GgmlType::IQ4_NL, GgmlType::MXFP4}) {
+        const quants::TypeKernels* kt = quants::type_kernels(t);
+        ASSERT_NE(kt->vec_dot_r8, nullptr) << ggml_type_name(t);
+        ASSERT_NE(kt->vec_dot_r8x4, nullptr) << ggml_type_name(t);
+        for (int64_t k : sizes_for(t)) {
+            const std::vector<uint8_t> w = make_weights(t, 8, k, 80 + static_cast<uint32_t>(k));
+            const size_t w_stride = ggml_row_bytes(t, k);
+            std::vector<float> x = random_normal(4 * k, 90 + static_cast<uint32_t>(k));
+            for (int64_t i = 0; i < k; ++i) x[k + i] *= 1e-3f;
+            for (int64_t i = 0; i < k; i += 2) x[3 * k + i] = 0;
+            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
+            std::vector<uint8_t> a(4 * a_stride);
+            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            float out4[32], out1[8];
+            kt->vec_dot_r8x4(k, w.data(), w_stride, a.data(), a_stride, out4);
+            for (int q = 0; q < 4; ++q) {
+                kt->vec_dot_r8(k, w.data(), w_stride, a.data() + q * a_stride, a_stride, out1);
+                for (int r = 0; r < 8; ++r) {
+                    const float single = kt->vec_dot(k, w.data() + r * w_stride, a.data() + q * a_stride);
+                    ASSERT_EQ(fp32_to_bits(out4[8 * q + r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k;
+                    ASSERT_EQ(fp32_to_bits(out1[r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k;
+                }
             }
         }
     }

@@ -802,6 +802,96 @@ TEST(GgmlCrossCheck, DotProductsAgree) {
     }
 }
 
+// Q4_0, IQ4_NL and MXFP4 are computed with the arithmetic of llama.cpp's repacked AVX2 kernels
+// (quants_avx2_r8.cpp). Repack the same weights as llama.cpp's make_block_*x8 does, call its
+// ggml_gemv_*_8x8_q8_0 (1 activation row) and ggml_gemm_*_8x8_q8_0 (4 rows, quantized by its
+// ggml_quantize_mat_q8_0_4x8) and compare bits with our 8-row kernels and one-row dot.
+TEST(GgmlCrossCheck, EightRowKernelsMatchLlamaCppRepackedBitForBit) {
+    GgmlLib* lib = ggml_lib();
+    if (!lib) GTEST_SKIP() << "llama.cpp's ggml not available";
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    using GemFn = void (*)(int, float*, size_t, const void*, const void*, int, int);
+    using QuantMatFn = void (*)(const float*, void*, int64_t);
+    auto quant4 = lib->sym<QuantMatFn>("ggml_quantize_mat_q8_0_4x8");
+    ASSERT_TRUE(quant4);
+    struct Case {
+        GgmlType t;
+        const char* name;
+        size_t scale_bytes;  // per block: fp16 d (2) or E8M0 e (1)
+        bool xor88;          // Q4_0's nibbles are stored offset by 8 in the repacked layout
+    };
+    for (const Case c : {Case{GgmlType::Q4_0, "q4_0", 2, true}, Case{GgmlType::IQ4_NL, "iq4_nl", 2, false},
+                         Case{GgmlType::MXFP4, "mxfp4", 1, false}}) {
+        auto gemv = lib->sym<GemFn>(std::string("ggml_gemv_") + c.name + "_8x8_q8_0");
+        auto gemm = lib->sym<GemFn>(std::string("ggml_gemm_") + c.name + "_8x8_q8_0");
+        ASSERT_TRUE(gemv && gemm) << c.name;
+        const quants::TypeKernels* kt = quants::type_kernels(c.t);
+        ASSERT_TRUE(kt->vec_dot_r8 && kt->vec_dot_r8x4) << c.name;
+        const size_t block_bytes = c.scale_bytes + 16;  // one row's block: scale, then 16 bytes of nibbles
+        for (int64_t k : {256, 2048}) {
+            const int nc = 16, nb = static_cast<int>(k / 32);
+            const size_t row_bytes = ggml_row_bytes(c.t, k);
+            std::vector<uint8_t> w(row_bytes * nc);
+            for (int r = 0; r < nc; ++r) {
+                const std::vector<float> wf = random_normal(k, 900 + r + static_cast<uint32_t>(k), 0.05f * (1 + r % 3));
+                quantize_row(c.t, wf.data(), w.data() + r * row_bytes, k);
+            }
+            // make_block_*x8: the 8 rows' scales, then 8 bytes of nibbles from each row in turn.
+            const size_t x8_bytes = 8 * c.scale_bytes + 128;
+            std::vector<uint8_t> packed(x8_bytes * nb * (nc / 8));
+            for (int g = 0; g < nc / 8; ++g)
+                for (int b = 0; b < nb; ++b) {
+                    uint8_t* out = packed.data() + (static_cast<size_t>(g) * nb + b) * x8_bytes;
+                    for (int r = 0; r < 8; ++r) {
+                        const uint8_t* blk = w.data() + (8 * g + r) * row_bytes + b * block_bytes;
+                        std::memcpy(out + r * c.scale_bytes, blk, c.scale_bytes);
+                    }
+                    for (int i = 0; i < 16; ++i) {
+                        const uint8_t* blk = w.data() + (8 * g + i % 8) * row_bytes + b * block_bytes;
+                        for (int j = 0; j < 8; ++j)
+                            out[8 * c.scale_bytes + 8 * i + j] = blk[c.scale_bytes + (i / 8) * 8 + j] ^ (c.xor88 ? 0x88 : 0);
+                    }
+                }
+            const std::vector<float> x = random_normal(4 * k, 77 + static_cast<uint32_t>(k));
+            const size_t a_stride = ggml_row_bytes(GgmlType::Q8_0, k);
+            std::vector<uint8_t> a(4 * a_stride);
+            for (int t = 0; t < 4; ++t) kt->quantize_act(x.data() + t * k, a.data() + t * a_stride, k);
+            // One activation row: gemv.
+            std::vector<float> theirs(nc), ours(8 * 4);
+            gemv(static_cast<int>(k), theirs.data(), nc, packed.data(), a.data(), 1, nc);
+            for (int g = 0; g < nc / 8; ++g) {
+                kt->vec_dot_r8(k, w.data() + 8 * g * row_bytes, row_bytes, a.data(), a_stride, ours.data());
+                for (int r = 0; r < 8; ++r) {
+                    ASSERT_EQ(fp32_to_bits(ours[r]), fp32_to_bits(theirs[8 * g + r])) << c.name << " k=" << k << " row " << 8 * g + r;
+                    const float one = kt->vec_dot(k, w.data() + (8 * g + r) * row_bytes, a.data());
+                    ASSERT_EQ(fp32_to_bits(one), fp32_to_bits(theirs[8 * g + r])) << c.name << " one-row k=" << k;
+                }
+            }
+            // Four activation rows: gemm on llama.cpp's own 4-row quantization.
+            std::vector<uint8_t> a4(4 * a_stride);
+            quant4(x.data(), a4.data(), k);
+            for (int b = 0; b < nb; ++b)  // block_q8_0x4: 4 fp16 d, then 8 bytes of each row in turn
+                for (int t = 0; t < 4; ++t) {
+                    const uint8_t* blk = a4.data() + b * 136;
+                    const uint8_t* ours_blk = a.data() + t * a_stride + b * 34;
+                    ASSERT_EQ(0, std::memcmp(blk + 2 * t, ours_blk, 2)) << c.name << " activation scale, block " << b;
+                    for (int i = t; i < 16; i += 4) {
+                        ASSERT_EQ(0, std::memcmp(blk + 8 + 8 * i, ours_blk + 2 + (i / 4) * 8, 8)) << c.name;
+                    }
+                }
+            std::vector<float> theirs4(4 * nc);
+            gemm(static_cast<int>(k), theirs4.data(), nc, packed.data(), a4.data(), 4, nc);
+            for (int g = 0; g < nc / 8; ++g) {
+                kt->vec_dot_r8x4(k, w.data() + 8 * g * row_bytes, row_bytes, a.data(), a_stride, ours.data());
+                for (int t = 0; t < 4; ++t)
+                    for (int r = 0; r < 8; ++r)
+                        ASSERT_EQ(fp32_to_bits(ours[8 * t + r]), fp32_to_bits(theirs4[t * nc + 8 * g + r]))
+                            << c.name << " k=" << k << " token " << t << " row " << 8 * g + r;
+            }
+        }
+    }
+}
+
 // IQ4_NL has two quantizers in ggml: llama-quantize's (quantize_iq4_nl, a search over 15 scales per
 // block), which make-model uses, and quantize_row_iq4_nl_ref's one-shot scale.
 TEST(GgmlCrossCheck, IQ4NLQuantizersAreBitExact) {

@@ -11,7 +11,9 @@
 // 3. Types with a decoded-row path (the i-quants, whose grid lookups cost more than the dot itself)
 //    decode the tile's W rows once into a per-thread buffer when the tile has kDecodeMinM or more X
 //    rows, and run the 4-row dot on that.
-// 4. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
+// 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4: llama.cpp's repacked arithmetic) take W rows
+//    8 at a time, against 4 X rows or 1.
+// 5. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
 //    or the next rows of A, whose results are dropped.
 // Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
 // are bit-identical to the one-row dot), so results do not depend on m, tiling or threads.
@@ -77,6 +79,28 @@ void run_tile(const Prepared& p, int64_t t) {
         const int n = static_cast<int>(std::min<int64_t>(4, i1 - i));
         for (int q = 0; q < n; ++q) y[(i + q) * n_out + r] = out[q];
     };
+    if (kt->vec_dot_r8 != nullptr) {
+        // 8 W rows at a time, against 4 X rows or 1; leftover W rows one by one (the same bits).
+        int64_t r = r0;
+        for (; r + 8 <= r1; r += 8) {
+            const uint8_t* w8 = wb + static_cast<size_t>(r) * w_stride;
+            int64_t i = i0;
+            float out[32];
+            for (; x4_ok(i); i += 4) {
+                kt->vec_dot_r8x4(k, w8, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
+                for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + 8 * q, 8 * sizeof(float));
+            }
+            for (; i < i1; ++i) {
+                kt->vec_dot_r8(k, w8, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                std::memcpy(y + i * n_out + r, out, 8 * sizeof(float));
+            }
+        }
+        for (; r < r1; ++r)
+            for (int64_t i = i0; i < i1; ++i)
+                y[i * n_out + r] = kt->vec_dot(k, wb + static_cast<size_t>(r) * w_stride, act + static_cast<size_t>(i) * a_stride);
+        return;
+    }
     int64_t i = i0;
     if (kt->vec_dot_dec_x4 != nullptr && i1 - i0 >= kDecodeMinM) {
         const size_t dec_stride = static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block;
@@ -196,6 +220,7 @@ void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
         if (p.m < 4) {
             // Decode: W is streamed once; tiles just need to be fine enough to balance the threads.
             p.tile_rows = std::clamp<int64_t>(p.n_out / (8 * n_threads), kMinRowsPerTile, kMaxRowsPerTile);
+            if (p.kt->vec_dot_r8 != nullptr) p.tile_rows = std::max<int64_t>(8, p.tile_rows / 8 * 8);
             p.tile_m = p.m;
         } else {
             p.tile_rows = kTileRowsLargeM;

@@ -1,8 +1,8 @@
-// AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations), IQ4_NL and MXFP4 (against Q8_0)
-// and IQ4_XS (against Q8_K), and the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's
-// type_kernels. The arithmetic is that of ggml's x86 AVX2 kernels for these types (ggml-cpu
-// arch/x86/quants.c): the same integer sums per block, accumulators and final reductions. The IQ4
-// types look their 4-bit indices up in the 16 levels with one byte shuffle.
+// AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations) and IQ4_XS (against Q8_K), and
+// the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's type_kernels. The
+// arithmetic is that of ggml's x86 AVX2 kernels for these types (ggml-cpu arch/x86/quants.c): the
+// same integer sums per block, accumulators and final reductions. IQ4_XS looks its 4-bit indices
+// up in the 16 levels with one byte shuffle. (IQ4_NL and MXFP4: quants_avx2_r8.cpp.)
 //
 // Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
 #if defined(__x86_64__) || defined(__i386__)
@@ -76,51 +76,6 @@ float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a) {
         acc = _mm256_fmadd_ps(mul_sum_us8_pairs_float(qx, qy), _mm256_mul_ps(dx, dy), acc);
     }
     return hsum_ps(acc) + summs;
-}
-
-namespace {
-// IQ4_NL and MXFP4 against Q8_0: two blocks per step, one accumulator each, a scalar tail.
-// scale(block) is the weight block's scale.
-template <class Block, class Scale>
-float dot_4bit_levels_q8_0(int64_t n, const Block* x, const BlockQ8_0* y, const int8_t* levels, Scale scale) {
-    const int64_t nb = n / 32;
-    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels));
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2) {
-        const __m256i q4b1 = iq4_levels(x[i].qs, values, m4);
-        const __m256i q4b2 = iq4_levels(x[i + 1].qs, values, m4);
-        const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i].qs));
-        const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[i + 1].qs));
-        const __m256i p1 = _mm256_madd_epi16(mul_add_i8(q4b1, q8b1), ones);
-        const __m256i p2 = _mm256_madd_epi16(mul_add_i8(q4b2, q8b2), ones);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i].d) * scale(x[i])), _mm256_cvtepi32_ps(p1), acc1);
-        acc2 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[i + 1].d) * scale(x[i + 1])), _mm256_cvtepi32_ps(p2), acc2);
-    }
-    float sumf = hsum_ps(_mm256_add_ps(acc1, acc2));
-    for (; i < nb; ++i) {
-        const float d = h2f(y[i].d) * scale(x[i]);
-        int sumi1 = 0, sumi2 = 0;
-        for (int j = 0; j < 16; ++j) {
-            sumi1 += y[i].qs[j] * levels[x[i].qs[j] & 0xf];
-            sumi2 += y[i].qs[j + 16] * levels[x[i].qs[j] >> 4];
-        }
-        sumf += d * static_cast<float>(sumi1 + sumi2);
-    }
-    return sumf;
-}
-}  // namespace
-
-float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a) {
-    return dot_4bit_levels_q8_0(n, static_cast<const BlockIQ4_NL*>(w), static_cast<const BlockQ8_0*>(a), kIQ4NLValues,
-                                [](const BlockIQ4_NL& b) { return h2f(b.d); });
-}
-
-float vec_dot_mxfp4_q8_0(int64_t n, const void* w, const void* a) {
-    return dot_4bit_levels_q8_0(n, static_cast<const BlockMXFP4*>(w), static_cast<const BlockQ8_0*>(a), kMXFP4Values,
-                                [](const BlockMXFP4& b) { return e8m0_to_fp32_half(b.e); });
 }
 
 float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
@@ -198,53 +153,6 @@ void dot_q_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float*
 #undef MM_OUT
 }
 
-// IQ4_NL and MXFP4 against Q8_0, as dot_4bit_levels_q8_0 per row.
-template <class Block, class Scale>
-void dot_4bit_levels_q8_0_x4(int64_t n, const Block* x, const void* a, size_t a_stride, const int8_t* levels,
-                             Scale scale, float* out) {
-    const int64_t nb = n / 32;
-    const BlockQ8_0* y[4];
-    for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_0>(a, a_stride, r);
-    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels));
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc1[4], acc2[4];
-#define MM_INIT(r) acc1[r] = _mm256_setzero_ps(), acc2[r] = _mm256_setzero_ps();
-    MM_ROWS4(MM_INIT)
-#undef MM_INIT
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2) {
-        const __m256i q4b1 = iq4_levels(x[i].qs, values, m4);
-        const __m256i q4b2 = iq4_levels(x[i + 1].qs, values, m4);
-        const __m256i a1 = _mm256_sign_epi8(q4b1, q4b1), a2 = _mm256_sign_epi8(q4b2, q4b2);
-        const float s1 = scale(x[i]), s2 = scale(x[i + 1]);
-#define MM_ROW(r)                                                                                                  \
-    {                                                                                                              \
-        const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs));                     \
-        const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i + 1].qs));                 \
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(q8b1, q4b1)), ones);       \
-        const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(q8b2, q4b2)), ones);       \
-        acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[r][i].d) * s1), _mm256_cvtepi32_ps(p1), acc1[r]);          \
-        acc2[r] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(y[r][i + 1].d) * s2), _mm256_cvtepi32_ps(p2), acc2[r]);      \
-    }
-        MM_ROWS4(MM_ROW)
-#undef MM_ROW
-    }
-    for (int r = 0; r < 4; ++r) {
-        float sumf = hsum_ps(_mm256_add_ps(acc1[r], acc2[r]));
-        for (int64_t j = i; j < nb; ++j) {  // the odd last block, as the one-row tail
-            const float d = h2f(y[r][j].d) * scale(x[j]);
-            int sumi1 = 0, sumi2 = 0;
-            for (int l = 0; l < 16; ++l) {
-                sumi1 += y[r][j].qs[l] * levels[x[j].qs[l] & 0xf];
-                sumi2 += y[r][j].qs[l + 16] * levels[x[j].qs[l] >> 4];
-            }
-            sumf += d * static_cast<float>(sumi1 + sumi2);
-        }
-        out[r] = sumf;
-    }
-}
-
 }  // namespace
 
 void vec_dot_q4_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
@@ -253,16 +161,6 @@ void vec_dot_q4_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stri
 
 void vec_dot_q5_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     dot_q_1_x4<true>(n, w, a, a_stride, out);
-}
-
-void vec_dot_iq4_nl_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_4bit_levels_q8_0_x4(n, static_cast<const BlockIQ4_NL*>(w), a, a_stride, kIQ4NLValues,
-                            [](const BlockIQ4_NL& b) { return h2f(b.d); }, out);
-}
-
-void vec_dot_mxfp4_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_4bit_levels_q8_0_x4(n, static_cast<const BlockMXFP4*>(w), a, a_stride, kMXFP4Values,
-                            [](const BlockMXFP4& b) { return e8m0_to_fp32_half(b.e); }, out);
 }
 
 void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {

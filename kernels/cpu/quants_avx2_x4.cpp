@@ -29,29 +29,17 @@ inline __m256 dot_signed(__m256i ax, __m256i qx, __m256i qy) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
 }
 
-template <bool kQ4>
-void dot_q_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     const int64_t nb = n / 32;
     const auto* y0 = static_cast<const BlockQ8_0*>(a);
     const BlockQ8_0* y[4];
     for (int r = 0; r < 4; ++r) {
         y[r] = reinterpret_cast<const BlockQ8_0*>(reinterpret_cast<const uint8_t*>(y0) + r * a_stride);
     }
-    const __m256i off = _mm256_set1_epi8(8);
     const auto load_w = [&](int64_t i) -> __m256i {
-        if constexpr (kQ4) {
-            return _mm256_sub_epi8(bytes_from_nibbles_32(static_cast<const BlockQ4_0*>(w)[i].qs), off);
-        } else {
-            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const BlockQ8_0*>(w)[i].qs));
-        }
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const BlockQ8_0*>(w)[i].qs));
     };
-    const auto w_d = [&](int64_t i) -> float {
-        if constexpr (kQ4) {
-            return h2f(static_cast<const BlockQ4_0*>(w)[i].d);
-        } else {
-            return h2f(static_cast<const BlockQ8_0*>(w)[i].d);
-        }
-    };
+    const auto w_d = [&](int64_t i) -> float { return h2f(static_cast<const BlockQ8_0*>(w)[i].d); };
     __m256 acc0[4], acc1[4];
 #define MM_INIT(r) acc0[r] = _mm256_setzero_ps(), acc1[r] = _mm256_setzero_ps();
     MM_ROWS4(MM_INIT)
@@ -90,11 +78,7 @@ void dot_q_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float*
 }  // namespace
 
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_q_0_x4<false>(n, w, a, a_stride, out);
-}
-
-void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_q_0_x4<true>(n, w, a, a_stride, out);
+    dot_q8_0_x4(n, w, a, a_stride, out);
 }
 
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {

@@ -192,6 +192,9 @@ using VecDotX4Fn = void (*)(int64_t n, const void* w, const void* a, size_t a_st
 // per matmul tile into dec (DecodeRowFn), then dotted with groups of 4 activation rows
 // (VecDotX4Fn on dec instead of w); results bit-identical to vec_dot on the encoded row.
 using DecodeRowFn = void (*)(int64_t n, const void* w, void* dec);
+// 8 W rows (w, w + w_stride, ...) against NA activation rows (1 or 4; a, a + a_stride, ...) into
+// out[t · 8 + r]; each output bit-identical to the type's vec_dot on that row pair.
+using VecDotR8Fn = void (*)(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out);
 
 // Plain scalar references: integer sums per block, then scaled, as ggml's generic vec_dot_*.
 float vec_dot_f32_scalar(int64_t n, const void* w, const void* a);
@@ -218,7 +221,6 @@ float vec_dot_f32(int64_t n, const void* w, const void* a);
 float vec_dot_f16(int64_t n, const void* w, const void* a);
 float vec_dot_bf16(int64_t n, const void* w, const void* a);
 float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a);
-float vec_dot_q4_0_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a);
 // quants_avx2_lowbit.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
@@ -233,15 +235,11 @@ float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a);
 // quants_avx2_q1_iq4.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
 float vec_dot_q4_1_q8_1(int64_t n, const void* w, const void* a);
 float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a);
-float vec_dot_iq4_nl_q8_0(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_mxfp4_q8_0(int64_t n, const void* w, const void* a);
 void quantize_act_q8_1(const float* x, void* y, int64_t n);
 void vec_dot_q4_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q5_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq4_nl_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_mxfp4_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 // quants_avx2_iq.cpp: the arithmetic of ggml's x86 AVX2 kernels for the i-quants (Q8_K activations).
 float vec_dot_iq2_xxs_q8_K(int64_t n, const void* w, const void* a);
 float vec_dot_iq2_xs_q8_K(int64_t n, const void* w, const void* a);
@@ -267,8 +265,18 @@ void decode_row_iq2_s(int64_t n, const void* w, void* dec);
 void decode_row_iq3_xxs(int64_t n, const void* w, void* dec);
 void decode_row_iq3_s(int64_t n, const void* w, void* dec);
 void vec_dot_iq_dec_q8_K_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out);
+// quants_avx2_r8.cpp: Q4_0, IQ4_NL, MXFP4 with llama.cpp's repacked (8-row) arithmetic: per row
+// one float accumulator, acc = fma(float(block's integer sum), scale_w · d_a, acc) block by block.
+float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a);
+float vec_dot_iq4_nl_q8_0_r(int64_t n, const void* w, const void* a);
+float vec_dot_mxfp4_q8_0_r(int64_t n, const void* w, const void* a);
+void vec_dot_q4_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
+void vec_dot_q4_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
+void vec_dot_iq4_nl_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
+void vec_dot_iq4_nl_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
+void vec_dot_mxfp4_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
+void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q4_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void quantize_act_q8_0(const float* x, void* y, int64_t n);
@@ -311,6 +319,9 @@ struct TypeKernels {
     DecodeRowFn decode_row = nullptr;
     size_t dec_bytes_per_block = 0;        // decoded bytes per `block` elements
     VecDotX4Fn vec_dot_dec_x4 = nullptr;  // reads a decoded row
+    // Optional 8-row kernels (see VecDotR8Fn): 1 and 4 activation rows; both set or none.
+    VecDotR8Fn vec_dot_r8 = nullptr;
+    VecDotR8Fn vec_dot_r8x4 = nullptr;
 };
 
 // Kernels for weight type t (simd=false: scalar references only); nullptr if t is not computable.

@@ -1,0 +1,173 @@
+// AVX2 dot products of Q4_0, IQ4_NL and MXFP4 weights (32-element blocks of 4-bit indices into 16
+// levels, one scale per block) against Q8_0 activations, 8 weight rows at a time.
+//
+// The arithmetic is that of llama.cpp's CPU backend for these types on AVX2, which repacks their
+// weights 8 rows at a time ("CPU_REPACK": ggml_gemv/gemm_{q4_0,iq4_nl,mxfp4}_8x8_q8_0, for both
+// dense and expert (MUL_MAT_ID) matrices with a multiple of 8 rows): per (weight row, activation
+// row) one float accumulator, and per block b, in order,
+//     acc = fma(float(Σ_i w_i · a_i), scale_w(b) · d_a(b), acc)
+// with the integer sum exact. Eight rows sit in the 8 lanes of one vector, so the float work per
+// block is one convert, one multiply and one fma for all eight, instead of per row (ggml's
+// one-row vec_dot keeps 8 partial sums per row and scales each block per row).
+//
+// We read the rows where they are (no repacked copy: the experts are served from the mapped file
+// and the caches as stored). The one-row function gives the same bits for one row, so leftover
+// rows (n_out % 8) and every path of matmul agree.
+//
+// Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/quants_internal.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#include "kernels/cpu/quants_avx2_inl.h"
+
+namespace moemesh::quants::avx2 {
+namespace {
+
+constexpr int8_t kQ4_0Levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+struct Q4_0Type {
+    using Block = BlockQ4_0;
+    static const int8_t* levels() { return kQ4_0Levels; }
+    static float scale(const Block& b) { return h2f(b.d); }
+};
+struct IQ4NLType {
+    using Block = BlockIQ4_NL;
+    static const int8_t* levels() { return kIQ4NLValues; }
+    static float scale(const Block& b) { return h2f(b.d); }
+};
+struct MXFP4Type {
+    using Block = BlockMXFP4;
+    static const int8_t* levels() { return kMXFP4Values; }
+    static float scale(const Block& b) { return e8m0_to_fp32_half(b.e); }
+};
+
+// A block's 32 levels as signed bytes: the low nibbles (elements 0..15), then the high ones.
+inline __m256i block_levels(const uint8_t* qs, __m256i levels, __m256i m4) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    return _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_blend_epi32(x, _mm256_srli_epi16(x, 4), 0xF0), m4));
+}
+
+// Σ of w · y over 32 bytes as 8 int32 partial sums (|w| <= 127: no int16 saturation with |y| <= 127).
+inline __m256i dot32(__m256i w, __m256i w_abs, __m256i y) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(y, w)), _mm256_set1_epi16(1));
+}
+
+// Lane r = the sum of p[r]'s 8 lanes.
+inline __m256i hsum8_epi32(const __m256i* p) {
+    const __m256i t0 = _mm256_hadd_epi32(p[0], p[1]);
+    const __m256i t1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i t2 = _mm256_hadd_epi32(p[4], p[5]);
+    const __m256i t3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1);  // per 128-bit half: rows 0..3
+    const __m256i u1 = _mm256_hadd_epi32(t2, t3);  // rows 4..7
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+inline int hsum_epi32(__m256i p) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// 8 rows (w, w + w_stride, ...) × NA activation rows (a, a + a_stride, ...): out[t · 8 + r].
+template <class T, int NA>
+void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels())));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const Block* x[8];
+    for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const BlockQ8_0* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m256 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
+    const char* next = static_cast<const char*>(w) + 8 * w_stride;
+    const int64_t next_lines = static_cast<int64_t>((8 * w_stride + 63) / 64);
+    for (int64_t b = 0; b < nb; ++b) {
+        // Eight rows read side by side are eight interleaved streams, which the hardware prefetchers
+        // follow badly; the next 8 rows (the bytes right after these) are one stream: prefetch them,
+        // spread over this group's blocks, so the next call finds them in cache.
+        for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
+            _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        __m256i q[8], q_abs[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+            q[r] = block_levels(x[r][b].qs, levels, m4);
+            q_abs[r] = _mm256_sign_epi8(q[r], q[r]);
+        }
+        const __m256 dx = _mm256_set_ps(T::scale(x[7][b]), T::scale(x[6][b]), T::scale(x[5][b]), T::scale(x[4][b]),
+                                        T::scale(x[3][b]), T::scale(x[2][b]), T::scale(x[1][b]), T::scale(x[0][b]));
+#pragma GCC unroll 4
+        for (int t = 0; t < NA; ++t) {
+            const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
+            __m256i p[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) p[r] = dot32(q[r], q_abs[r], yv);
+            const __m256 d = _mm256_mul_ps(dx, _mm256_set1_ps(h2f(y[t][b].d)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8_epi32(p)), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+// One row, the same operations per block as one lane of dot_r8.
+template <class T>
+float dot_r1(int64_t n, const void* w, const void* a) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels())));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const auto* x = static_cast<const Block*>(w);
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m256i q = block_levels(x[b].qs, levels, m4);
+        const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs));
+        const int s = hsum_epi32(dot32(q, _mm256_sign_epi8(q, q), yv));
+        const __m128 d = _mm_mul_ss(_mm_set_ss(T::scale(x[b])), _mm_set_ss(h2f(y[b].d)));
+        acc = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), s), d, acc);
+    }
+    return _mm_cvtss_f32(acc);
+}
+
+}  // namespace
+
+float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<Q4_0Type>(n, w, a); }
+float vec_dot_iq4_nl_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<IQ4NLType>(n, w, a); }
+float vec_dot_mxfp4_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<MXFP4Type>(n, w, a); }
+
+void vec_dot_q4_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<Q4_0Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_q4_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<Q4_0Type, 4>(n, w, ws, a, as, out);
+}
+void vec_dot_iq4_nl_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<IQ4NLType, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_iq4_nl_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<IQ4NLType, 4>(n, w, ws, a, as, out);
+}
+void vec_dot_mxfp4_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<MXFP4Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<MXFP4Type, 4>(n, w, ws, a, as, out);
+}
+
+}  // namespace moemesh::quants::avx2
+
+#pragma GCC pop_options
+
+#endif  // x86
