@@ -80,6 +80,14 @@ public:
     void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) override {
         moemesh::matmul(pool_, w.type, w.data, w.n_out, w.k, x, m, y);
     }
+    void matmul_many(const MatmulCall* calls, int n) override {
+        jobs_.clear();
+        for (int i = 0; i < n; ++i) {
+            const BackendWeight& w = *calls[i].w;
+            jobs_.push_back({w.type, w.data, w.n_out, w.k, calls[i].x, calls[i].m, calls[i].y});
+        }
+        moemesh::matmul_many(pool_, jobs_.data(), static_cast<int64_t>(jobs_.size()));
+    }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
         moemesh::rmsnorm(x, w, y, rows, n, eps);
     }
@@ -150,6 +158,7 @@ public:
 
 private:
     ThreadPool& pool_;
+    std::vector<MatmulJob> jobs_;  // matmul_many's, reused
     std::deque<std::vector<float>> vectors_;
     std::unique_ptr<ExpertBackend> experts_;
     std::vector<int32_t> order_, pos_;

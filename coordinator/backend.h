@@ -66,6 +66,14 @@ struct BackendWeight {
     explicit operator bool() const { return data != nullptr; }
 };
 
+// One product of Backend::matmul_many: y[m, w.n_out] = x[m, w.k] · wᵀ.
+struct MatmulCall {
+    const BackendWeight* w;
+    const float* x;
+    int64_t m;
+    float* y;
+};
+
 // Builds the routed-expert backend of a CPU model (see ModelOptions::experts).
 using ExpertBackendFactory =
     std::function<StatusOr<std::unique_ptr<ExpertBackend>>(const GgufFile&, const ModelConfig&, ThreadPool&)>;
@@ -91,6 +99,12 @@ public:
 
     // ---- ops (all pointers in backend memory) ----
     virtual void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) = 0;  // y[m, n_out]
+    // Several products with the same results as matmul one by one. The CPU backend runs them in one
+    // parallel region and converts an x shared by adjacent calls once (q/k/v, gate/up); the default
+    // just calls matmul.
+    virtual void matmul_many(const MatmulCall* calls, int n) {
+        for (int i = 0; i < n; ++i) matmul(*calls[i].w, calls[i].x, calls[i].m, calls[i].y);
+    }
     virtual void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) = 0;
     virtual void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
                                float eps) = 0;

@@ -91,9 +91,10 @@ private:
                 be.copy_rows(k, kv_dim, fused + q_dim, n, T, kv_dim);
                 be.copy_rows(v, kv_dim, fused + q_dim + kv_dim, n, T, kv_dim);
             } else {
-                be.matmul(lw.wq, xn, T, q);  // [T, Nh*D]
-                be.matmul(lw.wk, xn, T, k);  // [T, Nkv*D]
-                be.matmul(lw.wv, xn, T, v);  // [T, Nkv*D]
+                const MatmulCall qkv[] = {{&lw.wq, xn, T, q},   // [T, Nh*D]
+                                          {&lw.wk, xn, T, k},   // [T, Nkv*D]
+                                          {&lw.wv, xn, T, v}};  // [T, Nkv*D]
+                be.matmul_many(qkv, 3);
             }
             be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
             be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);

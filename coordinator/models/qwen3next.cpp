@@ -222,9 +222,10 @@ private:
             be.copy_rows(k, kv_dim, fused + 2 * q_dim, n, T, kv_dim);
             be.copy_rows(v, kv_dim, fused + 2 * q_dim + kv_dim, n, T, kv_dim);
         } else {
-            be.matmul(w.wq, xn, T, qg);  // [T, Nh, 2D]
-            be.matmul(w.wk, xn, T, k);   // [T, Nkv·D]
-            be.matmul(w.wv, xn, T, v);   // [T, Nkv·D]
+            const MatmulCall qkv[] = {{&w.wq, xn, T, qg},  // [T, Nh, 2D]
+                                      {&w.wk, xn, T, k},   // [T, Nkv·D]
+                                      {&w.wv, xn, T, v}};  // [T, Nkv·D]
+            be.matmul_many(qkv, 3);
         }
         be.copy_rows(q, D, qg, 2 * D, T * Nh, D);         // per head: query half
         be.copy_rows(gate, D, qg + D, 2 * D, T * Nh, D);  // per head: gate half
@@ -249,8 +250,8 @@ private:
         float* mixed = scratch(mixed_, T * C);  // [T, C] = [q Hk·dk | k Hk·dk | v Hv·dv]
         float* z = scratch(z_, T * VD);         // [T, Hv, dv]
         if (w.wqkv) {
-            be.matmul(w.wqkv, xn, T, mixed);
-            be.matmul(w.wgate, xn, T, z);
+            const MatmulCall calls[] = {{&w.wqkv, xn, T, mixed}, {&w.wgate, xn, T, z}};
+            be.matmul_many(calls, 2);
         } else {
             // Legacy ssm_in: per k-head g, [q_g dk | k_g dk | v_g r·dv | z_g r·dv] → de-interleave.
             const int64_t n = C + VD, group = 2 * d + 2 * r * d;
@@ -273,8 +274,9 @@ private:
         float* gdecay = scratch(gdecay_, T * Hv);
         if (qwen35_) {
             // Separate projections in v-head order, laid out as Hv groups of one [b | a] pair.
-            be.matmul(w.ssm_beta, xn, T, beta);     // [T, Hv] (β logits; overwritten below)
-            be.matmul(w.ssm_alpha, xn, T, gdecay);  // [T, Hv] (α; overwritten below)
+            const MatmulCall calls[] = {{&w.ssm_beta, xn, T, beta},      // [T, Hv] (β logits; overwritten below)
+                                        {&w.ssm_alpha, xn, T, gdecay}};  // [T, Hv] (α; overwritten below)
+            be.matmul_many(calls, 2);
             be.copy_rows(ba, 2, beta, 1, T * Hv, 1);
             be.copy_rows(ba + 1, 2, gdecay, 1, T * Hv, 1);
             be.delta_gates(ba, w.dt_bias, w.a, beta, gdecay, T, Hv, 1);
@@ -339,11 +341,12 @@ private:
         float* sh_u = scratch(sh_u_, T * Is);
         float* sh_out = scratch(sh_out_, T * H);
         float* sh_gate = scratch(sh_gate_, T);
-        be.matmul(lw.sh_gate, xn, T, sh_g);  // [T, Is]
-        be.matmul(lw.sh_up, xn, T, sh_u);    // [T, Is]
+        const MatmulCall calls[] = {{&lw.sh_gate, xn, T, sh_g},         // [T, Is]
+                                    {&lw.sh_up, xn, T, sh_u},           // [T, Is]
+                                    {&lw.sh_gate_inp, xn, T, sh_gate}};  // [T, 1]
+        be.matmul_many(calls, 3);
         be.swiglu(sh_g, sh_u, sh_g, T * Is);
-        be.matmul(lw.sh_down, sh_g, T, sh_out);      // [T, H]
-        be.matmul(lw.sh_gate_inp, xn, T, sh_gate);  // [T, 1]
+        be.matmul(lw.sh_down, sh_g, T, sh_out);  // [T, H]
         be.add_gated_rows(out, sh_out, sh_gate, T, H);
         cb("ffn_shexp", il, sh_out, T, H);
     }
