@@ -256,24 +256,6 @@ TEST(VecDot, DecodedRowKernelsMatchSingleRowBitForBit) {
     }
 }
 
-TEST(Matmul, RowResultsDoNotDependOnBatchAcrossTiles) {
-    // Prompt-sized m: several 64-row X tiles, the decoded-row path in full tiles and the 4-row and
-    // one-row kernels for the remainder (m = 70 = 64 + 4 + 2); every row must be decode's bits.
-    ThreadPool pool(2);
-    for (GgmlType t : kTypes) {
-        const int64_t n_out = 21, k = 256, m = 70;
-        const std::vector<uint8_t> w = make_weights(t, n_out, k, 91);
-        const std::vector<float> x = random_normal(m * k, 92);
-        std::vector<float> y(m * n_out), y1(n_out);
-        matmul(pool, t, w.data(), n_out, k, x.data(), m, y.data());
-        for (int64_t i = 0; i < m; ++i) {
-            matmul(pool, t, w.data(), n_out, k, x.data() + i * k, 1, y1.data());
-            ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + i * n_out, n_out * sizeof(float)))
-                << ggml_type_name(t) << " row " << i;
-        }
-    }
-}
-
 TEST(Matmul, ManyJobsGiveEachProductsBits) {
     // matmul_many (a MoE layer's experts in one parallel region): jobs of mixed types and shapes,
     // adjacent jobs on the same X sharing its conversion (gate/up) and adjacent jobs on the same X
@@ -312,20 +294,31 @@ TEST(Matmul, ManyJobsGiveEachProductsBits) {
             << "job " << j << " " << ggml_type_name(specs[j].t);
 }
 
-TEST(Matmul, RowResultsDoNotDependOnBatch) {
-    // Decode (m = 1) and prompt (m > 1, 4-row kernels) must give the same bits for the same token.
+// Every row of a prompt-sized product must be the bits of the same row computed alone (decode).
+void check_rows_independent_of_batch(int64_t n_out, int64_t k, int64_t m, uint32_t seed) {
     ThreadPool pool(2);
     for (GgmlType t : kTypes) {
-        const int64_t n_out = 37, k = 512, m = 9;
-        const std::vector<uint8_t> w = make_weights(t, n_out, k, 77);
-        const std::vector<float> x = random_normal(m * k, 78);
+        const std::vector<uint8_t> w = make_weights(t, n_out, k, seed);
+        const std::vector<float> x = random_normal(m * k, seed + 1);
         std::vector<float> y(m * n_out), y1(n_out);
         matmul(pool, t, w.data(), n_out, k, x.data(), m, y.data());
         for (int64_t i = 0; i < m; ++i) {
             matmul(pool, t, w.data(), n_out, k, x.data() + i * k, 1, y1.data());
-            ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + i * n_out, n_out * sizeof(float))) << ggml_type_name(t);
+            ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + i * n_out, n_out * sizeof(float)))
+                << ggml_type_name(t) << " m=" << m << " row " << i;
         }
     }
+}
+
+TEST(Matmul, RowResultsDoNotDependOnBatch) {
+    // Decode (m = 1) and prompt (m > 1: 4-row, 8-row and decoded-row kernels) give the same bits.
+    check_rows_independent_of_batch(37, 512, 9, 77);
+}
+
+TEST(Matmul, RowResultsDoNotDependOnBatchAcrossTiles) {
+    // Several 64-row X tiles, the decoded-row path in full tiles and the 4-row and one-row kernels
+    // for the remainder (m = 70 = 64 + 4 + 2), 8-row kernels with leftover W rows (21 = 16 + 5).
+    check_rows_independent_of_batch(21, 256, 70, 91);
 }
 
 TEST(VecDot, QuantizedIntegerSumsAreExact) {
