@@ -229,10 +229,11 @@ TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
 
 TEST(VecDot, DecodedRowKernelsMatchSingleRowBitForBit) {
     // The prompt path of types with decode_row: W decoded once, then the 4-row dot on the decoded
-    // row must give vec_dot's bits on the encoded row. Every i-quant with that path is listed, so a
+    // row must give vec_dot's bits on the encoded row. Every type with that path is listed, so a
     // type losing it fails here rather than silently getting slower.
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
-    for (GgmlType t : {GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S}) {
+    for (GgmlType t : {GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S,
+                       GgmlType::Q4_K}) {
         const quants::TypeKernels* kt = quants::type_kernels(t);
         ASSERT_NE(kt->decode_row, nullptr) << ggml_type_name(t);
         ASSERT_NE(kt->vec_dot_dec_x4, nullptr) << ggml_type_name(t);

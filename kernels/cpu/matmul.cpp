@@ -8,9 +8,10 @@
 //    (of all jobs at once in matmul_many). Within a tile the W rows are reused for every X row while
 //    they sit in L1/L2, which keeps prompt processing (large m) from re-streaming the weights from
 //    memory per token.
-// 3. Types with a decoded-row path (the i-quants, whose grid lookups cost more than the dot itself)
-//    decode the tile's W rows once into a per-thread buffer when the tile has kDecodeMinM or more X
-//    rows, and run the 4-row dot on that.
+// 3. Types with a decoded-row path (the i-quants, whose grid lookups cost more than the dot itself,
+//    and Q4_K: nibbles split and scales shuffled once instead of per 4 X rows) decode the tile's
+//    W rows once into a per-thread buffer when the tile has kDecodeMinM or more X rows, and run
+//    the 4-row dot on that.
 // 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4: llama.cpp's repacked arithmetic) take W rows
 //    8 at a time, against 4 X rows or 1.
 // 5. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)

@@ -148,6 +148,96 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #undef MM_OUT
 }
 
+// Q4_K's decoded row (prompt path, see DecodeRowFn): per super-block kQ4KDecBytesPerBlock bytes:
+// [0, 32) fp16(d), fp16(dmin) as floats and, from byte 16, the 8 mins as int16; [32, 288) per
+// 64-element group j the low and the high nibbles as bytes (64 bytes); [288, 544) per group j its
+// two scale vectors as vec_dot_q4_K_q8_K_x4 shuffles them. What is left per activation row is the
+// x4 kernel's arithmetic, unchanged.
+void decode_row_q4_K(int64_t n, const void* w, void* dec) {
+    const auto* x = static_cast<const BlockQ4_K*>(w);
+    auto* o = static_cast<uint8_t*>(dec);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kQ4KDecBytesPerBlock) {
+        const float dd[2] = {h2f(x[i].d), h2f(x[i].dmin)};
+        std::memcpy(o, dd, sizeof(dd));
+        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm256_extracti128_si256(mins_and_scales, 1));
+        const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
+        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        for (int j = 0; j < kQK_K / 64; ++j) {
+            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].qs + 32 * j));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 + 64 * j), _mm256_and_si256(q4bits, m4));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64 + 64 * j),
+                                _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 288 + 64 * j),
+                                _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j]))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 320 + 64 * j),
+                                _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1]))));
+        }
+    }
+}
+
+void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
+    const auto* xb = static_cast<const uint8_t*>(dec);
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) {
+        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
+    }
+    const int64_t nb = n / kQK_K;
+    __m256 acc[4];
+    __m128 acc_m[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps(), acc_m[r] = _mm_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    for (int64_t i = 0; i < nb; ++i, xb += kQ4KDecBytesPerBlock) {
+        float dd[2];
+        std::memcpy(dd, xb, sizeof(dd));
+        const float xd = dd[0], xdmin = dd[1];
+        const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16));
+#define MM_MINS(r)                                                                                               \
+    {                                                                                                            \
+        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));              \
+        const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)); \
+        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                          \
+        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);               \
+    }
+        MM_ROWS4(MM_MINS)
+#undef MM_MINS
+        __m256i sumi[4];
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+        for (int j = 0; j < kQK_K / 64; ++j) {
+            const __m256i q4l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 + 64 * j));
+            const __m256i q4h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 + 64 * j));
+            const __m256i scale_l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 288 + 64 * j));
+            const __m256i scale_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 320 + 64 * j));
+#define MM_ROW(r)                                                                          \
+    {                                                                                      \
+        const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
+        const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));      \
+        const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)); \
+        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));   \
+        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));   \
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                 \
+    }
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+        }
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r)                                                           \
+    {                                                                       \
+        __m128 m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r])); \
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));                              \
+        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                        \
+    }
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     const auto* x = static_cast<const BlockQ6_K*>(w);
     const BlockQ8_K* y[4];

@@ -312,7 +312,7 @@ const TypeKernels kAvx2[] = {
     {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0_r, nullptr, nullptr, 0, nullptr,
      avx2::vec_dot_q4_0_q8_0_r8, avx2::vec_dot_q4_0_q8_0_r8x4},
     {GgmlType::Q4_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q4_K_q8_K,
-     avx2::vec_dot_q4_K_q8_K_x4},
+     avx2::vec_dot_q4_K_q8_K_x4, avx2::decode_row_q4_K, avx2::kQ4KDecBytesPerBlock, avx2::vec_dot_q4_K_dec_x4},
     {GgmlType::Q6_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q6_K_q8_K,
      avx2::vec_dot_q6_K_q8_K_x4},
     {GgmlType::Q5_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q5_0_q8_0, avx2::vec_dot_q5_0_q8_0_x4},

@@ -278,6 +278,10 @@ void vec_dot_mxfp4_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, s
 void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
 void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
+// Q4_K's decoded-row prompt path (quants_avx2_x4.cpp; layout there).
+constexpr size_t kQ4KDecBytesPerBlock = 544;
+void decode_row_q4_K(int64_t n, const void* w, void* dec);
+void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out);
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
 void quantize_act_q8_0(const float* x, void* y, int64_t n);
 void quantize_act_f16(const float* x, void* y, int64_t n);
