@@ -67,6 +67,10 @@ Status ExpertCompute::compute(int layer, const float* x, int64_t n_rows, const i
     // Batches of experts pinned together: all of them where pins are free, else one (a budget of one
     // expert still makes progress).
     const int64_t batch = src_->pins_are_free() ? n_distinct : 1;
+    struct ReleasePins {  // also when an acquire fails part way through a batch
+        std::vector<ExpertHandle>& h;
+        ~ReleasePins() { h.clear(); }
+    } release_pins{handles_};
     for (int64_t b0 = 0; b0 < n_distinct; b0 += batch) {
         const int64_t b1 = std::min(n_distinct, b0 + batch);
         handles_.clear();

@@ -61,6 +61,17 @@ struct Prepared {
     int64_t first_tile;  // index of this job's first tile among all jobs'
 };
 
+struct Bookkeeping {
+    std::vector<Prepared> prep;
+    std::vector<size_t> act_off;
+    std::vector<int64_t> to_convert;
+};
+
+Bookkeeping& bookkeeping() {
+    thread_local Bookkeeping b;
+    return b;
+}
+
 void run_tile(const Prepared& p, int64_t t) {
     const quants::TypeKernels* kt = p.kt;
     const int64_t r0 = (t % p.n_row_tiles) * p.tile_rows;
@@ -137,11 +148,17 @@ void run_tile(const Prepared& p, int64_t t) {
 }  // namespace
 
 void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
-    std::vector<Prepared> prep;
-    prep.reserve(static_cast<size_t>(n_jobs));
+    // Per-call bookkeeping, reused on the calling thread (decode makes ~100 calls per token). Plain
+    // references: the lambdas below run on the pool's threads too, where a thread_local named
+    // directly would be that thread's (empty) copy.
+    Bookkeeping& bk = bookkeeping();
+    std::vector<Prepared>& prep = bk.prep;
+    std::vector<size_t>& act_off = bk.act_off;        // per job; SIZE_MAX: X used as is
+    std::vector<int64_t>& to_convert = bk.to_convert;  // jobs whose X is converted
+    prep.clear();
+    act_off.assign(static_cast<size_t>(n_jobs), SIZE_MAX);
+    to_convert.clear();
     // ---- 1. activations: where each job's A goes in the scratch buffer ----
-    std::vector<size_t> act_off(static_cast<size_t>(n_jobs), SIZE_MAX);  // SIZE_MAX: X used as is
-    std::vector<int64_t> to_convert;                                     // jobs whose X is converted
     size_t act_bytes = 0;
     for (int64_t j = 0; j < n_jobs; ++j) {
         const MatmulJob& jb = jobs[j];

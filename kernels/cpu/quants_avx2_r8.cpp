@@ -98,8 +98,10 @@ void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_s
         // Eight rows read side by side are eight interleaved streams, which the hardware prefetchers
         // follow badly; the next 8 rows (the bytes right after these) are one stream: prefetch them,
         // spread over this group's blocks, so the next call finds them in cache.
-        for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
-            _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        if constexpr (NA == 1) {  // prompts (NA = 4) reuse the rows from cache for every group of X rows
+            for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
+                _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        }
         __m256i q[8], q_abs[8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
