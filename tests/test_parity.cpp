@@ -182,7 +182,7 @@ TEST_F(Parity, Qwen3NextQ5KMatchesLlamaCpp) {
 // q8_0 model. So we bound the typical per-position deviation and require the same most likely
 // token almost everywhere, instead of bit-exact agreement (see the README's parity section).
 TEST_F(Parity, QuantizedDeepModels) {
-    for (const char* type : {"q8_0", "q4_k", "iq3_s", "iq2_xxs"}) {
+    for (const char* type : {"q8_0", "q4_k", "q4_0", "iq3_s", "iq2_xxs"}) {
         const bool iq = type[0] == 'i';  // no quantizer: random blocks (--fast-weights)
         std::string m = make_model(kDeep, type, dir_, iq ? "--fast-weights" : "");
         Result ours = run_ours(m, kDeep.vocab, "f32", "", dir_, 64);
