@@ -75,31 +75,72 @@ void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float
 #undef MM_OUT
 }
 
-}  // namespace
+// Q4_K against 4 Q8_K rows, the weights read through Src: per super-block i, Src::Block b = src.at(i)
+// gives d(), dmin(), mins() (8 int16) and group(j, q4l, q4h, scale_l, scale_h) for the four
+// 64-element groups. Q4KEncoded computes them from the block (as the one-row kernel does), and
+// Q4KDecoded loads what decode_row_q4_K stored; the arithmetic is the same either way.
+struct Q4KEncoded {
+    const BlockQ4_K* x;
+    struct Block {
+        const BlockQ4_K& b;
+        __m256i mins_and_scales, scales;
+        explicit Block(const BlockQ4_K& blk) : b(blk), mins_and_scales(q4k_mins_and_scales(blk.scales)) {
+            const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
+            scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        }
+        float d() const { return h2f(b.d); }
+        float dmin() const { return h2f(b.dmin); }
+        __m128i mins() const { return _mm256_extracti128_si256(mins_and_scales, 1); }
+        void group(int j, __m256i& q4l, __m256i& q4h, __m256i& scale_l, __m256i& scale_h) const {
+            const __m256i m4 = _mm256_set1_epi8(0xF);
+            scale_l = _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
+            scale_h = _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
+            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * j));
+            q4l = _mm256_and_si256(q4bits, m4);
+            q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+        }
+    };
+    Block at(int64_t i) const { return Block(x[i]); }
+};
 
-void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_q8_0_x4(n, w, a, a_stride, out);
-}
+struct Q4KDecoded {
+    const uint8_t* dec;  // decode_row_q4_K's layout
+    struct Block {
+        const uint8_t* p;
+        float d() const { return load_f32(p); }
+        float dmin() const { return load_f32(p + 4); }
+        __m128i mins() const { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)); }
+        void group(int j, __m256i& q4l, __m256i& q4h, __m256i& scale_l, __m256i& scale_h) const {
+            q4l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + 64 * j));
+            q4h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + 64 * j));
+            scale_l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288 + 64 * j));
+            scale_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 320 + 64 * j));
+        }
+        static float load_f32(const uint8_t* q) {
+            float f;
+            std::memcpy(&f, q, sizeof(f));
+            return f;
+        }
+    };
+    Block at(int64_t i) const { return Block{dec + i * kQ4KDecBytesPerBlock}; }
+};
 
-void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    const auto* x = static_cast<const BlockQ4_K*>(w);
+template <class Src>
+void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* out) {
     const BlockQ8_K* y[4];
     for (int r = 0; r < 4; ++r) {
         y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
     }
     const int64_t nb = n / kQK_K;
-    const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc[4];
     __m128 acc_m[4];
 #define MM_INIT(r) acc[r] = _mm256_setzero_ps(), acc_m[r] = _mm_setzero_ps();
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     for (int64_t i = 0; i < nb; ++i) {
-        const float xd = h2f(x[i].d), xdmin = h2f(x[i].dmin);
-        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);
-        const __m128i mins = _mm256_extracti128_si256(mins_and_scales, 1);
-        const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
-        const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        const typename Src::Block blk = src.at(i);
+        const float xd = blk.d(), xdmin = blk.dmin();
+        const __m128i mins = blk.mins();
 #define MM_MINS(r)                                                                                               \
     {                                                                                                            \
         const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));              \
@@ -113,15 +154,9 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
         MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
-        const uint8_t* q4 = x[i].qs;
-        for (int j = 0; j < kQK_K / 64; ++j, q4 += 32) {
-            const __m256i scale_l = _mm256_shuffle_epi8(
-                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
-            const __m256i scale_h = _mm256_shuffle_epi8(
-                scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
-            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
-            const __m256i q4l = _mm256_and_si256(q4bits, m4);
-            const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+        for (int j = 0; j < kQK_K / 64; ++j) {
+            __m256i q4l, q4h, scale_l, scale_h;
+            blk.group(j, q4l, q4h, scale_l, scale_h);
 #define MM_ROW(r)                                                                          \
     {                                                                                      \
         const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
@@ -146,6 +181,16 @@ void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     }
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
+}
+
+}  // namespace
+
+void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    dot_q8_0_x4(n, w, a, a_stride, out);
+}
+
+void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    q4k_x4(n, Q4KEncoded{static_cast<const BlockQ4_K*>(w)}, a, a_stride, out);
 }
 
 // Q4_K's decoded row (prompt path, see DecodeRowFn): per super-block kQ4KDecBytesPerBlock bytes:
@@ -178,64 +223,7 @@ void decode_row_q4_K(int64_t n, const void* w, void* dec) {
 }
 
 void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
-    const auto* xb = static_cast<const uint8_t*>(dec);
-    const BlockQ8_K* y[4];
-    for (int r = 0; r < 4; ++r) {
-        y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
-    }
-    const int64_t nb = n / kQK_K;
-    __m256 acc[4];
-    __m128 acc_m[4];
-#define MM_INIT(r) acc[r] = _mm256_setzero_ps(), acc_m[r] = _mm_setzero_ps();
-    MM_ROWS4(MM_INIT)
-#undef MM_INIT
-    for (int64_t i = 0; i < nb; ++i, xb += kQ4KDecBytesPerBlock) {
-        float dd[2];
-        std::memcpy(dd, xb, sizeof(dd));
-        const float xd = dd[0], xdmin = dd[1];
-        const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16));
-#define MM_MINS(r)                                                                                               \
-    {                                                                                                            \
-        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));              \
-        const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)); \
-        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                          \
-        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);               \
-    }
-        MM_ROWS4(MM_MINS)
-#undef MM_MINS
-        __m256i sumi[4];
-#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
-        MM_ROWS4(MM_ZERO)
-#undef MM_ZERO
-        for (int j = 0; j < kQK_K / 64; ++j) {
-            const __m256i q4l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 + 64 * j));
-            const __m256i q4h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 + 64 * j));
-            const __m256i scale_l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 288 + 64 * j));
-            const __m256i scale_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 320 + 64 * j));
-#define MM_ROW(r)                                                                          \
-    {                                                                                      \
-        const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
-        const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));      \
-        const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)); \
-        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));   \
-        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));   \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                 \
-    }
-            MM_ROWS4(MM_ROW)
-#undef MM_ROW
-        }
-#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        MM_ROWS4(MM_ACC)
-#undef MM_ACC
-    }
-#define MM_OUT(r)                                                           \
-    {                                                                       \
-        __m128 m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r])); \
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));                              \
-        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                        \
-    }
-    MM_ROWS4(MM_OUT)
-#undef MM_OUT
+    q4k_x4(n, Q4KDecoded{static_cast<const uint8_t*>(dec)}, a, a_stride, out);
 }
 
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
