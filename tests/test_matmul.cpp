@@ -227,6 +227,30 @@ TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
     }
 }
 
+TEST(VecDot, EightRowMxfp4ScalesCoverEveryExponent) {
+    // The 8-row kernel converts 8 E8M0 exponents at once; every exponent (0 and 1 give subnormal
+    // scales) must give the one-row kernel's bits. One block per row, so each output is that
+    // block's scale times an integer: any wrong scale shows.
+    if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
+    const quants::TypeKernels* kt = quants::type_kernels(GgmlType::MXFP4);
+    const int64_t k = 32;
+    const size_t w_stride = ggml_row_bytes(GgmlType::MXFP4, k);
+    std::vector<uint8_t> w = make_weights(GgmlType::MXFP4, 8, k, 5);
+    const std::vector<float> x = random_normal(k, 6);
+    std::vector<uint8_t> a(ggml_row_bytes(kt->act_type, k));
+    kt->quantize_act(x.data(), a.data(), k);
+    for (int e0 = 0; e0 < 256; e0 += 8) {
+        for (int r = 0; r < 8; ++r) reinterpret_cast<quants::BlockMXFP4*>(w.data() + r * w_stride)->e = static_cast<uint8_t>(e0 + r);
+        float out[8];
+        kt->vec_dot_r8(k, w.data(), w_stride, a.data(), a.size(), out);
+        for (int r = 0; r < 8; ++r) {
+            const float one = kt->vec_dot(k, w.data() + r * w_stride, a.data());
+            ASSERT_NE(one, 0.0f) << "e " << e0 + r;  // the block must contribute
+            ASSERT_EQ(fp32_to_bits(out[r]), fp32_to_bits(one)) << "e " << e0 + r;
+        }
+    }
+}
+
 TEST(VecDot, DecodedRowKernelsMatchSingleRowBitForBit) {
     // The prompt path of types with decode_row: W decoded once, then the 4-row dot on the decoded
     // row must give vec_dot's bits on the encoded row. Every type with that path is listed, so a

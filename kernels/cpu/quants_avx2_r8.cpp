@@ -34,20 +34,45 @@ namespace {
 
 constexpr int8_t kQ4_0Levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 
-struct Q4_0Type {
+// scale(b): one block's scale; scales8(x, b): block b of the 8 rows x[0..8) as one vector (the same
+// floats, converted together).
+inline __m256 fp16_scales8(const uint16_t* d0, const uint16_t* d1, const uint16_t* d2, const uint16_t* d3,
+                           const uint16_t* d4, const uint16_t* d5, const uint16_t* d6, const uint16_t* d7) {
+    return _mm256_cvtph_ps(_mm_set_epi16(static_cast<short>(*d7), static_cast<short>(*d6), static_cast<short>(*d5),
+                                         static_cast<short>(*d4), static_cast<short>(*d3), static_cast<short>(*d2),
+                                         static_cast<short>(*d1), static_cast<short>(*d0)));
+}
+
+template <class Block>
+struct Fp16Scaled {
+    static float scale(const Block& b) { return h2f(b.d); }
+    static __m256 scales8(const Block* const* x, int64_t b) {
+        return fp16_scales8(&x[0][b].d, &x[1][b].d, &x[2][b].d, &x[3][b].d, &x[4][b].d, &x[5][b].d, &x[6][b].d,
+                            &x[7][b].d);
+    }
+};
+
+struct Q4_0Type : Fp16Scaled<BlockQ4_0> {
     using Block = BlockQ4_0;
     static const int8_t* levels() { return kQ4_0Levels; }
-    static float scale(const Block& b) { return h2f(b.d); }
 };
-struct IQ4NLType {
+struct IQ4NLType : Fp16Scaled<BlockIQ4_NL> {
     using Block = BlockIQ4_NL;
     static const int8_t* levels() { return kIQ4NLValues; }
-    static float scale(const Block& b) { return h2f(b.d); }
 };
 struct MXFP4Type {
     using Block = BlockMXFP4;
     static const int8_t* levels() { return kMXFP4Values; }
     static float scale(const Block& b) { return e8m0_to_fp32_half(b.e); }
+    // e8m0_to_fp32_half on 8 lanes: e < 2 gives the subnormal 0x00200000 << e, else (e - 1) << 23.
+    static __m256 scales8(const Block* const* x, int64_t b) {
+        const __m256i e = _mm256_set_epi32(x[7][b].e, x[6][b].e, x[5][b].e, x[4][b].e, x[3][b].e, x[2][b].e,
+                                           x[1][b].e, x[0][b].e);
+        const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+        const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+        const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+        return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, sub, is_sub));
+    }
 };
 
 // A block's 32 levels as signed bytes: the low nibbles (elements 0..15), then the high ones.
@@ -108,8 +133,7 @@ void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_s
             q[r] = block_levels(x[r][b].qs, levels, m4);
             q_abs[r] = _mm256_sign_epi8(q[r], q[r]);
         }
-        const __m256 dx = _mm256_set_ps(T::scale(x[7][b]), T::scale(x[6][b]), T::scale(x[5][b]), T::scale(x[4][b]),
-                                        T::scale(x[3][b]), T::scale(x[2][b]), T::scale(x[1][b]), T::scale(x[0][b]));
+        const __m256 dx = T::scales8(x, b);
 #pragma GCC unroll 4
         for (int t = 0; t < NA; ++t) {
             const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
