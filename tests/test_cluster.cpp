@@ -381,13 +381,10 @@ TEST_F(Cluster, HttpServerReportsAKilledWorkerAndRecovers) {
                              "--timeout-ms", "2000", "--ctx", "512"},
                             dir_ + "/coord.err"));
     // The chosen port, from "http: listening on http://127.0.0.1:PORT".
-    int port = 0;
-    for (int i = 0; i < 600 && port == 0; ++i) {
-        const std::string log = coord_log();
-        const size_t at = log.find("listening on http://127.0.0.1:");
-        if (at != std::string::npos) port = std::atoi(log.c_str() + at + 30);
-        else std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
+    const std::string listening = "listening on http://127.0.0.1:";
+    const std::optional<std::string> log = wait_for_log(dir_ + "/coord.err", listening, 30);
+    ASSERT_TRUE(log) << coord_log();
+    const int port = std::atoi(log->c_str() + log->find(listening) + listening.size());
     ASSERT_GT(port, 0) << coord_log();
     httplib::Client c("127.0.0.1", port);
     c.set_read_timeout(30, 0);

@@ -171,6 +171,18 @@ TEST(VecDot, SimdMatchesScalar) {
     }
 }
 
+// Four activation rows of k elements in kt's activation type, a_stride bytes apart: normal values,
+// the same scaled by 1e-3, normal, and every other element zero (magnitudes and zero runs differ).
+std::vector<uint8_t> four_act_rows(const quants::TypeKernels* kt, int64_t k, uint32_t seed, size_t* a_stride) {
+    std::vector<float> x = random_normal(4 * k, seed);
+    for (int64_t i = 0; i < k; ++i) x[k + i] *= 1e-3f;
+    for (int64_t i = 0; i < k; i += 2) x[3 * k + i] = 0;
+    *a_stride = ggml_row_bytes(kt->act_type, k);
+    std::vector<uint8_t> a(4 * *a_stride);
+    for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * *a_stride, k);
+    return a;
+}
+
 TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
     for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
@@ -181,11 +193,8 @@ TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
         ASSERT_NE(kt->vec_dot_x4, nullptr) << ggml_type_name(t);
         for (int64_t k : sizes_for(t)) {
             const std::vector<uint8_t> w = make_weights(t, 1, k, 40 + static_cast<uint32_t>(k));
-            std::vector<float> x = random_normal(4 * k, 50 + static_cast<uint32_t>(k));
-            for (int64_t i = 0; i < k; ++i) x[2 * k + i] *= 1e-3f;  // rows of different magnitudes
-            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
-            std::vector<uint8_t> a(4 * a_stride);
-            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            size_t a_stride;
+            const std::vector<uint8_t> a = four_act_rows(kt, k, 50 + static_cast<uint32_t>(k), &a_stride);
             float out[4];
             kt->vec_dot_x4(k, w.data(), a.data(), a_stride, out);
             for (int r = 0; r < 4; ++r) {
@@ -207,12 +216,8 @@ TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
         for (int64_t k : sizes_for(t)) {
             const std::vector<uint8_t> w = make_weights(t, 8, k, 80 + static_cast<uint32_t>(k));
             const size_t w_stride = ggml_row_bytes(t, k);
-            std::vector<float> x = random_normal(4 * k, 90 + static_cast<uint32_t>(k));
-            for (int64_t i = 0; i < k; ++i) x[k + i] *= 1e-3f;
-            for (int64_t i = 0; i < k; i += 2) x[3 * k + i] = 0;
-            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
-            std::vector<uint8_t> a(4 * a_stride);
-            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            size_t a_stride;
+            const std::vector<uint8_t> a = four_act_rows(kt, k, 90 + static_cast<uint32_t>(k), &a_stride);
             float out4[32], out1[8];
             kt->vec_dot_r8x4(k, w.data(), w_stride, a.data(), a_stride, out4);
             for (int q = 0; q < 4; ++q) {
@@ -263,12 +268,8 @@ TEST(VecDot, DecodedRowKernelsMatchSingleRowBitForBit) {
         ASSERT_NE(kt->vec_dot_dec_x4, nullptr) << ggml_type_name(t);
         for (int64_t k : sizes_for(t)) {
             const std::vector<uint8_t> w = make_weights(t, 1, k, 60 + static_cast<uint32_t>(k));
-            std::vector<float> x = random_normal(4 * k, 70 + static_cast<uint32_t>(k));
-            for (int64_t i = 0; i < k; ++i) x[k + i] *= 1e-3f;
-            for (int64_t i = 0; i < k; i += 2) x[3 * k + i] = 0;
-            const size_t a_stride = ggml_row_bytes(kt->act_type, k);
-            std::vector<uint8_t> a(4 * a_stride);
-            for (int r = 0; r < 4; ++r) kt->quantize_act(x.data() + r * k, a.data() + r * a_stride, k);
+            size_t a_stride;
+            const std::vector<uint8_t> a = four_act_rows(kt, k, 70 + static_cast<uint32_t>(k), &a_stride);
             std::vector<uint8_t> dec(static_cast<size_t>(k / kt->block) * kt->dec_bytes_per_block, 0xCD);
             kt->decode_row(k, w.data(), dec.data());
             float out[4];

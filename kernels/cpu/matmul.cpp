@@ -176,9 +176,8 @@ void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
         p.y = jb.y;
         if (kt->quantize_act != nullptr && jb.m > 0 && jb.n_out > 0) {
             p.a_stride = ggml_row_bytes(kt->act_type, jb.k);
-            const Prepared* prev = prep.empty() ? nullptr : &prep.back();
-            if (prev != nullptr && act_off[j - 1] != SIZE_MAX && jobs[j - 1].x == jb.x && jobs[j - 1].k == jb.k &&
-                jobs[j - 1].m == jb.m && prev->kt->act_type == kt->act_type) {
+            if (j > 0 && act_off[j - 1] != SIZE_MAX && jobs[j - 1].x == jb.x && jobs[j - 1].k == jb.k &&
+                jobs[j - 1].m == jb.m && prep[j - 1].kt->act_type == kt->act_type) {
                 act_off[j] = act_off[j - 1];  // the same X, already converted for the previous job
             } else {
                 act_off[j] = act_bytes;
@@ -198,31 +197,32 @@ void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
     for (int64_t j = 0; j < n_jobs; ++j)
         if (act_off[j] != SIZE_MAX) prep[j].act = buf.data() + act_off[j];
     if (!to_convert.empty()) {
-        int64_t work = 0;
-        for (const int64_t j : to_convert) work += jobs[j].m * jobs[j].k;
-        const auto convert = [&](int64_t c0, int64_t c1) {
+        const auto quantize_rows = [&](int64_t j, int64_t r0, int64_t r1) {
+            const Prepared& p = prep[j];
+            for (int64_t r = r0; r < r1; ++r)
+                p.kt->quantize_act(jobs[j].x + r * p.k, buf.data() + act_off[j] + static_cast<size_t>(r) * p.a_stride, p.k);
+        };
+        const auto pad = [&](int64_t j) {
+            const Prepared& p = prep[j];
+            std::memset(buf.data() + act_off[j] + static_cast<size_t>(p.m) * p.a_stride, 0, kPadRows * p.a_stride);
+        };
+        const auto convert_jobs = [&](int64_t c0, int64_t c1) {
             for (int64_t c = c0; c < c1; ++c) {
-                const int64_t j = to_convert[c];
-                const Prepared& p = prep[j];
-                uint8_t* a = buf.data() + act_off[j];
-                for (int64_t r = 0; r < p.m; ++r)
-                    p.kt->quantize_act(jobs[j].x + r * p.k, a + static_cast<size_t>(r) * p.a_stride, p.k);
-                std::memset(a + static_cast<size_t>(p.m) * p.a_stride, 0, kPadRows * p.a_stride);
+                quantize_rows(to_convert[c], 0, prep[to_convert[c]].m);
+                pad(to_convert[c]);
             }
         };
-        if (to_convert.size() == 1 && work >= (1 << 16)) {  // one big X: threads over its rows
+        int64_t work = 0;
+        for (const int64_t j : to_convert) work += jobs[j].m * jobs[j].k;
+        const int64_t n_convert = static_cast<int64_t>(to_convert.size());
+        if (work < (1 << 16)) {
+            convert_jobs(0, n_convert);
+        } else if (n_convert == 1) {  // one big X: threads over its rows
             const int64_t j = to_convert[0];
-            const Prepared& p = prep[j];
-            uint8_t* a = buf.data() + act_off[j];
-            pool.parallel_for(p.m, [&](int64_t r0, int64_t r1) {
-                for (int64_t r = r0; r < r1; ++r)
-                    p.kt->quantize_act(jobs[j].x + r * p.k, a + static_cast<size_t>(r) * p.a_stride, p.k);
-            });
-            std::memset(a + static_cast<size_t>(p.m) * p.a_stride, 0, kPadRows * p.a_stride);
-        } else if (to_convert.size() > 1 && work >= (1 << 16)) {
-            pool.parallel_for(static_cast<int64_t>(to_convert.size()), convert);
+            pool.parallel_for(prep[j].m, [&](int64_t r0, int64_t r1) { quantize_rows(j, r0, r1); });
+            pad(j);
         } else {
-            convert(0, static_cast<int64_t>(to_convert.size()));
+            pool.parallel_for(n_convert, convert_jobs);
         }
     }
 

@@ -201,9 +201,11 @@ float dot_iq(int64_t n, const void* w, const void* a) {
     return D::kScale * hsum_ps(acc);
 }
 
-template <class D>
-void dot_iq_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    const auto* x = static_cast<const typename D::Block*>(w);
+// Four activation rows against one weight row read through Src: src.at(i) gives super-block i's
+// chunk(ib) (a Chunk) and d() (fp16(d) as float), src.scale() the type's factor on the final sum.
+// IqEncoded decodes the block (as the one-row kernel does); IqDecoded reads decode_iq_row's bytes.
+template <class Src>
+void iq_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* out) {
     const BlockQ8_K* y[4];
     for (int r = 0; r < 4; ++r) y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
     __m256 acc[4];
@@ -211,25 +213,44 @@ void dot_iq_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* 
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     for (int64_t i = 0; i < n / kQK_K; ++i) {
-        const D dec(x[i]);
+        const auto blk = src.at(i);
         __m256i sumi[4];
 #define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
         MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
         for (int ib = 0; ib < kQK_K / 32; ++ib) {
-            const Chunk c = dec.chunk(ib);
+            const Chunk c = blk.chunk(ib);
 #define MM_ROW(r) sumi[r] = _mm256_add_epi32(sumi[r], chunk_dot(c, y[r][i].qs + 32 * ib));
             MM_ROWS4(MM_ROW)
 #undef MM_ROW
         }
-        const float xd = h2f(x[i].d);
+        const float xd = blk.d();
 #define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
-#define MM_OUT(r) out[r] = D::kScale * hsum_ps(acc[r]);
+    const float scale = src.scale();
+#define MM_OUT(r) out[r] = scale * hsum_ps(acc[r]);
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
+}
+
+template <class D>
+struct IqEncoded {
+    const typename D::Block* x;
+    struct Blk {
+        D dec;
+        float dd;
+        Chunk chunk(int ib) const { return dec.chunk(ib); }
+        float d() const { return dd; }
+    };
+    Blk at(int64_t i) const { return Blk{D(x[i]), h2f(x[i].d)}; }
+    float scale() const { return D::kScale; }
+};
+
+template <class D>
+void dot_iq_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
+    iq_x4(n, IqEncoded<D>{static_cast<const typename D::Block*>(w)}, a, a_stride, out);
 }
 
 // ---- decoded rows (prompt path): each 32-element chunk decoded once per matmul tile ----
@@ -251,6 +272,27 @@ void decode_iq_row(int64_t n, const void* w, void* dec) {
         }
     }
 }
+
+// iq_x4 on a decoded row: chunk q = |g|, s = g (sign(y, g) = sign(y, s), g != 0), so chunk_dot
+// gives the encoded row's integers and the float operations are the same.
+struct IqDecoded {
+    const uint8_t* dec;
+    static float load_f32(const uint8_t* p) {
+        float f;
+        std::memcpy(&f, p, sizeof(f));
+        return f;
+    }
+    struct Blk {
+        const uint8_t* p;
+        Chunk chunk(int ib) const {
+            const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + 64 * ib));
+            return {_mm256_sign_epi8(g, g), g, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + 64 * ib))};
+        }
+        float d() const { return load_f32(p); }
+    };
+    Blk at(int64_t i) const { return Blk{dec + i * kIqDecBytesPerBlock}; }
+    float scale() const { return load_f32(dec + 4); }
+};
 
 // ---- IQ1_S / IQ1_M: signed grid values in {-1, 0, 1} plus a ±1/8 shift per 8 elements ----
 
@@ -360,43 +402,9 @@ void decode_row_iq2_s(int64_t n, const void* w, void* dec) { decode_iq_row<Iq2s>
 void decode_row_iq3_xxs(int64_t n, const void* w, void* dec) { decode_iq_row<Iq3xxs>(n, w, dec); }
 void decode_row_iq3_s(int64_t n, const void* w, void* dec) { decode_iq_row<Iq3s>(n, w, dec); }
 
-// dot_iq_x4 on a decoded row: the same integers per super-block, the same float operations.
+// iq_x4 on a decoded row (IqDecoded).
 void vec_dot_iq_dec_q8_K_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
-    const auto* xb = static_cast<const uint8_t*>(dec);
-    const BlockQ8_K* y[4];
-    for (int r = 0; r < 4; ++r) y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
-    float scale;
-    std::memcpy(&scale, xb + 4, sizeof(float));
-    __m256 acc[4];
-#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
-    MM_ROWS4(MM_INIT)
-#undef MM_INIT
-    for (int64_t i = 0; i < n / kQK_K; ++i, xb += kIqDecBytesPerBlock) {
-        __m256i sumi[4];
-#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
-        MM_ROWS4(MM_ZERO)
-#undef MM_ZERO
-        for (int ib = 0; ib < kQK_K / 32; ++ib) {
-            const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 + 64 * ib));
-            const __m256i sc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 + 64 * ib));
-            const __m256i q = _mm256_sign_epi8(g, g);
-#define MM_ROW(r)                                                                                             \
-    {                                                                                                         \
-        const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 32 * ib));        \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_sign_epi8(yv, g)), sc)); \
-    }
-            MM_ROWS4(MM_ROW)
-#undef MM_ROW
-        }
-        float xd;
-        std::memcpy(&xd, xb, sizeof(float));
-#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        MM_ROWS4(MM_ACC)
-#undef MM_ACC
-    }
-#define MM_OUT(r) out[r] = scale * hsum_ps(acc[r]);
-    MM_ROWS4(MM_OUT)
-#undef MM_OUT
+    iq_x4(n, IqDecoded{static_cast<const uint8_t*>(dec)}, a, a_stride, out);
 }
 
 float vec_dot_iq1_s_q8_K(int64_t n, const void* w, const void* a) {

@@ -188,9 +188,10 @@ using QuantizeActFn = void (*)(const float* x, void* a, int64_t n);
 // The same dot product of one w row with 4 activation rows (a, a + a_stride, ...) into out[0..4),
 // sharing the decoding of w; each out[r] is bit-identical to vec_dot(n, w, a + r * a_stride).
 using VecDotX4Fn = void (*)(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-// Prompt path of types whose decoding is dear (the i-quants' grid lookups): a W row is decoded once
-// per matmul tile into dec (DecodeRowFn), then dotted with groups of 4 activation rows
-// (VecDotX4Fn on dec instead of w); results bit-identical to vec_dot on the encoded row.
+// Prompt path of types whose decoding is dear (the i-quants' grid lookups, Q4_K's nibble split and
+// scale shuffles): a W row is decoded once per matmul tile into dec (DecodeRowFn), then dotted with
+// groups of 4 activation rows (VecDotX4Fn on dec instead of w); results bit-identical to vec_dot
+// on the encoded row.
 using DecodeRowFn = void (*)(int64_t n, const void* w, void* dec);
 // 8 W rows (w, w + w_stride, ...) against NA activation rows (1 or 4; a, a + a_stride, ...) into
 // out[t · 8 + r]; each output bit-identical to the type's vec_dot on that row pair.
