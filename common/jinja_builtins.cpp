@@ -1,0 +1,916 @@
+// Jinja builtins (common/jinja.h): the filters and tests of jinja2 that chat templates use,
+// Python's str and dict methods, and the globals Hugging Face gives templates.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+#include <map>
+
+#include <utf8proc.h>
+
+#include "common/jinja_runtime.h"
+
+namespace moemesh::jinja {
+
+std::vector<std::string> utf8_chars(const std::string& s) {
+    std::vector<std::string> out;
+    for (size_t k = 0; k < s.size();) {
+        const unsigned char c = static_cast<unsigned char>(s[k]);
+        size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+        if (k + n > s.size()) n = 1;
+        for (size_t j = 1; j < n; ++j)
+            if ((static_cast<unsigned char>(s[k + j]) & 0xC0) != 0x80) n = 1;
+        out.push_back(s.substr(k, n));
+        k += n;
+    }
+    return out;
+}
+
+size_t utf8_length(const std::string& s) {
+    size_t n = 0;
+    for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+    return n;
+}
+
+namespace {
+
+using SO = StatusOr<Value>;
+
+bool py_space(uint32_t c) { return c == ' ' || (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F) || c == 0x85 ||
+                                   c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 ||
+                                   c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000; }
+
+uint32_t code_point(const std::string& ch) {
+    utf8proc_int32_t cp = 0;
+    if (utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(ch.data()), static_cast<utf8proc_ssize_t>(ch.size()),
+                         &cp) <= 0)
+        return static_cast<unsigned char>(ch[0]);
+    return static_cast<uint32_t>(cp);
+}
+
+std::string map_case(const std::string& s, int mode /* 0 lower, 1 upper */) {
+    std::string out;
+    for (const std::string& ch : utf8_chars(s)) {
+        utf8proc_int32_t cp = 0;
+        if (utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(ch.data()), static_cast<utf8proc_ssize_t>(ch.size()),
+                             &cp) <= 0) {
+            out += ch;
+            continue;
+        }
+        cp = mode ? utf8proc_toupper(cp) : utf8proc_tolower(cp);
+        utf8proc_uint8_t buf[4];
+        out.append(reinterpret_cast<char*>(buf), static_cast<size_t>(utf8proc_encode_char(cp, buf)));
+    }
+    return out;
+}
+
+// str.strip / lstrip / rstrip: `chars` none means whitespace.
+std::string strip(const std::string& s, const Value* chars, bool left, bool right) {
+    std::vector<std::string> cs = utf8_chars(s);
+    std::vector<uint32_t> set;
+    const bool ws = !chars || chars->kind == Value::kNone || chars->is_undefined();
+    if (!ws)
+        for (const std::string& c : utf8_chars(chars->s)) set.push_back(code_point(c));
+    auto strip_it = [&](const std::string& c) {
+        const uint32_t cp = code_point(c);
+        return ws ? py_space(cp) : std::find(set.begin(), set.end(), cp) != set.end();
+    };
+    size_t b = 0, e = cs.size();
+    if (left)
+        while (b < e && strip_it(cs[b])) ++b;
+    if (right)
+        while (e > b && strip_it(cs[e - 1])) --e;
+    std::string out;
+    for (size_t k = b; k < e; ++k) out += cs[k];
+    return out;
+}
+
+// str.split / rsplit; sep none splits on whitespace runs.
+List split(const std::string& s, const Value* sep, int64_t maxsplit, bool from_right) {
+    List out;
+    if (!sep || sep->kind == Value::kNone) {
+        std::vector<std::string> words;
+        std::vector<std::string> cs = utf8_chars(s);
+        std::string w;
+        bool in = false;
+        for (const std::string& c : cs) {
+            if (py_space(code_point(c))) {
+                if (in) words.push_back(w), w.clear(), in = false;
+            } else {
+                w += c;
+                in = true;
+            }
+        }
+        if (in) words.push_back(w);
+        if (maxsplit >= 0 && static_cast<int64_t>(words.size()) > maxsplit + 1) {
+            // Rare in templates: fall back to rejoining the tail with single spaces.
+            std::vector<std::string> merged;
+            if (!from_right) {
+                merged.assign(words.begin(), words.begin() + maxsplit);
+                std::string rest = strip(s, nullptr, true, true);
+                for (int64_t k = 0; k < maxsplit; ++k) {
+                    rest = rest.substr(rest.find(words[static_cast<size_t>(k)]) + words[static_cast<size_t>(k)].size());
+                    rest = strip(rest, nullptr, true, false);
+                }
+                merged.push_back(rest);
+            } else {
+                merged = words;
+            }
+            words = merged;
+        }
+        for (std::string& x : words) out.push_back(Value::string(std::move(x)));
+        return out;
+    }
+    const std::string& d = sep->s;
+    std::vector<std::string> parts;
+    if (!from_right) {
+        size_t pos = 0;
+        int64_t n = 0;
+        while (maxsplit < 0 || n < maxsplit) {
+            const size_t hit = s.find(d, pos);
+            if (hit == std::string::npos) break;
+            parts.push_back(s.substr(pos, hit - pos));
+            pos = hit + d.size();
+            ++n;
+        }
+        parts.push_back(s.substr(pos));
+    } else {
+        size_t end = s.size();
+        int64_t n = 0;
+        std::vector<std::string> rev;
+        while (maxsplit < 0 || n < maxsplit) {
+            if (end < d.size()) break;
+            const size_t hit = s.rfind(d, end - d.size());
+            if (hit == std::string::npos) break;
+            rev.push_back(s.substr(hit + d.size(), end - hit - d.size()));
+            end = hit;
+            ++n;
+        }
+        rev.push_back(s.substr(0, end));
+        parts.assign(rev.rbegin(), rev.rend());
+    }
+    for (std::string& x : parts) out.push_back(Value::string(std::move(x)));
+    return out;
+}
+
+std::string replace_all(const std::string& s, const std::string& from, const std::string& to, int64_t count) {
+    std::string out;
+    if (from.empty()) {  // Python inserts `to` around every character
+        std::vector<std::string> cs = utf8_chars(s);
+        int64_t n = 0;
+        for (const std::string& c : cs) {
+            if (count < 0 || n < count) out += to, ++n;
+            out += c;
+        }
+        if (count < 0 || n < count) out += to;
+        return out;
+    }
+    size_t pos = 0;
+    int64_t n = 0;
+    while (count < 0 || n < count) {
+        const size_t hit = s.find(from, pos);
+        if (hit == std::string::npos) break;
+        out.append(s, pos, hit - pos);
+        out += to;
+        pos = hit + from.size();
+        ++n;
+    }
+    out.append(s, pos, std::string::npos);
+    return out;
+}
+
+Status need_string(Runtime& rt, const CallArgs& a, size_t idx, const char* what, std::string* out) {
+    if (idx >= a.pos.size() || a.pos[idx].kind != Value::kString)
+        return rt.error(a.line, std::string(what) + " needs a string argument");
+    *out = a.pos[idx].s;
+    return Status();
+}
+
+int64_t int_arg(const Value* v, int64_t dflt) {
+    if (!v || v->kind == Value::kNone || v->is_undefined()) return dflt;
+    if (v->kind == Value::kBool) return v->b;
+    if (v->kind == Value::kInt) return v->i;
+    if (v->kind == Value::kFloat) return static_cast<int64_t>(v->f);
+    return dflt;
+}
+
+bool bool_arg(const Value* v, bool dflt) { return v ? Runtime::truthy(*v) : dflt; }
+
+// startswith / endswith with a string or a tuple of strings.
+SO affix(Runtime& rt, const std::string& s, const CallArgs& a, bool start) {
+    if (a.pos.empty()) return rt.error(a.line, std::string(start ? "startswith" : "endswith") + "() needs an argument");
+    std::vector<std::string> options;
+    if (a.pos[0].kind == Value::kString) options.push_back(a.pos[0].s);
+    else if (a.pos[0].kind == Value::kList)
+        for (const Value& v : *a.pos[0].list) {
+            if (v.kind != Value::kString) return rt.error(a.line, "startswith/endswith: tuple items must be strings");
+            options.push_back(v.s);
+        }
+    else return rt.error(a.line, "startswith/endswith: the argument must be a string or a tuple of strings");
+    for (const std::string& o : options) {
+        if (start && s.compare(0, o.size(), o) == 0 && s.size() >= o.size()) return Value::boolean(true);
+        if (!start && s.size() >= o.size() && s.compare(s.size() - o.size(), o.size(), o) == 0) return Value::boolean(true);
+    }
+    return Value::boolean(false);
+}
+
+Value string_method(const std::string& s, const std::string& name) {
+    using Fn = std::function<SO(Runtime&, const std::string&, const CallArgs&)>;
+    static const std::map<std::string, Fn> kMethods = {
+        {"startswith", [](Runtime& rt, const std::string& s, const CallArgs& a) { return affix(rt, s, a, true); }},
+        {"endswith", [](Runtime& rt, const std::string& s, const CallArgs& a) { return affix(rt, s, a, false); }},
+        {"strip", [](Runtime&, const std::string& s, const CallArgs& a) -> SO { return Value::string(strip(s, a.arg(0, "chars"), true, true)); }},
+        {"lstrip", [](Runtime&, const std::string& s, const CallArgs& a) -> SO { return Value::string(strip(s, a.arg(0, "chars"), true, false)); }},
+        {"rstrip", [](Runtime&, const std::string& s, const CallArgs& a) -> SO { return Value::string(strip(s, a.arg(0, "chars"), false, true)); }},
+        {"split", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             const Value* sep = a.arg(0, "sep");
+             if (sep && sep->kind == Value::kString && sep->s.empty()) return rt.error(a.line, "split(): empty separator");
+             if (sep && sep->kind != Value::kString && sep->kind != Value::kNone) return rt.error(a.line, "split(): the separator must be a string");
+             return Value::of_list(split(s, sep, int_arg(a.arg(1, "maxsplit"), -1), false));
+         }},
+        {"rsplit", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             const Value* sep = a.arg(0, "sep");
+             if (sep && sep->kind == Value::kString && sep->s.empty()) return rt.error(a.line, "rsplit(): empty separator");
+             if (sep && sep->kind != Value::kString && sep->kind != Value::kNone) return rt.error(a.line, "rsplit(): the separator must be a string");
+             return Value::of_list(split(s, sep, int_arg(a.arg(1, "maxsplit"), -1), true));
+         }},
+        {"splitlines", [](Runtime&, const std::string& s, const CallArgs&) -> SO {
+             List out;
+             size_t b = 0;
+             for (size_t k = 0; k < s.size(); ++k)
+                 if (s[k] == '\n' || s[k] == '\r') {
+                     out.push_back(Value::string(s.substr(b, k - b)));
+                     if (s[k] == '\r' && k + 1 < s.size() && s[k + 1] == '\n') ++k;
+                     b = k + 1;
+                 }
+             if (b < s.size()) out.push_back(Value::string(s.substr(b)));
+             return Value::of_list(std::move(out));
+         }},
+        {"upper", [](Runtime&, const std::string& s, const CallArgs&) -> SO { return Value::string(map_case(s, 1)); }},
+        {"lower", [](Runtime&, const std::string& s, const CallArgs&) -> SO { return Value::string(map_case(s, 0)); }},
+        {"title", [](Runtime&, const std::string& s, const CallArgs&) -> SO {
+             std::string out;
+             bool start = true;
+             for (const std::string& c : utf8_chars(s)) {
+                 const uint32_t cp = code_point(c);
+                 const bool letter = utf8proc_category(static_cast<utf8proc_int32_t>(cp)) <= UTF8PROC_CATEGORY_LO &&
+                                     utf8proc_category(static_cast<utf8proc_int32_t>(cp)) >= UTF8PROC_CATEGORY_LU;
+                 out += letter ? map_case(c, start ? 1 : 0) : c;
+                 start = !letter;
+             }
+             return Value::string(std::move(out));
+         }},
+        {"capitalize", [](Runtime&, const std::string& s, const CallArgs&) -> SO {
+             std::vector<std::string> cs = utf8_chars(s);
+             std::string out;
+             for (size_t k = 0; k < cs.size(); ++k) out += map_case(cs[k], k == 0 ? 1 : 0);
+             return Value::string(std::move(out));
+         }},
+        {"replace", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             if (a.pos.size() < 2 || a.pos[0].kind != Value::kString || a.pos[1].kind != Value::kString)
+                 return rt.error(a.line, "replace() needs two strings");
+             std::string r = replace_all(s, a.pos[0].s, a.pos[1].s, int_arg(a.arg(2, "count"), -1));
+             MM_RETURN_IF_ERROR(rt.check_size(r.size(), a.line));
+             return Value::string(std::move(r));
+         }},
+        {"find", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             std::string sub;
+             MM_RETURN_IF_ERROR(need_string(rt, a, 0, "find()", &sub));
+             const size_t hit = s.find(sub);
+             return Value::integer(hit == std::string::npos ? -1 : static_cast<int64_t>(utf8_length(s.substr(0, hit))));
+         }},
+        {"rfind", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             std::string sub;
+             MM_RETURN_IF_ERROR(need_string(rt, a, 0, "rfind()", &sub));
+             const size_t hit = s.rfind(sub);
+             return Value::integer(hit == std::string::npos ? -1 : static_cast<int64_t>(utf8_length(s.substr(0, hit))));
+         }},
+        {"count", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             std::string sub;
+             MM_RETURN_IF_ERROR(need_string(rt, a, 0, "count()", &sub));
+             if (sub.empty()) return Value::integer(static_cast<int64_t>(utf8_length(s)) + 1);
+             int64_t n = 0;
+             for (size_t p = s.find(sub); p != std::string::npos; p = s.find(sub, p + sub.size())) ++n;
+             return Value::integer(n);
+         }},
+        {"join", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             if (a.pos.empty()) return rt.error(a.line, "join() needs an iterable");
+             MM_ASSIGN_OR_RETURN(List items, rt.iterate(a.pos[0], a.line));
+             std::string out;
+             for (size_t k = 0; k < items.size(); ++k) {
+                 if (items[k].kind != Value::kString) return rt.error(a.line, "join(): sequence items must be strings");
+                 if (k) out += s;
+                 out += items[k].s;
+                 MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+             }
+             return Value::string(std::move(out));
+         }},
+        {"isdigit", [](Runtime&, const std::string& s, const CallArgs&) -> SO {
+             return Value::boolean(!s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }));
+         }},
+        {"isspace", [](Runtime&, const std::string& s, const CallArgs&) -> SO {
+             std::vector<std::string> cs = utf8_chars(s);
+             return Value::boolean(!cs.empty() && std::all_of(cs.begin(), cs.end(), [](const std::string& c) { return py_space(code_point(c)); }));
+         }},
+    };
+    auto it = kMethods.find(name);
+    if (it == kMethods.end()) return Value::undefined(name);
+    const Fn* fn = &it->second;
+    return Value::function([fn, s](Runtime& rt, const CallArgs& a) { return (*fn)(rt, s, a); });
+}
+
+Value dict_method(const Value& d, const std::string& name) {
+    if (name == "items" || name == "keys" || name == "values") {
+        return Value::function([d, name](Runtime&, const CallArgs&) -> SO {
+            List out;
+            for (const auto& [k, v] : *d.dict) {
+                if (name == "items") out.push_back(Value::of_list({k, v}));
+                else out.push_back(name == "keys" ? k : v);
+            }
+            return Value::of_list(std::move(out));
+        });
+    }
+    if (name == "get") {
+        return Value::function([d](Runtime& rt, const CallArgs& a) -> SO {
+            if (a.pos.empty()) return rt.error(a.line, "get() needs a key");
+            for (const auto& [k, v] : *d.dict)
+                if (Runtime::equals(k, a.pos[0])) return v;
+            const Value* dflt = a.arg(1, "default");
+            return dflt ? *dflt : Value::none();
+        });
+    }
+    return Value::undefined(name);
+}
+
+// ---- filters ----
+
+SO f_length(Runtime& rt, const Value& v, const CallArgs& a) {
+    switch (v.kind) {
+        case Value::kUndefined: return Value::integer(0);
+        case Value::kString: return Value::integer(static_cast<int64_t>(utf8_length(v.s)));
+        case Value::kList: return Value::integer(static_cast<int64_t>(v.list->size()));
+        case Value::kDict: case Value::kNamespace: return Value::integer(static_cast<int64_t>(v.dict->size()));
+        default: return rt.error(a.line, std::string("object of type '") + Runtime::type_name(v) + "' has no len()");
+    }
+}
+
+SO f_tojson(Runtime& rt, const Value& v, const CallArgs& a) {
+    const Value* ind = a.arg(0, "indent");
+    const int indent = ind && ind->kind == Value::kInt ? static_cast<int>(std::clamp<int64_t>(ind->i, 0, 64)) : -1;
+    std::string out;
+    MM_RETURN_IF_ERROR(rt.to_json(v, indent, bool_arg(a.kwarg("sort_keys"), false), 0, &out, a.line));
+    return Value::string(std::move(out));
+}
+
+SO f_string(Runtime&, const Value& v, const CallArgs&) { return Value::string(Runtime::to_string(v)); }
+
+SO f_trim(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind != Value::kString && !v.is_undefined())
+        return rt.error(a.line, std::string("trim: expected a string, got ") + Runtime::type_name(v));
+    return Value::string(strip(v.s, a.arg(0, "chars"), true, true));
+}
+
+SO f_items(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.is_undefined()) return Value::of_list({});
+    if (v.kind != Value::kDict && v.kind != Value::kNamespace)
+        return rt.error(a.line, std::string("items: expected a mapping, got ") + Runtime::type_name(v));
+    List out;
+    for (const auto& [k, x] : *v.dict) out.push_back(Value::of_list({k, x}));
+    return Value::of_list(std::move(out));
+}
+
+SO f_list(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    return Value::of_list(std::move(l));
+}
+
+SO f_first_last(Runtime& rt, const Value& v, const CallArgs& a, bool first) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    if (l.empty()) return Value::undefined();
+    return first ? l.front() : l.back();
+}
+SO f_first(Runtime& rt, const Value& v, const CallArgs& a) { return f_first_last(rt, v, a, true); }
+SO f_last(Runtime& rt, const Value& v, const CallArgs& a) { return f_first_last(rt, v, a, false); }
+
+StatusOr<Value> attribute_of(Runtime& rt, const Value& item, const Value& attr, int line) {
+    if (attr.kind == Value::kInt) return rt.get_item(item, attr, line);
+    Value cur = item;
+    const std::string path = Runtime::to_string(attr);
+    size_t b = 0;
+    while (true) {
+        const size_t dot = path.find('.', b);
+        const std::string key = path.substr(b, dot == std::string::npos ? std::string::npos : dot - b);
+        const bool numeric = !key.empty() && std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+        MM_ASSIGN_OR_RETURN(cur, numeric ? rt.get_item(cur, Value::integer(std::atoll(key.c_str())), line)
+                                         : rt.get_item(cur, Value::string(key), line));
+        if (dot == std::string::npos) return cur;
+        if (cur.is_undefined()) return cur;
+        b = dot + 1;
+    }
+}
+
+SO f_join(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    const Value* sep = a.arg(0, "d");
+    const Value* attr = a.arg(1, "attribute");
+    std::string out;
+    for (size_t k = 0; k < l.size(); ++k) {
+        if (k && sep) out += Runtime::to_string(*sep);
+        if (attr) {
+            MM_ASSIGN_OR_RETURN(Value x, attribute_of(rt, l[k], *attr, a.line));
+            out += Runtime::to_string(x);
+        } else {
+            out += Runtime::to_string(l[k]);
+        }
+        MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+    }
+    return Value::string(std::move(out));
+}
+
+SO f_upper(Runtime&, const Value& v, const CallArgs&) { return Value::string(map_case(Runtime::to_string(v), 1)); }
+SO f_lower(Runtime&, const Value& v, const CallArgs&) { return Value::string(map_case(Runtime::to_string(v), 0)); }
+SO f_capitalize(Runtime& rt, const Value& v, const CallArgs& a) {
+    return string_method(Runtime::to_string(v), "capitalize").func->operator()(rt, a);
+}
+SO f_title(Runtime& rt, const Value& v, const CallArgs& a) {
+    return string_method(Runtime::to_string(v), "title").func->operator()(rt, a);
+}
+
+SO f_replace(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (a.pos.size() < 2) return rt.error(a.line, "replace needs (old, new)");
+    std::string r = replace_all(Runtime::to_string(v), Runtime::to_string(a.pos[0]), Runtime::to_string(a.pos[1]),
+                                int_arg(a.arg(2, "count"), -1));
+    MM_RETURN_IF_ERROR(rt.check_size(r.size(), a.line));
+    return Value::string(std::move(r));
+}
+
+SO f_default(Runtime&, const Value& v, const CallArgs& a) {
+    const Value* d = a.arg(0, "default_value");
+    const bool boolean = bool_arg(a.arg(1, "boolean"), false);
+    if (v.is_undefined() || (boolean && !Runtime::truthy(v))) return d ? *d : Value::string("");
+    return v;
+}
+
+SO f_safe(Runtime&, const Value& v, const CallArgs&) { return v; }
+
+SO f_escape(Runtime&, const Value& v, const CallArgs&) {
+    std::string out;
+    for (char c : Runtime::to_string(v)) {
+        switch (c) {
+            case '&': out += "&amp;"; break;
+            case '<': out += "&lt;"; break;
+            case '>': out += "&gt;"; break;
+            case '"': out += "&#34;"; break;
+            case '\'': out += "&#39;"; break;
+            default: out += c;
+        }
+    }
+    return Value::string(std::move(out));
+}
+
+SO f_int(Runtime&, const Value& v, const CallArgs& a) {
+    const int64_t dflt = int_arg(a.arg(0, "default"), 0);
+    if (v.kind == Value::kInt) return v;
+    if (v.kind == Value::kBool) return Value::integer(v.b);
+    if (v.kind == Value::kFloat)
+        return std::isfinite(v.f) && std::fabs(v.f) < 9.2e18 ? Value::integer(static_cast<int64_t>(v.f)) : Value::integer(dflt);
+    if (v.kind == Value::kString) {
+        const std::string t = strip(v.s, nullptr, true, true);
+        char* end = nullptr;
+        errno = 0;
+        const long long r = std::strtoll(t.c_str(), &end, 10);
+        if (!t.empty() && end && *end == '\0' && errno == 0) return Value::integer(r);
+        const double d = std::strtod(t.c_str(), &end);
+        if (!t.empty() && end && *end == '\0' && std::isfinite(d) && std::fabs(d) < 9.2e18)
+            return Value::integer(static_cast<int64_t>(d));
+    }
+    return Value::integer(dflt);
+}
+
+SO f_float(Runtime&, const Value& v, const CallArgs& a) {
+    const Value* d = a.arg(0, "default");
+    const double dflt = d && d->is_number() ? d->as_double() : 0.0;
+    if (v.is_number() || v.kind == Value::kBool) return Value::number(v.as_double());
+    if (v.kind == Value::kString) {
+        const std::string t = strip(v.s, nullptr, true, true);
+        char* end = nullptr;
+        const double r = std::strtod(t.c_str(), &end);
+        if (!t.empty() && end && *end == '\0') return Value::number(r);
+    }
+    return Value::number(dflt);
+}
+
+SO f_abs(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind == Value::kInt) {
+        if (v.i == INT64_MIN) return rt.error(a.line, "integer overflow in abs");
+        return Value::integer(v.i < 0 ? -v.i : v.i);
+    }
+    if (v.kind == Value::kBool) return Value::integer(v.b);
+    if (v.kind == Value::kFloat) return Value::number(std::fabs(v.f));
+    return rt.error(a.line, std::string("abs: expected a number, got ") + Runtime::type_name(v));
+}
+
+SO f_round(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (!v.is_number() && v.kind != Value::kBool) return rt.error(a.line, "round: expected a number");
+    const int64_t prec = std::clamp<int64_t>(int_arg(a.arg(0, "precision"), 0), -20, 20);
+    const std::string method = a.arg(1, "method") ? Runtime::to_string(*a.arg(1, "method")) : "common";
+    const double scale = std::pow(10.0, static_cast<double>(prec));
+    const double x = v.as_double() * scale;
+    double r;
+    if (method == "ceil") r = std::ceil(x);
+    else if (method == "floor") r = std::floor(x);
+    else if (method == "common") r = std::round(x);
+    else return rt.error(a.line, "round: method must be common, ceil or floor");
+    return Value::number(r / scale);
+}
+
+// map(attribute='x') or map('filter', args...)
+SO f_map(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    List out;
+    if (const Value* attr = a.kwarg("attribute")) {
+        const Value* dflt = a.kwarg("default");
+        for (const Value& x : l) {
+            MM_ASSIGN_OR_RETURN(Value r, attribute_of(rt, x, *attr, a.line));
+            out.push_back(r.is_undefined() && dflt ? *dflt : r);
+        }
+        return Value::of_list(std::move(out));
+    }
+    if (a.pos.empty() || a.pos[0].kind != Value::kString) return rt.error(a.line, "map needs a filter name or attribute=");
+    CallArgs rest;
+    rest.line = a.line;
+    rest.pos.assign(a.pos.begin() + 1, a.pos.end());
+    rest.kw = a.kw;
+    for (const Value& x : l) {
+        MM_RETURN_IF_ERROR(rt.charge(1, a.line));
+        MM_ASSIGN_OR_RETURN(Value r, rt.apply_filter(a.pos[0].s, x, rest));
+        out.push_back(std::move(r));
+    }
+    return Value::of_list(std::move(out));
+}
+
+// select / reject / selectattr / rejectattr
+SO select_impl(Runtime& rt, const Value& v, const CallArgs& a, bool keep_if, bool by_attr) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    size_t next = 0;
+    Value attr;
+    if (by_attr) {
+        if (a.pos.empty()) return rt.error(a.line, "selectattr/rejectattr need an attribute name");
+        attr = a.pos[next++];
+    }
+    std::string test;
+    if (next < a.pos.size()) test = Runtime::to_string(a.pos[next++]);
+    CallArgs rest;
+    rest.line = a.line;
+    rest.pos.assign(a.pos.begin() + static_cast<std::ptrdiff_t>(next), a.pos.end());
+    List out;
+    for (const Value& x : l) {
+        MM_RETURN_IF_ERROR(rt.charge(1, a.line));
+        Value subject = x;
+        if (by_attr) {
+            MM_ASSIGN_OR_RETURN(subject, attribute_of(rt, x, attr, a.line));
+        }
+        bool r;
+        if (test.empty()) {
+            r = Runtime::truthy(subject);
+        } else {
+            MM_ASSIGN_OR_RETURN(r, rt.apply_test(test, subject, rest));
+        }
+        if (r == keep_if) out.push_back(x);
+    }
+    return Value::of_list(std::move(out));
+}
+SO f_select(Runtime& rt, const Value& v, const CallArgs& a) { return select_impl(rt, v, a, true, false); }
+SO f_reject(Runtime& rt, const Value& v, const CallArgs& a) { return select_impl(rt, v, a, false, false); }
+SO f_selectattr(Runtime& rt, const Value& v, const CallArgs& a) { return select_impl(rt, v, a, true, true); }
+SO f_rejectattr(Runtime& rt, const Value& v, const CallArgs& a) { return select_impl(rt, v, a, false, true); }
+
+SO sort_impl(Runtime& rt, List l, const CallArgs& a, const Value* attr, bool reverse, bool case_sensitive) {
+    std::vector<std::pair<Value, Value>> keyed;
+    for (Value& x : l) {
+        Value k = x;
+        if (attr) {
+            MM_ASSIGN_OR_RETURN(k, attribute_of(rt, x, *attr, a.line));
+        }
+        if (!case_sensitive && k.kind == Value::kString) k = Value::string(map_case(k.s, 0));
+        keyed.emplace_back(std::move(k), std::move(x));
+    }
+    MM_RETURN_IF_ERROR(rt.charge(keyed.size() * 8, a.line));
+    Status failed;
+    std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& p, const auto& q) {
+        if (!failed.ok()) return false;
+        StatusOr<bool> r = reverse ? rt.less(q.first, p.first, a.line) : rt.less(p.first, q.first, a.line);
+        if (!r.ok()) {
+            failed = r.status();
+            return false;
+        }
+        return *r;
+    });
+    MM_RETURN_IF_ERROR(failed);
+    List out;
+    for (auto& p : keyed) out.push_back(std::move(p.second));
+    return Value::of_list(std::move(out));
+}
+
+SO f_sort(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    return sort_impl(rt, std::move(l), a, a.kwarg("attribute") ? a.kwarg("attribute") : a.arg(2, "attribute"),
+                     bool_arg(a.arg(0, "reverse"), false), bool_arg(a.arg(1, "case_sensitive"), false));
+}
+
+SO f_dictsort(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind != Value::kDict) return rt.error(a.line, "dictsort: expected a mapping");
+    List pairs;
+    for (const auto& [k, x] : *v.dict) pairs.push_back(Value::of_list({k, x}));
+    const std::string by = a.arg(1, "by") ? Runtime::to_string(*a.arg(1, "by")) : "key";
+    const Value index = Value::integer(by == "value" ? 1 : 0);
+    return sort_impl(rt, std::move(pairs), a, &index, bool_arg(a.arg(2, "reverse"), false),
+                     bool_arg(a.arg(0, "case_sensitive"), false));
+}
+
+SO f_unique(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    const Value* attr = a.arg(1, "attribute");
+    const bool cs = bool_arg(a.arg(0, "case_sensitive"), false);
+    List out, seen;
+    for (const Value& x : l) {
+        MM_RETURN_IF_ERROR(rt.charge(seen.size() + 1, a.line));
+        Value k = x;
+        if (attr) {
+            MM_ASSIGN_OR_RETURN(k, attribute_of(rt, x, *attr, a.line));
+        }
+        if (!cs && k.kind == Value::kString) k = Value::string(map_case(k.s, 0));
+        bool dup = false;
+        for (const Value& s : seen) dup = dup || Runtime::equals(s, k);
+        if (!dup) seen.push_back(k), out.push_back(x);
+    }
+    return Value::of_list(std::move(out));
+}
+
+SO f_reverse(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind == Value::kString) {
+        std::vector<std::string> cs = utf8_chars(v.s);
+        std::string out;
+        for (auto it = cs.rbegin(); it != cs.rend(); ++it) out += *it;
+        return Value::string(std::move(out));
+    }
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    std::reverse(l.begin(), l.end());
+    return Value::of_list(std::move(l));
+}
+
+SO f_indent(Runtime& rt, const Value& v, const CallArgs& a) {
+    const Value* w = a.arg(0, "width");
+    std::string pad = w && w->kind == Value::kString ? w->s : std::string(static_cast<size_t>(std::clamp<int64_t>(int_arg(w, 4), 0, 256)), ' ');
+    const bool first = bool_arg(a.arg(1, "first"), false), blank = bool_arg(a.arg(2, "blank"), false);
+    const std::string s = Runtime::to_string(v);
+    std::string out;
+    size_t b = 0;
+    bool is_first = true;
+    while (b <= s.size()) {
+        size_t nl = s.find('\n', b);
+        const std::string line = s.substr(b, nl == std::string::npos ? std::string::npos : nl - b);
+        if ((!is_first || first) && (blank || !line.empty())) out += pad;
+        out += line;
+        if (nl == std::string::npos) break;
+        out += '\n';
+        b = nl + 1;
+        is_first = false;
+        MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+    }
+    return Value::string(std::move(out));
+}
+
+SO min_max(Runtime& rt, const Value& v, const CallArgs& a, bool want_max) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    if (l.empty()) return Value::undefined();
+    const Value* attr = a.arg(1, "attribute");
+    Value best = l[0];
+    for (size_t k = 1; k < l.size(); ++k) {
+        Value x = l[k], bx = best;
+        if (attr) {
+            MM_ASSIGN_OR_RETURN(x, attribute_of(rt, l[k], *attr, a.line));
+            MM_ASSIGN_OR_RETURN(bx, attribute_of(rt, best, *attr, a.line));
+        }
+        MM_ASSIGN_OR_RETURN(bool lt, want_max ? rt.less(bx, x, a.line) : rt.less(x, bx, a.line));
+        if (lt) best = l[k];
+    }
+    return best;
+}
+SO f_min(Runtime& rt, const Value& v, const CallArgs& a) { return min_max(rt, v, a, false); }
+SO f_max(Runtime& rt, const Value& v, const CallArgs& a) { return min_max(rt, v, a, true); }
+
+SO f_sum(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    const Value* attr = a.arg(0, "attribute");
+    const Value* start = a.arg(1, "start");
+    int64_t si = 0;
+    double sf = 0;
+    bool is_float = start && start->kind == Value::kFloat;
+    if (start) si = int_arg(start, 0), sf = start->as_double();
+    for (const Value& x0 : l) {
+        Value x = x0;
+        if (attr) {
+            MM_ASSIGN_OR_RETURN(x, attribute_of(rt, x0, *attr, a.line));
+        }
+        if (!x.is_number() && x.kind != Value::kBool) return rt.error(a.line, "sum: items must be numbers");
+        if (x.kind == Value::kFloat) is_float = true;
+        if (__builtin_add_overflow(si, x.kind == Value::kBool ? int64_t{x.b} : x.i, &si) && !is_float)
+            return rt.error(a.line, "integer overflow in sum");
+        sf += x.as_double();
+    }
+    return is_float ? Value::number(sf) : Value::integer(si);
+}
+
+SO f_wordcount(Runtime&, const Value& v, const CallArgs&) {
+    return Value::integer(static_cast<int64_t>(split(Runtime::to_string(v), nullptr, -1, false).size()));
+}
+
+SO f_attr(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (a.pos.empty()) return rt.error(a.line, "attr needs a name");
+    return rt.get_attr(v, Runtime::to_string(a.pos[0]), a.line);
+}
+
+// ---- tests ----
+
+using TR = StatusOr<bool>;
+TR t_defined(Runtime&, const Value& v, const CallArgs&) { return !v.is_undefined(); }
+TR t_undefined(Runtime&, const Value& v, const CallArgs&) { return v.is_undefined(); }
+TR t_none(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kNone; }
+TR t_boolean(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kBool; }
+TR t_true(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kBool && v.b; }
+TR t_false(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kBool && !v.b; }
+TR t_integer(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kInt; }
+TR t_float(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kFloat; }
+TR t_number(Runtime&, const Value& v, const CallArgs&) { return v.is_number() || v.kind == Value::kBool; }
+TR t_string(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kString; }
+TR t_mapping(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kDict; }
+TR t_iterable(Runtime&, const Value& v, const CallArgs&) {
+    return v.kind == Value::kString || v.kind == Value::kList || v.kind == Value::kDict || v.is_undefined();
+}
+TR t_sequence(Runtime&, const Value& v, const CallArgs&) {
+    return v.kind == Value::kString || v.kind == Value::kList || v.kind == Value::kDict;
+}
+TR t_callable(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kFunc; }
+TR t_even(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind != Value::kInt) return rt.error(a.line, "even: expected an integer");
+    return v.i % 2 == 0;
+}
+TR t_odd(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind != Value::kInt) return rt.error(a.line, "odd: expected an integer");
+    return v.i % 2 != 0;
+}
+TR t_divisibleby(Runtime& rt, const Value& v, const CallArgs& a) {
+    if (v.kind != Value::kInt || a.pos.empty() || a.pos[0].kind != Value::kInt || a.pos[0].i == 0)
+        return rt.error(a.line, "divisibleby: expected integers and a non-zero divisor");
+    return v.i % a.pos[0].i == 0;
+}
+const Value& test_arg(const CallArgs& a) {
+    static const Value kUndef;
+    return a.pos.empty() ? kUndef : a.pos[0];
+}
+TR t_eq(Runtime&, const Value& v, const CallArgs& a) { return Runtime::equals(v, test_arg(a)); }
+TR t_ne(Runtime&, const Value& v, const CallArgs& a) { return !Runtime::equals(v, test_arg(a)); }
+TR t_lt(Runtime& rt, const Value& v, const CallArgs& a) { return rt.less(v, test_arg(a), a.line); }
+TR t_gt(Runtime& rt, const Value& v, const CallArgs& a) { return rt.less(test_arg(a), v, a.line); }
+TR t_le(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(bool gt, rt.less(test_arg(a), v, a.line));
+    return !gt;
+}
+TR t_ge(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(bool lt, rt.less(v, test_arg(a), a.line));
+    return !lt;
+}
+TR t_in(Runtime& rt, const Value& v, const CallArgs& a) {
+    const Value& c = test_arg(a);
+    if (c.kind == Value::kString) return v.kind == Value::kString && c.s.find(v.s) != std::string::npos;
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(c, a.line));
+    for (const Value& x : l)
+        if (Runtime::equals(x, v)) return true;
+    return false;
+}
+TR t_sameas(Runtime&, const Value& v, const CallArgs& a) {
+    const Value& o = test_arg(a);
+    if (v.kind != o.kind) return false;
+    switch (v.kind) {
+        case Value::kNone: case Value::kUndefined: return true;
+        case Value::kBool: return v.b == o.b;
+        case Value::kList: return v.list == o.list;
+        case Value::kDict: case Value::kNamespace: return v.dict == o.dict;
+        default: return Runtime::equals(v, o);
+    }
+}
+TR t_lower(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kString && map_case(v.s, 0) == v.s; }
+TR t_upper(Runtime&, const Value& v, const CallArgs&) { return v.kind == Value::kString && map_case(v.s, 1) == v.s; }
+
+// ---- globals ----
+
+SO g_raise_exception(Runtime& rt, const CallArgs& a) {
+    return rt.error(a.line, "the template raised an error: " + (a.pos.empty() ? std::string() : Runtime::to_string(a.pos[0])));
+}
+
+SO g_namespace(Runtime& rt, const CallArgs& a) {
+    Value ns;
+    ns.kind = Value::kNamespace;
+    ns.dict = std::make_shared<Dict>();
+    for (const Value& p : a.pos) {
+        if (p.kind != Value::kDict) return rt.error(a.line, "namespace(): positional arguments must be mappings");
+        for (const auto& kv : *p.dict) ns.dict->push_back(kv);
+    }
+    for (const auto& [k, v] : a.kw) ns.dict->emplace_back(Value::string(k), v);
+    return ns;
+}
+
+SO g_dict(Runtime& rt, const CallArgs& a) {
+    Dict d;
+    for (const Value& p : a.pos) {
+        if (p.kind != Value::kDict) return rt.error(a.line, "dict(): positional arguments must be mappings");
+        for (const auto& kv : *p.dict) d.push_back(kv);
+    }
+    for (const auto& [k, v] : a.kw) d.emplace_back(Value::string(k), v);
+    return Value::of_dict(std::move(d));
+}
+
+SO g_range(Runtime& rt, const CallArgs& a) {
+    int64_t start = 0, stop = 0, step = 1;
+    for (const Value& v : a.pos)
+        if (v.kind != Value::kInt && v.kind != Value::kBool) return rt.error(a.line, "range() takes integers");
+    if (a.pos.size() == 1) stop = int_arg(&a.pos[0], 0);
+    else if (a.pos.size() == 2 || a.pos.size() == 3) {
+        start = int_arg(&a.pos[0], 0), stop = int_arg(&a.pos[1], 0);
+        if (a.pos.size() == 3) step = int_arg(&a.pos[2], 1);
+    } else return rt.error(a.line, "range() takes 1 to 3 arguments");
+    if (step == 0) return rt.error(a.line, "range() step must not be zero");
+    List out;
+    for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) {
+        MM_RETURN_IF_ERROR(rt.charge(1, a.line));
+        out.push_back(Value::integer(k));
+        if (__builtin_add_overflow(k, step, &k)) break;
+        k -= step;
+    }
+    return Value::of_list(std::move(out));
+}
+
+SO g_strftime_now(Runtime& rt, const CallArgs& a) {
+    if (a.pos.empty() || a.pos[0].kind != Value::kString) return rt.error(a.line, "strftime_now() needs a format string");
+    const std::time_t now = std::time(nullptr);
+    std::tm tm{};
+    localtime_r(&now, &tm);
+    char buf[512];
+    const size_t n = std::strftime(buf, sizeof buf, a.pos[0].s.c_str(), &tm);
+    return Value::string(std::string(buf, n));
+}
+
+struct FilterEntry { const char* name; FilterFn fn; };
+constexpr FilterEntry kFilters[] = {
+    {"length", f_length}, {"count", f_length}, {"tojson", f_tojson}, {"string", f_string}, {"trim", f_trim},
+    {"items", f_items}, {"list", f_list}, {"first", f_first}, {"last", f_last}, {"join", f_join},
+    {"upper", f_upper}, {"lower", f_lower}, {"capitalize", f_capitalize}, {"title", f_title},
+    {"replace", f_replace}, {"default", f_default}, {"d", f_default}, {"safe", f_safe}, {"escape", f_escape},
+    {"e", f_escape}, {"forceescape", f_escape}, {"int", f_int}, {"float", f_float}, {"abs", f_abs},
+    {"round", f_round}, {"map", f_map}, {"select", f_select}, {"reject", f_reject}, {"selectattr", f_selectattr},
+    {"rejectattr", f_rejectattr}, {"sort", f_sort}, {"dictsort", f_dictsort}, {"unique", f_unique},
+    {"reverse", f_reverse}, {"indent", f_indent}, {"min", f_min}, {"max", f_max}, {"sum", f_sum},
+    {"wordcount", f_wordcount}, {"attr", f_attr},
+};
+
+struct TestEntry { const char* name; TestFn fn; };
+constexpr TestEntry kTests[] = {
+    {"defined", t_defined}, {"undefined", t_undefined}, {"none", t_none}, {"boolean", t_boolean},
+    {"true", t_true}, {"false", t_false}, {"integer", t_integer}, {"float", t_float}, {"number", t_number},
+    {"string", t_string}, {"mapping", t_mapping}, {"iterable", t_iterable}, {"sequence", t_sequence},
+    {"callable", t_callable}, {"even", t_even}, {"odd", t_odd}, {"divisibleby", t_divisibleby},
+    {"eq", t_eq}, {"equalto", t_eq}, {"==", t_eq}, {"ne", t_ne}, {"!=", t_ne}, {"lt", t_lt}, {"lessthan", t_lt},
+    {"<", t_lt}, {"le", t_le}, {"<=", t_le}, {"gt", t_gt}, {"greaterthan", t_gt}, {">", t_gt}, {"ge", t_ge},
+    {">=", t_ge}, {"in", t_in}, {"sameas", t_sameas}, {"lower", t_lower}, {"upper", t_upper},
+};
+
+}  // namespace
+
+FilterFn find_filter(const std::string& name) {
+    for (const FilterEntry& f : kFilters)
+        if (name == f.name) return f.fn;
+    return nullptr;
+}
+
+TestFn find_test(const std::string& name) {
+    for (const TestEntry& t : kTests)
+        if (name == t.name) return t.fn;
+    return nullptr;
+}
+
+Value find_method(const Value& obj, const std::string& name) {
+    if (obj.kind == Value::kString) return string_method(obj.s, name);
+    if (obj.kind == Value::kDict) return dict_method(obj, name);
+    return Value::undefined(name);
+}
+
+void add_globals(Frame* frame) {
+    frame->vars["raise_exception"] = Value::function(g_raise_exception);
+    frame->vars["namespace"] = Value::function(g_namespace);
+    frame->vars["dict"] = Value::function(g_dict);
+    frame->vars["range"] = Value::function(g_range);
+    frame->vars["strftime_now"] = Value::function(g_strftime_now);
+}
+
+}  // namespace moemesh::jinja
