@@ -13,16 +13,12 @@
 #include <unordered_map>
 
 #include "common/arch.h"
+#include "common/chat_template.h"
 #include "common/gguf.h"
 #include "common/tokenizer_unicode.h"
 
 namespace moemesh {
 
-const char* const kChatMlTemplate =
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
 
 namespace {
 

@@ -51,7 +51,4 @@ StatusOr<TokenizerData> load_hf_tokenizer(const std::string& dir, int32_t min_vo
 // padding_token_id,add_bos_token} and tokenizer.chat_template.
 void write_tokenizer_metadata(GgufWriter& w, const TokenizerData& d);
 
-// The ChatML template used by builtin_byte_bpe_tokenizer.
-extern const char* const kChatMlTemplate;
-
 }  // namespace moemesh

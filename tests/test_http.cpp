@@ -108,7 +108,12 @@ TEST(HttpRequest, BadFieldsAreNamed) {
         {true, R"({"messages":[]})", "'messages' must be a non-empty array"},
         {true, R"({"messages":[5]})", "'messages[0]' must be an object"},
         {true, R"({"messages":[{"content":"x"}]})", "'messages[0].role' must be a string"},
-        {true, R"({"messages":[{"role":"tool","content":"x"}]})", "'messages[0].role' is 'tool'"},
+        {true, R"({"messages":[{"role":"function","content":"x"}]})", "'messages[0].role' is 'function'"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"tool_choice":"required"})", "'tool_choice'"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]})", "'tools[0]'"},
+        {true, R"({"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"[1]"}}]}]})", "arguments"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"messages":[]}})", "cannot be set"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"reasoning_format":"xml"})", "'reasoning_format'"},
         {true, R"({"messages":[{"role":"user","content":5}]})", "'messages[0].content' must be"},
         {true, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})", "only text parts"},
         {true, R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})", "'messages[0].content[0].text'"},
@@ -339,11 +344,11 @@ TEST_F(HttpServerTest, StreamingEqualsTheWholeResponse) {
         EXPECT_EQ(finish, "length");
         EXPECT_TRUE(done);
     }
-    // The chat prompt is ChatML: the same text as a completion of the templated prompt.
+    // The chat prompt is the model's template (ChatML here): the same text as a completion of it.
     auto chat = post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"Tell me"}],"max_tokens":6,"temperature":0})");
     ASSERT_TRUE(chat);
     EXPECT_EQ(json::parse(chat->body)["choices"][0]["message"]["content"],
-              as_sent(greedy_text(chatml_prompt({{"user", "Tell me"}}), 6)));
+              as_sent(greedy_text("<|im_start|>user\nTell me<|im_end|>\n<|im_start|>assistant\n", 6)));
 }
 
 TEST_F(HttpServerTest, StopStringsEndTheText) {

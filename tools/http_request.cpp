@@ -7,7 +7,8 @@
 
 namespace moemesh {
 
-using json = nlohmann::json;
+// ordered: a request's tools reach the chat template, whose tojson keeps their key order
+using json = nlohmann::ordered_json;
 
 namespace {
 
@@ -91,13 +92,139 @@ StatusOr<std::string> message_content(const json& c, size_t i) {
 
 }  // namespace
 
-std::string chatml_prompt(const std::vector<std::pair<std::string, std::string>>& messages, bool thinking) {
-    std::string s;
-    for (const auto& [role, content] : messages) s += "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
-    return s + "<|im_start|>assistant\n" + (thinking ? "" : "<think>\n\n</think>\n\n");
-}
 
 namespace {
+
+const ChatFormatter& builtin_chat() {
+    static const ChatFormatter kBuiltin = ChatFormatter::create("", "", "").value();
+    return kBuiltin;
+}
+
+// An assistant message's tool_calls, as templates expect them: arguments an object (OpenAI sends a
+// JSON string; Qwen3-Coder's template iterates arguments|items).
+StatusOr<json> tool_calls_field(const json& calls, size_t i) {
+    if (!calls.is_array()) return MM_ERROR("'messages[%zu].tool_calls' must be an array, got %s", i, kind(calls).c_str());
+    json out = json::array();
+    for (size_t k = 0; k < calls.size(); ++k) {
+        const json& c = calls[k];
+        if (!c.is_object() || !c.contains("function") || !c["function"].is_object())
+            return MM_ERROR("'messages[%zu].tool_calls[%zu]' must be an object with a 'function' object", i, k);
+        const json& f = c["function"];
+        if (!f.contains("name") || !f["name"].is_string())
+            return MM_ERROR("'messages[%zu].tool_calls[%zu].function.name' must be a string", i, k);
+        json args = json::object();
+        if (f.contains("arguments") && !f["arguments"].is_null()) {
+            const json& a = f["arguments"];
+            if (a.is_object()) {
+                args = a;
+            } else if (a.is_string()) {
+                args = json::parse(a.get<std::string>(), nullptr, false);
+                if (!args.is_object())
+                    return MM_ERROR("'messages[%zu].tool_calls[%zu].function.arguments' must be a JSON object "
+                                    "(or a string holding one), got %s", i, k, shown(a).c_str());
+            } else {
+                return MM_ERROR("'messages[%zu].tool_calls[%zu].function.arguments' must be a JSON object or a "
+                                "string holding one, got %s", i, k, kind(a).c_str());
+            }
+        }
+        json call = json::object();
+        if (c.contains("id") && c["id"].is_string()) call["id"] = c["id"];
+        call["type"] = "function";
+        call["function"] = {{"name", f["name"]}, {"arguments", std::move(args)}};
+        out.push_back(std::move(call));
+    }
+    return out;
+}
+
+// messages, tools, tool_choice, chat_template_kwargs, add_generation_prompt, reasoning_format.
+Status parse_chat_fields(const json& j, ChatFormatter::Input* in, GenRequest* r) {
+    auto it = j.find("messages");
+    if (it == j.end()) return MM_ERROR("'messages' is required");
+    if (!it->is_array() || it->empty()) return bad_field("messages", "a non-empty array of messages", *it);
+    for (size_t i = 0; i < it->size(); ++i) {
+        const json& m = (*it)[i];
+        if (!m.is_object()) return MM_ERROR("'messages[%zu]' must be an object, got %s", i, kind(m).c_str());
+        if (!m.contains("role") || !m["role"].is_string()) return MM_ERROR("'messages[%zu].role' must be a string", i);
+        std::string role = m["role"].get<std::string>();
+        if (role == "developer") role = "system";
+        if (role != "system" && role != "user" && role != "assistant" && role != "tool")
+            return MM_ERROR("'messages[%zu].role' is '%s': expected system, user, assistant or tool", i, role.c_str());
+        json msg = {{"role", role}};
+        const json content = m.contains("content") ? m["content"] : json();
+        if (content.is_null()) {
+            msg["content"] = nullptr;
+        } else {
+            MM_ASSIGN_OR_RETURN(std::string text, message_content(content, i));
+            msg["content"] = std::move(text);
+        }
+        if (role == "assistant") {
+            if (auto rc = m.find("reasoning_content"); rc != m.end() && !rc->is_null()) {
+                if (!rc->is_string()) return MM_ERROR("'messages[%zu].reasoning_content' must be a string", i);
+                msg["reasoning_content"] = *rc;
+            }
+            if (auto tc = m.find("tool_calls"); tc != m.end() && !tc->is_null()) {
+                MM_ASSIGN_OR_RETURN(json calls, tool_calls_field(*tc, i));
+                if (!calls.empty()) msg["tool_calls"] = std::move(calls);
+            }
+        }
+        if (role == "tool") {
+            for (const char* f : {"tool_call_id", "name"})
+                if (auto x = m.find(f); x != m.end() && !x->is_null()) {
+                    if (!x->is_string()) return MM_ERROR("'messages[%zu].%s' must be a string", i, f);
+                    msg[f] = *x;
+                }
+        }
+        in->messages.push_back(std::move(msg));
+    }
+    bool tools_on = true;
+    if (auto tc = j.find("tool_choice"); tc != j.end() && !tc->is_null()) {
+        if (!tc->is_string() || (*tc != "auto" && *tc != "none"))
+            return MM_ERROR("'tool_choice' %s is not supported: use \"auto\" (the model decides) or \"none\"",
+                            shown(*tc).c_str());
+        tools_on = *tc == "auto";
+    }
+    if (auto t = j.find("tools"); t != j.end() && !t->is_null()) {
+        if (!t->is_array()) return bad_field("tools", "an array of {\"type\": \"function\", \"function\": {...}}", *t);
+        for (size_t k = 0; k < t->size(); ++k) {
+            const json& tool = (*t)[k];
+            if (!tool.is_object() || !tool.contains("function") || !tool["function"].is_object())
+                return MM_ERROR("'tools[%zu]' must be an object with a 'function' object", k);
+            if (tool.contains("type") && tool["type"] != "function")
+                return MM_ERROR("'tools[%zu].type' must be \"function\", got %s", k, shown(tool["type"]).c_str());
+            const json& f = tool["function"];
+            if (!f.contains("name") || !f["name"].is_string() || f["name"].get<std::string>().empty())
+                return MM_ERROR("'tools[%zu].function.name' must be a non-empty string", k);
+            if (f.contains("parameters") && !f["parameters"].is_null() && !f["parameters"].is_object())
+                return MM_ERROR("'tools[%zu].function.parameters' must be a JSON schema object", k);
+        }
+        if (tools_on && !t->empty()) {
+            in->tools = *t;
+            r->tools = *t;
+            r->parse_tools = true;
+        }
+    }
+    // chat_template_kwargs (llama.cpp server, vLLM): extra template variables, e.g. enable_thinking.
+    if (auto kw = j.find("chat_template_kwargs"); kw != j.end() && !kw->is_null()) {
+        if (!kw->is_object()) return bad_field("chat_template_kwargs", "an object", *kw);
+        if (auto et = kw->find("enable_thinking"); et != kw->end() && !et->is_null() && !et->is_boolean())
+            return bad_field("chat_template_kwargs.enable_thinking", "a boolean", *et);
+        for (const char* reserved : {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+            if (kw->contains(reserved))
+                return MM_ERROR("'chat_template_kwargs.%s' cannot be set: the server sets it", reserved);
+        in->kwargs = *kw;
+    }
+    if (auto ag = j.find("add_generation_prompt"); ag != j.end() && !ag->is_null()) {
+        if (!ag->is_boolean()) return bad_field("add_generation_prompt", "a boolean", *ag);
+        in->add_generation_prompt = ag->get<bool>();
+    }
+    if (auto rf = j.find("reasoning_format"); rf != j.end() && !rf->is_null()) {
+        if (!rf->is_string() || (*rf != "auto" && *rf != "none" && *rf != "deepseek"))
+            return bad_field("reasoning_format", "\"auto\" (reasoning in reasoning_content) or \"none\"", *rf);
+        r->parse_reasoning = *rf != "none";
+    }
+    return Status();
+}
+
 StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, const RequestLimits& lim);
 }
 
@@ -118,35 +245,9 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
     r.chat = chat;
     r.sp = lim.defaults;
     r.ignore_eos = lim.ignore_eos;
-    if (chat) {
-        auto it = j.find("messages");
-        if (it == j.end()) return MM_ERROR("'messages' is required");
-        if (!it->is_array() || it->empty()) return bad_field("messages", "a non-empty array of messages", *it);
-        std::vector<std::pair<std::string, std::string>> msgs;
-        for (size_t i = 0; i < it->size(); ++i) {
-            const json& m = (*it)[i];
-            if (!m.is_object()) return MM_ERROR("'messages[%zu]' must be an object, got %s", i, kind(m).c_str());
-            if (!m.contains("role") || !m["role"].is_string())
-                return MM_ERROR("'messages[%zu].role' must be a string", i);
-            std::string role = m["role"].get<std::string>();
-            if (role == "developer") role = "system";
-            if (role != "system" && role != "user" && role != "assistant")
-                return MM_ERROR("'messages[%zu].role' is '%s': expected system, user or assistant", i, role.c_str());
-            MM_ASSIGN_OR_RETURN(std::string content,
-                                message_content(m.contains("content") ? m["content"] : json(), i));
-            msgs.emplace_back(role, std::move(content));
-        }
-        // chat_template_kwargs.enable_thinking (llama.cpp server, vLLM): false skips Qwen3's reasoning.
-        bool thinking = true;
-        if (auto kw = j.find("chat_template_kwargs"); kw != j.end() && !kw->is_null()) {
-            if (!kw->is_object()) return bad_field("chat_template_kwargs", "an object", *kw);
-            if (auto et = kw->find("enable_thinking"); et != kw->end() && !et->is_null()) {
-                if (!et->is_boolean()) return bad_field("chat_template_kwargs.enable_thinking", "a boolean", *et);
-                thinking = et->get<bool>();
-            }
-        }
-        r.prompt = chatml_prompt(msgs, thinking);
-    } else {
+    ChatFormatter::Input chat_in;
+    if (chat) MM_RETURN_IF_ERROR(parse_chat_fields(j, &chat_in, &r));
+    if (!chat) {
         auto it = j.find("prompt");
         if (it == j.end()) return MM_ERROR("'prompt' is required");
         const json& p = *it;
@@ -205,6 +306,13 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
         }
         for (const std::string& s : r.stop)
             if (s.empty() || s.size() > 256) return MM_ERROR("'stop' strings must have 1 to 256 bytes");
+    }
+    if (chat) {
+        StatusOr<std::string> prompt = lim.chat ? lim.chat->apply(chat_in) : builtin_chat().apply(chat_in);
+        if (!prompt.ok()) return MM_ERROR("the conversation cannot be formatted: %s", prompt.status().message().c_str());
+        r.prompt = std::move(prompt).value();
+        if (r.prompt.empty()) return MM_ERROR("the chat template rendered an empty prompt for these messages");
+        r.reply_in_think = r.parse_reasoning && prompt_opens_think_block(r.prompt);
     }
     return r;
 }

@@ -11,10 +11,13 @@
 #include <ctime>
 #include <deque>
 #include <functional>
+#include <optional>
 #include <future>
 #include <thread>
 
 #include <nlohmann/json.hpp>
+
+#include "common/chat_reply.h"
 
 namespace moemesh {
 
@@ -72,7 +75,42 @@ struct HttpServer::Impl {
     std::atomic<bool> abort_generation{false};
     std::atomic<uint64_t> next_id{1};
 
-    Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {}
+    Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {
+        if (!opts.chat) {
+            std::string warning;
+            StatusOr<ChatFormatter> f = chat_formatter_for(tok, "", &warning);
+            if (!warning.empty()) std::fprintf(stderr, "http: warning: %s\n", warning.c_str());
+            if (f.ok()) opts.chat = std::make_shared<const ChatFormatter>(std::move(f).value());
+        }
+        opts.limits.chat = opts.chat.get();
+        if (opts.log_requests && opts.chat)
+            std::fprintf(stderr, "http: /v1/chat/completions formats conversations with %s\n", opts.chat->name().c_str());
+    }
+
+    // How a chat reply is read back into content / reasoning_content / tool_calls.
+    static ReplyFormat reply_format(const GenRequest& rq, const std::string& id) {
+        ReplyFormat f;
+        f.starts_in_think = rq.reply_in_think;
+        f.parse_tools = rq.parse_tools;
+        f.tools = &rq.tools;
+        f.id_prefix = "call_" + id.substr(id.find('-') + 1) + "_";
+        return f;
+    }
+    static bool parse_reply(const GenRequest& rq) { return rq.parse_reasoning || rq.parse_tools; }
+
+    static json tool_calls_json(const std::vector<ToolCall>& calls, bool with_index) {
+        json out = json::array();
+        for (size_t k = 0; k < calls.size(); ++k) {
+            json c = {{"id", calls[k].id},
+                      {"type", "function"},
+                      {"function", {{"name", calls[k].name},
+                                    {"arguments", calls[k].arguments.dump(-1, ' ', false,
+                                                                          nlohmann::ordered_json::error_handler_t::replace)}}}};
+            if (with_index) c["index"] = k;
+            out.push_back(std::move(c));
+        }
+        return out;
+    }
 
     // The request's prompt tokens and generation length, checked against the context: errors here
     // are the client's (400), found before any stream starts. Runs on the handler thread (the
@@ -247,10 +285,21 @@ struct HttpServer::Impl {
             Status st = generate_on_model_thread(rq, pr, [](const std::string&) { return true; }, &g);
             if (!st.ok()) return send_error(req, res, 500, st.message());
             json choice = {{"index", 0}, {"finish_reason", g.finish}, {"logprobs", nullptr}};
-            if (chat)
+            if (chat && parse_reply(rq)) {
+                const AssistantReply reply = parse_assistant_reply(g.text, reply_format(rq, id));
+                json msg = {{"role", "assistant"}, {"content", reply.content}};
+                if (!reply.reasoning.empty()) msg["reasoning_content"] = reply.reasoning;
+                if (!reply.tool_calls.empty()) {
+                    if (reply.content.empty()) msg["content"] = nullptr;
+                    msg["tool_calls"] = tool_calls_json(reply.tool_calls, false);
+                    if (g.finish == "stop") choice["finish_reason"] = "tool_calls";
+                }
+                choice["message"] = std::move(msg);
+            } else if (chat) {
                 choice["message"] = {{"role", "assistant"}, {"content", g.text}};
-            else
+            } else {
                 choice["text"] = g.text;
+            }
             json out = {{"id", id},           {"object", object},          {"created", created},
                         {"model", opts.model_name}, {"choices", json::array({choice})}, {"usage", usage(g)}};
             res.set_content(dump(out), "application/json");
@@ -286,11 +335,36 @@ struct HttpServer::Impl {
                         choice["text"] = t;
                     return choice;
                 };
+                // Chat replies go through the reply parser: content and reasoning_content deltas as
+                // they are decided, tool calls in one delta at the end.
+                std::optional<ReplyStream> reply;
+                if (chat && parse_reply(rq)) reply.emplace(reply_format(rq, id));
+                auto send_delta = [&](const ReplyStream::Delta& d) {
+                    if (d.empty()) return true;
+                    json delta = json::object();
+                    if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
+                    if (!d.content.empty()) delta["content"] = d.content;
+                    return event(json{{"index", 0}, {"finish_reason", nullptr}, {"delta", std::move(delta)}}, nullptr);
+                };
+                auto on_text = [&](const std::string& t) {
+                    if (reply) return send_delta(reply->feed(t));
+                    return event(piece(t, nullptr), nullptr);
+                };
                 GenResult g;
                 bool ok = !chat || event(piece("", nullptr), nullptr);
-                Status st = ok ? generate_on_model_thread(
-                                     rq, pr, [&](const std::string& t) { return event(piece(t, nullptr), nullptr); }, &g)
+                Status st = ok ? generate_on_model_thread(rq, pr, on_text, &g)
                                : MM_ERROR("the client closed the connection");
+                if (st.ok() && reply) {
+                    std::vector<ToolCall> calls;
+                    send_delta(reply->finish(&calls));
+                    if (!calls.empty()) {
+                        event(json{{"index", 0},
+                                   {"finish_reason", nullptr},
+                                   {"delta", {{"tool_calls", tool_calls_json(calls, true)}}}},
+                              nullptr);
+                        if (g.finish == "stop") g.finish = "tool_calls";
+                    }
+                }
                 httplib::Request r;
                 r.method = req_method;
                 r.path = req_path;
@@ -434,10 +508,6 @@ Status serve_http(Model& model, const Tokenizer& tok, const std::string& addr, H
     const long port = std::strtol(addr.c_str() + colon + 1, &end, 10);
     if (*end != '\0' || port < 0 || port > 65535)
         return MM_ERROR("--serve '%s': the port must be a number in 0-65535", addr.c_str());
-    if (!tok.chat_template().empty() && tok.chat_template().find("<|im_start|>") == std::string::npos)
-        std::fprintf(stderr,
-                     "http: warning: this model's chat template is not ChatML; /v1/chat/completions formats "
-                     "conversations as Qwen's ChatML anyway (use /v1/completions with your own formatting)\n");
     HttpServer server(model, tok, std::move(o));
     MM_ASSIGN_OR_RETURN(const int bound, server.bind(host.empty() ? "0.0.0.0" : host, static_cast<int>(port)));
     // SIGINT/SIGTERM stop the server cleanly: the handler only sets a flag, a watcher thread stops it.

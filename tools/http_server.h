@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/chat_template.h"
 #include "common/status.h"
 #include "common/tokenizer.h"
 #include "coordinator/model.h"
@@ -23,6 +24,9 @@ struct HttpServerOptions {
     RequestLimits limits;
     size_t max_body_bytes = 8u << 20;  // larger bodies: 413
     bool log_requests = true;        // one stderr line per request
+    // Formats /v1/chat/completions conversations; null: chat_formatter_for(tok) (the model's own
+    // template, or the built-in ChatML one).
+    std::shared_ptr<const ChatFormatter> chat;
 };
 
 class HttpServer {

@@ -20,6 +20,8 @@
 #include "tools/http_server.h"
 #include "tools/run_command.h"
 
+#include "common/chat_template.h"
+
 namespace moemesh {
 
 int default_threads() {
@@ -70,14 +72,21 @@ size_t complete_utf8_prefix(const std::string& s) {
 
 // One request: a fresh sequence, prompt processing, then generation.
 Status generate_one(const RunOptions& o, const std::string& prompt, const std::string& tokens, Model& model,
-                    const Tokenizer& tok, DistributedExpertBackend* dist, const ExpertCache* cache) {
+                    const Tokenizer& tok, const ChatFormatter* chat, DistributedExpertBackend* dist,
+                    const ExpertCache* cache) {
     const ModelConfig& cfg = model.config();
     std::vector<int32_t> input;
     if (!tokens.empty()) {
         MM_RETURN_IF_ERROR(parse_token_list(tokens, &input));
     } else {
         std::string text = prompt;
-        if (o.chat) text = "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n";
+        if (o.chat && chat) {
+            ChatFormatter::Input in;
+            if (!o.system.empty()) in.messages.push_back({{"role", "system"}, {"content", o.system}});
+            in.messages.push_back({{"role", "user"}, {"content", prompt}});
+            if (o.no_think) in.kwargs = {{"enable_thinking", false}};
+            MM_ASSIGN_OR_RETURN(text, chat->apply(in));
+        }
         input = tok.encode(text, /*parse_special=*/true);
         if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
         if (input.empty()) return MM_ERROR("--prompt: the prompt encodes to no tokens");
@@ -170,6 +179,16 @@ Status run_generation(const RunOptions& o) {
     MM_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> gf, GgufFile::open(model_path));
     std::shared_ptr<GgufFile> file(std::move(gf));
     MM_ASSIGN_OR_RETURN(Tokenizer tok, Tokenizer::from_gguf(*file));
+    // The chat template, checked before the (long) model load.
+    std::shared_ptr<const ChatFormatter> chat;
+    if (o.chat || !o.serve.empty()) {
+        std::string warning;
+        MM_ASSIGN_OR_RETURN(ChatFormatter f, chat_formatter_for(tok, o.chat_template_file, &warning));
+        if (!warning.empty()) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+        chat = std::make_shared<const ChatFormatter>(std::move(f));
+    } else if (!o.chat_template_file.empty() || !o.system.empty() || o.no_think) {
+        return MM_ERROR("--chat-template-file, --system and --no-think apply to --chat and --serve only");
+    }
     ModelOptions mo;
     mo.n_threads = o.threads > 0 ? o.threads : (cluster && cluster->coordinator.threads > 0 ? cluster->coordinator.threads
                                                                                            : default_threads());
@@ -283,17 +302,18 @@ Status run_generation(const RunOptions& o) {
         ho.limits.n_vocab = cfg.n_vocab;
         ho.limits.defaults = o.sp;
         ho.limits.ignore_eos = o.ignore_eos;
+        ho.chat = chat;
         return serve_http(*model, tok, o.serve, ho);
     }
-    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, dist, cache_view);
+    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view);
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
     std::string line;
     int failed = 0;
     while (std::getline(std::cin, line)) {
         if (line.empty()) continue;
-        Status st = o.json ? generate_one(o, "", line, *model, tok, dist, cache_view)
-                           : generate_one(o, line, "", *model, tok, dist, cache_view);
+        Status st = o.json ? generate_one(o, "", line, *model, tok, chat.get(), dist, cache_view)
+                           : generate_one(o, line, "", *model, tok, chat.get(), dist, cache_view);
         if (!st.ok()) {
             ++failed;
             std::fprintf(stderr, "error: request failed: %s\n", st.message().c_str());
@@ -318,7 +338,15 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("--tokens", o->tokens, "Comma-separated token ids to feed instead of a prompt");
     c->add_flag("--stdin", o->stdin_requests,
                 "Serve one request per line of stdin (token ids with --json, else prompt text) until EOF");
-    c->add_flag("--chat", o->chat, "Wrap the prompt in the ChatML user/assistant template");
+    c->add_flag("--chat", o->chat,
+                "Format the prompt as a user message with the model's chat template (the GGUF's "
+                "tokenizer.chat_template; the built-in ChatML one if the file has none)");
+    c->add_option("--system", o->system, "With --chat: a system message before the prompt");
+    c->add_flag("--no-think", o->no_think,
+                "With --chat: enable_thinking=false for the template (Qwen3: no reasoning block)");
+    c->add_option("--chat-template-file", o->chat_template_file,
+                  "Jinja chat template for --chat and --serve instead of the model's own")
+        ->check(CLI::ExistingFile);
     c->add_option("--serve", o->serve,
                   "HOST:PORT: serve an OpenAI-compatible HTTP API instead of one prompt (POST /v1/completions, "
                   "/v1/chat/completions, streaming with \"stream\": true; GET /v1/models, /health). Sampling "

@@ -19,6 +19,9 @@ struct RunOptions {
     std::string tokens;  // "1,2,3"
     bool stdin_requests = false;  // one request per stdin line
     bool chat = false;
+    std::string system;              // --chat: a system message
+    bool no_think = false;           // --chat: enable_thinking = false
+    std::string chat_template_file;  // --chat / --serve: a Jinja template instead of the model's
     int n_predict = 64;
     int top_n = 0;
     bool json = false;
