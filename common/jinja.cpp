@@ -29,7 +29,18 @@ bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' |
 
 class Lexer {
 public:
-    Lexer(std::string_view src, const std::string& name) : src_(src), name_(name) {
+    // jinja2 reads \r\n and \r as \n, then drops one trailing newline (keep_trailing_newline=False).
+    Lexer(std::string_view src, const std::string& name) : name_(name) {
+        owned_.reserve(src.size());
+        for (size_t k = 0; k < src.size(); ++k) {
+            if (src[k] == '\r') {
+                owned_ += '\n';
+                if (k + 1 < src.size() && src[k + 1] == '\n') ++k;
+            } else {
+                owned_ += src[k];
+            }
+        }
+        src_ = owned_;
         if (!src_.empty() && src_.back() == '\n') src_.remove_suffix(1);
     }
 
@@ -321,6 +332,7 @@ private:
         return err(open, "'{% raw %}' without '{% endraw %}'");
     }
 
+    std::string owned_;
     std::string_view src_;
     const std::string& name_;
     size_t pos_ = 0;
@@ -433,6 +445,7 @@ private:
         if (word == "macro") return parse_macro(line, body);
         if (word == "filter") return parse_filter_block(line, body);
         if (word == "break" || word == "continue") {
+            if (loop_depth_ == 0) return MM_ERROR("%s line %d: '{%% %s %%}' outside a for loop", name_.c_str(), line, word.c_str());
             body->push_back(std::make_unique<Stmt>(word == "break" ? Stmt::kBreak : Stmt::kContinue, line));
             return expect_block_end();
         }
@@ -498,7 +511,10 @@ private:
         if (is_name("recursive")) return err("recursive for loops are not supported");
         MM_RETURN_IF_ERROR(expect_block_end());
         std::string end;
-        MM_RETURN_IF_ERROR(parse_body(&s->body, {"else", "endfor"}, &end));
+        ++loop_depth_;
+        Status body_st = parse_body(&s->body, {"else", "endfor"}, &end);
+        --loop_depth_;
+        MM_RETURN_IF_ERROR(body_st);
         if (end == "else") {
             MM_RETURN_IF_ERROR(expect_block_end());
             MM_RETURN_IF_ERROR(parse_body(&s->else_body, {"endfor"}, &end));
@@ -591,7 +607,15 @@ private:
         MM_RETURN_IF_ERROR(expect_op(")"));
         MM_RETURN_IF_ERROR(expect_block_end());
         std::string end;
-        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endmacro"}, &end));
+        const int saved_loops = loop_depth_;
+        loop_depth_ = 0;
+        macro_reads_.emplace_back(false, false);
+        Status body_st = parse_body(&s->body, {"endmacro"}, &end);
+        loop_depth_ = saved_loops;
+        s->catch_varargs = macro_reads_.back().first;
+        s->catch_kwargs = macro_reads_.back().second;
+        macro_reads_.pop_back();
+        MM_RETURN_IF_ERROR(body_st);
         body->push_back(std::move(s));
         if (cur().t == Tok::kName && cur().s == s->name) ++pos_;  // {% endmacro name %}
         return expect_block_end();
@@ -661,7 +685,7 @@ private:
     }
 
     StatusOr<ExprPtr> parse_compare() {
-        MM_ASSIGN_OR_RETURN(ExprPtr l, parse_concat());
+        MM_ASSIGN_OR_RETURN(ExprPtr l, parse_add());
         while (true) {
             std::string op;
             if (cur().t == Tok::kOp && (cur().s == "==" || cur().s == "!=" || cur().s == "<" || cur().s == ">" ||
@@ -680,7 +704,7 @@ private:
             auto e = std::make_unique<Expr>(Expr::kBinary, cur().line);
             e->name = op;
             e->a = std::move(l);
-            MM_ASSIGN_OR_RETURN(e->b, parse_concat());
+            MM_ASSIGN_OR_RETURN(e->b, parse_add());
             l = std::move(e);
         }
         return l;
@@ -702,26 +726,29 @@ private:
         }
         return l;
     }
-    StatusOr<ExprPtr> parse_concat() { return binary_loop(&Parser::parse_add, {"~"}); }
-    StatusOr<ExprPtr> parse_add() { return binary_loop(&Parser::parse_mul, {"+", "-"}); }
+    // jinja2: + and - bind looser than ~, which binds looser than * and /.
+    StatusOr<ExprPtr> parse_add() { return binary_loop(&Parser::parse_concat, {"+", "-"}); }
+    StatusOr<ExprPtr> parse_concat() { return binary_loop(&Parser::parse_mul, {"~"}); }
     StatusOr<ExprPtr> parse_mul() { return binary_loop(&Parser::parse_pow, {"*", "/", "//", "%"}); }
-    StatusOr<ExprPtr> parse_pow() { return binary_loop(&Parser::parse_unary, {"**"}); }
+    StatusOr<ExprPtr> parse_pow() { return binary_loop(&Parser::parse_unary_filtered, {"**"}); }
+    StatusOr<ExprPtr> parse_unary_filtered() { return parse_unary(true); }
 
-    StatusOr<ExprPtr> parse_unary() {
+    // jinja2: `-x|abs` is abs(-x): the sign takes the bare operand, filters apply to the result.
+    StatusOr<ExprPtr> parse_unary(bool with_filter) {
         if (++depth_ > kMaxParseDepth) return err("expression nested too deeply");
         DepthGuard g{&depth_};
         ExprPtr node;
         if (is_op("-") || is_op("+")) {
             auto e = std::make_unique<Expr>(is_op("-") ? Expr::kNeg : Expr::kPos, cur().line);
             ++pos_;
-            MM_ASSIGN_OR_RETURN(e->a, parse_unary());
+            MM_ASSIGN_OR_RETURN(e->a, parse_unary(false));
             node = std::move(e);
         } else {
             MM_ASSIGN_OR_RETURN(node, parse_primary());
             MM_ASSIGN_OR_RETURN(node, parse_postfix(std::move(node)));
         }
         // filters, tests and calls bind tighter than any binary operator
-        while (true) {
+        while (with_filter) {
             if (is_op("|")) {
                 MM_ASSIGN_OR_RETURN(node, parse_filter(std::move(node)));
             } else if (is_name("is")) {
@@ -748,6 +775,8 @@ private:
                 if (t.s == "true" || t.s == "True") return ExprPtr(lit(Value::boolean(true)));
                 if (t.s == "false" || t.s == "False") return ExprPtr(lit(Value::boolean(false)));
                 if (t.s == "none" || t.s == "None") return ExprPtr(lit(Value::none()));
+                if (!macro_reads_.empty() && t.s == "varargs") macro_reads_.back().first = true;
+                if (!macro_reads_.empty() && t.s == "kwargs") macro_reads_.back().second = true;
                 auto e = std::make_unique<Expr>(Expr::kName, t.line);
                 e->name = t.s;
                 return ExprPtr(std::move(e));
@@ -931,6 +960,8 @@ private:
     const std::string& name_;
     size_t pos_ = 0;
     int depth_ = 0;
+    int loop_depth_ = 0;  // break/continue only inside a for body (a macro body resets it)
+    std::vector<std::pair<bool, bool>> macro_reads_;  // per macro being parsed: reads varargs, kwargs
 };
 
 }  // namespace

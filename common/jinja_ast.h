@@ -32,6 +32,7 @@ struct Value {
     std::shared_ptr<List> list;       // kList
     std::shared_ptr<Dict> dict;       // kDict, kNamespace
     std::shared_ptr<Builtin> func;    // kFunc
+    bool tuple = false;               // kList: a tuple (prints as (a, b)), e.g. from dict.items()
 
     static Value none() { Value v; v.kind = kNone; return v; }
     static Value undefined(std::string name = "") { Value v; v.s = std::move(name); return v; }
@@ -40,6 +41,7 @@ struct Value {
     static Value number(double x) { Value v; v.kind = kFloat; v.f = x; return v; }
     static Value string(std::string x) { Value v; v.kind = kString; v.s = std::move(x); return v; }
     static Value of_list(List x) { Value v; v.kind = kList; v.list = std::make_shared<List>(std::move(x)); return v; }
+    static Value of_tuple(List x) { Value v = of_list(std::move(x)); v.tuple = true; return v; }
     static Value of_dict(Dict x) { Value v; v.kind = kDict; v.dict = std::make_shared<Dict>(std::move(x)); return v; }
     static Value function(Builtin fn) { Value v; v.kind = kFunc; v.func = std::make_shared<Builtin>(std::move(fn)); return v; }
 
@@ -105,6 +107,7 @@ struct Stmt {
     Body body, else_body;                    // kFor, kMacro, kSetBlock, kFilterBlock
     std::string name;                        // kMacro
     std::vector<std::pair<std::string, ExprPtr>> params;  // kMacro: name, default (may be null)
+    bool catch_varargs = false, catch_kwargs = false;     // kMacro: the body reads varargs / kwargs
     explicit Stmt(Kind k, int ln) : kind(k), line(ln) {}
 };
 

@@ -50,11 +50,26 @@ uint32_t code_point(const std::string& ch) {
 
 std::string map_case(const std::string& s, int mode /* 0 lower, 1 upper */) {
     std::string out;
-    for (const std::string& ch : utf8_chars(s)) {
+    const std::vector<std::string> chars = utf8_chars(s);
+    auto cased = [&](size_t k) {
+        const auto c = utf8proc_category(static_cast<utf8proc_int32_t>(code_point(chars[k])));
+        return c == UTF8PROC_CATEGORY_LU || c == UTF8PROC_CATEGORY_LL || c == UTF8PROC_CATEGORY_LT;
+    };
+    for (size_t k = 0; k < chars.size(); ++k) {
+        const std::string& ch = chars[k];
+        // Python's final sigma: Σ at the end of a word lowers to ς.
+        if (!mode && code_point(ch) == 0x3A3 && k > 0 && cased(k - 1) && (k + 1 == chars.size() || !cased(k + 1))) {
+            out += "\xCF\x82";
+            continue;
+        }
         utf8proc_int32_t cp = 0;
         if (utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(ch.data()), static_cast<utf8proc_ssize_t>(ch.size()),
                              &cp) <= 0) {
             out += ch;
+            continue;
+        }
+        if (mode && cp == 0xDF) {  // Python's full case mapping: ß → SS
+            out += "SS";
             continue;
         }
         cp = mode ? utf8proc_toupper(cp) : utf8proc_tolower(cp);
@@ -89,34 +104,35 @@ std::string strip(const std::string& s, const Value* chars, bool left, bool righ
 List split(const std::string& s, const Value* sep, int64_t maxsplit, bool from_right) {
     List out;
     if (!sep || sep->kind == Value::kNone) {
-        std::vector<std::string> words;
+        // Python: runs of whitespace separate; with maxsplit, the unsplit rest keeps its inner
+        // whitespace (leading whitespace of the rest is dropped, trailing kept, mirrored for rsplit).
         std::vector<std::string> cs = utf8_chars(s);
-        std::string w;
-        bool in = false;
-        for (const std::string& c : cs) {
-            if (py_space(code_point(c))) {
-                if (in) words.push_back(w), w.clear(), in = false;
-            } else {
-                w += c;
-                in = true;
+        if (from_right) std::reverse(cs.begin(), cs.end());
+        std::vector<std::string> words;
+        size_t k = 0;
+        const size_t n = cs.size();
+        auto ws = [&](size_t i) { return py_space(code_point(cs[i])); };
+        while (true) {
+            while (k < n && ws(k)) ++k;
+            if (k == n) break;
+            if (maxsplit >= 0 && static_cast<int64_t>(words.size()) == maxsplit) {
+                std::string rest;
+                for (size_t i = k; i < n; ++i) rest += cs[i];
+                words.push_back(rest);
+                break;
             }
+            std::string w;
+            while (k < n && !ws(k)) w += cs[k++];
+            words.push_back(w);
         }
-        if (in) words.push_back(w);
-        if (maxsplit >= 0 && static_cast<int64_t>(words.size()) > maxsplit + 1) {
-            // Rare in templates: fall back to rejoining the tail with single spaces.
-            std::vector<std::string> merged;
-            if (!from_right) {
-                merged.assign(words.begin(), words.begin() + maxsplit);
-                std::string rest = strip(s, nullptr, true, true);
-                for (int64_t k = 0; k < maxsplit; ++k) {
-                    rest = rest.substr(rest.find(words[static_cast<size_t>(k)]) + words[static_cast<size_t>(k)].size());
-                    rest = strip(rest, nullptr, true, false);
-                }
-                merged.push_back(rest);
-            } else {
-                merged = words;
+        if (from_right) {
+            std::reverse(words.begin(), words.end());
+            for (std::string& w : words) {  // each word was built from reversed characters
+                std::vector<std::string> wc = utf8_chars(w);
+                std::reverse(wc.begin(), wc.end());
+                w.clear();
+                for (const std::string& c : wc) w += c;
             }
-            words = merged;
         }
         for (std::string& x : words) out.push_back(Value::string(std::move(x)));
         return out;
@@ -196,8 +212,28 @@ int64_t int_arg(const Value* v, int64_t dflt) {
 
 bool bool_arg(const Value* v, bool dflt) { return v ? Runtime::truthy(*v) : dflt; }
 
+// s[start:end] by code point with Python's slice rules (the optional start/end arguments of
+// startswith, endswith, find, count); *offset is the code point index where it begins.
+std::string cp_range(const std::string& s, const Value* start, const Value* end, int64_t* offset) {
+    const std::vector<std::string> cs = utf8_chars(s);
+    const int64_t n = static_cast<int64_t>(cs.size());
+    auto norm = [&](const Value* v, int64_t dflt) {
+        if (!v || v->kind == Value::kNone || v->is_undefined()) return dflt;
+        int64_t x = int_arg(v, dflt);
+        if (x < 0) x += n;
+        return std::clamp<int64_t>(x, 0, n);
+    };
+    const int64_t b = norm(start, 0), e = norm(end, n);
+    std::string out;
+    for (int64_t k = b; k < e; ++k) out += cs[static_cast<size_t>(k)];
+    if (offset) *offset = b;
+    return out;
+}
+
 // startswith / endswith with a string or a tuple of strings.
-SO affix(Runtime& rt, const std::string& s, const CallArgs& a, bool start) {
+SO affix(Runtime& rt, const std::string& whole, const CallArgs& a, bool start) {
+    const std::string s = a.pos.size() > 1 ? cp_range(whole, &a.pos[1], a.pos.size() > 2 ? &a.pos[2] : nullptr, nullptr)
+                                           : whole;
     if (a.pos.empty()) return rt.error(a.line, std::string(start ? "startswith" : "endswith") + "() needs an argument");
     std::vector<std::string> options;
     if (a.pos[0].kind == Value::kString) options.push_back(a.pos[0].s);
@@ -276,14 +312,18 @@ Value string_method(const std::string& s, const std::string& name) {
         {"find", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
              std::string sub;
              MM_RETURN_IF_ERROR(need_string(rt, a, 0, "find()", &sub));
-             const size_t hit = s.find(sub);
-             return Value::integer(hit == std::string::npos ? -1 : static_cast<int64_t>(utf8_length(s.substr(0, hit))));
+             int64_t off = 0;
+             const std::string r = cp_range(s, a.arg(1, "start"), a.arg(2, "end"), &off);
+             const size_t hit = r.find(sub);
+             return Value::integer(hit == std::string::npos ? -1 : off + static_cast<int64_t>(utf8_length(r.substr(0, hit))));
          }},
         {"rfind", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
              std::string sub;
              MM_RETURN_IF_ERROR(need_string(rt, a, 0, "rfind()", &sub));
-             const size_t hit = s.rfind(sub);
-             return Value::integer(hit == std::string::npos ? -1 : static_cast<int64_t>(utf8_length(s.substr(0, hit))));
+             int64_t off = 0;
+             const std::string r = cp_range(s, a.arg(1, "start"), a.arg(2, "end"), &off);
+             const size_t hit = r.rfind(sub);
+             return Value::integer(hit == std::string::npos ? -1 : off + static_cast<int64_t>(utf8_length(r.substr(0, hit))));
          }},
         {"count", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
              std::string sub;
@@ -302,6 +342,35 @@ Value string_method(const std::string& s, const std::string& name) {
                  if (k) out += s;
                  out += items[k].s;
                  MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+             }
+             return Value::string(std::move(out));
+         }},
+        // str.format with {}, {0} and {name} fields ({{ and }} for braces); no format specs.
+        {"format", [](Runtime& rt, const std::string& s, const CallArgs& a) -> SO {
+             std::string out;
+             size_t auto_index = 0;
+             for (size_t k = 0; k < s.size(); ++k) {
+                 if (s[k] == '{' && k + 1 < s.size() && s[k + 1] == '{') { out += '{'; ++k; continue; }
+                 if (s[k] == '}' && k + 1 < s.size() && s[k + 1] == '}') { out += '}'; ++k; continue; }
+                 if (s[k] != '{') { out += s[k]; continue; }
+                 const size_t close = s.find('}', k);
+                 if (close == std::string::npos) return rt.error(a.line, "format(): single '{' in the format string");
+                 const std::string field = s.substr(k + 1, close - k - 1);
+                 if (field.find_first_of(":!") != std::string::npos)
+                     return rt.error(a.line, "format(): format specs and conversions are not supported");
+                 const Value* v = nullptr;
+                 if (field.empty()) {
+                     if (auto_index < a.pos.size()) v = &a.pos[auto_index++];
+                 } else if (std::all_of(field.begin(), field.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+                     const size_t idx = static_cast<size_t>(std::atoll(field.c_str()));
+                     if (idx < a.pos.size()) v = &a.pos[idx];
+                 } else {
+                     v = a.kwarg(field);
+                 }
+                 if (!v) return rt.error(a.line, "format(): no argument for {" + field + "}");
+                 out += Runtime::to_string(*v);
+                 MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+                 k = close;
              }
              return Value::string(std::move(out));
          }},
@@ -324,7 +393,7 @@ Value dict_method(const Value& d, const std::string& name) {
         return Value::function([d, name](Runtime&, const CallArgs&) -> SO {
             List out;
             for (const auto& [k, v] : *d.dict) {
-                if (name == "items") out.push_back(Value::of_list({k, v}));
+                if (name == "items") out.push_back(Value::of_tuple({k, v}));
                 else out.push_back(name == "keys" ? k : v);
             }
             return Value::of_list(std::move(out));
@@ -354,20 +423,30 @@ SO f_length(Runtime& rt, const Value& v, const CallArgs& a) {
     }
 }
 
+// HF's tojson: json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys).
 SO f_tojson(Runtime& rt, const Value& v, const CallArgs& a) {
+    Runtime::JsonStyle style;
     const Value* ind = a.arg(0, "indent");
-    const int indent = ind && ind->kind == Value::kInt ? static_cast<int>(std::clamp<int64_t>(ind->i, 0, 64)) : -1;
+    if (ind && ind->kind == Value::kInt) {
+        style.indent = static_cast<int>(std::clamp<int64_t>(ind->i, 0, 64));
+        style.item_sep = ",";
+    }
+    style.sort_keys = bool_arg(a.kwarg("sort_keys"), false);
+    if (const Value* sep = a.kwarg("separators"); sep && sep->kind == Value::kList) {
+        if (sep->list->size() != 2 || (*sep->list)[0].kind != Value::kString || (*sep->list)[1].kind != Value::kString)
+            return rt.error(a.line, "tojson: separators must be a pair of strings");
+        style.item_sep = (*sep->list)[0].s;
+        style.key_sep = (*sep->list)[1].s;
+    }
     std::string out;
-    MM_RETURN_IF_ERROR(rt.to_json(v, indent, bool_arg(a.kwarg("sort_keys"), false), 0, &out, a.line));
+    MM_RETURN_IF_ERROR(rt.to_json(v, style, 0, &out, a.line));
     return Value::string(std::move(out));
 }
 
 SO f_string(Runtime&, const Value& v, const CallArgs&) { return Value::string(Runtime::to_string(v)); }
 
-SO f_trim(Runtime& rt, const Value& v, const CallArgs& a) {
-    if (v.kind != Value::kString && !v.is_undefined())
-        return rt.error(a.line, std::string("trim: expected a string, got ") + Runtime::type_name(v));
-    return Value::string(strip(v.s, a.arg(0, "chars"), true, true));
+SO f_trim(Runtime&, const Value& v, const CallArgs& a) {
+    return Value::string(strip(Runtime::to_string(v), a.arg(0, "chars"), true, true));
 }
 
 SO f_items(Runtime& rt, const Value& v, const CallArgs& a) {
@@ -375,7 +454,7 @@ SO f_items(Runtime& rt, const Value& v, const CallArgs& a) {
     if (v.kind != Value::kDict && v.kind != Value::kNamespace)
         return rt.error(a.line, std::string("items: expected a mapping, got ") + Runtime::type_name(v));
     List out;
-    for (const auto& [k, x] : *v.dict) out.push_back(Value::of_list({k, x}));
+    for (const auto& [k, x] : *v.dict) out.push_back(Value::of_tuple({k, x}));
     return Value::of_list(std::move(out));
 }
 
@@ -514,13 +593,21 @@ SO f_round(Runtime& rt, const Value& v, const CallArgs& a) {
     if (!v.is_number() && v.kind != Value::kBool) return rt.error(a.line, "round: expected a number");
     const int64_t prec = std::clamp<int64_t>(int_arg(a.arg(0, "precision"), 0), -20, 20);
     const std::string method = a.arg(1, "method") ? Runtime::to_string(*a.arg(1, "method")) : "common";
+    if (method != "common" && method != "ceil" && method != "floor")
+        return rt.error(a.line, "round: method must be common, ceil or floor");
+    if (method == "common") {
+        // Python's round(): an int stays an int; a float rounds half to even on its exact value,
+        // which printf's correctly rounded %.*f also does.
+        if (v.kind != Value::kFloat) return Value::integer(v.kind == Value::kBool ? v.b : v.i);
+        if (prec >= 0 && std::isfinite(v.f)) {
+            char buf[512];
+            std::snprintf(buf, sizeof buf, "%.*f", static_cast<int>(prec), v.f);
+            return Value::number(std::strtod(buf, nullptr));
+        }
+    }
     const double scale = std::pow(10.0, static_cast<double>(prec));
     const double x = v.as_double() * scale;
-    double r;
-    if (method == "ceil") r = std::ceil(x);
-    else if (method == "floor") r = std::floor(x);
-    else if (method == "common") r = std::round(x);
-    else return rt.error(a.line, "round: method must be common, ceil or floor");
+    const double r = method == "ceil" ? std::ceil(x) : method == "floor" ? std::floor(x) : std::nearbyint(x);
     return Value::number(r / scale);
 }
 
@@ -621,7 +708,7 @@ SO f_sort(Runtime& rt, const Value& v, const CallArgs& a) {
 SO f_dictsort(Runtime& rt, const Value& v, const CallArgs& a) {
     if (v.kind != Value::kDict) return rt.error(a.line, "dictsort: expected a mapping");
     List pairs;
-    for (const auto& [k, x] : *v.dict) pairs.push_back(Value::of_list({k, x}));
+    for (const auto& [k, x] : *v.dict) pairs.push_back(Value::of_tuple({k, x}));
     const std::string by = a.arg(1, "by") ? Runtime::to_string(*a.arg(1, "by")) : "key";
     const Value index = Value::integer(by == "value" ? 1 : 0);
     return sort_impl(rt, std::move(pairs), a, &index, bool_arg(a.arg(2, "reverse"), false),
@@ -729,6 +816,191 @@ SO f_wordcount(Runtime&, const Value& v, const CallArgs&) {
 SO f_attr(Runtime& rt, const Value& v, const CallArgs& a) {
     if (a.pos.empty()) return rt.error(a.line, "attr needs a name");
     return rt.get_attr(v, Runtime::to_string(a.pos[0]), a.line);
+}
+
+
+// Python's printf-style formatting ('%s-%d' % (a, b), the format filter): %s %r %d %i %f %F %e %E
+// %g %G %x %X %o %c %% with flags, width and precision; %(name)s with one mapping argument.
+SO f_format(Runtime& rt, const Value& v, const CallArgs& a) {
+    const std::string fmt = Runtime::to_string(v);
+    const Value* mapping = a.pos.size() == 1 && a.pos[0].kind == Value::kDict ? &a.pos[0] : nullptr;
+    std::string out;
+    size_t next = 0;
+    for (size_t k = 0; k < fmt.size(); ++k) {
+        if (fmt[k] != '%') {
+            out += fmt[k];
+            continue;
+        }
+        if (++k >= fmt.size()) return rt.error(a.line, "format: incomplete format");
+        const Value* arg = nullptr;
+        if (fmt[k] == '(') {
+            const size_t close = fmt.find(')', k);
+            if (close == std::string::npos || !mapping) return rt.error(a.line, "format: %(name) needs a mapping argument");
+            const std::string key = fmt.substr(k + 1, close - k - 1);
+            for (const auto& [kk, vv] : *mapping->dict)
+                if (kk.kind == Value::kString && kk.s == key) arg = &vv;
+            if (!arg) return rt.error(a.line, "format: no key '" + key + "'");
+            k = close + 1;
+        }
+        std::string spec = "%";
+        while (k < fmt.size() && std::strchr("-+ 0#", fmt[k])) spec += fmt[k++];
+        while (k < fmt.size() && std::isdigit(static_cast<unsigned char>(fmt[k]))) spec += fmt[k++];
+        if (k < fmt.size() && fmt[k] == '.') {
+            spec += fmt[k++];
+            while (k < fmt.size() && std::isdigit(static_cast<unsigned char>(fmt[k]))) spec += fmt[k++];
+        }
+        if (k >= fmt.size()) return rt.error(a.line, "format: incomplete format");
+        const char conv = fmt[k];
+        if (conv == '%') {
+            out += '%';
+            continue;
+        }
+        if (!arg) {
+            if (mapping || next >= a.pos.size()) return rt.error(a.line, "format: not enough arguments for format string");
+            arg = &a.pos[next++];
+        }
+        if (spec.size() > 12) return rt.error(a.line, "format: width or precision too large");
+        char buf[512];
+        if (conv == 's' || conv == 'r') {
+            const std::string text = conv == 's' ? Runtime::to_string(*arg) : Runtime::repr(*arg);
+            const std::string& pad_spec = spec;  // padded by code points, as Python does
+            int width = 0;
+            bool left = pad_spec.find('-') != std::string::npos;
+            size_t p = 1;
+            while (p < pad_spec.size() && std::strchr("-+ 0#", pad_spec[p])) ++p;
+            while (p < pad_spec.size() && std::isdigit(static_cast<unsigned char>(pad_spec[p]))) width = width * 10 + (pad_spec[p++] - '0');
+            std::string t = text;
+            if (p < pad_spec.size() && pad_spec[p] == '.') {
+                const int prec = std::atoi(pad_spec.c_str() + p + 1);
+                std::vector<std::string> cs = utf8_chars(t);
+                if (static_cast<int>(cs.size()) > prec) {
+                    t.clear();
+                    for (int i = 0; i < prec; ++i) t += cs[static_cast<size_t>(i)];
+                }
+            }
+            const int len = static_cast<int>(utf8_length(t));
+            const std::string pad(static_cast<size_t>(std::max(0, width - len)), ' ');
+            out += left ? t + pad : pad + t;
+        } else if (std::strchr("dixXoc", conv)) {
+            if (!arg->is_number() && arg->kind != Value::kBool)
+                return rt.error(a.line, std::string("format: %") + conv + " needs a number, not " + Runtime::type_name(*arg));
+            const long long iv = arg->kind == Value::kFloat ? static_cast<long long>(arg->f) : int_arg(arg, 0);
+            const char c = conv == 'i' ? 'd' : conv;
+            std::snprintf(buf, sizeof buf, (spec + "ll" + c).c_str(), iv);
+            out += buf;
+        } else if (std::strchr("fFeEgG", conv)) {
+            if (!arg->is_number() && arg->kind != Value::kBool)
+                return rt.error(a.line, std::string("format: %") + conv + " needs a number, not " + Runtime::type_name(*arg));
+            std::snprintf(buf, sizeof buf, (spec + conv).c_str(), arg->as_double());
+            out += buf;
+        } else {
+            return rt.error(a.line, std::string("format: unsupported conversion %") + conv);
+        }
+        MM_RETURN_IF_ERROR(rt.check_size(out.size(), a.line));
+    }
+    if (!mapping && next < a.pos.size()) return rt.error(a.line, "format: not all arguments converted during string formatting");
+    return Value::string(std::move(out));
+}
+
+SO f_center(Runtime& rt, const Value& v, const CallArgs& a) {
+    const std::string s = Runtime::to_string(v);
+    const int64_t width = std::clamp<int64_t>(int_arg(a.arg(0, "width"), 80), 0, 1 << 20);
+    const int64_t n = static_cast<int64_t>(utf8_length(s));
+    if (width <= n) return Value::string(s);
+    const int64_t marg = width - n;
+    const int64_t left = marg / 2 + (marg & width & 1);  // CPython's str.center
+    MM_RETURN_IF_ERROR(rt.check_size(s.size() + static_cast<size_t>(marg), a.line));
+    return Value::string(std::string(static_cast<size_t>(left), ' ') + s + std::string(static_cast<size_t>(marg - left), ' '));
+}
+
+SO f_truncate(Runtime&, const Value& v, const CallArgs& a) {
+    const std::vector<std::string> cs = utf8_chars(Runtime::to_string(v));
+    const int64_t length = int_arg(a.arg(0, "length"), 255);
+    const bool killwords = bool_arg(a.arg(1, "killwords"), false);
+    const std::string end = a.arg(2, "end") ? Runtime::to_string(*a.arg(2, "end")) : "...";
+    const int64_t leeway = int_arg(a.arg(3, "leeway"), 5);
+    const int64_t n = static_cast<int64_t>(cs.size());
+    if (n <= length + leeway) return Value::string(Runtime::to_string(v));
+    const int64_t keep = std::clamp<int64_t>(length - static_cast<int64_t>(utf8_length(end)), 0, n);
+    std::string head;
+    for (int64_t k = 0; k < keep; ++k) head += cs[static_cast<size_t>(k)];
+    if (!killwords) {
+        const size_t sp = head.rfind(' ');
+        if (sp != std::string::npos) head.resize(sp);
+    }
+    return Value::string(head + end);
+}
+
+SO f_batch(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    const int64_t size = int_arg(a.arg(0, "linecount"), 0);
+    if (size <= 0) return rt.error(a.line, "batch: the count must be positive");
+    const Value* fill = a.arg(1, "fill_with");
+    List out, cur;
+    for (const Value& x : l) {
+        cur.push_back(x);
+        if (static_cast<int64_t>(cur.size()) == size) out.push_back(Value::of_list(std::move(cur))), cur.clear();
+    }
+    if (!cur.empty()) {
+        if (fill && fill->kind != Value::kNone)
+            while (static_cast<int64_t>(cur.size()) < size) cur.push_back(*fill);
+        out.push_back(Value::of_list(std::move(cur)));
+    }
+    return Value::of_list(std::move(out));
+}
+
+// jinja2's slice filter: `slices` columns, the first ones one longer.
+SO f_slice(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List seq, rt.iterate(v, a.line));
+    const int64_t slices = int_arg(a.arg(0, "slices"), 0);
+    if (slices <= 0 || slices > (1 << 20)) return rt.error(a.line, "slice: the count must be positive");
+    const Value* fill = a.arg(1, "fill_with");
+    const int64_t length = static_cast<int64_t>(seq.size()), per = length / slices, extra = length % slices;
+    int64_t offset = 0;
+    List out;
+    for (int64_t k = 0; k < slices; ++k) {
+        const int64_t start = offset + k * per;
+        if (k < extra) ++offset;
+        const int64_t end = offset + (k + 1) * per;
+        List part(seq.begin() + start, seq.begin() + end);
+        if (fill && fill->kind != Value::kNone && k >= extra) part.push_back(*fill);
+        out.push_back(Value::of_list(std::move(part)));
+    }
+    return Value::of_list(std::move(out));
+}
+
+SO f_groupby(Runtime& rt, const Value& v, const CallArgs& a) {
+    MM_ASSIGN_OR_RETURN(List l, rt.iterate(v, a.line));
+    const Value* attr = a.arg(0, "attribute");
+    if (!attr) return rt.error(a.line, "groupby needs an attribute");
+    const Value* dflt = a.arg(1, "default");
+    const bool cs = bool_arg(a.arg(2, "case_sensitive"), false);
+    std::vector<std::pair<Value, Value>> keyed;  // (sort key, item)
+    for (const Value& x : l) {
+        MM_ASSIGN_OR_RETURN(Value k, attribute_of(rt, x, *attr, a.line));
+        if (k.is_undefined() && dflt) k = *dflt;
+        if (!cs && k.kind == Value::kString) k = Value::string(map_case(k.s, 0));
+        keyed.emplace_back(std::move(k), x);
+    }
+    Status failed;
+    std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& p, const auto& q) {
+        if (!failed.ok()) return false;
+        StatusOr<bool> r = rt.less(p.first, q.first, a.line);
+        if (!r.ok()) failed = r.status();
+        return r.ok() && *r;
+    });
+    MM_RETURN_IF_ERROR(failed);
+    List out;
+    for (size_t k = 0; k < keyed.size();) {
+        List group;
+        size_t j = k;
+        while (j < keyed.size() && Runtime::equals(keyed[j].first, keyed[k].first)) group.push_back(keyed[j++].second);
+        MM_ASSIGN_OR_RETURN(Value grouper, attribute_of(rt, keyed[k].second, *attr, a.line));
+        if (grouper.is_undefined() && dflt) grouper = *dflt;
+        out.push_back(Value::of_tuple({grouper, Value::of_list(std::move(group))}));
+        k = j;
+    }
+    return Value::of_list(std::move(out));
 }
 
 // ---- tests ----
@@ -871,7 +1143,8 @@ constexpr FilterEntry kFilters[] = {
     {"round", f_round}, {"map", f_map}, {"select", f_select}, {"reject", f_reject}, {"selectattr", f_selectattr},
     {"rejectattr", f_rejectattr}, {"sort", f_sort}, {"dictsort", f_dictsort}, {"unique", f_unique},
     {"reverse", f_reverse}, {"indent", f_indent}, {"min", f_min}, {"max", f_max}, {"sum", f_sum},
-    {"wordcount", f_wordcount}, {"attr", f_attr},
+    {"wordcount", f_wordcount}, {"attr", f_attr}, {"format", f_format}, {"center", f_center},
+    {"truncate", f_truncate}, {"batch", f_batch}, {"slice", f_slice}, {"groupby", f_groupby},
 };
 
 struct TestEntry { const char* name; TestFn fn; };

@@ -204,8 +204,9 @@ std::string Runtime::repr(const Value& v) {
         case Value::kFloat: return float_repr(v.f);
         case Value::kString: return string_repr(v.s);
         case Value::kList: {
-            std::string s = "[";
+            std::string s = v.tuple ? "(" : "[";
             for (size_t k = 0; k < v.list->size(); ++k) s += (k ? ", " : "") + repr((*v.list)[k]);
+            if (v.tuple) return s + (v.list->size() == 1 ? ",)" : ")");
             return s + "]";
         }
         case Value::kDict: {
@@ -220,7 +221,9 @@ std::string Runtime::repr(const Value& v) {
     return "";
 }
 
-Status Runtime::to_json(const Value& v, int indent, bool sort_keys, int level, std::string* out, int line) {
+Status Runtime::to_json(const Value& v, const JsonStyle& style, int level, std::string* out, int line) {
+    const int indent = style.indent;
+    const bool sort_keys = style.sort_keys;
     MM_RETURN_IF_ERROR(charge(1, line));
     MM_RETURN_IF_ERROR(check_size(out->size(), line));
     if (level > kMaxJsonDepth) return error(line, "tojson: value nested too deeply");
@@ -229,7 +232,7 @@ Status Runtime::to_json(const Value& v, int indent, bool sort_keys, int level, s
         *out += '\n';
         out->append(static_cast<size_t>(indent) * static_cast<size_t>(lv), ' ');
     };
-    const char* item_sep = indent < 0 ? ", " : ",";
+    const std::string& item_sep = style.item_sep;
     switch (v.kind) {
         case Value::kUndefined: return error(line, "tojson: an undefined value is not JSON serializable");
         case Value::kNone: *out += "null"; return Status();
@@ -248,7 +251,7 @@ Status Runtime::to_json(const Value& v, int indent, bool sort_keys, int level, s
             for (size_t k = 0; k < v.list->size(); ++k) {
                 if (k) *out += item_sep;
                 newline(level + 1);
-                MM_RETURN_IF_ERROR(to_json((*v.list)[k], indent, sort_keys, level + 1, out, line));
+                MM_RETURN_IF_ERROR(to_json((*v.list)[k], style, level + 1, out, line));
             }
             newline(level);
             *out += ']';
@@ -276,8 +279,8 @@ Status Runtime::to_json(const Value& v, int indent, bool sort_keys, int level, s
                 else if (key.is_number()) json_string(to_string(key), out);
                 else return error(line, std::string("tojson: keys must be str, int, float, bool or None, not ") +
                                             type_name(key));
-                *out += ": ";
-                MM_RETURN_IF_ERROR(to_json(items[k]->second, indent, sort_keys, level + 1, out, line));
+                *out += style.key_sep;
+                MM_RETURN_IF_ERROR(to_json(items[k]->second, style, level + 1, out, line));
             }
             newline(level);
             *out += '}';
@@ -564,8 +567,14 @@ Status Runtime::assign(const Stmt& s, const std::shared_ptr<Frame>& frame, Value
 Status Runtime::exec_for(const Stmt& s, const std::shared_ptr<Frame>& frame, std::string* out) {
     MM_ASSIGN_OR_RETURN(Value seq, eval(*s.expr, frame));
     MM_ASSIGN_OR_RETURN(List all, iterate(seq, s.line));
-    auto scope = std::make_shared<Frame>();
-    scope->parent = frame;
+    // Each iteration gets a fresh scope over the enclosing one, as jinja2's: a {% set %} in the body
+    // neither leaks out of the loop nor carries into the next iteration.
+    std::shared_ptr<Frame> scope;
+    auto fresh_scope = [&] {
+        scope = std::make_shared<Frame>();
+        scope->parent = frame;
+    };
+    fresh_scope();
     auto bind = [&](const Value& item) -> Status {
         if (s.targets.size() == 1) {
             scope->vars[s.targets[0]] = item;
@@ -582,6 +591,7 @@ Status Runtime::exec_for(const Stmt& s, const std::shared_ptr<Frame>& frame, std
     if (s.filter) {  // the loop's `if` runs before loop.* is counted, as jinja2 does
         for (const Value& item : all) {
             MM_RETURN_IF_ERROR(charge(1, s.line));
+            fresh_scope();
             MM_RETURN_IF_ERROR(bind(item));
             MM_ASSIGN_OR_RETURN(Value keep, eval(*s.filter, scope));
             if (truthy(keep)) items.push_back(item);
@@ -598,6 +608,7 @@ Status Runtime::exec_for(const Stmt& s, const std::shared_ptr<Frame>& frame, std
     for (int64_t k = 0; k < n; ++k) {
         MM_RETURN_IF_ERROR(charge(1, s.line));
         const Value& item = items[static_cast<size_t>(k)];
+        fresh_scope();
         MM_RETURN_IF_ERROR(bind(item));
         Dict loop;
         loop.emplace_back(Value::string("index"), Value::integer(k + 1));
@@ -630,9 +641,13 @@ Value Runtime::make_macro(const Stmt& s, const std::shared_ptr<Frame>& frame) {
         auto scope = std::make_shared<Frame>();
         scope->parent = closure;
         const auto& params = macro->params;
-        if (a.pos.size() > params.size())
-            return rt.error(a.line, "macro '" + macro->name + "' takes " + std::to_string(params.size()) +
+        // Extra arguments land in varargs / kwargs, allowed (as in jinja2) when the body reads them.
+        if (a.pos.size() > params.size() && !macro->catch_varargs)
+            return rt.error(a.line, "macro '" + macro->name + "' takes not more than " + std::to_string(params.size()) +
                                         " arguments, got " + std::to_string(a.pos.size()));
+        List extra_pos;
+        for (size_t k = params.size(); k < a.pos.size(); ++k) extra_pos.push_back(a.pos[k]);
+        scope->vars["varargs"] = Value::of_tuple(std::move(extra_pos));
         for (size_t k = 0; k < params.size(); ++k) {
             const Value* given = a.arg(k, params[k].first);
             if (given) {
@@ -644,11 +659,15 @@ Value Runtime::make_macro(const Stmt& s, const std::shared_ptr<Frame>& frame) {
                 scope->vars[params[k].first] = Value::undefined(params[k].first);
             }
         }
+        Dict extra_kw;
         for (const auto& [name, v] : a.kw) {
             bool known = false;
             for (const auto& p : params) known |= p.first == name;
-            if (!known) return rt.error(a.line, "macro '" + macro->name + "' has no parameter '" + name + "'");
+            if (!known && !macro->catch_kwargs)
+                return rt.error(a.line, "macro '" + macro->name + "' has no parameter '" + name + "'");
+            if (!known) extra_kw.emplace_back(Value::string(name), v);
         }
+        scope->vars["kwargs"] = Value::of_dict(std::move(extra_kw));
         std::string out;
         MM_ASSIGN_OR_RETURN(Flow f, exec_body(macro->body, scope, &out));
         (void)f;
@@ -723,7 +742,8 @@ StatusOr<Value> Runtime::eval(const Expr& e, const std::shared_ptr<Frame>& frame
                 if (is_str) s += chars[static_cast<size_t>(k)];
                 else l.push_back((*obj.list)[static_cast<size_t>(k)]);
             }
-            return is_str ? Value::string(std::move(s)) : Value::of_list(std::move(l));
+            if (is_str) return Value::string(std::move(s));
+            return obj.tuple ? Value::of_tuple(std::move(l)) : Value::of_list(std::move(l));
         }
         case Expr::kCall: {
             MM_ASSIGN_OR_RETURN(Value fn, eval(*e.a, frame));
@@ -778,7 +798,7 @@ StatusOr<Value> Runtime::eval(const Expr& e, const std::shared_ptr<Frame>& frame
                 MM_ASSIGN_OR_RETURN(Value v, eval(*x, frame));
                 l.push_back(std::move(v));
             }
-            return Value::of_list(std::move(l));
+            return e.kind == Expr::kTuple ? Value::of_tuple(std::move(l)) : Value::of_list(std::move(l));
         }
         case Expr::kDict: {
             Dict d;
@@ -916,8 +936,13 @@ StatusOr<Value> Runtime::eval_binary(const Expr& e, const Value& a, const Value&
         for (int64_t k = 0; k < n; ++k) l.insert(l.end(), seq.list->begin(), seq.list->end());
         return Value::of_list(std::move(l));
     }
-    if (op == "%" && a.kind == Value::kString)
-        return error(e.line, "printf-style '%' string formatting is not supported; use ~ or the format filter");
+    if (op == "%" && a.kind == Value::kString) {
+        CallArgs args;
+        args.line = e.line;
+        if (b.kind == Value::kList && b.tuple) args.pos = *b.list;
+        else args.pos.push_back(b);
+        return apply_filter("format", a, args);
+    }
     return type_error();
 }
 

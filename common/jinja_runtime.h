@@ -23,7 +23,12 @@ public:
     // Python's str() and repr() of a value, and json.dumps(ensure_ascii=False) as HF's tojson.
     static std::string to_string(const Value& v);
     static std::string repr(const Value& v);
-    Status to_json(const Value& v, int indent, bool sort_keys, int level, std::string* out, int line);
+    struct JsonStyle {
+        int indent = -1;  // < 0: one line
+        bool sort_keys = false;
+        std::string item_sep = ", ", key_sep = ": ";  // json.dumps' defaults (item "," with an indent)
+    };
+    Status to_json(const Value& v, const JsonStyle& style, int level, std::string* out, int line);
     static bool truthy(const Value& v);
     static bool equals(const Value& a, const Value& b);
     // a < b as Python orders them (numbers, strings, lists); error when incomparable.
