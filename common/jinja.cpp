@@ -393,12 +393,15 @@ private:
     }
 
     // Statements until `{% <one of ends> %}`; *end is the word that ended it ("" at the end of input).
-    Status parse_body(Body* body, const std::vector<std::string>& ends, std::string* end) {
+    // `opened_at`: the line of the statement whose body this is, for "never closed" errors.
+    Status parse_body(Body* body, const std::vector<std::string>& ends, std::string* end, int opened_at = 0) {
         if (++depth_ > kMaxParseDepth) return err("blocks nested too deeply");
         while (true) {
             const Tok& t = cur();
             if (t.t == Tok::kEof) {
-                if (!ends.empty()) return err("missing '{% " + ends[0] + " %}' (template ended)");
+                if (!ends.empty())
+                    return MM_ERROR("%s line %d: the block opened on line %d is never closed (missing '{%% %s %%}')",
+                                    name_.c_str(), cur().line, opened_at, ends.back().c_str());
                 *end = "";
                 --depth_;
                 return Status();
@@ -467,7 +470,7 @@ private:
         while (true) {
             Body b;
             std::string end;
-            MM_RETURN_IF_ERROR(parse_body(&b, {"elif", "else", "endif"}, &end));
+            MM_RETURN_IF_ERROR(parse_body(&b, {"elif", "else", "endif"}, &end, line));
             s->branches.emplace_back(std::move(cond), std::move(b));
             if (end == "endif") break;
             if (end == "elif") {
@@ -477,7 +480,7 @@ private:
             }
             MM_RETURN_IF_ERROR(expect_block_end());  // else
             Body eb;
-            MM_RETURN_IF_ERROR(parse_body(&eb, {"endif"}, &end));
+            MM_RETURN_IF_ERROR(parse_body(&eb, {"endif"}, &end, line));
             s->branches.emplace_back(nullptr, std::move(eb));
             break;
         }
@@ -512,12 +515,12 @@ private:
         MM_RETURN_IF_ERROR(expect_block_end());
         std::string end;
         ++loop_depth_;
-        Status body_st = parse_body(&s->body, {"else", "endfor"}, &end);
+        Status body_st = parse_body(&s->body, {"else", "endfor"}, &end, line);
         --loop_depth_;
         MM_RETURN_IF_ERROR(body_st);
         if (end == "else") {
             MM_RETURN_IF_ERROR(expect_block_end());
-            MM_RETURN_IF_ERROR(parse_body(&s->else_body, {"endfor"}, &end));
+            MM_RETURN_IF_ERROR(parse_body(&s->else_body, {"endfor"}, &end, line));
         }
         body->push_back(std::move(s));
         return expect_block_end();
@@ -561,7 +564,7 @@ private:
         }
         MM_RETURN_IF_ERROR(expect_block_end());
         std::string end;
-        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endset"}, &end));
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endset"}, &end, line));
         body->push_back(std::move(s));
         return expect_block_end();
     }
@@ -584,7 +587,7 @@ private:
         MM_ASSIGN_OR_RETURN(s->expr, parse_filter_chain_on_placeholder(line));
         MM_RETURN_IF_ERROR(expect_block_end());
         std::string end;
-        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endfilter"}, &end));
+        MM_RETURN_IF_ERROR(parse_body(&s->body, {"endfilter"}, &end, line));
         body->push_back(std::move(s));
         return expect_block_end();
     }
@@ -610,7 +613,7 @@ private:
         const int saved_loops = loop_depth_;
         loop_depth_ = 0;
         macro_reads_.emplace_back(false, false);
-        Status body_st = parse_body(&s->body, {"endmacro"}, &end);
+        Status body_st = parse_body(&s->body, {"endmacro"}, &end, line);
         loop_depth_ = saved_loops;
         s->catch_varargs = macro_reads_.back().first;
         s->catch_kwargs = macro_reads_.back().second;

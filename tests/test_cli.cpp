@@ -113,5 +113,100 @@ TEST_F(Cli, HelpExplains) {
     EXPECT_NE(out.find("--threads"), std::string::npos);
 }
 
+// `run --chat`: the prompt goes through a chat template (the model's own, ChatML here, or
+// --chat-template-file) before generation, so the output is exactly the greedy output of the
+// rendered text given as a plain --prompt.
+TEST_F(Cli, ChatFormatsThePromptWithTheTemplate) {
+    const std::string run = "run --model " + model_ + " --threads 1 --greedy -n 8 ";
+    std::string out, err, want;
+    // The model's own template (make-model writes the built-in ChatML one): --system and --prompt
+    // become a system and a user message.
+    ASSERT_EQ(cli(run + "--prompt hi --chat --system 'Be brief.'", &out, &err), 0) << err;
+    // (sh: a single-quoted argument keeps its newlines)
+    ASSERT_EQ(cli(run + "--prompt '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                        "<|im_start|>assistant\n'",
+                  &want, &err),
+              0)
+        << err;
+    EXPECT_EQ(out, want);
+    std::string plain;
+    ASSERT_EQ(cli(run + "--prompt hi", &plain, &err), 0) << err;
+    EXPECT_NE(out, plain) << "--chat made no difference to the output";
+    ASSERT_EQ(cli(run + "--prompt hi --chat --no-think", &out, &err), 0) << err;
+    ASSERT_EQ(cli(run + "--prompt '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n'",
+                  &want, &err),
+              0)
+        << err;
+    EXPECT_EQ(out, want);
+    ASSERT_EQ(cli("run --model " + model_ + " --prompt hi --chat --system S -n 4", &out, &err), 0) << err;
+
+    // A template of our own: every message, enable_thinking and the generation prompt are visible.
+    const std::string tmpl = dir_ + "/mine.jinja";
+    {
+        FILE* f = std::fopen(tmpl.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("{%- for m in messages %}[{{ m.role }}={{ m.content }}]{% endfor %}"
+                   "{%- if enable_thinking is defined and enable_thinking is false %} no-think{% endif %}"
+                   "{%- if add_generation_prompt %} >>{% endif %}\n",
+                   f);
+        std::fclose(f);
+    }
+    ASSERT_EQ(cli(run + "--prompt hi --chat --system S --chat-template-file " + tmpl, &out, &err), 0) << err;
+    ASSERT_EQ(cli(run + "--prompt '[system=S][user=hi] >>'", &want, &err), 0) << err;
+    EXPECT_EQ(out, want);
+    ASSERT_EQ(cli(run + "--prompt hi --chat --no-think --chat-template-file " + tmpl, &out, &err), 0) << err;
+    ASSERT_EQ(cli(run + "--prompt '[user=hi] no-think >>'", &want, &err), 0) << err;
+    EXPECT_EQ(out, want);
+}
+
+TEST_F(Cli, ChatOptionErrors) {
+    std::string out, err;
+    // A template that does not parse: an error naming the file and the line, before any generation.
+    const std::string bad = dir_ + "/broken.jinja";
+    {
+        FILE* f = std::fopen(bad.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("{%- for m in messages %}\n{{ m.content }}\n{% if m.role == %}x{% endif %}\n{% endfor %}\n", f);
+        std::fclose(f);
+    }
+    EXPECT_NE(cli("run --model " + model_ + " --prompt hi --chat --chat-template-file " + bad + " -n 2", &out, &err), 0);
+    EXPECT_NE(err.find(bad + " line 3"), std::string::npos) << err;
+    EXPECT_EQ(out, "") << "generated despite the broken template";
+    // An unclosed block: reported too.
+    const std::string unclosed = dir_ + "/unclosed.jinja";
+    {
+        FILE* f = std::fopen(unclosed.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("{% for m in messages %}\n{{ m.content }}\n", f);
+        std::fclose(f);
+    }
+    EXPECT_NE(cli("run --model " + model_ + " --prompt hi --chat --chat-template-file " + unclosed + " -n 2", &out, &err), 0);
+    EXPECT_NE(err.find(unclosed + " line"), std::string::npos) << err;
+    // A template that raises for this conversation: the template's own message.
+    const std::string raises = dir_ + "/raises.jinja";
+    {
+        FILE* f = std::fopen(raises.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("{%- if messages[0].role == 'system' %}{{ raise_exception('No system prompts here.') }}{% endif %}"
+                   "{{ messages[0].content }}",
+                   f);
+        std::fclose(f);
+    }
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt hi --chat --system S --chat-template-file " + raises + " -n 2",
+                  &out, &err),
+              1);
+    EXPECT_NE(err.find("No system prompts here."), std::string::npos) << err;
+    // A template file that does not exist.
+    EXPECT_NE(cli("run --model " + model_ + " --prompt hi --chat --chat-template-file " + dir_ + "/none.jinja", &out, &err),
+              0);
+    EXPECT_NE(err.find("none.jinja"), std::string::npos) << err;
+    // Chat-only options without --chat.
+    for (const std::string& opt : std::vector<std::string>{"--system S", "--no-think", "--chat-template-file " + bad}) {
+        EXPECT_EQ(cli("run --model " + model_ + " --prompt hi -n 2 " + opt, &out, &err), 1) << opt;
+        EXPECT_NE(err.find("apply to --chat"), std::string::npos) << opt << ": " << err;
+        EXPECT_NE(err.find(opt.substr(0, opt.find(' '))), std::string::npos) << opt << ": " << err;
+    }
+}
+
 }  // namespace
 }  // namespace moemesh

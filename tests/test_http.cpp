@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/chat_reply.h"
+#include "common/chat_template.h"
 #include "coordinator/model.h"
 #include "tests/test_util.h"
 #include "tools/http_server.h"
@@ -195,18 +197,25 @@ protected:
         auto m = load_model(*file_, mo);
         ASSERT_TRUE(m.ok()) << m.status().message();
         model_ = std::move(m).value().release();
+        start_server(nullptr, &server_, &thread_, &port_);
+    }
+    // A server on the shared model; `chat` null: the model's own template (ChatML here).
+    static void start_server(std::shared_ptr<const ChatFormatter> chat, HttpServer** server, std::thread** thread,
+                             int* port_out, int64_t n_ctx = 256) {
         HttpServerOptions ho;
         ho.model_name = "tiny";
-        ho.limits.n_ctx = 256;
+        ho.limits.n_ctx = n_ctx;
         ho.limits.n_vocab = 512;
         ho.max_body_bytes = 64 << 10;
         ho.log_requests = false;
-        server_ = new HttpServer(*model_, *tok_, ho);
-        auto port = server_->bind("127.0.0.1", 0);
+        ho.chat = std::move(chat);
+        HttpServer* s = new HttpServer(*model_, *tok_, ho);
+        *server = s;
+        auto port = s->bind("127.0.0.1", 0);
         ASSERT_TRUE(port.ok()) << port.status().message();
-        port_ = port.value();
-        thread_ = new std::thread([] { (void)server_->run(); });
-        httplib::Client c("127.0.0.1", port_);
+        *port_out = port.value();
+        *thread = new std::thread([s] { (void)s->run(); });
+        httplib::Client c("127.0.0.1", *port_out);
         for (int i = 0; i < 100 && !c.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     static void TearDownTestSuite() {
@@ -218,10 +227,17 @@ protected:
         delete tok_;
         delete file_;
         delete dir_;
+        thread_ = nullptr;
+        server_ = nullptr;
+        model_ = nullptr;
+        tok_ = nullptr;
+        file_ = nullptr;
+        dir_ = nullptr;
     }
 
-    static httplib::Result post(const std::string& path, const std::string& body) {
-        httplib::Client c("127.0.0.1", port_);
+    static httplib::Result post(const std::string& path, const std::string& body) { return post_to(port_, path, body); }
+    static httplib::Result post_to(int port, const std::string& path, const std::string& body) {
+        httplib::Client c("127.0.0.1", port);
         c.set_read_timeout(60, 0);
         return c.Post(path.c_str(), body, "application/json");
     }
@@ -459,6 +475,310 @@ TEST_F(HttpServerTest, ConcurrentRequestsTakeTurns) {
     t2.join();
     EXPECT_EQ(ra, as_sent(a));
     EXPECT_EQ(rb, as_sent(b));
+}
+
+// Servers whose chat formatter is a real model template from tests/data/chat_templates, on the same
+// model: Qwen3-Coder (renders tools and tool calls as XML) and Qwen3.5-4B (the generation prompt
+// opens a think block, so the reply is reasoning until "</think>").
+class HttpChatTemplateTest : public HttpServerTest {
+protected:
+    static void SetUpTestSuite() {
+        HttpServerTest::SetUpTestSuite();
+        if (::testing::Test::HasFatalFailure()) return;
+        coder_ = load_template("Qwen3-Coder.jinja");
+        qwen35_ = load_template("Qwen3.5-4B.jinja");
+        ASSERT_TRUE(coder_ && qwen35_);
+        start_server(coder_, &coder_server_, &coder_thread_, &coder_port_, 4096);
+        start_server(qwen35_, &qwen35_server_, &qwen35_thread_, &qwen35_port_, 4096);
+    }
+    static void TearDownTestSuite() {
+        for (auto [s, t] : {std::pair{coder_server_, coder_thread_}, std::pair{qwen35_server_, qwen35_thread_}}) {
+            if (s) s->stop();
+            if (t) t->join();
+            delete t;
+            delete s;
+        }
+        coder_server_ = qwen35_server_ = nullptr;
+        coder_thread_ = qwen35_thread_ = nullptr;
+        coder_.reset();
+        qwen35_.reset();
+        HttpServerTest::TearDownTestSuite();
+    }
+    static std::shared_ptr<const ChatFormatter> load_template(const std::string& file) {
+        const std::string path = source_dir() + "/tests/data/chat_templates/" + file;
+        const std::string src = read_file(path);
+        EXPECT_FALSE(src.empty()) << path;
+        auto f = ChatFormatter::create(src, "", "<|im_end|>", file);
+        EXPECT_TRUE(f.ok()) << f.status().message();
+        if (!f.ok()) return nullptr;
+        return std::make_shared<const ChatFormatter>(std::move(f).value());
+    }
+    static std::string render(const ChatFormatter& f, const ChatFormatter::Input& in) {
+        auto p = f.apply(in);
+        EXPECT_TRUE(p.ok()) << p.status().message();
+        return p.ok() ? p.value() : std::string();
+    }
+    // Prompt tokens as the server counts them (bos added when the tokenizer wants it).
+    static int64_t prompt_tokens(const std::string& prompt) {
+        std::vector<int32_t> in = tok_->encode(prompt, true);
+        if (tok_->add_bos() && tok_->bos_id() >= 0) in.insert(in.begin(), tok_->bos_id());
+        return static_cast<int64_t>(in.size());
+    }
+
+    // A chat SSE stream's concatenated content and reasoning_content deltas.
+    struct ChatStream {
+        std::string content, reasoning, finish;
+        bool done = false, role = false;
+        int tool_call_deltas = 0;
+    };
+    static ChatStream chat_stream(const std::string& body) {
+        ChatStream out;
+        std::istringstream in(body);
+        std::string line;
+        while (std::getline(in, line)) {
+            if (line.rfind("data: ", 0) != 0) continue;
+            const std::string data = line.substr(6);
+            if (data == "[DONE]") {
+                out.done = true;
+                continue;
+            }
+            json j = json::parse(data);
+            EXPECT_FALSE(j.contains("error")) << data;
+            const json& ch = j["choices"][0];
+            if (!ch["finish_reason"].is_null()) out.finish = ch["finish_reason"].get<std::string>();
+            const json& d = ch["delta"];
+            if (d.contains("role")) out.role = true;
+            if (d.contains("content") && !d["content"].is_null()) out.content += d["content"].get<std::string>();
+            if (d.contains("reasoning_content")) out.reasoning += d["reasoning_content"].get<std::string>();
+            if (d.contains("tool_calls")) ++out.tool_call_deltas;
+        }
+        return out;
+    }
+
+    static std::shared_ptr<const ChatFormatter> coder_, qwen35_;
+    static HttpServer *coder_server_, *qwen35_server_;
+    static std::thread *coder_thread_, *qwen35_thread_;
+    static int coder_port_, qwen35_port_;
+};
+std::shared_ptr<const ChatFormatter> HttpChatTemplateTest::coder_, HttpChatTemplateTest::qwen35_;
+HttpServer *HttpChatTemplateTest::coder_server_ = nullptr, *HttpChatTemplateTest::qwen35_server_ = nullptr;
+std::thread *HttpChatTemplateTest::coder_thread_ = nullptr, *HttpChatTemplateTest::qwen35_thread_ = nullptr;
+int HttpChatTemplateTest::coder_port_ = 0, HttpChatTemplateTest::qwen35_port_ = 0;
+
+using ojson = nlohmann::ordered_json;
+
+ojson weather_tools() {
+    return ojson::parse(R"([{"type":"function","function":{"name":"get_weather",
+        "description":"Current weather of a city",
+        "parameters":{"type":"object","properties":{"city":{"type":"string","description":"City name"},
+                                                     "days":{"type":"integer"}},"required":["city"]}}}])");
+}
+
+// A conversation with tools, an assistant tool call whose arguments are a JSON string (as OpenAI
+// clients send them) and the tool's answer: the server renders it with its template exactly as
+// ChatFormatter does with the arguments as an object, and answers with the greedy text of that prompt.
+TEST_F(HttpChatTemplateTest, ToolsAndToolCallsReachTheTemplate) {
+    const ojson tools = weather_tools();
+    ojson req_messages = ojson::parse(R"([
+        {"role":"system","content":"You are terse."},
+        {"role":"user","content":"Weather in Paris?"},
+        {"role":"assistant","content":"","tool_calls":[{"id":"call_1","type":"function",
+            "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\",\"days\":3}"}}]},
+        {"role":"tool","tool_call_id":"call_1","content":"sunny, 21 C"}])");
+    ChatFormatter::Input in;
+    in.messages = req_messages;
+    in.messages[2]["tool_calls"][0]["function"]["arguments"] = ojson::parse(R"({"city":"Paris","days":3})");
+    in.tools = tools;
+    const std::string prompt = render(*coder_, in);
+    // The template rendered the tool's declaration and the call's arguments as XML.
+    EXPECT_NE(prompt.find("<name>get_weather</name>"), std::string::npos) << prompt;
+    EXPECT_NE(prompt.find("<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+                          "</parameter>\n</function>"),
+              std::string::npos)
+        << prompt;
+    EXPECT_NE(prompt.find("<tool_response>\nsunny, 21 C\n</tool_response>"), std::string::npos) << prompt;
+    ChatFormatter::Input no_tools = in;
+    no_tools.tools = ojson();
+    const std::string prompt_no_tools = render(*coder_, no_tools);
+    ASSERT_NE(prompt_tokens(prompt), prompt_tokens(prompt_no_tools));
+
+    const int n = 10;
+    const std::string want = greedy_text(prompt, n);
+    const ojson req = {{"messages", req_messages}, {"tools", tools}, {"max_tokens", n}, {"temperature", 0}};
+    auto r = post_to(coder_port_, "/v1/chat/completions", req.dump());
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    json j = json::parse(r->body);
+    EXPECT_EQ(j["usage"]["prompt_tokens"], prompt_tokens(prompt)) << "the server's prompt is not the template's";
+    const json& msg = j["choices"][0]["message"];
+    ASSERT_EQ(want.find("<tool_call>"), std::string::npos) << "the random model wrote a tool call: pick other text";
+    ASSERT_EQ(want.find("<think>"), std::string::npos);
+    EXPECT_EQ(msg["content"], as_sent(want));
+    EXPECT_FALSE(msg.contains("tool_calls")) << msg.dump();
+    EXPECT_FALSE(msg.contains("reasoning_content")) << msg.dump();
+
+    // The same conversation streamed: the same content.
+    ojson sreq = req;
+    sreq["stream"] = true;
+    auto s = post_to(coder_port_, "/v1/chat/completions", sreq.dump());
+    ASSERT_TRUE(s);
+    ASSERT_EQ(s->status, 200) << s->body;
+    const ChatStream cs = chat_stream(s->body);
+    EXPECT_EQ(cs.content, msg["content"].get<std::string>());
+    EXPECT_TRUE(cs.reasoning.empty());
+    EXPECT_TRUE(cs.done);
+
+    // Arguments given as an object: the same prompt.
+    ojson oreq = req;
+    oreq["messages"][2]["tool_calls"][0]["function"]["arguments"] = ojson::parse(R"({"city":"Paris","days":3})");
+    auto o = post_to(coder_port_, "/v1/chat/completions", oreq.dump());
+    ASSERT_TRUE(o);
+    ASSERT_EQ(o->status, 200) << o->body;
+    EXPECT_EQ(json::parse(o->body)["usage"]["prompt_tokens"], prompt_tokens(prompt));
+    EXPECT_EQ(json::parse(o->body)["choices"][0]["message"]["content"], as_sent(want));
+
+    // tool_choice "none": the tools are not given to the template.
+    ojson nreq = req;
+    nreq["tool_choice"] = "none";
+    auto nr = post_to(coder_port_, "/v1/chat/completions", nreq.dump());
+    ASSERT_TRUE(nr);
+    ASSERT_EQ(nr->status, 200) << nr->body;
+    json nj = json::parse(nr->body);
+    EXPECT_EQ(nj["usage"]["prompt_tokens"], prompt_tokens(prompt_no_tools));
+    EXPECT_EQ(nj["choices"][0]["message"]["content"], as_sent(greedy_text(prompt_no_tools, n)));
+}
+
+// Qwen3.5's generation prompt ends inside "<think>\n": the random model never closes the block, so
+// its whole reply is reasoning_content (trimmed), streamed as reasoning deltas; "reasoning_format":
+// "none" gives it back as content; enable_thinking=false closes the block in the prompt.
+TEST_F(HttpChatTemplateTest, ThinkingTemplateRepliesAreReasoning) {
+    ChatFormatter::Input in;
+    in.messages = ojson::parse(R"([{"role":"user","content":"Think about it"}])");
+    const std::string prompt = render(*qwen35_, in);
+    ASSERT_EQ(prompt, "<|im_start|>user\nThink about it<|im_end|>\n<|im_start|>assistant\n<think>\n");
+    const int n = 16;
+    const std::string text = greedy_text(prompt, n);
+    ASSERT_EQ(text.find("</think>"), std::string::npos) << "the random model closed the think block";
+    ReplyFormat rf;
+    rf.starts_in_think = true;
+    const AssistantReply parsed = parse_assistant_reply(text, rf);
+    // The parser's reasoning is the text trimmed of surrounding whitespace.
+    const size_t b = text.find_first_not_of(" \t\r\n"), e = text.find_last_not_of(" \t\r\n");
+    const std::string trimmed = b == std::string::npos ? "" : text.substr(b, e - b + 1);
+    ASSERT_EQ(parsed.reasoning, trimmed);
+    ASSERT_FALSE(trimmed.empty());
+
+    const ojson req = {{"messages", in.messages}, {"max_tokens", n}, {"temperature", 0}};
+    auto r = post_to(qwen35_port_, "/v1/chat/completions", req.dump());
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    json j = json::parse(r->body);
+    EXPECT_EQ(j["usage"]["prompt_tokens"], prompt_tokens(prompt));
+    const json& msg = j["choices"][0]["message"];
+    EXPECT_EQ(msg["reasoning_content"], as_sent(trimmed)) << msg.dump();
+    EXPECT_TRUE(msg["content"].is_null() || msg["content"] == "") << msg.dump();
+
+    ojson sreq = req;
+    sreq["stream"] = true;
+    auto s = post_to(qwen35_port_, "/v1/chat/completions", sreq.dump());
+    ASSERT_TRUE(s);
+    ASSERT_EQ(s->status, 200) << s->body;
+    const ChatStream cs = chat_stream(s->body);
+    EXPECT_EQ(cs.reasoning, msg["reasoning_content"].get<std::string>());
+    EXPECT_EQ(cs.content, "");
+    EXPECT_TRUE(cs.role);
+    EXPECT_TRUE(cs.done);
+    EXPECT_EQ(cs.finish, j["choices"][0]["finish_reason"]);
+
+    // reasoning_format "none": no reply parsing, the whole text is content (stream too).
+    for (bool stream : {false, true}) {
+        ojson nreq = req;
+        nreq["reasoning_format"] = "none";
+        nreq["stream"] = stream;
+        auto nr = post_to(qwen35_port_, "/v1/chat/completions", nreq.dump());
+        ASSERT_TRUE(nr);
+        ASSERT_EQ(nr->status, 200) << nr->body;
+        if (stream) {
+            const ChatStream ns = chat_stream(nr->body);
+            EXPECT_EQ(ns.content, as_sent(text));
+            EXPECT_EQ(ns.reasoning, "");
+        } else {
+            const json m = json::parse(nr->body)["choices"][0]["message"];
+            EXPECT_EQ(m["content"], as_sent(text)) << m.dump();
+            EXPECT_FALSE(m.contains("reasoning_content")) << m.dump();
+        }
+    }
+
+    // enable_thinking=false: the prompt ends with the empty think block, the reply is content.
+    ChatFormatter::Input nothink = in;
+    nothink.kwargs = {{"enable_thinking", false}};
+    const std::string prompt2 = render(*qwen35_, nothink);
+    ASSERT_EQ(prompt2, prompt + "\n</think>\n\n");
+    const std::string text2 = greedy_text(prompt2, n);
+    ASSERT_EQ(text2.find("<think>"), std::string::npos);
+    for (bool stream : {false, true}) {
+        ojson kreq = req;
+        kreq["chat_template_kwargs"] = {{"enable_thinking", false}};
+        kreq["stream"] = stream;
+        auto kr = post_to(qwen35_port_, "/v1/chat/completions", kreq.dump());
+        ASSERT_TRUE(kr);
+        ASSERT_EQ(kr->status, 200) << kr->body;
+        if (stream) {
+            const ChatStream ks = chat_stream(kr->body);
+            EXPECT_EQ(ks.content, as_sent(text2));
+            EXPECT_EQ(ks.reasoning, "");
+        } else {
+            json kj = json::parse(kr->body);
+            EXPECT_EQ(kj["usage"]["prompt_tokens"], prompt_tokens(prompt2));
+            const json& m = kj["choices"][0]["message"];
+            EXPECT_EQ(m["content"], as_sent(text2)) << m.dump();
+            EXPECT_FALSE(m.contains("reasoning_content")) << m.dump();
+        }
+    }
+}
+
+// The template's own raise_exception (Qwen3.5 needs a user message) and unsupported tool_choice
+// values: 400 with a JSON error naming the cause, before any stream starts; the server keeps serving.
+TEST_F(HttpChatTemplateTest, TemplateErrorsAndToolChoiceAre400) {
+    struct Case {
+        int port;
+        std::string body;
+        std::vector<std::string> needles;
+    };
+    const std::vector<Case> cases = {
+        {qwen35_port_, R"({"messages":[{"role":"system","content":"Only a system prompt"}],"max_tokens":2})",
+         {"No user query found in messages."}},
+        {qwen35_port_, R"({"messages":[{"role":"system","content":"S"}],"max_tokens":2,"stream":true})",
+         {"No user query found in messages."}},
+        {qwen35_port_,
+         R"({"messages":[{"role":"user","content":"a"},{"role":"developer","content":"late"}],"max_tokens":2})",
+         {"System message must be at the beginning."}},
+        {coder_port_,
+         R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],
+             "tool_choice":"required"})",
+         {"tool_choice", "required"}},
+        {coder_port_,
+         R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],
+             "tool_choice":{"type":"function","function":{"name":"f"}}})",
+         {"tool_choice"}},
+    };
+    for (const Case& k : cases) {
+        auto r = post_to(k.port, "/v1/chat/completions", k.body);
+        ASSERT_TRUE(r) << k.body;
+        EXPECT_EQ(r->status, 400) << k.body << " -> " << r->body;
+        json j = json::parse(r->body, nullptr, false);
+        ASSERT_FALSE(j.is_discarded()) << r->body;
+        ASSERT_TRUE(j.contains("error")) << r->body;
+        EXPECT_EQ(j["error"]["type"], "invalid_request_error") << r->body;
+        for (const std::string& needle : k.needles)
+            EXPECT_NE(j["error"]["message"].get<std::string>().find(needle), std::string::npos)
+                << needle << " not in " << r->body;
+    }
+    for (int port : {coder_port_, qwen35_port_}) {
+        auto ok = post_to(port, "/v1/chat/completions", R"({"messages":[{"role":"user","content":"hi"}],"max_tokens":2})");
+        ASSERT_TRUE(ok);
+        EXPECT_EQ(ok->status, 200) << ok->body;
+    }
 }
 
 }  // namespace
