@@ -48,6 +48,13 @@ public:
     // else 1 (the last token). Fails (state unchanged) if the sequence would exceed n_ctx.
     virtual Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                            std::vector<float>* logits) = 0;
+    // One step of several sequences at once (continuous batching): seqs[i] takes n_tokens[i] >= 1
+    // tokens, laid out one sequence after the other in `tokens`; all of them together at most the
+    // batch size (ModelOptions::n_batch). logits ← [n_seqs, n_vocab], each sequence's last token.
+    // Each sequence's logits are those forward() would give it alone: every op is either per row
+    // or per sequence. Fails (no state changed) if a sequence would exceed its n_ctx or appears twice.
+    virtual Status forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                 const int32_t* tokens, std::vector<float>* logits) = 0;
     virtual void set_debug_hook(DebugHook hook) = 0;
 };
 

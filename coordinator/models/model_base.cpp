@@ -56,10 +56,41 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
         const int64_t T = std::min<int64_t>(opts_.n_batch, n - done);
         const bool last_chunk = done + T == n;
         float* out = all_logits ? logits->data() + done * V : (last_chunk ? logits->data() : nullptr);
-        MM_RETURN_IF_ERROR(forward_chunk(seq, tokens + done, T, all_logits, out));
+        const Segment seg{&seq, 0, T};
+        MM_RETURN_IF_ERROR(forward_chunk(&seg, 1, tokens + done, T, all_logits, out));
         done += T;
     }
     return Status();
+}
+
+Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                const int32_t* tokens, std::vector<float>* logits) {
+    if (n_seqs <= 0) return MM_ERROR("forward_batch: no sequences");
+    std::vector<Segment> segs(static_cast<size_t>(n_seqs));
+    int64_t T = 0;
+    for (int64_t i = 0; i < n_seqs; ++i) {
+        SequenceState* s = seqs[i];
+        const int64_t n = n_tokens[i];
+        if (n <= 0) return MM_ERROR("forward_batch: sequence %lld has no tokens", static_cast<long long>(i));
+        if (s->n_past + n > s->n_ctx)
+            return MM_ERROR("context full: sequence %lld has %lld tokens + %lld new > context size %lld",
+                            static_cast<long long>(i), static_cast<long long>(s->n_past), static_cast<long long>(n),
+                            static_cast<long long>(s->n_ctx));
+        for (int64_t j = 0; j < i; ++j)
+            if (seqs[j] == s) return MM_ERROR("forward_batch: a sequence appears twice in one batch");
+        segs[static_cast<size_t>(i)] = Segment{s, T, n};
+        T += n;
+    }
+    if (T > opts_.n_batch)
+        return MM_ERROR("forward_batch: %lld tokens exceed the batch size %lld", static_cast<long long>(T),
+                        static_cast<long long>(opts_.n_batch));
+    for (int64_t i = 0; i < T; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab)
+            return MM_ERROR("token id %d at batch row %lld is out of range [0, %lld)", tokens[i],
+                            static_cast<long long>(i), static_cast<long long>(cfg_.n_vocab));
+    }
+    logits->assign(static_cast<size_t>(n_seqs * cfg_.n_vocab), 0.0f);
+    return forward_chunk(segs.data(), n_seqs, tokens, T, false, logits->data());
 }
 
 void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
@@ -145,12 +176,21 @@ Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* x
     return Status();
 }
 
-void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, float* out) {
+void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs,
+                              float* out) {
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
-    const int64_t first = all_rows ? 0 : T - 1;
-    const int64_t rows = T - first;
+    const int64_t rows = all_rows ? T : n_segs;
+    const float* rows_in = x;  // [rows, H]
+    if (!all_rows && n_segs == 1) {
+        rows_in = &x[(T - 1) * H];
+    } else if (!all_rows) {
+        float* last = scratch(last_rows_, n_segs * H);  // each segment's last row
+        for (int64_t i = 0; i < n_segs; ++i)
+            be_->copy_rows(&last[i * H], H, &x[(segs[i].row0 + segs[i].n - 1) * H], H, 1, H);
+        rows_in = last;
+    }
     float* xn = scratch(final_norm_buf_, rows * H);
-    be_->rmsnorm(&x[first * H], output_norm_, xn, rows, H, cfg_.rms_eps);
+    be_->rmsnorm(rows_in, output_norm_, xn, rows, H, cfg_.rms_eps);
     cb("result_norm", -1, xn, rows, H);
     float* logits = be_->host_memory() ? out : scratch(logits_buf_, rows * V);
     be_->matmul(output_, xn, rows, logits);  // [rows, V]

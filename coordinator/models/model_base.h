@@ -29,11 +29,20 @@ public:
     // Checks the tokens and the context, then runs forward_chunk over chunks of n_batch tokens.
     Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                    std::vector<float>* logits) final;
+    Status forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
+                         std::vector<float>* logits) final;
 
 protected:
-    // One chunk of T tokens at positions seq.n_past ...; advances seq.n_past. If out != nullptr,
-    // writes logits for all T rows (all_rows) or for the last row only.
-    virtual Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows,
+    // Rows [row0, row0 + n) of a chunk belong to `seq`, at its positions seq->n_past ...
+    struct Segment {
+        SequenceState* seq;
+        int64_t row0, n;
+    };
+    // One chunk of T tokens, segs[0..n_segs) covering rows 0..T in order; every op on the rows is
+    // per row except attention and the recurrent state, which run per segment. Advances each
+    // segment's n_past. If out != nullptr, writes logits for all T rows (all_rows) or for each
+    // segment's last row ([n_segs, V]).
+    virtual Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
                                  float* out) = 0;
 
     // data: backend memory (copied to the host for the hook when the backend is a device).
@@ -62,8 +71,9 @@ protected:
     // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
     // experts (route → experts → combine), as both families do it.
     Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);
-    // Final norm + lm_head for rows [first, T) of x [T, H] (backend memory) into out (host).
-    void output_logits(const float* x, int64_t T, bool all_rows, float* out);
+    // Final norm + lm_head of x [T, H] (backend memory) into out (host): all T rows (all_rows),
+    // else each segment's last row.
+    void output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs, float* out);
 
     std::shared_ptr<GgufFile> file_;
     ModelConfig cfg_;
@@ -74,7 +84,7 @@ protected:
     Weight tok_embd_;             // {H, V} in the mapped file (embedding rows are gathered on the host)
     BackendWeight output_;        // {H, V} (token_embd when tied)
     const float* output_norm_{};  // [H]
-    Buffer final_norm_buf_, logits_buf_, probs_, sel_ids_, sel_w_;
+    Buffer final_norm_buf_, logits_buf_, probs_, sel_ids_, sel_w_, last_rows_;
     std::vector<float> embd_host_, debug_host_;
 };
 

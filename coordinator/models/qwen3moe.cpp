@@ -62,10 +62,10 @@ public:
     }
 
 private:
-    Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
+    Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
+                         float* out) override {
         const int64_t H = cfg_.n_embd, D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
-        const int64_t p0 = seq.n_past;
         Backend& be = *be_;
 
         float* x = scratch(x_, T * H);            // [T, H] residual stream
@@ -98,11 +98,18 @@ private:
             }
             be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
             be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-            be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
-            be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+            for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // positions and KV cache: per sequence
+                const int64_t r = sg->row0, p0 = sg->seq->n_past;
+                be.rope(q + r * q_dim, sg->n, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
+                be.rope(k + r * kv_dim, sg->n, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+            }
             cb("Qcur", il, q, T, q_dim);
             cb("Kcur", il, k, T, kv_dim);
-            attend(seq, il, p0, T, q, k, v, attn);  // [T, Nh*D]
+            for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
+                const int64_t r = sg->row0;
+                attend(*sg->seq, il, sg->seq->n_past, sg->n, q + r * q_dim, k + r * kv_dim, v + r * kv_dim,
+                       attn + r * q_dim);  // [T, Nh*D]
+            }
             be.matmul(lw.wo, attn, T, tmp);         // [T, H]
             cb("attn_out", il, tmp, T, H);
             be.add(x, tmp, T * H);
@@ -114,8 +121,8 @@ private:
             be.add(x, tmp, T * H);
             cb("l_out", il, x, T, H);
         }
-        seq.n_past += T;
-        if (out) output_logits(x, T, all_rows, out);
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg) sg->seq->n_past += sg->n;
+        if (out) output_logits(x, T, all_rows, segs, n_segs, out);
         return Status();
     }
 

@@ -165,7 +165,8 @@ private:
         return Status();
     }
 
-    Status forward_chunk(SequenceState& seq, const int32_t* tokens, int64_t T, bool all_rows, float* out) override {
+    Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
+                         float* out) override {
         const int64_t H = cfg_.n_embd;
         Backend& be = *be_;
         float* x = scratch(x_, T * H);      // [T, H] residual stream
@@ -180,10 +181,10 @@ private:
             be.rmsnorm(x, lw.attn_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
             cb("attn_norm", il, xn, T, H);
             if (lw.recurrent) {
-                delta_net(seq, il, lw.delta, T, xn, tmp);
+                delta_net(segs, n_segs, il, lw.delta, T, xn, tmp);
                 cb("linear_attn_out", il, tmp, T, H);
             } else {
-                gated_attention(seq, il, lw.attn, T, xn, tmp);
+                gated_attention(segs, n_segs, il, lw.attn, T, xn, tmp);
                 cb("attn_output", il, tmp, T, H);
             }
             be.add(x, tmp, T * H);
@@ -197,16 +198,16 @@ private:
             be.add(x, tmp, T * H);
             cb("l_out", il, x, T, H);
         }
-        seq.n_past += T;
-        if (out) output_logits(x, T, all_rows, out);
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg) sg->seq->n_past += sg->n;
+        if (out) output_logits(x, T, all_rows, segs, n_segs, out);
         return Status();
     }
 
     // Gated full attention on xn [T, H] → out [T, H] (MODEL_SPEC §2.4).
-    void gated_attention(SequenceState& seq, int il, const AttnWeights& w, int64_t T, const float* xn, float* out) {
+    void gated_attention(const Segment* segs, int64_t n_segs, int il, const AttnWeights& w, int64_t T, const float* xn,
+                         float* out) {
         const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
-        const int64_t p0 = seq.n_past;
         Backend& be = *be_;
         float* qg = scratch(qg_, T * 2 * q_dim);  // [T, Nh, 2D]: per head [query | gate]
         float* q = scratch(q_, T * q_dim);        // [T, Nh, D]
@@ -231,11 +232,18 @@ private:
         be.copy_rows(gate, D, qg + D, 2 * D, T * Nh, D);  // per head: gate half
         be.rmsnorm(q, w.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
         be.rmsnorm(k, w.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-        be.rope(q, T, Nh, D, cfg_.rope_dim, p0, cfg_.rope);  // first R dims
-        be.rope(k, T, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // positions: per sequence
+            const int64_t r = sg->row0, p0 = sg->seq->n_past;
+            be.rope(q + r * q_dim, sg->n, Nh, D, cfg_.rope_dim, p0, cfg_.rope);  // first R dims
+            be.rope(k + r * kv_dim, sg->n, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+        }
         cb("Qcur", il, q, T, q_dim);
         cb("Kcur", il, k, T, kv_dim);
-        attend(seq, il, p0, T, q, k, v, attn);  // [T, Nh·D]
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // each sequence's KV cache
+            const int64_t r = sg->row0;
+            attend(*sg->seq, il, sg->seq->n_past, sg->n, q + r * q_dim, k + r * kv_dim, v + r * kv_dim,
+                   attn + r * q_dim);  // [T, Nh·D]
+        }
         cb("attn_pregate", il, attn, T, q_dim);
         be.mul_sigmoid(attn, gate, T * q_dim);
         be.matmul(w.wo, attn, T, out);  // [T, H]
@@ -243,7 +251,8 @@ private:
 
     // Gated DeltaNet on xn [T, H] → out [T, H] (MODEL_SPEC §2.5), carrying the sequence's conv
     // and recurrent state.
-    void delta_net(SequenceState& seq, int il, const DeltaWeights& w, int64_t T, const float* xn, float* out) {
+    void delta_net(const Segment* segs, int64_t n_segs, int il, const DeltaWeights& w, int64_t T, const float* xn,
+                   float* out) {
         const int64_t Hk = cfg_.ssm_k_heads, Hv = cfg_.ssm_v_heads, d = cfg_.ssm_head_dim;
         const int64_t r = Hv / Hk, KD = cfg_.ssm_key_dim(), VD = cfg_.ssm_value_dim(), C = cfg_.ssm_conv_dim();
         Backend& be = *be_;
@@ -286,7 +295,9 @@ private:
         }
 
         float* conv_out = scratch(conv_out_, T * C);
-        be.conv1d_silu(mixed, w.conv, seq.conv_state[il].as<float>(), conv_out, T, C, cfg_.ssm_conv_kernel);
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg)  // each sequence's conv state
+            be.conv1d_silu(mixed + sg->row0 * C, w.conv, sg->seq->conv_state[il].as<float>(), conv_out + sg->row0 * C,
+                           sg->n, C, cfg_.ssm_conv_kernel);
         cb("conv_output_silu", il, conv_out, T, C);
 
         float* dq = scratch(dq_, T * KD);  // [T, Hk, dk]
@@ -312,21 +323,25 @@ private:
         }
 
         float* core = scratch(core_, T * VD);  // [T, Hv, dv]
-        DeltaNetArgs da;
-        da.q = dq;
-        da.k = dk;
-        da.v = dv;
-        da.g = gdecay;
-        da.beta = beta;
-        da.state = seq.ssm_state[il].as<float>();
-        da.out = core;
-        da.n_tokens = T;
-        da.n_k_heads = n_kq_heads;
-        da.n_v_heads = Hv;
-        da.k_dim = d;
-        da.v_dim = d;
-        da.scale = 1.0f / std::sqrt(static_cast<float>(d));
-        be.delta_rule(da);
+        const int64_t qk_row = n_kq_heads * d;  // dq / dk row width (tiled or not)
+        for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // each sequence's recurrent state
+            const int64_t r0 = sg->row0;
+            DeltaNetArgs da;
+            da.q = dq + r0 * qk_row;
+            da.k = dk + r0 * qk_row;
+            da.v = dv + r0 * VD;
+            da.g = gdecay + r0 * Hv;
+            da.beta = beta + r0 * Hv;
+            da.state = sg->seq->ssm_state[il].as<float>();
+            da.out = core + r0 * VD;
+            da.n_tokens = sg->n;
+            da.n_k_heads = n_kq_heads;
+            da.n_v_heads = Hv;
+            da.k_dim = d;
+            da.v_dim = d;
+            da.scale = 1.0f / std::sqrt(static_cast<float>(d));
+            be.delta_rule(da);
+        }
         cb("attn_core", il, core, T, VD);
 
         be.rmsnorm_gated(core, w.norm, z, core, T * Hv, d, cfg_.rms_eps);

@@ -1,0 +1,174 @@
+// Model::forward_batch (continuous batching): several sequences in one step must give each the
+// logits, bit for bit, that it gets alone from forward(): every op is per row or per sequence
+// (attention, RoPE positions, the DeltaNet conv and recurrent state). Checked for the three
+// architectures, f32 and q8_0, with sequences at different positions, mixed prompt + decode rows,
+// and sequences joining and leaving the batch.
+#include <gtest/gtest.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/gguf.h"
+#include "coordinator/model.h"
+#include "tests/test_util.h"
+#include "tools/make_model.h"
+
+namespace moemesh {
+namespace {
+
+struct Case {
+    const char* arch;
+    const char* type;
+    int threads;
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.arch << "/" << c.type << "/t" << c.threads; }
+
+class ForwardBatch : public ::testing::TestWithParam<Case> {};
+
+std::unique_ptr<Model> make(const Case& c, const std::string& dir) {
+    MakeModelOptions o;
+    o.arch = c.arch;
+    o.out = dir + "/m.gguf";
+    o.layers = 4;
+    o.hidden = 128;
+    o.heads = 4;
+    o.kv_heads = 2;
+    o.head_dim = 32;
+    o.experts = 8;
+    o.top_k = 2;
+    o.expert_ff = 64;
+    o.vocab = 300;
+    o.type = c.type;
+    o.seed = 7;
+    o.full_attention_interval = 2;
+    o.ssm_k_heads = 2;
+    o.ssm_v_heads = 4;
+    o.ssm_head_dim = 32;
+    std::ostringstream log;
+    Status st = make_model(o, log);
+    EXPECT_TRUE(st.ok()) << st.message();
+    auto f = GgufFile::open(o.out);
+    EXPECT_TRUE(f.ok()) << f.status().message();
+    ModelOptions mo;
+    mo.n_threads = c.threads;
+    mo.n_batch = 64;
+    auto m = load_model(std::shared_ptr<GgufFile>(std::move(f).value()), mo);
+    EXPECT_TRUE(m.ok()) << m.status().message();
+    return m.ok() ? std::move(m).value() : nullptr;
+}
+
+std::vector<float> row(const std::vector<float>& logits, int64_t i, int64_t V) {
+    return std::vector<float>(logits.begin() + i * V, logits.begin() + (i + 1) * V);
+}
+
+int32_t argmax(const std::vector<float>& v) {
+    return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
+    const Case c = GetParam();
+    const std::string dir = testing::temp_dir(std::string("batch_") + c.arch + "_" + c.type);
+    std::unique_ptr<Model> model = make(c, dir);
+    ASSERT_TRUE(model);
+    const int64_t V = model->config().n_vocab;
+    const std::vector<std::vector<int32_t>> prompts = {{5, 17, 42, 99, 3}, {250, 7}, {1, 2, 3, 4, 5, 6, 7, 8, 9}};
+    const int kSteps = 6;
+    const size_t S = prompts.size();
+
+    // Reference: each sequence alone; its prompt, then greedy steps of one token.
+    std::vector<std::vector<std::vector<float>>> want(S);  // [seq][step] logits
+    for (size_t s = 0; s < S; ++s) {
+        auto seq = model->new_sequence(64);
+        std::vector<float> logits;
+        ASSERT_TRUE(model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
+        want[s].push_back(logits);
+        for (int k = 0; k < kSteps; ++k) {
+            const int32_t next = argmax(logits);
+            ASSERT_TRUE(model->forward(*seq, &next, 1, false, &logits).ok());
+            want[s].push_back(logits);
+        }
+    }
+
+    // Batched: sequence 0's prompt alone, then every step in one forward_batch. Sequence 1 joins at
+    // step 1 with its whole prompt as a multi-token segment beside the others' single tokens;
+    // sequence 2 joins at step 2; sequence 0 leaves after its last step.
+    std::vector<std::unique_ptr<SequenceState>> seqs;
+    for (size_t s = 0; s < S; ++s) seqs.push_back(model->new_sequence(64));
+    std::vector<std::vector<std::vector<float>>> got(S);
+    std::vector<float> logits;
+    ASSERT_TRUE(model->forward(*seqs[0], prompts[0].data(), static_cast<int64_t>(prompts[0].size()), false, &logits).ok());
+    got[0].push_back(logits);
+    for (int step = 1; got[1].size() < want[1].size() || got[2].size() < want[2].size() || got[0].size() < want[0].size();
+         ++step) {
+        std::vector<SequenceState*> ptrs;
+        std::vector<int64_t> counts;
+        std::vector<int32_t> tokens;
+        std::vector<size_t> which;
+        for (size_t s = 0; s < S; ++s) {
+            if (got[s].size() >= want[s].size()) continue;                      // finished
+            if (got[s].empty() && static_cast<int>(s) > step) continue;         // not joined yet
+            if (got[s].empty()) {                                               // joins with its prompt
+                tokens.insert(tokens.end(), prompts[s].begin(), prompts[s].end());
+                counts.push_back(static_cast<int64_t>(prompts[s].size()));
+            } else {
+                tokens.push_back(argmax(got[s].back()));
+                counts.push_back(1);
+            }
+            ptrs.push_back(seqs[s].get());
+            which.push_back(s);
+        }
+        ASSERT_FALSE(ptrs.empty());
+        Status st = model->forward_batch(ptrs.data(), counts.data(), static_cast<int64_t>(ptrs.size()), tokens.data(), &logits);
+        ASSERT_TRUE(st.ok()) << st.message();
+        ASSERT_EQ(logits.size(), ptrs.size() * static_cast<size_t>(V));
+        for (size_t i = 0; i < which.size(); ++i) got[which[i]].push_back(row(logits, static_cast<int64_t>(i), V));
+    }
+    for (size_t s = 0; s < S; ++s) {
+        ASSERT_EQ(got[s].size(), want[s].size());
+        for (size_t k = 0; k < want[s].size(); ++k)
+            ASSERT_EQ(got[s][k], want[s][k]) << c.arch << " " << c.type << ": sequence " << s << ", step " << k;
+    }
+}
+
+TEST_P(ForwardBatch, BadBatchesAreRefusedWithoutChangingState) {
+    const Case c = GetParam();
+    if (std::string(c.type) != "f32" || c.threads != 1) GTEST_SKIP() << "checked once per architecture";
+    const std::string dir = testing::temp_dir(std::string("batchbad_") + c.arch);
+    std::unique_ptr<Model> model = make(c, dir);
+    ASSERT_TRUE(model);
+    auto a = model->new_sequence(4), b = model->new_sequence(64);
+    std::vector<float> logits;
+    const int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    SequenceState* twice[2] = {a.get(), a.get()};
+    const int64_t ones[2] = {1, 1};
+    Status st = model->forward_batch(twice, ones, 2, toks, &logits);
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("twice"), std::string::npos) << st.message();
+    SequenceState* ab[2] = {a.get(), b.get()};
+    const int64_t too_long[2] = {5, 1};  // a holds 4
+    st = model->forward_batch(ab, too_long, 2, toks, &logits);
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("context full"), std::string::npos) << st.message();
+    const int64_t zero[2] = {1, 0};
+    EXPECT_FALSE(model->forward_batch(ab, zero, 2, toks, &logits).ok());
+    const int32_t bad[2] = {1, 100000};
+    st = model->forward_batch(ab, ones, 2, bad, &logits);
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("out of range"), std::string::npos) << st.message();
+    EXPECT_EQ(a->n_past, 0);
+    EXPECT_EQ(b->n_past, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Archs, ForwardBatch,
+                         ::testing::Values(Case{"qwen3moe", "f32", 1}, Case{"qwen3moe", "q8_0", 2},
+                                           Case{"qwen3next", "f32", 1}, Case{"qwen3next", "q8_0", 2},
+                                           Case{"qwen35moe", "f32", 1}, Case{"qwen35moe", "q4_k", 2}),
+                         [](const auto& info) {
+                             return std::string(info.param.arch) + "_" + info.param.type + "_t" +
+                                    std::to_string(info.param.threads);
+                         });
+
+}  // namespace
+}  // namespace moemesh
