@@ -477,6 +477,59 @@ TEST_F(HttpServerTest, ConcurrentRequestsTakeTurns) {
     EXPECT_EQ(rb, as_sent(b));
 }
 
+// Continuous batching: requests running together each get exactly the text they get alone (greedy
+// and seeded sampling, streamed or not, different lengths and stop strings), and the server did
+// run them in shared decode steps.
+TEST_F(HttpServerTest, ConcurrentRequestsAreBatchedAndEachGetsItsOwnText) {
+    struct Req {
+        std::string body;
+        bool stream;
+    };
+    const std::vector<Req> reqs = {
+        {R"({"prompt":"Alpha","max_tokens":24,"temperature":0})", false},
+        {R"({"prompt":"Beta gamma","max_tokens":16,"temperature":0})", true},
+        {R"({"prompt":"Once upon a time","max_tokens":30,"temperature":0.9,"seed":5})", false},
+        {R"({"prompt":"Delta","max_tokens":20,"temperature":0.7,"top_k":5,"seed":9})", true},
+        {R"({"prompt":"Epsilon","max_tokens":12,"temperature":0})", false},
+        {R"({"prompt":"Zeta eta","max_tokens":28,"temperature":0,"stop":["e"]})", true},
+    };
+    auto text_of = [](const httplib::Result& r, bool stream) {
+        if (!r || r->status != 200) return std::string("<failed>");
+        if (!stream) return json::parse(r->body)["choices"][0]["text"].get<std::string>();
+        std::string finish;
+        bool done = false;
+        return stream_text(r->body, false, &finish, &done);
+    };
+    auto body_for = [](const Req& q) {
+        json b = json::parse(q.body);
+        b["stream"] = q.stream;
+        return b.dump();
+    };
+    // Alone, one after the other.
+    std::vector<std::string> alone;
+    for (const Req& q : reqs) alone.push_back(text_of(post("/v1/completions", body_for(q)), q.stream));
+    httplib::Client c("127.0.0.1", port_);
+    const json before = json::parse(c.Get("/health")->body)["decode"];
+    // Together.
+    std::vector<std::string> together(reqs.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < reqs.size(); ++i)
+        threads.emplace_back([&, i] { together[i] = text_of(post("/v1/completions", body_for(reqs[i])), reqs[i].stream); });
+    for (std::thread& t : threads) t.join();
+    for (size_t i = 0; i < reqs.size(); ++i) {
+        EXPECT_NE(alone[i], "<failed>");
+        EXPECT_EQ(together[i], alone[i]) << reqs[i].body;
+    }
+    const json after = json::parse(c.Get("/health")->body);
+    EXPECT_EQ(after["slots"]["total"], 4);
+    EXPECT_EQ(after["slots"]["busy"], 0);
+    const int64_t steps = after["decode"]["steps"].get<int64_t>() - before["steps"].get<int64_t>();
+    const int64_t tokens = after["decode"]["tokens"].get<int64_t>() - before["tokens"].get<int64_t>();
+    EXPECT_GT(tokens, steps) << "no decode step ran two requests together";
+    EXPECT_GE(after["decode"]["max_batch"].get<int64_t>(), 2);
+    EXPECT_LE(after["decode"]["max_batch"].get<int64_t>(), 4);
+}
+
 // Servers whose chat formatter is a real model template from tests/data/chat_templates, on the same
 // model: Qwen3-Coder (renders tools and tool calls as XML) and Qwen3.5-4B (the generation prompt
 // opens a think block, so the reply is reasoning until "</think>").

@@ -67,13 +67,7 @@ struct HttpServer::Impl {
     httplib::Server svr;
     // Every model call runs on one thread, the one in HttpServer::run() (the thread that loaded the
     // model, in serve_http): the CUDA backend keeps per-thread state and its device is per-thread, so
-    // httplib's handler threads hand their requests over and wait. This also makes requests take turns.
-    std::mutex jobs_mu;
-    std::condition_variable jobs_cv;
-    std::deque<std::function<void()>> jobs;
-    bool stopping = false;
-    std::atomic<bool> abort_generation{false};
-    std::atomic<uint64_t> next_id{1};
+    // httplib's handler threads hand their requests over and wait (see "continuous batching" below).
 
     Impl(Model& m, const Tokenizer& t, HttpServerOptions o) : model(m), tok(t), opts(std::move(o)) {
         if (!opts.chat) {
@@ -139,95 +133,170 @@ struct HttpServer::Impl {
         return p;
     }
 
-    // Runs one prepared request on the model. on_text(delta) streams text as it becomes final; it
-    // returns false when the client is gone (generation stops).
-    Status generate(const GenRequest& rq, const Prepared& pr, const std::function<bool(const std::string&)>& on_text,
-                    GenResult* res) {
-        const std::vector<int32_t>& input = pr.input;
-        const int64_t n_in = static_cast<int64_t>(input.size()), max_new = pr.max_new;
-        res->prompt_tokens = n_in;
-        auto seq = model.new_sequence(std::max<int64_t>(n_in + max_new, 1));
-        const int64_t V = model.config().n_vocab;
-        std::vector<float> logits;
-        const auto t0 = std::chrono::steady_clock::now();
-        MM_RETURN_IF_ERROR(model.forward(*seq, input.data(), n_in, false, &logits));
-        const auto t1 = std::chrono::steady_clock::now();
-        res->prompt_s = std::chrono::duration<double>(t1 - t0).count();
-        Sampler sampler(rq.sp);
+    // ---- continuous batching ----
+    // Every model call runs on one thread, the one in HttpServer::run(). Requests wait in `pending`
+    // until a slot is free (opts.max_parallel); an admitted request runs its prompt alone, then
+    // joins the decode batch: one Model::forward_batch step generates one token for every active
+    // request. Each request's logits are those it would get alone (forward_batch's contract), so
+    // its text does not depend on what else is running.
+    struct Slot {
+        const GenRequest* rq = nullptr;
+        const Prepared* pr = nullptr;
+        std::function<bool(const std::string&)> on_text;  // streams text as it becomes final; false: client gone
+        GenResult* res = nullptr;
+        std::promise<Status> done;
+        std::unique_ptr<SequenceState> seq;
+        std::unique_ptr<Sampler> sampler;
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
-        for (const std::string& s : rq.stop) hold = std::max(hold, s.size() - 1);
-        std::string& text = res->text;
         size_t sent = 0;
-        bool client_gone = false;
-        auto flush = [&](size_t upto) {
-            if (upto > sent && !client_gone) {
-                if (!on_text(text.substr(sent, upto - sent))) client_gone = true;
-                sent = upto;
-            }
-        };
-        for (int64_t i = 0; i < max_new && !client_gone; ++i) {
-            if (abort_generation) return MM_ERROR("the server is stopping");
-            const int32_t next = sampler.sample(logits.data(), V);
-            if (!rq.ignore_eos && tok.is_eog(next)) {
-                res->finish = "stop";
-                break;
-            }
-            ++res->completion_tokens;
-            const size_t before = text.size();
-            text += tok.token_to_piece(next);
-            bool stopped = false;
-            for (const std::string& s : rq.stop) {
-                // A stop string ends in the new piece: search from where it could start.
-                const size_t from = before >= s.size() ? before - s.size() + 1 : 0;
-                const size_t at = text.find(s, from);
-                if (at != std::string::npos) {
-                    text.resize(at);
-                    stopped = true;
-                }
-            }
-            if (stopped) {
-                res->finish = "stop";
-                break;
-            }
-            const size_t safe = text.size() > hold ? text.size() - hold : 0;
-            flush(utf8_complete(text, std::max(safe, sent)));
-            if (i + 1 == max_new) break;
-            MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
-        }
-        flush(text.size());
-        res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-        if (client_gone) return MM_ERROR("the client closed the connection");
-        return Status();
+        int32_t next = -1;  // the token the next decode step feeds
+        std::chrono::steady_clock::time_point t_decode;
+    };
+    std::mutex jobs_mu;
+    std::condition_variable jobs_cv;
+    std::deque<Slot*> pending;
+    bool stopping = false;
+    std::atomic<bool> abort_generation{false};
+    std::atomic<uint64_t> next_id{1};
+    // For /health: requests decoding now, decode steps run, tokens they made, the largest batch.
+    std::atomic<int64_t> busy{0}, decode_steps{0}, decode_tokens{0}, max_batch{0};
+
+    // Streams text[sent, upto); false when the client is gone.
+    static bool flush(Slot& s, size_t upto) {
+        if (upto <= s.sent) return true;
+        const bool ok = s.on_text(s.res->text.substr(s.sent, upto - s.sent));
+        s.sent = upto;
+        return ok;
     }
 
-    // Runs fn on the model thread and waits for it; false when the server is stopping.
-    bool on_model_thread(const std::function<void()>& fn) {
-        std::promise<void> done;
-        {
-            std::lock_guard<std::mutex> lock(jobs_mu);
-            if (stopping) return false;
-            jobs.push_back([&] {
-                fn();
-                done.set_value();
-            });
-        }
-        jobs_cv.notify_one();
-        done.get_future().wait();
-        return true;
+    // Ends a request: its last text, its timing, its status to the waiting handler.
+    void finish(Slot& s, Status st) {
+        if (st.ok() && !flush(s, s.res->text.size())) st = MM_ERROR("the client closed the connection");
+        s.res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - s.t_decode).count();
+        s.seq.reset();  // freed here: backend memory belongs to the model thread
+        s.done.set_value(std::move(st));  // the handler thread owns (and frees) the slot from now on
     }
-    // The model thread: runs jobs until stop_jobs(), then the ones already queued (they end at once:
-    // abort_generation is set).
+
+    // Takes the sampled token; true when the request is over (finish() called).
+    bool accept(Slot& s, int32_t next) {
+        GenResult& res = *s.res;
+        if (!s.rq->ignore_eos && tok.is_eog(next)) {
+            res.finish = "stop";
+            finish(s, Status());
+            return true;
+        }
+        ++res.completion_tokens;
+        std::string& text = res.text;
+        const size_t before = text.size();
+        text += tok.token_to_piece(next);
+        bool stopped = false;
+        for (const std::string& stop : s.rq->stop) {
+            // A stop string ends in the new piece: search from where it could start.
+            const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
+            const size_t at = text.find(stop, from);
+            if (at != std::string::npos) {
+                text.resize(at);
+                stopped = true;
+            }
+        }
+        if (stopped) {
+            res.finish = "stop";
+            finish(s, Status());
+            return true;
+        }
+        const size_t safe = text.size() > s.hold ? text.size() - s.hold : 0;
+        if (!flush(s, utf8_complete(text, std::max(safe, s.sent)))) {
+            finish(s, MM_ERROR("the client closed the connection"));
+            return true;
+        }
+        if (res.completion_tokens >= s.pr->max_new) {
+            finish(s, Status());  // finish stays "length"
+            return true;
+        }
+        s.next = next;
+        return false;
+    }
+
+    // Admits a request: its prompt, then its first token. True when it goes on to decode.
+    bool start(Slot& s) {
+        const std::vector<int32_t>& input = s.pr->input;
+        const int64_t n_in = static_cast<int64_t>(input.size());
+        s.res->prompt_tokens = n_in;
+        s.seq = model.new_sequence(std::max<int64_t>(n_in + s.pr->max_new, 1));
+        s.sampler = std::make_unique<Sampler>(s.rq->sp);
+        for (const std::string& stop : s.rq->stop) s.hold = std::max(s.hold, stop.size() - 1);
+        std::vector<float> logits;
+        const auto t0 = std::chrono::steady_clock::now();
+        Status st = model.forward(*s.seq, input.data(), n_in, false, &logits);
+        s.t_decode = std::chrono::steady_clock::now();
+        s.res->prompt_s = std::chrono::duration<double>(s.t_decode - t0).count();
+        if (!st.ok()) {
+            finish(s, st);
+            return false;
+        }
+        if (s.pr->max_new == 0) {
+            finish(s, Status());
+            return false;
+        }
+        return !accept(s, s.sampler->sample(logits.data(), model.config().n_vocab));
+    }
+
+    // The model thread: admits waiting requests into free slots and runs decode steps until
+    // stop_jobs(); then every waiting and running request ends with "the server is stopping".
     void job_loop() {
+        std::vector<Slot*> active;
+        std::vector<SequenceState*> seqs;
+        std::vector<int64_t> counts;
+        std::vector<int32_t> tokens;
+        std::vector<float> logits;
+        const int64_t V = model.config().n_vocab;
         for (;;) {
-            std::function<void()> job;
+            std::vector<Slot*> admitted;
             {
                 std::unique_lock<std::mutex> lock(jobs_mu);
-                jobs_cv.wait(lock, [&] { return stopping || !jobs.empty(); });
-                if (jobs.empty()) return;
-                job = std::move(jobs.front());
-                jobs.pop_front();
+                jobs_cv.wait(lock, [&] { return stopping || !pending.empty() || !active.empty(); });
+                if (stopping) {
+                    for (Slot* s : pending) finish(*s, MM_ERROR("the server is stopping"));
+                    pending.clear();
+                    for (Slot* s : active) finish(*s, MM_ERROR("the server is stopping"));
+                    return;
+                }
+                while (!pending.empty() && static_cast<int>(active.size() + admitted.size()) < opts.max_parallel) {
+                    admitted.push_back(pending.front());
+                    pending.pop_front();
+                }
             }
-            job();
+            for (Slot* s : admitted)
+                if (start(*s)) active.push_back(s);
+            busy = static_cast<int64_t>(active.size());
+            if (active.empty()) continue;
+            ++decode_steps;
+            decode_tokens += static_cast<int64_t>(active.size());
+            max_batch = std::max<int64_t>(max_batch, static_cast<int64_t>(active.size()));
+            seqs.clear();
+            counts.assign(active.size(), 1);
+            tokens.clear();
+            for (Slot* s : active) {
+                seqs.push_back(s->seq.get());
+                tokens.push_back(s->next);
+            }
+            Status st = model.forward_batch(seqs.data(), counts.data(), static_cast<int64_t>(active.size()),
+                                            tokens.data(), &logits);
+            std::vector<Slot*> still;
+            for (size_t i = 0; i < active.size(); ++i) {
+                Slot& s = *active[i];
+                if (!st.ok()) {
+                    finish(s, st);
+                    continue;
+                }
+                if (abort_generation) {
+                    finish(s, MM_ERROR("the server is stopping"));
+                    continue;
+                }
+                if (!accept(s, s.sampler->sample(logits.data() + i * V, V))) still.push_back(&s);
+            }
+            active.swap(still);
+            busy = static_cast<int64_t>(active.size());
         }
     }
     void stop_jobs() {
@@ -238,11 +307,22 @@ struct HttpServer::Impl {
         abort_generation = true;
         jobs_cv.notify_all();
     }
+    // Queues a prepared request for the model thread and waits until it is over.
     Status generate_on_model_thread(const GenRequest& rq, const Prepared& pr,
                                     const std::function<bool(const std::string&)>& on_text, GenResult* res) {
-        Status st;
-        if (!on_model_thread([&] { st = generate(rq, pr, on_text, res); })) return MM_ERROR("the server is stopping");
-        return st;
+        Slot slot;
+        slot.rq = &rq;
+        slot.pr = &pr;
+        slot.on_text = on_text;
+        slot.res = res;
+        std::future<Status> done = slot.done.get_future();
+        {
+            std::lock_guard<std::mutex> lock(jobs_mu);
+            if (stopping) return MM_ERROR("the server is stopping");
+            pending.push_back(&slot);
+        }
+        jobs_cv.notify_one();
+        return done.get();
     }
 
     json usage(const GenResult& g) const {
@@ -393,7 +473,17 @@ struct HttpServer::Impl {
         svr.set_payload_max_length(opts.max_body_bytes);
         svr.set_read_timeout(60, 0);
         svr.Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
-            res.set_content(dump(json{{"status", "ok"}}), "application/json");
+            int64_t waiting;
+            {
+                std::lock_guard<std::mutex> lock(jobs_mu);
+                waiting = static_cast<int64_t>(pending.size());
+            }
+            const json body = {{"status", "ok"},
+                               {"slots", {{"total", opts.max_parallel}, {"busy", busy.load()}, {"waiting", waiting}}},
+                               {"decode", {{"steps", decode_steps.load()},
+                                           {"tokens", decode_tokens.load()},
+                                           {"max_batch", max_batch.load()}}}};
+            res.set_content(dump(body), "application/json");
             log(req, 200, nullptr);
         });
         auto models = [this](const httplib::Request& req, httplib::Response& res) {

@@ -1,7 +1,9 @@
 // An OpenAI-compatible HTTP front end for one loaded model (DESIGN.md "Processes": the coordinator
 // serves HTTP): POST /v1/completions and /v1/chat/completions (JSON or server-sent-event streams),
-// GET /v1/models and /health. Requests run one at a time on the model (the sequence state is per
-// request); others wait their turn. Every bad request gets a 4xx JSON error that names the field.
+// GET /v1/models and /health. Up to max_parallel requests are generated together (continuous
+// batching: one decode step for all of them), each with its own sequence state and exactly the
+// text it would get alone; more wait for a slot. Every bad request gets a 4xx JSON error that
+// names the field.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -24,6 +26,7 @@ struct HttpServerOptions {
     RequestLimits limits;
     size_t max_body_bytes = 8u << 20;  // larger bodies: 413
     bool log_requests = true;        // one stderr line per request
+    int max_parallel = 4;            // requests generated together (continuous batching); more wait
     // Formats /v1/chat/completions conversations; null: chat_formatter_for(tok) (the model's own
     // template, or the built-in ChatML one).
     std::shared_ptr<const ChatFormatter> chat;

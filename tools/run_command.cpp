@@ -303,6 +303,7 @@ Status run_generation(const RunOptions& o) {
         ho.limits.defaults = o.sp;
         ho.limits.ignore_eos = o.ignore_eos;
         ho.chat = chat;
+        ho.max_parallel = o.parallel;
         return serve_http(*model, tok, o.serve, ho);
     }
     if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view);
@@ -351,6 +352,11 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
                   "HOST:PORT: serve an OpenAI-compatible HTTP API instead of one prompt (POST /v1/completions, "
                   "/v1/chat/completions, streaming with \"stream\": true; GET /v1/models, /health). Sampling "
                   "options become the defaults of requests; --ctx bounds prompt + max_tokens");
+    c->add_option("--parallel", o->parallel,
+                  "With --serve: requests generated together, one decode step for all of them (continuous "
+                  "batching; each keeps its own KV cache, sized to its prompt + max_tokens); more wait for a slot")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 256));
     c->add_option("-n,--n-predict", o->n_predict, "Tokens to generate")->capture_default_str()->check(CLI::Range(0, 1 << 20));
     c->add_option("--top", o->top_n, "With --json: top-N next-token probabilities per position (default 20)");
     c->add_flag("--json", o->json,

@@ -40,6 +40,7 @@ struct RunOptions {
     std::string profile;        // expert profile for --cache-policy static
     std::string storage = "auto";  // how the file is read: auto | pread | io_uring
     std::string serve;             // HOST:PORT: an OpenAI-compatible HTTP server (tools/http_server.h)
+    int parallel = 4;              // --serve: requests generated together (continuous batching)
 };
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);
