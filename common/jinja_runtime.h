@@ -1,6 +1,7 @@
 // Internals of the Jinja interpreter: the runtime that common/jinja_eval.cpp implements and the
 // builtins (filters, tests, methods, globals) of common/jinja_builtins.cpp call back into.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -8,6 +9,9 @@
 #include "common/jinja_ast.h"
 
 namespace moemesh::jinja {
+
+// Deepest nesting of JSON context values and of tojson output.
+inline constexpr int kMaxNesting = 256;
 
 struct Frame {
     std::unordered_map<std::string, Value> vars;
@@ -69,7 +73,7 @@ private:
     int depth_ = 0;
 };
 
-// Builtins (common/jinja_builtins.cpp).
+// Builtins (common/jinja_builtins.cpp, common/jinja_strings.cpp).
 using FilterFn = StatusOr<Value> (*)(Runtime&, const Value&, const CallArgs&);
 using TestFn = StatusOr<bool> (*)(Runtime&, const Value&, const CallArgs&);
 FilterFn find_filter(const std::string& name);
@@ -79,8 +83,23 @@ Value find_method(const Value& obj, const std::string& name);
 // The globals every template sees: raise_exception, namespace, range, dict, strftime_now.
 void add_globals(Frame* frame);
 
-// UTF-8 helpers: strings index, slice and measure by code point, as Python's str does.
+// String helpers (common/jinja_strings.cpp), shared by the methods and the filters. Strings index,
+// slice and measure by code point, as Python's str does.
 std::vector<std::string> utf8_chars(const std::string& s);
 size_t utf8_length(const std::string& s);
+uint32_t code_point(const std::string& ch);  // of one character from utf8_chars
+bool py_space(uint32_t c);                    // Python's str.isspace() of one code point
+std::string map_case(const std::string& s, int mode /* 0 lower, 1 upper */);
+// str.strip / lstrip / rstrip; `chars` null or none: whitespace.
+std::string strip(const std::string& s, const Value* chars, bool left, bool right);
+// str.split / rsplit; `sep` null or none: runs of whitespace.
+List split(const std::string& s, const Value* sep, int64_t maxsplit, bool from_right);
+// str.replace; count < 0: all.
+std::string replace_all(const std::string& s, const std::string& from, const std::string& to, int64_t count);
+// A string's bound method (`s.startswith`), or undefined.
+Value string_method(const std::string& s, const std::string& name);
+// An optional integer / truthy argument, `dflt` when absent or none.
+int64_t int_arg(const Value* v, int64_t dflt);
+bool bool_arg(const Value* v, bool dflt);
 
 }  // namespace moemesh::jinja

@@ -132,33 +132,35 @@ TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
     }
 }
 
-TEST_P(ForwardBatch, BadBatchesAreRefusedWithoutChangingState) {
-    const Case c = GetParam();
-    if (std::string(c.type) != "f32" || c.threads != 1) GTEST_SKIP() << "checked once per architecture";
-    const std::string dir = testing::temp_dir(std::string("batchbad_") + c.arch);
-    std::unique_ptr<Model> model = make(c, dir);
-    ASSERT_TRUE(model);
-    auto a = model->new_sequence(4), b = model->new_sequence(64);
-    std::vector<float> logits;
-    const int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
-    SequenceState* twice[2] = {a.get(), a.get()};
-    const int64_t ones[2] = {1, 1};
-    Status st = model->forward_batch(twice, ones, 2, toks, &logits);
-    EXPECT_FALSE(st.ok());
-    EXPECT_NE(st.message().find("twice"), std::string::npos) << st.message();
-    SequenceState* ab[2] = {a.get(), b.get()};
-    const int64_t too_long[2] = {5, 1};  // a holds 4
-    st = model->forward_batch(ab, too_long, 2, toks, &logits);
-    EXPECT_FALSE(st.ok());
-    EXPECT_NE(st.message().find("context full"), std::string::npos) << st.message();
-    const int64_t zero[2] = {1, 0};
-    EXPECT_FALSE(model->forward_batch(ab, zero, 2, toks, &logits).ok());
-    const int32_t bad[2] = {1, 100000};
-    st = model->forward_batch(ab, ones, 2, bad, &logits);
-    EXPECT_FALSE(st.ok());
-    EXPECT_NE(st.message().find("out of range"), std::string::npos) << st.message();
-    EXPECT_EQ(a->n_past, 0);
-    EXPECT_EQ(b->n_past, 0);
+TEST(ForwardBatchErrors, BadBatchesAreRefusedWithoutChangingState) {
+    for (const char* arch : {"qwen3moe", "qwen3next", "qwen35moe"}) {
+        SCOPED_TRACE(arch);
+        const Case c{arch, "f32", 1};
+        const std::string dir = testing::temp_dir(std::string("batchbad_") + c.arch);
+        std::unique_ptr<Model> model = make(c, dir);
+        ASSERT_TRUE(model);
+        auto a = model->new_sequence(4), b = model->new_sequence(64);
+        std::vector<float> logits;
+        const int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+        SequenceState* twice[2] = {a.get(), a.get()};
+        const int64_t ones[2] = {1, 1};
+        Status st = model->forward_batch(twice, ones, 2, toks, &logits);
+        EXPECT_FALSE(st.ok());
+        EXPECT_NE(st.message().find("twice"), std::string::npos) << st.message();
+        SequenceState* ab[2] = {a.get(), b.get()};
+        const int64_t too_long[2] = {5, 1};  // a holds 4
+        st = model->forward_batch(ab, too_long, 2, toks, &logits);
+        EXPECT_FALSE(st.ok());
+        EXPECT_NE(st.message().find("context full"), std::string::npos) << st.message();
+        const int64_t zero[2] = {1, 0};
+        EXPECT_FALSE(model->forward_batch(ab, zero, 2, toks, &logits).ok());
+        const int32_t bad[2] = {1, 100000};
+        st = model->forward_batch(ab, ones, 2, bad, &logits);
+        EXPECT_FALSE(st.ok());
+        EXPECT_NE(st.message().find("out of range"), std::string::npos) << st.message();
+        EXPECT_EQ(a->n_past, 0);
+        EXPECT_EQ(b->n_past, 0);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Archs, ForwardBatch,
