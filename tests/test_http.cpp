@@ -209,6 +209,9 @@ protected:
         ho.max_body_bytes = 64 << 10;
         ho.log_requests = false;
         ho.chat = std::move(chat);
+        // Prompts run 3 tokens at a time between decode steps: every test's text (compared with the
+        // model's greedy text from one forward() of the whole prompt) also checks that chunking.
+        ho.prompt_chunk = 3;
         HttpServer* s = new HttpServer(*model_, *tok_, ho);
         *server = s;
         auto port = s->bind("127.0.0.1", 0);

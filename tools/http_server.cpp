@@ -135,10 +135,12 @@ struct HttpServer::Impl {
 
     // ---- continuous batching ----
     // Every model call runs on one thread, the one in HttpServer::run(). Requests wait in `pending`
-    // until a slot is free (opts.max_parallel); an admitted request runs its prompt alone, then
-    // joins the decode batch: one Model::forward_batch step generates one token for every active
-    // request. Each request's logits are those it would get alone (forward_batch's contract), so
-    // its text does not depend on what else is running.
+    // until a slot is free (opts.max_parallel). An admitted request's prompt runs in chunks of
+    // opts.prompt_chunk tokens, one chunk between two decode steps, so that running requests keep
+    // generating while a long prompt is read; then it joins the decode batch: one
+    // Model::forward_batch step generates one token for every decoding request. Each request's
+    // logits are those it would get alone (forward() cuts prompts at the same n_batch boundaries;
+    // forward_batch gives each sequence its own logits), so its text does not depend on what else runs.
     struct Slot {
         const GenRequest* rq = nullptr;
         const Prepared* pr = nullptr;
@@ -149,8 +151,9 @@ struct HttpServer::Impl {
         std::unique_ptr<Sampler> sampler;
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
         size_t sent = 0;
-        int32_t next = -1;  // the token the next decode step feeds
-        std::chrono::steady_clock::time_point t_decode;
+        int64_t prefilled = 0;  // prompt tokens already run
+        int32_t next = -1;      // the token the next decode step feeds
+        std::chrono::steady_clock::time_point t_prompt, t_decode;
     };
     std::mutex jobs_mu;
     std::condition_variable jobs_cv;
@@ -217,23 +220,32 @@ struct HttpServer::Impl {
         return false;
     }
 
-    // Admits a request: its prompt, then its first token. True when it goes on to decode.
-    bool start(Slot& s) {
-        const std::vector<int32_t>& input = s.pr->input;
-        const int64_t n_in = static_cast<int64_t>(input.size());
+    // Admits a request: its sequence and sampler.
+    void admit(Slot& s) {
+        const int64_t n_in = static_cast<int64_t>(s.pr->input.size());
         s.res->prompt_tokens = n_in;
+        s.t_prompt = s.t_decode = std::chrono::steady_clock::now();
         s.seq = model.new_sequence(std::max<int64_t>(n_in + s.pr->max_new, 1));
         s.sampler = std::make_unique<Sampler>(s.rq->sp);
         for (const std::string& stop : s.rq->stop) s.hold = std::max(s.hold, stop.size() - 1);
+    }
+
+    // Runs the next chunk of a request's prompt; after the last one, takes its first token. True
+    // while the request goes on (prompt left, or decoding).
+    bool prefill(Slot& s) {
+        const std::vector<int32_t>& input = s.pr->input;
+        const int64_t n_in = static_cast<int64_t>(input.size());
+        const int64_t n = std::min<int64_t>(std::max<int64_t>(opts.prompt_chunk, 1), n_in - s.prefilled);
         std::vector<float> logits;
-        const auto t0 = std::chrono::steady_clock::now();
-        Status st = model.forward(*s.seq, input.data(), n_in, false, &logits);
-        s.t_decode = std::chrono::steady_clock::now();
-        s.res->prompt_s = std::chrono::duration<double>(s.t_decode - t0).count();
+        Status st = model.forward(*s.seq, input.data() + s.prefilled, n, false, &logits);
         if (!st.ok()) {
             finish(s, st);
             return false;
         }
+        s.prefilled += n;
+        if (s.prefilled < n_in) return true;
+        s.t_decode = std::chrono::steady_clock::now();
+        s.res->prompt_s = std::chrono::duration<double>(s.t_decode - s.t_prompt).count();
         if (s.pr->max_new == 0) {
             finish(s, Status());
             return false;
@@ -244,7 +256,8 @@ struct HttpServer::Impl {
     // The model thread: admits waiting requests into free slots and runs decode steps until
     // stop_jobs(); then every waiting and running request ends with "the server is stopping".
     void job_loop() {
-        std::vector<Slot*> active;
+        std::vector<Slot*> active;   // decoding
+        std::deque<Slot*> reading;   // admitted, prompt not yet fully run
         std::vector<SequenceState*> seqs;
         std::vector<int64_t> counts;
         std::vector<int32_t> tokens;
@@ -254,21 +267,33 @@ struct HttpServer::Impl {
             std::vector<Slot*> admitted;
             {
                 std::unique_lock<std::mutex> lock(jobs_mu);
-                jobs_cv.wait(lock, [&] { return stopping || !pending.empty() || !active.empty(); });
+                jobs_cv.wait(lock, [&] { return stopping || !pending.empty() || !active.empty() || !reading.empty(); });
                 if (stopping) {
                     for (Slot* s : pending) finish(*s, MM_ERROR("the server is stopping"));
                     pending.clear();
+                    for (Slot* s : reading) finish(*s, MM_ERROR("the server is stopping"));
                     for (Slot* s : active) finish(*s, MM_ERROR("the server is stopping"));
                     return;
                 }
-                while (!pending.empty() && static_cast<int>(active.size() + admitted.size()) < opts.max_parallel) {
+                while (!pending.empty() &&
+                       static_cast<int>(active.size() + reading.size() + admitted.size()) < opts.max_parallel) {
                     admitted.push_back(pending.front());
                     pending.pop_front();
                 }
             }
-            for (Slot* s : admitted)
-                if (start(*s)) active.push_back(s);
-            busy = static_cast<int64_t>(active.size());
+            for (Slot* s : admitted) {
+                admit(*s);
+                reading.push_back(s);
+            }
+            // One prompt chunk (of the longest-waiting request), then one decode step for the others.
+            if (!reading.empty()) {
+                Slot* s = reading.front();
+                const int64_t n_in = static_cast<int64_t>(s->pr->input.size());
+                const bool going = prefill(*s);
+                if (!going || s->prefilled == n_in) reading.pop_front();
+                if (going && s->prefilled == n_in) active.push_back(s);
+            }
+            busy = static_cast<int64_t>(active.size() + reading.size());
             if (active.empty()) continue;
             ++decode_steps;
             decode_tokens += static_cast<int64_t>(active.size());
@@ -296,7 +321,7 @@ struct HttpServer::Impl {
                 if (!accept(s, s.sampler->sample(logits.data() + i * V, V))) still.push_back(&s);
             }
             active.swap(still);
-            busy = static_cast<int64_t>(active.size());
+            busy = static_cast<int64_t>(active.size() + reading.size());
         }
     }
     void stop_jobs() {

@@ -27,6 +27,7 @@ struct HttpServerOptions {
     size_t max_body_bytes = 8u << 20;  // larger bodies: 413
     bool log_requests = true;        // one stderr line per request
     int max_parallel = 4;            // requests generated together (continuous batching); more wait
+    int64_t prompt_chunk = 512;      // prompt tokens run between two decode steps (the model's n_batch)
     // Formats /v1/chat/completions conversations; null: chat_formatter_for(tok) (the model's own
     // template, or the built-in ChatML one).
     std::shared_ptr<const ChatFormatter> chat;

@@ -304,6 +304,7 @@ Status run_generation(const RunOptions& o) {
         ho.limits.ignore_eos = o.ignore_eos;
         ho.chat = chat;
         ho.max_parallel = o.parallel;
+        ho.prompt_chunk = o.batch;
         return serve_http(*model, tok, o.serve, ho);
     }
     if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view);
