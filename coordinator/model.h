@@ -55,6 +55,9 @@ public:
     // or per sequence. Fails (no state changed) if a sequence would exceed its n_ctx or appears twice.
     virtual Status forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                  const int32_t* tokens, std::vector<float>* logits) = 0;
+    // Gives the sequence room for n_ctx tokens (its KV cache reallocated, the positions it holds
+    // kept); never shrinks. For reusing a finished sequence with a longer request.
+    virtual void grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;
     virtual void set_debug_hook(DebugHook hook) = 0;
 };
 

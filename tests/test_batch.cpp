@@ -132,6 +132,32 @@ TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
     }
 }
 
+// A sequence given more room mid-way (the HTTP server's prompt cache does this) continues exactly
+// as one that had the room from the start.
+TEST(GrowSequence, ContinuesAsIfAllocatedLarge) {
+    for (const char* arch : {"qwen3moe", "qwen3next"}) {
+        SCOPED_TRACE(arch);
+        const Case c{arch, "q8_0", 1};
+        std::unique_ptr<Model> model = make(c, testing::temp_dir(std::string("grow_") + arch));
+        ASSERT_TRUE(model);
+        const std::vector<int32_t> prompt = {9, 8, 7, 6, 5, 4, 3};
+        auto big = model->new_sequence(40), small = model->new_sequence(8);
+        std::vector<float> want, got;
+        ASSERT_TRUE(model->forward(*big, prompt.data(), 7, false, &want).ok());
+        ASSERT_TRUE(model->forward(*small, prompt.data(), 7, false, &got).ok());
+        const int32_t two[2] = {11, 12};
+        EXPECT_FALSE(model->forward(*small, two, 2, false, &got).ok());  // 9 > 8
+        model->grow_sequence(*small, 40);
+        EXPECT_EQ(small->n_ctx, 40);
+        for (int step = 0; step < 10; ++step) {
+            const int32_t t = static_cast<int32_t>(20 + step);
+            ASSERT_TRUE(model->forward(*big, &t, 1, false, &want).ok());
+            ASSERT_TRUE(model->forward(*small, &t, 1, false, &got).ok());
+            ASSERT_EQ(got, want) << "step " << step;
+        }
+    }
+}
+
 TEST(ForwardBatchErrors, BadBatchesAreRefusedWithoutChangingState) {
     for (const char* arch : {"qwen3moe", "qwen3next", "qwen35moe"}) {
         SCOPED_TRACE(arch);

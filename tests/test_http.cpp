@@ -533,6 +533,135 @@ TEST_F(HttpServerTest, ConcurrentRequestsAreBatchedAndEachGetsItsOwnText) {
     EXPECT_LE(after["decode"]["max_batch"].get<int64_t>(), 4);
 }
 
+// The prompt cache: a request whose prompt starts like a finished one's sequence continues from it
+// (usage.prompt_tokens_details.cached_tokens says how much), with the same text as without.
+TEST_F(HttpServerTest, PromptCacheReusesAFinishedSequence) {
+    auto completion = [&](const std::vector<int32_t>& ids, int max_tokens, bool cache, int64_t* cached) {
+        json body = {{"prompt", ids}, {"max_tokens", max_tokens}, {"temperature", 0}, {"ignore_eos", true},
+                     {"cache_prompt", cache}};
+        auto r = post("/v1/completions", body.dump());
+        if (!r || r->status != 200) return std::string("<failed>");
+        const json j = json::parse(r->body);
+        *cached = j["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
+        return j["choices"][0]["text"].get<std::string>();
+    };
+    std::vector<int32_t> p;
+    for (int i = 0; i < 40; ++i) p.push_back(30 + (i * 37) % 400);
+    int64_t cached = -1;
+    // A fresh prompt (no earlier sequence starts like it); its sequence (p + 29 generated tokens,
+    // room for 70) stays in the cache.
+    const std::string a = completion(p, 30, true, &cached);
+    EXPECT_EQ(cached, 0);
+    // A continuation: the prompt, its first 7 generated tokens, two more (the cached sequence is
+    // rewound to p + 7).
+    std::vector<int32_t> gen;
+    std::vector<int32_t> q = p;
+    {
+        auto seq = model_->new_sequence(64);
+        std::vector<float> logits;
+        ASSERT_TRUE(model_->forward(*seq, p.data(), static_cast<int64_t>(p.size()), false, &logits).ok());
+        for (int i = 0; i < 8; ++i) {
+            const int32_t next = argmax(logits.data(), model_->config().n_vocab);
+            gen.push_back(next);
+            if (i < 7) ASSERT_TRUE(model_->forward(*seq, &next, 1, false, &logits).ok());
+        }
+    }
+    q.insert(q.end(), gen.begin(), gen.begin() + 7);
+    q.push_back(77);
+    q.push_back(78);
+    int64_t cached_off = -1;
+    const std::string want_q = completion(q, 6, false, &cached_off);
+    EXPECT_EQ(cached_off, 0);
+    const std::string got_q = completion(q, 6, true, &cached);
+    EXPECT_EQ(cached, static_cast<int64_t>(p.size()) + 7);
+    EXPECT_EQ(got_q, want_q);
+    // A prompt that leaves the cached one after 30 tokens: rewound to 30 (attention-only model).
+    std::vector<int32_t> r(p.begin(), p.begin() + 30);
+    r.push_back(5);
+    r.push_back(6);
+    const std::string want_r = completion(r, 6, false, &cached_off);
+    const std::string got_r = completion(r, 6, true, &cached);
+    EXPECT_GE(cached, 30);
+    EXPECT_EQ(got_r, want_r);
+    // The same prompt again: all but its last token come from the cache.
+    const std::string again = completion(r, 6, true, &cached);
+    EXPECT_EQ(cached, static_cast<int64_t>(r.size()) - 1);
+    EXPECT_EQ(again, want_r);
+    EXPECT_NE(a, "<failed>");
+}
+
+// The prompt cache on a model with recurrent state (qwen3next: DeltaNet layers cannot be rewound):
+// a cached sequence is reused only when all of it is a prefix of the new prompt. 64 cached tokens
+// keep the chunked delta rule's 64-token chunks where a fresh run has them, so the texts match
+// bit for bit.
+TEST(HttpPromptCache, RecurrentModelsReuseOnlyWholeSequences) {
+    const std::string dir = temp_dir("http_cache_next");
+    MakeModelOptions o;
+    o.arch = "qwen3next";
+    o.out = dir + "/next.gguf";
+    o.layers = 4;
+    o.hidden = 64;
+    o.heads = 2;
+    o.kv_heads = 1;
+    o.head_dim = 32;
+    o.experts = 4;
+    o.top_k = 2;
+    o.expert_ff = 64;
+    o.vocab = 512;
+    o.full_attention_interval = 2;
+    o.ssm_head_dim = 32;
+    std::ostringstream log;
+    ASSERT_TRUE(make_model(o, log).ok());
+    auto f = GgufFile::open(o.out);
+    ASSERT_TRUE(f.ok()) << f.status().message();
+    auto file = std::shared_ptr<GgufFile>(std::move(f).value());
+    auto tok = Tokenizer::from_gguf(*file);
+    ASSERT_TRUE(tok.ok());
+    ModelOptions mo;
+    mo.n_threads = 1;
+    auto m = load_model(file, mo);
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    HttpServerOptions ho;
+    ho.model_name = "next";
+    ho.limits.n_ctx = 256;
+    ho.limits.n_vocab = 512;
+    ho.log_requests = false;
+    HttpServer server(*m.value(), tok.value(), ho);
+    auto port = server.bind("127.0.0.1", 0);
+    ASSERT_TRUE(port.ok());
+    std::thread t([&] { (void)server.run(); });
+    httplib::Client c("127.0.0.1", port.value());
+    for (int i = 0; i < 100 && !c.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto completion = [&](const std::vector<int32_t>& ids, int max_tokens, bool cache, int64_t* cached) {
+        json body = {{"prompt", ids}, {"max_tokens", max_tokens}, {"temperature", 0}, {"ignore_eos", true},
+                     {"cache_prompt", cache}};
+        auto r = c.Post("/v1/completions", body.dump(), "application/json");
+        if (!r || r->status != 200) return std::string("<failed>");
+        const json j = json::parse(r->body);
+        *cached = j["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
+        return j["choices"][0]["text"].get<std::string>();
+    };
+    std::vector<int32_t> p;
+    for (int i = 0; i < 64; ++i) p.push_back(20 + (i * 53) % 480);
+    int64_t cached = -1, off = -1;
+    EXPECT_NE(completion(p, 1, true, &cached), "<failed>");  // one token: the sequence holds exactly p
+    EXPECT_EQ(cached, 0);
+    std::vector<int32_t> q = p;
+    q.insert(q.end(), {7, 8, 9});
+    const std::string want_q = completion(q, 6, false, &off);
+    EXPECT_EQ(off, 0);
+    EXPECT_EQ(completion(q, 6, true, &cached), want_q);
+    EXPECT_EQ(cached, 64);
+    // Leaves q's cached sequence (q + 5 generated tokens) after 50 tokens: no rewinding a DeltaNet.
+    std::vector<int32_t> r(p.begin(), p.begin() + 50);
+    r.push_back(3);
+    const std::string want_r = completion(r, 4, false, &off);
+    EXPECT_EQ(completion(r, 4, true, &cached), want_r);
+    EXPECT_EQ(cached, 0);
+    server.stop();
+    t.join();
+}
+
 // Servers whose chat formatter is a real model template from tests/data/chat_templates, on the same
 // model: Qwen3-Coder (renders tools and tool calls as XML) and Qwen3.5-4B (the generation prompt
 // opens a think block, so the reply is reasoning until "</think>").

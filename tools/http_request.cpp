@@ -293,6 +293,10 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
         if (!it->is_boolean()) return bad_field("ignore_eos", "a boolean", *it);
         r.ignore_eos = it->get<bool>();
     }
+    if (auto it = j.find("cache_prompt"); it != j.end() && !it->is_null()) {  // llama.cpp server's field
+        if (!it->is_boolean()) return bad_field("cache_prompt", "a boolean", *it);
+        r.cache_prompt = it->get<bool>();
+    }
     if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
         if (it->is_string()) {
             r.stop.push_back(it->get<std::string>());

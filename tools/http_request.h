@@ -34,6 +34,7 @@ struct GenRequest {
     std::vector<std::string> stop; // stop strings: generation ends before the first one
     bool stream = false;
     bool ignore_eos = false;
+    bool cache_prompt = true;      // reuse a finished request's sequence that shares the prompt's start
     // chat: how to read the reply (common/chat_reply.h)
     bool parse_reasoning = true;   // <think> text goes to reasoning_content ("reasoning_format": "none": off)
     bool reply_in_think = false;   // the prompt ends inside a think block (Qwen3.5's generation prompt)

@@ -44,6 +44,7 @@ size_t utf8_complete(const std::string& s, size_t n) {
 struct GenResult {
     std::string text;
     int64_t prompt_tokens = 0, completion_tokens = 0;
+    int64_t cached_tokens = 0;  // prompt tokens whose state came from an earlier request (prompt cache)
     std::string finish = "length";  // "stop" | "length"
     double prompt_s = 0, decode_s = 0;
 };
@@ -151,8 +152,10 @@ struct HttpServer::Impl {
         std::unique_ptr<Sampler> sampler;
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
         size_t sent = 0;
-        int64_t prefilled = 0;  // prompt tokens already run
+        int64_t prefilled = 0;  // prompt tokens already run (or taken from the prompt cache)
         int32_t next = -1;      // the token the next decode step feeds
+        std::vector<int32_t> fed;  // every token the sequence holds, for the prompt cache
+        bool admitted = false;     // counted in `busy`
         std::chrono::steady_clock::time_point t_prompt, t_decode;
     };
     std::mutex jobs_mu;
@@ -172,11 +175,65 @@ struct HttpServer::Impl {
         return ok;
     }
 
+    // ---- prompt cache ----
+    // Sequences of finished requests (model thread only), most recent last, at most max_parallel:
+    // a request whose prompt starts with the same tokens (the next turn of a chat, an agent's next
+    // step) continues from one instead of rereading its whole prompt. Attention-only models rewind
+    // to the common prefix (the KV cache past it is overwritten); models with recurrent state
+    // (DeltaNet) are reused only when the whole cached sequence is a prefix of the new prompt.
+    // Logits are the same either way: prompt chunks and decode steps give each row what one
+    // forward() of the whole prompt gives it.
+    struct CachedSequence {
+        std::unique_ptr<SequenceState> seq;
+        std::vector<int32_t> tokens;
+    };
+    std::vector<CachedSequence> seq_cache;
+
+    static bool rewindable(const SequenceState& s) {
+        for (const Buffer& b : s.ssm_state)
+            if (b.bytes()) return false;
+        for (const Buffer& b : s.conv_state)
+            if (b.bytes()) return false;
+        return true;
+    }
+
+    // The cached sequence that saves the most prompt tokens for `input`, taken out of the cache,
+    // rewound to where the prompt continues; null if none saves any.
+    std::unique_ptr<SequenceState> take_cached(const std::vector<int32_t>& input, int64_t n_ctx, int64_t* reused) {
+        *reused = 0;
+        size_t best = seq_cache.size();
+        for (size_t i = 0; i < seq_cache.size(); ++i) {
+            const CachedSequence& c = seq_cache[i];
+            const size_t n = std::min(c.tokens.size(), input.size());
+            int64_t p = static_cast<int64_t>(std::mismatch(c.tokens.begin(), c.tokens.begin() + static_cast<std::ptrdiff_t>(n),
+                                                           input.begin()).first -
+                                             c.tokens.begin());
+            // At least one prompt token must run: its logits give the first generated token.
+            if (p >= static_cast<int64_t>(input.size())) p = static_cast<int64_t>(input.size()) - 1;
+            if (!rewindable(*c.seq) && p != static_cast<int64_t>(c.tokens.size())) p = 0;
+            if (p > *reused) *reused = p, best = i;
+        }
+        if (best == seq_cache.size()) return nullptr;
+        std::unique_ptr<SequenceState> seq = std::move(seq_cache[best].seq);
+        seq_cache.erase(seq_cache.begin() + static_cast<std::ptrdiff_t>(best));
+        seq->n_past = *reused;
+        model.grow_sequence(*seq, n_ctx);  // a longer request than the one that left it
+        return seq;
+    }
+
+    void keep_cached(Slot& s) {
+        if (!s.seq || static_cast<int64_t>(s.fed.size()) != s.seq->n_past) return;  // state not as recorded
+        if (static_cast<int>(seq_cache.size()) >= std::max(opts.max_parallel, 1)) seq_cache.erase(seq_cache.begin());
+        seq_cache.push_back(CachedSequence{std::move(s.seq), std::move(s.fed)});
+    }
+
     // Ends a request: its last text, its timing, its status to the waiting handler.
     void finish(Slot& s, Status st) {
         if (st.ok() && !flush(s, s.res->text.size())) st = MM_ERROR("the client closed the connection");
         s.res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - s.t_decode).count();
+        if (st.ok() && s.rq->cache_prompt && !abort_generation) keep_cached(s);
         s.seq.reset();  // freed here: backend memory belongs to the model thread
+        if (s.admitted) --busy;  // before the handler can answer: /health never counts a finished request
         s.done.set_value(std::move(st));  // the handler thread owns (and frees) the slot from now on
     }
 
@@ -222,10 +279,17 @@ struct HttpServer::Impl {
 
     // Admits a request: its sequence and sampler.
     void admit(Slot& s) {
+        s.admitted = true;
+        ++busy;
         const int64_t n_in = static_cast<int64_t>(s.pr->input.size());
         s.res->prompt_tokens = n_in;
         s.t_prompt = s.t_decode = std::chrono::steady_clock::now();
-        s.seq = model.new_sequence(std::max<int64_t>(n_in + s.pr->max_new, 1));
+        const int64_t n_ctx = std::max<int64_t>(n_in + s.pr->max_new, 1);
+        int64_t reused = 0;
+        if (s.rq->cache_prompt) s.seq = take_cached(s.pr->input, n_ctx, &reused);
+        if (!s.seq) s.seq = model.new_sequence(n_ctx);
+        s.prefilled = s.res->cached_tokens = reused;
+        s.fed.assign(s.pr->input.begin(), s.pr->input.begin() + reused);
         s.sampler = std::make_unique<Sampler>(s.rq->sp);
         for (const std::string& stop : s.rq->stop) s.hold = std::max(s.hold, stop.size() - 1);
     }
@@ -242,6 +306,7 @@ struct HttpServer::Impl {
             finish(s, st);
             return false;
         }
+        s.fed.insert(s.fed.end(), input.begin() + s.prefilled, input.begin() + s.prefilled + n);
         s.prefilled += n;
         if (s.prefilled < n_in) return true;
         s.t_decode = std::chrono::steady_clock::now();
@@ -293,7 +358,6 @@ struct HttpServer::Impl {
                 if (!going || s->prefilled == n_in) reading.pop_front();
                 if (going && s->prefilled == n_in) active.push_back(s);
             }
-            busy = static_cast<int64_t>(active.size() + reading.size());
             if (active.empty()) continue;
             ++decode_steps;
             decode_tokens += static_cast<int64_t>(active.size());
@@ -314,6 +378,7 @@ struct HttpServer::Impl {
                     finish(s, st);
                     continue;
                 }
+                s.fed.push_back(s.next);
                 if (abort_generation) {
                     finish(s, MM_ERROR("the server is stopping"));
                     continue;
@@ -321,7 +386,6 @@ struct HttpServer::Impl {
                 if (!accept(s, s.sampler->sample(logits.data() + i * V, V))) still.push_back(&s);
             }
             active.swap(still);
-            busy = static_cast<int64_t>(active.size() + reading.size());
         }
     }
     void stop_jobs() {
@@ -353,7 +417,8 @@ struct HttpServer::Impl {
     json usage(const GenResult& g) const {
         return {{"prompt_tokens", g.prompt_tokens},
                 {"completion_tokens", g.completion_tokens},
-                {"total_tokens", g.prompt_tokens + g.completion_tokens}};
+                {"total_tokens", g.prompt_tokens + g.completion_tokens},
+                {"prompt_tokens_details", {{"cached_tokens", g.cached_tokens}}}};
     }
 
     void log(const httplib::Request& req, int status, const GenResult* g) const {

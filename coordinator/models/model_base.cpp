@@ -38,6 +38,28 @@ void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t
     }
 }
 
+void ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
+    if (n_ctx <= seq.n_ctx) return;
+    const size_t per_token = static_cast<size_t>(cfg_.n_head_kv * cfg_.head_dim) * (seq.kv_f16 ? 2 : 4);
+    for (std::vector<Buffer>* caches : {&seq.k, &seq.v}) {
+        for (Buffer& old : *caches) {
+            if (!old) continue;  // a layer without KV cache (DeltaNet)
+            Buffer grown = be_->alloc(per_token * static_cast<size_t>(n_ctx), true);
+            const size_t bytes = per_token * static_cast<size_t>(seq.n_past);
+            if (bytes % sizeof(float) == 0) {
+                const auto n = static_cast<int64_t>(bytes / sizeof(float));
+                be_->copy_rows(grown.as<float>(), n, old.as<float>(), n, 1, n);  // one row of n floats
+            } else {  // an odd f16 row width: through the host
+                std::vector<uint8_t> host(bytes);
+                be_->to_host(host.data(), old.data(), bytes);
+                be_->to_device(grown.data(), host.data(), bytes);
+            }
+            old = std::move(grown);
+        }
+    }
+    seq.n_ctx = n_ctx;
+}
+
 Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                           std::vector<float>* logits) {
     if (n <= 0) return MM_ERROR("forward: no tokens to process");

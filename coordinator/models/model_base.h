@@ -26,6 +26,7 @@ public:
         : file_(std::move(f)), cfg_(c), opts_(o), pool_(o.n_threads) {}
     const ModelConfig& config() const override { return cfg_; }
     void set_debug_hook(DebugHook hook) override { debug_ = std::move(hook); }
+    void grow_sequence(SequenceState& seq, int64_t n_ctx) const override;
     // Checks the tokens and the context, then runs forward_chunk over chunks of n_batch tokens.
     Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                    std::vector<float>* logits) final;
