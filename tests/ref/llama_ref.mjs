@@ -18,6 +18,20 @@
 //     → {"prompt_tokens_per_s":..,"decode_tokens_per_s":..,"prompt":{..},"decode":{..},"config":{..}}
 //       medians over reps; llama.cpp's own perf counters (llama_perf_context) when it reports them,
 //       wall-clock around the evaluation calls otherwise (both are in the output).
+//   node tests/ref/llama_ref.mjs parallel --model F.gguf [--threads N] [--sequences P] [--prompt-tokens 32] [--gen 32]
+//        [--kv-type f16|f32] [--flash-attn auto|on|off] [--batch N]
+//     → {"wall_s":..,"tokens":P*G,"tok_per_s":..,"decode_wall_s":..,"decode_tok_per_s":..,"prompt_wall_s":..,..}
+//       P sequences of ONE context (createContext({sequences: P})) generate concurrently: each gets its
+//       own pseudo-random prompt of --prompt-tokens ids (parallelPrompt(s), seed 12345 + 7919 s), then
+//       exactly --gen greedy tokens (EOS not checked), one controlledEvaluate per token per sequence,
+//       in lockstep: every sequence's call of a step issued in the same tick, so that node-llama-cpp's
+//       batching puts them in one llama_decode. One unmeasured warm-up round first (same prompts and
+//       sequences, history cleared). wall_s / tok_per_s: from issuing the prompts to the last sequence's G-th
+//       token, prompt processing INCLUDED (tokens = P*G generated tokens). decode_*: from all
+//       prompts done (first token of every sequence known) to the end, P*(G-1) tokens.
+//       perf: llama.cpp's counters over the decode phase (single-token llama_decode calls count as
+//       "eval runs", batches of more than one token as "prompt eval tokens": with batching engaged
+//       and P > 1 the decode phase is all "prompt eval"; llama.cpp prints 0 runs as 1).
 //   node tests/ref/llama_ref.mjs info --model F.gguf
 //     → {"n_vocab":..,"n_params":..,"size":..,"train_ctx":..,"n_embd":..,"architecture":..,...}
 import fs from "node:fs";
@@ -155,9 +169,10 @@ function threadsOf(flags, llama) {
     return intFlag(flags, "threads", llama.cpuMathCores, { min: 1 });
 }
 
-async function makeContext(model, { contextSize, batchSize, threads, kvType, flashAttention }) {
+async function makeContext(model, { contextSize, batchSize, threads, kvType, flashAttention, sequences }) {
     try {
         return await model.createContext({
+            ...(sequences !== undefined ? { sequences } : {}),  // contextSize is per sequence
             contextSize,
             batchSize,
             threads: { ideal: threads, min: threads },
@@ -374,6 +389,93 @@ async function cmdBench(flags) {
     await emit(result);
 }
 
+// parallel: sequence s's prompt (deterministic; bench/bench_parallel.py computes the same ids).
+function parallelPrompt(s, promptTokens, nVocab) {
+    let state = 12345 + 7919 * s;
+    return Array.from({ length: promptTokens }, () => {
+        state = (state * 1103515245 + 12345) % 2147483648;
+        return state % nVocab;
+    });
+}
+
+async function cmdParallel(flags) {
+    const nSeq = intFlag(flags, "sequences", 4, { min: 1 });
+    const promptTokens = intFlag(flags, "prompt-tokens", 32, { min: 1 });
+    const nGen = intFlag(flags, "gen", 32, { min: 1 });
+    const { llama, logLines } = await loadLlama(flags);
+    const model = await loadModel(llama, flags);
+    const backend = cpuBackend(logLines);
+    const nVocab = vocabSize(model);
+    const threads = threadsOf(flags, llama);
+    const need = promptTokens + nGen + 1;
+    const ctx = await makeContext(model, {
+        contextSize: Math.max(256, need),
+        batchSize: intFlag(flags, "batch", Math.max(1, Math.min(512, nSeq * promptTokens)), { min: 1 }),
+        threads,
+        kvType: kvTypeOption(flags, "f16"),
+        flashAttention: flashAttnOption(flags, "auto"),
+        sequences: nSeq,
+    });
+    const prompts = Array.from({ length: nSeq }, (_, s) => parallelPrompt(s, promptTokens, nVocab));
+
+    // One round: every sequence's prompt, then G-1 further tokens, all sequences concurrently.
+    // The same P sequences serve both rounds (a disposed sequence's id comes back asynchronously).
+    const seqs = prompts.map(() => ctx.getSequence());
+    async function round() {
+        for (const seq of seqs) await seq.clearHistory();
+        const t0 = process.hrtime.bigint();
+        const first = await Promise.all(seqs.map((seq, s) => seq.controlledEvaluate(
+            prompts[s].map((id, i) => (i === promptTokens - 1 ? [id, { generateNext: { token: true } }] : id)))
+            .then((out) => out[promptTokens - 1].next.token)));
+        const t1 = process.hrtime.bigint();
+        await ctx.printTimings();  // resets llama.cpp's perf counters: what follows is the decode phase
+        logLines.length = 0;
+        // Lockstep: each step issues every sequence's call in the same tick, so that they share one
+        // batch. (Free-running per-sequence loops do not: each sequence's result resolves on its
+        // own and re-queues alone, and most steps ran one token at a time.)
+        const generated = first.map((t) => [t]);
+        for (let g = 1; g < nGen; g++) {
+            const outs = await Promise.all(seqs.map((seq, s) =>
+                seq.controlledEvaluate([[generated[s][g - 1], { generateNext: { token: true } }]])));
+            outs.forEach((r, s) => {
+                const next = r[0]?.next?.token;
+                if (next == null) throw new Error(`sequence ${s}: llama.cpp returned no token`);
+                generated[s].push(next);
+            });
+        }
+        const t2 = process.hrtime.bigint();
+        await ctx.printTimings();
+        const perf = parsePerf(logLines);
+        logLines.length = 0;
+        return { t0, t1, t2, generated, perf };
+    }
+
+    await round();  // warm-up, not counted
+    const { t0, t1, t2, generated, perf } = await round();
+    for (const seq of seqs) seq.dispose();
+    const wall = Number(t2 - t0) / 1e9, decodeWall = Number(t2 - t1) / 1e9;
+    const tokens = generated.reduce((n, g) => n + g.length, 0);
+    const result = {
+        wall_s: wall,
+        tokens,
+        tok_per_s: tokens / wall,
+        prompt_wall_s: Number(t1 - t0) / 1e9,
+        decode_wall_s: decodeWall,
+        decode_tokens: nSeq * (nGen - 1),
+        decode_tok_per_s: nGen > 1 ? (nSeq * (nGen - 1)) / decodeWall : null,
+        sequences: nSeq,
+        prompt_tokens: promptTokens,
+        gen: nGen,
+        includes_prompt: true,
+        perf_decode_phase: { batched_tokens: perf.prompt?.n ?? null, single_token_runs: perf.decode?.n ?? null },
+        greedy_heads: generated.map((g) => g.slice(0, 8)),
+        config: { ...contextConfig(ctx, threads), sequences: nSeq, cpu_backend: backend },
+    };
+    await ctx.dispose();
+    await model.dispose();
+    await emit(result);
+}
+
 async function cmdInfo(flags) {
     const { llama, logLines } = await loadLlama(flags);
     const model = await loadModel(llama, flags);
@@ -402,8 +504,8 @@ async function cmdInfo(flags) {
 }
 
 const { cmd, flags } = parseArgs(process.argv.slice(2));
-const commands = { probs: cmdProbs, bench: cmdBench, info: cmdInfo };
-if (!commands[cmd]) fail(`usage: llama_ref.mjs probs|bench|info --model F.gguf ... (got '${cmd ?? ""}')`);
+const commands = { probs: cmdProbs, bench: cmdBench, parallel: cmdParallel, info: cmdInfo };
+if (!commands[cmd]) fail(`usage: llama_ref.mjs probs|bench|parallel|info --model F.gguf ... (got '${cmd ?? ""}')`);
 try {
     await commands[cmd](flags);
     process.exit(0);
