@@ -137,8 +137,8 @@ struct HttpServer::Impl {
     // ---- continuous batching ----
     // Every model call runs on one thread, the one in HttpServer::run(). Requests wait in `pending`
     // until a slot is free (opts.max_parallel). An admitted request's prompt runs in chunks of
-    // opts.prompt_chunk tokens, one chunk between two decode steps, so that running requests keep
-    // generating while a long prompt is read; then it joins the decode batch: one
+    // opts.prompt_chunk tokens (64 while others decode), one chunk between two decode steps, so that
+    // running requests keep generating while a long prompt is read; then it joins the decode batch: one
     // Model::forward_batch step generates one token for every decoding request. Each request's
     // logits are those it would get alone (forward() cuts prompts at the same n_batch boundaries;
     // forward_batch gives each sequence its own logits), so its text does not depend on what else runs.
@@ -296,10 +296,16 @@ struct HttpServer::Impl {
 
     // Runs the next chunk of a request's prompt; after the last one, takes its first token. True
     // while the request goes on (prompt left, or decoding).
-    bool prefill(Slot& s) {
+    // While other requests decode, chunks are at most kBusyPromptChunk tokens, so that they keep
+    // getting tokens at a steady pace during a long prompt; a multiple of 64 keeps the DeltaNet's
+    // chunked prefill on the same 64-token grid as one forward() of the prompt.
+    static constexpr int64_t kBusyPromptChunk = 64;
+    bool prefill(Slot& s, bool others_decoding) {
         const std::vector<int32_t>& input = s.pr->input;
         const int64_t n_in = static_cast<int64_t>(input.size());
-        const int64_t n = std::min<int64_t>(std::max<int64_t>(opts.prompt_chunk, 1), n_in - s.prefilled);
+        int64_t chunk = std::max<int64_t>(opts.prompt_chunk, 1);
+        if (others_decoding) chunk = std::min(chunk, kBusyPromptChunk);
+        const int64_t n = std::min<int64_t>(chunk, n_in - s.prefilled);
         std::vector<float> logits;
         Status st = model.forward(*s.seq, input.data() + s.prefilled, n, false, &logits);
         if (!st.ok()) {
@@ -354,7 +360,7 @@ struct HttpServer::Impl {
             if (!reading.empty()) {
                 Slot* s = reading.front();
                 const int64_t n_in = static_cast<int64_t>(s->pr->input.size());
-                const bool going = prefill(*s);
+                const bool going = prefill(*s, !active.empty());
                 if (!going || s->prefilled == n_in) reading.pop_front();
                 if (going && s->prefilled == n_in) active.push_back(s);
             }
