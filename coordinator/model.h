@@ -61,6 +61,12 @@ public:
     virtual void set_debug_hook(DebugHook hook) = 0;
 };
 
+// How many of `input`'s first tokens a sequence that holds `held` can keep for it (the next turn
+// of a chat, an agent's next step): their common prefix, which the sequence can be rewound to when
+// it has only KV caches (positions past it are overwritten); with recurrent state (DeltaNet) all
+// of `held` or nothing. At most input.size() - 1: the last prompt token must run to give logits.
+int64_t reusable_prefix(const SequenceState& seq, const std::vector<int32_t>& held, const std::vector<int32_t>& input);
+
 // Loads the model in `file` (kept alive by the model). Errors name the file and tensor/key.
 StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts);
 

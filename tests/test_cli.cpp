@@ -69,7 +69,9 @@ TEST_F(Cli, BadInputGivesClearErrors) {
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,x", &out, &err), 1);
     EXPECT_NE(err.find("'x' is not a non-negative token id"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1 --prompt hi", &out, &err), 1);
-    EXPECT_NE(err.find("exactly one of --prompt, --tokens, --stdin or --serve"), std::string::npos) << err;
+    EXPECT_NE(err.find("exactly one of --prompt, --tokens, --stdin, --serve or --chat --interactive"),
+              std::string::npos)
+        << err;
     EXPECT_EQ(cli("run --model " + model_ + " --serve 127.0.0.1:0 --prompt hi", &out, &err), 1);
     EXPECT_NE(err.find("--serve takes requests over HTTP"), std::string::npos) << err;
     EXPECT_EQ(cli("serve --model " + model_ + " --serve 127.0.0.1:99999", &out, &err), 1);
@@ -157,6 +159,51 @@ TEST_F(Cli, ChatFormatsThePromptWithTheTemplate) {
     ASSERT_EQ(cli(run + "--prompt hi --chat --no-think --chat-template-file " + tmpl, &out, &err), 0) << err;
     ASSERT_EQ(cli(run + "--prompt '[user=hi] no-think >>'", &want, &err), 0) << err;
     EXPECT_EQ(out, want);
+}
+
+// `moemesh chat`: each turn renders the whole conversation (the earlier replies included) and
+// continues the sequence from the prefix it holds; the reply is what `run --prompt` gives for that
+// very prompt, and /reset starts over.
+TEST_F(Cli, InteractiveChatContinuesTheConversation) {
+    const std::string input = dir_ + "/turns.txt";
+    std::string out, err;
+    ASSERT_EQ(run_capture("printf 'Hello there\\nTell me \\\\\\nmore\\n/reset\\nHello there\\n' > " + input, &out), 0);
+    ASSERT_EQ(cli("chat --model " + model_ + " --threads 1 --greedy -n 6 --verbose-prompt < " + input, &out, &err), 0)
+        << err;
+    // The rendered prompts, from --verbose-prompt.
+    std::vector<std::string> prompts;
+    const std::string open = "--- prompt ---\n", close = "\n--- end of prompt ---\n";
+    for (size_t at = err.find(open); at != std::string::npos; at = err.find(open, at + 1)) {
+        const size_t end = err.find(close, at);
+        ASSERT_NE(end, std::string::npos);
+        prompts.push_back(err.substr(at + open.size(), end - at - open.size()));
+    }
+    ASSERT_EQ(prompts.size(), 3u) << err;
+    EXPECT_EQ(prompts[0], "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n");
+    EXPECT_EQ(prompts[2], prompts[0]);
+    // Turn 2 holds turn 1 and its reply, and the continued line.
+    EXPECT_EQ(prompts[1].rfind(prompts[0], 0), 0u);
+    EXPECT_NE(prompts[1].find("<|im_start|>user\nTell me \nmore<|im_end|>\n<|im_start|>assistant\n"),
+              std::string::npos);
+    EXPECT_NE(err.find("(new conversation)"), std::string::npos);
+    // Each reply equals a one-shot run of its prompt (sh keeps the prompt's bytes via a file).
+    std::string want;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        const std::string file = dir_ + "/prompt" + std::to_string(i) + ".txt";
+        FILE* f = std::fopen(file.c_str(), "wb");
+        ASSERT_TRUE(f);
+        std::fwrite(prompts[i].data(), 1, prompts[i].size(), f);
+        std::fclose(f);
+        std::string one;
+        ASSERT_EQ(run_capture("p=\"$(cat " + file + "; printf x)\"; " + moemesh_bin() + " run --model " + model_ +
+                                  " --threads 1 --greedy -n 6 --prompt \"${p%x}\"",
+                              &one, dir_ + "/one.err"),
+                  0)
+            << read_file(dir_ + "/one.err");
+        want += one;
+    }
+    EXPECT_EQ(out, want);
+    EXPECT_NE(err.find("new of"), std::string::npos);
 }
 
 TEST_F(Cli, ChatOptionErrors) {

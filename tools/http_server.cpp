@@ -189,28 +189,13 @@ struct HttpServer::Impl {
     };
     std::vector<CachedSequence> seq_cache;
 
-    static bool rewindable(const SequenceState& s) {
-        for (const Buffer& b : s.ssm_state)
-            if (b.bytes()) return false;
-        for (const Buffer& b : s.conv_state)
-            if (b.bytes()) return false;
-        return true;
-    }
-
     // The cached sequence that saves the most prompt tokens for `input`, taken out of the cache,
     // rewound to where the prompt continues; null if none saves any.
     std::unique_ptr<SequenceState> take_cached(const std::vector<int32_t>& input, int64_t n_ctx, int64_t* reused) {
         *reused = 0;
         size_t best = seq_cache.size();
         for (size_t i = 0; i < seq_cache.size(); ++i) {
-            const CachedSequence& c = seq_cache[i];
-            const size_t n = std::min(c.tokens.size(), input.size());
-            int64_t p = static_cast<int64_t>(std::mismatch(c.tokens.begin(), c.tokens.begin() + static_cast<std::ptrdiff_t>(n),
-                                                           input.begin()).first -
-                                             c.tokens.begin());
-            // At least one prompt token must run: its logits give the first generated token.
-            if (p >= static_cast<int64_t>(input.size())) p = static_cast<int64_t>(input.size()) - 1;
-            if (!rewindable(*c.seq) && p != static_cast<int64_t>(c.tokens.size())) p = 0;
+            const int64_t p = reusable_prefix(*seq_cache[i].seq, seq_cache[i].tokens, input);
             if (p > *reused) *reused = p, best = i;
         }
         if (best == seq_cache.size()) return nullptr;

@@ -19,6 +19,7 @@
 #include "tools/commands.h"
 #include "tools/http_server.h"
 #include "tools/run_command.h"
+#include "tools/chat_command.h"
 
 #include "common/chat_template.h"
 
@@ -162,8 +163,11 @@ Status run_generation(const RunOptions& o) {
     if (!o.serve.empty()) {
         if (!o.prompt.empty() || !o.tokens.empty() || o.stdin_requests || o.json || o.chat)
             return MM_ERROR("--serve takes requests over HTTP: drop --prompt, --tokens, --stdin, --json and --chat");
+    } else if (o.interactive) {
+        if (!o.prompt.empty() || !o.tokens.empty() || o.stdin_requests || o.json)
+            return MM_ERROR("--interactive reads the conversation from stdin: drop --prompt, --tokens, --stdin and --json");
     } else if (o.stdin_requests ? !(o.prompt.empty() && o.tokens.empty()) : o.prompt.empty() == o.tokens.empty()) {
-        return MM_ERROR("give exactly one of --prompt, --tokens, --stdin or --serve");
+        return MM_ERROR("give exactly one of --prompt, --tokens, --stdin, --serve or --chat --interactive");
     }
     if (o.kv_type != "f16" && o.kv_type != "f32") return MM_ERROR("--kv-type must be f16 or f32, got '%s'", o.kv_type.c_str());
     auto t_load = std::chrono::steady_clock::now();
@@ -189,6 +193,7 @@ Status run_generation(const RunOptions& o) {
     } else if (!o.chat_template_file.empty() || !o.system.empty() || o.no_think) {
         return MM_ERROR("--chat-template-file, --system and --no-think apply to --chat and --serve only");
     }
+    if ((o.interactive || o.verbose_prompt) && !o.chat) return MM_ERROR("--interactive and --verbose-prompt need --chat");
     ModelOptions mo;
     mo.n_threads = o.threads > 0 ? o.threads : (cluster && cluster->coordinator.threads > 0 ? cluster->coordinator.threads
                                                                                            : default_threads());
@@ -307,6 +312,7 @@ Status run_generation(const RunOptions& o) {
         ho.prompt_chunk = o.batch;
         return serve_http(*model, tok, o.serve, ho);
     }
+    if (o.interactive) return chat_loop(o, *model, tok, *chat);
     if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view);
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
@@ -344,6 +350,11 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
                 "Format the prompt as a user message with the model's chat template (the GGUF's "
                 "tokenizer.chat_template; the built-in ChatML one if the file has none)");
     c->add_option("--system", o->system, "With --chat: a system message before the prompt");
+    c->add_flag("-i,--interactive", o->interactive,
+                "With --chat: a conversation on the terminal; each stdin line is a user turn ('\\' at the end "
+                "continues it), /reset starts over, /exit or end of input quits; -n bounds each reply, --ctx "
+                "the conversation (`moemesh chat` is this with -n 2048)");
+    c->add_flag("--verbose-prompt", o->verbose_prompt, "With --chat: print each rendered prompt on stderr");
     c->add_flag("--no-think", o->no_think,
                 "With --chat: enable_thinking=false for the template (Qwen3: no reasoning block)");
     c->add_option("--chat-template-file", o->chat_template_file,
@@ -397,9 +408,13 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
         ->capture_default_str();
 }
 
-void register_run_command(CLI::App& app) {
+namespace {
+
+// A subcommand whose options are those of `run`, preset by `preset`.
+void add_run_like(CLI::App& app, const char* name, const char* help, void (*preset)(RunOptions&)) {
     auto o = std::make_shared<RunOptions>();
-    CLI::App* c = app.add_subcommand("run", "Generate text from a prompt (or score token ids with --json)");
+    preset(*o);  // before add_run_options, so that --help shows these defaults
+    CLI::App* c = app.add_subcommand(name, help);
     add_run_options(c, o, false);
     c->callback([o]() {
         Status st = run_generation(*o);
@@ -408,20 +423,25 @@ void register_run_command(CLI::App& app) {
             std::exit(1);
         }
     });
+}
+
+}  // namespace
+
+void register_run_command(CLI::App& app) {
+    add_run_like(app, "run", "Generate text from a prompt (or score token ids with --json)", [](RunOptions&) {});
+    // `moemesh chat`: `run --chat --interactive` with replies of up to 2048 tokens.
+    add_run_like(app, "chat",
+                 "Chat with a model on the terminal (its own chat template; each line a turn, /reset, /exit); the "
+                 "options of `run` apply",
+                 [](RunOptions& o) {
+                     o.chat = o.interactive = true;
+                     o.n_predict = 2048;
+                 });
     // `moemesh serve`: `run --serve` with a default address.
-    auto so = std::make_shared<RunOptions>();
-    CLI::App* s = app.add_subcommand(
-        "serve", "Serve an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models, "
-                 "/health) on --serve HOST:PORT (default 127.0.0.1:8080); the options of `run` apply");
-    add_run_options(s, so, false);
-    s->callback([so]() {
-        if (so->serve.empty()) so->serve = "127.0.0.1:8080";
-        Status st = run_generation(*so);
-        if (!st.ok()) {
-            std::fprintf(stderr, "error: %s\n", st.message().c_str());
-            std::exit(1);
-        }
-    });
+    add_run_like(app, "serve",
+                 "Serve an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models, "
+                 "/health) on --serve HOST:PORT (default 127.0.0.1:8080); the options of `run` apply",
+                 [](RunOptions& o) { o.serve = "127.0.0.1:8080"; });
 }
 
 }  // namespace moemesh

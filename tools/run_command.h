@@ -22,6 +22,8 @@ struct RunOptions {
     std::string system;              // --chat: a system message
     bool no_think = false;           // --chat: enable_thinking = false
     std::string chat_template_file;  // --chat / --serve: a Jinja template instead of the model's
+    bool interactive = false;        // --chat: a conversation on stdin / stdout (tools/chat_command.h)
+    bool verbose_prompt = false;     // --chat: print each rendered prompt on stderr
     int n_predict = 64;
     int top_n = 0;
     bool json = false;

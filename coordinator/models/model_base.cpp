@@ -38,6 +38,20 @@ void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t
     }
 }
 
+int64_t reusable_prefix(const SequenceState& seq, const std::vector<int32_t>& held, const std::vector<int32_t>& input) {
+    const size_t n = std::min(held.size(), input.size());
+    auto p = static_cast<int64_t>(std::mismatch(held.begin(), held.begin() + static_cast<std::ptrdiff_t>(n),
+                                                input.begin())
+                                      .first -
+                                  held.begin());
+    p = std::min<int64_t>(p, static_cast<int64_t>(input.size()) - 1);
+    bool recurrent = false;
+    for (const std::vector<Buffer>* state : {&seq.ssm_state, &seq.conv_state})
+        for (const Buffer& b : *state) recurrent = recurrent || b.bytes() > 0;
+    if (recurrent && p != static_cast<int64_t>(held.size())) return 0;
+    return std::max<int64_t>(p, 0);
+}
+
 void ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
     if (n_ctx <= seq.n_ctx) return;
     const size_t per_token = static_cast<size_t>(cfg_.n_head_kv * cfg_.head_dim) * (seq.kv_f16 ? 2 : 4);
