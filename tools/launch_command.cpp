@@ -703,9 +703,10 @@ void register_launch_command(CLI::App& app) {
                 pass.push_back(v);
             }
         }
-        const bool generate = !ro->prompt.empty() || !ro->tokens.empty() || ro->stdin_requests || !ro->serve.empty();
+        const bool generate = !ro->prompt.empty() || !ro->tokens.empty() || ro->stdin_requests || !ro->serve.empty() ||
+                              ro->interactive;
         if (!generate && !pass.empty() && !(pass.size() == 2 && pass[0] == "--model"))
-            logf("generation options are ignored without --prompt, --tokens or --stdin");
+            logf("generation options are ignored without --prompt, --tokens, --stdin, --serve or --chat --interactive");
         Launcher l(*lo, std::move(pass), generate);
         std::fflush(stdout);
         std::exit(l.run(*ro));
