@@ -137,8 +137,8 @@ struct HttpServer::Impl {
     // ---- continuous batching ----
     // Every model call runs on one thread, the one in HttpServer::run(). Requests wait in `pending`
     // until a slot is free (opts.max_parallel). An admitted request's prompt runs in chunks of
-    // opts.prompt_chunk tokens (64 while others decode), one chunk between two decode steps, so that
-    // running requests keep generating while a long prompt is read; then it joins the decode batch: one
+    // opts.prompt_chunk tokens, or 64 inside each decode step while others decode, so that running
+    // requests keep generating while a long prompt is read; then it joins the decode batch: one
     // Model::forward_batch step generates one token for every decoding request. Each request's
     // logits are those it would get alone (forward() cuts prompts at the same n_batch boundaries;
     // forward_batch gives each sequence its own logits), so its text does not depend on what else runs.
@@ -281,32 +281,40 @@ struct HttpServer::Impl {
 
     // Runs the next chunk of a request's prompt; after the last one, takes its first token. True
     // while the request goes on (prompt left, or decoding).
-    // While other requests decode, chunks are at most kBusyPromptChunk tokens, so that they keep
-    // getting tokens at a steady pace during a long prompt; a multiple of 64 keeps the DeltaNet's
-    // chunked prefill on the same 64-token grid as one forward() of the prompt.
+    // While other requests decode, a prompt advances at most kBusyPromptChunk tokens per step, in
+    // the same forward pass as their tokens, so that they keep a steady pace during a long prompt; a
+    // multiple of 64 keeps the DeltaNet's chunked prefill on the same 64-token grid as one forward()
+    // of the prompt.
     static constexpr int64_t kBusyPromptChunk = 64;
-    bool prefill(Slot& s, bool others_decoding) {
+
+    // After n more prompt tokens of s ran (`logits`: the last one's row): true while it goes on.
+    bool prompt_ran(Slot& s, int64_t n, const float* logits) {
         const std::vector<int32_t>& input = s.pr->input;
-        const int64_t n_in = static_cast<int64_t>(input.size());
-        int64_t chunk = std::max<int64_t>(opts.prompt_chunk, 1);
-        if (others_decoding) chunk = std::min(chunk, kBusyPromptChunk);
-        const int64_t n = std::min<int64_t>(chunk, n_in - s.prefilled);
-        std::vector<float> logits;
-        Status st = model.forward(*s.seq, input.data() + s.prefilled, n, false, &logits);
-        if (!st.ok()) {
-            finish(s, st);
-            return false;
-        }
         s.fed.insert(s.fed.end(), input.begin() + s.prefilled, input.begin() + s.prefilled + n);
         s.prefilled += n;
-        if (s.prefilled < n_in) return true;
+        if (s.prefilled < static_cast<int64_t>(input.size())) return true;
         s.t_decode = std::chrono::steady_clock::now();
         s.res->prompt_s = std::chrono::duration<double>(s.t_decode - s.t_prompt).count();
         if (s.pr->max_new == 0) {
             finish(s, Status());
             return false;
         }
-        return !accept(s, s.sampler->sample(logits.data(), model.config().n_vocab));
+        return !accept(s, s.sampler->sample(logits, model.config().n_vocab));
+    }
+
+    // Runs the next chunk of a request's prompt alone (nothing else to run, or no room beside the
+    // decode step). True while the request goes on (prompt left, or decoding).
+    bool prefill(Slot& s) {
+        const std::vector<int32_t>& input = s.pr->input;
+        const int64_t n = std::min<int64_t>(std::max<int64_t>(opts.prompt_chunk, 1),
+                                            static_cast<int64_t>(input.size()) - s.prefilled);
+        std::vector<float> logits;
+        Status st = model.forward(*s.seq, input.data() + s.prefilled, n, false, &logits);
+        if (!st.ok()) {
+            finish(s, st);
+            return false;
+        }
+        return prompt_ran(s, n, logits.data());
     }
 
     // The model thread: admits waiting requests into free slots and runs decode steps until
@@ -341,13 +349,21 @@ struct HttpServer::Impl {
                 admit(*s);
                 reading.push_back(s);
             }
-            // One prompt chunk (of the longest-waiting request), then one decode step for the others.
-            if (!reading.empty()) {
-                Slot* s = reading.front();
-                const int64_t n_in = static_cast<int64_t>(s->pr->input.size());
-                const bool going = prefill(*s, !active.empty());
-                if (!going || s->prefilled == n_in) reading.pop_front();
-                if (going && s->prefilled == n_in) active.push_back(s);
+            // The longest-waiting prompt advances by one chunk: alone when nothing decodes, else
+            // inside the decode step when the step's tokens fit the model's batch.
+            Slot* reader = reading.empty() ? nullptr : reading.front();
+            int64_t mix = 0;  // the reader's prompt tokens in this decode step
+            if (reader && !active.empty()) {
+                const int64_t room = std::min<int64_t>(kBusyPromptChunk, opts.prompt_chunk - static_cast<int64_t>(active.size()));
+                mix = std::min<int64_t>(room, static_cast<int64_t>(reader->pr->input.size()) - reader->prefilled);
+            }
+            if (reader && mix <= 0) {
+                mix = 0;
+                const int64_t n_in = static_cast<int64_t>(reader->pr->input.size());
+                const bool going = prefill(*reader);
+                if (!going || reader->prefilled == n_in) reading.pop_front();
+                if (going && reader->prefilled == n_in) active.push_back(reader);
+                reader = nullptr;
             }
             if (active.empty()) continue;
             ++decode_steps;
@@ -360,7 +376,13 @@ struct HttpServer::Impl {
                 seqs.push_back(s->seq.get());
                 tokens.push_back(s->next);
             }
-            Status st = model.forward_batch(seqs.data(), counts.data(), static_cast<int64_t>(active.size()),
+            if (mix > 0) {
+                seqs.push_back(reader->seq.get());
+                counts.push_back(mix);
+                const int32_t* from = reader->pr->input.data() + reader->prefilled;
+                tokens.insert(tokens.end(), from, from + mix);
+            }
+            Status st = model.forward_batch(seqs.data(), counts.data(), static_cast<int64_t>(seqs.size()),
                                             tokens.data(), &logits);
             std::vector<Slot*> still;
             for (size_t i = 0; i < active.size(); ++i) {
@@ -375,6 +397,17 @@ struct HttpServer::Impl {
                     continue;
                 }
                 if (!accept(s, s.sampler->sample(logits.data() + i * V, V))) still.push_back(&s);
+            }
+            if (mix > 0) {
+                const int64_t n_in = static_cast<int64_t>(reader->pr->input.size());
+                bool going = false;
+                if (!st.ok()) {
+                    finish(*reader, st);
+                } else {
+                    going = prompt_ran(*reader, mix, logits.data() + active.size() * V);
+                }
+                if (!going || reader->prefilled == n_in) reading.pop_front();
+                if (going && reader->prefilled == n_in) still.push_back(reader);
             }
             active.swap(still);
         }
