@@ -530,6 +530,8 @@ TEST_F(HttpServerTest, ConcurrentRequestsAreBatchedAndEachGetsItsOwnText) {
     const int64_t tokens = after["decode"]["tokens"].get<int64_t>() - before["tokens"].get<int64_t>();
     EXPECT_GT(tokens, steps) << "no decode step ran two requests together";
     EXPECT_GE(after["decode"]["max_batch"].get<int64_t>(), 2);
+    EXPECT_GT(after["decode"]["prompt_tokens"].get<int64_t>(), before["prompt_tokens"].get<int64_t>())
+        << "no prompt ran inside a decode step";
     EXPECT_LE(after["decode"]["max_batch"].get<int64_t>(), 4);
 }
 

@@ -165,7 +165,8 @@ struct HttpServer::Impl {
     std::atomic<bool> abort_generation{false};
     std::atomic<uint64_t> next_id{1};
     // For /health: requests decoding now, decode steps run, tokens they made, the largest batch.
-    std::atomic<int64_t> busy{0}, decode_steps{0}, decode_tokens{0}, max_batch{0};
+    // Also prompt tokens that ran inside decode steps.
+    std::atomic<int64_t> busy{0}, decode_steps{0}, decode_tokens{0}, max_batch{0}, mixed_prompt_tokens{0};
 
     // Streams text[sent, upto); false when the client is gone.
     static bool flush(Slot& s, size_t upto) {
@@ -377,6 +378,7 @@ struct HttpServer::Impl {
                 tokens.push_back(s->next);
             }
             if (mix > 0) {
+                mixed_prompt_tokens += mix;
                 seqs.push_back(reader->seq.get());
                 counts.push_back(mix);
                 const int32_t* from = reader->pr->input.data() + reader->prefilled;
@@ -596,7 +598,8 @@ struct HttpServer::Impl {
                                {"slots", {{"total", opts.max_parallel}, {"busy", busy.load()}, {"waiting", waiting}}},
                                {"decode", {{"steps", decode_steps.load()},
                                            {"tokens", decode_tokens.load()},
-                                           {"max_batch", max_batch.load()}}}};
+                                           {"max_batch", max_batch.load()},
+                                           {"prompt_tokens", mixed_prompt_tokens.load()}}}};
             res.set_content(dump(body), "application/json");
             log(req, 200, nullptr);
         });
