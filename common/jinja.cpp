@@ -291,8 +291,8 @@ private:
         s->catch_kwargs = macro_reads_.back().second;
         macro_reads_.pop_back();
         MM_RETURN_IF_ERROR(body_st);
-        body->push_back(std::move(s));
         if (cur().t == Tok::kName && cur().s == s->name) ++pos_;  // {% endmacro name %}
+        body->push_back(std::move(s));
         return expect_block_end();
     }
 

@@ -53,6 +53,16 @@ TEST(JinjaLimits, RecursionAndNestingAreBounded) {
     EXPECT_NE(render_error("{{ x }}").find("rendered"), std::string::npos);  // undefined prints as ""
 }
 
+// Found by fuzz_jinja in CI: `{% endmacro name %}` read the macro after it had been moved.
+TEST(JinjaSyntax, EndmacroMayNameTheMacro) {
+    auto t = jinja::Template::parse("{% macro m(x) %}<{{ x }}>{% endmacro m %}{{ m(1) }}{{ m('a') }}", "t");
+    ASSERT_TRUE(t.ok()) << t.status().message();
+    auto r = t.value().render(ordered_json::object());
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_EQ(r.value(), "<1><a>");
+    EXPECT_FALSE(jinja::Template::parse("{% macro m() %}x{% endmacro other %}", "t").ok());
+}
+
 TEST(JinjaErrors, NameTheLineAndTheProblem) {
     EXPECT_EQ(render_error("a\nb\n{% for x in y %}\n"),
               "t line 3: the block opened on line 3 is never closed (missing '{% endfor %}')");
