@@ -78,6 +78,12 @@ TEST_F(Cli, BadInputGivesClearErrors) {
     EXPECT_NE(err.find("the port must be a number in 0-65535"), std::string::npos) << err;
     EXPECT_EQ(cli("serve --model " + model_ + " --serve nohostport", &out, &err), 1);
     EXPECT_NE(err.find("expected HOST:PORT"), std::string::npos) << err;
+    EXPECT_EQ(cli("serve --model " + model_ + " --parallel 8 --batch 4", &out, &err), 1);
+    EXPECT_NE(err.find("--parallel 8 exceeds --batch 4"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --chat --interactive --prompt hi", &out, &err), 1);
+    EXPECT_NE(err.find("--interactive reads the conversation from stdin"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --interactive", &out, &err), 1);
+    EXPECT_NE(err.find("--interactive and --verbose-prompt need --chat"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi -n 100 --ctx 50", &out, &err), 1);
     EXPECT_NE(err.find("exceeds the context size 50"), std::string::npos) << err;
     EXPECT_EQ(cli("run --model " + model_ + " --prompt hi --kv-type q8", &out, &err), 1);

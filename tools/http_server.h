@@ -26,7 +26,9 @@ struct HttpServerOptions {
     RequestLimits limits;
     size_t max_body_bytes = 8u << 20;  // larger bodies: 413
     bool log_requests = true;        // one stderr line per request
-    int max_parallel = 4;            // requests generated together (continuous batching); more wait
+    // Requests generated together (continuous batching); more wait. At most the model's n_batch:
+    // a decode step holds a token of each (`run --serve` checks it).
+    int max_parallel = 4;
     int64_t prompt_chunk = 512;      // prompt tokens run between two decode steps (the model's n_batch)
     // Formats /v1/chat/completions conversations; null: chat_formatter_for(tok) (the model's own
     // template, or the built-in ChatML one).

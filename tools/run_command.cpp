@@ -194,6 +194,10 @@ Status run_generation(const RunOptions& o) {
         return MM_ERROR("--chat-template-file, --system and --no-think apply to --chat and --serve only");
     }
     if ((o.interactive || o.verbose_prompt) && !o.chat) return MM_ERROR("--interactive and --verbose-prompt need --chat");
+    if (!o.serve.empty() && o.parallel > o.batch)
+        return MM_ERROR("--parallel %d exceeds --batch %lld: one decode step runs a token of every request in one "
+                        "batch (raise --batch or lower --parallel)",
+                        o.parallel, static_cast<long long>(o.batch));
     ModelOptions mo;
     mo.n_threads = o.threads > 0 ? o.threads : (cluster && cluster->coordinator.threads > 0 ? cluster->coordinator.threads
                                                                                            : default_threads());
