@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/tokenizer_unicode.h"
+
 namespace moemesh::jinja {
 namespace {
 
@@ -221,24 +223,6 @@ private:
         return Status();
     }
 
-    static void append_utf8(std::string* out, uint32_t cp) {
-        if (cp < 0x80) {
-            *out += static_cast<char>(cp);
-        } else if (cp < 0x800) {
-            *out += static_cast<char>(0xC0 | (cp >> 6));
-            *out += static_cast<char>(0x80 | (cp & 0x3F));
-        } else if (cp < 0x10000) {
-            *out += static_cast<char>(0xE0 | (cp >> 12));
-            *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-            *out += static_cast<char>(0x80 | (cp & 0x3F));
-        } else {
-            *out += static_cast<char>(0xF0 | (cp >> 18));
-            *out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-            *out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-            *out += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-    }
-
     // A Python string literal's escapes; an unknown escape keeps its backslash, as Python does.
     Status lex_string(Tok* t) {
         const char q = src_[pos_];
@@ -277,7 +261,7 @@ private:
                     }
                     if (cp > 0x10FFFF) return err(start, "\\U escape beyond U+10FFFF");
                     pos_ += n;
-                    append_utf8(&t->s, cp);
+                    unicode::append_utf8(t->s, cp);
                     break;
                 }
                 default: t->s += '\\'; t->s += e;

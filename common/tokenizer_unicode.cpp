@@ -437,6 +437,17 @@ std::vector<uint32_t> utf8_to_cpts(std::string_view s) {
     return out;
 }
 
+size_t utf8_complete_prefix(std::string_view s) {
+    const size_t n = s.size();
+    for (size_t i = n, back = 0; i > 0 && back < 4; --i, ++back) {
+        const auto c = static_cast<unsigned char>(s[i - 1]);
+        if ((c & 0xC0) == 0x80) continue;  // a continuation byte: its lead is further back
+        const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+        return n - (i - 1) >= need ? n : i - 1;
+    }
+    return n;
+}
+
 void append_utf8(std::string& out, uint32_t cpt) {
     if (cpt <= 0x7F) {
         out.push_back(char(cpt));

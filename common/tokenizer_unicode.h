@@ -23,6 +23,10 @@ std::vector<uint32_t> utf8_to_cpts(std::string_view s);
 // Appends the UTF-8 form of cpt; values above U+10FFFF (only reachable from F5..F7 lead bytes,
 // on which llama.cpp throws) are written as U+FFFD.
 void append_utf8(std::string& out, uint32_t cpt);
+// Length of the longest prefix of s that does not end inside a UTF-8 sequence (streamed text is
+// written up to there, so no write splits a character). Bytes that cannot start a sequence count
+// as complete.
+size_t utf8_complete_prefix(std::string_view s);
 
 // GPT-2 bytes_to_unicode: the printable stand-in for each byte, as UTF-8 text.
 const std::string& byte_to_unicode(uint8_t b);

@@ -9,25 +9,12 @@
 #include <vector>
 
 #include "common/chat_reply.h"
+#include "common/tokenizer_unicode.h"
 #include "coordinator/sampler.h"
 
 namespace moemesh {
 
 namespace {
-
-// Length of the longest prefix of s that is complete UTF-8 (the stream never splits a character).
-size_t complete_utf8(const std::string& s) {
-    size_t i = s.size();
-    for (int back = 0; i > 0 && back < 4; ++back) {
-        const auto c = static_cast<unsigned char>(s[i - 1]);
-        if ((c & 0xC0) != 0x80) {
-            const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-            return s.size() - (i - 1) >= need ? s.size() : i - 1;
-        }
-        --i;
-    }
-    return s.size();
-}
 
 // One user turn from stdin: a line, or several when lines end in '\'. False at end of input.
 bool read_turn(bool tty, std::string* turn) {
@@ -111,7 +98,7 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             const std::string piece = tok.token_to_piece(next);
             reply += piece;
             pending += piece;
-            const size_t n = complete_utf8(pending);
+            const size_t n = unicode::utf8_complete_prefix(pending);
             std::fwrite(pending.data(), 1, n, stdout);
             std::fflush(stdout);
             pending.erase(0, n);

@@ -18,28 +18,13 @@
 #include <nlohmann/json.hpp>
 
 #include "common/chat_reply.h"
+#include "common/tokenizer_unicode.h"
 
 namespace moemesh {
 
 using json = nlohmann::json;
 
 namespace {
-
-// Length of the longest prefix of s that is complete UTF-8 (streamed text never splits a character).
-size_t utf8_complete(const std::string& s, size_t n) {
-    size_t i = n;
-    int back = 0;
-    while (i > 0 && back < 4) {
-        const auto c = static_cast<unsigned char>(s[i - 1]);
-        if ((c & 0xC0) != 0x80) {
-            const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-            return (n - (i - 1) >= need) ? n : i - 1;
-        }
-        --i;
-        ++back;
-    }
-    return n;
-}
 
 struct GenResult {
     std::string text;
@@ -251,7 +236,7 @@ struct HttpServer::Impl {
             return true;
         }
         const size_t safe = text.size() > s.hold ? text.size() - s.hold : 0;
-        if (!flush(s, utf8_complete(text, std::max(safe, s.sent)))) {
+        if (!flush(s, unicode::utf8_complete_prefix(std::string_view(text).substr(0, std::max(safe, s.sent))))) {
             finish(s, MM_ERROR("the client closed the connection"));
             return true;
         }

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/tokenizer.h"
+#include "common/tokenizer_unicode.h"
 #include "coordinator/model.h"
 #include "coordinator/sampler.h"
 #include "common/placement.h"
@@ -51,24 +52,6 @@ Status parse_token_list(const std::string& s, std::vector<int32_t>* out) {
     }
     if (out->empty()) return MM_ERROR("--tokens: no token ids given");
     return Status();
-}
-
-// Length of the longest prefix of s that is complete UTF-8 (so streamed output never splits a
-// character across writes).
-size_t complete_utf8_prefix(const std::string& s) {
-    size_t n = s.size();
-    size_t i = n;
-    int back = 0;
-    while (i > 0 && back < 4) {
-        unsigned char c = static_cast<unsigned char>(s[i - 1]);
-        if ((c & 0xC0) != 0x80) {
-            size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-            return (n - (i - 1) >= need) ? n : i - 1;
-        }
-        --i;
-        ++back;
-    }
-    return n;
 }
 
 // One request: a fresh sequence, prompt processing, then generation.
@@ -131,7 +114,7 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
         generated.push_back(next);
         if (!o.json) {
             pending += tok.token_to_piece(next);
-            size_t n = complete_utf8_prefix(pending);
+            size_t n = unicode::utf8_complete_prefix(pending);
             std::fwrite(pending.data(), 1, n, stdout);
             std::fflush(stdout);
             pending.erase(0, n);
