@@ -180,24 +180,36 @@ void ModelBase::embed(const int32_t* tokens, int64_t T, float* x) {
     cb("inp_embd", -1, x, T, H);
 }
 
-void ModelBase::attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k,
-                       const float* v, float* out) {
-    const int64_t kv_dim = cfg_.n_head_kv * cfg_.head_dim;
-    be_->store_kv(seq.k[il].data(), p0 * kv_dim, k, T * kv_dim, seq.kv_f16);
-    be_->store_kv(seq.v[il].data(), p0 * kv_dim, v, T * kv_dim, seq.kv_f16);
-    AttentionArgs aa{};
-    aa.q = q;
-    aa.k = seq.k[il].data();
-    aa.v = seq.v[il].data();
-    aa.out = out;
-    aa.n_tokens = T;
-    aa.n_past = p0;
-    aa.n_head = cfg_.n_head;
-    aa.n_head_kv = cfg_.n_head_kv;
-    aa.head_dim = cfg_.head_dim;
-    aa.kv_f16 = seq.kv_f16;
-    aa.scale = 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
-    be_->attention(aa);
+void ModelBase::rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k,
+                                const float* v, float* out) {
+    const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
+    const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
+    for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
+        const int64_t r = sg->row0, p0 = sg->seq->n_past;
+        be_->rope(q + r * q_dim, sg->n, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
+        be_->rope(k + r * kv_dim, sg->n, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+    }
+    cb("Qcur", il, q, T, q_dim);
+    cb("Kcur", il, k, T, kv_dim);
+    for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
+        SequenceState& seq = *sg->seq;
+        const int64_t r = sg->row0, p0 = seq.n_past;
+        be_->store_kv(seq.k[il].data(), p0 * kv_dim, k + r * kv_dim, sg->n * kv_dim, seq.kv_f16);
+        be_->store_kv(seq.v[il].data(), p0 * kv_dim, v + r * kv_dim, sg->n * kv_dim, seq.kv_f16);
+        AttentionArgs aa{};
+        aa.q = q + r * q_dim;
+        aa.k = seq.k[il].data();
+        aa.v = seq.v[il].data();
+        aa.out = out + r * q_dim;
+        aa.n_tokens = sg->n;
+        aa.n_past = p0;
+        aa.n_head = Nh;
+        aa.n_head_kv = Nkv;
+        aa.head_dim = D;
+        aa.kv_f16 = seq.kv_f16;
+        aa.scale = 1.0f / std::sqrt(static_cast<float>(D));
+        be_->attention(aa);
+    }
 }
 
 Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out) {

@@ -65,10 +65,11 @@ protected:
     }
     // x [T, H] → token_embd rows (dequantized on the host, then copied to the backend).
     void embed(const int32_t* tokens, int64_t T, float* x);
-    // Writes k/v [T, kv_heads*head_dim] at positions p0.. of layer il's cache, then runs causal
-    // attention of q [T, n_head, head_dim] over it into out [T, n_head*head_dim].
-    void attend(SequenceState& seq, int il, int64_t p0, int64_t T, const float* q, const float* k, const float* v,
-                float* out);
+    // Per segment (each sequence at its own positions): RoPE on q [T, n_head, head_dim] and
+    // k [T, kv_heads, head_dim], k/v written into layer il's cache, then causal attention of q over
+    // it into out [T, n_head*head_dim]. Debug points Qcur / Kcur after RoPE.
+    void rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k, const float* v,
+                         float* out);
     // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
     // experts (route → experts → combine), as both families do it.
     Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);

@@ -98,18 +98,7 @@ private:
             }
             be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
             be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-            for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // positions and KV cache: per sequence
-                const int64_t r = sg->row0, p0 = sg->seq->n_past;
-                be.rope(q + r * q_dim, sg->n, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
-                be.rope(k + r * kv_dim, sg->n, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
-            }
-            cb("Qcur", il, q, T, q_dim);
-            cb("Kcur", il, k, T, kv_dim);
-            for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
-                const int64_t r = sg->row0;
-                attend(*sg->seq, il, sg->seq->n_past, sg->n, q + r * q_dim, k + r * kv_dim, v + r * kv_dim,
-                       attn + r * q_dim);  // [T, Nh*D]
-            }
+            rope_and_attend(segs, n_segs, il, T, q, k, v, attn);  // [T, Nh*D]; per sequence
             be.matmul(lw.wo, attn, T, tmp);         // [T, H]
             cb("attn_out", il, tmp, T, H);
             be.add(x, tmp, T * H);
