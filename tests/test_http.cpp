@@ -201,7 +201,7 @@ protected:
     }
     // A server on the shared model; `chat` null: the model's own template (ChatML here).
     static void start_server(std::shared_ptr<const ChatFormatter> chat, HttpServer** server, std::thread** thread,
-                             int* port_out, int64_t n_ctx = 256) {
+                             int* port_out, int64_t n_ctx = 256, int socket_send_buffer = 0) {
         HttpServerOptions ho;
         ho.model_name = "tiny";
         ho.limits.n_ctx = n_ctx;
@@ -212,6 +212,7 @@ protected:
         // Prompts run 3 tokens at a time between decode steps: every test's text (compared with the
         // model's greedy text from one forward() of the whole prompt) also checks that chunking.
         ho.prompt_chunk = 3;
+        ho.socket_send_buffer = socket_send_buffer;
         HttpServer* s = new HttpServer(*model_, *tok_, ho);
         *server = s;
         auto port = s->bind("127.0.0.1", 0);
@@ -533,6 +534,70 @@ TEST_F(HttpServerTest, ConcurrentRequestsAreBatchedAndEachGetsItsOwnText) {
     EXPECT_GT(after["decode"]["prompt_tokens"].get<int64_t>(), before["prompt_tokens"].get<int64_t>())
         << "no prompt ran inside a decode step";
     EXPECT_LE(after["decode"]["max_batch"].get<int64_t>(), 4);
+}
+
+// A client that stops reading its stream does not hold up the others: streamed text is written by
+// the request's own handler thread, not by the model thread that runs every request's decode steps.
+// The server's send buffer is 8 KiB and the client's receive buffer 1 KiB, so a stream of 2000
+// tokens (~300 KB of events) fills them early. Before this was so, the model thread blocked in the
+// write until httplib's 5 s write timeout, which then cut the stalled stream off.
+TEST_F(HttpServerTest, AStalledStreamDoesNotHoldUpOtherRequests) {
+    // Expected texts first: the model is not thread-safe, so nothing else may run it while a server does.
+    const std::string short_want = as_sent(greedy_text("after", 3));
+    HttpServer* server = nullptr;
+    std::thread* thread = nullptr;
+    int port = 0;
+    start_server(nullptr, &server, &thread, &port, /*n_ctx=*/4096, /*socket_send_buffer=*/8192);
+    const std::string body = R"({"prompt":"Long","max_tokens":2000,"ignore_eos":true,"temperature":0)";
+    auto whole = post_to(port, "/v1/completions", body + "}");
+    ASSERT_TRUE(whole);
+    ASSERT_EQ(whole->status, 200) << whole->body;
+    const std::string long_want = json::parse(whole->body)["choices"][0]["text"].get<std::string>();
+
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    const int small = 1024;
+    ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)), 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    const std::string stream_body = body + R"(,"stream":true,"cache_prompt":false})";
+    const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Connection: close\r\nContent-Length: " + std::to_string(stream_body.size()) + "\r\n\r\n" +
+                            stream_body;
+    ASSERT_EQ(::write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+    // Once the stalled request has made more tokens than the buffers hold, ask for something short.
+    httplib::Client c("127.0.0.1", port);
+    const int64_t tokens0 = json::parse(c.Get("/health")->body)["decode"]["tokens"].get<int64_t>();
+    for (int i = 0; i < 200; ++i) {
+        auto h = c.Get("/health");
+        if (h && json::parse(h->body)["decode"]["tokens"].get<int64_t>() - tokens0 > 500) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    auto r = post_to(port, "/v1/completions", R"({"prompt":"after","max_tokens":3,"temperature":0})");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 200) << r->body;
+    EXPECT_EQ(json::parse(r->body)["choices"][0]["text"].get<std::string>(), short_want);
+    // Now read the stalled stream: all of it, ended by [DONE].
+    std::string got;
+    char buf[65536];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof(buf))) > 0;) got.append(buf, static_cast<size_t>(n));
+    ::close(fd);
+    const size_t head = got.find("\r\n\r\n");
+    ASSERT_NE(head, std::string::npos) << got.substr(0, 200);
+    std::string finish;
+    bool done = false;
+    // Chunked transfer: each event is one chunk, so its "data: " line survives the framing.
+    const std::string text = stream_text(got.substr(head + 4), false, &finish, &done);
+    EXPECT_TRUE(done) << "the stalled stream was cut off";
+    EXPECT_EQ(finish, "length");
+    EXPECT_TRUE(text == long_want) << "the stalled stream's text is not the request's text";
+    server->stop();
+    thread->join();
+    delete thread;
+    delete server;
 }
 
 // The prompt cache: a request whose prompt starts like a finished one's sequence continues from it

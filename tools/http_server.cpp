@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <chrono>
@@ -12,7 +13,6 @@
 #include <deque>
 #include <functional>
 #include <optional>
-#include <future>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -130,9 +130,17 @@ struct HttpServer::Impl {
     struct Slot {
         const GenRequest* rq = nullptr;
         const Prepared* pr = nullptr;
-        std::function<bool(const std::string&)> on_text;  // streams text as it becomes final; false: client gone
+        bool stream = false;  // text is handed to the request's handler thread as it becomes final
         GenResult* res = nullptr;
-        std::promise<Status> done;
+        // The model thread hands text and the end of the request to the handler thread here; the
+        // handler thread writes to the client, so a client that reads slowly (its socket buffers
+        // full) holds up only its own request, never the decode steps of the others.
+        std::mutex out_mu;
+        std::condition_variable out_cv;
+        std::string out;       // text not yet taken by the handler
+        bool over = false;     // finish() ran: `status` is final and the slot belongs to the handler
+        Status status;
+        std::atomic<bool> gone{false};  // the handler could not write: the client is gone
         std::unique_ptr<SequenceState> seq;
         std::unique_ptr<Sampler> sampler;
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
@@ -153,12 +161,16 @@ struct HttpServer::Impl {
     // Also prompt tokens that ran inside decode steps.
     std::atomic<int64_t> busy{0}, decode_steps{0}, decode_tokens{0}, max_batch{0}, mixed_prompt_tokens{0};
 
-    // Streams text[sent, upto); false when the client is gone.
+    // Hands text[sent, upto) to the handler thread (streams only); false when the client is gone.
     static bool flush(Slot& s, size_t upto) {
-        if (upto <= s.sent) return true;
-        const bool ok = s.on_text(s.res->text.substr(s.sent, upto - s.sent));
+        if (upto <= s.sent || !s.stream) return true;
+        {
+            std::lock_guard<std::mutex> lock(s.out_mu);
+            s.out.append(s.res->text, s.sent, upto - s.sent);
+            s.out_cv.notify_one();
+        }
         s.sent = upto;
-        return ok;
+        return !s.gone.load();
     }
 
     // ---- prompt cache ----
@@ -205,7 +217,11 @@ struct HttpServer::Impl {
         if (st.ok() && s.rq->cache_prompt && !abort_generation) keep_cached(s);
         s.seq.reset();  // freed here: backend memory belongs to the model thread
         if (s.admitted) --busy;  // before the handler can answer: /health never counts a finished request
-        s.done.set_value(std::move(st));  // the handler thread owns (and frees) the slot from now on
+        // Notified under the lock: once it is released the handler thread may free the slot.
+        std::lock_guard<std::mutex> lock(s.out_mu);
+        s.status = std::move(st);
+        s.over = true;
+        s.out_cv.notify_one();
     }
 
     // Takes the sampled token; true when the request is over (finish() called).
@@ -407,22 +423,38 @@ struct HttpServer::Impl {
         abort_generation = true;
         jobs_cv.notify_all();
     }
-    // Queues a prepared request for the model thread and waits until it is over.
+    // Queues a prepared request for the model thread and waits until it is over; meanwhile (on this,
+    // the request's handler thread) passes its text to `on_text` as it becomes final (null: not
+    // streamed). on_text returning false (the client is gone) ends the generation.
     Status generate_on_model_thread(const GenRequest& rq, const Prepared& pr,
                                     const std::function<bool(const std::string&)>& on_text, GenResult* res) {
         Slot slot;
         slot.rq = &rq;
         slot.pr = &pr;
-        slot.on_text = on_text;
+        slot.stream = static_cast<bool>(on_text);
         slot.res = res;
-        std::future<Status> done = slot.done.get_future();
         {
             std::lock_guard<std::mutex> lock(jobs_mu);
             if (stopping) return MM_ERROR("the server is stopping");
             pending.push_back(&slot);
         }
         jobs_cv.notify_one();
-        return done.get();
+        for (;;) {
+            std::string text;
+            bool over = false;
+            {
+                std::unique_lock<std::mutex> lock(slot.out_mu);
+                slot.out_cv.wait(lock, [&] { return slot.over || !slot.out.empty(); });
+                text.swap(slot.out);
+                over = slot.over;
+            }
+            if (!text.empty() && !slot.gone && !on_text(text)) slot.gone = true;
+            if (over) break;
+        }
+        // The model thread saw the client gone only if text came after; otherwise the request
+        // ended normally and the last writes failed: the same error either way.
+        if (slot.status.ok() && slot.gone) return MM_ERROR("the client closed the connection");
+        return slot.status;
     }
 
     json usage(const GenResult& g) const {
@@ -463,7 +495,7 @@ struct HttpServer::Impl {
         const std::string object = chat ? "chat.completion" : "text_completion";
         if (!rq.stream) {
             GenResult g;
-            Status st = generate_on_model_thread(rq, pr, [](const std::string&) { return true; }, &g);
+            Status st = generate_on_model_thread(rq, pr, nullptr, &g);
             if (!st.ok()) return send_error(req, res, 500, st.message());
             json choice = {{"index", 0}, {"finish_reason", g.finish}, {"logprobs", nullptr}};
             if (chat && parse_reply(rq)) {
@@ -572,6 +604,12 @@ struct HttpServer::Impl {
 
     void routes() {
         svr.set_payload_max_length(opts.max_body_bytes);
+        if (opts.socket_send_buffer > 0) {
+            svr.set_socket_options([n = opts.socket_send_buffer](socket_t sock) {
+                httplib::default_socket_options(sock);
+                ::setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &n, sizeof(n));
+            });
+        }
         svr.set_read_timeout(60, 0);
         svr.Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
             int64_t waiting;

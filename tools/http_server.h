@@ -33,6 +33,9 @@ struct HttpServerOptions {
     // Formats /v1/chat/completions conversations; null: chat_formatter_for(tok) (the model's own
     // template, or the built-in ChatML one).
     std::shared_ptr<const ChatFormatter> chat;
+    // SO_SNDBUF of the listening socket, inherited by connections; 0: the system's (autotuned).
+    // Tests set a small one to fill it with a client that does not read.
+    int socket_send_buffer = 0;
 };
 
 class HttpServer {
