@@ -14,20 +14,44 @@ int32_t argmax(const float* logits, int64_t n) {
     return static_cast<int32_t>(best);
 }
 
-std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n) {
+namespace {
+
+// log Σ exp(logits) in double precision (the softmax's normalizer at temperature 1).
+double log_normalizer(const float* logits, int64_t n_vocab) {
     double mx = -INFINITY;
     for (int64_t i = 0; i < n_vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
     double sum = 0.0;
     for (int64_t i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
+    return mx + std::log(sum);
+}
+
+// The top_n ids by decreasing logit (lower id first on ties).
+std::vector<int32_t> top_ids(const float* logits, int64_t n_vocab, int64_t top_n) {
     std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
     std::iota(ids.begin(), ids.end(), 0);
-    top_n = std::min(top_n, n_vocab);
+    top_n = std::clamp<int64_t>(top_n, 0, n_vocab);
     std::partial_sort(ids.begin(), ids.begin() + top_n, ids.end(), [logits](int32_t a, int32_t b) {
         return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
     });
+    ids.resize(static_cast<size_t>(top_n));
+    return ids;
+}
+
+}  // namespace
+
+std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n) {
+    const double lz = log_normalizer(logits, n_vocab);
     std::vector<std::pair<int32_t, double>> out;
-    out.reserve(static_cast<size_t>(top_n));
-    for (int64_t j = 0; j < top_n; ++j) out.emplace_back(ids[j], std::exp(static_cast<double>(logits[ids[j]]) - mx) / sum);
+    for (int32_t id : top_ids(logits, n_vocab, top_n)) out.emplace_back(id, std::exp(static_cast<double>(logits[id]) - lz));
+    return out;
+}
+
+TokenLogprobs token_logprobs(const float* logits, int64_t n_vocab, int32_t chosen, int64_t top_n) {
+    const double lz = log_normalizer(logits, n_vocab);
+    TokenLogprobs out;
+    out.id = chosen;
+    out.logprob = static_cast<double>(logits[chosen]) - lz;
+    for (int32_t id : top_ids(logits, n_vocab, top_n)) out.top.emplace_back(id, static_cast<double>(logits[id]) - lz);
     return out;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace moemesh {
@@ -32,5 +33,15 @@ int32_t argmax(const float* logits, int64_t n);
 // Full softmax at temperature 1 in double precision; returns the top-n (id, prob) pairs, by
 // decreasing probability.
 std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n);
+
+// A generated token's log-probability and the top_n most likely tokens' (by decreasing
+// probability), from the full log-softmax at temperature 1 in double precision: the model's own
+// distribution, before any sampling cut (what the OpenAI API's `logprobs` report).
+struct TokenLogprobs {
+    int32_t id = -1;
+    double logprob = 0.0;
+    std::vector<std::pair<int32_t, double>> top;
+};
+TokenLogprobs token_logprobs(const float* logits, int64_t n_vocab, int32_t chosen, int64_t top_n);
 
 }  // namespace moemesh

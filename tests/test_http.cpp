@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -72,6 +73,23 @@ TEST(HttpRequest, ParsesCompletionsAndChat) {
         limits());
     ASSERT_TRUE(nothink.ok()) << nothink.status().message();
     EXPECT_EQ(nothink.value().prompt, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
+
+    // logprobs: off unless asked; chat takes a boolean + top_logprobs, completions a count.
+    EXPECT_EQ(c.value().logprobs, -1);
+    EXPECT_EQ(ch.value().logprobs, -1);
+    auto lc = parse_gen_request(R"({"prompt":"x","logprobs":3})", false, limits());
+    ASSERT_TRUE(lc.ok()) << lc.status().message();
+    EXPECT_EQ(lc.value().logprobs, 3);
+    const char* msgs = R"("messages":[{"role":"user","content":"Q"}])";
+    auto l0 = parse_gen_request(std::string("{") + msgs + R"(,"logprobs":true})", true, limits());
+    ASSERT_TRUE(l0.ok()) << l0.status().message();
+    EXPECT_EQ(l0.value().logprobs, 0);
+    auto l5 = parse_gen_request(std::string("{") + msgs + R"(,"logprobs":true,"top_logprobs":5})", true, limits());
+    ASSERT_TRUE(l5.ok()) << l5.status().message();
+    EXPECT_EQ(l5.value().logprobs, 5);
+    auto off = parse_gen_request(std::string("{") + msgs + R"(,"logprobs":false,"top_logprobs":0})", true, limits());
+    ASSERT_TRUE(off.ok()) << off.status().message();
+    EXPECT_EQ(off.value().logprobs, -1);
 }
 
 TEST(HttpRequest, BadFieldsAreNamed) {
@@ -106,6 +124,12 @@ TEST(HttpRequest, BadFieldsAreNamed) {
         {false, R"({"prompt":"x","stop":5})", "'stop' must be"},
         {false, R"({"prompt":"x","stop":[""]})", "'stop' strings"},
         {false, R"({"prompt":"x","stop":["a",1]})", "'stop[1]'"},
+        {false, R"({"prompt":"x","logprobs":true})", "'logprobs' must be an integer 0-20"},
+        {false, R"({"prompt":"x","logprobs":21})", "'logprobs' must be between 0 and 20"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"logprobs":3})", "'logprobs' must be a boolean"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21})",
+         "'top_logprobs' must be between 0 and 20"},
+        {true, R"({"messages":[{"role":"user","content":"x"}],"top_logprobs":2})", "'top_logprobs' needs"},
         {true, R"({"prompt":"x"})", "'messages' is required"},
         {true, R"({"messages":[]})", "'messages' must be a non-empty array"},
         {true, R"({"messages":[5]})", "'messages[0]' must be an object"},
@@ -369,6 +393,159 @@ TEST_F(HttpServerTest, StreamingEqualsTheWholeResponse) {
     ASSERT_TRUE(chat);
     EXPECT_EQ(json::parse(chat->body)["choices"][0]["message"]["content"],
               as_sent(greedy_text("<|im_start|>user\nTell me<|im_end|>\n<|im_start|>assistant\n", 6)));
+}
+
+// Log-probabilities (OpenAI "logprobs"): every generated token's log-softmax value and the most
+// likely alternatives, equal to the model's own distribution at that step (recomputed here from
+// forward()), in the completions form (tokens / token_logprobs / top_logprobs / text_offset) and the
+// chat form (content: token, logprob, bytes, top_logprobs); streams carry the same entries spread
+// over their chunks; tokens cut off by a stop string are not reported.
+TEST_F(HttpServerTest, LogprobsAreTheModelsLogSoftmax) {
+    // The distributions each greedy token of `prompt` was drawn from.
+    auto reference = [](const std::string& prompt, int n, std::vector<int32_t>* ids) {
+        greedy_text(prompt, n, ids);
+        std::vector<int32_t> in = tok_->encode(prompt, true);
+        if (tok_->add_bos() && tok_->bos_id() >= 0) in.insert(in.begin(), tok_->bos_id());
+        auto seq = model_->new_sequence(static_cast<int64_t>(in.size() + ids->size()) + 1);
+        std::vector<float> logits;
+        std::vector<std::vector<double>> out;
+        EXPECT_TRUE(model_->forward(*seq, in.data(), static_cast<int64_t>(in.size()), false, &logits).ok());
+        for (int32_t id : *ids) {
+            double z = 0;
+            for (float l : logits) z += std::exp(static_cast<double>(l));
+            std::vector<double> lsm;
+            for (float l : logits) lsm.push_back(static_cast<double>(l) - std::log(z));
+            out.push_back(std::move(lsm));
+            EXPECT_TRUE(model_->forward(*seq, &id, 1, false, &logits).ok());
+        }
+        return out;
+    };
+    auto piece = [](int32_t id) { return tok_->token_to_piece(id); };
+    // The ids of the n highest values, highest first (lower id on ties).
+    auto best = [](const std::vector<double>& v, size_t n) {
+        std::vector<int32_t> ids(v.size());
+        for (size_t i = 0; i < v.size(); ++i) ids[i] = static_cast<int32_t>(i);
+        std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+        ids.resize(n);
+        return ids;
+    };
+    // Every "data:" chunk's choices[0].logprobs, in order.
+    auto stream_logprobs = [](const std::string& body) {
+        std::vector<json> out;
+        std::istringstream in(body);
+        for (std::string line; std::getline(in, line);) {
+            if (line.rfind("data: {", 0) != 0) continue;
+            const json j = json::parse(line.substr(6));
+            const json& ch = j["choices"][0];
+            if (ch.contains("logprobs") && !ch["logprobs"].is_null()) out.push_back(ch["logprobs"]);
+        }
+        return out;
+    };
+
+    // Completions, 3 alternatives per token.
+    std::vector<int32_t> ids;
+    const std::vector<std::vector<double>> ref = reference("Hello world", 10, &ids);
+    ASSERT_FALSE(ids.empty());
+    json req = {{"prompt", "Hello world"}, {"max_tokens", 10}, {"temperature", 0}, {"logprobs", 3}};
+    auto r = post("/v1/completions", req.dump());
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    const json lp = json::parse(r->body)["choices"][0]["logprobs"];
+    ASSERT_EQ(lp["tokens"].size(), ids.size()) << lp.dump();
+    size_t offset = 0;
+    for (size_t i = 0; i < ids.size(); ++i) {
+        EXPECT_EQ(lp["tokens"][i], as_sent(piece(ids[i])));
+        EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), ref[i][ids[i]], 1e-9) << "token " << i;
+        EXPECT_EQ(lp["text_offset"][i], offset);
+        offset += piece(ids[i]).size();
+        const std::vector<int32_t> top = best(ref[i], 3);
+        EXPECT_EQ(top[0], ids[i]);  // greedy
+        const json& alts = lp["top_logprobs"][i];
+        ASSERT_TRUE(alts.is_object());
+        std::set<std::string> keys;
+        for (int32_t id : top) keys.insert(as_sent(piece(id)));
+        if (keys.size() < 3) continue;  // two alternatives print alike: one key
+        ASSERT_EQ(alts.size(), 3u) << alts.dump();
+        for (int32_t id : top) EXPECT_NEAR(alts[as_sent(piece(id))].get<double>(), ref[i][id], 1e-9);
+    }
+    // The same, streamed: the chunks' entries add up to the whole response's.
+    req["stream"] = true;
+    auto s = post("/v1/completions", req.dump());
+    ASSERT_TRUE(s);
+    json joined = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+                   {"text_offset", json::array()}};
+    for (const json& part : stream_logprobs(s->body))
+        for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+            for (const json& e : part[k]) joined[k].push_back(e);
+    EXPECT_EQ(joined, lp);
+
+    // Chat, 2 alternatives per token, with the bytes of each token.
+    const std::string rendered = "<|im_start|>user\nTell me<|im_end|>\n<|im_start|>assistant\n";
+    std::vector<int32_t> chat_ids;
+    const std::vector<std::vector<double>> chat_ref = reference(rendered, 8, &chat_ids);
+    json creq = {{"messages", {{{"role", "user"}, {"content", "Tell me"}}}},
+                 {"max_tokens", 8}, {"temperature", 0}, {"logprobs", true}, {"top_logprobs", 2}};
+    auto c = post("/v1/chat/completions", creq.dump());
+    ASSERT_TRUE(c);
+    ASSERT_EQ(c->status, 200) << c->body;
+    const json content = json::parse(c->body)["choices"][0]["logprobs"]["content"];
+    ASSERT_EQ(content.size(), chat_ids.size()) << content.dump();
+    for (size_t i = 0; i < chat_ids.size(); ++i) {
+        const json& e = content[i];
+        const std::string p = piece(chat_ids[i]);
+        EXPECT_EQ(e["token"], as_sent(p));
+        json bytes = json::array();
+        for (unsigned char ch : p) bytes.push_back(static_cast<int>(ch));
+        EXPECT_EQ(e["bytes"], bytes);
+        EXPECT_NEAR(e["logprob"].get<double>(), chat_ref[i][chat_ids[i]], 1e-9);
+        const std::vector<int32_t> top = best(chat_ref[i], 2);
+        ASSERT_EQ(e["top_logprobs"].size(), 2u);
+        for (size_t k = 0; k < 2; ++k) {
+            EXPECT_EQ(e["top_logprobs"][k]["token"], as_sent(piece(top[k])));
+            EXPECT_NEAR(e["top_logprobs"][k]["logprob"].get<double>(), chat_ref[i][top[k]], 1e-9);
+        }
+    }
+    creq["stream"] = true;
+    auto cs = post("/v1/chat/completions", creq.dump());
+    ASSERT_TRUE(cs);
+    json chat_joined = json::array();
+    for (const json& part : stream_logprobs(cs->body))
+        for (const json& e : part["content"]) chat_joined.push_back(e);
+    EXPECT_EQ(chat_joined, content);
+
+    // Not asked: null (or absent in stream chunks).
+    auto none = post("/v1/completions", R"({"prompt":"Hello world","max_tokens":3,"temperature":0})");
+    ASSERT_TRUE(none);
+    EXPECT_TRUE(json::parse(none->body)["choices"][0]["logprobs"].is_null());
+    auto none_s = post("/v1/completions", R"({"prompt":"Hello world","max_tokens":3,"temperature":0,"stream":true})");
+    ASSERT_TRUE(none_s);
+    EXPECT_TRUE(stream_logprobs(none_s->body).empty());
+
+    // A stop string: only the tokens whose text (partly) precedes it.
+    const std::string full = greedy_text("Hello world", 10);
+    size_t at = full.size() / 2;
+    auto ascii = [&](size_t i) { return i < full.size() && full[i] >= 0x20 && full[i] < 0x7f; };
+    while (at < full.size() && !ascii(at)) ++at;
+    ASSERT_LT(at, full.size()) << "no ASCII byte in the greedy text";
+    const std::string stop = full.substr(at, 1);
+    const size_t cut = full.find(stop);
+    size_t n_before = 0;
+    for (size_t o = 0; n_before < ids.size() && o < cut; o += piece(ids[n_before++]).size()) {
+    }
+    for (bool stream : {false, true}) {
+        json sreq = {{"prompt", "Hello world"}, {"max_tokens", 10}, {"temperature", 0}, {"logprobs", 0},
+                     {"stop", {stop}}, {"stream", stream}};
+        auto sr = post("/v1/completions", sreq.dump());
+        ASSERT_TRUE(sr);
+        json offsets = json::array();
+        if (stream) {
+            for (const json& part : stream_logprobs(sr->body))
+                for (const json& o : part["text_offset"]) offsets.push_back(o);
+        } else {
+            offsets = json::parse(sr->body)["choices"][0]["logprobs"]["text_offset"];
+        }
+        EXPECT_EQ(offsets.size(), n_before) << "stream " << stream << ", stop '" << stop << "' at " << cut;
+    }
 }
 
 TEST_F(HttpServerTest, StopStringsEndTheText) {

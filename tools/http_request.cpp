@@ -1,5 +1,6 @@
 #include "tools/http_request.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -238,6 +239,8 @@ StatusOr<GenRequest> parse_gen_request(const std::string& body, bool chat, const
 
 namespace {
 
+constexpr int64_t kMaxTopLogprobs = 20;  // OpenAI's limit for top_logprobs
+
 StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, const RequestLimits& lim) {
     const json j = json::parse(body);
     if (!j.is_object()) return MM_ERROR("the request body must be a JSON object, got %s", kind(j).c_str());
@@ -296,6 +299,24 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
     if (auto it = j.find("cache_prompt"); it != j.end() && !it->is_null()) {  // llama.cpp server's field
         if (!it->is_boolean()) return bad_field("cache_prompt", "a boolean", *it);
         r.cache_prompt = it->get<bool>();
+    }
+    // logprobs: chat {"logprobs": true, "top_logprobs": 0-20}; completions {"logprobs": 0-20}.
+    if (chat) {
+        bool want = false;
+        if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) {
+            if (!it->is_boolean()) return bad_field("logprobs", "a boolean (chat completions)", *it);
+            want = it->get<bool>();
+        }
+        int64_t top = -1;
+        MM_RETURN_IF_ERROR(int_field(j, "top_logprobs", 0, kMaxTopLogprobs, &top));
+        if (top > 0 && !want) return MM_ERROR("'top_logprobs' needs \"logprobs\": true");
+        if (want) r.logprobs = static_cast<int>(std::max<int64_t>(top, 0));
+    } else {
+        int64_t n_top = -1;
+        if (auto it = j.find("logprobs"); it != j.end() && it->is_boolean())
+            return bad_field("logprobs", "an integer 0-20 (completions; the number of alternatives per token)", *it);
+        MM_RETURN_IF_ERROR(int_field(j, "logprobs", 0, kMaxTopLogprobs, &n_top));
+        r.logprobs = static_cast<int>(n_top);
     }
     if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
         if (it->is_string()) {

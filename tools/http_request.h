@@ -35,6 +35,9 @@ struct GenRequest {
     bool stream = false;
     bool ignore_eos = false;
     bool cache_prompt = true;      // reuse a finished request's sequence that shares the prompt's start
+    // Log-probabilities of the generated tokens: -1 none; else with this many most likely
+    // alternatives per token (chat: "logprobs": true + "top_logprobs"; completions: "logprobs": N).
+    int logprobs = -1;
     // chat: how to read the reply (common/chat_reply.h)
     bool parse_reasoning = true;   // <think> text goes to reasoning_content ("reasoning_format": "none": off)
     bool reply_in_think = false;   // the prompt ends inside a think block (Qwen3.5's generation prompt)

@@ -26,8 +26,16 @@ using json = nlohmann::json;
 
 namespace {
 
+// A generated token's log-probabilities (request "logprobs") and where its text lies in the
+// request's text: [start, end) bytes.
+struct GenLogprob {
+    TokenLogprobs lp;
+    size_t start = 0, end = 0;
+};
+
 struct GenResult {
     std::string text;
+    std::vector<GenLogprob> logprobs;  // one per generated token whose text is (partly) in `text`
     int64_t prompt_tokens = 0, completion_tokens = 0;
     int64_t cached_tokens = 0;  // prompt tokens whose state came from an earlier request (prompt cache)
     std::string finish = "length";  // "stop" | "length"
@@ -138,6 +146,7 @@ struct HttpServer::Impl {
         std::mutex out_mu;
         std::condition_variable out_cv;
         std::string out;       // text not yet taken by the handler
+        std::vector<GenLogprob> out_lp;  // and the log-probabilities of its tokens
         bool over = false;     // finish() ran: `status` is final and the slot belongs to the handler
         Status status;
         std::atomic<bool> gone{false};  // the handler could not write: the client is gone
@@ -145,6 +154,7 @@ struct HttpServer::Impl {
         std::unique_ptr<Sampler> sampler;
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
         size_t sent = 0;
+        size_t lp_sent = 0;  // res->logprobs handed to the handler
         int64_t prefilled = 0;  // prompt tokens already run (or taken from the prompt cache)
         int32_t next = -1;      // the token the next decode step feeds
         std::vector<int32_t> fed;  // every token the sequence holds, for the prompt cache
@@ -161,15 +171,23 @@ struct HttpServer::Impl {
     // Also prompt tokens that ran inside decode steps.
     std::atomic<int64_t> busy{0}, decode_steps{0}, decode_tokens{0}, max_batch{0}, mixed_prompt_tokens{0};
 
-    // Hands text[sent, upto) to the handler thread (streams only); false when the client is gone.
+    // Hands text[sent, upto) and the log-probabilities of the tokens whose text ends there to the
+    // handler thread (streams only); false when the client is gone.
     static bool flush(Slot& s, size_t upto) {
-        if (upto <= s.sent || !s.stream) return true;
+        if (!s.stream) return true;
+        const std::vector<GenLogprob>& lps = s.res->logprobs;
+        size_t lp_upto = s.lp_sent;
+        while (lp_upto < lps.size() && lps[lp_upto].end <= upto) ++lp_upto;
+        if (upto <= s.sent && lp_upto == s.lp_sent) return true;
         {
             std::lock_guard<std::mutex> lock(s.out_mu);
-            s.out.append(s.res->text, s.sent, upto - s.sent);
+            if (upto > s.sent) s.out.append(s.res->text, s.sent, upto - s.sent);
+            s.out_lp.insert(s.out_lp.end(), lps.begin() + static_cast<std::ptrdiff_t>(s.lp_sent),
+                            lps.begin() + static_cast<std::ptrdiff_t>(lp_upto));
             s.out_cv.notify_one();
         }
-        s.sent = upto;
+        s.sent = std::max(s.sent, upto);
+        s.lp_sent = lp_upto;
         return !s.gone.load();
     }
 
@@ -224,8 +242,10 @@ struct HttpServer::Impl {
         s.out_cv.notify_one();
     }
 
-    // Takes the sampled token; true when the request is over (finish() called).
-    bool accept(Slot& s, int32_t next) {
+    // Samples the next token from `logits` and takes it; true when the request is over (finish() called).
+    bool accept(Slot& s, const float* logits) {
+        const int64_t V = model.config().n_vocab;
+        const int32_t next = s.sampler->sample(logits, V);
         GenResult& res = *s.res;
         if (!s.rq->ignore_eos && tok.is_eog(next)) {
             res.finish = "stop";
@@ -236,6 +256,8 @@ struct HttpServer::Impl {
         std::string& text = res.text;
         const size_t before = text.size();
         text += tok.token_to_piece(next);
+        if (s.rq->logprobs >= 0)
+            res.logprobs.push_back(GenLogprob{token_logprobs(logits, V, next, s.rq->logprobs), before, text.size()});
         bool stopped = false;
         for (const std::string& stop : s.rq->stop) {
             // A stop string ends in the new piece: search from where it could start.
@@ -247,6 +269,9 @@ struct HttpServer::Impl {
             }
         }
         if (stopped) {
+            // Tokens whose text lies wholly in the cut-off stop string are not part of the reply.
+            while (!res.logprobs.empty() && res.logprobs.back().start >= text.size()) res.logprobs.pop_back();
+            for (GenLogprob& g : res.logprobs) g.end = std::min(g.end, text.size());
             res.finish = "stop";
             finish(s, Status());
             return true;
@@ -301,7 +326,7 @@ struct HttpServer::Impl {
             finish(s, Status());
             return false;
         }
-        return !accept(s, s.sampler->sample(logits, model.config().n_vocab));
+        return !accept(s, logits);
     }
 
     // Runs the next chunk of a request's prompt alone (nothing else to run, or no room beside the
@@ -399,7 +424,7 @@ struct HttpServer::Impl {
                     finish(s, MM_ERROR("the server is stopping"));
                     continue;
                 }
-                if (!accept(s, s.sampler->sample(logits.data() + i * V, V))) still.push_back(&s);
+                if (!accept(s, logits.data() + i * V)) still.push_back(&s);
             }
             if (mix > 0) {
                 const int64_t n_in = static_cast<int64_t>(reader->pr->input.size());
@@ -423,11 +448,12 @@ struct HttpServer::Impl {
         abort_generation = true;
         jobs_cv.notify_all();
     }
+    using OnText = std::function<bool(const std::string& text, const std::vector<GenLogprob>& logprobs)>;
     // Queues a prepared request for the model thread and waits until it is over; meanwhile (on this,
     // the request's handler thread) passes its text to `on_text` as it becomes final (null: not
     // streamed). on_text returning false (the client is gone) ends the generation.
     Status generate_on_model_thread(const GenRequest& rq, const Prepared& pr,
-                                    const std::function<bool(const std::string&)>& on_text, GenResult* res) {
+                                    const OnText& on_text, GenResult* res) {
         Slot slot;
         slot.rq = &rq;
         slot.pr = &pr;
@@ -441,20 +467,60 @@ struct HttpServer::Impl {
         jobs_cv.notify_one();
         for (;;) {
             std::string text;
+            std::vector<GenLogprob> lps;
             bool over = false;
             {
                 std::unique_lock<std::mutex> lock(slot.out_mu);
-                slot.out_cv.wait(lock, [&] { return slot.over || !slot.out.empty(); });
+                slot.out_cv.wait(lock, [&] { return slot.over || !slot.out.empty() || !slot.out_lp.empty(); });
                 text.swap(slot.out);
+                lps.swap(slot.out_lp);
                 over = slot.over;
             }
-            if (!text.empty() && !slot.gone && !on_text(text)) slot.gone = true;
+            if ((!text.empty() || !lps.empty()) && !slot.gone && !on_text(text, lps)) slot.gone = true;
             if (over) break;
         }
         // The model thread saw the client gone only if text came after; otherwise the request
         // ended normally and the last writes failed: the same error either way.
         if (slot.status.ok() && slot.gone) return MM_ERROR("the client closed the connection");
         return slot.status;
+    }
+
+    // Log-probabilities in the OpenAI form: chat {"content": [{token, logprob, bytes, top_logprobs:
+    // [{token, logprob, bytes}]}]}; completions {tokens, token_logprobs, top_logprobs: [{token:
+    // logprob}], text_offset} (offsets into the completion's text).
+    json logprobs_json(const std::vector<GenLogprob>& lps, bool chat) const {
+        auto bytes = [](const std::string& piece) {
+            json b = json::array();
+            for (unsigned char c : piece) b.push_back(static_cast<int>(c));
+            return b;
+        };
+        if (chat) {
+            json content = json::array();
+            for (const GenLogprob& g : lps) {
+                const std::string piece = tok.token_to_piece(g.lp.id);
+                json top = json::array();
+                for (const auto& [id, lp] : g.lp.top) {
+                    const std::string p = tok.token_to_piece(id);
+                    top.push_back({{"token", p}, {"logprob", lp}, {"bytes", bytes(p)}});
+                }
+                content.push_back({{"token", piece}, {"logprob", g.lp.logprob}, {"bytes", bytes(piece)},
+                                   {"top_logprobs", std::move(top)}});
+            }
+            return {{"content", std::move(content)}};
+        }
+        json tokens = json::array(), token_lps = json::array(), tops = json::array(), offsets = json::array();
+        for (const GenLogprob& g : lps) {
+            tokens.push_back(tok.token_to_piece(g.lp.id));
+            token_lps.push_back(g.lp.logprob);
+            json top = json::object();
+            for (const auto& [id, lp] : g.lp.top) top[tok.token_to_piece(id)] = lp;
+            tops.push_back(std::move(top));
+            offsets.push_back(g.start);
+        }
+        return {{"tokens", std::move(tokens)},
+                {"token_logprobs", std::move(token_lps)},
+                {"top_logprobs", std::move(tops)},
+                {"text_offset", std::move(offsets)}};
     }
 
     json usage(const GenResult& g) const {
@@ -498,6 +564,7 @@ struct HttpServer::Impl {
             Status st = generate_on_model_thread(rq, pr, nullptr, &g);
             if (!st.ok()) return send_error(req, res, 500, st.message());
             json choice = {{"index", 0}, {"finish_reason", g.finish}, {"logprobs", nullptr}};
+            if (rq.logprobs >= 0) choice["logprobs"] = logprobs_json(g.logprobs, chat);
             if (chat && parse_reply(rq)) {
                 const AssistantReply reply = parse_assistant_reply(g.text, reply_format(rq, id));
                 json msg = {{"role", "assistant"}, {"content", reply.content}};
@@ -552,16 +619,23 @@ struct HttpServer::Impl {
                 // they are decided, tool calls in one delta at the end.
                 std::optional<ReplyStream> reply;
                 if (chat && parse_reply(rq)) reply.emplace(reply_format(rq, id));
-                auto send_delta = [&](const ReplyStream::Delta& d) {
-                    if (d.empty()) return true;
+                // A chunk's log-probabilities go with the text of its tokens (a delta of their own
+                // when the reply parser holds that text back).
+                auto send_delta = [&](const ReplyStream::Delta& d, const std::vector<GenLogprob>& lps) {
+                    if (d.empty() && lps.empty()) return true;
                     json delta = json::object();
                     if (!d.reasoning.empty()) delta["reasoning_content"] = d.reasoning;
                     if (!d.content.empty()) delta["content"] = d.content;
-                    return event(json{{"index", 0}, {"finish_reason", nullptr}, {"delta", std::move(delta)}}, nullptr);
+                    json choice = {{"index", 0}, {"finish_reason", nullptr}, {"delta", std::move(delta)}};
+                    if (!lps.empty()) choice["logprobs"] = logprobs_json(lps, true);
+                    return event(choice, nullptr);
                 };
-                auto on_text = [&](const std::string& t) {
-                    if (reply) return send_delta(reply->feed(t));
-                    return event(piece(t, nullptr), nullptr);
+                auto on_text = [&](const std::string& t, const std::vector<GenLogprob>& lps) {
+                    if (reply) return send_delta(reply->feed(t), lps);
+                    if (chat && t.empty()) return send_delta(ReplyStream::Delta{}, lps);
+                    json choice = piece(t, nullptr);
+                    if (!lps.empty()) choice["logprobs"] = logprobs_json(lps, chat);
+                    return event(choice, nullptr);
                 };
                 GenResult g;
                 bool ok = !chat || event(piece("", nullptr), nullptr);
@@ -569,7 +643,7 @@ struct HttpServer::Impl {
                                : MM_ERROR("the client closed the connection");
                 if (st.ok() && reply) {
                     std::vector<ToolCall> calls;
-                    send_delta(reply->finish(&calls));
+                    send_delta(reply->finish(&calls), {});
                     if (!calls.empty()) {
                         event(json{{"index", 0},
                                    {"finish_reason", nullptr},
