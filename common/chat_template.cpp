@@ -20,7 +20,10 @@ StatusOr<ChatFormatter> ChatFormatter::create(const std::string& source, std::st
     const bool builtin = source.empty();
     if (builtin) name = "built-in ChatML template";
     MM_ASSIGN_OR_RETURN(jinja::Template t, jinja::Template::parse(builtin ? kChatMlTemplate : source, name));
-    return ChatFormatter(std::move(t), std::move(bos_token), std::move(eos_token), std::move(name), builtin);
+    ChatFormatter f(std::move(t), std::move(bos_token), std::move(eos_token), std::move(name), builtin);
+    f.thinks_ = source.find("<think>") != std::string::npos;
+    f.xml_tool_calls_ = source.find("<function=") != std::string::npos;
+    return f;
 }
 
 StatusOr<std::string> ChatFormatter::apply(const Input& in) const {

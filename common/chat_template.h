@@ -37,6 +37,10 @@ public:
 
     bool is_builtin() const { return builtin_; }
     const std::string& name() const { return name_; }
+    // What the template writes, for constraining replies to its formats: think blocks (the reply
+    // may open with reasoning), and tool calls as Qwen3-Coder / Qwen3.5's XML rather than JSON.
+    bool thinks() const { return thinks_; }
+    bool xml_tool_calls() const { return xml_tool_calls_; }
 
 private:
     ChatFormatter(jinja::Template t, std::string bos, std::string eos, std::string name, bool builtin)
@@ -44,6 +48,7 @@ private:
     jinja::Template tmpl_;
     std::string bos_, eos_, name_;
     bool builtin_ = false;
+    bool thinks_ = false, xml_tool_calls_ = false;
 };
 
 // The formatter for a loaded model: `template_file` when given (an error if it cannot be read or

@@ -11,17 +11,18 @@ namespace moemesh {
 // ---- building ----
 
 uint32_t Grammar::Builder::declare(const std::string& name) {
-    for (size_t i = 0; i < names_.size(); ++i)
-        if (names_[i] == name) return static_cast<uint32_t>(i);
-    names_.push_back(name);
-    alts_.emplace_back();
-    return static_cast<uint32_t>(names_.size() - 1);
+    auto [it, added] = ids_.emplace(name, static_cast<uint32_t>(names_.size()));
+    if (added) {
+        names_.push_back(name);
+        alts_.emplace_back();
+    }
+    return it->second;
 }
 
 uint32_t Grammar::Builder::fresh(const std::string& base) {
     for (size_t k = names_.size();; ++k) {
         const std::string name = base + "_" + std::to_string(k);
-        if (std::find(names_.begin(), names_.end(), name) == names_.end()) return declare(name);
+        if (!ids_.count(name)) return declare(name);
     }
 }
 
@@ -29,9 +30,8 @@ void Grammar::Builder::add_alternative(uint32_t rule, Alternative alt) { alts_[r
 
 StatusOr<std::shared_ptr<const Grammar>> Grammar::Builder::build(const std::string& root) && {
     const size_t n = names_.size();
-    uint32_t root_id = static_cast<uint32_t>(n);
-    for (size_t i = 0; i < n; ++i)
-        if (names_[i] == root) root_id = static_cast<uint32_t>(i);
+    const auto found = ids_.find(root);
+    const uint32_t root_id = found == ids_.end() ? static_cast<uint32_t>(n) : found->second;
     if (root_id == n) return MM_ERROR("the grammar has no rule '%s' (its start rule)", root.c_str());
     for (size_t i = 0; i < n; ++i)
         if (alts_[i].empty()) return MM_ERROR("rule '%s' is used but not defined", names_[i].c_str());
@@ -173,6 +173,7 @@ bool GrammarMatcher::advance(const State& in, uint32_t cp, State* out) const {
     out->stacks.clear();
     out->partial = 0;
     out->partial_left = 0;
+    out->partial_len = 0;
     for (const Stack& s : in.stacks) {
         if (s.empty() || !g_->holds(g_->elems()[s.back()], cp)) continue;
         Stack next = s;
@@ -190,7 +191,7 @@ bool GrammarMatcher::advance(const State& in, uint32_t cp, State* out) const {
 
 bool GrammarMatcher::step(const State& in, uint8_t b, State* out) const {
     uint32_t value = 0;
-    int left = 0;
+    int left = 0, len = in.partial_len;
     if (in.partial_left == 0) {
         if (b < 0x80) return advance(in, b, out);
         if ((b & 0xE0) == 0xC0) {
@@ -202,15 +203,20 @@ bool GrammarMatcher::step(const State& in, uint8_t b, State* out) const {
         } else {
             return false;  // a continuation byte with nothing to continue, or not UTF-8 at all
         }
+        len = left + 1;
     } else {
         if ((b & 0xC0) != 0x80) return false;
         value = (in.partial << 6) | (b & 0x3Fu);
         left = in.partial_left - 1;
-        if (left == 0) return advance(in, value, out);
     }
-    // Still inside the sequence: some class must admit a code point it can become.
+    // The code points this sequence can still become: [lo, hi], without overlong forms (a 2-byte
+    // "a" would slip past a class that refuses it), surrogates or values beyond Unicode.
+    static constexpr uint32_t kMinForLength[5] = {0, 0, 0x80, 0x800, 0x10000};
     const int bits = 6 * left;
-    const uint32_t lo = value << bits, hi = lo | ((1u << bits) - 1);
+    const uint32_t lo = std::max(value << bits, kMinForLength[len]);
+    const uint32_t hi = std::min((value << bits) | ((1u << bits) - 1), 0x10FFFFu);
+    if (lo > hi) return false;
+    if (left == 0) return (lo < 0xD800 || lo > 0xDFFF) && advance(in, value, out);
     bool possible = false;
     for (const Stack& s : in.stacks)
         possible = possible || (!s.empty() && g_->may_hold(g_->elems()[s.back()], lo, hi));
@@ -218,6 +224,7 @@ bool GrammarMatcher::step(const State& in, uint8_t b, State* out) const {
     out->stacks = in.stacks;
     out->partial = value;
     out->partial_left = left;
+    out->partial_len = len;
     return true;
 }
 

@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -71,6 +72,7 @@ public:
 
     private:
         std::vector<std::string> names_;
+        std::unordered_map<std::string, uint32_t> ids_;
         std::vector<std::vector<Alternative>> alts_;
     };
 
@@ -97,6 +99,7 @@ public:
         std::vector<Stack> stacks;  // an empty stack: the sentence may end here
         uint32_t partial = 0;       // bits of a UTF-8 sequence begun but not finished
         int partial_left = 0;       // its continuation bytes still to come
+        int partial_len = 0;        // its length in bytes (overlong encodings are refused)
     };
     // One byte; false if it cannot continue (`out` is then unspecified). Stops expanding beyond
     // kMaxStacks stacks (an ambiguous grammar): the byte is refused rather than the process stalled.

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "common/grammar.h"
+
 namespace moemesh {
 
 int32_t argmax(const float* logits, int64_t n) {
@@ -101,6 +103,16 @@ int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
         if (r < acc) return ids_[i];
     }
     return ids_[n - 1];
+}
+
+int32_t Sampler::sample(const float* logits, int64_t n_vocab, const TokenConstraint& constraint) {
+    const int32_t first = sample(logits, n_vocab);
+    if (constraint.allows(first)) return first;
+    masked_.assign(logits, logits + n_vocab);
+    if (constraint.mask(masked_.data(), n_vocab) == 0) return -1;
+    const int32_t id = sample(masked_.data(), n_vocab);
+    // A draw can land on a masked token only through rounding at the end of the cumulative sum.
+    return constraint.allows(id) ? id : argmax(masked_.data(), n_vocab);
 }
 
 }  // namespace moemesh

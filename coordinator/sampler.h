@@ -16,16 +16,24 @@ struct SamplerParams {
     bool greedy = false;
 };
 
+class TokenConstraint;
+
 class Sampler {
 public:
     explicit Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {}
     int32_t sample(const float* logits, int64_t n_vocab);
+    // Under a grammar: the unconstrained choice when the constraint allows it (one check, the
+    // usual case), else the same sampling over the allowed tokens only, as llama.cpp does. For
+    // plain temperature sampling that is exactly the distribution renormalized over the allowed
+    // tokens. -1 when the constraint allows no token.
+    int32_t sample(const float* logits, int64_t n_vocab, const TokenConstraint& constraint);
 
 private:
     SamplerParams p_;
     std::mt19937_64 rng_;
     std::vector<int32_t> ids_;
     std::vector<float> probs_;
+    std::vector<float> masked_;
 };
 
 // Index of the largest logit (lowest index on ties).

@@ -4,6 +4,7 @@
 // token one by one.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <regex>
 #include <string>
@@ -12,8 +13,10 @@
 #include <nlohmann/json.hpp>
 
 #include "common/grammar.h"
+#include "common/reply_grammar.h"
 #include "common/tokenizer.h"
 #include "common/tokenizer_data.h"
+#include "coordinator/sampler.h"
 
 namespace moemesh {
 namespace {
@@ -193,6 +196,16 @@ TEST(Grammar, BytesMaySplitCharactersAnywhere) {
     EXPECT_TRUE(m.accept("\xF0\x9F"));
     EXPECT_FALSE(m.can_end());
     EXPECT_FALSE(m.accept("\xFF"));  // never UTF-8
+    // Overlong forms and surrogates are not characters: a 2-byte "a" must not pass [a-e].
+    auto letters = must_parse(R"(root ::= [a-e]+ | [\u0080-\U0010FFFF]+)");
+    ASSERT_TRUE(letters);
+    GrammarMatcher o(letters);
+    EXPECT_FALSE(o.accept("\xC1"));
+    EXPECT_FALSE(o.accept("\xC1\xA1"));
+    EXPECT_FALSE(o.accept("\xE0\x81\xA1"));
+    EXPECT_FALSE(o.accept("\xED\xA0\x80"));  // U+D800
+    EXPECT_FALSE(o.accept("\xF4\x90\x80\x80"));  // beyond U+10FFFF
+    EXPECT_TRUE(o.accept("\xC2\x80\xF4\x8F\xBF\xBF"));
 }
 
 TEST(Grammar, RightRecursionKeepsStacksFlat) {
@@ -245,6 +258,123 @@ TEST(TokenConstraint, MaskEqualsCheckingEveryToken) {
         EXPECT_TRUE(c.can_end());
     }
     EXPECT_GT(ends_checked, 0);
+}
+
+
+// "Any text up to the first terminator": every split of a text and terminator is judged as a
+// plain string search would.
+TEST(ReplyGrammar, UntilStopsAtTheFirstTerminator) {
+    for (const char* t : {"</think>", "</parameter>", "aab", "abab"}) {
+        SCOPED_TRACE(t);
+        auto g = must_parse("root ::= body\n" + gbnf_until("body", t));
+        ASSERT_TRUE(g);
+        std::mt19937 rng(5);
+        const std::string term = t;
+        const std::string alphabet = term + "xz\n";
+        for (int i = 0; i < 3000; ++i) {
+            std::string s;
+            for (unsigned n = rng() % 24; n > 0; --n) s += alphabet[rng() % alphabet.size()];
+            if (rng() % 2) s += term;
+            const size_t at = s.find(term);
+            const bool want = at != std::string::npos && at + term.size() == s.size();
+            ASSERT_EQ(grammar_matches(g, s), want) << json(s).dump();
+        }
+    }
+}
+
+TEST(ReplyGrammar, JsonRepliesMayReasonFirst) {
+    const nlohmann::ordered_json schema = nlohmann::ordered_json::parse(R"({"type": "object",
+        "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false})");
+    auto none = Grammar::parse(json_reply_gbnf(&schema, ReplyThinking::kNone).value());
+    auto optional = Grammar::parse(json_reply_gbnf(&schema, ReplyThinking::kOptional).value());
+    auto open = Grammar::parse(json_reply_gbnf(&schema, ReplyThinking::kOpen).value());
+    ASSERT_TRUE(none.ok() && optional.ok() && open.ok()) << optional.status().message();
+    const std::string v = "{\"a\": 1}";
+    EXPECT_TRUE(grammar_matches(none.value(), v));
+    EXPECT_TRUE(grammar_matches(none.value(), "\n" + v + "\n"));
+    EXPECT_FALSE(grammar_matches(none.value(), "<think>x</think>" + v));
+    EXPECT_FALSE(grammar_matches(none.value(), "{\"a\": 1, \"b\": 2}"));
+    EXPECT_TRUE(grammar_matches(optional.value(), v));
+    EXPECT_TRUE(grammar_matches(optional.value(), "<think>\nLet me see: {\"a\"} </thin\n</think>\n\n" + v));
+    EXPECT_FALSE(grammar_matches(optional.value(), "<think>never closed " + v));
+    EXPECT_FALSE(grammar_matches(optional.value(), "text " + v));
+    EXPECT_TRUE(grammar_matches(open.value(), "reasoning</think>\n\n" + v));
+    EXPECT_FALSE(grammar_matches(open.value(), v));  // the block is open: it must close first
+    auto any = Grammar::parse(json_reply_gbnf(nullptr, ReplyThinking::kNone).value());
+    ASSERT_TRUE(any.ok()) << any.status().message();
+    EXPECT_TRUE(grammar_matches(any.value(), "{\"x\": [1, {\"y\": null}]}"));
+    EXPECT_FALSE(grammar_matches(any.value(), "[1]"));  // json_object: an object
+}
+
+TEST(ReplyGrammar, ToolCallsInBothTemplateFormats) {
+    const nlohmann::ordered_json tools = nlohmann::ordered_json::parse(R"([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+          "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "now"}}])");
+    auto json_form = Grammar::parse(tool_calls_gbnf(tools, "", false, true, ReplyThinking::kOptional).value());
+    ASSERT_TRUE(json_form.ok()) << json_form.status().message();
+    const std::string call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    const std::string call2 = "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+    EXPECT_TRUE(grammar_matches(json_form.value(), call));
+    EXPECT_TRUE(grammar_matches(json_form.value(), "<think>\nhmm\n</think>\n\n" + call + "\n" + call2));
+    EXPECT_FALSE(grammar_matches(json_form.value(), "Sure! " + call));
+    EXPECT_FALSE(grammar_matches(json_form.value(), "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(json_form.value(), "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
+    auto single = Grammar::parse(tool_calls_gbnf(tools, "now", false, false, ReplyThinking::kNone).value());
+    ASSERT_TRUE(single.ok()) << single.status().message();
+    EXPECT_TRUE(grammar_matches(single.value(), call2));
+    EXPECT_FALSE(grammar_matches(single.value(), call));
+    EXPECT_FALSE(grammar_matches(single.value(), call2 + "\n" + call2));
+    EXPECT_FALSE(tool_calls_gbnf(tools, "missing", false, true, ReplyThinking::kNone).ok());
+
+    auto xml = Grammar::parse(tool_calls_gbnf(tools, "", true, true, ReplyThinking::kNone).value());
+    ASSERT_TRUE(xml.ok()) << xml.status().message();
+    EXPECT_TRUE(grammar_matches(xml.value(), "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco, <CA>\n"
+                                             "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(xml.value(), "<tool_call>\n<function=now>\n</function>\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(xml.value(), "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n"
+                                              "</function>\n</tool_call>"));  // city is required
+    EXPECT_FALSE(grammar_matches(xml.value(), "<tool_call>\n<function=get_weather>\n<parameter=city>\nX\n</parameter>\n"
+                                              "<parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>"));
+}
+
+// Sampling under a constraint is the distribution renormalized over the allowed tokens: checked
+// by frequency on a small vocabulary (temperature 1, no cuts).
+TEST(ConstrainedSampling, DrawsFromTheRenormalizedDistribution) {
+    auto tok = Tokenizer::from_data(builtin_byte_bpe_tokenizer(300));
+    ASSERT_TRUE(tok.ok());
+    auto vocab = std::make_shared<const GrammarVocab>(tok.value());
+    auto g = must_parse(R"(root ::= [a-e] "!")");
+    ASSERT_TRUE(g);
+    const int64_t V = tok.value().vocab_size();
+    std::vector<float> logits(static_cast<size_t>(V));
+    std::mt19937 rng(11);
+    for (float& l : logits) l = static_cast<float>(rng() % 1000) / 250.0f;
+    const std::string letters = "abcde";
+    std::vector<double> p(5);
+    double z = 0;
+    for (int k = 0; k < 5; ++k) z += p[k] = std::exp(logits[tok.value().token_id(std::string(1, letters[k]))]);
+    SamplerParams sp;
+    sp.temperature = 1.0f;
+    sp.top_k = 0;
+    sp.top_p = 1.0f;
+    sp.min_p = 0.0f;
+    sp.seed = 3;
+    Sampler s(sp);
+    std::vector<int> count(5, 0);
+    const int kDraws = 20000;
+    for (int i = 0; i < kDraws; ++i) {
+        TokenConstraint c(g, vocab);
+        const int32_t id = s.sample(logits.data(), V, c);
+        ASSERT_TRUE(c.allows(id)) << id;
+        const size_t k = letters.find(vocab->pieces[id]);
+        ASSERT_NE(k, std::string::npos) << vocab->pieces[id];
+        ++count[k];
+    }
+    for (int k = 0; k < 5; ++k) {
+        const double want = p[k] / z, got = static_cast<double>(count[k]) / kDraws;
+        EXPECT_NEAR(got, want, 4 * std::sqrt(want * (1 - want) / kDraws) + 1e-3) << letters[k];
+    }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -19,6 +20,7 @@
 
 #include "common/chat_reply.h"
 #include "common/chat_template.h"
+#include "common/tokenizer_unicode.h"
 #include "coordinator/model.h"
 #include "tests/test_util.h"
 #include "tools/http_server.h"
@@ -546,6 +548,144 @@ TEST_F(HttpServerTest, LogprobsAreTheModelsLogSoftmax) {
         }
         EXPECT_EQ(offsets.size(), n_before) << "stream " << stream << ", stop '" << stop << "' at " << cut;
     }
+}
+
+// Constrained output on a random-weight model, which on its own never writes JSON: with a grammar
+// every reply matches it. json_schema / response_format replies parse as JSON and satisfy the
+// schema; tool_choice "required" and a named function give tool_calls with schema-valid
+// arguments; streams equal whole responses; bad constraints are 400s naming the field.
+TEST_F(HttpServerTest, ConstrainedOutputFollowsTheGrammar) {
+    HttpServer* server = nullptr;
+    std::thread* thread = nullptr;
+    int port = 0;
+    start_server(nullptr, &server, &thread, &port, /*n_ctx=*/2048);
+    auto call = [&](const std::string& path, const json& body) {
+        auto r = post_to(port, path, body.dump());
+        EXPECT_TRUE(r);
+        return r ? json::parse(r->body) : json();
+    };
+    // A GBNF grammar (llama.cpp's "grammar" field).
+    for (int seed = 1; seed <= 4; ++seed) {
+        const json j = call("/v1/completions", {{"prompt", "Answer:"}, {"max_tokens", 40}, {"temperature", 1.0},
+                                                {"seed", seed}, {"grammar", "root ::= (\"yes\" | \"no\") \", \" [0-9]{1,3}"}});
+        const std::string text = j["choices"][0]["text"].get<std::string>();
+        EXPECT_TRUE(std::regex_match(text, std::regex("(yes|no), [0-9]{1,3}"))) << text;
+        EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+    }
+    // A JSON schema; its sentences are bounded, so every reply ends by itself.
+    const json schema = {
+        {"type", "object"},
+        {"properties",
+         {{"name", {{"type", "string"}, {"maxLength", 6}}},
+          {"age", {{"type", "integer"}, {"minimum", 0}}},
+          {"tags", {{"type", "array"}, {"items", {{"enum", {"red", "green"}}}}, {"maxItems", 2}}}}},
+        {"required", {"name", "age"}},
+        {"additionalProperties", false}};
+    for (int seed = 1; seed <= 6; ++seed) {
+        json body = {{"max_tokens", 600}, {"temperature", 1.0}, {"seed", seed}};
+        std::string path, text;
+        if (seed % 2) {
+            path = "/v1/completions";
+            body["prompt"] = "JSON:";
+            body["json_schema"] = schema;
+        } else {
+            path = "/v1/chat/completions";
+            body["messages"] = {{{"role", "user"}, {"content", "Describe a person"}}};
+            body["response_format"] = {{"type", "json_schema"}, {"json_schema", {{"name", "person"}, {"schema", schema}}}};
+        }
+        const json j = call(path, body);
+        ASSERT_TRUE(j.contains("choices")) << j.dump();
+        text = seed % 2 ? j["choices"][0]["text"].get<std::string>() : j["choices"][0]["message"]["content"].get<std::string>();
+        EXPECT_EQ(j["choices"][0]["finish_reason"], "stop") << text;
+        const json v = json::parse(text, nullptr, false);
+        ASSERT_FALSE(v.is_discarded()) << "not JSON: " << text;
+        ASSERT_TRUE(v.is_object()) << text;
+        ASSERT_TRUE(v.contains("name") && v["name"].is_string()) << text;
+        EXPECT_LE(unicode::utf8_to_cpts(v["name"].get<std::string>()).size(), 6u) << text;
+        ASSERT_TRUE(v.contains("age") && v["age"].is_number_integer()) << text;
+        EXPECT_GE(v["age"].get<int64_t>(), 0) << text;
+        for (auto it = v.begin(); it != v.end(); ++it) EXPECT_TRUE(it.key() == "name" || it.key() == "age" || it.key() == "tags") << text;
+        if (v.contains("tags")) {
+            ASSERT_TRUE(v["tags"].is_array()) << text;
+            EXPECT_LE(v["tags"].size(), 2u);
+            for (const json& t : v["tags"]) EXPECT_TRUE(t == "red" || t == "green") << text;
+        }
+    }
+    // Tool calls: "required" (any tool) and a named function, one call each.
+    const json tools = json::parse(R"([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+          "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+          "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+          "properties": {"zone": {"type": "string", "maxLength": 5}}, "required": ["zone"], "additionalProperties": false}}}])");
+    for (int seed = 1; seed <= 4; ++seed) {
+        json body = {{"messages", {{{"role", "user"}, {"content", "Weather?"}}}}, {"tools", tools}, {"max_tokens", 600},
+                     {"temperature", 1.0}, {"seed", seed}, {"parallel_tool_calls", false}};
+        body["tool_choice"] = seed <= 2 ? json("required") : json{{"type", "function"}, {"function", {{"name", "get_time"}}}};
+        const json j = call("/v1/chat/completions", body);
+        ASSERT_TRUE(j.contains("choices")) << j.dump();
+        const json& msg = j["choices"][0]["message"];
+        EXPECT_EQ(j["choices"][0]["finish_reason"], "tool_calls") << j.dump();
+        ASSERT_TRUE(msg.contains("tool_calls")) << j.dump();
+        ASSERT_EQ(msg["tool_calls"].size(), 1u) << j.dump();
+        const json& fn = msg["tool_calls"][0]["function"];
+        const json args = json::parse(fn["arguments"].get<std::string>());
+        if (seed > 2) {
+            EXPECT_EQ(fn["name"], "get_time");
+        }
+        if (fn["name"] == "get_time") {
+            ASSERT_TRUE(args.contains("zone") && args["zone"].is_string()) << args.dump();
+            EXPECT_EQ(args.size(), 1u);
+        } else {
+            ASSERT_EQ(fn["name"], "get_weather");
+            ASSERT_TRUE(args.contains("city") && args["city"].is_string()) << args.dump();
+            if (args.contains("unit")) {
+                EXPECT_TRUE(args["unit"] == "c" || args["unit"] == "f") << args.dump();
+            }
+        }
+    }
+    // Streamed = whole (greedy).
+    json sbody = {{"prompt", "JSON:"}, {"max_tokens", 600}, {"temperature", 0}, {"json_schema", schema}};
+    const std::string whole = call("/v1/completions", sbody)["choices"][0]["text"].get<std::string>();
+    sbody["stream"] = true;
+    auto s = post_to(port, "/v1/completions", sbody.dump());
+    ASSERT_TRUE(s);
+    std::string finish;
+    bool done = false;
+    EXPECT_EQ(stream_text(s->body, false, &finish, &done), whole);
+    EXPECT_EQ(finish, "stop");
+    // Errors name the field.
+    struct Bad {
+        const char* path;
+        json body;
+        const char* needle;
+    };
+    const json msgs = {{{"role", "user"}, {"content", "x"}}};
+    const std::vector<Bad> bad = {
+        {"/v1/completions", {{"prompt", "x"}, {"grammar", "root ::= [a-"}}, "'grammar': grammar line 1"},
+        {"/v1/completions", {{"prompt", "x"}, {"grammar", "root ::= nope"}}, "rule 'nope' is used but not defined"},
+        {"/v1/completions", {{"prompt", "x"}, {"grammar", 5}}, "'grammar' must be a string"},
+        {"/v1/completions", {{"prompt", "x"}, {"json_schema", {{"type", "text"}}}}, "'json_schema': "},
+        {"/v1/completions", {{"prompt", "x"}, {"grammar", "root ::= \"a\""}, {"json_schema", {{"type", "integer"}}}},
+         "cannot both constrain"},
+        {"/v1/chat/completions", {{"messages", msgs}, {"response_format", {{"type", "xml"}}}}, "'response_format'"},
+        {"/v1/chat/completions", {{"messages", msgs}, {"response_format", {{"type", "json_schema"}}}},
+         "'response_format.json_schema.schema'"},
+        {"/v1/chat/completions", {{"messages", msgs}, {"tool_choice", "required"}}, "needs a non-empty 'tools'"},
+        {"/v1/chat/completions", {{"messages", msgs}, {"tools", tools}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "nope"}}}}}},
+         "names function 'nope'"},
+        {"/v1/chat/completions", {{"messages", msgs}, {"tool_choice", "sometimes"}}, "'tool_choice' must be"},
+    };
+    for (const Bad& b : bad) {
+        auto r = post_to(port, b.path, b.body.dump());
+        ASSERT_TRUE(r);
+        EXPECT_EQ(r->status, 400) << b.body.dump();
+        EXPECT_NE(r->body.find(b.needle), std::string::npos) << b.body.dump() << " -> " << r->body;
+    }
+    server->stop();
+    thread->join();
+    delete thread;
+    delete server;
 }
 
 TEST_F(HttpServerTest, StopStringsEndTheText) {
@@ -1166,8 +1306,38 @@ TEST_F(HttpChatTemplateTest, ThinkingTemplateRepliesAreReasoning) {
     }
 }
 
-// The template's own raise_exception (Qwen3.5 needs a user message) and unsupported tool_choice
-// values: 400 with a JSON error naming the cause, before any stream starts; the server keeps serving.
+// tool_choice "required" on Qwen3-Coder's template: the random model is held to its XML call
+// format (<function=NAME><parameter=P>...), which the reply parser turns into tool_calls with the
+// schema's parameter names.
+TEST_F(HttpChatTemplateTest, RequiredToolCallsFollowTheTemplatesXmlFormat) {
+    const json tools = json::parse(R"([{"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string", "maxLength": 12}, "limit": {"type": "integer"}},
+        "required": ["path"]}}}])");
+    for (int seed = 1; seed <= 3; ++seed) {
+        json body = {{"messages", {{{"role", "user"}, {"content", "Open it"}}}}, {"tools", tools},
+                     {"tool_choice", "required"}, {"parallel_tool_calls", false}, {"max_tokens", 400},
+                     {"temperature", 1.0}, {"seed", seed}};
+        auto r = post_to(coder_port_, "/v1/chat/completions", body.dump());
+        ASSERT_TRUE(r);
+        ASSERT_EQ(r->status, 200) << r->body;
+        const json j = json::parse(r->body);
+        const json& msg = j["choices"][0]["message"];
+        EXPECT_EQ(j["choices"][0]["finish_reason"], "tool_calls") << r->body;
+        ASSERT_TRUE(msg.contains("tool_calls")) << r->body;
+        ASSERT_EQ(msg["tool_calls"].size(), 1u) << r->body;
+        EXPECT_EQ(msg["tool_calls"][0]["function"]["name"], "read_file");
+        const json args = json::parse(msg["tool_calls"][0]["function"]["arguments"].get<std::string>());
+        ASSERT_TRUE(args.contains("path") && args["path"].is_string()) << args.dump();
+        EXPECT_LE(unicode::utf8_to_cpts(args["path"].get<std::string>()).size(), 12u) << args.dump();
+        if (args.contains("limit")) {
+            EXPECT_TRUE(args["limit"].is_number_integer()) << args.dump();
+        }
+        EXPECT_LE(args.size(), 2u) << args.dump();
+    }
+}
+
+// The template's own raise_exception (Qwen3.5 needs a user message) and a tool_choice naming an
+// unknown function: 400 with a JSON error naming the cause, before any stream starts; the server keeps serving.
 TEST_F(HttpChatTemplateTest, TemplateErrorsAndToolChoiceAre400) {
     struct Case {
         int port;
@@ -1184,12 +1354,8 @@ TEST_F(HttpChatTemplateTest, TemplateErrorsAndToolChoiceAre400) {
          {"System message must be at the beginning."}},
         {coder_port_,
          R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],
-             "tool_choice":"required"})",
-         {"tool_choice", "required"}},
-        {coder_port_,
-         R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],
-             "tool_choice":{"type":"function","function":{"name":"f"}}})",
-         {"tool_choice"}},
+             "tool_choice":{"type":"function","function":{"name":"g"}}})",
+         {"tool_choice", "'g'"}},
     };
     for (const Case& k : cases) {
         auto r = post_to(k.port, "/v1/chat/completions", k.body);

@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/reply_grammar.h"
+
 namespace moemesh {
 
 // ordered: a request's tools reach the chat template, whose tojson keeps their key order
@@ -179,10 +181,23 @@ Status parse_chat_fields(const json& j, ChatFormatter::Input* in, GenRequest* r)
     }
     bool tools_on = true;
     if (auto tc = j.find("tool_choice"); tc != j.end() && !tc->is_null()) {
-        if (!tc->is_string() || (*tc != "auto" && *tc != "none"))
-            return MM_ERROR("'tool_choice' %s is not supported: use \"auto\" (the model decides) or \"none\"",
+        if (tc->is_string() && (*tc == "auto" || *tc == "none" || *tc == "required")) {
+            tools_on = *tc != "none";
+            r->must_call = *tc == "required";
+        } else if (tc->is_object() && tc->value("type", json()) == "function" && tc->contains("function") &&
+                   (*tc)["function"].is_object() && (*tc)["function"].contains("name") &&
+                   (*tc)["function"]["name"].is_string()) {
+            r->must_call = true;
+            r->must_call_name = (*tc)["function"]["name"].get<std::string>();
+        } else {
+            return MM_ERROR("'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}, got %s",
                             shown(*tc).c_str());
-        tools_on = *tc == "auto";
+        }
+    }
+    if (auto p = j.find("parallel_tool_calls"); p != j.end() && !p->is_null()) {
+        if (!p->is_boolean()) return bad_field("parallel_tool_calls", "a boolean", *p);
+        r->parallel_tool_calls = p->get<bool>();
     }
     if (auto t = j.find("tools"); t != j.end() && !t->is_null()) {
         if (!t->is_array()) return bad_field("tools", "an array of {\"type\": \"function\", \"function\": {...}}", *t);
@@ -204,6 +219,8 @@ Status parse_chat_fields(const json& j, ChatFormatter::Input* in, GenRequest* r)
             r->parse_tools = true;
         }
     }
+    if (r->must_call && !r->parse_tools)
+        return MM_ERROR("'tool_choice' %s needs a non-empty 'tools' array", shown(j["tool_choice"]).c_str());
     // chat_template_kwargs (llama.cpp server, vLLM): extra template variables, e.g. enable_thinking.
     if (auto kw = j.find("chat_template_kwargs"); kw != j.end() && !kw->is_null()) {
         if (!kw->is_object()) return bad_field("chat_template_kwargs", "an object", *kw);
@@ -223,6 +240,66 @@ Status parse_chat_fields(const json& j, ChatFormatter::Input* in, GenRequest* r)
             return bad_field("reasoning_format", "\"auto\" (reasoning in reasoning_content) or \"none\"", *rf);
         r->parse_reasoning = *rf != "none";
     }
+    return Status();
+}
+
+// "grammar" / "json_schema" / "response_format" / tool_choice "required": at most one, compiled
+// into r->grammar. Chat replies of thinking templates may reason first (common/reply_grammar.h).
+Status parse_output_constraint(const json& j, bool chat, const RequestLimits& lim, GenRequest* r) {
+    const ReplyThinking thinking = !chat                            ? ReplyThinking::kNone
+                                   : prompt_opens_think_block(r->prompt) ? ReplyThinking::kOpen
+                                   : lim.chat && lim.chat->thinks()      ? ReplyThinking::kOptional
+                                                                         : ReplyThinking::kNone;
+    std::vector<std::string> given;
+    std::string gbnf;
+    if (auto g = j.find("grammar"); g != j.end() && !g->is_null()) {
+        if (!g->is_string()) return bad_field("grammar", "a string (GBNF, llama.cpp's grammar format)", *g);
+        gbnf = g->get<std::string>();
+        given.push_back("'grammar'");
+    }
+    auto schema_reply = [&](const char* field, const json* schema) -> Status {
+        StatusOr<std::string> text = json_reply_gbnf(schema, thinking);
+        if (!text.ok()) return MM_ERROR("'%s': %s", field, text.status().message().c_str());
+        gbnf = std::move(text).value();
+        given.push_back(std::string("'") + field + "'");
+        return Status();
+    };
+    if (auto s = j.find("json_schema"); s != j.end() && !s->is_null()) {
+        if (!s->is_object() && !s->is_boolean()) return bad_field("json_schema", "a JSON schema object", *s);
+        MM_RETURN_IF_ERROR(schema_reply("json_schema", &*s));
+    }
+    if (auto rf = j.find("response_format"); rf != j.end() && !rf->is_null()) {
+        const json type = rf->is_object() ? rf->value("type", json()) : json();
+        if (type == "json_object") {
+            const json* schema = rf->contains("schema") && (*rf)["schema"].is_object() ? &(*rf)["schema"] : nullptr;
+            MM_RETURN_IF_ERROR(schema_reply("response_format", schema));
+        } else if (type == "json_schema") {
+            const json* js = rf->contains("json_schema") ? &(*rf)["json_schema"] : nullptr;
+            if (!js || !js->is_object() || !js->contains("schema") ||
+                !((*js)["schema"].is_object() || (*js)["schema"].is_boolean()))
+                return MM_ERROR("'response_format.json_schema.schema' must be a JSON schema object");
+            MM_RETURN_IF_ERROR(schema_reply("response_format", &(*js)["schema"]));
+        } else if (type != "text") {
+            return bad_field("response_format",
+                             "{\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                             "\"json_schema\": {\"schema\": {...}}}",
+                             *rf);
+        }
+    }
+    if (r->must_call) {
+        const bool xml = lim.chat && lim.chat->xml_tool_calls();
+        StatusOr<std::string> text =
+            tool_calls_gbnf(r->tools, r->must_call_name, xml, r->parallel_tool_calls, thinking);
+        if (!text.ok()) return text.status();
+        gbnf = std::move(text).value();
+        given.push_back("'tool_choice'");
+    }
+    if (given.empty()) return Status();
+    if (given.size() > 1)
+        return MM_ERROR("%s and %s cannot both constrain one reply", given[0].c_str(), given[1].c_str());
+    StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
+    if (!g.ok()) return MM_ERROR("%s: %s", given[0].c_str(), g.status().message().c_str());
+    r->grammar = std::move(g).value();
     return Status();
 }
 
@@ -339,6 +416,7 @@ StatusOr<GenRequest> parse_gen_request_impl(const std::string& body, bool chat, 
         if (r.prompt.empty()) return MM_ERROR("the chat template rendered an empty prompt for these messages");
         r.reply_in_think = r.parse_reasoning && prompt_opens_think_block(r.prompt);
     }
+    MM_RETURN_IF_ERROR(parse_output_constraint(j, chat, lim, &r));
     return r;
 }
 

@@ -3,6 +3,7 @@
 // of the model so the libFuzzer target tests/fuzz_http.cpp can build it alone.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/chat_template.h"
+#include "common/grammar.h"
 #include "common/status.h"
 #include "coordinator/sampler.h"
 
@@ -43,6 +45,13 @@ struct GenRequest {
     bool reply_in_think = false;   // the prompt ends inside a think block (Qwen3.5's generation prompt)
     bool parse_tools = false;      // the request has tools and tool_choice is not "none"
     nlohmann::ordered_json tools;  // the request's tools (parameter types of XML-style calls)
+    // Constrained output (common/grammar.h): every reply matches this grammar (null: none). From
+    // "grammar" (GBNF text, as llama.cpp's server takes it), "json_schema", "response_format"
+    // (json_object / json_schema), or chat "tool_choice" "required" / {"type": "function", ...}.
+    std::shared_ptr<const Grammar> grammar;
+    bool must_call = false;          // tool_choice "required" or a named function
+    std::string must_call_name;      // the named function ("" any)
+    bool parallel_tool_calls = true;
 };
 
 // Parses an OpenAI /v1/completions (chat = false) or /v1/chat/completions body. Errors name the

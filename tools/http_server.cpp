@@ -152,6 +152,7 @@ struct HttpServer::Impl {
         std::atomic<bool> gone{false};  // the handler could not write: the client is gone
         std::unique_ptr<SequenceState> seq;
         std::unique_ptr<Sampler> sampler;
+        std::unique_ptr<TokenConstraint> constraint;  // the request's grammar, if any
         size_t hold = 0;  // bytes a stop string could still complete: kept back from the stream
         size_t sent = 0;
         size_t lp_sent = 0;  // res->logprobs handed to the handler
@@ -204,6 +205,7 @@ struct HttpServer::Impl {
         std::vector<int32_t> tokens;
     };
     std::vector<CachedSequence> seq_cache;
+    std::shared_ptr<const GrammarVocab> grammar_vocab;  // built at the first constrained request
 
     // The cached sequence that saves the most prompt tokens for `input`, taken out of the cache,
     // rewound to where the prompt continues; null if none saves any.
@@ -245,9 +247,18 @@ struct HttpServer::Impl {
     // Samples the next token from `logits` and takes it; true when the request is over (finish() called).
     bool accept(Slot& s, const float* logits) {
         const int64_t V = model.config().n_vocab;
-        const int32_t next = s.sampler->sample(logits, V);
+        const int32_t next = s.constraint ? s.sampler->sample(logits, V, *s.constraint) : s.sampler->sample(logits, V);
         GenResult& res = *s.res;
-        if (!s.rq->ignore_eos && tok.is_eog(next)) {
+        if (next < 0) {
+            finish(s, MM_ERROR("no token of the vocabulary can continue the reply under the request's grammar "
+                               "(after %lld tokens)",
+                               static_cast<long long>(res.completion_tokens)));
+            return true;
+        }
+        if (s.constraint) s.constraint->accept(next);
+        // Under a grammar, end of generation is offered only where the reply is complete: it ends
+        // the reply even with ignore_eos.
+        if ((!s.rq->ignore_eos || s.constraint) && tok.is_eog(next)) {
             res.finish = "stop";
             finish(s, Status());
             return true;
@@ -303,6 +314,10 @@ struct HttpServer::Impl {
         s.prefilled = s.res->cached_tokens = reused;
         s.fed.assign(s.pr->input.begin(), s.pr->input.begin() + reused);
         s.sampler = std::make_unique<Sampler>(s.rq->sp);
+        if (s.rq->grammar) {
+            if (!grammar_vocab) grammar_vocab = std::make_shared<const GrammarVocab>(tok);  // model thread only
+            s.constraint = std::make_unique<TokenConstraint>(s.rq->grammar, grammar_vocab);
+        }
         for (const std::string& stop : s.rq->stop) s.hold = std::max(s.hold, stop.size() - 1);
     }
 

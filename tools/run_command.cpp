@@ -2,6 +2,7 @@
 // distributions at every position for parity checks against llama.cpp.
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 #include <thread>
@@ -23,6 +24,8 @@
 #include "tools/chat_command.h"
 
 #include "common/chat_template.h"
+#include "common/grammar.h"
+#include "common/reply_grammar.h"
 
 namespace moemesh {
 
@@ -55,6 +58,31 @@ Status parse_token_list(const std::string& s, std::vector<int32_t>* out) {
 }
 
 // One request: a fresh sequence, prompt processing, then generation.
+// --json runs greedy (the parity interface); else the sampling options.
+Sampler& sampler_for_run(const RunOptions& o, Sampler& sampler, Sampler& greedy) { return o.json ? greedy : sampler; }
+
+StatusOr<std::string> read_text_file(const std::string& path, const char* option) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return MM_ERROR("%s %s: cannot read the file", option, path.c_str());
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// --json-schema: inline JSON, or @FILE.
+StatusOr<nlohmann::ordered_json> load_json_schema(const std::string& arg) {
+    std::string text = arg;
+    if (!arg.empty() && arg[0] == '@') {
+        MM_ASSIGN_OR_RETURN(text, read_text_file(arg.substr(1), "--json-schema"));
+    }
+    nlohmann::ordered_json schema = nlohmann::ordered_json::parse(text, nullptr, false);
+    if (schema.is_discarded() || !(schema.is_object() || schema.is_boolean()))
+        return MM_ERROR("--json-schema: not a JSON schema object: %s", arg.substr(0, 200).c_str());
+    return schema;
+}
+
+std::string text_of(const Tokenizer& tok, const std::vector<int32_t>& ids) { return tok.decode(ids); }
+
 Status generate_one(const RunOptions& o, const std::string& prompt, const std::string& tokens, Model& model,
                     const Tokenizer& tok, const ChatFormatter* chat, DistributedExpertBackend* dist,
                     const ExpertCache* cache) {
@@ -104,13 +132,45 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
     SamplerParams greedy_params;
     greedy_params.greedy = true;
     Sampler greedy(greedy_params);
-    Sampler& s = o.json ? greedy : sampler;
+
+    // --grammar-file / --json-schema: the reply is held to a grammar (a chat reply of a thinking
+    // template may reason first).
+    std::unique_ptr<TokenConstraint> constraint;
+    if (!o.grammar_file.empty() || !o.json_schema.empty()) {
+        std::string gbnf;
+        if (!o.grammar_file.empty()) {
+            MM_ASSIGN_OR_RETURN(gbnf, read_text_file(o.grammar_file, "--grammar-file"));
+        } else {
+            const ReplyThinking thinking = !(o.chat && chat)                 ? ReplyThinking::kNone
+                                           : prompt_opens_think_block(text_of(tok, input)) ? ReplyThinking::kOpen
+                                           : chat->thinks()                              ? ReplyThinking::kOptional
+                                                                                          : ReplyThinking::kNone;
+            MM_ASSIGN_OR_RETURN(nlohmann::ordered_json schema, load_json_schema(o.json_schema));
+            StatusOr<std::string> text = json_reply_gbnf(&schema, thinking);
+            if (!text.ok()) return MM_ERROR("--json-schema: %s", text.status().message().c_str());
+            gbnf = std::move(text).value();
+        }
+        StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
+        if (!g.ok())
+            return MM_ERROR("%s: %s", o.grammar_file.empty() ? "--json-schema" : o.grammar_file.c_str(),
+                            g.status().message().c_str());
+        constraint = std::make_unique<TokenConstraint>(g.value(), std::make_shared<const GrammarVocab>(tok));
+    }
+    auto pick = [&](const float* l) -> StatusOr<int32_t> {
+        if (!constraint) return sampler_for_run(o, sampler, greedy).sample(l, V);
+        const int32_t id = sampler_for_run(o, sampler, greedy).sample(l, V, *constraint);
+        if (id < 0) return MM_ERROR("no token of the vocabulary can continue the text under the grammar");
+        constraint->accept(id);
+        return id;
+    };
+
     std::vector<int32_t> generated;
     std::string pending;
     auto t_decode = std::chrono::steady_clock::now();
-    int32_t next = s.sample(last, V);
+    MM_ASSIGN_OR_RETURN(int32_t next, pick(last));
     for (int i = 0; i < o.n_predict; ++i) {
-        if (!o.ignore_eos && !o.json && tok.is_eog(next)) break;
+        // Under a grammar, end of generation comes only where the text is complete: it ends it.
+        if ((!o.ignore_eos || constraint) && !o.json && tok.is_eog(next)) break;
         generated.push_back(next);
         if (!o.json) {
             pending += tok.token_to_piece(next);
@@ -121,7 +181,7 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
         }
         if (i + 1 == o.n_predict) break;
         MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
-        next = s.sample(logits.data(), V);
+        MM_ASSIGN_OR_RETURN(next, pick(logits.data()));
     }
     const double decode_s = seconds_since(t_decode);
     if (o.json) {
@@ -177,6 +237,23 @@ Status run_generation(const RunOptions& o) {
         return MM_ERROR("--chat-template-file, --system and --no-think apply to --chat and --serve only");
     }
     if ((o.interactive || o.verbose_prompt) && !o.chat) return MM_ERROR("--interactive and --verbose-prompt need --chat");
+    if (!o.grammar_file.empty() || !o.json_schema.empty()) {
+        if (!o.grammar_file.empty() && !o.json_schema.empty())
+            return MM_ERROR("give one of --grammar-file and --json-schema");
+        if (o.json || !o.serve.empty() || o.interactive)
+            return MM_ERROR("--grammar-file and --json-schema apply to --prompt / --tokens / --stdin generation "
+                            "(with --serve, requests carry \"grammar\", \"json_schema\" or \"response_format\")");
+        // Checked before the (long) model load.
+        if (!o.grammar_file.empty()) {
+            MM_ASSIGN_OR_RETURN(std::string gbnf, read_text_file(o.grammar_file, "--grammar-file"));
+            StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
+            if (!g.ok()) return MM_ERROR("%s: %s", o.grammar_file.c_str(), g.status().message().c_str());
+        } else {
+            MM_ASSIGN_OR_RETURN(nlohmann::ordered_json schema, load_json_schema(o.json_schema));
+            StatusOr<std::string> text = json_reply_gbnf(&schema, ReplyThinking::kNone);
+            if (!text.ok()) return MM_ERROR("--json-schema: %s", text.status().message().c_str());
+        }
+    }
     if (!o.serve.empty() && o.parallel > o.batch)
         return MM_ERROR("--parallel %d exceeds --batch %lld: one decode step runs a token of every request in one "
                         "batch (raise --batch or lower --parallel)",
@@ -376,6 +453,12 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
     c->add_flag("--greedy", o->sp.greedy, "Always pick the most likely token");
     c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
+    c->add_option("--grammar-file", o->grammar_file,
+                  "Constrain the generated text to a GBNF grammar (llama.cpp's format; the start rule is 'root')")
+        ->check(CLI::ExistingFile);
+    c->add_option("--json-schema", o->json_schema,
+                  "Constrain the reply to JSON matching this JSON schema (inline, or @FILE); with --chat a "
+                  "thinking model may reason first");
     c->add_option("--device-budget", o->device_budget,
                   "Offload mode: serve the routed experts from a cache of at most this many bytes (e.g. 8GiB; on CPU a "
                   "bounded RAM pool, with --device cuda:N VRAM of that GPU), reading missing experts from the model "

@@ -43,6 +43,8 @@ struct RunOptions {
     std::string storage = "auto";  // how the file is read: auto | pread | io_uring
     std::string serve;             // HOST:PORT: an OpenAI-compatible HTTP server (tools/http_server.h)
     int parallel = 4;              // --serve: requests generated together (continuous batching)
+    std::string grammar_file;      // GBNF: every generated text matches it (common/grammar.h)
+    std::string json_schema;       // a JSON schema (or @FILE): the reply is JSON that matches it
 };
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);
