@@ -22,6 +22,7 @@ constexpr size_t kMaxGrammarBytes = 1u << 20;
 constexpr int kMaxRepeat = 4096;       // m and n of {m,n}
 constexpr size_t kMaxRules = 100000;   // generated rules included
 constexpr int kMaxNesting = 100;       // parentheses
+constexpr size_t kMaxItems = 1u << 21;  // items of all rules after repetitions are expanded
 
 using Item = Grammar::Item;
 using Alternative = Grammar::Alternative;
@@ -43,6 +44,7 @@ private:
     size_t pos_ = 0;
     Grammar::Builder* b_;
     int depth_ = 0;
+    size_t items_ = 0;
 
     int line() const {
         int l = 1;
@@ -238,6 +240,8 @@ private:
         if (start == seq->size()) return fail("'%c' follows nothing", op);
         Item unit;
         MM_RETURN_IF_ERROR(as_unit(seq, start, &unit));
+        items_ += static_cast<size_t>(lo) + static_cast<size_t>(hi > lo ? 2 * (hi - lo) : 2);
+        if (items_ > kMaxItems) return fail("the grammar expands to more than %zu items (nested repetitions?)", kMaxItems);
         for (int i = 0; i < lo; ++i) seq->push_back(unit);
         if (hi < 0) {
             uint32_t r = 0;

@@ -140,33 +140,45 @@ bool Grammar::may_hold(const Elem& e, uint32_t lo, uint32_t hi) const {
 // ---- matching ----
 
 GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> g) : g_(std::move(g)) {
-    for (uint32_t alt : g_->alternatives(g_->root())) expand(Stack{alt}, &state_.stacks, 0);
+    size_t steps = 0;
+    for (uint32_t alt : g_->alternatives(g_->root()))
+        if (!expand(Stack{alt}, &state_.stacks, &steps)) state_.stacks.clear();
     std::sort(state_.stacks.begin(), state_.stacks.end());
     state_.stacks.erase(std::unique(state_.stacks.begin(), state_.stacks.end()), state_.stacks.end());
 }
 
 // Moves the stack's top to the next character class it must match, producing one stack per way
-// (alternatives of the rules on the way); an empty stack means the sentence may end.
-void GrammarMatcher::expand(Stack s, std::vector<Stack>* out, int depth) const {
+// (alternatives of the rules on the way); an empty stack means the sentence may end. Iterative
+// (a chain of rules as deep as a hostile grammar likes cannot overflow the thread's stack), and
+// bounded: false when the expansion passes kMaxStacks stacks or kMaxExpandSteps steps (a grammar
+// ambiguous enough for that is refused at this byte rather than stalling the process).
+bool GrammarMatcher::expand(Stack s, std::vector<Stack>* out, size_t* steps) const {
     const std::vector<Grammar::Elem>& elems = g_->elems();
-    for (;;) {
-        if (out->size() > kMaxStacks) return;
-        if (s.empty() || elems[s.back()].kind == Grammar::Elem::kChars) {
-            out->push_back(std::move(s));
-            return;
+    std::vector<Stack> work;
+    work.push_back(std::move(s));
+    while (!work.empty()) {
+        Stack cur = std::move(work.back());
+        work.pop_back();
+        for (;;) {
+            if (out->size() > kMaxStacks || ++*steps > kMaxExpandSteps) return false;
+            if (cur.empty() || elems[cur.back()].kind == Grammar::Elem::kChars) {
+                out->push_back(std::move(cur));
+                break;
+            }
+            const uint32_t pos = cur.back();
+            cur.pop_back();
+            if (elems[pos].kind == Grammar::Elem::kEnd) continue;  // back to the caller's next element
+            if (elems[pos + 1].kind != Grammar::Elem::kEnd) cur.push_back(pos + 1);  // else a tail call
+            const std::vector<uint32_t>& alts = g_->alternatives(elems[pos].rule);
+            for (size_t i = 0; i + 1 < alts.size(); ++i) {
+                Stack c = cur;
+                c.push_back(alts[i]);
+                work.push_back(std::move(c));
+            }
+            cur.push_back(alts.back());
         }
-        const uint32_t pos = s.back();
-        s.pop_back();
-        if (elems[pos].kind == Grammar::Elem::kEnd) continue;  // back to the caller's next element
-        if (elems[pos + 1].kind != Grammar::Elem::kEnd) s.push_back(pos + 1);  // else a tail call
-        const std::vector<uint32_t>& alts = g_->alternatives(elems[pos].rule);
-        for (size_t i = 0; i + 1 < alts.size(); ++i) {
-            Stack c = s;
-            c.push_back(alts[i]);
-            expand(std::move(c), out, depth + 1);
-        }
-        s.push_back(alts.back());
     }
+    return true;
 }
 
 bool GrammarMatcher::advance(const State& in, uint32_t cp, State* out) const {
@@ -174,12 +186,12 @@ bool GrammarMatcher::advance(const State& in, uint32_t cp, State* out) const {
     out->partial = 0;
     out->partial_left = 0;
     out->partial_len = 0;
+    size_t steps = 0;
     for (const Stack& s : in.stacks) {
         if (s.empty() || !g_->holds(g_->elems()[s.back()], cp)) continue;
         Stack next = s;
         ++next.back();
-        expand(std::move(next), &out->stacks, 0);
-        if (out->stacks.size() > kMaxStacks) {
+        if (!expand(std::move(next), &out->stacks, &steps)) {
             out->stacks.clear();
             return false;
         }

@@ -101,15 +101,17 @@ public:
         int partial_left = 0;       // its continuation bytes still to come
         int partial_len = 0;        // its length in bytes (overlong encodings are refused)
     };
-    // One byte; false if it cannot continue (`out` is then unspecified). Stops expanding beyond
-    // kMaxStacks stacks (an ambiguous grammar): the byte is refused rather than the process stalled.
+    // One byte; false if it cannot continue (`out` is then unspecified). Expansion is bounded
+    // (kMaxStacks stacks, kMaxExpandSteps steps): past that the byte is refused rather than the
+    // process stalled by a pathologically ambiguous grammar.
     bool step(const State& in, uint8_t byte, State* out) const;
     const State& state() const { return state_; }
     void set_state(State s) { state_ = std::move(s); }
     static constexpr size_t kMaxStacks = 4096;
+    static constexpr size_t kMaxExpandSteps = 1u << 20;  // per code point
 
 private:
-    void expand(Stack s, std::vector<Stack>* out, int depth) const;
+    bool expand(Stack s, std::vector<Stack>* out, size_t* steps) const;
     bool advance(const State& in, uint32_t cp, State* out) const;
     std::shared_ptr<const Grammar> g_;
     State state_;

@@ -1,6 +1,8 @@
 // The `moemesh` CLI as a user runs it: real processes, exit codes, messages.
 #include <gtest/gtest.h>
 
+#include <regex>
+
 #include <nlohmann/json.hpp>
 
 #include "tests/test_util.h"
@@ -259,6 +261,53 @@ TEST_F(Cli, ChatOptionErrors) {
         EXPECT_NE(err.find("apply to --chat"), std::string::npos) << opt << ": " << err;
         EXPECT_NE(err.find(opt.substr(0, opt.find(' '))), std::string::npos) << opt << ": " << err;
     }
+}
+
+// --grammar-file / --json-schema: the random model's text follows them; bad grammars and schemas are
+// named errors before the model loads.
+TEST_F(Cli, GrammarAndJsonSchemaConstrainTheText) {
+    std::string out, err;
+    const std::string grammar = dir_ + "/answer.gbnf";
+    {
+        FILE* f = std::fopen(grammar.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("# yes or no, then a number\nroot ::= (\"yes\" | \"no\") \" \" [0-9]{1,4} \".\"\n", f);
+        std::fclose(f);
+    }
+    for (int seed = 1; seed <= 3; ++seed) {
+        ASSERT_EQ(cli("run --model " + model_ + " --prompt 'Q:' -n 40 --seed " + std::to_string(seed) +
+                          " --threads 1 --grammar-file " + grammar,
+                      &out, &err),
+                  0)
+            << err;
+        EXPECT_TRUE(std::regex_match(out, std::regex("(yes|no) [0-9]{1,4}\\.\n"))) << out;
+    }
+    const std::string schema = R"({"type":"object","properties":{"ok":{"type":"boolean"},"n":{"enum":[1,2,3]}},"required":["ok","n"],"additionalProperties":false})";
+    ASSERT_EQ(cli("run --model " + model_ + " --prompt 'J:' -n 200 --seed 4 --threads 1 --json-schema '" + schema + "'",
+                  &out, &err),
+              0)
+        << err;
+    const nlohmann::json v = nlohmann::json::parse(out, nullptr, false);
+    ASSERT_TRUE(v.is_object()) << out;
+    EXPECT_TRUE(v["ok"].is_boolean()) << out;
+    EXPECT_TRUE(v["n"] == 1 || v["n"] == 2 || v["n"] == 3) << out;
+    EXPECT_EQ(v.size(), 2u) << out;
+    // Errors.
+    const std::string bad = dir_ + "/bad.gbnf";
+    {
+        FILE* f = std::fopen(bad.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("root ::= item\n", f);
+        std::fclose(f);
+    }
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt x --grammar-file " + bad, &out, &err), 1);
+    EXPECT_NE(err.find("bad.gbnf: rule 'item' is used but not defined"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt x --json-schema '{\"type\": \"txt\"}'", &out, &err), 1);
+    EXPECT_NE(err.find("--json-schema: schema.type: unknown type 'txt'"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --prompt x --json-schema 'not json'", &out, &err), 1);
+    EXPECT_NE(err.find("--json-schema: not a JSON schema"), std::string::npos) << err;
+    EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,2 --json --grammar-file " + grammar, &out, &err), 1);
+    EXPECT_NE(err.find("apply to --prompt"), std::string::npos) << err;
 }
 
 }  // namespace

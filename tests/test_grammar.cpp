@@ -220,6 +220,26 @@ TEST(Grammar, RightRecursionKeepsStacksFlat) {
     EXPECT_TRUE(m.can_end());
 }
 
+// Hostile grammars end in an answer, not a crash or a stall: a 20000-rule chain of left-most
+// references (deeper than any thread stack would take recursively), and an exponentially ambiguous
+// grammar (2^40 ways to expand) whose expansion is cut off and refused.
+TEST(Grammar, DeepAndAmbiguousGrammarsAreBounded) {
+    std::string chain = "root ::= r0\n";
+    const int kDepth = 20000;
+    for (int i = 0; i < kDepth; ++i) chain += "r" + std::to_string(i) + " ::= r" + std::to_string(i + 1) + " \"y\"\n";
+    chain += "r" + std::to_string(kDepth) + " ::= \"x\"\n";
+    auto deep = must_parse(chain);
+    ASSERT_TRUE(deep);
+    EXPECT_TRUE(grammar_matches(deep, "x" + std::string(kDepth, 'y')));
+    EXPECT_FALSE(grammar_matches(deep, "x" + std::string(kDepth - 1, 'y')));
+    std::string ambiguous = "root ::= ";
+    for (int i = 0; i < 40; ++i) ambiguous += "e ";
+    ambiguous += "\"x\"\ne ::= \"\" | \"\"\n";
+    auto amb = must_parse(ambiguous);
+    ASSERT_TRUE(amb);
+    EXPECT_FALSE(grammar_matches(amb, "x"));
+}
+
 // mask() (the sorted-prefix walk) allows exactly the tokens allows() accepts one by one, in states
 // reached by real token sequences, and end-of-generation only where the sentence may end.
 TEST(TokenConstraint, MaskEqualsCheckingEveryToken) {
