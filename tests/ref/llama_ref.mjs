@@ -32,6 +32,28 @@
 //       perf: llama.cpp's counters over the decode phase (single-token llama_decode calls count as
 //       "eval runs", batches of more than one token as "prompt eval tokens": with batching engaged
 //       and P > 1 the decode phase is all "prompt eval"; llama.cpp prints 0 runs as 1).
+//   node tests/ref/llama_ref.mjs grammar --model F.gguf (--tokens 1,2,3 | --ids-file F | --prompt-tokens 32)
+//        [--grammar-file F.gbnf] [--gen 64] [--threads N] [--temp 0] [--seed S] [--top-k 40] [--top-p 0.95]
+//        [--min-p 0.05] [--ignore-eos] [--warmup-gen 8] [--kv-type f16|f32] [--flash-attn auto|on|off] [--batch N]
+//     → {"tokens":N,"decode_s":..,"text":"..","decode_evals":..,"decode_tok_per_s":..,"ended":"eos"|"limit",..}
+//       Generation under a GBNF grammar (llama.cpp's own grammar sampler, through node-llama-cpp's
+//       LlamaGrammar + LlamaGrammarEvaluationState and a sequence's evaluate(); without
+//       --grammar-file the same code path runs unconstrained, the baseline). --temp 0 (default):
+//       greedy (llama.cpp's greedy sampler); --temp T > 0: seeded sampling (--seed, default 0) with
+//       the chain top-k, top-p, min-p, temperature. node-llama-cpp samples first and checks the one
+//       token against the grammar; only when it is refused does it mask the whole vocabulary with
+//       the grammar and sample again. Stops at an
+//       end-of-generation token (which the grammar allows only where its text is complete; not
+//       counted in tokens) or after --gen tokens; --ignore-eos (only without a grammar) feeds EOG
+//       tokens back and goes on. Prompt: the ids given, or llama_ref's pseudo-random prompt
+//       (bench's) of --prompt-tokens ids. One unmeasured warm-up first (the prompt and
+//       --warmup-gen unconstrained tokens, then the history is cleared).
+//       decode_s: from the first generated token (prompt evaluated and that token sampled) to the
+//       end of the last evaluation: the --gen-th token, or the one that produced EOG.
+//       decode_evals: evaluations (forward pass + sampling) in that window, tokens-1 when --gen
+//       ended it, tokens when EOG did; decode_tok_per_s = decode_evals / decode_s. text: the
+//       generated tokens detokenized (EOG not included); ids: the tokens. decode_page_faults:
+//       this process's minor/major page faults in the window (the weights are mmapped).
 //   node tests/ref/llama_ref.mjs info --model F.gguf
 //     → {"n_vocab":..,"n_params":..,"size":..,"train_ctx":..,"n_embd":..,"architecture":..,...}
 import fs from "node:fs";
@@ -56,7 +78,7 @@ function fail(msg) {
 function parseArgs(argv) {
     const cmd = argv[0];
     const flags = {};
-    const booleans = new Set(["with-logits", "verbose"]);
+    const booleans = new Set(["with-logits", "verbose", "ignore-eos"]);
     for (let i = 1; i < argv.length; i++) {
         const a = argv[i];
         if (!a.startsWith("-")) fail(`unexpected argument '${a}'`);
@@ -476,6 +498,133 @@ async function cmdParallel(flags) {
     await emit(result);
 }
 
+// grammar: generation under a GBNF grammar (or none: the baseline), decode phase timed.
+async function cmdGrammar(flags) {
+    const nGen = intFlag(flags, "gen", 64, { min: 1 });
+    const warmupGen = intFlag(flags, "warmup-gen", 8, { min: 0 });
+    const temperature = flags.temp === undefined ? 0 : Number(flags.temp);
+    if (!Number.isFinite(temperature) || temperature < 0) fail(`--temp must be a number >= 0, got '${flags.temp}'`);
+    const seed = intFlag(flags, "seed", 0, { min: 0 });
+    const topK = intFlag(flags, "top-k", 40, { min: 0 });
+    const topP = flags["top-p"] === undefined ? 0.95 : Number(flags["top-p"]);
+    const minP = flags["min-p"] === undefined ? 0.05 : Number(flags["min-p"]);
+    if (!(topP > 0 && topP <= 1)) fail(`--top-p must be in (0, 1], got '${flags["top-p"]}'`);
+    if (!(minP >= 0 && minP <= 1)) fail(`--min-p must be in [0, 1], got '${flags["min-p"]}'`);
+    const ignoreEos = !!flags["ignore-eos"];
+    let gbnf = null;
+    if (flags["grammar-file"] !== undefined) {
+        try {
+            gbnf = fs.readFileSync(flags["grammar-file"], "utf8");
+        } catch (e) {
+            fail(`--grammar-file: ${e.message}`);
+        }
+        if (ignoreEos) fail("--ignore-eos applies only without --grammar-file (a grammar ends with EOG)");
+    }
+
+    const { llama, logLines } = await loadLlama(flags);
+    const model = await loadModel(llama, flags);
+    const backend = cpuBackend(logLines);
+    const nVocab = vocabSize(model);
+    let prompt;
+    if (flags.tokens !== undefined) prompt = parseIds(flags.tokens, "--tokens");
+    else if (flags["ids-file"] !== undefined) {
+        let text;
+        try {
+            text = fs.readFileSync(flags["ids-file"], "utf8");
+        } catch (e) {
+            fail(`--ids-file: ${e.message}`);
+        }
+        prompt = parseIds(text, flags["ids-file"]);
+    } else {
+        let state = 12345;  // bench's pseudo-random prompt
+        prompt = Array.from({ length: intFlag(flags, "prompt-tokens", 32, { min: 1 }) }, () => {
+            state = (state * 1103515245 + 12345) % 2147483648;
+            return state % nVocab;
+        });
+    }
+    for (const id of prompt) if (id >= nVocab) fail(`token id ${id} is outside the vocabulary (${nVocab})`);
+    let grammar = null;
+    if (gbnf !== null) {
+        try {
+            grammar = await llama.createGrammar({ grammar: gbnf });
+        } catch (e) {
+            fail(`llama.cpp refused the grammar in ${flags["grammar-file"]}: ${e.message}`);
+        }
+    }
+    const { LlamaGrammarEvaluationState } = await import("node-llama-cpp");
+    const threads = threadsOf(flags, llama);
+    const need = prompt.length + Math.max(nGen, warmupGen) + 2;
+    const ctx = await makeContext(model, {
+        contextSize: Math.max(256, need),
+        batchSize: intFlag(flags, "batch", Math.max(1, Math.min(512, prompt.length)), { min: 1 }),
+        threads,
+        kvType: kvTypeOption(flags, "f16"),
+        flashAttention: flashAttnOption(flags, "auto"),
+    });
+    const seq = ctx.getSequence();
+    const sampling = temperature > 0 ? { temperature, seed, topK, topP, minP } : { temperature: 0 };
+
+    // Warm-up (not counted): the prompt and a few unconstrained tokens, then a clean history.
+    if (warmupGen > 0) {
+        let n = 0;
+        const it = seq.evaluate(prompt, { ...sampling, yieldEogToken: true });
+        for await (const _ of it) if (++n >= warmupGen) break;
+        await seq.clearHistory();
+    }
+
+    // One generation. evaluate() decodes the prompt, samples, yields a token and, when asked for
+    // the next one, decodes that token and samples again; the grammar state is accepted on every
+    // sampled token inside node-llama-cpp's sampleToken (EOG excepted).
+    const grammarState = grammar ? new LlamaGrammarEvaluationState({ model, grammar }) : undefined;
+    const ids = [];
+    let ended = "limit", tFirst = null, tEnd = null, faultsFirst = null, faultsEnd = null;
+    const faults = () => { const u = process.resourceUsage(); return [u.minorPageFault, u.majorPageFault]; };
+    const t0 = process.hrtime.bigint();
+    const it = seq.evaluate(prompt, { ...sampling, grammarEvaluationState: grammarState, yieldEogToken: true });
+    for await (const token of it) {
+        const now = process.hrtime.bigint();
+        if (tFirst === null) {
+            tFirst = now;
+            faultsFirst = faults();
+        }
+        tEnd = now;
+        faultsEnd = faults();
+        if (model.isEogToken(token) && !ignoreEos) {
+            ended = "eos";
+            break;
+        }
+        ids.push(token);
+        if (ids.length >= nGen) break;
+    }
+    if (tFirst === null) fail("llama.cpp generated nothing");
+    const decodeS = Number(tEnd - tFirst) / 1e9;
+    // Evaluations between the first token and the end: one per token after the first, plus the
+    // one that produced EOG when that ended the generation.
+    const decodeEvals = ended === "eos" ? ids.length : ids.length - 1;
+    const result = {
+        tokens: ids.length,
+        decode_s: decodeS,
+        text: model.detokenize(ids),
+        decode_evals: decodeEvals,
+        decode_tok_per_s: decodeEvals > 0 && decodeS > 0 ? decodeEvals / decodeS : null,
+        ended,
+        prompt_tokens: prompt.length,
+        prompt_s: Number(tFirst - t0) / 1e9,  // prompt evaluation + the first token's sampling
+        // Page faults of this process in the decode window (the weights are mmapped: a first touch
+        // of an expert's pages, even from the page cache, is a minor fault).
+        decode_page_faults: { minor: faultsEnd[0] - faultsFirst[0], major: faultsEnd[1] - faultsFirst[1] },
+        ids,
+        grammar: gbnf !== null,
+        sampling: temperature > 0 ? { kind: "seeded", temperature, seed, top_k: topK, top_p: topP, min_p: minP }
+                                  : { kind: "greedy" },
+        config: { ...contextConfig(ctx, threads), cpu_backend: backend, warmup_gen: warmupGen },
+    };
+    seq.dispose();
+    await ctx.dispose();
+    await model.dispose();
+    await emit(result);
+}
+
 async function cmdInfo(flags) {
     const { llama, logLines } = await loadLlama(flags);
     const model = await loadModel(llama, flags);
@@ -504,8 +653,8 @@ async function cmdInfo(flags) {
 }
 
 const { cmd, flags } = parseArgs(process.argv.slice(2));
-const commands = { probs: cmdProbs, bench: cmdBench, parallel: cmdParallel, info: cmdInfo };
-if (!commands[cmd]) fail(`usage: llama_ref.mjs probs|bench|parallel|info --model F.gguf ... (got '${cmd ?? ""}')`);
+const commands = { probs: cmdProbs, bench: cmdBench, parallel: cmdParallel, grammar: cmdGrammar, info: cmdInfo };
+if (!commands[cmd]) fail(`usage: llama_ref.mjs probs|bench|parallel|grammar|info --model F.gguf ... (got '${cmd ?? ""}')`);
 try {
     await commands[cmd](flags);
     process.exit(0);
