@@ -947,7 +947,9 @@ TEST_F(HttpServerTest, PromptCacheReusesAFinishedSequence) {
         for (int i = 0; i < 8; ++i) {
             const int32_t next = argmax(logits.data(), model_->config().n_vocab);
             gen.push_back(next);
-            if (i < 7) ASSERT_TRUE(model_->forward(*seq, &next, 1, false, &logits).ok());
+            if (i < 7) {
+                ASSERT_TRUE(model_->forward(*seq, &next, 1, false, &logits).ok());
+            }
         }
     }
     q.insert(q.end(), gen.begin(), gen.begin() + 7);

@@ -280,8 +280,10 @@ struct HttpServer::Impl {
             }
         }
         if (stopped) {
-            // Tokens whose text lies wholly in the cut-off stop string are not part of the reply.
-            while (!res.logprobs.empty() && res.logprobs.back().start >= text.size()) res.logprobs.pop_back();
+            // Tokens whose text lies wholly in the cut-off stop string are not part of the reply
+            // (none of them was streamed: the stream holds back what a stop string could start with,
+            // except a token without text, which stays).
+            while (res.logprobs.size() > s.lp_sent && res.logprobs.back().start >= text.size()) res.logprobs.pop_back();
             for (GenLogprob& g : res.logprobs) g.end = std::min(g.end, text.size());
             res.finish = "stop";
             finish(s, Status());
