@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <unordered_map>
 
 #include "common/tokenizer.h"
 
@@ -305,14 +307,55 @@ bool TokenConstraint::accept(int32_t id) {
     return true;  // the end: nothing follows
 }
 
+namespace {
+
+// The matcher states one mask() walk meets, each stored once, and the steps between them
+// remembered: grammars revisit a handful of states (inside a string, every letter leads back to
+// the same one), so most of the walk's steps become one hash lookup instead of a matcher step.
+class StateCache {
+public:
+    explicit StateCache(const GrammarMatcher& m) : m_(m) {}
+    int intern(GrammarMatcher::State s) {
+        std::string key;
+        key.reserve(16);
+        auto put = [&key](uint32_t x) { key.append(reinterpret_cast<const char*>(&x), sizeof(x)); };
+        put(s.partial), put(static_cast<uint32_t>(s.partial_left)), put(static_cast<uint32_t>(s.partial_len));
+        for (const GrammarMatcher::Stack& st : s.stacks) {
+            put(static_cast<uint32_t>(st.size()));
+            for (uint32_t x : st) put(x);
+        }
+        auto [it, added] = ids_.emplace(std::move(key), static_cast<int>(pool_.size()));
+        if (added) pool_.push_back(std::move(s));
+        return it->second;
+    }
+    // The state after one more byte; -1 if the byte cannot continue.
+    int step(int from, uint8_t b) {
+        const uint64_t t = (static_cast<uint64_t>(from) << 8) | b;
+        if (auto it = steps_.find(t); it != steps_.end()) return it->second;
+        GrammarMatcher::State out;
+        const int to = m_.step(pool_[static_cast<size_t>(from)], b, &out) ? intern(std::move(out)) : -1;
+        steps_.emplace(t, to);
+        return to;
+    }
+
+private:
+    const GrammarMatcher& m_;
+    std::vector<GrammarMatcher::State> pool_;
+    std::unordered_map<std::string, int> ids_;
+    std::unordered_map<uint64_t, int> steps_;
+};
+
+}  // namespace
+
 int64_t TokenConstraint::mask(float* logits, int64_t n_vocab) const {
     const GrammarVocab& v = *vocab_;
     const float kOff = -std::numeric_limits<float>::infinity();
     std::vector<uint8_t> ok(static_cast<size_t>(n_vocab), 0);
-    // Sorted pieces share prefixes with their neighbours: states[d] is the state after the first d
+    // Sorted pieces share prefixes with their neighbours: at[d] is the state after the first d
     // bytes of the current piece, valid for d <= valid; a prefix of length `dead` matches nothing,
     // so every following piece that shares it is refused without a step.
-    std::vector<GrammarMatcher::State> states(1, m_.state());
+    StateCache cache(m_);
+    std::vector<int> at(1, cache.intern(m_.state()));
     size_t valid = 0, dead = SIZE_MAX;
     for (size_t i = 0; i < v.sorted.size(); ++i) {
         const int32_t id = v.sorted[i];
@@ -322,8 +365,9 @@ int64_t TokenConstraint::mask(float* logits, int64_t n_vocab) const {
         dead = SIZE_MAX;
         bool alive = true;
         for (size_t d = valid; d < p.size(); ++d) {
-            if (states.size() < d + 2) states.resize(d + 2);
-            if (!m_.step(states[d], static_cast<uint8_t>(p[d]), &states[d + 1])) {
+            if (at.size() < d + 2) at.resize(d + 2);
+            at[d + 1] = cache.step(at[d], static_cast<uint8_t>(p[d]));
+            if (at[d + 1] < 0) {
                 dead = d + 1;
                 alive = false;
                 break;
