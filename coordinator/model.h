@@ -58,6 +58,10 @@ public:
     // Gives the sequence room for n_ctx tokens (its KV cache reallocated, the positions it holds
     // kept); never shrinks. For reusing a finished sequence with a longer request.
     virtual void grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;
+    // Copies the recurrent state (DeltaNet conv and delta-rule state; nothing for attention-only
+    // models) of `from` into `to`, a sequence of the same model. A copy taken when a prompt ends lets
+    // a later request that shares only that prompt continue from it (the server's prompt cache).
+    virtual void copy_recurrent(const SequenceState& from, SequenceState& to) const = 0;
     virtual void set_debug_hook(DebugHook hook) = 0;
 };
 

@@ -977,10 +977,10 @@ TEST_F(HttpServerTest, PromptCacheReusesAFinishedSequence) {
 }
 
 // The prompt cache on a model with recurrent state (qwen3next: DeltaNet layers cannot be rewound):
-// a cached sequence is reused only when all of it is a prefix of the new prompt. 64 cached tokens
-// keep the chunked delta rule's 64-token chunks where a fresh run has them, so the texts match
-// bit for bit.
-TEST(HttpPromptCache, RecurrentModelsReuseOnlyWholeSequences) {
+// a cached sequence is reused when all of it is a prefix of the new prompt, or, through the copy of
+// its recurrent state taken when its prompt ended, when its prompt is. 64 cached tokens keep the
+// chunked delta rule's 64-token chunks where a fresh run has them, so the texts match bit for bit.
+TEST(HttpPromptCache, RecurrentModelsReuseWholeSequencesOrTheirPrompts) {
     const std::string dir = temp_dir("http_cache_next");
     MakeModelOptions o;
     o.arch = "qwen3next";
@@ -1044,6 +1044,13 @@ TEST(HttpPromptCache, RecurrentModelsReuseOnlyWholeSequences) {
     const std::string want_r = completion(r, 4, false, &off);
     EXPECT_EQ(completion(r, 4, true, &cached), want_r);
     EXPECT_EQ(cached, 0);
+    // A prompt that shares q (67 tokens) but not what q's request generated: the recurrent state
+    // kept when q's prompt ended is continued from (an agent's next step after a re-rendered reply).
+    std::vector<int32_t> s2 = q;
+    s2.insert(s2.end(), {500, 501, 502});
+    const std::string want_s2 = completion(s2, 5, false, &off);
+    EXPECT_EQ(completion(s2, 5, true, &cached), want_s2);
+    EXPECT_GE(cached, 67);
     server.stop();
     t.join();
 }

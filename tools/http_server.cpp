@@ -159,6 +159,9 @@ struct HttpServer::Impl {
         int64_t prefilled = 0;  // prompt tokens already run (or taken from the prompt cache)
         int32_t next = -1;      // the token the next decode step feeds
         std::vector<int32_t> fed;  // every token the sequence holds, for the prompt cache
+        // Recurrent models: the state when the prompt ended (the prompt cache can continue from it).
+        std::unique_ptr<SequenceState> snap;
+        int64_t snap_at = 0;
         bool admitted = false;     // counted in `busy`
         std::chrono::steady_clock::time_point t_prompt, t_decode;
     };
@@ -203,6 +206,11 @@ struct HttpServer::Impl {
     struct CachedSequence {
         std::unique_ptr<SequenceState> seq;
         std::vector<int32_t> tokens;
+        // Recurrent models: the recurrent state after tokens[0, snap_at) (the request's prompt),
+        // which a new prompt that shares only that much can continue from; the KV cache of the
+        // attention layers still holds those positions.
+        std::unique_ptr<SequenceState> snap;
+        int64_t snap_at = 0;
     };
     std::vector<CachedSequence> seq_cache;
     std::shared_ptr<const GrammarVocab> grammar_vocab;  // built at the first constrained request
@@ -212,12 +220,18 @@ struct HttpServer::Impl {
     std::unique_ptr<SequenceState> take_cached(const std::vector<int32_t>& input, int64_t n_ctx, int64_t* reused) {
         *reused = 0;
         size_t best = seq_cache.size();
+        bool from_snap = false;
         for (size_t i = 0; i < seq_cache.size(); ++i) {
-            const int64_t p = reusable_prefix(*seq_cache[i].seq, seq_cache[i].tokens, input);
-            if (p > *reused) *reused = p, best = i;
+            const CachedSequence& c = seq_cache[i];
+            const int64_t p = reusable_prefix(*c.seq, c.tokens, input);
+            if (p > *reused) *reused = p, best = i, from_snap = false;
+            if (c.snap && c.snap_at > *reused && c.snap_at < static_cast<int64_t>(input.size()) &&
+                std::equal(c.tokens.begin(), c.tokens.begin() + c.snap_at, input.begin()))
+                *reused = c.snap_at, best = i, from_snap = true;
         }
         if (best == seq_cache.size()) return nullptr;
         std::unique_ptr<SequenceState> seq = std::move(seq_cache[best].seq);
+        if (from_snap) model.copy_recurrent(*seq_cache[best].snap, *seq);
         seq_cache.erase(seq_cache.begin() + static_cast<std::ptrdiff_t>(best));
         seq->n_past = *reused;
         model.grow_sequence(*seq, n_ctx);  // a longer request than the one that left it
@@ -227,7 +241,7 @@ struct HttpServer::Impl {
     void keep_cached(Slot& s) {
         if (!s.seq || static_cast<int64_t>(s.fed.size()) != s.seq->n_past) return;  // state not as recorded
         if (static_cast<int>(seq_cache.size()) >= std::max(opts.max_parallel, 1)) seq_cache.erase(seq_cache.begin());
-        seq_cache.push_back(CachedSequence{std::move(s.seq), std::move(s.fed)});
+        seq_cache.push_back(CachedSequence{std::move(s.seq), std::move(s.fed), std::move(s.snap), s.snap_at});
     }
 
     // Ends a request: its last text, its timing, its status to the waiting handler.
@@ -236,6 +250,7 @@ struct HttpServer::Impl {
         s.res->decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - s.t_decode).count();
         if (st.ok() && s.rq->cache_prompt && !abort_generation) keep_cached(s);
         s.seq.reset();  // freed here: backend memory belongs to the model thread
+        s.snap.reset();
         if (s.admitted) --busy;  // before the handler can answer: /health never counts a finished request
         // Notified under the lock: once it is released the handler thread may free the slot.
         std::lock_guard<std::mutex> lock(s.out_mu);
@@ -337,6 +352,13 @@ struct HttpServer::Impl {
         s.fed.insert(s.fed.end(), input.begin() + s.prefilled, input.begin() + s.prefilled + n);
         s.prefilled += n;
         if (s.prefilled < static_cast<int64_t>(input.size())) return true;
+        bool recurrent = false;
+        for (const Buffer& b : s.seq->ssm_state) recurrent = recurrent || static_cast<bool>(b);
+        if (recurrent && s.rq->cache_prompt) {  // the prompt cache may continue from here later
+            s.snap = model.new_sequence(1);
+            model.copy_recurrent(*s.seq, *s.snap);
+            s.snap_at = s.prefilled;
+        }
         s.t_decode = std::chrono::steady_clock::now();
         s.res->prompt_s = std::chrono::duration<double>(s.t_decode - s.t_prompt).count();
         if (s.pr->max_new == 0) {

@@ -74,6 +74,18 @@ void ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
     seq.n_ctx = n_ctx;
 }
 
+void ModelBase::copy_recurrent(const SequenceState& from, SequenceState& to) const {
+    for (auto [src, dst] : {std::pair{&from.conv_state, &to.conv_state}, std::pair{&from.ssm_state, &to.ssm_state}}) {
+        for (size_t il = 0; il < src->size() && il < dst->size(); ++il) {
+            const Buffer& a = (*src)[il];
+            Buffer& b = (*dst)[il];
+            if (!a || !b || a.bytes() != b.bytes()) continue;
+            const auto n = static_cast<int64_t>(a.bytes() / sizeof(float));  // fp32 state
+            be_->copy_rows(b.as<float>(), n, a.as<float>(), n, 1, n);
+        }
+    }
+}
+
 Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                           std::vector<float>* logits) {
     if (n <= 0) return MM_ERROR("forward: no tokens to process");

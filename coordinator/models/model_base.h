@@ -27,6 +27,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     void set_debug_hook(DebugHook hook) override { debug_ = std::move(hook); }
     void grow_sequence(SequenceState& seq, int64_t n_ctx) const override;
+    void copy_recurrent(const SequenceState& from, SequenceState& to) const override;
     // Checks the tokens and the context, then runs forward_chunk over chunks of n_batch tokens.
     Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                    std::vector<float>* logits) final;
