@@ -310,5 +310,59 @@ TEST_F(Cli, GrammarAndJsonSchemaConstrainTheText) {
     EXPECT_NE(err.find("apply to --prompt"), std::string::npos) << err;
 }
 
+// A recurrent model (qwen3next) in `moemesh chat` with a template that does not render replies
+// back: the sequence (prompt + reply) is no prefix of the next prompt, but the previous prompt is,
+// and the DeltaNet state kept when it ended carries the conversation on: turn 2 reads only its
+// new tokens, and each reply still equals a one-shot run of its prompt.
+TEST_F(Cli, InteractiveChatOnARecurrentModelContinuesFromThePreviousPrompt) {
+    std::string out, err;
+    const std::string next = dir_ + "/next.gguf";
+    ASSERT_EQ(cli("make-model --arch qwen3next --out " + next +
+                      " --layers 4 --hidden 64 --heads 2 --kv-heads 1 --head-dim 32 --experts 4 --top-k 2"
+                      " --expert-ff 32 --vocab 600 --ssm-head-dim 32 --full-attention-interval 2 --seed 5",
+                  &out, &err),
+              0)
+        << err;
+    const std::string tmpl = dir_ + "/users_only.jinja";
+    {
+        FILE* f = std::fopen(tmpl.c_str(), "w");
+        ASSERT_TRUE(f);
+        std::fputs("{%- for m in messages %}{%- if m.role == 'user' %}U: {{ m.content }}\n{% endif %}{%- endfor %}", f);
+        std::fclose(f);
+    }
+    const std::string input = dir_ + "/next_turns.txt";
+    ASSERT_EQ(run_capture("printf 'Hello there\\nTell me more\\n' > " + input, &out), 0);
+    ASSERT_EQ(cli("chat --model " + next + " --chat-template-file " + tmpl + " --threads 1 --greedy -n 5 < " + input,
+                  &out, &err),
+              0)
+        << err;
+    std::vector<std::pair<long, long>> stats;  // (new, of) per turn
+    for (size_t at = err.find("[prompt: "); at != std::string::npos; at = err.find("[prompt: ", at + 1)) {
+        long n_new = 0, n_all = 0;
+        ASSERT_EQ(std::sscanf(err.c_str() + at, "[prompt: %ld new of %ld", &n_new, &n_all), 2) << err;
+        stats.push_back({n_new, n_all});
+    }
+    ASSERT_EQ(stats.size(), 2u) << err;
+    EXPECT_EQ(stats[0].first, stats[0].second);
+    EXPECT_EQ(stats[1].first, stats[1].second - stats[0].second) << err;  // only what follows turn 1's prompt
+    std::string want;
+    int k = 0;
+    for (const std::string prompt : {"U: Hello there\n", "U: Hello there\nU: Tell me more\n"}) {
+        const std::string file = dir_ + "/next_prompt" + std::to_string(k++) + ".txt";
+        FILE* f = std::fopen(file.c_str(), "wb");
+        ASSERT_TRUE(f);
+        std::fwrite(prompt.data(), 1, prompt.size(), f);
+        std::fclose(f);
+        std::string one;
+        ASSERT_EQ(run_capture("p=\"$(cat " + file + "; printf x)\"; " + moemesh_bin() + " run --model " + next +
+                                  " --threads 1 --greedy -n 5 --prompt \"${p%x}\"",
+                              &one, dir_ + "/one.err"),
+                  0)
+            << read_file(dir_ + "/one.err");
+        want += one;
+    }
+    EXPECT_EQ(out, want);
+}
+
 }  // namespace
 }  // namespace moemesh

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -46,6 +47,13 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
     if (o.no_think) in.kwargs = {{"enable_thinking", false}};
     std::unique_ptr<SequenceState> seq = model.new_sequence(o.ctx);
     std::vector<int32_t> held;  // the tokens the sequence holds
+    // Recurrent models (DeltaNet) cannot rewind: the state when the last prompt ended is kept, so a
+    // conversation whose template re-renders the reply differently (reasoning dropped) continues
+    // from the previous prompt instead of starting over.
+    std::unique_ptr<SequenceState> snap;
+    int64_t snap_at = 0;
+    bool recurrent = false;
+    for (const Buffer& b : seq->ssm_state) recurrent = recurrent || static_cast<bool>(b);
     Sampler sampler(o.sp);
     if (tty)
         std::fprintf(stderr, "chat: %s; a line is a turn ('\\' at the end continues it), /reset starts over, /exit or "
@@ -57,6 +65,7 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
         if (turn == "/reset") {
             in.messages = base;
             held.clear();
+            snap_at = 0;
             seq = model.new_sequence(o.ctx);
             std::fprintf(stderr, "(new conversation)\n");
             continue;
@@ -80,7 +89,11 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             continue;
         }
         // Continue from what the sequence already holds (the conversation so far), else start over.
-        const int64_t kept = reusable_prefix(*seq, held, input);
+        int64_t kept = reusable_prefix(*seq, held, input);
+        if (snap_at > kept && snap_at < n_in && std::equal(held.begin(), held.begin() + snap_at, input.begin())) {
+            model.copy_recurrent(*snap, *seq);
+            kept = snap_at;
+        }
         if (kept == 0 && seq->n_past > 0) seq = model.new_sequence(o.ctx);
         seq->n_past = kept;
         held.assign(input.begin(), input.begin() + kept);
@@ -88,6 +101,11 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
         const auto t0 = std::chrono::steady_clock::now();
         MM_RETURN_IF_ERROR(model.forward(*seq, input.data() + kept, n_in - kept, false, &logits));
         held.insert(held.end(), input.begin() + kept, input.end());
+        if (recurrent) {
+            if (!snap) snap = model.new_sequence(1);
+            model.copy_recurrent(*seq, *snap);
+            snap_at = n_in;
+        }
         const auto t1 = std::chrono::steady_clock::now();
         std::string reply, pending;
         int64_t generated = 0;
