@@ -8,6 +8,7 @@
 // \UHHHHHHHH; `.` is any code point. Postfix `*` `+` `?` `{m}` `{m,}` `{m,n}` apply to the item
 // before them. A newline ends a rule except inside parentheses or after `|` / `::=`. Repetitions
 // and groups become generated rules (right-recursive, so the matcher's stacks stay flat).
+#include <cstdarg>
 #include <cstdio>
 #include <string>
 #include <string_view>
@@ -51,10 +52,12 @@ private:
         for (size_t i = 0; i < pos_ && i < s_.size(); ++i) l += s_[i] == '\n';
         return l;
     }
-    template <typename... Args>
-    Status fail(const char* fmt, Args... args) const {
+    __attribute__((format(printf, 2, 3))) Status fail(const char* fmt, ...) const {
         char msg[512];
-        std::snprintf(msg, sizeof(msg), fmt, args...);
+        va_list args;
+        va_start(args, fmt);
+        std::vsnprintf(msg, sizeof(msg), fmt, args);
+        va_end(args);
         return MM_ERROR("grammar line %d: %s", line(), msg);
     }
     bool at_end() const { return pos_ >= s_.size(); }
