@@ -72,7 +72,6 @@ JSON results in build/ (never committed). Python 3 standard library only.
 """
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -394,12 +393,7 @@ def main():
             "spinning workers share the cores; expect noise")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(ROOT, "build", f"bench-grammar-{stamp}.json")
-    with open(args.moemesh, "rb") as f:
-        binary = dict(path=args.moemesh, sha256=hashlib.sha256(f.read()).hexdigest(),
-                      mtime=datetime.datetime.fromtimestamp(os.path.getmtime(args.moemesh)).isoformat())
-    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
-    binary["source_tree"] = git.stdout.strip() or None
-    log(f"[bench] {args.moemesh}: built {binary['mtime']}, sha256 {binary['sha256'][:12]}, tree {binary['source_tree']}")
+    binary = bvl.describe_binary(args.moemesh)
 
     gdir = tempfile.mkdtemp(prefix="bench_grammar_")
     gfiles = {}

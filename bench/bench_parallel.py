@@ -39,7 +39,6 @@ Python 3 standard library only.
 """
 import argparse
 import datetime
-import hashlib
 import http.client
 import json
 import os
@@ -373,12 +372,7 @@ def main():
             "and llama.cpp's spinning workers share the cores; expect noise")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(ROOT, "build", f"bench-parallel-{stamp}.json")
-    with open(args.moemesh, "rb") as f:
-        binary = dict(path=args.moemesh, sha256=hashlib.sha256(f.read()).hexdigest(),
-                      mtime=datetime.datetime.fromtimestamp(os.path.getmtime(args.moemesh)).isoformat())
-    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
-    binary["source_tree"] = git.stdout.strip() or None
-    log(f"[bench] {args.moemesh}: built {binary['mtime']}, sha256 {binary['sha256'][:12]}, tree {binary['source_tree']}")
+    binary = bvl.describe_binary(args.moemesh)
 
     path = bvl.model_path(args.keep_models, args.arch, args.type)
     bvl.make_model(args.moemesh, path, args.arch, args.type)

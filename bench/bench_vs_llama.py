@@ -54,6 +54,18 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def describe_binary(moemesh):
+    """Which engine was measured (others may rebuild build/moemesh during a long run): logged, and
+    kept in the results."""
+    with open(moemesh, "rb") as f:
+        binary = dict(path=moemesh, sha256=hashlib.sha256(f.read()).hexdigest(),
+                      mtime=datetime.datetime.fromtimestamp(os.path.getmtime(moemesh)).isoformat())
+    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    binary["source_tree"] = git.stdout.strip() or None
+    log(f"[bench] {moemesh}: built {binary['mtime']}, sha256 {binary['sha256'][:12]}, tree {binary['source_tree']}")
+    return binary
+
+
 def model_path(models_dir, arch, wtype):
     return os.path.join(models_dir, f"{arch}-bench-{wtype}.gguf")
 
@@ -229,13 +241,7 @@ def main():
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json or os.path.join(ROOT, "build", f"bench-vs-llama-{stamp}.json")
 
-    # Which engine was measured: others may rebuild build/moemesh while a long run is going on.
-    with open(args.moemesh, "rb") as f:
-        binary = dict(path=args.moemesh, sha256=hashlib.sha256(f.read()).hexdigest(),
-                      mtime=datetime.datetime.fromtimestamp(os.path.getmtime(args.moemesh)).isoformat())
-    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
-    binary["source_tree"] = git.stdout.strip() or None
-    log(f"[bench] {args.moemesh}: built {binary['mtime']}, sha256 {binary['sha256'][:12]}, tree {binary['source_tree']}")
+    binary = describe_binary(args.moemesh)
     results = []
     load_before = os.getloadavg()
     t_start = time.time()
