@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -81,11 +82,32 @@ StatusOr<nlohmann::ordered_json> load_json_schema(const std::string& arg) {
     return schema;
 }
 
-std::string text_of(const Tokenizer& tok, const std::vector<int32_t>& ids) { return tok.decode(ids); }
+// --grammar-file / --json-schema, read and checked once (before the model loads) for every
+// generation of the run.
+struct RunGrammar {
+    std::shared_ptr<const Grammar> file;  // --grammar-file
+    nlohmann::ordered_json schema;        // --json-schema (its grammar depends on each prompt's thinking)
+    std::shared_ptr<const GrammarVocab> vocab;
+};
+
+StatusOr<RunGrammar> load_run_grammar(const RunOptions& o) {
+    RunGrammar rg;
+    if (!o.grammar_file.empty()) {
+        MM_ASSIGN_OR_RETURN(std::string gbnf, read_text_file(o.grammar_file, "--grammar-file"));
+        StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
+        if (!g.ok()) return MM_ERROR("%s: %s", o.grammar_file.c_str(), g.status().message().c_str());
+        rg.file = std::move(g).value();
+    } else {
+        MM_ASSIGN_OR_RETURN(rg.schema, load_json_schema(o.json_schema));
+        StatusOr<std::string> text = json_reply_gbnf(&rg.schema, ReplyThinking::kNone);
+        if (!text.ok()) return MM_ERROR("--json-schema: %s", text.status().message().c_str());
+    }
+    return rg;
+}
 
 Status generate_one(const RunOptions& o, const std::string& prompt, const std::string& tokens, Model& model,
                     const Tokenizer& tok, const ChatFormatter* chat, DistributedExpertBackend* dist,
-                    const ExpertCache* cache) {
+                    const ExpertCache* cache, const RunGrammar* rg) {
     const ModelConfig& cfg = model.config();
     std::vector<int32_t> input;
     if (!tokens.empty()) {
@@ -136,25 +158,20 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
     // --grammar-file / --json-schema: the reply is held to a grammar (a chat reply of a thinking
     // template may reason first).
     std::unique_ptr<TokenConstraint> constraint;
-    if (!o.grammar_file.empty() || !o.json_schema.empty()) {
-        std::string gbnf;
-        if (!o.grammar_file.empty()) {
-            MM_ASSIGN_OR_RETURN(gbnf, read_text_file(o.grammar_file, "--grammar-file"));
-        } else {
-            const ReplyThinking thinking = !(o.chat && chat)                 ? ReplyThinking::kNone
-                                           : prompt_opens_think_block(text_of(tok, input)) ? ReplyThinking::kOpen
-                                           : chat->thinks()                              ? ReplyThinking::kOptional
-                                                                                          : ReplyThinking::kNone;
-            MM_ASSIGN_OR_RETURN(nlohmann::ordered_json schema, load_json_schema(o.json_schema));
-            StatusOr<std::string> text = json_reply_gbnf(&schema, thinking);
+    if (rg) {
+        std::shared_ptr<const Grammar> g = rg->file;
+        if (!g) {
+            const ReplyThinking thinking = !(o.chat && chat)                       ? ReplyThinking::kNone
+                                           : prompt_opens_think_block(tok.decode(input)) ? ReplyThinking::kOpen
+                                           : chat->thinks()                            ? ReplyThinking::kOptional
+                                                                                        : ReplyThinking::kNone;
+            StatusOr<std::string> text = json_reply_gbnf(&rg->schema, thinking);
             if (!text.ok()) return MM_ERROR("--json-schema: %s", text.status().message().c_str());
-            gbnf = std::move(text).value();
+            StatusOr<std::shared_ptr<const Grammar>> parsed = Grammar::parse(text.value());
+            if (!parsed.ok()) return MM_ERROR("--json-schema: %s", parsed.status().message().c_str());
+            g = std::move(parsed).value();
         }
-        StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
-        if (!g.ok())
-            return MM_ERROR("%s: %s", o.grammar_file.empty() ? "--json-schema" : o.grammar_file.c_str(),
-                            g.status().message().c_str());
-        constraint = std::make_unique<TokenConstraint>(g.value(), std::make_shared<const GrammarVocab>(tok));
+        constraint = std::make_unique<TokenConstraint>(g, rg->vocab);
     }
     auto pick = [&](const float* l) -> StatusOr<int32_t> {
         if (!constraint) return sampler_for_run(o, sampler, greedy).sample(l, V);
@@ -237,6 +254,7 @@ Status run_generation(const RunOptions& o) {
         return MM_ERROR("--chat-template-file, --system and --no-think apply to --chat and --serve only");
     }
     if ((o.interactive || o.verbose_prompt) && !o.chat) return MM_ERROR("--interactive and --verbose-prompt need --chat");
+    std::optional<RunGrammar> run_grammar;
     if (!o.grammar_file.empty() || !o.json_schema.empty()) {
         if (!o.grammar_file.empty() && !o.json_schema.empty())
             return MM_ERROR("give one of --grammar-file and --json-schema");
@@ -244,15 +262,9 @@ Status run_generation(const RunOptions& o) {
             return MM_ERROR("--grammar-file and --json-schema apply to --prompt / --tokens / --stdin generation "
                             "(with --serve, requests carry \"grammar\", \"json_schema\" or \"response_format\")");
         // Checked before the (long) model load.
-        if (!o.grammar_file.empty()) {
-            MM_ASSIGN_OR_RETURN(std::string gbnf, read_text_file(o.grammar_file, "--grammar-file"));
-            StatusOr<std::shared_ptr<const Grammar>> g = Grammar::parse(gbnf);
-            if (!g.ok()) return MM_ERROR("%s: %s", o.grammar_file.c_str(), g.status().message().c_str());
-        } else {
-            MM_ASSIGN_OR_RETURN(nlohmann::ordered_json schema, load_json_schema(o.json_schema));
-            StatusOr<std::string> text = json_reply_gbnf(&schema, ReplyThinking::kNone);
-            if (!text.ok()) return MM_ERROR("--json-schema: %s", text.status().message().c_str());
-        }
+        MM_ASSIGN_OR_RETURN(RunGrammar loaded, load_run_grammar(o));
+        loaded.vocab = std::make_shared<const GrammarVocab>(tok);
+        run_grammar = std::move(loaded);
     }
     if (!o.serve.empty() && o.parallel > o.batch)
         return MM_ERROR("--parallel %d exceeds --batch %lld: one decode step runs a token of every request in one "
@@ -377,15 +389,16 @@ Status run_generation(const RunOptions& o) {
         return serve_http(*model, tok, o.serve, ho);
     }
     if (o.interactive) return chat_loop(o, *model, tok, *chat);
-    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view);
+    const RunGrammar* rg = run_grammar ? &*run_grammar : nullptr;
+    if (!o.stdin_requests) return generate_one(o, o.prompt, o.tokens, *model, tok, chat.get(), dist, cache_view, rg);
     // One request per stdin line (token ids with --json, else prompt text); a failed request is
     // reported and the next one is served.
     std::string line;
     int failed = 0;
     while (std::getline(std::cin, line)) {
         if (line.empty()) continue;
-        Status st = o.json ? generate_one(o, "", line, *model, tok, chat.get(), dist, cache_view)
-                           : generate_one(o, line, "", *model, tok, chat.get(), dist, cache_view);
+        Status st = o.json ? generate_one(o, "", line, *model, tok, chat.get(), dist, cache_view, rg)
+                           : generate_one(o, line, "", *model, tok, chat.get(), dist, cache_view, rg);
         if (!st.ok()) {
             ++failed;
             std::fprintf(stderr, "error: request failed: %s\n", st.message().c_str());

@@ -235,18 +235,22 @@ function softmaxTop(logits, top, withLogits) {
     });
 }
 
+// Token ids from --tokens "1,2,3" or --ids-file F; undefined when neither is given.
+function idsFromFlags(flags) {
+    if (flags.tokens !== undefined) return parseIds(flags.tokens, "--tokens");
+    if (flags["ids-file"] === undefined) return undefined;
+    let text;
+    try {
+        text = fs.readFileSync(flags["ids-file"], "utf8");
+    } catch (e) {
+        fail(`--ids-file: ${e.message}`);
+    }
+    return parseIds(text, flags["ids-file"]);
+}
+
 async function cmdProbs(flags) {
-    let ids;
-    if (flags.tokens !== undefined) ids = parseIds(flags.tokens, "--tokens");
-    else if (flags["ids-file"] !== undefined) {
-        let text;
-        try {
-            text = fs.readFileSync(flags["ids-file"], "utf8");
-        } catch (e) {
-            fail(`--ids-file: ${e.message}`);
-        }
-        ids = parseIds(text, flags["ids-file"]);
-    } else fail("probs needs --tokens or --ids-file");
+    const ids = idsFromFlags(flags);
+    if (ids === undefined) fail("probs needs --tokens or --ids-file");
     const top = intFlag(flags, "top", 20, { min: 1 });
     const nGen = intFlag(flags, "n", 32, { min: 0 });
     const withLogits = !!flags["with-logits"];
@@ -525,17 +529,8 @@ async function cmdGrammar(flags) {
     const model = await loadModel(llama, flags);
     const backend = cpuBackend(logLines);
     const nVocab = vocabSize(model);
-    let prompt;
-    if (flags.tokens !== undefined) prompt = parseIds(flags.tokens, "--tokens");
-    else if (flags["ids-file"] !== undefined) {
-        let text;
-        try {
-            text = fs.readFileSync(flags["ids-file"], "utf8");
-        } catch (e) {
-            fail(`--ids-file: ${e.message}`);
-        }
-        prompt = parseIds(text, flags["ids-file"]);
-    } else {
+    let prompt = idsFromFlags(flags);
+    if (prompt === undefined) {
         let state = 12345;  // bench's pseudo-random prompt
         prompt = Array.from({ length: intFlag(flags, "prompt-tokens", 32, { min: 1 }) }, () => {
             state = (state * 1103515245 + 12345) % 2147483648;
