@@ -8,7 +8,7 @@ BUILD="${MOEMESH_BUILD_DIR:-$ROOT/build}"
 PKGS=(cmake g++ make pkg-config git libhwy-dev libcli11-dev nlohmann-json3-dev libutf8proc-dev libyaml-cpp-dev
       libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler iproute2 openssl liburing-dev
-      libcpp-httplib-dev
+      libcpp-httplib-dev libboost-context-dev
       python3 python3-jinja2)  # python3-jinja2: tests/ref/jinja_py_ref.py, the reference of tests/test_jinja.cpp
 # node/npm may come from elsewhere (nvm, NodeSource): only install Debian's when none works.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then PKGS+=(nodejs npm); fi

@@ -136,14 +136,14 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
                     static_cast<unsigned>(a.n_tokens));
     if (a.kv_f16)
-        attn_split_kernel<true><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
+        MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_split_kernel<true>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
                                                                    a.n_head_kv, a.head_dim, a.scale);
     else
-        attn_split_kernel<false><<<grid, kAttnThreads, 0, stream>>>(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
+        MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_split_kernel<false>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
                                                                     a.n_head, a.n_head_kv, a.head_dim, a.scale);
     CUDA_CHECK_LAUNCH();
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
-    attn_merge_kernel<<<mgrid, kAttnThreads, 0, stream>>>(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
+    MM_LAUNCH(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
                                                           n_past_dev);
     CUDA_CHECK_LAUNCH();
 }

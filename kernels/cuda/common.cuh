@@ -7,6 +7,15 @@
 
 #include "kernels/cuda/cuda_ops.h"
 
+// Kernel launches and dynamic shared memory, written so that the CUDA emulator
+// (kernels/cuda/emu/cuda_emu.h, which defines both itself) can run the same code on the host:
+//   MM_LAUNCH(grid, block, smem, stream, kernel)(args...)  is  kernel<<<grid, block, smem, stream>>>(args...)
+//   MM_EXTERN_SHARED(T, name);                            is  extern __shared__ T name[];
+#ifndef MM_CUDA_EMULATION
+#define MM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#define MM_EXTERN_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace moemesh::cuda::detail {
 
 constexpr int kWarp = 32;

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kChunkThreads)
                               const float* __restrict__ g, const float* __restrict__ beta, float* __restrict__ state,
                               float* __restrict__ out, int64_t T, int64_t Hk, int64_t Hv, int dk, int64_t Dv,
                               float scale, int L) {
-    extern __shared__ float smem[];
+    MM_EXTERN_SHARED(float, smem);
     const int ldk = dk + 1, ldl = L + 1;
     float* Ks = smem;
     float* Qs = Ks + L * ldk;
@@ -359,7 +359,7 @@ void gated_delta_rule_chunked(const DeltaNetArgs& a, int64_t chunk, cudaStream_t
     if (chunk <= 0) chunk = delta_rule_chunk_len(a.k_dim);
     MM_CHECK(chunk >= 1 && chunk <= kChunkMax && chunk_smem_bytes(chunk, a.k_dim) <= limit);
     const dim3 grid(static_cast<unsigned>(a.v_dim / kChunkCols), static_cast<unsigned>(a.n_v_heads));
-    delta_rule_chunked_kernel<<<grid, kChunkThreads, chunk_smem_bytes(chunk, a.k_dim), stream>>>(
+    MM_LAUNCH(grid, kChunkThreads, chunk_smem_bytes(chunk, a.k_dim), stream, delta_rule_chunked_kernel)(
         a.q, a.k, a.v, a.g, a.beta, a.state, a.out, a.n_tokens, a.n_k_heads, a.n_v_heads, static_cast<int>(a.k_dim),
         a.v_dim, a.scale, static_cast<int>(chunk));
     CUDA_CHECK_LAUNCH();
@@ -369,10 +369,10 @@ void conv1d_silu_causal(const float* x, const float* w, float* state, float* y, 
                         cudaStream_t stream) {
     MM_CHECK(K >= 1 && K <= kConvMaxK);
     if (T <= 0 || C <= 0) return;
-    conv1d_silu_kernel<<<grid_1d(T * C, 256), 256, 0, stream>>>(x, w, state, y, T, C, K);
+    MM_LAUNCH(grid_1d(T * C, 256), 256, 0, stream, conv1d_silu_kernel)(x, w, state, y, T, C, K);
     CUDA_CHECK_LAUNCH();
     if (K > 1) {
-        conv_state_kernel<<<grid_1d(C, 256), 256, 0, stream>>>(x, state, T, C, K);
+        MM_LAUNCH(grid_1d(C, 256), 256, 0, stream, conv_state_kernel)(x, state, T, C, K);
         CUDA_CHECK_LAUNCH();
     }
 }
@@ -383,15 +383,15 @@ void gated_delta_rule_recurrent(const DeltaNetArgs& a, cudaStream_t stream) {
     if (a.n_tokens <= 0) return;
     const dim3 grid(static_cast<unsigned>(a.v_dim / kWarp), static_cast<unsigned>(a.n_v_heads));
     if (a.k_dim <= 8 * kDnWarps)
-        delta_rule_kernel<8><<<grid, kDnWarps * kWarp, 0, stream>>>(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
+        MM_LAUNCH(grid, kDnWarps * kWarp, 0, stream, delta_rule_kernel<8>)(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
                                                                     a.n_tokens, a.n_k_heads, a.n_v_heads, a.k_dim,
                                                                     a.v_dim, a.scale);
     else if (a.k_dim <= 16 * kDnWarps)
-        delta_rule_kernel<16><<<grid, kDnWarps * kWarp, 0, stream>>>(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
+        MM_LAUNCH(grid, kDnWarps * kWarp, 0, stream, delta_rule_kernel<16>)(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
                                                                      a.n_tokens, a.n_k_heads, a.n_v_heads, a.k_dim,
                                                                      a.v_dim, a.scale);
     else
-        delta_rule_kernel<32><<<grid, kDnWarps * kWarp, 0, stream>>>(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
+        MM_LAUNCH(grid, kDnWarps * kWarp, 0, stream, delta_rule_kernel<32>)(a.q, a.k, a.v, a.g, a.beta, a.state, a.out,
                                                                      a.n_tokens, a.n_k_heads, a.n_v_heads, a.k_dim,
                                                                      a.v_dim, a.scale);
     CUDA_CHECK_LAUNCH();

@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     gemv_q_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes,
                   const int32_t* __restrict__ ids, int64_t n_out, int64_t k, const float* __restrict__ x,
                   int64_t x_stride, float* __restrict__ y, int rows_per_warp) {
-    extern __shared__ __align__(16) uint8_t smem[];
+    MM_EXTERN_SHARED(uint8_t, smem);
     int8_t* xq = reinterpret_cast<int8_t*>(smem);
     float* xd = reinterpret_cast<float*>(smem + M * k);
     float* xs = xd + M * (k / 32);
@@ -447,7 +447,11 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         const size_t bytes = static_cast<size_t>(row1 - row0) * row_bytes;
         const uint8_t* p = wmat + static_cast<size_t>(row0) * row_bytes;
         for (size_t off = static_cast<size_t>(lane) * 128; off < bytes && off < 16384; off += kWarp * 128)
+#ifndef MM_CUDA_EMULATION
             asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+#else
+            (void)p;  // a hint only: nothing to emulate
+#endif
     }
     // Quantize X: a warp per group of 32 elements (rows are k apart and k % 32 == 0, so group gi is
     // contiguous), kQBatch groups per warp with their loads in flight together.
@@ -673,7 +677,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ w, size_t row_byte
 template <GgmlType T>
 void dequantize_typed(const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
     constexpr int kThreads = 256;
-    dequantize_kernel<T><<<grid_1d(rows * (k / 8), kThreads), kThreads, 0, stream>>>(
+    MM_LAUNCH(grid_1d(rows * (k / 8), kThreads), kThreads, 0, stream, dequantize_kernel<T>)(
         static_cast<const uint8_t*>(w), ggml_row_bytes(T, k), rows, k, y);
     CUDA_CHECK_LAUNCH();
 }
@@ -758,17 +762,17 @@ void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t
             const auto* wb = static_cast<const uint8_t*>(w);
             const size_t rb = ggml_row_bytes(T, k);
             if (rpw >= 2)
-                gemv_q_kernel<T, M, 2><<<grid, kGemvQWarps * kWarp, smem, stream>>>(wb, matrix_bytes, rb, ids, n_out,
+                MM_LAUNCH(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(wb, matrix_bytes, rb, ids, n_out,
                                                                                     k, x, x_stride, y, rpw);
             else
-                gemv_q_kernel<T, M, 1><<<grid, kGemvQWarps * kWarp, smem, stream>>>(wb, matrix_bytes, rb, ids, n_out,
+                MM_LAUNCH(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(wb, matrix_bytes, rb, ids, n_out,
                                                                                     k, x, x_stride, y, rpw);
             CUDA_CHECK_LAUNCH();
             return;
         }
     }
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-    gemv_kernel<T, M><<<grid, kGemvWarps * kWarp, 0, stream>>>(static_cast<const uint8_t*>(w), matrix_bytes,
+    MM_LAUNCH(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, M>)(static_cast<const uint8_t*>(w), matrix_bytes,
                                                                ggml_row_bytes(T, k), ids, n_out, k, x, x_stride, y);
     CUDA_CHECK_LAUNCH();
 }
@@ -777,7 +781,7 @@ template <GgmlType T>
 void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
     if (m > kGemvMaxM) {
         const dim3 grid(grid_1d(n_out, kTileN), grid_1d(m, kTileM));
-        tiled_kernel<T><<<grid, kTileThreads, 0, stream>>>(static_cast<const uint8_t*>(w), ggml_row_bytes(T, k),
+        MM_LAUNCH(grid, kTileThreads, 0, stream, tiled_kernel<T>)(static_cast<const uint8_t*>(w), ggml_row_bytes(T, k),
                                                            n_out, k, x, m, y);
         CUDA_CHECK_LAUNCH();
         return;

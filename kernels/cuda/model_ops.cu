@@ -87,13 +87,13 @@ __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const fl
 
 void mul_sigmoid(float* x, const float* gate, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    mul_sigmoid_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(x, gate, n);
+    MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, mul_sigmoid_kernel)(x, gate, n);
     CUDA_CHECK_LAUNCH();
 }
 
 void add_gated_rows(float* y, const float* x, const float* gate, int64_t rows, int64_t n, cudaStream_t stream) {
     if (rows * n <= 0) return;
-    add_gated_rows_kernel<<<grid_1d(rows * n, kThreads), kThreads, 0, stream>>>(y, x, gate, rows, n);
+    MM_LAUNCH(grid_1d(rows * n, kThreads), kThreads, 0, stream, add_gated_rows_kernel)(y, x, gate, rows, n);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -101,45 +101,45 @@ void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, floa
                  int64_t Hk, int64_t r, cudaStream_t stream) {
     const int64_t n = T * Hk * r;
     if (n <= 0) return;
-    delta_gates_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(ba, dt_bias, a_neg, beta, g, T, Hk, r);
+    MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, delta_gates_kernel)(ba, dt_bias, a_neg, beta, g, T, Hk, r);
     CUDA_CHECK_LAUNCH();
 }
 
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    f32_to_f16_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, dst, n);
+    MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, f32_to_f16_kernel)(src, dst, n);
     CUDA_CHECK_LAUNCH();
 }
 
 void iota_i32(int32_t* dst, int64_t n, int32_t start, cudaStream_t stream) {
     if (n <= 0) return;
-    iota_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(dst, n, start);
+    MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, iota_kernel)(dst, n, start);
     CUDA_CHECK_LAUNCH();
 }
 
 void iota_i32_dev(int32_t* dst, int64_t n, const int32_t* start, cudaStream_t stream) {
     if (n <= 0) return;
-    iota_dev_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(dst, n, start);
+    MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, iota_dev_kernel)(dst, n, start);
     CUDA_CHECK_LAUNCH();
 }
 
 void store_row_dev(const float* src, void* cache, int64_t n, const int32_t* pos, bool f16, cudaStream_t stream) {
     if (n <= 0) return;
-    if (f16) store_row_dev_kernel<true><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, cache, n, pos);
-    else store_row_dev_kernel<false><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(src, cache, n, pos);
+    if (f16) MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, store_row_dev_kernel<true>)(src, cache, n, pos);
+    else MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, store_row_dev_kernel<false>)(src, cache, n, pos);
     CUDA_CHECK_LAUNCH();
 }
 
 void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t cols, cudaStream_t stream) {
     if (n <= 0) return;
-    gather_rows_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(src, idx, dst, cols);
+    MM_LAUNCH(static_cast<unsigned>(n), kThreads, 0, stream, gather_rows_kernel)(src, idx, dst, cols);
     CUDA_CHECK_LAUNCH();
 }
 
 void moe_combine(const float* y, const int32_t* slot, const float* w, float* out, int64_t T, int64_t K, int64_t H,
                  cudaStream_t stream) {
     if (T <= 0) return;
-    moe_combine_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(y, slot, w, out, static_cast<int>(K), H);
+    MM_LAUNCH(static_cast<unsigned>(T), kThreads, 0, stream, moe_combine_kernel)(y, slot, w, out, static_cast<int>(K), H);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -71,38 +71,38 @@ __global__ void add_kernel(float* y, const float* x, int64_t n) {
 
 void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
     if (rows <= 0) return;
-    rmsnorm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, w, nullptr, y, n, eps);
+    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
                    cudaStream_t stream) {
     if (rows <= 0) return;
-    rmsnorm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, w, z, y, n, eps);
+    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, z, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void l2norm_rows(float* x, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
     if (rows <= 0) return;
-    l2norm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, n, eps);
+    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, l2norm_kernel)(x, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream) {
     if (rows <= 0) return;
-    softmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(x, n);
+    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, softmax_kernel)(x, n);
     CUDA_CHECK_LAUNCH();
 }
 
 void swiglu(const float* g, const float* u, float* y, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    swiglu_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(g, u, y, n);
+    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, swiglu_kernel)(g, u, y, n);
     CUDA_CHECK_LAUNCH();
 }
 
 void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    add_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(y, x, n);
+    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, add_kernel)(y, x, n);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -39,7 +39,7 @@ void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_
     if (n <= 0) return;
     // Computed on the host with the same std::pow call as the CPU kernel.
     const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));
-    rope_neox_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(x, tokens, heads, head_dim, half, pos, theta_scale, p);
+    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_neox_kernel)(x, tokens, heads, head_dim, half, pos, theta_scale, p);
     CUDA_CHECK_LAUNCH();
 }
 

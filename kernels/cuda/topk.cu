@@ -87,7 +87,7 @@ void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm
                   cudaStream_t stream) {
     MM_CHECK(E > 0 && E <= kMaxExperts && K > 0 && K <= kMaxTopk && K <= E);
     if (tokens <= 0) return;
-    softmax_topk_kernel<<<static_cast<unsigned>(tokens), kTopkThreads, 0, stream>>>(logits, E, static_cast<int>(K),
+    MM_LAUNCH(static_cast<unsigned>(tokens), kTopkThreads, 0, stream, softmax_topk_kernel)(logits, E, static_cast<int>(K),
                                                                                    norm_topk, ids, weights);
     CUDA_CHECK_LAUNCH();
 }

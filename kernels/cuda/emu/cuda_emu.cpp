@@ -1,0 +1,794 @@
+// The CUDA emulator's runtime: fibers for CUDA threads, launches, memory, streams, graphs
+// (see cuda_emu.h for what is emulated and what is not).
+#include "kernels/cuda/emu/cuda_emu.h"
+
+#include <sys/mman.h>
+
+#include <boost/context/fiber.hpp>
+
+#include <atomic>
+#include <cstdarg>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace mm_emu {
+
+thread_local ThreadState* g_thread = nullptr;
+
+namespace {
+
+// ---- errors ----
+thread_local cudaError_t g_last_error = cudaSuccess;
+std::atomic<int> g_sticky{cudaSuccess};  // a failed launch poisons the context, as on a GPU
+
+cudaError_t fail(cudaError_t e, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+cudaError_t fail(cudaError_t e, const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    std::fprintf(stderr, "[cuda-emu] %s\n", buf);
+    g_last_error = e;
+    return e;
+}
+cudaError_t sticky() { return static_cast<cudaError_t>(g_sticky.load()); }
+
+// ---- settings ----
+int env_int(const char* name, int dflt, int lo, int hi) {
+    const char* v = std::getenv(name);
+    if (v == nullptr || *v == '\0') return dflt;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < lo || n > hi) {
+        std::fprintf(stderr, "[cuda-emu] %s=%s is not an integer in [%d, %d]; using %d\n", name, v, lo, hi, dflt);
+        return dflt;
+    }
+    return static_cast<int>(n);
+}
+int device_count() {
+    static const int n = env_int("MOEMESH_CUDA_EMU_DEVICES", 1, 0, 16);
+    return n;
+}
+size_t device_memory() {
+    static const size_t b = static_cast<size_t>(env_int("MOEMESH_CUDA_EMU_MEM_MIB", 16384, 1, 1 << 20)) << 20;
+    return b;
+}
+constexpr int kSms = 4;
+constexpr size_t kDefaultSmem = 48 << 10, kOptinSmem = 227 << 10, kSmemPerSm = 228 << 10;
+thread_local int g_device = 0;
+
+// ---- memory registry ----
+struct Alloc {
+    size_t bytes;
+    bool device;
+    int dev;
+};
+std::mutex g_mem_mu;
+std::map<uintptr_t, Alloc> g_allocs;  // by start address
+std::vector<size_t> g_used(16, 0);
+
+// The allocation holding [p, p + n), or nullptr.
+const Alloc* find_alloc(const void* p, size_t n, uintptr_t* base = nullptr) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    auto it = g_allocs.upper_bound(a);
+    if (it == g_allocs.begin()) return nullptr;
+    --it;
+    if (a + n > it->first + it->second.bytes || a < it->first) return nullptr;
+    if (base) *base = it->first;
+    return &it->second;
+}
+bool is_device(const void* p, size_t n) {
+    std::lock_guard<std::mutex> lk(g_mem_mu);
+    const Alloc* a = find_alloc(p, n == 0 ? 1 : n);
+    return a != nullptr && a->device;
+}
+bool touches_device(const void* p, size_t n) {
+    std::lock_guard<std::mutex> lk(g_mem_mu);
+    const Alloc* a = find_alloc(p, 1);
+    if (a == nullptr && n > 0) a = find_alloc(static_cast<const char*>(p) + n - 1, 1);
+    return a != nullptr && a->device;
+}
+
+const char* kind_name(cudaMemcpyKind k) {
+    switch (k) {
+        case cudaMemcpyHostToHost: return "HostToHost";
+        case cudaMemcpyHostToDevice: return "HostToDevice";
+        case cudaMemcpyDeviceToHost: return "DeviceToHost";
+        case cudaMemcpyDeviceToDevice: return "DeviceToDevice";
+        default: return "Default";
+    }
+}
+// The checks a GPU makes (or whose violation is undefined there): each side of the copy is device
+// memory exactly when the kind says so.
+cudaError_t check_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, const char* what) {
+    if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
+        return fail(cudaErrorInvalidMemcpyDirection, "%s: invalid copy kind %d", what, static_cast<int>(kind));
+    if (bytes == 0 || kind == cudaMemcpyDefault) return cudaSuccess;
+    const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+    const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+    if (dst_dev ? !is_device(dst, bytes) : touches_device(dst, bytes))
+        return fail(cudaErrorInvalidValue, "%s %s: destination %p + %zu bytes is %s device memory", what,
+                    kind_name(kind), dst, bytes, dst_dev ? "not inside one allocation of" : "in");
+    if (src_dev ? !is_device(src, bytes) : touches_device(src, bytes))
+        return fail(cudaErrorInvalidValue, "%s %s: source %p + %zu bytes is %s device memory", what, kind_name(kind),
+                    src, bytes, src_dev ? "not inside one allocation of" : "in");
+    return cudaSuccess;
+}
+
+// ---- fibers: one per CUDA thread of the running block (Boost.Context) ----
+namespace bctx = boost::context;
+constexpr size_t kStackBytes = 256 << 10, kGuardBytes = 4096;
+
+// Stacks for the fibers, reused across blocks and launches (one pool per OS thread), each with a
+// guard page below it so that an overflow faults instead of corrupting a neighbour.
+thread_local std::vector<void*> g_free_stacks;
+struct PooledStack {
+    bctx::stack_context allocate() {
+        void* base = nullptr;
+        if (!g_free_stacks.empty()) {
+            base = g_free_stacks.back();
+            g_free_stacks.pop_back();
+        } else {
+            void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) {
+                std::fprintf(stderr, "[cuda-emu] no memory for a thread stack\n");
+                std::abort();
+            }
+            mprotect(m, kGuardBytes, PROT_NONE);
+            base = static_cast<char*>(m) + kGuardBytes;
+        }
+        bctx::stack_context sc;
+        sc.size = kStackBytes;
+        sc.sp = static_cast<char*>(base) + kStackBytes;
+        return sc;
+    }
+    void deallocate(bctx::stack_context& sc) noexcept {
+        g_free_stacks.push_back(static_cast<char*>(sc.sp) - sc.size);
+    }
+};
+
+struct Fiber {
+    bctx::fiber self;   // resumes this CUDA thread
+    bctx::fiber sched;  // while it runs: resumes the scheduler
+    ThreadState ts;
+    int lane = 0, warp = 0;
+    enum State { kReady, kBlockWait, kWarpWait, kDone } state = kReady;
+    uint64_t slot[2] = {0, 0};  // this lane's values in warp exchanges (alternating buffers)
+};
+struct WarpSync {
+    unsigned exist = 0;    // lanes of this warp in the block
+    unsigned live = 0;     // lanes that have not exited
+    unsigned waiting = 0;  // lanes waiting at the current warp barrier
+    unsigned mask = 0;     // the lanes that barrier waits for
+    unsigned gen = 0;      // barriers completed: exchange k uses slot[k & 1]
+};
+struct BlockRun {
+    const char* name = nullptr;
+    const std::function<void()>* body = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<WarpSync> warps;
+    int live = 0, block_waiting = 0;
+    Fiber* cur = nullptr;
+    void* dyn_smem = nullptr;
+    std::string failure;
+};
+thread_local BlockRun* g_run = nullptr;
+thread_local std::vector<unsigned char> g_dyn_smem;
+
+void fail_block(const std::string& why) {
+    if (g_run->failure.empty()) g_run->failure = why;
+}
+std::string where(const Fiber& f) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) of block (%u,%u,%u)", f.ts.thread_idx.x, f.ts.thread_idx.y,
+                  f.ts.thread_idx.z, f.ts.block_idx.x, f.ts.block_idx.y, f.ts.block_idx.z);
+    return buf;
+}
+
+void yield_to_scheduler() {
+    Fiber* f = g_run->cur;
+    f->sched = std::move(f->sched).resume();
+}
+
+bctx::fiber fiber_main(bctx::fiber&& sched) {
+    BlockRun& r = *g_run;
+    Fiber& f = *r.cur;
+    f.sched = std::move(sched);
+    (*r.body)();
+    f.state = Fiber::kDone;
+    --r.live;
+    WarpSync& w = r.warps[f.warp];
+    w.live &= ~(1u << f.lane);
+    if (w.waiting != 0 && (w.mask & (1u << f.lane)))
+        fail_block(where(f) + " exited while lanes of its warp wait for it at a shuffle or __syncwarp");
+    if (r.block_waiting > 0 && r.block_waiting == r.live) {
+        for (Fiber& o : r.fibers)
+            if (o.state == Fiber::kBlockWait) o.state = Fiber::kReady;
+        r.block_waiting = 0;
+    }
+    return std::move(f.sched);
+}
+
+}  // namespace
+
+void* dynamic_shared() { return g_run->dyn_smem; }
+
+int lane_id() { return g_run->cur->lane; }
+
+void sync_block() {
+    BlockRun& r = *g_run;
+    Fiber& f = *r.cur;
+    if (++r.block_waiting == r.live) {
+        for (Fiber& o : r.fibers)
+            if (o.state == Fiber::kBlockWait) o.state = Fiber::kReady;
+        r.block_waiting = 0;
+        return;
+    }
+    f.state = Fiber::kBlockWait;
+    yield_to_scheduler();
+}
+
+void sync_warp(unsigned mask) {
+    BlockRun& r = *g_run;
+    Fiber& f = *r.cur;
+    WarpSync& w = r.warps[f.warp];
+    const unsigned me = 1u << f.lane;
+    mask &= w.exist;
+    if (!(mask & me)) {
+        fail_block(where(f) + " called a warp-synchronous function with a mask that leaves out its own lane");
+        yield_to_scheduler();
+        return;
+    }
+    if (w.waiting == 0) {
+        w.mask = mask;
+    } else if (w.mask != mask) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, " synchronizes its warp with mask 0x%08x while other lanes wait with 0x%08x",
+                      mask, w.mask);
+        fail_block(where(f) + buf);
+        yield_to_scheduler();
+        return;
+    }
+    if (w.mask & ~w.live) {
+        fail_block(where(f) + " synchronizes its warp with lanes that have exited");
+        yield_to_scheduler();
+        return;
+    }
+    w.waiting |= me;
+    if (w.waiting == w.mask) {
+        const int base = f.warp * 32;
+        for (int l = 0; l < 32; ++l)
+            if ((w.mask >> l & 1) && r.fibers[base + l].state == Fiber::kWarpWait)
+                r.fibers[base + l].state = Fiber::kReady;
+        w.waiting = 0;
+        ++w.gen;
+        return;
+    }
+    f.state = Fiber::kWarpWait;
+    yield_to_scheduler();
+}
+
+uint64_t exchange(unsigned mask, uint64_t bits, int src) {
+    BlockRun& r = *g_run;
+    Fiber& f = *r.cur;
+    WarpSync& w = r.warps[f.warp];
+    // One barrier per exchange: exchange k writes and reads buffer k & 1, and no lane can reach
+    // exchange k + 2 (the same buffer) before every lane has passed exchange k + 1, i.e. has read k.
+    const unsigned buf = w.gen & 1;
+    f.slot[buf] = bits;
+    sync_warp(mask);
+    const int base = f.warp * 32;
+    const bool ok = src >= 0 && src < 32 && (w.exist >> src & 1) && (mask >> src & 1);
+    return ok ? r.fibers[base + src].slot[buf] : bits;
+}
+
+namespace {
+
+std::mutex g_attr_mu;
+std::unordered_map<const void*, size_t> g_max_dyn_smem;
+
+size_t max_dynamic_shared(const void* fn) {
+    std::lock_guard<std::mutex> lk(g_attr_mu);
+    auto it = g_max_dyn_smem.find(fn);
+    return it == g_max_dyn_smem.end() ? kDefaultSmem : it->second;
+}
+
+// Runs every block of one launch on this thread. Returns false (with the sticky error set) when a
+// block could not complete.
+bool execute(const char* name, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+    const int n = static_cast<int>(block.x * block.y * block.z);
+    if (g_dyn_smem.size() < smem + 16) g_dyn_smem.resize(smem + 16);
+    BlockRun run;
+    run.name = name;
+    run.body = &body;
+    run.fibers.resize(n);
+    run.warps.resize((n + 31) / 32);
+    run.dyn_smem = g_dyn_smem.data();
+    BlockRun* const outer = g_run;
+    ThreadState* const outer_thread = g_thread;
+    g_run = &run;
+    bool ok = true;
+    for (unsigned bz = 0; bz < grid.z && ok; ++bz)
+        for (unsigned by = 0; by < grid.y && ok; ++by)
+            for (unsigned bx = 0; bx < grid.x && ok; ++bx) {
+                // Uninitialised shared memory reads as NaN (0xff bytes), never as a lucky zero.
+                std::memset(g_dyn_smem.data(), 0xff, smem);
+                run.live = n;
+                run.block_waiting = 0;
+                run.failure.clear();
+                for (auto& w : run.warps) w = WarpSync{};
+                for (int i = 0; i < n; ++i) {
+                    Fiber& f = run.fibers[i];
+                    f.state = Fiber::kReady;
+                    f.lane = i % 32;
+                    f.warp = i / 32;
+                    run.warps[f.warp].exist |= 1u << f.lane;
+                    run.warps[f.warp].live |= 1u << f.lane;
+                    f.ts.thread_idx = {static_cast<unsigned>(i) % block.x, static_cast<unsigned>(i) / block.x % block.y,
+                                       static_cast<unsigned>(i) / (block.x * block.y)};
+                    f.ts.block_idx = {bx, by, bz};
+                    f.ts.block_dim = block;
+                    f.ts.grid_dim = grid;
+                    f.self = bctx::fiber(std::allocator_arg, PooledStack(), fiber_main);
+                }
+                const bool reverse = ((bx + by + bz) & 1) != 0;
+                while (run.live > 0 && run.failure.empty()) {
+                    bool progressed = false;
+                    for (int j = 0; j < n && run.failure.empty(); ++j) {
+                        Fiber& f = run.fibers[reverse ? n - 1 - j : j];
+                        if (f.state != Fiber::kReady) continue;
+                        run.cur = &f;
+                        g_thread = &f.ts;
+                        f.self = std::move(f.self).resume();
+                        progressed = true;
+                    }
+                    if (!progressed && run.failure.empty()) {
+                        int at_block = 0, at_warp = 0;
+                        const Fiber* example = nullptr;
+                        for (const Fiber& f : run.fibers) {
+                            if (f.state == Fiber::kBlockWait) ++at_block;
+                            if (f.state == Fiber::kWarpWait) {
+                                ++at_warp;
+                                if (!example) example = &f;
+                            }
+                        }
+                        run.failure = "deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads, " +
+                                      std::to_string(at_warp) + " at a warp barrier (shuffle/__syncwarp)" +
+                                      (example ? ", e.g. " + where(*example) : std::string()) +
+                                      " (divergent barrier)";
+                    }
+                }
+                if (!run.failure.empty()) {
+                    std::fprintf(stderr, "[cuda-emu] kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), %d threads: %s\n",
+                                 name, bx, by, bz, grid.x, grid.y, grid.z, n, run.failure.c_str());
+                    g_sticky.store(cudaErrorLaunchFailure);
+                    ok = false;
+                }
+            }
+    run.fibers.clear();  // unwinds the threads of a failed block while g_run still points at it
+    g_run = outer;
+    g_thread = outer_thread;
+    return ok;
+}
+
+}  // namespace
+
+cudaError_t set_max_dynamic_shared(const void* fn, int bytes) {
+    if (bytes < 0 || static_cast<size_t>(bytes) > kOptinSmem)
+        return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: %d bytes of dynamic shared memory (the limit is %zu)",
+                    bytes, kOptinSmem);
+    std::lock_guard<std::mutex> lk(g_attr_mu);
+    g_max_dyn_smem[fn] = static_cast<size_t>(bytes);
+    return cudaSuccess;
+}
+
+// ---- streams, events, graphs ----
+struct Graph {
+    struct Node {
+        std::string what;  // "kernel NAME" or "copy"/"memset": cudaGraphExecUpdate compares them
+        std::function<void()> run;
+    };
+    std::vector<Node> nodes;
+};
+struct GraphExec {
+    std::vector<Graph::Node> nodes;
+};
+struct Stream {
+    Graph* capture = nullptr;  // recording, between BeginCapture and EndCapture
+    bool invalidated = false;
+};
+struct Event {
+    std::chrono::steady_clock::time_point t{};
+    bool recorded = false;
+    bool timing = true;
+};
+
+namespace {
+// Submits work to a stream: records it while the stream is captured, runs it now otherwise.
+bool capture_or_run(cudaStream_t s, const std::string& what, std::function<void()> op) {
+    if (s != nullptr && s->capture != nullptr) {
+        s->capture->nodes.push_back({what, std::move(op)});
+        return true;
+    }
+    op();
+    return false;
+}
+}  // namespace
+
+void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            std::function<void()> body) {
+    const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
+    if (threads == 0 || threads > 1024 || block.z > 64) {
+        fail(cudaErrorInvalidConfiguration, "kernel %s: block (%u,%u,%u) is not 1-1024 threads", name, block.x, block.y,
+             block.z);
+        return;
+    }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        fail(cudaErrorInvalidConfiguration, "kernel %s: grid (%u,%u,%u) out of range", name, grid.x, grid.y, grid.z);
+        return;
+    }
+    const size_t max_smem = max_dynamic_shared(fn);
+    if (smem > max_smem) {
+        fail(cudaErrorInvalidValue,
+             "kernel %s: %zu bytes of dynamic shared memory, more than its limit of %zu (cudaFuncSetAttribute)", name,
+             smem, max_smem);
+        return;
+    }
+    if (sticky() != cudaSuccess) return;
+    std::string nm = name;
+    capture_or_run(stream, "kernel " + nm, [nm, grid, block, smem, body = std::move(body)] {
+        if (sticky() == cudaSuccess) execute(nm.c_str(), grid, block, smem, body);
+    });
+}
+
+}  // namespace mm_emu
+
+using mm_emu::fail;
+
+// ---- the runtime API ----
+const char* cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "cudaSuccess";
+        case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+        case cudaErrorInitializationError: return "cudaErrorInitializationError";
+        case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+        case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
+        case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
+        case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+        case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+        case cudaErrorNotReady: return "cudaErrorNotReady";
+        case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+        case cudaErrorNotSupported: return "cudaErrorNotSupported";
+        case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+        case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+        case cudaErrorGraphExecUpdateFailure: return "cudaErrorGraphExecUpdateFailure";
+        default: return "cudaErrorUnknown";
+    }
+}
+const char* cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument";
+        case cudaErrorMemoryAllocation: return "out of memory";
+        case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+        case cudaErrorNoDevice: return "no CUDA-capable device is detected (CUDA emulator: MOEMESH_CUDA_EMU_DEVICES=0)";
+        case cudaErrorInvalidDevice: return "invalid device ordinal";
+        case cudaErrorLaunchFailure: return "unspecified launch failure (see the [cuda-emu] message above)";
+        case cudaErrorNotSupported: return "operation not supported (by the CUDA emulator)";
+        case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+        case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+        case cudaErrorGraphExecUpdateFailure: return "the graph update was not performed";
+        default: return cudaGetErrorName(e);
+    }
+}
+cudaError_t cudaGetLastError() {
+    const cudaError_t s = mm_emu::sticky();
+    if (s != cudaSuccess) return s;
+    const cudaError_t e = mm_emu::g_last_error;
+    mm_emu::g_last_error = cudaSuccess;
+    return e;
+}
+cudaError_t cudaPeekAtLastError() {
+    const cudaError_t s = mm_emu::sticky();
+    return s != cudaSuccess ? s : mm_emu::g_last_error;
+}
+cudaError_t cudaGetDeviceCount(int* n) {
+    *n = mm_emu::device_count();
+    if (*n == 0) return mm_emu::g_last_error = cudaErrorNoDevice;
+    return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= mm_emu::device_count()) return fail(cudaErrorInvalidDevice, "cudaSetDevice(%d): no such device", d);
+    mm_emu::g_device = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) {
+    *d = mm_emu::g_device;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+    if (d < 0 || d >= mm_emu::device_count()) return fail(cudaErrorInvalidDevice, "cudaGetDeviceProperties(%d)", d);
+    *p = cudaDeviceProp{};
+    std::snprintf(p->name, sizeof p->name, "moemesh CUDA emulator (host)");
+    p->totalGlobalMem = mm_emu::device_memory();
+    p->sharedMemPerBlock = mm_emu::kDefaultSmem;
+    p->sharedMemPerBlockOptin = mm_emu::kOptinSmem;
+    p->sharedMemPerMultiprocessor = mm_emu::kSmemPerSm;
+    p->multiProcessorCount = mm_emu::kSms;
+    p->maxThreadsPerBlock = 1024;
+    p->warpSize = 32;
+    p->major = 9;
+    p->minor = 0;
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
+    if (d < 0 || d >= mm_emu::device_count()) return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute(%d)", d);
+    switch (a) {
+        case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
+        case cudaDevAttrMultiProcessorCount: *v = mm_emu::kSms; break;
+        case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(mm_emu::kOptinSmem); break;
+        case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = static_cast<int>(mm_emu::kSmemPerSm); break;
+        default: return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute %d not emulated", a);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize() { return mm_emu::sticky(); }
+cudaError_t cudaDeviceReset() {
+    std::vector<void*> mine;
+    {
+        std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+        for (auto it = mm_emu::g_allocs.begin(); it != mm_emu::g_allocs.end();) {
+            if (it->second.device && it->second.dev == mm_emu::g_device) {
+                mm_emu::g_used[it->second.dev] -= it->second.bytes;
+                mine.push_back(reinterpret_cast<void*>(it->first));
+                it = mm_emu::g_allocs.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    for (void* p : mine) std::free(p);
+    mm_emu::g_sticky.store(cudaSuccess);
+    mm_emu::g_last_error = cudaSuccess;
+    return cudaSuccess;
+}
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    *total_bytes = mm_emu::device_memory();
+    *free_bytes = *total_bytes - mm_emu::g_used[mm_emu::g_device];
+    return cudaSuccess;
+}
+namespace {
+cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
+    *p = nullptr;
+    const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+    const int dev = mm_emu::g_device;
+    if (device) {
+        std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+        if (mm_emu::g_used[dev] + rounded > mm_emu::device_memory())
+            return fail(cudaErrorMemoryAllocation, "cudaMalloc(%zu): device %d has %zu of %zu bytes free", bytes, dev,
+                        mm_emu::device_memory() - mm_emu::g_used[dev], mm_emu::device_memory());
+        mm_emu::g_used[dev] += rounded;
+    }
+    void* q = std::aligned_alloc(256, rounded);
+    if (q == nullptr) {
+        if (device) {
+            std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+            mm_emu::g_used[dev] -= rounded;
+        }
+        return fail(cudaErrorMemoryAllocation, "%s(%zu): host allocation failed", device ? "cudaMalloc" : "cudaHostAlloc",
+                    bytes);
+    }
+    // Fresh device memory reads as NaN (0xff bytes), so a missing initialisation shows.
+    if (device) std::memset(q, 0xff, std::min<size_t>(rounded, size_t{256} << 20));
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = {rounded, device, dev};
+    *p = q;
+    return cudaSuccess;
+}
+cudaError_t emu_free(void* p, bool device) {
+    if (p == nullptr) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+        auto it = mm_emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
+        if (it == mm_emu::g_allocs.end() || it->second.device != device)
+            return fail(cudaErrorInvalidValue, "%s(%p): not a pointer from %s", device ? "cudaFree" : "cudaFreeHost", p,
+                        device ? "cudaMalloc" : "cudaHostAlloc");
+        if (device) mm_emu::g_used[it->second.dev] -= it->second.bytes;
+        mm_emu::g_allocs.erase(it);
+    }
+    std::free(p);
+    return cudaSuccess;
+}
+}  // namespace
+cudaError_t cudaMalloc(void** p, size_t bytes) { return emu_alloc(p, bytes, true); }
+cudaError_t cudaFree(void* p) { return emu_free(p, true); }
+cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned /*flags*/) { return emu_alloc(p, bytes, false); }
+cudaError_t cudaMallocHost(void** p, size_t bytes) { return emu_alloc(p, bytes, false); }
+cudaError_t cudaFreeHost(void* p) { return emu_free(p, false); }
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+    *a = cudaPointerAttributes{};
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    uintptr_t base = 0;
+    if (const mm_emu::Alloc* al = mm_emu::find_alloc(p, 1, &base)) {
+        a->type = al->device ? cudaMemoryTypeDevice : cudaMemoryTypeHost;
+        a->device = al->dev;
+        a->devicePointer = al->device ? const_cast<void*>(p) : nullptr;
+        a->hostPointer = al->device ? nullptr : const_cast<void*>(p);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, "cudaMemcpy")) return e;
+    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
+    if (bytes) std::memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
+    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, "cudaMemcpyAsync")) return e;
+    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
+    mm_emu::capture_or_run(s, "copy", [dst, src, bytes] {
+        if (bytes) std::memmove(dst, src, bytes);
+    });
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t s) {
+    if (width > dpitch || width > spitch)
+        return fail(cudaErrorInvalidValue, "cudaMemcpy2DAsync: width %zu exceeds a pitch (%zu, %zu)", width, dpitch,
+                    spitch);
+    if (height > 0) {
+        if (const cudaError_t e = mm_emu::check_copy(dst, src, 0, kind, "cudaMemcpy2DAsync")) return e;
+        const size_t dspan = (height - 1) * dpitch + width, sspan = (height - 1) * spitch + width;
+        const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+        const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+        if (kind != cudaMemcpyDefault && width > 0 &&
+            ((dst_dev && !mm_emu::is_device(dst, dspan)) || (src_dev && !mm_emu::is_device(src, sspan))))
+            return fail(cudaErrorInvalidValue, "cudaMemcpy2DAsync %s: a side is not inside one device allocation",
+                        mm_emu::kind_name(kind));
+    }
+    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
+    mm_emu::capture_or_run(s, "copy", [=] {
+        for (size_t r = 0; r < height; ++r)
+            std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+    });
+    return cudaSuccess;
+}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes, nullptr); }
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
+    if (bytes > 0 && !mm_emu::is_device(p, bytes))
+        return fail(cudaErrorInvalidValue, "cudaMemset: %p + %zu bytes is not inside one device allocation", p, bytes);
+    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
+    mm_emu::capture_or_run(s, "memset", [=] { std::memset(p, value, bytes); });
+    return cudaSuccess;
+}
+cudaError_t cudaStreamCreate(cudaStream_t* s) {
+    *s = new mm_emu::Stream;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned /*flags*/) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (s == nullptr) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy(nullptr)");
+    delete s->capture;
+    delete s;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (s != nullptr && s->capture != nullptr) {
+        s->invalidated = true;
+        return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamSynchronize on a stream that is being captured");
+    }
+    return mm_emu::sticky();
+}
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+    if (s != nullptr && s->capture != nullptr) {
+        s->invalidated = true;
+        return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamQuery on a stream that is being captured");
+    }
+    return mm_emu::sticky();
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t /*s*/, cudaEvent_t /*e*/, unsigned /*flags*/) { return cudaSuccess; }
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode /*mode*/) {
+    if (s == nullptr) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamBeginCapture on the legacy stream");
+    if (s->capture != nullptr) return fail(cudaErrorInvalidValue, "cudaStreamBeginCapture: already capturing");
+    s->capture = new mm_emu::Graph;
+    s->invalidated = false;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+    *g = nullptr;
+    if (s == nullptr || s->capture == nullptr) return fail(cudaErrorInvalidValue, "cudaStreamEndCapture: not capturing");
+    mm_emu::Graph* graph = s->capture;
+    s->capture = nullptr;
+    if (s->invalidated) {
+        delete graph;
+        return mm_emu::g_last_error = cudaErrorStreamCaptureInvalidated;
+    }
+    *g = graph;
+    return cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+    *e = new mm_emu::Event;
+    return cudaSuccess;
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags) {
+    *e = new mm_emu::Event;
+    (*e)->timing = !(flags & cudaEventDisableTiming);
+    return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    delete e;
+    return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    if (e == nullptr) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord(nullptr)");
+    mm_emu::capture_or_run(s, "event", [e] {
+        e->t = std::chrono::steady_clock::now();
+        e->recorded = true;
+    });
+    return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t /*e*/) { return mm_emu::sticky(); }
+cudaError_t cudaEventQuery(cudaEvent_t /*e*/) { return mm_emu::sticky(); }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+    if (!start || !end || !start->recorded || !end->recorded || !start->timing || !end->timing)
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was not recorded with timing");
+    *ms = std::chrono::duration<float, std::milli>(end->t - start->t).count();
+    return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t g, unsigned long long /*flags*/) {
+    if (g == nullptr) return fail(cudaErrorInvalidValue, "cudaGraphInstantiate(nullptr graph)");
+    *exec = new mm_emu::GraphExec{g->nodes};
+    return cudaSuccess;
+}
+cudaError_t cudaGraphExecUpdate(cudaGraphExec_t exec, cudaGraph_t g, cudaGraphExecUpdateResultInfo* info) {
+    if (info) *info = cudaGraphExecUpdateResultInfo{};
+    bool same = exec != nullptr && g != nullptr && exec->nodes.size() == g->nodes.size();
+    for (size_t i = 0; same && i < g->nodes.size(); ++i) same = exec->nodes[i].what == g->nodes[i].what;
+    if (!same) {
+        if (info) info->result = cudaGraphExecUpdateError;
+        return mm_emu::g_last_error = cudaErrorGraphExecUpdateFailure;
+    }
+    exec->nodes = g->nodes;
+    return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+    if (exec == nullptr) return fail(cudaErrorInvalidValue, "cudaGraphLaunch(nullptr)");
+    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
+    for (const auto& n : exec->nodes) mm_emu::capture_or_run(s, n.what, n.run);
+    return mm_emu::sticky();
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+    delete g;
+    return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    delete exec;
+    return cudaSuccess;
+}
+cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* /*h*/, void* /*p*/) {
+    return mm_emu::g_last_error = cudaErrorNotSupported;
+}
+cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t /*h*/, unsigned /*flags*/) {
+    *p = nullptr;
+    return mm_emu::g_last_error = cudaErrorNotSupported;
+}
+cudaError_t cudaIpcCloseMemHandle(void* /*p*/) { return mm_emu::g_last_error = cudaErrorNotSupported; }
+cudaError_t mm_emu_occupancy(int* blocks, int block_size, size_t smem) {
+    if (block_size <= 0 || block_size > 1024) return fail(cudaErrorInvalidValue, "occupancy: block size %d", block_size);
+    int b = std::min(32, 2048 / block_size);
+    if (smem > 0) b = std::min<int>(b, static_cast<int>(mm_emu::kSmemPerSm / (smem + 1024)));
+    *blocks = std::max(b, 0);
+    return cudaSuccess;
+}

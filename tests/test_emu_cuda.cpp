@@ -1,0 +1,313 @@
+// The CUDA emulator (kernels/cuda/emu) itself: that it runs kernels with CUDA's semantics (thread and
+// block indices, shared memory, barriers, warp shuffles, stream capture and graph replay) and refuses
+// what a GPU refuses or leaves undefined (divergent barriers, shuffles with exited lanes, copies whose
+// device side is not device memory, launches beyond the limits). test_cuda_ops_emu relies on it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/common.cuh"
+
+namespace {
+
+using moemesh::cuda::detail::block_sum;
+using moemesh::cuda::detail::kWarp;
+using moemesh::cuda::detail::warp_sum;
+
+// ---- kernels ----
+__global__ void block_sums_kernel(const float* x, int64_t n, float* out) {
+    __shared__ float red[kWarp];
+    float v = 0.0f;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        v += x[i];
+    v = block_sum(v, red);
+    if (threadIdx.x == 0) out[blockIdx.x] = v;
+}
+
+// out[t] = the values each shuffle variant gives lane t (4 per thread).
+__global__ void shuffles_kernel(int* out) {
+    const int t = static_cast<int>(threadIdx.x), lane = t % 32;
+    const int v = 100 * (t / 32) + lane;
+    out[4 * t + 0] = __shfl_xor_sync(0xffffffffu, v, 5);
+    out[4 * t + 1] = __shfl_down_sync(0xffffffffu, v, 3, 16);
+    out[4 * t + 2] = __shfl_up_sync(0xffffffffu, v, 2);
+    out[4 * t + 3] = __shfl_sync(0xffffffffu, v, 7, 8);
+}
+
+// out[i] = x[(i + 1) % blockDim.x] of the same block, through shared memory.
+template <bool kBarrier>
+__global__ void rotate_kernel(const float* x, float* out) {
+    __shared__ float s[256];
+    const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+    s[t] = x[blockIdx.x * n + t];
+    if (kBarrier) __syncthreads();
+    out[blockIdx.x * n + t] = s[(t + 1) % n];
+}
+
+__global__ void dynamic_smem_kernel(float* out, int n) {
+    MM_EXTERN_SHARED(float, buf);
+    for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) buf[i] = static_cast<float>(i);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int i = 0; i < n; ++i) s += buf[i];
+        out[0] = s;
+    }
+}
+
+// Lanes 0-15 shuffle with the whole warp while lanes 16-31 wait at __syncthreads: never completes.
+__global__ void divergent_kernel(float* out) {
+    float v = 1.0f;
+    if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
+
+// Lanes past n return before a full-warp reduction.
+__global__ void early_exit_kernel(const float* x, int n, float* out) {
+    if (static_cast<int>(threadIdx.x) >= n) return;
+    const float s = warp_sum(x[threadIdx.x]);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+__global__ void scale_kernel(float* x, float a, int n) {
+    const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i < n) x[i] *= a;
+}
+
+__global__ void index_kernel(int* out) {
+    const int b = static_cast<int>(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+    const int t = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+    out[b * static_cast<int>(blockDim.x * blockDim.y * blockDim.z) + t] = 1000 * b + t;
+}
+
+template <class T>
+T* device_alloc(size_t n) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaMalloc(&p, n * sizeof(T)), cudaSuccess);
+    return p;
+}
+
+class CudaEmu : public ::testing::Test {
+protected:
+    void TearDown() override {
+        // Tests that make a launch fail leave the context poisoned, as on a GPU; reset it.
+        cudaDeviceReset();
+    }
+};
+
+TEST_F(CudaEmu, BlockReductionWithSharedMemoryAndShuffles) {
+    const int64_t n = 100003;
+    std::vector<float> x(n);
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (float& v : x) v = u(rng);
+    float* dx = device_alloc<float>(n);
+    const unsigned blocks = 7;
+    float* dout = device_alloc<float>(blocks);
+    ASSERT_EQ(cudaMemcpy(dx, x.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    MM_LAUNCH(blocks, 256, 0, nullptr, block_sums_kernel)(dx, n, dout);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    std::vector<float> out(blocks);
+    ASSERT_EQ(cudaMemcpy(out.data(), dout, blocks * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (unsigned b = 0; b < blocks; ++b) {
+        double want = 0;
+        for (int64_t i = b * 256; i < n; i += blocks * 256)
+            for (int64_t j = i; j < std::min<int64_t>(i + 256, n); ++j) want += x[j];
+        EXPECT_NEAR(out[b], want, 1e-3) << "block " << b;
+    }
+    cudaFree(dx);
+    cudaFree(dout);
+}
+
+TEST_F(CudaEmu, ShufflesFollowCudaSemantics) {
+    const int threads = 64;
+    int* d = device_alloc<int>(4 * threads);
+    MM_LAUNCH(1, threads, 0, nullptr, shuffles_kernel)(d);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    std::vector<int> out(4 * threads);
+    ASSERT_EQ(cudaMemcpy(out.data(), d, out.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int t = 0; t < threads; ++t) {
+        const int w = 100 * (t / 32), lane = t % 32;
+        EXPECT_EQ(out[4 * t + 0], w + (lane ^ 5)) << t;
+        // down by 3 inside segments of 16: lanes whose source leaves the segment keep their value
+        EXPECT_EQ(out[4 * t + 1], w + (lane % 16 + 3 < 16 ? lane + 3 : lane)) << t;
+        EXPECT_EQ(out[4 * t + 2], w + (lane >= 2 ? lane - 2 : lane)) << t;
+        EXPECT_EQ(out[4 * t + 3], w + lane / 8 * 8 + 7) << t;
+    }
+    cudaFree(d);
+}
+
+TEST_F(CudaEmu, IndicesCoverEveryThreadOfA3dLaunch) {
+    const dim3 grid(3, 2, 2), block(4, 3, 2);
+    const int total = 12 * 24;
+    int* d = device_alloc<int>(total);
+    MM_LAUNCH(grid, block, 0, nullptr, index_kernel)(d);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    std::vector<int> out(total);
+    ASSERT_EQ(cudaMemcpy(out.data(), d, total * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int b = 0; b < 12; ++b)
+        for (int t = 0; t < 24; ++t) EXPECT_EQ(out[b * 24 + t], 1000 * b + t);
+    cudaFree(d);
+}
+
+// A shared-memory read that misses its barrier gives a wrong answer (threads of odd blocks run in
+// reverse order), so the emulated tests catch it instead of passing by luck.
+TEST_F(CudaEmu, AMissingBarrierShows) {
+    const int n = 128, blocks = 2;
+    std::vector<float> x(n * blocks);
+    std::iota(x.begin(), x.end(), 1.0f);
+    float* dx = device_alloc<float>(x.size());
+    float* dy = device_alloc<float>(x.size());
+    ASSERT_EQ(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    auto wrong_count = [&] {
+        std::vector<float> y(x.size());
+        EXPECT_EQ(cudaMemcpy(y.data(), dy, y.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        int wrong = 0;
+        for (int b = 0; b < blocks; ++b)
+            for (int t = 0; t < n; ++t) wrong += y[b * n + t] != x[b * n + (t + 1) % n];
+        return wrong;
+    };
+    MM_LAUNCH(blocks, n, 0, nullptr, rotate_kernel<true>)(dx, dy);
+    EXPECT_EQ(wrong_count(), 0);
+    MM_LAUNCH(blocks, n, 0, nullptr, rotate_kernel<false>)(dx, dy);
+    EXPECT_GT(wrong_count(), 0);
+    cudaFree(dx);
+    cudaFree(dy);
+}
+
+TEST_F(CudaEmu, DynamicSharedMemoryNeedsTheOptInAboveTheDefault) {
+    float* d = device_alloc<float>(1);
+    MM_LAUNCH(2, 128, 1000 * sizeof(float), nullptr, dynamic_smem_kernel)(d, 1000);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    float s = 0;
+    ASSERT_EQ(cudaMemcpy(&s, d, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(s, 999.0f * 1000.0f / 2.0f);
+
+    const int big = 20000;  // 80 KB: above the 48 KiB default
+    MM_LAUNCH(1, 128, big * sizeof(float), nullptr, dynamic_smem_kernel)(d, big);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+    ASSERT_EQ(cudaFuncSetAttribute(dynamic_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, big * 4),
+              cudaSuccess);
+    MM_LAUNCH(1, 128, big * sizeof(float), nullptr, dynamic_smem_kernel)(d, big);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(&s, d, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_NEAR(s, 19999.0 * 20000.0 / 2.0, 1e4);
+    cudaFree(d);
+}
+
+TEST_F(CudaEmu, BadLaunchConfigurationsAreRefused) {
+    float* d = device_alloc<float>(4096);
+    MM_LAUNCH(1, 2048, 0, nullptr, scale_kernel)(d, 2.0f, 4096);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+    MM_LAUNCH(0, 128, 0, nullptr, scale_kernel)(d, 2.0f, 4096);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // not sticky
+    cudaFree(d);
+}
+
+TEST_F(CudaEmu, DivergentBarriersFailTheLaunch) {
+    float* d = device_alloc<float>(64);
+    MM_LAUNCH(1, 64, 0, nullptr, divergent_kernel)(d);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);  // sticky, as a GPU's launch failure
+    std::vector<float> y(64);
+    EXPECT_EQ(cudaMemcpy(y.data(), d, 256, cudaMemcpyDeviceToHost), cudaErrorLaunchFailure);
+}
+
+TEST_F(CudaEmu, AShuffleWithExitedLanesFailsTheLaunch) {
+    std::vector<float> x(32, 1.0f);
+    float* dx = device_alloc<float>(32);
+    float* dy = device_alloc<float>(1);
+    ASSERT_EQ(cudaMemcpy(dx, x.data(), 128, cudaMemcpyHostToDevice), cudaSuccess);
+    MM_LAUNCH(1, 32, 0, nullptr, early_exit_kernel)(dx, 32, dy);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    float s = 0;
+    ASSERT_EQ(cudaMemcpy(&s, dy, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(s, 32.0f);
+    MM_LAUNCH(1, 32, 0, nullptr, early_exit_kernel)(dx, 20, dy);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+}
+
+TEST_F(CudaEmu, CopiesCheckWhichSideIsDeviceMemory) {
+    std::vector<float> host(16, 1.0f), host2(16);
+    float* d = device_alloc<float>(16);
+    EXPECT_EQ(cudaMemcpy(d, host.data(), 64, cudaMemcpyHostToDevice), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(host2.data(), host.data(), 64, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+    EXPECT_EQ(cudaMemcpy(host2.data(), d, 64, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+    EXPECT_EQ(cudaMemcpy(host2.data(), d, 65 * 4, cudaMemcpyDeviceToHost), cudaErrorInvalidValue);  // past the end
+    EXPECT_EQ(cudaMemcpy(host2.data(), d, 64, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(host2, host);
+    EXPECT_EQ(cudaFree(host2.data()), cudaErrorInvalidValue);
+    // Fresh device memory is not zero: it reads as NaN until written.
+    float* fresh = device_alloc<float>(4);
+    float f = 0;
+    EXPECT_EQ(cudaMemcpy(&f, fresh, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_TRUE(std::isnan(f));
+    cudaFree(fresh);
+    cudaFree(d);
+}
+
+TEST_F(CudaEmu, GraphsReplayTheCapturedArgumentsAndReadHostBuffersAtReplay) {
+    cudaStream_t s;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    float* d = device_alloc<float>(4);
+    std::vector<float> in{1, 2, 3, 4}, out(4);
+    float a = 2.0f;
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(d, in.data(), 16, cudaMemcpyHostToDevice, s), cudaSuccess);
+    MM_LAUNCH(1, 32, 0, s, scale_kernel)(d, a, 4);
+    ASSERT_EQ(cudaMemcpyAsync(out.data(), d, 16, cudaMemcpyDeviceToHost, s), cudaSuccess);
+    cudaGraph_t g;
+    ASSERT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
+    EXPECT_EQ(out, std::vector<float>(4, 0.0f));  // nothing ran while capturing
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+    a = 10.0f;          // the graph keeps the value it captured
+    in = {5, 6, 7, 8};  // but copies read the host buffer when replayed
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    EXPECT_EQ(out, (std::vector<float>{10, 12, 14, 16}));
+
+    // A graph of another shape does not update the executable one; a synchronize inside a capture
+    // fails and invalidates it.
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    MM_LAUNCH(1, 32, 0, s, scale_kernel)(d, a, 4);
+    EXPECT_EQ(cudaStreamSynchronize(s), cudaErrorStreamCaptureUnsupported);
+    cudaGraph_t g2;
+    EXPECT_EQ(cudaStreamEndCapture(s, &g2), cudaErrorStreamCaptureInvalidated);
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    MM_LAUNCH(1, 32, 0, s, scale_kernel)(d, a, 4);
+    ASSERT_EQ(cudaStreamEndCapture(s, &g2), cudaSuccess);
+    cudaGraphExecUpdateResultInfo info{};
+    EXPECT_EQ(cudaGraphExecUpdate(exec, g2, &info), cudaErrorGraphExecUpdateFailure);
+    (void)cudaGetLastError();
+    cudaGraphDestroy(g2);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(s);
+    cudaFree(d);
+}
+
+TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
+    size_t free0 = 0, total = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);
+    void* p = nullptr;
+    ASSERT_EQ(cudaMalloc(&p, 1 << 20), cudaSuccess);
+    size_t free1 = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free1, &total), cudaSuccess);
+    EXPECT_EQ(free0 - free1, size_t{1} << 20);
+    void* q = nullptr;
+    EXPECT_EQ(cudaMalloc(&q, total), cudaErrorMemoryAllocation);
+    (void)cudaGetLastError();
+    cudaFree(p);
+}
+
+}  // namespace
