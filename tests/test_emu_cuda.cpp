@@ -4,6 +4,9 @@
 // device side is not device memory, launches beyond the limits). test_cuda_ops_emu relies on it.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -294,6 +297,42 @@ TEST_F(CudaEmu, GraphsReplayTheCapturedArgumentsAndReadHostBuffersAtReplay) {
     cudaGraphDestroy(g);
     cudaStreamDestroy(s);
     cudaFree(d);
+}
+
+// Another process opens the allocation through its IPC handle and sees (and writes) the same memory.
+TEST_F(CudaEmu, IpcHandlesShareAnAllocationWithAnotherProcess) {
+    const int n = 1000;
+    std::vector<float> x(n);
+    std::iota(x.begin(), x.end(), 0.0f);
+    float* d = device_alloc<float>(n);
+    ASSERT_EQ(cudaMemcpy(d, x.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cudaIpcMemHandle_t h;
+    ASSERT_EQ(cudaIpcGetMemHandle(&h, d), cudaSuccess);
+    void* self = nullptr;
+    EXPECT_EQ(cudaIpcOpenMemHandle(&self, h, cudaIpcMemLazyEnablePeerAccess), cudaErrorInvalidValue);
+    const pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+        // The child: open, check, scale in place with a kernel, close.
+        void* p = nullptr;
+        if (cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) _exit(2);
+        std::vector<float> y(n);
+        if (cudaMemcpy(y.data(), p, n * 4, cudaMemcpyDeviceToHost) != cudaSuccess || y != x) _exit(3);
+        if (cudaMemcpy(y.data(), p, (n + 1) * 4, cudaMemcpyDeviceToHost) == cudaSuccess) _exit(4);  // past its size
+        MM_LAUNCH(4, 256, 0, nullptr, scale_kernel)(static_cast<float*>(p), 3.0f, n);
+        if (cudaDeviceSynchronize() != cudaSuccess || cudaIpcCloseMemHandle(p) != cudaSuccess) _exit(5);
+        _exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0);
+    std::vector<float> y(n);
+    ASSERT_EQ(cudaMemcpy(y.data(), d, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int i = 0; i < n; ++i) EXPECT_EQ(y[i], 3.0f * x[i]) << i;
+    cudaIpcMemHandle_t bad{};
+    EXPECT_EQ(cudaIpcOpenMemHandle(&self, bad, 0), cudaErrorInvalidValue);
+    EXPECT_EQ(cudaFree(d), cudaSuccess);
 }
 
 TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {

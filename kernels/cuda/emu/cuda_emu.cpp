@@ -2,11 +2,15 @@
 // (see cuda_emu.h for what is emulated and what is not).
 #include "kernels/cuda/emu/cuda_emu.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <boost/context/fiber.hpp>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdarg>
 #include <chrono>
 #include <cstdio>
@@ -67,9 +71,12 @@ thread_local int g_device = 0;
 
 // ---- memory registry ----
 struct Alloc {
-    size_t bytes;
+    size_t bytes;   // as requested: copies past it fail, as out-of-bounds accesses would on a GPU
+    size_t mapped;  // what was mapped / budgeted (whole pages for device memory)
     bool device;
     int dev;
+    int fd = -1;              // shared (memfd) once cudaIpcGetMemHandle exported it
+    bool ipc_opened = false;  // another process's allocation, mapped by cudaIpcOpenMemHandle
 };
 std::mutex g_mem_mu;
 std::map<uintptr_t, Alloc> g_allocs;  // by start address
@@ -545,20 +552,19 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
 }
 cudaError_t cudaDeviceSynchronize() { return mm_emu::sticky(); }
 cudaError_t cudaDeviceReset() {
-    std::vector<void*> mine;
     {
         std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
         for (auto it = mm_emu::g_allocs.begin(); it != mm_emu::g_allocs.end();) {
-            if (it->second.device && it->second.dev == mm_emu::g_device) {
-                mm_emu::g_used[it->second.dev] -= it->second.bytes;
-                mine.push_back(reinterpret_cast<void*>(it->first));
+            if (it->second.device && !it->second.ipc_opened && it->second.dev == mm_emu::g_device) {
+                mm_emu::g_used[it->second.dev] -= it->second.mapped;
+                munmap(reinterpret_cast<void*>(it->first), it->second.mapped);
+                if (it->second.fd >= 0) close(it->second.fd);
                 it = mm_emu::g_allocs.erase(it);
             } else {
                 ++it;
             }
         }
     }
-    for (void* p : mine) std::free(p);
     mm_emu::g_sticky.store(cudaSuccess);
     mm_emu::g_last_error = cudaSuccess;
     return cudaSuccess;
@@ -572,7 +578,11 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 namespace {
 cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
     *p = nullptr;
-    const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+    // Device memory is mapped (whole pages), so that cudaIpcGetMemHandle can turn it into shared
+    // memory in place; pinned host memory comes from the heap.
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t rounded = device ? (std::max<size_t>(bytes, 1) + page - 1) / page * page
+                                  : (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
     const int dev = mm_emu::g_device;
     if (device) {
         std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
@@ -581,7 +591,13 @@ cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
                         mm_emu::device_memory() - mm_emu::g_used[dev], mm_emu::device_memory());
         mm_emu::g_used[dev] += rounded;
     }
-    void* q = std::aligned_alloc(256, rounded);
+    void* q = nullptr;
+    if (device) {
+        q = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (q == MAP_FAILED) q = nullptr;
+    } else {
+        q = std::aligned_alloc(256, rounded);
+    }
     if (q == nullptr) {
         if (device) {
             std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
@@ -593,22 +609,29 @@ cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
     // Fresh device memory reads as NaN (0xff bytes), so a missing initialisation shows.
     if (device) std::memset(q, 0xff, std::min<size_t>(rounded, size_t{256} << 20));
     std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
-    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = {rounded, device, dev};
+    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = {std::max<size_t>(bytes, 1), rounded, device, dev};
     *p = q;
     return cudaSuccess;
 }
 cudaError_t emu_free(void* p, bool device) {
     if (p == nullptr) return cudaSuccess;
+    mm_emu::Alloc a;
     {
         std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
         auto it = mm_emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
-        if (it == mm_emu::g_allocs.end() || it->second.device != device)
+        if (it == mm_emu::g_allocs.end() || it->second.device != device || it->second.ipc_opened)
             return fail(cudaErrorInvalidValue, "%s(%p): not a pointer from %s", device ? "cudaFree" : "cudaFreeHost", p,
                         device ? "cudaMalloc" : "cudaHostAlloc");
-        if (device) mm_emu::g_used[it->second.dev] -= it->second.bytes;
+        a = it->second;
+        if (device) mm_emu::g_used[a.dev] -= a.mapped;
         mm_emu::g_allocs.erase(it);
     }
-    std::free(p);
+    if (device) {
+        munmap(p, a.mapped);
+        if (a.fd >= 0) close(a.fd);
+    } else {
+        std::free(p);
+    }
     return cudaSuccess;
 }
 }  // namespace
@@ -777,14 +800,88 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
     delete exec;
     return cudaSuccess;
 }
-cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* /*h*/, void* /*p*/) {
-    return mm_emu::g_last_error = cudaErrorNotSupported;
+// CUDA IPC between processes of this machine: the exported allocation becomes a memfd mapped at the
+// same address (its contents kept); the handle names the exporting process and descriptor, and the
+// opener maps /proc/<pid>/fd/<fd>. Both sides then see the same memory, as two processes see one
+// GPU allocation.
+namespace {
+struct IpcHandle {
+    char magic[8];  // "mmemuipc"
+    int32_t pid;
+    int32_t fd;
+    uint64_t bytes;   // mapped
+    uint64_t offset;  // the size the exporter asked for
+};
+static_assert(sizeof(IpcHandle) <= sizeof(cudaIpcMemHandle_t));
+}  // namespace
+cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    uintptr_t base = 0;
+    mm_emu::Alloc* a = const_cast<mm_emu::Alloc*>(mm_emu::find_alloc(p, 1, &base));
+    if (a == nullptr || !a->device || a->ipc_opened)
+        return fail(cudaErrorInvalidValue, "cudaIpcGetMemHandle(%p): not memory from this process's cudaMalloc", p);
+    if (a->fd < 0) {
+        const int fd = memfd_create("moemesh-cuda-emu-ipc", MFD_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->mapped)) != 0 ||
+            pwrite(fd, reinterpret_cast<void*>(base), a->mapped, 0) != static_cast<ssize_t>(a->mapped)) {
+            if (fd >= 0) close(fd);
+            return fail(cudaErrorUnknown, "cudaIpcGetMemHandle: cannot create shared memory (%s)", std::strerror(errno));
+        }
+        if (mmap(reinterpret_cast<void*>(base), a->mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
+            MAP_FAILED) {
+            close(fd);
+            return fail(cudaErrorUnknown, "cudaIpcGetMemHandle: cannot remap as shared (%s)", std::strerror(errno));
+        }
+        a->fd = fd;
+    }
+    IpcHandle ih{};
+    std::memcpy(ih.magic, "mmemuipc", 8);
+    ih.pid = static_cast<int32_t>(getpid());
+    ih.fd = a->fd;
+    ih.bytes = a->mapped;
+    ih.offset = a->bytes;  // the requested size
+    std::memset(h, 0, sizeof *h);
+    std::memcpy(h, &ih, sizeof ih);
+    return cudaSuccess;
 }
-cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t /*h*/, unsigned /*flags*/) {
+cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned /*flags*/) {
     *p = nullptr;
-    return mm_emu::g_last_error = cudaErrorNotSupported;
+    IpcHandle ih;
+    std::memcpy(&ih, &h, sizeof ih);
+    if (std::memcmp(ih.magic, "mmemuipc", 8) != 0)
+        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: not an IPC handle of the CUDA emulator");
+    if (ih.offset > ih.bytes || ih.bytes == 0)
+        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: a corrupt handle (%llu of %llu bytes)",
+                    static_cast<unsigned long long>(ih.offset), static_cast<unsigned long long>(ih.bytes));
+    if (ih.pid == getpid())
+        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: the handle is this process's own allocation");
+    const std::string path = "/proc/" + std::to_string(ih.pid) + "/fd/" + std::to_string(ih.fd);
+    const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: %s: %s", path.c_str(), std::strerror(errno));
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != ih.bytes) {
+        close(fd);
+        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: %s is not the exported allocation", path.c_str());
+    }
+    void* q = mmap(nullptr, ih.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (q == MAP_FAILED) return fail(cudaErrorMemoryAllocation, "cudaIpcOpenMemHandle: mmap: %s", std::strerror(errno));
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    mm_emu::Alloc a{ih.offset, ih.bytes, true, mm_emu::g_device};
+    a.ipc_opened = true;
+    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = a;
+    *p = q;
+    return cudaSuccess;
 }
-cudaError_t cudaIpcCloseMemHandle(void* /*p*/) { return mm_emu::g_last_error = cudaErrorNotSupported; }
+cudaError_t cudaIpcCloseMemHandle(void* p) {
+    std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
+    auto it = mm_emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
+    if (it == mm_emu::g_allocs.end() || !it->second.ipc_opened)
+        return fail(cudaErrorInvalidValue, "cudaIpcCloseMemHandle(%p): not opened by cudaIpcOpenMemHandle", p);
+    munmap(p, it->second.mapped);
+    mm_emu::g_allocs.erase(it);
+    return cudaSuccess;
+}
 cudaError_t mm_emu_occupancy(int* blocks, int block_size, size_t smem) {
     if (block_size <= 0 || block_size > 1024) return fail(cudaErrorInvalidValue, "occupancy: block size %d", block_size);
     int b = std::min(32, 2048 / block_size);

@@ -22,8 +22,10 @@
 //   at submission, in order); stream capture records launches and copies with their arguments and a
 //   graph replays them; cudaStreamSynchronize inside a capture fails as on a GPU.
 //   MOEMESH_CUDA_EMU_DEVICES sets the device count (default 1).
+//   CUDA IPC works between processes of one machine (the exported allocation becomes shared memory,
+//   which the other process maps), so the cuda-ipc data plane runs as on one GPU.
 // What it cannot show: speed, races between threads or streams, the GPU's exact float rounding
-// of expf/rsqrtf (close, not bit-equal), NCCL, CUDA IPC (refused: cudaErrorNotSupported).
+// of expf/rsqrtf (close, not bit-equal), NCCL (not emulated: the nccl transport is not built).
 #pragma once
 #define MM_CUDA_EMULATION 1
 
