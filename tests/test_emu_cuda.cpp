@@ -335,6 +335,24 @@ TEST_F(CudaEmu, IpcHandlesShareAnAllocationWithAnotherProcess) {
     EXPECT_EQ(cudaFree(d), cudaSuccess);
 }
 
+__global__ void write_kernel(float* x, int n) {
+    const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i < n) x[i] = 1.0f;
+}
+
+// A kernel that writes past the end of its allocation dies naming the kernel and the thread (as
+// compute-sanitizer reports it), instead of corrupting a neighbour.
+TEST(CudaEmuDeathTest, AKernelWritingPastItsAllocationDiesNamingIt) {
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+    EXPECT_DEATH(
+        {
+            float* d = nullptr;
+            if (cudaMalloc(&d, 1000 * sizeof(float)) != cudaSuccess) return;
+            MM_LAUNCH(8, 256, 0, nullptr, write_kernel)(d, 2048);
+        },
+        "kernel write_kernel: invalid access at .* by thread \\([0-9]+,0,0\\) of block \\([0-9],0,0\\)");
+}
+
 TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
     size_t free0 = 0, total = 0;
     ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);

@@ -3,6 +3,7 @@
 #include "kernels/cuda/emu/cuda_emu.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -73,6 +74,8 @@ thread_local int g_device = 0;
 struct Alloc {
     size_t bytes;   // as requested: copies past it fail, as out-of-bounds accesses would on a GPU
     size_t mapped;  // what was mapped / budgeted (whole pages for device memory)
+    uintptr_t map_base;  // device memory: start of the mapping; the allocation ends where it
+                             // ends (256-byte granule), and a PROT_NONE guard page follows
     bool device;
     int dev;
     int fd = -1;              // shared (memfd) once cudaIpcGetMemHandle exported it
@@ -191,6 +194,46 @@ struct BlockRun {
 thread_local BlockRun* g_run = nullptr;
 thread_local std::vector<unsigned char> g_dyn_smem;
 
+// A fault (a guard page after device memory, or a thread's stack guard) while a kernel runs: name
+// the kernel and the CUDA thread before dying, as compute-sanitizer would.
+void on_fault(int sig, siginfo_t* info, void*) {
+    char buf[512];
+    int n = 0;
+    if (g_run != nullptr && g_run->cur != nullptr) {
+        const ThreadState& t = g_run->cur->ts;
+        n = std::snprintf(buf, sizeof buf,
+                          "[cuda-emu] kernel %s: invalid access at %p by thread (%u,%u,%u) of block (%u,%u,%u) "
+                          "(past the end of a device allocation, or a thread stack overflow)\n",
+                          g_run->name, info->si_addr, t.thread_idx.x, t.thread_idx.y, t.thread_idx.z, t.block_idx.x,
+                          t.block_idx.y, t.block_idx.z);
+    } else {
+        n = std::snprintf(buf, sizeof buf, "[cuda-emu] invalid access at %p outside a kernel\n", info->si_addr);
+    }
+    if (n > 0) (void)!write(2, buf, static_cast<size_t>(std::min<int>(n, sizeof buf - 1)));
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+}  // namespace
+
+void install_fault_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        // The handler runs on its own stack (a fiber's stack may be the one that overflowed).
+        static std::vector<char> alt(1 << 16);
+        stack_t ss{};
+        ss.ss_sp = alt.data();
+        ss.ss_size = alt.size();
+        sigaltstack(&ss, nullptr);
+        struct sigaction sa {};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    });
+}
+
+namespace {
 void fail_block(const std::string& why) {
     if (g_run->failure.empty()) g_run->failure = why;
 }
@@ -557,7 +600,7 @@ cudaError_t cudaDeviceReset() {
         for (auto it = mm_emu::g_allocs.begin(); it != mm_emu::g_allocs.end();) {
             if (it->second.device && !it->second.ipc_opened && it->second.dev == mm_emu::g_device) {
                 mm_emu::g_used[it->second.dev] -= it->second.mapped;
-                munmap(reinterpret_cast<void*>(it->first), it->second.mapped);
+                munmap(reinterpret_cast<void*>(it->second.map_base), it->second.mapped + mm_emu::kGuardBytes);
                 if (it->second.fd >= 0) close(it->second.fd);
                 it = mm_emu::g_allocs.erase(it);
             } else {
@@ -592,9 +635,18 @@ cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
         mm_emu::g_used[dev] += rounded;
     }
     void* q = nullptr;
+    uintptr_t map_base = 0;
     if (device) {
-        q = mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (q == MAP_FAILED) q = nullptr;
+        // Right-aligned on a guard page: a kernel or copy that runs past the end (by a 256-byte
+        // granule or more) faults, and the SIGSEGV handler names the kernel.
+        void* m = mmap(nullptr, rounded + mm_emu::kGuardBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m != MAP_FAILED) {
+            map_base = reinterpret_cast<uintptr_t>(m);
+            mprotect(reinterpret_cast<char*>(m) + rounded, mm_emu::kGuardBytes, PROT_NONE);
+            q = reinterpret_cast<char*>(m) + rounded - (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+            mm_emu::install_fault_handler();
+        }
     } else {
         q = std::aligned_alloc(256, rounded);
     }
@@ -607,9 +659,9 @@ cudaError_t emu_alloc(void** p, size_t bytes, bool device) {
                     bytes);
     }
     // Fresh device memory reads as NaN (0xff bytes), so a missing initialisation shows.
-    if (device) std::memset(q, 0xff, std::min<size_t>(rounded, size_t{256} << 20));
+    if (device) std::memset(q, 0xff, std::min<size_t>(bytes, size_t{256} << 20));
     std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
-    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = {std::max<size_t>(bytes, 1), rounded, device, dev};
+    mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = {std::max<size_t>(bytes, 1), rounded, map_base, device, dev};
     *p = q;
     return cudaSuccess;
 }
@@ -627,7 +679,7 @@ cudaError_t emu_free(void* p, bool device) {
         mm_emu::g_allocs.erase(it);
     }
     if (device) {
-        munmap(p, a.mapped);
+        munmap(reinterpret_cast<void*>(a.map_base), a.mapped + mm_emu::kGuardBytes);
         if (a.fd >= 0) close(a.fd);
     } else {
         std::free(p);
@@ -810,7 +862,8 @@ struct IpcHandle {
     int32_t pid;
     int32_t fd;
     uint64_t bytes;   // mapped
-    uint64_t offset;  // the size the exporter asked for
+    uint64_t offset;  // of the allocation in the mapping
+    uint64_t size;    // the size the exporter asked for
 };
 static_assert(sizeof(IpcHandle) <= sizeof(cudaIpcMemHandle_t));
 }  // namespace
@@ -821,14 +874,14 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
     if (a == nullptr || !a->device || a->ipc_opened)
         return fail(cudaErrorInvalidValue, "cudaIpcGetMemHandle(%p): not memory from this process's cudaMalloc", p);
     if (a->fd < 0) {
+        void* const mb = reinterpret_cast<void*>(a->map_base);
         const int fd = memfd_create("moemesh-cuda-emu-ipc", MFD_CLOEXEC);
         if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->mapped)) != 0 ||
-            pwrite(fd, reinterpret_cast<void*>(base), a->mapped, 0) != static_cast<ssize_t>(a->mapped)) {
+            pwrite(fd, mb, a->mapped, 0) != static_cast<ssize_t>(a->mapped)) {
             if (fd >= 0) close(fd);
             return fail(cudaErrorUnknown, "cudaIpcGetMemHandle: cannot create shared memory (%s)", std::strerror(errno));
         }
-        if (mmap(reinterpret_cast<void*>(base), a->mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
-            MAP_FAILED) {
+        if (mmap(mb, a->mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
             close(fd);
             return fail(cudaErrorUnknown, "cudaIpcGetMemHandle: cannot remap as shared (%s)", std::strerror(errno));
         }
@@ -839,7 +892,8 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
     ih.pid = static_cast<int32_t>(getpid());
     ih.fd = a->fd;
     ih.bytes = a->mapped;
-    ih.offset = a->bytes;  // the requested size
+    ih.offset = base - a->map_base;
+    ih.size = a->bytes;
     std::memset(h, 0, sizeof *h);
     std::memcpy(h, &ih, sizeof ih);
     return cudaSuccess;
@@ -850,9 +904,8 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned /*flag
     std::memcpy(&ih, &h, sizeof ih);
     if (std::memcmp(ih.magic, "mmemuipc", 8) != 0)
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: not an IPC handle of the CUDA emulator");
-    if (ih.offset > ih.bytes || ih.bytes == 0)
-        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: a corrupt handle (%llu of %llu bytes)",
-                    static_cast<unsigned long long>(ih.offset), static_cast<unsigned long long>(ih.bytes));
+    if (ih.bytes == 0 || ih.size == 0 || ih.offset > ih.bytes || ih.size > ih.bytes - ih.offset)
+        return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: a corrupt handle");
     if (ih.pid == getpid())
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: the handle is this process's own allocation");
     const std::string path = "/proc/" + std::to_string(ih.pid) + "/fd/" + std::to_string(ih.fd);
@@ -863,11 +916,17 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned /*flag
         close(fd);
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: %s is not the exported allocation", path.c_str());
     }
-    void* q = mmap(nullptr, ih.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    // The same layout as the exporter's: the mapping, then a guard page.
+    void* m = mmap(nullptr, ih.bytes + mm_emu::kGuardBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED || mmap(m, ih.bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        close(fd);
+        if (m != MAP_FAILED) munmap(m, ih.bytes + mm_emu::kGuardBytes);
+        return fail(cudaErrorMemoryAllocation, "cudaIpcOpenMemHandle: mmap: %s", std::strerror(errno));
+    }
     close(fd);
-    if (q == MAP_FAILED) return fail(cudaErrorMemoryAllocation, "cudaIpcOpenMemHandle: mmap: %s", std::strerror(errno));
+    void* q = static_cast<char*>(m) + ih.offset;
     std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
-    mm_emu::Alloc a{ih.offset, ih.bytes, true, mm_emu::g_device};
+    mm_emu::Alloc a{ih.size, ih.bytes, reinterpret_cast<uintptr_t>(m), true, mm_emu::g_device};
     a.ipc_opened = true;
     mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = a;
     *p = q;
@@ -878,7 +937,7 @@ cudaError_t cudaIpcCloseMemHandle(void* p) {
     auto it = mm_emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
     if (it == mm_emu::g_allocs.end() || !it->second.ipc_opened)
         return fail(cudaErrorInvalidValue, "cudaIpcCloseMemHandle(%p): not opened by cudaIpcOpenMemHandle", p);
-    munmap(p, it->second.mapped);
+    munmap(reinterpret_cast<void*>(it->second.map_base), it->second.mapped + mm_emu::kGuardBytes);
     mm_emu::g_allocs.erase(it);
     return cudaSuccess;
 }
