@@ -21,70 +21,10 @@
 #include "kernels/cpu/quants_iq.h"
 #include "kernels/ops.h"
 
-// ---- host stand-ins for the CUDA types, qualifiers and intrinsics the device code uses ----
+// ---- host stand-ins for the CUDA types, qualifiers and intrinsics the device code uses: the CUDA
+// emulator's (kernels/cuda/emu/cuda_emu.h; only its header, none of its runtime is used here) ----
 #define MM_CUDA_HOST_EMULATION 1
-#define __device__
-#define __forceinline__ inline
-struct float4 {
-    float x, y, z, w;
-};
-struct uint2 {
-    uint32_t x, y;
-};
-struct uint4 {
-    uint32_t x, y, z, w;
-};
-struct int2 {
-    int x, y;
-};
-struct int4 {
-    int x, y, z, w;
-};
-// Each product / sum / difference rounded on its own, as __fmul_rn etc. (volatile: no contraction).
-inline float __fmul_rn(float a, float b) {
-    volatile float r = a * b;
-    return r;
-}
-inline float __fadd_rn(float a, float b) {
-    volatile float r = a + b;
-    return r;
-}
-inline float __fsub_rn(float a, float b) {
-    volatile float r = a - b;
-    return r;
-}
-inline float __uint_as_float(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline float __int_as_float(int i) { return __uint_as_float(static_cast<uint32_t>(i)); }
-template <class T>
-inline T __ldg(const T* p) {
-    T v;
-    std::memcpy(&v, p, sizeof(T));
-    return v;
-}
-// Byte i of the result: byte (s >> 4i) & 7 of the 8 bytes {x (0-3), y (4-7)} (no sign-replicate mode).
-inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
-    const uint64_t xy = static_cast<uint64_t>(y) << 32 | x;
-    uint32_t r = 0;
-    for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((xy >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
-    return r;
-}
-// c + Σ of the four signed byte products. (CUDA's unsigned overload is not emulated: a call that would
-// pick it does not compile here.)
-unsigned __dp4a(unsigned a, unsigned b, unsigned c) = delete;
-inline int __dp4a(int a, int b, int c) {
-    for (int i = 0; i < 4; ++i) c += static_cast<int8_t>(a >> (8 * i)) * static_cast<int8_t>(b >> (8 * i));
-    return c;
-}
-// Per-byte a - b, wrapping.
-inline uint32_t __vsub4(uint32_t a, uint32_t b) {
-    uint32_t r = 0;
-    for (int i = 0; i < 4; ++i) r |= ((((a >> (8 * i)) & 0xff) - ((b >> (8 * i)) & 0xff)) & 0xff) << (8 * i);
-    return r;
-}
+#include "kernels/cuda/emu/cuda_emu.h"
 namespace moemesh::cuda::detail {
 constexpr int kWarp = 32;
 inline float h2f(uint16_t h) { return fp16_to_fp32(h); }
