@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_pack.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEMESH_CUDA=ON \
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEMESH_CUDA=ON -DMOEMESH_CUDA_EMU=OFF \
   -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null
 mapfile -t TESTS < <(ninja -C "$BUILD" -t targets all | sed -n 's/^\(test_cuda_[a-z_0-9]*\): .*/\1/p' | sort -u)
 TARGETS=(moemesh moemesh-worker bench_cuda_gemv "${TESTS[@]}")
