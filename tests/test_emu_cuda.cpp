@@ -353,6 +353,60 @@ TEST(CudaEmuDeathTest, AKernelWritingPastItsAllocationDiesNamingIt) {
         "kernel write_kernel: invalid access at .* by thread \\([0-9]+,0,0\\) of block \\([0-9],0,0\\)");
 }
 
+// Work on a stream runs when the host waits for it, so a missing synchronization reads stale data
+// (as it can on a GPU) instead of passing by luck.
+TEST_F(CudaEmu, StreamWorkRunsWhenTheHostWaitsForIt) {
+    cudaStream_t nb, bl, other;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&nb, cudaStreamNonBlocking), cudaSuccess);
+    ASSERT_EQ(cudaStreamCreate(&bl), cudaSuccess);  // blocking: ordered with the legacy stream
+    ASSERT_EQ(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+    float* d = device_alloc<float>(4);
+    float* pinned = nullptr;
+    ASSERT_EQ(cudaHostAlloc(&pinned, 16, cudaHostAllocDefault), cudaSuccess);
+    std::vector<float> one(4, 1.0f), got(4);
+    ASSERT_EQ(cudaMemcpy(d, one.data(), 16, cudaMemcpyHostToDevice), cudaSuccess);
+    for (int i = 0; i < 4; ++i) pinned[i] = -1.0f;
+
+    // A kernel and a copy into pinned memory on a non-blocking stream: nothing has run yet.
+    MM_LAUNCH(1, 32, 0, nb, scale_kernel)(d, 2.0f, 4);
+    ASSERT_EQ(cudaMemcpyAsync(pinned, d, 4, cudaMemcpyDeviceToHost, nb), cudaSuccess);
+    EXPECT_EQ(pinned[0], -1.0f);
+    // A synchronous copy waits for the blocking streams only: it still sees 1.
+    ASSERT_EQ(cudaMemcpy(got.data(), d, 16, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got[0], 1.0f);
+    // An event recorded after the kernel: waiting for it runs the kernel, not the copy after it...
+    cudaEvent_t ev;
+    ASSERT_EQ(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), cudaSuccess);
+    MM_LAUNCH(1, 32, 0, nb, scale_kernel)(d, 3.0f, 4);
+    ASSERT_EQ(cudaEventRecord(ev, nb), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(pinned + 1, d, 4, cudaMemcpyDeviceToHost, nb), cudaSuccess);
+    ASSERT_EQ(cudaEventSynchronize(ev), cudaSuccess);
+    EXPECT_EQ(pinned[0], 2.0f);   // the first copy ran (it came before the event)
+    EXPECT_EQ(pinned[1], -1.0f);  // the second did not
+    // ...a stream that waits for the event runs it first; then its own work.
+    ASSERT_EQ(cudaStreamWaitEvent(other, ev, 0), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(pinned + 2, d, 4, cudaMemcpyDeviceToHost, other), cudaSuccess);
+    EXPECT_EQ(cudaStreamQuery(other), cudaErrorNotReady);  // pending work is reported (and then run)
+    ASSERT_EQ(cudaStreamSynchronize(other), cudaSuccess);
+    EXPECT_EQ(pinned[2], 6.0f);
+    EXPECT_EQ(pinned[1], -1.0f);
+    ASSERT_EQ(cudaStreamSynchronize(nb), cudaSuccess);
+    EXPECT_EQ(pinned[1], 6.0f);
+    // A blocking stream's work is waited for by the legacy stream.
+    MM_LAUNCH(1, 32, 0, bl, scale_kernel)(d, 0.5f, 4);
+    ASSERT_EQ(cudaMemcpy(got.data(), d, 16, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got[0], 3.0f);
+    // Pageable host memory makes an async copy synchronous.
+    ASSERT_EQ(cudaMemcpyAsync(got.data(), d, 16, cudaMemcpyDeviceToHost, nb), cudaSuccess);
+    EXPECT_EQ(got[3], 3.0f);
+    cudaEventDestroy(ev);
+    cudaStreamDestroy(nb);
+    cudaStreamDestroy(bl);
+    cudaStreamDestroy(other);
+    cudaFreeHost(pinned);
+    cudaFree(d);
+}
+
 TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
     size_t free0 = 0, total = 0;
     ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);

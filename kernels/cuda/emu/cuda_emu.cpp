@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -455,22 +456,81 @@ struct GraphExec {
 struct Stream {
     Graph* capture = nullptr;  // recording, between BeginCapture and EndCapture
     bool invalidated = false;
+    bool blocking = true;  // created without cudaStreamNonBlocking: ordered with the legacy stream
+    // Deferred work: runs when something waits for it (see run_until), in submission order.
+    std::recursive_mutex exec_mu;  // one runner at a time
+    std::mutex q_mu;
+    std::deque<std::pair<uint64_t, std::function<void()>>> queue;
+    uint64_t next_seq = 1;
 };
 struct Event {
     std::chrono::steady_clock::time_point t{};
-    bool recorded = false;
+    bool recorded = false;  // its marker has run
     bool timing = true;
+    Stream* stream = nullptr;  // where it was last recorded (nullptr: never, or on the legacy stream)
+    uint64_t seq = 0;          // the marker's place in that stream
 };
 
 namespace {
-// Submits work to a stream: records it while the stream is captured, runs it now otherwise.
-bool capture_or_run(cudaStream_t s, const std::string& what, std::function<void()> op) {
+// Streams run their work when the host waits for it (stream/event/device synchronization, a
+// synchronous copy, cudaFree), not when it is submitted, so that a missing synchronization shows
+// as wrong data or a stale buffer, as it can on a GPU. MOEMESH_CUDA_EMU_STREAMS=sync runs work at
+// submission instead (a debugging aid).
+bool deferred_streams() {
+    static const bool d = [] {
+        const char* v = std::getenv("MOEMESH_CUDA_EMU_STREAMS");
+        return !(v != nullptr && std::strcmp(v, "sync") == 0);
+    }();
+    return d;
+}
+std::mutex g_streams_mu;
+std::vector<Stream*> g_streams;  // live streams
+
+// Runs s's queued work up to and including `upto`.
+void run_until(Stream* s, uint64_t upto = UINT64_MAX) {
+    std::lock_guard<std::recursive_mutex> ex(s->exec_mu);
+    for (;;) {
+        std::function<void()> op;
+        {
+            std::lock_guard<std::mutex> lk(s->q_mu);
+            if (s->queue.empty() || s->queue.front().first > upto) return;
+            op = std::move(s->queue.front().second);
+            s->queue.pop_front();
+        }
+        op();
+    }
+}
+// Runs every stream's queued work (blocking_only: those ordered with the legacy stream).
+void run_streams(bool blocking_only) {
+    std::vector<Stream*> all;
+    {
+        std::lock_guard<std::mutex> lk(g_streams_mu);
+        all = g_streams;
+    }
+    for (Stream* s : all)
+        if (!blocking_only || s->blocking) run_until(s);
+}
+// Submits work to a stream: records it while the stream is captured; on the legacy stream runs it
+// now (after the blocking streams' work); otherwise queues it. Returns its sequence number (0: ran).
+uint64_t capture_or_run(cudaStream_t s, const std::string& what, std::function<void()> op) {
     if (s != nullptr && s->capture != nullptr) {
         s->capture->nodes.push_back({what, std::move(op)});
-        return true;
+        return 0;
     }
-    op();
-    return false;
+    if (s == nullptr || !deferred_streams()) {
+        if (s == nullptr && deferred_streams()) run_streams(true);
+        op();
+        return 0;
+    }
+    std::lock_guard<std::mutex> lk(s->q_mu);
+    const uint64_t seq = s->next_seq++;
+    s->queue.emplace_back(seq, std::move(op));
+    return seq;
+}
+bool is_pinned(const void* p) {
+    std::lock_guard<std::mutex> lk(g_mem_mu);
+    const Alloc* a = find_alloc(p, 1);
+    return a != nullptr && !a->device;
 }
 }  // namespace
 
@@ -593,7 +653,10 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
     }
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return mm_emu::sticky(); }
+cudaError_t cudaDeviceSynchronize() {
+    mm_emu::run_streams(false);
+    return mm_emu::sticky();
+}
 cudaError_t cudaDeviceReset() {
     {
         std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
@@ -688,10 +751,16 @@ cudaError_t emu_free(void* p, bool device) {
 }
 }  // namespace
 cudaError_t cudaMalloc(void** p, size_t bytes) { return emu_alloc(p, bytes, true); }
-cudaError_t cudaFree(void* p) { return emu_free(p, true); }
+cudaError_t cudaFree(void* p) {
+    mm_emu::run_streams(false);  // cudaFree synchronizes the device
+    return emu_free(p, true);
+}
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned /*flags*/) { return emu_alloc(p, bytes, false); }
 cudaError_t cudaMallocHost(void** p, size_t bytes) { return emu_alloc(p, bytes, false); }
-cudaError_t cudaFreeHost(void* p) { return emu_free(p, false); }
+cudaError_t cudaFreeHost(void* p) {
+    mm_emu::run_streams(false);
+    return emu_free(p, false);
+}
 cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
     *a = cudaPointerAttributes{};
     std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
@@ -705,18 +774,25 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
     return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, "cudaMemcpy")) return e;
-    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
-    if (bytes) std::memmove(dst, src, bytes);
-    return cudaSuccess;
+    return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);  // the legacy stream: runs now
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
-    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, "cudaMemcpyAsync")) return e;
+    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, s ? "cudaMemcpyAsync" : "cudaMemcpy")) return e;
     if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
-    mm_emu::capture_or_run(s, "copy", [dst, src, bytes] {
+    auto op = [dst, src, bytes] {
         if (bytes) std::memmove(dst, src, bytes);
-    });
-    return cudaSuccess;
+    };
+    // With pageable host memory the copy is synchronous, as the CUDA runtime makes it (it waits for
+    // the stream, then copies); with pinned memory or device to device it is queued.
+    const bool pageable = (!mm_emu::is_device(src, bytes) && !mm_emu::is_pinned(src)) ||
+                          (!mm_emu::is_device(dst, bytes) && !mm_emu::is_pinned(dst));
+    if (s != nullptr && s->capture == nullptr && pageable && bytes > 0) {
+        mm_emu::run_until(s);
+        op();
+        return mm_emu::sticky();
+    }
+    mm_emu::capture_or_run(s, "copy", op);
+    return mm_emu::sticky();
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s) {
@@ -734,10 +810,18 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
                         mm_emu::kind_name(kind));
     }
     if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
-    mm_emu::capture_or_run(s, "copy", [=] {
+    auto op = [=] {
         for (size_t r = 0; r < height; ++r)
             std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
-    });
+    };
+    const bool pageable = (!mm_emu::is_device(src, 1) && !mm_emu::is_pinned(src)) ||
+                          (!mm_emu::is_device(dst, 1) && !mm_emu::is_pinned(dst));
+    if (s != nullptr && s->capture == nullptr && pageable && height > 0 && width > 0) {
+        mm_emu::run_until(s);  // pageable host memory: synchronous, as cudaMemcpyAsync
+        op();
+        return mm_emu::sticky();
+    }
+    mm_emu::capture_or_run(s, "copy", op);
     return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes, nullptr); }
@@ -748,13 +832,22 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
     mm_emu::capture_or_run(s, "memset", [=] { std::memset(p, value, bytes); });
     return cudaSuccess;
 }
-cudaError_t cudaStreamCreate(cudaStream_t* s) {
+cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
     *s = new mm_emu::Stream;
+    (*s)->blocking = !(flags & cudaStreamNonBlocking);
+    std::lock_guard<std::mutex> lk(mm_emu::g_streams_mu);
+    mm_emu::g_streams.push_back(*s);
     return cudaSuccess;
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned /*flags*/) { return cudaStreamCreate(s); }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
     if (s == nullptr) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy(nullptr)");
+    mm_emu::run_until(s);  // its work still completes
+    {
+        std::lock_guard<std::mutex> lk(mm_emu::g_streams_mu);
+        mm_emu::g_streams.erase(std::remove(mm_emu::g_streams.begin(), mm_emu::g_streams.end(), s),
+                                mm_emu::g_streams.end());
+    }
     delete s->capture;
     delete s;
     return cudaSuccess;
@@ -764,6 +857,10 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
         s->invalidated = true;
         return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamSynchronize on a stream that is being captured");
     }
+    if (s == nullptr)
+        mm_emu::run_streams(true);
+    else
+        mm_emu::run_until(s);
     return mm_emu::sticky();
 }
 cudaError_t cudaStreamQuery(cudaStream_t s) {
@@ -771,9 +868,25 @@ cudaError_t cudaStreamQuery(cudaStream_t s) {
         s->invalidated = true;
         return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamQuery on a stream that is being captured");
     }
+    // Pending work: report it once (callers that poll must handle cudaErrorNotReady), and run it.
+    if (s != nullptr) {
+        bool pending = false;
+        {
+            std::lock_guard<std::mutex> lk(s->q_mu);
+            pending = !s->queue.empty();
+        }
+        mm_emu::run_until(s);
+        if (pending) return cudaErrorNotReady;
+    }
     return mm_emu::sticky();
 }
-cudaError_t cudaStreamWaitEvent(cudaStream_t /*s*/, cudaEvent_t /*e*/, unsigned /*flags*/) { return cudaSuccess; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned /*flags*/) {
+    if (e == nullptr) return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent(nullptr event)");
+    mm_emu::Stream* from = e->stream;
+    const uint64_t upto = e->seq;
+    if (from != nullptr && from != s) mm_emu::capture_or_run(s, "wait", [from, upto] { mm_emu::run_until(from, upto); });
+    return cudaSuccess;
+}
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode /*mode*/) {
     if (s == nullptr) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamBeginCapture on the legacy stream");
     if (s->capture != nullptr) return fail(cudaErrorInvalidValue, "cudaStreamBeginCapture: already capturing");
@@ -808,14 +921,20 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (e == nullptr) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord(nullptr)");
-    mm_emu::capture_or_run(s, "event", [e] {
+    e->recorded = false;
+    const uint64_t seq = mm_emu::capture_or_run(s, "event", [e] {
         e->t = std::chrono::steady_clock::now();
         e->recorded = true;
     });
+    e->stream = seq ? s : nullptr;
+    e->seq = seq;
     return cudaSuccess;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t /*e*/) { return mm_emu::sticky(); }
-cudaError_t cudaEventQuery(cudaEvent_t /*e*/) { return mm_emu::sticky(); }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (e != nullptr && e->stream != nullptr) mm_emu::run_until(e->stream, e->seq);
+    return mm_emu::sticky();
+}
+cudaError_t cudaEventQuery(cudaEvent_t e) { return cudaEventSynchronize(e); }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
     if (!start || !end || !start->recorded || !end->recorded || !start->timing || !end->timing)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was not recorded with timing");

@@ -18,14 +18,18 @@
 //   block size, grid size, dynamic shared memory against 48 KiB or the cudaFuncSetAttribute opt-in.
 // - The runtime API our code calls: device memory is host memory (cudaMalloc is an aligned malloc,
 //   tracked so copies whose device side is not device memory fail as on a GPU, and budgeted by
-//   MOEMESH_CUDA_EMU_MEM_MIB, default 16384); streams, events and copies are synchronous (work runs
-//   at submission, in order); stream capture records launches and copies with their arguments and a
-//   graph replays them; cudaStreamSynchronize inside a capture fails as on a GPU.
+//   MOEMESH_CUDA_EMU_MEM_MIB, default 16384). Work on a stream is queued and runs, in order, only
+//   when the host waits for it (stream, event or device synchronization, cudaStreamWaitEvent, a
+//   synchronous copy, cudaFree; the legacy stream waits for the blocking streams, not for
+//   cudaStreamNonBlocking ones), so a missing synchronization reads stale data here as it can on a
+//   GPU (MOEMESH_CUDA_EMU_STREAMS=sync runs work at submission instead). Copies from or to pageable
+//   host memory are synchronous, as in CUDA. Stream capture records launches and copies with their
+//   arguments and a graph replays them; cudaStreamSynchronize inside a capture fails as on a GPU.
 //   MOEMESH_CUDA_EMU_DEVICES sets the device count (default 1).
 //   CUDA IPC works between processes of one machine (the exported allocation becomes shared memory,
 //   which the other process maps), so the cuda-ipc data plane runs as on one GPU.
-// What it cannot show: speed, races between threads or streams, the GPU's exact float rounding
-// of expf/rsqrtf (close, not bit-equal), NCCL (not emulated: the nccl transport is not built).
+// What it cannot show: speed, races between threads of a block or between work running at the same
+// time, the GPU's float rounding of expf/rsqrtf (close, not bit-equal), NCCL (not emulated).
 #pragma once
 #define MM_CUDA_EMULATION 1
 
