@@ -16,6 +16,22 @@ struct Loaded {
     std::string error;  // "" when api is complete
 };
 
+#ifdef MM_CUDA_EMULATION
+// On the CUDA emulator: its NCCL (kernels/cuda/emu/nccl_emu.h), not the library's, which would want
+// a real GPU.
+}  // namespace
+}  // namespace moemesh
+#include "kernels/cuda/emu/nccl_emu.h"
+namespace moemesh {
+namespace {
+Loaded load() {
+    namespace e = mm_emu::nccl;
+    Loaded l;
+    l.api = NcclApi{e::GetErrorString, e::GetUniqueId,     e::CommInitRank, e::CommInitRankConfig,
+                    e::CommGetAsyncError, e::CommAbort, e::Send,         e::Recv};
+    return l;
+}
+#else
 // The unversioned name is the development symlink, there as a fallback for installs without the soname link.
 constexpr const char* kNcclLibraries[] = {"libnccl.so.2", "libnccl.so"};
 
@@ -64,6 +80,7 @@ Loaded load() {
     // NCCL (which may have started threads) is not worth the risk.
     return l;
 }
+#endif  // MM_CUDA_EMULATION
 
 }  // namespace
 

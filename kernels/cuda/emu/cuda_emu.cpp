@@ -534,6 +534,16 @@ bool is_pinned(const void* p) {
 }
 }  // namespace
 
+void submit(cudaStream_t stream, const char* what, std::function<void()> op) {
+    capture_or_run(stream, what, std::move(op));
+}
+void run_stream(cudaStream_t stream) {
+    if (stream == nullptr)
+        run_streams(true);
+    else if (stream->capture == nullptr)
+        run_until(stream);
+}
+
 void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
             std::function<void()> body) {
     const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;

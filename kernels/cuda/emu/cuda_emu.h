@@ -28,8 +28,9 @@
 //   MOEMESH_CUDA_EMU_DEVICES sets the device count (default 1).
 //   CUDA IPC works between processes of one machine (the exported allocation becomes shared memory,
 //   which the other process maps), so the cuda-ipc data plane runs as on one GPU.
-// What it cannot show: speed, races between threads of a block or between work running at the same
-// time, the GPU's float rounding of expf/rsqrtf (close, not bit-equal), NCCL (not emulated).
+// NCCL's point-to-point subset is in nccl_emu.h. What it cannot show: speed, races between threads
+// of a block or between work running at the same time, the GPU's float rounding of expf/rsqrtf
+// (close, not bit-equal), real NCCL's transports.
 #pragma once
 #define MM_CUDA_EMULATION 1
 
@@ -345,6 +346,11 @@ cudaError_t set_max_dynamic_shared(const void* fn, int bytes);
 // Runs (or, while its stream is captured, records) one launch. The closure runs one CUDA thread.
 void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
             std::function<void()> thread_body);
+
+// Stream work for emulated libraries (nccl_emu.cpp): queue an operation on a stream (recorded while
+// it is captured, run at once on the legacy stream), and run a stream's queued work.
+void submit(cudaStream_t stream, const char* what, std::function<void()> op);
+void run_stream(cudaStream_t stream);
 
 template <class... P>
 struct Launch {
