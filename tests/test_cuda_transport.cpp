@@ -9,7 +9,11 @@
 // Each test skips with "no CUDA device: <reason>" where there is no GPU or driver.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <csignal>
+#include <thread>
+
 #include <nlohmann/json.hpp>
 
 #include "coordinator/data_plane.h"
@@ -156,6 +160,67 @@ protected:
         }
     }
 
+    // A worker SIGKILLed in the middle of a request over `transport` (coordinator and workers on
+    // cuda:0): the request fails with an error naming the worker within the timeout, no hang; the
+    // worker restarted on its address is reconnected to (a new data plane) and the next request
+    // gives the first one's tokens again.
+    void check_kill(const std::string& transport, const std::vector<std::string>& env_a,
+                    const std::vector<std::string>& env_b, const std::vector<std::string>& env_coord) {
+        Child a, b;
+        ASSERT_TRUE(start_worker(&a, "a", env_a, "cuda:0"));
+        ASSERT_TRUE(start_worker(&b, "b", env_b, "cuda:0"));
+        const int timeout_ms = 5000, n_long = 120;
+        std::vector<std::string> argv = {"/usr/bin/env"};
+        argv.insert(argv.end(), env_coord.begin(), env_coord.end());
+        argv.insert(argv.end(), {moemesh_bin(), "run", "--device", "cuda:0", "--cluster", yaml(transport), "--stdin",
+                                 "--json", "-n", std::to_string(n_long), "--kv-type", "f32", "--threads", "2",
+                                 "--timeout-ms", std::to_string(timeout_ms)});
+        Child coord;
+        const std::string log_path = dir_ + "/coord-kill.err";
+        ASSERT_TRUE(coord.start(argv, log_path, true));
+        const auto t0 = std::chrono::steady_clock::now();
+        ASSERT_TRUE(coord.write_line(kTokens));
+        auto first = coord.read_line(120);
+        ASSERT_TRUE(first) << read_file(log_path);
+        const double one_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        ASSERT_TRUE(json::parse(*first).contains("greedy")) << *first;
+
+        ASSERT_TRUE(coord.write_line(kTokens));
+        std::this_thread::sleep_for(std::chrono::duration<double>(one_s / 3));
+        b.signal_it(SIGKILL);
+        const auto killed = std::chrono::steady_clock::now();
+        auto line = coord.read_line(timeout_ms / 1000.0 + 60);
+        ASSERT_TRUE(line) << "no answer after the kill (hang?)\n" << read_file(log_path);
+        json j = json::parse(*line);
+        if (!j.contains("error")) {  // the request won the race with the kill: the next one fails
+            ASSERT_TRUE(coord.write_line(kTokens));
+            line = coord.read_line(timeout_ms / 1000.0 + 60);
+            ASSERT_TRUE(line) << "no answer after the kill (hang?)\n" << read_file(log_path);
+            j = json::parse(*line);
+        }
+        const double noticed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+        ASSERT_TRUE(j.contains("error")) << *line;
+        const std::string msg = j["error"];
+        EXPECT_NE(msg.find("'b'"), std::string::npos) << msg;
+        EXPECT_LT(noticed_s, timeout_ms / 1000.0 + 5) << msg;
+        std::printf("[cuda-transport] %s: worker b killed, noticed after %.2f s: %s\n", transport.c_str(), noticed_s,
+                    msg.c_str());
+
+        Child b2;
+        ASSERT_TRUE(start_worker(&b2, "b", env_b, "cuda:0"));
+        std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // one reconnect attempt a second
+        ASSERT_TRUE(coord.write_line(kTokens));
+        line = coord.read_line(120);
+        ASSERT_TRUE(line) << read_file(log_path);
+        const json again = json::parse(*line);
+        ASSERT_TRUE(again.contains("greedy")) << *line << "\n" << read_file(log_path);
+        EXPECT_EQ(again["greedy"], json::parse(*first)["greedy"]);
+        EXPECT_NE(read_file(log_path).find("reconnected to worker 'b'"), std::string::npos) << read_file(log_path);
+        EXPECT_NE(read_file(dir_ + "/b.err").find("data plane " + transport + " from "), std::string::npos);
+        coord.close_stdin();
+        coord.wait_exit(30);
+    }
+
     static std::vector<std::string> nccl_env(const char* host_id) {
         return {"NCCL_SOCKET_IFNAME=lo", "NCCL_IB_DISABLE=1", std::string("NCCL_HOSTID=") + host_id};
     }
@@ -186,6 +251,15 @@ TEST_F(CudaTransport, NcclWorkersOnTheGpuComputeInPlace) {
     GTEST_SKIP() << "built without nccl.h: the CUDA emulator's NCCL is not built";
 #endif
     check_transport("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"), "cuda:0");
+}
+
+TEST_F(CudaTransport, CudaIpcWorkerKilledMidRequestIsReportedAndReconnected) { check_kill("cuda-ipc", {}, {}, {}); }
+
+TEST_F(CudaTransport, NcclWorkerKilledMidRequestIsReportedAndReconnected) {
+#if defined(MM_CUDA_EMULATION) && !defined(MOEMESH_HAVE_NCCL)
+    GTEST_SKIP() << "built without nccl.h: the CUDA emulator's NCCL is not built";
+#endif
+    check_kill("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"));
 }
 
 // NCCL is loaded at run time, not linked: nccl is available exactly where libnccl.so.2 loads, and
