@@ -454,6 +454,27 @@ TEST_F(CudaModel, ServingBatchesQwen3Moe) {
     check_serving("qwen3moe f32", make(moe_opts("f32"), "serve_moe_f32"), false);
 }
 
+// The model on the second GPU (users with two cards put the coordinator on either): everything
+// allocated, copied and launched on cuda:1 (the emulator refuses a launch that touches another
+// device's memory), with cuda:0's results.
+TEST_F(CudaModel, SecondDeviceGivesTheSameResults) {
+    REQUIRE_CUDA();
+    if (cuda::device_count() < 2) GTEST_SKIP() << "one CUDA device";
+    for (const char* arch : {"qwen3moe", "qwen3next"}) {
+        const std::string path =
+            std::string(arch) == "qwen3moe" ? make(moe_opts("f32"), "dev1_moe") : make(next_opts("f32"), "dev1_next");
+        const auto prompt = random_tokens(20, kDefaultBuiltinVocab, 5);
+        const Outcome d0 = run_model(path, "cuda:0", 512, false, prompt, 8);
+        const Outcome d1 = run_model(path, "cuda:1", 512, false, prompt, 8);
+        const Diff d = diff(d0, d1);
+        std::printf("[cuda-model] %s f32 cuda:1 vs cuda:0: max|dp| %.2e, greedy %d/%zu\n", arch, d.max_dp,
+                    d.greedy_same, d0.greedy.size());
+        ASSERT_EQ(d.positions, 20);
+        EXPECT_LT(d.max_dp, 1e-4) << arch;
+        EXPECT_EQ(d.greedy_same, static_cast<int>(d0.greedy.size())) << arch;
+    }
+}
+
 TEST(CudaModelErrors, BadDeviceNames) {
     auto path = testing::temp_dir("cuda_model_err") + "/m.gguf";
     MakeModelOptions o = moe_opts("f32");

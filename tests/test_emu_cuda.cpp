@@ -407,6 +407,36 @@ TEST_F(CudaEmu, StreamWorkRunsWhenTheHostWaitsForIt) {
     cudaFree(d);
 }
 
+// A kernel given memory its device cannot reach (pageable host memory, another GPU's memory without
+// peer access) is refused with an illegal-address error, as the GPU would fault.
+TEST_F(CudaEmu, KernelPointersMustBeReachableFromTheDevice) {
+    std::vector<float> host(64, 1.0f);
+    MM_LAUNCH(1, 64, 0, nullptr, scale_kernel)(host.data(), 2.0f, 64);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+    cudaDeviceReset();
+    float* pinned = nullptr;
+    ASSERT_EQ(cudaHostAlloc(&pinned, 64 * 4, cudaHostAllocDefault), cudaSuccess);
+    for (int i = 0; i < 64; ++i) pinned[i] = 1.0f;
+    MM_LAUNCH(1, 64, 0, nullptr, scale_kernel)(pinned, 2.0f, 64);  // pinned memory is mapped: fine
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(pinned[63], 2.0f);
+    cudaFreeHost(pinned);
+    int n = 0;
+    ASSERT_EQ(cudaGetDeviceCount(&n), cudaSuccess);
+    if (n < 2) GTEST_SKIP() << "one emulated device (MOEMESH_CUDA_EMU_DEVICES=2 runs the rest)";
+    ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+    float* d1 = device_alloc<float>(64);
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+    MM_LAUNCH(1, 64, 0, nullptr, scale_kernel)(d1, 2.0f, 64);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+    cudaDeviceReset();
+    ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+    MM_LAUNCH(1, 64, 0, nullptr, scale_kernel)(d1, 2.0f, 64);  // on its own device: fine
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cudaFree(d1);
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+}
+
 TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
     size_t free0 = 0, total = 0;
     ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);

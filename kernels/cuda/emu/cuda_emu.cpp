@@ -534,6 +534,26 @@ bool is_pinned(const void* p) {
 }
 }  // namespace
 
+bool check_pointer_arg(const char* name, int index, const void* p) {
+    if (p == nullptr) return true;
+    std::string why;
+    {
+        std::lock_guard<std::mutex> lk(g_mem_mu);
+        const Alloc* a = find_alloc(p, 1);
+        // One past the end of an allocation (an "end" pointer) is fine too.
+        if (a == nullptr) a = find_alloc(static_cast<const char*>(p) - 1, 1);
+        if (a == nullptr)
+            why = "is host memory that is not pinned (cudaHostAlloc) nor device memory";
+        else if (a->device && a->dev != g_device)
+            why = "is memory of cuda:" + std::to_string(a->dev) + ", launched on cuda:" + std::to_string(g_device) +
+                  " (no peer access)";
+    }
+    if (why.empty()) return true;
+    std::fprintf(stderr, "[cuda-emu] kernel %s: argument %d (%p) %s\n", name, index, p, why.c_str());
+    g_sticky.store(cudaErrorIllegalAddress);
+    return false;
+}
+
 void submit(cudaStream_t stream, const char* what, std::function<void()> op) {
     capture_or_run(stream, what, std::move(op));
 }
@@ -589,6 +609,7 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
         case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+        case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
         case cudaErrorNotSupported: return "cudaErrorNotSupported";
         case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
         case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
@@ -605,6 +626,7 @@ const char* cudaGetErrorString(cudaError_t e) {
         case cudaErrorNoDevice: return "no CUDA-capable device is detected (CUDA emulator: MOEMESH_CUDA_EMU_DEVICES=0)";
         case cudaErrorInvalidDevice: return "invalid device ordinal";
         case cudaErrorLaunchFailure: return "unspecified launch failure (see the [cuda-emu] message above)";
+        case cudaErrorIllegalAddress: return "an illegal memory access was encountered (see the [cuda-emu] message above)";
         case cudaErrorNotSupported: return "operation not supported (by the CUDA emulator)";
         case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
         case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";

@@ -196,6 +196,7 @@ enum cudaError_t {
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNotReady = 600,
+    cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
     cudaErrorNotSupported = 801,
     cudaErrorStreamCaptureUnsupported = 900,
@@ -352,6 +353,17 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
 void submit(cudaStream_t stream, const char* what, std::function<void()> op);
 void run_stream(cudaStream_t stream);
 
+// False (and the launch refused, with a message) when argument `index` of kernel `name` points at
+// memory the current device cannot access.
+bool check_pointer_arg(const char* name, int index, const void* p);
+template <class T>
+const void* to_address(const T& v) {
+    if constexpr (std::is_pointer_v<T>)
+        return static_cast<const void*>(v);
+    else
+        return nullptr;
+}
+
 template <class... P>
 struct Launch {
     void (*fn)(P...);
@@ -365,6 +377,18 @@ struct Launch {
         // Arguments are taken by value when launched (as the CUDA driver copies them), so a graph
         // replays the values its capture saw.
         auto args = std::make_shared<std::tuple<std::decay_t<P>...>>(static_cast<std::decay_t<P>>(std::forward<A>(a))...);
+        // A pointer argument must be memory this device can reach: its own device memory (or an IPC
+        // mapping), pinned host memory, or null; not pageable host memory, not another GPU's.
+        bool ok = true;
+        int i = 0;
+        std::apply(
+            [&](const auto&... v) {
+                ((ok = ok && (!std::is_pointer_v<std::decay_t<decltype(v)>> || check_pointer_arg(name, i, to_address(v))),
+                  ++i),
+                 ...);
+            },
+            *args);
+        if (!ok) return;
         auto f = fn;
         launch(name, reinterpret_cast<const void*>(fn), grid, block, smem, stream, [f, args] { std::apply(f, *args); });
     }
