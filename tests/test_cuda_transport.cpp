@@ -99,7 +99,8 @@ protected:
         const char* shards[2] = {"experts: \"0-9\"", "experts: \"10-15\""};
         for (int i = 0; i < 2; ++i) {
             const std::string n = i ? "b" : "a";
-            y += "  - name: " + n + "\n    address: unix:" + sock_ + "-" + n + "\n    device: cuda:0\n    transport: " +
+            y += "  - name: " + n + "\n    address: unix:" + sock_ + "-" + n + "\n    device: " + yaml_worker_device_ +
+                 "\n    transport: " +
                  transport + "\n    " + shards[i] + "\n";
         }
         const std::string p = dir_ + "/" + transport + ".yaml";
@@ -150,13 +151,17 @@ protected:
         EXPECT_NE(err.find("over " + transport), std::string::npos) << err;
         EXPECT_EQ(compare(staged, oob, 1e-6), "") << err;
         EXPECT_EQ(single["greedy"], oob["greedy"]) << err;
+        // cuda-ipc with the workers on another GPU than the coordinator's region: staged (the reason
+        // follows); nccl there: in place (NCCL moves the rows to the worker's device).
+        const bool other_gpu = worker_device != "cpu" && worker_device != "cuda:0" && transport == "cuda-ipc";
         const std::string how = worker_device == "cpu"
-                                    ? ", staged through host memory: this worker computes on the CPU"
-                                    : ", in place on " + worker_device;
+                                    ? ", staged through host memory: this worker computes on the CPU\n"
+                                : other_gpu ? ", staged through host memory: "
+                                            : ", in place on " + worker_device + "\n";
         for (const char* w : {"a", "b"}) {
             const std::string log = read_file(dir_ + "/" + w + ".err");
             EXPECT_NE(log.find("data plane " + transport + " from "), std::string::npos) << log;
-            EXPECT_NE(log.find(" rows x 128" + how + "\n"), std::string::npos) << "worker " << w << ":\n" << log;
+            EXPECT_NE(log.find(" rows x 128" + how), std::string::npos) << "worker " << w << ":\n" << log;
         }
     }
 
@@ -226,6 +231,7 @@ protected:
     }
 
     std::string dir_, model_, sock_;
+    std::string yaml_worker_device_ = "cuda:0";  // the workers' `device:` in the YAML
     int runs_ = 0;
 };
 
@@ -251,6 +257,22 @@ TEST_F(CudaTransport, NcclWorkersOnTheGpuComputeInPlace) {
     GTEST_SKIP() << "built without nccl.h: the CUDA emulator's NCCL is not built";
 #endif
     check_transport("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"), "cuda:0");
+}
+
+// Two GPUs (the desktop with two cards): the coordinator on cuda:0, both workers on cuda:1.
+TEST_F(CudaTransport, CudaIpcWorkersOnTheSecondGpu) {
+    if (cuda::device_count() < 2) GTEST_SKIP() << "one CUDA device";
+    yaml_worker_device_ = "cuda:1";
+    check_transport("cuda-ipc", {}, {}, {}, "cuda:1");
+}
+
+TEST_F(CudaTransport, NcclWorkersOnTheSecondGpu) {
+#if defined(MM_CUDA_EMULATION) && !defined(MOEMESH_HAVE_NCCL)
+    GTEST_SKIP() << "built without nccl.h: the CUDA emulator's NCCL is not built";
+#endif
+    if (cuda::device_count() < 2) GTEST_SKIP() << "one CUDA device";
+    yaml_worker_device_ = "cuda:1";
+    check_transport("nccl", nccl_env("moemesh-a"), nccl_env("moemesh-b"), nccl_env("moemesh-coordinator"), "cuda:1");
 }
 
 TEST_F(CudaTransport, CudaIpcWorkerKilledMidRequestIsReportedAndReconnected) { check_kill("cuda-ipc", {}, {}, {}); }

@@ -81,6 +81,7 @@ struct Alloc {
     int dev;
     int fd = -1;              // shared (memfd) once cudaIpcGetMemHandle exported it
     bool ipc_opened = false;  // another process's allocation, mapped by cudaIpcOpenMemHandle
+    bool peer_access = false; // opened with cudaIpcMemLazyEnablePeerAccess: other devices may use it
 };
 std::mutex g_mem_mu;
 std::map<uintptr_t, Alloc> g_allocs;  // by start address
@@ -544,7 +545,7 @@ bool check_pointer_arg(const char* name, int index, const void* p) {
         if (a == nullptr) a = find_alloc(static_cast<const char*>(p) - 1, 1);
         if (a == nullptr)
             why = "is host memory that is not pinned (cudaHostAlloc) nor device memory";
-        else if (a->device && a->dev != g_device)
+        else if (a->device && a->dev != g_device && !a->peer_access)
             why = "is memory of cuda:" + std::to_string(a->dev) + ", launched on cuda:" + std::to_string(g_device) +
                   " (no peer access)";
     }
@@ -1015,6 +1016,7 @@ struct IpcHandle {
     uint64_t bytes;   // mapped
     uint64_t offset;  // of the allocation in the mapping
     uint64_t size;    // the size the exporter asked for
+    int32_t dev;      // the exporter's device (one numbering: the emulated devices are the machine's)
 };
 static_assert(sizeof(IpcHandle) <= sizeof(cudaIpcMemHandle_t));
 }  // namespace
@@ -1045,17 +1047,19 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
     ih.bytes = a->mapped;
     ih.offset = base - a->map_base;
     ih.size = a->bytes;
+    ih.dev = a->dev;
     std::memset(h, 0, sizeof *h);
     std::memcpy(h, &ih, sizeof ih);
     return cudaSuccess;
 }
-cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned /*flags*/) {
+cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned flags) {
     *p = nullptr;
     IpcHandle ih;
     std::memcpy(&ih, &h, sizeof ih);
     if (std::memcmp(ih.magic, "mmemuipc", 8) != 0)
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: not an IPC handle of the CUDA emulator");
-    if (ih.bytes == 0 || ih.size == 0 || ih.offset > ih.bytes || ih.size > ih.bytes - ih.offset)
+    if (ih.bytes == 0 || ih.size == 0 || ih.offset > ih.bytes || ih.size > ih.bytes - ih.offset || ih.dev < 0 ||
+        ih.dev >= mm_emu::device_count())
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: a corrupt handle");
     if (ih.pid == getpid())
         return fail(cudaErrorInvalidValue, "cudaIpcOpenMemHandle: the handle is this process's own allocation");
@@ -1077,8 +1081,10 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned /*flag
     close(fd);
     void* q = static_cast<char*>(m) + ih.offset;
     std::lock_guard<std::mutex> lk(mm_emu::g_mem_mu);
-    mm_emu::Alloc a{ih.size, ih.bytes, reinterpret_cast<uintptr_t>(m), true, mm_emu::g_device};
+    // Where the memory is (as cudaPointerGetAttributes reports it on a GPU): the exporter's device.
+    mm_emu::Alloc a{ih.size, ih.bytes, reinterpret_cast<uintptr_t>(m), true, ih.dev};
     a.ipc_opened = true;
+    a.peer_access = (flags & cudaIpcMemLazyEnablePeerAccess) != 0;
     mm_emu::g_allocs[reinterpret_cast<uintptr_t>(q)] = a;
     *p = q;
     return cudaSuccess;
