@@ -7,6 +7,9 @@
 #include <type_traits>
 
 #include "common/status.h"
+#ifdef MM_CUDA_EMULATION  // defined by the emulator's cuda_runtime.h, which nccl.h includes
+#include "kernels/cuda/emu/nccl_emu.h"
+#endif
 
 namespace moemesh {
 namespace {
@@ -19,11 +22,6 @@ struct Loaded {
 #ifdef MM_CUDA_EMULATION
 // On the CUDA emulator: its NCCL (kernels/cuda/emu/nccl_emu.h), not the library's, which would want
 // a real GPU.
-}  // namespace
-}  // namespace moemesh
-#include "kernels/cuda/emu/nccl_emu.h"
-namespace moemesh {
-namespace {
 Loaded load() {
     namespace e = mm_emu::nccl;
     Loaded l;
