@@ -439,8 +439,8 @@ void check_serving(const std::string& what, const std::string& path, bool recurr
     if (recurrent) {
         EXPECT_NE(la, l1) << what << ": copy_recurrent changed nothing";
     }
-    std::printf("[cuda-model] serving %-26s forward_batch vs alone: max|dp| %.2e, top-1 equal; copy_recurrent ok\n",
-                what.c_str(), max_dp);
+    std::printf("[cuda-model] serving %-26s forward_batch vs alone: max|dp| %.2e, top-1 equal%s\n", what.c_str(),
+                max_dp, recurrent ? "; copy_recurrent checked" : " (no recurrent state)");
     EXPECT_LT(max_dp, 1e-4) << what;
 }
 

@@ -118,20 +118,21 @@ const char* kind_name(cudaMemcpyKind k) {
         default: return "Default";
     }
 }
-// The checks a GPU makes (or whose violation is undefined there): each side of the copy is device
-// memory exactly when the kind says so.
-cudaError_t check_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, const char* what) {
+// The checks a GPU makes (or whose violation is undefined there): each side of the copy (the bytes
+// it spans) is device memory exactly when the kind says so.
+cudaError_t check_copy(void* dst, size_t dst_bytes, const void* src, size_t src_bytes, cudaMemcpyKind kind,
+                       const char* what) {
     if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
         return fail(cudaErrorInvalidMemcpyDirection, "%s: invalid copy kind %d", what, static_cast<int>(kind));
-    if (bytes == 0 || kind == cudaMemcpyDefault) return cudaSuccess;
+    if (dst_bytes == 0 || kind == cudaMemcpyDefault) return cudaSuccess;
     const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
-    if (dst_dev ? !is_device(dst, bytes) : touches_device(dst, bytes))
+    if (dst_dev ? !is_device(dst, dst_bytes) : touches_device(dst, dst_bytes))
         return fail(cudaErrorInvalidValue, "%s %s: destination %p + %zu bytes is %s device memory", what,
-                    kind_name(kind), dst, bytes, dst_dev ? "not inside one allocation of" : "in");
-    if (src_dev ? !is_device(src, bytes) : touches_device(src, bytes))
+                    kind_name(kind), dst, dst_bytes, dst_dev ? "not inside one allocation of" : "in");
+    if (src_dev ? !is_device(src, src_bytes) : touches_device(src, src_bytes))
         return fail(cudaErrorInvalidValue, "%s %s: source %p + %zu bytes is %s device memory", what, kind_name(kind),
-                    src, bytes, src_dev ? "not inside one allocation of" : "in");
+                    src, src_bytes, src_dev ? "not inside one allocation of" : "in");
     return cudaSuccess;
 }
 
@@ -533,6 +534,19 @@ bool is_pinned(const void* p) {
     const Alloc* a = find_alloc(p, 1);
     return a != nullptr && !a->device;
 }
+bool is_pageable(const void* p) { return !is_device(p, 1) && !is_pinned(p); }
+// Submits a copy: with a side in pageable host memory it is synchronous, as the CUDA runtime makes
+// it (it waits for the stream, then copies); with pinned memory or device to device it is queued.
+cudaError_t submit_copy(cudaStream_t s, void* dst, const void* src, bool empty, std::function<void()> op) {
+    if (sticky() != cudaSuccess) return sticky();
+    if (s != nullptr && s->capture == nullptr && !empty && (is_pageable(src) || is_pageable(dst))) {
+        run_until(s);
+        op();
+    } else {
+        capture_or_run(s, "copy", std::move(op));
+    }
+    return sticky();
+}
 }  // namespace
 
 bool check_pointer_arg(const char* name, int index, const void* p) {
@@ -810,52 +824,25 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
     return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);  // the legacy stream: runs now
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s) {
-    if (const cudaError_t e = mm_emu::check_copy(dst, src, bytes, kind, s ? "cudaMemcpyAsync" : "cudaMemcpy")) return e;
-    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
-    auto op = [dst, src, bytes] {
+    if (const cudaError_t e =
+            mm_emu::check_copy(dst, bytes, src, bytes, kind, s ? "cudaMemcpyAsync" : "cudaMemcpy"))
+        return e;
+    return mm_emu::submit_copy(s, dst, src, bytes == 0, [dst, src, bytes] {
         if (bytes) std::memmove(dst, src, bytes);
-    };
-    // With pageable host memory the copy is synchronous, as the CUDA runtime makes it (it waits for
-    // the stream, then copies); with pinned memory or device to device it is queued.
-    const bool pageable = (!mm_emu::is_device(src, bytes) && !mm_emu::is_pinned(src)) ||
-                          (!mm_emu::is_device(dst, bytes) && !mm_emu::is_pinned(dst));
-    if (s != nullptr && s->capture == nullptr && pageable && bytes > 0) {
-        mm_emu::run_until(s);
-        op();
-        return mm_emu::sticky();
-    }
-    mm_emu::capture_or_run(s, "copy", op);
-    return mm_emu::sticky();
+    });
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t s) {
     if (width > dpitch || width > spitch)
         return fail(cudaErrorInvalidValue, "cudaMemcpy2DAsync: width %zu exceeds a pitch (%zu, %zu)", width, dpitch,
                     spitch);
-    if (height > 0) {
-        if (const cudaError_t e = mm_emu::check_copy(dst, src, 0, kind, "cudaMemcpy2DAsync")) return e;
-        const size_t dspan = (height - 1) * dpitch + width, sspan = (height - 1) * spitch + width;
-        const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
-        const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
-        if (kind != cudaMemcpyDefault && width > 0 &&
-            ((dst_dev && !mm_emu::is_device(dst, dspan)) || (src_dev && !mm_emu::is_device(src, sspan))))
-            return fail(cudaErrorInvalidValue, "cudaMemcpy2DAsync %s: a side is not inside one device allocation",
-                        mm_emu::kind_name(kind));
-    }
-    if (mm_emu::sticky() != cudaSuccess) return mm_emu::sticky();
-    auto op = [=] {
+    const bool empty = height == 0 || width == 0;
+    const size_t dspan = empty ? 0 : (height - 1) * dpitch + width, sspan = empty ? 0 : (height - 1) * spitch + width;
+    if (const cudaError_t e = mm_emu::check_copy(dst, dspan, src, sspan, kind, "cudaMemcpy2DAsync")) return e;
+    return mm_emu::submit_copy(s, dst, src, empty, [=] {
         for (size_t r = 0; r < height; ++r)
             std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
-    };
-    const bool pageable = (!mm_emu::is_device(src, 1) && !mm_emu::is_pinned(src)) ||
-                          (!mm_emu::is_device(dst, 1) && !mm_emu::is_pinned(dst));
-    if (s != nullptr && s->capture == nullptr && pageable && height > 0 && width > 0) {
-        mm_emu::run_until(s);  // pageable host memory: synchronous, as cudaMemcpyAsync
-        op();
-        return mm_emu::sticky();
-    }
-    mm_emu::capture_or_run(s, "copy", op);
-    return cudaSuccess;
+    });
 }
 cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes, nullptr); }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
