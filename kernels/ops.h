@@ -29,6 +29,10 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
+// The instruction set the CPU kernels run with: "avx512vnni", "avxvnni", "avx2" or "scalar" (the
+// best this CPU has; MOEMESH_CPU_ISA picks another, see quants::simd_level()).
+const char* cpu_kernel_isa();
+
 // ---- weight types (kernels/cpu/quants.cpp) ----
 // Reference quantizer (as ggml's quantize_row_*_ref): n floats → row of type t. n % block == 0.
 // Returns bytes written (= ggml_row_bytes(t, n)). Supports F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q2_K, Q3_K,

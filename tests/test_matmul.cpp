@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -226,6 +227,116 @@ TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
                     const float single = kt->vec_dot(k, w.data() + r * w_stride, a.data() + q * a_stride);
                     ASSERT_EQ(fp32_to_bits(out4[8 * q + r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k;
                     ASSERT_EQ(fp32_to_bits(out1[r]), fp32_to_bits(single)) << ggml_type_name(t) << " k=" << k;
+                }
+            }
+        }
+    }
+}
+
+TEST(CpuIsa, NamesRoundTripAndTheLevelInUseIsSupported) {
+    for (quants::SimdLevel l : {quants::SimdLevel::kScalar, quants::SimdLevel::kAvx2, quants::SimdLevel::kAvxVnni,
+                                quants::SimdLevel::kAvx512Vnni}) {
+        quants::SimdLevel back;
+        ASSERT_TRUE(quants::parse_simd_level(quants::simd_level_name(l), &back));
+        EXPECT_EQ(back, l);
+    }
+    quants::SimdLevel unused;
+    EXPECT_FALSE(quants::parse_simd_level("avx512", &unused));
+    EXPECT_FALSE(quants::parse_simd_level("", &unused));
+    EXPECT_TRUE(quants::cpu_supports(quants::SimdLevel::kScalar));
+    EXPECT_TRUE(quants::cpu_supports(quants::simd_level()));
+    EXPECT_STREQ(cpu_kernel_isa(), quants::simd_level_name(quants::simd_level()));
+}
+
+// Every kernel of a VNNI variant against the AVX2 one, bit for bit: activation conversion, the
+// one-row, 4-row, 8-row and decoded-row dots, on quantized Gaussian weights and on weights and
+// activations at the extremes of their ranges (the VNNI kernels regroup the integer sums).
+TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
+    std::vector<quants::SimdLevel> levels;
+    for (quants::SimdLevel l : {quants::SimdLevel::kAvxVnni, quants::SimdLevel::kAvx512Vnni})
+        if (quants::cpu_supports(l)) levels.push_back(l);
+    if (levels.empty()) GTEST_SKIP() << "this CPU has neither AVX-VNNI nor AVX512-VNNI";
+    if (!quants::cpu_supports(quants::SimdLevel::kAvxVnni)) std::printf("[  NOTE    ] no AVX-VNNI: that variant is not checked\n");
+    if (!quants::cpu_supports(quants::SimdLevel::kAvx512Vnni))
+        std::printf("[  NOTE    ] no AVX512-VNNI: that variant is not checked\n");
+    for (quants::SimdLevel level : levels) {
+        for (GgmlType t : kTypes) {
+            const quants::TypeKernels* ka = quants::type_kernels(t, quants::SimdLevel::kAvx2);
+            const quants::TypeKernels* kv = quants::type_kernels(t, level);
+            const std::string what = std::string(quants::simd_level_name(level)) + " " + ggml_type_name(t);
+            ASSERT_NE(ka->vec_dot, kv->vec_dot) << what;  // the variant's own code
+            for (int64_t k : sizes_for(t)) {
+                for (int extremes = 0; extremes < 2; ++extremes) {
+                    const uint32_t seed = 300 + static_cast<uint32_t>(k) + 7 * static_cast<uint32_t>(extremes);
+                    std::vector<uint8_t> w = make_weights(t, 8, k, seed);
+                    std::vector<float> x = random_normal(4 * k, seed + 1);
+                    if (extremes) {
+                        // Activations at ±amax (int8 ±127) and, for 32-element types, weight bytes
+                        // of every value (all levels, both nibbles) under a small scale.
+                        for (int64_t i = 0; i < 4 * k; ++i) x[i] = (i * 7919 % 3 == 0) ? -1.0f : 1.0f;
+                        if (ggml_type_info(t).block_size == 32 && t != GgmlType::Q8_0) {
+                            std::mt19937 rng(seed);
+                            const size_t bs = ggml_type_info(t).type_size;
+                            for (size_t off = 0; off < w.size(); off += bs) {
+                                const uint16_t d = fp32_to_fp16(1.0f / 64);
+                                const size_t scale_bytes = t == GgmlType::MXFP4 ? 1 : 2;
+                                for (size_t b = scale_bytes; b < bs; ++b) w[off + b] = static_cast<uint8_t>(rng());
+                                if (t == GgmlType::MXFP4) w[off] = 120; else std::memcpy(&w[off], &d, 2);
+                            }
+                        }
+                    }
+                    const size_t w_stride = ggml_row_bytes(t, k);
+                    const size_t a_stride = ka->quantize_act ? ggml_row_bytes(ka->act_type, k) : k * sizeof(float);
+                    std::vector<uint8_t> aa(4 * a_stride + 64), av(4 * a_stride + 64);
+                    for (int q = 0; q < 4; ++q) {
+                        if (ka->quantize_act) {
+                            ka->quantize_act(x.data() + q * k, aa.data() + q * a_stride, k);
+                            kv->quantize_act(x.data() + q * k, av.data() + q * a_stride, k);
+                        } else {
+                            std::memcpy(aa.data() + q * a_stride, x.data() + q * k, a_stride);
+                            std::memcpy(av.data() + q * a_stride, x.data() + q * k, a_stride);
+                        }
+                    }
+                    ASSERT_EQ(aa, av) << what << " activations, k=" << k;
+                    const auto same = [&](float got, float want, const char* kernel) {
+                        return fp32_to_bits(got) == fp32_to_bits(want)
+                                   ? ::testing::AssertionSuccess()
+                                   : ::testing::AssertionFailure() << what << " " << kernel << " k=" << k << " extremes="
+                                                                   << extremes << ": " << got << " vs " << want;
+                    };
+                    for (int r = 0; r < 8; ++r) {
+                        for (int q = 0; q < 4; ++q) {
+                            const uint8_t* wr = w.data() + r * w_stride;
+                            const uint8_t* ar = aa.data() + q * a_stride;
+                            ASSERT_TRUE(same(kv->vec_dot(k, wr, ar), ka->vec_dot(k, wr, ar), "vec_dot"));
+                        }
+                        if (ka->vec_dot_x4) {
+                            float oa[4], ov[4];
+                            ka->vec_dot_x4(k, w.data() + r * w_stride, aa.data(), a_stride, oa);
+                            kv->vec_dot_x4(k, w.data() + r * w_stride, aa.data(), a_stride, ov);
+                            for (int q = 0; q < 4; ++q) ASSERT_TRUE(same(ov[q], oa[q], "vec_dot_x4"));
+                        }
+                        if (ka->decode_row) {
+                            const size_t dec_bytes = static_cast<size_t>(k / ka->block) * ka->dec_bytes_per_block;
+                            std::vector<uint8_t> da(dec_bytes), dv(dec_bytes);
+                            ka->decode_row(k, w.data() + r * w_stride, da.data());
+                            kv->decode_row(k, w.data() + r * w_stride, dv.data());
+                            ASSERT_EQ(da, dv) << what << " decode_row k=" << k;
+                            float oa[4], ov[4];
+                            ka->vec_dot_dec_x4(k, da.data(), aa.data(), a_stride, oa);
+                            kv->vec_dot_dec_x4(k, dv.data(), aa.data(), a_stride, ov);
+                            for (int q = 0; q < 4; ++q) ASSERT_TRUE(same(ov[q], oa[q], "vec_dot_dec_x4"));
+                        }
+                    }
+                    if (ka->vec_dot_r8) {
+                        float oa[32], ov[32];
+                        ka->vec_dot_r8x4(k, w.data(), w_stride, aa.data(), a_stride, oa);
+                        kv->vec_dot_r8x4(k, w.data(), w_stride, aa.data(), a_stride, ov);
+                        for (int i = 0; i < 32; ++i) ASSERT_TRUE(same(ov[i], oa[i], "vec_dot_r8x4"));
+                        ka->vec_dot_r8(k, w.data(), w_stride, aa.data(), a_stride, oa);
+                        kv->vec_dot_r8(k, w.data(), w_stride, aa.data(), a_stride, ov);
+                        for (int i = 0; i < 8; ++i) ASSERT_TRUE(same(ov[i], oa[i], "vec_dot_r8"));
+                    }
                 }
             }
         }

@@ -371,10 +371,11 @@ Status run_generation(const RunOptions& o) {
     MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
     if (cache) cache_view = cache.get();
     const ModelConfig& cfg = model->config();
-    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads%s\n",
+    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads (%s)%s\n",
                  model_path.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
                  static_cast<long long>(cfg.n_expert), static_cast<long long>(cfg.n_expert_used),
-                 seconds_since(t_load), mo.n_threads, cluster ? ", experts on the cluster's workers" : "");
+                 seconds_since(t_load), mo.n_threads, cpu_kernel_isa(),
+                 cluster ? ", experts on the cluster's workers" : "");
 
     if (!o.serve.empty()) {
         HttpServerOptions ho;

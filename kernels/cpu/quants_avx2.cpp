@@ -14,12 +14,11 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 // Σ x·y over n elements loaded 8 at a time by load(p) as floats; four independent accumulators
 // (written out: GCC -O2 keeps an accumulator array in memory).
@@ -247,7 +246,7 @@ void quantize_act_f16(const float* x, void* vy, int64_t n) {
     for (; i < n; ++i) y[i] = static_cast<uint16_t>(_cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT));
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #pragma GCC pop_options
 

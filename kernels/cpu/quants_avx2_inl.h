@@ -1,6 +1,6 @@
-// AVX2 helpers shared by quants_avx2*.cpp. Include only after `#pragma GCC target("avx2,fma,f16c")`:
-// everything here has internal linkage, so each AVX2 translation unit gets its own copy and no
-// baseline code can end up calling one.
+// AVX2 helpers shared by quants_avx2*.cpp. Include only after quants_avx2_target.h: everything
+// here has internal linkage, so each SIMD translation unit gets its own copy and no baseline code
+// can end up calling one.
 #pragma once
 #include <immintrin.h>
 
@@ -9,7 +9,7 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {  // NOLINT(build/namespaces): internal linkage on purpose, see above
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -21,13 +21,38 @@ inline float hsum_ps(__m256 x) {
     return _mm_cvtss_f32(r);
 }
 
-// Σ pairs of int8 products, as 8 floats (x signed, y signed).
-inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
-    const __m256i ax = _mm256_sign_epi8(x, x);
-    const __m256i sy = _mm256_sign_epi8(y, x);
-    const __m256i dot = _mm256_maddubs_epi16(ax, sy);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+// s + madd_epi16(a, b): per int32 lane, s + a0·b0 + a1·b1 of its two int16 pairs. One vpdpwssd
+// in the VNNI variants; the same int32 result either way.
+inline __m256i madd_add(__m256i s, __m256i a, __m256i b) {
+#if MM_SIMD_VNNI == 1
+    return _mm256_dpwssd_avx_epi32(s, a, b);
+#elif MM_SIMD_VNNI == 2
+    return _mm256_dpwssd_epi32(s, a, b);
+#else
+    return _mm256_add_epi32(s, _mm256_madd_epi16(a, b));
+#endif
 }
+
+// s + Σ of the 4 products u·v of each int32 lane's bytes (u unsigned, v signed). One vpdpbusd in
+// the VNNI variants; in AVX2 maddubs then madd, which gives the same sums while no pair of
+// products leaves int16 (callers keep |u·v| pairs below 2^15, as ggml's AVX2 kernels do).
+inline __m256i dp4_add(__m256i s, __m256i u, __m256i v) {
+#if MM_SIMD_VNNI == 1
+    return _mm256_dpbusd_avx_epi32(s, u, v);
+#elif MM_SIMD_VNNI == 2
+    return _mm256_dpbusd_epi32(s, u, v);
+#else
+    return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), _mm256_set1_epi16(1)));
+#endif
+}
+
+// Σ of 4 int8 products per lane (x signed, y signed), as 8 int32s.
+inline __m256i mul_sum_i8_quads(__m256i x, __m256i y) {
+    return dp4_add(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+}
+
+// The same as 8 floats.
+inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) { return _mm256_cvtepi32_ps(mul_sum_i8_quads(x, y)); }
 
 // 32 nibbles → 32 bytes: low nibbles of the 16 bytes first, then the high nibbles.
 inline __m256i bytes_from_nibbles_32(const uint8_t* p) {
@@ -139,8 +164,7 @@ inline __m256i q4k_group(const uint8_t* q4, const int8_t* q8, __m256i scales, in
     const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
     const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
     const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-    const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-    return _mm256_add_epi32(p16l, p16h);
+    return madd_add(p16l, scale_h, _mm256_maddubs_epi16(q4h, q8h));
 }
 
 // One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)
@@ -164,11 +188,9 @@ inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8,
     const __m256i p16_1 = _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)));
     const __m256i p16_2 = _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 64)));
     const __m256i p16_3 = _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 96)));
-    const __m256i s0 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 0), p16_0);
-    const __m256i s1 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 1), p16_1);
-    const __m256i s2 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 2), p16_2);
-    const __m256i s3 = _mm256_madd_epi16(scale_pair(scales8, 4 * j + 3), p16_3);
-    return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+    const __m256i s01 = madd_add(_mm256_madd_epi16(scale_pair(scales8, 4 * j + 0), p16_0), scale_pair(scales8, 4 * j + 1), p16_1);
+    const __m256i s23 = madd_add(_mm256_madd_epi16(scale_pair(scales8, 4 * j + 2), p16_2), scale_pair(scales8, 4 * j + 3), p16_3);
+    return _mm256_add_epi32(s01, s23);
 }
 
 // 32 · Σ_g scale_g · bsum_g of a Q6_K block against a Q8_K block: the part of Σ (q - 32)·q8 the
@@ -194,4 +216,4 @@ inline __m256i q4k_mins_and_scales(const uint8_t* packed) {
 }
 
 }  // namespace
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS

@@ -20,14 +20,13 @@
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cpu/quants_iq.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
 #define MM_ROWS4(X) X(0) X(1) X(2) X(3)
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
 // kIqSigns[i] spread to 8 bytes: 0xFF (−1) where the element is negative, else 0x01 (ggml's
@@ -536,7 +535,7 @@ void vec_dot_iq1_m_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_str
 #undef MM_OUT
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #undef MM_ROWS4
 

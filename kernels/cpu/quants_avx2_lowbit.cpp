@@ -14,12 +14,11 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
 // Shuffle i broadcasts int16 lane 2i to the low 128-bit half and lane 2i+1 to the high half: the
@@ -455,7 +454,7 @@ void vec_dot_q2_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     out[3] = hsum_ps(acc3);
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #pragma GCC pop_options
 

@@ -15,12 +15,11 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
 // Σ pairs of u8 · s8 products as 8 floats (x unsigned, y signed).
@@ -224,7 +223,7 @@ void quantize_act_q8_1(const float* x, void* vy, int64_t n) {
     }
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #pragma GCC pop_options
 

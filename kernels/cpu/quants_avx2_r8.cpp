@@ -24,12 +24,11 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
 constexpr int8_t kQ4_0Levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
@@ -52,16 +51,24 @@ struct Fp16Scaled {
     }
 };
 
+// kOffset (VNNI variants): level + kOffset is the unsigned byte vpdpbusd multiplies; for Q4_0 that
+// is the stored nibble itself (kNibbleIsUnsigned: no table lookup).
 struct Q4_0Type : Fp16Scaled<BlockQ4_0> {
     using Block = BlockQ4_0;
+    static constexpr int kOffset = 8;
+    static constexpr bool kNibbleIsUnsigned = true;
     static const int8_t* levels() { return kQ4_0Levels; }
 };
 struct IQ4NLType : Fp16Scaled<BlockIQ4_NL> {
     using Block = BlockIQ4_NL;
+    static constexpr int kOffset = 128;
+    static constexpr bool kNibbleIsUnsigned = false;
     static const int8_t* levels() { return kIQ4NLValues; }
 };
 struct MXFP4Type {
     using Block = BlockMXFP4;
+    static constexpr int kOffset = 128;
+    static constexpr bool kNibbleIsUnsigned = false;
     static const int8_t* levels() { return kMXFP4Values; }
     static float scale(const Block& b) { return e8m0_to_fp32_half(b.e); }
     // e8m0_to_fp32_half on 8 lanes: e < 2 gives the subnormal 0x00200000 << e, else (e - 1) << 23.
@@ -75,10 +82,15 @@ struct MXFP4Type {
     }
 };
 
-// A block's 32 levels as signed bytes: the low nibbles (elements 0..15), then the high ones.
-inline __m256i block_levels(const uint8_t* qs, __m256i levels, __m256i m4) {
+// A block's 32 nibbles as bytes: the low nibbles (elements 0..15), then the high ones.
+inline __m256i block_nibbles(const uint8_t* qs, __m256i m4) {
     const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-    return _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_blend_epi32(x, _mm256_srli_epi16(x, 4), 0xF0), m4));
+    return _mm256_and_si256(_mm256_blend_epi32(x, _mm256_srli_epi16(x, 4), 0xF0), m4);
+}
+
+// The same as levels (signed bytes, or level + kOffset with the VNNI table of dot_r8).
+inline __m256i block_levels(const uint8_t* qs, __m256i levels, __m256i m4) {
+    return _mm256_shuffle_epi8(levels, block_nibbles(qs, m4));
 }
 
 // Σ of w · y over 32 bytes as 8 int32 partial sums (|w| <= 127: no int16 saturation with |y| <= 127).
@@ -111,6 +123,13 @@ void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_s
     const int64_t nb = n / 32;
     const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels())));
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+#if MM_SIMD_VNNI
+    // vpdpbusd multiplies unsigned by signed bytes: the weights go in as u = level + kOffset, and
+    // each (activation row, block) starts its sums from -kOffset · Σ a, spread over the same lanes,
+    // so the 8 lanes still add up to the exact Σ level · a.
+    const __m256i levels_u = _mm256_add_epi8(levels, _mm256_set1_epi8(static_cast<char>(T::kOffset)));
+    const __m256i offset_u8 = _mm256_set1_epi8(static_cast<char>(T::kOffset));
+#endif
     const Block* x[8];
     for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
     const BlockQ8_0* y[NA];
@@ -127,19 +146,33 @@ void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_s
             for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
                 _mm_prefetch(next + 64 * l, _MM_HINT_T0);
         }
+#if MM_SIMD_VNNI
+        __m256i u[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+            u[r] = T::kNibbleIsUnsigned ? block_nibbles(x[r][b].qs, m4) : block_levels(x[r][b].qs, levels_u, m4);
+        }
+#else
         __m256i q[8], q_abs[8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
             q[r] = block_levels(x[r][b].qs, levels, m4);
             q_abs[r] = _mm256_sign_epi8(q[r], q[r]);
         }
+#endif
         const __m256 dx = T::scales8(x, b);
 #pragma GCC unroll 4
         for (int t = 0; t < NA; ++t) {
             const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
             __m256i p[8];
+#if MM_SIMD_VNNI
+            const __m256i start = _mm256_sub_epi32(_mm256_setzero_si256(), dp4_add(_mm256_setzero_si256(), offset_u8, yv));
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) p[r] = dp4_add(start, u[r], yv);
+#else
 #pragma GCC unroll 8
             for (int r = 0; r < 8; ++r) p[r] = dot32(q[r], q_abs[r], yv);
+#endif
             const __m256 d = _mm256_mul_ps(dx, _mm256_set1_ps(h2f(y[t][b].d)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8_epi32(p)), d, acc[t]);
         }
@@ -192,7 +225,7 @@ void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a,
     dot_r8<MXFP4Type, 4>(n, w, ws, a, as, out);
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #pragma GCC pop_options
 

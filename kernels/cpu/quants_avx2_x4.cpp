@@ -11,8 +11,7 @@
 
 #include "kernels/cpu/quants_internal.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#include "kernels/cpu/quants_avx2_target.h"
 
 #include "kernels/cpu/quants_avx2_inl.h"
 
@@ -20,13 +19,12 @@
 // when every index is a constant.
 #define MM_ROWS4(X) X(0) X(1) X(2) X(3)
 
-namespace moemesh::quants::avx2 {
+namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
 // ax = |w|, sy = a·sign(w): maddubs(ax, sy) = w·a pairs (as mul_sum_i8_pairs_float).
 inline __m256 dot_signed(__m256i ax, __m256i qx, __m256i qy) {
-    const __m256i dot = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot));
+    return _mm256_cvtepi32_ps(dp4_add(_mm256_setzero_si256(), ax, _mm256_sign_epi8(qy, qx)));
 }
 
 void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
@@ -162,9 +160,8 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
         const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
         const __m256i q8l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));      \
         const __m256i q8h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32)); \
-        const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));   \
-        const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));   \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16l, p16h));                 \
+        sumi[r] = madd_add(sumi[r], scale_l, _mm256_maddubs_epi16(q4l, q8l));              \
+        sumi[r] = madd_add(sumi[r], scale_h, _mm256_maddubs_epi16(q4h, q8h));              \
     }
             MM_ROWS4(MM_ROW)
 #undef MM_ROW
@@ -266,7 +263,7 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #define MM_PART(r, s)                                                                                            \
     {                                                                                                            \
         const __m256i q8v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs + 128 * j + 32 * s)); \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc[s], _mm256_maddubs_epi16(q[s], q8v)));          \
+        sumi[r] = madd_add(sumi[r], sc[s], _mm256_maddubs_epi16(q[s], q8v));                                     \
     }
 #define MM_ROW(r) MM_PART(r, 0) MM_PART(r, 1) MM_PART(r, 2) MM_PART(r, 3)
             MM_ROWS4(MM_ROW)
@@ -282,7 +279,7 @@ void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
 #undef MM_OUT
 }
 
-}  // namespace moemesh::quants::avx2
+}  // namespace moemesh::quants::MM_SIMD_NS
 
 #undef MM_ROWS4
 

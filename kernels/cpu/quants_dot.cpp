@@ -2,11 +2,14 @@
 // and the per-type kernel table with runtime CPU dispatch.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <string_view>
 
 #include "common/half.h"
 #include "kernels/cpu/quants_internal.h"
 #include "kernels/cpu/quants_iq.h"
+#include "kernels/ops.h"
 
 namespace moemesh::quants {
 
@@ -255,19 +258,79 @@ float vec_dot_q2_K_q8_K_scalar(int64_t n, const void* w, const void* a) {
     return sum;
 }
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-    static const bool has = [] {
-        const char* no_simd = std::getenv("MOEMESH_NO_SIMD");
-        if (no_simd && *no_simd && *no_simd != '0') return false;
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    }();
-    return has;
-#else
+const char* simd_level_name(SimdLevel level) {
+    switch (level) {
+        case SimdLevel::kScalar: return "scalar";
+        case SimdLevel::kAvx2: return "avx2";
+        case SimdLevel::kAvxVnni: return "avxvnni";
+        case SimdLevel::kAvx512Vnni: return "avx512vnni";
+    }
+    return "?";
+}
+
+bool parse_simd_level(std::string_view name, SimdLevel* level) {
+    for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvxVnni, SimdLevel::kAvx512Vnni}) {
+        if (name == simd_level_name(l)) {
+            *level = l;
+            return true;
+        }
+    }
     return false;
+}
+
+bool cpu_supports(SimdLevel level) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    const bool avx2 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    switch (level) {
+        case SimdLevel::kScalar: return true;
+        case SimdLevel::kAvx2: return avx2;
+        case SimdLevel::kAvxVnni: return avx2 && __builtin_cpu_supports("avxvnni");
+        case SimdLevel::kAvx512Vnni:
+            return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("avx512vnni");
+    }
+    return false;
+#else
+    return level == SimdLevel::kScalar;
 #endif
 }
+
+SimdLevel best_simd_level() {
+    // Both VNNI encodings run the same 256-bit arithmetic; the EVEX one where AVX-512 is there
+    // (Zen 4 has no AVX-VNNI), the VEX one on the cores without AVX-512.
+    for (SimdLevel l : {SimdLevel::kAvx512Vnni, SimdLevel::kAvxVnni, SimdLevel::kAvx2}) {
+        if (cpu_supports(l)) return l;
+    }
+    return SimdLevel::kScalar;
+}
+
+SimdLevel simd_level() {
+    static const SimdLevel level = [] {
+        const char* no_simd = std::getenv("MOEMESH_NO_SIMD");
+        if (no_simd && *no_simd && *no_simd != '0') return SimdLevel::kScalar;
+        const SimdLevel best = best_simd_level();
+        const char* want = std::getenv("MOEMESH_CPU_ISA");
+        if (want == nullptr || *want == '\0') return best;
+        SimdLevel l;
+        if (!parse_simd_level(want, &l)) {
+            std::fprintf(stderr,
+                         "moemesh: MOEMESH_CPU_ISA='%s' is not one of scalar, avx2, avxvnni, avx512vnni; using %s\n",
+                         want, simd_level_name(best));
+            return best;
+        }
+        if (!cpu_supports(l)) {
+            std::fprintf(stderr, "moemesh: MOEMESH_CPU_ISA=%s: this CPU does not support it; using %s\n", want,
+                         simd_level_name(best));
+            return best;
+        }
+        return l;
+    }();
+    return level;
+}
+
+bool cpu_has_avx2() { return simd_level() != SimdLevel::kScalar; }
 
 namespace {
 
@@ -304,56 +367,36 @@ const TypeKernels kScalar[] = {
 };
 
 #if defined(__x86_64__) || defined(__i386__)
+#define MM_SIMD_NS avx2
 const TypeKernels kAvx2[] = {
-    {GgmlType::F32, GgmlType::F32, 1, nullptr, avx2::vec_dot_f32},
-    {GgmlType::F16, GgmlType::F16, 1, avx2::quantize_act_f16, avx2::vec_dot_f16},
-    {GgmlType::BF16, GgmlType::BF16, 1, erase_act<uint16_t, quantize_act_bf16_scalar>, avx2::vec_dot_bf16},
-    {GgmlType::Q8_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q8_0_q8_0, avx2::vec_dot_q8_0_q8_0_x4},
-    {GgmlType::Q4_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q4_0_q8_0_r, nullptr, nullptr, 0, nullptr,
-     avx2::vec_dot_q4_0_q8_0_r8, avx2::vec_dot_q4_0_q8_0_r8x4},
-    {GgmlType::Q4_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q4_K_q8_K,
-     avx2::vec_dot_q4_K_q8_K_x4, avx2::decode_row_q4_K, avx2::kQ4KDecBytesPerBlock, avx2::vec_dot_q4_K_dec_x4},
-    {GgmlType::Q6_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q6_K_q8_K,
-     avx2::vec_dot_q6_K_q8_K_x4},
-    {GgmlType::Q5_0, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_q5_0_q8_0, avx2::vec_dot_q5_0_q8_0_x4},
-    {GgmlType::Q5_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q5_K_q8_K,
-     avx2::vec_dot_q5_K_q8_K_x4},
-    {GgmlType::Q3_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q3_K_q8_K,
-     avx2::vec_dot_q3_K_q8_K_x4},
-    {GgmlType::Q2_K, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_q2_K_q8_K,
-     avx2::vec_dot_q2_K_q8_K_x4},
-    {GgmlType::Q4_1, GgmlType::Q8_1, 32, avx2::quantize_act_q8_1, avx2::vec_dot_q4_1_q8_1, avx2::vec_dot_q4_1_q8_1_x4},
-    {GgmlType::Q5_1, GgmlType::Q8_1, 32, avx2::quantize_act_q8_1, avx2::vec_dot_q5_1_q8_1, avx2::vec_dot_q5_1_q8_1_x4},
-    {GgmlType::IQ4_NL, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_iq4_nl_q8_0_r, nullptr, nullptr, 0,
-     nullptr, avx2::vec_dot_iq4_nl_q8_0_r8, avx2::vec_dot_iq4_nl_q8_0_r8x4},
-    {GgmlType::IQ4_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq4_xs_q8_K,
-     avx2::vec_dot_iq4_xs_q8_K_x4},
-    {GgmlType::MXFP4, GgmlType::Q8_0, 32, avx2::quantize_act_q8_0, avx2::vec_dot_mxfp4_q8_0_r, nullptr, nullptr, 0,
-     nullptr, avx2::vec_dot_mxfp4_q8_0_r8, avx2::vec_dot_mxfp4_q8_0_r8x4},
-    {GgmlType::IQ2_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq2_xxs_q8_K,
-     avx2::vec_dot_iq2_xxs_q8_K_x4, avx2::decode_row_iq2_xxs, avx2::kIqDecBytesPerBlock, avx2::vec_dot_iq_dec_q8_K_x4},
-    {GgmlType::IQ2_XS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq2_xs_q8_K,
-     avx2::vec_dot_iq2_xs_q8_K_x4, avx2::decode_row_iq2_xs, avx2::kIqDecBytesPerBlock, avx2::vec_dot_iq_dec_q8_K_x4},
-    {GgmlType::IQ2_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq2_s_q8_K,
-     avx2::vec_dot_iq2_s_q8_K_x4, avx2::decode_row_iq2_s, avx2::kIqDecBytesPerBlock, avx2::vec_dot_iq_dec_q8_K_x4},
-    {GgmlType::IQ3_XXS, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq3_xxs_q8_K,
-     avx2::vec_dot_iq3_xxs_q8_K_x4, avx2::decode_row_iq3_xxs, avx2::kIqDecBytesPerBlock, avx2::vec_dot_iq_dec_q8_K_x4},
-    {GgmlType::IQ3_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq3_s_q8_K,
-     avx2::vec_dot_iq3_s_q8_K_x4, avx2::decode_row_iq3_s, avx2::kIqDecBytesPerBlock, avx2::vec_dot_iq_dec_q8_K_x4},
-    {GgmlType::IQ1_S, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq1_s_q8_K,
-     avx2::vec_dot_iq1_s_q8_K_x4},
-    {GgmlType::IQ1_M, GgmlType::Q8_K, 256, avx2::quantize_act_q8_K, avx2::vec_dot_iq1_m_q8_K,
-     avx2::vec_dot_iq1_m_q8_K_x4},
+#include "kernels/cpu/quants_avx2_table.inc"
 };
-static_assert(std::size(kAvx2) == std::size(kScalar), "type_kernels indexes kAvx2 with kScalar's size");
+#undef MM_SIMD_NS
+#define MM_SIMD_NS avxvnni
+const TypeKernels kAvxVnni[] = {
+#include "kernels/cpu/quants_avx2_table.inc"
+};
+#undef MM_SIMD_NS
+#define MM_SIMD_NS avx512vnni
+const TypeKernels kAvx512Vnni[] = {
+#include "kernels/cpu/quants_avx2_table.inc"
+};
+#undef MM_SIMD_NS
+static_assert(std::size(kAvx2) == std::size(kScalar) && std::size(kAvxVnni) == std::size(kScalar) &&
+              std::size(kAvx512Vnni) == std::size(kScalar), "type_kernels indexes the tables with kScalar's size");
 #endif
 
 }  // namespace
 
-const TypeKernels* type_kernels(GgmlType t, bool simd) {
+const TypeKernels* type_kernels(GgmlType t, SimdLevel level) {
     const TypeKernels* table = kScalar;
 #if defined(__x86_64__) || defined(__i386__)
-    if (simd && cpu_has_avx2()) table = kAvx2;
+    switch (level) {
+        case SimdLevel::kScalar: break;
+        case SimdLevel::kAvx2: table = kAvx2; break;
+        case SimdLevel::kAvxVnni: table = kAvxVnni; break;
+        case SimdLevel::kAvx512Vnni: table = kAvx512Vnni; break;
+    }
 #endif
     for (size_t i = 0; i < std::size(kScalar); ++i) {
         if (table[i].weight_type == t) return &table[i];
@@ -361,4 +404,12 @@ const TypeKernels* type_kernels(GgmlType t, bool simd) {
     return nullptr;
 }
 
+const TypeKernels* type_kernels(GgmlType t, bool simd) {
+    return type_kernels(t, simd ? simd_level() : SimdLevel::kScalar);
+}
+
 }  // namespace moemesh::quants
+
+namespace moemesh {
+const char* cpu_kernel_isa() { return quants::simd_level_name(quants::simd_level()); }
+}  // namespace moemesh

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <string_view>
 
 #include "common/ggml_types.h"
 
@@ -216,82 +217,22 @@ float vec_dot_iq4_nl_q8_0_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_iq4_xs_q8_K_scalar(int64_t n, const void* w, const void* a);
 float vec_dot_mxfp4_q8_0_scalar(int64_t n, const void* w, const void* a);
 
-// AVX2+FMA+F16C versions (quants_avx2.cpp); call only when cpu_has_avx2().
+// x86 SIMD versions (quants_avx2*.cpp), one namespace per variant (quants_avx2_target.h): avx2
+// (AVX2 + FMA + F16C; call only when cpu_has_avx2()), avxvnni and avx512vnni (the same functions
+// with VNNI instructions; call only when cpu_supports() says so). type_kernels() picks among them.
 namespace avx2 {
-float vec_dot_f32(int64_t n, const void* w, const void* a);
-float vec_dot_f16(int64_t n, const void* w, const void* a);
-float vec_dot_bf16(int64_t n, const void* w, const void* a);
-float vec_dot_q8_0_q8_0(int64_t n, const void* w, const void* a);
-float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_q6_K_q8_K(int64_t n, const void* w, const void* a);
-// quants_avx2_lowbit.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
-float vec_dot_q5_0_q8_0(int64_t n, const void* w, const void* a);
-float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a);
-void vec_dot_q5_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q3_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q2_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_q2_K_q8_K(int64_t n, const void* w, const void* a);
-// quants_avx2_q1_iq4.cpp: the arithmetic of ggml's x86 AVX2 kernels for these types.
-float vec_dot_q4_1_q8_1(int64_t n, const void* w, const void* a);
-float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a);
-float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a);
-void quantize_act_q8_1(const float* x, void* y, int64_t n);
-void vec_dot_q4_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q5_1_q8_1_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-// quants_avx2_iq.cpp: the arithmetic of ggml's x86 AVX2 kernels for the i-quants (Q8_K activations).
-float vec_dot_iq2_xxs_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq2_xs_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq2_s_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq3_xxs_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq3_s_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq1_s_q8_K(int64_t n, const void* w, const void* a);
-float vec_dot_iq1_m_q8_K(int64_t n, const void* w, const void* a);
-void vec_dot_iq2_xxs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq2_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq2_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq3_xxs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq3_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq1_s_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_iq1_m_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-// Decoded rows of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (kIqDecBytesPerBlock per 256 elements):
-// per super-block a 32-byte header (float fp16(d), float kScale, the type's factor on the final sum),
-// then per 32 elements the signed grid values (int8) and their odd scales (16 int16).
-constexpr size_t kIqDecBytesPerBlock = 32 + 8 * 64;
-void decode_row_iq2_xxs(int64_t n, const void* w, void* dec);
-void decode_row_iq2_xs(int64_t n, const void* w, void* dec);
-void decode_row_iq2_s(int64_t n, const void* w, void* dec);
-void decode_row_iq3_xxs(int64_t n, const void* w, void* dec);
-void decode_row_iq3_s(int64_t n, const void* w, void* dec);
-void vec_dot_iq_dec_q8_K_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out);
-// quants_avx2_r8.cpp: Q4_0, IQ4_NL, MXFP4 with llama.cpp's repacked (8-row) arithmetic: per row
-// one float accumulator, acc = fma(float(block's integer sum), scale_w · d_a, acc) block by block.
-float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a);
-float vec_dot_iq4_nl_q8_0_r(int64_t n, const void* w, const void* a);
-float vec_dot_mxfp4_q8_0_r(int64_t n, const void* w, const void* a);
-void vec_dot_q4_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_q4_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_iq4_nl_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_iq4_nl_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_mxfp4_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out);
-void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-// Q4_K's decoded-row prompt path (quants_avx2_x4.cpp; layout there).
-constexpr size_t kQ4KDecBytesPerBlock = 544;
-void decode_row_q4_K(int64_t n, const void* w, void* dec);
-void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out);
-void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out);
-void quantize_act_q8_0(const float* x, void* y, int64_t n);
-void quantize_act_f16(const float* x, void* y, int64_t n);
-void quantize_act_q8_K(const float* x, void* y, int64_t n);
+#include "kernels/cpu/quants_avx2_decl.inc"
 // Attention for one (token, head) pair (attention_avx2.cpp): q[d] against n_kv cached keys/values
 // (rows kv_stride elements apart, f16 or f32), scores[n_kv] and qbuf[d] scratch, out[d].
 void attend_one(const float* q, const void* k, const void* v, bool kv_f16, int64_t n_kv, int64_t kv_stride,
                 int64_t d, float scale, float* scores, float* qbuf, float* out);
 }  // namespace avx2
+namespace avxvnni {
+#include "kernels/cpu/quants_avx2_decl.inc"
+}  // namespace avxvnni
+namespace avx512vnni {
+#include "kernels/cpu/quants_avx2_decl.inc"
+}  // namespace avx512vnni
 
 // ---- reference quantizers / dequantizers of Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4 (quants_q1_iq4.cpp) ----
 // Bit-identical to ggml's quantize_row_q4_1_ref / _q5_1_ref and, for the IQ4 types, to what
@@ -309,7 +250,17 @@ void dequantize_q5_1(const BlockQ5_1* x, float* y, int64_t n);
 void dequantize_iq4_nl(const BlockIQ4_NL* x, float* y, int64_t n);
 void dequantize_iq4_xs(const BlockIQ4_XS* x, float* y, int64_t n);
 
-// True when the CPU (and OS) support AVX2, FMA and F16C; false also when MOEMESH_NO_SIMD is set.
+// The kernel sets: portable scalar code, and the x86 SIMD variants of quants_avx2_target.h.
+enum class SimdLevel { kScalar, kAvx2, kAvxVnni, kAvx512Vnni };
+const char* simd_level_name(SimdLevel level);  // "scalar", "avx2", "avxvnni", "avx512vnni"
+bool parse_simd_level(std::string_view name, SimdLevel* level);
+// Whether this CPU (and OS) can run the level's kernels (kScalar: always).
+bool cpu_supports(SimdLevel level);
+// The level type_kernels() and the other CPU kernels use, fixed at first call: the best the CPU
+// supports; MOEMESH_CPU_ISA=scalar|avx2|avxvnni|avx512vnni picks another (one the CPU lacks, or
+// an unknown name, gives a warning on stderr and the best); MOEMESH_NO_SIMD=1 means scalar.
+SimdLevel simd_level();
+// simd_level() is not scalar: AVX2, FMA and F16C may be used.
 bool cpu_has_avx2();
 
 // Everything the matmul needs for one weight type.
@@ -329,7 +280,10 @@ struct TypeKernels {
     VecDotR8Fn vec_dot_r8x4 = nullptr;
 };
 
-// Kernels for weight type t (simd=false: scalar references only); nullptr if t is not computable.
+// Kernels for weight type t at simd_level() (simd=false: the scalar references); nullptr if t is
+// not computable.
 const TypeKernels* type_kernels(GgmlType t, bool simd = true);
+// The same at a given level (tests; the caller checks cpu_supports(level) before calling them).
+const TypeKernels* type_kernels(GgmlType t, SimdLevel level);
 
 }  // namespace moemesh::quants
