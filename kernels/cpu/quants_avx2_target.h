@@ -3,8 +3,9 @@
 //   0  AVX2 + FMA + F16C                          namespace quants::avx2
 //   1  + AVX-VNNI (VEX vpdpbusd / vpdpwssd:        namespace quants::avxvnni
 //        Intel Alder Lake and later cores, AMD Zen 5)
-//   2  + AVX512-VNNI with AVX512VL, used on 256-bit namespace quants::avx512vnni
-//        vectors (AMD Zen 4/5, Intel Xeon since Cascade Lake)
+//   2  + AVX512 F/BW/VL/VNNI (AMD Zen 4/5, Intel    namespace quants::avx512vnni
+//        Xeon since Cascade Lake): mostly 256-bit vectors with the VNNI fusions, plus 512-bit
+//        forms of the hottest prompt kernels (Q4_K's decoded rows)
 // The VNNI variants fuse multiply-and-add steps of the same integer arithmetic (see madd_add and
 // dp4_add in quants_avx2_inl.h): every variant computes the same int32 lanes and the same float
 // operations in the same order, so all three give the same bits (tests/test_simd_variants.cpp).
@@ -24,8 +25,11 @@
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 #define MM_SIMD_NS avxvnni
 #elif MM_SIMD_VNNI == 2
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define MM_SIMD_NS avx512vnni
+// GCC 12's AVX-512 intrinsics pass _mm256_undefined_*() (`__Y = __Y`) as the unused merge source,
+// which -Wmaybe-uninitialized reports at every use (GCC bug 105593); nothing is uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #else
 #error "MM_SIMD_VNNI must be 0, 1 or 2"
 #endif

@@ -79,6 +79,7 @@ void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float
 // Q4KDecoded loads what decode_row_q4_K stored; the arithmetic is the same either way.
 struct Q4KEncoded {
     const BlockQ4_K* x;
+    static constexpr bool kWide = false;
     struct Block {
         const BlockQ4_K& b;
         __m256i mins_and_scales, scales;
@@ -121,6 +122,13 @@ struct Q4KDecoded {
         }
     };
     Block at(int64_t i) const { return Block{dec + i * kQ4KDecBytesPerBlock}; }
+#if MM_SIMD_VNNI == 2
+    // 512-bit groups: a group's low and high nibbles are 64 adjacent bytes of the decoded row, its
+    // two scale vectors too, and so are the activation bytes they meet.
+    static constexpr bool kWide = true;
+#else
+    static constexpr bool kWide = false;
+#endif
 };
 
 template <class Src>
@@ -149,12 +157,33 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
         MM_ROWS4(MM_MINS)
 #undef MM_MINS
         __m256i sumi[4];
-#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
-        MM_ROWS4(MM_ZERO)
+#if MM_SIMD_VNNI == 2
+        if constexpr (Src::kWide) {
+            // The low 256-bit half of w[r] adds up what the loop below adds with scale_l, the high
+            // half the scale_h part; their sum is the same int32 lanes.
+            __m512i w[4];
+#define MM_ZERO(r) w[r] = _mm512_setzero_si512();
+            MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
-        for (int j = 0; j < kQK_K / 64; ++j) {
-            __m256i q4l, q4h, scale_l, scale_h;
-            blk.group(j, q4l, q4h, scale_l, scale_h);
+            for (int j = 0; j < kQK_K / 64; ++j) {
+                const __m512i q4 = _mm512_loadu_si512(blk.p + 32 + 64 * j);
+                const __m512i sc = _mm512_loadu_si512(blk.p + 288 + 64 * j);
+#define MM_ROW(r) w[r] = _mm512_dpwssd_epi32(w[r], sc, _mm512_maddubs_epi16(q4, _mm512_loadu_si512(y[r][i].qs + 64 * j)));
+                MM_ROWS4(MM_ROW)
+#undef MM_ROW
+            }
+#define MM_FOLD(r) sumi[r] = _mm512_castsi512_si256(_mm512_add_epi32(w[r], _mm512_shuffle_i64x2(w[r], w[r], 0xEE)));
+            MM_ROWS4(MM_FOLD)
+#undef MM_FOLD
+        } else
+#endif
+        {
+#define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
+            MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+            for (int j = 0; j < kQK_K / 64; ++j) {
+                __m256i q4l, q4h, scale_l, scale_h;
+                blk.group(j, q4l, q4h, scale_l, scale_h);
 #define MM_ROW(r)                                                                          \
     {                                                                                      \
         const int8_t* q8 = y[r][i].qs + 64 * j;                                            \
@@ -163,8 +192,9 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
         sumi[r] = madd_add(sumi[r], scale_l, _mm256_maddubs_epi16(q4l, q8l));              \
         sumi[r] = madd_add(sumi[r], scale_h, _mm256_maddubs_epi16(q4h, q8h));              \
     }
-            MM_ROWS4(MM_ROW)
+                MM_ROWS4(MM_ROW)
 #undef MM_ROW
+            }
         }
 #define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
         MM_ROWS4(MM_ACC)

@@ -288,8 +288,8 @@ bool cpu_supports(SimdLevel level) {
         case SimdLevel::kAvx2: return avx2;
         case SimdLevel::kAvxVnni: return avx2 && __builtin_cpu_supports("avxvnni");
         case SimdLevel::kAvx512Vnni:
-            return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                   __builtin_cpu_supports("avx512vnni");
+            return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     }
     return false;
 #else
