@@ -268,7 +268,7 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
             for (int64_t k : sizes_for(t)) {
                 for (int extremes = 0; extremes < 2; ++extremes) {
                     const uint32_t seed = 300 + static_cast<uint32_t>(k) + 7 * static_cast<uint32_t>(extremes);
-                    std::vector<uint8_t> w = make_weights(t, 8, k, seed);
+                    std::vector<uint8_t> w = make_weights(t, 16, k, seed);
                     std::vector<float> x = random_normal(4 * k, seed + 1);
                     if (extremes) {
                         // Activations at ±amax (int8 ±127) and, for 32-element types, weight bytes
@@ -326,6 +326,21 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
                             ka->vec_dot_dec_x4(k, da.data(), aa.data(), a_stride, oa);
                             kv->vec_dot_dec_x4(k, dv.data(), aa.data(), a_stride, ov);
                             for (int q = 0; q < 4; ++q) ASSERT_TRUE(same(ov[q], oa[q], "vec_dot_dec_x4"));
+                        }
+                    }
+                    if (kv->decode_tile16) {
+                        // 16 rows transposed: every output the AVX2 one-row dot's bits.
+                        std::vector<uint8_t> tile(static_cast<size_t>(k / kv->block) * kv->tile16_bytes_per_block);
+                        kv->decode_tile16(k, w.data(), w_stride, tile.data());
+                        float o4[64], o1[16];
+                        kv->vec_dot_tile16x4(k, tile.data(), aa.data(), a_stride, o4);
+                        for (int q = 0; q < 4; ++q) {
+                            kv->vec_dot_tile16(k, tile.data(), aa.data() + q * a_stride, a_stride, o1);
+                            for (int r = 0; r < 16; ++r) {
+                                const float want = ka->vec_dot(k, w.data() + r * w_stride, aa.data() + q * a_stride);
+                                ASSERT_TRUE(same(o4[16 * q + r], want, "vec_dot_tile16x4"));
+                                ASSERT_TRUE(same(o1[r], want, "vec_dot_tile16"));
+                            }
                         }
                     }
                     if (ka->vec_dot_r8) {

@@ -13,7 +13,9 @@
 //    W rows once into a per-thread buffer when the tile has kDecodeMinM or more X rows, and run
 //    the 4-row dot on that.
 // 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4: llama.cpp's repacked arithmetic) take W rows
-//    8 at a time, against 4 X rows or 1.
+//    8 at a time, against 4 X rows or 1; on 512-bit CPUs a tile of 16 W rows with kDecodeMinM or
+//    more X rows is transposed once (decode_tile16: one lane per W row) and dotted 4 X rows at a
+//    time.
 // 5. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
 //    or the next rows of A, whose results are dropped.
 // Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
@@ -91,6 +93,24 @@ void run_tile(const Prepared& p, int64_t t) {
         const int n = static_cast<int>(std::min<int64_t>(4, i1 - i));
         for (int q = 0; q < n; ++q) y[(i + q) * n_out + r] = out[q];
     };
+    if (kt->decode_tile16 != nullptr && r1 - r0 == 16 && i1 - i0 >= kDecodeMinM) {
+        // The 16 W rows transposed once, then 4 X rows at a time (1 for the rest).
+        const size_t tile_bytes = static_cast<size_t>(k / kt->block) * kt->tile16_bytes_per_block;
+        std::vector<uint8_t>& dec = dec_scratch();
+        if (dec.size() < tile_bytes) dec.resize(tile_bytes);
+        kt->decode_tile16(k, wb + static_cast<size_t>(r0) * w_stride, w_stride, dec.data());
+        int64_t i = i0;
+        float out[64];
+        for (; i + 4 <= i1; i += 4) {
+            kt->vec_dot_tile16x4(k, dec.data(), act + static_cast<size_t>(i) * a_stride, a_stride, out);
+            for (int q = 0; q < 4; ++q) std::memcpy(y + (i + q) * n_out + r0, out + 16 * q, 16 * sizeof(float));
+        }
+        for (; i < i1; ++i) {
+            kt->vec_dot_tile16(k, dec.data(), act + static_cast<size_t>(i) * a_stride, a_stride, out);
+            std::memcpy(y + i * n_out + r0, out, 16 * sizeof(float));
+        }
+        return;
+    }
     if (kt->vec_dot_r8 != nullptr) {
         // 8 W rows at a time, against 4 X rows or 1; leftover W rows one by one (the same bits).
         int64_t r = r0;

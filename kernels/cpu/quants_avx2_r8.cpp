@@ -200,7 +200,86 @@ float dot_r1(int64_t n, const void* w, const void* a) {
     return _mm_cvtss_f32(acc);
 }
 
+#if MM_SIMD_VNNI == 2
+// 16 rows transposed (see DecodeTile16Fn). Lanes are rows, so a block's integer sum needs no
+// horizontal adds: vector j holds every row's elements 4j..4j+3 as signed levels, and vpdpbusd
+// multiplies them by the activation's 4 bytes, broadcast and made unsigned (a + 128); the lane
+// starts from -128 · Σ levels of its row, which takes the 128 out again exactly. Per row and block
+// the float step is dot_r1's: acc = fma(float(sum), scale_w · d_a, acc).
+template <class T>
+void decode_tile16(int64_t n, const void* w, size_t w_stride, void* tile) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels())));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const Block* x[16];
+    for (int r = 0; r < 16; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    // Gather index of lane r: dword r·8 (+ j) of the 16 × 8-dword row-major staging area.
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(8));
+    const __m512i ones = _mm512_set1_epi8(1);
+    alignas(64) int32_t rows[16 * 8];
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t b = 0; b < nb; ++b, o += kTile16BytesPerBlock) {
+        for (int r = 0; r < 16; ++r)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 8 * r), block_levels(x[r][b].qs, levels, m4));
+        __m512i sum = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+            const __m512i t = _mm512_i32gather_epi32(_mm512_add_epi32(idx, _mm512_set1_epi32(j)), rows, 4);
+            _mm512_storeu_si512(o + 64 * j, t);
+            sum = _mm512_dpbusd_epi32(sum, ones, t);
+        }
+        _mm512_storeu_si512(o + 512, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+        float scales[16];
+        for (int r = 0; r < 16; ++r) scales[r] = T::scale(x[r][b]);
+        std::memcpy(o + 576, scales, sizeof(scales));
+    }
+}
+
+template <int NA>
+void dot_tile16(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const int64_t nb = n / 32;
+    const BlockQ8_0* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+    const auto* p = static_cast<const uint8_t*>(tile);
+    for (int64_t b = 0; b < nb; ++b, p += kTile16BytesPerBlock) {
+        __m512i v[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(p + 64 * j);
+        const __m512i start = _mm512_loadu_si512(p + 512);
+        const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(p + 576));
+#pragma GCC unroll 4
+        for (int t = 0; t < NA; ++t) {
+            alignas(32) int32_t yu[8];  // a + 128 as unsigned bytes, 4 per dword
+            _mm256_store_si256(reinterpret_cast<__m256i*>(yu),
+                               _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs)), bias));
+            __m512i s = start;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, _mm512_set1_epi32(yu[j]), v[j]);
+            const __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(h2f(y[t][b].d)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+#endif
+
 }  // namespace
+
+#if MM_SIMD_VNNI == 2
+void decode_tile16_q4_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q4_0Type>(n, w, ws, tile); }
+void decode_tile16_iq4_nl(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<IQ4NLType>(n, w, ws, tile); }
+void decode_tile16_mxfp4(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<MXFP4Type>(n, w, ws, tile); }
+void vec_dot_tile16_q8_0(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16<1>(n, tile, a, as, out);
+}
+void vec_dot_tile16x4_q8_0(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16<4>(n, tile, a, as, out);
+}
+#endif
 
 float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<Q4_0Type>(n, w, a); }
 float vec_dot_iq4_nl_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<IQ4NLType>(n, w, a); }
