@@ -64,6 +64,47 @@ TEST_F(Cli, JsonParityInterface) {
     EXPECT_EQ(j["greedy"][0], j["positions"][2]["top"][0][0]);
 }
 
+TEST_F(Cli, CpuKernelVariantsGiveTheSameProbabilities) {
+    // The SIMD variants this CPU has (MOEMESH_CPU_ISA) must give the same bits end to end: every
+    // position's top-10 probabilities and the greedy tokens, on q4_0 (8-row and 16-row tile
+    // kernels; 600 output rows leave 8 for the one-row kernel) and q4_k (decoded rows) models,
+    // with a 40-token prompt (matmul tiles of more than 8 rows). Scalar code sums in another order.
+    const std::string q40 = dir_ + "/isa-q4_0.gguf", q4k = dir_ + "/isa-q4_k.gguf";
+    std::string out, err;
+    ASSERT_EQ(cli("make-model --out " + q40 + " --layers 2 --hidden 160 --heads 4 --kv-heads 2 --head-dim 32 --experts 4"
+                  " --top-k 2 --expert-ff 96 --vocab 600 --seed 4 --type q4_0", &out, &err), 0) << err;
+    ASSERT_EQ(cli("make-model --out " + q4k + " --layers 2 --hidden 256 --heads 4 --kv-heads 2 --head-dim 64 --experts 4"
+                  " --top-k 2 --expert-ff 256 --vocab 600 --seed 4 --type q4_k", &out, &err), 0) << err;
+    std::string ids;
+    for (int i = 0; i < 40; ++i) ids += (i ? "," : "") + std::to_string((i * 37 + 11) % 600);
+    const auto run_with = [&](const std::string& isa, const std::string& model, std::string* o, std::string* e) {
+        const int rc = run_capture("MOEMESH_CPU_ISA=" + isa + " " + moemesh_bin() + " run --model " + model +
+                                       " --tokens " + ids + " --json --top 10 -n 6 --threads 2",
+                                   o, dir_ + "/isa.err");
+        *e = read_file(dir_ + "/isa.err");
+        return rc;
+    };
+    int levels = 0;
+    for (const std::string& model : {q40, q4k}) {
+        std::string want;
+        for (const char* isa : {"avx2", "avxvnni", "avx512vnni"}) {
+            ASSERT_EQ(run_with(isa, model, &out, &err), 0) << err;
+            if (err.find("does not support it") != std::string::npos) continue;  // this CPU lacks it
+            EXPECT_NE(err.find(std::string("threads (") + isa + ")"), std::string::npos) << err;
+            ++levels;
+            if (want.empty()) want = out;
+            EXPECT_EQ(out, want) << isa << " on " << model;
+        }
+    }
+    std::printf("[  NOTE    ] %d model x variant runs compared\n", levels);
+    ASSERT_EQ(run_with("avx9000", q40, &out, &err), 0) << err;
+    EXPECT_NE(err.find("MOEMESH_CPU_ISA='avx9000' is not one of scalar, avx2, avxvnni, avx512vnni; using "),
+              std::string::npos)
+        << err;
+    ASSERT_EQ(run_with("scalar", q40, &out, &err), 0) << err;
+    EXPECT_NE(err.find("threads (scalar)"), std::string::npos) << err;
+}
+
 TEST_F(Cli, BadInputGivesClearErrors) {
     std::string out, err;
     EXPECT_EQ(cli("run --model " + model_ + " --tokens 1,600", &out, &err), 1);
