@@ -79,7 +79,6 @@ void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float
 // Q4KDecoded loads what decode_row_q4_K stored; the arithmetic is the same either way.
 struct Q4KEncoded {
     const BlockQ4_K* x;
-    static constexpr bool kWide = false;
     struct Block {
         const BlockQ4_K& b;
         __m256i mins_and_scales, scales;
@@ -98,6 +97,17 @@ struct Q4KEncoded {
             q4l = _mm256_and_si256(q4bits, m4);
             q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
         }
+#if MM_SIMD_VNNI == 2
+        // The same group as 512-bit vectors: the low nibbles then the high ones, scale_l then scale_h.
+        void group512(int j, __m512i& q4, __m512i& sc) const {
+            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * j));
+            q4 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q4bits), _mm256_srli_epi16(q4bits, 4), 1),
+                                  _mm512_set1_epi8(0xF));
+            const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
+                                                   _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
+            sc = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(scales));
+        }
+#endif
     };
     Block at(int64_t i) const { return Block(x[i]); }
 };
@@ -115,6 +125,14 @@ struct Q4KDecoded {
             scale_l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288 + 64 * j));
             scale_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 320 + 64 * j));
         }
+#if MM_SIMD_VNNI == 2
+        // 512-bit groups: a group's low and high nibbles are 64 adjacent bytes of the decoded row,
+        // and so are its two scale vectors.
+        void group512(int j, __m512i& q4, __m512i& sc) const {
+            q4 = _mm512_loadu_si512(p + 32 + 64 * j);
+            sc = _mm512_loadu_si512(p + 288 + 64 * j);
+        }
+#endif
         static float load_f32(const uint8_t* q) {
             float f;
             std::memcpy(&f, q, sizeof(f));
@@ -122,13 +140,6 @@ struct Q4KDecoded {
         }
     };
     Block at(int64_t i) const { return Block{dec + i * kQ4KDecBytesPerBlock}; }
-#if MM_SIMD_VNNI == 2
-    // 512-bit groups: a group's low and high nibbles are 64 adjacent bytes of the decoded row, its
-    // two scale vectors too, and so are the activation bytes they meet.
-    static constexpr bool kWide = true;
-#else
-    static constexpr bool kWide = false;
-#endif
 };
 
 template <class Src>
@@ -158,16 +169,18 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
 #undef MM_MINS
         __m256i sumi[4];
 #if MM_SIMD_VNNI == 2
-        if constexpr (Src::kWide) {
-            // The low 256-bit half of w[r] adds up what the loop below adds with scale_l, the high
-            // half the scale_h part; their sum is the same int32 lanes.
+        {
+            // 512-bit groups (the activation's 64 bytes are one vector too): the low 256-bit half
+            // of w[r] adds up what the AVX2 loop below adds with scale_l, the high half the scale_h
+            // part; their sum is the same int32 lanes.
             __m512i w[4];
 #define MM_ZERO(r) w[r] = _mm512_setzero_si512();
             MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
+#pragma GCC unroll 4
             for (int j = 0; j < kQK_K / 64; ++j) {
-                const __m512i q4 = _mm512_loadu_si512(blk.p + 32 + 64 * j);
-                const __m512i sc = _mm512_loadu_si512(blk.p + 288 + 64 * j);
+                __m512i q4, sc;
+                blk.group512(j, q4, sc);
 #define MM_ROW(r) w[r] = _mm512_dpwssd_epi32(w[r], sc, _mm512_maddubs_epi16(q4, _mm512_loadu_si512(y[r][i].qs + 64 * j)));
                 MM_ROWS4(MM_ROW)
 #undef MM_ROW
@@ -175,8 +188,8 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
 #define MM_FOLD(r) sumi[r] = _mm512_castsi512_si256(_mm512_add_epi32(w[r], _mm512_shuffle_i64x2(w[r], w[r], 0xEE)));
             MM_ROWS4(MM_FOLD)
 #undef MM_FOLD
-        } else
-#endif
+        }
+#else
         {
 #define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
             MM_ROWS4(MM_ZERO)
@@ -196,6 +209,7 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
 #undef MM_ROW
             }
         }
+#endif
 #define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
