@@ -152,8 +152,10 @@ def run_moemesh(args, path, ids, n_gen, timeout):
         m = PERF_RE.search(line) or m
     if not m:
         raise RuntimeError(f"no timing line in moemesh stderr: {p.stderr[-2000:]}")
+    isa = re.search(r"\d+ threads \((\w+)\)", p.stderr)  # "loaded ... N threads (avx512vnni)"
     return dict(prompt_tokens=int(m.group(1)), prompt_tps=float(m.group(3)),
-                decode_tokens=int(m.group(4)), decode_tps=float(m.group(6)), wall_s=time.time() - t0)
+                decode_tokens=int(m.group(4)), decode_tps=float(m.group(6)), wall_s=time.time() - t0,
+                cpu_isa=isa.group(1) if isa else None)
 
 
 def run_llama(args, path, n_prompt, n_gen, timeout):
@@ -197,6 +199,10 @@ def print_table(results, args):
     print()
     print(f"moemesh vs llama.cpp (node-llama-cpp), {args.prompt_tokens}-token prompt, {args.gen} generated tokens, "
           f"{args.threads} thread(s), KV f16, median (min-max) of {args.reps} interleaved reps; ratio = moemesh / llama.cpp")
+    isas = sorted({r0.get("cpu_isa") or "?" for r in results for r0 in r["runs"]["moemesh"]})
+    backends = sorted({r0.get("cpu_backend") or "?" for r in results for r0 in r["runs"]["llama_cpp"]})
+    print(f"moemesh CPU kernels: {', '.join(isas)} (MOEMESH_CPU_ISA picks others); "
+          f"llama.cpp CPU backend: {', '.join(backends)}")
     print(line(cols))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:

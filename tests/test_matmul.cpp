@@ -316,16 +316,15 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
                             kv->vec_dot_x4(k, w.data() + r * w_stride, aa.data(), a_stride, ov);
                             for (int q = 0; q < 4; ++q) ASSERT_TRUE(same(ov[q], oa[q], "vec_dot_x4"));
                         }
-                        if (ka->decode_row) {
-                            const size_t dec_bytes = static_cast<size_t>(k / ka->block) * ka->dec_bytes_per_block;
-                            std::vector<uint8_t> da(dec_bytes), dv(dec_bytes);
-                            ka->decode_row(k, w.data() + r * w_stride, da.data());
+                        if (kv->decode_row) {  // the variant's decoded row (its own layout) against AVX2's one-row dot
+                            std::vector<uint8_t> dv(static_cast<size_t>(k / kv->block) * kv->dec_bytes_per_block);
                             kv->decode_row(k, w.data() + r * w_stride, dv.data());
-                            ASSERT_EQ(da, dv) << what << " decode_row k=" << k;
-                            float oa[4], ov[4];
-                            ka->vec_dot_dec_x4(k, da.data(), aa.data(), a_stride, oa);
+                            float ov[4];
                             kv->vec_dot_dec_x4(k, dv.data(), aa.data(), a_stride, ov);
-                            for (int q = 0; q < 4; ++q) ASSERT_TRUE(same(ov[q], oa[q], "vec_dot_dec_x4"));
+                            for (int q = 0; q < 4; ++q) {
+                                const float want = ka->vec_dot(k, w.data() + r * w_stride, aa.data() + q * a_stride);
+                                ASSERT_TRUE(same(ov[q], want, "vec_dot_dec_x4"));
+                            }
                         }
                     }
                     if (kv->decode_tile16) {

@@ -500,6 +500,10 @@ void add_run_like(CLI::App& app, const char* name, const char* help, void (*pres
     preset(*o);  // before add_run_options, so that --help shows these defaults
     CLI::App* c = app.add_subcommand(name, help);
     add_run_options(c, o, false);
+    c->footer(
+        "CPU kernels: the best instruction set this CPU has (avx512vnni, avxvnni, avx2, else scalar), shown on the "
+        "'loaded' line; the environment variable MOEMESH_CPU_ISA=avx2|avxvnni|avx512vnni|scalar picks another (all "
+        "SIMD ones give the same bits).");
     c->callback([o]() {
         Status st = run_generation(*o);
         if (!st.ok()) {

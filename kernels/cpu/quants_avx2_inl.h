@@ -14,6 +14,12 @@ namespace {  // NOLINT(build/namespaces): internal linkage on purpose, see above
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
+inline float load_f32(const uint8_t* p) {
+    float f;
+    std::memcpy(&f, p, sizeof(f));
+    return f;
+}
+
 inline float hsum_ps(__m256 x) {
     __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));

@@ -210,6 +210,83 @@ void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_st
 #undef MM_OUT
 }
 
+#if MM_SIMD_VNNI == 2
+// IQ4_XS's decoded row (avx512vnni prompt path, see DecodeRowFn): per super-block
+// kIq4XsDecBytesPerBlock bytes: [0, 4) fp16(d) as a float, [8, 40) per pair p of 32-element
+// sub-blocks the 64-bit mask of its negative levels; from byte 64, per pair p (128 bytes) the 64
+// levels' absolute values (sub-block 2p then 2p + 1, each as iq4_levels orders them) and the two
+// sub-block scales as 16 int16 each. The x4 kernel below then does per pair and activation row
+// what the AVX2 one does with sign / maddubs / madd / add in one 512-bit sign (masked subtract:
+// IQ4's levels are never 0), maddubs and vpdpwssd, and adds the two 256-bit halves per block:
+// the same int32 lanes, then the same float operations.
+void decode_row_iq4_xs(int64_t n, const void* w, void* dec) {
+    const auto* x = static_cast<const BlockIQ4_XS*>(w);
+    auto* o = static_cast<uint8_t*>(dec);
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kIq4XsDecBytesPerBlock) {
+        const float d = h2f(x[i].d);
+        std::memcpy(o, &d, sizeof(d));
+        unsigned sh = x[i].scales_h;
+        for (int p = 0; p < 4; ++p) {
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(iq4_levels(x[i].qs + 32 * p, values, m4)),
+                                                 iq4_levels(x[i].qs + 32 * p + 16, values, m4), 1);
+            const uint64_t neg = _mm512_movepi8_mask(q);
+            std::memcpy(o + 8 + 8 * p, &neg, sizeof(neg));
+            _mm512_storeu_si512(o + 64 + 128 * p, _mm512_abs_epi8(q));
+            const auto ls1 = static_cast<int16_t>(((x[i].scales_l[p] & 0xf) | ((sh << 4) & 0x30)) - 32);
+            const auto ls2 = static_cast<int16_t>(((x[i].scales_l[p] >> 4) | ((sh << 2) & 0x30)) - 32);
+            sh >>= 4;
+            _mm512_storeu_si512(o + 128 + 128 * p,
+                                _mm512_inserti64x4(_mm512_set1_epi16(ls1), _mm256_set1_epi16(ls2), 1));
+        }
+    }
+}
+
+void vec_dot_iq4_xs_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
+    const BlockQ8_K* y[4];
+    for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_K>(a, a_stride, r);
+    __m256 acc[4];
+#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    MM_ROWS4(MM_INIT)
+#undef MM_INIT
+    const auto* base = static_cast<const uint8_t*>(dec);
+    for (int64_t i = 0; i < n / kQK_K; ++i) {
+        const uint8_t* p = base + i * kIq4XsDecBytesPerBlock;
+        __m512i wsum[4];
+#define MM_ZERO(r) wsum[r] = _mm512_setzero_si512();
+        MM_ROWS4(MM_ZERO)
+#undef MM_ZERO
+#pragma GCC unroll 4
+        for (int pr = 0; pr < 4; ++pr) {
+            uint64_t neg;
+            std::memcpy(&neg, p + 8 + 8 * pr, sizeof(neg));
+            const __m512i ab = _mm512_loadu_si512(p + 64 + 128 * pr);
+            const __m512i sc = _mm512_loadu_si512(p + 128 + 128 * pr);
+#define MM_ROW(r)                                                                                       \
+    {                                                                                                   \
+        const __m512i q8 = _mm512_loadu_si512(y[r][i].qs + 64 * pr);                                   \
+        const __m512i sq8 = _mm512_mask_sub_epi8(q8, neg, _mm512_setzero_si512(), q8);                  \
+        wsum[r] = _mm512_dpwssd_epi32(wsum[r], _mm512_maddubs_epi16(ab, sq8), sc);                      \
+    }
+            MM_ROWS4(MM_ROW)
+#undef MM_ROW
+        }
+        const float xd = load_f32(p);
+#define MM_ACC(r)                                                                                                  \
+    acc[r] = _mm256_fmadd_ps(                                                                                      \
+        _mm256_set1_ps(xd * y[r][i].d),                                                                            \
+        _mm256_cvtepi32_ps(_mm512_castsi512_si256(_mm512_add_epi32(wsum[r], _mm512_shuffle_i64x2(wsum[r], wsum[r], 0xEE)))), \
+        acc[r]);
+        MM_ROWS4(MM_ACC)
+#undef MM_ACC
+    }
+#define MM_OUT(r) out[r] = hsum_ps(acc[r]);
+    MM_ROWS4(MM_OUT)
+#undef MM_OUT
+}
+#endif
+
 #undef MM_ROWS4
 
 // Q8_1 as ggml-cpu's AVX2 quantize_row_q8_1: Q8_0's quants (quantize_act_q8_0) and

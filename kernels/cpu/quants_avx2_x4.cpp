@@ -133,11 +133,6 @@ struct Q4KDecoded {
             sc = _mm512_loadu_si512(p + 288 + 64 * j);
         }
 #endif
-        static float load_f32(const uint8_t* q) {
-            float f;
-            std::memcpy(&f, q, sizeof(f));
-            return f;
-        }
     };
     Block at(int64_t i) const { return Block{dec + i * kQ4KDecBytesPerBlock}; }
 };

@@ -367,8 +367,7 @@ const TypeKernels kScalar[] = {
 };
 
 #if defined(__x86_64__) || defined(__i386__)
-#define MM_TILE16(f) nullptr
-#define MM_TILE16_BYTES 0
+#define MM_ZMM(x) {}
 #define MM_SIMD_NS avx2
 const TypeKernels kAvx2[] = {
 #include "kernels/cpu/quants_avx2_table.inc"
@@ -379,17 +378,14 @@ const TypeKernels kAvxVnni[] = {
 #include "kernels/cpu/quants_avx2_table.inc"
 };
 #undef MM_SIMD_NS
-#undef MM_TILE16
-#undef MM_TILE16_BYTES
-#define MM_TILE16(f) avx512vnni::f
-#define MM_TILE16_BYTES avx512vnni::kTile16BytesPerBlock
+#undef MM_ZMM
+#define MM_ZMM(x) avx512vnni::x
 #define MM_SIMD_NS avx512vnni
 const TypeKernels kAvx512Vnni[] = {
 #include "kernels/cpu/quants_avx2_table.inc"
 };
 #undef MM_SIMD_NS
-#undef MM_TILE16
-#undef MM_TILE16_BYTES
+#undef MM_ZMM
 static_assert(std::size(kAvx2) == std::size(kScalar) && std::size(kAvxVnni) == std::size(kScalar) &&
               std::size(kAvx512Vnni) == std::size(kScalar), "type_kernels indexes the tables with kScalar's size");
 #endif
