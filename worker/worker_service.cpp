@@ -754,7 +754,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::start(const WorkerOptions&
     if (!s->server_ || (addr.unix_path.empty() && port == 0))
         return MM_ERROR("cannot listen on %s (address in use, or not an address of this host?)", o.listen.c_str());
     s->address_ = addr.unix_path.empty() ? addr.host + ":" + std::to_string(port) : addr.grpc;
-    std::fprintf(stderr, "moemesh-worker %s listening on %s (model %s, CPU kernels %s)\n", o.name.c_str(),
+    std::fprintf(stderr, "moemesh-worker %s listening on %s (model %s), CPU kernels %s\n", o.name.c_str(),
                  s->address_.c_str(), s->service_->fingerprint().c_str(), cpu_kernel_isa());
     return s;
 }
