@@ -67,14 +67,22 @@ TEST_F(Cli, JsonParityInterface) {
 TEST_F(Cli, CpuKernelVariantsGiveTheSameProbabilities) {
     // The SIMD variants this CPU has (MOEMESH_CPU_ISA) must give the same bits end to end: every
     // position's top-10 probabilities and the greedy tokens, on q4_0 (8-row and 16-row tile
-    // kernels; 600 output rows leave 8 for the one-row kernel) and q4_k (decoded rows) models,
-    // with a 40-token prompt (matmul tiles of more than 8 rows). Scalar code sums in another order.
-    const std::string q40 = dir_ + "/isa-q4_0.gguf", q4k = dir_ + "/isa-q4_k.gguf";
+    // kernels; 600 output rows leave 8 for the one-row kernel), q8_0, q4_k and iq4_xs (decoded
+    // rows) models, with a 40-token prompt (matmul tiles of more than 8 rows). Scalar code sums in
+    // another order.
+    const std::string q40 = dir_ + "/isa-q4_0.gguf", q80 = dir_ + "/isa-q8_0.gguf", q4k = dir_ + "/isa-q4_k.gguf",
+                      iq4xs = dir_ + "/isa-iq4_xs.gguf";
     std::string out, err;
-    ASSERT_EQ(cli("make-model --out " + q40 + " --layers 2 --hidden 160 --heads 4 --kv-heads 2 --head-dim 32 --experts 4"
-                  " --top-k 2 --expert-ff 96 --vocab 600 --seed 4 --type q4_0", &out, &err), 0) << err;
-    ASSERT_EQ(cli("make-model --out " + q4k + " --layers 2 --hidden 256 --heads 4 --kv-heads 2 --head-dim 64 --experts 4"
-                  " --top-k 2 --expert-ff 256 --vocab 600 --seed 4 --type q4_k", &out, &err), 0) << err;
+    for (const auto& [path, type] : {std::pair{q40, "q4_0"}, std::pair{q80, "q8_0"}}) {
+        ASSERT_EQ(cli("make-model --out " + path + " --layers 2 --hidden 160 --heads 4 --kv-heads 2 --head-dim 32"
+                      " --experts 4 --top-k 2 --expert-ff 96 --vocab 600 --seed 4 --type " + type, &out, &err), 0)
+            << err;
+    }
+    for (const auto& [path, type] : {std::pair{q4k, "q4_k"}, std::pair{iq4xs, "iq4_xs"}}) {
+        ASSERT_EQ(cli("make-model --out " + path + " --layers 2 --hidden 256 --heads 4 --kv-heads 2 --head-dim 64"
+                      " --experts 4 --top-k 2 --expert-ff 256 --vocab 600 --seed 4 --type " + type, &out, &err), 0)
+            << err;
+    }
     std::string ids;
     for (int i = 0; i < 40; ++i) ids += (i ? "," : "") + std::to_string((i * 37 + 11) % 600);
     const auto run_with = [&](const std::string& isa, const std::string& model, std::string* o, std::string* e) {
@@ -85,7 +93,7 @@ TEST_F(Cli, CpuKernelVariantsGiveTheSameProbabilities) {
         return rc;
     };
     int levels = 0;
-    for (const std::string& model : {q40, q4k}) {
+    for (const std::string& model : {q40, q80, q4k, iq4xs}) {
         std::string want;
         for (const char* isa : {"avx2", "avxvnni", "avx512vnni"}) {
             ASSERT_EQ(run_with(isa, model, &out, &err), 0) << err;

@@ -28,8 +28,9 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define MM_SIMD_NS avx512vnni
 // GCC 12's AVX-512 intrinsics pass _mm256_undefined_*() (`__Y = __Y`) as the unused merge source,
-// which -Wmaybe-uninitialized reports at every use (GCC bug 105593); nothing is uninitialized.
+// which -W(maybe-)uninitialized reports at some uses (GCC bug 105593); nothing is uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #else
 #error "MM_SIMD_VNNI must be 0, 1 or 2"
 #endif
