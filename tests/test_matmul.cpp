@@ -327,6 +327,18 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
                             }
                         }
                     }
+                    if (kv->vec_dot_r16) {  // 16 rows from the encoded rows
+                        float o4[64], o1[16];
+                        kv->vec_dot_r16x4(k, w.data(), w_stride, aa.data(), a_stride, o4);
+                        for (int q = 0; q < 4; ++q) {
+                            kv->vec_dot_r16(k, w.data(), w_stride, aa.data() + q * a_stride, a_stride, o1);
+                            for (int r = 0; r < 16; ++r) {
+                                const float want = ka->vec_dot(k, w.data() + r * w_stride, aa.data() + q * a_stride);
+                                ASSERT_TRUE(same(o4[16 * q + r], want, "vec_dot_r16x4"));
+                                ASSERT_TRUE(same(o1[r], want, "vec_dot_r16"));
+                            }
+                        }
+                    }
                     if (kv->decode_tile16) {
                         // 16 rows transposed: every output the AVX2 one-row dot's bits.
                         std::vector<uint8_t> tile(static_cast<size_t>(k / kv->block) * kv->tile16_bytes_per_block);

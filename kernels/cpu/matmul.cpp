@@ -13,9 +13,9 @@
 //    W rows once into a per-thread buffer when the tile has kDecodeMinM or more X rows, and run
 //    the 4-row dot on that.
 // 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4: llama.cpp's repacked arithmetic) take W rows
-//    8 at a time, against 4 X rows or 1; on 512-bit CPUs a tile of 16 W rows with kDecodeMinM or
-//    more X rows is transposed once (decode_tile16: one lane per W row) and dotted 4 X rows at a
-//    time.
+//    8 at a time, against 4 X rows or 1; on 512-bit CPUs 16 at a time (vec_dot_r16: one lane per
+//    W row), and a tile of 16 W rows with kDecodeMinM or more X rows is transposed into memory
+//    once (decode_tile16) and dotted 4 X rows at a time.
 // 5. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
 //    or the next rows of A, whose results are dropped.
 // Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
@@ -112,8 +112,23 @@ void run_tile(const Prepared& p, int64_t t) {
         return;
     }
     if (kt->vec_dot_r8 != nullptr) {
-        // 8 W rows at a time, against 4 X rows or 1; leftover W rows one by one (the same bits).
+        // 16 W rows at a time where the type can (512-bit CPUs), then 8, against 4 X rows or 1;
+        // leftover W rows one by one (the same bits).
         int64_t r = r0;
+        for (; kt->vec_dot_r16 != nullptr && r + 16 <= r1; r += 16) {
+            const uint8_t* w16 = wb + static_cast<size_t>(r) * w_stride;
+            int64_t i = i0;
+            float out[64];
+            for (; x4_ok(i); i += 4) {
+                kt->vec_dot_r16x4(k, w16, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
+                for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + 16 * q, 16 * sizeof(float));
+            }
+            for (; i < i1; ++i) {
+                kt->vec_dot_r16(k, w16, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                std::memcpy(y + i * n_out + r, out, 16 * sizeof(float));
+            }
+        }
         for (; r + 8 <= r1; r += 8) {
             const uint8_t* w8 = wb + static_cast<size_t>(r) * w_stride;
             int64_t i = i0;
@@ -258,7 +273,10 @@ void matmul_many(ThreadPool& pool, const MatmulJob* jobs, int64_t n_jobs) {
         if (p.m < 4) {
             // Decode: W is streamed once; tiles just need to be fine enough to balance the threads.
             p.tile_rows = std::clamp<int64_t>(p.n_out / (8 * n_threads), kMinRowsPerTile, kMaxRowsPerTile);
-            if (p.kt->vec_dot_r8 != nullptr) p.tile_rows = std::max<int64_t>(8, p.tile_rows / 8 * 8);
+            if (p.kt->vec_dot_r8 != nullptr) {  // whole groups for the 16- or 8-row kernels
+                const int64_t g = p.kt->vec_dot_r16 != nullptr ? 16 : 8;
+                p.tile_rows = std::max<int64_t>(g, p.tile_rows / g * g);
+            }
             p.tile_m = p.m;
         } else {
             p.tile_rows = kTileRowsLargeM;

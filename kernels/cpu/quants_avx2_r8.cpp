@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -45,6 +46,12 @@ inline __m256 fp16_scales8(const uint16_t* d0, const uint16_t* d1, const uint16_
 template <class Block>
 struct Fp16Scaled {
     static float scale(const Block& b) { return h2f(b.d); }
+#if MM_SIMD_VNNI == 2
+    // The scales of 16 blocks at byte offsets off from w (a block starts with its fp16 d).
+    static __m512 scales16(const uint8_t* w, __m512i off) {
+        return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(off, w, 1)));
+    }
+#endif
     static __m256 scales8(const Block* const* x, int64_t b) {
         return fp16_scales8(&x[0][b].d, &x[1][b].d, &x[2][b].d, &x[3][b].d, &x[4][b].d, &x[5][b].d, &x[6][b].d,
                             &x[7][b].d);
@@ -80,6 +87,15 @@ struct MXFP4Type {
         const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
         return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, sub, is_sub));
     }
+#if MM_SIMD_VNNI == 2
+    // The same on 16 lanes, for the blocks at byte offsets off from w (a block starts with e).
+    static __m512 scales16(const uint8_t* w, __m512i off) {
+        const __m512i e = _mm512_and_si512(_mm512_i32gather_epi32(off, w, 1), _mm512_set1_epi32(0xFF));
+        const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+        const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+        return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2)), normal, sub));
+    }
+#endif
 };
 
 // A block's 32 nibbles as bytes: the low nibbles (elements 0..15), then the high ones.
@@ -201,6 +217,81 @@ float dot_r1(int64_t n, const void* w, const void* a) {
 }
 
 #if MM_SIMD_VNNI == 2
+// 16 W rows against NA activation rows, no tile in memory (decode, and prompt tiles of fewer than
+// kDecodeMinM rows). Per block the 16 rows' 16 quant bytes are transposed as dwords in registers
+// (128-bit loads into the four lanes, unpack 32 / 64), so that lane r of q[j] holds row r's bytes
+// 4j..4j+3: their low nibbles are elements 4j..4j+3, the high ones 16+4j..16+4j+3. The unsigned
+// weight bytes (the nibble itself for Q4_0, level + 128 from a table otherwise) meet the
+// broadcast signed activation bytes in vpdpbusd, each lane starting from -kOffset · Σ a, so that
+// lane r ends with row r's exact integer sum. The float step per row and block is dot_r1's.
+template <class T, int NA>
+void dot_r16(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+    const auto* w8 = static_cast<const uint8_t*>(w);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i levels_u = _mm512_add_epi8(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels()))),
+        _mm512_set1_epi8(static_cast<char>(T::kOffset)));
+    const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int>(w_stride)));
+    const __m256i ones = _mm256_set1_epi8(1);
+    const BlockQ8_0* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const auto qs_at = [&](int r, int64_t b) {
+        return reinterpret_cast<const __m128i*>(w8 + r * w_stride + b * sizeof(Block) + offsetof(Block, qs));
+    };
+    const char* next = static_cast<const char*>(w) + 16 * w_stride;
+    const int64_t next_lines = static_cast<int64_t>((16 * w_stride + 63) / 64);
+    for (int64_t b = 0; b < nb; ++b) {
+        if constexpr (NA == 1) {  // the next 16 rows, as dot_r8 does for its next 8
+            for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
+                _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        }
+        __m512i z[4];  // z[k]: rows k, k + 4, k + 8, k + 12 in its four 128-bit lanes
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(qs_at(k, b)));
+            v = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 4, b)), 1);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 8, b)), 2);
+            z[k] = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 12, b)), 3);
+        }
+        const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+        const __m512i q[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        __m512i u[8];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+            u[j] = _mm512_and_si512(q[j], m4);
+            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(q[j], 4), m4);
+            if constexpr (!T::kNibbleIsUnsigned) {
+                u[j] = _mm512_shuffle_epi8(levels_u, u[j]);
+                u[j + 4] = _mm512_shuffle_epi8(levels_u, u[j + 4]);
+            }
+        }
+        const __m512 dx = T::scales16(w8, _mm512_add_epi32(row_off, _mm512_set1_epi32(static_cast<int>(b * sizeof(Block)))));
+#pragma GCC unroll 4
+        for (int t = 0; t < NA; ++t) {
+            const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
+            const __m256i ys8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, yv);  // Σ a, in 8 parts
+            __m128i ys = _mm_add_epi32(_mm256_castsi256_si128(ys8), _mm256_extracti128_si256(ys8, 1));
+            ys = _mm_add_epi32(ys, _mm_shuffle_epi32(ys, 0x4E));
+            ys = _mm_add_epi32(ys, _mm_shuffle_epi32(ys, 0xB1));
+            __m512i s = _mm512_set1_epi32(-T::kOffset * _mm_cvtsi128_si32(ys));
+            int32_t yd[8];
+            std::memcpy(yd, y[t][b].qs, sizeof(yd));
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, u[j], _mm512_set1_epi32(yd[j]));
+            const __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(h2f(y[t][b].d)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
 // 16 rows transposed (see DecodeTile16Fn). Lanes are rows, so a block's integer sum needs no
 // horizontal adds: vector j holds every row's elements 4j..4j+3 as signed levels, and vpdpbusd
 // multiplies them by the activation's 4 bytes, broadcast and made unsigned (a + 128); the lane
@@ -295,6 +386,24 @@ void dot_tile16(int64_t n, const void* tile, const void* a, size_t a_stride, flo
 void decode_tile16_q4_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q4_0Type>(n, w, ws, tile); }
 void decode_tile16_iq4_nl(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<IQ4NLType>(n, w, ws, tile); }
 void decode_tile16_mxfp4(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<MXFP4Type>(n, w, ws, tile); }
+void vec_dot_q4_0_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<Q4_0Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_q4_0_q8_0_r16x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<Q4_0Type, 4>(n, w, ws, a, as, out);
+}
+void vec_dot_iq4_nl_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<IQ4NLType, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_iq4_nl_q8_0_r16x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<IQ4NLType, 4>(n, w, ws, a, as, out);
+}
+void vec_dot_mxfp4_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<MXFP4Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_mxfp4_q8_0_r16x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<MXFP4Type, 4>(n, w, ws, a, as, out);
+}
 void vec_dot_tile16_q8_0(int64_t n, const void* tile, const void* a, size_t as, float* out) {
     dot_tile16<1>(n, tile, a, as, out);
 }

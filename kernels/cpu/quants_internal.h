@@ -284,6 +284,9 @@ struct TypeKernels {
     // Optional 8-row kernels (see VecDotR8Fn): 1 and 4 activation rows; both set or none.
     VecDotR8Fn vec_dot_r8 = nullptr;
     VecDotR8Fn vec_dot_r8x4 = nullptr;
+    // Optional 16-row kernels (VecDotR8Fn's contract with 16 rows, out[t · 16 + r]); both set or none.
+    VecDotR8Fn vec_dot_r16 = nullptr;
+    VecDotR8Fn vec_dot_r16x4 = nullptr;
     // Optional transposed 16-row tiles (see DecodeTile16Fn); all four set or none.
     DecodeTile16Fn decode_tile16 = nullptr;
     size_t tile16_bytes_per_block = 0;
