@@ -37,11 +37,9 @@ inline __m256i shuffle_q3k(__m256i scales, int i) {
 
 // Σ scale_g · p16 over the four 32-element quarters of a 128-element chunk, as 8 int32 partial sums.
 inline __m256i scaled_quarters(__m256i scales, __m256i p0, __m256i p1, __m256i p2, __m256i p3) {
-    p0 = _mm256_madd_epi16(shuffle_q3k(scales, 0), p0);
-    p1 = _mm256_madd_epi16(shuffle_q3k(scales, 1), p1);
-    p2 = _mm256_madd_epi16(shuffle_q3k(scales, 2), p2);
-    p3 = _mm256_madd_epi16(shuffle_q3k(scales, 3), p3);
-    return _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
+    const __m256i s01 = madd_add(_mm256_madd_epi16(shuffle_q3k(scales, 0), p0), shuffle_q3k(scales, 1), p1);
+    const __m256i s23 = madd_add(_mm256_madd_epi16(shuffle_q3k(scales, 2), p2), shuffle_q3k(scales, 3), p3);
+    return _mm256_add_epi32(s01, s23);
 }
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -118,9 +116,8 @@ float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a) {
             const __m256i q8_1 = load256(q8 + 32);
             q8 += 64;
             // q5·q8 pairs stay within int16: 2 · 31 · 127 < 32768.
-            const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q5_0, q8_0));
-            const __m256i p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q5_1, q8_1));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
+            sumi = madd_add(sumi, scale_0, _mm256_maddubs_epi16(q5_0, q8_0));
+            sumi = madd_add(sumi, scale_1, _mm256_maddubs_epi16(q5_1, q8_1));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
@@ -300,9 +297,7 @@ void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
             hmask = _mm256_slli_epi16(hmask, 1);
             auto part = [&](const BlockQ8_K& b) {
                 const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q5_0, load256(b.qs + 64 * j)));
-                const __m256i p16_1 =
-                    _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q5_1, load256(b.qs + 64 * j + 32)));
-                return _mm256_add_epi32(p16_0, p16_1);
+                return madd_add(p16_0, scale_1, _mm256_maddubs_epi16(q5_1, load256(b.qs + 64 * j + 32)));
             };
             sumi0 = _mm256_add_epi32(sumi0, part(y[0][i]));
             sumi1 = _mm256_add_epi32(sumi1, part(y[1][i]));
