@@ -115,34 +115,24 @@ void run_tile(const Prepared& p, int64_t t) {
         // 16 W rows at a time where the type can (512-bit CPUs), then 8, against 4 X rows or 1;
         // leftover W rows one by one (the same bits).
         int64_t r = r0;
-        for (; kt->vec_dot_r16 != nullptr && r + 16 <= r1; r += 16) {
-            const uint8_t* w16 = wb + static_cast<size_t>(r) * w_stride;
-            int64_t i = i0;
-            float out[64];
-            for (; x4_ok(i); i += 4) {
-                kt->vec_dot_r16x4(k, w16, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
-                for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + 16 * q, 16 * sizeof(float));
+        const auto row_groups = [&](int64_t g, quants::VecDotR8Fn one, quants::VecDotR8Fn four) {
+            for (; r + g <= r1; r += g) {
+                const uint8_t* wg = wb + static_cast<size_t>(r) * w_stride;
+                int64_t i = i0;
+                float out[64];
+                for (; x4_ok(i); i += 4) {
+                    four(k, wg, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                    const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
+                    for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + g * q, g * sizeof(float));
+                }
+                for (; i < i1; ++i) {
+                    one(k, wg, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
+                    std::memcpy(y + i * n_out + r, out, g * sizeof(float));
+                }
             }
-            for (; i < i1; ++i) {
-                kt->vec_dot_r16(k, w16, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                std::memcpy(y + i * n_out + r, out, 16 * sizeof(float));
-            }
-        }
-        for (; r + 8 <= r1; r += 8) {
-            const uint8_t* w8 = wb + static_cast<size_t>(r) * w_stride;
-            int64_t i = i0;
-            float out[32];
-            for (; x4_ok(i); i += 4) {
-                kt->vec_dot_r8x4(k, w8, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
-                for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + 8 * q, 8 * sizeof(float));
-            }
-            for (; i < i1; ++i) {
-                kt->vec_dot_r8(k, w8, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                std::memcpy(y + i * n_out + r, out, 8 * sizeof(float));
-            }
-        }
+        };
+        if (kt->vec_dot_r16 != nullptr) row_groups(16, kt->vec_dot_r16, kt->vec_dot_r16x4);
+        row_groups(8, kt->vec_dot_r8, kt->vec_dot_r8x4);
         for (; r < r1; ++r)
             for (int64_t i = i0; i < i1; ++i)
                 y[i * n_out + r] = kt->vec_dot(k, wb + static_cast<size_t>(r) * w_stride, act + static_cast<size_t>(i) * a_stride);
