@@ -21,6 +21,7 @@
 // Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
 // are bit-identical to the one-row dot), so results do not depend on m, tiling or threads.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -131,7 +132,8 @@ void run_tile(const Prepared& p, int64_t t) {
                 }
             }
         };
-        if (kt->vec_dot_r16 != nullptr) row_groups(16, kt->vec_dot_r16, kt->vec_dot_r16x4);
+        // (The 16-row kernels gather the rows' scales with int32 byte offsets.)
+        if (kt->vec_dot_r16 != nullptr && 16 * w_stride < INT32_MAX) row_groups(16, kt->vec_dot_r16, kt->vec_dot_r16x4);
         row_groups(8, kt->vec_dot_r8, kt->vec_dot_r8x4);
         for (; r < r1; ++r)
             for (int64_t i = i0; i < i1; ++i)
