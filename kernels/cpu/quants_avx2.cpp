@@ -133,12 +133,23 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
         const uint8_t* q4 = x[i].qs;
         const int8_t* q8 = y[i].qs;
+#if MM_SIMD_VNNI == 2
+        __m512i s512 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+            __m512i q4v, sc;
+            q4k_group512(q4 + 32 * j, scales, j, &q4v, &sc);
+            s512 = _mm512_dpwssd_epi32(s512, sc, _mm512_maddubs_epi16(q4v, _mm512_loadu_si512(q8 + 64 * j)));
+        }
+        const __m256i sumi = fold512(s512);
+#else
         // Four independent 64-element groups, summed as a tree (GCC -O2 would not unroll the loop).
         const __m256i s0 = q4k_group(q4, q8, scales, 0);
         const __m256i s1 = q4k_group(q4 + 32, q8 + 64, scales, 1);
         const __m256i s2 = q4k_group(q4 + 64, q8 + 128, scales, 2);
         const __m256i s3 = q4k_group(q4 + 96, q8 + 192, scales, 3);
         const __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+#endif
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));

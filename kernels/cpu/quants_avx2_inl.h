@@ -173,6 +173,25 @@ inline __m256i q4k_group(const uint8_t* q4, const int8_t* q8, __m256i scales, in
     return madd_add(p16l, scale_h, _mm256_maddubs_epi16(q4h, q8h));
 }
 
+#if MM_SIMD_VNNI == 2
+// Group j of a Q4_K block as 512-bit vectors: *q4 = its low nibbles (32 bytes) then its high ones,
+// *sc = scale(2j) in the low 16 int16 lanes and scale(2j+1) in the high ones; `scales` as for
+// q4k_group. With the group's 64 activation bytes as one vector, vpdpwssd(sc, maddubs(q4, q8))
+// puts q4k_group's scale_l products in the low 256 bits and its scale_h products in the high
+// ones: their sum is q4k_group's lanes.
+inline void q4k_group512(const uint8_t* q4, __m256i scales, int j, __m512i* q4v, __m512i* sc) {
+    const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q4));
+    *q4v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q4bits), _mm256_srli_epi16(q4bits, 4), 1),
+                            _mm512_set1_epi8(0xF));
+    const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
+                                           _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
+    *sc = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(scales));
+}
+
+// The 8 int32 lanes of a 512-bit accumulator of such groups (low half + high half).
+inline __m256i fold512(__m512i v) { return _mm512_castsi512_si256(_mm512_add_epi32(v, _mm512_shuffle_i64x2(v, v, 0xEE))); }
+#endif
+
 // One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)
 // as 8 int32 partial sums. The -32 offset is taken out once per block with q6k_offset.
 inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {

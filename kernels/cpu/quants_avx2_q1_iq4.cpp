@@ -273,11 +273,7 @@ void vec_dot_iq4_xs_dec_x4(int64_t n, const void* dec, const void* a, size_t a_s
 #undef MM_ROW
         }
         const float xd = load_f32(p);
-#define MM_ACC(r)                                                                                                  \
-    acc[r] = _mm256_fmadd_ps(                                                                                      \
-        _mm256_set1_ps(xd * y[r][i].d),                                                                            \
-        _mm256_cvtepi32_ps(_mm512_castsi512_si256(_mm512_add_epi32(wsum[r], _mm512_shuffle_i64x2(wsum[r], wsum[r], 0xEE)))), \
-        acc[r]);
+#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(fold512(wsum[r])), acc[r]);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }

@@ -140,14 +140,7 @@ struct Q4KEncoded {
         }
 #if MM_SIMD_VNNI == 2
         // The same group as 512-bit vectors: the low nibbles then the high ones, scale_l then scale_h.
-        void group512(int j, __m512i& q4, __m512i& sc) const {
-            const __m256i q4bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * j));
-            q4 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q4bits), _mm256_srli_epi16(q4bits, 4), 1),
-                                  _mm512_set1_epi8(0xF));
-            const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
-                                                   _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
-            sc = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(scales));
-        }
+        void group512(int j, __m512i& q4, __m512i& sc) const { q4k_group512(b.qs + 32 * j, scales, j, &q4, &sc); }
 #endif
     };
     Block at(int64_t i) const { return Block(x[i]); }
@@ -221,7 +214,7 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
                 MM_ROWS4(MM_ROW)
 #undef MM_ROW
             }
-#define MM_FOLD(r) sumi[r] = _mm512_castsi512_si256(_mm512_add_epi32(w[r], _mm512_shuffle_i64x2(w[r], w[r], 0xEE)));
+#define MM_FOLD(r) sumi[r] = fold512(w[r]);
             MM_ROWS4(MM_FOLD)
 #undef MM_FOLD
         }
