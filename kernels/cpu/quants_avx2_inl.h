@@ -27,6 +27,19 @@ inline float hsum_ps(__m256 x) {
     return _mm_cvtss_f32(r);
 }
 
+// The sum of 8 int32 lanes.
+inline int hsum_epi32(__m256i p) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// acc + float(s) · d in one rounding (a scalar fma).
+inline __m128 fma_int(__m128 acc, int s, float d) {
+    return _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), s), _mm_set_ss(d), acc);
+}
+
 // s + madd_epi16(a, b): per int32 lane, s + a0·b0 + a1·b1 of its two int16 pairs. One vpdpwssd
 // in the VNNI variants; the same int32 result either way.
 inline __m256i madd_add(__m256i s, __m256i a, __m256i b) {

@@ -1,8 +1,11 @@
 // AVX2 row dot products of Q4_1, Q5_1 (against Q8_1 activations) and IQ4_XS (against Q8_K), and
 // the Q8_1 activation quantizer, selected at run time by quants_dot.cpp's type_kernels. The
 // arithmetic is that of ggml's x86 AVX2 kernels for these types (ggml-cpu arch/x86/quants.c): the
-// same integer sums per block, accumulators and final reductions. IQ4_XS looks its 4-bit indices
-// up in the 16 levels with one byte shuffle. (IQ4_NL and MXFP4: quants_avx2_r8.cpp.)
+// same integer sums per block, accumulators and final reductions, except IQ4_XS's float step:
+// one exact integer sum per 256-element super-block and row, then acc = fma(float(sum), d · d_a,
+// acc) (as llama.cpp's repacked kernels do for Q4_0), so that the avx512vnni variant can keep one
+// row per vector lane (decode_tile16_iq4_xs) and give the same bits. IQ4_XS looks its 4-bit
+// indices up in the 16 levels with one byte shuffle. (IQ4_NL and MXFP4: quants_avx2_r8.cpp.)
 //
 // Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
 #if defined(__x86_64__) || defined(__i386__)
@@ -82,7 +85,7 @@ float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_K*>(a);
     const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
     const __m128i m4 = _mm_set1_epi8(0x0f);
-    __m256 acc = _mm256_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     for (int64_t i = 0; i < n / kQK_K; ++i) {
         const uint8_t* qs = x[i].qs;
         const int8_t* q8 = y[i].qs;
@@ -99,10 +102,9 @@ float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
             sumi1 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b1, q8b1), _mm256_set1_epi16(ls1)), sumi1);
             sumi2 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b2, q8b2), _mm256_set1_epi16(ls2)), sumi2);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[i].d) * y[i].d), _mm256_cvtepi32_ps(_mm256_add_epi32(sumi1, sumi2)),
-                              acc);
+        acc = fma_int(acc, hsum_epi32(_mm256_add_epi32(sumi1, sumi2)), h2f(x[i].d) * y[i].d);
     }
-    return hsum_ps(acc);
+    return _mm_cvtss_f32(acc);
 }
 
 // ---- four activation rows per weight row (prompt processing): each row's arithmetic is exactly that
@@ -168,8 +170,8 @@ void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_st
     for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_K>(a, a_stride, r);
     const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
     const __m128i m4 = _mm_set1_epi8(0x0f);
-    __m256 acc[4];
-#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    __m128 acc[4];
+#define MM_INIT(r) acc[r] = _mm_setzero_ps();
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     for (int64_t i = 0; i < n / kQK_K; ++i) {
@@ -201,11 +203,11 @@ void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_st
 #undef MM_ROW
         }
         const float xd = h2f(x[i].d);
-#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+#define MM_ACC(r) acc[r] = fma_int(acc[r], hsum_epi32(sumi[r]), xd * y[r][i].d);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
-#define MM_OUT(r) out[r] = hsum_ps(acc[r]);
+#define MM_OUT(r) out[r] = _mm_cvtss_f32(acc[r]);
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
 }
@@ -246,8 +248,8 @@ void decode_row_iq4_xs(int64_t n, const void* w, void* dec) {
 void vec_dot_iq4_xs_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
     const BlockQ8_K* y[4];
     for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_K>(a, a_stride, r);
-    __m256 acc[4];
-#define MM_INIT(r) acc[r] = _mm256_setzero_ps();
+    __m128 acc[4];
+#define MM_INIT(r) acc[r] = _mm_setzero_ps();
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     const auto* base = static_cast<const uint8_t*>(dec);
@@ -273,13 +275,122 @@ void vec_dot_iq4_xs_dec_x4(int64_t n, const void* dec, const void* a, size_t a_s
 #undef MM_ROW
         }
         const float xd = load_f32(p);
-#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xd * y[r][i].d), _mm256_cvtepi32_ps(fold512(wsum[r])), acc[r]);
+#define MM_ACC(r) acc[r] = fma_int(acc[r], hsum_epi32(fold512(wsum[r])), xd * y[r][i].d);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
-#define MM_OUT(r) out[r] = hsum_ps(acc[r]);
+#define MM_OUT(r) out[r] = _mm_cvtss_f32(acc[r]);
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
+}
+
+// 16 IQ4_XS rows transposed (see DecodeTile16Fn), one row per int32 lane: per super-block and
+// 32-element sub-block s, 8 vectors of levels (vector j, lane r: row r's elements 4j..4j+3 of the
+// sub-block, signed), then 16 int32 -128 · Σ levels, then 16 int32 sub-block scales; after the 8
+// sub-blocks, 16 float d. The activation bytes go in biased to unsigned (a + 128) and broadcast 4
+// at a time, so each lane's vpdpbusd sums, started from -128 · Σ levels, are the exact
+// Σ level · a; times the row's scale (vpmulld) and added over the sub-blocks, they are the
+// one-row kernel's integer sum, and the float step is its.
+constexpr size_t kIq4XsSub = 8 * 64 + 64 + 64;  // bytes per sub-block in the tile
+static_assert(kIq4XsTile16BytesPerBlock == 8 * kIq4XsSub + 64, "tile layout");
+
+void decode_tile16_iq4_xs(int64_t n, const void* w, size_t w_stride, void* tile) {
+    const BlockIQ4_XS* x[16];
+    for (int r = 0; r < 16; ++r) x[r] = reinterpret_cast<const BlockIQ4_XS*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i pick_even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i pick_odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kIq4XsTile16BytesPerBlock) {
+        for (int sb = 0; sb < 8; ++sb) {
+            uint8_t* os = o + sb * kIq4XsSub;
+            // The 8 × 8 dword transpose of decode_tile16 (quants_avx2_r8.cpp) on rows r and r + 8.
+            __m512i z[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+                z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(iq4_levels(x[r][i].qs + 16 * sb, values, m4)),
+                                          iq4_levels(x[r + 8][i].qs + 16 * sb, values, m4), 1);
+            }
+            __m512i t[8], u[8];
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+                t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
+                t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
+            }
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+                u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+                u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+                u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+                u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+            }
+            __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                const __m512i lo = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
+                const __m512i hi = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
+                _mm512_storeu_si512(os + 64 * c, lo);
+                _mm512_storeu_si512(os + 64 * (c + 4), hi);
+                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
+            }
+            _mm512_storeu_si512(os + 512, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+            int32_t ls[16];
+            for (int r = 0; r < 16; ++r) {
+                const int lo4 = (x[r][i].scales_l[sb / 2] >> (4 * (sb % 2))) & 0xf;
+                const int hi2 = (x[r][i].scales_h >> (2 * sb)) & 3;
+                ls[r] = (lo4 | (hi2 << 4)) - 32;
+            }
+            std::memcpy(os + 576, ls, sizeof(ls));
+        }
+        float d[16];
+        for (int r = 0; r < 16; ++r) d[r] = h2f(x[r][i].d);
+        std::memcpy(o + 8 * kIq4XsSub, d, sizeof(d));
+    }
+}
+
+template <int NA>
+void dot_tile16_iq4_xs(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const BlockQ8_K* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = row_ptr<BlockQ8_K>(a, a_stride, t);
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+    const auto* p = static_cast<const uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, p += kIq4XsTile16BytesPerBlock) {
+        __m512i total[NA];
+        for (int t = 0; t < NA; ++t) total[t] = _mm512_setzero_si512();
+        for (int sb = 0; sb < 8; ++sb) {
+            const uint8_t* ps = p + sb * kIq4XsSub;
+            __m512i v[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(ps + 64 * j);
+            const __m512i start = _mm512_loadu_si512(ps + 512);
+            const __m512i ls = _mm512_loadu_si512(ps + 576);
+#pragma GCC unroll 4
+            for (int t = 0; t < NA; ++t) {
+                alignas(32) int32_t yu[8];  // a + 128 as unsigned bytes, 4 per dword
+                _mm256_store_si256(reinterpret_cast<__m256i*>(yu),
+                                   _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].qs + 32 * sb)), bias));
+                __m512i s = start;
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, _mm512_set1_epi32(yu[j]), v[j]);
+                total[t] = _mm512_add_epi32(total[t], _mm512_mullo_epi32(s, ls));
+            }
+        }
+        const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(p + 8 * kIq4XsSub));
+        for (int t = 0; t < NA; ++t)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[t]), _mm512_mul_ps(d, _mm512_set1_ps(y[t][i].d)), acc[t]);
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+void vec_dot_tile16_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16_iq4_xs<1>(n, tile, a, as, out);
+}
+void vec_dot_tile16x4_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16_iq4_xs<4>(n, tile, a, as, out);
 }
 #endif
 

@@ -125,12 +125,6 @@ inline __m256i hsum8_epi32(const __m256i* p) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
-inline int hsum_epi32(__m256i p) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
 
 // 8 rows (w, w + w_stride, ...) × NA activation rows (a, a + a_stride, ...): out[t · 8 + r].
 template <class T, int NA>
