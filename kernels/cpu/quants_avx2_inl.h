@@ -203,6 +203,40 @@ inline void q4k_group512(const uint8_t* q4, __m256i scales, int j, __m512i* q4v,
 
 // The 8 int32 lanes of a 512-bit accumulator of such groups (low half + high half).
 inline __m256i fold512(__m512i v) { return _mm512_castsi512_si256(_mm512_add_epi32(v, _mm512_shuffle_i64x2(v, v, 0xEE))); }
+
+// 16 rows of 32 signed bytes, z[r] = row r (low 256 bits) and row r + 8 (high), transposed as
+// dwords into out: 8 vectors of 64 bytes, vector j's lane r = row r's bytes 4j..4j+3 (the 8 × 8
+// dword transpose of AVX, unpack 32 / unpack 64 / 128-bit lane moves, on both halves at once).
+// Returns each row's Σ of its 32 bytes in its lane.
+inline __m512i transpose16x8_store(const __m512i* z, uint8_t* out) {
+    __m512i t[8], u[8];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+        t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 of each half
+        u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    // Last step: 128-bit lanes (a0, b0, a2, b2) and (a1, b1, a3, b3).
+    const __m512i pick_even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i pick_odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {  // u[c]: dwords c and c + 4 of rows 0-3; u[c + 4]: of rows 4-7
+        const __m512i lo = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
+        const __m512i hi = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
+        _mm512_storeu_si512(out + 64 * c, lo);
+        _mm512_storeu_si512(out + 64 * (c + 4), hi);
+        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
+    }
+    return sum;
+}
 #endif
 
 // One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)

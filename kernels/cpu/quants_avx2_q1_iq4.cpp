@@ -299,42 +299,17 @@ void decode_tile16_iq4_xs(int64_t n, const void* w, size_t w_stride, void* tile)
     for (int r = 0; r < 16; ++r) x[r] = reinterpret_cast<const BlockIQ4_XS*>(static_cast<const uint8_t*>(w) + r * w_stride);
     const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
     const __m128i m4 = _mm_set1_epi8(0x0f);
-    const __m512i ones = _mm512_set1_epi8(1);
-    const __m512i pick_even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-    const __m512i pick_odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     auto* o = static_cast<uint8_t*>(tile);
     for (int64_t i = 0; i < n / kQK_K; ++i, o += kIq4XsTile16BytesPerBlock) {
         for (int sb = 0; sb < 8; ++sb) {
             uint8_t* os = o + sb * kIq4XsSub;
-            // The 8 × 8 dword transpose of decode_tile16 (quants_avx2_r8.cpp) on rows r and r + 8.
-            __m512i z[8];
+            __m512i z[8];  // rows r and r + 8
 #pragma GCC unroll 8
             for (int r = 0; r < 8; ++r) {
                 z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(iq4_levels(x[r][i].qs + 16 * sb, values, m4)),
                                           iq4_levels(x[r + 8][i].qs + 16 * sb, values, m4), 1);
             }
-            __m512i t[8], u[8];
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; ++p) {
-                t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
-                t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
-            }
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h) {
-                u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
-                u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
-                u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-                u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-            }
-            __m512i sum = _mm512_setzero_si512();
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) {
-                const __m512i lo = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
-                const __m512i hi = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
-                _mm512_storeu_si512(os + 64 * c, lo);
-                _mm512_storeu_si512(os + 64 * (c + 4), hi);
-                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
-            }
+            const __m512i sum = transpose16x8_store(z, os);
             _mm512_storeu_si512(os + 512, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
             int32_t ls[16];
             for (int r = 0; r < 16; ++r) {

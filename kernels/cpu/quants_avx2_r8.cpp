@@ -299,43 +299,15 @@ void decode_tile16(int64_t n, const void* w, size_t w_stride, void* tile) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const Block* x[16];
     for (int r = 0; r < 16; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
-    const __m512i ones = _mm512_set1_epi8(1);
-    // Final step of the transpose: 128-bit lanes (a0, b0, a2, b2) and (a1, b1, a3, b3).
-    const __m512i pick_even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-    const __m512i pick_odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     auto* o = static_cast<uint8_t*>(tile);
     for (int64_t b = 0; b < nb; ++b, o += kTile16BytesPerBlock) {
-        // z[r]: row r's 8 dwords of levels in the low 256 bits, row r + 8's in the high ones; then
-        // the 8 × 8 dword transpose of AVX (unpack 32, unpack 64, 128-bit lane moves) on both
-        // halves at once, so that t[j] holds dword j of rows 0..15 in lanes 0..15.
-        __m512i z[8];
+        __m512i z[8];  // rows r and r + 8
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
             z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(block_levels(x[r][b].qs, levels, m4)),
                                       block_levels(x[r + 8][b].qs, levels, m4), 1);
         }
-        __m512i t[8], u[8];
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p) {
-            t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
-            t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
-        }
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 of each half
-            u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
-            u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
-            u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-            u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-        }
-        __m512i sum = _mm512_setzero_si512();
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {  // u[c]: dwords c and c + 4 of rows 0-3; u[c + 4]: of rows 4-7
-            const __m512i lo = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
-            const __m512i hi = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
-            _mm512_storeu_si512(o + 64 * c, lo);
-            _mm512_storeu_si512(o + 64 * (c + 4), hi);
-            sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
-        }
+        const __m512i sum = transpose16x8_store(z, o);
         _mm512_storeu_si512(o + 512, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
         float scales[16];
         for (int r = 0; r < 16; ++r) scales[r] = T::scale(x[r][b]);
