@@ -35,6 +35,13 @@ inline int hsum_epi32(__m256i p) {
     return _mm_cvtsi128_si32(s);
 }
 
+// The sum of 4 int32 lanes.
+inline int hsum_epi32_128(__m128i s) {
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
 // acc + float(s) · d in one rounding (a scalar fma).
 inline __m128 fma_int(__m128 acc, int s, float d) {
     return _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), s), _mm_set_ss(d), acc);
@@ -204,11 +211,10 @@ inline void q4k_group512(const uint8_t* q4, __m256i scales, int j, __m512i* q4v,
 // The 8 int32 lanes of a 512-bit accumulator of such groups (low half + high half).
 inline __m256i fold512(__m512i v) { return _mm512_castsi512_si256(_mm512_add_epi32(v, _mm512_shuffle_i64x2(v, v, 0xEE))); }
 
-// 16 rows of 32 signed bytes, z[r] = row r (low 256 bits) and row r + 8 (high), transposed as
-// dwords into out: 8 vectors of 64 bytes, vector j's lane r = row r's bytes 4j..4j+3 (the 8 × 8
-// dword transpose of AVX, unpack 32 / unpack 64 / 128-bit lane moves, on both halves at once).
-// Returns each row's Σ of its 32 bytes in its lane.
-inline __m512i transpose16x8_store(const __m512i* z, uint8_t* out) {
+// 16 rows of 32 bytes, z[r] = row r (low 256 bits) and row r + 8 (high), transposed as dwords
+// into out[0..8): vector j's lane r = row r's bytes 4j..4j+3 (the 8 × 8 dword transpose of AVX,
+// unpack 32 / unpack 64 / 128-bit lane moves, on both halves at once).
+inline void transpose16x8(const __m512i* z, __m512i* out) {
     __m512i t[8], u[8];
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
@@ -225,15 +231,23 @@ inline __m512i transpose16x8_store(const __m512i* z, uint8_t* out) {
     // Last step: 128-bit lanes (a0, b0, a2, b2) and (a1, b1, a3, b3).
     const __m512i pick_even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
     const __m512i pick_odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i sum = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {  // u[c]: dwords c and c + 4 of rows 0-3; u[c + 4]: of rows 4-7
-        const __m512i lo = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
-        const __m512i hi = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
-        _mm512_storeu_si512(out + 64 * c, lo);
-        _mm512_storeu_si512(out + 64 * (c + 4), hi);
-        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
+        out[c] = _mm512_permutex2var_epi64(u[c], pick_even, u[c + 4]);
+        out[c + 4] = _mm512_permutex2var_epi64(u[c], pick_odd, u[c + 4]);
+    }
+}
+
+// The same, stored to out (8 × 64 bytes); returns each row's Σ of its 32 signed bytes in its lane.
+inline __m512i transpose16x8_store(const __m512i* z, uint8_t* out) {
+    __m512i v[8];
+    transpose16x8(z, v);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+        _mm512_storeu_si512(out + 64 * j, v[j]);
+        sum = _mm512_dpbusd_epi32(sum, ones, v[j]);
     }
     return sum;
 }
@@ -271,6 +285,21 @@ inline __m256i q6k_offset(__m128i scales8, const int16_t* bsums) {
     const __m256i prod =
         _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales8), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums)));
     return _mm256_slli_epi32(prod, 5);
+}
+
+// Σ_s min_s · (activation sum of 32-element sub-block s) of a Q4_K block: mins as 8 int16, bsums
+// the Q8_K block's 16 sums of 16.
+inline int q4k_min_sum(__m128i mins, const int16_t* bsums) {
+    const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums));
+    const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+    return hsum_epi32_128(_mm_madd_epi16(mins, q8s));
+}
+
+// Q4_K's float step per super-block and row (every kernel and variant): the exact integer sums
+// Σ scale·q·a and Σ min·a, then acc = fma(float(sumi), d_w·d_a, acc) and acc = fma(float(summ),
+// -dmin_w·d_a, acc): one row per step, so that a 16-row kernel can keep a row per vector lane.
+inline __m128 q4k_float_step(__m128 acc, int sumi, int summ, float d, float neg_dmin) {
+    return fma_int(fma_int(acc, sumi, d), summ, neg_dmin);
 }
 
 // The 12 packed scale bytes of a Q4_K block as 16 int16 lanes: 8 scales, then 8 mins.

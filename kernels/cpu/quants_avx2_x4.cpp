@@ -178,22 +178,16 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
         y[r] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + r * a_stride);
     }
     const int64_t nb = n / kQK_K;
-    __m256 acc[4];
-    __m128 acc_m[4];
-#define MM_INIT(r) acc[r] = _mm256_setzero_ps(), acc_m[r] = _mm_setzero_ps();
+    __m128 acc[4];
+#define MM_INIT(r) acc[r] = _mm_setzero_ps();
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     for (int64_t i = 0; i < nb; ++i) {
         const typename Src::Block blk = src.at(i);
         const float xd = blk.d(), xdmin = blk.dmin();
         const __m128i mins = blk.mins();
-#define MM_MINS(r)                                                                                               \
-    {                                                                                                            \
-        const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].bsums));              \
-        const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)); \
-        const __m128i prod = _mm_madd_epi16(mins, q8s);                                                          \
-        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-y[r][i].d * xdmin), _mm_cvtepi32_ps(prod), acc_m[r]);               \
-    }
+        int summ[4];  // Σ min · (sum of 32 activations) per row
+#define MM_MINS(r) summ[r] = q4k_min_sum(mins, y[r][i].bsums);
         MM_ROWS4(MM_MINS)
 #undef MM_MINS
         __m256i sumi[4];
@@ -239,19 +233,110 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
             }
         }
 #endif
-#define MM_ACC(r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(y[r][i].d * xd), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+#define MM_ACC(r) acc[r] = q4k_float_step(acc[r], hsum_epi32(sumi[r]), summ[r], y[r][i].d * xd, -y[r][i].d * xdmin);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
-#define MM_OUT(r)                                                           \
-    {                                                                       \
-        __m128 m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r])); \
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));                              \
-        out[r] = hsum_ps(acc[r]) + _mm_cvtss_f32(m);                        \
-    }
+#define MM_OUT(r) out[r] = _mm_cvtss_f32(acc[r]);
     MM_ROWS4(MM_OUT)
 #undef MM_OUT
 }
+
+#if MM_SIMD_VNNI == 2
+// 16 Q4_K rows transposed (see DecodeTile16Fn), one row per int32 lane. Per super-block
+// (kQ4KTile16BytesPerBlock bytes): for each 32-element sub-block s, 8 vectors of its unsigned
+// nibbles (vector j, lane r: row r's elements 4j..4j+3 of the sub-block) [0, 4096); the sub-block
+// scales, 8 × 16 int32 [4096, 4608); the mins as int16 pairs (min 2t, min 2t+1) per lane, 4 × 16
+// [4608, 4864); 16 floats d [4864, 4928) and 16 floats dmin [4928, 4992). The nibbles go straight
+// into vpdpbusd against the activations' broadcast bytes; per sub-block the lane sums times the
+// scale (vpmulld), the mins against the bsums' pair sums (vpdpwssd): the exact integer sums of
+// the one-row kernel, then its float step (q4k_float_step) on 16 rows at once.
+constexpr size_t kQ4KTileScales = 4096, kQ4KTileMins = 4608, kQ4KTileD = 4864, kQ4KTileDmin = 4928;
+static_assert(kQ4KTile16BytesPerBlock == 4992, "tile layout");
+
+void decode_tile16_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
+    const BlockQ4_K* x[16];
+    for (int r = 0; r < 16; ++r) x[r] = reinterpret_cast<const BlockQ4_K*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const __m512i m4 = _mm512_set1_epi8(0xF);
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kQ4KTile16BytesPerBlock) {
+        for (int j = 0; j < 4; ++j) {  // group j: sub-block 2j in the low nibbles, 2j + 1 in the high ones
+            __m512i z[8], q[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+                z[r] = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][i].qs + 32 * j))),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r + 8][i].qs + 32 * j)), 1);
+            }
+            transpose16x8(z, q);
+#pragma GCC unroll 8
+            for (int v = 0; v < 8; ++v) {
+                _mm512_storeu_si512(o + 512 * (2 * j) + 64 * v, _mm512_and_si512(q[v], m4));
+                _mm512_storeu_si512(o + 512 * (2 * j + 1) + 64 * v, _mm512_and_si512(_mm512_srli_epi16(q[v], 4), m4));
+            }
+        }
+        int32_t sc[8][16];
+        uint32_t mp[4][16];
+        float d[16], dmin[16];
+        for (int r = 0; r < 16; ++r) {
+            uint16_t ms[16];  // 8 scales, then 8 mins
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ms), q4k_mins_and_scales(x[r][i].scales));
+            for (int sb = 0; sb < 8; ++sb) sc[sb][r] = ms[sb];
+            for (int t = 0; t < 4; ++t) mp[t][r] = ms[8 + 2 * t] | (static_cast<uint32_t>(ms[9 + 2 * t]) << 16);
+            d[r] = h2f(x[r][i].d);
+            dmin[r] = h2f(x[r][i].dmin);
+        }
+        std::memcpy(o + kQ4KTileScales, sc, sizeof(sc));
+        std::memcpy(o + kQ4KTileMins, mp, sizeof(mp));
+        std::memcpy(o + kQ4KTileD, d, sizeof(d));
+        std::memcpy(o + kQ4KTileDmin, dmin, sizeof(dmin));
+    }
+}
+
+template <int NA>
+void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const BlockQ8_K* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const auto* p = static_cast<const uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, p += kQ4KTile16BytesPerBlock) {
+        __m512i sumi[NA];
+        for (int t = 0; t < NA; ++t) sumi[t] = _mm512_setzero_si512();
+        for (int sb = 0; sb < 8; ++sb) {
+            __m512i v[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(p + 512 * sb + 64 * j);
+            const __m512i sc = _mm512_loadu_si512(p + kQ4KTileScales + 64 * sb);
+#pragma GCC unroll 4
+            for (int t = 0; t < NA; ++t) {
+                int32_t ya[8];
+                std::memcpy(ya, y[t][i].qs + 32 * sb, sizeof(ya));
+                __m512i s = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, v[j], _mm512_set1_epi32(ya[j]));
+                sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(s, sc));
+            }
+        }
+        __m512i mp[4];
+        for (int u = 0; u < 4; ++u) mp[u] = _mm512_loadu_si512(p + kQ4KTileMins + 64 * u);
+        const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTileD));
+        const __m512 dmin = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTileDmin));
+        for (int t = 0; t < NA; ++t) {
+            const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].bsums));
+            const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+            int32_t pairs[4];  // (sum of sub-block 2u, of 2u + 1) as int16 pairs
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), q8s);
+            __m512i summ = _mm512_setzero_si512();
+            for (int u = 0; u < 4; ++u) summ = _mm512_dpwssd_epi32(summ, mp[u], _mm512_set1_epi32(pairs[u]));
+            const __m512 dy = _mm512_set1_ps(y[t][i].d);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, dy), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, dy)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+#endif
 
 }  // namespace
 
@@ -295,6 +380,16 @@ void decode_row_q4_K(int64_t n, const void* w, void* dec) {
 void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_stride, float* out) {
     q4k_x4(n, Q4KDecoded{static_cast<const uint8_t*>(dec)}, a, a_stride, out);
 }
+
+#if MM_SIMD_VNNI == 2
+void decode_tile16_q4_K(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16_q4k(n, w, ws, tile); }
+void vec_dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16_q4_K<1>(n, tile, a, as, out);
+}
+void vec_dot_tile16x4_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile16_q4_K<4>(n, tile, a, as, out);
+}
+#endif
 
 void vec_dot_q6_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     const auto* x = static_cast<const BlockQ6_K*>(w);
