@@ -94,22 +94,30 @@ void run_tile(const Prepared& p, int64_t t) {
         const int n = static_cast<int>(std::min<int64_t>(4, i1 - i));
         for (int q = 0; q < n; ++q) y[(i + q) * n_out + r] = out[q];
     };
+    // g W rows from r against the tile's X rows: four(a, out) for 4 X rows from a (out[q · g + row]),
+    // where x4_ok allows it, then one(a, out) for each remaining X row.
+    const auto x_rows = [&](int64_t r, int64_t g, const auto& four, const auto& one) {
+        int64_t i = i0;
+        float out[64];
+        for (; x4_ok(i); i += 4) {
+            four(act + static_cast<size_t>(i) * a_stride, out);
+            const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
+            for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + g * q, g * sizeof(float));
+        }
+        for (; i < i1; ++i) {
+            one(act + static_cast<size_t>(i) * a_stride, out);
+            std::memcpy(y + i * n_out + r, out, g * sizeof(float));
+        }
+    };
     if (kt->decode_tile16 != nullptr && r1 - r0 == 16 && i1 - i0 >= kDecodeMinM) {
         // The 16 W rows transposed once, then 4 X rows at a time (1 for the rest).
         const size_t tile_bytes = static_cast<size_t>(k / kt->block) * kt->tile16_bytes_per_block;
         std::vector<uint8_t>& dec = dec_scratch();
         if (dec.size() < tile_bytes) dec.resize(tile_bytes);
         kt->decode_tile16(k, wb + static_cast<size_t>(r0) * w_stride, w_stride, dec.data());
-        int64_t i = i0;
-        float out[64];
-        for (; i + 4 <= i1; i += 4) {
-            kt->vec_dot_tile16x4(k, dec.data(), act + static_cast<size_t>(i) * a_stride, a_stride, out);
-            for (int q = 0; q < 4; ++q) std::memcpy(y + (i + q) * n_out + r0, out + 16 * q, 16 * sizeof(float));
-        }
-        for (; i < i1; ++i) {
-            kt->vec_dot_tile16(k, dec.data(), act + static_cast<size_t>(i) * a_stride, a_stride, out);
-            std::memcpy(y + i * n_out + r0, out, 16 * sizeof(float));
-        }
+        x_rows(
+            r0, 16, [&](const uint8_t* a, float* out) { kt->vec_dot_tile16x4(k, dec.data(), a, a_stride, out); },
+            [&](const uint8_t* a, float* out) { kt->vec_dot_tile16(k, dec.data(), a, a_stride, out); });
         return;
     }
     if (kt->vec_dot_r8 != nullptr) {
@@ -119,17 +127,9 @@ void run_tile(const Prepared& p, int64_t t) {
         const auto row_groups = [&](int64_t g, quants::VecDotR8Fn one, quants::VecDotR8Fn four) {
             for (; r + g <= r1; r += g) {
                 const uint8_t* wg = wb + static_cast<size_t>(r) * w_stride;
-                int64_t i = i0;
-                float out[64];
-                for (; x4_ok(i); i += 4) {
-                    four(k, wg, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                    const int nt = static_cast<int>(std::min<int64_t>(4, i1 - i));
-                    for (int q = 0; q < nt; ++q) std::memcpy(y + (i + q) * n_out + r, out + g * q, g * sizeof(float));
-                }
-                for (; i < i1; ++i) {
-                    one(k, wg, w_stride, act + static_cast<size_t>(i) * a_stride, a_stride, out);
-                    std::memcpy(y + i * n_out + r, out, g * sizeof(float));
-                }
+                x_rows(
+                    r, g, [&](const uint8_t* a, float* out) { four(k, wg, w_stride, a, a_stride, out); },
+                    [&](const uint8_t* a, float* out) { one(k, wg, w_stride, a, a_stride, out); });
             }
         };
         // (The 16-row kernels gather the rows' scales with int32 byte offsets.)

@@ -72,13 +72,10 @@ inline __m256i dp4_add(__m256i s, __m256i u, __m256i v) {
 #endif
 }
 
-// Σ of 4 int8 products per lane (x signed, y signed), as 8 int32s.
-inline __m256i mul_sum_i8_quads(__m256i x, __m256i y) {
-    return dp4_add(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+// Σ of the 4 int8 products of each int32 lane (x signed, y signed), as 8 floats.
+inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) {
+    return _mm256_cvtepi32_ps(dp4_add(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)));
 }
-
-// The same as 8 floats.
-inline __m256 mul_sum_i8_pairs_float(__m256i x, __m256i y) { return _mm256_cvtepi32_ps(mul_sum_i8_quads(x, y)); }
 
 // 32 nibbles → 32 bytes: low nibbles of the 16 bytes first, then the high nibbles.
 inline __m256i bytes_from_nibbles_32(const uint8_t* p) {

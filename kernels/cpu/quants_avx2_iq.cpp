@@ -276,11 +276,6 @@ void decode_iq_row(int64_t n, const void* w, void* dec) {
 // gives the encoded row's integers and the float operations are the same.
 struct IqDecoded {
     const uint8_t* dec;
-    static float load_f32(const uint8_t* p) {
-        float f;
-        std::memcpy(&f, p, sizeof(f));
-        return f;
-    }
     struct Blk {
         const uint8_t* p;
         Chunk chunk(int ib) const {
