@@ -186,7 +186,7 @@ std::vector<uint8_t> four_act_rows(const quants::TypeKernels* kt, int64_t k, uin
 
 TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
-    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
+    for (GgmlType t : {GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0, GgmlType::Q5_K,
                        GgmlType::Q3_K, GgmlType::Q2_K, GgmlType::Q4_1, GgmlType::Q5_1,
                        GgmlType::IQ4_XS, GgmlType::IQ2_XXS, GgmlType::IQ2_XS,
                        GgmlType::IQ2_S, GgmlType::IQ3_XXS, GgmlType::IQ3_S, GgmlType::IQ1_S, GgmlType::IQ1_M}) {
@@ -207,10 +207,10 @@ TEST(VecDot, FourRowKernelsMatchSingleRowBitForBit) {
 }
 
 TEST(VecDot, EightRowKernelsMatchSingleRowBitForBit) {
-    // Q4_0, IQ4_NL, MXFP4: 8 W rows against 1 and 4 activation rows, each output vec_dot's bits
-    // (tests/test_quants.cpp checks both against llama.cpp's repacked kernels).
+    // Q4_0, IQ4_NL, MXFP4, Q8_0: 8 W rows against 1 and 4 activation rows, each output vec_dot's
+    // bits (tests/test_quants.cpp checks the first three against llama.cpp's repacked kernels).
     if (!quants::cpu_has_avx2()) GTEST_SKIP() << "no AVX2";
-    for (GgmlType t : {GgmlType::Q4_0, GgmlType::IQ4_NL, GgmlType::MXFP4}) {
+    for (GgmlType t : {GgmlType::Q4_0, GgmlType::IQ4_NL, GgmlType::MXFP4, GgmlType::Q8_0}) {
         const quants::TypeKernels* kt = quants::type_kernels(t);
         ASSERT_NE(kt->vec_dot_r8, nullptr) << ggml_type_name(t);
         ASSERT_NE(kt->vec_dot_r8x4, nullptr) << ggml_type_name(t);
@@ -272,9 +272,9 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
                     std::vector<float> x = random_normal(4 * k, seed + 1);
                     if (extremes) {
                         // Activations at ±amax (int8 ±127) and, for 32-element types, weight bytes
-                        // of every value (all levels, both nibbles) under a small scale.
+                        // of every value (all levels, both nibbles; Q8_0 -128..127) under a small scale.
                         for (int64_t i = 0; i < 4 * k; ++i) x[i] = (i * 7919 % 3 == 0) ? -1.0f : 1.0f;
-                        if (ggml_type_info(t).block_size == 32 && t != GgmlType::Q8_0) {
+                        if (ggml_type_info(t).block_size == 32) {
                             std::mt19937 rng(seed);
                             const size_t bs = ggml_type_info(t).type_size;
                             for (size_t off = 0; off < w.size(); off += bs) {
@@ -501,7 +501,7 @@ TEST(VecDot, QuantizedIntegerSumsAreExact) {
     }
     EXPECT_EQ(quants::vec_dot_q8_0_q8_0_scalar(k, w.data(), a.data()), static_cast<float>(want));
     if (quants::cpu_has_avx2()) {
-        EXPECT_EQ(quants::avx2::vec_dot_q8_0_q8_0(k, w.data(), a.data()), static_cast<float>(want));
+        EXPECT_EQ(quants::avx2::vec_dot_q8_0_q8_0_r(k, w.data(), a.data()), static_cast<float>(want));
     }
 }
 

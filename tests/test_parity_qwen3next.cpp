@@ -160,13 +160,18 @@ TEST_F(Qwen3NextParity, Q8_0DeepModel) {
 }
 
 // Two layers (one of each kind), q8_0: no deep chain to amplify a flipped activation rounding, so
-// the quantized kernels of both layer kinds and the shared expert must agree to float rounding.
+// the quantized kernels of both layer kinds and the shared expert must agree to float rounding at
+// most positions. Our Q8_0 dot scales each block's exact integer sum and adds it to one float per
+// row (quants_avx2_r8.cpp), llama.cpp's x86 Q8_0 dot keeps 8 float partial sums per row: the
+// results differ in the last bits, and where such a difference moves the next layer's input across
+// an int8 rounding boundary that position differs by up to a few 1e-3 (4 of 32 here).
 TEST_F(Qwen3NextParity, Q8_0TwoLayersToFloatRounding) {
     const NextShape two = {"next2", 2, 256, 4, 2, 64, 16, 4, 256, 256, 2, 4, 64, 1024};
     std::string m = make_next(two, "q8_0", dir_, "--recurrent-layers 1,0");
     Comparison c = run_pair(m, two.vocab, "f32", "", dir_, 32);
-    // Typically 1e-8; a single flipped activation rounding can reach a few 1e-3 at one position.
-    EXPECT_LE(c.p90_dp, 1e-5);
+    // Typically 1e-8; a flipped activation rounding reaches a few 1e-3 at its position.
+    EXPECT_LE(c.median_dp, 1e-6);
+    EXPECT_LE(c.p90_dp, 5e-3);
     EXPECT_LE(c.max_dp, 1e-2);
     EXPECT_EQ(c.greedy_prefix, 32);
 }

@@ -12,7 +12,7 @@
 //    and Q4_K: nibbles split and scales shuffled once instead of per 4 X rows) decode the tile's
 //    W rows once into a per-thread buffer when the tile has kDecodeMinM or more X rows, and run
 //    the 4-row dot on that.
-// 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4: llama.cpp's repacked arithmetic) take W rows
+// 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4, Q8_0: llama.cpp's repacked arithmetic) take W rows
 //    8 at a time, against 4 X rows or 1; on 512-bit CPUs 16 at a time (vec_dot_r16: one lane per
 //    W row), and a tile of 16 W rows with kDecodeMinM or more X rows is transposed into memory
 //    once (decode_tile16) and dotted 4 X rows at a time.

@@ -1,14 +1,17 @@
 // AVX2 dot products of Q4_0, IQ4_NL and MXFP4 weights (32-element blocks of 4-bit indices into 16
-// levels, one scale per block) against Q8_0 activations, 8 weight rows at a time.
+// levels, one scale per block) and of Q8_0 weights (32 signed bytes, one scale) against Q8_0
+// activations, 8 weight rows at a time.
 //
-// The arithmetic is that of llama.cpp's CPU backend for these types on AVX2, which repacks their
-// weights 8 rows at a time ("CPU_REPACK": ggml_gemv/gemm_{q4_0,iq4_nl,mxfp4}_8x8_q8_0, for both
-// dense and expert (MUL_MAT_ID) matrices with a multiple of 8 rows): per (weight row, activation
-// row) one float accumulator, and per block b, in order,
+// The arithmetic is that of llama.cpp's CPU backend for the 4-bit types on AVX2, which repacks
+// their weights 8 rows at a time ("CPU_REPACK": ggml_gemv/gemm_{q4_0,iq4_nl,mxfp4}_8x8_q8_0, for
+// both dense and expert (MUL_MAT_ID) matrices with a multiple of 8 rows): per (weight row,
+// activation row) one float accumulator, and per block b, in order,
 //     acc = fma(float(Σ_i w_i · a_i), scale_w(b) · d_a(b), acc)
 // with the integer sum exact. Eight rows sit in the 8 lanes of one vector, so the float work per
 // block is one convert, one multiply and one fma for all eight, instead of per row (ggml's
-// one-row vec_dot keeps 8 partial sums per row and scales each block per row).
+// one-row vec_dot keeps 8 partial sums per row and scales each block per row). Q8_0 uses the same
+// float step (llama.cpp's x86 build keeps ggml's one-row Q8_0 dot, whose per-lane float sums a
+// row-per-lane layout cannot reproduce; the results agree within the dot tolerance).
 //
 // We read the rows where they are (no repacked copy: the experts are served from the mapped file
 // and the caches as stored). The one-row function gives the same bits for one row, so leftover
@@ -62,18 +65,21 @@ struct Fp16Scaled {
 // is the stored nibble itself (kNibbleIsUnsigned: no table lookup).
 struct Q4_0Type : Fp16Scaled<BlockQ4_0> {
     using Block = BlockQ4_0;
+    static constexpr bool kBytes = false;
     static constexpr int kOffset = 8;
     static constexpr bool kNibbleIsUnsigned = true;
     static const int8_t* levels() { return kQ4_0Levels; }
 };
 struct IQ4NLType : Fp16Scaled<BlockIQ4_NL> {
     using Block = BlockIQ4_NL;
+    static constexpr bool kBytes = false;
     static constexpr int kOffset = 128;
     static constexpr bool kNibbleIsUnsigned = false;
     static const int8_t* levels() { return kIQ4NLValues; }
 };
 struct MXFP4Type {
     using Block = BlockMXFP4;
+    static constexpr bool kBytes = false;
     static constexpr int kOffset = 128;
     static constexpr bool kNibbleIsUnsigned = false;
     static const int8_t* levels() { return kMXFP4Values; }
@@ -98,6 +104,16 @@ struct MXFP4Type {
 #endif
 };
 
+// Q8_0 weights: the levels are the block's 32 signed bytes themselves (kBytes), made unsigned for
+// vpdpbusd by adding 128 (an xor).
+struct Q8_0Type : Fp16Scaled<BlockQ8_0> {
+    using Block = BlockQ8_0;
+    static constexpr bool kBytes = true;
+    static constexpr int kOffset = 128;
+    static constexpr bool kNibbleIsUnsigned = false;
+    static const int8_t* levels() { return kQ4_0Levels; }  // unused
+};
+
 // A block's 32 nibbles as bytes: the low nibbles (elements 0..15), then the high ones.
 inline __m256i block_nibbles(const uint8_t* qs, __m256i m4) {
     const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
@@ -109,7 +125,30 @@ inline __m256i block_levels(const uint8_t* qs, __m256i levels, __m256i m4) {
     return _mm256_shuffle_epi8(levels, block_nibbles(qs, m4));
 }
 
-// Σ of w · y over 32 bytes as 8 int32 partial sums (|w| <= 127: no int16 saturation with |y| <= 127).
+// Block b's 32 levels as signed bytes (levels: the 16 levels in both 128-bit lanes).
+template <class T>
+inline __m256i levels32(const typename T::Block& b, __m256i levels, __m256i m4) {
+    if constexpr (T::kBytes) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
+    } else {
+        return block_levels(b.qs, levels, m4);
+    }
+}
+
+// The same plus kOffset as unsigned bytes (levels_u: the levels plus kOffset).
+template <class T>
+inline __m256i unsigned32(const typename T::Block& b, __m256i levels_u, __m256i m4) {
+    if constexpr (T::kBytes) {
+        return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs)), _mm256_set1_epi8(static_cast<char>(0x80)));
+    } else if constexpr (T::kNibbleIsUnsigned) {
+        return block_nibbles(b.qs, m4);
+    } else {
+        return block_levels(b.qs, levels_u, m4);
+    }
+}
+
+// Σ of w · y over 32 bytes as 8 int32 partial sums. w_abs = |w| read unsigned (128 for a Q8_0
+// byte of -128); pairs stay within int16: 2 · 128 · 127 < 32768 with |y| <= 127.
 inline __m256i dot32(__m256i w, __m256i w_abs, __m256i y) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(y, w)), _mm256_set1_epi16(1));
 }
@@ -160,13 +199,13 @@ void dot_r8(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_s
         __m256i u[8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
-            u[r] = T::kNibbleIsUnsigned ? block_nibbles(x[r][b].qs, m4) : block_levels(x[r][b].qs, levels_u, m4);
+            u[r] = unsigned32<T>(x[r][b], levels_u, m4);
         }
 #else
         __m256i q[8], q_abs[8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
-            q[r] = block_levels(x[r][b].qs, levels, m4);
+            q[r] = levels32<T>(x[r][b], levels, m4);
             q_abs[r] = _mm256_sign_epi8(q[r], q[r]);
         }
 #endif
@@ -201,7 +240,7 @@ float dot_r1(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_0*>(a);
     __m128 acc = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const __m256i q = block_levels(x[b].qs, levels, m4);
+        const __m256i q = levels32<T>(x[b], levels, m4);
         const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs));
         const int s = hsum_epi32(dot32(q, _mm256_sign_epi8(q, q), yv));
         const __m128 d = _mm_mul_ss(_mm_set_ss(T::scale(x[b])), _mm_set_ss(h2f(y[b].d)));
@@ -235,8 +274,10 @@ void dot_r16(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
     __m512 acc[NA];
     for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const auto qs_at = [&](int r, int64_t b) {
-        return reinterpret_cast<const __m128i*>(w8 + r * w_stride + b * sizeof(Block) + offsetof(Block, qs));
+        return w8 + r * w_stride + b * sizeof(Block) + offsetof(Block, qs);
     };
+    const auto load128 = [&](int r, int64_t b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs_at(r, b))); };
+    const auto load256 = [&](int r, int64_t b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs_at(r, b))); };
     const char* next = static_cast<const char*>(w) + 16 * w_stride;
     const int64_t next_lines = static_cast<int64_t>((16 * w_stride + 63) / 64);
     for (int64_t b = 0; b < nb; ++b) {
@@ -244,26 +285,38 @@ void dot_r16(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
             for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
                 _mm_prefetch(next + 64 * l, _MM_HINT_T0);
         }
-        __m512i z[4];  // z[k]: rows k, k + 4, k + 8, k + 12 in its four 128-bit lanes
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(qs_at(k, b)));
-            v = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 4, b)), 1);
-            v = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 8, b)), 2);
-            z[k] = _mm512_inserti32x4(v, _mm_loadu_si128(qs_at(k + 12, b)), 3);
-        }
-        const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
-        const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
-        const __m512i q[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
         __m512i u[8];
+        if constexpr (T::kBytes) {
+            // 32 bytes per row: rows r and r + 8 in one vector, transposed to 8 × 16 dwords.
+            __m512i z[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) {
+                z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(load256(r, b)), load256(r + 8, b), 1);
+            }
+            transpose16x8(z, u);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) u[j] = _mm512_xor_si512(u[j], _mm512_set1_epi8(static_cast<char>(0x80)));
+        } else {
+            __m512i z[4];  // z[k]: rows k, k + 4, k + 8, k + 12 in its four 128-bit lanes
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-            u[j] = _mm512_and_si512(q[j], m4);
-            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(q[j], 4), m4);
-            if constexpr (!T::kNibbleIsUnsigned) {
-                u[j] = _mm512_shuffle_epi8(levels_u, u[j]);
-                u[j + 4] = _mm512_shuffle_epi8(levels_u, u[j + 4]);
+            for (int k = 0; k < 4; ++k) {
+                __m512i v = _mm512_castsi128_si512(load128(k, b));
+                v = _mm512_inserti32x4(v, load128(k + 4, b), 1);
+                v = _mm512_inserti32x4(v, load128(k + 8, b), 2);
+                z[k] = _mm512_inserti32x4(v, load128(k + 12, b), 3);
+            }
+            const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+            const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+            const __m512i q[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                                  _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                u[j] = _mm512_and_si512(q[j], m4);
+                u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(q[j], 4), m4);
+                if constexpr (!T::kNibbleIsUnsigned) {
+                    u[j] = _mm512_shuffle_epi8(levels_u, u[j]);
+                    u[j + 4] = _mm512_shuffle_epi8(levels_u, u[j + 4]);
+                }
             }
         }
         const __m512 dx = T::scales16(w8, _mm512_add_epi32(row_off, _mm512_set1_epi32(static_cast<int>(b * sizeof(Block)))));
@@ -304,8 +357,8 @@ void decode_tile16(int64_t n, const void* w, size_t w_stride, void* tile) {
         __m512i z[8];  // rows r and r + 8
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
-            z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(block_levels(x[r][b].qs, levels, m4)),
-                                      block_levels(x[r + 8][b].qs, levels, m4), 1);
+            z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(levels32<T>(x[r][b], levels, m4)),
+                                      levels32<T>(x[r + 8][b], levels, m4), 1);
         }
         const __m512i sum = transpose16x8_store(z, o);
         _mm512_storeu_si512(o + 512, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
@@ -352,6 +405,13 @@ void dot_tile16(int64_t n, const void* tile, const void* a, size_t a_stride, flo
 void decode_tile16_q4_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q4_0Type>(n, w, ws, tile); }
 void decode_tile16_iq4_nl(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<IQ4NLType>(n, w, ws, tile); }
 void decode_tile16_mxfp4(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<MXFP4Type>(n, w, ws, tile); }
+void decode_tile16_q8_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q8_0Type>(n, w, ws, tile); }
+void vec_dot_q8_0_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<Q8_0Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_q8_0_q8_0_r16x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r16<Q8_0Type, 4>(n, w, ws, a, as, out);
+}
 void vec_dot_q4_0_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
     dot_r16<Q4_0Type, 1>(n, w, ws, a, as, out);
 }
@@ -381,6 +441,14 @@ void vec_dot_tile16x4_q8_0(int64_t n, const void* tile, const void* a, size_t as
 float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<Q4_0Type>(n, w, a); }
 float vec_dot_iq4_nl_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<IQ4NLType>(n, w, a); }
 float vec_dot_mxfp4_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<MXFP4Type>(n, w, a); }
+float vec_dot_q8_0_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<Q8_0Type>(n, w, a); }
+
+void vec_dot_q8_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<Q8_0Type, 1>(n, w, ws, a, as, out);
+}
+void vec_dot_q8_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
+    dot_r8<Q8_0Type, 4>(n, w, ws, a, as, out);
+}
 
 void vec_dot_q4_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
     dot_r8<Q4_0Type, 1>(n, w, ws, a, as, out);

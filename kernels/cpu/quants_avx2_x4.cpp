@@ -22,98 +22,6 @@
 namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
-// ax = |w|, sy = a·sign(w): maddubs(ax, sy) = w·a pairs (as mul_sum_i8_pairs_float).
-inline __m256 dot_signed(__m256i ax, __m256i qx, __m256i qy) {
-    return _mm256_cvtepi32_ps(dp4_add(_mm256_setzero_si256(), ax, _mm256_sign_epi8(qy, qx)));
-}
-
-#if MM_SIMD_VNNI == 2
-// 32 bytes at p0, then 32 at p1, as one 512-bit vector.
-inline __m512i load_pair(const int8_t* p0, const int8_t* p1) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1)), 1);
-}
-#endif
-
-void dot_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    const int64_t nb = n / 32;
-    const auto* y0 = static_cast<const BlockQ8_0*>(a);
-    const BlockQ8_0* y[4];
-    for (int r = 0; r < 4; ++r) {
-        y[r] = reinterpret_cast<const BlockQ8_0*>(reinterpret_cast<const uint8_t*>(y0) + r * a_stride);
-    }
-    const auto load_w = [&](int64_t i) -> __m256i {
-        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const BlockQ8_0*>(w)[i].qs));
-    };
-    const auto w_d = [&](int64_t i) -> float { return h2f(static_cast<const BlockQ8_0*>(w)[i].d); };
-    __m256 acc0[4], acc1[4];
-#define MM_INIT(r) acc0[r] = _mm256_setzero_ps(), acc1[r] = _mm256_setzero_ps();
-    MM_ROWS4(MM_INIT)
-#undef MM_INIT
-    int64_t i = 0;
-#if MM_SIMD_VNNI == 2
-    {
-        // Blocks i and i + 1 side by side in one 512-bit vector, so accz[r] is [acc0[r] | acc1[r]].
-        // The sign trick as a masked subtract: where w < 0 the activation is negated; where w = 0
-        // |w| is 0 and the product with it too, as with vpsignb.
-        __m512 accz[4];
-#define MM_INIT(r) accz[r] = _mm512_setzero_ps();
-        MM_ROWS4(MM_INIT)
-#undef MM_INIT
-        const auto* xb = static_cast<const BlockQ8_0*>(w);
-        for (; i + 2 <= nb; i += 2) {
-            const __m512i qx = load_pair(xb[i].qs, xb[i + 1].qs);
-            const __m512i ax = _mm512_abs_epi8(qx);
-            const __mmask64 neg = _mm512_movepi8_mask(qx);
-            const float dx0 = w_d(i), dx1 = w_d(i + 1);
-#define MM_ROW(r)                                                                                                  \
-    {                                                                                                              \
-        const __m512i qy = load_pair(y[r][i].qs, y[r][i + 1].qs);                                                       \
-        const __m512i sy = _mm512_mask_sub_epi8(qy, neg, _mm512_setzero_si512(), qy);                             \
-        const __m512 d = _mm512_mask_broadcastss_ps(_mm512_set1_ps(dx0 * h2f(y[r][i].d)), 0xFF00,                 \
-                                                    _mm_set_ss(dx1 * h2f(y[r][i + 1].d)));                        \
-        accz[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy)), accz[r]); \
-    }
-            MM_ROWS4(MM_ROW)
-#undef MM_ROW
-        }
-#define MM_SPLIT(r)                              \
-    acc0[r] = _mm512_castps512_ps256(accz[r]); \
-    acc1[r] = _mm512_castps512_ps256(_mm512_shuffle_f32x4(accz[r], accz[r], 0xEE));
-        MM_ROWS4(MM_SPLIT)
-#undef MM_SPLIT
-    }
-#endif
-    for (; i + 2 <= nb; i += 2) {
-        const __m256i qx0 = load_w(i), qx1 = load_w(i + 1);
-        const __m256i ax0 = _mm256_sign_epi8(qx0, qx0), ax1 = _mm256_sign_epi8(qx1, qx1);
-        const float dx0 = w_d(i), dx1 = w_d(i + 1);
-#define MM_ROW(r)                                                                                                     \
-    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * h2f(y[r][i].d)),                                                   \
-                              dot_signed(ax0, qx0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
-                              acc0[r]);                                                                               \
-    acc1[r] = _mm256_fmadd_ps(                                                                                        \
-        _mm256_set1_ps(dx1 * h2f(y[r][i + 1].d)),                                                                     \
-        dot_signed(ax1, qx1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i + 1].qs))), acc1[r]);
-        MM_ROWS4(MM_ROW)
-#undef MM_ROW
-    }
-    for (; i < nb; ++i) {
-        const __m256i qx = load_w(i);
-        const __m256i ax = _mm256_sign_epi8(qx, qx);
-        const float dx = w_d(i);
-#define MM_ROW(r)                                                                                                   \
-    acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y[r][i].d)),                                                  \
-                              dot_signed(ax, qx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[r][i].qs))), \
-                              acc0[r]);
-        MM_ROWS4(MM_ROW)
-#undef MM_ROW
-    }
-#define MM_OUT(r) out[r] = hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
-    MM_ROWS4(MM_OUT)
-#undef MM_OUT
-}
-
 // Q4_K against 4 Q8_K rows, the weights read through Src: per super-block i, Src::Block b = src.at(i)
 // gives d(), dmin(), mins() (8 int16) and group(j, q4l, q4h, scale_l, scale_h) for the four
 // 64-element groups. Q4KEncoded computes them from the block (as the one-row kernel does), and
@@ -339,10 +247,6 @@ void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride
 #endif
 
 }  // namespace
-
-void vec_dot_q8_0_q8_0_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
-    dot_q8_0_x4(n, w, a, a_stride, out);
-}
 
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
     q4k_x4(n, Q4KEncoded{static_cast<const BlockQ4_K*>(w)}, a, a_stride, out);
