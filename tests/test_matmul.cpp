@@ -249,13 +249,14 @@ TEST(CpuIsa, NamesRoundTripAndTheLevelInUseIsSupported) {
 }
 
 // Every kernel of a VNNI variant against the AVX2 one, bit for bit: activation conversion, the
-// one-row, 4-row, 8-row and decoded-row dots, on quantized Gaussian weights and on weights and
-// activations at the extremes of their ranges (the VNNI kernels regroup the integer sums).
+// one-row, 4-row, 8-row, 16-row, decoded-row and transposed-tile dots, on quantized Gaussian
+// weights and on weights and activations at the extremes of their ranges (the VNNI kernels regroup
+// the integer sums). The AVX2 variant's own tiles (8 rows) are checked the same way.
 TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
-    std::vector<quants::SimdLevel> levels;
+    if (!quants::cpu_supports(quants::SimdLevel::kAvx2)) GTEST_SKIP() << "no AVX2";
+    std::vector<quants::SimdLevel> levels = {quants::SimdLevel::kAvx2};
     for (quants::SimdLevel l : {quants::SimdLevel::kAvxVnni, quants::SimdLevel::kAvx512Vnni})
         if (quants::cpu_supports(l)) levels.push_back(l);
-    if (levels.empty()) GTEST_SKIP() << "this CPU has neither AVX-VNNI nor AVX512-VNNI";
     if (!quants::cpu_supports(quants::SimdLevel::kAvxVnni)) std::printf("[  NOTE    ] no AVX-VNNI: that variant is not checked\n");
     if (!quants::cpu_supports(quants::SimdLevel::kAvx512Vnni))
         std::printf("[  NOTE    ] no AVX512-VNNI: that variant is not checked\n");
@@ -264,7 +265,9 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
             const quants::TypeKernels* ka = quants::type_kernels(t, quants::SimdLevel::kAvx2);
             const quants::TypeKernels* kv = quants::type_kernels(t, level);
             const std::string what = std::string(quants::simd_level_name(level)) + " " + ggml_type_name(t);
-            ASSERT_NE(ka->vec_dot, kv->vec_dot) << what;  // the variant's own code
+            if (level != quants::SimdLevel::kAvx2) {
+                ASSERT_NE(ka->vec_dot, kv->vec_dot) << what;  // the variant's own code
+            }
             for (int64_t k : sizes_for(t)) {
                 for (int extremes = 0; extremes < 2; ++extremes) {
                     const uint32_t seed = 300 + static_cast<uint32_t>(k) + 7 * static_cast<uint32_t>(extremes);
@@ -339,29 +342,34 @@ TEST(CpuIsa, VnniVariantsGiveTheAvx2Bits) {
                             }
                         }
                     }
-                    if (kv->decode_tile16) {
-                        // 16 rows transposed: every output the AVX2 one-row dot's bits.
-                        std::vector<uint8_t> tile(static_cast<size_t>(k / kv->block) * kv->tile16_bytes_per_block);
-                        kv->decode_tile16(k, w.data(), w_stride, tile.data());
+                    if (kv->decode_tile) {
+                        // tile_rows rows transposed: every output the AVX2 one-row dot's bits.
+                        ASSERT_TRUE(kv->tile_rows == 8 || kv->tile_rows == 16) << what;
+                        const int64_t tr = kv->tile_rows;
+                        std::vector<uint8_t> tile(static_cast<size_t>(k / kv->block) * kv->tile_bytes_per_block);
+                        kv->decode_tile(k, w.data(), w_stride, tile.data());
                         float o4[64], o1[16];
-                        kv->vec_dot_tile16x4(k, tile.data(), aa.data(), a_stride, o4);
+                        kv->vec_dot_tile_x4(k, tile.data(), aa.data(), a_stride, o4);
                         for (int q = 0; q < 4; ++q) {
-                            kv->vec_dot_tile16(k, tile.data(), aa.data() + q * a_stride, a_stride, o1);
-                            for (int r = 0; r < 16; ++r) {
+                            kv->vec_dot_tile(k, tile.data(), aa.data() + q * a_stride, a_stride, o1);
+                            for (int r = 0; r < tr; ++r) {
                                 const float want = ka->vec_dot(k, w.data() + r * w_stride, aa.data() + q * a_stride);
-                                ASSERT_TRUE(same(o4[16 * q + r], want, "vec_dot_tile16x4"));
-                                ASSERT_TRUE(same(o1[r], want, "vec_dot_tile16"));
+                                ASSERT_TRUE(same(o4[tr * q + r], want, "vec_dot_tile_x4"));
+                                ASSERT_TRUE(same(o1[r], want, "vec_dot_tile"));
                             }
                         }
                     }
-                    if (ka->vec_dot_r8) {
-                        float oa[32], ov[32];
-                        ka->vec_dot_r8x4(k, w.data(), w_stride, aa.data(), a_stride, oa);
-                        kv->vec_dot_r8x4(k, w.data(), w_stride, aa.data(), a_stride, ov);
-                        for (int i = 0; i < 32; ++i) ASSERT_TRUE(same(ov[i], oa[i], "vec_dot_r8x4"));
-                        ka->vec_dot_r8(k, w.data(), w_stride, aa.data(), a_stride, oa);
-                        kv->vec_dot_r8(k, w.data(), w_stride, aa.data(), a_stride, ov);
-                        for (int i = 0; i < 8; ++i) ASSERT_TRUE(same(ov[i], oa[i], "vec_dot_r8"));
+                    if (kv->vec_dot_r8) {  // 8 rows, against the AVX2 one-row dot
+                        float o4[32], o1[8];
+                        kv->vec_dot_r8x4(k, w.data(), w_stride, aa.data(), a_stride, o4);
+                        for (int q = 0; q < 4; ++q) {
+                            kv->vec_dot_r8(k, w.data(), w_stride, aa.data() + q * a_stride, a_stride, o1);
+                            for (int r = 0; r < 8; ++r) {
+                                const float want = ka->vec_dot(k, w.data() + r * w_stride, aa.data() + q * a_stride);
+                                ASSERT_TRUE(same(o4[8 * q + r], want, "vec_dot_r8x4"));
+                                ASSERT_TRUE(same(o1[r], want, "vec_dot_r8"));
+                            }
+                        }
                     }
                 }
             }

@@ -14,8 +14,9 @@
 //    the 4-row dot on that.
 // 4. Types with 8-row kernels (Q4_0, IQ4_NL, MXFP4, Q8_0: llama.cpp's repacked arithmetic) take W rows
 //    8 at a time, against 4 X rows or 1; on 512-bit CPUs 16 at a time (vec_dot_r16: one lane per
-//    W row), and a tile of 16 W rows with kDecodeMinM or more X rows is transposed into memory
-//    once (decode_tile16) and dotted 4 X rows at a time.
+//    W row). With kDecodeMinM or more X rows, these types (and Q4_K, IQ4_XS on 512-bit CPUs)
+//    transpose tile_rows W rows (16 or 8: one per int32 lane) into memory once (decode_tile) and
+//    dot them 4 X rows at a time.
 // 5. A remainder of 2 or 3 X rows also goes through the 4-row kernel, reading padding rows (zeros)
 //    or the next rows of A, whose results are dropped.
 // Every output element is the same bits whichever path computed it (the 4-row and decoded kernels
@@ -77,7 +78,7 @@ Bookkeeping& bookkeeping() {
 
 void run_tile(const Prepared& p, int64_t t) {
     const quants::TypeKernels* kt = p.kt;
-    const int64_t r0 = (t % p.n_row_tiles) * p.tile_rows;
+    int64_t r0 = (t % p.n_row_tiles) * p.tile_rows;  // advanced past the rows of transposed tiles
     const int64_t r1 = std::min(p.n_out, r0 + p.tile_rows);
     const int64_t i0 = (t / p.n_row_tiles) * p.tile_m;
     const int64_t i1 = std::min(p.m, i0 + p.tile_m);
@@ -109,16 +110,20 @@ void run_tile(const Prepared& p, int64_t t) {
             std::memcpy(y + i * n_out + r, out, g * sizeof(float));
         }
     };
-    if (kt->decode_tile16 != nullptr && r1 - r0 == 16 && i1 - i0 >= kDecodeMinM) {
-        // The 16 W rows transposed once, then 4 X rows at a time (1 for the rest).
-        const size_t tile_bytes = static_cast<size_t>(k / kt->block) * kt->tile16_bytes_per_block;
+    if (kt->decode_tile != nullptr && i1 - i0 >= kDecodeMinM) {
+        // tile_rows W rows transposed once, then 4 X rows at a time (1 for the rest); leftover W
+        // rows (fewer than tile_rows) below.
+        const int64_t tr = kt->tile_rows;
+        const size_t tile_bytes = static_cast<size_t>(k / kt->block) * kt->tile_bytes_per_block;
         std::vector<uint8_t>& dec = dec_scratch();
         if (dec.size() < tile_bytes) dec.resize(tile_bytes);
-        kt->decode_tile16(k, wb + static_cast<size_t>(r0) * w_stride, w_stride, dec.data());
-        x_rows(
-            r0, 16, [&](const uint8_t* a, float* out) { kt->vec_dot_tile16x4(k, dec.data(), a, a_stride, out); },
-            [&](const uint8_t* a, float* out) { kt->vec_dot_tile16(k, dec.data(), a, a_stride, out); });
-        return;
+        for (; r0 + tr <= r1; r0 += tr) {
+            kt->decode_tile(k, wb + static_cast<size_t>(r0) * w_stride, w_stride, dec.data());
+            x_rows(
+                r0, tr, [&](const uint8_t* a, float* out) { kt->vec_dot_tile_x4(k, dec.data(), a, a_stride, out); },
+                [&](const uint8_t* a, float* out) { kt->vec_dot_tile(k, dec.data(), a, a_stride, out); });
+        }
+        if (r0 == r1) return;
     }
     if (kt->vec_dot_r8 != nullptr) {
         // 16 W rows at a time where the type can (512-bit CPUs), then 8, against 4 X rows or 1;

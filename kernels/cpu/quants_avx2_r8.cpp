@@ -68,6 +68,12 @@ struct Q4_0Type : Fp16Scaled<BlockQ4_0> {
     static constexpr bool kBytes = false;
     static constexpr int kOffset = 8;
     static constexpr bool kNibbleIsUnsigned = true;
+    // AVX2 without VNNI: levels within ±kSmallLevel (0: up to ±128) are multiplied as unsigned
+    // bytes (level + kSmallLevel, or a + 128 in the tiles) by signed ones in vpmaddubsw, whose int16
+    // pair sums of kGroup16 vectors are added before vpmaddwd: 8 · 2 · 255 · 8 < 2^15 for Q4_0,
+    // 4 · 2 · 255 · 12 for MXFP4. Larger levels take ggml's sign trick (see dot32).
+    static constexpr int kSmallLevel = 8;
+    static constexpr int kGroup16 = 8;
     static const int8_t* levels() { return kQ4_0Levels; }
 };
 struct IQ4NLType : Fp16Scaled<BlockIQ4_NL> {
@@ -75,6 +81,8 @@ struct IQ4NLType : Fp16Scaled<BlockIQ4_NL> {
     static constexpr bool kBytes = false;
     static constexpr int kOffset = 128;
     static constexpr bool kNibbleIsUnsigned = false;
+    static constexpr int kSmallLevel = 0;
+    static constexpr int kGroup16 = 0;
     static const int8_t* levels() { return kIQ4NLValues; }
 };
 struct MXFP4Type {
@@ -82,6 +90,8 @@ struct MXFP4Type {
     static constexpr bool kBytes = false;
     static constexpr int kOffset = 128;
     static constexpr bool kNibbleIsUnsigned = false;
+    static constexpr int kSmallLevel = 12;
+    static constexpr int kGroup16 = 4;
     static const int8_t* levels() { return kMXFP4Values; }
     static float scale(const Block& b) { return e8m0_to_fp32_half(b.e); }
     // e8m0_to_fp32_half on 8 lanes: e < 2 gives the subnormal 0x00200000 << e, else (e - 1) << 23.
@@ -111,6 +121,8 @@ struct Q8_0Type : Fp16Scaled<BlockQ8_0> {
     static constexpr bool kBytes = true;
     static constexpr int kOffset = 128;
     static constexpr bool kNibbleIsUnsigned = false;
+    static constexpr int kSmallLevel = 0;
+    static constexpr int kGroup16 = 0;
     static const int8_t* levels() { return kQ4_0Levels; }  // unused
 };
 
@@ -249,6 +261,244 @@ float dot_r1(int64_t n, const void* w, const void* a) {
     return _mm_cvtss_f32(acc);
 }
 
+#if MM_SIMD_VNNI < 2
+// 8 rows of a 4-bit type with one row per int32 lane, transposed in registers: decode, and prompt
+// tiles of fewer than kDecodeMinM rows, on 256-bit CPUs. Per block the 8 rows' 16 quant bytes
+// (rows k and k + 4 in one vector) are transposed as dwords, so that lane r of q[j] holds row r's
+// bytes 4j..4j+3: their low nibbles are elements 4j..4j+3, the high ones 16 + 4j..16 + 4j + 3. With
+// AVX-VNNI the levels, made unsigned (level + kOffset), meet the broadcast activation dwords in
+// vpdpbusd, each lane starting from -kOffset · Σ a; with AVX2 the same with vpmaddubsw for small
+// levels (level + kSmallLevel; kGroup16 vectors summed in int16, then vpmaddwd), else ggml's sign
+// trick per vector. No horizontal sums: lane r ends with row r's exact integer sum, and the float
+// step per row and block is dot_r1's.
+template <class T, int NA>
+void dot_r8t(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+#if MM_SIMD_VNNI
+    constexpr int kOff = T::kOffset;
+    constexpr bool kSign = false;
+#else
+    constexpr int kOff = T::kSmallLevel;
+    constexpr bool kSign = T::kSmallLevel == 0;
+#endif
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i levels_u = _mm256_add_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels()))),
+        _mm256_set1_epi8(static_cast<char>(kOff)));
+    const Block* x[8];
+    for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const BlockQ8_0* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m256 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
+    const auto load128 = [&](int r, int64_t b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[r][b].qs)); };
+    const char* next = static_cast<const char*>(w) + 8 * w_stride;
+    const int64_t next_lines = static_cast<int64_t>((8 * w_stride + 63) / 64);
+    for (int64_t b = 0; b < nb; ++b) {
+        if constexpr (NA == 1) {  // the next 8 rows, as dot_r8 does
+            for (int64_t l = b * next_lines / nb; l < (b + 1) * next_lines / nb; ++l)
+                _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        }
+        int32_t yd[NA][8];  // the activation bytes, 4 per dword
+        __m256i start[NA];  // -kOff · Σ a
+        for (int t = 0; t < NA; ++t) {
+            std::memcpy(yd[t], y[t][b].qs, sizeof(yd[t]));
+            if constexpr (!kSign) {
+                const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
+                start[t] = _mm256_set1_epi32(-kOff * hsum_epi32(dp4_add(_mm256_setzero_si256(), _mm256_set1_epi8(1), yv)));
+            }
+        }
+        __m256i z[4];  // z[k]: rows k and k + 4
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k)
+            z[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(load128(k, b)), load128(k + 4, b), 1);
+        const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+        const __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                              _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+        __m256i u[8];  // levels + kOff (signed levels for the sign trick)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+            u[j] = _mm256_and_si256(q[j], m4);
+            u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(q[j], 4), m4);
+            if constexpr (!T::kNibbleIsUnsigned) {
+                u[j] = _mm256_shuffle_epi8(levels_u, u[j]);
+                u[j + 4] = _mm256_shuffle_epi8(levels_u, u[j + 4]);
+            }
+        }
+        const __m256 dx = T::scales8(x, b);
+#pragma GCC unroll 4
+        for (int t = 0; t < NA; ++t) {
+            __m256i s;
+            if constexpr (kSign) {
+                s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) {
+                    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(u[j], u[j]),
+                                                           _mm256_sign_epi8(_mm256_set1_epi32(yd[t][j]), u[j]));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones16));
+                }
+            } else {
+                s = start[t];
+#if MM_SIMD_VNNI
+                // Four chains of vpdpbusd (its latency, not its throughput, would bound one chain).
+                __m256i s1 = _mm256_setzero_si256(), s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
+#pragma GCC unroll 2
+                for (int j = 0; j < 8; j += 4) {
+                    s = dp4_add(s, u[j], _mm256_set1_epi32(yd[t][j]));
+                    s1 = dp4_add(s1, u[j + 1], _mm256_set1_epi32(yd[t][j + 1]));
+                    s2 = dp4_add(s2, u[j + 2], _mm256_set1_epi32(yd[t][j + 2]));
+                    s3 = dp4_add(s3, u[j + 3], _mm256_set1_epi32(yd[t][j + 3]));
+                }
+                s = _mm256_add_epi32(_mm256_add_epi32(s, s1), _mm256_add_epi32(s2, s3));
+#else
+                constexpr int G = T::kGroup16;
+#pragma GCC unroll 8
+                for (int h = 0; h < 8; h += G) {
+                    __m256i s16 = _mm256_maddubs_epi16(u[h], _mm256_set1_epi32(yd[t][h]));
+#pragma GCC unroll 8
+                    for (int j = h + 1; j < h + G; ++j)
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(u[j], _mm256_set1_epi32(yd[t][j])));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, ones16));
+                }
+#endif
+            }
+            const __m256 d = _mm256_mul_ps(dx, _mm256_set1_ps(h2f(y[t][b].d)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+// 8 rows of 8 dwords (in[r]) transposed: out[j], lane r = dword j of in[r].
+inline void transpose8x8(const __m256i* in, __m256i* out) {
+    __m256i t[8], u[8];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {  // rows 2p, 2p + 1: (d0 d0 d1 d1 | d4 d4 d5 d5), (d2 d2 d3 d3 | d6 ...)
+        t[2 * p] = _mm256_unpacklo_epi32(in[2 * p], in[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(in[2 * p], in[2 * p + 1]);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: u[4h + c] = dwords c (low half) and c + 4 (high)
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+        out[c] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x20);
+        out[c + 4] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x31);
+    }
+}
+
+// 8 rows transposed (see DecodeTileFn), one row per int32 lane, for 256-bit CPUs. Per block:
+// [0, 256) 8 vectors of signed levels (vector j, lane r: row r's elements 4j..4j+3), then
+//   - with AVX-VNNI, and for small levels (kSmallLevel: Q4_0, MXFP4) with AVX2: [256, 288) the
+//     int32 -128 · Σ levels of row r; the activation bytes, made unsigned (a + 128) and broadcast
+//     4 at a time, meet the levels in vpdpbusd (AVX2: vpmaddubsw, kGroup16 vectors, vpmaddwd);
+//   - for IQ4_NL and Q8_0 with AVX2 (levels up to ±128) [256, 512) the |levels|, for ggml's sign
+//     trick: vpmaddubsw(|w|, sign(a, w)), then vpmaddwd, per vector;
+// and [bytes - 32, bytes) the 8 rows' float scales. The integer sums are exact, the float step per
+// row and block dot_r1's.
+template <class T>
+constexpr bool kTile8SignTrick = MM_SIMD_VNNI == 0 && T::kSmallLevel == 0;
+template <class T>
+constexpr size_t kTile8Bytes = kTile8SignTrick<T> ? 544 : 320;
+
+template <class T>
+void decode_tile8(int64_t n, const void* w, size_t w_stride, void* tile) {
+    using Block = typename T::Block;
+    const int64_t nb = n / 32;
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(T::levels())));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const Block* x[8];
+    for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t b = 0; b < nb; ++b, o += kTile8Bytes<T>) {
+        __m256i z[8], v[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) z[r] = levels32<T>(x[r][b], levels, m4);
+        transpose8x8(z, v);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 * j), v[j]);
+        if constexpr (kTile8SignTrick<T>) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * j), _mm256_sign_epi8(v[j], v[j]));
+        } else {
+            // Σ levels per lane: the bytes summed in pairs (|level| <= 128), then the pairs.
+            __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi8(1), v[j]));
+            const __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
+        }
+        float scales[8];
+        for (int r = 0; r < 8; ++r) scales[r] = T::scale(x[r][b]);
+        std::memcpy(o + kTile8Bytes<T> - 32, scales, sizeof(scales));
+    }
+}
+
+template <class T, int NA>
+void dot_tile8(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const int64_t nb = n / 32;
+    const BlockQ8_0* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m256 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
+    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const auto* p = static_cast<const uint8_t*>(tile);
+    const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+    for (int64_t b = 0; b < nb; ++b, p += kTile8Bytes<T>) {
+        const __m256 dx = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kTile8Bytes<T> - 32));
+#pragma GCC unroll 4
+        for (int t = 0; t < NA; ++t) {
+            alignas(32) int32_t ya[8];  // 4 activation bytes per dword (a + 128 unless the sign trick)
+            const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
+            __m256i s;
+            if constexpr (kTile8SignTrick<T>) {
+                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), yv);
+                s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) {
+                    const __m256i signed_a = _mm256_sign_epi8(_mm256_set1_epi32(ya[j]), vec(32 * j));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(vec(256 + 32 * j), signed_a), ones16));
+                }
+            } else {
+                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), _mm256_xor_si256(yv, bias));
+                s = vec(256);
+#if MM_SIMD_VNNI == 1
+                __m256i s1 = _mm256_setzero_si256();  // two chains, as in dot_r8t
+#pragma GCC unroll 4
+                for (int j = 0; j < 8; j += 2) {
+                    s = _mm256_dpbusd_avx_epi32(s, _mm256_set1_epi32(ya[j]), vec(32 * j));
+                    s1 = _mm256_dpbusd_avx_epi32(s1, _mm256_set1_epi32(ya[j + 1]), vec(32 * j + 32));
+                }
+                s = _mm256_add_epi32(s, s1);
+#else
+                constexpr int G = T::kGroup16;
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g += G) {
+                    __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi32(ya[g]), vec(32 * g));
+#pragma GCC unroll 8
+                    for (int j = g + 1; j < g + G; ++j)
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi32(ya[j]), vec(32 * j)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, ones16));
+                }
+#endif
+            }
+            const __m256 d = _mm256_mul_ps(dx, _mm256_set1_ps(h2f(y[t][b].d)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+#endif
+
 #if MM_SIMD_VNNI == 2
 // 16 W rows against NA activation rows, no tile in memory (decode, and prompt tiles of fewer than
 // kDecodeMinM rows). Per block the 16 rows' 16 quant bytes are transposed as dwords in registers
@@ -330,8 +580,13 @@ void dot_r16(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
             __m512i s = _mm512_set1_epi32(-T::kOffset * _mm_cvtsi128_si32(ys));
             int32_t yd[8];
             std::memcpy(yd, y[t][b].qs, sizeof(yd));
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, u[j], _mm512_set1_epi32(yd[j]));
+            __m512i s1 = _mm512_setzero_si512();  // two chains of vpdpbusd, as in dot_r8t
+#pragma GCC unroll 4
+            for (int j = 0; j < 8; j += 2) {
+                s = _mm512_dpbusd_epi32(s, u[j], _mm512_set1_epi32(yd[j]));
+                s1 = _mm512_dpbusd_epi32(s1, u[j + 1], _mm512_set1_epi32(yd[j + 1]));
+            }
+            s = _mm512_add_epi32(s, s1);
             const __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(h2f(y[t][b].d)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
         }
@@ -389,8 +644,13 @@ void dot_tile16(int64_t n, const void* tile, const void* a, size_t a_stride, flo
             _mm256_store_si256(reinterpret_cast<__m256i*>(yu),
                                _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs)), bias));
             __m512i s = start;
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, _mm512_set1_epi32(yu[j]), v[j]);
+            __m512i s1 = _mm512_setzero_si512();  // two chains, as in dot_r8t
+#pragma GCC unroll 4
+            for (int j = 0; j < 8; j += 2) {
+                s = _mm512_dpbusd_epi32(s, _mm512_set1_epi32(yu[j]), v[j]);
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(yu[j + 1]), v[j + 1]);
+            }
+            s = _mm512_add_epi32(s, s1);
             const __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(h2f(y[t][b].d)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
         }
@@ -402,10 +662,37 @@ void dot_tile16(int64_t n, const void* tile, const void* a, size_t a_stride, flo
 }  // namespace
 
 #if MM_SIMD_VNNI == 2
-void decode_tile16_q4_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q4_0Type>(n, w, ws, tile); }
-void decode_tile16_iq4_nl(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<IQ4NLType>(n, w, ws, tile); }
-void decode_tile16_mxfp4(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<MXFP4Type>(n, w, ws, tile); }
-void decode_tile16_q8_0(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<Q8_0Type>(n, w, ws, tile); }
+const int64_t kTileRows = 16;
+const size_t kTileBytesQ4_0 = kTile16BytesPerBlock, kTileBytesIQ4_NL = kTile16BytesPerBlock,
+             kTileBytesMXFP4 = kTile16BytesPerBlock, kTileBytesQ8_0 = kTile16BytesPerBlock;
+#define MM_TILE(T, name)                                                                                       \
+    void decode_tile_##name(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16<T>(n, w, ws, tile); } \
+    void vec_dot_tile_##name(int64_t n, const void* tile, const void* a, size_t as, float* out) {                 \
+        dot_tile16<1>(n, tile, a, as, out);                                                                    \
+    }                                                                                                          \
+    void vec_dot_tile_x4_##name(int64_t n, const void* tile, const void* a, size_t as, float* out) {              \
+        dot_tile16<4>(n, tile, a, as, out);                                                                    \
+    }
+#else
+const int64_t kTileRows = 8;
+const size_t kTileBytesQ4_0 = kTile8Bytes<Q4_0Type>, kTileBytesIQ4_NL = kTile8Bytes<IQ4NLType>,
+             kTileBytesMXFP4 = kTile8Bytes<MXFP4Type>, kTileBytesQ8_0 = kTile8Bytes<Q8_0Type>;
+#define MM_TILE(T, name)                                                                                      \
+    void decode_tile_##name(int64_t n, const void* w, size_t ws, void* tile) { decode_tile8<T>(n, w, ws, tile); } \
+    void vec_dot_tile_##name(int64_t n, const void* tile, const void* a, size_t as, float* out) {                \
+        dot_tile8<T, 1>(n, tile, a, as, out);                                                                 \
+    }                                                                                                         \
+    void vec_dot_tile_x4_##name(int64_t n, const void* tile, const void* a, size_t as, float* out) {             \
+        dot_tile8<T, 4>(n, tile, a, as, out);                                                                 \
+    }
+#endif
+MM_TILE(Q4_0Type, q4_0)
+MM_TILE(IQ4NLType, iq4_nl)
+MM_TILE(MXFP4Type, mxfp4)
+MM_TILE(Q8_0Type, q8_0)
+#undef MM_TILE
+
+#if MM_SIMD_VNNI == 2
 void vec_dot_q8_0_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
     dot_r16<Q8_0Type, 1>(n, w, ws, a, as, out);
 }
@@ -430,12 +717,6 @@ void vec_dot_mxfp4_q8_0_r16(int64_t n, const void* w, size_t ws, const void* a, 
 void vec_dot_mxfp4_q8_0_r16x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
     dot_r16<MXFP4Type, 4>(n, w, ws, a, as, out);
 }
-void vec_dot_tile16_q8_0(int64_t n, const void* tile, const void* a, size_t as, float* out) {
-    dot_tile16<1>(n, tile, a, as, out);
-}
-void vec_dot_tile16x4_q8_0(int64_t n, const void* tile, const void* a, size_t as, float* out) {
-    dot_tile16<4>(n, tile, a, as, out);
-}
 #endif
 
 float vec_dot_q4_0_q8_0_r(int64_t n, const void* w, const void* a) { return dot_r1<Q4_0Type>(n, w, a); }
@@ -450,24 +731,33 @@ void vec_dot_q8_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, 
     dot_r8<Q8_0Type, 4>(n, w, ws, a, as, out);
 }
 
+// The 4-bit types' 8 rows: transposed in registers on 256-bit CPUs (dot_r8t); the AVX-512 variant
+// uses these only for the rows after its 16-row groups.
+#if MM_SIMD_VNNI == 2
+#define MM_R8 dot_r8
+#else
+#define MM_R8 dot_r8t
+#endif
 void vec_dot_q4_0_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<Q4_0Type, 1>(n, w, ws, a, as, out);
+    MM_R8<Q4_0Type, 1>(n, w, ws, a, as, out);
 }
 void vec_dot_q4_0_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<Q4_0Type, 4>(n, w, ws, a, as, out);
+    MM_R8<Q4_0Type, 4>(n, w, ws, a, as, out);
 }
 void vec_dot_iq4_nl_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<IQ4NLType, 1>(n, w, ws, a, as, out);
+    MM_R8<IQ4NLType, 1>(n, w, ws, a, as, out);
 }
 void vec_dot_iq4_nl_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<IQ4NLType, 4>(n, w, ws, a, as, out);
+    MM_R8<IQ4NLType, 4>(n, w, ws, a, as, out);
 }
 void vec_dot_mxfp4_q8_0_r8(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<MXFP4Type, 1>(n, w, ws, a, as, out);
+    MM_R8<MXFP4Type, 1>(n, w, ws, a, as, out);
 }
 void vec_dot_mxfp4_q8_0_r8x4(int64_t n, const void* w, size_t ws, const void* a, size_t as, float* out) {
-    dot_r8<MXFP4Type, 4>(n, w, ws, a, as, out);
+    MM_R8<MXFP4Type, 4>(n, w, ws, a, as, out);
 }
+#undef MM_R8
+
 
 }  // namespace moemesh::quants::MM_SIMD_NS
 

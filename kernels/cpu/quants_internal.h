@@ -197,12 +197,13 @@ using DecodeRowFn = void (*)(int64_t n, const void* w, void* dec);
 // 8 W rows (w, w + w_stride, ...) against NA activation rows (1 or 4; a, a + a_stride, ...) into
 // out[t · 8 + r]; each output bit-identical to the type's vec_dot on that row pair.
 using VecDotR8Fn = void (*)(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out);
-// Prompt path of the 8-row types on 512-bit CPUs: 16 W rows (w, w + w_stride, ...) decoded once
-// per matmul tile into a transposed tile (DecodeTile16Fn; tile16_bytes_per_block per block of all
-// 16 rows), one int32 lane per W row, then dotted with NA activation rows (VecDotTile16Fn: 1 or 4)
-// into out[t · 16 + r]; each output bit-identical to the type's vec_dot on that row pair.
-using DecodeTile16Fn = void (*)(int64_t n, const void* w, size_t w_stride, void* tile);
-using VecDotTile16Fn = void (*)(int64_t n, const void* tile, const void* a, size_t a_stride, float* out);
+// Prompt path of the 8-row types (and of Q4_K, IQ4_XS on 512-bit CPUs): tile_rows W rows (w,
+// w + w_stride, ...; 16 on 512-bit CPUs, 8 on 256-bit ones) decoded once per matmul tile into a
+// transposed tile (DecodeTileFn; tile_bytes_per_block per block of all its rows), one int32 lane
+// per W row, then dotted with NA activation rows (VecDotTileFn: 1 or 4) into
+// out[t · tile_rows + r]; each output bit-identical to the type's vec_dot on that row pair.
+using DecodeTileFn = void (*)(int64_t n, const void* w, size_t w_stride, void* tile);
+using VecDotTileFn = void (*)(int64_t n, const void* tile, const void* a, size_t a_stride, float* out);
 
 // Plain scalar references: integer sums per block, then scaled, as ggml's generic vec_dot_*.
 float vec_dot_f32_scalar(int64_t n, const void* w, const void* a);
@@ -287,11 +288,12 @@ struct TypeKernels {
     // Optional 16-row kernels (VecDotR8Fn's contract with 16 rows, out[t · 16 + r]); both set or none.
     VecDotR8Fn vec_dot_r16 = nullptr;
     VecDotR8Fn vec_dot_r16x4 = nullptr;
-    // Optional transposed 16-row tiles (see DecodeTile16Fn); all four set or none.
-    DecodeTile16Fn decode_tile16 = nullptr;
-    size_t tile16_bytes_per_block = 0;
-    VecDotTile16Fn vec_dot_tile16 = nullptr;
-    VecDotTile16Fn vec_dot_tile16x4 = nullptr;
+    // Optional transposed tiles (see DecodeTileFn); all five set or none.
+    DecodeTileFn decode_tile = nullptr;
+    int64_t tile_rows = 0;
+    size_t tile_bytes_per_block = 0;
+    VecDotTileFn vec_dot_tile = nullptr;
+    VecDotTileFn vec_dot_tile_x4 = nullptr;
 };
 
 // Kernels for weight type t at simd_level() (simd=false: the scalar references); nullptr if t is
