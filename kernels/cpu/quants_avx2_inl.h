@@ -250,6 +250,28 @@ inline __m512i transpose16x8_store(const __m512i* z, uint8_t* out) {
 }
 #endif
 
+// 8 rows of 8 dwords (in[r]) transposed: out[j], lane r = dword j of in[r].
+inline void transpose8x8(const __m256i* in, __m256i* out) {
+    __m256i t[8], u[8];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {  // rows 2p, 2p + 1: (d0 d0 d1 d1 | d4 d4 d5 d5), (d2 d2 d3 d3 | d6 ...)
+        t[2 * p] = _mm256_unpacklo_epi32(in[2 * p], in[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(in[2 * p], in[2 * p + 1]);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: u[4h + c] = dwords c (low half) and c + 4 (high)
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+        out[c] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x20);
+        out[c + 4] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x31);
+    }
+}
+
 // One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)
 // as 8 int32 partial sums. The -32 offset is taken out once per block with q6k_offset.
 inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {

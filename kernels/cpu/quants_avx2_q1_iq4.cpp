@@ -4,7 +4,7 @@
 // same integer sums per block, accumulators and final reductions, except IQ4_XS's float step:
 // one exact integer sum per 256-element super-block and row, then acc = fma(float(sum), d · d_a,
 // acc) (as llama.cpp's repacked kernels do for Q4_0), so that the avx512vnni variant can keep one
-// row per vector lane (decode_tile16_iq4_xs) and give the same bits. IQ4_XS looks its 4-bit
+// row per vector lane (decode_tile_iq4_xs: 16 rows, 8 on 256-bit CPUs) and give the same bits. IQ4_XS looks its 4-bit
 // indices up in the 16 levels with one byte shuffle. (IQ4_NL and MXFP4: quants_avx2_r8.cpp.)
 //
 // Compiled for AVX2 through the target pragma, like quants_avx2.cpp (see the note there).
@@ -212,8 +212,9 @@ void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_st
 #undef MM_OUT
 }
 
+namespace {
 #if MM_SIMD_VNNI == 2
-// 16 IQ4_XS rows transposed (see DecodeTile16Fn), one row per int32 lane: per super-block and
+// 16 IQ4_XS rows transposed (see DecodeTileFn), one row per int32 lane: per super-block and
 // 32-element sub-block s, 8 vectors of levels (vector j, lane r: row r's elements 4j..4j+3 of the
 // sub-block, signed), then 16 int32 -128 · Σ levels, then 16 int32 sub-block scales; after the 8
 // sub-blocks, 16 float d. The activation bytes go in biased to unsigned (a + 128) and broadcast 4
@@ -290,10 +291,121 @@ void dot_tile16_iq4_xs(int64_t n, const void* tile, const void* a, size_t a_stri
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
-void vec_dot_tile16_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+#endif
+
+#if MM_SIMD_VNNI < 2
+// 8 IQ4_XS rows transposed for 256-bit CPUs, one row per int32 lane: per super-block and
+// 32-element sub-block, 8 vectors of signed levels (vector j, lane r: row r's elements 4j..4j+3 of
+// the sub-block); then with AVX-VNNI 8 int32 -128 · Σ levels (the activations go in as a + 128, as
+// in the 16-row tile), with AVX2 the 8 vectors of |levels| (ggml's sign trick: levels reach ±127);
+// then 8 int32 sub-block scales; after the 8 sub-blocks, 8 float d. The same exact integer sums
+// and float step as the one-row kernel.
+constexpr size_t kIq4XsSub8 = MM_SIMD_VNNI ? 256 + 32 + 32 : 256 + 256 + 32;
+constexpr size_t kIq4XsTile8Bytes = 8 * kIq4XsSub8 + 32;
+
+void decode_tile8_iq4_xs(int64_t n, const void* w, size_t w_stride, void* tile) {
+    const BlockIQ4_XS* x[8];
+    for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const BlockIQ4_XS*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kIq4XsTile8Bytes) {
+        for (int sb = 0; sb < 8; ++sb) {
+            uint8_t* os = o + sb * kIq4XsSub8;
+            __m256i z[8], v[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) z[r] = iq4_levels(x[r][i].qs + 16 * sb, values, m4);
+            transpose8x8(z, v);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 32 * j), v[j]);
+#if MM_SIMD_VNNI
+            __m256i sum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) sum = dp4_add(sum, _mm256_set1_epi8(1), v[j]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 256), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
+#else
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 256 + 32 * j), _mm256_sign_epi8(v[j], v[j]));
+#endif
+            int32_t ls[8];
+            for (int r = 0; r < 8; ++r) {
+                const int lo4 = (x[r][i].scales_l[sb / 2] >> (4 * (sb % 2))) & 0xf;
+                const int hi2 = (x[r][i].scales_h >> (2 * sb)) & 3;
+                ls[r] = (lo4 | (hi2 << 4)) - 32;
+            }
+            std::memcpy(os + kIq4XsSub8 - 32, ls, sizeof(ls));
+        }
+        float d[8];
+        for (int r = 0; r < 8; ++r) d[r] = h2f(x[r][i].d);
+        std::memcpy(o + 8 * kIq4XsSub8, d, sizeof(d));
+    }
+}
+
+template <int NA>
+void dot_tile8_iq4_xs(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const BlockQ8_K* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = row_ptr<BlockQ8_K>(a, a_stride, t);
+    __m256 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
+    const auto* p = static_cast<const uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, p += kIq4XsTile8Bytes) {
+        __m256i total[NA];
+        for (int t = 0; t < NA; ++t) total[t] = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; ++sb) {
+            const uint8_t* ps = p + sb * kIq4XsSub8;
+            const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ps + off)); };
+            const __m256i ls = vec(kIq4XsSub8 - 32);
+#pragma GCC unroll 4
+            for (int t = 0; t < NA; ++t) {
+                const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].qs + 32 * sb));
+                alignas(32) int32_t ya[8];  // 4 activation bytes per dword (a + 128 with AVX-VNNI)
+#if MM_SIMD_VNNI
+                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), _mm256_xor_si256(yv, _mm256_set1_epi8(static_cast<char>(0x80))));
+                __m256i s = vec(256), s1 = _mm256_setzero_si256();  // two vpdpbusd chains
+#pragma GCC unroll 4
+                for (int j = 0; j < 8; j += 2) {
+                    s = dp4_add(s, _mm256_set1_epi32(ya[j]), vec(32 * j));
+                    s1 = dp4_add(s1, _mm256_set1_epi32(ya[j + 1]), vec(32 * j + 32));
+                }
+                s = _mm256_add_epi32(s, s1);
+#else
+                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), yv);
+                __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) {
+                    const __m256i signed_a = _mm256_sign_epi8(_mm256_set1_epi32(ya[j]), vec(32 * j));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(vec(256 + 32 * j), signed_a), _mm256_set1_epi16(1)));
+                }
+#endif
+                total[t] = _mm256_add_epi32(total[t], _mm256_mullo_epi32(s, ls));
+            }
+        }
+        const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(p + 8 * kIq4XsSub8));
+        for (int t = 0; t < NA; ++t)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[t]), _mm256_mul_ps(d, _mm256_set1_ps(y[t][i].d)), acc[t]);
+    }
+    for (int t = 0; t < NA; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+#endif
+}  // namespace
+
+#if MM_SIMD_VNNI < 2
+const size_t kTileBytesIQ4_XS = kIq4XsTile8Bytes;
+void decode_tile_iq4_xs(int64_t n, const void* w, size_t ws, void* tile) { decode_tile8_iq4_xs(n, w, ws, tile); }
+void vec_dot_tile_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile8_iq4_xs<1>(n, tile, a, as, out);
+}
+void vec_dot_tile_x4_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile8_iq4_xs<4>(n, tile, a, as, out);
+}
+#else
+const size_t kTileBytesIQ4_XS = kIq4XsTile16BytesPerBlock;
+void decode_tile_iq4_xs(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16_iq4_xs(n, w, ws, tile); }
+void vec_dot_tile_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
     dot_tile16_iq4_xs<1>(n, tile, a, as, out);
 }
-void vec_dot_tile16x4_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+void vec_dot_tile_x4_iq4_xs(int64_t n, const void* tile, const void* a, size_t as, float* out) {
     dot_tile16_iq4_xs<4>(n, tile, a, as, out);
 }
 #endif

@@ -246,6 +246,108 @@ void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride
 }
 #endif
 
+#if MM_SIMD_VNNI < 2
+// 8 Q4_K rows transposed for 256-bit CPUs, the 16-row tile's layout at half width (one row per
+// int32 lane): per super-block (kQ4KTile8Bytes bytes) for each 32-element sub-block s 8 vectors
+// of its unsigned nibbles (vector j, lane r: row r's elements 4j..4j+3 of the sub-block) [0, 2048);
+// the sub-block scales, 8 × 8 int32 [2048, 2304); the mins as int16 pairs, 4 × 8 [2304, 2432);
+// 8 floats d [2432, 2464) and 8 floats dmin [2464, 2496). Per sub-block the nibbles meet the
+// activations' broadcast bytes in vpdpbusd (AVX2: vpmaddubsw, whose int16 pair sums of all 8
+// vectors stay below 2^15: 8 · 2 · 15 · 127, then vpmaddwd), times the scale (vpmulld); the mins
+// against the bsums' pair sums (vpmaddwd): the one-row kernel's exact integer sums, then its
+// float step (q4k_float_step) on 8 rows at once.
+constexpr size_t kQ4KTile8Scales = 2048, kQ4KTile8Mins = 2304, kQ4KTile8D = 2432, kQ4KTile8Dmin = 2464;
+constexpr size_t kQ4KTile8Bytes = 2496;
+
+void decode_tile8_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
+    const BlockQ4_K* x[8];
+    for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const BlockQ4_K*>(static_cast<const uint8_t*>(w) + r * w_stride);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    auto* o = static_cast<uint8_t*>(tile);
+    for (int64_t i = 0; i < n / kQK_K; ++i, o += kQ4KTile8Bytes) {
+        for (int j = 0; j < 4; ++j) {  // group j: sub-block 2j in the low nibbles, 2j + 1 in the high ones
+            __m256i z[8], q[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; ++r) z[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r][i].qs + 32 * j));
+            transpose8x8(z, q);
+#pragma GCC unroll 8
+            for (int v = 0; v < 8; ++v) {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 * (2 * j) + 32 * v), _mm256_and_si256(q[v], m4));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 * (2 * j + 1) + 32 * v),
+                                    _mm256_and_si256(_mm256_srli_epi16(q[v], 4), m4));
+            }
+        }
+        int32_t sc[8][8];
+        uint32_t mp[4][8];
+        float d[8], dmin[8];
+        for (int r = 0; r < 8; ++r) {
+            uint16_t ms[16];  // 8 scales, then 8 mins
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ms), q4k_mins_and_scales(x[r][i].scales));
+            for (int sb = 0; sb < 8; ++sb) sc[sb][r] = ms[sb];
+            for (int t = 0; t < 4; ++t) mp[t][r] = ms[8 + 2 * t] | (static_cast<uint32_t>(ms[9 + 2 * t]) << 16);
+            d[r] = h2f(x[r][i].d);
+            dmin[r] = h2f(x[r][i].dmin);
+        }
+        std::memcpy(o + kQ4KTile8Scales, sc, sizeof(sc));
+        std::memcpy(o + kQ4KTile8Mins, mp, sizeof(mp));
+        std::memcpy(o + kQ4KTile8D, d, sizeof(d));
+        std::memcpy(o + kQ4KTile8Dmin, dmin, sizeof(dmin));
+    }
+}
+
+template <int NA>
+void dot_tile8_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride, float* out) {
+    const BlockQ8_K* y[NA];
+    for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_K*>(static_cast<const uint8_t*>(a) + t * a_stride);
+    __m256 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
+    const auto* p = static_cast<const uint8_t*>(tile);
+    const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+    for (int64_t i = 0; i < n / kQK_K; ++i, p += kQ4KTile8Bytes) {
+        __m256i sumi[NA];
+        for (int t = 0; t < NA; ++t) sumi[t] = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; ++sb) {
+            const __m256i sc = vec(kQ4KTile8Scales + 32 * sb);
+#pragma GCC unroll 4
+            for (int t = 0; t < NA; ++t) {
+                int32_t ya[8];
+                std::memcpy(ya, y[t][i].qs + 32 * sb, sizeof(ya));
+#if MM_SIMD_VNNI
+                __m256i s = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();  // two vpdpbusd chains
+#pragma GCC unroll 4
+                for (int j = 0; j < 8; j += 2) {
+                    s = dp4_add(s, vec(256 * sb + 32 * j), _mm256_set1_epi32(ya[j]));
+                    s1 = dp4_add(s1, vec(256 * sb + 32 * j + 32), _mm256_set1_epi32(ya[j + 1]));
+                }
+                s = _mm256_add_epi32(s, s1);
+#else
+                __m256i s16 = _mm256_maddubs_epi16(vec(256 * sb), _mm256_set1_epi32(ya[0]));
+#pragma GCC unroll 8
+                for (int j = 1; j < 8; ++j)
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vec(256 * sb + 32 * j), _mm256_set1_epi32(ya[j])));
+                const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(s, sc));
+            }
+        }
+        const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTile8D));
+        const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTile8Dmin));
+        for (int t = 0; t < NA; ++t) {
+            const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].bsums));
+            const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+            int32_t pairs[4];  // (sum of sub-block 2u, of 2u + 1) as int16 pairs
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), q8s);
+            __m256i summ = _mm256_setzero_si256();
+            for (int u = 0; u < 4; ++u) summ = madd_add(summ, vec(kQ4KTile8Mins + 32 * u), _mm256_set1_epi32(pairs[u]));
+            const __m256 dy = _mm256_set1_ps(y[t][i].d);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, dy), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, dy)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+#endif
+
 }  // namespace
 
 void vec_dot_q4_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stride, float* out) {
@@ -286,12 +388,22 @@ void vec_dot_q4_K_dec_x4(int64_t n, const void* dec, const void* a, size_t a_str
 }
 
 #if MM_SIMD_VNNI == 2
-void decode_tile16_q4_K(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16_q4k(n, w, ws, tile); }
-void vec_dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+const size_t kTileBytesQ4_K = kQ4KTile16BytesPerBlock;
+void decode_tile_q4_K(int64_t n, const void* w, size_t ws, void* tile) { decode_tile16_q4k(n, w, ws, tile); }
+void vec_dot_tile_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
     dot_tile16_q4_K<1>(n, tile, a, as, out);
 }
-void vec_dot_tile16x4_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+void vec_dot_tile_x4_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
     dot_tile16_q4_K<4>(n, tile, a, as, out);
+}
+#else
+const size_t kTileBytesQ4_K = kQ4KTile8Bytes;
+void decode_tile_q4_K(int64_t n, const void* w, size_t ws, void* tile) { decode_tile8_q4k(n, w, ws, tile); }
+void vec_dot_tile_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile8_q4_K<1>(n, tile, a, as, out);
+}
+void vec_dot_tile_x4_q4_K(int64_t n, const void* tile, const void* a, size_t as, float* out) {
+    dot_tile8_q4_K<4>(n, tile, a, as, out);
 }
 #endif
 
