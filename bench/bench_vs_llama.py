@@ -21,10 +21,14 @@ import datetime
 import hashlib
 import json
 import os
+import atexit
+import glob
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,14 +141,60 @@ PERF_RE = re.compile(r"prompt:\s*(\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\
                      r"decode:\s*(\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)")
 
 
+# llama.cpp's CPU backend variant for each moemesh kernel set (--isa): the prebuilt ggml builds
+# for the same instruction sets (haswell: AVX2 + FMA + F16C; alderlake: + AVX-VNNI).
+LLAMA_CPU_FOR_ISA = {"avx2": "haswell", "avxvnni": "alderlake"}
+
+
+def llama_ref_with_cpu_variant(variant):
+    """node-llama-cpp loads the best libggml-cpu-*.so of its prebuilt directory. To measure another
+    one, build a temporary tree of symlinks to tests/ref (llama_ref.mjs, node_modules) whose copy of
+    that directory lists only libggml-cpu-<variant>.so, and run node with --preserve-symlinks so
+    that packages resolve inside it. Nothing under tests/ref is changed. Returns the script path."""
+    ref = os.path.join(ROOT, "tests", "ref")
+    found = glob.glob(os.path.join(ref, "node_modules", "@node-llama-cpp", "*", "bins", "*", "libggml-cpu-*.so"))
+    bins_dirs = sorted({os.path.dirname(f) for f in found})
+    wanted = [d for d in bins_dirs if os.path.exists(os.path.join(d, f"libggml-cpu-{variant}.so"))]
+    if not wanted:
+        have = sorted({re.sub(r"^libggml-cpu-|\.so$", "", os.path.basename(f)) for f in found})
+        sys.exit(f"--llama-cpu {variant}: no libggml-cpu-{variant}.so under {ref}/node_modules/@node-llama-cpp "
+                 f"(available: {', '.join(have) or 'none: run npm install in tests/ref'})")
+    bins = wanted[0]
+    tmp = tempfile.mkdtemp(prefix="moemesh-llama-cpu-")
+    atexit.register(shutil.rmtree, tmp, True)
+
+    def mirror(src, dst, skip):
+        """dst gets a symlink to every entry of src except the names in skip (made by the caller)."""
+        os.makedirs(dst, exist_ok=True)
+        for name in os.listdir(src):
+            if name not in skip:
+                os.symlink(os.path.join(src, name), os.path.join(dst, name))
+
+    # Walk from tests/ref down to the bins directory, mirroring each level but the next one on the path.
+    rel = os.path.relpath(bins, ref).split(os.sep)
+    src, dst = ref, tmp
+    for part in rel:
+        mirror(src, dst, {part})
+        src, dst = os.path.join(src, part), os.path.join(dst, part)
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name.startswith("libggml-cpu-") and name != f"libggml-cpu-{variant}.so":
+            continue
+        os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    return os.path.join(tmp, "llama_ref.mjs")
+
+
 def run_moemesh(args, path, ids, n_gen, timeout):
     cmd = [args.moemesh, "run", "--model", path, "--tokens", ",".join(map(str, ids)), "-n", str(n_gen),
            "--threads", str(args.threads), "--kv-type", "f16", "--greedy", "--ignore-eos",
            "--ctx", str(max(256, len(ids) + n_gen + 1))]
     t0 = time.time()
+    env = dict(os.environ)
+    if args.isa:
+        env["MOEMESH_CPU_ISA"] = args.isa
     # The generated text (random weights: arbitrary bytes, not always UTF-8) is not needed.
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"moemesh run failed (rc {p.returncode}): {p.stderr[-2000:]}")
     m = None
@@ -153,13 +203,18 @@ def run_moemesh(args, path, ids, n_gen, timeout):
     if not m:
         raise RuntimeError(f"no timing line in moemesh stderr: {p.stderr[-2000:]}")
     isa = re.search(r"\d+ threads \((\w+)\)", p.stderr)  # "loaded ... N threads (avx512vnni)"
+    if args.isa and (not isa or isa.group(1) != args.isa):
+        sys.exit(f"--isa {args.isa}: moemesh ran {isa.group(1) if isa else 'unknown'} kernels (does this CPU have "
+                 f"{args.isa}?): {p.stderr[-500:]}")
     return dict(prompt_tokens=int(m.group(1)), prompt_tps=float(m.group(3)),
                 decode_tokens=int(m.group(4)), decode_tps=float(m.group(6)), wall_s=time.time() - t0,
                 cpu_isa=isa.group(1) if isa else None)
 
 
 def run_llama(args, path, n_prompt, n_gen, timeout):
-    cmd = [args.node, os.path.join(ROOT, "tests", "ref", "llama_ref.mjs"), "bench", "--model", path,
+    node = [args.node] + (["--preserve-symlinks", "--preserve-symlinks-main", args.llama_ref]
+                          if args.llama_cpu else [args.llama_ref])
+    cmd = node + ["bench", "--model", path,
            "--threads", str(args.threads), "--prompt-tokens", str(n_prompt), "--gen", str(n_gen),
            "--reps", "1", "--kv-type", "f16"]
     t0 = time.time()
@@ -167,6 +222,9 @@ def run_llama(args, path, n_prompt, n_gen, timeout):
     if p.returncode != 0:
         raise RuntimeError(f"llama_ref bench failed (rc {p.returncode}): {p.stderr[-2000:]}")
     d = json.loads(p.stdout.strip().splitlines()[-1])
+    backend = d.get("config", {}).get("cpu_backend")
+    if args.llama_cpu and backend != args.llama_cpu:
+        sys.exit(f"--llama-cpu {args.llama_cpu}: llama.cpp loaded the {backend} CPU backend instead")
     return dict(prompt_tokens=d["prompt"]["tokens"], prompt_tps=d["prompt_tokens_per_s"],
                 decode_tokens=d["decode"]["tokens"], decode_tps=d["decode_tokens_per_s"],
                 source=d.get("source"), cpu_backend=d.get("config", {}).get("cpu_backend"),
@@ -201,7 +259,7 @@ def print_table(results, args):
           f"{args.threads} thread(s), KV f16, median (min-max) of {args.reps} interleaved reps; ratio = moemesh / llama.cpp")
     isas = sorted({r0.get("cpu_isa") or "?" for r in results for r0 in r["runs"]["moemesh"]})
     backends = sorted({r0.get("cpu_backend") or "?" for r in results for r0 in r["runs"]["llama_cpp"]})
-    print(f"moemesh CPU kernels: {', '.join(isas)} (MOEMESH_CPU_ISA picks others); "
+    print(f"moemesh CPU kernels: {', '.join(isas)} (--isa picks others); "
           f"llama.cpp CPU backend: {', '.join(backends)}")
     print(line(cols))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -236,7 +294,19 @@ def main():
     ap.add_argument("--node", default="node")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed for one run of one engine")
     ap.add_argument("--json", default=None, help="results file (default build/bench-vs-llama-<date>.json)")
+    ap.add_argument("--isa", default=None, choices=["scalar", "avx2", "avxvnni", "avx512vnni"],
+                    help="moemesh's CPU kernels (MOEMESH_CPU_ISA; default: the best this CPU has); avx2 and avxvnni "
+                         "also pick llama.cpp's matching CPU backend (haswell, alderlake) unless --llama-cpu says otherwise")
+    ap.add_argument("--llama-cpu", default=None, metavar="VARIANT",
+                    help="llama.cpp's CPU backend (libggml-cpu-VARIANT.so of node-llama-cpp's prebuilt set, e.g. haswell, "
+                         "alderlake, zen4, icelake; 'best': what it picks itself, the default without --isa)")
     args = ap.parse_args()
+    if args.llama_cpu is None and args.isa in LLAMA_CPU_FOR_ISA:
+        args.llama_cpu = LLAMA_CPU_FOR_ISA[args.isa]
+    if args.llama_cpu == "best":
+        args.llama_cpu = None
+    args.llama_ref = (llama_ref_with_cpu_variant(args.llama_cpu) if args.llama_cpu
+                      else os.path.join(ROOT, "tests", "ref", "llama_ref.mjs"))
     if args.reps < 1 or args.threads < 1:
         ap.error("--reps and --threads must be >= 1")
     if not os.access(args.moemesh, os.X_OK):

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -206,6 +207,32 @@ size_t GgufFile::total_size() const {
     size_t n = size_;
     for (const auto& s : splits_) n += s->size_;
     return n;
+}
+
+Status GgufFile::populate(const std::function<void(uint64_t, uint64_t)>& progress) const {
+#ifdef MADV_POPULATE_READ
+    std::vector<const GgufFile*> files = {this};
+    for (const auto& f : splits_) files.push_back(f.get());
+    const uint64_t total = total_size();
+    uint64_t done = 0;
+    constexpr size_t kChunk = size_t{64} << 20;  // a multiple of every page size
+    for (const GgufFile* f : files) {
+        if (!f->mapped_) continue;
+        for (size_t off = 0; off < f->size_; off += kChunk) {
+            const size_t n = std::min(kChunk, f->size_ - off);
+            if (madvise(const_cast<uint8_t*>(f->base_) + off, n, MADV_POPULATE_READ) != 0) {
+                if (errno == EINVAL || errno == ENOSYS) return Status();  // kernel without it
+                return MM_ERROR("%s: cannot read bytes %zu..%zu of the model file: %s", f->path_.c_str(), off, off + n,
+                                std::strerror(errno));
+            }
+            done += n;
+            if (progress) progress(done, total);
+        }
+    }
+#else
+    (void)progress;
+#endif
+    return Status();
 }
 
 // llama.cpp's naming (llama_split_path): PREFIX-%05d-of-%05d.gguf, numbered from 1.

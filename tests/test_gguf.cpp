@@ -195,6 +195,36 @@ TEST(GgufSplit, OpensFromTheFirstFileWithEveryTensor) {
     EXPECT_TRUE(m.ok()) << m.status().message();
 }
 
+// populate() maps every page of every split file (progress reaches the total), and a file cut short
+// after it was opened gives an error naming it, not SIGBUS.
+TEST(Gguf, PopulateMapsEveryFileAndReportsATruncatedOne) {
+    const std::string whole = tmp_path("populate.gguf");
+    ASSERT_TRUE(tiny_writer(TinyModel{}).write(whole).ok());
+    const std::string first = testing::write_gguf_split(whole, tmp_path("populate-split"), 7);
+    auto f = GgufFile::open(first);
+    ASSERT_TRUE(f.ok()) << f.status().message();
+    uint64_t last = 0, total = 0;
+    Status st = f.value()->populate([&](uint64_t done, uint64_t all) {
+        EXPECT_GT(done, last);
+        last = done;
+        total = all;
+    });
+    ASSERT_TRUE(st.ok()) << st.message();
+    if (last == 0) GTEST_SKIP() << "this kernel has no MADV_POPULATE_READ (Linux 5.14+): nothing to check";
+    EXPECT_EQ(last, f.value()->total_size());
+    EXPECT_EQ(total, f.value()->total_size());
+
+    const std::string cut = tmp_path("populate-cut.gguf");
+    ASSERT_TRUE(tiny_writer(TinyModel{}).write(cut).ok());
+    auto g = GgufFile::open(cut);
+    ASSERT_TRUE(g.ok()) << g.status().message();
+    ASSERT_GT(g.value()->file_size(), 8192u);
+    ASSERT_EQ(0, truncate(cut.c_str(), 4096));  // the mapping now reaches past the end of the file
+    st = g.value()->populate();
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find(cut + ": cannot read bytes"), std::string::npos) << st.message();
+}
+
 TEST(GgufSplit, BadSplitsNameTheFileAndWhatIsWrong) {
     const std::string whole = tmp_path("whole2.gguf");
     ASSERT_TRUE(tiny_writer(TinyModel{}).write(whole).ok());

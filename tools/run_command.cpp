@@ -39,6 +39,18 @@ namespace {
 
 
 
+// MemAvailable of /proc/meminfo in bytes; 0 when unknown.
+uint64_t available_memory_bytes() {
+    std::FILE* f = std::fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof(line), f))
+        if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    std::fclose(f);
+    return static_cast<uint64_t>(kb) * 1024;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -370,6 +382,27 @@ Status run_generation(const RunOptions& o) {
     }
     MM_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, load_model(file, mo));
     if (cache) cache_view = cache.get();
+    // The CPU engine reads its weights from the mapped file: map every page now (llama.cpp does the
+    // same with MAP_POPULATE) unless the file is larger than the memory available, so that the
+    // first request does not pay the page faults (or, for a cold file, the disk reads).
+    if (!o.no_prefault && !cluster && o.device_budget.empty() && (o.device.empty() || o.device == "cpu")) {
+        const uint64_t total = file->total_size(), avail = available_memory_bytes();
+        if (avail == 0 || total <= avail) {
+            auto t_last = std::chrono::steady_clock::now();
+            bool reported = false;
+            MM_RETURN_IF_ERROR(file->populate([&](uint64_t done, uint64_t all) {
+                if (seconds_since(t_last) < 2.0 && !(reported && done == all)) return;
+                t_last = std::chrono::steady_clock::now();
+                reported = true;
+                std::fprintf(stderr, "loading: %s of %s of the model file read in\n", format_bytes(done).c_str(),
+                             format_bytes(all).c_str());
+            }));
+        } else {
+            std::fprintf(stderr, "note: the model file (%s) is larger than the memory available (%s): its pages are "
+                                 "read as the requests need them\n",
+                         format_bytes(total).c_str(), format_bytes(avail).c_str());
+        }
+    }
     const ModelConfig& cfg = model->config();
     std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld experts top-%lld) in %.2f s, %d threads (%s)%s\n",
                  model_path.c_str(), cfg.arch_name.c_str(), static_cast<long long>(cfg.n_layer),
@@ -467,6 +500,9 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
     c->add_flag("--greedy", o->sp.greedy, "Always pick the most likely token");
     c->add_flag("--ignore-eos", o->ignore_eos, "Keep generating past end-of-generation tokens");
+    c->add_flag("--no-prefault", o->no_prefault,
+                "Do not read the model file in at load (by default, on CPU and when the file fits in the memory "
+                "available, every page is mapped before the first request, as llama.cpp does)");
     c->add_option("--grammar-file", o->grammar_file,
                   "Constrain the generated text to a GBNF grammar (llama.cpp's format; the start rule is 'root')")
         ->check(CLI::ExistingFile);

@@ -33,6 +33,7 @@ struct RunOptions {
     std::string kv_type = "f16";
     std::string device = "cpu";  // cpu | cuda | cuda:N: where the forward pass runs (ModelOptions::device)
     bool ignore_eos = false;
+    bool no_prefault = false;  // leave the model file's pages to the first request
     SamplerParams sp;
     // Offload mode (one process, experts served from a budgeted cache over the model file).
     std::string device_budget;  // "8GiB": enables it
