@@ -265,23 +265,21 @@ float dot_r1(int64_t n, const void* w, const void* a) {
 // 8 rows of a 4-bit type with one row per int32 lane, transposed in registers: decode, and prompt
 // tiles of fewer than kDecodeMinM rows, on 256-bit CPUs. Per block the 8 rows' 16 quant bytes
 // (rows k and k + 4 in one vector) are transposed as dwords, so that lane r of q[j] holds row r's
-// bytes 4j..4j+3: their low nibbles are elements 4j..4j+3, the high ones 16 + 4j..16 + 4j + 3. With
-// AVX-VNNI the levels, made unsigned (level + kOffset), meet the broadcast activation dwords in
-// vpdpbusd, each lane starting from -kOffset · Σ a; with AVX2 the same with vpmaddubsw for small
-// levels (level + kSmallLevel; kGroup16 vectors summed in int16, then vpmaddwd), else ggml's sign
-// trick per vector. No horizontal sums: lane r ends with row r's exact integer sum, and the float
+// bytes 4j..4j+3: their low nibbles are elements 4j..4j+3, the high ones 16 + 4j..16 + 4j + 3. Small
+// levels (Q4_0, MXFP4), made unsigned (level + kSmallLevel), meet the broadcast activation dwords
+// in vpmaddubsw (kGroup16 vectors summed in int16, then vpmaddwd), each lane starting from
+// -kSmallLevel · Σ a; larger ones (IQ4_NL) in vpdpbusd with AVX-VNNI (level + kOffset), else in
+// ggml's sign trick. No horizontal sums: lane r ends with row r's exact integer sum, and the float
 // step per row and block is dot_r1's.
 template <class T, int NA>
 void dot_r8t(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_stride, float* out) {
     using Block = typename T::Block;
     const int64_t nb = n / 32;
-#if MM_SIMD_VNNI
-    constexpr int kOff = T::kOffset;
-    constexpr bool kSign = false;
-#else
-    constexpr int kOff = T::kSmallLevel;
-    constexpr bool kSign = T::kSmallLevel == 0;
-#endif
+    // Small levels: vpmaddubsw with int16 sums (no dependency chain) in every variant; larger ones
+    // vpdpbusd with AVX-VNNI, else the sign trick.
+    constexpr bool kSmall = T::kSmallLevel != 0;
+    constexpr int kOff = kSmall ? T::kSmallLevel : MM_SIMD_VNNI ? T::kOffset : 0;
+    constexpr bool kSign = !kSmall && !MM_SIMD_VNNI;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i levels_u = _mm256_add_epi8(
@@ -340,20 +338,8 @@ void dot_r8t(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
                                                            _mm256_sign_epi8(_mm256_set1_epi32(yd[t][j]), u[j]));
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones16));
                 }
-            } else {
+            } else if constexpr (kSmall) {
                 s = start[t];
-#if MM_SIMD_VNNI
-                // Four chains of vpdpbusd (its latency, not its throughput, would bound one chain).
-                __m256i s1 = _mm256_setzero_si256(), s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
-#pragma GCC unroll 2
-                for (int j = 0; j < 8; j += 4) {
-                    s = dp4_add(s, u[j], _mm256_set1_epi32(yd[t][j]));
-                    s1 = dp4_add(s1, u[j + 1], _mm256_set1_epi32(yd[t][j + 1]));
-                    s2 = dp4_add(s2, u[j + 2], _mm256_set1_epi32(yd[t][j + 2]));
-                    s3 = dp4_add(s3, u[j + 3], _mm256_set1_epi32(yd[t][j + 3]));
-                }
-                s = _mm256_add_epi32(_mm256_add_epi32(s, s1), _mm256_add_epi32(s2, s3));
-#else
                 constexpr int G = T::kGroup16;
 #pragma GCC unroll 8
                 for (int h = 0; h < 8; h += G) {
@@ -363,7 +349,18 @@ void dot_r8t(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(u[j], _mm256_set1_epi32(yd[t][j])));
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, ones16));
                 }
-#endif
+            } else {  // AVX-VNNI, levels up to ±127
+                // Four chains of vpdpbusd (its latency, not its throughput, would bound one chain).
+                s = start[t];
+                __m256i s1 = _mm256_setzero_si256(), s2 = _mm256_setzero_si256(), s3 = _mm256_setzero_si256();
+#pragma GCC unroll 2
+                for (int j = 0; j < 8; j += 4) {
+                    s = dp4_add(s, u[j], _mm256_set1_epi32(yd[t][j]));
+                    s1 = dp4_add(s1, u[j + 1], _mm256_set1_epi32(yd[t][j + 1]));
+                    s2 = dp4_add(s2, u[j + 2], _mm256_set1_epi32(yd[t][j + 2]));
+                    s3 = dp4_add(s3, u[j + 3], _mm256_set1_epi32(yd[t][j + 3]));
+                }
+                s = _mm256_add_epi32(_mm256_add_epi32(s, s1), _mm256_add_epi32(s2, s3));
             }
             const __m256 d = _mm256_mul_ps(dx, _mm256_set1_ps(h2f(y[t][b].d)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
