@@ -150,6 +150,42 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
 #undef MM_OUT
 }
 
+// Where the parts of a Q4_K tile of R rows lie in a super-block's bytes (layout at the tiles below).
+template <int R>
+struct Q4KTile {
+    static constexpr size_t kScales = 256 * R, kMins = kScales + 32 * R, kD = kMins + 16 * R, kDmin = kD + 4 * R,
+                            kBytes = kDmin + 4 * R;
+};
+
+// A Q4_K tile's per-row part of super-block i of the R rows x[0..R): the sub-block scales, the
+// mins as int16 pairs, d and dmin, each transposed to one lane per row.
+template <int R>
+void q4k_tile_scales(const BlockQ4_K* const* x, int64_t i, uint8_t* o) {
+    int32_t sc[8][R];
+    uint32_t mp[4][R];
+    float d[R], dmin[R];
+    for (int r = 0; r < R; ++r) {
+        uint16_t ms[16];  // 8 scales, then 8 mins
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ms), q4k_mins_and_scales(x[r][i].scales));
+        for (int sb = 0; sb < 8; ++sb) sc[sb][r] = ms[sb];
+        for (int t = 0; t < 4; ++t) mp[t][r] = ms[8 + 2 * t] | (static_cast<uint32_t>(ms[9 + 2 * t]) << 16);
+        d[r] = h2f(x[r][i].d);
+        dmin[r] = h2f(x[r][i].dmin);
+    }
+    std::memcpy(o + Q4KTile<R>::kScales, sc, sizeof(sc));
+    std::memcpy(o + Q4KTile<R>::kMins, mp, sizeof(mp));
+    std::memcpy(o + Q4KTile<R>::kD, d, sizeof(d));
+    std::memcpy(o + Q4KTile<R>::kDmin, dmin, sizeof(dmin));
+}
+
+// The activation sums of sub-blocks (2u, 2u + 1) of a Q8_K block as int16 pairs, u = 0..3: what a
+// tile's mins (int16 pairs per lane) meet in vpmaddwd / vpdpwssd.
+inline void q8k_bsum_pairs(const BlockQ8_K& y, int32_t pairs[4]) {
+    const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs),
+                     _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1)));
+}
+
 #if MM_SIMD_VNNI == 2
 // 16 Q4_K rows transposed (see DecodeTile16Fn), one row per int32 lane. Per super-block
 // (kQ4KTile16BytesPerBlock bytes): for each 32-element sub-block s, 8 vectors of its unsigned
@@ -159,8 +195,8 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
 // into vpdpbusd against the activations' broadcast bytes; per sub-block the lane sums times the
 // scale (vpmulld), the mins against the bsums' pair sums (vpdpwssd): the exact integer sums of
 // the one-row kernel, then its float step (q4k_float_step) on 16 rows at once.
-constexpr size_t kQ4KTileScales = 4096, kQ4KTileMins = 4608, kQ4KTileD = 4864, kQ4KTileDmin = 4928;
-static_assert(kQ4KTile16BytesPerBlock == 4992, "tile layout");
+using Q4KTile16 = Q4KTile<16>;
+static_assert(kQ4KTile16BytesPerBlock == Q4KTile16::kBytes, "tile layout");
 
 void decode_tile16_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
     const BlockQ4_K* x[16];
@@ -183,21 +219,7 @@ void decode_tile16_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
                 _mm512_storeu_si512(o + 512 * (2 * j + 1) + 64 * v, _mm512_and_si512(_mm512_srli_epi16(q[v], 4), m4));
             }
         }
-        int32_t sc[8][16];
-        uint32_t mp[4][16];
-        float d[16], dmin[16];
-        for (int r = 0; r < 16; ++r) {
-            uint16_t ms[16];  // 8 scales, then 8 mins
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ms), q4k_mins_and_scales(x[r][i].scales));
-            for (int sb = 0; sb < 8; ++sb) sc[sb][r] = ms[sb];
-            for (int t = 0; t < 4; ++t) mp[t][r] = ms[8 + 2 * t] | (static_cast<uint32_t>(ms[9 + 2 * t]) << 16);
-            d[r] = h2f(x[r][i].d);
-            dmin[r] = h2f(x[r][i].dmin);
-        }
-        std::memcpy(o + kQ4KTileScales, sc, sizeof(sc));
-        std::memcpy(o + kQ4KTileMins, mp, sizeof(mp));
-        std::memcpy(o + kQ4KTileD, d, sizeof(d));
-        std::memcpy(o + kQ4KTileDmin, dmin, sizeof(dmin));
+        q4k_tile_scales<16>(x, i, o);
     }
 }
 
@@ -215,7 +237,7 @@ void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride
             __m512i v[8];
 #pragma GCC unroll 8
             for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_si512(p + 512 * sb + 64 * j);
-            const __m512i sc = _mm512_loadu_si512(p + kQ4KTileScales + 64 * sb);
+            const __m512i sc = _mm512_loadu_si512(p + Q4KTile16::kScales + 64 * sb);
 #pragma GCC unroll 4
             for (int t = 0; t < NA; ++t) {
                 int32_t ya[8];
@@ -227,14 +249,12 @@ void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride
             }
         }
         __m512i mp[4];
-        for (int u = 0; u < 4; ++u) mp[u] = _mm512_loadu_si512(p + kQ4KTileMins + 64 * u);
-        const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTileD));
-        const __m512 dmin = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTileDmin));
+        for (int u = 0; u < 4; ++u) mp[u] = _mm512_loadu_si512(p + Q4KTile16::kMins + 64 * u);
+        const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(p + Q4KTile16::kD));
+        const __m512 dmin = _mm512_loadu_ps(reinterpret_cast<const float*>(p + Q4KTile16::kDmin));
         for (int t = 0; t < NA; ++t) {
-            const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].bsums));
-            const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
-            int32_t pairs[4];  // (sum of sub-block 2u, of 2u + 1) as int16 pairs
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), q8s);
+            int32_t pairs[4];
+            q8k_bsum_pairs(y[t][i], pairs);
             __m512i summ = _mm512_setzero_si512();
             for (int u = 0; u < 4; ++u) summ = _mm512_dpwssd_epi32(summ, mp[u], _mm512_set1_epi32(pairs[u]));
             const __m512 dy = _mm512_set1_ps(y[t][i].d);
@@ -256,8 +276,8 @@ void dot_tile16_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride
 // vectors stay below 2^15: 8 · 2 · 15 · 127, then vpmaddwd), times the scale (vpmulld); the mins
 // against the bsums' pair sums (vpmaddwd): the one-row kernel's exact integer sums, then its
 // float step (q4k_float_step) on 8 rows at once.
-constexpr size_t kQ4KTile8Scales = 2048, kQ4KTile8Mins = 2304, kQ4KTile8D = 2432, kQ4KTile8Dmin = 2464;
-constexpr size_t kQ4KTile8Bytes = 2496;
+using Q4KTile8 = Q4KTile<8>;
+constexpr size_t kQ4KTile8Bytes = Q4KTile8::kBytes;
 
 void decode_tile8_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
     const BlockQ4_K* x[8];
@@ -277,21 +297,7 @@ void decode_tile8_q4k(int64_t n, const void* w, size_t w_stride, void* tile) {
                                     _mm256_and_si256(_mm256_srli_epi16(q[v], 4), m4));
             }
         }
-        int32_t sc[8][8];
-        uint32_t mp[4][8];
-        float d[8], dmin[8];
-        for (int r = 0; r < 8; ++r) {
-            uint16_t ms[16];  // 8 scales, then 8 mins
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ms), q4k_mins_and_scales(x[r][i].scales));
-            for (int sb = 0; sb < 8; ++sb) sc[sb][r] = ms[sb];
-            for (int t = 0; t < 4; ++t) mp[t][r] = ms[8 + 2 * t] | (static_cast<uint32_t>(ms[9 + 2 * t]) << 16);
-            d[r] = h2f(x[r][i].d);
-            dmin[r] = h2f(x[r][i].dmin);
-        }
-        std::memcpy(o + kQ4KTile8Scales, sc, sizeof(sc));
-        std::memcpy(o + kQ4KTile8Mins, mp, sizeof(mp));
-        std::memcpy(o + kQ4KTile8D, d, sizeof(d));
-        std::memcpy(o + kQ4KTile8Dmin, dmin, sizeof(dmin));
+        q4k_tile_scales<8>(x, i, o);
     }
 }
 
@@ -307,7 +313,7 @@ void dot_tile8_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride,
         __m256i sumi[NA];
         for (int t = 0; t < NA; ++t) sumi[t] = _mm256_setzero_si256();
         for (int sb = 0; sb < 8; ++sb) {
-            const __m256i sc = vec(kQ4KTile8Scales + 32 * sb);
+            const __m256i sc = vec(Q4KTile8::kScales + 32 * sb);
 #pragma GCC unroll 4
             for (int t = 0; t < NA; ++t) {
                 int32_t ya[8];
@@ -330,15 +336,13 @@ void dot_tile8_q4_K(int64_t n, const void* tile, const void* a, size_t a_stride,
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(s, sc));
             }
         }
-        const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTile8D));
-        const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kQ4KTile8Dmin));
+        const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(p + Q4KTile8::kD));
+        const __m256 dmin = _mm256_loadu_ps(reinterpret_cast<const float*>(p + Q4KTile8::kDmin));
         for (int t = 0; t < NA; ++t) {
-            const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].bsums));
-            const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
-            int32_t pairs[4];  // (sum of sub-block 2u, of 2u + 1) as int16 pairs
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(pairs), q8s);
+            int32_t pairs[4];
+            q8k_bsum_pairs(y[t][i], pairs);
             __m256i summ = _mm256_setzero_si256();
-            for (int u = 0; u < 4; ++u) summ = madd_add(summ, vec(kQ4KTile8Mins + 32 * u), _mm256_set1_epi32(pairs[u]));
+            for (int u = 0; u < 4; ++u) summ = madd_add(summ, vec(Q4KTile8::kMins + 32 * u), _mm256_set1_epi32(pairs[u]));
             const __m256 dy = _mm256_set1_ps(y[t][i].d);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, dy), acc[t]);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, dy)), acc[t]);
