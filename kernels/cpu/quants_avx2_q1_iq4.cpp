@@ -44,6 +44,21 @@ inline __m256i iq4_levels(const uint8_t* qs, __m128i values, __m128i m4) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 
+// An IQ4_XS block's 8 sub-block scales minus 32 as int16: scale j = (nibble j of scales_l) | (bits
+// 2j, 2j + 1 of scales_h) << 4. The high bits by a multiply that puts bits 2j, 2j + 1 of scales_h at
+// the top of lane j (× 2^(14 - 2j)), then a shift.
+inline __m128i iq4xs_scales(const BlockIQ4_XS& b) {
+    uint32_t sl;
+    std::memcpy(&sl, b.scales_l, 4);
+    const __m128i v = _mm_cvtsi32_si128(static_cast<int>(sl));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m128i lo4 = _mm_unpacklo_epi8(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+    const __m128i top = _mm_mullo_epi16(_mm_set1_epi16(static_cast<short>(b.scales_h)),
+                                        _mm_setr_epi16(1 << 14, 1 << 12, 1 << 10, 1 << 8, 1 << 6, 1 << 4, 1 << 2, 1));
+    const __m128i hi2 = _mm_and_si128(_mm_srli_epi16(top, 10), _mm_set1_epi16(0x30));
+    return _mm_sub_epi16(_mm_or_si128(_mm_cvtepu8_epi16(lo4), hi2), _mm_set1_epi16(32));
+}
+
 
 }  // namespace
 
@@ -83,24 +98,27 @@ float vec_dot_q5_1_q8_1(int64_t n, const void* w, const void* a) {
 float vec_dot_iq4_xs_q8_K(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockIQ4_XS*>(w);
     const auto* y = static_cast<const BlockQ8_K*>(a);
-    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
-    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)));
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m128 acc = _mm_setzero_ps();
     for (int64_t i = 0; i < n / kQK_K; ++i) {
         const uint8_t* qs = x[i].qs;
         const int8_t* q8 = y[i].qs;
-        unsigned sh = x[i].scales_h;
+        const __m256i ls = _mm256_broadcastsi128_si256(iq4xs_scales(x[i]));
         __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int ib = 0; ib < kQK_K / 32; ib += 2, qs += 32, q8 += 64) {
-            const __m256i q4b1 = iq4_levels(qs, values, m4);
-            const __m256i q4b2 = iq4_levels(qs + 16, values, m4);
+            // Two sub-blocks' 32 bytes of indices: low nibbles (elements 0..15 of each), high ones.
+            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+            const __m256i lo = _mm256_shuffle_epi8(values, _mm256_and_si256(bits, m4));
+            const __m256i hi = _mm256_shuffle_epi8(values, _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4));
+            const __m256i q4b1 = _mm256_permute2x128_si256(lo, hi, 0x20);
+            const __m256i q4b2 = _mm256_permute2x128_si256(lo, hi, 0x31);
             const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
             const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
-            const auto ls1 = static_cast<int16_t>(((x[i].scales_l[ib / 2] & 0xf) | ((sh << 4) & 0x30)) - 32);
-            const auto ls2 = static_cast<int16_t>(((x[i].scales_l[ib / 2] >> 4) | ((sh << 2) & 0x30)) - 32);
-            sh >>= 4;
-            sumi1 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b1, q8b1), _mm256_set1_epi16(ls1)), sumi1);
-            sumi2 = _mm256_add_epi32(_mm256_madd_epi16(mul_add_i8(q4b2, q8b2), _mm256_set1_epi16(ls2)), sumi2);
+            sumi1 = madd_add(sumi1, mul_add_i8(q4b1, q8b1), _mm256_shuffle_epi8(ls, _mm256_set1_epi16(static_cast<short>(0x0100 + 0x0202 * ib))));
+            sumi2 = madd_add(sumi2, mul_add_i8(q4b2, q8b2),
+                             _mm256_shuffle_epi8(ls, _mm256_set1_epi16(static_cast<short>(0x0100 + 0x0202 * (ib + 1)))));
         }
         acc = fma_int(acc, hsum_epi32(_mm256_add_epi32(sumi1, sumi2)), h2f(x[i].d) * y[i].d);
     }
@@ -168,36 +186,35 @@ void vec_dot_iq4_xs_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_st
     const auto* x = static_cast<const BlockIQ4_XS*>(w);
     const BlockQ8_K* y[4];
     for (int r = 0; r < 4; ++r) y[r] = row_ptr<BlockQ8_K>(a, a_stride, r);
-    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues));
-    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i values = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NLValues)));
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m128 acc[4];
 #define MM_INIT(r) acc[r] = _mm_setzero_ps();
     MM_ROWS4(MM_INIT)
 #undef MM_INIT
     for (int64_t i = 0; i < n / kQK_K; ++i) {
         const uint8_t* qs = x[i].qs;
-        unsigned sh = x[i].scales_h;
-        __m256i sumi[4];  // integer sums per lane: the one-row kernel's sumi1 + sumi2
+        const __m256i ls = _mm256_broadcastsi128_si256(iq4xs_scales(x[i]));
+        __m256i sumi[4];  // integer sums per lane (the one-row kernel's, regrouped: the same exact sums)
 #define MM_ZERO(r) sumi[r] = _mm256_setzero_si256();
         MM_ROWS4(MM_ZERO)
 #undef MM_ZERO
         for (int ib = 0; ib < kQK_K / 32; ib += 2, qs += 32) {
-            const __m256i q4b1 = iq4_levels(qs, values, m4);
-            const __m256i q4b2 = iq4_levels(qs + 16, values, m4);
+            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));  // as the one-row kernel
+            const __m256i lo = _mm256_shuffle_epi8(values, _mm256_and_si256(bits, m4));
+            const __m256i hi = _mm256_shuffle_epi8(values, _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4));
+            const __m256i q4b1 = _mm256_permute2x128_si256(lo, hi, 0x20);
+            const __m256i q4b2 = _mm256_permute2x128_si256(lo, hi, 0x31);
             const __m256i a1 = _mm256_sign_epi8(q4b1, q4b1), a2 = _mm256_sign_epi8(q4b2, q4b2);
-            const __m256i ls1 = _mm256_set1_epi16(
-                static_cast<int16_t>(((x[i].scales_l[ib / 2] & 0xf) | ((sh << 4) & 0x30)) - 32));
-            const __m256i ls2 =
-                _mm256_set1_epi16(static_cast<int16_t>(((x[i].scales_l[ib / 2] >> 4) | ((sh << 2) & 0x30)) - 32));
-            sh >>= 4;
+            const __m256i ls1 = _mm256_shuffle_epi8(ls, _mm256_set1_epi16(static_cast<short>(0x0100 + 0x0202 * ib)));
+            const __m256i ls2 = _mm256_shuffle_epi8(ls, _mm256_set1_epi16(static_cast<short>(0x0100 + 0x0202 * (ib + 1))));
 #define MM_ROW(r)                                                                                                  \
     {                                                                                                              \
         const int8_t* q8 = y[r][i].qs + 32 * ib;                                                                   \
         const __m256i q8b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));                             \
         const __m256i q8b2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));                        \
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(q8b1, q4b1)), ls1);        \
-        const __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(a2, _mm256_sign_epi8(q8b2, q4b2)), ls2);        \
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p1, p2));                                             \
+        sumi[r] = madd_add(sumi[r], _mm256_maddubs_epi16(a1, _mm256_sign_epi8(q8b1, q4b1)), ls1);                 \
+        sumi[r] = madd_add(sumi[r], _mm256_maddubs_epi16(a2, _mm256_sign_epi8(q8b2, q4b2)), ls2);                 \
     }
             MM_ROWS4(MM_ROW)
 #undef MM_ROW
