@@ -75,26 +75,14 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockQ4_K*>(w);
     const auto* y = static_cast<const BlockQ8_K*>(a);
     const int64_t nb = n / kQK_K;
-    constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
     __m128 acc = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; ++i) {
         // d and dmin are adjacent fp16s: convert both at once, then scale by the activation's d.
         uint32_t d_dmin;
         std::memcpy(&d_dmin, &x[i].d, 4);
         const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin))), _mm_set1_ps(y[i].d));
-        // Unpack the 12 scale bytes into 8 scales (utmp[0..1]) and 8 mins (utmp[2..3]), one byte each.
-        uint32_t utmp[4];
-        std::memcpy(utmp, x[i].scales, 12);
-        utmp[3] = ((utmp[2] >> 4) & kmask2) | (((utmp[1] >> 6) & kmask3) << 4);
-        const uint32_t uaux = utmp[1] & kmask1;
-        utmp[1] = (utmp[2] & kmask2) | (((utmp[0] >> 6) & kmask3) << 4);
-        utmp[2] = uaux;
-        utmp[0] &= kmask1;
-
-        const __m256i mins_and_scales =
-            _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(utmp[3]), static_cast<int>(utmp[2]),
-                                               static_cast<int>(utmp[1]), static_cast<int>(utmp[0])));
-        const int summ = q4k_min_sum(_mm256_extracti128_si256(mins_and_scales, 1), y[i].bsums);
+        const __m256i mins_and_scales = q4k_mins_and_scales(x[i].scales);  // 8 scales, then 8 mins
+        const __m128i mp = q4k_min_products(_mm256_extracti128_si256(mins_and_scales, 1), y[i].bsums);
 
         const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
@@ -117,8 +105,7 @@ float vec_dot_q4_K_q8_K(int64_t n, const void* w, const void* a) {
         const __m256i s3 = q4k_group(q4 + 96, q8 + 192, scales, 3);
         const __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
 #endif
-        acc = q4k_float_step(acc, hsum_epi32(sumi), summ, _mm_cvtss_f32(dd),
-                             -_mm_cvtss_f32(_mm_shuffle_ps(dd, dd, 0x55)));
+        acc = q4k_float_step(acc, sumi, mp, _mm_cvtss_f32(dd), -_mm_cvtss_f32(_mm_shuffle_ps(dd, dd, 0x55)));
     }
     return _mm_cvtss_f32(acc);
 }

@@ -306,19 +306,24 @@ inline __m256i q6k_offset(__m128i scales8, const int16_t* bsums) {
     return _mm256_slli_epi32(prod, 5);
 }
 
-// Σ_s min_s · (activation sum of 32-element sub-block s) of a Q4_K block: mins as 8 int16, bsums
-// the Q8_K block's 16 sums of 16.
-inline int q4k_min_sum(__m128i mins, const int16_t* bsums) {
+// Σ_s min_s · (activation sum of 32-element sub-block s) of a Q4_K block, as 4 int32 partial sums:
+// mins as 8 int16, bsums the Q8_K block's 16 sums of 16.
+inline __m128i q4k_min_products(__m128i mins, const int16_t* bsums) {
     const __m256i q8sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums));
     const __m128i q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
-    return hsum_epi32_128(_mm_madd_epi16(mins, q8s));
+    return _mm_madd_epi16(mins, q8s);
 }
 
 // Q4_K's float step per super-block and row (every kernel and variant): the exact integer sums
-// Σ scale·q·a and Σ min·a, then acc = fma(float(sumi), d_w·d_a, acc) and acc = fma(float(summ),
-// -dmin_w·d_a, acc): one row per step, so that a 16-row kernel can keep a row per vector lane.
-inline __m128 q4k_float_step(__m128 acc, int sumi, int summ, float d, float neg_dmin) {
-    return fma_int(fma_int(acc, sumi, d), summ, neg_dmin);
+// sumi = Σ scale·q·a (the lanes of sumi) and summ = Σ min·a (the lanes of mp), reduced together,
+// then acc = fma(float(sumi), d_w·d_a, acc) and acc = fma(float(summ), -dmin_w·d_a, acc): one row per
+// step, so that a 16-row kernel can keep a row per vector lane.
+inline __m128 q4k_float_step(__m128 acc, __m256i sumi, __m128i mp, float d, float neg_dmin) {
+    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sumi), _mm256_extracti128_si256(sumi, 1));
+    const __m128i t = _mm_hadd_epi32(s4, mp);                 // sumi in lanes 0, 1; summ in 2, 3
+    const __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(t, t));  // (sumi, summ, sumi, summ)
+    acc = _mm_fmadd_ss(f, _mm_set_ss(d), acc);
+    return _mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(neg_dmin), acc);
 }
 
 // The 12 packed scale bytes of a Q4_K block as 16 int16 lanes: 8 scales, then 8 mins.

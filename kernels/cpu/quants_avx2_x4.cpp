@@ -94,8 +94,8 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
         const typename Src::Block blk = src.at(i);
         const float xd = blk.d(), xdmin = blk.dmin();
         const __m128i mins = blk.mins();
-        int summ[4];  // Σ min · (sum of 32 activations) per row
-#define MM_MINS(r) summ[r] = q4k_min_sum(mins, y[r][i].bsums);
+        __m128i mp[4];  // Σ min · (sum of 32 activations) per row, in 4 parts
+#define MM_MINS(r) mp[r] = q4k_min_products(mins, y[r][i].bsums);
         MM_ROWS4(MM_MINS)
 #undef MM_MINS
         __m256i sumi[4];
@@ -141,7 +141,7 @@ void q4k_x4(int64_t n, const Src& src, const void* a, size_t a_stride, float* ou
             }
         }
 #endif
-#define MM_ACC(r) acc[r] = q4k_float_step(acc[r], hsum_epi32(sumi[r]), summ[r], y[r][i].d * xd, -y[r][i].d * xdmin);
+#define MM_ACC(r) acc[r] = q4k_float_step(acc[r], sumi[r], mp[r], y[r][i].d * xd, -y[r][i].d * xdmin);
         MM_ROWS4(MM_ACC)
 #undef MM_ACC
     }
