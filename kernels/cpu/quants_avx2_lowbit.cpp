@@ -21,6 +21,13 @@
 namespace moemesh::quants::MM_SIMD_NS {
 namespace {
 
+// Bit b of every byte of hbits as that byte's bit 4 (Q5_K's fifth bit of group b's quants): one
+// 16-bit shift and a mask, immediate shifts once the caller's loop is unrolled.
+inline __m256i q5k_fifth_bit(__m256i hbits, int b) {
+    const __m256i moved = b <= 4 ? _mm256_slli_epi16(hbits, 4 - b) : _mm256_srli_epi16(hbits, b - 4);
+    return _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+}
+
 // Shuffle i broadcasts int16 lane 2i to the low 128-bit half and lane 2i+1 to the high half: the
 // scales of elements [32i, 32i+16) and [32i+16, 32i+32) of a 128-element chunk (16-element groups).
 alignas(32) constexpr uint8_t kScaleShuffleQ3K[4][32] = {
@@ -75,7 +82,6 @@ float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a) {
     const int64_t nb = n / kQK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     const __m128i mzero = _mm_setzero_si128();
-    const __m256i mone = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     float summs = 0.f;
     for (int64_t i = 0; i < nb; ++i) {
@@ -94,9 +100,8 @@ float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a) {
         const __m128i sc128 = _mm256_castsi256_si128(mins_and_scales);
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
         const __m256i hbits = load256(x[i].qh);
-        __m256i hmask = mone;
         __m256i sumi = _mm256_setzero_si256();
-        int bit = 0;
+#pragma GCC unroll 4
         for (int j = 0; j < kQK_K / 64; ++j) {
             const __m256i scale_0 =
                 _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
@@ -104,14 +109,9 @@ float vec_dot_q5_K_q8_K(int64_t n, const void* w, const void* a) {
                 scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
             const __m256i q5bits = load256(q5);
             q5 += 32;
-            const __m256i q5l_0 = _mm256_and_si256(q5bits, m4);
-            const __m256i q5h_0 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
-            const __m256i q5_0 = _mm256_add_epi8(q5l_0, q5h_0);
-            hmask = _mm256_slli_epi16(hmask, 1);
-            const __m256i q5l_1 = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
-            const __m256i q5h_1 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
-            const __m256i q5_1 = _mm256_add_epi8(q5l_1, q5h_1);
-            hmask = _mm256_slli_epi16(hmask, 1);
+            const __m256i q5_0 = _mm256_or_si256(_mm256_and_si256(q5bits, m4), q5k_fifth_bit(hbits, 2 * j));
+            const __m256i q5_1 =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4), q5k_fifth_bit(hbits, 2 * j + 1));
             const __m256i q8_0 = load256(q8);
             const __m256i q8_1 = load256(q8 + 32);
             q8 += 64;
@@ -257,7 +257,6 @@ void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     const int64_t nb = n / kQK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     const __m128i mzero = _mm_setzero_si128();
-    const __m256i mone = _mm256_set1_epi8(1);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float summs[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t i = 0; i < nb; ++i) {
@@ -276,10 +275,9 @@ void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
         const __m256i scales = _mm256_inserti128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
         const __m256i hbits = load256(x[i].qh);
         const uint8_t* q5 = x[i].qs;
-        __m256i hmask = mone;
         __m256i sumi0 = _mm256_setzero_si256(), sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256(),
                 sumi3 = _mm256_setzero_si256();
-        int bit = 0;
+#pragma GCC unroll 4
         for (int j = 0; j < kQK_K / 64; ++j) {
             const __m256i scale_0 =
                 _mm256_shuffle_epi8(scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j])));
@@ -287,14 +285,9 @@ void vec_dot_q5_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
                 scales, _mm256_load_si256(reinterpret_cast<const __m256i*>(kScaleShuffleK4[2 * j + 1])));
             const __m256i q5bits = load256(q5);
             q5 += 32;
-            const __m256i q5l_0 = _mm256_and_si256(q5bits, m4);
-            const __m256i q5h_0 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
-            const __m256i q5_0 = _mm256_add_epi8(q5l_0, q5h_0);
-            hmask = _mm256_slli_epi16(hmask, 1);
-            const __m256i q5l_1 = _mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4);
-            const __m256i q5h_1 = _mm256_slli_epi16(_mm256_srli_epi16(_mm256_and_si256(hbits, hmask), bit++), 4);
-            const __m256i q5_1 = _mm256_add_epi8(q5l_1, q5h_1);
-            hmask = _mm256_slli_epi16(hmask, 1);
+            const __m256i q5_0 = _mm256_or_si256(_mm256_and_si256(q5bits, m4), q5k_fifth_bit(hbits, 2 * j));
+            const __m256i q5_1 =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q5bits, 4), m4), q5k_fifth_bit(hbits, 2 * j + 1));
             auto part = [&](const BlockQ8_K& b) {
                 const __m256i p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q5_0, load256(b.qs + 64 * j)));
                 return madd_add(p16_0, scale_1, _mm256_maddubs_epi16(q5_1, load256(b.qs + 64 * j + 32)));
