@@ -51,10 +51,13 @@ inline __m256i scaled_quarters(__m256i scales, __m256i p0, __m256i p1, __m256i p
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// 1 in the bytes whose hmask bit `bit` is clear, else 0 (ggml: srli(andnot(hbits, slli(1, bit)), bit)).
-inline __m256i q3h_bits(__m256i hbits, __m256i mone, int bit) {
-    const __m128i count = _mm_cvtsi32_si128(bit);
-    return _mm256_srl_epi16(_mm256_andnot_si256(hbits, _mm256_sll_epi16(mone, count)), count);
+// 4 in the bytes whose hmask bit b is clear, else 0 (Q3_K's offset, subtracted; ggml computes it as
+// slli(srli(andnot(hbits, slli(1, b)), b), 2)): bit b moved to bit 2 with one 16-bit shift (no
+// bit of the neighbouring byte reaches bit 2), then andnot with 4. Immediate shifts once the
+// caller's loop is unrolled.
+inline __m256i q3k_offset4(__m256i hbits, int b) {
+    const __m256i moved = b >= 2 ? _mm256_srli_epi16(hbits, b - 2) : _mm256_slli_epi16(hbits, 2 - b);
+    return _mm256_andnot_si256(moved, _mm256_set1_epi8(4));
 }
 
 }  // namespace
@@ -130,7 +133,6 @@ float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a) {
     const int64_t nb = n / kQK_K;
     constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
     const __m256i m3 = _mm256_set1_epi8(3);
-    const __m256i mone = _mm256_set1_epi8(1);
     const __m128i m32 = _mm_set1_epi8(32);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; ++i) {
@@ -151,21 +153,20 @@ float vec_dot_q3_K_q8_K(int64_t n, const void* w, const void* a) {
                                    _mm256_inserti128_si256(_mm256_castsi128_si256(h_scales), h_scales, 1)};
         const __m256i hbits = load256(x[i].hmask);
         __m256i sumi = _mm256_setzero_si256();
-        int bit = 0;
+#pragma GCC unroll 2
         for (int j = 0; j < kQK_K / 128; ++j) {
             const __m256i q3bits = load256(q3);
             q3 += 32;
             // Low 2 bits, and 4 where the high bit is clear (subtracted below). Written out: GCC -O2
             // keeps small vector arrays in memory.
             const __m256i q3l_0 = _mm256_and_si256(q3bits, m3);
-            const __m256i q3h_0 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 0), 2);
+            const __m256i q3h_0 = q3k_offset4(hbits, 4 * j + 0);
             const __m256i q3l_1 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 2), m3);
-            const __m256i q3h_1 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 1), 2);
+            const __m256i q3h_1 = q3k_offset4(hbits, 4 * j + 1);
             const __m256i q3l_2 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 4), m3);
-            const __m256i q3h_2 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 2), 2);
+            const __m256i q3h_2 = q3k_offset4(hbits, 4 * j + 2);
             const __m256i q3l_3 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 6), m3);
-            const __m256i q3h_3 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 3), 2);
-            bit += 4;
+            const __m256i q3h_3 = q3k_offset4(hbits, 4 * j + 3);
             const __m256i q8_0 = load256(q8);
             const __m256i q8_1 = load256(q8 + 32);
             const __m256i q8_2 = load256(q8 + 64);
@@ -314,7 +315,6 @@ void vec_dot_q3_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
     const int64_t nb = n / kQK_K;
     constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
     const __m256i m3 = _mm256_set1_epi8(3);
-    const __m256i mone = _mm256_set1_epi8(1);
     const __m128i m32 = _mm_set1_epi8(32);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
            acc3 = _mm256_setzero_ps();
@@ -336,19 +336,18 @@ void vec_dot_q3_K_q8_K_x4(int64_t n, const void* w, const void* a, size_t a_stri
         const __m256i hbits = load256(x[i].hmask);
         __m256i sumi0 = _mm256_setzero_si256(), sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256(),
                 sumi3 = _mm256_setzero_si256();
-        int bit = 0;
+#pragma GCC unroll 2
         for (int j = 0; j < kQK_K / 128; ++j) {
             const __m256i q3bits = load256(q3);
             q3 += 32;
             const __m256i q3l_0 = _mm256_and_si256(q3bits, m3);
-            const __m256i q3h_0 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 0), 2);
+            const __m256i q3h_0 = q3k_offset4(hbits, 4 * j + 0);
             const __m256i q3l_1 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 2), m3);
-            const __m256i q3h_1 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 1), 2);
+            const __m256i q3h_1 = q3k_offset4(hbits, 4 * j + 1);
             const __m256i q3l_2 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 4), m3);
-            const __m256i q3h_2 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 2), 2);
+            const __m256i q3h_2 = q3k_offset4(hbits, 4 * j + 2);
             const __m256i q3l_3 = _mm256_and_si256(_mm256_srli_epi16(q3bits, 6), m3);
-            const __m256i q3h_3 = _mm256_slli_epi16(q3h_bits(hbits, mone, bit + 3), 2);
-            bit += 4;
+            const __m256i q3h_3 = q3k_offset4(hbits, 4 * j + 3);
             auto part = [&](const BlockQ8_K& b) {
                 const int8_t* q8 = b.qs + 128 * j;
                 const __m256i q8_0 = load256(q8), q8_1 = load256(q8 + 32), q8_2 = load256(q8 + 64),
