@@ -220,8 +220,15 @@ Status GgufFile::populate(const std::function<void(uint64_t, uint64_t)>& progres
         if (!f->mapped_) continue;
         for (size_t off = 0; off < f->size_; off += kChunk) {
             const size_t n = std::min(kChunk, f->size_ - off);
-            if (madvise(const_cast<uint8_t*>(f->base_) + off, n, MADV_POPULATE_READ) != 0) {
-                if (errno == EINVAL || errno == ENOSYS) return Status();  // kernel without it
+            int rc, tries = 0;
+            while ((rc = madvise(const_cast<uint8_t*>(f->base_) + off, n, MADV_POPULATE_READ)) != 0 &&
+                   (errno == EINTR || errno == EAGAIN) && ++tries < 100) {
+            }
+            if (rc != 0) {
+                // A kernel without it, or no memory to spare: the pages come in on first use instead.
+                if (errno == EINVAL || errno == ENOSYS || errno == ENOMEM || errno == EINTR || errno == EAGAIN)
+                    return Status();
+                // EFAULT (past the end of a file cut short), EIO, EHWPOISON: the data is not there.
                 return MM_ERROR("%s: cannot read bytes %zu..%zu of the model file: %s", f->path_.c_str(), off, off + n,
                                 std::strerror(errno));
             }

@@ -112,8 +112,9 @@ public:
     size_t total_size() const;
     // Reads every mapped file's pages in and maps them (madvise MADV_POPULATE_READ, in chunks;
     // progress(done, total) after each), so that the first request does not take the page faults.
-    // A kernel without it (before Linux 5.14) or a file from memory: nothing done, no error. An
-    // unreadable range (file truncated after open): an error naming the file, never SIGBUS.
+    // A kernel without it (before Linux 5.14), memory running short, or a file from memory: it
+    // stops there, no error. An unreadable range (file truncated after open, I/O error): an error
+    // naming the file, never SIGBUS.
     Status populate(const std::function<void(uint64_t done, uint64_t total)>& progress = {}) const;
 
     // 16 hex digits identifying the model: a hash of every metadata key and value, of the tensor

@@ -1,6 +1,6 @@
 // AVX2 dot products of Q4_0, IQ4_NL and MXFP4 weights (32-element blocks of 4-bit indices into 16
 // levels, one scale per block) and of Q8_0 weights (32 signed bytes, one scale) against Q8_0
-// activations, 8 weight rows at a time.
+// activations, 8 weight rows at a time (16 with AVX-512), and their transposed prompt tiles.
 //
 // The arithmetic is that of llama.cpp's CPU backend for the 4-bit types on AVX2, which repacks
 // their weights 8 rows at a time ("CPU_REPACK": ggml_gemv/gemm_{q4_0,iq4_nl,mxfp4}_8x8_q8_0, for
