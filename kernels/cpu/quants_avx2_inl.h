@@ -272,6 +272,59 @@ inline void transpose8x8(const __m256i* in, __m256i* out) {
     }
 }
 
+// The 8-row tiles' shared part (quants_avx2_r8.cpp, quants_avx2_q1_iq4.cpp): 8 rows of 32 signed
+// levels (z[r]: row r) transposed and stored at o (vector j, lane r: row r's levels 4j..4j+3),
+// then at o + 256 either the 8 vectors of |levels| (sign_form: for levels up to ±128 with AVX2) or
+// the int32 -128 · Σ levels of each row (for activations biased to a + 128).
+inline void store_tile8_levels(const __m256i* z, uint8_t* o, bool sign_form) {
+    __m256i v[8];
+    transpose8x8(z, v);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 * j), v[j]);
+    if (sign_form) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * j), _mm256_sign_epi8(v[j], v[j]));
+        return;
+    }
+    __m256i s16 = _mm256_setzero_si256();  // the bytes summed in pairs (|level| <= 128), then the pairs
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi8(1), v[j]));
+    const __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
+}
+
+// Each row's exact Σ level · a over an 8-row tile block stored by store_tile8_levels at p, for one
+// activation row of 32 bytes y: in sign form ggml's sign trick per vector (vpmaddubsw(|w|, sign(a,
+// w)), vpmaddwd); in offset form, with VNNI, vpdpbusd of the activation bytes made unsigned against
+// the levels, started from -128 · Σ levels (two chains: vpdpbusd's latency would bound one).
+inline __m256i dot_tile8_sign(const uint8_t* p, const int8_t* y) {
+    alignas(32) int32_t ya[8];  // the activation bytes, 4 per dword
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ya), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)));
+    const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+    __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+        const __m256i signed_a = _mm256_sign_epi8(_mm256_set1_epi32(ya[j]), vec(32 * j));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(vec(256 + 32 * j), signed_a), _mm256_set1_epi16(1)));
+    }
+    return s;
+}
+#if MM_SIMD_VNNI
+inline __m256i dot_tile8_offset(const uint8_t* p, const int8_t* y) {
+    alignas(32) int32_t yu[8];  // a + 128 as unsigned bytes, 4 per dword
+    _mm256_store_si256(reinterpret_cast<__m256i*>(yu), _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)),
+                                                                       _mm256_set1_epi8(static_cast<char>(0x80))));
+    const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+    __m256i s = vec(256), s1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int j = 0; j < 8; j += 2) {
+        s = dp4_add(s, _mm256_set1_epi32(yu[j]), vec(32 * j));
+        s1 = dp4_add(s1, _mm256_set1_epi32(yu[j + 1]), vec(32 * j + 32));
+    }
+    return _mm256_add_epi32(s, s1);
+}
+#endif
+
 // One 128-element chunk j of a Q6_K block: Σ_g scale_g · Σ q·q8 (q the unsigned 6-bit value, 0..63)
 // as 8 int32 partial sums. The -32 offset is taken out once per block with q6k_offset.
 inline __m256i q6k_chunk(const uint8_t* q4, const uint8_t* qh, const int8_t* q8, __m128i scales8, int j) {

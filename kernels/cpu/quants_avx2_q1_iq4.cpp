@@ -329,21 +329,10 @@ void decode_tile8_iq4_xs(int64_t n, const void* w, size_t w_stride, void* tile) 
     for (int64_t i = 0; i < n / kQK_K; ++i, o += kIq4XsTile8Bytes) {
         for (int sb = 0; sb < 8; ++sb) {
             uint8_t* os = o + sb * kIq4XsSub8;
-            __m256i z[8], v[8];
+            __m256i z[8];
 #pragma GCC unroll 8
             for (int r = 0; r < 8; ++r) z[r] = iq4_levels(x[r][i].qs + 16 * sb, values, m4);
-            transpose8x8(z, v);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 32 * j), v[j]);
-#if MM_SIMD_VNNI
-            __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) sum = dp4_add(sum, _mm256_set1_epi8(1), v[j]);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 256), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
-#else
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + 256 + 32 * j), _mm256_sign_epi8(v[j], v[j]));
-#endif
+            store_tile8_levels(z, os, !MM_SIMD_VNNI);
             int32_t ls[8];
             for (int r = 0; r < 8; ++r) {
                 const int lo4 = (x[r][i].scales_l[sb / 2] >> (4 * (sb % 2))) & 0xf;
@@ -374,25 +363,10 @@ void dot_tile8_iq4_xs(int64_t n, const void* tile, const void* a, size_t a_strid
             const __m256i ls = vec(kIq4XsSub8 - 32);
 #pragma GCC unroll 4
             for (int t = 0; t < NA; ++t) {
-                const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][i].qs + 32 * sb));
-                alignas(32) int32_t ya[8];  // 4 activation bytes per dword (a + 128 with AVX-VNNI)
 #if MM_SIMD_VNNI
-                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), _mm256_xor_si256(yv, _mm256_set1_epi8(static_cast<char>(0x80))));
-                __m256i s = vec(256), s1 = _mm256_setzero_si256();  // two vpdpbusd chains
-#pragma GCC unroll 4
-                for (int j = 0; j < 8; j += 2) {
-                    s = dp4_add(s, _mm256_set1_epi32(ya[j]), vec(32 * j));
-                    s1 = dp4_add(s1, _mm256_set1_epi32(ya[j + 1]), vec(32 * j + 32));
-                }
-                s = _mm256_add_epi32(s, s1);
+                const __m256i s = dot_tile8_offset(ps, y[t][i].qs + 32 * sb);
 #else
-                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), yv);
-                __m256i s = _mm256_setzero_si256();
-#pragma GCC unroll 8
-                for (int j = 0; j < 8; ++j) {
-                    const __m256i signed_a = _mm256_sign_epi8(_mm256_set1_epi32(ya[j]), vec(32 * j));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(vec(256 + 32 * j), signed_a), _mm256_set1_epi16(1)));
-                }
+                const __m256i s = dot_tile8_sign(ps, y[t][i].qs + 32 * sb);
 #endif
                 total[t] = _mm256_add_epi32(total[t], _mm256_mullo_epi32(s, ls));
             }

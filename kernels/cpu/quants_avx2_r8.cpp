@@ -393,24 +393,10 @@ void decode_tile8(int64_t n, const void* w, size_t w_stride, void* tile) {
     for (int r = 0; r < 8; ++r) x[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * w_stride);
     auto* o = static_cast<uint8_t*>(tile);
     for (int64_t b = 0; b < nb; ++b, o += kTile8Bytes<T>) {
-        __m256i z[8], v[8];
+        __m256i z[8];
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) z[r] = levels32<T>(x[r][b], levels, m4);
-        transpose8x8(z, v);
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32 * j), v[j]);
-        if constexpr (kTile8SignTrick<T>) {
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j)
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * j), _mm256_sign_epi8(v[j], v[j]));
-        } else {
-            // Σ levels per lane: the bytes summed in pairs (|level| <= 128), then the pairs.
-            __m256i s16 = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi8(1), v[j]));
-            const __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 256), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7)));
-        }
+        store_tile8_levels(z, o, kTile8SignTrick<T>);
         float scales[8];
         for (int r = 0; r < 8; ++r) scales[r] = T::scale(x[r][b]);
         std::memcpy(o + kTile8Bytes<T> - 32, scales, sizeof(scales));
@@ -424,45 +410,34 @@ void dot_tile8(int64_t n, const void* tile, const void* a, size_t a_stride, floa
     for (int t = 0; t < NA; ++t) y[t] = reinterpret_cast<const BlockQ8_0*>(static_cast<const uint8_t*>(a) + t * a_stride);
     __m256 acc[NA];
     for (int t = 0; t < NA; ++t) acc[t] = _mm256_setzero_ps();
-    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
-    const __m256i ones16 = _mm256_set1_epi16(1);
     const auto* p = static_cast<const uint8_t*>(tile);
-    const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
     for (int64_t b = 0; b < nb; ++b, p += kTile8Bytes<T>) {
         const __m256 dx = _mm256_loadu_ps(reinterpret_cast<const float*>(p + kTile8Bytes<T> - 32));
 #pragma GCC unroll 4
         for (int t = 0; t < NA; ++t) {
-            alignas(32) int32_t ya[8];  // 4 activation bytes per dword (a + 128 unless the sign trick)
-            const __m256i yv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs));
             __m256i s;
             if constexpr (kTile8SignTrick<T>) {
-                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), yv);
-                s = _mm256_setzero_si256();
-#pragma GCC unroll 8
-                for (int j = 0; j < 8; ++j) {
-                    const __m256i signed_a = _mm256_sign_epi8(_mm256_set1_epi32(ya[j]), vec(32 * j));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(vec(256 + 32 * j), signed_a), ones16));
-                }
+                s = dot_tile8_sign(p, y[t][b].qs);
             } else {
-                _mm256_store_si256(reinterpret_cast<__m256i*>(ya), _mm256_xor_si256(yv, bias));
-                s = vec(256);
-#if MM_SIMD_VNNI == 1
-                __m256i s1 = _mm256_setzero_si256();  // two chains, as in dot_r8t
-#pragma GCC unroll 4
-                for (int j = 0; j < 8; j += 2) {
-                    s = _mm256_dpbusd_avx_epi32(s, _mm256_set1_epi32(ya[j]), vec(32 * j));
-                    s1 = _mm256_dpbusd_avx_epi32(s1, _mm256_set1_epi32(ya[j + 1]), vec(32 * j + 32));
-                }
-                s = _mm256_add_epi32(s, s1);
+#if MM_SIMD_VNNI
+                s = dot_tile8_offset(p, y[t][b].qs);
 #else
+                // Small levels with AVX2: vpmaddubsw of the biased activations, kGroup16 vectors
+                // summed in int16, then vpmaddwd, started from -128 · Σ levels.
+                const auto vec = [&](size_t off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + off)); };
+                alignas(32) int32_t yu[8];
+                _mm256_store_si256(reinterpret_cast<__m256i*>(yu),
+                                   _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[t][b].qs)),
+                                                    _mm256_set1_epi8(static_cast<char>(0x80))));
+                s = vec(256);
                 constexpr int G = T::kGroup16;
 #pragma GCC unroll 8
                 for (int g = 0; g < 8; g += G) {
-                    __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi32(ya[g]), vec(32 * g));
+                    __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi32(yu[g]), vec(32 * g));
 #pragma GCC unroll 8
                     for (int j = g + 1; j < g + G; ++j)
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi32(ya[j]), vec(32 * j)));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, ones16));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi32(yu[j]), vec(32 * j)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
                 }
 #endif
             }
@@ -569,7 +544,7 @@ void dot_r16(int64_t n, const void* w, size_t w_stride, const void* a, size_t a_
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
-// 16 rows transposed (see DecodeTile16Fn). Lanes are rows, so a block's integer sum needs no
+// 16 rows transposed (see DecodeTileFn). Lanes are rows, so a block's integer sum needs no
 // horizontal adds: vector j holds every row's elements 4j..4j+3 as signed levels, and vpdpbusd
 // multiplies them by the activation's 4 bytes, broadcast and made unsigned (a + 128); the lane
 // starts from -128 · Σ levels of its row, which takes the 128 out again exactly. Per row and block

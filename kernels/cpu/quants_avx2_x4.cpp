@@ -187,7 +187,7 @@ inline void q8k_bsum_pairs(const BlockQ8_K& y, int32_t pairs[4]) {
 }
 
 #if MM_SIMD_VNNI == 2
-// 16 Q4_K rows transposed (see DecodeTile16Fn), one row per int32 lane. Per super-block
+// 16 Q4_K rows transposed (see DecodeTileFn), one row per int32 lane. Per super-block
 // (kQ4KTile16BytesPerBlock bytes): for each 32-element sub-block s, 8 vectors of its unsigned
 // nibbles (vector j, lane r: row r's elements 4j..4j+3 of the sub-block) [0, 4096); the sub-block
 // scales, 8 × 16 int32 [4096, 4608); the mins as int16 pairs (min 2t, min 2t+1) per lane, 4 × 16
