@@ -39,14 +39,16 @@ D=${TMPDIR:-/tmp}/gpu-check; mkdir -p "$D"
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 want() { [[ " $ONLY " == *" $1 "* ]]; }
-# section NAME NEED_S CMD...: runs CMD with a timeout of what is left, when at least NEED_S is left.
+# section NAME NEED_S MAX_S CMD...: runs CMD when at least NEED_S is left, with a timeout of what is
+# left or MAX_S, whichever is less (one hanging test must not eat the sections after it).
 section() {
-  local name=$1 need=$2; shift 2
+  local name=$1 need=$2 max=$3; shift 3
   want "$name" || return 0
   local l; l=$(left)
   if [ "$l" -lt "$need" ]; then echo "=== $name: skipped ($l s left, needs $need)"; return 0; fi
   echo "=== $name (+$(( $(date +%s) - T0 )) s, $l s left)"
-  timeout $(( l - 3 )) "$@" >"$OUT/$name.txt" 2>&1
+  local t=$(( l - 3 )); [ "$t" -gt "$max" ] && t=$max
+  timeout -k 5 "$t" "$@" >"$OUT/$name.txt" 2>&1
   local rc=$?
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[==========\]|ERROR SUMMARY|Failure|^\| |copy|tok/s|error|no CUDA device" "$OUT/$name.txt" | head -60
   echo "--- $name rc $rc"
@@ -54,17 +56,17 @@ section() {
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "no nvidia-smi"
   ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null || echo "no libnccl.so.2 under /usr/local/cuda/lib64"
-  section ops 20 "$B/test_cuda_ops"
-  section model 60 "$B/test_cuda_model"
-  section experts 40 "$B/test_cuda_experts"
-  section transport 40 "$B/test_cuda_transport"
-  section memcheck 40 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_cuda_ops"
-  section gemv 30 "$B/bench_cuda_gemv" 20
-  section decode 150 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
+  section ops 20 90 "$B/test_cuda_ops"
+  section model 60 150 "$B/test_cuda_model"
+  section experts 40 150 "$B/test_cuda_experts"
+  section transport 40 150 "$B/test_cuda_transport"
+  section gemv 30 60 "$B/bench_cuda_gemv" 20
+  section decode 150 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "q8_0 q4_k" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
-  section profile 60 bash "$ROOT/bench/profile_cuda_decode.sh" --moemesh "$B/moemesh" --dir "$D" --budget 8GiB
+  section profile 60 150 bash "$ROOT/bench/profile_cuda_decode.sh" --moemesh "$B/moemesh" --dir "$D" --budget 8GiB
   if [ -f "$ROOT/bench/bench_cuda_offload.sh" ]; then
-    section offload 150 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D"
+    section offload 150 400 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D" --gen 32
   fi
+  section memcheck 40 180 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_cuda_ops"
   echo "=== done (+$(( $(date +%s) - T0 )) s)"
 } 2>&1 | tee "$OUT/log"
