@@ -203,16 +203,19 @@ public:
         cfg.blocking = 0;  // bounded by the deadline below instead of hanging on a dead worker
         ncclResult_t r = nccl_->CommInitRankConfig(&comm_, 2, id_, 0, &cfg);
         if (r != ncclSuccess && r != ncclInProgress) return MM_ERROR("data plane nccl: ncclCommInitRank: %s", nccl_->GetErrorString(r));
-        for (;;) {
-            ncclResult_t state = ncclSuccess;
-            nccl_->CommGetAsyncError(comm_, &state);
-            if (state == ncclSuccess) return Status();
-            if (state != ncclInProgress)
-                return MM_ERROR("data plane nccl: joining the communicator failed: %s", nccl_->GetErrorString(state));
-            if (Clock::now() > deadline)
-                return MM_ERROR("data plane nccl: the worker did not join the communicator by the deadline");
-            std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        }
+        MM_RETURN_IF_ERROR(settle(deadline, "joining the communicator"));
+        // NCCL connects a direction lazily, at the first ncclSend on one side and ncclRecv on the
+        // other, and each side's call waits for the other's. Per call, the worker sends its partial
+        // sums before it answers, and this side posts its receive only after the answer: without
+        // the connection made here the worker's first send would wait for a receive that never
+        // comes (seen on an H200, NCCL 2.28). One float each way now, while the worker does the same
+        // (worker/data_plane.cpp: receive, then send).
+        MM_RETURN_IF_ERROR(check(nccl_->Send(buf_, 1, ncclFloat32, 1, comm_, stream_), "ncclSend (connecting)"));
+        MM_RETURN_IF_ERROR(settle(deadline, "connecting to the worker"));
+        MM_RETURN_IF_ERROR(check(nccl_->Recv(buf_ + max_rows_ * hidden_, 1, ncclFloat32, 1, comm_, stream_),
+                                 "ncclRecv (connecting)"));
+        MM_RETURN_IF_ERROR(settle(deadline, "connecting from the worker"));
+        return wait_stream(stream_, deadline, "data plane nccl: connecting", [this] { return async_error(); });
     }
     Status put(const float* x, int64_t n_rows, bool on_device) override {
         MM_RETURN_IF_ERROR(check_rows(n_rows));
@@ -227,7 +230,7 @@ public:
         // Enqueued, not waited for: it completes when the worker posts its receive.
         MM_RETURN_IF_ERROR(check(nccl_->Send(src, static_cast<size_t>(n_rows * hidden_), ncclFloat32, 1, comm_, stream_),
                                  "ncclSend"));
-        return Status();
+        return settle(Clock::now() + std::chrono::seconds(30), "sending the activations");
     }
     Status get(float* out, int64_t n_rows, bool on_device, Clock::time_point deadline) override {
         MM_RETURN_IF_ERROR(check_rows(n_rows));
@@ -235,18 +238,35 @@ public:
         float* dst = on_device ? out : buf_ + max_rows_ * hidden_;
         const size_t n = static_cast<size_t>(n_rows * hidden_);
         MM_RETURN_IF_ERROR(check(nccl_->Recv(dst, n, ncclFloat32, 1, comm_, stream_), "ncclRecv"));
+        MM_RETURN_IF_ERROR(settle(deadline, "receiving the partial sums"));
         if (!on_device)
             DP_CUDA(cudaMemcpyAsync(out, dst, sizeof(float) * n, cudaMemcpyDeviceToHost, stream_), "copying the partial sums");
-        return wait_stream(stream_, deadline, "data plane nccl: receiving the partial sums", [this]() -> std::string {
-            ncclResult_t s = ncclSuccess;
-            nccl_->CommGetAsyncError(comm_, &s);
-            return s == ncclSuccess || s == ncclInProgress ? "" : nccl_->GetErrorString(s);
-        });
+        return wait_stream(stream_, deadline, "data plane nccl: receiving the partial sums",
+                           [this] { return async_error(); });
     }
 
 private:
     NcclLink(int64_t rows, int64_t hidden, int device, const NcclApi* nccl)
         : LinkDataPlane(rows, hidden), nccl_(nccl), device_(device) {}
+    // The communicator's asynchronous error, "" while fine.
+    std::string async_error() {
+        ncclResult_t s = ncclSuccess;
+        nccl_->CommGetAsyncError(comm_, &s);
+        return s == ncclSuccess || s == ncclInProgress ? "" : nccl_->GetErrorString(s);
+    }
+    // A nonblocking communicator's call may return ncclInProgress: the operation reaches the stream
+    // only once the communicator says ncclSuccess, and no other call may come before that.
+    Status settle(Clock::time_point deadline, const char* what) {
+        for (;;) {
+            ncclResult_t state = ncclSuccess;
+            nccl_->CommGetAsyncError(comm_, &state);
+            if (state == ncclSuccess) return Status();
+            if (state != ncclInProgress) return MM_ERROR("data plane nccl: %s: %s", what, nccl_->GetErrorString(state));
+            if (Clock::now() > deadline)
+                return MM_ERROR("data plane nccl: %s: not done by the deadline (is the worker alive?)", what);
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+    }
     Status check(ncclResult_t r, const char* what) {
         if (r == ncclSuccess || r == ncclInProgress) return Status();
         return MM_ERROR("data plane nccl: %s: %s", what, nccl_->GetErrorString(r));

@@ -328,9 +328,20 @@ private:
         std::memcpy(&id_, o.nccl_unique_id().data(), sizeof(id_));
         // ncclCommInitRank blocks until rank 0 joins, and the coordinator joins only after it has
         // our handshake answer: join in the background.
+        // Then one float each way, which makes NCCL connect both directions now (it connects at the
+        // first send on one side and receive on the other; the coordinator does the same in its
+        // NcclLink::joined): the first call's send of the partial sums must not wait for a receive
+        // that the coordinator posts only after our answer.
         joiner_ = std::thread([this] {
             cudaSetDevice(device_);
             init_result_ = nccl_->CommInitRank(&comm_, 2, id_, 1);
+            if (init_result_ == ncclSuccess) init_result_ = nccl_->Recv(d_buf_, 1, ncclFloat32, 0, comm_, stream_);
+            if (init_result_ == ncclSuccess)
+                init_result_ = nccl_->Send(d_buf_ + max_rows_ * hidden_, 1, ncclFloat32, 0, comm_, stream_);
+            if (init_result_ == ncclSuccess && cudaStreamSynchronize(stream_) != cudaSuccess) {
+                (void)cudaGetLastError();
+                init_result_ = ncclUnhandledCudaError;
+            }
         });
         return Status();
     }

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -25,9 +26,21 @@
 struct ncclComm {
     int fd = -1;
     int rank = 0;
+    bool blocking = true;
     std::atomic<int> state{ncclInProgress};  // ncclInProgress → ncclSuccess, or an error
     std::atomic<bool> aborted{false};
     std::thread joiner;                      // nonblocking init
+    // Lazy connection, as NCCL's: a direction is connected once the sender has called ncclSend and
+    // the receiver ncclRecv, each on its host thread. A rank's first call of each kind announces
+    // itself on the control socket ('S' / 'R') and then waits for the peer's matching first call:
+    // blocking communicators inside the call, nonblocking ones in the background (ncclInProgress
+    // meanwhile, and the operation reaches its stream once connected).
+    int ctl = -1;
+    bool sent_s = false, sent_r = false;     // this rank announced its first send / receive
+    bool peer_s = false, peer_r = false;     // the peer's announcements (under mu)
+    bool send_connected = false, recv_connected = false;
+    std::thread control;                     // reads the peer's announcements
+    std::thread connector;                   // a nonblocking communicator's pending connection
     // Sends are handed to this thread in order, so that a send never blocks its stream.
     std::mutex mu;
     std::condition_variable cv;
@@ -85,7 +98,12 @@ ncclResult_t join(ncclComm* c, const std::string& name) {
             }
         }
         c->fd = accept(lfd, nullptr, nullptr);
+        c->ctl = c->fd >= 0 ? accept(lfd, nullptr, nullptr) : -1;
         close(lfd);
+        if (c->ctl < 0 && c->fd >= 0) {
+            close(c->fd);
+            c->fd = -1;
+        }
     } else {
         socklen_t len = 0;
         const sockaddr_un a = address(name, &len);
@@ -99,11 +117,33 @@ ncclResult_t join(ncclComm* c, const std::string& name) {
             if (c->aborted.load() || std::chrono::steady_clock::now() > deadline) break;
             std::this_thread::sleep_for(std::chrono::milliseconds(5));
         }
+        if (c->fd >= 0) {  // the control socket: the listener's backlog already holds the data one
+            const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (connect(fd, reinterpret_cast<const sockaddr*>(&a), len) == 0) {
+                c->ctl = fd;
+            } else {
+                close(fd);
+                close(c->fd);
+                c->fd = -1;
+            }
+        }
     }
     if (c->fd < 0) {
         std::fprintf(stderr, "[nccl-emu] rank %d could not join: %s\n", c->rank, std::strerror(errno));
         return ncclSystemError;
     }
+    c->control = std::thread([c] {
+        for (;;) {
+            char b = 0;
+            const ssize_t n = ::recv(c->ctl, &b, 1, 0);
+            if (n <= 0) return;  // closed: the data socket reports the broken peer
+            {
+                std::lock_guard<std::mutex> lk(c->mu);
+                (b == 'S' ? c->peer_s : c->peer_r) = true;
+            }
+            c->cv.notify_all();
+        }
+    });
     c->sender = std::thread([c] {
         for (;;) {
             std::vector<char> msg;
@@ -137,6 +177,64 @@ size_t type_size(ncclDataType_t t) {
     }
 }
 
+// This rank's first send (send = true) or receive: announce it, then wait up to the timeout for the
+// peer's first call of the other kind.
+ncclResult_t connect_direction(ncclComm* c, bool send) {
+    {
+        std::lock_guard<std::mutex> lk(c->mu);
+        if (send ? c->send_connected : c->recv_connected) return ncclSuccess;
+    }
+    bool& announced = send ? c->sent_s : c->sent_r;
+    if (!announced) {
+        announced = true;
+        const char b = send ? 'S' : 'R';
+        if (::send(c->ctl, &b, 1, MSG_NOSIGNAL) != 1) return ncclRemoteError;
+    }
+    std::unique_lock<std::mutex> lk(c->mu);
+    const bool ok = c->cv.wait_for(lk, std::chrono::milliseconds(kTimeoutMs), [c, send] {
+        return c->aborted.load() || (send ? c->peer_r : c->peer_s);
+    });
+    if (!ok || c->aborted.load()) {
+        if (!c->aborted.load())
+            std::fprintf(stderr, "[nccl-emu] rank %d: the peer did not call ncclRecv/ncclSend to connect within %d ms\n",
+                         c->rank, kTimeoutMs);
+        return ncclRemoteError;
+    }
+    (send ? c->send_connected : c->recv_connected) = true;
+    return ncclSuccess;
+}
+
+// Runs `op` (which puts the operation on its stream) once the direction is connected: at once when
+// it is, inside the call on a blocking communicator, else in the background with ncclInProgress.
+ncclResult_t when_connected(ncclComm* c, bool send, std::function<void()> op) {
+    bool connected;
+    {
+        std::lock_guard<std::mutex> lk(c->mu);
+        connected = send ? c->send_connected : c->recv_connected;
+    }
+    if (connected) {
+        op();
+        return ncclSuccess;
+    }
+    if (c->blocking) {
+        const ncclResult_t r = connect_direction(c, send);
+        if (r != ncclSuccess) {
+            c->state.store(r);
+            return r;
+        }
+        op();
+        return ncclSuccess;
+    }
+    if (c->connector.joinable()) c->connector.join();  // the caller waited for ncclSuccess before this call
+    c->state.store(ncclInProgress);
+    c->connector = std::thread([c, send, op = std::move(op)] {
+        const ncclResult_t r = connect_direction(c, send);
+        if (r == ncclSuccess) op();
+        c->state.store(r);
+    });
+    return ncclInProgress;
+}
+
 ncclResult_t check(ncclComm* c, int peer, ncclDataType_t type) {
     if (c == nullptr || peer != 1 - c->rank || type_size(type) == 0) return ncclInvalidArgument;
     const int st = c->state.load();
@@ -148,6 +246,7 @@ ncclResult_t check(ncclComm* c, int peer, ncclDataType_t type) {
 const char* GetErrorString(ncclResult_t r) {
     switch (r) {
         case ncclSuccess: return "no error";
+        case ncclUnhandledCudaError: return "unhandled cuda error";
         case ncclSystemError: return "unhandled system error (NCCL emulator: see the [nccl-emu] message)";
         case ncclInternalError: return "internal error";
         case ncclInvalidArgument: return "invalid argument";
@@ -164,7 +263,7 @@ ncclResult_t GetUniqueId(ncclUniqueId* id) {
     socklen_t len = 0;
     const sockaddr_un a = address(name, &len);
     const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || bind(fd, reinterpret_cast<const sockaddr*>(&a), len) != 0 || listen(fd, 1) != 0) {
+    if (fd < 0 || bind(fd, reinterpret_cast<const sockaddr*>(&a), len) != 0 || listen(fd, 2) != 0) {
         std::fprintf(stderr, "[nccl-emu] ncclGetUniqueId: cannot listen: %s\n", std::strerror(errno));
         if (fd >= 0) close(fd);
         return ncclSystemError;
@@ -189,6 +288,7 @@ ncclResult_t CommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId id, i
     }
     auto* c = new ncclComm;
     c->rank = rank;
+    c->blocking = config == nullptr || config->blocking != 0;
     *comm = c;
     if (config != nullptr && config->blocking == 0) {
         c->joiner = std::thread([c, name] { c->state.store(join(c, name)); });
@@ -211,16 +311,20 @@ ncclResult_t CommGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
 
 ncclResult_t CommAbort(ncclComm_t comm) {
     if (comm == nullptr) return ncclSuccess;
-    comm->aborted.store(true);  // a joiner still waiting for its peer gives up
+    comm->aborted.store(true);  // a joiner or connector still waiting for its peer gives up
     if (comm->joiner.joinable()) comm->joiner.join();
     if (comm->fd >= 0) shutdown(comm->fd, SHUT_RDWR);
+    if (comm->ctl >= 0) shutdown(comm->ctl, SHUT_RDWR);
     {
         std::lock_guard<std::mutex> lk(comm->mu);
         comm->stop = true;
     }
     comm->cv.notify_all();
+    if (comm->connector.joinable()) comm->connector.join();
     if (comm->sender.joinable()) comm->sender.join();
+    if (comm->control.joinable()) comm->control.join();
     if (comm->fd >= 0) close(comm->fd);
+    if (comm->ctl >= 0) close(comm->ctl);
     delete comm;
     return ncclSuccess;
 }
@@ -228,22 +332,23 @@ ncclResult_t CommAbort(ncclComm_t comm) {
 ncclResult_t Send(const void* buf, size_t count, ncclDataType_t type, int peer, ncclComm_t comm, cudaStream_t s) {
     if (const ncclResult_t r = check(comm, peer, type); r != ncclSuccess) return r;
     const size_t bytes = count * type_size(type);
-    submit(s, "nccl send", [comm, buf, bytes] {
-        std::vector<char> msg(static_cast<const char*>(buf), static_cast<const char*>(buf) + bytes);
-        {
-            std::lock_guard<std::mutex> lk(comm->mu);
-            comm->out.push_back(std::move(msg));
-        }
-        comm->cv.notify_one();
+    return when_connected(comm, true, [comm, buf, bytes, s] {
+        submit(s, "nccl send", [comm, buf, bytes] {
+            std::vector<char> msg(static_cast<const char*>(buf), static_cast<const char*>(buf) + bytes);
+            {
+                std::lock_guard<std::mutex> lk(comm->mu);
+                comm->out.push_back(std::move(msg));
+            }
+            comm->cv.notify_all();
+        });
+        run_stream(s);  // a GPU's stream progresses by itself; here the send is what makes it
     });
-    run_stream(s);  // a GPU's stream progresses by itself; here the send is what makes it
-    return ncclSuccess;
 }
 
 ncclResult_t Recv(void* buf, size_t count, ncclDataType_t type, int peer, ncclComm_t comm, cudaStream_t s) {
     if (const ncclResult_t r = check(comm, peer, type); r != ncclSuccess) return r;
     const size_t bytes = count * type_size(type);
-    submit(s, "nccl recv", [comm, buf, bytes] {
+    return when_connected(comm, false, [comm, buf, bytes, s] { submit(s, "nccl recv", [comm, buf, bytes] {
         for (size_t done = 0; done < bytes && comm->state.load() == ncclSuccess;) {
             pollfd p{comm->fd, POLLIN, 0};
             const int ready = poll(&p, 1, kTimeoutMs);
@@ -256,8 +361,7 @@ ncclResult_t Recv(void* buf, size_t count, ncclDataType_t type, int peer, ncclCo
             }
             done += static_cast<size_t>(n);
         }
-    });
-    return ncclSuccess;
+    }); });
 }
 
 }  // namespace mm_emu::nccl

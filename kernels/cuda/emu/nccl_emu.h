@@ -10,6 +10,12 @@
 //   emulator's streams run only when waited for, and a GPU's run by themselves, a send first runs its
 //   stream up to and including itself (the receive, the compute and the send of the worker's in-place
 //   path then run there, in order).
+// - Connections are lazy, as NCCL's are: a direction (rank a → rank b) connects when a has called
+//   ncclSend and b ncclRecv for the first time, each on its host thread (the ranks announce it on a
+//   second, control socket). Until then a blocking communicator's call blocks, and a nonblocking
+//   one's returns ncclInProgress (ncclCommGetAsyncError too) and reaches its stream once connected.
+//   So a rank whose first send waits for a receive that its peer posts only after hearing back over
+//   another channel deadlocks here as it does with NCCL (seen on an H200 with NCCL 2.28).
 // Built when nccl.h is found (its types and prototypes are the real ones; MM_EMU_HAVE_NCCL).
 #pragma once
 #include <nccl.h>
