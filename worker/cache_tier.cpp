@@ -489,11 +489,12 @@ void CacheTier::loader_loop() {
 
 // Room: `fixed` is what no miss can reclaim (pinned, hot-set and loading entries); everything else
 // is free or an eviction candidate. Keeping an entry moves its charge into `fixed`. When the whole
-// call fits, it is all kept; otherwise `fixed` stays one largest entry below the budget, so the
-// call's remaining misses (acquire, one at a time, its pin released before the next) always find
-// room, whoever else holds kept pins: every kept set was checked against all pins held before it.
+// call fits, it is all kept; otherwise `fixed` stays one largest entry (pins_at_once of them) below
+// the budget, so the call's remaining misses (acquire, one at a time, its pin released before the
+// next; or within a window of pins_at_once) always find room, whoever else holds kept pins: every
+// kept set was checked against all pins held before it.
 Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
-                                std::vector<std::pair<int, void*>>* kept, size_t* ready) {
+                                std::vector<std::pair<int, void*>>* kept, size_t* ready, uint64_t pins_at_once) {
     const auto t0 = Clock::now();
     std::unique_lock<std::mutex> lk(mu_);
     uint64_t fixed = 0, want = 0;  // want: what keeping the whole call would add to fixed
@@ -514,8 +515,9 @@ Status CacheTier::keep_for_call(int layer, const std::vector<int>& experts,
     if (budget_)
         for (auto& [k, e] : map_)
             if (e->pins > 0 || e->forever || e->state != State::kReady) fixed += e->charge;
+    const uint64_t reclaimable = std::max<uint64_t>(pins_at_once, 1) * max_charge_;
     const uint64_t limit = !budget_ || fixed + want <= budget_ ? UINT64_MAX
-                           : budget_ > max_charge_             ? budget_ - max_charge_
+                           : budget_ > reclaimable             ? budget_ - reclaimable
                                                                : 0;
     // The call's resident experts first: keeping them costs no read, and a miss that evicted one
     // would read it again later in the call.

@@ -444,16 +444,6 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         MM_CUDA_RETURN(dev, cudaStreamSynchronize(s), "clearing out");
         return Status();
     }
-    if (cache && cache->options().prefetch == PrefetchMode::kNextLayer && n_rows <= 8) {
-        if (!hx) {  // the prefetcher reads x on the host (a few rows at decode)
-            const size_t b = sizeof(float) * n_rows * H;
-            MM_RETURN_IF_ERROR(h_x.reserve(dev, b));
-            MM_CUDA_RETURN(dev, cudaMemcpyAsync(h_x.p, dx, b, cudaMemcpyDeviceToHost, s), "copying x for prefetch");
-            MM_CUDA_RETURN(dev, cudaStreamSynchronize(s), "copying x for prefetch");
-            hx = static_cast<const float*>(h_x.p);
-        }
-        cache->will_compute(layer, hx, n_rows);
-    }
     // upload: tab = [gather n_pairs | slot n_rows·K' | weight n_rows·K'] (4-byte words)
     const int64_t K = pl.slots_per_row, nt = n_rows * K;
     const size_t tab_bytes = 4 * static_cast<size_t>(n_pairs + 2 * nt);
@@ -482,6 +472,36 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         CacheTier& t = cache->device();
         const uint64_t reserve = cache->options().prefetch == PrefetchMode::kNextLayer ? 1 : 0;
         window = expert_pin_window(t.budget(), t.max_entry_charge(), hot_entries, reserve, window);
+    }
+    // The call's missing experts are read together (the cache's loader, VramTierMemory::fill_batch:
+    // several reads and copies at once) while the resident ones compute; will_need puts the
+    // resident ones first.
+    struct EndCall {
+        ExpertSource& s;
+        ~EndCall() { s.end_call(); }
+    } end_call{*src};
+    {
+        std::vector<int32_t> order(pl.groups.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = pl.groups[i].expert;
+        MM_RETURN_IF_ERROR(src->will_need(layer, order.data(), static_cast<int64_t>(order.size()), window));
+        std::vector<ExpertCallPlan::Group> sorted;
+        sorted.reserve(pl.groups.size());
+        for (int32_t e : order)
+            for (const auto& gr : pl.groups)
+                if (gr.expert == e) sorted.push_back(gr);
+        MM_CHECK(sorted.size() == pl.groups.size());
+        pl.groups = std::move(sorted);
+    }
+    // After will_need: the next layer's prefetch cannot evict what this call has kept.
+    if (cache && cache->options().prefetch == PrefetchMode::kNextLayer && n_rows <= 8) {
+        if (!hx) {  // the prefetcher reads x on the host (a few rows at decode)
+            const size_t b = sizeof(float) * n_rows * H;
+            MM_RETURN_IF_ERROR(h_x.reserve(dev, b));
+            MM_CUDA_RETURN(dev, cudaMemcpyAsync(h_x.p, dx, b, cudaMemcpyDeviceToHost, s), "copying x for prefetch");
+            MM_CUDA_RETURN(dev, cudaStreamSynchronize(s), "copying x for prefetch");
+            hx = static_cast<const float*>(h_x.p);
+        }
+        cache->will_compute(layer, hx, n_rows);
     }
     std::vector<ExpertHandle> pins;
     pins.reserve(static_cast<size_t>(window));

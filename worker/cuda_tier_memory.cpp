@@ -134,21 +134,40 @@ StatusOr<std::unique_ptr<VramTierMemory>> VramTierMemory::create(int device, uin
         }
     }
     m->region_.attach(static_cast<uint8_t*>(p), capacity);
-    cudaStream_t s = nullptr;
-    e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        return MM_ERROR("cuda:%d: cannot create the cache's copy stream: %s", device, cuda_err(e).c_str());
+    m->lanes_.resize(kFillLanes);
+    for (Lane& lane : m->lanes_) {
+        cudaStream_t s = nullptr;
+        e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return MM_ERROR("cuda:%d: cannot create the cache's copy streams: %s", device, cuda_err(e).c_str());
+        }
+        lane.stream = s;
     }
-    m->copy_ = s;
     return m;
 }
 
+struct VramTierMemory::Batch {
+    ExpertReader* below;
+    const std::vector<ExpertRead>* reads;
+    std::vector<Status>* out;
+    const ReadDone* done;
+    size_t next = 0, finished = 0;
+};
+
 VramTierMemory::~VramTierMemory() {
+    {
+        std::lock_guard<std::mutex> lk(lane_mu_);
+        stop_ = true;
+    }
+    lane_cv_.notify_all();
+    for (auto& t : threads_) t.join();
     (void)cudaSetDevice(device_);
-    if (copy_) (void)cudaStreamSynchronize(static_cast<cudaStream_t>(copy_));
-    if (copy_) (void)cudaStreamDestroy(static_cast<cudaStream_t>(copy_));
-    if (staging_) (void)cudaFreeHost(staging_);
+    for (Lane& lane : lanes_) {
+        if (lane.stream) (void)cudaStreamSynchronize(static_cast<cudaStream_t>(lane.stream));
+        if (lane.stream) (void)cudaStreamDestroy(static_cast<cudaStream_t>(lane.stream));
+        if (lane.staging) (void)cudaFreeHost(lane.staging);
+    }
     if (region_.base()) (void)cudaFree(region_.base());
 }
 
@@ -180,7 +199,7 @@ Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t*
         return MM_ERROR("cuda:%d: selecting the device to copy layer %d expert %d: %s", device_, layer, expert,
                         cuda_err(e).c_str());
     }
-    const auto s = static_cast<cudaStream_t>(copy_);
+    const auto s = static_cast<cudaStream_t>(lanes_[0].stream);
     if (auto* tier = dynamic_cast<CacheTier*>(&below)) {
         // Straight from the host tier's entry, pinned while the copy runs.
         uint8_t* src = nullptr;
@@ -197,30 +216,96 @@ Status VramTierMemory::fill(ExpertReader& below, int layer, int expert, uint8_t*
         region_.count(&TierMemoryStats::direct_fills);
         return Status();
     }
-    if (staging_bytes_ < bytes) {
-        if (staging_) (void)cudaFreeHost(staging_);
-        staging_ = nullptr;
-        staging_bytes_ = 0;
+    return fill_lane(lanes_[0], below, ExpertRead{layer, expert, dst, bytes});
+}
+
+Status VramTierMemory::fill_lane(Lane& lane, ExpertReader& below, const ExpertRead& r) {
+    const auto s = static_cast<cudaStream_t>(lane.stream);
+    cudaError_t e = cudaSuccess;
+    if (lane.staging_bytes < r.bytes) {
+        if (lane.staging) (void)cudaFreeHost(lane.staging);
+        lane.staging = nullptr;
+        lane.staging_bytes = 0;
         void* p = nullptr;
-        if (e == cudaSuccess) e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+        e = cudaHostAlloc(&p, r.bytes, cudaHostAllocDefault);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
             return MM_ERROR("cuda:%d: cannot allocate %s of pinned staging memory for cache fills: %s", device_,
-                            format_bytes(bytes).c_str(), cuda_err(e).c_str());
+                            format_bytes(r.bytes).c_str(), cuda_err(e).c_str());
         }
-        staging_ = static_cast<uint8_t*>(p);
-        staging_bytes_ = bytes;
+        lane.staging = static_cast<uint8_t*>(p);
+        lane.staging_bytes = r.bytes;
     }
-    MM_RETURN_IF_ERROR(below.read_expert(layer, expert, staging_));
-    e = cudaMemcpyAsync(dst, staging_, bytes, cudaMemcpyHostToDevice, s);
+    MM_RETURN_IF_ERROR(below.read_expert(r.layer, r.expert, lane.staging));
+    e = cudaMemcpyAsync(r.dst, lane.staging, r.bytes, cudaMemcpyHostToDevice, s);
     if (e == cudaSuccess) e = cudaStreamSynchronize(s);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) to VRAM: %s", device_, layer, expert,
-                        format_bytes(bytes).c_str(), cuda_err(e).c_str());
+        return MM_ERROR("cuda:%d: copying layer %d expert %d (%s) to VRAM: %s", device_, r.layer, r.expert,
+                        format_bytes(r.bytes).c_str(), cuda_err(e).c_str());
     }
     region_.count(&TierMemoryStats::staged_fills);
     return Status();
+}
+
+void VramTierMemory::run_batch(int index) {
+    Lane& lane = lanes_[static_cast<size_t>(index)];
+    std::unique_lock<std::mutex> lk(lane_mu_);
+    while (batch_ && batch_->next < batch_->reads->size()) {
+        Batch* b = batch_;
+        const size_t i = b->next++;
+        lk.unlock();
+        Status st;
+        const cudaError_t e = cudaSetDevice(device_);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            st = MM_ERROR("cuda:%d: selecting the device to copy layer %d expert %d: %s", device_, (*b->reads)[i].layer,
+                          (*b->reads)[i].expert, cuda_err(e).c_str());
+        } else {
+            st = fill_lane(lane, *b->below, (*b->reads)[i]);
+        }
+        (*b->out)[i] = std::move(st);
+        if (*b->done) (*b->done)(i);
+        lk.lock();
+        if (++b->finished == b->reads->size()) batch_done_cv_.notify_all();
+    }
+}
+
+void VramTierMemory::lane_loop(int index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(lane_mu_);
+    for (;;) {
+        lane_cv_.wait(lk, [&] { return stop_ || (batch_ && batch_seq_ != seen); });
+        if (stop_) return;
+        seen = batch_seq_;
+        lk.unlock();
+        run_batch(index);
+        lk.lock();
+    }
+}
+
+void VramTierMemory::fill_batch(ExpertReader& below, const std::vector<ExpertRead>& reads, std::vector<Status>* out,
+                                const ReadDone& done) {
+    if (reads.size() < 2 || dynamic_cast<CacheTier*>(&below)) {  // a host tier: copies straight from its entries
+        TierMemory::fill_batch(below, reads, out, done);
+        return;
+    }
+    std::lock_guard<std::mutex> one(batch_mu_);
+    std::lock_guard<std::mutex> lane0(fill_mu_);
+    out->assign(reads.size(), Status());
+    Batch b{&below, &reads, out, &done};
+    {
+        std::lock_guard<std::mutex> lk(lane_mu_);
+        while (static_cast<int>(threads_.size()) < kFillLanes - 1)
+            threads_.emplace_back(&VramTierMemory::lane_loop, this, static_cast<int>(threads_.size()) + 1);
+        batch_ = &b;
+        ++batch_seq_;
+    }
+    lane_cv_.notify_all();
+    run_batch(0);
+    std::unique_lock<std::mutex> lk(lane_mu_);
+    batch_done_cv_.wait(lk, [&] { return b.finished == reads.size(); });
+    batch_ = nullptr;
 }
 
 // ---- pinned host ---------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ Status ExpertCache::acquire(int layer, int expert, ExpertSlice* slice, void** to
 void ExpertCache::release(void* token) { device_->release(token); }
 
 
-Status ExpertCache::will_need(int layer, int32_t* experts, int64_t n) {
+Status ExpertCache::will_need(int layer, int32_t* experts, int64_t n, int64_t pins_at_once) {
     end_call();  // defensive: compute always ends its calls
     if (n < 2) return Status();  // one expert: acquire reads it the same way
     std::vector<int> want;
@@ -341,7 +341,7 @@ Status ExpertCache::will_need(int layer, int32_t* experts, int64_t n) {
         if (holds(layer, experts[i])) want.push_back(experts[i]);
     std::vector<std::pair<int, void*>> kept;
     size_t ready = 0;
-    Status st = device_->keep_for_call(layer, want, &kept, &ready);
+    Status st = device_->keep_for_call(layer, want, &kept, &ready, static_cast<uint64_t>(std::max<int64_t>(pins_at_once, 1)));
     for (size_t i = 0; i < kept.size(); ++i) t_kept.push_back({this, layer, kept[i].first, kept[i].second, i >= ready});
     // The order to acquire in: what is resident now, then what acquire reads itself (in parallel
     // with the background reads), then the background reads in their order.

@@ -203,8 +203,10 @@ public:
     // thread and this returns once their room is reserved: take_kept waits for each (stall) and
     // returns a failed load's error. Without, this reads them itself and returns the first failed
     // load's error, worded as acquire's; failed loads are not cached (their tokens are not in *kept).
+    // pins_at_once: the call's acquires hold up to this many pins at a time (a CUDA call's window):
+    // when the call's set does not fit, that many entries of room stay reclaimable instead of one.
     Status keep_for_call(int layer, const std::vector<int>& experts, std::vector<std::pair<int, void*>>* kept,
-                         size_t* ready = nullptr);
+                         size_t* ready = nullptr, uint64_t pins_at_once = 1);
     // A kept entry, acquired: *data as acquire gives it; the pin moves to the caller (release()).
     // Waits while it is still being read; a failed read returns its error (and drops the kept pin).
     // read_by_keep: the token is one this call's keep_for_call read (after *ready), whose miss it
@@ -310,7 +312,7 @@ public:
     // The call's experts in one batched read (CacheTier::keep_for_call on the compute tier), kept
     // for this thread's acquires until end_call; experts reordered: resident ones first, then those
     // acquire reads itself, then those being read in the background, in reading order.
-    Status will_need(int layer, int32_t* experts, int64_t n) override;
+    Status will_need(int layer, int32_t* experts, int64_t n, int64_t pins_at_once = 1) override;
     void end_call() override;
 
     // Next-layer prediction: router weights [E, H] of each layer (f32, dequantized at creation).

@@ -57,8 +57,10 @@ public:
     // can serve at once first) and read the missing ones together (one batched read instead of n
     // reads in a row, maybe in the background while the call computes the others), keeping them
     // for the call until end_call(). An error is the one the acquire of that expert would have
-    // returned. Default: nothing.
-    virtual Status will_need(int layer, int32_t* experts, int64_t n) { return Status(); }
+    // returned. pins_at_once: how many of them the caller holds pinned at a time (1: each released
+    // before the next is acquired; a CUDA call keeps a window of pins until its kernels are done);
+    // the room a source leaves for the acquires it did not keep grows with it. Default: nothing.
+    virtual Status will_need(int layer, int32_t* experts, int64_t n, int64_t pins_at_once = 1) { return Status(); }
     // The call announced by will_need on this thread is over (finished or failed). Always called
     // after will_need, whatever it returned.
     virtual void end_call() {}
