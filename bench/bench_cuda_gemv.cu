@@ -216,6 +216,8 @@ int main(int argc, char** argv) {
     }
     for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q5_K, GgmlType::Q3_K, GgmlType::Q2_K})
         bench("attn q prefill (tiled)", t, 4096, 2048, 512);
+    // Short prompts (the decode bench's 16 tokens): the tiled kernel's smallest cases.
+    for (const int64_t m : {16, 64}) bench("attn q short prompt", GgmlType::Q4_K, 4096, 2048, m);
     // Qwen3-Next's linear-attention input projection (q, k: 16 heads of 128; v, z: 32 heads of 128;
     // 12288 rows over hidden 2048), Q5_K in Q4_K_M files: decode and a 512-token prompt.
     bench("next attn_qkv", GgmlType::Q5_K, 12288, 2048, 1);
