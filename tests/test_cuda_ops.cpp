@@ -137,7 +137,7 @@ double cpu_tolerance(GgmlType t) {
     }
 }
 
-// The decode GEMV (m <= 8, and matmul_id) of the quantized types may quantize X to int8 per
+// The decode GEMV (m <= kMatmulGemvMaxM, and matmul_id) of the quantized types may quantize X to int8 per
 // 32 elements (llama.cpp's Q8_1-style, dp4a; which kernel runs depends on type, m, rows and
 // MOEMESH_CUDA_GEMV, see matmul.cu), so against the exact product of the dequantized weights it may
 // carry an activation rounding error, as the CPU matmul does (~5.4e-3 relative on these random
@@ -147,7 +147,7 @@ bool int8_x_gemv(GgmlType t, int64_t m) {
     const char* e = std::getenv("MOEMESH_CUDA_GEMV");
     if (e != nullptr && std::string(e) == "old") return false;
     const bool q = t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16;
-    return q && m <= 8;
+    return q && m <= cuda::kMatmulGemvMaxM;
 }
 double ref_tolerance(GgmlType t, int64_t m) { return int8_x_gemv(t, m) ? 2e-2 : 2e-5; }
 
@@ -160,7 +160,7 @@ TEST_P(CudaMatmul, MatchesCpu) {
     const int64_t n_out = 203, k = 768;  // n_out: partial GEMV blocks and partial 64-row tiles
     const QuantMatrix w = make_weights(t, n_out, k, 11);
     const DeviceBuffer<uint8_t> dw(w.bytes);
-    for (const int64_t m : {1, 2, 3, 8, 13, 70}) {
+    for (const int64_t m : {1, 2, 3, 8, 13, 32, 33, 70}) {  // GEMV chunks up to 32 rows, then tiles
         const std::vector<float> x = random_vec(static_cast<size_t>(m * k), 100 + static_cast<uint32_t>(m));
         const DeviceBuffer<float> dx(x);
         DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));

@@ -40,13 +40,16 @@ int device_count(const char** why = nullptr);
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K,
 // Q3_K, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
 // IQ1_S, IQ1_M} (matmul_supported). k % block_size(wt) == 0 and k % 8 == 0; W 16-byte aligned.
-// (Q4_1 … IQ1_M: a dequantizing f32-activation GEMV only, not yet run on a GPU.)
-// m <= 8: the decode GEMV (weight bytes read once for all m rows). For the quantized types with
+// (Q4_1 … IQ1_M: a dequantizing f32-activation GEMV only.)
+// m <= kMatmulGemvMaxM (32): the decode GEMV, in launches of up to 8 X rows (weight bytes read once
+// per launch; a short prompt's 16 rows cost two GEMVs, ~4x less than one 64-row tile pass on an
+// H200: 105 µs for q4_k 4096×2048 at m = 16 in the tiled kernel). For the quantized types with
 // m >= 2 or >= 16384 rows (lm_head) it quantizes X to int8 per 32 elements first (as llama.cpp's
 // mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;
 // otherwise an f32-activation GEMV (exact up to summation order). MOEMESH_CUDA_GEMV=old: f32 GEMV
 // always; =new: the int8 GEMV for every quantized type at every size.
 // larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill, f32 X).
+inline constexpr int64_t kMatmulGemvMaxM = 32;
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream = nullptr);

@@ -1,4 +1,5 @@
-// Y = X · Wᵀ for GGUF weight types: a GEMV for decode (m <= 8) and a tiled kernel for prefill.
+// Y = X · Wᵀ for GGUF weight types: a GEMV for decode and short prompts (m <= kMatmulGemvMaxM, in
+// launches of up to kGemvMaxM rows) and a tiled kernel for longer prompts.
 //
 // GEMV, quantized types (Q8_0, Q4_0, Q5_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; by default for m >= 2 or
 // >= 16384 rows, e.g. lm_head; all sizes with MOEMESH_CUDA_GEMV=new): X quantized to int8 per block,
@@ -779,7 +780,7 @@ void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t
 
 template <GgmlType T>
 void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
-    if (m > kGemvMaxM) {
+    if (m > kMatmulGemvMaxM) {
         const dim3 grid(grid_1d(n_out, kTileN), grid_1d(m, kTileM));
         MM_LAUNCH(grid, kTileThreads, 0, stream, tiled_kernel<T>)(static_cast<const uint8_t*>(w), ggml_row_bytes(T, k),
                                                            n_out, k, x, m, y);

@@ -2,6 +2,8 @@
 // ops (coordinator/cuda_backend.cpp): gates, KV-cache stores, positions, MoE gather and combine.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 
 namespace moemesh::cuda {
@@ -68,18 +70,22 @@ __global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* 
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
 }
 
-// One block per token: out[t] = Σ_j w[t, j] · y[slot(t, j)], summed in j order as the CPU does.
+// out[t] = Σ_j w[t, j] · y[slot(t, j)], summed in j order as the CPU does. Grid (ceil(H / kThreads),
+// min(T, 65535)): one thread per output element (one block per token, as before, left the GPU idle
+// at decode: 17 µs for one 2048-wide row on an H200 under ncu).
 __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const float* w, float* out, int K,
-                                   int64_t H) {
-    const int64_t t = blockIdx.x;
-    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < K; ++j) {
-            const int64_t p = t * K + j;
-            const int64_t s = slot ? slot[p] : p;
-            acc += w[p] * y[s * H + h];
+                                   int64_t T, int64_t H) {
+    for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+        for (int64_t h = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; h < H;
+             h += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < K; ++j) {
+                const int64_t p = t * K + j;
+                const int64_t s = slot ? slot[p] : p;
+                acc += w[p] * y[s * H + h];
+            }
+            out[t * H + h] = acc;
         }
-        out[t * H + h] = acc;
     }
 }
 
@@ -139,7 +145,8 @@ void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, in
 void moe_combine(const float* y, const int32_t* slot, const float* w, float* out, int64_t T, int64_t K, int64_t H,
                  cudaStream_t stream) {
     if (T <= 0) return;
-    MM_LAUNCH(static_cast<unsigned>(T), kThreads, 0, stream, moe_combine_kernel)(y, slot, w, out, static_cast<int>(K), H);
+    const dim3 grid(grid_1d(H, kThreads), static_cast<unsigned>(std::min<int64_t>(T, 65535)));
+    MM_LAUNCH(grid, kThreads, 0, stream, moe_combine_kernel)(y, slot, w, out, static_cast<int>(K), T, H);
     CUDA_CHECK_LAUNCH();
 }
 
