@@ -592,9 +592,13 @@ private:
     void moe_decode(const ResidentExperts& r, const float* x, int64_t K, const int32_t* ids, const float* w,
                     float* out, float* g, float* u, float* y) {
         const int64_t H = H_, I = I_;
-        cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g, stream_);  // [K, I]
-        cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
-        cuda::swiglu(g, u, g, K * I, stream_);
+        // gate, up and SwiGLU in one launch where the types allow (same bits as the three below)
+        if (r.tg != r.tu || r.mb_g != r.mb_u ||
+            !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, K, I, H, x, 0, g, stream_)) {
+            cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g, stream_);  // [K, I]
+            cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
+            cuda::swiglu(g, u, g, K * I, stream_);
+        }
         cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
         cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
     }

@@ -236,6 +236,57 @@ TEST_P(CudaMatmul, ExpertIndexed) {
     }
 }
 
+// The fused decode gate/up/SwiGLU (the resident MoE's first launch) gives the bits of matmul_id(gate),
+// matmul_id(up) and swiglu, or declines (returns false) and writes nothing, for every type; the
+// common quantized types must not decline at the decode size (n_out · n_sel below the int8 GEMV's).
+TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t E = 4, n_out = 96, k = 512;
+    std::vector<uint8_t> gate, up;
+    for (int64_t e = 0; e < E; ++e) {
+        const QuantMatrix g = make_weights(t, n_out, k, 60 + static_cast<uint32_t>(e));
+        const QuantMatrix u = make_weights(t, n_out, k, 70 + static_cast<uint32_t>(e));
+        gate.insert(gate.end(), g.bytes.begin(), g.bytes.end());
+        up.insert(up.end(), u.bytes.begin(), u.bytes.end());
+    }
+    const size_t matrix_bytes = gate.size() / E;
+    const std::vector<int32_t> ids = {2, 0, 3, 2};
+    const int64_t n_sel = static_cast<int64_t>(ids.size());
+    const std::vector<float> x = random_vec(static_cast<size_t>(n_sel * k), 8);
+    const DeviceBuffer<uint8_t> dg(gate), du(up);
+    const DeviceBuffer<int32_t> dids(ids);
+    const DeviceBuffer<float> dx(x);
+    for (const bool broadcast : {false, true}) {
+        const int64_t stride = broadcast ? 0 : k;
+        DeviceBuffer<float> g(static_cast<size_t>(n_sel * n_out)), u(static_cast<size_t>(n_sel * n_out));
+        cuda::matmul_id(t, dg.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dx.get(), stride, g.get());
+        cuda::matmul_id(t, du.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dx.get(), stride, u.get());
+        cuda::swiglu(g.get(), u.get(), g.get(), n_sel * n_out);
+        const std::vector<float> want = g.download();
+        const std::vector<float> canary(static_cast<size_t>(n_sel * n_out), 12345.0f);
+        DeviceBuffer<float> y(canary);
+        const bool fused = cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k,
+                                                  dx.get(), stride, y.get());
+        const std::vector<float> got = y.download();
+        const std::string name = std::string("matmul_id_swiglu ") + ggml_type_name(t) + (broadcast ? " shared x" : "");
+        if (!fused) {
+            EXPECT_EQ(got, canary) << name << ": declined but wrote";
+            const bool common = t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K ||
+                                t == GgmlType::Q4_0 || t == GgmlType::F16 || t == GgmlType::BF16;
+            const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+            if (e == nullptr || std::string(e) != "new") {
+                EXPECT_FALSE(common) << name << " declined";
+            }
+            continue;
+        }
+        ASSERT_EQ(got.size(), want.size());
+        size_t diff = 0;
+        for (size_t i = 0; i < got.size(); ++i) diff += std::memcmp(&got[i], &want[i], sizeof(float)) != 0;
+        EXPECT_EQ(diff, 0u) << name << ": " << diff << " of " << got.size() << " values differ from the three launches";
+    }
+}
+
 // Every type the CUDA matmul takes.
 const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0,
                                           GgmlType::Q5_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,

@@ -62,6 +62,16 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
 void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
                int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
 
+// A decode step's expert gate and up products and SwiGLU in one launch:
+//   Y[s, n_out] = silu(X[s] · G_{ids[s]}ᵀ) ⊙ (X[s] · U_{ids[s]}ᵀ)   for s < n_sel,
+// bit-identical to matmul_id(gate), matmul_id(up), swiglu (the same dot products and reductions,
+// one warp per row computing both). Returns false, launching nothing, where that path would not be
+// the f32-activation GEMV (the int8-X GEMV by size or MOEMESH_CUDA_GEMV=new) or gate and up
+// differ in type or layout: the caller then runs the three launches.
+bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
+                      int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
+                      cudaStream_t stream = nullptr);
+
 // Y[rows, k] = W[rows, k] dequantized to f32, bit-identical to the CPU's dequantize_row (the tiled
 // matmul's dequantizer, kernels/cuda/matmul.cu load8). Same types and shape rules as matmul.
 void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream = nullptr);

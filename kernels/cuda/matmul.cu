@@ -271,6 +271,25 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     }
 }
 
+// gate and up of the same selection and row in one warp, SwiGLU applied: the dot products and
+// reductions of two gemv_kernel<T, 1> launches, then swiglu_kernel's silu(g) · u (same bits).
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_swiglu_kernel(const uint8_t* __restrict__ wg, const uint8_t* __restrict__ wu, size_t matrix_bytes,
+                       size_t row_bytes, const int32_t* __restrict__ ids, int64_t n_out, int64_t k,
+                       const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (row >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const size_t off = static_cast<size_t>(ids[s]) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
+    float ag[1] = {0.0f}, au[1] = {0.0f};
+    dot_row<T, 1>(wg + off, k, x + s * x_stride, lane, ag);
+    dot_row<T, 1>(wu + off, k, x + s * x_stride, lane, au);
+    const float g = warp_sum(ag[0]), u = warp_sum(au[0]);
+    if (lane == 0) y[s * n_out + row] = silu(g) * u;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Int8-activation GEMV for the quantized types (when it runs: gemv_mode() below; the f32 kernel
 // above otherwise). Each block of kGemvQWarps warps first quantizes its X rows into shared memory,
@@ -905,6 +924,49 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
         default: MM_CHECK(false && "cuda::matmul_id: weight type not supported");
     }
 #undef MM_GEMV_ID
+}
+
+namespace {
+template <GgmlType T>
+bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids, int64_t n_sel,
+                        int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    if constexpr (kHasQGemv<T>) {  // where matmul_id would take the int8-X GEMV, so does the caller
+        if (qgemv_smem(1, k) <= kQGemvMaxSmem && use_qgemv<T>(1, n_out * n_sel)) return false;
+    }
+    const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
+    MM_LAUNCH(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(
+        static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), matrix_bytes, ggml_row_bytes(T, k), ids,
+        n_out, k, x, x_stride, y);
+    CUDA_CHECK_LAUNCH();
+    return true;
+}
+}  // namespace
+
+bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
+                      int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
+                      cudaStream_t stream) {
+    check_shape(wt, k);
+    MM_CHECK(ids != nullptr && n_sel < 65536);
+    if (n_sel <= 0 || n_out <= 0) return true;
+#define MM_GEMV_SWIGLU(T) return launch_gemv_swiglu<T>(gate, up, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y, stream)
+    switch (wt) {
+        case GgmlType::F32: MM_GEMV_SWIGLU(GgmlType::F32);
+        case GgmlType::F16: MM_GEMV_SWIGLU(GgmlType::F16);
+        case GgmlType::BF16: MM_GEMV_SWIGLU(GgmlType::BF16);
+        case GgmlType::Q8_0: MM_GEMV_SWIGLU(GgmlType::Q8_0);
+        case GgmlType::Q4_0: MM_GEMV_SWIGLU(GgmlType::Q4_0);
+        case GgmlType::Q4_K: MM_GEMV_SWIGLU(GgmlType::Q4_K);
+        case GgmlType::Q6_K: MM_GEMV_SWIGLU(GgmlType::Q6_K);
+        case GgmlType::Q5_0: MM_GEMV_SWIGLU(GgmlType::Q5_0);
+        case GgmlType::Q5_K: MM_GEMV_SWIGLU(GgmlType::Q5_K);
+        case GgmlType::Q3_K: MM_GEMV_SWIGLU(GgmlType::Q3_K);
+        case GgmlType::Q2_K: MM_GEMV_SWIGLU(GgmlType::Q2_K);
+        case GgmlType::IQ4_NL: MM_GEMV_SWIGLU(GgmlType::IQ4_NL);
+        case GgmlType::IQ4_XS: MM_GEMV_SWIGLU(GgmlType::IQ4_XS);
+        case GgmlType::MXFP4: MM_GEMV_SWIGLU(GgmlType::MXFP4);
+        default: return false;  // the rarer types: three launches
+    }
+#undef MM_GEMV_SWIGLU
 }
 
 void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {

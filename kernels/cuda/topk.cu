@@ -1,4 +1,6 @@
-// Router: softmax over E expert logits, top-K, optional renormalisation. One block per token.
+// Router: softmax over E expert logits, top-K, optional renormalisation. One warp per token: its K
+// rounds of argmax are warp shuffles alone (with 8 warps each round also went through shared memory,
+// two barriers and a serial pass of thread 0: 8.7 µs per decode step on an H200 under ncu).
 #include <cuda_runtime.h>
 
 #include "common/status.h"
@@ -10,7 +12,7 @@ namespace {
 
 using namespace detail;
 
-constexpr int kTopkThreads = 256;
+constexpr int kTopkThreads = 32;  // one warp (the kernel takes any multiple of 32)
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopk = 32;
 
