@@ -156,5 +156,8 @@ run "lru" "--device-budget $BUDGET --cache-policy lru"
 run "lfu" "--device-budget $BUDGET --cache-policy lfu"
 run "static" "--device-budget $BUDGET --cache-policy static --profile $PROFILE"
 run "static + next-layer prefetch" "--device-budget $BUDGET --cache-policy static --profile $PROFILE --prefetch next-layer"
+if [ "$DEVICE" != cpu ]; then  # a pinned RAM tier below VRAM (CUDA only): device misses by DMA once read
+  run "lru + pinned host (auto)" "--device-budget $BUDGET --cache-policy lru --host-budget auto"
+fi
 grep -h '^offload:' "$DIR/offload-run-lru.log" || true
 echo "offload bench: $(( $(date +%s) - T_START )) s"

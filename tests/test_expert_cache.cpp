@@ -21,6 +21,7 @@
 #include "common/arch.h"
 #include "common/weights.h"
 #include "tests/test_util.h"
+#include "tools/run_command.h"
 #include "worker/expert_cache.h"
 #include "worker/expert_executor.h"
 
@@ -1094,6 +1095,42 @@ TEST(OffloadRun, ClearErrorsForBadBudgetsAndFlags) {
     r = run_json("--cache-policy lfu");
     EXPECT_EQ(r.rc, 1);
     EXPECT_NE(r.err.find("need --device-budget"), std::string::npos) << r.err;
+    r = run_json("--device-budget 10MiB --host-budget auto");  // the CPU: no pinned tier to size
+    EXPECT_EQ(r.rc, 1);
+    EXPECT_NE(r.err.find("--host-budget auto is for --device cuda:N"), std::string::npos) << r.err;
+}
+
+// `--host-budget auto`: every routed expert (the *_exps.* tensors, nothing else), or half of
+// MemAvailable when that is less; no tier below 256 MiB either way or when MemAvailable is unknown.
+TEST(OffloadRun, AutoHostBudgetIsTheRoutedExpertsOrHalfTheFreeMemory) {
+    GgufWriter w;
+    w.set_string("general.architecture", "qwen3moe");
+    const int64_t n = int64_t{130} << 18;  // 130 MiB of f32 each
+    w.add_tensor("blk.0.ffn_gate_exps.weight", GgmlType::F32, {n}, std::vector<uint8_t>(static_cast<size_t>(4 * n)));
+    w.add_tensor("blk.0.ffn_up_exps.weight", GgmlType::F32, {n}, std::vector<uint8_t>(static_cast<size_t>(4 * n)));
+    w.add_tensor("blk.0.attn_q.weight", GgmlType::F32, {1024}, std::vector<uint8_t>(4096));
+    const std::vector<uint8_t> bytes = w.serialize();
+    auto f = GgufFile::from_memory(bytes.data(), bytes.size(), "mem");
+    ASSERT_TRUE(f.ok()) << f.status().message();
+    const uint64_t MiB = uint64_t{1} << 20, routed = 260 * MiB;
+    std::string note;
+    EXPECT_EQ(auto_host_budget(*f.value(), 1024 * MiB, &note), routed) << note;
+    EXPECT_NE(note.find("every routed expert"), std::string::npos) << note;
+    EXPECT_EQ(auto_host_budget(*f.value(), 520 * MiB, &note), routed) << note;
+    EXPECT_EQ(auto_host_budget(*f.value(), 516 * MiB, &note), 258 * MiB) << note;
+    EXPECT_NE(note.find("half of MemAvailable"), std::string::npos) << note;
+    EXPECT_EQ(auto_host_budget(*f.value(), 400 * MiB, &note), 0u) << note;
+    EXPECT_NE(note.find("to spare"), std::string::npos) << note;
+    EXPECT_EQ(auto_host_budget(*f.value(), 0, &note), 0u) << note;
+    EXPECT_NE(note.find("unknown"), std::string::npos) << note;
+    GgufWriter small;
+    small.set_string("general.architecture", "qwen3moe");
+    small.add_tensor("blk.0.ffn_down_exps.weight", GgmlType::F32, {1024}, std::vector<uint8_t>(4096));
+    const std::vector<uint8_t> sb = small.serialize();
+    auto sf = GgufFile::from_memory(sb.data(), sb.size(), "small");
+    ASSERT_TRUE(sf.ok()) << sf.status().message();
+    EXPECT_EQ(auto_host_budget(*sf.value(), 1024 * MiB, &note), 0u) << note;
+    EXPECT_NE(note.find("only 4.00 KiB"), std::string::npos) << note;
 }
 
 TEST(Profile, CountsEveryRoutedPairAndFeedsTheStaticPolicy) {

@@ -51,6 +51,38 @@ uint64_t available_memory_bytes() {
     return static_cast<uint64_t>(kb) * 1024;
 }
 
+}  // namespace
+
+uint64_t auto_host_budget(const GgufFile& f, uint64_t available, std::string* note) {
+    constexpr uint64_t kMinimum = uint64_t{256} << 20;  // less is not worth pinning
+    uint64_t routed = 0;
+    for (const GgufTensor& t : f.tensors())
+        if (t.name.find("_exps.") != std::string::npos) routed += t.nbytes;
+    if (available == 0) {
+        *note = "MemAvailable unknown (no /proc/meminfo): no host tier";
+        return 0;
+    }
+    const uint64_t half = available / 2;
+    if (routed < kMinimum) {
+        *note = "the routed experts are only " + format_bytes(routed) + ": no host tier";
+        return 0;
+    }
+    if (half < kMinimum) {
+        *note = "only " + format_bytes(half) + " to spare (half of MemAvailable " + format_bytes(available) +
+                "): no host tier";
+        return 0;
+    }
+    if (routed <= half) {
+        *note = "pinned host tier of " + format_bytes(routed) + ": every routed expert";
+        return routed;
+    }
+    *note = "pinned host tier of " + format_bytes(half) + ": half of MemAvailable " + format_bytes(available) +
+            " (routed experts " + format_bytes(routed) + ")";
+    return half;
+}
+
+namespace {
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -327,7 +359,8 @@ Status run_generation(const RunOptions& o) {
             return r.value();
         };
         MM_ASSIGN_OR_RETURN(co.device_bytes, size(o.device_budget, "--device-budget"));
-        if (!o.host_budget.empty()) {
+        const bool host_auto = o.host_budget == "auto";
+        if (!o.host_budget.empty() && !host_auto) {
             MM_ASSIGN_OR_RETURN(co.host_bytes, size(o.host_budget, "--host-budget"));
         }
         MM_ASSIGN_OR_RETURN(co.policy, parse_cache_policy(o.cache_policy));
@@ -340,20 +373,29 @@ Status run_generation(const RunOptions& o) {
         co.profile_path = o.profile;
         MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
                                                            "--device"));
+        if (host_auto && gpu < 0)
+            return MM_ERROR("--host-budget auto is for --device cuda:N (a pinned RAM tier below VRAM); on the CPU the "
+                            "device tier is RAM already: give a size, or leave it out");
         if (gpu >= 0) {
             // Coordinator and experts on one GPU: a CudaExpertCompute cache the CudaBackend calls with
             // device pointers (coordinator/cuda_backend.cpp moe_device_cache).
-            mo.experts = [co, gpu, &cache_view](const GgufFile& f, const ModelConfig& c,
-                                                ThreadPool&) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+            mo.experts = [co, gpu, host_auto, &cache_view](const GgufFile& f, const ModelConfig& c,
+                                                           ThreadPool&) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+                CacheOptions opts = co;
+                std::string host_note;
+                if (host_auto) {
+                    opts.host_bytes = auto_host_budget(f, available_memory_bytes(), &host_note);
+                    std::fprintf(stderr, "offload: --host-budget auto: %s\n", host_note.c_str());
+                }
                 MM_ASSIGN_OR_RETURN(std::unique_ptr<CudaExpertCompute> cc,
-                                    CudaExpertCompute::create(f, c, {}, gpu, &co));
+                                    CudaExpertCompute::create(f, c, {}, gpu, &opts));
                 ExpertCache* ch = cc->cache();
                 std::fprintf(stderr,
                              "offload: %s of routed experts; cuda:%d device budget %s (%.0f%%) in VRAM%s, policy %s, "
                              "prefetch %s%s\n",
                              format_bytes(cc->shard_bytes()).c_str(), gpu, format_bytes(co.device_bytes).c_str(),
                              cc->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / cc->shard_bytes() : 0.0,
-                             co.host_bytes ? (", pinned host budget " + format_bytes(co.host_bytes)).c_str() : "",
+                             opts.host_bytes ? (", pinned host budget " + format_bytes(opts.host_bytes)).c_str() : "",
                              cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
                              ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
                                                  : "");
@@ -514,7 +556,9 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
                   "bounded RAM pool, with --device cuda:N VRAM of that GPU), reading missing experts from the model "
                   "file (see docs/cache.md, docs/cuda.md)");
     c->add_option("--host-budget", o->host_budget,
-                  "Offload mode: a host RAM tier of this size below the device tier (pinned with --device cuda:N)");
+                  "Offload mode: a host RAM tier of this size below the device tier (pinned with --device cuda:N). "
+                  "'auto' (with --device cuda:N): every routed expert, or half of MemAvailable if less; missed "
+                  "experts then reach VRAM by DMA from pinned RAM instead of file reads once they were read once");
     c->add_option("--cache-policy", o->cache_policy, "Offload mode: lru, lfu or static (hot set from --profile)")
         ->capture_default_str();
     c->add_option("--prefetch", o->prefetch,

@@ -1,6 +1,7 @@
 // Generation as `moemesh run` and `moemesh-coordinator` do it: one process owning the sequence,
 // experts in-process or on the workers of a cluster file.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -37,7 +38,7 @@ struct RunOptions {
     SamplerParams sp;
     // Offload mode (one process, experts served from a budgeted cache over the model file).
     std::string device_budget;  // "8GiB": enables it
-    std::string host_budget;    // optional host tier below the device tier
+    std::string host_budget;    // optional host tier below the device tier; "auto" with a CUDA device
     std::string cache_policy = "lru";
     std::string prefetch = "none";
     std::string profile;        // expert profile for --cache-policy static
@@ -50,5 +51,11 @@ struct RunOptions {
 
 void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool cluster_required);
 Status run_generation(const RunOptions& o);
+
+class GgufFile;
+// `--host-budget auto`: the bytes of the file's routed experts (tensors named *_exps.*), or half of
+// `available` (MemAvailable) if that is less; 0 (no host tier) below 256 MiB or when `available` is
+// unknown (0). *note: what was chosen and why, for the start-up line.
+uint64_t auto_host_budget(const GgufFile& f, uint64_t available, std::string* note);
 
 }  // namespace moemesh
