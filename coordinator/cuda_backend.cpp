@@ -27,6 +27,7 @@
 #include "coordinator/cuda_backend.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -154,20 +155,26 @@ private:
 };
 
 // The profile label of an op from its recording key (op id first; see the enqueue calls).
-std::string op_label(std::initializer_list<int64_t> key) {
+std::string op_label(const int64_t* k, size_t n_key) {
     static const char* const kNames[] = {"?",           "upload",        "download",   "matmul",      "rmsnorm",
                                          "rmsnorm_gated", "l2norm_rows", "swiglu",     "add",         "mul_sigmoid",
                                          "add_gated_rows", "copy_rows",  "rope",       "store_kv",    "attention",
                                          "route (softmax + top-k)", "moe (resident: 3 matmul_id + swiglu + combine)",
-                                         "delta_gates", "conv1d_silu",   "delta_rule"};
-    const int64_t* k = key.begin();
-    const int64_t id = key.size() ? k[0] : 0;
+                                         "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many"};
+    const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
-    if (id == 3 && key.size() >= 7)  // {3, type, W, n_out, k, x, m, y}
+    if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
         name += str_printf(" %s %lldx%lld m=%lld", ggml_type_name(static_cast<GgmlType>(k[1])),
                            static_cast<long long>(k[3]), static_cast<long long>(k[4]), static_cast<long long>(k[6]));
-    if (id == 14 && key.size() >= 6) name += k[5] == 1 ? " (decode)" : " (prompt)";   // n_tokens
-    if (id == 19 && key.size() >= 9) name += k[8] == 1 ? " (decode)" : " (prompt)";   // n_tokens
+    if (id == 14 && n_key >= 6) name += k[5] == 1 ? " (decode)" : " (prompt)";   // n_tokens
+    if (id == 19 && n_key >= 9) name += k[8] == 1 ? " (decode)" : " (prompt)";   // n_tokens
+    if (id == 20 && n_key >= 5) {  // {20, type, k, x, n, then (W, n_out, y) per product}
+        int64_t rows = 0;
+        for (size_t i = 6; i < n_key; i += 3) rows += k[i];
+        name += str_printf(" %s %lld products, %lld rows x %lld, m=1 (one launch)",
+                           ggml_type_name(static_cast<GgmlType>(k[1])), static_cast<long long>(k[4]),
+                           static_cast<long long>(rows), static_cast<long long>(k[2]));
+    }
     return name;
 }
 
@@ -340,6 +347,28 @@ public:
     void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) override {
         enqueue({3, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), m, P(y)},
                 [=, this](bool) { cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_); });
+    }
+    // Single-row products of one x and weight type (a decode step's q/k/v) in one launch, the same
+    // bits as one by one; anything else one by one.
+    void matmul_many(const MatmulCall* calls, int n) override {
+        bool one = n >= 2 && n <= cuda::kMultiGemvMax;
+        for (int i = 0; one && i < n; ++i)
+            one = calls[i].m == 1 && calls[i].x == calls[0].x && calls[i].w->type == calls[0].w->type &&
+                  calls[i].w->k == calls[0].w->k;
+        if (!one) return Backend::matmul_many(calls, n);
+        std::array<const void*, cuda::kMultiGemvMax> w{};
+        std::array<int64_t, cuda::kMultiGemvMax> n_out{};
+        std::array<float*, cuda::kMultiGemvMax> y{};
+        for (int i = 0; i < n; ++i) w[i] = calls[i].w->data, n_out[i] = calls[i].w->n_out, y[i] = calls[i].y;
+        const GgmlType t = calls[0].w->type;
+        const int64_t k = calls[0].w->k;
+        const float* x = calls[0].x;
+        std::vector<int64_t> key = {20, static_cast<int64_t>(t), k, P(x), n};
+        for (int i = 0; i < n; ++i) key.insert(key.end(), {P(w[i]), n_out[i], P(y[i])});
+        enqueue(key, [=, this](bool) {
+            if (!cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_))
+                for (int i = 0; i < n; ++i) cuda::matmul(t, w[i], n_out[i], k, x, 1, y[i], stream_);
+        });
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
         enqueue({4, P(x), P(w), P(y), rows, n, F(eps)},
@@ -527,12 +556,20 @@ private:
     // Launches f now (graphs off) or records it with its key for the next flush().
     template <typename Fn>
     void enqueue(std::initializer_list<int64_t> key, Fn&& f) {
-        if (profile_) return profile_->time(op_label(key), [&] { f(false); });
+        enqueue_key(key.begin(), key.size(), std::forward<Fn>(f));
+    }
+    template <typename Fn>
+    void enqueue(const std::vector<int64_t>& key, Fn&& f) {
+        enqueue_key(key.data(), key.size(), std::forward<Fn>(f));
+    }
+    template <typename Fn>
+    void enqueue_key(const int64_t* key, size_t n_key, Fn&& f) {
+        if (profile_) return profile_->time(op_label(key, n_key), [&] { f(false); });
         if (!defer_) return f(false);
         if (t_pending && t_pending != this) t_pending->flush();
         t_pending = this;
-        sig_.push_back(static_cast<int64_t>(key.size()));
-        sig_.insert(sig_.end(), key.begin(), key.end());
+        sig_.push_back(static_cast<int64_t>(n_key));
+        sig_.insert(sig_.end(), key, key + n_key);
         pending_.emplace_back(std::forward<Fn>(f));
     }
     // An op at positions p0 .. p0 + T - 1: a step is graphed only when all of them agree and T == 1.

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -284,6 +285,48 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
         size_t diff = 0;
         for (size_t i = 0; i < got.size(); ++i) diff += std::memcmp(&got[i], &want[i], sizeof(float)) != 0;
         EXPECT_EQ(diff, 0u) << name << ": " << diff << " of " << got.size() << " values differ from the three launches";
+    }
+}
+
+// A decode step's q/k/v in one launch: the bits of matmul one by one, or a decline that writes
+// nothing; the common types must not decline at these sizes; n outside 2..kMultiGemvMax declines.
+TEST_P(CudaMatmul, MultiGemvIsTheSeparateProducts) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t k = 512;
+    const int64_t n_out[3] = {96, 40, 17};  // rows that end inside a block and a matrix inside a block
+    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> dw;
+    for (int j = 0; j < 3; ++j) dw.push_back(std::make_unique<DeviceBuffer<uint8_t>>(make_weights(t, n_out[j], k, 80 + static_cast<uint32_t>(j)).bytes));
+    const std::vector<float> x = random_vec(static_cast<size_t>(k), 9);
+    const DeviceBuffer<float> dx(x);
+    std::vector<std::vector<float>> want;
+    for (int j = 0; j < 3; ++j) {
+        DeviceBuffer<float> y(static_cast<size_t>(n_out[j]));
+        cuda::matmul(t, dw[j]->get(), n_out[j], k, dx.get(), 1, y.get());
+        want.push_back(y.download());
+    }
+    std::vector<std::unique_ptr<DeviceBuffer<float>>> dy;
+    for (int j = 0; j < 3; ++j) dy.push_back(std::make_unique<DeviceBuffer<float>>(std::vector<float>(static_cast<size_t>(n_out[j]), 12345.0f)));
+    const void* w[3] = {dw[0]->get(), dw[1]->get(), dw[2]->get()};
+    float* y[3] = {dy[0]->get(), dy[1]->get(), dy[2]->get()};
+    const std::string name = std::string("matmul_multi_gemv ") + ggml_type_name(t);
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 1, w, n_out, k, dx.get(), y)) << name << ": one product";
+    const bool fused = cuda::matmul_multi_gemv(t, 3, w, n_out, k, dx.get(), y);
+    for (int j = 0; j < 3; ++j) {
+        const std::vector<float> got = dy[j]->download();
+        if (!fused) {
+            EXPECT_EQ(got, std::vector<float>(static_cast<size_t>(n_out[j]), 12345.0f)) << name << ": declined but wrote";
+            continue;
+        }
+        ASSERT_EQ(got.size(), want[j].size());
+        EXPECT_EQ(std::memcmp(got.data(), want[j].data(), sizeof(float) * got.size()), 0)
+            << name << ": product " << j << " differs from matmul";
+    }
+    const bool common = t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0 ||
+                        t == GgmlType::F16 || t == GgmlType::BF16 || t == GgmlType::F32;
+    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+    if (common && (e == nullptr || std::string(e) != "new")) {
+        EXPECT_TRUE(fused) << name << " declined";
     }
 }
 

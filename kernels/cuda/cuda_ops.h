@@ -62,6 +62,15 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
 void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
                int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
 
+// Up to kMultiGemvMax single-row products sharing x and the weight type in one launch (a decode
+// step's q/k/v): y_j[n_out_j] = x[k] · W_jᵀ, bit-identical to matmul(W_j, x, m = 1) one by one (one
+// warp per row of the concatenated rows, the same dot product). Returns false, launching nothing,
+// where one of them would not take the f32-activation GEMV (the int8-X GEMV by size or
+// MOEMESH_CUDA_GEMV=new), or for n outside 2..kMultiGemvMax.
+inline constexpr int kMultiGemvMax = 4;
+bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
+                       float* const* y, cudaStream_t stream = nullptr);
+
 // A decode step's expert gate and up products and SwiGLU in one launch:
 //   Y[s, n_out] = silu(X[s] · G_{ids[s]}ᵀ) ⊙ (X[s] · U_{ids[s]}ᵀ)   for s < n_sel,
 // bit-identical to matmul_id(gate), matmul_id(up), swiglu (the same dot products and reductions,

@@ -271,6 +271,29 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     }
 }
 
+// Several matrices' single-row products in one launch: row r of the concatenated rows belongs to
+// matrix j with end[j - 1] <= r < end[j]; the dot product and reduction of gemv_kernel<T, 1>.
+struct MultiGemv {
+    const uint8_t* w[kMultiGemvMax];
+    float* y[kMultiGemvMax];
+    int64_t end[kMultiGemvMax];  // cumulative row counts
+    int n;
+};
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x) {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (r >= mg.end[mg.n - 1]) return;
+    int j = 0;
+    while (r >= mg.end[j]) ++j;
+    const int64_t row = r - (j ? mg.end[j - 1] : 0);
+    float acc[1] = {0.0f};
+    dot_row<T, 1>(mg.w[j] + static_cast<size_t>(row) * row_bytes, k, x, lane, acc);
+    const float v = warp_sum(acc[0]);
+    if (lane == 0) mg.y[j][row] = v;
+}
+
 // gate and up of the same selection and row in one warp, SwiGLU applied: the dot products and
 // reductions of two gemv_kernel<T, 1> launches, then swiglu_kernel's silu(g) · u (same bits).
 template <GgmlType T>
@@ -941,6 +964,57 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
     return true;
 }
 }  // namespace
+
+namespace {
+template <GgmlType T>
+bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x, float* const* y,
+                       cudaStream_t stream) {
+    MultiGemv mg{};
+    mg.n = n;
+    int64_t rows = 0;
+    for (int j = 0; j < n; ++j) {
+        if constexpr (kHasQGemv<T>) {  // where matmul would take the int8-X GEMV, so does the caller
+            if (qgemv_smem(1, k) <= kQGemvMaxSmem && use_qgemv<T>(1, n_out[j])) return false;
+        }
+        mg.w[j] = static_cast<const uint8_t*>(w[j]);
+        mg.y[j] = y[j];
+        rows += n_out[j];
+        mg.end[j] = rows;
+    }
+    if (rows <= 0) return true;
+    MM_LAUNCH(grid_1d(rows, kGemvWarps), kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k),
+                                                                                           k, x);
+    CUDA_CHECK_LAUNCH();
+    return true;
+}
+}  // namespace
+
+bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
+                       float* const* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    if (n < 2 || n > kMultiGemvMax) return false;
+    for (int j = 0; j < n; ++j)
+        if (n_out[j] < 0) return false;
+#define MM_GEMV_MULTI(T) return launch_gemv_multi<T>(n, w, n_out, k, x, y, stream)
+    switch (wt) {
+        case GgmlType::F32: MM_GEMV_MULTI(GgmlType::F32);
+        case GgmlType::F16: MM_GEMV_MULTI(GgmlType::F16);
+        case GgmlType::BF16: MM_GEMV_MULTI(GgmlType::BF16);
+        case GgmlType::Q8_0: MM_GEMV_MULTI(GgmlType::Q8_0);
+        case GgmlType::Q4_0: MM_GEMV_MULTI(GgmlType::Q4_0);
+        case GgmlType::Q4_K: MM_GEMV_MULTI(GgmlType::Q4_K);
+        case GgmlType::Q6_K: MM_GEMV_MULTI(GgmlType::Q6_K);
+        case GgmlType::Q5_0: MM_GEMV_MULTI(GgmlType::Q5_0);
+        case GgmlType::Q5_K: MM_GEMV_MULTI(GgmlType::Q5_K);
+        case GgmlType::Q3_K: MM_GEMV_MULTI(GgmlType::Q3_K);
+        case GgmlType::Q2_K: MM_GEMV_MULTI(GgmlType::Q2_K);
+        case GgmlType::IQ4_NL: MM_GEMV_MULTI(GgmlType::IQ4_NL);
+        case GgmlType::IQ4_XS: MM_GEMV_MULTI(GgmlType::IQ4_XS);
+        case GgmlType::MXFP4: MM_GEMV_MULTI(GgmlType::MXFP4);
+        default: return false;  // the rarer types: one launch each
+    }
+#undef MM_GEMV_MULTI
+}
 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
