@@ -160,7 +160,8 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "rmsnorm_gated", "l2norm_rows", "swiglu",     "add",         "mul_sigmoid",
                                          "add_gated_rows", "copy_rows",  "rope",       "store_kv",    "attention",
                                          "route (softmax + top-k)", "moe (resident: 3 matmul_id + swiglu + combine)",
-                                         "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many"};
+                                         "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many",
+                                         "rope + store_kv (q, k, v)"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -429,6 +430,20 @@ public:
                                            cudaMemcpyDeviceToDevice, stream_));
             }
         });
+    }
+    void rope_store_kv(float* q, float* k, const float* v, int64_t n, int64_t n_head, int64_t n_head_kv,
+                       int64_t head_dim, int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache,
+                       void* v_cache, bool f16) override {
+        if (p0 > INT32_MAX - n)
+            return Backend::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache,
+                                          f16);
+        note_step(p0, n);
+        enqueue({21, P(q), P(k), P(v), n, n_head, n_head_kv, head_dim, rot_dim, F(rp.theta), F(rp.freq_scale),
+                 F(rp.ext_factor), F(rp.attn_factor), F(rp.corr_low), F(rp.corr_high), P(k_cache), P(v_cache), f16},
+                [=, this](bool dev) {
+                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, static_cast<int32_t>(p0),
+                                        dev ? d_p0_ : nullptr, rp, k_cache, v_cache, f16, stream_);
+                });
     }
     void attention(const AttentionArgs& a) override {
         const cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,

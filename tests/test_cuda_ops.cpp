@@ -499,6 +499,56 @@ TEST(CudaOps, RopeNeox) {
     }
 }
 
+// The fused rope + KV store of a decode/prompt step: the bits of rope_neox on q and k and the two
+// stores, with RoPE on part of each head (Qwen3-Next) and p0 from the host or the device.
+TEST(CudaOps, RopeStoreKvIsRopeThenStores) {
+    REQUIRE_CUDA();
+    const int64_t Nh = 6, Nkv = 2, D = 128, ctx = 64;
+    const RopeParams rp = make_rope_params(64, 1e6f, "yarn", 4.0f, 1.0f, 256);
+    for (const int64_t T : {int64_t{1}, int64_t{3}})
+        for (const int64_t rot : {D, int64_t{64}})
+            for (const bool f16 : {true, false})
+                for (const bool dev_p0 : {false, true}) {
+                    const int32_t p0 = 37;
+                    const size_t es = f16 ? 2 : 4, cache_bytes = static_cast<size_t>(ctx * Nkv * D) * es;
+                    const std::vector<float> q = random_vec(static_cast<size_t>(T * Nh * D), 21),
+                                             k = random_vec(static_cast<size_t>(T * Nkv * D), 22),
+                                             v = random_vec(static_cast<size_t>(T * Nkv * D), 23);
+                    // Reference: the separate kernels.
+                    DeviceBuffer<float> q1(q), k1(k), v1(v);
+                    DeviceBuffer<uint8_t> kc1(std::vector<uint8_t>(cache_bytes, 0x5a)),
+                        vc1(std::vector<uint8_t>(cache_bytes, 0x5a));
+                    std::vector<int32_t> pos(static_cast<size_t>(T));
+                    for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = p0 + static_cast<int32_t>(t);
+                    const DeviceBuffer<int32_t> dpos(pos);
+                    cuda::rope_neox(q1.get(), T, Nh, D, rot, dpos.get(), rp);
+                    cuda::rope_neox(k1.get(), T, Nkv, D, rot, dpos.get(), rp);
+                    const int64_t n = T * Nkv * D, off = static_cast<int64_t>(p0) * Nkv * D;
+                    if (f16) {
+                        cuda::f32_to_f16(k1.get(), reinterpret_cast<uint16_t*>(kc1.get()) + off, n);
+                        cuda::f32_to_f16(v1.get(), reinterpret_cast<uint16_t*>(vc1.get()) + off, n);
+                    } else {
+                        CUDA_CHECK(cudaMemcpy(reinterpret_cast<float*>(kc1.get()) + off, k1.get(), 4 * n,
+                                              cudaMemcpyDeviceToDevice));
+                        CUDA_CHECK(cudaMemcpy(reinterpret_cast<float*>(vc1.get()) + off, v1.get(), 4 * n,
+                                              cudaMemcpyDeviceToDevice));
+                    }
+                    // Fused.
+                    DeviceBuffer<float> q2(q), k2(k), v2(v);
+                    DeviceBuffer<uint8_t> kc2(std::vector<uint8_t>(cache_bytes, 0x5a)),
+                        vc2(std::vector<uint8_t>(cache_bytes, 0x5a));
+                    const DeviceBuffer<int32_t> dp0(std::vector<int32_t>{p0});
+                    cuda::rope_store_kv(q2.get(), k2.get(), v2.get(), T, Nh, Nkv, D, rot, dev_p0 ? -1 : p0,
+                                        dev_p0 ? dp0.get() : nullptr, rp, kc2.get(), vc2.get(), f16);
+                    const std::string what = "rope_store_kv T=" + std::to_string(T) + " rot=" + std::to_string(rot) +
+                                             (f16 ? " f16" : " f32") + (dev_p0 ? " p0 on the device" : "");
+                    EXPECT_EQ(q2.download(), q1.download()) << what << ": q";
+                    EXPECT_EQ(k2.download(), k1.download()) << what << ": k";
+                    EXPECT_EQ(kc2.download(), kc1.download()) << what << ": k cache";
+                    EXPECT_EQ(vc2.download(), vc1.download()) << what << ": v cache";
+                }
+}
+
 // ---- router ----
 
 // coordinator/models/qwen3moe.cpp route(), for one token.

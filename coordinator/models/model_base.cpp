@@ -196,18 +196,17 @@ void ModelBase::rope_and_attend(const Segment* segs, int64_t n_segs, int il, int
                                 const float* v, float* out) {
     const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
     const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
-    for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
-        const int64_t r = sg->row0, p0 = sg->seq->n_past;
-        be_->rope(q + r * q_dim, sg->n, Nh, D, cfg_.rope_dim, p0, cfg_.rope);
-        be_->rope(k + r * kv_dim, sg->n, Nkv, D, cfg_.rope_dim, p0, cfg_.rope);
+    for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // rope q and k, store k and v
+        SequenceState& seq = *sg->seq;
+        const int64_t r = sg->row0, p0 = seq.n_past;
+        be_->rope_store_kv(q + r * q_dim, k + r * kv_dim, v + r * kv_dim, sg->n, Nh, Nkv, D, cfg_.rope_dim, p0,
+                           cfg_.rope, seq.k[il].data(), seq.v[il].data(), seq.kv_f16);
     }
     cb("Qcur", il, q, T, q_dim);
     cb("Kcur", il, k, T, kv_dim);
     for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {
         SequenceState& seq = *sg->seq;
         const int64_t r = sg->row0, p0 = seq.n_past;
-        be_->store_kv(seq.k[il].data(), p0 * kv_dim, k + r * kv_dim, sg->n * kv_dim, seq.kv_f16);
-        be_->store_kv(seq.v[il].data(), p0 * kv_dim, v + r * kv_dim, sg->n * kv_dim, seq.kv_f16);
         AttentionArgs aa{};
         aa.q = q + r * q_dim;
         aa.k = seq.k[il].data();

@@ -106,6 +106,13 @@ void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream = nullp
 // pos: [tokens] int32 on the device. Angles and scaling built as kernels/cpu/rope.cpp builds them.
 void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
                const RopeParams& p, cudaStream_t stream = nullptr);
+// rope_neox of q [T, n_head, head_dim] and k [T, n_head_kv, head_dim] (both in place) at positions
+// p0 .. p0 + T - 1, then k and v [T, n_head_kv · head_dim] stored at row p0 of the caches (f16 rounded
+// as f32_to_f16, or f32), all in one launch: the same bits as rope_neox twice, f32_to_f16 /
+// a copy twice. p0_dev: read p0 from the device instead (a graph replayed at the next position).
+void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                   int64_t rot_dim, int32_t p0, const int32_t* p0_dev, const RopeParams& p, void* k_cache,
+                   void* v_cache, bool f16, cudaStream_t stream = nullptr);
 
 // ---- router (kernels/cuda/topk.cu) ----
 // For each token t: softmax over logits[t, 0..E), the K largest (ties: lower expert id first, as

@@ -16,19 +16,69 @@ using namespace detail;
 // kernels/cpu/rope.cpp (and ggml) builds it: powf would round differently, and at positions in the
 // thousands the difference is visible in the output. cosf/sinf are the accurate (not fast-math) ones;
 // the scaling (kernels/rope_yarn.h) is the CPU kernel's own function.
+// Pair i of one head at position `pos`: (v[i], v[i + half]) rotated; *o0 / *o1 the new values.
+__device__ __forceinline__ void rope_pair(const float* v, int64_t i, int64_t half, int32_t pos, float theta_scale,
+                                          const RopeParams& p, float* o0, float* o1) {
+    float a = static_cast<float>(pos);
+    for (int64_t j = 0; j < i; ++j) a *= theta_scale;
+    float c, s;
+    rope_yarn_cos_sin(a, i, p, &c, &s);
+    const float x0 = v[i], x1 = v[i + half];
+    *o0 = x0 * c - x1 * s;
+    *o1 = x0 * s + x1 * c;
+}
+
 __global__ void rope_neox_kernel(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t half,
                                  const int32_t* pos, float theta_scale, RopeParams p) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= tokens * heads * half) return;
     const int64_t i = idx % half, th = idx / half, t = th / heads;
-    float a = static_cast<float>(pos[t]);
-    for (int64_t j = 0; j < i; ++j) a *= theta_scale;
-    float c, s;
-    rope_yarn_cos_sin(a, i, p, &c, &s);
     float* v = x + th * head_dim;
-    const float x0 = v[i], x1 = v[i + half];
-    v[i] = x0 * c - x1 * s;
-    v[i + half] = x0 * s + x1 * c;
+    float o0, o1;
+    rope_pair(v, i, half, pos[t], theta_scale, p, &o0, &o1);
+    v[i] = o0;
+    v[i + half] = o1;
+}
+
+__device__ __forceinline__ void store_elem(void* cache, int64_t o, float v, bool f16) {
+    if (f16) static_cast<uint16_t*>(cache)[o] = __half_as_ushort(__float2half_rn(v));
+    else static_cast<float*>(cache)[o] = v;
+}
+
+// rope(q), rope(k) and both cache stores in one launch. Items, in order: q pairs (T·Nh·half), k
+// pairs (T·Nkv·half: rotated in place and stored), k's dimensions past rot_dim (stored as they are),
+// v elements (stored). Token t is at position p0 + t (p0 from the device when p0_dev is set).
+__global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t T, int64_t Nh, int64_t Nkv,
+                                     int64_t D, int64_t half, float theta_scale, RopeParams p, int32_t p0_val,
+                                     const int32_t* p0_dev, void* kc, void* vc, bool f16) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t nq = T * Nh * half, nk = T * Nkv * half, rest = D - 2 * half, nkr = T * Nkv * rest,
+                  kv_dim = Nkv * D, nv = T * kv_dim;
+    const int32_t p0 = p0_dev ? *p0_dev : p0_val;
+    if (idx < nq) {
+        const int64_t i = idx % half, th = idx / half, t = th / Nh;
+        float* h = q + th * D;
+        float o0, o1;
+        rope_pair(h, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
+        h[i] = o0;
+        h[i + half] = o1;
+    } else if (idx < nq + nk) {
+        const int64_t r = idx - nq, i = r % half, th = r / half, t = th / Nkv;
+        float* h = k + th * D;
+        float o0, o1;
+        rope_pair(h, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
+        h[i] = o0;
+        h[i + half] = o1;
+        const int64_t o = (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D;
+        store_elem(kc, o + i, o0, f16);
+        store_elem(kc, o + i + half, o1, f16);
+    } else if (idx < nq + nk + nkr) {
+        const int64_t r = idx - nq - nk, e = 2 * half + r % rest, th = r / rest, t = th / Nkv;
+        store_elem(kc, (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D + e, k[th * D + e], f16);
+    } else if (idx < nq + nk + nkr + nv) {
+        const int64_t r = idx - nq - nk - nkr, t = r / kv_dim;
+        store_elem(vc, (static_cast<int64_t>(p0) + t) * kv_dim + r % kv_dim, v[r], f16);
+    }
 }
 
 }  // namespace
@@ -40,6 +90,19 @@ void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_
     // Computed on the host with the same std::pow call as the CPU kernel.
     const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));
     MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_neox_kernel)(x, tokens, heads, head_dim, half, pos, theta_scale, p);
+    CUDA_CHECK_LAUNCH();
+}
+
+void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                   int64_t rot_dim, int32_t p0, const int32_t* p0_dev, const RopeParams& p, void* k_cache,
+                   void* v_cache, bool f16, cudaStream_t stream) {
+    const int64_t half = rot_dim / 2;
+    const int64_t n = T * n_head * half + T * n_head_kv * half + T * n_head_kv * (head_dim - 2 * half) +
+                      T * n_head_kv * head_dim;
+    if (T <= 0 || n <= 0) return;
+    const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
+    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_store_kv_kernel)(q, k, v, T, n_head, n_head_kv, head_dim, half,
+                                                                   theta_scale, p, p0, p0_dev, k_cache, v_cache, f16);
     CUDA_CHECK_LAUNCH();
 }
 
