@@ -106,6 +106,12 @@ public:
         for (int i = 0; i < n; ++i) matmul(*calls[i].w, calls[i].x, calls[i].m, calls[i].y);
     }
     virtual void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) = 0;
+    // x[rows, n] += t, then y = rmsnorm(x) · w (y not aliasing x or t). Default: add, then rmsnorm;
+    // CUDA does it in one launch with the same bits.
+    virtual void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps) {
+        add(x, t, rows * n);
+        rmsnorm(x, w, y, rows, n, eps);
+    }
     virtual void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
                                float eps) = 0;
     virtual void l2norm_rows(float* x, int64_t rows, int64_t n, float eps) = 0;

@@ -161,7 +161,7 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "add_gated_rows", "copy_rows",  "rope",       "store_kv",    "attention",
                                          "route (softmax + top-k)", "moe (resident: 3 matmul_id + swiglu + combine)",
                                          "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many",
-                                         "rope + store_kv (q, k, v)"};
+                                         "rope + store_kv (q, k, v)", "add + rmsnorm"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -374,6 +374,11 @@ public:
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
         enqueue({4, P(x), P(w), P(y), rows, n, F(eps)},
                 [=, this](bool) { cuda::rmsnorm(x, w, y, rows, n, eps, stream_); });
+    }
+    void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n,
+                     float eps) override {
+        enqueue({22, P(x), P(t), P(w), P(y), rows, n, F(eps)},
+                [=, this](bool) { cuda::add_rmsnorm(x, t, w, y, rows, n, eps, stream_); });
     }
     void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
                        float eps) override {

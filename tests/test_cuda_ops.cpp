@@ -419,6 +419,25 @@ INSTANTIATE_TEST_SUITE_P(Types, CudaDequant, kCudaTypes, type_param_name);
 
 // ---- elementwise / norms ----
 
+// The residual add fused into the next norm: the bits of add_inplace then rmsnorm (x and y).
+TEST(CudaOps, AddRmsnormIsAddThenRmsnorm) {
+    REQUIRE_CUDA();
+    for (const int64_t rows : {int64_t{1}, int64_t{3}})
+        for (const int64_t n : {int64_t{2048}, int64_t{100}}) {
+            const std::vector<float> x = random_vec(static_cast<size_t>(rows * n), 31),
+                                     t = random_vec(static_cast<size_t>(rows * n), 32),
+                                     w = random_vec(static_cast<size_t>(n), 33);
+            DeviceBuffer<float> x1(x), x2(x), y1(static_cast<size_t>(rows * n)), y2(static_cast<size_t>(rows * n));
+            const DeviceBuffer<float> dt(t), dw(w);
+            cuda::add_inplace(x1.get(), dt.get(), rows * n);
+            cuda::rmsnorm(x1.get(), dw.get(), y1.get(), rows, n, 1e-6f);
+            cuda::add_rmsnorm(x2.get(), dt.get(), dw.get(), y2.get(), rows, n, 1e-6f);
+            const std::string what = "add_rmsnorm rows=" + std::to_string(rows) + " n=" + std::to_string(n);
+            EXPECT_EQ(x2.download(), x1.download()) << what << ": x";
+            EXPECT_EQ(y2.download(), y1.download()) << what << ": y";
+        }
+}
+
 TEST(CudaOps, RmsNorm) {
     REQUIRE_CUDA();
     const int64_t rows = 5, n = 2048;

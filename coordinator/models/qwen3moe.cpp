@@ -101,10 +101,9 @@ private:
             rope_and_attend(segs, n_segs, il, T, q, k, v, attn);  // [T, Nh*D]; per sequence
             be.matmul(lw.wo, attn, T, tmp);         // [T, H]
             cb("attn_out", il, tmp, T, H);
-            be.add(x, tmp, T * H);
 
             // ---- MoE: route → experts → combine ----
-            be.rmsnorm(x, lw.ffn_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
+            be.add_rmsnorm(x, tmp, lw.ffn_norm, xn, T, H, cfg_.rms_eps);  // x += tmp; xn = norm(x) [T, H]
             cb("ffn_norm", il, xn, T, H);
             MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
             be.add(x, tmp, T * H);

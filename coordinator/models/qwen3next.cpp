@@ -187,11 +187,10 @@ private:
                 gated_attention(segs, n_segs, il, lw.attn, T, xn, tmp);
                 cb("attn_output", il, tmp, T, H);
             }
-            be.add(x, tmp, T * H);
+            be.add_rmsnorm(x, tmp, lw.post_norm, xn, T, H, cfg_.rms_eps);  // x += tmp; xn = norm(x) [T, H]
             cb("attn_residual", il, x, T, H);
 
             // ---- MoE: route → experts → combine, plus the gated shared expert ----
-            be.rmsnorm(x, lw.post_norm, xn, T, H, cfg_.rms_eps);  // [T, H]
             cb("attn_post_norm", il, xn, T, H);
             MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
             if (lw.sh_up) shared_expert(lw, il, T, xn, tmp);  // tmp += sigmoid(x·g)·SwiGLU_shared(x)

@@ -89,6 +89,10 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
 // y[r, :] = x[r, :] / sqrt(mean(x²) + eps) * w (w may be null: no weight). y may alias x.
 void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps,
              cudaStream_t stream = nullptr);
+// x[rows, n] += t, then y = rmsnorm(x) · w, in one launch with the bits of add_inplace then rmsnorm
+// (the residual add before a layer's second norm). y must not alias x or t.
+void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps,
+                 cudaStream_t stream = nullptr);
 // y[r, :] = rmsnorm(x[r, :]) * w * silu(z[r, :]). y may alias x.
 void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
                    cudaStream_t stream = nullptr);

@@ -34,6 +34,23 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, f
     }
 }
 
+// x[r] += t[r], then y[r] = rmsnorm(x[r]) · w: each thread re-reads only the elements it wrote, so
+// the sums see exactly add_kernel's results (the bits of add_inplace then rmsnorm).
+__global__ void add_rmsnorm_kernel(float* x, const float* t, const float* w, float* y, int64_t n, float eps) {
+    __shared__ float red[kWarp];
+    const int64_t r = blockIdx.x;
+    float* xr = x + r * n;
+    const float* tr = t + r * n;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xr[i] = xr[i] + tr[i];
+    float* yr = y + r * n;
+    const float scale = 1.0f / sqrtf(row_sumsq(xr, n, red) / static_cast<float>(n) + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] * scale;
+        if (w) v *= w[i];
+        yr[i] = v;
+    }
+}
+
 __global__ void l2norm_kernel(float* x, int64_t n, float eps) {
     __shared__ float red[kWarp];
     float* xr = x + static_cast<int64_t>(blockIdx.x) * n;
@@ -72,6 +89,13 @@ __global__ void add_kernel(float* y, const float* x, int64_t n) {
 void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
     if (rows <= 0) return;
     MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps,
+                 cudaStream_t stream) {
+    if (rows <= 0) return;
+    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, add_rmsnorm_kernel)(x, t, w, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
