@@ -5,7 +5,7 @@
 # (default 420) so one device call can run it with room to spare; sections that no longer fit are
 # listed as skipped.
 #
-#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode profile offload"]
+#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode profile offload ncu"]
 #                             [--decode-types "q8_0 q4_k"]
 #
 # decode and offload run the 48-layer Qwen3-30B-A3B shape (issues 6, 7: files made on the device with
@@ -13,17 +13,18 @@
 # On an H200 (session 13) everything took 230 s: `bash scripts/gpu_check.sh --budget 550` in one call
 # of timeout_s 590 (each section is capped, so a hanging test cannot eat the rest).
 # profile: MOEMESH_CUDA_PROFILE's op table of a decode step (resident, and offload at 8 GiB) on the
-# kept Q4_K file (bench/profile_cuda_decode.sh).
+# kept Q4_K file (bench/profile_cuda_decode.sh). ncu: per-kernel GPU time of decode steps on a 4-layer
+# model (bench/ncu_decode.sh).
 set -uo pipefail
 BUDGET=420
-ONLY="ops model experts transport memcheck gemv decode profile offload"
+ONLY="ops model experts transport memcheck gemv decode profile offload ncu"
 DECODE_TYPES="q8_0 q4_k"
 while [ $# -gt 0 ]; do
   case "$1" in
     --decode-types) DECODE_TYPES=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,6 +71,7 @@ section() {
   if [ -f "$ROOT/bench/bench_cuda_offload.sh" ]; then
     section offload 150 400 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D" --gen 32
   fi
+  section ncu 30 120 bash "$ROOT/bench/ncu_decode.sh" --moemesh "$B/moemesh" --out "$D"
   section memcheck 40 180 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_cuda_ops"
   echo "=== done (+$(( $(date +%s) - T0 )) s)"
 } 2>&1 | tee "$OUT/log"
