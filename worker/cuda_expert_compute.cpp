@@ -480,7 +480,7 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         ExpertSource& s;
         ~EndCall() { s.end_call(); }
     } end_call{*src};
-    {
+    if (cache) {  // resident experts (no cache): nothing to announce
         std::vector<int32_t> order(pl.groups.size());
         for (size_t i = 0; i < order.size(); ++i) order[i] = pl.groups[i].expert;
         MM_RETURN_IF_ERROR(src->will_need(layer, order.data(), static_cast<int64_t>(order.size()), window));

@@ -149,6 +149,19 @@ void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows,
     debug_(name, layer, debug_host_.data(), rows, cols);
 }
 
+void ModelBase::layer_input_norm(float* x, const float* pending, const float* w, float* xn, int64_t T) {
+    const int64_t H = cfg_.n_embd;
+    if (pending) be_->add_rmsnorm(x, pending, w, xn, T, H, cfg_.rms_eps);
+    else be_->rmsnorm(x, w, xn, T, H, cfg_.rms_eps);
+}
+
+const float* ModelBase::end_layer(int il, float* x, const float* out, int64_t T) {
+    if (!debug_ && il + 1 < cfg_.n_layer) return out;
+    be_->add(x, out, T * cfg_.n_embd);
+    cb("l_out", il, x, T, cfg_.n_embd);
+    return nullptr;
+}
+
 Status ModelBase::init_backend() {
     MM_ASSIGN_OR_RETURN(be_, make_backend(opts_.device, pool_));
     return Status();

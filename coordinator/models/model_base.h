@@ -49,6 +49,13 @@ protected:
 
     // data: backend memory (copied to the host for the hook when the backend is a device).
     void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols);
+    // A layer's first norm of the residual stream x [T, n_embd]: xn = rmsnorm(x) · w, after adding
+    // `pending` (the previous layer's output that end_layer left) to x when it is not null.
+    void layer_input_norm(float* x, const float* pending, const float* w, float* xn, int64_t T);
+    // End of layer il whose output is `out`: x += out now (then the "l_out" hook) when a debug hook
+    // reads x or il is the last layer, and returns null; otherwise returns `out` for the next
+    // layer_input_norm to add (fused with its norm on CUDA).
+    const float* end_layer(int il, float* x, const float* out, int64_t T);
     // Creates the backend of opts_.device; first thing every load() does.
     Status init_backend();
     // token_embd, output_norm, output (tied: token_embd) and the routed experts.

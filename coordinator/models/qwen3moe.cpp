@@ -78,12 +78,11 @@ private:
 
         embed(tokens, T, x);  // x[t] = token_embd[tokens[t]]
 
-        bool moe_pending = false;  // tmp holds the last layer's MoE output, not yet added to x
+        const float* pending = nullptr;  // the last layer's output (tmp), not yet added to x
         for (int il = 0; il < cfg_.n_layer; ++il) {
             const LayerWeights& lw = layers_[il];
             // ---- attention ----
-            if (moe_pending) be.add_rmsnorm(x, tmp, lw.attn_norm, xn, T, H, cfg_.rms_eps);  // x += tmp; norm
-            else be.rmsnorm(x, lw.attn_norm, xn, T, H, cfg_.rms_eps);                       // [T, H]
+            layer_input_norm(x, pending, lw.attn_norm, xn, T);  // [T, H]
             cb("attn_norm", il, xn, T, H);
             if (lw.wqkv) {
                 const int64_t n = q_dim + 2 * kv_dim;
@@ -108,13 +107,7 @@ private:
             be.add_rmsnorm(x, tmp, lw.ffn_norm, xn, T, H, cfg_.rms_eps);  // x += tmp; xn = norm(x) [T, H]
             cb("ffn_norm", il, xn, T, H);
             MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
-            // The residual add goes into the next layer's first norm (one launch on CUDA), unless a
-            // debug hook reads x here or this is the last layer.
-            moe_pending = !debug_ && il + 1 < cfg_.n_layer;
-            if (!moe_pending) {
-                be.add(x, tmp, T * H);
-                cb("l_out", il, x, T, H);
-            }
+            pending = end_layer(il, x, tmp, T);  // x += tmp, here or in the next layer's first norm
         }
         for (const Segment* sg = segs; sg != segs + n_segs; ++sg) sg->seq->n_past += sg->n;
         if (out) output_logits(x, T, all_rows, segs, n_segs, out);

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common/status.h"
 #include "kernels/cpu/quants_internal.h"
@@ -780,12 +781,20 @@ DeviceInfo device_info() {
 // Larger X (M · k > ~35k elements) falls back to the f32-activation kernel.
 constexpr size_t kQGemvMaxSmem = 48 * 1024;
 
+// Whether a GEMV of M X rows over `rows` W rows (n_out · n_sel) takes the int8-X kernel; the fused
+// f32-X kernels (gemv_swiglu_kernel, gemv_multi_kernel) decline where it does, to keep its bits.
+template <GgmlType T>
+bool takes_qgemv(int m, int64_t k, int64_t rows) {
+    if constexpr (kHasQGemv<T>) return qgemv_smem(m, k) <= kQGemvMaxSmem && use_qgemv<T>(m, rows);
+    return false;
+}
+
 template <GgmlType T, int M>
 void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
                  const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
     if constexpr (kHasQGemv<T>) {
-        const size_t smem = qgemv_smem(M, k);
-        if (smem <= kQGemvMaxSmem && use_qgemv<T>(M, n_out * n_sel)) {
+        if (takes_qgemv<T>(M, k, n_out * n_sel)) {
+            const size_t smem = qgemv_smem(M, k);
             // One wave: as many blocks as are resident at once (registers, threads, shared memory)
             // over all selections.
             static const int per_sm_regs = [] {
@@ -953,9 +962,7 @@ namespace {
 template <GgmlType T>
 bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids, int64_t n_sel,
                         int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
-    if constexpr (kHasQGemv<T>) {  // where matmul_id would take the int8-X GEMV, so does the caller
-        if (qgemv_smem(1, k) <= kQGemvMaxSmem && use_qgemv<T>(1, n_out * n_sel)) return false;
-    }
+    if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
     MM_LAUNCH(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(
         static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), matrix_bytes, ggml_row_bytes(T, k), ids,
@@ -963,9 +970,7 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
     CUDA_CHECK_LAUNCH();
     return true;
 }
-}  // namespace
 
-namespace {
 template <GgmlType T>
 bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x, float* const* y,
                        cudaStream_t stream) {
@@ -973,9 +978,7 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
     mg.n = n;
     int64_t rows = 0;
     for (int j = 0; j < n; ++j) {
-        if constexpr (kHasQGemv<T>) {  // where matmul would take the int8-X GEMV, so does the caller
-            if (qgemv_smem(1, k) <= kQGemvMaxSmem && use_qgemv<T>(1, n_out[j])) return false;
-        }
+        if (takes_qgemv<T>(1, k, n_out[j])) return false;
         mg.w[j] = static_cast<const uint8_t*>(w[j]);
         mg.y[j] = y[j];
         rows += n_out[j];
@@ -987,6 +990,22 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
     CUDA_CHECK_LAUNCH();
     return true;
 }
+
+// The types with a fused f32-X GEMV: f(std::integral_constant<GgmlType, T>{}) for wt, false for the
+// rarer ones (their callers launch the unfused kernels).
+template <typename F>
+bool with_fused_gemv_type(GgmlType wt, F&& f) {
+#define MM_FUSED(T) \
+    case T: return f(std::integral_constant<GgmlType, T>{})
+    switch (wt) {
+        MM_FUSED(GgmlType::F32); MM_FUSED(GgmlType::F16); MM_FUSED(GgmlType::BF16); MM_FUSED(GgmlType::Q8_0);
+        MM_FUSED(GgmlType::Q4_0); MM_FUSED(GgmlType::Q4_K); MM_FUSED(GgmlType::Q6_K); MM_FUSED(GgmlType::Q5_0);
+        MM_FUSED(GgmlType::Q5_K); MM_FUSED(GgmlType::Q3_K); MM_FUSED(GgmlType::Q2_K); MM_FUSED(GgmlType::IQ4_NL);
+        MM_FUSED(GgmlType::IQ4_XS); MM_FUSED(GgmlType::MXFP4);
+        default: return false;
+    }
+#undef MM_FUSED
+}
 }  // namespace
 
 bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
@@ -995,25 +1014,7 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
     if (n < 2 || n > kMultiGemvMax) return false;
     for (int j = 0; j < n; ++j)
         if (n_out[j] < 0) return false;
-#define MM_GEMV_MULTI(T) return launch_gemv_multi<T>(n, w, n_out, k, x, y, stream)
-    switch (wt) {
-        case GgmlType::F32: MM_GEMV_MULTI(GgmlType::F32);
-        case GgmlType::F16: MM_GEMV_MULTI(GgmlType::F16);
-        case GgmlType::BF16: MM_GEMV_MULTI(GgmlType::BF16);
-        case GgmlType::Q8_0: MM_GEMV_MULTI(GgmlType::Q8_0);
-        case GgmlType::Q4_0: MM_GEMV_MULTI(GgmlType::Q4_0);
-        case GgmlType::Q4_K: MM_GEMV_MULTI(GgmlType::Q4_K);
-        case GgmlType::Q6_K: MM_GEMV_MULTI(GgmlType::Q6_K);
-        case GgmlType::Q5_0: MM_GEMV_MULTI(GgmlType::Q5_0);
-        case GgmlType::Q5_K: MM_GEMV_MULTI(GgmlType::Q5_K);
-        case GgmlType::Q3_K: MM_GEMV_MULTI(GgmlType::Q3_K);
-        case GgmlType::Q2_K: MM_GEMV_MULTI(GgmlType::Q2_K);
-        case GgmlType::IQ4_NL: MM_GEMV_MULTI(GgmlType::IQ4_NL);
-        case GgmlType::IQ4_XS: MM_GEMV_MULTI(GgmlType::IQ4_XS);
-        case GgmlType::MXFP4: MM_GEMV_MULTI(GgmlType::MXFP4);
-        default: return false;  // the rarer types: one launch each
-    }
-#undef MM_GEMV_MULTI
+    return with_fused_gemv_type(wt, [&](auto t) { return launch_gemv_multi<decltype(t)::value>(n, w, n_out, k, x, y, stream); });
 }
 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
@@ -1022,25 +1023,10 @@ bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matr
     check_shape(wt, k);
     MM_CHECK(ids != nullptr && n_sel < 65536);
     if (n_sel <= 0 || n_out <= 0) return true;
-#define MM_GEMV_SWIGLU(T) return launch_gemv_swiglu<T>(gate, up, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y, stream)
-    switch (wt) {
-        case GgmlType::F32: MM_GEMV_SWIGLU(GgmlType::F32);
-        case GgmlType::F16: MM_GEMV_SWIGLU(GgmlType::F16);
-        case GgmlType::BF16: MM_GEMV_SWIGLU(GgmlType::BF16);
-        case GgmlType::Q8_0: MM_GEMV_SWIGLU(GgmlType::Q8_0);
-        case GgmlType::Q4_0: MM_GEMV_SWIGLU(GgmlType::Q4_0);
-        case GgmlType::Q4_K: MM_GEMV_SWIGLU(GgmlType::Q4_K);
-        case GgmlType::Q6_K: MM_GEMV_SWIGLU(GgmlType::Q6_K);
-        case GgmlType::Q5_0: MM_GEMV_SWIGLU(GgmlType::Q5_0);
-        case GgmlType::Q5_K: MM_GEMV_SWIGLU(GgmlType::Q5_K);
-        case GgmlType::Q3_K: MM_GEMV_SWIGLU(GgmlType::Q3_K);
-        case GgmlType::Q2_K: MM_GEMV_SWIGLU(GgmlType::Q2_K);
-        case GgmlType::IQ4_NL: MM_GEMV_SWIGLU(GgmlType::IQ4_NL);
-        case GgmlType::IQ4_XS: MM_GEMV_SWIGLU(GgmlType::IQ4_XS);
-        case GgmlType::MXFP4: MM_GEMV_SWIGLU(GgmlType::MXFP4);
-        default: return false;  // the rarer types: three launches
-    }
-#undef MM_GEMV_SWIGLU
+    return with_fused_gemv_type(wt, [&](auto t) {
+        return launch_gemv_swiglu<decltype(t)::value>(gate, up, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y,
+                                                      stream);
+    });
 }
 
 void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {

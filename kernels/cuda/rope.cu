@@ -16,8 +16,9 @@ using namespace detail;
 // kernels/cpu/rope.cpp (and ggml) builds it: powf would round differently, and at positions in the
 // thousands the difference is visible in the output. cosf/sinf are the accurate (not fast-math) ones;
 // the scaling (kernels/rope_yarn.h) is the CPU kernel's own function.
-// Pair i of one head at position `pos`: (v[i], v[i + half]) rotated; *o0 / *o1 the new values.
-__device__ __forceinline__ void rope_pair(const float* v, int64_t i, int64_t half, int32_t pos, float theta_scale,
+// Rotates pair i of one head at position `pos` in place: (v[i], v[i + half]); returns the new
+// values in *o0 / *o1 too.
+__device__ __forceinline__ void rope_pair(float* v, int64_t i, int64_t half, int32_t pos, float theta_scale,
                                           const RopeParams& p, float* o0, float* o1) {
     float a = static_cast<float>(pos);
     for (int64_t j = 0; j < i; ++j) a *= theta_scale;
@@ -26,6 +27,8 @@ __device__ __forceinline__ void rope_pair(const float* v, int64_t i, int64_t hal
     const float x0 = v[i], x1 = v[i + half];
     *o0 = x0 * c - x1 * s;
     *o1 = x0 * s + x1 * c;
+    v[i] = *o0;
+    v[i + half] = *o1;
 }
 
 __global__ void rope_neox_kernel(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t half,
@@ -33,11 +36,8 @@ __global__ void rope_neox_kernel(float* x, int64_t tokens, int64_t heads, int64_
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= tokens * heads * half) return;
     const int64_t i = idx % half, th = idx / half, t = th / heads;
-    float* v = x + th * head_dim;
     float o0, o1;
-    rope_pair(v, i, half, pos[t], theta_scale, p, &o0, &o1);
-    v[i] = o0;
-    v[i + half] = o1;
+    rope_pair(x + th * head_dim, i, half, pos[t], theta_scale, p, &o0, &o1);
 }
 
 __device__ __forceinline__ void store_elem(void* cache, int64_t o, float v, bool f16) {
@@ -57,18 +57,12 @@ __global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t
     const int32_t p0 = p0_dev ? *p0_dev : p0_val;
     if (idx < nq) {
         const int64_t i = idx % half, th = idx / half, t = th / Nh;
-        float* h = q + th * D;
         float o0, o1;
-        rope_pair(h, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
-        h[i] = o0;
-        h[i + half] = o1;
+        rope_pair(q + th * D, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
     } else if (idx < nq + nk) {
         const int64_t r = idx - nq, i = r % half, th = r / half, t = th / Nkv;
-        float* h = k + th * D;
         float o0, o1;
-        rope_pair(h, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
-        h[i] = o0;
-        h[i + half] = o1;
+        rope_pair(k + th * D, i, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
         const int64_t o = (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D;
         store_elem(kc, o + i, o0, f16);
         store_elem(kc, o + i + half, o1, f16);
