@@ -423,7 +423,7 @@ INSTANTIATE_TEST_SUITE_P(Types, CudaDequant, kCudaTypes, type_param_name);
 TEST(CudaOps, AddRmsnormIsAddThenRmsnorm) {
     REQUIRE_CUDA();
     for (const int64_t rows : {int64_t{1}, int64_t{3}})
-        for (const int64_t n : {int64_t{2048}, int64_t{100}}) {
+        for (const int64_t n : {int64_t{2048}, int64_t{100}, int64_t{5000}}) {
             const std::vector<float> x = random_vec(static_cast<size_t>(rows * n), 31),
                                      t = random_vec(static_cast<size_t>(rows * n), 32),
                                      w = random_vec(static_cast<size_t>(n), 33);
@@ -438,16 +438,22 @@ TEST(CudaOps, AddRmsnormIsAddThenRmsnorm) {
         }
 }
 
+// Rows kept in registers (n <= 4096) and rows too wide for them (5000), in place too (y == x).
 TEST(CudaOps, RmsNorm) {
     REQUIRE_CUDA();
-    const int64_t rows = 5, n = 2048;
-    const std::vector<float> x = random_vec(rows * n, 1, 3.0f), w = random_vec(n, 2);
-    const DeviceBuffer<float> dx(x), dw(w);
-    DeviceBuffer<float> dy(rows * n);
-    cuda::rmsnorm(dx.get(), dw.get(), dy.get(), rows, n, 1e-6f);
-    std::vector<float> want(rows * n);
-    rmsnorm(x.data(), w.data(), want.data(), rows, n, 1e-6f);
-    expect_close("rmsnorm", dy.download(), want, 1e-6);
+    const int64_t rows = 5;
+    for (const int64_t n : {int64_t{2048}, int64_t{100}, int64_t{4096}, int64_t{5000}}) {
+        const std::vector<float> x = random_vec(rows * n, 1, 3.0f), w = random_vec(n, 2);
+        const DeviceBuffer<float> dx(x), dw(w);
+        DeviceBuffer<float> dy(rows * n), dxy(x);
+        cuda::rmsnorm(dx.get(), dw.get(), dy.get(), rows, n, 1e-6f);
+        cuda::rmsnorm(dxy.get(), dw.get(), dxy.get(), rows, n, 1e-6f);
+        std::vector<float> want(rows * n);
+        rmsnorm(x.data(), w.data(), want.data(), rows, n, 1e-6f);
+        const std::string what = "rmsnorm n=" + std::to_string(n);
+        expect_close(what, dy.download(), want, 1e-6);
+        EXPECT_EQ(dxy.download(), dy.download()) << what << " in place";
+    }
 }
 
 TEST(CudaOps, RmsNormGatedAndL2Norm) {
@@ -587,9 +593,11 @@ void route_ref(std::vector<float>& p, int64_t K, bool norm, std::vector<int32_t>
     }
 }
 
+// E = 128 (qwen3moe), 512 (qwen3next), a count that is no multiple of 32, and the largest taken.
 TEST(CudaOps, SoftmaxTopk) {
     REQUIRE_CUDA();
-    const int64_t T = 7, E = 128, K = 8;
+    const int64_t T = 7;
+    for (const auto& [E, K] : std::vector<std::pair<int64_t, int64_t>>{{128, 8}, {512, 10}, {60, 4}, {1024, 32}})
     for (const bool ties : {false, true}) {
         for (const bool norm : {true, false}) {
             std::vector<float> logits = random_vec(T * E, 10, 2.0f);
@@ -606,7 +614,8 @@ TEST(CudaOps, SoftmaxTopk) {
                 route_ref(p, K, norm, &want_ids, &want_w);
                 probs.insert(probs.end(), p.begin(), p.end());
             }
-            const std::string name = std::string("softmax_topk") + (ties ? " ties" : "") + (norm ? " norm" : "");
+            const std::string name = "softmax_topk E=" + std::to_string(E) + " K=" + std::to_string(K) +
+                                     (ties ? " ties" : "") + (norm ? " norm" : "");
             EXPECT_EQ(dids.download(), want_ids) << name;
             expect_close(name + " weights", dw.download(), want_w, 1e-6);
             expect_close(name + " probs", dl.download(), probs, 1e-6);
