@@ -140,6 +140,16 @@ public:
         store_kv(k_cache, p0 * kv_dim, k, n * kv_dim, f16);
         store_kv(v_cache, p0 * kv_dim, v, n * kv_dim, f16);
     }
+    // rope_store_kv after the per-head RMSNorm of q by q_norm and of k by k_norm [head_dim] (in place).
+    // The default is those calls; CUDA does it in one launch with the same bits.
+    virtual void norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm,
+                                    float eps, int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                    int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache, void* v_cache,
+                                    bool f16) {
+        rmsnorm(q, q_norm, q, n * n_head, head_dim, eps);
+        rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps);
+        rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache, f16);
+    }
     virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches
     // probs [T, E] router logits (overwritten) → ids/w [T, K] (route_topk's contract).
     virtual void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) = 0;

@@ -161,7 +161,8 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "add_gated_rows", "copy_rows",  "rope",       "store_kv",    "attention",
                                          "route (softmax + top-k)", "moe (resident: 3 matmul_id + swiglu + combine)",
                                          "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many",
-                                         "rope + store_kv (q, k, v)", "add + rmsnorm"};
+                                         "rope + store_kv (q, k, v)", "add + rmsnorm",
+                                         "q/k rmsnorm + rope + store_kv"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -450,6 +451,27 @@ public:
                                         dev ? d_p0_ : nullptr, rp, k_cache, v_cache, f16, stream_);
                 });
     }
+    void norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
+                            int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
+                            int64_t p0, const RopeParams& rp, void* k_cache, void* v_cache, bool f16) override {
+        if (p0 > INT32_MAX - n)
+            return Backend::norm_rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
+                                               p0, rp, k_cache, v_cache, f16);
+        note_step(p0, n);
+        enqueue({23, P(q), P(k), P(v), P(q_norm), P(k_norm), F(eps), n, n_head, n_head_kv, head_dim, rot_dim,
+                 F(rp.theta), F(rp.freq_scale), F(rp.ext_factor), F(rp.attn_factor), F(rp.corr_low), F(rp.corr_high),
+                 P(k_cache), P(v_cache), f16},
+                [=, this](bool dev) {
+                    const int32_t* p0_dev = dev ? d_p0_ : nullptr;
+                    if (cuda::norm_rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
+                                                 static_cast<int32_t>(p0), p0_dev, rp, k_cache, v_cache, f16, stream_))
+                        return;
+                    cuda::rmsnorm(q, q_norm, q, n * n_head, head_dim, eps, stream_);
+                    cuda::rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps, stream_);
+                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, static_cast<int32_t>(p0),
+                                        p0_dev, rp, k_cache, v_cache, f16, stream_);
+                });
+    }
     void attention(const AttentionArgs& a) override {
         const cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
                                      a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
@@ -656,6 +678,13 @@ private:
             cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
             cuda::swiglu(g, u, g, K * I, stream_);
         }
+        // down and the weighted sum in one launch where the type allows (f32-X dot products; the two
+        // launches below take the int8-X GEMV from 16384 rows on). MOEMESH_CUDA_FUSE_DOWN=0: the two.
+        static const bool fuse_down = [] {
+            const char* e = std::getenv("MOEMESH_CUDA_FUSE_DOWN");
+            return e == nullptr || std::string(e) != "0";
+        }();
+        if (fuse_down && cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_)) return;
         cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
         cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
     }

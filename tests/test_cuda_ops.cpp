@@ -240,6 +240,48 @@ TEST_P(CudaMatmul, ExpertIndexed) {
 // The fused decode gate/up/SwiGLU (the resident MoE's first launch) gives the bits of matmul_id(gate),
 // matmul_id(up) and swiglu, or declines (returns false) and writes nothing, for every type; the
 // common quantized types must not decline at the decode size (n_out · n_sel below the int8 GEMV's).
+// The decode step's expert down products and weighted sum in one launch: the bits of matmul_id
+// (the f32-X GEMV at this size) then moe_combine.
+TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t E = 4, n_out = 96, k = 512;
+    std::vector<uint8_t> down;
+    for (int64_t e = 0; e < E; ++e) {
+        const QuantMatrix d = make_weights(t, n_out, k, 80 + static_cast<uint32_t>(e));
+        down.insert(down.end(), d.bytes.begin(), d.bytes.end());
+    }
+    const size_t matrix_bytes = down.size() / E;
+    const std::vector<int32_t> ids = {2, 0, 3, 2, 1};
+    const int64_t n_sel = static_cast<int64_t>(ids.size());
+    const std::vector<float> g = random_vec(static_cast<size_t>(n_sel * k), 9), w = random_vec(ids.size(), 10);
+    const DeviceBuffer<uint8_t> dd(down);
+    const DeviceBuffer<int32_t> dids(ids);
+    const DeviceBuffer<float> dg(g), dw(w);
+    DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out)), want(static_cast<size_t>(n_out));
+    cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
+    cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
+    const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
+    DeviceBuffer<float> out(canary);
+    const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
+                                                    dg.get(), out.get());
+    const std::string name = std::string("matmul_id_down_combine ") + ggml_type_name(t);
+    const std::vector<float> got = out.download();
+    if (!fused) {
+        EXPECT_EQ(got, canary) << name << ": declined but wrote";
+        EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0 ||
+                     t == GgmlType::F16 || t == GgmlType::BF16)
+            << name << " declined";
+        return;
+    }
+    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+    if (e != nullptr && std::string(e) == "new") return;  // matmul_id took the int8-X GEMV: other bits
+    const std::vector<float> ref = want.download();
+    size_t diff = 0;
+    for (size_t i = 0; i < got.size(); ++i) diff += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+    EXPECT_EQ(diff, 0u) << name << ": " << diff << " of " << got.size() << " values differ from the two launches";
+}
+
 TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
@@ -572,6 +614,51 @@ TEST(CudaOps, RopeStoreKvIsRopeThenStores) {
                     EXPECT_EQ(kc2.download(), kc1.download()) << what << ": k cache";
                     EXPECT_EQ(vc2.download(), vc1.download()) << what << ": v cache";
                 }
+}
+
+// The per-head q/k norms folded into rope_store_kv: the bits of two rmsnorm launches and rope_store_kv.
+TEST(CudaOps, NormRopeStoreKvIsNormsThenRopeStoreKv) {
+    REQUIRE_CUDA();
+    const int64_t Nh = 6, Nkv = 2, ctx = 64;
+    const RopeParams rp = make_rope_params(64, 1e6f, "yarn", 4.0f, 1.0f, 256);
+    for (const int64_t D : {int64_t{128}, int64_t{256}})
+        for (const int64_t T : {int64_t{1}, int64_t{3}})
+            for (const int64_t rot : {D, int64_t{64}})
+                for (const bool f16 : {true, false})
+                    for (const bool dev_p0 : {false, true}) {
+                        const int32_t p0 = 41;
+                        const size_t es = f16 ? 2 : 4, cache_bytes = static_cast<size_t>(ctx * Nkv * D) * es;
+                        const std::vector<float> q = random_vec(static_cast<size_t>(T * Nh * D), 24, 3.0f),
+                                                 k = random_vec(static_cast<size_t>(T * Nkv * D), 25, 3.0f),
+                                                 v = random_vec(static_cast<size_t>(T * Nkv * D), 26),
+                                                 qw = random_vec(static_cast<size_t>(D), 27),
+                                                 kw = random_vec(static_cast<size_t>(D), 28);
+                        const DeviceBuffer<float> dqw(qw), dkw(kw);
+                        const DeviceBuffer<int32_t> dp0(std::vector<int32_t>{p0});
+                        DeviceBuffer<float> q1(q), k1(k), v1(v), q2(q), k2(k), v2(v);
+                        DeviceBuffer<uint8_t> kc1(std::vector<uint8_t>(cache_bytes, 0x5a)),
+                            vc1(std::vector<uint8_t>(cache_bytes, 0x5a)),
+                            kc2(std::vector<uint8_t>(cache_bytes, 0x5a)), vc2(std::vector<uint8_t>(cache_bytes, 0x5a));
+                        cuda::rmsnorm(q1.get(), dqw.get(), q1.get(), T * Nh, D, 1e-6f);
+                        cuda::rmsnorm(k1.get(), dkw.get(), k1.get(), T * Nkv, D, 1e-6f);
+                        cuda::rope_store_kv(q1.get(), k1.get(), v1.get(), T, Nh, Nkv, D, rot, p0, nullptr, rp,
+                                            kc1.get(), vc1.get(), f16);
+                        ASSERT_TRUE(cuda::norm_rope_store_kv(q2.get(), k2.get(), v2.get(), dqw.get(), dkw.get(), 1e-6f,
+                                                             T, Nh, Nkv, D, rot, dev_p0 ? -1 : p0,
+                                                             dev_p0 ? dp0.get() : nullptr, rp, kc2.get(), vc2.get(),
+                                                             f16));
+                        const std::string what = "norm_rope_store_kv D=" + std::to_string(D) +
+                                                 " T=" + std::to_string(T) + " rot=" + std::to_string(rot) +
+                                                 (f16 ? " f16" : " f32") + (dev_p0 ? " p0 on the device" : "");
+                        EXPECT_EQ(q2.download(), q1.download()) << what << ": q";
+                        EXPECT_EQ(k2.download(), k1.download()) << what << ": k";
+                        EXPECT_EQ(kc2.download(), kc1.download()) << what << ": k cache";
+                        EXPECT_EQ(vc2.download(), vc1.download()) << what << ": v cache";
+                    }
+    const DeviceBuffer<float> x(std::vector<float>(96 * 4)), w(std::vector<float>(96));
+    EXPECT_FALSE(cuda::norm_rope_store_kv(x.get(), x.get(), x.get(), w.get(), w.get(), 1e-6f, 1, 1, 1, 96 + 8, 64, 0,
+                                          nullptr, rp, nullptr, nullptr, false))
+        << "head_dim 104 is no multiple of 32: declined";
 }
 
 // ---- router ----

@@ -73,11 +73,12 @@ protected:
     }
     // x [T, H] → token_embd rows (dequantized on the host, then copied to the backend).
     void embed(const int32_t* tokens, int64_t T, float* x);
-    // Per segment (each sequence at its own positions): RoPE on q [T, n_head, head_dim] and
-    // k [T, kv_heads, head_dim], k/v written into layer il's cache, then causal attention of q over
-    // it into out [T, n_head*head_dim]. Debug points Qcur / Kcur after RoPE.
+    // Per segment (each sequence at its own positions): the per-head RMSNorm of q by q_norm and of k
+    // by k_norm when given, RoPE on q [T, n_head, head_dim] and k [T, kv_heads, head_dim], k/v written
+    // into layer il's cache, then causal attention of q over it into out [T, n_head*head_dim]. Debug
+    // points Qcur / Kcur after RoPE.
     void rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k, const float* v,
-                         float* out);
+                         float* out, const float* q_norm = nullptr, const float* k_norm = nullptr);
     // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
     // experts (route → experts → combine), as both families do it.
     Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);

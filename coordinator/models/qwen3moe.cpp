@@ -97,9 +97,8 @@ private:
                                           {&lw.wv, xn, T, v}};  // [T, Nkv*D]
                 be.matmul_many(qkv, 3);
             }
-            be.rmsnorm(q, lw.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
-            be.rmsnorm(k, lw.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-            rope_and_attend(segs, n_segs, il, T, q, k, v, attn);  // [T, Nh*D]; per sequence
+            // per-head q/k norms, rope, KV stores, attention: [T, Nh*D]; per sequence
+            rope_and_attend(segs, n_segs, il, T, q, k, v, attn, lw.q_norm, lw.k_norm);
             be.matmul(lw.wo, attn, T, tmp);         // [T, H]
             cb("attn_out", il, tmp, T, H);
 

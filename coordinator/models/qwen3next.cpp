@@ -229,9 +229,8 @@ private:
         }
         be.copy_rows(q, D, qg, 2 * D, T * Nh, D);         // per head: query half
         be.copy_rows(gate, D, qg + D, 2 * D, T * Nh, D);  // per head: gate half
-        be.rmsnorm(q, w.q_norm, q, T * Nh, D, cfg_.rms_eps);  // per head
-        be.rmsnorm(k, w.k_norm, k, T * Nkv, D, cfg_.rms_eps);
-        rope_and_attend(segs, n_segs, il, T, q, k, v, attn);  // [T, Nh·D]; RoPE on the first R dims
+        // per-head q/k norms, RoPE on the first R dims, KV stores, attention: [T, Nh·D]
+        rope_and_attend(segs, n_segs, il, T, q, k, v, attn, w.q_norm, w.k_norm);
         cb("attn_pregate", il, attn, T, q_dim);
         be.mul_sigmoid(attn, gate, T * q_dim);
         be.matmul(w.wo, attn, T, out);  // [T, H]

@@ -80,6 +80,14 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
                       cudaStream_t stream = nullptr);
+// A decode step's expert down products and the router-weighted sum in one launch:
+//   out[n_out] = Σ_j w[j] · (g[j] · D_{ids[j]}ᵀ)   for j < n_sel (<= 16), g: [n_sel, k],
+// with the f32-activation GEMV's dot products (bit-identical to matmul_id then moe_combine where
+// matmul_id takes that GEMV; matmul_id takes the int8-X one from 16384 rows on). Returns false,
+// launching nothing, for the rarer types and n_sel > 16 (the caller then runs the two launches).
+bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
+                            int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out,
+                            cudaStream_t stream = nullptr);
 
 // Y[rows, k] = W[rows, k] dequantized to f32, bit-identical to the CPU's dequantize_row (the tiled
 // matmul's dequantizer, kernels/cuda/matmul.cu load8). Same types and shape rules as matmul.
@@ -117,6 +125,13 @@ void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_
 void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
                    int64_t rot_dim, int32_t p0, const int32_t* p0_dev, const RopeParams& p, void* k_cache,
                    void* v_cache, bool f16, cudaStream_t stream = nullptr);
+// rmsnorm of every head of q by q_norm and of k by k_norm [head_dim] (in place), then rope_store_kv,
+// in one launch with the bits of those three calls. false (nothing done) unless head_dim % 32 == 0
+// and head_dim <= 256.
+bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
+                        int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim, int32_t p0,
+                        const int32_t* p0_dev, const RopeParams& p, void* k_cache, void* v_cache, bool f16,
+                        cudaStream_t stream = nullptr);
 
 // ---- router (kernels/cuda/topk.cu) ----
 // For each token t: softmax over logits[t, 0..E), the K largest (ties: lower expert id first, as

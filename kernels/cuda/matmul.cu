@@ -50,91 +50,137 @@ constexpr int kGemvMaxM = 8;    // X rows per GEMV launch
 // GEMV row dot products. Each adds lane-partial sums of row · X[r] for r < M into acc[r].
 // x: M rows of k floats, k apart.
 
-template <int M>
-__device__ __forceinline__ void dot_f32(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = k / 8;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const float4 w0 = ld<float4>(row + u * 32), w1 = ld<float4>(row + u * 32 + 16);
+// This lane's units u = lane, lane + 32, … < n_units, in that order (so the sums keep their bits),
+// kGemvUnroll at a time: the W loads of all of them (load(u) → Raw) are issued before the first is
+// used (use(u, raw)). A plain `#pragma unroll 4` loop left the 2 units per lane of a 2048-wide row
+// to its remainder loop, one DRAM round trip after the other.
+template <typename Raw, typename Load, typename Use>
+__device__ __forceinline__ void for_units(int64_t n_units, int lane, Load&& load, Use&& use) {
+    for (int64_t u0 = lane; u0 < n_units; u0 += static_cast<int64_t>(kWarp) * kGemvUnroll) {
+        Raw raw[kGemvUnroll];
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
-            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
-            acc[r] += w0.x * a.x + w0.y * a.y + w0.z * a.z + w0.w * a.w + w1.x * b.x + w1.y * b.y + w1.z * b.z +
-                      w1.w * b.w;
+        for (int i = 0; i < kGemvUnroll; ++i) {
+            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
+            if (u < n_units) raw[i] = load(u);
+        }
+#pragma unroll
+        for (int i = 0; i < kGemvUnroll; ++i) {
+            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
+            if (u < n_units) use(u, raw[i]);
         }
     }
 }
 
+// A hint: the 128-byte line at p into L2 (nothing to emulate).
+__device__ __forceinline__ void prefetch_l2(const uint8_t* p) {
+#ifndef MM_CUDA_EMULATION
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
+template <int M>
+__device__ __forceinline__ void dot_f32(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    struct Raw {
+        float4 w0, w1;
+    };
+    for_units<Raw>(
+        k / 8, lane, [&](int64_t u) { return Raw{ld<float4>(row + u * 32), ld<float4>(row + u * 32 + 16)}; },
+        [&](int64_t u, const Raw& w) {
+            const float4 w0 = w.w0, w1 = w.w1;
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+                const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+                acc[r] += w0.x * a.x + w0.y * a.y + w0.z * a.z + w0.w * a.w + w1.x * b.x + w1.y * b.y + w1.z * b.z +
+                          w1.w * b.w;
+            }
+        });
+}
+
 template <bool kBf16, int M>
 __device__ __forceinline__ void dot_half(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = k / 8;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const uint4 wv = ld<uint4>(row + u * 16);
-        const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
-        float w[8];
+    for_units<uint4>(
+        k / 8, lane, [&](int64_t u) { return ld<uint4>(row + u * 16); },
+        [&](int64_t u, const uint4& wv) {
+            const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+            float w[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const auto lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
-            w[2 * i] = kBf16 ? bf2f(lo) : h2f(lo);
-            w[2 * i + 1] = kBf16 ? bf2f(hi) : h2f(hi);
-        }
+            for (int i = 0; i < 4; ++i) {
+                const auto lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+                w[2 * i] = kBf16 ? bf2f(lo) : h2f(lo);
+                w[2 * i + 1] = kBf16 ? bf2f(hi) : h2f(hi);
+            }
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
-            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
-            acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
-                      w[7] * b.w;
-        }
-    }
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+                const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+                acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
+                          w[7] * b.w;
+            }
+        });
 }
 
 // Q8_0: 4 lanes per 34-byte block, 8 quants each (four 2-byte loads: the block is 2-byte aligned).
 // Signed bytes are flipped to unsigned (x ^ 0x80 = x + 128) before the float trick.
 template <int M>
 __device__ __forceinline__ void dot_q8_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 32) * 4;
     constexpr float kOff = kMagic + 128.0f;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 2;
-        const int j = static_cast<int>(u & 3);
-        const uint8_t* blk = row + b * sizeof(BlockQ8_0);
-        const float d = h2f(ld<uint16_t>(blk));
-        const uint32_t w0 = ld_u32_a2(blk + 2 + 8 * j) ^ 0x80808080u, w1 = ld_u32_a2(blk + 6 + 8 * j) ^ 0x80808080u;
-        const int64_t e = b * 32 + 8 * j;
+    struct Raw {
+        uint16_t d;
+        uint32_t w0, w1;
+    };
+    for_units<Raw>(
+        (k / 32) * 4, lane,
+        [&](int64_t u) {
+            const uint8_t* blk = row + (u >> 2) * sizeof(BlockQ8_0);
+            const int j = static_cast<int>(u & 3);
+            return Raw{ld<uint16_t>(blk), ld_u32_a2(blk + 2 + 8 * j), ld_u32_a2(blk + 6 + 8 * j)};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 2;
+            const int j = static_cast<int>(u & 3);
+            const float d = h2f(raw.d);
+            const uint32_t w0 = raw.w0 ^ 0x80808080u, w1 = raw.w1 ^ 0x80808080u;
+            const int64_t e = b * 32 + 8 * j;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
-            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 4);
-            acc[r] += d * (dot4(w0, kOff, a) + dot4(w1, kOff, c));
-        }
-    }
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+                const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 4);
+                acc[r] += d * (dot4(w0, kOff, a) + dot4(w1, kOff, c));
+            }
+        });
 }
 
 // Q4_0: 4 lanes per 18-byte block; lane j holds quant bytes 4j..4j+3 = elements 4j..4j+3 (low
 // nibbles) and 16+4j..16+4j+3 (high nibbles).
 template <int M>
 __device__ __forceinline__ void dot_q4_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 32) * 4;
     constexpr float kOff = kMagic + 8.0f;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 2;
-        const int j = static_cast<int>(u & 3);
-        const uint8_t* blk = row + b * sizeof(BlockQ4_0);
-        const float d = h2f(ld<uint16_t>(blk));
-        const uint32_t q = ld_u32_a2(blk + 2 + 4 * j);
-        const uint32_t lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
-        const int64_t e = b * 32 + 4 * j;
+    struct Raw {
+        uint16_t d;
+        uint32_t q;
+    };
+    for_units<Raw>(
+        (k / 32) * 4, lane,
+        [&](int64_t u) {
+            const uint8_t* blk = row + (u >> 2) * sizeof(BlockQ4_0);
+            return Raw{ld<uint16_t>(blk), ld_u32_a2(blk + 2 + 4 * static_cast<int>(u & 3))};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 2;
+            const int j = static_cast<int>(u & 3);
+            const float d = h2f(raw.d);
+            const uint32_t lo = raw.q & 0x0F0F0F0Fu, hi = (raw.q >> 4) & 0x0F0F0F0Fu;
+            const int64_t e = b * 32 + 4 * j;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
-            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
-            acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
-        }
-    }
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+                const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
+                acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+            }
+        });
 }
 
 // Q4_K: 8 lanes per 144-byte super-block; lane j = 2g + h reads the 16 quant bytes
@@ -142,36 +188,41 @@ __device__ __forceinline__ void dot_q4_0(const uint8_t* row, int64_t k, const fl
 // 64g + 32 + 16h + t (sub-block 2g+1). The 16-byte header (d, dmin, scales) is one broadcast load.
 template <int M>
 __device__ __forceinline__ void dot_q4_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 256) * 8;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 3;
-        const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-        const uint8_t* blk = row + b * sizeof(BlockQ4_K);
-        const uint4 hdr = ld<uint4>(blk);
-        const uint4 qv = ld<uint4>(blk + 16 + 32 * g + 16 * h);
-        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-        float sc1, m1, sc2, m2;
-        scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-        scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-        const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
-        const int64_t e = b * 256 + 64 * g + 16 * h;
+    struct Raw {
+        uint4 hdr, qv;
+    };
+    for_units<Raw>(
+        (k / 256) * 8, lane,
+        [&](int64_t u) {
+            const uint8_t* blk = row + (u >> 3) * sizeof(BlockQ4_K);
+            return Raw{ld<uint4>(blk), ld<uint4>(blk + 16 + 16 * static_cast<int>(u & 7))};  // 32g + 16h
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 3;
+            const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            const uint4 hdr = raw.hdr, qv = raw.qv;
+            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+            float sc1, m1, sc2, m2;
+            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
+            const int64_t e = b * 256 + 64 * g + 16 * h;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float* xr = x + r * k + e;
-            float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * k + e;
+                float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
-                const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
-                s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a);
-                s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c);
-                x_lo += sum4(a);
-                x_hi += sum4(c);
+                for (int i = 0; i < 4; ++i) {
+                    const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
+                    const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
+                    s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a);
+                    s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c);
+                    x_lo += sum4(a);
+                    x_hi += sum4(c);
+                }
+                acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
             }
-            acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
-        }
-    }
+        });
 }
 
 // Q6_K: 16 lanes per 210-byte super-block; lane (c, i) covers l = 4i..4i+3 of half c, i.e. the
@@ -179,38 +230,50 @@ __device__ __forceinline__ void dot_q4_K(const uint8_t* row, int64_t k, const fl
 // quants are assembled four at a time with word operations.
 template <int M>
 __device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 256) * 16;
     constexpr float kOff = kMagic + 32.0f;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 4;
-        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
-        const uint8_t* blk = row + b * sizeof(BlockQ6_K);
-        const uint32_t ql0 = ld_u32_a2(blk + 64 * c + l0);
-        const uint32_t ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
-        const uint32_t qh = ld_u32_a2(blk + 128 + 32 * c + l0);
-        const uint8_t* sc = blk + 192 + 8 * c + is;
-        const float s0 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 0)));
-        const float s1 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 2)));
-        const float s2 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 4)));
-        const float s3 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 6)));
-        const float d = h2f(ld<uint16_t>(blk + 208));
-        const uint32_t q0 = (ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u);
-        const uint32_t q1 = (ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u);
-        const uint32_t q2 = ((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u);
-        const uint32_t q3 = ((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u);
-        const int64_t e = b * 256 + 128 * c + l0;
+    struct Raw {
+        uint32_t ql0, ql1, qh;
+        uint16_t d;
+        int8_t s[4];
+    };
+    for_units<Raw>(
+        (k / 256) * 16, lane,
+        [&](int64_t u) {
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
+            const uint8_t* blk = row + (u >> 4) * sizeof(BlockQ6_K);
+            const uint8_t* sc = blk + 192 + 8 * c + is;
+            Raw r;
+            r.ql0 = ld_u32_a2(blk + 64 * c + l0);
+            r.ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
+            r.qh = ld_u32_a2(blk + 128 + 32 * c + l0);
+            r.d = ld<uint16_t>(blk + 208);
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float* xr = x + r * k + e;
-            const float4 a0 = *reinterpret_cast<const float4*>(xr);
-            const float4 a1 = *reinterpret_cast<const float4*>(xr + 32);
-            const float4 a2 = *reinterpret_cast<const float4*>(xr + 64);
-            const float4 a3 = *reinterpret_cast<const float4*>(xr + 96);
-            acc[r] += d * (s0 * dot4(q0, kOff, a0) + s1 * dot4(q1, kOff, a1) + s2 * dot4(q2, kOff, a2) +
-                           s3 * dot4(q3, kOff, a3));
-        }
-    }
+            for (int i = 0; i < 4; ++i) r.s[i] = static_cast<int8_t>(__ldg(sc + 2 * i));
+            return r;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 4;
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
+            const uint32_t ql0 = raw.ql0, ql1 = raw.ql1, qh = raw.qh;
+            const float s0 = static_cast<float>(raw.s[0]), s1 = static_cast<float>(raw.s[1]);
+            const float s2 = static_cast<float>(raw.s[2]), s3 = static_cast<float>(raw.s[3]);
+            const float d = h2f(raw.d);
+            const uint32_t q0 = (ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u);
+            const uint32_t q1 = (ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u);
+            const uint32_t q2 = ((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u);
+            const uint32_t q3 = ((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u);
+            const int64_t e = b * 256 + 128 * c + l0;
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * k + e;
+                const float4 a0 = *reinterpret_cast<const float4*>(xr);
+                const float4 a1 = *reinterpret_cast<const float4*>(xr + 32);
+                const float4 a2 = *reinterpret_cast<const float4*>(xr + 64);
+                const float4 a3 = *reinterpret_cast<const float4*>(xr + 96);
+                acc[r] += d * (s0 * dot4(q0, kOff, a0) + s1 * dot4(q1, kOff, a1) + s2 * dot4(q2, kOff, a2) +
+                               s3 * dot4(q3, kOff, a3));
+            }
+        });
 }
 
 // The types with only a dequantizing loader (matmul_more.cuh, matmul_iq.cuh): lane unit u is
@@ -307,11 +370,38 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     if (row >= n_out) return;
     const int64_t s = blockIdx.y;
     const size_t off = static_cast<size_t>(ids[s]) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
+    // The up row into L2 while the gate row's dot product waits for its own loads.
+    for (size_t b = static_cast<size_t>(lane) * 128; b < row_bytes; b += kWarp * 128) prefetch_l2(wu + off + b);
     float ag[1] = {0.0f}, au[1] = {0.0f};
     dot_row<T, 1>(wg + off, k, x + s * x_stride, lane, ag);
     dot_row<T, 1>(wu + off, k, x + s * x_stride, lane, au);
     const float g = warp_sum(ag[0]), u = warp_sum(au[0]);
     if (lane == 0) y[s * n_out + row] = silu(g) * u;
+}
+
+// A decode step's expert down products and their weighted sum: block h has one warp per selection
+// (gemv_kernel<T, 1>'s dot product and reduction of row h of expert ids[j] with g[j]), then
+// moe_combine_kernel's sum out[h] = Σ_j w[j] · y_j in j order.
+constexpr int kDownCombineMaxSel = 16;
+template <GgmlType T>
+__global__ void __launch_bounds__(kDownCombineMaxSel* kWarp)
+    gemv_down_combine_kernel(const uint8_t* __restrict__ wd, size_t matrix_bytes, size_t row_bytes,
+                             const int32_t* __restrict__ ids, const float* __restrict__ wsel, int64_t n_out, int64_t k,
+                             const float* __restrict__ g, float* __restrict__ out) {
+    __shared__ float part[kWarp];
+    const int lane = threadIdx.x % kWarp, j = threadIdx.x / kWarp, n_sel = blockDim.x / kWarp;
+    const int64_t row = blockIdx.x;
+    float acc[1] = {0.0f};
+    dot_row<T, 1>(wd + static_cast<size_t>(ids[j]) * matrix_bytes + static_cast<size_t>(row) * row_bytes, k, g + j * k,
+                  lane, acc);
+    const float v = warp_sum(acc[0]);
+    if (lane == 0) part[j] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float o = 0.0f;
+        for (int i = 0; i < n_sel; ++i) o += wsel[i] * part[i];
+        out[row] = o;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,11 +581,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         const size_t bytes = static_cast<size_t>(row1 - row0) * row_bytes;
         const uint8_t* p = wmat + static_cast<size_t>(row0) * row_bytes;
         for (size_t off = static_cast<size_t>(lane) * 128; off < bytes && off < 16384; off += kWarp * 128)
-#ifndef MM_CUDA_EMULATION
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-#else
-            (void)p;  // a hint only: nothing to emulate
-#endif
+            prefetch_l2(p + off);
     }
     // Quantize X: a warp per group of 32 elements (rows are k apart and k % 32 == 0, so group gi is
     // contiguous), kQBatch groups per warp with their loads in flight together.
@@ -991,6 +1077,16 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
     return true;
 }
 
+template <GgmlType T>
+bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* ids, const float* w, int64_t n_sel,
+                         int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream) {
+    MM_LAUNCH(static_cast<unsigned>(n_out), static_cast<unsigned>(n_sel * kWarp), 0, stream,
+              gemv_down_combine_kernel<T>)(static_cast<const uint8_t*>(down), matrix_bytes, ggml_row_bytes(T, k), ids,
+                                           w, n_out, k, g, out);
+    CUDA_CHECK_LAUNCH();
+    return true;
+}
+
 // The types with a fused f32-X GEMV: f(std::integral_constant<GgmlType, T>{}) for wt, false for the
 // rarer ones (their callers launch the unfused kernels).
 template <typename F>
@@ -1058,6 +1154,15 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
         case GgmlType::IQ1_M: return dequantize_typed<GgmlType::IQ1_M>(w, rows, k, y, stream);
         default: MM_CHECK(false && "cuda::dequantize_rows: weight type not supported");
     }
+}
+
+bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
+                            int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream) {
+    check_shape(wt, k);
+    if (n_sel <= 0 || n_sel > kDownCombineMaxSel || n_out <= 0 || n_out > INT32_MAX) return false;
+    return with_fused_gemv_type(wt, [&](auto t) {
+        return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream);
+    });
 }
 
 }  // namespace moemesh::cuda

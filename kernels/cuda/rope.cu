@@ -75,6 +75,42 @@ __global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t
     }
 }
 
+// Per-head RMSNorm of q and k (rmsnorm_kernel's arithmetic: element e is thread e's, warp sums of 32
+// consecutive squares, then the warp sums' butterfly; the idle warps of rmsnorm's 256-thread block
+// only add zeros), then rope_store_kv_kernel's rotation and stores. Blocks: T·Nh q heads, then
+// T·Nkv k heads (each also stores its v row); D threads each (D % 32 == 0, D <= 256).
+__global__ void norm_rope_store_kv_kernel(float* q, float* k, const float* v, int64_t Nh, int64_t Nkv, int64_t D,
+                                          int64_t half, const float* qw, const float* kw, float eps,
+                                          float theta_scale, RopeParams p, int32_t p0_val, const int32_t* p0_dev,
+                                          int64_t T, void* kc, void* vc, bool f16) {
+    __shared__ float red[kWarp];
+    __shared__ float hv[256];
+    const int64_t b = blockIdx.x;
+    const bool is_q = b < T * Nh;
+    const int64_t th = is_q ? b : b - T * Nh, t = th / (is_q ? Nh : Nkv);
+    float* x = (is_q ? q : k) + th * D;
+    const float* w = is_q ? qw : kw;
+    const int e = threadIdx.x, lane = e % kWarp, wid = e / kWarp, nw = static_cast<int>(D / kWarp);
+    const float xe = x[e], we = w[e];
+    const float ss = warp_sum(xe * xe);
+    if (lane == 0) red[wid] = ss;
+    __syncthreads();
+    const float sum = warp_sum(lane < nw ? red[lane] : 0.0f);
+    const float scale = 1.0f / sqrtf(sum / static_cast<float>(D) + eps);
+    hv[e] = xe * scale * we;
+    __syncthreads();
+    const int32_t p0 = p0_dev ? *p0_dev : p0_val;
+    float o0, o1;
+    if (e < half) rope_pair(hv, e, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
+    __syncthreads();
+    x[e] = hv[e];
+    if (!is_q) {
+        const int64_t kv_dim = Nkv * D, o = (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D + e;
+        store_elem(kc, o, hv[e], f16);
+        store_elem(vc, o, v[th * D + e], f16);
+    }
+}
+
 }  // namespace
 
 void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot_dim, const int32_t* pos,
@@ -98,6 +134,22 @@ void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head
     MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_store_kv_kernel)(q, k, v, T, n_head, n_head_kv, head_dim, half,
                                                                    theta_scale, p, p0, p0_dev, k_cache, v_cache, f16);
     CUDA_CHECK_LAUNCH();
+}
+
+bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
+                        int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim, int32_t p0,
+                        const int32_t* p0_dev, const RopeParams& p, void* k_cache, void* v_cache, bool f16,
+                        cudaStream_t stream) {
+    if (head_dim % kWarp != 0 || head_dim > 256 || rot_dim > head_dim || q_norm == nullptr || k_norm == nullptr)
+        return false;
+    if (T <= 0) return true;
+    const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
+    const auto blocks = static_cast<unsigned>(T * (n_head + n_head_kv));
+    MM_LAUNCH(blocks, static_cast<unsigned>(head_dim), 0, stream, norm_rope_store_kv_kernel)(
+        q, k, v, n_head, n_head_kv, head_dim, rot_dim / 2, q_norm, k_norm, eps, theta_scale, p, p0, p0_dev, T, k_cache,
+        v_cache, f16);
+    CUDA_CHECK_LAUNCH();
+    return true;
 }
 
 }  // namespace moemesh::cuda
