@@ -678,13 +678,8 @@ private:
             cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
             cuda::swiglu(g, u, g, K * I, stream_);
         }
-        // down and the weighted sum in one launch where the type allows (f32-X dot products; the two
-        // launches below take the int8-X GEMV from 16384 rows on). MOEMESH_CUDA_FUSE_DOWN=0: the two.
-        static const bool fuse_down = [] {
-            const char* e = std::getenv("MOEMESH_CUDA_FUSE_DOWN");
-            return e == nullptr || std::string(e) != "0";
-        }();
-        if (fuse_down && cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_)) return;
+        // down and the weighted sum in one launch where the size and type allow (same bits as below)
+        if (cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_)) return;
         cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
         cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
     }

@@ -267,19 +267,32 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
                                                     dg.get(), out.get());
     const std::string name = std::string("matmul_id_down_combine ") + ggml_type_name(t);
     const std::vector<float> got = out.download();
+    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+    const bool int8_everywhere = e != nullptr && std::string(e) == "new";
     if (!fused) {
         EXPECT_EQ(got, canary) << name << ": declined but wrote";
-        EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0 ||
-                     t == GgmlType::F16 || t == GgmlType::BF16)
-            << name << " declined";
+        if (!int8_everywhere) {
+            EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0 ||
+                         t == GgmlType::F16 || t == GgmlType::BF16)
+                << name << " declined";
+        }
         return;
     }
-    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
-    if (e != nullptr && std::string(e) == "new") return;  // matmul_id took the int8-X GEMV: other bits
+    EXPECT_FALSE(int8_everywhere && t == GgmlType::Q4_K) << name << ": fused where matmul_id takes the int8-X GEMV";
     const std::vector<float> ref = want.download();
     size_t diff = 0;
     for (size_t i = 0; i < got.size(); ++i) diff += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
     EXPECT_EQ(diff, 0u) << name << ": " << diff << " of " << got.size() << " values differ from the two launches";
+    if (t == GgmlType::Q4_K) {  // 8 selections of 2048 rows: matmul_id's int8-X GEMV, so declined
+        const QuantMatrix big = make_weights(t, 2048, 768, 90);
+        const DeviceBuffer<uint8_t> db(big.bytes);
+        const DeviceBuffer<int32_t> zeros(std::vector<int32_t>(8, 0));
+        const DeviceBuffer<float> g8(random_vec(8 * 768, 11)), w8(random_vec(8, 12));
+        DeviceBuffer<float> o8(2048);
+        EXPECT_FALSE(cuda::matmul_id_down_combine(t, db.get(), big.bytes.size(), zeros.get(), w8.get(), 8, 2048, 768,
+                                                  g8.get(), o8.get()))
+            << name << ": 16384 rows take the int8-X GEMV";
+    }
 }
 
 TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {

@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
                       float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
                       int64_t n_head_kv, int64_t head_dim, float scale) {
+    grid_dep_wait();
     __shared__ float qs[kAttnMaxHeadDim];
     __shared__ float sc[kAttnSplit];
     __shared__ float red[kWarp];
@@ -92,6 +93,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
                                   int64_t head_dim, int64_t ws_splits, int64_t n_past,
                                   const int32_t* __restrict__ n_past_dev) {
+    grid_dep_wait();
     const int64_t h = blockIdx.x, t = blockIdx.y;
     const int64_t n_splits = (eff_n_past(n_past, n_past_dev) + gridDim.y + kAttnSplit - 1) / kAttnSplit;
     const float* w0 = ws + (t * n_head + h) * ws_splits * (head_dim + 2);
@@ -136,14 +138,14 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
                     static_cast<unsigned>(a.n_tokens));
     if (a.kv_f16)
-        MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_split_kernel<true>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
                                                                    a.n_head_kv, a.head_dim, a.scale);
     else
-        MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_split_kernel<false>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
                                                                     a.n_head, a.n_head_kv, a.head_dim, a.scale);
     CUDA_CHECK_LAUNCH();
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
-    MM_LAUNCH(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
+    MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
                                                           n_past_dev);
     CUDA_CHECK_LAUNCH();
 }

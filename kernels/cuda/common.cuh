@@ -11,9 +11,12 @@
 // (kernels/cuda/emu/cuda_emu.h, which defines both itself) can run the same code on the host:
 //   MM_LAUNCH(grid, block, smem, stream, kernel)(args...)  is  kernel<<<grid, block, smem, stream>>>(args...)
 //   MM_EXTERN_SHARED(T, name);                            is  extern __shared__ T name[];
+//   MM_LAUNCH_PDL(...)(args...)  as MM_LAUNCH, as a programmatic dependent launch (below)
 #ifndef MM_CUDA_EMULATION
 #define MM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
 #define MM_EXTERN_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#define MM_LAUNCH_PDL(grid, block, smem, stream, ...) \
+    ::moemesh::cuda::detail::pdl_launch(__VA_ARGS__, (grid), (block), (smem), (stream))
 #endif
 
 namespace moemesh::cuda::detail {
@@ -62,6 +65,53 @@ __device__ __forceinline__ float bf2f(uint16_t h) { return __uint_as_float(stati
 __device__ __forceinline__ float round_f16(float f) { return __half2float(__float2half_rn(f)); }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Programmatic dependent launch (sm_90+): a kernel launched with MM_LAUNCH_PDL may be scheduled while
+// the kernel before it on the stream is still running, so its launch and block start-up overlap that
+// kernel's tail (a decode step is ~11 dependent kernels per layer, each a few µs). Such a kernel must
+// call grid_dep_wait() before it touches memory another kernel writes or reads: it returns once the
+// kernels before it have completed and their writes are visible (a no-op for a kernel launched
+// without the attribute, on the emulator and before sm_90). MOEMESH_CUDA_PDL=0 turns the attribute
+// off.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+#ifndef MM_CUDA_EMULATION
+bool pdl_enabled();  // kernels/cuda/device.cpp
+template <class... P>
+struct PdlLaunch {
+    void (*fn)(P...);
+    dim3 grid, block;
+    size_t smem;
+    cudaStream_t stream;
+    template <class... A>
+    void operator()(A&&... args) const {
+        if (pdl_enabled()) {
+            cudaLaunchAttribute attr[1] = {};
+            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[0].val.programmaticStreamSerializationAllowed = 1;
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = grid;
+            cfg.blockDim = block;
+            cfg.dynamicSmemBytes = smem;
+            cfg.stream = stream;
+            cfg.attrs = attr;
+            cfg.numAttrs = 1;
+            // A refused launch leaves its error for CUDA_CHECK_LAUNCH, as <<<>>> does.
+            (void)cudaLaunchKernelEx(&cfg, fn, static_cast<P>(args)...);
+            return;
+        }
+        fn<<<grid, block, smem, stream>>>(static_cast<P>(args)...);
+    }
+};
+template <class... P>
+PdlLaunch<P...> pdl_launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream) {
+    return {fn, grid, block, smem, stream};
+}
+#endif
 
 // Kernel launch error check (configuration errors surface here, execution errors at the next sync).
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())

@@ -54,17 +54,18 @@ constexpr int kGemvMaxM = 8;    // X rows per GEMV launch
 // kGemvUnroll at a time: the W loads of all of them (load(u) → Raw) are issued before the first is
 // used (use(u, raw)). A plain `#pragma unroll 4` loop left the 2 units per lane of a 2048-wide row
 // to its remainder loop, one DRAM round trip after the other.
-template <typename Raw, typename Load, typename Use>
+// U units at a time (kGemvUnroll for one W row, fewer for several: the same registers).
+template <typename Raw, int U = kGemvUnroll, typename Load, typename Use>
 __device__ __forceinline__ void for_units(int64_t n_units, int lane, Load&& load, Use&& use) {
-    for (int64_t u0 = lane; u0 < n_units; u0 += static_cast<int64_t>(kWarp) * kGemvUnroll) {
-        Raw raw[kGemvUnroll];
+    for (int64_t u0 = lane; u0 < n_units; u0 += static_cast<int64_t>(kWarp) * U) {
+        Raw raw[U];
 #pragma unroll
-        for (int i = 0; i < kGemvUnroll; ++i) {
+        for (int i = 0; i < U; ++i) {
             const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
             if (u < n_units) raw[i] = load(u);
         }
 #pragma unroll
-        for (int i = 0; i < kGemvUnroll; ++i) {
+        for (int i = 0; i < U; ++i) {
             const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
             if (u < n_units) use(u, raw[i]);
         }
@@ -124,61 +125,79 @@ __device__ __forceinline__ void dot_half(const uint8_t* row, int64_t k, const fl
 
 // Q8_0: 4 lanes per 34-byte block, 8 quants each (four 2-byte loads: the block is 2-byte aligned).
 // Signed bytes are flipped to unsigned (x ^ 0x80 = x + 128) before the float trick.
-template <int M>
-__device__ __forceinline__ void dot_q8_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+template <int R, int M>
+__device__ __forceinline__ void dot_q8_0(const uint8_t* const (&rows)[R], int64_t k, const float* x, int lane,
+                                         float (&acc)[R][M]) {
     constexpr float kOff = kMagic + 128.0f;
     struct Raw {
-        uint16_t d;
-        uint32_t w0, w1;
+        uint16_t d[R];
+        uint32_t w0[R], w1[R];
     };
-    for_units<Raw>(
+    for_units<Raw, kGemvUnroll / R>(
         (k / 32) * 4, lane,
         [&](int64_t u) {
-            const uint8_t* blk = row + (u >> 2) * sizeof(BlockQ8_0);
+            const size_t off = static_cast<size_t>(u >> 2) * sizeof(BlockQ8_0);
             const int j = static_cast<int>(u & 3);
-            return Raw{ld<uint16_t>(blk), ld_u32_a2(blk + 2 + 8 * j), ld_u32_a2(blk + 6 + 8 * j)};
+            Raw raw;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + off;
+                raw.d[ri] = ld<uint16_t>(blk);
+                raw.w0[ri] = ld_u32_a2(blk + 2 + 8 * j);
+                raw.w1[ri] = ld_u32_a2(blk + 6 + 8 * j);
+            }
+            return raw;
         },
         [&](int64_t u, const Raw& raw) {
-            const int64_t b = u >> 2;
-            const int j = static_cast<int>(u & 3);
-            const float d = h2f(raw.d);
-            const uint32_t w0 = raw.w0 ^ 0x80808080u, w1 = raw.w1 ^ 0x80808080u;
-            const int64_t e = b * 32 + 8 * j;
+            const int64_t e = (u >> 2) * 32 + 8 * static_cast<int>(u & 3);
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
                 const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 4);
-                acc[r] += d * (dot4(w0, kOff, a) + dot4(w1, kOff, c));
+#pragma unroll
+                for (int ri = 0; ri < R; ++ri) {
+                    const float d = h2f(raw.d[ri]);
+                    const uint32_t w0 = raw.w0[ri] ^ 0x80808080u, w1 = raw.w1[ri] ^ 0x80808080u;
+                    acc[ri][r] += d * (dot4(w0, kOff, a) + dot4(w1, kOff, c));
+                }
             }
         });
 }
 
 // Q4_0: 4 lanes per 18-byte block; lane j holds quant bytes 4j..4j+3 = elements 4j..4j+3 (low
 // nibbles) and 16+4j..16+4j+3 (high nibbles).
-template <int M>
-__device__ __forceinline__ void dot_q4_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+template <int R, int M>
+__device__ __forceinline__ void dot_q4_0(const uint8_t* const (&rows)[R], int64_t k, const float* x, int lane,
+                                         float (&acc)[R][M]) {
     constexpr float kOff = kMagic + 8.0f;
     struct Raw {
-        uint16_t d;
-        uint32_t q;
+        uint16_t d[R];
+        uint32_t q[R];
     };
-    for_units<Raw>(
+    for_units<Raw, kGemvUnroll / R>(
         (k / 32) * 4, lane,
         [&](int64_t u) {
-            const uint8_t* blk = row + (u >> 2) * sizeof(BlockQ4_0);
-            return Raw{ld<uint16_t>(blk), ld_u32_a2(blk + 2 + 4 * static_cast<int>(u & 3))};
+            const size_t off = static_cast<size_t>(u >> 2) * sizeof(BlockQ4_0);
+            Raw raw;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                raw.d[ri] = ld<uint16_t>(rows[ri] + off);
+                raw.q[ri] = ld_u32_a2(rows[ri] + off + 2 + 4 * static_cast<int>(u & 3));
+            }
+            return raw;
         },
         [&](int64_t u, const Raw& raw) {
-            const int64_t b = u >> 2;
-            const int j = static_cast<int>(u & 3);
-            const float d = h2f(raw.d);
-            const uint32_t lo = raw.q & 0x0F0F0F0Fu, hi = (raw.q >> 4) & 0x0F0F0F0Fu;
-            const int64_t e = b * 32 + 4 * j;
+            const int64_t e = (u >> 2) * 32 + 4 * static_cast<int>(u & 3);
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
                 const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
-                acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+#pragma unroll
+                for (int ri = 0; ri < R; ++ri) {
+                    const float d = h2f(raw.d[ri]);
+                    const uint32_t lo = raw.q[ri] & 0x0F0F0F0Fu, hi = (raw.q[ri] >> 4) & 0x0F0F0F0Fu;
+                    acc[ri][r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+                }
             }
         });
 }
@@ -186,41 +205,62 @@ __device__ __forceinline__ void dot_q4_0(const uint8_t* row, int64_t k, const fl
 // Q4_K: 8 lanes per 144-byte super-block; lane j = 2g + h reads the 16 quant bytes
 // qs[32g + 16h, +16): low nibbles are elements 64g + 16h + t (sub-block 2g), high nibbles
 // 64g + 32 + 16h + t (sub-block 2g+1). The 16-byte header (d, dmin, scales) is one broadcast load.
-template <int M>
-__device__ __forceinline__ void dot_q4_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+template <int R, int M>
+__device__ __forceinline__ void dot_q4_K(const uint8_t* const (&rows)[R], int64_t k, const float* x, int lane,
+                                         float (&acc)[R][M]) {
     struct Raw {
-        uint4 hdr, qv;
+        uint4 hdr[R], qv[R];
     };
-    for_units<Raw>(
+    for_units<Raw, kGemvUnroll / R>(
         (k / 256) * 8, lane,
         [&](int64_t u) {
-            const uint8_t* blk = row + (u >> 3) * sizeof(BlockQ4_K);
-            return Raw{ld<uint4>(blk), ld<uint4>(blk + 16 + 16 * static_cast<int>(u & 7))};  // 32g + 16h
+            const size_t off = static_cast<size_t>(u >> 3) * sizeof(BlockQ4_K);
+            const int qo = 16 + 16 * static_cast<int>(u & 7);  // 32g + 16h
+            Raw raw;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                raw.hdr[ri] = ld<uint4>(rows[ri] + off);
+                raw.qv[ri] = ld<uint4>(rows[ri] + off + qo);
+            }
+            return raw;
         },
         [&](int64_t u, const Raw& raw) {
             const int64_t b = u >> 3;
             const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-            const uint4 hdr = raw.hdr, qv = raw.qv;
-            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-            float sc1, m1, sc2, m2;
-            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
             const int64_t e = b * 256 + 64 * g + 16 * h;
+            float d[R], dmin[R], sc1[R], m1[R], sc2[R], m2[R];
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const uint4 hdr = raw.hdr[ri];
+                d[ri] = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+                dmin[ri] = h2f(static_cast<uint16_t>(hdr.x >> 16));
+                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1[ri], &m1[ri]);
+                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2[ri], &m2[ri]);
+            }
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 const float* xr = x + r * k + e;
-                float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+                float4 a[4], c[4];
+                float x_lo = 0.0f, x_hi = 0.0f;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
-                    const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
-                    s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a);
-                    s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c);
-                    x_lo += sum4(a);
-                    x_hi += sum4(c);
+                    a[i] = *reinterpret_cast<const float4*>(xr + 4 * i);
+                    c[i] = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
+                    x_lo += sum4(a[i]);
+                    x_hi += sum4(c[i]);
                 }
-                acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
+#pragma unroll
+                for (int ri = 0; ri < R; ++ri) {
+                    const uint4 qv = raw.qv[ri];
+                    const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
+                    float s_lo = 0.0f, s_hi = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a[i]);
+                        s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c[i]);
+                    }
+                    acc[ri][r] += d[ri] * (sc1[ri] * s_lo + sc2[ri] * s_hi) - dmin[ri] * (m1[ri] * x_lo + m2[ri] * x_hi);
+                }
             }
         });
 }
@@ -228,40 +268,37 @@ __device__ __forceinline__ void dot_q4_K(const uint8_t* row, int64_t k, const fl
 // Q6_K: 16 lanes per 210-byte super-block; lane (c, i) covers l = 4i..4i+3 of half c, i.e. the
 // elements 128c + l + {0, 32, 64, 96} (as dequantize_q6_K in kernels/cpu/quants.cpp). The 6-bit
 // quants are assembled four at a time with word operations.
-template <int M>
-__device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+template <int R, int M>
+__device__ __forceinline__ void dot_q6_K(const uint8_t* const (&rows)[R], int64_t k, const float* x, int lane,
+                                         float (&acc)[R][M]) {
     constexpr float kOff = kMagic + 32.0f;
     struct Raw {
-        uint32_t ql0, ql1, qh;
-        uint16_t d;
-        int8_t s[4];
+        uint32_t ql0[R], ql1[R], qh[R];
+        uint16_t d[R];
+        int8_t s[R][4];
     };
-    for_units<Raw>(
+    for_units<Raw, kGemvUnroll / R>(
         (k / 256) * 16, lane,
         [&](int64_t u) {
             const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
-            const uint8_t* blk = row + (u >> 4) * sizeof(BlockQ6_K);
-            const uint8_t* sc = blk + 192 + 8 * c + is;
-            Raw r;
-            r.ql0 = ld_u32_a2(blk + 64 * c + l0);
-            r.ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
-            r.qh = ld_u32_a2(blk + 128 + 32 * c + l0);
-            r.d = ld<uint16_t>(blk + 208);
+            const size_t off = static_cast<size_t>(u >> 4) * sizeof(BlockQ6_K);
+            Raw raw;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) r.s[i] = static_cast<int8_t>(__ldg(sc + 2 * i));
-            return r;
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + off;
+                const uint8_t* sc = blk + 192 + 8 * c + is;
+                raw.ql0[ri] = ld_u32_a2(blk + 64 * c + l0);
+                raw.ql1[ri] = ld_u32_a2(blk + 64 * c + 32 + l0);
+                raw.qh[ri] = ld_u32_a2(blk + 128 + 32 * c + l0);
+                raw.d[ri] = ld<uint16_t>(blk + 208);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) raw.s[ri][i] = static_cast<int8_t>(__ldg(sc + 2 * i));
+            }
+            return raw;
         },
         [&](int64_t u, const Raw& raw) {
             const int64_t b = u >> 4;
             const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
-            const uint32_t ql0 = raw.ql0, ql1 = raw.ql1, qh = raw.qh;
-            const float s0 = static_cast<float>(raw.s[0]), s1 = static_cast<float>(raw.s[1]);
-            const float s2 = static_cast<float>(raw.s[2]), s3 = static_cast<float>(raw.s[3]);
-            const float d = h2f(raw.d);
-            const uint32_t q0 = (ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u);
-            const uint32_t q1 = (ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u);
-            const uint32_t q2 = ((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u);
-            const uint32_t q3 = ((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u);
             const int64_t e = b * 256 + 128 * c + l0;
 #pragma unroll
             for (int r = 0; r < M; ++r) {
@@ -270,8 +307,19 @@ __device__ __forceinline__ void dot_q6_K(const uint8_t* row, int64_t k, const fl
                 const float4 a1 = *reinterpret_cast<const float4*>(xr + 32);
                 const float4 a2 = *reinterpret_cast<const float4*>(xr + 64);
                 const float4 a3 = *reinterpret_cast<const float4*>(xr + 96);
-                acc[r] += d * (s0 * dot4(q0, kOff, a0) + s1 * dot4(q1, kOff, a1) + s2 * dot4(q2, kOff, a2) +
-                               s3 * dot4(q3, kOff, a3));
+#pragma unroll
+                for (int ri = 0; ri < R; ++ri) {
+                    const uint32_t ql0 = raw.ql0[ri], ql1 = raw.ql1[ri], qh = raw.qh[ri];
+                    const float s0 = static_cast<float>(raw.s[ri][0]), s1 = static_cast<float>(raw.s[ri][1]);
+                    const float s2 = static_cast<float>(raw.s[ri][2]), s3 = static_cast<float>(raw.s[ri][3]);
+                    const float d = h2f(raw.d[ri]);
+                    const uint32_t q0 = (ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u);
+                    const uint32_t q1 = (ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u);
+                    const uint32_t q2 = ((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u);
+                    const uint32_t q3 = ((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u);
+                    acc[ri][r] += d * (s0 * dot4(q0, kOff, a0) + s1 * dot4(q1, kOff, a1) + s2 * dot4(q2, kOff, a2) +
+                                       s3 * dot4(q3, kOff, a3));
+                }
             }
         });
 }
@@ -296,47 +344,85 @@ __device__ __forceinline__ void dot_by_load8(const uint8_t* row, int64_t k, cons
     }
 }
 
-template <GgmlType T, int M>
-__device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    if constexpr (T == GgmlType::F32) dot_f32<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::F16) dot_half<false, M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::BF16) dot_half<true, M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q8_0) dot_q8_0<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q4_0) dot_q4_0<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q4_K) dot_q4_K<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q6_K) dot_q6_K<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q5_0) dot_q5_0<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc);
-    else if constexpr (kLoad8More<T> || kLoad8Iq<T>) dot_by_load8<T, M>(row, k, x, lane, acc);
+// The dot products of R W rows with the same M X rows: acc[ri][r] += rows[ri] · X[r]. Q8_0, Q4_0,
+// Q4_K and Q6_K load each X element once for all R rows (what bounds this GEMV is L1 traffic of
+// X: Q4_K reads 8 bytes of X per weight byte); the others take the rows one by one. Each row's
+// sums have the same bits for every R (same per-lane order, same expressions).
+template <GgmlType T, int R, int M>
+__device__ __forceinline__ void dot_rows(const uint8_t* const (&rows)[R], int64_t k, const float* x, int lane,
+                                         float (&acc)[R][M]) {
+    if constexpr (T == GgmlType::Q8_0) dot_q8_0<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_0) dot_q4_0<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_K) dot_q4_K<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q6_K) dot_q6_K<R, M>(rows, k, x, lane, acc);
+    else {
+#pragma unroll
+        for (int ri = 0; ri < R; ++ri) {
+            const uint8_t* row = rows[ri];
+            if constexpr (T == GgmlType::F32) dot_f32<M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::F16) dot_half<false, M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::BF16) dot_half<true, M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::Q5_0) dot_q5_0<M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::Q5_K) dot_q5_K<M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::Q3_K) dot_q3_K<M>(row, k, x, lane, acc[ri]);
+            else if constexpr (T == GgmlType::Q2_K) dot_q2_K<M>(row, k, x, lane, acc[ri]);
+            else if constexpr (kLoad8More<T> || kLoad8Iq<T>) dot_by_load8<T, M>(row, k, x, lane, acc[ri]);
+        }
+    }
 }
 
-// grid: (ceil(n_out / kGemvWarps), n_sel). Selection s uses matrix ids ? ids[s] : s, X rows from
-// x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
+template <GgmlType T, int M>
+__device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
+    const uint8_t* const rows[1] = {row};
+    float a[1][M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) a[0][r] = acc[r];
+    dot_rows<T, 1, M>(rows, k, x, lane, a);
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = a[0][r];
+}
+
+// W rows per warp of the f32-X GEMV: two for one X row (their loads in flight together and each X
+// element loaded once for both), one for several X rows (which reuse each W element already).
+template <int M>
+constexpr int kGemvRows = M == 1 ? 2 : 1;
+
+// grid: (ceil(n_out / (kGemvWarps · kGemvRows<M>)), n_sel). Selection s uses matrix ids ? ids[s] : s,
+// X rows from x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
 template <GgmlType T, int M>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes, const int32_t* __restrict__ ids,
                 int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    grid_dep_wait();
+    constexpr int RW = kGemvRows<M>;
     const int lane = threadIdx.x % kWarp;
-    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
-    if (row >= n_out) return;
+    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
+    if (row0 >= n_out) return;
     const int64_t s = blockIdx.y;
     const int64_t mat = ids ? ids[s] : s;
-    const uint8_t* wrow = w + static_cast<size_t>(mat) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
-    float acc[M];
+    const uint8_t* wmat = w + static_cast<size_t>(mat) * matrix_bytes;
+    const uint8_t* rows[RW];
 #pragma unroll
-    for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-    dot_row<T, M>(wrow, k, x + s * x_stride, lane, acc);
+    for (int ri = 0; ri < RW; ++ri)  // a missing last row repeats the one before (not stored)
+        rows[ri] = wmat + static_cast<size_t>(row0 + ri < n_out ? row0 + ri : n_out - 1) * row_bytes;
+    float acc[RW][M];
 #pragma unroll
-    for (int r = 0; r < M; ++r) {
-        const float v = warp_sum(acc[r]);
-        if (lane == 0) y[(s + r) * n_out + row] = v;
-    }
+    for (int ri = 0; ri < RW; ++ri)
+#pragma unroll
+        for (int r = 0; r < M; ++r) acc[ri][r] = 0.0f;
+    dot_rows<T, RW, M>(rows, k, x + s * x_stride, lane, acc);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri)
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float v = warp_sum(acc[ri][r]);
+            if (lane == 0 && row0 + ri < n_out) y[(s + r) * n_out + row0 + ri] = v;
+        }
 }
 
 // Several matrices' single-row products in one launch: row r of the concatenated rows belongs to
-// matrix j with end[j - 1] <= r < end[j]; the dot product and reduction of gemv_kernel<T, 1>.
+// matrix j with end[j - 1] <= r < end[j]; the dot products and reductions of gemv_kernel<T, 1>
+// (two rows per warp).
 struct MultiGemv {
     const uint8_t* w[kMultiGemvMax];
     float* y[kMultiGemvMax];
@@ -346,36 +432,52 @@ struct MultiGemv {
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x) {
+    grid_dep_wait();
+    constexpr int RW = kGemvRows<1>;
     const int lane = threadIdx.x % kWarp;
-    const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
-    if (r >= mg.end[mg.n - 1]) return;
-    int j = 0;
-    while (r >= mg.end[j]) ++j;
-    const int64_t row = r - (j ? mg.end[j - 1] : 0);
-    float acc[1] = {0.0f};
-    dot_row<T, 1>(mg.w[j] + static_cast<size_t>(row) * row_bytes, k, x, lane, acc);
-    const float v = warp_sum(acc[0]);
-    if (lane == 0) mg.y[j][row] = v;
+    const int64_t total = mg.end[mg.n - 1];
+    const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
+    if (r0 >= total) return;
+    const uint8_t* rows[RW];
+    float* dst[RW];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const int64_t r = r0 + ri < total ? r0 + ri : total - 1;
+        int j = 0;
+        while (r >= mg.end[j]) ++j;
+        const int64_t row = r - (j ? mg.end[j - 1] : 0);
+        rows[ri] = mg.w[j] + static_cast<size_t>(row) * row_bytes;
+        dst[ri] = mg.y[j] + row;
+    }
+    float acc[RW][1];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
+    dot_rows<T, RW, 1>(rows, k, x, lane, acc);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const float v = warp_sum(acc[ri][0]);
+        if (lane == 0 && r0 + ri < total) *dst[ri] = v;
+    }
 }
 
-// gate and up of the same selection and row in one warp, SwiGLU applied: the dot products and
-// reductions of two gemv_kernel<T, 1> launches, then swiglu_kernel's silu(g) · u (same bits).
+// gate and up of the same selection and row in one warp (as two rows of dot_rows: their loads in
+// flight together, X loaded once), SwiGLU applied: the dot products and reductions of two
+// gemv_kernel<T, 1> launches, then swiglu_kernel's silu(g) · u (same bits).
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_swiglu_kernel(const uint8_t* __restrict__ wg, const uint8_t* __restrict__ wu, size_t matrix_bytes,
                        size_t row_bytes, const int32_t* __restrict__ ids, int64_t n_out, int64_t k,
                        const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    grid_dep_wait();
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
     if (row >= n_out) return;
     const int64_t s = blockIdx.y;
     const size_t off = static_cast<size_t>(ids[s]) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
-    // The up row into L2 while the gate row's dot product waits for its own loads.
-    for (size_t b = static_cast<size_t>(lane) * 128; b < row_bytes; b += kWarp * 128) prefetch_l2(wu + off + b);
-    float ag[1] = {0.0f}, au[1] = {0.0f};
-    dot_row<T, 1>(wg + off, k, x + s * x_stride, lane, ag);
-    dot_row<T, 1>(wu + off, k, x + s * x_stride, lane, au);
-    const float g = warp_sum(ag[0]), u = warp_sum(au[0]);
+    const uint8_t* const rows[2] = {wg + off, wu + off};
+    float acc[2][1] = {{0.0f}, {0.0f}};
+    dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
+    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
     if (lane == 0) y[s * n_out + row] = silu(g) * u;
 }
 
@@ -388,6 +490,7 @@ __global__ void __launch_bounds__(kDownCombineMaxSel* kWarp)
     gemv_down_combine_kernel(const uint8_t* __restrict__ wd, size_t matrix_bytes, size_t row_bytes,
                              const int32_t* __restrict__ ids, const float* __restrict__ wsel, int64_t n_out, int64_t k,
                              const float* __restrict__ g, float* __restrict__ out) {
+    grid_dep_wait();
     __shared__ float part[kWarp];
     const int lane = threadIdx.x % kWarp, j = threadIdx.x / kWarp, n_sel = blockDim.x / kWarp;
     const int64_t row = blockIdx.x;
@@ -566,6 +669,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     gemv_q_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes,
                   const int32_t* __restrict__ ids, int64_t n_out, int64_t k, const float* __restrict__ x,
                   int64_t x_stride, float* __restrict__ y, int rows_per_warp) {
+    grid_dep_wait();  // ids and X come from the kernels before
     MM_EXTERN_SHARED(uint8_t, smem);
     int8_t* xq = reinterpret_cast<int8_t*>(smem);
     float* xd = reinterpret_cast<float*>(smem + M * k);
@@ -900,17 +1004,17 @@ void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t
             const auto* wb = static_cast<const uint8_t*>(w);
             const size_t rb = ggml_row_bytes(T, k);
             if (rpw >= 2)
-                MM_LAUNCH(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(wb, matrix_bytes, rb, ids, n_out,
+                MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(wb, matrix_bytes, rb, ids, n_out,
                                                                                     k, x, x_stride, y, rpw);
             else
-                MM_LAUNCH(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(wb, matrix_bytes, rb, ids, n_out,
+                MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(wb, matrix_bytes, rb, ids, n_out,
                                                                                     k, x, x_stride, y, rpw);
             CUDA_CHECK_LAUNCH();
             return;
         }
     }
-    const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-    MM_LAUNCH(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, M>)(static_cast<const uint8_t*>(w), matrix_bytes,
+    const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<M>), static_cast<unsigned>(n_sel));
+    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, M>)(static_cast<const uint8_t*>(w), matrix_bytes,
                                                                ggml_row_bytes(T, k), ids, n_out, k, x, x_stride, y);
     CUDA_CHECK_LAUNCH();
 }
@@ -1050,7 +1154,7 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
                         int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
     if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-    MM_LAUNCH(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(
+    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(
         static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), matrix_bytes, ggml_row_bytes(T, k), ids,
         n_out, k, x, x_stride, y);
     CUDA_CHECK_LAUNCH();
@@ -1071,7 +1175,7 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
         mg.end[j] = rows;
     }
     if (rows <= 0) return true;
-    MM_LAUNCH(grid_1d(rows, kGemvWarps), kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k),
+    MM_LAUNCH_PDL(grid_1d(rows, kGemvWarps * kGemvRows<1>), kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k),
                                                                                            k, x);
     CUDA_CHECK_LAUNCH();
     return true;
@@ -1080,7 +1184,8 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
 template <GgmlType T>
 bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* ids, const float* w, int64_t n_sel,
                          int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream) {
-    MM_LAUNCH(static_cast<unsigned>(n_out), static_cast<unsigned>(n_sel * kWarp), 0, stream,
+    if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
+    MM_LAUNCH_PDL(static_cast<unsigned>(n_out), static_cast<unsigned>(n_sel * kWarp), 0, stream,
               gemv_down_combine_kernel<T>)(static_cast<const uint8_t*>(down), matrix_bytes, ggml_row_bytes(T, k), ids,
                                            w, n_out, k, g, out);
     CUDA_CHECK_LAUNCH();

@@ -75,6 +75,7 @@ __global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* 
 // at decode: 17 µs for one 2048-wide row on an H200 under ncu).
 __global__ void moe_combine_kernel(const float* y, const int32_t* slot, const float* w, float* out, int K,
                                    int64_t T, int64_t H) {
+    grid_dep_wait();
     for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
         for (int64_t h = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; h < H;
              h += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -146,7 +147,7 @@ void moe_combine(const float* y, const int32_t* slot, const float* w, float* out
                  cudaStream_t stream) {
     if (T <= 0) return;
     const dim3 grid(grid_1d(H, kThreads), static_cast<unsigned>(std::min<int64_t>(T, 65535)));
-    MM_LAUNCH(grid, kThreads, 0, stream, moe_combine_kernel)(y, slot, w, out, static_cast<int>(K), T, H);
+    MM_LAUNCH_PDL(grid, kThreads, 0, stream, moe_combine_kernel)(y, slot, w, out, static_cast<int>(K), T, H);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -43,6 +43,7 @@ __device__ __forceinline__ float sumsq_regs(const float (&v)[kRowRegs], int64_t 
 // z == nullptr: plain RMSNorm; otherwise gated by silu(z). w == nullptr: no weight.
 // y may alias x (no __restrict__; the register path's loads need none to be issued together).
 __global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, float* y, int64_t n, float eps) {
+    grid_dep_wait();
     __shared__ float red[kWarp];
     const int64_t r = blockIdx.x;
     const float* xr = x + r * n;
@@ -75,6 +76,7 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, f
 // x[r] += t[r], then y[r] = rmsnorm(x[r]) · w: each thread re-reads only the elements it wrote, so
 // the sums see exactly add_kernel's results (the bits of add_inplace then rmsnorm).
 __global__ void add_rmsnorm_kernel(float* x, const float* t, const float* w, float* y, int64_t n, float eps) {
+    grid_dep_wait();
     __shared__ float red[kWarp];
     const int64_t r = blockIdx.x;
     float* xr = x + r * n;
@@ -132,11 +134,13 @@ __global__ void softmax_kernel(float* x, int64_t n) {
 }
 
 __global__ void swiglu_kernel(const float* g, const float* u, float* y, int64_t n) {
+    grid_dep_wait();
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) y[i] = silu(g[i]) * u[i];
 }
 
 __global__ void add_kernel(float* y, const float* x, int64_t n) {
+    grid_dep_wait();
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) y[i] += x[i];
 }
@@ -145,21 +149,21 @@ __global__ void add_kernel(float* y, const float* x, int64_t n) {
 
 void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
     if (rows <= 0) return;
-    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps);
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps,
                  cudaStream_t stream) {
     if (rows <= 0) return;
-    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, add_rmsnorm_kernel)(x, t, w, y, n, eps);
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, add_rmsnorm_kernel)(x, t, w, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
                    cudaStream_t stream) {
     if (rows <= 0) return;
-    MM_LAUNCH(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, z, y, n, eps);
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, z, y, n, eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -177,13 +181,13 @@ void softmax_rows(float* x, int64_t rows, int64_t n, cudaStream_t stream) {
 
 void swiglu(const float* g, const float* u, float* y, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, swiglu_kernel)(g, u, y, n);
+    MM_LAUNCH_PDL(grid_1d(n, 256), 256, 0, stream, swiglu_kernel)(g, u, y, n);
     CUDA_CHECK_LAUNCH();
 }
 
 void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
     if (n <= 0) return;
-    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, add_kernel)(y, x, n);
+    MM_LAUNCH_PDL(grid_1d(n, 256), 256, 0, stream, add_kernel)(y, x, n);
     CUDA_CHECK_LAUNCH();
 }
 

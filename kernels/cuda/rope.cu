@@ -51,6 +51,7 @@ __device__ __forceinline__ void store_elem(void* cache, int64_t o, float v, bool
 __global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t T, int64_t Nh, int64_t Nkv,
                                      int64_t D, int64_t half, float theta_scale, RopeParams p, int32_t p0_val,
                                      const int32_t* p0_dev, void* kc, void* vc, bool f16) {
+    grid_dep_wait();
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int64_t nq = T * Nh * half, nk = T * Nkv * half, rest = D - 2 * half, nkr = T * Nkv * rest,
                   kv_dim = Nkv * D, nv = T * kv_dim;
@@ -83,6 +84,7 @@ __global__ void norm_rope_store_kv_kernel(float* q, float* k, const float* v, in
                                           int64_t half, const float* qw, const float* kw, float eps,
                                           float theta_scale, RopeParams p, int32_t p0_val, const int32_t* p0_dev,
                                           int64_t T, void* kc, void* vc, bool f16) {
+    grid_dep_wait();
     __shared__ float red[kWarp];
     __shared__ float hv[256];
     const int64_t b = blockIdx.x;
@@ -131,7 +133,7 @@ void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head
                       T * n_head_kv * head_dim;
     if (T <= 0 || n <= 0) return;
     const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
-    MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_store_kv_kernel)(q, k, v, T, n_head, n_head_kv, head_dim, half,
+    MM_LAUNCH_PDL(grid_1d(n, 256), 256, 0, stream, rope_store_kv_kernel)(q, k, v, T, n_head, n_head_kv, head_dim, half,
                                                                    theta_scale, p, p0, p0_dev, k_cache, v_cache, f16);
     CUDA_CHECK_LAUNCH();
 }
@@ -145,7 +147,7 @@ bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm,
     if (T <= 0) return true;
     const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
     const auto blocks = static_cast<unsigned>(T * (n_head + n_head_kv));
-    MM_LAUNCH(blocks, static_cast<unsigned>(head_dim), 0, stream, norm_rope_store_kv_kernel)(
+    MM_LAUNCH_PDL(blocks, static_cast<unsigned>(head_dim), 0, stream, norm_rope_store_kv_kernel)(
         q, k, v, n_head, n_head_kv, head_dim, rot_dim / 2, q_norm, k_norm, eps, theta_scale, p, p0, p0_dev, T, k_cache,
         v_cache, f16);
     CUDA_CHECK_LAUNCH();

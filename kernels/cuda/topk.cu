@@ -25,6 +25,7 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
 template <int NP>
 __global__ void __launch_bounds__(kWarp) softmax_topk_kernel(float* logits, int64_t E, int K, bool norm_topk,
                                                               int32_t* ids, float* weights) {
+    grid_dep_wait();
     const int64_t t = blockIdx.x;
     float* lr = logits + t * E;
     const int lane = threadIdx.x;
@@ -94,10 +95,10 @@ void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm
     if (tokens <= 0) return;
     const unsigned grid = static_cast<unsigned>(tokens);
     const int k = static_cast<int>(K);
-    if (E <= 4 * kWarp) MM_LAUNCH(grid, kWarp, 0, stream, softmax_topk_kernel<4>)(logits, E, k, norm_topk, ids, weights);
-    else if (E <= 8 * kWarp) MM_LAUNCH(grid, kWarp, 0, stream, softmax_topk_kernel<8>)(logits, E, k, norm_topk, ids, weights);
-    else if (E <= 16 * kWarp) MM_LAUNCH(grid, kWarp, 0, stream, softmax_topk_kernel<16>)(logits, E, k, norm_topk, ids, weights);
-    else MM_LAUNCH(grid, kWarp, 0, stream, softmax_topk_kernel<32>)(logits, E, k, norm_topk, ids, weights);
+    if (E <= 4 * kWarp) MM_LAUNCH_PDL(grid, kWarp, 0, stream, softmax_topk_kernel<4>)(logits, E, k, norm_topk, ids, weights);
+    else if (E <= 8 * kWarp) MM_LAUNCH_PDL(grid, kWarp, 0, stream, softmax_topk_kernel<8>)(logits, E, k, norm_topk, ids, weights);
+    else if (E <= 16 * kWarp) MM_LAUNCH_PDL(grid, kWarp, 0, stream, softmax_topk_kernel<16>)(logits, E, k, norm_topk, ids, weights);
+    else MM_LAUNCH_PDL(grid, kWarp, 0, stream, softmax_topk_kernel<32>)(logits, E, k, norm_topk, ids, weights);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -402,6 +402,9 @@ Launch<P...> make_launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem, c
 
 #define MM_LAUNCH(grid, block, smem, stream, ...) \
     ::mm_emu::make_launch(__VA_ARGS__, (grid), (block), (smem), (stream), #__VA_ARGS__)
+// Programmatic dependent launch (kernels/cuda/common.cuh) only overlaps launches on a GPU: the
+// emulator runs kernels one after the other anyway.
+#define MM_LAUNCH_PDL(grid, block, smem, stream, ...) MM_LAUNCH(grid, block, smem, stream, __VA_ARGS__)
 
 #define threadIdx (::mm_emu::g_thread->thread_idx)
 #define blockIdx (::mm_emu::g_thread->block_idx)
