@@ -197,6 +197,18 @@ TEST_F(CudaModel, Qwen3MoeF32F16Kv) {
     check("qwen3moe f32, f16 KV", make(moe_opts("f32"), "moe_f32"), false, true, 40);
 }
 
+// Prompt chunks of up to MOEMESH_CUDA_PROMPT_PAIRS (token, expert) pairs (512 by default: every
+// prompt above) run as expert-indexed GEMVs over the pairs; longer ones group the pairs by expert on
+// the host. This runs the grouped form at every prompt size.
+TEST_F(CudaModel, Qwen3MoeF32GroupedPromptMoe) {
+    REQUIRE_CUDA();
+    ASSERT_EQ(setenv("MOEMESH_CUDA_PROMPT_PAIRS", "0", 1), 0);
+    struct Unset {
+        ~Unset() { unsetenv("MOEMESH_CUDA_PROMPT_PAIRS"); }
+    } unset;
+    check("qwen3moe f32, grouped prompt MoE", make(moe_opts("f32"), "moe_f32"), false, false, 40);
+}
+
 TEST_F(CudaModel, Qwen3MoeQ8_0) {
     REQUIRE_CUDA();
     check("qwen3moe q8_0", make(moe_opts("q8_0"), "moe_q8"), true, true, 40);

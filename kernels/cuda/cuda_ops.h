@@ -222,6 +222,8 @@ void iota_i32_dev(int32_t* dst, int64_t n, const int32_t* start, cudaStream_t st
 // (rounded as f32_to_f16) when f16, else f32.
 void store_row_dev(const float* src, void* cache, int64_t n, const int32_t* pos, bool f16,
                    cudaStream_t stream = nullptr);
+// dst[s, :] = src[s / K, :] for s < T·K rows of `cols` floats (each row K times).
+void repeat_rows(const float* src, float* dst, int64_t T, int64_t K, int64_t cols, cudaStream_t stream = nullptr);
 // dst[i, :] = src[idx[i], :] for i < n rows of `cols` floats.
 void gather_rows(const float* src, const int32_t* idx, float* dst, int64_t n, int64_t cols,
                  cudaStream_t stream = nullptr);

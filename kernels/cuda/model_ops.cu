@@ -63,6 +63,13 @@ __global__ void store_row_dev_kernel(const float* src, void* cache, int64_t n, c
     else static_cast<float*>(cache)[o] = src[i];
 }
 
+// One block per destination row: dst row s is src row s / K.
+__global__ void repeat_rows_kernel(const float* src, float* dst, int64_t K, int64_t cols) {
+    const float* s = src + (static_cast<int64_t>(blockIdx.x) / K) * cols;
+    float* d = dst + static_cast<int64_t>(blockIdx.x) * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
 // One block per destination row.
 __global__ void gather_rows_kernel(const float* src, const int32_t* idx, float* dst, int64_t cols) {
     const float* s = src + static_cast<int64_t>(idx[blockIdx.x]) * cols;
@@ -134,6 +141,12 @@ void store_row_dev(const float* src, void* cache, int64_t n, const int32_t* pos,
     if (n <= 0) return;
     if (f16) MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, store_row_dev_kernel<true>)(src, cache, n, pos);
     else MM_LAUNCH(grid_1d(n, kThreads), kThreads, 0, stream, store_row_dev_kernel<false>)(src, cache, n, pos);
+    CUDA_CHECK_LAUNCH();
+}
+
+void repeat_rows(const float* src, float* dst, int64_t T, int64_t K, int64_t cols, cudaStream_t stream) {
+    if (T <= 0 || K <= 0) return;
+    MM_LAUNCH(static_cast<unsigned>(T * K), kThreads, 0, stream, repeat_rows_kernel)(src, dst, K, cols);
     CUDA_CHECK_LAUNCH();
 }
 
