@@ -366,8 +366,11 @@ RunOut moemesh_run(const std::string& path, const std::string& device, const std
                    const std::string& tokens) {
     RunOut r;
     const std::string dir = testing::temp_dir("cuda_experts");
-    std::string cmd = testing::moemesh_bin() + " run -m " + path + " --device " + device + " --tokens " + tokens +
-                      " -n 24 --json --top 1 --kv-type f32 -t 2";
+    // The prompt's MoE in the grouped form (one product per expert) on a resident GPU too, as the expert
+    // cache computes it: short prompts would otherwise take moe_pairs' int8-X GEMVs there, other
+    // arithmetic, and a near-tie among the 24 positions could go either way (one did on an H200).
+    std::string cmd = "MOEMESH_CUDA_PROMPT_PAIRS=0 " + testing::moemesh_bin() + " run -m " + path + " --device " +
+                      device + " --tokens " + tokens + " -n 24 --json --top 1 --kv-type f32 -t 2";
     if (!budget.empty()) cmd += " --device-budget " + budget;
     std::string out;
     const int rc = testing::run_capture(cmd, &out, dir + "/run_err.txt");
