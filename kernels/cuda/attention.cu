@@ -63,30 +63,13 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = kF16 ? round_f16(qr[d]) : qr[d];
     __syncthreads();
 
-    // Warp w scores keys j0 + w, j0 + w + nw, …, kKeysInFlight of them at a time with all their
-    // loads issued before the sums (one key after the other waited for each key's loads: 64 keys
-    // per warp in a full chunk). Each key's sum has the bits of the plain loop.
     const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
-    constexpr int kKeysInFlight = 4;
-    for (int64_t jb = j0 + wid; jb < j1; jb += static_cast<int64_t>(nw) * kKeysInFlight) {
-        float s[kKeysInFlight];
-#pragma unroll
-        for (int u = 0; u < kKeysInFlight; ++u) {
-            const int64_t j = jb + static_cast<int64_t>(u) * nw;
-            const int64_t base = j * kv_stride + kvh * head_dim;
-            s[u] = 0.0f;
-#pragma unroll
-            for (int i = 0; i < kAttnMaxHeadDim / kWarp; ++i) {
-                const int64_t d = lane + static_cast<int64_t>(i) * kWarp;
-                if (j < j1 && d < head_dim) s[u] += qs[d] * kv_at<kF16>(k, base + d);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < kKeysInFlight; ++u) {
-            const int64_t j = jb + static_cast<int64_t>(u) * nw;
-            const float su = warp_sum(s[u]);
-            if (lane == 0 && j < j1) sc[j - j0] = su * scale;
-        }
+    for (int64_t j = j0 + wid; j < j1; j += nw) {
+        const int64_t base = j * kv_stride + kvh * head_dim;
+        float s = 0.0f;
+        for (int64_t d = lane; d < head_dim; d += kWarp) s += qs[d] * kv_at<kF16>(k, base + d);
+        s = warp_sum(s);
+        if (lane == 0) sc[j - j0] = s * scale;
     }
     __syncthreads();
     float mx = -INFINITY;
@@ -101,7 +84,6 @@ __global__ void __launch_bounds__(kAttnThreads)
     l = block_sum(l, red);  // its barriers also publish sc
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;
-#pragma unroll 8
         for (int64_t j = j0; j < j1; ++j) o += sc[j - j0] * kv_at<kF16>(v, j * kv_stride + kvh * head_dim + d);
         wsp[d] = o;
     }
