@@ -240,6 +240,69 @@ TEST_P(CudaMatmul, ExpertIndexed) {
 // The fused decode gate/up/SwiGLU (the resident MoE's first launch) gives the bits of matmul_id(gate),
 // matmul_id(up) and swiglu, or declines (returns false) and writes nothing, for every type; the
 // common quantized types must not decline at the decode size (n_out · n_sel below the int8 GEMV's).
+// Products of matrices at arbitrary addresses (an expert cache's slices) in one launch: the bits
+// of one matmul (m = 1) per selection, and with SwiGLU of the gate and up products and swiglu.
+TEST_P(CudaMatmul, PointerGemvsAreThePerMatrixLaunches) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t n_out = 96, k = 512;
+    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> mats;  // gate 0..2, up 3..5, separately allocated
+    for (uint32_t e = 0; e < 6; ++e)
+        mats.push_back(std::make_unique<DeviceBuffer<uint8_t>>(make_weights(t, n_out, k, 100 + e).bytes));
+    const int sel[4] = {2, 0, 1, 2};
+    std::vector<const void*> gp, up;
+    for (int j : sel) gp.push_back(mats[j]->get()), up.push_back(mats[j + 3]->get());
+    const int64_t n_sel = 4;
+    const std::vector<float> x = random_vec(static_cast<size_t>(n_sel * k), 13);
+    const DeviceBuffer<float> dx(x);
+    auto addresses = [](const std::vector<const void*>& v) {
+        std::vector<uint64_t> a;
+        for (const void* q : v) a.push_back(reinterpret_cast<uintptr_t>(q));
+        return a;
+    };
+    const DeviceBuffer<uint64_t> dga(addresses(gp)), dua(addresses(up));
+    const auto* dgp = reinterpret_cast<const void* const*>(dga.get());
+    const auto* dup = reinterpret_cast<const void* const*>(dua.get());
+    DeviceBuffer<float> g(static_cast<size_t>(n_sel * n_out)), u(static_cast<size_t>(n_sel * n_out));
+    for (int64_t j = 0; j < n_sel; ++j) {
+        cuda::matmul(t, gp[j], n_out, k, dx.get() + j * k, 1, g.get() + j * n_out);
+        cuda::matmul(t, up[j], n_out, k, dx.get() + j * k, 1, u.get() + j * n_out);
+    }
+    const std::vector<float> want_g = g.download();
+    cuda::swiglu(g.get(), u.get(), g.get(), n_sel * n_out);
+    const std::vector<float> want_s = g.download();
+    const std::vector<float> canary(static_cast<size_t>(n_sel * n_out), 12345.0f);
+    DeviceBuffer<float> y1(canary), y2(canary);
+    const bool plain = cuda::matmul_ptr(t, dgp, n_sel, n_out, k, dx.get(), k, y1.get());
+    const bool swi = cuda::matmul_ptr_swiglu(t, dgp, dup, n_sel, n_out, k, dx.get(), k, y2.get());
+    const std::string name = std::string("matmul_ptr ") + ggml_type_name(t);
+    EXPECT_EQ(plain, swi) << name;
+    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+    const bool int8_everywhere = e != nullptr && std::string(e) == "new";
+    if (!plain || !swi) {
+        if (!plain) {
+            EXPECT_EQ(y1.download(), canary) << name << ": declined but wrote";
+        }
+        if (!swi) {
+            EXPECT_EQ(y2.download(), canary) << name << " swiglu: declined but wrote";
+        }
+        if (!int8_everywhere) {
+            EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0 ||
+                         t == GgmlType::F16 || t == GgmlType::BF16 || t == GgmlType::F32)
+                << name << " declined";
+        }
+        return;
+    }
+    EXPECT_FALSE(int8_everywhere && t == GgmlType::Q4_K) << name << ": taken where matmul takes the int8-X GEMV";
+    auto differing = [](const std::vector<float>& a, const std::vector<float>& b) {
+        size_t d = a.size() == b.size() ? 0 : std::max(a.size(), b.size());
+        for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) d += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+        return d;
+    };
+    EXPECT_EQ(differing(y1.download(), want_g), 0u) << name << ": values differ from one matmul per selection";
+    EXPECT_EQ(differing(y2.download(), want_s), 0u) << name << " swiglu: values differ from the separate launches";
+}
+
 // The decode step's expert down products and weighted sum in one launch: the bits of matmul_id
 // (the f32-X GEMV at this size) then moe_combine.
 TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {

@@ -159,6 +159,9 @@ struct DevBuf {
     }
 };
 
+// Calls of up to this many (row, expert) pairs use the pointer-table GEMVs (Impl::run).
+constexpr int64_t kPtrMaxPairs = 64;
+
 struct PinnedBuf {
     void* p = nullptr;
     size_t bytes = 0;
@@ -207,8 +210,8 @@ struct CudaExpertCompute::Impl {
     cudaStream_t own = nullptr;
 
     std::mutex mu;  // one call at a time (scratch buffers)
-    DevBuf d_x, d_out, xs, g, u, y, tab;
-    PinnedBuf h_tab, h_x;
+    DevBuf d_x, d_out, xs, g, u, y, tab, ptrs;
+    PinnedBuf h_tab, h_x, h_ptrs;
 
     ~Impl() {
         (void)cudaSetDevice(device);
@@ -511,6 +514,38 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         MM_CUDA_RETURN(dev, e, str_printf("computing layer %d's experts", layer));
         return Status();
     };
+    // Few pairs, each expert used once (decode): every pair's gate/up/SwiGLU in one launch and its
+    // down in another, over a table of the experts' addresses (cuda::matmul_ptr*: the bits of the
+    // m = 1 products below), instead of 4 launches per expert. Needs every expert pinned at once.
+    // An expert used by several rows keeps its product over them (other kernels, other bits).
+    bool once_each = true;
+    for (const auto& gr : pl.groups) once_each = once_each && gr.count == 1;
+    if (once_each && n_pairs <= kPtrMaxPairs && window >= static_cast<int64_t>(pl.groups.size()) &&
+        ty.gate == ty.up && cuda::matmul_ptr_takes(ty.gate, I, H) && cuda::matmul_ptr_takes(ty.down, H, I)) {
+        const size_t ptr_bytes = sizeof(void*) * 3 * static_cast<size_t>(n_pairs);
+        MM_RETURN_IF_ERROR(h_ptrs.reserve(dev, ptr_bytes));
+        MM_RETURN_IF_ERROR(ptrs.reserve(dev, ptr_bytes, "the call's expert addresses"));
+        auto** hp = static_cast<const void**>(h_ptrs.p);  // [gate n_pairs | up n_pairs | down n_pairs]
+        for (const auto& gr : pl.groups) {
+            StatusOr<ExpertHandle> h = acquire_expert(*src, layer, gr.expert);
+            if (!h.ok()) {
+                (void)drain();
+                return h.status();
+            }
+            const ExpertSlice& ex = h.value().slice();
+            hp[gr.first] = ex.gate;
+            hp[n_pairs + gr.first] = ex.up;
+            hp[2 * n_pairs + gr.first] = ex.down;
+            pins.push_back(std::move(h).value());
+        }
+        MM_CUDA_RETURN(dev, cudaMemcpyAsync(ptrs.p, h_ptrs.p, ptr_bytes, cudaMemcpyHostToDevice, s),
+                       "uploading the expert addresses");
+        const auto* dp = static_cast<const void* const*>(ptrs.p);
+        MM_CHECK(cuda::matmul_ptr_swiglu(ty.gate, dp, dp + n_pairs, n_pairs, I, H, dxs, H, dg, s));  // [n_pairs, I]
+        MM_CHECK(cuda::matmul_ptr(ty.down, dp + 2 * n_pairs, n_pairs, H, I, dg, I, dy, s));         // [n_pairs, H]
+        cuda::moe_combine(dy, d_slot, d_weight, dout, n_rows, K, H, s);                             // [n_rows, H]
+        return drain();
+    }
     for (const auto& gr : pl.groups) {
         StatusOr<ExpertHandle> h = acquire_expert(*src, layer, gr.expert);
         if (!h.ok()) {

@@ -80,6 +80,19 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
                       cudaStream_t stream = nullptr);
+// Single-row products of n_sel matrices that lie anywhere (expert-cache slices), in one launch:
+//   Y[s, n_out] = X[s] · W_sᵀ  with W_s at w[s] (w: a device array of n_sel pointers), X[s] at x + s · x_stride;
+// matmul_ptr_swiglu: Y[s] = silu(X[s] · G_sᵀ) ⊙ (X[s] · U_sᵀ). Bit-identical to matmul (m = 1) per
+// selection (then swiglu). Return false, launching nothing, where that matmul would take the int8-X
+// GEMV (n_out >= 16384, MOEMESH_CUDA_GEMV=new) or for the rarer types: the caller then launches per
+// selection.
+// Whether matmul_ptr / matmul_ptr_swiglu take this type and shape (n_out rows of k).
+bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k);
+bool matmul_ptr(GgmlType wt, const void* const* w, int64_t n_sel, int64_t n_out, int64_t k, const float* x,
+                int64_t x_stride, float* y, cudaStream_t stream = nullptr);
+bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* up, int64_t n_sel, int64_t n_out,
+                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
+
 // A decode step's expert down products and the router-weighted sum in one launch:
 //   out[n_out] = Σ_j w[j] · (g[j] · D_{ids[j]}ᵀ)   for j < n_sel (<= 16), g: [n_sel, k],
 // bit-identical to matmul_id then moe_combine. Returns false, launching nothing, where matmul_id

@@ -485,6 +485,53 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     if (lane == 0) y[s * n_out + row] = silu(g) * u;
 }
 
+// Expert products whose matrices lie anywhere (an expert cache's slices): selection s uses the W
+// matrix at w[s] (and, for the SwiGLU form, wu[s]) and X row x + s · x_stride, writes y + s · n_out.
+// The dot products, reductions and SwiGLU of gemv_kernel<T, 1> / gemv_swiglu_kernel (same bits as
+// one launch per selection). grid: (ceil(n_out / (kGemvWarps · rows per warp)), n_sel).
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_ptr_kernel(const uint8_t* const* __restrict__ w, size_t row_bytes, int64_t n_out, int64_t k,
+                    const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    grid_dep_wait();
+    constexpr int RW = kGemvRows<T, 1>;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
+    if (row0 >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const uint8_t* rows[RW];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri)
+        rows[ri] = w[s] + static_cast<size_t>(row0 + ri < n_out ? row0 + ri : n_out - 1) * row_bytes;
+    float acc[RW][1];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
+    dot_rows<T, RW, 1>(rows, k, x + s * x_stride, lane, acc);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const float v = warp_sum(acc[ri][0]);
+        if (lane == 0 && row0 + ri < n_out) y[s * n_out + row0 + ri] = v;
+    }
+}
+
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_ptr_swiglu_kernel(const uint8_t* const* __restrict__ wg, const uint8_t* const* __restrict__ wu,
+                           size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride,
+                           float* __restrict__ y) {
+    grid_dep_wait();
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (row >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const size_t off = static_cast<size_t>(row) * row_bytes;
+    const uint8_t* const rows[2] = {wg[s] + off, wu[s] + off};
+    float acc[2][1] = {{0.0f}, {0.0f}};
+    dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
+    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+    if (lane == 0) y[s * n_out + row] = silu(g) * u;
+}
+
 // A decode step's expert down products and their weighted sum: block h has one warp per selection
 // (gemv_kernel<T, 1>'s dot product and reduction of row h of expert ids[j] with g[j]), then
 // moe_combine_kernel's sum out[h] = Σ_j w[j] · y_j in j order.
@@ -1196,6 +1243,24 @@ bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* i
     return true;
 }
 
+template <GgmlType T>
+bool launch_gemv_ptr(const void* const* w, const void* const* wu, int64_t n_sel, int64_t n_out, int64_t k,
+                     const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    if (takes_qgemv<T>(1, k, n_out)) return false;  // one launch per selection would take the int8-X GEMV
+    const size_t rb = ggml_row_bytes(T, k);
+    const auto* const* pw = reinterpret_cast<const uint8_t* const*>(w);
+    if (wu != nullptr) {
+        const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_ptr_swiglu_kernel<T>)(
+            pw, reinterpret_cast<const uint8_t* const*>(wu), rb, n_out, k, x, x_stride, y);
+    } else {
+        const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_ptr_kernel<T>)(pw, rb, n_out, k, x, x_stride, y);
+    }
+    CUDA_CHECK_LAUNCH();
+    return true;
+}
+
 // The types with a fused f32-X GEMV: f(std::integral_constant<GgmlType, T>{}) for wt, false for the
 // rarer ones (their callers launch the unfused kernels).
 template <typename F>
@@ -1271,6 +1336,31 @@ bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, 
     if (n_sel <= 0 || n_sel > kDownCombineMaxSel || n_out <= 0 || n_out > INT32_MAX) return false;
     return with_fused_gemv_type(wt, [&](auto t) {
         return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream);
+    });
+}
+
+bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k) {
+    return with_fused_gemv_type(wt, [&](auto t) { return !takes_qgemv<decltype(t)::value>(1, k, n_out); });
+}
+
+bool matmul_ptr(GgmlType wt, const void* const* w, int64_t n_sel, int64_t n_out, int64_t k, const float* x,
+                int64_t x_stride, float* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    if (n_sel <= 0 || n_out <= 0) return true;
+    if (n_sel >= 65536) return false;
+    return with_fused_gemv_type(wt, [&](auto t) {
+        return launch_gemv_ptr<decltype(t)::value>(w, nullptr, n_sel, n_out, k, x, x_stride, y, stream);
+    });
+}
+
+bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* up, int64_t n_sel, int64_t n_out,
+                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    MM_CHECK(up != nullptr);
+    if (n_sel <= 0 || n_out <= 0) return true;
+    if (n_sel >= 65536) return false;
+    return with_fused_gemv_type(wt, [&](auto t) {
+        return launch_gemv_ptr<decltype(t)::value>(gate, up, n_sel, n_out, k, x, x_stride, y, stream);
     });
 }
 
