@@ -692,10 +692,12 @@ private:
     }
 
     // Prompts of up to this many (token, expert) pairs take moe_pairs, longer ones moe_grouped.
-    // MOEMESH_CUDA_PROMPT_PAIRS=N sets it (0: always grouped; read at each prompt chunk).
+    // MOEMESH_CUDA_PROMPT_PAIRS=N sets it (0: always grouped; read at each prompt chunk; at most
+    // 65535, matmul_id's limit on selections).
     static int64_t prompt_pairs_max() {
         const char* e = std::getenv("MOEMESH_CUDA_PROMPT_PAIRS");
-        return e != nullptr && *e != '\0' ? std::max<int64_t>(0, std::atoll(e)) : int64_t{512};
+        if (e == nullptr || *e == '\0') return 512;
+        return std::clamp<int64_t>(std::atoll(e), 0, 65535);
     }
 
     // A short prompt chunk as one decode step of T·K selections: each token's row repeated K times,
