@@ -760,28 +760,29 @@ void route_ref(std::vector<float>& p, int64_t K, bool norm, std::vector<int32_t>
 TEST(CudaOps, SoftmaxTopk) {
     REQUIRE_CUDA();
     const int64_t T = 7;
-    for (const auto& [E, K] : std::vector<std::pair<int64_t, int64_t>>{{128, 8}, {512, 10}, {60, 4}, {1024, 32}})
-    for (const bool ties : {false, true}) {
-        for (const bool norm : {true, false}) {
-            std::vector<float> logits = random_vec(T * E, 10, 2.0f);
-            if (ties)  // few distinct values: the order among equals must be by expert id
-                for (auto& v : logits) v = std::round(v);
-            DeviceBuffer<float> dl(logits);
-            DeviceBuffer<int32_t> dids(T * K);
-            DeviceBuffer<float> dw(T * K);
-            cuda::softmax_topk(dl.get(), T, E, K, norm, dids.get(), dw.get());
-            std::vector<int32_t> want_ids;
-            std::vector<float> want_w, probs;
-            for (int64_t t = 0; t < T; ++t) {
-                std::vector<float> p(logits.begin() + t * E, logits.begin() + (t + 1) * E);
-                route_ref(p, K, norm, &want_ids, &want_w);
-                probs.insert(probs.end(), p.begin(), p.end());
+    for (const auto& [E, K] : std::vector<std::pair<int64_t, int64_t>>{{128, 8}, {512, 10}, {60, 4}, {1024, 32}}) {
+        for (const bool ties : {false, true}) {
+            for (const bool norm : {true, false}) {
+                std::vector<float> logits = random_vec(T * E, 10, 2.0f);
+                if (ties)  // few distinct values: the order among equals must be by expert id
+                    for (auto& v : logits) v = std::round(v);
+                DeviceBuffer<float> dl(logits);
+                DeviceBuffer<int32_t> dids(T * K);
+                DeviceBuffer<float> dw(T * K);
+                cuda::softmax_topk(dl.get(), T, E, K, norm, dids.get(), dw.get());
+                std::vector<int32_t> want_ids;
+                std::vector<float> want_w, probs;
+                for (int64_t t = 0; t < T; ++t) {
+                    std::vector<float> p(logits.begin() + t * E, logits.begin() + (t + 1) * E);
+                    route_ref(p, K, norm, &want_ids, &want_w);
+                    probs.insert(probs.end(), p.begin(), p.end());
+                }
+                const std::string name = "softmax_topk E=" + std::to_string(E) + " K=" + std::to_string(K) +
+                                         (ties ? " ties" : "") + (norm ? " norm" : "");
+                EXPECT_EQ(dids.download(), want_ids) << name;
+                expect_close(name + " weights", dw.download(), want_w, 1e-6);
+                expect_close(name + " probs", dl.download(), probs, 1e-6);
             }
-            const std::string name = "softmax_topk E=" + std::to_string(E) + " K=" + std::to_string(K) +
-                                     (ties ? " ties" : "") + (norm ? " norm" : "");
-            EXPECT_EQ(dids.download(), want_ids) << name;
-            expect_close(name + " weights", dw.download(), want_w, 1e-6);
-            expect_close(name + " probs", dl.download(), probs, 1e-6);
         }
     }
 }
