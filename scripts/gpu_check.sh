@@ -5,7 +5,7 @@
 # (default 420) so one device call can run it with room to spare; sections that no longer fit are
 # listed as skipped.
 #
-#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode profile offload ncu"]
+#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode ab profile offload ncu"]
 #                             [--decode-types "q8_0 q4_k"]
 #
 # decode and offload run the 48-layer Qwen3-30B-A3B shape (issues 6, 7: files made on the device with
@@ -17,7 +17,7 @@
 # model (bench/ncu_decode.sh).
 set -uo pipefail
 BUDGET=420
-ONLY="ops model experts transport memcheck gemv decode profile offload ncu"
+ONLY="ops model experts transport memcheck gemv decode ab profile offload ncu"
 DECODE_TYPES="q8_0 q4_k"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -65,8 +65,16 @@ section() {
   section experts 40 150 "$B/test_cuda_experts"
   section transport 40 150 "$B/test_cuda_transport"
   section gemv 30 60 "$B/bench_cuda_gemv" 20
-  section decode 150 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
+  # decode: ~25 s per type on an H200 once its file is made (Q4_K 8 s, Q8_0 24 s to make) plus the GEMV table.
+  n_types=$(echo $DECODE_TYPES | wc -w)
+  section decode $(( 30 + 40 * n_types )) 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "$DECODE_TYPES" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
+  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh; ~60 s)
+  if [ -f "$D/q30b-L48-q4_k-fast-skew8.gguf" ]; then
+    section ab 60 150 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf"
+  elif want ab; then
+    echo "=== ab: skipped (no $D/q30b-L48-q4_k-fast-skew8.gguf: the decode section with q4_k makes it)"
+  fi
   section profile 60 150 bash "$ROOT/bench/profile_cuda_decode.sh" --moemesh "$B/moemesh" --dir "$D" --budget 8GiB
   if [ -f "$ROOT/bench/bench_cuda_offload.sh" ]; then
     section offload 150 400 bash "$ROOT/bench/bench_cuda_offload.sh" --moemesh "$B/moemesh" --dir "$D" --gen 32
