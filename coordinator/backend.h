@@ -128,27 +128,20 @@ public:
                       const RopeParams& rp) = 0;
     // Writes T·n_kv values of src into a KV cache (f16 bits or f32) starting at element offset.
     virtual void store_kv(void* cache, int64_t offset, const float* src, int64_t n, bool f16) = 0;
-    // One sequence's n new tokens at positions p0..: rope of q [n, n_head, D] and k [n, n_head_kv, D] in
-    // place, then k and v stored at row p0 of the caches (rows of n_head_kv · D). The default is those
-    // four calls; CUDA does it in one launch with the same bits.
-    virtual void rope_store_kv(float* q, float* k, const float* v, int64_t n, int64_t n_head, int64_t n_head_kv,
-                               int64_t head_dim, int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache,
-                               void* v_cache, bool f16) {
+    // One sequence's n new tokens at positions p0..: the per-head RMSNorm of q [n, n_head, D] by q_norm
+    // and of k [n, n_head_kv, D] by k_norm [D] where given (in place), rope of both in place, then k
+    // and v stored at row p0 of the caches (rows of n_head_kv · D). The default is those calls; CUDA
+    // does it in one launch with the same bits.
+    virtual void rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
+                               int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
+                               int64_t p0, const RopeParams& rp, void* k_cache, void* v_cache, bool f16) {
+        if (q_norm) rmsnorm(q, q_norm, q, n * n_head, head_dim, eps);
+        if (k_norm) rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps);
         rope(q, n, n_head, head_dim, rot_dim, p0, rp);
         rope(k, n, n_head_kv, head_dim, rot_dim, p0, rp);
         const int64_t kv_dim = n_head_kv * head_dim;
         store_kv(k_cache, p0 * kv_dim, k, n * kv_dim, f16);
         store_kv(v_cache, p0 * kv_dim, v, n * kv_dim, f16);
-    }
-    // rope_store_kv after the per-head RMSNorm of q by q_norm and of k by k_norm [head_dim] (in place).
-    // The default is those calls; CUDA does it in one launch with the same bits.
-    virtual void norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm,
-                                    float eps, int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                                    int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache, void* v_cache,
-                                    bool f16) {
-        rmsnorm(q, q_norm, q, n * n_head, head_dim, eps);
-        rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps);
-        rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache, f16);
     }
     virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches
     // probs [T, E] router logits (overwritten) → ids/w [T, K] (route_topk's contract).

@@ -438,39 +438,26 @@ public:
             }
         });
     }
-    void rope_store_kv(float* q, float* k, const float* v, int64_t n, int64_t n_head, int64_t n_head_kv,
-                       int64_t head_dim, int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache,
-                       void* v_cache, bool f16) override {
+    void rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
+                       int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim, int64_t p0,
+                       const RopeParams& rp, void* k_cache, void* v_cache, bool f16) override {
         if (p0 > INT32_MAX - n)
-            return Backend::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache,
-                                          f16);
+            return Backend::rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp,
+                                          k_cache, v_cache, f16);
         note_step(p0, n);
-        enqueue({21, P(q), P(k), P(v), n, n_head, n_head_kv, head_dim, rot_dim, F(rp.theta), F(rp.freq_scale),
-                 F(rp.ext_factor), F(rp.attn_factor), F(rp.corr_low), F(rp.corr_high), P(k_cache), P(v_cache), f16},
-                [=, this](bool dev) {
-                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, static_cast<int32_t>(p0),
-                                        dev ? d_p0_ : nullptr, rp, k_cache, v_cache, f16, stream_);
-                });
-    }
-    void norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm, const float* k_norm, float eps,
-                            int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim,
-                            int64_t p0, const RopeParams& rp, void* k_cache, void* v_cache, bool f16) override {
-        if (p0 > INT32_MAX - n)
-            return Backend::norm_rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
-                                               p0, rp, k_cache, v_cache, f16);
-        note_step(p0, n);
-        enqueue({23, P(q), P(k), P(v), P(q_norm), P(k_norm), F(eps), n, n_head, n_head_kv, head_dim, rot_dim,
-                 F(rp.theta), F(rp.freq_scale), F(rp.ext_factor), F(rp.attn_factor), F(rp.corr_low), F(rp.corr_high),
-                 P(k_cache), P(v_cache), f16},
+        enqueue({q_norm || k_norm ? 23 : 21, P(q), P(k), P(v), P(q_norm), P(k_norm), F(eps), n, n_head, n_head_kv,
+                 head_dim, rot_dim, F(rp.theta), F(rp.freq_scale), F(rp.ext_factor), F(rp.attn_factor),
+                 F(rp.corr_low), F(rp.corr_high), P(k_cache), P(v_cache), f16},
                 [=, this](bool dev) {
                     const int32_t* p0_dev = dev ? d_p0_ : nullptr;
+                    const auto pos = static_cast<int32_t>(p0);
                     if (cuda::norm_rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
-                                                 static_cast<int32_t>(p0), p0_dev, rp, k_cache, v_cache, f16, stream_))
-                        return;
-                    cuda::rmsnorm(q, q_norm, q, n * n_head, head_dim, eps, stream_);
-                    cuda::rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps, stream_);
-                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, static_cast<int32_t>(p0),
-                                        p0_dev, rp, k_cache, v_cache, f16, stream_);
+                                                 pos, p0_dev, rp, k_cache, v_cache, f16, stream_))
+                        return;  // both norms in the one launch
+                    if (q_norm) cuda::rmsnorm(q, q_norm, q, n * n_head, head_dim, eps, stream_);
+                    if (k_norm) cuda::rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps, stream_);
+                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, pos, p0_dev, rp, k_cache,
+                                        v_cache, f16, stream_);
                 });
     }
     void attention(const AttentionArgs& a) override {

@@ -514,6 +514,17 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         MM_CUDA_RETURN(dev, e, str_printf("computing layer %d's experts", layer));
         return Status();
     };
+    // Expert e of this layer acquired and held in `pins` until the next drain (its slice stays valid).
+    auto pin = [&](int32_t e) -> StatusOr<ExpertSlice> {
+        StatusOr<ExpertHandle> h = acquire_expert(*src, layer, e);
+        if (!h.ok()) {
+            (void)drain();
+            return h.status();
+        }
+        const ExpertSlice ex = h.value().slice();
+        pins.push_back(std::move(h).value());
+        return ex;
+    };
     // Few pairs, each expert used once (decode): every pair's gate/up/SwiGLU in one launch and its
     // down in another, over a table of the experts' addresses (cuda::matmul_ptr*: the bits of the
     // m = 1 products below), instead of 4 launches per expert. Needs every expert pinned at once.
@@ -527,16 +538,10 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         MM_RETURN_IF_ERROR(ptrs.reserve(dev, ptr_bytes, "the call's expert addresses"));
         auto** hp = static_cast<const void**>(h_ptrs.p);  // [gate n_pairs | up n_pairs | down n_pairs]
         for (const auto& gr : pl.groups) {
-            StatusOr<ExpertHandle> h = acquire_expert(*src, layer, gr.expert);
-            if (!h.ok()) {
-                (void)drain();
-                return h.status();
-            }
-            const ExpertSlice& ex = h.value().slice();
+            MM_ASSIGN_OR_RETURN(const ExpertSlice ex, pin(gr.expert));
             hp[gr.first] = ex.gate;
             hp[n_pairs + gr.first] = ex.up;
             hp[2 * n_pairs + gr.first] = ex.down;
-            pins.push_back(std::move(h).value());
         }
         MM_CUDA_RETURN(dev, cudaMemcpyAsync(ptrs.p, h_ptrs.p, ptr_bytes, cudaMemcpyHostToDevice, s),
                        "uploading the expert addresses");
@@ -547,18 +552,12 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         return drain();
     }
     for (const auto& gr : pl.groups) {
-        StatusOr<ExpertHandle> h = acquire_expert(*src, layer, gr.expert);
-        if (!h.ok()) {
-            (void)drain();
-            return h.status();
-        }
-        const ExpertSlice& ex = h.value().slice();
+        MM_ASSIGN_OR_RETURN(const ExpertSlice ex, pin(gr.expert));
         const int64_t m = gr.count, o = gr.first;
         cuda::matmul(ty.gate, ex.gate, I, H, dxs + o * H, m, dg + o * I, s);  // [m, I]
         cuda::matmul(ty.up, ex.up, I, H, dxs + o * H, m, du + o * I, s);      // [m, I]
         cuda::swiglu(dg + o * I, du + o * I, dg + o * I, m * I, s);           // [m, I]
         cuda::matmul(ty.down, ex.down, H, I, dg + o * I, m, dy + o * H, s);   // [m, H]
-        pins.push_back(std::move(h).value());
         if (static_cast<int64_t>(pins.size()) >= window) MM_RETURN_IF_ERROR(drain());
     }
     // combine

@@ -371,17 +371,6 @@ __device__ __forceinline__ void dot_rows(const uint8_t* const (&rows)[R], int64_
     }
 }
 
-template <GgmlType T, int M>
-__device__ __forceinline__ void dot_row(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const uint8_t* const rows[1] = {row};
-    float a[1][M];
-#pragma unroll
-    for (int r = 0; r < M; ++r) a[0][r] = acc[r];
-    dot_rows<T, 1, M>(rows, k, x, lane, a);
-#pragma unroll
-    for (int r = 0; r < M; ++r) acc[r] = a[0][r];
-}
-
 // W rows per warp of the f32-X GEMV: two for one X row where dot_rows loads each X element once for
 // both (their W loads in flight together), one for several X rows (which reuse each W element
 // already) and for the other types (two rows one after the other only halve the warps: the f32
@@ -391,20 +380,32 @@ constexpr bool kRowsShareX = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == 
 template <GgmlType T, int M>
 constexpr int kGemvRows = M == 1 && kRowsShareX<T> ? 2 : 1;
 
-// grid: (ceil(n_out / (kGemvWarps · kGemvRows<T, M>)), n_sel). Selection s uses matrix ids ? ids[s] : s,
-// X rows from x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
+// Which matrix selection s multiplies: table[s] when there is a table (matrices anywhere, e.g. an
+// expert cache's slices), else base + (ids ? ids[s] : s) · matrix_bytes.
+struct MatSel {
+    const uint8_t* base;
+    size_t matrix_bytes;
+    const int32_t* ids;
+    const uint8_t* const* table;
+    __device__ __forceinline__ const uint8_t* operator()(int64_t s) const {
+        if (table) return table[s];
+        return base + static_cast<size_t>(ids ? ids[s] : s) * matrix_bytes;
+    }
+};
+
+// grid: (ceil(n_out / (kGemvWarps · kGemvRows<T, M>)), n_sel). Selection s uses matrix w(s), X rows
+// from x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
 template <GgmlType T, int M>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes, const int32_t* __restrict__ ids,
-                int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
+    gemv_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride,
+                float* __restrict__ y) {
     grid_dep_wait();
     constexpr int RW = kGemvRows<T, M>;
     const int lane = threadIdx.x % kWarp;
     const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
     if (row0 >= n_out) return;
     const int64_t s = blockIdx.y;
-    const int64_t mat = ids ? ids[s] : s;
-    const uint8_t* wmat = w + static_cast<size_t>(mat) * matrix_bytes;
+    const uint8_t* wmat = w(s);
     const uint8_t* rows[RW];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri)  // a missing last row repeats the one before (not stored)
@@ -469,63 +470,15 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 // gemv_kernel<T, 1> launches, then swiglu_kernel's silu(g) · u (same bits).
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_swiglu_kernel(const uint8_t* __restrict__ wg, const uint8_t* __restrict__ wu, size_t matrix_bytes,
-                       size_t row_bytes, const int32_t* __restrict__ ids, int64_t n_out, int64_t k,
-                       const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
-    grid_dep_wait();
-    const int lane = threadIdx.x % kWarp;
-    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
-    if (row >= n_out) return;
-    const int64_t s = blockIdx.y;
-    const size_t off = static_cast<size_t>(ids[s]) * matrix_bytes + static_cast<size_t>(row) * row_bytes;
-    const uint8_t* const rows[2] = {wg + off, wu + off};
-    float acc[2][1] = {{0.0f}, {0.0f}};
-    dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
-    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
-    if (lane == 0) y[s * n_out + row] = silu(g) * u;
-}
-
-// Expert products whose matrices lie anywhere (an expert cache's slices): selection s uses the W
-// matrix at w[s] (and, for the SwiGLU form, wu[s]) and X row x + s · x_stride, writes y + s · n_out.
-// The dot products, reductions and SwiGLU of gemv_kernel<T, 1> / gemv_swiglu_kernel (same bits as
-// one launch per selection). grid: (ceil(n_out / (kGemvWarps · rows per warp)), n_sel).
-template <GgmlType T>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_ptr_kernel(const uint8_t* const* __restrict__ w, size_t row_bytes, int64_t n_out, int64_t k,
-                    const float* __restrict__ x, int64_t x_stride, float* __restrict__ y) {
-    grid_dep_wait();
-    constexpr int RW = kGemvRows<T, 1>;
-    const int lane = threadIdx.x % kWarp;
-    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
-    if (row0 >= n_out) return;
-    const int64_t s = blockIdx.y;
-    const uint8_t* rows[RW];
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri)
-        rows[ri] = w[s] + static_cast<size_t>(row0 + ri < n_out ? row0 + ri : n_out - 1) * row_bytes;
-    float acc[RW][1];
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
-    dot_rows<T, RW, 1>(rows, k, x + s * x_stride, lane, acc);
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) {
-        const float v = warp_sum(acc[ri][0]);
-        if (lane == 0 && row0 + ri < n_out) y[s * n_out + row0 + ri] = v;
-    }
-}
-
-template <GgmlType T>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_ptr_swiglu_kernel(const uint8_t* const* __restrict__ wg, const uint8_t* const* __restrict__ wu,
-                           size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride,
-                           float* __restrict__ y) {
+    gemv_swiglu_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x,
+                       int64_t x_stride, float* __restrict__ y) {
     grid_dep_wait();
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
     if (row >= n_out) return;
     const int64_t s = blockIdx.y;
     const size_t off = static_cast<size_t>(row) * row_bytes;
-    const uint8_t* const rows[2] = {wg[s] + off, wu[s] + off};
+    const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
     float acc[2][1] = {{0.0f}, {0.0f}};
     dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
     const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
@@ -545,10 +498,10 @@ __global__ void __launch_bounds__(kDownCombineMaxSel* kWarp)
     __shared__ float part[kWarp];
     const int lane = threadIdx.x % kWarp, j = threadIdx.x / kWarp, n_sel = blockDim.x / kWarp;
     const int64_t row = blockIdx.x;
-    float acc[1] = {0.0f};
-    dot_row<T, 1>(wd + static_cast<size_t>(ids[j]) * matrix_bytes + static_cast<size_t>(row) * row_bytes, k, g + j * k,
-                  lane, acc);
-    const float v = warp_sum(acc[0]);
+    const uint8_t* const rows[1] = {wd + static_cast<size_t>(ids[j]) * matrix_bytes + static_cast<size_t>(row) * row_bytes};
+    float acc[1][1] = {{0.0f}};
+    dot_rows<T, 1, 1>(rows, k, g + j * k, lane, acc);
+    const float v = warp_sum(acc[0][0]);
     if (lane == 0) part[j] = v;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -1065,8 +1018,9 @@ void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t
         }
     }
     const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, M>), static_cast<unsigned>(n_sel));
-    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, M>)(static_cast<const uint8_t*>(w), matrix_bytes,
-                                                               ggml_row_bytes(T, k), ids, n_out, k, x, x_stride, y);
+    const MatSel sel{static_cast<const uint8_t*>(w), matrix_bytes, ids, nullptr};
+    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, M>)(sel, ggml_row_bytes(T, k), n_out, k, x,
+                                                                        x_stride, y);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1205,9 +1159,10 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
                         int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
     if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(
-        static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), matrix_bytes, ggml_row_bytes(T, k), ids,
-        n_out, k, x, x_stride, y);
+    const MatSel g{static_cast<const uint8_t*>(gate), matrix_bytes, ids, nullptr};
+    const MatSel u{static_cast<const uint8_t*>(up), matrix_bytes, ids, nullptr};
+    MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(g, u, ggml_row_bytes(T, k), n_out, k, x,
+                                                                            x_stride, y);
     CUDA_CHECK_LAUNCH();
     return true;
 }
@@ -1248,14 +1203,14 @@ bool launch_gemv_ptr(const void* const* w, const void* const* wu, int64_t n_sel,
                      const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
     if (takes_qgemv<T>(1, k, n_out)) return false;  // one launch per selection would take the int8-X GEMV
     const size_t rb = ggml_row_bytes(T, k);
-    const auto* const* pw = reinterpret_cast<const uint8_t* const*>(w);
+    const MatSel sw{nullptr, 0, nullptr, reinterpret_cast<const uint8_t* const*>(w)};
     if (wu != nullptr) {
+        const MatSel su{nullptr, 0, nullptr, reinterpret_cast<const uint8_t* const*>(wu)};
         const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_ptr_swiglu_kernel<T>)(
-            pw, reinterpret_cast<const uint8_t* const*>(wu), rb, n_out, k, x, x_stride, y);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(sw, su, rb, n_out, k, x, x_stride, y);
     } else {
         const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_ptr_kernel<T>)(pw, rb, n_out, k, x, x_stride, y);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, 1>)(sw, rb, n_out, k, x, x_stride, y);
     }
     CUDA_CHECK_LAUNCH();
     return true;

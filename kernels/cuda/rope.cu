@@ -79,14 +79,15 @@ __global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t
 // Per-head RMSNorm of q and k (rmsnorm_kernel's arithmetic: element e is thread e's, warp sums of 32
 // consecutive squares, then the warp sums' butterfly; the idle warps of rmsnorm's 256-thread block
 // only add zeros), then rope_store_kv_kernel's rotation and stores. Blocks: T·Nh q heads, then
-// T·Nkv k heads (each also stores its v row); D threads each (D % 32 == 0, D <= 256).
+// T·Nkv k heads (each also stores its v row); D threads each (D % 32 == 0, D <= kNormRopeMaxHeadDim).
+constexpr int64_t kNormRopeMaxHeadDim = 256;
 __global__ void norm_rope_store_kv_kernel(float* q, float* k, const float* v, int64_t Nh, int64_t Nkv, int64_t D,
                                           int64_t half, const float* qw, const float* kw, float eps,
                                           float theta_scale, RopeParams p, int32_t p0_val, const int32_t* p0_dev,
                                           int64_t T, void* kc, void* vc, bool f16) {
     grid_dep_wait();
     __shared__ float red[kWarp];
-    __shared__ float hv[256];
+    __shared__ float hv[kNormRopeMaxHeadDim];
     const int64_t b = blockIdx.x;
     const bool is_q = b < T * Nh;
     const int64_t th = is_q ? b : b - T * Nh, t = th / (is_q ? Nh : Nkv);
@@ -142,7 +143,8 @@ bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm,
                         int64_t T, int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim, int32_t p0,
                         const int32_t* p0_dev, const RopeParams& p, void* k_cache, void* v_cache, bool f16,
                         cudaStream_t stream) {
-    if (head_dim % kWarp != 0 || head_dim > 256 || rot_dim > head_dim || q_norm == nullptr || k_norm == nullptr)
+    if (head_dim % kWarp != 0 || head_dim > kNormRopeMaxHeadDim || rot_dim > head_dim || q_norm == nullptr ||
+        k_norm == nullptr)
         return false;
     if (T <= 0) return true;
     const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
