@@ -11,9 +11,11 @@
 // on the router's device ids) and its key sequence equals the last captured one; when it equals the
 // previous step's keys (shapes stable) it is captured (cudaStreamBeginCapture ... EndCapture, then
 // cudaGraphExecUpdate of the old graph or a fresh cudaGraphInstantiate); otherwise the closures run
-// one by one. What changes per step is not in the keys: the position p0 (rope positions, the
-// KV-cache row, attention's n_past) is read by the kernels from device memory, copied there from a
-// pinned word before each launch; attention is launched for the splits of the whole cache and its
+// one by one. The graph is cut into segments of MOEMESH_CUDA_GRAPH_SEGMENT ops (default 64; 0 = one
+// graph): while a step is being recorded, each segment whose keys match is launched as soon as its
+// last op is recorded, so the GPU is not idle while the host records the step. What changes per
+// step is not in the keys: the position p0 (rope positions, the KV-cache row, attention's n_past) is
+// read by the kernels from device memory, copied there from a pinned word before the first launch; attention is launched for the splits of the whole cache and its
 // extra blocks exit (kernels/cuda/attention.cu attention_dev); the token embedding is copied into
 // the graph from a pinned staging slot. Results are bitwise those of the eager path. Logits come back
 // through a pinned buffer (cudaMemcpyAsync in the same graph) in both modes.
@@ -69,6 +71,19 @@ int64_t F(float f) {
 
 bool graphs_enabled() {
     const char* e = std::getenv("MOEMESH_CUDA_GRAPHS");
+    return !(e && std::strcmp(e, "0") == 0);
+}
+
+// Ops per decode-graph segment: MOEMESH_CUDA_GRAPH_SEGMENT=N (0: the whole step in one graph).
+int64_t graph_segment_ops() {
+    const char* e = std::getenv("MOEMESH_CUDA_GRAPH_SEGMENT");
+    if (e == nullptr || *e == '\0') return 64;
+    return std::clamp<int64_t>(std::atoll(e), 0, int64_t{1} << 30);
+}
+
+// MOEMESH_CUDA_QX=0: the decode GEMVs read f32 X (no quantized twin from the norms).
+bool qx_enabled() {
+    const char* e = std::getenv("MOEMESH_CUDA_QX");
     return !(e && std::strcmp(e, "0") == 0);
 }
 
@@ -209,16 +224,22 @@ public:
                          name().c_str(), profile_->report().c_str());
             profile_.reset();
         }
-        if (exec_) (void)cudaGraphExecDestroy(exec_);
+        const size_t n_segs = segs_.size();
+        drop_segments(0);
         (void)cudaFreeHost(h_dl_);
         (void)cudaFreeHost(h_up_);
         (void)cudaFreeHost(h_p0_);
         (void)cudaFree(d_p0_);
         (void)cudaStreamDestroy(stream_);
-        if (replays_ > 0 || captures_ > 0)
-            std::fprintf(stderr, "%s: decode graph: %lld capture(s), %lld replay(s), %lld recorded step(s) run op by op\n",
+        if (replays_ > 0 || captures_ > 0) {
+            const double n = static_cast<double>(std::max<int64_t>(replays_, 1));
+            std::fprintf(stderr,
+                         "%s: decode graph: %lld capture(s), %lld replay(s) in %zu segment(s), %lld recorded step(s) "
+                         "run op by op; a replayed step %.0f us from its first op recorded to done (recording %.0f us, "
+                         "then %.0f us waiting for the GPU)\n",
                          name().c_str(), static_cast<long long>(captures_), static_cast<long long>(replays_),
-                         static_cast<long long>(eager_));
+                         n_segs, static_cast<long long>(eager_), step_us_ / n, record_us_ / n, wait_us_ / n);
+        }
     }
     std::string name() const override { return "cuda:" + std::to_string(index_); }
     bool host_memory() const override { return false; }
@@ -348,8 +369,12 @@ public:
     }
 
     void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) override {
-        enqueue({3, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), m, P(y)},
-                [=, this](bool) { cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_); });
+        const uint8_t* qx = m == 1 && cuda::qx_takes(w.type, w.k, w.n_out) ? quantized(x) : nullptr;
+        enqueue({3, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), m, P(y), P(qx)}, [=, this](bool) {
+            if (!qx || !cuda::matmul_qx(w.type, w.data, w.n_out, w.k, qx, y, stream_))
+                cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_);
+        });
+        if (y == qx_src_) qx_src_ = nullptr;
     }
     // Single-row products of one x and weight type (a decode step's q/k/v) in one launch, the same
     // bits as one by one; anything else one by one.
@@ -366,21 +391,38 @@ public:
         const GgmlType t = calls[0].w->type;
         const int64_t k = calls[0].w->k;
         const float* x = calls[0].x;
-        std::vector<int64_t> key = {20, static_cast<int64_t>(t), k, P(x), n};
+        const uint8_t* qx = quantized(x);
+        std::vector<int64_t> key = {20, static_cast<int64_t>(t), k, P(x), n, P(qx)};
         for (int i = 0; i < n; ++i) key.insert(key.end(), {P(w[i]), n_out[i], P(y[i])});
         enqueue(key, [=, this](bool) {
-            if (!cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_))
+            if (!cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_, qx))
                 for (int i = 0; i < n; ++i) cuda::matmul(t, w[i], n_out[i], k, x, 1, y[i], stream_);
         });
+        for (int i = 0; i < n; ++i)
+            if (y[i] == qx_src_) qx_src_ = nullptr;
+    }
+    // The quantized twin of x (cuda_ops.h qx_bytes) when the last norm wrote x and it, and no op
+    // that could write x has been recorded since (enqueue_key drops it); else null.
+    const uint8_t* quantized(const float* x) const {
+        return x != nullptr && x == qx_src_ ? qx_buf_.as<uint8_t>() : nullptr;
+    }
+    // Where a norm writing rows × n also writes its quantized twin (a decode row, MOEMESH_CUDA_QX on).
+    uint8_t* qx_target(int64_t rows, int64_t n) {
+        if (!qx_on_ || rows != 1 || !cuda::qx_norm_ok(n)) return nullptr;
+        return grow<uint8_t>(qx_buf_, static_cast<int64_t>(cuda::qx_bytes(n)));
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
-        enqueue({4, P(x), P(w), P(y), rows, n, F(eps)},
-                [=, this](bool) { cuda::rmsnorm(x, w, y, rows, n, eps, stream_); });
+        uint8_t* qx = qx_target(rows, n);
+        enqueue({4, P(x), P(w), P(y), rows, n, F(eps), P(qx)},
+                [=, this](bool) { cuda::rmsnorm(x, w, y, rows, n, eps, stream_, qx); });
+        qx_src_ = qx ? y : nullptr;
     }
     void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n,
                      float eps) override {
-        enqueue({22, P(x), P(t), P(w), P(y), rows, n, F(eps)},
-                [=, this](bool) { cuda::add_rmsnorm(x, t, w, y, rows, n, eps, stream_); });
+        uint8_t* qx = qx_target(rows, n);
+        enqueue({22, P(x), P(t), P(w), P(y), rows, n, F(eps), P(qx)},
+                [=, this](bool) { cuda::add_rmsnorm(x, t, w, y, rows, n, eps, stream_, qx); });
+        qx_src_ = qx ? y : nullptr;
     }
     void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n,
                        float eps) override {
@@ -490,6 +532,7 @@ public:
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
         enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
                 [=, this](bool) { cuda::softmax_topk(probs, T, E, K, norm, ids, w, stream_); });
+        if (probs == qx_src_ || w == qx_src_) qx_src_ = nullptr;
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
@@ -518,8 +561,10 @@ public:
         float* u = grow<float>(u_, K * I_);
         float* y = grow<float>(y_, K * H_);
         decode_step_ = true;
-        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y)},
-                [=, this, &r](bool) { moe_decode(r, x, K, ids, w, out, g, u, y); });
+        const uint8_t* qx = quantized(x);
+        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx)},
+                [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y); });
+        if (out == qx_src_) qx_src_ = nullptr;
         return Status();
     }
     void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
@@ -561,29 +606,50 @@ public:
         return moe_grouped(experts_[layer], x, T, K, ids, w, out);
     }
 
-    // Runs what was recorded: a graph replay, a capture + replay, or op by op; then waits for the
-    // stream. No-op when nothing is recorded.
+    // Runs what was recorded: graph segments (those not yet replayed while recording), a capture +
+    // replay, or op by op; then waits for the stream. No-op when nothing is recorded.
     void flush() {
         if (pending_.empty()) return;
         if (t_pending == this) t_pending = nullptr;
+        const auto t_flush = std::chrono::steady_clock::now();
+        const bool graph = graphable_ && decode_step_ && pending_.size() >= 8;
+        // The last segment: replayed only when it ends the graphed step (then the whole step was).
+        const bool replayed = graph && seg_ok_ && !segs_.empty() && seg_next_ + 1 == segs_.size() && replay_next();
         std::vector<std::function<void(bool)>> ops;
         ops.swap(pending_);
-        const bool graph = graphable_ && decode_step_ && ops.size() >= 8;
-        const int32_t p0 = static_cast<int32_t>(std::max<int64_t>(step_p0_, 0));
-        graphable_ = true, decode_step_ = false, step_p0_ = -1, up_used_ = 0;
-        if (graph && !(exec_ && sig_ == exec_sig_) && sig_ == prev_sig_) capture(ops);
-        if (graph && exec_ && sig_ == exec_sig_) {
-            *h_p0_ = p0;
-            CUDA_CHECK(cudaMemcpyAsync(d_p0_, h_p0_, sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-            CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+        const size_t launched = launched_;
+        graphable_ = true, decode_step_ = false, up_used_ = 0;
+        launched_ = 0, seg_next_ = 0, seg_ok_ = true;
+        if (replayed) {
+            ++replays_, ++g_replays;
+        } else if (graph && launched == 0 && sig_ != exec_sig_ && sig_ == prev_sig_ && capture(ops)) {
+            // Captured (nothing of the step ran yet): run the new segments.
+            for (size_t i = 0; i < segs_.size(); ++i) {
+                send_p0();
+                CUDA_CHECK(cudaGraphLaunch(segs_[i].exec, stream_));
+            }
             ++replays_, ++g_replays;
         } else {
-            for (auto& op : ops) op(false);
+            // Op by op from the first op no segment ran (a step that left the graphed one part-way).
+            if (graph && launched > 0 && sig_ != exec_sig_ && sig_ == prev_sig_) {
+                CUDA_CHECK(cudaStreamSynchronize(stream_));  // capture records only; ops[0, launched) ran
+                (void)capture(ops);
+            }
+            for (size_t i = launched; i < ops.size(); ++i) ops[i](false);
             if (graph) ++eager_, ++g_eager_steps;
         }
+        step_p0_ = -1, p0_sent_ = false;
         prev_sig_.swap(sig_);
         sig_.clear();
+        const auto t_wait = std::chrono::steady_clock::now();
         CUDA_CHECK(cudaStreamSynchronize(stream_));
+        if (replayed) {  // where a replayed step's time goes (printed when the backend goes away)
+            const auto t_end = std::chrono::steady_clock::now();
+            using us = std::chrono::duration<double, std::micro>;
+            step_us_ += us(t_end - t_step_).count();
+            record_us_ += us(t_flush - t_step_).count();
+            wait_us_ += us(t_end - t_wait).count();
+        }
     }
 
 private:
@@ -600,50 +666,107 @@ private:
     }
     template <typename Fn>
     void enqueue_key(const int64_t* key, size_t n_key, Fn&& f) {
+        // The quantized twin stays valid only across ops that do not write the norm's output
+        // (matmul, matmul_many, route, resident decode MoE: their outputs are checked by them).
+        const int64_t op = n_key ? key[0] : 0;
+        if (op != 3 && op != 20 && op != 15 && op != 16) qx_src_ = nullptr;
         if (profile_) return profile_->time(op_label(key, n_key), [&] { f(false); });
         if (!defer_) return f(false);
         if (t_pending && t_pending != this) t_pending->flush();
         t_pending = this;
+        if (pending_.empty()) t_step_ = std::chrono::steady_clock::now();
         sig_.push_back(static_cast<int64_t>(n_key));
         sig_.insert(sig_.end(), key, key + n_key);
         pending_.emplace_back(std::forward<Fn>(f));
+        // A full segment that matches the graphed step's runs now, while the rest is being recorded.
+        if (seg_ok_ && seg_next_ + 1 < segs_.size() && pending_.size() - launched_ == segs_[seg_next_].n_ops)
+            seg_ok_ = replay_next();
+    }
+    // Replays segment seg_next_ if the ops recorded since the last replayed one are its ops (same
+    // keys) and every op of the step so far is graphable (T == 1, one p0).
+    bool replay_next() {
+        const Segment& sg = segs_[seg_next_];
+        const size_t sig_begin = seg_next_ ? segs_[seg_next_ - 1].sig_end : 0;
+        if (!graphable_ || pending_.size() - launched_ != sg.n_ops || sig_.size() != sg.sig_end ||
+            !std::equal(sig_.begin() + static_cast<std::ptrdiff_t>(sig_begin), sig_.end(),
+                        exec_sig_.begin() + static_cast<std::ptrdiff_t>(sig_begin)))
+            return false;
+        send_p0();
+        CUDA_CHECK(cudaGraphLaunch(sg.exec, stream_));
+        launched_ = pending_.size();
+        ++seg_next_;
+        return true;
+    }
+    // The step's p0 to d_p0_ (in stream order, before the first graph kernel that reads it), once it
+    // is known: every op that reads d_p0_ notes its p0 before it is recorded.
+    void send_p0() {
+        if (p0_sent_ || step_p0_ < 0) return;
+        *h_p0_ = static_cast<int32_t>(step_p0_);
+        CUDA_CHECK(cudaMemcpyAsync(d_p0_, h_p0_, sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+        p0_sent_ = true;
     }
     // An op at positions p0 .. p0 + T - 1: a step is graphed only when all of them agree and T == 1.
     void note_step(int64_t p0, int64_t T) {
         if (T != 1 || (step_p0_ >= 0 && step_p0_ != p0) || p0 > INT32_MAX) graphable_ = false;
         if (step_p0_ < 0) step_p0_ = p0;
     }
-    // Records the ops into a graph (device-side p0) and makes exec_ run it. A capture the runtime
-    // refuses turns graphs off for this backend (with a message) instead of aborting.
-    void capture(std::vector<std::function<void(bool)>>& ops) {
+    // Records the ops into graphs of seg_ops_ ops each (device-side p0; one graph when seg_ops_ is 0)
+    // and makes segs_ run them: each segment's executable graph updated in place where the runtime
+    // allows, else instantiated afresh. A capture the runtime refuses turns graphs off for this
+    // backend (with a message) instead of aborting.
+    bool capture(std::vector<std::function<void(bool)>>& ops) {
         auto give_up = [&](const char* what, cudaError_t e) {
             std::fprintf(stderr, "%s: CUDA graph %s failed (%s); decode steps run op by op from now on\n",
                          name().c_str(), what, cudaGetErrorString(e));
             (void)cudaGetLastError();
+            drop_segments(0);
+            exec_sig_.clear();
             defer_ = false;
+            return false;
         };
-        cudaGraph_t g = nullptr;
-        cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
-        if (e != cudaSuccess) return give_up("capture", e);
-        for (auto& op : ops) op(true);
-        e = cudaStreamEndCapture(stream_, &g);
-        if (e != cudaSuccess) return give_up("capture", e);
-        if (exec_) {
-            cudaGraphExecUpdateResultInfo info{};
-            if (cudaGraphExecUpdate(exec_, g, &info) != cudaSuccess) {
-                (void)cudaGetLastError();
-                (void)cudaGraphExecDestroy(exec_);
-                exec_ = nullptr;
+        const size_t per = seg_ops_ > 0 ? static_cast<size_t>(seg_ops_) : ops.size();
+        const size_t n_segs = (ops.size() + per - 1) / per;
+        drop_segments(n_segs);
+        segs_.resize(n_segs);
+        size_t sig_pos = 0;
+        for (size_t si = 0; si < n_segs; ++si) {
+            Segment& sg = segs_[si];
+            const size_t a = si * per, b = std::min(ops.size(), a + per);
+            cudaGraph_t g = nullptr;
+            cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
+            if (e != cudaSuccess) return give_up("capture", e);
+            for (size_t i = a; i < b; ++i) {
+                ops[i](true);
+                sig_pos += static_cast<size_t>(sig_[sig_pos]) + 1;  // each op's key: its length, then the key
             }
-        }
-        if (!exec_) e = cudaGraphInstantiate(&exec_, g, 0);
-        (void)cudaGraphDestroy(g);
-        if (e != cudaSuccess) {
-            exec_ = nullptr;
-            return give_up("instantiation", e);
+            e = cudaStreamEndCapture(stream_, &g);
+            if (e != cudaSuccess) return give_up("capture", e);
+            if (sg.exec) {
+                cudaGraphExecUpdateResultInfo info{};
+                if (cudaGraphExecUpdate(sg.exec, g, &info) != cudaSuccess) {
+                    (void)cudaGetLastError();
+                    (void)cudaGraphExecDestroy(sg.exec);
+                    sg.exec = nullptr;
+                }
+            }
+            e = cudaSuccess;
+            if (!sg.exec) e = cudaGraphInstantiate(&sg.exec, g, 0);
+            (void)cudaGraphDestroy(g);
+            if (e != cudaSuccess) {
+                sg.exec = nullptr;
+                return give_up("instantiation", e);
+            }
+            sg.n_ops = b - a, sg.sig_end = sig_pos;
         }
         exec_sig_ = sig_;
         ++captures_, ++g_captures;
+        return true;
+    }
+    // Destroys the executable graphs of segments keep and later.
+    void drop_segments(size_t keep) {
+        for (size_t i = keep; i < segs_.size(); ++i)
+            if (segs_[i].exec) (void)cudaGraphExecDestroy(segs_[i].exec);
+        if (keep < segs_.size()) segs_.resize(keep);
     }
 
     // A device copy of `bytes` host bytes, kept for the backend's lifetime.
@@ -662,12 +785,14 @@ private:
 
     // One token: the K selected experts in three expert-indexed GEMVs (weights read once each); the
     // router's ids stay on the device. g, u: [K, I]; y: [K, H].
-    void moe_decode(const ResidentExperts& r, const float* x, int64_t K, const int32_t* ids, const float* w,
-                    float* out, float* g, float* u, float* y) {
+    // qx: x quantized (or null), read by gate/up where the type takes it.
+    void moe_decode(const ResidentExperts& r, const float* x, const uint8_t* qx, int64_t K, const int32_t* ids,
+                    const float* w, float* out, float* g, float* u, float* y) {
         const int64_t H = H_, I = I_;
-        // gate, up and SwiGLU in one launch where the types allow (same bits as the three below)
+        // gate, up and SwiGLU in one launch where the types allow (same bits as the three below
+        // without qx)
         if (r.tg != r.tu || r.mb_g != r.mb_u ||
-            !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, K, I, H, x, 0, g, stream_)) {
+            !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, K, I, H, x, 0, g, stream_, qx)) {
             cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g, stream_);  // [K, I]
             cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
             cuda::swiglu(g, u, g, K * I, stream_);
@@ -809,8 +934,26 @@ private:
     size_t up_used_ = 0;
     uint8_t* h_dl_ = nullptr;                            // pinned to_host staging [dl_cap_]
     size_t dl_cap_ = 0;
-    cudaGraphExec_t exec_ = nullptr;
+    // The graphed step in segments: each replays as soon as its ops are recorded (and match), so the
+    // GPU runs the first layers while the host records the rest (one whole-step graph left the GPU
+    // idle for the recording).
+    struct Segment {
+        size_t n_ops = 0, sig_end = 0;  // ops; end of its keys in exec_sig_
+        cudaGraphExec_t exec = nullptr;
+    };
+    std::vector<Segment> segs_;
+    int64_t seg_ops_ = graph_segment_ops();  // MOEMESH_CUDA_GRAPH_SEGMENT
+    size_t launched_ = 0;   // ops of pending_ already run by replayed segments
+    size_t seg_next_ = 0;   // the next segment to replay
+    bool seg_ok_ = true;    // the step so far is the graphed one
+    bool p0_sent_ = false;  // d_p0_ holds this step's p0
+    std::chrono::steady_clock::time_point t_step_;  // first op of the step recorded
+    double step_us_ = 0, record_us_ = 0, wait_us_ = 0;  // sums over replayed steps
     int64_t captures_ = 0, replays_ = 0, eager_ = 0;
+    // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
+    bool qx_on_ = qx_enabled();
+    Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)
+    const float* qx_src_ = nullptr;     // the f32 row qx_buf_ holds, while valid
     std::unique_ptr<OpProfile> profile_;  // MOEMESH_CUDA_PROFILE
 };
 

@@ -265,9 +265,10 @@ struct Decode {
 };
 
 Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f16, const std::vector<int32_t>& prompt,
-                          int n_gen) {
+                          int n_gen, const char* segment = nullptr) {
     Decode d;
     setenv("MOEMESH_CUDA_GRAPHS", graphs, 1);
+    if (segment) setenv("MOEMESH_CUDA_GRAPH_SEGMENT", segment, 1);
     auto gf = GgufFile::open(path);
     EXPECT_TRUE(gf.ok()) << gf.status().message();
     if (!gf.ok()) return d;
@@ -279,6 +280,7 @@ Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f
     mo.device = "cuda:0";
     auto m = load_model(file, mo);
     unsetenv("MOEMESH_CUDA_GRAPHS");
+    unsetenv("MOEMESH_CUDA_GRAPH_SEGMENT");
     EXPECT_TRUE(m.ok()) << m.status().message();
     if (!m.ok()) return d;
     Model& model = **m;
@@ -298,8 +300,10 @@ Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f
 }
 
 // Graph replay vs op by op: the same tokens, the same logits (bitwise expected; 1e-6 required),
-// and the graph really replayed (at least all but the first few steps).
-void check_graphs(const std::string& what, const std::string& path, bool kv_f16, int n_gen) {
+// and the graph really replayed (at least all but the first few steps). segment: the graph's
+// MOEMESH_CUDA_GRAPH_SEGMENT (ops per segment; null: the default).
+void check_graphs(const std::string& what, const std::string& path, bool kv_f16, int n_gen,
+                  const char* segment = nullptr) {
 #ifdef MM_CUDA_EMULATION
     // On the host emulator (test_cuda_model_emu) a decode step costs milliseconds: 280 steps still
     // cross the first attention split (context > 256) and replay the graph hundreds of times.
@@ -308,7 +312,7 @@ void check_graphs(const std::string& what, const std::string& path, bool kv_f16,
     const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 3);
     const Decode off = decode_with_graphs(path, "0", kv_f16, prompt, n_gen);
     const CudaGraphStats s0 = cuda_graph_stats();
-    const Decode on = decode_with_graphs(path, "1", kv_f16, prompt, n_gen);
+    const Decode on = decode_with_graphs(path, "1", kv_f16, prompt, n_gen, segment);
     const CudaGraphStats s1 = cuda_graph_stats();
     ASSERT_EQ(off.tokens.size(), static_cast<size_t>(n_gen));
     ASSERT_EQ(on.logits.size(), off.logits.size());
@@ -344,6 +348,15 @@ TEST_F(CudaModel, GraphsOnOffQwen3MoeF32) {
 TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
     REQUIRE_CUDA();
     check_graphs("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, 600);
+}
+
+// The decode graph in segments of 3 ops (each replayed while the rest of the step is recorded;
+// segments end inside layers, attention and MoE alike) and in one piece (segment 0).
+TEST_F(CudaModel, GraphsInSegmentsAndInOnePiece) {
+    REQUIRE_CUDA();
+    check_graphs("qwen3next f32, segments of 3", make(next_opts("f32"), "next_f32"), false, 60, "3");
+    check_graphs("qwen3moe q8_0, segments of 3", make(moe_opts("q8_0"), "moe_q8"), true, 60, "3");
+    check_graphs("qwen3moe q8_0, one graph", make(moe_opts("q8_0"), "moe_q8"), true, 60, "0");
 }
 
 // MOEMESH_CUDA_PROFILE=1: the same tokens and logits as the op-by-op run (the same kernels in the
