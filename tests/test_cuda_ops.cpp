@@ -449,6 +449,115 @@ TEST_P(CudaMatmul, MultiGemvIsTheSeparateProducts) {
 }
 
 // Every type the CUDA matmul takes.
+// X quantized once by the norm (cuda_ops.h qx_bytes): the norms write y and its quantized twin
+// (rows of n elements: per 32 d = amax/127 and q = round(y/d) exactly as on the host, d rounded to
+// f16 next to it, d·Σq per 16), and matmul_qx computes exactly the product of the dequantized W
+// with that rounded X (up to f32 summation order); matmul_multi_gemv and matmul_id_swiglu given the
+// twin are matmul_qx per product (then SwiGLU), bit for bit.
+TEST_P(CudaMatmul, QuantizedXFromTheNorm) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t n_out = 96, k = 512, rows = 2;
+    const std::vector<float> x = random_vec(static_cast<size_t>(rows * k), 41), r = random_vec(static_cast<size_t>(rows * k), 42),
+                             nw = random_vec(static_cast<size_t>(k), 43);
+    ASSERT_TRUE(cuda::qx_norm_ok(k));
+    EXPECT_FALSE(cuda::qx_norm_ok(100));
+    EXPECT_FALSE(cuda::qx_norm_ok(8192));
+    const size_t qb = cuda::qx_bytes(k);
+    DeviceBuffer<float> dx(x), dy(static_cast<size_t>(rows * k)), dy2(static_cast<size_t>(rows * k));
+    const DeviceBuffer<float> dr(r), dnw(nw);
+    DeviceBuffer<uint8_t> qx(rows * qb), qx2(rows * qb);
+    cuda::rmsnorm(dx.get(), dnw.get(), dy2.get(), rows, k, 1e-6f, nullptr, qx2.get());
+    const std::vector<float> y_plain = dy2.download();
+    cuda::rmsnorm(dx.get(), dnw.get(), dy.get(), rows, k, 1e-6f);
+    EXPECT_EQ(y_plain, dy.download()) << "rmsnorm's y changed by writing qx";
+    cuda::add_rmsnorm(dx.get(), dr.get(), dnw.get(), dy.get(), rows, k, 1e-6f, nullptr, qx.get());
+    const std::vector<float> y = dy.download();
+    const std::vector<uint8_t> q = qx.download();
+    // The twin of each row, as the host computes it.
+    std::vector<float> xhat(static_cast<size_t>(rows * k)), xhat16(xhat.size());
+    for (int64_t row = 0; row < rows; ++row) {
+        const uint8_t* b = q.data() + row * qb;
+        const auto* qv = reinterpret_cast<const int8_t*>(b);
+        const auto* d = reinterpret_cast<const float*>(b + k);
+        const float* d16 = d + k / 32;
+        const float* s16 = d16 + k / 32;
+        int bad = 0;
+        for (int64_t g = 0; g < k / 32; ++g) {
+            const float* yg = &y[row * k + g * 32];
+            float amax = 0.0f;
+            for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(yg[i]));
+            const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+            bad += d[g] != dd;
+            bad += d16[g] != fp16_to_fp32(fp32_to_fp16(dd));
+            for (int h = 0; h < 2; ++h) {
+                double sum = 0.0;
+                for (int i = 16 * h; i < 16 * h + 16; ++i) {
+                    const float want = std::round(yg[i] * id);
+                    bad += qv[g * 32 + i] != static_cast<int8_t>(want);
+                    sum += static_cast<double>(dd) * want;
+                    xhat[row * k + g * 32 + i] = dd * want;
+                    xhat16[row * k + g * 32 + i] = d16[g] * want;
+                }
+                bad += std::fabs(s16[2 * g + h] - sum) > 1e-5 * (1.0 + std::fabs(sum));
+            }
+        }
+        EXPECT_EQ(bad, 0) << "row " << row << ": quantized twin differs from the host's";
+    }
+    const bool takes = cuda::qx_takes(t, k, n_out);
+    const bool q8act = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q5_0;
+    const std::string name = std::string("qx ") + ggml_type_name(t);
+    const QuantMatrix a = make_weights(t, n_out, k, 44), b = make_weights(t, n_out, k, 45);
+    const DeviceBuffer<uint8_t> da(a.bytes), db(b.bytes);
+    const std::vector<float> canary(static_cast<size_t>(2 * n_out), 12345.0f);
+    DeviceBuffer<float> ya(canary), yb(canary);
+    const uint8_t* q1 = qx.get() + qb;  // the second row's twin
+    const bool ran = cuda::matmul_qx(t, da.get(), n_out, k, q1, ya.get());
+    EXPECT_EQ(ran, takes) << name;
+    const bool int8_type = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K ||
+                           t == GgmlType::Q5_0 || t == GgmlType::Q5_K || t == GgmlType::Q3_K || t == GgmlType::Q2_K;
+    const char* e = std::getenv("MOEMESH_CUDA_GEMV");
+    const bool auto_mode = e == nullptr || (std::string(e) != "new" && std::string(e) != "old");
+    if (auto_mode) EXPECT_EQ(takes, int8_type) << name;
+    if (!ran) {
+        EXPECT_EQ(ya.download(), canary) << name << ": declined but wrote";
+        return;
+    }
+    cuda::matmul_qx(t, db.get(), n_out, k, q1, yb.get());
+    const std::vector<float> x1(xhat.begin() + k, xhat.end()), x1h(xhat16.begin() + k, xhat16.end());
+    std::vector<float> got_a = ya.download(), got_b = yb.download();
+    got_a.resize(n_out), got_b.resize(n_out);
+    expect_close(name + " vs x̂ · Wᵀ", got_a, ref_matmul(a.deq, n_out, k, q8act ? x1h : x1, 1), 2e-6);
+    // ... and near the product with the unrounded row (the 8-bit rounding of X)
+    const std::vector<float> y1(y.begin() + k, y.end());
+    expect_close(name + " vs x · Wᵀ", got_a, ref_matmul(a.deq, n_out, k, y1, 1), 2e-2);
+    // One launch for two products, and gate/up/SwiGLU over expert ids, from the same twin.
+    DeviceBuffer<float> m0(canary), m1(canary);
+    const void* ws[2] = {da.get(), db.get()};
+    const int64_t outs[2] = {n_out, n_out};
+    float* ys[2] = {m0.get(), m1.get()};
+    ASSERT_TRUE(cuda::matmul_multi_gemv(t, 2, ws, outs, k, dy.get() + k, ys, nullptr, q1)) << name;
+    std::vector<float> g0 = m0.download(), g1 = m1.download();
+    g0.resize(n_out), g1.resize(n_out);
+    EXPECT_EQ(g0, got_a) << name << " multi, product 0";
+    EXPECT_EQ(g1, got_b) << name << " multi, product 1";
+    std::vector<uint8_t> stacked = a.bytes;  // expert 0 = a, expert 1 = b
+    stacked.insert(stacked.end(), b.bytes.begin(), b.bytes.end());
+    const DeviceBuffer<uint8_t> dst(stacked);
+    const DeviceBuffer<int32_t> ids(std::vector<int32_t>{1, 0});
+    DeviceBuffer<float> sw(canary);
+    ASSERT_TRUE(cuda::matmul_id_swiglu(t, dst.get(), dst.get(), a.bytes.size(), ids.get(), 2, n_out, k, dy.get() + k, 0,
+                                       sw.get(), nullptr, q1))
+        << name;
+    DeviceBuffer<float> ga(got_a), gb(got_b), s0(static_cast<size_t>(n_out)), s1(static_cast<size_t>(n_out));
+    cuda::swiglu(gb.get(), gb.get(), s0.get(), n_out);  // selection 0: expert 1 as gate and up
+    cuda::swiglu(ga.get(), ga.get(), s1.get(), n_out);
+    std::vector<float> want = s0.download();
+    const std::vector<float> w1 = s1.download();
+    want.insert(want.end(), w1.begin(), w1.end());
+    EXPECT_EQ(sw.download(), want) << name << " swiglu";
+}
+
 const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0,
                                           GgmlType::Q5_0, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
                                           GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q4_1, GgmlType::Q5_1,

@@ -68,8 +68,9 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
 // where one of them would not take the f32-activation GEMV (the int8-X GEMV by size or
 // MOEMESH_CUDA_GEMV=new), or for n outside 2..kMultiGemvMax.
 inline constexpr int kMultiGemvMax = 4;
+// qx: x quantized (qx_bytes below); where qx_takes, the products read it instead of x.
 bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
-                       float* const* y, cudaStream_t stream = nullptr);
+                       float* const* y, cudaStream_t stream = nullptr, const uint8_t* qx = nullptr);
 
 // A decode step's expert gate and up products and SwiGLU in one launch:
 //   Y[s, n_out] = silu(X[s] · G_{ids[s]}ᵀ) ⊙ (X[s] · U_{ids[s]}ᵀ)   for s < n_sel,
@@ -77,9 +78,31 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
 // one warp per row computing both). Returns false, launching nothing, where that path would not be
 // the f32-activation GEMV (the int8-X GEMV by size or MOEMESH_CUDA_GEMV=new) or gate and up
 // differ in type or layout: the caller then runs the three launches.
+// qx (with x_stride 0): x quantized, read instead of x where qx_takes.
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
-                      cudaStream_t stream = nullptr);
+                      cudaStream_t stream = nullptr, const uint8_t* qx = nullptr);
+
+// ---- X quantized once for the decode GEMVs ("qx") ----
+// One X row of k floats as the int8-X GEMVs read it, llama.cpp Q8_1-style: int8 quants [k], then per
+// 32 elements the scale d = amax / 127 [k/32] and d rounded to f16 [k/32] (for Q8_0 / Q4_0 / Q5_0
+// weights, as the CPU's Q8_0 activations), then d · Σq per 16 elements [k/16] (the K-quant min
+// terms). rmsnorm / add_rmsnorm write it next to y (qx_norm_ok); matmul_qx, matmul_multi_gemv and
+// matmul_id_swiglu read it instead of x: the dot products of the in-block int8-X kernel (the same
+// quantization, so the same sums) without quantizing X again in every block. Not bit-identical to
+// the f32-X GEMV (X is rounded to 8 bits: relative error ~5e-3, as the CPU's quantized X).
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline size_t qx_bytes(int64_t k) { return static_cast<size_t>(k + 8 * (k / 32) + 4 * (k / 16)); }
+// Whether the norms can write the quantized row of n elements (n % 256 == 0, n <= 4096).
+bool qx_norm_ok(int64_t n);
+// Whether a single-row product of type wt over k (rows = n_out · selections) reads qx when given it:
+// the int8-X types, k % 256 == 0, and where the f32-X GEMV would run otherwise.
+bool qx_takes(GgmlType wt, int64_t k, int64_t rows);
+// y[n_out] = x̂ · Wᵀ from the quantized row qx; false (nothing launched) where !qx_takes.
+bool matmul_qx(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* y,
+               cudaStream_t stream = nullptr);
 // Single-row products of n_sel matrices that lie anywhere (expert-cache slices), in one launch:
 //   Y[s, n_out] = X[s] · W_sᵀ  with W_s at w[s] (w: a device array of n_sel pointers), X[s] at x + s · x_stride;
 // matmul_ptr_swiglu: Y[s] = silu(X[s] · G_sᵀ) ⊙ (X[s] · U_sᵀ). Bit-identical to matmul (m = 1) per
@@ -109,12 +132,13 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
 
 // ---- elementwise / normalisation (kernels/cuda/norm.cu) ----
 // y[r, :] = x[r, :] / sqrt(mean(x²) + eps) * w (w may be null: no weight). y may alias x.
+// qx (qx_norm_ok(n)): also row r of y quantized at qx + r · qx_bytes(n).
 void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps,
-             cudaStream_t stream = nullptr);
+             cudaStream_t stream = nullptr, uint8_t* qx = nullptr);
 // x[rows, n] += t, then y = rmsnorm(x) · w, in one launch with the bits of add_inplace then rmsnorm
 // (the residual add before a layer's second norm). y must not alias x or t.
 void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps,
-                 cudaStream_t stream = nullptr);
+                 cudaStream_t stream = nullptr, uint8_t* qx = nullptr);
 // y[r, :] = rmsnorm(x[r, :]) * w * silu(z[r, :]). y may alias x.
 void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
                    cudaStream_t stream = nullptr);

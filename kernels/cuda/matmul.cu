@@ -662,6 +662,20 @@ constexpr bool kHasQGemv = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == Gg
 template <GgmlType T>
 constexpr bool kQ8_0Act = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q5_0;
 
+// acc[ri][r] += rows[ri] · X̂[r] for the int8-X types (X̂: X quantized per 32, QX).
+template <GgmlType T, int R, int M>
+__device__ __forceinline__ void dotq_rows(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
+                                          float (&acc)[R][M]) {
+    if constexpr (T == GgmlType::Q8_0) dotq_q8_0<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M>(rows, k, x, lane, acc);
+}
+
 // Shared memory of the int8-X kernel for M rows of k: q (M·k bytes), d (M·k/32 floats), s16 (M·k/16 floats).
 inline size_t qgemv_smem(int64_t m, int64_t k) {
     return static_cast<size_t>(m * k + m * (k / 32) * 4 + m * (k / 16) * 4);
@@ -707,22 +721,9 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         for (int i = 0; i < kQBatch; ++i) {
             const int64_t gi = g0 + i * kGemvQWarps;
             if (gi >= groups) break;  // warp-uniform
-            const float v = vb[i];
-            const float amax = warp_max(fabsf(v));
-            const float d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            const float qv = roundf(v * id);
-            xq[gi * 32 + lane] = static_cast<int8_t>(qv);
-            // Sums of the two halves of 16 of the quantized values (d · q, as llama.cpp's Q8_1 sum): the
-            // K-quant min term then uses the same rounded X as the scale term, so the product is exactly
-            // Σ w · x̂ and the rounding errors stay weighted by the centred weights. (Exact sums of x
-            // here, as in the first version, weight the errors by d·sc·q instead: Q4_K m=2 reached
-            // 2.2e-2 relative vs the exact product on the device, Q6_K / Q8_0 5.4e-3.)
-            float h = d * qv;
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffffu, h, o);
-            if (lane == 0) xd[gi] = kQ8_0Act<T> ? round_f16(d) : d;
-            if ((lane & 15) == 0) xs[2 * gi + lane / 16] = h;
+            const QGroup qg = quant_group32(vb[i], lane, xq + gi * 32);
+            if (lane == 0) xd[gi] = kQ8_0Act<T> ? round_f16(qg.d) : qg.d;
+            if ((lane & 15) == 0) xs[2 * gi + lane / 16] = qg.h;
         }
     }
     __syncthreads();
@@ -738,14 +739,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         for (int ri = 0; ri < R; ++ri)
 #pragma unroll
             for (int r = 0; r < M; ++r) acc[ri][r] = 0.0f;
-        if constexpr (T == GgmlType::Q8_0) dotq_q8_0<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M>(wrows, k, qx, lane, acc);
-        else if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M>(wrows, k, qx, lane, acc);
+        dotq_rows<T, R, M>(wrows, k, qx, lane, acc);
 #pragma unroll
         for (int ri = 0; ri < R; ++ri)
 #pragma unroll
@@ -754,6 +748,95 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
                 if (lane == 0 && row + ri < row1) y[(s + r) * n_out + row + ri] = v;
             }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode GEMVs on an X row quantized once, by the norm that produced it (cuda_ops.h qx_bytes): the
+// dot products of gemv_q_kernel (dotq_rows), without its per-block quantization, shared memory and
+// barrier; W rows laid out as in the f32-X kernels (kGemvRows per warp, kGemvWarps per block).
+
+template <GgmlType T>
+__device__ __forceinline__ QX qx_view(const uint8_t* qx, int64_t k) {
+    const float* d = reinterpret_cast<const float*>(qx + k);
+    // Q8_0 / Q4_0 / Q5_0 pair with the f16-rounded scales (as gemv_q_kernel and the CPU's Q8_0 X).
+    return QX{reinterpret_cast<const int8_t*>(qx), kQ8_0Act<T> ? d + k / 32 : d, d + 2 * (k / 32)};
+}
+
+// grid: (ceil(n_out / (kGemvWarps · kGemvRows)), n_sel); selection s: matrix w(s), y + s · n_out.
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_qx_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const uint8_t* __restrict__ qx,
+                   float* __restrict__ y) {
+    grid_dep_wait();
+    constexpr int RW = kGemvRows<T, 1>;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
+    if (row0 >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const uint8_t* wmat = w(s);
+    const uint8_t* rows[RW];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri)
+        rows[ri] = wmat + static_cast<size_t>(row0 + ri < n_out ? row0 + ri : n_out - 1) * row_bytes;
+    float acc[RW][1];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
+    dotq_rows<T, RW, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const float v = warp_sum(acc[ri][0]);
+        if (lane == 0 && row0 + ri < n_out) y[s * n_out + row0 + ri] = v;
+    }
+}
+
+// gemv_multi_kernel on the quantized X.
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_multi_qx_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const uint8_t* __restrict__ qx) {
+    grid_dep_wait();
+    constexpr int RW = kGemvRows<T, 1>;
+    const int lane = threadIdx.x % kWarp;
+    const int64_t total = mg.end[mg.n - 1];
+    const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
+    if (r0 >= total) return;
+    const uint8_t* rows[RW];
+    float* dst[RW];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const int64_t r = r0 + ri < total ? r0 + ri : total - 1;
+        int j = 0;
+        while (r >= mg.end[j]) ++j;
+        const int64_t row = r - (j ? mg.end[j - 1] : 0);
+        rows[ri] = mg.w[j] + static_cast<size_t>(row) * row_bytes;
+        dst[ri] = mg.y[j] + row;
+    }
+    float acc[RW][1];
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
+    dotq_rows<T, RW, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const float v = warp_sum(acc[ri][0]);
+        if (lane == 0 && r0 + ri < total) *dst[ri] = v;
+    }
+}
+
+// gemv_swiglu_kernel on the quantized X (every selection reads the same row).
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_swiglu_qx_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k,
+                          const uint8_t* __restrict__ qx, float* __restrict__ y) {
+    grid_dep_wait();
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (row >= n_out) return;
+    const int64_t s = blockIdx.y;
+    const size_t off = static_cast<size_t>(row) * row_bytes;
+    const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
+    float acc[2][1] = {{0.0f}, {0.0f}};
+    dotq_rows<T, 2, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
+    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+    if (lane == 0) y[s * n_out + row] = silu(g) * u;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1154,13 +1237,43 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
 }
 
 namespace {
+// The quantized-X launches: false (nothing launched) where the type has no int8-X GEMV, k is not a
+// multiple of 256 (qx_view's layout for every type) or the f32-X GEMV would not run (then the
+// in-block int8-X kernel runs on f32 X, as without qx).
+template <GgmlType T>
+bool qx_ok(int64_t k, int64_t rows) {
+    return kHasQGemv<T> && k % 256 == 0 && !takes_qgemv<T>(1, k, rows);
+}
+template <GgmlType T>
+bool launch_qx(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
+               const uint8_t* qx, float* y, cudaStream_t stream) {
+    if constexpr (kHasQGemv<T>) {
+        if (!qx_ok<T>(k, n_out * n_sel)) return false;
+        const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
+        const MatSel sel{static_cast<const uint8_t*>(w), matrix_bytes, ids, nullptr};
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_qx_kernel<T>)(sel, ggml_row_bytes(T, k), n_out, k, qx, y);
+        CUDA_CHECK_LAUNCH();
+        return true;
+    }
+    return false;
+}
+
 template <GgmlType T>
 bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids, int64_t n_sel,
-                        int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+                        int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, const uint8_t* qx,
+                        cudaStream_t stream) {
     if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
     const MatSel g{static_cast<const uint8_t*>(gate), matrix_bytes, ids, nullptr};
     const MatSel u{static_cast<const uint8_t*>(up), matrix_bytes, ids, nullptr};
+    if constexpr (kHasQGemv<T>) {
+        if (qx && qx_ok<T>(k, n_out * n_sel)) {
+            MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_qx_kernel<T>)(g, u, ggml_row_bytes(T, k),
+                                                                                       n_out, k, qx, y);
+            CUDA_CHECK_LAUNCH();
+            return true;
+        }
+    }
     MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(g, u, ggml_row_bytes(T, k), n_out, k, x,
                                                                             x_stride, y);
     CUDA_CHECK_LAUNCH();
@@ -1169,7 +1282,7 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
 
 template <GgmlType T>
 bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x, float* const* y,
-                       cudaStream_t stream) {
+                       const uint8_t* qx, cudaStream_t stream) {
     MultiGemv mg{};
     mg.n = n;
     int64_t rows = 0;
@@ -1181,8 +1294,15 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
         mg.end[j] = rows;
     }
     if (rows <= 0) return true;
-    MM_LAUNCH_PDL(grid_1d(rows, kGemvWarps * kGemvRows<T, 1>), kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k),
-                                                                                           k, x);
+    const unsigned grid = grid_1d(rows, kGemvWarps * kGemvRows<T, 1>);
+    bool quantized = false;
+    if constexpr (kHasQGemv<T>) {
+        quantized = qx != nullptr && k % 256 == 0;  // every product passed takes_qgemv above
+        if (quantized)
+            MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_qx_kernel<T>)(mg, ggml_row_bytes(T, k), k, qx);
+    }
+    if (!quantized)
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k), k, x);
     CUDA_CHECK_LAUNCH();
     return true;
 }
@@ -1234,23 +1354,24 @@ bool with_fused_gemv_type(GgmlType wt, F&& f) {
 }  // namespace
 
 bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
-                       float* const* y, cudaStream_t stream) {
+                       float* const* y, cudaStream_t stream, const uint8_t* qx) {
     check_shape(wt, k);
     if (n < 2 || n > kMultiGemvMax) return false;
     for (int j = 0; j < n; ++j)
         if (n_out[j] < 0) return false;
-    return with_fused_gemv_type(wt, [&](auto t) { return launch_gemv_multi<decltype(t)::value>(n, w, n_out, k, x, y, stream); });
+    return with_fused_gemv_type(
+        wt, [&](auto t) { return launch_gemv_multi<decltype(t)::value>(n, w, n_out, k, x, y, qx, stream); });
 }
 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const uint8_t* qx) {
     check_shape(wt, k);
     MM_CHECK(ids != nullptr && n_sel < 65536);
     if (n_sel <= 0 || n_out <= 0) return true;
     return with_fused_gemv_type(wt, [&](auto t) {
         return launch_gemv_swiglu<decltype(t)::value>(gate, up, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y,
-                                                      stream);
+                                                      x_stride == 0 ? qx : nullptr, stream);
     });
 }
 
@@ -1292,6 +1413,18 @@ bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, 
     return with_fused_gemv_type(wt, [&](auto t) {
         return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream);
     });
+}
+
+bool qx_takes(GgmlType wt, int64_t k, int64_t rows) {
+    return with_fused_gemv_type(wt, [&](auto t) { return qx_ok<decltype(t)::value>(k, rows); });
+}
+
+bool matmul_qx(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* y,
+               cudaStream_t stream) {
+    check_shape(wt, k);
+    if (n_out <= 0) return true;
+    return with_fused_gemv_type(
+        wt, [&](auto t) { return launch_qx<decltype(t)::value>(w, 0, nullptr, 1, n_out, k, qx, y, stream); });
 }
 
 bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k) {

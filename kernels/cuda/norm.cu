@@ -3,7 +3,9 @@
 // of the products that follow).
 #include <cuda_runtime.h>
 
+#include "common/status.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/quant_dev.cuh"
 
 namespace moemesh::cuda {
 
@@ -40,9 +42,28 @@ __device__ __forceinline__ float sumsq_regs(const float (&v)[kRowRegs], int64_t 
     return block_sum(s, red);
 }
 
-// z == nullptr: plain RMSNorm; otherwise gated by silu(z). w == nullptr: no weight.
+// The row in registers (o: for_row_regs' elements) quantized for the int8-X GEMVs at qx (cuda_ops.h
+// qx_bytes layout; n % 32 == 0 and blockDim.x % 32 == 0, so element t + j · blockDim.x of a warp's
+// lanes are one group of 32 for every j).
+__device__ __forceinline__ void quantize_regs(const float (&o)[kRowRegs], int64_t n, uint8_t* qx) {
+    auto* q = reinterpret_cast<int8_t*>(qx);
+    float* d = reinterpret_cast<float*>(qx + n);
+    float* d16 = d + n / 32;
+    float* s16 = d16 + n / 32;
+    const int lane = threadIdx.x % kWarp;
+    for_row_regs(n, [&](int j, int64_t i) {
+        const int64_t gi = i / 32;
+        const QGroup g = quant_group32(o[j], lane, q + gi * 32);
+        if (lane == 0) d[gi] = g.d, d16[gi] = round_f16(g.d);
+        if ((lane & 15) == 0) s16[2 * gi + lane / 16] = g.h;
+    });
+}
+
+// z == nullptr: plain RMSNorm; otherwise gated by silu(z). w == nullptr: no weight. qx: also the
+// row quantized (register path only; the host checks qx_norm_ok).
 // y may alias x (no __restrict__; the register path's loads need none to be issued together).
-__global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, float* y, int64_t n, float eps) {
+__global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, float* y, int64_t n, float eps,
+                               uint8_t* qx) {
     grid_dep_wait();
     __shared__ float red[kWarp];
     const int64_t r = blockIdx.x;
@@ -61,7 +82,9 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, f
             if (w) o *= wv[j];
             if (z) o *= silu(zv[j]);
             yr[i] = o;
+            v[j] = o;
         });
+        if (qx) quantize_regs(v, n, qx + r * qx_bytes(n));
         return;
     }
     const float scale = 1.0f / sqrtf(row_sumsq(xr, n, red) / static_cast<float>(n) + eps);
@@ -75,7 +98,8 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, const float* z, f
 
 // x[r] += t[r], then y[r] = rmsnorm(x[r]) · w: each thread re-reads only the elements it wrote, so
 // the sums see exactly add_kernel's results (the bits of add_inplace then rmsnorm).
-__global__ void add_rmsnorm_kernel(float* x, const float* t, const float* w, float* y, int64_t n, float eps) {
+__global__ void add_rmsnorm_kernel(float* x, const float* t, const float* w, float* y, int64_t n, float eps,
+                                   uint8_t* qx) {
     grid_dep_wait();
     __shared__ float red[kWarp];
     const int64_t r = blockIdx.x;
@@ -98,7 +122,9 @@ __global__ void add_rmsnorm_kernel(float* x, const float* t, const float* w, flo
             float o = v[j] * scale;
             if (w) o *= wv[j];
             yr[i] = o;
+            v[j] = o;
         });
+        if (qx) quantize_regs(v, n, qx + r * qx_bytes(n));
         return;
     }
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) xr[i] = xr[i] + tr[i];
@@ -147,23 +173,28 @@ __global__ void add_kernel(float* y, const float* x, int64_t n) {
 
 }  // namespace
 
-void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
+bool qx_norm_ok(int64_t n) { return n > 0 && n % 256 == 0 && n <= kRowRegs * kRowThreads; }
+
+void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps, cudaStream_t stream,
+             uint8_t* qx) {
     if (rows <= 0) return;
-    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps);
+    MM_CHECK(qx == nullptr || qx_norm_ok(n));
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, nullptr, y, n, eps, qx);
     CUDA_CHECK_LAUNCH();
 }
 
 void add_rmsnorm(float* x, const float* t, const float* w, float* y, int64_t rows, int64_t n, float eps,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, uint8_t* qx) {
     if (rows <= 0) return;
-    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, add_rmsnorm_kernel)(x, t, w, y, n, eps);
+    MM_CHECK(qx == nullptr || qx_norm_ok(n));
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, add_rmsnorm_kernel)(x, t, w, y, n, eps, qx);
     CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_gated(const float* x, const float* w, const float* z, float* y, int64_t rows, int64_t n, float eps,
                    cudaStream_t stream) {
     if (rows <= 0) return;
-    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, z, y, n, eps);
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kRowThreads, 0, stream, rmsnorm_kernel)(x, w, z, y, n, eps, nullptr);
     CUDA_CHECK_LAUNCH();
 }
 
