@@ -38,15 +38,18 @@ fi
 CSV=$OUTD/ncu-decode.csv
 MOEMESH_CUDA_GRAPHS=0 "$NCU" --csv --metrics gpu__time_duration.sum,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active \
   --launch-skip "$SKIP" --launch-count "$COUNT" "$MOEMESH" run --model "$MODEL" --device cuda:0 --tokens 1,2,3,4 \
-  -n 12 --greedy --ignore-eos >"$CSV" 2>"$OUTD/ncu-decode.err" || { tail -n 5 "$OUTD/ncu-decode.err" >&2; exit 1; }
+  -n 48 --greedy --ignore-eos >"$CSV" 2>"$OUTD/ncu-decode.err" || { tail -n 5 "$OUTD/ncu-decode.err" >&2; exit 1; }
 python3 - "$CSV" <<'PY'
 import csv, re, sys
-lines = open(sys.argv[1]).read().splitlines()
+# ncu interleaves the program's own output (e.g. the decode-graph summary) with its CSV rows
+lines = [l for l in open(sys.argv[1], errors="replace").read().splitlines() if l.startswith('"')]
 start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
 kern = {}
 for r in csv.DictReader(lines[start:]):
+    if not r.get("ID") or not r.get("Kernel Name") or not r.get("Metric Name"):
+        continue
     d = kern.setdefault(r["ID"], {"name": re.sub(r"\(.*", "", r["Kernel Name"])})
-    d[r["Metric Name"]] = r["Metric Value"].replace(",", "")
+    d[r["Metric Name"]] = (r["Metric Value"] or "").replace(",", "")
 by = {}
 for d in kern.values():
     by.setdefault(d["name"], []).append(d)

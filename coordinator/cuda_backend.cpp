@@ -11,7 +11,7 @@
 // on the router's device ids) and its key sequence equals the last captured one; when it equals the
 // previous step's keys (shapes stable) it is captured (cudaStreamBeginCapture ... EndCapture, then
 // cudaGraphExecUpdate of the old graph or a fresh cudaGraphInstantiate); otherwise the closures run
-// one by one. The graph is cut into segments of MOEMESH_CUDA_GRAPH_SEGMENT ops (default 64; 0 = one
+// one by one. The graph is cut into segments of MOEMESH_CUDA_GRAPH_SEGMENT ops (default 128; 0 = one
 // graph): while a step is being recorded, each segment whose keys match is launched as soon as its
 // last op is recorded, so the GPU is not idle while the host records the step. What changes per
 // step is not in the keys: the position p0 (rope positions, the KV-cache row, attention's n_past) is
@@ -77,7 +77,7 @@ bool graphs_enabled() {
 // Ops per decode-graph segment: MOEMESH_CUDA_GRAPH_SEGMENT=N (0: the whole step in one graph).
 int64_t graph_segment_ops() {
     const char* e = std::getenv("MOEMESH_CUDA_GRAPH_SEGMENT");
-    if (e == nullptr || *e == '\0') return 64;
+    if (e == nullptr || *e == '\0') return 128;
     return std::clamp<int64_t>(std::atoll(e), 0, int64_t{1} << 30);
 }
 

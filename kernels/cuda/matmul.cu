@@ -717,13 +717,15 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
             const int64_t gi = g0 + i * kGemvQWarps;
             vb[i] = gi < groups ? xsrc[gi * 32 + lane] : 0.0f;
         }
+        const int n = static_cast<int>(std::min<int64_t>(kQBatch, (groups - g0 + kGemvQWarps - 1) / kGemvQWarps));
+        float d[kQBatch], h[kQBatch];
+        quant_groups32<kQBatch>(vb, n, lane, xq + g0 * 32, kGemvQWarps * 32, d, h);
 #pragma unroll
         for (int i = 0; i < kQBatch; ++i) {
             const int64_t gi = g0 + i * kGemvQWarps;
-            if (gi >= groups) break;  // warp-uniform
-            const QGroup qg = quant_group32(vb[i], lane, xq + gi * 32);
-            if (lane == 0) xd[gi] = kQ8_0Act<T> ? round_f16(qg.d) : qg.d;
-            if ((lane & 15) == 0) xs[2 * gi + lane / 16] = qg.h;
+            if (i >= n) break;  // warp-uniform
+            if (lane == 0) xd[gi] = kQ8_0Act<T> ? round_f16(d[i]) : d[i];
+            if ((lane & 15) == 0) xs[2 * gi + lane / 16] = h[i];
         }
     }
     __syncthreads();

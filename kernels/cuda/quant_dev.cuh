@@ -62,25 +62,36 @@ struct QX {
 };
 
 #ifndef MM_CUDA_HOST_EMULATION
-// One group of 32 X elements (lane i holds element i) quantized for the int8-X GEMVs, llama.cpp
-// Q8_1-style: d = amax / 127, q = round(x / d) stored at q[lane]; returns d and, in h, d · Σq over
-// the lane's half of 16 (every lane of a half holds its sum). The K-quant min terms use these sums
-// of the same rounded X as the scale terms, so the product is exactly Σ w · x̂ and the rounding
-// errors stay weighted by the centred weights. (Exact sums of x, as in the first version, weight
-// the errors by d·sc·q instead: Q4_K m=2 reached 2.2e-2 relative vs the exact product on the device.)
-struct QGroup {
-    float d, h;
-};
-__device__ __forceinline__ QGroup quant_group32(float v, int lane, int8_t* q) {
-    const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const float qv = roundf(v * id);
-    q[lane] = static_cast<int8_t>(qv);
-    float h = d * qv;
+// Groups g < n (n <= N) of 32 X elements (lane i holds element i of each group in v[g]) quantized for
+// the int8-X GEMVs, llama.cpp Q8_1-style: d[g] = amax / 127, q = round(x / d) stored at
+// q[g · q_stride + lane]; h[g] = d · Σq over the lane's half of 16 (every lane of a half holds it).
+// The groups' shuffles are interleaved (one dependent chain of 9 shuffles in all, not 9 per group).
+// The K-quant min terms use these sums of the same rounded X as the scale terms, so the product is
+// exactly Σ w · x̂ and the rounding errors stay weighted by the centred weights. (Exact sums of x,
+// as in the first version, weight the errors by d·sc·q instead: Q4_K m=2 reached 2.2e-2 relative
+// vs the exact product on the device.) Groups g >= n are computed but not stored (v[g] set by the caller).
+template <int N>
+__device__ __forceinline__ void quant_groups32(const float (&v)[N], int n, int lane, int8_t* q, int64_t q_stride,
+                                               float (&d)[N], float (&h)[N]) {
+    float amax[N];
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) h += __shfl_xor_sync(0xffffffffu, h, o);
-    return {d, h};
+    for (int g = 0; g < N; ++g) amax[g] = fabsf(v[g]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int g = 0; g < N; ++g) amax[g] = fmaxf(amax[g], __shfl_xor_sync(0xffffffffu, amax[g], o));
+#pragma unroll
+    for (int g = 0; g < N; ++g) {
+        d[g] = amax[g] / 127.0f;
+        const float id = d[g] != 0.0f ? 1.0f / d[g] : 0.0f;
+        const float qv = roundf(v[g] * id);
+        if (g < n) q[g * q_stride + lane] = static_cast<int8_t>(qv);
+        h[g] = d[g] * qv;
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1)
+#pragma unroll
+        for (int g = 0; g < N; ++g) h[g] += __shfl_xor_sync(0xffffffffu, h[g], o);
 }
 #endif
 
