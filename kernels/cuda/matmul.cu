@@ -717,7 +717,8 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
             const int64_t gi = g0 + i * kGemvQWarps;
             vb[i] = gi < groups ? xsrc[gi * 32 + lane] : 0.0f;
         }
-        const int n = static_cast<int>(std::min<int64_t>(kQBatch, (groups - g0 + kGemvQWarps - 1) / kGemvQWarps));
+        const int64_t left = (groups - g0 + kGemvQWarps - 1) / kGemvQWarps;  // groups g0, g0 + kGemvQWarps, …
+        const int n = left < kQBatch ? static_cast<int>(left) : kQBatch;
         float d[kQBatch], h[kQBatch];
         quant_groups32<kQBatch>(vb, n, lane, xq + g0 * 32, kGemvQWarps * 32, d, h);
 #pragma unroll
