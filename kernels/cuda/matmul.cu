@@ -434,6 +434,30 @@ struct MultiGemv {
     int64_t end[kMultiGemvMax];  // cumulative row counts
     int n;
 };
+// The warp's rows r0 … r0 + RW − 1 of the concatenation (a missing last row repeats the one before;
+// its result is not stored): their W rows and outputs.
+template <int RW>
+__device__ __forceinline__ void multi_rows(const MultiGemv& mg, size_t row_bytes, int64_t r0, int64_t total,
+                                           const uint8_t* (&rows)[RW], float* (&dst)[RW]) {
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const int64_t r = r0 + ri < total ? r0 + ri : total - 1;
+        int j = 0;
+        while (r >= mg.end[j]) ++j;
+        const int64_t row = r - (j ? mg.end[j - 1] : 0);
+        rows[ri] = mg.w[j] + static_cast<size_t>(row) * row_bytes;
+        dst[ri] = mg.y[j] + row;
+    }
+}
+template <int RW>
+__device__ __forceinline__ void multi_store(float (&acc)[RW][1], float* const (&dst)[RW], int64_t r0, int64_t total,
+                                            int lane) {
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri) {
+        const float v = warp_sum(acc[ri][0]);
+        if (lane == 0 && r0 + ri < total) *dst[ri] = v;
+    }
+}
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x) {
@@ -445,24 +469,12 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     if (r0 >= total) return;
     const uint8_t* rows[RW];
     float* dst[RW];
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) {
-        const int64_t r = r0 + ri < total ? r0 + ri : total - 1;
-        int j = 0;
-        while (r >= mg.end[j]) ++j;
-        const int64_t row = r - (j ? mg.end[j - 1] : 0);
-        rows[ri] = mg.w[j] + static_cast<size_t>(row) * row_bytes;
-        dst[ri] = mg.y[j] + row;
-    }
+    multi_rows(mg, row_bytes, r0, total, rows, dst);
     float acc[RW][1];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
     dot_rows<T, RW, 1>(rows, k, x, lane, acc);
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) {
-        const float v = warp_sum(acc[ri][0]);
-        if (lane == 0 && r0 + ri < total) *dst[ri] = v;
-    }
+    multi_store(acc, dst, r0, total, lane);
 }
 
 // gate and up of the same selection and row in one warp (as two rows of dot_rows: their loads in
@@ -804,24 +816,12 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     if (r0 >= total) return;
     const uint8_t* rows[RW];
     float* dst[RW];
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) {
-        const int64_t r = r0 + ri < total ? r0 + ri : total - 1;
-        int j = 0;
-        while (r >= mg.end[j]) ++j;
-        const int64_t row = r - (j ? mg.end[j - 1] : 0);
-        rows[ri] = mg.w[j] + static_cast<size_t>(row) * row_bytes;
-        dst[ri] = mg.y[j] + row;
-    }
+    multi_rows(mg, row_bytes, r0, total, rows, dst);
     float acc[RW][1];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
     dotq_rows<T, RW, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
-#pragma unroll
-    for (int ri = 0; ri < RW; ++ri) {
-        const float v = warp_sum(acc[ri][0]);
-        if (lane == 0 && r0 + ri < total) *dst[ri] = v;
-    }
+    multi_store(acc, dst, r0, total, lane);
 }
 
 // gemv_swiglu_kernel on the quantized X (every selection reads the same row).
