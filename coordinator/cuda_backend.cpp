@@ -256,6 +256,7 @@ public:
         if (!defer_ || bytes > kUploadCap - up_used_) {
             flush();
             CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+            qx_src_ = nullptr;  // (not through enqueue_key)
             return;
         }
         // Staged in pinned memory now, copied in stream order (a memcpy node of the graph).
@@ -406,9 +407,11 @@ public:
     const uint8_t* quantized(const float* x) const {
         return x != nullptr && x == qx_src_ ? qx_buf_.as<uint8_t>() : nullptr;
     }
-    // Where a norm writing rows × n also writes its quantized twin (a decode row, MOEMESH_CUDA_QX on).
-    uint8_t* qx_target(int64_t rows, int64_t n) {
-        if (!qx_on_ || rows != 1 || !cuda::qx_norm_ok(n)) return nullptr;
+    // Where a norm (or attention) writing rows × n also writes its quantized twin (a decode row,
+    // MOEMESH_CUDA_QX on; the norms keep n <= 4096 in registers, attention any n % 256 == 0). The
+    // buffer only grows (a reallocation flushes what was recorded, which used the old one).
+    uint8_t* qx_target(int64_t rows, int64_t n, bool norm = true) {
+        if (!qx_on_ || rows != 1 || (norm ? !cuda::qx_norm_ok(n) : n % 256 != 0)) return nullptr;
         return grow<uint8_t>(qx_buf_, static_cast<int64_t>(cuda::qx_bytes(n)));
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
@@ -503,8 +506,10 @@ public:
                 });
     }
     void attention(const AttentionArgs& a) override {
-        const cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
-                                     a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
+        cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
+                               a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
+        // A decode row's output quantized for the o projection, as the norms do.
+        if (a.head_dim % 32 == 0) ga.out_qx = qx_target(a.n_tokens, a.n_head * a.head_dim, false);
         if (!defer_) {
             void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
             if (profile_)
@@ -512,6 +517,7 @@ public:
                                [&] { cuda::attention(ga, ws, stream_); });
             else
                 cuda::attention(ga, ws, stream_);
+            qx_src_ = ga.out_qx ? a.out : nullptr;  // (not through enqueue_key)
             return;
         }
         // The cache's context from its allocation: the workspace and a graph's grid cover all of it.
@@ -523,11 +529,12 @@ public:
         void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga, n_ctx)));
         note_step(a.n_past, a.n_tokens);
         enqueue({14, P(a.q), P(a.k), P(a.v), P(a.out), a.n_tokens, a.n_head, a.n_head_kv, a.head_dim, a.kv_f16,
-                 F(a.scale), P(ws), n_ctx},
+                 F(a.scale), P(ws), n_ctx, P(ga.out_qx)},
                 [=, this](bool dev) {
                     if (dev) cuda::attention_dev(ga, d_p0_, n_ctx, ws, stream_);
                     else cuda::attention(ga, ws, stream_);
                 });
+        qx_src_ = ga.out_qx ? a.out : nullptr;
     }
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
         enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
@@ -536,6 +543,7 @@ public:
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
+        if (out == qx_src_) qx_src_ = nullptr;  // the host-synchronising paths write out directly
         if (!host_experts_ && !dev_experts_ && T > 1 && T * K <= prompt_pairs_max()) {
             const ResidentExperts& r = experts_[layer];
             enqueue({24, layer, P(x), T, K, P(ids), P(w), P(out)},
@@ -564,7 +572,6 @@ public:
         const uint8_t* qx = quantized(x);
         enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx)},
                 [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y); });
-        if (out == qx_src_) qx_src_ = nullptr;
         return Status();
     }
     void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,

@@ -449,6 +449,37 @@ TEST_P(CudaMatmul, MultiGemvIsTheSeparateProducts) {
 }
 
 // Every type the CUDA matmul takes.
+// Mismatches between a quantized row (cuda_ops.h qx_bytes layout) and the host's quantization of its
+// k floats y: q and both scales bit for bit, the half sums to 1e-5. xhat / xhat16 (optional): the
+// rounded row with the f32 / f16-rounded scales.
+int qx_mismatches(const float* y, const uint8_t* b, int64_t k, float* xhat = nullptr, float* xhat16 = nullptr) {
+    const auto* qv = reinterpret_cast<const int8_t*>(b);
+    const auto* d = reinterpret_cast<const float*>(b + k);
+    const float* d16 = d + k / 32;
+    const float* s16 = d16 + k / 32;
+    int bad = 0;
+    for (int64_t g = 0; g < k / 32; ++g) {
+        const float* yg = &y[g * 32];
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(yg[i]));
+        const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        bad += d[g] != dd;
+        bad += d16[g] != fp16_to_fp32(fp32_to_fp16(dd));
+        for (int h = 0; h < 2; ++h) {
+            double sum = 0.0;
+            for (int i = 16 * h; i < 16 * h + 16; ++i) {
+                const float want = std::round(yg[i] * id);
+                bad += qv[g * 32 + i] != static_cast<int8_t>(want);
+                sum += static_cast<double>(dd) * want;
+                if (xhat) xhat[g * 32 + i] = dd * want;
+                if (xhat16) xhat16[g * 32 + i] = d16[g] * want;
+            }
+            bad += std::fabs(s16[2 * g + h] - sum) > 1e-5 * (1.0 + std::fabs(sum));
+        }
+    }
+    return bad;
+}
+
 // X quantized once by the norm (cuda_ops.h qx_bytes): the norms write y and its quantized twin
 // (rows of n elements: per 32 d = amax/127 and q = round(y/d) exactly as on the host, d rounded to
 // f16 next to it, d·Σq per 16), and matmul_qx computes exactly the product of the dequantized W
@@ -476,34 +507,9 @@ TEST_P(CudaMatmul, QuantizedXFromTheNorm) {
     const std::vector<uint8_t> q = qx.download();
     // The twin of each row, as the host computes it.
     std::vector<float> xhat(static_cast<size_t>(rows * k)), xhat16(xhat.size());
-    for (int64_t row = 0; row < rows; ++row) {
-        const uint8_t* b = q.data() + row * qb;
-        const auto* qv = reinterpret_cast<const int8_t*>(b);
-        const auto* d = reinterpret_cast<const float*>(b + k);
-        const float* d16 = d + k / 32;
-        const float* s16 = d16 + k / 32;
-        int bad = 0;
-        for (int64_t g = 0; g < k / 32; ++g) {
-            const float* yg = &y[row * k + g * 32];
-            float amax = 0.0f;
-            for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(yg[i]));
-            const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
-            bad += d[g] != dd;
-            bad += d16[g] != fp16_to_fp32(fp32_to_fp16(dd));
-            for (int h = 0; h < 2; ++h) {
-                double sum = 0.0;
-                for (int i = 16 * h; i < 16 * h + 16; ++i) {
-                    const float want = std::round(yg[i] * id);
-                    bad += qv[g * 32 + i] != static_cast<int8_t>(want);
-                    sum += static_cast<double>(dd) * want;
-                    xhat[row * k + g * 32 + i] = dd * want;
-                    xhat16[row * k + g * 32 + i] = d16[g] * want;
-                }
-                bad += std::fabs(s16[2 * g + h] - sum) > 1e-5 * (1.0 + std::fabs(sum));
-            }
-        }
-        EXPECT_EQ(bad, 0) << "row " << row << ": quantized twin differs from the host's";
-    }
+    for (int64_t row = 0; row < rows; ++row)
+        EXPECT_EQ(qx_mismatches(&y[row * k], q.data() + row * qb, k, &xhat[row * k], &xhat16[row * k]), 0)
+            << "row " << row << ": quantized twin differs from the host's";
     const bool takes = cuda::qx_takes(t, k, n_out);
     const bool q8act = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q5_0;
     const std::string name = std::string("qx ") + ggml_type_name(t);
@@ -921,6 +927,20 @@ TEST(CudaOps, Attention) {
                                    c.n_past, n_head, n_head_kv, head_dim, f16, scale};
             DeviceBuffer<uint8_t> ws(cuda::attention_workspace_bytes(ga));
             cuda::attention(ga, ws.get());
+            // The same with the output also quantized (the o projection's X): out unchanged, each
+            // token's row quantized as the host does it.
+            const int64_t row_n = n_head * head_dim;
+            DeviceBuffer<float> dout2(q.size());
+            DeviceBuffer<uint8_t> qx(c.n_tokens * cuda::qx_bytes(row_n));
+            cuda::AttentionArgs gq = ga;
+            gq.out = dout2.get(), gq.out_qx = qx.get();
+            cuda::attention(gq, ws.get());
+            const std::vector<float> out1 = dout.download(), out2 = dout2.download();
+            EXPECT_EQ(out2, out1) << "attention with out_qx: out changed";
+            const std::vector<uint8_t> qb = qx.download();
+            for (int64_t t = 0; t < c.n_tokens; ++t)
+                EXPECT_EQ(qx_mismatches(&out2[t * row_n], qb.data() + t * cuda::qx_bytes(row_n), row_n), 0)
+                    << "attention T=" << c.n_tokens << " token " << t << ": quantized output";
             std::vector<float> want(q.size());
             AttentionArgs ca{q.data(), f16 ? static_cast<const void*>(k16.data()) : kf.data(),
                              f16 ? static_cast<const void*>(v16.data()) : vf.data(), want.data(), c.n_tokens,

@@ -13,6 +13,7 @@
 
 #include "common/status.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/quant_dev.cuh"
 
 namespace moemesh::cuda {
 
@@ -90,9 +91,11 @@ __global__ void __launch_bounds__(kAttnThreads)
     if (threadIdx.x == 0) wsp[head_dim] = mx, wsp[head_dim + 1] = l;
 }
 
+// qx: out also quantized (AttentionArgs::out_qx; head_dim % 32 == 0, so each warp's 32 outputs of an
+// iteration are one group of 32 of the row).
 __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
                                   int64_t head_dim, int64_t ws_splits, int64_t n_past,
-                                  const int32_t* __restrict__ n_past_dev) {
+                                  const int32_t* __restrict__ n_past_dev, uint8_t* __restrict__ qx) {
     grid_dep_wait();
     const int64_t h = blockIdx.x, t = blockIdx.y;
     const int64_t n_splits = (eff_n_past(n_past, n_past_dev) + gridDim.y + kAttnSplit - 1) / kAttnSplit;
@@ -111,7 +114,20 @@ __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restric
             const float* ws_s = w0 + s * (head_dim + 2);
             o += ws_s[d] * expf(ws_s[head_dim] - M);
         }
-        out[(t * n_head + h) * head_dim + d] = o * inv;
+        const float v = o * inv;
+        out[(t * n_head + h) * head_dim + d] = v;
+        if (qx) {  // warp-uniform
+            const int64_t n = n_head * head_dim, e = h * head_dim + d;
+            const int lane = threadIdx.x % kWarp;
+            uint8_t* row = qx + t * qx_bytes(n);
+            float* dq = reinterpret_cast<float*>(row + n);
+            const float vv[1] = {v};
+            float gd[1], gh[1];
+            quant_groups32<1>(vv, 1, lane, reinterpret_cast<int8_t*>(row) + (e - lane), 0, gd, gh);
+            const int64_t gi = e / 32;
+            if (lane == 0) dq[gi] = gd[0], dq[n / 32 + gi] = round_f16(gd[0]);
+            if ((lane & 15) == 0) dq[2 * (n / 32) + 2 * gi + lane / 16] = gh[0];
+        }
     }
 }
 
@@ -133,6 +149,7 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
     MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
+    MM_CHECK(a.out_qx == nullptr || (a.head_dim % 32 == 0 && a.n_head * a.head_dim % 256 == 0));
     if (a.n_tokens <= 0) return;
     auto* ws = static_cast<float*>(workspace);
     const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
@@ -146,7 +163,7 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     CUDA_CHECK_LAUNCH();
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
     MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
-                                                          n_past_dev);
+                                                          n_past_dev, a.out_qx);
     CUDA_CHECK_LAUNCH();
 }
 

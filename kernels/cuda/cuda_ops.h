@@ -195,6 +195,9 @@ struct AttentionArgs {
     int64_t n_tokens, n_past, n_head, n_head_kv, head_dim;
     bool kv_f16;
     float scale;
+    // Optional: out also quantized for the int8-X GEMVs, row t at out_qx + t · qx_bytes(n_head · head_dim)
+    // (see "X quantized once"; head_dim % 32 == 0 and n_head · head_dim % 256 == 0).
+    uint8_t* out_qx = nullptr;
 };
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
