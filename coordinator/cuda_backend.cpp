@@ -81,10 +81,14 @@ int64_t graph_segment_ops() {
     return std::clamp<int64_t>(std::atoll(e), 0, int64_t{1} << 30);
 }
 
-// MOEMESH_CUDA_QX=0: the decode GEMVs read f32 X (no quantized twin from the norms).
-bool qx_enabled() {
+// Which decode outputs also get a quantized twin for the GEMVs that read them (MOEMESH_CUDA_QX):
+// 0 none (f32 X), 1 (default) the norms and attention, "norms" the norms only.
+enum class QxMode { kOff, kNorms, kAll };
+QxMode qx_mode() {
     const char* e = std::getenv("MOEMESH_CUDA_QX");
-    return !(e && std::strcmp(e, "0") == 0);
+    if (e && std::strcmp(e, "0") == 0) return QxMode::kOff;
+    if (e && std::strcmp(e, "norms") == 0) return QxMode::kNorms;
+    return QxMode::kAll;
 }
 
 bool profile_enabled() {
@@ -411,7 +415,9 @@ public:
     // MOEMESH_CUDA_QX on; the norms keep n <= 4096 in registers, attention any n % 256 == 0). The
     // buffer only grows (a reallocation flushes what was recorded, which used the old one).
     uint8_t* qx_target(int64_t rows, int64_t n, bool norm = true) {
-        if (!qx_on_ || rows != 1 || (norm ? !cuda::qx_norm_ok(n) : n % 256 != 0)) return nullptr;
+        if (qx_mode_ == QxMode::kOff || (!norm && qx_mode_ != QxMode::kAll) || rows != 1 ||
+            (norm ? !cuda::qx_norm_ok(n) : n % 256 != 0))
+            return nullptr;
         return grow<uint8_t>(qx_buf_, static_cast<int64_t>(cuda::qx_bytes(n)));
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
@@ -958,7 +964,7 @@ private:
     double step_us_ = 0, record_us_ = 0, wait_us_ = 0;  // sums over replayed steps
     int64_t captures_ = 0, replays_ = 0, eager_ = 0;
     // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
-    bool qx_on_ = qx_enabled();
+    QxMode qx_mode_ = qx_mode();
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)
     const float* qx_src_ = nullptr;     // the f32 row qx_buf_ holds, while valid
     std::unique_ptr<OpProfile> profile_;  // MOEMESH_CUDA_PROFILE
