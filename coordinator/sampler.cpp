@@ -16,6 +16,38 @@ int32_t argmax(const float* logits, int64_t n) {
     return static_cast<int32_t>(best);
 }
 
+// ids[0, k) = the k ids of the largest logits by decreasing logit (lower id first on ties): what
+// partial_sort of all ids gives. For k much smaller than the vocabulary in one pass over the
+// logits: an id enters a heap of the best k so far only when it beats the heap's worst, so most of
+// a 150k vocabulary costs one comparison (partial_sort over an iota of the ids took ~120 µs per
+// token on the dev VM for top-k 40, a few % of a GPU decode step).
+void top_k_ids(const float* logits, int64_t n_vocab, int64_t k, std::vector<int32_t>& ids) {
+    k = std::clamp<int64_t>(k, 0, n_vocab);
+    if (k == 0) {
+        ids.clear();
+        return;
+    }
+    auto better = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+    if (k * 8 > n_vocab) {
+        ids.resize(static_cast<size_t>(n_vocab));
+        std::iota(ids.begin(), ids.end(), 0);
+        std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), better);
+        ids.resize(static_cast<size_t>(k));
+        return;
+    }
+    ids.resize(static_cast<size_t>(k));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::make_heap(ids.begin(), ids.end(), better);  // the worst kept id on top
+    for (int64_t i = k; i < n_vocab; ++i) {
+        const auto id = static_cast<int32_t>(i);
+        if (!better(id, ids.front())) continue;
+        std::pop_heap(ids.begin(), ids.end(), better);
+        ids.back() = id;
+        std::push_heap(ids.begin(), ids.end(), better);
+    }
+    std::sort_heap(ids.begin(), ids.end(), better);
+}
+
 namespace {
 
 // log Σ exp(logits) in double precision (the softmax's normalizer at temperature 1).
@@ -29,13 +61,8 @@ double log_normalizer(const float* logits, int64_t n_vocab) {
 
 // The top_n ids by decreasing logit (lower id first on ties).
 std::vector<int32_t> top_ids(const float* logits, int64_t n_vocab, int64_t top_n) {
-    std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
-    std::iota(ids.begin(), ids.end(), 0);
-    top_n = std::clamp<int64_t>(top_n, 0, n_vocab);
-    std::partial_sort(ids.begin(), ids.begin() + top_n, ids.end(), [logits](int32_t a, int32_t b) {
-        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
-    ids.resize(static_cast<size_t>(top_n));
+    std::vector<int32_t> ids;
+    top_k_ids(logits, n_vocab, top_n, ids);
     return ids;
 }
 
@@ -59,15 +86,15 @@ TokenLogprobs token_logprobs(const float* logits, int64_t n_vocab, int32_t chose
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
     if (p_.greedy || p_.temperature <= 0.0f) return argmax(logits, n_vocab);
-    ids_.resize(static_cast<size_t>(n_vocab));
-    std::iota(ids_.begin(), ids_.end(), 0);
     int64_t n = n_vocab;
-    auto by_logit = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
     if (p_.top_k > 0 && p_.top_k < n) {
-        std::partial_sort(ids_.begin(), ids_.begin() + p_.top_k, ids_.end(), by_logit);
+        top_k_ids(logits, n_vocab, p_.top_k, ids_);
         n = p_.top_k;
     } else {
-        std::sort(ids_.begin(), ids_.end(), by_logit);
+        ids_.resize(static_cast<size_t>(n_vocab));
+        std::iota(ids_.begin(), ids_.end(), 0);
+        std::sort(ids_.begin(), ids_.end(),
+                  [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
     }
     // Softmax over the survivors (at temperature 1) for the top-p / min-p cuts.
     probs_.resize(static_cast<size_t>(n));

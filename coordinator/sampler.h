@@ -38,6 +38,10 @@ private:
 
 // Index of the largest logit (lowest index on ties).
 int32_t argmax(const float* logits, int64_t n);
+// ids = the k ids of the largest logits, by decreasing logit (lower id first on ties), as a
+// partial_sort of all ids gives; one pass with a heap of k when k is small next to n_vocab.
+void top_k_ids(const float* logits, int64_t n_vocab, int64_t k, std::vector<int32_t>& ids);
+
 // Full softmax at temperature 1 in double precision; returns the top-n (id, prob) pairs, by
 // decreasing probability.
 std::vector<std::pair<int32_t, double>> top_probs(const float* logits, int64_t n_vocab, int64_t top_n);

@@ -1,7 +1,10 @@
 // Sampler: greedy, determinism by seed, cuts, and that draws follow the softmax.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -79,3 +82,28 @@ TEST(Sampler, DrawsFollowSoftmax) {
 
 }  // namespace
 }  // namespace moemesh
+
+// top_k_ids (the heap pass for small k, partial_sort for large k) gives what partial_sort of all
+// ids gives: the same ids in the same order, ties by lower id, on a vocabulary-sized row with many
+// equal logits (rounded to a coarse grid) and with -inf entries.
+TEST(Sampler, TopKIdsIsPartialSortOfAllIds) {  // (after the file's namespaces)
+    std::mt19937 rng(5);
+    std::normal_distribution<float> dist(0.0f, 3.0f);
+    for (const int64_t n : {int64_t{1}, int64_t{7}, int64_t{1000}, int64_t{151936}}) {
+        std::vector<float> l(static_cast<size_t>(n));
+        for (auto& x : l) x = std::round(dist(rng) * 4.0f) / 4.0f;  // many ties
+        if (n > 10) l[3] = -INFINITY, l[static_cast<size_t>(n - 1)] = l[0];
+        for (const int64_t k : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{40}, n / 9, n / 7, n - 1, n, n + 5}) {
+            std::vector<int32_t> want(static_cast<size_t>(n));
+            std::iota(want.begin(), want.end(), 0);
+            const int64_t kk = std::clamp<int64_t>(k, 0, n);
+            std::partial_sort(want.begin(), want.begin() + kk, want.end(), [&](int32_t a, int32_t b) {
+                return l[a] > l[b] || (l[a] == l[b] && a < b);
+            });
+            want.resize(static_cast<size_t>(kk));
+            std::vector<int32_t> got = {99, 98};  // overwritten
+            moemesh::top_k_ids(l.data(), n, k, got);
+            EXPECT_EQ(got, want) << "n=" << n << " k=" << k;
+        }
+    }
+}
