@@ -374,7 +374,7 @@ public:
     }
 
     void matmul(const BackendWeight& w, const float* x, int64_t m, float* y) override {
-        const uint8_t* qx = m == 1 && cuda::qx_takes(w.type, w.k, w.n_out) ? quantized(x) : nullptr;
+        const uint8_t* qx = m == 1 && cuda::qx_takes(w.type, w.k, w.n_out) ? quantized(x, w.k) : nullptr;
         enqueue({3, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), m, P(y), P(qx)}, [=, this](bool) {
             if (!qx || !cuda::matmul_qx(w.type, w.data, w.n_out, w.k, qx, y, stream_))
                 cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_);
@@ -396,7 +396,7 @@ public:
         const GgmlType t = calls[0].w->type;
         const int64_t k = calls[0].w->k;
         const float* x = calls[0].x;
-        const uint8_t* qx = quantized(x);
+        const uint8_t* qx = quantized(x, k);
         std::vector<int64_t> key = {20, static_cast<int64_t>(t), k, P(x), n, P(qx)};
         for (int i = 0; i < n; ++i) key.insert(key.end(), {P(w[i]), n_out[i], P(y[i])});
         enqueue(key, [=, this](bool) {
@@ -406,10 +406,11 @@ public:
         for (int i = 0; i < n; ++i)
             if (y[i] == qx_src_) qx_src_ = nullptr;
     }
-    // The quantized twin of x (cuda_ops.h qx_bytes) when the last norm wrote x and it, and no op
-    // that could write x has been recorded since (enqueue_key drops it); else null.
-    const uint8_t* quantized(const float* x) const {
-        return x != nullptr && x == qx_src_ ? qx_buf_.as<uint8_t>() : nullptr;
+    // The quantized twin of x as a row of k (cuda_ops.h qx_bytes) when the last norm or attention
+    // wrote x and it, of that width, and no op that could write x has been recorded since
+    // (enqueue_key drops it); else null.
+    const uint8_t* quantized(const float* x, int64_t k) const {
+        return x != nullptr && x == qx_src_ && k == qx_n_ ? qx_buf_.as<uint8_t>() : nullptr;
     }
     // Where a norm (or attention) writing rows × n also writes its quantized twin (a decode row,
     // MOEMESH_CUDA_QX on; the norms keep n <= 4096 in registers, attention any n % 256 == 0). The
@@ -418,6 +419,7 @@ public:
         if (qx_mode_ == QxMode::kOff || (!norm && qx_mode_ != QxMode::kAll) || rows != 1 ||
             (norm ? !cuda::qx_norm_ok(n) : n % 256 != 0))
             return nullptr;
+        qx_n_ = n;  // the width of the twin that qx_src_ will name
         return grow<uint8_t>(qx_buf_, static_cast<int64_t>(cuda::qx_bytes(n)));
     }
     void rmsnorm(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) override {
@@ -575,7 +577,7 @@ public:
         float* u = grow<float>(u_, K * I_);
         float* y = grow<float>(y_, K * H_);
         decode_step_ = true;
-        const uint8_t* qx = quantized(x);
+        const uint8_t* qx = quantized(x, H_);
         enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx)},
                 [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y); });
         return Status();
@@ -967,6 +969,7 @@ private:
     QxMode qx_mode_ = qx_mode();
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)
     const float* qx_src_ = nullptr;     // the f32 row qx_buf_ holds, while valid
+    int64_t qx_n_ = 0;                  // its width
     std::unique_ptr<OpProfile> profile_;  // MOEMESH_CUDA_PROFILE
 };
 
