@@ -8,12 +8,24 @@
 
 namespace moemesh {
 
+// The first index of the largest logit (NaNs never win, except a NaN at 0, which nothing beats): the
+// scalar loop `if (logits[i] > logits[best]) best = i`, as two passes: the maximum with 8
+// independent chains, then the first index holding it (151936 logits on the dev VM: 30 µs vs 39–41
+// for the one dependent chain).
 int32_t argmax(const float* logits, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; ++i) {
-        if (logits[i] > logits[best]) best = i;
-    }
-    return static_cast<int32_t>(best);
+    if (n <= 0 || std::isnan(logits[0])) return 0;
+    constexpr int kChains = 8;
+    float m[kChains];
+    for (float& v : m) v = logits[0];
+    int64_t i = 0;
+    for (; i + kChains <= n; i += kChains)
+        for (int j = 0; j < kChains; ++j) m[j] = logits[i + j] > m[j] ? logits[i + j] : m[j];
+    for (; i < n; ++i) m[0] = logits[i] > m[0] ? logits[i] : m[0];
+    float mx = m[0];
+    for (int j = 1; j < kChains; ++j) mx = m[j] > mx ? m[j] : mx;
+    for (i = 0; i < n; ++i)
+        if (logits[i] == mx) return static_cast<int32_t>(i);
+    return 0;  // unreachable: mx is one of the logits
 }
 
 // ids[0, k) = the k ids of the largest logits by decreasing logit (lower id first on ties): what

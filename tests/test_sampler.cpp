@@ -107,3 +107,33 @@ TEST(Sampler, TopKIdsIsPartialSortOfAllIds) {  // (after the file's namespaces)
         }
     }
 }
+
+// argmax (two passes) is the first index of the maximum, as the plain loop: ties, -inf, ±0 and NaNs
+// (never chosen, except at index 0) at every position modulo the 8 chains.
+TEST(Sampler, ArgmaxIsThePlainLoop) {
+    auto plain = [](const std::vector<float>& l) {
+        int64_t best = 0;
+        for (size_t i = 1; i < l.size(); ++i)
+            if (l[i] > l[best]) best = static_cast<int64_t>(i);
+        return static_cast<int32_t>(best);
+    };
+    std::mt19937 rng(9);
+    std::uniform_int_distribution<int> small(-3, 3);
+    for (int trial = 0; trial < 3000; ++trial) {
+        const size_t n = 1 + rng() % 40;
+        std::vector<float> l(n);
+        for (auto& x : l) {
+            const int r = small(rng);
+            x = r == -3 ? -INFINITY : r == 3 && rng() % 4 == 0 ? NAN : static_cast<float>(r);
+            if (x == 0.0f && rng() % 2) x = -0.0f;
+        }
+        ASSERT_EQ(moemesh::argmax(l.data(), static_cast<int64_t>(n)), plain(l)) << "trial " << trial;
+    }
+    std::vector<float> big(151936);
+    std::normal_distribution<float> d(0.0f, 3.0f);
+    for (auto& x : big) x = d(rng);
+    big[151935] = 100.0f;
+    EXPECT_EQ(moemesh::argmax(big.data(), 151936), 151935);
+    big[77] = 100.0f;
+    EXPECT_EQ(moemesh::argmax(big.data(), 151936), 77);
+}
