@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B runs of the CUDA backend's environment switches (docs/cuda.md, "Environment switches") on one
 # model file, in one process each, alternating the values so that drift hits all alike:
-# MOEMESH_CUDA_QX 1/norms/0 and MOEMESH_CUDA_GRAPH_SEGMENT 128/0/64, MOEMESH_CUDA_GRAPHS 1/0,
+# MOEMESH_CUDA_QX 1/norms/0, MOEMESH_CUDA_ATTN_V threads/warps, MOEMESH_CUDA_GRAPH_SEGMENT 128/0/64, MOEMESH_CUDA_GRAPHS 1/0,
 # MOEMESH_CUDA_PDL 1/0 (decode), and with --prompt MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token
 # prompts). Prints a table of prompt and decode tokens/s per run, then the decode-graph summaries
 # (host recording vs waiting for the GPU per step) of the graph runs.
@@ -49,6 +49,7 @@ echo "| variable | value | prompt tokens | prompt t/s | decode t/s ($GEN tokens)
 echo "|---|---|---|---|---|"
 for r in $(seq 1 "$REPS"); do
   for v in 1 norms 0; do run MOEMESH_CUDA_QX "$v" 16; done
+  for v in threads warps; do run MOEMESH_CUDA_ATTN_V "$v" 16; done
   for v in 128 0 64; do run MOEMESH_CUDA_GRAPH_SEGMENT "$v" 16; done
   for v in 1 0; do run MOEMESH_CUDA_GRAPHS "$v" 16; done
   for v in 1 0; do run MOEMESH_CUDA_PDL "$v" 16; done

@@ -359,6 +359,17 @@ TEST_F(CudaModel, GraphsInSegmentsAndInOnePiece) {
     check_graphs("qwen3moe q8_0, one graph", make(moe_opts("q8_0"), "moe_q8"), true, 60, "0");
 }
 
+// Attention's V pass over the warps (MOEMESH_CUDA_ATTN_V=warps) replayed from the graph is the eager
+// run, bit for bit, past the first split (context > 256).
+TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
+    REQUIRE_CUDA();
+    ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_V", "warps", 1), 0);
+    struct Unset {
+        ~Unset() { unsetenv("MOEMESH_CUDA_ATTN_V"); }
+    } unset;
+    check_graphs("qwen3moe f32, V by warps", make(moe_opts("f32"), "moe_f32"), false, 270);
+}
+
 // MOEMESH_CUDA_QX (on by default): decode GEMVs read X quantized by the norms and attention, as the
 // CPU quantizes its activations. Against MOEMESH_CUDA_QX=0 the logits must differ (the path ran),
 // and every step must stay close to the CPU run (a stale or misplaced quantized X gives other

@@ -947,9 +947,21 @@ TEST(CudaOps, Attention) {
                              c.n_past, n_head, n_head_kv, head_dim, f16, scale};
             attention(pool, ca);
             // f16: the CPU rounds softmax weights to f16, a split softmax does not (see attention.cu).
-            expect_close(std::string("attention ") + (f16 ? "f16" : "f32") + " T=" + std::to_string(c.n_tokens) +
-                             " n_past=" + std::to_string(c.n_past),
-                         dout.download(), want, f16 ? 2e-3 : 1e-5);
+            const std::string what = std::string("attention ") + (f16 ? "f16" : "f32") + " T=" +
+                                     std::to_string(c.n_tokens) + " n_past=" + std::to_string(c.n_past);
+            expect_close(what, out1, want, f16 ? 2e-3 : 1e-5);
+            // The V pass over the warps (MOEMESH_CUDA_ATTN_V=warps): another summation order only.
+            ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_V", "warps", 1), 0);
+            DeviceBuffer<float> dout3(q.size());
+            cuda::AttentionArgs gw = ga;
+            gw.out = dout3.get();
+            cuda::attention(gw, ws.get());
+            unsetenv("MOEMESH_CUDA_ATTN_V");
+            const std::vector<float> out3 = dout3.download();
+            expect_close(what + " V by warps", out3, want, f16 ? 2e-3 : 1e-5);
+            expect_close(what + " V by warps vs by threads", out3, out1, 1e-6);
+            // (up to 4 keys per chunk every warp sums one key at most: the same sums)
+            if (c.n_past >= 8) EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
         }
     }
 }

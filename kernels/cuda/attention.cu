@@ -11,6 +11,9 @@
 // differ by about 2^-11 relative.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/status.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/quant_dev.cuh"
@@ -37,7 +40,11 @@ __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_p
     return n_past_dev ? static_cast<int64_t>(*n_past_dev) : n_past;
 }
 
-template <bool kF16>
+// kVWarps: the V pass with the chunk's keys split over the warps (warp w takes keys j0 + w, j0 + w +
+// nw, ..., lane l the dims l, l + 32, ...), then the warps' partial sums added in warp order; else
+// (default) one thread per dim over all the chunk's keys — a dependent chain of up to kAttnSplit
+// loads per thread (MOEMESH_CUDA_ATTN_V=warps selects the other; not yet measured on a GPU).
+template <bool kF16, bool kVWarps>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
                       float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
@@ -83,12 +90,43 @@ __global__ void __launch_bounds__(kAttnThreads)
         l += e;
     }
     l = block_sum(l, red);  // its barriers also publish sc
-    for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int64_t j = j0; j < j1; ++j) o += sc[j - j0] * kv_at<kF16>(v, j * kv_stride + kvh * head_dim + d);
-        wsp[d] = o;
+    if constexpr (kVWarps) {
+        constexpr int kDims = kAttnMaxHeadDim / kWarp;  // dims per lane
+        __shared__ float part[kAttnThreads / kWarp][kAttnMaxHeadDim];
+        float acc[kDims];
+#pragma unroll
+        for (int i = 0; i < kDims; ++i) acc[i] = 0.0f;
+        for (int64_t j = j0 + wid; j < j1; j += nw) {
+            const float w = sc[j - j0];
+            const int64_t base = j * kv_stride + kvh * head_dim;
+#pragma unroll
+            for (int i = 0; i < kDims; ++i)
+                if (lane + kWarp * i < head_dim) acc[i] += w * kv_at<kF16>(v, base + lane + kWarp * i);
+        }
+#pragma unroll
+        for (int i = 0; i < kDims; ++i)
+            if (lane + kWarp * i < head_dim) part[wid][lane + kWarp * i] = acc[i];
+        __syncthreads();
+        for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int w = 0; w < nw; ++w) o += part[w][d];
+            wsp[d] = o;
+        }
+    } else {
+        for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int64_t j = j0; j < j1; ++j) o += sc[j - j0] * kv_at<kF16>(v, j * kv_stride + kvh * head_dim + d);
+            wsp[d] = o;
+        }
     }
     if (threadIdx.x == 0) wsp[head_dim] = mx, wsp[head_dim + 1] = l;
+}
+
+// MOEMESH_CUDA_ATTN_V=warps: attn_split_kernel's V pass over the warps (read at every launch, so
+// that an A/B or a test can switch it).
+bool attn_v_warps() {
+    const char* e = std::getenv("MOEMESH_CUDA_ATTN_V");
+    return e != nullptr && std::strcmp(e, "warps") == 0;
 }
 
 // qx: out also quantized (AttentionArgs::out_qx; head_dim % 32 == 0, so each warp's 32 outputs of an
@@ -154,12 +192,19 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     auto* ws = static_cast<float*>(workspace);
     const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
                     static_cast<unsigned>(a.n_tokens));
-    if (a.kv_f16)
-        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head,
-                                                                   a.n_head_kv, a.head_dim, a.scale);
+    const bool vw = attn_v_warps();
+    if (a.kv_f16 && vw)
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, true>)(
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+    else if (a.kv_f16)
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, false>)(
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+    else if (vw)
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, true>)(
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
     else
-        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false>)(a.q, a.k, a.v, ws, a.n_past, n_past_dev,
-                                                                    a.n_head, a.n_head_kv, a.head_dim, a.scale);
+        MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, false>)(
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
     CUDA_CHECK_LAUNCH();
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
     MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
