@@ -87,8 +87,8 @@ bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matr
 // One X row of k floats as the int8-X GEMVs read it, llama.cpp Q8_1-style: int8 quants [k], then per
 // 32 elements the scale d = amax / 127 [k/32] and d rounded to f16 [k/32] (for Q8_0 / Q4_0 / Q5_0
 // weights, as the CPU's Q8_0 activations), then d · Σq per 16 elements [k/16] (the K-quant min
-// terms). rmsnorm / add_rmsnorm write it next to y (qx_norm_ok); matmul_qx, matmul_multi_gemv and
-// matmul_id_swiglu read it instead of x: the dot products of the in-block int8-X kernel (the same
+// terms). rmsnorm / add_rmsnorm (qx_norm_ok) and attention (AttentionArgs::out_qx) write it next to
+// their output; matmul_qx, matmul_multi_gemv and matmul_id_swiglu read it instead of x: the dot products of the in-block int8-X kernel (the same
 // quantization, so the same sums) without quantizing X again in every block. Not bit-identical to
 // the f32-X GEMV (X is rounded to 8 bits: relative error ~5e-3, as the CPU's quantized X).
 #ifdef __CUDACC__
