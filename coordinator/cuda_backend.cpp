@@ -15,9 +15,10 @@
 // graph): while a step is being recorded, each segment whose keys match is launched as soon as its
 // last op is recorded, so the GPU is not idle while the host records the step. What changes per
 // step is not in the keys: the position p0 (rope positions, the KV-cache row, attention's n_past) is
-// read by the kernels from device memory, copied there from a pinned word before the first launch; attention is launched for the splits of the whole cache and its
-// extra blocks exit (kernels/cuda/attention.cu attention_dev); the token embedding is copied into
-// the graph from a pinned staging slot. Results are bitwise those of the eager path. Logits come back
+// read by the kernels from device memory, copied there from a pinned word before the first launch;
+// attention is launched for the splits of the whole cache and its extra blocks exit
+// (kernels/cuda/attention.cu attention_dev); the token embedding is copied into the graph from a
+// pinned staging slot. Results are bitwise those of the eager path. Logits come back
 // through a pinned buffer (cudaMemcpyAsync in the same graph) in both modes.
 //
 // MOEMESH_CUDA_PROFILE=1: every op is timed between two CUDA events on the stream and the sums per
@@ -379,7 +380,7 @@ public:
             if (!qx || !cuda::matmul_qx(w.type, w.data, w.n_out, w.k, qx, y, stream_))
                 cuda::matmul(w.type, w.data, w.n_out, w.k, x, m, y, stream_);
         });
-        if (y == qx_src_) qx_src_ = nullptr;
+        forget_qx_if(y);
     }
     // Single-row products of one x and weight type (a decode step's q/k/v) in one launch, the same
     // bits as one by one; anything else one by one.
@@ -403,14 +404,17 @@ public:
             if (!cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_, qx))
                 for (int i = 0; i < n; ++i) cuda::matmul(t, w[i], n_out[i], k, x, 1, y[i], stream_);
         });
-        for (int i = 0; i < n; ++i)
-            if (y[i] == qx_src_) qx_src_ = nullptr;
+        for (int i = 0; i < n; ++i) forget_qx_if(y[i]);
     }
     // The quantized twin of x as a row of k (cuda_ops.h qx_bytes) when the last norm or attention
     // wrote x and it, of that width, and no op that could write x has been recorded since
     // (enqueue_key drops it); else null.
     const uint8_t* quantized(const float* x, int64_t k) const {
         return x != nullptr && x == qx_src_ && k == qx_n_ ? qx_buf_.as<uint8_t>() : nullptr;
+    }
+    // An op that writes `out`: the twin no longer mirrors it.
+    void forget_qx_if(const void* out) {
+        if (out == qx_src_) qx_src_ = nullptr;
     }
     // Where a norm (or attention) writing rows × n also writes its quantized twin (a decode row,
     // MOEMESH_CUDA_QX on; the norms keep n <= 4096 in registers, attention any n % 256 == 0). The
@@ -547,11 +551,11 @@ public:
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
         enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
                 [=, this](bool) { cuda::softmax_topk(probs, T, E, K, norm, ids, w, stream_); });
-        if (probs == qx_src_ || w == qx_src_) qx_src_ = nullptr;
+        forget_qx_if(probs), forget_qx_if(w);
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
-        if (out == qx_src_) qx_src_ = nullptr;  // the host-synchronising paths write out directly
+        forget_qx_if(out);  // (the host-synchronising paths write out directly)
         if (!host_experts_ && !dev_experts_ && T > 1 && T * K <= prompt_pairs_max()) {
             const ResidentExperts& r = experts_[layer];
             enqueue({24, layer, P(x), T, K, P(ids), P(w), P(out)},
@@ -632,12 +636,12 @@ public:
         const bool replayed = graph && seg_ok_ && !segs_.empty() && seg_next_ + 1 == segs_.size() && replay_next();
         std::vector<std::function<void(bool)>> ops;
         ops.swap(pending_);
-        const size_t launched = launched_;
+        const size_t ran = launched();
         graphable_ = true, decode_step_ = false, up_used_ = 0;
-        launched_ = 0, seg_next_ = 0, seg_ok_ = true;
+        seg_next_ = 0, seg_ok_ = true;
         if (replayed) {
             ++replays_, ++g_replays;
-        } else if (graph && launched == 0 && sig_ != exec_sig_ && sig_ == prev_sig_ && capture(ops)) {
+        } else if (graph && ran == 0 && sig_ != exec_sig_ && sig_ == prev_sig_ && capture(ops)) {
             // Captured (nothing of the step ran yet): run the new segments.
             for (size_t i = 0; i < segs_.size(); ++i) {
                 send_p0();
@@ -646,11 +650,11 @@ public:
             ++replays_, ++g_replays;
         } else {
             // Op by op from the first op no segment ran (a step that left the graphed one part-way).
-            if (graph && launched > 0 && sig_ != exec_sig_ && sig_ == prev_sig_) {
-                CUDA_CHECK(cudaStreamSynchronize(stream_));  // capture records only; ops[0, launched) ran
+            if (graph && ran > 0 && sig_ != exec_sig_ && sig_ == prev_sig_) {
+                CUDA_CHECK(cudaStreamSynchronize(stream_));  // capture records only; ops[0, ran) ran
                 (void)capture(ops);
             }
-            for (size_t i = launched; i < ops.size(); ++i) ops[i](false);
+            for (size_t i = ran; i < ops.size(); ++i) ops[i](false);
             if (graph) ++eager_, ++g_eager_steps;
         }
         step_p0_ = -1, p0_sent_ = false;
@@ -694,21 +698,22 @@ private:
         sig_.insert(sig_.end(), key, key + n_key);
         pending_.emplace_back(std::forward<Fn>(f));
         // A full segment that matches the graphed step's runs now, while the rest is being recorded.
-        if (seg_ok_ && seg_next_ + 1 < segs_.size() && pending_.size() - launched_ == segs_[seg_next_].n_ops)
+        if (seg_ok_ && seg_next_ + 1 < segs_.size() && pending_.size() == segs_[seg_next_].op_end)
             seg_ok_ = replay_next();
     }
+    // Ops of the step already run by replayed segments (the first ones).
+    size_t launched() const { return seg_next_ ? segs_[seg_next_ - 1].op_end : 0; }
     // Replays segment seg_next_ if the ops recorded since the last replayed one are its ops (same
     // keys) and every op of the step so far is graphable (T == 1, one p0).
     bool replay_next() {
         const Segment& sg = segs_[seg_next_];
         const size_t sig_begin = seg_next_ ? segs_[seg_next_ - 1].sig_end : 0;
-        if (!graphable_ || pending_.size() - launched_ != sg.n_ops || sig_.size() != sg.sig_end ||
+        if (!graphable_ || pending_.size() != sg.op_end || sig_.size() != sg.sig_end ||
             !std::equal(sig_.begin() + static_cast<std::ptrdiff_t>(sig_begin), sig_.end(),
                         exec_sig_.begin() + static_cast<std::ptrdiff_t>(sig_begin)))
             return false;
         send_p0();
         CUDA_CHECK(cudaGraphLaunch(sg.exec, stream_));
-        launched_ = pending_.size();
         ++seg_next_;
         return true;
     }
@@ -771,7 +776,7 @@ private:
                 sg.exec = nullptr;
                 return give_up("instantiation", e);
             }
-            sg.n_ops = b - a, sg.sig_end = sig_pos;
+            sg.op_end = b, sg.sig_end = sig_pos;
         }
         exec_sig_ = sig_;
         ++captures_, ++g_captures;
@@ -953,13 +958,12 @@ private:
     // GPU runs the first layers while the host records the rest (one whole-step graph left the GPU
     // idle for the recording).
     struct Segment {
-        size_t n_ops = 0, sig_end = 0;  // ops; end of its keys in exec_sig_
+        size_t op_end = 0, sig_end = 0;  // end of its ops in the step; end of its keys in exec_sig_
         cudaGraphExec_t exec = nullptr;
     };
     std::vector<Segment> segs_;
     int64_t seg_ops_ = graph_segment_ops();  // MOEMESH_CUDA_GRAPH_SEGMENT
-    size_t launched_ = 0;   // ops of pending_ already run by replayed segments
-    size_t seg_next_ = 0;   // the next segment to replay
+    size_t seg_next_ = 0;   // the next segment to replay (those before it ran: launched())
     bool seg_ok_ = true;    // the step so far is the graphed one
     bool p0_sent_ = false;  // d_p0_ holds this step's p0
     std::chrono::steady_clock::time_point t_step_;  // first op of the step recorded

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -161,6 +162,13 @@ protected:
     }
 };
 
+// An environment variable set for a scope (unset at its end).
+struct ScopedEnv {
+    const char* name;
+    ScopedEnv(const char* n, const char* value) : name(n) { EXPECT_EQ(setenv(n, value, 1), 0) << n; }
+    ~ScopedEnv() { unsetenv(name); }
+};
+
 MakeModelOptions moe_opts(const std::string& type) {
     MakeModelOptions o;
     o.arch = "qwen3moe";
@@ -202,10 +210,7 @@ TEST_F(CudaModel, Qwen3MoeF32F16Kv) {
 // the host. This runs the grouped form at every prompt size.
 TEST_F(CudaModel, Qwen3MoeF32GroupedPromptMoe) {
     REQUIRE_CUDA();
-    ASSERT_EQ(setenv("MOEMESH_CUDA_PROMPT_PAIRS", "0", 1), 0);
-    struct Unset {
-        ~Unset() { unsetenv("MOEMESH_CUDA_PROMPT_PAIRS"); }
-    } unset;
+    const ScopedEnv pairs("MOEMESH_CUDA_PROMPT_PAIRS", "0");
     check("qwen3moe f32, grouped prompt MoE", make(moe_opts("f32"), "moe_f32"), false, false, 40);
 }
 
@@ -363,10 +368,7 @@ TEST_F(CudaModel, GraphsInSegmentsAndInOnePiece) {
 // run, bit for bit, past the first split (context > 256).
 TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
     REQUIRE_CUDA();
-    ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_V", "warps", 1), 0);
-    struct Unset {
-        ~Unset() { unsetenv("MOEMESH_CUDA_ATTN_V"); }
-    } unset;
+    const ScopedEnv v_by_warps("MOEMESH_CUDA_ATTN_V", "warps");
     check_graphs("qwen3moe f32, V by warps", make(moe_opts("f32"), "moe_f32"), false, 270);
 }
 
@@ -391,12 +393,13 @@ TEST_F(CudaModel, QuantizedXIsCloseToTheCpu) {
     };
     for (const Run run : {Run{"0", nullptr}, Run{"1", nullptr}, Run{"1", "norms"}}) {
         const char* graphs = run.graphs;
-        setenv("MOEMESH_CUDA_QX", "0", 1);
-        const Decode f32 = decode_with_graphs(path, graphs, true, prompt, n_gen);
-        unsetenv("MOEMESH_CUDA_QX");
-        if (run.qx) setenv("MOEMESH_CUDA_QX", run.qx, 1);
-        const Decode q = decode_with_graphs(path, graphs, true, prompt, n_gen);
-        unsetenv("MOEMESH_CUDA_QX");
+        auto decode_qx = [&](const char* qx) {
+            std::optional<ScopedEnv> env;
+            if (qx) env.emplace("MOEMESH_CUDA_QX", qx);
+            return decode_with_graphs(path, graphs, true, prompt, n_gen);
+        };
+        const Decode f32 = decode_qx("0");
+        const Decode q = decode_qx(run.qx);
         ASSERT_EQ(q.logits.size(), cpu.logits.size());
         ASSERT_EQ(f32.logits.size(), cpu.logits.size());
         int same = 0;

@@ -524,7 +524,9 @@ TEST_P(CudaMatmul, QuantizedXFromTheNorm) {
                            t == GgmlType::Q5_0 || t == GgmlType::Q5_K || t == GgmlType::Q3_K || t == GgmlType::Q2_K;
     const char* e = std::getenv("MOEMESH_CUDA_GEMV");
     const bool auto_mode = e == nullptr || (std::string(e) != "new" && std::string(e) != "old");
-    if (auto_mode) EXPECT_EQ(takes, int8_type) << name;
+    if (auto_mode) {
+        EXPECT_EQ(takes, int8_type) << name;
+    }
     if (!ran) {
         EXPECT_EQ(ya.download(), canary) << name << ": declined but wrote";
         return;
@@ -961,7 +963,9 @@ TEST(CudaOps, Attention) {
             expect_close(what + " V by warps", out3, want, f16 ? 2e-3 : 1e-5);
             expect_close(what + " V by warps vs by threads", out3, out1, 1e-6);
             // (up to 4 keys per chunk every warp sums one key at most: the same sums)
-            if (c.n_past >= 8) EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
+            if (c.n_past >= 8) {
+                EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
+            }
         }
     }
 }

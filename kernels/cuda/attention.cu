@@ -157,14 +157,11 @@ __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restric
         if (qx) {  // warp-uniform
             const int64_t n = n_head * head_dim, e = h * head_dim + d;
             const int lane = threadIdx.x % kWarp;
-            uint8_t* row = qx + t * qx_bytes(n);
-            float* dq = reinterpret_cast<float*>(row + n);
+            const QxRow row(qx + t * qx_bytes(n), n);
             const float vv[1] = {v};
             float gd[1], gh[1];
-            quant_groups32<1>(vv, 1, lane, reinterpret_cast<int8_t*>(row) + (e - lane), 0, gd, gh);
-            const int64_t gi = e / 32;
-            if (lane == 0) dq[gi] = gd[0], dq[n / 32 + gi] = round_f16(gd[0]);
-            if ((lane & 15) == 0) dq[2 * (n / 32) + 2 * gi + lane / 16] = gh[0];
+            quant_groups32<1>(vv, 1, lane, row.q + (e - lane), 0, gd, gh);
+            row.store(e / 32, lane, gd[0], gh[0]);
         }
     }
 }

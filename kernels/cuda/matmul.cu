@@ -772,9 +772,8 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
 
 template <GgmlType T>
 __device__ __forceinline__ QX qx_view(const uint8_t* qx, int64_t k) {
-    const float* d = reinterpret_cast<const float*>(qx + k);
     // Q8_0 / Q4_0 / Q5_0 pair with the f16-rounded scales (as gemv_q_kernel and the CPU's Q8_0 X).
-    return QX{reinterpret_cast<const int8_t*>(qx), kQ8_0Act<T> ? d + k / 32 : d, d + 2 * (k / 32)};
+    return QxRow(const_cast<uint8_t*>(qx), k).view(kQ8_0Act<T>);  // (read only through the view)
 }
 
 // grid: (ceil(n_out / (kGemvWarps · kGemvRows)), n_sel); selection s: matrix w(s), y + s · n_out.
@@ -1248,12 +1247,11 @@ bool qx_ok(int64_t k, int64_t rows) {
     return kHasQGemv<T> && k % 256 == 0 && !takes_qgemv<T>(1, k, rows);
 }
 template <GgmlType T>
-bool launch_qx(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
-               const uint8_t* qx, float* y, cudaStream_t stream) {
+bool launch_qx(const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* y, cudaStream_t stream) {
     if constexpr (kHasQGemv<T>) {
-        if (!qx_ok<T>(k, n_out * n_sel)) return false;
-        const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
-        const MatSel sel{static_cast<const uint8_t*>(w), matrix_bytes, ids, nullptr};
+        if (!qx_ok<T>(k, n_out)) return false;
+        const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), 1);
+        const MatSel sel{static_cast<const uint8_t*>(w), 0, nullptr, nullptr};
         MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_qx_kernel<T>)(sel, ggml_row_bytes(T, k), n_out, k, qx, y);
         CUDA_CHECK_LAUNCH();
         return true;
@@ -1427,7 +1425,7 @@ bool matmul_qx(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8
     check_shape(wt, k);
     if (n_out <= 0) return true;
     return with_fused_gemv_type(
-        wt, [&](auto t) { return launch_qx<decltype(t)::value>(w, 0, nullptr, 1, n_out, k, qx, y, stream); });
+        wt, [&](auto t) { return launch_qx<decltype(t)::value>(w, n_out, k, qx, y, stream); });
 }
 
 bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k) {

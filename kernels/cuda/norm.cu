@@ -46,22 +46,17 @@ __device__ __forceinline__ float sumsq_regs(const float (&v)[kRowRegs], int64_t 
 // qx_bytes layout; n % 256 == 0 and blockDim.x == kRowThreads, so the elements t + j · blockDim.x of
 // a warp's lanes are one group of 32 for every j, and j < n / blockDim.x holds for all threads).
 __device__ __forceinline__ void quantize_regs(const float (&o)[kRowRegs], int64_t n, uint8_t* qx) {
-    auto* q = reinterpret_cast<int8_t*>(qx);
-    float* dd = reinterpret_cast<float*>(qx + n);
-    float* d16 = dd + n / 32;
-    float* s16 = d16 + n / 32;
+    const QxRow row(qx, n);
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, per_j = blockDim.x / kWarp;
     const int nj = static_cast<int>(n / blockDim.x);
     float v[kRowRegs], d[kRowRegs], h[kRowRegs];
 #pragma unroll
     for (int j = 0; j < kRowRegs; ++j) v[j] = j < nj ? o[j] : 0.0f;
-    quant_groups32<kRowRegs>(v, nj, lane, q + warp * kWarp, blockDim.x, d, h);
+    quant_groups32<kRowRegs>(v, nj, lane, row.q + warp * kWarp, blockDim.x, d, h);
 #pragma unroll
     for (int j = 0; j < kRowRegs; ++j) {
         if (j >= nj) break;
-        const int64_t gi = warp + static_cast<int64_t>(j) * per_j;
-        if (lane == 0) dd[gi] = d[j], d16[gi] = round_f16(d[j]);
-        if ((lane & 15) == 0) s16[2 * gi + lane / 16] = h[j];
+        row.store(warp + static_cast<int64_t>(j) * per_j, lane, d[j], h[j]);
     }
 }
 

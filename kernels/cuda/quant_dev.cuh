@@ -93,6 +93,27 @@ __device__ __forceinline__ void quant_groups32(const float (&v)[N], int n, int l
 #pragma unroll
         for (int g = 0; g < N; ++g) h[g] += __shfl_xor_sync(0xffffffffu, h[g], o);
 }
+
+// One quantized X row of n elements in device memory, the layout of cuda_ops.h qx_bytes: int8
+// quants [n], per 32 the scale d [n/32] and d rounded to f16 [n/32], d·Σq per 16 [n/16]. The writers
+// (the norms, attention's merge) store a group through it; readers take view(): QX with the f16
+// scales for the types the CPU pairs with Q8_0 activations.
+struct QxRow {
+    int8_t* q;
+    float *d, *d16, *s16;
+    __device__ __forceinline__ QxRow(uint8_t* base, int64_t n)
+        : q(reinterpret_cast<int8_t*>(base)),
+          d(reinterpret_cast<float*>(base + n)),
+          d16(d + n / 32),
+          s16(d16 + n / 32) {}
+    // Group gi's scale and half sums (quant_groups32's d and h; lane 0 stores the scales, lanes 0
+    // and 16 their half's sum).
+    __device__ __forceinline__ void store(int64_t gi, int lane, float dg, float h) const {
+        if (lane == 0) d[gi] = dg, d16[gi] = round_f16(dg);
+        if ((lane & 15) == 0) s16[2 * gi + lane / 16] = h;
+    }
+    __device__ __forceinline__ QX view(bool f16_scales) const { return QX{q, f16_scales ? d16 : d, s16}; }
+};
 #endif
 
 }  // namespace moemesh::cuda::detail
