@@ -502,6 +502,9 @@ TEST_P(CudaMatmul, QuantizedXFromTheNorm) {
     const std::vector<float> y_plain = dy2.download();
     cuda::rmsnorm(dx.get(), dnw.get(), dy.get(), rows, k, 1e-6f);
     EXPECT_EQ(y_plain, dy.download()) << "rmsnorm's y changed by writing qx";
+    const std::vector<uint8_t> q_plain = qx2.download();
+    for (int64_t row = 0; row < rows; ++row)
+        EXPECT_EQ(qx_mismatches(&y_plain[row * k], q_plain.data() + row * qb, k), 0) << "rmsnorm row " << row;
     cuda::add_rmsnorm(dx.get(), dr.get(), dnw.get(), dy.get(), rows, k, 1e-6f, nullptr, qx.get());
     const std::vector<float> y = dy.download();
     const std::vector<uint8_t> q = qx.download();
