@@ -11,6 +11,7 @@
 
 #include "common/half.h"
 #include "coordinator/models/model_base.h"
+#include "coordinator/sampler.h"
 #include "worker/expert_executor.h"
 #ifdef MOEMESH_HAVE_CUDA
 #include "coordinator/cuda_backend.h"
@@ -130,6 +131,9 @@ public:
     void attention(const AttentionArgs& a) override { moemesh::attention(pool_, a); }
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
         route_topk(probs, T, E, K, norm, ids, w, order_);
+    }
+    void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) override {
+        for (int64_t r = 0; r < rows; ++r) ids[r] = argmax(x + r * n, n);
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {

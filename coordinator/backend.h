@@ -146,6 +146,9 @@ public:
     virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches
     // probs [T, E] router logits (overwritten) → ids/w [T, K] (route_topk's contract).
     virtual void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) = 0;
+    // ids[r] ← the index of the largest of x[r, 0..n) for each of the rows (sampler.h argmax(): the
+    // lowest index on ties, a NaN never wins): greedy decoding without downloading the logits.
+    virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) = 0;
     // out[T, H] = Σ_j w[t, j] · Expert_{ids[t, j]}(x[t]) for layer `layer`.
     virtual Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                        float* out) = 0;

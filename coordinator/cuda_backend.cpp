@@ -183,7 +183,7 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many",
                                          "rope + store_kv (q, k, v)", "add + rmsnorm",
                                          "q/k rmsnorm + rope + store_kv",
-                                         "moe prompt, per (token, expert) pair"};
+                                         "moe prompt, per (token, expert) pair", "argmax"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -552,6 +552,12 @@ public:
         enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
                 [=, this](bool) { cuda::softmax_topk(probs, T, E, K, norm, ids, w, stream_); });
         forget_qx_if(probs), forget_qx_if(w);
+    }
+    void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) override {
+        const size_t need = cuda::argmax_workspace_bytes(rows, n);
+        if (argmax_ws_.bytes() < need) argmax_ws_ = alloc(need, false);
+        void* ws = argmax_ws_.data();
+        enqueue({25, P(x), rows, n, P(ids), P(ws)}, [=, this](bool) { cuda::argmax_rows(x, rows, n, ids, ws, stream_); });
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
@@ -935,7 +941,7 @@ private:
     std::vector<ResidentExperts> experts_;
     std::unique_ptr<ExpertBackend> host_experts_;
     CudaExpertBackend* dev_experts_ = nullptr;  // = host_experts_ when it is a VRAM cache on this device
-    Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_;
+    Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_, argmax_ws_;
     std::vector<int32_t> ids_host_, maps_host_;
     std::vector<int64_t> count_, offset_;  // [E], [E + 1]
     std::vector<float> hx_, hout_, hw_;

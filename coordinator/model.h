@@ -55,6 +55,13 @@ public:
     // or per sequence. Fails (no state changed) if a sequence would exceed its n_ctx or appears twice.
     virtual Status forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                  const int32_t* tokens, std::vector<float>* logits) = 0;
+    // forward() for greedy decoding: *next ← the argmax of the last token's logits (sampler.h
+    // argmax(): the lowest id on ties), picked where the logits are (a GPU backend downloads one id
+    // instead of n_vocab floats). Same checks and state change as forward(..., false, ...).
+    virtual Status forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) = 0;
+    // forward_batch() likewise: next[i] ← the argmax of sequence i's logits, i < n_seqs.
+    virtual Status forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                        const int32_t* tokens, int32_t* next) = 0;
     // Gives the sequence room for n_ctx tokens (its KV cache reallocated, the positions it holds
     // kept); never shrinks. For reusing a finished sequence with a longer request.
     virtual void grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;

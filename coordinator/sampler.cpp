@@ -97,7 +97,7 @@ TokenLogprobs token_logprobs(const float* logits, int64_t n_vocab, int32_t chose
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
-    if (p_.greedy || p_.temperature <= 0.0f) return argmax(logits, n_vocab);
+    if (greedy()) return argmax(logits, n_vocab);
     int64_t n = n_vocab;
     if (p_.top_k > 0 && p_.top_k < n) {
         top_k_ids(logits, n_vocab, p_.top_k, ids_);

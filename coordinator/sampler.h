@@ -27,6 +27,9 @@ public:
     // plain temperature sampling that is exactly the distribution renormalized over the allowed
     // tokens. -1 when the constraint allows no token.
     int32_t sample(const float* logits, int64_t n_vocab, const TokenConstraint& constraint);
+    // Always the argmax of the logits (sample() never draws): a caller may ask the model for the
+    // argmax alone (Model::forward_argmax) instead of the logits.
+    bool greedy() const { return p_.greedy || p_.temperature <= 0.0f; }
 
 private:
     SamplerParams p_;

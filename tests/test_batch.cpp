@@ -132,6 +132,70 @@ TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
     }
 }
 
+// forward_argmax / forward_batch_argmax (greedy decoding without the logits) pick what the logits'
+// argmax picks, with the same state change: a prompt longer than the batch (chunks), then greedy
+// steps alone and in batches with sequences at different positions.
+TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
+    const Case c = GetParam();
+    const std::string dir = testing::temp_dir(std::string("batch_argmax_") + c.arch + "_" + c.type);
+    std::unique_ptr<Model> model = make(c, dir);
+    ASSERT_TRUE(model);
+    std::vector<int32_t> long_prompt(70);  // > n_batch (64): two chunks
+    for (size_t i = 0; i < long_prompt.size(); ++i) long_prompt[i] = static_cast<int32_t>((i * 37 + 11) % 300);
+    const std::vector<std::vector<int32_t>> prompts = {long_prompt, {250, 7}, {1, 2, 3, 4, 5, 6, 7, 8, 9}};
+    const int kSteps = 5;
+    const size_t S = prompts.size();
+    std::vector<std::vector<int32_t>> want(S);  // each sequence alone, from its logits
+    for (size_t s = 0; s < S; ++s) {
+        auto seq = model->new_sequence(128);
+        std::vector<float> logits;
+        ASSERT_TRUE(model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
+        for (int k = 0; k <= kSteps; ++k) {
+            want[s].push_back(argmax(logits));
+            if (k < kSteps) ASSERT_TRUE(model->forward(*seq, &want[s].back(), 1, false, &logits).ok());
+        }
+    }
+    // forward_argmax alone.
+    for (size_t s = 0; s < S; ++s) {
+        auto seq = model->new_sequence(128);
+        std::vector<int32_t> got(1, -1);
+        ASSERT_TRUE(model->forward_argmax(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &got[0]).ok());
+        for (int k = 0; k < kSteps; ++k) {
+            int32_t next = -1;
+            ASSERT_TRUE(model->forward_argmax(*seq, &got.back(), 1, &next).ok());
+            got.push_back(next);
+        }
+        EXPECT_EQ(got, want[s]) << c.arch << " " << c.type << ": sequence " << s << " alone";
+        EXPECT_EQ(seq->n_past, static_cast<int64_t>(prompts[s].size()) + kSteps);
+        // Bad input: refused, nothing changed.
+        const int32_t bad = 300;
+        int32_t untouched = -7;
+        EXPECT_FALSE(model->forward_argmax(*seq, &bad, 1, &untouched).ok());
+        EXPECT_EQ(untouched, -7);
+        EXPECT_EQ(seq->n_past, static_cast<int64_t>(prompts[s].size()) + kSteps);
+    }
+    // forward_batch_argmax: every sequence's prompt alone, then all of them step by step together.
+    std::vector<std::unique_ptr<SequenceState>> seqs;
+    std::vector<std::vector<int32_t>> got(S);
+    for (size_t s = 0; s < S; ++s) {
+        seqs.push_back(model->new_sequence(128));
+        int32_t first = -1;
+        ASSERT_TRUE(model->forward_argmax(*seqs[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &first).ok());
+        got[s].push_back(first);
+    }
+    for (int k = 0; k < kSteps; ++k) {
+        std::vector<SequenceState*> ptrs;
+        std::vector<int32_t> tokens;
+        for (size_t s = 0; s < S; ++s) ptrs.push_back(seqs[s].get()), tokens.push_back(got[s].back());
+        const std::vector<int64_t> counts(S, 1);
+        std::vector<int32_t> next(S, -1);
+        Status st = model->forward_batch_argmax(ptrs.data(), counts.data(), static_cast<int64_t>(S), tokens.data(), next.data());
+        ASSERT_TRUE(st.ok()) << st.message();
+        for (size_t s = 0; s < S; ++s) got[s].push_back(next[s]);
+    }
+    for (size_t s = 0; s < S; ++s) EXPECT_EQ(got[s], want[s]) << c.arch << " " << c.type << ": sequence " << s << " batched";
+}
+
 // A sequence given more room mid-way (the HTTP server's prompt cache does this) continues exactly
 // as one that had the room from the start.
 TEST(GrowSequence, ContinuesAsIfAllocatedLarge) {

@@ -355,6 +355,71 @@ TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
     check_graphs("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, 600);
 }
 
+// Greedy decoding with the argmax taken on the device (Model::forward_argmax: what `moemesh run
+// --greedy` does): the tokens of the host's argmax over downloaded logits, with the argmax
+// recorded into the decode graph and replayed; then two sequences at different positions through
+// forward_batch_argmax against forward_batch's logits.
+TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
+    REQUIRE_CUDA();
+    for (const auto& [what, path] : {std::pair<std::string, std::string>{"qwen3moe q8_0", make(moe_opts("q8_0"), "moe_q8")},
+                                     {"qwen3next f32", make(next_opts("f32"), "next_f32")}}) {
+        const int n_gen = 24;
+        const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 5);
+        const Decode host = decode_with_graphs(path, "1", true, prompt, n_gen);
+        ASSERT_EQ(host.tokens.size(), static_cast<size_t>(n_gen)) << what;
+        setenv("MOEMESH_CUDA_GRAPHS", "1", 1);
+        auto gf = GgufFile::open(path);
+        ASSERT_TRUE(gf.ok()) << gf.status().message();
+        ModelOptions mo;
+        mo.n_threads = 2;
+        mo.device = "cuda:0";
+        auto m = load_model(std::shared_ptr<GgufFile>(std::move(*gf)), mo);
+        unsetenv("MOEMESH_CUDA_GRAPHS");
+        ASSERT_TRUE(m.ok()) << m.status().message();
+        Model& model = **m;
+        const CudaGraphStats s0 = cuda_graph_stats();
+        auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+        std::vector<int32_t> got(1, -1);
+        ASSERT_TRUE(model.forward_argmax(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), &got[0]).ok());
+        while (static_cast<int>(got.size()) < n_gen) {
+            int32_t next = -1;
+            ASSERT_TRUE(model.forward_argmax(*seq, &got.back(), 1, &next).ok());
+            got.push_back(next);
+        }
+        const CudaGraphStats s1 = cuda_graph_stats();
+        EXPECT_EQ(got, host.tokens) << what;
+        EXPECT_GE(s1.replays - s0.replays, n_gen - 6) << what << ": the decode graph (with its argmax) was not replayed";
+        std::printf("[cuda-model] argmax on the device %-14s %d tokens equal the host argmax's; %lld replay(s)\n",
+                    what.c_str(), n_gen, static_cast<long long>(s1.replays - s0.replays));
+
+        // Batched: two sequences at different positions, ids vs the argmax of forward_batch's rows.
+        const int64_t V = model.config().n_vocab;
+        auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64), b2 = model.new_sequence(64);
+        std::vector<float> logits;
+        int32_t ta = -1, tb = -1;
+        ASSERT_TRUE(model.forward_argmax(*a1, prompt.data(), 9, &ta).ok());
+        ASSERT_TRUE(model.forward_argmax(*b1, prompt.data(), 4, &tb).ok());
+        ASSERT_TRUE(model.forward(*a2, prompt.data(), 9, false, &logits).ok());
+        ASSERT_TRUE(model.forward(*b2, prompt.data(), 4, false, &logits).ok());
+        std::vector<int32_t> toks_ids = {ta, tb}, toks_logits = {ta, tb};
+        for (int k = 0; k < 8; ++k) {
+            SequenceState* ids_seqs[] = {a1.get(), b1.get()};
+            SequenceState* logit_seqs[] = {a2.get(), b2.get()};
+            const int64_t counts[] = {1, 1};
+            int32_t ids[2] = {-1, -1};
+            ASSERT_TRUE(model.forward_batch_argmax(ids_seqs, counts, 2, toks_ids.data(), ids).ok());
+            ASSERT_TRUE(model.forward_batch(logit_seqs, counts, 2, toks_logits.data(), &logits).ok());
+            for (int r = 0; r < 2; ++r) {
+                const int32_t want =
+                    static_cast<int32_t>(std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V) -
+                                         (logits.begin() + r * V));
+                EXPECT_EQ(ids[r], want) << what << ": batched step " << k << ", row " << r;
+                toks_ids[r] = ids[r], toks_logits[r] = want;
+            }
+        }
+    }
+}
+
 // The decode graph in segments of 3 ops (each replayed while the rest of the step is recorded;
 // segments end inside layers, attention and MoE alike) and in one piece (segment 0).
 TEST_F(CudaModel, GraphsInSegmentsAndInOnePiece) {

@@ -907,6 +907,55 @@ TEST(CudaOps, SoftmaxTopk) {
     }
 }
 
+// The scalar loop greedy sampling is defined by (sampler.h argmax()).
+int32_t scalar_argmax(const float* x, int64_t n) {
+    int32_t best = 0;
+    for (int64_t i = 1; i < n; ++i)
+        if (x[i] > x[best]) best = static_cast<int32_t>(i);
+    return best;
+}
+
+TEST(CudaOps, ArgmaxRows) {
+    REQUIRE_CUDA();
+    const float nan = std::nanf(""), inf = INFINITY;
+    DeviceBuffer<uint8_t> ws(cuda::argmax_workspace_bytes(6, 151936));  // one for every call
+    int checked = 0;
+    for (const int64_t n : {int64_t{1}, int64_t{5}, int64_t{4096}, int64_t{4097}, int64_t{8195}, int64_t{151936}}) {
+        for (int variant = 0; variant < 4; ++variant) {
+            const int64_t rows = variant == 3 ? 6 : 3;
+            std::vector<float> x = random_vec(static_cast<size_t>(rows * n), static_cast<uint32_t>(n + variant), 3.0f);
+            if (variant == 1)  // few distinct values: the lowest index among the equal maxima
+                for (auto& v : x) v = std::round(v);
+            if (variant == 2) {  // equal maxima in different blocks; NaN; -inf; a NaN at 0
+                float* r0 = x.data();
+                r0[n - 1] = 100.0f;
+                if (n > 4200) r0[4200] = 100.0f;
+                float* r1 = x.data() + n;
+                for (int64_t i = 0; i < n; i += 7) r1[i] = nan;  // at 0 too: nothing beats it
+                float* r2 = x.data() + 2 * n;
+                for (int64_t i = 0; i < n; ++i) r2[i] = -inf;
+                if (n > 3) r2[n / 2] = nan;
+            }
+            if (variant == 3) {  // NaN everywhere but 0 and one value; ±0 maxima
+                float* r0 = x.data();
+                for (int64_t i = 1; i < n; ++i) r0[i] = nan;
+                r0[n - 1] = n > 1 ? -5.0f : r0[n - 1];
+                float* r1 = x.data() + n;
+                for (int64_t i = 0; i < n; ++i) r1[i] = i % 3 == 0 ? -1.0f : (i % 2 ? 0.0f : -0.0f);
+            }
+            DeviceBuffer<float> dx(x);
+            DeviceBuffer<int32_t> ids(static_cast<size_t>(rows));
+            cuda::argmax_rows(dx.get(), rows, n, ids.get(), ws.get());
+            const std::vector<int32_t> got = ids.download();
+            for (int64_t r = 0; r < rows; ++r) {
+                EXPECT_EQ(got[r], scalar_argmax(x.data() + r * n, n)) << "n=" << n << " variant " << variant << " row " << r;
+                ++checked;
+            }
+        }
+    }
+    std::printf("[cuda] argmax_rows: %d rows equal the scalar loop\n", checked);
+}
+
 // ---- attention ----
 
 TEST(CudaOps, Attention) {

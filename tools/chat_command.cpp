@@ -121,8 +121,12 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             std::fflush(stdout);
             pending.erase(0, n);
             if (generated == max_new) break;
-            MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
             held.push_back(next);
+            if (sampler.greedy()) {  // the argmax alone (on a GPU: one id downloaded, not the logits)
+                MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &held.back(), 1, &next));
+                continue;
+            }
+            MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
             next = sampler.sample(logits.data(), V);
         }
         std::fwrite(pending.data(), 1, pending.size(), stdout);

@@ -259,10 +259,13 @@ struct HttpServer::Impl {
         s.out_cv.notify_one();
     }
 
-    // Samples the next token from `logits` and takes it; true when the request is over (finish() called).
-    bool accept(Slot& s, const float* logits) {
+    // Samples the next token from `logits` (null: `chosen`, the argmax the model picked for an
+    // argmax_only() request) and takes it; true when the request is over (finish() called).
+    bool accept(Slot& s, const float* logits, int32_t chosen = -1) {
         const int64_t V = model.config().n_vocab;
-        const int32_t next = s.constraint ? s.sampler->sample(logits, V, *s.constraint) : s.sampler->sample(logits, V);
+        const int32_t next = !logits         ? chosen
+                             : s.constraint ? s.sampler->sample(logits, V, *s.constraint)
+                                            : s.sampler->sample(logits, V);
         GenResult& res = *s.res;
         if (next < 0) {
             finish(s, MM_ERROR("no token of the vocabulary can continue the reply under the request's grammar "
@@ -316,6 +319,9 @@ struct HttpServer::Impl {
         s.next = next;
         return false;
     }
+
+    // A decoding request that needs only the argmax of its logits: greedy, no grammar, no logprobs.
+    static bool argmax_only(const Slot& s) { return !s.constraint && s.sampler->greedy() && s.rq->logprobs < 0; }
 
     // Admits a request: its sequence and sampler.
     void admit(Slot& s) {
@@ -392,6 +398,7 @@ struct HttpServer::Impl {
         std::vector<int64_t> counts;
         std::vector<int32_t> tokens;
         std::vector<float> logits;
+        std::vector<int32_t> chosen;  // forward_batch_argmax's ids
         const int64_t V = model.config().n_vocab;
         for (;;) {
             std::vector<Slot*> admitted;
@@ -449,8 +456,14 @@ struct HttpServer::Impl {
                 const int32_t* from = reader->pr->input.data() + reader->prefilled;
                 tokens.insert(tokens.end(), from, from + mix);
             }
-            Status st = model.forward_batch(seqs.data(), counts.data(), static_cast<int64_t>(seqs.size()),
-                                            tokens.data(), &logits);
+            // All greedy (and no prompt in the step): the argmaxes alone (on a GPU: an id per
+            // request downloaded instead of n_vocab floats).
+            bool ids_only = mix == 0;
+            for (const Slot* s : active) ids_only = ids_only && argmax_only(*s);
+            chosen.resize(seqs.size());
+            const int64_t n_seqs = static_cast<int64_t>(seqs.size());
+            Status st = ids_only ? model.forward_batch_argmax(seqs.data(), counts.data(), n_seqs, tokens.data(), chosen.data())
+                                 : model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
             std::vector<Slot*> still;
             for (size_t i = 0; i < active.size(); ++i) {
                 Slot& s = *active[i];
@@ -463,7 +476,7 @@ struct HttpServer::Impl {
                     finish(s, MM_ERROR("the server is stopping"));
                     continue;
                 }
-                if (!accept(s, logits.data() + i * V)) still.push_back(&s);
+                if (!(ids_only ? accept(s, nullptr, chosen[i]) : accept(s, logits.data() + i * V))) still.push_back(&s);
             }
             if (mix > 0) {
                 const int64_t n_in = static_cast<int64_t>(reader->pr->input.size());

@@ -225,6 +225,9 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
         return id;
     };
 
+    // Greedy without a grammar: each step's choice is the logits' argmax, which the model finds
+    // where the logits are (on a GPU: one id downloaded instead of n_vocab floats).
+    const bool argmax_only = !constraint && sampler_for_run(o, sampler, greedy).greedy();
     std::vector<int32_t> generated;
     std::string pending;
     auto t_decode = std::chrono::steady_clock::now();
@@ -241,6 +244,11 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
             pending.erase(0, n);
         }
         if (i + 1 == o.n_predict) break;
+        if (argmax_only) {
+            const int32_t fed = next;
+            MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &fed, 1, &next));
+            continue;
+        }
         MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));
         MM_ASSIGN_OR_RETURN(next, pick(logits.data()));
     }

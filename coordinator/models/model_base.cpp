@@ -88,6 +88,20 @@ void ModelBase::copy_recurrent(const SequenceState& from, SequenceState& to) con
 
 Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                           std::vector<float>* logits) {
+    if (n > 0) logits->assign(static_cast<size_t>((all_logits ? n : 1) * cfg_.n_vocab), 0.0f);
+    ChunkOut out;
+    out.logits = logits->data();
+    return forward_rows(seq, tokens, n, all_logits, out);
+}
+
+Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) {
+    ChunkOut out;
+    out.argmax = next;
+    return forward_rows(seq, tokens, n, false, out);
+}
+
+Status ModelBase::forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
+                               const ChunkOut& out) {
     if (n <= 0) return MM_ERROR("forward: no tokens to process");
     if (seq.n_past + n > seq.n_ctx)
         return MM_ERROR("context full: %lld tokens already in the sequence + %lld new > context size %lld",
@@ -99,22 +113,26 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
                             static_cast<long long>(i), static_cast<long long>(cfg_.n_vocab));
     }
     const int64_t V = cfg_.n_vocab;
-    logits->assign(static_cast<size_t>((all_logits ? n : 1) * V), 0.0f);
     for (int64_t done = 0; done < n;) {
         const int64_t T = std::min<int64_t>(opts_.n_batch, n - done);
-        const bool last_chunk = done + T == n;
-        float* out = all_logits ? logits->data() + done * V : (last_chunk ? logits->data() : nullptr);
+        // Every chunk's rows (all_logits), else the last chunk's last row only.
+        ChunkOut o;
+        if (all_logits) {
+            o.logits = out.logits + done * V;
+        } else if (done + T == n) {
+            o = out;
+        }
         const Segment seg{&seq, 0, T};
-        MM_RETURN_IF_ERROR(forward_chunk(&seg, 1, tokens + done, T, all_logits, out));
+        MM_RETURN_IF_ERROR(forward_chunk(&seg, 1, tokens + done, T, all_logits, o));
         done += T;
     }
     return Status();
 }
 
-Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
-                                const int32_t* tokens, std::vector<float>* logits) {
+Status ModelBase::batch_segments(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                 const int32_t* tokens, std::vector<Segment>* segs, int64_t* T_out) const {
     if (n_seqs <= 0) return MM_ERROR("forward_batch: no sequences");
-    std::vector<Segment> segs(static_cast<size_t>(n_seqs));
+    segs->assign(static_cast<size_t>(n_seqs), Segment{});
     int64_t T = 0;
     for (int64_t i = 0; i < n_seqs; ++i) {
         SequenceState* s = seqs[i];
@@ -126,7 +144,7 @@ Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tok
                             static_cast<long long>(s->n_ctx));
         for (int64_t j = 0; j < i; ++j)
             if (seqs[j] == s) return MM_ERROR("forward_batch: a sequence appears twice in one batch");
-        segs[static_cast<size_t>(i)] = Segment{s, T, n};
+        (*segs)[static_cast<size_t>(i)] = Segment{s, T, n};
         T += n;
     }
     if (T > opts_.n_batch)
@@ -137,8 +155,29 @@ Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tok
             return MM_ERROR("token id %d at batch row %lld is out of range [0, %lld)", tokens[i],
                             static_cast<long long>(i), static_cast<long long>(cfg_.n_vocab));
     }
+    *T_out = T;
+    return Status();
+}
+
+Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                const int32_t* tokens, std::vector<float>* logits) {
+    std::vector<Segment> segs;
+    int64_t T = 0;
+    MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
     logits->assign(static_cast<size_t>(n_seqs * cfg_.n_vocab), 0.0f);
-    return forward_chunk(segs.data(), n_seqs, tokens, T, false, logits->data());
+    ChunkOut out;
+    out.logits = logits->data();
+    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
+}
+
+Status ModelBase::forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                       const int32_t* tokens, int32_t* next) {
+    std::vector<Segment> segs;
+    int64_t T = 0;
+    MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
+    ChunkOut out;
+    out.argmax = next;
+    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
 }
 
 void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
@@ -249,7 +288,7 @@ Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* x
 }
 
 void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs,
-                              float* out) {
+                              const ChunkOut& out) {
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
     const int64_t rows = all_rows ? T : n_segs;
     const float* rows_in = x;  // [rows, H]
@@ -264,10 +303,16 @@ void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Se
     float* xn = scratch(final_norm_buf_, rows * H);
     be_->rmsnorm(rows_in, output_norm_, xn, rows, H, cfg_.rms_eps);
     cb("result_norm", -1, xn, rows, H);
-    float* logits = be_->host_memory() ? out : scratch(logits_buf_, rows * V);
+    float* logits = be_->host_memory() && out.logits ? out.logits : scratch(logits_buf_, rows * V);
     be_->matmul(output_, xn, rows, logits);  // [rows, V]
     cb("result_output", -1, logits, rows, V);
-    if (logits != out) be_->to_host(out, logits, sizeof(float) * rows * V);
+    if (out.argmax) {  // the greedy choices only: [rows] ids instead of [rows, V] logits
+        int32_t* ids = be_->host_memory() ? out.argmax : scratch<int32_t>(argmax_buf_, rows);
+        be_->argmax_rows(logits, rows, V, ids);
+        if (ids != out.argmax) be_->to_host(out.argmax, ids, sizeof(int32_t) * rows);
+    } else if (logits != out.logits) {
+        be_->to_host(out.logits, logits, sizeof(float) * rows * V);
+    }
 }
 
 StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts) {

@@ -33,6 +33,9 @@ public:
                    std::vector<float>* logits) final;
     Status forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
                          std::vector<float>* logits) final;
+    Status forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) final;
+    Status forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                const int32_t* tokens, int32_t* next) final;
 
 protected:
     // Rows [row0, row0 + n) of a chunk belong to `seq`, at its positions seq->n_past ...
@@ -40,12 +43,19 @@ protected:
         SequenceState* seq;
         int64_t row0, n;
     };
+    // Where a chunk's results go (host memory; none when both are null): the logits of its rows
+    // ([rows, V]), or only each row's argmax ([rows]).
+    struct ChunkOut {
+        float* logits = nullptr;
+        int32_t* argmax = nullptr;
+        explicit operator bool() const { return logits || argmax; }
+    };
     // One chunk of T tokens, segs[0..n_segs) covering rows 0..T in order; every op on the rows is
     // per row except attention and the recurrent state, which run per segment. Advances each
-    // segment's n_past. If out != nullptr, writes logits for all T rows (all_rows) or for each
-    // segment's last row ([n_segs, V]).
+    // segment's n_past. If out is set, gives the results for all T rows (all_rows) or for each
+    // segment's last row (n_segs rows).
     virtual Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
-                                 float* out) = 0;
+                                 const ChunkOut& out) = 0;
 
     // data: backend memory (copied to the host for the hook when the backend is a device).
     void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols);
@@ -58,6 +68,11 @@ protected:
     const float* end_layer(int il, float* x, const float* out, int64_t T);
     // Creates the backend of opts_.device; first thing every load() does.
     Status init_backend();
+    // forward() / forward_batch() after their checks: the chunks, then the results in out.
+    Status forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits, const ChunkOut& out);
+    // forward_batch()'s checks; segs ← one segment per sequence, *T ← the batch's rows.
+    Status batch_segments(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
+                          std::vector<Segment>* segs, int64_t* T) const;
     // token_embd, output_norm, output (tied: token_embd) and the routed experts.
     Status load_common();
     // Loads + uploads weights / norm vectors to the backend.
@@ -83,8 +98,9 @@ protected:
     // experts (route → experts → combine), as both families do it.
     Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);
     // Final norm + lm_head of x [T, H] (backend memory) into out (host): all T rows (all_rows),
-    // else each segment's last row.
-    void output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs, float* out);
+    // else each segment's last row; only each row's argmax when out.argmax is set.
+    void output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs,
+                       const ChunkOut& out);
 
     std::shared_ptr<GgufFile> file_;
     ModelConfig cfg_;
@@ -95,7 +111,7 @@ protected:
     Weight tok_embd_;             // {H, V} in the mapped file (embedding rows are gathered on the host)
     BackendWeight output_;        // {H, V} (token_embd when tied)
     const float* output_norm_{};  // [H]
-    Buffer final_norm_buf_, logits_buf_, probs_, sel_ids_, sel_w_, last_rows_;
+    Buffer final_norm_buf_, logits_buf_, argmax_buf_, probs_, sel_ids_, sel_w_, last_rows_;
     std::vector<float> embd_host_, debug_host_;
 };
 

@@ -63,7 +63,7 @@ public:
 
 private:
     Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
-                         float* out) override {
+                         const ChunkOut& out) override {
         const int64_t H = cfg_.n_embd, D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
         const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
         Backend& be = *be_;

@@ -166,7 +166,7 @@ private:
     }
 
     Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
-                         float* out) override {
+                         const ChunkOut& out) override {
         const int64_t H = cfg_.n_embd;
         Backend& be = *be_;
         float* x = scratch(x_, T * H);      // [T, H] residual stream

@@ -179,6 +179,13 @@ bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm,
 void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm_topk, int32_t* ids, float* weights,
                   cudaStream_t stream = nullptr);
 
+// ids[r] = the index of the largest of x[r, 0..n) (lowest index on ties; a NaN never wins, except at
+// index 0, which nothing then beats): sampler.h argmax() per row, for greedy decoding without
+// downloading the logits (two launches). workspace: argmax_workspace_bytes(rows, n) bytes of device
+// memory. n <= 4M, rows <= 65535.
+size_t argmax_workspace_bytes(int64_t rows, int64_t n);
+void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* workspace, cudaStream_t stream = nullptr);
+
 // ---- attention (kernels/cuda/attention.cu) ----
 // Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
 // each (token, head) reads its keys in chunks of kAttnSplit, one block per chunk, then one pass

@@ -87,7 +87,105 @@ __global__ void __launch_bounds__(kWarp) softmax_topk_kernel(float* logits, int6
     }
 }
 
+// ---- argmax of logits rows (greedy decoding on the device) ----
+// Two launches: grid (blocks per row, rows) of kArgThreads, block b of row r the best (value, index)
+// of the kArgPerBlock elements from b · kArgPerBlock into part[r, b]; then one block per row reduces
+// its parts.
+constexpr int kArgThreads = 256;
+constexpr int64_t kArgPerBlock = 4096;
+constexpr int64_t kArgMaxBlocks = 1024;  // n <= 4M
+
+// (va, ia) comes before (vb, ib): larger value, lower index on equal values; a NaN never does.
+__device__ __forceinline__ bool arg_beats(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+__device__ __forceinline__ void warp_arg_best(float& v, int& i) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (arg_beats(ov, oi, v, i)) v = ov, i = oi;
+    }
+}
+
+// The block's best (v, i) over every thread's, in thread 0 (others: unspecified).
+__device__ __forceinline__ void block_arg_best(float& v, int& i) {
+    __shared__ float sv[kArgThreads / kWarp];
+    __shared__ int si[kArgThreads / kWarp];
+    warp_arg_best(v, i);
+    const int w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    if (lane == 0) sv[w] = v, si[w] = i;
+    __syncthreads();
+    if (w == 0) {
+        v = lane < kArgThreads / kWarp ? sv[lane] : -INFINITY;
+        i = lane < kArgThreads / kWarp ? si[lane] : INT_MAX;
+        warp_arg_best(v, i);
+    }
+}
+
+__global__ void __launch_bounds__(kArgThreads) argmax_part_kernel(const float* __restrict__ x, int64_t n,
+                                                                   float* part_v, int* part_i) {
+    grid_dep_wait();
+    const int64_t r = blockIdx.y;
+    const float* xr = x + r * n;
+    const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kArgPerBlock;
+    const int64_t b1 = b0 + kArgPerBlock < n ? b0 + kArgPerBlock : n;
+    // -inf / INT_MAX loses to every value but NaN (an all-NaN part stays out of the row's result).
+    float v = -INFINITY;
+    int i = INT_MAX;
+    constexpr int kUnroll = 4;  // independent loads in flight per thread
+    int64_t j = b0 + threadIdx.x;
+    for (; j + (kUnroll - 1) * kArgThreads < b1; j += kUnroll * kArgThreads) {
+        float e[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) e[u] = xr[j + u * kArgThreads];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int at = static_cast<int>(j + u * kArgThreads);
+            if (arg_beats(e[u], at, v, i)) v = e[u], i = at;
+        }
+    }
+    for (; j < b1; j += kArgThreads)
+        if (arg_beats(xr[j], static_cast<int>(j), v, i)) v = xr[j], i = static_cast<int>(j);
+    block_arg_best(v, i);
+    if (threadIdx.x == 0) part_v[r * gridDim.x + blockIdx.x] = v, part_i[r * gridDim.x + blockIdx.x] = i;
+}
+
+__global__ void __launch_bounds__(kArgThreads) argmax_final_kernel(const float* __restrict__ x, int64_t n, int nb,
+                                                                    const float* part_v, const int* part_i,
+                                                                    int32_t* ids) {
+    grid_dep_wait();
+    const int64_t r = blockIdx.x;
+    float v = -INFINITY;
+    int i = INT_MAX;
+    for (int b = threadIdx.x; b < nb; b += kArgThreads)
+        if (arg_beats(part_v[r * nb + b], part_i[r * nb + b], v, i)) v = part_v[r * nb + b], i = part_i[r * nb + b];
+    block_arg_best(v, i);
+    // The scalar loop `if (x[j] > x[best]) best = j` from best = 0: a NaN at 0 is never beaten.
+    if (threadIdx.x == 0) ids[r] = x[r * n] != x[r * n] ? 0 : i;
+}
+
 }  // namespace
+
+size_t argmax_workspace_bytes(int64_t rows, int64_t n) {
+    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    return static_cast<size_t>(rows * nb) * (sizeof(float) + sizeof(int));
+}
+
+void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* workspace, cudaStream_t stream) {
+    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    MM_CHECK(n > 0 && n <= INT_MAX && nb <= kArgMaxBlocks && rows <= 65535);
+    if (rows <= 0) return;
+    float* part_v = static_cast<float*>(workspace);
+    int* part_i = reinterpret_cast<int*>(part_v + rows * nb);
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(rows));
+    MM_LAUNCH_PDL(grid, kArgThreads, 0, stream, argmax_part_kernel)(x, n, part_v, part_i);
+    CUDA_CHECK_LAUNCH();
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kArgThreads, 0, stream, argmax_final_kernel)(x, n, static_cast<int>(nb),
+                                                                                             part_v, part_i, ids);
+    CUDA_CHECK_LAUNCH();
+}
 
 void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm_topk, int32_t* ids, float* weights,
                   cudaStream_t stream) {
