@@ -149,6 +149,19 @@ public:
     // ids[r] ← the index of the largest of x[r, 0..n) for each of the rows (sampler.h argmax(): the
     // lowest index on ties, a NaN never wins): greedy decoding without downloading the logits.
     virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) = 0;
+    // An attention block's output projection and the norm after the residual add: t [m, n] ← a · wᵀ
+    // (n = w.n_out), x += t, y = rmsnorm(x) · nw.
+    virtual void matmul_add_rmsnorm(const BackendWeight& w, const float* a, int64_t m, float* t, float* x,
+                                    const float* nw, float* y, float eps) {
+        matmul(w, a, m, t);
+        add_rmsnorm(x, t, nw, y, m, w.n_out, eps);
+    }
+    // The router of routed MoE: probs [T, E] ← x · wᵀ (E = w.n_out), then route() of them.
+    virtual void matmul_route(const BackendWeight& w, const float* x, int64_t T, int64_t K, bool norm, float* probs,
+                              int32_t* ids, float* wts) {
+        matmul(w, x, T, probs);
+        route(probs, T, w.n_out, K, norm, ids, wts);
+    }
     // out[T, H] = Σ_j w[t, j] · Expert_{ids[t, j]}(x[t]) for layer `layer`.
     virtual Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                        float* out) = 0;

@@ -92,6 +92,28 @@ QxMode qx_mode() {
     return QxMode::kAll;
 }
 
+// Decode attention's merge of its key chunks (MOEMESH_CUDA_ATTN_MERGE): "fused" (default) by each
+// head's last chunk block, "kernel" as a second launch.
+bool attn_merge_fused() {
+    const char* e = std::getenv("MOEMESH_CUDA_ATTN_MERGE");
+    return !(e && std::strcmp(e, "kernel") == 0);
+}
+
+// A decode token's router (MOEMESH_CUDA_ROUTER): "fused" (default) GEMV + softmax + top-k in one
+// launch where the router's type allows, "split" as two launches.
+bool router_fused() {
+    const char* e = std::getenv("MOEMESH_CUDA_ROUTER");
+    return !(e && std::strcmp(e, "split") == 0);
+}
+
+// A decode token's o projection and the residual add + norm after it (MOEMESH_CUDA_O_NORM):
+// "fused" (default) in one launch where the projection reads attention's quantized output, "split"
+// as two.
+bool o_norm_fused() {
+    const char* e = std::getenv("MOEMESH_CUDA_O_NORM");
+    return !(e && std::strcmp(e, "split") == 0);
+}
+
 bool profile_enabled() {
     const char* e = std::getenv("MOEMESH_CUDA_PROFILE");
     return e && std::strcmp(e, "0") != 0 && *e;
@@ -183,7 +205,9 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "delta_gates", "conv1d_silu",   "delta_rule", "matmul_many",
                                          "rope + store_kv (q, k, v)", "add + rmsnorm",
                                          "q/k rmsnorm + rope + store_kv",
-                                         "moe prompt, per (token, expert) pair", "argmax"};
+                                         "moe prompt, per (token, expert) pair", "argmax",
+                                         "router (GEMV + softmax + top-k)",
+                                         "o projection + add + rmsnorm"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -522,6 +546,11 @@ public:
                                a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
         // A decode row's output quantized for the o projection, as the norms do.
         if (a.head_dim % 32 == 0) ga.out_qx = qx_target(a.n_tokens, a.n_head * a.head_dim, false);
+        if (attn_merge_fused_) {
+            const size_t bytes = sizeof(unsigned) * static_cast<size_t>(a.n_tokens * a.n_head);
+            if (merge_ctr_.bytes() < bytes) merge_ctr_ = alloc(bytes, /*zero=*/true);  // left zero by each launch
+            ga.merge_counters = merge_ctr_.as<unsigned>();
+        }
         if (!defer_) {
             void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
             if (profile_)
@@ -541,12 +570,48 @@ public:
         void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga, n_ctx)));
         note_step(a.n_past, a.n_tokens);
         enqueue({14, P(a.q), P(a.k), P(a.v), P(a.out), a.n_tokens, a.n_head, a.n_head_kv, a.head_dim, a.kv_f16,
-                 F(a.scale), P(ws), n_ctx, P(ga.out_qx)},
+                 F(a.scale), P(ws), n_ctx, P(ga.out_qx), P(ga.merge_counters)},
                 [=, this](bool dev) {
                     if (dev) cuda::attention_dev(ga, d_p0_, n_ctx, ws, stream_);
                     else cuda::attention(ga, ws, stream_);
                 });
         qx_src_ = ga.out_qx ? a.out : nullptr;
+    }
+    void matmul_add_rmsnorm(const BackendWeight& w, const float* a, int64_t m, float* t, float* x, const float* nw,
+                            float* y, float eps) override {
+        const int64_t n = w.n_out;
+        const uint8_t* qa = o_norm_fused_ && m == 1 ? quantized(a, w.k) : nullptr;
+        // y's twin goes where the norm's would, over a's twin (the launch reads it first): only
+        // when the buffer needs no growing (a reallocation would free a's twin before the launch).
+        const bool fits = qx_mode_ != QxMode::kOff && cuda::qx_norm_ok(n) && qx_buf_.bytes() >= cuda::qx_bytes(n);
+        if (!qa || !fits || !cuda::qx_takes(w.type, w.k, n)) return Backend::matmul_add_rmsnorm(w, a, m, t, x, nw, y, eps);
+        if (!o_norm_ctr_) o_norm_ctr_ = alloc(sizeof(unsigned), /*zero=*/true);  // left zero by each launch
+        unsigned* ctr = o_norm_ctr_.as<unsigned>();
+        uint8_t* qy = qx_buf_.as<uint8_t>();
+        enqueue({27, static_cast<int64_t>(w.type), P(w.data), n, w.k, P(a), P(t), P(x), P(nw), P(y), F(eps), P(qa),
+                 P(ctr)},
+                [=, this](bool) {
+                    if (cuda::matmul_qx_add_rmsnorm(w.type, w.data, n, w.k, qa, t, x, nw, y, eps, qy, ctr, stream_))
+                        return;
+                    if (!cuda::matmul_qx(w.type, w.data, n, w.k, qa, t, stream_))  // (qx_takes said it would)
+                        cuda::matmul(w.type, w.data, n, w.k, a, 1, t, stream_);
+                    cuda::add_rmsnorm(x, t, nw, y, 1, n, eps, stream_, qy);
+                });
+        qx_n_ = n, qx_src_ = y;
+    }
+    void matmul_route(const BackendWeight& w, const float* x, int64_t T, int64_t K, bool norm, float* probs,
+                      int32_t* ids, float* wts) override {
+        const bool one = router_fused_ && T == 1 && w.k % 8 == 0 && w.n_out <= 1024 && K <= 32 && K <= w.n_out &&
+                         (w.type == GgmlType::F32 || w.type == GgmlType::F16 || w.type == GgmlType::BF16);
+        if (!one) return Backend::matmul_route(w, x, T, K, norm, probs, ids, wts);
+        if (!route_ctr_) route_ctr_ = alloc(sizeof(unsigned), /*zero=*/true);  // left zero by each launch
+        unsigned* ctr = route_ctr_.as<unsigned>();
+        enqueue({26, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), K, norm, P(probs), P(ids), P(wts),
+                 P(ctr)},
+                [=, this](bool) {
+                    (void)cuda::matmul_route(w.type, w.data, w.n_out, w.k, x, K, norm, probs, ids, wts, ctr, stream_);
+                });
+        forget_qx_if(probs), forget_qx_if(wts);
     }
     void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) override {
         enqueue({15, P(probs), T, E, K, norm, P(ids), P(w)},
@@ -692,9 +757,10 @@ private:
     template <typename Fn>
     void enqueue_key(const int64_t* key, size_t n_key, Fn&& f) {
         // The quantized twin stays valid only across ops that do not write the norm's output
-        // (matmul, matmul_many, route, resident decode MoE: their outputs are checked by them).
+        // (matmul, matmul_many, route, resident decode MoE, matmul_route: their outputs are checked
+        // by them).
         const int64_t op = n_key ? key[0] : 0;
-        if (op != 3 && op != 20 && op != 15 && op != 16) qx_src_ = nullptr;
+        if (op != 3 && op != 20 && op != 15 && op != 16 && op != 26) qx_src_ = nullptr;
         if (profile_) return profile_->time(op_label(key, n_key), [&] { f(false); });
         if (!defer_) return f(false);
         if (t_pending && t_pending != this) t_pending->flush();
@@ -977,6 +1043,12 @@ private:
     int64_t captures_ = 0, replays_ = 0, eager_ = 0;
     // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
     QxMode qx_mode_ = qx_mode();
+    const bool attn_merge_fused_ = attn_merge_fused();
+    const bool router_fused_ = router_fused();
+    const bool o_norm_fused_ = o_norm_fused();
+    Buffer o_norm_ctr_;  // matmul_add_rmsnorm's block counter (zero between launches)
+    Buffer route_ctr_;  // matmul_route's block counter (zero between launches)
+    Buffer merge_ctr_;  // attention's per-(token, head) chunk counters (zero between launches)
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)
     const float* qx_src_ = nullptr;     // the f32 row qx_buf_ holds, while valid
     int64_t qx_n_ = 0;                  // its width

@@ -69,9 +69,9 @@ section() {
   n_types=$(echo $DECODE_TYPES | wc -w)
   section decode $(( 30 + 40 * n_types )) 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "$DECODE_TYPES" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
-  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh; ~60 s)
+  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh; ~90 s)
   if [ -f "$D/q30b-L48-q4_k-fast-skew8.gguf" ]; then
-    section ab 60 150 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf"
+    section ab 60 200 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf"
   elif want ab; then
     echo "=== ab: skipped (no $D/q30b-L48-q4_k-fast-skew8.gguf: the decode section with q4_k makes it)"
   fi

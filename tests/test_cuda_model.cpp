@@ -437,6 +437,31 @@ TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
     check_graphs("qwen3moe f32, V by warps", make(moe_opts("f32"), "moe_f32"), false, 270);
 }
 
+// The launches that finish in their last block (session 16's defaults) against the separate launches
+// they replace, one switch at a time: the same logits bit for bit, graphs on, across the first
+// attention split (context > 256: chunks to merge, in the graph's fixed grid).
+//   MOEMESH_CUDA_ATTN_MERGE=kernel: attention's merge as a second launch;
+//   MOEMESH_CUDA_ROUTER=split: the router GEMV, then softmax + top-k;
+//   MOEMESH_CUDA_O_NORM=split: the o projection, then the residual add + norm.
+TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
+    REQUIRE_CUDA();
+    const std::string path = make(moe_opts("q8_0"), "moe_q8");
+    const auto prompt = random_tokens(250, kDefaultBuiltinVocab, 4);
+    const Decode fused = decode_with_graphs(path, "1", true, prompt, 16);
+    ASSERT_EQ(fused.tokens.size(), 16u);
+    for (const auto& [var, value] : {std::pair<const char*, const char*>{"MOEMESH_CUDA_ATTN_MERGE", "kernel"},
+                                     {"MOEMESH_CUDA_ROUTER", "split"},
+                                     {"MOEMESH_CUDA_O_NORM", "split"}}) {
+        Decode split;
+        {
+            const ScopedEnv env(var, value);
+            split = decode_with_graphs(path, "1", true, prompt, 16);
+        }
+        EXPECT_EQ(fused.tokens, split.tokens) << var << "=" << value;
+        EXPECT_TRUE(fused.logits == split.logits) << var << "=" << value << ": other logits than the fused launches";
+    }
+}
+
 // MOEMESH_CUDA_QX (on by default): decode GEMVs read X quantized by the norms and attention, as the
 // CPU quantizes its activations. Against MOEMESH_CUDA_QX=0 the logits must differ (the path ran),
 // and every step must stay close to the CPU run (a stale or misplaced quantized X gives other
@@ -506,7 +531,8 @@ TEST_F(CudaModel, OpProfileGivesTheSameResultsAndReportsTheOps) {
     unsetenv("MOEMESH_CUDA_PROFILE");
     EXPECT_EQ(prof.tokens, off.tokens);
     EXPECT_EQ(prof.logits, off.logits);
-    for (const char* want : {"op profile", "| matmul q8_0 ", "| moe (resident", "| attention (decode) |", "| all |"})
+    for (const char* want : {"op profile", "| matmul q8_0 ", "| moe (resident", "| attention (decode) |", "| all |",
+                             "| router (GEMV + softmax + top-k) |", "| o projection + add + rmsnorm |"})
         EXPECT_NE(err.find(want), std::string::npos) << want << " not in:\n" << err;
     std::printf("[cuda-model] op profile of 20 decode steps:\n%s", err.c_str());
 }

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/half.h"
@@ -577,6 +578,63 @@ const auto kCudaTypes = ::testing::Values(GgmlType::F32, GgmlType::F16, GgmlType
                                           GgmlType::IQ1_S, GgmlType::IQ1_M);
 std::string type_param_name(const ::testing::TestParamInfo<GgmlType>& info) { return ggml_type_name(info.param); }
 
+// The o projection with the residual add + norm in its last block (matmul_qx_add_rmsnorm): the bits
+// of matmul_qx then add_rmsnorm (t, x, y and y's twin), with y's twin in its own buffer and over
+// the input's twin (as the backend does); the counter left at 0; declined where matmul_qx declines.
+TEST_P(CudaMatmul, QuantizedOProjectionWithAddRmsnormIsTheTwoCalls) {
+    REQUIRE_CUDA();
+    const GgmlType wt = GetParam();
+    const int64_t k = 512;
+    const std::vector<float> a = random_vec(static_cast<size_t>(k), 51), anw = random_vec(static_cast<size_t>(k), 52);
+    DeviceBuffer<float> da(a), dan(static_cast<size_t>(k));
+    const DeviceBuffer<float> danw(anw);
+    DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
+    for (const int64_t n : {int64_t{256}, int64_t{768}}) {
+        const std::string name = std::string("o + add_rmsnorm ") + ggml_type_name(wt) + " n=" + std::to_string(n);
+        const size_t cap = std::max(cuda::qx_bytes(k), cuda::qx_bytes(n));
+        DeviceBuffer<uint8_t> qa(cap);  // a's twin, as attention leaves it
+        cuda::rmsnorm(da.get(), danw.get(), dan.get(), 1, k, 1e-6f, nullptr, qa.get());
+        const std::vector<uint8_t> qa_host = qa.download();
+        const QuantMatrix w = make_weights(wt, n, k, 53);
+        const DeviceBuffer<uint8_t> dw(w.bytes);
+        const std::vector<float> x = random_vec(static_cast<size_t>(n), 54), nw = random_vec(static_cast<size_t>(n), 55);
+        const DeviceBuffer<float> dnw(nw);
+        // The two calls.
+        DeviceBuffer<float> t1(static_cast<size_t>(n)), x1(x), y1(static_cast<size_t>(n));
+        DeviceBuffer<uint8_t> qy1(cuda::qx_bytes(n));
+        const bool takes = cuda::matmul_qx(wt, dw.get(), n, k, qa.get(), t1.get());
+        const std::vector<float> canary(static_cast<size_t>(n), 12345.0f);
+        if (!takes) {
+            DeviceBuffer<float> t2(canary), x2(x), y2(canary);
+            EXPECT_FALSE(cuda::matmul_qx_add_rmsnorm(wt, dw.get(), n, k, qa.get(), t2.get(), x2.get(), dnw.get(),
+                                                     y2.get(), 1e-6f, nullptr, ctr.get()))
+                << name;
+            EXPECT_EQ(t2.download(), canary) << name << ": declined but wrote";
+            EXPECT_EQ(x2.download(), x) << name << ": declined but wrote";
+            continue;
+        }
+        cuda::add_rmsnorm(x1.get(), t1.get(), dnw.get(), y1.get(), 1, n, 1e-6f, nullptr, qy1.get());
+        const std::vector<float> want_t = t1.download(), want_x = x1.download(), want_y = y1.download();
+        const std::vector<uint8_t> want_q = qy1.download();
+        for (const bool in_place : {false, true}) {
+            DeviceBuffer<uint8_t> qin(qa_host), qy(cuda::qx_bytes(n));
+            DeviceBuffer<float> t2(canary), x2(x), y2(canary);
+            uint8_t* qout = in_place ? qin.get() : qy.get();
+            ASSERT_TRUE(cuda::matmul_qx_add_rmsnorm(wt, dw.get(), n, k, qin.get(), t2.get(), x2.get(), dnw.get(),
+                                                    y2.get(), 1e-6f, qout, ctr.get()))
+                << name;
+            const std::string what = name + (in_place ? ", twin over the input's" : "");
+            EXPECT_EQ(t2.download(), want_t) << what << ": t";
+            EXPECT_EQ(x2.download(), want_x) << what << ": x";
+            EXPECT_EQ(y2.download(), want_y) << what << ": y";
+            std::vector<uint8_t> got_q = (in_place ? qin : qy).download();
+            got_q.resize(want_q.size());
+            EXPECT_EQ(got_q, want_q) << what << ": y's twin";
+            EXPECT_EQ(ctr.download(), std::vector<unsigned>{0u}) << what << ": counter not left at 0";
+        }
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Types, CudaMatmul, kCudaTypes, type_param_name);
 
 // ---- dequantization: the tiled matmul's W loader, bit for bit against the CPU dequantizer ----
@@ -956,6 +1014,55 @@ TEST(CudaOps, ArgmaxRows) {
     std::printf("[cuda] argmax_rows: %d rows equal the scalar loop\n", checked);
 }
 
+// The router in one launch (matmul_route): matmul then softmax_topk, bit for bit, for the router's
+// weight types; the block counter left at 0 for the next launch; other types declined.
+TEST(CudaOps, MatmulRouteIsMatmulThenSoftmaxTopk) {
+    REQUIRE_CUDA();
+    DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
+    int checked = 0;
+    for (const GgmlType wt : {GgmlType::F32, GgmlType::F16, GgmlType::BF16}) {
+        for (const auto& [E, K, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+                 {128, 8, 2048}, {60, 4, 256}, {512, 10, 512}, {1024, 32, 64}, {3, 1, 8}}) {
+            for (const bool norm : {true, false}) {
+                const std::vector<float> wf = random_vec(static_cast<size_t>(E * k), static_cast<uint32_t>(E + k), 0.05f);
+                const std::vector<float> x = random_vec(static_cast<size_t>(k), 77);
+                std::vector<uint8_t> wb(static_cast<size_t>(E * k) * (wt == GgmlType::F32 ? 4 : 2));
+                for (size_t i = 0; i < wf.size(); ++i) {
+                    if (wt == GgmlType::F32) {
+                        std::memcpy(&wb[4 * i], &wf[i], 4);
+                    } else {
+                        const uint16_t h = wt == GgmlType::F16 ? fp32_to_fp16(wf[i]) : fp32_to_bf16(wf[i]);
+                        std::memcpy(&wb[2 * i], &h, 2);
+                    }
+                }
+                const DeviceBuffer<uint8_t> dw(wb);
+                const DeviceBuffer<float> dx(x);
+                DeviceBuffer<float> logits(E), probs(std::vector<float>(E, std::nanf("")));
+                DeviceBuffer<int32_t> ids1(K), ids2(K);
+                DeviceBuffer<float> w1(K), w2(K);
+                cuda::matmul(wt, dw.get(), E, k, dx.get(), 1, logits.get());
+                cuda::softmax_topk(logits.get(), 1, E, K, norm, ids1.get(), w1.get());
+                for (int rep = 0; rep < 2; ++rep) {
+                    ASSERT_TRUE(cuda::matmul_route(wt, dw.get(), E, k, dx.get(), K, norm, probs.get(), ids2.get(),
+                                                   w2.get(), ctr.get()));
+                    const std::string what = std::string(ggml_type_name(wt)) + " E=" + std::to_string(E) + " K=" +
+                                             std::to_string(K) + " k=" + std::to_string(k) + (norm ? " norm" : "") +
+                                             " run " + std::to_string(rep);
+                    EXPECT_EQ(ids2.download(), ids1.download()) << what;
+                    EXPECT_EQ(w2.download(), w1.download()) << what;
+                    EXPECT_EQ(probs.download(), logits.download()) << what << ": probs";
+                    EXPECT_EQ(ctr.download(), std::vector<unsigned>{0u}) << what << ": counter not left at 0";
+                    ++checked;
+                }
+            }
+        }
+    }
+    // Other types: declined, nothing launched.
+    EXPECT_FALSE(cuda::matmul_route(GgmlType::Q8_0, nullptr, 128, 256, nullptr, 8, true, nullptr, nullptr, nullptr,
+                                    ctr.get()));
+    std::printf("[cuda] matmul_route: %d runs equal matmul + softmax_topk\n", checked);
+}
+
 // ---- attention ----
 
 TEST(CudaOps, Attention) {
@@ -1017,6 +1124,23 @@ TEST(CudaOps, Attention) {
             // (up to 4 keys per chunk every warp sums one key at most: the same sums)
             if (c.n_past >= 8) {
                 EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
+            }
+            // The merge by each head's last chunk block (merge_counters): the second launch's bits,
+            // twice on the same counters (each launch must leave them at 0). (The emulator runs the
+            // blocks one after another: which block merges, and the fences, only a GPU can check.)
+            std::vector<unsigned> zeros(static_cast<size_t>(c.n_tokens * n_head), 0u);
+            DeviceBuffer<unsigned> ctr(zeros);
+            for (int rep = 0; rep < 2; ++rep) {
+                DeviceBuffer<float> dout4(q.size());
+                DeviceBuffer<uint8_t> qx4(c.n_tokens * cuda::qx_bytes(row_n));
+                cuda::AttentionArgs gf = gq;
+                gf.out = dout4.get(), gf.out_qx = qx4.get(), gf.merge_counters = ctr.get();
+                // NaN in the workspace: a merge before every chunk is written cannot pass unseen.
+                CUDA_CHECK(cudaMemset(ws.get(), 0xff, cuda::attention_workspace_bytes(ga)));
+                cuda::attention(gf, ws.get());
+                EXPECT_EQ(dout4.download(), out1) << what << ": merged by the last block, run " << rep;
+                EXPECT_EQ(qx4.download(), qb) << what << ": quantized output merged by the last block, run " << rep;
+                EXPECT_EQ(ctr.download(), zeros) << what << ": counters not left at 0, run " << rep;
             }
         }
     }

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/half.h"
+#include "coordinator/sampler.h"
 
 namespace moemesh {
 
@@ -94,7 +96,22 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
     return forward_rows(seq, tokens, n, all_logits, out);
 }
 
+// MOEMESH_HOST_ARGMAX=1: the argmax forms download the logits and take the argmax on the host, as
+// before they existed (an A/B switch for benchmarks; same results).
+static bool host_argmax() {
+    static const bool on = [] {
+        const char* e = std::getenv("MOEMESH_HOST_ARGMAX");
+        return e && std::strcmp(e, "1") == 0;
+    }();
+    return on;
+}
+
 Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) {
+    if (host_argmax()) {
+        MM_RETURN_IF_ERROR(forward(seq, tokens, n, false, &host_logits_));
+        *next = argmax(host_logits_.data(), cfg_.n_vocab);
+        return Status();
+    }
     ChunkOut out;
     out.argmax = next;
     return forward_rows(seq, tokens, n, false, out);
@@ -172,6 +189,11 @@ Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tok
 
 Status ModelBase::forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                        const int32_t* tokens, int32_t* next) {
+    if (host_argmax()) {
+        MM_RETURN_IF_ERROR(forward_batch(seqs, n_tokens, n_seqs, tokens, &host_logits_));
+        for (int64_t i = 0; i < n_seqs; ++i) next[i] = argmax(host_logits_.data() + i * cfg_.n_vocab, cfg_.n_vocab);
+        return Status();
+    }
     std::vector<Segment> segs;
     int64_t T = 0;
     MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
@@ -280,8 +302,7 @@ Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* x
     float* probs = scratch(probs_, T * E);                   // [T, E]
     int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * K);    // [T, K]
     float* sel_w = scratch(sel_w_, T * K);                   // [T, K]
-    be_->matmul(router, xn, T, probs);
-    be_->route(probs, T, E, K, cfg_.norm_topk, sel_ids, sel_w);
+    be_->matmul_route(router, xn, T, K, cfg_.norm_topk, probs, sel_ids, sel_w);
     MM_RETURN_IF_ERROR(be_->moe(il, xn, T, K, sel_ids, sel_w, out));
     cb("ffn_moe_out", il, out, T, cfg_.n_embd);
     return Status();

@@ -112,7 +112,7 @@ protected:
     BackendWeight output_;        // {H, V} (token_embd when tied)
     const float* output_norm_{};  // [H]
     Buffer final_norm_buf_, logits_buf_, argmax_buf_, probs_, sel_ids_, sel_w_, last_rows_;
-    std::vector<float> embd_host_, debug_host_;
+    std::vector<float> embd_host_, debug_host_, host_logits_;
 };
 
 }  // namespace moemesh

@@ -99,11 +99,11 @@ private:
             }
             // per-head q/k norms, rope, KV stores, attention: [T, Nh*D]; per sequence
             rope_and_attend(segs, n_segs, il, T, q, k, v, attn, lw.q_norm, lw.k_norm);
-            be.matmul(lw.wo, attn, T, tmp);         // [T, H]
+            // tmp = attn · woᵀ [T, H]; x += tmp; xn = norm(x) [T, H] (one launch on CUDA for a decode row)
+            be.matmul_add_rmsnorm(lw.wo, attn, T, tmp, x, lw.ffn_norm, xn, cfg_.rms_eps);
             cb("attn_out", il, tmp, T, H);
 
             // ---- MoE: route → experts → combine ----
-            be.add_rmsnorm(x, tmp, lw.ffn_norm, xn, T, H, cfg_.rms_eps);  // x += tmp; xn = norm(x) [T, H]
             cb("ffn_norm", il, xn, T, H);
             MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
             pending = end_layer(il, x, tmp, T);  // x += tmp, here or in the next layer's first norm

@@ -3,7 +3,8 @@
 // Pass 1, grid (splits, n_head, T), one block of kAttnThreads per kAttnSplit keys of one (token,
 // head): scores into shared memory (one warp per key, lanes across head_dim), the chunk's max m and
 // sum l of exp(s - m), and o = Σ exp(s - m)·v with threads across head_dim (coalesced V rows).
-// Pass 2, grid (n_head, T): out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s.
+// Pass 2, grid (n_head, T): out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s; or, with
+// AttentionArgs::merge_counters, the same by the last of each (token, head)'s pass-1 blocks to finish.
 // Workspace per (token, head, split): head_dim floats of o, then m and l.
 //
 // With an f16 cache q is rounded to f16 before the dot products, as the CPU kernel does; the CPU
@@ -45,18 +46,15 @@ __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_p
 // (default) one thread per dim over all the chunk's keys — a dependent chain of up to kAttnSplit
 // loads per thread (MOEMESH_CUDA_ATTN_V=warps selects the other; not yet measured on a GPU).
 template <bool kF16, bool kVWarps>
-__global__ void __launch_bounds__(kAttnThreads)
-    attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
-                      float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim, float scale) {
-    grid_dep_wait();
+__device__ __forceinline__ void attn_split_chunk(const float* __restrict__ q, const void* __restrict__ k,
+                                                 const void* __restrict__ v, float* __restrict__ ws, int64_t n_past,
+                                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale) {
     __shared__ float qs[kAttnMaxHeadDim];
     __shared__ float sc[kAttnSplit];
     __shared__ float red[kWarp];
     // gridDim.x (the workspace stride) may exceed the splits this n_past needs (a graph launched for
     // the context size): those blocks exit without writing; the merge reads only the needed ones.
     const int64_t sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
-    n_past = eff_n_past(n_past, n_past_dev);
     if (sp * kAttnSplit >= n_past + gridDim.z) return;
     const int64_t n_kv = n_past + t + 1;
     const int64_t j0 = sp * kAttnSplit, j1 = min(j0 + kAttnSplit, n_kv);
@@ -122,35 +120,29 @@ __global__ void __launch_bounds__(kAttnThreads)
     if (threadIdx.x == 0) wsp[head_dim] = mx, wsp[head_dim + 1] = l;
 }
 
-// MOEMESH_CUDA_ATTN_V=warps: attn_split_kernel's V pass over the warps (read at every launch, so
-// that an A/B or a test can switch it).
-bool attn_v_warps() {
-    const char* e = std::getenv("MOEMESH_CUDA_ATTN_V");
-    return e != nullptr && std::strcmp(e, "warps") == 0;
-}
-
-// qx: out also quantized (AttentionArgs::out_qx; head_dim % 32 == 0, so each warp's 32 outputs of an
-// iteration are one group of 32 of the row).
-__global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
-                                  int64_t head_dim, int64_t ws_splits, int64_t n_past,
-                                  const int32_t* __restrict__ n_past_dev, uint8_t* __restrict__ qx) {
-    grid_dep_wait();
-    const int64_t h = blockIdx.x, t = blockIdx.y;
-    const int64_t n_splits = (eff_n_past(n_past, n_past_dev) + gridDim.y + kAttnSplit - 1) / kAttnSplit;
+// Head h of token t: out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s over the first n_splits
+// chunks of its ws_splits in the workspace. qx: out also quantized (AttentionArgs::out_qx;
+// head_dim % 32 == 0, so each warp's 32 outputs of an iteration are one group of 32 of the row).
+// kL2: the chunks were written by other blocks of this kernel: read through L2 (__ldcg).
+template <bool kL2>
+__device__ __forceinline__ void attn_merge_head(const float* ws, float* __restrict__ out, int64_t h, int64_t t,
+                                                int64_t n_head, int64_t head_dim, int64_t ws_splits,
+                                                int64_t n_splits, uint8_t* __restrict__ qx) {
+    auto ld = [](const float* p) { return kL2 ? __ldcg(p) : *p; };
     const float* w0 = ws + (t * n_head + h) * ws_splits * (head_dim + 2);
     float M = -INFINITY;
-    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, w0[s * (head_dim + 2) + head_dim]);
+    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, ld(w0 + s * (head_dim + 2) + head_dim));
     float L = 0.0f;
     for (int64_t s = 0; s < n_splits; ++s) {
         const float* ws_s = w0 + s * (head_dim + 2);
-        L += ws_s[head_dim + 1] * expf(ws_s[head_dim] - M);  // empty chunks: l = 0, exp(-inf) = 0
+        L += ld(ws_s + head_dim + 1) * expf(ld(ws_s + head_dim) - M);  // empty chunks: l = 0, exp(-inf) = 0
     }
     const float inv = 1.0f / L;
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;
         for (int64_t s = 0; s < n_splits; ++s) {
             const float* ws_s = w0 + s * (head_dim + 2);
-            o += ws_s[d] * expf(ws_s[head_dim] - M);
+            o += ld(ws_s + d) * expf(ld(ws_s + head_dim) - M);
         }
         const float v = o * inv;
         out[(t * n_head + h) * head_dim + d] = v;
@@ -164,6 +156,46 @@ __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restric
             row.store(e / 32, lane, gd[0], gh[0]);
         }
     }
+}
+
+// The splits (n_past, T) needs.
+__device__ __forceinline__ int64_t splits_needed(int64_t n_past, int64_t T) {
+    return (n_past + T + kAttnSplit - 1) / kAttnSplit;
+}
+
+// grid (ws splits, n_head, T). counters (AttentionArgs::merge_counters) set: the block of each
+// (token, head) that finishes last merges its chunks (no second launch): every block's chunk
+// written and fenced, one count per block, the count's last block reads the chunks through L2 and
+// leaves the counter at 0 for the next launch.
+template <bool kF16, bool kVWarps>
+__global__ void __launch_bounds__(kAttnThreads)
+    attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
+                      float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
+                      int64_t n_head_kv, int64_t head_dim, float scale, unsigned* __restrict__ counters,
+                      float* __restrict__ out, uint8_t* __restrict__ qx) {
+    grid_dep_wait();
+    n_past = eff_n_past(n_past, n_past_dev);
+    attn_split_chunk<kF16, kVWarps>(q, k, v, ws, n_past, n_head, n_head_kv, head_dim, scale);
+    const int64_t h = blockIdx.y, t = blockIdx.z;
+    if (!counters || !last_block_done(&counters[t * n_head + h], gridDim.x)) return;
+    attn_merge_head<true>(ws, out, h, t, n_head, head_dim, gridDim.x, splits_needed(n_past, gridDim.z), qx);
+    if (threadIdx.x == 0) counters[t * n_head + h] = 0;
+}
+
+// MOEMESH_CUDA_ATTN_V=warps: attn_split_kernel's V pass over the warps (read at every launch, so
+// that an A/B or a test can switch it).
+bool attn_v_warps() {
+    const char* e = std::getenv("MOEMESH_CUDA_ATTN_V");
+    return e != nullptr && std::strcmp(e, "warps") == 0;
+}
+
+// grid (n_head, T): the merge as a second launch (AttentionArgs::merge_counters null).
+__global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
+                                  int64_t head_dim, int64_t ws_splits, int64_t n_past,
+                                  const int32_t* __restrict__ n_past_dev, uint8_t* __restrict__ qx) {
+    grid_dep_wait();
+    attn_merge_head<false>(ws, out, blockIdx.x, blockIdx.y, n_head, head_dim, ws_splits,
+                           splits_needed(eff_n_past(n_past, n_past_dev), gridDim.y), qx);
 }
 
 }  // namespace
@@ -192,17 +224,22 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     const bool vw = attn_v_warps();
     if (a.kv_f16 && vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
+            a.out, a.out_qx);
     else if (a.kv_f16)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
+            a.out, a.out_qx);
     else if (vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
+            a.out, a.out_qx);
     else
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
+            a.out, a.out_qx);
     CUDA_CHECK_LAUNCH();
+    if (a.merge_counters) return;  // merged by each head's last block
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
     MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
                                                           n_past_dev, a.out_qx);

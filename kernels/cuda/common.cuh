@@ -66,6 +66,23 @@ __device__ __forceinline__ float round_f16(float f) { return __half2float(__floa
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// The last-block-done pattern (a kernel's final step in the block that finishes last, instead of a
+// second launch): every thread's writes fenced, then one count per block on `counter` (zero before
+// the launch's first count); true, in every thread of the block whose count is the n-th (n: the
+// blocks counting, default the grid's), after a fence so that its reads see the other blocks'
+// writes (read those through L2: __ldcg). That block must put the counter back to 0 for the next
+// launch. Called by every thread of every counting block (it has barriers).
+__device__ __forceinline__ bool last_block_done(unsigned* counter, unsigned n = 0) {
+    __shared__ bool last;
+    if (n == 0) n = gridDim.x * gridDim.y * gridDim.z;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) last = atomicAdd(counter, 1u) == n - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // Programmatic dependent launch (sm_90+): a kernel launched with MM_LAUNCH_PDL may be scheduled while
 // the kernel before it on the stream is still running, so its launch and block start-up overlap that
 // kernel's tail (a decode step is ~11 dependent kernels per layer, each a few µs). Such a kernel must

@@ -103,6 +103,13 @@ bool qx_takes(GgmlType wt, int64_t k, int64_t rows);
 // y[n_out] = x̂ · Wᵀ from the quantized row qx; false (nothing launched) where !qx_takes.
 bool matmul_qx(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* y,
                cudaStream_t stream = nullptr);
+// matmul_qx of one row, then add_rmsnorm(x, t, nw, y, 1, n_out, eps) with y's quantized twin into
+// qy, in one launch (the GEMV's last block to finish adds and norms; same bits as the two calls).
+// qy may be qx's buffer. counter: one unsigned of device memory, zero (left zero). false, nothing
+// launched, where matmul_qx would decline or the norm cannot write a twin (qx_norm_ok(n_out)).
+bool matmul_qx_add_rmsnorm(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* t,
+                           float* x, const float* nw, float* y, float eps, uint8_t* qy, unsigned* counter,
+                           cudaStream_t stream = nullptr);
 // Single-row products of n_sel matrices that lie anywhere (expert-cache slices), in one launch:
 //   Y[s, n_out] = X[s] · W_sᵀ  with W_s at w[s] (w: a device array of n_sel pointers), X[s] at x + s · x_stride;
 // matmul_ptr_swiglu: Y[s] = silu(X[s] · G_sᵀ) ⊙ (X[s] · U_sᵀ). Bit-identical to matmul (m = 1) per
@@ -186,6 +193,13 @@ void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm
 size_t argmax_workspace_bytes(int64_t rows, int64_t n);
 void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* workspace, cudaStream_t stream = nullptr);
 
+// One decode token's router in one launch (kernels/cuda/matmul.cu): logits = W · x (matmul's bits),
+// then softmax_topk of them: probs[E] the softmax, ids/weights[K]. W [E, k] F32, F16 or BF16 (the
+// router's types), k % 8 == 0; E <= 1024, K <= 32. counter: one unsigned of device memory, zero
+// (and left zero). false, nothing launched, for other weight types.
+bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float* x, int64_t K, bool norm_topk,
+                  float* probs, int32_t* ids, float* weights, unsigned* counter, cudaStream_t stream = nullptr);
+
 // ---- attention (kernels/cuda/attention.cu) ----
 // Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
 // each (token, head) reads its keys in chunks of kAttnSplit, one block per chunk, then one pass
@@ -205,6 +219,9 @@ struct AttentionArgs {
     // Optional: out also quantized for the int8-X GEMVs, row t at out_qx + t · qx_bytes(n_head · head_dim)
     // (see "X quantized once"; head_dim % 32 == 0 and n_head · head_dim % 256 == 0).
     uint8_t* out_qx = nullptr;
+    // Optional: n_tokens · n_head counters in device memory, zero (and left zero): each (token,
+    // head)'s chunks are merged by its block that finishes last instead of by a second launch.
+    unsigned* merge_counters = nullptr;
 };
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);

@@ -30,6 +30,8 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/matmul_lowbit.cuh"
 #include "kernels/cuda/matmul_iq.cuh"
+#include "kernels/cuda/norm_dev.cuh"
+#include "kernels/cuda/topk_dev.cuh"
 #include "kernels/cuda/matmul_more.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
@@ -425,6 +427,29 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
         }
 }
 
+// One decode token's router (matmul_route): logits[e] = W_e · x with gemv_kernel<T, 1>'s bits, then
+// the block that finishes last (every block's logits fenced, one count per block; the counter left
+// at 0) runs softmax_topk's warp over them: no second launch.
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_route_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t E, int64_t k,
+                      const float* __restrict__ x, float* probs, int K, bool norm_topk, int32_t* __restrict__ ids,
+                      float* __restrict__ weights, unsigned* __restrict__ counter) {
+    grid_dep_wait();
+    const int lane = threadIdx.x % kWarp;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    if (row < E) {  // warp-uniform
+        const uint8_t* rows[1] = {w + static_cast<size_t>(row) * row_bytes};
+        float acc[1][1] = {{0.0f}};
+        dot_rows<T, 1, 1>(rows, k, x, lane, acc);
+        const float v = warp_sum(acc[0][0]);
+        if (lane == 0) probs[row] = v;
+    }
+    if (!last_block_done(counter)) return;
+    if (threadIdx.x < kWarp) softmax_topk_any<true>(probs, E, K, norm_topk, ids, weights);
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 // Several matrices' single-row products in one launch: row r of the concatenated rows belongs to
 // matrix j with end[j - 1] <= r < end[j]; the dot products and reductions of gemv_kernel<T, 1>
 // (two rows per warp).
@@ -776,18 +801,13 @@ __device__ __forceinline__ QX qx_view(const uint8_t* qx, int64_t k) {
     return QxRow(const_cast<uint8_t*>(qx), k).view(kQ8_0Act<T>);  // (read only through the view)
 }
 
-// grid: (ceil(n_out / (kGemvWarps · kGemvRows)), n_sel); selection s: matrix w(s), y + s · n_out.
+// The warp's kGemvRows W rows from row0 (of n_out) of matrix wmat against the quantized row qx:
+// y[row] for each of them.
 template <GgmlType T>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_qx_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const uint8_t* __restrict__ qx,
-                   float* __restrict__ y) {
-    grid_dep_wait();
+__device__ __forceinline__ void qx_warp_rows(const uint8_t* wmat, size_t row_bytes, int64_t row0, int64_t n_out,
+                                             int64_t k, const uint8_t* qx, float* y) {
     constexpr int RW = kGemvRows<T, 1>;
     const int lane = threadIdx.x % kWarp;
-    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
-    if (row0 >= n_out) return;
-    const int64_t s = blockIdx.y;
-    const uint8_t* wmat = w(s);
     const uint8_t* rows[RW];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri)
@@ -799,8 +819,40 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri) {
         const float v = warp_sum(acc[ri][0]);
-        if (lane == 0 && row0 + ri < n_out) y[s * n_out + row0 + ri] = v;
+        if (lane == 0 && row0 + ri < n_out) y[row0 + ri] = v;
     }
+}
+
+// grid: (ceil(n_out / (kGemvWarps · kGemvRows)), n_sel); selection s: matrix w(s), y + s · n_out.
+template <GgmlType T>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_qx_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const uint8_t* __restrict__ qx,
+                   float* __restrict__ y) {
+    grid_dep_wait();
+    const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * kGemvRows<T, 1>;
+    if (row0 >= n_out) return;
+    const int64_t s = blockIdx.y;
+    qx_warp_rows<T>(w(s), row_bytes, row0, n_out, k, qx, y + s * n_out);
+}
+
+// A decode token's o projection with the residual add + norm after it (matmul_qx_add_rmsnorm):
+// t = W · x̂ with gemv_qx_kernel's bits (blocks of kRowThreads: 8 warps), then the block that
+// finishes last (every block's rows fenced, one count per block; the counter left at 0): x += t,
+// y = rmsnorm(x) · nw and y quantized into qy, with add_rmsnorm's bits. qy may be qx's buffer:
+// the last block writes it after every block's reads of qx.
+template <GgmlType T>
+__global__ void __launch_bounds__(kRowThreads)
+    gemv_qx_add_rmsnorm_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_out, int64_t k,
+                               const uint8_t* qx, float* t, float* x, const float* __restrict__ nw, float* y, float eps,
+                               uint8_t* qy, unsigned* __restrict__ counter) {
+    grid_dep_wait();
+    const int64_t row0 =
+        (static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp) * kGemvRows<T, 1>;
+    if (row0 < n_out) qx_warp_rows<T>(w, row_bytes, row0, n_out, k, qx, t);  // warp-uniform
+    if (!last_block_done(counter)) return;
+    __shared__ float red[kWarp];
+    add_rmsnorm_regs<true>(x, t, nw, y, n_out, eps, qy, red);
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 // gemv_multi_kernel on the quantized X.
@@ -1171,6 +1223,28 @@ bool matmul_supported(GgmlType wt) {
     }
 }
 
+bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float* x, int64_t K, bool norm_topk,
+                  float* probs, int32_t* ids, float* weights, unsigned* counter, cudaStream_t stream) {
+    if ((wt != GgmlType::F32 && wt != GgmlType::F16 && wt != GgmlType::BF16) || k <= 0 || k % 8 != 0)
+        return false;
+    MM_CHECK(E > 0 && E <= kRouterMaxExperts && K > 0 && K <= kRouterMaxTopk && K <= E);
+    const unsigned grid = grid_1d(E, kGemvWarps);
+    const auto* wb = static_cast<const uint8_t*>(w);
+    const size_t rb = ggml_row_bytes(wt, k);
+    const int kk = static_cast<int>(K);
+    if (wt == GgmlType::F32)
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F32>)(wb, rb, E, k, x, probs, kk, norm_topk,
+                                                                                      ids, weights, counter);
+    else if (wt == GgmlType::F16)
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F16>)(wb, rb, E, k, x, probs, kk, norm_topk,
+                                                                                      ids, weights, counter);
+    else
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::BF16>)(wb, rb, E, k, x, probs, kk,
+                                                                                       norm_topk, ids, weights, counter);
+    CUDA_CHECK_LAUNCH();
+    return true;
+}
+
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream) {
     check_shape(wt, k);
@@ -1253,6 +1327,20 @@ bool launch_qx(const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float
         const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), 1);
         const MatSel sel{static_cast<const uint8_t*>(w), 0, nullptr, nullptr};
         MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_qx_kernel<T>)(sel, ggml_row_bytes(T, k), n_out, k, qx, y);
+        CUDA_CHECK_LAUNCH();
+        return true;
+    }
+    return false;
+}
+
+template <GgmlType T>
+bool launch_qx_add_rmsnorm(const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* t, float* x,
+                           const float* nw, float* y, float eps, uint8_t* qy, unsigned* counter, cudaStream_t stream) {
+    if constexpr (kHasQGemv<T>) {
+        if (!qx_ok<T>(k, n_out) || !qx_norm_ok(n_out)) return false;
+        const unsigned grid = grid_1d(n_out, (kRowThreads / kWarp) * kGemvRows<T, 1>);
+        MM_LAUNCH_PDL(grid, kRowThreads, 0, stream, gemv_qx_add_rmsnorm_kernel<T>)(
+            static_cast<const uint8_t*>(w), ggml_row_bytes(T, k), n_out, k, qx, t, x, nw, y, eps, qy, counter);
         CUDA_CHECK_LAUNCH();
         return true;
     }
@@ -1426,6 +1514,16 @@ bool matmul_qx(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8
     if (n_out <= 0) return true;
     return with_fused_gemv_type(
         wt, [&](auto t) { return launch_qx<decltype(t)::value>(w, n_out, k, qx, y, stream); });
+}
+
+bool matmul_qx_add_rmsnorm(GgmlType wt, const void* w, int64_t n_out, int64_t k, const uint8_t* qx, float* t,
+                           float* x, const float* nw, float* y, float eps, uint8_t* qy, unsigned* counter,
+                           cudaStream_t stream) {
+    check_shape(wt, k);
+    if (n_out <= 0) return false;
+    return with_fused_gemv_type(wt, [&](auto tt) {
+        return launch_qx_add_rmsnorm<decltype(tt)::value>(w, n_out, k, qx, t, x, nw, y, eps, qy, counter, stream);
+    });
 }
 
 bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k) {

@@ -1,11 +1,11 @@
-// Router: softmax over E expert logits, top-K, optional renormalisation. One warp per token, the
-// logits in registers (lane l holds experts l + 32j): the K rounds of argmax are register scans and
-// warp shuffles alone, with no shared memory, barrier or serial pass of one thread (the shared-memory
-// version took 9.4 µs per decode step on an H200 under ncu; with 8 warps 8.7 µs).
+// Router: softmax over E expert logits, top-K, optional renormalisation. One warp per token
+// (topk_dev.cuh): no shared memory, barrier or serial pass of one thread (the shared-memory version
+// took 9.4 µs per decode step on an H200 under ncu; with 8 warps 8.7 µs). Also: argmax of rows.
 #include <cuda_runtime.h>
 
 #include "common/status.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/topk_dev.cuh"
 
 namespace moemesh::cuda {
 
@@ -13,78 +13,13 @@ namespace {
 
 using namespace detail;
 
-constexpr int kMaxExperts = 1024;
-constexpr int kMaxTopk = 32;
-
-// a beats b: larger probability, and on equal probabilities the lower expert id (as route()).
-__device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
-    return pa > pb || (pa == pb && ia < ib);
-}
-
 // grid: tokens, block: one warp; E <= 32 · NP, K <= 32.
 template <int NP>
 __global__ void __launch_bounds__(kWarp) softmax_topk_kernel(float* logits, int64_t E, int K, bool norm_topk,
                                                               int32_t* ids, float* weights) {
     grid_dep_wait();
     const int64_t t = blockIdx.x;
-    float* lr = logits + t * E;
-    const int lane = threadIdx.x;
-    float p[NP];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-        const int i = lane + kWarp * j;
-        p[j] = i < E ? lr[i] : -INFINITY;
-    }
-#pragma unroll
-    for (int j = 0; j < NP; ++j)
-        if (lane + kWarp * j < E) mx = fmaxf(mx, p[j]);
-    mx = warp_max(mx);
-    float s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NP; ++j)
-        if (lane + kWarp * j < E) {
-            p[j] = expf(p[j] - mx);
-            s += p[j];
-        }
-    const float inv = 1.0f / warp_sum(s);
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-        const int i = lane + kWarp * j;
-        if (i < E) {
-            p[j] *= inv;
-            lr[i] = p[j];
-        }
-    }
-    // K rounds of a warp-wide argmax; the chosen expert's p becomes -inf in its lane's registers.
-    // Every lane ends a round with the same winner (bp, bi); lane j keeps round j's.
-    float sum = 0.0f, my_p = 0.0f;
-    int my_id = 0;
-    for (int r = 0; r < K; ++r) {
-        float bp = -INFINITY;
-        int bi = INT_MAX;
-#pragma unroll
-        for (int j = 0; j < NP; ++j) {
-            const int i = lane + kWarp * j;
-            if (i < E && beats(p[j], i, bp, bi)) bp = p[j], bi = i;
-        }
-#pragma unroll
-        for (int o = kWarp / 2; o > 0; o >>= 1) {
-            const float op = __shfl_xor_sync(0xffffffffu, bp, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (beats(op, oi, bp, bi)) bp = op, bi = oi;
-        }
-#pragma unroll
-        for (int j = 0; j < NP; ++j)
-            if (lane + kWarp * j == bi) p[j] = -INFINITY;
-        sum += bp;
-        if (lane == r) my_p = bp, my_id = bi;
-    }
-    if (lane < K) {
-        const float d = norm_topk ? fmaxf(sum, 6.103515625e-5f) : 1.0f;
-        ids[t * K + lane] = my_id;
-        weights[t * K + lane] = norm_topk ? my_p / d : my_p;
-    }
+    softmax_topk_warp<NP>(logits + t * E, E, K, norm_topk, ids + t * K, weights + t * K);
 }
 
 // ---- argmax of logits rows (greedy decoding on the device) ----
@@ -95,17 +30,12 @@ constexpr int kArgThreads = 256;
 constexpr int64_t kArgPerBlock = 4096;
 constexpr int64_t kArgMaxBlocks = 1024;  // n <= 4M
 
-// (va, ia) comes before (vb, ib): larger value, lower index on equal values; a NaN never does.
-__device__ __forceinline__ bool arg_beats(float va, int ia, float vb, int ib) {
-    return va > vb || (va == vb && ia < ib);
-}
-
 __device__ __forceinline__ void warp_arg_best(float& v, int& i) {
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
         const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (arg_beats(ov, oi, v, i)) v = ov, i = oi;
+        if (beats(ov, oi, v, i)) v = ov, i = oi;
     }
 }
 
@@ -143,11 +73,11 @@ __global__ void __launch_bounds__(kArgThreads) argmax_part_kernel(const float* _
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int at = static_cast<int>(j + u * kArgThreads);
-            if (arg_beats(e[u], at, v, i)) v = e[u], i = at;
+            if (beats(e[u], at, v, i)) v = e[u], i = at;
         }
     }
     for (; j < b1; j += kArgThreads)
-        if (arg_beats(xr[j], static_cast<int>(j), v, i)) v = xr[j], i = static_cast<int>(j);
+        if (beats(xr[j], static_cast<int>(j), v, i)) v = xr[j], i = static_cast<int>(j);
     block_arg_best(v, i);
     if (threadIdx.x == 0) part_v[r * gridDim.x + blockIdx.x] = v, part_i[r * gridDim.x + blockIdx.x] = i;
 }
@@ -160,7 +90,7 @@ __global__ void __launch_bounds__(kArgThreads) argmax_final_kernel(const float* 
     float v = -INFINITY;
     int i = INT_MAX;
     for (int b = threadIdx.x; b < nb; b += kArgThreads)
-        if (arg_beats(part_v[r * nb + b], part_i[r * nb + b], v, i)) v = part_v[r * nb + b], i = part_i[r * nb + b];
+        if (beats(part_v[r * nb + b], part_i[r * nb + b], v, i)) v = part_v[r * nb + b], i = part_i[r * nb + b];
     block_arg_best(v, i);
     // The scalar loop `if (x[j] > x[best]) best = j` from best = 0: a NaN at 0 is never beaten.
     if (threadIdx.x == 0) ids[r] = x[r * n] != x[r * n] ? 0 : i;
@@ -189,7 +119,7 @@ void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* wo
 
 void softmax_topk(float* logits, int64_t tokens, int64_t E, int64_t K, bool norm_topk, int32_t* ids, float* weights,
                   cudaStream_t stream) {
-    MM_CHECK(E > 0 && E <= kMaxExperts && K > 0 && K <= kMaxTopk && K <= E);
+    MM_CHECK(E > 0 && E <= kRouterMaxExperts && K > 0 && K <= kRouterMaxTopk && K <= E);
     if (tokens <= 0) return;
     const unsigned grid = static_cast<unsigned>(tokens);
     const int k = static_cast<int>(K);

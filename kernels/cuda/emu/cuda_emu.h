@@ -35,6 +35,7 @@
 #define MM_CUDA_EMULATION 1
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -158,6 +159,10 @@ inline T __ldg(const T* p) {
     T v;
     std::memcpy(static_cast<void*>(&v), p, sizeof(T));
     return v;
+}
+template <class T>
+inline T __ldcg(const T* p) {  // (L2 only on a GPU: another block's fresh write, not a stale L1 line)
+    return __ldg(p);
 }
 // Byte i of the result: byte (s >> 4i) & 7 of the 8 bytes {x (0-3), y (4-7)} (no sign-replicate mode).
 inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
@@ -414,6 +419,12 @@ constexpr int warpSize = 32;
 
 inline void __syncthreads() { ::mm_emu::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::mm_emu::sync_warp(mask); }
+// A fence and atomics: a launch's blocks run one after another on one OS thread, so the fence has
+// nothing to order here; the atomic is real (std::atomic_ref: two host threads may run work at
+// once). A kernel that counts its finished blocks (the last one does a final step) sees them finish
+// in index order here, in any order on a GPU.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 
 namespace mm_emu {
 template <class T>
