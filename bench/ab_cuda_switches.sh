@@ -2,7 +2,8 @@
 # A/B runs of the CUDA backend's environment switches (docs/cuda.md, "Environment switches") on one
 # model file, in one process each, alternating the values so that drift hits all alike:
 # MOEMESH_CUDA_QX 1/norms/0, MOEMESH_CUDA_ATTN_V threads/warps, MOEMESH_CUDA_ATTN_MERGE fused/kernel,
-# MOEMESH_CUDA_ROUTER fused/split, MOEMESH_CUDA_O_NORM fused/split, MOEMESH_HOST_ARGMAX 0/1,
+# MOEMESH_CUDA_ROUTER fused/split, MOEMESH_CUDA_O_NORM fused/split, MOEMESH_CUDA_DOWN_COMBINE
+# fused/split, MOEMESH_HOST_ARGMAX 0/1,
 # MOEMESH_CUDA_GRAPH_SEGMENT 128/0/64, MOEMESH_CUDA_GRAPHS 1/0, MOEMESH_CUDA_PDL 1/0 (decode), and
 # with --prompt MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token
 # prompts). Prints a table of prompt and decode tokens/s per run, then the decode-graph summaries
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --gen) GEN=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +56,7 @@ for r in $(seq 1 "$REPS"); do
   for v in fused kernel; do run MOEMESH_CUDA_ATTN_MERGE "$v" 16; done
   for v in fused split; do run MOEMESH_CUDA_ROUTER "$v" 16; done
   for v in fused split; do run MOEMESH_CUDA_O_NORM "$v" 16; done
+  for v in fused split; do run MOEMESH_CUDA_DOWN_COMBINE "$v" 16; done
   for v in 0 1; do run MOEMESH_HOST_ARGMAX "$v" 16; done
   for v in 128 0 64; do run MOEMESH_CUDA_GRAPH_SEGMENT "$v" 16; done
   for v in 1 0; do run MOEMESH_CUDA_GRAPHS "$v" 16; done

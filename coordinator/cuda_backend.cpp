@@ -114,6 +114,14 @@ bool o_norm_fused() {
     return !(e && std::strcmp(e, "split") == 0);
 }
 
+// A decode token's expert down products and their weighted sum where the down GEMV is the in-block
+// int8-X kernel (MOEMESH_CUDA_DOWN_COMBINE): "fused" (default) the sum in that kernel's last block,
+// "split" as a second launch.
+bool down_combine_fused() {
+    const char* e = std::getenv("MOEMESH_CUDA_DOWN_COMBINE");
+    return !(e && std::strcmp(e, "split") == 0);
+}
+
 bool profile_enabled() {
     const char* e = std::getenv("MOEMESH_CUDA_PROFILE");
     return e && std::strcmp(e, "0") != 0 && *e;
@@ -546,11 +554,7 @@ public:
                                a.n_head, a.n_head_kv, a.head_dim, a.kv_f16, a.scale};
         // A decode row's output quantized for the o projection, as the norms do.
         if (a.head_dim % 32 == 0) ga.out_qx = qx_target(a.n_tokens, a.n_head * a.head_dim, false);
-        if (attn_merge_fused_) {
-            const size_t bytes = sizeof(unsigned) * static_cast<size_t>(a.n_tokens * a.n_head);
-            if (merge_ctr_.bytes() < bytes) merge_ctr_ = alloc(bytes, /*zero=*/true);  // left zero by each launch
-            ga.merge_counters = merge_ctr_.as<unsigned>();
-        }
+        if (attn_merge_fused_) ga.merge_counters = counters(merge_ctr_, a.n_tokens * a.n_head);
         if (!defer_) {
             void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
             if (profile_)
@@ -585,8 +589,7 @@ public:
         // when the buffer needs no growing (a reallocation would free a's twin before the launch).
         const bool fits = qx_mode_ != QxMode::kOff && cuda::qx_norm_ok(n) && qx_buf_.bytes() >= cuda::qx_bytes(n);
         if (!qa || !fits || !cuda::qx_takes(w.type, w.k, n)) return Backend::matmul_add_rmsnorm(w, a, m, t, x, nw, y, eps);
-        if (!o_norm_ctr_) o_norm_ctr_ = alloc(sizeof(unsigned), /*zero=*/true);  // left zero by each launch
-        unsigned* ctr = o_norm_ctr_.as<unsigned>();
+        unsigned* ctr = counters(o_norm_ctr_);
         uint8_t* qy = qx_buf_.as<uint8_t>();
         enqueue({27, static_cast<int64_t>(w.type), P(w.data), n, w.k, P(a), P(t), P(x), P(nw), P(y), F(eps), P(qa),
                  P(ctr)},
@@ -604,8 +607,7 @@ public:
         const bool one = router_fused_ && T == 1 && w.k % 8 == 0 && w.n_out <= 1024 && K <= 32 && K <= w.n_out &&
                          (w.type == GgmlType::F32 || w.type == GgmlType::F16 || w.type == GgmlType::BF16);
         if (!one) return Backend::matmul_route(w, x, T, K, norm, probs, ids, wts);
-        if (!route_ctr_) route_ctr_ = alloc(sizeof(unsigned), /*zero=*/true);  // left zero by each launch
-        unsigned* ctr = route_ctr_.as<unsigned>();
+        unsigned* ctr = counters(route_ctr_);
         enqueue({26, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), K, norm, P(probs), P(ids), P(wts),
                  P(ctr)},
                 [=, this](bool) {
@@ -653,8 +655,9 @@ public:
         float* y = grow<float>(y_, K * H_);
         decode_step_ = true;
         const uint8_t* qx = quantized(x, H_);
-        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx)},
-                [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y); });
+        unsigned* down_ctr = down_combine_fused_ ? counters(down_ctr_) : nullptr;
+        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx), P(down_ctr)},
+                [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y, down_ctr); });
         return Status();
     }
     void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
@@ -868,6 +871,13 @@ private:
         resident_ += bytes;
         return owned_.emplace_back(std::move(b)).data();
     }
+    // n block counters of a last-block-done kernel (kernels/cuda/common.cuh): zero when allocated,
+    // left zero by every launch. Called while recording (an allocation flushes).
+    unsigned* counters(Buffer& b, int64_t n = 1) {
+        const size_t bytes = sizeof(unsigned) * static_cast<size_t>(std::max<int64_t>(n, 1));
+        if (b.bytes() < bytes) b = alloc(bytes, /*zero=*/true);
+        return b.as<unsigned>();
+    }
     template <typename T>
     T* grow(Buffer& b, int64_t n) {
         const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1));
@@ -878,8 +888,9 @@ private:
     // One token: the K selected experts in three expert-indexed GEMVs (weights read once each); the
     // router's ids stay on the device. g, u: [K, I]; y: [K, H].
     // qx: x quantized (or null), read by gate/up where the type takes it.
+    // down_ctr: counters() for the down GEMV's weighted sum in its last block (null: a second launch).
     void moe_decode(const ResidentExperts& r, const float* x, const uint8_t* qx, int64_t K, const int32_t* ids,
-                    const float* w, float* out, float* g, float* u, float* y) {
+                    const float* w, float* out, float* g, float* u, float* y, unsigned* down_ctr) {
         const int64_t H = H_, I = I_;
         // gate, up and SwiGLU in one launch where the types allow (same bits as the three below
         // without qx)
@@ -889,8 +900,9 @@ private:
             cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
             cuda::swiglu(g, u, g, K * I, stream_);
         }
-        // down and the weighted sum in one launch where the size and type allow (same bits as below)
-        if (cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_)) return;
+        // down and the weighted sum in one launch where the size and type allow (same bits as below;
+        // the int8-X GEMV sums in its last block, MOEMESH_CUDA_DOWN_COMBINE)
+        if (cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_, y, down_ctr)) return;
         cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
         cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
     }
@@ -1047,6 +1059,8 @@ private:
     const bool router_fused_ = router_fused();
     const bool o_norm_fused_ = o_norm_fused();
     Buffer o_norm_ctr_;  // matmul_add_rmsnorm's block counter (zero between launches)
+    const bool down_combine_fused_ = down_combine_fused();
+    Buffer down_ctr_;  // the down GEMV's block counter (zero between launches)
     Buffer route_ctr_;  // matmul_route's block counter (zero between launches)
     Buffer merge_ctr_;  // attention's per-(token, head) chunk counters (zero between launches)
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)

@@ -442,7 +442,9 @@ TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
 // attention split (context > 256: chunks to merge, in the graph's fixed grid).
 //   MOEMESH_CUDA_ATTN_MERGE=kernel: attention's merge as a second launch;
 //   MOEMESH_CUDA_ROUTER=split: the router GEMV, then softmax + top-k;
-//   MOEMESH_CUDA_O_NORM=split: the o projection, then the residual add + norm.
+//   MOEMESH_CUDA_O_NORM=split: the o projection, then the residual add + norm;
+//   MOEMESH_CUDA_DOWN_COMBINE=split: the int8-X down GEMV, then the weighted sum (that GEMV runs
+//   for these small experts only with MOEMESH_CUDA_GEMV=new: ctest's gemv_new.* entry).
 TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     REQUIRE_CUDA();
     const std::string path = make(moe_opts("q8_0"), "moe_q8");
@@ -451,7 +453,8 @@ TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     ASSERT_EQ(fused.tokens.size(), 16u);
     for (const auto& [var, value] : {std::pair<const char*, const char*>{"MOEMESH_CUDA_ATTN_MERGE", "kernel"},
                                      {"MOEMESH_CUDA_ROUTER", "split"},
-                                     {"MOEMESH_CUDA_O_NORM", "split"}}) {
+                                     {"MOEMESH_CUDA_O_NORM", "split"},
+                                     {"MOEMESH_CUDA_DOWN_COMBINE", "split"}}) {
         Decode split;
         {
             const ScopedEnv env(var, value);

@@ -359,6 +359,55 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
     }
 }
 
+// Where matmul_id takes the in-block int8-X GEMV (16384 rows and more), matmul_id_down_combine with
+// a workspace and a counter runs it with the weighted sum in its last block: the bits of matmul_id
+// then moe_combine (y too); the counter left at 0; without them, declined.
+TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t E = 3, n_out = 2048, k = 256, n_sel = 8;
+    std::vector<uint8_t> down;
+    for (int64_t e = 0; e < E; ++e) {
+        const QuantMatrix d = make_weights(t, n_out, k, 180 + static_cast<uint32_t>(e));
+        down.insert(down.end(), d.bytes.begin(), d.bytes.end());
+    }
+    const size_t matrix_bytes = down.size() / E;
+    const std::vector<int32_t> ids = {2, 0, 1, 2, 1, 0, 0, 2};
+    const std::vector<float> g = random_vec(static_cast<size_t>(n_sel * k), 19), w = random_vec(ids.size(), 20);
+    const DeviceBuffer<uint8_t> dd(down);
+    const DeviceBuffer<int32_t> dids(ids);
+    const DeviceBuffer<float> dg(g), dw(w);
+    DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out)), want(static_cast<size_t>(n_out));
+    cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
+    cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
+    const std::vector<float> want_y = y.download(), want_out = want.download();
+    const std::string name = std::string("down + combine in the int8 GEMV ") + ggml_type_name(t);
+    const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
+    DeviceBuffer<float> out(canary);
+    // Without a workspace: the int8-X GEMV's sizes are declined (the caller runs two launches).
+    const bool plain = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
+                                                    dg.get(), out.get());
+    if (plain) {  // the f32-X kernel took it: not this test's path
+        EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0) << name;
+        return;
+    }
+    EXPECT_EQ(out.download(), canary) << name << ": declined but wrote";
+    DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
+    for (int rep = 0; rep < 2; ++rep) {
+        DeviceBuffer<float> y2(std::vector<float>(static_cast<size_t>(n_sel * n_out), std::nanf(""))), out2(canary);
+        const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
+                                                        dg.get(), out2.get(), nullptr, y2.get(), ctr.get());
+        const bool int8_type = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K ||
+                               t == GgmlType::Q6_K || t == GgmlType::Q5_0 || t == GgmlType::Q5_K ||
+                               t == GgmlType::Q3_K || t == GgmlType::Q2_K;
+        EXPECT_EQ(fused, int8_type) << name;
+        if (!fused) return;
+        EXPECT_EQ(y2.download(), want_y) << name << " run " << rep << ": y";
+        EXPECT_EQ(out2.download(), want_out) << name << " run " << rep << ": the weighted sum";
+        EXPECT_EQ(ctr.download(), std::vector<unsigned>{0u}) << name << " run " << rep << ": counter not left at 0";
+    }
+}
+
 TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();

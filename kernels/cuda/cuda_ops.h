@@ -125,13 +125,15 @@ bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* 
 
 // A decode step's expert down products and the router-weighted sum in one launch:
 //   out[n_out] = Σ_j w[j] · (g[j] · D_{ids[j]}ᵀ)   for j < n_sel (<= 16), g: [n_sel, k],
-// bit-identical to matmul_id then moe_combine. Returns false, launching nothing, where matmul_id
-// would take the int8-X GEMV (from 16384 rows on: on an H200 that GEMV and the combine were 5%
-// faster per decode step than this kernel with f32 X), for the rarer types and n_sel > 16: the
-// caller then runs the two launches.
+// bit-identical to matmul_id then moe_combine. Where matmul_id would take the int8-X GEMV (from
+// 16384 rows on: on an H200 that GEMV and the combine were 5% faster per decode step than this
+// kernel with f32 X) it runs that GEMV into y [n_sel, n_out] with the sum in its last block when
+// given y and counter (one unsigned of device memory, zero, left zero), else returns false,
+// launching nothing; also false for the rarer types and n_sel > 16: the caller then runs the two
+// launches.
 bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
                             int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out,
-                            cudaStream_t stream = nullptr);
+                            cudaStream_t stream = nullptr, float* y = nullptr, unsigned* counter = nullptr);
 
 // Y[rows, k] = W[rows, k] dequantized to f32, bit-identical to the CPU's dequantize_row (the tiled
 // matmul's dequantizer, kernels/cuda/matmul.cu load8). Same types and shape rules as matmul.

@@ -719,11 +719,14 @@ inline size_t qgemv_smem(int64_t m, int64_t k) {
 }
 
 // grid: (ceil(n_out / (kGemvQWarps · rows_per_warp)), n_sel); selections as in gemv_kernel.
+// counter (M == 1; null: none): the block that finishes last also writes the weighted sum of the
+// selections' rows, cout[h] = Σ_s cw[s] · y[s, h] (moe_combine's bits), and leaves the counter at 0.
 template <GgmlType T, int M, int R>
 __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     gemv_q_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes,
                   const int32_t* __restrict__ ids, int64_t n_out, int64_t k, const float* __restrict__ x,
-                  int64_t x_stride, float* __restrict__ y, int rows_per_warp) {
+                  int64_t x_stride, float* __restrict__ y, int rows_per_warp, const float* __restrict__ cw,
+                  float* __restrict__ cout, unsigned* __restrict__ counter) {
     grid_dep_wait();  // ids and X come from the kernels before
     MM_EXTERN_SHARED(uint8_t, smem);
     int8_t* xq = reinterpret_cast<int8_t*>(smem);
@@ -788,6 +791,14 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
                 if (lane == 0 && row + ri < row1) y[(s + r) * n_out + row + ri] = v;
             }
     }
+    if (counter == nullptr || !last_block_done(counter)) return;  // (counter: uniform over the grid)
+    const int64_t n_sel = gridDim.y;
+    for (int64_t h = threadIdx.x; h < n_out; h += blockDim.x) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n_sel; ++j) acc += cw[j] * __ldcg(y + j * n_out + h);
+        cout[h] = acc;
+    }
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1120,37 +1131,47 @@ bool takes_qgemv(int m, int64_t k, int64_t rows) {
     return false;
 }
 
+// The in-block int8-X GEMV (gemv_q_kernel; where takes_qgemv), with gemv_q_kernel's weighted sum in
+// its last block when counter is set (M == 1).
+template <GgmlType T, int M>
+void launch_gemv_q(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
+                   const float* x, int64_t x_stride, float* y, cudaStream_t stream, const float* cw = nullptr,
+                   float* cout = nullptr, unsigned* counter = nullptr) {
+    if constexpr (kHasQGemv<T>) {
+        MM_CHECK(counter == nullptr || M == 1);
+        const size_t smem = qgemv_smem(M, k);
+        // One wave: as many blocks as are resident at once (registers, threads, shared memory)
+        // over all selections.
+        static const int per_sm_regs = [] {
+            int b1 = 0, b2 = 0;
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, gemv_q_kernel<T, M, 1>, kGemvQWarps * kWarp, 0));
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, gemv_q_kernel<T, M, 2>, kGemvQWarps * kWarp, 0));
+            return std::max(1, std::min(b1, b2));
+        }();
+        const DeviceInfo dev = device_info();
+        const int per_sm = std::max(1, std::min(per_sm_regs, static_cast<int>(dev.smem_per_sm / (smem + 1024))));
+        const int64_t warps_wanted = static_cast<int64_t>(dev.sms) * per_sm * kGemvQWarps;
+        const int64_t total_rows = n_out * n_sel;
+        const int rpw = static_cast<int>(std::max<int64_t>(1, (total_rows + warps_wanted - 1) / warps_wanted));
+        const dim3 grid(grid_1d(n_out, kGemvQWarps * rpw), static_cast<unsigned>(n_sel));
+        const auto* wb = static_cast<const uint8_t*>(w);
+        const size_t rb = ggml_row_bytes(T, k);
+        if (rpw >= 2)
+            MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(
+                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, cw, cout, counter);
+        else
+            MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(
+                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, cw, cout, counter);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
 template <GgmlType T, int M>
 void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
                  const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
     if constexpr (kHasQGemv<T>) {
         if (takes_qgemv<T>(M, k, n_out * n_sel)) {
-            const size_t smem = qgemv_smem(M, k);
-            // One wave: as many blocks as are resident at once (registers, threads, shared memory)
-            // over all selections.
-            static const int per_sm_regs = [] {
-                int b1 = 0, b2 = 0;
-                CUDA_CHECK(
-                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, gemv_q_kernel<T, M, 1>, kGemvQWarps * kWarp, 0));
-                CUDA_CHECK(
-                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, gemv_q_kernel<T, M, 2>, kGemvQWarps * kWarp, 0));
-                return std::max(1, std::min(b1, b2));
-            }();
-            const DeviceInfo dev = device_info();
-            const int per_sm = std::max(1, std::min(per_sm_regs, static_cast<int>(dev.smem_per_sm / (smem + 1024))));
-            const int64_t warps_wanted = static_cast<int64_t>(dev.sms) * per_sm * kGemvQWarps;
-            const int64_t total_rows = n_out * n_sel;
-            const int rpw = static_cast<int>(std::max<int64_t>(1, (total_rows + warps_wanted - 1) / warps_wanted));
-            const dim3 grid(grid_1d(n_out, kGemvQWarps * rpw), static_cast<unsigned>(n_sel));
-            const auto* wb = static_cast<const uint8_t*>(w);
-            const size_t rb = ggml_row_bytes(T, k);
-            if (rpw >= 2)
-                MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(wb, matrix_bytes, rb, ids, n_out,
-                                                                                    k, x, x_stride, y, rpw);
-            else
-                MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(wb, matrix_bytes, rb, ids, n_out,
-                                                                                    k, x, x_stride, y, rpw);
-            CUDA_CHECK_LAUNCH();
+            launch_gemv_q<T, M>(w, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y, stream);
             return;
         }
     }
@@ -1398,8 +1419,13 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
 
 template <GgmlType T>
 bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* ids, const float* w, int64_t n_sel,
-                         int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream) {
-    if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
+                         int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream, float* y,
+                         unsigned* counter) {
+    if (takes_qgemv<T>(1, k, n_out * n_sel)) {
+        if (y == nullptr || counter == nullptr) return false;
+        launch_gemv_q<T, 1>(down, matrix_bytes, ids, n_sel, n_out, k, g, k, y, stream, w, out, counter);
+        return true;
+    }
     MM_LAUNCH_PDL(static_cast<unsigned>(n_out), static_cast<unsigned>(n_sel * kWarp), 0, stream,
               gemv_down_combine_kernel<T>)(static_cast<const uint8_t*>(down), matrix_bytes, ggml_row_bytes(T, k), ids,
                                            w, n_out, k, g, out);
@@ -1496,11 +1522,13 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
 }
 
 bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
-                            int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream) {
+                            int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream,
+                            float* y, unsigned* counter) {
     check_shape(wt, k);
     if (n_sel <= 0 || n_sel > kDownCombineMaxSel || n_out <= 0 || n_out > INT32_MAX) return false;
     return with_fused_gemv_type(wt, [&](auto t) {
-        return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream);
+        return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream, y,
+                                                       counter);
     });
 }
 
