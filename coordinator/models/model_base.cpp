@@ -90,7 +90,8 @@ void ModelBase::copy_recurrent(const SequenceState& from, SequenceState& to) con
 
 Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                           std::vector<float>* logits) {
-    if (n > 0) logits->assign(static_cast<size_t>((all_logits ? n : 1) * cfg_.n_vocab), 0.0f);
+    MM_RETURN_IF_ERROR(check_input(seq, tokens, n));
+    logits->assign(static_cast<size_t>((all_logits ? n : 1) * cfg_.n_vocab), 0.0f);
     ChunkOut out;
     out.logits = logits->data();
     return forward_rows(seq, tokens, n, all_logits, out);
@@ -112,13 +113,13 @@ Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int6
         *next = argmax(host_logits_.data(), cfg_.n_vocab);
         return Status();
     }
+    MM_RETURN_IF_ERROR(check_input(seq, tokens, n));
     ChunkOut out;
     out.argmax = next;
     return forward_rows(seq, tokens, n, false, out);
 }
 
-Status ModelBase::forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
-                               const ChunkOut& out) {
+Status ModelBase::check_input(const SequenceState& seq, const int32_t* tokens, int64_t n) const {
     if (n <= 0) return MM_ERROR("forward: no tokens to process");
     if (seq.n_past + n > seq.n_ctx)
         return MM_ERROR("context full: %lld tokens already in the sequence + %lld new > context size %lld",
@@ -129,6 +130,11 @@ Status ModelBase::forward_rows(SequenceState& seq, const int32_t* tokens, int64_
             return MM_ERROR("token id %d at input position %lld is out of range [0, %lld)", tokens[i],
                             static_cast<long long>(i), static_cast<long long>(cfg_.n_vocab));
     }
+    return Status();
+}
+
+Status ModelBase::forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
+                               const ChunkOut& out) {
     const int64_t V = cfg_.n_vocab;
     for (int64_t done = 0; done < n;) {
         const int64_t T = std::min<int64_t>(opts_.n_batch, n - done);

@@ -68,7 +68,9 @@ protected:
     const float* end_layer(int il, float* x, const float* out, int64_t T);
     // Creates the backend of opts_.device; first thing every load() does.
     Status init_backend();
-    // forward() / forward_batch() after their checks: the chunks, then the results in out.
+    // forward()'s checks of the tokens and the context.
+    Status check_input(const SequenceState& seq, const int32_t* tokens, int64_t n) const;
+    // forward() after its checks: the chunks of n_batch tokens, then the results in out.
     Status forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits, const ChunkOut& out);
     // forward_batch()'s checks; segs ← one segment per sequence, *T ← the batch's rows.
     Status batch_segments(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
