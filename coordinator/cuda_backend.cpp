@@ -588,7 +588,8 @@ public:
         // y's twin goes where the norm's would, over a's twin (the launch reads it first): only
         // when the buffer needs no growing (a reallocation would free a's twin before the launch).
         const bool fits = qx_mode_ != QxMode::kOff && cuda::qx_norm_ok(n) && qx_buf_.bytes() >= cuda::qx_bytes(n);
-        if (!qa || !fits || !cuda::qx_takes(w.type, w.k, n)) return Backend::matmul_add_rmsnorm(w, a, m, t, x, nw, y, eps);
+        if (!qa || !fits || !cuda::qx_takes(w.type, w.k, n))
+            return Backend::matmul_add_rmsnorm(w, a, m, t, x, nw, y, eps);
         unsigned* ctr = counters(o_norm_ctr_);
         uint8_t* qy = qx_buf_.as<uint8_t>();
         enqueue({27, static_cast<int64_t>(w.type), P(w.data), n, w.k, P(a), P(t), P(x), P(nw), P(y), F(eps), P(qa),
@@ -624,7 +625,8 @@ public:
         const size_t need = cuda::argmax_workspace_bytes(rows, n);
         if (argmax_ws_.bytes() < need) argmax_ws_ = alloc(need, false);
         void* ws = argmax_ws_.data();
-        enqueue({25, P(x), rows, n, P(ids), P(ws)}, [=, this](bool) { cuda::argmax_rows(x, rows, n, ids, ws, stream_); });
+        enqueue({25, P(x), rows, n, P(ids), P(ws)},
+                [=, this](bool) { cuda::argmax_rows(x, rows, n, ids, ws, stream_); });
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {

@@ -149,7 +149,8 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     for (size_t s = 0; s < S; ++s) {
         auto seq = model->new_sequence(128);
         std::vector<float> logits;
-        ASSERT_TRUE(model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
+        ASSERT_TRUE(
+            model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
         for (int k = 0; k <= kSteps; ++k) {
             want[s].push_back(argmax(logits));
             if (k < kSteps) ASSERT_TRUE(model->forward(*seq, &want[s].back(), 1, false, &logits).ok());
@@ -159,7 +160,8 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     for (size_t s = 0; s < S; ++s) {
         auto seq = model->new_sequence(128);
         std::vector<int32_t> got(1, -1);
-        ASSERT_TRUE(model->forward_argmax(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &got[0]).ok());
+        ASSERT_TRUE(
+            model->forward_argmax(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &got[0]).ok());
         for (int k = 0; k < kSteps; ++k) {
             int32_t next = -1;
             ASSERT_TRUE(model->forward_argmax(*seq, &got.back(), 1, &next).ok());
@@ -180,7 +182,8 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     for (size_t s = 0; s < S; ++s) {
         seqs.push_back(model->new_sequence(128));
         int32_t first = -1;
-        ASSERT_TRUE(model->forward_argmax(*seqs[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &first).ok());
+        ASSERT_TRUE(
+            model->forward_argmax(*seqs[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &first).ok());
         got[s].push_back(first);
     }
     for (int k = 0; k < kSteps; ++k) {
@@ -189,11 +192,13 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
         for (size_t s = 0; s < S; ++s) ptrs.push_back(seqs[s].get()), tokens.push_back(got[s].back());
         const std::vector<int64_t> counts(S, 1);
         std::vector<int32_t> next(S, -1);
-        Status st = model->forward_batch_argmax(ptrs.data(), counts.data(), static_cast<int64_t>(S), tokens.data(), next.data());
+        Status st = model->forward_batch_argmax(ptrs.data(), counts.data(), static_cast<int64_t>(S), tokens.data(),
+                                                next.data());
         ASSERT_TRUE(st.ok()) << st.message();
         for (size_t s = 0; s < S; ++s) got[s].push_back(next[s]);
     }
-    for (size_t s = 0; s < S; ++s) EXPECT_EQ(got[s], want[s]) << c.arch << " " << c.type << ": sequence " << s << " batched";
+    for (size_t s = 0; s < S; ++s)
+        EXPECT_EQ(got[s], want[s]) << c.arch << " " << c.type << ": sequence " << s << " batched";
 }
 
 // A sequence given more room mid-way (the HTTP server's prompt cache does this) continues exactly

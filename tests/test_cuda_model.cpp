@@ -361,8 +361,9 @@ TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
 // forward_batch_argmax against forward_batch's logits.
 TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
     REQUIRE_CUDA();
-    for (const auto& [what, path] : {std::pair<std::string, std::string>{"qwen3moe q8_0", make(moe_opts("q8_0"), "moe_q8")},
-                                     {"qwen3next f32", make(next_opts("f32"), "next_f32")}}) {
+    for (const auto& [what, path] :
+         {std::pair<std::string, std::string>{"qwen3moe q8_0", make(moe_opts("q8_0"), "moe_q8")},
+          {"qwen3next f32", make(next_opts("f32"), "next_f32")}}) {
         const int n_gen = 24;
         const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 5);
         const Decode host = decode_with_graphs(path, "1", true, prompt, n_gen);
@@ -388,13 +389,15 @@ TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
         }
         const CudaGraphStats s1 = cuda_graph_stats();
         EXPECT_EQ(got, host.tokens) << what;
-        EXPECT_GE(s1.replays - s0.replays, n_gen - 6) << what << ": the decode graph (with its argmax) was not replayed";
+        EXPECT_GE(s1.replays - s0.replays, n_gen - 6)
+            << what << ": the decode graph (with its argmax) was not replayed";
         std::printf("[cuda-model] argmax on the device %-14s %d tokens equal the host argmax's; %lld replay(s)\n",
                     what.c_str(), n_gen, static_cast<long long>(s1.replays - s0.replays));
 
         // Batched: two sequences at different positions, ids vs the argmax of forward_batch's rows.
         const int64_t V = model.config().n_vocab;
-        auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64), b2 = model.new_sequence(64);
+        auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64),
+             b2 = model.new_sequence(64);
         std::vector<float> logits;
         int32_t ta = -1, tb = -1;
         ASSERT_TRUE(model.forward_argmax(*a1, prompt.data(), 9, &ta).ok());

@@ -395,8 +395,8 @@ TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
     DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
     for (int rep = 0; rep < 2; ++rep) {
         DeviceBuffer<float> y2(std::vector<float>(static_cast<size_t>(n_sel * n_out), std::nanf(""))), out2(canary);
-        const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
-                                                        dg.get(), out2.get(), nullptr, y2.get(), ctr.get());
+        const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out,
+                                                        k, dg.get(), out2.get(), nullptr, y2.get(), ctr.get());
         const bool int8_type = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K ||
                                t == GgmlType::Q6_K || t == GgmlType::Q5_0 || t == GgmlType::Q5_K ||
                                t == GgmlType::Q3_K || t == GgmlType::Q2_K;
@@ -646,7 +646,8 @@ TEST_P(CudaMatmul, QuantizedOProjectionWithAddRmsnormIsTheTwoCalls) {
         const std::vector<uint8_t> qa_host = qa.download();
         const QuantMatrix w = make_weights(wt, n, k, 53);
         const DeviceBuffer<uint8_t> dw(w.bytes);
-        const std::vector<float> x = random_vec(static_cast<size_t>(n), 54), nw = random_vec(static_cast<size_t>(n), 55);
+        const std::vector<float> x = random_vec(static_cast<size_t>(n), 54),
+                                 nw = random_vec(static_cast<size_t>(n), 55);
         const DeviceBuffer<float> dnw(nw);
         // The two calls.
         DeviceBuffer<float> t1(static_cast<size_t>(n)), x1(x), y1(static_cast<size_t>(n));
@@ -1055,7 +1056,8 @@ TEST(CudaOps, ArgmaxRows) {
             cuda::argmax_rows(dx.get(), rows, n, ids.get(), ws.get());
             const std::vector<int32_t> got = ids.download();
             for (int64_t r = 0; r < rows; ++r) {
-                EXPECT_EQ(got[r], scalar_argmax(x.data() + r * n, n)) << "n=" << n << " variant " << variant << " row " << r;
+                EXPECT_EQ(got[r], scalar_argmax(x.data() + r * n, n))
+                    << "n=" << n << " variant " << variant << " row " << r;
                 ++checked;
             }
         }
@@ -1073,7 +1075,8 @@ TEST(CudaOps, MatmulRouteIsMatmulThenSoftmaxTopk) {
         for (const auto& [E, K, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
                  {128, 8, 2048}, {60, 4, 256}, {512, 10, 512}, {1024, 32, 64}, {3, 1, 8}}) {
             for (const bool norm : {true, false}) {
-                const std::vector<float> wf = random_vec(static_cast<size_t>(E * k), static_cast<uint32_t>(E + k), 0.05f);
+                const std::vector<float> wf =
+                    random_vec(static_cast<size_t>(E * k), static_cast<uint32_t>(E + k), 0.05f);
                 const std::vector<float> x = random_vec(static_cast<size_t>(k), 77);
                 std::vector<uint8_t> wb(static_cast<size_t>(E * k) * (wt == GgmlType::F32 ? 4 : 2));
                 for (size_t i = 0; i < wf.size(); ++i) {

@@ -462,8 +462,9 @@ struct HttpServer::Impl {
             for (const Slot* s : active) ids_only = ids_only && argmax_only(*s);
             chosen.resize(seqs.size());
             const int64_t n_seqs = static_cast<int64_t>(seqs.size());
-            Status st = ids_only ? model.forward_batch_argmax(seqs.data(), counts.data(), n_seqs, tokens.data(), chosen.data())
-                                 : model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
+            Status st =
+                ids_only ? model.forward_batch_argmax(seqs.data(), counts.data(), n_seqs, tokens.data(), chosen.data())
+                         : model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
             std::vector<Slot*> still;
             for (size_t i = 0; i < active.size(); ++i) {
                 Slot& s = *active[i];

@@ -1144,8 +1144,10 @@ void launch_gemv_q(const void* w, size_t matrix_bytes, const int32_t* ids, int64
         // over all selections.
         static const int per_sm_regs = [] {
             int b1 = 0, b2 = 0;
-            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, gemv_q_kernel<T, M, 1>, kGemvQWarps * kWarp, 0));
-            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, gemv_q_kernel<T, M, 2>, kGemvQWarps * kWarp, 0));
+            CUDA_CHECK(
+                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, gemv_q_kernel<T, M, 1>, kGemvQWarps * kWarp, 0));
+            CUDA_CHECK(
+                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, gemv_q_kernel<T, M, 2>, kGemvQWarps * kWarp, 0));
             return std::max(1, std::min(b1, b2));
         }();
         const DeviceInfo dev = device_info();
@@ -1254,14 +1256,14 @@ bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float*
     const size_t rb = ggml_row_bytes(wt, k);
     const int kk = static_cast<int>(K);
     if (wt == GgmlType::F32)
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F32>)(wb, rb, E, k, x, probs, kk, norm_topk,
-                                                                                      ids, weights, counter);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F32>)(
+            wb, rb, E, k, x, probs, kk, norm_topk, ids, weights, counter);
     else if (wt == GgmlType::F16)
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F16>)(wb, rb, E, k, x, probs, kk, norm_topk,
-                                                                                      ids, weights, counter);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::F16>)(
+            wb, rb, E, k, x, probs, kk, norm_topk, ids, weights, counter);
     else
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::BF16>)(wb, rb, E, k, x, probs, kk,
-                                                                                       norm_topk, ids, weights, counter);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_route_kernel<GgmlType::BF16>)(
+            wb, rb, E, k, x, probs, kk, norm_topk, ids, weights, counter);
     CUDA_CHECK_LAUNCH();
     return true;
 }
