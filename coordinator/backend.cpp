@@ -135,6 +135,13 @@ public:
     void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) override {
         for (int64_t r = 0; r < rows; ++r) ids[r] = argmax(x + r * n, n);
     }
+    void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) override {
+        std::vector<int32_t> top;
+        for (int64_t r = 0; r < rows; ++r) {
+            top_k_ids(x + r * n, n, k, top);
+            for (int64_t j = 0; j < k; ++j) ids[r * k + j] = top[j], vals[r * k + j] = x[r * n + top[j]];
+        }
+    }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
         return experts_->moe_forward(layer, x, T, K, ids, w, out);

@@ -149,6 +149,10 @@ public:
     // ids[r] ← the index of the largest of x[r, 0..n) for each of the rows (sampler.h argmax(): the
     // lowest index on ties, a NaN never wins): greedy decoding without downloading the logits.
     virtual void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) = 0;
+    // ids/vals [rows, k] ← the k largest of x[r, 0..n) by decreasing value, the lower index first on
+    // equal values (sampler.h top_k_ids' order), and their values; k <= 64. Where fewer than k
+    // can be taken (NaN logits) the rest may be -1 (callers check).
+    virtual void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) = 0;
     // An attention block's output projection and the norm after the residual add: t [m, n] ← a · wᵀ
     // (n = w.n_out), x += t, y = rmsnorm(x) · nw.
     virtual void matmul_add_rmsnorm(const BackendWeight& w, const float* a, int64_t m, float* t, float* x,

@@ -215,7 +215,7 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "q/k rmsnorm + rope + store_kv",
                                          "moe prompt, per (token, expert) pair", "argmax",
                                          "router (GEMV + softmax + top-k)",
-                                         "o projection + add + rmsnorm"};
+                                         "o projection + add + rmsnorm", "top-k"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -628,6 +628,13 @@ public:
         enqueue({25, P(x), rows, n, P(ids), P(ws)},
                 [=, this](bool) { cuda::argmax_rows(x, rows, n, ids, ws, stream_); });
     }
+    void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) override {
+        const size_t need = cuda::top_k_workspace_bytes(rows, n, k);
+        if (top_k_ws_.bytes() < need) top_k_ws_ = alloc(need, false);
+        void* ws = top_k_ws_.data();
+        enqueue({28, P(x), rows, n, k, P(ids), P(vals), P(ws)},
+                [=, this](bool) { cuda::top_k_rows(x, rows, n, k, ids, vals, ws, stream_); });
+    }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
         forget_qx_if(out);  // (the host-synchronising paths write out directly)
@@ -1021,7 +1028,7 @@ private:
     std::vector<ResidentExperts> experts_;
     std::unique_ptr<ExpertBackend> host_experts_;
     CudaExpertBackend* dev_experts_ = nullptr;  // = host_experts_ when it is a VRAM cache on this device
-    Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_, argmax_ws_;
+    Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_, argmax_ws_, top_k_ws_;
     std::vector<int32_t> ids_host_, maps_host_;
     std::vector<int64_t> count_, offset_;  // [E], [E + 1]
     std::vector<float> hx_, hout_, hw_;

@@ -62,6 +62,15 @@ public:
     // forward_batch() likewise: next[i] ← the argmax of sequence i's logits, i < n_seqs.
     virtual Status forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                         const int32_t* tokens, int32_t* next) = 0;
+    // forward() for top-k sampling: ids[0..k) / vals[0..k) ← the k largest of the last token's logits
+    // by decreasing logit (the lower id first on equal logits: sampler.h top_k_ids' order) and
+    // their logits, found where the logits are (a GPU backend downloads 2k numbers instead of
+    // n_vocab). 1 <= k <= 64 and k <= n_vocab. Same checks and state change as forward(..., false, ...).
+    virtual Status forward_top_k(SequenceState& seq, const int32_t* tokens, int64_t n, int64_t k, int32_t* ids,
+                                 float* vals) = 0;
+    // forward_batch() likewise: ids/vals [n_seqs, k], row i sequence i's.
+    virtual Status forward_batch_top_k(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                       const int32_t* tokens, int64_t k, int32_t* ids, float* vals) = 0;
     // Gives the sequence room for n_ctx tokens (its KV cache reallocated, the positions it holds
     // kept); never shrinks. For reusing a finished sequence with a longer request.
     virtual void grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;

@@ -108,11 +108,26 @@ int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
         std::sort(ids_.begin(), ids_.end(),
                   [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
     }
+    return draw(ids_.data(), n, [&](int64_t i) { return logits[ids_[i]]; });
+}
+
+int64_t Sampler::candidates(int64_t n_vocab) const {
+    if (greedy() || p_.top_k <= 0 || p_.top_k >= n_vocab) return 0;
+    return p_.top_k;
+}
+
+int32_t Sampler::sample_candidates(const int32_t* ids, const float* vals, int64_t k) {
+    return draw(ids, k, [vals](int64_t i) { return vals[i]; });
+}
+
+// The cuts after top-k and the draw, over n candidates ids[i] by decreasing logit (logit(i)).
+template <typename Logit>
+int32_t Sampler::draw(const int32_t* ids, int64_t n, Logit&& logit) {
     // Softmax over the survivors (at temperature 1) for the top-p / min-p cuts.
     probs_.resize(static_cast<size_t>(n));
-    const float mx = logits[ids_[0]];
+    const float mx = logit(0);
     double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp(logits[ids_[i]] - mx);
+    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp(logit(i) - mx);
     for (int64_t i = 0; i < n; ++i) probs_[i] = static_cast<float>(probs_[i] / sum);
     if (p_.top_p < 1.0f) {
         double cum = 0.0;
@@ -134,14 +149,14 @@ int32_t Sampler::sample(const float* logits, int64_t n_vocab) {
     }
     // Temperature, then draw.
     sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp((logits[ids_[i]] - mx) / p_.temperature);
+    for (int64_t i = 0; i < n; ++i) sum += probs_[i] = std::exp((logit(i) - mx) / p_.temperature);
     std::uniform_real_distribution<double> u(0.0, sum);
     double r = u(rng_), acc = 0.0;
     for (int64_t i = 0; i < n; ++i) {
         acc += probs_[i];
-        if (r < acc) return ids_[i];
+        if (r < acc) return ids[i];
     }
-    return ids_[n - 1];
+    return ids[n - 1];
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab, const TokenConstraint& constraint) {

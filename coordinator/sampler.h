@@ -30,8 +30,19 @@ public:
     // Always the argmax of the logits (sample() never draws): a caller may ask the model for the
     // argmax alone (Model::forward_argmax) instead of the logits.
     bool greedy() const { return p_.greedy || p_.temperature <= 0.0f; }
+    // k > 0 when sample() (without a grammar) depends only on the k largest logits (top-k sampling
+    // with k < n_vocab): then sample_candidates() over them is sample() — the same token and the
+    // same random draw — and a caller may ask the model for those alone (Model::forward_top_k).
+    // 0: sample() needs all the logits (greedy: see greedy()).
+    int64_t candidates(int64_t n_vocab) const;
+    // sample() from its candidates: ids[0..k) by decreasing logit, the lower id first on equal
+    // logits (top_k_ids' order), vals their logits; k == candidates(n_vocab).
+    int32_t sample_candidates(const int32_t* ids, const float* vals, int64_t k);
 
 private:
+    template <typename Logit>
+    int32_t draw(const int32_t* ids, int64_t n, Logit&& logit);
+
     SamplerParams p_;
     std::mt19937_64 rng_;
     std::vector<int32_t> ids_;

@@ -11,6 +11,7 @@
 
 #include "common/gguf.h"
 #include "coordinator/model.h"
+#include "coordinator/sampler.h"
 #include "tests/test_util.h"
 #include "tools/make_model.h"
 
@@ -153,7 +154,9 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
             model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
         for (int k = 0; k <= kSteps; ++k) {
             want[s].push_back(argmax(logits));
-            if (k < kSteps) ASSERT_TRUE(model->forward(*seq, &want[s].back(), 1, false, &logits).ok());
+            if (k < kSteps) {
+                ASSERT_TRUE(model->forward(*seq, &want[s].back(), 1, false, &logits).ok());
+            }
         }
     }
     // forward_argmax alone.
@@ -199,6 +202,57 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     }
     for (size_t s = 0; s < S; ++s)
         EXPECT_EQ(got[s], want[s]) << c.arch << " " << c.type << ": sequence " << s << " batched";
+}
+
+// forward_top_k / forward_batch_top_k (sampling's candidates without the logits): the k largest of
+// the logits forward() gives, by top_k_ids' order, with their values, alone and batched; bad k
+// refused without a state change.
+TEST_P(ForwardBatch, TopKFormsGiveTheLogitsLargest) {
+    const Case c = GetParam();
+    const std::string dir = testing::temp_dir(std::string("batch_topk_") + c.arch + "_" + c.type);
+    std::unique_ptr<Model> model = make(c, dir);
+    ASSERT_TRUE(model);
+    const int64_t V = model->config().n_vocab;
+    const std::vector<std::vector<int32_t>> prompts = {{5, 17, 42, 99, 3}, {250, 7}, {1, 2, 3, 4, 5, 6, 7, 8, 9}};
+    const size_t S = prompts.size();
+    const int64_t k = 40;
+    std::vector<std::unique_ptr<SequenceState>> ref, seqs;
+    std::vector<std::vector<float>> want(S);  // each sequence's logits after its prompt + token 11
+    for (size_t s = 0; s < S; ++s) {
+        ref.push_back(model->new_sequence(64));
+        seqs.push_back(model->new_sequence(64));
+        std::vector<float> logits;
+        ASSERT_TRUE(model->forward(*ref[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false,
+                                   &logits).ok());
+        std::vector<int32_t> ids(k);
+        std::vector<float> vals(k);
+        ASSERT_TRUE(model->forward_top_k(*seqs[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), k,
+                                         ids.data(), vals.data()).ok());
+        std::vector<int32_t> want_ids;
+        top_k_ids(logits.data(), V, k, want_ids);
+        EXPECT_EQ(ids, want_ids) << c.arch << " " << c.type << ": sequence " << s;
+        for (int64_t j = 0; j < k; ++j) EXPECT_EQ(vals[j], logits[want_ids[j]]) << "sequence " << s << ", rank " << j;
+        const int32_t next = 11;
+        ASSERT_TRUE(model->forward(*ref[s], &next, 1, false, &want[s]).ok());
+    }
+    std::vector<SequenceState*> ptrs;
+    for (auto& q : seqs) ptrs.push_back(q.get());
+    const std::vector<int64_t> counts(S, 1);
+    const std::vector<int32_t> tokens(S, 11);
+    std::vector<int32_t> ids(S * k);
+    std::vector<float> vals(S * k);
+    ASSERT_TRUE(model->forward_batch_top_k(ptrs.data(), counts.data(), static_cast<int64_t>(S), tokens.data(), k,
+                                           ids.data(), vals.data()).ok());
+    for (size_t s = 0; s < S; ++s) {
+        std::vector<int32_t> want_ids;
+        top_k_ids(want[s].data(), V, k, want_ids);
+        EXPECT_EQ(std::vector<int32_t>(ids.begin() + s * k, ids.begin() + (s + 1) * k), want_ids) << "batched " << s;
+        EXPECT_EQ(vals[s * k], want[s][want_ids[0]]) << "batched " << s;
+    }
+    const int64_t past = seqs[0]->n_past;
+    EXPECT_FALSE(model->forward_top_k(*seqs[0], tokens.data(), 1, 65, ids.data(), vals.data()).ok());
+    EXPECT_FALSE(model->forward_top_k(*seqs[0], tokens.data(), 1, 0, ids.data(), vals.data()).ok());
+    EXPECT_EQ(seqs[0]->n_past, past);
 }
 
 // A sequence given more room mid-way (the HTTP server's prompt cache does this) continues exactly

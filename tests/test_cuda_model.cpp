@@ -27,6 +27,7 @@
 
 #include "coordinator/cuda_backend.h"
 #include "coordinator/model.h"
+#include "coordinator/sampler.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/test_util.h"
 #include "tools/make_model.h"
@@ -438,6 +439,69 @@ TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
     REQUIRE_CUDA();
     const ScopedEnv v_by_warps("MOEMESH_CUDA_ATTN_V", "warps");
     check_graphs("qwen3moe f32, V by warps", make(moe_opts("f32"), "moe_f32"), false, 270);
+}
+
+// Top-k sampling's candidates on the device (Model::forward_top_k, k = 40: what `moemesh run` with
+// the default sampling does): each step's ids and logits are the host's top_k_ids of the downloaded
+// logits, with the top-k kernels recorded into the decode graph and replayed; then batched.
+TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
+    REQUIRE_CUDA();
+    const std::string path = make(moe_opts("q8_0"), "moe_q8");
+    const int n_gen = 16;
+    const int64_t k = 40;
+    const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 6);
+    const Decode host = decode_with_graphs(path, "1", true, prompt, n_gen);
+    ASSERT_EQ(host.tokens.size(), static_cast<size_t>(n_gen));
+    setenv("MOEMESH_CUDA_GRAPHS", "1", 1);
+    auto gf = GgufFile::open(path);
+    ASSERT_TRUE(gf.ok()) << gf.status().message();
+    ModelOptions mo;
+    mo.n_threads = 2;
+    mo.device = "cuda:0";
+    auto m = load_model(std::shared_ptr<GgufFile>(std::move(*gf)), mo);
+    unsetenv("MOEMESH_CUDA_GRAPHS");
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    Model& model = **m;
+    const int64_t V = model.config().n_vocab;
+    const CudaGraphStats s0 = cuda_graph_stats();
+    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+    std::vector<int32_t> ids(k);
+    std::vector<float> vals(k);
+    ASSERT_TRUE(model.forward_top_k(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), k, ids.data(),
+                                    vals.data()).ok());
+    // Step i feeds host.tokens[i] (the argmax before it), then compares with host.logits[i].
+    for (int i = 0; i < n_gen; ++i) {
+        ASSERT_EQ(ids[0], host.tokens[i]) << "step " << i << ": top-1 is not the argmax";
+        ASSERT_TRUE(model.forward_top_k(*seq, &host.tokens[i], 1, k, ids.data(), vals.data()).ok());
+        const float* l = host.logits.data() + static_cast<size_t>(i) * V;
+        std::vector<int32_t> want;
+        top_k_ids(l, V, k, want);
+        EXPECT_EQ(ids, want) << "step " << i;
+        for (int64_t j = 0; j < k; ++j) EXPECT_EQ(vals[j], l[want[j]]) << "step " << i << ", rank " << j;
+    }
+    const CudaGraphStats s1 = cuda_graph_stats();
+    EXPECT_GE(s1.replays - s0.replays, n_gen - 6) << "the decode graph (with its top-k) was not replayed";
+    // Batched: two sequences at different positions against forward_batch's logits.
+    auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64),
+         b2 = model.new_sequence(64);
+    std::vector<float> logits;
+    ASSERT_TRUE(model.forward(*a1, prompt.data(), 9, false, &logits).ok());
+    ASSERT_TRUE(model.forward(*b1, prompt.data(), 4, false, &logits).ok());
+    ASSERT_TRUE(model.forward(*a2, prompt.data(), 9, false, &logits).ok());
+    ASSERT_TRUE(model.forward(*b2, prompt.data(), 4, false, &logits).ok());
+    SequenceState* top_seqs[] = {a1.get(), b1.get()};
+    SequenceState* logit_seqs[] = {a2.get(), b2.get()};
+    const int64_t counts[] = {1, 1};
+    const int32_t toks[] = {17, 23};
+    std::vector<int32_t> bids(2 * k);
+    std::vector<float> bvals(2 * k);
+    ASSERT_TRUE(model.forward_batch_top_k(top_seqs, counts, 2, toks, k, bids.data(), bvals.data()).ok());
+    ASSERT_TRUE(model.forward_batch(logit_seqs, counts, 2, toks, &logits).ok());
+    for (int r = 0; r < 2; ++r) {
+        std::vector<int32_t> want;
+        top_k_ids(logits.data() + r * V, V, k, want);
+        EXPECT_EQ(std::vector<int32_t>(bids.begin() + r * k, bids.begin() + (r + 1) * k), want) << "batched row " << r;
+    }
 }
 
 // The launches that finish in their last block (session 16's defaults) against the separate launches

@@ -1065,6 +1065,58 @@ TEST(CudaOps, ArgmaxRows) {
     std::printf("[cuda] argmax_rows: %d rows equal the scalar loop\n", checked);
 }
 
+// The k largest of each row (top_k_rows: sampling's candidates) against top_k_ids' order (larger
+// first, the lower index on ties) from a partial sort here: values and ids, k 1–64, ties across
+// blocks, -inf, rows past 4096 elements; NaN never taken (the rest -1 when fewer than k can be).
+TEST(CudaOps, TopKRows) {
+    REQUIRE_CUDA();
+    auto want_top = [](const float* x, int64_t n, int64_t k) {
+        std::vector<int32_t> ids(static_cast<size_t>(n));
+        std::iota(ids.begin(), ids.end(), 0);
+        std::partial_sort(ids.begin(), ids.begin() + k, ids.end(),
+                          [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+        ids.resize(static_cast<size_t>(k));
+        return ids;
+    };
+    int checked = 0;
+    for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{
+             {151936, 40}, {151936, 64}, {5000, 1}, {4096, 10}, {37, 37}, {8195, 64}}) {
+        for (int variant = 0; variant < 3; ++variant) {
+            const int64_t rows = 2;
+            std::vector<float> x = random_vec(static_cast<size_t>(rows * n), static_cast<uint32_t>(n + k + variant), 3.0f);
+            if (variant == 1)  // many ties, across blocks
+                for (auto& v : x) v = std::round(v);
+            if (variant == 2)  // -inf entries, and equal maxima far apart
+                for (int64_t i = 0; i < rows * n; i += 3) x[i] = -INFINITY;
+            DeviceBuffer<float> dx(x), vals(static_cast<size_t>(rows * k));
+            DeviceBuffer<int32_t> ids(static_cast<size_t>(rows * k));
+            DeviceBuffer<uint8_t> ws(cuda::top_k_workspace_bytes(rows, n, k));
+            cuda::top_k_rows(dx.get(), rows, n, k, ids.get(), vals.get(), ws.get());
+            const std::vector<int32_t> got = ids.download();
+            const std::vector<float> got_v = vals.download();
+            for (int64_t r = 0; r < rows; ++r) {
+                const std::vector<int32_t> want = want_top(x.data() + r * n, n, k);
+                const std::vector<int32_t> row(got.begin() + r * k, got.begin() + (r + 1) * k);
+                EXPECT_EQ(row, want) << "n=" << n << " k=" << k << " variant " << variant << " row " << r;
+                for (int64_t j = 0; j < k; ++j) {
+                    if (row[j] == want[j]) {
+                        EXPECT_EQ(got_v[r * k + j], x[r * n + want[j]]);
+                    }
+                }
+                ++checked;
+            }
+        }
+    }
+    // NaN: never taken; with 3 takeable values of 5, k = 4 gives them, then -1.
+    const std::vector<float> x = {std::nanf(""), 2.0f, std::nanf(""), -1.0f, 2.0f};
+    DeviceBuffer<float> dx(x), vals(4);
+    DeviceBuffer<int32_t> ids(4);
+    DeviceBuffer<uint8_t> ws(cuda::top_k_workspace_bytes(1, 5, 4));
+    cuda::top_k_rows(dx.get(), 1, 5, 4, ids.get(), vals.get(), ws.get());
+    EXPECT_EQ(ids.download(), (std::vector<int32_t>{1, 4, 3, -1}));
+    std::printf("[cuda] top_k_rows: %d rows equal a partial sort\n", checked);
+}
+
 // The router in one launch (matmul_route): matmul then softmax_topk, bit for bit, for the router's
 // weight types; the block counter left at 0 for the next launch; other types declined.
 TEST(CudaOps, MatmulRouteIsMatmulThenSoftmaxTopk) {

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include "coordinator/sampler.h"
@@ -110,6 +111,45 @@ TEST(Sampler, TopKIdsIsPartialSortOfAllIds) {  // (after the file's namespaces)
 
 // argmax (two passes) is the first index of the maximum, as the plain loop: ties, -inf, ±0 and NaNs
 // (never chosen, except at index 0) at every position modulo the 8 chains.
+// sample_candidates over the k largest logits (what Model::forward_top_k gives) is sample() over
+// all of them: the same tokens and the same random stream, for top-k with and without the other
+// cuts, ties included; candidates() says when that holds.
+TEST(Sampler, CandidatesGiveTheSameDraws) {  // (after the file's namespaces)
+    using moemesh::Sampler;
+    using moemesh::SamplerParams;
+    const int64_t V = 5000;
+    for (const auto& [top_k, top_p, min_p, temp] : std::vector<std::tuple<int, float, float, float>>{
+             {40, 0.95f, 0.05f, 0.8f}, {1, 1.0f, 0.0f, 1.0f}, {64, 1.0f, 0.0f, 1.5f}, {7, 0.5f, 0.2f, 0.3f}}) {
+        SamplerParams p;
+        p.top_k = top_k, p.top_p = top_p, p.min_p = min_p, p.temperature = temp, p.seed = 99;
+        Sampler all(p), cand(p);
+        ASSERT_EQ(all.candidates(V), top_k);
+        std::mt19937 rng(5);
+        std::normal_distribution<float> dist(0.0f, 2.0f);
+        std::vector<float> l(V);
+        std::vector<int32_t> ids;
+        std::vector<float> vals;
+        for (int step = 0; step < 200; ++step) {
+            for (float& x : l) x = dist(rng);
+            if (step % 3 == 0)  // ties: the lower id first, in both
+                for (float& x : l) x = std::round(x * 2.0f) / 2.0f;
+            moemesh::top_k_ids(l.data(), V, top_k, ids);
+            vals.clear();
+            for (int32_t id : ids) vals.push_back(l[id]);
+            ASSERT_EQ(all.sample(l.data(), V), cand.sample_candidates(ids.data(), vals.data(), top_k))
+                << "top_k " << top_k << " step " << step;
+        }
+    }
+    SamplerParams g;
+    g.greedy = true;
+    EXPECT_EQ(Sampler(g).candidates(V), 0);
+    SamplerParams off;
+    off.top_k = 0;
+    EXPECT_EQ(Sampler(off).candidates(V), 0);
+    off.top_k = static_cast<int>(V);
+    EXPECT_EQ(Sampler(off).candidates(V), 0);
+}
+
 TEST(Sampler, ArgmaxIsThePlainLoop) {
     auto plain = [](const std::vector<float>& l) {
         int64_t best = 0;

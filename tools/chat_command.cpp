@@ -108,6 +108,8 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
         }
         const auto t1 = std::chrono::steady_clock::now();
         std::string reply, pending;
+        std::vector<int32_t> top_ids;
+        std::vector<float> top_vals;
         int64_t generated = 0;
         const int64_t max_new = std::min<int64_t>(o.n_predict, o.ctx - n_in);
         int32_t next = sampler.sample(logits.data(), V);
@@ -124,6 +126,12 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             held.push_back(next);
             if (sampler.greedy()) {  // the argmax alone (on a GPU: one id downloaded, not the logits)
                 MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &held.back(), 1, &next));
+                continue;
+            }
+            if (const int64_t k = sampler.candidates(V); k > 0 && k <= 64) {  // top-k: its candidates alone
+                top_ids.resize(static_cast<size_t>(k)), top_vals.resize(static_cast<size_t>(k));
+                MM_RETURN_IF_ERROR(model.forward_top_k(*seq, &held.back(), 1, k, top_ids.data(), top_vals.data()));
+                next = sampler.sample_candidates(top_ids.data(), top_vals.data(), k);
                 continue;
             }
             MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));

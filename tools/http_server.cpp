@@ -259,8 +259,9 @@ struct HttpServer::Impl {
         s.out_cv.notify_one();
     }
 
-    // Samples the next token from `logits` (null: `chosen`, the argmax the model picked for an
-    // argmax_only() request) and takes it; true when the request is over (finish() called).
+    // Samples the next token from `logits` (null: `chosen`, drawn from the model's argmax or top-k
+    // candidates for an argmax_only() / top_k_only() request) and takes it; true when the request
+    // is over (finish() called).
     bool accept(Slot& s, const float* logits, int32_t chosen = -1) {
         const int64_t V = model.config().n_vocab;
         const int32_t next = !logits         ? chosen
@@ -322,6 +323,13 @@ struct HttpServer::Impl {
 
     // A decoding request that needs only the argmax of its logits: greedy, no grammar, no logprobs.
     static bool argmax_only(const Slot& s) { return !s.constraint && s.sampler->greedy() && s.rq->logprobs < 0; }
+    // k > 0: a decoding request that needs only its k largest logits (top-k sampling, k <= 64, no
+    // grammar, no logprobs).
+    int64_t top_k_only(const Slot& s) const {
+        if (s.constraint || s.rq->logprobs >= 0) return 0;
+        const int64_t k = s.sampler->candidates(model.config().n_vocab);
+        return k <= 64 ? k : 0;
+    }
 
     // Admits a request: its sequence and sampler.
     void admit(Slot& s) {
@@ -398,7 +406,9 @@ struct HttpServer::Impl {
         std::vector<int64_t> counts;
         std::vector<int32_t> tokens;
         std::vector<float> logits;
-        std::vector<int32_t> chosen;  // forward_batch_argmax's ids
+        std::vector<int32_t> chosen;  // each request's token where the logits are not downloaded
+        std::vector<int32_t> top_ids;  // forward_batch_top_k's candidates
+        std::vector<float> top_vals;
         const int64_t V = model.config().n_vocab;
         for (;;) {
             std::vector<Slot*> admitted;
@@ -456,15 +466,37 @@ struct HttpServer::Impl {
                 const int32_t* from = reader->pr->input.data() + reader->prefilled;
                 tokens.insert(tokens.end(), from, from + mix);
             }
-            // All greedy (and no prompt in the step): the argmaxes alone (on a GPU: an id per
-            // request downloaded instead of n_vocab floats).
-            bool ids_only = mix == 0;
-            for (const Slot* s : active) ids_only = ids_only && argmax_only(*s);
-            chosen.resize(seqs.size());
+            // No prompt in the step and every request greedy or top-k sampling (no grammar or
+            // logprobs): the argmaxes alone, or each request's candidates (the batch's largest k;
+            // a request with a smaller k draws from their first k, a greedy one takes the first);
+            // on a GPU a few numbers per request downloaded instead of n_vocab floats.
+            int64_t top_k = mix == 0 ? 1 : 0;  // 0: the logits
+            bool all_greedy = true;
+            for (const Slot* s : active) {
+                const bool g = argmax_only(*s);
+                const int64_t k = g ? 1 : top_k_only(*s);
+                all_greedy = all_greedy && g;
+                top_k = k > 0 && top_k > 0 ? std::max(top_k, k) : 0;
+            }
             const int64_t n_seqs = static_cast<int64_t>(seqs.size());
-            Status st =
-                ids_only ? model.forward_batch_argmax(seqs.data(), counts.data(), n_seqs, tokens.data(), chosen.data())
-                         : model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
+            chosen.resize(seqs.size());
+            Status st;
+            if (top_k > 0 && all_greedy) {
+                st = model.forward_batch_argmax(seqs.data(), counts.data(), n_seqs, tokens.data(), chosen.data());
+            } else if (top_k > 0) {
+                top_ids.resize(static_cast<size_t>(n_seqs * top_k)), top_vals.resize(top_ids.size());
+                st = model.forward_batch_top_k(seqs.data(), counts.data(), n_seqs, tokens.data(), top_k, top_ids.data(),
+                                               top_vals.data());
+                for (size_t i = 0; st.ok() && i < active.size(); ++i) {
+                    const Slot& s = *active[i];
+                    const size_t at = i * static_cast<size_t>(top_k);
+                    chosen[i] = argmax_only(s) ? top_ids[at]
+                                               : s.sampler->sample_candidates(&top_ids[at], &top_vals[at], top_k_only(s));
+                }
+            } else {
+                st = model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
+            }
+            const bool ids_only = top_k > 0;
             std::vector<Slot*> still;
             for (size_t i = 0; i < active.size(); ++i) {
                 Slot& s = *active[i];

@@ -225,9 +225,13 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
         return id;
     };
 
-    // Greedy without a grammar: each step's choice is the logits' argmax, which the model finds
-    // where the logits are (on a GPU: one id downloaded instead of n_vocab floats).
+    // Without a grammar, greedy: each step's choice is the logits' argmax; top-k sampling: a draw
+    // from the k largest. The model finds them where the logits are (on a GPU: one id, or k ids and
+    // logits, downloaded instead of n_vocab floats).
     const bool argmax_only = !constraint && sampler_for_run(o, sampler, greedy).greedy();
+    const int64_t top_k = constraint || argmax_only ? 0 : sampler_for_run(o, sampler, greedy).candidates(V);
+    std::vector<int32_t> top_ids(static_cast<size_t>(top_k));
+    std::vector<float> top_vals(static_cast<size_t>(top_k));
     std::vector<int32_t> generated;
     std::string pending;
     auto t_decode = std::chrono::steady_clock::now();
@@ -247,6 +251,11 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
         if (argmax_only) {
             const int32_t fed = next;
             MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &fed, 1, &next));
+            continue;
+        }
+        if (top_k > 0 && top_k <= 64) {
+            MM_RETURN_IF_ERROR(model.forward_top_k(*seq, &next, 1, top_k, top_ids.data(), top_vals.data()));
+            next = sampler_for_run(o, sampler, greedy).sample_candidates(top_ids.data(), top_vals.data(), top_k);
             continue;
         }
         MM_RETURN_IF_ERROR(model.forward(*seq, &next, 1, false, &logits));

@@ -97,18 +97,18 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
     return forward_rows(seq, tokens, n, all_logits, out);
 }
 
-// MOEMESH_HOST_ARGMAX=1: the argmax forms download the logits and take the argmax on the host, as
+// MOEMESH_HOST_LOGITS=1: the argmax and top-k forms download the logits and pick on the host, as
 // before they existed (an A/B switch for benchmarks; same results).
-static bool host_argmax() {
+static bool host_logits() {
     static const bool on = [] {
-        const char* e = std::getenv("MOEMESH_HOST_ARGMAX");
+        const char* e = std::getenv("MOEMESH_HOST_LOGITS");
         return e && std::strcmp(e, "1") == 0;
     }();
     return on;
 }
 
 Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) {
-    if (host_argmax()) {
+    if (host_logits()) {
         MM_RETURN_IF_ERROR(forward(seq, tokens, n, false, &host_logits_));
         *next = argmax(host_logits_.data(), cfg_.n_vocab);
         return Status();
@@ -117,6 +117,38 @@ Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int6
     ChunkOut out;
     out.argmax = next;
     return forward_rows(seq, tokens, n, false, out);
+}
+
+Status ModelBase::check_top_k(int64_t k) const {
+    if (k < 1 || k > 64 || k > cfg_.n_vocab)
+        return MM_ERROR("top-k %lld: the model gives the top 1 to %lld logits", static_cast<long long>(k),
+                        static_cast<long long>(std::min<int64_t>(64, cfg_.n_vocab)));
+    return Status();
+}
+
+Status ModelBase::check_top_ids(const int32_t* ids, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i)
+        if (ids[i] < 0 || ids[i] >= cfg_.n_vocab)
+            return MM_ERROR("the model's logits hold NaN: no %lld largest to sample from (output row %lld)",
+                            static_cast<long long>(n), static_cast<long long>(i));
+    return Status();
+}
+
+Status ModelBase::forward_top_k(SequenceState& seq, const int32_t* tokens, int64_t n, int64_t k, int32_t* ids,
+                                float* vals) {
+    MM_RETURN_IF_ERROR(check_top_k(k));
+    if (host_logits()) {
+        MM_RETURN_IF_ERROR(forward(seq, tokens, n, false, &host_logits_));
+        std::vector<int32_t> top;
+        top_k_ids(host_logits_.data(), cfg_.n_vocab, k, top);
+        for (int64_t j = 0; j < k; ++j) ids[j] = top[j], vals[j] = host_logits_[top[j]];
+        return Status();
+    }
+    MM_RETURN_IF_ERROR(check_input(seq, tokens, n));
+    ChunkOut out;
+    out.top_k = k, out.top_ids = ids, out.top_vals = vals;
+    MM_RETURN_IF_ERROR(forward_rows(seq, tokens, n, false, out));
+    return check_top_ids(ids, k);
 }
 
 Status ModelBase::check_input(const SequenceState& seq, const int32_t* tokens, int64_t n) const {
@@ -195,7 +227,7 @@ Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tok
 
 Status ModelBase::forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                        const int32_t* tokens, int32_t* next) {
-    if (host_argmax()) {
+    if (host_logits()) {
         MM_RETURN_IF_ERROR(forward_batch(seqs, n_tokens, n_seqs, tokens, &host_logits_));
         for (int64_t i = 0; i < n_seqs; ++i) next[i] = argmax(host_logits_.data() + i * cfg_.n_vocab, cfg_.n_vocab);
         return Status();
@@ -206,6 +238,28 @@ Status ModelBase::forward_batch_argmax(SequenceState* const* seqs, const int64_t
     ChunkOut out;
     out.argmax = next;
     return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
+}
+
+Status ModelBase::forward_batch_top_k(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                      const int32_t* tokens, int64_t k, int32_t* ids, float* vals) {
+    MM_RETURN_IF_ERROR(check_top_k(k));
+    if (host_logits()) {
+        MM_RETURN_IF_ERROR(forward_batch(seqs, n_tokens, n_seqs, tokens, &host_logits_));
+        std::vector<int32_t> top;
+        for (int64_t i = 0; i < n_seqs; ++i) {
+            const float* row = host_logits_.data() + i * cfg_.n_vocab;
+            top_k_ids(row, cfg_.n_vocab, k, top);
+            for (int64_t j = 0; j < k; ++j) ids[i * k + j] = top[j], vals[i * k + j] = row[top[j]];
+        }
+        return Status();
+    }
+    std::vector<Segment> segs;
+    int64_t T = 0;
+    MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
+    ChunkOut out;
+    out.top_k = k, out.top_ids = ids, out.top_vals = vals;
+    MM_RETURN_IF_ERROR(forward_chunk(segs.data(), n_seqs, tokens, T, false, out));
+    return check_top_ids(ids, n_seqs * k);
 }
 
 void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
@@ -337,6 +391,18 @@ void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Se
         int32_t* ids = be_->host_memory() ? out.argmax : scratch<int32_t>(argmax_buf_, rows);
         be_->argmax_rows(logits, rows, V, ids);
         if (ids != out.argmax) be_->to_host(out.argmax, ids, sizeof(int32_t) * rows);
+    } else if (out.top_ids) {  // sampling's candidates only: [rows, k] ids and logits
+        const int64_t k = out.top_k;
+        if (be_->host_memory()) {
+            be_->top_k_rows(logits, rows, V, k, out.top_ids, out.top_vals);
+        } else {  // ids then values in one buffer: one download
+            int32_t* ids = scratch<int32_t>(top_buf_, 2 * rows * k);
+            be_->top_k_rows(logits, rows, V, k, ids, reinterpret_cast<float*>(ids + rows * k));
+            top_host_.resize(static_cast<size_t>(2 * rows * k));
+            be_->to_host(top_host_.data(), ids, sizeof(int32_t) * 2 * rows * k);
+            std::memcpy(out.top_ids, top_host_.data(), sizeof(int32_t) * rows * k);
+            std::memcpy(out.top_vals, top_host_.data() + rows * k, sizeof(float) * rows * k);
+        }
     } else if (logits != out.logits) {
         be_->to_host(out.logits, logits, sizeof(float) * rows * V);
     }

@@ -36,6 +36,10 @@ public:
     Status forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) final;
     Status forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                 const int32_t* tokens, int32_t* next) final;
+    Status forward_top_k(SequenceState& seq, const int32_t* tokens, int64_t n, int64_t k, int32_t* ids,
+                         float* vals) final;
+    Status forward_batch_top_k(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                               const int32_t* tokens, int64_t k, int32_t* ids, float* vals) final;
 
 protected:
     // Rows [row0, row0 + n) of a chunk belong to `seq`, at its positions seq->n_past ...
@@ -43,12 +47,16 @@ protected:
         SequenceState* seq;
         int64_t row0, n;
     };
-    // Where a chunk's results go (host memory; none when both are null): the logits of its rows
-    // ([rows, V]), or only each row's argmax ([rows]).
+    // Where a chunk's results go (host memory; none when all are null): the logits of its rows
+    // ([rows, V]), or only each row's argmax ([rows]), or only each row's top_k largest logits and
+    // their ids ([rows, top_k]).
     struct ChunkOut {
         float* logits = nullptr;
         int32_t* argmax = nullptr;
-        explicit operator bool() const { return logits || argmax; }
+        int64_t top_k = 0;
+        int32_t* top_ids = nullptr;
+        float* top_vals = nullptr;
+        explicit operator bool() const { return logits || argmax || top_ids; }
     };
     // One chunk of T tokens, segs[0..n_segs) covering rows 0..T in order; every op on the rows is
     // per row except attention and the recurrent state, which run per segment. Advances each
@@ -72,6 +80,10 @@ protected:
     Status check_input(const SequenceState& seq, const int32_t* tokens, int64_t n) const;
     // forward() after its checks: the chunks of n_batch tokens, then the results in out.
     Status forward_rows(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits, const ChunkOut& out);
+    // forward_top_k's k; then, after the forward, its ids (all in the vocabulary: NaN logits give
+    // -1 on a device).
+    Status check_top_k(int64_t k) const;
+    Status check_top_ids(const int32_t* ids, int64_t n) const;
     // forward_batch()'s checks; segs ← one segment per sequence, *T ← the batch's rows.
     Status batch_segments(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
                           std::vector<Segment>* segs, int64_t* T) const;
@@ -113,8 +125,9 @@ protected:
     Weight tok_embd_;             // {H, V} in the mapped file (embedding rows are gathered on the host)
     BackendWeight output_;        // {H, V} (token_embd when tied)
     const float* output_norm_{};  // [H]
-    Buffer final_norm_buf_, logits_buf_, argmax_buf_, probs_, sel_ids_, sel_w_, last_rows_;
+    Buffer final_norm_buf_, logits_buf_, argmax_buf_, top_buf_, probs_, sel_ids_, sel_w_, last_rows_;
     std::vector<float> embd_host_, debug_host_, host_logits_;
+    std::vector<int32_t> top_host_;  // forward_top_k's download: ids, then the values' bits
 };
 
 }  // namespace moemesh

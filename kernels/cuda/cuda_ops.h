@@ -202,6 +202,16 @@ void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* wo
 bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float* x, int64_t K, bool norm_topk,
                   float* probs, int32_t* ids, float* weights, unsigned* counter, cudaStream_t stream = nullptr);
 
+// ids[r, 0..k) / vals[r, 0..k) = the k largest of x[r, 0..n) by decreasing value, the lower index
+// first on equal values (sampler.h top_k_ids' order), and their values: sampling's candidates
+// without downloading the logits (two launches). NaNs are never taken; where fewer than k values
+// can be, the rest are -1 / -inf. k <= kTopKMax, k <= n, ceil(n / 4096) · k <= 4096 (k = 64:
+// n <= 262144). workspace: top_k_workspace_bytes(rows, n, k) bytes of device memory.
+constexpr int64_t kTopKMax = 64;
+size_t top_k_workspace_bytes(int64_t rows, int64_t n, int64_t k);
+void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals, void* workspace,
+                cudaStream_t stream = nullptr);
+
 // ---- attention (kernels/cuda/attention.cu) ----
 // Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
 // each (token, head) reads its keys in chunks of kAttnSplit, one block per chunk, then one pass

@@ -96,7 +96,101 @@ __global__ void __launch_bounds__(kArgThreads) argmax_final_kernel(const float* 
     if (threadIdx.x == 0) ids[r] = x[r * n] != x[r * n] ? 0 : i;
 }
 
+// ---- top-k of logits rows (sampling on the device: the candidates instead of the logits) ----
+// The same two launches as the argmax: block b of row r the k best (value, index) of its
+// kArgPerBlock elements into part[r, b, 0..k) in order, then one block per row the k best of the
+// row's nb · k parts. Each pass: the elements in registers (kTopRegs per thread, each with its id
+// and a taken bit), k rounds of a block-wide best over the untaken ones.
+constexpr int kTopRegs = static_cast<int>(kArgPerBlock / kArgThreads);  // 16
+
+// k rounds over v/id (kTopRegs per thread; id INT_MAX: no element): out_v/out_i[0..k) the best in
+// order (an element that never beats anything, a NaN or a missing one, is never taken: rounds past
+// the last takeable element give (-inf, INT_MAX)).
+__device__ __forceinline__ void block_top_k(const float (&v)[kTopRegs], const int (&id)[kTopRegs], int k,
+                                            float* out_v, int* out_i) {
+    __shared__ int wi;
+    unsigned taken = 0;
+    for (int r = 0; r < k; ++r) {
+        float bv = -INFINITY;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int j = 0; j < kTopRegs; ++j)
+            if (!(taken >> j & 1u) && beats(v[j], id[j], bv, bi)) bv = v[j], bi = id[j];
+        block_arg_best(bv, bi);
+        if (threadIdx.x == 0) {
+            wi = bi;
+            out_v[r] = bv, out_i[r] = bi;
+        }
+        __syncthreads();
+        const int won = wi;
+#pragma unroll
+        for (int j = 0; j < kTopRegs; ++j)
+            if (id[j] == won && won != INT_MAX) taken |= 1u << j;
+        __syncthreads();  // wi and block_arg_best's shared arrays are rewritten next round
+    }
+}
+
+__global__ void __launch_bounds__(kArgThreads) topk_part_kernel(const float* __restrict__ x, int64_t n, int k,
+                                                                 float* part_v, int* part_i) {
+    grid_dep_wait();
+    const int64_t r = blockIdx.y;
+    const float* xr = x + r * n;
+    const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kArgPerBlock;
+    float v[kTopRegs];
+    int id[kTopRegs];
+#pragma unroll
+    for (int j = 0; j < kTopRegs; ++j) {
+        const int64_t e = b0 + threadIdx.x + static_cast<int64_t>(j) * kArgThreads;
+        v[j] = e < n ? xr[e] : -INFINITY;
+        id[j] = e < n ? static_cast<int>(e) : INT_MAX;
+    }
+    const int64_t at = (r * gridDim.x + blockIdx.x) * k;
+    block_top_k(v, id, k, part_v + at, part_i + at);
+}
+
+__global__ void __launch_bounds__(kArgThreads) topk_final_kernel(int nb, int k, const float* part_v,
+                                                                  const int* part_i, int32_t* ids, float* vals) {
+    grid_dep_wait();
+    const int64_t r = blockIdx.x;
+    const int64_t m = static_cast<int64_t>(nb) * k;
+    float v[kTopRegs];
+    int id[kTopRegs];
+#pragma unroll
+    for (int j = 0; j < kTopRegs; ++j) {
+        const int64_t e = threadIdx.x + static_cast<int64_t>(j) * kArgThreads;
+        v[j] = e < m ? part_v[r * m + e] : -INFINITY;
+        id[j] = e < m ? part_i[r * m + e] : INT_MAX;
+    }
+    __shared__ float best_v[kTopKMax];
+    __shared__ int best_i[kTopKMax];
+    block_top_k(v, id, k, best_v, best_i);
+    for (int j = threadIdx.x; j < k; j += kArgThreads) {
+        ids[r * k + j] = best_i[j] == INT_MAX ? -1 : best_i[j];
+        vals[r * k + j] = best_v[j];
+    }
+}
+
 }  // namespace
+
+size_t top_k_workspace_bytes(int64_t rows, int64_t n, int64_t k) {
+    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    return static_cast<size_t>(rows * nb * k) * (sizeof(float) + sizeof(int));
+}
+
+void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals, void* workspace,
+                cudaStream_t stream) {
+    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    MM_CHECK(k > 0 && k <= kTopKMax && k <= n && n <= INT_MAX && nb * k <= kArgPerBlock && rows <= 65535);
+    if (rows <= 0) return;
+    float* part_v = static_cast<float*>(workspace);
+    int* part_i = reinterpret_cast<int*>(part_v + rows * nb * k);
+    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(rows));
+    MM_LAUNCH_PDL(grid, kArgThreads, 0, stream, topk_part_kernel)(x, n, static_cast<int>(k), part_v, part_i);
+    CUDA_CHECK_LAUNCH();
+    MM_LAUNCH_PDL(static_cast<unsigned>(rows), kArgThreads, 0, stream, topk_final_kernel)(
+        static_cast<int>(nb), static_cast<int>(k), part_v, part_i, ids, vals);
+    CUDA_CHECK_LAUNCH();
+}
 
 size_t argmax_workspace_bytes(int64_t rows, int64_t n) {
     const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
