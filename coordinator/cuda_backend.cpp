@@ -92,34 +92,11 @@ QxMode qx_mode() {
     return QxMode::kAll;
 }
 
-// Decode attention's merge of its key chunks (MOEMESH_CUDA_ATTN_MERGE): "fused" (default) by each
-// head's last chunk block, "kernel" as a second launch.
-bool attn_merge_fused() {
-    const char* e = std::getenv("MOEMESH_CUDA_ATTN_MERGE");
-    return !(e && std::strcmp(e, "kernel") == 0);
-}
-
-// A decode token's router (MOEMESH_CUDA_ROUTER): "fused" (default) GEMV + softmax + top-k in one
-// launch where the router's type allows, "split" as two launches.
-bool router_fused() {
-    const char* e = std::getenv("MOEMESH_CUDA_ROUTER");
-    return !(e && std::strcmp(e, "split") == 0);
-}
-
-// A decode token's o projection and the residual add + norm after it (MOEMESH_CUDA_O_NORM):
-// "fused" (default) in one launch where the projection reads attention's quantized output, "split"
-// as two.
-bool o_norm_fused() {
-    const char* e = std::getenv("MOEMESH_CUDA_O_NORM");
-    return !(e && std::strcmp(e, "split") == 0);
-}
-
-// A decode token's expert down products and their weighted sum where the down GEMV is the in-block
-// int8-X kernel (MOEMESH_CUDA_DOWN_COMBINE): "fused" (default) the sum in that kernel's last block,
-// "split" as a second launch.
-bool down_combine_fused() {
-    const char* e = std::getenv("MOEMESH_CUDA_DOWN_COMBINE");
-    return !(e && std::strcmp(e, "split") == 0);
+// Whether environment variable `var` is set to `value` (session 16's A/B switches, read once per
+// backend: their defaults and values are documented at the members that hold them).
+bool env_is(const char* var, const char* value) {
+    const char* e = std::getenv(var);
+    return e != nullptr && std::strcmp(e, value) == 0;
 }
 
 bool profile_enabled() {
@@ -1062,16 +1039,22 @@ private:
     std::chrono::steady_clock::time_point t_step_;  // first op of the step recorded
     double step_us_ = 0, record_us_ = 0, wait_us_ = 0;  // sums over replayed steps
     int64_t captures_ = 0, replays_ = 0, eager_ = 0;
+    // ---- decode launches finished in their kernel's last block (common.cuh last_block_done) ----
+    // Each with its counters (zero between launches) and a switch that turns it off:
+    // attention's merge of its key chunks (MOEMESH_CUDA_ATTN_MERGE=kernel: a second launch);
+    const bool attn_merge_fused_ = !env_is("MOEMESH_CUDA_ATTN_MERGE", "kernel");
+    Buffer merge_ctr_;  // per (token, head)
+    // the router's softmax + top-k after its GEMV (MOEMESH_CUDA_ROUTER=split: two launches);
+    const bool router_fused_ = !env_is("MOEMESH_CUDA_ROUTER", "split");
+    Buffer route_ctr_;
+    // the residual add + norm after the o projection (MOEMESH_CUDA_O_NORM=split: two launches);
+    const bool o_norm_fused_ = !env_is("MOEMESH_CUDA_O_NORM", "split");
+    Buffer o_norm_ctr_;
+    // the experts' weighted sum after the int8-X down GEMV (MOEMESH_CUDA_DOWN_COMBINE=split: two).
+    const bool down_combine_fused_ = !env_is("MOEMESH_CUDA_DOWN_COMBINE", "split");
+    Buffer down_ctr_;
     // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
     QxMode qx_mode_ = qx_mode();
-    const bool attn_merge_fused_ = attn_merge_fused();
-    const bool router_fused_ = router_fused();
-    const bool o_norm_fused_ = o_norm_fused();
-    Buffer o_norm_ctr_;  // matmul_add_rmsnorm's block counter (zero between launches)
-    const bool down_combine_fused_ = down_combine_fused();
-    Buffer down_ctr_;  // the down GEMV's block counter (zero between launches)
-    Buffer route_ctr_;  // matmul_route's block counter (zero between launches)
-    Buffer merge_ctr_;  // attention's per-(token, head) chunk counters (zero between launches)
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)
     const float* qx_src_ = nullptr;     // the f32 row qx_buf_ holds, while valid
     int64_t qx_n_ = 0;                  // its width

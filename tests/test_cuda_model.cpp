@@ -356,6 +356,20 @@ TEST_F(CudaModel, GraphsOnOffQwen3NextF32) {
     check_graphs("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, 600);
 }
 
+// The model at `path` on cuda:0 with decode graphs on (null after a failed expectation).
+std::unique_ptr<Model> load_graphed(const std::string& path) {
+    auto gf = GgufFile::open(path);
+    EXPECT_TRUE(gf.ok()) << gf.status().message();
+    if (!gf.ok()) return nullptr;
+    ModelOptions mo;
+    mo.n_threads = 2;
+    mo.device = "cuda:0";
+    const ScopedEnv graphs("MOEMESH_CUDA_GRAPHS", "1");
+    auto m = load_model(std::shared_ptr<GgufFile>(std::move(*gf)), mo);
+    EXPECT_TRUE(m.ok()) << m.status().message();
+    return m.ok() ? std::move(m).value() : nullptr;
+}
+
 // Greedy decoding with the argmax taken on the device (Model::forward_argmax: what `moemesh run
 // --greedy` does): the tokens of the host's argmax over downloaded logits, with the argmax
 // recorded into the decode graph and replayed; then two sequences at different positions through
@@ -369,16 +383,9 @@ TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
         const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 5);
         const Decode host = decode_with_graphs(path, "1", true, prompt, n_gen);
         ASSERT_EQ(host.tokens.size(), static_cast<size_t>(n_gen)) << what;
-        setenv("MOEMESH_CUDA_GRAPHS", "1", 1);
-        auto gf = GgufFile::open(path);
-        ASSERT_TRUE(gf.ok()) << gf.status().message();
-        ModelOptions mo;
-        mo.n_threads = 2;
-        mo.device = "cuda:0";
-        auto m = load_model(std::shared_ptr<GgufFile>(std::move(*gf)), mo);
-        unsetenv("MOEMESH_CUDA_GRAPHS");
-        ASSERT_TRUE(m.ok()) << m.status().message();
-        Model& model = **m;
+        const std::unique_ptr<Model> m = load_graphed(path);
+        ASSERT_TRUE(m);
+        Model& model = *m;
         const CudaGraphStats s0 = cuda_graph_stats();
         auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
         std::vector<int32_t> got(1, -1);
@@ -452,16 +459,9 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
     const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 6);
     const Decode host = decode_with_graphs(path, "1", true, prompt, n_gen);
     ASSERT_EQ(host.tokens.size(), static_cast<size_t>(n_gen));
-    setenv("MOEMESH_CUDA_GRAPHS", "1", 1);
-    auto gf = GgufFile::open(path);
-    ASSERT_TRUE(gf.ok()) << gf.status().message();
-    ModelOptions mo;
-    mo.n_threads = 2;
-    mo.device = "cuda:0";
-    auto m = load_model(std::shared_ptr<GgufFile>(std::move(*gf)), mo);
-    unsetenv("MOEMESH_CUDA_GRAPHS");
-    ASSERT_TRUE(m.ok()) << m.status().message();
-    Model& model = **m;
+    const std::unique_ptr<Model> m = load_graphed(path);
+    ASSERT_TRUE(m);
+    Model& model = *m;
     const int64_t V = model.config().n_vocab;
     const CudaGraphStats s0 = cuda_graph_stats();
     auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);

@@ -115,6 +115,18 @@ QuantMatrix make_weights(GgmlType t, int64_t n_out, int64_t k, uint32_t seed) {
     }
     return q;
 }
+
+// E expert matrices of make_weights one after the other (an [E, n_out, k] GGUF expert tensor), seeds
+// seed0, seed0 + 1, ...
+std::vector<uint8_t> stacked_weights(GgmlType t, int64_t E, int64_t n_out, int64_t k, uint32_t seed0) {
+    std::vector<uint8_t> all;
+    for (int64_t e = 0; e < E; ++e) {
+        const QuantMatrix m = make_weights(t, n_out, k, seed0 + static_cast<uint32_t>(e));
+        all.insert(all.end(), m.bytes.begin(), m.bytes.end());
+    }
+    return all;
+}
+
 // y = x · deqᵀ in double: what the GPU computes up to f32 summation order.
 std::vector<float> ref_matmul(const std::vector<float>& deq, int64_t n_out, int64_t k, const std::vector<float>& x,
                               int64_t m) {
@@ -310,11 +322,7 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
     const int64_t E = 4, n_out = 96, k = 512;
-    std::vector<uint8_t> down;
-    for (int64_t e = 0; e < E; ++e) {
-        const QuantMatrix d = make_weights(t, n_out, k, 80 + static_cast<uint32_t>(e));
-        down.insert(down.end(), d.bytes.begin(), d.bytes.end());
-    }
+    const std::vector<uint8_t> down = stacked_weights(t, E, n_out, k, 80);
     const size_t matrix_bytes = down.size() / E;
     const std::vector<int32_t> ids = {2, 0, 3, 2, 1};
     const int64_t n_sel = static_cast<int64_t>(ids.size());
@@ -366,11 +374,7 @@ TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
     const int64_t E = 3, n_out = 2048, k = 256, n_sel = 8;
-    std::vector<uint8_t> down;
-    for (int64_t e = 0; e < E; ++e) {
-        const QuantMatrix d = make_weights(t, n_out, k, 180 + static_cast<uint32_t>(e));
-        down.insert(down.end(), d.bytes.begin(), d.bytes.end());
-    }
+    const std::vector<uint8_t> down = stacked_weights(t, E, n_out, k, 180);
     const size_t matrix_bytes = down.size() / E;
     const std::vector<int32_t> ids = {2, 0, 1, 2, 1, 0, 0, 2};
     const std::vector<float> g = random_vec(static_cast<size_t>(n_sel * k), 19), w = random_vec(ids.size(), 20);
@@ -412,13 +416,7 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
     const int64_t E = 4, n_out = 96, k = 512;
-    std::vector<uint8_t> gate, up;
-    for (int64_t e = 0; e < E; ++e) {
-        const QuantMatrix g = make_weights(t, n_out, k, 60 + static_cast<uint32_t>(e));
-        const QuantMatrix u = make_weights(t, n_out, k, 70 + static_cast<uint32_t>(e));
-        gate.insert(gate.end(), g.bytes.begin(), g.bytes.end());
-        up.insert(up.end(), u.bytes.begin(), u.bytes.end());
-    }
+    const std::vector<uint8_t> gate = stacked_weights(t, E, n_out, k, 60), up = stacked_weights(t, E, n_out, k, 70);
     const size_t matrix_bytes = gate.size() / E;
     const std::vector<int32_t> ids = {2, 0, 3, 2};
     const int64_t n_sel = static_cast<int64_t>(ids.size());
