@@ -133,14 +133,10 @@ public:
         route_topk(probs, T, E, K, norm, ids, w, order_);
     }
     void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) override {
-        for (int64_t r = 0; r < rows; ++r) ids[r] = argmax(x + r * n, n);
+        argmax_rows_host(x, rows, n, ids);
     }
     void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) override {
-        std::vector<int32_t> top;
-        for (int64_t r = 0; r < rows; ++r) {
-            top_k_ids(x + r * n, n, k, top);
-            for (int64_t j = 0; j < k; ++j) ids[r * k + j] = top[j], vals[r * k + j] = x[r * n + top[j]];
-        }
+        top_k_rows_host(x, rows, n, k, ids, vals);
     }
     Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                float* out) override {
@@ -176,6 +172,18 @@ private:
 };
 
 }  // namespace
+
+void argmax_rows_host(const float* x, int64_t rows, int64_t n, int32_t* ids) {
+    for (int64_t r = 0; r < rows; ++r) ids[r] = argmax(x + r * n, n);
+}
+
+void top_k_rows_host(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) {
+    std::vector<int32_t> top;
+    for (int64_t r = 0; r < rows; ++r) {
+        top_k_ids(x + r * n, n, k, top);
+        for (int64_t j = 0; j < k; ++j) ids[r * k + j] = top[j], vals[r * k + j] = x[r * n + top[j]];
+    }
+}
 
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool& pool) { return std::make_unique<CpuBackend>(pool); }
 

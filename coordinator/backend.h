@@ -178,6 +178,11 @@ public:
     virtual void delta_rule(const DeltaNetArgs& a) = 0;
 };
 
+// Backend::argmax_rows / top_k_rows on host memory (the CPU backend's; also what a model picks from
+// logits it downloaded).
+void argmax_rows_host(const float* x, int64_t rows, int64_t n, int32_t* ids);
+void top_k_rows_host(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals);
+
 // "cpu" | "cuda" | "cuda:N". Errors say why a device cannot be used (no CUDA in this build, no
 // device, index out of range).
 StatusOr<std::unique_ptr<Backend>> make_backend(const std::string& device, ThreadPool& pool);

@@ -582,9 +582,8 @@ public:
     }
     void matmul_route(const BackendWeight& w, const float* x, int64_t T, int64_t K, bool norm, float* probs,
                       int32_t* ids, float* wts) override {
-        const bool one = router_fused_ && T == 1 && w.k % 8 == 0 && w.n_out <= 1024 && K <= 32 && K <= w.n_out &&
-                         (w.type == GgmlType::F32 || w.type == GgmlType::F16 || w.type == GgmlType::BF16);
-        if (!one) return Backend::matmul_route(w, x, T, K, norm, probs, ids, wts);
+        if (!router_fused_ || T != 1 || !cuda::matmul_route_takes(w.type, w.n_out, w.k, K))
+            return Backend::matmul_route(w, x, T, K, norm, probs, ids, wts);
         unsigned* ctr = counters(route_ctr_);
         enqueue({26, static_cast<int64_t>(w.type), P(w.data), w.n_out, w.k, P(x), K, norm, P(probs), P(ids), P(wts),
                  P(ctr)},
@@ -599,16 +598,12 @@ public:
         forget_qx_if(probs), forget_qx_if(w);
     }
     void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids) override {
-        const size_t need = cuda::argmax_workspace_bytes(rows, n);
-        if (argmax_ws_.bytes() < need) argmax_ws_ = alloc(need, false);
-        void* ws = argmax_ws_.data();
+        void* ws = grow<uint8_t>(argmax_ws_, static_cast<int64_t>(cuda::argmax_workspace_bytes(rows, n)));
         enqueue({25, P(x), rows, n, P(ids), P(ws)},
                 [=, this](bool) { cuda::argmax_rows(x, rows, n, ids, ws, stream_); });
     }
     void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals) override {
-        const size_t need = cuda::top_k_workspace_bytes(rows, n, k);
-        if (top_k_ws_.bytes() < need) top_k_ws_ = alloc(need, false);
-        void* ws = top_k_ws_.data();
+        void* ws = grow<uint8_t>(top_k_ws_, static_cast<int64_t>(cuda::top_k_workspace_bytes(rows, n, k)));
         enqueue({28, P(x), rows, n, k, P(ids), P(vals), P(ws)},
                 [=, this](bool) { cuda::top_k_rows(x, rows, n, k, ids, vals, ws, stream_); });
     }

@@ -316,23 +316,43 @@ TEST_P(CudaMatmul, PointerGemvsAreThePerMatrixLaunches) {
     EXPECT_EQ(differing(y2.download(), want_s), 0u) << name << " swiglu: values differ from the separate launches";
 }
 
+// A decode step's expert down products on the device: E stacked matrices (stacked_weights from
+// seed), the selections' inputs g [n_sel, k] and router weights w, and the reference of the fused
+// forms: matmul_id into y [n_sel, n_out], then moe_combine into want [n_out].
+struct DownCase {
+    int64_t n_sel;
+    size_t matrix_bytes;
+    DeviceBuffer<uint8_t> dd;
+    DeviceBuffer<int32_t> dids;
+    DeviceBuffer<float> dg, dw, y, want;
+    DownCase(GgmlType t, int64_t E, int64_t n_out, int64_t k, const std::vector<int32_t>& ids, uint32_t seed)
+        : n_sel(static_cast<int64_t>(ids.size())),
+          matrix_bytes(static_cast<size_t>(n_out) * ggml_row_bytes(t, k)),
+          dd(stacked_weights(t, E, n_out, k, seed)),
+          dids(ids),
+          dg(random_vec(static_cast<size_t>(n_sel * k), seed + 100)),
+          dw(random_vec(ids.size(), seed + 101)),
+          y(static_cast<size_t>(n_sel * n_out)),
+          want(static_cast<size_t>(n_out)) {
+        cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
+        cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
+    }
+};
+
 // The decode step's expert down products and weighted sum in one launch: the bits of matmul_id
 // (the f32-X GEMV at this size) then moe_combine.
 TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
     const int64_t E = 4, n_out = 96, k = 512;
-    const std::vector<uint8_t> down = stacked_weights(t, E, n_out, k, 80);
-    const size_t matrix_bytes = down.size() / E;
-    const std::vector<int32_t> ids = {2, 0, 3, 2, 1};
-    const int64_t n_sel = static_cast<int64_t>(ids.size());
-    const std::vector<float> g = random_vec(static_cast<size_t>(n_sel * k), 9), w = random_vec(ids.size(), 10);
-    const DeviceBuffer<uint8_t> dd(down);
-    const DeviceBuffer<int32_t> dids(ids);
-    const DeviceBuffer<float> dg(g), dw(w);
-    DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out)), want(static_cast<size_t>(n_out));
-    cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
-    cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
+    const DownCase dc(t, E, n_out, k, {2, 0, 3, 2, 1}, 80);
+    const int64_t n_sel = dc.n_sel;
+    const size_t matrix_bytes = dc.matrix_bytes;
+    const DeviceBuffer<uint8_t>& dd = dc.dd;
+    const DeviceBuffer<int32_t>& dids = dc.dids;
+    const DeviceBuffer<float>& dg = dc.dg;
+    const DeviceBuffer<float>& dw = dc.dw;
+    const DeviceBuffer<float>& want = dc.want;
     const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
     DeviceBuffer<float> out(canary);
     const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
@@ -373,18 +393,15 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
 TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
-    const int64_t E = 3, n_out = 2048, k = 256, n_sel = 8;
-    const std::vector<uint8_t> down = stacked_weights(t, E, n_out, k, 180);
-    const size_t matrix_bytes = down.size() / E;
-    const std::vector<int32_t> ids = {2, 0, 1, 2, 1, 0, 0, 2};
-    const std::vector<float> g = random_vec(static_cast<size_t>(n_sel * k), 19), w = random_vec(ids.size(), 20);
-    const DeviceBuffer<uint8_t> dd(down);
-    const DeviceBuffer<int32_t> dids(ids);
-    const DeviceBuffer<float> dg(g), dw(w);
-    DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out)), want(static_cast<size_t>(n_out));
-    cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
-    cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
-    const std::vector<float> want_y = y.download(), want_out = want.download();
+    const int64_t E = 3, n_out = 2048, k = 256;
+    const DownCase dc(t, E, n_out, k, {2, 0, 1, 2, 1, 0, 0, 2}, 180);
+    const int64_t n_sel = dc.n_sel;
+    const size_t matrix_bytes = dc.matrix_bytes;
+    const DeviceBuffer<uint8_t>& dd = dc.dd;
+    const DeviceBuffer<int32_t>& dids = dc.dids;
+    const DeviceBuffer<float>& dg = dc.dg;
+    const DeviceBuffer<float>& dw = dc.dw;
+    const std::vector<float> want_y = dc.y.download(), want_out = dc.want.download();
     const std::string name = std::string("down + combine in the int8 GEMV ") + ggml_type_name(t);
     const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
     DeviceBuffer<float> out(canary);

@@ -7,7 +7,6 @@
 #include <cstring>
 
 #include "common/half.h"
-#include "coordinator/sampler.h"
 
 namespace moemesh {
 
@@ -97,22 +96,7 @@ Status ModelBase::forward(SequenceState& seq, const int32_t* tokens, int64_t n, 
     return forward_rows(seq, tokens, n, all_logits, out);
 }
 
-// MOEMESH_HOST_LOGITS=1: the argmax and top-k forms download the logits and pick on the host, as
-// before they existed (an A/B switch for benchmarks; same results).
-static bool host_logits() {
-    static const bool on = [] {
-        const char* e = std::getenv("MOEMESH_HOST_LOGITS");
-        return e && std::strcmp(e, "1") == 0;
-    }();
-    return on;
-}
-
 Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int64_t n, int32_t* next) {
-    if (host_logits()) {
-        MM_RETURN_IF_ERROR(forward(seq, tokens, n, false, &host_logits_));
-        *next = argmax(host_logits_.data(), cfg_.n_vocab);
-        return Status();
-    }
     MM_RETURN_IF_ERROR(check_input(seq, tokens, n));
     ChunkOut out;
     out.argmax = next;
@@ -137,13 +121,6 @@ Status ModelBase::check_top_ids(const int32_t* ids, int64_t n) const {
 Status ModelBase::forward_top_k(SequenceState& seq, const int32_t* tokens, int64_t n, int64_t k, int32_t* ids,
                                 float* vals) {
     MM_RETURN_IF_ERROR(check_top_k(k));
-    if (host_logits()) {
-        MM_RETURN_IF_ERROR(forward(seq, tokens, n, false, &host_logits_));
-        std::vector<int32_t> top;
-        top_k_ids(host_logits_.data(), cfg_.n_vocab, k, top);
-        for (int64_t j = 0; j < k; ++j) ids[j] = top[j], vals[j] = host_logits_[top[j]];
-        return Status();
-    }
     MM_RETURN_IF_ERROR(check_input(seq, tokens, n));
     ChunkOut out;
     out.top_k = k, out.top_ids = ids, out.top_vals = vals;
@@ -216,50 +193,35 @@ Status ModelBase::batch_segments(SequenceState* const* seqs, const int64_t* n_to
 
 Status ModelBase::forward_batch(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                 const int32_t* tokens, std::vector<float>* logits) {
-    std::vector<Segment> segs;
-    int64_t T = 0;
-    MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
-    logits->assign(static_cast<size_t>(n_seqs * cfg_.n_vocab), 0.0f);
-    ChunkOut out;
-    out.logits = logits->data();
-    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
+    return forward_batch_rows(seqs, n_tokens, n_seqs, tokens, ChunkOut{}, logits);
 }
 
 Status ModelBase::forward_batch_argmax(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                        const int32_t* tokens, int32_t* next) {
-    if (host_logits()) {
-        MM_RETURN_IF_ERROR(forward_batch(seqs, n_tokens, n_seqs, tokens, &host_logits_));
-        for (int64_t i = 0; i < n_seqs; ++i) next[i] = argmax(host_logits_.data() + i * cfg_.n_vocab, cfg_.n_vocab);
-        return Status();
-    }
-    std::vector<Segment> segs;
-    int64_t T = 0;
-    MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
     ChunkOut out;
     out.argmax = next;
-    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
+    return forward_batch_rows(seqs, n_tokens, n_seqs, tokens, out, nullptr);
 }
 
 Status ModelBase::forward_batch_top_k(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                       const int32_t* tokens, int64_t k, int32_t* ids, float* vals) {
     MM_RETURN_IF_ERROR(check_top_k(k));
-    if (host_logits()) {
-        MM_RETURN_IF_ERROR(forward_batch(seqs, n_tokens, n_seqs, tokens, &host_logits_));
-        std::vector<int32_t> top;
-        for (int64_t i = 0; i < n_seqs; ++i) {
-            const float* row = host_logits_.data() + i * cfg_.n_vocab;
-            top_k_ids(row, cfg_.n_vocab, k, top);
-            for (int64_t j = 0; j < k; ++j) ids[i * k + j] = top[j], vals[i * k + j] = row[top[j]];
-        }
-        return Status();
-    }
+    ChunkOut out;
+    out.top_k = k, out.top_ids = ids, out.top_vals = vals;
+    MM_RETURN_IF_ERROR(forward_batch_rows(seqs, n_tokens, n_seqs, tokens, out, nullptr));
+    return check_top_ids(ids, n_seqs * k);
+}
+
+Status ModelBase::forward_batch_rows(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                                     const int32_t* tokens, ChunkOut out, std::vector<float>* logits) {
     std::vector<Segment> segs;
     int64_t T = 0;
     MM_RETURN_IF_ERROR(batch_segments(seqs, n_tokens, n_seqs, tokens, &segs, &T));
-    ChunkOut out;
-    out.top_k = k, out.top_ids = ids, out.top_vals = vals;
-    MM_RETURN_IF_ERROR(forward_chunk(segs.data(), n_seqs, tokens, T, false, out));
-    return check_top_ids(ids, n_seqs * k);
+    if (logits) {
+        logits->assign(static_cast<size_t>(n_seqs * cfg_.n_vocab), 0.0f);
+        out.logits = logits->data();
+    }
+    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
 }
 
 void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
@@ -368,6 +330,15 @@ Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* x
     return Status();
 }
 
+// MOEMESH_HOST_LOGITS=1 (read once): output_logits picks the argmax / top-k on the host.
+static bool host_logits() {
+    static const bool on = [] {
+        const char* e = std::getenv("MOEMESH_HOST_LOGITS");
+        return e && std::strcmp(e, "1") == 0;
+    }();
+    return on;
+}
+
 void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs,
                               const ChunkOut& out) {
     const int64_t H = cfg_.n_embd, V = cfg_.n_vocab;
@@ -387,7 +358,14 @@ void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Se
     float* logits = be_->host_memory() && out.logits ? out.logits : scratch(logits_buf_, rows * V);
     be_->matmul(output_, xn, rows, logits);  // [rows, V]
     cb("result_output", -1, logits, rows, V);
-    if (out.argmax) {  // the greedy choices only: [rows] ids instead of [rows, V] logits
+    if ((out.argmax || out.top_ids) && !be_->host_memory() && host_logits()) {
+        // MOEMESH_HOST_LOGITS=1: the logits downloaded and picked from here, as before the device
+        // picks existed (an A/B switch for benchmarks; the same results).
+        host_logits_.resize(static_cast<size_t>(rows * V));
+        be_->to_host(host_logits_.data(), logits, sizeof(float) * rows * V);
+        if (out.argmax) argmax_rows_host(host_logits_.data(), rows, V, out.argmax);
+        else top_k_rows_host(host_logits_.data(), rows, V, out.top_k, out.top_ids, out.top_vals);
+    } else if (out.argmax) {  // the greedy choices only: [rows] ids instead of [rows, V] logits
         int32_t* ids = be_->host_memory() ? out.argmax : scratch<int32_t>(argmax_buf_, rows);
         be_->argmax_rows(logits, rows, V, ids);
         if (ids != out.argmax) be_->to_host(out.argmax, ids, sizeof(int32_t) * rows);

@@ -84,6 +84,10 @@ protected:
     // -1 on a device).
     Status check_top_k(int64_t k) const;
     Status check_top_ids(const int32_t* ids, int64_t n) const;
+    // forward_batch() and its argmax / top-k forms: the checks, then the results in out (the
+    // logits, sized here, when `logits` is given).
+    Status forward_batch_rows(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
+                              const int32_t* tokens, ChunkOut out, std::vector<float>* logits);
     // forward_batch()'s checks; segs ← one segment per sequence, *T ← the batch's rows.
     Status batch_segments(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs, const int32_t* tokens,
                           std::vector<Segment>* segs, int64_t* T) const;

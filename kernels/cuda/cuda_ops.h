@@ -198,7 +198,8 @@ void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* wo
 // One decode token's router in one launch (kernels/cuda/matmul.cu): logits = W · x (matmul's bits),
 // then softmax_topk of them: probs[E] the softmax, ids/weights[K]. W [E, k] F32, F16 or BF16 (the
 // router's types), k % 8 == 0; E <= 1024, K <= 32. counter: one unsigned of device memory, zero
-// (and left zero). false, nothing launched, for other weight types.
+// (and left zero). false, nothing launched, where !matmul_route_takes (other weight types, sizes).
+bool matmul_route_takes(GgmlType wt, int64_t E, int64_t k, int64_t K);
 bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float* x, int64_t K, bool norm_topk,
                   float* probs, int32_t* ids, float* weights, unsigned* counter, cudaStream_t stream = nullptr);
 

@@ -1246,11 +1246,14 @@ bool matmul_supported(GgmlType wt) {
     }
 }
 
+bool matmul_route_takes(GgmlType wt, int64_t E, int64_t k, int64_t K) {
+    return (wt == GgmlType::F32 || wt == GgmlType::F16 || wt == GgmlType::BF16) && k > 0 && k % 8 == 0 && E > 0 &&
+           E <= kRouterMaxExperts && K > 0 && K <= kRouterMaxTopk && K <= E;
+}
+
 bool matmul_route(GgmlType wt, const void* w, int64_t E, int64_t k, const float* x, int64_t K, bool norm_topk,
                   float* probs, int32_t* ids, float* weights, unsigned* counter, cudaStream_t stream) {
-    if ((wt != GgmlType::F32 && wt != GgmlType::F16 && wt != GgmlType::BF16) || k <= 0 || k % 8 != 0)
-        return false;
-    MM_CHECK(E > 0 && E <= kRouterMaxExperts && K > 0 && K <= kRouterMaxTopk && K <= E);
+    if (!matmul_route_takes(wt, E, k, K)) return false;
     const unsigned grid = grid_1d(E, kGemvWarps);
     const auto* wb = static_cast<const uint8_t*>(w);
     const size_t rb = ggml_row_bytes(wt, k);

@@ -30,27 +30,21 @@ constexpr int kArgThreads = 256;
 constexpr int64_t kArgPerBlock = 4096;
 constexpr int64_t kArgMaxBlocks = 1024;  // n <= 4M
 
-__device__ __forceinline__ void warp_arg_best(float& v, int& i) {
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (beats(ov, oi, v, i)) v = ov, i = oi;
-    }
-}
+// Blocks of kArgPerBlock per row of n.
+inline int64_t arg_blocks(int64_t n) { return (n + kArgPerBlock - 1) / kArgPerBlock; }
 
 // The block's best (v, i) over every thread's, in thread 0 (others: unspecified).
 __device__ __forceinline__ void block_arg_best(float& v, int& i) {
     __shared__ float sv[kArgThreads / kWarp];
     __shared__ int si[kArgThreads / kWarp];
-    warp_arg_best(v, i);
+    warp_best(v, i);
     const int w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (lane == 0) sv[w] = v, si[w] = i;
     __syncthreads();
     if (w == 0) {
         v = lane < kArgThreads / kWarp ? sv[lane] : -INFINITY;
         i = lane < kArgThreads / kWarp ? si[lane] : INT_MAX;
-        warp_arg_best(v, i);
+        warp_best(v, i);
     }
 }
 
@@ -173,13 +167,13 @@ __global__ void __launch_bounds__(kArgThreads) topk_final_kernel(int nb, int k, 
 }  // namespace
 
 size_t top_k_workspace_bytes(int64_t rows, int64_t n, int64_t k) {
-    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    const int64_t nb = arg_blocks(n);
     return static_cast<size_t>(rows * nb * k) * (sizeof(float) + sizeof(int));
 }
 
 void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids, float* vals, void* workspace,
                 cudaStream_t stream) {
-    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    const int64_t nb = arg_blocks(n);
     MM_CHECK(k > 0 && k <= kTopKMax && k <= n && n <= INT_MAX && nb * k <= kArgPerBlock && rows <= 65535);
     if (rows <= 0) return;
     float* part_v = static_cast<float*>(workspace);
@@ -193,12 +187,12 @@ void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids
 }
 
 size_t argmax_workspace_bytes(int64_t rows, int64_t n) {
-    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    const int64_t nb = arg_blocks(n);
     return static_cast<size_t>(rows * nb) * (sizeof(float) + sizeof(int));
 }
 
 void argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* ids, void* workspace, cudaStream_t stream) {
-    const int64_t nb = (n + kArgPerBlock - 1) / kArgPerBlock;
+    const int64_t nb = arg_blocks(n);
     MM_CHECK(n > 0 && n <= INT_MAX && nb <= kArgMaxBlocks && rows <= 65535);
     if (rows <= 0) return;
     float* part_v = static_cast<float*>(workspace);

@@ -19,6 +19,16 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
     return pa > pb || (pa == pb && ia < ib);
 }
 
+// The warp's best (v, i) by beats(), in every lane.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (beats(ov, oi, v, i)) v = ov, i = oi;
+    }
+}
+
 // lr[0, E) router logits (overwritten with the softmax) → ids[K], weights[K]; called by all 32
 // lanes of one warp. E <= 32 · NP, K <= 32. kL2: lr was written by other blocks of this kernel
 // (read through L2).
@@ -65,12 +75,7 @@ __device__ __forceinline__ void softmax_topk_warp(float* lr, int64_t E, int K, b
             const int i = lane + kWarp * j;
             if (i < E && beats(p[j], i, bp, bi)) bp = p[j], bi = i;
         }
-#pragma unroll
-        for (int o = kWarp / 2; o > 0; o >>= 1) {
-            const float op = __shfl_xor_sync(0xffffffffu, bp, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (beats(op, oi, bp, bi)) bp = op, bi = oi;
-        }
+        warp_best(bp, bi);
 #pragma unroll
         for (int j = 0; j < NP; ++j)
             if (lane + kWarp * j == bi) p[j] = -INFINITY;
