@@ -337,6 +337,12 @@ struct DownCase {
         cuda::matmul_id(t, dd.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dg.get(), k, y.get());
         cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
     }
+    // matmul_id_down_combine on this case into out (with y and ctr: the int8-X GEMV's form).
+    bool down_combine(GgmlType t, int64_t n_out, int64_t k, float* out, float* y2 = nullptr,
+                      unsigned* ctr = nullptr) const {
+        return cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k, dg.get(),
+                                            out, nullptr, y2, ctr);
+    }
 };
 
 // The decode step's expert down products and weighted sum in one launch: the bits of matmul_id
@@ -346,17 +352,9 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
     const GgmlType t = GetParam();
     const int64_t E = 4, n_out = 96, k = 512;
     const DownCase dc(t, E, n_out, k, {2, 0, 3, 2, 1}, 80);
-    const int64_t n_sel = dc.n_sel;
-    const size_t matrix_bytes = dc.matrix_bytes;
-    const DeviceBuffer<uint8_t>& dd = dc.dd;
-    const DeviceBuffer<int32_t>& dids = dc.dids;
-    const DeviceBuffer<float>& dg = dc.dg;
-    const DeviceBuffer<float>& dw = dc.dw;
-    const DeviceBuffer<float>& want = dc.want;
     const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
     DeviceBuffer<float> out(canary);
-    const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
-                                                    dg.get(), out.get());
+    const bool fused = dc.down_combine(t, n_out, k, out.get());
     const std::string name = std::string("matmul_id_down_combine ") + ggml_type_name(t);
     const std::vector<float> got = out.download();
     const char* e = std::getenv("MOEMESH_CUDA_GEMV");
@@ -371,7 +369,7 @@ TEST_P(CudaMatmul, DownCombineIsMatmulIdThenCombine) {
         return;
     }
     EXPECT_FALSE(int8_everywhere && t == GgmlType::Q4_K) << name << ": fused where matmul_id takes the int8-X GEMV";
-    const std::vector<float> ref = want.download();
+    const std::vector<float> ref = dc.want.download();
     size_t diff = 0;
     for (size_t i = 0; i < got.size(); ++i) diff += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
     EXPECT_EQ(diff, 0u) << name << ": " << diff << " of " << got.size() << " values differ from the two launches";
@@ -395,19 +393,12 @@ TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
     const GgmlType t = GetParam();
     const int64_t E = 3, n_out = 2048, k = 256;
     const DownCase dc(t, E, n_out, k, {2, 0, 1, 2, 1, 0, 0, 2}, 180);
-    const int64_t n_sel = dc.n_sel;
-    const size_t matrix_bytes = dc.matrix_bytes;
-    const DeviceBuffer<uint8_t>& dd = dc.dd;
-    const DeviceBuffer<int32_t>& dids = dc.dids;
-    const DeviceBuffer<float>& dg = dc.dg;
-    const DeviceBuffer<float>& dw = dc.dw;
     const std::vector<float> want_y = dc.y.download(), want_out = dc.want.download();
     const std::string name = std::string("down + combine in the int8 GEMV ") + ggml_type_name(t);
     const std::vector<float> canary(static_cast<size_t>(n_out), 12345.0f);
     DeviceBuffer<float> out(canary);
     // Without a workspace: the int8-X GEMV's sizes are declined (the caller runs two launches).
-    const bool plain = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k,
-                                                    dg.get(), out.get());
+    const bool plain = dc.down_combine(t, n_out, k, out.get());
     if (plain) {  // the f32-X kernel took it: not this test's path
         EXPECT_FALSE(t == GgmlType::Q8_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K || t == GgmlType::Q4_0) << name;
         return;
@@ -415,9 +406,8 @@ TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
     EXPECT_EQ(out.download(), canary) << name << ": declined but wrote";
     DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
     for (int rep = 0; rep < 2; ++rep) {
-        DeviceBuffer<float> y2(std::vector<float>(static_cast<size_t>(n_sel * n_out), std::nanf(""))), out2(canary);
-        const bool fused = cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out,
-                                                        k, dg.get(), out2.get(), nullptr, y2.get(), ctr.get());
+        DeviceBuffer<float> y2(std::vector<float>(static_cast<size_t>(dc.n_sel * n_out), std::nanf(""))), out2(canary);
+        const bool fused = dc.down_combine(t, n_out, k, out2.get(), y2.get(), ctr.get());
         const bool int8_type = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K ||
                                t == GgmlType::Q6_K || t == GgmlType::Q5_0 || t == GgmlType::Q5_K ||
                                t == GgmlType::Q3_K || t == GgmlType::Q2_K;
