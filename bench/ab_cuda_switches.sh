@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # A/B runs of the CUDA backend's environment switches (docs/cuda.md, "Environment switches") on one
-# model file, in one process each, alternating the values so that drift hits all alike:
-# MOEMESH_CUDA_QX 1/norms/0, MOEMESH_CUDA_ATTN_V threads/warps, MOEMESH_CUDA_ATTN_MERGE fused/kernel,
-# MOEMESH_CUDA_ROUTER fused/split, MOEMESH_CUDA_O_NORM fused/split, MOEMESH_CUDA_DOWN_COMBINE
-# fused/split, MOEMESH_HOST_LOGITS 0/1 (greedy and top-k sampling),
-# MOEMESH_CUDA_GRAPH_SEGMENT 128/0/64, MOEMESH_CUDA_GRAPHS 1/0, MOEMESH_CUDA_PDL 1/0 (decode), and
-# with --prompt MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token
-# prompts). Prints a table of prompt and decode tokens/s per run, then the decode-graph summaries
-# (host recording vs waiting for the GPU per step) of the graph runs.
+# model file, in one process each, each switch's values alternating --reps times before the next
+# switch (so that a run cut short by a time limit has whole pairs), most wanted first:
+# NEW on/off (every change of sessions 16-17 not yet measured, at once: off = PREFETCH=0,
+# PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
+# DOWN_NORM=split, HOST_LOGITS=1), then MOEMESH_CUDA_PREFETCH 1/0, _PDL_TRIGGER early/exit,
+# _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM fused/split, _ROUTER fused/split,
+# _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and top-k sampling), _ATTN_V
+# threads/warps, _QX 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT 128/0/64 (decode), and with --prompt
+# MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token prompts). Prints a table of prompt and decode
+# tokens/s per run as it goes, then the decode-graph summaries (host recording vs waiting for the
+# GPU per step) of the graph runs.
 #
 #   bash bench/ab_cuda_switches.sh --moemesh build/moemesh --model FILE.gguf [--reps 2] [--gen 64] [--prompt]
 #                                  [--device cuda:0]
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
     --gen) GEN=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -35,13 +38,17 @@ done
 tokens() { seq 1 "$1" | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}'; }
 GRAPH_LOG=$(mktemp)
 trap 'rm -f "$GRAPH_LOG"' EXIT
+# The environment of `run NEW off`: every change of sessions 16 and 17 not yet measured on a GPU, off.
+NEW_OFF=(MOEMESH_CUDA_PREFETCH=0 MOEMESH_CUDA_PDL_TRIGGER=exit MOEMESH_CUDA_ATTN_MERGE=kernel MOEMESH_CUDA_ROUTER=split
+         MOEMESH_CUDA_O_NORM=split MOEMESH_CUDA_DOWN_COMBINE=split MOEMESH_CUDA_DOWN_NORM=split MOEMESH_HOST_LOGITS=1)
 # run VAR VALUE PROMPT_TOKENS [sample]: one table row (greedy, or with `sample` the default top-k
 # sampling, seeded)
 run() {
-  local line err pick=(--greedy)
+  local line err pick=(--greedy) envs=("$1=$2")
   [ "${4:-}" = sample ] && pick=(--seed 1)
-  err=$(env "$1=$2" "$MOEMESH" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" "${pick[@]}" \
-    --ignore-eos --ctx 512 2>&1 >/dev/null)
+  if [ "$1" = NEW ]; then envs=(); [ "$2" = off ] && envs=("${NEW_OFF[@]}"); fi
+  err=$(env "${envs[@]}" "$MOEMESH" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" \
+    "${pick[@]}" --ignore-eos --ctx 512 2>&1 >/dev/null)
   line=$(echo "$err" | grep 'decode:' | tail -n 1)
   echo "$err" | grep 'decode graph:' | sed "s/^/$1=$2: /" >>"$GRAPH_LOG"
   local what=$2; [ "${4:-}" = sample ] && what="$2 (top-k sampling)"
@@ -51,21 +58,30 @@ run() {
   d=$(echo "$line" | sed -n 's/.*decode: [0-9]* tokens in [0-9.]* s (\([0-9.]*\) tokens\/s).*/\1/p')
   echo "| $1 | $what | $3 | $p | $d |"
 }
+# ab VAR PROMPT_TOKENS [sample] -- VALUES...: the values alternating, --reps rounds
+ab() {
+  local var=$1 n=$2 how=""; shift 2
+  [ "$1" = sample ] && { how=sample; shift; }
+  shift  # --
+  for _ in $(seq 1 "$REPS"); do for v in "$@"; do run "$var" "$v" "$n" $how; done; done
+}
 echo "| variable | value | prompt tokens | prompt t/s | decode t/s ($GEN tokens) |"
 echo "|---|---|---|---|---|"
-for r in $(seq 1 "$REPS"); do
-  for v in 1 norms 0; do run MOEMESH_CUDA_QX "$v" 16; done
-  for v in threads warps; do run MOEMESH_CUDA_ATTN_V "$v" 16; done
-  for v in fused kernel; do run MOEMESH_CUDA_ATTN_MERGE "$v" 16; done
-  for v in fused split; do run MOEMESH_CUDA_ROUTER "$v" 16; done
-  for v in fused split; do run MOEMESH_CUDA_O_NORM "$v" 16; done
-  for v in fused split; do run MOEMESH_CUDA_DOWN_COMBINE "$v" 16; done
-  for v in 0 1; do run MOEMESH_HOST_LOGITS "$v" 16; done
-  for v in 0 1; do run MOEMESH_HOST_LOGITS "$v" 16 sample; done
-  for v in 128 0 64; do run MOEMESH_CUDA_GRAPH_SEGMENT "$v" 16; done
-  for v in 1 0; do run MOEMESH_CUDA_GRAPHS "$v" 16; done
-  for v in 1 0; do run MOEMESH_CUDA_PDL "$v" 16; done
-  if [ "$PROMPT" = 1 ]; then for n in 16 64; do for v in 512 0; do run MOEMESH_CUDA_PROMPT_PAIRS "$v" "$n"; done; done; fi
-done
+ab NEW 16 -- on off
+ab MOEMESH_CUDA_PREFETCH 16 -- 1 0
+ab MOEMESH_CUDA_PDL_TRIGGER 16 -- early exit
+ab MOEMESH_CUDA_DOWN_NORM 16 -- fused split
+ab MOEMESH_CUDA_DOWN_COMBINE 16 -- fused split
+ab MOEMESH_CUDA_O_NORM 16 -- fused split
+ab MOEMESH_CUDA_ROUTER 16 -- fused split
+ab MOEMESH_CUDA_ATTN_MERGE 16 -- fused kernel
+ab MOEMESH_HOST_LOGITS 16 -- 0 1
+ab MOEMESH_HOST_LOGITS 16 sample -- 0 1
+ab MOEMESH_CUDA_ATTN_V 16 -- threads warps
+ab MOEMESH_CUDA_QX 16 -- 1 norms 0
+ab MOEMESH_CUDA_GRAPHS 16 -- 1 0
+ab MOEMESH_CUDA_PDL 16 -- 1 0
+ab MOEMESH_CUDA_GRAPH_SEGMENT 16 -- 128 0 64
+if [ "$PROMPT" = 1 ]; then for n in 16 64; do ab MOEMESH_CUDA_PROMPT_PAIRS "$n" -- 512 0; done; fi
 echo
 cat "$GRAPH_LOG"

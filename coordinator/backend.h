@@ -169,6 +169,15 @@ public:
     // out[T, H] = Σ_j w[t, j] · Expert_{ids[t, j]}(x[t]) for layer `layer`.
     virtual Status moe(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
                        float* out) = 0;
+    // moe(), then the residual add and the next layer's input norm: r += out, y = rmsnorm(r) · nw
+    // ([T, H]; y may be x: it is written after the experts read x).
+    virtual Status moe_add_rmsnorm(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids,
+                                   const float* w, float* out, float* r, const float* nw, float* y, int64_t H,
+                                   float eps) {
+        MM_RETURN_IF_ERROR(moe(layer, x, T, K, ids, w, out));
+        add_rmsnorm(r, out, nw, y, T, H, eps);
+        return Status();
+    }
     // Gated DeltaNet: β = sigmoid(b), g = softplus(a + dt_bias)·A from ba [T, Hk, 2r] grouped per
     // k-head as [b r | a r]; beta, g: [T, Hv] with v-head j = group·r + i.
     virtual void delta_gates(const float* ba, const float* dt_bias, const float* a_log_neg, float* beta, float* g,

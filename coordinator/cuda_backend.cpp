@@ -39,6 +39,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <unordered_map>
 
@@ -192,7 +193,8 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "q/k rmsnorm + rope + store_kv",
                                          "moe prompt, per (token, expert) pair", "argmax",
                                          "router (GEMV + softmax + top-k)",
-                                         "o projection + add + rmsnorm", "top-k"};
+                                         "o projection + add + rmsnorm", "top-k",
+                                         "moe (resident) + add + rmsnorm"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -630,15 +632,21 @@ public:
             }
             return moe_host_sync(layer, x, T, K, ids, w, out);
         }
-        const ResidentExperts& r = experts_[layer];
-        float* g = grow<float>(g_, K * I_);
-        float* u = grow<float>(u_, K * I_);
-        float* y = grow<float>(y_, K * H_);
-        decode_step_ = true;
-        const uint8_t* qx = quantized(x, H_);
-        unsigned* down_ctr = down_combine_fused_ ? counters(down_ctr_) : nullptr;
-        enqueue({16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx), P(down_ctr)},
-                [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y, down_ctr); });
+        moe_resident_decode(layer, x, K, ids, w, out, nullptr);
+        return Status();
+    }
+    Status moe_add_rmsnorm(int layer, const float* x, int64_t T, int64_t K, const int32_t* ids, const float* w,
+                           float* out, float* r, const float* nw, float* y, int64_t H, float eps) override {
+        if (!down_norm_fused_ || host_experts_ || T != 1 || H != H_)
+            return Backend::moe_add_rmsnorm(layer, x, T, K, ids, w, out, r, nw, y, H, eps);
+        // y's twin goes where the norms' would, over x's twin (gate/up read it in an earlier launch):
+        // only when the buffer needs no growing (as matmul_add_rmsnorm).
+        const bool fits = qx_mode_ != QxMode::kOff && cuda::qx_norm_ok(H) && qx_buf_.bytes() >= cuda::qx_bytes(H);
+        const cuda::AddNorm norm{r, nw, y, eps, fits ? qx_buf_.as<uint8_t>() : nullptr};
+        forget_qx_if(out);
+        moe_resident_decode(layer, x, K, ids, w, out, &norm);
+        if (fits) qx_n_ = H, qx_src_ = y;
+        else forget_qx_if(y);
         return Status();
     }
     void delta_gates(const float* ba, const float* dt_bias, const float* a_neg, float* beta, float* g, int64_t T,
@@ -866,12 +874,35 @@ private:
         return b.as<T>();
     }
 
+    // moe()'s decode step with the experts resident, recorded; with norm also its residual add and
+    // norm (moe_add_rmsnorm).
+    void moe_resident_decode(int layer, const float* x, int64_t K, const int32_t* ids, const float* w, float* out,
+                             const cuda::AddNorm* norm) {
+        const ResidentExperts& r = experts_[layer];
+        float* g = grow<float>(g_, K * I_);
+        float* u = grow<float>(u_, K * I_);
+        float* y = grow<float>(y_, K * H_);
+        decode_step_ = true;
+        const uint8_t* qx = quantized(x, H_);
+        unsigned* down_ctr = down_combine_fused_ ? counters(down_ctr_) : nullptr;
+        std::vector<int64_t> key = {norm ? 29 : 16, layer, P(x), K, P(ids), P(w), P(out), P(g), P(u), P(y), P(qx),
+                                    P(down_ctr)};
+        std::optional<cuda::AddNorm> nm;
+        if (norm) {
+            nm = *norm;
+            key.insert(key.end(), {P(norm->x), P(norm->w), P(norm->y), F(norm->eps), P(norm->qy)});
+        }
+        enqueue(key, [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y, down_ctr, nm ? &*nm : nullptr); });
+    }
+
     // One token: the K selected experts in three expert-indexed GEMVs (weights read once each); the
     // router's ids stay on the device. g, u: [K, I]; y: [K, H].
     // qx: x quantized (or null), read by gate/up where the type takes it.
     // down_ctr: counters() for the down GEMV's weighted sum in its last block (null: a second launch).
+    // norm: then norm->x += out and the norm (in that last block too where it can be).
     void moe_decode(const ResidentExperts& r, const float* x, const uint8_t* qx, int64_t K, const int32_t* ids,
-                    const float* w, float* out, float* g, float* u, float* y, unsigned* down_ctr) {
+                    const float* w, float* out, float* g, float* u, float* y, unsigned* down_ctr,
+                    const cuda::AddNorm* norm) {
         const int64_t H = H_, I = I_;
         // gate, up and SwiGLU in one launch where the types allow (same bits as the three below
         // without qx)
@@ -882,10 +913,16 @@ private:
             cuda::swiglu(g, u, g, K * I, stream_);
         }
         // down and the weighted sum in one launch where the size and type allow (same bits as below;
-        // the int8-X GEMV sums in its last block, MOEMESH_CUDA_DOWN_COMBINE)
-        if (cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_, y, down_ctr)) return;
-        cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
-        cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
+        // the int8-X GEMV sums in its last block, MOEMESH_CUDA_DOWN_COMBINE), the norm too where given
+        // and it can (MOEMESH_CUDA_DOWN_NORM)
+        if (norm && cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_, y, down_ctr,
+                                                 norm))
+            return;
+        if (!cuda::matmul_id_down_combine(r.td, r.down, r.mb_d, ids, w, K, H, I, g, out, stream_, y, down_ctr)) {
+            cuda::matmul_id(r.td, r.down, r.mb_d, ids, K, H, I, g, I, y, stream_);  // [K, H]
+            cuda::moe_combine(y, nullptr, w, out, 1, K, H, stream_);
+        }
+        if (norm) cuda::add_rmsnorm(norm->x, out, norm->w, norm->y, 1, H, norm->eps, stream_, norm->qy);
     }
 
     // Prompts of up to this many (token, expert) pairs take moe_pairs, longer ones moe_grouped.
@@ -1047,6 +1084,10 @@ private:
     Buffer o_norm_ctr_;
     // the experts' weighted sum after the int8-X down GEMV (MOEMESH_CUDA_DOWN_COMBINE=split: two).
     const bool down_combine_fused_ = !env_is("MOEMESH_CUDA_DOWN_COMBINE", "split");
+    // MOEMESH_CUDA_DOWN_NORM=split: a decode layer's residual add + the next layer's input norm as
+    // their own launch instead of in the down GEMV's last block (moe_add_rmsnorm; where that block
+    // sums the experts, i.e. with the fused down + combine).
+    const bool down_norm_fused_ = !env_is("MOEMESH_CUDA_DOWN_NORM", "split");
     Buffer down_ctr_;
     // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
     QxMode qx_mode_ = qx_mode();
@@ -1070,6 +1111,7 @@ StatusOr<std::unique_ptr<Backend>> make_cuda_backend(int index) {
     if (n == 0) return MM_ERROR("device cuda:%d: no CUDA device: %s", index, why);
     if (index >= n) return MM_ERROR("device cuda:%d: only %d CUDA device(s) present (cuda:0..cuda:%d)", index, n, n - 1);
     CUDA_CHECK(cudaSetDevice(index));
+    CUDA_CHECK(cuda::use_env_kernel_switches());
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
     return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(index, prop.name));

@@ -511,7 +511,9 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
 //   MOEMESH_CUDA_ROUTER=split: the router GEMV, then softmax + top-k;
 //   MOEMESH_CUDA_O_NORM=split: the o projection, then the residual add + norm;
 //   MOEMESH_CUDA_DOWN_COMBINE=split: the int8-X down GEMV, then the weighted sum (that GEMV runs
-//   for these small experts only with MOEMESH_CUDA_GEMV=new: ctest's gemv_new.* entry).
+//   for these small experts only with MOEMESH_CUDA_GEMV=new: ctest's gemv_new.* entry);
+//   MOEMESH_CUDA_DOWN_NORM=split: the residual add + the next layer's input norm after the MoE as
+//   their own launch instead of in that GEMV's last block (session 17).
 TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     REQUIRE_CUDA();
     const std::string path = make(moe_opts("q8_0"), "moe_q8");
@@ -521,7 +523,8 @@ TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     for (const auto& [var, value] : {std::pair<const char*, const char*>{"MOEMESH_CUDA_ATTN_MERGE", "kernel"},
                                      {"MOEMESH_CUDA_ROUTER", "split"},
                                      {"MOEMESH_CUDA_O_NORM", "split"},
-                                     {"MOEMESH_CUDA_DOWN_COMBINE", "split"}}) {
+                                     {"MOEMESH_CUDA_DOWN_COMBINE", "split"},
+                                     {"MOEMESH_CUDA_DOWN_NORM", "split"}}) {
         Decode split;
         {
             const ScopedEnv env(var, value);
@@ -602,7 +605,8 @@ TEST_F(CudaModel, OpProfileGivesTheSameResultsAndReportsTheOps) {
     EXPECT_EQ(prof.tokens, off.tokens);
     EXPECT_EQ(prof.logits, off.logits);
     for (const char* want : {"op profile", "| matmul q8_0 ", "| moe (resident", "| attention (decode) |", "| all |",
-                             "| router (GEMV + softmax + top-k) |", "| o projection + add + rmsnorm |"})
+                             "| router (GEMV + softmax + top-k) |", "| o projection + add + rmsnorm |",
+                             "| moe (resident) + add + rmsnorm |"})
         EXPECT_NE(err.find(want), std::string::npos) << want << " not in:\n" << err;
     std::printf("[cuda-model] op profile of 20 decode steps:\n%s", err.c_str());
 }

@@ -338,10 +338,10 @@ struct DownCase {
         cuda::moe_combine(y.get(), nullptr, dw.get(), want.get(), 1, n_sel, n_out);
     }
     // matmul_id_down_combine on this case into out (with y and ctr: the int8-X GEMV's form).
-    bool down_combine(GgmlType t, int64_t n_out, int64_t k, float* out, float* y2 = nullptr,
-                      unsigned* ctr = nullptr) const {
+    bool down_combine(GgmlType t, int64_t n_out, int64_t k, float* out, float* y2 = nullptr, unsigned* ctr = nullptr,
+                      const cuda::AddNorm* norm = nullptr) const {
         return cuda::matmul_id_down_combine(t, dd.get(), matrix_bytes, dids.get(), dw.get(), n_sel, n_out, k, dg.get(),
-                                            out, nullptr, y2, ctr);
+                                            out, nullptr, y2, ctr, norm);
     }
 };
 
@@ -416,6 +416,56 @@ TEST_P(CudaMatmul, DownCombineInTheInt8GemvsLastBlock) {
         EXPECT_EQ(y2.download(), want_y) << name << " run " << rep << ": y";
         EXPECT_EQ(out2.download(), want_out) << name << " run " << rep << ": the weighted sum";
         EXPECT_EQ(ctr.download(), std::vector<unsigned>{0u}) << name << " run " << rep << ": counter not left at 0";
+    }
+}
+
+// With an AddNorm the int8-X GEMV's last block also adds the sum to the residual and runs the next
+// layer's input norm (+ its quantized twin): the bits of down + combine then add_rmsnorm; declined
+// (nothing written) where the norm's register path cannot take the row.
+TEST_P(CudaMatmul, DownCombineWithTheResidualAddAndNormInTheLastBlock) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const bool int8_type = t == GgmlType::Q8_0 || t == GgmlType::Q4_0 || t == GgmlType::Q4_K || t == GgmlType::Q6_K ||
+                           t == GgmlType::Q5_0 || t == GgmlType::Q5_K || t == GgmlType::Q3_K || t == GgmlType::Q2_K;
+    const std::string name = std::string("down + combine + add + norm ") + ggml_type_name(t);
+    const int64_t E = 3, k = 256;
+    const float eps = 1e-6f;
+    for (const int64_t n_out : {int64_t{2048}, int64_t{2080}}) {  // 2080: not a multiple of 256
+        const DownCase dc(t, E, n_out, k, {2, 0, 1, 2, 1, 0, 0, 2}, 190);
+        const std::vector<float> x0 = random_vec(static_cast<size_t>(n_out), 191, 3.0f);
+        const DeviceBuffer<float> nw(random_vec(static_cast<size_t>(n_out), 192));
+        const size_t qb = n_out % 256 == 0 ? cuda::qx_bytes(n_out) : 1;
+        DeviceBuffer<float> want_x(x0), want_y(static_cast<size_t>(n_out));
+        DeviceBuffer<uint8_t> want_q(qb);
+        cuda::add_rmsnorm(want_x.get(), dc.want.get(), nw.get(), want_y.get(), 1, n_out, eps, nullptr,
+                          n_out % 256 == 0 ? want_q.get() : nullptr);
+        const std::vector<float> nans(static_cast<size_t>(n_out), std::nanf(""));
+        const std::vector<uint8_t> q_canary(qb, 0xAB);
+        DeviceBuffer<unsigned> ctr(std::vector<unsigned>{0u});
+        for (int run = 0; run < 4; ++run) {
+            const bool twin = run % 2 == 0;
+            DeviceBuffer<float> x(x0), y(nans), out(nans);
+            DeviceBuffer<float> y2(std::vector<float>(static_cast<size_t>(dc.n_sel * n_out), std::nanf("")));
+            DeviceBuffer<uint8_t> q(q_canary);
+            const cuda::AddNorm norm{x.get(), nw.get(), y.get(), eps, twin ? q.get() : nullptr};
+            const bool fused = dc.down_combine(t, n_out, k, out.get(), y2.get(), ctr.get(), &norm);
+            const std::string what = name + " n_out " + std::to_string(n_out) + " run " + std::to_string(run);
+            EXPECT_EQ(fused, int8_type && n_out % 256 == 0) << what;
+            if (!fused) {
+                EXPECT_EQ(x.download(), x0) << what << ": declined but wrote x";
+                EXPECT_EQ(q.download(), q_canary) << what << ": declined but wrote the twin";
+                const std::vector<float> o = out.download(), yy = y.download();
+                EXPECT_TRUE(std::all_of(o.begin(), o.end(), [](float v) { return std::isnan(v); })) << what;
+                EXPECT_TRUE(std::all_of(yy.begin(), yy.end(), [](float v) { return std::isnan(v); })) << what;
+                break;
+            }
+            EXPECT_EQ(out.download(), dc.want.download()) << what << ": the weighted sum";
+            EXPECT_EQ(x.download(), want_x.download()) << what << ": the residual";
+            EXPECT_EQ(y.download(), want_y.download()) << what << ": the norm";
+            if (twin) EXPECT_EQ(q.download(), want_q.download()) << what << ": the twin";
+            else EXPECT_EQ(q.download(), q_canary) << what << ": a twin written without one asked for";
+            EXPECT_EQ(ctr.download(), std::vector<unsigned>{0u}) << what << ": counter not left at 0";
+        }
     }
 }
 
@@ -1522,6 +1572,42 @@ TEST(CudaOps, GatedDeltaRuleSplitCalls) {
     run_delta_gpu(p, 38, 90, 0, state, out);
     expect_delta_close("delta split 37+1+90 out", out.download(), whole.out);
     expect_delta_close("delta split 37+1+90 state", state.download(), whole.state);
+}
+
+// The A/B switches of kernels/cuda/common.cuh: parsed from the environment, and set in every kernel
+// file's copy (each .cu registers one) so that the kernels read them.
+TEST(CudaOps, KernelSwitchesReachTheKernels) {
+    REQUIRE_CUDA();
+    unsetenv("MOEMESH_CUDA_PDL_TRIGGER");
+    unsetenv("MOEMESH_CUDA_PREFETCH");
+    EXPECT_EQ(cuda::kernel_switches_from_env(), 0u);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_PDL_TRIGGER", "exit", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), cuda::kSwitchTriggerAtExit);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_PREFETCH", "0", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), cuda::kSwitchTriggerAtExit | cuda::kSwitchNoPrefetch);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_PDL_TRIGGER", "early", 1), 0);  // anything but "exit" / "0": the default
+    ASSERT_EQ(setenv("MOEMESH_CUDA_PREFETCH", "1", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), 0u);
+    unsetenv("MOEMESH_CUDA_PDL_TRIGGER");
+    unsetenv("MOEMESH_CUDA_PREFETCH");
+
+    EXPECT_GE(cuda::kernel_switch_copies(), 7);  // attention, delta_net, matmul, model_ops, norm, rope, topk
+    EXPECT_EQ(cuda::kernel_switches_seen(), 0u);
+    const unsigned both = cuda::kSwitchTriggerAtExit | cuda::kSwitchNoPrefetch;
+    ASSERT_EQ(cuda::set_kernel_switches(both), cudaSuccess);
+    EXPECT_EQ(cuda::kernel_switches_seen(), both);
+    // The kernels' results do not depend on them: a GEMV (prefetch before its wait) either way.
+    const int64_t n = 300, k = 512;
+    const QuantMatrix w = make_weights(GgmlType::Q4_K, n, k, 7);
+    const DeviceBuffer<uint8_t> dw(w.bytes);
+    const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(k), 8));
+    DeviceBuffer<float> dy(static_cast<size_t>(n));
+    cuda::matmul(GgmlType::Q4_K, dw.get(), n, k, dx.get(), 1, dy.get());
+    const std::vector<float> off = dy.download();
+    ASSERT_EQ(cuda::set_kernel_switches(0), cudaSuccess);
+    EXPECT_EQ(cuda::kernel_switches_seen(), 0u);
+    cuda::matmul(GgmlType::Q4_K, dw.get(), n, k, dx.get(), 1, dy.get());
+    EXPECT_EQ(dy.download(), off);
 }
 
 }  // namespace

@@ -310,6 +310,7 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
                                                                        int device, const CacheOptions* cache) {
     MM_RETURN_IF_ERROR(check_cuda_device(device));
     MM_CUDA_RETURN(device, cudaSetDevice(device), "selecting the device");
+    MM_CUDA_RETURN(device, cuda::use_env_kernel_switches(), "setting the kernel switches");
     auto im = std::make_unique<Impl>();
     im->device = device;
     im->H = c.n_embd, im->I = c.n_ff_exp, im->E = c.n_expert;

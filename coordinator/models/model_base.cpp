@@ -319,13 +319,19 @@ void ModelBase::rope_and_attend(const Segment* segs, int64_t n_segs, int il, int
     }
 }
 
-Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out) {
+Status ModelBase::routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out,
+                             const NextNorm* next) {
     const int64_t E = cfg_.n_expert, K = cfg_.n_expert_used;
     float* probs = scratch(probs_, T * E);                   // [T, E]
     int32_t* sel_ids = scratch<int32_t>(sel_ids_, T * K);    // [T, K]
     float* sel_w = scratch(sel_w_, T * K);                   // [T, K]
     be_->matmul_route(router, xn, T, K, cfg_.norm_topk, probs, sel_ids, sel_w);
-    MM_RETURN_IF_ERROR(be_->moe(il, xn, T, K, sel_ids, sel_w, out));
+    if (next) {
+        MM_RETURN_IF_ERROR(be_->moe_add_rmsnorm(il, xn, T, K, sel_ids, sel_w, out, next->x, next->w, next->y,
+                                                cfg_.n_embd, cfg_.rms_eps));
+    } else {
+        MM_RETURN_IF_ERROR(be_->moe(il, xn, T, K, sel_ids, sel_w, out));
+    }
     cb("ffn_moe_out", il, out, T, cfg_.n_embd);
     return Status();
 }

@@ -113,8 +113,16 @@ protected:
     void rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k, const float* v,
                          float* out, const float* q_norm = nullptr, const float* k_norm = nullptr);
     // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
-    // experts (route → experts → combine), as both families do it.
-    Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out);
+    // experts (route → experts → combine), as both families do it. With next: then next->x += out
+    // and next->y = rmsnorm(next->x) · next->w (the next layer's input norm; Backend::moe_add_rmsnorm,
+    // one launch's last block on CUDA for a decode row).
+    struct NextNorm {
+        float* x;
+        const float* w;
+        float* y;
+    };
+    Status routed_moe(int il, const BackendWeight& router, const float* xn, int64_t T, float* out,
+                      const NextNorm* next = nullptr);
     // Final norm + lm_head of x [T, H] (backend memory) into out (host): all T rows (all_rows),
     // else each segment's last row; only each row's argmax when out.argmax is set.
     void output_logits(const float* x, int64_t T, bool all_rows, const Segment* segs, int64_t n_segs,

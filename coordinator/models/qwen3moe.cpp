@@ -79,10 +79,11 @@ private:
         embed(tokens, T, x);  // x[t] = token_embd[tokens[t]]
 
         const float* pending = nullptr;  // the last layer's output (tmp), not yet added to x
+        bool normed = false;             // xn holds this layer's input norm (the last layer's MoE did it)
         for (int il = 0; il < cfg_.n_layer; ++il) {
             const LayerWeights& lw = layers_[il];
             // ---- attention ----
-            layer_input_norm(x, pending, lw.attn_norm, xn, T);  // [T, H]
+            if (!normed) layer_input_norm(x, pending, lw.attn_norm, xn, T);  // [T, H]
             cb("attn_norm", il, xn, T, H);
             if (lw.wqkv) {
                 const int64_t n = q_dim + 2 * kv_dim;
@@ -105,8 +106,17 @@ private:
 
             // ---- MoE: route → experts → combine ----
             cb("ffn_norm", il, xn, T, H);
-            MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));  // [T, H]
-            pending = end_layer(il, x, tmp, T);  // x += tmp, here or in the next layer's first norm
+            // tmp [T, H]; x += tmp with the next layer's input norm after the experts (in the down
+            // GEMV's last block on CUDA for a decode row) unless a debug hook reads x in between
+            normed = !debug_ && il + 1 < cfg_.n_layer;
+            if (normed) {
+                const NextNorm next{x, layers_[il + 1].attn_norm, xn};
+                MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp, &next));
+                pending = nullptr;
+            } else {
+                MM_RETURN_IF_ERROR(routed_moe(il, lw.router, xn, T, tmp));
+                pending = end_layer(il, x, tmp, T);  // x += tmp (debug hooks, the last layer)
+            }
         }
         for (const Segment* sg = segs; sg != segs + n_segs; ++sg) sg->seq->n_past += sg->n;
         if (out) output_logits(x, T, all_rows, segs, n_segs, out);

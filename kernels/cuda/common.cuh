@@ -83,16 +83,62 @@ __device__ __forceinline__ bool last_block_done(unsigned* counter, unsigned n = 
     return last;
 }
 
+// Kernel switches for A/B runs, as bits (0, the default, everywhere they are not set): read by the
+// kernels from constant memory. A module's constant memory is its own, so every .cu that includes
+// this header has its own copy; each copy registers a setter at static initialization and
+// set_kernel_switches (device.cpp) sets them all on the current device. The bits: cuda_ops.h.
+#if defined(MM_CUDA_EMULATION) || defined(__CUDACC__)
+bool register_switch_setter(cudaError_t (*set)(unsigned));  // device.cpp
+namespace {
+#ifdef MM_CUDA_EMULATION
+unsigned g_switches = 0u;
+cudaError_t set_switches_here(unsigned v) {
+    g_switches = v;
+    return cudaSuccess;
+}
+inline unsigned switches() { return g_switches; }
+#else
+__constant__ unsigned g_switches = 0u;
+cudaError_t set_switches_here(unsigned v) { return cudaMemcpyToSymbol(g_switches, &v, sizeof v); }
+__device__ __forceinline__ unsigned switches() { return g_switches; }
+#endif
+[[maybe_unused]] const bool g_switches_registered = register_switch_setter(&set_switches_here);
+}  // namespace
+#endif
+
 // Programmatic dependent launch (sm_90+): a kernel launched with MM_LAUNCH_PDL may be scheduled while
 // the kernel before it on the stream is still running, so its launch and block start-up overlap that
 // kernel's tail (a decode step is ~11 dependent kernels per layer, each a few µs). Such a kernel must
 // call grid_dep_wait() before it touches memory another kernel writes or reads: it returns once the
 // kernels before it have completed and their writes are visible (a no-op for a kernel launched
 // without the attribute, on the emulator and before sm_90). MOEMESH_CUDA_PDL=0 turns the attribute
-// off.
+// off. Right after the wait every block also signals that the next kernel may be scheduled
+// (griddepcontrol.launch_dependents, by every thread; without it the next kernel is launched only as
+// this one's blocks exit): so the next kernel's blocks become resident while this one runs and do
+// what needs no other kernel's results (prefetch_l2_bulk of their weights) before their own wait.
+// The next kernel's wait still returns only once this one has completed, so the signal never changes
+// results; and as the kernel after the next one waits for the next one, which waits here, no kernel
+// runs more than one ahead. MOEMESH_CUDA_PDL_TRIGGER=exit leaves the signal out.
 __device__ __forceinline__ void grid_dep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (!(switches() & kSwitchTriggerAtExit)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// A hint: bytes from p into L2 as one bulk request (sm_90+: cp.async.bulk.prefetch; nothing waits for
+// it), widened to 16-byte boundaries (within the allocation: allocations are 256-byte aligned and
+// rounded up). For a GEMV's weight rows, issued before grid_dep_wait where the rows' address depends
+// on no other kernel's output, so that the DRAM reads overlap the kernel before (above); after it
+// they still put the warp's whole rows in flight at once. MOEMESH_CUDA_PREFETCH=0 leaves it out.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, size_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bytes == 0 || (switches() & kSwitchNoPrefetch)) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{15};
+    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes + 15) & ~uintptr_t{15};
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(static_cast<unsigned>(e - a)) : "memory");
+#else
+    (void)p, (void)bytes;
 #endif
 }
 

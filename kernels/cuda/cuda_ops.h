@@ -36,6 +36,22 @@ namespace moemesh::cuda {
 // device, or the runtime cannot talk to it. Never aborts: callers use it to skip GPU work.
 int device_count(const char** why = nullptr);
 
+// Kernel switches for A/B runs (kernels/cuda/common.cuh; 0, the default: the next kernel is signalled
+// right after a kernel's dependency wait, and GEMVs prefetch their weight rows into L2, before that
+// wait where the rows depend on no other kernel). kernel_switches_from_env: MOEMESH_CUDA_PDL_TRIGGER=exit
+// and MOEMESH_CUDA_PREFETCH=0 as bits. set_kernel_switches sets them for every kernel file on the
+// current device (a synchronous copy: not while a stream is being captured); use_env_kernel_switches
+// does that with the environment's once per device (nothing when it sets none). kernel_switch_copies:
+// how many files registered their copy (one per kernel file); kernel_switches_seen: the value
+// matmul.cu's kernels read on the current device (a launch and a synchronous copy), as a check.
+inline constexpr unsigned kSwitchTriggerAtExit = 1u;  // MOEMESH_CUDA_PDL_TRIGGER=exit
+inline constexpr unsigned kSwitchNoPrefetch = 2u;     // MOEMESH_CUDA_PREFETCH=0
+unsigned kernel_switches_from_env();
+cudaError_t set_kernel_switches(unsigned switches);
+cudaError_t use_env_kernel_switches();
+int kernel_switch_copies();
+unsigned kernel_switches_seen();
+
 // ---- matrix products (kernels/cuda/matmul.cu) ----
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K,
 // Q3_K, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
@@ -130,10 +146,20 @@ bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* 
 // kernel with f32 X) it runs that GEMV into y [n_sel, n_out] with the sum in its last block when
 // given y and counter (one unsigned of device memory, zero, left zero), else returns false,
 // launching nothing; also false for the rarer types and n_sel > 16: the caller then runs the two
-// launches.
+// launches. With norm (the int8-X GEMV's last block only, n_out % 256 == 0 and <= 4096; else false,
+// launching nothing) that block then also runs add_rmsnorm(norm->x, out, norm->w, norm->y, 1, n_out,
+// norm->eps, stream, norm->qy) with its bits: the residual add + the next layer's input norm.
+struct AddNorm {
+    float* x;         // [n_out] residual, += out
+    const float* w;   // [n_out] norm weight
+    float* y;         // [n_out] rmsnorm(x) · w
+    float eps;
+    uint8_t* qy;      // y quantized (qx_bytes(n_out)), or null
+};
 bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
                             int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out,
-                            cudaStream_t stream = nullptr, float* y = nullptr, unsigned* counter = nullptr);
+                            cudaStream_t stream = nullptr, float* y = nullptr, unsigned* counter = nullptr,
+                            const AddNorm* norm = nullptr);
 
 // Y[rows, k] = W[rows, k] dequantized to f32, bit-identical to the CPU's dequantize_row (the tiled
 // matmul's dequantizer, kernels/cuda/matmul.cu load8). Same types and shape rules as matmul.

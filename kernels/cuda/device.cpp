@@ -2,6 +2,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
 
@@ -18,6 +20,66 @@ int device_count(const char** why) {
     }
     if (n == 0 && why) *why = "the CUDA runtime found no device";
     return n;
+}
+
+namespace detail {
+
+namespace {
+struct SwitchSetters {
+    std::mutex mu;
+    std::vector<cudaError_t (*)(unsigned)> set;
+};
+SwitchSetters& switch_setters() {
+    static SwitchSetters s;  // (built on first use: registrations come from other files' static initializers)
+    return s;
+}
+}  // namespace
+
+bool register_switch_setter(cudaError_t (*set)(unsigned)) {
+    SwitchSetters& s = switch_setters();
+    const std::lock_guard<std::mutex> lock(s.mu);
+    s.set.push_back(set);
+    return true;
+}
+
+}  // namespace detail
+
+unsigned kernel_switches_from_env() {
+    unsigned v = 0;
+    const char* t = std::getenv("MOEMESH_CUDA_PDL_TRIGGER");
+    if (t != nullptr && std::strcmp(t, "exit") == 0) v |= kSwitchTriggerAtExit;
+    const char* p = std::getenv("MOEMESH_CUDA_PREFETCH");
+    if (p != nullptr && std::strcmp(p, "0") == 0) v |= kSwitchNoPrefetch;
+    return v;
+}
+
+cudaError_t set_kernel_switches(unsigned switches) {
+    detail::SwitchSetters& s = detail::switch_setters();
+    const std::lock_guard<std::mutex> lock(s.mu);
+    for (auto* set : s.set)
+        if (const cudaError_t err = set(switches); err != cudaSuccess) return err;
+    return cudaSuccess;
+}
+
+cudaError_t use_env_kernel_switches() {
+    static const unsigned wanted = kernel_switches_from_env();
+    if (wanted == 0) return cudaSuccess;  // every copy starts at 0
+    static std::mutex mu;
+    static std::vector<int> done;  // devices set
+    int dev = 0;
+    if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+    const std::lock_guard<std::mutex> lock(mu);
+    for (const int d : done)
+        if (d == dev) return cudaSuccess;
+    if (const cudaError_t err = set_kernel_switches(wanted); err != cudaSuccess) return err;
+    done.push_back(dev);
+    return cudaSuccess;
+}
+
+int kernel_switch_copies() {
+    detail::SwitchSetters& s = detail::switch_setters();
+    const std::lock_guard<std::mutex> lock(s.mu);
+    return static_cast<int>(s.set.size());
 }
 
 #ifndef MM_CUDA_EMULATION  // the emulator has no programmatic launches

@@ -393,7 +393,19 @@ struct MatSel {
         if (table) return table[s];
         return base + static_cast<size_t>(ids ? ids[s] : s) * matrix_bytes;
     }
+    // Whether the matrices' addresses depend on no kernel's output (no ids, no table): then they may
+    // be read before grid_dep_wait.
+    __device__ __forceinline__ bool fixed() const { return ids == nullptr && table == nullptr; }
 };
+
+// A warp's W rows row0 … row0 + rows − 1 of wmat (clipped at n_out) into L2, by its lane 0: called
+// before grid_dep_wait where wmat is fixed, so that the rows' DRAM reads overlap the kernel before.
+__device__ __forceinline__ void prefetch_warp_rows(const uint8_t* wmat, size_t row_bytes, int64_t row0, int64_t rows,
+                                                   int64_t n_out) {
+    if (threadIdx.x % kWarp != 0 || row0 >= n_out) return;
+    const int64_t n = row0 + rows <= n_out ? rows : n_out - row0;
+    prefetch_l2_bulk(wmat + static_cast<size_t>(row0) * row_bytes, static_cast<size_t>(n) * row_bytes);
+}
 
 // grid: (ceil(n_out / (kGemvWarps · kGemvRows<T, M>)), n_sel). Selection s uses matrix w(s), X rows
 // from x + s * x_stride and writes y + s * n_out (only used with M == 1 when n_sel > 1).
@@ -401,12 +413,13 @@ template <GgmlType T, int M>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x, int64_t x_stride,
                 float* __restrict__ y) {
-    grid_dep_wait();
     constexpr int RW = kGemvRows<T, M>;
     const int lane = threadIdx.x % kWarp;
     const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
-    if (row0 >= n_out) return;
     const int64_t s = blockIdx.y;
+    if (w.fixed()) prefetch_warp_rows(w(s), row_bytes, row0, RW, n_out);
+    grid_dep_wait();
+    if (row0 >= n_out) return;
     const uint8_t* wmat = w(s);
     const uint8_t* rows[RW];
 #pragma unroll
@@ -435,9 +448,10 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_route_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t E, int64_t k,
                       const float* __restrict__ x, float* probs, int K, bool norm_topk, int32_t* __restrict__ ids,
                       float* __restrict__ weights, unsigned* __restrict__ counter) {
-    grid_dep_wait();
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+    prefetch_warp_rows(w, row_bytes, row, 1, E);
+    grid_dep_wait();
     if (row < E) {  // warp-uniform
         const uint8_t* rows[1] = {w + static_cast<size_t>(row) * row_bytes};
         float acc[1][1] = {{0.0f}};
@@ -486,15 +500,20 @@ __device__ __forceinline__ void multi_store(float (&acc)[RW][1], float* const (&
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x) {
-    grid_dep_wait();
     constexpr int RW = kGemvRows<T, 1>;
     const int lane = threadIdx.x % kWarp;
     const int64_t total = mg.end[mg.n - 1];
     const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
-    if (r0 >= total) return;
     const uint8_t* rows[RW];
     float* dst[RW];
-    multi_rows(mg, row_bytes, r0, total, rows, dst);
+    if (r0 < total) {
+        multi_rows(mg, row_bytes, r0, total, rows, dst);  // (from the kernel's arguments only)
+#pragma unroll
+        for (int ri = 0; ri < RW; ++ri)  // the rows may lie in two matrices: one prefetch each
+            if (lane == ri && r0 + ri < total) prefetch_l2_bulk(rows[ri], row_bytes);
+    }
+    grid_dep_wait();
+    if (r0 >= total) return;
     float acc[RW][1];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
@@ -509,11 +528,15 @@ template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_swiglu_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x,
                        int64_t x_stride, float* __restrict__ y) {
-    grid_dep_wait();
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
-    if (row >= n_out) return;
     const int64_t s = blockIdx.y;
+    if (wg.fixed() && wu.fixed()) {  // (a dense FFN or shared expert; experts' ids come from the router)
+        prefetch_warp_rows(wg(s), row_bytes, row, 1, n_out);
+        prefetch_warp_rows(wu(s), row_bytes, row, 1, n_out);
+    }
+    grid_dep_wait();
+    if (row >= n_out) return;
     const size_t off = static_cast<size_t>(row) * row_bytes;
     const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
     float acc[2][1] = {{0.0f}, {0.0f}};
@@ -718,16 +741,28 @@ inline size_t qgemv_smem(int64_t m, int64_t k) {
     return static_cast<size_t>(m * k + m * (k / 32) * 4 + m * (k / 16) * 4);
 }
 
-// grid: (ceil(n_out / (kGemvQWarps · rows_per_warp)), n_sel); selections as in gemv_kernel.
-// counter (M == 1; null: none): the block that finishes last also writes the weighted sum of the
-// selections' rows, cout[h] = Σ_s cw[s] · y[s, h] (moe_combine's bits), and leaves the counter at 0.
+// What gemv_q_kernel's last block does after the products (M == 1; counter null: nothing): the
+// weighted sum of the selections' rows, cout[h] = Σ_s cw[s] · y[s, h] (moe_combine's bits), then,
+// with nw, rx += cout, ry = rmsnorm(rx) · nw and ry quantized into qy when set (add_rmsnorm's bits:
+// the next layer's input norm); the counter is left at 0.
+struct QTail {
+    const float* cw = nullptr;
+    float* cout = nullptr;
+    unsigned* counter = nullptr;
+    float* rx = nullptr;
+    const float* nw = nullptr;
+    float* ry = nullptr;
+    float eps = 0.0f;
+    uint8_t* qy = nullptr;
+};
+static_assert(kGemvQWarps * kWarp == kRowThreads, "the tail's norm keeps a row of n <= kRowRegs · kRowThreads");
+
+// grid: (ceil(n_out / (kGemvQWarps · rows_per_warp)), n_sel); selections as in gemv_kernel; tail: QTail.
 template <GgmlType T, int M, int R>
 __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     gemv_q_kernel(const uint8_t* __restrict__ w, size_t matrix_bytes, size_t row_bytes,
                   const int32_t* __restrict__ ids, int64_t n_out, int64_t k, const float* __restrict__ x,
-                  int64_t x_stride, float* __restrict__ y, int rows_per_warp, const float* __restrict__ cw,
-                  float* __restrict__ cout, unsigned* __restrict__ counter) {
-    grid_dep_wait();  // ids and X come from the kernels before
+                  int64_t x_stride, float* __restrict__ y, int rows_per_warp, QTail tail) {
     MM_EXTERN_SHARED(uint8_t, smem);
     int8_t* xq = reinterpret_cast<int8_t*>(smem);
     float* xd = reinterpret_cast<float*>(smem + M * k);
@@ -736,15 +771,19 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     const int64_t s = blockIdx.y;
     const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvQWarps + warp) * rows_per_warp;
     const int64_t row1 = row0 + rows_per_warp < n_out ? row0 + rows_per_warp : n_out;
-    const int64_t mat = ids ? ids[s] : s;
-    const uint8_t* wmat = w + static_cast<size_t>(mat) * matrix_bytes;
-    // Prefetch (into L2) up to 16 KB of this warp's rows while X is being quantized.
-    if (row0 < row1) {
+    // Prefetch (into L2) up to 16 KB of this warp's rows while X is being quantized: before
+    // grid_dep_wait where the matrix is fixed (no ids: lm_head), so that it overlaps the kernel before.
+    const auto prefetch = [&](const uint8_t* wmat) {
+        if (row0 >= row1) return;
         const size_t bytes = static_cast<size_t>(row1 - row0) * row_bytes;
         const uint8_t* p = wmat + static_cast<size_t>(row0) * row_bytes;
         for (size_t off = static_cast<size_t>(lane) * 128; off < bytes && off < 16384; off += kWarp * 128)
             prefetch_l2(p + off);
-    }
+    };
+    if (ids == nullptr) prefetch(w + static_cast<size_t>(s) * matrix_bytes);
+    grid_dep_wait();  // ids and X come from the kernels before
+    const uint8_t* wmat = w + static_cast<size_t>(ids ? ids[s] : s) * matrix_bytes;
+    if (ids != nullptr) prefetch(wmat);
     // Quantize X: a warp per group of 32 elements (rows are k apart and k % 32 == 0, so group gi is
     // contiguous), kQBatch groups per warp with their loads in flight together.
     constexpr int kQBatch = 8;
@@ -791,14 +830,19 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
                 if (lane == 0 && row + ri < row1) y[(s + r) * n_out + row + ri] = v;
             }
     }
-    if (counter == nullptr || !last_block_done(counter)) return;  // (counter: uniform over the grid)
+    if (tail.counter == nullptr || !last_block_done(tail.counter)) return;  // (uniform over the grid)
     const int64_t n_sel = gridDim.y;
     for (int64_t h = threadIdx.x; h < n_out; h += blockDim.x) {
         float acc = 0.0f;
-        for (int64_t j = 0; j < n_sel; ++j) acc += cw[j] * __ldcg(y + j * n_out + h);
-        cout[h] = acc;
+        for (int64_t j = 0; j < n_sel; ++j) acc += tail.cw[j] * __ldcg(y + j * n_out + h);
+        tail.cout[h] = acc;
     }
-    if (threadIdx.x == 0) *counter = 0;
+    if (tail.nw != nullptr) {
+        __shared__ float red[kWarp];
+        __syncthreads();  // cout written by the block's threads: read back in the norm's layout
+        add_rmsnorm_regs<true>(tail.rx, tail.cout, tail.nw, tail.ry, n_out, tail.eps, tail.qy, red);
+    }
+    if (threadIdx.x == 0) *tail.counter = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -839,10 +883,11 @@ template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_qx_kernel(MatSel w, size_t row_bytes, int64_t n_out, int64_t k, const uint8_t* __restrict__ qx,
                    float* __restrict__ y) {
-    grid_dep_wait();
     const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * kGemvRows<T, 1>;
-    if (row0 >= n_out) return;
     const int64_t s = blockIdx.y;
+    if (w.fixed()) prefetch_warp_rows(w(s), row_bytes, row0, kGemvRows<T, 1>, n_out);
+    grid_dep_wait();
+    if (row0 >= n_out) return;
     qx_warp_rows<T>(w(s), row_bytes, row0, n_out, k, qx, y + s * n_out);
 }
 
@@ -856,9 +901,10 @@ __global__ void __launch_bounds__(kRowThreads)
     gemv_qx_add_rmsnorm_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_out, int64_t k,
                                const uint8_t* qx, float* t, float* x, const float* __restrict__ nw, float* y, float eps,
                                uint8_t* qy, unsigned* __restrict__ counter) {
-    grid_dep_wait();
     const int64_t row0 =
         (static_cast<int64_t>(blockIdx.x) * (kRowThreads / kWarp) + threadIdx.x / kWarp) * kGemvRows<T, 1>;
+    prefetch_warp_rows(w, row_bytes, row0, kGemvRows<T, 1>, n_out);
+    grid_dep_wait();
     if (row0 < n_out) qx_warp_rows<T>(w, row_bytes, row0, n_out, k, qx, t);  // warp-uniform
     if (!last_block_done(counter)) return;
     __shared__ float red[kWarp];
@@ -870,15 +916,20 @@ __global__ void __launch_bounds__(kRowThreads)
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_multi_qx_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const uint8_t* __restrict__ qx) {
-    grid_dep_wait();
     constexpr int RW = kGemvRows<T, 1>;
     const int lane = threadIdx.x % kWarp;
     const int64_t total = mg.end[mg.n - 1];
     const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
-    if (r0 >= total) return;
     const uint8_t* rows[RW];
     float* dst[RW];
-    multi_rows(mg, row_bytes, r0, total, rows, dst);
+    if (r0 < total) {
+        multi_rows(mg, row_bytes, r0, total, rows, dst);  // (from the kernel's arguments only)
+#pragma unroll
+        for (int ri = 0; ri < RW; ++ri)  // the rows may lie in two matrices: one prefetch each
+            if (lane == ri && r0 + ri < total) prefetch_l2_bulk(rows[ri], row_bytes);
+    }
+    grid_dep_wait();
+    if (r0 >= total) return;
     float acc[RW][1];
 #pragma unroll
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
@@ -891,11 +942,15 @@ template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_swiglu_qx_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k,
                           const uint8_t* __restrict__ qx, float* __restrict__ y) {
-    grid_dep_wait();
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
-    if (row >= n_out) return;
     const int64_t s = blockIdx.y;
+    if (wg.fixed() && wu.fixed()) {  // (a dense FFN or shared expert; experts' ids come from the router)
+        prefetch_warp_rows(wg(s), row_bytes, row, 1, n_out);
+        prefetch_warp_rows(wu(s), row_bytes, row, 1, n_out);
+    }
+    grid_dep_wait();
+    if (row >= n_out) return;
     const size_t off = static_cast<size_t>(row) * row_bytes;
     const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
     float acc[2][1] = {{0.0f}, {0.0f}};
@@ -1131,14 +1186,14 @@ bool takes_qgemv(int m, int64_t k, int64_t rows) {
     return false;
 }
 
-// The in-block int8-X GEMV (gemv_q_kernel; where takes_qgemv), with gemv_q_kernel's weighted sum in
-// its last block when counter is set (M == 1).
+// The in-block int8-X GEMV (gemv_q_kernel; where takes_qgemv), with its last block's tail (QTail;
+// M == 1) when tail.counter is set.
 template <GgmlType T, int M>
 void launch_gemv_q(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out, int64_t k,
-                   const float* x, int64_t x_stride, float* y, cudaStream_t stream, const float* cw = nullptr,
-                   float* cout = nullptr, unsigned* counter = nullptr) {
+                   const float* x, int64_t x_stride, float* y, cudaStream_t stream, const QTail& tail = {}) {
     if constexpr (kHasQGemv<T>) {
-        MM_CHECK(counter == nullptr || M == 1);
+        MM_CHECK(tail.counter == nullptr || M == 1);
+        MM_CHECK(tail.nw == nullptr || n_out <= kRowRegs * kRowThreads);
         const size_t smem = qgemv_smem(M, k);
         // One wave: as many blocks as are resident at once (registers, threads, shared memory)
         // over all selections.
@@ -1160,10 +1215,10 @@ void launch_gemv_q(const void* w, size_t matrix_bytes, const int32_t* ids, int64
         const size_t rb = ggml_row_bytes(T, k);
         if (rpw >= 2)
             MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 2>)(
-                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, cw, cout, counter);
+                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, tail);
         else
             MM_LAUNCH_PDL(grid, kGemvQWarps * kWarp, smem, stream, gemv_q_kernel<T, M, 1>)(
-                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, cw, cout, counter);
+                wb, matrix_bytes, rb, ids, n_out, k, x, x_stride, y, rpw, tail);
         CUDA_CHECK_LAUNCH();
     }
 }
@@ -1220,7 +1275,21 @@ void check_shape(GgmlType wt, int64_t k) {
     MM_CHECK(k > 0 && k % blk == 0 && k % 8 == 0);
 }
 
+// What this file's kernels read of the kernel switches (kernel_switches_seen).
+__global__ void switches_probe_kernel(unsigned* out) { *out = switches(); }
+
 }  // namespace
+
+unsigned kernel_switches_seen() {
+    unsigned* d = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, sizeof(unsigned)));
+    MM_LAUNCH(1, 1, 0, nullptr, switches_probe_kernel)(d);
+    CUDA_CHECK_LAUNCH();
+    unsigned v = 0;
+    CUDA_CHECK(cudaMemcpy(&v, d, sizeof v, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaFree(d));
+    return v;
+}
 
 bool matmul_supported(GgmlType wt) {
     switch (wt) {
@@ -1425,12 +1494,15 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
 template <GgmlType T>
 bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* ids, const float* w, int64_t n_sel,
                          int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream, float* y,
-                         unsigned* counter) {
+                         unsigned* counter, const AddNorm* norm) {
     if (takes_qgemv<T>(1, k, n_out * n_sel)) {
-        if (y == nullptr || counter == nullptr) return false;
-        launch_gemv_q<T, 1>(down, matrix_bytes, ids, n_sel, n_out, k, g, k, y, stream, w, out, counter);
+        if (y == nullptr || counter == nullptr || (norm != nullptr && !qx_norm_ok(n_out))) return false;
+        QTail tail{w, out, counter};
+        if (norm != nullptr) tail.rx = norm->x, tail.nw = norm->w, tail.ry = norm->y, tail.eps = norm->eps, tail.qy = norm->qy;
+        launch_gemv_q<T, 1>(down, matrix_bytes, ids, n_sel, n_out, k, g, k, y, stream, tail);
         return true;
     }
+    if (norm != nullptr) return false;
     MM_LAUNCH_PDL(static_cast<unsigned>(n_out), static_cast<unsigned>(n_sel * kWarp), 0, stream,
               gemv_down_combine_kernel<T>)(static_cast<const uint8_t*>(down), matrix_bytes, ggml_row_bytes(T, k), ids,
                                            w, n_out, k, g, out);
@@ -1528,12 +1600,12 @@ void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float*
 
 bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,
                             int64_t n_sel, int64_t n_out, int64_t k, const float* g, float* out, cudaStream_t stream,
-                            float* y, unsigned* counter) {
+                            float* y, unsigned* counter, const AddNorm* norm) {
     check_shape(wt, k);
     if (n_sel <= 0 || n_sel > kDownCombineMaxSel || n_out <= 0 || n_out > INT32_MAX) return false;
     return with_fused_gemv_type(wt, [&](auto t) {
         return launch_down_combine<decltype(t)::value>(down, matrix_bytes, ids, w, n_sel, n_out, k, g, out, stream, y,
-                                                       counter);
+                                                       counter, norm);
     });
 }
 
