@@ -143,6 +143,17 @@ public:
         store_kv(k_cache, p0 * kv_dim, k, n * kv_dim, f16);
         store_kv(v_cache, p0 * kv_dim, v, n * kv_dim, f16);
     }
+    // A layer's q, k, v products (qkv[0..2], y: q, k, v) and then rope_store_kv of them, for one
+    // sequence. The default is those calls; CUDA finishes each head of a decode token in the GEMV's
+    // last block for its rows, with the same bits.
+    virtual void matmul_qkv_rope_store_kv(const MatmulCall* qkv, const float* q_norm, const float* k_norm, float eps,
+                                          int64_t n, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                          int64_t rot_dim, int64_t p0, const RopeParams& rp, void* k_cache,
+                                          void* v_cache, bool f16) {
+        matmul_many(qkv, 3);
+        rope_store_kv(qkv[0].y, qkv[1].y, qkv[2].y, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0,
+                      rp, k_cache, v_cache, f16);
+    }
     virtual void attention(const AttentionArgs& a) = 0;  // kernels/ops.h contract; k/v are caches
     // probs [T, E] router logits (overwritten) → ids/w [T, K] (route_topk's contract).
     virtual void route(float* probs, int64_t T, int64_t E, int64_t K, bool norm, int32_t* ids, float* w) = 0;

@@ -194,7 +194,8 @@ std::string op_label(const int64_t* k, size_t n_key) {
                                          "moe prompt, per (token, expert) pair", "argmax",
                                          "router (GEMV + softmax + top-k)",
                                          "o projection + add + rmsnorm", "top-k",
-                                         "moe (resident) + add + rmsnorm"};
+                                         "moe (resident) + add + rmsnorm",
+                                         "q/k/v + q/k rmsnorm + rope + store_kv"};
     const int64_t id = n_key ? k[0] : 0;
     std::string name = id >= 0 && id < static_cast<int64_t>(sizeof(kNames) / sizeof(kNames[0])) ? kNames[id] : "?";
     if (id == 3 && n_key >= 7)  // {3, type, W, n_out, k, x, m, y}
@@ -396,11 +397,64 @@ public:
     // Single-row products of one x and weight type (a decode step's q/k/v) in one launch, the same
     // bits as one by one; anything else one by one.
     void matmul_many(const MatmulCall* calls, int n) override {
+        if (!one_launch(calls, n)) return Backend::matmul_many(calls, n);
+        record_many(calls, n, nullptr);
+    }
+    // A decode token's q/k/v with each head's norms + rope + KV stores in the GEMV's last block for
+    // its rows (cuda::QkvRope; MOEMESH_CUDA_QKV_ROPE=split: the two ops), where it can be.
+    void matmul_qkv_rope_store_kv(const MatmulCall* qkv, const float* q_norm, const float* k_norm, float eps, int64_t n,
+                                  int64_t n_head, int64_t n_head_kv, int64_t head_dim, int64_t rot_dim, int64_t p0,
+                                  const RopeParams& rp, void* k_cache, void* v_cache, bool f16) override {
+        if (!qkv_rope_fused_ || n != 1 || p0 > INT32_MAX - n || !q_norm || !k_norm || !one_launch(qkv, 3))
+            return Backend::matmul_qkv_rope_store_kv(qkv, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
+                                                     p0, rp, k_cache, v_cache, f16);
+        note_step(p0, n);
+        const RopeCall rc{qkv[0].y, qkv[1].y, qkv[2].y, q_norm,    k_norm,  eps,     n,  n_head,
+                          n_head_kv, head_dim, rot_dim,  p0,        rp,      k_cache, v_cache, f16};
+        record_many(qkv, 3, &rc);
+    }
+    bool one_launch(const MatmulCall* calls, int n) const {
         bool one = n >= 2 && n <= cuda::kMultiGemvMax;
         for (int i = 0; one && i < n; ++i)
             one = calls[i].m == 1 && calls[i].x == calls[0].x && calls[i].w->type == calls[0].w->type &&
                   calls[i].w->k == calls[0].w->k;
-        if (!one) return Backend::matmul_many(calls, n);
+        return one;
+    }
+    // rope_store_kv's arguments.
+    struct RopeCall {
+        float* q;
+        float* k;
+        const float* v;
+        const float* q_norm;
+        const float* k_norm;
+        float eps;
+        int64_t n, n_head, n_head_kv, head_dim, rot_dim, p0;
+        RopeParams rp;
+        void* k_cache;
+        void* v_cache;
+        bool f16;
+    };
+    std::vector<int64_t> rope_key(int64_t id, const RopeCall& r) const {
+        return {id,           P(r.q),         P(r.k),          P(r.v),          P(r.q_norm),     P(r.k_norm),
+                F(r.eps),     r.n,            r.n_head,        r.n_head_kv,     r.head_dim,      r.rot_dim,
+                F(r.rp.theta), F(r.rp.freq_scale), F(r.rp.ext_factor), F(r.rp.attn_factor), F(r.rp.corr_low),
+                F(r.rp.corr_high), P(r.k_cache), P(r.v_cache), r.f16};
+    }
+    // rope_store_kv's launches (dev: p0 from d_p0_, a graph's replay).
+    void launch_rope(const RopeCall& r, bool dev) {
+        const int32_t* p0_dev = dev ? d_p0_ : nullptr;
+        const auto pos = static_cast<int32_t>(r.p0);
+        if (cuda::norm_rope_store_kv(r.q, r.k, r.v, r.q_norm, r.k_norm, r.eps, r.n, r.n_head, r.n_head_kv, r.head_dim,
+                                     r.rot_dim, pos, p0_dev, r.rp, r.k_cache, r.v_cache, r.f16, stream_))
+            return;  // both norms in the one launch
+        if (r.q_norm) cuda::rmsnorm(r.q, r.q_norm, r.q, r.n * r.n_head, r.head_dim, r.eps, stream_);
+        if (r.k_norm) cuda::rmsnorm(r.k, r.k_norm, r.k, r.n * r.n_head_kv, r.head_dim, r.eps, stream_);
+        cuda::rope_store_kv(r.q, r.k, r.v, r.n, r.n_head, r.n_head_kv, r.head_dim, r.rot_dim, pos, p0_dev, r.rp,
+                            r.k_cache, r.v_cache, r.f16, stream_);
+    }
+    // matmul_many's one launch (one_launch(calls, n)), recorded; with rope (n == 3: q, k, v) also
+    // rope_store_kv of them, in the GEMV's per-head last blocks where cuda::QkvRope can.
+    void record_many(const MatmulCall* calls, int n, const RopeCall* rope) {
         std::array<const void*, cuda::kMultiGemvMax> w{};
         std::array<int64_t, cuda::kMultiGemvMax> n_out{};
         std::array<float*, cuda::kMultiGemvMax> y{};
@@ -409,11 +463,28 @@ public:
         const int64_t k = calls[0].w->k;
         const float* x = calls[0].x;
         const uint8_t* qx = quantized(x, k);
-        std::vector<int64_t> key = {20, static_cast<int64_t>(t), k, P(x), n, P(qx)};
+        std::vector<int64_t> key = {rope ? 30 : 20, static_cast<int64_t>(t), k, P(x), n, P(qx)};
         for (int i = 0; i < n; ++i) key.insert(key.end(), {P(w[i]), n_out[i], P(y[i])});
-        enqueue(key, [=, this](bool) {
+        std::optional<RopeCall> rc;
+        unsigned* ctr = nullptr;
+        if (rope) {
+            rc = *rope;
+            ctr = counters(qkv_rope_ctr_, rope->n_head + 2 * rope->n_head_kv);
+            const std::vector<int64_t> rk = rope_key(0, *rope);
+            key.insert(key.end(), rk.begin() + 1, rk.end());
+            key.push_back(P(ctr));
+        }
+        enqueue(key, [=, this](bool dev) {
+            if (rc) {
+                const cuda::QkvRope qr{rc->q_norm,   rc->k_norm,  rc->eps,     rc->n_head, rc->n_head_kv,
+                                       rc->head_dim, rc->rot_dim, static_cast<int32_t>(rc->p0),
+                                       dev ? d_p0_ : nullptr,     rc->rp,      rc->k_cache, rc->v_cache,
+                                       rc->f16,      ctr};
+                if (cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_, qx, &qr)) return;
+            }
             if (!cuda::matmul_multi_gemv(t, n, w.data(), n_out.data(), k, x, y.data(), stream_, qx))
                 for (int i = 0; i < n; ++i) cuda::matmul(t, w[i], n_out[i], k, x, 1, y[i], stream_);
+            if (rc) launch_rope(*rc, dev);
         });
         for (int i = 0; i < n; ++i) forget_qx_if(y[i]);
     }
@@ -513,20 +584,9 @@ public:
             return Backend::rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp,
                                           k_cache, v_cache, f16);
         note_step(p0, n);
-        enqueue({q_norm || k_norm ? 23 : 21, P(q), P(k), P(v), P(q_norm), P(k_norm), F(eps), n, n_head, n_head_kv,
-                 head_dim, rot_dim, F(rp.theta), F(rp.freq_scale), F(rp.ext_factor), F(rp.attn_factor),
-                 F(rp.corr_low), F(rp.corr_high), P(k_cache), P(v_cache), f16},
-                [=, this](bool dev) {
-                    const int32_t* p0_dev = dev ? d_p0_ : nullptr;
-                    const auto pos = static_cast<int32_t>(p0);
-                    if (cuda::norm_rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim,
-                                                 pos, p0_dev, rp, k_cache, v_cache, f16, stream_))
-                        return;  // both norms in the one launch
-                    if (q_norm) cuda::rmsnorm(q, q_norm, q, n * n_head, head_dim, eps, stream_);
-                    if (k_norm) cuda::rmsnorm(k, k_norm, k, n * n_head_kv, head_dim, eps, stream_);
-                    cuda::rope_store_kv(q, k, v, n, n_head, n_head_kv, head_dim, rot_dim, pos, p0_dev, rp, k_cache,
-                                        v_cache, f16, stream_);
-                });
+        const RopeCall r{q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache,
+                         f16};
+        enqueue(rope_key(q_norm || k_norm ? 23 : 21, r), [=, this](bool dev) { launch_rope(r, dev); });
     }
     void attention(const AttentionArgs& a) override {
         cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
@@ -1089,6 +1149,9 @@ private:
     // sums the experts, i.e. with the fused down + combine).
     const bool down_norm_fused_ = !env_is("MOEMESH_CUDA_DOWN_NORM", "split");
     Buffer down_ctr_;
+    // each head's q/k norms + rope + KV stores after the q/k/v GEMV (MOEMESH_CUDA_QKV_ROPE=split: two).
+    const bool qkv_rope_fused_ = !env_is("MOEMESH_CUDA_QKV_ROPE", "split");
+    Buffer qkv_rope_ctr_;  // per head of q, k, v
     // ---- the decode norms' quantized X (MOEMESH_CUDA_QX) ----
     QxMode qx_mode_ = qx_mode();
     Buffer qx_buf_;                     // the last norm's row, quantized (cuda::qx_bytes)

@@ -513,10 +513,14 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
 //   MOEMESH_CUDA_DOWN_COMBINE=split: the int8-X down GEMV, then the weighted sum (that GEMV runs
 //   for these small experts only with MOEMESH_CUDA_GEMV=new: ctest's gemv_new.* entry);
 //   MOEMESH_CUDA_DOWN_NORM=split: the residual add + the next layer's input norm after the MoE as
-//   their own launch instead of in that GEMV's last block (session 17).
+//   their own launch instead of in that GEMV's last block (session 17);
+//   MOEMESH_CUDA_QKV_ROPE=split: the q/k/v GEMV, then the heads' norms + rope + KV stores (session
+//   17; the fused form needs head_dim 128, hence this model's).
 TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     REQUIRE_CUDA();
-    const std::string path = make(moe_opts("q8_0"), "moe_q8");
+    MakeModelOptions o = moe_opts("q8_0");
+    o.head_dim = 128;
+    const std::string path = make(o, "moe_q8_d128");
     const auto prompt = random_tokens(250, kDefaultBuiltinVocab, 4);
     const Decode fused = decode_with_graphs(path, "1", true, prompt, 16);
     ASSERT_EQ(fused.tokens.size(), 16u);
@@ -524,7 +528,8 @@ TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
                                      {"MOEMESH_CUDA_ROUTER", "split"},
                                      {"MOEMESH_CUDA_O_NORM", "split"},
                                      {"MOEMESH_CUDA_DOWN_COMBINE", "split"},
-                                     {"MOEMESH_CUDA_DOWN_NORM", "split"}}) {
+                                     {"MOEMESH_CUDA_DOWN_NORM", "split"},
+                                     {"MOEMESH_CUDA_QKV_ROPE", "split"}}) {
         Decode split;
         {
             const ScopedEnv env(var, value);
@@ -606,7 +611,7 @@ TEST_F(CudaModel, OpProfileGivesTheSameResultsAndReportsTheOps) {
     EXPECT_EQ(prof.logits, off.logits);
     for (const char* want : {"op profile", "| matmul q8_0 ", "| moe (resident", "| attention (decode) |", "| all |",
                              "| router (GEMV + softmax + top-k) |", "| o projection + add + rmsnorm |",
-                             "| moe (resident) + add + rmsnorm |"})
+                             "| moe (resident) + add + rmsnorm |", "| q/k/v + q/k rmsnorm + rope + store_kv |"})
         EXPECT_NE(err.find(want), std::string::npos) << want << " not in:\n" << err;
     std::printf("[cuda-model] op profile of 20 decode steps:\n%s", err.c_str());
 }

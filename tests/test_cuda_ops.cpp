@@ -553,6 +553,86 @@ TEST_P(CudaMatmul, MultiGemvIsTheSeparateProducts) {
     }
 }
 
+// A decode token's q/k/v with each head finished in the GEMV's last block for its rows
+// (cuda::QkvRope): the bits of matmul_multi_gemv then norm_rope_store_kv (q, k, v, both caches), from
+// f32 X and from its quantized twin, p0 on the host and on the device, f16 and f32 caches, a partial
+// rotation; the counters left at 0; declined with nothing written where it cannot be taken.
+TEST_P(CudaMatmul, MultiGemvWithEachHeadsNormsRopeAndKvStores) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const std::string name = std::string("q/k/v + rope ") + ggml_type_name(t);
+    const int64_t Nh = 4, Nkv = 2, D = 128, k = 256, ctx = 48;
+    const int32_t p0 = 37;
+    const int64_t n_out[3] = {Nh * D, Nkv * D, Nkv * D};
+    std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> dw;
+    for (int j = 0; j < 3; ++j)
+        dw.push_back(std::make_unique<DeviceBuffer<uint8_t>>(make_weights(t, n_out[j], k, 300 + static_cast<uint32_t>(j)).bytes));
+    const void* w[3] = {dw[0]->get(), dw[1]->get(), dw[2]->get()};
+    const DeviceBuffer<float> x(random_vec(static_cast<size_t>(k), 310, 2.0f)), nw(random_vec(static_cast<size_t>(k), 311));
+    DeviceBuffer<float> xn(static_cast<size_t>(k));
+    DeviceBuffer<uint8_t> qx(cuda::qx_bytes(k));
+    cuda::rmsnorm(x.get(), nw.get(), xn.get(), 1, k, 1e-6f, nullptr, qx.get());
+    const DeviceBuffer<float> qw(random_vec(static_cast<size_t>(D), 312)), kw(random_vec(static_cast<size_t>(D), 313));
+    const DeviceBuffer<int32_t> dp0(std::vector<int32_t>{p0});
+    const RopeParams rp = make_rope_params(64, 1e6f, "yarn", 4.0f, 1.0f, 256);
+    DeviceBuffer<unsigned> ctr(std::vector<unsigned>(static_cast<size_t>(Nh + 2 * Nkv), 0u));
+    struct Case {
+        bool twin, f16, dev_p0;
+        int64_t rot;
+    };
+    for (const Case c : {Case{false, true, false, D}, Case{true, true, true, D}, Case{true, false, false, 64},
+                         Case{false, false, true, 64}}) {
+        const std::string what = name + (c.twin ? " (quantized X)" : " (f32 X)") + (c.f16 ? " f16" : " f32") +
+                                 (c.dev_p0 ? " p0 on the device" : "") + " rot " + std::to_string(c.rot);
+        const size_t cache_bytes = static_cast<size_t>(ctx * Nkv * D) * (c.f16 ? 2 : 4);
+        const std::vector<uint8_t> cache0(cache_bytes, 0x5a);
+        const std::vector<float> canary(static_cast<size_t>(Nh * D), 12345.0f);
+        const uint8_t* q8 = c.twin ? qx.get() : nullptr;
+        std::vector<std::vector<float>> want(3);
+        std::vector<uint8_t> want_kc, want_vc;
+        {
+            DeviceBuffer<float> y0(canary), y1(canary), y2(canary);
+            DeviceBuffer<uint8_t> kc(cache0), vc(cache0);
+            float* y[3] = {y0.get(), y1.get(), y2.get()};
+            if (!cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, q8)) return;  // not this type's path
+            ASSERT_TRUE(cuda::norm_rope_store_kv(y0.get(), y1.get(), y2.get(), qw.get(), kw.get(), 1e-6f, 1, Nh, Nkv, D,
+                                                 c.rot, c.dev_p0 ? -1 : p0, c.dev_p0 ? dp0.get() : nullptr, rp,
+                                                 kc.get(), vc.get(), c.f16));
+            want = {y0.download(), y1.download(), y2.download()};
+            want_kc = kc.download(), want_vc = vc.download();
+        }
+        for (int rep = 0; rep < 2; ++rep) {
+            DeviceBuffer<float> y0(canary), y1(canary), y2(canary);
+            DeviceBuffer<uint8_t> kc(cache0), vc(cache0);
+            float* y[3] = {y0.get(), y1.get(), y2.get()};
+            const cuda::QkvRope r{qw.get(), kw.get(), 1e-6f, Nh, Nkv, D, c.rot, c.dev_p0 ? -1 : p0,
+                                  c.dev_p0 ? dp0.get() : nullptr, rp, kc.get(), vc.get(), c.f16, ctr.get()};
+            ASSERT_TRUE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, q8, &r)) << what;
+            EXPECT_EQ(y0.download(), want[0]) << what << " run " << rep << ": q";
+            EXPECT_EQ(y1.download(), want[1]) << what << " run " << rep << ": k";
+            EXPECT_EQ(y2.download(), want[2]) << what << " run " << rep << ": v";
+            EXPECT_EQ(kc.download(), want_kc) << what << " run " << rep << ": k cache";
+            EXPECT_EQ(vc.download(), want_vc) << what << " run " << rep << ": v cache";
+            EXPECT_EQ(ctr.download(), std::vector<unsigned>(static_cast<size_t>(Nh + 2 * Nkv), 0u))
+                << what << " run " << rep << ": counters not left at 0";
+        }
+    }
+    // Declined, nothing written: no k norm; head_dim 64 (not one block's 128 threads); two products.
+    const std::vector<float> canary(static_cast<size_t>(Nh * D), 12345.0f);
+    DeviceBuffer<float> y0(canary), y1(canary), y2(canary);
+    DeviceBuffer<uint8_t> kc(std::vector<uint8_t>(64, 0)), vc(std::vector<uint8_t>(64, 0));
+    float* y[3] = {y0.get(), y1.get(), y2.get()};
+    cuda::QkvRope r{qw.get(), nullptr, 1e-6f, Nh, Nkv, D, D, p0, nullptr, rp, kc.get(), vc.get(), true, ctr.get()};
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": no k norm";
+    r.k_norm = kw.get();
+    r.n_head = 2 * Nh, r.n_head_kv = 2 * Nkv, r.head_dim = D / 2, r.rot_dim = D / 2;
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": D = 64";
+    r.n_head = Nh, r.n_head_kv = Nkv, r.head_dim = D, r.rot_dim = D;
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 2, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": 2 products";
+    EXPECT_EQ(y0.download(), canary) << name << ": declined but wrote";
+    EXPECT_EQ(y1.download(), canary) << name << ": declined but wrote";
+}
+
 // Every type the CUDA matmul takes.
 // Mismatches between a quantized row (cuda_ops.h qx_bytes layout) and the host's quantization of its
 // k floats y: q and both scales bit for bit, the half sums to 1e-5. xhat / xhat16 (optional): the

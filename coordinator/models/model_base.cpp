@@ -288,11 +288,24 @@ void ModelBase::embed(const int32_t* tokens, int64_t T, float* x) {
     cb("inp_embd", -1, x, T, H);
 }
 
+bool ModelBase::qkv_and_rope(const Segment* segs, int64_t n_segs, int il, int64_t T, const MatmulCall* qkv,
+                             const float* q_norm, const float* k_norm) {
+    if (n_segs != 1 || debug_) {
+        be_->matmul_many(qkv, 3);
+        return false;
+    }
+    SequenceState& seq = *segs->seq;
+    be_->matmul_qkv_rope_store_kv(qkv, q_norm, k_norm, cfg_.rms_eps, T, cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim,
+                                  cfg_.rope_dim, seq.n_past, cfg_.rope, seq.k[il].data(), seq.v[il].data(),
+                                  seq.kv_f16);
+    return true;
+}
+
 void ModelBase::rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k,
-                                const float* v, float* out, const float* q_norm, const float* k_norm) {
+                                const float* v, float* out, const float* q_norm, const float* k_norm, bool stored) {
     const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
     const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
-    for (const Segment* sg = segs; sg != segs + n_segs; ++sg) {  // norms, rope q and k, store k and v
+    for (const Segment* sg = segs; sg != segs + n_segs && !stored; ++sg) {  // norms, rope q and k, store k and v
         SequenceState& seq = *sg->seq;
         const int64_t r = sg->row0, p0 = seq.n_past;
         be_->rope_store_kv(q + r * q_dim, k + r * kv_dim, v + r * kv_dim, q_norm, k_norm, cfg_.rms_eps, sg->n, Nh,

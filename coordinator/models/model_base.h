@@ -111,7 +111,13 @@ protected:
     // into layer il's cache, then causal attention of q over it into out [T, n_head*head_dim]. Debug
     // points Qcur / Kcur after RoPE.
     void rope_and_attend(const Segment* segs, int64_t n_segs, int il, int64_t T, float* q, float* k, const float* v,
-                         float* out, const float* q_norm = nullptr, const float* k_norm = nullptr);
+                         float* out, const float* q_norm = nullptr, const float* k_norm = nullptr,
+                         bool stored = false);
+    // The q/k/v products of layer il (qkv: y = q, k, v); for a single sequence without debug hooks
+    // also its norms + rope + KV stores, in one call (Backend::matmul_qkv_rope_store_kv): returns
+    // whether those are done (then rope_and_attend(..., stored = true) only attends).
+    bool qkv_and_rope(const Segment* segs, int64_t n_segs, int il, int64_t T, const MatmulCall* qkv,
+                      const float* q_norm, const float* k_norm);
     // Routed MoE of layer il on xn [T, H] → out [T, H]: router logits, softmax top-K, then the
     // experts (route → experts → combine), as both families do it. With next: then next->x += out
     // and next->y = rmsnorm(next->x) · next->w (the next layer's input norm; Backend::moe_add_rmsnorm,

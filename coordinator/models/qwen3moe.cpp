@@ -85,6 +85,7 @@ private:
             // ---- attention ----
             if (!normed) layer_input_norm(x, pending, lw.attn_norm, xn, T);  // [T, H]
             cb("attn_norm", il, xn, T, H);
+            bool stored = false;  // q/k norms, rope and KV stores done with the products
             if (lw.wqkv) {
                 const int64_t n = q_dim + 2 * kv_dim;
                 float* fused = scratch(fused_, T * n);  // [T, Nh*D | Nkv*D | Nkv*D]
@@ -96,10 +97,10 @@ private:
                 const MatmulCall qkv[] = {{&lw.wq, xn, T, q},   // [T, Nh*D]
                                           {&lw.wk, xn, T, k},   // [T, Nkv*D]
                                           {&lw.wv, xn, T, v}};  // [T, Nkv*D]
-                be.matmul_many(qkv, 3);
+                stored = qkv_and_rope(segs, n_segs, il, T, qkv, lw.q_norm, lw.k_norm);
             }
-            // per-head q/k norms, rope, KV stores, attention: [T, Nh*D]; per sequence
-            rope_and_attend(segs, n_segs, il, T, q, k, v, attn, lw.q_norm, lw.k_norm);
+            // per-head q/k norms, rope, KV stores (unless stored), attention: [T, Nh*D]; per sequence
+            rope_and_attend(segs, n_segs, il, T, q, k, v, attn, lw.q_norm, lw.k_norm, stored);
             // tmp = attn · woᵀ [T, H]; x += tmp; xn = norm(x) [T, H] (one launch on CUDA for a decode row)
             be.matmul_add_rmsnorm(lw.wo, attn, T, tmp, x, lw.ffn_norm, xn, cfg_.rms_eps);
             cb("attn_out", il, tmp, T, H);

@@ -85,8 +85,26 @@ void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* i
 // MOEMESH_CUDA_GEMV=new), or for n outside 2..kMultiGemvMax.
 inline constexpr int kMultiGemvMax = 4;
 // qx: x quantized (qx_bytes below); where qx_takes, the products read it instead of x.
+// rope: a decode token's q, k, v (n == 3, y = {q, k, v}) finished per head in the GEMV's last block
+// of that head's rows: norm_rope_store_kv's work (T = 1) with its bits; taken where head_dim is
+// 128 (one 4-warp block's threads), both norms are set and rot_dim is even and <= head_dim, else
+// false, launching nothing (the caller then runs the GEMV and norm_rope_store_kv).
+struct QkvRope {
+    const float* q_norm;
+    const float* k_norm;
+    float eps;
+    int64_t n_head, n_head_kv, head_dim, rot_dim;
+    int32_t p0;
+    const int32_t* p0_dev;  // p0 from the device when set
+    RopeParams rope;
+    void* k_cache;
+    void* v_cache;
+    bool f16;
+    unsigned* counters;  // n_head + 2 · n_head_kv unsigned of device memory, zero, left zero
+};
 bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
-                       float* const* y, cudaStream_t stream = nullptr, const uint8_t* qx = nullptr);
+                       float* const* y, cudaStream_t stream = nullptr, const uint8_t* qx = nullptr,
+                       const QkvRope* rope = nullptr);
 
 // A decode step's expert gate and up products and SwiGLU in one launch:
 //   Y[s, n_out] = silu(X[s] · G_{ids[s]}ᵀ) ⊙ (X[s] · U_{ids[s]}ᵀ)   for s < n_sel,

@@ -34,6 +34,7 @@
 #include "kernels/cuda/topk_dev.cuh"
 #include "kernels/cuda/matmul_more.cuh"
 #include "kernels/cuda/quant_dev.cuh"
+#include "kernels/cuda/rope_dev.cuh"
 
 namespace moemesh::cuda {
 
@@ -497,9 +498,50 @@ __device__ __forceinline__ void multi_store(float (&acc)[RW][1], float* const (&
         if (lane == 0 && r0 + ri < total) *dst[ri] = v;
     }
 }
+// A decode token's q/k/v heads finished in the multi GEMV (matmul_multi_gemv's QkvRope): a counter
+// per head of the concatenated rows (q heads, k heads, v heads; D rows each, whole blocks); the
+// block of a head that finishes last does norm_rope_store_kv_kernel's work for it: a q or k head
+// normed and rotated in place (k also stored at p0), a v head stored; the counter left at 0.
+struct RopeTail {
+    unsigned* counters = nullptr;  // null: no tail
+    const float* qw = nullptr;
+    const float* kw = nullptr;
+    float eps = 0.0f;
+    int64_t n_head = 0, n_head_kv = 0, D = 0, half = 0;
+    float theta_scale = 0.0f;
+    RopeParams p{};
+    int32_t p0_val = 0;
+    const int32_t* p0_dev = nullptr;
+    void* kc = nullptr;
+    void* vc = nullptr;
+    bool f16 = false;
+};
+// Called by every thread of a block whose rows start at row0 (rows_per_block of them, in one head).
+__device__ __forceinline__ void qkv_head_tail(const MultiGemv& mg, const RopeTail& rt, int64_t row0,
+                                              int rows_per_block) {
+    const int64_t hd = row0 / rt.D;
+    if (!last_block_done(&rt.counters[hd], static_cast<unsigned>(rt.D / rows_per_block))) return;
+    __shared__ float red[kWarp];
+    __shared__ float hv[kNormRopeMaxHeadDim];
+    const int32_t p0 = rt.p0_dev ? *rt.p0_dev : rt.p0_val;
+    const int64_t e = threadIdx.x, kv_dim = rt.n_head_kv * rt.D;
+    if (hd < rt.n_head) {
+        norm_rope_head<true>(mg.y[0] + hd * rt.D, rt.qw, rt.D, rt.half, rt.eps, p0, rt.theta_scale, rt.p, red, hv);
+    } else if (hd < rt.n_head + rt.n_head_kv) {
+        const int64_t j = hd - rt.n_head;
+        const float o =
+            norm_rope_head<true>(mg.y[1] + j * rt.D, rt.kw, rt.D, rt.half, rt.eps, p0, rt.theta_scale, rt.p, red, hv);
+        store_elem(rt.kc, static_cast<int64_t>(p0) * kv_dim + j * rt.D + e, o, rt.f16);
+    } else {
+        const int64_t j = hd - rt.n_head - rt.n_head_kv;
+        store_elem(rt.vc, static_cast<int64_t>(p0) * kv_dim + j * rt.D + e, __ldcg(mg.y[2] + j * rt.D + e), rt.f16);
+    }
+    if (threadIdx.x == 0) rt.counters[hd] = 0;
+}
+
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x) {
+    gemv_multi_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const float* __restrict__ x, RopeTail rt) {
     constexpr int RW = kGemvRows<T, 1>;
     const int lane = threadIdx.x % kWarp;
     const int64_t total = mg.end[mg.n - 1];
@@ -519,6 +561,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
     dot_rows<T, RW, 1>(rows, k, x, lane, acc);
     multi_store(acc, dst, r0, total, lane);
+    if (rt.counters) qkv_head_tail(mg, rt, static_cast<int64_t>(blockIdx.x) * kGemvWarps * RW, kGemvWarps * RW);
 }
 
 // gate and up of the same selection and row in one warp (as two rows of dot_rows: their loads in
@@ -915,7 +958,7 @@ __global__ void __launch_bounds__(kRowThreads)
 // gemv_multi_kernel on the quantized X.
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_multi_qx_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const uint8_t* __restrict__ qx) {
+    gemv_multi_qx_kernel(MultiGemv mg, size_t row_bytes, int64_t k, const uint8_t* __restrict__ qx, RopeTail rt) {
     constexpr int RW = kGemvRows<T, 1>;
     const int lane = threadIdx.x % kWarp;
     const int64_t total = mg.end[mg.n - 1];
@@ -935,6 +978,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     for (int ri = 0; ri < RW; ++ri) acc[ri][0] = 0.0f;
     dotq_rows<T, RW, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
     multi_store(acc, dst, r0, total, lane);
+    if (rt.counters) qkv_head_tail(mg, rt, static_cast<int64_t>(blockIdx.x) * kGemvWarps * RW, kGemvWarps * RW);
 }
 
 // gemv_swiglu_kernel on the quantized X (every selection reads the same row).
@@ -1466,7 +1510,21 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
 
 template <GgmlType T>
 bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x, float* const* y,
-                       const uint8_t* qx, cudaStream_t stream) {
+                       const uint8_t* qx, cudaStream_t stream, const QkvRope* rope) {
+    RopeTail rt;
+    if (rope != nullptr) {  // (QkvRope's conditions; whole blocks per head)
+        const int64_t D = rope->head_dim;
+        if (n != 3 || D != kGemvWarps * kWarp || D % (kGemvWarps * kGemvRows<T, 1>) != 0 || rope->q_norm == nullptr ||
+            rope->k_norm == nullptr || rope->counters == nullptr || rope->rot_dim <= 0 || rope->rot_dim % 2 != 0 ||
+            rope->rot_dim > D || n_out[0] != rope->n_head * D || n_out[1] != rope->n_head_kv * D ||
+            n_out[2] != rope->n_head_kv * D)
+            return false;
+        rt.counters = rope->counters, rt.qw = rope->q_norm, rt.kw = rope->k_norm, rt.eps = rope->eps;
+        rt.n_head = rope->n_head, rt.n_head_kv = rope->n_head_kv, rt.D = D, rt.half = rope->rot_dim / 2;
+        rt.theta_scale = rope_theta_scale(rope->rope, rope->rot_dim), rt.p = rope->rope;
+        rt.p0_val = rope->p0, rt.p0_dev = rope->p0_dev, rt.kc = rope->k_cache, rt.vc = rope->v_cache;
+        rt.f16 = rope->f16;
+    }
     MultiGemv mg{};
     mg.n = n;
     int64_t rows = 0;
@@ -1483,10 +1541,11 @@ bool launch_gemv_multi(int n, const void* const* w, const int64_t* n_out, int64_
     if constexpr (kHasQGemv<T>) {
         quantized = qx != nullptr && k % 256 == 0;  // every product passed takes_qgemv above
         if (quantized)
-            MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_qx_kernel<T>)(mg, ggml_row_bytes(T, k), k, qx);
+            MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_qx_kernel<T>)(mg, ggml_row_bytes(T, k), k, qx,
+                                                                                      rt);
     }
     if (!quantized)
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k), k, x);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_multi_kernel<T>)(mg, ggml_row_bytes(T, k), k, x, rt);
     CUDA_CHECK_LAUNCH();
     return true;
 }
@@ -1546,13 +1605,13 @@ bool with_fused_gemv_type(GgmlType wt, F&& f) {
 }  // namespace
 
 bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* n_out, int64_t k, const float* x,
-                       float* const* y, cudaStream_t stream, const uint8_t* qx) {
+                       float* const* y, cudaStream_t stream, const uint8_t* qx, const QkvRope* rope) {
     check_shape(wt, k);
     if (n < 2 || n > kMultiGemvMax) return false;
     for (int j = 0; j < n; ++j)
         if (n_out[j] < 0) return false;
     return with_fused_gemv_type(
-        wt, [&](auto t) { return launch_gemv_multi<decltype(t)::value>(n, w, n_out, k, x, y, qx, stream); });
+        wt, [&](auto t) { return launch_gemv_multi<decltype(t)::value>(n, w, n_out, k, x, y, qx, stream, rope); });
 }
 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rope_dev.cuh"
 #include "kernels/rope_yarn.h"
 
 namespace moemesh::cuda {
@@ -12,25 +13,6 @@ namespace {
 
 using namespace detail;
 
-// The angle of pair i is pos · theta_scale^i built by i repeated float multiplications, exactly as
-// kernels/cpu/rope.cpp (and ggml) builds it: powf would round differently, and at positions in the
-// thousands the difference is visible in the output. cosf/sinf are the accurate (not fast-math) ones;
-// the scaling (kernels/rope_yarn.h) is the CPU kernel's own function.
-// Rotates pair i of one head at position `pos` in place: (v[i], v[i + half]); returns the new
-// values in *o0 / *o1 too.
-__device__ __forceinline__ void rope_pair(float* v, int64_t i, int64_t half, int32_t pos, float theta_scale,
-                                          const RopeParams& p, float* o0, float* o1) {
-    float a = static_cast<float>(pos);
-    for (int64_t j = 0; j < i; ++j) a *= theta_scale;
-    float c, s;
-    rope_yarn_cos_sin(a, i, p, &c, &s);
-    const float x0 = v[i], x1 = v[i + half];
-    *o0 = x0 * c - x1 * s;
-    *o1 = x0 * s + x1 * c;
-    v[i] = *o0;
-    v[i + half] = *o1;
-}
-
 __global__ void rope_neox_kernel(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t half,
                                  const int32_t* pos, float theta_scale, RopeParams p) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -38,11 +20,6 @@ __global__ void rope_neox_kernel(float* x, int64_t tokens, int64_t heads, int64_
     const int64_t i = idx % half, th = idx / half, t = th / heads;
     float o0, o1;
     rope_pair(x + th * head_dim, i, half, pos[t], theta_scale, p, &o0, &o1);
-}
-
-__device__ __forceinline__ void store_elem(void* cache, int64_t o, float v, bool f16) {
-    if (f16) static_cast<uint16_t*>(cache)[o] = __half_as_ushort(__float2half_rn(v));
-    else static_cast<float*>(cache)[o] = v;
 }
 
 // rope(q), rope(k) and both cache stores in one launch. Items, in order: q pairs (T·Nh·half), k
@@ -76,11 +53,9 @@ __global__ void rope_store_kv_kernel(float* q, float* k, const float* v, int64_t
     }
 }
 
-// Per-head RMSNorm of q and k (rmsnorm_kernel's arithmetic: element e is thread e's, warp sums of 32
-// consecutive squares, then the warp sums' butterfly; the idle warps of rmsnorm's 256-thread block
-// only add zeros), then rope_store_kv_kernel's rotation and stores. Blocks: T·Nh q heads, then
-// T·Nkv k heads (each also stores its v row); D threads each (D % 32 == 0, D <= kNormRopeMaxHeadDim).
-constexpr int64_t kNormRopeMaxHeadDim = 256;
+// Per-head RMSNorm of q and k, then rope_store_kv_kernel's rotation and stores (norm_rope_head).
+// Blocks: T·Nh q heads, then T·Nkv k heads (each also stores its v row); D threads each (D % 32 ==
+// 0, D <= kNormRopeMaxHeadDim).
 __global__ void norm_rope_store_kv_kernel(float* q, float* k, const float* v, int64_t Nh, int64_t Nkv, int64_t D,
                                           int64_t half, const float* qw, const float* kw, float eps,
                                           float theta_scale, RopeParams p, int32_t p0_val, const int32_t* p0_dev,
@@ -91,26 +66,14 @@ __global__ void norm_rope_store_kv_kernel(float* q, float* k, const float* v, in
     const int64_t b = blockIdx.x;
     const bool is_q = b < T * Nh;
     const int64_t th = is_q ? b : b - T * Nh, t = th / (is_q ? Nh : Nkv);
-    float* x = (is_q ? q : k) + th * D;
-    const float* w = is_q ? qw : kw;
-    const int e = threadIdx.x, lane = e % kWarp, wid = e / kWarp, nw = static_cast<int>(D / kWarp);
-    const float xe = x[e], we = w[e];
-    const float ss = warp_sum(xe * xe);
-    if (lane == 0) red[wid] = ss;
-    __syncthreads();
-    const float sum = warp_sum(lane < nw ? red[lane] : 0.0f);
-    const float scale = 1.0f / sqrtf(sum / static_cast<float>(D) + eps);
-    hv[e] = xe * scale * we;
-    __syncthreads();
     const int32_t p0 = p0_dev ? *p0_dev : p0_val;
-    float o0, o1;
-    if (e < half) rope_pair(hv, e, half, p0 + static_cast<int32_t>(t), theta_scale, p, &o0, &o1);
-    __syncthreads();
-    x[e] = hv[e];
+    const float o = norm_rope_head<false>((is_q ? q : k) + th * D, is_q ? qw : kw, D, half, eps,
+                                          p0 + static_cast<int32_t>(t), theta_scale, p, red, hv);
     if (!is_q) {
-        const int64_t kv_dim = Nkv * D, o = (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D + e;
-        store_elem(kc, o, hv[e], f16);
-        store_elem(vc, o, v[th * D + e], f16);
+        const int e = threadIdx.x;
+        const int64_t kv_dim = Nkv * D, off = (static_cast<int64_t>(p0) + t) * kv_dim + (th % Nkv) * D + e;
+        store_elem(kc, off, o, f16);
+        store_elem(vc, off, v[th * D + e], f16);
     }
 }
 
@@ -121,7 +84,7 @@ void rope_neox(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_
     const int64_t half = rot_dim / 2, n = tokens * heads * half;
     if (n <= 0) return;
     // Computed on the host with the same std::pow call as the CPU kernel.
-    const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));
+    const float theta_scale = rope_theta_scale(p, rot_dim);
     MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, rope_neox_kernel)(x, tokens, heads, head_dim, half, pos, theta_scale, p);
     CUDA_CHECK_LAUNCH();
 }
@@ -133,7 +96,7 @@ void rope_store_kv(float* q, float* k, const float* v, int64_t T, int64_t n_head
     const int64_t n = T * n_head * half + T * n_head_kv * half + T * n_head_kv * (head_dim - 2 * half) +
                       T * n_head_kv * head_dim;
     if (T <= 0 || n <= 0) return;
-    const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
+    const float theta_scale = rope_theta_scale(p, rot_dim);
     MM_LAUNCH_PDL(grid_1d(n, 256), 256, 0, stream, rope_store_kv_kernel)(q, k, v, T, n_head, n_head_kv, head_dim, half,
                                                                    theta_scale, p, p0, p0_dev, k_cache, v_cache, f16);
     CUDA_CHECK_LAUNCH();
@@ -147,7 +110,7 @@ bool norm_rope_store_kv(float* q, float* k, const float* v, const float* q_norm,
         k_norm == nullptr)
         return false;
     if (T <= 0) return true;
-    const float theta_scale = std::pow(p.theta, -2.0f / static_cast<float>(rot_dim));  // as rope_neox
+    const float theta_scale = rope_theta_scale(p, rot_dim);
     const auto blocks = static_cast<unsigned>(T * (n_head + n_head_kv));
     MM_LAUNCH_PDL(blocks, static_cast<unsigned>(head_dim), 0, stream, norm_rope_store_kv_kernel)(
         q, k, v, n_head, n_head_kv, head_dim, rot_dim / 2, q_norm, k_norm, eps, theta_scale, p, p0, p0_dev, T, k_cache,
