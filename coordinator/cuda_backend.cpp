@@ -584,8 +584,8 @@ public:
             return Backend::rope_store_kv(q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp,
                                           k_cache, v_cache, f16);
         note_step(p0, n);
-        const RopeCall r{q, k, v, q_norm, k_norm, eps, n, n_head, n_head_kv, head_dim, rot_dim, p0, rp, k_cache, v_cache,
-                         f16};
+        const RopeCall r{q,         k,        v,       q_norm, k_norm, eps,     n,       n_head,
+                         n_head_kv, head_dim, rot_dim, p0,     rp,     k_cache, v_cache, f16};
         enqueue(rope_key(q_norm || k_norm ? 23 : 21, r), [=, this](bool dev) { launch_rope(r, dev); });
     }
     void attention(const AttentionArgs& a) override {
@@ -952,7 +952,9 @@ private:
             nm = *norm;
             key.insert(key.end(), {P(norm->x), P(norm->w), P(norm->y), F(norm->eps), P(norm->qy)});
         }
-        enqueue(key, [=, this, &r](bool) { moe_decode(r, x, qx, K, ids, w, out, g, u, y, down_ctr, nm ? &*nm : nullptr); });
+        enqueue(key, [=, this, &r](bool) {
+            moe_decode(r, x, qx, K, ids, w, out, g, u, y, down_ctr, nm ? &*nm : nullptr);
+        });
     }
 
     // One token: the K selected experts in three expert-indexed GEMVs (weights read once each); the

@@ -566,9 +566,11 @@ TEST_P(CudaMatmul, MultiGemvWithEachHeadsNormsRopeAndKvStores) {
     const int64_t n_out[3] = {Nh * D, Nkv * D, Nkv * D};
     std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> dw;
     for (int j = 0; j < 3; ++j)
-        dw.push_back(std::make_unique<DeviceBuffer<uint8_t>>(make_weights(t, n_out[j], k, 300 + static_cast<uint32_t>(j)).bytes));
+        dw.push_back(
+            std::make_unique<DeviceBuffer<uint8_t>>(make_weights(t, n_out[j], k, 300 + static_cast<uint32_t>(j)).bytes));
     const void* w[3] = {dw[0]->get(), dw[1]->get(), dw[2]->get()};
-    const DeviceBuffer<float> x(random_vec(static_cast<size_t>(k), 310, 2.0f)), nw(random_vec(static_cast<size_t>(k), 311));
+    const DeviceBuffer<float> x(random_vec(static_cast<size_t>(k), 310, 2.0f));
+    const DeviceBuffer<float> nw(random_vec(static_cast<size_t>(k), 311));
     DeviceBuffer<float> xn(static_cast<size_t>(k));
     DeviceBuffer<uint8_t> qx(cuda::qx_bytes(k));
     cuda::rmsnorm(x.get(), nw.get(), xn.get(), 1, k, 1e-6f, nullptr, qx.get());
@@ -623,12 +625,14 @@ TEST_P(CudaMatmul, MultiGemvWithEachHeadsNormsRopeAndKvStores) {
     DeviceBuffer<uint8_t> kc(std::vector<uint8_t>(64, 0)), vc(std::vector<uint8_t>(64, 0));
     float* y[3] = {y0.get(), y1.get(), y2.get()};
     cuda::QkvRope r{qw.get(), nullptr, 1e-6f, Nh, Nkv, D, D, p0, nullptr, rp, kc.get(), vc.get(), true, ctr.get()};
-    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": no k norm";
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, nullptr, &r))
+        << name << ": no k norm";
     r.k_norm = kw.get();
     r.n_head = 2 * Nh, r.n_head_kv = 2 * Nkv, r.head_dim = D / 2, r.rot_dim = D / 2;
     EXPECT_FALSE(cuda::matmul_multi_gemv(t, 3, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": D = 64";
     r.n_head = Nh, r.n_head_kv = Nkv, r.head_dim = D, r.rot_dim = D;
-    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 2, w, n_out, k, xn.get(), y, nullptr, nullptr, &r)) << name << ": 2 products";
+    EXPECT_FALSE(cuda::matmul_multi_gemv(t, 2, w, n_out, k, xn.get(), y, nullptr, nullptr, &r))
+        << name << ": 2 products";
     EXPECT_EQ(y0.download(), canary) << name << ": declined but wrote";
     EXPECT_EQ(y1.download(), canary) << name << ": declined but wrote";
 }

@@ -305,7 +305,7 @@ void ModelBase::rope_and_attend(const Segment* segs, int64_t n_segs, int il, int
                                 const float* v, float* out, const float* q_norm, const float* k_norm, bool stored) {
     const int64_t D = cfg_.head_dim, Nh = cfg_.n_head, Nkv = cfg_.n_head_kv;
     const int64_t q_dim = Nh * D, kv_dim = Nkv * D;
-    for (const Segment* sg = segs; sg != segs + n_segs && !stored; ++sg) {  // norms, rope q and k, store k and v
+    for (const Segment* sg = segs; !stored && sg != segs + n_segs; ++sg) {  // norms, rope q and k, store k, v
         SequenceState& seq = *sg->seq;
         const int64_t r = sg->row0, p0 = seq.n_past;
         be_->rope_store_kv(q + r * q_dim, k + r * kv_dim, v + r * kv_dim, q_norm, k_norm, cfg_.rms_eps, sg->n, Nh,

@@ -1557,7 +1557,10 @@ bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* i
     if (takes_qgemv<T>(1, k, n_out * n_sel)) {
         if (y == nullptr || counter == nullptr || (norm != nullptr && !qx_norm_ok(n_out))) return false;
         QTail tail{w, out, counter};
-        if (norm != nullptr) tail.rx = norm->x, tail.nw = norm->w, tail.ry = norm->y, tail.eps = norm->eps, tail.qy = norm->qy;
+        if (norm != nullptr) {
+            tail.rx = norm->x, tail.nw = norm->w, tail.ry = norm->y;
+            tail.eps = norm->eps, tail.qy = norm->qy;
+        }
         launch_gemv_q<T, 1>(down, matrix_bytes, ids, n_sel, n_out, k, g, k, y, stream, tail);
         return true;
     }
