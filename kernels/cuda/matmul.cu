@@ -489,6 +489,17 @@ __device__ __forceinline__ void multi_rows(const MultiGemv& mg, size_t row_bytes
         dst[ri] = mg.y[j] + row;
     }
 }
+// multi_rows where the warp has rows (r0 < total), each of them prefetched into L2 by one lane (the
+// rows may lie in two matrices); from the kernel's arguments only, so before grid_dep_wait.
+template <int RW>
+__device__ __forceinline__ void multi_rows_prefetched(const MultiGemv& mg, size_t row_bytes, int64_t r0, int64_t total,
+                                                      int lane, const uint8_t* (&rows)[RW], float* (&dst)[RW]) {
+    if (r0 >= total) return;
+    multi_rows(mg, row_bytes, r0, total, rows, dst);
+#pragma unroll
+    for (int ri = 0; ri < RW; ++ri)
+        if (lane == ri && r0 + ri < total) prefetch_l2_bulk(rows[ri], row_bytes);
+}
 template <int RW>
 __device__ __forceinline__ void multi_store(float (&acc)[RW][1], float* const (&dst)[RW], int64_t r0, int64_t total,
                                             int lane) {
@@ -548,12 +559,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
     const uint8_t* rows[RW];
     float* dst[RW];
-    if (r0 < total) {
-        multi_rows(mg, row_bytes, r0, total, rows, dst);  // (from the kernel's arguments only)
-#pragma unroll
-        for (int ri = 0; ri < RW; ++ri)  // the rows may lie in two matrices: one prefetch each
-            if (lane == ri && r0 + ri < total) prefetch_l2_bulk(rows[ri], row_bytes);
-    }
+    multi_rows_prefetched(mg, row_bytes, r0, total, lane, rows, dst);
     grid_dep_wait();
     if (r0 >= total) return;
     float acc[RW][1];
@@ -965,12 +971,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp) * RW;
     const uint8_t* rows[RW];
     float* dst[RW];
-    if (r0 < total) {
-        multi_rows(mg, row_bytes, r0, total, rows, dst);  // (from the kernel's arguments only)
-#pragma unroll
-        for (int ri = 0; ri < RW; ++ri)  // the rows may lie in two matrices: one prefetch each
-            if (lane == ri && r0 + ri < total) prefetch_l2_bulk(rows[ri], row_bytes);
-    }
+    multi_rows_prefetched(mg, row_bytes, r0, total, lane, rows, dst);
     grid_dep_wait();
     if (r0 >= total) return;
     float acc[RW][1];
