@@ -1368,6 +1368,19 @@ TEST(CudaOps, Attention) {
             if (c.n_past >= 8) {
                 EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
             }
+            // 256-key chunks (MOEMESH_CUDA_ATTN_MIN_SPLITS=1, as before session 17; the default cuts
+            // a short context into 8 chunks): other sums, the same attention.
+            ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_MIN_SPLITS", "1", 1), 0);
+            DeviceBuffer<float> dout5(q.size());
+            cuda::AttentionArgs g1 = ga;
+            g1.out = dout5.get();
+            cuda::attention(g1, ws.get());
+            unsetenv("MOEMESH_CUDA_ATTN_MIN_SPLITS");
+            const std::vector<float> out5 = dout5.download();
+            expect_close(what + " 256-key chunks", out5, want, f16 ? 2e-3 : 1e-5);
+            if (c.n_past >= 8) {
+                EXPECT_NE(out5, out1) << what << ": MOEMESH_CUDA_ATTN_MIN_SPLITS=1 ran the same chunks";
+            }
             // The merge by each head's last chunk block (merge_counters): the second launch's bits,
             // twice on the same counters (each launch must leave them at 0). (The emulator runs the
             // blocks one after another: which block merges, and the fences, only a GPU can check.)

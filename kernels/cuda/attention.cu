@@ -1,8 +1,11 @@
 // Decode attention against the KV cache in VRAM, split over the key length (flash-decoding).
 //
-// Pass 1, grid (splits, n_head, T), one block of kAttnThreads per kAttnSplit keys of one (token,
-// head): scores into shared memory (one warp per key, lanes across head_dim), the chunk's max m and
-// sum l of exp(s - m), and o = Σ exp(s - m)·v with threads across head_dim (coalesced V rows).
+// Pass 1, grid (splits, n_head, T), one block of kAttnThreads per chunk of one (token, head)'s keys:
+// scores into shared memory (one warp per key, lanes across head_dim), the chunk's max m and sum l
+// of exp(s - m), and o = Σ exp(s - m)·v with threads across head_dim (coalesced V rows). A token's
+// n_kv keys are cut into attn_splits(n_kv) chunks of attn_chunk(n_kv) keys: at most kAttnSplit, and
+// at least min_splits chunks (of kAttnMinChunk keys or more) so that a short context still spreads
+// over several blocks (MOEMESH_CUDA_ATTN_MIN_SPLITS; 1: 256-key chunks, as before session 17).
 // Pass 2, grid (n_head, T): out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s; or, with
 // AttentionArgs::merge_counters, the same by the last of each (token, head)'s pass-1 blocks to finish.
 // Workspace per (token, head, split): head_dim floats of o, then m and l.
@@ -12,6 +15,7 @@
 // differ by about 2^-11 relative.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -34,7 +38,34 @@ __device__ __forceinline__ float kv_at(const void* base, int64_t idx) {
     else return static_cast<const float*>(base)[idx];
 }
 
-int64_t num_splits(const AttentionArgs& a) { return (a.n_past + a.n_tokens + kAttnSplit - 1) / kAttnSplit; }
+constexpr int64_t kAttnMinChunk = 16;
+constexpr int64_t kAttnMinSplits = 8;  // MOEMESH_CUDA_ATTN_MIN_SPLITS's default
+
+// Keys per chunk of a (token, head) with n_kv keys, and how many chunks.
+__host__ __device__ __forceinline__ int64_t attn_chunk(int64_t n_kv, int64_t min_splits) {
+    int64_t c = (n_kv + min_splits - 1) / min_splits;
+    if (c < kAttnMinChunk) c = kAttnMinChunk;
+    return c > kAttnSplit ? kAttnSplit : c;
+}
+__host__ __device__ __forceinline__ int64_t attn_splits(int64_t n_kv, int64_t min_splits) {
+    const int64_t c = attn_chunk(n_kv, min_splits);
+    return (n_kv + c - 1) / c;
+}
+// At least attn_splits(n, min_splits) for every n <= n_max: the grid's and the workspace's splits.
+// (n <= 16·s: chunks of 16, ceil(n / 16) <= s of them; up to 256·s: at most s; beyond: ceil(n / 256).)
+int64_t attn_max_splits(int64_t n_max, int64_t min_splits) {
+    return std::max(std::min(min_splits, (n_max + kAttnMinChunk - 1) / kAttnMinChunk),
+                    (n_max + kAttnSplit - 1) / kAttnSplit);
+}
+
+// MOEMESH_CUDA_ATTN_MIN_SPLITS (1..64; read at every call, so that an A/B or a test can switch it).
+int64_t attn_min_splits() {
+    const char* e = std::getenv("MOEMESH_CUDA_ATTN_MIN_SPLITS");
+    if (e == nullptr || *e == '\0') return kAttnMinSplits;
+    return std::clamp<int64_t>(std::atoll(e), 1, 64);
+}
+
+int64_t num_splits(const AttentionArgs& a) { return attn_max_splits(a.n_past + a.n_tokens, attn_min_splits()); }
 
 // n_past from device memory (graph replay) when n_past_dev is set; the splits this (n_past, T) needs.
 __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_past_dev) {
@@ -48,22 +79,19 @@ __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_p
 template <bool kF16, bool kVWarps>
 __device__ __forceinline__ void attn_split_chunk(const float* __restrict__ q, const void* __restrict__ k,
                                                  const void* __restrict__ v, float* __restrict__ ws, int64_t n_past,
-                                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale) {
+                                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float scale,
+                                                 int64_t min_splits) {
     __shared__ float qs[kAttnMaxHeadDim];
     __shared__ float sc[kAttnSplit];
     __shared__ float red[kWarp];
-    // gridDim.x (the workspace stride) may exceed the splits this n_past needs (a graph launched for
-    // the context size): those blocks exit without writing; the merge reads only the needed ones.
+    // gridDim.x (the workspace stride) may exceed the chunks this token's keys need (a graph launched
+    // for the context size; a prompt's earlier tokens): those blocks exit without writing, the merge
+    // reads only the token's chunks.
     const int64_t sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
-    if (sp * kAttnSplit >= n_past + gridDim.z) return;
-    const int64_t n_kv = n_past + t + 1;
-    const int64_t j0 = sp * kAttnSplit, j1 = min(j0 + kAttnSplit, n_kv);
+    const int64_t n_kv = n_past + t + 1, chunk = attn_chunk(n_kv, min_splits);
+    if (sp * chunk >= n_kv) return;
+    const int64_t j0 = sp * chunk, j1 = min(j0 + chunk, n_kv);
     float* wsp = ws + ((t * n_head + h) * n_splits + sp) * (head_dim + 2);
-    if (j0 >= n_kv) {  // beyond this token's causal window: an empty chunk
-        for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) wsp[d] = 0.0f;
-        if (threadIdx.x == 0) wsp[head_dim] = -INFINITY, wsp[head_dim + 1] = 0.0f;
-        return;
-    }
     const int64_t kvh = h / (n_head / n_head_kv), kv_stride = n_head_kv * head_dim;
     const float* qr = q + (t * n_head + h) * head_dim;
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = kF16 ? round_f16(qr[d]) : qr[d];
@@ -158,11 +186,6 @@ __device__ __forceinline__ void attn_merge_head(const float* ws, float* __restri
     }
 }
 
-// The splits (n_past, T) needs.
-__device__ __forceinline__ int64_t splits_needed(int64_t n_past, int64_t T) {
-    return (n_past + T + kAttnSplit - 1) / kAttnSplit;
-}
-
 // grid (ws splits, n_head, T). counters (AttentionArgs::merge_counters) set: the block of each
 // (token, head) that finishes last merges its chunks (no second launch): every block's chunk
 // written and fenced, one count per block, the count's last block reads the chunks through L2 and
@@ -171,14 +194,14 @@ template <bool kF16, bool kVWarps>
 __global__ void __launch_bounds__(kAttnThreads)
     attn_split_kernel(const float* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
                       float* __restrict__ ws, int64_t n_past, const int32_t* __restrict__ n_past_dev, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim, float scale, unsigned* __restrict__ counters,
-                      float* __restrict__ out, uint8_t* __restrict__ qx) {
+                      int64_t n_head_kv, int64_t head_dim, float scale, int64_t min_splits,
+                      unsigned* __restrict__ counters, float* __restrict__ out, uint8_t* __restrict__ qx) {
     grid_dep_wait();
     n_past = eff_n_past(n_past, n_past_dev);
-    attn_split_chunk<kF16, kVWarps>(q, k, v, ws, n_past, n_head, n_head_kv, head_dim, scale);
+    attn_split_chunk<kF16, kVWarps>(q, k, v, ws, n_past, n_head, n_head_kv, head_dim, scale, min_splits);
     const int64_t h = blockIdx.y, t = blockIdx.z;
     if (!counters || !last_block_done(&counters[t * n_head + h], gridDim.x)) return;
-    attn_merge_head<true>(ws, out, h, t, n_head, head_dim, gridDim.x, splits_needed(n_past, gridDim.z), qx);
+    attn_merge_head<true>(ws, out, h, t, n_head, head_dim, gridDim.x, attn_splits(n_past + t + 1, min_splits), qx);
     if (threadIdx.x == 0) counters[t * n_head + h] = 0;
 }
 
@@ -192,10 +215,12 @@ bool attn_v_warps() {
 // grid (n_head, T): the merge as a second launch (AttentionArgs::merge_counters null).
 __global__ void attn_merge_kernel(const float* __restrict__ ws, float* __restrict__ out, int64_t n_head,
                                   int64_t head_dim, int64_t ws_splits, int64_t n_past,
-                                  const int32_t* __restrict__ n_past_dev, uint8_t* __restrict__ qx) {
+                                  const int32_t* __restrict__ n_past_dev, int64_t min_splits,
+                                  uint8_t* __restrict__ qx) {
     grid_dep_wait();
-    attn_merge_head<false>(ws, out, blockIdx.x, blockIdx.y, n_head, head_dim, ws_splits,
-                           splits_needed(eff_n_past(n_past, n_past_dev), gridDim.y), qx);
+    const int64_t t = blockIdx.y;
+    attn_merge_head<false>(ws, out, blockIdx.x, t, n_head, head_dim, ws_splits,
+                           attn_splits(eff_n_past(n_past, n_past_dev) + t + 1, min_splits), qx);
 }
 
 }  // namespace
@@ -205,14 +230,14 @@ size_t attention_workspace_bytes(const AttentionArgs& a) {
 }
 
 size_t attention_workspace_bytes(const AttentionArgs& a, int64_t n_ctx) {
-    return static_cast<size_t>(a.n_tokens * a.n_head * ((n_ctx + kAttnSplit - 1) / kAttnSplit) * (a.head_dim + 2)) *
+    return static_cast<size_t>(a.n_tokens * a.n_head * attn_max_splits(n_ctx, attn_min_splits()) * (a.head_dim + 2)) *
            sizeof(float);
 }
 
 namespace {
 
-void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, void* workspace,
-                      cudaStream_t stream) {
+void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, int64_t min_splits,
+                      void* workspace, cudaStream_t stream) {
     MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
     MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
@@ -224,37 +249,39 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     const bool vw = attn_v_warps();
     if (a.kv_f16 && vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
-            a.out, a.out_qx);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.merge_counters, a.out, a.out_qx);
     else if (a.kv_f16)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
-            a.out, a.out_qx);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.merge_counters, a.out, a.out_qx);
     else if (vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
-            a.out, a.out_qx);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.merge_counters, a.out, a.out_qx);
     else
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.merge_counters,
-            a.out, a.out_qx);
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.merge_counters, a.out, a.out_qx);
     CUDA_CHECK_LAUNCH();
     if (a.merge_counters) return;  // merged by each head's last block
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
     MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
-                                                          n_past_dev, a.out_qx);
+                                                                    n_past_dev, min_splits, a.out_qx);
     CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
-    attention_launch(a, nullptr, num_splits(a), workspace, stream);
+    const int64_t ms = attn_min_splits();
+    attention_launch(a, nullptr, attn_max_splits(a.n_past + a.n_tokens, ms), ms, workspace, stream);
 }
 
 void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_ctx, void* workspace,
                    cudaStream_t stream) {
-    attention_launch(a, n_past_dev, (n_ctx + kAttnSplit - 1) / kAttnSplit, workspace, stream);
+    const int64_t ms = attn_min_splits();
+    attention_launch(a, n_past_dev, attn_max_splits(n_ctx, ms), ms, workspace, stream);
 }
 
 }  // namespace moemesh::cuda
