@@ -67,7 +67,7 @@ int64_t attn_min_splits() {
 
 int64_t num_splits(const AttentionArgs& a) { return attn_max_splits(a.n_past + a.n_tokens, attn_min_splits()); }
 
-// n_past from device memory (graph replay) when n_past_dev is set; the splits this (n_past, T) needs.
+// n_past from device memory (graph replay) when n_past_dev is set.
 __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_past_dev) {
     return n_past_dev ? static_cast<int64_t>(*n_past_dev) : n_past;
 }
