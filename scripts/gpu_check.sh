@@ -69,7 +69,8 @@ section() {
   n_types=$(echo $DECODE_TYPES | wc -w)
   section decode $(( 30 + 40 * n_types )) 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "$DECODE_TYPES" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
-  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh; ~90 s)
+  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh: NEW on/off
+  # first, then one switch after the other in whole pairs until the section's 200 s are spent)
   if [ -f "$D/q30b-L48-q4_k-fast-skew8.gguf" ]; then
     section ab 60 200 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf"
   elif want ab; then
