@@ -434,11 +434,12 @@ public:
         void* v_cache;
         bool f16;
     };
-    std::vector<int64_t> rope_key(int64_t id, const RopeCall& r) const {
-        return {id,           P(r.q),         P(r.k),          P(r.v),          P(r.q_norm),     P(r.k_norm),
-                F(r.eps),     r.n,            r.n_head,        r.n_head_kv,     r.head_dim,      r.rot_dim,
-                F(r.rp.theta), F(r.rp.freq_scale), F(r.rp.ext_factor), F(r.rp.attn_factor), F(r.rp.corr_low),
-                F(r.rp.corr_high), P(r.k_cache), P(r.v_cache), r.f16};
+    // r's fields appended to an op's recording key.
+    void append_rope_key(std::vector<int64_t>& key, const RopeCall& r) const {
+        key.insert(key.end(), {P(r.q), P(r.k), P(r.v), P(r.q_norm), P(r.k_norm), F(r.eps), r.n, r.n_head, r.n_head_kv,
+                               r.head_dim, r.rot_dim, F(r.rp.theta), F(r.rp.freq_scale), F(r.rp.ext_factor),
+                               F(r.rp.attn_factor), F(r.rp.corr_low), F(r.rp.corr_high), P(r.k_cache), P(r.v_cache),
+                               r.f16});
     }
     // rope_store_kv's launches (dev: p0 from d_p0_, a graph's replay).
     void launch_rope(const RopeCall& r, bool dev) {
@@ -470,8 +471,7 @@ public:
         if (rope) {
             rc = *rope;
             ctr = counters(qkv_rope_ctr_, rope->n_head + 2 * rope->n_head_kv);
-            const std::vector<int64_t> rk = rope_key(0, *rope);
-            key.insert(key.end(), rk.begin() + 1, rk.end());
+            append_rope_key(key, *rope);
             key.push_back(P(ctr));
         }
         enqueue(key, [=, this](bool dev) {
@@ -586,7 +586,9 @@ public:
         note_step(p0, n);
         const RopeCall r{q,         k,        v,       q_norm, k_norm, eps,     n,       n_head,
                          n_head_kv, head_dim, rot_dim, p0,     rp,     k_cache, v_cache, f16};
-        enqueue(rope_key(q_norm || k_norm ? 23 : 21, r), [=, this](bool dev) { launch_rope(r, dev); });
+        std::vector<int64_t> key = {q_norm || k_norm ? 23 : 21};
+        append_rope_key(key, r);
+        enqueue(key, [=, this](bool dev) { launch_rope(r, dev); });
     }
     void attention(const AttentionArgs& a) override {
         cuda::AttentionArgs ga{a.q,      a.k,      a.v,         a.out,     a.n_tokens, a.n_past,
@@ -594,6 +596,7 @@ public:
         // A decode row's output quantized for the o projection, as the norms do.
         if (a.head_dim % 32 == 0) ga.out_qx = qx_target(a.n_tokens, a.n_head * a.head_dim, false);
         if (attn_merge_fused_) ga.merge_counters = counters(merge_ctr_, a.n_tokens * a.n_head);
+        ga.min_splits = attn_min_splits_;
         if (!defer_) {
             void* ws = grow<uint8_t>(attn_ws_, static_cast<int64_t>(cuda::attention_workspace_bytes(ga)));
             if (profile_)
@@ -1138,6 +1141,13 @@ private:
     // attention's merge of its key chunks (MOEMESH_CUDA_ATTN_MERGE=kernel: a second launch);
     const bool attn_merge_fused_ = !env_is("MOEMESH_CUDA_ATTN_MERGE", "kernel");
     Buffer merge_ctr_;  // per (token, head)
+    // attention's least chunks per (token, head) (MOEMESH_CUDA_ATTN_MIN_SPLITS=N, 1..64; 1: 256-key
+    // chunks, before session 17).
+    const int64_t attn_min_splits_ = [] {
+        const char* e = std::getenv("MOEMESH_CUDA_ATTN_MIN_SPLITS");
+        if (e == nullptr || *e == '\0') return cuda::kAttnMinSplits;
+        return std::clamp<int64_t>(std::atoll(e), 1, 64);
+    }();
     // the router's softmax + top-k after its GEMV (MOEMESH_CUDA_ROUTER=split: two launches);
     const bool router_fused_ = !env_is("MOEMESH_CUDA_ROUTER", "split");
     Buffer route_ctr_;

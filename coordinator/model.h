@@ -39,6 +39,9 @@ struct SequenceState {
     std::vector<Buffer> conv_state, ssm_state;
 };
 
+// The most candidates forward_top_k / forward_batch_top_k give (k).
+inline constexpr int64_t kModelTopKMax = 64;
+
 class Model {
 public:
     virtual ~Model() = default;
@@ -65,7 +68,7 @@ public:
     // forward() for top-k sampling: ids[0..k) / vals[0..k) ← the k largest of the last token's logits
     // by decreasing logit (the lower id first on equal logits: sampler.h top_k_ids' order) and
     // their logits, found where the logits are (a GPU backend downloads 2k numbers instead of
-    // n_vocab). 1 <= k <= 64 and k <= n_vocab. Same checks and state change as forward(..., false, ...).
+    // n_vocab). 1 <= k <= kModelTopKMax and k <= n_vocab. Same checks and state change as forward(..., false, ...).
     virtual Status forward_top_k(SequenceState& seq, const int32_t* tokens, int64_t n, int64_t k, int32_t* ids,
                                  float* vals) = 0;
     // forward_batch() likewise: ids/vals [n_seqs, k], row i sequence i's.

@@ -1354,32 +1354,31 @@ TEST(CudaOps, Attention) {
             const std::string what = std::string("attention ") + (f16 ? "f16" : "f32") + " T=" +
                                      std::to_string(c.n_tokens) + " n_past=" + std::to_string(c.n_past);
             expect_close(what, out1, want, f16 ? 2e-3 : 1e-5);
+            // ga's attention with the changes g holds, into a fresh output.
+            auto run = [&](cuda::AttentionArgs g) {
+                DeviceBuffer<float> o(q.size());
+                g.out = o.get();
+                cuda::attention(g, ws.get());
+                return o.download();
+            };
             // The V pass over the warps (MOEMESH_CUDA_ATTN_V=warps): another summation order only.
             ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_V", "warps", 1), 0);
-            DeviceBuffer<float> dout3(q.size());
-            cuda::AttentionArgs gw = ga;
-            gw.out = dout3.get();
-            cuda::attention(gw, ws.get());
+            const std::vector<float> out3 = run(ga);
             unsetenv("MOEMESH_CUDA_ATTN_V");
-            const std::vector<float> out3 = dout3.download();
             expect_close(what + " V by warps", out3, want, f16 ? 2e-3 : 1e-5);
             expect_close(what + " V by warps vs by threads", out3, out1, 1e-6);
             // (up to 4 keys per chunk every warp sums one key at most: the same sums)
             if (c.n_past >= 8) {
                 EXPECT_NE(out3, out1) << what << ": MOEMESH_CUDA_ATTN_V=warps ran the same kernel";
             }
-            // 256-key chunks (MOEMESH_CUDA_ATTN_MIN_SPLITS=1, as before session 17; the default cuts
-            // a short context into 8 chunks): other sums, the same attention.
-            ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_MIN_SPLITS", "1", 1), 0);
-            DeviceBuffer<float> dout5(q.size());
+            // 256-key chunks (min_splits 1, as before session 17; the default cuts a short context
+            // into 8 chunks): other sums, the same attention.
             cuda::AttentionArgs g1 = ga;
-            g1.out = dout5.get();
-            cuda::attention(g1, ws.get());
-            unsetenv("MOEMESH_CUDA_ATTN_MIN_SPLITS");
-            const std::vector<float> out5 = dout5.download();
+            g1.min_splits = 1;
+            const std::vector<float> out5 = run(g1);
             expect_close(what + " 256-key chunks", out5, want, f16 ? 2e-3 : 1e-5);
             if (c.n_past >= 8) {
-                EXPECT_NE(out5, out1) << what << ": MOEMESH_CUDA_ATTN_MIN_SPLITS=1 ran the same chunks";
+                EXPECT_NE(out5, out1) << what << ": min_splits 1 ran the same chunks";
             }
             // The merge by each head's last chunk block (merge_counters): the second launch's bits,
             // twice on the same counters (each launch must leave them at 0). (The emulator runs the

@@ -128,7 +128,7 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
                 MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &held.back(), 1, &next));
                 continue;
             }
-            if (const int64_t k = sampler.candidates(V); k > 0 && k <= 64) {  // top-k: its candidates alone
+            if (const int64_t k = sampler.candidates(V); k > 0 && k <= kModelTopKMax) {  // top-k: its candidates alone
                 top_ids.resize(static_cast<size_t>(k)), top_vals.resize(static_cast<size_t>(k));
                 MM_RETURN_IF_ERROR(model.forward_top_k(*seq, &held.back(), 1, k, top_ids.data(), top_vals.data()));
                 next = sampler.sample_candidates(top_ids.data(), top_vals.data(), k);

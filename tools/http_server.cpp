@@ -323,12 +323,12 @@ struct HttpServer::Impl {
 
     // A decoding request that needs only the argmax of its logits: greedy, no grammar, no logprobs.
     static bool argmax_only(const Slot& s) { return !s.constraint && s.sampler->greedy() && s.rq->logprobs < 0; }
-    // k > 0: a decoding request that needs only its k largest logits (top-k sampling, k <= 64, no
-    // grammar, no logprobs).
+    // k > 0: a decoding request that needs only its k largest logits (top-k sampling, k <=
+    // kModelTopKMax, no grammar, no logprobs).
     int64_t top_k_only(const Slot& s) const {
         if (s.constraint || s.rq->logprobs >= 0) return 0;
         const int64_t k = s.sampler->candidates(model.config().n_vocab);
-        return k <= 64 ? k : 0;
+        return k <= kModelTopKMax ? k : 0;
     }
 
     // Admits a request: its sequence and sampler.

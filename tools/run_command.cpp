@@ -253,7 +253,7 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
             MM_RETURN_IF_ERROR(model.forward_argmax(*seq, &fed, 1, &next));
             continue;
         }
-        if (top_k > 0 && top_k <= 64) {
+        if (top_k > 0 && top_k <= kModelTopKMax) {
             MM_RETURN_IF_ERROR(model.forward_top_k(*seq, &next, 1, top_k, top_ids.data(), top_vals.data()));
             next = sampler_for_run(o, sampler, greedy).sample_candidates(top_ids.data(), top_vals.data(), top_k);
             continue;

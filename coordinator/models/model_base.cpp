@@ -104,9 +104,9 @@ Status ModelBase::forward_argmax(SequenceState& seq, const int32_t* tokens, int6
 }
 
 Status ModelBase::check_top_k(int64_t k) const {
-    if (k < 1 || k > 64 || k > cfg_.n_vocab)
+    if (k < 1 || k > kModelTopKMax || k > cfg_.n_vocab)
         return MM_ERROR("top-k %lld: the model gives the top 1 to %lld logits", static_cast<long long>(k),
-                        static_cast<long long>(std::min<int64_t>(64, cfg_.n_vocab)));
+                        static_cast<long long>(std::min<int64_t>(kModelTopKMax, cfg_.n_vocab)));
     return Status();
 }
 

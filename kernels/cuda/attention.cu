@@ -5,7 +5,7 @@
 // of exp(s - m), and o = Σ exp(s - m)·v with threads across head_dim (coalesced V rows). A token's
 // n_kv keys are cut into attn_splits(n_kv) chunks of attn_chunk(n_kv) keys: at most kAttnSplit, and
 // at least min_splits chunks (of kAttnMinChunk keys or more) so that a short context still spreads
-// over several blocks (MOEMESH_CUDA_ATTN_MIN_SPLITS; 1: 256-key chunks, as before session 17).
+// over several blocks (AttentionArgs::min_splits; 1: 256-key chunks, as before session 17).
 // Pass 2, grid (n_head, T): out = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s; or, with
 // AttentionArgs::merge_counters, the same by the last of each (token, head)'s pass-1 blocks to finish.
 // Workspace per (token, head, split): head_dim floats of o, then m and l.
@@ -39,7 +39,6 @@ __device__ __forceinline__ float kv_at(const void* base, int64_t idx) {
 }
 
 constexpr int64_t kAttnMinChunk = 16;
-constexpr int64_t kAttnMinSplits = 8;  // MOEMESH_CUDA_ATTN_MIN_SPLITS's default
 
 // Keys per chunk of a (token, head) with n_kv keys, and how many chunks.
 __host__ __device__ __forceinline__ int64_t attn_chunk(int64_t n_kv, int64_t min_splits) {
@@ -58,14 +57,7 @@ int64_t attn_max_splits(int64_t n_max, int64_t min_splits) {
                     (n_max + kAttnSplit - 1) / kAttnSplit);
 }
 
-// MOEMESH_CUDA_ATTN_MIN_SPLITS (1..64; read at every call, so that an A/B or a test can switch it).
-int64_t attn_min_splits() {
-    const char* e = std::getenv("MOEMESH_CUDA_ATTN_MIN_SPLITS");
-    if (e == nullptr || *e == '\0') return kAttnMinSplits;
-    return std::clamp<int64_t>(std::atoll(e), 1, 64);
-}
-
-int64_t num_splits(const AttentionArgs& a) { return attn_max_splits(a.n_past + a.n_tokens, attn_min_splits()); }
+int64_t num_splits(const AttentionArgs& a) { return attn_max_splits(a.n_past + a.n_tokens, a.min_splits); }
 
 // n_past from device memory (graph replay) when n_past_dev is set.
 __device__ __forceinline__ int64_t eff_n_past(int64_t n_past, const int32_t* n_past_dev) {
@@ -230,14 +222,16 @@ size_t attention_workspace_bytes(const AttentionArgs& a) {
 }
 
 size_t attention_workspace_bytes(const AttentionArgs& a, int64_t n_ctx) {
-    return static_cast<size_t>(a.n_tokens * a.n_head * attn_max_splits(n_ctx, attn_min_splits()) * (a.head_dim + 2)) *
+    return static_cast<size_t>(a.n_tokens * a.n_head * attn_max_splits(n_ctx, a.min_splits) * (a.head_dim + 2)) *
            sizeof(float);
 }
 
 namespace {
 
-void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, int64_t min_splits,
-                      void* workspace, cudaStream_t stream) {
+void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, void* workspace,
+                      cudaStream_t stream) {
+    MM_CHECK(a.min_splits >= 1 && a.min_splits <= 64);
+    const int64_t min_splits = a.min_splits;
     MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
     MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
@@ -274,14 +268,12 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
 }  // namespace
 
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
-    const int64_t ms = attn_min_splits();
-    attention_launch(a, nullptr, attn_max_splits(a.n_past + a.n_tokens, ms), ms, workspace, stream);
+    attention_launch(a, nullptr, num_splits(a), workspace, stream);
 }
 
 void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_ctx, void* workspace,
                    cudaStream_t stream) {
-    const int64_t ms = attn_min_splits();
-    attention_launch(a, n_past_dev, attn_max_splits(n_ctx, ms), ms, workspace, stream);
+    attention_launch(a, n_past_dev, attn_max_splits(n_ctx, a.min_splits), workspace, stream);
 }
 
 }  // namespace moemesh::cuda

@@ -260,12 +260,13 @@ void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids
 // ---- attention (kernels/cuda/attention.cu) ----
 // Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
 // each (token, head) reads its keys in chunks of at most kAttnSplit, one block per chunk (at least
-// MOEMESH_CUDA_ATTN_MIN_SPLITS = 8 chunks of 16 keys or more: a short context still spreads over
-// several blocks; 1: 256-key chunks, before session 17), then one pass merges the chunks. Layouts as AttentionArgs in kernels/ops.h:
+// AttentionArgs::min_splits chunks of 16 keys or more: a short context still spreads over several
+// blocks; 1: 256-key chunks, before session 17), then one pass merges the chunks. Layouts as AttentionArgs in kernels/ops.h:
 //   q:   [T, n_head, head_dim] f32;  k, v: [n_ctx, n_head_kv, head_dim] f16 (kv_f16) or f32
 //   out: [T, n_head, head_dim] f32;  token t sees keys 0..n_past+t.
 // head_dim <= 256. workspace: attention_workspace_bytes() bytes of device memory.
 constexpr int64_t kAttnSplit = 256;
+inline constexpr int64_t kAttnMinSplits = 8;  // AttentionArgs::min_splits' default
 struct AttentionArgs {
     const float* q;
     const void* k;
@@ -280,6 +281,9 @@ struct AttentionArgs {
     // Optional: n_tokens · n_head counters in device memory, zero (and left zero): each (token,
     // head)'s chunks are merged by its block that finishes last instead of by a second launch.
     unsigned* merge_counters = nullptr;
+    // At least this many chunks per (token, head) (1..64; see above; MOEMESH_CUDA_ATTN_MIN_SPLITS
+    // for the backend).
+    int64_t min_splits = kAttnMinSplits;
 };
 size_t attention_workspace_bytes(const AttentionArgs& a);
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
