@@ -970,9 +970,11 @@ private:
                     const cuda::AddNorm* norm) {
         const int64_t H = H_, I = I_;
         // gate, up and SwiGLU in one launch where the types allow (same bits as the three below
-        // without qx)
+        // without qx); its blocks also put the selected experts' down matrices into L2 for the
+        // down GEMV (MOEMESH_CUDA_EXPERT_PREFETCH)
         if (r.tg != r.tu || r.mb_g != r.mb_u ||
-            !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, K, I, H, x, 0, g, stream_, qx)) {
+            !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, K, I, H, x, 0, g, stream_, qx, r.down,
+                                    r.mb_d)) {
             cuda::matmul_id(r.tg, r.gate, r.mb_g, ids, K, I, H, x, 0, g, stream_);  // [K, I]
             cuda::matmul_id(r.tu, r.up, r.mb_u, ids, K, I, H, x, 0, u, stream_);    // [K, I]
             cuda::swiglu(g, u, g, K * I, stream_);

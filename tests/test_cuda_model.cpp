@@ -540,6 +540,44 @@ TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     }
 }
 
+// The gate/up GEMV of every decode step puts the selected experts' down matrices into L2 for the
+// down GEMV (MOEMESH_CUDA_EXPERT_PREFETCH, cuda::matmul_id_swiglu's next): the same logits without it;
+// on the emulator (which records prefetches) each decode step of each layer prefetches its K down
+// matrices' bytes more than without (a prompt's MoE prefetches none: hundreds of pairs).
+TEST_F(CudaModel, DecodePrefetchesTheSelectedExpertsDownMatrices) {
+    REQUIRE_CUDA();
+    const MakeModelOptions o = moe_opts("q8_0");
+    const std::string path = make(o, "moe_q8");
+    const auto prompt = random_tokens(5, kDefaultBuiltinVocab, 6);
+    const int n_gen = 4;
+    size_t bytes[2] = {0, 0};
+    Decode runs[2];
+    for (int off = 0; off < 2; ++off) {
+        ASSERT_EQ(cuda::set_kernel_switches(off ? cuda::kSwitchNoExpertPrefetch : 0u), cudaSuccess);
+#ifdef MM_CUDA_EMULATION
+        (void)mm_emu::prefetch_log(true);
+#endif
+        runs[off] = decode_with_graphs(path, "1", true, prompt, n_gen);
+#ifdef MM_CUDA_EMULATION
+        for (const mm_emu::PrefetchRange& r : mm_emu::prefetch_log(false)) bytes[off] += r.end - r.begin;
+#endif
+    }
+    ASSERT_EQ(cuda::set_kernel_switches(0), cudaSuccess);
+    ASSERT_EQ(runs[0].tokens.size(), static_cast<size_t>(n_gen));
+    EXPECT_EQ(runs[0].tokens, runs[1].tokens);
+    EXPECT_TRUE(runs[0].logits == runs[1].logits) << "the down matrices' prefetch changed the logits";
+#ifdef MM_CUDA_EMULATION
+    const size_t down = static_cast<size_t>(o.hidden) * ggml_row_bytes(GgmlType::Q8_0, o.expert_ff);
+    const size_t want = static_cast<size_t>(n_gen) * o.layers * o.top_k * down;
+    const size_t parts = static_cast<size_t>((o.expert_ff + 7) / 8 * 8);  // gate/up warps per selection
+    ASSERT_GE(bytes[0], bytes[1]);
+    EXPECT_GE(bytes[0] - bytes[1], want);
+    EXPECT_LE(bytes[0] - bytes[1], want + static_cast<size_t>(n_gen) * o.layers * o.top_k * parts * 32);
+#else
+    std::printf("[   NOTE   ] what was prefetched is checked on the emulator only (logits checked here)\n");
+#endif
+}
+
 // MOEMESH_CUDA_QX (on by default): decode GEMVs read X quantized by the norms and attention, as the
 // CPU quantizes its activations. Against MOEMESH_CUDA_QX=0 the logits must differ (the path ran),
 // and every step must stay close to the CPU run (a stale or misplaced quantized X gives other

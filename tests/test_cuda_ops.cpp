@@ -511,6 +511,92 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
     }
 }
 
+// The gate/up GEMV of a decode step puts the matrices the next launch reads for the same
+// selections (the experts' down projections) into L2: the same results whatever the switch; on the
+// emulator, which records prefetches (and fails a launch whose prefetch leaves device memory), the
+// bytes prefetched from the next tensor are the selected experts' matrices — every byte of them, and
+// nothing else but the 16-byte widening at their ends — after the warps' reads (the default) or
+// right after the wait (early); none with MOEMESH_CUDA_EXPERT_PREFETCH=0.
+TEST_P(CudaMatmul, ExpertIndexedSwigluPrefetchesTheNextMatrices) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const int64_t E = 5, n_out = 96, k = 512;
+    const std::vector<uint8_t> gate = stacked_weights(t, E, n_out, k, 80), up = stacked_weights(t, E, n_out, k, 90);
+    const size_t matrix_bytes = gate.size() / E;
+    const size_t next_bytes = 9000;  // not a multiple of 16: shares and widening at odd ends
+    const std::vector<int32_t> ids = {3, 1, 3, 4};
+    const int64_t n_sel = static_cast<int64_t>(ids.size());
+    const DeviceBuffer<uint8_t> dg(gate), du(up), dn(static_cast<size_t>(E) * next_bytes);
+    const DeviceBuffer<int32_t> dids(ids);
+    const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(k), 9)), dnw(random_vec(static_cast<size_t>(k), 10));
+    DeviceBuffer<float> dxn(static_cast<size_t>(k));
+    DeviceBuffer<uint8_t> dq(cuda::qx_bytes(k));
+    cuda::rmsnorm(dx.get(), dnw.get(), dxn.get(), 1, k, 1e-6f, nullptr, dq.get());
+    const bool qx = cuda::qx_takes(t, k, n_out * n_sel);
+    const auto base = reinterpret_cast<uintptr_t>(dn.get());
+    struct Run {
+        const char* name;
+        unsigned sw;
+        bool prefetches;
+    };
+    for (const bool use_qx : {false, true}) {
+        if (use_qx && !qx) continue;
+        const uint8_t* q = use_qx ? dq.get() : nullptr;
+        DeviceBuffer<float> y0(static_cast<size_t>(n_sel * n_out));
+        if (!cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dxn.get(), 0,
+                                    y0.get(), nullptr, q))
+            return;  // declined (tested above): the next launch's prefetch goes with it
+        const std::vector<float> want = y0.download();
+        for (const Run& r : {Run{"after the reads", 0u, true}, Run{"early", cuda::kSwitchExpertPrefetchEarly, true},
+                             Run{"off", cuda::kSwitchNoExpertPrefetch, false}}) {
+            const std::string name = std::string(ggml_type_name(t)) + (use_qx ? " qx, " : " f32 x, ") + r.name;
+            ASSERT_EQ(cuda::set_kernel_switches(r.sw), cudaSuccess);
+#ifdef MM_CUDA_EMULATION
+            (void)mm_emu::prefetch_log(true);
+#endif
+            DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out));
+            ASSERT_TRUE(cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k,
+                                               dxn.get(), 0, y.get(), nullptr, q, dn.get(), next_bytes))
+                << name;
+            EXPECT_EQ(y.download(), want) << name << ": the results changed";
+#ifdef MM_CUDA_EMULATION
+            const std::vector<mm_emu::PrefetchRange> log = mm_emu::prefetch_log(false);
+            std::vector<int> covered(static_cast<size_t>(E) * next_bytes + 32, 0);  // bytes from base − 16
+            size_t outside = 0;
+            for (const mm_emu::PrefetchRange& pr : log) {
+                if (pr.end <= base - 16 || pr.begin >= base + covered.size() - 16) continue;  // another tensor
+                for (uintptr_t a = pr.begin; a < pr.end; ++a) {
+                    if (a + 16 < base || a >= base + covered.size() - 16) {
+                        ++outside;
+                        continue;
+                    }
+                    ++covered[a + 16 - base];
+                }
+            }
+            EXPECT_EQ(outside, 0u) << name;
+            size_t missing = 0, extra = 0;
+            for (size_t i = 0; i < covered.size(); ++i) {
+                const int64_t off = static_cast<int64_t>(i) - 16;  // from base
+                bool selected = false, near = false;
+                for (const int32_t id : ids) {
+                    const int64_t b = id * static_cast<int64_t>(next_bytes), e = b + static_cast<int64_t>(next_bytes);
+                    selected = selected || (off >= b && off < e);
+                    near = near || (off >= (b & ~int64_t{15}) && off < ((e + 15) & ~int64_t{15}));
+                }
+                if (r.prefetches && selected && covered[i] == 0) ++missing;
+                if (covered[i] > 0 && (!r.prefetches || !near)) ++extra;
+            }
+            EXPECT_EQ(missing, 0u) << name << ": bytes of the selected experts' next matrices not prefetched";
+            EXPECT_EQ(extra, 0u) << name << ": bytes prefetched that the next launch does not read";
+#endif
+        }
+        ASSERT_EQ(cuda::set_kernel_switches(0), cudaSuccess);
+    }
+#ifndef MM_CUDA_EMULATION
+    std::printf("[   NOTE   ] what was prefetched is checked on the emulator only (results checked here)\n");
+#endif
+}
+
 // A decode step's q/k/v in one launch: the bits of matmul one by one, or a decline that writes
 // nothing; the common types must not decline at these sizes; n outside 2..kMultiGemvMax declines.
 TEST_P(CudaMatmul, MultiGemvIsTheSeparateProducts) {
@@ -1676,7 +1762,15 @@ TEST(CudaOps, KernelSwitchesReachTheKernels) {
     REQUIRE_CUDA();
     unsetenv("MOEMESH_CUDA_PDL_TRIGGER");
     unsetenv("MOEMESH_CUDA_PREFETCH");
+    unsetenv("MOEMESH_CUDA_EXPERT_PREFETCH");
     EXPECT_EQ(cuda::kernel_switches_from_env(), 0u);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EXPERT_PREFETCH", "0", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), cuda::kSwitchNoExpertPrefetch);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EXPERT_PREFETCH", "early", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), cuda::kSwitchExpertPrefetchEarly);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EXPERT_PREFETCH", "1", 1), 0);
+    EXPECT_EQ(cuda::kernel_switches_from_env(), 0u);
+    unsetenv("MOEMESH_CUDA_EXPERT_PREFETCH");
     ASSERT_EQ(setenv("MOEMESH_CUDA_PDL_TRIGGER", "exit", 1), 0);
     EXPECT_EQ(cuda::kernel_switches_from_env(), cuda::kSwitchTriggerAtExit);
     ASSERT_EQ(setenv("MOEMESH_CUDA_PREFETCH", "0", 1), 0);

@@ -131,12 +131,18 @@ __device__ __forceinline__ void grid_dep_wait() {
 // rounded up). For a GEMV's weight rows, issued before grid_dep_wait where the rows' address depends
 // on no other kernel's output, so that the DRAM reads overlap the kernel before (above); after it
 // they still put the warp's whole rows in flight at once. MOEMESH_CUDA_PREFETCH=0 leaves it out.
+// The emulator checks that the widened range lies in one device allocation and can record it
+// (mm_emu::prefetch_l2).
 __device__ __forceinline__ void prefetch_l2_bulk(const void* p, size_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(MM_CUDA_EMULATION)
     if (bytes == 0 || (switches() & kSwitchNoPrefetch)) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{15};
     const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes + 15) & ~uintptr_t{15};
+#ifdef MM_CUDA_EMULATION
+    ::mm_emu::prefetch_l2(reinterpret_cast<const void*>(a), e - a);
+#else
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(static_cast<unsigned>(e - a)) : "memory");
+#endif
 #else
     (void)p, (void)bytes;
 #endif

@@ -38,14 +38,18 @@ int device_count(const char** why = nullptr);
 
 // Kernel switches for A/B runs (kernels/cuda/common.cuh; 0, the default: the next kernel is signalled
 // right after a kernel's dependency wait, and GEMVs prefetch their weight rows into L2, before that
-// wait where the rows depend on no other kernel). kernel_switches_from_env: MOEMESH_CUDA_PDL_TRIGGER=exit
-// and MOEMESH_CUDA_PREFETCH=0 as bits. set_kernel_switches sets them for every kernel file on the
-// current device (a synchronous copy: not while a stream is being captured); use_env_kernel_switches
-// does that with the environment's once per device (nothing when it sets none). kernel_switch_copies:
-// how many files registered their copy (one per kernel file); kernel_switches_seen: the value
-// matmul.cu's kernels read on the current device (a launch and a synchronous copy), as a check.
-inline constexpr unsigned kSwitchTriggerAtExit = 1u;  // MOEMESH_CUDA_PDL_TRIGGER=exit
-inline constexpr unsigned kSwitchNoPrefetch = 2u;     // MOEMESH_CUDA_PREFETCH=0
+// wait where the rows depend on no other kernel; the gate/up GEMV prefetches the down GEMV's expert
+// matrices once its warps have read their rows). kernel_switches_from_env: MOEMESH_CUDA_PDL_TRIGGER=exit,
+// MOEMESH_CUDA_PREFETCH=0 and MOEMESH_CUDA_EXPERT_PREFETCH=0|early as bits. set_kernel_switches sets
+// them for every kernel file on the current device (a synchronous copy: not while a stream is being
+// captured); use_env_kernel_switches does that with the environment's once per device (nothing when
+// it sets none). kernel_switch_copies: how many files registered their copy (one per kernel file);
+// kernel_switches_seen: the value matmul.cu's kernels read on the current device (a launch and a
+// synchronous copy), as a check.
+inline constexpr unsigned kSwitchTriggerAtExit = 1u;        // MOEMESH_CUDA_PDL_TRIGGER=exit
+inline constexpr unsigned kSwitchNoPrefetch = 2u;           // MOEMESH_CUDA_PREFETCH=0 (every L2 prefetch)
+inline constexpr unsigned kSwitchNoExpertPrefetch = 4u;     // MOEMESH_CUDA_EXPERT_PREFETCH=0
+inline constexpr unsigned kSwitchExpertPrefetchEarly = 8u;  // MOEMESH_CUDA_EXPERT_PREFETCH=early
 unsigned kernel_switches_from_env();
 cudaError_t set_kernel_switches(unsigned switches);
 cudaError_t use_env_kernel_switches();
@@ -113,9 +117,15 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
 // the f32-activation GEMV (the int8-X GEMV by size or MOEMESH_CUDA_GEMV=new) or gate and up
 // differ in type or layout: the caller then runs the three launches.
 // qx (with x_stride 0): x quantized, read instead of x where qx_takes.
+// next (with next_matrix_bytes > 0): the matrices the launch after this one reads for the same
+// selections (a decode step's down projections): each selection's next + ids[s] · next_matrix_bytes,
+// next_matrix_bytes long, is prefetched into L2 by this launch's blocks (a hint: results are the same;
+// kSwitchNoExpertPrefetch / kSwitchExpertPrefetchEarly). For a few selections (a decode step), not a
+// prompt's hundreds.
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
-                      cudaStream_t stream = nullptr, const uint8_t* qx = nullptr);
+                      cudaStream_t stream = nullptr, const uint8_t* qx = nullptr, const void* next = nullptr,
+                      size_t next_matrix_bytes = 0);
 
 // ---- X quantized once for the decode GEMVs ("qx") ----
 // One X row of k floats as the int8-X GEMVs read it, llama.cpp Q8_1-style: int8 quants [k], then per

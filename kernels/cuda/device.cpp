@@ -50,6 +50,9 @@ unsigned kernel_switches_from_env() {
     if (t != nullptr && std::strcmp(t, "exit") == 0) v |= kSwitchTriggerAtExit;
     const char* p = std::getenv("MOEMESH_CUDA_PREFETCH");
     if (p != nullptr && std::strcmp(p, "0") == 0) v |= kSwitchNoPrefetch;
+    const char* e = std::getenv("MOEMESH_CUDA_EXPERT_PREFETCH");
+    if (e != nullptr && std::strcmp(e, "0") == 0) v |= kSwitchNoExpertPrefetch;
+    if (e != nullptr && std::strcmp(e, "early") == 0) v |= kSwitchExpertPrefetchEarly;
     return v;
 }
 

@@ -399,6 +399,29 @@ struct MatSel {
     __device__ __forceinline__ bool fixed() const { return ids == nullptr && table == nullptr; }
 };
 
+// The matrices the launch after a gate/up GEMV reads for the same selections (the experts' down
+// projections): base == null, none. Once the selections' ids are visible (after grid_dep_wait) the
+// gate/up blocks put them into L2 so that the down GEMV finds them there instead of starting its
+// DRAM reads cold after its own wait; each selection's bytes split evenly over its blocks' warps,
+// one bulk request each, issued when the warp's own rows are read (MOEMESH_CUDA_EXPERT_PREFETCH:
+// 0 none, early: right after the wait).
+struct NextMats {
+    const uint8_t* base = nullptr;
+    size_t matrix_bytes = 0;
+};
+__device__ __forceinline__ void prefetch_next_share(const NextMats& nm, const int32_t* ids, int64_t s, bool early) {
+    if (nm.base == nullptr || ids == nullptr || (switches() & kSwitchNoExpertPrefetch) ||
+        early != ((switches() & kSwitchExpertPrefetchEarly) != 0))
+        return;
+    const int warps = static_cast<int>(blockDim.x) / kWarp;
+    const size_t parts = static_cast<size_t>(gridDim.x) * warps;
+    const size_t part = ((nm.matrix_bytes + parts - 1) / parts + 15) & ~size_t{15};
+    const size_t b = (static_cast<size_t>(blockIdx.x) * warps + threadIdx.x / kWarp) * part;
+    if (threadIdx.x % kWarp != 0 || b >= nm.matrix_bytes) return;
+    const size_t n = part < nm.matrix_bytes - b ? part : nm.matrix_bytes - b;
+    prefetch_l2_bulk(nm.base + static_cast<size_t>(ids[s]) * nm.matrix_bytes + b, n);
+}
+
 // A warp's W rows row0 … row0 + rows − 1 of wmat (clipped at n_out) into L2, by its lane 0: called
 // before grid_dep_wait where wmat is fixed, so that the rows' DRAM reads overlap the kernel before.
 __device__ __forceinline__ void prefetch_warp_rows(const uint8_t* wmat, size_t row_bytes, int64_t row0, int64_t rows,
@@ -576,7 +599,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_swiglu_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k, const float* __restrict__ x,
-                       int64_t x_stride, float* __restrict__ y) {
+                       int64_t x_stride, float* __restrict__ y, NextMats next) {
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
     const int64_t s = blockIdx.y;
@@ -585,13 +608,16 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
         prefetch_warp_rows(wu(s), row_bytes, row, 1, n_out);
     }
     grid_dep_wait();
-    if (row >= n_out) return;
-    const size_t off = static_cast<size_t>(row) * row_bytes;
-    const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
-    float acc[2][1] = {{0.0f}, {0.0f}};
-    dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
-    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
-    if (lane == 0) y[s * n_out + row] = silu(g) * u;
+    prefetch_next_share(next, wg.ids, s, true);
+    if (row < n_out) {  // warp-uniform
+        const size_t off = static_cast<size_t>(row) * row_bytes;
+        const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
+        float acc[2][1] = {{0.0f}, {0.0f}};
+        dot_rows<T, 2, 1>(rows, k, x + s * x_stride, lane, acc);
+        const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+        if (lane == 0) y[s * n_out + row] = silu(g) * u;
+    }
+    prefetch_next_share(next, wg.ids, s, false);
 }
 
 // A decode step's expert down products and their weighted sum: block h has one warp per selection
@@ -986,7 +1012,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 template <GgmlType T>
 __global__ void __launch_bounds__(kGemvWarps* kWarp)
     gemv_swiglu_qx_kernel(MatSel wg, MatSel wu, size_t row_bytes, int64_t n_out, int64_t k,
-                          const uint8_t* __restrict__ qx, float* __restrict__ y) {
+                          const uint8_t* __restrict__ qx, float* __restrict__ y, NextMats next) {
     const int lane = threadIdx.x % kWarp;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
     const int64_t s = blockIdx.y;
@@ -995,13 +1021,16 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
         prefetch_warp_rows(wu(s), row_bytes, row, 1, n_out);
     }
     grid_dep_wait();
-    if (row >= n_out) return;
-    const size_t off = static_cast<size_t>(row) * row_bytes;
-    const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
-    float acc[2][1] = {{0.0f}, {0.0f}};
-    dotq_rows<T, 2, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
-    const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
-    if (lane == 0) y[s * n_out + row] = silu(g) * u;
+    prefetch_next_share(next, wg.ids, s, true);
+    if (row < n_out) {  // warp-uniform
+        const size_t off = static_cast<size_t>(row) * row_bytes;
+        const uint8_t* const rows[2] = {wg(s) + off, wu(s) + off};
+        float acc[2][1] = {{0.0f}, {0.0f}};
+        dotq_rows<T, 2, 1>(rows, k, qx_view<T>(qx, k), lane, acc);
+        const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
+        if (lane == 0) y[s * n_out + row] = silu(g) * u;
+    }
+    prefetch_next_share(next, wg.ids, s, false);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1490,7 +1519,7 @@ bool launch_qx_add_rmsnorm(const void* w, int64_t n_out, int64_t k, const uint8_
 template <GgmlType T>
 bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids, int64_t n_sel,
                         int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y, const uint8_t* qx,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, NextMats next) {
     if (takes_qgemv<T>(1, k, n_out * n_sel)) return false;
     const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
     const MatSel g{static_cast<const uint8_t*>(gate), matrix_bytes, ids, nullptr};
@@ -1498,13 +1527,13 @@ bool launch_gemv_swiglu(const void* gate, const void* up, size_t matrix_bytes, c
     if constexpr (kHasQGemv<T>) {
         if (qx && qx_ok<T>(k, n_out * n_sel)) {
             MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_qx_kernel<T>)(g, u, ggml_row_bytes(T, k),
-                                                                                       n_out, k, qx, y);
+                                                                                       n_out, k, qx, y, next);
             CUDA_CHECK_LAUNCH();
             return true;
         }
     }
     MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(g, u, ggml_row_bytes(T, k), n_out, k, x,
-                                                                            x_stride, y);
+                                                                            x_stride, y, next);
     CUDA_CHECK_LAUNCH();
     return true;
 }
@@ -1582,7 +1611,8 @@ bool launch_gemv_ptr(const void* const* w, const void* const* wu, int64_t n_sel,
     if (wu != nullptr) {
         const MatSel su{nullptr, 0, nullptr, reinterpret_cast<const uint8_t* const*>(wu)};
         const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
-        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(sw, su, rb, n_out, k, x, x_stride, y);
+        MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(sw, su, rb, n_out, k, x, x_stride, y,
+                                                                                NextMats{});
     } else {
         const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
         MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, 1>)(sw, rb, n_out, k, x, x_stride, y);
@@ -1620,13 +1650,14 @@ bool matmul_multi_gemv(GgmlType wt, int n, const void* const* w, const int64_t* 
 
 bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matrix_bytes, const int32_t* ids,
                       int64_t n_sel, int64_t n_out, int64_t k, const float* x, int64_t x_stride, float* y,
-                      cudaStream_t stream, const uint8_t* qx) {
+                      cudaStream_t stream, const uint8_t* qx, const void* next, size_t next_matrix_bytes) {
     check_shape(wt, k);
     MM_CHECK(ids != nullptr && n_sel < 65536);
     if (n_sel <= 0 || n_out <= 0) return true;
+    const NextMats nm{next_matrix_bytes ? static_cast<const uint8_t*>(next) : nullptr, next_matrix_bytes};
     return with_fused_gemv_type(wt, [&](auto t) {
         return launch_gemv_swiglu<decltype(t)::value>(gate, up, matrix_bytes, ids, n_sel, n_out, k, x, x_stride, y,
-                                                      x_stride == 0 ? qx : nullptr, stream);
+                                                      x_stride == 0 ? qx : nullptr, stream, nm);
     });
 }
 

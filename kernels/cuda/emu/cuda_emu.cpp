@@ -275,6 +275,38 @@ bctx::fiber fiber_main(bctx::fiber&& sched) {
 
 void* dynamic_shared() { return g_run->dyn_smem; }
 
+namespace {
+std::mutex g_prefetch_mu;
+bool g_prefetch_on = false;
+std::vector<PrefetchRange> g_prefetches;
+}  // namespace
+
+void prefetch_l2(const void* p, size_t bytes) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    bool inside = false;
+    {
+        std::lock_guard<std::mutex> lk(g_mem_mu);
+        uintptr_t base = 0;
+        const Alloc* al = find_alloc(p, 1, &base);
+        inside = al != nullptr && al->device && bytes > 0 && a + bytes <= base + ((al->bytes + 255) & ~size_t{255});
+    }
+    if (!inside) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "an L2 prefetch of %zu bytes at %p is not inside one device allocation", bytes,
+                      p);
+        if (g_run != nullptr) fail_block(buf);
+        return;
+    }
+    std::lock_guard<std::mutex> lk(g_prefetch_mu);
+    if (g_prefetch_on) g_prefetches.push_back({a, a + bytes});
+}
+
+std::vector<PrefetchRange> prefetch_log(bool on) {
+    std::lock_guard<std::mutex> lk(g_prefetch_mu);
+    g_prefetch_on = on;
+    return std::exchange(g_prefetches, {});
+}
+
 int lane_id() { return g_run->cur->lane; }
 
 void sync_block() {

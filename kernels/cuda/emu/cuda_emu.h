@@ -45,6 +45,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/half.h"
 
@@ -346,6 +347,15 @@ void sync_warp(unsigned mask);
 // Warp exchange: publishes `bits` for this lane, waits for the lanes in `mask`, reads lane `src`'s.
 uint64_t exchange(unsigned mask, uint64_t bits, int src);
 int lane_id();
+// cp.async.bulk.prefetch.L2 (a hint: no data moves): fails the launch unless [p, p + bytes) lies in one
+// device allocation (its 256-byte granule; a GPU may fault on an unmapped address), and is recorded
+// while prefetch_log(true) is on, for tests that check what a kernel prefetches.
+void prefetch_l2(const void* p, size_t bytes);
+struct PrefetchRange {
+    uintptr_t begin, end;
+};
+// Starts (on) or stops recording; either way returns and clears what was recorded so far.
+std::vector<PrefetchRange> prefetch_log(bool on);
 
 // Settings of the kernel function (the cudaFuncSetAttribute opt-in), keyed by its address.
 cudaError_t set_max_dynamic_shared(const void* fn, int bytes);
