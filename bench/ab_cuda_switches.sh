@@ -2,10 +2,10 @@
 # A/B runs of the CUDA backend's environment switches (docs/cuda.md, "Environment switches") on one
 # model file, in one process each, each switch's values alternating --reps times before the next
 # switch (so that a run cut short by a time limit has whole pairs), most wanted first:
-# NEW on/off (every change of sessions 16-17 not yet measured, at once: off = PREFETCH=0,
+# NEW on/off (every change of sessions 16-18 not yet measured, at once: off = PREFETCH=0,
 # PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
-# DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1), then MOEMESH_CUDA_PREFETCH
-# 1/0, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS 8/1, _QKV_ROPE fused/split, _DOWN_NORM
+# DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
+# MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS 8/1, _QKV_ROPE fused/split, _DOWN_NORM
 # fused/split, _DOWN_COMBINE fused/split, _O_NORM fused/split, _ROUTER fused/split, _ATTN_MERGE
 # fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and top-k sampling), _ATTN_V threads/warps, _QX
 # 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT 128/0/64 (decode), and with --prompt
@@ -39,10 +39,11 @@ done
 tokens() { seq 1 "$1" | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}'; }
 GRAPH_LOG=$(mktemp)
 trap 'rm -f "$GRAPH_LOG"' EXIT
-# The environment of `run NEW off`: every change of sessions 16 and 17 not yet measured on a GPU, off.
+# The environment of `run NEW off`: every change of sessions 16 to 18 not yet measured on a GPU, off.
 NEW_OFF=(MOEMESH_CUDA_PREFETCH=0 MOEMESH_CUDA_PDL_TRIGGER=exit MOEMESH_CUDA_ATTN_MERGE=kernel MOEMESH_CUDA_ROUTER=split
          MOEMESH_CUDA_O_NORM=split MOEMESH_CUDA_DOWN_COMBINE=split MOEMESH_CUDA_DOWN_NORM=split
-         MOEMESH_CUDA_QKV_ROPE=split MOEMESH_CUDA_ATTN_MIN_SPLITS=1 MOEMESH_HOST_LOGITS=1)
+         MOEMESH_CUDA_QKV_ROPE=split MOEMESH_CUDA_ATTN_MIN_SPLITS=1 MOEMESH_HOST_LOGITS=1
+         MOEMESH_CUDA_EXPERT_PREFETCH=0)
 # run VAR VALUE PROMPT_TOKENS [sample]: one table row (greedy, or with `sample` the default top-k
 # sampling, seeded)
 run() {
@@ -71,6 +72,7 @@ echo "| variable | value | prompt tokens | prompt t/s | decode t/s ($GEN tokens)
 echo "|---|---|---|---|---|"
 ab NEW 16 -- on off
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0
+ab MOEMESH_CUDA_EXPERT_PREFETCH 16 -- 1 0 early
 ab MOEMESH_CUDA_PDL_TRIGGER 16 -- early exit
 ab MOEMESH_CUDA_ATTN_MIN_SPLITS 16 -- 8 1
 ab MOEMESH_CUDA_QKV_ROPE 16 -- fused split
