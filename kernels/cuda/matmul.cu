@@ -53,28 +53,6 @@ constexpr int kGemvMaxM = 8;    // X rows per GEMV launch
 // GEMV row dot products. Each adds lane-partial sums of row · X[r] for r < M into acc[r].
 // x: M rows of k floats, k apart.
 
-// This lane's units u = lane, lane + 32, … < n_units, in that order (so the sums keep their bits),
-// kGemvUnroll at a time: the W loads of all of them (load(u) → Raw) are issued before the first is
-// used (use(u, raw)). A plain `#pragma unroll 4` loop left the 2 units per lane of a 2048-wide row
-// to its remainder loop, one DRAM round trip after the other.
-// U units at a time (kGemvUnroll for one W row, fewer for several: the same registers).
-template <typename Raw, int U = kGemvUnroll, typename Load, typename Use>
-__device__ __forceinline__ void for_units(int64_t n_units, int lane, Load&& load, Use&& use) {
-    for (int64_t u0 = lane; u0 < n_units; u0 += static_cast<int64_t>(kWarp) * U) {
-        Raw raw[U];
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
-            if (u < n_units) raw[i] = load(u);
-        }
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
-            if (u < n_units) use(u, raw[i]);
-        }
-    }
-}
-
 // A hint: the 128-byte line at p into L2 (nothing to emulate).
 __device__ __forceinline__ void prefetch_l2(const uint8_t* p) {
 #ifndef MM_CUDA_EMULATION
@@ -89,7 +67,7 @@ __device__ __forceinline__ void dot_f32(const uint8_t* row, int64_t k, const flo
     struct Raw {
         float4 w0, w1;
     };
-    for_units<Raw>(
+    for_units<Raw, kGemvUnroll>(
         k / 8, lane, [&](int64_t u) { return Raw{ld<float4>(row + u * 32), ld<float4>(row + u * 32 + 16)}; },
         [&](int64_t u, const Raw& w) {
             const float4 w0 = w.w0, w1 = w.w1;
@@ -105,7 +83,7 @@ __device__ __forceinline__ void dot_f32(const uint8_t* row, int64_t k, const flo
 
 template <bool kBf16, int M>
 __device__ __forceinline__ void dot_half(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    for_units<uint4>(
+    for_units<uint4, kGemvUnroll>(
         k / 8, lane, [&](int64_t u) { return ld<uint4>(row + u * 16); },
         [&](int64_t u, const uint4& wv) {
             const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -666,128 +644,192 @@ template <int R, int M>
 __device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 2, j = u & 3;
+    struct Raw {
+        uint16_t d[R];
+        uint32_t w0[R], w1[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ8_0);
-            const float d = h2f(ld<uint16_t>(blk));
-            const int w0 = static_cast<int>(ld_u32_a2(blk + 2 + 8 * j));
-            const int w1 = static_cast<int>(ld_u32_a2(blk + 6 + 8 * j));
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int2 xi = *reinterpret_cast<const int2*>(x.q + r * k + 32 * b + 8 * j);
-                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(w0, xi.x, __dp4a(w1, xi.y, 0)));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ8_0);
+                raw.d[ri] = ld<uint16_t>(blk);
+                raw.w0[ri] = ld_u32_a2(blk + 2 + 8 * j);
+                raw.w1[ri] = ld_u32_a2(blk + 6 + 8 * j);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const float d = h2f(raw.d[ri]);
+                const int w0 = static_cast<int>(raw.w0[ri]), w1 = static_cast<int>(raw.w1[ri]);
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int2 xi = *reinterpret_cast<const int2*>(x.q + r * k + 32 * b + 8 * j);
+                    accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(w0, xi.x, __dp4a(w1, xi.y, 0)));
+                }
+            }
+        });
 }
 
 template <int R, int M>
 __device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 2, j = u & 3;
+    struct Raw {
+        uint16_t d[R];
+        uint32_t q[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_0);
-            const float d = h2f(ld<uint16_t>(blk));
-            const uint32_t q = ld_u32_a2(blk + 2 + 4 * j);
-            const int lo = static_cast<int>(__vsub4(q & 0x0F0F0F0Fu, 0x08080808u));
-            const int hi = static_cast<int>(__vsub4((q >> 4) & 0x0F0F0F0Fu, 0x08080808u));
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
-                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
-                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_0);
+                raw.d[ri] = ld<uint16_t>(blk);
+                raw.q[ri] = ld_u32_a2(blk + 2 + 4 * j);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const float d = h2f(raw.d[ri]);
+                const uint32_t q = raw.q[ri];
+                const int lo = static_cast<int>(__vsub4(q & 0x0F0F0F0Fu, 0x08080808u));
+                const int hi = static_cast<int>(__vsub4((q >> 4) & 0x0F0F0F0Fu, 0x08080808u));
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
+                    const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
+                    accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+                }
+            }
+        });
 }
 
 template <int R, int M>
 __device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 3, j = u & 7, g = j >> 1, h = j & 1;
-        const int e = 256 * b + 64 * g + 16 * h;
+    struct Raw {
+        uint4 hdr[R], qv[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_K);
-            const uint4 hdr = ld<uint4>(blk);
-            const uint4 qv = ld<uint4>(blk + 16 + 32 * g + 16 * h);
-            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-            float sc1, m1, sc2, m2;
-            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-            const int qw[4] = {static_cast<int>(qv.x), static_cast<int>(qv.y), static_cast<int>(qv.z),
-                               static_cast<int>(qv.w)};
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
-                const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
-                const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
-                int s_lo = 0, s_hi = 0;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    s_lo = __dp4a(qw[i] & 0x0F0F0F0F, xlv[i], s_lo);
-                    s_hi = __dp4a((qw[i] >> 4) & 0x0F0F0F0F, xhv[i], s_hi);
-                }
-                const float* xd = x.d + r * nb + 8 * b + 2 * g;
-                const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
-                accs[ri][r] += d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
-                               dmin * (m1 * xs[0] + m2 * xs[2]);
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ4_K);
+                raw.hdr[ri] = ld<uint4>(blk);
+                raw.qv[ri] = ld<uint4>(blk + 16 + 32 * g + 16 * h);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            const int e = 256 * b + 64 * g + 16 * h;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const uint4 hdr = raw.hdr[ri], qv = raw.qv[ri];
+                const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+                const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+                float sc1, m1, sc2, m2;
+                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+                const int qw[4] = {static_cast<int>(qv.x), static_cast<int>(qv.y), static_cast<int>(qv.z),
+                                   static_cast<int>(qv.w)};
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
+                    const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
+                    const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
+                    int s_lo = 0, s_hi = 0;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        s_lo = __dp4a(qw[i] & 0x0F0F0F0F, xlv[i], s_lo);
+                        s_hi = __dp4a((qw[i] >> 4) & 0x0F0F0F0F, xhv[i], s_hi);
+                    }
+                    const float* xd = x.d + r * nb + 8 * b + 2 * g;
+                    const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
+                    accs[ri][r] +=
+                        d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
+                        dmin * (m1 * xs[0] + m2 * xs[2]);
+                }
+            }
+        });
 }
 
 template <int R, int M>
 __device__ __forceinline__ void dotq_q6_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 4;
-        const int li = u & 15, c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
-        const int e = 256 * b + 128 * c + l0;
+    struct Raw {
+        uint32_t ql0[R], ql1[R], qh[R];
+        uint8_t sc[R][4];
+        uint16_t d[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 4);
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), is = l0 / 16;
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ6_K);
-            const uint32_t ql0 = ld_u32_a2(blk + 64 * c + l0);
-            const uint32_t ql1 = ld_u32_a2(blk + 64 * c + 32 + l0);
-            const uint32_t qh = ld_u32_a2(blk + 128 + 32 * c + l0);
-            const uint8_t* sc = blk + 192 + 8 * c + is;
-            const float s0 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 0)));
-            const float s1 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 2)));
-            const float s2 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 4)));
-            const float s3 = static_cast<float>(static_cast<int8_t>(__ldg(sc + 6)));
-            const float d = h2f(ld<uint16_t>(blk + 208));
-            // 6-bit quants 0..63 minus 32, four per word (per-byte subtraction: signed int8 lanes).
-            const int q0 = static_cast<int>(__vsub4((ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u), 0x20202020u));
-            const int q1 = static_cast<int>(__vsub4((ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u), 0x20202020u));
-            const int q2 = static_cast<int>(__vsub4(((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u), 0x20202020u));
-            const int q3 =
-                static_cast<int>(__vsub4(((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u), 0x20202020u));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(BlockQ6_K);
+                raw.ql0[ri] = ld_u32_a2(blk + 64 * c + l0);
+                raw.ql1[ri] = ld_u32_a2(blk + 64 * c + 32 + l0);
+                raw.qh[ri] = ld_u32_a2(blk + 128 + 32 * c + l0);
+                const uint8_t* sc = blk + 192 + 8 * c + is;
 #pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int8_t* xq = x.q + r * k + e;
-                const float* xd = x.d + r * nb + 8 * b + 4 * c;
-                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 32);
-                const int x2 = *reinterpret_cast<const int*>(xq + 64), x3 = *reinterpret_cast<const int*>(xq + 96);
-                accs[ri][r] += d * (s0 * xd[0] * static_cast<float>(__dp4a(q0, x0, 0)) +
-                                    s1 * xd[1] * static_cast<float>(__dp4a(q1, x1, 0)) +
-                                    s2 * xd[2] * static_cast<float>(__dp4a(q2, x2, 0)) +
-                                    s3 * xd[3] * static_cast<float>(__dp4a(q3, x3, 0)));
+                for (int i = 0; i < 4; ++i) raw.sc[ri][i] = __ldg(sc + 2 * i);
+                raw.d[ri] = ld<uint16_t>(blk + 208);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 4);
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
+            const int e = 256 * b + 128 * c + l0;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const uint32_t ql0 = raw.ql0[ri], ql1 = raw.ql1[ri], qh = raw.qh[ri];
+                const float s0 = static_cast<float>(static_cast<int8_t>(raw.sc[ri][0]));
+                const float s1 = static_cast<float>(static_cast<int8_t>(raw.sc[ri][1]));
+                const float s2 = static_cast<float>(static_cast<int8_t>(raw.sc[ri][2]));
+                const float s3 = static_cast<float>(static_cast<int8_t>(raw.sc[ri][3]));
+                const float d = h2f(raw.d[ri]);
+                // 6-bit quants 0..63 minus 32, four per word (per-byte subtraction: signed int8 lanes).
+                const int q0 = static_cast<int>(__vsub4((ql0 & 0x0F0F0F0Fu) | ((qh << 4) & 0x30303030u), 0x20202020u));
+                const int q1 = static_cast<int>(__vsub4((ql1 & 0x0F0F0F0Fu) | ((qh << 2) & 0x30303030u), 0x20202020u));
+                const int q2 =
+                    static_cast<int>(__vsub4(((ql0 >> 4) & 0x0F0F0F0Fu) | (qh & 0x30303030u), 0x20202020u));
+                const int q3 =
+                    static_cast<int>(__vsub4(((ql1 >> 4) & 0x0F0F0F0Fu) | ((qh >> 2) & 0x30303030u), 0x20202020u));
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int8_t* xq = x.q + r * k + e;
+                    const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                    const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 32);
+                    const int x2 = *reinterpret_cast<const int*>(xq + 64), x3 = *reinterpret_cast<const int*>(xq + 96);
+                    accs[ri][r] += d * (s0 * xd[0] * static_cast<float>(__dp4a(q0, x0, 0)) +
+                                        s1 * xd[1] * static_cast<float>(__dp4a(q1, x1, 0)) +
+                                        s2 * xd[2] * static_cast<float>(__dp4a(q2, x2, 0)) +
+                                        s3 * xd[3] * static_cast<float>(__dp4a(q3, x3, 0)));
+                }
+            }
+        });
 }
 
 template <GgmlType T>

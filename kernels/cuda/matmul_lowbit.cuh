@@ -186,26 +186,41 @@ template <int R, int M>
 __device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 2, j = u & 3;
+    struct Raw {
+        uint16_t d[R];
+        uint32_t qh[R], q[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_0);
-            const float d = h2f(ld<uint16_t>(blk));
-            const uint32_t qh = ld_u32_a2(blk + 2);
-            const uint32_t q = ld_u32_a2(blk + 6 + 4 * j);
-            const int lo = static_cast<int>(__vsub4((q & 0x0F0F0F0Fu) | q5_high_bits(qh >> (4 * j)), 0x10101010u));
-            const int hi =
-                static_cast<int>(__vsub4(((q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(qh >> (16 + 4 * j)), 0x10101010u));
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
-                const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
-                accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_0);
+                raw.d[ri] = ld<uint16_t>(blk);
+                raw.qh[ri] = ld_u32_a2(blk + 2);
+                raw.q[ri] = ld_u32_a2(blk + 6 + 4 * j);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const float d = h2f(raw.d[ri]);
+                const uint32_t qh = raw.qh[ri], q = raw.q[ri];
+                const int lo = static_cast<int>(__vsub4((q & 0x0F0F0F0Fu) | q5_high_bits(qh >> (4 * j)), 0x10101010u));
+                const int hi = static_cast<int>(
+                    __vsub4(((q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(qh >> (16 + 4 * j)), 0x10101010u));
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int8_t* xq = x.q + r * k + 32 * b + 4 * j;
+                    const int x0 = *reinterpret_cast<const int*>(xq), x1 = *reinterpret_cast<const int*>(xq + 16);
+                    accs[ri][r] += d * x.d[r * nb + b] * static_cast<float>(__dp4a(lo, x0, __dp4a(hi, x1, 0)));
+                }
+            }
+        });
 }
 
 // Q5_K: lanes as dot_q5_K (and dotq_q4_K); 5-bit quants 0..31 as bytes.
@@ -213,46 +228,61 @@ template <int R, int M>
 __device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 3, j = u & 7, g = j >> 1, h = j & 1;
-        const int e = 256 * b + 64 * g + 16 * h;
+    struct Raw {
+        uint4 hdr[R], hv[R], qv[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_K);
-            const uint4 hdr = ld<uint4>(blk);
-            const uint4 hv = ld<uint4>(blk + 16 + 16 * h);
-            const uint4 qv = ld<uint4>(blk + 48 + 32 * g + 16 * h);
-            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-            float sc1, m1, sc2, m2;
-            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
-            int lo[4], hi[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                lo[i] = static_cast<int>((qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4));
-                hi[i] = static_cast<int>(((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ5_K);
+                raw.hdr[ri] = ld<uint4>(blk);
+                raw.hv[ri] = ld<uint4>(blk + 16 + 16 * h);
+                raw.qv[ri] = ld<uint4>(blk + 48 + 32 * g + 16 * h);
             }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            const int e = 256 * b + 64 * g + 16 * h;
 #pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
-                const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
-                const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
-                int s_lo = 0, s_hi = 0;
+            for (int ri = 0; ri < R; ++ri) {
+                const uint4 hdr = raw.hdr[ri], hv = raw.hv[ri], qv = raw.qv[ri];
+                const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+                const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+                float sc1, m1, sc2, m2;
+                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+                const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+                int lo[4], hi[4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    s_lo = __dp4a(lo[i], xlv[i], s_lo);
-                    s_hi = __dp4a(hi[i], xhv[i], s_hi);
+                    lo[i] = static_cast<int>((qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4));
+                    hi[i] = static_cast<int>(((qw[i] >> 4) & 0x0F0F0F0Fu) |
+                                             (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4));
                 }
-                const float* xd = x.d + r * nb + 8 * b + 2 * g;
-                const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
-                accs[ri][r] += d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
-                               dmin * (m1 * xs[0] + m2 * xs[2]);
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
+                    const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
+                    const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
+                    int s_lo = 0, s_hi = 0;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        s_lo = __dp4a(lo[i], xlv[i], s_lo);
+                        s_hi = __dp4a(hi[i], xhv[i], s_hi);
+                    }
+                    const float* xd = x.d + r * nb + 8 * b + 2 * g;
+                    const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
+                    accs[ri][r] +=
+                        d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
+                        dmin * (m1 * xs[0] + m2 * xs[2]);
+                }
             }
-        }
-    }
+        });
 }
 
 // Q3_K: lanes as dot_q3_K; quants − 4 as signed bytes, one X scale per 32 elements (s).
@@ -260,38 +290,56 @@ template <int R, int M>
 __device__ __forceinline__ void dotq_q3_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 4;
-        const int li = u & 15, c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
-        const int e = 256 * b + 128 * c + l0;
+    struct Raw {
+        uint32_t hm[R], qs[R], s0[R], s1[R], s2[R];
+        uint16_t d[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 4);
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ3_K);
-            const uint32_t hm = ld_u32_a2(blk + l0);
-            const uint32_t qs = ld_u32_a2(blk + 32 + 32 * c + l0);
-            const uint32_t s0 = ld_u32_a2(blk + 96), s1 = ld_u32_a2(blk + 100), s2 = ld_u32_a2(blk + 104);
-            const float d = h2f(ld<uint16_t>(blk + 108));
-            int q[4];
-            float sc[4];
-#pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                q[s] = static_cast<int>(
-                    __vsub4(((qs >> (2 * s)) & 0x03030303u) | (((hm >> (4 * c + s)) & 0x01010101u) << 2), 0x04040404u));
-                sc[s] = static_cast<float>(q3k_scale(s0, s1, s2, 8 * c + 2 * s + half));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ3_K);
+                raw.hm[ri] = ld_u32_a2(blk + l0);
+                raw.qs[ri] = ld_u32_a2(blk + 32 + 32 * c + l0);
+                raw.s0[ri] = ld_u32_a2(blk + 96), raw.s1[ri] = ld_u32_a2(blk + 100), raw.s2[ri] = ld_u32_a2(blk + 104);
+                raw.d[ri] = ld<uint16_t>(blk + 108);
             }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 4);
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+            const int e = 256 * b + 128 * c + l0;
 #pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const int8_t* xq = x.q + r * k + e;
-                const float* xd = x.d + r * nb + 8 * b + 4 * c;
-                float sum = 0.0f;
+            for (int ri = 0; ri < R; ++ri) {
+                const uint32_t hm = raw.hm[ri], qs = raw.qs[ri];
+                const float d = h2f(raw.d[ri]);
+                int q[4];
+                float sc[4];
 #pragma unroll
-                for (int s = 0; s < 4; ++s)
-                    sum += sc[s] * xd[s] * static_cast<float>(__dp4a(q[s], *reinterpret_cast<const int*>(xq + 32 * s), 0));
-                accs[ri][r] += d * sum;
+                for (int s = 0; s < 4; ++s) {
+                    q[s] = static_cast<int>(__vsub4(((qs >> (2 * s)) & 0x03030303u) |
+                                                        (((hm >> (4 * c + s)) & 0x01010101u) << 2),
+                                                    0x04040404u));
+                    sc[s] = static_cast<float>(q3k_scale(raw.s0[ri], raw.s1[ri], raw.s2[ri], 8 * c + 2 * s + half));
+                }
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int8_t* xq = x.q + r * k + e;
+                    const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < 4; ++s)
+                        sum += sc[s] * xd[s] *
+                               static_cast<float>(__dp4a(q[s], *reinterpret_cast<const int*>(xq + 32 * s), 0));
+                    accs[ri][r] += d * sum;
+                }
             }
-        }
-    }
+        });
 }
 
 // Q2_K: 4 lanes per super-block, lane (c, half) reads the 16 quant bytes qs[32c + 16·half, +16):
@@ -301,39 +349,54 @@ template <int R, int M>
 __device__ __forceinline__ void dotq_q2_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 4, nb = nsb * 8, n16 = nsb * 16;
-#pragma unroll 4
-    for (int u = lane; u < n_units; u += kWarp) {
-        const int b = u >> 2, c = (u >> 1) & 1, half = u & 1;
-        const int e = 256 * b + 128 * c + 16 * half;
+    struct Raw {
+        uint32_t qw[R][4], sw0[R], sw1[R], dd[R];
+    };
+    for_units<Raw, kGemvUnroll / R>(
+        n_units, lane,
+        [&](int64_t u) {
+            const int b = static_cast<int>(u >> 2), c = static_cast<int>((u >> 1) & 1), half = static_cast<int>(u & 1);
+            Raw raw;
 #pragma unroll
-        for (int ri = 0; ri < R; ++ri) {
-            const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ2_K);
-            const uint8_t* qp = blk + 16 + 32 * c + 16 * half;
-            const uint32_t qw[4] = {ld<uint32_t>(qp), ld<uint32_t>(qp + 4), ld<uint32_t>(qp + 8), ld<uint32_t>(qp + 12)};
-            const uint32_t sw0 = ld<uint32_t>(blk + 8 * c), sw1 = ld<uint32_t>(blk + 8 * c + 4);
-            const uint32_t dd = ld<uint32_t>(blk + 80);
-            const float d = h2f(static_cast<uint16_t>(dd & 0xffff)), dmin = h2f(static_cast<uint16_t>(dd >> 16));
+            for (int ri = 0; ri < R; ++ri) {
+                const uint8_t* blk = rows[ri] + static_cast<size_t>(b) * sizeof(quants::BlockQ2_K);
+                const uint8_t* qp = blk + 16 + 32 * c + 16 * half;
 #pragma unroll
-            for (int r = 0; r < M; ++r) {
-                const float* xd = x.d + r * nb + 8 * b + 4 * c;
-                const float* xs = x.s16 + r * n16 + 16 * b + 8 * c + half;
-                float s_q = 0.0f, s_m = 0.0f;
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const int4 xv = *reinterpret_cast<const int4*>(x.q + r * k + e + 32 * s);
-                    int isum = __dp4a(static_cast<int>((qw[0] >> (2 * s)) & 0x03030303u), xv.x, 0);
-                    isum = __dp4a(static_cast<int>((qw[1] >> (2 * s)) & 0x03030303u), xv.y, isum);
-                    isum = __dp4a(static_cast<int>((qw[2] >> (2 * s)) & 0x03030303u), xv.z, isum);
-                    isum = __dp4a(static_cast<int>((qw[3] >> (2 * s)) & 0x03030303u), xv.w, isum);
-                    const int bi = 2 * s + half;
-                    const uint32_t sb = byte_of(bi < 4 ? sw0 : sw1, bi & 3);
-                    s_q += static_cast<float>(sb & 0xF) * xd[s] * static_cast<float>(isum);
-                    s_m += static_cast<float>(sb >> 4) * xs[2 * s];
-                }
-                accs[ri][r] += d * s_q - dmin * s_m;
+                for (int i = 0; i < 4; ++i) raw.qw[ri][i] = ld<uint32_t>(qp + 4 * i);
+                raw.sw0[ri] = ld<uint32_t>(blk + 8 * c), raw.sw1[ri] = ld<uint32_t>(blk + 8 * c + 4);
+                raw.dd[ri] = ld<uint32_t>(blk + 80);
             }
-        }
-    }
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int b = static_cast<int>(u >> 2), c = static_cast<int>((u >> 1) & 1), half = static_cast<int>(u & 1);
+            const int e = 256 * b + 128 * c + 16 * half;
+#pragma unroll
+            for (int ri = 0; ri < R; ++ri) {
+                const uint32_t* qw = raw.qw[ri];
+                const uint32_t sw0 = raw.sw0[ri], sw1 = raw.sw1[ri], dd = raw.dd[ri];
+                const float d = h2f(static_cast<uint16_t>(dd & 0xffff)), dmin = h2f(static_cast<uint16_t>(dd >> 16));
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const float* xd = x.d + r * nb + 8 * b + 4 * c;
+                    const float* xs = x.s16 + r * n16 + 16 * b + 8 * c + half;
+                    float s_q = 0.0f, s_m = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) {
+                        const int4 xv = *reinterpret_cast<const int4*>(x.q + r * k + e + 32 * s);
+                        int isum = __dp4a(static_cast<int>((qw[0] >> (2 * s)) & 0x03030303u), xv.x, 0);
+                        isum = __dp4a(static_cast<int>((qw[1] >> (2 * s)) & 0x03030303u), xv.y, isum);
+                        isum = __dp4a(static_cast<int>((qw[2] >> (2 * s)) & 0x03030303u), xv.z, isum);
+                        isum = __dp4a(static_cast<int>((qw[3] >> (2 * s)) & 0x03030303u), xv.w, isum);
+                        const int bi = 2 * s + half;
+                        const uint32_t sb = byte_of(bi < 4 ? sw0 : sw1, bi & 3);
+                        s_q += static_cast<float>(sb & 0xF) * xd[s] * static_cast<float>(isum);
+                        s_m += static_cast<float>(sb >> 4) * xs[2 * s];
+                    }
+                    accs[ri][r] += d * s_q - dmin * s_m;
+                }
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,28 @@ namespace moemesh::cuda::detail {
 
 constexpr int kGemvUnroll = 4;  // units in flight per lane in the f32-activation GEMV
 
+// This lane's units u = lane, lane + 32, … < n_units, in that order (so the sums keep their bits),
+// U at a time: the W loads of all of them (load(u) → Raw) are issued before the first is
+// used (use(u, raw)). A plain `#pragma unroll 4` loop left the 2 units per lane of a 2048-wide row
+// to its remainder loop, one DRAM round trip after the other (the GEMVs: U = 4 units for one W
+// row, fewer for several rows, whose loads are all in Raw: the same registers).
+template <typename Raw, int U, typename Load, typename Use>
+__device__ __forceinline__ void for_units(int64_t n_units, int lane, Load&& load, Use&& use) {
+    for (int64_t u0 = lane; u0 < n_units; u0 += static_cast<int64_t>(kWarp) * U) {
+        Raw raw[U];
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
+            if (u < n_units) raw[i] = load(u);
+        }
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            const int64_t u = u0 + static_cast<int64_t>(i) * kWarp;
+            if (u < n_units) use(u, raw[i]);
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ T ld(const uint8_t* p) {
     return __ldg(reinterpret_cast<const T*>(p));
