@@ -516,7 +516,8 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluIsTheThreeLaunches) {
 // emulator, which records prefetches (and fails a launch whose prefetch leaves device memory), the
 // bytes prefetched from the next tensor are the selected experts' matrices — every byte of them, and
 // nothing else but the 16-byte widening at their ends — after the warps' reads (the default) or
-// right after the wait (early); none with MOEMESH_CUDA_EXPERT_PREFETCH=0.
+// right after the wait (early); none with MOEMESH_CUDA_EXPERT_PREFETCH=0. Experts by ids (f32 X and
+// the quantized X) and by a table of addresses (matmul_ptr_swiglu: a worker's expert cache).
 TEST_P(CudaMatmul, ExpertIndexedSwigluPrefetchesTheNextMatrices) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
@@ -528,36 +529,48 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluPrefetchesTheNextMatrices) {
     const int64_t n_sel = static_cast<int64_t>(ids.size());
     const DeviceBuffer<uint8_t> dg(gate), du(up), dn(static_cast<size_t>(E) * next_bytes);
     const DeviceBuffer<int32_t> dids(ids);
+    std::vector<const void*> table;  // [gate n_sel | up n_sel | next n_sel]
+    for (const auto* m : {dg.get(), du.get()})
+        for (const int32_t id : ids) table.push_back(m + static_cast<size_t>(id) * matrix_bytes);
+    for (const int32_t id : ids) table.push_back(dn.get() + static_cast<size_t>(id) * next_bytes);
+    DeviceBuffer<const void*> dtable(table);
+    const auto* tp = dtable.get();
     const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(k), 9)), dnw(random_vec(static_cast<size_t>(k), 10));
     DeviceBuffer<float> dxn(static_cast<size_t>(k));
     DeviceBuffer<uint8_t> dq(cuda::qx_bytes(k));
     cuda::rmsnorm(dx.get(), dnw.get(), dxn.get(), 1, k, 1e-6f, nullptr, dq.get());
-    const bool qx = cuda::qx_takes(t, k, n_out * n_sel);
     const auto base = reinterpret_cast<uintptr_t>(dn.get());
     struct Run {
         const char* name;
         unsigned sw;
         bool prefetches;
     };
-    for (const bool use_qx : {false, true}) {
-        if (use_qx && !qx) continue;
-        const uint8_t* q = use_qx ? dq.get() : nullptr;
+    enum Form { kIdsF32, kIdsQx, kTable };
+    for (const Form form : {kIdsF32, kIdsQx, kTable}) {
+        if (form == kIdsQx && !cuda::qx_takes(t, k, n_out * n_sel)) continue;
+        const uint8_t* q = form == kIdsQx ? dq.get() : nullptr;
+        // with_next: the launch with the next matrices given
+        const auto launch = [&](float* y, bool with_next) {
+            if (form == kTable)
+                return cuda::matmul_ptr_swiglu(t, tp, tp + n_sel, n_sel, n_out, k, dxn.get(), 0, y, nullptr,
+                                               with_next ? tp + 2 * n_sel : nullptr, next_bytes);
+            return cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dxn.get(),
+                                          0, y, nullptr, q, with_next ? dn.get() : nullptr, next_bytes);
+        };
         DeviceBuffer<float> y0(static_cast<size_t>(n_sel * n_out));
-        if (!cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k, dxn.get(), 0,
-                                    y0.get(), nullptr, q))
-            return;  // declined (tested above): the next launch's prefetch goes with it
+        if (!launch(y0.get(), false)) continue;  // declined (tested above): the next launch's prefetch goes with it
         const std::vector<float> want = y0.download();
         for (const Run& r : {Run{"after the reads", 0u, true}, Run{"early", cuda::kSwitchExpertPrefetchEarly, true},
                              Run{"off", cuda::kSwitchNoExpertPrefetch, false}}) {
-            const std::string name = std::string(ggml_type_name(t)) + (use_qx ? " qx, " : " f32 x, ") + r.name;
+            const std::string name = std::string(ggml_type_name(t)) +
+                                     (form == kIdsF32 ? " ids, f32 x, " : form == kIdsQx ? " ids, qx, " : " table, ") +
+                                     r.name;
             ASSERT_EQ(cuda::set_kernel_switches(r.sw), cudaSuccess);
 #ifdef MM_CUDA_EMULATION
             (void)mm_emu::prefetch_log(true);
 #endif
             DeviceBuffer<float> y(static_cast<size_t>(n_sel * n_out));
-            ASSERT_TRUE(cuda::matmul_id_swiglu(t, dg.get(), du.get(), matrix_bytes, dids.get(), n_sel, n_out, k,
-                                               dxn.get(), 0, y.get(), nullptr, q, dn.get(), next_bytes))
-                << name;
+            ASSERT_TRUE(launch(y.get(), true)) << name;
             EXPECT_EQ(y.download(), want) << name << ": the results changed";
 #ifdef MM_CUDA_EMULATION
             const std::vector<mm_emu::PrefetchRange> log = mm_emu::prefetch_log(false);

@@ -547,7 +547,9 @@ Status CudaExpertCompute::Impl::run(int layer, const float* dx, const float* hx,
         MM_CUDA_RETURN(dev, cudaMemcpyAsync(ptrs.p, h_ptrs.p, ptr_bytes, cudaMemcpyHostToDevice, s),
                        "uploading the expert addresses");
         const auto* dp = static_cast<const void* const*>(ptrs.p);
-        MM_CHECK(cuda::matmul_ptr_swiglu(ty.gate, dp, dp + n_pairs, n_pairs, I, H, dxs, H, dg, s));  // [n_pairs, I]
+        // (its blocks also put the down matrices into L2 for the launch after: MOEMESH_CUDA_EXPERT_PREFETCH)
+        MM_CHECK(cuda::matmul_ptr_swiglu(ty.gate, dp, dp + n_pairs, n_pairs, I, H, dxs, H, dg, s,  // [n_pairs, I]
+                                         dp + 2 * n_pairs, static_cast<size_t>(H) * ggml_row_bytes(ty.down, I)));
         MM_CHECK(cuda::matmul_ptr(ty.down, dp + 2 * n_pairs, n_pairs, H, I, dg, I, dy, s));         // [n_pairs, H]
         cuda::moe_combine(dy, d_slot, d_weight, dout, n_rows, K, H, s);                             // [n_rows, H]
         return drain();

@@ -159,13 +159,15 @@ bool matmul_qx_add_rmsnorm(GgmlType wt, const void* w, int64_t n_out, int64_t k,
 // matmul_ptr_swiglu: Y[s] = silu(X[s] · G_sᵀ) ⊙ (X[s] · U_sᵀ). Bit-identical to matmul (m = 1) per
 // selection (then swiglu). Return false, launching nothing, where that matmul would take the int8-X
 // GEMV (n_out >= 16384, MOEMESH_CUDA_GEMV=new) or for the rarer types: the caller then launches per
-// selection.
+// selection. next (matmul_ptr_swiglu): a device array of n_sel matrices of next_matrix_bytes each that
+// the launch after reads (the down projections), prefetched into L2 as matmul_id_swiglu's next.
 // Whether matmul_ptr / matmul_ptr_swiglu take this type and shape (n_out rows of k).
 bool matmul_ptr_takes(GgmlType wt, int64_t n_out, int64_t k);
 bool matmul_ptr(GgmlType wt, const void* const* w, int64_t n_sel, int64_t n_out, int64_t k, const float* x,
                 int64_t x_stride, float* y, cudaStream_t stream = nullptr);
 bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* up, int64_t n_sel, int64_t n_out,
-                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr);
+                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream = nullptr,
+                       const void* const* next = nullptr, size_t next_matrix_bytes = 0);
 
 // A decode step's expert down products and the router-weighted sum in one launch:
 //   out[n_out] = Σ_j w[j] · (g[j] · D_{ids[j]}ᵀ)   for j < n_sel (<= 16), g: [n_sel, k],

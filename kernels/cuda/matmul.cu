@@ -383,12 +383,15 @@ struct MatSel {
 // DRAM reads cold after its own wait; each selection's bytes split evenly over its blocks' warps,
 // one bulk request each, issued when the warp's own rows are read (MOEMESH_CUDA_EXPERT_PREFETCH:
 // 0 none, early: right after the wait).
+// With a table, selection s's matrix is table[s] (an expert cache's slices), else base + ids[s] · matrix_bytes.
 struct NextMats {
     const uint8_t* base = nullptr;
     size_t matrix_bytes = 0;
+    const uint8_t* const* table = nullptr;
 };
 __device__ __forceinline__ void prefetch_next_share(const NextMats& nm, const int32_t* ids, int64_t s, bool early) {
-    if (nm.base == nullptr || ids == nullptr || (switches() & kSwitchNoExpertPrefetch) ||
+    if ((nm.table == nullptr && (nm.base == nullptr || ids == nullptr)) || nm.matrix_bytes == 0 ||
+        (switches() & kSwitchNoExpertPrefetch) ||
         early != ((switches() & kSwitchExpertPrefetchEarly) != 0))
         return;
     const int warps = static_cast<int>(blockDim.x) / kWarp;
@@ -397,7 +400,7 @@ __device__ __forceinline__ void prefetch_next_share(const NextMats& nm, const in
     const size_t b = (static_cast<size_t>(blockIdx.x) * warps + threadIdx.x / kWarp) * part;
     if (threadIdx.x % kWarp != 0 || b >= nm.matrix_bytes) return;
     const size_t n = part < nm.matrix_bytes - b ? part : nm.matrix_bytes - b;
-    prefetch_l2_bulk(nm.base + static_cast<size_t>(ids[s]) * nm.matrix_bytes + b, n);
+    prefetch_l2_bulk((nm.table ? nm.table[s] : nm.base + static_cast<size_t>(ids[s]) * nm.matrix_bytes) + b, n);
 }
 
 // A warp's W rows row0 … row0 + rows − 1 of wmat (clipped at n_out) into L2, by its lane 0: called
@@ -1646,7 +1649,7 @@ bool launch_down_combine(const void* down, size_t matrix_bytes, const int32_t* i
 
 template <GgmlType T>
 bool launch_gemv_ptr(const void* const* w, const void* const* wu, int64_t n_sel, int64_t n_out, int64_t k,
-                     const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+                     const float* x, int64_t x_stride, float* y, cudaStream_t stream, NextMats next = {}) {
     if (takes_qgemv<T>(1, k, n_out)) return false;  // one launch per selection would take the int8-X GEMV
     const size_t rb = ggml_row_bytes(T, k);
     const MatSel sw{nullptr, 0, nullptr, reinterpret_cast<const uint8_t* const*>(w)};
@@ -1654,7 +1657,7 @@ bool launch_gemv_ptr(const void* const* w, const void* const* wu, int64_t n_sel,
         const MatSel su{nullptr, 0, nullptr, reinterpret_cast<const uint8_t* const*>(wu)};
         const dim3 grid(grid_1d(n_out, kGemvWarps), static_cast<unsigned>(n_sel));
         MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_swiglu_kernel<T>)(sw, su, rb, n_out, k, x, x_stride, y,
-                                                                                NextMats{});
+                                                                                next);
     } else {
         const dim3 grid(grid_1d(n_out, kGemvWarps * kGemvRows<T, 1>), static_cast<unsigned>(n_sel));
         MM_LAUNCH_PDL(grid, kGemvWarps * kWarp, 0, stream, gemv_kernel<T, 1>)(sw, rb, n_out, k, x, x_stride, y);
@@ -1782,13 +1785,15 @@ bool matmul_ptr(GgmlType wt, const void* const* w, int64_t n_sel, int64_t n_out,
 }
 
 bool matmul_ptr_swiglu(GgmlType wt, const void* const* gate, const void* const* up, int64_t n_sel, int64_t n_out,
-                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream) {
+                       int64_t k, const float* x, int64_t x_stride, float* y, cudaStream_t stream,
+                       const void* const* next, size_t next_matrix_bytes) {
     check_shape(wt, k);
     MM_CHECK(up != nullptr);
     if (n_sel <= 0 || n_out <= 0) return true;
     if (n_sel >= 65536) return false;
+    const NextMats nm{nullptr, next ? next_matrix_bytes : 0, reinterpret_cast<const uint8_t* const*>(next)};
     return with_fused_gemv_type(wt, [&](auto t) {
-        return launch_gemv_ptr<decltype(t)::value>(gate, up, n_sel, n_out, k, x, x_stride, y, stream);
+        return launch_gemv_ptr<decltype(t)::value>(gate, up, n_sel, n_out, k, x, x_stride, y, stream, nm);
     });
 }
 
