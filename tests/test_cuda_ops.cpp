@@ -211,6 +211,63 @@ TEST_P(CudaMatmul, TallGemv) {
     }
 }
 
+// The in-block int8-X GEMV (lm_head: many rows per warp) keeps the rows after each warp's first
+// 16 KB in flight ahead of their turn (bulk L2 prefetches of R rows per step): on the emulator, which
+// records them, every row of W but each warp's first ceil(16 KB / row) is prefetched, exactly once;
+// the rows left out come in runs of exactly that many (a warp's first rows). The results are those of
+// MOEMESH_CUDA_PREFETCH=0 (everywhere).
+TEST(CudaOps, TallInt8GemvPrefetchesItsRowsAhead) {
+    REQUIRE_CUDA();
+    const GgmlType t = GgmlType::Q8_0;
+    const int64_t n_out = 32768, k = 256;
+    const size_t rb = ggml_row_bytes(t, k);
+    const int64_t ahead = static_cast<int64_t>((16384 + rb - 1) / rb);
+    const QuantMatrix w = make_weights(t, n_out, k, 17);
+    const DeviceBuffer<uint8_t> dw(w.bytes);
+    const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(k), 18));
+    DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+#ifdef MM_CUDA_EMULATION
+    (void)mm_emu::prefetch_log(true);
+#endif
+    cuda::matmul(t, dw.get(), n_out, k, dx.get(), 1, dy.get());  // tall: the in-block int8-X GEMV
+    const std::vector<float> got = dy.download();
+#ifdef MM_CUDA_EMULATION
+    const std::vector<mm_emu::PrefetchRange> log = mm_emu::prefetch_log(false);
+    const auto base = reinterpret_cast<uintptr_t>(dw.get());
+    std::vector<int> rows(static_cast<size_t>(n_out), 0);  // prefetches touching each row's bytes
+    for (const mm_emu::PrefetchRange& pr : log) {
+        if (pr.end <= base || pr.begin >= base + w.bytes.size()) continue;
+        // (the 16-byte widening can touch a neighbour row's edge: count the rows the range mostly covers)
+        const int64_t r0 = static_cast<int64_t>((pr.begin - base + 15) / rb);
+        const uintptr_t end = std::min<uintptr_t>(pr.end, base + w.bytes.size());
+        const int64_t r1 = static_cast<int64_t>((end - base - 15 + rb - 1) / rb);
+        for (int64_t r = r0; r < r1 && r < n_out; ++r) ++rows[static_cast<size_t>(r)];
+    }
+    int64_t covered = 0, twice = 0, bad_runs = 0, runs = 0;
+    for (int64_t r = 0; r < n_out;) {
+        if (rows[static_cast<size_t>(r)] > 0) {
+            covered += 1, twice += rows[static_cast<size_t>(r)] > 1, ++r;
+            continue;
+        }
+        int64_t e = r;
+        while (e < n_out && rows[static_cast<size_t>(e)] == 0) ++e;
+        ++runs;
+        bad_runs += e - r != ahead && e != n_out;  // a warp's first rows (or the last warp's all)
+        r = e;
+    }
+    std::printf("[   INFO   ] %lld of %lld rows prefetched ahead, %lld runs of %lld rows left to the first 16 KB\n",
+                static_cast<long long>(covered), static_cast<long long>(n_out), static_cast<long long>(runs),
+                static_cast<long long>(ahead));
+    EXPECT_GE(covered, n_out / 2) << "the rows after each warp's first 16 KB were not prefetched";
+    EXPECT_EQ(twice, 0) << "rows prefetched more than once";
+    EXPECT_EQ(bad_runs, 0) << "rows left out that are not a warp's first " << ahead;
+#endif
+    ASSERT_EQ(cuda::set_kernel_switches(cuda::kSwitchNoPrefetch), cudaSuccess);
+    cuda::matmul(t, dw.get(), n_out, k, dx.get(), 1, dy.get());
+    ASSERT_EQ(cuda::set_kernel_switches(0), cudaSuccess);
+    EXPECT_EQ(dy.download(), got);
+}
+
 TEST_P(CudaMatmul, ExpertIndexed) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();

@@ -931,7 +931,15 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
     __syncthreads();
     const QX qx{xq, xd, xs};
     // R rows at a time; a missing last row repeats the previous one (its result is not stored).
+    // Rows past the first 16 KB (prefetched above) go into L2 ahead of their turn, R rows every
+    // step, so that a warp with many rows (lm_head: ~70 pairs) keeps its next 16 KB in flight
+    // instead of one DRAM round trip per row pair.
+    const int64_t ahead = static_cast<int64_t>((16384 + row_bytes - 1) / row_bytes);
     for (int64_t row = row0; row < row1; row += R) {
+        if (lane == 0 && row + ahead < row1) {
+            const int64_t n = row + ahead + R <= row1 ? R : row1 - row - ahead;
+            prefetch_l2_bulk(wmat + static_cast<size_t>(row + ahead) * row_bytes, static_cast<size_t>(n) * row_bytes);
+        }
         const uint8_t* wrows[R];
 #pragma unroll
         for (int ri = 0; ri < R; ++ri)
