@@ -550,7 +550,7 @@ TEST_F(CudaModel, DecodePrefetchesTheSelectedExpertsDownMatrices) {
     const std::string path = make(o, "moe_q8");
     const auto prompt = random_tokens(5, kDefaultBuiltinVocab, 6);
     const int n_gen = 4;
-    size_t bytes[2] = {0, 0};
+    [[maybe_unused]] size_t bytes[2] = {0, 0};
     Decode runs[2];
     for (int off = 0; off < 2; ++off) {
         ASSERT_EQ(cuda::set_kernel_switches(off ? cuda::kSwitchNoExpertPrefetch : 0u), cudaSuccess);

@@ -221,7 +221,7 @@ TEST(CudaOps, TallInt8GemvPrefetchesItsRowsAhead) {
     const GgmlType t = GgmlType::Q8_0;
     const int64_t n_out = 32768, k = 256;
     const size_t rb = ggml_row_bytes(t, k);
-    const int64_t ahead = static_cast<int64_t>((16384 + rb - 1) / rb);
+    [[maybe_unused]] const int64_t ahead = static_cast<int64_t>((16384 + rb - 1) / rb);
     const QuantMatrix w = make_weights(t, n_out, k, 17);
     const DeviceBuffer<uint8_t> dw(w.bytes);
     const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(k), 18));
@@ -596,7 +596,7 @@ TEST_P(CudaMatmul, ExpertIndexedSwigluPrefetchesTheNextMatrices) {
     DeviceBuffer<float> dxn(static_cast<size_t>(k));
     DeviceBuffer<uint8_t> dq(cuda::qx_bytes(k));
     cuda::rmsnorm(dx.get(), dnw.get(), dxn.get(), 1, k, 1e-6f, nullptr, dq.get());
-    const auto base = reinterpret_cast<uintptr_t>(dn.get());
+    [[maybe_unused]] const auto base = reinterpret_cast<uintptr_t>(dn.get());
     struct Run {
         const char* name;
         unsigned sw;
