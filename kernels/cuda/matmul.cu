@@ -642,8 +642,12 @@ __global__ void __launch_bounds__(kDownCombineMaxSel* kWarp)
 // time with their loads in flight together; small matrices: 1 row per warp).
 
 constexpr int kGemvQWarps = 8;
+// Lane units in flight per row pair in gemv_q_kernel (one for R = 2): its 256-thread blocks hold a
+// row's X in shared memory and walk many rows per warp, so registers (resident blocks, hence rows per
+// warp) matter more than a second unit's loads (the down GEMV's rows have one unit per lane).
+constexpr int kQGemvUnits = 2;
 
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
@@ -651,7 +655,7 @@ __device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64
         uint16_t d[R];
         uint32_t w0[R], w1[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
@@ -680,7 +684,7 @@ __device__ __forceinline__ void dotq_q8_0(const uint8_t* const (&rows)[R], int64
         });
 }
 
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
@@ -688,7 +692,7 @@ __device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64
         uint16_t d[R];
         uint32_t q[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
@@ -719,14 +723,14 @@ __device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64
         });
 }
 
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
     struct Raw {
         uint4 hdr[R], qv[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
@@ -773,7 +777,7 @@ __device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64
         });
 }
 
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q6_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
@@ -782,7 +786,7 @@ __device__ __forceinline__ void dotq_q6_K(const uint8_t* const (&rows)[R], int64
         uint8_t sc[R][4];
         uint16_t d[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 4);
@@ -842,18 +846,19 @@ constexpr bool kHasQGemv = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == Gg
 template <GgmlType T>
 constexpr bool kQ8_0Act = T == GgmlType::Q8_0 || T == GgmlType::Q4_0 || T == GgmlType::Q5_0;
 
-// acc[ri][r] += rows[ri] · X̂[r] for the int8-X types (X̂: X quantized per 32, QX).
-template <GgmlType T, int R, int M>
+// acc[ri][r] += rows[ri] · X̂[r] for the int8-X types (X̂: X quantized per 32, QX); U lane units
+// (each with the loads of all R rows) in flight at a time (for_units).
+template <GgmlType T, int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_rows(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&acc)[R][M]) {
-    if constexpr (T == GgmlType::Q8_0) dotq_q8_0<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M>(rows, k, x, lane, acc);
-    else if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M>(rows, k, x, lane, acc);
+    if constexpr (T == GgmlType::Q8_0) dotq_q8_0<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_0) dotq_q4_0<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q4_K) dotq_q4_K<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q6_K) dotq_q6_K<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_0) dotq_q5_0<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q5_K) dotq_q5_K<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q3_K) dotq_q3_K<R, M, U>(rows, k, x, lane, acc);
+    else if constexpr (T == GgmlType::Q2_K) dotq_q2_K<R, M, U>(rows, k, x, lane, acc);
 }
 
 // Shared memory of the int8-X kernel for M rows of k: q (M·k bytes), d (M·k/32 floats), s16 (M·k/16 floats).
@@ -949,7 +954,7 @@ __global__ void __launch_bounds__(kGemvQWarps* kWarp)
         for (int ri = 0; ri < R; ++ri)
 #pragma unroll
             for (int r = 0; r < M; ++r) acc[ri][r] = 0.0f;
-        dotq_rows<T, R, M>(wrows, k, qx, lane, acc);
+        dotq_rows<T, R, M, kQGemvUnits / R>(wrows, k, qx, lane, acc);
 #pragma unroll
         for (int ri = 0; ri < R; ++ri)
 #pragma unroll

@@ -182,7 +182,7 @@ __device__ __forceinline__ void dot_q2_K(const uint8_t* row, int64_t k, const fl
 
 // Q5_0: lanes as dot_q5_0; quants − 16 as signed bytes. X scales rounded to f16 by the caller
 // (the CPU pairs Q5_0 with Q8_0 activations).
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nb = static_cast<int>(k / 32), n_units = nb * 4;
@@ -190,7 +190,7 @@ __device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64
         uint16_t d[R];
         uint32_t qh[R], q[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 2), j = static_cast<int>(u & 3);
@@ -224,14 +224,14 @@ __device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64
 }
 
 // Q5_K: lanes as dot_q5_K (and dotq_q4_K); 5-bit quants 0..31 as bytes.
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
     struct Raw {
         uint4 hdr[R], hv[R], qv[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
@@ -286,7 +286,7 @@ __device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64
 }
 
 // Q3_K: lanes as dot_q3_K; quants − 4 as signed bytes, one X scale per 32 elements (s).
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q3_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 16, nb = nsb * 8;
@@ -294,7 +294,7 @@ __device__ __forceinline__ void dotq_q3_K(const uint8_t* const (&rows)[R], int64
         uint32_t hm[R], qs[R], s0[R], s1[R], s2[R];
         uint16_t d[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 4);
@@ -345,14 +345,14 @@ __device__ __forceinline__ void dotq_q3_K(const uint8_t* const (&rows)[R], int64
 // Q2_K: 4 lanes per super-block, lane (c, half) reads the 16 quant bytes qs[32c + 16·half, +16):
 // for each s = 0..3 the 16 elements 128c + 32s + 16·half + t, one scale/min byte (8c + 2s + half),
 // so the min term is one X 16-sum (x.s16) per s.
-template <int R, int M>
+template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q2_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
     const int nsb = static_cast<int>(k / 256), n_units = nsb * 4, nb = nsb * 8, n16 = nsb * 16;
     struct Raw {
         uint32_t qw[R][4], sw0[R], sw1[R], dd[R];
     };
-    for_units<Raw, kGemvUnroll / R>(
+    for_units<Raw, U>(
         n_units, lane,
         [&](int64_t u) {
             const int b = static_cast<int>(u >> 2), c = static_cast<int>((u >> 1) & 1), half = static_cast<int>(u & 1);
