@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # A/B runs of the CUDA backend's environment switches (docs/cuda.md, "Environment switches") on one
 # model file, in one process each, each switch's values alternating --reps times before the next
-# switch (so that a run cut short by a time limit has whole pairs), most wanted first:
+# switch (so that a run cut short by a time limit has whole pairs), most wanted first: with
+# --baseline BIN first BASE this/baseline (this --moemesh against another build, e.g. gpu_pack.sh
+# --baseline's moemesh-base: every change between them, those without a switch too), then
 # NEW on/off (every change of sessions 16-18 not yet measured, at once: off = PREFETCH=0,
 # PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
-# MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS 8/1, _QKV_ROPE fused/split, _DOWN_NORM
-# fused/split, _DOWN_COMBINE fused/split, _O_NORM fused/split, _ROUTER fused/split, _ATTN_MERGE
-# fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and top-k sampling), _ATTN_V threads/warps, _QX
-# 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT 128/0/64 (decode), and with --prompt
-# MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token prompts). Prints a table of prompt and decode
-# tokens/s per run as it goes, then the decode-graph summaries (host recording vs waiting for the
-# GPU per step) of the graph runs.
+# MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
+# 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
+# fused/split, _ROUTER fused/split, _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and
+# top-k sampling), _ATTN_V threads/warps, _QX 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT
+# 128/0/64 (decode), and with --prompt MOEMESH_CUDA_PROMPT_PAIRS 512/0 (16- and 64-token prompts).
+# Prints a table of prompt and decode tokens/s per run as it goes, then the decode-graph summaries
+# (host recording vs waiting for the GPU per step) of the graph runs.
 #
 #   bash bench/ab_cuda_switches.sh --moemesh build/moemesh --model FILE.gguf [--reps 2] [--gen 64] [--prompt]
-#                                  [--device cuda:0]
+#                                  [--device cuda:0] [--baseline OTHER_MOEMESH]
 set -uo pipefail
 MOEMESH=""
 MODEL=""
@@ -22,6 +24,7 @@ REPS=2
 GEN=64
 DEVICE=cuda:0
 PROMPT=0
+BASELINE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --moemesh) MOEMESH=$2; shift 2 ;;
@@ -30,11 +33,14 @@ while [ $# -gt 0 ]; do
     --gen) GEN=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --baseline) BASELINE=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ -x "$MOEMESH" ] || { echo "ab_cuda_switches.sh: --moemesh: no executable at '$MOEMESH'" >&2; exit 2; }
+[ -z "$BASELINE" ] || [ -x "$BASELINE" ] ||
+  { echo "ab_cuda_switches.sh: --baseline: no executable at '$BASELINE'" >&2; exit 2; }
 [ -f "$MODEL" ] || { echo "ab_cuda_switches.sh: --model: no file at '$MODEL' (bench_cuda_decode.sh --keep-types q4_k makes one)" >&2; exit 2; }
 tokens() { seq 1 "$1" | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}'; }
 GRAPH_LOG=$(mktemp)
@@ -47,10 +53,11 @@ NEW_OFF=(MOEMESH_CUDA_PREFETCH=0 MOEMESH_CUDA_PDL_TRIGGER=exit MOEMESH_CUDA_ATTN
 # run VAR VALUE PROMPT_TOKENS [sample]: one table row (greedy, or with `sample` the default top-k
 # sampling, seeded)
 run() {
-  local line err pick=(--greedy) envs=("$1=$2")
+  local line err pick=(--greedy) envs=("$1=$2") bin=$MOEMESH
   [ "${4:-}" = sample ] && pick=(--seed 1)
   if [ "$1" = NEW ]; then envs=(); [ "$2" = off ] && envs=("${NEW_OFF[@]}"); fi
-  err=$(env "${envs[@]}" "$MOEMESH" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" \
+  if [ "$1" = BASE ]; then envs=(); [ "$2" = baseline ] && bin=$BASELINE; fi
+  err=$(env "${envs[@]}" "$bin" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" \
     "${pick[@]}" --ignore-eos --ctx 512 2>&1 >/dev/null)
   line=$(echo "$err" | grep 'decode:' | tail -n 1)
   echo "$err" | grep 'decode graph:' | sed "s/^/$1=$2: /" >>"$GRAPH_LOG"
@@ -70,6 +77,7 @@ ab() {
 }
 echo "| variable | value | prompt tokens | prompt t/s | decode t/s ($GEN tokens) |"
 echo "|---|---|---|---|---|"
+[ -n "$BASELINE" ] && ab BASE 16 -- this baseline
 ab NEW 16 -- on off
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0
 ab MOEMESH_CUDA_EXPERT_PREFETCH 16 -- 1 0 early

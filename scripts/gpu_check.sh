@@ -69,10 +69,13 @@ section() {
   n_types=$(echo $DECODE_TYPES | wc -w)
   section decode $(( 30 + 40 * n_types )) 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
       --layers 48 --types "$DECODE_TYPES" --keep-types q4_k --graphs 1 --dir "$D" --gen 64 --reps 2
-  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh: NEW on/off
-  # first, then one switch after the other in whole pairs until the section's 200 s are spent)
+  # ab: the environment switches A/B on the kept Q4_K file (bench/ab_cuda_switches.sh: with a
+  # baseline build in the pack first this code against it, then NEW on/off, then one switch after
+  # the other in whole pairs until the section's 200 s are spent)
   if [ -f "$D/q30b-L48-q4_k-fast-skew8.gguf" ]; then
-    section ab 60 200 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf"
+    base=(); [ -x "$B/moemesh-base" ] && base=(--baseline "$B/moemesh-base")  # gpu_pack.sh --baseline REV
+    section ab 60 200 bash "$ROOT/bench/ab_cuda_switches.sh" --moemesh "$B/moemesh" --model "$D/q30b-L48-q4_k-fast-skew8.gguf" \
+        "${base[@]}"
   elif want ab; then
     echo "=== ab: skipped (no $D/q30b-L48-q4_k-fast-skew8.gguf: the decode section with q4_k makes it)"
   fi
