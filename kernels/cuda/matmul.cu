@@ -309,20 +309,27 @@ __device__ __forceinline__ void dot_q6_K(const uint8_t* const (&rows)[R], int64_
 // elements 8u..8u+7.
 template <GgmlType T, int M>
 __device__ __forceinline__ void dot_by_load8(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = k / 8;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
+    struct Raw {
         float w[8];
-        if constexpr (kLoad8Iq<T>) load8_iq<T>(row, u * 8, w);
-        else load8_more<T>(row, u * 8, w);
+    };
+    for_units<Raw, kGemvUnroll>(
+        k / 8, lane,
+        [&](int64_t u) {  // (the loaders' loads and dequantization: the W values in flight together)
+            Raw raw;
+            if constexpr (kLoad8Iq<T>) load8_iq<T>(row, u * 8, raw.w);
+            else load8_more<T>(row, u * 8, raw.w);
+            return raw;
+        },
+        [&](int64_t u, const Raw& raw) {
+            const float* w = raw.w;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
-            const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
-            acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z +
-                      w[7] * b.w;
-        }
-    }
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + u * 8);
+                const float4 b = *reinterpret_cast<const float4*>(x + r * k + u * 8 + 4);
+                acc[r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y +
+                          w[6] * b.z + w[7] * b.w;
+            }
+        });
 }
 
 // The dot products of R W rows with the same M X rows: acc[ri][r] += rows[ri] · X[r]. Q8_0, Q4_0,

@@ -38,26 +38,31 @@ __device__ __forceinline__ int q3k_scale(uint32_t s0, uint32_t s1, uint32_t s2, 
 // nibbles, 5th bits qh bits 4j..4j+3) and 16+4j..16+4j+3 (high nibbles, qh bits 16+4j..).
 template <int M>
 __device__ __forceinline__ void dot_q5_0(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 32) * 4;
     constexpr float kOff = kMagic + 16.0f;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 2;
-        const int j = static_cast<int>(u & 3);
-        const uint8_t* blk = row + b * sizeof(quants::BlockQ5_0);
-        const float d = h2f(ld<uint16_t>(blk));
-        const uint32_t qh = ld_u32_a2(blk + 2);
-        const uint32_t q = ld_u32_a2(blk + 6 + 4 * j);
-        const uint32_t lo = (q & 0x0F0F0F0Fu) | q5_high_bits(qh >> (4 * j));
-        const uint32_t hi = ((q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(qh >> (16 + 4 * j));
-        const int64_t e = b * 32 + 4 * j;
+    struct Raw {
+        uint16_t d;
+        uint32_t qh, q;
+    };
+    for_units<Raw, kGemvUnroll>(
+        (k / 32) * 4, lane,
+        [&](int64_t u) {
+            const uint8_t* blk = row + (u >> 2) * sizeof(quants::BlockQ5_0);
+            return Raw{ld<uint16_t>(blk), ld_u32_a2(blk + 2), ld_u32_a2(blk + 6 + 4 * static_cast<int>(u & 3))};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 2;
+            const int j = static_cast<int>(u & 3);
+            const float d = h2f(raw.d);
+            const uint32_t lo = (raw.q & 0x0F0F0F0Fu) | q5_high_bits(raw.qh >> (4 * j));
+            const uint32_t hi = ((raw.q >> 4) & 0x0F0F0F0Fu) | q5_high_bits(raw.qh >> (16 + 4 * j));
+            const int64_t e = b * 32 + 4 * j;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
-            const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
-            acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
-        }
-    }
+            for (int r = 0; r < M; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(x + r * k + e);
+                const float4 c = *reinterpret_cast<const float4*>(x + r * k + e + 16);
+                acc[r] += d * (dot4(lo, kOff, a) + dot4(hi, kOff, c));
+            }
+        });
 }
 
 // Q5_K: as Q4_K, 8 lanes per 176-byte super-block, lane j = 2g + h: quant bytes qs[32g + 16h, +16)
@@ -65,43 +70,49 @@ __device__ __forceinline__ void dot_q5_0(const uint8_t* row, int64_t k, const fl
 // bits 2g and 2g+1 are the 5th bits of those elements.
 template <int M>
 __device__ __forceinline__ void dot_q5_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 256) * 8;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 3;
-        const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-        const uint8_t* blk = row + b * sizeof(quants::BlockQ5_K);
-        const uint4 hdr = ld<uint4>(blk);
-        const uint4 hv = ld<uint4>(blk + 16 + 16 * h);
-        const uint4 qv = ld<uint4>(blk + 48 + 32 * g + 16 * h);
-        const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff)), dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-        float sc1, m1, sc2, m2;
-        scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-        scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-        const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
-        uint32_t lo[4], hi[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            lo[i] = (qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4);
-            hi[i] = ((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4);
-        }
-        const int64_t e = b * 256 + 64 * g + 16 * h;
-#pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float* xr = x + r * k + e;
-            float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+    struct Raw {
+        uint4 hdr, hv, qv;
+    };
+    for_units<Raw, kGemvUnroll>(
+        (k / 256) * 8, lane,
+        [&](int64_t u) {
+            const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            const uint8_t* blk = row + (u >> 3) * sizeof(quants::BlockQ5_K);
+            return Raw{ld<uint4>(blk), ld<uint4>(blk + 16 + 16 * h), ld<uint4>(blk + 48 + 32 * g + 16 * h)};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 3;
+            const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
+            const uint4 hdr = raw.hdr, hv = raw.hv, qv = raw.qv;
+            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+            float sc1, m1, sc2, m2;
+            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
+            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
+            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+            uint32_t lo[4], hi[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
-                const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
-                s_lo += dot4(lo[i], kMagic, a);
-                s_hi += dot4(hi[i], kMagic, c);
-                x_lo += sum4(a);
-                x_hi += sum4(c);
+                lo[i] = (qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4);
+                hi[i] = ((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4);
             }
-            acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
-        }
-    }
+            const int64_t e = b * 256 + 64 * g + 16 * h;
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * k + e;
+                float s_lo = 0.0f, s_hi = 0.0f, x_lo = 0.0f, x_hi = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float4 a = *reinterpret_cast<const float4*>(xr + 4 * i);
+                    const float4 c = *reinterpret_cast<const float4*>(xr + 32 + 4 * i);
+                    s_lo += dot4(lo[i], kMagic, a);
+                    s_hi += dot4(hi[i], kMagic, c);
+                    x_lo += sum4(a);
+                    x_hi += sum4(c);
+                }
+                acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
+            }
+        });
 }
 
 // Q3_K: 16 lanes per 110-byte super-block; lane (c, i) covers l = 4i..4i+3 of half c, i.e. the
@@ -109,72 +120,85 @@ __device__ __forceinline__ void dot_q5_K(const uint8_t* row, int64_t k, const fl
 // 4c + s of hmask[l] (set: q, clear: q − 4), scale 8c + 2s + l/16.
 template <int M>
 __device__ __forceinline__ void dot_q3_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 256) * 16;
     constexpr float kOff = kMagic + 4.0f;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 4;
-        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
-        const uint8_t* blk = row + b * sizeof(quants::BlockQ3_K);
-        const uint32_t hm = ld_u32_a2(blk + l0);
-        const uint32_t qs = ld_u32_a2(blk + 32 + 32 * c + l0);
-        const uint32_t s0 = ld_u32_a2(blk + 96), s1 = ld_u32_a2(blk + 100), s2 = ld_u32_a2(blk + 104);
-        const float d = h2f(ld<uint16_t>(blk + 108));
-        uint32_t q[4];
-        float sc[4];
+    struct Raw {
+        uint32_t hm, qs, s0, s1, s2;
+        uint16_t d;
+    };
+    for_units<Raw, kGemvUnroll>(
+        (k / 256) * 16, lane,
+        [&](int64_t u) {
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
+            const uint8_t* blk = row + (u >> 4) * sizeof(quants::BlockQ3_K);
+            return Raw{ld_u32_a2(blk + l0),       ld_u32_a2(blk + 32 + 32 * c + l0), ld_u32_a2(blk + 96),
+                       ld_u32_a2(blk + 100),      ld_u32_a2(blk + 104),              ld<uint16_t>(blk + 108)};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 4;
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+            const float d = h2f(raw.d);
+            uint32_t q[4];
+            float sc[4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            q[s] = ((qs >> (2 * s)) & 0x03030303u) | (((hm >> (4 * c + s)) & 0x01010101u) << 2);
-            sc[s] = static_cast<float>(q3k_scale(s0, s1, s2, 8 * c + 2 * s + half));
-        }
-        const int64_t e = b * 256 + 128 * c + l0;
+            for (int s = 0; s < 4; ++s) {
+                q[s] = ((raw.qs >> (2 * s)) & 0x03030303u) | (((raw.hm >> (4 * c + s)) & 0x01010101u) << 2);
+                sc[s] = static_cast<float>(q3k_scale(raw.s0, raw.s1, raw.s2, 8 * c + 2 * s + half));
+            }
+            const int64_t e = b * 256 + 128 * c + l0;
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float* xr = x + r * k + e;
-            float sum = 0.0f;
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * k + e;
+                float sum = 0.0f;
 #pragma unroll
-            for (int s = 0; s < 4; ++s) sum += sc[s] * dot4(q[s], kOff, *reinterpret_cast<const float4*>(xr + 32 * s));
-            acc[r] += d * sum;
-        }
-    }
+                for (int s = 0; s < 4; ++s)
+                    sum += sc[s] * dot4(q[s], kOff, *reinterpret_cast<const float4*>(xr + 32 * s));
+                acc[r] += d * sum;
+            }
+        });
 }
 
 // Q2_K: 16 lanes per 84-byte super-block, lanes as Q3_K's: elements 128c + 32s + l at bits 2s of
 // qs[32c + l]; scale byte 8c + 2s + l/16 (low nibble scale, high nibble min).
 template <int M>
 __device__ __forceinline__ void dot_q2_K(const uint8_t* row, int64_t k, const float* x, int lane, float (&acc)[M]) {
-    const int64_t n_units = (k / 256) * 16;
-#pragma unroll kGemvUnroll
-    for (int64_t u = lane; u < n_units; u += kWarp) {
-        const int64_t b = u >> 4;
-        const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
-        const uint8_t* blk = row + b * sizeof(quants::BlockQ2_K);
-        const uint32_t qs = ld<uint32_t>(blk + 16 + 32 * c + l0);
-        const uint32_t sw0 = ld<uint32_t>(blk + 8 * c), sw1 = ld<uint32_t>(blk + 8 * c + 4);
-        const uint32_t dd = ld<uint32_t>(blk + 80);
-        const float d = h2f(static_cast<uint16_t>(dd & 0xffff)), dmin = h2f(static_cast<uint16_t>(dd >> 16));
-        float sc[4], mn[4];
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            const int bi = 2 * s + half;
-            const uint32_t sb = byte_of(bi < 4 ? sw0 : sw1, bi & 3);
-            sc[s] = static_cast<float>(sb & 0xF);
-            mn[s] = static_cast<float>(sb >> 4);
-        }
-        const int64_t e = b * 256 + 128 * c + l0;
-#pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float* xr = x + r * k + e;
-            float s_q = 0.0f, s_m = 0.0f;
+    struct Raw {
+        uint32_t qs, sw0, sw1, dd;
+    };
+    for_units<Raw, kGemvUnroll>(
+        (k / 256) * 16, lane,
+        [&](int64_t u) {
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7);
+            const uint8_t* blk = row + (u >> 4) * sizeof(quants::BlockQ2_K);
+            return Raw{ld<uint32_t>(blk + 16 + 32 * c + l0), ld<uint32_t>(blk + 8 * c), ld<uint32_t>(blk + 8 * c + 4),
+                       ld<uint32_t>(blk + 80)};
+        },
+        [&](int64_t u, const Raw& raw) {
+            const int64_t b = u >> 4;
+            const int li = static_cast<int>(u & 15), c = li >> 3, l0 = 4 * (li & 7), half = l0 / 16;
+            const float d = h2f(static_cast<uint16_t>(raw.dd & 0xffff));
+            const float dmin = h2f(static_cast<uint16_t>(raw.dd >> 16));
+            float sc[4], mn[4];
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-                const float4 a = *reinterpret_cast<const float4*>(xr + 32 * s);
-                s_q += sc[s] * dot4((qs >> (2 * s)) & 0x03030303u, kMagic, a);
-                s_m += mn[s] * sum4(a);
+                const int bi = 2 * s + half;
+                const uint32_t sb = byte_of(bi < 4 ? raw.sw0 : raw.sw1, bi & 3);
+                sc[s] = static_cast<float>(sb & 0xF);
+                mn[s] = static_cast<float>(sb >> 4);
             }
-            acc[r] += d * s_q - dmin * s_m;
-        }
-    }
+            const int64_t e = b * 256 + 128 * c + l0;
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                const float* xr = x + r * k + e;
+                float s_q = 0.0f, s_m = 0.0f;
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const float4 a = *reinterpret_cast<const float4*>(xr + 32 * s);
+                    s_q += sc[s] * dot4((raw.qs >> (2 * s)) & 0x03030303u, kMagic, a);
+                    s_m += mn[s] * sum4(a);
+                }
+                acc[r] += d * s_q - dmin * s_m;
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
