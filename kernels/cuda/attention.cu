@@ -231,7 +231,6 @@ namespace {
 void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_splits, void* workspace,
                       cudaStream_t stream) {
     MM_CHECK(a.min_splits >= 1 && a.min_splits <= 64);
-    const int64_t min_splits = a.min_splits;
     MM_CHECK(a.head_dim > 0 && a.head_dim <= kAttnMaxHeadDim);
     MM_CHECK(a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0);
     MM_CHECK(a.n_tokens < 65536 && a.n_head < 65536);
@@ -243,25 +242,25 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     const bool vw = attn_v_warps();
     if (a.kv_f16 && vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.min_splits,
             a.merge_counters, a.out, a.out_qx);
     else if (a.kv_f16)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<true, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.min_splits,
             a.merge_counters, a.out, a.out_qx);
     else if (vw)
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, true>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.min_splits,
             a.merge_counters, a.out, a.out_qx);
     else
         MM_LAUNCH_PDL(grid, kAttnThreads, 0, stream, attn_split_kernel<false, false>)(
-            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, min_splits,
+            a.q, a.k, a.v, ws, a.n_past, n_past_dev, a.n_head, a.n_head_kv, a.head_dim, a.scale, a.min_splits,
             a.merge_counters, a.out, a.out_qx);
     CUDA_CHECK_LAUNCH();
     if (a.merge_counters) return;  // merged by each head's last block
     const dim3 mgrid(static_cast<unsigned>(a.n_head), static_cast<unsigned>(a.n_tokens));
     MM_LAUNCH_PDL(mgrid, kAttnThreads, 0, stream, attn_merge_kernel)(ws, a.out, a.n_head, a.head_dim, n_splits, a.n_past,
-                                                                    n_past_dev, min_splits, a.out_qx);
+                                                                    n_past_dev, a.min_splits, a.out_qx);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -273,7 +273,8 @@ void top_k_rows(const float* x, int64_t rows, int64_t n, int64_t k, int32_t* ids
 // Causal GQA attention against a KV cache in VRAM, split over the key length (flash-decoding):
 // each (token, head) reads its keys in chunks of at most kAttnSplit, one block per chunk (at least
 // AttentionArgs::min_splits chunks of 16 keys or more: a short context still spreads over several
-// blocks; 1: 256-key chunks, before session 17), then one pass merges the chunks. Layouts as AttentionArgs in kernels/ops.h:
+// blocks; 1: 256-key chunks, before session 17), then one pass merges the chunks. Layouts as
+// AttentionArgs in kernels/ops.h:
 //   q:   [T, n_head, head_dim] f32;  k, v: [n_ctx, n_head_kv, head_dim] f16 (kv_f16) or f32
 //   out: [T, n_head, head_dim] f32;  token t sees keys 0..n_past+t.
 // head_dim <= 256. workspace: attention_workspace_bytes() bytes of device memory.

@@ -209,15 +209,9 @@ __device__ __forceinline__ void dot_q4_K(const uint8_t* const (&rows)[R], int64_
             const int64_t b = u >> 3;
             const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
             const int64_t e = b * 256 + 64 * g + 16 * h;
-            float d[R], dmin[R], sc1[R], m1[R], sc2[R], m2[R];
+            KSubScales ks[R];
 #pragma unroll
-            for (int ri = 0; ri < R; ++ri) {
-                const uint4 hdr = raw.hdr[ri];
-                d[ri] = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-                dmin[ri] = h2f(static_cast<uint16_t>(hdr.x >> 16));
-                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1[ri], &m1[ri]);
-                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2[ri], &m2[ri]);
-            }
+            for (int ri = 0; ri < R; ++ri) ks[ri] = k_sub_scales(raw.hdr[ri], g);
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 const float* xr = x + r * k + e;
@@ -240,7 +234,8 @@ __device__ __forceinline__ void dot_q4_K(const uint8_t* const (&rows)[R], int64_
                         s_lo += dot4(qw[i] & 0x0F0F0F0Fu, kMagic, a[i]);
                         s_hi += dot4((qw[i] >> 4) & 0x0F0F0F0Fu, kMagic, c[i]);
                     }
-                    acc[ri][r] += d[ri] * (sc1[ri] * s_lo + sc2[ri] * s_hi) - dmin[ri] * (m1[ri] * x_lo + m2[ri] * x_hi);
+                    const KSubScales& q = ks[ri];
+                    acc[ri][r] += q.d * (q.sc1 * s_lo + q.sc2 * s_hi) - q.dmin * (q.m1 * x_lo + q.m2 * x_hi);
                 }
             }
         });
@@ -733,7 +728,7 @@ __device__ __forceinline__ void dotq_q4_0(const uint8_t* const (&rows)[R], int64
 template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
-    const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
+    const int n_units = static_cast<int>(k / 256) * 8;
     struct Raw {
         uint4 hdr[R], qv[R];
     };
@@ -752,34 +747,14 @@ __device__ __forceinline__ void dotq_q4_K(const uint8_t* const (&rows)[R], int64
         },
         [&](int64_t u, const Raw& raw) {
             const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-            const int e = 256 * b + 64 * g + 16 * h;
 #pragma unroll
             for (int ri = 0; ri < R; ++ri) {
-                const uint4 hdr = raw.hdr[ri], qv = raw.qv[ri];
-                const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-                const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-                float sc1, m1, sc2, m2;
-                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-                const int qw[4] = {static_cast<int>(qv.x), static_cast<int>(qv.y), static_cast<int>(qv.z),
-                                   static_cast<int>(qv.w)};
+                const uint4 qv = raw.qv[ri];
+                const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w};
+                uint32_t lo[4], hi[4];
 #pragma unroll
-                for (int r = 0; r < M; ++r) {
-                    const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
-                    const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
-                    const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
-                    int s_lo = 0, s_hi = 0;
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        s_lo = __dp4a(qw[i] & 0x0F0F0F0F, xlv[i], s_lo);
-                        s_hi = __dp4a((qw[i] >> 4) & 0x0F0F0F0F, xhv[i], s_hi);
-                    }
-                    const float* xd = x.d + r * nb + 8 * b + 2 * g;
-                    const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
-                    accs[ri][r] +=
-                        d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
-                        dmin * (m1 * xs[0] + m2 * xs[2]);
-                }
+                for (int i = 0; i < 4; ++i) lo[i] = qw[i] & 0x0F0F0F0Fu, hi[i] = (qw[i] >> 4) & 0x0F0F0F0Fu;
+                dotq_k_unit<M>(k_sub_scales(raw.hdr[ri], g), lo, hi, x, k, b, g, h, accs[ri]);
             }
         });
 }

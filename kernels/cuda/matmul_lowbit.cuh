@@ -83,19 +83,9 @@ __device__ __forceinline__ void dot_q5_K(const uint8_t* row, int64_t k, const fl
         [&](int64_t u, const Raw& raw) {
             const int64_t b = u >> 3;
             const int j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-            const uint4 hdr = raw.hdr, hv = raw.hv, qv = raw.qv;
-            const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-            const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-            float sc1, m1, sc2, m2;
-            scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-            scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-            const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+            const KSubScales ks = k_sub_scales(raw.hdr, g);
             uint32_t lo[4], hi[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                lo[i] = (qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4);
-                hi[i] = ((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4);
-            }
+            q5k_quants(raw.qv, raw.hv, g, lo, hi);
             const int64_t e = b * 256 + 64 * g + 16 * h;
 #pragma unroll
             for (int r = 0; r < M; ++r) {
@@ -110,7 +100,7 @@ __device__ __forceinline__ void dot_q5_K(const uint8_t* row, int64_t k, const fl
                     x_lo += sum4(a);
                     x_hi += sum4(c);
                 }
-                acc[r] += d * (sc1 * s_lo + sc2 * s_hi) - dmin * (m1 * x_lo + m2 * x_hi);
+                acc[r] += ks.d * (ks.sc1 * s_lo + ks.sc2 * s_hi) - ks.dmin * (ks.m1 * x_lo + ks.m2 * x_hi);
             }
         });
 }
@@ -251,7 +241,7 @@ __device__ __forceinline__ void dotq_q5_0(const uint8_t* const (&rows)[R], int64
 template <int R, int M, int U = kGemvUnroll / R>
 __device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64_t k, const QX& x, int lane,
                                           float (&accs)[R][M]) {
-    const int nsb = static_cast<int>(k / 256), n_units = nsb * 8, nb = nsb * 8, n16 = nsb * 16;
+    const int n_units = static_cast<int>(k / 256) * 8;
     struct Raw {
         uint4 hdr[R], hv[R], qv[R];
     };
@@ -271,40 +261,11 @@ __device__ __forceinline__ void dotq_q5_K(const uint8_t* const (&rows)[R], int64
         },
         [&](int64_t u, const Raw& raw) {
             const int b = static_cast<int>(u >> 3), j = static_cast<int>(u & 7), g = j >> 1, h = j & 1;
-            const int e = 256 * b + 64 * g + 16 * h;
 #pragma unroll
             for (int ri = 0; ri < R; ++ri) {
-                const uint4 hdr = raw.hdr[ri], hv = raw.hv[ri], qv = raw.qv[ri];
-                const float d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
-                const float dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
-                float sc1, m1, sc2, m2;
-                scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &sc1, &m1);
-                scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &sc2, &m2);
-                const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
-                int lo[4], hi[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    lo[i] = static_cast<int>((qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4));
-                    hi[i] = static_cast<int>(((qw[i] >> 4) & 0x0F0F0F0Fu) |
-                                             (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4));
-                }
-#pragma unroll
-                for (int r = 0; r < M; ++r) {
-                    const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
-                    const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
-                    const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
-                    int s_lo = 0, s_hi = 0;
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        s_lo = __dp4a(lo[i], xlv[i], s_lo);
-                        s_hi = __dp4a(hi[i], xhv[i], s_hi);
-                    }
-                    const float* xd = x.d + r * nb + 8 * b + 2 * g;
-                    const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
-                    accs[ri][r] +=
-                        d * (sc1 * xd[0] * static_cast<float>(s_lo) + sc2 * xd[1] * static_cast<float>(s_hi)) -
-                        dmin * (m1 * xs[0] + m2 * xs[2]);
-                }
+                uint32_t lo[4], hi[4];
+                q5k_quants(raw.qv[ri], raw.hv[ri], g, lo, hi);
+                dotq_k_unit<M>(k_sub_scales(raw.hdr[ri], g), lo, hi, x, k, b, g, h, accs[ri]);
             }
         });
 }

@@ -59,6 +59,31 @@ __device__ __forceinline__ void scale_min_k4(int j, uint32_t s0, uint32_t s1, ui
     }
 }
 
+// A Q4_K / Q5_K super-block's header (d, dmin, the 12 scale bytes: one uint4) decoded for lane unit
+// g's sub-blocks 2g (sc1, m1) and 2g + 1 (sc2, m2).
+struct KSubScales {
+    float d, dmin, sc1, m1, sc2, m2;
+};
+__device__ __forceinline__ KSubScales k_sub_scales(const uint4& hdr, int g) {
+    KSubScales s;
+    s.d = h2f(static_cast<uint16_t>(hdr.x & 0xffff));
+    s.dmin = h2f(static_cast<uint16_t>(hdr.x >> 16));
+    scale_min_k4(2 * g, hdr.y, hdr.z, hdr.w, &s.sc1, &s.m1);
+    scale_min_k4(2 * g + 1, hdr.y, hdr.z, hdr.w, &s.sc2, &s.m2);
+    return s;
+}
+// A Q5_K lane unit's 5-bit quants as bytes 0..31: the low (sub-block 2g) and high (2g + 1) nibbles
+// of the quant words qv with their 5th bits, bits 2g and 2g + 1 of the qh words hv.
+__device__ __forceinline__ void q5k_quants(const uint4& qv, const uint4& hv, int g, uint32_t (&lo)[4],
+                                           uint32_t (&hi)[4]) {
+    const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        lo[i] = (qw[i] & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g)) & 0x01010101u) << 4);
+        hi[i] = ((qw[i] >> 4) & 0x0F0F0F0Fu) | (((hw[i] >> (2 * g + 1)) & 0x01010101u) << 4);
+    }
+}
+
 // Quants to floats without I2F (a quarter-rate instruction on Hopper, and what bounded the first
 // version of these kernels): byte i of w is placed under the exponent of 2^23, which gives the float
 // 2^23 + byte exactly (one PRMT); the caller subtracts 2^23 plus the type's offset (one FADD).
@@ -82,6 +107,32 @@ struct QX {
     const float* d;    // [M][k/32]
     const float* s16;  // [M][k/16]
 };
+
+// One Q4_K / Q5_K lane unit (super-block b, sub-blocks 2g, 2g + 1, half h) of one W row against the M
+// quantized X rows: lo / hi its quants as bytes (sub-block 2g / 2g + 1, 0..15 or 0..31), acc[r] +=
+// d·(sc1·x̂d·Σ lo·x̂q + sc2·x̂d·Σ hi·x̂q) − dmin·(m1·x̂s + m2·x̂s) (the min terms on X's 16-sums).
+template <int M>
+__device__ __forceinline__ void dotq_k_unit(const KSubScales& ks, const uint32_t (&lo)[4], const uint32_t (&hi)[4],
+                                            const QX& x, int64_t k, int b, int g, int h, float (&acc)[M]) {
+    const int nb = static_cast<int>(k / 256) * 8, n16 = static_cast<int>(k / 256) * 16;
+    const int e = 256 * b + 64 * g + 16 * h;
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+        const int4 xl = *reinterpret_cast<const int4*>(x.q + r * k + e);
+        const int4 xh = *reinterpret_cast<const int4*>(x.q + r * k + e + 32);
+        const int xlv[4] = {xl.x, xl.y, xl.z, xl.w}, xhv[4] = {xh.x, xh.y, xh.z, xh.w};
+        int s_lo = 0, s_hi = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s_lo = __dp4a(static_cast<int>(lo[i]), xlv[i], s_lo);
+            s_hi = __dp4a(static_cast<int>(hi[i]), xhv[i], s_hi);
+        }
+        const float* xd = x.d + r * nb + 8 * b + 2 * g;
+        const float* xs = x.s16 + r * n16 + 16 * b + 4 * g + h;
+        acc[r] += ks.d * (ks.sc1 * xd[0] * static_cast<float>(s_lo) + ks.sc2 * xd[1] * static_cast<float>(s_hi)) -
+                  ks.dmin * (ks.m1 * xs[0] + ks.m2 * xs[2]);
+    }
+}
 
 #ifndef MM_CUDA_HOST_EMULATION
 // Groups g < n (n <= N) of 32 X elements (lane i holds element i of each group in v[g]) quantized for
