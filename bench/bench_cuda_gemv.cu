@@ -107,6 +107,28 @@ void* make_matrices(GgmlType t, int64_t n_out, int64_t k, int64_t n_mat, size_t*
     return d;
 }
 
+// Median µs of call(i) for i = 3 .. g_reps + 2 (after 3 warm-ups), CUDA events around each call.
+template <class F>
+double median_us(F&& call) {
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < g_reps + 3; ++i) {
+        CUDA_CHECK(cudaEventRecord(e0));
+        call(i);
+        CUDA_CHECK(cudaEventRecord(e1));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        float tm;
+        CUDA_CHECK(cudaEventElapsedTime(&tm, e0, e1));
+        if (i >= 3) ms.push_back(tm);
+    }
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaEventDestroy(e0));
+    CUDA_CHECK(cudaEventDestroy(e1));
+    return median(ms) * 1e3;
+}
+
 // One table row: n_sel > 0 uses matmul_id over an [E=128] expert tensor with n_sel random ids.
 void bench(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m, int64_t n_sel = 0) {
     const size_t one = ggml_row_bytes(t, k) * n_out;
@@ -134,25 +156,13 @@ void bench(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m, in
     }
     if (n_sel > 0)
         CUDA_CHECK(cudaMemcpy(ids, all_ids.data(), all_ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-    cudaEvent_t e0, e1;
-    CUDA_CHECK(cudaEventCreate(&e0));
-    CUDA_CHECK(cudaEventCreate(&e1));
-    std::vector<float> ms;
-    for (int i = 0; i < g_reps + 3; ++i) {
-        CUDA_CHECK(cudaEventRecord(e0));
+    const double us = median_us([&](int i) {
         if (n_sel > 0)
             cuda::matmul_id(t, w, matrix_bytes, ids + (i % id_sets) * n_sel, n_sel, n_out, k, x, 0, y);
         else
             cuda::matmul(t, w + (i % n_mat) * matrix_bytes, n_out, k, x, m, y);
-        CUDA_CHECK(cudaEventRecord(e1));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        float tm;
-        CUDA_CHECK(cudaEventElapsedTime(&tm, e0, e1));
-        if (i >= 3) ms.push_back(tm);
-    }
-    CUDA_CHECK(cudaGetLastError());
+    });
     const double bytes = static_cast<double>(one) * static_cast<double>(std::max<int64_t>(n_sel, 1));
-    const double us = median(ms) * 1e3;
     const double gbs = bytes / (us * 1e-6) / 1e9;
     if (m > 8) {  // compute-bound: report TFLOP/s instead
         const double tflops = 2.0 * static_cast<double>(m) * n_out * k / (us * 1e-6) / 1e12;
@@ -169,8 +179,44 @@ void bench(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m, in
     CUDA_CHECK(cudaFree(x));
     CUDA_CHECK(cudaFree(y));
     CUDA_CHECK(cudaFree(ids));
-    CUDA_CHECK(cudaEventDestroy(e0));
-    CUDA_CHECK(cudaEventDestroy(e1));
+}
+
+// Median µs of matmul(t, n_out × k, m rows), cycling through copies of W that miss L2.
+double time_matmul(GgmlType t, int64_t n_out, int64_t k, int64_t m) {
+    const size_t one = ggml_row_bytes(t, k) * n_out;
+    const int64_t n_mat = std::max<int64_t>(2, static_cast<int64_t>(4 * g_l2 / one) + 1);
+    size_t matrix_bytes = 0;
+    auto* w = static_cast<uint8_t*>(make_matrices(t, n_out, k, n_mat, &matrix_bytes));
+    float *x, *y;
+    CUDA_CHECK(cudaMalloc(&x, m * k * sizeof(float)));
+    CUDA_CHECK(cudaMemset(x, 0, m * k * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&y, m * n_out * sizeof(float)));
+    const double us = median_us([&](int i) { cuda::matmul(t, w + (i % n_mat) * matrix_bytes, n_out, k, x, m, y); });
+    CUDA_CHECK(cudaFree(w));
+    CUDA_CHECK(cudaFree(x));
+    CUDA_CHECK(cudaFree(y));
+    return us;
+}
+
+// One row of the prompt table: the product through cuBLAS (MOEMESH_CUDA_BLAS=1, its dequantization
+// to bf16 included; MOEMESH_CUDA_BLAS_MIN_ROWS=2, so GEMV sizes too) and through the built-in kernels
+// (=0: GEMV chunks up to 32 rows, then the tiled kernel), side by side.
+void bench_prompt(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m) {
+    setenv("MOEMESH_CUDA_BLAS", "1", 1);
+    setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", "2", 1);
+    const uint64_t g0 = cuda::blas_gemms();
+    const double blas_us = time_matmul(t, n_out, k, m);
+    const bool used = cuda::blas_gemms() > g0;
+    unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+    setenv("MOEMESH_CUDA_BLAS", "0", 1);
+    const double own_us = time_matmul(t, n_out, k, m);
+    unsetenv("MOEMESH_CUDA_BLAS");
+    const double flop = 2.0 * static_cast<double>(m) * n_out * k;
+    std::printf("| %-20s | %-4s | %6lld | %5lld | %4lld | %9.1f%s | %6.1f | %9.1f | %6.1f | %5.2fx |\n", what,
+                ggml_type_name(t), static_cast<long long>(n_out), static_cast<long long>(k), static_cast<long long>(m),
+                blas_us, used ? "" : " (not cuBLAS)", flop / (blas_us * 1e-6) / 1e12, own_us,
+                flop / (own_us * 1e-6) / 1e12, own_us / blas_us);
+    std::fflush(stdout);
 }
 
 }  // namespace
@@ -215,12 +261,25 @@ int main(int argc, char** argv) {
         for (const int64_t m : {2, 4, 8}) bench("lm_head batch", t, 151936, 2048, m);
     }
     for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q5_K, GgmlType::Q3_K, GgmlType::Q2_K})
-        bench("attn q prefill (tiled)", t, 4096, 2048, 512);
+        bench("attn q prefill", t, 4096, 2048, 512);
     // Short prompts (the decode bench's 16 tokens): the tiled kernel's smallest cases.
     for (const int64_t m : {16, 64}) bench("attn q short prompt", GgmlType::Q4_K, 4096, 2048, m);
     // Qwen3-Next's linear-attention input projection (q, k: 16 heads of 128; v, z: 32 heads of 128;
     // 12288 rows over hidden 2048), Q5_K in Q4_K_M files: decode and a 512-token prompt.
     bench("next attn_qkv", GgmlType::Q5_K, 12288, 2048, 1);
     bench("next attn_qkv prefill", GgmlType::Q5_K, 12288, 2048, 512);
+
+    // Prompt products: cuBLAS (bf16 tensor cores after a dequantization to bf16) vs the built-in
+    // tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert its share of rows.
+    std::string blas;
+    const bool blas_ok = cuda::blas_ready(&blas);
+    std::printf("\nprompt products: cuBLAS %s (%s)\n", blas_ok ? "loaded" : "NOT loaded", blas.c_str());
+    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s | own/cuBLAS |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16}) {
+        for (const int64_t m : {33, 64, 128, 512}) bench_prompt("attn q", t, 4096, 2048, m);
+        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert gate/up", t, 768, 2048, m);
+        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert down", t, 2048, 768, m);
+    }
     return 0;
 }

@@ -380,9 +380,14 @@ public:
         }
         size_t free_b = 0, total_b = 0;
         CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-        std::fprintf(stderr, "%s: %s, %.2f GiB of weights resident (%.2f GiB routed experts), %.2f GiB free\n",
+        std::string blas;
+        const bool blas_ok = cuda::blas_ready(&blas);
+        std::fprintf(stderr,
+                     "%s: %s, %.2f GiB of weights resident (%.2f GiB routed experts), %.2f GiB free; prompt "
+                     "products: %s\n",
                      name().c_str(), name_.c_str(), resident_ / 1073741824.0, total / 1073741824.0,
-                     free_b / 1073741824.0);
+                     free_b / 1073741824.0,
+                     blas_ok ? ("cuBLAS (" + blas + ")").c_str() : ("built-in kernel: " + blas).c_str());
         return Status();
     }
 
@@ -1050,18 +1055,18 @@ private:
         float* u = grow<float>(u_, n * I);
         float* y = grow<float>(y_, n * H);
         cuda::gather_rows(x, maps, xs, n, H, stream_);  // [n, H] grouped by expert
+        // One product per used expert (cuda::matmul_grouped: X rounded once per matrix kind, the
+        // cuBLAS experts' W dequantized many at a time).
+        mats_host_.resize(static_cast<size_t>(3 * E));
         for (int64_t e = 0; e < E; ++e) {
-            const int64_t m = count_[e], o = offset_[e];
-            if (m == 0) continue;
-            cuda::matmul(r.tg, r.gate + e * r.mb_g, I, H, xs + o * H, m, g + o * I, stream_);
-            cuda::matmul(r.tu, r.up + e * r.mb_u, I, H, xs + o * H, m, u + o * I, stream_);
+            mats_host_[e] = r.gate + e * r.mb_g;
+            mats_host_[E + e] = r.up + e * r.mb_u;
+            mats_host_[2 * E + e] = r.down + e * r.mb_d;
         }
+        cuda::matmul_grouped(r.tg, mats_host_.data(), count_.data(), offset_.data(), E, I, H, xs, g, stream_);
+        cuda::matmul_grouped(r.tu, mats_host_.data() + E, count_.data(), offset_.data(), E, I, H, xs, u, stream_);
         cuda::swiglu(g, u, g, n * I, stream_);
-        for (int64_t e = 0; e < E; ++e) {
-            const int64_t m = count_[e], o = offset_[e];
-            if (m == 0) continue;
-            cuda::matmul(r.td, r.down + e * r.mb_d, H, I, g + o * I, m, y + o * H, stream_);
-        }
+        cuda::matmul_grouped(r.td, mats_host_.data() + 2 * E, count_.data(), offset_.data(), E, H, I, g, y, stream_);
         cuda::moe_combine(y, maps + n, w, out, T, K, H, stream_);
         return Status();
     }
@@ -1107,6 +1112,7 @@ private:
     Buffer pos_, attn_ws_, g_, u_, y_, xs_, maps_, argmax_ws_, top_k_ws_;
     std::vector<int32_t> ids_host_, maps_host_;
     std::vector<int64_t> count_, offset_;  // [E], [E + 1]
+    std::vector<const void*> mats_host_;    // moe_grouped: [gate E | up E | down E] matrix addresses
     std::vector<float> hx_, hout_, hw_;
     std::unordered_map<const void*, size_t> sizes_;  // bytes of each allocation (a KV cache's n_ctx)
 

@@ -60,6 +60,8 @@ section() {
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "no nvidia-smi"
   ldconfig -p | grep -m1 'libnccl.so.2 ' || echo "no libnccl.so.2 on the loader's path (transport nccl will be refused)"
+  { ldconfig -p | grep -m1 'libcublas.so.13 ' || ls /usr/local/cuda/lib64/libcublas.so.13; } 2>/dev/null ||
+    echo "no libcublas.so.13 found (prompt products will take the tiled kernel)"
   section ops 20 90 "$B/test_cuda_ops"
   section model 60 150 "$B/test_cuda_model"
   section experts 40 150 "$B/test_cuda_experts"

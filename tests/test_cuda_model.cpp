@@ -220,6 +220,19 @@ TEST_F(CudaModel, Qwen3MoeQ8_0) {
     check("qwen3moe q8_0", make(moe_opts("q8_0"), "moe_q8"), true, true, 40);
 }
 
+// The grouped prompt MoE with its experts' products through cuBLAS (cuda::matmul_grouped; 80 pairs
+// over 8 experts: ~10 rows each, so the cuBLAS minimum is lowered to 6) and the dense prompt
+// products too (40 rows), against the CPU; cuBLAS must have run (where it loads).
+TEST_F(CudaModel, Qwen3MoeQ8_0GroupedPromptMoeThroughCublas) {
+    REQUIRE_CUDA();
+    if (!cuda::blas_ready()) GTEST_SKIP() << "cuBLAS does not load";
+    const ScopedEnv pairs("MOEMESH_CUDA_PROMPT_PAIRS", "0");
+    const ScopedEnv rows("MOEMESH_CUDA_BLAS_MIN_ROWS", "6");
+    const uint64_t before = cuda::blas_gemms();
+    check("qwen3moe q8_0, grouped MoE, cuBLAS", make(moe_opts("q8_0"), "moe_q8"), true, true, 40);
+    EXPECT_GT(cuda::blas_gemms(), before);
+}
+
 TEST_F(CudaModel, Qwen3NextF32LongPrompt) {
     REQUIRE_CUDA();
     check("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, false, 100);

@@ -163,7 +163,23 @@ bool int8_x_gemv(GgmlType t, int64_t m) {
     const bool q = t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16;
     return q && m <= cuda::kMatmulGemvMaxM;
 }
-double ref_tolerance(GgmlType t, int64_t m) { return int8_x_gemv(t, m) ? 2e-2 : 2e-5; }
+// Prompt sizes (m >= MOEMESH_CUDA_BLAS_MIN_ROWS, default 33) go through cuBLAS where it loads (always
+// on the emulator): quantized W dequantized to f32 and TF32 products (~3e-4 relative on these data;
+// 2e-3 leaves room for a truncating conversion), F16 / BF16 W with X rounded to W's type, F32 exact.
+bool blas_path(GgmlType t, int64_t m) {
+    const char* on = std::getenv("MOEMESH_CUDA_BLAS");
+    if ((on != nullptr && std::string(on) == "0") || !cuda::blas_ready()) return false;
+    const char* mr = std::getenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+    (void)t;
+    return m >= (mr != nullptr && *mr != '\0' ? std::atoll(mr) : cuda::kMatmulGemvMaxM + 1);
+}
+double blas_tolerance(GgmlType t) {
+    return t == GgmlType::F32 ? 2e-5 : t == GgmlType::BF16 ? 1e-2 : 2e-3;
+}
+double ref_tolerance(GgmlType t, int64_t m) {
+    if (blas_path(t, m)) return blas_tolerance(t);
+    return int8_x_gemv(t, m) ? 2e-2 : 2e-5;
+}
 
 class CudaMatmul : public ::testing::TestWithParam<GgmlType> {};
 
@@ -186,6 +202,133 @@ TEST_P(CudaMatmul, MatchesCpu) {
         matmul(pool, t, w.bytes.data(), n_out, k, x.data(), m, cpu.data());
         expect_close(name + " vs cpu matmul", got, cpu, cpu_tolerance(t));
     }
+}
+
+// Prompt products through cuBLAS (kernels/cuda/blas.cpp): one GEMM per W chunk (quantized W is
+// dequantized to f32 in chunks of MOEMESH_CUDA_BLAS_CHUNK_MIB; F32/F16/BF16 W is used as stored, one
+// GEMM), results within blas_tolerance of the exact product and cpu_tolerance of the CPU; MOEMESH_CUDA_BLAS=0
+// (the tiled kernel) gives no GEMM; MOEMESH_CUDA_BLAS_MIN_ROWS=2 sends a GEMV size to cuBLAS.
+TEST_P(CudaMatmul, PromptProductsThroughCublas) {
+    REQUIRE_CUDA();
+    std::string why;
+    if (!cuda::blas_ready(&why)) GTEST_SKIP() << "cuBLAS does not load: " << why;
+    const GgmlType t = GetParam();
+    ThreadPool pool(2);
+    const int64_t n_out = 1100, k = 512;  // f32 rows of 2 KiB: 1 MiB chunks of 512 rows → 3 chunks
+    const bool stored = t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16;
+    const QuantMatrix w = make_weights(t, n_out, k, 21);
+    const DeviceBuffer<uint8_t> dw(w.bytes);
+    unsetenv("MOEMESH_CUDA_BLAS");
+    unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+    ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_CHUNK_MIB", "1", 1), 0);
+    struct Case {
+        int64_t m;
+        const char* blas;      // MOEMESH_CUDA_BLAS
+        const char* min_rows;  // MOEMESH_CUDA_BLAS_MIN_ROWS
+        uint64_t gemms;        // cuBLAS GEMMs expected
+    };
+    const uint64_t chunks = stored ? 1 : 3;
+    for (const Case c : {Case{40, nullptr, nullptr, chunks}, Case{70, "1", nullptr, chunks}, Case{40, "0", nullptr, 0},
+                         Case{8, nullptr, "2", chunks}, Case{8, nullptr, nullptr, 0}}) {
+        if (c.blas) {
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", c.blas, 1), 0);
+        }
+        if (c.min_rows) {
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", c.min_rows, 1), 0);
+        }
+        const std::vector<float> x = random_vec(static_cast<size_t>(c.m * k), 300 + static_cast<uint32_t>(c.m));
+        const DeviceBuffer<float> dx(x);
+        DeviceBuffer<float> dy(static_cast<size_t>(c.m * n_out));
+        const uint64_t before = cuda::blas_gemms();
+        cuda::matmul(t, dw.get(), n_out, k, dx.get(), c.m, dy.get());
+        const std::vector<float> got = dy.download();
+        EXPECT_EQ(cuda::blas_gemms() - before, c.gemms) << "m=" << c.m;
+        const std::string name = std::string("prompt matmul ") + ggml_type_name(t) + " m=" + std::to_string(c.m) +
+                                 (c.gemms ? " cublas" : " own kernel");
+        expect_close(name + " vs dequant ref", got, ref_matmul(w.deq, n_out, k, x, c.m), ref_tolerance(t, c.m));
+        std::vector<float> cpu(got.size());
+        matmul(pool, t, w.bytes.data(), n_out, k, x.data(), c.m, cpu.data());
+        expect_close(name + " vs cpu matmul", got, cpu, cpu_tolerance(t));
+        unsetenv("MOEMESH_CUDA_BLAS");
+        unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+    }
+    unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
+}
+
+// matmul_grouped (a prompt's MoE grouped by expert) gives each group the results of matmul on its
+// rows: groups of 0, 1, 5 (GEMV) and 33, 40, 70 rows (cuBLAS); with 1 MiB chunks a 256 × 512 f32 W
+// (512 KiB) is dequantized two groups per launch, a 1100 × 512 one (2.1 MiB) is over the cap and
+// goes through matmul's row chunks. The cuBLAS GEMMs are those of the per-group matmuls.
+TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
+    REQUIRE_CUDA();
+    const GgmlType t = GetParam();
+    const std::vector<int64_t> count = {0, 40, 5, 0, 33, 1, 70};
+    const int64_t G = static_cast<int64_t>(count.size());
+    std::vector<int64_t> offset(count.size() + 1, 0);
+    for (int64_t g = 0; g < G; ++g) offset[g + 1] = offset[g] + count[g];
+    const int64_t rows = offset[G];
+    ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_CHUNK_MIB", "1", 1), 0);
+    for (const auto& [n_out, k] : {std::pair<int64_t, int64_t>{256, 512}, {1100, 512}}) {
+        const std::vector<uint8_t> all = stacked_weights(t, G, n_out, k, 40);
+        const size_t mb = all.size() / G;
+        const DeviceBuffer<uint8_t> dw(all);
+        std::vector<const void*> w(count.size());
+        for (int64_t g = 0; g < G; ++g) w[g] = count[g] > 0 ? dw.get() + g * mb : nullptr;
+        const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(rows * k), 41));
+        for (const char* blas : {"1", "0"}) {
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", blas, 1), 0);
+            DeviceBuffer<float> dy(static_cast<size_t>(rows * n_out)), dref(static_cast<size_t>(rows * n_out));
+            const uint64_t g0 = cuda::blas_gemms();
+            cuda::matmul_grouped(t, w.data(), count.data(), offset.data(), G, n_out, k, dx.get(), dy.get());
+            const std::vector<float> got = dy.download();
+            const uint64_t grouped_gemms = cuda::blas_gemms() - g0;
+            for (int64_t g = 0; g < G; ++g)
+                if (count[g] > 0)
+                    cuda::matmul(t, w[g], n_out, k, dx.get() + offset[g] * k, count[g], dref.get() + offset[g] * n_out);
+            const std::vector<float> want = dref.download();
+            EXPECT_EQ(grouped_gemms, cuda::blas_gemms() - g0 - grouped_gemms) << n_out << " x " << k << " BLAS=" << blas;
+            if (std::string(blas) == "1" && cuda::blas_ready()) {
+                EXPECT_GE(grouped_gemms, 3u);
+            }
+            if (std::string(blas) == "0") {
+                EXPECT_EQ(grouped_gemms, 0u);
+            }
+            expect_close(std::string("grouped ") + ggml_type_name(t) + " " + std::to_string(n_out) + "x" +
+                             std::to_string(k) + " BLAS=" + blas + " vs matmul per group",
+                         got, want, 1e-6);
+        }
+    }
+    unsetenv("MOEMESH_CUDA_BLAS");
+    unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
+}
+
+// A product recorded into a CUDA graph never reaches cuBLAS (whose scratch may need a synchronising
+// allocation): the stream's capture takes the tiled kernel, and the replay computes the product.
+TEST(CudaOps, CapturedPromptProductTakesTheOwnKernel) {
+    REQUIRE_CUDA();
+    const GgmlType t = GgmlType::Q4_K;
+    const int64_t n_out = 96, k = 512, m = 40;
+    const QuantMatrix w = make_weights(t, n_out, k, 23);
+    const std::vector<float> x = random_vec(static_cast<size_t>(m * k), 24);
+    const DeviceBuffer<uint8_t> dw(w.bytes);
+    const DeviceBuffer<float> dx(x);
+    DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    const uint64_t before = cuda::blas_gemms();
+    CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    cuda::matmul(t, dw.get(), n_out, k, dx.get(), m, dy.get(), s);
+    cudaGraph_t g = nullptr;
+    CUDA_CHECK(cudaStreamEndCapture(s, &g));
+    EXPECT_EQ(cuda::blas_gemms(), before);
+    cudaGraphExec_t ge = nullptr;
+    CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+    CUDA_CHECK(cudaGraphLaunch(ge, s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    expect_close("captured prompt matmul q4_K m=40", dy.download(), ref_matmul(w.deq, n_out, k, x, m), 2e-5);
+    CUDA_CHECK(cudaGraphExecDestroy(ge));
+    CUDA_CHECK(cudaGraphDestroy(g));
+    CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 // A tall matrix (int8-X GEMV by default for Q8_0 / Q4_0 / Q6_K: several rows per warp, two at a

@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/common.cuh"
@@ -449,6 +450,58 @@ TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
     EXPECT_EQ(cudaMalloc(&q, total), cudaErrorMemoryAllocation);
     (void)cudaGetLastError();
     cudaFree(p);
+}
+
+// The emulated cublasGemmEx keeps cuBLAS's column-major meaning (checked against products worked by
+// hand, not against our own callers), its argument checks, and runs as stream work.
+TEST_F(CudaEmu, CublasGemmExIsColumnMajorAndChecksItsOperands) {
+    // A = [1 2 3; 4 5 6] (2 × 3) column-major: {1, 4, 2, 5, 3, 6}; B = [1 0; 0 1; 1 1] (3 × 2): {1, 0, 1, 0, 1, 1}.
+    const std::vector<float> a = {1, 4, 2, 5, 3, 6}, b = {1, 0, 1, 0, 1, 1};
+    float *da, *db, *dc;
+    ASSERT_EQ(cudaMalloc(&da, a.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&db, b.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dc, 6 * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(da, a.data(), a.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(db, b.data(), b.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cudaStream_t s = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    cublasHandle_t h = nullptr;
+    ASSERT_EQ(cublasCreate_v2(&h), CUBLAS_STATUS_SUCCESS);
+    ASSERT_EQ(cublasSetStream_v2(h, s), CUBLAS_STATUS_SUCCESS);
+    const float one = 1.0f, zero = 0.0f;
+    // A · B = [1+3 2+3; 4+6 5+6] = [4 5; 10 11], column-major {4, 10, 5, 11}.
+    ASSERT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 2, db, CUDA_R_32F, 3, &zero, dc,
+                           CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_SUCCESS);
+    std::vector<float> c(4, -1.0f);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(c.data(), dc, 16, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(c, (std::vector<float>{4, 10, 5, 11}));
+    // Bᵀ · Aᵀ (op T on both, the stored B as 3 × 2 with ldb 3 and A as 2 × 3 with lda 2) = (A · B)ᵀ
+    // = [4 10; 5 11], column-major {4, 5, 10, 11}; into C with ldc 3 (row 2 of each column untouched).
+    ASSERT_EQ(cudaMemset(dc, 0, 6 * 4), cudaSuccess);
+    ASSERT_EQ(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_T, 2, 2, 3, &one, db, CUDA_R_32F, 3, da, CUDA_R_32F, 2, &zero, dc,
+                           CUDA_R_32F, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_SUCCESS);
+    c.assign(6, -1.0f);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(c.data(), dc, 24, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(c, (std::vector<float>{4, 5, 0, 10, 11, 0}));
+    // Arguments cuBLAS refuses: lda below A's rows, a host operand (a GPU would fault), types it lacks.
+    EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 1, db, CUDA_R_32F, 3, &zero, dc,
+                           CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_INVALID_VALUE);
+    EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, a.data(), CUDA_R_32F, 2, db, CUDA_R_32F, 3, &zero,
+                           dc, CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_EXECUTION_FAILED);
+    EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 2, db, CUDA_R_16F, 3, &zero, dc,
+                           CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_NOT_SUPPORTED);
+    EXPECT_EQ(cublasDestroy_v2(h), CUBLAS_STATUS_SUCCESS);
+    EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+    cudaFree(da);
+    cudaFree(db);
+    cudaFree(dc);
 }
 
 }  // namespace

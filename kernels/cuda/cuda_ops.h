@@ -3,9 +3,11 @@
 // elements in the weight type (ggml block layouts, kernels/cpu/quants_internal.h), y = x · Wᵀ.
 //
 // Every pointer is a device pointer (cudaMalloc), every launcher is asynchronous on `stream`, and
-// none allocates: where scratch is needed the caller passes it, sized by the matching *_bytes().
-// Activations are f32 everywhere; the weight is dequantized in registers and X is NOT quantized
-// (llama.cpp's CPU path quantizes X to Q8_0/Q8_K, so results differ from kernels/ops.h by that).
+// none allocates: where scratch is needed the caller passes it, sized by the matching *_bytes()
+// (one exception: matmul's cuBLAS path for prompts keeps a scratch per stream, see matmul).
+// Activations are f32 everywhere; the weight is dequantized in registers (X is quantized to int8 by
+// the decode GEMVs that say so, and rounded by matmul's cuBLAS path; llama.cpp's CPU path quantizes
+// X to Q8_0/Q8_K, so results differ from kernels/ops.h by that).
 //
 // Built only with -DMOEMESH_CUDA=ON/AUTO (library moemesh_cuda); nothing else links it unless asked.
 #pragma once
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include <cuda_runtime.h>
 
@@ -68,11 +71,31 @@ unsigned kernel_switches_seen();
 // mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;
 // otherwise an f32-activation GEMV (exact up to summation order). MOEMESH_CUDA_GEMV=old: f32 GEMV
 // always; =new: the int8 GEMV for every quantized type at every size.
-// larger m: a tiled kernel that dequantizes 64×32 W tiles into shared memory (prefill, f32 X).
+// larger m: cuBLAS where it can be loaded (kernels/cuda/blas.cpp): quantized W dequantized to f32 in
+// chunks of up to 64 MiB and multiplied with f32 X on the TF32 tensor cores (relative error vs the
+// exact product ~3e-4; the int8 X's is ~5e-3); F16 / BF16 W as stored with X rounded to W's type
+// (as the CPU does); F32 W exact (f32 products). The one exception to "none allocates": a scratch
+// per (device, stream), kept until exit. Otherwise (cuBLAS absent, MOEMESH_CUDA_BLAS=0, the stream being captured, no
+// memory for the scratch) a tiled kernel that dequantizes 64×32 W tiles into shared memory (f32 X).
+// MOEMESH_CUDA_BLAS_MIN_ROWS=N: cuBLAS from N rows (default 33), GEMV sizes included;
+// MOEMESH_CUDA_BLAS_CHUNK_MIB=N: the W chunk's cap.
 inline constexpr int64_t kMatmulGemvMaxM = 32;
+// Whether cuBLAS loads in this process (*why: the library, or why not); blas_gemms: how many
+// products matmul has given it so far (tests and benchmarks check the path taken).
+bool blas_ready(std::string* why = nullptr);
+uint64_t blas_gemms();
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream = nullptr);
+
+// A prompt's MoE grouped by expert (ggml's mul_mat_id with the rows sorted by expert): for each group
+// g < groups with count[g] > 0, Y[offset[g] + i, n_out] = X[offset[g] + i, k] · W_gᵀ for i < count[g],
+// W_g = w[g] (n_out × k of type wt). w, count and offset are host arrays (w's entries device
+// pointers; unused where count is 0). The results of matmul per group (the same kernels: cuBLAS
+// from MOEMESH_CUDA_BLAS_MIN_ROWS rows, else the GEMV chunks), in fewer launches: X rounded once,
+// and the cuBLAS groups' W dequantized up to 32 matrices at a time.
+void matmul_grouped(GgmlType wt, const void* const* w, const int64_t* count, const int64_t* offset, int64_t groups,
+                    int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream = nullptr);
 
 // Expert-indexed GEMV (ggml's mul_mat_id for one token): n_sel products in one launch,
 //   Y[s, n_out] = X[s, k] · W_{ids[s]}ᵀ   for s < n_sel,

@@ -24,9 +24,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/status.h"
 #include "kernels/cpu/quants_internal.h"
+#include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/matmul_lowbit.cuh"
 #include "kernels/cuda/matmul_iq.cuh"
@@ -1214,27 +1216,123 @@ __global__ void __launch_bounds__(kTileThreads)
     }
 }
 
-// One thread per 8 elements: y[r, e..e+7] = load8(row r, e).
+// Up to kDequantGroup matrices dequantized in one launch (a kernel parameter: no upload).
+constexpr int kDequantGroup = 32;
+struct MatList {
+    const uint8_t* w[kDequantGroup];
+};
+
+// grid (·, n matrices), one thread per 8 elements: y[j][r, e..e+7] = load8(row r of mats.w[j], e),
+// y[j] = y + j · rows · k.
 template <GgmlType T>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t rows, int64_t k,
-                                  float* __restrict__ y) {
+__global__ void dequantize_kernel(MatList mats, size_t row_bytes, int64_t rows, int64_t k, float* __restrict__ y) {
     const int64_t per_row = k / 8;
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= rows * per_row) return;
     const int64_t r = idx / per_row, e = (idx % per_row) * 8;
     float v[8];
-    load8<T>(w + static_cast<size_t>(r) * row_bytes, e, v);
-    float4* out = reinterpret_cast<float4*>(y + r * k + e);
+    load8<T>(mats.w[blockIdx.y] + static_cast<size_t>(r) * row_bytes, e, v);
+    float4* out = reinterpret_cast<float4*>(y + blockIdx.y * rows * k + r * k + e);
     out[0] = make_float4(v[0], v[1], v[2], v[3]);
     out[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// y[j] = the rows × k matrix mats.w[j] dequantized to f32, for j < n.
+template <GgmlType T>
+void dequantize_mats(const MatList& mats, int n, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
+    constexpr int kThreads = 256;
+    const dim3 grid(grid_1d(rows * (k / 8), kThreads), static_cast<unsigned>(n));
+    MM_LAUNCH(grid, kThreads, 0, stream, dequantize_kernel<T>)(mats, ggml_row_bytes(T, k), rows, k, y);
+    CUDA_CHECK_LAUNCH();
+}
+
 template <GgmlType T>
 void dequantize_typed(const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
-    constexpr int kThreads = 256;
-    MM_LAUNCH(grid_1d(rows * (k / 8), kThreads), kThreads, 0, stream, dequantize_kernel<T>)(
-        static_cast<const uint8_t*>(w), ggml_row_bytes(T, k), rows, k, y);
-    CUDA_CHECK_LAUNCH();
+    MatList one{};
+    one.w[0] = static_cast<const uint8_t*>(w);
+    dequantize_mats<T>(one, 1, rows, k, y, stream);
+}
+
+// ---- matmul's cuBLAS path (prompts; kernels/cuda/blas.cpp) ----
+// F32 W: used as stored, f32 X, exact f32 products (CUBLAS_COMPUTE_32F). F16 / BF16 W: as stored, X
+// rounded to W's type first (as the CPU does). The quantized types: W dequantized to f32 in chunks,
+// f32 X, TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32: 10-bit mantissas, f32 range and sums;
+// bf16 X measured too coarse against the CPU: a q8_0 Qwen3-Next test model's top-1 agreement fell
+// from 97-98 to 89 of 100 prompt positions on the emulator).
+template <GgmlType T>
+inline constexpr bool kBlasAsStored = T == GgmlType::F32 || T == GgmlType::F16 || T == GgmlType::BF16;
+template <GgmlType T>
+inline constexpr BlasElem kBlasElem = T == GgmlType::F32   ? BlasElem::F32
+                                      : T == GgmlType::F16 ? BlasElem::F16
+                                      : T == GgmlType::BF16 ? BlasElem::BF16
+                                                            : BlasElem::TF32;
+// Bytes of X scratch per element: F16 / BF16 W read X rounded to 16 bits, the others f32 X as is.
+template <GgmlType T>
+inline constexpr size_t kBlasXBytes = T == GgmlType::F16 || T == GgmlType::BF16 ? 2 : 0;
+
+struct alignas(16) Half8 {
+    uint16_t h[8];
+};
+
+// y[i] = x[i] rounded to bf16 (kBf16) or f16, 8 per thread (n8 groups of 8).
+template <bool kBf16>
+__global__ void round_x_kernel(const float* __restrict__ x, int64_t n8, Half8* __restrict__ y) {
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= n8) return;
+    Half8 o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float v = x[idx * 8 + i];
+        o.h[i] = kBf16 ? __bfloat16_as_ushort(__float2bfloat16(v)) : __half_as_ushort(__float2half_rn(v));
+    }
+    y[idx] = o;
+}
+
+// X [m, k] as the cuBLAS path of W type T reads it: rounded into b's X scratch (F16 / BF16 W), or x.
+template <GgmlType T>
+const void* round_x(BlasStream* b, const float* x, int64_t m, int64_t k, cudaStream_t stream) {
+    if constexpr (kBlasXBytes<T> == 0) {
+        return x;
+    } else {
+        constexpr int kThreads = 256;
+        const int64_t n8 = m * k / 8;
+        auto* xh = static_cast<Half8*>(blas_x(b));
+        MM_LAUNCH(grid_1d(n8, kThreads), kThreads, 0, stream, round_x_kernel<T == GgmlType::BF16>)(x, n8, xh);
+        CUDA_CHECK_LAUNCH();
+        return xh;
+    }
+}
+
+// Y = X · Wᵀ through cuBLAS (the forms above), quantized W in chunks of rows of at most the chunk
+// cap. False, launching nothing that writes Y, where the path is off or cuBLAS or its scratch is not
+// there; false after a chunk where cuBLAS refused one (the caller's kernel then writes all of Y).
+template <GgmlType T>
+bool matmul_blas(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
+    const BlasSettings set = blas_settings();
+    if (!set.on || m < set.min_rows || m > INT32_MAX || n_out > INT32_MAX || k > INT32_MAX) return false;
+    const size_t rb = ggml_row_bytes(T, k);
+    int64_t chunk = n_out;
+    if constexpr (!kBlasAsStored<T>) {
+        chunk = std::max<int64_t>(1, static_cast<int64_t>(set.chunk_bytes / (static_cast<size_t>(k) * sizeof(float))));
+        if (chunk >= 256) chunk -= chunk % 256;
+        chunk = std::min(chunk, n_out);
+    }
+    const size_t w_bytes = kBlasAsStored<T> ? 0 : static_cast<size_t>(chunk) * k * sizeof(float);
+    BlasStream* b = blas_stream(stream, w_bytes, static_cast<size_t>(m) * k * kBlasXBytes<T>);
+    if (b == nullptr) return false;
+    const void* xb = round_x<T>(b, x, m, k, stream);
+    for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
+        const int64_t rows = std::min(chunk, n_out - r0);
+        const void* a = static_cast<const uint8_t*>(w) + static_cast<size_t>(r0) * rb;
+        if constexpr (!kBlasAsStored<T>) {
+            MatList one{};
+            one.w[0] = static_cast<const uint8_t*>(a);
+            dequantize_mats<T>(one, 1, rows, k, static_cast<float*>(blas_w(b)), stream);
+            a = blas_w(b);
+        }
+        if (!blas_gemm(b, rows, m, k, a, xb, kBlasElem<T>, y + r0, n_out)) return false;
+    }
+    return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1354,7 +1452,85 @@ void launch_gemv(const void* w, size_t matrix_bytes, const int32_t* ids, int64_t
 }
 
 template <GgmlType T>
+void matmul_own(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream);
+
+template <GgmlType T>
 void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
+    if (m > 1 && matmul_blas<T>(w, n_out, k, x, m, y, stream)) return;
+    matmul_own<T>(w, n_out, k, x, m, y, stream);
+}
+
+// matmul_grouped for type T: X rounded once for all groups, the cuBLAS groups' W dequantized up to
+// kDequantGroup matrices per launch (as many as the chunk cap holds), one GEMM per group; the others
+// (fewer rows than the cuBLAS minimum, a matrix over the chunk cap, cuBLAS not there) by matmul.
+template <GgmlType T>
+void matmul_grouped_typed(const void* const* w, const int64_t* count, const int64_t* offset, int64_t G,
+                          int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream) {
+    const BlasSettings set = blas_settings();
+    const size_t mat_bytes = kBlasAsStored<T> ? 0 : static_cast<size_t>(n_out) * k * sizeof(float);
+    std::vector<int64_t> big;  // groups for cuBLAS
+    int64_t rows = 0;          // X rows to round: up to the last cuBLAS group's end
+    bool fits = true;  // one dequantized matrix within the chunk cap (else matmul's row chunks)
+    if constexpr (!kBlasAsStored<T>) fits = mat_bytes <= set.chunk_bytes;
+    if (set.on && fits && n_out <= INT32_MAX && k <= INT32_MAX)
+        for (int64_t g = 0; g < G; ++g)
+            if (count[g] >= set.min_rows && count[g] <= INT32_MAX) {
+                big.push_back(g);
+                rows = std::max(rows, offset[g] + count[g]);
+            }
+    const int64_t per = kBlasAsStored<T> ? 1
+                                         : std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / std::max<size_t>(mat_bytes, 1)),
+                                                               1, kDequantGroup);
+    BlasStream* b = big.empty() ? nullptr
+                                : blas_stream(stream, mat_bytes * static_cast<size_t>(std::min<int64_t>(per, big.size())),
+                                              static_cast<size_t>(rows) * k * kBlasXBytes<T>);
+    std::vector<char> done(static_cast<size_t>(G), 0);
+    if (b != nullptr) {
+        const auto* xb = static_cast<const uint8_t*>(round_x<T>(b, x, rows, k, stream));
+        const size_t x_row = static_cast<size_t>(k) * (kBlasXBytes<T> == 0 ? sizeof(float) : kBlasXBytes<T>);
+        bool ok = true;
+        for (size_t i0 = 0; i0 < big.size() && ok; i0 += static_cast<size_t>(per)) {
+            const size_t n = std::min(big.size() - i0, static_cast<size_t>(per));
+            if constexpr (!kBlasAsStored<T>) {
+                MatList mats{};
+                for (size_t j = 0; j < n; ++j) mats.w[j] = static_cast<const uint8_t*>(w[big[i0 + j]]);
+                dequantize_mats<T>(mats, static_cast<int>(n), n_out, k, static_cast<float*>(blas_w(b)), stream);
+            }
+            for (size_t j = 0; j < n && ok; ++j) {
+                const int64_t g = big[i0 + j];
+                const void* a = kBlasAsStored<T> ? w[g] : static_cast<const uint8_t*>(blas_w(b)) + j * mat_bytes;
+                ok = blas_gemm(b, n_out, count[g], k, a, xb + offset[g] * x_row, kBlasElem<T>, y + offset[g] * n_out,
+                               n_out);
+                done[static_cast<size_t>(g)] = ok;
+            }
+        }
+    }
+    // (Stream order keeps the GEMMs above reading their scratch before matmul's own cuBLAS path reuses it.)
+    for (int64_t g = 0; g < G; ++g)
+        if (count[g] > 0 && !done[static_cast<size_t>(g)])
+            matmul_typed<T>(w[g], n_out, k, x + offset[g] * k, count[g], y + offset[g] * n_out, stream);
+}
+
+// f(std::integral_constant<GgmlType, T>{}) for every type matmul takes.
+template <typename F>
+void with_matmul_type(GgmlType wt, F&& f) {
+#define MM_TYPE(T) \
+    case T: return f(std::integral_constant<GgmlType, T>{})
+    switch (wt) {
+        MM_TYPE(GgmlType::F32); MM_TYPE(GgmlType::F16); MM_TYPE(GgmlType::BF16); MM_TYPE(GgmlType::Q8_0);
+        MM_TYPE(GgmlType::Q4_0); MM_TYPE(GgmlType::Q4_K); MM_TYPE(GgmlType::Q6_K); MM_TYPE(GgmlType::Q5_0);
+        MM_TYPE(GgmlType::Q5_K); MM_TYPE(GgmlType::Q3_K); MM_TYPE(GgmlType::Q2_K); MM_TYPE(GgmlType::Q4_1);
+        MM_TYPE(GgmlType::Q5_1); MM_TYPE(GgmlType::IQ4_NL); MM_TYPE(GgmlType::IQ4_XS); MM_TYPE(GgmlType::MXFP4);
+        MM_TYPE(GgmlType::IQ2_XXS); MM_TYPE(GgmlType::IQ2_XS); MM_TYPE(GgmlType::IQ2_S); MM_TYPE(GgmlType::IQ3_XXS);
+        MM_TYPE(GgmlType::IQ3_S); MM_TYPE(GgmlType::IQ1_S); MM_TYPE(GgmlType::IQ1_M);
+        default: MM_CHECK(false && "cuda: weight type not supported by matmul");
+    }
+#undef MM_TYPE
+}
+
+// The GEMV chunks (m <= kMatmulGemvMaxM) or the tiled kernel: matmul without cuBLAS.
+template <GgmlType T>
+void matmul_own(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
     if (m > kMatmulGemvMaxM) {
         const dim3 grid(grid_1d(n_out, kTileN), grid_1d(m, kTileM));
         MM_LAUNCH(grid, kTileThreads, 0, stream, tiled_kernel<T>)(static_cast<const uint8_t*>(w), ggml_row_bytes(T, k),
@@ -1458,32 +1634,16 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
             cudaStream_t stream) {
     check_shape(wt, k);
     if (m <= 0 || n_out <= 0) return;
-    switch (wt) {
-        case GgmlType::F32: return matmul_typed<GgmlType::F32>(w, n_out, k, x, m, y, stream);
-        case GgmlType::F16: return matmul_typed<GgmlType::F16>(w, n_out, k, x, m, y, stream);
-        case GgmlType::BF16: return matmul_typed<GgmlType::BF16>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q8_0: return matmul_typed<GgmlType::Q8_0>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q4_0: return matmul_typed<GgmlType::Q4_0>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q4_K: return matmul_typed<GgmlType::Q4_K>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q6_K: return matmul_typed<GgmlType::Q6_K>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q5_0: return matmul_typed<GgmlType::Q5_0>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q5_K: return matmul_typed<GgmlType::Q5_K>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q3_K: return matmul_typed<GgmlType::Q3_K>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q2_K: return matmul_typed<GgmlType::Q2_K>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q4_1: return matmul_typed<GgmlType::Q4_1>(w, n_out, k, x, m, y, stream);
-        case GgmlType::Q5_1: return matmul_typed<GgmlType::Q5_1>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ4_NL: return matmul_typed<GgmlType::IQ4_NL>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ4_XS: return matmul_typed<GgmlType::IQ4_XS>(w, n_out, k, x, m, y, stream);
-        case GgmlType::MXFP4: return matmul_typed<GgmlType::MXFP4>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ2_XXS: return matmul_typed<GgmlType::IQ2_XXS>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ2_XS: return matmul_typed<GgmlType::IQ2_XS>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ2_S: return matmul_typed<GgmlType::IQ2_S>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ3_XXS: return matmul_typed<GgmlType::IQ3_XXS>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ3_S: return matmul_typed<GgmlType::IQ3_S>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ1_S: return matmul_typed<GgmlType::IQ1_S>(w, n_out, k, x, m, y, stream);
-        case GgmlType::IQ1_M: return matmul_typed<GgmlType::IQ1_M>(w, n_out, k, x, m, y, stream);
-        default: MM_CHECK(false && "cuda::matmul: weight type not supported");
-    }
+    with_matmul_type(wt, [&](auto t) { matmul_typed<decltype(t)::value>(w, n_out, k, x, m, y, stream); });
+}
+
+void matmul_grouped(GgmlType wt, const void* const* w, const int64_t* count, const int64_t* offset, int64_t groups,
+                    int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream) {
+    check_shape(wt, k);
+    if (groups <= 0 || n_out <= 0) return;
+    with_matmul_type(wt, [&](auto t) {
+        matmul_grouped_typed<decltype(t)::value>(w, count, offset, groups, n_out, k, x, y, stream);
+    });
 }
 
 void matmul_id(GgmlType wt, const void* w, size_t matrix_bytes, const int32_t* ids, int64_t n_sel, int64_t n_out,
@@ -1704,32 +1864,7 @@ bool matmul_id_swiglu(GgmlType wt, const void* gate, const void* up, size_t matr
 void dequantize_rows(GgmlType wt, const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
     check_shape(wt, k);
     if (rows <= 0) return;
-    switch (wt) {
-        case GgmlType::F32: return dequantize_typed<GgmlType::F32>(w, rows, k, y, stream);
-        case GgmlType::F16: return dequantize_typed<GgmlType::F16>(w, rows, k, y, stream);
-        case GgmlType::BF16: return dequantize_typed<GgmlType::BF16>(w, rows, k, y, stream);
-        case GgmlType::Q8_0: return dequantize_typed<GgmlType::Q8_0>(w, rows, k, y, stream);
-        case GgmlType::Q4_0: return dequantize_typed<GgmlType::Q4_0>(w, rows, k, y, stream);
-        case GgmlType::Q4_K: return dequantize_typed<GgmlType::Q4_K>(w, rows, k, y, stream);
-        case GgmlType::Q6_K: return dequantize_typed<GgmlType::Q6_K>(w, rows, k, y, stream);
-        case GgmlType::Q5_0: return dequantize_typed<GgmlType::Q5_0>(w, rows, k, y, stream);
-        case GgmlType::Q5_K: return dequantize_typed<GgmlType::Q5_K>(w, rows, k, y, stream);
-        case GgmlType::Q3_K: return dequantize_typed<GgmlType::Q3_K>(w, rows, k, y, stream);
-        case GgmlType::Q2_K: return dequantize_typed<GgmlType::Q2_K>(w, rows, k, y, stream);
-        case GgmlType::Q4_1: return dequantize_typed<GgmlType::Q4_1>(w, rows, k, y, stream);
-        case GgmlType::Q5_1: return dequantize_typed<GgmlType::Q5_1>(w, rows, k, y, stream);
-        case GgmlType::IQ4_NL: return dequantize_typed<GgmlType::IQ4_NL>(w, rows, k, y, stream);
-        case GgmlType::IQ4_XS: return dequantize_typed<GgmlType::IQ4_XS>(w, rows, k, y, stream);
-        case GgmlType::MXFP4: return dequantize_typed<GgmlType::MXFP4>(w, rows, k, y, stream);
-        case GgmlType::IQ2_XXS: return dequantize_typed<GgmlType::IQ2_XXS>(w, rows, k, y, stream);
-        case GgmlType::IQ2_XS: return dequantize_typed<GgmlType::IQ2_XS>(w, rows, k, y, stream);
-        case GgmlType::IQ2_S: return dequantize_typed<GgmlType::IQ2_S>(w, rows, k, y, stream);
-        case GgmlType::IQ3_XXS: return dequantize_typed<GgmlType::IQ3_XXS>(w, rows, k, y, stream);
-        case GgmlType::IQ3_S: return dequantize_typed<GgmlType::IQ3_S>(w, rows, k, y, stream);
-        case GgmlType::IQ1_S: return dequantize_typed<GgmlType::IQ1_S>(w, rows, k, y, stream);
-        case GgmlType::IQ1_M: return dequantize_typed<GgmlType::IQ1_M>(w, rows, k, y, stream);
-        default: MM_CHECK(false && "cuda::dequantize_rows: weight type not supported");
-    }
+    with_matmul_type(wt, [&](auto t) { dequantize_typed<decltype(t)::value>(w, rows, k, y, stream); });
 }
 
 bool matmul_id_down_combine(GgmlType wt, const void* down, size_t matrix_bytes, const int32_t* ids, const float* w,

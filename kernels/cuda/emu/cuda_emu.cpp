@@ -604,6 +604,7 @@ bool check_pointer_arg(const char* name, int index, const void* p) {
 void submit(cudaStream_t stream, const char* what, std::function<void()> op) {
     capture_or_run(stream, what, std::move(op));
 }
+bool device_range(const void* p, size_t bytes) { return is_device(p, bytes); }
 void run_stream(cudaStream_t stream) {
     if (stream == nullptr)
         run_streams(true);
@@ -944,6 +945,12 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode /*mode*
     if (s->capture != nullptr) return fail(cudaErrorInvalidValue, "cudaStreamBeginCapture: already capturing");
     s->capture = new mm_emu::Graph;
     s->invalidated = false;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status) {
+    *status = s == nullptr || s->capture == nullptr ? cudaStreamCaptureStatusNone
+              : s->invalidated                      ? cudaStreamCaptureStatusInvalidated
+                                                    : cudaStreamCaptureStatusActive;
     return cudaSuccess;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {

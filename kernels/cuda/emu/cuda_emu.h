@@ -111,6 +111,7 @@ inline uint16_t __half_as_ushort(__half h) { return h.bits; }
 inline __half __ushort_as_half(uint16_t u) { return {u}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return moemesh::fp32_from_bits(static_cast<uint32_t>(h.bits) << 16); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return {moemesh::fp32_to_bf16(f)}; }
+inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 
 // ---- math and bit intrinsics --------------------------------------------------------------------
 // Each operation rounded on its own (volatile: the compiler may not contract them into an FMA).
@@ -237,6 +238,11 @@ enum cudaStreamCaptureMode {
     cudaStreamCaptureModeThreadLocal = 1,
     cudaStreamCaptureModeRelaxed = 2,
 };
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
 enum cudaGraphExecUpdateResult { cudaGraphExecUpdateSuccess = 0, cudaGraphExecUpdateError = 1 };
 struct cudaGraphExecUpdateResultInfo {
     cudaGraphExecUpdateResult result;
@@ -315,6 +321,7 @@ cudaError_t cudaStreamQuery(cudaStream_t s);
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
 cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status);
 cudaError_t cudaEventCreate(cudaEvent_t* e);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
@@ -367,6 +374,8 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
 // it is captured, run at once on the legacy stream), and run a stream's queued work.
 void submit(cudaStream_t stream, const char* what, std::function<void()> op);
 void run_stream(cudaStream_t stream);
+// Whether [p, p + bytes) lies inside one device allocation (emulated libraries check their operands).
+bool device_range(const void* p, size_t bytes);
 
 // False (and the launch refused, with a message) when argument `index` of kernel `name` points at
 // memory the current device cannot access.

@@ -1,0 +1,224 @@
+// cuBLAS loaded at run time (common/dynlib.h), not linked: libcublas + libcublasLt are ~700 MB that the
+// binaries should not need to start, and without them prompts take matmul's own tiled kernel. On the
+// CUDA emulator the emulated subset (kernels/cuda/emu/cublas_emu.cpp) stands in.
+#include "kernels/cuda/blas.h"
+
+#include <cublas_v2.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "common/dynlib.h"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace moemesh::cuda {
+namespace detail {
+namespace {
+
+// The C entry points (cublas_api.h also declares C++ overloads of cublasGemmEx, hence the types).
+struct BlasApi {
+    cublasStatus_t (*create)(cublasHandle_t*);
+    cublasStatus_t (*set_stream)(cublasHandle_t, cudaStream_t);
+    const char* (*status_string)(cublasStatus_t);
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                              const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                              cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+};
+struct Loaded {
+    BlasApi api{};
+    std::string error;  // "" when api is complete
+    std::string name;   // the library loaded
+};
+
+#ifdef MM_CUDA_EMULATION
+Loaded load() {
+    Loaded l;
+    l.api = BlasApi{cublasCreate_v2, cublasSetStream_v2, cublasGetStatusString, cublasGemmEx};
+    l.name = "the CUDA emulator's cuBLAS";
+    return l;
+}
+#else
+// The unversioned name is the development symlink, for installs without the soname link.
+Loaded load() {
+    Loaded l;
+    DynLib lib;
+    std::string tried;
+    if (!dynlib_open({"libcublas.so.13", "libcublas.so"}, &lib, &tried)) {
+        l.error = "cannot load cuBLAS (" + tried + "); put the directory of libcublas.so.13 on LD_LIBRARY_PATH";
+        return l;
+    }
+    l.name = lib.name;
+    auto sym = [&](auto* fn, const char* symbol) {
+        std::string why;
+        if (l.error.empty() && !dynlib_bind(lib, fn, symbol, &why))
+            l.error = lib.name + " has no " + symbol + " (" + why + ")";
+    };
+    sym(&l.api.create, "cublasCreate_v2");
+    sym(&l.api.set_stream, "cublasSetStream_v2");
+    sym(&l.api.status_string, "cublasGetStatusString");
+    sym(&l.api.gemm_ex, "cublasGemmEx");
+    return l;  // on failure the library stays open (common/dynlib.h)
+}
+#endif
+
+const Loaded& loaded() {
+    static const Loaded l = load();
+    return l;
+}
+
+// A positive integer from the environment, or dflt (with a message once per variable) when the
+// value is not one.
+int64_t env_positive(const char* var, int64_t dflt) {
+    const char* v = std::getenv(var);
+    if (v == nullptr || *v == '\0') return dflt;
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (*end == '\0' && n >= 1 && n <= (int64_t{1} << 40)) return n;
+    static std::mutex mu;
+    static std::map<std::string, bool> told;
+    const std::lock_guard<std::mutex> lock(mu);
+    if (!told[var]) {
+        told[var] = true;
+        std::fprintf(stderr, "moemesh: %s=%s is not a positive integer; using %lld\n", var, v,
+                     static_cast<long long>(dflt));
+    }
+    return dflt;
+}
+
+void tell_once(std::atomic<bool>& told, const std::string& what) {
+    if (!told.exchange(true)) std::fprintf(stderr, "moemesh: %s; prompt products use the built-in kernel\n", what.c_str());
+}
+
+}  // namespace
+
+BlasSettings blas_settings() {
+    BlasSettings s;
+    const char* on = std::getenv("MOEMESH_CUDA_BLAS");
+    s.on = !(on != nullptr && std::strcmp(on, "0") == 0);
+    s.min_rows = env_positive("MOEMESH_CUDA_BLAS_MIN_ROWS", kBlasMinRows);
+    s.chunk_bytes = static_cast<size_t>(env_positive("MOEMESH_CUDA_BLAS_CHUNK_MIB", 64)) << 20;
+    return s;
+}
+
+struct BlasStream {
+    cublasHandle_t handle = nullptr;
+    void* w = nullptr;
+    void* x = nullptr;
+    size_t w_bytes = 0, x_bytes = 0;
+};
+
+namespace {
+
+std::atomic<uint64_t> g_gemms{0};
+
+// Grows one scratch buffer (the stream's earlier work may still read it: wait for it first).
+bool grow(cudaStream_t stream, void*& p, size_t& have, size_t want) {
+    if (want <= have) return true;
+    const size_t bytes = (want + (size_t{1} << 20) - 1) & ~((size_t{1} << 20) - 1);
+    if (p != nullptr) {
+        if (cudaStreamSynchronize(stream) != cudaSuccess || cudaFree(p) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return false;
+        }
+        p = nullptr;
+        have = 0;
+    }
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        (void)cudaGetLastError();  // out of memory is not sticky: the caller's kernel goes on
+        p = nullptr;
+        return false;
+    }
+    have = bytes;
+    return true;
+}
+
+}  // namespace
+
+BlasStream* blas_stream(cudaStream_t stream, size_t w_bytes, size_t x_bytes) {
+    static std::atomic<bool> told_load{false}, told_create{false}, told_memory{false};
+    const Loaded& l = loaded();
+    if (!l.error.empty()) {
+        tell_once(told_load, l.error);
+        return nullptr;
+    }
+    if (stream != nullptr) {
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
+            (void)cudaGetLastError();
+            return nullptr;  // a capture records kernels only: cuBLAS could allocate or sync
+        }
+    }
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+    // Never freed: handles and scratch live until exit (destroying them then could outlive the context).
+    static std::mutex mu;
+    static auto* streams = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<BlasStream>>;
+    BlasStream* b = nullptr;
+    {
+        const std::lock_guard<std::mutex> lock(mu);
+        auto& slot = (*streams)[{dev, stream}];
+        if (!slot) {
+            auto fresh = std::make_unique<BlasStream>();
+            if (const cublasStatus_t st = l.api.create(&fresh->handle); st != CUBLAS_STATUS_SUCCESS) {
+                tell_once(told_create, "cublasCreate failed (" + std::string(l.api.status_string(st)) + ")");
+                streams->erase({dev, stream});
+                return nullptr;
+            }
+            slot = std::move(fresh);
+        }
+        b = slot.get();
+    }
+    // One stream is driven by one host thread at a time, so its scratch needs no lock.
+    if (!grow(stream, b->w, b->w_bytes, w_bytes) || !grow(stream, b->x, b->x_bytes, x_bytes)) {
+        tell_once(told_memory, "no device memory for cuBLAS's scratch (" + std::to_string((w_bytes + x_bytes) >> 20) +
+                                   " MiB)");
+        return nullptr;
+    }
+    if (l.api.set_stream(b->handle, stream) != CUBLAS_STATUS_SUCCESS) return nullptr;
+    return b;
+}
+
+void* blas_w(BlasStream* b) { return b->w; }
+void* blas_x(BlasStream* b) { return b->x; }
+
+bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
+               int64_t ldc) {
+    static std::atomic<bool> told{false};
+    const cudaDataType t = e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t compute = e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const float one = 1.0f, zero = 0.0f;
+    // Column-major: Cᵀ[n, m] = A[n, k] (stored k × n, so op T) · Bᵀ[k, m] (stored k × m, op N).
+    const cublasStatus_t st = loaded().api.gemm_ex(
+        b->handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &one, a, t,
+        static_cast<int>(k), bm, t, static_cast<int>(k), &zero, c, CUDA_R_32F, static_cast<int>(ldc),
+        compute, CUBLAS_GEMM_DEFAULT);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+        g_gemms.fetch_add(1);
+        return true;
+    }
+    tell_once(told, "cublasGemmEx failed (" + std::string(loaded().api.status_string(st)) + ")");
+    return false;
+}
+
+}  // namespace detail
+
+bool blas_ready(std::string* why) {
+    const detail::Loaded& l = detail::loaded();
+    if (!l.error.empty()) {
+        if (why) *why = l.error;
+        return false;
+    }
+    if (why) *why = l.name;
+    return true;
+}
+
+uint64_t blas_gemms() { return detail::g_gemms.load(); }
+
+}  // namespace moemesh::cuda

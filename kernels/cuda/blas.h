@@ -1,0 +1,39 @@
+// cuBLAS for matmul's prompt path (kernels/cuda/matmul.cu): the library loaded at run time, one
+// handle and one scratch per (device, stream). Internal to kernels/cuda; the public switches and
+// counters are in cuda_ops.h (blas_ready, blas_gemms).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace moemesh::cuda::detail {
+
+// From the environment at each call (prompt products are few and large): MOEMESH_CUDA_BLAS=0 turns
+// the path off; MOEMESH_CUDA_BLAS_MIN_ROWS=N (default kBlasMinRows) is the least X rows that take it;
+// MOEMESH_CUDA_BLAS_CHUNK_MIB=N (default 64) caps the scratch of one dequantized W chunk.
+inline constexpr int64_t kBlasMinRows = 33;  // where the GEMV (kMatmulGemvMaxM rows) stops
+struct BlasSettings {
+    bool on = true;
+    int64_t min_rows = kBlasMinRows;
+    size_t chunk_bytes = size_t{64} << 20;
+};
+BlasSettings blas_settings();
+
+// The GEMM's operand type: F32 (f32 products), TF32 (f32 data on the TF32 tensor cores), F16, BF16.
+enum class BlasElem { F32, TF32, F16, BF16 };
+
+// The current device's cuBLAS state for `stream`, with its scratch grown to at least w_bytes and
+// x_bytes; nullptr when cuBLAS cannot be loaded or created, the stream is being captured, or the
+// scratch cannot be allocated (the caller takes its own kernel instead; nothing is left failed).
+struct BlasStream;
+BlasStream* blas_stream(cudaStream_t stream, size_t w_bytes, size_t x_bytes);
+void* blas_w(BlasStream* b);
+void* blas_x(BlasStream* b);
+
+// C[m, ldc] (row-major, columns [0, n)) = B[m, k] · A[n, k]ᵀ, both row-major of element type e,
+// C f32: cublasGemmEx(T, N) with f32 accumulation. False (with a message once) when cuBLAS refuses.
+bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
+               int64_t ldc);
+
+}  // namespace moemesh::cuda::detail
