@@ -378,10 +378,12 @@ public:
             total += r.mb_d * E;
             experts_.push_back(r);
         }
-        size_t free_b = 0, total_b = 0;
-        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        // cuBLAS first (it is loaded here, not in the first prompt), so that "free" counts its kernels
+        // (CUDA_MODULE_LOADING=EAGER, common/cuda_env.h, loads all of a library's modules).
         std::string blas;
         const bool blas_ok = cuda::blas_ready(&blas);
+        size_t free_b = 0, total_b = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
         std::fprintf(stderr,
                      "%s: %s, %.2f GiB of weights resident (%.2f GiB routed experts), %.2f GiB free; prompt "
                      "products: %s\n",

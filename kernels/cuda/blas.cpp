@@ -210,6 +210,10 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
 }  // namespace detail
 
 bool blas_ready(std::string* why) {
+    if (!detail::blas_settings().on) {  // not even loaded (its modules cost start-up time and VRAM)
+        if (why) *why = "MOEMESH_CUDA_BLAS=0";
+        return false;
+    }
     const detail::Loaded& l = detail::loaded();
     if (!l.error.empty()) {
         if (why) *why = l.error;

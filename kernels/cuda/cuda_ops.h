@@ -80,8 +80,9 @@ unsigned kernel_switches_seen();
 // MOEMESH_CUDA_BLAS_MIN_ROWS=N: cuBLAS from N rows (default 33), GEMV sizes included;
 // MOEMESH_CUDA_BLAS_CHUNK_MIB=N: the W chunk's cap.
 inline constexpr int64_t kMatmulGemvMaxM = 32;
-// Whether cuBLAS loads in this process (*why: the library, or why not); blas_gemms: how many
-// products matmul has given it so far (tests and benchmarks check the path taken).
+// Whether cuBLAS is on and loads in this process (*why: the library, or why not; with
+// MOEMESH_CUDA_BLAS=0 it is not loaded); blas_gemms: how many products matmul has given it so far
+// (tests and benchmarks check the path taken).
 bool blas_ready(std::string* why = nullptr);
 uint64_t blas_gemms();
 bool matmul_supported(GgmlType wt);
