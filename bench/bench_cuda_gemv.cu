@@ -1,7 +1,8 @@
 // GEMV bandwidth per weight type on Qwen3-30B-A3B-like shapes (hidden 2048, expert ff 768,
 // 128 experts top-8, 32/4 heads of 128, vocab 151936), against the device's measured copy bandwidth.
 //
-//   bench_cuda_gemv [reps]       (MOEMESH_CUDA_GEMV=old|new|auto selects the GEMV kernels, see matmul.cu)
+//   bench_cuda_gemv [reps] [prompt]   (MOEMESH_CUDA_GEMV=old|new|auto selects the GEMV kernels, see
+//                                     matmul.cu; `prompt`: only the prompt table, cuBLAS vs own kernels)
 //
 // GB/s counts the weight bytes each call reads (X and Y are < 0.1% of them). Each matrix is cycled
 // through enough copies to exceed twice the L2 cache, so the numbers are DRAM numbers, and each
@@ -219,10 +220,27 @@ void bench_prompt(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_
     std::fflush(stdout);
 }
 
+// Prompt products: cuBLAS (TF32 tensor cores on W dequantized to f32; F16 W as stored) vs the
+// built-in tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert its share of rows.
+int bench_prompt_table() {
+    std::string blas;
+    const bool blas_ok = cuda::blas_ready(&blas);
+    std::printf("\nprompt products: cuBLAS %s (%s)\n", blas_ok ? "loaded" : "NOT loaded", blas.c_str());
+    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s | own/cuBLAS |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16}) {
+        for (const int64_t m : {33, 64, 128, 512}) bench_prompt("attn q", t, 4096, 2048, m);
+        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert gate/up", t, 768, 2048, m);
+        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert down", t, 2048, 768, m);
+    }
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc > 1) g_reps = std::max(3, std::atoi(argv[1]));
+    const bool prompt_only = argc > 2 && std::strcmp(argv[2], "prompt") == 0;
     const char* why = "";
     if (cuda::device_count(&why) == 0) {
         std::printf("no CUDA device: %s\n", why);
@@ -242,6 +260,7 @@ int main(int argc, char** argv) {
                 mode == "old"   ? "f32 X for every type"
                 : mode == "new" ? "int8 X + dp4a for every quantized type at every size"
                                 : "auto: int8 X + dp4a for quantized types when m >= 2 or >= 16384 rows, else f32 X");
+    if (prompt_only) return bench_prompt_table();
     std::printf("| shape                  | type | n_out  | k     | m  | MB       | us       | GB/s    | %%copy  |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
     const GgmlType types[] = {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_0, GgmlType::Q5_K,
@@ -268,18 +287,5 @@ int main(int argc, char** argv) {
     // 12288 rows over hidden 2048), Q5_K in Q4_K_M files: decode and a 512-token prompt.
     bench("next attn_qkv", GgmlType::Q5_K, 12288, 2048, 1);
     bench("next attn_qkv prefill", GgmlType::Q5_K, 12288, 2048, 512);
-
-    // Prompt products: cuBLAS (bf16 tensor cores after a dequantization to bf16) vs the built-in
-    // tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert its share of rows.
-    std::string blas;
-    const bool blas_ok = cuda::blas_ready(&blas);
-    std::printf("\nprompt products: cuBLAS %s (%s)\n", blas_ok ? "loaded" : "NOT loaded", blas.c_str());
-    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s | own/cuBLAS |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
-    for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16}) {
-        for (const int64_t m : {33, 64, 128, 512}) bench_prompt("attn q", t, 4096, 2048, m);
-        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert gate/up", t, 768, 2048, m);
-        for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert down", t, 2048, 768, m);
-    }
-    return 0;
+    return bench_prompt_table();
 }

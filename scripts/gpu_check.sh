@@ -5,19 +5,20 @@
 # (default 420) so one device call can run it with room to spare; sections that no longer fit are
 # listed as skipped.
 #
-#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv decode ab profile offload ncu"]
+#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv prompt decode ab profile offload ncu"]
 #                             [--decode-types "q8_0 q4_k"]
 #
 # decode and offload run the 48-layer Qwen3-30B-A3B shape (issues 6, 7: files made on the device with
 # make-model --fast-weights, Q8_0 ~32 GB then Q4_K ~17 GB, the Q4_K one kept for offload and profile).
 # On an H200 (session 13) everything took 230 s: `bash scripts/gpu_check.sh --budget 550` in one call
 # of timeout_s 590 (each section is capped, so a hanging test cannot eat the rest).
+# prompt: bench_cuda_gemv's prompt table alone (cuBLAS vs our kernels per shape and row count).
 # profile: MOEMESH_CUDA_PROFILE's op table of a decode step (resident, and offload at 8 GiB) on the
 # kept Q4_K file (bench/profile_cuda_decode.sh). ncu: per-kernel GPU time of decode steps on a 4-layer
 # model (bench/ncu_decode.sh).
 set -uo pipefail
 BUDGET=420
-ONLY="ops model experts transport memcheck gemv decode ab profile offload ncu"
+ONLY="ops model experts transport memcheck gemv prompt decode ab profile offload ncu"
 DECODE_TYPES="q8_0 q4_k"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -67,6 +68,7 @@ section() {
   section experts 40 150 "$B/test_cuda_experts"
   section transport 40 150 "$B/test_cuda_transport"
   section gemv 30 60 "$B/bench_cuda_gemv" 20
+  section prompt 20 60 "$B/bench_cuda_gemv" 20 prompt
   # decode: ~25 s per type on an H200 once its file is made (Q4_K 8 s, Q8_0 24 s to make) plus the GEMV table.
   n_types=$(echo $DECODE_TYPES | wc -w)
   section decode $(( 30 + 40 * n_types )) 400 bash "$ROOT/bench/bench_cuda_decode.sh" --moemesh "$B/moemesh" --gemv "$B/bench_cuda_gemv" \
