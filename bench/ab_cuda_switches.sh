@@ -8,8 +8,8 @@
 # PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
-# prompts) and MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
+# prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
+# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
 # 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
 # fused/split, _ROUTER fused/split, _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and
 # top-k sampling), _ATTN_V threads/warps, _QX 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT
@@ -84,6 +84,7 @@ ab NEW 16 -- on off
 ab MOEMESH_CUDA_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_BLAS 64 -- 1 0
 ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
+ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0
 ab MOEMESH_CUDA_EXPERT_PREFETCH 16 -- 1 0 early
 ab MOEMESH_CUDA_PDL_TRIGGER 16 -- early exit

@@ -258,7 +258,8 @@ TEST_P(CudaMatmul, PromptProductsThroughCublas) {
 // matmul_grouped (a prompt's MoE grouped by expert) gives each group the results of matmul on its
 // rows: groups of 0, 1, 5 (GEMV) and 33, 40, 70 rows (cuBLAS); with 1 MiB chunks a 256 × 512 f32 W
 // (512 KiB) is dequantized two groups per launch, a 1100 × 512 one (2.1 MiB) is over the cap and
-// goes through matmul's row chunks. The cuBLAS GEMMs are those of the per-group matmuls.
+// goes through matmul's row chunks. The cuBLAS GEMMs are those of the per-group matmuls, in one
+// cublasGemmGroupedBatchedEx per batch (MOEMESH_CUDA_BLAS_GROUPED=0: one cublasGemmEx each).
 TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
     REQUIRE_CUDA();
     const GgmlType t = GetParam();
@@ -275,13 +276,19 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
         std::vector<const void*> w(count.size());
         for (int64_t g = 0; g < G; ++g) w[g] = count[g] > 0 ? dw.get() + g * mb : nullptr;
         const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(rows * k), 41));
-        for (const char* blas : {"1", "0"}) {
+        for (const auto& [blas, grouped] : {std::pair<const char*, const char*>{"1", "1"}, {"1", "0"}, {"0", "1"}}) {
             ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", blas, 1), 0);
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_GROUPED", grouped, 1), 0);
             DeviceBuffer<float> dy(static_cast<size_t>(rows * n_out)), dref(static_cast<size_t>(rows * n_out));
-            const uint64_t g0 = cuda::blas_gemms();
+            const uint64_t g0 = cuda::blas_gemms(), c0 = cuda::blas_grouped_calls();
             cuda::matmul_grouped(t, w.data(), count.data(), offset.data(), G, n_out, k, dx.get(), dy.get());
             const std::vector<float> got = dy.download();
-            const uint64_t grouped_gemms = cuda::blas_gemms() - g0;
+            const uint64_t grouped_gemms = cuda::blas_gemms() - g0, grouped_calls = cuda::blas_grouped_calls() - c0;
+            // One grouped call for the batch of two (quantized, 256 × 512) or of all three (F32/F16/BF16
+            // as stored); none over the cap, with _GROUPED=0 or _BLAS=0.
+            const bool over_cap = n_out == 1100 && t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16;
+            EXPECT_EQ(grouped_calls, std::string(blas) == "1" && std::string(grouped) == "1" && !over_cap ? 1u : 0u)
+                << n_out << " x " << k << " BLAS=" << blas << " GROUPED=" << grouped;
             for (int64_t g = 0; g < G; ++g)
                 if (count[g] > 0)
                     cuda::matmul(t, w[g], n_out, k, dx.get() + offset[g] * k, count[g], dref.get() + offset[g] * n_out);
@@ -294,10 +301,11 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
                 EXPECT_EQ(grouped_gemms, 0u);
             }
             expect_close(std::string("grouped ") + ggml_type_name(t) + " " + std::to_string(n_out) + "x" +
-                             std::to_string(k) + " BLAS=" + blas + " vs matmul per group",
+                             std::to_string(k) + " BLAS=" + blas + " GROUPED=" + grouped + " vs matmul per group",
                          got, want, 1e-6);
         }
     }
+    unsetenv("MOEMESH_CUDA_BLAS_GROUPED");
     unsetenv("MOEMESH_CUDA_BLAS");
     unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
 }

@@ -452,9 +452,10 @@ TEST_F(CudaEmu, DeviceMemoryIsBudgeted) {
     cudaFree(p);
 }
 
-// The emulated cublasGemmEx keeps cuBLAS's column-major meaning (checked against products worked by
-// hand, not against our own callers), its argument checks, and runs as stream work.
-TEST_F(CudaEmu, CublasGemmExIsColumnMajorAndChecksItsOperands) {
+// The emulated cublasGemmEx and cublasGemmGroupedBatchedEx keep cuBLAS's column-major meaning (checked
+// against products worked by hand, not against our own callers), its argument checks, and run as
+// stream work.
+TEST_F(CudaEmu, CublasGemmsAreColumnMajorAndCheckTheirOperands) {
     // A = [1 2 3; 4 5 6] (2 × 3) column-major: {1, 4, 2, 5, 3, 6}; B = [1 0; 0 1; 1 1] (3 × 2): {1, 0, 1, 0, 1, 1}.
     const std::vector<float> a = {1, 4, 2, 5, 3, 6}, b = {1, 0, 1, 0, 1, 1};
     float *da, *db, *dc;
@@ -497,6 +498,36 @@ TEST_F(CudaEmu, CublasGemmExIsColumnMajorAndChecksItsOperands) {
     EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 2, db, CUDA_R_16F, 3, &zero, dc,
                            CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               CUBLAS_STATUS_NOT_SUPPORTED);
+    // The same two products as one grouped call (two groups of one problem, each with its own
+    // transposes and leading dimensions), the pointers in a device array.
+    float* dc2;
+    ASSERT_EQ(cudaMalloc(&dc2, 6 * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dc2, 0, 6 * 4), cudaSuccess);
+    const std::vector<const void*> ptrs = {da, db, db, da, dc, dc2};  // [A0 A1 | B0 B1 | C0 C1]
+    const void** dptrs;
+    ASSERT_EQ(cudaMalloc(&dptrs, ptrs.size() * sizeof(void*)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice), cudaSuccess);
+    const cublasOperation_t ta[] = {CUBLAS_OP_N, CUBLAS_OP_T}, tb[] = {CUBLAS_OP_N, CUBLAS_OP_T};
+    const int mm[] = {2, 2}, nn[] = {2, 2}, kk[] = {3, 3}, lda[] = {2, 3}, ldb[] = {3, 2}, ldc[] = {2, 3}, size[] = {1, 1};
+    const float alphas[] = {1, 1}, betas[] = {0, 0};
+    ASSERT_EQ(cublasGemmGroupedBatchedEx(h, ta, tb, mm, nn, kk, alphas, dptrs, CUDA_R_32F, lda, dptrs + 2, CUDA_R_32F,
+                                         ldb, betas, const_cast<void* const*>(dptrs + 4), CUDA_R_32F, ldc, 2, size,
+                                         CUBLAS_COMPUTE_32F),
+              CUBLAS_STATUS_SUCCESS);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    c.assign(4, -1.0f);
+    ASSERT_EQ(cudaMemcpy(c.data(), dc, 16, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(c, (std::vector<float>{4, 10, 5, 11}));
+    c.assign(6, -1.0f);
+    ASSERT_EQ(cudaMemcpy(c.data(), dc2, 24, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(c, (std::vector<float>{4, 5, 0, 10, 11, 0}));
+    // Pointer arrays in host memory are refused (cuBLAS reads them on the device).
+    EXPECT_EQ(cublasGemmGroupedBatchedEx(h, ta, tb, mm, nn, kk, alphas, ptrs.data(), CUDA_R_32F, lda, ptrs.data() + 2,
+                                         CUDA_R_32F, ldb, betas, const_cast<void* const*>(ptrs.data() + 4), CUDA_R_32F,
+                                         ldc, 2, size, CUBLAS_COMPUTE_32F),
+              CUBLAS_STATUS_EXECUTION_FAILED);
+    cudaFree(dptrs);
+    cudaFree(dc2);
     EXPECT_EQ(cublasDestroy_v2(h), CUBLAS_STATUS_SUCCESS);
     EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
     cudaFree(da);

@@ -30,6 +30,11 @@ struct BlasApi {
     cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
                               const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
                               cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+    // cuBLAS 12.5+; null where the library lacks it.
+    cublasStatus_t (*gemm_grouped)(cublasHandle_t, const cublasOperation_t*, const cublasOperation_t*, const int*,
+                                   const int*, const int*, const void*, const void* const*, cudaDataType, const int*,
+                                   const void* const*, cudaDataType, const int*, const void*, void* const*,
+                                   cudaDataType, const int*, int, const int*, cublasComputeType_t);
 };
 struct Loaded {
     BlasApi api{};
@@ -40,7 +45,8 @@ struct Loaded {
 #ifdef MM_CUDA_EMULATION
 Loaded load() {
     Loaded l;
-    l.api = BlasApi{cublasCreate_v2, cublasSetStream_v2, cublasGetStatusString, cublasGemmEx};
+    l.api = BlasApi{cublasCreate_v2, cublasSetStream_v2, cublasGetStatusString, cublasGemmEx,
+                    cublasGemmGroupedBatchedEx};
     l.name = "the CUDA emulator's cuBLAS";
     return l;
 }
@@ -64,6 +70,8 @@ Loaded load() {
     sym(&l.api.set_stream, "cublasSetStream_v2");
     sym(&l.api.status_string, "cublasGetStatusString");
     sym(&l.api.gemm_ex, "cublasGemmEx");
+    std::string why;
+    if (!dynlib_bind(lib, &l.api.gemm_grouped, "cublasGemmGroupedBatchedEx", &why)) l.api.gemm_grouped = nullptr;
     return l;  // on failure the library stays open (common/dynlib.h)
 }
 #endif
@@ -104,6 +112,8 @@ BlasSettings blas_settings() {
     s.on = !(on != nullptr && std::strcmp(on, "0") == 0);
     s.min_rows = env_positive("MOEMESH_CUDA_BLAS_MIN_ROWS", kBlasMinRows);
     s.chunk_bytes = static_cast<size_t>(env_positive("MOEMESH_CUDA_BLAS_CHUNK_MIB", 64)) << 20;
+    const char* grouped = std::getenv("MOEMESH_CUDA_BLAS_GROUPED");
+    s.grouped = !(grouped != nullptr && std::strcmp(grouped, "0") == 0);
     return s;
 }
 
@@ -111,12 +121,13 @@ struct BlasStream {
     cublasHandle_t handle = nullptr;
     void* w = nullptr;
     void* x = nullptr;
-    size_t w_bytes = 0, x_bytes = 0;
+    void* ptrs = nullptr;
+    size_t w_bytes = 0, x_bytes = 0, ptrs_bytes = 0;
 };
 
 namespace {
 
-std::atomic<uint64_t> g_gemms{0};
+std::atomic<uint64_t> g_gemms{0}, g_grouped_calls{0};
 
 // Grows one scratch buffer (the stream's earlier work may still read it: wait for it first).
 bool grow(cudaStream_t stream, void*& p, size_t& have, size_t want) {
@@ -176,7 +187,8 @@ BlasStream* blas_stream(cudaStream_t stream, size_t w_bytes, size_t x_bytes) {
         b = slot.get();
     }
     // One stream is driven by one host thread at a time, so its scratch needs no lock.
-    if (!grow(stream, b->w, b->w_bytes, w_bytes) || !grow(stream, b->x, b->x_bytes, x_bytes)) {
+    if (!grow(stream, b->w, b->w_bytes, w_bytes) || !grow(stream, b->x, b->x_bytes, x_bytes) ||
+        !grow(stream, b->ptrs, b->ptrs_bytes, 3 * kBlasMaxGroup * sizeof(void*))) {
         tell_once(told_memory, "no device memory for cuBLAS's scratch (" + std::to_string((w_bytes + x_bytes) >> 20) +
                                    " MiB)");
         return nullptr;
@@ -187,6 +199,7 @@ BlasStream* blas_stream(cudaStream_t stream, size_t w_bytes, size_t x_bytes) {
 
 void* blas_w(BlasStream* b) { return b->w; }
 void* blas_x(BlasStream* b) { return b->x; }
+void* blas_ptrs(BlasStream* b) { return b->ptrs; }
 
 bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
                int64_t ldc) {
@@ -207,6 +220,36 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
     return false;
 }
 
+bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_t k, const void* const* ptrs,
+                       BlasElem e, int64_t ldc) {
+    static std::atomic<bool> told{false};
+    const BlasApi& api = loaded().api;
+    if (api.gemm_grouped == nullptr || count <= 0 || count > kBlasMaxGroup) return false;
+    const cudaDataType t = e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t compute = e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    // One group per product (their m differ): host arrays of count entries.
+    cublasOperation_t ta[kBlasMaxGroup], tb[kBlasMaxGroup];
+    int mm[kBlasMaxGroup], nn[kBlasMaxGroup], kk[kBlasMaxGroup], lda[kBlasMaxGroup], ldb[kBlasMaxGroup],
+        ldcs[kBlasMaxGroup], size[kBlasMaxGroup];
+    float alpha[kBlasMaxGroup], beta[kBlasMaxGroup];
+    for (int j = 0; j < count; ++j) {
+        ta[j] = CUBLAS_OP_T, tb[j] = CUBLAS_OP_N;
+        mm[j] = static_cast<int>(n), nn[j] = m[j], kk[j] = static_cast<int>(k);
+        lda[j] = ldb[j] = static_cast<int>(k), ldcs[j] = static_cast<int>(ldc), size[j] = 1;
+        alpha[j] = 1.0f, beta[j] = 0.0f;
+    }
+    const cublasStatus_t st =
+        api.gemm_grouped(b->handle, ta, tb, mm, nn, kk, alpha, ptrs, t, lda, ptrs + count, t, ldb, beta,
+                         const_cast<void* const*>(ptrs + 2 * count), CUDA_R_32F, ldcs, count, size, compute);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+        g_gemms.fetch_add(static_cast<uint64_t>(count));
+        g_grouped_calls.fetch_add(1);
+        return true;
+    }
+    tell_once(told, "cublasGemmGroupedBatchedEx failed (" + std::string(api.status_string(st)) + ")");
+    return false;
+}
+
 }  // namespace detail
 
 bool blas_ready(std::string* why) {
@@ -224,5 +267,6 @@ bool blas_ready(std::string* why) {
 }
 
 uint64_t blas_gemms() { return detail::g_gemms.load(); }
+uint64_t blas_grouped_calls() { return detail::g_grouped_calls.load(); }
 
 }  // namespace moemesh::cuda

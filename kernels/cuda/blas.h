@@ -11,12 +11,16 @@ namespace moemesh::cuda::detail {
 
 // From the environment at each call (prompt products are few and large): MOEMESH_CUDA_BLAS=0 turns
 // the path off; MOEMESH_CUDA_BLAS_MIN_ROWS=N (default kBlasMinRows) is the least X rows that take it;
-// MOEMESH_CUDA_BLAS_CHUNK_MIB=N (default 64) caps the scratch of one dequantized W chunk.
+// MOEMESH_CUDA_BLAS_CHUNK_MIB=N (default 64) caps the scratch of one dequantized W chunk;
+// MOEMESH_CUDA_BLAS_GROUPED=0: matmul_grouped makes one cublasGemmEx per group instead of one
+// cublasGemmGroupedBatchedEx per batch.
 inline constexpr int64_t kBlasMinRows = 33;  // where the GEMV (kMatmulGemvMaxM rows) stops
+inline constexpr int kBlasMaxGroup = 32;     // products per grouped call (and matrices per dequantization)
 struct BlasSettings {
     bool on = true;
     int64_t min_rows = kBlasMinRows;
     size_t chunk_bytes = size_t{64} << 20;
+    bool grouped = true;
 };
 BlasSettings blas_settings();
 
@@ -30,10 +34,18 @@ struct BlasStream;
 BlasStream* blas_stream(cudaStream_t stream, size_t w_bytes, size_t x_bytes);
 void* blas_w(BlasStream* b);
 void* blas_x(BlasStream* b);
+void* blas_ptrs(BlasStream* b);  // device room for 3 · kBlasMaxGroup pointers (blas_gemm_grouped's)
 
 // C[m, ldc] (row-major, columns [0, n)) = B[m, k] · A[n, k]ᵀ, both row-major of element type e,
 // C f32: cublasGemmEx(T, N) with f32 accumulation. False (with a message once) when cuBLAS refuses.
 bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
                int64_t ldc);
+
+// blas_gemm's product for each j < count (≤ kBlasMaxGroup) in one cublasGemmGroupedBatchedEx call:
+// C_j[m[j], ldc] = B_j[m[j], k] · A_j[n, k]ᵀ, the pointers in the device array ptrs = [A_j | B_j | C_j]
+// (written by the caller's kernel on the same stream), m a host array. False, launching nothing,
+// where the library lacks the call (before cuBLAS 12.5) or refuses it (a message once).
+bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_t k, const void* const* ptrs,
+                       BlasElem e, int64_t ldc);
 
 }  // namespace moemesh::cuda::detail

@@ -1217,7 +1217,7 @@ __global__ void __launch_bounds__(kTileThreads)
 }
 
 // Up to kDequantGroup matrices dequantized in one launch (a kernel parameter: no upload).
-constexpr int kDequantGroup = 32;
+constexpr int kDequantGroup = kBlasMaxGroup;
 struct MatList {
     const uint8_t* w[kDequantGroup];
 };
@@ -1286,6 +1286,15 @@ __global__ void round_x_kernel(const float* __restrict__ x, int64_t n8, Half8* _
         o.h[i] = kBf16 ? __bfloat16_as_ushort(__float2bfloat16(v)) : __half_as_ushort(__float2half_rn(v));
     }
     y[idx] = o;
+}
+
+// blas_gemm_grouped's pointer array [A_j | B_j | C_j] (3n ≤ 3 · kBlasMaxGroup entries), written on the
+// stream by one small launch (from a kernel parameter) rather than a host copy.
+struct GemmPtrs {
+    const void* p[3 * kBlasMaxGroup];
+};
+__global__ void gemm_ptrs_kernel(GemmPtrs src, int n, const void** dst) {
+    if (static_cast<int>(threadIdx.x) < n) dst[threadIdx.x] = src.p[threadIdx.x];
 }
 
 // X [m, k] as the cuBLAS path of W type T reads it: rounded into b's X scratch (F16 / BF16 W), or x.
@@ -1461,8 +1470,10 @@ void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64
 }
 
 // matmul_grouped for type T: X rounded once for all groups, the cuBLAS groups' W dequantized up to
-// kDequantGroup matrices per launch (as many as the chunk cap holds), one GEMM per group; the others
-// (fewer rows than the cuBLAS minimum, a matrix over the chunk cap, cuBLAS not there) by matmul.
+// kDequantGroup matrices per launch (as many as the chunk cap holds), and those groups' products in
+// one cublasGemmGroupedBatchedEx (where the library has it and MOEMESH_CUDA_BLAS_GROUPED is not 0;
+// else one cublasGemmEx each); the others (fewer rows than the cuBLAS minimum, a matrix over the
+// chunk cap, cuBLAS not there) by matmul.
 template <GgmlType T>
 void matmul_grouped_typed(const void* const* w, const int64_t* count, const int64_t* offset, int64_t G,
                           int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream) {
@@ -1478,7 +1489,7 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
                 big.push_back(g);
                 rows = std::max(rows, offset[g] + count[g]);
             }
-    const int64_t per = kBlasAsStored<T> ? 1
+    const int64_t per = kBlasAsStored<T> ? kDequantGroup
                                          : std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / std::max<size_t>(mat_bytes, 1)),
                                                                1, kDequantGroup);
     BlasStream* b = big.empty() ? nullptr
@@ -1496,11 +1507,31 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
                 for (size_t j = 0; j < n; ++j) mats.w[j] = static_cast<const uint8_t*>(w[big[i0 + j]]);
                 dequantize_mats<T>(mats, static_cast<int>(n), n_out, k, static_cast<float*>(blas_w(b)), stream);
             }
-            for (size_t j = 0; j < n && ok; ++j) {
+            auto a_of = [&](size_t j) -> const void* {
+                return kBlasAsStored<T> ? w[big[i0 + j]] : static_cast<const uint8_t*>(blas_w(b)) + j * mat_bytes;
+            };
+            if (set.grouped && n > 1) {  // one cublasGemmGroupedBatchedEx for the batch
+                GemmPtrs gp{};
+                int rows_of[kBlasMaxGroup];
+                for (size_t j = 0; j < n; ++j) {
+                    const int64_t g = big[i0 + j];
+                    gp.p[j] = a_of(j);
+                    gp.p[n + j] = xb + offset[g] * x_row;
+                    gp.p[2 * n + j] = y + offset[g] * n_out;
+                    rows_of[j] = static_cast<int>(count[g]);
+                }
+                auto* dp = static_cast<const void**>(blas_ptrs(b));
+                MM_LAUNCH(1, 3 * kBlasMaxGroup, 0, stream, gemm_ptrs_kernel)(gp, static_cast<int>(3 * n), dp);
+                CUDA_CHECK_LAUNCH();
+                if (blas_gemm_grouped(b, static_cast<int>(n), n_out, rows_of, k, dp, kBlasElem<T>, n_out)) {
+                    for (size_t j = 0; j < n; ++j) done[static_cast<size_t>(big[i0 + j])] = 1;
+                    continue;
+                }
+            }
+            for (size_t j = 0; j < n && ok; ++j) {  // one cublasGemmEx each
                 const int64_t g = big[i0 + j];
-                const void* a = kBlasAsStored<T> ? w[g] : static_cast<const uint8_t*>(blas_w(b)) + j * mat_bytes;
-                ok = blas_gemm(b, n_out, count[g], k, a, xb + offset[g] * x_row, kBlasElem<T>, y + offset[g] * n_out,
-                               n_out);
+                ok = blas_gemm(b, n_out, count[g], k, a_of(j), xb + offset[g] * x_row, kBlasElem<T>,
+                               y + offset[g] * n_out, n_out);
                 done[static_cast<size_t>(g)] = ok;
             }
         }

@@ -71,41 +71,54 @@ const char* cublasGetStatusString(cublasStatus_t status) {
     }
 }
 
-cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                            int k, const void* alpha, const void* A, cudaDataType Atype, int lda, const void* B,
-                            cudaDataType Btype, int ldb, const void* beta, void* C, cudaDataType Ctype, int ldc,
-                            cublasComputeType_t computeType, cublasGemmAlgo_t /*algo*/) {
-    if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
-    const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
+namespace mm_emu {
+namespace {
+
+// One product's arguments, checked as cuBLAS checks them.
+struct Gemm {
+    cublasOperation_t transa, transb;
+    int m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    cudaDataType at, bt;
+    bool tf32;
     // op(A) is m × k, op(B) k × n, C m × n; A is stored ta ? k × m : m × k (column-major).
-    const int a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
-    if (m < 0 || n < 0 || k < 0 || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m) ||
-        alpha == nullptr || beta == nullptr)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    const bool tf32 = computeType == CUBLAS_COMPUTE_32F_FAST_TF32;
-    if (Atype != Btype || Ctype != CUDA_R_32F || (computeType != CUBLAS_COMPUTE_32F && !(tf32 && Atype == CUDA_R_32F)))
-        return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    // alpha and beta in host memory (the default pointer mode).
-    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    if (!mm_emu::in_device("C", C, CUDA_R_32F, m, n, ldc)) return CUBLAS_STATUS_EXECUTION_FAILED;
-    if (k > 0 && (!mm_emu::in_device("A", A, Atype, a_rows, a_cols, lda) ||
-                  !mm_emu::in_device("B", B, Btype, b_rows, b_cols, ldb)))
-        return CUBLAS_STATUS_EXECUTION_FAILED;
-    mm_emu::submit(handle->stream, "cublasGemmEx", [=] {
-        // op(A) row i and op(B) column j as contiguous f32 vectors of k, then dot products in f32.
+    int a_rows() const { return transa != CUBLAS_OP_N ? k : m; }
+    int a_cols() const { return transa != CUBLAS_OP_N ? m : k; }
+    int b_rows() const { return transb != CUBLAS_OP_N ? n : k; }
+    int b_cols() const { return transb != CUBLAS_OP_N ? k : n; }
+    cublasStatus_t check(cudaDataType ct, cublasComputeType_t compute) const {
+        if (m < 0 || n < 0 || k < 0 || lda < std::max(1, a_rows()) || ldb < std::max(1, b_rows()) ||
+            ldc < std::max(1, m))
+            return CUBLAS_STATUS_INVALID_VALUE;
+        if (at != bt || ct != CUDA_R_32F ||
+            (compute != CUBLAS_COMPUTE_32F && !(compute == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F)))
+            return CUBLAS_STATUS_NOT_SUPPORTED;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    // Whether the operands lie in device memory (each failure printed).
+    bool in_device(const void* A, const void* B, const void* C) const {
+        if (m == 0 || n == 0) return true;
+        bool ok = mm_emu::in_device("C", C, CUDA_R_32F, m, n, ldc);
+        if (k > 0) ok = mm_emu::in_device("A", A, at, a_rows(), a_cols(), lda) && ok;
+        if (k > 0) ok = mm_emu::in_device("B", B, bt, b_rows(), b_cols(), ldb) && ok;
+        return ok;
+    }
+    // C = alpha · op(A) · op(B) + beta · C on the host: op(A) row i and op(B) column j as contiguous f32
+    // vectors of k (TF32: rounded to 10-bit mantissas, ties away), dot products in f32.
+    void run(const void* A, const void* B, void* C) const {
+        const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
         std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(n) * k);
         for (int i = 0; i < m; ++i)
             for (int p = 0; p < k; ++p)
                 a[static_cast<size_t>(i) * k + p] =
-                    mm_emu::element(A, Atype, ta ? static_cast<size_t>(i) * lda + p : static_cast<size_t>(p) * lda + i);
+                    element(A, at, ta ? static_cast<size_t>(i) * lda + p : static_cast<size_t>(p) * lda + i);
         for (int j = 0; j < n; ++j)
             for (int p = 0; p < k; ++p)
                 b[static_cast<size_t>(j) * k + p] =
-                    mm_emu::element(B, Btype, tb ? static_cast<size_t>(p) * ldb + j : static_cast<size_t>(j) * ldb + p);
-        if (tf32) {  // the tensor cores' operands: 10-bit mantissas (round to nearest, ties away)
-            for (float& v : a) v = mm_emu::to_tf32(v);
-            for (float& v : b) v = mm_emu::to_tf32(v);
+                    element(B, bt, tb ? static_cast<size_t>(p) * ldb + j : static_cast<size_t>(j) * ldb + p);
+        if (tf32) {
+            for (float& v : a) v = to_tf32(v);
+            for (float& v : b) v = to_tf32(v);
         }
         auto* c = static_cast<float*>(C);
         for (int j = 0; j < n; ++j)
@@ -115,8 +128,73 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                 float s = 0.0f;
                 for (int p = 0; p < k; ++p) s += ar[p] * bc[p];
                 float& out = c[static_cast<size_t>(j) * ldc + i];
-                out = be == 0.0f ? al * s : al * s + be * out;  // beta 0: C is not read (may be NaN)
+                out = beta == 0.0f ? alpha * s : alpha * s + beta * out;  // beta 0: C is not read (may be NaN)
             }
+    }
+};
+
+}  // namespace
+}  // namespace mm_emu
+
+// alpha and beta in host memory (the default pointer mode).
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                            int k, const void* alpha, const void* A, cudaDataType Atype, int lda, const void* B,
+                            cudaDataType Btype, int ldb, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                            cublasComputeType_t computeType, cublasGemmAlgo_t /*algo*/) {
+    if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    const mm_emu::Gemm g{transa, transb, m, n, k, lda, ldb, ldc, *static_cast<const float*>(alpha),
+                         *static_cast<const float*>(beta), Atype, Btype, computeType == CUBLAS_COMPUTE_32F_FAST_TF32};
+    if (const cublasStatus_t st = g.check(Ctype, computeType); st != CUBLAS_STATUS_SUCCESS) return st;
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    if (!g.in_device(A, B, C)) return CUBLAS_STATUS_EXECUTION_FAILED;
+    mm_emu::submit(handle->stream, "cublasGemmEx", [=] { g.run(A, B, C); });
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
+                                          const cublasOperation_t transb_array[], const int m_array[],
+                                          const int n_array[], const int k_array[], const void* alpha_array,
+                                          const void* const Aarray[], cudaDataType_t Atype, const int lda_array[],
+                                          const void* const Barray[], cudaDataType_t Btype, const int ldb_array[],
+                                          const void* beta_array, void* const Carray[], cudaDataType_t Ctype,
+                                          const int ldc_array[], int group_count, const int group_size[],
+                                          cublasComputeType_t computeType) {
+    if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    if (group_count == 0) return CUBLAS_STATUS_SUCCESS;
+    // The host arrays are read now (the caller may reuse them once the call returns).
+    std::vector<mm_emu::Gemm> problems;
+    const auto* al = static_cast<const float*>(alpha_array);
+    const auto* be = static_cast<const float*>(beta_array);
+    for (int g = 0; g < group_count; ++g) {
+        if (group_size[g] < 0) return CUBLAS_STATUS_INVALID_VALUE;
+        const mm_emu::Gemm p{transa_array[g], transb_array[g], m_array[g], n_array[g], k_array[g], lda_array[g],
+                             ldb_array[g], ldc_array[g], al[g], be[g], Atype, Btype,
+                             computeType == CUBLAS_COMPUTE_32F_FAST_TF32};
+        if (const cublasStatus_t st = p.check(Ctype, computeType); st != CUBLAS_STATUS_SUCCESS) return st;
+        problems.insert(problems.end(), static_cast<size_t>(group_size[g]), p);
+    }
+    const size_t n = problems.size();
+    // The pointer arrays are device memory, read when the work runs (after the kernels before it).
+    const bool arrays_ok = mm_emu::device_range(Aarray, n * sizeof(void*)) &&
+                           mm_emu::device_range(Barray, n * sizeof(void*)) &&
+                           mm_emu::device_range(Carray, n * sizeof(void*));
+    if (!arrays_ok) {
+        std::fprintf(stderr, "[cuda-emu] cublasGemmGroupedBatchedEx: Aarray, Barray and Carray must be device arrays "
+                             "of %zu pointers\n", n);
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+    }
+    mm_emu::submit(handle->stream, "cublasGemmGroupedBatchedEx", [=] {
+        for (size_t i = 0; i < n; ++i) {
+            const mm_emu::Gemm& p = problems[i];
+            if (p.m == 0 || p.n == 0) continue;
+            if (!p.in_device(Aarray[i], Barray[i], Carray[i])) {
+                std::fprintf(stderr, "[cuda-emu] cublasGemmGroupedBatchedEx: problem %zu skipped\n", i);
+                continue;
+            }
+            p.run(Aarray[i], Barray[i], Carray[i]);
+        }
     });
     return CUBLAS_STATUS_SUCCESS;
 }
