@@ -222,9 +222,9 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
 
 bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_t k, const void* const* ptrs,
                        BlasElem e, int64_t ldc) {
-    static std::atomic<bool> told{false};
+    static std::atomic<bool> told{false};  // also: refused once, not asked again in this process
     const BlasApi& api = loaded().api;
-    if (api.gemm_grouped == nullptr || count <= 0 || count > kBlasMaxGroup) return false;
+    if (api.gemm_grouped == nullptr || told.load() || count <= 0 || count > kBlasMaxGroup) return false;
     const cudaDataType t = e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
     const cublasComputeType_t compute = e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     // One group per product (their m differ): host arrays of count entries.

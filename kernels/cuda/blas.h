@@ -44,7 +44,8 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
 // blas_gemm's product for each j < count (≤ kBlasMaxGroup) in one cublasGemmGroupedBatchedEx call:
 // C_j[m[j], ldc] = B_j[m[j], k] · A_j[n, k]ᵀ, the pointers in the device array ptrs = [A_j | B_j | C_j]
 // (written by the caller's kernel on the same stream), m a host array. False, launching nothing,
-// where the library lacks the call (before cuBLAS 12.5) or refuses it (a message once).
+// where the library lacks the call (before cuBLAS 12.5) or has refused it once in this process (a
+// message then; the caller makes one blas_gemm per product instead).
 bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_t k, const void* const* ptrs,
                        BlasElem e, int64_t ldc);
 
