@@ -1057,8 +1057,8 @@ private:
         float* u = grow<float>(u_, n * I);
         float* y = grow<float>(y_, n * H);
         cuda::gather_rows(x, maps, xs, n, H, stream_);  // [n, H] grouped by expert
-        // One product per used expert (cuda::matmul_grouped: X rounded once per matrix kind, the
-        // cuBLAS experts' W dequantized many at a time).
+        // One product per used expert (cuda::matmul_grouped: the cuBLAS experts' W dequantized many
+        // at a time and their GEMMs in grouped calls).
         mats_host_.resize(static_cast<size_t>(3 * E));
         for (int64_t e = 0; e < E; ++e) {
             mats_host_[e] = r.gate + e * r.mb_g;

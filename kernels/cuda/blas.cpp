@@ -3,7 +3,19 @@
 // CUDA emulator the emulated subset (kernels/cuda/emu/cublas_emu.cpp) stands in.
 #include "kernels/cuda/blas.h"
 
+#if defined(MM_CUDA_EMULATION) || __has_include(<cublas_v2.h>)
 #include <cublas_v2.h>
+#else
+// A toolkit without cuBLAS's headers: the few declarations the calls below need, with the values of
+// cublas_api.h (CUDA 13.0). The library itself is found at run time either way.
+#include <library_types.h>
+enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0 };
+enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_TF32 = 77 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
+struct cublasContext;
+using cublasHandle_t = cublasContext*;
+#endif
 
 #include <atomic>
 #include <cstdio>
