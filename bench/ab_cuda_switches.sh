@@ -9,7 +9,8 @@
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
+# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
+# 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
 # 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
 # fused/split, _ROUTER fused/split, _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and
 # top-k sampling), _ATTN_V threads/warps, _QX 1/norms/0, _GRAPHS 1/0, _PDL 1/0, _GRAPH_SEGMENT
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -226,7 +226,8 @@ int bench_prompt_table() {
     std::string blas;
     const bool blas_ok = cuda::blas_ready(&blas);
     std::printf("\nprompt products: cuBLAS %s (%s)\n", blas_ok ? "loaded" : "NOT loaded", blas.c_str());
-    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s | own/cuBLAS |\n");
+    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s "
+                "| own/cuBLAS |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16}) {
         for (const int64_t m : {33, 64, 128, 512}) bench_prompt("attn q", t, 4096, 2048, m);

@@ -5,7 +5,8 @@
 # (default 420) so one device call can run it with room to spare; sections that no longer fit are
 # listed as skipped.
 #
-#   bash scripts/gpu_check.sh [--budget S] [--only "ops model experts transport memcheck gemv prompt decode ab profile offload ncu"]
+#   bash scripts/gpu_check.sh [--budget S]
+#                             [--only "ops model experts transport memcheck gemv prompt decode ab profile offload ncu"]
 #                             [--decode-types "q8_0 q4_k"]
 #
 # decode and offload run the 48-layer Qwen3-30B-A3B shape (issues 6, 7: files made on the device with

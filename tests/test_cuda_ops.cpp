@@ -293,7 +293,8 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
                 if (count[g] > 0)
                     cuda::matmul(t, w[g], n_out, k, dx.get() + offset[g] * k, count[g], dref.get() + offset[g] * n_out);
             const std::vector<float> want = dref.download();
-            EXPECT_EQ(grouped_gemms, cuda::blas_gemms() - g0 - grouped_gemms) << n_out << " x " << k << " BLAS=" << blas;
+            EXPECT_EQ(grouped_gemms, cuda::blas_gemms() - g0 - grouped_gemms)
+                << n_out << " x " << k << " BLAS=" << blas;
             if (std::string(blas) == "1" && cuda::blas_ready()) {
                 EXPECT_GE(grouped_gemms, 3u);
             }

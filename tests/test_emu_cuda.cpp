@@ -492,8 +492,8 @@ TEST_F(CudaEmu, CublasGemmsAreColumnMajorAndCheckTheirOperands) {
     EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 1, db, CUDA_R_32F, 3, &zero, dc,
                            CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               CUBLAS_STATUS_INVALID_VALUE);
-    EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, a.data(), CUDA_R_32F, 2, db, CUDA_R_32F, 3, &zero,
-                           dc, CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+    EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, a.data(), CUDA_R_32F, 2, db, CUDA_R_32F, 3,
+                           &zero, dc, CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               CUBLAS_STATUS_EXECUTION_FAILED);
     EXPECT_EQ(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, da, CUDA_R_32F, 2, db, CUDA_R_16F, 3, &zero, dc,
                            CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -508,7 +508,8 @@ TEST_F(CudaEmu, CublasGemmsAreColumnMajorAndCheckTheirOperands) {
     ASSERT_EQ(cudaMalloc(&dptrs, ptrs.size() * sizeof(void*)), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice), cudaSuccess);
     const cublasOperation_t ta[] = {CUBLAS_OP_N, CUBLAS_OP_T}, tb[] = {CUBLAS_OP_N, CUBLAS_OP_T};
-    const int mm[] = {2, 2}, nn[] = {2, 2}, kk[] = {3, 3}, lda[] = {2, 3}, ldb[] = {3, 2}, ldc[] = {2, 3}, size[] = {1, 1};
+    const int mm[] = {2, 2}, nn[] = {2, 2}, kk[] = {3, 3}, lda[] = {2, 3}, ldb[] = {3, 2}, ldc[] = {2, 3};
+    const int size[] = {1, 1};
     const float alphas[] = {1, 1}, betas[] = {0, 0};
     ASSERT_EQ(cublasGemmGroupedBatchedEx(h, ta, tb, mm, nn, kk, alphas, dptrs, CUDA_R_32F, lda, dptrs + 2, CUDA_R_32F,
                                          ldb, betas, const_cast<void* const*>(dptrs + 4), CUDA_R_32F, ldc, 2, size,

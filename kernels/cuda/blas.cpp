@@ -113,7 +113,8 @@ int64_t env_positive(const char* var, int64_t dflt) {
 }
 
 void tell_once(std::atomic<bool>& told, const std::string& what) {
-    if (!told.exchange(true)) std::fprintf(stderr, "moemesh: %s; prompt products use the built-in kernel\n", what.c_str());
+    if (!told.exchange(true))
+        std::fprintf(stderr, "moemesh: %s; prompt products use the built-in kernel\n", what.c_str());
 }
 
 }  // namespace

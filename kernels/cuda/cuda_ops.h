@@ -85,7 +85,8 @@ inline constexpr int64_t kMatmulGemvMaxM = 32;
 // (tests and benchmarks check the path taken).
 bool blas_ready(std::string* why = nullptr);
 uint64_t blas_gemms();
-uint64_t blas_grouped_calls();  // matmul_grouped's cublasGemmGroupedBatchedEx calls (each counts its products in blas_gemms)
+// blas_grouped_calls: matmul_grouped's cublasGemmGroupedBatchedEx calls (their products count in blas_gemms).
+uint64_t blas_grouped_calls();
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream = nullptr);

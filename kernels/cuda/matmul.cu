@@ -1489,12 +1489,11 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
                 big.push_back(g);
                 rows = std::max(rows, offset[g] + count[g]);
             }
-    const int64_t per = kBlasAsStored<T> ? kDequantGroup
-                                         : std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / std::max<size_t>(mat_bytes, 1)),
-                                                               1, kDequantGroup);
-    BlasStream* b = big.empty() ? nullptr
-                                : blas_stream(stream, mat_bytes * static_cast<size_t>(std::min<int64_t>(per, big.size())),
-                                              static_cast<size_t>(rows) * k * kBlasXBytes<T>);
+    const int64_t fit = static_cast<int64_t>(set.chunk_bytes / std::max<size_t>(mat_bytes, 1));  // matrices per chunk
+    const int64_t per = kBlasAsStored<T> ? kDequantGroup : std::clamp<int64_t>(fit, 1, kDequantGroup);
+    const size_t w_bytes = mat_bytes * static_cast<size_t>(std::min<int64_t>(per, static_cast<int64_t>(big.size())));
+    BlasStream* b =
+        big.empty() ? nullptr : blas_stream(stream, w_bytes, static_cast<size_t>(rows) * k * kBlasXBytes<T>);
     std::vector<char> done(static_cast<size_t>(G), 0);
     if (b != nullptr) {
         const auto* xb = static_cast<const uint8_t*>(round_x<T>(b, x, rows, k, stream));
