@@ -166,18 +166,17 @@ bool int8_x_gemv(GgmlType t, int64_t m) {
 // Prompt sizes (m >= MOEMESH_CUDA_BLAS_MIN_ROWS, default 33) go through cuBLAS where it loads (always
 // on the emulator): quantized W dequantized to f32 and TF32 products (~3e-4 relative on these data;
 // 2e-3 leaves room for a truncating conversion), F16 / BF16 W with X rounded to W's type, F32 exact.
-bool blas_path(GgmlType t, int64_t m) {
-    const char* on = std::getenv("MOEMESH_CUDA_BLAS");
-    if ((on != nullptr && std::string(on) == "0") || !cuda::blas_ready()) return false;
+// (blas_ready is false with MOEMESH_CUDA_BLAS=0.)
+bool blas_path(int64_t m) {
+    if (!cuda::blas_ready()) return false;
     const char* mr = std::getenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
-    (void)t;
     return m >= (mr != nullptr && *mr != '\0' ? std::atoll(mr) : cuda::kMatmulGemvMaxM + 1);
 }
 double blas_tolerance(GgmlType t) {
     return t == GgmlType::F32 ? 2e-5 : t == GgmlType::BF16 ? 1e-2 : 2e-3;
 }
 double ref_tolerance(GgmlType t, int64_t m) {
-    if (blas_path(t, m)) return blas_tolerance(t);
+    if (blas_path(m)) return blas_tolerance(t);
     return int8_x_gemv(t, m) ? 2e-2 : 2e-5;
 }
 
