@@ -214,11 +214,19 @@ void* blas_w(BlasStream* b) { return b->w; }
 void* blas_x(BlasStream* b) { return b->x; }
 void* blas_ptrs(BlasStream* b) { return b->ptrs; }
 
+// cuBLAS's operand type and compute type for e (TF32: f32 data, TF32 tensor-core products).
+static cudaDataType data_type(BlasElem e) {
+    return e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+static cublasComputeType_t compute_type(BlasElem e) {
+    return e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+}
+
 bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
                int64_t ldc) {
     static std::atomic<bool> told{false};
-    const cudaDataType t = e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
-    const cublasComputeType_t compute = e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType t = data_type(e);
+    const cublasComputeType_t compute = compute_type(e);
     const float one = 1.0f, zero = 0.0f;
     // Column-major: Cᵀ[n, m] = A[n, k] (stored k × n, so op T) · Bᵀ[k, m] (stored k × m, op N).
     const cublasStatus_t st = loaded().api.gemm_ex(
@@ -238,8 +246,8 @@ bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_
     static std::atomic<bool> told{false};  // also: refused once, not asked again in this process
     const BlasApi& api = loaded().api;
     if (api.gemm_grouped == nullptr || told.load() || count <= 0 || count > kBlasMaxGroup) return false;
-    const cudaDataType t = e == BlasElem::F16 ? CUDA_R_16F : e == BlasElem::BF16 ? CUDA_R_16BF : CUDA_R_32F;
-    const cublasComputeType_t compute = e == BlasElem::TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType t = data_type(e);
+    const cublasComputeType_t compute = compute_type(e);
     // One group per product (their m differ): host arrays of count entries.
     cublasOperation_t ta[kBlasMaxGroup], tb[kBlasMaxGroup];
     int mm[kBlasMaxGroup], nn[kBlasMaxGroup], kk[kBlasMaxGroup], lda[kBlasMaxGroup], ldb[kBlasMaxGroup],
