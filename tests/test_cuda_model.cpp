@@ -7,8 +7,9 @@
 //    H100: q8_0 qwen3moe 40/40, qwen3next 93/100, q4_k qwen3next 26/30), and the greedy
 //    continuations must agree up to the first step where the CPU's top-2 margin is below 2e-2;
 //  - decode steps replayed from a CUDA graph (default) vs launched op by op (MOEMESH_CUDA_GRAPHS=0):
-//    the same tokens and bitwise the same logits over 600 steps, across attention split counts
-//    1 → 2 → 3 (kAttnSplit 256), for qwen3moe (q8_0, f16 KV) and qwen3next (f32);
+//    the same tokens and bitwise the same logits over 600 steps (152 on the emulator), across
+//    attention's chunking (16-key chunks up to 128 keys, then 8 that grow), for qwen3moe (q8_0,
+//    f16 KV) and qwen3next (f32);
 //  - the prompt in one piece and in chunks (-b 16, 7: the grouped-expert MoE and tiled matmul paths
 //    with the KV / DeltaNet state carried across chunks); qwen3next prompts of 100 tokens cross the
 //    CPU's 64-token chunked delta rule (the GPU runs the recurrence).
@@ -318,15 +319,21 @@ Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f
     return d;
 }
 
+// Attention's decode chunks have 16 keys up to this context, then grow (cuda_ops.h attn_chunk with
+// the default AttentionArgs::min_splits); the tests that replay graphs or compare launch forms
+// decode across it.
+constexpr int64_t kShortAttnKeys = 16 * cuda::kAttnMinSplits;
+
 // Graph replay vs op by op: the same tokens, the same logits (bitwise expected; 1e-6 required),
 // and the graph really replayed (at least all but the first few steps). segment: the graph's
 // MOEMESH_CUDA_GRAPH_SEGMENT (ops per segment; null: the default).
 void check_graphs(const std::string& what, const std::string& path, bool kv_f16, int n_gen,
                   const char* segment = nullptr) {
 #ifdef MM_CUDA_EMULATION
-    // On the host emulator (test_cuda_model_emu) a decode step costs milliseconds: 280 steps still
-    // cross the first attention split (context > 256) and replay the graph hundreds of times.
-    n_gen = std::min(n_gen, 280);
+    // On the host emulator (test_cuda_model_emu) a decode step costs milliseconds: kShortAttnKeys + 24
+    // steps still take attention's chunks past 16 keys (cuda_ops.h: at most 16·kAttnMinSplits keys
+    // in chunks of 16, then kAttnMinSplits chunks that grow) and replay the graph over a hundred times.
+    n_gen = std::min<int>(n_gen, kShortAttnKeys + 24);
 #endif
     const auto prompt = random_tokens(9, kDefaultBuiltinVocab, 3);
     const Decode off = decode_with_graphs(path, "0", kv_f16, prompt, n_gen);
@@ -454,7 +461,7 @@ TEST_F(CudaModel, GraphsInSegmentsAndInOnePiece) {
 }
 
 // Attention's V pass over the warps (MOEMESH_CUDA_ATTN_V=warps) replayed from the graph is the eager
-// run, bit for bit, past the first split (context > 256).
+// run, bit for bit, past attention's 16-key chunks (context > kShortAttnKeys).
 TEST_F(CudaModel, GraphsWithAttentionVByWarps) {
     REQUIRE_CUDA();
     const ScopedEnv v_by_warps("MOEMESH_CUDA_ATTN_V", "warps");
@@ -518,8 +525,9 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
 }
 
 // The launches that finish in their last block (session 16's defaults) against the separate launches
-// they replace, one switch at a time: the same logits bit for bit, graphs on, across the first
-// attention split (context > 256: chunks to merge, in the graph's fixed grid).
+// they replace, one switch at a time: the same logits bit for bit, graphs on, across attention's
+// short-context chunking (context kShortAttnKeys - 8 → + 8: chunks to merge, of 16 keys then more,
+// in the graph's fixed grid).
 //   MOEMESH_CUDA_ATTN_MERGE=kernel: attention's merge as a second launch;
 //   MOEMESH_CUDA_ROUTER=split: the router GEMV, then softmax + top-k;
 //   MOEMESH_CUDA_O_NORM=split: the o projection, then the residual add + norm;
@@ -534,7 +542,7 @@ TEST_F(CudaModel, LastBlockEpiloguesAreTheSeparateLaunches) {
     MakeModelOptions o = moe_opts("q8_0");
     o.head_dim = 128;
     const std::string path = make(o, "moe_q8_d128");
-    const auto prompt = random_tokens(250, kDefaultBuiltinVocab, 4);
+    const auto prompt = random_tokens(kShortAttnKeys - 8, kDefaultBuiltinVocab, 4);
     const Decode fused = decode_with_graphs(path, "1", true, prompt, 16);
     ASSERT_EQ(fused.tokens.size(), 16u);
     for (const auto& [var, value] : {std::pair<const char*, const char*>{"MOEMESH_CUDA_ATTN_MERGE", "kernel"},
