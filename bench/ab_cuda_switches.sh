@@ -9,7 +9,9 @@
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
+# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING
+# LAZY/EAGER (64 tokens: the first prompt's speed; with the process's seconds and the load line
+# in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
 # 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
 # 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
 # fused/split, _ROUTER fused/split, _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +49,8 @@ done
 [ -f "$MODEL" ] || { echo "ab_cuda_switches.sh: --model: no file at '$MODEL' (bench_cuda_decode.sh --keep-types q4_k makes one)" >&2; exit 2; }
 tokens() { seq 1 "$1" | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}'; }
 GRAPH_LOG=$(mktemp)
-trap 'rm -f "$GRAPH_LOG"' EXIT
+LOAD_LOG=$(mktemp)
+trap 'rm -f "$GRAPH_LOG" "$LOAD_LOG"' EXIT
 # The environment of `run NEW off`: every change of sessions 16 to 18 not yet measured on a GPU, off.
 NEW_OFF=(MOEMESH_CUDA_PREFETCH=0 MOEMESH_CUDA_PDL_TRIGGER=exit MOEMESH_CUDA_ATTN_MERGE=kernel MOEMESH_CUDA_ROUTER=split
          MOEMESH_CUDA_O_NORM=split MOEMESH_CUDA_DOWN_COMBINE=split MOEMESH_CUDA_DOWN_NORM=split
@@ -60,10 +63,15 @@ run() {
   [ "${4:-}" = sample ] && pick=(--seed 1)
   if [ "$1" = NEW ]; then envs=(); [ "$2" = off ] && envs=("${NEW_OFF[@]}"); fi
   if [ "$1" = BASE ]; then envs=(); [ "$2" = baseline ] && bin=$BASELINE; fi
+  local t0; t0=$(date +%s.%N)
   err=$(env "${envs[@]}" "$bin" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" \
     "${pick[@]}" --ignore-eos --ctx 512 2>&1 >/dev/null)
   line=$(echo "$err" | grep 'decode:' | tail -n 1)
   echo "$err" | grep 'decode graph:' | sed "s/^/$1=$2: /" >>"$GRAPH_LOG"
+  case "$1" in CUDA_MODULE_LOADING|MOEMESH_CUDA_LOAD_KERNELS|MOEMESH_CUDA_BLAS)
+    echo "$1=$2 ($3 tokens): process $(echo "$t0 $(date +%s.%N)" | awk '{printf "%.2f", $2 - $1}') s;" \
+      "$(echo "$err" | grep -m1 'GiB free')" >>"$LOAD_LOG" ;;
+  esac
   local what=$2; [ "${4:-}" = sample ] && what="$2 (top-k sampling)"
   if [ -z "$line" ]; then echo "| $1 | $what | $3 | failed | failed |"; return; fi
   local p d
@@ -86,6 +94,8 @@ ab MOEMESH_CUDA_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_BLAS 64 -- 1 0
 ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
 ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
+ab MOEMESH_CUDA_LOAD_KERNELS 64 -- 1 0
+ab CUDA_MODULE_LOADING 64 -- LAZY EAGER
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0
 ab MOEMESH_CUDA_EXPERT_PREFETCH 16 -- 1 0 early
 ab MOEMESH_CUDA_PDL_TRIGGER 16 -- early exit
@@ -106,3 +116,6 @@ ab MOEMESH_CUDA_GRAPH_SEGMENT 16 -- 128 0 64
 if [ "$PROMPT" = 1 ]; then for n in 16 64; do ab MOEMESH_CUDA_PROMPT_PAIRS "$n" -- 512 0; done; fi
 echo
 cat "$GRAPH_LOG"
+echo
+echo "start-up (seconds of the whole process; its load line):"
+cat "$LOAD_LOG"

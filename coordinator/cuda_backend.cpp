@@ -378,18 +378,24 @@ public:
             total += r.mb_d * E;
             experts_.push_back(r);
         }
-        // cuBLAS first (it is loaded here, not in the first prompt), so that "free" counts its kernels
-        // (CUDA_MODULE_LOADING=EAGER, common/cuda_env.h, loads all of a library's modules).
+        // cuBLAS's library is opened here (its kernels load lazily, at their first use in a prompt);
+        // ours were loaded when the device started (make_cuda_backend: load_own_kernels).
         std::string blas;
         const bool blas_ok = cuda::blas_ready(&blas);
+        const cuda::KernelLoad kl = cuda::load_own_kernels();
+        char kernels[160];
+        if (kl.error.empty())
+            std::snprintf(kernels, sizeof kernels, "%d kernels loaded (%.0f ms)", kl.functions, kl.ms);
+        else
+            std::snprintf(kernels, sizeof kernels, "kernels load at first use (%s)", kl.error.c_str());
         size_t free_b = 0, total_b = 0;
         CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
         std::fprintf(stderr,
                      "%s: %s, %.2f GiB of weights resident (%.2f GiB routed experts), %.2f GiB free; prompt "
-                     "products: %s\n",
+                     "products: %s; %s\n",
                      name().c_str(), name_.c_str(), resident_ / 1073741824.0, total / 1073741824.0,
                      free_b / 1073741824.0,
-                     blas_ok ? ("cuBLAS (" + blas + ")").c_str() : ("built-in kernel: " + blas).c_str());
+                     blas_ok ? ("cuBLAS (" + blas + ")").c_str() : ("built-in kernel: " + blas).c_str(), kernels);
         return Status();
     }
 
@@ -1197,6 +1203,7 @@ StatusOr<std::unique_ptr<Backend>> make_cuda_backend(int index) {
     if (index >= n) return MM_ERROR("device cuda:%d: only %d CUDA device(s) present (cuda:0..cuda:%d)", index, n, n - 1);
     CUDA_CHECK(cudaSetDevice(index));
     CUDA_CHECK(cuda::use_env_kernel_switches());
+    (void)cuda::load_own_kernels();  // not fatal: the load line says why not
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
     return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(index, prop.name));

@@ -2,11 +2,9 @@
 // layer's rows to the workers named in the cluster file. Same options as `moemesh run --cluster`.
 #include <cstdio>
 
-#include "common/cuda_env.h"
 #include "tools/run_command.h"
 
 int main(int argc, char** argv) {
-    moemesh::load_cuda_kernels_eagerly();
     CLI::App app{
         "moemesh-coordinator: run a model whose routed experts live on the workers of a cluster file.\n"
         "Connects to every worker (handshake: protocol version, model fingerprint, shard), waits for their\n"

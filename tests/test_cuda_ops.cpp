@@ -310,6 +310,40 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
     unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
 }
 
+// load_own_kernels (cuda_ops.h): every function of our kernel files' modules is loaded on the device
+// when it starts, not at its first launch. Under CUDA's lazy loading (the default, which our binaries
+// no longer override with EAGER) some were not loaded before; after it, none is left. The emulator
+// has no modules: nothing to load, no error.
+TEST(CudaOps, OwnKernelsAreLoadedWhenTheDeviceStarts) {
+    REQUIRE_CUDA();
+    std::string why;
+    const int before = cuda::own_kernels_not_loaded(&why);
+#ifdef MM_CUDA_EMULATION
+    EXPECT_EQ(before, -1);
+    EXPECT_NE(why.find("emulator"), std::string::npos) << why;
+    const cuda::KernelLoad k = cuda::load_own_kernels();
+    EXPECT_TRUE(k.error.empty()) << k.error;
+    EXPECT_EQ(k.modules, 0);
+#else
+    ASSERT_GE(before, 0) << why;
+    const char* mode = std::getenv("CUDA_MODULE_LOADING");
+    if (mode == nullptr || std::strcmp(mode, "EAGER") != 0) {
+        EXPECT_GT(before, 0) << "lazy loading, yet every kernel was loaded before load_own_kernels";
+    }
+    const cuda::KernelLoad k = cuda::load_own_kernels();
+    ASSERT_TRUE(k.error.empty()) << k.error;
+    EXPECT_EQ(k.modules, cuda::kernel_switch_copies());  // one module per kernel file
+    EXPECT_GE(k.functions, 100);
+    EXPECT_EQ(k.loaded_now, before);
+    EXPECT_EQ(cuda::own_kernels_not_loaded(&why), 0) << why;
+    const cuda::KernelLoad again = cuda::load_own_kernels();  // once per device
+    EXPECT_EQ(again.loaded_now, k.loaded_now);
+    EXPECT_EQ(again.ms, k.ms);
+    std::printf("[   NOTE   ] %d modules, %d functions, %d loaded now in %.1f ms\n", k.modules, k.functions,
+                k.loaded_now, k.ms);
+#endif
+}
+
 // A product recorded into a CUDA graph never reaches cuBLAS (whose scratch may need a synchronising
 // allocation): the stream's capture takes the tiled kernel, and the replay computes the product.
 TEST(CudaOps, CapturedPromptProductTakesTheOwnKernel) {

@@ -2,10 +2,8 @@
 #include <cstdio>
 
 #include "tools/commands.h"
-#include "common/cuda_env.h"
 
 int main(int argc, char** argv) {
-    moemesh::load_cuda_kernels_eagerly();
     CLI::App app{
         "moemesh: serve Mixture-of-Experts language models across the GPUs and machines you own.\n"
         "qwen3moe, qwen3next and qwen35moe GGUF files on CPU (CUDA when built with it); experts in-process, from a\nbudgeted cache (--device-budget) or on worker processes (--cluster); an OpenAI-compatible HTTP API (serve)."};

@@ -1,6 +1,8 @@
 #include "worker/cuda_expert_compute.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 
 #include "common/placement.h"
@@ -311,6 +313,11 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
     MM_RETURN_IF_ERROR(check_cuda_device(device));
     MM_CUDA_RETURN(device, cudaSetDevice(device), "selecting the device");
     MM_CUDA_RETURN(device, cuda::use_env_kernel_switches(), "setting the kernel switches");
+    // Our kernels now, not in the first request (not fatal: else they load at their first launch).
+    if (const cuda::KernelLoad kl = cuda::load_own_kernels(); !kl.error.empty()) {
+        static std::atomic<bool> told{false};
+        if (!told.exchange(true)) std::fprintf(stderr, "cuda:%d: kernels load at first use (%s)\n", device, kl.error.c_str());
+    }
     auto im = std::make_unique<Impl>();
     im->device = device;
     im->H = c.n_embd, im->I = c.n_ff_exp, im->E = c.n_expert;

@@ -3,10 +3,8 @@
 #include <cstdio>
 
 #include "worker/worker_service.h"
-#include "common/cuda_env.h"
 
 int main(int argc, char** argv) {
-    moemesh::load_cuda_kernels_eagerly();
     moemesh::WorkerOptions o;
     CLI::App app{
         "moemesh-worker: holds a shard of a Mixture-of-Experts model's routed experts and computes them for a\n"

@@ -106,6 +106,17 @@ __device__ __forceinline__ unsigned switches() { return g_switches; }
 }  // namespace
 #endif
 
+// Each module's kernels loaded when a device starts (load_own_kernels, cuda_ops.h), not at their
+// first launch: an empty kernel per .cu through which device.cpp finds the module.
+#if defined(__CUDACC__) && !defined(MM_CUDA_EMULATION)
+bool register_module_anchor(const void* kernel);  // device.cpp
+namespace {
+__global__ void module_anchor_kernel() {}
+[[maybe_unused]] const bool g_anchor_registered =
+    register_module_anchor(reinterpret_cast<const void*>(&module_anchor_kernel));
+}  // namespace
+#endif
+
 // Programmatic dependent launch (sm_90+): a kernel launched with MM_LAUNCH_PDL may be scheduled while
 // the kernel before it on the stream is still running, so its launch and block start-up overlap that
 // kernel's tail (a decode step is ~11 dependent kernels per layer, each a few µs). Such a kernel must

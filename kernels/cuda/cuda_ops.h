@@ -59,6 +59,27 @@ cudaError_t use_env_kernel_switches();
 int kernel_switch_copies();
 unsigned kernel_switches_seen();
 
+// Our kernels loaded onto the current device now. CUDA loads a kernel at its first launch (lazy
+// loading, the default since CUDA 12.2), which puts tens of ms into a process's first prompt; the
+// all-or-nothing CUDA_MODULE_LOADING=EAGER would also load every kernel of cuBLAS and NCCL (hundreds
+// of MB of VRAM and seconds). So the libraries stay lazy and this loads every function of each of
+// our modules (one per kernel file, found through common.cuh's anchor kernel) with the driver's
+// cuFuncLoad (CUDA 12.4+ drivers; entry points through the runtime, no libcuda link). Once per
+// device, the report cached; MOEMESH_CUDA_LOAD_KERNELS=0 skips it (error then says so). Failure
+// is not fatal: the kernels still load at their first launch. The emulator has no modules (0, no
+// error).
+struct KernelLoad {
+    int modules = 0;     // our modules found
+    int functions = 0;   // their functions
+    int loaded_now = 0;  // of those, not loaded before this call
+    double ms = 0;
+    std::string error;   // "" when every function of every module is loaded
+};
+KernelLoad load_own_kernels();
+// How many functions of our modules the driver reports not loaded on the current device (-1 with
+// `why` where it cannot tell: emulator, old driver). For tests.
+int own_kernels_not_loaded(std::string* why = nullptr);
+
 // ---- matrix products (kernels/cuda/matmul.cu) ----
 // Y[m, n_out] = X[m, k] · W[n_out, k]ᵀ for W of type wt ∈ {F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q2_K,
 // Q3_K, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,

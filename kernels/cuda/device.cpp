@@ -1,11 +1,17 @@
 // Device discovery for callers that must run (and skip GPU work) on hosts without a GPU or driver.
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#ifndef MM_CUDA_EMULATION
+#include <cuda.h>  // the driver's types; its entry points come through the runtime
+#endif
 
 namespace moemesh::cuda {
 
@@ -77,6 +83,166 @@ cudaError_t use_env_kernel_switches() {
     if (const cudaError_t err = set_kernel_switches(wanted); err != cudaSuccess) return err;
     done.push_back(dev);
     return cudaSuccess;
+}
+
+namespace detail {
+namespace {
+struct Anchors {
+    std::mutex mu;
+    std::vector<const void*> kernels;  // one per module (common.cuh)
+};
+Anchors& anchors() {
+    static Anchors a;  // (built on first use, as switch_setters)
+    return a;
+}
+}  // namespace
+
+bool register_module_anchor(const void* kernel) {
+    Anchors& a = anchors();
+    const std::lock_guard<std::mutex> lock(a.mu);
+    a.kernels.push_back(kernel);
+    return true;
+}
+
+}  // namespace detail
+
+namespace {
+
+#ifdef MM_CUDA_EMULATION
+// The emulator runs kernels as host code: no module, nothing to load (and no error).
+KernelLoad load_modules(bool /*load*/, int* not_loaded) {
+    *not_loaded = -1;
+    return KernelLoad{};
+}
+#else
+struct DriverApi {
+    CUresult (*func_get_module)(CUmodule*, CUfunction) = nullptr;
+    CUresult (*function_count)(unsigned*, CUmodule) = nullptr;
+    CUresult (*enumerate)(CUfunction*, unsigned, CUmodule) = nullptr;
+    CUresult (*is_loaded)(CUfunctionLoadingState*, CUfunction) = nullptr;
+    CUresult (*load)(CUfunction) = nullptr;
+    std::string error;
+};
+
+const DriverApi& driver_api() {
+    static const DriverApi api = [] {
+        DriverApi a;
+        auto entry = [&a](const char* name, auto* fn) {
+            if (!a.error.empty()) return;
+            void* p = nullptr;
+            cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+            if (cudaGetDriverEntryPointByVersion(name, &p, 12040, cudaEnableDefault, &q) != cudaSuccess ||
+                q != cudaDriverEntryPointSuccess || p == nullptr) {
+                (void)cudaGetLastError();
+                a.error = std::string("the driver has no ") + name + " (CUDA 12.4+ drivers have it)";
+                return;
+            }
+            *fn = reinterpret_cast<std::remove_pointer_t<decltype(fn)>>(p);
+        };
+        entry("cuFuncGetModule", &a.func_get_module);
+        entry("cuModuleGetFunctionCount", &a.function_count);
+        entry("cuModuleEnumerateFunctions", &a.enumerate);
+        entry("cuFuncIsLoaded", &a.is_loaded);
+        entry("cuFuncLoad", &a.load);
+        return a;
+    }();
+    return api;
+}
+
+// Every function of our modules on the current device: loaded (load) and/or counted; *not_loaded:
+// how many were not loaded when looked at.
+KernelLoad load_modules(bool load, int* not_loaded) {
+    KernelLoad r;
+    *not_loaded = -1;
+    const DriverApi& api = driver_api();
+    if (!api.error.empty()) {
+        r.error = api.error;
+        return r;
+    }
+    std::vector<const void*> kernels;
+    {
+        detail::Anchors& a = detail::anchors();
+        const std::lock_guard<std::mutex> lock(a.mu);
+        kernels = a.kernels;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    int missing = 0;
+    auto fail = [&r](const std::string& what) {
+        if (r.error.empty()) r.error = what;
+    };
+    for (const void* k : kernels) {
+        cudaFunction_t f = nullptr;
+        if (const cudaError_t err = cudaGetFuncBySymbol(&f, k); err != cudaSuccess) {
+            (void)cudaGetLastError();
+            fail(std::string("cudaGetFuncBySymbol: ") + cudaGetErrorString(err));
+            continue;
+        }
+        CUmodule mod = nullptr;
+        unsigned n = 0;
+        if (api.func_get_module(&mod, f) != CUDA_SUCCESS || api.function_count(&n, mod) != CUDA_SUCCESS) {
+            fail("cuFuncGetModule / cuModuleGetFunctionCount failed");
+            continue;
+        }
+        std::vector<CUfunction> fns(n);
+        if (n > 0 && api.enumerate(fns.data(), n, mod) != CUDA_SUCCESS) {
+            fail("cuModuleEnumerateFunctions failed");
+            continue;
+        }
+        ++r.modules;
+        r.functions += static_cast<int>(n);
+        for (CUfunction fn : fns) {
+            CUfunctionLoadingState st = CU_FUNCTION_LOADING_STATE_UNLOADED;
+            if (api.is_loaded(&st, fn) != CUDA_SUCCESS) {
+                fail("cuFuncIsLoaded failed");
+                continue;
+            }
+            if (st == CU_FUNCTION_LOADING_STATE_LOADED) continue;
+            ++missing;
+            if (!load) continue;
+            if (api.load(fn) != CUDA_SUCCESS) {
+                fail("cuFuncLoad failed");
+                continue;
+            }
+            ++r.loaded_now;
+        }
+    }
+    r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    *not_loaded = r.error.empty() ? missing : -1;
+    return r;
+}
+#endif
+
+}  // namespace
+
+KernelLoad load_own_kernels() {
+    static std::mutex mu;
+    static std::map<int, KernelLoad> done;  // per device
+    int dev = 0;
+    if (const cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) {
+        (void)cudaGetLastError();
+        KernelLoad r;
+        r.error = std::string("cudaGetDevice: ") + cudaGetErrorString(err);
+        return r;
+    }
+    const std::lock_guard<std::mutex> lock(mu);
+    if (auto it = done.find(dev); it != done.end()) return it->second;
+    KernelLoad r;
+    const char* e = std::getenv("MOEMESH_CUDA_LOAD_KERNELS");
+    if (e != nullptr && std::strcmp(e, "0") == 0) {
+        r.error = "MOEMESH_CUDA_LOAD_KERNELS=0";
+    } else {
+        int not_loaded = 0;
+        r = load_modules(true, &not_loaded);
+    }
+    done[dev] = r;
+    return r;
+}
+
+int own_kernels_not_loaded(std::string* why) {
+    int not_loaded = -1;
+    const KernelLoad r = load_modules(false, &not_loaded);
+    if (why) *why = not_loaded < 0 && r.error.empty() ? "the CUDA emulator has no modules" : r.error;
+    return not_loaded;
 }
 
 int kernel_switch_copies() {
