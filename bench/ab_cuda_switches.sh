@@ -9,7 +9,8 @@
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too) and MOEMESH_CUDA_BLAS_GROUPED 1/0, MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING
+# too), MOEMESH_CUDA_BLAS_GROUPED 1/0 and _BLAS_TYPE f16/tf32 (256 tokens), MOEMESH_CUDA_LOAD_KERNELS
+# 1/0 and CUDA_MODULE_LOADING
 # LAZY/EAGER (64 tokens: the first prompt's speed; with the process's seconds and the load line
 # in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
 # 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -94,6 +95,7 @@ ab MOEMESH_CUDA_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_BLAS 64 -- 1 0
 ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
 ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
+ab MOEMESH_CUDA_BLAS_TYPE 256 -- f16 tf32
 ab MOEMESH_CUDA_LOAD_KERNELS 64 -- 1 0
 ab CUDA_MODULE_LOADING 64 -- LAZY EAGER
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0

@@ -200,35 +200,41 @@ double time_matmul(GgmlType t, int64_t n_out, int64_t k, int64_t m) {
 }
 
 // One row of the prompt table: the product through cuBLAS (MOEMESH_CUDA_BLAS=1, its dequantization
-// to bf16 included; MOEMESH_CUDA_BLAS_MIN_ROWS=2, so GEMV sizes too) and through the built-in kernels
-// (=0: GEMV chunks up to 32 rows, then the tiled kernel), side by side.
+// included; MOEMESH_CUDA_BLAS_MIN_ROWS=2, so GEMV sizes too) in both forms of quantized W (f16, the
+// default, and MOEMESH_CUDA_BLAS_TYPE=tf32; F16 W is used as stored either way) and through the
+// built-in kernels (=0: GEMV chunks up to 32 rows, then the tiled kernel), side by side.
 void bench_prompt(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_t m) {
     setenv("MOEMESH_CUDA_BLAS", "1", 1);
     setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", "2", 1);
     const uint64_t g0 = cuda::blas_gemms();
     const double blas_us = time_matmul(t, n_out, k, m);
     const bool used = cuda::blas_gemms() > g0;
+    setenv("MOEMESH_CUDA_BLAS_TYPE", "tf32", 1);
+    const double tf32_us = time_matmul(t, n_out, k, m);
+    unsetenv("MOEMESH_CUDA_BLAS_TYPE");
     unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
     setenv("MOEMESH_CUDA_BLAS", "0", 1);
     const double own_us = time_matmul(t, n_out, k, m);
     unsetenv("MOEMESH_CUDA_BLAS");
     const double flop = 2.0 * static_cast<double>(m) * n_out * k;
-    std::printf("| %-20s | %-4s | %6lld | %5lld | %4lld | %9.1f%s | %6.1f | %9.1f | %6.1f | %5.2fx |\n", what,
-                ggml_type_name(t), static_cast<long long>(n_out), static_cast<long long>(k), static_cast<long long>(m),
-                blas_us, used ? "" : " (not cuBLAS)", flop / (blas_us * 1e-6) / 1e12, own_us,
-                flop / (own_us * 1e-6) / 1e12, own_us / blas_us);
+    std::printf("| %-20s | %-4s | %6lld | %5lld | %4lld | %9.1f%s | %6.1f | %9.1f | %9.1f | %6.1f | %5.2fx "
+                "| %5.2fx |\n",
+                what, ggml_type_name(t), static_cast<long long>(n_out), static_cast<long long>(k),
+                static_cast<long long>(m), blas_us, used ? "" : " (not cuBLAS)", flop / (blas_us * 1e-6) / 1e12,
+                tf32_us, own_us, flop / (own_us * 1e-6) / 1e12, own_us / blas_us, tf32_us / blas_us);
     std::fflush(stdout);
 }
 
-// Prompt products: cuBLAS (TF32 tensor cores on W dequantized to f32; F16 W as stored) vs the
-// built-in tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert its share of rows.
+// Prompt products: cuBLAS (quantized W dequantized to f16, or to f32 for the TF32 tensor cores; F16 W
+// as stored) vs the built-in tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert
+// its share of rows.
 int bench_prompt_table() {
     std::string blas;
     const bool blas_ok = cuda::blas_ready(&blas);
     std::printf("\nprompt products: cuBLAS %s (%s)\n", blas_ok ? "loaded" : "NOT loaded", blas.c_str());
-    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS us | TFLOP/s | own us    | TFLOP/s "
-                "| own/cuBLAS |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| shape                | type | n_out  | k     | m    | cuBLAS f16 us | TFLOP/s | tf32 us | own us    "
+                "| TFLOP/s | own/f16 | tf32/f16 |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const GgmlType t : {GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16}) {
         for (const int64_t m : {33, 64, 128, 512}) bench_prompt("attn q", t, 4096, 2048, m);
         for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert gate/up", t, 768, 2048, m);

@@ -204,16 +204,19 @@ TEST_P(CudaMatmul, MatchesCpu) {
 }
 
 // Prompt products through cuBLAS (kernels/cuda/blas.cpp): one GEMM per W chunk (quantized W is
-// dequantized to f32 in chunks of MOEMESH_CUDA_BLAS_CHUNK_MIB; F32/F16/BF16 W is used as stored, one
-// GEMM), results within blas_tolerance of the exact product and cpu_tolerance of the CPU; MOEMESH_CUDA_BLAS=0
-// (the tiled kernel) gives no GEMM; MOEMESH_CUDA_BLAS_MIN_ROWS=2 sends a GEMV size to cuBLAS.
+// dequantized in chunks of MOEMESH_CUDA_BLAS_CHUNK_MIB: f16 by default, f32 with
+// MOEMESH_CUDA_BLAS_TYPE=tf32; F32/F16/BF16 W is used as stored, one GEMM), results within
+// ref_tolerance of the exact product and cpu_tolerance of the CPU; the GEMMs on f16 operands counted
+// apart; MOEMESH_CUDA_BLAS=0 (the tiled kernel) gives no GEMM; MOEMESH_CUDA_BLAS_MIN_ROWS=2 sends a
+// GEMV size to cuBLAS.
 TEST_P(CudaMatmul, PromptProductsThroughCublas) {
     REQUIRE_CUDA();
     std::string why;
     if (!cuda::blas_ready(&why)) GTEST_SKIP() << "cuBLAS does not load: " << why;
     const GgmlType t = GetParam();
     ThreadPool pool(2);
-    const int64_t n_out = 1100, k = 512;  // f32 rows of 2 KiB: 1 MiB chunks of 512 rows → 3 chunks
+    // f32 rows of 2 KiB: 1 MiB chunks of 512 rows → 3 chunks; f16 rows of 1 KiB: 1024 rows → 2.
+    const int64_t n_out = 1100, k = 512;
     const bool stored = t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16;
     const QuantMatrix w = make_weights(t, n_out, k, 21);
     const DeviceBuffer<uint8_t> dw(w.bytes);
@@ -224,40 +227,51 @@ TEST_P(CudaMatmul, PromptProductsThroughCublas) {
         int64_t m;
         const char* blas;      // MOEMESH_CUDA_BLAS
         const char* min_rows;  // MOEMESH_CUDA_BLAS_MIN_ROWS
-        uint64_t gemms;        // cuBLAS GEMMs expected
+        bool gemms;            // cuBLAS GEMMs expected
     };
-    const uint64_t chunks = stored ? 1 : 3;
-    for (const Case c : {Case{40, nullptr, nullptr, chunks}, Case{70, "1", nullptr, chunks}, Case{40, "0", nullptr, 0},
-                         Case{8, nullptr, "2", chunks}, Case{8, nullptr, nullptr, 0}}) {
-        if (c.blas) {
-            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", c.blas, 1), 0);
+    for (const char* type : {static_cast<const char*>(nullptr), "tf32"}) {
+        if (type) {
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_TYPE", type, 1), 0);
         }
-        if (c.min_rows) {
-            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", c.min_rows, 1), 0);
+        const bool half = t == GgmlType::F16 || (!stored && type == nullptr);
+        const uint64_t chunks = stored ? 1 : half ? 2 : 3;
+        for (const Case c : {Case{40, nullptr, nullptr, true}, Case{70, "1", nullptr, true},
+                             Case{40, "0", nullptr, false}, Case{8, nullptr, "2", true},
+                             Case{8, nullptr, nullptr, false}}) {
+            if (c.blas) {
+                ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", c.blas, 1), 0);
+            }
+            if (c.min_rows) {
+                ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", c.min_rows, 1), 0);
+            }
+            const std::vector<float> x = random_vec(static_cast<size_t>(c.m * k), 300 + static_cast<uint32_t>(c.m));
+            const DeviceBuffer<float> dx(x);
+            DeviceBuffer<float> dy(static_cast<size_t>(c.m * n_out));
+            const uint64_t before = cuda::blas_gemms(), half_before = cuda::blas_half_gemms();
+            cuda::matmul(t, dw.get(), n_out, k, dx.get(), c.m, dy.get());
+            const std::vector<float> got = dy.download();
+            EXPECT_EQ(cuda::blas_gemms() - before, c.gemms ? chunks : 0) << "m=" << c.m << " " << (type ? type : "");
+            EXPECT_EQ(cuda::blas_half_gemms() - half_before, c.gemms && half ? chunks : 0)
+                << "m=" << c.m << " " << (type ? type : "");
+            const std::string name = std::string("prompt matmul ") + ggml_type_name(t) + " m=" + std::to_string(c.m) +
+                                     (c.gemms ? type ? " cublas tf32" : " cublas" : " own kernel");
+            expect_close(name + " vs dequant ref", got, ref_matmul(w.deq, n_out, k, x, c.m), ref_tolerance(t, c.m));
+            std::vector<float> cpu(got.size());
+            matmul(pool, t, w.bytes.data(), n_out, k, x.data(), c.m, cpu.data());
+            expect_close(name + " vs cpu matmul", got, cpu, cpu_tolerance(t));
+            unsetenv("MOEMESH_CUDA_BLAS");
+            unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
         }
-        const std::vector<float> x = random_vec(static_cast<size_t>(c.m * k), 300 + static_cast<uint32_t>(c.m));
-        const DeviceBuffer<float> dx(x);
-        DeviceBuffer<float> dy(static_cast<size_t>(c.m * n_out));
-        const uint64_t before = cuda::blas_gemms();
-        cuda::matmul(t, dw.get(), n_out, k, dx.get(), c.m, dy.get());
-        const std::vector<float> got = dy.download();
-        EXPECT_EQ(cuda::blas_gemms() - before, c.gemms) << "m=" << c.m;
-        const std::string name = std::string("prompt matmul ") + ggml_type_name(t) + " m=" + std::to_string(c.m) +
-                                 (c.gemms ? " cublas" : " own kernel");
-        expect_close(name + " vs dequant ref", got, ref_matmul(w.deq, n_out, k, x, c.m), ref_tolerance(t, c.m));
-        std::vector<float> cpu(got.size());
-        matmul(pool, t, w.bytes.data(), n_out, k, x.data(), c.m, cpu.data());
-        expect_close(name + " vs cpu matmul", got, cpu, cpu_tolerance(t));
-        unsetenv("MOEMESH_CUDA_BLAS");
-        unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+        unsetenv("MOEMESH_CUDA_BLAS_TYPE");
     }
     unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
 }
 
 // matmul_grouped (a prompt's MoE grouped by expert) gives each group the results of matmul on its
-// rows: groups of 0, 1, 5 (GEMV) and 33, 40, 70 rows (cuBLAS); with 1 MiB chunks a 256 × 512 f32 W
-// (512 KiB) is dequantized two groups per launch, a 1100 × 512 one (2.1 MiB) is over the cap and
-// goes through matmul's row chunks. The cuBLAS GEMMs are those of the per-group matmuls, in one
+// rows: groups of 0, 1, 5 (GEMV) and 33, 40, 70 rows (cuBLAS); with 1 MiB chunks a 256 × 512 W
+// (512 KiB in f32, MOEMESH_CUDA_BLAS_TYPE=tf32: two groups per dequantizing launch; 256 KiB in f16,
+// the default: three) is dequantized for the batch, a 1100 × 512 one (2.1 MiB, 1.1 MiB) is over the
+// cap and goes through matmul's row chunks. The cuBLAS GEMMs are those of the per-group matmuls, in one
 // cublasGemmGroupedBatchedEx per batch (MOEMESH_CUDA_BLAS_GROUPED=0: one cublasGemmEx each).
 TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
     REQUIRE_CUDA();
@@ -275,19 +289,25 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
         std::vector<const void*> w(count.size());
         for (int64_t g = 0; g < G; ++g) w[g] = count[g] > 0 ? dw.get() + g * mb : nullptr;
         const DeviceBuffer<float> dx(random_vec(static_cast<size_t>(rows * k), 41));
-        for (const auto& [blas, grouped] : {std::pair<const char*, const char*>{"1", "1"}, {"1", "0"}, {"0", "1"}}) {
+        struct Run {
+            const char *blas, *grouped, *type;  // MOEMESH_CUDA_BLAS, _BLAS_GROUPED, _BLAS_TYPE
+        };
+        for (const auto& [blas, grouped, type] :
+             {Run{"1", "1", "f16"}, Run{"1", "0", "f16"}, Run{"0", "1", "f16"}, Run{"1", "1", "tf32"}}) {
             ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", blas, 1), 0);
             ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_GROUPED", grouped, 1), 0);
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_TYPE", type, 1), 0);
             DeviceBuffer<float> dy(static_cast<size_t>(rows * n_out)), dref(static_cast<size_t>(rows * n_out));
             const uint64_t g0 = cuda::blas_gemms(), c0 = cuda::blas_grouped_calls();
             cuda::matmul_grouped(t, w.data(), count.data(), offset.data(), G, n_out, k, dx.get(), dy.get());
             const std::vector<float> got = dy.download();
             const uint64_t grouped_gemms = cuda::blas_gemms() - g0, grouped_calls = cuda::blas_grouped_calls() - c0;
-            // One grouped call for the batch of two (quantized, 256 × 512) or of all three (F32/F16/BF16
-            // as stored); none over the cap, with _GROUPED=0 or _BLAS=0.
+            // One grouped call: for the batch of two then a GemmEx for the third (quantized in f32, 256 ×
+            // 512) or for all three (quantized in f16; F32/F16/BF16 as stored); none over the cap, with
+            // _GROUPED=0 or _BLAS=0.
             const bool over_cap = n_out == 1100 && t != GgmlType::F32 && t != GgmlType::F16 && t != GgmlType::BF16;
             EXPECT_EQ(grouped_calls, std::string(blas) == "1" && std::string(grouped) == "1" && !over_cap ? 1u : 0u)
-                << n_out << " x " << k << " BLAS=" << blas << " GROUPED=" << grouped;
+                << n_out << " x " << k << " BLAS=" << blas << " GROUPED=" << grouped << " TYPE=" << type;
             for (int64_t g = 0; g < G; ++g)
                 if (count[g] > 0)
                     cuda::matmul(t, w[g], n_out, k, dx.get() + offset[g] * k, count[g], dref.get() + offset[g] * n_out);
@@ -301,13 +321,57 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
                 EXPECT_EQ(grouped_gemms, 0u);
             }
             expect_close(std::string("grouped ") + ggml_type_name(t) + " " + std::to_string(n_out) + "x" +
-                             std::to_string(k) + " BLAS=" + blas + " GROUPED=" + grouped + " vs matmul per group",
+                             std::to_string(k) + " BLAS=" + blas + " GROUPED=" + grouped + " TYPE=" + type +
+                             " vs matmul per group",
                          got, want, 1e-6);
         }
     }
+    unsetenv("MOEMESH_CUDA_BLAS_TYPE");
     unsetenv("MOEMESH_CUDA_BLAS_GROUPED");
     unsetenv("MOEMESH_CUDA_BLAS");
     unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
+}
+
+// The f16 form of quantized W in cuBLAS (MOEMESH_CUDA_BLAS_TYPE=f16, the default) keeps activations
+// beyond f16's ±65504 (X and W scaled by a power of 2 against its range): rows of X of σ 1e5 (half
+// their values beyond 65504, the largest ~5e5) and
+// rows of ordinary size give each row within the usual tolerance of the exact product, as the TF32
+// form does; nothing infinite. (Unscaled f16 X would be inf there, or 65504 if saturated.)
+TEST(CudaOps, HalfPromptProductsKeepLargeActivations) {
+    REQUIRE_CUDA();
+    std::string why;
+    if (!cuda::blas_ready(&why)) GTEST_SKIP() << "cuBLAS does not load: " << why;
+    const int64_t n_out = 256, k = 512, m = 40;
+    for (const GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_K}) {
+        const QuantMatrix w = make_weights(t, n_out, k, 61);
+        const DeviceBuffer<uint8_t> dw(w.bytes);
+        std::vector<float> x = random_vec(static_cast<size_t>(m * k), 62);
+        for (int64_t r = 0; r < m; r += 3)  // every third row: σ 1e5
+            for (int64_t i = 0; i < k; ++i) x[r * k + i] *= 1e5f;
+        const std::vector<float> want = ref_matmul(w.deq, n_out, k, x, m);
+        const DeviceBuffer<float> dx(x);
+        for (const char* type : {"f16", "tf32"}) {
+            ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_TYPE", type, 1), 0);
+            DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));
+            const uint64_t half0 = cuda::blas_half_gemms();
+            cuda::matmul(t, dw.get(), n_out, k, dx.get(), m, dy.get());
+            const std::vector<float> got = dy.download();
+            EXPECT_EQ(cuda::blas_half_gemms() - half0, std::string(type) == "f16" ? 1u : 0u);
+            double worst = 0;
+            for (int64_t r = 0; r < m; ++r) {
+                const std::vector<float> g(got.begin() + r * n_out, got.begin() + (r + 1) * n_out);
+                const std::vector<float> e(want.begin() + r * n_out, want.begin() + (r + 1) * n_out);
+                const Err err = compare(g, e);
+                worst = std::max(worst, err.rel);
+                EXPECT_LE(err.rel, 2e-3) << ggml_type_name(t) << " " << type << " row " << r;
+                for (const float v : g)
+                    ASSERT_TRUE(std::isfinite(v)) << ggml_type_name(t) << " " << type << " row " << r;
+            }
+            std::printf("[cuda] %s %s: x of σ 1e5 in every third row: worst row rel %.3e\n", ggml_type_name(t),
+                        type, worst);
+        }
+    }
+    unsetenv("MOEMESH_CUDA_BLAS_TYPE");
 }
 
 // load_own_kernels (cuda_ops.h): every function of our kernel files' modules is loaded on the device

@@ -316,7 +316,8 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
     // Our kernels now, not in the first request (not fatal: else they load at their first launch).
     if (const cuda::KernelLoad kl = cuda::load_own_kernels(); !kl.error.empty()) {
         static std::atomic<bool> told{false};
-        if (!told.exchange(true)) std::fprintf(stderr, "cuda:%d: kernels load at first use (%s)\n", device, kl.error.c_str());
+        if (!told.exchange(true))
+            std::fprintf(stderr, "cuda:%d: kernels load at first use (%s)\n", device, kl.error.c_str());
     }
     auto im = std::make_unique<Impl>();
     im->device = device;

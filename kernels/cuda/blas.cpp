@@ -127,6 +127,16 @@ BlasSettings blas_settings() {
     s.chunk_bytes = static_cast<size_t>(env_positive("MOEMESH_CUDA_BLAS_CHUNK_MIB", 64)) << 20;
     const char* grouped = std::getenv("MOEMESH_CUDA_BLAS_GROUPED");
     s.grouped = !(grouped != nullptr && std::strcmp(grouped, "0") == 0);
+    const char* type = std::getenv("MOEMESH_CUDA_BLAS_TYPE");
+    if (type != nullptr && *type != '\0') {
+        if (std::strcmp(type, "tf32") == 0) {
+            s.half = false;
+        } else if (std::strcmp(type, "f16") != 0) {
+            static std::atomic<bool> told{false};
+            if (!told.exchange(true))
+                std::fprintf(stderr, "moemesh: MOEMESH_CUDA_BLAS_TYPE=%s is neither f16 nor tf32; using f16\n", type);
+        }
+    }
     return s;
 }
 
@@ -140,7 +150,7 @@ struct BlasStream {
 
 namespace {
 
-std::atomic<uint64_t> g_gemms{0}, g_grouped_calls{0};
+std::atomic<uint64_t> g_gemms{0}, g_grouped_calls{0}, g_half_gemms{0};
 
 // Grows one scratch buffer (the stream's earlier work may still read it: wait for it first).
 bool grow(cudaStream_t stream, void*& p, size_t& have, size_t want) {
@@ -235,6 +245,7 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
         compute, CUBLAS_GEMM_DEFAULT);
     if (st == CUBLAS_STATUS_SUCCESS) {
         g_gemms.fetch_add(1);
+        if (e == BlasElem::F16) g_half_gemms.fetch_add(1);
         return true;
     }
     tell_once(told, "cublasGemmEx failed (" + std::string(loaded().api.status_string(st)) + ")");
@@ -264,6 +275,7 @@ bool blas_gemm_grouped(BlasStream* b, int count, int64_t n, const int* m, int64_
                          const_cast<void* const*>(ptrs + 2 * count), CUDA_R_32F, ldcs, count, size, compute);
     if (st == CUBLAS_STATUS_SUCCESS) {
         g_gemms.fetch_add(static_cast<uint64_t>(count));
+        if (e == BlasElem::F16) g_half_gemms.fetch_add(static_cast<uint64_t>(count));
         g_grouped_calls.fetch_add(1);
         return true;
     }
@@ -289,5 +301,6 @@ bool blas_ready(std::string* why) {
 
 uint64_t blas_gemms() { return detail::g_gemms.load(); }
 uint64_t blas_grouped_calls() { return detail::g_grouped_calls.load(); }
+uint64_t blas_half_gemms() { return detail::g_half_gemms.load(); }
 
 }  // namespace moemesh::cuda

@@ -13,7 +13,9 @@ namespace moemesh::cuda::detail {
 // the path off; MOEMESH_CUDA_BLAS_MIN_ROWS=N (default kBlasMinRows) is the least X rows that take it;
 // MOEMESH_CUDA_BLAS_CHUNK_MIB=N (default 64) caps the scratch of one dequantized W chunk;
 // MOEMESH_CUDA_BLAS_GROUPED=0: matmul_grouped makes one cublasGemmEx per group instead of one
-// cublasGemmGroupedBatchedEx per batch.
+// cublasGemmGroupedBatchedEx per batch; MOEMESH_CUDA_BLAS_TYPE=f16|tf32 (default f16): quantized W
+// dequantized to f16 (X in f16, both scaled against f16's range; matmul.cu kHalfScale) or to f32
+// with f32 X on the TF32 tensor cores.
 inline constexpr int64_t kBlasMinRows = 33;  // where the GEMV (kMatmulGemvMaxM rows) stops
 inline constexpr int kBlasMaxGroup = 32;     // products per grouped call (and matrices per dequantization)
 struct BlasSettings {
@@ -21,6 +23,7 @@ struct BlasSettings {
     int64_t min_rows = kBlasMinRows;
     size_t chunk_bytes = size_t{64} << 20;
     bool grouped = true;
+    bool half = true;  // quantized W in f16 (MOEMESH_CUDA_BLAS_TYPE=f16) rather than TF32
 };
 BlasSettings blas_settings();
 

@@ -92,9 +92,10 @@ int own_kernels_not_loaded(std::string* why = nullptr);
 // mmvq and the CPU matmul do; relative error vs the exact f32 product ~5e-3) and uses __dp4a;
 // otherwise an f32-activation GEMV (exact up to summation order). MOEMESH_CUDA_GEMV=old: f32 GEMV
 // always; =new: the int8 GEMV for every quantized type at every size.
-// larger m: cuBLAS where it can be loaded (kernels/cuda/blas.cpp): quantized W dequantized to f32 in
-// chunks of up to 64 MiB and multiplied with f32 X on the TF32 tensor cores (relative error vs the
-// exact product ~3e-4; the int8 X's is ~5e-3); F16 / BF16 W as stored with X rounded to W's type
+// larger m: cuBLAS where it can be loaded (kernels/cuda/blas.cpp): quantized W dequantized in chunks
+// of up to 64 MiB, to f16 with X in f16, both scaled against f16's range (MOEMESH_CUDA_BLAS_TYPE=f16,
+// the default), or to f32 with f32 X on the TF32 tensor cores (=tf32); either ~3e-4 relative error vs
+// the exact product (the int8 X's is ~5e-3); F16 / BF16 W as stored with X rounded to W's type
 // (as the CPU does); F32 W exact (f32 products). The one exception to "none allocates": a scratch
 // per (device, stream), kept until exit. Otherwise (cuBLAS absent, MOEMESH_CUDA_BLAS=0, the stream being captured, no
 // memory for the scratch) a tiled kernel that dequantizes 64×32 W tiles into shared memory (f32 X).
@@ -108,6 +109,9 @@ bool blas_ready(std::string* why = nullptr);
 uint64_t blas_gemms();
 // blas_grouped_calls: matmul_grouped's cublasGemmGroupedBatchedEx calls (their products count in blas_gemms).
 uint64_t blas_grouped_calls();
+// blas_half_gemms: of blas_gemms, those on f16 operands (F16 W, and quantized W under
+// MOEMESH_CUDA_BLAS_TYPE=f16, the default; =tf32: f32 W and X on the TF32 tensor cores).
+uint64_t blas_half_gemms();
 bool matmul_supported(GgmlType wt);
 void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
             cudaStream_t stream = nullptr);

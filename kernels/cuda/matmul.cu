@@ -1222,27 +1222,53 @@ struct MatList {
     const uint8_t* w[kDequantGroup];
 };
 
+struct alignas(16) Half8 {
+    uint16_t h[8];
+};
+
+// The cuBLAS path's f16 form of quantized W (MOEMESH_CUDA_BLAS_TYPE=f16, the default): W·kHalfScale
+// and X/kHalfScale in f16, so that the product is X·Wᵀ exactly as scaled (a power of 2) while f16's
+// range, ±65504, covers |X| up to ~1M (activations, e.g. a SwiGLU output before the down projection,
+// can exceed 65504) and |W| up to 4094; what is still beyond saturates at ±65504 rather than
+// becoming inf. Values near 0 lose nothing that matters: f16's subnormals keep absolute steps of
+// 2^-24 · 16, far below the rounding of the row's large values.
+constexpr float kHalfScale = 16.0f;
+__device__ __forceinline__ uint16_t f16_saturated(float v) {
+    return __half_as_ushort(__float2half_rn(fminf(fmaxf(v, -65504.0f), 65504.0f)));
+}
+
 // grid (·, n matrices), one thread per 8 elements: y[j][r, e..e+7] = load8(row r of mats.w[j], e),
-// y[j] = y + j · rows · k.
-template <GgmlType T>
-__global__ void dequantize_kernel(MatList mats, size_t row_bytes, int64_t rows, int64_t k, float* __restrict__ y) {
+// y[j] = y + j · rows · k; kHalf: as f16 of the values times kHalfScale.
+template <GgmlType T, bool kHalf>
+__global__ void dequantize_kernel(MatList mats, size_t row_bytes, int64_t rows, int64_t k, void* __restrict__ y) {
     const int64_t per_row = k / 8;
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= rows * per_row) return;
     const int64_t r = idx / per_row, e = (idx % per_row) * 8;
     float v[8];
     load8<T>(mats.w[blockIdx.y] + static_cast<size_t>(r) * row_bytes, e, v);
-    float4* out = reinterpret_cast<float4*>(y + blockIdx.y * rows * k + r * k + e);
-    out[0] = make_float4(v[0], v[1], v[2], v[3]);
-    out[1] = make_float4(v[4], v[5], v[6], v[7]);
+    const int64_t at = blockIdx.y * rows * k + r * k + e;
+    if constexpr (kHalf) {
+        Half8 o;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o.h[i] = f16_saturated(v[i] * kHalfScale);
+        *reinterpret_cast<Half8*>(static_cast<uint16_t*>(y) + at) = o;
+    } else {
+        float4* out = reinterpret_cast<float4*>(static_cast<float*>(y) + at);
+        out[0] = make_float4(v[0], v[1], v[2], v[3]);
+        out[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
 }
 
-// y[j] = the rows × k matrix mats.w[j] dequantized to f32, for j < n.
+// y[j] = the rows × k matrix mats.w[j] dequantized, for j < n: f32, or (half) f16 times kHalfScale.
 template <GgmlType T>
-void dequantize_mats(const MatList& mats, int n, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
+void dequantize_mats(const MatList& mats, int n, int64_t rows, int64_t k, void* y, bool half, cudaStream_t stream) {
     constexpr int kThreads = 256;
     const dim3 grid(grid_1d(rows * (k / 8), kThreads), static_cast<unsigned>(n));
-    MM_LAUNCH(grid, kThreads, 0, stream, dequantize_kernel<T>)(mats, ggml_row_bytes(T, k), rows, k, y);
+    if (half)
+        MM_LAUNCH(grid, kThreads, 0, stream, dequantize_kernel<T, true>)(mats, ggml_row_bytes(T, k), rows, k, y);
+    else
+        MM_LAUNCH(grid, kThreads, 0, stream, dequantize_kernel<T, false>)(mats, ggml_row_bytes(T, k), rows, k, y);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1250,32 +1276,39 @@ template <GgmlType T>
 void dequantize_typed(const void* w, int64_t rows, int64_t k, float* y, cudaStream_t stream) {
     MatList one{};
     one.w[0] = static_cast<const uint8_t*>(w);
-    dequantize_mats<T>(one, 1, rows, k, y, stream);
+    dequantize_mats<T>(one, 1, rows, k, y, false, stream);
 }
 
 // ---- matmul's cuBLAS path (prompts; kernels/cuda/blas.cpp) ----
 // F32 W: used as stored, f32 X, exact f32 products (CUBLAS_COMPUTE_32F). F16 / BF16 W: as stored, X
-// rounded to W's type first (as the CPU does). The quantized types: W dequantized to f32 in chunks,
-// f32 X, TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32: 10-bit mantissas, f32 range and sums;
-// bf16 X measured too coarse against the CPU: a q8_0 Qwen3-Next test model's top-1 agreement fell
-// from 97-98 to 89 of 100 prompt positions on the emulator).
+// rounded to W's type first (as the CPU does). The quantized types: W dequantized in chunks, either
+// (MOEMESH_CUDA_BLAS_TYPE=f16, the default since session 20) to f16 with X in f16, both scaled by
+// kHalfScale against f16's range — the form of llama.cpp's cuBLAS path, half the scratch bytes of
+// f32 and twice TF32's tensor-core rate —, or (=tf32) to f32 with f32 X on the TF32 tensor cores
+// (CUBLAS_COMPUTE_32F_FAST_TF32). Both round operands to 10-bit mantissas and sum in f32. (bf16 X
+// was measured too coarse against the CPU: a q8_0 Qwen3-Next test model's top-1 agreement fell
+// from 97-98 to 89 of 100 prompt positions on the emulator.)
 template <GgmlType T>
 inline constexpr bool kBlasAsStored = T == GgmlType::F32 || T == GgmlType::F16 || T == GgmlType::BF16;
-template <GgmlType T>
-inline constexpr BlasElem kBlasElem = T == GgmlType::F32   ? BlasElem::F32
-                                      : T == GgmlType::F16 ? BlasElem::F16
-                                      : T == GgmlType::BF16 ? BlasElem::BF16
-                                                            : BlasElem::TF32;
-// Bytes of X scratch per element: F16 / BF16 W read X rounded to 16 bits, the others f32 X as is.
-template <GgmlType T>
-inline constexpr size_t kBlasXBytes = T == GgmlType::F16 || T == GgmlType::BF16 ? 2 : 0;
 
-struct alignas(16) Half8 {
-    uint16_t h[8];
+// How a call's operands reach cuBLAS for W type T under settings s.
+struct BlasForm {
+    BlasElem elem;  // the GEMM's operand type
+    size_t w_elem;  // bytes per element of dequantized W in the scratch (0: W as stored)
+    size_t x_elem;  // bytes per element of rounded X in the scratch (0: f32 X as is)
+    bool x_scaled;  // X divided by kHalfScale with saturation (quantized W in f16)
 };
+template <GgmlType T>
+BlasForm blas_form(const BlasSettings& s) {
+    if constexpr (T == GgmlType::F32) return {BlasElem::F32, 0, 0, false};
+    else if constexpr (T == GgmlType::F16) return {BlasElem::F16, 0, 2, false};
+    else if constexpr (T == GgmlType::BF16) return {BlasElem::BF16, 0, 2, false};
+    else return s.half ? BlasForm{BlasElem::F16, 2, 2, true} : BlasForm{BlasElem::TF32, 4, 0, false};
+}
 
-// y[i] = x[i] rounded to bf16 (kBf16) or f16, 8 per thread (n8 groups of 8).
-template <bool kBf16>
+// y[i] = x[i] rounded to 16 bits, 8 per thread (n8 groups of 8): kMode 0 bf16, 1 f16 (as the CPU
+// rounds X for F16 W), 2 f16 of x / kHalfScale, saturated (quantized W's f16 form).
+template <int kMode>
 __global__ void round_x_kernel(const float* __restrict__ x, int64_t n8, Half8* __restrict__ y) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= n8) return;
@@ -1283,7 +1316,9 @@ __global__ void round_x_kernel(const float* __restrict__ x, int64_t n8, Half8* _
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const float v = x[idx * 8 + i];
-        o.h[i] = kBf16 ? __bfloat16_as_ushort(__float2bfloat16(v)) : __half_as_ushort(__float2half_rn(v));
+        if constexpr (kMode == 0) o.h[i] = __bfloat16_as_ushort(__float2bfloat16(v));
+        else if constexpr (kMode == 1) o.h[i] = __half_as_ushort(__float2half_rn(v));
+        else o.h[i] = f16_saturated(v * (1.0f / kHalfScale));
     }
     y[idx] = o;
 }
@@ -1297,19 +1332,19 @@ __global__ void gemm_ptrs_kernel(GemmPtrs src, int n, const void** dst) {
     if (static_cast<int>(threadIdx.x) < n) dst[threadIdx.x] = src.p[threadIdx.x];
 }
 
-// X [m, k] as the cuBLAS path of W type T reads it: rounded into b's X scratch (F16 / BF16 W), or x.
+// X [m, k] as the cuBLAS path of W type T reads it in form f: rounded into b's X scratch, or x.
 template <GgmlType T>
-const void* round_x(BlasStream* b, const float* x, int64_t m, int64_t k, cudaStream_t stream) {
-    if constexpr (kBlasXBytes<T> == 0) {
-        return x;
-    } else {
-        constexpr int kThreads = 256;
-        const int64_t n8 = m * k / 8;
-        auto* xh = static_cast<Half8*>(blas_x(b));
-        MM_LAUNCH(grid_1d(n8, kThreads), kThreads, 0, stream, round_x_kernel<T == GgmlType::BF16>)(x, n8, xh);
-        CUDA_CHECK_LAUNCH();
-        return xh;
-    }
+const void* round_x(BlasStream* b, const float* x, int64_t m, int64_t k, const BlasForm& f, cudaStream_t stream) {
+    if (f.x_elem == 0) return x;
+    constexpr int kThreads = 256;
+    const int64_t n8 = m * k / 8;
+    auto* xh = static_cast<Half8*>(blas_x(b));
+    const unsigned grid = grid_1d(n8, kThreads);
+    if (f.x_scaled) MM_LAUNCH(grid, kThreads, 0, stream, round_x_kernel<2>)(x, n8, xh);
+    else if (T == GgmlType::BF16) MM_LAUNCH(grid, kThreads, 0, stream, round_x_kernel<0>)(x, n8, xh);
+    else MM_LAUNCH(grid, kThreads, 0, stream, round_x_kernel<1>)(x, n8, xh);
+    CUDA_CHECK_LAUNCH();
+    return xh;
 }
 
 // Y = X · Wᵀ through cuBLAS (the forms above), quantized W in chunks of rows of at most the chunk
@@ -1319,27 +1354,28 @@ template <GgmlType T>
 bool matmul_blas(const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y, cudaStream_t stream) {
     const BlasSettings set = blas_settings();
     if (!set.on || m < set.min_rows || m > INT32_MAX || n_out > INT32_MAX || k > INT32_MAX) return false;
+    const BlasForm f = blas_form<T>(set);
     const size_t rb = ggml_row_bytes(T, k);
     int64_t chunk = n_out;
-    if constexpr (!kBlasAsStored<T>) {
-        chunk = std::max<int64_t>(1, static_cast<int64_t>(set.chunk_bytes / (static_cast<size_t>(k) * sizeof(float))));
+    if (f.w_elem != 0) {
+        chunk = std::max<int64_t>(1, static_cast<int64_t>(set.chunk_bytes / (static_cast<size_t>(k) * f.w_elem)));
         if (chunk >= 256) chunk -= chunk % 256;
         chunk = std::min(chunk, n_out);
     }
-    const size_t w_bytes = kBlasAsStored<T> ? 0 : static_cast<size_t>(chunk) * k * sizeof(float);
-    BlasStream* b = blas_stream(stream, w_bytes, static_cast<size_t>(m) * k * kBlasXBytes<T>);
+    const size_t w_bytes = static_cast<size_t>(chunk) * k * f.w_elem;
+    BlasStream* b = blas_stream(stream, w_bytes, static_cast<size_t>(m) * k * f.x_elem);
     if (b == nullptr) return false;
-    const void* xb = round_x<T>(b, x, m, k, stream);
+    const void* xb = round_x<T>(b, x, m, k, f, stream);
     for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
         const int64_t rows = std::min(chunk, n_out - r0);
         const void* a = static_cast<const uint8_t*>(w) + static_cast<size_t>(r0) * rb;
-        if constexpr (!kBlasAsStored<T>) {
+        if (f.w_elem != 0) {
             MatList one{};
             one.w[0] = static_cast<const uint8_t*>(a);
-            dequantize_mats<T>(one, 1, rows, k, static_cast<float*>(blas_w(b)), stream);
+            dequantize_mats<T>(one, 1, rows, k, blas_w(b), f.w_elem == 2, stream);
             a = blas_w(b);
         }
-        if (!blas_gemm(b, rows, m, k, a, xb, kBlasElem<T>, y + r0, n_out)) return false;
+        if (!blas_gemm(b, rows, m, k, a, xb, f.elem, y + r0, n_out)) return false;
     }
     return true;
 }
@@ -1478,11 +1514,11 @@ template <GgmlType T>
 void matmul_grouped_typed(const void* const* w, const int64_t* count, const int64_t* offset, int64_t G,
                           int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream) {
     const BlasSettings set = blas_settings();
-    const size_t mat_bytes = kBlasAsStored<T> ? 0 : static_cast<size_t>(n_out) * k * sizeof(float);
+    const BlasForm f = blas_form<T>(set);
+    const size_t mat_bytes = static_cast<size_t>(n_out) * k * f.w_elem;
     std::vector<int64_t> big;  // groups for cuBLAS
     int64_t rows = 0;          // X rows to round: up to the last cuBLAS group's end
-    bool fits = true;  // one dequantized matrix within the chunk cap (else matmul's row chunks)
-    if constexpr (!kBlasAsStored<T>) fits = mat_bytes <= set.chunk_bytes;
+    const bool fits = mat_bytes <= set.chunk_bytes;  // one dequantized matrix (else matmul's row chunks)
     if (set.on && fits && n_out <= INT32_MAX && k <= INT32_MAX)
         for (int64_t g = 0; g < G; ++g)
             if (count[g] >= set.min_rows && count[g] <= INT32_MAX) {
@@ -1490,24 +1526,23 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
                 rows = std::max(rows, offset[g] + count[g]);
             }
     const int64_t fit = static_cast<int64_t>(set.chunk_bytes / std::max<size_t>(mat_bytes, 1));  // matrices per chunk
-    const int64_t per = kBlasAsStored<T> ? kDequantGroup : std::clamp<int64_t>(fit, 1, kDequantGroup);
+    const int64_t per = f.w_elem == 0 ? kDequantGroup : std::clamp<int64_t>(fit, 1, kDequantGroup);
     const size_t w_bytes = mat_bytes * static_cast<size_t>(std::min<int64_t>(per, static_cast<int64_t>(big.size())));
-    BlasStream* b =
-        big.empty() ? nullptr : blas_stream(stream, w_bytes, static_cast<size_t>(rows) * k * kBlasXBytes<T>);
+    BlasStream* b = big.empty() ? nullptr : blas_stream(stream, w_bytes, static_cast<size_t>(rows) * k * f.x_elem);
     std::vector<char> done(static_cast<size_t>(G), 0);
     if (b != nullptr) {
-        const auto* xb = static_cast<const uint8_t*>(round_x<T>(b, x, rows, k, stream));
-        const size_t x_row = static_cast<size_t>(k) * (kBlasXBytes<T> == 0 ? sizeof(float) : kBlasXBytes<T>);
+        const auto* xb = static_cast<const uint8_t*>(round_x<T>(b, x, rows, k, f, stream));
+        const size_t x_row = static_cast<size_t>(k) * (f.x_elem == 0 ? sizeof(float) : f.x_elem);
         bool ok = true;
         for (size_t i0 = 0; i0 < big.size() && ok; i0 += static_cast<size_t>(per)) {
             const size_t n = std::min(big.size() - i0, static_cast<size_t>(per));
-            if constexpr (!kBlasAsStored<T>) {
+            if (f.w_elem != 0) {
                 MatList mats{};
                 for (size_t j = 0; j < n; ++j) mats.w[j] = static_cast<const uint8_t*>(w[big[i0 + j]]);
-                dequantize_mats<T>(mats, static_cast<int>(n), n_out, k, static_cast<float*>(blas_w(b)), stream);
+                dequantize_mats<T>(mats, static_cast<int>(n), n_out, k, blas_w(b), f.w_elem == 2, stream);
             }
             auto a_of = [&](size_t j) -> const void* {
-                return kBlasAsStored<T> ? w[big[i0 + j]] : static_cast<const uint8_t*>(blas_w(b)) + j * mat_bytes;
+                return f.w_elem == 0 ? w[big[i0 + j]] : static_cast<const uint8_t*>(blas_w(b)) + j * mat_bytes;
             };
             if (set.grouped && n > 1) {  // one cublasGemmGroupedBatchedEx for the batch
                 GemmPtrs gp{};
@@ -1522,14 +1557,14 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
                 auto* dp = static_cast<const void**>(blas_ptrs(b));
                 MM_LAUNCH(1, 3 * kBlasMaxGroup, 0, stream, gemm_ptrs_kernel)(gp, static_cast<int>(3 * n), dp);
                 CUDA_CHECK_LAUNCH();
-                if (blas_gemm_grouped(b, static_cast<int>(n), n_out, rows_of, k, dp, kBlasElem<T>, n_out)) {
+                if (blas_gemm_grouped(b, static_cast<int>(n), n_out, rows_of, k, dp, f.elem, n_out)) {
                     for (size_t j = 0; j < n; ++j) done[static_cast<size_t>(big[i0 + j])] = 1;
                     continue;
                 }
             }
             for (size_t j = 0; j < n && ok; ++j) {  // one cublasGemmEx each
                 const int64_t g = big[i0 + j];
-                ok = blas_gemm(b, n_out, count[g], k, a_of(j), xb + offset[g] * x_row, kBlasElem<T>,
+                ok = blas_gemm(b, n_out, count[g], k, a_of(j), xb + offset[g] * x_row, f.elem,
                                y + offset[g] * n_out, n_out);
                 done[static_cast<size_t>(g)] = ok;
             }
