@@ -9,9 +9,9 @@
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too), MOEMESH_CUDA_BLAS_GROUPED 1/0 and _BLAS_TYPE f16/tf32 (256 tokens), MOEMESH_CUDA_LOAD_KERNELS
-# 1/0 and CUDA_MODULE_LOADING
-# LAZY/EAGER (64 tokens: the first prompt's speed; with the process's seconds and the load line
+# too), MOEMESH_CUDA_BLAS_GROUPED 1/0, _BLAS_TYPE f16/tf32 and _ATTN_BLAS 1/0 (256 tokens),
+# MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING LAZY/EAGER (64 tokens: the first
+# prompt's speed; with the process's seconds and the load line
 # in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
 # 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
 # 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
@@ -96,6 +96,7 @@ ab MOEMESH_CUDA_BLAS 64 -- 1 0
 ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
 ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
 ab MOEMESH_CUDA_BLAS_TYPE 256 -- f16 tf32
+ab MOEMESH_CUDA_ATTN_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_LOAD_KERNELS 64 -- 1 0
 ab CUDA_MODULE_LOADING 64 -- LAZY EAGER
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0

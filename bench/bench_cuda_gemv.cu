@@ -225,6 +225,44 @@ void bench_prompt(const char* what, GgmlType t, int64_t n_out, int64_t k, int64_
     std::fflush(stdout);
 }
 
+// One row of the prompt attention table: a T-token chunk after n_past keys on the Qwen3-30B-A3B
+// shape (32 heads, 4 KV heads of 128, f16 cache) through cuBLAS (MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS=2)
+// and through the split kernel (MOEMESH_CUDA_ATTN_BLAS=0).
+void bench_prompt_attention(int64_t T, int64_t n_past) {
+    const int64_t H = 32, G = 4, hd = 128, n_kv = n_past + T;
+    float *q, *out;
+    uint16_t *k, *v;
+    CUDA_CHECK(cudaMalloc(&q, T * H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMemset(q, 0, T * H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&out, T * H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&k, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMemset(k, 0, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMalloc(&v, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMemset(v, 0, n_kv * G * hd * 2));
+    const cuda::AttentionArgs a{q, k, v, out, T, n_past, H, G, hd, true, 0.088f};
+    void* ws = nullptr;
+    CUDA_CHECK(cudaMalloc(&ws, cuda::attention_workspace_bytes(a)));
+    setenv("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS", "2", 1);
+    const uint64_t c0 = cuda::attention_blas_calls();
+    const double blas_us = median_us([&](int) { cuda::attention(a, ws); });
+    const bool used = cuda::attention_blas_calls() > c0;
+    unsetenv("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS");
+    setenv("MOEMESH_CUDA_ATTN_BLAS", "0", 1);
+    const double own_us = median_us([&](int) { cuda::attention(a, ws); });
+    unsetenv("MOEMESH_CUDA_ATTN_BLAS");
+    // causal: query t sees n_past + t + 1 keys; QKᵀ and PV, 2 FLOP per multiply-add
+    const double flop = 4.0 * H * hd * (static_cast<double>(T) * n_past + T * (T + 1) / 2.0);
+    std::printf("| %5lld | %7lld | %9.1f%s | %6.1f | %9.1f | %6.1f | %6.2fx |\n", static_cast<long long>(T),
+                static_cast<long long>(n_past), blas_us, used ? "" : " (not cuBLAS)",
+                flop / (blas_us * 1e-6) / 1e12, own_us, flop / (own_us * 1e-6) / 1e12, own_us / blas_us);
+    std::fflush(stdout);
+    CUDA_CHECK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(q));
+    CUDA_CHECK(cudaFree(out));
+    CUDA_CHECK(cudaFree(k));
+    CUDA_CHECK(cudaFree(v));
+}
+
 // Prompt products: cuBLAS (quantized W dequantized to f16, or to f32 for the TF32 tensor cores; F16 W
 // as stored) vs the built-in tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert
 // its share of rows.
@@ -240,6 +278,11 @@ int bench_prompt_table() {
         for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert gate/up", t, 768, 2048, m);
         for (const int64_t m : {16, 33, 64, 128}) bench_prompt("expert down", t, 2048, 768, m);
     }
+    std::printf("\nprompt attention (32 heads, 4 KV heads of 128, f16 cache; causal FLOP):\n");
+    std::printf("| T     | n_past  | cuBLAS us | TFLOP/s | split us  | TFLOP/s | split/cuBLAS |\n");
+    std::printf("|---|---|---|---|---|---|---|\n");
+    for (const int64_t T : {64, 512})
+        for (const int64_t n_past : {0, 512, 4096, 16384}) bench_prompt_attention(T, n_past);
     return 0;
 }
 

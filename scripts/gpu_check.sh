@@ -13,7 +13,8 @@
 # make-model --fast-weights, Q8_0 ~32 GB then Q4_K ~17 GB, the Q4_K one kept for offload and profile).
 # On an H200 (session 13) everything took 230 s: `bash scripts/gpu_check.sh --budget 550` in one call
 # of timeout_s 590 (each section is capped, so a hanging test cannot eat the rest).
-# prompt: bench_cuda_gemv's prompt table alone (cuBLAS vs our kernels per shape and row count).
+# prompt: bench_cuda_gemv's prompt tables alone (cuBLAS vs our kernels per shape and row count, f16 and tf32;
+# prompt attention through cuBLAS vs the split kernel).
 # profile: MOEMESH_CUDA_PROFILE's op table of a decode step (resident, and offload at 8 GiB) on the
 # kept Q4_K file (bench/profile_cuda_decode.sh). ncu: per-kernel GPU time of decode steps on a 4-layer
 # model (bench/ncu_decode.sh).

@@ -1713,6 +1713,86 @@ TEST(CudaOps, MatmulRouteIsMatmulThenSoftmaxTopk) {
 
 // ---- attention ----
 
+// Random attention inputs: q [T, n_head, head_dim] (σ 0.3) and a KV cache of n_ctx positions in f32
+// and f16, on the host and the device; gpu() / cpu() give the GPU and CPU ops' arguments.
+struct AttnInputs {
+    int64_t T, n_head, n_head_kv, head_dim;
+    std::vector<float> kf, vf, q;
+    std::vector<uint16_t> k16, v16;
+    std::unique_ptr<DeviceBuffer<float>> dq, dkf, dvf;
+    std::unique_ptr<DeviceBuffer<uint16_t>> dk16, dv16;
+    AttnInputs(int64_t n_ctx, int64_t t, int64_t h, int64_t h_kv, int64_t hd, uint32_t seed)
+        : T(t), n_head(h), n_head_kv(h_kv), head_dim(hd) {
+        const int64_t kv_n = n_ctx * n_head_kv * head_dim;
+        kf = random_vec(kv_n, seed), vf = random_vec(kv_n, seed + 1);
+        q = random_vec(T * n_head * head_dim, seed + 2, 0.3f);
+        k16.resize(kv_n), v16.resize(kv_n);
+        for (int64_t i = 0; i < kv_n; ++i) k16[i] = fp32_to_fp16(kf[i]), v16[i] = fp32_to_fp16(vf[i]);
+        dq = std::make_unique<DeviceBuffer<float>>(q);
+        dkf = std::make_unique<DeviceBuffer<float>>(kf), dvf = std::make_unique<DeviceBuffer<float>>(vf);
+        dk16 = std::make_unique<DeviceBuffer<uint16_t>>(k16), dv16 = std::make_unique<DeviceBuffer<uint16_t>>(v16);
+    }
+    float scale() const { return 1.0f / std::sqrt(static_cast<float>(head_dim)); }
+    cuda::AttentionArgs gpu(bool f16, int64_t n_past, float* out) const {
+        return {dq->get(), f16 ? static_cast<const void*>(dk16->get()) : dkf->get(),
+                f16 ? static_cast<const void*>(dv16->get()) : dvf->get(), out, T, n_past, n_head, n_head_kv,
+                head_dim, f16, scale()};
+    }
+    AttentionArgs cpu(bool f16, int64_t n_past, float* out) const {
+        return {q.data(), f16 ? static_cast<const void*>(k16.data()) : kf.data(),
+                f16 ? static_cast<const void*>(v16.data()) : vf.data(), out, T, n_past, n_head, n_head_kv,
+                head_dim, f16, scale()};
+    }
+};
+
+// Prompts of 64+ tokens through cuBLAS (attention.cu attention_blas: S = scale·QKᵀ per KV head,
+// masked softmax, O = PV, in passes of query rows × heads within MOEMESH_CUDA_BLAS_CHUNK_MIB): the
+// CPU's result (f16 cache: q and the weights rounded to f16 on both sides) with one pass, with a
+// pass per head, with two row passes per head; 63 tokens and MOEMESH_CUDA_ATTN_BLAS=0 keep the
+// split kernel (no cuBLAS call counted, the same result within its tolerance).
+TEST(CudaOps, PromptAttentionThroughCublas) {
+    REQUIRE_CUDA();
+    std::string why;
+    if (!cuda::blas_ready(&why)) GTEST_SKIP() << "cuBLAS does not load: " << why;
+    ThreadPool pool(2);
+    const int64_t n_head = 8, n_head_kv = 2, head_dim = 128, n_ctx = 1600;
+    ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_CHUNK_MIB", "1", 1), 0);
+    struct Case {
+        int64_t n_tokens, n_past;
+        const char* attn_blas;  // MOEMESH_CUDA_ATTN_BLAS
+        bool blas;              // cuBLAS expected
+    };
+    for (const bool f16 : {true, false}) {
+        // 1 MiB of f32 scores: 70 queries × 70 keys: one pass per KV head (its 4 heads); 1500 keys
+        // (174 rows of 6000 B per MiB): 100 queries, a pass per head; 200, two row passes per head.
+        for (const Case c : {Case{70, 0, nullptr, true}, Case{100, 1400, nullptr, true},
+                             Case{200, 1300, nullptr, true}, Case{63, 100, nullptr, false},
+                             Case{70, 30, "0", false}}) {
+            const AttnInputs in(n_ctx, c.n_tokens, n_head, n_head_kv, head_dim, 70);
+            DeviceBuffer<float> dout(in.q.size());
+            const cuda::AttentionArgs ga = in.gpu(f16, c.n_past, dout.get());
+            DeviceBuffer<uint8_t> ws(cuda::attention_workspace_bytes(ga));
+            if (c.attn_blas) {
+                ASSERT_EQ(setenv("MOEMESH_CUDA_ATTN_BLAS", c.attn_blas, 1), 0);
+            }
+            const uint64_t calls = cuda::attention_blas_calls();
+            cuda::attention(ga, ws.get());
+            const std::vector<float> got = dout.download();
+            unsetenv("MOEMESH_CUDA_ATTN_BLAS");
+            const std::string what = std::string("prompt attention ") + (f16 ? "f16" : "f32") + " T=" +
+                                     std::to_string(c.n_tokens) + " n_past=" + std::to_string(c.n_past) +
+                                     (c.blas ? " cublas" : " split kernel");
+            EXPECT_EQ(cuda::attention_blas_calls() - calls, c.blas ? 1u : 0u) << what;
+            std::vector<float> want(in.q.size());
+            attention(pool, in.cpu(f16, c.n_past, want.data()));
+            // cuBLAS rounds the softmax weights to f16 as the CPU does (7e-6 seen); the split kernel's
+            // f32 weights are ~2e-4 away (CudaOps.Attention's 2e-3).
+            expect_close(what + " vs cpu", got, want, c.blas ? (f16 ? 1e-4 : 1e-5) : (f16 ? 2e-3 : 1e-5));
+        }
+    }
+    unsetenv("MOEMESH_CUDA_BLAS_CHUNK_MIB");
+}
+
 TEST(CudaOps, Attention) {
     REQUIRE_CUDA();
     ThreadPool pool(2);
@@ -1722,18 +1802,10 @@ TEST(CudaOps, Attention) {
     };
     for (const bool f16 : {true, false}) {
         for (const Case c : {Case{1, 0}, Case{1, 700}, Case{5, 0}, Case{3, 300}, Case{1, 1023}}) {
-            const int64_t kv_n = n_ctx * n_head_kv * head_dim;
-            const std::vector<float> kf = random_vec(kv_n, 20), vf = random_vec(kv_n, 21);
-            const std::vector<float> q = random_vec(c.n_tokens * n_head * head_dim, 22, 0.3f);
-            std::vector<uint16_t> k16(kv_n), v16(kv_n);
-            for (int64_t i = 0; i < kv_n; ++i) k16[i] = fp32_to_fp16(kf[i]), v16[i] = fp32_to_fp16(vf[i]);
-            const DeviceBuffer<float> dq(q), dkf(kf), dvf(vf);
-            const DeviceBuffer<uint16_t> dk16(k16), dv16(v16);
+            const AttnInputs in(n_ctx, c.n_tokens, n_head, n_head_kv, head_dim, 20);
+            const std::vector<float>& q = in.q;
             DeviceBuffer<float> dout(q.size());
-            const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-            cuda::AttentionArgs ga{dq.get(), f16 ? static_cast<const void*>(dk16.get()) : dkf.get(),
-                                   f16 ? static_cast<const void*>(dv16.get()) : dvf.get(), dout.get(), c.n_tokens,
-                                   c.n_past, n_head, n_head_kv, head_dim, f16, scale};
+            cuda::AttentionArgs ga = in.gpu(f16, c.n_past, dout.get());
             DeviceBuffer<uint8_t> ws(cuda::attention_workspace_bytes(ga));
             cuda::attention(ga, ws.get());
             // The same with the output also quantized (the o projection's X): out unchanged, each
@@ -1751,10 +1823,7 @@ TEST(CudaOps, Attention) {
                 EXPECT_EQ(qx_mismatches(&out2[t * row_n], qb.data() + t * cuda::qx_bytes(row_n), row_n), 0)
                     << "attention T=" << c.n_tokens << " token " << t << ": quantized output";
             std::vector<float> want(q.size());
-            AttentionArgs ca{q.data(), f16 ? static_cast<const void*>(k16.data()) : kf.data(),
-                             f16 ? static_cast<const void*>(v16.data()) : vf.data(), want.data(), c.n_tokens,
-                             c.n_past, n_head, n_head_kv, head_dim, f16, scale};
-            attention(pool, ca);
+            attention(pool, in.cpu(f16, c.n_past, want.data()));
             // f16: the CPU rounds softmax weights to f16, a split softmax does not (see attention.cu).
             const std::string what = std::string("attention ") + (f16 ? "f16" : "f32") + " T=" +
                                      std::to_string(c.n_tokens) + " n_past=" + std::to_string(c.n_past);

@@ -16,10 +16,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 #include "common/status.h"
+#include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
@@ -264,11 +266,121 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     CUDA_CHECK_LAUNCH();
 }
 
+// ---- prompt attention through cuBLAS (session 20) ----
+// The split kernel reads every key of the cache once per (token, head): a 512-token chunk over 8k
+// keys re-reads K and V 512 · n_head times from L2. For prompts of at least
+// MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS (64) tokens the products go to cuBLAS instead, per KV head g
+// and pass (query rows × the group's heads within the scratch cap, MOEMESH_CUDA_BLAS_CHUNK_MIB):
+//   S = scale · Q_h · K_gᵀ    (one strided-batched GEMM over the pass's heads; K's stride 0)
+//   P = softmax of each row of S over its n_past + t + 1 keys (attn_softmax_rows_kernel)
+//   O_h = P · V_g             (a second strided-batched GEMM, into out)
+// With an f16 cache q and the softmax weights are rounded to f16 (as the CPU does both; the split
+// kernel keeps f32 weights) and the GEMMs take f16 operands with f32 sums; with an f32 cache both
+// products are f32 (CUBLAS_COMPUTE_32F). MOEMESH_CUDA_ATTN_BLAS=0: always the split kernel.
+std::atomic<uint64_t> g_attn_blas_calls{0};
+
+int64_t attn_blas_min_tokens() {
+    const char* on = std::getenv("MOEMESH_CUDA_ATTN_BLAS");
+    if (on != nullptr && std::strcmp(on, "0") == 0) return INT64_MAX;
+    const char* e = std::getenv("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS");
+    if (e == nullptr || *e == '\0') return 64;
+    return std::max<long long>(2, std::atoll(e));
+}
+
+__global__ void round_f16_kernel(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ y) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = __half_as_ushort(__float2half_rn(x[i]));
+}
+
+// Block (t, h) of a pass of `rows` query rows from r0: row h · rows + t of s ([heads][rows][n_kv])
+// becomes the softmax of its first n_past + r0 + t + 1 entries, 0 after them, in p (f16 with kF16,
+// else f32; p may be s).
+template <bool kF16>
+__global__ void __launch_bounds__(kAttnThreads)
+    attn_softmax_rows_kernel(const float* s, void* p, int64_t n_kv, int64_t rows, int64_t r0, int64_t n_past) {
+    __shared__ float red[32];
+    const int64_t row = static_cast<int64_t>(blockIdx.y) * rows + blockIdx.x;
+    const float* sr = s + row * n_kv;
+    const int64_t lim = n_past + r0 + blockIdx.x + 1;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < lim; j += blockDim.x) mx = fmaxf(mx, sr[j]);
+    mx = block_max(mx, red);
+    float l = 0.0f;
+    for (int64_t j = threadIdx.x; j < lim; j += blockDim.x) l += expf(sr[j] - mx);
+    l = block_sum(l, red);
+    const float inv = 1.0f / l;
+    for (int64_t j = threadIdx.x; j < n_kv; j += blockDim.x) {
+        const float w = j < lim ? expf(sr[j] - mx) * inv : 0.0f;
+        if constexpr (kF16) static_cast<uint16_t*>(p)[row * n_kv + j] = __half_as_ushort(__float2half_rn(w));
+        else static_cast<float*>(p)[row * n_kv + j] = w;
+    }
+}
+
+// attention() through cuBLAS (above); false where it does not apply or cuBLAS is not there (or
+// refused a product: the caller's split kernel then writes all of out).
+bool attention_blas(const AttentionArgs& a, cudaStream_t stream) {
+    if (a.n_tokens < attn_blas_min_tokens() || a.out_qx != nullptr) return false;
+    const BlasSettings set = blas_settings();
+    const int64_t T = a.n_tokens, n_kv = a.n_past + T, hd = a.head_dim, H = a.n_head, G = a.n_head_kv, gs = H / G;
+    if (!set.on || n_kv > INT32_MAX / 2 || H * hd > INT32_MAX / 2) return false;
+    const size_t el = a.kv_f16 ? 2 : 4, s_row = static_cast<size_t>(n_kv) * sizeof(float);
+    const int64_t rp = std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / s_row), 1, T);  // rows per pass
+    const int64_t hp = std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / (s_row * rp)), 1, gs);  // heads
+    const size_t s_bytes = s_row * static_cast<size_t>(rp * hp);
+    const size_t q_bytes = a.kv_f16 ? static_cast<size_t>(T * H * hd) * 2 : 0;
+    const size_t p_bytes = a.kv_f16 ? s_bytes / 2 : 0;
+    BlasStream* b = blas_stream(stream, s_bytes, q_bytes + p_bytes);
+    if (b == nullptr) return false;
+    auto* sc = static_cast<float*>(blas_w(b));
+    auto* xs = static_cast<uint8_t*>(blas_x(b));
+    const void* q = a.q;
+    if (a.kv_f16) {
+        const int64_t n = T * H * hd;
+        MM_LAUNCH(grid_1d(n, 256), 256, 0, stream, round_f16_kernel)(a.q, n, reinterpret_cast<uint16_t*>(xs));
+        CUDA_CHECK_LAUNCH();
+        q = xs;
+    }
+    void* pm = a.kv_f16 ? static_cast<void*>(xs + q_bytes) : static_cast<void*>(sc);
+    const BlasElem e = a.kv_f16 ? BlasElem::F16 : BlasElem::F32;
+    const int64_t ldq = H * hd, ldkv = G * hd;
+    for (int64_t g = 0; g < G; ++g) {
+        const auto* kg = static_cast<const uint8_t*>(a.k) + static_cast<size_t>(g * hd) * el;
+        const auto* vg = static_cast<const uint8_t*>(a.v) + static_cast<size_t>(g * hd) * el;
+        for (int64_t h0 = g * gs; h0 < (g + 1) * gs; h0 += hp) {
+            const int64_t hc = std::min(hp, (g + 1) * gs - h0);
+            for (int64_t r0 = 0; r0 < T; r0 += rp) {
+                const int64_t rc = std::min(rp, T - r0);
+                const size_t at = static_cast<size_t>((r0 * H + h0) * hd);
+                const uint8_t* qh = static_cast<const uint8_t*>(q) + at * el;
+                if (!blas_gemm_strided(b, true, n_kv, rc, hd, a.scale, kg, ldkv, 0, qh, ldq, hd, sc, n_kv, rc * n_kv,
+                                       static_cast<int>(hc), e))
+                    return false;
+                const dim3 grid(static_cast<unsigned>(rc), static_cast<unsigned>(hc));
+                if (a.kv_f16)
+                    MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_softmax_rows_kernel<true>)(sc, pm, n_kv, rc, r0,
+                                                                                            a.n_past);
+                else
+                    MM_LAUNCH(grid, kAttnThreads, 0, stream, attn_softmax_rows_kernel<false>)(sc, pm, n_kv, rc, r0,
+                                                                                             a.n_past);
+                CUDA_CHECK_LAUNCH();
+                if (!blas_gemm_strided(b, false, hd, rc, n_kv, 1.0f, vg, ldkv, 0, pm, n_kv, rc * n_kv, a.out + at, ldq,
+                                       hd, static_cast<int>(hc), e))
+                    return false;
+            }
+        }
+    }
+    g_attn_blas_calls.fetch_add(1);
+    return true;
+}
+
 }  // namespace
 
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
+    if (a.n_tokens > 1 && attention_blas(a, stream)) return;
     attention_launch(a, nullptr, num_splits(a), workspace, stream);
 }
+
+uint64_t attention_blas_calls() { return g_attn_blas_calls.load(); }
 
 void attention_dev(const AttentionArgs& a, const int32_t* n_past_dev, int64_t n_ctx, void* workspace,
                    cudaStream_t stream) {

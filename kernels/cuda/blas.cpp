@@ -42,6 +42,10 @@ struct BlasApi {
     cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
                               const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
                               cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+    cublasStatus_t (*gemm_strided)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                   const void*, cudaDataType, int, long long, const void*, cudaDataType, int,
+                                   long long, const void*, void*, cudaDataType, int, long long, int,
+                                   cublasComputeType_t, cublasGemmAlgo_t);
     // cuBLAS 12.5+; null where the library lacks it.
     cublasStatus_t (*gemm_grouped)(cublasHandle_t, const cublasOperation_t*, const cublasOperation_t*, const int*,
                                    const int*, const int*, const void*, const void* const*, cudaDataType, const int*,
@@ -58,7 +62,7 @@ struct Loaded {
 Loaded load() {
     Loaded l;
     l.api = BlasApi{cublasCreate_v2, cublasSetStream_v2, cublasGetStatusString, cublasGemmEx,
-                    cublasGemmGroupedBatchedEx};
+                    cublasGemmStridedBatchedEx, cublasGemmGroupedBatchedEx};
     l.name = "the CUDA emulator's cuBLAS";
     return l;
 }
@@ -82,6 +86,7 @@ Loaded load() {
     sym(&l.api.set_stream, "cublasSetStream_v2");
     sym(&l.api.status_string, "cublasGetStatusString");
     sym(&l.api.gemm_ex, "cublasGemmEx");
+    sym(&l.api.gemm_strided, "cublasGemmStridedBatchedEx");
     std::string why;
     if (!dynlib_bind(lib, &l.api.gemm_grouped, "cublasGemmGroupedBatchedEx", &why)) l.api.gemm_grouped = nullptr;
     return l;  // on failure the library stays open (common/dynlib.h)
@@ -249,6 +254,25 @@ bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, co
         return true;
     }
     tell_once(told, "cublasGemmEx failed (" + std::string(loaded().api.status_string(st)) + ")");
+    return false;
+}
+
+bool blas_gemm_strided(BlasStream* b, bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const void* a,
+                       int64_t lda, int64_t stride_a, const void* bm, int64_t ldb, int64_t stride_b, float* c,
+                       int64_t ldc, int64_t stride_c, int batch, BlasElem e) {
+    static std::atomic<bool> told{false};
+    const cudaDataType t = data_type(e);
+    const float zero = 0.0f;
+    const cublasStatus_t st = loaded().api.gemm_strided(
+        b->handle, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n),
+        static_cast<int>(k), &alpha, a, t, static_cast<int>(lda), stride_a, bm, t, static_cast<int>(ldb), stride_b,
+        &zero, c, CUDA_R_32F, static_cast<int>(ldc), stride_c, batch, compute_type(e), CUBLAS_GEMM_DEFAULT);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+        g_gemms.fetch_add(static_cast<uint64_t>(batch));
+        if (e == BlasElem::F16) g_half_gemms.fetch_add(static_cast<uint64_t>(batch));
+        return true;
+    }
+    tell_once(told, "cublasGemmStridedBatchedEx failed (" + std::string(loaded().api.status_string(st)) + ")");
     return false;
 }
 

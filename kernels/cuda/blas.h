@@ -44,6 +44,13 @@ void* blas_ptrs(BlasStream* b);  // device room for 3 · kBlasMaxGroup pointers 
 bool blas_gemm(BlasStream* b, int64_t n, int64_t m, int64_t k, const void* a, const void* bm, BlasElem e, float* c,
                int64_t ldc);
 
+// Column-major C_i[m, n] (ldc) = alpha · op(A_i) · B_i for i < batch, X_i = X + i · stride_x elements
+// (a stride of 0: one matrix for all), op(A) = Aᵀ with trans_a (A stored k × m, else m × k), B k × n;
+// C f32, A and B of type e: cublasGemmStridedBatchedEx. False (message once) when cuBLAS refuses.
+bool blas_gemm_strided(BlasStream* b, bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const void* a,
+                       int64_t lda, int64_t stride_a, const void* bm, int64_t ldb, int64_t stride_b, float* c,
+                       int64_t ldc, int64_t stride_c, int batch, BlasElem e);
+
 // blas_gemm's product for each j < count (≤ kBlasMaxGroup) in one cublasGemmGroupedBatchedEx call:
 // C_j[m[j], ldc] = B_j[m[j], k] · A_j[n, k]ᵀ, the pointers in the device array ptrs = [A_j | B_j | C_j]
 // (written by the caller's kernel on the same stream), m a host array. False, launching nothing,

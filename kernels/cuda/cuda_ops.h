@@ -350,7 +350,12 @@ struct AttentionArgs {
     int64_t min_splits = kAttnMinSplits;
 };
 size_t attention_workspace_bytes(const AttentionArgs& a);
+// Prompts of MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS (64) tokens or more, without out_qx, go through cuBLAS
+// where it loads (attention.cu: S = scale·QKᵀ per KV head, a masked softmax, O = PV; with an f16
+// cache q and the softmax weights rounded to f16, as the CPU does); MOEMESH_CUDA_ATTN_BLAS=0 keeps
+// the split kernel. attention_blas_calls: how many attention() calls took cuBLAS.
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
+uint64_t attention_blas_calls();
 // The same attention with n_past read from device memory (*n_past_dev; a.n_past is ignored), for a
 // launch recorded once in a CUDA graph and replayed at every position: the grid covers the splits of
 // n_ctx keys (blocks past n_past + T exit at once), the merge reads only the splits in use, so the

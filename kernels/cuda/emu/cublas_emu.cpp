@@ -152,6 +152,35 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
     return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                          int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
+                                          int lda, long long int strideA, const void* B, cudaDataType Btype, int ldb,
+                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                                          long long int strideC, int batchCount, cublasComputeType_t computeType,
+                                          cublasGemmAlgo_t /*algo*/) {
+    if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (alpha == nullptr || beta == nullptr || batchCount < 0 || strideA < 0 || strideB < 0 || strideC < 0)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    const mm_emu::Gemm g{transa, transb, m, n, k, lda, ldb, ldc, *static_cast<const float*>(alpha),
+                         *static_cast<const float*>(beta), Atype, Btype, computeType == CUBLAS_COMPUTE_32F_FAST_TF32};
+    if (const cublasStatus_t st = g.check(Ctype, computeType); st != CUBLAS_STATUS_SUCCESS) return st;
+    if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
+    const auto at = [](const void* p, long long i, long long stride, cudaDataType t) {
+        return static_cast<const char*>(p) + static_cast<size_t>(i * stride) * mm_emu::element_bytes(t);
+    };
+    for (int i = 0; i < batchCount; ++i)
+        if (!g.in_device(at(A, i, strideA, Atype), at(B, i, strideB, Btype), at(C, i, strideC, CUDA_R_32F))) {
+            std::fprintf(stderr, "[cuda-emu] cublasGemmStridedBatchedEx: problem %d of %d\n", i, batchCount);
+            return CUBLAS_STATUS_EXECUTION_FAILED;
+        }
+    mm_emu::submit(handle->stream, "cublasGemmStridedBatchedEx", [=] {
+        for (int i = 0; i < batchCount; ++i)
+            g.run(at(A, i, strideA, Atype), at(B, i, strideB, Btype),
+                  const_cast<char*>(at(C, i, strideC, CUDA_R_32F)));
+    });
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t handle, const cublasOperation_t transa_array[],
                                           const cublasOperation_t transb_array[], const int m_array[],
                                           const int n_array[], const int k_array[], const void* alpha_array,

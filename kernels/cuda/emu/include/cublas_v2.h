@@ -37,6 +37,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             int k, const void* alpha, const void* A, cudaDataType Atype, int lda, const void* B,
                             cudaDataType Btype, int ldb, const void* beta, void* C, cudaDataType Ctype, int ldc,
                             cublasComputeType_t computeType, cublasGemmAlgo_t algo);
+// GemmEx's product for batchCount problems, problem i's A, B, C at A + i·strideA, … (elements; a
+// stride of 0 reuses one matrix for every problem).
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                          int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
+                                          int lda, long long int strideA, const void* B, cudaDataType Btype, int ldb,
+                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                                          long long int strideC, int batchCount, cublasComputeType_t computeType,
+                                          cublasGemmAlgo_t algo);
 // GemmEx's product for each problem of each group (group g: group_size[g] problems sharing
 // transa_array[g] … ldc_array[g], alpha_array[g], beta_array[g]; host arrays, read during the call);
 // Aarray, Barray, Carray: device arrays of device pointers, one per problem, read when the work runs.
