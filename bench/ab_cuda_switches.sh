@@ -9,7 +9,9 @@
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too), MOEMESH_CUDA_BLAS_GROUPED 1/0, _BLAS_TYPE f16/tf32 and _ATTN_BLAS 1/0 (256 tokens),
+# too), MOEMESH_CUDA_BLAS_GROUPED 1/0, _BLAS_TYPE f16/tf32 and _ATTN_BLAS 1/0 (256 tokens; _ATTN_BLAS
+# again at 2048 tokens, where attention's share grows), _BLAS_CHUNK_MIB 64/16 (2048 tokens: a batch
+# of dequantized experts small enough to stay in L2 for its GEMM?),
 # MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING LAZY/EAGER (64 tokens: the first
 # prompt's speed; with the process's seconds and the load line
 # in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
@@ -40,7 +42,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,7 +68,7 @@ run() {
   if [ "$1" = BASE ]; then envs=(); [ "$2" = baseline ] && bin=$BASELINE; fi
   local t0; t0=$(date +%s.%N)
   err=$(env "${envs[@]}" "$bin" run --model "$MODEL" --device "$DEVICE" --tokens "$(tokens "$3")" -n "$GEN" \
-    "${pick[@]}" --ignore-eos --ctx 512 2>&1 >/dev/null)
+    "${pick[@]}" --ignore-eos --ctx "$(( $3 + GEN + 64 > 512 ? $3 + GEN + 64 : 512 ))" 2>&1 >/dev/null)
   line=$(echo "$err" | grep 'decode:' | tail -n 1)
   echo "$err" | grep 'decode graph:' | sed "s/^/$1=$2: /" >>"$GRAPH_LOG"
   case "$1" in CUDA_MODULE_LOADING|MOEMESH_CUDA_LOAD_KERNELS|MOEMESH_CUDA_BLAS)
@@ -97,6 +99,8 @@ ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
 ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
 ab MOEMESH_CUDA_BLAS_TYPE 256 -- f16 tf32
 ab MOEMESH_CUDA_ATTN_BLAS 256 -- 1 0
+ab MOEMESH_CUDA_ATTN_BLAS 2048 -- 1 0
+ab MOEMESH_CUDA_BLAS_CHUNK_MIB 2048 -- 64 16
 ab MOEMESH_CUDA_LOAD_KERNELS 64 -- 1 0
 ab CUDA_MODULE_LOADING 64 -- LAZY EAGER
 ab MOEMESH_CUDA_PREFETCH 16 -- 1 0

@@ -1,4 +1,5 @@
-// Device discovery for callers that must run (and skip GPU work) on hosts without a GPU or driver.
+// Device discovery for callers that must run (and skip GPU work) on hosts without a GPU or driver;
+// the kernel switches and the loading of our own kernels when a device starts.
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
