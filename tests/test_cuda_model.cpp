@@ -202,9 +202,15 @@ TEST_F(CudaModel, Qwen3MoeF32) {
     check("qwen3moe f32, f32 KV", make(moe_opts("f32"), "moe_f32"), false, false, 40);
 }
 
+// 80 prompt tokens: in one chunk (-b 512) the prompt attention goes through cuBLAS (64+ tokens, where
+// it loads; attention.cu attention_blas), in chunks of 16 and 7 through the split kernel.
 TEST_F(CudaModel, Qwen3MoeF32F16Kv) {
     REQUIRE_CUDA();
-    check("qwen3moe f32, f16 KV", make(moe_opts("f32"), "moe_f32"), false, true, 40);
+    const uint64_t before = cuda::attention_blas_calls();
+    check("qwen3moe f32, f16 KV", make(moe_opts("f32"), "moe_f32"), false, true, 80);
+    if (cuda::blas_ready()) {
+        EXPECT_GT(cuda::attention_blas_calls(), before) << "the 80-token prompt's attention did not take cuBLAS";
+    }
 }
 
 // Prompt chunks of up to MOEMESH_CUDA_PROMPT_PAIRS (token, expert) pairs (512 by default: every
@@ -234,9 +240,14 @@ TEST_F(CudaModel, Qwen3MoeQ8_0GroupedPromptMoeThroughCublas) {
     EXPECT_GT(cuda::blas_gemms(), before);
 }
 
+// (At -b 512 the 100-token prompt's attention layers go through cuBLAS, f32 products.)
 TEST_F(CudaModel, Qwen3NextF32LongPrompt) {
     REQUIRE_CUDA();
+    const uint64_t before = cuda::attention_blas_calls();
     check("qwen3next f32, f32 KV", make(next_opts("f32"), "next_f32"), false, false, 100);
+    if (cuda::blas_ready()) {
+        EXPECT_GT(cuda::attention_blas_calls(), before) << "the 100-token prompt's attention did not take cuBLAS";
+    }
 }
 
 TEST_F(CudaModel, Qwen3NextLegacyLayoutF32) {
