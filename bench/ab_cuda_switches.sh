@@ -8,13 +8,13 @@
 # PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
 # DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
-# prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (256 tokens: the grouped MoE's experts of 8-32 rows
-# too), MOEMESH_CUDA_BLAS_GROUPED 1/0, _BLAS_TYPE f16/tf32 and _ATTN_BLAS 1/0 (256 tokens; _ATTN_BLAS
-# again at 2048 tokens, where attention's share grows), _BLAS_CHUNK_MIB 64/16 (2048 tokens: a batch
-# of dequantized experts small enough to stay in L2 for its GEMM?),
-# MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING LAZY/EAGER (64 tokens: the first
-# prompt's speed; with the process's seconds and the load line
-# in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
+# prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (16 tokens: dense products of 8-32 rows),
+# _BLAS_GROUPED_MIN_ROWS 33/1 (256 and 2048 tokens: the grouped MoE's experts of few rows by GEMV
+# launches or through cuBLAS), MOEMESH_CUDA_BLAS_GROUPED 1/0, _BLAS_TYPE f16/tf32 and _ATTN_BLAS 1/0
+# (256 tokens; _ATTN_BLAS again at 2048 tokens, where attention's share grows), _BLAS_CHUNK_MIB 64/16
+# (2048 tokens: a batch of dequantized experts small enough to stay in L2 for its GEMM?),
+# MOEMESH_CUDA_LOAD_KERNELS 1/0 and CUDA_MODULE_LOADING LAZY/EAGER (64 tokens: the first prompt's
+# speed; with the process's seconds and the load line in the start-up log below the table), then MOEMESH_CUDA_PREFETCH 1/0, _EXPERT_PREFETCH
 # 1/0/early, _PDL_TRIGGER early/exit, _ATTN_MIN_SPLITS
 # 8/1, _QKV_ROPE fused/split, _DOWN_NORM fused/split, _DOWN_COMBINE fused/split, _O_NORM
 # fused/split, _ROUTER fused/split, _ATTN_MERGE fused/kernel, MOEMESH_HOST_LOGITS 0/1 (greedy and
@@ -95,7 +95,9 @@ echo "|---|---|---|---|---|"
 ab NEW 16 -- on off
 ab MOEMESH_CUDA_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_BLAS 64 -- 1 0
-ab MOEMESH_CUDA_BLAS_MIN_ROWS 256 -- 33 8
+ab MOEMESH_CUDA_BLAS_MIN_ROWS 16 -- 33 8
+ab MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS 256 -- 33 1
+ab MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS 2048 -- 33 1
 ab MOEMESH_CUDA_BLAS_GROUPED 256 -- 1 0
 ab MOEMESH_CUDA_BLAS_TYPE 256 -- f16 tf32
 ab MOEMESH_CUDA_ATTN_BLAS 256 -- 1 0

@@ -235,6 +235,7 @@ TEST_F(CudaModel, Qwen3MoeQ8_0GroupedPromptMoeThroughCublas) {
     if (!cuda::blas_ready()) GTEST_SKIP() << "cuBLAS does not load";
     const ScopedEnv pairs("MOEMESH_CUDA_PROMPT_PAIRS", "0");
     const ScopedEnv rows("MOEMESH_CUDA_BLAS_MIN_ROWS", "6");
+    const ScopedEnv grouped_rows("MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS", "6");
     const uint64_t before = cuda::blas_gemms();
     check("qwen3moe q8_0, grouped MoE, cuBLAS", make(moe_opts("q8_0"), "moe_q8"), true, true, 40);
     EXPECT_GT(cuda::blas_gemms(), before);

@@ -325,6 +325,39 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
                              " vs matmul per group",
                          got, want, 1e-6);
         }
+        unsetenv("MOEMESH_CUDA_BLAS_TYPE");
+        // MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS=1 (the 256 × 512 matrices: within the cap for every type):
+        // the 5- and 1-row groups through cuBLAS too — as matmul per group with MOEMESH_CUDA_BLAS_MIN_ROWS=1
+        // (bitwise on the emulator; its 1-row group is matmul's f32-X GEMV there: within cuBLAS's
+        // tolerance), while matmul's own minimum stays 33.
+        if (n_out != 256) continue;
+        ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS", "1", 1), 0);
+        ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS", "1", 1), 0);
+        ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_GROUPED", "1", 1), 0);
+        DeviceBuffer<float> dy(static_cast<size_t>(rows * n_out)), dref(static_cast<size_t>(rows * n_out));
+        const uint64_t g0 = cuda::blas_gemms();
+        cuda::matmul_grouped(t, w.data(), count.data(), offset.data(), G, n_out, k, dx.get(), dy.get());
+        const std::vector<float> got = dy.download();
+        const uint64_t grouped_gemms = cuda::blas_gemms() - g0;
+        if (cuda::blas_ready()) {
+            EXPECT_EQ(grouped_gemms, 5u) << n_out << " x " << k << ": every non-empty group through cuBLAS";
+        }
+        ASSERT_EQ(setenv("MOEMESH_CUDA_BLAS_MIN_ROWS", "1", 1), 0);
+        for (int64_t g = 0; g < G; ++g)
+            if (count[g] > 0)
+                cuda::matmul(t, w[g], n_out, k, dx.get() + offset[g] * k, count[g], dref.get() + offset[g] * n_out);
+        const std::vector<float> want = dref.download();
+        for (int64_t g = 0; g < G; ++g) {
+            if (count[g] == 0) continue;
+            const auto at = [&](const std::vector<float>& v) {
+                return std::vector<float>(v.begin() + offset[g] * n_out, v.begin() + (offset[g] + count[g]) * n_out);
+            };
+            expect_close(std::string("grouped ") + ggml_type_name(t) + " " + std::to_string(n_out) + "x" +
+                             std::to_string(k) + " group of " + std::to_string(count[g]) + " rows, all through cuBLAS",
+                         at(got), at(want), count[g] == 1 ? blas_tolerance(t) : 1e-6);
+        }
+        unsetenv("MOEMESH_CUDA_BLAS_MIN_ROWS");
+        unsetenv("MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS");
     }
     unsetenv("MOEMESH_CUDA_BLAS_TYPE");
     unsetenv("MOEMESH_CUDA_BLAS_GROUPED");
@@ -334,9 +367,9 @@ TEST_P(CudaMatmul, GroupedIsMatmulPerGroup) {
 
 // The f16 form of quantized W in cuBLAS (MOEMESH_CUDA_BLAS_TYPE=f16, the default) keeps activations
 // beyond f16's ±65504 (X and W scaled by a power of 2 against its range): rows of X of σ 1e5 (half
-// their values beyond 65504, the largest ~5e5) and
-// rows of ordinary size give each row within the usual tolerance of the exact product, as the TF32
-// form does; nothing infinite. (Unscaled f16 X would be inf there, or 65504 if saturated.)
+// their values beyond 65504, the largest ~5e5) and rows of ordinary size give each row within the
+// usual tolerance of the exact product, as the TF32 form does; nothing infinite. (Unscaled f16 X
+// would be inf there, or 65504 if saturated.)
 TEST(CudaOps, HalfPromptProductsKeepLargeActivations) {
     REQUIRE_CUDA();
     std::string why;

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -284,7 +285,13 @@ int64_t attn_blas_min_tokens() {
     if (on != nullptr && std::strcmp(on, "0") == 0) return INT64_MAX;
     const char* e = std::getenv("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS");
     if (e == nullptr || *e == '\0') return 64;
-    return std::max<long long>(2, std::atoll(e));
+    char* end = nullptr;
+    const long long n = std::strtoll(e, &end, 10);
+    if (*end == '\0' && n >= 2) return n;
+    static std::atomic<bool> told{false};
+    if (!told.exchange(true))
+        std::fprintf(stderr, "moemesh: MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS=%s is not an integer >= 2; using 64\n", e);
+    return 64;
 }
 
 __global__ void round_f16_kernel(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ y) {

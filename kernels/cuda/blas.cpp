@@ -132,6 +132,7 @@ BlasSettings blas_settings() {
     s.chunk_bytes = static_cast<size_t>(env_positive("MOEMESH_CUDA_BLAS_CHUNK_MIB", 64)) << 20;
     const char* grouped = std::getenv("MOEMESH_CUDA_BLAS_GROUPED");
     s.grouped = !(grouped != nullptr && std::strcmp(grouped, "0") == 0);
+    s.grouped_min_rows = env_positive("MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS", kBlasMinRows);
     const char* type = std::getenv("MOEMESH_CUDA_BLAS_TYPE");
     if (type != nullptr && *type != '\0') {
         if (std::strcmp(type, "tf32") == 0) {
@@ -319,7 +320,7 @@ bool blas_ready(std::string* why) {
         if (why) *why = l.error;
         return false;
     }
-    if (why) *why = l.name;
+    if (why) *why = l.name + (detail::blas_settings().half ? "; quantized W in f16" : "; quantized W in TF32");
     return true;
 }
 

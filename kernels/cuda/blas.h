@@ -13,9 +13,13 @@ namespace moemesh::cuda::detail {
 // the path off; MOEMESH_CUDA_BLAS_MIN_ROWS=N (default kBlasMinRows) is the least X rows that take it;
 // MOEMESH_CUDA_BLAS_CHUNK_MIB=N (default 64) caps the scratch of one dequantized W chunk;
 // MOEMESH_CUDA_BLAS_GROUPED=0: matmul_grouped makes one cublasGemmEx per group instead of one
-// cublasGemmGroupedBatchedEx per batch; MOEMESH_CUDA_BLAS_TYPE=f16|tf32 (default f16): quantized W
-// dequantized to f16 (X in f16, both scaled against f16's range; matmul.cu kHalfScale) or to f32
-// with f32 X on the TF32 tensor cores.
+// cublasGemmGroupedBatchedEx per batch; MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS=N (default kBlasMinRows,
+// as matmul): the least rows of a matmul_grouped group that take cuBLAS (to try 1: a prompt's MoE
+// gives most experts a few rows each, and one GEMV launch per 8 of them may cost more than their
+// share of a batched dequantization and grouped GEMM — unmeasured; the worker's expert cache, whose
+// arithmetic the resident MoE matches, computes per expert through matmul);
+// MOEMESH_CUDA_BLAS_TYPE=f16|tf32 (default f16): quantized W dequantized to f16 (X in f16, both
+// scaled against f16's range; matmul.cu kHalfScale) or to f32 with f32 X on the TF32 tensor cores.
 inline constexpr int64_t kBlasMinRows = 33;  // where the GEMV (kMatmulGemvMaxM rows) stops
 inline constexpr int kBlasMaxGroup = 32;     // products per grouped call (and matrices per dequantization)
 struct BlasSettings {
@@ -23,6 +27,7 @@ struct BlasSettings {
     int64_t min_rows = kBlasMinRows;
     size_t chunk_bytes = size_t{64} << 20;
     bool grouped = true;
+    int64_t grouped_min_rows = kBlasMinRows;
     bool half = true;  // quantized W in f16 (MOEMESH_CUDA_BLAS_TYPE=f16) rather than TF32
 };
 BlasSettings blas_settings();

@@ -102,7 +102,8 @@ int own_kernels_not_loaded(std::string* why = nullptr);
 // MOEMESH_CUDA_BLAS_MIN_ROWS=N: cuBLAS from N rows (default 33), GEMV sizes included;
 // MOEMESH_CUDA_BLAS_CHUNK_MIB=N: the W chunk's cap.
 inline constexpr int64_t kMatmulGemvMaxM = 32;
-// Whether cuBLAS is on and loads in this process (*why: the library, or why not; with
+// Whether cuBLAS is on and loads in this process (*why: the library and the form of quantized W
+// (MOEMESH_CUDA_BLAS_TYPE), or why not; with
 // MOEMESH_CUDA_BLAS=0 it is not loaded); blas_gemms: how many products matmul has given it so far
 // (tests and benchmarks check the path taken).
 bool blas_ready(std::string* why = nullptr);
@@ -119,9 +120,10 @@ void matmul(GgmlType wt, const void* w, int64_t n_out, int64_t k, const float* x
 // A prompt's MoE grouped by expert (ggml's mul_mat_id with the rows sorted by expert): for each group
 // g < groups with count[g] > 0, Y[offset[g] + i, n_out] = X[offset[g] + i, k] · W_gᵀ for i < count[g],
 // W_g = w[g] (n_out × k of type wt). w, count and offset are host arrays (w's entries device
-// pointers; unused where count is 0). The results of matmul per group (the same kernels: cuBLAS
-// from MOEMESH_CUDA_BLAS_MIN_ROWS rows, else the GEMV chunks), in fewer launches: X rounded once,
-// and the cuBLAS groups' W dequantized up to 32 matrices at a time.
+// pointers; unused where count is 0). Groups of MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS rows or more (33 by
+// default, as matmul) through cuBLAS — X rounded once, W dequantized up to 32 matrices at a time, one
+// grouped GEMM per batch —, the others by matmul (the GEMV chunks). With that minimum at
+// MOEMESH_CUDA_BLAS_MIN_ROWS (both default) the results are those of matmul per group.
 void matmul_grouped(GgmlType wt, const void* const* w, const int64_t* count, const int64_t* offset, int64_t groups,
                     int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream = nullptr);
 

@@ -1508,8 +1508,8 @@ void matmul_typed(const void* w, int64_t n_out, int64_t k, const float* x, int64
 // matmul_grouped for type T: X rounded once for all groups, the cuBLAS groups' W dequantized up to
 // kDequantGroup matrices per launch (as many as the chunk cap holds), and those groups' products in
 // one cublasGemmGroupedBatchedEx (where the library has it and MOEMESH_CUDA_BLAS_GROUPED is not 0;
-// else one cublasGemmEx each); the others (fewer rows than the cuBLAS minimum, a matrix over the
-// chunk cap, cuBLAS not there) by matmul.
+// else one cublasGemmEx each); the others (fewer rows than MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS, 33 by
+// default, a matrix over the chunk cap, cuBLAS not there) by matmul.
 template <GgmlType T>
 void matmul_grouped_typed(const void* const* w, const int64_t* count, const int64_t* offset, int64_t G,
                           int64_t n_out, int64_t k, const float* x, float* y, cudaStream_t stream) {
@@ -1521,7 +1521,7 @@ void matmul_grouped_typed(const void* const* w, const int64_t* count, const int6
     const bool fits = mat_bytes <= set.chunk_bytes;  // one dequantized matrix (else matmul's row chunks)
     if (set.on && fits && n_out <= INT32_MAX && k <= INT32_MAX)
         for (int64_t g = 0; g < G; ++g)
-            if (count[g] >= set.min_rows && count[g] <= INT32_MAX) {
+            if (count[g] >= set.grouped_min_rows && count[g] <= INT32_MAX) {
                 big.push_back(g);
                 rows = std::max(rows, offset[g] + count[g]);
             }
