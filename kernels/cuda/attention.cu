@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -280,20 +279,6 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
 // products are f32 (CUBLAS_COMPUTE_32F). MOEMESH_CUDA_ATTN_BLAS=0: always the split kernel.
 std::atomic<uint64_t> g_attn_blas_calls{0};
 
-int64_t attn_blas_min_tokens() {
-    const char* on = std::getenv("MOEMESH_CUDA_ATTN_BLAS");
-    if (on != nullptr && std::strcmp(on, "0") == 0) return INT64_MAX;
-    const char* e = std::getenv("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS");
-    if (e == nullptr || *e == '\0') return 64;
-    char* end = nullptr;
-    const long long n = std::strtoll(e, &end, 10);
-    if (*end == '\0' && n >= 2) return n;
-    static std::atomic<bool> told{false};
-    if (!told.exchange(true))
-        std::fprintf(stderr, "moemesh: MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS=%s is not an integer >= 2; using 64\n", e);
-    return 64;
-}
-
 __global__ void round_f16_kernel(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ y) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) y[i] = __half_as_ushort(__float2half_rn(x[i]));
@@ -326,10 +311,10 @@ __global__ void __launch_bounds__(kAttnThreads)
 // attention() through cuBLAS (above); false where it does not apply or cuBLAS is not there (or
 // refused a product: the caller's split kernel then writes all of out).
 bool attention_blas(const AttentionArgs& a, cudaStream_t stream) {
-    if (a.n_tokens < attn_blas_min_tokens() || a.out_qx != nullptr) return false;
     const BlasSettings set = blas_settings();
     const int64_t T = a.n_tokens, n_kv = a.n_past + T, hd = a.head_dim, H = a.n_head, G = a.n_head_kv, gs = H / G;
-    if (!set.on || n_kv > INT32_MAX / 2 || H * hd > INT32_MAX / 2) return false;
+    if (!set.on || T < set.attn_min_tokens || a.out_qx != nullptr || n_kv > INT32_MAX / 2 || H * hd > INT32_MAX / 2)
+        return false;
     const size_t el = a.kv_f16 ? 2 : 4, s_row = static_cast<size_t>(n_kv) * sizeof(float);
     const int64_t rp = std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / s_row), 1, T);  // rows per pass
     const int64_t hp = std::clamp<int64_t>(static_cast<int64_t>(set.chunk_bytes / (s_row * rp)), 1, gs);  // heads

@@ -133,6 +133,10 @@ BlasSettings blas_settings() {
     const char* grouped = std::getenv("MOEMESH_CUDA_BLAS_GROUPED");
     s.grouped = !(grouped != nullptr && std::strcmp(grouped, "0") == 0);
     s.grouped_min_rows = env_positive("MOEMESH_CUDA_BLAS_GROUPED_MIN_ROWS", kBlasMinRows);
+    const char* attn = std::getenv("MOEMESH_CUDA_ATTN_BLAS");
+    s.attn_min_tokens = attn != nullptr && std::strcmp(attn, "0") == 0
+                            ? INT64_MAX
+                            : env_positive("MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS", s.attn_min_tokens);
     const char* type = std::getenv("MOEMESH_CUDA_BLAS_TYPE");
     if (type != nullptr && *type != '\0') {
         if (std::strcmp(type, "tf32") == 0) {

@@ -29,6 +29,9 @@ struct BlasSettings {
     bool grouped = true;
     int64_t grouped_min_rows = kBlasMinRows;
     bool half = true;  // quantized W in f16 (MOEMESH_CUDA_BLAS_TYPE=f16) rather than TF32
+    // prompt attention through cuBLAS from this many tokens (MOEMESH_CUDA_ATTN_BLAS_MIN_TOKENS, default
+    // 64; MOEMESH_CUDA_ATTN_BLAS=0: never, INT64_MAX)
+    int64_t attn_min_tokens = 64;
 };
 BlasSettings blas_settings();
 
