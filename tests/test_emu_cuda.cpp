@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -90,6 +91,26 @@ __global__ void index_kernel(int* out) {
     const int b = static_cast<int>(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
     const int t = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
     out[b * static_cast<int>(blockDim.x * blockDim.y * blockDim.z) + t] = 1000 * b + t;
+}
+
+// Each block records its place in the launch's run order (seen[place] = its linear index) and
+// writes a partial; the block that finishes last (last_block_done, common.cuh) names itself and
+// sums every block's partial, then resets the counter as a kernel must.
+__global__ void finish_order_kernel(unsigned* counters, int* seen, int* partial, int* last_and_sum) {
+    const int b = static_cast<int>(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+    const int n = static_cast<int>(gridDim.x * gridDim.y * gridDim.z);
+    if (threadIdx.x == 0) {
+        seen[atomicAdd(&counters[0], 1u)] = b;
+        partial[b] = 10 * b + 1;
+    }
+    if (!moemesh::cuda::detail::last_block_done(&counters[1])) return;
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (int i = 0; i < n; ++i) sum += partial[i];
+        last_and_sum[0] = b;
+        last_and_sum[1] = sum;
+        counters[0] = counters[1] = 0;
+    }
 }
 
 template <class T>
@@ -185,6 +206,44 @@ TEST_F(CudaEmu, AMissingBarrierShows) {
     EXPECT_GT(wrong_count(), 0);
     cudaFree(dx);
     cudaFree(dy);
+}
+
+// A GPU runs a launch's blocks in no set order, so the block that finishes last (and does a
+// last-block step) can be any of them: the emulator runs each launch's blocks in a permutation of
+// its own, so that a final step that only works in the highest-numbered block fails here too.
+// (MOEMESH_CUDA_EMU_BLOCK_ORDER=index, the old order, fails this test.)
+TEST_F(CudaEmu, EachLaunchRunsItsBlocksInAnOrderOfItsOwn) {
+    const dim3 grid(3, 2, 2);
+    const int n = 12, launches = 16;
+    unsigned* counters = device_alloc<unsigned>(2);
+    int* seen = device_alloc<int>(n);
+    int* partial = device_alloc<int>(n);
+    int* last_and_sum = device_alloc<int>(2);
+    ASSERT_EQ(cudaMemset(counters, 0, 2 * sizeof(unsigned)), cudaSuccess);
+    std::vector<std::vector<int>> orders;
+    std::vector<int> lasts;
+    for (int l = 0; l < launches; ++l) {
+        MM_LAUNCH(grid, 64, 0, nullptr, finish_order_kernel)(counters, seen, partial, last_and_sum);
+        ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+        std::vector<int> order(n), ls(2);
+        ASSERT_EQ(cudaMemcpy(order.data(), seen, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(ls.data(), last_and_sum, 8, cudaMemcpyDeviceToHost), cudaSuccess);
+        std::vector<int> sorted = order;
+        std::sort(sorted.begin(), sorted.end());
+        for (int b = 0; b < n; ++b) ASSERT_EQ(sorted[b], b) << "launch " << l << ": every block runs once";
+        EXPECT_EQ(ls[0], order[n - 1]) << "the last block counted is the last one run";
+        EXPECT_EQ(ls[1], 10 * n * (n - 1) / 2 + n) << "the last block sees every block's partial";
+        orders.push_back(order);
+        lasts.push_back(ls[0]);
+    }
+    std::sort(orders.begin(), orders.end());
+    EXPECT_GE(std::unique(orders.begin(), orders.end()) - orders.begin(), launches - 1) << "an order per launch";
+    std::sort(lasts.begin(), lasts.end());
+    EXPECT_GE(std::unique(lasts.begin(), lasts.end()) - lasts.begin(), 5) << "the last block varies";
+    cudaFree(counters);
+    cudaFree(seen);
+    cudaFree(partial);
+    cudaFree(last_and_sum);
 }
 
 TEST_F(CudaEmu, DynamicSharedMemoryNeedsTheOptInAboveTheDefault) {

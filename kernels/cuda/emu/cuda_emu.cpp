@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
@@ -387,6 +388,44 @@ size_t max_dynamic_shared(const void* fn) {
     return it == g_max_dyn_smem.end() ? kDefaultSmem : it->second;
 }
 
+// The order in which a launch's blocks run: a GPU runs them at once and in no set order, so that a
+// kernel whose last block to finish does a final step (last_block_done in common.cuh) or whose
+// blocks read what an earlier block wrote must work whichever block comes last. By default each
+// launch runs its blocks in a permutation of its own (seeded by the launch's number in the process,
+// so a run is reproducible), which makes a block other than the highest-numbered one the last in
+// almost every launch of more than two blocks; MOEMESH_CUDA_EMU_BLOCK_ORDER=index runs them in
+// index order (x fastest), as the emulator did before.
+bool shuffled_blocks() {
+    static const bool s = [] {
+        const char* v = std::getenv("MOEMESH_CUDA_EMU_BLOCK_ORDER");
+        if (v == nullptr || *v == '\0' || std::strcmp(v, "shuffled") == 0) return true;
+        if (std::strcmp(v, "index") == 0) return false;
+        std::fprintf(stderr, "[cuda-emu] MOEMESH_CUDA_EMU_BLOCK_ORDER=%s is not 'shuffled' or 'index'; using shuffled\n",
+                     v);
+        return true;
+    }();
+    return s;
+}
+std::atomic<uint64_t> g_launches{0};
+
+uint64_t splitmix64(uint64_t& x) {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// The linear block indices (x fastest) of one launch, in the order they run.
+std::vector<uint64_t> block_order(dim3 grid) {
+    const uint64_t n = uint64_t{grid.x} * grid.y * grid.z;
+    std::vector<uint64_t> order(n);
+    for (uint64_t i = 0; i < n; ++i) order[i] = i;
+    if (!shuffled_blocks()) return order;
+    uint64_t state = g_launches.fetch_add(1) * 0x2545f4914f6cdd1dull;
+    for (uint64_t i = n; i > 1; --i) std::swap(order[i - 1], order[splitmix64(state) % i]);  // Fisher-Yates
+    return order;
+}
+
 // Runs every block of one launch on this thread. Returns false (with the sticky error set) when a
 // block could not complete.
 bool execute(const char* name, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
@@ -402,63 +441,65 @@ bool execute(const char* name, dim3 grid, dim3 block, size_t smem, const std::fu
     ThreadState* const outer_thread = g_thread;
     g_run = &run;
     bool ok = true;
-    for (unsigned bz = 0; bz < grid.z && ok; ++bz)
-        for (unsigned by = 0; by < grid.y && ok; ++by)
-            for (unsigned bx = 0; bx < grid.x && ok; ++bx) {
-                // Uninitialised shared memory reads as NaN (0xff bytes), never as a lucky zero.
-                std::memset(g_dyn_smem.data(), 0xff, smem);
-                run.live = n;
-                run.block_waiting = 0;
-                run.failure.clear();
-                for (auto& w : run.warps) w = WarpSync{};
-                for (int i = 0; i < n; ++i) {
-                    Fiber& f = run.fibers[i];
-                    f.state = Fiber::kReady;
-                    f.lane = i % 32;
-                    f.warp = i / 32;
-                    run.warps[f.warp].exist |= 1u << f.lane;
-                    run.warps[f.warp].live |= 1u << f.lane;
-                    f.ts.thread_idx = {static_cast<unsigned>(i) % block.x, static_cast<unsigned>(i) / block.x % block.y,
-                                       static_cast<unsigned>(i) / (block.x * block.y)};
-                    f.ts.block_idx = {bx, by, bz};
-                    f.ts.block_dim = block;
-                    f.ts.grid_dim = grid;
-                    f.self = bctx::fiber(std::allocator_arg, PooledStack(), fiber_main);
-                }
-                const bool reverse = ((bx + by + bz) & 1) != 0;
-                while (run.live > 0 && run.failure.empty()) {
-                    bool progressed = false;
-                    for (int j = 0; j < n && run.failure.empty(); ++j) {
-                        Fiber& f = run.fibers[reverse ? n - 1 - j : j];
-                        if (f.state != Fiber::kReady) continue;
-                        run.cur = &f;
-                        g_thread = &f.ts;
-                        f.self = std::move(f.self).resume();
-                        progressed = true;
-                    }
-                    if (!progressed && run.failure.empty()) {
-                        int at_block = 0, at_warp = 0;
-                        const Fiber* example = nullptr;
-                        for (const Fiber& f : run.fibers) {
-                            if (f.state == Fiber::kBlockWait) ++at_block;
-                            if (f.state == Fiber::kWarpWait) {
-                                ++at_warp;
-                                if (!example) example = &f;
-                            }
-                        }
-                        run.failure = "deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads, " +
-                                      std::to_string(at_warp) + " at a warp barrier (shuffle/__syncwarp)" +
-                                      (example ? ", e.g. " + where(*example) : std::string()) +
-                                      " (divergent barrier)";
-                    }
-                }
-                if (!run.failure.empty()) {
-                    std::fprintf(stderr, "[cuda-emu] kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), %d threads: %s\n",
-                                 name, bx, by, bz, grid.x, grid.y, grid.z, n, run.failure.c_str());
-                    g_sticky.store(cudaErrorLaunchFailure);
-                    ok = false;
-                }
+    const std::vector<uint64_t> order = block_order(grid);
+    for (size_t o = 0; o < order.size() && ok; ++o) {
+        const unsigned bx = static_cast<unsigned>(order[o] % grid.x),
+                       by = static_cast<unsigned>(order[o] / grid.x % grid.y),
+                       bz = static_cast<unsigned>(order[o] / (uint64_t{grid.x} * grid.y));
+        // Uninitialised shared memory reads as NaN (0xff bytes), never as a lucky zero.
+        std::memset(g_dyn_smem.data(), 0xff, smem);
+        run.live = n;
+        run.block_waiting = 0;
+        run.failure.clear();
+        for (auto& w : run.warps) w = WarpSync{};
+        for (int i = 0; i < n; ++i) {
+            Fiber& f = run.fibers[i];
+            f.state = Fiber::kReady;
+            f.lane = i % 32;
+            f.warp = i / 32;
+            run.warps[f.warp].exist |= 1u << f.lane;
+            run.warps[f.warp].live |= 1u << f.lane;
+            f.ts.thread_idx = {static_cast<unsigned>(i) % block.x, static_cast<unsigned>(i) / block.x % block.y,
+                               static_cast<unsigned>(i) / (block.x * block.y)};
+            f.ts.block_idx = {bx, by, bz};
+            f.ts.block_dim = block;
+            f.ts.grid_dim = grid;
+            f.self = bctx::fiber(std::allocator_arg, PooledStack(), fiber_main);
+        }
+        const bool reverse = ((bx + by + bz) & 1) != 0;
+        while (run.live > 0 && run.failure.empty()) {
+            bool progressed = false;
+            for (int j = 0; j < n && run.failure.empty(); ++j) {
+                Fiber& f = run.fibers[reverse ? n - 1 - j : j];
+                if (f.state != Fiber::kReady) continue;
+                run.cur = &f;
+                g_thread = &f.ts;
+                f.self = std::move(f.self).resume();
+                progressed = true;
             }
+            if (!progressed && run.failure.empty()) {
+                int at_block = 0, at_warp = 0;
+                const Fiber* example = nullptr;
+                for (const Fiber& f : run.fibers) {
+                    if (f.state == Fiber::kBlockWait) ++at_block;
+                    if (f.state == Fiber::kWarpWait) {
+                        ++at_warp;
+                        if (!example) example = &f;
+                    }
+                }
+                run.failure = "deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads, " +
+                              std::to_string(at_warp) + " at a warp barrier (shuffle/__syncwarp)" +
+                              (example ? ", e.g. " + where(*example) : std::string()) +
+                              " (divergent barrier)";
+            }
+        }
+        if (!run.failure.empty()) {
+            std::fprintf(stderr, "[cuda-emu] kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), %d threads: %s\n",
+                         name, bx, by, bz, grid.x, grid.y, grid.z, n, run.failure.c_str());
+            g_sticky.store(cudaErrorLaunchFailure);
+            ok = false;
+        }
+    }
     run.fibers.clear();  // unwinds the threads of a failed block while g_run still points at it
     g_run = outer;
     g_thread = outer_thread;

@@ -7,7 +7,9 @@
 // - Device code: the qualifiers, threadIdx/blockIdx/blockDim/gridDim, vector types, half/bfloat16,
 //   the intrinsics our kernels use (__shfl_*_sync, __syncthreads, __syncwarp, __dp4a, __byte_perm,
 //   __vsub4, __ldg, __f*_rn, ...). `__shared__` variables are per-OS-thread statics: a launch runs
-//   its blocks one after another on the calling thread, every CUDA thread of a block as a fiber
+//   its blocks one after another on the calling thread, in a permutation of its own (so that the
+//   block that finishes last is seldom the highest-numbered one; MOEMESH_CUDA_EMU_BLOCK_ORDER=index
+//   runs them in index order), every CUDA thread of a block as a fiber
 //   (ucontext) that runs until it finishes or waits at a barrier (__syncthreads, a warp shuffle,
 //   __syncwarp). Threads run in index order in even blocks and in reverse order in odd ones, so a
 //   read of shared memory that misses a barrier usually gives a wrong answer instead of a lucky one.
@@ -441,7 +443,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { ::mm_emu::sync_warp(mask);
 // A fence and atomics: a launch's blocks run one after another on one OS thread, so the fence has
 // nothing to order here; the atomic is real (std::atomic_ref: two host threads may run work at
 // once). A kernel that counts its finished blocks (the last one does a final step) sees them finish
-// in index order here, in any order on a GPU.
+// in a different order at each launch here (block_order in cuda_emu.cpp), in any order on a GPU.
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 
