@@ -4,9 +4,11 @@
 # switch (so that a run cut short by a time limit has whole pairs), most wanted first: with
 # --baseline BIN first BASE this/baseline (this --moemesh against another build, e.g. gpu_pack.sh
 # --baseline's moemesh-base: every change between them, those without a switch too), then
-# NEW on/off (every change of sessions 16-18 not yet measured, at once: off = PREFETCH=0,
+# NEW on/off (every decode change of sessions 16-21 not yet measured, at once: off = PREFETCH=0,
 # PDL_TRIGGER=exit, ATTN_MERGE=kernel, ROUTER=split, O_NORM=split, DOWN_COMBINE=split,
-# DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0), then
+# DOWN_NORM=split, QKV_ROPE=split, ATTN_MIN_SPLITS=1, HOST_LOGITS=1, EXPERT_PREFETCH=0,
+# ATTN_GQA=0), then MOEMESH_CUDA_ATTN_GQA 1/0 (decode after 16- and 4096-token prompts: the
+# grouped-query attention kernel matters as the context grows), then
 # MOEMESH_CUDA_BLAS 1/0 (prompt products through cuBLAS or the tiled kernel; 64- and 256-token
 # prompts), MOEMESH_CUDA_BLAS_MIN_ROWS 33/8 (16 tokens: dense products of 8-32 rows),
 # _BLAS_GROUPED_MIN_ROWS 33/1 (256 and 2048 tokens: the grouped MoE's experts of few rows by GEMV
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --prompt) PROMPT=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "ab_cuda_switches.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,11 +56,11 @@ tokens() { seq 1 "$1" | awk '{printf "%s%d", (NR>1?",":""), ($1*7919)%151936}'; 
 GRAPH_LOG=$(mktemp)
 LOAD_LOG=$(mktemp)
 trap 'rm -f "$GRAPH_LOG" "$LOAD_LOG"' EXIT
-# The environment of `run NEW off`: every change of sessions 16 to 18 not yet measured on a GPU, off.
+# The environment of `run NEW off`: every decode change of sessions 16 to 21 not yet measured on a GPU, off.
 NEW_OFF=(MOEMESH_CUDA_PREFETCH=0 MOEMESH_CUDA_PDL_TRIGGER=exit MOEMESH_CUDA_ATTN_MERGE=kernel MOEMESH_CUDA_ROUTER=split
          MOEMESH_CUDA_O_NORM=split MOEMESH_CUDA_DOWN_COMBINE=split MOEMESH_CUDA_DOWN_NORM=split
          MOEMESH_CUDA_QKV_ROPE=split MOEMESH_CUDA_ATTN_MIN_SPLITS=1 MOEMESH_HOST_LOGITS=1
-         MOEMESH_CUDA_EXPERT_PREFETCH=0)
+         MOEMESH_CUDA_EXPERT_PREFETCH=0 MOEMESH_CUDA_ATTN_GQA=0)
 # run VAR VALUE PROMPT_TOKENS [sample]: one table row (greedy, or with `sample` the default top-k
 # sampling, seeded)
 run() {
@@ -93,6 +95,8 @@ echo "| variable | value | prompt tokens | prompt t/s | decode t/s ($GEN tokens)
 echo "|---|---|---|---|---|"
 [ -n "$BASELINE" ] && ab BASE 16 -- this baseline
 ab NEW 16 -- on off
+ab MOEMESH_CUDA_ATTN_GQA 16 -- 1 0
+ab MOEMESH_CUDA_ATTN_GQA 4096 -- 1 0
 ab MOEMESH_CUDA_BLAS 256 -- 1 0
 ab MOEMESH_CUDA_BLAS 64 -- 1 0
 ab MOEMESH_CUDA_BLAS_MIN_ROWS 16 -- 33 8

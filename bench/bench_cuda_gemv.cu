@@ -2,7 +2,8 @@
 // 128 experts top-8, 32/4 heads of 128, vocab 151936), against the device's measured copy bandwidth.
 //
 //   bench_cuda_gemv [reps] [prompt]   (MOEMESH_CUDA_GEMV=old|new|auto selects the GEMV kernels, see
-//                                     matmul.cu; `prompt`: only the prompt table, cuBLAS vs own kernels)
+//                                     matmul.cu; `prompt`: only the decode attention table and the
+//                                     prompt tables, cuBLAS vs own kernels)
 //
 // GB/s counts the weight bytes each call reads (X and Y are < 0.1% of them). Each matrix is cycled
 // through enough copies to exceed twice the L2 cache, so the numbers are DRAM numbers, and each
@@ -263,6 +264,54 @@ void bench_prompt_attention(int64_t T, int64_t n_past) {
     CUDA_CHECK(cudaFree(v));
 }
 
+// One row of the decode attention table: one token after n_past keys on the Qwen3-30B-A3B shape
+// (32 heads, 4 KV heads of 128, f16 cache), merged by the last block as the backend does, with the
+// grouped-query kernel and with the per-head one (MOEMESH_CUDA_ATTN_GQA=0). GB/s: the K and V bytes
+// of the context over the time (each timed launch alone; the cache stays in L2 while it fits).
+void bench_decode_attention(int64_t n_past) {
+    const int64_t H = 32, G = 4, hd = 128, n_kv = n_past + 1;
+    float *q, *out;
+    uint16_t *k, *v;
+    unsigned* ctr;
+    CUDA_CHECK(cudaMalloc(&q, H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMemset(q, 0, H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&out, H * hd * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&k, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMemset(k, 0, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMalloc(&v, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMemset(v, 0, n_kv * G * hd * 2));
+    CUDA_CHECK(cudaMalloc(&ctr, H * sizeof(unsigned)));
+    CUDA_CHECK(cudaMemset(ctr, 0, H * sizeof(unsigned)));
+    cuda::AttentionArgs a{q, k, v, out, 1, n_past, H, G, hd, true, 0.088f};
+    a.merge_counters = ctr;
+    void* ws = nullptr;
+    CUDA_CHECK(cudaMalloc(&ws, cuda::attention_workspace_bytes(a)));
+    const uint64_t c0 = cuda::attention_gqa_launches();
+    const double gqa_us = median_us([&](int) { cuda::attention(a, ws); });
+    const bool used = cuda::attention_gqa_launches() > c0;
+    setenv("MOEMESH_CUDA_ATTN_GQA", "0", 1);
+    const double head_us = median_us([&](int) { cuda::attention(a, ws); });
+    unsetenv("MOEMESH_CUDA_ATTN_GQA");
+    const double bytes = 2.0 * static_cast<double>(n_kv) * G * hd * 2;
+    std::printf("| %7lld | %8.2f | %9.2f%s | %7.0f | %9.2f | %7.0f | %6.2fx |\n", static_cast<long long>(n_past),
+                bytes / 1e6, gqa_us, used ? "" : " (not grouped)", bytes / (gqa_us * 1e-6) / 1e9, head_us,
+                bytes / (head_us * 1e-6) / 1e9, head_us / gqa_us);
+    std::fflush(stdout);
+    CUDA_CHECK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(ctr));
+    CUDA_CHECK(cudaFree(q));
+    CUDA_CHECK(cudaFree(out));
+    CUDA_CHECK(cudaFree(k));
+    CUDA_CHECK(cudaFree(v));
+}
+
+void bench_decode_attention_table() {
+    std::printf("\ndecode attention (1 token; 32 heads, 4 KV heads of 128, f16 cache; merged by the last block):\n");
+    std::printf("| n_past  | K+V MB   | grouped us | GB/s    | per-head us | GB/s    | per-head/grouped |\n");
+    std::printf("|---|---|---|---|---|---|---|\n");
+    for (const int64_t n_past : {64, 512, 2048, 8192, 32768, 131072}) bench_decode_attention(n_past);
+}
+
 // Prompt products: cuBLAS (quantized W dequantized to f16, or to f32 for the TF32 tensor cores; F16 W
 // as stored) vs the built-in tiled kernel / GEMV chunks; the grouped prompt MoE gives each used expert
 // its share of rows.
@@ -310,6 +359,7 @@ int main(int argc, char** argv) {
                 mode == "old"   ? "f32 X for every type"
                 : mode == "new" ? "int8 X + dp4a for every quantized type at every size"
                                 : "auto: int8 X + dp4a for quantized types when m >= 2 or >= 16384 rows, else f32 X");
+    bench_decode_attention_table();
     if (prompt_only) return bench_prompt_table();
     std::printf("| shape                  | type | n_out  | k     | m  | MB       | us       | GB/s    | %%copy  |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");

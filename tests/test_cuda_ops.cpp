@@ -1889,7 +1889,8 @@ TEST(CudaOps, Attention) {
             }
             // The merge by each head's last chunk block (merge_counters): the second launch's bits,
             // twice on the same counters (each launch must leave them at 0). (The emulator runs the
-            // blocks one after another: which block merges, and the fences, only a GPU can check.)
+            // blocks one after another, in another order at each launch, so the merging block varies;
+            // the fences only a GPU can check.)
             std::vector<unsigned> zeros(static_cast<size_t>(c.n_tokens * n_head), 0u);
             DeviceBuffer<unsigned> ctr(zeros);
             for (int rep = 0; rep < 2; ++rep) {
@@ -1903,6 +1904,68 @@ TEST(CudaOps, Attention) {
                 EXPECT_EQ(dout4.download(), out1) << what << ": merged by the last block, run " << rep;
                 EXPECT_EQ(qx4.download(), qb) << what << ": quantized output merged by the last block, run " << rep;
                 EXPECT_EQ(ctr.download(), zeros) << what << ": counters not left at 0, run " << rep;
+            }
+        }
+    }
+}
+
+// The grouped-query split kernel (a block per chunk and KV head, every K/V row loaded once for the
+// group's heads; attention.cu) gives the per-head kernel's bits (MOEMESH_CUDA_ATTN_GQA=0): groups of
+// 2 to 16 heads (kernels for up to 4, 8 and 16), head_dim 64 to 256, one and several chunks, f16
+// and f32 caches, merged by a second launch and by the group's last block (counters left at 0), with
+// and without the quantized output; groups it cannot hold (1 head, 16 × 256 dims) take the per-head
+// kernel.
+TEST(CudaOps, GroupedQueryAttentionIsThePerHeadKernel) {
+    REQUIRE_CUDA();
+    struct Shape {
+        int64_t n_head, n_head_kv, head_dim;
+        bool grouped;
+    };
+    const int64_t n_ctx = 800;
+    for (const Shape sh : {Shape{8, 2, 128, true}, Shape{32, 4, 128, true}, Shape{16, 1, 128, true},
+                           Shape{6, 2, 64, true}, Shape{12, 2, 256, true}, Shape{24, 2, 64, true},
+                           Shape{16, 1, 256, false}, Shape{4, 4, 128, false}}) {
+        for (const bool f16 : {true, false}) {
+            for (const auto& [T, n_past] : {std::pair<int64_t, int64_t>{1, 0}, {1, 37}, {1, 700}, {3, 300}}) {
+                const AttnInputs in(n_ctx, T, sh.n_head, sh.n_head_kv, sh.head_dim, 90);
+                const int64_t row_n = sh.n_head * sh.head_dim;
+                const bool qx_ok = sh.head_dim % 32 == 0 && row_n % 256 == 0;
+                const std::string what = "attention " + std::to_string(sh.n_head) + "/" +
+                                         std::to_string(sh.n_head_kv) + " heads of " + std::to_string(sh.head_dim) +
+                                         (f16 ? " f16" : " f32") + " T=" + std::to_string(T) +
+                                         " n_past=" + std::to_string(n_past);
+                const cuda::AttentionArgs ga = in.gpu(f16, n_past, nullptr);
+                DeviceBuffer<uint8_t> ws(cuda::attention_workspace_bytes(ga));
+                // out, its quantized twin (where the shape allows one) and the counters after the call.
+                auto run = [&](bool counters, const char* gqa) {
+                    DeviceBuffer<float> o(in.q.size());
+                    DeviceBuffer<uint8_t> qx(qx_ok ? T * cuda::qx_bytes(row_n) : 1);
+                    DeviceBuffer<unsigned> ctr(std::vector<unsigned>(static_cast<size_t>(T * sh.n_head), 0u));
+                    cuda::AttentionArgs g = ga;
+                    g.out = o.get();
+                    if (qx_ok) g.out_qx = qx.get();
+                    if (counters) g.merge_counters = ctr.get();
+                    CUDA_CHECK(cudaMemset(ws.get(), 0xff, cuda::attention_workspace_bytes(ga)));
+                    if (gqa) {
+                        EXPECT_EQ(setenv("MOEMESH_CUDA_ATTN_GQA", gqa, 1), 0);
+                    }
+                    const uint64_t launches = cuda::attention_gqa_launches();
+                    cuda::attention(g, ws.get());
+                    const uint64_t grouped = cuda::attention_gqa_launches() - launches;
+                    unsetenv("MOEMESH_CUDA_ATTN_GQA");
+                    EXPECT_EQ(grouped, gqa == nullptr && sh.grouped ? 1u : 0u) << what << ": grouped launches";
+                    const std::vector<unsigned> c = ctr.download();
+                    EXPECT_TRUE(std::all_of(c.begin(), c.end(), [](unsigned v) { return v == 0; }))
+                        << what << ": counters not left at 0";
+                    return std::make_pair(o.download(), qx_ok ? qx.download() : std::vector<uint8_t>());
+                };
+                const auto per_head = run(false, "0");
+                for (const bool counters : {false, true}) {
+                    const auto got = run(counters, nullptr);
+                    const std::string w = what + (counters ? ", merged by the last block" : ", merge launch");
+                    EXPECT_EQ(got.first, per_head.first) << w << ": out";
+                    EXPECT_EQ(got.second, per_head.second) << w << ": quantized out";
+                }
             }
         }
     }

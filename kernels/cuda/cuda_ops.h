@@ -358,6 +358,11 @@ size_t attention_workspace_bytes(const AttentionArgs& a);
 // the split kernel. attention_blas_calls: how many attention() calls took cuBLAS.
 void attention(const AttentionArgs& a, void* workspace, cudaStream_t stream = nullptr);
 uint64_t attention_blas_calls();
+// The split kernel's grouped-query form (attention.cu): a block per (chunk, KV head, token) works
+// the 2–16 query heads sharing that KV head, loading each K/V row once; the same bits as the
+// per-head form. Taken where n_head / n_head_kv is 2..16 and that many heads' q fit (group ·
+// head_dim <= 2048), unless MOEMESH_CUDA_ATTN_GQA=0 or MOEMESH_CUDA_ATTN_V=warps; counted here.
+uint64_t attention_gqa_launches();
 // The same attention with n_past read from device memory (*n_past_dev; a.n_past is ignored), for a
 // launch recorded once in a CUDA graph and replayed at every position: the grid covers the splits of
 // n_ctx keys (blocks past n_past + T exit at once), the merge reads only the splits in use, so the
