@@ -36,14 +36,22 @@ public:
     }
     bool ok() const { return value_.has_value(); }
     const Status& status() const { return status_; }
-    T& value() & { return *value_; }
-    const T& value() const& { return *value_; }
-    T&& value() && { return std::move(*value_); }
+    // The value; asking an error for one is a broken invariant (the error printed, then abort).
+    T& value() & { return *checked(); }
+    const T& value() const& { return *const_cast<StatusOr*>(this)->checked(); }
+    T&& value() && { return std::move(*checked()); }
     T* operator->() { return &*value_; }
     const T* operator->() const { return &*value_; }
     T& operator*() { return *value_; }
 
 private:
+    std::optional<T>& checked() {
+        if (!value_.has_value()) {
+            std::fprintf(stderr, "StatusOr::value() of an error: %s\n", status_.message().c_str());
+            std::abort();
+        }
+        return value_;
+    }
     std::optional<T> value_;
     Status status_;
 };

@@ -86,6 +86,20 @@ public:
 
     // ---- memory ----
     virtual Buffer alloc(size_t bytes, bool zero) = 0;
+    // alloc() for memory a user's settings size (a sequence's KV cache and state): an error naming
+    // `what`, the bytes asked and the bytes free when the backend has no room, instead of alloc()'s
+    // abort. The CPU backend's allocations do not fail this way (the default is alloc()).
+    virtual StatusOr<Buffer> try_alloc(size_t bytes, bool zero, const char* what) {
+        (void)what;
+        return alloc(bytes, zero);
+    }
+    // Before any weight is uploaded: an error when the backend cannot hold the weights it will be
+    // given (`experts_elsewhere`: the routed experts stay on workers or in an expert cache), saying
+    // what would help. Nothing to check on the CPU (the weights stay in the mapped file).
+    virtual Status check_fits(const GgufFile& f, const ModelConfig& c, bool experts_elsewhere) {
+        (void)f, (void)c, (void)experts_elsewhere;
+        return Status();
+    }
     virtual void to_device(void* dst, const void* src, size_t bytes) = 0;  // host → backend memory
     virtual void to_host(void* dst, const void* src, size_t bytes) = 0;    // backend memory → host; waits
     // Weight {k, n_out} (or 1-D {k}: n_out = 1) / vector copied into backend memory for the backend's

@@ -43,6 +43,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "common/placement.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "worker/cuda_expert_compute.h"
 #include "worker/expert_executor.h"
@@ -262,12 +263,58 @@ public:
     bool host_memory() const override { return false; }
 
     Buffer alloc(size_t bytes, bool zero) override {
+        StatusOr<Buffer> b = try_alloc(bytes, zero, "a buffer");
+        if (!b.ok()) {  // scratch the model sizes itself: nothing to give back an error to
+            std::fprintf(stderr, "%s\n", b.status().message().c_str());
+            std::abort();
+        }
+        return std::move(b).value();
+    }
+    StatusOr<Buffer> try_alloc(size_t bytes, bool zero, const char* what) override {
         flush();  // a recorded op may name a buffer this allocation replaces
         void* p = nullptr;
-        CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
+        const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+        if (e == cudaErrorMemoryAllocation) {
+            (void)cudaGetLastError();  // (not sticky: the context stays usable)
+            size_t free_b = 0, total_b = 0;
+            CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+            return MM_ERROR("%s: out of memory for %s: %s asked, %s free of %s", name().c_str(), what,
+                            format_bytes(bytes).c_str(), format_bytes(free_b).c_str(), format_bytes(total_b).c_str());
+        }
+        CUDA_CHECK(e);
         if (zero) CUDA_CHECK(cudaMemset(p, 0, std::max<size_t>(bytes, 1)));
         sizes_[p] = bytes;
         return Buffer(p, bytes, free_device);
+    }
+    // The weights this backend will be given (every tensor of the trunk, less token_embd when an
+    // output matrix exists — its rows are dequantized on the host — and the routed experts when
+    // they live elsewhere) against the device's free memory.
+    Status check_fits(const GgufFile& f, const ModelConfig& c, bool experts_elsewhere) override {
+        const bool tied = f.tensor(tensor_name(Tensor::kOutput)) == nullptr;
+        size_t need = 0, experts = 0;
+        for (const GgufTensor& t : f.tensors()) {
+            if (t.name == tensor_name(Tensor::kTokenEmbd) && !tied) continue;
+            int layer = -1;
+            if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
+            bool routed = false;
+            for (const Tensor k : {Tensor::kFfnGateExps, Tensor::kFfnUpExps, Tensor::kFfnDownExps, Tensor::kFfnGateUpExps})
+                routed = routed || (layer >= 0 && t.name == tensor_name(k, layer));
+            if (routed) experts += t.nbytes;
+            if (routed && experts_elsewhere) continue;
+            need += t.nbytes;
+        }
+        size_t free_b = 0, total_b = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        if (need <= free_b) return Status();
+        if (experts_elsewhere)
+            return MM_ERROR("%s: the weights that stay on %s take %s and it has %s free (of %s), even with the routed "
+                            "experts elsewhere; run it with --device cpu",
+                            f.path().c_str(), name().c_str(), format_bytes(need).c_str(), format_bytes(free_b).c_str(),
+                            format_bytes(total_b).c_str());
+        return MM_ERROR("%s: its weights take %s on %s, which has %s free (of %s); --device-budget SIZE keeps the "
+                        "routed experts (%s) in a VRAM cache of SIZE backed by host memory, or run it with --device cpu",
+                        f.path().c_str(), format_bytes(need).c_str(), name().c_str(), format_bytes(free_b).c_str(),
+                        format_bytes(total_b).c_str(), format_bytes(experts).c_str());
     }
     void to_device(void* dst, const void* src, size_t bytes) override {
         if (!defer_ || bytes > kUploadCap - up_used_) {

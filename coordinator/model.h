@@ -46,7 +46,9 @@ class Model {
 public:
     virtual ~Model() = default;
     virtual const ModelConfig& config() const = 0;
-    virtual std::unique_ptr<SequenceState> new_sequence(int64_t n_ctx) const = 0;
+    // A sequence with room for n_ctx tokens (its KV cache and recurrent state in the backend's
+    // memory); fails when the backend has no room for them (the message says how much was asked).
+    virtual StatusOr<std::unique_ptr<SequenceState>> new_sequence(int64_t n_ctx) const = 0;
     // Appends n tokens to the sequence. logits ← [rows, n_vocab] with rows = n when all_logits,
     // else 1 (the last token). Fails (state unchanged) if the sequence would exceed n_ctx.
     virtual Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
@@ -75,8 +77,9 @@ public:
     virtual Status forward_batch_top_k(SequenceState* const* seqs, const int64_t* n_tokens, int64_t n_seqs,
                                        const int32_t* tokens, int64_t k, int32_t* ids, float* vals) = 0;
     // Gives the sequence room for n_ctx tokens (its KV cache reallocated, the positions it holds
-    // kept); never shrinks. For reusing a finished sequence with a longer request.
-    virtual void grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;
+    // kept); never shrinks. For reusing a finished sequence with a longer request. Fails (the
+    // sequence unchanged) when the backend has no room for the larger cache.
+    virtual Status grow_sequence(SequenceState& seq, int64_t n_ctx) const = 0;
     // Copies the recurrent state (DeltaNet conv and delta-rule state; nothing for attention-only
     // models) of `from` into `to`, a sequence of the same model. A copy taken when a prompt ends lets
     // a later request that shares only that prompt continue from it (the server's prompt cache).

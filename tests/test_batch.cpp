@@ -81,7 +81,7 @@ TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
     // Reference: each sequence alone; its prompt, then greedy steps of one token.
     std::vector<std::vector<std::vector<float>>> want(S);  // [seq][step] logits
     for (size_t s = 0; s < S; ++s) {
-        auto seq = model->new_sequence(64);
+        auto seq = model->new_sequence(64).value();
         std::vector<float> logits;
         ASSERT_TRUE(model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
         want[s].push_back(logits);
@@ -96,7 +96,7 @@ TEST_P(ForwardBatch, EachSequenceGetsItsOwnLogitsBitForBit) {
     // step 1 with its whole prompt as a multi-token segment beside the others' single tokens;
     // sequence 2 joins at step 2; sequence 0 leaves after its last step.
     std::vector<std::unique_ptr<SequenceState>> seqs;
-    for (size_t s = 0; s < S; ++s) seqs.push_back(model->new_sequence(64));
+    for (size_t s = 0; s < S; ++s) seqs.push_back(model->new_sequence(64).value());
     std::vector<std::vector<std::vector<float>>> got(S);
     std::vector<float> logits;
     ASSERT_TRUE(model->forward(*seqs[0], prompts[0].data(), static_cast<int64_t>(prompts[0].size()), false, &logits).ok());
@@ -148,7 +148,7 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     const size_t S = prompts.size();
     std::vector<std::vector<int32_t>> want(S);  // each sequence alone, from its logits
     for (size_t s = 0; s < S; ++s) {
-        auto seq = model->new_sequence(128);
+        auto seq = model->new_sequence(128).value();
         std::vector<float> logits;
         ASSERT_TRUE(
             model->forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
@@ -161,7 +161,7 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     }
     // forward_argmax alone.
     for (size_t s = 0; s < S; ++s) {
-        auto seq = model->new_sequence(128);
+        auto seq = model->new_sequence(128).value();
         std::vector<int32_t> got(1, -1);
         ASSERT_TRUE(
             model->forward_argmax(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &got[0]).ok());
@@ -183,7 +183,7 @@ TEST_P(ForwardBatch, ArgmaxFormsPickTheLogitsArgmax) {
     std::vector<std::unique_ptr<SequenceState>> seqs;
     std::vector<std::vector<int32_t>> got(S);
     for (size_t s = 0; s < S; ++s) {
-        seqs.push_back(model->new_sequence(128));
+        seqs.push_back(model->new_sequence(128).value());
         int32_t first = -1;
         ASSERT_TRUE(
             model->forward_argmax(*seqs[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), &first).ok());
@@ -219,8 +219,8 @@ TEST_P(ForwardBatch, TopKFormsGiveTheLogitsLargest) {
     std::vector<std::unique_ptr<SequenceState>> ref, seqs;
     std::vector<std::vector<float>> want(S);  // each sequence's logits after its prompt + token 11
     for (size_t s = 0; s < S; ++s) {
-        ref.push_back(model->new_sequence(64));
-        seqs.push_back(model->new_sequence(64));
+        ref.push_back(model->new_sequence(64).value());
+        seqs.push_back(model->new_sequence(64).value());
         std::vector<float> logits;
         ASSERT_TRUE(model->forward(*ref[s], prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false,
                                    &logits).ok());
@@ -264,13 +264,13 @@ TEST(GrowSequence, ContinuesAsIfAllocatedLarge) {
         std::unique_ptr<Model> model = make(c, testing::temp_dir(std::string("grow_") + arch));
         ASSERT_TRUE(model);
         const std::vector<int32_t> prompt = {9, 8, 7, 6, 5, 4, 3};
-        auto big = model->new_sequence(40), small = model->new_sequence(8);
+        auto big = model->new_sequence(40).value(), small = model->new_sequence(8).value();
         std::vector<float> want, got;
         ASSERT_TRUE(model->forward(*big, prompt.data(), 7, false, &want).ok());
         ASSERT_TRUE(model->forward(*small, prompt.data(), 7, false, &got).ok());
         const int32_t two[2] = {11, 12};
         EXPECT_FALSE(model->forward(*small, two, 2, false, &got).ok());  // 9 > 8
-        model->grow_sequence(*small, 40);
+        ASSERT_TRUE(model->grow_sequence(*small, 40).ok());
         EXPECT_EQ(small->n_ctx, 40);
         for (int step = 0; step < 10; ++step) {
             const int32_t t = static_cast<int32_t>(20 + step);
@@ -288,7 +288,7 @@ TEST(ForwardBatchErrors, BadBatchesAreRefusedWithoutChangingState) {
         const std::string dir = testing::temp_dir(std::string("batchbad_") + c.arch);
         std::unique_ptr<Model> model = make(c, dir);
         ASSERT_TRUE(model);
-        auto a = model->new_sequence(4), b = model->new_sequence(64);
+        auto a = model->new_sequence(4).value(), b = model->new_sequence(64).value();
         std::vector<float> logits;
         const int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
         SequenceState* twice[2] = {a.get(), a.get()};

@@ -24,13 +24,18 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
 
 #include "coordinator/cuda_backend.h"
 #include "coordinator/model.h"
 #include "coordinator/sampler.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/test_util.h"
+#include "tools/http_server.h"
 #include "tools/make_model.h"
 
 namespace moemesh {
@@ -80,7 +85,7 @@ Outcome run_model(const std::string& path, const std::string& device, int64_t ba
     if (!m.ok()) return r;
     Model& model = **m;
     const int64_t V = model.config().n_vocab;
-    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1).value();
     std::vector<float> logits;
     Status st = model.forward(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), true, &logits);
     EXPECT_TRUE(st.ok()) << st.message();
@@ -317,7 +322,7 @@ Decode decode_with_graphs(const std::string& path, const char* graphs, bool kv_f
     if (!m.ok()) return d;
     Model& model = **m;
     const int64_t V = model.config().n_vocab;
-    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1).value();
     std::vector<float> logits;
     Status st = model.forward(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), false, &logits);
     EXPECT_TRUE(st.ok()) << st.message();
@@ -419,7 +424,7 @@ TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
         ASSERT_TRUE(m);
         Model& model = *m;
         const CudaGraphStats s0 = cuda_graph_stats();
-        auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+        auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1).value();
         std::vector<int32_t> got(1, -1);
         ASSERT_TRUE(model.forward_argmax(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), &got[0]).ok());
         while (static_cast<int>(got.size()) < n_gen) {
@@ -436,8 +441,8 @@ TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
 
         // Batched: two sequences at different positions, ids vs the argmax of forward_batch's rows.
         const int64_t V = model.config().n_vocab;
-        auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64),
-             b2 = model.new_sequence(64);
+        auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(), a2 = model.new_sequence(64).value(),
+             b2 = model.new_sequence(64).value();
         std::vector<float> logits;
         int32_t ta = -1, tb = -1;
         ASSERT_TRUE(model.forward_argmax(*a1, prompt.data(), 9, &ta).ok());
@@ -496,7 +501,7 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
     Model& model = *m;
     const int64_t V = model.config().n_vocab;
     const CudaGraphStats s0 = cuda_graph_stats();
-    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1);
+    auto seq = model.new_sequence(static_cast<int64_t>(prompt.size()) + n_gen + 1).value();
     std::vector<int32_t> ids(k);
     std::vector<float> vals(k);
     ASSERT_TRUE(model.forward_top_k(*seq, prompt.data(), static_cast<int64_t>(prompt.size()), k, ids.data(),
@@ -514,8 +519,8 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
     const CudaGraphStats s1 = cuda_graph_stats();
     EXPECT_GE(s1.replays - s0.replays, n_gen - 6) << "the decode graph (with its top-k) was not replayed";
     // Batched: two sequences at different positions against forward_batch's logits.
-    auto a1 = model.new_sequence(64), b1 = model.new_sequence(64), a2 = model.new_sequence(64),
-         b2 = model.new_sequence(64);
+    auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(), a2 = model.new_sequence(64).value(),
+         b2 = model.new_sequence(64).value();
     std::vector<float> logits;
     ASSERT_TRUE(model.forward(*a1, prompt.data(), 9, false, &logits).ok());
     ASSERT_TRUE(model.forward(*b1, prompt.data(), 4, false, &logits).ok());
@@ -710,7 +715,7 @@ void check_serving(const std::string& what, const std::string& path, bool recurr
     // Alone.
     std::vector<std::vector<std::vector<double>>> want(2);
     for (size_t s = 0; s < 2; ++s) {
-        auto seq = model.new_sequence(64);
+        auto seq = model.new_sequence(64).value();
         std::vector<float> logits;
         ASSERT_TRUE(model.forward(*seq, prompts[s].data(), static_cast<int64_t>(prompts[s].size()), false, &logits).ok());
         want[s].push_back(softmax(logits.data(), V));
@@ -721,7 +726,7 @@ void check_serving(const std::string& what, const std::string& path, bool recurr
         }
     }
     // Batched: sequence 0's prompt alone, then sequence 1 joins with its prompt beside 0's token.
-    auto s0 = model.new_sequence(64), s1 = model.new_sequence(64);
+    auto s0 = model.new_sequence(64).value(), s1 = model.new_sequence(64).value();
     std::vector<std::vector<std::vector<double>>> got(2);
     std::vector<float> logits;
     ASSERT_TRUE(model.forward(*s0, prompts[0].data(), static_cast<int64_t>(prompts[0].size()), false, &logits).ok());
@@ -755,8 +760,8 @@ void check_serving(const std::string& what, const std::string& path, bool recurr
     // copy_recurrent: sequences c1, c2 read sequence a's prompt (the same KV cache); c1 then gets
     // b's recurrent state and continues differently from a (qwen3next; qwen3moe has none), c2 gets
     // b's and then a's back and continues exactly as a.
-    auto a = model.new_sequence(64), b = model.new_sequence(64), c1 = model.new_sequence(64),
-         c2 = model.new_sequence(64);
+    auto a = model.new_sequence(64).value(), b = model.new_sequence(64).value(), c1 = model.new_sequence(64).value(),
+         c2 = model.new_sequence(64).value();
     std::vector<float> la, lb, l1, l2;
     ASSERT_TRUE(model.forward(*a, prompts[1].data(), static_cast<int64_t>(prompts[1].size()), false, &la).ok());
     ASSERT_TRUE(model.forward(*b, prompts[0].data(), static_cast<int64_t>(prompts[0].size()), false, &lb).ok());
@@ -823,6 +828,101 @@ TEST(CudaModelErrors, BadDeviceNames) {
         ASSERT_FALSE(m.ok()) << dev;
         std::printf("[cuda-model] --device %s: %s\n", dev, m.status().message().c_str());
     }
+}
+
+// Device memory running out is an error that says what did not fit and what would help, never an
+// abort, and the device stays usable: a model whose weights exceed the free memory (an allocation
+// holds the rest) is refused before any upload; a sequence whose KV cache exceeds it, and growing a
+// sequence past it, fail with nothing leaked, after which sequences that fit still run. (On the
+// emulator ctest runs it as emu_small_vram.* with a 256 MiB device: the blocking allocation of a
+// 16 GiB emulated device would be 16 GiB of host memory.)
+TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
+    REQUIRE_CUDA();
+    const std::string path = testing::temp_dir("cuda_model_oom") + "/m.gguf";
+    MakeModelOptions o = moe_opts("q8_0");
+    o.out = path;
+    std::ostringstream log;
+    ASSERT_TRUE(make_model(o, log).ok());
+    std::shared_ptr<GgufFile> file(std::move(*GgufFile::open(path)));
+    size_t weights = 0;
+    for (const GgufTensor& t : file->tensors()) weights += t.nbytes;
+    size_t free_b = 0, total_b = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
+#ifdef MM_CUDA_EMULATION
+    if (free_b > (size_t{1} << 30)) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
+#endif
+    ModelOptions mo;
+    mo.device = "cuda:0";
+    {
+        void* blocker = nullptr;
+        if (free_b > weights / 2) {
+            ASSERT_EQ(cudaMalloc(&blocker, free_b - weights / 2), cudaSuccess);
+        }
+        auto m = load_model(file, mo);
+        cudaFree(blocker);
+        ASSERT_FALSE(m.ok()) << "weights of " << weights << " bytes loaded with about half of that free";
+        const std::string& msg = m.status().message();
+        std::printf("[cuda-model] weights that do not fit: %s\n", msg.c_str());
+        EXPECT_NE(msg.find(path + ": its weights take"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("--device-budget"), std::string::npos) << msg;
+    }
+    auto m = load_model(file, mo);
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    Model& model = **m;
+    const ModelConfig& c = model.config();
+    ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
+    // At least twice the free memory in f16 K and V.
+    const int64_t huge = static_cast<int64_t>(free_b / static_cast<size_t>(c.n_layer * 2 * c.n_head_kv * c.head_dim * 2)) *
+                             2 + 1024;
+    auto big = model.new_sequence(huge);
+    ASSERT_FALSE(big.ok()) << huge << " positions";
+    std::printf("[cuda-model] a KV cache that does not fit: %s\n", big.status().message().c_str());
+    EXPECT_NE(big.status().message().find("cuda:0: out of memory for the KV cache"), std::string::npos);
+    EXPECT_NE(big.status().message().find("KV cache for " + std::to_string(huge) + " positions"), std::string::npos);
+    EXPECT_NE(big.status().message().find("--ctx"), std::string::npos);
+    size_t free_after = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free_after, &total_b), cudaSuccess);
+    EXPECT_GE(free_after + (size_t{2} << 20), free_b) << "the layers allocated before the failure were not given back";
+    auto seq = model.new_sequence(64).value();
+    const std::vector<int32_t> prompt = random_tokens(8, kDefaultBuiltinVocab, 3);
+    std::vector<float> logits;
+    ASSERT_TRUE(model.forward(*seq, prompt.data(), 8, false, &logits).ok());
+    const Status grown = model.grow_sequence(*seq, huge);
+    ASSERT_FALSE(grown.ok());
+    EXPECT_NE(grown.message().find("out of memory for the KV cache"), std::string::npos) << grown.message();
+    EXPECT_EQ(seq->n_ctx, 64);
+    const int32_t next = 7;
+    EXPECT_TRUE(model.forward(*seq, &next, 1, false, &logits).ok()) << "the sequence after a failed grow";
+    // The server answers a request whose KV cache does not fit with that error, and goes on.
+    auto tok = Tokenizer::from_gguf(*file);
+    ASSERT_TRUE(tok.ok()) << tok.status().message();
+    HttpServerOptions ho;
+    ho.model_name = "m";
+    ho.limits.n_ctx = huge;
+    ho.limits.n_vocab = c.n_vocab;
+    ho.log_requests = false;
+    HttpServer server(model, tok.value(), ho);
+    auto port = server.bind("127.0.0.1", 0);
+    ASSERT_TRUE(port.ok()) << port.status().message();
+    std::thread serving([&] { (void)server.run(); });
+    httplib::Client client("127.0.0.1", port.value());
+    client.set_read_timeout(120);
+    for (int i = 0; i < 100 && !client.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto complete = [&](int64_t max_tokens) {
+        const nlohmann::json body = {{"prompt", std::vector<int32_t>{5, 6, 7}}, {"max_tokens", max_tokens},
+                                     {"temperature", 0}, {"ignore_eos", true}};
+        return client.Post("/v1/completions", body.dump(), "application/json");
+    };
+    auto too_long = complete(huge - 10);
+    ASSERT_TRUE(too_long);
+    std::printf("[cuda-model] serving it: HTTP %d %s\n", too_long->status, too_long->body.c_str());
+    EXPECT_NE(too_long->status, 200);
+    EXPECT_NE(too_long->body.find("out of memory for the KV cache"), std::string::npos) << too_long->body;
+    auto fits = complete(4);
+    ASSERT_TRUE(fits);
+    EXPECT_EQ(fits->status, 200) << fits->body;
+    server.stop();
+    serving.join();
 }
 
 }  // namespace

@@ -276,7 +276,7 @@ protected:
     static std::string greedy_text(const std::string& prompt, int n, std::vector<int32_t>* ids = nullptr) {
         std::vector<int32_t> in = tok_->encode(prompt, true);
         if (tok_->add_bos() && tok_->bos_id() >= 0) in.insert(in.begin(), tok_->bos_id());
-        auto seq = model_->new_sequence(static_cast<int64_t>(in.size()) + n);
+        auto seq = model_->new_sequence(static_cast<int64_t>(in.size()) + n).value();
         std::vector<float> logits;
         EXPECT_TRUE(model_->forward(*seq, in.data(), static_cast<int64_t>(in.size()), false, &logits).ok());
         std::string text;
@@ -408,7 +408,7 @@ TEST_F(HttpServerTest, LogprobsAreTheModelsLogSoftmax) {
         greedy_text(prompt, n, ids);
         std::vector<int32_t> in = tok_->encode(prompt, true);
         if (tok_->add_bos() && tok_->bos_id() >= 0) in.insert(in.begin(), tok_->bos_id());
-        auto seq = model_->new_sequence(static_cast<int64_t>(in.size() + ids->size()) + 1);
+        auto seq = model_->new_sequence(static_cast<int64_t>(in.size() + ids->size()) + 1).value();
         std::vector<float> logits;
         std::vector<std::vector<double>> out;
         EXPECT_TRUE(model_->forward(*seq, in.data(), static_cast<int64_t>(in.size()), false, &logits).ok());
@@ -941,7 +941,7 @@ TEST_F(HttpServerTest, PromptCacheReusesAFinishedSequence) {
     std::vector<int32_t> gen;
     std::vector<int32_t> q = p;
     {
-        auto seq = model_->new_sequence(64);
+        auto seq = model_->new_sequence(64).value();
         std::vector<float> logits;
         ASSERT_TRUE(model_->forward(*seq, p.data(), static_cast<int64_t>(p.size()), false, &logits).ok());
         for (int i = 0; i < 8; ++i) {

@@ -45,7 +45,7 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
     ChatFormatter::Input in;
     in.messages = base;
     if (o.no_think) in.kwargs = {{"enable_thinking", false}};
-    std::unique_ptr<SequenceState> seq = model.new_sequence(o.ctx);
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<SequenceState> seq, model.new_sequence(o.ctx));
     std::vector<int32_t> held;  // the tokens the sequence holds
     // Recurrent models (DeltaNet) cannot rewind: the state when the last prompt ended is kept, so a
     // conversation whose template re-renders the reply differently (reasoning dropped) continues
@@ -66,7 +66,8 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             in.messages = base;
             held.clear();
             snap_at = 0;
-            seq = model.new_sequence(o.ctx);
+            seq.reset();  // (its memory back first)
+            MM_ASSIGN_OR_RETURN(seq, model.new_sequence(o.ctx));
             std::fprintf(stderr, "(new conversation)\n");
             continue;
         }
@@ -94,7 +95,10 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
             model.copy_recurrent(*snap, *seq);
             kept = snap_at;
         }
-        if (kept == 0 && seq->n_past > 0) seq = model.new_sequence(o.ctx);
+        if (kept == 0 && seq->n_past > 0) {
+            seq.reset();
+            MM_ASSIGN_OR_RETURN(seq, model.new_sequence(o.ctx));
+        }
         seq->n_past = kept;
         held.assign(input.begin(), input.begin() + kept);
         std::vector<float> logits;
@@ -102,7 +106,9 @@ Status chat_loop(const RunOptions& o, Model& model, const Tokenizer& tok, const 
         MM_RETURN_IF_ERROR(model.forward(*seq, input.data() + kept, n_in - kept, false, &logits));
         held.insert(held.end(), input.begin() + kept, input.end());
         if (recurrent) {
-            if (!snap) snap = model.new_sequence(1);
+            if (!snap) {
+                MM_ASSIGN_OR_RETURN(snap, model.new_sequence(1));
+            }
             model.copy_recurrent(*seq, *snap);
             snap_at = n_in;
         }

@@ -234,7 +234,11 @@ struct HttpServer::Impl {
         if (from_snap) model.copy_recurrent(*seq_cache[best].snap, *seq);
         seq_cache.erase(seq_cache.begin() + static_cast<std::ptrdiff_t>(best));
         seq->n_past = *reused;
-        model.grow_sequence(*seq, n_ctx);  // a longer request than the one that left it
+        // A longer request than the one that left it; no room for that: start afresh instead.
+        if (!model.grow_sequence(*seq, n_ctx).ok()) {
+            *reused = 0;
+            return nullptr;
+        }
         return seq;
     }
 
@@ -332,7 +336,9 @@ struct HttpServer::Impl {
     }
 
     // Admits a request: its sequence and sampler.
-    void admit(Slot& s) {
+    // False (the request finished with the error) when the backend has no room for its sequence,
+    // even after the prompt cache's sequences gave their memory back.
+    bool admit(Slot& s) {
         s.admitted = true;
         ++busy;
         const int64_t n_in = static_cast<int64_t>(s.pr->input.size());
@@ -341,7 +347,18 @@ struct HttpServer::Impl {
         const int64_t n_ctx = std::max<int64_t>(n_in + s.pr->max_new, 1);
         int64_t reused = 0;
         if (s.rq->cache_prompt) s.seq = take_cached(s.pr->input, n_ctx, &reused);
-        if (!s.seq) s.seq = model.new_sequence(n_ctx);
+        if (!s.seq) {
+            StatusOr<std::unique_ptr<SequenceState>> seq = model.new_sequence(n_ctx);
+            if (!seq.ok() && !seq_cache.empty()) {
+                seq_cache.clear();
+                seq = model.new_sequence(n_ctx);
+            }
+            if (!seq.ok()) {
+                finish(s, seq.status());
+                return false;
+            }
+            s.seq = std::move(seq).value();
+        }
         s.prefilled = s.res->cached_tokens = reused;
         s.fed.assign(s.pr->input.begin(), s.pr->input.begin() + reused);
         s.sampler = std::make_unique<Sampler>(s.rq->sp);
@@ -350,6 +367,7 @@ struct HttpServer::Impl {
             s.constraint = std::make_unique<TokenConstraint>(s.rq->grammar, grammar_vocab);
         }
         for (const std::string& stop : s.rq->stop) s.hold = std::max(s.hold, stop.size() - 1);
+        return true;
     }
 
     // Runs the next chunk of a request's prompt; after the last one, takes its first token. True
@@ -369,9 +387,12 @@ struct HttpServer::Impl {
         bool recurrent = false;
         for (const Buffer& b : s.seq->ssm_state) recurrent = recurrent || static_cast<bool>(b);
         if (recurrent && s.rq->cache_prompt) {  // the prompt cache may continue from here later
-            s.snap = model.new_sequence(1);
-            model.copy_recurrent(*s.seq, *s.snap);
-            s.snap_at = s.prefilled;
+            StatusOr<std::unique_ptr<SequenceState>> snap = model.new_sequence(1);
+            if (snap.ok()) {  // (without room for it the prompt is just not cached)
+                s.snap = std::move(snap).value();
+                model.copy_recurrent(*s.seq, *s.snap);
+                s.snap_at = s.prefilled;
+            }
         }
         s.t_decode = std::chrono::steady_clock::now();
         s.res->prompt_s = std::chrono::duration<double>(s.t_decode - s.t_prompt).count();
@@ -428,10 +449,8 @@ struct HttpServer::Impl {
                     pending.pop_front();
                 }
             }
-            for (Slot* s : admitted) {
-                admit(*s);
-                reading.push_back(s);
-            }
+            for (Slot* s : admitted)
+                if (admit(*s)) reading.push_back(s);
             // The longest-waiting prompt advances by one chunk: alone when nothing decodes, else
             // inside the decode step when the step's tokens fit the model's batch.
             Slot* reader = reading.empty() ? nullptr : reading.front();

@@ -93,7 +93,8 @@ Status run_profile(const ProfileOptions& o) {
         std::vector<int32_t> input = tok.encode(prompts[i], /*parse_special=*/true);
         if (tok.add_bos() && tok.bos_id() >= 0) input.insert(input.begin(), tok.bos_id());
         if (input.empty()) continue;
-        auto seq = model->new_sequence(static_cast<int64_t>(input.size()) + o.n_predict + 1);
+        MM_ASSIGN_OR_RETURN(std::unique_ptr<SequenceState> seq,
+                            model->new_sequence(static_cast<int64_t>(input.size()) + o.n_predict + 1));
         MM_RETURN_IF_ERROR(model->forward(*seq, input.data(), static_cast<int64_t>(input.size()), false, &logits));
         prof.tokens += input.size();
         for (int t = 0; t < o.n_predict; ++t) {

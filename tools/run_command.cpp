@@ -173,7 +173,7 @@ Status generate_one(const RunOptions& o, const std::string& prompt, const std::s
     if (static_cast<int64_t>(input.size()) + o.n_predict > o.ctx)
         return MM_ERROR("prompt (%zu tokens) + -n %d exceeds the context size %lld (raise --ctx)", input.size(),
                         o.n_predict, static_cast<long long>(o.ctx));
-    auto seq = model.new_sequence(std::max<int64_t>(n_ctx, 1));
+    MM_ASSIGN_OR_RETURN(std::unique_ptr<SequenceState> seq, model.new_sequence(std::max<int64_t>(n_ctx, 1)));
     const int64_t V = cfg.n_vocab;
     std::vector<float> logits;
 

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/half.h"
+#include "common/placement.h"
 
 namespace moemesh {
 
@@ -22,8 +23,24 @@ StatusOr<std::vector<float>> load_vector(const GgufFile& f, const std::string& n
 
 }  // namespace
 
-void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
-                    const std::vector<uint8_t>& has_kv) {
+namespace {
+
+// The error of a KV cache that did not fit: the backend's (what was asked, what is free) and the
+// whole cache's size.
+Status kv_cache_error(const Status& st, const ModelConfig& c, int64_t n_ctx, size_t per_layer,
+                      const std::vector<uint8_t>& has_kv) {
+    const auto layers = static_cast<double>(std::count(has_kv.begin(), has_kv.end(), uint8_t{1}));
+    return MM_ERROR("%s (the KV cache for %lld positions takes %s: %.0f layers x K and V of %lld heads of %lld; a "
+                    "smaller context, e.g. --ctx, needs less)",
+                    st.message().c_str(), static_cast<long long>(n_ctx),
+                    format_bytes(static_cast<uint64_t>(2.0 * layers * static_cast<double>(per_layer))).c_str(), layers,
+                    static_cast<long long>(c.n_head_kv), static_cast<long long>(c.head_dim));
+}
+
+}  // namespace
+
+Status alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
+                      const std::vector<uint8_t>& has_kv) {
     s.n_ctx = n_ctx;
     s.kv_f16 = kv_f16;
     const size_t per_layer = static_cast<size_t>(n_ctx * c.n_head_kv * c.head_dim) * (kv_f16 ? 2 : 4);
@@ -34,9 +51,16 @@ void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t
     s.v.resize(L);
     for (size_t il = 0; il < L; ++il) {
         if (!has_kv[il]) continue;
-        s.k[il] = be.alloc(per_layer, true);
-        s.v[il] = be.alloc(per_layer, true);
+        for (std::vector<Buffer>* kv : {&s.k, &s.v}) {
+            StatusOr<Buffer> b = be.try_alloc(per_layer, true, "the KV cache");
+            if (!b.ok()) {
+                s.k.clear(), s.v.clear();  // what was allocated goes back now
+                return kv_cache_error(b.status(), c, n_ctx, per_layer, has_kv);
+            }
+            (*kv)[il] = std::move(b).value();
+        }
     }
+    return Status();
 }
 
 int64_t reusable_prefix(const SequenceState& seq, const std::vector<int32_t>& held, const std::vector<int32_t>& input) {
@@ -53,13 +77,26 @@ int64_t reusable_prefix(const SequenceState& seq, const std::vector<int32_t>& he
     return std::max<int64_t>(p, 0);
 }
 
-void ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
-    if (n_ctx <= seq.n_ctx) return;
+Status ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
+    if (n_ctx <= seq.n_ctx) return Status();
     const size_t per_token = static_cast<size_t>(cfg_.n_head_kv * cfg_.head_dim) * (seq.kv_f16 ? 2 : 4);
+    // Every larger cache first, so that a failure leaves the sequence as it was.
+    std::vector<Buffer> grown_all;
+    std::vector<uint8_t> has_kv;
+    for (const Buffer& b : seq.k) has_kv.push_back(b ? 1 : 0);
+    for (const std::vector<Buffer>* caches : {&seq.k, &seq.v}) {
+        for (const Buffer& old : *caches) {
+            if (!old) continue;  // a layer without KV cache (DeltaNet)
+            StatusOr<Buffer> b = be_->try_alloc(per_token * static_cast<size_t>(n_ctx), true, "the KV cache");
+            if (!b.ok()) return kv_cache_error(b.status(), cfg_, n_ctx, per_token * static_cast<size_t>(n_ctx), has_kv);
+            grown_all.push_back(std::move(b).value());
+        }
+    }
+    size_t next = 0;
     for (std::vector<Buffer>* caches : {&seq.k, &seq.v}) {
         for (Buffer& old : *caches) {
-            if (!old) continue;  // a layer without KV cache (DeltaNet)
-            Buffer grown = be_->alloc(per_token * static_cast<size_t>(n_ctx), true);
+            if (!old) continue;
+            Buffer grown = std::move(grown_all[next++]);
             const size_t bytes = per_token * static_cast<size_t>(seq.n_past);
             if (bytes % sizeof(float) == 0) {
                 const auto n = static_cast<int64_t>(bytes / sizeof(float));
@@ -73,6 +110,7 @@ void ModelBase::grow_sequence(SequenceState& seq, int64_t n_ctx) const {
         }
     }
     seq.n_ctx = n_ctx;
+    return Status();
 }
 
 void ModelBase::copy_recurrent(const SequenceState& from, SequenceState& to) const {
@@ -247,7 +285,7 @@ const float* ModelBase::end_layer(int il, float* x, const float* out, int64_t T)
 
 Status ModelBase::init_backend() {
     MM_ASSIGN_OR_RETURN(be_, make_backend(opts_.device, pool_));
-    return Status();
+    return be_->check_fits(*file_, cfg_, static_cast<bool>(opts_.experts));
 }
 
 StatusOr<BackendWeight> ModelBase::weight(const std::string& name, std::initializer_list<int64_t> shape) {

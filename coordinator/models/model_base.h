@@ -16,9 +16,9 @@
 namespace moemesh {
 
 // Allocates (zeroed, in be's memory) the KV cache of every layer for which `has_kv(layer)`;
-// [n_ctx, kv_heads, head_dim].
-void alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
-                    const std::vector<uint8_t>& has_kv);
+// [n_ctx, kv_heads, head_dim]. Fails (saying how large the cache is) when be has no room for it.
+Status alloc_kv_cache(Backend& be, SequenceState& s, const ModelConfig& c, int64_t n_ctx, bool kv_f16,
+                      const std::vector<uint8_t>& has_kv);
 
 class ModelBase : public Model {
 public:
@@ -26,7 +26,7 @@ public:
         : file_(std::move(f)), cfg_(c), opts_(o), pool_(o.n_threads) {}
     const ModelConfig& config() const override { return cfg_; }
     void set_debug_hook(DebugHook hook) override { debug_ = std::move(hook); }
-    void grow_sequence(SequenceState& seq, int64_t n_ctx) const override;
+    Status grow_sequence(SequenceState& seq, int64_t n_ctx) const override;
     void copy_recurrent(const SequenceState& from, SequenceState& to) const override;
     // Checks the tokens and the context, then runs forward_chunk over chunks of n_batch tokens.
     Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,

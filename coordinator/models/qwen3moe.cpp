@@ -55,9 +55,10 @@ public:
         return load_common();
     }
 
-    std::unique_ptr<SequenceState> new_sequence(int64_t n_ctx) const override {
+    StatusOr<std::unique_ptr<SequenceState>> new_sequence(int64_t n_ctx) const override {
         auto s = std::make_unique<SequenceState>();
-        alloc_kv_cache(*be_, *s, cfg_, n_ctx, opts_.kv_f16, std::vector<uint8_t>(static_cast<size_t>(cfg_.n_layer), 1));
+        MM_RETURN_IF_ERROR(alloc_kv_cache(*be_, *s, cfg_, n_ctx, opts_.kv_f16,
+                                          std::vector<uint8_t>(static_cast<size_t>(cfg_.n_layer), 1)));
         return s;
     }
 

@@ -81,18 +81,22 @@ public:
         return load_common();
     }
 
-    std::unique_ptr<SequenceState> new_sequence(int64_t n_ctx) const override {
+    StatusOr<std::unique_ptr<SequenceState>> new_sequence(int64_t n_ctx) const override {
         auto s = std::make_unique<SequenceState>();
         std::vector<uint8_t> has_kv(static_cast<size_t>(cfg_.n_layer));
         for (int il = 0; il < cfg_.n_layer; ++il) has_kv[il] = !cfg_.is_recurrent(il);
-        alloc_kv_cache(*be_, *s, cfg_, n_ctx, opts_.kv_f16, has_kv);
+        MM_RETURN_IF_ERROR(alloc_kv_cache(*be_, *s, cfg_, n_ctx, opts_.kv_f16, has_kv));
         s->conv_state.resize(static_cast<size_t>(cfg_.n_layer));
         s->ssm_state.resize(static_cast<size_t>(cfg_.n_layer));
         const int64_t C = cfg_.ssm_conv_dim(), dk = cfg_.ssm_head_dim;
         for (int il = 0; il < cfg_.n_layer; ++il) {
             if (!cfg_.is_recurrent(il)) continue;
-            s->conv_state[il] = be_->alloc(sizeof(float) * static_cast<size_t>((cfg_.ssm_conv_kernel - 1) * C), true);
-            s->ssm_state[il] = be_->alloc(sizeof(float) * static_cast<size_t>(cfg_.ssm_v_heads * dk * dk), true);
+            MM_ASSIGN_OR_RETURN(s->conv_state[il],
+                                be_->try_alloc(sizeof(float) * static_cast<size_t>((cfg_.ssm_conv_kernel - 1) * C),
+                                               true, "the DeltaNet conv state"));
+            MM_ASSIGN_OR_RETURN(s->ssm_state[il],
+                                be_->try_alloc(sizeof(float) * static_cast<size_t>(cfg_.ssm_v_heads * dk * dk), true,
+                                               "the DeltaNet recurrent state"));
         }
         return s;
     }
