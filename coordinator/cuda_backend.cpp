@@ -297,7 +297,8 @@ public:
             int layer = -1;
             if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
             bool routed = false;
-            for (const Tensor k : {Tensor::kFfnGateExps, Tensor::kFfnUpExps, Tensor::kFfnDownExps, Tensor::kFfnGateUpExps})
+            for (const Tensor k :
+                 {Tensor::kFfnGateExps, Tensor::kFfnUpExps, Tensor::kFfnDownExps, Tensor::kFfnGateUpExps})
                 routed = routed || (layer >= 0 && t.name == tensor_name(k, layer));
             if (routed) experts += t.nbytes;
             if (routed && experts_elsewhere) continue;
@@ -312,7 +313,8 @@ public:
                             f.path().c_str(), name().c_str(), format_bytes(need).c_str(), format_bytes(free_b).c_str(),
                             format_bytes(total_b).c_str());
         return MM_ERROR("%s: its weights take %s on %s, which has %s free (of %s); --device-budget SIZE keeps the "
-                        "routed experts (%s) in a VRAM cache of SIZE backed by host memory, or run it with --device cpu",
+                        "routed experts (%s) in a VRAM cache of SIZE backed by host memory, or run it with --device "
+                        "cpu",
                         f.path().c_str(), format_bytes(need).c_str(), name().c_str(), format_bytes(free_b).c_str(),
                         format_bytes(total_b).c_str(), format_bytes(experts).c_str());
     }

@@ -441,8 +441,8 @@ TEST_F(CudaModel, ArgmaxOnTheDeviceIsTheHostArgmax) {
 
         // Batched: two sequences at different positions, ids vs the argmax of forward_batch's rows.
         const int64_t V = model.config().n_vocab;
-        auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(), a2 = model.new_sequence(64).value(),
-             b2 = model.new_sequence(64).value();
+        auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(),
+             a2 = model.new_sequence(64).value(), b2 = model.new_sequence(64).value();
         std::vector<float> logits;
         int32_t ta = -1, tb = -1;
         ASSERT_TRUE(model.forward_argmax(*a1, prompt.data(), 9, &ta).ok());
@@ -519,8 +519,8 @@ TEST_F(CudaModel, TopKOnTheDeviceIsTheHostTopK) {
     const CudaGraphStats s1 = cuda_graph_stats();
     EXPECT_GE(s1.replays - s0.replays, n_gen - 6) << "the decode graph (with its top-k) was not replayed";
     // Batched: two sequences at different positions against forward_batch's logits.
-    auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(), a2 = model.new_sequence(64).value(),
-         b2 = model.new_sequence(64).value();
+    auto a1 = model.new_sequence(64).value(), b1 = model.new_sequence(64).value(),
+         a2 = model.new_sequence(64).value(), b2 = model.new_sequence(64).value();
     std::vector<float> logits;
     ASSERT_TRUE(model.forward(*a1, prompt.data(), 9, false, &logits).ok());
     ASSERT_TRUE(model.forward(*b1, prompt.data(), 4, false, &logits).ok());
@@ -872,8 +872,8 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     const ModelConfig& c = model.config();
     ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
     // At least twice the free memory in f16 K and V.
-    const int64_t huge = static_cast<int64_t>(free_b / static_cast<size_t>(c.n_layer * 2 * c.n_head_kv * c.head_dim * 2)) *
-                             2 + 1024;
+    const auto per_token = static_cast<size_t>(c.n_layer * 2 * c.n_head_kv * c.head_dim * 2);
+    const int64_t huge = static_cast<int64_t>(free_b / per_token) * 2 + 1024;
     auto big = model.new_sequence(huge);
     ASSERT_FALSE(big.ok()) << huge << " positions";
     std::printf("[cuda-model] a KV cache that does not fit: %s\n", big.status().message().c_str());
