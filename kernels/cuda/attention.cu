@@ -307,6 +307,7 @@ __global__ void __launch_bounds__(kAttnThreads)
             float o[kMaxG];
 #pragma unroll
             for (int hh = 0; hh < kMaxG; ++hh) o[hh] = 0.0f;
+#pragma unroll(kMaxG <= 8 ? 4 : 2)  // (V loads of several keys in flight; each head's sum still in key order)
             for (int64_t j = j0; j < j1; ++j) {
                 const float vv = kv_at<kF16>(v, j * kv_stride + g * head_dim + d);
 #pragma unroll
