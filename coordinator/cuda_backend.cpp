@@ -312,9 +312,9 @@ public:
                             "experts elsewhere; run it with --device cpu",
                             f.path().c_str(), name().c_str(), format_bytes(need).c_str(), format_bytes(free_b).c_str(),
                             format_bytes(total_b).c_str());
-        return MM_ERROR("%s: its weights take %s on %s, which has %s free (of %s); --device-budget SIZE keeps the "
-                        "routed experts (%s) in a VRAM cache of SIZE backed by host memory, or run it with --device "
-                        "cpu",
+        return MM_ERROR("%s: its weights take %s on %s, which has %s free (of %s); --device-budget auto (or a SIZE) "
+                        "keeps the routed experts (%s) in a VRAM cache of what is left (or SIZE) backed by host "
+                        "memory, or run it with --device cpu",
                         f.path().c_str(), format_bytes(need).c_str(), name().c_str(), format_bytes(free_b).c_str(),
                         format_bytes(total_b).c_str(), format_bytes(experts).c_str());
     }

@@ -23,10 +23,12 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "common/placement.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/test_util.h"
 #include "tools/make_model.h"
@@ -410,6 +412,54 @@ TEST(CudaExperts, OffloadRunMatchesResidentGpuAndCpu) {
                 EXPECT_EQ(off.top1, cpu.top1) << type << " budget " << frac;
             }
         }
+    }
+}
+
+// `--device-budget auto`: the cache takes the VRAM that the dense weights, the KV cache at --ctx and
+// 512 MiB of scratch leave (here all the tiny model's experts: the resident GPU's tokens); a --ctx
+// whose KV cache alone exceeds the device is refused naming it; on the CPU, auto is refused.
+TEST(CudaExperts, DeviceBudgetAutoLeavesRoomForTheKvCache) {
+    REQUIRE_CUDA();
+    const std::string path = model("q8_0");
+    const Opened m = open(path);
+    std::mt19937 rng(9);
+    std::string tokens;
+    for (int i = 0; i < 24; ++i) tokens += (i ? "," : "") + std::to_string(rng() % kDefaultBuiltinVocab);
+    const RunOut resident = moemesh_run(path, "cuda:0", "", tokens);
+    const RunOut autob = moemesh_run(path, "cuda:0", "auto", tokens);
+    EXPECT_EQ(autob.greedy, resident.greedy);
+    EXPECT_EQ(autob.top1, resident.top1);
+    // moemesh_run's --kv-type f32 at the default --ctx 4096, every layer with attention
+    const uint64_t kv = static_cast<uint64_t>(m.cfg.n_layer * 2 * 4096 * m.cfg.n_head_kv * m.cfg.head_dim) * 4;
+    const std::string want = "--device-budget auto: the free VRAM less " + format_bytes(kv) +
+                             " (1 KV cache(s) of 4096 positions) and 512.00 MiB of scratch";
+    EXPECT_NE(autob.err.find(want), std::string::npos) << "wanted: " << want << "\n" << autob.err;
+    EXPECT_NE(autob.err.find("in VRAM"), std::string::npos) << autob.err;
+    size_t free_b = 0, total_b = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
+    std::string env;
+#ifdef MM_CUDA_EMULATION
+    env = "MOEMESH_CUDA_EMU_MEM_MIB=1024 ", total_b = size_t{1} << 30;  // (--ctx stops at 2^24 positions)
+#endif
+    const int64_t huge_ctx =
+        static_cast<int64_t>(total_b / static_cast<size_t>(m.cfg.n_layer * 2 * m.cfg.n_head_kv * m.cfg.head_dim * 2)) +
+        4096;
+    const std::string dir = testing::temp_dir("cuda_experts");
+    std::string out;
+    for (const auto& [device, ctx, expect] :
+         {std::tuple<std::string, int64_t, std::string>{"cuda:0", huge_ctx, "no room for an expert cache"},
+          {"cpu", 4096, "--device-budget auto is for --device cuda:N"}}) {
+        if (ctx > (int64_t{1} << 24)) {  // a device too large for --ctx to exceed with this model
+            std::printf("[cuda-experts] (a KV cache larger than %s needs --ctx %lld: not run)\n",
+                        format_bytes(total_b).c_str(), static_cast<long long>(ctx));
+            continue;
+        }
+        const std::string cmd = env + testing::moemesh_bin() + " run -m " + path + " --device " + device +
+                                " --tokens 1,2,3 -n 2 --device-budget auto --ctx " + std::to_string(ctx);
+        EXPECT_EQ(testing::run_capture(cmd, &out, dir + "/auto_err.txt"), 1) << cmd;
+        const std::string err = testing::read_file(dir + "/auto_err.txt");
+        std::printf("[cuda-experts] %s: %s", cmd.c_str(), err.c_str());
+        EXPECT_NE(err.find(expect), std::string::npos) << err;
     }
 }
 

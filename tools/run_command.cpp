@@ -37,7 +37,9 @@ int default_threads() {
 
 namespace {
 
-
+// `--device-budget auto`: VRAM left free beside the KV caches for the forward pass's scratch
+// (activations, attention and cuBLAS workspaces, logits).
+constexpr uint64_t kAutoBudgetScratch = uint64_t{512} << 20;
 
 // MemAvailable of /proc/meminfo in bytes; 0 when unknown.
 uint64_t available_memory_bytes() {
@@ -375,7 +377,15 @@ Status run_generation(const RunOptions& o) {
             if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
             return r.value();
         };
-        MM_ASSIGN_OR_RETURN(co.device_bytes, size(o.device_budget, "--device-budget"));
+        MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
+                                                           "--device"));
+        const bool device_auto = o.device_budget == "auto";
+        if (device_auto && gpu < 0)
+            return MM_ERROR("--device-budget auto is for --device cuda:N (the VRAM that the rest of the model and its "
+                            "KV cache leave); on the CPU give a size");
+        if (!device_auto) {
+            MM_ASSIGN_OR_RETURN(co.device_bytes, size(o.device_budget, "--device-budget"));
+        }
         const bool host_auto = o.host_budget == "auto";
         if (!o.host_budget.empty() && !host_auto) {
             MM_ASSIGN_OR_RETURN(co.host_bytes, size(o.host_budget, "--host-budget"));
@@ -388,17 +398,30 @@ Status run_generation(const RunOptions& o) {
             co.storage = sm.value();
         }
         co.profile_path = o.profile;
-        MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
-                                                           "--device"));
         if (host_auto && gpu < 0)
             return MM_ERROR("--host-budget auto is for --device cuda:N (a pinned RAM tier below VRAM); on the CPU the "
                             "device tier is RAM already: give a size, or leave it out");
         if (gpu >= 0) {
             // Coordinator and experts on one GPU: a CudaExpertCompute cache the CudaBackend calls with
             // device pointers (coordinator/cuda_backend.cpp moe_device_cache).
-            mo.experts = [co, gpu, host_auto, &cache_view](const GgufFile& f, const ModelConfig& c,
-                                                           ThreadPool&) -> StatusOr<std::unique_ptr<ExpertBackend>> {
+            const int64_t sequences = o.serve.empty() ? 1 : std::max(o.parallel, 1);
+            const size_t kv_elem = o.kv_type == "f32" ? 4 : 2;
+            mo.experts = [co, gpu, host_auto, device_auto, sequences, kv_elem, ctx = o.ctx, &cache_view](
+                             const GgufFile& f, const ModelConfig& c,
+                             ThreadPool&) -> StatusOr<std::unique_ptr<ExpertBackend>> {
                 CacheOptions opts = co;
+                if (device_auto) {
+                    // What the cache leaves free: every sequence's KV cache at --ctx, and scratch.
+                    int64_t kv_layers = 0;
+                    for (int il = 0; il < c.n_layer; ++il) kv_layers += c.is_recurrent(il) ? 0 : 1;
+                    const uint64_t kv = static_cast<uint64_t>(kv_layers * 2 * ctx * c.n_head_kv * c.head_dim) *
+                                        kv_elem * static_cast<uint64_t>(sequences);
+                    opts.device_keep_free = kv + kAutoBudgetScratch;
+                    std::fprintf(stderr, "offload: --device-budget auto: the free VRAM less %s (%lld KV cache(s) of "
+                                 "%lld positions) and %s of scratch\n", format_bytes(kv).c_str(),
+                                 static_cast<long long>(sequences), static_cast<long long>(ctx),
+                                 format_bytes(kAutoBudgetScratch).c_str());
+                }
                 std::string host_note;
                 if (host_auto) {
                     opts.host_bytes = auto_host_budget(f, available_memory_bytes(), &host_note);
@@ -410,8 +433,9 @@ Status run_generation(const RunOptions& o) {
                 std::fprintf(stderr,
                              "offload: %s of routed experts; cuda:%d device budget %s (%.0f%%) in VRAM%s, policy %s, "
                              "prefetch %s%s\n",
-                             format_bytes(cc->shard_bytes()).c_str(), gpu, format_bytes(co.device_bytes).c_str(),
-                             cc->shard_bytes() ? 100.0 * static_cast<double>(co.device_bytes) / cc->shard_bytes() : 0.0,
+                             format_bytes(cc->shard_bytes()).c_str(), gpu, format_bytes(cc->device_budget()).c_str(),
+                             cc->shard_bytes() ? 100.0 * static_cast<double>(cc->device_budget()) / cc->shard_bytes()
+                                               : 0.0,
                              opts.host_bytes ? (", pinned host budget " + format_bytes(opts.host_bytes)).c_str() : "",
                              cache_policy_name(co.policy), prefetch_mode_name(co.prefetch),
                              ch->hot_set_bytes() ? (", hot set " + format_bytes(ch->hot_set_bytes()) + " pinned").c_str()
@@ -571,7 +595,9 @@ void add_run_options(CLI::App* c, const std::shared_ptr<RunOptions>& o, bool clu
     c->add_option("--device-budget", o->device_budget,
                   "Offload mode: serve the routed experts from a cache of at most this many bytes (e.g. 8GiB; on CPU a "
                   "bounded RAM pool, with --device cuda:N VRAM of that GPU), reading missing experts from the model "
-                  "file (see docs/cache.md, docs/cuda.md)");
+                  "file (see docs/cache.md, docs/cuda.md). 'auto' (with --device cuda:N): the VRAM that the rest of "
+                  "the model, the KV cache at --ctx (per --parallel request with --serve) and 512 MiB of scratch "
+                  "leave, at most every routed expert");
     c->add_option("--host-budget", o->host_budget,
                   "Offload mode: a host RAM tier of this size below the device tier (pinned with --device cuda:N). "
                   "'auto' (with --device cuda:N): every routed expert, or half of MemAvailable if less; missed "

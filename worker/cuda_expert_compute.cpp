@@ -109,6 +109,7 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
 }
 int CudaExpertCompute::device() const { return -1; }
 uint64_t CudaExpertCompute::shard_bytes() const { return 0; }
+uint64_t CudaExpertCompute::device_budget() const { return 0; }
 ExpertCache* CudaExpertCompute::cache() { return nullptr; }
 std::string CudaExpertCompute::stats_line() const { return ""; }
 uint64_t CudaExpertCompute::vram_bytes() const { return 0; }
@@ -200,6 +201,7 @@ struct CudaExpertCompute::Impl {
     std::vector<ExpertTypes> types;
     std::vector<std::vector<uint8_t>> held;  // [layer][expert]
     uint64_t shard_bytes = 0;
+    uint64_t device_budget = 0;  // the VRAM tier's bytes (cache mode)
     std::shared_ptr<ExpertSource> src;       // the table over `resident`, or `cache`
     std::shared_ptr<ExpertCache> cache;
     VramTierMemory* vram = nullptr;          // the cache's device tier memory (owned by the cache)
@@ -356,11 +358,19 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
     }
     CacheOptions o = *cache;
     if (!o.device_bytes) {
-        // No device budget: the shard's worth, within 90% of the free VRAM.
+        // No device budget: the shard's worth, within 90% of the free VRAM, or within what is free
+        // beyond device_keep_free.
         size_t fr = 0, total = 0;
         MM_CUDA_RETURN(device, cudaMemGetInfo(&fr, &total), "querying free VRAM");
-        o.device_bytes = std::min<uint64_t>(auto_budget, fr / 10 * 9);
+        const uint64_t room = o.device_keep_free ? (fr > o.device_keep_free ? fr - o.device_keep_free : 0) : fr / 10 * 9;
+        if (room == 0)
+            return MM_ERROR("cuda:%d: no room for an expert cache: %s free, and %s is to stay free for the KV "
+                            "cache and scratch (a smaller --ctx or --parallel needs less); give --device-budget a "
+                            "size, or run with --device cpu",
+                            device, format_bytes(fr).c_str(), format_bytes(o.device_keep_free).c_str());
+        o.device_bytes = std::min<uint64_t>(auto_budget, room);
     }
+    im->device_budget = o.device_bytes;
     MM_ASSIGN_OR_RETURN(std::unique_ptr<VramTierMemory> vram, VramTierMemory::create(device, o.device_bytes));
     im->vram = vram.get();
     auto vram_box = std::make_shared<std::unique_ptr<TierMemory>>(std::move(vram));
@@ -387,6 +397,7 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
 
 int CudaExpertCompute::device() const { return impl_->device; }
 uint64_t CudaExpertCompute::shard_bytes() const { return impl_->shard_bytes; }
+uint64_t CudaExpertCompute::device_budget() const { return impl_->device_budget; }
 ExpertCache* CudaExpertCompute::cache() { return impl_->cache.get(); }
 uint64_t CudaExpertCompute::vram_bytes() const {
     return impl_->cache ? impl_->vram->stats().arena_bytes : impl_->resident_bytes;

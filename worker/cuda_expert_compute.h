@@ -84,6 +84,7 @@ public:
 
     int device() const;
     uint64_t shard_bytes() const;  // data bytes of the shard's experts
+    uint64_t device_budget() const;  // the cache's VRAM tier in bytes (0: resident, no cache)
     ExpertCache* cache();          // null when resident
     std::string stats_line() const;  // the cache's stats line, or "resident N GiB in VRAM (cuda:D)"
     uint64_t vram_bytes() const;   // VRAM held for experts (resident copy, or the device tier's arena)

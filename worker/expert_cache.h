@@ -85,6 +85,9 @@ class TierMemory;
 // How a worker caches its shard (the `cache:` entry of its placement, or `moemesh run --device-budget`).
 struct CacheOptions {
     uint64_t device_bytes = 0;  // device tier budget; 0: unlimited
+    // With device_bytes 0 on a GPU (CudaExpertCompute): VRAM to leave free beside the cache (the
+    // KV caches and scratch of `--device-budget auto`); 0: the cache takes up to 90% of what is free.
+    uint64_t device_keep_free = 0;
     uint64_t host_bytes = 0;    // host tier budget; 0: no host tier
     CachePolicy policy = CachePolicy::kLru;
     PrefetchMode prefetch = PrefetchMode::kNone;
