@@ -377,8 +377,8 @@ Status run_generation(const RunOptions& o) {
             if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
             return r.value();
         };
-        MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device,
-                                                           "--device"));
+        const std::string dev = o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device;
+        MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(dev, "--device"));
         const bool device_auto = o.device_budget == "auto";
         if (device_auto && gpu < 0)
             return MM_ERROR("--device-budget auto is for --device cuda:N (the VRAM that the rest of the model and its "

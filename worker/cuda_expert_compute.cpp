@@ -362,7 +362,8 @@ StatusOr<std::unique_ptr<CudaExpertCompute>> CudaExpertCompute::create(const Ggu
         // beyond device_keep_free.
         size_t fr = 0, total = 0;
         MM_CUDA_RETURN(device, cudaMemGetInfo(&fr, &total), "querying free VRAM");
-        const uint64_t room = o.device_keep_free ? (fr > o.device_keep_free ? fr - o.device_keep_free : 0) : fr / 10 * 9;
+        const uint64_t keep = o.device_keep_free;
+        const uint64_t room = keep ? (fr > keep ? fr - keep : 0) : fr / 10 * 9;
         if (room == 0)
             return MM_ERROR("cuda:%d: no room for an expert cache: %s free, and %s is to stay free for the KV "
                             "cache and scratch (a smaller --ctx or --parallel needs less); give --device-budget a "
