@@ -831,8 +831,8 @@ TEST(CudaModelErrors, BadDeviceNames) {
 }
 
 // Device memory running out is an error that says what did not fit and what would help, never an
-// abort, and the device stays usable: a model whose weights exceed the free memory (an allocation
-// holds the rest) is refused before any upload; a sequence whose KV cache exceeds it, and growing a
+// abort, and the device stays usable: a model whose weights exceed the free memory (allocations
+// hold the rest) is refused before any upload; a sequence whose KV cache exceeds it, and growing a
 // sequence past it, fail with nothing leaked, after which sequences that fit still run. (On the
 // emulator ctest runs it as emu_small_vram.* with a 256 MiB device: the blocking allocation of a
 // 16 GiB emulated device would be 16 GiB of host memory.)
@@ -854,13 +854,22 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     ModelOptions mo;
     mo.device = "cuda:0";
     {
-        void* blocker = nullptr;
-        if (free_b > weights / 2) {
-            ASSERT_EQ(cudaMalloc(&blocker, free_b - weights / 2), cudaSuccess);
+        // Allocations of at most 1 GiB until about half the weights' bytes are left free.
+        std::vector<void*> blockers;
+        size_t fr = free_b;
+        while (fr > weights / 2 + (size_t{1} << 20)) {
+            void* p = nullptr;
+            if (cudaMalloc(&p, std::min(fr - weights / 2, size_t{1} << 30)) != cudaSuccess) {
+                (void)cudaGetLastError();
+                break;
+            }
+            blockers.push_back(p);
+            ASSERT_EQ(cudaMemGetInfo(&fr, &total_b), cudaSuccess);
         }
+        ASSERT_LT(fr, weights) << "could not leave less free memory than the weights take";
         auto m = load_model(file, mo);
-        cudaFree(blocker);
-        ASSERT_FALSE(m.ok()) << "weights of " << weights << " bytes loaded with about half of that free";
+        for (void* p : blockers) cudaFree(p);
+        ASSERT_FALSE(m.ok()) << "weights of " << weights << " bytes loaded with " << fr << " bytes free";
         const std::string& msg = m.status().message();
         std::printf("[cuda-model] weights that do not fit: %s\n", msg.c_str());
         EXPECT_NE(msg.find(path + ": its weights take"), std::string::npos) << msg;
