@@ -388,14 +388,20 @@ RunOut moemesh_run(const std::string& path, const std::string& device, const std
     return r;
 }
 
+// The runs' 24-token prompt ("1,2,…" for --tokens).
+std::string prompt_tokens() {
+    std::mt19937 rng(9);
+    std::string tokens;
+    for (int i = 0; i < 24; ++i) tokens += (i ? "," : "") + std::to_string(rng() % kDefaultBuiltinVocab);
+    return tokens;
+}
+
 TEST(CudaExperts, OffloadRunMatchesResidentGpuAndCpu) {
     REQUIRE_CUDA();
     for (const std::string type : {"f32", "q8_0"}) {
         const std::string path = model(type);
         const Opened m = open(path);
-        std::mt19937 rng(9);
-        std::string tokens;
-        for (int i = 0; i < 24; ++i) tokens += (i ? "," : "") + std::to_string(rng() % kDefaultBuiltinVocab);
+        const std::string tokens = prompt_tokens();
         const RunOut resident = moemesh_run(path, "cuda:0", "", tokens);
         const RunOut cpu = moemesh_run(path, "cpu", "", tokens);
         const uint64_t all = all_experts_budget(m);
@@ -422,9 +428,7 @@ TEST(CudaExperts, DeviceBudgetAutoLeavesRoomForTheKvCache) {
     REQUIRE_CUDA();
     const std::string path = model("q8_0");
     const Opened m = open(path);
-    std::mt19937 rng(9);
-    std::string tokens;
-    for (int i = 0; i < 24; ++i) tokens += (i ? "," : "") + std::to_string(rng() % kDefaultBuiltinVocab);
+    const std::string tokens = prompt_tokens();
     const RunOut resident = moemesh_run(path, "cuda:0", "", tokens);
     const RunOut autob = moemesh_run(path, "cuda:0", "auto", tokens);
     EXPECT_EQ(autob.greedy, resident.greedy);

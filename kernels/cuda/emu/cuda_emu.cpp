@@ -400,8 +400,8 @@ bool shuffled_blocks() {
         const char* v = std::getenv("MOEMESH_CUDA_EMU_BLOCK_ORDER");
         if (v == nullptr || *v == '\0' || std::strcmp(v, "shuffled") == 0) return true;
         if (std::strcmp(v, "index") == 0) return false;
-        std::fprintf(stderr, "[cuda-emu] MOEMESH_CUDA_EMU_BLOCK_ORDER=%s is not 'shuffled' or 'index'; using shuffled\n",
-                     v);
+        std::fprintf(stderr,
+                     "[cuda-emu] MOEMESH_CUDA_EMU_BLOCK_ORDER=%s is not 'shuffled' or 'index'; using shuffled\n", v);
         return true;
     }();
     return s;
