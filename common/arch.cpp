@@ -181,6 +181,17 @@ const char* tensor_pattern(Tensor t) {
 
 bool tensor_is_per_layer(Tensor t) { return std::strncmp(tensor_pattern(t), "blk.%d.", 7) == 0; }
 
+bool is_routed_expert_tensor(const std::string& name) {
+    int layer = -1;
+    if (std::sscanf(name.c_str(), "blk.%d.", &layer) != 1 || layer < 0) return false;
+    for (const Tensor t : {Tensor::kFfnGateExps, Tensor::kFfnUpExps, Tensor::kFfnDownExps, Tensor::kFfnGateUpExps}) {
+        const std::string stem = tensor_name(t, layer, "");
+        if (name.compare(0, stem.size(), stem) == 0 && name.size() > stem.size() && name[stem.size()] == '.')
+            return true;
+    }
+    return false;
+}
+
 std::string tensor_name(Tensor t, int layer, const char* suffix) {
     const char* p = tensor_pattern(t);
     std::string name;

@@ -143,6 +143,8 @@ enum class Tensor {
 };
 const char* tensor_pattern(Tensor t);  // "blk.%d.ffn_up_exps"
 bool tensor_is_per_layer(Tensor t);
+// A layer's routed experts: blk.N.ffn_{gate,up,down,gate_up}_exps.* (not the shared expert's).
+bool is_routed_expert_tensor(const std::string& name);
 // "blk.3.ffn_up_exps.weight". layer is ignored for global tensors; suffix "" gives no suffix.
 std::string tensor_name(Tensor t, int layer = -1, const char* suffix = "weight");
 

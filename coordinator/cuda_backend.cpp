@@ -286,20 +286,20 @@ public:
         sizes_[p] = bytes;
         return Buffer(p, bytes, free_device);
     }
-    // The weights this backend will be given (every tensor of the trunk, less token_embd when an
-    // output matrix exists — its rows are dequantized on the host — and the routed experts when
+    // Tensors never uploaded: token_embd when an output matrix exists (its rows are dequantized on
+    // the host) and the multi-token-prediction blocks past the trunk.
+    static bool not_uploaded(const GgufFile& f, const ModelConfig& c, const GgufTensor& t) {
+        if (t.name == tensor_name(Tensor::kTokenEmbd) && f.tensor(tensor_name(Tensor::kOutput)) != nullptr) return true;
+        int layer = -1;
+        return std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer;
+    }
+    // The weights this backend will be given (every uploaded tensor, less the routed experts when
     // they live elsewhere) against the device's free memory.
     Status check_fits(const GgufFile& f, const ModelConfig& c, bool experts_elsewhere) override {
-        const bool tied = f.tensor(tensor_name(Tensor::kOutput)) == nullptr;
         size_t need = 0, experts = 0;
         for (const GgufTensor& t : f.tensors()) {
-            if (t.name == tensor_name(Tensor::kTokenEmbd) && !tied) continue;
-            int layer = -1;
-            if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
-            bool routed = false;
-            for (const Tensor k :
-                 {Tensor::kFfnGateExps, Tensor::kFfnUpExps, Tensor::kFfnDownExps, Tensor::kFfnGateUpExps})
-                routed = routed || (layer >= 0 && t.name == tensor_name(k, layer));
+            if (not_uploaded(f, c, t)) continue;
+            const bool routed = is_routed_expert_tensor(t.name);
             if (routed) experts += t.nbytes;
             if (routed && experts_elsewhere) continue;
             need += t.nbytes;
@@ -367,13 +367,10 @@ public:
     // when an output matrix exists (rows are dequantized on the host), ssm_conv1d (taps are uploaded
     // as f32), 1-D tensors, and multi-token-prediction blocks past the trunk.
     static Status check_matrix_types(const GgufFile& f, const ModelConfig& c) {
-        const bool tied = f.tensor(tensor_name(Tensor::kOutput)) == nullptr;
         for (const GgufTensor& t : f.tensors()) {
             if (t.n_dims < 2 || cuda::matmul_supported(t.type)) continue;
-            if (t.name == tensor_name(Tensor::kTokenEmbd) && !tied) continue;
+            if (not_uploaded(f, c, t)) continue;
             if (t.name.find(".ssm_conv1d.") != std::string::npos) continue;
-            int layer = -1;
-            if (std::sscanf(t.name.c_str(), "blk.%d.", &layer) == 1 && layer >= c.n_layer) continue;
             return MM_ERROR("%s: tensor '%s' has type %s, which the CUDA backend cannot multiply yet (it has F32, "
                             "F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS, MXFP4 and the IQ1/IQ2/IQ3 "
                             "types); run it with --device cpu",

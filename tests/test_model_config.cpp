@@ -57,6 +57,17 @@ std::string schedule(const ModelConfig& c) {
 
 // rope.scaling.* become the kernels' RopeParams as llama.cpp derives them (llama-context.cpp,
 // ggml_rope_yarn_corr_dims), with llama.cpp's defaults for absent keys.
+// The routed experts' tensors by name (the device-memory check and --host-budget auto count them).
+TEST(Arch, RoutedExpertTensorsByName) {
+    for (const char* n : {"blk.0.ffn_gate_exps.weight", "blk.12.ffn_up_exps.weight", "blk.3.ffn_down_exps.weight",
+                          "blk.47.ffn_gate_up_exps.weight", "blk.2.ffn_down_exps.bias"})
+        EXPECT_TRUE(is_routed_expert_tensor(n)) << n;
+    for (const char* n : {"blk.0.ffn_gate_shexp.weight", "blk.0.ffn_gate_inp.weight", "token_embd.weight",
+                          "blk.0.ffn_down_exps", "blk.x.ffn_up_exps.weight", "blk.0.ffn_up_exps_x.weight",
+                          "blk.0.attn_q.weight"})
+        EXPECT_FALSE(is_routed_expert_tensor(n)) << n;
+}
+
 TEST(Qwen3NextConfig, RopeScalingKeysBecomeRopeParams) {
     auto plain = config_of([](GgufWriter&) {});
     ASSERT_TRUE(plain.ok()) << plain.status().message();

@@ -59,7 +59,7 @@ uint64_t auto_host_budget(const GgufFile& f, uint64_t available, std::string* no
     constexpr uint64_t kMinimum = uint64_t{256} << 20;  // less is not worth pinning
     uint64_t routed = 0;
     for (const GgufTensor& t : f.tensors())
-        if (t.name.find("_exps.") != std::string::npos) routed += t.nbytes;
+        if (is_routed_expert_tensor(t.name)) routed += t.nbytes;
     if (available == 0) {
         *note = "MemAvailable unknown (no /proc/meminfo): no host tier";
         return 0;

@@ -218,6 +218,23 @@ __global__ void __launch_bounds__(kAttnThreads)
 // head_dim <= kAttnGqaMaxQ floats. The V pass over the warps (MOEMESH_CUDA_ATTN_V=warps) has no
 // grouped form.
 constexpr int kAttnGqaMaxQ = 2048;
+constexpr int kAttnGqaMaxGroup = 16;
+
+// The second half of block_max (kMax) / block_sum for each of gs heads at once: lane 0 of every warp
+// has put its warp's result for head hh at red[hh][wid]; res[hh] ← those combined in warp order, as
+// block_max / block_sum combine them. Barriers before and after.
+template <bool kMax, int kMaxG>
+__device__ __forceinline__ void finish_head_reductions(const float (&red)[kMaxG][kWarp], float* res, int64_t gs) {
+    const int lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+    __syncthreads();
+    if (threadIdx.x < kWarp)
+        for (int64_t hh = 0; hh < gs; ++hh) {
+            const float r = kMax ? warp_max(lane < nw ? red[hh][lane] : -INFINITY)
+                                 : warp_sum(lane < nw ? red[hh][lane] : 0.0f);
+            if (lane == 0) res[hh] = r;
+        }
+    __syncthreads();
+}
 
 template <bool kF16, int kMaxG>
 __global__ void __launch_bounds__(kAttnThreads)
@@ -276,13 +293,7 @@ __global__ void __launch_bounds__(kAttnThreads)
             mx = warp_max(mx);
             if (lane == 0) red[hh][wid] = mx;
         }
-        __syncthreads();
-        if (wid == 0)
-            for (int64_t hh = 0; hh < gs; ++hh) {
-                const float m = warp_max(lane < nw ? red[hh][lane] : -INFINITY);
-                if (lane == 0) hm[hh] = m;
-            }
-        __syncthreads();
+        finish_head_reductions<true>(red, hm, gs);
         for (int64_t hh = 0; hh < gs; ++hh) {
             const float mx = hm[hh];
             float l = 0.0f;
@@ -294,13 +305,7 @@ __global__ void __launch_bounds__(kAttnThreads)
             l = warp_sum(l);
             if (lane == 0) red[hh][wid] = l;
         }
-        __syncthreads();
-        if (wid == 0)
-            for (int64_t hh = 0; hh < gs; ++hh) {
-                const float l = warp_sum(lane < nw ? red[hh][lane] : 0.0f);
-                if (lane == 0) hl[hh] = l;
-            }
-        __syncthreads();  // (also publishes sc)
+        finish_head_reductions<false>(red, hl, gs);  // (its barriers also publish sc)
         // V: thread d sums each head's weighted V[j][d] over the chunk's keys.
         auto wsp = [&](int64_t hh) { return ws + ((t * n_head + h0 + hh) * n_splits + sp) * (head_dim + 2); };
         for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -379,7 +384,7 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
     auto* ws = static_cast<float*>(workspace);
     const bool vw = attn_v_warps();
     const int64_t gs = a.n_head / a.n_head_kv;
-    if (!vw && gs >= 2 && gs <= 16 && gs * a.head_dim <= kAttnGqaMaxQ && attn_gqa_on()) {
+    if (!vw && gs >= 2 && gs <= kAttnGqaMaxGroup && gs * a.head_dim <= kAttnGqaMaxQ && attn_gqa_on()) {
         const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head_kv),
                         static_cast<unsigned>(a.n_tokens));
 #define MM_ATTN_LAUNCH(...)                                                                                    \
@@ -390,8 +395,8 @@ void attention_launch(const AttentionArgs& a, const int32_t* n_past_dev, int64_t
         else if (gs <= 4) MM_ATTN_LAUNCH(attn_split_gqa_kernel<false, 4>);
         else if (gs <= 8 && a.kv_f16) MM_ATTN_LAUNCH(attn_split_gqa_kernel<true, 8>);
         else if (gs <= 8) MM_ATTN_LAUNCH(attn_split_gqa_kernel<false, 8>);
-        else if (a.kv_f16) MM_ATTN_LAUNCH(attn_split_gqa_kernel<true, 16>);
-        else MM_ATTN_LAUNCH(attn_split_gqa_kernel<false, 16>);
+        else if (a.kv_f16) MM_ATTN_LAUNCH(attn_split_gqa_kernel<true, kAttnGqaMaxGroup>);
+        else MM_ATTN_LAUNCH(attn_split_gqa_kernel<false, kAttnGqaMaxGroup>);
         g_attn_gqa_launches.fetch_add(1);
     } else {
         const dim3 grid(static_cast<unsigned>(n_splits), static_cast<unsigned>(a.n_head),
