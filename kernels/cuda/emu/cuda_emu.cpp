@@ -10,6 +10,7 @@
 
 #include <boost/context/fiber.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdarg>
@@ -21,6 +22,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -408,21 +411,14 @@ bool shuffled_blocks() {
 }
 std::atomic<uint64_t> g_launches{0};
 
-uint64_t splitmix64(uint64_t& x) {
-    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 // The linear block indices (x fastest) of one launch, in the order they run.
 std::vector<uint64_t> block_order(dim3 grid) {
-    const uint64_t n = uint64_t{grid.x} * grid.y * grid.z;
-    std::vector<uint64_t> order(n);
-    for (uint64_t i = 0; i < n; ++i) order[i] = i;
-    if (!shuffled_blocks()) return order;
-    uint64_t state = g_launches.fetch_add(1) * 0x2545f4914f6cdd1dull;
-    for (uint64_t i = n; i > 1; --i) std::swap(order[i - 1], order[splitmix64(state) % i]);  // Fisher-Yates
+    std::vector<uint64_t> order(uint64_t{grid.x} * grid.y * grid.z);
+    std::iota(order.begin(), order.end(), uint64_t{0});
+    if (shuffled_blocks()) {
+        std::mt19937_64 rng(g_launches.fetch_add(1));
+        std::shuffle(order.begin(), order.end(), rng);
+    }
     return order;
 }
 
