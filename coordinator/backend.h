@@ -23,6 +23,16 @@
 
 namespace moemesh {
 
+// Thrown by Backend::alloc when the backend has no memory left for scratch that the forward pass
+// sizes itself (activations, workspaces, the backend's own grown buffers): the model catches it at
+// its entry points (load_model, new_sequence, forward*) and returns `status` from there, so it
+// never leaves the Model interface. An exception here, against STYLE.md's Status everywhere,
+// because ~40 sites grow a buffer in the middle of a pass and none of them could do anything with
+// the error but hand it up; the state they leave is the one a failed pass leaves anyway.
+struct BackendOutOfMemory {
+    Status status;
+};
+
 // Memory owned by a backend (host or device), freed with the function it was allocated with; it
 // does not need the backend alive. Move-only.
 class Buffer {
@@ -85,10 +95,11 @@ public:
     virtual bool host_memory() const = 0;  // op pointers are host pointers
 
     // ---- memory ----
+    // Throws BackendOutOfMemory (naming the bytes asked and free) when the backend has no room.
     virtual Buffer alloc(size_t bytes, bool zero) = 0;
     // alloc() for memory a user's settings size (a sequence's KV cache and state): an error naming
     // `what`, the bytes asked and the bytes free when the backend has no room, instead of alloc()'s
-    // abort. The CPU backend's allocations do not fail this way (the default is alloc()).
+    // exception. The CPU backend's allocations do not fail this way (the default is alloc()).
     virtual StatusOr<Buffer> try_alloc(size_t bytes, bool zero, const char* what) {
         (void)what;
         return alloc(bytes, zero);

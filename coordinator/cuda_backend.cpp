@@ -264,9 +264,11 @@ public:
 
     Buffer alloc(size_t bytes, bool zero) override {
         StatusOr<Buffer> b = try_alloc(bytes, zero, "a buffer");
-        if (!b.ok()) {  // scratch the model sizes itself: nothing to give back an error to
-            std::fprintf(stderr, "%s\n", b.status().message().c_str());
-            std::abort();
+        if (!b.ok()) {
+            // try_alloc ran what was recorded: the step so far is done, and no op is left recorded
+            // to name a twin that the failed op may have been about to write.
+            qx_src_ = nullptr;
+            throw BackendOutOfMemory{b.status()};
         }
         return std::move(b).value();
     }
@@ -736,8 +738,9 @@ public:
         forget_qx_if(out);  // (the host-synchronising paths write out directly)
         if (!host_experts_ && !dev_experts_ && T > 1 && T * K <= prompt_pairs_max()) {
             const ResidentExperts& r = experts_[layer];
-            enqueue({24, layer, P(x), T, K, P(ids), P(w), P(out)},
-                    [=, this, &r](bool) { moe_pairs(r, x, T, K, ids, w, out); });
+            const MoeRows rows = moe_rows(T * K);  // (not in the recorded op: an allocation there could not fail)
+            enqueue({24, layer, P(x), T, K, P(ids), P(w), P(out), P(rows.xs), P(rows.g), P(rows.u), P(rows.y)},
+                    [=, this, &r](bool) { moe_pairs(r, x, T, K, ids, w, out, rows); });
             return Status();
         }
         if (host_experts_ || T != 1) {  // host-synchronising: whatever was recorded runs first
@@ -1060,18 +1063,22 @@ private:
         return std::clamp<int64_t>(std::atoll(e), 0, 65535);
     }
 
+    // The scratch of n (token, expert) rows of a prompt MoE: xs / y [n, H], g / u [n, I].
+    struct MoeRows {
+        float *xs, *g, *u, *y;
+    };
+    MoeRows moe_rows(int64_t n) {
+        return {grow<float>(xs_, n * H_), grow<float>(g_, n * I_), grow<float>(u_, n * I_), grow<float>(y_, n * H_)};
+    }
     // A short prompt chunk as one decode step of T·K selections: each token's row repeated K times,
     // the expert-indexed GEMVs (gate/up/SwiGLU, down) over all pairs, combine. Stays on the device
     // (moe_grouped copies the ids to the host and makes one product per used expert: 1.35 ms per
     // layer of a 16-token prompt on an H200, the whole prompt's time). An expert that several tokens
     // use is read once per token.
     void moe_pairs(const ResidentExperts& r, const float* x, int64_t T, int64_t K, const int32_t* ids,
-                   const float* w, float* out) {
+                   const float* w, float* out, const MoeRows& rows) {
         const int64_t H = H_, I = I_, n = T * K;
-        float* xr = grow<float>(xs_, n * H);
-        float* g = grow<float>(g_, n * I);
-        float* u = grow<float>(u_, n * I);
-        float* y = grow<float>(y_, n * H);
+        float *xr = rows.xs, *g = rows.g, *u = rows.u, *y = rows.y;
         cuda::repeat_rows(x, xr, T, K, H, stream_);  // [n, H]: pair p = t·K + j has token t's row
         if (r.tg != r.tu || r.mb_g != r.mb_u ||
             !cuda::matmul_id_swiglu(r.tg, r.gate, r.up, r.mb_g, ids, n, I, H, xr, H, g, stream_)) {
@@ -1104,10 +1111,8 @@ private:
         }
         int32_t* maps = grow<int32_t>(maps_, 2 * n);
         CUDA_CHECK(cudaMemcpy(maps, maps_host_.data(), sizeof(int32_t) * 2 * n, cudaMemcpyHostToDevice));
-        float* xs = grow<float>(xs_, n * H);
-        float* g = grow<float>(g_, n * I);
-        float* u = grow<float>(u_, n * I);
-        float* y = grow<float>(y_, n * H);
+        const MoeRows rows = moe_rows(n);
+        float *xs = rows.xs, *g = rows.g, *u = rows.u, *y = rows.y;
         cuda::gather_rows(x, maps, xs, n, H, stream_);  // [n, H] grouped by expert
         // One product per used expert (cuda::matmul_grouped: the cuBLAS experts' W dequantized many
         // at a time and their GEMMs in grouped calls).

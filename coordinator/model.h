@@ -50,7 +50,9 @@ public:
     // memory); fails when the backend has no room for them (the message says how much was asked).
     virtual StatusOr<std::unique_ptr<SequenceState>> new_sequence(int64_t n_ctx) const = 0;
     // Appends n tokens to the sequence. logits ← [rows, n_vocab] with rows = n when all_logits,
-    // else 1 (the last token). Fails (state unchanged) if the sequence would exceed n_ctx.
+    // else 1 (the last token). Fails (state unchanged) if the sequence would exceed n_ctx. A failure
+    // inside the pass (a worker lost, the device out of memory for its scratch) leaves the sequence
+    // part-way through the tokens: it cannot go on (start a new one).
     virtual Status forward(SequenceState& seq, const int32_t* tokens, int64_t n, bool all_logits,
                            std::vector<float>* logits) = 0;
     // One step of several sequences at once (continuous batching): seqs[i] takes n_tokens[i] >= 1

@@ -836,6 +836,44 @@ TEST(CudaModelErrors, BadDeviceNames) {
 // sequence past it, fail with nothing leaked, after which sequences that fit still run. (On the
 // emulator ctest runs it as emu_small_vram.* with a 256 MiB device: the blocking allocation of a
 // 16 GiB emulated device would be 16 GiB of host memory.)
+// Takes device memory until at most `leave` bytes of cuda:0 are free (allocations of at most 1 GiB,
+// halved when refused, down to 4 KiB); gives it back when it goes away.
+class DeviceMemoryBlock {
+public:
+    explicit DeviceMemoryBlock(size_t leave) {
+        size_t fr = 0, total = 0;
+        if (cudaMemGetInfo(&fr, &total) != cudaSuccess) return;
+        for (size_t ask = size_t{1} << 30; fr > leave && ask >= (size_t{4} << 10);) {
+            void* p = nullptr;
+            if (cudaMalloc(&p, std::min(fr - leave, ask)) != cudaSuccess) {
+                (void)cudaGetLastError();
+                ask /= 2;
+                continue;
+            }
+            held_.push_back(p);
+            if (cudaMemGetInfo(&fr, &total) != cudaSuccess) break;
+        }
+        free_ = fr;
+    }
+    ~DeviceMemoryBlock() {
+        for (void* p : held_) (void)cudaFree(p);
+    }
+    DeviceMemoryBlock(const DeviceMemoryBlock&) = delete;
+    DeviceMemoryBlock& operator=(const DeviceMemoryBlock&) = delete;
+    size_t free_bytes() const { return free_; }  // what was left free
+
+private:
+    std::vector<void*> held_;
+    size_t free_ = 0;
+};
+
+// An OpenAI completion request of `prompt` to a server on 127.0.0.1:port, greedy.
+httplib::Result complete(httplib::Client& client, const std::vector<int32_t>& prompt, int64_t max_tokens) {
+    const nlohmann::json body = {
+        {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}, {"ignore_eos", true}};
+    return client.Post("/v1/completions", body.dump(), "application/json");
+}
+
 TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     REQUIRE_CUDA();
     const std::string path = testing::temp_dir("cuda_model_oom") + "/m.gguf";
@@ -858,21 +896,12 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     ModelOptions mo;
     mo.device = "cuda:0";
     {
-        // Allocations of at most 1 GiB until about half the weights' bytes are left free.
-        std::vector<void*> blockers;
-        size_t fr = free_b;
-        while (fr > weights / 2 + (size_t{1} << 20)) {
-            void* p = nullptr;
-            if (cudaMalloc(&p, std::min(fr - weights / 2, size_t{1} << 30)) != cudaSuccess) {
-                (void)cudaGetLastError();
-                break;
-            }
-            blockers.push_back(p);
-            ASSERT_EQ(cudaMemGetInfo(&fr, &total_b), cudaSuccess);
-        }
+        // About half the weights' bytes left free.
+        std::optional<DeviceMemoryBlock> block(std::in_place, weights / 2);
+        const size_t fr = block->free_bytes();
         ASSERT_LT(fr, weights) << "could not leave less free memory than the weights take";
         auto m = load_model(file, mo);
-        for (void* p : blockers) cudaFree(p);
+        block.reset();
         ASSERT_FALSE(m.ok()) << "weights of " << weights << " bytes loaded with " << fr << " bytes free";
         const std::string& msg = m.status().message();
         std::printf("[cuda-model] weights that do not fit: %s\n", msg.c_str());
@@ -921,19 +950,142 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     httplib::Client client("127.0.0.1", port.value());
     client.set_read_timeout(120);
     for (int i = 0; i < 100 && !client.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    auto complete = [&](int64_t max_tokens) {
-        const nlohmann::json body = {{"prompt", std::vector<int32_t>{5, 6, 7}}, {"max_tokens", max_tokens},
-                                     {"temperature", 0}, {"ignore_eos", true}};
-        return client.Post("/v1/completions", body.dump(), "application/json");
-    };
-    auto too_long = complete(huge - 10);
+    auto too_long = complete(client, {5, 6, 7}, huge - 10);
     ASSERT_TRUE(too_long);
     std::printf("[cuda-model] serving it: HTTP %d %s\n", too_long->status, too_long->body.c_str());
     EXPECT_NE(too_long->status, 200);
     EXPECT_NE(too_long->body.find("out of memory for the KV cache"), std::string::npos) << too_long->body;
-    auto fits = complete(4);
+    auto fits = complete(client, {5, 6, 7}, 4);
     ASSERT_TRUE(fits);
     EXPECT_EQ(fits->status, 200) << fits->body;
+    server.stop();
+    serving.join();
+}
+
+// The forward pass's own scratch (activations, workspaces, the backend's grown buffers) not fitting:
+// an error from forward*, not an abort; with the memory back a new sequence runs as on a fresh
+// model, and the server answers the request with the error and goes on.
+TEST(CudaModelErrors, ScratchRunningOutIsAClearError) {
+    REQUIRE_CUDA();
+    const std::string path = testing::temp_dir("cuda_model_scratch_oom") + "/m.gguf";
+    MakeModelOptions o = moe_opts("q8_0");
+    o.out = path;
+    std::ostringstream log;
+    ASSERT_TRUE(make_model(o, log).ok());
+    std::shared_ptr<GgufFile> file(std::move(*GgufFile::open(path)));
+    size_t free_b = 0, total_b = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
+#ifdef MM_CUDA_EMULATION
+    if (free_b > (size_t{1} << 30)) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
+#endif
+    ModelOptions mo;
+    mo.device = "cuda:0";
+    auto m = load_model(file, mo);
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    Model& model = **m;
+    const int64_t n = 300;
+    const std::vector<int32_t> prompt = random_tokens(n, kDefaultBuiltinVocab, 5);
+    auto seq = model.new_sequence(512).value();
+    auto seq1 = model.new_sequence(512).value();
+    std::vector<float> logits;
+    {
+        DeviceMemoryBlock block(0);
+        const Status st = model.forward(*seq, prompt.data(), n, false, &logits);
+        ASSERT_FALSE(st.ok()) << "a prompt ran with " << block.free_bytes() << " bytes free";
+        std::printf("[cuda-model] scratch that does not fit: %s\n", st.message().c_str());
+        EXPECT_NE(st.message().find("cuda:0: out of memory for a buffer"), std::string::npos) << st.message();
+        EXPECT_NE(st.message().find("in the forward pass of 300 token(s)"), std::string::npos) << st.message();
+        EXPECT_NE(st.message().find("--batch 512"), std::string::npos) << st.message();
+        int32_t next = -1;
+        const Status st1 = model.forward_argmax(*seq1, prompt.data(), 1, &next);
+        ASSERT_FALSE(st1.ok()) << "a decode step ran with " << block.free_bytes() << " bytes free";
+        EXPECT_NE(st1.message().find("in the forward pass of 1 token(s)"), std::string::npos) << st1.message();
+    }
+    // With the memory back: a new sequence, prompt then greedy steps, as on a model that never failed.
+    auto greedy_run = [&](Model& mdl, std::vector<float>* first) {
+        auto s = mdl.new_sequence(512).value();
+        std::vector<int32_t> out;
+        EXPECT_TRUE(mdl.forward(*s, prompt.data(), n, false, first).ok());
+        int32_t next = ::moemesh::argmax(first->data(), mdl.config().n_vocab);
+        for (int i = 0; i < 8; ++i) {
+            out.push_back(next);
+            const int32_t fed = next;
+            EXPECT_TRUE(mdl.forward_argmax(*s, &fed, 1, &next).ok());
+        }
+        return out;
+    };
+    std::vector<float> after, ref;
+    const std::vector<int32_t> tokens_after = greedy_run(model, &after);
+    {
+        auto fresh = load_model(file, mo);
+        ASSERT_TRUE(fresh.ok()) << fresh.status().message();
+        EXPECT_EQ(tokens_after, greedy_run(**fresh, &ref));
+    }
+    ASSERT_EQ(after.size(), ref.size());
+    double diff = 0, scale = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        diff = std::max(diff, std::fabs(static_cast<double>(after[i]) - ref[i]));
+        scale = std::max(scale, std::fabs(static_cast<double>(ref[i])));
+    }
+    EXPECT_LE(diff, 1e-5 * scale) << "the prompt's logits after the failure";
+    // The server: a request whose prompt's scratch does not fit (room for its KV cache, measured as a
+    // sequence of its size takes it, but not for the larger buffers of a longer prompt than the
+    // last) is answered with the error; the prompt cache gives its sequences back (the next request
+    // with the first one's prompt reuses none of it) and the server goes on.
+    auto served = load_model(file, mo);
+    ASSERT_TRUE(served.ok()) << served.status().message();
+    const int64_t max_tokens = 4, n_long = 450;
+    const std::vector<int32_t> longer = random_tokens(n_long, kDefaultBuiltinVocab, 6);
+    size_t kv = 0;
+    {
+        size_t before = 0, after_b = 0;
+        ASSERT_EQ(cudaMemGetInfo(&before, &total_b), cudaSuccess);
+        auto probe = (*served)->new_sequence(n_long + max_tokens).value();
+        ASSERT_EQ(cudaMemGetInfo(&after_b, &total_b), cudaSuccess);
+        kv = before - after_b;
+    }
+    auto tok = Tokenizer::from_gguf(*file);
+    ASSERT_TRUE(tok.ok()) << tok.status().message();
+    HttpServerOptions ho;
+    ho.model_name = "m";
+    ho.limits.n_ctx = 512;
+    ho.limits.n_vocab = model.config().n_vocab;
+    ho.log_requests = false;
+    HttpServer server(**served, tok.value(), ho);
+    auto port = server.bind("127.0.0.1", 0);
+    ASSERT_TRUE(port.ok()) << port.status().message();
+    std::thread serving([&] { (void)server.run(); });
+    httplib::Client client("127.0.0.1", port.value());
+    client.set_read_timeout(120);
+    for (int i = 0; i < 100 && !client.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto cached_tokens = [](const httplib::Result& r) {
+        return nlohmann::json::parse(r->body)["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
+    };
+    auto first = complete(client, prompt, max_tokens);
+    ASSERT_TRUE(first);
+    ASSERT_EQ(first->status, 200) << first->body;
+    {
+        DeviceMemoryBlock block(kv);
+        auto failed = complete(client, longer, max_tokens);
+        ASSERT_TRUE(failed);
+        std::printf("[cuda-model] serving it (%zu bytes free, %zu for the KV cache): HTTP %d %s\n",
+                    block.free_bytes(), kv, failed->status, failed->body.c_str());
+        EXPECT_EQ(failed->status, 500);
+        EXPECT_NE(failed->body.find("out of memory"), std::string::npos) << failed->body;
+#ifdef MM_CUDA_EMULATION  // (exact byte counts: on a GPU the block may take a page of the KV cache's room)
+        EXPECT_NE(failed->body.find("in the forward pass of 450 token(s)"), std::string::npos) << failed->body;
+#endif
+    }
+    auto again = complete(client, prompt, max_tokens);
+    ASSERT_TRUE(again);
+    ASSERT_EQ(again->status, 200) << again->body;
+    EXPECT_EQ(cached_tokens(again), 0) << "the prompt cache kept its sequences after the failure";
+    auto longer_ok = complete(client, longer, max_tokens);
+    ASSERT_TRUE(longer_ok);
+    EXPECT_EQ(longer_ok->status, 200) << longer_ok->body;
+    auto cached = complete(client, longer, max_tokens);
+    ASSERT_TRUE(cached);
+    EXPECT_EQ(cached_tokens(cached), n_long - 1) << "(the prompt cache works here)";
     server.stop();
     serving.join();
 }

@@ -248,6 +248,10 @@ struct HttpServer::Impl {
         seq_cache.push_back(CachedSequence{std::move(s.seq), std::move(s.fed), std::move(s.snap), s.snap_at});
     }
 
+    // After a forward pass failed (its sequences end with the error): the prompt cache's sequences
+    // give their memory back, since the pass may have run out of it (the next request has room).
+    void forward_failed() { seq_cache.clear(); }
+
     // Ends a request: its last text, its timing, its status to the waiting handler.
     void finish(Slot& s, Status st) {
         if (st.ok() && !flush(s, s.res->text.size())) st = MM_ERROR("the client closed the connection");
@@ -412,6 +416,7 @@ struct HttpServer::Impl {
         std::vector<float> logits;
         Status st = model.forward(*s.seq, input.data() + s.prefilled, n, false, &logits);
         if (!st.ok()) {
+            forward_failed();
             finish(s, st);
             return false;
         }
@@ -515,6 +520,7 @@ struct HttpServer::Impl {
             } else {
                 st = model.forward_batch(seqs.data(), counts.data(), n_seqs, tokens.data(), &logits);
             }
+            if (!st.ok()) forward_failed();
             const bool ids_only = top_k > 0;
             std::vector<Slot*> still;
             for (size_t i = 0; i < active.size(); ++i) {

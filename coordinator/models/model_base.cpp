@@ -193,7 +193,7 @@ Status ModelBase::forward_rows(SequenceState& seq, const int32_t* tokens, int64_
             o = out;
         }
         const Segment seg{&seq, 0, T};
-        MM_RETURN_IF_ERROR(forward_chunk(&seg, 1, tokens + done, T, all_logits, o));
+        MM_RETURN_IF_ERROR(run_chunk(&seg, 1, tokens + done, T, all_logits, o));
         done += T;
     }
     return Status();
@@ -259,7 +259,19 @@ Status ModelBase::forward_batch_rows(SequenceState* const* seqs, const int64_t* 
         logits->assign(static_cast<size_t>(n_seqs * cfg_.n_vocab), 0.0f);
         out.logits = logits->data();
     }
-    return forward_chunk(segs.data(), n_seqs, tokens, T, false, out);
+    return run_chunk(segs.data(), n_seqs, tokens, T, false, out);
+}
+
+Status ModelBase::run_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
+                            const ChunkOut& out) {
+    try {
+        return forward_chunk(segs, n_segs, tokens, T, all_rows, out);
+    } catch (const BackendOutOfMemory& e) {
+        return MM_ERROR("%s, in the forward pass of %lld token(s) (prompts run in chunks of --batch %lld tokens: "
+                        "a smaller one needs less)",
+                        e.status.message().c_str(), static_cast<long long>(T),
+                        static_cast<long long>(opts_.n_batch));
+    }
 }
 
 void ModelBase::cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols) {
@@ -445,13 +457,18 @@ void ModelBase::output_logits(const float* x, int64_t T, bool all_rows, const Se
 
 StatusOr<std::unique_ptr<Model>> load_model(std::shared_ptr<GgufFile> file, const ModelOptions& opts) {
     MM_ASSIGN_OR_RETURN(ModelConfig cfg, load_model_config(*file));
-    switch (cfg.arch) {
-        case Arch::kQwen3Moe: return load_qwen3moe(std::move(file), cfg, opts);
-        case Arch::kQwen3Next:
-        case Arch::kQwen35Moe: return load_qwen3next(std::move(file), cfg, opts);
-        default: break;
+    const std::string path = file->path();
+    try {  // (Backend::check_fits refuses weights that do not fit before this could happen)
+        switch (cfg.arch) {
+            case Arch::kQwen3Moe: return load_qwen3moe(std::move(file), cfg, opts);
+            case Arch::kQwen3Next:
+            case Arch::kQwen35Moe: return load_qwen3next(std::move(file), cfg, opts);
+            default: break;
+        }
+    } catch (const BackendOutOfMemory& e) {
+        return MM_ERROR("%s: loading it: %s", path.c_str(), e.status.message().c_str());
     }
-    return MM_ERROR("%s: no forward pass for architecture '%s'", file->path().c_str(), cfg.arch_name.c_str());
+    return MM_ERROR("%s: no forward pass for architecture '%s'", path.c_str(), cfg.arch_name.c_str());
 }
 
 }  // namespace moemesh

@@ -64,6 +64,11 @@ protected:
     // segment's last row (n_segs rows).
     virtual Status forward_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
                                  const ChunkOut& out) = 0;
+    // forward_chunk, with the backend running out of memory for the chunk's scratch
+    // (BackendOutOfMemory) returned as an error; the segments' sequences are then part-way through
+    // the chunk (recurrent state, KV rows past n_past) and cannot go on.
+    Status run_chunk(const Segment* segs, int64_t n_segs, const int32_t* tokens, int64_t T, bool all_rows,
+                     const ChunkOut& out);
 
     // data: backend memory (copied to the host for the hook when the backend is a device).
     void cb(const char* name, int layer, const float* data, int64_t rows, int64_t cols);
