@@ -61,7 +61,8 @@ public:
     Buffer alloc(size_t bytes, bool zero) override {
         const size_t n = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
         void* p = std::aligned_alloc(64, n);
-        if (!p) throw BackendOutOfMemory{MM_ERROR("cpu: out of memory for a buffer of %s", format_bytes(bytes).c_str())};
+        if (!p) throw BackendOutOfMemory{
+            MM_ERROR("cpu: out of memory for a buffer of %s", format_bytes(n).c_str())};
         if (zero) std::memset(p, 0, n);
         return Buffer(p, bytes, free_host);
     }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/gguf.h"
+#include "coordinator/backend.h"
 #include "coordinator/model.h"
 #include "coordinator/sampler.h"
 #include "tests/test_util.h"
@@ -320,6 +321,24 @@ INSTANTIATE_TEST_SUITE_P(Archs, ForwardBatch,
                              return std::string(info.param.arch) + "_" + info.param.type + "_t" +
                                     std::to_string(info.param.threads);
                          });
+
+// Scratch the backend cannot allocate: BackendOutOfMemory naming the size (the model turns it into
+// its forward call's error), not an abort.
+TEST(Backend, CpuScratchThatCannotBeHadThrowsBackendOutOfMemory) {
+#if defined(__SANITIZE_ADDRESS__)
+    GTEST_SKIP() << "AddressSanitizer aborts on an allocation this large instead of returning null";
+#endif
+    ThreadPool pool(1);
+    auto be = make_backend("cpu", pool);
+    ASSERT_TRUE(be.ok()) << be.status().message();
+    try {
+        Buffer b = (*be)->alloc(size_t{1} << 60, false);
+        FAIL() << "an allocation of 1 EiB succeeded";
+    } catch (const BackendOutOfMemory& e) {
+        EXPECT_EQ(e.status.message(), "cpu: out of memory for a buffer of 1.00 EiB") << e.status.message();
+    }
+    EXPECT_TRUE(static_cast<bool>((*be)->alloc(1024, true)));
+}
 
 }  // namespace
 }  // namespace moemesh
