@@ -1252,6 +1252,8 @@ StatusOr<std::unique_ptr<Backend>> make_cuda_backend(int index) {
     const int n = cuda::device_count(&why);
     if (n == 0) return MM_ERROR("device cuda:%d: no CUDA device: %s", index, why);
     if (index >= n) return MM_ERROR("device cuda:%d: only %d CUDA device(s) present (cuda:0..cuda:%d)", index, n, n - 1);
+    if (const std::string why = cuda::kernels_unavailable(index); !why.empty())
+        return MM_ERROR("device %s", why.c_str());
     CUDA_CHECK(cudaSetDevice(index));
     CUDA_CHECK(cuda::use_env_kernel_switches());
     (void)cuda::load_own_kernels();  // not fatal: the load line says why not

@@ -467,5 +467,42 @@ TEST(CudaExperts, DeviceBudgetAutoLeavesRoomForTheKvCache) {
     }
 }
 
+// A GPU that the build has no code for (the default 90;120 build on an sm_89 or sm_86 card) is
+// refused where a device is chosen, naming the GPU, its capability and the CMake flag that adds it,
+// instead of failing at the first kernel launch: the coordinator's backend (`moemesh run`), a worker
+// (`moemesh-worker --device`). Older GPUs are emulated (MOEMESH_CUDA_EMU_CC); on a real GPU the test
+// checks that a device the build does run is not refused.
+TEST(CudaExperts, GpuWithoutCodeForItsArchitectureIsRefused) {
+    REQUIRE_CUDA();
+    EXPECT_EQ(cuda::kernels_unavailable(0), "") << "a device that runs the build's kernels";
+#ifndef MM_CUDA_EMULATION
+    GTEST_SKIP() << "an older GPU is only emulated (MOEMESH_CUDA_EMU_CC)";
+#else
+    const std::string path = model("q8_0");
+    const std::string dir = testing::temp_dir("cuda_experts");
+    const std::string want = "cuda:0 (moemesh CUDA emulator (host), compute capability 8.9) cannot run this build's "
+                             "kernels (built for CUDA architectures 90 (the emulator's build): no kernel image is "
+                             "available for execution on the device); rebuild with -DCMAKE_CUDA_ARCHITECTURES=89 (or "
+                             "native), or run on the CPU (--device cpu)";
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EMU_CC", "8.9", 1), 0);
+    EXPECT_EQ(cuda::kernels_unavailable(0), want);
+    const Status worker = check_cuda_device(0);
+    EXPECT_EQ(worker.message(), want);
+    ASSERT_EQ(unsetenv("MOEMESH_CUDA_EMU_CC"), 0);
+    EXPECT_TRUE(check_cuda_device(0).ok());
+    const std::string bin = testing::moemesh_bin();
+    const std::string worker_bin = bin.substr(0, bin.rfind('/') + 1) + "moemesh-worker";
+    for (const std::string& cmd :
+         {bin + " run -m " + path + " --device cuda:0 --tokens 1,2,3 -n 2",
+          worker_bin + " --model " + path + " --listen unix:" + dir + "/old_gpu.sock --name w --device cuda:0"}) {
+        std::string out;
+        EXPECT_EQ(testing::run_capture("MOEMESH_CUDA_EMU_CC=8.9 " + cmd, &out, dir + "/old_gpu_err.txt"), 1) << cmd;
+        const std::string err = testing::read_file(dir + "/old_gpu_err.txt");
+        std::printf("[cuda-experts] %s: %s", cmd.c_str(), err.c_str());
+        EXPECT_NE(err.find(want), std::string::npos) << err;
+    }
+#endif
+}
+
 }  // namespace
 }  // namespace moemesh

@@ -276,6 +276,32 @@ TEST_F(CudaEmu, BadLaunchConfigurationsAreRefused) {
     cudaFree(d);
 }
 
+// MOEMESH_CUDA_EMU_CC below 9.0: the device reports it, and the emulated build (compute 9.0 and up)
+// has no code for it — launches and cudaFuncGetAttributes fail as on an sm_89 GPU, not stickily.
+TEST_F(CudaEmu, AnOlderComputeCapabilityHasNoKernelImage) {
+    float* d = device_alloc<float>(128);
+    cudaFuncAttributes attr{};
+    const void* fn = reinterpret_cast<const void*>(&scale_kernel);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EMU_CC", "8.6", 1), 0);
+    cudaDeviceProp p{};
+    ASSERT_EQ(cudaGetDeviceProperties(&p, 0), cudaSuccess);
+    EXPECT_EQ(p.major * 10 + p.minor, 86);
+    EXPECT_EQ(cudaFuncGetAttributes(&attr, fn), cudaErrorNoKernelImageForDevice);
+    MM_LAUNCH(1, 128, 0, nullptr, scale_kernel)(d, 2.0f, 128);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorNoKernelImageForDevice);
+    ASSERT_EQ(setenv("MOEMESH_CUDA_EMU_CC", "12.0", 1), 0);
+    EXPECT_EQ(cudaFuncGetAttributes(&attr, fn), cudaSuccess);
+    ASSERT_EQ(unsetenv("MOEMESH_CUDA_EMU_CC"), 0);
+    ASSERT_EQ(cudaGetDeviceProperties(&p, 0), cudaSuccess);
+    EXPECT_EQ(p.major * 10 + p.minor, 90);
+    std::vector<float> y(128, 1.0f);
+    ASSERT_EQ(cudaMemcpy(d, y.data(), sizeof(float) * 128, cudaMemcpyHostToDevice), cudaSuccess);
+    MM_LAUNCH(1, 128, 0, nullptr, scale_kernel)(d, 2.0f, 128);
+    ASSERT_EQ(cudaMemcpy(y.data(), d, sizeof(float) * 128, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(y[127], 2.0f);
+    cudaFree(d);
+}
+
 TEST_F(CudaEmu, DivergentBarriersFailTheLaunch) {
     float* d = device_alloc<float>(64);
     MM_LAUNCH(1, 64, 0, nullptr, divergent_kernel)(d);

@@ -191,6 +191,7 @@ Status check_cuda_device(int index) {
     if (n == 0) return MM_ERROR("cuda:%d: no CUDA device: %s", index, why);
     if (index < 0 || index >= n)
         return MM_ERROR("cuda:%d: only %d CUDA device(s) present (cuda:0..cuda:%d)", index, n, n - 1);
+    if (const std::string why = cuda::kernels_unavailable(index); !why.empty()) return MM_ERROR("%s", why.c_str());
     return Status();
 }
 

@@ -38,6 +38,11 @@ namespace moemesh::cuda {
 // Number of usable CUDA devices; 0 (and the reason in *why, if given) when there is no driver, no
 // device, or the runtime cannot talk to it. Never aborts: callers use it to skip GPU work.
 int device_count(const char** why = nullptr);
+// Why device `index` (< device_count()) cannot run this build's kernels, or "" when it can: a GPU of
+// a compute capability that the build has no code for (the default build, 90;120, on an sm_89 RTX
+// 4090 or sm_86 RTX 3090), found by asking the runtime for one of our kernels there. The message
+// names the GPU, its capability, the build's architectures and the CMake flag that adds it.
+std::string kernels_unavailable(int index);
 
 // Kernel switches for A/B runs (kernels/cuda/common.cuh; 0, the default: the next kernel is signalled
 // right after a kernel's dependency wait, and GEMVs prefetch their weight rows into L2, before that

@@ -6,10 +6,16 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#if defined(MM_CUDA_EMULATION)
+#define MOEMESH_CUDA_ARCHS "90 (the emulator's build)"
+#elif !defined(MOEMESH_CUDA_ARCHS)  // CMake's CMAKE_CUDA_ARCHITECTURES of the build
+#define MOEMESH_CUDA_ARCHS "unknown"
+#endif
 #ifndef MM_CUDA_EMULATION
 #include <cuda.h>  // the driver's types; its entry points come through the runtime
 #endif
@@ -27,6 +33,55 @@ int device_count(const char** why) {
     }
     if (n == 0 && why) *why = "the CUDA runtime found no device";
     return n;
+}
+
+namespace detail {
+namespace {
+struct Anchors {
+    std::mutex mu;
+    std::vector<const void*> kernels;  // one per module (common.cuh)
+};
+Anchors& anchors() {
+    static Anchors a;  // (built on first use: registrations come from other files' static initializers)
+    return a;
+}
+}  // namespace
+}  // namespace detail
+
+std::string kernels_unavailable(int index) {
+    const void* kernel = nullptr;
+    {
+        detail::Anchors& a = detail::anchors();
+        const std::lock_guard<std::mutex> lock(a.mu);
+        if (!a.kernels.empty()) kernel = a.kernels.front();
+    }
+#ifdef MM_CUDA_EMULATION
+    static const char emulated = 0;  // (no modules: any function stands for the emulated build's code)
+    kernel = &emulated;
+#endif
+    if (kernel == nullptr) return "";
+    int prev = 0;
+    if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(index) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return "";  // (the caller's own calls report it)
+    }
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+    (void)cudaGetLastError();  // neither error is sticky
+    (void)cudaSetDevice(prev);
+    if (e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction) return "";
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, index) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return "cuda:" + std::to_string(index) + ": " + cudaGetErrorString(e);
+    }
+    char msg[512];
+    std::snprintf(msg, sizeof msg,
+                  "cuda:%d (%s, compute capability %d.%d) cannot run this build's kernels (built for CUDA "
+                  "architectures %s: %s); rebuild with -DCMAKE_CUDA_ARCHITECTURES=%d%d (or native), or run on the "
+                  "CPU (--device cpu)",
+                  index, p.name, p.major, p.minor, MOEMESH_CUDA_ARCHS, cudaGetErrorString(e), p.major, p.minor);
+    return msg;
 }
 
 namespace detail {
@@ -87,16 +142,6 @@ cudaError_t use_env_kernel_switches() {
 }
 
 namespace detail {
-namespace {
-struct Anchors {
-    std::mutex mu;
-    std::vector<const void*> kernels;  // one per module (common.cuh)
-};
-Anchors& anchors() {
-    static Anchors a;  // (built on first use, as switch_setters)
-    return a;
-}
-}  // namespace
 
 bool register_module_anchor(const void* kernel) {
     Anchors& a = anchors();

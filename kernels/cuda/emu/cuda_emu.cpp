@@ -71,6 +71,21 @@ size_t device_memory() {
     static const size_t b = static_cast<size_t>(env_int("MOEMESH_CUDA_EMU_MEM_MIB", 16384, 1, 1 << 20)) << 20;
     return b;
 }
+// MOEMESH_CUDA_EMU_CC=M.N: the compute capability the devices report (major * 10 + minor; default 90).
+// Read at each use, so that a test can set it for a while.
+int compute_capability() {
+    const char* v = std::getenv("MOEMESH_CUDA_EMU_CC");
+    int major = 0, minor = 0;
+    char tail = 0;
+    if (v == nullptr || *v == '\0') return 90;
+    if (std::sscanf(v, "%d.%d%c", &major, &minor, &tail) != 2 || major < 1 || major > 99 || minor < 0 || minor > 9) {
+        std::fprintf(stderr, "[cuda-emu] MOEMESH_CUDA_EMU_CC=%s is not a compute capability like 8.9; using 9.0\n", v);
+        return 90;
+    }
+    return major * 10 + minor;
+}
+// The emulated build's code runs from compute 9.0 up (the default build's PTX for compute_90).
+constexpr int kLowestCc = 90;
 constexpr int kSms = 4;
 constexpr size_t kDefaultSmem = 48 << 10, kOptinSmem = 227 << 10, kSmemPerSm = 228 << 10;
 thread_local int g_device = 0;
@@ -661,6 +676,11 @@ void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem
         fail(cudaErrorInvalidConfiguration, "kernel %s: grid (%u,%u,%u) out of range", name, grid.x, grid.y, grid.z);
         return;
     }
+    if (const int cc = compute_capability(); cc < kLowestCc) {
+        fail(cudaErrorNoKernelImageForDevice, "kernel %s: no code for compute capability %d.%d (MOEMESH_CUDA_EMU_CC)",
+             name, cc / 10, cc % 10);
+        return;
+    }
     const size_t max_smem = max_dynamic_shared(fn);
     if (smem > max_smem) {
         fail(cudaErrorInvalidValue,
@@ -691,6 +711,8 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
         case cudaErrorNoDevice: return "cudaErrorNoDevice";
         case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+        case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
+        case cudaErrorNoKernelImageForDevice: return "cudaErrorNoKernelImageForDevice";
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
         case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
@@ -710,6 +732,8 @@ const char* cudaGetErrorString(cudaError_t e) {
         case cudaErrorInvalidConfiguration: return "invalid configuration argument";
         case cudaErrorNoDevice: return "no CUDA-capable device is detected (CUDA emulator: MOEMESH_CUDA_EMU_DEVICES=0)";
         case cudaErrorInvalidDevice: return "invalid device ordinal";
+        case cudaErrorInvalidDeviceFunction: return "invalid device function";
+        case cudaErrorNoKernelImageForDevice: return "no kernel image is available for execution on the device";
         case cudaErrorLaunchFailure: return "unspecified launch failure (see the [cuda-emu] message above)";
         case cudaErrorIllegalAddress: return "an illegal memory access was encountered (see the [cuda-emu] message above)";
         case cudaErrorNotSupported: return "operation not supported (by the CUDA emulator)";
@@ -755,8 +779,20 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
     p->multiProcessorCount = mm_emu::kSms;
     p->maxThreadsPerBlock = 1024;
     p->warpSize = 32;
-    p->major = 9;
-    p->minor = 0;
+    p->major = mm_emu::compute_capability() / 10;
+    p->minor = mm_emu::compute_capability() % 10;
+    return cudaSuccess;
+}
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* fn) {
+    if (fn == nullptr) return fail(cudaErrorInvalidDeviceFunction, "cudaFuncGetAttributes: a null function");
+    const int cc = mm_emu::compute_capability();
+    if (cc < mm_emu::kLowestCc)
+        return fail(cudaErrorNoKernelImageForDevice, "cudaFuncGetAttributes: no code for compute capability %d.%d",
+                    cc / 10, cc % 10);
+    *a = cudaFuncAttributes{};
+    a->maxThreadsPerBlock = 1024;
+    a->ptxVersion = a->binaryVersion = mm_emu::kLowestCc;
+    a->maxDynamicSharedSizeBytes = static_cast<int>(mm_emu::max_dynamic_shared(fn));
     return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {

@@ -27,7 +27,10 @@
 //   GPU (MOEMESH_CUDA_EMU_STREAMS=sync runs work at submission instead). Copies from or to pageable
 //   host memory are synchronous, as in CUDA. Stream capture records launches and copies with their
 //   arguments and a graph replays them; cudaStreamSynchronize inside a capture fails as on a GPU.
-//   MOEMESH_CUDA_EMU_DEVICES sets the device count (default 1).
+//   MOEMESH_CUDA_EMU_DEVICES sets the device count (default 1). MOEMESH_CUDA_EMU_CC=M.N sets the
+//   compute capability the devices report (default 9.0); the emulated build stands for the default
+//   one (PTX for compute 9.0, which runs on 9.0 and up), so below 9.0 launches and
+//   cudaFuncGetAttributes fail with cudaErrorNoKernelImageForDevice, as an sm_89 GPU does.
 //   CUDA IPC works between processes of one machine (the exported allocation becomes shared memory,
 //   which the other process maps), so the cuda-ipc data plane runs as on one GPU.
 // NCCL's point-to-point subset is in nccl_emu.h. What it cannot show: speed, races between threads
@@ -203,6 +206,8 @@ enum cudaError_t {
     cudaErrorInvalidMemcpyDirection = 21,
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidDeviceFunction = 98,
+    cudaErrorNoKernelImageForDevice = 209,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNotReady = 600,
     cudaErrorIllegalAddress = 700,
@@ -290,6 +295,17 @@ cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaSetDevice(int d);
 cudaError_t cudaGetDevice(int* d);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d);
+struct cudaFuncAttributes {
+    size_t sharedSizeBytes;
+    int maxThreadsPerBlock;
+    int numRegs;
+    int ptxVersion;
+    int binaryVersion;
+    int maxDynamicSharedSizeBytes;
+};
+// A kernel's attributes on the current device: cudaErrorNoKernelImageForDevice below compute 9.0
+// (MOEMESH_CUDA_EMU_CC), as the default build on an older GPU; otherwise nominal values.
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* fn);
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d);
 cudaError_t cudaDeviceSynchronize();
 // Clears a failed launch's sticky error and frees the current device's memory (as on a GPU).
