@@ -67,9 +67,11 @@ std::string kernels_unavailable(int index) {
     }
     cudaFuncAttributes attr{};
     const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-    (void)cudaGetLastError();  // neither error is sticky
+    (void)cudaGetLastError();  // (not a sticky error)
     (void)cudaSetDevice(prev);
-    if (e != cudaErrorNoKernelImageForDevice && e != cudaErrorInvalidDeviceFunction) return "";
+    // Only this error refuses the device: anything else (unexpected here) is left to the calls that
+    // follow, so that a device the build does run is never refused on a misreading.
+    if (e != cudaErrorNoKernelImageForDevice) return "";
     cudaDeviceProp p{};
     if (cudaGetDeviceProperties(&p, index) != cudaSuccess) {
         (void)cudaGetLastError();
