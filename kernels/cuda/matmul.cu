@@ -1604,13 +1604,14 @@ void matmul_own(const void* w, int64_t n_out, int64_t k, const float* x, int64_t
         return;
     }
     // Row chunks of 8, 4, 2, 1: W is read once per chunk.
+    static_assert(kGemvMaxM == 8);
     for (int64_t r0 = 0; r0 < m;) {
         const int64_t left = m - r0;
         const float* xr = x + r0 * k;
         float* yr = y + r0 * n_out;
-        if (left >= 8) {
-            launch_gemv<T, 8>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
-            r0 += 8;
+        if (left >= kGemvMaxM) {
+            launch_gemv<T, kGemvMaxM>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
+            r0 += kGemvMaxM;
         } else if (left >= 4) {
             launch_gemv<T, 4>(w, 0, nullptr, 1, n_out, k, xr, 0, yr, stream);
             r0 += 4;
