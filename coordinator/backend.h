@@ -25,7 +25,7 @@ namespace moemesh {
 
 // Thrown by Backend::alloc when the backend has no memory left for scratch that the forward pass
 // sizes itself (activations, workspaces, the backend's own grown buffers): the model catches it at
-// its entry points (load_model, new_sequence, forward*) and returns `status` from there, so it
+// its entry points (load_model, forward*) and returns `status` from there, so it
 // never leaves the Model interface. An exception here, against STYLE.md's Status everywhere,
 // because ~40 sites grow a buffer in the middle of a pass and none of them could do anything with
 // the error but hand it up; the state they leave is the one a failed pass leaves anyway.

@@ -874,25 +874,70 @@ httplib::Result complete(httplib::Client& client, const std::vector<int32_t>& pr
     return client.Post("/v1/completions", body.dump(), "application/json");
 }
 
+// `model` served on 127.0.0.1 (an ephemeral port, the tokenizer of `file`, contexts up to n_ctx)
+// from a thread of its own until the object goes away; `client` talks to it.
+struct ServedModel {
+    ServedModel(Model& model, const GgufFile& file, int64_t n_ctx) {
+        auto tok = Tokenizer::from_gguf(file);
+        EXPECT_TRUE(tok.ok()) << tok.status().message();
+        tokenizer = std::make_unique<Tokenizer>(std::move(tok).value());
+        HttpServerOptions ho;
+        ho.model_name = "m";
+        ho.limits.n_ctx = n_ctx;
+        ho.limits.n_vocab = model.config().n_vocab;
+        ho.log_requests = false;
+        server = std::make_unique<HttpServer>(model, *tokenizer, ho);
+        auto port = server->bind("127.0.0.1", 0);
+        EXPECT_TRUE(port.ok()) << port.status().message();
+        serving = std::thread([this] { (void)server->run(); });
+        client = std::make_unique<httplib::Client>("127.0.0.1", port.value());
+        client->set_read_timeout(120);
+        for (int i = 0; i < 100 && !client->Get("/health"); ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ~ServedModel() {
+        server->stop();
+        serving.join();
+    }
+    std::unique_ptr<Tokenizer> tokenizer;
+    std::unique_ptr<HttpServer> server;
+    std::thread serving;
+    std::unique_ptr<httplib::Client> client;
+};
+
+// The device-memory tests' model file (moe_opts("q8_0") with `o`'s changes) in a temp dir of its own.
+std::shared_ptr<GgufFile> oom_test_file(const std::string& dir, MakeModelOptions o) {
+    o.out = testing::temp_dir(dir) + "/m.gguf";
+    std::ostringstream log;
+    EXPECT_TRUE(make_model(o, log).ok()) << log.str();
+    return std::shared_ptr<GgufFile>(std::move(*GgufFile::open(o.out)));
+}
+
+// The emulator's device is too large to fill (host memory) unless ctest's emu_small_vram.* runs it
+// with MOEMESH_CUDA_EMU_MEM_MIB=256.
+bool large_emulated_device() {
+#ifdef MM_CUDA_EMULATION
+    size_t free_b = 0, total_b = 0;
+    return cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && free_b > (size_t{1} << 30);
+#else
+    return false;
+#endif
+}
+
 TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     REQUIRE_CUDA();
-    const std::string path = testing::temp_dir("cuda_model_oom") + "/m.gguf";
+    if (large_emulated_device()) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
     MakeModelOptions o = moe_opts("q8_0");
     // ~80 MB of weights: with half of that free, the backend's own start (a stream, its kernels, a
     // few small buffers) still has room on a GPU, whose allocations come in pages of MiBs.
     o.experts = 64;
     o.expert_ff = 512;
-    o.out = path;
-    std::ostringstream log;
-    ASSERT_TRUE(make_model(o, log).ok());
-    std::shared_ptr<GgufFile> file(std::move(*GgufFile::open(path)));
+    std::shared_ptr<GgufFile> file = oom_test_file("cuda_model_oom", o);
+    const std::string& path = file->path();
     size_t weights = 0;
     for (const GgufTensor& t : file->tensors()) weights += t.nbytes;
     size_t free_b = 0, total_b = 0;
     ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
-#ifdef MM_CUDA_EMULATION
-    if (free_b > (size_t{1} << 30)) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
-#endif
     ModelOptions mo;
     mo.device = "cuda:0";
     {
@@ -936,20 +981,8 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     const int32_t next = 7;
     EXPECT_TRUE(model.forward(*seq, &next, 1, false, &logits).ok()) << "the sequence after a failed grow";
     // The server answers a request whose KV cache does not fit with that error, and goes on.
-    auto tok = Tokenizer::from_gguf(*file);
-    ASSERT_TRUE(tok.ok()) << tok.status().message();
-    HttpServerOptions ho;
-    ho.model_name = "m";
-    ho.limits.n_ctx = huge;
-    ho.limits.n_vocab = c.n_vocab;
-    ho.log_requests = false;
-    HttpServer server(model, tok.value(), ho);
-    auto port = server.bind("127.0.0.1", 0);
-    ASSERT_TRUE(port.ok()) << port.status().message();
-    std::thread serving([&] { (void)server.run(); });
-    httplib::Client client("127.0.0.1", port.value());
-    client.set_read_timeout(120);
-    for (int i = 0; i < 100 && !client.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ServedModel served(model, *file, huge);
+    httplib::Client& client = *served.client;
     auto too_long = complete(client, {5, 6, 7}, huge - 10);
     ASSERT_TRUE(too_long);
     std::printf("[cuda-model] serving it: HTTP %d %s\n", too_long->status, too_long->body.c_str());
@@ -958,8 +991,6 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
     auto fits = complete(client, {5, 6, 7}, 4);
     ASSERT_TRUE(fits);
     EXPECT_EQ(fits->status, 200) << fits->body;
-    server.stop();
-    serving.join();
 }
 
 // The forward pass's own scratch (activations, workspaces, the backend's grown buffers) not fitting:
@@ -967,17 +998,8 @@ TEST(CudaModelErrors, DeviceMemoryRunningOutIsAClearError) {
 // model, and the server answers the request with the error and goes on.
 TEST(CudaModelErrors, ScratchRunningOutIsAClearError) {
     REQUIRE_CUDA();
-    const std::string path = testing::temp_dir("cuda_model_scratch_oom") + "/m.gguf";
-    MakeModelOptions o = moe_opts("q8_0");
-    o.out = path;
-    std::ostringstream log;
-    ASSERT_TRUE(make_model(o, log).ok());
-    std::shared_ptr<GgufFile> file(std::move(*GgufFile::open(path)));
-    size_t free_b = 0, total_b = 0;
-    ASSERT_EQ(cudaMemGetInfo(&free_b, &total_b), cudaSuccess);
-#ifdef MM_CUDA_EMULATION
-    if (free_b > (size_t{1} << 30)) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
-#endif
+    if (large_emulated_device()) GTEST_SKIP() << "runs on an emulated device of at most 1 GiB (emu_small_vram.*)";
+    std::shared_ptr<GgufFile> file = oom_test_file("cuda_model_scratch_oom", moe_opts("q8_0"));
     ModelOptions mo;
     mo.device = "cuda:0";
     auto m = load_model(file, mo);
@@ -1038,26 +1060,14 @@ TEST(CudaModelErrors, ScratchRunningOutIsAClearError) {
     const std::vector<int32_t> longer = random_tokens(n_long, kDefaultBuiltinVocab, 6);
     size_t kv = 0;
     {
-        size_t before = 0, after_b = 0;
+        size_t before = 0, after_b = 0, total_b = 0;
         ASSERT_EQ(cudaMemGetInfo(&before, &total_b), cudaSuccess);
         auto probe = (*served)->new_sequence(n_long + max_tokens).value();
         ASSERT_EQ(cudaMemGetInfo(&after_b, &total_b), cudaSuccess);
         kv = before - after_b;
     }
-    auto tok = Tokenizer::from_gguf(*file);
-    ASSERT_TRUE(tok.ok()) << tok.status().message();
-    HttpServerOptions ho;
-    ho.model_name = "m";
-    ho.limits.n_ctx = 512;
-    ho.limits.n_vocab = model.config().n_vocab;
-    ho.log_requests = false;
-    HttpServer server(**served, tok.value(), ho);
-    auto port = server.bind("127.0.0.1", 0);
-    ASSERT_TRUE(port.ok()) << port.status().message();
-    std::thread serving([&] { (void)server.run(); });
-    httplib::Client client("127.0.0.1", port.value());
-    client.set_read_timeout(120);
-    for (int i = 0; i < 100 && !client.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ServedModel serving(**served, *file, 512);
+    httplib::Client& client = *serving.client;
     auto cached_tokens = [](const httplib::Result& r) {
         return nlohmann::json::parse(r->body)["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
     };
@@ -1086,8 +1096,6 @@ TEST(CudaModelErrors, ScratchRunningOutIsAClearError) {
     auto cached = complete(client, longer, max_tokens);
     ASSERT_TRUE(cached);
     EXPECT_EQ(cached_tokens(cached), n_long - 1) << "(the prompt cache works here)";
-    server.stop();
-    serving.join();
 }
 
 }  // namespace
