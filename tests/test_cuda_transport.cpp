@@ -81,11 +81,12 @@ protected:
     // Starts worker `name` with extra environment (NCCL_HOSTID), computing on `device` ("cpu",
     // "cuda:0"); returns false with the log.
     ::testing::AssertionResult start_worker(Child* c, const std::string& name, const std::vector<std::string>& env,
-                                            const std::string& device) {
+                                            const std::string& device, const std::vector<std::string>& flags = {}) {
         std::vector<std::string> argv = {"/usr/bin/env"};
         argv.insert(argv.end(), env.begin(), env.end());
         argv.insert(argv.end(), {bin("moemesh-worker"), "--model", model_, "--listen", "unix:" + sock_ + "-" + name,
                                  "--name", name, "--threads", "2", "--device", device});
+        argv.insert(argv.end(), flags.begin(), flags.end());
         const std::string err = dir_ + "/" + name + ".err";
         if (!c->start(argv, err)) return ::testing::AssertionFailure() << "cannot start the worker";
         if (!wait_for_log(err, "listening on ", 30))
@@ -234,6 +235,26 @@ protected:
     std::string yaml_worker_device_ = "cuda:0";  // the workers' `device:` in the YAML
     int runs_ = 0;
 };
+
+// `moemesh-worker --device cuda:0 --device-budget auto` (no cache: entry in the YAML): the shard
+// served from a VRAM cache as large as the GPU's free memory less 512 MiB allows (here the whole
+// small shard), with the single process's tokens (prompt MoE grouped in both, as the cache computes it).
+TEST_F(CudaTransport, WorkersWithDeviceBudgetAutoServeFromAVramCache) {
+    Child a, b;
+    ASSERT_TRUE(start_worker(&a, "a", {}, "cuda:0", {"--device-budget", "auto"}));
+    ASSERT_TRUE(start_worker(&b, "b", {}, "cuda:0", {"--device-budget", "auto"}));
+    std::string err;
+    const json single = run("", {"MOEMESH_CUDA_PROMPT_PAIRS=0"}, &err);
+    ASSERT_TRUE(single.contains("greedy")) << err;
+    const json served = run(yaml("unix"), {}, &err);
+    ASSERT_TRUE(served.contains("greedy")) << err << "\nworker a:\n" << read_file(dir_ + "/a.err");
+    EXPECT_EQ(single["greedy"], served["greedy"]) << err;
+    for (const char* w : {"a", "b"}) {
+        const std::string log = read_file(dir_ + "/" + w + ".err");
+        EXPECT_NE(log.find("from a VRAM cache (the worker's flags)"), std::string::npos) << log;
+        EXPECT_NE(log.find("vram cuda:0: arena "), std::string::npos) << log;
+    }
+}
 
 TEST_F(CudaTransport, CudaIpcTwoWorkersOneGpuMatchesStagedAndSingleProcess) {
     check_transport("cuda-ipc", {}, {}, {}, "cpu");

@@ -302,6 +302,14 @@ TEST(WorkerCacheFlags, ParseAndReject) {
     EXPECT_EQ(host_only.value()->device_bytes, 0u);
     EXPECT_EQ(host_only.value()->policy, CachePolicy::kLru);
 
+    // auto on a GPU: no fixed size; the VRAM tier is what is free less the scratch kept.
+    auto gpu_auto = worker_cache_from_flags("auto", "", "", "", "", "", /*gpu=*/true);
+    ASSERT_TRUE(gpu_auto.ok()) << gpu_auto.status().message();
+    ASSERT_TRUE(gpu_auto.value().has_value());
+    EXPECT_EQ(gpu_auto.value()->device_bytes, 0u);
+    EXPECT_EQ(gpu_auto.value()->device_keep_free, kAutoDeviceScratch);
+    EXPECT_EQ(gpu_auto.value()->host_bytes, 0u);
+
     auto expect_error = [](StatusOr<std::optional<CacheOptions>> r, const std::string& part) {
         ASSERT_FALSE(r.ok()) << "expected an error with: " << part;
         EXPECT_NE(r.status().message().find(part), std::string::npos) << r.status().message();
@@ -316,6 +324,7 @@ TEST(WorkerCacheFlags, ParseAndReject) {
     expect_error(worker_cache_from_flags("1GiB", "", "static", "", "/nonexistent/p.json"), "/nonexistent/p.json");
     expect_error(worker_cache_from_flags("6GiB", "", "", "", "", "mmap"), "--storage");
     expect_error(worker_cache_from_flags("", "", "", "", "", "pread"), "need --device-budget or --host-budget");
+    expect_error(worker_cache_from_flags("auto", "", "", "", ""), "--device-budget auto is for --device cuda:N");
 }
 
 // A worker in this process; handshakes with or without a cache config; the Stats' device tier budget.
@@ -426,6 +435,11 @@ TEST(WorkerDevice, BinaryExitsOneWithTheReason) {
     EXPECT_EQ(run_capture(base + " --cache-policy lfu", &out, dir + "/err2.txt"), 1);
     EXPECT_NE(moemesh::testing::read_file(dir + "/err2.txt").find("need --device-budget or --host-budget"),
               std::string::npos);
+    // --device-budget auto sizes VRAM: refused with the CPU device (the flag sees the --device given).
+    EXPECT_EQ(run_capture(base + " --device cpu --device-budget auto", &out, dir + "/err3.txt"), 1);
+    EXPECT_NE(moemesh::testing::read_file(dir + "/err3.txt").find("--device-budget auto is for --device cuda:N"),
+              std::string::npos)
+        << moemesh::testing::read_file(dir + "/err3.txt");
     EXPECT_EQ(run_capture(bin + " --help", &out), 0);
     EXPECT_NE(out.find("Cache precedence"), std::string::npos);
     EXPECT_NE(out.find("--device-budget"), std::string::npos);

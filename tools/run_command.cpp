@@ -37,10 +37,6 @@ int default_threads() {
 
 namespace {
 
-// `--device-budget auto`: VRAM left free beside the KV caches for the forward pass's scratch
-// (activations, attention and cuBLAS workspaces, logits).
-constexpr uint64_t kAutoBudgetScratch = uint64_t{512} << 20;
-
 // MemAvailable of /proc/meminfo in bytes; 0 when unknown.
 uint64_t available_memory_bytes() {
     std::FILE* f = std::fopen("/proc/meminfo", "r");
@@ -416,11 +412,11 @@ Status run_generation(const RunOptions& o) {
                     for (int il = 0; il < c.n_layer; ++il) kv_layers += c.is_recurrent(il) ? 0 : 1;
                     const uint64_t kv = static_cast<uint64_t>(kv_layers * 2 * ctx * c.n_head_kv * c.head_dim) *
                                         kv_elem * static_cast<uint64_t>(sequences);
-                    opts.device_keep_free = kv + kAutoBudgetScratch;
+                    opts.device_keep_free = kv + kAutoDeviceScratch;
                     std::fprintf(stderr, "offload: --device-budget auto: the free VRAM less %s (%lld KV cache(s) of "
                                  "%lld positions) and %s of scratch\n", format_bytes(kv).c_str(),
                                  static_cast<long long>(sequences), static_cast<long long>(ctx),
-                                 format_bytes(kAutoBudgetScratch).c_str());
+                                 format_bytes(kAutoDeviceScratch).c_str());
                 }
                 std::string host_note;
                 if (host_auto) {

@@ -82,6 +82,10 @@ std::string expert_profile_json(const ExpertProfile& p);
 
 class TierMemory;
 
+// `--device-budget auto` on a GPU: VRAM the cache leaves free for the forward pass's scratch
+// (activations, attention and cuBLAS workspaces, logits; a worker's calls), beside any KV caches.
+inline constexpr uint64_t kAutoDeviceScratch = uint64_t{512} << 20;
+
 // How a worker caches its shard (the `cache:` entry of its placement, or `moemesh run --device-budget`).
 struct CacheOptions {
     uint64_t device_bytes = 0;  // device tier budget; 0: unlimited

@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
     std::string device_budget, host_budget, policy, prefetch, profile, storage;
     app.add_option("--device-budget", device_budget,
                    "Cache: serve the shard from a device tier of at most this size (e.g. 6GiB; VRAM on cuda:N, a RAM "
-                   "pool on cpu) when the handshake has no cache config");
+                   "pool on cpu) when the handshake has no cache config; auto (cuda:N): the VRAM free when the "
+                   "coordinator connects, less 512 MiB of scratch");
     app.add_option("--host-budget", host_budget,
                    "Cache: a host RAM tier of this size (pinned on cuda:N) below the device tier (alone on cpu: one "
                    "RAM tier; alone on cuda:N: device tier = the shard's size within 90% of free VRAM)");
@@ -62,7 +63,8 @@ int main(int argc, char** argv) {
         return app.exit(e) == 0 ? 0 : 1;  // --help/--version: 0; bad flags: the message, then 1
     }
 
-    auto cache = moemesh::worker_cache_from_flags(device_budget, host_budget, policy, prefetch, profile, storage);
+    auto cache = moemesh::worker_cache_from_flags(device_budget, host_budget, policy, prefetch, profile, storage,
+                                                  o.device.rfind("cuda", 0) == 0);
     if (!cache.ok()) {
         std::fprintf(stderr, "moemesh-worker: error: %s\n", cache.status().message().c_str());
         return 1;

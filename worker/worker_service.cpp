@@ -113,7 +113,7 @@ StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string&
                                                               const std::string& host_budget,
                                                               const std::string& policy, const std::string& prefetch,
                                                               const std::string& profile,
-                                                              const std::string& storage) {
+                                                              const std::string& storage, bool gpu) {
     if (device_budget.empty() && host_budget.empty()) {
         if (!policy.empty() || !prefetch.empty() || !profile.empty() || !storage.empty())
             return MM_ERROR("--cache-policy, --prefetch, --profile and --storage need --device-budget or --host-budget");
@@ -127,7 +127,15 @@ StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string&
         if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
         return r.value();
     };
-    MM_ASSIGN_OR_RETURN(o.device_bytes, size(device_budget, "--device-budget"));
+    if (device_budget == "auto") {
+        if (!gpu)
+            return MM_ERROR("--device-budget auto is for --device cuda:N (the VRAM free when the coordinator "
+                            "connects, less %s of scratch); on the CPU give a size",
+                            format_bytes(kAutoDeviceScratch).c_str());
+        o.device_keep_free = kAutoDeviceScratch;  // device_bytes 0: CudaExpertCompute sizes the tier
+    } else {
+        MM_ASSIGN_OR_RETURN(o.device_bytes, size(device_budget, "--device-budget"));
+    }
     MM_ASSIGN_OR_RETURN(o.host_bytes, size(host_budget, "--host-budget"));
     MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(policy.empty() ? "lru" : policy));
     MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(prefetch.empty() ? "none" : prefetch));

@@ -59,11 +59,13 @@ struct WorkerOptions {
 
 // The worker's own cache flags → CacheOptions (nullopt: no flag given). Sizes as in the YAML
 // ("6GiB"); policy/prefetch/profile without --device-budget or --host-budget are an error.
+// --device-budget auto (gpu: the worker's --device is cuda:N): the VRAM free when the cache is made,
+// less kAutoDeviceScratch, at most the shard; on the CPU an error.
 StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string& device_budget,
                                                               const std::string& host_budget,
                                                               const std::string& policy, const std::string& prefetch,
                                                               const std::string& profile,
-                                                              const std::string& storage = "");
+                                                              const std::string& storage = "", bool gpu = false);
 
 class WorkerService final : public v1::ExpertWorker::Service {
 public:
