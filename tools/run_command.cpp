@@ -367,12 +367,6 @@ Status run_generation(const RunOptions& o) {
             return MM_ERROR("--device-budget is for a single process; with --cluster give each worker a cache: entry "
                             "in the YAML");
         CacheOptions co;
-        auto size = [](const std::string& s, const char* flag) -> StatusOr<uint64_t> {
-            auto r = parse_size(s);
-            if (!r.ok()) return MM_ERROR("%s: %s", flag, r.status().message().c_str());
-            if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
-            return r.value();
-        };
         const std::string dev = o.device == "cuda" ? "cuda:0" : o.device.empty() ? "cpu" : o.device;
         MM_ASSIGN_OR_RETURN(const int gpu, parse_compute_device(dev, "--device"));
         const bool device_auto = o.device_budget == "auto";
@@ -380,11 +374,11 @@ Status run_generation(const RunOptions& o) {
             return MM_ERROR("--device-budget auto is for --device cuda:N (the VRAM that the rest of the model and its "
                             "KV cache leave); on the CPU give a size");
         if (!device_auto) {
-            MM_ASSIGN_OR_RETURN(co.device_bytes, size(o.device_budget, "--device-budget"));
+            MM_ASSIGN_OR_RETURN(co.device_bytes, parse_cache_budget(o.device_budget, "--device-budget"));
         }
         const bool host_auto = o.host_budget == "auto";
         if (!o.host_budget.empty() && !host_auto) {
-            MM_ASSIGN_OR_RETURN(co.host_bytes, size(o.host_budget, "--host-budget"));
+            MM_ASSIGN_OR_RETURN(co.host_bytes, parse_cache_budget(o.host_budget, "--host-budget"));
         }
         MM_ASSIGN_OR_RETURN(co.policy, parse_cache_policy(o.cache_policy));
         MM_ASSIGN_OR_RETURN(co.prefetch, parse_prefetch_mode(o.prefetch));

@@ -29,6 +29,14 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 
 }  // namespace
 
+StatusOr<uint64_t> parse_cache_budget(const std::string& s, const char* flag) {
+    if (s.empty()) return uint64_t{0};
+    StatusOr<uint64_t> r = parse_size(s);
+    if (!r.ok()) return MM_ERROR("%s: %s", flag, r.status().message().c_str());
+    if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
+    return r.value();
+}
+
 StatusOr<CachePolicy> parse_cache_policy(const std::string& s) {
     if (s == "lru") return CachePolicy::kLru;
     if (s == "lfu") return CachePolicy::kLfu;

@@ -63,6 +63,8 @@ inline constexpr uint64_t kCacheEntryOverhead = 256;  // bytes charged per entry
 enum class CachePolicy { kLru, kLfu, kStatic };
 enum class PrefetchMode { kNone, kNextLayer };
 StatusOr<CachePolicy> parse_cache_policy(const std::string& s);  // "lru" | "lfu" | "static"
+// A cache budget flag's size ("6GiB"; `flag` names it in errors): more than 0; "" gives 0 (not set).
+StatusOr<uint64_t> parse_cache_budget(const std::string& s, const char* flag);
 StatusOr<PrefetchMode> parse_prefetch_mode(const std::string& s);  // "none" | "next-layer"
 const char* cache_policy_name(CachePolicy p);
 const char* prefetch_mode_name(PrefetchMode p);

@@ -120,13 +120,6 @@ StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string&
         return std::optional<CacheOptions>();
     }
     CacheOptions o;
-    auto size = [](const std::string& s, const char* flag) -> StatusOr<uint64_t> {
-        if (s.empty()) return uint64_t{0};
-        StatusOr<uint64_t> r = parse_size(s);
-        if (!r.ok()) return MM_ERROR("%s: %s", flag, r.status().message().c_str());
-        if (r.value() == 0) return MM_ERROR("%s must be more than 0", flag);
-        return r.value();
-    };
     if (device_budget == "auto") {
         if (!gpu)
             return MM_ERROR("--device-budget auto is for --device cuda:N (the VRAM free when the coordinator "
@@ -134,9 +127,9 @@ StatusOr<std::optional<CacheOptions>> worker_cache_from_flags(const std::string&
                             format_bytes(kAutoDeviceScratch).c_str());
         o.device_keep_free = kAutoDeviceScratch;  // device_bytes 0: CudaExpertCompute sizes the tier
     } else {
-        MM_ASSIGN_OR_RETURN(o.device_bytes, size(device_budget, "--device-budget"));
+        MM_ASSIGN_OR_RETURN(o.device_bytes, parse_cache_budget(device_budget, "--device-budget"));
     }
-    MM_ASSIGN_OR_RETURN(o.host_bytes, size(host_budget, "--host-budget"));
+    MM_ASSIGN_OR_RETURN(o.host_bytes, parse_cache_budget(host_budget, "--host-budget"));
     MM_ASSIGN_OR_RETURN(o.policy, parse_cache_policy(policy.empty() ? "lru" : policy));
     MM_ASSIGN_OR_RETURN(o.prefetch, parse_prefetch_mode(prefetch.empty() ? "none" : prefetch));
     {

@@ -779,8 +779,9 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
     p->multiProcessorCount = mm_emu::kSms;
     p->maxThreadsPerBlock = 1024;
     p->warpSize = 32;
-    p->major = mm_emu::compute_capability() / 10;
-    p->minor = mm_emu::compute_capability() % 10;
+    const int cc = mm_emu::compute_capability();
+    p->major = cc / 10;
+    p->minor = cc % 10;
     return cudaSuccess;
 }
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void* fn) {
