@@ -55,8 +55,6 @@ std::string schedule(const ModelConfig& c) {
     return s;
 }
 
-// rope.scaling.* become the kernels' RopeParams as llama.cpp derives them (llama-context.cpp,
-// ggml_rope_yarn_corr_dims), with llama.cpp's defaults for absent keys.
 // The routed experts' tensors by name (the device-memory check and --host-budget auto count them).
 TEST(Arch, RoutedExpertTensorsByName) {
     for (const char* n : {"blk.0.ffn_gate_exps.weight", "blk.12.ffn_up_exps.weight", "blk.3.ffn_down_exps.weight",
@@ -68,6 +66,8 @@ TEST(Arch, RoutedExpertTensorsByName) {
         EXPECT_FALSE(is_routed_expert_tensor(n)) << n;
 }
 
+// rope.scaling.* become the kernels' RopeParams as llama.cpp derives them (llama-context.cpp,
+// ggml_rope_yarn_corr_dims), with llama.cpp's defaults for absent keys.
 TEST(Qwen3NextConfig, RopeScalingKeysBecomeRopeParams) {
     auto plain = config_of([](GgufWriter&) {});
     ASSERT_TRUE(plain.ok()) << plain.status().message();
